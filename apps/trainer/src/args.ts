@@ -1,0 +1,61 @@
+// A small flag parser: `--name value`, `--name=value`, boolean `--name`, and dotted names such as
+// `--precision.attention=bf16`. Each command declares its flags; anything else is a UsageError.
+import { UsageError } from "./errors.ts";
+
+export type FlagKind = "string" | "number" | "int" | "boolean" | "list";
+
+export interface FlagSpec {
+  [name: string]: FlagKind;
+}
+
+export interface ParsedArgs {
+  flags: Record<string, string | number | boolean | string[]>;
+  /** Dotted flags matched by a declared prefix ending in `.` (e.g. `precision.`), in order. */
+  dotted: [string, string][];
+  positional: string[];
+}
+
+export function parseArgs(argv: string[], spec: FlagSpec, dottedPrefixes: string[] = []): ParsedArgs {
+  const out: ParsedArgs = { flags: {}, dotted: [], positional: [] };
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i];
+    if (!arg.startsWith("--")) {
+      out.positional.push(arg);
+      continue;
+    }
+    const eq = arg.indexOf("=");
+    const name = eq >= 0 ? arg.slice(2, eq) : arg.slice(2);
+    let value: string | undefined = eq >= 0 ? arg.slice(eq + 1) : undefined;
+    const prefix = dottedPrefixes.find((p) => name.startsWith(p));
+    const kind = spec[name];
+    if (!kind && !prefix) throw new UsageError(`unknown flag --${name}`);
+    if (kind === "boolean") {
+      if (value !== undefined && value !== "true" && value !== "false")
+        throw new UsageError(`flag --${name} takes no value (got "${value}")`);
+      out.flags[name] = value !== "false";
+      continue;
+    }
+    if (value === undefined) {
+      value = argv[++i];
+      if (value === undefined || value.startsWith("--")) throw new UsageError(`flag --${name} needs a value`);
+    }
+    if (!kind) {
+      out.dotted.push([name, value]);
+      continue;
+    }
+    if (kind === "number" || kind === "int") {
+      const n = Number(value);
+      if (value.trim() === "" || !Number.isFinite(n))
+        throw new UsageError(`flag --${name}: "${value}" is not a number`);
+      if (kind === "int" && !Number.isInteger(n))
+        throw new UsageError(`flag --${name}: "${value}" is not an integer`);
+      out.flags[name] = n;
+    } else if (kind === "list") {
+      const prev = out.flags[name];
+      out.flags[name] = [...(Array.isArray(prev) ? prev : []), value];
+    } else {
+      out.flags[name] = value;
+    }
+  }
+  return out;
+}

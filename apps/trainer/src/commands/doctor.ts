@@ -1,0 +1,91 @@
+// `moe8 doctor [--json]`: what this machine and install can run, and why not when something is missing.
+
+import { readFileSync } from "node:fs";
+import { createRequire } from "node:module";
+import { arch, cpus, platform, release, totalmem } from "node:os";
+import { dirname, join } from "node:path";
+import { loadNative } from "@moe8/kernels";
+import { parseArgs } from "../args.ts";
+import { currentRuntime } from "../runtime.ts";
+
+export interface DoctorReport {
+  runtime: { name: string; version: string };
+  os: { platform: string; release: string; arch: string };
+  cpu: { model: string; cores: number; simd: string | null; memoryGiB: number };
+  native: {
+    loaded: boolean;
+    reason: string | null;
+    version?: string;
+    target?: string;
+    threads?: number;
+    cudaCompiled?: boolean;
+  };
+  backends: string[];
+  cuda: { available: boolean; reason: string };
+  arrow: string;
+}
+
+function arrowVersion(): string {
+  // Resolve the package's entry and read its package.json: the same under Bun, tsx and Deno.
+  const main = createRequire(import.meta.url).resolve("apache-arrow");
+  return (JSON.parse(readFileSync(join(dirname(main), "package.json"), "utf8")) as { version: string })
+    .version;
+}
+
+export function doctorReport(): DoctorReport {
+  const native = loadNative();
+  const info = native.addon?.info();
+  const backends = ["ts"];
+  if (native.loaded) backends.push("cpu");
+  const cuda = !info
+    ? { available: false, reason: "native addon not loaded" }
+    : info.cudaCompiled
+      ? { available: false, reason: "no CUDA device support in this build yet" }
+      : { available: false, reason: "addon built without the `cuda` feature" };
+  const c = cpus();
+  return {
+    runtime: currentRuntime(),
+    os: { platform: platform(), release: release(), arch: arch() },
+    cpu: {
+      model: c[0]?.model ?? "unknown",
+      cores: c.length,
+      simd: info?.simd ?? null,
+      memoryGiB: Math.round((totalmem() / 2 ** 30) * 10) / 10,
+    },
+    native: info
+      ? {
+          loaded: true,
+          reason: null,
+          version: info.version,
+          target: info.target,
+          threads: info.threads,
+          cudaCompiled: info.cudaCompiled,
+        }
+      : { loaded: false, reason: native.reason },
+    backends,
+    cuda,
+    arrow: arrowVersion(),
+  };
+}
+
+export async function doctor(argv: string[]): Promise<number> {
+  const { flags } = parseArgs(argv, { json: "boolean", debug: "boolean" });
+  const r = doctorReport();
+  if (flags.json) {
+    console.log(JSON.stringify(r));
+    return 0;
+  }
+  const ok = (b: boolean) => (b ? "yes" : "no");
+  console.log(`runtime      ${r.runtime.name} ${r.runtime.version}`);
+  console.log(`os           ${r.os.platform} ${r.os.release} (${r.os.arch})`);
+  console.log(
+    `cpu          ${r.cpu.model}, ${r.cpu.cores} cores, ${r.cpu.memoryGiB} GiB, SIMD ${r.cpu.simd ?? "unknown (native addon not loaded)"}`,
+  );
+  console.log(
+    `native addon ${ok(r.native.loaded)}${r.native.loaded ? ` (moe8-kernels ${r.native.version}, ${r.native.target}, ${r.native.threads} threads)` : ` - ${r.native.reason}`}`,
+  );
+  console.log(`cuda         ${ok(r.cuda.available)}${r.cuda.available ? "" : ` - ${r.cuda.reason}`}`);
+  console.log(`backends     ${r.backends.join(", ")}`);
+  console.log(`apache-arrow ${r.arrow}`);
+  return 0;
+}

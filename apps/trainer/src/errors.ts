@@ -1,0 +1,24 @@
+// Bad input (flags, config, data, checkpoints) is reported as one line naming the thing and the
+// problem, with exit code 2 and no stack trace unless --debug. Everything else is a bug: exit 1.
+
+export class UsageError extends Error {
+  override name = "UsageError";
+}
+
+/** Runs a command, turning errors into the CLI's exit codes. */
+export async function runCli(main: () => Promise<number | undefined>, debug: boolean): Promise<never> {
+  try {
+    const code = (await main()) ?? 0;
+    process.exit(code);
+  } catch (err) {
+    if (err instanceof UsageError || (err instanceof Error && err.name === "UsageError")) {
+      console.error(`error: ${err.message}`);
+      if (debug) console.error(err.stack);
+      process.exit(2);
+    }
+    console.error(
+      debug || !(err instanceof Error) ? err : `internal error: ${err.message} (rerun with --debug)`,
+    );
+    process.exit(1);
+  }
+}

@@ -1,0 +1,1 @@
+export { type AttentionPrecision, type InitFn, MLA, type MlaConfig, type StepShape } from "./mla.ts";

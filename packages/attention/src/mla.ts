@@ -1,0 +1,208 @@
+// Multi-head Latent Attention (DeepSeek-V2/V3), as MODEL.md writes it, with explicit backward.
+//   q   = a Wq^T (or q_b(RMSNorm(q_a(a))) with q_lora_rank > 0)   per head [q_nope | q_pe]
+//   kv  = a Wkva^T = [c | k_pe];  c = RMSNorm(c);  kvb = c Wkvb^T   per head [k_nope | v]
+//   RoPE on q_pe and the shared k_pe; k = [k_nope | k_pe] (k_pe broadcast to every head)
+//   o   = causal softmax(q k^T / sqrt(dn + dr)) v;  out = o Wo^T
+import {
+  type Backend,
+  Linear,
+  type LinearPrecision,
+  Param,
+  type PrecisionTrace,
+  type Tensor,
+} from "@moe8/tensor";
+
+export interface MlaConfig {
+  hidden_size: number;
+  num_attention_heads: number;
+  q_lora_rank: number;
+  kv_lora_rank: number;
+  qk_nope_head_dim: number;
+  qk_rope_head_dim: number;
+  v_head_dim: number;
+  rms_norm_eps: number;
+  rope_theta: number;
+}
+
+export interface AttentionPrecision {
+  linear: LinearPrecision;
+  /** The attention core: BF16 inputs with f32 accumulation, or f32. */
+  core: "bf16" | "f32";
+}
+
+export type InitFn = (n: number) => Float32Array;
+
+export interface StepShape {
+  batch: number;
+  seq: number;
+}
+
+interface Saved {
+  a: Tensor;
+  qa: Tensor | null;
+  qaRstd: Tensor | null;
+  c: Tensor;
+  cRstd: Tensor;
+  q: Tensor;
+  k: Tensor;
+  v: Tensor;
+  o: Tensor;
+  lse: Tensor;
+  shape: StepShape;
+}
+
+export class MLA {
+  readonly params: Param[] = [];
+  readonly q: Linear | null = null;
+  readonly qA: Linear | null = null;
+  readonly qB: Linear | null = null;
+  readonly qNorm: Param | null = null;
+  readonly kvA: Linear;
+  readonly kvNorm: Param;
+  readonly kvB: Linear;
+  readonly out: Linear;
+  private saved: Saved[] = [];
+
+  constructor(
+    readonly b: Backend,
+    readonly cfg: MlaConfig,
+    readonly prefix: string,
+    public precision: AttentionPrecision,
+    init: InitFn,
+    trace?: PrecisionTrace,
+  ) {
+    const {
+      hidden_size: d,
+      num_attention_heads: H,
+      kv_lora_rank: r,
+      qk_nope_head_dim: dn,
+      qk_rope_head_dim: dr,
+      v_head_dim: dv,
+    } = cfg;
+    const lin = (name: string, out: number, inp: number) => {
+      const p = Param.create(b, `${prefix}.${name}.weight`, init(out * inp), [out, inp], true);
+      this.params.push(p);
+      return new Linear(p, precision.linear, { pkg: "attention", layer: `${prefix}.${name}`, trace });
+    };
+    const norm = (name: string, n: number) => {
+      const p = Param.create(b, `${prefix}.${name}.weight`, new Float32Array(n).fill(1), [n], false);
+      this.params.push(p);
+      return p;
+    };
+    if (cfg.q_lora_rank > 0) {
+      this.qA = lin("q_a_proj", cfg.q_lora_rank, d);
+      this.qNorm = norm("q_a_layernorm", cfg.q_lora_rank);
+      this.qB = lin("q_b_proj", H * (dn + dr), cfg.q_lora_rank);
+    } else this.q = lin("q_proj", H * (dn + dr), d);
+    this.kvA = lin("kv_a_proj_with_mqa", r + dr, d);
+    this.kvNorm = norm("kv_a_layernorm", r);
+    this.kvB = lin("kv_b_proj", H * (dn + dv), r);
+    this.out = lin("o_proj", d, H * dv);
+  }
+
+  clearSaved(): void {
+    this.saved.length = 0;
+    for (const l of [this.q, this.qA, this.qB, this.kvA, this.kvB, this.out]) l?.clearSaved();
+  }
+
+  setPrecision(p: AttentionPrecision): void {
+    this.precision = p;
+    for (const l of [this.q, this.qA, this.qB, this.kvA, this.kvB, this.out]) if (l) l.precision = p.linear;
+  }
+
+  private ropeOpts(heads: number, width: number, offset: number, seq: number, inverse = false) {
+    return {
+      heads,
+      width,
+      offset,
+      dim: this.cfg.qk_rope_head_dim,
+      seqLen: seq,
+      theta: this.cfg.rope_theta,
+      inverse,
+    };
+  }
+
+  private attnOpts(shape: StepShape) {
+    const { num_attention_heads: H, qk_nope_head_dim: dn, qk_rope_head_dim: dr } = this.cfg;
+    return {
+      batch: shape.batch,
+      seq: shape.seq,
+      heads: H,
+      scale: 1 / Math.sqrt(dn + dr),
+      precision: this.precision.core,
+    };
+  }
+
+  /** a: the normalised hidden states [B*T, d]. */
+  forward(a: Tensor, shape: StepShape): Tensor {
+    const b = this.b;
+    const {
+      num_attention_heads: H,
+      kv_lora_rank: r,
+      qk_nope_head_dim: dn,
+      qk_rope_head_dim: dr,
+      v_head_dim: dv,
+      rms_norm_eps: eps,
+    } = this.cfg;
+    let q: Tensor;
+    let qa: Tensor | null = null;
+    let qaRstd: Tensor | null = null;
+    if (this.q) q = this.q.forward(a);
+    else {
+      qa = this.qA!.forward(a);
+      const n = b.rmsnorm(qa, this.qNorm!.value, eps);
+      qaRstd = n.rstd;
+      q = this.qB!.forward(n.y);
+    }
+    q = b.rope(q, this.ropeOpts(H, dn + dr, dn, shape.seq));
+    const kv = b.rope(this.kvA.forward(a), this.ropeOpts(1, r + dr, r, shape.seq));
+    const c = b.headSlice(kv, { heads: 1, width: r + dr, start: 0, len: r });
+    const kpe = b.headSlice(kv, { heads: 1, width: r + dr, start: r, len: dr });
+    const cn = b.rmsnorm(c, this.kvNorm.value, eps);
+    const kvb = this.kvB.forward(cn.y);
+    const knope = b.headSlice(kvb, { heads: H, width: dn + dv, start: 0, len: dn });
+    const v = b.headSlice(kvb, { heads: H, width: dn + dv, start: dn, len: dv });
+    const k = b.headConcat(knope, kpe, H, 1);
+    const { o, lse } = b.attention(q, k, v, this.attnOpts(shape));
+    this.saved.push({ a, qa, qaRstd, c, cRstd: cn.rstd, q, k, v, o, lse, shape });
+    return this.out.forward(o);
+  }
+
+  /** Accumulates parameter gradients and returns d(a). */
+  backward(dOut: Tensor): Tensor {
+    const b = this.b;
+    const s = this.saved.pop();
+    if (!s) throw new Error(`${this.prefix}: backward without forward`);
+    const {
+      num_attention_heads: H,
+      kv_lora_rank: r,
+      qk_nope_head_dim: dn,
+      qk_rope_head_dim: dr,
+      v_head_dim: dv,
+    } = this.cfg;
+    const dO = this.out.backward(dOut);
+    const g = b.attentionBackward(dO, s.q, s.k, s.v, s.o, s.lse, this.attnOpts(s.shape));
+    // k = [k_nope | k_pe]: k_nope goes back to kv_b's rows, k_pe is summed over the heads it was shared by.
+    const dknope = b.headSlice(g.dk, { heads: H, width: dn + dr, start: 0, len: dn });
+    const dkpe = b.headSlice(g.dk, { heads: H, width: dn + dr, start: dn, len: dr, sumHeads: true });
+    const dkvb = b.zeros([s.a.rows, H * (dn + dv)]);
+    b.headScatterAdd(dkvb, dknope, { heads: H, width: dn + dv, start: 0, len: dn });
+    b.headScatterAdd(dkvb, g.dv, { heads: H, width: dn + dv, start: dn, len: dv });
+    const dcn = this.kvB.backward(dkvb);
+    const cn = b.rmsnormBackward(dcn, s.c, this.kvNorm.value, s.cRstd);
+    b.addInto(this.kvNorm.grad, cn.dw);
+    const dkv = b.zeros([s.a.rows, r + dr]);
+    b.headScatterAdd(dkv, cn.dx, { heads: 1, width: r + dr, start: 0, len: r });
+    b.headScatterAdd(dkv, dkpe, { heads: 1, width: r + dr, start: r, len: dr });
+    const da = this.kvA.backward(b.rope(dkv, this.ropeOpts(1, r + dr, r, s.shape.seq, true)));
+    const dq = b.rope(g.dq, this.ropeOpts(H, dn + dr, dn, s.shape.seq, true));
+    if (this.q) b.addInto(da, this.q.backward(dq));
+    else {
+      const dqa = this.qB!.backward(dq);
+      const qn = b.rmsnormBackward(dqa, s.qa!, this.qNorm!.value, s.qaRstd!);
+      b.addInto(this.qNorm!.grad, qn.dw);
+      b.addInto(da, this.qA!.backward(qn.dx));
+    }
+    return da;
+  }
+}

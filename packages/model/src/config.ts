@@ -1,0 +1,110 @@
+// Model configs (MODEL.md): Hugging Face DeepSeek-V3 field names, the presets `tiny` and `small`.
+
+export interface ModelConfig {
+  vocab_size: number;
+  hidden_size: number;
+  num_hidden_layers: number;
+  first_k_dense_replace: number;
+  num_attention_heads: number;
+  q_lora_rank: number;
+  kv_lora_rank: number;
+  qk_nope_head_dim: number;
+  qk_rope_head_dim: number;
+  v_head_dim: number;
+  intermediate_size: number;
+  moe_intermediate_size: number;
+  n_routed_experts: number;
+  num_experts_per_tok: number;
+  n_shared_experts: number;
+  routed_scaling_factor: number;
+  rms_norm_eps: number;
+  rope_theta: number;
+  max_position_embeddings: number;
+  /** Auxiliary-loss-free balancing speed gamma (0 disables). */
+  bias_update_speed: number;
+  /** Sequence-wise balance loss weight alpha (0 disables). */
+  seq_aux_alpha: number;
+  /** Init standard deviation of linear and embedding weights. */
+  initializer_range: number;
+}
+
+const common = {
+  first_k_dense_replace: 1,
+  q_lora_rank: 0,
+  routed_scaling_factor: 1.0,
+  rms_norm_eps: 1e-6,
+  rope_theta: 10000,
+  bias_update_speed: 0.001,
+  seq_aux_alpha: 1e-4,
+  initializer_range: 0.006,
+};
+
+export const CONFIGS: Record<"tiny" | "small", ModelConfig> = {
+  tiny: {
+    ...common,
+    vocab_size: 256,
+    hidden_size: 128,
+    num_hidden_layers: 4,
+    num_attention_heads: 4,
+    kv_lora_rank: 64,
+    qk_nope_head_dim: 32,
+    qk_rope_head_dim: 16,
+    v_head_dim: 32,
+    intermediate_size: 512,
+    moe_intermediate_size: 128,
+    n_routed_experts: 8,
+    num_experts_per_tok: 2,
+    n_shared_experts: 1,
+    max_position_embeddings: 128,
+  },
+  small: {
+    ...common,
+    vocab_size: 32768,
+    hidden_size: 1024,
+    num_hidden_layers: 8,
+    num_attention_heads: 16,
+    kv_lora_rank: 256,
+    qk_nope_head_dim: 64,
+    qk_rope_head_dim: 32,
+    v_head_dim: 64,
+    intermediate_size: 2816,
+    moe_intermediate_size: 256,
+    n_routed_experts: 64,
+    num_experts_per_tok: 6,
+    n_shared_experts: 2,
+    max_position_embeddings: 2048,
+  },
+};
+
+/** Default tokens per step (seq_len x batch) of each preset. */
+export const STEP_SHAPES: Record<"tiny" | "small", { seqLen: number; batch: number }> = {
+  tiny: { seqLen: 128, batch: 16 },
+  small: { seqLen: 2048, batch: 8 },
+};
+
+/** Parameters in total and active per token (routed experts counted k of E). */
+export function countParams(c: ModelConfig): { total: number; active: number } {
+  const d = c.hidden_size;
+  const H = c.num_attention_heads;
+  const qk = c.qk_nope_head_dim + c.qk_rope_head_dim;
+  const q = c.q_lora_rank > 0 ? c.q_lora_rank * d + c.q_lora_rank + H * qk * c.q_lora_rank : H * qk * d;
+  const attn =
+    q +
+    (c.kv_lora_rank + c.qk_rope_head_dim) * d +
+    c.kv_lora_rank +
+    H * (c.qk_nope_head_dim + c.v_head_dim) * c.kv_lora_rank +
+    d * H * c.v_head_dim +
+    2 * d;
+  const dense = 3 * d * c.intermediate_size;
+  const expert = 3 * d * c.moe_intermediate_size;
+  const shared = c.n_shared_experts * expert;
+  const moeTotal = c.n_routed_experts * d + c.n_routed_experts * expert + shared;
+  const moeActive = c.n_routed_experts * d + c.num_experts_per_tok * expert + shared;
+  const nDense = c.first_k_dense_replace;
+  const nMoe = c.num_hidden_layers - nDense;
+  const io = 2 * c.vocab_size * d + d;
+  return {
+    total: io + c.num_hidden_layers * attn + nDense * dense + nMoe * moeTotal,
+    active: io + c.num_hidden_layers * attn + nDense * dense + nMoe * moeActive,
+  };
+}

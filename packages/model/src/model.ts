@@ -1,0 +1,266 @@
+// The DeepSeek-style MoE transformer (MODEL.md) with explicit forward and backward, written once
+// against the Backend interface. Layer l < first_k_dense_replace has a dense SwiGLU FFN, the rest
+// DeepSeekMoE. Every Linear follows the precision policy of the package it belongs to.
+import { type AttentionPrecision, MLA } from "@moe8/attention";
+import type { PrecisionPolicy } from "@moe8/fp8-core";
+import { MoELayer, SwiGluMlp } from "@moe8/moe-layers";
+import {
+  type Backend,
+  Linear,
+  type LinearPrecision,
+  Param,
+  PrecisionTrace,
+  Rng,
+  type Tensor,
+} from "@moe8/tensor";
+import type { ModelConfig } from "./config.ts";
+
+export interface BatchShape {
+  batch: number;
+  seq: number;
+}
+
+interface Block {
+  ln1: Param;
+  attn: MLA;
+  ln2: Param;
+  mlp: SwiGluMlp | MoELayer;
+}
+
+interface Saved {
+  hs: Tensor[];
+  rstd1: Tensor[];
+  rstd2: Tensor[];
+  mids: Tensor[];
+  hFinal: Tensor;
+  rstdF: Tensor;
+  ids: Tensor;
+}
+
+function attentionPrecision(p: PrecisionPolicy): AttentionPrecision {
+  return { linear: p.attention, core: p.attention.outputs === "f32" ? "f32" : "bf16" };
+}
+
+export class DeepSeekModel {
+  readonly params: Param[] = [];
+  readonly embed: Param;
+  readonly blocks: Block[] = [];
+  readonly norm: Param;
+  readonly head: Linear;
+  readonly trace = new PrecisionTrace();
+  private saved: Saved | null = null;
+
+  constructor(
+    readonly b: Backend,
+    readonly cfg: ModelConfig,
+    public policy: PrecisionPolicy,
+    seed: number,
+  ) {
+    const rng = new Rng(seed);
+    const std = cfg.initializer_range;
+    const init = (n: number) => rng.normals(n, std);
+    const d = cfg.hidden_size;
+    const ones = (n: number) => new Float32Array(n).fill(1);
+    this.embed = Param.create(
+      b,
+      "model.embed_tokens.weight",
+      init(cfg.vocab_size * d),
+      [cfg.vocab_size, d],
+      true,
+    );
+    this.params.push(this.embed);
+    for (let l = 0; l < cfg.num_hidden_layers; l++) {
+      const p = `model.layers.${l}`;
+      const ln1 = Param.create(b, `${p}.input_layernorm.weight`, ones(d), [d], false);
+      const attn = new MLA(b, cfg, `${p}.self_attn`, attentionPrecision(policy), init, this.trace);
+      const ln2 = Param.create(b, `${p}.post_attention_layernorm.weight`, ones(d), [d], false);
+      const mlp =
+        l < cfg.first_k_dense_replace
+          ? new SwiGluMlp(
+              b,
+              `${p}.mlp`,
+              d,
+              cfg.intermediate_size,
+              policy["moe-layers"],
+              init,
+              "moe-layers",
+              0,
+              this.trace,
+            )
+          : new MoELayer(b, cfg, `${p}.mlp`, policy["moe-layers"], init, this.trace);
+      this.blocks.push({ ln1, attn, ln2, mlp });
+      this.params.push(ln1, ...attn.params, ln2, ...mlp.params);
+    }
+    this.norm = Param.create(b, "model.norm.weight", ones(d), [d], false);
+    const headW = Param.create(b, "lm_head.weight", init(cfg.vocab_size * d), [cfg.vocab_size, d], true);
+    this.head = new Linear(headW, policy.model, { pkg: "model", layer: "lm_head", trace: this.trace });
+    this.params.push(this.norm, headW);
+  }
+
+  /** Switches precision policy (all packages) without touching the weights. */
+  setPolicy(policy: PrecisionPolicy): void {
+    this.policy = policy;
+    for (const blk of this.blocks) {
+      blk.attn.setPrecision(attentionPrecision(policy));
+      blk.mlp.setPrecision(policy["moe-layers"] as LinearPrecision);
+    }
+    this.head.precision = policy.model;
+    this.trace.clear();
+  }
+
+  get moeLayers(): MoELayer[] {
+    return this.blocks.map((b) => b.mlp).filter((m): m is MoELayer => m instanceof MoELayer);
+  }
+
+  /** Logits [B*T, V] for token ids [B*T] (i32). Activations for backward are saved. */
+  forward(ids: Tensor, shape: BatchShape): Tensor {
+    const b = this.b;
+    const eps = this.cfg.rms_norm_eps;
+    let h = b.embedding(this.embed.value, ids);
+    const s: Saved = { hs: [], rstd1: [], rstd2: [], mids: [], hFinal: h, rstdF: h, ids };
+    for (const blk of this.blocks) {
+      s.hs.push(h);
+      const n1 = b.rmsnorm(h, blk.ln1.value, eps);
+      s.rstd1.push(n1.rstd);
+      const mid = b.add(h, blk.attn.forward(n1.y, shape));
+      s.mids.push(mid);
+      const n2 = b.rmsnorm(mid, blk.ln2.value, eps);
+      s.rstd2.push(n2.rstd);
+      const y =
+        blk.mlp instanceof MoELayer ? blk.mlp.forward(n2.y, shape.batch, shape.seq) : blk.mlp.forward(n2.y);
+      h = b.add(mid, y);
+    }
+    const nf = b.rmsnorm(h, this.norm.value, eps);
+    s.hFinal = h;
+    s.rstdF = nf.rstd;
+    this.saved = s;
+    return this.head.forward(nf.y);
+  }
+
+  /** Backpropagates d(logits), accumulating every parameter's gradient. */
+  backward(dlogits: Tensor): void {
+    const b = this.b;
+    const s = this.saved;
+    if (!s) throw new Error("model: backward without forward");
+    this.saved = null;
+    const dn = this.head.backward(dlogits);
+    const fin = b.rmsnormBackward(dn, s.hFinal, this.norm.value, s.rstdF);
+    b.addInto(this.norm.grad, fin.dw);
+    const dh = fin.dx;
+    for (let l = this.blocks.length - 1; l >= 0; l--) {
+      const blk = this.blocks[l];
+      const dy = blk.mlp.backward(dh);
+      const n2 = b.rmsnormBackward(dy, s.mids[l], blk.ln2.value, s.rstd2[l]);
+      b.addInto(blk.ln2.grad, n2.dw);
+      b.addInto(dh, n2.dx); // dh is now d(mid): the residual plus the FFN branch
+      const da = blk.attn.backward(dh);
+      const n1 = b.rmsnormBackward(da, s.hs[l], blk.ln1.value, s.rstd1[l]);
+      b.addInto(blk.ln1.grad, n1.dw);
+      b.addInto(dh, n1.dx);
+    }
+    b.embeddingBackward(this.embed.grad, dh, s.ids);
+  }
+
+  /**
+   * Forward + backward of the mean token cross-entropy (plus the MoE balance losses), accumulating
+   * gradients. Returns the cross-entropy and the total loss as one-element tensors (not read).
+   */
+  lossAndGrad(ids: Tensor, targets: Tensor, shape: BatchShape): { ce: Tensor; total: Tensor } {
+    const logits = this.forward(ids, shape);
+    const { loss, dlogits } = this.b.crossEntropy(logits, targets, 1);
+    let total = loss;
+    for (const m of this.moeLayers) if (m.lastBalanceLoss) total = this.b.add(total, m.lastBalanceLoss);
+    this.backward(dlogits);
+    return { ce: loss, total };
+  }
+
+  /** Mean cross-entropy (and with the balance losses, the total) without keeping anything for backward. */
+  evalLoss(ids: Tensor, targets: Tensor, shape: BatchShape): { ce: Tensor; total: Tensor } {
+    const logits = this.forward(ids, shape);
+    this.clearSaved();
+    const ce = this.b.crossEntropy(logits, targets, 1).loss;
+    let total = ce;
+    for (const m of this.moeLayers) if (m.lastBalanceLoss) total = this.b.add(total, m.lastBalanceLoss);
+    return { ce, total };
+  }
+
+  clearSaved(): void {
+    this.saved = null;
+    this.head.clearSaved();
+    for (const blk of this.blocks) {
+      blk.attn.clearSaved();
+      blk.mlp.clearSaved();
+    }
+  }
+
+  zeroGrad(): void {
+    for (const p of this.params) p.zeroGrad();
+  }
+
+  /**
+   * Every tensor by its checkpoint name (MODEL.md): stacked expert weights [E, out, in] are listed
+   * per expert as `...experts.{e}.{proj}.weight`, and the correction biases are included.
+   */
+  namedTensors(): { name: string; tensor: Tensor; expert?: number }[] {
+    const out: { name: string; tensor: Tensor; expert?: number }[] = [];
+    for (const p of this.params) {
+      const m = /^(.*\.experts)\.(gate_proj|up_proj|down_proj)\.weight$/.exec(p.name);
+      if (m)
+        for (let e = 0; e < p.value.shape[0]; e++)
+          out.push({ name: `${m[1]}.${e}.${m[2]}.weight`, tensor: p.value, expert: e });
+      else out.push({ name: p.name, tensor: p.value });
+    }
+    for (const m of this.moeLayers)
+      out.push({ name: `${m.prefix}.gate.e_score_correction_bias`, tensor: m.bias });
+    return out.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+  }
+
+  /** Host copies of every checkpoint tensor (expert slices cut from the stacked weights). */
+  async stateDict(): Promise<Map<string, { shape: number[]; data: Float32Array }>> {
+    const out = new Map<string, { shape: number[]; data: Float32Array }>();
+    const cache = new Map<Tensor, Float32Array>();
+    for (const { name, tensor, expert } of this.namedTensors()) {
+      let all = cache.get(tensor);
+      if (!all) {
+        all = (await tensor.read()) as Float32Array;
+        cache.set(tensor, all);
+      }
+      if (expert === undefined) out.set(name, { shape: [...tensor.shape], data: all });
+      else {
+        const [, rows, cols] = tensor.shape;
+        out.set(name, {
+          shape: [rows, cols],
+          data: all.slice(expert * rows * cols, (expert + 1) * rows * cols),
+        });
+      }
+    }
+    return out;
+  }
+
+  /** Loads weights by checkpoint name; a missing or misshapen tensor is an error naming it. */
+  loadStateDict(get: (name: string) => { shape: number[]; data: Float32Array } | undefined): void {
+    const stacked = new Map<Tensor, Float32Array>();
+    for (const { name, tensor, expert } of this.namedTensors()) {
+      const t = get(name);
+      if (!t) throw new Error(`checkpoint: tensor ${name} is missing`);
+      const want = expert === undefined ? [...tensor.shape] : tensor.shape.slice(1);
+      if (t.shape.join(",") !== want.join(","))
+        throw new Error(`checkpoint: tensor ${name} has shape [${t.shape}], the model wants [${want}]`);
+      if (expert === undefined) this.b.write(tensor, t.data);
+      else {
+        let buf = stacked.get(tensor);
+        if (!buf) {
+          buf = new Float32Array(tensor.size);
+          stacked.set(tensor, buf);
+        }
+        buf.set(t.data, expert * t.data.length);
+      }
+    }
+    for (const [tensor, buf] of stacked) this.b.write(tensor, buf);
+  }
+
+  dispose(): void {
+    for (const p of this.params) p.dispose();
+    for (const m of this.moeLayers) m.bias.dispose();
+  }
+}

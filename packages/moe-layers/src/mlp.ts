@@ -1,0 +1,73 @@
+// SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Used for dense layers and shared experts, and,
+// with grouped weights, for the routed experts (one grouped GEMM per projection, not one per expert).
+import {
+  type Backend,
+  Linear,
+  type LinearPrecision,
+  Param,
+  type PrecisionTrace,
+  type Tensor,
+} from "@moe8/tensor";
+
+export type InitFn = (n: number) => Float32Array;
+
+export class SwiGluMlp {
+  readonly params: Param[] = [];
+  readonly gate: Linear;
+  readonly up: Linear;
+  readonly down: Linear;
+  private saved: { g: Tensor; u: Tensor }[] = [];
+
+  /**
+   * `experts` > 0 makes a grouped MLP whose weights are [E, out, in]; `prefix` names the checkpoint
+   * tensors (per-expert names are produced by the checkpoint writer from the stacked weight).
+   */
+  constructor(
+    readonly b: Backend,
+    readonly prefix: string,
+    d: number,
+    inter: number,
+    precision: LinearPrecision,
+    init: InitFn,
+    readonly pkg: string,
+    readonly experts = 0,
+    trace?: PrecisionTrace,
+  ) {
+    const E = experts;
+    const lin = (name: string, out: number, inp: number) => {
+      const shape = E > 0 ? [E, out, inp] : [out, inp];
+      const p = Param.create(b, `${prefix}.${name}.weight`, init(shape.reduce((x, y) => x * y)), shape, true);
+      this.params.push(p);
+      return new Linear(p, precision, { pkg, layer: `${prefix}.${name}`, trace }, E > 0);
+    };
+    this.gate = lin("gate_proj", inter, d);
+    this.up = lin("up_proj", inter, d);
+    this.down = lin("down_proj", d, inter);
+  }
+
+  clearSaved(): void {
+    this.saved.length = 0;
+    for (const l of [this.gate, this.up, this.down]) l.clearSaved();
+  }
+
+  setPrecision(p: LinearPrecision): void {
+    for (const l of [this.gate, this.up, this.down]) l.precision = p;
+  }
+
+  forward(x: Tensor, offsets: Tensor | null = null): Tensor {
+    const g = this.gate.forward(x, offsets);
+    const u = this.up.forward(x, offsets);
+    this.saved.push({ g, u });
+    return this.down.forward(this.b.swiglu(g, u), offsets);
+  }
+
+  backward(dy: Tensor): Tensor {
+    const s = this.saved.pop();
+    if (!s) throw new Error(`${this.prefix}: backward without forward`);
+    const dh = this.down.backward(dy);
+    const { dg, du } = this.b.swigluBackward(dh, s.g, s.u);
+    const dx = this.gate.backward(dg);
+    this.b.addInto(dx, this.up.backward(du));
+    return dx;
+  }
+}

@@ -1,0 +1,180 @@
+// A DeepSeekMoE layer (MODEL.md): FP32 sigmoid router choosing top-k experts by score + correction
+// bias, fine-grained routed SwiGLU experts run as grouped GEMMs over expert-sorted rows, shared
+// experts on every token, auxiliary-loss-free balancing (the bias, updated after each step) and the
+// complementary sequence-wise balance loss. No token is dropped. Routing never leaves the device.
+import { type Backend, type LinearPrecision, Param, type PrecisionTrace, type Tensor } from "@moe8/tensor";
+import { type InitFn, SwiGluMlp } from "./mlp.ts";
+
+export interface MoeConfig {
+  hidden_size: number;
+  moe_intermediate_size: number;
+  n_routed_experts: number;
+  num_experts_per_tok: number;
+  n_shared_experts: number;
+  routed_scaling_factor: number;
+  /** Bias update speed of the auxiliary-loss-free balancing (0 disables). */
+  bias_update_speed: number;
+  /** Weight of the sequence-wise balance loss (0 disables). */
+  seq_aux_alpha: number;
+}
+
+export interface LoadStats {
+  counts: number[];
+  /** Coefficient of variation of the per-expert loads. */
+  cv: number;
+  /** Largest load over the mean load (1 is perfect balance). */
+  maxOverMean: number;
+}
+
+export function loadStats(counts: ArrayLike<number>): LoadStats {
+  const c = Array.from(counts);
+  const mean = c.reduce((a, x) => a + x, 0) / c.length;
+  const sd = Math.sqrt(c.reduce((a, x) => a + (x - mean) ** 2, 0) / c.length);
+  return { counts: c, cv: mean > 0 ? sd / mean : 0, maxOverMean: mean > 0 ? Math.max(...c) / mean : 0 };
+}
+
+interface Saved {
+  x: Tensor;
+  scores: Tensor;
+  topIdx: Tensor;
+  weights: Tensor;
+  slot: Tensor;
+  offsets: Tensor;
+  ys: Tensor;
+  dscores: Tensor | null;
+}
+
+export class MoELayer {
+  readonly params: Param[] = [];
+  readonly gate: Param;
+  /** e_score_correction_bias: state, not a parameter (no gradient, no weight decay). */
+  readonly bias: Tensor;
+  readonly experts: SwiGluMlp;
+  readonly shared: SwiGluMlp | null;
+  private saved: Saved[] = [];
+  /** Expert offsets of the last forward (for the bias update and load statistics). */
+  lastOffsets: Tensor | null = null;
+  /** The balance loss of the last forward ([1], in the step's arena), or null when disabled. */
+  lastBalanceLoss: Tensor | null = null;
+
+  constructor(
+    readonly b: Backend,
+    readonly cfg: MoeConfig,
+    readonly prefix: string,
+    precision: LinearPrecision,
+    init: InitFn,
+    readonly trace?: PrecisionTrace,
+  ) {
+    const d = cfg.hidden_size;
+    const E = cfg.n_routed_experts;
+    this.gate = Param.create(b, `${prefix}.gate.weight`, init(E * d), [E, d], true);
+    this.bias = b.keep(b.zeros([E]));
+    this.experts = new SwiGluMlp(
+      b,
+      `${prefix}.experts`,
+      d,
+      cfg.moe_intermediate_size,
+      precision,
+      init,
+      "moe-layers",
+      E,
+      trace,
+    );
+    this.shared =
+      cfg.n_shared_experts > 0
+        ? new SwiGluMlp(
+            b,
+            `${prefix}.shared_experts`,
+            d,
+            cfg.n_shared_experts * cfg.moe_intermediate_size,
+            precision,
+            init,
+            "moe-layers",
+            0,
+            trace,
+          )
+        : null;
+    this.params.push(this.gate, ...this.experts.params, ...(this.shared?.params ?? []));
+  }
+
+  clearSaved(): void {
+    this.saved.length = 0;
+    this.experts.clearSaved();
+    this.shared?.clearSaved();
+  }
+
+  setPrecision(p: LinearPrecision): void {
+    this.experts.setPrecision(p);
+    this.shared?.setPrecision(p);
+  }
+
+  /** x: normalised hidden states [B*T, d]; batch/seq are needed by the sequence-wise loss. */
+  forward(x: Tensor, batch: number, seq: number): Tensor {
+    const b = this.b;
+    const { num_experts_per_tok: k, n_routed_experts: E, routed_scaling_factor: scaling } = this.cfg;
+    // The router is FP32 whatever the policy says (FP8.md: "MoE gating (f32)").
+    const logits = b.matmul(x, this.gate.value, { transB: true, precision: "f32" });
+    this.trace?.record({ pkg: "moe-layers", layer: `${this.prefix}.gate`, role: "fprop", precision: "f32" });
+    const r = b.router(logits, this.bias, k, scaling);
+    let dscores: Tensor | null = null;
+    this.lastBalanceLoss = null;
+    if (this.cfg.seq_aux_alpha > 0) {
+      const bl = b.balanceLoss(r.scores, r.topIdx, { batch, seq, alpha: this.cfg.seq_aux_alpha });
+      dscores = bl.dscores;
+      this.lastBalanceLoss = bl.loss;
+    }
+    const p = b.moePermute(x, r.topIdx, E);
+    const ys = this.experts.forward(p.xs, p.offsets);
+    let y = b.moeCombine(ys, p.slot, r.weights);
+    if (this.shared) y = b.add(y, this.shared.forward(x));
+    this.lastOffsets = p.offsets;
+    this.saved.push({
+      x,
+      scores: r.scores,
+      topIdx: r.topIdx,
+      weights: r.weights,
+      slot: p.slot,
+      offsets: p.offsets,
+      ys,
+      dscores,
+    });
+    return y;
+  }
+
+  backward(dy: Tensor): Tensor {
+    const b = this.b;
+    const s = this.saved.pop();
+    if (!s) throw new Error(`${this.prefix}: backward without forward`);
+    const { dys, dweights } = b.moeCombineBackward(dy, s.ys, s.slot, s.weights);
+    const dxs = this.experts.backward(dys);
+    const dx = b.moePermuteBackward(dxs, s.slot, s.x.rows);
+    const dlogits = b.routerBackward(
+      dweights,
+      s.scores,
+      s.topIdx,
+      this.cfg.routed_scaling_factor,
+      s.dscores ?? undefined,
+    );
+    b.matmul(dlogits, s.x, { transA: true, precision: "f32", accumulate: this.gate.grad });
+    b.addInto(dx, b.matmul(dlogits, this.gate.value, { precision: "f32" }));
+    this.trace?.record({ pkg: "moe-layers", layer: `${this.prefix}.gate`, role: "dgrad", precision: "f32" });
+    this.trace?.record({ pkg: "moe-layers", layer: `${this.prefix}.gate`, role: "wgrad", precision: "f32" });
+    if (this.shared) b.addInto(dx, this.shared.backward(dy));
+    return dx;
+  }
+
+  /** After the optimizer step: bias_i += gamma * sign(mean load - load_i). */
+  updateBias(): void {
+    if (this.lastOffsets && this.cfg.bias_update_speed > 0)
+      this.b.biasUpdate(this.bias, this.lastOffsets, this.cfg.bias_update_speed);
+  }
+
+  /** Per-expert token counts of the last forward (reads from the device: logging only). */
+  async loadStats(): Promise<LoadStats> {
+    if (!this.lastOffsets) throw new Error(`${this.prefix}: no forward yet`);
+    const off = (await this.lastOffsets.read()) as Int32Array;
+    const counts = [];
+    for (let e = 0; e + 1 < off.length; e++) counts.push(off[e + 1] - off[e]);
+    return loadStats(counts);
+  }
+}

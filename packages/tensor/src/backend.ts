@@ -1,0 +1,197 @@
+// The Backend interface: the one op set the model is written against (RUNTIME.md rules 1-5).
+// Ops return tensors and never host numbers; every shape is row-major and matrices are
+// [rows, cols] with all leading dimensions folded into rows. Backward ops are separate ops.
+import type { Tensor } from "./tensor.ts";
+import type { DType, Fp8Format, HostArray, QuantGroup } from "./types.ts";
+
+export type BackendName = "ts" | "cpu" | "cuda";
+export type MatmulPrecision = "f32" | "bf16" | "fp8";
+
+export interface QuantizeOptions {
+  group: QuantGroup;
+  format?: Fp8Format;
+  pow2Scales?: boolean;
+  /** Scale fixed at 1 (the `fp8-unscaled` negative control). */
+  unit?: boolean;
+  eps?: number;
+  /** For `column-tile`: E+1 row offsets; 128-row groups restart at each segment. */
+  segments?: Tensor;
+}
+
+export interface MatmulOptions {
+  /** A is stored [K, M] instead of [M, K]. */
+  transA?: boolean;
+  /** B is stored [N, K] instead of [K, N]. */
+  transB?: boolean;
+  /** f32; bf16 (operands rounded to BF16, f32 accumulation); fp8 (operands are quantised tensors). */
+  precision: MatmulPrecision;
+  /** Round the output to BF16 (the GEMM writes BF16 activations). */
+  outBf16?: boolean;
+  /** Add the product into this f32 tensor instead of allocating a new one (returned). */
+  accumulate?: Tensor;
+  /** FP8 promotion interval along K (default 128). */
+  promotion?: number;
+}
+
+export interface GroupedMatmulOptions extends MatmulOptions {
+  /**
+   * `m`: rows of A are split by expert; B holds E matrices back to back (expert Fprop/Dgrad).
+   * `k`: the reduction runs over each expert's rows of A^T and B; C holds E matrices (expert Wgrad).
+   */
+  segment: "m" | "k";
+}
+
+export interface AttentionOptions {
+  batch: number;
+  seq: number;
+  heads: number;
+  /** Softmax scale, 1/sqrt(head dim of q·k). */
+  scale: number;
+  /** `bf16`: q, k, v, dO and the probabilities are rounded to BF16; accumulation stays f32. */
+  precision: "f32" | "bf16";
+}
+
+export interface RopeOptions {
+  /** The row layout is [heads][width]; the rotated slice is [offset, offset + dim) of each head. */
+  heads: number;
+  width: number;
+  offset: number;
+  dim: number;
+  /** Position of row r is r % seqLen. */
+  seqLen: number;
+  theta: number;
+  /** Rotate by the negative angle (the backward pass). */
+  inverse?: boolean;
+}
+
+export interface HeadSliceOptions {
+  heads: number;
+  width: number;
+  start: number;
+  len: number;
+  /** Sum the slices over heads ([R, len] out): the backward of a broadcast head. */
+  sumHeads?: boolean;
+}
+
+export interface RouterResult {
+  /** Sigmoid affinities [N, E], f32. */
+  scores: Tensor;
+  /** Selected experts [N, k], i32, by descending score + bias. */
+  topIdx: Tensor;
+  /** routed_scaling_factor * s_i / sum of the selected s, [N, k], f32. */
+  weights: Tensor;
+}
+
+export interface PermuteResult {
+  /** Token rows copied once per selection and grouped by expert, [N*k, d]. */
+  xs: Tensor;
+  /** For each row of xs the flat selection index n*k + j it came from, [N*k] i32. */
+  slot: Tensor;
+  /** E+1 row offsets of each expert's rows in xs, i32. */
+  offsets: Tensor;
+}
+
+export interface AdamWOptions {
+  lr: number;
+  beta1: number;
+  beta2: number;
+  eps: number;
+  weightDecay: number;
+  /** 1-based step for bias correction. */
+  step: number;
+  /** A one-element tensor multiplying the gradient (global-norm clipping), read on the device. */
+  gradScale: Tensor;
+}
+
+export interface Backend {
+  readonly name: BackendName;
+
+  // Memory and lifetimes (RUNTIME.md rule 6).
+  upload(data: HostArray, shape: readonly number[], dtype?: DType): Tensor;
+  zeros(shape: readonly number[], dtype?: DType): Tensor;
+  read(t: Tensor): Promise<HostArray>;
+  /** Overwrites a tensor's contents from the host (same element count and storage type). */
+  write(t: Tensor, data: HostArray): void;
+  release(t: Tensor): void;
+  /** Runs `fn` with a fresh arena: everything allocated inside and not `keep()`-ed is released after. */
+  scope<T>(fn: () => T): T;
+  /** Moves a tensor out of the current arena so it outlives the scope. */
+  keep<T extends Tensor>(t: T): T;
+  /** Live tensors and bytes, for leak checks. */
+  stats(): { tensors: number; bytes: number };
+
+  // Elementwise and casts.
+  add(a: Tensor, b: Tensor): Tensor;
+  /** dst += alpha * src, in place. */
+  addInto(dst: Tensor, src: Tensor, alpha?: number): void;
+  scale(a: Tensor, s: number): Tensor;
+  fill(t: Tensor, value: number): void;
+  copy(t: Tensor): Tensor;
+  cast(t: Tensor, dtype: "f32" | "bf16"): Tensor;
+  /** A tensor with the same storage seen with another shape of equal size. Not separately owned. */
+  reshape(t: Tensor, shape: readonly number[]): Tensor;
+  sum(t: Tensor): Tensor;
+
+  // FP8 quantisation (fused amax + scale + encode).
+  quantize(x: Tensor, opts: QuantizeOptions): Tensor;
+  dequantize(q: Tensor): Tensor;
+
+  // GEMMs.
+  matmul(a: Tensor, b: Tensor, opts: MatmulOptions): Tensor;
+  groupedMatmul(a: Tensor, b: Tensor, offsets: Tensor, opts: GroupedMatmulOptions): Tensor;
+
+  // Layers' natural units of work.
+  rmsnorm(x: Tensor, w: Tensor, eps: number): { y: Tensor; rstd: Tensor };
+  rmsnormBackward(dy: Tensor, x: Tensor, w: Tensor, rstd: Tensor): { dx: Tensor; dw: Tensor };
+  rope(x: Tensor, opts: RopeOptions): Tensor;
+  headSlice(x: Tensor, opts: HeadSliceOptions): Tensor;
+  /** dst[:, head h, start:start+len] += src (the backward of headSlice). */
+  headScatterAdd(dst: Tensor, src: Tensor, opts: HeadSliceOptions): void;
+  /** Per head [a_h | b_h]; b has `bHeads` = heads or 1 (one head broadcast to all). */
+  headConcat(a: Tensor, b: Tensor, heads: number, bHeads: number): Tensor;
+  attention(q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions): { o: Tensor; lse: Tensor };
+  attentionBackward(
+    dO: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    opts: AttentionOptions,
+  ): { dq: Tensor; dk: Tensor; dv: Tensor };
+  swiglu(g: Tensor, u: Tensor): Tensor;
+  swigluBackward(dh: Tensor, g: Tensor, u: Tensor): { dg: Tensor; du: Tensor };
+  embedding(w: Tensor, ids: Tensor): Tensor;
+  /** dw[ids[n]] += dy[n]. */
+  embeddingBackward(dw: Tensor, dy: Tensor, ids: Tensor): void;
+
+  // Mixture of experts.
+  router(logits: Tensor, bias: Tensor, k: number, scaling: number): RouterResult;
+  /** Gradient of the logits from d(weights) and an optional extra d(scores) (the balance loss). */
+  routerBackward(dweights: Tensor, scores: Tensor, topIdx: Tensor, scaling: number, dscores?: Tensor): Tensor;
+  /** Sequence-wise balance loss alpha * sum_i f_i P_i averaged over sequences, and d(loss)/d(scores). */
+  balanceLoss(
+    scores: Tensor,
+    topIdx: Tensor,
+    opts: { batch: number; seq: number; alpha: number },
+  ): { loss: Tensor; dscores: Tensor };
+  moePermute(x: Tensor, topIdx: Tensor, experts: number): PermuteResult;
+  moePermuteBackward(dxs: Tensor, slot: Tensor, tokens: number): Tensor;
+  moeCombine(ys: Tensor, slot: Tensor, weights: Tensor): Tensor;
+  moeCombineBackward(
+    dy: Tensor,
+    ys: Tensor,
+    slot: Tensor,
+    weights: Tensor,
+  ): { dys: Tensor; dweights: Tensor };
+  /** bias_i += gamma * sign(mean load - load_i), loads from the permute offsets; in place. */
+  biasUpdate(bias: Tensor, offsets: Tensor, gamma: number): void;
+
+  // Loss and optimiser.
+  /** Mean token cross-entropy [1] and its gradient times `gradScale`, fused. */
+  crossEntropy(logits: Tensor, targets: Tensor, gradScale: number): { loss: Tensor; dlogits: Tensor };
+  /** Global L2 norm of all gradients [1] and the clip factor min(1, maxNorm / (norm + 1e-6)) [1]. */
+  clipScale(grads: Tensor[], maxNorm: number): { norm: Tensor; scale: Tensor };
+  /** In-place AdamW on f32 master weights; moments in f32 or bf16 storage. */
+  adamw(p: Tensor, g: Tensor, m: Tensor, v: Tensor, opts: AdamWOptions): void;
+}

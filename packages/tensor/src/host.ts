@@ -1,0 +1,121 @@
+// Lifetimes for backends whose storage is host memory (ts, cpu): a registry of live tensors, a stack
+// of per-step arenas, views that share storage, and the plumbing every host op uses.
+import type { Backend, BackendName } from "./backend.ts";
+import { type QuantInfo, Tensor } from "./tensor.ts";
+import { BYTES_PER_ELEMENT, type DType, type HostArray, hostArray, numel } from "./types.ts";
+
+export abstract class HostLifetimes {
+  abstract readonly name: BackendName;
+  private live = new Set<Tensor>();
+  private arenas: Set<Tensor>[] = [];
+  private views = new WeakSet<Tensor>();
+
+  protected wrap(
+    data: HostArray,
+    shape: readonly number[],
+    dtype: DType,
+    quant: QuantInfo | null = null,
+  ): Tensor {
+    if (data.length !== numel(shape)) throw new Error(`data of ${data.length} elements for shape [${shape}]`);
+    const t = new Tensor(this as unknown as Backend, shape, dtype, data, quant);
+    this.live.add(t);
+    this.arenas.at(-1)?.add(t);
+    return t;
+  }
+
+  protected alloc(shape: readonly number[], dtype: DType = "f32"): Tensor {
+    return this.wrap(hostArray(dtype, numel(shape)), shape, dtype);
+  }
+
+  upload(data: HostArray, shape: readonly number[], dtype: DType = "f32"): Tensor {
+    return this.wrap(data.slice() as HostArray, shape, dtype);
+  }
+
+  zeros(shape: readonly number[], dtype: DType = "f32"): Tensor {
+    return this.alloc(shape, dtype);
+  }
+
+  async read(t: Tensor): Promise<HostArray> {
+    return (host(t) as HostArray).slice() as HostArray;
+  }
+
+  write(t: Tensor, data: HostArray): void {
+    const dst = host(t);
+    if (dst.length !== data.length || dst.constructor !== data.constructor)
+      throw new Error(`write: ${data.constructor.name}(${data.length}) into ${t}`);
+    dst.set(data as never);
+  }
+
+  release(t: Tensor): void {
+    if (t.disposed || this.views.has(t)) return;
+    t.disposed = true;
+    this.live.delete(t);
+    t.quant?.scales.dispose();
+    t.storage = null;
+  }
+
+  scope<T>(fn: () => T): T {
+    const arena = new Set<Tensor>();
+    this.arenas.push(arena);
+    const end = () => {
+      this.arenas.splice(this.arenas.lastIndexOf(arena), 1);
+      for (const t of arena) this.release(t);
+    };
+    let result: T;
+    try {
+      result = fn();
+    } catch (e) {
+      end();
+      throw e;
+    }
+    if (result instanceof Promise) return result.finally(end) as T;
+    end();
+    return result;
+  }
+
+  keep<T extends Tensor>(t: T): T {
+    for (const a of this.arenas) a.delete(t);
+    if (t.quant) this.keep(t.quant.scales);
+    return t;
+  }
+
+  stats(): { tensors: number; bytes: number } {
+    let bytes = 0;
+    for (const t of this.live) bytes += t.size * BYTES_PER_ELEMENT[t.dtype];
+    return { tensors: this.live.size, bytes };
+  }
+
+  reshape(t: Tensor, shape: readonly number[]): Tensor {
+    if (numel(shape) !== t.size) throw new Error(`reshape [${t.shape}] to [${shape}]: sizes differ`);
+    const v = new Tensor(this as unknown as Backend, shape, t.dtype, t.storage, t.quant);
+    this.views.add(v);
+    return v;
+  }
+}
+
+/** The typed array behind a host tensor, checked for use after dispose. */
+export function host(t: Tensor): HostArray {
+  if (t.disposed || t.storage == null) throw new Error(`use of a disposed tensor ${t}`);
+  return t.storage as HostArray;
+}
+
+export function f32(t: Tensor): Float32Array {
+  host(t);
+  if (t.dtype !== "f32") throw new Error(`expected an f32 tensor, got ${t}`);
+  return host(t) as Float32Array;
+}
+
+export function i32(t: Tensor): Int32Array {
+  host(t);
+  if (t.dtype !== "i32") throw new Error(`expected an i32 tensor, got ${t}`);
+  return host(t) as Int32Array;
+}
+
+export function u8(t: Tensor): Uint8Array {
+  return host(t) as Uint8Array;
+}
+
+export function sameShape(a: Tensor, b: Tensor, op: string): void {
+  if (a.size !== b.size || a.cols !== b.cols)
+    throw new Error(`${op}: shapes [${a.shape}] and [${b.shape}] differ`);
+}

@@ -1,0 +1,671 @@
+// One op test suite, run against every backend present (tfjs/burn style). Each case builds the same
+// random inputs on the backend under test and on the `ts` reference and compares the outputs:
+// bit-exact where the spec pins bits (quantisation), a relative tolerance by precision elsewhere.
+// Gradient checks by finite differences run on the backend under test for every op with a backward.
+import { describe, expect, it } from "vitest";
+import type { Backend } from "../backend.ts";
+import type { Tensor } from "../tensor.ts";
+import { TsBackend } from "../ts/backend.ts";
+import type { HostArray } from "../types.ts";
+import { Rng, relErr } from "./random.ts";
+
+type Outputs = Tensor | Tensor[] | Record<string, Tensor>;
+type Case = (b: Backend) => Outputs;
+
+function flatten(o: Outputs): [string, Tensor][] {
+  if (Array.isArray(o)) return o.map((t, i) => [String(i), t]);
+  if ("backend" in o && "shape" in o) return [["out", o as Tensor]];
+  return Object.entries(o as Record<string, Tensor>);
+}
+
+async function readAll(b: Backend, c: Case): Promise<[string, HostArray, string][]> {
+  return b.scope(async () => {
+    const out: [string, HostArray, string][] = [];
+    for (const [k, t] of flatten(c(b))) out.push([k, await t.read(), t.dtype]);
+    return out;
+  });
+}
+
+/** Sizes that are not multiples of 128 or of any SIMD width, and some that are. */
+export const ODD_SIZES = [1, 3, 17, 64, 129, 200];
+
+export function opSuite(name: string, make: () => Backend): void {
+  const ref = new TsBackend();
+  const be = make();
+
+  async function same(c: Case, tol: number | "exact") {
+    const want = await readAll(ref, c);
+    const got = await readAll(be, c);
+    expect(got.map((g) => g[0])).toEqual(want.map((w) => w[0]));
+    for (let i = 0; i < want.length; i++) {
+      const [key, w, dtype] = want[i];
+      const g = got[i][1];
+      expect(got[i][2], `${key} dtype`).toBe(dtype);
+      if (tol === "exact" || dtype === "i32" || dtype === "e4m3" || dtype === "e5m2")
+        expect(Array.from(g), `${key} bit-exact`).toEqual(Array.from(w));
+      else expect(relErr(g, w), `${key} relative error`).toBeLessThanOrEqual(tol);
+    }
+  }
+
+  /** Directional finite difference of L(x) = sum(r * f(x)) against the analytic gradient. */
+  async function gradCheck(
+    f: (b: Backend, x: Tensor) => Tensor,
+    grad: (b: Backend, x: Tensor, r: Tensor, rHost: Float32Array) => Tensor,
+    x0: Float32Array,
+    shape: number[],
+    outSize: number,
+    seed: number,
+    tol = 2e-3,
+  ) {
+    const rng = new Rng(seed);
+    const r = rng.normals(outSize);
+    const d = rng.normals(x0.length);
+    const h = 1e-2;
+    const L = async (x: Float32Array) =>
+      be.scope(async () => {
+        const y = await f(be, be.upload(x, shape)).read();
+        let s = 0;
+        for (let i = 0; i < y.length; i++) s += r[i] * y[i];
+        return s;
+      });
+    const xp = x0.map((v, i) => v + h * d[i]);
+    const xm = x0.map((v, i) => v - h * d[i]);
+    const fd = ((await L(xp)) - (await L(xm))) / (2 * h);
+    const g = await be.scope(async () => grad(be, be.upload(x0, shape), be.upload(r, [outSize]), r).read());
+    let an = 0;
+    for (let i = 0; i < g.length; i++) an += g[i] * d[i];
+    expect(Math.abs(fd - an) / Math.max(1e-3, Math.abs(an)), `fd ${fd} vs analytic ${an}`).toBeLessThan(tol);
+  }
+
+  describe(`op suite: ${name}`, () => {
+    const rng = new Rng(1234);
+
+    it("elementwise ops, casts and sums", async () => {
+      const a = rng.normals(1000);
+      const b2 = rng.normals(1000);
+      await same((b) => {
+        const x = b.upload(a, [40, 25]);
+        const y = b.upload(b2, [40, 25]);
+        const acc = b.copy(x);
+        b.addInto(acc, y, -0.5);
+        const z = b.zeros([3, 3]);
+        b.fill(z, 2.5);
+        return {
+          add: b.add(x, y),
+          acc,
+          scale: b.scale(x, 3),
+          z,
+          sum: b.sum(x),
+          bf: b.cast(x, "bf16"),
+          back: b.cast(b.cast(x, "bf16"), "f32"),
+        };
+      }, 1e-6);
+    });
+
+    it("quantize is bit-exact in every group layout, format and scale option", async () => {
+      for (const [rows, cols] of [
+        [1, 1],
+        [3, 200],
+        [129, 17],
+        [256, 384],
+      ]) {
+        const x = rng.normals(rows * cols, 3);
+        x[0] = 1e-30;
+        if (x.length > 5) x[5] = -2e4;
+        for (const group of ["tile", "block", "column-tile", "row", "tensor"] as const)
+          for (const format of ["e4m3", "e5m2"] as const)
+            for (const extra of [{}, { pow2Scales: true }, { unit: true }])
+              await same((b) => {
+                const q = b.quantize(b.upload(x, [rows, cols]), { group, format, ...extra });
+                return { q, scales: q.quant!.scales, deq: b.dequantize(q) };
+              }, "exact");
+      }
+    });
+
+    it("quantize 128x1 restarts groups at expert segments; batched 128x128 blocks per matrix", async () => {
+      const x = rng.normals(300 * 40);
+      const seg = Int32Array.of(0, 0, 130, 131, 300);
+      await same((b) => {
+        const q = b.quantize(b.upload(x, [300, 40]), {
+          group: "column-tile",
+          segments: b.upload(seg, [5], "i32"),
+        });
+        return { q, scales: q.quant!.scales, deq: b.dequantize(q) };
+      }, "exact");
+      const w = rng.normals(3 * 130 * 70);
+      await same((b) => {
+        const q = b.quantize(b.upload(w, [3, 130, 70]), { group: "block" });
+        return { q, scales: q.quant!.scales };
+      }, "exact");
+    });
+
+    it("matmul f32 and bf16 in every transposition, with accumulate and BF16 output", async () => {
+      for (const [M, N, K] of [
+        [1, 1, 1],
+        [17, 3, 129],
+        [64, 200, 17],
+        [130, 64, 256],
+      ])
+        for (const transA of [false, true])
+          for (const transB of [false, true]) {
+            const a = rng.normals(M * K);
+            const bb = rng.normals(K * N);
+            const c0 = rng.normals(M * N);
+            for (const precision of ["f32", "bf16"] as const)
+              await same(
+                (b) => {
+                  const A = b.upload(a, transA ? [K, M] : [M, K]);
+                  const B = b.upload(bb, transB ? [N, K] : [K, N]);
+                  const acc = b.upload(c0, [M, N]);
+                  b.matmul(A, B, { transA, transB, precision, accumulate: acc });
+                  return {
+                    c: b.matmul(A, B, { transA, transB, precision }),
+                    acc,
+                    c16: b.matmul(A, B, { transA, transB, precision, outBf16: true }),
+                  };
+                },
+                precision === "f32" ? 2e-5 : 1e-2,
+              );
+          }
+    });
+
+    it("matmul fp8 for Fprop, Dgrad and Wgrad operand layouts", async () => {
+      const T = 200;
+      const din = 129;
+      const dout = 300;
+      const x = rng.normals(T * din);
+      const w = rng.normals(dout * din, 0.05);
+      const dy = rng.normals(T * dout);
+      for (const format of ["e4m3", "e5m2"] as const)
+        await same((b) => {
+          const X = b.upload(x, [T, din]);
+          const W = b.upload(w, [dout, din]);
+          const DY = b.upload(dy, [T, dout]);
+          const wq = b.quantize(W, { group: "block" });
+          const fprop = b.matmul(b.quantize(X, { group: "tile" }), wq, {
+            transB: true,
+            precision: "fp8",
+            outBf16: true,
+          });
+          const dgrad = b.matmul(b.quantize(DY, { group: "tile", format }), wq, { precision: "fp8" });
+          const wgrad = b.matmul(
+            b.quantize(DY, { group: "column-tile", format }),
+            b.quantize(X, { group: "column-tile" }),
+            {
+              transA: true,
+              precision: "fp8",
+            },
+          );
+          const tw = b.matmul(b.quantize(X, { group: "tensor" }), b.quantize(W, { group: "tensor" }), {
+            transB: true,
+            precision: "fp8",
+          });
+          return { fprop, dgrad, wgrad, tw };
+        }, 1e-2);
+    });
+
+    it("grouped matmul over expert segments (m and k), empty experts included", async () => {
+      const E = 4;
+      const off = Int32Array.of(0, 5, 5, 140, 150);
+      const Mt = 150;
+      const K = 130;
+      const N = 40;
+      const a = rng.normals(Mt * K);
+      const w = rng.normals(E * N * K, 0.1);
+      const dy = rng.normals(Mt * N);
+      for (const precision of ["f32", "bf16", "fp8"] as const)
+        await same(
+          (b): Record<string, Tensor> => {
+            const O = b.upload(off, [E + 1], "i32");
+            const A = b.upload(a, [Mt, K]);
+            const W = b.upload(w, [E, N, K]);
+            const DY = b.upload(dy, [Mt, N]);
+            if (precision !== "fp8")
+              return {
+                m: b.groupedMatmul(A, W, O, { segment: "m", transB: true, precision }),
+                k: b.groupedMatmul(DY, A, O, { segment: "k", transA: true, precision }),
+              };
+            const wq = b.quantize(W, { group: "block" });
+            return {
+              m: b.groupedMatmul(b.quantize(A, { group: "tile" }), wq, O, {
+                segment: "m",
+                transB: true,
+                precision,
+              }),
+              d: b.groupedMatmul(b.quantize(DY, { group: "tile" }), wq, O, { segment: "m", precision }),
+              k: b.groupedMatmul(
+                b.quantize(DY, { group: "column-tile", segments: O }),
+                b.quantize(A, { group: "column-tile", segments: O }),
+                O,
+                { segment: "k", transA: true, precision },
+              ),
+            };
+          },
+          precision === "f32" ? 2e-5 : 1e-2,
+        );
+    });
+
+    it("rmsnorm, rope, head slicing, swiglu, embedding forward and backward", async () => {
+      const R = 37;
+      const C = 72;
+      const x = rng.normals(R * C);
+      const w = rng.normals(C);
+      const dy = rng.normals(R * C);
+      const ids = rng.ints(R, 11);
+      const table = rng.normals(11 * C);
+      await same((b) => {
+        const X = b.upload(x, [R, C]);
+        const W = b.upload(w, [C]);
+        const DY = b.upload(dy, [R, C]);
+        const { y, rstd } = b.rmsnorm(X, W, 1e-6);
+        const { dx, dw } = b.rmsnormBackward(DY, X, W, rstd);
+        const ro = { heads: 3, width: 24, offset: 8, dim: 16, seqLen: 5, theta: 10000 };
+        const sl = { heads: 3, width: 24, start: 4, len: 10 };
+        const sliced = b.headSlice(X, sl);
+        const summed = b.headSlice(X, { ...sl, sumHeads: true });
+        const dst = b.copy(X);
+        b.headScatterAdd(dst, sliced, sl);
+        const cat = b.headConcat(sliced, b.headSlice(X, { heads: 1, width: 72, start: 0, len: 6 }), 3, 1);
+        const cat3 = b.headConcat(sliced, sliced, 3, 3);
+        const h = b.swiglu(X, DY);
+        const sg = b.swigluBackward(X, DY, b.scale(X, 0.5));
+        const E = b.upload(table, [11, C]);
+        const emb = b.embedding(E, b.upload(ids, [R], "i32"));
+        const dE = b.zeros([11, C]);
+        b.embeddingBackward(dE, DY, b.upload(ids, [R], "i32"));
+        return {
+          y,
+          rstd,
+          dx,
+          dw,
+          rope: b.rope(X, ro),
+          inv: b.rope(X, { ...ro, inverse: true }),
+          sliced,
+          summed,
+          dst,
+          cat,
+          cat3,
+          h,
+          dg: sg.dg,
+          du: sg.du,
+          emb,
+          dE,
+        };
+      }, 2e-5);
+    });
+
+    it("causal attention forward and backward, f32 and bf16", async () => {
+      const B = 2;
+      const T = 19;
+      const H = 3;
+      const dqk = 24;
+      const dv = 16;
+      const q = rng.normals(B * T * H * dqk);
+      const k = rng.normals(B * T * H * dqk);
+      const v = rng.normals(B * T * H * dv);
+      const dO = rng.normals(B * T * H * dv);
+      for (const precision of ["f32", "bf16"] as const)
+        await same(
+          (b) => {
+            const opts = { batch: B, seq: T, heads: H, scale: 1 / Math.sqrt(dqk), precision };
+            const Q = b.upload(q, [B * T, H * dqk]);
+            const K = b.upload(k, [B * T, H * dqk]);
+            const V = b.upload(v, [B * T, H * dv]);
+            const { o, lse } = b.attention(Q, K, V, opts);
+            const g = b.attentionBackward(b.upload(dO, [B * T, H * dv]), Q, K, V, o, lse, opts);
+            return { o, lse, dq: g.dq, dk: g.dk, dv: g.dv };
+          },
+          precision === "f32" ? 2e-5 : 2e-2,
+        );
+    });
+
+    it("router, balance loss, permute/combine and bias update", async () => {
+      const N = 50;
+      const E = 8;
+      const k = 2;
+      const d = 20;
+      const logits = rng.normals(N * E);
+      const bias = rng.normals(E, 0.1);
+      const x = rng.normals(N * d);
+      const dw = rng.normals(N * k);
+      await same((b) => {
+        const r = b.router(b.upload(logits, [N, E]), b.upload(bias, [E]), k, 2.5);
+        const bl = b.balanceLoss(r.scores, r.topIdx, { batch: 2, seq: 25, alpha: 0.01 });
+        const dl = b.routerBackward(b.upload(dw, [N, k]), r.scores, r.topIdx, 2.5, bl.dscores);
+        const p = b.moePermute(b.upload(x, [N, d]), r.topIdx, E);
+        const back = b.moePermuteBackward(p.xs, p.slot, N);
+        const y = b.moeCombine(p.xs, p.slot, r.weights);
+        const cb = b.moeCombineBackward(b.upload(x, [N, d]), p.xs, p.slot, r.weights);
+        const bs = b.upload(bias, [E]);
+        b.biasUpdate(bs, p.offsets, 0.001);
+        return { ...r, bl: bl.loss, bld: bl.dscores, dl, ...p, back, y, dys: cb.dys, dwts: cb.dweights, bs };
+      }, 2e-5);
+    });
+
+    it("cross-entropy, clipping and AdamW with f32 and BF16 moments", async () => {
+      const N = 30;
+      const V = 77;
+      const logits = rng.normals(N * V, 3);
+      const t = rng.ints(N, V);
+      const p = rng.normals(500);
+      const g = rng.normals(500);
+      await same((b) => {
+        const ce = b.crossEntropy(b.upload(logits, [N, V]), b.upload(t, [N], "i32"), 0.7);
+        const G = b.upload(g, [500]);
+        const clip = b.clipScale([G, ce.dlogits], 0.5);
+        const out: Record<string, Tensor> = {
+          loss: ce.loss,
+          dl: ce.dlogits,
+          norm: clip.norm,
+          scale: clip.scale,
+        };
+        for (const dt of ["f32", "bf16"] as const) {
+          const P = b.upload(p, [500]);
+          const m = b.zeros([500], dt);
+          const v = b.zeros([500], dt);
+          for (let step = 1; step <= 3; step++)
+            b.adamw(P, G, m, v, {
+              lr: 1e-2,
+              beta1: 0.9,
+              beta2: 0.95,
+              eps: 1e-8,
+              weightDecay: 0.1,
+              step,
+              gradScale: clip.scale,
+            });
+          out[`p_${dt}`] = P;
+          out[`m_${dt}`] = dt === "bf16" ? b.cast(m, "f32") : m;
+        }
+        return out;
+      }, 1e-5);
+    });
+
+    it("arenas release everything a step allocates; dispose frees long-lived tensors", async () => {
+      const before = be.stats();
+      const kept = be.scope(() => {
+        const x = be.upload(rng.normals(64), [8, 8]);
+        be.matmul(x, x, { precision: "f32" });
+        return be.keep(be.quantize(x, { group: "tile" }));
+      });
+      expect(be.stats().tensors).toBe(before.tensors + 2); // the kept tensor and its scales
+      kept.dispose();
+      expect(be.stats()).toEqual(before);
+      expect(() => be.add(kept, kept)).toThrow(/disposed/);
+    });
+  });
+
+  describe(`gradient checks: ${name}`, () => {
+    const rng = new Rng(99);
+    const R = 6;
+    const C = 16;
+
+    it("rmsnorm dx and dw", async () => {
+      const w = rng.normals(C);
+      const x0 = rng.normals(R * C);
+      await gradCheck(
+        (b, x) => b.rmsnorm(x, b.upload(w, [C]), 1e-6).y,
+        (b, x, r) =>
+          b.rmsnormBackward(
+            b.reshape(r, [R, C]),
+            x,
+            b.upload(w, [C]),
+            b.rmsnorm(x, b.upload(w, [C]), 1e-6).rstd,
+          ).dx,
+        x0,
+        [R, C],
+        R * C,
+        1,
+      );
+      await gradCheck(
+        (b, ww) => b.rmsnorm(b.upload(x0, [R, C]), ww, 1e-6).y,
+        (b, ww, r) => {
+          const x = b.upload(x0, [R, C]);
+          return b.rmsnormBackward(b.reshape(r, [R, C]), x, ww, b.rmsnorm(x, ww, 1e-6).rstd).dw;
+        },
+        w,
+        [C],
+        R * C,
+        2,
+      );
+    });
+
+    it("rope (the inverse rotation is the adjoint)", async () => {
+      const o = { heads: 2, width: 8, offset: 2, dim: 6, seqLen: 3, theta: 10000 };
+      await gradCheck(
+        (b, x) => b.rope(x, o),
+        (b, _x, r) => b.rope(b.reshape(r, [R, C]), { ...o, inverse: true }),
+        rng.normals(R * C),
+        [R, C],
+        R * C,
+        3,
+      );
+    });
+
+    it("headSlice / headScatterAdd / headConcat with a broadcast head", async () => {
+      const o = { heads: 2, width: 8, start: 3, len: 4 };
+      await gradCheck(
+        (b, x) => b.headSlice(x, o),
+        (b, _x, r) => {
+          const d = b.zeros([R, C]);
+          b.headScatterAdd(d, b.reshape(r, [R, 8]), o);
+          return d;
+        },
+        rng.normals(R * C),
+        [R, C],
+        R * 8,
+        4,
+      );
+      const a = rng.normals(R * 8);
+      await gradCheck(
+        (b, kpe) => b.headConcat(b.upload(a, [R, 8]), kpe, 2, 1),
+        (b, _k, r) =>
+          b.headSlice(b.reshape(r, [R, 2 * 7]), { heads: 2, width: 7, start: 4, len: 3, sumHeads: true }),
+        rng.normals(R * 3),
+        [R, 3],
+        R * 14,
+        5,
+      );
+    });
+
+    it("attention dq, dk, dv (f32)", async () => {
+      const B = 2;
+      const T = 5;
+      const H = 2;
+      const D = 4;
+      const opts = { batch: B, seq: T, heads: H, scale: 0.5, precision: "f32" as const };
+      const q = rng.normals(B * T * H * D);
+      const k = rng.normals(B * T * H * D);
+      const v = rng.normals(B * T * H * D);
+      const shape = [B * T, H * D];
+      const n = B * T * H * D;
+      const run = (b: Backend, Q: Tensor, K: Tensor, V: Tensor, r: Tensor) => {
+        const { o, lse } = b.attention(Q, K, V, opts);
+        return b.attentionBackward(b.reshape(r, shape), Q, K, V, o, lse, opts);
+      };
+      const up = (b: Backend, a: Float32Array) => b.upload(a, shape);
+      await gradCheck(
+        (b, Q) => b.attention(Q, up(b, k), up(b, v), opts).o,
+        (b, Q, r) => run(b, Q, up(b, k), up(b, v), r).dq,
+        q,
+        shape,
+        n,
+        6,
+      );
+      await gradCheck(
+        (b, K) => b.attention(up(b, q), K, up(b, v), opts).o,
+        (b, K, r) => run(b, up(b, q), K, up(b, v), r).dk,
+        k,
+        shape,
+        n,
+        7,
+      );
+      await gradCheck(
+        (b, V) => b.attention(up(b, q), up(b, k), V, opts).o,
+        (b, V, r) => run(b, up(b, q), up(b, k), V, r).dv,
+        v,
+        shape,
+        n,
+        8,
+      );
+    });
+
+    it("swiglu dg and du", async () => {
+      const u = rng.normals(R * C);
+      await gradCheck(
+        (b, g) => b.swiglu(g, b.upload(u, [R, C])),
+        (b, g, r) => b.swigluBackward(b.reshape(r, [R, C]), g, b.upload(u, [R, C])).dg,
+        rng.normals(R * C),
+        [R, C],
+        R * C,
+        9,
+      );
+      const g0 = rng.normals(R * C);
+      await gradCheck(
+        (b, uu) => b.swiglu(b.upload(g0, [R, C]), uu),
+        (b, uu, r) => b.swigluBackward(b.reshape(r, [R, C]), b.upload(g0, [R, C]), uu).du,
+        u,
+        [R, C],
+        R * C,
+        10,
+      );
+    });
+
+    it("embedding backward is the adjoint of the gather", async () => {
+      const ids = Int32Array.of(0, 3, 3, 1, 0, 2);
+      await gradCheck(
+        (b, w) => b.embedding(w, b.upload(ids, [6], "i32")),
+        (b, _w, r) => {
+          const d = b.zeros([4, C]);
+          b.embeddingBackward(d, b.reshape(r, [6, C]), b.upload(ids, [6], "i32"));
+          return d;
+        },
+        rng.normals(4 * C),
+        [4, C],
+        6 * C,
+        11,
+      );
+    });
+
+    it("router weights and the balance loss through the logits", async () => {
+      const N = 12;
+      const E = 6;
+      const k = 2;
+      const bias = rng.normals(E, 0.05);
+      // Fixed selection: the finite difference must not cross a top-k boundary, so use a large margin.
+      const logits = rng.normals(N * E);
+      for (let n = 0; n < N; n++) {
+        logits[n * E + (n % E)] += 4;
+        logits[n * E + ((n + 1) % E)] += 3;
+      }
+      await gradCheck(
+        (b, l) => b.router(l, b.upload(bias, [E]), k, 1.5).weights,
+        (b, l, r) => {
+          const rr = b.router(l, b.upload(bias, [E]), k, 1.5);
+          return b.routerBackward(b.reshape(r, [N, k]), rr.scores, rr.topIdx, 1.5);
+        },
+        logits,
+        [N, E],
+        N * k,
+        12,
+      );
+      await gradCheck(
+        (b, l) => {
+          const rr = b.router(l, b.upload(bias, [E]), k, 1.5);
+          return b.balanceLoss(rr.scores, rr.topIdx, { batch: 2, seq: 6, alpha: 0.3 }).loss;
+        },
+        (b, l, _r, rh) => {
+          const rr = b.router(l, b.upload(bias, [E]), k, 1.5);
+          const bl = b.balanceLoss(rr.scores, rr.topIdx, { batch: 2, seq: 6, alpha: 0.3 });
+          const zero = b.zeros([N, k]);
+          return b.scale(b.routerBackward(zero, rr.scores, rr.topIdx, 1.5, bl.dscores), rh[0]);
+        },
+        logits,
+        [N, E],
+        1,
+        13,
+      );
+    });
+
+    it("permute and combine backward (tokens and weights)", async () => {
+      const N = 7;
+      const d = 5;
+      const k = 2;
+      const top = Int32Array.of(0, 2, 1, 2, 3, 0, 2, 1, 0, 3, 1, 0, 2, 3);
+      const wts = rng.normals(N * k);
+      await gradCheck(
+        (b, x) => {
+          const p = b.moePermute(x, b.upload(top, [N, k], "i32"), 4);
+          return b.moeCombine(b.scale(p.xs, 1.5), p.slot, b.upload(wts, [N, k]));
+        },
+        (b, x, r) => {
+          const p = b.moePermute(x, b.upload(top, [N, k], "i32"), 4);
+          const cb = b.moeCombineBackward(
+            b.reshape(r, [N, d]),
+            b.scale(p.xs, 1.5),
+            p.slot,
+            b.upload(wts, [N, k]),
+          );
+          return b.moePermuteBackward(b.scale(cb.dys, 1.5), p.slot, N);
+        },
+        rng.normals(N * d),
+        [N, d],
+        N * d,
+        14,
+      );
+      const x0 = rng.normals(N * d);
+      await gradCheck(
+        (b, w) => {
+          const p = b.moePermute(b.upload(x0, [N, d]), b.upload(top, [N, k], "i32"), 4);
+          return b.moeCombine(p.xs, p.slot, w);
+        },
+        (b, w, r) => {
+          const p = b.moePermute(b.upload(x0, [N, d]), b.upload(top, [N, k], "i32"), 4);
+          return b.moeCombineBackward(b.reshape(r, [N, d]), p.xs, p.slot, w).dweights;
+        },
+        wts,
+        [N, k],
+        N * d,
+        15,
+      );
+    });
+
+    it("cross-entropy gradient", async () => {
+      const N = 5;
+      const V = 9;
+      const t = Int32Array.of(1, 8, 0, 4, 4);
+      await gradCheck(
+        (b, l) => b.crossEntropy(l, b.upload(t, [N], "i32"), 1).loss,
+        (b, l, _r, rh) => b.scale(b.crossEntropy(l, b.upload(t, [N], "i32"), 1).dlogits, rh[0]),
+        rng.normals(N * V),
+        [N, V],
+        1,
+        16,
+      );
+    });
+
+    it("matmul gradients: Dgrad and Wgrad GEMMs are the adjoints of Fprop", async () => {
+      const T = 5;
+      const din = 7;
+      const dout = 4;
+      const w = rng.normals(dout * din);
+      await gradCheck(
+        (b, x) => b.matmul(x, b.upload(w, [dout, din]), { transB: true, precision: "f32" }),
+        (b, _x, r) => b.matmul(b.reshape(r, [T, dout]), b.upload(w, [dout, din]), { precision: "f32" }),
+        rng.normals(T * din),
+        [T, din],
+        T * dout,
+        17,
+      );
+      const x0 = rng.normals(T * din);
+      await gradCheck(
+        (b, ww) => b.matmul(b.upload(x0, [T, din]), ww, { transB: true, precision: "f32" }),
+        (b, _w, r) =>
+          b.matmul(b.reshape(r, [T, dout]), b.upload(x0, [T, din]), { transA: true, precision: "f32" }),
+        w,
+        [dout, din],
+        T * dout,
+        18,
+      );
+    });
+  });
+}

@@ -1,0 +1,489 @@
+// The `ts` backend: plain TypeScript on typed arrays. It is the exact, readable reference that every
+// other backend is tested against, not a fast path.
+import { decodeBf16, encodeBf16, roundBf16 } from "@moe8/fp8-core";
+import type {
+  AdamWOptions,
+  AttentionOptions,
+  Backend,
+  GroupedMatmulOptions,
+  HeadSliceOptions,
+  MatmulOptions,
+  PermuteResult,
+  QuantizeOptions,
+  RopeOptions,
+  RouterResult,
+} from "../backend.ts";
+import { f32, HostLifetimes, host, i32, sameShape, u8 } from "../host.ts";
+import type { Tensor } from "../tensor.ts";
+import { type Fp8Format, isFp8 } from "../types.ts";
+import {
+  batchDims,
+  checkFp8,
+  dequantizeHost,
+  type Fp8Operand,
+  gemmF32,
+  gemmFp8,
+  quantizeHost,
+  roundInPlaceBf16,
+  scaleCount,
+} from "./linear.ts";
+import * as moe from "./moe.ts";
+import * as nn from "./nn.ts";
+
+/** M, N, K of op(A) op(B) from the stored shapes, with a clear error when they do not fit. */
+export function gemmDims(
+  a: { rows: number; cols: number },
+  b: { rows: number; cols: number },
+  o: MatmulOptions,
+) {
+  const [M, Ka] = o.transA ? [a.cols, a.rows] : [a.rows, a.cols];
+  const [Kb, N] = o.transB ? [b.cols, b.rows] : [b.rows, b.cols];
+  if (Ka !== Kb) throw new Error(`matmul: inner dimensions ${Ka} and ${Kb} differ`);
+  return { M, N, K: Ka };
+}
+
+export class TsBackend extends HostLifetimes implements Backend {
+  readonly name = "ts" as const;
+
+  // --- elementwise -----------------------------------------------------------------------------
+  add(a: Tensor, b: Tensor): Tensor {
+    sameShape(a, b, "add");
+    const x = f32(a);
+    const y = f32(b);
+    const out = this.alloc(a.shape);
+    const o = f32(out);
+    for (let i = 0; i < o.length; i++) o[i] = x[i] + y[i];
+    return out;
+  }
+
+  addInto(dst: Tensor, src: Tensor, alpha = 1): void {
+    sameShape(dst, src, "addInto");
+    const d = f32(dst);
+    const s = f32(src);
+    for (let i = 0; i < d.length; i++) d[i] += alpha * s[i];
+  }
+
+  scale(a: Tensor, s: number): Tensor {
+    const out = this.alloc(a.shape);
+    const x = f32(a);
+    const o = f32(out);
+    for (let i = 0; i < o.length; i++) o[i] = x[i] * s;
+    return out;
+  }
+
+  fill(t: Tensor, value: number): void {
+    (host(t) as Float32Array).fill(value);
+  }
+
+  copy(t: Tensor): Tensor {
+    return this.wrap(host(t).slice(), t.shape, t.dtype);
+  }
+
+  cast(t: Tensor, dtype: "f32" | "bf16"): Tensor {
+    if (t.dtype === dtype) return this.copy(t);
+    if (t.dtype === "f32" && dtype === "bf16") return this.wrap(encodeBf16(f32(t)), t.shape, "bf16");
+    if (t.dtype === "bf16" && dtype === "f32")
+      return this.wrap(decodeBf16(host(t) as Uint16Array), t.shape, "f32");
+    throw new Error(`cast: ${t.dtype} to ${dtype} is not supported (use quantize/dequantize for FP8)`);
+  }
+
+  sum(t: Tensor): Tensor {
+    const x = f32(t);
+    let s = 0;
+    for (let i = 0; i < x.length; i++) s += x[i];
+    return this.wrap(Float32Array.of(s), [1], "f32");
+  }
+
+  // --- quantisation ----------------------------------------------------------------------------
+  quantize(x: Tensor, opts: QuantizeOptions): Tensor {
+    const { batch, rows, cols } = batchDims(x);
+    const seg = opts.segments ? i32(opts.segments) : null;
+    const { data, scales } = quantizeHost(f32(x), batch, rows, cols, opts, seg);
+    const format: Fp8Format = opts.format ?? "e4m3";
+    const s = this.wrap(scales, [scales.length], "f32");
+    return this.wrap(data, x.shape, format, {
+      group: opts.group,
+      format,
+      scales: s,
+      segments: opts.segments,
+    });
+  }
+
+  dequantize(q: Tensor): Tensor {
+    if (!isFp8(q.dtype) || !q.quant) throw new Error(`dequantize: ${q} is not an FP8 tensor`);
+    const { batch, rows, cols } = batchDims(q);
+    const seg = q.quant.segments ? i32(q.quant.segments) : null;
+    const out = dequantizeHost(
+      u8(q),
+      f32(q.quant.scales),
+      batch,
+      rows,
+      cols,
+      q.quant.group,
+      q.quant.format,
+      seg,
+    );
+    return this.wrap(out, q.shape, "f32");
+  }
+
+  // --- GEMMs -----------------------------------------------------------------------------------
+  /** One GEMM on stored matrices a [ra, ca], b [rb, cb]; writes C[M, N] into `c`. */
+  private gemmInto(
+    a: Tensor,
+    aOff: number,
+    aScaleOff: number,
+    ra: number,
+    ca: number,
+    b: Tensor,
+    bOff: number,
+    bScaleOff: number,
+    rb: number,
+    cb: number,
+    c: Float32Array,
+    o: MatmulOptions,
+  ): void {
+    const { M, N, K } = gemmDims({ rows: ra, cols: ca }, { rows: rb, cols: cb }, o);
+    if (M === 0 || N === 0) return;
+    if (o.precision === "fp8") {
+      checkFp8(a, "A");
+      checkFp8(b, "B");
+      const op = (
+        t: Tensor,
+        off: number,
+        sOff: number,
+        rows: number,
+        cols: number,
+        trans: boolean,
+      ): Fp8Operand => {
+        const qi = t.quant!;
+        const n = scaleCount(qi.group, rows, cols);
+        return {
+          data: u8(t).subarray(off, off + rows * cols),
+          scales: f32(qi.scales).subarray(sOff, sOff + n),
+          rows,
+          cols,
+          group: qi.group,
+          format: qi.format,
+          trans,
+        };
+      };
+      if (K === 0) {
+        c.fill(0, 0, M * N);
+        return;
+      }
+      const r = gemmFp8(
+        op(a, aOff, aScaleOff, ra, ca, !!o.transA),
+        op(b, bOff, bScaleOff, rb, cb, !!o.transB),
+        o.promotion ?? 128,
+      );
+      c.set(r);
+      return;
+    }
+    let x = f32(a).subarray(aOff, aOff + ra * ca);
+    let y = f32(b).subarray(bOff, bOff + rb * cb);
+    if (o.precision === "bf16") {
+      x = roundBf16(x);
+      y = roundBf16(y);
+    }
+    gemmF32(x, y, c, M, N, K, !!o.transA, !!o.transB);
+  }
+
+  private finish(c: Float32Array, shape: number[], o: MatmulOptions): Tensor {
+    if (o.outBf16) roundInPlaceBf16(c);
+    if (o.accumulate) {
+      const acc = f32(o.accumulate);
+      if (acc.length !== c.length)
+        throw new Error(`matmul: accumulate has shape [${o.accumulate.shape}], want [${shape}]`);
+      for (let i = 0; i < c.length; i++) acc[i] += c[i];
+      return o.accumulate;
+    }
+    return this.wrap(c, shape, "f32");
+  }
+
+  matmul(a: Tensor, b: Tensor, o: MatmulOptions): Tensor {
+    const { M, N } = gemmDims(a, b, o);
+    const c = new Float32Array(M * N);
+    this.gemmInto(a, 0, 0, a.rows, a.cols, b, 0, 0, b.rows, b.cols, c, o);
+    return this.finish(c, [M, N], o);
+  }
+
+  groupedMatmul(a: Tensor, b: Tensor, offsets: Tensor, o: GroupedMatmulOptions): Tensor {
+    const off = i32(offsets);
+    const E = off.length - 1;
+    const fp8 = o.precision === "fp8";
+    if (o.segment === "m") {
+      // a [Mtot, K] split by rows; b: E matrices [K, N] (or [N, K] with transB).
+      if (o.transA) throw new Error("groupedMatmul m: A must not be transposed");
+      const bd = batchDims(b);
+      if (bd.batch !== E) throw new Error(`groupedMatmul: B holds ${bd.batch} matrices for ${E} experts`);
+      const N = o.transB ? bd.rows : bd.cols;
+      const K = a.cols;
+      const c = new Float32Array(a.rows * N);
+      // Scales of A's rows: tile/row scales advance per row; one tensor scale is shared.
+      const aScales = fp8 && a.quant!.group !== "tensor" ? scaleCount(a.quant!.group, 1, K) : 0;
+      const bScales = fp8 ? scaleCount(b.quant!.group, bd.rows, bd.cols) : 0;
+      for (let e = 0; e < E; e++) {
+        const rows = off[e + 1] - off[e];
+        if (rows === 0) continue;
+        const ce = c.subarray(off[e] * N, off[e + 1] * N);
+        this.gemmInto(
+          a,
+          off[e] * K,
+          off[e] * aScales,
+          rows,
+          K,
+          b,
+          e * bd.rows * bd.cols,
+          e * bScales,
+          bd.rows,
+          bd.cols,
+          ce,
+          o,
+        );
+      }
+      return this.finish(c, [a.rows, N], o);
+    }
+    // segment k: C[e] = A_e^T B_e over each expert's rows; a [Ktot, M], b [Ktot, N].
+    if (!o.transA || o.transB) throw new Error("groupedMatmul k: A must be transposed and B not");
+    const M = a.cols;
+    const N = b.cols;
+    const c = new Float32Array(E * M * N);
+    let aS = 0;
+    let bS = 0;
+    for (let e = 0; e < E; e++) {
+      const rows = off[e + 1] - off[e];
+      if (rows > 0)
+        this.gemmInto(
+          a,
+          off[e] * M,
+          aS,
+          rows,
+          M,
+          b,
+          off[e] * N,
+          bS,
+          rows,
+          N,
+          c.subarray(e * M * N, (e + 1) * M * N),
+          o,
+        );
+      if (fp8) {
+        // 128x1 scales restart at each segment; a tensor-wise scale is shared by all experts.
+        if (a.quant!.group !== "tensor") aS += scaleCount(a.quant!.group, rows, M);
+        if (b.quant!.group !== "tensor") bS += scaleCount(b.quant!.group, rows, N);
+      }
+    }
+    return this.finish(c, [E, M, N], o);
+  }
+
+  // --- dense layers ----------------------------------------------------------------------------
+  rmsnorm(x: Tensor, w: Tensor, eps: number) {
+    const r = nn.rmsnorm(f32(x), f32(w), x.rows, x.cols, eps);
+    return { y: this.wrap(r.y, x.shape, "f32"), rstd: this.wrap(r.rstd, [x.rows], "f32") };
+  }
+
+  rmsnormBackward(dy: Tensor, x: Tensor, w: Tensor, rstd: Tensor) {
+    const r = nn.rmsnormBackward(f32(dy), f32(x), f32(w), f32(rstd), x.rows, x.cols);
+    return { dx: this.wrap(r.dx, x.shape, "f32"), dw: this.wrap(r.dw, w.shape, "f32") };
+  }
+
+  rope(x: Tensor, o: RopeOptions): Tensor {
+    return this.wrap(nn.rope(f32(x), x.rows, o), x.shape, "f32");
+  }
+
+  headSlice(x: Tensor, o: HeadSliceOptions): Tensor {
+    const out = nn.headSlice(f32(x), x.rows, o);
+    return this.wrap(out, [x.rows, out.length / x.rows], "f32");
+  }
+
+  headScatterAdd(dst: Tensor, src: Tensor, o: HeadSliceOptions): void {
+    nn.headScatterAdd(f32(dst), f32(src), dst.rows, o);
+  }
+
+  headConcat(a: Tensor, b: Tensor, heads: number, bHeads: number): Tensor {
+    const la = a.cols / heads;
+    const lb = b.cols / bHeads;
+    const out = nn.headConcat(f32(a), f32(b), a.rows, heads, la, lb, bHeads);
+    return this.wrap(out, [a.rows, heads * (la + lb)], "f32");
+  }
+
+  attention(q: Tensor, k: Tensor, v: Tensor, o: AttentionOptions) {
+    const dqk = q.cols / o.heads;
+    const dv = v.cols / o.heads;
+    const r = nn.attention(f32(q), f32(k), f32(v), dqk, dv, o);
+    return {
+      o: this.wrap(r.o, [q.rows, v.cols], "f32"),
+      lse: this.wrap(r.lse, [o.batch * o.heads * o.seq], "f32"),
+    };
+  }
+
+  attentionBackward(
+    dO: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    o: AttentionOptions,
+  ) {
+    const dqk = q.cols / o.heads;
+    const dv = v.cols / o.heads;
+    const r = nn.attentionBackward(f32(dO), f32(q), f32(k), f32(v), f32(out), f32(lse), dqk, dv, o);
+    return {
+      dq: this.wrap(r.dq, q.shape, "f32"),
+      dk: this.wrap(r.dk, k.shape, "f32"),
+      dv: this.wrap(r.dv, v.shape, "f32"),
+    };
+  }
+
+  swiglu(g: Tensor, u: Tensor): Tensor {
+    sameShape(g, u, "swiglu");
+    return this.wrap(nn.swiglu(f32(g), f32(u)), g.shape, "f32");
+  }
+
+  swigluBackward(dh: Tensor, g: Tensor, u: Tensor) {
+    const r = nn.swigluBackward(f32(dh), f32(g), f32(u));
+    return { dg: this.wrap(r.dg, g.shape, "f32"), du: this.wrap(r.du, u.shape, "f32") };
+  }
+
+  embedding(w: Tensor, ids: Tensor): Tensor {
+    const W = f32(w);
+    const id = i32(ids);
+    const d = w.cols;
+    const out = new Float32Array(id.length * d);
+    for (let n = 0; n < id.length; n++) {
+      if (id[n] < 0 || id[n] >= w.rows)
+        throw new Error(`embedding: token id ${id[n]} outside the vocabulary of ${w.rows}`);
+      out.set(W.subarray(id[n] * d, (id[n] + 1) * d), n * d);
+    }
+    return this.wrap(out, [id.length, d], "f32");
+  }
+
+  embeddingBackward(dw: Tensor, dy: Tensor, ids: Tensor): void {
+    const D = f32(dw);
+    const g = f32(dy);
+    const id = i32(ids);
+    const d = dw.cols;
+    for (let n = 0; n < id.length; n++) for (let c = 0; c < d; c++) D[id[n] * d + c] += g[n * d + c];
+  }
+
+  // --- mixture of experts ----------------------------------------------------------------------
+  router(logits: Tensor, bias: Tensor, k: number, scaling: number): RouterResult {
+    const N = logits.rows;
+    const E = logits.cols;
+    const r = moe.router(f32(logits), f32(bias), N, E, k, scaling);
+    return {
+      scores: this.wrap(r.scores, [N, E], "f32"),
+      topIdx: this.wrap(r.topIdx, [N, k], "i32"),
+      weights: this.wrap(r.weights, [N, k], "f32"),
+    };
+  }
+
+  routerBackward(
+    dweights: Tensor,
+    scores: Tensor,
+    topIdx: Tensor,
+    scaling: number,
+    dscores?: Tensor,
+  ): Tensor {
+    const N = scores.rows;
+    const E = scores.cols;
+    const k = topIdx.cols;
+    const d = moe.routerBackward(
+      f32(dweights),
+      f32(scores),
+      i32(topIdx),
+      N,
+      E,
+      k,
+      scaling,
+      dscores ? f32(dscores) : null,
+    );
+    return this.wrap(d, [N, E], "f32");
+  }
+
+  balanceLoss(scores: Tensor, topIdx: Tensor, o: { batch: number; seq: number; alpha: number }) {
+    const r = moe.balanceLoss(f32(scores), i32(topIdx), o.batch, o.seq, scores.cols, topIdx.cols, o.alpha);
+    return {
+      loss: this.wrap(Float32Array.of(r.loss), [1], "f32"),
+      dscores: this.wrap(r.dscores, scores.shape, "f32"),
+    };
+  }
+
+  moePermute(x: Tensor, topIdx: Tensor, experts: number): PermuteResult {
+    const N = topIdx.rows;
+    const k = topIdx.cols;
+    const { slot, offsets } = moe.permuteOrder(i32(topIdx), N, k, experts);
+    const xs = moe.gatherRows(f32(x), x.cols, slot, k);
+    return {
+      xs: this.wrap(xs, [N * k, x.cols], "f32"),
+      slot: this.wrap(slot, [N * k], "i32"),
+      offsets: this.wrap(offsets, [experts + 1], "i32"),
+    };
+  }
+
+  moePermuteBackward(dxs: Tensor, slot: Tensor, tokens: number): Tensor {
+    return this.wrap(moe.permuteBackward(f32(dxs), i32(slot), tokens, dxs.cols), [tokens, dxs.cols], "f32");
+  }
+
+  moeCombine(ys: Tensor, slot: Tensor, weights: Tensor): Tensor {
+    const N = weights.rows;
+    return this.wrap(moe.combine(f32(ys), i32(slot), f32(weights), N, ys.cols), [N, ys.cols], "f32");
+  }
+
+  moeCombineBackward(dy: Tensor, ys: Tensor, slot: Tensor, weights: Tensor) {
+    const r = moe.combineBackward(f32(dy), f32(ys), i32(slot), f32(weights), weights.rows, ys.cols);
+    return { dys: this.wrap(r.dys, ys.shape, "f32"), dweights: this.wrap(r.dweights, weights.shape, "f32") };
+  }
+
+  biasUpdate(bias: Tensor, offsets: Tensor, gamma: number): void {
+    moe.biasUpdate(f32(bias), i32(offsets), gamma);
+  }
+
+  // --- loss and optimiser ----------------------------------------------------------------------
+  crossEntropy(logits: Tensor, targets: Tensor, gradScale: number) {
+    const r = moe.crossEntropy(f32(logits), i32(targets), logits.rows, logits.cols, gradScale);
+    return {
+      loss: this.wrap(Float32Array.of(r.loss), [1], "f32"),
+      dlogits: this.wrap(r.dlogits, logits.shape, "f32"),
+    };
+  }
+
+  clipScale(grads: Tensor[], maxNorm: number) {
+    let ss = 0;
+    for (const g of grads) {
+      const x = f32(g);
+      for (let i = 0; i < x.length; i++) ss += x[i] * x[i];
+    }
+    const norm = Math.sqrt(ss);
+    const scale = Number.isFinite(norm) ? Math.min(1, maxNorm / (norm + 1e-6)) : 1;
+    return {
+      norm: this.wrap(Float32Array.of(norm), [1], "f32"),
+      scale: this.wrap(Float32Array.of(scale), [1], "f32"),
+    };
+  }
+
+  adamw(p: Tensor, g: Tensor, m: Tensor, v: Tensor, o: AdamWOptions): void {
+    const P = f32(p);
+    const G = f32(g);
+    const gs = f32(o.gradScale)[0];
+    const bc1 = 1 - o.beta1 ** o.step;
+    const bc2 = 1 - o.beta2 ** o.step;
+    const decay = 1 - o.lr * o.weightDecay;
+    const load = (t: Tensor) => (t.dtype === "bf16" ? decodeBf16(host(t) as Uint16Array) : f32(t));
+    const M = load(m);
+    const V = load(v);
+    for (let i = 0; i < P.length; i++) {
+      const gi = G[i] * gs;
+      M[i] = o.beta1 * M[i] + (1 - o.beta1) * gi;
+      V[i] = o.beta2 * V[i] + (1 - o.beta2) * gi * gi;
+    }
+    // BF16 moments are stored rounded, and the update uses the stored values.
+    if (m.dtype === "bf16") (host(m) as Uint16Array).set(encodeBf16(M));
+    if (v.dtype === "bf16") (host(v) as Uint16Array).set(encodeBf16(V));
+    const Ms = m.dtype === "bf16" ? load(m) : M;
+    const Vs = v.dtype === "bf16" ? load(v) : V;
+    for (let i = 0; i < P.length; i++)
+      P[i] = P[i] * decay - (o.lr * (Ms[i] / bc1)) / (Math.sqrt(Vs[i] / bc2) + o.eps);
+  }
+}

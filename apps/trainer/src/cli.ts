@@ -1,15 +1,29 @@
 #!/usr/bin/env bun
 // moe8 CLI entry: `bun apps/trainer/src/cli.ts <command> [flags]`, also under Node (tsx) and Deno.
-import { doctor } from "./commands/doctor.ts";
 import { runCli, UsageError } from "./errors.ts";
 
-const commands: Record<string, (argv: string[]) => Promise<number>> = {
-  doctor,
+type Command = (argv: string[]) => Promise<number>;
+
+// Commands load lazily so that `doctor` works even where a heavier dependency cannot load.
+const commands: Record<string, () => Promise<Command>> = {
+  doctor: async () => (await import("./commands/doctor.ts")).doctor,
+  train: async () => (await import("./commands/train.ts")).train,
+  eval: async () => (await import("./commands/eval.ts")).evaluate,
+  sample: async () => (await import("./commands/sample.ts")).sample,
+  parity: async () => (await import("./commands/parity.ts")).parity,
+  bench: async () => (await import("./commands/bench.ts")).bench,
+  "prepare-data": async () => (await import("./commands/prepare-data.ts")).prepareDataCommand,
 };
 
 const usage = `usage: moe8 <command> [flags]
 commands:
-  doctor [--json]     runtime, CPU/SIMD, native addon, available backends`;
+  train          pretrain a model (--config tiny|small|file.json --steps N --precision fp8 --backend cpu ...)
+  eval           loss of a checkpoint on data (--checkpoint DIR --data PATH [--json])
+  sample         generate text from a checkpoint (--checkpoint DIR --prompt TEXT)
+  parity         FP8 against BF16 loss parity (--precision fp8 --against bf16 --steps N [--sweep])
+  bench          gemm | ops | step benchmarks
+  prepare-data   tokenise text into Arrow shards (--input ... --out datasets/NAME)
+  doctor         runtime, CPU/SIMD, native addon, available backends`;
 
 const [cmd, ...rest] = process.argv.slice(2);
 await runCli(async () => {
@@ -17,7 +31,7 @@ await runCli(async () => {
     console.log(usage);
     return 0;
   }
-  const run = commands[cmd];
-  if (!run) throw new UsageError(`unknown command "${cmd}" (commands: ${Object.keys(commands).join(", ")})`);
-  return run(rest);
+  const load = commands[cmd];
+  if (!load) throw new UsageError(`unknown command "${cmd}" (commands: ${Object.keys(commands).join(", ")})`);
+  return (await load())(rest);
 }, rest.includes("--debug"));

@@ -1,6 +1,7 @@
 // One optimizer step: forward + backward in a per-step arena, global-norm clipping, AdamW, then the
 // auxiliary-loss-free bias update. The host reads two numbers per step (loss and grad norm), after
 // all work is enqueued (RUNTIME.md rule 1); a non-finite loss or norm skips the update.
+import type { LoadStats } from "@moe8/moe-layers";
 import type { AdamW } from "@moe8/optimizer";
 import type { Tensor } from "@moe8/tensor";
 import type { BatchShape, DeepSeekModel } from "./model.ts";
@@ -13,6 +14,8 @@ export interface StepResult {
   gradNorm: number;
   /** The update was skipped because the loss or the gradient norm was not finite. */
   skipped: boolean;
+  /** Per MoE layer: expert loads of this step. */
+  load: LoadStats[];
 }
 
 export async function trainStep(
@@ -34,6 +37,7 @@ export async function trainStep(
       opt.update(lr, scale);
       for (const m of model.moeLayers) m.updateBias();
     }
-    return { loss, totalLoss, gradNorm, skipped };
+    const load = await Promise.all(model.moeLayers.map((m) => m.loadStats()));
+    return { loss, totalLoss, gradNorm, skipped, load };
   });
 }

@@ -1,0 +1,213 @@
+// `moe8 bench gemm|ops|step`: benchmarks reported as numbers and as ratios against a baseline
+// measured in the same run (never asserted by timed tests).
+import { spawnSync } from "node:child_process";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { createBackend } from "@moe8/kernels";
+import { CONFIGS, STEP_SHAPES, trainStep } from "@moe8/model";
+import { type Backend, Rng, type Tensor } from "@moe8/tensor";
+import { parseArgs } from "../args.ts";
+import { UsageError } from "../errors.ts";
+import { DEFAULTS, resolveModel, type TrainConfig } from "../run/config.ts";
+import { buildSession } from "../run/session.ts";
+
+const root = join(dirname(fileURLToPath(import.meta.url)), "../../../..");
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.floor(s.length / 2)];
+}
+
+/** Median wall time of `fn` in ms after warm-up runs; stops early after `budgetMs`. */
+async function timeIt(fn: () => Promise<void> | void, reps: number, budgetMs = 4000): Promise<number> {
+  await fn();
+  const times: number[] = [];
+  const start = performance.now();
+  for (let i = 0; i < reps && (i < 3 || performance.now() - start < budgetMs); i++) {
+    const t = performance.now();
+    await fn();
+    times.push(performance.now() - t);
+  }
+  return median(times);
+}
+
+function parseShape(s: string): [number, number, number] {
+  const m = /^(\d+)x(\d+)x(\d+)$/.exec(s);
+  if (!m) throw new UsageError(`--shape "${s}": expected MxNxK, e.g. 2048x512x128`);
+  return [Number(m[1]), Number(m[2]), Number(m[3])];
+}
+
+export const MODEL_GEMM_SHAPES = ["2048x512x128", "2048x128x512", "2048x256x128", "2048x2048x2048"];
+
+/** numpy/OpenBLAS sgemm on the same machine, or null when numpy is not installed. */
+function openblas(shapes: string[]): Map<string, number> | null {
+  const r = spawnSync("python3", [join(root, "scripts/openblas_gemm.py"), ...shapes], { encoding: "utf8" });
+  if (r.status !== 0) return null;
+  const out = new Map<string, number>();
+  for (const line of r.stdout.trim().split("\n")) {
+    const j = JSON.parse(line);
+    out.set(j.shape, j.gflops);
+  }
+  return out;
+}
+
+async function benchGemm(
+  b: Backend,
+  precision: "f32" | "bf16" | "fp8",
+  shape: string,
+): Promise<{ ms: number; gflops: number }> {
+  const [M, N, K] = parseShape(shape);
+  const rng = new Rng(1);
+  return b.scope(async () => {
+    const x = b.upload(rng.normals(M * K), [M, K]);
+    const w = b.upload(rng.normals(N * K), [N, K]);
+    const [A, B] =
+      precision === "fp8" ? [b.quantize(x, { group: "tile" }), b.quantize(w, { group: "block" })] : [x, w];
+    const ms = await timeIt(
+      async () => {
+        await b.scope(async () => {
+          const y: Tensor = b.matmul(A, B, { transB: true, precision });
+          await y.read();
+        });
+      },
+      b.name === "ts" ? 3 : 20,
+    );
+    return { ms, gflops: (2 * M * N * K) / (ms * 1e6) };
+  });
+}
+
+async function gemm(flags: Record<string, unknown>): Promise<number> {
+  const backends = flags.backend ? [String(flags.backend)] : ["cpu"];
+  const precisions = flags.precision ? [String(flags.precision)] : ["f32", "bf16", "fp8"];
+  const shapes = (flags.shape as string[] | undefined) ?? MODEL_GEMM_SHAPES;
+  for (const p of precisions)
+    if (!["f32", "fp32", "bf16", "fp8"].includes(p))
+      throw new UsageError(`--precision "${p}": use fp32, bf16 or fp8`);
+  const rows = [];
+  const blas = flags.baseline === false ? null : openblas(shapes);
+  for (const name of backends) {
+    const b = createBackend(name as "ts" | "cpu");
+    for (const shape of shapes) {
+      let f32: number | null = null;
+      for (const p0 of precisions) {
+        const precision = (p0 === "fp32" ? "f32" : p0) as "f32" | "bf16" | "fp8";
+        if (b.name === "ts" && shape === "2048x2048x2048") continue; // minutes in plain TypeScript
+        const r = await benchGemm(b, precision, shape);
+        if (precision === "f32") f32 = r.gflops;
+        const row: Record<string, unknown> = {
+          op: "matmul",
+          backend: b.name,
+          precision,
+          shape,
+          ms: +r.ms.toFixed(3),
+          gflops: +r.gflops.toFixed(2),
+        };
+        const ob = blas?.get(shape);
+        if (ob) row.vs_openblas = +(r.gflops / ob).toFixed(3);
+        if (precision !== "f32" && f32) row.vs_own_f32 = +(r.gflops / f32).toFixed(3);
+        rows.push(row);
+        if (!flags.json)
+          console.log(
+            Object.entries(row)
+              .map(([k, v]) => `${k}=${v}`)
+              .join("  "),
+          );
+      }
+    }
+  }
+  if (blas && !flags.json)
+    for (const [s, g] of blas) console.log(`openblas (numpy) sgemm ${s}: ${g.toFixed(1)} GFLOP/s`);
+  if (!blas && !flags.json) console.log("numpy not installed: no OpenBLAS baseline (pip install numpy)");
+  if (flags.json) console.log(JSON.stringify({ rows, openblas: blas ? Object.fromEntries(blas) : null }));
+  return 0;
+}
+
+async function step(flags: Record<string, unknown>): Promise<number> {
+  const configName = String(flags.config ?? "tiny");
+  if (configName !== "tiny" && configName !== "small")
+    throw new UsageError(`--config "${configName}": use tiny or small`);
+  const precisions = flags.precision ? [String(flags.precision)] : ["fp8", "bf16", "fp32"];
+  const steps = Number(flags.steps ?? 10);
+  const shape = STEP_SHAPES[configName];
+  const cfg: TrainConfig = {
+    ...DEFAULTS,
+    model: configName,
+    seqLen: shape.seqLen,
+    batchSize: Number(flags["batch-size"] ?? shape.batch),
+    backend: (flags.backend ?? "auto") as "auto",
+  };
+  const modelCfg = resolveModel(cfg);
+  const rows = [];
+  for (const precision of precisions) {
+    const s = buildSession({ ...cfg, precision }, modelCfg);
+    const b = s.backend;
+    const rng = new Rng(7);
+    const T = cfg.seqLen;
+    const B = cfg.batchSize;
+    const ids = b.keep(b.upload(rng.ints(B * T, modelCfg.vocab_size), [B * T], "i32"));
+    const tg = b.keep(b.upload(rng.ints(B * T, modelCfg.vocab_size), [B * T], "i32"));
+    let peakRss = 0;
+    const ms = await timeIt(
+      async () => {
+        await trainStep(s.model, s.opt, ids, tg, { batch: B, seq: T }, 1e-3);
+        peakRss = Math.max(peakRss, process.memoryUsage().rss);
+      },
+      steps,
+      120_000,
+    );
+    const row = {
+      config: configName,
+      backend: b.name,
+      precision,
+      tokens_per_step: B * T,
+      ms_per_step: +ms.toFixed(1),
+      tokens_per_s: Math.round((B * T * 1000) / ms),
+      peak_rss_mb: Math.round(peakRss / 2 ** 20),
+    };
+    rows.push(row);
+    if (!flags.json)
+      console.log(
+        Object.entries(row)
+          .map(([k, v]) => `${k}=${v}`)
+          .join("  "),
+      );
+    ids.dispose();
+    tg.dispose();
+    s.dispose();
+  }
+  if (flags.json) console.log(JSON.stringify(rows.length === 1 ? rows[0] : rows));
+  return 0;
+}
+
+export async function bench(argv: string[]): Promise<number> {
+  const [what, ...rest] = argv;
+  const { flags } = parseArgs(rest, {
+    backend: "string",
+    precision: "string",
+    shape: "list",
+    config: "string",
+    steps: "int",
+    "batch-size": "int",
+    json: "boolean",
+    baseline: "boolean",
+    debug: "boolean",
+  });
+  if (what === "gemm") return gemm(flags);
+  if (what === "step") return step(flags);
+  if (what === "ops") {
+    const { benchOps } = await import("@moe8/kernels");
+    const rows = await benchOps(flags);
+    if (flags.json) console.log(JSON.stringify(rows));
+    else
+      for (const r of rows)
+        console.log(
+          Object.entries(r)
+            .map(([k, v]) => `${k}=${v}`)
+            .join("  "),
+        );
+    return 0;
+  }
+  throw new UsageError(`bench: unknown benchmark "${what ?? ""}" (use gemm, ops or step)`);
+}
+
+export { CONFIGS };

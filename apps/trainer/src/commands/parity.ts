@@ -1,0 +1,287 @@
+// `moe8 parity`: trains the same model from the same initial weights on the same data order under
+// two (or more) precision policies and compares end-of-run losses, with yardsticks (BF16 against a
+// BF16 run with another data order; FP32 against BF16) so a difference can be judged against noise.
+import { mkdirSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { describePolicy } from "@moe8/fp8-core";
+import { trainStep } from "@moe8/model";
+import { parseArgs } from "../args.ts";
+import { UsageError } from "../errors.ts";
+import { resolveModel, type TrainConfig } from "../run/config.ts";
+import { openTrainData } from "../run/data.ts";
+import { configFromArgs, TRAIN_FLAGS } from "../run/flags.ts";
+import { buildSession, policyOf } from "../run/session.ts";
+import { linePlot } from "../run/svg.ts";
+import { validationLoss } from "./train.ts";
+
+export interface RunResult {
+  label: string;
+  precision: string;
+  overrides: Record<string, string>;
+  policy: string;
+  seed: number;
+  dataSeed: number;
+  losses: number[];
+  ema: number[];
+  /** Mean EMA(0.9) training loss over the last 10% of steps. */
+  finalTrain: number;
+  finalVal: number;
+  tokensPerS: number;
+  peakRssMb: number;
+}
+
+export interface Variant {
+  label: string;
+  precision: string;
+  overrides: Record<string, string>;
+}
+
+/** What `--sweep` compares against BF16: each choice of the recipe swapped on its own. */
+export const SWEEP: Variant[] = [
+  { label: "fp8 (DeepSeek-V3 recipe)", precision: "fp8", overrides: {} },
+  {
+    label: "fp8, wgrad in bf16",
+    precision: "fp8",
+    overrides: { "attention.wgrad": "bf16", "moe-layers.wgrad": "bf16" },
+  },
+  {
+    label: "fp8 fprop only",
+    precision: "fp8",
+    overrides: {
+      "attention.dgrad": "bf16",
+      "attention.wgrad": "bf16",
+      "moe-layers.dgrad": "bf16",
+      "moe-layers.wgrad": "bf16",
+    },
+  },
+  { label: "fp8, moe-layers in bf16", precision: "fp8", overrides: { "moe-layers": "bf16" } },
+  { label: "fp8, attention in bf16", precision: "fp8", overrides: { attention: "bf16" } },
+  { label: "fp8, e5m2 gradients", precision: "fp8", overrides: { gradients: "e5m2" } },
+  { label: "fp8, power-of-two scales", precision: "fp8", overrides: { pow2Scales: "true" } },
+  { label: "fp8, bf16 activation cache", precision: "fp8", overrides: { cacheActivations: "bf16" } },
+  { label: "fp8-tensorwise", precision: "fp8-tensorwise", overrides: {} },
+  { label: "fp8-unscaled (negative control)", precision: "fp8-unscaled", overrides: {} },
+];
+
+export function emaCurve(xs: number[], beta = 0.9): number[] {
+  const out: number[] = [];
+  let m = 0;
+  xs.forEach((x, i) => {
+    m = beta * m + (1 - beta) * x;
+    out.push(m / (1 - beta ** (i + 1))); // bias-corrected, so early steps are not pulled to zero
+  });
+  return out;
+}
+
+export function tailMean(xs: number[], fraction = 0.1): number {
+  const n = Math.max(1, Math.round(xs.length * fraction));
+  const tail = xs.slice(-n);
+  return tail.reduce((a, x) => a + x, 0) / tail.length;
+}
+
+export const relDiff = (a: number, b: number) => (a - b) / b;
+
+/** Trains one policy for cfg.steps steps and returns its curve and end-of-run figures. */
+export async function trainForParity(
+  cfg: TrainConfig,
+  v: Variant,
+  log: (s: string) => void,
+): Promise<RunResult> {
+  const c: TrainConfig = { ...cfg, precision: v.precision, precisionOverrides: v.overrides };
+  const modelCfg = resolveModel(c);
+  const data = await openTrainData(c, modelCfg.vocab_size);
+  const s = buildSession(c, modelCfg);
+  const b = s.backend;
+  const losses: number[] = [];
+  let peak = 0;
+  const t0 = performance.now();
+  try {
+    for (let step = 1; step <= c.steps; step++) {
+      const batch = await data.next();
+      const r = await b.scope(async () => {
+        const ids = b.upload(batch.ids, [batch.ids.length], "i32");
+        const tg = b.upload(batch.targets, [batch.targets.length], "i32");
+        return trainStep(s.model, s.opt, ids, tg, { batch: c.batchSize, seq: c.seqLen }, s.lrAt(step));
+      });
+      losses.push(r.loss);
+      peak = Math.max(peak, process.memoryUsage().rss);
+      if (step % Math.max(1, Math.round(c.steps / 5)) === 0)
+        log(`  ${v.label}: step ${step}/${c.steps} loss ${r.loss.toFixed(4)}`);
+    }
+    const secs = (performance.now() - t0) / 1000;
+    const ema = emaCurve(losses);
+    return {
+      label: v.label,
+      precision: v.precision,
+      overrides: v.overrides,
+      policy: describePolicy(s.policy),
+      seed: c.seed,
+      dataSeed: c.dataSeed ?? c.seed,
+      losses,
+      ema,
+      finalTrain: tailMean(ema),
+      finalVal: await validationLoss(s, data, c),
+      tokensPerS: (c.steps * c.batchSize * c.seqLen) / secs,
+      peakRssMb: Math.round(peak / 2 ** 20),
+    };
+  } finally {
+    s.dispose();
+  }
+}
+
+export interface Comparison {
+  label: string;
+  against: string;
+  trainRelDiff: number;
+  valRelDiff: number;
+  tokensPerS: number;
+  peakRssMb: number;
+}
+
+function compare(a: RunResult, b: RunResult, label = a.label): Comparison {
+  return {
+    label,
+    against: b.label,
+    trainRelDiff: relDiff(a.finalTrain, b.finalTrain),
+    valRelDiff: relDiff(a.finalVal, b.finalVal),
+    tokensPerS: a.tokensPerS,
+    peakRssMb: a.peakRssMb,
+  };
+}
+
+function plot(runs: RunResult[], base: RunResult, title: string): string {
+  const W = 760;
+  const top = linePlot(
+    runs.map((r) => ({
+      name: `${r.label} (EMA 0.9)`,
+      points: r.ema.map((y, i) => [i + 1, y] as [number, number]),
+    })),
+    { title, xLabel: "step", yLabel: "training loss", width: W, height: 380 },
+  );
+  const bottom = linePlot(
+    runs
+      .filter((r) => r !== base)
+      .map((r) => ({
+        name: `${r.label} vs ${base.label}`,
+        points: r.ema.map((y, i) => [i + 1, (100 * (y - base.ema[i])) / base.ema[i]] as [number, number]),
+      })),
+    {
+      title: "relative difference of EMA losses",
+      xLabel: "step",
+      yLabel: "difference (%)",
+      width: W,
+      height: 300,
+    },
+  );
+  const inner = (svg: string) => svg.replace(/^<svg[^>]*>/, "").replace(/<\/svg>\s*$/, "");
+  return `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="680" font-family="sans-serif" font-size="12">\n${inner(top)}<g transform="translate(0 380)">${inner(bottom)}</g>\n</svg>\n`;
+}
+
+const pct = (x: number) => `${x >= 0 ? "+" : ""}${(100 * x).toFixed(2)}%`;
+
+export async function parity(argv: string[]): Promise<number> {
+  const args = parseArgs(argv, { ...TRAIN_FLAGS, against: "string", seeds: "int", sweep: "boolean" }, [
+    "precision.",
+  ]);
+  const f = args.flags;
+  if (f.resume !== undefined) throw new UsageError("parity does not take --resume");
+  const stepsGiven = f.steps !== undefined;
+  const cfg0 = configFromArgs(args);
+  const cfg: TrainConfig = { ...cfg0, steps: stepsGiven ? cfg0.steps : 300, evalEvery: 0, saveEvery: 0 };
+  const against = String(f.against ?? "bf16");
+  policyOf({ precision: against, precisionOverrides: {} }); // validate before any work
+  const seeds = Number(f.seeds ?? 1);
+  if (seeds < 1) throw new UsageError(`--seeds ${seeds}: must be at least 1`);
+  const out = String(f.out ?? join("runs", `parity-${new Date().toISOString().replace(/[:.]/g, "-")}`));
+  const log = (s: string) => {
+    if (!f.json) console.log(s);
+  };
+
+  const baseV: Variant = { label: against, precision: against, overrides: {} };
+  const variants: Variant[] = f.sweep
+    ? SWEEP
+    : [
+        {
+          label:
+            cfg.precision +
+            Object.entries(cfg.precisionOverrides)
+              .map(([k, v]) => ` ${k}=${v}`)
+              .join(""),
+          precision: cfg.precision,
+          overrides: cfg.precisionOverrides,
+        },
+      ];
+  const comparisons: Comparison[][] = [];
+  const allRuns: RunResult[][] = [];
+  for (let k = 0; k < seeds; k++) {
+    const c = { ...cfg, seed: cfg.seed + k, dataSeed: null };
+    log(`seed ${c.seed}: ${cfg.steps} steps of ${cfg.batchSize}x${cfg.seqLen} tokens on ${cfg.backend}`);
+    const base = await trainForParity(c, baseV, log);
+    const runs = [base];
+    const cmp: Comparison[] = [];
+    for (const v of variants) {
+      const r = await trainForParity(c, v, log);
+      runs.push(r);
+      cmp.push(compare(r, base));
+    }
+    // Yardsticks: the noise floor (another data order) and FP32 against BF16.
+    const reseed = await trainForParity(
+      { ...c, dataSeed: c.seed + 1000 },
+      { ...baseV, label: `${against} (other data order)` },
+      log,
+    );
+    const fp32 = await trainForParity(c, { label: "fp32", precision: "fp32", overrides: {} }, log);
+    runs.push(reseed, fp32);
+    cmp.push(
+      { ...compare(reseed, base), label: `yardstick: ${against} seed-to-seed` },
+      { ...compare(fp32, base), label: "yardstick: fp32" },
+    );
+    comparisons.push(cmp);
+    allRuns.push(runs);
+  }
+  // Mean over seeds of each comparison.
+  const mean = comparisons[0].map((c0, i) => ({
+    ...c0,
+    trainRelDiff: comparisons.reduce((a, c) => a + c[i].trainRelDiff, 0) / seeds,
+    valRelDiff: comparisons.reduce((a, c) => a + c[i].valRelDiff, 0) / seeds,
+  }));
+  mkdirSync(out, { recursive: true });
+  const runs0 = allRuns[0];
+  const report = {
+    config: {
+      model: cfg.model,
+      steps: cfg.steps,
+      batchSize: cfg.batchSize,
+      seqLen: cfg.seqLen,
+      lr: cfg.lr,
+      backend: cfg.backend,
+      seeds,
+    },
+    against,
+    comparisons: mean,
+    runs: allRuns.flat().map(({ ema: _e, ...r }) => r),
+  };
+  writeFileSync(join(out, "parity.json"), `${JSON.stringify(report, null, 2)}\n`);
+  writeFileSync(
+    join(out, "parity.svg"),
+    plot(
+      runs0.slice(0, f.sweep ? runs0.length : 2).concat(runs0.slice(-2)),
+      runs0[0],
+      `loss parity against ${against}`,
+    ),
+  );
+  if (f.json) console.log(JSON.stringify({ comparisons: mean, out }));
+  else {
+    console.log(
+      `\n${"variant".padEnd(40)} ${"train (last 10%, EMA)".padStart(22)} ${"validation".padStart(12)}  tokens/s  peak RSS`,
+    );
+    for (const c of mean)
+      console.log(
+        `${c.label.padEnd(40)} ${pct(c.trainRelDiff).padStart(22)} ${pct(c.valRelDiff).padStart(12)}  ${String(Math.round(c.tokensPerS)).padStart(8)}  ${c.peakRssMb} MB`,
+      );
+    console.log(
+      `(relative to ${against}: (L - L_${against}) / L_${against}; written ${join(out, "parity.json")} and parity.svg)`,
+    );
+  }
+  return 0;
+}

@@ -1,0 +1,43 @@
+// `moe8 prepare-data --input <files or folders> --out datasets/NAME [--tokenizer byte|bpe:N|tokenizer.json]`:
+// tokenises .txt/.jsonl/.parquet text into Arrow IPC stream shards with a manifest, with a progress bar.
+import { formatProgressBar, prepareData } from "@moe8/data";
+import { parseArgs } from "../args.ts";
+import { UsageError } from "../errors.ts";
+
+export async function prepareDataCommand(argv: string[]): Promise<number> {
+  const { flags } = parseArgs(argv, {
+    input: "list",
+    out: "string",
+    tokenizer: "string",
+    "text-field": "string",
+    "shard-bytes": "int",
+    "chunk-bytes": "int",
+    debug: "boolean",
+  });
+  const input = (flags.input as string[] | undefined) ?? [];
+  if (!input.length) throw new UsageError("prepare-data needs --input <file or folder> (repeatable)");
+  if (!flags.out) throw new UsageError("prepare-data needs --out DIR");
+  const tty = process.stderr.isTTY;
+  let last = 0;
+  const manifest = await prepareData({
+    input,
+    out: String(flags.out),
+    tokenizer: String(flags.tokenizer ?? "byte"),
+    textField: String(flags["text-field"] ?? "text"),
+    shardBytes: flags["shard-bytes"] as number | undefined,
+    chunkBytes: flags["chunk-bytes"] as number | undefined,
+    onProgress: (p) => {
+      const now = Date.now();
+      if (now - last < 200 && p.bytesDone < p.bytesTotal) return;
+      last = now;
+      const line = `${p.phase === "train-tokenizer" ? "training tokenizer " : ""}${formatProgressBar(p.bytesDone, p.bytesTotal)} ${p.documents} docs, ${p.tokens} tokens`;
+      if (tty) process.stderr.write(`\r${line}`);
+      else console.error(line);
+    },
+  });
+  if (tty) process.stderr.write("\n");
+  console.log(
+    `wrote ${manifest.shards.length} shards, ${manifest.documents} documents, ${manifest.tokens} tokens (${manifest.tokenizer.type}, vocab ${manifest.vocab_size}) to ${flags.out}`,
+  );
+  return 0;
+}

@@ -1,0 +1,80 @@
+// `moe8 sample --checkpoint DIR [--prompt TEXT] [--tokens N] [--temperature T]`: generated text,
+// with the tokenizer of the dataset the checkpoint was trained on.
+import { statSync } from "node:fs";
+import { dirname } from "node:path";
+import { ByteTokenizer, DEFAULT_DATASET_DIR, loadTokenizer, type Tokenizer } from "@moe8/data";
+import { createBackend } from "@moe8/kernels";
+import { Rng } from "@moe8/tensor";
+import { parseArgs } from "../args.ts";
+import { UsageError } from "../errors.ts";
+import { loadModel } from "../run/load-model.ts";
+
+async function tokenizerFor(data: string | null, vocab: number): Promise<Tokenizer> {
+  const path = data ?? DEFAULT_DATASET_DIR;
+  const dir = statSync(path, { throwIfNoEntry: false })?.isDirectory() ? path : dirname(path);
+  try {
+    return await loadTokenizer(dir);
+  } catch (e) {
+    if (vocab === 256) return new ByteTokenizer();
+    throw new UsageError(`cannot find the tokenizer of ${path}: ${(e as Error).message}`);
+  }
+}
+
+export async function sample(argv: string[]): Promise<number> {
+  const { flags } = parseArgs(argv, {
+    checkpoint: "string",
+    prompt: "string",
+    tokens: "int",
+    temperature: "number",
+    seed: "int",
+    backend: "string",
+    debug: "boolean",
+  });
+  if (!flags.checkpoint) throw new UsageError("sample needs --checkpoint DIR");
+  const temperature = Number(flags.temperature ?? 0.8);
+  if (!(temperature >= 0)) throw new UsageError(`--temperature ${flags.temperature}: must be >= 0`);
+  const n = Number(flags.tokens ?? 200);
+  if (n < 1) throw new UsageError(`--tokens ${n}: must be at least 1`);
+  const b = createBackend((flags.backend ?? "auto") as "auto");
+  const { model, train } = loadModel(String(flags.checkpoint), b, "fp32");
+  const tok = await tokenizerFor(train.data, model.cfg.vocab_size);
+  const rng = new Rng(Number(flags.seed ?? 0));
+  const prompt = String(flags.prompt ?? "\n");
+  const ctx = Array.from(tok.encode(prompt));
+  if (!ctx.length) ctx.push(0);
+  const maxT = train.seqLen;
+  const out: number[] = [];
+  const V = model.cfg.vocab_size;
+  for (let i = 0; i < n; i++) {
+    const window = ctx.slice(-maxT);
+    const T = window.length;
+    const logits = await b.scope(async () => {
+      const l = model.forward(b.upload(Int32Array.from(window), [T], "i32"), { batch: 1, seq: T });
+      model.clearSaved();
+      return (await l.read()) as Float32Array;
+    });
+    const last = logits.subarray((T - 1) * V, T * V);
+    let next = 0;
+    if (temperature === 0) {
+      for (let v = 1; v < V; v++) if (last[v] > last[next]) next = v;
+    } else {
+      let m = Number.NEGATIVE_INFINITY;
+      for (let v = 0; v < V; v++) m = Math.max(m, last[v]);
+      const p = Array.from(last, (x) => Math.exp((x - m) / temperature));
+      let r = rng.next() * p.reduce((a, x) => a + x, 0);
+      next = V - 1;
+      for (let v = 0; v < V; v++) {
+        r -= p[v];
+        if (r <= 0) {
+          next = v;
+          break;
+        }
+      }
+    }
+    ctx.push(next);
+    out.push(next);
+  }
+  model.dispose();
+  process.stdout.write(`${prompt}${tok.decode(out)}\n`);
+  return 0;
+}

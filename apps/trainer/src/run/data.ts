@@ -1,0 +1,41 @@
+// The training data of a run: the loader over the configured dataset (the bundled corpus by
+// default), checked against the model's vocabulary before anything is written.
+import { type Batch, type Cursor, checkVocab, DEFAULT_DATASET_DIR, TokenLoader } from "@moe8/data";
+import type { TrainConfig } from "./config.ts";
+
+export interface TrainData {
+  description: string;
+  next(): Promise<Batch>;
+  /** The fixed held-out batches (at most `n`), the same on every call. */
+  validation(n: number): Promise<Batch[]>;
+  cursor(): Cursor;
+}
+
+export async function openTrainData(
+  cfg: TrainConfig,
+  modelVocab: number,
+  cursor?: Cursor,
+): Promise<TrainData> {
+  const path = cfg.data ?? DEFAULT_DATASET_DIR;
+  const loader = await TokenLoader.open(path, {
+    seqLen: cfg.seqLen,
+    batchSize: cfg.batchSize,
+    seed: cfg.dataSeed ?? cfg.seed,
+    valFraction: cfg.valFraction,
+    cursor,
+    vocabSize: cfg.data === null ? undefined : modelVocab,
+  });
+  const ds = loader.dataset;
+  if (ds.manifest) checkVocab(ds.manifest, modelVocab, { allowLarger: true });
+  else if (ds.vocabSize > modelVocab)
+    throw Object.assign(
+      new Error(`${path}: token ids reach ${ds.vocabSize - 1}, beyond the model's vocab_size ${modelVocab}`),
+      { name: "UsageError" },
+    );
+  return {
+    description: `${path} (${ds.tokens} tokens)`,
+    next: () => loader.nextBatch(),
+    validation: async (n) => (await loader.valBatches()).slice(0, n),
+    cursor: () => loader.cursor(),
+  };
+}

@@ -1,0 +1,35 @@
+// One status line per logged step: step, loss, learning rate, grad norm, tokens/s, balance, ETA.
+
+export function formatDuration(s: number): string {
+  if (!Number.isFinite(s)) return "?";
+  const h = Math.floor(s / 3600);
+  const m = Math.floor((s % 3600) / 60);
+  const sec = Math.floor(s % 60);
+  return h ? `${h}h${String(m).padStart(2, "0")}m` : m ? `${m}m${String(sec).padStart(2, "0")}s` : `${sec}s`;
+}
+
+export function progressLine(p: {
+  step: number;
+  total: number;
+  loss: number;
+  lr: number;
+  gradNorm: number;
+  tokensPerS: number;
+  balance?: number;
+  etaS: number;
+  valLoss?: number;
+}): string {
+  const w = String(p.total).length;
+  return [
+    `step ${String(p.step).padStart(w)}/${p.total}`,
+    `loss ${p.loss.toFixed(4)}`,
+    p.valLoss !== undefined ? `val ${p.valLoss.toFixed(4)}` : null,
+    `lr ${p.lr.toExponential(2)}`,
+    `gnorm ${p.gradNorm.toFixed(3)}`,
+    `${Math.round(p.tokensPerS)} tok/s`,
+    p.balance !== undefined ? `load max/mean ${p.balance.toFixed(2)}` : null,
+    `eta ${formatDuration(p.etaS)}`,
+  ]
+    .filter(Boolean)
+    .join(" | ");
+}

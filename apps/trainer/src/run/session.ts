@@ -1,0 +1,58 @@
+// Everything a run needs, built from its config: backend, precision policy, model and optimizer.
+import { type PrecisionPolicy, parsePolicy } from "@moe8/fp8-core";
+import { createBackend } from "@moe8/kernels";
+import { DeepSeekModel, type ModelConfig } from "@moe8/model";
+import { ADAMW_DEFAULTS, AdamW, learningRate, type ScheduleConfig } from "@moe8/optimizer";
+import type { Backend } from "@moe8/tensor";
+import type { TrainConfig } from "./config.ts";
+
+export interface Session {
+  backend: Backend;
+  policy: PrecisionPolicy;
+  model: DeepSeekModel;
+  opt: AdamW;
+  schedule: ScheduleConfig;
+  lrAt(step: number): number;
+  dispose(): void;
+}
+
+export function policyOf(cfg: Pick<TrainConfig, "precision" | "precisionOverrides">): PrecisionPolicy {
+  return parsePolicy({
+    preset: cfg.precision,
+    overrides: Object.entries(cfg.precisionOverrides).map(([k, v]) => [`precision.${k}`, v]),
+  });
+}
+
+export function buildSession(cfg: TrainConfig, modelCfg: ModelConfig, backend?: Backend): Session {
+  const b = backend ?? createBackend(cfg.backend);
+  const policy = policyOf(cfg);
+  const model = new DeepSeekModel(b, modelCfg, policy, cfg.seed);
+  const opt = new AdamW(b, model.params, {
+    ...ADAMW_DEFAULTS,
+    beta1: cfg.beta1,
+    beta2: cfg.beta2,
+    weightDecay: cfg.weightDecay,
+    clip: cfg.clip,
+    moments: policy.optimizer.moments,
+  });
+  const schedule: ScheduleConfig = {
+    kind: cfg.schedule,
+    peak: cfg.lr,
+    warmup: cfg.warmup,
+    total: cfg.steps,
+    minRatio: cfg.minLrRatio,
+    decayFraction: cfg.decayFraction,
+  };
+  return {
+    backend: b,
+    policy,
+    model,
+    opt,
+    schedule,
+    lrAt: (step) => learningRate(schedule, step),
+    dispose() {
+      opt.dispose();
+      model.dispose();
+    },
+  };
+}

@@ -1,5 +1,6 @@
-// Lifetimes for backends whose storage is host memory (ts, cpu): a registry of live tensors, a stack
-// of per-step arenas, views that share storage, and the plumbing every host op uses.
+// Lifetimes for every backend: a registry of live tensors, a stack of per-step arenas and views that
+// share storage, plus the plumbing host backends (ts, cpu) use. A device backend overrides
+// register/freeStorage/read/write/upload/zeros and keeps the arena logic.
 import type { Backend, BackendName } from "./backend.ts";
 import { type QuantInfo, Tensor } from "./tensor.ts";
 import { BYTES_PER_ELEMENT, type DType, type HostArray, hostArray, numel } from "./types.ts";
@@ -51,6 +52,7 @@ export abstract class HostLifetimes {
     t.disposed = true;
     this.live.delete(t);
     t.quant?.scales.dispose();
+    this.freeStorage(t);
     t.storage = null;
   }
 

@@ -18,11 +18,18 @@ export abstract class HostLifetimes {
     quant: QuantInfo | null = null,
   ): Tensor {
     if (data.length !== numel(shape)) throw new Error(`data of ${data.length} elements for shape [${shape}]`);
-    const t = new Tensor(this as unknown as Backend, shape, dtype, data, quant);
+    return this.register(new Tensor(this as unknown as Backend, shape, dtype, data, quant));
+  }
+
+  /** Makes a new tensor live and owned by the current arena (device backends call this directly). */
+  protected register(t: Tensor): Tensor {
     this.live.add(t);
     this.arenas.at(-1)?.add(t);
     return t;
   }
+
+  /** Frees a released tensor's storage; host storage is left to the garbage collector. */
+  protected freeStorage(_t: Tensor): void {}
 
   protected alloc(shape: readonly number[], dtype: DType = "f32"): Tensor {
     return this.wrap(hostArray(dtype, numel(shape)), shape, dtype);

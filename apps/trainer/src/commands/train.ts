@@ -91,9 +91,13 @@ export async function train(argv: string[]): Promise<number> {
       throw new UsageError(
         `--resume takes the run's own configuration; remove --${extra[0] ?? args.dotted[0][0]}`,
       );
-    const found = latestValidCheckpoint(runDir, (m) => console.error(`note: ${m}`));
+    const skipped: string[] = [];
+    const found = latestValidCheckpoint(runDir, (m) => skipped.push(m));
     if (!found)
-      throw new UsageError(`--resume ${runDir}: no valid checkpoint in ${join(runDir, "checkpoints")}`);
+      throw new UsageError(
+        `--resume ${runDir}: no valid checkpoint in ${join(runDir, "checkpoints")}${skipped.length ? ` (${skipped[0]})` : ""}`,
+      );
+    for (const m of skipped) console.error(`note: ${m}`);
     cfg = found.files.state.train_config as TrainConfig;
     resumeFrom = found;
   } else {

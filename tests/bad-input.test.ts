@@ -8,7 +8,9 @@ import { beforeAll, describe, expect, it } from "vitest";
 import { cli, QUICK, tmp } from "./helpers.ts";
 
 const dir = tmp("bad");
-const docs = Array.from({ length: 40 }, (_, i) => Int32Array.from({ length: 400 }, (_, j) => (i * 7 + j) % 256));
+const docs = Array.from({ length: 40 }, (_, i) =>
+  Int32Array.from({ length: 400 }, (_, j) => (i * 7 + j) % 256),
+);
 
 function snapshot(path: string): string {
   const walk = (p: string): string[] =>
@@ -39,11 +41,20 @@ beforeAll(async () => {
   bytes[bytes.length - 100] ^= 1;
   writeFileSync(shard, bytes);
   // a dataset made for a larger vocabulary than the model's
-  await writeShards(docs, join(dir, "bigvocab"), { docsPerShard: 20, tokenizer: { type: "byte" }, vocabSize: 512 });
+  await writeShards(docs, join(dir, "bigvocab"), {
+    docsPerShard: 20,
+    tokenizer: { type: "byte" },
+    vocabSize: 512,
+  });
   // a truncated and a corrupt stream, and a column of the wrong type
-  const good = readFileSync(join(dir, "good", readdirSync(join(dir, "good")).find((n) => n.endsWith(".arrows"))!));
+  const good = readFileSync(
+    join(dir, "good", readdirSync(join(dir, "good")).find((n) => n.endsWith(".arrows"))!),
+  );
   writeFileSync(join(dir, "truncated.arrows"), good.subarray(0, Math.floor(good.length / 2)));
-  writeFileSync(join(dir, "corrupt.arrows"), Buffer.from(Array.from({ length: 5000 }, (_, i) => (i * 131) % 251)));
+  writeFileSync(
+    join(dir, "corrupt.arrows"),
+    Buffer.from(Array.from({ length: 5000 }, (_, i) => (i * 131) % 251)),
+  );
   arrowFile("text-column.arrows", makeTable({ tokens: vectorFromArray(["not", "tokens"], new Utf8()) }));
   writeFileSync(join(dir, "unknown-key.json"), JSON.stringify({ steps: 10, learning_rate: 0.1 }));
   writeFileSync(join(dir, "bad-value.json"), JSON.stringify({ steps: 10, batchSize: -3 }));
@@ -62,7 +73,11 @@ const cases: [string, string[], RegExp][] = [
   ["bad precision value", ["train", "--precision.attention=fp7"], /precision\.attention.*"fp7"/],
   ["negative learning rate", ["train", "--lr", "-0.1"], /^error: --lr -0\.1: /],
   ["zero batch", ["train", "--batch-size", "0"], /^error: --batch-size 0: /],
-  ["seq_len beyond the model", ["train", "--seq-len", "4096"], /--seq-len 4096 is beyond the model's max_position_embeddings/],
+  [
+    "seq_len beyond the model",
+    ["train", "--seq-len", "4096"],
+    /--seq-len 4096 is beyond the model's max_position_embeddings/,
+  ],
   ["non-numeric flag", ["train", "--steps", "ten"], /--steps: "ten" is not a number/],
   ["unknown config key", ["train", "--config", "@/unknown-key.json"], /unknown key "learning_rate"/],
   ["out-of-range config value", ["train", "--config", "@/bad-value.json"], /bad-value\.json: batchSize: /],
@@ -71,12 +86,24 @@ const cases: [string, string[], RegExp][] = [
   ["truncated Arrow file", ["train", "--data", "@/truncated.arrows"], /truncated\.arrows/],
   ["corrupt Arrow file", ["train", "--data", "@/corrupt.arrows"], /corrupt\.arrows/],
   ["wrong column type", ["train", "--data", "@/text-column.arrows"], /text-column\.arrows.*tokens/],
-  ["token ids outside the vocabulary", ["train", "--data", "@/oov.arrows"], /oov\.arrows.*(vocab|outside|256)/],
+  [
+    "token ids outside the vocabulary",
+    ["train", "--data", "@/oov.arrows"],
+    /oov\.arrows.*(vocab|outside|256)/,
+  ],
   ["manifest not matching its shards", ["train", "--data", "@/tampered"], /tampered.*(sha256|checksum)/],
   ["tokenizer/vocabulary mismatch", ["train", "--data", "@/bigvocab"], /vocab_size 512.*256|256.*512/],
   ["truncated checkpoint (resume)", ["train", "--resume", "@/run"], /no valid checkpoint/],
-  ["truncated checkpoint (eval)", ["eval", "--checkpoint", "@/run/checkpoints/step-1", "--data", "@/good"], /model\.safetensors.*(checksum|truncated)/],
-  ["unreadable checkpoint", ["eval", "--checkpoint", "@/nope", "--data", "@/good"], /nope: no such directory/],
+  [
+    "truncated checkpoint (eval)",
+    ["eval", "--checkpoint", "@/run/checkpoints/step-1", "--data", "@/good"],
+    /model\.safetensors.*(checksum|truncated)/,
+  ],
+  [
+    "unreadable checkpoint",
+    ["eval", "--checkpoint", "@/nope", "--data", "@/good"],
+    /nope: no such directory/,
+  ],
 ];
 
 describe("bad input: exit code 2, one line naming the problem, nothing written", () => {
@@ -84,7 +111,8 @@ describe("bad input: exit code 2, one line naming the problem, nothing written",
     it(name, () => {
       const out = join(dir, `out-${name.replace(/\W+/g, "-")}`);
       const args = args0.map((a) => a.replace(/^@/, dir));
-      const withOut = args[0] === "train" && !args.includes("--resume") ? [...args, "--out", out, "--backend", "ts"] : args;
+      const withOut =
+        args[0] === "train" && !args.includes("--resume") ? [...args, "--out", out, "--backend", "ts"] : args;
       const before = snapshot(dir);
       const r = cli(withOut);
       expect(r.status, r.stderr).toBe(2);

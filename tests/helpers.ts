@@ -16,13 +16,21 @@ export interface CliResult {
 
 /** Runs `moe8 <args>` under Bun (the runtime users run the CLI with). */
 export function cli(args: string[], env: Record<string, string> = {}): CliResult {
-  const r = spawnSync("bun", [CLI, ...args], { cwd: ROOT, encoding: "utf8", env: { ...process.env, NO_COLOR: "1", ...env } });
+  const r = spawnSync("bun", [CLI, ...args], {
+    cwd: ROOT,
+    encoding: "utf8",
+    env: { ...process.env, NO_COLOR: "1", ...env },
+  });
   return { status: r.status, stdout: r.stdout, stderr: r.stderr };
 }
 
 /** Starts `moe8 <args>` without waiting (for kill and signal tests). */
 export function cliAsync(args: string[]) {
-  return spawn("bun", [CLI, ...args], { cwd: ROOT, env: { ...process.env, NO_COLOR: "1" }, stdio: ["ignore", "pipe", "pipe"] });
+  return spawn("bun", [CLI, ...args], {
+    cwd: ROOT,
+    env: { ...process.env, NO_COLOR: "1" },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
 }
 
 export function tmp(prefix: string): string {

@@ -72,7 +72,9 @@ export class TsBackend extends HostLifetimes implements Backend {
   }
 
   fill(t: Tensor, value: number): void {
-    (host(t) as Float32Array).fill(value);
+    // bf16 storage holds bits: fill with the encoded value, not the number.
+    if (t.dtype === "bf16") (host(t) as Uint16Array).fill(encodeBf16(Float32Array.of(value))[0]);
+    else (host(t) as Float32Array).fill(value);
   }
 
   copy(t: Tensor): Tensor {
@@ -456,7 +458,8 @@ export class TsBackend extends HostLifetimes implements Backend {
       for (let i = 0; i < x.length; i++) ss += x[i] * x[i];
     }
     const norm = Math.sqrt(ss);
-    const scale = Number.isFinite(norm) ? Math.min(1, maxNorm / (norm + 1e-6)) : 1;
+    // A non-finite norm gives scale 0: such a step must not move the weights (the trainer skips it too).
+    const scale = Number.isFinite(norm) ? Math.min(1, maxNorm / (norm + 1e-6)) : 0;
     return {
       norm: this.wrap(Float32Array.of(norm), [1], "f32"),
       scale: this.wrap(Float32Array.of(scale), [1], "f32"),

@@ -1,5 +1,5 @@
 // Reference kernels for the dense layers' ops, on plain typed arrays. Sums run in f64.
-import { roundBf16 } from "@moe8/fp8-core";
+import { roundBf16, roundBf16Scalar } from "@moe8/fp8-core";
 import type { AttentionOptions, HeadSliceOptions, RopeOptions } from "../backend.ts";
 
 export function rmsnorm(x: Float32Array, w: Float32Array, rows: number, cols: number, eps: number) {
@@ -150,7 +150,7 @@ export function attention(
         lse[(b * H + h) * T + i] = m + Math.log(l);
         acc.fill(0);
         for (let j = 0; j <= i; j++) {
-          const pj = lowp ? roundBf16(Float32Array.of(p[j] / l))[0] : p[j] / l;
+          const pj = lowp ? roundBf16Scalar(p[j] / l) : p[j] / l;
           const vj = (b * T + j) * H * dv + h * dv;
           for (let c = 0; c < dv; c++) acc[c] += pj * v[vj + c];
         }
@@ -179,7 +179,7 @@ export function attentionBackward(
   const dq = new Float32Array(q.length);
   const dk = new Float64Array(k.length);
   const dvv = new Float64Array(v.length);
-  const round = (x: number) => (lowp ? roundBf16(Float32Array.of(x))[0] : x);
+  const round = (x: number) => (lowp ? roundBf16Scalar(x) : x);
   for (let b = 0; b < B; b++)
     for (let h = 0; h < H; h++)
       for (let i = 0; i < T; i++) {

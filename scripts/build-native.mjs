@@ -30,6 +30,8 @@ if (!existsSync(napi)) {
   process.exit(required ? 1 : 0);
 }
 const args = ["build", "--platform", "--release", "--js", "native.cjs", "--dts", "native.d.cts"];
+// The cuda feature loads CUDA dynamically: it builds without a toolkit and runs without a GPU.
+if (process.env.MOE8_CUDA !== "0") args.push("--features", "cuda");
 console.log(`[moe8] building the native addon: napi ${args.join(" ")} (${cargo.stdout.trim()})`);
 const r = spawnSync(napi, args, { cwd: crate, stdio: "inherit" });
 if (r.status !== 0) {

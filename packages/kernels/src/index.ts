@@ -55,3 +55,8 @@ export function requireNative(): NativeAddon {
   if (!s.addon) throw new Error(`@moe8/kernels: ${s.reason}`);
   return s.addon;
 }
+
+export { availableBackends, type BackendChoice, createBackend, UsageError } from "./backends.ts";
+export { type BenchOpsFlags, type BenchOpsOptions, type BenchOpsRow, benchOps, TINY } from "./bench-ops.ts";
+export { CpuBackend } from "./cpu-backend.ts";
+export { CudaBackend } from "./cuda-backend.ts";

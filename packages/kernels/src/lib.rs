@@ -2,6 +2,9 @@
 
 use napi_derive::napi;
 
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod simd;
 
 /// What this build of the addon is and what the machine it runs on offers.
@@ -29,3 +32,4 @@ pub fn info() -> NativeInfo {
         cuda_compiled: cfg!(feature = "cuda"),
     }
 }
+pub mod ops;

@@ -1,0 +1,538 @@
+// The `cpu` backend: host tensors (the same lifetimes as `ts`) with every op running in the native
+// addon (Rust, rayon, SIMD). Inputs are passed as the tensors' own typed arrays (no copies) and
+// outputs are allocated here and written in place by the kernels. The semantics are those of the
+// `ts` reference backend, which the shared op suite checks.
+import {
+  type AdamWOptions,
+  type AttentionOptions,
+  type Backend,
+  batchDims,
+  type Fp8Format,
+  f32,
+  type GroupedMatmulOptions,
+  gemmDims,
+  type HeadSliceOptions,
+  type HostArray,
+  HostLifetimes,
+  host,
+  i32,
+  isFp8,
+  type MatmulOptions,
+  type PermuteResult,
+  type QuantizeOptions,
+  type RopeOptions,
+  type RouterResult,
+  sameShape,
+  scaleCount,
+  type Tensor,
+  u8,
+} from "@moe8/tensor";
+import { type NativeAddon, requireNative } from "./index.ts";
+
+const EMPTY_F32 = new Float32Array(0);
+const EMPTY_U16 = new Uint16Array(0);
+
+/** `x`, or a copy of it when its memory overlaps `out` (the kernels never read what they write). */
+function distinct<T extends HostArray>(x: T, out: HostArray): T {
+  if (x.buffer !== out.buffer) return x;
+  const [x0, x1] = [x.byteOffset, x.byteOffset + x.byteLength];
+  const [o0, o1] = [out.byteOffset, out.byteOffset + out.byteLength];
+  return x0 < o1 && o0 < x1 ? (x.slice() as T) : x;
+}
+
+function fp8Operand(t: Tensor, what: string) {
+  if (!isFp8(t.dtype) || !t.quant)
+    throw new Error(`matmul fp8: ${what} must be a quantised FP8 tensor, got ${t}`);
+  return { data: u8(t), scales: f32(t.quant.scales), group: t.quant.group, format: t.quant.format };
+}
+
+export class CpuBackend extends HostLifetimes implements Backend {
+  readonly name = "cpu" as const;
+  private readonly n: NativeAddon;
+
+  constructor() {
+    super();
+    this.n = requireNative();
+  }
+
+  // --- elementwise -----------------------------------------------------------------------------
+  add(a: Tensor, b: Tensor): Tensor {
+    sameShape(a, b, "add");
+    const out = this.alloc(a.shape);
+    this.n.addF32(f32(a), f32(b), f32(out));
+    return out;
+  }
+
+  addInto(dst: Tensor, src: Tensor, alpha = 1): void {
+    sameShape(dst, src, "addInto");
+    const d = f32(dst);
+    this.n.addIntoF32(d, distinct(f32(src), d), alpha);
+  }
+
+  scale(a: Tensor, s: number): Tensor {
+    const out = this.alloc(a.shape);
+    this.n.scaleF32(f32(a), s, f32(out));
+    return out;
+  }
+
+  fill(t: Tensor, value: number): void {
+    (host(t) as Float32Array).fill(value);
+  }
+
+  copy(t: Tensor): Tensor {
+    return this.wrap(host(t).slice(), t.shape, t.dtype);
+  }
+
+  cast(t: Tensor, dtype: "f32" | "bf16"): Tensor {
+    if (t.dtype === dtype) return this.copy(t);
+    if (t.dtype === "f32" && dtype === "bf16") {
+      const out = this.alloc(t.shape, "bf16");
+      this.n.castF32ToBf16(f32(t), host(out) as Uint16Array);
+      return out;
+    }
+    if (t.dtype === "bf16" && dtype === "f32") {
+      const out = this.alloc(t.shape, "f32");
+      this.n.castBf16ToF32(host(t) as Uint16Array, f32(out));
+      return out;
+    }
+    throw new Error(`cast: ${t.dtype} to ${dtype} is not supported (use quantize/dequantize for FP8)`);
+  }
+
+  sum(t: Tensor): Tensor {
+    return this.wrap(Float32Array.of(this.n.sumF32(f32(t))), [1], "f32");
+  }
+
+  // --- quantisation ----------------------------------------------------------------------------
+  quantize(x: Tensor, opts: QuantizeOptions): Tensor {
+    const { batch, rows, cols } = batchDims(x);
+    const format: Fp8Format = opts.format ?? "e4m3";
+    const seg = opts.segments ? i32(opts.segments) : null;
+    let nScales = 0;
+    if (seg) {
+      if (opts.group !== "column-tile" || batch !== 1)
+        throw new Error("quantize: segments need a 2-D column-tile");
+      for (let e = 0; e + 1 < seg.length; e++) nScales += scaleCount(opts.group, seg[e + 1] - seg[e], cols);
+    } else if (rows > 0) nScales = batch * scaleCount(opts.group, rows, cols);
+    const data = new Uint8Array(x.size);
+    const scales = new Float32Array(nScales);
+    this.n.quantizeFp8(
+      f32(x),
+      rows,
+      cols,
+      batch,
+      opts.group,
+      format,
+      !!opts.pow2Scales,
+      !!opts.unit,
+      opts.eps ?? 1e-12,
+      data,
+      scales,
+      seg,
+    );
+    const s = this.wrap(scales, [scales.length], "f32");
+    return this.wrap(data, x.shape, format, {
+      group: opts.group,
+      format,
+      scales: s,
+      segments: opts.segments,
+    });
+  }
+
+  dequantize(q: Tensor): Tensor {
+    if (!isFp8(q.dtype) || !q.quant) throw new Error(`dequantize: ${q} is not an FP8 tensor`);
+    const { batch, rows, cols } = batchDims(q);
+    const out = this.alloc(q.shape, "f32");
+    const seg = q.quant.segments ? i32(q.quant.segments) : null;
+    this.n.dequantizeFp8(
+      u8(q),
+      f32(q.quant.scales),
+      rows,
+      cols,
+      batch,
+      q.quant.group,
+      q.quant.format,
+      f32(out),
+      seg,
+    );
+    return out;
+  }
+
+  // --- GEMMs -----------------------------------------------------------------------------------
+  /** The f32 array the GEMM writes: `accumulate` itself when it can add into it directly. */
+  private gemmTarget(size: number, shape: number[], o: MatmulOptions): { c: Float32Array; direct: boolean } {
+    if (o.accumulate) {
+      const acc = f32(o.accumulate);
+      if (acc.length !== size)
+        throw new Error(`matmul: accumulate has shape [${o.accumulate.shape}], want [${shape}]`);
+      // The reference rounds the product to BF16 before adding it: then the GEMM needs its own output.
+      if (!o.outBf16) return { c: acc, direct: true };
+    }
+    return { c: new Float32Array(size), direct: false };
+  }
+
+  private finish(c: Float32Array, direct: boolean, shape: number[], o: MatmulOptions): Tensor {
+    if (direct) return o.accumulate!;
+    if (o.accumulate) {
+      this.n.addIntoF32(f32(o.accumulate), c, 1);
+      return o.accumulate;
+    }
+    return this.wrap(c, shape, "f32");
+  }
+
+  private inputsFor(c: Float32Array, ...xs: HostArray[]): HostArray[] {
+    return xs.map((x) => distinct(x, c));
+  }
+
+  matmul(a: Tensor, b: Tensor, o: MatmulOptions): Tensor {
+    const { M, N, K } = gemmDims(a, b, o);
+    const shape = [M, N];
+    const { c, direct } = this.gemmTarget(M * N, shape, o);
+    const transA = !!o.transA;
+    const transB = !!o.transB;
+    if (M > 0 && N > 0) {
+      if (o.precision === "fp8") {
+        const A = fp8Operand(a, "A");
+        const B = fp8Operand(b, "B");
+        const [ad, as, bd, bs] = this.inputsFor(c, A.data, A.scales, B.data, B.scales);
+        this.n.gemmFp8(
+          ad as Uint8Array,
+          as as Float32Array,
+          A.group,
+          A.format,
+          bd as Uint8Array,
+          bs as Float32Array,
+          B.group,
+          B.format,
+          c,
+          M,
+          N,
+          K,
+          transA,
+          transB,
+          direct,
+          !!o.outBf16,
+          o.promotion ?? 128,
+        );
+      } else {
+        const [x, y] = this.inputsFor(c, f32(a), f32(b)) as Float32Array[];
+        this.n.gemmF32(x, y, c, M, N, K, transA, transB, direct, o.precision === "bf16", !!o.outBf16);
+      }
+    }
+    return this.finish(c, direct, shape, o);
+  }
+
+  groupedMatmul(a: Tensor, b: Tensor, offsets: Tensor, o: GroupedMatmulOptions): Tensor {
+    const off = i32(offsets);
+    const E = off.length - 1;
+    const fp8 = o.precision === "fp8";
+    let M: number;
+    let N: number;
+    let K: number;
+    let shape: number[];
+    if (o.segment === "m") {
+      if (o.transA) throw new Error("groupedMatmul m: A must not be transposed");
+      const bd = batchDims(b);
+      if (bd.batch !== E) throw new Error(`groupedMatmul: B holds ${bd.batch} matrices for ${E} experts`);
+      M = a.rows;
+      K = a.cols;
+      N = o.transB ? bd.rows : bd.cols;
+      shape = [M, N];
+    } else {
+      if (!o.transA || o.transB) throw new Error("groupedMatmul k: A must be transposed and B not");
+      M = a.cols;
+      N = b.cols;
+      K = a.rows;
+      shape = [E, M, N];
+    }
+    const size = shape.reduce((p, d) => p * d, 1);
+    const { c, direct } = this.gemmTarget(size, shape, o);
+    if (size > 0) {
+      if (fp8) {
+        const A = fp8Operand(a, "A");
+        const B = fp8Operand(b, "B");
+        const [ad, as, bd, bs] = this.inputsFor(c, A.data, A.scales, B.data, B.scales);
+        this.n.groupedGemmFp8(
+          ad as Uint8Array,
+          as as Float32Array,
+          A.group,
+          A.format,
+          bd as Uint8Array,
+          bs as Float32Array,
+          B.group,
+          B.format,
+          c,
+          off,
+          o.segment,
+          M,
+          N,
+          K,
+          !!o.transA,
+          !!o.transB,
+          direct,
+          !!o.outBf16,
+          o.promotion ?? 128,
+        );
+      } else {
+        const [x, y] = this.inputsFor(c, f32(a), f32(b)) as Float32Array[];
+        this.n.groupedGemmF32(
+          x,
+          y,
+          c,
+          off,
+          o.segment,
+          M,
+          N,
+          K,
+          !!o.transA,
+          !!o.transB,
+          direct,
+          o.precision === "bf16",
+          !!o.outBf16,
+        );
+      }
+    }
+    return this.finish(c, direct, shape, o);
+  }
+
+  // --- dense layers ----------------------------------------------------------------------------
+  rmsnorm(x: Tensor, w: Tensor, eps: number) {
+    const y = this.alloc(x.shape);
+    const rstd = this.alloc([x.rows]);
+    this.n.rmsnorm(f32(x), f32(w), x.rows, x.cols, eps, f32(y), f32(rstd));
+    return { y, rstd };
+  }
+
+  rmsnormBackward(dy: Tensor, x: Tensor, w: Tensor, rstd: Tensor) {
+    const dx = this.alloc(x.shape);
+    const dw = this.alloc(w.shape);
+    this.n.rmsnormBackward(f32(dy), f32(x), f32(w), f32(rstd), x.rows, x.cols, f32(dx), f32(dw));
+    return { dx, dw };
+  }
+
+  rope(x: Tensor, o: RopeOptions): Tensor {
+    const y = this.alloc(x.shape);
+    this.n.rope(f32(x), x.rows, o.heads, o.width, o.offset, o.dim, o.seqLen, o.theta, !!o.inverse, f32(y));
+    return y;
+  }
+
+  headSlice(x: Tensor, o: HeadSliceOptions): Tensor {
+    const y = this.alloc([x.rows, (o.sumHeads ? 1 : o.heads) * o.len]);
+    this.n.headSlice(f32(x), x.rows, o.heads, o.width, o.start, o.len, !!o.sumHeads, f32(y));
+    return y;
+  }
+
+  headScatterAdd(dst: Tensor, src: Tensor, o: HeadSliceOptions): void {
+    const d = f32(dst);
+    this.n.headScatterAdd(d, distinct(f32(src), d), dst.rows, o.heads, o.width, o.start, o.len);
+  }
+
+  headConcat(a: Tensor, b: Tensor, heads: number, bHeads: number): Tensor {
+    const la = a.cols / heads;
+    const lb = b.cols / bHeads;
+    const y = this.alloc([a.rows, heads * (la + lb)]);
+    this.n.headConcat(f32(a), f32(b), a.rows, heads, la, lb, bHeads, f32(y));
+    return y;
+  }
+
+  attention(q: Tensor, k: Tensor, v: Tensor, o: AttentionOptions) {
+    const dqk = q.cols / o.heads;
+    const dv = v.cols / o.heads;
+    const out = this.alloc([q.rows, v.cols]);
+    const lse = this.alloc([o.batch * o.heads * o.seq]);
+    this.n.attentionForward(
+      f32(q),
+      f32(k),
+      f32(v),
+      o.batch,
+      o.seq,
+      o.heads,
+      dqk,
+      dv,
+      o.scale,
+      o.precision,
+      f32(out),
+      f32(lse),
+    );
+    return { o: out, lse };
+  }
+
+  attentionBackward(
+    dO: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    o: AttentionOptions,
+  ) {
+    const dqk = q.cols / o.heads;
+    const dvh = v.cols / o.heads;
+    const dq = this.alloc(q.shape);
+    const dk = this.alloc(k.shape);
+    const dv = this.alloc(v.shape);
+    this.n.attentionBackward(
+      f32(dO),
+      f32(q),
+      f32(k),
+      f32(v),
+      f32(out),
+      f32(lse),
+      o.batch,
+      o.seq,
+      o.heads,
+      dqk,
+      dvh,
+      o.scale,
+      o.precision,
+      f32(dq),
+      f32(dk),
+      f32(dv),
+    );
+    return { dq, dk, dv };
+  }
+
+  swiglu(g: Tensor, u: Tensor): Tensor {
+    sameShape(g, u, "swiglu");
+    const h = this.alloc(g.shape);
+    this.n.swiglu(f32(g), f32(u), f32(h));
+    return h;
+  }
+
+  swigluBackward(dh: Tensor, g: Tensor, u: Tensor) {
+    const dg = this.alloc(g.shape);
+    const du = this.alloc(u.shape);
+    this.n.swigluBackward(f32(dh), f32(g), f32(u), f32(dg), f32(du));
+    return { dg, du };
+  }
+
+  embedding(w: Tensor, ids: Tensor): Tensor {
+    const id = i32(ids);
+    const out = this.alloc([id.length, w.cols]);
+    this.n.embedding(f32(w), w.rows, w.cols, id, f32(out));
+    return out;
+  }
+
+  embeddingBackward(dw: Tensor, dy: Tensor, ids: Tensor): void {
+    const d = f32(dw);
+    this.n.embeddingBackward(d, dw.rows, dw.cols, distinct(f32(dy), d), i32(ids));
+  }
+
+  // --- mixture of experts ----------------------------------------------------------------------
+  router(logits: Tensor, bias: Tensor, k: number, scaling: number): RouterResult {
+    const N = logits.rows;
+    const E = logits.cols;
+    const scores = this.alloc([N, E]);
+    const topIdx = this.alloc([N, k], "i32");
+    const weights = this.alloc([N, k]);
+    this.n.router(f32(logits), f32(bias), N, E, k, scaling, f32(scores), i32(topIdx), f32(weights));
+    return { scores, topIdx, weights };
+  }
+
+  routerBackward(
+    dweights: Tensor,
+    scores: Tensor,
+    topIdx: Tensor,
+    scaling: number,
+    dscores?: Tensor,
+  ): Tensor {
+    const N = scores.rows;
+    const E = scores.cols;
+    const out = this.alloc([N, E]);
+    const ds = dscores ? f32(dscores) : EMPTY_F32;
+    this.n.routerBackward(f32(dweights), f32(scores), i32(topIdx), N, E, topIdx.cols, scaling, ds, f32(out));
+    return out;
+  }
+
+  balanceLoss(scores: Tensor, topIdx: Tensor, o: { batch: number; seq: number; alpha: number }) {
+    const dscores = this.alloc(scores.shape);
+    const loss = this.n.balanceLoss(
+      f32(scores),
+      i32(topIdx),
+      o.batch,
+      o.seq,
+      scores.cols,
+      topIdx.cols,
+      o.alpha,
+      f32(dscores),
+    );
+    return { loss: this.wrap(Float32Array.of(loss), [1], "f32"), dscores };
+  }
+
+  moePermute(x: Tensor, topIdx: Tensor, experts: number): PermuteResult {
+    const N = topIdx.rows;
+    const k = topIdx.cols;
+    const xs = this.alloc([N * k, x.cols]);
+    const slot = this.alloc([N * k], "i32");
+    const offsets = this.alloc([experts + 1], "i32");
+    this.n.moePermute(f32(x), x.cols, i32(topIdx), N, k, experts, f32(xs), i32(slot), i32(offsets));
+    return { xs, slot, offsets };
+  }
+
+  moePermuteBackward(dxs: Tensor, slot: Tensor, tokens: number): Tensor {
+    const dx = this.alloc([tokens, dxs.cols]);
+    this.n.moePermuteBackward(f32(dxs), i32(slot), tokens, dxs.cols, f32(dx));
+    return dx;
+  }
+
+  moeCombine(ys: Tensor, slot: Tensor, weights: Tensor): Tensor {
+    const N = weights.rows;
+    const y = this.alloc([N, ys.cols]);
+    this.n.moeCombine(f32(ys), i32(slot), f32(weights), N, ys.cols, f32(y));
+    return y;
+  }
+
+  moeCombineBackward(dy: Tensor, ys: Tensor, slot: Tensor, weights: Tensor) {
+    const dys = this.alloc(ys.shape);
+    const dweights = this.alloc(weights.shape);
+    this.n.moeCombineBackward(
+      f32(dy),
+      f32(ys),
+      i32(slot),
+      f32(weights),
+      weights.rows,
+      ys.cols,
+      f32(dys),
+      f32(dweights),
+    );
+    return { dys, dweights };
+  }
+
+  biasUpdate(bias: Tensor, offsets: Tensor, gamma: number): void {
+    this.n.biasUpdate(f32(bias), i32(offsets), gamma);
+  }
+
+  // --- loss and optimiser ----------------------------------------------------------------------
+  crossEntropy(logits: Tensor, targets: Tensor, gradScale: number) {
+    const dlogits = this.alloc(logits.shape);
+    const loss = this.n.crossEntropy(
+      f32(logits),
+      i32(targets),
+      logits.rows,
+      logits.cols,
+      gradScale,
+      f32(dlogits),
+    );
+    return { loss: this.wrap(Float32Array.of(loss), [1], "f32"), dlogits };
+  }
+
+  clipScale(grads: Tensor[], maxNorm: number) {
+    const [norm, scale] = this.n.clipScale(grads.map(f32), maxNorm);
+    return {
+      norm: this.wrap(Float32Array.of(norm), [1], "f32"),
+      scale: this.wrap(Float32Array.of(scale), [1], "f32"),
+    };
+  }
+
+  adamw(p: Tensor, g: Tensor, m: Tensor, v: Tensor, o: AdamWOptions): void {
+    const P = f32(p);
+    const G = distinct(f32(g), P);
+    const moment = (t: Tensor): [Float32Array, Uint16Array] => {
+      if (t.dtype === "bf16") return [EMPTY_F32, host(t) as Uint16Array];
+      return [f32(t), EMPTY_U16];
+    };
+    const [mf, mb] = moment(m);
+    const [vf, vb] = moment(v);
+    const gs = f32(o.gradScale)[0];
+    this.n.adamw(P, G, mf, mb, vf, vb, gs, o.lr, o.beta1, o.beta2, o.eps, o.weightDecay, o.step);
+  }
+}

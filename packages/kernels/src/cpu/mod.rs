@@ -1,0 +1,12 @@
+//! The native CPU backend: FP8/BF16 codecs, fine-grained quantisation and the GEMMs of every
+//! precision (f32 core + BF16/FP8 panels), plain and grouped by expert. `napi` holds the bindings.
+
+pub mod bench;
+pub mod fp8;
+pub mod gemm;
+pub mod grouped;
+pub mod napi;
+pub mod quant;
+
+#[cfg(test)]
+mod tests;

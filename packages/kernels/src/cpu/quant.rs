@@ -1,0 +1,534 @@
+//! Fine-grained FP8 quantisation (spec FP8.md, "Scaling"), bit-exact with `@moe8/fp8-core`.
+//!
+//! Per group: amax = max(max|x|, eps); inv = f32(FMAX / amax); q = encode(f32(x * inv));
+//! scale = f32(amax / FMAX). As in the reference, NaNs are ignored by the amax (they encode to the
+//! NaN code themselves) and an infinite amax gives an infinite scale.
+
+use super::fp8::{encode, Fp8Format};
+use rayon::prelude::*;
+
+/// Group layouts of the scales of a stored `rows x cols` matrix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Group {
+    /// 1x128 along the stored columns: scales `[rows, ceil(cols/128)]`.
+    Tile,
+    /// 128x128: scales `[ceil(rows/128), ceil(cols/128)]`.
+    Block,
+    /// 128x1 (128 consecutive rows of one column): scales `[ceil(rows/128), cols]`, or with segments
+    /// `[sum_e ceil(len_e/128), cols]` (groups restart at every segment start).
+    ColumnTile,
+    /// One scale per row: `[rows]`.
+    Row,
+    /// One scale: `[1]`.
+    Tensor,
+}
+
+pub const G: usize = 128;
+
+impl Group {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "tile" => Ok(Group::Tile),
+            "block" => Ok(Group::Block),
+            "column-tile" => Ok(Group::ColumnTile),
+            "row" => Ok(Group::Row),
+            "tensor" => Ok(Group::Tensor),
+            _ => Err(format!(
+                "unknown scale group \"{s}\" (allowed: tile, block, column-tile, row, tensor)"
+            )),
+        }
+    }
+
+    /// Number of scales of a `rows x cols` matrix (without segments).
+    pub fn scale_count(self, rows: usize, cols: usize) -> usize {
+        match self {
+            Group::Tile => rows * cols.div_ceil(G),
+            Group::Block => rows.div_ceil(G) * cols.div_ceil(G),
+            Group::ColumnTile => rows.div_ceil(G) * cols,
+            Group::Row => rows,
+            Group::Tensor => 1,
+        }
+    }
+
+    /// Index into the scales of element (r, c) of a `rows x cols` matrix (without segments).
+    #[inline]
+    pub fn scale_index(self, r: usize, c: usize, cols: usize) -> usize {
+        match self {
+            Group::Tile => r * cols.div_ceil(G) + c / G,
+            Group::Block => (r / G) * cols.div_ceil(G) + c / G,
+            Group::ColumnTile => (r / G) * cols + c,
+            Group::Row => r,
+            Group::Tensor => 0,
+        }
+    }
+}
+
+/// How scales are chosen.
+#[derive(Clone, Copy, Debug)]
+pub enum ScaleMode {
+    /// scale = amax / FMAX, the spec's default.
+    Amax { eps: f32 },
+    /// scale = the smallest power of two >= f32(amax / FMAX); q = encode(x / scale).
+    Pow2 { eps: f32 },
+    /// scale = 1, q = encode(x) (the `fp8-unscaled` negative control).
+    Unit,
+}
+
+/// Smallest power of two >= s, computed from the bits so it is exact for every f32. A zero (or
+/// NaN) s gives the smallest positive f32, 2^-149, so a scale is never zero (as the reference).
+pub fn pow2_ceil(s: f32) -> f32 {
+    let b = s.to_bits();
+    if s.is_nan() || s <= 0.0 {
+        return f32::from_bits(1);
+    }
+    if s.is_infinite() {
+        return s;
+    }
+    let exp = b >> 23;
+    let man = b & 0x7f_ffff;
+    if exp == 0 {
+        // Subnormal: the next power of two of the integer mantissa (0x800000 is the smallest normal).
+        return f32::from_bits(man.next_power_of_two());
+    }
+    if man == 0 {
+        s
+    } else {
+        f32::from_bits((exp + 1) << 23) // exponent 255 gives inf, the honest answer
+    }
+}
+
+/// |x| as bits, with NaN mapped to 0 so the amax ignores it. For non-negative floats the order of
+/// the bit patterns is the order of the values, so an integer max is an exact, order-independent
+/// (deterministic) amax that vectorises.
+#[inline(always)]
+fn abs_bits(v: f32) -> u32 {
+    let b = v.to_bits() & 0x7fff_ffff;
+    if b > 0x7f80_0000 {
+        0
+    } else {
+        b
+    }
+}
+
+#[inline]
+fn amax_bits(x: &[f32]) -> u32 {
+    x.iter().fold(0u32, |m, &v| m.max(abs_bits(v)))
+}
+
+/// (scale, encoder) of a group from its amax bits.
+#[derive(Clone, Copy)]
+enum Enc {
+    Mul(f32),
+    Div(f32),
+    Unit,
+}
+
+fn group_scale(amax_bits: u32, mode: ScaleMode, f: Fp8Format) -> (f32, Enc) {
+    let fmax = f.max();
+    let amax_of = |eps: f32| f32::from_bits(amax_bits).max(eps);
+    match mode {
+        ScaleMode::Amax { eps } => {
+            let a = amax_of(eps);
+            (a / fmax, Enc::Mul(fmax / a))
+        }
+        ScaleMode::Pow2 { eps } => {
+            let s = pow2_ceil(amax_of(eps) / fmax);
+            (s, Enc::Div(s))
+        }
+        ScaleMode::Unit => (1.0, Enc::Unit),
+    }
+}
+
+#[inline(always)]
+fn encode_one(v: f32, e: Enc, f: Fp8Format) -> u8 {
+    match e {
+        Enc::Mul(inv) => encode(v * inv, f),
+        Enc::Div(s) => encode(v / s, f),
+        Enc::Unit => encode(v, f),
+    }
+}
+
+#[inline]
+fn encode_span(x: &[f32], q: &mut [u8], e: Enc, f: Fp8Format) {
+    match e {
+        Enc::Mul(inv) => q
+            .iter_mut()
+            .zip(x)
+            .for_each(|(o, &v)| *o = encode(v * inv, f)),
+        Enc::Div(s) => q
+            .iter_mut()
+            .zip(x)
+            .for_each(|(o, &v)| *o = encode(v / s, f)),
+        Enc::Unit => q.iter_mut().zip(x).for_each(|(o, &v)| *o = encode(v, f)),
+    }
+}
+
+/// Row ranges of the 128-row groups (ColumnTile/Block): start at 0 and at every segment start.
+pub fn row_groups(rows: usize, segments: Option<&[i32]>) -> Result<Vec<(usize, usize)>, String> {
+    let mut out = Vec::new();
+    let bounds: Vec<usize> = match segments {
+        None => vec![0, rows],
+        Some(s) => {
+            check_offsets(s, rows, "segments")?;
+            s.iter().map(|&v| v as usize).collect()
+        }
+    };
+    for w in bounds.windows(2) {
+        let mut r = w[0];
+        while r < w[1] {
+            let e = (r + G).min(w[1]);
+            out.push((r, e));
+            r = e;
+        }
+    }
+    Ok(out)
+}
+
+/// Offsets must be E+1 non-decreasing entries from 0 to `total`.
+pub fn check_offsets(o: &[i32], total: usize, what: &str) -> Result<(), String> {
+    if o.is_empty() || o[0] != 0 || *o.last().unwrap() as i64 != total as i64 {
+        return Err(format!(
+            "{what} must start at 0 and end at {total} (got {o:?})"
+        ));
+    }
+    if o.windows(2).any(|w| w[1] < w[0]) {
+        return Err(format!("{what} must be non-decreasing (got {o:?})"));
+    }
+    Ok(())
+}
+
+/// Number of scales `quantize` writes per matrix.
+pub fn scales_len(
+    rows: usize,
+    cols: usize,
+    g: Group,
+    segments: Option<&[i32]>,
+) -> Result<usize, String> {
+    Ok(match (g, segments) {
+        (Group::ColumnTile, Some(_)) => row_groups(rows, segments)?.len() * cols,
+        (_, Some(_)) => return Err("segments are only supported with the column-tile group".into()),
+        _ => g.scale_count(rows, cols),
+    })
+}
+
+/// Quantises `batch` matrices of `rows x cols` (row-major, back to back) into codes and scales.
+#[allow(clippy::too_many_arguments)]
+pub fn quantize(
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    batch: usize,
+    g: Group,
+    f: Fp8Format,
+    mode: ScaleMode,
+    data: &mut [u8],
+    scales: &mut [f32],
+    segments: Option<&[i32]>,
+) -> Result<(), String> {
+    let n = rows * cols;
+    let ns = scales_len(rows, cols, g, segments)?;
+    if let ScaleMode::Amax { eps } | ScaleMode::Pow2 { eps } = mode {
+        if !(eps > 0.0 && eps.is_finite()) {
+            return Err(format!(
+                "quantize: eps must be a positive finite f32 (got {eps})"
+            ));
+        }
+    }
+    if x.len() < n * batch || data.len() < n * batch || scales.len() < ns * batch {
+        return Err(format!(
+            "quantize: need x and data of {} elements and scales of {} (got {}, {}, {})",
+            n * batch,
+            ns * batch,
+            x.len(),
+            data.len(),
+            scales.len()
+        ));
+    }
+    for b in 0..batch {
+        let (x, q, s) = (
+            &x[b * n..(b + 1) * n],
+            &mut data[b * n..(b + 1) * n],
+            &mut scales[b * ns..(b + 1) * ns],
+        );
+        quantize_one(x, rows, cols, g, f, mode, q, s, segments)?;
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn quantize_one(
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    g: Group,
+    f: Fp8Format,
+    mode: ScaleMode,
+    q: &mut [u8],
+    s: &mut [f32],
+    segments: Option<&[i32]>,
+) -> Result<(), String> {
+    if rows == 0 || cols == 0 {
+        if g == Group::Tensor {
+            s[0] = group_scale(0, mode, f).0;
+        }
+        return Ok(());
+    }
+    match g {
+        Group::Tile | Group::Row => {
+            let per = if g == Group::Tile {
+                cols.div_ceil(G)
+            } else {
+                1
+            };
+            let width = if g == Group::Tile { G } else { cols };
+            q.par_chunks_mut(cols)
+                .zip(s.par_chunks_mut(per))
+                .zip(x.par_chunks(cols))
+                .with_min_len(8)
+                .for_each(|((q, s), x)| {
+                    for ((qg, xg), sg) in q.chunks_mut(width).zip(x.chunks(width)).zip(s.iter_mut())
+                    {
+                        let (scale, e) = group_scale(amax_bits(xg), mode, f);
+                        *sg = scale;
+                        encode_span(xg, qg, e, f);
+                    }
+                })
+        }
+        Group::Tensor => {
+            let m = x.par_chunks(1 << 14).map(amax_bits).max().unwrap_or(0);
+            let (scale, e) = group_scale(m, mode, f);
+            s[0] = scale;
+            q.par_chunks_mut(1 << 14)
+                .zip(x.par_chunks(1 << 14))
+                .for_each(|(q, x)| encode_span(x, q, e, f));
+        }
+        Group::Block | Group::ColumnTile => {
+            // Split codes and scales into the disjoint pieces of each 128-row group, then run the
+            // groups in parallel.
+            let groups = row_groups(
+                rows,
+                if g == Group::ColumnTile {
+                    segments
+                } else {
+                    None
+                },
+            )?;
+            let per = if g == Group::Block {
+                cols.div_ceil(G)
+            } else {
+                cols
+            };
+            let mut work = Vec::with_capacity(groups.len());
+            let (mut qrest, mut srest) = (q, s);
+            for &(r0, r1) in &groups {
+                let (qh, qt) = qrest.split_at_mut((r1 - r0) * cols);
+                let (sh, st) = srest.split_at_mut(per);
+                work.push((&x[r0 * cols..r1 * cols], qh, sh));
+                qrest = qt;
+                srest = st;
+            }
+            work.into_par_iter().for_each(|(x, q, s)| {
+                let rows = x.len() / cols;
+                if g == Group::ColumnTile {
+                    // Running per-column max over the group's rows (contiguous, vectorises).
+                    let mut m = vec![0u32; cols];
+                    for r in 0..rows {
+                        for (mv, v) in m.iter_mut().zip(&x[r * cols..(r + 1) * cols]) {
+                            *mv = (*mv).max(abs_bits(*v));
+                        }
+                    }
+                    let encs: Vec<Enc> = m
+                        .iter()
+                        .zip(s.iter_mut())
+                        .map(|(&mb, sv)| {
+                            let (scale, e) = group_scale(mb, mode, f);
+                            *sv = scale;
+                            e
+                        })
+                        .collect();
+                    for (qr, xr) in q.chunks_mut(cols).zip(x.chunks(cols)) {
+                        for ((o, &v), &e) in qr.iter_mut().zip(xr).zip(&encs) {
+                            *o = encode_one(v, e, f);
+                        }
+                    }
+                } else {
+                    for (cb, sv) in s.iter_mut().enumerate() {
+                        let (c0, c1) = (cb * G, ((cb + 1) * G).min(cols));
+                        let mb = (0..rows)
+                            .map(|r| amax_bits(&x[r * cols + c0..r * cols + c1]))
+                            .max()
+                            .unwrap_or(0);
+                        let (scale, e) = group_scale(mb, mode, f);
+                        *sv = scale;
+                        for r in 0..rows {
+                            encode_span(
+                                &x[r * cols + c0..r * cols + c1],
+                                &mut q[r * cols + c0..r * cols + c1],
+                                e,
+                                f,
+                            );
+                        }
+                    }
+                }
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::fp8::decode;
+
+    #[test]
+    fn pow2() {
+        assert_eq!(pow2_ceil(1.0), 1.0);
+        assert_eq!(pow2_ceil(1.0000001), 2.0);
+        assert_eq!(pow2_ceil(0.75), 1.0);
+        assert_eq!(pow2_ceil(3.0e-39), f32::from_bits(0x0040_0000)); // subnormal: 2^-127
+        assert_eq!(pow2_ceil(f32::from_bits(1)), f32::from_bits(1));
+        assert_eq!(pow2_ceil(0.0), f32::from_bits(1));
+    }
+
+    /// Slow reference: loops over every group by element coordinates.
+    fn reference(
+        x: &[f32],
+        rows: usize,
+        cols: usize,
+        g: Group,
+        f: Fp8Format,
+        mode: ScaleMode,
+    ) -> (Vec<u8>, Vec<f32>) {
+        let ns = g.scale_count(rows, cols);
+        let mut amax = vec![0f32; ns];
+        for r in 0..rows {
+            for c in 0..cols {
+                let i = g.scale_index(r, c, cols);
+                let a = x[r * cols + c].abs();
+                if a > amax[i] {
+                    amax[i] = a;
+                }
+            }
+        }
+        let fmax = f.max();
+        let scales: Vec<f32> = amax
+            .iter()
+            .map(|&a| match mode {
+                ScaleMode::Amax { eps } => a.max(eps) / fmax,
+                ScaleMode::Pow2 { eps } => pow2_ceil(a.max(eps) / fmax),
+                ScaleMode::Unit => 1.0,
+            })
+            .collect();
+        let mut q = vec![0u8; rows * cols];
+        for r in 0..rows {
+            for c in 0..cols {
+                let i = g.scale_index(r, c, cols);
+                let v = x[r * cols + c];
+                q[r * cols + c] = match mode {
+                    ScaleMode::Amax { eps } => encode(v * (fmax / amax[i].max(eps)), f),
+                    ScaleMode::Pow2 { .. } => encode(v / scales[i], f),
+                    ScaleMode::Unit => encode(v, f),
+                };
+            }
+        }
+        (q, scales)
+    }
+
+    #[test]
+    fn all_groups_match_reference() {
+        let mut seed = 7u32;
+        for &(rows, cols) in &[(1, 1), (3, 130), (129, 7), (300, 257), (128, 128)] {
+            let x: Vec<f32> = (0..rows * cols)
+                .map(|i| {
+                    seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+                    ((seed >> 8) as f32 / (1 << 24) as f32 - 0.5) * (1.0 + (i % 17) as f32 * 30.0)
+                })
+                .collect();
+            for g in [
+                Group::Tile,
+                Group::Block,
+                Group::ColumnTile,
+                Group::Row,
+                Group::Tensor,
+            ] {
+                for f in [Fp8Format::E4M3, Fp8Format::E5M2] {
+                    for mode in [
+                        ScaleMode::Amax { eps: 1e-12 },
+                        ScaleMode::Pow2 { eps: 1e-12 },
+                        ScaleMode::Unit,
+                    ] {
+                        let ns = g.scale_count(rows, cols);
+                        let (mut q, mut s) = (vec![0u8; rows * cols * 2], vec![0f32; ns * 2]);
+                        let x2: Vec<f32> = x.iter().chain(x.iter()).map(|v| v * 0.5).collect();
+                        quantize(&x2, rows, cols, 2, g, f, mode, &mut q, &mut s, None).unwrap();
+                        let xh: Vec<f32> = x.iter().map(|v| v * 0.5).collect();
+                        let (rq, rs) = reference(&xh, rows, cols, g, f, mode);
+                        for b in 0..2 {
+                            assert_eq!(
+                                &q[b * rows * cols..(b + 1) * rows * cols],
+                                &rq[..],
+                                "{g:?} {f:?} {mode:?} {rows}x{cols}"
+                            );
+                            assert_eq!(&s[b * ns..(b + 1) * ns], &rs[..]);
+                        }
+                        // Dequantised values are close to x (relative to the group's amax).
+                        if let ScaleMode::Amax { .. } = mode {
+                            for r in 0..rows {
+                                for c in 0..cols {
+                                    let i = r * cols + c;
+                                    let d = decode(q[i], f) * s[g.scale_index(r, c, cols)];
+                                    assert!(
+                                        (d - xh[i]).abs()
+                                            <= 0.13 * s[g.scale_index(r, c, cols)] * f.max()
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn column_tile_segments() {
+        let (rows, cols) = (300, 5);
+        let x: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * (1 + i / 500) as f32)
+            .collect();
+        let seg = [0i32, 100, 100, 300];
+        let ns = scales_len(rows, cols, Group::ColumnTile, Some(&seg)).unwrap();
+        assert_eq!(ns, (1 + 0 + 2) * cols);
+        let (mut q, mut s) = (vec![0u8; rows * cols], vec![0f32; ns]);
+        quantize(
+            &x,
+            rows,
+            cols,
+            1,
+            Group::ColumnTile,
+            Fp8Format::E4M3,
+            ScaleMode::Amax { eps: 1e-12 },
+            &mut q,
+            &mut s,
+            Some(&seg),
+        )
+        .unwrap();
+        // Each segment equals a standalone column-tile quantisation of its rows.
+        let mut srow = 0;
+        for w in seg.windows(2) {
+            let (r0, r1) = (w[0] as usize, w[1] as usize);
+            let (rq, rs) = reference(
+                &x[r0 * cols..r1 * cols],
+                r1 - r0,
+                cols,
+                Group::ColumnTile,
+                Fp8Format::E4M3,
+                ScaleMode::Amax { eps: 1e-12 },
+            );
+            assert_eq!(&q[r0 * cols..r1 * cols], &rq[..]);
+            assert_eq!(&s[srow * cols..srow * cols + rs.len()], &rs[..]);
+            srow += (r1 - r0).div_ceil(G);
+        }
+    }
+}

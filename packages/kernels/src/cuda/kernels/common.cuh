@@ -1,0 +1,208 @@
+// Shared by every kernel module (prepended to each .cu before NVRTC compiles it). Self-contained:
+// no CUDA headers, so NVRTC needs no include path; BF16 and FP8 are handled as raw bits with the
+// exact conversions of ../shared/spec/FP8.md (RNE from the f32 bits, FP8 saturating, NaN -> 0x7f).
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+typedef unsigned long long u64;
+
+#define KERNEL extern "C" __global__
+
+// Quantisation group codes (the same numbers on the TypeScript side).
+#define G_TILE 0
+#define G_BLOCK 1
+#define G_COLTILE 2
+#define G_ROW 3
+#define G_TENSOR 4
+
+__device__ __forceinline__ float f32_nan() { return __int_as_float(0x7fc00000); }
+__device__ __forceinline__ float f32_inf() { return __int_as_float(0x7f800000); }
+
+__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+
+// Round to nearest even; NaN -> 0x7fff (canonical, as __float2bfloat16_rn); overflow -> inf.
+__device__ __forceinline__ u16 f32_to_bf16(float x) {
+  u32 b = __float_as_uint(x);
+  if ((b & 0x7fffffffu) > 0x7f800000u) return 0x7fff;
+  return (u16)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
+__device__ __forceinline__ float round_bf16(float x) { return bf16_to_f32(f32_to_bf16(x)); }
+
+// FP8 encode from the f32 bits (fmt 0 = E4M3 OCP e4m3fn, 1 = E5M2): round to nearest even,
+// subnormals kept, saturating to +-max (infinities too), every NaN -> 0x7f, -0 keeps its sign.
+__device__ __forceinline__ u8 encode_fp8(float x, int fmt) {
+  const u32 bits = __float_as_uint(x);
+  const u32 sign = (bits >> 24) & 0x80u;
+  const u32 abs = bits & 0x7fffffffu;
+  if (abs > 0x7f800000u) return 0x7f;
+  const int f32exp = (int)(abs >> 23);
+  if (f32exp == 0) return (u8)sign;
+  const int exp = f32exp - 127;
+  const int man = fmt ? 2 : 3;
+  const int bias = fmt ? 15 : 7;
+  const u32 maxCode = fmt ? 0x7bu : 0x7eu;
+  const int minExp = 1 - bias;
+  u32 code, significand;
+  int shift;
+  if (exp >= minExp) {
+    shift = 23 - man;
+    significand = abs & 0x7fffffu;
+    code = ((u32)(exp + bias) << man) | (significand >> shift);
+  } else {
+    shift = 23 - man + (minExp - exp);
+    if (shift >= 25) return (u8)sign;
+    significand = (abs & 0x7fffffu) | 0x800000u;
+    code = significand >> shift;
+  }
+  const u32 rest = significand & ((1u << shift) - 1u);
+  const u32 half = 1u << (shift - 1);
+  if (rest > half || (rest == half && (code & 1u))) code += 1;
+  if (code > maxCode) code = maxCode;
+  return (u8)(code | sign);
+}
+
+// Exact decode of an FP8 code.
+__device__ __forceinline__ float decode_fp8(u8 c, int fmt) {
+  const int man = fmt ? 2 : 3;
+  const int bias = fmt ? 15 : 7;
+  const int expMax = fmt ? 31 : 15;
+  const int e = (c >> man) & expMax;
+  const int m = c & ((1 << man) - 1);
+  float v;
+  if (fmt && e == expMax) v = m == 0 ? f32_inf() : f32_nan();
+  else if (!fmt && e == expMax && m == (1 << man) - 1) v = f32_nan();
+  else if (e == 0) v = (float)m * __uint_as_float((u32)(127 + 1 - bias - man) << 23);
+  else v = __uint_as_float(((u32)(e - bias + 127) << 23) | ((u32)m << (23 - man)));
+  return (c & 0x80) ? -v : v;
+}
+
+__device__ __forceinline__ float fp8_max(int fmt) { return fmt ? 57344.0f : 448.0f; }
+
+// Smallest power of two >= q from q's bits (FP8.md pow2Scales); 2^-149 for q <= 0 or NaN.
+__device__ __forceinline__ float pow2_ceil(float q) {
+  if (!(q > 0.0f)) return __uint_as_float(1u);
+  if (q == f32_inf()) return q;
+  const u32 bits = __float_as_uint(q);
+  const u32 exp = bits >> 23;
+  const u32 man = bits & 0x7fffffu;
+  if (exp == 0) {
+    const int top = 31 - __clz(man);
+    return man == (1u << top) ? q : __uint_as_float(1u << (top + 1));
+  }
+  return man == 0 ? q : __uint_as_float((exp + 1) << 23);
+}
+
+// Scale modes: 0 amax/FMAX, 1 power of two, 2 unit (scale 1).
+// From a group's amax: the stored scale, and the value is encoded as encode(x * factor) (mode 0),
+// encode(x / scale) (mode 1) or encode(x) (mode 2).
+struct QScale {
+  float scale;
+  float factor;
+};
+
+__device__ __forceinline__ QScale qscale(float amax, float eps, int fmt, int mode) {
+  QScale s;
+  if (mode == 2) {
+    s.scale = 1.0f;
+    s.factor = 1.0f;
+    return s;
+  }
+  const float a = amax > eps ? amax : eps;
+  const float fmax = fp8_max(fmt);
+  if (mode == 1) {
+    s.scale = pow2_ceil(__fdiv_rn(a, fmax));
+    s.factor = s.scale;
+  } else {
+    s.factor = __fdiv_rn(fmax, a);
+    s.scale = __fdiv_rn(a, fmax);
+  }
+  return s;
+}
+
+__device__ __forceinline__ u8 quant_value(float x, QScale s, int fmt, int mode) {
+  if (mode == 2) return encode_fp8(x, fmt);
+  if (mode == 1) return encode_fp8(__fdiv_rn(x, s.factor), fmt);
+  return encode_fp8(__fmul_rn(x, s.factor), fmt);
+}
+
+// |x| for the amax: NaN counts as 0 (ignored), as the reference's `v > amax` comparison does.
+__device__ __forceinline__ float abs_for_amax(float x) {
+  const float a = fabsf(x);
+  return a == a ? a : 0.0f;
+}
+
+__device__ __forceinline__ int cdiv(int a, int b) { return (a + b - 1) / b; }
+
+// Number of scales of a rows x cols matrix in a group layout (fp8-core scaleShape).
+__device__ __forceinline__ int scale_count(int group, int rows, int cols) {
+  switch (group) {
+    case G_TILE: return rows * cdiv(cols, 128);
+    case G_BLOCK: return cdiv(rows, 128) * cdiv(cols, 128);
+    case G_COLTILE: return cdiv(rows, 128) * cols;
+    case G_ROW: return rows;
+    default: return 1;
+  }
+}
+
+// Index of the scale of element (r, c) of a rows x cols matrix (fp8-core groupIndexer).
+__device__ __forceinline__ int scale_index(int group, int r, int c, int rows, int cols) {
+  switch (group) {
+    case G_TILE: return r * cdiv(cols, 128) + c / 128;
+    case G_BLOCK: return (r / 128) * cdiv(cols, 128) + c / 128;
+    case G_COLTILE: return (r / 128) * cols + c;
+    case G_ROW: return r;
+    default: return 0;
+  }
+}
+
+// Deterministic reductions: a fixed shuffle tree in each warp, then warp 0 over the warps' sums.
+__device__ __forceinline__ double warp_sum(double v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+__device__ __forceinline__ double block_sum(double v) {
+  __shared__ double part[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  double t = lane < nw ? part[lane] : 0.0;
+  t = warp_sum(t);
+  return t;
+}
+
+__device__ __forceinline__ float block_max(float v) {
+  __shared__ float partm[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) partm[warp] = v;
+  __syncthreads();
+  float t = lane < nw ? partm[lane] : 0.0f;
+  return warp_max(t);
+}
+
+__device__ __forceinline__ float block_maxf_any(float v) {
+  // Like block_max but for values that may be negative (e.g. logits).
+  __shared__ float partn[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) partn[warp] = v;
+  __syncthreads();
+  float t = lane < nw ? partn[lane] : -f32_inf();
+  return warp_max(t);
+}

@@ -1,0 +1,92 @@
+// Elementwise ops, casts, the deterministic sum and small layout helpers. Grid-stride loops; the
+// host picks the grid. f32 results of mixed f32/f64 expressions are computed in double and rounded
+// once, as the TypeScript reference does (so they are bit-identical to it).
+
+#define GRID_LOOP(i, n) for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < (n); i += (i64)gridDim.x * blockDim.x)
+
+KERNEL void add_f32(const float* a, const float* b, float* out, i64 n) {
+  GRID_LOOP(i, n) out[i] = a[i] + b[i];
+}
+
+// dst += alpha * src.
+KERNEL void add_into_f32(float* dst, const float* src, double alpha, i64 n) {
+  GRID_LOOP(i, n) dst[i] = (float)((double)dst[i] + alpha * (double)src[i]);
+}
+
+KERNEL void scale_f32(const float* x, float* out, double s, i64 n) {
+  GRID_LOOP(i, n) out[i] = (float)((double)x[i] * s);
+}
+
+KERNEL void f32_to_bf16(const float* x, u16* out, i64 n) {
+  GRID_LOOP(i, n) out[i] = f32_to_bf16(x[i]);
+}
+
+KERNEL void bf16_to_f32(const u16* x, float* out, i64 n) {
+  GRID_LOOP(i, n) out[i] = bf16_to_f32(x[i]);
+}
+
+// x rounded to BF16 values, kept in f32 (in place allowed).
+KERNEL void round_bf16_f32(const float* x, float* out, i64 n) {
+  GRID_LOOP(i, n) out[i] = round_bf16(x[i]);
+}
+
+// acc += round?(c): the accumulate step of a GEMM whose product went to a scratch buffer.
+KERNEL void acc_add_f32(float* acc, const float* c, int roundBf16, i64 n) {
+  GRID_LOOP(i, n) {
+    const float v = roundBf16 ? round_bf16(c[i]) : c[i];
+    acc[i] = acc[i] + v;
+  }
+}
+
+// out[c][r] = x[r][c] for an R x C f32 matrix (the activation scales cuBLASLt reads M-contiguous).
+KERNEL void transpose_f32(const float* x, float* out, int R, int C) {
+  GRID_LOOP(i, (i64)R * C) {
+    const int r = (int)(i / C), c = (int)(i % C);
+    out[(i64)c * R + r] = x[i];
+  }
+}
+
+// Sum, stage 1: block b sums elements [b*chunk, (b+1)*chunk) in double with a fixed tree.
+KERNEL void sum_partial(const float* x, double* part, i64 n, i64 chunk) {
+  const i64 s = blockIdx.x * chunk;
+  const i64 e = s + chunk < n ? s + chunk : n;
+  double v = 0.0;
+  for (i64 i = s + threadIdx.x; i < e; i += blockDim.x) v += (double)x[i];
+  v = block_sum(v);
+  if (threadIdx.x == 0) part[blockIdx.x] = v;
+}
+
+// Sum, stage 2: one block adds the partial sums in a fixed order; out = f32(sum).
+KERNEL void sum_final(const double* part, int nparts, float* out) {
+  double v = 0.0;
+  for (int i = threadIdx.x; i < nparts; i += blockDim.x) v += part[i];
+  v = block_sum(v);
+  if (threadIdx.x == 0) out[0] = (float)v;
+}
+
+// Sum of squares of one buffer into part[0..gridDim) (double), for the global gradient norm.
+KERNEL void sumsq_partial(const float* x, double* part, i64 n, i64 chunk) {
+  const i64 s = blockIdx.x * chunk;
+  const i64 e = s + chunk < n ? s + chunk : n;
+  double v = 0.0;
+  for (i64 i = s + threadIdx.x; i < e; i += blockDim.x) {
+    const double t = (double)x[i];
+    v += t * t;
+  }
+  v = block_sum(v);
+  if (threadIdx.x == 0) part[blockIdx.x] = v;
+}
+
+// norm = sqrt(sum of the partials), scale = min(1, maxNorm / (norm + 1e-6)) (1 when not finite).
+KERNEL void clip_final(const double* part, int nparts, double maxNorm, float* norm, float* scale) {
+  double v = 0.0;
+  for (int i = threadIdx.x; i < nparts; i += blockDim.x) v += part[i];
+  v = block_sum(v);
+  if (threadIdx.x == 0) {
+    const double nrm = sqrt(v);
+    norm[0] = (float)nrm;
+    const bool finite = nrm == nrm && nrm < 1.0 / 0.0;
+    double s = maxNorm / (nrm + 1e-6);
+    scale[0] = finite ? (float)(s < 1.0 ? s : 1.0) : 1.0f;
+  }
+}

@@ -1,0 +1,190 @@
+// Tiled GEMMs for what cuBLASLt does not take: f32/BF16 and FP8 with any group layout and shape,
+// plain or grouped over expert segments whose offsets stay on the device (RUNTIME.md rule 2).
+// C[M,N] (+)= op(A) op(B). The FP8 path computes exactly the reference's chunked promotion
+// (fp8-core scaledMatmul): within each `promotion`-long stretch of K the products of decoded FP8
+// values are summed in f32, then the partial sum is scaled by the two groups' scales and added to
+// an f32 accumulator (or each product is scaled first when the stretch spans several groups).
+//
+// Modes: 0 plain; 1 segment m (rows of A split by expert, B holds E matrices); 2 segment k (the
+// reduction runs over each expert's rows of A^T and B, C holds E matrices of M x N).
+// Operand layouts: aKcols = 1 when K runs along the stored columns of A (A stored [M,K]), 0 when
+// A is stored [K,M]; bKcols = 1 when B is stored [N,K], 0 when [K,N].
+
+#define BM 64
+#define BN 64
+#define BK 16
+
+template <int FP8>
+__device__ __forceinline__ float load_elem(const void* p, i64 idx, int fmt, int inBf16) {
+  if (FP8) return decode_fp8(((const u8*)p)[idx], fmt);
+  const float v = ((const float*)p)[idx];
+  return inBf16 ? round_bf16(v) : v;
+}
+
+template <int FP8>
+__device__ __forceinline__ void gemm_tile(
+    const void* A, const float* As, int ga, int fa, int aKcols,
+    const void* B, const float* Bs, int gb, int fb, int bKcols,
+    float* C, int M, int N, int K, int mTile, int nTile,
+    int accumulate, int outBf16, int inBf16, int promotion) {
+  __shared__ float sa[BK][BM];
+  __shared__ float sb[BK][BN];
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const int m0 = mTile * BM, n0 = nTile * BN;
+  float acc[4][4], part[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; i++)
+#pragma unroll
+    for (int j = 0; j < 4; j++) acc[i][j] = part[i][j] = 0.0f;
+  const int chunk = min(promotion, max(K, 1));
+  const bool whole = (ga == G_ROW || ga == G_TENSOR) && (gb == G_ROW || gb == G_TENSOR);
+  for (int k0 = 0; k0 < K; k0 += BK) {
+    for (int l = threadIdx.x; l < BK * BM; l += 256) {
+      int kk, mm;
+      if (aKcols) { kk = l % BK; mm = l / BK; } else { mm = l % BM; kk = l / BM; }
+      const int m = m0 + mm, k = k0 + kk;
+      float v = 0.0f;
+      if (m < M && k < K) v = load_elem<FP8>(A, aKcols ? (i64)m * K + k : (i64)k * M + m, fa, inBf16);
+      sa[kk][mm] = v;
+    }
+    for (int l = threadIdx.x; l < BK * BN; l += 256) {
+      int kk, nn;
+      if (bKcols) { kk = l % BK; nn = l / BK; } else { nn = l % BN; kk = l / BN; }
+      const int n = n0 + nn, k = k0 + kk;
+      float v = 0.0f;
+      if (n < N && k < K) v = load_elem<FP8>(B, bKcols ? (i64)n * K + k : (i64)k * N + n, fb, inBf16);
+      sb[kk][nn] = v;
+    }
+    __syncthreads();
+    const int kend = min(BK, K - k0);
+    for (int kk = 0; kk < kend; kk++) {
+      const int k = k0 + kk;
+      float av[4], bv[4];
+#pragma unroll
+      for (int i = 0; i < 4; i++) av[i] = sa[kk][ty + 16 * i];
+#pragma unroll
+      for (int j = 0; j < 4; j++) bv[j] = sb[kk][tx + 16 * j];
+      if (!FP8) {
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+#pragma unroll
+          for (int j = 0; j < 4; j++) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+        continue;
+      }
+      const int cs = (k / chunk) * chunk;
+      const int ce = min(cs + chunk, K);
+      const bool factored = whole || (cs / 128 == (ce - 1) / 128);
+      if (factored) {
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+#pragma unroll
+          for (int j = 0; j < 4; j++) part[i][j] = __fadd_rn(part[i][j], __fmul_rn(av[i], bv[j]));
+      } else {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+          const int m = min(m0 + ty + 16 * i, M - 1);
+          const float s1 = As[aKcols ? scale_index(ga, m, k, M, K) : scale_index(ga, k, m, K, M)];
+#pragma unroll
+          for (int j = 0; j < 4; j++) {
+            const int n = min(n0 + tx + 16 * j, N - 1);
+            const float s2 = Bs[bKcols ? scale_index(gb, n, k, N, K) : scale_index(gb, k, n, K, N)];
+            part[i][j] = __fadd_rn(part[i][j], __fmul_rn(__fmul_rn(__fmul_rn(av[i], bv[j]), s1), s2));
+          }
+        }
+      }
+      if (k == ce - 1) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+          const int m = min(m0 + ty + 16 * i, M - 1);
+          const float s1 = factored ? As[aKcols ? scale_index(ga, m, cs, M, K) : scale_index(ga, cs, m, K, M)] : 1.0f;
+#pragma unroll
+          for (int j = 0; j < 4; j++) {
+            const int n = min(n0 + tx + 16 * j, N - 1);
+            if (factored) {
+              const float s2 = Bs[bKcols ? scale_index(gb, n, cs, N, K) : scale_index(gb, cs, n, K, N)];
+              acc[i][j] = __fadd_rn(acc[i][j], __fmul_rn(__fmul_rn(part[i][j], s1), s2));
+            } else {
+              acc[i][j] = __fadd_rn(acc[i][j], part[i][j]);
+            }
+            part[i][j] = 0.0f;
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; i++) {
+    const int m = m0 + ty + 16 * i;
+    if (m >= M) continue;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      const int n = n0 + tx + 16 * j;
+      if (n >= N) continue;
+      float v = acc[i][j];
+      if (outBf16) v = round_bf16(v);
+      float* c = C + (i64)m * N + n;
+      *c = accumulate ? *c + v : v;
+    }
+  }
+}
+
+template <int FP8>
+__device__ __forceinline__ void gemm_dispatch(
+    const void* A, const float* As, int ga, int fa, int aKcols,
+    const void* B, const float* Bs, int gb, int fb, int bKcols,
+    float* C, int M, int N, int K, int mode, const int* off, int E, int bRows, int bCols,
+    int accumulate, int outBf16, int inBf16, int promotion) {
+  const int esz = FP8 ? 1 : 4;
+  if (mode == 0) {
+    gemm_tile<FP8>(A, As, ga, fa, aKcols, B, Bs, gb, fb, bKcols, C, M, N, K, blockIdx.y, blockIdx.x,
+                   accumulate, outBf16, inBf16, promotion);
+    return;
+  }
+  if (mode == 1) {
+    // Find this block's expert and its tile within the expert's rows.
+    int t = blockIdx.y, e = 0;
+    for (; e < E; e++) {
+      const int tiles = cdiv(off[e + 1] - off[e], BM);
+      if (t < tiles) break;
+      t -= tiles;
+    }
+    if (e >= E) return;
+    const int rows = off[e + 1] - off[e];
+    const char* a = (const char*)A + (i64)off[e] * K * esz;
+    const float* as = As ? As + (ga == G_TENSOR ? 0 : (i64)off[e] * scale_count(ga, 1, K)) : As;
+    const char* b = (const char*)B + (i64)e * bRows * bCols * esz;
+    const float* bs = Bs ? Bs + (i64)e * scale_count(gb, bRows, bCols) : Bs;
+    gemm_tile<FP8>(a, as, ga, fa, 1, b, bs, gb, fb, bKcols, C + (i64)off[e] * N, rows, N, K, t, blockIdx.x,
+                   accumulate, outBf16, inBf16, promotion);
+    return;
+  }
+  // mode 2: C[e] = A_e^T B_e.
+  const int e = blockIdx.z;
+  const int rows = off[e + 1] - off[e];
+  i64 aso = 0, bso = 0;
+  for (int j = 0; j < e; j++) {
+    const int r = off[j + 1] - off[j];
+    if (ga != G_TENSOR) aso += scale_count(ga, r, M);
+    if (gb != G_TENSOR) bso += scale_count(gb, r, N);
+  }
+  const char* a = (const char*)A + (i64)off[e] * M * esz;
+  const char* b = (const char*)B + (i64)off[e] * N * esz;
+  gemm_tile<FP8>(a, As ? As + aso : As, ga, fa, 0, b, Bs ? Bs + bso : Bs, gb, fb, 0, C + (i64)e * M * N, M, N, rows,
+                 blockIdx.y, blockIdx.x, accumulate, outBf16, inBf16, promotion);
+}
+
+KERNEL void __launch_bounds__(256) gemm_f32(
+    const float* A, int aKcols, const float* B, int bKcols, float* C, int M, int N, int K,
+    int mode, const int* off, int E, int bRows, int bCols, int accumulate, int outBf16, int inBf16) {
+  gemm_dispatch<0>(A, 0, 0, 0, aKcols, B, 0, 0, 0, bKcols, C, M, N, K, mode, off, E, bRows, bCols,
+                   accumulate, outBf16, inBf16, 1 << 30);
+}
+
+KERNEL void __launch_bounds__(256) gemm_fp8(
+    const u8* A, const float* As, int ga, int fa, int aKcols,
+    const u8* B, const float* Bs, int gb, int fb, int bKcols, float* C, int M, int N, int K,
+    int mode, const int* off, int E, int bRows, int bCols, int accumulate, int outBf16, int promotion) {
+  gemm_dispatch<1>(A, As, ga, fa, aKcols, B, Bs, gb, fb, bKcols, C, M, N, K, mode, off, E, bRows, bCols,
+                   accumulate, outBf16, 0, promotion);
+}

@@ -1,0 +1,221 @@
+// Routing, dispatch/combine and load balancing (the reference: packages/tensor/src/ts/moe.ts).
+// Everything stays on the device (RUNTIME.md rule 2) and is deterministic: the permutation is the
+// reference's stable order (expert, then token, then rank) computed with per-chunk counts, a
+// prefix sum in a fixed order and a stable in-chunk rank; no result depends on atomics' order.
+
+__device__ __forceinline__ double sigmoid_d(double x) { return 1.0 / (1.0 + exp(-x)); }
+
+// One thread per token: sigmoid scores, top-k of f32(score + bias) (ties to the lower expert),
+// weights = scaling * s_i / sum of the selected s.
+KERNEL void router(const float* logits, const float* bias, float* scores, int* topIdx, float* weights, int N, int E, int k, double scaling) {
+  const int n = blockIdx.x * blockDim.x + threadIdx.x;
+  if (n >= N) return;
+  const float* lg = logits + (i64)n * E;
+  float* sc = scores + (i64)n * E;
+  for (int e = 0; e < E; e++) sc[e] = (float)sigmoid_d((double)lg[e]);
+  u32 chosen[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // up to 256 experts
+  double sum = 0.0;
+  for (int j = 0; j < k; j++) {
+    int best = -1;
+    float bestV = -f32_inf();
+    for (int e = 0; e < E; e++) {
+      if (chosen[e >> 5] & (1u << (e & 31))) continue;
+      const float v = sc[e] + bias[e];
+      if (best < 0 || v > bestV) {
+        best = e;
+        bestV = v;
+      }
+    }
+    chosen[best >> 5] |= 1u << (best & 31);
+    topIdx[(i64)n * k + j] = best;
+    sum += (double)sc[best];
+  }
+  for (int j = 0; j < k; j++)
+    weights[(i64)n * k + j] = (float)(scaling * (double)sc[topIdx[(i64)n * k + j]] / sum);
+}
+
+// d(logits) from d(weights) (and an optional extra d(scores)), one thread per (token, expert).
+KERNEL void router_bwd(const float* dweights, const float* scores, const int* topIdx, const float* dscores, float* dlogits, int N, int E, int k, double scaling) {
+  const i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x;
+  if (t >= (i64)N * E) return;
+  const int n = (int)(t / E), e = (int)(t % E);
+  double S = 0.0, dot = 0.0;
+  for (int j = 0; j < k; j++) {
+    const double s = scores[(i64)n * E + topIdx[(i64)n * k + j]];
+    S += s;
+    dot += (double)dweights[(i64)n * k + j] * s;
+  }
+  double ds = dscores ? (double)dscores[t] : 0.0;
+  for (int j = 0; j < k; j++)
+    if (topIdx[(i64)n * k + j] == e) ds += scaling * ((double)dweights[(i64)n * k + j] / S - dot / (S * S));
+  const double s = scores[t];
+  dlogits[t] = (float)(ds * s * (1.0 - s));
+}
+
+// Balance loss, stage 1: per sequence b (one block), f[b][e] and P[b][e] (double), and the
+// sequence's loss term sum_e alpha f P / B.
+KERNEL void balance_stats(const float* scores, const int* topIdx, double* f, double* P, double* lossPart, int B, int T, int E, int k, double alpha) {
+  const int b = blockIdx.x;
+  double term = 0.0;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    int cnt = 0;
+    double p = 0.0;
+    for (int t = 0; t < T; t++) {
+      const i64 n = (i64)b * T + t;
+      for (int j = 0; j < k; j++) cnt += topIdx[n * k + j] == e;
+      double Z = 0.0;
+      for (int ee = 0; ee < E; ee++) Z += (double)scores[n * E + ee];
+      p += (double)scores[n * E + e] / Z / T;
+    }
+    const double fe = cnt * ((double)E / ((double)k * T));
+    f[(i64)b * E + e] = fe;
+    P[(i64)b * E + e] = p;
+    term += alpha * fe * p / B;
+  }
+  term = block_sum(term);
+  if (threadIdx.x == 0) lossPart[b] = term;
+}
+
+// Balance loss, stage 2: the loss (sum over sequences in order) ...
+KERNEL void balance_loss(const double* lossPart, int B, float* loss) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  double v = 0.0;
+  for (int b = 0; b < B; b++) v += lossPart[b];
+  loss[0] = (float)v;
+}
+
+// ... and d(loss)/d(scores) = alpha / (B T Z) (f_e - sum_e' f_e' s_e' / Z), one thread per token.
+KERNEL void balance_grad(const float* scores, const double* f, float* dscores, int B, int T, int E, double alpha) {
+  const int n = blockIdx.x * blockDim.x + threadIdx.x;
+  if (n >= B * T) return;
+  const int b = n / T;
+  const float* s = scores + (i64)n * E;
+  double Z = 0.0;
+  for (int e = 0; e < E; e++) Z += (double)s[e];
+  double fp = 0.0;
+  for (int e = 0; e < E; e++) fp += f[(i64)b * E + e] * (double)s[e] / Z;
+  for (int e = 0; e < E; e++) dscores[(i64)n * E + e] = (float)(alpha / ((double)B * T * Z) * (f[(i64)b * E + e] - fp));
+}
+
+#define PCHUNK 256
+
+// Permute, stage 1: per chunk of PCHUNK selections, how many go to each expert: counts[chunk][e].
+KERNEL void permute_count(const int* topIdx, int* counts, int total, int E) {
+  extern __shared__ int hist[];
+  for (int e = threadIdx.x; e < E; e += blockDim.x) hist[e] = 0;
+  __syncthreads();
+  const int i = blockIdx.x * PCHUNK + threadIdx.x;
+  if (threadIdx.x < PCHUNK && i < total) atomicAdd(&hist[topIdx[i]], 1);  // counts: order-free
+  __syncthreads();
+  for (int e = threadIdx.x; e < E; e += blockDim.x) counts[(i64)blockIdx.x * E + e] = hist[e];
+}
+
+// Permute, stage 2 (one block): offsets[e] (E+1) and base[chunk][e], the first row of the chunk's
+// selections of expert e, by prefix sums in a fixed order.
+KERNEL void permute_scan(const int* counts, int* base, int* offsets, int chunks, int E) {
+  __shared__ int tot[1024];
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    int s = 0;
+    for (int c = 0; c < chunks; c++) s += counts[(i64)c * E + e];
+    tot[e] = s;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int s = 0;
+    for (int e = 0; e < E; e++) {
+      offsets[e] = s;
+      s += tot[e];
+    }
+    offsets[E] = s;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    int s = offsets[e];
+    for (int c = 0; c < chunks; c++) {
+      base[(i64)c * E + e] = s;
+      s += counts[(i64)c * E + e];
+    }
+  }
+}
+
+// Permute, stage 3: slot[row] = selection index, each selection placed after the earlier ones of
+// its expert (stable): its rank among the chunk's earlier selections of the same expert.
+KERNEL void permute_scatter(const int* topIdx, const int* base, int* slot, int* pos, int total, int E) {
+  __shared__ int ex[PCHUNK];
+  const int i = blockIdx.x * PCHUNK + threadIdx.x;
+  ex[threadIdx.x] = i < total ? topIdx[i] : -1;
+  __syncthreads();
+  if (i >= total) return;
+  const int e = ex[threadIdx.x];
+  int rank = 0;
+  for (int t = 0; t < (int)threadIdx.x; t++) rank += ex[t] == e;
+  const int row = base[(i64)blockIdx.x * E + e] + rank;
+  slot[row] = i;
+  if (pos) pos[i] = row;
+}
+
+// xs[r] = x[slot[r] / k].
+KERNEL void gather_rows(const float* x, const int* slot, float* xs, int rows, int d, int k) {
+  const i64 total = (i64)rows * d;
+  for (i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x; t < total; t += (i64)gridDim.x * blockDim.x) {
+    const int r = (int)(t / d), c = (int)(t % d);
+    xs[t] = x[(i64)(slot[r] / k) * d + c];
+  }
+}
+
+// pos[slot[r]] = r (the inverse permutation).
+KERNEL void invert_slots(const int* slot, int* pos, int rows) {
+  const int r = blockIdx.x * blockDim.x + threadIdx.x;
+  if (r < rows) pos[slot[r]] = r;
+}
+
+// dx[n] = sum_j dxs[pos[n k + j]] (f32, in order of j).
+KERNEL void permute_bwd(const float* dxs, const int* pos, float* dx, int N, int k, int d) {
+  const i64 total = (i64)N * d;
+  for (i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x; t < total; t += (i64)gridDim.x * blockDim.x) {
+    const int n = (int)(t / d), c = (int)(t % d);
+    float v = 0.0f;
+    for (int j = 0; j < k; j++) v += dxs[(i64)pos[(i64)n * k + j] * d + c];
+    dx[t] = v;
+  }
+}
+
+// y[n] = sum_j w[n k + j] ys[pos[n k + j]] (double accumulation).
+KERNEL void combine(const float* ys, const int* pos, const float* w, float* y, int N, int k, int d) {
+  const i64 total = (i64)N * d;
+  for (i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x; t < total; t += (i64)gridDim.x * blockDim.x) {
+    const int n = (int)(t / d), c = (int)(t % d);
+    double v = 0.0;
+    for (int j = 0; j < k; j++) v += (double)w[(i64)n * k + j] * (double)ys[(i64)pos[(i64)n * k + j] * d + c];
+    y[t] = (float)v;
+  }
+}
+
+// dys[r] = w[slot[r]] dy[slot[r] / k]; dweights[slot[r]] = dy[n] . ys[r]. One warp per row r.
+KERNEL void combine_bwd(const float* dy, const float* ys, const int* slot, const float* w, float* dys, float* dweights, int rows, int k, int d) {
+  const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (r >= rows) return;
+  const int lane = threadIdx.x & 31;
+  const int i = slot[r];
+  const int n = i / k;
+  const float wi = w[i];
+  double dot = 0.0;
+  for (int c = lane; c < d; c += 32) {
+    const float g = dy[(i64)n * d + c];
+    dys[(i64)r * d + c] = wi * g;
+    dot += (double)g * (double)ys[(i64)r * d + c];
+  }
+  dot = warp_sum(dot);
+  if (lane == 0) dweights[i] = (float)dot;
+}
+
+// bias_e += gamma * sign(mean load - load_e), loads from the permute offsets.
+KERNEL void bias_update(float* bias, const int* offsets, int E, double gamma) {
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= E) return;
+  const double mean = (double)(offsets[E] - offsets[0]) / E;
+  const double load = offsets[e + 1] - offsets[e];
+  const double d = mean - load;
+  const double sg = d > 0 ? 1.0 : (d < 0 ? -1.0 : 0.0);
+  bias[e] = (float)((double)bias[e] + gamma * sg);
+}

@@ -1,0 +1,436 @@
+//! Causal attention, forward and backward, as packages/tensor/src/ts/nn.ts defines it, computed
+//! flash-attention style in 64x64 tiles with f32 accumulation.
+//!
+//! Layouts: q, k [B*T, H*dqk], v, o [B*T, H*dv] (row b*T+i, head h at column h*d); lse [B*H*T].
+//! Forward: one task per (batch, head, 64-query block); an online softmax over the key tiles up to
+//! the diagonal. In `bf16` precision q, k, v are rounded to BF16 and the *normalised*
+//! probabilities are rounded before the P.V product (the reference's rounding point), which needs
+//! the row's max and normaliser first: a first pass over the key tiles finds them, a second
+//! accumulates P.V. Backward: one task per (batch, head); P is recomputed from lse tile by tile
+//! (P = exp(s * scale - lse)); dS = P (dP - D) with D = rowsum(dO * o), rounded to BF16 (and P
+//! too) in `bf16` precision as the reference does. Every reduction runs in a fixed order, so the
+//! results are bit-for-bit repeatable and identical at every SIMD level.
+
+use super::nn::R;
+use super::util::{exp_f32, multiversion, round_bf16, SendPtr};
+use rayon::prelude::*;
+
+const BQ: usize = 64;
+const BK: usize = 64;
+
+#[derive(Clone, Copy)]
+pub struct Dims {
+    pub b: usize,
+    pub t: usize,
+    pub h: usize,
+    pub dqk: usize,
+    pub dv: usize,
+    pub scale: f32,
+    pub lowp: bool,
+}
+
+impl Dims {
+    fn tpad(&self) -> usize {
+        self.t.div_ceil(BK) * BK
+    }
+    /// Head widths padded to a multiple of 16 (zeros), so that row updates run on whole vectors.
+    fn dqkp(&self) -> usize {
+        self.dqk.div_ceil(16) * 16
+    }
+    fn dvp(&self) -> usize {
+        self.dv.div_ceil(16) * 16
+    }
+    fn check(&self, q: usize, k: usize, v: usize) -> R<()> {
+        let n = self.b * self.t * self.h;
+        if q != n * self.dqk || k != n * self.dqk || v != n * self.dv {
+            return Err(format!(
+                "attention: q {q}, k {k}, v {v} elements for batch {} x seq {} x heads {} (dqk {}, dv {})",
+                self.b, self.t, self.h, self.dqk, self.dv
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[inline(always)]
+fn rd(x: f32, lowp: bool) -> f32 {
+    if lowp {
+        round_bf16(x)
+    } else {
+        x
+    }
+}
+
+/// Copies head `h` of batch `b` of x [B*T, H*d] into rows [T, dp] (zero-padded to `rows` rows of
+/// `dp >= d` columns).
+#[allow(clippy::too_many_arguments)]
+fn gather_rows(
+    x: &[f32],
+    dm: &Dims,
+    d: usize,
+    dp: usize,
+    bb: usize,
+    hh: usize,
+    rows: usize,
+    lowp: bool,
+    out: &mut [f32],
+) {
+    out[..rows * dp].fill(0.0);
+    for i in 0..dm.t {
+        let src = &x[((bb * dm.t + i) * dm.h + hh) * d..][..d];
+        for (o, &v) in out[i * dp..][..d].iter_mut().zip(src) {
+            *o = rd(v, lowp);
+        }
+    }
+}
+
+/// Head `h` of batch `b` of x, transposed to [d, ld] (zero beyond T).
+#[allow(clippy::too_many_arguments)]
+fn gather_transposed(x: &[f32], dm: &Dims, d: usize, bb: usize, hh: usize, ld: usize, lowp: bool, out: &mut [f32]) {
+    out[..d * ld].fill(0.0);
+    for i in 0..dm.t {
+        let src = &x[((bb * dm.t + i) * dm.h + hh) * d..][..d];
+        for (c, &v) in src.iter().enumerate() {
+            out[c * ld + i] = rd(v, lowp);
+        }
+    }
+}
+
+/// s[r, 0..BK] = sum_{c<d} a[r*lda + c] * bt[c, j0..j0+BK] for r < nr (nr a multiple of 4).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn tile_product(a: &[f32], nr: usize, d: usize, lda: usize, bt: &[f32], ld: usize, j0: usize, s: &mut [f32]) {
+    let mut r = 0;
+    while r < nr {
+        let mut acc = [[0f32; BK]; 4];
+        for c in 0..d {
+            let brow: &[f32; BK] = bt[c * ld + j0..][..BK].try_into().unwrap();
+            let a0 = a[r * lda + c];
+            let a1 = a[(r + 1) * lda + c];
+            let a2 = a[(r + 2) * lda + c];
+            let a3 = a[(r + 3) * lda + c];
+            for j in 0..BK {
+                acc[0][j] += a0 * brow[j];
+                acc[1][j] += a1 * brow[j];
+                acc[2][j] += a2 * brow[j];
+                acc[3][j] += a3 * brow[j];
+            }
+        }
+        for (q, row) in acc.iter().enumerate() {
+            s[(r + q) * BK..][..BK].copy_from_slice(row);
+        }
+        r += 4;
+    }
+}
+
+#[inline(always)]
+fn row_max(x: &[f32; BK]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 16];
+    for c in x.chunks_exact(16) {
+        let c: &[f32; 16] = c.try_into().unwrap();
+        for l in 0..16 {
+            m[l] = if c[l] > m[l] { c[l] } else { m[l] };
+        }
+    }
+    m.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+}
+
+#[inline(always)]
+fn row_sum(x: &[f32; BK]) -> f32 {
+    let mut s = [0f32; 16];
+    for c in x.chunks_exact(16) {
+        let c: &[f32; 16] = c.try_into().unwrap();
+        for l in 0..16 {
+            s[l] += c[l];
+        }
+    }
+    let mut t = 0f32;
+    for v in s {
+        t += v;
+    }
+    t
+}
+
+/// y[0..16] += sum over j < n of a[j * sa] * x[j * ldx ..][..16], with four independent add
+/// chains (j mod 4) combined at the end in a fixed order.
+#[inline(always)]
+fn gemv16(y: &mut [f32], a: &[f32], sa: usize, x: &[f32], ldx: usize, n: usize) {
+    let mut acc = [[0f32; 16]; 4];
+    let mut j = 0;
+    while j + 4 <= n {
+        let (a0, a1, a2, a3) = (a[j * sa], a[(j + 1) * sa], a[(j + 2) * sa], a[(j + 3) * sa]);
+        let x0: &[f32; 16] = x[j * ldx..][..16].try_into().unwrap();
+        let x1: &[f32; 16] = x[(j + 1) * ldx..][..16].try_into().unwrap();
+        let x2: &[f32; 16] = x[(j + 2) * ldx..][..16].try_into().unwrap();
+        let x3: &[f32; 16] = x[(j + 3) * ldx..][..16].try_into().unwrap();
+        for l in 0..16 {
+            acc[0][l] += a0 * x0[l];
+            acc[1][l] += a1 * x1[l];
+            acc[2][l] += a2 * x2[l];
+            acc[3][l] += a3 * x3[l];
+        }
+        j += 4;
+    }
+    let [mut c0, c1, c2, c3] = acc;
+    for jj in j..n {
+        let aj = a[jj * sa];
+        let xr: &[f32; 16] = x[jj * ldx..][..16].try_into().unwrap();
+        for l in 0..16 {
+            c0[l] += aj * xr[l];
+        }
+    }
+    let yr: &mut [f32; 16] = (&mut y[..16]).try_into().unwrap();
+    for l in 0..16 {
+        yr[l] += (c0[l] + c1[l]) + (c2[l] + c3[l]);
+    }
+}
+
+/// y += sum over j < n of a[j * sa] * x[j * ldx ..][..y.len()]; y.len() is a multiple of 16.
+#[inline(always)]
+fn gemv_acc(y: &mut [f32], a: &[f32], sa: usize, x: &[f32], ldx: usize, n: usize) {
+    for c0 in (0..y.len()).step_by(16) {
+        gemv16(&mut y[c0..], a, sa, &x[c0..], ldx, n);
+    }
+}
+
+/// Scales the scores of row `r` (query `i`) of a tile starting at key `j0`, masking j > i to -inf.
+#[inline(always)]
+fn scaled_masked(s: &mut [f32; BK], scale: f32, valid: usize) {
+    for (j, v) in s.iter_mut().enumerate() {
+        let x = *v * scale;
+        *v = if j < valid { x } else { f32::NEG_INFINITY };
+    }
+}
+
+multiversion! {
+    /// One (batch, head, query block) of the forward pass; writes o rows and lse entries.
+    fn forward_task(
+        q: &[f32], kt: &[f32], vv: &[f32], dm: &Dims, bb: usize, hh: usize, qb: usize,
+        o: SendPtr<f32>, lse: SendPtr<f32>,
+    ) {
+        let (t, dqk, dv, dvp, ld) = (dm.t, dm.dqk, dm.dv, dm.dvp(), dm.tpad());
+        let i0 = qb * BQ;
+        let nq = BQ.min(t - i0);
+        let nq4 = nq.div_ceil(4) * 4;
+        let mut qt = vec![0f32; nq4 * dqk];
+        for r in 0..nq {
+            let src = &q[((bb * t + i0 + r) * dm.h + hh) * dqk..][..dqk];
+            for (d, &v) in qt[r * dqk..][..dqk].iter_mut().zip(src) { *d = rd(v, dm.lowp); }
+        }
+        let mut s = vec![0f32; BQ * BK];
+        let mut m = [f32::NEG_INFINITY; BQ];
+        let mut l = [0f32; BQ];
+        let mut acc = vec![0f32; nq * dvp];
+        let last = (i0 + nq - 1) / BK;
+        // Pass 1 (and, in f32, the only pass): online max and normaliser, with P.V in f32.
+        for kb in 0..=last {
+            let j0 = kb * BK;
+            tile_product(&qt, nq4, dqk, dqk, kt, ld, j0, &mut s);
+            for r in 0..nq {
+                let i = i0 + r;
+                if i < j0 { continue; }
+                let valid = (i + 1 - j0).min(BK);
+                let sr: &mut [f32; BK] = (&mut s[r * BK..][..BK]).try_into().unwrap();
+                scaled_masked(sr, dm.scale, valid);
+                let mnew = { let mx = row_max(sr); if mx > m[r] { mx } else { m[r] } };
+                let alpha = exp_f32(m[r] - mnew);
+                for v in sr.iter_mut() { *v = exp_f32(*v - mnew); }
+                l[r] = l[r] * alpha + row_sum(sr);
+                m[r] = mnew;
+                if !dm.lowp {
+                    let ar = &mut acc[r * dvp..][..dvp];
+                    for a in ar.iter_mut() { *a *= alpha; }
+                    gemv_acc(ar, &sr[..], 1, &vv[j0 * dvp..], dvp, valid);
+                }
+            }
+        }
+        if dm.lowp {
+            // Pass 2: P = bf16(exp(s - m) / l), accumulated against BF16 v in f32.
+            for kb in 0..=last {
+                let j0 = kb * BK;
+                tile_product(&qt, nq4, dqk, dqk, kt, ld, j0, &mut s);
+                for r in 0..nq {
+                    let i = i0 + r;
+                    if i < j0 { continue; }
+                    let valid = (i + 1 - j0).min(BK);
+                    let sr: &mut [f32; BK] = (&mut s[r * BK..][..BK]).try_into().unwrap();
+                    scaled_masked(sr, dm.scale, valid);
+                    let (mr, lr) = (m[r], l[r]);
+                    for v in sr.iter_mut() { *v = round_bf16(exp_f32(*v - mr) / lr); }
+                    gemv_acc(&mut acc[r * dvp..][..dvp], &sr[..], 1, &vv[j0 * dvp..], dvp, valid);
+                }
+            }
+        }
+        for r in 0..nq {
+            let i = i0 + r;
+            // SAFETY: row (b, i), head h of o and entry (b, h, i) of lse belong to this task only.
+            let orow = unsafe { o.slice(((bb * t + i) * dm.h + hh) * dv, dv) };
+            let ar = &acc[r * dvp..][..dv];
+            if dm.lowp {
+                orow.copy_from_slice(ar);
+            } else {
+                let inv = l[r];
+                for (o, &a) in orow.iter_mut().zip(ar) { *o = a / inv; }
+            }
+            let le = unsafe { lse.slice((bb * dm.h + hh) * t + i, 1) };
+            le[0] = (m[r] as f64 + (l[r] as f64).ln()) as f32;
+        }
+    }
+}
+
+/// o [B*T, H*dv] and lse [B*H*T] of causal softmax(q k^T * scale) v.
+pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], dm: Dims, o: &mut [f32], lse: &mut [f32]) -> R<()> {
+    dm.check(q.len(), k.len(), v.len())?;
+    if o.len() != v.len() || lse.len() != dm.b * dm.h * dm.t {
+        return Err("attention: output sizes do not match".into());
+    }
+    if dm.t == 0 || dm.b * dm.h == 0 {
+        return Ok(());
+    }
+    let (ld, bh) = (dm.tpad(), dm.b * dm.h);
+    // K^T [dqk, Tpad] and V [Tpad, dv] per (batch, head), BF16-rounded in bf16 precision.
+    let mut kt = vec![0f32; bh * dm.dqk * ld];
+    let dvp = dm.dvp();
+    let mut vv = vec![0f32; bh * ld * dvp];
+    kt.par_chunks_mut((dm.dqk * ld).max(1))
+        .zip(vv.par_chunks_mut((ld * dvp).max(1)))
+        .enumerate()
+        .for_each(|(x, (kt, vv))| {
+            let (bb, hh) = (x / dm.h, x % dm.h);
+            gather_transposed(k, &dm, dm.dqk, bb, hh, ld, dm.lowp, kt);
+            gather_rows(v, &dm, dm.dv, dvp, bb, hh, ld, dm.lowp, vv);
+        });
+    let nqb = dm.t.div_ceil(BQ);
+    let (op, lp) = (SendPtr(o.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
+    // Largest query blocks (most work) first, for a better balance under work stealing.
+    (0..bh * nqb).into_par_iter().for_each(|x| {
+        let qb = nqb - 1 - x / bh;
+        let y = x % bh;
+        let (bb, hh) = (y / dm.h, y % dm.h);
+        let ktb = &kt[y * dm.dqk * ld..][..dm.dqk * ld];
+        let vb = &vv[y * ld * dvp..][..ld * dvp];
+        forward_task(q, ktb, vb, &dm, bb, hh, qb, op, lp);
+    });
+    Ok(())
+}
+
+multiversion! {
+    /// One (batch, head) of the backward pass; writes that head's columns of dq, dk, dv.
+    fn backward_task(
+        d_o: &[f32], q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32], dm: &Dims, bb: usize, hh: usize,
+        dq: SendPtr<f32>, dk: SendPtr<f32>, dvo: SendPtr<f32>,
+    ) {
+        let (t, dqk, dv, ld, lowp) = (dm.t, dm.dqk, dm.dv, dm.tpad(), dm.lowp);
+        let (dqkp, dvp) = (dm.dqkp(), dm.dvp());
+        let mut qr = vec![0f32; ld * dqkp];
+        let mut kr = vec![0f32; ld * dqkp];
+        let mut kt = vec![0f32; dqk * ld];
+        let mut vt = vec![0f32; dv * ld];
+        let mut dor = vec![0f32; ld * dvp];
+        gather_rows(q, dm, dqk, dqkp, bb, hh, ld, lowp, &mut qr);
+        gather_rows(k, dm, dqk, dqkp, bb, hh, ld, lowp, &mut kr);
+        gather_transposed(k, dm, dqk, bb, hh, ld, lowp, &mut kt);
+        gather_transposed(v, dm, dv, bb, hh, ld, lowp, &mut vt);
+        gather_rows(d_o, dm, dv, dvp, bb, hh, ld, lowp, &mut dor);
+        // D_i = dO_i . o_i (dO rounded in bf16 precision, o as stored).
+        let mut dd = vec![0f32; t];
+        for (i, d) in dd.iter_mut().enumerate() {
+            let orow = &o[((bb * t + i) * dm.h + hh) * dv..][..dv];
+            let drow = &dor[i * dvp..][..dv];
+            let mut a = [0f32; 8];
+            let mut c = 0;
+            while c + 8 <= dv {
+                for x in 0..8 { a[x] += drow[c + x] * orow[c + x]; }
+                c += 8;
+            }
+            for x in 0..dv - c { a[x] += drow[c + x] * orow[c + x]; }
+            *d = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+        }
+        let lrow = &lse[(bb * dm.h + hh) * t..][..t];
+        let mut dqa = vec![0f32; ld * dqkp];
+        let mut dka = vec![0f32; ld * dqkp];
+        let mut dva = vec![0f32; ld * dvp];
+        let mut s = vec![0f32; BQ * BK];
+        let mut dp = vec![0f32; BQ * BK];
+        let nqb = t.div_ceil(BQ);
+        for qb in 0..nqb {
+            let i0 = qb * BQ;
+            let nq = BQ.min(t - i0);
+            let nq4 = nq.div_ceil(4) * 4;
+            let qblk = &qr[i0 * dqkp..][..nq4 * dqkp];
+            let doblk = &dor[i0 * dvp..][..nq4 * dvp];
+            for kb in 0..=qb {
+                let j0 = kb * BK;
+                tile_product(qblk, nq4, dqk, dqkp, &kt, ld, j0, &mut s);
+                tile_product(doblk, nq4, dv, dvp, &vt, ld, j0, &mut dp);
+                // s <- P (rounded in bf16), dp <- dS * scale (dS rounded in bf16).
+                for r in 0..BQ {
+                    let i = i0 + r;
+                    let valid = if r < nq && i >= j0 { (i + 1 - j0).min(BK) } else { 0 };
+                    let (li, di) = if r < nq { (lrow[i], dd[i]) } else { (0.0, 0.0) };
+                    let sr: &mut [f32; BK] = (&mut s[r * BK..][..BK]).try_into().unwrap();
+                    let pr: &mut [f32; BK] = (&mut dp[r * BK..][..BK]).try_into().unwrap();
+                    for j in 0..BK {
+                        let p = exp_f32(sr[j] * dm.scale - li);
+                        let p = if j < valid { p } else { 0.0 };
+                        let ds = rd(p * (pr[j] - di), lowp) * dm.scale;
+                        sr[j] = rd(p, lowp);
+                        pr[j] = ds;
+                    }
+                }
+                let kv = (t - j0).min(BK);
+                for j in 0..kv {
+                    gemv_acc(&mut dva[(j0 + j) * dvp..][..dvp], &s[j..], BK, doblk, dvp, nq);
+                    gemv_acc(&mut dka[(j0 + j) * dqkp..][..dqkp], &dp[j..], BK, qblk, dqkp, nq);
+                }
+                for r in 0..nq {
+                    gemv_acc(&mut dqa[(i0 + r) * dqkp..][..dqkp], &dp[r * BK..], 1, &kr[j0 * dqkp..], dqkp, kv);
+                }
+            }
+        }
+        for i in 0..t {
+            let base = (bb * t + i) * dm.h + hh;
+            // SAFETY: head h of rows (b, *) of dq, dk, dv belong to this task only.
+            unsafe {
+                dq.slice(base * dqk, dqk).copy_from_slice(&dqa[i * dqkp..][..dqk]);
+                dk.slice(base * dqk, dqk).copy_from_slice(&dka[i * dqkp..][..dqk]);
+                dvo.slice(base * dv, dv).copy_from_slice(&dva[i * dvp..][..dv]);
+            }
+        }
+    }
+}
+
+/// dq, dk, dv of causal attention from dO, the forward's o and lse.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    d_o: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &[f32],
+    lse: &[f32],
+    dm: Dims,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) -> R<()> {
+    dm.check(q.len(), k.len(), v.len())?;
+    if d_o.len() != v.len() || o.len() != v.len() || lse.len() != dm.b * dm.h * dm.t {
+        return Err("attentionBackward: dO, o or lse size does not match".into());
+    }
+    if dq.len() != q.len() || dk.len() != k.len() || dv.len() != v.len() {
+        return Err("attentionBackward: output sizes do not match".into());
+    }
+    if dm.t == 0 || dm.b * dm.h == 0 {
+        return Ok(());
+    }
+    let (dqp, dkp, dvp) = (
+        SendPtr(dq.as_mut_ptr()),
+        SendPtr(dk.as_mut_ptr()),
+        SendPtr(dv.as_mut_ptr()),
+    );
+    (0..dm.b * dm.h).into_par_iter().for_each(|x| {
+        backward_task(d_o, q, k, v, o, lse, &dm, x / dm.h, x % dm.h, dqp, dkp, dvp);
+    });
+    Ok(())
+}

@@ -1,0 +1,129 @@
+// Runs on the cpu backend are bit-for-bit repeatable (RUNTIME.md rule 7): the same call twice gives
+// identical bits, for the ops whose parallel reductions could otherwise depend on thread timing.
+import type { Backend, Tensor } from "@moe8/tensor";
+import { Rng } from "@moe8/tensor/testing";
+import { describe, expect, it } from "vitest";
+import { CpuBackend } from "../src/cpu-backend.ts";
+import { createBackend } from "../src/index.ts";
+
+const be: Backend = new CpuBackend();
+
+async function bits(f: () => Tensor[]): Promise<Uint32Array[]> {
+  return be.scope(async () => {
+    const out: Uint32Array[] = [];
+    for (const t of f()) {
+      const a = await t.read();
+      out.push(new Uint32Array(a.buffer.slice(a.byteOffset, a.byteOffset + a.byteLength)));
+    }
+    return out;
+  });
+}
+
+async function twice(f: () => Tensor[]) {
+  const a = await bits(f);
+  const b = await bits(f);
+  expect(a.length).toBe(b.length);
+  for (let i = 0; i < a.length; i++)
+    expect(Buffer.compare(Buffer.from(a[i].buffer), Buffer.from(b[i].buffer))).toBe(0);
+}
+
+describe("cpu backend determinism", () => {
+  const rng = new Rng(7);
+
+  it("attention forward and backward (f32 and bf16) are bit-identical across runs", async () => {
+    const [B, T, H, dqk, dv] = [4, 200, 4, 48, 32];
+    const q = rng.normals(B * T * H * dqk);
+    const k = rng.normals(B * T * H * dqk);
+    const v = rng.normals(B * T * H * dv);
+    const dO = rng.normals(B * T * H * dv);
+    for (const precision of ["f32", "bf16"] as const)
+      await twice(() => {
+        const opts = { batch: B, seq: T, heads: H, scale: 1 / Math.sqrt(dqk), precision };
+        const Q = be.upload(q, [B * T, H * dqk]);
+        const K = be.upload(k, [B * T, H * dqk]);
+        const V = be.upload(v, [B * T, H * dv]);
+        const { o, lse } = be.attention(Q, K, V, opts);
+        const g = be.attentionBackward(be.upload(dO, [B * T, H * dv]), Q, K, V, o, lse, opts);
+        return [o, lse, g.dq, g.dk, g.dv];
+      });
+  });
+
+  it("gemm (f32, bf16, fp8) is bit-identical across runs", async () => {
+    const [M, N, K] = [300, 200, 260];
+    const a = rng.normals(M * K);
+    const b = rng.normals(N * K);
+    await twice(() => {
+      const A = be.upload(a, [M, K]);
+      const Bm = be.upload(b, [N, K]);
+      return [
+        be.matmul(A, Bm, { transB: true, precision: "f32" }),
+        be.matmul(A, Bm, { transB: true, precision: "bf16", outBf16: true }),
+        be.matmul(be.quantize(A, { group: "tile" }), be.quantize(Bm, { group: "block" }), {
+          transB: true,
+          precision: "fp8",
+        }),
+      ];
+    });
+  });
+
+  it("adamw, clipScale, rmsnorm backward, embedding backward and sums are bit-identical across runs", async () => {
+    const n = 200_000;
+    const p = rng.normals(n);
+    const g = rng.normals(n);
+    const x = rng.normals(2048 * 128);
+    const ids = rng.ints(2048, 256);
+    const w0 = rng.normals(128);
+    await twice(() => {
+      const G = be.upload(g, [n]);
+      const clip = be.clipScale([G, be.upload(x, [2048, 128])], 1);
+      const out: Tensor[] = [clip.norm, clip.scale, be.sum(G)];
+      for (const dt of ["f32", "bf16"] as const) {
+        const P = be.upload(p, [n]);
+        const m = be.zeros([n], dt);
+        const v = be.zeros([n], dt);
+        for (let step = 1; step <= 3; step++)
+          be.adamw(P, G, m, v, {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weightDecay: 0.1,
+            step,
+            gradScale: clip.scale,
+          });
+        out.push(P, m, v);
+      }
+      const X = be.upload(x, [2048, 128]);
+      const w = be.upload(w0, [128]);
+      const { rstd } = be.rmsnorm(X, w, 1e-6);
+      const bw = be.rmsnormBackward(X, X, w, rstd);
+      const dE = be.zeros([256, 128]);
+      be.embeddingBackward(dE, X, be.upload(ids, [2048], "i32"));
+      out.push(bw.dx, bw.dw, dE);
+      return out;
+    });
+  });
+
+  it("createBackend('cpu') and 'auto' give the native backend", () => {
+    expect(createBackend("cpu").name).toBe("cpu");
+    expect(createBackend("auto").name).toBe("cpu");
+    expect(createBackend("ts").name).toBe("ts");
+    expect(() => createBackend("cuda")).toThrow(expect.objectContaining({ name: "UsageError" }));
+  });
+});
+
+describe("cpu backend SIMD levels", () => {
+  it("the baseline (MOE8_SIMD=scalar) kernels compute the same bits as the dispatched SIMD ones", async () => {
+    const { execFileSync } = await import("node:child_process");
+    const { fileURLToPath } = await import("node:url");
+    const { fingerprint } = await import("./simd-fingerprint.ts");
+    const script = fileURLToPath(new URL("./simd-fingerprint.ts", import.meta.url));
+    const out = execFileSync(process.execPath, ["--import", "tsx", script], {
+      env: { ...process.env, MOE8_SIMD: "scalar" },
+      encoding: "utf8",
+    });
+    const child = JSON.parse(out.trim().split("\n").at(-1)!);
+    expect(child.simd).toBe("scalar");
+    expect(child.digest).toBe(await fingerprint());
+  });
+});

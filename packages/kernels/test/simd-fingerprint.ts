@@ -1,0 +1,86 @@
+// A digest of the outputs of the SIMD-dispatched kernels on fixed inputs, so that a test can check
+// that the AVX-512, AVX2 and baseline builds of every kernel compute the same bits. Run as a script
+// it prints the digest (the test runs it in a child process with MOE8_SIMD=scalar).
+import { createHash } from "node:crypto";
+import type { Tensor } from "@moe8/tensor";
+import { Rng } from "@moe8/tensor/testing";
+import { CpuBackend } from "../src/cpu-backend.ts";
+import { requireNative } from "../src/index.ts";
+
+export async function fingerprint(): Promise<string> {
+  const be = new CpuBackend();
+  const rng = new Rng(42);
+  const [B, T, H, dqk, dv] = [2, 150, 3, 40, 24];
+  const N = B * T;
+  const C = 72;
+  const outs: Tensor[] = [];
+  const x = be.upload(rng.normals(N * C), [N, C]);
+  const y = be.upload(rng.normals(N * C), [N, C]);
+  const w = be.upload(rng.normals(C), [C]);
+  const acc = be.copy(x);
+  be.addInto(acc, y, 0.3);
+  const { y: ny, rstd } = be.rmsnorm(x, w, 1e-6);
+  const bw = be.rmsnormBackward(y, x, w, rstd);
+  const sg = be.swigluBackward(y, x, y);
+  outs.push(be.add(x, y), acc, be.scale(x, 0.7), be.sum(x), be.cast(x, "bf16"), ny, rstd, bw.dx, bw.dw);
+  outs.push(
+    be.swiglu(x, y),
+    sg.dg,
+    sg.du,
+    be.rope(x, { heads: 3, width: 24, offset: 8, dim: 16, seqLen: T, theta: 1e4 }),
+  );
+  for (const precision of ["f32", "bf16"] as const) {
+    const opts = { batch: B, seq: T, heads: H, scale: 1 / Math.sqrt(dqk), precision };
+    const q = be.upload(rng.normals(N * H * dqk), [N, H * dqk]);
+    const k = be.upload(rng.normals(N * H * dqk), [N, H * dqk]);
+    const v = be.upload(rng.normals(N * H * dv), [N, H * dv]);
+    const a = be.attention(q, k, v, opts);
+    const g = be.attentionBackward(
+      be.upload(rng.normals(N * H * dv), [N, H * dv]),
+      q,
+      k,
+      v,
+      a.o,
+      a.lse,
+      opts,
+    );
+    outs.push(a.o, a.lse, g.dq, g.dk, g.dv);
+  }
+  const r = be.router(be.upload(rng.normals(N * 8), [N, 8]), be.upload(rng.normals(8, 0.1), [8]), 2, 1);
+  const p = be.moePermute(x, r.topIdx, 8);
+  const cb = be.moeCombineBackward(x, p.xs, p.slot, r.weights);
+  outs.push(r.scores, r.topIdx, r.weights, p.xs, be.moeCombine(p.xs, p.slot, r.weights), cb.dys, cb.dweights);
+  const ce = be.crossEntropy(
+    be.upload(rng.normals(N * 77, 3), [N, 77]),
+    be.upload(rng.ints(N, 77), [N], "i32"),
+    1,
+  );
+  outs.push(ce.loss, ce.dlogits);
+  const clip = be.clipScale([x, y, ce.dlogits], 1);
+  outs.push(clip.norm, clip.scale);
+  for (const dt of ["f32", "bf16"] as const) {
+    const P = be.copy(x);
+    const m = be.zeros([N, C], dt);
+    const vv = be.zeros([N, C], dt);
+    for (let step = 1; step <= 2; step++)
+      be.adamw(P, y, m, vv, {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weightDecay: 0.1,
+        step,
+        gradScale: clip.scale,
+      });
+    outs.push(P, m, vv);
+  }
+  const h = createHash("sha256");
+  for (const t of outs) {
+    const a = await t.read();
+    h.update(new Uint8Array(a.buffer, a.byteOffset, a.byteLength));
+  }
+  return h.digest("hex");
+}
+
+if (process.argv[1]?.endsWith("simd-fingerprint.ts"))
+  console.log(JSON.stringify({ simd: requireNative().info().simd, digest: await fingerprint() }));

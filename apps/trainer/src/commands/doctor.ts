@@ -21,7 +21,17 @@ export interface DoctorReport {
     cudaCompiled?: boolean;
   };
   backends: string[];
-  cuda: { available: boolean; reason: string };
+  cuda: {
+    available: boolean;
+    reason: string;
+    name?: string;
+    memoryGiB?: number;
+    computeCapability?: string;
+    arch?: string;
+    driver?: string;
+    nvrtc?: string;
+    cublasLt?: string;
+  };
   arrow: string;
 }
 
@@ -37,11 +47,25 @@ export function doctorReport(): DoctorReport {
   const info = native.addon?.info();
   const backends = ["ts"];
   if (native.loaded) backends.push("cpu");
-  const cuda = !info
+  const ci = info?.cudaCompiled && native.addon?.cudaInfo ? native.addon.cudaInfo() : null;
+  const cuda: DoctorReport["cuda"] = !info
     ? { available: false, reason: "native addon not loaded" }
-    : info.cudaCompiled
-      ? { available: false, reason: "no CUDA device support in this build yet" }
-      : { available: false, reason: "addon built without the `cuda` feature" };
+    : !ci
+      ? { available: false, reason: "addon built without the `cuda` feature" }
+      : ci.available
+        ? {
+            available: true,
+            reason: "",
+            name: ci.name ?? undefined,
+            memoryGiB: Math.round(((ci.totalMemory ?? 0) / 2 ** 30) * 10) / 10,
+            computeCapability: ci.computeCapability ?? undefined,
+            arch: ci.arch ?? undefined,
+            driver: ci.driverVersion ?? undefined,
+            nvrtc: ci.nvrtcVersion ?? undefined,
+            cublasLt: ci.cublasLtVersion ?? undefined,
+          }
+        : { available: false, reason: ci.reason ?? "unknown" };
+  if (cuda.available) backends.push("cuda");
   const c = cpus();
   return {
     runtime: currentRuntime(),
@@ -84,7 +108,14 @@ export async function doctor(argv: string[]): Promise<number> {
   console.log(
     `native addon ${ok(r.native.loaded)}${r.native.loaded ? ` (moe8-kernels ${r.native.version}, ${r.native.target}, ${r.native.threads} threads)` : ` - ${r.native.reason}`}`,
   );
-  console.log(`cuda         ${ok(r.cuda.available)}${r.cuda.available ? "" : ` - ${r.cuda.reason}`}`);
+  const cu = r.cuda;
+  console.log(
+    `cuda         ${ok(cu.available)}${
+      cu.available
+        ? ` (${cu.name}, ${cu.memoryGiB} GiB, compute ${cu.computeCapability} -> ${cu.arch}, driver CUDA ${cu.driver}, NVRTC ${cu.nvrtc}, cuBLASLt ${cu.cublasLt})`
+        : ` - ${cu.reason}`
+    }`,
+  );
   console.log(`backends     ${r.backends.join(", ")}`);
   console.log(`apache-arrow ${r.arrow}`);
   return 0;

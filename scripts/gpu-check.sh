@@ -27,7 +27,7 @@ step "cuda op suite (MOE8_POISON=1, MOE8_REQUIRE_CUDA=1)"
 export MOE8_POISON=1 MOE8_REQUIRE_CUDA=1
 suite_ok=0
 # 1) bun's own runner (it maps `vitest` imports to bun:test); 2) vitest under bun; 3) the smoke script.
-if (bun test packages/kernels/test/cuda-op-suite.test.ts 2>&1 | tee "$OUT/op-suite-bun-test.txt"; exit "${PIPESTATUS[0]}"); then
+if (bun test --timeout 300000 packages/kernels/test/cuda-op-suite.test.ts 2>&1 | tee "$OUT/op-suite-bun-test.txt"; exit "${PIPESTATUS[0]}"); then
   suite_ok=1
 else
   echo "bun test failed or unsupported; trying vitest under bun"

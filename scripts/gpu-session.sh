@@ -1,17 +1,52 @@
 #!/usr/bin/env bash
-# One GPU-machine session (see README "GPU"): unpack bun and the production node_modules carried in
-# .gpu-bundle, run the cuda checks (scripts/gpu-check.sh) and the Hugging Face checkpoint check.
+# One GPU-machine session: unpack bun and the production node_modules carried in .gpu-bundle, then
+# run the checks named on the command line (default: all). Logs go under $OUT.
+#   check    scripts/gpu-check.sh: doctor, cuda op suite (poisoned outputs), smoke, train, sanitizer
+#   hf       Hugging Face transformers loads a checkpoint; its loss equals `moe8 eval --precision fp32`
+#   curve    tiny for 200 steps on cuda and on cpu: the loss curves must agree
+#   small    small on cuda: trains without NaNs and the loss falls
+#   bench    bench step small (fp8, bf16) and the PyTorch baseline in the same call
 set -u
 xz -dc .gpu-bundle/bun.xz > /tmp/bun && chmod +x /tmp/bun && export PATH=/tmp:$PATH
 [ -f .gpu-bundle/nm.tar.xz ] && xz -dc .gpu-bundle/nm.tar.xz | tar -xf -
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
-bash scripts/gpu-check.sh; rc=$?
-echo; echo "=== Hugging Face transformers loads a checkpoint (cpu backend run, fp32 eval) ==="
-ck="$OUT/run-cpu"
-bun apps/trainer/src/cli.ts train --backend cpu --steps 30 --batch-size 4 --seq-len 64 --eval-every 0 --out "$ck" > "$OUT/hf-train.txt" 2>&1
-dir=$(ls -d "$ck"/checkpoints/step-* | tail -1)
-bun scripts/dump-windows.ts datasets/default 64 4 "$OUT/windows.bin"
-bun apps/trainer/src/cli.ts eval --checkpoint "$dir" --data datasets/default --batches 1 --batch-size 4 --precision fp32 --backend cpu --json | tee "$OUT/eval-moe8.json"
-python3 scripts/hf_check.py "$dir" "$OUT/windows.bin" 64 2>"$OUT/hf-stderr.txt" | tee "$OUT/eval-hf.json"
+export MOE8_CACHE_DIR="$OUT/kernel-cache"
+dirs=$(find / -xdev \( -name 'libnvrtc.so.13' -o -name 'libcublasLt.so.13' \) -printf '%h\n' 2>/dev/null | sort -u | tr '\n' ':')
+export MOE8_CUDA_LIB_DIR="${dirs%:}" LD_LIBRARY_PATH="${dirs%:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+moe8() { bun apps/trainer/src/cli.ts "$@"; }
+want() { [ $# -eq 0 ] || [[ " $WANT " == *" $1 "* ]]; }
+WANT="${*:-check hf curve small bench}"
+rc=0
+if want check; then bash scripts/gpu-check.sh || rc=1; fi
+if want hf; then
+  echo; echo "=== Hugging Face transformers loads a checkpoint (fp32 eval on the same windows) ==="
+  ck="$OUT/run-hf"
+  moe8 train --backend cpu --steps 30 --batch-size 4 --seq-len 64 --eval-every 0 --out "$ck" > "$OUT/hf-train.txt" 2>&1
+  dir=$(ls -d "$ck"/checkpoints/step-* | tail -1)
+  bun apps/trainer/scripts/dump-windows.ts datasets/default 64 4 "$OUT/windows.bin"
+  moe8 eval --checkpoint "$dir" --data datasets/default --batches 1 --batch-size 4 --precision fp32 --backend cpu --json | tee "$OUT/eval-moe8.json"
+  python3 scripts/hf_check.py "$dir" "$OUT/windows.bin" 64 2>"$OUT/hf-stderr.txt" | tee "$OUT/eval-hf.json"
+  tail -3 "$OUT/hf-stderr.txt"
+fi
+if want curve; then
+  echo; echo "=== tiny, 200 steps: cuda against cpu ==="
+  for be in cuda cpu; do
+    timeout 240 bun apps/trainer/src/cli.ts train --backend $be --steps 200 --eval-every 100 --log-every 50 --out "$OUT/curve-$be" 2>&1 | tail -6
+  done
+  bun -e 'const f=(p)=>require("fs").readFileSync(p,"utf8").trim().split("\n").map(JSON.parse);
+    const ema=(xs)=>{let m=0;return xs.map((x,i)=>(m=0.9*m+0.1*x)/(1-0.9**(i+1)))};
+    const a=ema(f(process.argv[1]).map(r=>r.loss)), b=ema(f(process.argv[2]).map(r=>r.loss));
+    const t=(xs)=>xs.slice(-20).reduce((s,x)=>s+x,0)/20;
+    console.log(JSON.stringify({cuda:t(a),cpu:t(b),rel:(t(a)-t(b))/t(b)}))' "$OUT/curve-cuda/metrics.jsonl" "$OUT/curve-cpu/metrics.jsonl" | tee "$OUT/curve.json"
+fi
+if want small; then
+  echo; echo "=== small on cuda, 30 steps ==="
+  timeout 300 bun apps/trainer/src/cli.ts train --config small --backend cuda --steps 30 --eval-every 0 --log-every 5 --warmup 5 --lr 1e-3 --data datasets/default --out "$OUT/small" 2>&1 | tail -12
+fi
+if want bench; then
+  echo; echo "=== bench step small (cuda) and the PyTorch baseline ==="
+  for p in fp8 bf16; do timeout 200 bun apps/trainer/src/cli.ts bench step --config small --backend cuda --precision $p --steps 3 --json; done
+  (cd /work/shared/reference 2>/dev/null || cd ../shared/reference; timeout 200 python3 torch_ref_moe.py small --steps 10; timeout 300 python3 torch_ref_moe.py small --compile --steps 10) 2>&1 | grep '^{' | tee "$OUT/torch.txt"
+fi
 exit $rc

@@ -170,11 +170,13 @@ export class CudaBackend extends HostLifetimes implements Backend {
   }
 
   private f32p(t: Tensor, op: string): number {
+    this.buf(t); // a disposed tensor is reported as such, whatever its dtype
     if (t.dtype !== "f32") throw new Error(`${op}: expected an f32 tensor, got ${t}`);
     return this.p(t);
   }
 
   private i32p(t: Tensor, op: string): number {
+    this.buf(t);
     if (t.dtype !== "i32") throw new Error(`${op}: expected an i32 tensor, got ${t}`);
     return this.p(t);
   }

@@ -12,6 +12,7 @@ const dout = 256;
 const x = rng.normals(T * din);
 const w = rng.normals(dout * din, 0.05);
 const dy = rng.normals(T * dout);
+const wExperts = rng.normals(4 * 64 * din, 0.1);
 const off = Int32Array.of(0, 40, 40, 200, 256);
 
 const cases: Case[] = [
@@ -76,7 +77,7 @@ const cases: Case[] = [
     (b) => {
       const O = b.upload(off, [5], "i32");
       const X = b.upload(x, [T, din]);
-      const W = b.quantize(b.upload(rng.normals(4 * 64 * din, 0.1), [4, 64, din]), { group: "block" });
+      const W = b.quantize(b.upload(wExperts, [4, 64, din]), { group: "block" });
       return {
         m: b.groupedMatmul(b.quantize(X, { group: "tile" }), W, O, {
           segment: "m",

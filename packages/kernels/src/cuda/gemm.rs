@@ -228,6 +228,11 @@ pub fn matmul(a: &Operand, b: &Operand, c: u64, m: usize, n: usize, k: usize, ac
         let Some(algo) = algo else {
             return Err(format!("cuBLASLt: CUBLAS_STATUS_NOT_SUPPORTED (no algorithm for {key})"));
         };
+        if !accumulate && ca.elem.fp8() {
+            // With block-scaled FP8 inputs cuBLASLt reads C even for beta = 0 (seen on the H200: a
+            // NaN-poisoned output stayed NaN), so start from zeros rather than whatever C holds.
+            ck(cu::cuMemsetD32Async(c, 0, m * n, d.stream), "cuMemsetD32Async")?;
+        }
         let alpha: f32 = 1.0;
         let beta: f32 = if accumulate { 1.0 } else { 0.0 };
         lck(

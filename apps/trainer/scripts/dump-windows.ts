@@ -1,6 +1,6 @@
 // Writes the first `count` eval windows (seq_len + 1 tokens each, read in order as `moe8 eval` does)
 // as little-endian int32 to a file, so other tools (scripts/hf_check.py) can score the same tokens.
-//   bun scripts/dump-windows.ts DATA SEQ_LEN COUNT OUT.bin
+//   bun apps/trainer/scripts/dump-windows.ts DATA SEQ_LEN COUNT OUT.bin
 import { writeFileSync } from "node:fs";
 import { sequentialWindows } from "@moe8/data";
 

@@ -17,6 +17,7 @@ export MOE8_CUDA_LIB_DIR="${dirs%:}" LD_LIBRARY_PATH="${dirs%:}${LD_LIBRARY_PATH
 moe8() { bun apps/trainer/src/cli.ts "$@"; }
 want() { [ $# -eq 0 ] || [[ " $WANT " == *" $1 "* ]]; }
 WANT="${*:-check hf curve small bench}"
+if want diag; then bun packages/kernels/test/lt-fp8-diag.ts 2>&1 | tee "$OUT/diag.txt"; fi
 rc=0
 if want check; then bash scripts/gpu-check.sh || rc=1; fi
 if want hf; then

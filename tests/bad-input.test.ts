@@ -3,7 +3,7 @@
 import { readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { tokenBatch, tokenSchema, writeShards } from "@moe8/data";
-import { makeTable, Table, tableToIPC, Utf8, vectorFromArray } from "apache-arrow";
+import { Table, tableToIPC, Utf8, vectorFromArray } from "apache-arrow";
 import { beforeAll, describe, expect, it } from "vitest";
 import { cli, QUICK, tmp } from "./helpers.ts";
 
@@ -55,7 +55,7 @@ beforeAll(async () => {
     join(dir, "corrupt.arrows"),
     Buffer.from(Array.from({ length: 5000 }, (_, i) => (i * 131) % 251)),
   );
-  arrowFile("text-column.arrows", makeTable({ tokens: vectorFromArray(["not", "tokens"], new Utf8()) }));
+  arrowFile("text-column.arrows", new Table({ tokens: vectorFromArray(["not", "tokens"], new Utf8()) }));
   writeFileSync(join(dir, "unknown-key.json"), JSON.stringify({ steps: 10, learning_rate: 0.1 }));
   writeFileSync(join(dir, "bad-value.json"), JSON.stringify({ steps: 10, batchSize: -3 }));
   writeFileSync(join(dir, "not-json.json"), "{ steps: ");

@@ -118,6 +118,12 @@ export class CudaBackend extends HostLifetimes implements Backend {
   private readonly ltRefused = new Set<string>();
   readonly useLt = process.env.MOE8_CUBLASLT !== "0";
   readonly useLtFp8 = process.env.MOE8_CUBLASLT_FP8 !== "0";
+  /**
+   * cuBLASLt's block-scaled FP8 (VEC128 x BLK128x128) is off unless MOE8_CUBLASLT_FP8_BLOCK=1: on the
+   * H200 (cuBLASLt 13.1, f32 D) it left most output tiles unwritten even with unit scales
+   * (test/lt-fp8-diag.ts reproduces it), so 1x128/128x128 FP8 GEMMs use the tiled kernel.
+   */
+  readonly useLtFp8Block = process.env.MOE8_CUBLASLT_FP8_BLOCK === "1";
 
   constructor() {
     super();
@@ -579,6 +585,7 @@ export class CudaBackend extends HostLifetimes implements Backend {
     const tileBlock = qa.group === "tile" && qb.group === "block";
     const tensorwise = qa.group === "tensor" && qb.group === "tensor";
     if (!tileBlock && !tensorwise) return false;
+    if (tileBlock && !this.useLtFp8Block) return false;
     if (K % 128 !== 0 || M % 16 !== 0 || N % 16 !== 0) return false;
     const key = `fp8,${qa.group},${qb.group},${qa.format},${qb.format},${M},${N},${K}`;
     if (this.ltRefused.has(key)) return false;

@@ -79,3 +79,19 @@ export function fromHfConfig(j: Record<string, unknown>): ModelConfig {
     initializer_range: n("initializer_range", 0.006),
   };
 }
+
+/** Fields transformers validates as floats: JSON would write 1.0 as 1, which it rejects. */
+const FLOAT_FIELDS = [
+  "routed_scaling_factor",
+  "rope_theta",
+  "rms_norm_eps",
+  "initializer_range",
+  "attention_dropout",
+];
+
+/** config.json text with float fields written as floats (`1.0`, not `1`). */
+export function hfConfigText(config: Record<string, unknown>): string {
+  let text = JSON.stringify(config, null, 2);
+  for (const k of FLOAT_FIELDS) text = text.replace(new RegExp(`("${k}": )(-?\\d+)(,?)$`, "m"), "$1$2.0$3");
+  return `${text}\n`;
+}

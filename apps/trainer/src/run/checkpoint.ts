@@ -16,8 +16,9 @@ import {
   writeSync,
 } from "node:fs";
 import { join } from "node:path";
+import { hfConfigText } from "@moe8/model";
 import { UsageError } from "../errors.ts";
-import { decodeSafetensors, encodeSafetensors, type StTensor } from "./safetensors.ts";
+import { readSafetensors, type StTensor, sha256File, writeSafetensors } from "./safetensors.ts";
 
 export const CHECKPOINT_VERSION = 1;
 
@@ -63,15 +64,18 @@ export function writeCheckpoint(runDir: string, step: number, files: CheckpointF
   const tmp = join(root, `.tmp-step-${step}-${process.pid}`);
   rmSync(tmp, { recursive: true, force: true });
   mkdirSync(tmp);
+  const sums: Record<string, string> = {
+    "model.safetensors": writeSafetensors(join(tmp, "model.safetensors"), toSt(files.model), {
+      format: "pt",
+    }),
+    "optimizer.safetensors": writeSafetensors(join(tmp, "optimizer.safetensors"), toSt(files.optimizer)),
+  };
   const contents: Record<string, Uint8Array> = {
-    "model.safetensors": encodeSafetensors(toSt(files.model), { format: "pt" }),
-    "optimizer.safetensors": encodeSafetensors(toSt(files.optimizer)),
-    "config.json": Buffer.from(`${JSON.stringify(files.config, null, 2)}\n`),
+    "config.json": Buffer.from(hfConfigText(files.config)),
     "trainer-state.json": Buffer.from(
       `${JSON.stringify({ version: CHECKPOINT_VERSION, ...files.state }, null, 2)}\n`,
     ),
   };
-  const sums: Record<string, string> = {};
   for (const [name, data] of Object.entries(contents)) {
     writeFileSynced(join(tmp, name), data);
     sums[name] = sha256(data);
@@ -90,13 +94,12 @@ export function writeCheckpoint(runDir: string, step: number, files: CheckpointF
   return final;
 }
 
-function readVerified(dir: string, name: string, sums: Record<string, string>): Uint8Array {
+function verified(dir: string, name: string, sums: Record<string, string>): string {
   const path = join(dir, name);
   if (!existsSync(path)) throw new UsageError(`checkpoint ${dir}: ${name} is missing`);
-  const data = readFileSync(path);
-  if (sums[name] !== sha256(data))
+  if (sums[name] !== sha256File(path))
     throw new UsageError(`checkpoint ${dir}: ${name} does not match its checksum (truncated or corrupt)`);
-  return data;
+  return path;
 }
 
 /** Reads and verifies a checkpoint directory; any problem is a one-line UsageError naming the file. */
@@ -113,14 +116,14 @@ export function readCheckpoint(dir: string, withOptimizer = true): CheckpointFil
   } catch {
     throw new UsageError(`checkpoint ${dir}: checksums.json is not valid JSON`);
   }
-  const json = (name: string) => JSON.parse(Buffer.from(readVerified(dir, name, sums)).toString("utf8"));
+  const json = (name: string) => JSON.parse(readFileSync(verified(dir, name, sums), "utf8"));
   const state = json("trainer-state.json");
   if (state.version !== CHECKPOINT_VERSION)
     throw new UsageError(
       `checkpoint ${dir}: version ${state.version} is not supported (this moe8 reads version ${CHECKPOINT_VERSION})`,
     );
   const tensors = (name: string) => {
-    const { tensors } = decodeSafetensors(readVerified(dir, name, sums), join(dir, name));
+    const { tensors } = readSafetensors(verified(dir, name, sums));
     return new Map([...tensors].map(([k, v]) => [k, { shape: v.shape, data: v.data as Float32Array }]));
   };
   return {

@@ -1,5 +1,5 @@
 // A model restored from a checkpoint directory for eval and sample.
-import { DeepSeekModel, fromHfConfig } from "@moe8/model";
+import { DeepSeekModel, fromHfConfig, type ModelConfig } from "@moe8/model";
 import type { Backend } from "@moe8/tensor";
 import { UsageError } from "../errors.ts";
 import { readCheckpoint } from "./checkpoint.ts";

@@ -7,7 +7,7 @@ import { Rng } from "@moe8/tensor";
 import { describe, expect, it } from "vitest";
 import { cli, cliAsync, QUICK, tmp } from "./helpers.ts";
 
-const STEPS = 24;
+const STEPS = 60;
 const FLAGS = [
   "--steps",
   String(STEPS),
@@ -70,8 +70,8 @@ describe("crash safety and exact resume", () => {
         err += d;
       });
       const done = new Promise<number | null>((res) => child.on("exit", (code) => res(code)));
-      // Kill after a random delay (0.5-4 s), which lands in steps, in evaluation and in checkpoint writes.
-      const timer = setTimeout(() => child.kill("SIGKILL"), 500 + rng.next() * 3500);
+      // Kill after a random delay (0.7-3.2 s), which lands in steps, in evaluation and in checkpoint writes.
+      const timer = setTimeout(() => child.kill("SIGKILL"), 700 + rng.next() * 2500);
       const code = await done;
       clearTimeout(timer);
       if (existsSync(join(run, "checkpoints"))) started = true;

@@ -12,7 +12,7 @@ const STEPS = 240;
 
 describe("loss parity on tiny (native backend)", () => {
   it(`fp8 ends within 3% of bf16 over ${STEPS} steps; fp8-unscaled does not`, () => {
-    const common = ["--config", "tiny", "--steps", String(STEPS), "--batch-size", "4", "--seq-len", "64", "--backend", "auto", "--json"];
+    const common = ["--config", "tiny", "--steps", String(STEPS), "--batch-size", "4", "--seq-len", "64", "--backend", "auto", "--yardsticks=false", "--json"];
     const run = (precision: string) => {
       const r = cli(["parity", ...common, "--precision", precision, "--out", tmp(`parity-${precision}`)]);
       expect(r.status, r.stderr).toBe(0);

@@ -180,7 +180,7 @@ function plot(runs: RunResult[], base: RunResult, title: string): string {
 const pct = (x: number) => `${x >= 0 ? "+" : ""}${(100 * x).toFixed(2)}%`;
 
 export async function parity(argv: string[]): Promise<number> {
-  const args = parseArgs(argv, { ...TRAIN_FLAGS, against: "string", seeds: "int", sweep: "boolean" }, [
+  const args = parseArgs(argv, { ...TRAIN_FLAGS, against: "string", seeds: "int", sweep: "boolean", yardsticks: "boolean" }, [
     "precision.",
   ]);
   const f = args.flags;
@@ -224,7 +224,12 @@ export async function parity(argv: string[]): Promise<number> {
       runs.push(r);
       cmp.push(compare(r, base));
     }
-    // Yardsticks: the noise floor (another data order) and FP32 against BF16.
+    // Yardsticks: the noise floor (another data order) and FP32 against BF16 (--yardsticks=false skips).
+    if (f.yardsticks === false) {
+      comparisons.push(cmp);
+      allRuns.push(runs);
+      continue;
+    }
     const reseed = await trainForParity(
       { ...c, dataSeed: c.seed + 1000 },
       { ...baseV, label: `${against} (other data order)` },
@@ -265,7 +270,7 @@ export async function parity(argv: string[]): Promise<number> {
   writeFileSync(
     join(out, "parity.svg"),
     plot(
-      runs0.slice(0, f.sweep ? runs0.length : 2).concat(runs0.slice(-2)),
+      runs0, // the baseline, each variant, then the yardsticks
       runs0[0],
       `loss parity against ${against}`,
     ),

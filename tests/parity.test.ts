@@ -12,14 +12,38 @@ const STEPS = 240;
 
 describe("loss parity on tiny (native backend)", () => {
   it(`fp8 ends within 3% of bf16 over ${STEPS} steps; fp8-unscaled does not`, () => {
-    const common = ["--config", "tiny", "--steps", String(STEPS), "--batch-size", "4", "--seq-len", "64", "--backend", "auto", "--yardsticks=false", "--json"];
+    const common = [
+      "--config",
+      "tiny",
+      "--steps",
+      String(STEPS),
+      "--batch-size",
+      "4",
+      "--seq-len",
+      "64",
+      "--backend",
+      "auto",
+      "--yardsticks=false",
+      "--json",
+    ];
     const run = (precision: string) => {
       const r = cli(["parity", ...common, "--precision", precision, "--out", tmp(`parity-${precision}`)]);
       expect(r.status, r.stderr).toBe(0);
-      return JSON.parse(r.stdout.trim().split("\n").at(-1)!).comparisons as { label: string; trainRelDiff: number; valRelDiff: number }[];
+      return JSON.parse(r.stdout.trim().split("\n").at(-1)!).comparisons as {
+        label: string;
+        trainRelDiff: number;
+        valRelDiff: number;
+      }[];
     };
     const fp8 = run("fp8");
-    console.log(fp8.map((c) => `${c.label}: train ${(100 * c.trainRelDiff).toFixed(2)}%, val ${(100 * c.valRelDiff).toFixed(2)}%`).join("\n"));
+    console.log(
+      fp8
+        .map(
+          (c) =>
+            `${c.label}: train ${(100 * c.trainRelDiff).toFixed(2)}%, val ${(100 * c.valRelDiff).toFixed(2)}%`,
+        )
+        .join("\n"),
+    );
     expect(fp8[0].trainRelDiff).toBeLessThanOrEqual(0.03);
     const unscaled = run("fp8-unscaled");
     console.log(`fp8-unscaled: train ${(100 * unscaled[0].trainRelDiff).toFixed(2)}%`);
@@ -51,7 +75,11 @@ describe("one step's gradients under fp8 against fp32", () => {
       m.setPolicy(presetPolicy(preset));
       m.zeroGrad();
       await b.scope(async () => m.lossAndGrad(x.ids, x.tg, { batch: B, seq: T }).total.item());
-      return new Map(await Promise.all(m.params.map(async (p) => [p.name, (await p.grad.read()) as Float32Array] as const)));
+      return new Map(
+        await Promise.all(
+          m.params.map(async (p) => [p.name, (await p.grad.read()) as Float32Array] as const),
+        ),
+      );
     };
     const ref = await grads("fp32");
     const q = await grads("fp8");
@@ -72,7 +100,12 @@ describe("one step's gradients under fp8 against fp32", () => {
     }
     const total = 10 * Math.log10(sig / err);
     per.sort((a, b) => a[1] - b[1]);
-    console.log(`gradient SQNR fp8 vs fp32: total ${total.toFixed(1)} dB; worst tensors:\n${per.slice(0, 6).map(([n, d]) => `  ${n}: ${d.toFixed(1)} dB`).join("\n")}`);
+    console.log(
+      `gradient SQNR fp8 vs fp32: total ${total.toFixed(1)} dB; worst tensors:\n${per
+        .slice(0, 6)
+        .map(([n, d]) => `  ${n}: ${d.toFixed(1)} dB`)
+        .join("\n")}`,
+    );
     expect(total).toBeGreaterThanOrEqual(30);
     m.dispose();
     opt.dispose();

@@ -180,9 +180,11 @@ function plot(runs: RunResult[], base: RunResult, title: string): string {
 const pct = (x: number) => `${x >= 0 ? "+" : ""}${(100 * x).toFixed(2)}%`;
 
 export async function parity(argv: string[]): Promise<number> {
-  const args = parseArgs(argv, { ...TRAIN_FLAGS, against: "string", seeds: "int", sweep: "boolean", yardsticks: "boolean" }, [
-    "precision.",
-  ]);
+  const args = parseArgs(
+    argv,
+    { ...TRAIN_FLAGS, against: "string", seeds: "int", sweep: "boolean", yardsticks: "boolean" },
+    ["precision."],
+  );
   const f = args.flags;
   if (f.resume !== undefined) throw new UsageError("parity does not take --resume");
   const stepsGiven = f.steps !== undefined;

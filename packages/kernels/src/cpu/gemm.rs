@@ -5,6 +5,10 @@
 //! one promotion chunk of K at a time into a temporary tile, and adds the chunk's partial sums into
 //! the f32 accumulator times the two groups' scales (spec FP8.md, "Accumulation").
 //!
+//! On AVX-512 machines the BF16 and FP8 GEMMs run the own packed kernel of `kernel512` instead,
+//! which fuses the BF16 rounding / FP8 decoding into its packing and applies the FP8 promotion in
+//! the micro-kernel's epilogue (no dequantised or rounded operand copies, no per-tile calls).
+//!
 //! The core is the `gemm` crate (packed micro-kernels with run-time dispatch to AVX-512, AVX2+FMA,
 //! NEON or scalar); measured on the 2-core AVX-512 development machine it beats OpenBLAS at the
 //! model's shapes. It never splits K across threads, so each output element's summation order
@@ -225,6 +229,23 @@ pub fn gemm_f32(
     check_len("gemm: c", c.len(), m * n)?;
     let (lda, ldb) = (if trans_a { m } else { k }, if trans_b { k } else { n });
     let c = &mut c[..m * n];
+    // BF16 inputs on AVX-512: the rounding is fused into the packing of the own kernel (no
+    // rounded copies). Plain f32 stays on the `gemm` crate, which measured a little faster here,
+    // most of all on the long-K weight-gradient shapes.
+    #[cfg(target_arch = "x86_64")]
+    if inputs_bf16 && m > 0 && n > 0 && k > 0 && super::kernel512::available() {
+        let (va, vb) = (View::of(a, lda, trans_a), View::of(b, ldb, trans_b));
+        let src = |v: View| super::kernel512::Src::F32 {
+            p: v.ptr,
+            rs: v.rs,
+            cs: v.cs,
+            bf16: inputs_bf16,
+        };
+        unsafe {
+            super::kernel512::gemm(m, n, k, src(va), src(vb), c.as_mut_ptr(), accumulate, output_bf16, None)
+        };
+        return Ok(());
+    }
     if inputs_bf16 {
         // BF16 GEMM: operands rounded once into scratch copies, then the same f32 core.
         with_scratch(m * k + k * n, |s| {
@@ -397,6 +418,41 @@ pub fn gemm_fp8(
         for j in 0..n {
             sb[ci * n + j] = b.scales[sb_map.index(k0, j)];
         }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if promotion <= super::kernel512::KC && super::kernel512::available() {
+        use super::kernel512 as k5;
+        // The column scales padded to whole panels.
+        let npd = k5::npad(n);
+        let mut sbp = vec![0f32; nch * npd];
+        for ci in 0..nch {
+            sbp[ci * npd..ci * npd + n].copy_from_slice(&sb[ci * n..(ci + 1) * n]);
+        }
+        let (va, vb) = (View::of(&[], ac, trans_a), View::of(&[], bc, trans_b));
+        let src = |q: &[u8], v: View, f| k5::Src::Fp8 {
+            q: q.as_ptr(),
+            rs: v.rs,
+            cs: v.cs,
+            f,
+        };
+        unsafe {
+            k5::gemm(
+                m,
+                n,
+                k,
+                src(a.q, va, a.format),
+                src(b.q, vb, b.format),
+                c.as_mut_ptr(),
+                accumulate,
+                output_bf16,
+                Some(k5::Promotion {
+                    chunk: promotion,
+                    sa: &sa,
+                    sb: &sbp,
+                }),
+            )
+        };
+        return Ok(());
     }
     with_scratch(m * k + k * n, |s| {
         // Dequantise both operands once, unscaled, in their stored layout.

@@ -3,7 +3,7 @@
 //! is `&mut`, it must not overlap an input: that is checked (same memory passed twice is an error),
 //! except for `bf16Round`, which supports rounding in place.
 
-use super::fp8::{bf16_round as round1, decode_slice, encode, Fp8Format};
+use super::fp8::{bf16_round as round1, decode_slice, encode_slice, Fp8Format};
 use super::gemm::{gemm_f32 as core_f32, gemm_fp8 as core_fp8, Fp8Mat};
 use super::grouped::{grouped_gemm_f32 as core_gf32, grouped_gemm_fp8 as core_gfp8, Segment};
 use super::quant::{quantize, Group, ScaleMode};
@@ -66,6 +66,9 @@ pub fn gemm_f32(
     output_bf16: bool,
 ) -> Result<()> {
     let c = unsafe { c.as_mut() };
+    if accumulate {
+        crate::ops::util::prefault_for_write(c);
+    }
     no_alias(c, a, "gemmF32")?;
     no_alias(c, b, "gemmF32")?;
     core_f32(
@@ -109,6 +112,9 @@ pub fn gemm_fp8(
     promotion: Option<u32>,
 ) -> Result<()> {
     let c = unsafe { c.as_mut() };
+    if accumulate {
+        crate::ops::util::prefault_for_write(c);
+    }
     for (x, w) in [(a_scales, "aScales"), (b_scales, "bScales")] {
         no_alias(c, x, w)?;
     }
@@ -154,6 +160,9 @@ pub fn grouped_gemm_f32(
     output_bf16: bool,
 ) -> Result<()> {
     let c = unsafe { c.as_mut() };
+    if accumulate {
+        crate::ops::util::prefault_for_write(c);
+    }
     no_alias(c, a, "groupedGemmF32")?;
     no_alias(c, b, "groupedGemmF32")?;
     let seg = Segment::parse(&segment).map_err(err)?;
@@ -202,6 +211,9 @@ pub fn grouped_gemm_fp8(
     promotion: Option<u32>,
 ) -> Result<()> {
     let c = unsafe { c.as_mut() };
+    if accumulate {
+        crate::ops::util::prefault_for_write(c);
+    }
     for (x, w) in [(a_scales, "aScales"), (b_scales, "bScales")] {
         no_alias(c, x, w)?;
     }
@@ -287,9 +299,7 @@ pub fn fp8_encode(x: &[f32], format: String, mut out: Uint8ArraySlice) -> Result
     out[..n]
         .par_chunks_mut(1 << 14)
         .zip(x[..n].par_chunks(1 << 14))
-        .for_each(|(o, x)| {
-            o.iter_mut().zip(x).for_each(|(o, &v)| *o = encode(v, f));
-        });
+        .for_each(|(o, x)| encode_slice(x, f, o));
     Ok(())
 }
 

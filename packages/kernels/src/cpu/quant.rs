@@ -4,8 +4,11 @@
 //! scale = f32(amax / FMAX). As in the reference, NaNs are ignored by the amax (they encode to the
 //! NaN code themselves) and an infinite amax gives an infinite scale.
 
-use super::fp8::{encode, Fp8Format};
+use super::fp8::{encode_e4m3, encode_e5m2, Fp8Format};
+use crate::ops::util::multiversion;
 use rayon::prelude::*;
+#[cfg(test)]
+use super::fp8::encode;
 
 /// Group layouts of the scales of a stored `rows x cols` matrix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,9 +113,46 @@ fn abs_bits(v: f32) -> u32 {
     }
 }
 
-#[inline]
+/// Max of `abs_bits` over `x`. The hot loop takes the max of the raw |x| bits in 16 independent
+/// lanes (a NaN's bits exceed every other value's), so that it vectorises to and + max; only when a
+/// NaN is present does a second pass recompute the max without the NaNs.
+#[inline(always)]
 fn amax_bits(x: &[f32]) -> u32 {
-    x.iter().fold(0u32, |m, &v| m.max(abs_bits(v)))
+    let mut m = [0u32; 16];
+    let chunks = x.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        let c: &[f32; 16] = c.try_into().unwrap();
+        for l in 0..16 {
+            m[l] = m[l].max(c[l].to_bits() & 0x7fff_ffff);
+        }
+    }
+    for (l, &v) in rest.iter().enumerate() {
+        m[l] = m[l].max(v.to_bits() & 0x7fff_ffff);
+    }
+    let r = m.iter().fold(0, |a, &b| a.max(b));
+    if r > 0x7f80_0000 {
+        x.iter().fold(0, |a, &v| a.max(abs_bits(v)))
+    } else {
+        r
+    }
+}
+
+/// Per-column `amax_bits` over the rows of `x` (`m.len()` columns), same NaN treatment.
+#[inline(always)]
+fn amax_cols(m: &mut [u32], x: &[f32]) {
+    let cols = m.len();
+    m.fill(0);
+    for xr in x.chunks_exact(cols) {
+        for (mv, &v) in m.iter_mut().zip(xr) {
+            *mv = (*mv).max(v.to_bits() & 0x7fff_ffff);
+        }
+    }
+    for (c, mv) in m.iter_mut().enumerate() {
+        if *mv > 0x7f80_0000 {
+            *mv = x.chunks_exact(cols).fold(0, |a, xr| a.max(abs_bits(xr[c])));
+        }
+    }
 }
 
 /// (scale, encoder) of a group from its amax bits.
@@ -139,27 +179,98 @@ fn group_scale(amax_bits: u32, mode: ScaleMode, f: Fp8Format) -> (f32, Enc) {
     }
 }
 
+/// Encodes a span with one group's encoder (format and encoder hoisted out of the loop).
 #[inline(always)]
-fn encode_one(v: f32, e: Enc, f: Fp8Format) -> u8 {
-    match e {
-        Enc::Mul(inv) => encode(v * inv, f),
-        Enc::Div(s) => encode(v / s, f),
-        Enc::Unit => encode(v, f),
+fn encode_span(x: &[f32], q: &mut [u8], e: Enc, f: Fp8Format) {
+    #[inline(always)]
+    fn go(x: &[f32], q: &mut [u8], e: Enc, enc: impl Fn(f32) -> u8 + Copy) {
+        match e {
+            Enc::Mul(inv) => q.iter_mut().zip(x).for_each(|(o, &v)| *o = enc(v * inv)),
+            Enc::Div(s) => q.iter_mut().zip(x).for_each(|(o, &v)| *o = enc(v / s)),
+            Enc::Unit => q.iter_mut().zip(x).for_each(|(o, &v)| *o = enc(v)),
+        }
+    }
+    match f {
+        Fp8Format::E4M3 => go(x, q, e, encode_e4m3),
+        Fp8Format::E5M2 => go(x, q, e, encode_e5m2),
     }
 }
 
-#[inline]
-fn encode_span(x: &[f32], q: &mut [u8], e: Enc, f: Fp8Format) {
-    match e {
-        Enc::Mul(inv) => q
-            .iter_mut()
-            .zip(x)
-            .for_each(|(o, &v)| *o = encode(v * inv, f)),
-        Enc::Div(s) => q
-            .iter_mut()
-            .zip(x)
-            .for_each(|(o, &v)| *o = encode(v / s, f)),
-        Enc::Unit => q.iter_mut().zip(x).for_each(|(o, &v)| *o = encode(v, f)),
+/// Encodes a row whose columns have their own factors: `fac[c]` multiplies (Mul), divides (Div)
+/// or is ignored (Unit), as `e`'s kind says.
+#[inline(always)]
+fn encode_row_cols(x: &[f32], q: &mut [u8], fac: &[f32], e: Enc, f: Fp8Format) {
+    #[inline(always)]
+    fn go(x: &[f32], q: &mut [u8], fac: &[f32], e: Enc, enc: impl Fn(f32) -> u8 + Copy) {
+        let it = q.iter_mut().zip(x).zip(fac);
+        match e {
+            Enc::Mul(_) => it.for_each(|((o, &v), &a)| *o = enc(v * a)),
+            Enc::Div(_) => it.for_each(|((o, &v), &a)| *o = enc(v / a)),
+            Enc::Unit => it.for_each(|((o, &v), _)| *o = enc(v)),
+        }
+    }
+    match f {
+        Fp8Format::E4M3 => go(x, q, fac, e, encode_e4m3),
+        Fp8Format::E5M2 => go(x, q, fac, e, encode_e5m2),
+    }
+}
+
+multiversion! {
+    /// Rows of a Tile (groups of `width` = 128 columns) or Row (`width` = cols) quantisation.
+    fn tile_rows(x: &[f32], q: &mut [u8], s: &mut [f32], cols: usize, width: usize, mode: ScaleMode, f: Fp8Format) {
+        let per = cols.div_ceil(width);
+        for ((qr, xr), sr) in q.chunks_mut(cols).zip(x.chunks(cols)).zip(s.chunks_mut(per)) {
+            for ((qg, xg), sg) in qr.chunks_mut(width).zip(xr.chunks(width)).zip(sr.iter_mut()) {
+                let (scale, e) = group_scale(amax_bits(xg), mode, f);
+                *sg = scale;
+                encode_span(xg, qg, e, f);
+            }
+        }
+    }
+}
+
+multiversion! {
+    fn amax_span(x: &[f32]) -> u32 { amax_bits(x) }
+}
+
+multiversion! {
+    fn encode_span_mv(x: &[f32], q: &mut [u8], e: Enc, f: Fp8Format) { encode_span(x, q, e, f) }
+}
+
+multiversion! {
+    /// One 128-row group of a column-tile quantisation (scales `s[cols]`).
+    fn column_tile_group(x: &[f32], q: &mut [u8], s: &mut [f32], cols: usize, mode: ScaleMode, f: Fp8Format) {
+        let mut m = vec![0u32; cols];
+        amax_cols(&mut m, x);
+        let mut fac = vec![0f32; cols];
+        let mut kind = Enc::Unit;
+        for ((&mb, sv), fv) in m.iter().zip(s.iter_mut()).zip(fac.iter_mut()) {
+            let (scale, e) = group_scale(mb, mode, f);
+            *sv = scale;
+            *fv = match e { Enc::Mul(v) | Enc::Div(v) => v, Enc::Unit => 1.0 };
+            kind = e;
+        }
+        for (qr, xr) in q.chunks_exact_mut(cols).zip(x.chunks_exact(cols)) {
+            encode_row_cols(xr, qr, &fac, kind, f);
+        }
+    }
+}
+
+multiversion! {
+    /// One 128-row group of a block quantisation (scales `s[ceil(cols/128)]`).
+    fn block_group(x: &[f32], q: &mut [u8], s: &mut [f32], cols: usize, mode: ScaleMode, f: Fp8Format) {
+        let rows = x.len() / cols;
+        for (cb, sv) in s.iter_mut().enumerate() {
+            let (c0, c1) = (cb * G, ((cb + 1) * G).min(cols));
+            let mb = (0..rows)
+                .map(|r| amax_bits(&x[r * cols + c0..r * cols + c1]))
+                .fold(0, |a, b| a.max(b));
+            let (scale, e) = group_scale(mb, mode, f);
+            *sv = scale;
+            for r in 0..rows {
+                encode_span(&x[r * cols + c0..r * cols + c1], &mut q[r * cols + c0..r * cols + c1], e, f);
+            }
+        }
     }
 }
 
@@ -244,15 +355,21 @@ pub fn quantize(
             scales.len()
         ));
     }
-    for b in 0..batch {
-        let (x, q, s) = (
-            &x[b * n..(b + 1) * n],
-            &mut data[b * n..(b + 1) * n],
-            &mut scales[b * ns..(b + 1) * ns],
-        );
-        quantize_one(x, rows, cols, g, f, mode, q, s, segments)?;
+    if batch == 1 {
+        return quantize_one(&x[..n], rows, cols, g, f, mode, &mut data[..n], &mut scales[..ns], segments);
     }
-    Ok(())
+    if n == 0 {
+        for s in scales[..ns * batch].chunks_mut(ns.max(1)) {
+            quantize_one(&[], rows, cols, g, f, mode, &mut [], s, segments)?;
+        }
+        return Ok(());
+    }
+    // The matrices are independent: quantise them in parallel (each may split further).
+    data[..n * batch]
+        .par_chunks_mut(n)
+        .zip(x[..n * batch].par_chunks(n))
+        .zip(scales[..ns * batch].par_chunks_mut(ns.max(1)))
+        .try_for_each(|((q, x), s)| quantize_one(x, rows, cols, g, f, mode, q, s, segments))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -275,32 +392,22 @@ fn quantize_one(
     }
     match g {
         Group::Tile | Group::Row => {
-            let per = if g == Group::Tile {
-                cols.div_ceil(G)
-            } else {
-                1
-            };
             let width = if g == Group::Tile { G } else { cols };
-            q.par_chunks_mut(cols)
-                .zip(s.par_chunks_mut(per))
-                .zip(x.par_chunks(cols))
-                .with_min_len(8)
-                .for_each(|((q, s), x)| {
-                    for ((qg, xg), sg) in q.chunks_mut(width).zip(x.chunks(width)).zip(s.iter_mut())
-                    {
-                        let (scale, e) = group_scale(amax_bits(xg), mode, f);
-                        *sg = scale;
-                        encode_span(xg, qg, e, f);
-                    }
-                })
+            let per = cols.div_ceil(width);
+            // About 16K elements per task.
+            let rt = (1usize << 14).div_ceil(cols).max(1);
+            q.par_chunks_mut(rt * cols)
+                .zip(s.par_chunks_mut(rt * per))
+                .zip(x.par_chunks(rt * cols))
+                .for_each(|((q, s), x)| tile_rows(x, q, s, cols, width, mode, f))
         }
         Group::Tensor => {
-            let m = x.par_chunks(1 << 14).map(amax_bits).max().unwrap_or(0);
+            let m = x.par_chunks(1 << 14).map(amax_span).max().unwrap_or(0);
             let (scale, e) = group_scale(m, mode, f);
             s[0] = scale;
             q.par_chunks_mut(1 << 14)
                 .zip(x.par_chunks(1 << 14))
-                .for_each(|(q, x)| encode_span(x, q, e, f));
+                .for_each(|(q, x)| encode_span_mv(x, q, e, f));
         }
         Group::Block | Group::ColumnTile => {
             // Split codes and scales into the disjoint pieces of each 128-row group, then run the
@@ -328,47 +435,10 @@ fn quantize_one(
                 srest = st;
             }
             work.into_par_iter().for_each(|(x, q, s)| {
-                let rows = x.len() / cols;
                 if g == Group::ColumnTile {
-                    // Running per-column max over the group's rows (contiguous, vectorises).
-                    let mut m = vec![0u32; cols];
-                    for r in 0..rows {
-                        for (mv, v) in m.iter_mut().zip(&x[r * cols..(r + 1) * cols]) {
-                            *mv = (*mv).max(abs_bits(*v));
-                        }
-                    }
-                    let encs: Vec<Enc> = m
-                        .iter()
-                        .zip(s.iter_mut())
-                        .map(|(&mb, sv)| {
-                            let (scale, e) = group_scale(mb, mode, f);
-                            *sv = scale;
-                            e
-                        })
-                        .collect();
-                    for (qr, xr) in q.chunks_mut(cols).zip(x.chunks(cols)) {
-                        for ((o, &v), &e) in qr.iter_mut().zip(xr).zip(&encs) {
-                            *o = encode_one(v, e, f);
-                        }
-                    }
+                    column_tile_group(x, q, s, cols, mode, f);
                 } else {
-                    for (cb, sv) in s.iter_mut().enumerate() {
-                        let (c0, c1) = (cb * G, ((cb + 1) * G).min(cols));
-                        let mb = (0..rows)
-                            .map(|r| amax_bits(&x[r * cols + c0..r * cols + c1]))
-                            .max()
-                            .unwrap_or(0);
-                        let (scale, e) = group_scale(mb, mode, f);
-                        *sv = scale;
-                        for r in 0..rows {
-                            encode_span(
-                                &x[r * cols + c0..r * cols + c1],
-                                &mut q[r * cols + c0..r * cols + c1],
-                                e,
-                                f,
-                            );
-                        }
-                    }
+                    block_group(x, q, s, cols, mode, f);
                 }
             });
         }
@@ -487,6 +557,36 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// NaNs are ignored by every group's amax (and encode to the NaN code); infinities count.
+    #[test]
+    fn nan_and_inf_inputs_match_reference() {
+        let (rows, cols) = (260, 300);
+        let mut x: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1009) as f32 - 504.0) * 0.01)
+            .collect();
+        for i in (0..rows * cols).step_by(97) {
+            x[i] = if i % 3 == 0 { -f32::NAN } else { f32::NAN };
+        }
+        x[5 * cols + 200] = f32::INFINITY;
+        x[7] = f32::from_bits(0x7fff_ffff); // the largest NaN pattern
+        x[cols * 200 + 3] = -f32::INFINITY;
+        for g in [Group::Tile, Group::Block, Group::ColumnTile, Group::Row, Group::Tensor] {
+            for mode in [ScaleMode::Amax { eps: 1e-12 }, ScaleMode::Pow2 { eps: 1e-12 }, ScaleMode::Unit] {
+                let f = Fp8Format::E4M3;
+                let ns = g.scale_count(rows, cols);
+                let (mut q, mut s) = (vec![0u8; rows * cols], vec![0f32; ns]);
+                quantize(&x, rows, cols, 1, g, f, mode, &mut q, &mut s, None).unwrap();
+                let (rq, rs) = reference(&x, rows, cols, g, f, mode);
+                assert_eq!(q, rq, "{g:?} {mode:?}");
+                assert_eq!(
+                    s.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    rs.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{g:?} {mode:?}"
+                );
             }
         }
     }

@@ -110,17 +110,31 @@ fn w_abs(c: &f32) -> f64 {
 
 #[test]
 fn bf16_inputs_round_operands_first() {
-    let (m, n, k) = (37, 70, 200);
-    let a = random(m * k, 6);
-    let b = random(k * n, 7);
-    let (ar, br): (Vec<f32>, Vec<f32>) = (
-        a.iter().map(|v| bf16_round(*v)).collect(),
-        b.iter().map(|v| bf16_round(*v)).collect(),
-    );
-    let (want, mag) = naive(&ar, &br, m, n, k, false, true);
-    let mut c = vec![0f32; m * n];
-    gemm_f32(&a, &b, &mut c, m, n, k, false, true, false, true, false).unwrap();
-    assert_close(&c, &want, &mag, 1e-5, "bf16 inputs");
+    let mut sizes = SIZES.to_vec();
+    sizes.extend([(37, 70, 200), (100, 33, 300), (13, 97, 129)]);
+    for &(m, n, k) in &sizes {
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let a = random(m * k, 6);
+            let b = random(k * n, 7);
+            let (ar, br): (Vec<f32>, Vec<f32>) = (
+                a.iter().map(|v| bf16_round(*v)).collect(),
+                b.iter().map(|v| bf16_round(*v)).collect(),
+            );
+            let (want, mag) = naive(&ar, &br, m, n, k, ta, tb);
+            let mut c = vec![f32::NAN; m * n];
+            gemm_f32(&a, &b, &mut c, m, n, k, ta, tb, false, true, false).unwrap();
+            assert_close(&c, &want, &mag, 1e-5, &format!("bf16 inputs {m}x{n}x{k} {ta} {tb}"));
+            // Accumulating into C, BF16 output.
+            let c0 = random(m * n, 11);
+            let mut c2 = c0.clone();
+            gemm_f32(&a, &b, &mut c2, m, n, k, ta, tb, true, true, true).unwrap();
+            for i in 0..m * n {
+                assert_eq!(bf16_round(c2[i]), c2[i]);
+                let w = c0[i] as f64 + want[i];
+                assert!((c2[i] as f64 - w).abs() <= 1e-5 * (mag[i] + c0[i].abs() as f64) + w.abs() / 128.0);
+            }
+        }
+    }
 }
 
 #[test]

@@ -155,29 +155,26 @@ fn row_sum(x: &[f32; BK]) -> f32 {
 /// chains (j mod 4) combined at the end in a fixed order.
 #[inline(always)]
 fn gemv16(y: &mut [f32], a: &[f32], sa: usize, x: &[f32], ldx: usize, n: usize) {
-    let mut acc = [[0f32; 16]; 4];
+    // Four separate accumulator rows (not one 2-D array), so that LLVM keeps them in registers
+    // instead of spilling them to the stack every iteration.
+    let (mut c0, mut c1, mut c2, mut c3) = ([0f32; 16], [0f32; 16], [0f32; 16], [0f32; 16]);
+    #[inline(always)]
+    fn axpy(c: &mut [f32; 16], a: f32, x: &[f32]) {
+        let x: &[f32; 16] = x[..16].try_into().unwrap();
+        for l in 0..16 {
+            c[l] += a * x[l];
+        }
+    }
     let mut j = 0;
     while j + 4 <= n {
-        let (a0, a1, a2, a3) = (a[j * sa], a[(j + 1) * sa], a[(j + 2) * sa], a[(j + 3) * sa]);
-        let x0: &[f32; 16] = x[j * ldx..][..16].try_into().unwrap();
-        let x1: &[f32; 16] = x[(j + 1) * ldx..][..16].try_into().unwrap();
-        let x2: &[f32; 16] = x[(j + 2) * ldx..][..16].try_into().unwrap();
-        let x3: &[f32; 16] = x[(j + 3) * ldx..][..16].try_into().unwrap();
-        for l in 0..16 {
-            acc[0][l] += a0 * x0[l];
-            acc[1][l] += a1 * x1[l];
-            acc[2][l] += a2 * x2[l];
-            acc[3][l] += a3 * x3[l];
-        }
+        axpy(&mut c0, a[j * sa], &x[j * ldx..]);
+        axpy(&mut c1, a[(j + 1) * sa], &x[(j + 1) * ldx..]);
+        axpy(&mut c2, a[(j + 2) * sa], &x[(j + 2) * ldx..]);
+        axpy(&mut c3, a[(j + 3) * sa], &x[(j + 3) * ldx..]);
         j += 4;
     }
-    let [mut c0, c1, c2, c3] = acc;
     for jj in j..n {
-        let aj = a[jj * sa];
-        let xr: &[f32; 16] = x[jj * ldx..][..16].try_into().unwrap();
-        for l in 0..16 {
-            c0[l] += aj * xr[l];
-        }
+        axpy(&mut c0, a[jj * sa], &x[jj * ldx..]);
     }
     let yr: &mut [f32; 16] = (&mut y[..16]).try_into().unwrap();
     for l in 0..16 {

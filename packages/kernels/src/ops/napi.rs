@@ -62,6 +62,7 @@ pub fn add_into_f32(mut dst: Float32ArraySlice, src: &[f32], alpha: f64) -> Resu
     let dst = unsafe { dst.as_mut() };
     no_alias(dst, src, "addInto")?;
     same_len("addInto", dst.len(), src.len())?;
+    super::util::prefault_for_write(dst);
     elementwise::add_into(dst, src, alpha);
     Ok(())
 }
@@ -211,6 +212,7 @@ pub fn head_scatter_add(
 ) -> Result<()> {
     let dst = unsafe { dst.as_mut() };
     no_alias(dst, src, "headScatterAdd")?;
+    super::util::prefault_for_write(dst);
     js(nn::head_scatter_add(
         dst,
         src,
@@ -354,6 +356,7 @@ pub fn embedding(w: &[f32], vocab: u32, d: u32, ids: &[i32], mut out: Float32Arr
 pub fn embedding_backward(mut dw: Float32ArraySlice, vocab: u32, d: u32, dy: &[f32], ids: &[i32]) -> Result<()> {
     let dw = unsafe { dw.as_mut() };
     no_alias(dw, dy, "embeddingBackward")?;
+    super::util::prefault_for_write(dw);
     js(nn::embedding_backward(dw, vocab as usize, d as usize, dy, ids))
 }
 

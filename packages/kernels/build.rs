@@ -1,5 +1,8 @@
 fn main() {
     napi_build::setup();
     // The target triple the addon was compiled for, reported by info().
-    println!("cargo:rustc-env=MOE8_TARGET={}", std::env::var("TARGET").unwrap());
+    println!(
+        "cargo:rustc-env=MOE8_TARGET={}",
+        std::env::var("TARGET").unwrap()
+    );
 }

@@ -138,6 +138,15 @@ export class CpuBackend extends HostLifetimes implements Backend {
     });
   }
 
+  fp8Flow(x: Tensor, q: Tensor): Tensor {
+    if (!isFp8(q.dtype) || !q.quant) throw new Error(`fp8Flow: ${q} is not an FP8 tensor`);
+    const deq = this.dequantize(q);
+    const out = this.alloc([2], "f32");
+    this.n.fp8Flow(f32(x), u8(q), f32(deq), q.quant.format, f32(out));
+    deq.dispose();
+    return out;
+  }
+
   dequantize(q: Tensor): Tensor {
     if (!isFp8(q.dtype) || !q.quant) throw new Error(`dequantize: ${q} is not an FP8 tensor`);
     const { batch, rows, cols } = batchDims(q);

@@ -427,6 +427,24 @@ export class CudaBackend extends HostLifetimes implements Backend {
     return q;
   }
 
+  fp8Flow(x: Tensor, q: Tensor): Tensor {
+    if (!isFp8(q.dtype) || !q.quant) throw new Error(`fp8Flow: ${q} is not an FP8 tensor`);
+    const deq = this.dequantize(q);
+    const out = this.zeros([2], "f32");
+    const n = q.size;
+    this.launch("quant", "fp8_flow", this.g1(n), 256, (a) =>
+      a
+        .u64(this.f32p(x, "fp8Flow"))
+        .u64(this.p(q))
+        .u64(this.p(deq))
+        .u64(this.p(out))
+        .i32(FMT[q.quant!.format])
+        .u64(n),
+    );
+    this.release(deq);
+    return out;
+  }
+
   dequantize(q: Tensor): Tensor {
     if (!isFp8(q.dtype) || !q.quant) throw new Error(`dequantize: ${q} is not an FP8 tensor`);
     const { batch, rows, cols } = batchDims(q);

@@ -22,7 +22,10 @@ impl SimdLevel {
 /// The widest instruction set this CPU supports that we have kernels for.
 /// `MOE8_SIMD=scalar` forces the scalar fallback (used by tests to cover that path).
 pub fn detect() -> SimdLevel {
-    if std::env::var("MOE8_SIMD").map(|v| v == "scalar").unwrap_or(false) {
+    if std::env::var("MOE8_SIMD")
+        .map(|v| v == "scalar")
+        .unwrap_or(false)
+    {
         return SimdLevel::Scalar;
     }
     #[cfg(target_arch = "x86_64")]

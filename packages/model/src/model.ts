@@ -260,6 +260,7 @@ export class DeepSeekModel {
   }
 
   dispose(): void {
+    this.trace.flow.dispose();
     for (const p of this.params) p.dispose();
     for (const m of this.moeLayers) m.bias.dispose();
   }

@@ -16,6 +16,8 @@ export interface StepResult {
   skipped: boolean;
   /** Per MoE layer: expert loads of this step. */
   load: LoadStats[];
+  /** FP8 range events of the step's activations and gradients, when asked for. */
+  fp8?: { overflow: number; underflow: number };
 }
 
 export async function trainStep(
@@ -25,9 +27,12 @@ export async function trainStep(
   targets: Tensor,
   shape: BatchShape,
   lr: number,
+  opts: { fp8Stats?: boolean } = {},
 ): Promise<StepResult> {
   const b = model.b;
+  const flow = model.trace.flow;
   return b.scope(async () => {
+    flow.enabled = !!opts.fp8Stats;
     opt.zeroGrad();
     const { ce, total } = model.lossAndGrad(ids, targets, shape);
     const { norm, scale } = opt.gradNorm();
@@ -38,6 +43,8 @@ export async function trainStep(
       for (const m of model.moeLayers) m.updateBias();
     }
     const load = await Promise.all(model.moeLayers.map((m) => m.loadStats()));
-    return { loss, totalLoss, gradNorm, skipped, load };
+    const fp8 = flow.enabled ? await flow.take() : undefined;
+    flow.enabled = false;
+    return { loss, totalLoss, gradNorm, skipped, load, fp8 };
   });
 }

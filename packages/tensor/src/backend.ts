@@ -135,6 +135,12 @@ export interface Backend {
   // FP8 quantisation (fused amax + scale + encode).
   quantize(x: Tensor, opts: QuantizeOptions): Tensor;
   dequantize(q: Tensor): Tensor;
+  /**
+   * FP8 range events of a quantisation q of x, as f32 [overflow, underflow] counts: overflow = x was
+   * not finite or beyond what rounds to the largest code (clipped by saturation); underflow = a
+   * non-zero x encoded to zero.
+   */
+  fp8Flow(x: Tensor, q: Tensor): Tensor;
 
   // GEMMs.
   matmul(a: Tensor, b: Tensor, opts: MatmulOptions): Tensor;

@@ -9,7 +9,7 @@ export {
   operandQuant,
 } from "./layers/linear.ts";
 export { Param } from "./layers/param.ts";
-export { type GemmRole, PrecisionTrace, type TraceEntry } from "./layers/trace.ts";
+export { Fp8FlowCounter, type GemmRole, PrecisionTrace, type TraceEntry } from "./layers/trace.ts";
 export { type QuantInfo, Tensor } from "./tensor.ts";
 export { Rng, relErr } from "./testing/random.ts";
 export { gemmDims, TsBackend } from "./ts/backend.ts";

@@ -162,7 +162,11 @@ export async function train(argv: string[]): Promise<number> {
       const r = await b.scope(async () => {
         const ids = b.upload(batch.ids, [batch.ids.length], "i32");
         const tg = b.upload(batch.targets, [batch.targets.length], "i32");
-        return trainStep(s.model, s.opt, ids, tg, { batch: cfg.batchSize, seq: cfg.seqLen }, lr);
+        // FP8 range counts cost one extra pass per quantisation: only on logged steps.
+        const fp8Stats = (st.step + 1) % cfg.logEvery === 0;
+        return trainStep(s.model, s.opt, ids, tg, { batch: cfg.batchSize, seq: cfg.seqLen }, lr, {
+          fp8Stats,
+        });
       });
       st.step++;
       const ms = performance.now() - ts;
@@ -174,6 +178,10 @@ export async function train(argv: string[]): Promise<number> {
         tokens_per_s: (tokensPerStep * 1000) / ms,
         ms_per_step: ms,
       };
+      if (r.fp8) {
+        m.fp8_overflow = r.fp8.overflow;
+        m.fp8_underflow = r.fp8.underflow;
+      }
       if (r.load.length) {
         m.load_cv = r.load.reduce((a, l) => a + l.cv, 0) / r.load.length;
         m.load_max_over_mean = Math.max(...r.load.map((l) => l.maxOverMean));

@@ -108,7 +108,11 @@ fn enc<const MAN: u32, const BIAS: u32, const MAXC: u32>(x: f32) -> u8 {
     let sub = (af * k + MAGIC).to_bits().wrapping_sub(0x4b40_0000);
     let code = if a >= min_normal { normal } else { sub };
     let code = code.min(MAXC);
-    let code = if a > 0x7f80_0000 { NAN_CODE as u32 } else { code | sign };
+    let code = if a > 0x7f80_0000 {
+        NAN_CODE as u32
+    } else {
+        code | sign
+    };
     code as u8
 }
 

@@ -242,7 +242,17 @@ pub fn gemm_f32(
             bf16: inputs_bf16,
         };
         unsafe {
-            super::kernel512::gemm(m, n, k, src(va), src(vb), c.as_mut_ptr(), accumulate, output_bf16, None)
+            super::kernel512::gemm(
+                m,
+                n,
+                k,
+                src(va),
+                src(vb),
+                c.as_mut_ptr(),
+                accumulate,
+                output_bf16,
+                None,
+            )
         };
         return Ok(());
     }

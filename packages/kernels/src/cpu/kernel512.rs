@@ -37,8 +37,18 @@ pub fn available() -> bool {
 /// BF16) or FP8 codes (decoded without their scales).
 #[derive(Clone, Copy)]
 pub enum Src {
-    F32 { p: *const f32, rs: isize, cs: isize, bf16: bool },
-    Fp8 { q: *const u8, rs: isize, cs: isize, f: Fp8Format },
+    F32 {
+        p: *const f32,
+        rs: isize,
+        cs: isize,
+        bf16: bool,
+    },
+    Fp8 {
+        q: *const u8,
+        rs: isize,
+        cs: isize,
+        f: Fp8Format,
+    },
 }
 unsafe impl Send for Src {}
 unsafe impl Sync for Src {}
@@ -217,7 +227,11 @@ enum Epi {
     /// C = acc, accumulators start from C.
     Add,
     /// C = (fresh ? 0 : C) + (acc * sa[r]) * sb[j] (FP8 promotion; accumulators start at zero).
-    Promote { sa: *const f32, sb: *const f32, fresh: bool },
+    Promote {
+        sa: *const f32,
+        sb: *const f32,
+        fresh: bool,
+    },
 }
 
 #[inline(always)]
@@ -300,13 +314,33 @@ unsafe fn micro<const ROWMAJOR: bool>(
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn micro_rm(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, mr: usize, m0: __mmask16, m1: __mmask16, epi: Epi) {
+unsafe fn micro_rm(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    m0: __mmask16,
+    m1: __mmask16,
+    epi: Epi,
+) {
     micro::<true>(kc, a, b, c, ldc, mr, m0, m1, epi)
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn micro_pk(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, mr: usize, m0: __mmask16, m1: __mmask16, epi: Epi) {
+unsafe fn micro_pk(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    m0: __mmask16,
+    m1: __mmask16,
+    epi: Epi,
+) {
     micro::<false>(kc, a, b, c, ldc, mr, m0, m1, epi)
 }
 

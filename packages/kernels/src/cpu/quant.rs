@@ -4,11 +4,11 @@
 //! scale = f32(amax / FMAX). As in the reference, NaNs are ignored by the amax (they encode to the
 //! NaN code themselves) and an infinite amax gives an infinite scale.
 
+#[cfg(test)]
+use super::fp8::encode;
 use super::fp8::{encode_e4m3, encode_e5m2, Fp8Format};
 use crate::ops::util::multiversion;
 use rayon::prelude::*;
-#[cfg(test)]
-use super::fp8::encode;
 
 /// Group layouts of the scales of a stored `rows x cols` matrix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -356,7 +356,17 @@ pub fn quantize(
         ));
     }
     if batch == 1 {
-        return quantize_one(&x[..n], rows, cols, g, f, mode, &mut data[..n], &mut scales[..ns], segments);
+        return quantize_one(
+            &x[..n],
+            rows,
+            cols,
+            g,
+            f,
+            mode,
+            &mut data[..n],
+            &mut scales[..ns],
+            segments,
+        );
     }
     if n == 0 {
         for s in scales[..ns * batch].chunks_mut(ns.max(1)) {
@@ -574,8 +584,18 @@ mod tests {
         x[5 * cols + 200] = f32::INFINITY;
         x[7] = f32::from_bits(0x7fff_ffff); // the largest NaN pattern
         x[cols * 200 + 3] = -f32::INFINITY;
-        for g in [Group::Tile, Group::Block, Group::ColumnTile, Group::Row, Group::Tensor] {
-            for mode in [ScaleMode::Amax { eps: 1e-12 }, ScaleMode::Pow2 { eps: 1e-12 }, ScaleMode::Unit] {
+        for g in [
+            Group::Tile,
+            Group::Block,
+            Group::ColumnTile,
+            Group::Row,
+            Group::Tensor,
+        ] {
+            for mode in [
+                ScaleMode::Amax { eps: 1e-12 },
+                ScaleMode::Pow2 { eps: 1e-12 },
+                ScaleMode::Unit,
+            ] {
                 let f = Fp8Format::E4M3;
                 let ns = g.scale_count(rows, cols);
                 let (mut q, mut s) = (vec![0u8; rows * cols], vec![0f32; ns]);

@@ -123,7 +123,13 @@ fn bf16_inputs_round_operands_first() {
             let (want, mag) = naive(&ar, &br, m, n, k, ta, tb);
             let mut c = vec![f32::NAN; m * n];
             gemm_f32(&a, &b, &mut c, m, n, k, ta, tb, false, true, false).unwrap();
-            assert_close(&c, &want, &mag, 1e-5, &format!("bf16 inputs {m}x{n}x{k} {ta} {tb}"));
+            assert_close(
+                &c,
+                &want,
+                &mag,
+                1e-5,
+                &format!("bf16 inputs {m}x{n}x{k} {ta} {tb}"),
+            );
             // Accumulating into C, BF16 output.
             let c0 = random(m * n, 11);
             let mut c2 = c0.clone();
@@ -131,7 +137,10 @@ fn bf16_inputs_round_operands_first() {
             for i in 0..m * n {
                 assert_eq!(bf16_round(c2[i]), c2[i]);
                 let w = c0[i] as f64 + want[i];
-                assert!((c2[i] as f64 - w).abs() <= 1e-5 * (mag[i] + c0[i].abs() as f64) + w.abs() / 128.0);
+                assert!(
+                    (c2[i] as f64 - w).abs()
+                        <= 1e-5 * (mag[i] + c0[i].abs() as f64) + w.abs() / 128.0
+                );
             }
         }
     }

@@ -64,7 +64,10 @@ fn with_pool<T>(f: impl FnOnce(&mut Pool) -> T) -> T {
 /// Returns every cached block to the driver (waits for the stream first).
 pub fn empty_cache() -> Result<(), String> {
     let d = device()?;
-    ck(unsafe { cu::cuStreamSynchronize(d.stream) }, "cuStreamSynchronize")?;
+    ck(
+        unsafe { cu::cuStreamSynchronize(d.stream) },
+        "cuStreamSynchronize",
+    )?;
     let blocks: Vec<(usize, u64)> = with_pool(|p| {
         let v: Vec<(usize, u64)> = p
             .free
@@ -139,7 +142,10 @@ pub fn free(ptr: u64, class: usize) -> Result<(), String> {
     }
     let d = device()?;
     if !caching() {
-        ck(unsafe { cu::cuStreamSynchronize(d.stream) }, "cuStreamSynchronize")?;
+        ck(
+            unsafe { cu::cuStreamSynchronize(d.stream) },
+            "cuStreamSynchronize",
+        )?;
         ck(unsafe { cu::cuMemFree_v2(ptr) }, "cuMemFree")?;
         with_pool(|p| {
             p.allocated -= class as u64;
@@ -183,7 +189,18 @@ pub fn reset_peak() {
 mod tests {
     #[test]
     fn size_classes_waste_at_most_a_quarter() {
-        for b in [1usize, 511, 512, 513, 4096, 4097, 5000, 1 << 20, (1 << 20) + 1, 123_456_789] {
+        for b in [
+            1usize,
+            511,
+            512,
+            513,
+            4096,
+            4097,
+            5000,
+            1 << 20,
+            (1 << 20) + 1,
+            123_456_789,
+        ] {
             let c = super::size_class(b);
             assert!(c >= b);
             assert!(b <= 4096 || (c - b) * 4 <= b, "{b} -> {c}");

@@ -43,8 +43,16 @@ fn init() -> Result<Lt, String> {
     lck(unsafe { lt::cublasLtCreate(&mut handle) }, "cublasLtCreate")?;
     let workspace_size = 32 << 20;
     let mut ws: cu::CUdeviceptr = 0;
-    ck(unsafe { cu::cuMemAlloc_v2(&mut ws, workspace_size) }, "cuMemAlloc (cuBLASLt workspace)")?;
-    Ok(Lt { handle, workspace: ws, workspace_size, algos: HashMap::new() })
+    ck(
+        unsafe { cu::cuMemAlloc_v2(&mut ws, workspace_size) },
+        "cuMemAlloc (cuBLASLt workspace)",
+    )?;
+    Ok(Lt {
+        handle,
+        workspace: ws,
+        workspace_size,
+        algos: HashMap::new(),
+    })
 }
 
 /// Element type of a GEMM operand.
@@ -138,9 +146,18 @@ impl Drop for Guard {
     }
 }
 
-unsafe fn set_desc<T>(desc: lt::cublasLtMatmulDesc_t, attr: lt::cublasLtMatmulDescAttributes_t, v: &T) -> Result<(), String> {
+unsafe fn set_desc<T>(
+    desc: lt::cublasLtMatmulDesc_t,
+    attr: lt::cublasLtMatmulDescAttributes_t,
+    v: &T,
+) -> Result<(), String> {
     lck(
-        lt::cublasLtMatmulDescSetAttribute(desc, attr, v as *const T as *const std::ffi::c_void, std::mem::size_of::<T>()),
+        lt::cublasLtMatmulDescSetAttribute(
+            desc,
+            attr,
+            v as *const T as *const std::ffi::c_void,
+            std::mem::size_of::<T>(),
+        ),
         &format!("cublasLtMatmulDescSetAttribute({attr:?})"),
     )
 }
@@ -148,7 +165,15 @@ unsafe fn set_desc<T>(desc: lt::cublasLtMatmulDesc_t, attr: lt::cublasLtMatmulDe
 /// C[M,N] (row-major, f32) = op(A) op(B), or += with `accumulate`. Errors (among them
 /// `CUBLAS_STATUS_NOT_SUPPORTED` for a shape or layout cuBLASLt has no kernel for) are returned so
 /// the caller can fall back to its own kernel.
-pub fn matmul(a: &Operand, b: &Operand, c: u64, m: usize, n: usize, k: usize, accumulate: bool) -> Result<(), String> {
+pub fn matmul(
+    a: &Operand,
+    b: &Operand,
+    c: u64,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+) -> Result<(), String> {
     let d = device()?;
     let mut g = LT.lock().unwrap_or_else(|e| e.into_inner());
     let st = g.get_or_insert_with(init).as_mut().map_err(|e| e.clone())?;
@@ -163,9 +188,17 @@ pub fn matmul(a: &Operand, b: &Operand, c: u64, m: usize, n: usize, k: usize, ac
     let (ar, ac) = if ca.trans { (k, n) } else { (n, k) };
     let (br, bc) = if cb.trans { (m, k) } else { (k, m) };
     unsafe {
-        let mut guard = Guard { desc: std::ptr::null_mut(), layouts: Vec::new(), pref: std::ptr::null_mut() };
+        let mut guard = Guard {
+            desc: std::ptr::null_mut(),
+            layouts: Vec::new(),
+            pref: std::ptr::null_mut(),
+        };
         lck(
-            lt::cublasLtMatmulDescCreate(&mut guard.desc, lt::cublasComputeType_t::CUBLAS_COMPUTE_32F, lt::cudaDataType_t::CUDA_R_32F),
+            lt::cublasLtMatmulDescCreate(
+                &mut guard.desc,
+                lt::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                lt::cudaDataType_t::CUDA_R_32F,
+            ),
             "cublasLtMatmulDescCreate",
         )?;
         use lt::cublasLtMatmulDescAttributes_t as D;
@@ -186,9 +219,15 @@ pub fn matmul(a: &Operand, b: &Operand, c: u64, m: usize, n: usize, k: usize, ac
             let fast: i8 = 0;
             set_desc(guard.desc, D::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast)?;
         }
-        let mut layout = |t: lt::cudaDataType_t, r: usize, cc: usize| -> Result<lt::cublasLtMatrixLayout_t, String> {
+        let mut layout = |t: lt::cudaDataType_t,
+                          r: usize,
+                          cc: usize|
+         -> Result<lt::cublasLtMatrixLayout_t, String> {
             let mut l: lt::cublasLtMatrixLayout_t = std::ptr::null_mut();
-            lck(lt::cublasLtMatrixLayoutCreate(&mut l, t, r as u64, cc as u64, r as i64), "cublasLtMatrixLayoutCreate")?;
+            lck(
+                lt::cublasLtMatrixLayoutCreate(&mut l, t, r as u64, cc as u64, r as i64),
+                "cublasLtMatrixLayoutCreate",
+            )?;
             guard.layouts.push(l);
             Ok(l)
         };
@@ -202,7 +241,10 @@ pub fn matmul(a: &Operand, b: &Operand, c: u64, m: usize, n: usize, k: usize, ac
         let algo = match st.algos.get(&key) {
             Some(a) => *a,
             None => {
-                lck(lt::cublasLtMatmulPreferenceCreate(&mut guard.pref), "cublasLtMatmulPreferenceCreate")?;
+                lck(
+                    lt::cublasLtMatmulPreferenceCreate(&mut guard.pref),
+                    "cublasLtMatmulPreferenceCreate",
+                )?;
                 let ws = st.workspace_size as u64;
                 lck(
                     lt::cublasLtMatmulPreferenceSetAttribute(
@@ -215,8 +257,13 @@ pub fn matmul(a: &Operand, b: &Operand, c: u64, m: usize, n: usize, k: usize, ac
                 )?;
                 let mut res: lt::cublasLtMatmulHeuristicResult_t = std::mem::zeroed();
                 let mut count = 0;
-                let r = lt::cublasLtMatmulAlgoGetHeuristic(st.handle, guard.desc, la, lb, lc, lc, guard.pref, 1, &mut res, &mut count);
-                let a = if r == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS && count > 0 && res.state == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                let r = lt::cublasLtMatmulAlgoGetHeuristic(
+                    st.handle, guard.desc, la, lb, lc, lc, guard.pref, 1, &mut res, &mut count,
+                );
+                let a = if r == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+                    && count > 0
+                    && res.state == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+                {
                     Some(res.algo)
                 } else {
                     None
@@ -226,12 +273,17 @@ pub fn matmul(a: &Operand, b: &Operand, c: u64, m: usize, n: usize, k: usize, ac
             }
         };
         let Some(algo) = algo else {
-            return Err(format!("cuBLASLt: CUBLAS_STATUS_NOT_SUPPORTED (no algorithm for {key})"));
+            return Err(format!(
+                "cuBLASLt: CUBLAS_STATUS_NOT_SUPPORTED (no algorithm for {key})"
+            ));
         };
         if !accumulate && ca.elem.fp8() {
             // With block-scaled FP8 inputs cuBLASLt reads C even for beta = 0 (seen on the H200: a
             // NaN-poisoned output stayed NaN), so start from zeros rather than whatever C holds.
-            ck(cu::cuMemsetD32Async(c, 0, m * n, d.stream), "cuMemsetD32Async")?;
+            ck(
+                cu::cuMemsetD32Async(c, 0, m * n, d.stream),
+                "cuMemsetD32Async",
+            )?;
         }
         let alpha: f32 = 1.0;
         let beta: f32 = if accumulate { 1.0 } else { 0.0 };

@@ -101,7 +101,9 @@ fn lib_dirs() -> Vec<std::path::PathBuf> {
     // <root>/python3.X/{site,dist}-packages/nvidia/..., and one level deeper for pyenv versions.
     let mut pys: Vec<PathBuf> = Vec::new();
     for r in &roots {
-        let Ok(rd) = std::fs::read_dir(r) else { continue };
+        let Ok(rd) = std::fs::read_dir(r) else {
+            continue;
+        };
         for e in rd.flatten() {
             let p = e.path();
             let n = e.file_name().to_string_lossy().into_owned();
@@ -118,7 +120,11 @@ fn lib_dirs() -> Vec<std::path::PathBuf> {
     }
     for py in pys {
         for sp in ["site-packages", "dist-packages"] {
-            for sub in ["nvidia/cu13/lib", "nvidia/cuda_nvrtc/lib", "nvidia/cublas/lib"] {
+            for sub in [
+                "nvidia/cu13/lib",
+                "nvidia/cuda_nvrtc/lib",
+                "nvidia/cublas/lib",
+            ] {
                 let d = py.join(sp).join(sub);
                 if d.is_dir() {
                     dirs.push(d);
@@ -156,7 +162,9 @@ fn preload_libs() -> Vec<String> {
                             for e in rd.flatten() {
                                 let n = e.file_name().to_string_lossy().into_owned();
                                 if n.starts_with("libnvrtc-builtins.so.13") {
-                                    if let Ok(l) = unsafe { Library::open(Some(e.path()), RTLD_NOW | RTLD_GLOBAL) } {
+                                    if let Ok(l) = unsafe {
+                                        Library::open(Some(e.path()), RTLD_NOW | RTLD_GLOBAL)
+                                    } {
                                         std::mem::forget(l);
                                     }
                                 }
@@ -181,7 +189,10 @@ fn init() -> Result<Device, String> {
     }
     preload_libs();
     if !unsafe { cu::is_culib_present() } {
-        return Err("libcuda (the NVIDIA driver library) was not found: no NVIDIA driver on this machine".into());
+        return Err(
+            "libcuda (the NVIDIA driver library) was not found: no NVIDIA driver on this machine"
+                .into(),
+        );
     }
     unsafe {
         ck(cu::cuInit(0), "cuInit")?;
@@ -197,22 +208,34 @@ fn init() -> Result<Device, String> {
         let mut dev = 0;
         ck(cu::cuDeviceGet(&mut dev, ordinal), "cuDeviceGet")?;
         let mut ctx = std::ptr::null_mut();
-        ck(cu::cuDevicePrimaryCtxRetain(&mut ctx, dev), "cuDevicePrimaryCtxRetain")?;
+        ck(
+            cu::cuDevicePrimaryCtxRetain(&mut ctx, dev),
+            "cuDevicePrimaryCtxRetain",
+        )?;
         ck(cu::cuCtxSetCurrent(ctx), "cuCtxSetCurrent")?;
         CURRENT.with(|c| c.set(true));
         let mut stream = std::ptr::null_mut();
         ck(
-            cu::cuStreamCreate(&mut stream, cu::CUstream_flags::CU_STREAM_NON_BLOCKING as u32),
+            cu::cuStreamCreate(
+                &mut stream,
+                cu::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
+            ),
             "cuStreamCreate",
         )?;
         let mut name = [0 as std::ffi::c_char; 256];
-        ck(cu::cuDeviceGetName(name.as_mut_ptr(), 256, dev), "cuDeviceGetName")?;
+        ck(
+            cu::cuDeviceGetName(name.as_mut_ptr(), 256, dev),
+            "cuDeviceGetName",
+        )?;
         let name = CStr::from_ptr(name.as_ptr()).to_string_lossy().into_owned();
         let mut total = 0usize;
         ck(cu::cuDeviceTotalMem_v2(&mut total, dev), "cuDeviceTotalMem")?;
         let attr = |a: cu::CUdevice_attribute| -> Result<i32, String> {
             let mut v = 0;
-            ck(cu::cuDeviceGetAttribute(&mut v, a, dev), "cuDeviceGetAttribute")?;
+            ck(
+                cu::cuDeviceGetAttribute(&mut v, a, dev),
+                "cuDeviceGetAttribute",
+            )?;
             Ok(v)
         };
         use cu::CUdevice_attribute as A;
@@ -220,7 +243,10 @@ fn init() -> Result<Device, String> {
         let cc_minor = attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
         let sm_count = attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
         let mut driver_version = 0;
-        ck(cu::cuDriverGetVersion(&mut driver_version), "cuDriverGetVersion")?;
+        ck(
+            cu::cuDriverGetVersion(&mut driver_version),
+            "cuDriverGetVersion",
+        )?;
         Ok(Device {
             dev,
             ctx,
@@ -240,7 +266,9 @@ pub fn device() -> Result<&'static Device, String> {
     let d = DEVICE
         .get_or_init(|| match std::panic::catch_unwind(init) {
             Ok(r) => r,
-            Err(_) => Err("CUDA initialisation panicked (a CUDA library could not be loaded)".into()),
+            Err(_) => {
+                Err("CUDA initialisation panicked (a CUDA library could not be loaded)".into())
+            }
         })
         .as_ref()
         .map_err(|e| e.clone())?;
@@ -258,7 +286,10 @@ pub fn stream() -> Result<cu::CUstream, String> {
 
 /// Waits for everything enqueued so far (the host needs a value).
 pub fn synchronize() -> Result<(), String> {
-    ck(unsafe { cu::cuStreamSynchronize(stream()?) }, "cuStreamSynchronize")
+    ck(
+        unsafe { cu::cuStreamSynchronize(stream()?) },
+        "cuStreamSynchronize",
+    )
 }
 
 /// NVRTC's version (major, minor), or why it cannot be used.
@@ -268,8 +299,10 @@ pub fn nvrtc_version() -> Result<(i32, i32), String> {
         return Err("libnvrtc.so.13 not found (install the CUDA 13 NVRTC library, e.g. `pip install nvidia-cuda-nvrtc`, or set MOE8_CUDA_LIB_DIR)".into());
     }
     let (mut a, mut b) = (0, 0);
-    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { nv::nvrtcVersion(&mut a, &mut b) }))
-        .map_err(|_| "nvrtcVersion panicked".to_string())?;
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe {
+        nv::nvrtcVersion(&mut a, &mut b)
+    }))
+    .map_err(|_| "nvrtcVersion panicked".to_string())?;
     if r != nv::nvrtcResult::NVRTC_SUCCESS {
         return Err(format!("nvrtcVersion failed: {r:?}"));
     }

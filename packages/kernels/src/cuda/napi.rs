@@ -64,14 +64,20 @@ pub fn cuda_info() -> CudaInfo {
     info.compute_capability = Some(format!("{}.{}", d.cc_major, d.cc_minor));
     info.arch = nvrtc::arch().ok();
     info.multiprocessors = Some(d.sm_count as u32);
-    info.driver_version = Some(format!("{}.{}", d.driver_version / 1000, (d.driver_version % 1000) / 10));
+    info.driver_version = Some(format!(
+        "{}.{}",
+        d.driver_version / 1000,
+        (d.driver_version % 1000) / 10
+    ));
     let mut missing = Vec::new();
     match super::nvrtc_version() {
         Ok((a, b)) => info.nvrtc_version = Some(format!("{a}.{b}")),
         Err(r) => missing.push(r),
     }
     match super::cublaslt_version() {
-        Ok(v) => info.cublas_lt_version = Some(format!("{}.{}.{}", v / 10000, (v / 100) % 100, v % 100)),
+        Ok(v) => {
+            info.cublas_lt_version = Some(format!("{}.{}.{}", v / 10000, (v / 100) % 100, v % 100))
+        }
         Err(r) => missing.push(r),
     }
     if missing.is_empty() {
@@ -148,7 +154,11 @@ impl DeviceBuffer {
         if ptr >= 1 << 53 {
             return Err(e("DeviceBuffer: device address beyond 2^53".into()));
         }
-        Ok(DeviceBuffer { ptr, bytes: bytes as u64, class })
+        Ok(DeviceBuffer {
+            ptr,
+            bytes: bytes as u64,
+            class,
+        })
     }
 
     /// The device address (exact: below 2^53).
@@ -210,7 +220,14 @@ pub fn cuda_htod(buf: &DeviceBuffer, offset: f64, data: &[u8]) -> Result<()> {
     let p = range(buf, offset, data.len(), "cudaHtoD")?;
     // Pageable source: the driver stages it before returning, so this is safe without a sync.
     ck(
-        unsafe { cu::cuMemcpyHtoDAsync_v2(p, data.as_ptr() as *const std::ffi::c_void, data.len(), d.stream) },
+        unsafe {
+            cu::cuMemcpyHtoDAsync_v2(
+                p,
+                data.as_ptr() as *const std::ffi::c_void,
+                data.len(),
+                d.stream,
+            )
+        },
         "cuMemcpyHtoDAsync",
     )
 }
@@ -225,15 +242,31 @@ pub fn cuda_dtoh(buf: &DeviceBuffer, offset: f64, mut out: Uint8ArraySlice) -> R
     }
     let p = range(buf, offset, out.len(), "cudaDtoH")?;
     ck(
-        unsafe { cu::cuMemcpyDtoHAsync_v2(out.as_mut_ptr() as *mut std::ffi::c_void, p, out.len(), d.stream) },
+        unsafe {
+            cu::cuMemcpyDtoHAsync_v2(
+                out.as_mut_ptr() as *mut std::ffi::c_void,
+                p,
+                out.len(),
+                d.stream,
+            )
+        },
         "cuMemcpyDtoHAsync",
     )?;
-    ck(unsafe { cu::cuStreamSynchronize(d.stream) }, "cuStreamSynchronize")
+    ck(
+        unsafe { cu::cuStreamSynchronize(d.stream) },
+        "cuStreamSynchronize",
+    )
 }
 
 /// Device to device copy (stream-ordered).
 #[napi]
-pub fn cuda_dtod(dst: &DeviceBuffer, dst_offset: f64, src: &DeviceBuffer, src_offset: f64, bytes: f64) -> Result<()> {
+pub fn cuda_dtod(
+    dst: &DeviceBuffer,
+    dst_offset: f64,
+    src: &DeviceBuffer,
+    src_offset: f64,
+    bytes: f64,
+) -> Result<()> {
     let n = bytes as usize;
     if n == 0 {
         return Ok(());
@@ -241,7 +274,10 @@ pub fn cuda_dtod(dst: &DeviceBuffer, dst_offset: f64, src: &DeviceBuffer, src_of
     let d = device().map_err(e)?;
     let pd = range(dst, dst_offset, n, "cudaDtoD")?;
     let ps = range(src, src_offset, n, "cudaDtoD")?;
-    ck(unsafe { cu::cuMemcpyDtoDAsync_v2(pd, ps, n, d.stream) }, "cuMemcpyDtoDAsync")
+    ck(
+        unsafe { cu::cuMemcpyDtoDAsync_v2(pd, ps, n, d.stream) },
+        "cuMemcpyDtoDAsync",
+    )
 }
 
 /// Sets `count` 32-bit words from `offset` to `value` (its bits; stream-ordered).
@@ -256,7 +292,10 @@ pub fn cuda_memset32(buf: &DeviceBuffer, offset: f64, value: u32, count: f64) ->
     if !p.is_multiple_of(4) {
         return Err(e("cudaMemset32: unaligned offset".into()));
     }
-    ck(unsafe { cu::cuMemsetD32Async(p, value, n, d.stream) }, "cuMemsetD32Async")
+    ck(
+        unsafe { cu::cuMemsetD32Async(p, value, n, d.stream) },
+        "cuMemsetD32Async",
+    )
 }
 
 /// Sets `bytes` bytes from `offset` to `value` (stream-ordered).
@@ -268,7 +307,10 @@ pub fn cuda_memset8(buf: &DeviceBuffer, offset: f64, value: u32, bytes: f64) -> 
     }
     let d = device().map_err(e)?;
     let p = range(buf, offset, n, "cudaMemset8")?;
-    ck(unsafe { cu::cuMemsetD8Async(p, value as u8, n, d.stream) }, "cuMemsetD8Async")
+    ck(
+        unsafe { cu::cuMemsetD8Async(p, value as u8, n, d.stream) },
+        "cuMemsetD8Async",
+    )
 }
 
 /// The id of a kernel (compiled with NVRTC and loaded on first use).
@@ -280,7 +322,17 @@ pub fn cuda_kernel(module: String, name: String) -> Result<u32> {
 /// Launches kernel `id` on the stream. `args`: one 8-byte little-endian slot per parameter.
 #[napi]
 #[allow(clippy::too_many_arguments)]
-pub fn cuda_launch(id: u32, gx: u32, gy: u32, gz: u32, bx: u32, by: u32, bz: u32, shared: u32, args: &[u8]) -> Result<()> {
+pub fn cuda_launch(
+    id: u32,
+    gx: u32,
+    gy: u32,
+    gz: u32,
+    bx: u32,
+    by: u32,
+    bz: u32,
+    shared: u32,
+    args: &[u8],
+) -> Result<()> {
     nvrtc::launch(id, [gx, gy, gz], [bx, by, bz], shared, args).map_err(e)
 }
 
@@ -324,5 +376,8 @@ pub fn cuda_gemm_lt(
     };
     let oa = op(a, &a_type, trans_a, a_scale, &a_scale_mode)?;
     let ob = op(b, &b_type, trans_b, b_scale, &b_scale_mode)?;
-    gemm::matmul(&oa, &ob, c as u64, m as usize, n as usize, k as usize, accumulate).map_err(e)
+    gemm::matmul(
+        &oa, &ob, c as u64, m as usize, n as usize, k as usize, accumulate,
+    )
+    .map_err(e)
 }

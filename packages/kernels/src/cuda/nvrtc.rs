@@ -48,7 +48,11 @@ pub fn options(arch: &str) -> Vec<String> {
 /// The architecture to compile for: `sm_90a` on Hopper, `sm_XY` elsewhere.
 pub fn arch() -> Result<String, String> {
     let d = device()?;
-    let a = if d.cc_major == 9 && d.cc_minor == 0 { "a" } else { "" };
+    let a = if d.cc_major == 9 && d.cc_minor == 0 {
+        "a"
+    } else {
+        ""
+    };
     Ok(format!("sm_{}{}{a}", d.cc_major, d.cc_minor))
 }
 
@@ -73,12 +77,22 @@ pub fn compile(name: &str, source: &str, opts: &[String]) -> Result<Vec<u8>, Str
     nvrtc_version()?;
     let src = CString::new(source).map_err(|e| e.to_string())?;
     let cname = CString::new(format!("{name}.cu")).unwrap();
-    let copts: Vec<CString> = opts.iter().map(|o| CString::new(o.as_str()).unwrap()).collect();
+    let copts: Vec<CString> = opts
+        .iter()
+        .map(|o| CString::new(o.as_str()).unwrap())
+        .collect();
     let ptrs: Vec<*const std::ffi::c_char> = copts.iter().map(|c| c.as_ptr()).collect();
     unsafe {
         let mut prog: nv::nvrtcProgram = std::ptr::null_mut();
         nvck(
-            nv::nvrtcCreateProgram(&mut prog, src.as_ptr(), cname.as_ptr(), 0, std::ptr::null(), std::ptr::null()),
+            nv::nvrtcCreateProgram(
+                &mut prog,
+                src.as_ptr(),
+                cname.as_ptr(),
+                0,
+                std::ptr::null(),
+                std::ptr::null(),
+            ),
             "nvrtcCreateProgram",
         )?;
         let r = nv::nvrtcCompileProgram(prog, ptrs.len() as i32, ptrs.as_ptr());
@@ -95,7 +109,10 @@ pub fn compile(name: &str, source: &str, opts: &[String]) -> Result<Vec<u8>, Str
         let out = (|| {
             nvck(nv::nvrtcGetCUBINSize(prog, &mut size), "nvrtcGetCUBINSize")?;
             let mut bin = vec![0u8; size];
-            nvck(nv::nvrtcGetCUBIN(prog, bin.as_mut_ptr() as *mut std::ffi::c_char), "nvrtcGetCUBIN")?;
+            nvck(
+                nv::nvrtcGetCUBIN(prog, bin.as_mut_ptr() as *mut std::ffi::c_char),
+                "nvrtcGetCUBIN",
+            )?;
             Ok::<_, String>(bin)
         })();
         nv::nvrtcDestroyProgram(&mut prog);
@@ -121,7 +138,8 @@ fn cubin(name: &str) -> Result<Vec<u8>, String> {
     let arch = arch()?;
     let opts = options(&arch);
     let (vmaj, vmin) = nvrtc_version()?;
-    let key = sha256_hex(format!("{source}\0{}\0{arch}\0nvrtc {vmaj}.{vmin}", opts.join(" ")).as_bytes());
+    let key =
+        sha256_hex(format!("{source}\0{}\0{arch}\0nvrtc {vmaj}.{vmin}", opts.join(" ")).as_bytes());
     let dir = cache_dir();
     let path = dir.join(format!("{name}-{arch}-{}.cubin", &key[..32]));
     if std::env::var("MOE8_KERNEL_CACHE").as_deref() != Ok("0") {
@@ -182,14 +200,21 @@ pub fn function(module: &str, func: &str) -> Result<u32, String> {
     let id = reg.functions.len() as u32;
     reg.functions.push((m as usize, f));
     reg.max_shared.push(48 * 1024);
-    reg.by_name.insert((module.to_string(), func.to_string()), id);
+    reg.by_name
+        .insert((module.to_string(), func.to_string()), id);
     Ok(id)
 }
 
 /// Launches kernel `id` on the backend's stream. `args` holds one 8-byte little-endian slot per
 /// kernel parameter (pointers and 64-bit values fill it; 32-bit values sit in its low half).
 #[allow(clippy::too_many_arguments)]
-pub fn launch(id: u32, grid: [u32; 3], block: [u32; 3], shared: u32, args: &[u8]) -> Result<(), String> {
+pub fn launch(
+    id: u32,
+    grid: [u32; 3],
+    block: [u32; 3],
+    shared: u32,
+    args: &[u8],
+) -> Result<(), String> {
     let d = device()?;
     let f = {
         let mut g = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());

@@ -86,7 +86,16 @@ fn gather_rows(
 
 /// Head `h` of batch `b` of x, transposed to [d, ld] (zero beyond T).
 #[allow(clippy::too_many_arguments)]
-fn gather_transposed(x: &[f32], dm: &Dims, d: usize, bb: usize, hh: usize, ld: usize, lowp: bool, out: &mut [f32]) {
+fn gather_transposed(
+    x: &[f32],
+    dm: &Dims,
+    d: usize,
+    bb: usize,
+    hh: usize,
+    ld: usize,
+    lowp: bool,
+    out: &mut [f32],
+) {
     out[..d * ld].fill(0.0);
     for i in 0..dm.t {
         let src = &x[((bb * dm.t + i) * dm.h + hh) * d..][..d];
@@ -99,7 +108,16 @@ fn gather_transposed(x: &[f32], dm: &Dims, d: usize, bb: usize, hh: usize, ld: u
 /// s[r, 0..BK] = sum_{c<d} a[r*lda + c] * bt[c, j0..j0+BK] for r < nr (nr a multiple of 4).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn tile_product(a: &[f32], nr: usize, d: usize, lda: usize, bt: &[f32], ld: usize, j0: usize, s: &mut [f32]) {
+fn tile_product(
+    a: &[f32],
+    nr: usize,
+    d: usize,
+    lda: usize,
+    bt: &[f32],
+    ld: usize,
+    j0: usize,
+    s: &mut [f32],
+) {
     let mut r = 0;
     while r < nr {
         let mut acc = [[0f32; BK]; 4];
@@ -132,7 +150,8 @@ fn row_max(x: &[f32; BK]) -> f32 {
             m[l] = if c[l] > m[l] { c[l] } else { m[l] };
         }
     }
-    m.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+    m.iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
 }
 
 #[inline(always)]
@@ -276,7 +295,14 @@ multiversion! {
 }
 
 /// o [B*T, H*dv] and lse [B*H*T] of causal softmax(q k^T * scale) v.
-pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], dm: Dims, o: &mut [f32], lse: &mut [f32]) -> R<()> {
+pub fn attention_forward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dm: Dims,
+    o: &mut [f32],
+    lse: &mut [f32],
+) -> R<()> {
     dm.check(q.len(), k.len(), v.len())?;
     if o.len() != v.len() || lse.len() != dm.b * dm.h * dm.t {
         return Err("attention: output sizes do not match".into());

@@ -57,7 +57,10 @@ pub fn dequantize(
         }
     };
     if scales.len() != need {
-        return Err(format!("dequantize: {} scales, expected {need}", scales.len()));
+        return Err(format!(
+            "dequantize: {} scales, expected {need}",
+            scales.len()
+        ));
     }
     let table = format.table();
     out.par_chunks_mut(cols)
@@ -88,4 +91,46 @@ pub fn dequantize(
             }
         });
     Ok(())
+}
+
+/// FP8 range events of a quantisation (the Backend's `fp8Flow`): [overflow, underflow] counts, from
+/// x, its codes and their dequantised values. Overflow: x not finite, or a saturated code (which
+/// decodes to exactly FMAX * scale) whose x lay beyond half an ulp above it; underflow: a non-zero
+/// x that encoded to zero. Counts are exact integers, summed per row then in row order.
+pub fn flow_counts(x: &[f32], codes: &[u8], deq: &[f32], format: Fp8Format) -> R<[f64; 2]> {
+    if x.len() != codes.len() || x.len() != deq.len() {
+        return Err(format!(
+            "fp8Flow: {} values, {} codes, {} dequantised",
+            x.len(),
+            codes.len(),
+            deq.len()
+        ));
+    }
+    let (top, tol) = match format {
+        // Half an ulp above max (1.75 * 2^e) still rounds to max: 464 for E4M3, 61440 for E5M2.
+        Fp8Format::E4M3 => (0x7eu8, 1.0 + 1.0 / 28.0),
+        Fp8Format::E5M2 => (0x7bu8, 1.0 + 1.0 / 14.0),
+    };
+    let chunk = 1 << 14;
+    let parts: Vec<(u64, u64)> = x
+        .par_chunks(chunk)
+        .zip(codes.par_chunks(chunk))
+        .zip(deq.par_chunks(chunk))
+        .map(|((x, q), d)| {
+            let (mut over, mut under) = (0u64, 0u64);
+            for ((&v, &c), &dv) in x.iter().zip(q).zip(d) {
+                let c = c & 0x7f;
+                if !v.is_finite() || (c == top && (v.abs() as f64) > (dv.abs() as f64) * tol) {
+                    over += 1;
+                } else if v != 0.0 && c == 0 {
+                    under += 1;
+                }
+            }
+            (over, under)
+        })
+        .collect();
+    let (o, u) = parts
+        .iter()
+        .fold((0u64, 0u64), |a, p| (a.0 + p.0, a.1 + p.1));
+    Ok([o as f64, u as f64])
 }

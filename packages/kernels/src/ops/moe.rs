@@ -31,7 +31,11 @@ pub fn router(
     top: &mut [i32],
     weights: &mut [f32],
 ) -> R<()> {
-    if logits.len() != n * e || bias.len() != e || scores.len() != n * e || top.len() != n * k || weights.len() != n * k
+    if logits.len() != n * e
+        || bias.len() != e
+        || scores.len() != n * e
+        || top.len() != n * k
+        || weights.len() != n * k
     {
         return Err(format!("router: sizes do not match N {n}, E {e}, k {k}"));
     }
@@ -100,42 +104,47 @@ pub fn router_backward(
         || dlogits.len() != n * e
         || (has_ds && dscores.len() != n * e)
     {
-        return Err(format!("routerBackward: sizes do not match N {n}, E {e}, k {k}"));
+        return Err(format!(
+            "routerBackward: sizes do not match N {n}, E {e}, k {k}"
+        ));
     }
     check_idx("routerBackward", top, e)?;
     if n == 0 || e == 0 {
         return Ok(());
     }
     let rt = rows_per_task(e * 8);
-    dlogits.par_chunks_mut(rt * e).enumerate().for_each(|(tk, dl)| {
-        let mut ds = vec![0f64; e];
-        for (i, dlr) in dl.chunks_exact_mut(e).enumerate() {
-            let row = tk * rt + i;
-            let s = &scores[row * e..][..e];
-            if has_ds {
-                for (d, &v) in ds.iter_mut().zip(&dscores[row * e..][..e]) {
-                    *d = v as f64;
+    dlogits
+        .par_chunks_mut(rt * e)
+        .enumerate()
+        .for_each(|(tk, dl)| {
+            let mut ds = vec![0f64; e];
+            for (i, dlr) in dl.chunks_exact_mut(e).enumerate() {
+                let row = tk * rt + i;
+                let s = &scores[row * e..][..e];
+                if has_ds {
+                    for (d, &v) in ds.iter_mut().zip(&dscores[row * e..][..e]) {
+                        *d = v as f64;
+                    }
+                } else {
+                    ds.fill(0.0);
                 }
-            } else {
-                ds.fill(0.0);
+                let (tr, dw) = (&top[row * k..][..k], &dweights[row * k..][..k]);
+                let mut ss = 0f64;
+                let mut dot = 0f64;
+                for j in 0..k {
+                    let sv = s[tr[j] as usize] as f64;
+                    ss += sv;
+                    dot += dw[j] as f64 * sv;
+                }
+                for j in 0..k {
+                    ds[tr[j] as usize] += scaling * (dw[j] as f64 / ss - dot / (ss * ss));
+                }
+                for x in 0..e {
+                    let sv = s[x] as f64;
+                    dlr[x] = (ds[x] * sv * (1.0 - sv)) as f32;
+                }
             }
-            let (tr, dw) = (&top[row * k..][..k], &dweights[row * k..][..k]);
-            let mut ss = 0f64;
-            let mut dot = 0f64;
-            for j in 0..k {
-                let sv = s[tr[j] as usize] as f64;
-                ss += sv;
-                dot += dw[j] as f64 * sv;
-            }
-            for j in 0..k {
-                ds[tr[j] as usize] += scaling * (dw[j] as f64 / ss - dot / (ss * ss));
-            }
-            for x in 0..e {
-                let sv = s[x] as f64;
-                dlr[x] = (ds[x] * sv * (1.0 - sv)) as f32;
-            }
-        }
-    });
+        });
     Ok(())
 }
 
@@ -225,9 +234,15 @@ pub fn permute(
     slot: &mut [i32],
     offsets: &mut [i32],
 ) -> R<()> {
-    if x.len() != n * d || top.len() != n * k || xs.len() != n * k * d || slot.len() != n * k || offsets.len() != e + 1
+    if x.len() != n * d
+        || top.len() != n * k
+        || xs.len() != n * k * d
+        || slot.len() != n * k
+        || offsets.len() != e + 1
     {
-        return Err(format!("moePermute: sizes do not match N {n}, k {k}, d {d}, E {e}"));
+        return Err(format!(
+            "moePermute: sizes do not match N {n}, k {k}, d {d}, E {e}"
+        ));
     }
     check_idx("moePermute", top, e)?;
     offsets.fill(0);
@@ -261,7 +276,9 @@ fn inverse(slot: &[i32]) -> R<Vec<u32>> {
     let mut pos = vec![u32::MAX; slot.len()];
     for (r, &s) in slot.iter().enumerate() {
         if s < 0 || s as usize >= slot.len() || pos[s as usize] != u32::MAX {
-            return Err(format!("moe: slot is not a permutation (entry {s} at row {r})"));
+            return Err(format!(
+                "moe: slot is not a permutation (entry {s} at row {r})"
+            ));
         }
         pos[s as usize] = r as u32;
     }
@@ -337,7 +354,14 @@ pub fn combine(ys: &[f32], slot: &[i32], w: &[f32], n: usize, d: usize, y: &mut 
         let mut acc = vec![0f64; d];
         for (i, row) in yb.chunks_exact_mut(d).enumerate() {
             let tok = tk * rt + i;
-            combine_row(ys, &pos[tok * k..][..k], &w[tok * k..][..k], d, &mut acc, row);
+            combine_row(
+                ys,
+                &pos[tok * k..][..k],
+                &w[tok * k..][..k],
+                d,
+                &mut acc,
+                row,
+            );
         }
     });
     Ok(())
@@ -407,7 +431,10 @@ pub fn combine_backward(
 pub fn bias_update(bias: &mut [f32], offsets: &[i32], gamma: f64) -> R<()> {
     let e = bias.len();
     if offsets.len() != e + 1 {
-        return Err(format!("biasUpdate: {} offsets for {e} experts", offsets.len()));
+        return Err(format!(
+            "biasUpdate: {} offsets for {e} experts",
+            offsets.len()
+        ));
     }
     if e == 0 {
         return Ok(());
@@ -464,7 +491,9 @@ pub fn cross_entropy(
         return Err(format!("crossEntropy: sizes do not match N {n}, V {v}"));
     }
     if let Some(&t) = targets.iter().find(|&&t| t < 0 || t as usize >= v) {
-        return Err(format!("crossEntropy: target {t} outside the vocabulary of {v}"));
+        return Err(format!(
+            "crossEntropy: target {t} outside the vocabulary of {v}"
+        ));
     }
     if n == 0 || v == 0 {
         return Ok(if n == 0 { f64::NAN } else { 0.0 });

@@ -113,7 +113,15 @@ pub fn rmsnorm(
 ) -> Result<()> {
     let y = unsafe { y.as_mut() };
     let rstd = unsafe { rstd.as_mut() };
-    js(nn::rmsnorm(x, w, rows as usize, cols as usize, eps, y, rstd))
+    js(nn::rmsnorm(
+        x,
+        w,
+        rows as usize,
+        cols as usize,
+        eps,
+        y,
+        rstd,
+    ))
 }
 
 /// RMSNorm backward: dx [rows, cols] and dw [cols].
@@ -250,7 +258,15 @@ pub fn head_concat(
     ))
 }
 
-fn dims(batch: u32, seq: u32, heads: u32, dqk: u32, dv: u32, scale: f64, precision: String) -> Result<attention::Dims> {
+fn dims(
+    batch: u32,
+    seq: u32,
+    heads: u32,
+    dqk: u32,
+    dv: u32,
+    scale: f64,
+    precision: String,
+) -> Result<attention::Dims> {
     let lowp = match precision.as_str() {
         "f32" => false,
         "bf16" => true,
@@ -320,7 +336,9 @@ pub fn attention_backward(
     let dk = unsafe { dk.as_mut() };
     let dv_out = unsafe { dv_out.as_mut() };
     let d = dims(batch, seq, heads, dqk, dv, scale, precision)?;
-    js(attention::attention_backward(d_o, q, k, v, o, lse, d, dq, dk, dv_out))
+    js(attention::attention_backward(
+        d_o, q, k, v, o, lse, d, dq, dk, dv_out,
+    ))
 }
 
 /// h = silu(g) * u.
@@ -346,18 +364,36 @@ pub fn swiglu_backward(
 
 /// out[n] = w[ids[n]] for w [vocab, d].
 #[napi]
-pub fn embedding(w: &[f32], vocab: u32, d: u32, ids: &[i32], mut out: Float32ArraySlice) -> Result<()> {
+pub fn embedding(
+    w: &[f32],
+    vocab: u32,
+    d: u32,
+    ids: &[i32],
+    mut out: Float32ArraySlice,
+) -> Result<()> {
     let out = unsafe { out.as_mut() };
     js(nn::embedding(w, vocab as usize, d as usize, ids, out))
 }
 
 /// dw[ids[n]] += dy[n] (deterministic, in token order per row).
 #[napi]
-pub fn embedding_backward(mut dw: Float32ArraySlice, vocab: u32, d: u32, dy: &[f32], ids: &[i32]) -> Result<()> {
+pub fn embedding_backward(
+    mut dw: Float32ArraySlice,
+    vocab: u32,
+    d: u32,
+    dy: &[f32],
+    ids: &[i32],
+) -> Result<()> {
     let dw = unsafe { dw.as_mut() };
     no_alias(dw, dy, "embeddingBackward")?;
     super::util::prefault_for_write(dw);
-    js(nn::embedding_backward(dw, vocab as usize, d as usize, dy, ids))
+    js(nn::embedding_backward(
+        dw,
+        vocab as usize,
+        d as usize,
+        dy,
+        ids,
+    ))
 }
 
 /// Router: scores [N, E], topIdx [N, k], weights [N, k].
@@ -466,14 +502,33 @@ pub fn moe_permute(
 
 /// dx [N, d] from d(xs).
 #[napi]
-pub fn moe_permute_backward(dxs: &[f32], slot: &[i32], tokens: u32, d: u32, mut dx: Float32ArraySlice) -> Result<()> {
+pub fn moe_permute_backward(
+    dxs: &[f32],
+    slot: &[i32],
+    tokens: u32,
+    d: u32,
+    mut dx: Float32ArraySlice,
+) -> Result<()> {
     let dx = unsafe { dx.as_mut() };
-    js(moe::permute_backward(dxs, slot, tokens as usize, d as usize, dx))
+    js(moe::permute_backward(
+        dxs,
+        slot,
+        tokens as usize,
+        d as usize,
+        dx,
+    ))
 }
 
 /// y [N, d] = weighted sum of each token's expert outputs.
 #[napi]
-pub fn moe_combine(ys: &[f32], slot: &[i32], weights: &[f32], n: u32, d: u32, mut y: Float32ArraySlice) -> Result<()> {
+pub fn moe_combine(
+    ys: &[f32],
+    slot: &[i32],
+    weights: &[f32],
+    n: u32,
+    d: u32,
+    mut y: Float32ArraySlice,
+) -> Result<()> {
     let y = unsafe { y.as_mut() };
     js(moe::combine(ys, slot, weights, n as usize, d as usize, y))
 }
@@ -610,4 +665,21 @@ pub fn dequantize_fp8(
         segments,
         out,
     ))
+}
+
+/// FP8 overflow/underflow counts of a quantisation (see ops::dequant::flow_counts), written to out[0..2].
+#[napi]
+pub fn fp8_flow(
+    x: &[f32],
+    codes: &[u8],
+    deq: &[f32],
+    format: String,
+    mut out: Float32ArraySlice,
+) -> Result<()> {
+    let out = unsafe { out.as_mut() };
+    let f = js(crate::cpu::fp8::Fp8Format::parse(&format))?;
+    let [o, u] = js(super::dequant::flow_counts(x, codes, deq, f))?;
+    out[0] = o as f32;
+    out[1] = u as f32;
+    Ok(())
 }

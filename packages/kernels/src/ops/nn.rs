@@ -30,7 +30,15 @@ multiversion! {
 }
 
 /// y = x * rstd * w per row, rstd = 1 / sqrt(mean(x^2) + eps).
-pub fn rmsnorm(x: &[f32], w: &[f32], rows: usize, cols: usize, eps: f64, y: &mut [f32], rstd: &mut [f32]) -> R<()> {
+pub fn rmsnorm(
+    x: &[f32],
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    eps: f64,
+    y: &mut [f32],
+    rstd: &mut [f32],
+) -> R<()> {
     check(
         x.len() == rows * cols && y.len() == x.len() && w.len() == cols && rstd.len() == rows,
         || {
@@ -133,22 +141,30 @@ pub fn rope(
 ) -> R<()> {
     let row_len = heads * width;
     check(x.len() == rows * row_len && y.len() == x.len(), || {
-        format!("rope: {} elements for {rows} rows of {heads} heads x {width}", x.len())
+        format!(
+            "rope: {} elements for {rows} rows of {heads} heads x {width}",
+            x.len()
+        )
     })?;
-    check(dim.is_multiple_of(2) && offset + dim <= width && seq_len > 0, || {
-        format!("rope: slice [{offset}, {offset}+{dim}) of a head of width {width} (dim must be even, seqLen > 0)")
-    })?;
+    check(
+        dim.is_multiple_of(2) && offset + dim <= width && seq_len > 0,
+        || {
+            format!("rope: slice [{offset}, {offset}+{dim}) of a head of width {width} (dim must be even, seqLen > 0)")
+        },
+    )?;
     let half = dim / 2;
     let npos = rows.min(seq_len);
     // cos/sin table [pos][i], computed once per call.
     let mut cs = vec![(0f64, 0f64); npos * half];
-    cs.par_chunks_mut(half.max(1)).enumerate().for_each(|(pos, row)| {
-        for (i, e) in row.iter_mut().enumerate() {
-            let angle = pos as f64 * theta.powf((-2.0 * i as f64) / dim as f64);
-            let s = angle.sin();
-            *e = (angle.cos(), if inverse { -s } else { s });
-        }
-    });
+    cs.par_chunks_mut(half.max(1))
+        .enumerate()
+        .for_each(|(pos, row)| {
+            for (i, e) in row.iter_mut().enumerate() {
+                let angle = pos as f64 * theta.powf((-2.0 * i as f64) / dim as f64);
+                let s = angle.sin();
+                *e = (angle.cos(), if inverse { -s } else { s });
+            }
+        });
     if row_len == 0 {
         return Ok(());
     }
@@ -176,10 +192,21 @@ pub fn rope(
 
 // --- head slicing ----------------------------------------------------------------------------
 
-fn check_slice(op: &str, x_len: usize, rows: usize, heads: usize, width: usize, start: usize, len: usize) -> R<()> {
-    check(start + len <= width && x_len == rows * heads * width, || {
-        format!("{op}: slice [{start}, {start}+{len}) of heads of width {width}; {x_len} elements for {rows} rows x {heads} heads")
-    })
+fn check_slice(
+    op: &str,
+    x_len: usize,
+    rows: usize,
+    heads: usize,
+    width: usize,
+    start: usize,
+    len: usize,
+) -> R<()> {
+    check(
+        start + len <= width && x_len == rows * heads * width,
+        || {
+            format!("{op}: slice [{start}, {start}+{len}) of heads of width {width}; {x_len} elements for {rows} rows x {heads} heads")
+        },
+    )
 }
 
 /// y[r, h, :] = x[r, h, start:start+len] (or summed over heads in f32, in head order).
@@ -195,7 +222,9 @@ pub fn head_slice(
 ) -> R<()> {
     check_slice("headSlice", x.len(), rows, heads, width, start, len)?;
     let out_heads = if sum_heads { 1 } else { heads };
-    check(y.len() == rows * out_heads * len, || "headSlice: output size".into())?;
+    check(y.len() == rows * out_heads * len, || {
+        "headSlice: output size".into()
+    })?;
     if len == 0 || heads == 0 {
         return Ok(());
     }
@@ -203,7 +232,10 @@ pub fn head_slice(
     y.par_chunks_mut(rt * out_heads * len)
         .zip(x.par_chunks(rt * heads * width))
         .for_each(|(y, x)| {
-            for (yr, xr) in y.chunks_exact_mut(out_heads * len).zip(x.chunks_exact(heads * width)) {
+            for (yr, xr) in y
+                .chunks_exact_mut(out_heads * len)
+                .zip(x.chunks_exact(heads * width))
+            {
                 if sum_heads {
                     yr.fill(0.0);
                     for h in 0..heads {
@@ -246,9 +278,15 @@ pub fn head_scatter_add(
     dst.par_chunks_mut(rt * heads * width)
         .zip(src.par_chunks(rt * heads * len))
         .for_each(|(d, s)| {
-            for (dr, sr) in d.chunks_exact_mut(heads * width).zip(s.chunks_exact(heads * len)) {
+            for (dr, sr) in d
+                .chunks_exact_mut(heads * width)
+                .zip(s.chunks_exact(heads * len))
+            {
                 for h in 0..heads {
-                    for (o, &v) in dr[h * width + start..][..len].iter_mut().zip(&sr[h * len..][..len]) {
+                    for (o, &v) in dr[h * width + start..][..len]
+                        .iter_mut()
+                        .zip(&sr[h * len..][..len])
+                    {
                         *o += v;
                     }
                 }
@@ -287,16 +325,18 @@ pub fn head_concat(
         return Ok(());
     }
     let rt = rows_per_task(heads * w);
-    y.par_chunks_mut(rt * heads * w).enumerate().for_each(|(t, yb)| {
-        for (i, yr) in yb.chunks_exact_mut(heads * w).enumerate() {
-            let r = t * rt + i;
-            for h in 0..heads {
-                yr[h * w..][..la].copy_from_slice(&a[(r * heads + h) * la..][..la]);
-                let bh = if b_heads == 1 { 0 } else { h };
-                yr[h * w + la..][..lb].copy_from_slice(&b[(r * b_heads + bh) * lb..][..lb]);
+    y.par_chunks_mut(rt * heads * w)
+        .enumerate()
+        .for_each(|(t, yb)| {
+            for (i, yr) in yb.chunks_exact_mut(heads * w).enumerate() {
+                let r = t * rt + i;
+                for h in 0..heads {
+                    yr[h * w..][..la].copy_from_slice(&a[(r * heads + h) * la..][..la]);
+                    let bh = if b_heads == 1 { 0 } else { h };
+                    yr[h * w + la..][..lb].copy_from_slice(&b[(r * b_heads + bh) * lb..][..lb]);
+                }
             }
-        }
-    });
+        });
     Ok(())
 }
 
@@ -332,9 +372,10 @@ multiversion! {
 /// dg = dh * u * s * (1 + g (1 - s)), du = dh * g * s with s = sigmoid(g).
 pub fn swiglu_backward(dh: &[f32], g: &[f32], u: &[f32], dg: &mut [f32], du: &mut [f32]) -> R<()> {
     let n = g.len();
-    check(dh.len() == n && u.len() == n && dg.len() == n && du.len() == n, || {
-        "swigluBackward: sizes differ".into()
-    })?;
+    check(
+        dh.len() == n && u.len() == n && dg.len() == n && du.len() == n,
+        || "swigluBackward: sizes differ".into(),
+    )?;
     dg.par_chunks_mut(REDUCE_BLOCK)
         .zip(du.par_chunks_mut(REDUCE_BLOCK))
         .zip(
@@ -353,23 +394,33 @@ pub fn embedding(w: &[f32], vocab: usize, d: usize, ids: &[i32], out: &mut [f32]
         "embedding: sizes do not match".into()
     })?;
     if let Some(&bad) = ids.iter().find(|&&i| i < 0 || i as usize >= vocab) {
-        return Err(format!("embedding: token id {bad} outside the vocabulary of {vocab}"));
+        return Err(format!(
+            "embedding: token id {bad} outside the vocabulary of {vocab}"
+        ));
     }
     if d == 0 {
         return Ok(());
     }
-    out.par_chunks_mut(rows_per_task(d) * d).enumerate().for_each(|(t, o)| {
-        for (i, orow) in o.chunks_exact_mut(d).enumerate() {
-            let id = ids[t * rows_per_task(d) + i] as usize;
-            orow.copy_from_slice(&w[id * d..][..d]);
-        }
-    });
+    out.par_chunks_mut(rows_per_task(d) * d)
+        .enumerate()
+        .for_each(|(t, o)| {
+            for (i, orow) in o.chunks_exact_mut(d).enumerate() {
+                let id = ids[t * rows_per_task(d) + i] as usize;
+                orow.copy_from_slice(&w[id * d..][..d]);
+            }
+        });
     Ok(())
 }
 
 /// dw[ids[n]] += dy[n]: tokens are bucketed by id (stable), then each vocabulary row adds its
 /// tokens in increasing n, the order ts uses, so the result is bit-identical and race-free.
-pub fn embedding_backward(dw: &mut [f32], vocab: usize, d: usize, dy: &[f32], ids: &[i32]) -> R<()> {
+pub fn embedding_backward(
+    dw: &mut [f32],
+    vocab: usize,
+    d: usize,
+    dy: &[f32],
+    ids: &[i32],
+) -> R<()> {
     check(dw.len() == vocab * d && dy.len() == ids.len() * d, || {
         "embeddingBackward: sizes do not match".into()
     })?;

@@ -18,12 +18,21 @@ fn rand(n: usize, seed: u64) -> Vec<f32> {
 
 fn max_rel(a: &[f32], b: &[f64]) -> f64 {
     let m = b.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
-    a.iter().zip(b).fold(0f64, |d, (&x, &y)| d.max((x as f64 - y).abs())) / m
+    a.iter()
+        .zip(b)
+        .fold(0f64, |d, (&x, &y)| d.max((x as f64 - y).abs()))
+        / m
 }
 
 /// Naive causal attention in f64: o, lse, and the gradients for dO.
 #[allow(clippy::type_complexity)]
-fn naive(q: &[f32], k: &[f32], v: &[f32], d_o: &[f32], d: &Dims) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+fn naive(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    d_o: &[f32],
+    d: &Dims,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
     let (b, t, h, dqk, dv) = (d.b, d.t, d.h, d.dqk, d.dv);
     let sc = d.scale as f64;
     let mut o = vec![0f64; b * t * h * dv];
@@ -39,7 +48,10 @@ fn naive(q: &[f32], k: &[f32], v: &[f32], d_o: &[f32], d: &Dims) -> (Vec<f64>, V
                 let s: Vec<f64> = (0..=i)
                     .map(|j| {
                         let kj = ((bb * t + j) * h + hh) * dqk;
-                        (0..dqk).map(|c| q[qi + c] as f64 * k[kj + c] as f64).sum::<f64>() * sc
+                        (0..dqk)
+                            .map(|c| q[qi + c] as f64 * k[kj + c] as f64)
+                            .sum::<f64>()
+                            * sc
                     })
                     .collect();
                 let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -96,7 +108,11 @@ fn attention_matches_naive_f64_and_is_repeatable() {
         let mut o = vec![0f32; v.len()];
         let mut lse = vec![0f32; b * h * t];
         attention_forward(&q, &k, &v, d, &mut o, &mut lse).unwrap();
-        let (mut dq, mut dk, mut dvv) = (vec![0f32; q.len()], vec![0f32; k.len()], vec![0f32; v.len()]);
+        let (mut dq, mut dk, mut dvv) = (
+            vec![0f32; q.len()],
+            vec![0f32; k.len()],
+            vec![0f32; v.len()],
+        );
         attention_backward(&d_o, &q, &k, &v, &o, &lse, d, &mut dq, &mut dk, &mut dvv).unwrap();
         let (no, nl, ndq, ndk, ndv) = naive(&q, &k, &v, &d_o, &d);
         for (name, got, want) in [
@@ -107,7 +123,11 @@ fn attention_matches_naive_f64_and_is_repeatable() {
             ("dv", &dvv, &ndv),
         ] {
             let e = max_rel(got, want);
-            assert!(e < 2e-6, "{name} for {:?}: relative error {e}", (b, t, h, dqk, dv));
+            assert!(
+                e < 2e-6,
+                "{name} for {:?}: relative error {e}",
+                (b, t, h, dqk, dv)
+            );
         }
         let mut o2 = vec![0f32; v.len()];
         let mut lse2 = vec![0f32; lse.len()];
@@ -144,7 +164,10 @@ fn attention_bf16_stays_close() {
 fn reductions_are_independent_of_thread_count() {
     let x = rand(300_001, 9);
     let s1 = elementwise::sum(&x);
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
     let s2 = pool.install(|| elementwise::sum(&x));
     assert_eq!(s1.to_bits(), s2.to_bits());
     let (n1, _) = optim::clip_scale(&[&x, &x[..1000]], 1.0);
@@ -174,7 +197,9 @@ fn embedding_backward_adds_in_token_order() {
 #[test]
 fn router_breaks_ties_toward_the_lower_index_and_permute_groups_by_expert() {
     let (n, e, k) = (3, 4, 2);
-    let logits = [0.0f32, 1.0, 1.0, 0.5, 2.0, 2.0, 2.0, 2.0, -1.0, 0.0, 3.0, 0.0];
+    let logits = [
+        0.0f32, 1.0, 1.0, 0.5, 2.0, 2.0, 2.0, 2.0, -1.0, 0.0, 3.0, 0.0,
+    ];
     let bias = [0f32; 4];
     let (mut s, mut top, mut w) = (vec![0f32; n * e], vec![0i32; n * k], vec![0f32; n * k]);
     moe::router(&logits, &bias, n, e, k, 1.0, &mut s, &mut top, &mut w).unwrap();

@@ -108,6 +108,7 @@ export class Linear {
     const s: Saved = { x, xq: null, wq: null, wqKey: "", offsets };
     if (xqOpt && wqOpt) {
       s.xq = b.quantize(x, xqOpt);
+      this.site.trace?.flow.add(b, x, s.xq);
       s.wq = b.quantize(this.weight.value, wqOpt);
       s.wqKey = quantKey(wqOpt);
       y = this.mm(s.xq, s.wq, offsets, {
@@ -144,7 +145,9 @@ export class Linear {
     let dx: Tensor;
     if (dyQ && wQ) {
       const wq = s.wq && s.wqKey === quantKey(wQ) ? s.wq : b.quantize(this.weight.value, wQ);
-      dx = this.mm(b.quantize(dy, dyQ), wq, s.offsets, {
+      const dyq = b.quantize(dy, dyQ);
+      this.site.trace?.flow.add(b, dy, dyq);
+      dx = this.mm(dyq, wq, s.offsets, {
         precision: "fp8",
         outBf16: out,
         promotion: pol.promotion,
@@ -171,6 +174,7 @@ export class Linear {
     if (gQ && xQ) {
       const seg = gQ.group === "column-tile" ? segments : undefined;
       const dyq = b.quantize(dy, { ...gQ, segments: seg });
+      this.site.trace?.flow.add(b, dy, dyq);
       const xq = b.quantize(x, { ...xQ, segments: seg });
       if (this.grouped)
         b.groupedMatmul(dyq, xq, s.offsets!, {

@@ -1,7 +1,38 @@
 // The precision trace: every GEMM records which package, layer and role (fprop/dgrad/wgrad) it ran
 // for and in which precision, so tests and users can see which precision ran where.
 
+import type { Backend } from "../backend.ts";
+import type { Tensor } from "../tensor.ts";
+
 export type GemmRole = "fprop" | "dgrad" | "wgrad";
+
+/**
+ * FP8 range events of the activations and gradients quantised in a step (Backend.fp8Flow), summed
+ * on the device while `enabled` (one extra pass per quantisation, so only on logged steps).
+ */
+export class Fp8FlowCounter {
+  enabled = false;
+  private counts: Tensor | null = null;
+
+  add(b: Backend, x: Tensor, q: Tensor): void {
+    if (!this.enabled) return;
+    this.counts ??= b.keep(b.zeros([2]));
+    b.addInto(this.counts, b.fp8Flow(x, q));
+  }
+
+  /** Reads and resets the counts: [overflow, underflow] since the last call. */
+  async take(): Promise<{ overflow: number; underflow: number }> {
+    if (!this.counts) return { overflow: 0, underflow: 0 };
+    const c = (await this.counts.read()) as Float32Array;
+    this.counts.backend.fill(this.counts, 0);
+    return { overflow: c[0], underflow: c[1] };
+  }
+
+  dispose(): void {
+    this.counts?.dispose();
+    this.counts = null;
+  }
+}
 
 export interface TraceEntry {
   pkg: string;
@@ -13,6 +44,8 @@ export interface TraceEntry {
 export class PrecisionTrace {
   private entries = new Map<string, TraceEntry>();
   enabled = true;
+  /** FP8 overflow/underflow counting, shared by every Linear that records into this trace. */
+  readonly flow = new Fp8FlowCounter();
 
   record(e: TraceEntry): void {
     if (!this.enabled) return;

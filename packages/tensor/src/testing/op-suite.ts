@@ -139,6 +139,28 @@ export function opSuite(name: string, make: () => Backend): void {
       }, "exact");
     });
 
+    it("fp8Flow counts clipped and flushed values", async () => {
+      // Unscaled E4M3: 1000, inf, NaN, 470 and 1e4 clip (beyond 464, half an ulp above 448), 1e-4
+      // and -2e-5 flush to zero; unscaled E5M2 clips only inf and NaN and keeps the small values.
+      const x = new Float32Array(256);
+      x.set([1000, Number.POSITIVE_INFINITY, Number.NaN, 470, 448, 1e4, 1e-4, -2e-5, 0, 3]);
+      const counts = async (b: Backend, opts: Parameters<Backend["quantize"]>[1]) =>
+        b.scope(async () => {
+          const X = b.upload(x, [2, 128]);
+          return Array.from((await b.fp8Flow(X, b.quantize(X, opts)).read()) as Float32Array);
+        });
+      expect(await counts(be, { group: "tensor", unit: true })).toEqual([5, 2]);
+      expect(await counts(be, { group: "tile", format: "e5m2", unit: true })).toEqual([2, 0]);
+      const y = rng.normals(300 * 200, 5);
+      await same((b) => {
+        const Y = b.upload(y, [300, 200]);
+        return {
+          tile: b.fp8Flow(Y, b.quantize(Y, { group: "tile" })),
+          unit: b.fp8Flow(Y, b.quantize(Y, { group: "row", unit: true, format: "e5m2" })),
+        };
+      }, "exact");
+    });
+
     it("matmul f32 and bf16 in every transposition, with accumulate and BF16 output", async () => {
       for (const [M, N, K] of [
         [1, 1, 1],

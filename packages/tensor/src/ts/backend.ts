@@ -16,6 +16,7 @@ import type {
 import { f32, HostLifetimes, host, i32, sameShape, u8 } from "../host.ts";
 import type { Tensor } from "../tensor.ts";
 import { type Fp8Format, isFp8 } from "../types.ts";
+import { fp8FlowCounts } from "./flow.ts";
 import {
   batchDims,
   checkFp8,
@@ -126,6 +127,13 @@ export class TsBackend extends HostLifetimes implements Backend {
       seg,
     );
     return this.wrap(out, q.shape, "f32");
+  }
+
+  fp8Flow(x: Tensor, q: Tensor): Tensor {
+    const deq = this.dequantize(q);
+    const counts = fp8FlowCounts(f32(x), u8(q), f32(deq), q.quant!.format);
+    deq.dispose();
+    return this.wrap(Float32Array.from(counts), [2], "f32");
   }
 
   // --- GEMMs -----------------------------------------------------------------------------------

@@ -122,6 +122,24 @@ KERNEL void dequant(const u8* q, const float* scales, float* out, const int* seg
   }
 }
 
+// FP8 range events (Backend.fp8Flow): counts[0] += overflows (x not finite, or a saturated code whose
+// x lay beyond half an ulp above FMAX * scale), counts[1] += non-zero x encoded to zero. The counts are
+// integers added as floats (exact below 2^24), so the result does not depend on the order of adds.
+KERNEL void fp8_flow(const float* x, const u8* q, const float* deq, float* counts, int fmt, i64 n) {
+  const u8 top = fmt == 0 ? 0x7e : 0x7b;
+  const double tol = fmt == 0 ? 1.0 + 1.0 / 28.0 : 1.0 + 1.0 / 14.0;  // half an ulp above max
+  float over = 0.0f, under = 0.0f;
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+    const float v = x[i];
+    const u8 c = q[i] & 0x7f;
+    const bool finite = (__float_as_uint(v) & 0x7f800000u) != 0x7f800000u;
+    if (!finite || (c == top && fabsf(v) > (double)fabsf(deq[i]) * tol)) over += 1.0f;
+    else if (v != 0.0f && c == 0) under += 1.0f;
+  }
+  if (over != 0.0f) atomicAdd(&counts[0], over);
+  if (under != 0.0f) atomicAdd(&counts[1], under);
+}
+
 // Transposes FP8 codes of `batch` matrices [rows][cols] -> [cols][rows] (for cuBLASLt operands).
 KERNEL void transpose_u8(const u8* x, u8* out, int rows, int cols) {
   const i64 total = (i64)rows * cols;

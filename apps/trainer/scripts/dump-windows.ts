@@ -11,6 +11,6 @@ for await (const w of sequentialWindows(data, Number(seqLen))) {
   if (windows.length === Number(count)) break;
 }
 const flat = new Int32Array(windows.length * (Number(seqLen) + 1));
-windows.forEach((w, i) => flat.set(w, i * w.length));
+for (const [i, w] of windows.entries()) flat.set(w, i * w.length);
 writeFileSync(out, new Uint8Array(flat.buffer));
 console.log(`wrote ${windows.length} windows of ${Number(seqLen) + 1} tokens to ${out}`);

@@ -16,7 +16,7 @@ dirs=$(find / -xdev \( -name 'libnvrtc.so.13' -o -name 'libcublasLt.so.13' \) -p
 export MOE8_CUDA_LIB_DIR="${dirs%:}" LD_LIBRARY_PATH="${dirs%:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 moe8() { bun apps/trainer/src/cli.ts "$@"; }
 want() { [ $# -eq 0 ] || [[ " $WANT " == *" $1 "* ]]; }
-WANT="${*:-check hf curve small bench}"
+WANT="${*:-check hf curve small parity bench}"
 if want diag; then bun packages/kernels/test/lt-fp8-diag.ts 2>&1 | tee "$OUT/diag.txt"; fi
 rc=0
 if want check; then bash scripts/gpu-check.sh || rc=1; fi
@@ -45,9 +45,18 @@ if want small; then
   echo; echo "=== small on cuda, 30 steps ==="
   timeout 300 bun apps/trainer/src/cli.ts train --config small --backend cuda --steps 30 --eval-every 0 --log-every 5 --warmup 5 --lr 1e-3 --data datasets/default --out "$OUT/small" 2>&1 | tail -12
 fi
+if want parity; then
+  echo; echo "=== parity on cuda: fp8 against bf16, tiny, 200 steps ==="
+  timeout 300 bun apps/trainer/src/cli.ts parity --backend cuda --steps 200 --out "$OUT/parity-cuda" 2>&1 | tail -8
+  grep -h fp8_ "$OUT/run-cuda/metrics.jsonl" | tail -1
+fi
 if want bench; then
   echo; echo "=== bench step small (cuda) and the PyTorch baseline ==="
   for p in fp8 bf16; do timeout 200 bun apps/trainer/src/cli.ts bench step --config small --backend cuda --precision $p --steps 3 --json; done
-  (cd /work/shared/reference 2>/dev/null || cd ../shared/reference; timeout 200 python3 torch_ref_moe.py small --steps 10; timeout 300 python3 torch_ref_moe.py small --compile --steps 10) 2>&1 | grep '^{' | tee "$OUT/torch.txt"
+  ref=$(find / -xdev -name torch_ref_moe.py 2>/dev/null | head -1)
+  echo "PyTorch reference: ${ref:-not found}"
+  if [ -n "$ref" ]; then
+    (timeout 150 python3 "$ref" small --steps 10; timeout 300 python3 "$ref" small --compile --steps 10) 2>&1 | tail -4 | tee "$OUT/torch.txt"
+  fi
 fi
 exit $rc

@@ -8,13 +8,41 @@ describe("train, eval and sample on the bundled corpus", () => {
   const run = join(tmp("e2e"), "run");
 
   it("the loss falls well below uniform (5.55 nats) and every output is written", () => {
-    const r = cli(["train", "--steps", "150", "--batch-size", "8", "--seq-len", "64", "--eval-every", "50", "--log-every", "25", "--out", run, "--trace-precision"]);
+    const r = cli([
+      "train",
+      "--steps",
+      "150",
+      "--batch-size",
+      "8",
+      "--seq-len",
+      "64",
+      "--eval-every",
+      "50",
+      "--log-every",
+      "25",
+      "--out",
+      run,
+      "--trace-precision",
+    ]);
     expect(r.status, r.stderr).toBe(0);
     expect(r.stdout).toMatch(/step +25\/150 \| loss [\d.]+ .*tok\/s .*eta/);
     expect(r.stdout).toMatch(/precision trace:\npackage +fprop +dgrad +wgrad\nattention +fp8 +fp8 +fp8/);
-    const rows = readFileSync(join(run, "metrics.jsonl"), "utf8").trim().split("\n").map((l) => JSON.parse(l));
+    const rows = readFileSync(join(run, "metrics.jsonl"), "utf8")
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l));
     expect(rows).toHaveLength(150);
-    for (const k of ["step", "loss", "lr", "grad_norm", "tokens_per_s", "ms_per_step", "load_cv", "load_max_over_mean"]) expect(rows[0]).toHaveProperty(k);
+    for (const k of [
+      "step",
+      "loss",
+      "lr",
+      "grad_norm",
+      "tokens_per_s",
+      "ms_per_step",
+      "load_cv",
+      "load_max_over_mean",
+    ])
+      expect(rows[0]).toHaveProperty(k);
     const tail = rows.slice(-20).reduce((a, r) => a + r.loss, 0) / 20;
     expect(rows[0].loss).toBeGreaterThan(5.3);
     expect(tail).toBeLessThan(3.2);
@@ -25,15 +53,35 @@ describe("train, eval and sample on the bundled corpus", () => {
     expect(svg).toMatch(/^<svg/);
     expect(svg).toContain("validation loss");
     const ck = join(run, "checkpoints", "step-150");
-    for (const f of ["model.safetensors", "optimizer.safetensors", "config.json", "trainer-state.json", "checksums.json"])
+    for (const f of [
+      "model.safetensors",
+      "optimizer.safetensors",
+      "config.json",
+      "trainer-state.json",
+      "checksums.json",
+    ])
       expect(existsSync(join(ck, f)), f).toBe(true);
     const hf = JSON.parse(readFileSync(join(ck, "config.json"), "utf8"));
-    expect(hf).toMatchObject({ model_type: "deepseek_v3", architectures: ["DeepseekV3ForCausalLM"], q_lora_rank: null, n_group: 1 });
+    expect(hf).toMatchObject({
+      model_type: "deepseek_v3",
+      architectures: ["DeepseekV3ForCausalLM"],
+      q_lora_rank: null,
+      n_group: 1,
+    });
     expect(readFileSync(join(ck, "config.json"), "utf8")).toMatch(/"routed_scaling_factor": 1\.0,/);
   }, 600_000);
 
   it("eval prints {loss, tokens} over consecutive windows", () => {
-    const r = cli(["eval", "--checkpoint", join(run, "checkpoints", "step-150"), "--data", "datasets/default", "--batches", "2", "--json"]);
+    const r = cli([
+      "eval",
+      "--checkpoint",
+      join(run, "checkpoints", "step-150"),
+      "--data",
+      "datasets/default",
+      "--batches",
+      "2",
+      "--json",
+    ]);
     expect(r.status, r.stderr).toBe(0);
     const j = JSON.parse(r.stdout);
     expect(j.tokens).toBe(2 * 8 * 64);
@@ -42,7 +90,17 @@ describe("train, eval and sample on the bundled corpus", () => {
   }, 120_000);
 
   it("sample generates text", () => {
-    const r = cli(["sample", "--checkpoint", join(run, "checkpoints", "step-150"), "--prompt", "ROMEO", "--tokens", "40", "--temperature", "0.5"]);
+    const r = cli([
+      "sample",
+      "--checkpoint",
+      join(run, "checkpoints", "step-150"),
+      "--prompt",
+      "ROMEO",
+      "--tokens",
+      "40",
+      "--temperature",
+      "0.5",
+    ]);
     expect(r.status, r.stderr).toBe(0);
     expect(r.stdout.startsWith("ROMEO")).toBe(true);
     expect(r.stdout.length).toBeGreaterThan(30);

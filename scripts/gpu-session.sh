@@ -17,7 +17,13 @@ export MOE8_CUDA_LIB_DIR="${dirs%:}" LD_LIBRARY_PATH="${dirs%:}${LD_LIBRARY_PATH
 moe8() { bun apps/trainer/src/cli.ts "$@"; }
 want() { [ $# -eq 0 ] || [[ " $WANT " == *" $1 "* ]]; }
 WANT="${*:-check hf curve small parity bench}"
-if want diag; then bun packages/kernels/test/lt-fp8-diag.ts 2>&1 | tee "$OUT/diag.txt"; fi
+if want diag; then
+  echo "=== cuBLASLt block-scaled FP8 (MOE8_CUBLASLT_FP8_BLOCK=1) against the tiled kernel ==="
+  MOE8_CUBLASLT_FP8_BLOCK=1 bun packages/kernels/test/lt-fp8-diag.ts 2>&1 | tee "$OUT/diag.txt"
+  MOE8_CUBLASLT_FP8_BLOCK=1 bun packages/kernels/test/cuda-smoke.ts 2>&1 | tail -3
+  MOE8_CUBLASLT_FP8_BLOCK=1 timeout 200 bun apps/trainer/src/cli.ts train --backend cuda --steps 200 --eval-every 100 --log-every 100 --out "$OUT/lt-curve" 2>&1 | tail -4
+  MOE8_CUBLASLT_FP8_BLOCK=1 timeout 200 bun apps/trainer/src/cli.ts bench step --config small --backend cuda --precision fp8 --steps 3 --json
+fi
 rc=0
 if want check; then bash scripts/gpu-check.sh || rc=1; fi
 if want hf; then

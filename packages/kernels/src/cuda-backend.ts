@@ -608,8 +608,22 @@ export class CudaBackend extends HostLifetimes implements Backend {
     const key = `fp8,${qa.group},${qb.group},${qa.format},${qb.format},${M},${N},${K}`;
     if (this.ltRefused.has(key)) return false;
     let aScale = this.p(qa.scales);
+    let bScale = this.p(qb.scales);
     let tmp: DeviceBuffer | null = null;
+    let tmpB: DeviceBuffer | null = null;
     if (tileBlock) {
+      // cuBLASLt reads 128x128 weight scales [N/128][K/128] with each row padded to a multiple of 4
+      // (unpadded, every block row after the first read the wrong scales on the H200).
+      const nb = Math.ceil(N / 128);
+      const kb = K / 128;
+      const ld = Math.ceil(kb / 4) * 4;
+      if (ld !== kb) {
+        tmpB = this.scratch(nb * ld * 4);
+        const src = bScale;
+        const dst = tmpB.ptr;
+        this.launch("elementwise", "pad_rows_f32", this.g1(nb * ld), 256, (x) => x.u64(src).u64(dst).i32(nb).i32(kb).i32(ld));
+        bScale = tmpB.ptr;
+      }
       // cuBLASLt reads 1x128 activation scales as [K/128][M] (M contiguous): transpose ours.
       const kt = K / 128;
       tmp = this.scratch(M * kt * 4);
@@ -633,7 +647,7 @@ export class CudaBackend extends HostLifetimes implements Backend {
           this.p(b),
           qb.format,
           true,
-          this.p(qb.scales),
+          bScale,
           mode[1],
           c,
           M,
@@ -647,6 +661,7 @@ export class CudaBackend extends HostLifetimes implements Backend {
       N,
     );
     tmp?.free();
+    tmpB?.free();
     return ok;
   }
 

@@ -38,6 +38,15 @@ KERNEL void acc_add_f32(float* acc, const float* c, int roundBf16, i64 n) {
   }
 }
 
+// out[r][c] = x[r][c] for c < C, 0 for C <= c < ld: an R x C f32 matrix copied with row stride ld
+// (cuBLASLt reads 128x128 block scales with rows padded to a multiple of 4).
+KERNEL void pad_rows_f32(const float* x, float* out, int R, int C, int ld) {
+  GRID_LOOP(i, (i64)R * ld) {
+    const int r = (int)(i / ld), c = (int)(i % ld);
+    out[i] = c < C ? x[(i64)r * C + c] : 0.0f;
+  }
+}
+
 // out[c][r] = x[r][c] for an R x C f32 matrix (the activation scales cuBLASLt reads M-contiguous).
 KERNEL void transpose_f32(const float* x, float* out, int R, int C) {
   GRID_LOOP(i, (i64)R * C) {

@@ -62,7 +62,8 @@ describe("MoELayer", () => {
       m.updateBias();
       const bias = (await m.bias.read()) as Float32Array;
       const mean = (40 * 2) / 4;
-      counts.forEach((c, e) => expect(bias[e]).toBeCloseTo(c > mean ? -0.001 : c < mean ? 0.001 : 0, 9));
+      for (const [e, c] of counts.entries())
+        expect(bias[e]).toBeCloseTo(c > mean ? -0.001 : c < mean ? 0.001 : 0, 9);
     });
   });
 });

@@ -192,10 +192,6 @@ export async function train(argv: string[]): Promise<number> {
         console.error(
           `step ${st.step}: non-finite loss (${r.totalLoss}) or gradient norm (${r.gradNorm}); update skipped`,
         );
-        if (st.consecutiveBad >= cfg.maxBadSteps)
-          throw new UsageError(
-            `${st.consecutiveBad} consecutive steps with a non-finite loss or gradient; stopping (the last good checkpoint is intact)`,
-          );
       } else st.consecutiveBad = 0;
       if (f["trace-precision"] && st.step === firstStep + 1)
         console.log(`precision trace:\n${s.model.trace.format()}`);
@@ -207,6 +203,10 @@ export async function train(argv: string[]): Promise<number> {
         }
       }
       metrics.append(m);
+      if (st.consecutiveBad >= cfg.maxBadSteps)
+        throw new UsageError(
+          `${st.consecutiveBad} consecutive steps with a non-finite loss or gradient; stopping (the last good checkpoint is intact)`,
+        );
       if (st.step % cfg.logEvery === 0 || st.step === cfg.steps || m.val_loss !== undefined) {
         const rate = ((st.step - firstStep) * tokensPerStep * 1000) / (performance.now() - t0);
         console.log(
@@ -224,7 +224,7 @@ export async function train(argv: string[]): Promise<number> {
         );
         metrics.writePlot(`moe8 ${cfg.precision} on ${s.backend.name}`);
       }
-      if (cfg.saveEvery > 0 && st.step % cfg.saveEvery === 0 && st.step < cfg.steps) {
+      if (cfg.saveEvery > 0 && st.step % cfg.saveEvery === 0 && st.step < cfg.steps && !r.skipped) {
         await saveCheckpoint(runDir, s, cfg, data, st);
         pruneCheckpoints(runDir, cfg.keepLast, st.bestStep);
       }

@@ -28,6 +28,8 @@ export interface RunResult {
   finalVal: number;
   tokensPerS: number;
   peakRssMb: number;
+  /** Peak device memory (cuda backend only). */
+  peakDeviceMb?: number;
 }
 
 export interface Variant {
@@ -63,6 +65,12 @@ export const SWEEP: Variant[] = [
   { label: "fp8-unscaled (negative control)", precision: "fp8-unscaled", overrides: {} },
 ];
 
+/** Peak device memory in MiB, when the backend keeps one (cuda). */
+function deviceMb(b: object): number | undefined {
+  const peak = (b as { peakMemory?: () => number }).peakMemory?.();
+  return peak === undefined ? undefined : Math.round(peak / 2 ** 20);
+}
+
 export function emaCurve(xs: number[], beta = 0.9): number[] {
   const out: number[] = [];
   let m = 0;
@@ -92,6 +100,7 @@ export async function trainForParity(
   const data = await openTrainData(c, modelCfg.vocab_size);
   const s = buildSession(c, modelCfg);
   const b = s.backend;
+  (b as { resetPeakMemory?: () => void }).resetPeakMemory?.(); // per-policy peak, not the process's
   const losses: number[] = [];
   let peak = 0;
   const t0 = performance.now();
@@ -123,6 +132,7 @@ export async function trainForParity(
       finalVal: await validationLoss(s, data, c),
       tokensPerS: (c.steps * c.batchSize * c.seqLen) / secs,
       peakRssMb: Math.round(peak / 2 ** 20),
+      peakDeviceMb: deviceMb(b),
     };
   } finally {
     s.dispose();
@@ -136,6 +146,7 @@ export interface Comparison {
   valRelDiff: number;
   tokensPerS: number;
   peakRssMb: number;
+  peakDeviceMb?: number;
 }
 
 function compare(a: RunResult, b: RunResult, label = a.label): Comparison {
@@ -146,6 +157,7 @@ function compare(a: RunResult, b: RunResult, label = a.label): Comparison {
     valRelDiff: relDiff(a.finalVal, b.finalVal),
     tokensPerS: a.tokensPerS,
     peakRssMb: a.peakRssMb,
+    peakDeviceMb: a.peakDeviceMb,
   };
 }
 
@@ -284,7 +296,7 @@ export async function parity(argv: string[]): Promise<number> {
     );
     for (const c of mean)
       console.log(
-        `${c.label.padEnd(40)} ${pct(c.trainRelDiff).padStart(22)} ${pct(c.valRelDiff).padStart(12)}  ${String(Math.round(c.tokensPerS)).padStart(8)}  ${c.peakRssMb} MB`,
+        `${c.label.padEnd(40)} ${pct(c.trainRelDiff).padStart(22)} ${pct(c.valRelDiff).padStart(12)}  ${String(Math.round(c.tokensPerS)).padStart(8)}  ${c.peakRssMb} MB${c.peakDeviceMb !== undefined ? `, device ${c.peakDeviceMb} MB` : ""}`,
       );
     console.log(
       `(relative to ${against}: (L - L_${against}) / L_${against}; written ${join(out, "parity.json")} and parity.svg)`,

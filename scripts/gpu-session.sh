@@ -58,8 +58,9 @@ if want parity; then
 fi
 if want bench; then
   echo; echo "=== bench step small (cuda) and the PyTorch baseline ==="
-  for p in fp8 bf16; do timeout 200 bun apps/trainer/src/cli.ts bench step --config small --backend cuda --precision $p --steps 3 --json; done
-  ref=$(find / -xdev -name torch_ref_moe.py 2>/dev/null | head -1)
+  for p in fp8 bf16; do timeout 200 bun apps/trainer/src/cli.ts bench step --config small --backend cuda --precision $p --steps 3 --profile --json; done
+  cp bench-profile-*.json "$OUT/" 2>/dev/null
+  ref=$(ls .gpu-bundle/torch_ref_moe.py 2>/dev/null || find / -xdev -name torch_ref_moe.py 2>/dev/null | head -1)
   echo "PyTorch reference: ${ref:-not found}"
   if [ -n "$ref" ]; then
     (timeout 150 python3 "$ref" small --steps 10; timeout 300 python3 "$ref" small --compile --steps 10) 2>&1 | tail -4 | tee "$OUT/torch.txt"

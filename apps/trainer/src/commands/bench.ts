@@ -1,10 +1,11 @@
 // `moe8 bench gemm|ops|step`: benchmarks reported as numbers and as ratios against a baseline
 // measured in the same run (never asserted by timed tests).
 import { spawnSync } from "node:child_process";
+import { writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { createBackend, requireNative } from "@moe8/kernels";
-import { CONFIGS, STEP_SHAPES, trainStep } from "@moe8/model";
+import { CONFIGS, countParams, type ModelConfig, STEP_SHAPES, trainStep } from "@moe8/model";
 import { type Backend, Rng, type Tensor } from "@moe8/tensor";
 import { parseArgs } from "../args.ts";
 import { UsageError } from "../errors.ts";
@@ -130,6 +131,67 @@ async function gemm(flags: Record<string, unknown>): Promise<number> {
   return 0;
 }
 
+/** Training FLOPs per token: 6 x active matmul parameters (the embedding lookup is not a GEMM) plus
+ *  causal attention (QK^T and PV over T/2 keys on average, x3 for forward and backward). */
+export function trainFlopsPerToken(c: ModelConfig, seq: number): number {
+  const { active } = countParams(c);
+  const matmul = active - c.vocab_size * c.hidden_size;
+  const attn =
+    3 *
+    seq *
+    c.num_attention_heads *
+    (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) *
+    c.num_hidden_layers;
+  return 6 * matmul + attn;
+}
+
+/** The issue's measured H200 ceilings (cuBLASLt, TFLOP/s): FP8 with 1x128/128x128 scaling, BF16. */
+const CEILINGS = { fp8: 1320, bf16: 800 };
+
+/**
+ * Time per op class over one training step: every backend method is timed (and a device backend
+ * synchronised after each op, which slows the step but attributes the time), then restored.
+ */
+async function profileStep(
+  b: Backend,
+  run: () => Promise<unknown>,
+): Promise<{ op: string; ms: number; calls: number }[]> {
+  const rec = b as unknown as Record<string, unknown>;
+  const sync = (b as { synchronize?: () => void }).synchronize?.bind(b);
+  const names = Object.getOwnPropertyNames(Object.getPrototypeOf(b)).filter(
+    (k) =>
+      k !== "constructor" &&
+      typeof rec[k] === "function" &&
+      !["read", "scope", "keep", "release", "stats", "synchronize"].includes(k),
+  );
+  const acc = new Map<string, { ms: number; calls: number }>();
+  for (const k of names) {
+    const f = (rec[k] as (...a: unknown[]) => unknown).bind(b);
+    rec[k] = (...a: unknown[]) => {
+      const t = performance.now();
+      const r = f(...a);
+      sync?.();
+      const o = a.find((x) => x && typeof x === "object" && "precision" in (x as object)) as
+        | { precision?: string }
+        | undefined;
+      const key = o?.precision ? `${k}:${o.precision}` : k;
+      const e = acc.get(key) ?? { ms: 0, calls: 0 };
+      e.ms += performance.now() - t;
+      e.calls++;
+      acc.set(key, e);
+      return r;
+    };
+  }
+  try {
+    await run();
+  } finally {
+    for (const k of names) delete rec[k];
+  }
+  return [...acc]
+    .map(([op, v]) => ({ op, ms: +v.ms.toFixed(3), calls: v.calls }))
+    .sort((x, y) => y.ms - x.ms);
+}
+
 async function step(flags: Record<string, unknown>): Promise<number> {
   const configName = String(flags.config ?? "tiny");
   if (configName !== "tiny" && configName !== "small")
@@ -154,6 +216,7 @@ async function step(flags: Record<string, unknown>): Promise<number> {
     const B = cfg.batchSize;
     const ids = b.keep(b.upload(rng.ints(B * T, modelCfg.vocab_size), [B * T], "i32"));
     const tg = b.keep(b.upload(rng.ints(B * T, modelCfg.vocab_size), [B * T], "i32"));
+    (b as { resetPeakMemory?: () => void }).resetPeakMemory?.();
     let peakRss = 0;
     const ms = await timeIt(
       async () => {
@@ -163,15 +226,33 @@ async function step(flags: Record<string, unknown>): Promise<number> {
       steps,
       120_000,
     );
-    const row = {
+    const tokensPerS = (B * T * 1000) / ms;
+    const tflops = (trainFlopsPerToken(modelCfg, T) * tokensPerS) / 1e12;
+    const peakDevice = (b as { peakMemory?: () => number }).peakMemory?.();
+    const row: Record<string, unknown> = {
       config: configName,
       backend: b.name,
       precision,
       tokens_per_step: B * T,
       ms_per_step: +ms.toFixed(1),
-      tokens_per_s: Math.round((B * T * 1000) / ms),
+      tokens_per_s: Math.round(tokensPerS),
+      model_tflops: +tflops.toFixed(3),
       peak_rss_mb: Math.round(peakRss / 2 ** 20),
     };
+    if (peakDevice !== undefined) {
+      row.peak_device_mb = Math.round(peakDevice / 2 ** 20);
+      row.mfu_vs_bf16_ceiling = +(tflops / CEILINGS.bf16).toFixed(4);
+      row.mfu_vs_fp8_ceiling = +(tflops / CEILINGS.fp8).toFixed(4);
+    }
+    if (flags.profile) {
+      const prof = await profileStep(b, () => trainStep(s.model, s.opt, ids, tg, { batch: B, seq: T }, 1e-3));
+      const file = `bench-profile-${configName}-${b.name}-${precision}.json`;
+      writeFileSync(file, `${JSON.stringify(prof, null, 2)}\n`);
+      row.profile = file;
+      if (!flags.json)
+        for (const p of prof.slice(0, 12))
+          console.log(`  ${p.op.padEnd(28)} ${p.ms.toFixed(1).padStart(9)} ms  ${p.calls} calls`);
+    }
     rows.push(row);
     if (!flags.json)
       console.log(
@@ -253,6 +334,7 @@ export async function bench(argv: string[]): Promise<number> {
     steps: "int",
     "batch-size": "int",
     json: "boolean",
+    profile: "boolean",
     baseline: "boolean",
     debug: "boolean",
   });

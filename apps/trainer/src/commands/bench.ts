@@ -6,7 +6,7 @@ import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { createBackend, requireNative } from "@moe8/kernels";
 import { CONFIGS, countParams, type ModelConfig, STEP_SHAPES, trainStep } from "@moe8/model";
-import { type Backend, Rng, type Tensor } from "@moe8/tensor";
+import { type Backend, Rng, type Tensor, TsBackend } from "@moe8/tensor";
 import { parseArgs } from "../args.ts";
 import { UsageError } from "../errors.ts";
 import { DEFAULTS, resolveModel, type TrainConfig } from "../run/config.ts";
@@ -158,12 +158,13 @@ async function profileStep(
 ): Promise<{ op: string; ms: number; calls: number }[]> {
   const rec = b as unknown as Record<string, unknown>;
   const sync = (b as { synchronize?: () => void }).synchronize?.bind(b);
-  const names = Object.getOwnPropertyNames(Object.getPrototypeOf(b)).filter(
-    (k) =>
-      k !== "constructor" &&
-      typeof rec[k] === "function" &&
-      !["read", "scope", "keep", "release", "stats", "synchronize"].includes(k),
+  // The Backend interface's ops (the reference backend implements exactly those, plus two private
+  // helpers); a backend's own helpers would be counted twice inside the ops that call them.
+  const ops = Object.getOwnPropertyNames(TsBackend.prototype).filter(
+    (k) => !["constructor", "gemmInto", "finish"].includes(k),
   );
+  const names = ops.filter((k) => typeof rec[k] === "function");
+
   const acc = new Map<string, { ms: number; calls: number }>();
   for (const k of names) {
     const f = (rec[k] as (...a: unknown[]) => unknown).bind(b);

@@ -207,6 +207,32 @@ function checkMatmul(
   if (b.length !== K * N) throw new Error(`${name}: B has ${b.length} values, expected ${K}x${N}`);
 }
 
+/**
+ * op(A) op(B) summed in order of k, into `out`. With `f32` each product and each partial sum is
+ * rounded to f32 (no FMA); without it the sum is kept in f64.
+ */
+function gemmLoop(
+  a: ArrayLike<number>,
+  b: ArrayLike<number>,
+  M: number,
+  K: number,
+  N: number,
+  opts: MatmulOptions,
+  out: Float32Array | Float64Array,
+  f32: boolean,
+): void {
+  for (let m = 0; m < M; m++)
+    for (let n = 0; n < N; n++) {
+      let acc = 0;
+      for (let k = 0; k < K; k++) {
+        const av = opts.transA ? a[k * M + m] : a[m * K + k];
+        const bv = opts.transB ? b[n * K + k] : b[k * N + n];
+        acc = f32 ? Math.fround(acc + Math.fround(av * bv)) : acc + av * bv;
+      }
+      out[m * N + n] = acc;
+    }
+}
+
 /** Plain f32 GEMM: each product rounded to f32, then added in order of k into an f32 sum (no FMA). */
 export function matmulF32(
   a: Float32Array,
@@ -218,16 +244,7 @@ export function matmulF32(
 ): Float32Array {
   checkMatmul("matmulF32", a, b, M, K, N);
   const out = new Float32Array(M * N);
-  for (let m = 0; m < M; m++)
-    for (let n = 0; n < N; n++) {
-      let acc = 0;
-      for (let k = 0; k < K; k++) {
-        const av = opts.transA ? a[k * M + m] : a[m * K + k];
-        const bv = opts.transB ? b[n * K + k] : b[k * N + n];
-        acc = Math.fround(acc + Math.fround(av * bv));
-      }
-      out[m * N + n] = acc;
-    }
+  gemmLoop(a, b, M, K, N, opts, out, true);
   return out;
 }
 
@@ -255,15 +272,6 @@ export function matmulF64(
 ): Float64Array {
   checkMatmul("matmulF64", a, b, M, K, N);
   const out = new Float64Array(M * N);
-  for (let m = 0; m < M; m++)
-    for (let n = 0; n < N; n++) {
-      let acc = 0;
-      for (let k = 0; k < K; k++) {
-        const av = opts.transA ? a[k * M + m] : a[m * K + k];
-        const bv = opts.transB ? b[n * K + k] : b[k * N + n];
-        acc += av * bv;
-      }
-      out[m * N + n] = acc;
-    }
+  gemmLoop(a, b, M, K, N, opts, out, false);
   return out;
 }

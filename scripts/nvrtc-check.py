@@ -8,7 +8,8 @@ does at run time (src/cuda/nvrtc.rs). NVRTC comes from the `nvidia-cuda-nvrtc` P
     pip install nvidia-cuda-nvrtc==13.0.88
 
 Prints one line per kernel module and exits non-zero on any compile error (with the log), or with
-exit code 2 when libnvrtc cannot be found. Usage: nvrtc-check.py [--arch sm_90a] [--lib PATH]
+exit code 2 when libnvrtc cannot be found.
+Usage: nvrtc-check.py [--arch sm_90a] [--lib PATH] [--ptxas-verbose (registers and spills per kernel)]
 """
 import argparse
 import ctypes
@@ -57,6 +58,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="sm_90a")
     ap.add_argument("--lib", default=None)
+    ap.add_argument("--ptxas-verbose", action="store_true", help="print registers and spills per kernel")
     args = ap.parse_args()
     lib, where = find_nvrtc(args.lib)
     if lib is None:
@@ -68,7 +70,7 @@ def main():
     print(f"nvrtc-check: NVRTC {major.value}.{minor.value} ({where}), arch {args.arch}")
     with open(os.path.join(KDIR, "common.cuh")) as f:
         common = f.read()
-    opts = options(args.arch)
+    opts = options(args.arch) + (["--ptxas-options=-v"] if args.ptxas_verbose else [])
     copts = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
     sources = sorted(glob.glob(os.path.join(KDIR, "*.cu")))
     if not sources:

@@ -107,6 +107,9 @@ function checkFp8Operand(t: Tensor, what: string, kAlongCols: boolean): void {
   }
 }
 
+/** Head shapes (dqk_dv) with tensor-core attention kernels in flash.cu (FLASH_SHAPE lines). */
+const FLASH_SHAPES = new Set(["32_32", "48_32", "64_64", "96_64", "128_128"]);
+
 export class CudaBackend extends HostLifetimes implements Backend {
   readonly name = "cuda" as const;
   private readonly n: NativeAddon;
@@ -124,6 +127,8 @@ export class CudaBackend extends HostLifetimes implements Backend {
    * the same as per-tensor scaling) once the weight-scale rows are padded to a multiple of 4.
    */
   readonly useLtFp8Block = process.env.MOE8_CUBLASLT_FP8_BLOCK !== "0";
+  /** Tensor-core kernels (flash.cu, gemm_fp8_mma); MOE8_TENSOR_CORES=0 keeps the simple reference kernels. */
+  readonly useTensorCores = process.env.MOE8_TENSOR_CORES !== "0";
 
   constructor() {
     super();
@@ -695,9 +700,9 @@ export class CudaBackend extends HostLifetimes implements Backend {
       const promotion = o.promotion ?? 128;
       if (!(Number.isInteger(promotion) && promotion > 0))
         throw new Error(`scaledMatmul: promotion must be a positive integer (got ${promotion})`);
-      this.launch("gemm", "gemm_fp8", grid, 256, (x) =>
-        x
-          .u64(this.p(a))
+      const mma = this.useTensorCores && promotion === 128;
+      this.launch("gemm", mma ? "gemm_fp8_mma" : "gemm_fp8", grid, mma ? 128 : 256, (x) => {
+        x.u64(this.p(a))
           .u64(this.p(qa.scales))
           .i32(GROUP[qa.group])
           .i32(FMT[qa.format])
@@ -717,9 +722,9 @@ export class CudaBackend extends HostLifetimes implements Backend {
           .i32(bRows)
           .i32(bCols)
           .i32(acc)
-          .i32(ob)
-          .i32(promotion),
-      );
+          .i32(ob);
+        if (!mma) x.i32(promotion);
+      });
       return;
     }
     this.launch("gemm", "gemm_f32", grid, 256, (x) =>
@@ -913,10 +918,32 @@ export class CudaBackend extends HostLifetimes implements Backend {
     return { dqk, dv, grid: [Math.max(1, cdiv(rows, 4))] as [number], lowp: o.precision === "bf16" ? 1 : 0 };
   }
 
+  /** flash.cu's entry-point suffix for a BF16 attention of these head sizes, or null (attention.cu). */
+  private flashShape(dqk: number, dv: number, lowp: number, ...ts: Tensor[]): string | null {
+    if (!lowp || !this.useTensorCores || !FLASH_SHAPES.has(`${dqk}_${dv}`)) return null;
+    // float4 tile loads: every operand must start on a 16-byte boundary.
+    return ts.every((t) => this.p(t) % 16 === 0) ? `${dqk}_${dv}` : null;
+  }
+
   attention(q: Tensor, k: Tensor, v: Tensor, o: AttentionOptions) {
     const { dqk, dv, grid, lowp } = this.attnDims(q, v, o);
     const out = this.make([q.rows, v.cols], "f32");
     const lse = this.make([o.batch * o.heads * o.seq], "f32");
+    const flash = this.flashShape(dqk, dv, lowp, q, k, v);
+    if (flash) {
+      this.launch("flash", `flash_fwd_${flash}`, [cdiv(o.seq, 64), o.batch * o.heads], 128, (a) =>
+        a
+          .u64(this.p(q))
+          .u64(this.p(k))
+          .u64(this.p(v))
+          .u64(this.p(out))
+          .u64(this.p(lse))
+          .i32(o.seq)
+          .i32(o.heads)
+          .f32(o.scale),
+      );
+      return { o: out, lse };
+    }
     this.launch("attention", "attn_fwd", grid, 128, (a) =>
       a
         .u64(this.f32p(q, "attention"))
@@ -961,6 +988,24 @@ export class CudaBackend extends HostLifetimes implements Backend {
         .i32(dv)
         .i32(lowp),
     );
+    const flash = this.flashShape(dqk, dv, lowp, dO, q, k, v);
+    if (flash) {
+      const fl = (a: Args) =>
+        a
+          .u64(this.p(dO))
+          .u64(this.p(q))
+          .u64(this.p(k))
+          .u64(this.p(v))
+          .u64(this.f32p(lse, "attentionBackward"))
+          .u64(D.ptr);
+      const fgrid: [number, number] = [cdiv(T, 64), B * H];
+      this.launch("flash", `flash_dq_${flash}`, fgrid, 128, (a) => fl(a).u64(this.p(dq)).i32(T).i32(H).f32(o.scale));
+      this.launch("flash", `flash_dkdv_${flash}`, fgrid, 128, (a) =>
+        fl(a).u64(this.p(dk)).u64(this.p(dvv)).i32(T).i32(H).f32(o.scale),
+      );
+      D.free();
+      return { dq, dk, dv: dvv };
+    }
     const common = (a: Args) =>
       a
         .u64(this.p(dO))

@@ -22,6 +22,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("gemm", include_str!("kernels/gemm.cu")),
     ("nn", include_str!("kernels/nn.cu")),
     ("attention", include_str!("kernels/attention.cu")),
+    ("flash", include_str!("kernels/flash.cu")),
     ("moe", include_str!("kernels/moe.cu")),
     ("optim", include_str!("kernels/optim.cu")),
 ];

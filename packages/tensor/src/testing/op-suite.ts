@@ -194,10 +194,11 @@ export function opSuite(name: string, make: () => Backend): void {
           }
     });
 
-    it("matmul fp8 for Fprop, Dgrad and Wgrad operand layouts", async () => {
-      const T = 200;
-      const din = 129;
-      const dout = 300;
+    // Odd sizes (byte-wise tile loads), then sizes a multiple of 16 (vectorised loads, whole tiles).
+    it.each([
+      [200, 129, 300],
+      [256, 384, 192],
+    ])("matmul fp8 for Fprop, Dgrad and Wgrad operand layouts (T %i, in %i, out %i)", async (T, din, dout) => {
       const x = rng.normals(T * din);
       const w = rng.normals(dout * din, 0.05);
       const dy = rng.normals(T * dout);
@@ -342,6 +343,28 @@ export function opSuite(name: string, make: () => Backend): void {
           },
           precision === "f32" ? 2e-5 : 2e-2,
         );
+    });
+
+    // Head sizes a multiple of 16 take the tensor-core kernels on cuda; 150 rows leave partial tiles.
+    it("causal attention forward and backward, bf16, tensor-core head sizes", async () => {
+      const B = 2;
+      const T = 150;
+      const H = 2;
+      const dqk = 48;
+      const dv = 32;
+      const q = rng.normals(B * T * H * dqk);
+      const k = rng.normals(B * T * H * dqk);
+      const v = rng.normals(B * T * H * dv);
+      const dO = rng.normals(B * T * H * dv);
+      await same((b) => {
+        const opts = { batch: B, seq: T, heads: H, scale: 1 / Math.sqrt(dqk), precision: "bf16" as const };
+        const Q = b.upload(q, [B * T, H * dqk]);
+        const K = b.upload(k, [B * T, H * dqk]);
+        const V = b.upload(v, [B * T, H * dv]);
+        const { o, lse } = b.attention(Q, K, V, opts);
+        const g = b.attentionBackward(b.upload(dO, [B * T, H * dv]), Q, K, V, o, lse, opts);
+        return { o, lse, dq: g.dq, dk: g.dk, dv: g.dv };
+      }, 2e-2);
     });
 
     it("router, balance loss, permute/combine and bias update", async () => {

@@ -129,15 +129,166 @@ __device__ __forceinline__ void gemm_tile(
   }
 }
 
-template <int FP8>
+
+// --- FP8 on tensor cores ----------------------------------------------------------------------
+// mma.sync m16n8k32 with 8-bit inputs and f32 accumulation (PTX ISA fragment layouts, g = lane/4,
+// t = lane%4): A regs {row g, k 4t..4t+3}, {row g+8, k 4t..}, {row g, k 4t+16..}, {row g+8, k 4t+16..};
+// B regs {k 4t..4t+3, n g}, {k 4t+16.., n g}; C {row g, n 2t, 2t+1}, {row g+8, n 2t, 2t+1}.
+// Promotion as DeepSeek-V3 and DeepGEMM do it: each 128-long stretch of K is summed by the tensor
+// cores into a fresh f32 partial, which is then scaled by the two operands' group scales and added
+// to the f32 accumulator, exactly the factored branch of gemm_tile (summation order aside).
+__device__ __forceinline__ void mma_fp8(float* c, const u32* a, u32 b0, u32 b1, int fa, int fb) {
+#define MMA8(TA, TB)                                                                                     \
+  asm volatile("mma.sync.aligned.m16n8k32.row.col.f32." TA "." TB                                       \
+               ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                             \
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                          \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
+  if (fa == 0 && fb == 0) MMA8("e4m3", "e4m3");
+  else if (fa == 0) MMA8("e4m3", "e5m2");
+  else if (fb == 0) MMA8("e5m2", "e4m3");
+  else MMA8("e5m2", "e5m2");
+#undef MMA8
+}
+
+#define MMA_LD 48  // bytes per row of a shared tile: 32 k-bytes, padded so fragment loads miss no bank
+
+// s[r][k] = the 64 x 32 tile of rows r0.. and k0.. of an FP8 operand with `rows` rows and K
+// columns, stored [rows, K] (kcols = 1) or [K, rows] (kcols = 0); zero bytes (+0) outside.
+__device__ __forceinline__ void mma_load_tile(u8* s, const u8* g, int kcols, int rows, int K, int r0, int k0) {
+  const int i = threadIdx.x;
+  if (kcols) {
+    const int r = i >> 1, kk = (i & 1) * 16, row = r0 + r, k = k0 + kk;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (row < rows && (K & 15) == 0 && k + 16 <= K) {
+      v = *(const uint4*)(g + (i64)row * K + k);
+    } else if (row < rows) {
+      u8 b[16];
+#pragma unroll
+      for (int j = 0; j < 16; j++) b[j] = k + j < K ? g[(i64)row * K + k + j] : 0;
+      v = *(const uint4*)b;
+    }
+    *(uint4*)(s + r * MMA_LD + kk) = v;
+    return;
+  }
+  const int kk = i >> 2, rs = (i & 3) * 16, k = k0 + kk, row = r0 + rs;
+  u8 b[16];
+  if (k < K && (rows & 15) == 0 && row + 16 <= rows) {
+    *(uint4*)b = *(const uint4*)(g + (i64)k * rows + row);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 16; j++) b[j] = (k < K && row + j < rows) ? g[(i64)k * rows + row + j] : 0;
+  }
+#pragma unroll
+  for (int j = 0; j < 16; j++) s[(rs + j) * MMA_LD + kk] = b[j];
+}
+
+__device__ __forceinline__ void gemm_tile_mma(
+    const u8* A, const float* As, int ga, int fa, int aKcols,
+    const u8* B, const float* Bs, int gb, int fb, int bKcols,
+    float* C, int M, int N, int K, int mTile, int nTile, int accumulate, int outBf16) {
+  __shared__ __align__(16) u8 sa[BM * MMA_LD];
+  __shared__ __align__(16) u8 sb[BN * MMA_LD];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
+  const int m0 = mTile * BM, n0 = nTile * BN;
+  float acc[2][4][4], part[2][4][4];
+#pragma unroll
+  for (int i = 0; i < 2; i++)
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) acc[i][j][e] = part[i][j][e] = 0.0f;
+  for (int k0 = 0; k0 < K; k0 += 32) {
+    mma_load_tile(sa, A, aKcols, M, K, m0, k0);
+    mma_load_tile(sb, B, bKcols, N, K, n0, k0);
+    __syncthreads();
+    u32 af[2][4], bf[4][2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+      const u8* p = sa + (wm + i * 16 + g) * MMA_LD + 4 * t;
+      af[i][0] = *(const u32*)p;
+      af[i][1] = *(const u32*)(p + 8 * MMA_LD);
+      af[i][2] = *(const u32*)(p + 16);
+      af[i][3] = *(const u32*)(p + 8 * MMA_LD + 16);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      const u8* p = sb + (wn + j * 8 + g) * MMA_LD + 4 * t;
+      bf[j][0] = *(const u32*)p;
+      bf[j][1] = *(const u32*)(p + 16);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+      for (int j = 0; j < 4; j++) mma_fp8(part[i][j], af[i], bf[j][0], bf[j][1], fa, fb);
+    __syncthreads();
+    const int kn = k0 + 32;
+    if ((kn & 127) != 0 && kn < K) continue;
+    const int cs = k0 & ~127;
+    float s1[2][2], s2[4][2];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        const int m = min(m0 + wm + i * 16 + g + 8 * h, M - 1);
+        s1[i][h] = As[aKcols ? scale_index(ga, m, cs, M, K) : scale_index(ga, cs, m, K, M)];
+      }
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+      for (int e = 0; e < 2; e++) {
+        const int n = min(n0 + wn + j * 8 + 2 * t + e, N - 1);
+        s2[j][e] = Bs[bKcols ? scale_index(gb, n, cs, N, K) : scale_index(gb, cs, n, K, N)];
+      }
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+      for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          acc[i][j][e] = __fadd_rn(acc[i][j][e], __fmul_rn(__fmul_rn(part[i][j][e], s1[i][e >> 1]), s2[j][e & 1]));
+          part[i][j][e] = 0.0f;
+        }
+  }
+#pragma unroll
+  for (int i = 0; i < 2; i++)
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int m = m0 + wm + i * 16 + g + 8 * (e >> 1), n = n0 + wn + j * 8 + 2 * t + (e & 1);
+        if (m >= M || n >= N) continue;
+        float v = acc[i][j][e];
+        if (outBf16) v = round_bf16(v);
+        float* c = C + (i64)m * N + n;
+        *c = accumulate ? *c + v : v;
+      }
+}
+
+template <int KIND>
+__device__ __forceinline__ void tile_any(
+    const void* A, const float* As, int ga, int fa, int aKcols,
+    const void* B, const float* Bs, int gb, int fb, int bKcols,
+    float* C, int M, int N, int K, int mTile, int nTile,
+    int accumulate, int outBf16, int inBf16, int promotion) {
+  if constexpr (KIND == 2)
+    gemm_tile_mma((const u8*)A, As, ga, fa, aKcols, (const u8*)B, Bs, gb, fb, bKcols, C, M, N, K, mTile, nTile,
+                  accumulate, outBf16);
+  else
+    gemm_tile<KIND>(A, As, ga, fa, aKcols, B, Bs, gb, fb, bKcols, C, M, N, K, mTile, nTile, accumulate, outBf16,
+                    inBf16, promotion);
+}
+
+// KIND: 0 f32/BF16 tiles, 1 FP8 tiles (any promotion), 2 FP8 on tensor cores (promotion 128).
+template <int KIND>
 __device__ __forceinline__ void gemm_dispatch(
     const void* A, const float* As, int ga, int fa, int aKcols,
     const void* B, const float* Bs, int gb, int fb, int bKcols,
     float* C, int M, int N, int K, int mode, const int* off, int E, int bRows, int bCols,
     int accumulate, int outBf16, int inBf16, int promotion) {
-  const int esz = FP8 ? 1 : 4;
+  const int esz = KIND ? 1 : 4;
   if (mode == 0) {
-    gemm_tile<FP8>(A, As, ga, fa, aKcols, B, Bs, gb, fb, bKcols, C, M, N, K, blockIdx.y, blockIdx.x,
+    tile_any<KIND>(A, As, ga, fa, aKcols, B, Bs, gb, fb, bKcols, C, M, N, K, blockIdx.y, blockIdx.x,
                    accumulate, outBf16, inBf16, promotion);
     return;
   }
@@ -155,7 +306,7 @@ __device__ __forceinline__ void gemm_dispatch(
     const float* as = As ? As + (ga == G_TENSOR ? 0 : (i64)off[e] * scale_count(ga, 1, K)) : As;
     const char* b = (const char*)B + (i64)e * bRows * bCols * esz;
     const float* bs = Bs ? Bs + (i64)e * scale_count(gb, bRows, bCols) : Bs;
-    gemm_tile<FP8>(a, as, ga, fa, 1, b, bs, gb, fb, bKcols, C + (i64)off[e] * N, rows, N, K, t, blockIdx.x,
+    tile_any<KIND>(a, as, ga, fa, 1, b, bs, gb, fb, bKcols, C + (i64)off[e] * N, rows, N, K, t, blockIdx.x,
                    accumulate, outBf16, inBf16, promotion);
     return;
   }
@@ -170,7 +321,7 @@ __device__ __forceinline__ void gemm_dispatch(
   }
   const char* a = (const char*)A + (i64)off[e] * M * esz;
   const char* b = (const char*)B + (i64)off[e] * N * esz;
-  gemm_tile<FP8>(a, As ? As + aso : As, ga, fa, 0, b, Bs ? Bs + bso : Bs, gb, fb, 0, C + (i64)e * M * N, M, N, rows,
+  tile_any<KIND>(a, As ? As + aso : As, ga, fa, 0, b, Bs ? Bs + bso : Bs, gb, fb, 0, C + (i64)e * M * N, M, N, rows,
                  blockIdx.y, blockIdx.x, accumulate, outBf16, inBf16, promotion);
 }
 
@@ -187,4 +338,13 @@ KERNEL void __launch_bounds__(256) gemm_fp8(
     int mode, const int* off, int E, int bRows, int bCols, int accumulate, int outBf16, int promotion) {
   gemm_dispatch<1>(A, As, ga, fa, aKcols, B, Bs, gb, fb, bKcols, C, M, N, K, mode, off, E, bRows, bCols,
                    accumulate, outBf16, 0, promotion);
+}
+
+// The same GEMMs on tensor cores when the promotion interval is 128 (the recipe's): 128 threads.
+KERNEL void __launch_bounds__(128) gemm_fp8_mma(
+    const u8* A, const float* As, int ga, int fa, int aKcols,
+    const u8* B, const float* Bs, int gb, int fb, int bKcols, float* C, int M, int N, int K,
+    int mode, const int* off, int E, int bRows, int bCols, int accumulate, int outBf16) {
+  gemm_dispatch<2>(A, As, ga, fa, aKcols, B, Bs, gb, fb, bKcols, C, M, N, K, mode, off, E, bRows, bCols,
+                   accumulate, outBf16, 0, 128);
 }

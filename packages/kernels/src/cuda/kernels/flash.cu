@@ -1,0 +1,345 @@
+// Causal attention on tensor cores for the BF16 attention core (FlashAttention-2 layout of work):
+// the reference is attention.cu (and packages/tensor/src/ts/nn.ts), same math, same rounding
+// points: q, k, v, dO and the probabilities P are BF16, every dot product accumulates in f32
+// (mma.sync m16n8k16 bf16 -> f32), lse and D stay f32, dS is rounded to BF16 before the GEMMs and
+// the softmax scale is applied to dq/dk afterwards (it is linear, and not a power of two).
+// Nothing of size T x T is stored: the forward makes two passes over the keys (row max and sum,
+// then P @ V with P = exp(s - lse) exactly as the backward recomputes it), the backward recomputes
+// P per tile. Layouts as attention.cu: q, k [B*T, H*DQK]; v, o, dO [B*T, H*DV]; lse, D [B*H*T].
+// Grid: x = tile of 64 queries (forward, dq) or 64 keys (dk/dv), y = b*H + h; 4 warps of 16 rows.
+//
+// Fragment layouts of mma.m16n8k16 (PTX ISA, g = lane / 4, t = lane % 4): A regs {row g, k 2t},
+// {row g+8, k 2t}, {row g, k 2t+8}, {row g+8, k 2t+8}; B regs {k 2t, n g}, {k 2t+8, n g};
+// C {row g, n 2t, 2t+1}, {row g+8, n 2t, 2t+1}. Two C tiles side by side are one A fragment of the
+// next GEMM (how P and dS feed P @ V, dS @ K, P^T @ dO and dS^T @ Q without shared memory).
+
+#define FROWS 64
+
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+  return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
+}
+
+__device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ u32 lds32(const u16* p) { return *(const u32*)p; }
+
+// s[r * LD + c] = bf16(g[(r0 + r) * ld + c]) for r < R, c < D (zero for rows >= rmax).
+template <int R, int D, int LD>
+__device__ __forceinline__ void tile_rows(u16* s, const float* g, i64 ld, int r0, int rmax) {
+  for (int i = threadIdx.x; i < R * (D / 4); i += blockDim.x) {
+    const int r = i / (D / 4), c = (i % (D / 4)) * 4;
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (r0 + r < rmax) v = *(const float4*)(g + (i64)(r0 + r) * ld + c);
+    *(u32*)(s + r * LD + c) = pack_bf16(v.x, v.y);
+    *(u32*)(s + r * LD + c + 2) = pack_bf16(v.z, v.w);
+  }
+}
+
+// The transpose: s[c * LD + r] = bf16(g[(r0 + r) * ld + c]).
+template <int R, int D, int LD>
+__device__ __forceinline__ void tile_cols(u16* s, const float* g, i64 ld, int r0, int rmax) {
+  for (int i = threadIdx.x; i < R * (D / 4); i += blockDim.x) {
+    const int r = i / (D / 4), c = (i % (D / 4)) * 4;
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (r0 + r < rmax) v = *(const float4*)(g + (i64)(r0 + r) * ld + c);
+    s[(c + 0) * LD + r] = f32_to_bf16(v.x);
+    s[(c + 1) * LD + r] = f32_to_bf16(v.y);
+    s[(c + 2) * LD + r] = f32_to_bf16(v.z);
+    s[(c + 3) * LD + r] = f32_to_bf16(v.w);
+  }
+}
+
+// A fragments of rows r and r + 8 (16 x D, BF16) straight from global f32 memory.
+template <int D>
+__device__ __forceinline__ void frags_global(u32 (*a)[4], const float* g, i64 ld, int r, int T) {
+  const int t = threadIdx.x & 3;
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ks++) {
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      const int row = r + 8 * h;
+      float2 lo = make_float2(0.0f, 0.0f), hi = lo;
+      if (row < T) {
+        lo = *(const float2*)(g + (i64)row * ld + ks * 16 + 2 * t);
+        hi = *(const float2*)(g + (i64)row * ld + ks * 16 + 8 + 2 * t);
+      }
+      a[ks][h] = pack_bf16(lo.x, lo.y);
+      a[ks][2 + h] = pack_bf16(hi.x, hi.y);
+    }
+  }
+}
+
+// acc[NT][4] += A (16 x 16*KS, registers) @ B where B^T is in shared memory row-major: row n of B^T
+// (column n of B) at s + n * LD, the k-th element at + k.
+template <int KS, int NT, int LD>
+__device__ __forceinline__ void mma_rows(float (*acc)[4], const u32 (*a)[4], const u16* s) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+    for (int ks = 0; ks < KS; ks++) {
+      const u16* p = s + (nt * 8 + g) * LD + ks * 16 + 2 * t;
+      mma_bf16(acc[nt], a[ks], lds32(p), lds32(p + 8));
+    }
+  }
+}
+
+// The A fragment for k-step kk made of C tiles 2kk and 2kk+1 (rounded to BF16).
+__device__ __forceinline__ void c_to_a(u32* a, const float (*c)[4], int kk) {
+  a[0] = pack_bf16(c[2 * kk][0], c[2 * kk][1]);
+  a[1] = pack_bf16(c[2 * kk][2], c[2 * kk][3]);
+  a[2] = pack_bf16(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+  a[3] = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+}
+
+template <int N>
+__device__ __forceinline__ void zero(float (*c)[4]) {
+#pragma unroll
+  for (int i = 0; i < N; i++) c[i][0] = c[i][1] = c[i][2] = c[i][3] = 0.0f;
+}
+
+// Rows r and r + 8 of a C accumulator (times mul) to global memory.
+template <int NT>
+__device__ __forceinline__ void store_rows(float* g, i64 ld, int r, int T, const float (*c)[4], float mul) {
+  const int t = threadIdx.x & 3;
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    const int row = r + 8 * h;
+    if (row >= T) continue;
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+      *(float2*)(g + (i64)row * ld + nt * 8 + 2 * t) = make_float2(c[nt][2 * h] * mul, c[nt][2 * h + 1] * mul);
+  }
+}
+
+template <int DQK, int DV>
+__device__ __forceinline__ void flash_fwd(const float* q, const float* k, const float* v, float* o, float* lse,
+                                          int T, int H, float scale) {
+  constexpr int BK = 64, LK = DQK + 8, LV = BK + 8;
+  __shared__ __align__(16) u16 sK[BK * LK];
+  __shared__ __align__(16) u16 sVt[DV * LV];
+  const int bh = blockIdx.y, b = bh / H, h = bh % H;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int q0 = blockIdx.x * FROWS, r = q0 + (threadIdx.x >> 5) * 16 + g;
+  const i64 ldq = (i64)H * DQK, ldv = (i64)H * DV;
+  const float* qb = q + (i64)b * T * ldq + h * DQK;
+  const float* kb = k + (i64)b * T * ldq + h * DQK;
+  const float* vb = v + (i64)b * T * ldv + h * DV;
+  u32 qa[DQK / 16][4];
+  frags_global<DQK>(qa, qb, ldq, r, T);
+  const int kend = min(q0 + FROWS, T);
+  float s[BK / 8][4];
+  // Pass 1: running row max m and per-thread partial sums l of exp(s - m) (rows r, r + 8).
+  float m[2] = {-f32_inf(), -f32_inf()}, l[2] = {0.0f, 0.0f};
+  for (int k0 = 0; k0 < kend; k0 += BK) {
+    __syncthreads();
+    tile_rows<BK, DQK, LK>(sK, kb, ldq, k0, T);
+    __syncthreads();
+    zero<BK / 8>(s);
+    mma_rows<DQK / 16, BK / 8, LK>(s, qa, sK);
+#pragma unroll
+    for (int hh = 0; hh < 2; hh++) {
+      float mx = -f32_inf();
+#pragma unroll
+      for (int nt = 0; nt < BK / 8; nt++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+          const int key = k0 + nt * 8 + 2 * t + e;
+          const float x = (key <= r + 8 * hh && key < T) ? s[nt][2 * hh + e] * scale : -f32_inf();
+          s[nt][2 * hh + e] = x;
+          mx = fmaxf(mx, x);
+        }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float mn = fmaxf(m[hh], mx);
+      if (mn == -f32_inf()) continue;
+      float sum = l[hh] * expf(m[hh] - mn);
+#pragma unroll
+      for (int nt = 0; nt < BK / 8; nt++) sum += expf(s[nt][2 * hh] - mn) + expf(s[nt][2 * hh + 1] - mn);
+      l[hh] = sum;
+      m[hh] = mn;
+    }
+  }
+  float L[2];
+#pragma unroll
+  for (int hh = 0; hh < 2; hh++) {
+    float sum = l[hh];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    L[hh] = m[hh] + logf(sum);
+    if (t == 0 && r + 8 * hh < T) lse[(i64)bh * T + r + 8 * hh] = L[hh];
+  }
+  // Pass 2: o = P @ V with P = bf16(exp(s - lse)).
+  float acc[DV / 8][4];
+  zero<DV / 8>(acc);
+  for (int k0 = 0; k0 < kend; k0 += BK) {
+    __syncthreads();
+    tile_rows<BK, DQK, LK>(sK, kb, ldq, k0, T);
+    tile_cols<BK, DV, LV>(sVt, vb, ldv, k0, T);
+    __syncthreads();
+    zero<BK / 8>(s);
+    mma_rows<DQK / 16, BK / 8, LK>(s, qa, sK);
+#pragma unroll
+    for (int nt = 0; nt < BK / 8; nt++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int key = k0 + nt * 8 + 2 * t + (e & 1), row = r + 8 * (e >> 1);
+        s[nt][e] = (key <= row && key < T) ? expf(s[nt][e] * scale - L[e >> 1]) : 0.0f;
+      }
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; kk++) {
+      u32 pa[1][4];
+      c_to_a(pa[0], s, kk);
+      mma_rows<1, DV / 8, LV>(acc, pa, sVt + kk * 16);
+    }
+  }
+  store_rows<DV / 8>(o + (i64)b * T * ldv + h * DV, ldv, r, T, acc, 1.0f);
+}
+
+// dq = scale * sum_keys bf16(P (dP - D)) k, per tile of 64 queries; key tiles of 32.
+template <int DQK, int DV>
+__device__ __forceinline__ void flash_bwd_dq(const float* dO, const float* q, const float* k, const float* v,
+                                             const float* lse, const float* D, float* dq, int T, int H, float scale) {
+  constexpr int BK = 32, LK = DQK + 8, LT = BK + 8, LV = DV + 8;
+  __shared__ __align__(16) u16 sK[BK * LK];
+  __shared__ __align__(16) u16 sKt[DQK * LT];
+  __shared__ __align__(16) u16 sV[BK * LV];
+  const int bh = blockIdx.y, b = bh / H, h = bh % H;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int q0 = blockIdx.x * FROWS, r = q0 + (threadIdx.x >> 5) * 16 + g;
+  const i64 ldq = (i64)H * DQK, ldv = (i64)H * DV;
+  const float* kb = k + (i64)b * T * ldq + h * DQK;
+  const float* vb = v + (i64)b * T * ldv + h * DV;
+  u32 qa[DQK / 16][4], da[DV / 16][4];
+  frags_global<DQK>(qa, q + (i64)b * T * ldq + h * DQK, ldq, r, T);
+  frags_global<DV>(da, dO + (i64)b * T * ldv + h * DV, ldv, r, T);
+  float L[2], Dr[2];
+#pragma unroll
+  for (int hh = 0; hh < 2; hh++) {
+    const bool in = r + 8 * hh < T;
+    L[hh] = in ? lse[(i64)bh * T + r + 8 * hh] : 0.0f;
+    Dr[hh] = in ? D[(i64)bh * T + r + 8 * hh] : 0.0f;
+  }
+  float acc[DQK / 8][4], s[BK / 8][4], dp[BK / 8][4];
+  zero<DQK / 8>(acc);
+  const int kend = min(q0 + FROWS, T);
+  for (int k0 = 0; k0 < kend; k0 += BK) {
+    __syncthreads();
+    tile_rows<BK, DQK, LK>(sK, kb, ldq, k0, T);
+    tile_cols<BK, DQK, LT>(sKt, kb, ldq, k0, T);
+    tile_rows<BK, DV, LV>(sV, vb, ldv, k0, T);
+    __syncthreads();
+    zero<BK / 8>(s);
+    zero<BK / 8>(dp);
+    mma_rows<DQK / 16, BK / 8, LK>(s, qa, sK);
+    mma_rows<DV / 16, BK / 8, LV>(dp, da, sV);
+#pragma unroll
+    for (int nt = 0; nt < BK / 8; nt++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int key = k0 + nt * 8 + 2 * t + (e & 1), row = r + 8 * (e >> 1);
+        const float P = (key <= row && key < T) ? expf(s[nt][e] * scale - L[e >> 1]) : 0.0f;
+        s[nt][e] = P * (dp[nt][e] - Dr[e >> 1]);
+      }
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; kk++) {
+      u32 a[1][4];
+      c_to_a(a[0], s, kk);
+      mma_rows<1, DQK / 8, LT>(acc, a, sKt + kk * 16);
+    }
+  }
+  store_rows<DQK / 8>(dq + (i64)b * T * ldq + h * DQK, ldq, r, T, acc, scale);
+}
+
+// dk = scale * sum_queries bf16(P (dP - D))^T q and dv = sum_queries bf16(P)^T dO, per tile of 64
+// keys (a warp's 16 keys are the rows of the transposed products); query tiles of 32.
+template <int DQK, int DV>
+__device__ __forceinline__ void flash_bwd_dkdv(const float* dO, const float* q, const float* k, const float* v,
+                                               const float* lse, const float* D, float* dk, float* dv, int T, int H,
+                                               float scale) {
+  constexpr int BQ = 32, LQ = DQK + 8, LT = BQ + 8, LO = DV + 8;
+  __shared__ __align__(16) u16 sQ[BQ * LQ];
+  __shared__ __align__(16) u16 sQt[DQK * LT];
+  __shared__ __align__(16) u16 sO[BQ * LO];
+  __shared__ __align__(16) u16 sOt[DV * LT];
+  __shared__ float sL[BQ], sD[BQ];
+  const int bh = blockIdx.y, b = bh / H, h = bh % H;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int k0 = blockIdx.x * FROWS, r = k0 + (threadIdx.x >> 5) * 16 + g;
+  const i64 ldq = (i64)H * DQK, ldv = (i64)H * DV;
+  const float* qb = q + (i64)b * T * ldq + h * DQK;
+  const float* ob = dO + (i64)b * T * ldv + h * DV;
+  u32 ka[DQK / 16][4], va[DV / 16][4];
+  frags_global<DQK>(ka, k + (i64)b * T * ldq + h * DQK, ldq, r, T);
+  frags_global<DV>(va, v + (i64)b * T * ldv + h * DV, ldv, r, T);
+  float ak[DQK / 8][4], av[DV / 8][4], s[BQ / 8][4], dp[BQ / 8][4];
+  zero<DQK / 8>(ak);
+  zero<DV / 8>(av);
+  for (int q0 = k0; q0 < T; q0 += BQ) {
+    __syncthreads();
+    tile_rows<BQ, DQK, LQ>(sQ, qb, ldq, q0, T);
+    tile_cols<BQ, DQK, LT>(sQt, qb, ldq, q0, T);
+    tile_rows<BQ, DV, LO>(sO, ob, ldv, q0, T);
+    tile_cols<BQ, DV, LT>(sOt, ob, ldv, q0, T);
+    if (threadIdx.x < BQ) {
+      const int i = q0 + threadIdx.x;
+      sL[threadIdx.x] = i < T ? lse[(i64)bh * T + i] : 0.0f;
+      sD[threadIdx.x] = i < T ? D[(i64)bh * T + i] : 0.0f;
+    }
+    __syncthreads();
+    zero<BQ / 8>(s);
+    zero<BQ / 8>(dp);
+    mma_rows<DQK / 16, BQ / 8, LQ>(s, ka, sQ);   // S^T = K Q^T
+    mma_rows<DV / 16, BQ / 8, LO>(dp, va, sO);   // dP^T = V dO^T
+#pragma unroll
+    for (int nt = 0; nt < BQ / 8; nt++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int qi = nt * 8 + 2 * t + (e & 1), key = r + 8 * (e >> 1);
+        const bool ok = q0 + qi >= key && q0 + qi < T && key < T;
+        const float P = ok ? expf(s[nt][e] * scale - sL[qi]) : 0.0f;
+        s[nt][e] = P;
+        dp[nt][e] = P * (dp[nt][e] - sD[qi]);
+      }
+#pragma unroll
+    for (int kk = 0; kk < BQ / 16; kk++) {
+      u32 a[1][4];
+      c_to_a(a[0], s, kk);
+      mma_rows<1, DV / 8, LT>(av, a, sOt + kk * 16);
+      c_to_a(a[0], dp, kk);
+      mma_rows<1, DQK / 8, LT>(ak, a, sQt + kk * 16);
+    }
+  }
+  store_rows<DQK / 8>(dk + (i64)b * T * ldq + h * DQK, ldq, r, T, ak, scale);
+  store_rows<DV / 8>(dv + (i64)b * T * ldv + h * DV, ldv, r, T, av, 1.0f);
+}
+
+// One set of entry points per head shape (DQK, DV), both multiples of 16. The host picks
+// flash_*_<dqk>_<dv> when it exists and falls back to attention.cu otherwise.
+#define FLASH_SHAPE(DQK, DV)                                                                              \
+  KERNEL void __launch_bounds__(128) flash_fwd_##DQK##_##DV(const float* q, const float* k, const float* v, \
+                                                             float* o, float* lse, int T, int H, float scale) { \
+    flash_fwd<DQK, DV>(q, k, v, o, lse, T, H, scale);                                                     \
+  }                                                                                                       \
+  KERNEL void __launch_bounds__(128) flash_dq_##DQK##_##DV(const float* dO, const float* q, const float* k,  \
+                                                            const float* v, const float* lse, const float* D, \
+                                                            float* dq, int T, int H, float scale) {         \
+    flash_bwd_dq<DQK, DV>(dO, q, k, v, lse, D, dq, T, H, scale);                                          \
+  }                                                                                                       \
+  KERNEL void __launch_bounds__(128) flash_dkdv_##DQK##_##DV(const float* dO, const float* q, const float* k, \
+                                                              const float* v, const float* lse, const float* D, \
+                                                              float* dk, float* dv, int T, int H, float scale) { \
+    flash_bwd_dkdv<DQK, DV>(dO, q, k, v, lse, D, dk, dv, T, H, scale);                                    \
+  }
+
+FLASH_SHAPE(32, 32)
+FLASH_SHAPE(48, 32)
+FLASH_SHAPE(64, 64)
+FLASH_SHAPE(96, 64)
+FLASH_SHAPE(128, 128)

@@ -29,6 +29,7 @@ import {
   numel,
   type PermuteResult,
   type QuantGroup,
+  type QuantInfo,
   type QuantizeOptions,
   type RopeOptions,
   type RouterResult,
@@ -90,6 +91,20 @@ function usageError(msg: string): Error {
 
 function u8view(a: HostArray): Uint8Array {
   return new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
+}
+
+/**
+ * The cuBLASLt FP8 GEMM an operand pair makes, or null (the tiled kernel): Fprop = 1x128 tiles x
+ * 128x128 blocks as [M,K] x [N,K]; Dgrad = the same scalings as [M,K] x [K,N]; Wgrad = 128x1 column
+ * tiles along the tokens as [K,M] x [K,N] (whole matrices, not expert segments); tensor-wise.
+ */
+function ltFp8Form(qa: QuantInfo, qb: QuantInfo, transA: boolean, transB: boolean) {
+  const whole = !qa.segments && !qb.segments;
+  if (!transA && transB && qa.group === "tile" && qb.group === "block") return "fprop";
+  if (!transA && transB && qa.group === "tensor" && qb.group === "tensor") return "tensor";
+  if (!transA && !transB && qa.group === "tile" && qb.group === "block") return "dgrad";
+  if (transA && !transB && qa.group === "column-tile" && qb.group === "column-tile" && whole) return "wgrad";
+  return null;
 }
 
 /** Why an FP8 operand cannot be used as stored (the reference's rule: no scale change inside a K chunk). */
@@ -389,6 +404,13 @@ export class CudaBackend extends HostLifetimes implements Backend {
       case "tile":
       case "row": {
         const gw = opts.group === "tile" ? 128 : cols;
+        if (gw === 128) {
+          const warps = R * cdiv(cols, 128);
+          this.launch("quant", "quant_tile128", [cdiv(warps, 8)], 256, (a) =>
+            a.u64(xp).u64(qp).u64(sp).i32(R).i32(cols).i32(fmt).i32(mode).f32(eps),
+          );
+          break;
+        }
         this.launch(
           "quant",
           "quant_rowgroups",
@@ -410,9 +432,10 @@ export class CudaBackend extends HostLifetimes implements Backend {
           this.launch(
             "quant",
             "quant_coltile",
-            [cdiv(cols, 128), cdiv(seg ? R : rows, 128), pieces],
+            seg ? [cdiv(cols, 128), cdiv(R, 128) + pieces, 1] : [cdiv(cols, 128), cdiv(rows, 128), pieces],
             128,
-            (a) => a.u64(xp).u64(qp).u64(sp).u64(segp).i32(rows).i32(cols).i32(fmt).i32(mode).f32(eps),
+            (a) =>
+              a.u64(xp).u64(qp).u64(sp).u64(segp).i32(pieces).i32(rows).i32(cols).i32(fmt).i32(mode).f32(eps),
           );
         break;
       }
@@ -455,7 +478,7 @@ export class CudaBackend extends HostLifetimes implements Backend {
     const { batch, rows, cols } = batchDims(q);
     const out = this.make(q.shape, "f32");
     const seg = q.quant.segments;
-    this.launch("quant", "dequant", this.g1(q.size), 256, (a) =>
+    this.launch("quant", "dequant_rows", [Math.max(1, Math.min(batch * rows, 65535))], 256, (a) =>
       a
         .u64(this.p(q))
         .u64(this.p(q.quant!.scales))
@@ -601,57 +624,77 @@ export class CudaBackend extends HostLifetimes implements Backend {
       for (const x of tmps) this.release(x);
       return ok;
     }
-    if (!this.useLtFp8 || (o.promotion ?? 128) !== 128 || transA || !transB) return false;
+    if (!this.useLtFp8 || (o.promotion ?? 128) !== 128) return false;
     const qa = a.quant!;
     const qb = b.quant!;
     if (qa.format === "e5m2" && qb.format === "e5m2") return false;
-    const tileBlock = qa.group === "tile" && qb.group === "block";
-    const tensorwise = qa.group === "tensor" && qb.group === "tensor";
-    if (!tileBlock && !tensorwise) return false;
-    if (tileBlock && !this.useLtFp8Block) return false;
     if (K % 128 !== 0 || M % 16 !== 0 || N % 16 !== 0) return false;
-    const key = `fp8,${qa.group},${qb.group},${qa.format},${qb.format},${M},${N},${K}`;
+    const form = ltFp8Form(qa, qb, transA, transB);
+    if (!form || (form !== "tensor" && !this.useLtFp8Block)) return false;
+    const key = `fp8,${form},${qa.format},${qb.format},${M},${N},${K}`;
     if (this.ltRefused.has(key)) return false;
+    // cuBLASLt takes FP8 only as TN: A [M,K] and B [N,K], both K-contiguous. Other layouts are
+    // transposed into scratch first (exact: codes and scales move together).
+    const tmps: DeviceBuffer[] = [];
+    const scratch = (bytes: number) => {
+      const t = this.scratch(bytes);
+      tmps.push(t);
+      return t.ptr;
+    };
+    let aPtr = this.p(a);
+    let bPtr = this.p(b);
     let aScale = this.p(qa.scales);
     let bScale = this.p(qb.scales);
-    let tmp: DeviceBuffer | null = null;
-    let tmpB: DeviceBuffer | null = null;
-    if (tileBlock) {
+    if (form === "dgrad") bPtr = this.transposeCodes(bPtr, K, N, scratch(K * N));
+    if (form === "wgrad") {
+      // Column tiles along the tokens: codes [K, M] and [K, N] to [M, K] and [N, K]; their scales
+      // [K/128][M] and [K/128][N] are already the layout cuBLASLt reads for VEC128.
+      aPtr = this.transposeCodes(aPtr, K, M, scratch(M * K));
+      bPtr = this.transposeCodes(bPtr, K, N, scratch(N * K));
+    }
+    if (form === "fprop" || form === "dgrad") {
       // cuBLASLt reads 128x128 weight scales [N/128][K/128] with each row padded to a multiple of 4
       // (unpadded, every block row after the first read the wrong scales on the H200).
       const nb = Math.ceil(N / 128);
       const kb = K / 128;
+      if (form === "dgrad") {
+        // Ours are [K/128][N/128] (the weight is stored [K, N]): transpose them first.
+        const src = bScale;
+        const dst = scratch(nb * kb * 4);
+        this.launch("elementwise", "transpose_f32", this.g1(nb * kb), 256, (x) =>
+          x.u64(src).u64(dst).i32(kb).i32(nb),
+        );
+        bScale = dst;
+      }
       const ld = Math.ceil(kb / 4) * 4;
       if (ld !== kb) {
-        tmpB = this.scratch(nb * ld * 4);
         const src = bScale;
-        const dst = tmpB.ptr;
+        const dst = scratch(nb * ld * 4);
         this.launch("elementwise", "pad_rows_f32", this.g1(nb * ld), 256, (x) =>
           x.u64(src).u64(dst).i32(nb).i32(kb).i32(ld),
         );
-        bScale = tmpB.ptr;
+        bScale = dst;
       }
       // cuBLASLt reads 1x128 activation scales as [K/128][M] (M contiguous): transpose ours.
-      const kt = K / 128;
-      tmp = this.scratch(M * kt * 4);
       const src = aScale;
-      const dst = tmp.ptr;
-      this.launch("elementwise", "transpose_f32", this.g1(M * kt), 256, (x) =>
-        x.u64(src).u64(dst).i32(M).i32(kt),
+      const dst = scratch(M * kb * 4);
+      this.launch("elementwise", "transpose_f32", this.g1(M * kb), 256, (x) =>
+        x.u64(src).u64(dst).i32(M).i32(kb),
       );
-      aScale = tmp.ptr;
+      aScale = dst;
     }
-    const mode = tileBlock ? ["vec128", "blk128"] : ["scalar", "scalar"];
+    const mode =
+      form === "tensor" ? ["scalar", "scalar"] : ["vec128", form === "wgrad" ? "vec128" : "blk128"];
     const ok = this.tryLt(
       key,
       (c, acc) =>
         this.n.cudaGemmLt(
-          this.p(a),
+          aPtr,
           qa.format,
           false,
           aScale,
           mode[0],
-          this.p(b),
+          bPtr,
           qb.format,
           true,
           bScale,
@@ -667,9 +710,16 @@ export class CudaBackend extends HostLifetimes implements Backend {
       M,
       N,
     );
-    tmp?.free();
-    tmpB?.free();
+    for (const t of tmps) t.free();
     return ok;
+  }
+
+  /** FP8 codes [rows, cols] -> [cols, rows] into dst (a scratch buffer); returns dst. */
+  private transposeCodes(src: number, rows: number, cols: number, dst: number): number {
+    this.launch("quant", "transpose_u8_tiled", [cdiv(cols, 32), cdiv(rows, 32), 1], 256, (x) =>
+      x.u64(src).u64(dst).i32(rows).i32(cols),
+    );
+    return dst;
   }
 
   /** The tiled kernel (any layout, plain or grouped): gemm.cu. */
@@ -727,9 +777,10 @@ export class CudaBackend extends HostLifetimes implements Backend {
       });
       return;
     }
-    this.launch("gemm", "gemm_f32", grid, 256, (x) =>
-      x
-        .u64(this.p(a))
+    const bf16 = o.precision === "bf16";
+    const mma = bf16 && this.useTensorCores;
+    this.launch("gemm", mma ? "gemm_bf16_mma" : "gemm_f32", grid, mma ? 128 : 256, (x) => {
+      x.u64(this.p(a))
         .i32(aKcols)
         .u64(this.p(b))
         .i32(bKcols)
@@ -743,9 +794,9 @@ export class CudaBackend extends HostLifetimes implements Backend {
         .i32(bRows)
         .i32(bCols)
         .i32(acc)
-        .i32(ob)
-        .i32(o.precision === "bf16" ? 1 : 0),
-    );
+        .i32(ob);
+      if (!mma) x.i32(bf16 ? 1 : 0);
+    });
   }
 
   groupedMatmul(a: Tensor, b: Tensor, offsets: Tensor, o: GroupedMatmulOptions): Tensor {
@@ -999,7 +1050,9 @@ export class CudaBackend extends HostLifetimes implements Backend {
           .u64(this.f32p(lse, "attentionBackward"))
           .u64(D.ptr);
       const fgrid: [number, number] = [cdiv(T, 64), B * H];
-      this.launch("flash", `flash_dq_${flash}`, fgrid, 128, (a) => fl(a).u64(this.p(dq)).i32(T).i32(H).f32(o.scale));
+      this.launch("flash", `flash_dq_${flash}`, fgrid, 128, (a) =>
+        fl(a).u64(this.p(dq)).i32(T).i32(H).f32(o.scale),
+      );
       this.launch("flash", `flash_dkdv_${flash}`, fgrid, 128, (a) =>
         fl(a).u64(this.p(dk)).u64(this.p(dvv)).i32(T).i32(H).f32(o.scale),
       );
@@ -1140,10 +1193,19 @@ export class CudaBackend extends HostLifetimes implements Backend {
     const part = this.scratch(B * 8);
     const loss = this.make([1], "f32");
     const dscores = this.make(scores.shape, "f32");
+    const Z = this.scratch(Math.max(1, B * T) * 8);
+    this.launch("moe", "balance_z", [Math.max(1, cdiv(B * T, 256))], 256, (a) =>
+      a
+        .u64(this.f32p(scores, "balanceLoss"))
+        .u64(Z.ptr)
+        .i32(B * T)
+        .i32(E),
+    );
     this.launch("moe", "balance_stats", [Math.max(1, B)], 128, (a) =>
       a
         .u64(this.f32p(scores, "balanceLoss"))
         .u64(this.i32p(topIdx, "balanceLoss"))
+        .u64(Z.ptr)
         .u64(f.ptr)
         .u64(P.ptr)
         .u64(part.ptr)
@@ -1160,6 +1222,7 @@ export class CudaBackend extends HostLifetimes implements Backend {
     f.free();
     P.free();
     part.free();
+    Z.free();
     return { loss, dscores };
   }
 

@@ -182,6 +182,121 @@ __device__ __forceinline__ void mma_load_tile(u8* s, const u8* g, int kcols, int
   for (int j = 0; j < 16; j++) s[(rs + j) * MMA_LD + kk] = b[j];
 }
 
+// A warp's 32 x 32 block of C from its m16n8 accumulators (rows r0.., columns c0..).
+__device__ __forceinline__ void mma_store(float* C, int M, int N, int r0, int c0, const float (*acc)[4][4],
+                                          int accumulate, int outBf16) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int i = 0; i < 2; i++)
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int m = r0 + i * 16 + g + 8 * (e >> 1), n = c0 + j * 8 + 2 * t + (e & 1);
+        if (m >= M || n >= N) continue;
+        float v = acc[i][j][e];
+        if (outBf16) v = round_bf16(v);
+        float* c = C + (i64)m * N + n;
+        *c = accumulate ? *c + v : v;
+      }
+}
+
+#define MMA_LD16 40  // u16 per row of a BF16 shared tile: 32 k-values, padded likewise
+
+// The BF16 version of mma_load_tile: f32 operand, rounded to BF16 (RNE) on the way in.
+__device__ __forceinline__ void mma_load_tile16(u16* s, const float* g, int kcols, int rows, int K, int r0, int k0) {
+  const int i = threadIdx.x;
+  float v[16];
+  if (kcols) {
+    const int r = i >> 1, kk = (i & 1) * 16, row = r0 + r, k = k0 + kk;
+    if (row < rows && (K & 3) == 0 && k + 16 <= K) {
+#pragma unroll
+      for (int j = 0; j < 4; j++) {
+        const float4 t = *(const float4*)(g + (i64)row * K + k + 4 * j);
+        v[4 * j] = t.x, v[4 * j + 1] = t.y, v[4 * j + 2] = t.z, v[4 * j + 3] = t.w;
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 16; j++) v[j] = (row < rows && k + j < K) ? g[(i64)row * K + k + j] : 0.0f;
+    }
+    u32 w[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) w[j] = (u32)f32_to_bf16(v[2 * j]) | ((u32)f32_to_bf16(v[2 * j + 1]) << 16);
+    *(uint4*)(s + r * MMA_LD16 + kk) = make_uint4(w[0], w[1], w[2], w[3]);
+    *(uint4*)(s + r * MMA_LD16 + kk + 8) = make_uint4(w[4], w[5], w[6], w[7]);
+    return;
+  }
+  const int kk = i >> 2, rs = (i & 3) * 16, k = k0 + kk, row = r0 + rs;
+  if (k < K && (rows & 3) == 0 && row + 16 <= rows) {
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      const float4 t = *(const float4*)(g + (i64)k * rows + row + 4 * j);
+      v[4 * j] = t.x, v[4 * j + 1] = t.y, v[4 * j + 2] = t.z, v[4 * j + 3] = t.w;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < 16; j++) v[j] = (k < K && row + j < rows) ? g[(i64)k * rows + row + j] : 0.0f;
+  }
+#pragma unroll
+  for (int j = 0; j < 16; j++) s[(rs + j) * MMA_LD16 + kk] = f32_to_bf16(v[j]);
+}
+
+__device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// BF16 x BF16 -> f32 on tensor cores (m16n8k16), the gemm_f32 semantics with inBf16 = 1: operands
+// rounded to BF16, products exact, f32 accumulation (order aside). Same 64 x 64 tiles and warps.
+__device__ __forceinline__ void gemm_tile_bf16_mma(
+    const float* A, int aKcols, const float* B, int bKcols,
+    float* C, int M, int N, int K, int mTile, int nTile, int accumulate, int outBf16) {
+  __shared__ __align__(16) u16 sa[BM * MMA_LD16];
+  __shared__ __align__(16) u16 sb[BN * MMA_LD16];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
+  const int m0 = mTile * BM, n0 = nTile * BN;
+  float acc[2][4][4];
+#pragma unroll
+  for (int i = 0; i < 2; i++)
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
+  for (int k0 = 0; k0 < K; k0 += 32) {
+    mma_load_tile16(sa, A, aKcols, M, K, m0, k0);
+    mma_load_tile16(sb, B, bKcols, N, K, n0, k0);
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < 32; kk += 16) {
+      u32 af[2][4], bf[4][2];
+#pragma unroll
+      for (int i = 0; i < 2; i++) {
+        const u16* p = sa + (wm + i * 16 + g) * MMA_LD16 + kk + 2 * t;
+        af[i][0] = *(const u32*)p;
+        af[i][1] = *(const u32*)(p + 8 * MMA_LD16);
+        af[i][2] = *(const u32*)(p + 8);
+        af[i][3] = *(const u32*)(p + 8 * MMA_LD16 + 8);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; j++) {
+        const u16* p = sb + (wn + j * 8 + g) * MMA_LD16 + kk + 2 * t;
+        bf[j][0] = *(const u32*)p;
+        bf[j][1] = *(const u32*)(p + 8);
+      }
+#pragma unroll
+      for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) mma_bf16(acc[i][j], af[i], bf[j][0], bf[j][1]);
+    }
+    __syncthreads();
+  }
+  mma_store(C, M, N, m0 + wm, n0 + wn, acc, accumulate, outBf16);
+}
+
 __device__ __forceinline__ void gemm_tile_mma(
     const u8* A, const float* As, int ga, int fa, int aKcols,
     const u8* B, const float* Bs, int gb, int fb, int bKcols,
@@ -250,19 +365,7 @@ __device__ __forceinline__ void gemm_tile_mma(
           part[i][j][e] = 0.0f;
         }
   }
-#pragma unroll
-  for (int i = 0; i < 2; i++)
-#pragma unroll
-    for (int j = 0; j < 4; j++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const int m = m0 + wm + i * 16 + g + 8 * (e >> 1), n = n0 + wn + j * 8 + 2 * t + (e & 1);
-        if (m >= M || n >= N) continue;
-        float v = acc[i][j][e];
-        if (outBf16) v = round_bf16(v);
-        float* c = C + (i64)m * N + n;
-        *c = accumulate ? *c + v : v;
-      }
+  mma_store(C, M, N, m0 + wm, n0 + wn, acc, accumulate, outBf16);
 }
 
 template <int KIND>
@@ -274,19 +377,23 @@ __device__ __forceinline__ void tile_any(
   if constexpr (KIND == 2)
     gemm_tile_mma((const u8*)A, As, ga, fa, aKcols, (const u8*)B, Bs, gb, fb, bKcols, C, M, N, K, mTile, nTile,
                   accumulate, outBf16);
+  else if constexpr (KIND == 3)
+    gemm_tile_bf16_mma((const float*)A, aKcols, (const float*)B, bKcols, C, M, N, K, mTile, nTile, accumulate,
+                       outBf16);
   else
     gemm_tile<KIND>(A, As, ga, fa, aKcols, B, Bs, gb, fb, bKcols, C, M, N, K, mTile, nTile, accumulate, outBf16,
                     inBf16, promotion);
 }
 
-// KIND: 0 f32/BF16 tiles, 1 FP8 tiles (any promotion), 2 FP8 on tensor cores (promotion 128).
+// KIND: 0 f32/BF16 tiles, 1 FP8 tiles (any promotion), 2 FP8 on tensor cores (promotion 128),
+// 3 BF16 on tensor cores.
 template <int KIND>
 __device__ __forceinline__ void gemm_dispatch(
     const void* A, const float* As, int ga, int fa, int aKcols,
     const void* B, const float* Bs, int gb, int fb, int bKcols,
     float* C, int M, int N, int K, int mode, const int* off, int E, int bRows, int bCols,
     int accumulate, int outBf16, int inBf16, int promotion) {
-  const int esz = KIND ? 1 : 4;
+  const int esz = (KIND == 1 || KIND == 2) ? 1 : 4;
   if (mode == 0) {
     tile_any<KIND>(A, As, ga, fa, aKcols, B, Bs, gb, fb, bKcols, C, M, N, K, blockIdx.y, blockIdx.x,
                    accumulate, outBf16, inBf16, promotion);
@@ -347,4 +454,12 @@ KERNEL void __launch_bounds__(128) gemm_fp8_mma(
     int mode, const int* off, int E, int bRows, int bCols, int accumulate, int outBf16) {
   gemm_dispatch<2>(A, As, ga, fa, aKcols, B, Bs, gb, fb, bKcols, C, M, N, K, mode, off, E, bRows, bCols,
                    accumulate, outBf16, 0, 128);
+}
+
+// BF16 GEMMs (f32 storage, inBf16 = 1) on tensor cores: 128 threads.
+KERNEL void __launch_bounds__(128) gemm_bf16_mma(
+    const float* A, int aKcols, const float* B, int bKcols, float* C, int M, int N, int K,
+    int mode, const int* off, int E, int bRows, int bCols, int accumulate, int outBf16) {
+  gemm_dispatch<3>(A, 0, 0, 0, aKcols, B, 0, 0, 0, bKcols, C, M, N, K, mode, off, E, bRows, bCols,
+                   accumulate, outBf16, 1, 1 << 30);
 }

@@ -52,9 +52,19 @@ KERNEL void router_bwd(const float* dweights, const float* scores, const int* to
   dlogits[t] = (float)(ds * s * (1.0 - s));
 }
 
+// Balance loss, stage 0: Z[n] = sum_e scores[n][e] in double, in the reference's order (so that
+// stage 1 does not recompute it for every expert: E times less work).
+KERNEL void balance_z(const float* scores, double* Z, int N, int E) {
+  const int n = blockIdx.x * blockDim.x + threadIdx.x;
+  if (n >= N) return;
+  double z = 0.0;
+  for (int e = 0; e < E; e++) z += (double)scores[(i64)n * E + e];
+  Z[n] = z;
+}
+
 // Balance loss, stage 1: per sequence b (one block), f[b][e] and P[b][e] (double), and the
 // sequence's loss term sum_e alpha f P / B.
-KERNEL void balance_stats(const float* scores, const int* topIdx, double* f, double* P, double* lossPart, int B, int T, int E, int k, double alpha) {
+KERNEL void balance_stats(const float* scores, const int* topIdx, const double* Zs, double* f, double* P, double* lossPart, int B, int T, int E, int k, double alpha) {
   const int b = blockIdx.x;
   double term = 0.0;
   for (int e = threadIdx.x; e < E; e += blockDim.x) {
@@ -63,9 +73,7 @@ KERNEL void balance_stats(const float* scores, const int* topIdx, double* f, dou
     for (int t = 0; t < T; t++) {
       const i64 n = (i64)b * T + t;
       for (int j = 0; j < k; j++) cnt += topIdx[n * k + j] == e;
-      double Z = 0.0;
-      for (int ee = 0; ee < E; ee++) Z += (double)scores[n * E + ee];
-      p += (double)scores[n * E + e] / Z / T;
+      p += (double)scores[n * E + e] / Zs[n] / T;
     }
     const double fe = cnt * ((double)E / ((double)k * T));
     f[(i64)b * E + e] = fe;

@@ -23,6 +23,43 @@ KERNEL void quant_rowgroups(const float* x, u8* q, float* scales, int R, int C, 
   if (threadIdx.x == 0) scales[(i64)r * ngroups + g] = s.scale;
 }
 
+// 1x128 tiles, one warp per tile (lane: 4 adjacent columns): no block-wide barriers, vector loads
+// and stores when the row length allows. Same amax, scale and codes as quant_rowgroups.
+KERNEL void quant_tile128(const float* x, u8* q, float* scales, int R, int C, int fmt, int mode, float eps) {
+  const i64 w = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int ng = cdiv(C, 128);
+  if (w >= (i64)R * ng) return;
+  const int r = (int)(w / ng), g = (int)(w % ng), lane = threadIdx.x & 31;
+  const int c = g * 128 + lane * 4;
+  const float* xr = x + (i64)r * C;
+  const bool vec = (C & 3) == 0 && c + 4 <= C;
+  float v[4];
+  if (vec) {
+    const float4 t = *(const float4*)(xr + c);
+    v[0] = t.x, v[1] = t.y, v[2] = t.z, v[3] = t.w;
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; j++) v[j] = c + j < C ? xr[c + j] : 0.0f;
+  }
+  float a = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 4; j++) a = fmaxf(a, abs_for_amax(v[j]));
+  a = warp_max(a);
+  const QScale s = qscale(a, eps, fmt, mode);
+  u8 b[4];
+#pragma unroll
+  for (int j = 0; j < 4; j++) b[j] = quant_value(v[j], s, fmt, mode);
+  u8* qr = q + (i64)r * C;
+  if (vec) {
+    *(u32*)(qr + c) = (u32)b[0] | ((u32)b[1] << 8) | ((u32)b[2] << 16) | ((u32)b[3] << 24);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+      if (c + j < C) qr[c + j] = b[j];
+  }
+  if (lane == 0) scales[(i64)r * ng + g] = s.scale;
+}
+
 // 128x128 blocks of `batch` matrices of rows x cols. Block (cb, rb, b).
 KERNEL void quant_block(const float* x, u8* q, float* scales, int rows, int cols, int fmt, int mode, float eps) {
   const int cb = blockIdx.x, rb = blockIdx.y, b = blockIdx.z;
@@ -60,13 +97,23 @@ __device__ __forceinline__ void piece_of(const int* seg, int p, int rows, int co
 }
 
 // 128x1 column tiles, restarted at each piece (matrix, or expert segment when seg is given).
-// Thread = one column of one 128-row group: grid (ceil(cols/blockDim), row groups bound, pieces).
-KERNEL void quant_coltile(const float* x, u8* q, float* scales, const int* seg, int rows, int cols, int fmt, int mode, float eps) {
+// Thread = one column of one 128-row group. Grid (ceil(cols/blockDim), groups, pieces) without
+// segments; with segments grid.y enumerates the row groups of all segments in order (at most
+// ceil(rows/128) + #segments of them) and grid.z is 1.
+KERNEL void quant_coltile(const float* x, u8* q, float* scales, const int* seg, int nseg, int rows, int cols, int fmt, int mode, float eps) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  const int rb = blockIdx.y;
+  int rb = blockIdx.y, p = blockIdx.z;
+  if (seg) {
+    for (p = 0; p < nseg; p++) {
+      const int groups = cdiv(seg[p + 1] - seg[p], 128);
+      if (rb < groups) break;
+      rb -= groups;
+    }
+    if (p >= nseg) return;
+  }
   int r0, n;
   i64 soff;
-  piece_of(seg, blockIdx.z, rows, cols, &r0, &n, &soff);
+  piece_of(seg, p, rows, cols, &r0, &n, &soff);
   if (c >= cols || rb * 128 >= n) return;
   const int a0 = r0 + rb * 128;
   const int a1 = r0 + min(n, rb * 128 + 128);
@@ -97,28 +144,33 @@ KERNEL void quant_tensor_encode(const float* x, u8* q, const u32* amax, float* s
   if (blockIdx.x == 0 && threadIdx.x == 0) scales[b] = s.scale;
 }
 
-// decode(q) * scale for every element; `batch` matrices of rows x cols, or 2-D with segments.
-// Rows outside every segment give 0.
-KERNEL void dequant(const u8* q, const float* scales, float* out, const int* seg, int nseg, int batch, int rows, int cols, int group, int fmt) {
-  const i64 total = (i64)batch * rows * cols;
-  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
-    const int c = (int)(i % cols);
-    const i64 R = i / cols;
-    i64 si;
+// decode(q) * scale, one block per row of `batch` matrices of rows x cols, or of a 2-D tensor
+// with segments (a row's segment found once, by bisection). Rows outside every segment give 0.
+KERNEL void dequant_rows(const u8* q, const float* scales, float* out, const int* seg, int nseg, int batch, int rows, int cols, int group, int fmt) {
+  const i64 total = (i64)batch * rows;
+  for (i64 R = blockIdx.x; R < total; R += gridDim.x) {
+    const u8* qr = q + R * cols;
+    float* orow = out + R * cols;
+    i64 sbase = 0;
+    int r = (int)(R % rows), n = rows;
     if (seg) {
-      int e = -1;
-      i64 o = 0;
-      for (int k = 0; k < nseg; k++) {
-        if (R >= seg[k] && R < seg[k + 1]) { e = k; break; }
-        o += scale_count(group, seg[k + 1] - seg[k], cols);
+      int lo = 0, hi = nseg;  // last e with seg[e] <= R, then R < seg[e + 1]
+      if (R < seg[0] || R >= seg[nseg]) {
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) orow[c] = 0.0f;
+        continue;
       }
-      if (e < 0) { out[i] = 0.0f; continue; }
-      si = o + scale_index(group, (int)(R - seg[e]), c, seg[e + 1] - seg[e], cols);
+      while (hi - lo > 1) {
+        const int mid = (lo + hi) >> 1;
+        if (seg[mid] <= R) lo = mid; else hi = mid;
+      }
+      for (int k = 0; k < lo; k++) sbase += scale_count(group, seg[k + 1] - seg[k], cols);
+      r = (int)(R - seg[lo]);
+      n = seg[lo + 1] - seg[lo];
     } else {
-      const int b = (int)(R / rows), r = (int)(R % rows);
-      si = (i64)b * scale_count(group, rows, cols) + scale_index(group, r, c, rows, cols);
+      sbase = (R / rows) * (i64)scale_count(group, rows, cols);
     }
-    out[i] = __fmul_rn(decode_fp8(q[i], fmt), scales[si]);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x)
+      orow[c] = __fmul_rn(decode_fp8(qr[c], fmt), scales[sbase + scale_index(group, r, c, n, cols)]);
   }
 }
 
@@ -140,12 +192,19 @@ KERNEL void fp8_flow(const float* x, const u8* q, const float* deq, float* count
   if (under != 0.0f) atomicAdd(&counts[1], under);
 }
 
-// Transposes FP8 codes of `batch` matrices [rows][cols] -> [cols][rows] (for cuBLASLt operands).
-KERNEL void transpose_u8(const u8* x, u8* out, int rows, int cols) {
-  const i64 total = (i64)rows * cols;
-  const i64 b = blockIdx.y;
-  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
-    const int r = (int)(i / cols), c = (int)(i % cols);
-    out[b * total + (i64)c * rows + r] = x[b * total + i];
+// Transposes FP8 codes of `batch` matrices [rows][cols] -> [cols][rows] through 32 x 32 shared
+// tiles (coalesced reads and writes). 256 threads; grid (ceil(cols/32), ceil(rows/32), batch).
+KERNEL void transpose_u8_tiled(const u8* x, u8* out, int rows, int cols) {
+  __shared__ u8 tile[32][33];
+  const i64 off = (i64)blockIdx.z * rows * cols;
+  const int c0 = blockIdx.x * 32, r0 = blockIdx.y * 32, tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+  for (int i = ty; i < 32; i += 8) {
+    const int r = r0 + i, c = c0 + tx;
+    if (r < rows && c < cols) tile[i][tx] = x[off + (i64)r * cols + c];
+  }
+  __syncthreads();
+  for (int i = ty; i < 32; i += 8) {
+    const int c = c0 + i, r = r0 + tx;
+    if (r < rows && c < cols) out[off + (i64)c * rows + r] = tile[tx][i];
   }
 }

@@ -6,6 +6,9 @@
 #   curve    tiny for 200 steps on cuda and on cpu: the loss curves must agree
 #   small    small on cuda: trains without NaNs and the loss falls
 #   bench    bench step small (fp8, bf16) and the PyTorch baseline in the same call
+#   gemm     bench gemm --backend cuda: the small model's GEMMs (Fprop/Dgrad/Wgrad, BF16 and FP8)
+#   psmall   loss parity on small: fp8 against bf16, 300 steps each (the issue's 0.5% target)
+#   kernels  time per CUDA kernel over two small fp8 steps (nsys), when nsys is installed
 set -u
 xz -dc .gpu-bundle/bun.xz > /tmp/bun && chmod +x /tmp/bun && export PATH=/tmp:$PATH
 [ -f .gpu-bundle/nm.tar.xz ] && xz -dc .gpu-bundle/nm.tar.xz | tar -xf -
@@ -25,6 +28,27 @@ if want diag; then
   MOE8_CUBLASLT_FP8_BLOCK=1 timeout 200 bun apps/trainer/src/cli.ts bench step --config small --backend cuda --precision fp8 --steps 3 --json
 fi
 rc=0
+if want gemm; then
+  echo; echo "=== bench gemm --backend cuda (small's GEMM shapes) ==="
+  timeout 300 bun apps/trainer/src/cli.ts bench gemm --backend cuda 2>&1 | tee "$OUT/bench-gemm.txt"
+fi
+if want kernels; then
+  echo; echo "=== time per CUDA kernel, small fp8, 2 steps (nsys) ==="
+  if command -v nsys >/dev/null 2>&1; then
+    timeout 300 nsys profile -t cuda -o "$OUT/step" --force-overwrite true \
+      bun apps/trainer/src/cli.ts bench step --config small --backend cuda --precision fp8 --steps 2 > /dev/null 2>&1
+    nsys stats --report cuda_gpu_kern_sum --format csv "$OUT/step.nsys-rep" 2>/dev/null > "$OUT/kernels.csv"
+    python3 - "$OUT/kernels.csv" <<'PY'
+import csv, sys
+rows = [r for r in csv.reader(open(sys.argv[1])) if r]
+head = next(i for i, r in enumerate(rows) if r and r[0].startswith("Time"))
+for r in rows[head + 1:head + 26]:
+    print(f"{r[0]:>6}%  {float(r[1]) / 1e6:9.2f} ms  {r[2]:>6} calls  {r[-1][:90]}")
+PY
+  else
+    echo "nsys not installed: skipped"
+  fi
+fi
 if want check; then bash scripts/gpu-check.sh || rc=1; fi
 if want hf; then
   echo; echo "=== Hugging Face transformers loads a checkpoint (fp32 eval on the same windows) ==="
@@ -55,6 +79,11 @@ if want parity; then
   echo; echo "=== parity on cuda: fp8 against bf16, tiny, 200 steps ==="
   timeout 300 bun apps/trainer/src/cli.ts parity --backend cuda --steps 200 --out "$OUT/parity-cuda" 2>&1 | tail -8
   grep -h fp8_ "$OUT/run-cuda/metrics.jsonl" | tail -1
+fi
+if want psmall; then
+  echo; echo "=== parity on small (cuda): fp8 against bf16, 300 steps of 8x2048 ==="
+  timeout 580 bun apps/trainer/src/cli.ts parity --config small --backend cuda --steps 300 --yardsticks=false \
+    --data datasets/default --lr 1e-3 --warmup 30 --out "$OUT/parity-small" 2>&1 | tail -12
 fi
 if want bench; then
   echo; echo "=== bench step small (cuda) and the PyTorch baseline ==="

@@ -737,9 +737,11 @@ export class CudaBackend extends HostLifetimes implements Backend {
     bRows: number,
     bCols: number,
     gridY?: number,
+    bT?: { codes: number; scales: number },
   ): void {
     const aKcols = o.transA ? 0 : 1;
-    const bKcols = o.transB ? 1 : 0;
+    // bT: B's FP8 codes and block scales already transposed to K-contiguous (expert Dgrad).
+    const bKcols = o.transB || bT ? 1 : 0;
     const grid: [number, number, number] = [cdiv(N, 64), gridY ?? cdiv(M, 64), mode === 2 ? E : 1];
     const off = offsets ? this.i32p(offsets, "groupedMatmul offsets") : 0;
     const acc = o.accumulate ? 1 : 0;
@@ -751,14 +753,43 @@ export class CudaBackend extends HostLifetimes implements Backend {
       if (!(Number.isInteger(promotion) && promotion > 0))
         throw new Error(`scaledMatmul: promotion must be a positive integer (got ${promotion})`);
       const mma = this.useTensorCores && promotion === 128;
+      const bPtr = bT ? bT.codes : this.p(b);
+      const bScales = bT ? bT.scales : this.p(qb.scales);
+      // Both operands K-contiguous (Fprop, expert Dgrad), or both [K, rows] (Wgrad, tokens as K).
+      const tn = aKcols && bKcols && K % 16 === 0;
+      const tt = !aKcols && !bKcols && M % 16 === 0 && N % 16 === 0;
+      if (mma && (tn || tt) && this.p(a) % 16 === 0 && bPtr % 16 === 0) {
+        this.launch("gemm", `gemm_fp8_${tn ? "tn" : "tt"}_${qa.format}_${qb.format}`, grid, 128, (x) =>
+          x
+            .u64(this.p(a))
+            .u64(this.p(qa.scales))
+            .i32(GROUP[qa.group])
+            .u64(bPtr)
+            .u64(bScales)
+            .i32(GROUP[qb.group])
+            .u64(this.p(out))
+            .i32(M)
+            .i32(N)
+            .i32(K)
+            .i32(mode)
+            .u64(off)
+            .i32(E)
+            .i32(bT ? bCols : bRows)
+            .i32(bT ? bRows : bCols)
+            .i32(acc)
+            .i32(ob),
+        );
+        return;
+      }
+      if (bT) throw new Error("gemmKernel: transposed B needs the TN kernel");
       this.launch("gemm", mma ? "gemm_fp8_mma" : "gemm_fp8", grid, mma ? 128 : 256, (x) => {
         x.u64(this.p(a))
           .u64(this.p(qa.scales))
           .i32(GROUP[qa.group])
           .i32(FMT[qa.format])
           .i32(aKcols)
-          .u64(this.p(b))
-          .u64(this.p(qb.scales))
+          .u64(bPtr)
+          .u64(bScales)
           .i32(GROUP[qb.group])
           .i32(FMT[qb.format])
           .i32(bKcols)
@@ -821,6 +852,30 @@ export class CudaBackend extends HostLifetimes implements Backend {
       const out = this.output(Mt, N, o, [Mt, N]);
       if (!o.accumulate) this.n.cudaMemset8(this.buf(out), 0, 0, Mt * N * 4);
       if (Mt === 0 || N === 0 || E <= 0) return out;
+      if (fp8 && !o.transB && this.useTensorCores && K % 16 === 0 && (o.promotion ?? 128) === 128) {
+        // Dgrad of the experts: transpose each expert's FP8 weight (codes and block scales, exact)
+        // so that both operands are K-contiguous for the TN kernel.
+        const qb = b.quant!;
+        const kb = cdiv(bd.rows, 128);
+        const nb = cdiv(bd.cols, 128);
+        const codes = this.scratch(E * bd.rows * bd.cols);
+        const scales = this.scratch(E * kb * nb * 4);
+        const src = this.p(b);
+        this.launch("quant", "transpose_u8_tiled", [cdiv(bd.cols, 32), cdiv(bd.rows, 32), E], 256, (x) =>
+          x.u64(src).u64(codes.ptr).i32(bd.rows).i32(bd.cols),
+        );
+        const ssrc = this.p(qb.scales);
+        this.launch("elementwise", "transpose_f32_batched", this.g1(E * kb * nb), 256, (x) =>
+          x.u64(ssrc).u64(scales.ptr).i32(kb).i32(nb).i32(E),
+        );
+        this.gemmKernel(a, b, out, Mt, N, K, o, 1, offsets, E, bd.rows, bd.cols, cdiv(Mt, 64) + E, {
+          codes: codes.ptr,
+          scales: scales.ptr,
+        });
+        codes.free();
+        scales.free();
+        return out;
+      }
       this.gemmKernel(a, b, out, Mt, N, K, o, 1, offsets, E, bd.rows, bd.cols, cdiv(Mt, 64) + E);
       return out;
     }
@@ -1201,19 +1256,23 @@ export class CudaBackend extends HostLifetimes implements Backend {
         .i32(B * T)
         .i32(E),
     );
-    this.launch("moe", "balance_stats", [Math.max(1, B)], 128, (a) =>
+    const term = this.scratch(Math.max(1, B * T * E) * 8);
+    const cnt = this.scratch(Math.max(1, B * E) * 4);
+    this.n.cudaMemset32(cnt, 0, 0, Math.max(1, B * E));
+    this.launch("moe", "balance_terms", [Math.max(1, cdiv(B * T * Math.max(E, k), 256))], 256, (a) =>
       a
-        .u64(this.f32p(scores, "balanceLoss"))
+        .u64(this.p(scores))
         .u64(this.i32p(topIdx, "balanceLoss"))
         .u64(Z.ptr)
-        .u64(f.ptr)
-        .u64(P.ptr)
-        .u64(part.ptr)
+        .u64(term.ptr)
+        .u64(cnt.ptr)
         .i32(B)
         .i32(T)
         .i32(E)
-        .i32(k)
-        .f64(alpha),
+        .i32(k),
+    );
+    this.launch("moe", "balance_stats", [Math.max(1, B)], 128, (a) =>
+      a.u64(term.ptr).u64(cnt.ptr).u64(f.ptr).u64(P.ptr).u64(part.ptr).i32(B).i32(T).i32(E).i32(k).f64(alpha),
     );
     this.launch("moe", "balance_loss", [1], 32, (a) => a.u64(part.ptr).i32(B).u64(this.p(loss)));
     this.launch("moe", "balance_grad", [Math.max(1, cdiv(B * T, 128))], 128, (a) =>
@@ -1223,6 +1282,8 @@ export class CudaBackend extends HostLifetimes implements Backend {
     P.free();
     part.free();
     Z.free();
+    term.free();
+    cnt.free();
     return { loss, dscores };
   }
 

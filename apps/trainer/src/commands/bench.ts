@@ -11,6 +11,7 @@ import { parseArgs } from "../args.ts";
 import { UsageError } from "../errors.ts";
 import { DEFAULTS, resolveModel, type TrainConfig } from "../run/config.ts";
 import { buildSession } from "../run/session.ts";
+import { benchGemmDevice } from "./bench-gemm-device.ts";
 
 const root = join(dirname(fileURLToPath(import.meta.url)), "../../../..");
 
@@ -91,6 +92,8 @@ async function gemm(flags: Record<string, unknown>): Promise<number> {
   for (const p of precisions)
     if (!["f32", "fp32", "bf16", "fp8"].includes(p))
       throw new UsageError(`--precision "${p}": use fp32, bf16 or fp8`);
+  if (backends.length === 1 && backends[0] === "cuda")
+    return benchGemmDevice(createBackend("cuda"), flags.shape as string[] | undefined, !!flags.json);
   const rows = [];
   const blas = flags.baseline === false ? null : openblas(shapes);
   for (const name of backends) {
@@ -172,10 +175,12 @@ async function profileStep(
       const t = performance.now();
       const r = f(...a);
       sync?.();
-      const o = a.find((x) => x && typeof x === "object" && "precision" in (x as object)) as
-        | { precision?: string }
-        | undefined;
-      const key = o?.precision ? `${k}:${o.precision}` : k;
+      // The options object names the variant: precision for GEMMs, group (and segments) for quantize.
+      const o = a.find(
+        (x) => x && typeof x === "object" && ("precision" in (x as object) || "group" in (x as object)),
+      ) as { precision?: string; group?: string; segments?: unknown } | undefined;
+      const variant = o?.precision ?? (o?.group ? `${o.group}${o.segments ? "+segments" : ""}` : "");
+      const key = variant ? `${k}:${variant}` : k;
       const e = acc.get(key) ?? { ms: 0, calls: 0 };
       e.ms += performance.now() - t;
       e.calls++;

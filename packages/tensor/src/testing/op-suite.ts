@@ -198,78 +198,87 @@ export function opSuite(name: string, make: () => Backend): void {
     it.each([
       [200, 129, 300],
       [256, 384, 256],
-    ])("matmul fp8 for Fprop, Dgrad and Wgrad operand layouts (T %i, in %i, out %i)", async (T, din, dout) => {
-      const x = rng.normals(T * din);
-      const w = rng.normals(dout * din, 0.05);
-      const dy = rng.normals(T * dout);
-      for (const format of ["e4m3", "e5m2"] as const)
-        await same((b) => {
-          const X = b.upload(x, [T, din]);
-          const W = b.upload(w, [dout, din]);
-          const DY = b.upload(dy, [T, dout]);
-          const wq = b.quantize(W, { group: "block" });
-          const fprop = b.matmul(b.quantize(X, { group: "tile" }), wq, {
-            transB: true,
-            precision: "fp8",
-            outBf16: true,
-          });
-          const dgrad = b.matmul(b.quantize(DY, { group: "tile", format }), wq, { precision: "fp8" });
-          const wgrad = b.matmul(
-            b.quantize(DY, { group: "column-tile", format }),
-            b.quantize(X, { group: "column-tile" }),
-            {
-              transA: true,
-              precision: "fp8",
-            },
-          );
-          const tw = b.matmul(b.quantize(X, { group: "tensor" }), b.quantize(W, { group: "tensor" }), {
-            transB: true,
-            precision: "fp8",
-          });
-          return { fprop, dgrad, wgrad, tw };
-        }, 1e-2);
-    });
-
-    it("grouped matmul over expert segments (m and k), empty experts included", async () => {
-      const E = 4;
-      const off = Int32Array.of(0, 5, 5, 140, 150);
-      const Mt = 150;
-      const K = 130;
-      const N = 40;
-      const a = rng.normals(Mt * K);
-      const w = rng.normals(E * N * K, 0.1);
-      const dy = rng.normals(Mt * N);
-      for (const precision of ["f32", "bf16", "fp8"] as const)
-        await same(
-          (b): Record<string, Tensor> => {
-            const O = b.upload(off, [E + 1], "i32");
-            const A = b.upload(a, [Mt, K]);
-            const W = b.upload(w, [E, N, K]);
-            const DY = b.upload(dy, [Mt, N]);
-            if (precision !== "fp8")
-              return {
-                m: b.groupedMatmul(A, W, O, { segment: "m", transB: true, precision }),
-                k: b.groupedMatmul(DY, A, O, { segment: "k", transA: true, precision }),
-              };
+    ])(
+      "matmul fp8 for Fprop, Dgrad and Wgrad operand layouts (T %i, in %i, out %i)",
+      async (T, din, dout) => {
+        const x = rng.normals(T * din);
+        const w = rng.normals(dout * din, 0.05);
+        const dy = rng.normals(T * dout);
+        for (const format of ["e4m3", "e5m2"] as const)
+          await same((b) => {
+            const X = b.upload(x, [T, din]);
+            const W = b.upload(w, [dout, din]);
+            const DY = b.upload(dy, [T, dout]);
             const wq = b.quantize(W, { group: "block" });
-            return {
-              m: b.groupedMatmul(b.quantize(A, { group: "tile" }), wq, O, {
-                segment: "m",
-                transB: true,
-                precision,
-              }),
-              d: b.groupedMatmul(b.quantize(DY, { group: "tile" }), wq, O, { segment: "m", precision }),
-              k: b.groupedMatmul(
-                b.quantize(DY, { group: "column-tile", segments: O }),
-                b.quantize(A, { group: "column-tile", segments: O }),
-                O,
-                { segment: "k", transA: true, precision },
-              ),
-            };
-          },
-          precision === "f32" ? 2e-5 : 1e-2,
-        );
-    });
+            const fprop = b.matmul(b.quantize(X, { group: "tile" }), wq, {
+              transB: true,
+              precision: "fp8",
+              outBf16: true,
+            });
+            const dgrad = b.matmul(b.quantize(DY, { group: "tile", format }), wq, { precision: "fp8" });
+            const wgrad = b.matmul(
+              b.quantize(DY, { group: "column-tile", format }),
+              b.quantize(X, { group: "column-tile" }),
+              {
+                transA: true,
+                precision: "fp8",
+              },
+            );
+            const tw = b.matmul(b.quantize(X, { group: "tensor" }), b.quantize(W, { group: "tensor" }), {
+              transB: true,
+              precision: "fp8",
+            });
+            return { fprop, dgrad, wgrad, tw };
+          }, 1e-2);
+      },
+    );
+
+    // Odd sizes, then sizes a multiple of 16 (the vectorised tensor-core paths on cuda), with
+    // segments longer than one 128-row promotion chunk.
+    it.each([
+      [[0, 5, 5, 140, 150], 130, 40],
+      [[0, 5, 5, 140, 300], 144, 48],
+    ])(
+      "grouped matmul over expert segments (m and k), empty experts included (offsets %j, K %i, N %i)",
+      async (offs, K, N) => {
+        const off = Int32Array.from(offs);
+        const E = off.length - 1;
+        const Mt = off[E];
+        const a = rng.normals(Mt * K);
+        const w = rng.normals(E * N * K, 0.1);
+        const dy = rng.normals(Mt * N);
+        for (const precision of ["f32", "bf16", "fp8"] as const)
+          await same(
+            (b): Record<string, Tensor> => {
+              const O = b.upload(off, [E + 1], "i32");
+              const A = b.upload(a, [Mt, K]);
+              const W = b.upload(w, [E, N, K]);
+              const DY = b.upload(dy, [Mt, N]);
+              if (precision !== "fp8")
+                return {
+                  m: b.groupedMatmul(A, W, O, { segment: "m", transB: true, precision }),
+                  k: b.groupedMatmul(DY, A, O, { segment: "k", transA: true, precision }),
+                };
+              const wq = b.quantize(W, { group: "block" });
+              return {
+                m: b.groupedMatmul(b.quantize(A, { group: "tile" }), wq, O, {
+                  segment: "m",
+                  transB: true,
+                  precision,
+                }),
+                d: b.groupedMatmul(b.quantize(DY, { group: "tile" }), wq, O, { segment: "m", precision }),
+                k: b.groupedMatmul(
+                  b.quantize(DY, { group: "column-tile", segments: O }),
+                  b.quantize(A, { group: "column-tile", segments: O }),
+                  O,
+                  { segment: "k", transA: true, precision },
+                ),
+              };
+            },
+            precision === "f32" ? 2e-5 : 1e-2,
+          );
+      },
+    );
 
     it("rmsnorm, rope, head slicing, swiglu, embedding forward and backward", async () => {
       const R = 37;

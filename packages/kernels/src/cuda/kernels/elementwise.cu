@@ -55,6 +55,15 @@ KERNEL void transpose_f32(const float* x, float* out, int R, int C) {
   }
 }
 
+// The same for `batch` matrices one after the other (the block scales of a stack of expert weights).
+KERNEL void transpose_f32_batched(const float* x, float* out, int R, int C, int batch) {
+  GRID_LOOP(i, (i64)batch * R * C) {
+    const i64 b = i / ((i64)R * C), j = i % ((i64)R * C);
+    const int r = (int)(j / C), c = (int)(j % C);
+    out[b * R * C + (i64)c * R + r] = x[i];
+  }
+}
+
 // Sum, stage 1: block b sums elements [b*chunk, (b+1)*chunk) in double with a fixed tree.
 KERNEL void sum_partial(const float* x, double* part, i64 n, i64 chunk) {
   const i64 s = blockIdx.x * chunk;

@@ -3,7 +3,7 @@
 // points: q, k, v, dO and the probabilities P are BF16, every dot product accumulates in f32
 // (mma.sync m16n8k16 bf16 -> f32), lse and D stay f32, dS is rounded to BF16 before the GEMMs and
 // the softmax scale is applied to dq/dk afterwards (it is linear, and not a power of two).
-// Nothing of size T x T is stored: the forward makes two passes over the keys (row max and sum,
+// Nothing of size T x T is stored, nor any transposed tile (ldmatrix.trans reads B^T fragments): the forward makes two passes over the keys (row max and sum,
 // then P @ V with P = exp(s - lse) exactly as the backward recomputes it), the backward recomputes
 // P per tile. Layouts as attention.cu: q, k [B*T, H*DQK]; v, o, dO [B*T, H*DV]; lse, D [B*H*T].
 // Grid: x = tile of 64 queries (forward, dq) or 64 keys (dk/dv), y = b*H + h; 4 warps of 16 rows.
@@ -38,20 +38,6 @@ __device__ __forceinline__ void tile_rows(u16* s, const float* g, i64 ld, int r0
     if (r0 + r < rmax) v = *(const float4*)(g + (i64)(r0 + r) * ld + c);
     *(u32*)(s + r * LD + c) = pack_bf16(v.x, v.y);
     *(u32*)(s + r * LD + c + 2) = pack_bf16(v.z, v.w);
-  }
-}
-
-// The transpose: s[c * LD + r] = bf16(g[(r0 + r) * ld + c]).
-template <int R, int D, int LD>
-__device__ __forceinline__ void tile_cols(u16* s, const float* g, i64 ld, int r0, int rmax) {
-  for (int i = threadIdx.x; i < R * (D / 4); i += blockDim.x) {
-    const int r = i / (D / 4), c = (i % (D / 4)) * 4;
-    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    if (r0 + r < rmax) v = *(const float4*)(g + (i64)(r0 + r) * ld + c);
-    s[(c + 0) * LD + r] = f32_to_bf16(v.x);
-    s[(c + 1) * LD + r] = f32_to_bf16(v.y);
-    s[(c + 2) * LD + r] = f32_to_bf16(v.z);
-    s[(c + 3) * LD + r] = f32_to_bf16(v.w);
   }
 }
 
@@ -90,6 +76,31 @@ __device__ __forceinline__ void mma_rows(float (*acc)[4], const u32 (*a)[4], con
   }
 }
 
+// Shared-memory address of a generic pointer (for ldmatrix).
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+  u32 a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+
+// acc[NT][4] += A (16 x 16, registers) @ B with B[k][n] = s[k * LD + n] row-major in shared memory
+// (16 rows of k from s): ldmatrix.trans hands each lane B's column pairs, so no transposed copy of
+// V, K, Q or dO is ever stored. NT even; rows of LD u16 are 16-byte aligned.
+template <int NT, int LD>
+__device__ __forceinline__ void mma_rows_t(float (*acc)[4], const u32* a, const u16* s) {
+  const int lane = threadIdx.x & 31, mat = lane >> 3;
+  const u32 base = smem_addr(s + ((lane & 7) + 8 * (mat & 1)) * LD + 8 * (mat >> 1));
+#pragma unroll
+  for (int nt = 0; nt < NT; nt += 2) {
+    u32 b0, b1, b2, b3;
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3)
+                 : "r"(base + nt * 16));
+    mma_bf16(acc[nt], a, b0, b1);
+    mma_bf16(acc[nt + 1], a, b2, b3);
+  }
+}
+
 // The A fragment for k-step kk made of C tiles 2kk and 2kk+1 (rounded to BF16).
 __device__ __forceinline__ void c_to_a(u32* a, const float (*c)[4], int kk) {
   a[0] = pack_bf16(c[2 * kk][0], c[2 * kk][1]);
@@ -121,9 +132,9 @@ __device__ __forceinline__ void store_rows(float* g, i64 ld, int r, int T, const
 template <int DQK, int DV>
 __device__ __forceinline__ void flash_fwd(const float* q, const float* k, const float* v, float* o, float* lse,
                                           int T, int H, float scale) {
-  constexpr int BK = 64, LK = DQK + 8, LV = BK + 8;
+  constexpr int BK = 64, LK = DQK + 8, LV = DV + 8;
   __shared__ __align__(16) u16 sK[BK * LK];
-  __shared__ __align__(16) u16 sVt[DV * LV];
+  __shared__ __align__(16) u16 sV[BK * LV];
   const int bh = blockIdx.y, b = bh / H, h = bh % H;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int q0 = blockIdx.x * FROWS, r = q0 + (threadIdx.x >> 5) * 16 + g;
@@ -181,7 +192,7 @@ __device__ __forceinline__ void flash_fwd(const float* q, const float* k, const 
   for (int k0 = 0; k0 < kend; k0 += BK) {
     __syncthreads();
     tile_rows<BK, DQK, LK>(sK, kb, ldq, k0, T);
-    tile_cols<BK, DV, LV>(sVt, vb, ldv, k0, T);
+    tile_rows<BK, DV, LV>(sV, vb, ldv, k0, T);
     __syncthreads();
     zero<BK / 8>(s);
     mma_rows<DQK / 16, BK / 8, LK>(s, qa, sK);
@@ -196,7 +207,7 @@ __device__ __forceinline__ void flash_fwd(const float* q, const float* k, const 
     for (int kk = 0; kk < BK / 16; kk++) {
       u32 pa[1][4];
       c_to_a(pa[0], s, kk);
-      mma_rows<1, DV / 8, LV>(acc, pa, sVt + kk * 16);
+      mma_rows_t<DV / 8, LV>(acc, pa[0], sV + kk * 16 * LV);
     }
   }
   store_rows<DV / 8>(o + (i64)b * T * ldv + h * DV, ldv, r, T, acc, 1.0f);
@@ -206,9 +217,8 @@ __device__ __forceinline__ void flash_fwd(const float* q, const float* k, const 
 template <int DQK, int DV>
 __device__ __forceinline__ void flash_bwd_dq(const float* dO, const float* q, const float* k, const float* v,
                                              const float* lse, const float* D, float* dq, int T, int H, float scale) {
-  constexpr int BK = 32, LK = DQK + 8, LT = BK + 8, LV = DV + 8;
+  constexpr int BK = 32, LK = DQK + 8, LV = DV + 8;
   __shared__ __align__(16) u16 sK[BK * LK];
-  __shared__ __align__(16) u16 sKt[DQK * LT];
   __shared__ __align__(16) u16 sV[BK * LV];
   const int bh = blockIdx.y, b = bh / H, h = bh % H;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -232,7 +242,6 @@ __device__ __forceinline__ void flash_bwd_dq(const float* dO, const float* q, co
   for (int k0 = 0; k0 < kend; k0 += BK) {
     __syncthreads();
     tile_rows<BK, DQK, LK>(sK, kb, ldq, k0, T);
-    tile_cols<BK, DQK, LT>(sKt, kb, ldq, k0, T);
     tile_rows<BK, DV, LV>(sV, vb, ldv, k0, T);
     __syncthreads();
     zero<BK / 8>(s);
@@ -251,7 +260,7 @@ __device__ __forceinline__ void flash_bwd_dq(const float* dO, const float* q, co
     for (int kk = 0; kk < BK / 16; kk++) {
       u32 a[1][4];
       c_to_a(a[0], s, kk);
-      mma_rows<1, DQK / 8, LT>(acc, a, sKt + kk * 16);
+      mma_rows_t<DQK / 8, LK>(acc, a[0], sK + kk * 16 * LK);
     }
   }
   store_rows<DQK / 8>(dq + (i64)b * T * ldq + h * DQK, ldq, r, T, acc, scale);
@@ -263,11 +272,9 @@ template <int DQK, int DV>
 __device__ __forceinline__ void flash_bwd_dkdv(const float* dO, const float* q, const float* k, const float* v,
                                                const float* lse, const float* D, float* dk, float* dv, int T, int H,
                                                float scale) {
-  constexpr int BQ = 32, LQ = DQK + 8, LT = BQ + 8, LO = DV + 8;
+  constexpr int BQ = 32, LQ = DQK + 8, LO = DV + 8;
   __shared__ __align__(16) u16 sQ[BQ * LQ];
-  __shared__ __align__(16) u16 sQt[DQK * LT];
   __shared__ __align__(16) u16 sO[BQ * LO];
-  __shared__ __align__(16) u16 sOt[DV * LT];
   __shared__ float sL[BQ], sD[BQ];
   const int bh = blockIdx.y, b = bh / H, h = bh % H;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -284,9 +291,7 @@ __device__ __forceinline__ void flash_bwd_dkdv(const float* dO, const float* q, 
   for (int q0 = k0; q0 < T; q0 += BQ) {
     __syncthreads();
     tile_rows<BQ, DQK, LQ>(sQ, qb, ldq, q0, T);
-    tile_cols<BQ, DQK, LT>(sQt, qb, ldq, q0, T);
     tile_rows<BQ, DV, LO>(sO, ob, ldv, q0, T);
-    tile_cols<BQ, DV, LT>(sOt, ob, ldv, q0, T);
     if (threadIdx.x < BQ) {
       const int i = q0 + threadIdx.x;
       sL[threadIdx.x] = i < T ? lse[(i64)bh * T + i] : 0.0f;
@@ -311,9 +316,9 @@ __device__ __forceinline__ void flash_bwd_dkdv(const float* dO, const float* q, 
     for (int kk = 0; kk < BQ / 16; kk++) {
       u32 a[1][4];
       c_to_a(a[0], s, kk);
-      mma_rows<1, DV / 8, LT>(av, a, sOt + kk * 16);
+      mma_rows_t<DV / 8, LO>(av, a[0], sO + kk * 16 * LO);
       c_to_a(a[0], dp, kk);
-      mma_rows<1, DQK / 8, LT>(ak, a, sQt + kk * 16);
+      mma_rows_t<DQK / 8, LQ>(ak, a[0], sQ + kk * 16 * LQ);
     }
   }
   store_rows<DQK / 8>(dk + (i64)b * T * ldq + h * DQK, ldq, r, T, ak, scale);

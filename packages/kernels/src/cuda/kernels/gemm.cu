@@ -368,6 +368,166 @@ __device__ __forceinline__ void gemm_tile_mma(
   mma_store(C, M, N, m0 + wm, n0 + wn, acc, accumulate, outBf16);
 }
 
+
+// --- FP8, both operands K-contiguous ("TN"), the fast path ----------------------------------------
+// A [M, K] and B [N, K] with K a multiple of 16: each stage holds one whole 128-long promotion chunk
+// of both 64-row tiles (16-byte loads), the next chunk is fetched into registers while the tensor
+// cores work on this one (two shared buffers, one barrier per chunk), and the formats are template
+// parameters. Same arithmetic as gemm_tile_mma.
+#define TN_LD 144  // bytes per shared row: 128 k-bytes + 16 (fragment loads hit 32 distinct banks)
+
+template <int FA, int FB>
+__device__ __forceinline__ void mma_fp8_t(float* c, const u32* a, u32 b0, u32 b1) {
+#define MMA8T(TA, TB)                                                                                    \
+  asm volatile("mma.sync.aligned.m16n8k32.row.col.f32." TA "." TB                                       \
+               ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                             \
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                          \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
+  if constexpr (FA == 0 && FB == 0) MMA8T("e4m3", "e4m3");
+  else if constexpr (FA == 0) MMA8T("e4m3", "e5m2");
+  else if constexpr (FB == 0) MMA8T("e5m2", "e4m3");
+  else MMA8T("e5m2", "e5m2");
+#undef MMA8T
+}
+
+// One stage of an operand: 64 rows (r0..) x 128 k (k0..), 4 sixteen-byte pieces per thread.
+// T = 0: stored [rows, K] (K-contiguous); each piece is 16 k of one row.
+// T = 1: stored [K, rows] (Wgrad: tokens are K), rows % 16 == 0; thread (k-quad q, 16-row chunk c)
+// loads rows 16c..16c+15 of k = 4q..4q+3.
+template <int T>
+__device__ __forceinline__ void tn_fetch(uint4* r, const u8* g, int rows, int K, int r0, int k0) {
+#pragma unroll
+  for (int j = 0; j < 4; j++) {
+    if constexpr (T == 0) {
+      const int idx = threadIdx.x + 128 * j, row = r0 + (idx >> 3), k = k0 + (idx & 7) * 16;
+      r[j] = (row < rows && k < K) ? *(const uint4*)(g + (i64)row * K + k) : make_uint4(0, 0, 0, 0);
+    } else {
+      const int row = r0 + 16 * (threadIdx.x & 3), k = k0 + 4 * (threadIdx.x >> 2) + j;
+      r[j] = (row < rows && k < K) ? *(const uint4*)(g + (i64)k * rows + row) : make_uint4(0, 0, 0, 0);
+    }
+  }
+}
+
+// 4 x 4 byte transpose: out[i] = byte i of a, b, c, d (one row's 4 consecutive k).
+__device__ __forceinline__ void bytes4x4(u32 a, u32 b, u32 c, u32 d, u32* out) {
+  const u32 lab = __byte_perm(a, b, 0x5140), hab = __byte_perm(a, b, 0x7362);
+  const u32 lcd = __byte_perm(c, d, 0x5140), hcd = __byte_perm(c, d, 0x7362);
+  out[0] = __byte_perm(lab, lcd, 0x5410);
+  out[1] = __byte_perm(lab, lcd, 0x7632);
+  out[2] = __byte_perm(hab, hcd, 0x5410);
+  out[3] = __byte_perm(hab, hcd, 0x7632);
+}
+
+// The stage into shared memory as [row][k] (k-contiguous rows of TN_LD bytes).
+template <int T>
+__device__ __forceinline__ void tn_stash(u8* s, const uint4* r) {
+  if constexpr (T == 0) {
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      const int idx = threadIdx.x + 128 * j;
+      *(uint4*)(s + (idx >> 3) * TN_LD + (idx & 7) * 16) = r[j];
+    }
+  } else {
+    const int q = threadIdx.x >> 2, c = threadIdx.x & 3;
+    u32 w[16];
+    bytes4x4(r[0].x, r[1].x, r[2].x, r[3].x, w);
+    bytes4x4(r[0].y, r[1].y, r[2].y, r[3].y, w + 4);
+    bytes4x4(r[0].z, r[1].z, r[2].z, r[3].z, w + 8);
+    bytes4x4(r[0].w, r[1].w, r[2].w, r[3].w, w + 12);
+#pragma unroll
+    for (int m = 0; m < 16; m++) *(u32*)(s + (16 * c + m) * TN_LD + 4 * q) = w[m];
+  }
+}
+
+template <int FA, int FB, int T>
+__device__ __forceinline__ void gemm_tile_tn(const u8* A, const float* As, int ga, const u8* B, const float* Bs, int gb,
+                                             float* C, int M, int N, int K, int mTile, int nTile, int accumulate,
+                                             int outBf16) {
+  __shared__ __align__(16) u8 sa[2][BM * TN_LD];
+  __shared__ __align__(16) u8 sb[2][BN * TN_LD];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
+  const int m0 = mTile * BM, n0 = nTile * BN;
+  float acc[2][4][4];
+#pragma unroll
+  for (int i = 0; i < 2; i++)
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
+  uint4 ra[4], rb[4];
+  tn_fetch<T>(ra, A, M, K, m0, 0);
+  tn_fetch<T>(rb, B, N, K, n0, 0);
+  tn_stash<T>(sa[0], ra);
+  tn_stash<T>(sb[0], rb);
+  __syncthreads();
+  int st = 0;
+  for (int k0 = 0; k0 < K; k0 += 128, st ^= 1) {
+    const bool more = k0 + 128 < K;
+    if (more) {
+      tn_fetch<T>(ra, A, M, K, m0, k0 + 128);
+      tn_fetch<T>(rb, B, N, K, n0, k0 + 128);
+    }
+    float s1[2][2], s2[4][2];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        const int m = min(m0 + wm + i * 16 + g + 8 * h, M - 1);
+        s1[i][h] = As[T ? scale_index(ga, k0, m, K, M) : scale_index(ga, m, k0, M, K)];
+      }
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+      for (int e = 0; e < 2; e++) {
+        const int n = min(n0 + wn + j * 8 + 2 * t + e, N - 1);
+        s2[j][e] = Bs[T ? scale_index(gb, k0, n, K, N) : scale_index(gb, n, k0, N, K)];
+      }
+    float part[2][4][4];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+      for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) part[i][j][e] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < 128; ks += 32) {
+      u32 af[2][4], bf[4][2];
+#pragma unroll
+      for (int i = 0; i < 2; i++) {
+        const u8* p = sa[st] + (wm + i * 16 + g) * TN_LD + ks + 4 * t;
+        af[i][0] = *(const u32*)p;
+        af[i][1] = *(const u32*)(p + 8 * TN_LD);
+        af[i][2] = *(const u32*)(p + 16);
+        af[i][3] = *(const u32*)(p + 8 * TN_LD + 16);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; j++) {
+        const u8* p = sb[st] + (wn + j * 8 + g) * TN_LD + ks + 4 * t;
+        bf[j][0] = *(const u32*)p;
+        bf[j][1] = *(const u32*)(p + 16);
+      }
+#pragma unroll
+      for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) mma_fp8_t<FA, FB>(part[i][j], af[i], bf[j][0], bf[j][1]);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+      for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+          acc[i][j][e] = __fadd_rn(acc[i][j][e], __fmul_rn(__fmul_rn(part[i][j][e], s1[i][e >> 1]), s2[j][e & 1]));
+    if (more) {
+      tn_stash<T>(sa[st ^ 1], ra);
+      tn_stash<T>(sb[st ^ 1], rb);
+    }
+    __syncthreads();
+  }
+  mma_store(C, M, N, m0 + wm, n0 + wn, acc, accumulate, outBf16);
+}
+
 template <int KIND>
 __device__ __forceinline__ void tile_any(
     const void* A, const float* As, int ga, int fa, int aKcols,
@@ -377,6 +537,9 @@ __device__ __forceinline__ void tile_any(
   if constexpr (KIND == 2)
     gemm_tile_mma((const u8*)A, As, ga, fa, aKcols, (const u8*)B, Bs, gb, fb, bKcols, C, M, N, K, mTile, nTile,
                   accumulate, outBf16);
+  else if constexpr (KIND >= 4)  // 4 + 4 * T + 2 * fa + fb: FP8, both operands K-contiguous (T = 0) or both [K, rows] (T = 1)
+    gemm_tile_tn<(((KIND - 4) >> 1) & 1), ((KIND - 4) & 1), ((KIND - 4) >> 2)>(
+        (const u8*)A, As, ga, (const u8*)B, Bs, gb, C, M, N, K, mTile, nTile, accumulate, outBf16);
   else if constexpr (KIND == 3)
     gemm_tile_bf16_mma((const float*)A, aKcols, (const float*)B, bKcols, C, M, N, K, mTile, nTile, accumulate,
                        outBf16);
@@ -386,14 +549,15 @@ __device__ __forceinline__ void tile_any(
 }
 
 // KIND: 0 f32/BF16 tiles, 1 FP8 tiles (any promotion), 2 FP8 on tensor cores (promotion 128),
-// 3 BF16 on tensor cores.
+// 3 BF16 on tensor cores, 4..11 FP8 on tensor cores with both operands K-contiguous or both
+// stored [K, rows] (layout and formats in KIND).
 template <int KIND>
 __device__ __forceinline__ void gemm_dispatch(
     const void* A, const float* As, int ga, int fa, int aKcols,
     const void* B, const float* Bs, int gb, int fb, int bKcols,
     float* C, int M, int N, int K, int mode, const int* off, int E, int bRows, int bCols,
     int accumulate, int outBf16, int inBf16, int promotion) {
-  const int esz = (KIND == 1 || KIND == 2) ? 1 : 4;
+  const int esz = (KIND == 0 || KIND == 3) ? 4 : 1;
   if (mode == 0) {
     tile_any<KIND>(A, As, ga, fa, aKcols, B, Bs, gb, fb, bKcols, C, M, N, K, blockIdx.y, blockIdx.x,
                    accumulate, outBf16, inBf16, promotion);
@@ -463,3 +627,31 @@ KERNEL void __launch_bounds__(128) gemm_bf16_mma(
   gemm_dispatch<3>(A, 0, 0, 0, aKcols, B, 0, 0, 0, bKcols, C, M, N, K, mode, off, E, bRows, bCols,
                    accumulate, outBf16, 1, 1 << 30);
 }
+
+// FP8 with both operands K-contiguous and K % 16 == 0 (Fprop and, with transposed weights, Dgrad of
+// the experts): gemm_tile_tn, one entry point per pair of formats. 128 threads.
+#define GEMM_TN(NAME, KIND)                                                                                 \
+  KERNEL void __launch_bounds__(128) NAME(const u8* A, const float* As, int ga, const u8* B, const float* Bs, \
+                                          int gb, float* C, int M, int N, int K, int mode, const int* off,   \
+                                          int E, int bRows, int bCols, int accumulate, int outBf16) {        \
+    gemm_dispatch<KIND>(A, As, ga, 0, 1, B, Bs, gb, 0, 1, C, M, N, K, mode, off, E, bRows, bCols, accumulate, \
+                        outBf16, 0, 128);                                                                    \
+  }
+GEMM_TN(gemm_fp8_tn_e4m3_e4m3, 4)
+GEMM_TN(gemm_fp8_tn_e4m3_e5m2, 5)
+GEMM_TN(gemm_fp8_tn_e5m2_e4m3, 6)
+GEMM_TN(gemm_fp8_tn_e5m2_e5m2, 7)
+
+// FP8 with both operands stored [K, rows] (Wgrad: the tokens are K; rows % 16 == 0), expert
+// segments along K (mode 2) or one matrix (mode 0). 128 threads.
+#define GEMM_TT(NAME, KIND)                                                                                 \
+  KERNEL void __launch_bounds__(128) NAME(const u8* A, const float* As, int ga, const u8* B, const float* Bs, \
+                                          int gb, float* C, int M, int N, int K, int mode, const int* off,   \
+                                          int E, int bRows, int bCols, int accumulate, int outBf16) {        \
+    gemm_dispatch<KIND>(A, As, ga, 0, 0, B, Bs, gb, 0, 0, C, M, N, K, mode, off, E, bRows, bCols, accumulate, \
+                        outBf16, 0, 128);                                                                    \
+  }
+GEMM_TT(gemm_fp8_tt_e4m3_e4m3, 8)
+GEMM_TT(gemm_fp8_tt_e4m3_e5m2, 9)
+GEMM_TT(gemm_fp8_tt_e5m2_e4m3, 10)
+GEMM_TT(gemm_fp8_tt_e5m2_e5m2, 11)

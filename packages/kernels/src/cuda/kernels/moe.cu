@@ -62,29 +62,35 @@ KERNEL void balance_z(const float* scores, double* Z, int N, int E) {
   Z[n] = z;
 }
 
-// Balance loss, stage 1: per sequence b (one block), f[b][e] and P[b][e] (double), and the
-// sequence's loss term sum_e alpha f P / B.
-KERNEL void balance_stats(const float* scores, const int* topIdx, const double* Zs, double* f, double* P, double* lossPart, int B, int T, int E, int k, double alpha) {
-  const int b = blockIdx.x;
-  double term = 0.0;
-  for (int e = threadIdx.x; e < E; e += blockDim.x) {
-    int cnt = 0;
-    double p = 0.0;
-    for (int t = 0; t < T; t++) {
-      const i64 n = (i64)b * T + t;
-      for (int j = 0; j < k; j++) cnt += topIdx[n * k + j] == e;
-      p += (double)scores[n * E + e] / Zs[n] / T;
-    }
-    const double fe = cnt * ((double)E / ((double)k * T));
-    f[(i64)b * E + e] = fe;
-    P[(i64)b * E + e] = p;
-    term += alpha * fe * p / B;
-  }
-  term = block_sum(term);
-  if (threadIdx.x == 0) lossPart[b] = term;
+// Balance loss, stage 1 (one thread per score): term[n][e] = s[n][e] / Z[n] / T in double, and the
+// choice counts cnt[b][e] (integer atomics: exact, in any order). cnt must be zeroed.
+KERNEL void balance_terms(const float* scores, const int* topIdx, const double* Zs, double* term, int* cnt, int B, int T, int E, int k) {
+  const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+  const i64 N = (i64)B * T;
+  if (i < N * E) term[i] = (double)scores[i] / Zs[i / E] / T;
+  if (i < N * k) atomicAdd(&cnt[(i / k / T) * E + topIdx[i]], 1);
 }
 
-// Balance loss, stage 2: the loss (sum over sequences in order) ...
+// Balance loss, stage 2: per sequence b (one block), f[b][e] and P[b][e] (P summed over t in order,
+// as the reference), and the sequence's loss term sum_e alpha f P / B.
+KERNEL void balance_stats(const double* term, const int* cnt, double* f, double* P, double* lossPart, int B, int T, int E, int k, double alpha) {
+  const int b = blockIdx.x;
+  double acc = 0.0;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    double p = 0.0;
+    const double* col = term + (i64)b * T * E + e;
+#pragma unroll 16
+    for (int t = 0; t < T; t++) p += col[(i64)t * E];
+    const double fe = cnt[(i64)b * E + e] * ((double)E / ((double)k * T));
+    f[(i64)b * E + e] = fe;
+    P[(i64)b * E + e] = p;
+    acc += alpha * fe * p / B;
+  }
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) lossPart[b] = acc;
+}
+
+// Balance loss, stage 3: the loss (sum over sequences in order) ...
 KERNEL void balance_loss(const double* lossPart, int B, float* loss) {
   if (threadIdx.x != 0 || blockIdx.x != 0) return;
   double v = 0.0;

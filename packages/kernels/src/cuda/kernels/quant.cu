@@ -117,9 +117,12 @@ KERNEL void quant_coltile(const float* x, u8* q, float* scales, const int* seg, 
   if (c >= cols || rb * 128 >= n) return;
   const int a0 = r0 + rb * 128;
   const int a1 = r0 + min(n, rb * 128 + 128);
+  // Unrolled so that many of the column's loads are in flight at once (the loop is latency-bound).
   float a = 0.0f;
+#pragma unroll 16
   for (int r = a0; r < a1; r++) a = fmaxf(a, abs_for_amax(x[(i64)r * cols + c]));
   const QScale s = qscale(a, eps, fmt, mode);
+#pragma unroll 16
   for (int r = a0; r < a1; r++) q[(i64)r * cols + c] = quant_value(x[(i64)r * cols + c], s, fmt, mode);
   scales[soff + (i64)rb * cols + c] = s.scale;
 }

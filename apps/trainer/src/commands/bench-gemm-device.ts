@@ -1,0 +1,153 @@
+// `moe8 bench gemm --backend cuda`: the GEMMs one training step of `small` runs, each in its three
+// roles (Fprop, Dgrad, Wgrad) and in BF16 and FP8, plus the grouped expert GEMMs. Reported as
+// TFLOP/s and as the ratio FP8 / BF16 measured in the same run (the BF16 baseline is cuBLASLt for
+// the dense shapes).
+import type { Backend, Tensor } from "@moe8/tensor";
+import { Rng } from "@moe8/tensor";
+import { UsageError } from "../errors.ts";
+
+/** Dense GEMMs of `small` at 16,384 tokens per step, MxNxK of the Fprop (N = output features). */
+export const SMALL_GEMM_SHAPES = [
+  "16384x1536x1024", // q_proj
+  "16384x288x1024", // kv_a_proj_with_mqa
+  "16384x2048x256", // kv_b_proj
+  "16384x1024x1024", // o_proj
+  "16384x2816x1024", // dense gate_proj / up_proj
+  "16384x1024x2816", // dense down_proj
+  "16384x512x1024", // shared experts gate / up
+  "16384x1024x512", // shared experts down
+];
+
+/** Routed experts of `small`: 64 experts, 16,384 tokens x 6 choices, moe_intermediate_size 256. */
+const EXPERTS = { E: 64, rows: 16384 * 6, shapes: [[256, 1024] as const, [1024, 256] as const] };
+
+type Precision = "bf16" | "fp8";
+
+/** n normal values: a 1M-value pool repeated (timing does not need fresh randomness; JS does not
+ *  need to draw 100M normals). */
+function normals(rng: Rng, n: number, std = 1): Float32Array {
+  const pool = rng.normals(Math.min(n, 1 << 20), std);
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i += pool.length) out.set(pool.subarray(0, Math.min(pool.length, n - i)), i);
+  return out;
+}
+
+/** Median ms of one call of `op` over batches of `reps` calls, each batch synchronised once. */
+async function deviceMs(b: Backend, op: () => Tensor, reps = 10): Promise<number> {
+  const batch = async () => {
+    await b.scope(async () => {
+      let y: Tensor | null = null;
+      for (let i = 0; i < reps; i++) y = op();
+      await b.sum(y!).item();
+    });
+  };
+  await batch();
+  const times: number[] = [];
+  for (let i = 0; i < 5; i++) {
+    const t = performance.now();
+    await batch();
+    times.push((performance.now() - t) / reps);
+  }
+  times.sort((x, y) => x - y);
+  return times[2];
+}
+
+function dims(shape: string): [number, number, number] {
+  const m = /^(\d+)x(\d+)x(\d+)$/.exec(shape);
+  if (!m) throw new UsageError(`--shape "${shape}": expected MxNxK, e.g. 16384x1024x1024`);
+  return [Number(m[1]), Number(m[2]), Number(m[3])];
+}
+
+async function dense(b: Backend, shape: string, p: Precision): Promise<Record<string, number>> {
+  const [M, N, K] = dims(shape);
+  const rng = new Rng(3);
+  return b.scope(async () => {
+    const x = b.upload(normals(rng, M * K), [M, K]);
+    const w = b.upload(normals(rng, N * K, 0.05), [N, K]);
+    const dy = b.upload(normals(rng, M * N), [M, N]);
+    const fp8 = p === "fp8";
+    const wq = fp8 ? b.quantize(w, { group: "block" }) : w;
+    const xq = fp8 ? b.quantize(x, { group: "tile" }) : x;
+    const dyq = fp8 ? b.quantize(dy, { group: "tile" }) : dy;
+    const dyc = fp8 ? b.quantize(dy, { group: "column-tile" }) : dy;
+    const xc = fp8 ? b.quantize(x, { group: "column-tile" }) : x;
+    return {
+      fprop: await deviceMs(b, () => b.matmul(xq, wq, { transB: true, precision: p })),
+      dgrad: await deviceMs(b, () => b.matmul(dyq, wq, { precision: p })),
+      wgrad: await deviceMs(b, () => b.matmul(dyc, xc, { transA: true, precision: p })),
+    };
+  });
+}
+
+async function grouped(b: Backend, N: number, K: number, p: Precision): Promise<Record<string, number>> {
+  const { E, rows } = EXPERTS;
+  const rng = new Rng(4);
+  // Uneven loads as after routing: expert sizes drawn around rows / E.
+  const sizes = Array.from({ length: E }, () => 0.5 + rng.next());
+  const total = sizes.reduce((s, v) => s + v, 0);
+  const off = new Int32Array(E + 1);
+  for (let e = 0; e < E; e++)
+    off[e + 1] = e === E - 1 ? rows : off[e] + Math.floor((sizes[e] / total) * rows);
+  return b.scope(async () => {
+    const O = b.upload(off, [E + 1], "i32");
+    const x = b.upload(normals(rng, rows * K), [rows, K]);
+    const w = b.upload(normals(rng, E * N * K, 0.05), [E, N, K]);
+    const dy = b.upload(normals(rng, rows * N), [rows, N]);
+    const fp8 = p === "fp8";
+    const wq = fp8 ? b.quantize(w, { group: "block" }) : w;
+    const xq = fp8 ? b.quantize(x, { group: "tile" }) : x;
+    const dyq = fp8 ? b.quantize(dy, { group: "tile" }) : dy;
+    const dyc = fp8 ? b.quantize(dy, { group: "column-tile", segments: O }) : dy;
+    const xc = fp8 ? b.quantize(x, { group: "column-tile", segments: O }) : x;
+    return {
+      fprop: await deviceMs(b, () =>
+        b.groupedMatmul(xq, wq, O, { segment: "m", transB: true, precision: p }),
+      ),
+      dgrad: await deviceMs(b, () => b.groupedMatmul(dyq, wq, O, { segment: "m", precision: p })),
+      wgrad: await deviceMs(b, () =>
+        b.groupedMatmul(dyc, xc, O, { segment: "k", transA: true, precision: p }),
+      ),
+    };
+  });
+}
+
+export async function benchGemmDevice(
+  b: Backend,
+  shapes: string[] | undefined,
+  json: boolean,
+): Promise<number> {
+  const rows: Record<string, unknown>[] = [];
+  const report = (name: string, flops: number, t: Record<Precision, Record<string, number>>) => {
+    for (const role of ["fprop", "dgrad", "wgrad"]) {
+      const tf = (p: Precision) => +(flops / (t[p][role] * 1e9)).toFixed(1);
+      const row = {
+        gemm: name,
+        role,
+        bf16_ms: +t.bf16[role].toFixed(3),
+        fp8_ms: +t.fp8[role].toFixed(3),
+        bf16_tflops: tf("bf16"),
+        fp8_tflops: tf("fp8"),
+        fp8_vs_bf16: +(t.bf16[role] / t.fp8[role]).toFixed(2),
+      };
+      rows.push(row);
+      if (!json)
+        console.log(
+          Object.entries(row)
+            .map(([k, v]) => `${k}=${v}`)
+            .join("  "),
+        );
+    }
+  };
+  for (const shape of shapes ?? SMALL_GEMM_SHAPES) {
+    const [M, N, K] = dims(shape);
+    report(shape, 2 * M * N * K, { bf16: await dense(b, shape, "bf16"), fp8: await dense(b, shape, "fp8") });
+  }
+  if (!shapes)
+    for (const [N, K] of EXPERTS.shapes)
+      report(`experts ${EXPERTS.E}x(${N}x${K}) over ${EXPERTS.rows} rows`, 2 * EXPERTS.rows * N * K, {
+        bf16: await grouped(b, N, K, "bf16"),
+        fp8: await grouped(b, N, K, "fp8"),
+      });
+  if (json) console.log(JSON.stringify({ backend: b.name, rows }));
+  return 0;
+}

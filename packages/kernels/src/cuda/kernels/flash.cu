@@ -14,6 +14,10 @@
 // next GEMM (how P and dS feed P @ V, dS @ K, P^T @ dO and dS^T @ Q without shared memory).
 
 #define FROWS 64
+// Softmax in base 2 (exp2f is one MUFU instruction, expf a longer exact sequence that dominated
+// the kernels): s * scale * log2(e) and lse * log2(e); lse is stored in natural log as the API says.
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
 
 __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
   return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
@@ -139,6 +143,7 @@ __device__ __forceinline__ void flash_fwd(const float* q, const float* k, const 
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int q0 = blockIdx.x * FROWS, r = q0 + (threadIdx.x >> 5) * 16 + g;
   const i64 ldq = (i64)H * DQK, ldv = (i64)H * DV;
+  const float scale2 = scale * LOG2E;
   const float* qb = q + (i64)b * T * ldq + h * DQK;
   const float* kb = k + (i64)b * T * ldq + h * DQK;
   const float* vb = v + (i64)b * T * ldv + h * DV;
@@ -162,7 +167,7 @@ __device__ __forceinline__ void flash_fwd(const float* q, const float* k, const 
 #pragma unroll
         for (int e = 0; e < 2; e++) {
           const int key = k0 + nt * 8 + 2 * t + e;
-          const float x = (key <= r + 8 * hh && key < T) ? s[nt][2 * hh + e] * scale : -f32_inf();
+          const float x = (key <= r + 8 * hh && key < T) ? s[nt][2 * hh + e] * scale2 : -f32_inf();
           s[nt][2 * hh + e] = x;
           mx = fmaxf(mx, x);
         }
@@ -170,9 +175,9 @@ __device__ __forceinline__ void flash_fwd(const float* q, const float* k, const 
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float mn = fmaxf(m[hh], mx);
       if (mn == -f32_inf()) continue;
-      float sum = l[hh] * expf(m[hh] - mn);
+      float sum = l[hh] * exp2f(m[hh] - mn);
 #pragma unroll
-      for (int nt = 0; nt < BK / 8; nt++) sum += expf(s[nt][2 * hh] - mn) + expf(s[nt][2 * hh + 1] - mn);
+      for (int nt = 0; nt < BK / 8; nt++) sum += exp2f(s[nt][2 * hh] - mn) + exp2f(s[nt][2 * hh + 1] - mn);
       l[hh] = sum;
       m[hh] = mn;
     }
@@ -183,8 +188,8 @@ __device__ __forceinline__ void flash_fwd(const float* q, const float* k, const 
     float sum = l[hh];
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    L[hh] = m[hh] + logf(sum);
-    if (t == 0 && r + 8 * hh < T) lse[(i64)bh * T + r + 8 * hh] = L[hh];
+    L[hh] = m[hh] + log2f(sum);
+    if (t == 0 && r + 8 * hh < T) lse[(i64)bh * T + r + 8 * hh] = L[hh] * LN2;
   }
   // Pass 2: o = P @ V with P = bf16(exp(s - lse)).
   float acc[DV / 8][4];
@@ -201,7 +206,7 @@ __device__ __forceinline__ void flash_fwd(const float* q, const float* k, const 
 #pragma unroll
       for (int e = 0; e < 4; e++) {
         const int key = k0 + nt * 8 + 2 * t + (e & 1), row = r + 8 * (e >> 1);
-        s[nt][e] = (key <= row && key < T) ? expf(s[nt][e] * scale - L[e >> 1]) : 0.0f;
+        s[nt][e] = (key <= row && key < T) ? exp2f(s[nt][e] * scale2 - L[e >> 1]) : 0.0f;
       }
 #pragma unroll
     for (int kk = 0; kk < BK / 16; kk++) {
@@ -224,6 +229,7 @@ __device__ __forceinline__ void flash_bwd_dq(const float* dO, const float* q, co
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int q0 = blockIdx.x * FROWS, r = q0 + (threadIdx.x >> 5) * 16 + g;
   const i64 ldq = (i64)H * DQK, ldv = (i64)H * DV;
+  const float scale2 = scale * LOG2E;
   const float* kb = k + (i64)b * T * ldq + h * DQK;
   const float* vb = v + (i64)b * T * ldv + h * DV;
   u32 qa[DQK / 16][4], da[DV / 16][4];
@@ -233,7 +239,7 @@ __device__ __forceinline__ void flash_bwd_dq(const float* dO, const float* q, co
 #pragma unroll
   for (int hh = 0; hh < 2; hh++) {
     const bool in = r + 8 * hh < T;
-    L[hh] = in ? lse[(i64)bh * T + r + 8 * hh] : 0.0f;
+    L[hh] = in ? lse[(i64)bh * T + r + 8 * hh] * LOG2E : 0.0f;
     Dr[hh] = in ? D[(i64)bh * T + r + 8 * hh] : 0.0f;
   }
   float acc[DQK / 8][4], s[BK / 8][4], dp[BK / 8][4];
@@ -253,7 +259,7 @@ __device__ __forceinline__ void flash_bwd_dq(const float* dO, const float* q, co
 #pragma unroll
       for (int e = 0; e < 4; e++) {
         const int key = k0 + nt * 8 + 2 * t + (e & 1), row = r + 8 * (e >> 1);
-        const float P = (key <= row && key < T) ? expf(s[nt][e] * scale - L[e >> 1]) : 0.0f;
+        const float P = (key <= row && key < T) ? exp2f(s[nt][e] * scale2 - L[e >> 1]) : 0.0f;
         s[nt][e] = P * (dp[nt][e] - Dr[e >> 1]);
       }
 #pragma unroll
@@ -280,6 +286,7 @@ __device__ __forceinline__ void flash_bwd_dkdv(const float* dO, const float* q, 
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int k0 = blockIdx.x * FROWS, r = k0 + (threadIdx.x >> 5) * 16 + g;
   const i64 ldq = (i64)H * DQK, ldv = (i64)H * DV;
+  const float scale2 = scale * LOG2E;
   const float* qb = q + (i64)b * T * ldq + h * DQK;
   const float* ob = dO + (i64)b * T * ldv + h * DV;
   u32 ka[DQK / 16][4], va[DV / 16][4];
@@ -294,7 +301,7 @@ __device__ __forceinline__ void flash_bwd_dkdv(const float* dO, const float* q, 
     tile_rows<BQ, DV, LO>(sO, ob, ldv, q0, T);
     if (threadIdx.x < BQ) {
       const int i = q0 + threadIdx.x;
-      sL[threadIdx.x] = i < T ? lse[(i64)bh * T + i] : 0.0f;
+      sL[threadIdx.x] = i < T ? lse[(i64)bh * T + i] * LOG2E : 0.0f;
       sD[threadIdx.x] = i < T ? D[(i64)bh * T + i] : 0.0f;
     }
     __syncthreads();
@@ -308,7 +315,7 @@ __device__ __forceinline__ void flash_bwd_dkdv(const float* dO, const float* q, 
       for (int e = 0; e < 4; e++) {
         const int qi = nt * 8 + 2 * t + (e & 1), key = r + 8 * (e >> 1);
         const bool ok = q0 + qi >= key && q0 + qi < T && key < T;
-        const float P = ok ? expf(s[nt][e] * scale - sL[qi]) : 0.0f;
+        const float P = ok ? exp2f(s[nt][e] * scale2 - sL[qi]) : 0.0f;
         s[nt][e] = P;
         dp[nt][e] = P * (dp[nt][e] - sD[qi]);
       }

@@ -132,7 +132,10 @@ export function zodMessage(source: string, err: z.ZodError): string {
 export function parseConfig(raw: unknown, source: string): TrainConfig {
   const r = TrainConfigSchema.partial().safeParse(raw);
   if (!r.success) throw new UsageError(zodMessage(source, r.error));
-  return { ...DEFAULTS, ...r.data };
+  // A preset model brings its own step shape (small: 8 x 2048 tokens) unless batch or length is given.
+  const m = r.data.model;
+  const shape = m === "tiny" || m === "small" ? STEP_SHAPES[m] : undefined;
+  return { ...DEFAULTS, ...(shape ? { batchSize: shape.batch, seqLen: shape.seqLen } : {}), ...r.data };
 }
 
 export function loadConfigFile(path: string): Partial<TrainConfig> {

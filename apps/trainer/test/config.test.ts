@@ -1,0 +1,39 @@
+// Config resolution: DEFAULTS <- preset or file <- flags, with a preset model's own step shape.
+import { mkdtempSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { STEP_SHAPES } from "@moe8/model";
+import { describe, expect, it } from "vitest";
+import { parseArgs } from "../src/args.ts";
+import { configFromArgs, TRAIN_FLAGS } from "../src/run/flags.ts";
+
+const resolve = (argv: string[]) => configFromArgs(parseArgs(argv, TRAIN_FLAGS, ["precision."]));
+
+describe("configFromArgs", () => {
+  it("uses tiny and its step shape by default", () => {
+    const c = resolve([]);
+    expect([c.model, c.batchSize, c.seqLen]).toEqual([
+      "tiny",
+      STEP_SHAPES.tiny.batch,
+      STEP_SHAPES.tiny.seqLen,
+    ]);
+  });
+
+  it("gives --config small the small step shape (8 x 2048), flags still win", () => {
+    const c = resolve(["--config", "small"]);
+    expect([c.model, c.batchSize, c.seqLen]).toEqual(["small", 8, 2048]);
+    const d = resolve(["--config", "small", "--batch-size", "2", "--seq-len", "256"]);
+    expect([d.batchSize, d.seqLen]).toEqual([2, 256]);
+  });
+
+  it("gives a config file naming a preset model that model's step shape unless it sets one", () => {
+    const dir = mkdtempSync(join(tmpdir(), "moe8-config-"));
+    const a = join(dir, "a.json");
+    writeFileSync(a, JSON.stringify({ model: "small", steps: 5 }));
+    const c = resolve(["--config", a]);
+    expect([c.model, c.steps, c.batchSize, c.seqLen]).toEqual(["small", 5, 8, 2048]);
+    const b = join(dir, "b.json");
+    writeFileSync(b, JSON.stringify({ model: "small", batchSize: 4 }));
+    expect(resolve(["--config", b]).batchSize).toBe(4);
+  });
+});

@@ -137,26 +137,34 @@ export class DeepSeekModel {
     return this.head.forward(nf.y);
   }
 
-  /** Backpropagates d(logits), accumulating every parameter's gradient. */
+  /** Backpropagates d(logits) (and releases it), accumulating every parameter's gradient. */
   backward(dlogits: Tensor): void {
     const b = this.b;
     const s = this.saved;
     if (!s) throw new Error("model: backward without forward");
     this.saved = null;
-    const dn = this.head.backward(dlogits);
-    const fin = b.rmsnormBackward(dn, s.hFinal, this.norm.value, s.rstdF);
-    b.addInto(this.norm.grad, fin.dw);
-    const dh = fin.dx;
+    // Each block's backward runs in its own arena: its temporaries (activation gradients, FP8
+    // copies) are freed before the next block's, instead of all living to the end of the step.
+    // Only dh (updated in place) and the parameter gradients (accumulated in place) outlive it.
+    const dh = b.scope(() => {
+      const dn = this.head.backward(dlogits);
+      dlogits.dispose();
+      const fin = b.rmsnormBackward(dn, s.hFinal, this.norm.value, s.rstdF);
+      b.addInto(this.norm.grad, fin.dw);
+      return b.keep(fin.dx);
+    });
     for (let l = this.blocks.length - 1; l >= 0; l--) {
       const blk = this.blocks[l];
-      const dy = blk.mlp.backward(dh);
-      const n2 = b.rmsnormBackward(dy, s.mids[l], blk.ln2.value, s.rstd2[l]);
-      b.addInto(blk.ln2.grad, n2.dw);
-      b.addInto(dh, n2.dx); // dh is now d(mid): the residual plus the FFN branch
-      const da = blk.attn.backward(dh);
-      const n1 = b.rmsnormBackward(da, s.hs[l], blk.ln1.value, s.rstd1[l]);
-      b.addInto(blk.ln1.grad, n1.dw);
-      b.addInto(dh, n1.dx);
+      b.scope(() => {
+        const dy = blk.mlp.backward(dh);
+        const n2 = b.rmsnormBackward(dy, s.mids[l], blk.ln2.value, s.rstd2[l]);
+        b.addInto(blk.ln2.grad, n2.dw);
+        b.addInto(dh, n2.dx); // dh is now d(mid): the residual plus the FFN branch
+        const da = blk.attn.backward(dh);
+        const n1 = b.rmsnormBackward(da, s.hs[l], blk.ln1.value, s.rstd1[l]);
+        b.addInto(blk.ln1.grad, n1.dw);
+        b.addInto(dh, n1.dx);
+      });
     }
     b.embeddingBackward(this.embed.grad, dh, s.ids);
   }
@@ -168,6 +176,7 @@ export class DeepSeekModel {
   lossAndGrad(ids: Tensor, targets: Tensor, shape: BatchShape): { ce: Tensor; total: Tensor } {
     const logits = this.forward(ids, shape);
     const { loss, dlogits } = this.b.crossEntropy(logits, targets, 1);
+    logits.dispose(); // [B*T, vocab]: the largest activation, not needed by backward (dlogits is)
     let total = loss;
     for (const m of this.moeLayers) if (m.lastBalanceLoss) total = this.b.add(total, m.lastBalanceLoss);
     this.backward(dlogits);

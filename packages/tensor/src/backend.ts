@@ -119,6 +119,9 @@ export interface Backend {
   keep<T extends Tensor>(t: T): T;
   /** Live tensors and bytes, for leak checks. */
   stats(): { tensors: number; bytes: number };
+  /** The most tensor bytes live at once since the last resetPeakBytes() (views not counted). */
+  peakBytes(): number;
+  resetPeakBytes(): void;
 
   // Elementwise and casts.
   add(a: Tensor, b: Tensor): Tensor;

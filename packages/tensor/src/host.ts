@@ -5,9 +5,23 @@ import type { Backend, BackendName } from "./backend.ts";
 import { type QuantInfo, Tensor } from "./tensor.ts";
 import { BYTES_PER_ELEMENT, type DType, type HostArray, hostArray, numel } from "./types.ts";
 
+/**
+ * MOE8_POISON=1: a released host tensor's storage is overwritten (NaN, or all ones in integer
+ * types), so that a use after release — harmless on the host, where the garbage collector keeps the
+ * array alive, but a read of recycled memory on a device — changes results and fails the tests.
+ */
+function poisonReleased(): boolean {
+  return (
+    (globalThis as { process?: { env?: Record<string, string | undefined> } }).process?.env?.MOE8_POISON ===
+    "1"
+  );
+}
+
 export abstract class HostLifetimes {
   abstract readonly name: BackendName;
   private live = new Set<Tensor>();
+  private liveBytes = 0;
+  private peak = 0;
   private arenas: Set<Tensor>[] = [];
   private views = new WeakSet<Tensor>();
 
@@ -24,6 +38,8 @@ export abstract class HostLifetimes {
   /** Makes a new tensor live and owned by the current arena (device backends call this directly). */
   protected register(t: Tensor): Tensor {
     this.live.add(t);
+    this.liveBytes += t.size * BYTES_PER_ELEMENT[t.dtype];
+    if (this.liveBytes > this.peak) this.peak = this.liveBytes;
     this.arenas.at(-1)?.add(t);
     return t;
   }
@@ -57,8 +73,13 @@ export abstract class HostLifetimes {
   release(t: Tensor): void {
     if (t.disposed || this.views.has(t)) return;
     t.disposed = true;
-    this.live.delete(t);
+    if (this.live.delete(t)) this.liveBytes -= t.size * BYTES_PER_ELEMENT[t.dtype];
     t.quant?.scales.dispose();
+    if (ArrayBuffer.isView(t.storage) && poisonReleased()) {
+      const a = t.storage as HostArray;
+      if (a instanceof Float32Array) a.fill(Number.NaN);
+      else a.fill(-1 as never);
+    }
     this.freeStorage(t);
     t.storage = null;
   }
@@ -86,6 +107,14 @@ export abstract class HostLifetimes {
     for (const a of this.arenas) a.delete(t);
     if (t.quant) this.keep(t.quant.scales);
     return t;
+  }
+
+  peakBytes(): number {
+    return this.peak;
+  }
+
+  resetPeakBytes(): void {
+    this.peak = this.liveBytes;
   }
 
   stats(): { tensors: number; bytes: number } {

@@ -223,6 +223,7 @@ async function step(flags: Record<string, unknown>): Promise<number> {
     const ids = b.keep(b.upload(rng.ints(B * T, modelCfg.vocab_size), [B * T], "i32"));
     const tg = b.keep(b.upload(rng.ints(B * T, modelCfg.vocab_size), [B * T], "i32"));
     (b as { resetPeakMemory?: () => void }).resetPeakMemory?.();
+    b.resetPeakBytes();
     let peakRss = 0;
     const ms = await timeIt(
       async () => {
@@ -244,6 +245,8 @@ async function step(flags: Record<string, unknown>): Promise<number> {
       tokens_per_s: Math.round(tokensPerS),
       model_tflops: +tflops.toFixed(3),
       peak_rss_mb: Math.round(peakRss / 2 ** 20),
+      // Tensor bytes live at once (every backend; on cuda the allocator's figure adds size classes).
+      peak_tensor_mb: Math.round(b.peakBytes() / 2 ** 20),
     };
     if (peakDevice !== undefined) {
       row.peak_device_mb = Math.round(peakDevice / 2 ** 20);

@@ -143,16 +143,15 @@ export class DeepSeekModel {
     const s = this.saved;
     if (!s) throw new Error("model: backward without forward");
     this.saved = null;
+    const dn = this.head.backward(dlogits);
+    dlogits.dispose();
+    const fin = b.rmsnormBackward(dn, s.hFinal, this.norm.value, s.rstdF);
+    dn.dispose();
+    b.addInto(this.norm.grad, fin.dw);
+    const dh = fin.dx; // in the caller's arena (the step's), updated in place by every block
     // Each block's backward runs in its own arena: its temporaries (activation gradients, FP8
     // copies) are freed before the next block's, instead of all living to the end of the step.
-    // Only dh (updated in place) and the parameter gradients (accumulated in place) outlive it.
-    const dh = b.scope(() => {
-      const dn = this.head.backward(dlogits);
-      dlogits.dispose();
-      const fin = b.rmsnormBackward(dn, s.hFinal, this.norm.value, s.rstdF);
-      b.addInto(this.norm.grad, fin.dw);
-      return b.keep(fin.dx);
-    });
+    // Only dh and the parameter gradients (both accumulated in place) outlive it.
     for (let l = this.blocks.length - 1; l >= 0; l--) {
       const blk = this.blocks[l];
       b.scope(() => {

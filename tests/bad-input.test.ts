@@ -79,6 +79,11 @@ const cases: [string, string[], RegExp][] = [
     /--seq-len 4096 is beyond the model's max_position_embeddings/,
   ],
   ["non-numeric flag", ["train", "--steps", "ten"], /--steps: "ten" is not a number/],
+  [
+    "zero sequence length (bench)",
+    ["bench", "step", "--backend", "ts", "--seq-len", "0"],
+    /^error: --seq-len 0: /,
+  ],
   ["unknown config key", ["train", "--config", "@/unknown-key.json"], /unknown key "learning_rate"/],
   ["out-of-range config value", ["train", "--config", "@/bad-value.json"], /bad-value\.json: batchSize: /],
   ["config that is not JSON", ["train", "--config", "@/not-json.json"], /not-json\.json: not valid JSON/],

@@ -117,6 +117,11 @@ export abstract class HostLifetimes {
     this.peak = this.liveBytes;
   }
 
+  /** The live tensors, for memory profiles (not part of the Backend interface). */
+  liveTensors(): Tensor[] {
+    return [...this.live];
+  }
+
   stats(): { tensors: number; bytes: number } {
     let bytes = 0;
     for (const t of this.live) bytes += t.size * BYTES_PER_ELEMENT[t.dtype];

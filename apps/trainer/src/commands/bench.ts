@@ -6,7 +6,7 @@ import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { createBackend, requireNative } from "@moe8/kernels";
 import { CONFIGS, countParams, type ModelConfig, STEP_SHAPES, trainStep } from "@moe8/model";
-import { type Backend, Rng, type Tensor, TsBackend } from "@moe8/tensor";
+import { type Backend, BYTES_PER_ELEMENT, Rng, type Tensor, TsBackend } from "@moe8/tensor";
 import { parseArgs } from "../args.ts";
 import { UsageError } from "../errors.ts";
 import { DEFAULTS, resolveModel, type TrainConfig } from "../run/config.ts";
@@ -151,24 +151,79 @@ export function trainFlopsPerToken(c: ModelConfig, seq: number): number {
 /** The issue's measured H200 ceilings (cuBLASLt, TFLOP/s): FP8 with 1x128/128x128 scaling, BF16. */
 const CEILINGS = { fp8: 1320, bf16: 800 };
 
+/** One op class of a step profile: time, calls. */
+interface OpTime {
+  op: string;
+  ms: number;
+  calls: number;
+}
+
+/** Tensor bytes live at the step's peak, grouped by the op class that created them. */
+interface LiveAtPeak {
+  made_by: string;
+  mb: number;
+  tensors: number;
+}
+
 /**
  * Time per op class over one training step: every backend method is timed (and a device backend
- * synchronised after each op, which slows the step but attributes the time), then restored.
+ * synchronised after each op, which slows the step but attributes the time), then restored. Also
+ * the memory at the step's peak: which op classes made the tensors that were live then.
  */
 async function profileStep(
   b: Backend,
   run: () => Promise<unknown>,
-): Promise<{ op: string; ms: number; calls: number }[]> {
+): Promise<{ ops: OpTime[]; peakMb: number; liveAtPeak: LiveAtPeak[] }> {
   const rec = b as unknown as Record<string, unknown>;
   const sync = (b as { synchronize?: () => void }).synchronize?.bind(b);
+  const liveTensors = (b as { liveTensors?: () => Tensor[] }).liveTensors?.bind(b);
+  const stats = b.stats.bind(b);
   // The Backend interface's ops (the reference backend implements exactly those, plus two private
   // helpers); a backend's own helpers would be counted twice inside the ops that call them.
-  const ops = Object.getOwnPropertyNames(TsBackend.prototype).filter(
-    (k) => !["constructor", "gemmInto", "finish"].includes(k),
-  );
+  const bookkeeping = [
+    "constructor",
+    "gemmInto",
+    "finish",
+    "stats",
+    "peakBytes",
+    "resetPeakBytes",
+    "liveTensors",
+  ];
+  const ops = Object.getOwnPropertyNames(TsBackend.prototype).filter((k) => !bookkeeping.includes(k));
   const names = ops.filter((k) => typeof rec[k] === "function");
+  const lifetimes = new Set(["scope", "keep", "release", "reshape", "read", "write"]);
 
   const acc = new Map<string, { ms: number; calls: number }>();
+  const madeBy = new WeakMap<Tensor, string>();
+  const tag = (x: unknown, key: string) => {
+    const one = (t: unknown) => {
+      if (!(t instanceof Object) || !("backend" in t) || !("dtype" in t)) return;
+      const tt = t as Tensor;
+      if (!madeBy.has(tt)) madeBy.set(tt, key);
+      if (tt.quant && !madeBy.has(tt.quant.scales)) madeBy.set(tt.quant.scales, key);
+    };
+    one(x);
+    if (x && typeof x === "object" && !("dtype" in x)) for (const v of Object.values(x)) one(v);
+  };
+  // What exists before the step (parameters, gradients, optimiser state, inputs) keeps that name,
+  // also when an op returns it again (a GEMM accumulating into a gradient).
+  const before = "(before the step: parameters, gradients, optimiser state, inputs)";
+  for (const t of liveTensors?.() ?? []) madeBy.set(t, before);
+  let peak = stats().bytes;
+  let liveAtPeak = new Map<string, { bytes: number; tensors: number }>();
+  const snapshot = () => {
+    const bytes = stats().bytes;
+    if (bytes <= peak || !liveTensors) return;
+    peak = bytes;
+    liveAtPeak = new Map();
+    for (const t of liveTensors()) {
+      const k = madeBy.get(t) ?? "(made outside any op)";
+      const e = liveAtPeak.get(k) ?? { bytes: 0, tensors: 0 };
+      e.bytes += t.size * BYTES_PER_ELEMENT[t.dtype];
+      e.tensors++;
+      liveAtPeak.set(k, e);
+    }
+  };
   for (const k of names) {
     const f = (rec[k] as (...a: unknown[]) => unknown).bind(b);
     rec[k] = (...a: unknown[]) => {
@@ -185,6 +240,10 @@ async function profileStep(
       e.ms += performance.now() - t;
       e.calls++;
       acc.set(key, e);
+      if (!lifetimes.has(k)) {
+        tag(r, key);
+        snapshot();
+      }
       return r;
     };
   }
@@ -193,9 +252,16 @@ async function profileStep(
   } finally {
     for (const k of names) delete rec[k];
   }
-  return [...acc]
-    .map(([op, v]) => ({ op, ms: +v.ms.toFixed(3), calls: v.calls }))
-    .sort((x, y) => y.ms - x.ms);
+  const mb = (x: number) => +(x / 2 ** 20).toFixed(1);
+  return {
+    ops: [...acc]
+      .map(([op, v]) => ({ op, ms: +v.ms.toFixed(3), calls: v.calls }))
+      .sort((x, y) => y.ms - x.ms),
+    peakMb: mb(peak),
+    liveAtPeak: [...liveAtPeak]
+      .map(([made_by, v]) => ({ made_by, mb: mb(v.bytes), tensors: v.tensors }))
+      .sort((x, y) => y.mb - x.mb),
+  };
 }
 
 async function step(flags: Record<string, unknown>): Promise<number> {
@@ -208,10 +274,15 @@ async function step(flags: Record<string, unknown>): Promise<number> {
   const cfg: TrainConfig = {
     ...DEFAULTS,
     model: configName,
-    seqLen: shape.seqLen,
+    seqLen: Number(flags["seq-len"] ?? shape.seqLen),
     batchSize: Number(flags["batch-size"] ?? shape.batch),
     backend: (flags.backend ?? "auto") as "auto",
   };
+  for (const [flag, v] of [
+    ["batch-size", cfg.batchSize],
+    ["seq-len", cfg.seqLen],
+  ] as const)
+    if (!(v >= 1)) throw new UsageError(`--${flag} ${v}: must be at least 1`);
   const modelCfg = resolveModel(cfg);
   const rows = [];
   for (const precision of precisions) {
@@ -258,9 +329,13 @@ async function step(flags: Record<string, unknown>): Promise<number> {
       const file = `bench-profile-${configName}-${b.name}-${precision}.json`;
       writeFileSync(file, `${JSON.stringify(prof, null, 2)}\n`);
       row.profile = file;
-      if (!flags.json)
-        for (const p of prof.slice(0, 12))
-          console.log(`  ${p.op.padEnd(28)} ${p.ms.toFixed(1).padStart(9)} ms  ${p.calls} calls`);
+      if (!flags.json) {
+        for (const p of prof.ops.slice(0, 12))
+          console.log(`  ${p.op.padEnd(34)} ${p.ms.toFixed(1).padStart(9)} ms  ${p.calls} calls`);
+        console.log(`  tensors live at the step's peak (${prof.peakMb} MB), by the op that made them:`);
+        for (const p of prof.liveAtPeak.slice(0, 12))
+          console.log(`  ${p.made_by.padEnd(34)} ${p.mb.toFixed(1).padStart(9)} MB  ${p.tensors} tensors`);
+      }
     }
     rows.push(row);
     if (!flags.json)
@@ -342,6 +417,7 @@ export async function bench(argv: string[]): Promise<number> {
     config: "string",
     steps: "int",
     "batch-size": "int",
+    "seq-len": "int",
     json: "boolean",
     profile: "boolean",
     baseline: "boolean",

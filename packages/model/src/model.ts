@@ -122,13 +122,19 @@ export class DeepSeekModel {
       s.hs.push(h);
       const n1 = b.rmsnorm(h, blk.ln1.value, eps);
       s.rstd1.push(n1.rstd);
-      const mid = b.add(h, blk.attn.forward(n1.y, shape));
+      // Branch outputs and inputs nothing saves are released as soon as they are consumed, not at
+      // the end of the step (with FP8 activation caching, layers keep only the FP8 copies).
+      const ao = blk.attn.forward(n1.y, shape);
+      const mid = b.add(h, ao);
+      ao.dispose();
       s.mids.push(mid);
       const n2 = b.rmsnorm(mid, blk.ln2.value, eps);
       s.rstd2.push(n2.rstd);
       const y =
         blk.mlp instanceof MoELayer ? blk.mlp.forward(n2.y, shape.batch, shape.seq) : blk.mlp.forward(n2.y);
+      if (!(blk.mlp instanceof MoELayer) && !blk.mlp.retains(n2.y)) n2.y.dispose();
       h = b.add(mid, y);
+      y.dispose();
     }
     const nf = b.rmsnorm(h, this.norm.value, eps);
     s.hFinal = h;

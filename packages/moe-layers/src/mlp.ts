@@ -58,7 +58,15 @@ export class SwiGluMlp {
     const g = this.gate.forward(x, offsets);
     const u = this.up.forward(x, offsets);
     this.saved.push({ g, u });
-    return this.down.forward(this.b.swiglu(g, u), offsets);
+    const h = this.b.swiglu(g, u);
+    const y = this.down.forward(h, offsets);
+    if (!this.down.retains(h)) h.dispose(); // backward uses its FP8 copy only
+    return y;
+  }
+
+  /** Whether a saved forward holds the input `t` itself (see Linear.retains). */
+  retains(t: Tensor): boolean {
+    return this.gate.retains(t) || this.up.retains(t);
   }
 
   backward(dy: Tensor): Tensor {

@@ -125,6 +125,7 @@ export class MoELayer {
     }
     const p = b.moePermute(x, r.topIdx, E);
     const ys = this.experts.forward(p.xs, p.offsets);
+    if (!this.experts.retains(p.xs)) p.xs.dispose(); // k copies of every token, in f32: freed early
     let y = b.moeCombine(ys, p.slot, r.weights);
     if (this.shared) y = b.add(y, this.shared.forward(x));
     this.lastOffsets = p.offsets;

@@ -189,6 +189,14 @@ export class Linear {
     return dx;
   }
 
+  /**
+   * Whether a saved forward holds `t` itself (not only its FP8 copy): a caller that is done with
+   * an input may release it when no layer retains it.
+   */
+  retains(t: Tensor): boolean {
+    return this.saved.some((s) => s.x === t);
+  }
+
   /** Drops saved activations (e.g. after an evaluation-only forward). */
   clearSaved(): void {
     this.saved.length = 0;

@@ -30,6 +30,21 @@ __device__ __forceinline__ u16 f32_to_bf16(float x) {
 
 __device__ __forceinline__ float round_bf16(float x) { return bf16_to_f32(f32_to_bf16(x)); }
 
+// Two values as the BF16 pair of one 32-bit MMA operand register (lo in the low half).
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+  return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
+}
+
+// c += a @ b on tensor cores, BF16 inputs and f32 accumulation (mma.sync m16n8k16; fragment
+// layouts in flash.cu's header). Used by the GEMM tiles and by the attention kernels.
+__device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 // FP8 encode from the f32 bits (fmt 0 = E4M3 OCP e4m3fn, 1 = E5M2): round to nearest even,
 // subnormals kept, saturating to +-max (infinities too), every NaN -> 0x7f, -0 keeps its sign.
 __device__ __forceinline__ u8 encode_fp8(float x, int fmt) {

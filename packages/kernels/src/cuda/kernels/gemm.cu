@@ -137,17 +137,91 @@ __device__ __forceinline__ void gemm_tile(
 // Promotion as DeepSeek-V3 and DeepGEMM do it: each 128-long stretch of K is summed by the tensor
 // cores into a fresh f32 partial, which is then scaled by the two operands' group scales and added
 // to the f32 accumulator, exactly the factored branch of gemm_tile (summation order aside).
-__device__ __forceinline__ void mma_fp8(float* c, const u32* a, u32 b0, u32 b1, int fa, int fb) {
-#define MMA8(TA, TB)                                                                                     \
+template <int FA, int FB>
+__device__ __forceinline__ void mma_fp8_t(float* c, const u32* a, u32 b0, u32 b1) {
+#define MMA8T(TA, TB)                                                                                    \
   asm volatile("mma.sync.aligned.m16n8k32.row.col.f32." TA "." TB                                       \
                ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                             \
                : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                          \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
-  if (fa == 0 && fb == 0) MMA8("e4m3", "e4m3");
-  else if (fa == 0) MMA8("e4m3", "e5m2");
-  else if (fb == 0) MMA8("e5m2", "e4m3");
-  else MMA8("e5m2", "e5m2");
-#undef MMA8
+  if constexpr (FA == 0 && FB == 0) MMA8T("e4m3", "e4m3");
+  else if constexpr (FA == 0) MMA8T("e4m3", "e5m2");
+  else if constexpr (FB == 0) MMA8T("e5m2", "e4m3");
+  else MMA8T("e5m2", "e5m2");
+#undef MMA8T
+}
+
+// The same with the formats known only at run time (the tile kernel for any layout).
+__device__ __forceinline__ void mma_fp8(float* c, const u32* a, u32 b0, u32 b1, int fa, int fb) {
+  if (fa == 0 && fb == 0) mma_fp8_t<0, 0>(c, a, b0, b1);
+  else if (fa == 0) mma_fp8_t<0, 1>(c, a, b0, b1);
+  else if (fb == 0) mma_fp8_t<1, 0>(c, a, b0, b1);
+  else mma_fp8_t<1, 1>(c, a, b0, b1);
+}
+
+// A warp's FP8 fragments from shared [row][k] tiles of LD bytes per row, k-step at column k: two
+// m16 tiles of A (rows wm..wm+31) and four n8 tiles of B (rows wn..wn+31).
+template <int LD>
+__device__ __forceinline__ void fp8_frags(u32 (*af)[4], u32 (*bf)[2], const u8* sa, const u8* sb, int wm, int wn, int k) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int i = 0; i < 2; i++) {
+    const u8* p = sa + (wm + i * 16 + g) * LD + k + 4 * t;
+    af[i][0] = *(const u32*)p;
+    af[i][1] = *(const u32*)(p + 8 * LD);
+    af[i][2] = *(const u32*)(p + 16);
+    af[i][3] = *(const u32*)(p + 8 * LD + 16);
+  }
+#pragma unroll
+  for (int j = 0; j < 4; j++) {
+    const u8* p = sb + (wn + j * 8 + g) * LD + k + 4 * t;
+    bf[j][0] = *(const u32*)p;
+    bf[j][1] = *(const u32*)(p + 16);
+  }
+}
+
+__device__ __forceinline__ void zero_frag_acc(float (*c)[4][4]) {
+#pragma unroll
+  for (int i = 0; i < 2; i++)
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) c[i][j][e] = 0.0f;
+}
+
+// The group scales of the promotion chunk starting at k0 for a warp's rows r0.. of A (s1, by m16
+// tile and half) and columns c0.. of B (s2, by n8 tile and column pair). aK / bK: operand stored
+// K-contiguous ([rows, K]) rather than [K, rows].
+__device__ __forceinline__ void chunk_scales(float (*s1)[2], float (*s2)[2], const float* As, int ga, int aK,
+                                             const float* Bs, int gb, int bK, int M, int N, int K, int r0, int c0,
+                                             int k0) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int i = 0; i < 2; i++)
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      const int m = min(r0 + i * 16 + g + 8 * h, M - 1);
+      s1[i][h] = As[aK ? scale_index(ga, m, k0, M, K) : scale_index(ga, k0, m, K, M)];
+    }
+#pragma unroll
+  for (int j = 0; j < 4; j++)
+#pragma unroll
+    for (int e = 0; e < 2; e++) {
+      const int n = min(c0 + j * 8 + 2 * t + e, N - 1);
+      s2[j][e] = Bs[bK ? scale_index(gb, n, k0, N, K) : scale_index(gb, k0, n, K, N)];
+    }
+}
+
+// The promotion: acc += (part * s1) * s2, in the reference's order of roundings.
+__device__ __forceinline__ void promote(float (*acc)[4][4], const float (*part)[4][4], const float (*s1)[2],
+                                        const float (*s2)[2]) {
+#pragma unroll
+  for (int i = 0; i < 2; i++)
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+      for (int e = 0; e < 4; e++)
+        acc[i][j][e] = __fadd_rn(acc[i][j][e], __fmul_rn(__fmul_rn(part[i][j][e], s1[i][e >> 1]), s2[j][e & 1]));
 }
 
 #define MMA_LD 48  // bytes per row of a shared tile: 32 k-bytes, padded so fragment loads miss no bank
@@ -221,7 +295,7 @@ __device__ __forceinline__ void mma_load_tile16(u16* s, const float* g, int kcol
     }
     u32 w[8];
 #pragma unroll
-    for (int j = 0; j < 8; j++) w[j] = (u32)f32_to_bf16(v[2 * j]) | ((u32)f32_to_bf16(v[2 * j + 1]) << 16);
+    for (int j = 0; j < 8; j++) w[j] = pack_bf16(v[2 * j], v[2 * j + 1]);
     *(uint4*)(s + r * MMA_LD16 + kk) = make_uint4(w[0], w[1], w[2], w[3]);
     *(uint4*)(s + r * MMA_LD16 + kk + 8) = make_uint4(w[4], w[5], w[6], w[7]);
     return;
@@ -241,14 +315,6 @@ __device__ __forceinline__ void mma_load_tile16(u16* s, const float* g, int kcol
   for (int j = 0; j < 16; j++) s[(rs + j) * MMA_LD16 + kk] = f32_to_bf16(v[j]);
 }
 
-__device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // BF16 x BF16 -> f32 on tensor cores (m16n8k16), the gemm_f32 semantics with inBf16 = 1: operands
 // rounded to BF16, products exact, f32 accumulation (order aside). Same 64 x 64 tiles and warps.
 __device__ __forceinline__ void gemm_tile_bf16_mma(
@@ -260,12 +326,7 @@ __device__ __forceinline__ void gemm_tile_bf16_mma(
   const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
   const int m0 = mTile * BM, n0 = nTile * BN;
   float acc[2][4][4];
-#pragma unroll
-  for (int i = 0; i < 2; i++)
-#pragma unroll
-    for (int j = 0; j < 4; j++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
+  zero_frag_acc(acc);
   for (int k0 = 0; k0 < K; k0 += 32) {
     mma_load_tile16(sa, A, aKcols, M, K, m0, k0);
     mma_load_tile16(sb, B, bKcols, N, K, n0, k0);
@@ -303,35 +364,18 @@ __device__ __forceinline__ void gemm_tile_mma(
     float* C, int M, int N, int K, int mTile, int nTile, int accumulate, int outBf16) {
   __shared__ __align__(16) u8 sa[BM * MMA_LD];
   __shared__ __align__(16) u8 sb[BN * MMA_LD];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int warp = threadIdx.x >> 5;
   const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
   const int m0 = mTile * BM, n0 = nTile * BN;
   float acc[2][4][4], part[2][4][4];
-#pragma unroll
-  for (int i = 0; i < 2; i++)
-#pragma unroll
-    for (int j = 0; j < 4; j++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) acc[i][j][e] = part[i][j][e] = 0.0f;
+  zero_frag_acc(acc);
+  zero_frag_acc(part);
   for (int k0 = 0; k0 < K; k0 += 32) {
     mma_load_tile(sa, A, aKcols, M, K, m0, k0);
     mma_load_tile(sb, B, bKcols, N, K, n0, k0);
     __syncthreads();
     u32 af[2][4], bf[4][2];
-#pragma unroll
-    for (int i = 0; i < 2; i++) {
-      const u8* p = sa + (wm + i * 16 + g) * MMA_LD + 4 * t;
-      af[i][0] = *(const u32*)p;
-      af[i][1] = *(const u32*)(p + 8 * MMA_LD);
-      af[i][2] = *(const u32*)(p + 16);
-      af[i][3] = *(const u32*)(p + 8 * MMA_LD + 16);
-    }
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-      const u8* p = sb + (wn + j * 8 + g) * MMA_LD + 4 * t;
-      bf[j][0] = *(const u32*)p;
-      bf[j][1] = *(const u32*)(p + 16);
-    }
+    fp8_frags<MMA_LD>(af, bf, sa, sb, wm, wn, 0);
 #pragma unroll
     for (int i = 0; i < 2; i++)
 #pragma unroll
@@ -339,31 +383,10 @@ __device__ __forceinline__ void gemm_tile_mma(
     __syncthreads();
     const int kn = k0 + 32;
     if ((kn & 127) != 0 && kn < K) continue;
-    const int cs = k0 & ~127;
     float s1[2][2], s2[4][2];
-#pragma unroll
-    for (int i = 0; i < 2; i++)
-#pragma unroll
-      for (int h = 0; h < 2; h++) {
-        const int m = min(m0 + wm + i * 16 + g + 8 * h, M - 1);
-        s1[i][h] = As[aKcols ? scale_index(ga, m, cs, M, K) : scale_index(ga, cs, m, K, M)];
-      }
-#pragma unroll
-    for (int j = 0; j < 4; j++)
-#pragma unroll
-      for (int e = 0; e < 2; e++) {
-        const int n = min(n0 + wn + j * 8 + 2 * t + e, N - 1);
-        s2[j][e] = Bs[bKcols ? scale_index(gb, n, cs, N, K) : scale_index(gb, cs, n, K, N)];
-      }
-#pragma unroll
-    for (int i = 0; i < 2; i++)
-#pragma unroll
-      for (int j = 0; j < 4; j++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-          acc[i][j][e] = __fadd_rn(acc[i][j][e], __fmul_rn(__fmul_rn(part[i][j][e], s1[i][e >> 1]), s2[j][e & 1]));
-          part[i][j][e] = 0.0f;
-        }
+    chunk_scales(s1, s2, As, ga, aKcols, Bs, gb, bKcols, M, N, K, m0 + wm, n0 + wn, k0 & ~127);
+    promote(acc, part, s1, s2);
+    zero_frag_acc(part);
   }
   mma_store(C, M, N, m0 + wm, n0 + wn, acc, accumulate, outBf16);
 }
@@ -376,19 +399,6 @@ __device__ __forceinline__ void gemm_tile_mma(
 // parameters. Same arithmetic as gemm_tile_mma.
 #define TN_LD 144  // bytes per shared row: 128 k-bytes + 16 (fragment loads hit 32 distinct banks)
 
-template <int FA, int FB>
-__device__ __forceinline__ void mma_fp8_t(float* c, const u32* a, u32 b0, u32 b1) {
-#define MMA8T(TA, TB)                                                                                    \
-  asm volatile("mma.sync.aligned.m16n8k32.row.col.f32." TA "." TB                                       \
-               ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                             \
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                          \
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
-  if constexpr (FA == 0 && FB == 0) MMA8T("e4m3", "e4m3");
-  else if constexpr (FA == 0) MMA8T("e4m3", "e5m2");
-  else if constexpr (FB == 0) MMA8T("e5m2", "e4m3");
-  else MMA8T("e5m2", "e5m2");
-#undef MMA8T
-}
 
 // One stage of an operand: 64 rows (r0..) x 128 k (k0..), 4 sixteen-byte pieces per thread.
 // T = 0: stored [rows, K] (K-contiguous); each piece is 16 k of one row.
@@ -445,16 +455,11 @@ __device__ __forceinline__ void gemm_tile_tn(const u8* A, const float* As, int g
                                              int outBf16) {
   __shared__ __align__(16) u8 sa[2][BM * TN_LD];
   __shared__ __align__(16) u8 sb[2][BN * TN_LD];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int warp = threadIdx.x >> 5;
   const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
   const int m0 = mTile * BM, n0 = nTile * BN;
   float acc[2][4][4];
-#pragma unroll
-  for (int i = 0; i < 2; i++)
-#pragma unroll
-    for (int j = 0; j < 4; j++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
+  zero_frag_acc(acc);
   uint4 ra[4], rb[4];
   tn_fetch<T>(ra, A, M, K, m0, 0);
   tn_fetch<T>(rb, B, N, K, n0, 0);
@@ -468,57 +473,20 @@ __device__ __forceinline__ void gemm_tile_tn(const u8* A, const float* As, int g
       tn_fetch<T>(ra, A, M, K, m0, k0 + 128);
       tn_fetch<T>(rb, B, N, K, n0, k0 + 128);
     }
-    float s1[2][2], s2[4][2];
-#pragma unroll
-    for (int i = 0; i < 2; i++)
-#pragma unroll
-      for (int h = 0; h < 2; h++) {
-        const int m = min(m0 + wm + i * 16 + g + 8 * h, M - 1);
-        s1[i][h] = As[T ? scale_index(ga, k0, m, K, M) : scale_index(ga, m, k0, M, K)];
-      }
-#pragma unroll
-    for (int j = 0; j < 4; j++)
-#pragma unroll
-      for (int e = 0; e < 2; e++) {
-        const int n = min(n0 + wn + j * 8 + 2 * t + e, N - 1);
-        s2[j][e] = Bs[T ? scale_index(gb, k0, n, K, N) : scale_index(gb, n, k0, N, K)];
-      }
+    float s1[2][2], s2[4][2];  // loaded before the MMAs, so their latency hides behind them
+    chunk_scales(s1, s2, As, ga, !T, Bs, gb, !T, M, N, K, m0 + wm, n0 + wn, k0);
     float part[2][4][4];
-#pragma unroll
-    for (int i = 0; i < 2; i++)
-#pragma unroll
-      for (int j = 0; j < 4; j++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) part[i][j][e] = 0.0f;
+    zero_frag_acc(part);
 #pragma unroll
     for (int ks = 0; ks < 128; ks += 32) {
       u32 af[2][4], bf[4][2];
-#pragma unroll
-      for (int i = 0; i < 2; i++) {
-        const u8* p = sa[st] + (wm + i * 16 + g) * TN_LD + ks + 4 * t;
-        af[i][0] = *(const u32*)p;
-        af[i][1] = *(const u32*)(p + 8 * TN_LD);
-        af[i][2] = *(const u32*)(p + 16);
-        af[i][3] = *(const u32*)(p + 8 * TN_LD + 16);
-      }
-#pragma unroll
-      for (int j = 0; j < 4; j++) {
-        const u8* p = sb[st] + (wn + j * 8 + g) * TN_LD + ks + 4 * t;
-        bf[j][0] = *(const u32*)p;
-        bf[j][1] = *(const u32*)(p + 16);
-      }
+      fp8_frags<TN_LD>(af, bf, sa[st], sb[st], wm, wn, ks);
 #pragma unroll
       for (int i = 0; i < 2; i++)
 #pragma unroll
         for (int j = 0; j < 4; j++) mma_fp8_t<FA, FB>(part[i][j], af[i], bf[j][0], bf[j][1]);
     }
-#pragma unroll
-    for (int i = 0; i < 2; i++)
-#pragma unroll
-      for (int j = 0; j < 4; j++)
-#pragma unroll
-        for (int e = 0; e < 4; e++)
-          acc[i][j][e] = __fadd_rn(acc[i][j][e], __fmul_rn(__fmul_rn(part[i][j][e], s1[i][e >> 1]), s2[j][e & 1]));
+    promote(acc, part, s1, s2);
     if (more) {
       tn_stash<T>(sa[st ^ 1], ra);
       tn_stash<T>(sb[st ^ 1], rb);

@@ -5,7 +5,8 @@
 // [ceil(rows/128)][ceil(cols/128)], column-tile per matrix or segment [ceil(rows/128)][cols],
 // row [rows], tensor one per matrix. fmt: 0 E4M3, 1 E5M2; mode: 0 amax, 1 pow2, 2 unit.
 
-// Row groups: each row of the R x C matrix split into groups of `gw` columns (tile: 128, row: C).
+// Row groups: each row of the R x C matrix split into groups of `gw` columns (the row layout uses
+// gw = C; 1x128 tiles take quant_tile128, one warp per tile).
 // Block (g, r) handles group g of row r; scales[r * ngroups + g].
 KERNEL void quant_rowgroups(const float* x, u8* q, float* scales, int R, int C, int gw, int fmt, int mode, float eps) {
   const int g = blockIdx.x;

@@ -737,84 +737,16 @@ export class CudaBackend extends HostLifetimes implements Backend {
     bRows: number,
     bCols: number,
     gridY?: number,
-    bT?: { codes: number; scales: number },
   ): void {
     const aKcols = o.transA ? 0 : 1;
-    // bT: B's FP8 codes and block scales already transposed to K-contiguous (expert Dgrad).
-    const bKcols = o.transB || bT ? 1 : 0;
+    let bKcols = o.transB ? 1 : 0;
     const grid: [number, number, number] = [cdiv(N, 64), gridY ?? cdiv(M, 64), mode === 2 ? E : 1];
     const off = offsets ? this.i32p(offsets, "groupedMatmul offsets") : 0;
-    const acc = o.accumulate ? 1 : 0;
-    const ob = o.outBf16 ? 1 : 0;
-    if (o.precision === "fp8") {
-      const qa = a.quant!;
-      const qb = b.quant!;
-      const promotion = o.promotion ?? 128;
-      if (!(Number.isInteger(promotion) && promotion > 0))
-        throw new Error(`scaledMatmul: promotion must be a positive integer (got ${promotion})`);
-      const mma = this.useTensorCores && promotion === 128;
-      const bPtr = bT ? bT.codes : this.p(b);
-      const bScales = bT ? bT.scales : this.p(qb.scales);
-      // Both operands K-contiguous (Fprop, expert Dgrad), or both [K, rows] (Wgrad, tokens as K).
-      const tn = aKcols && bKcols && K % 16 === 0;
-      const tt = !aKcols && !bKcols && M % 16 === 0 && N % 16 === 0;
-      if (mma && (tn || tt) && this.p(a) % 16 === 0 && bPtr % 16 === 0) {
-        this.launch("gemm", `gemm_fp8_${tn ? "tn" : "tt"}_${qa.format}_${qb.format}`, grid, 128, (x) =>
-          x
-            .u64(this.p(a))
-            .u64(this.p(qa.scales))
-            .i32(GROUP[qa.group])
-            .u64(bPtr)
-            .u64(bScales)
-            .i32(GROUP[qb.group])
-            .u64(this.p(out))
-            .i32(M)
-            .i32(N)
-            .i32(K)
-            .i32(mode)
-            .u64(off)
-            .i32(E)
-            .i32(bT ? bCols : bRows)
-            .i32(bT ? bRows : bCols)
-            .i32(acc)
-            .i32(ob),
-        );
-        return;
-      }
-      if (bT) throw new Error("gemmKernel: transposed B needs the TN kernel");
-      this.launch("gemm", mma ? "gemm_fp8_mma" : "gemm_fp8", grid, mma ? 128 : 256, (x) => {
-        x.u64(this.p(a))
-          .u64(this.p(qa.scales))
-          .i32(GROUP[qa.group])
-          .i32(FMT[qa.format])
-          .i32(aKcols)
-          .u64(bPtr)
-          .u64(bScales)
-          .i32(GROUP[qb.group])
-          .i32(FMT[qb.format])
-          .i32(bKcols)
-          .u64(this.p(out))
-          .i32(M)
-          .i32(N)
-          .i32(K)
-          .i32(mode)
-          .u64(off)
-          .i32(E)
-          .i32(bRows)
-          .i32(bCols)
-          .i32(acc)
-          .i32(ob);
-        if (!mma) x.i32(promotion);
-      });
-      return;
-    }
-    const bf16 = o.precision === "bf16";
-    const mma = bf16 && this.useTensorCores;
-    this.launch("gemm", mma ? "gemm_bf16_mma" : "gemm_f32", grid, mma ? 128 : 256, (x) => {
-      x.u64(this.p(a))
-        .i32(aKcols)
-        .u64(this.p(b))
-        .i32(bKcols)
+    // B's matrix shape per expert as the kernel reads it (swapped when B is transposed below).
+    let [bR, bC] = [bRows, bCols];
+    // The arguments every gemm.cu kernel ends with: C, sizes, expert segments, output mode.
+    const tail = (x: Args) =>
+      x
         .u64(this.p(out))
         .i32(M)
         .i32(N)
@@ -822,10 +754,77 @@ export class CudaBackend extends HostLifetimes implements Backend {
         .i32(mode)
         .u64(off)
         .i32(E)
-        .i32(bRows)
-        .i32(bCols)
-        .i32(acc)
-        .i32(ob);
+        .i32(bR)
+        .i32(bC)
+        .i32(o.accumulate ? 1 : 0)
+        .i32(o.outBf16 ? 1 : 0);
+    if (o.precision === "fp8") {
+      const qa = a.quant!;
+      const qb = b.quant!;
+      const promotion = o.promotion ?? 128;
+      if (!(Number.isInteger(promotion) && promotion > 0))
+        throw new Error(`scaledMatmul: promotion must be a positive integer (got ${promotion})`);
+      const mma = this.useTensorCores && promotion === 128;
+      let bPtr = this.p(b);
+      let bScales = this.p(qb.scales);
+      const tmps: DeviceBuffer[] = [];
+      if (mma && mode === 1 && aKcols && !bKcols && qb.group === "block" && K % 16 === 0) {
+        // Dgrad of the experts: transpose each expert's FP8 weight (codes and block scales, exact)
+        // so that both operands are K-contiguous for the TN kernel.
+        const kb = cdiv(bRows, 128);
+        const nb = cdiv(bCols, 128);
+        const codes = this.scratch(E * bRows * bCols);
+        const scales = this.scratch(E * kb * nb * 4);
+        tmps.push(codes, scales);
+        const [src, ssrc] = [bPtr, bScales];
+        this.launch("quant", "transpose_u8_tiled", [cdiv(bCols, 32), cdiv(bRows, 32), E], 256, (x) =>
+          x.u64(src).u64(codes.ptr).i32(bRows).i32(bCols),
+        );
+        this.launch("elementwise", "transpose_f32_batched", this.g1(E * kb * nb), 256, (x) =>
+          x.u64(ssrc).u64(scales.ptr).i32(kb).i32(nb).i32(E),
+        );
+        [bPtr, bScales, bKcols, bR, bC] = [codes.ptr, scales.ptr, 1, bCols, bRows];
+      }
+      // Both operands K-contiguous (Fprop, expert Dgrad), or both [K, rows] (Wgrad, tokens as K).
+      const tn = aKcols && bKcols && K % 16 === 0;
+      const tt = !aKcols && !bKcols && M % 16 === 0 && N % 16 === 0;
+      if (mma && (tn || tt) && this.p(a) % 16 === 0 && bPtr % 16 === 0) {
+        this.launch("gemm", `gemm_fp8_${tn ? "tn" : "tt"}_${qa.format}_${qb.format}`, grid, 128, (x) =>
+          tail(
+            x
+              .u64(this.p(a))
+              .u64(this.p(qa.scales))
+              .i32(GROUP[qa.group])
+              .u64(bPtr)
+              .u64(bScales)
+              .i32(GROUP[qb.group]),
+          ),
+        );
+      } else {
+        this.launch("gemm", mma ? "gemm_fp8_mma" : "gemm_fp8", grid, mma ? 128 : 256, (x) => {
+          tail(
+            x
+              .u64(this.p(a))
+              .u64(this.p(qa.scales))
+              .i32(GROUP[qa.group])
+              .i32(FMT[qa.format])
+              .i32(aKcols)
+              .u64(bPtr)
+              .u64(bScales)
+              .i32(GROUP[qb.group])
+              .i32(FMT[qb.format])
+              .i32(bKcols),
+          );
+          if (!mma) x.i32(promotion);
+        });
+      }
+      for (const t of tmps) t.free();
+      return;
+    }
+    const bf16 = o.precision === "bf16";
+    const mma = bf16 && this.useTensorCores;
+    this.launch("gemm", mma ? "gemm_bf16_mma" : "gemm_f32", grid, mma ? 128 : 256, (x) => {
+      tail(x.u64(this.p(a)).i32(aKcols).u64(this.p(b)).i32(bKcols));
       if (!mma) x.i32(bf16 ? 1 : 0);
     });
   }
@@ -852,30 +851,6 @@ export class CudaBackend extends HostLifetimes implements Backend {
       const out = this.output(Mt, N, o, [Mt, N]);
       if (!o.accumulate) this.n.cudaMemset8(this.buf(out), 0, 0, Mt * N * 4);
       if (Mt === 0 || N === 0 || E <= 0) return out;
-      if (fp8 && !o.transB && this.useTensorCores && K % 16 === 0 && (o.promotion ?? 128) === 128) {
-        // Dgrad of the experts: transpose each expert's FP8 weight (codes and block scales, exact)
-        // so that both operands are K-contiguous for the TN kernel.
-        const qb = b.quant!;
-        const kb = cdiv(bd.rows, 128);
-        const nb = cdiv(bd.cols, 128);
-        const codes = this.scratch(E * bd.rows * bd.cols);
-        const scales = this.scratch(E * kb * nb * 4);
-        const src = this.p(b);
-        this.launch("quant", "transpose_u8_tiled", [cdiv(bd.cols, 32), cdiv(bd.rows, 32), E], 256, (x) =>
-          x.u64(src).u64(codes.ptr).i32(bd.rows).i32(bd.cols),
-        );
-        const ssrc = this.p(qb.scales);
-        this.launch("elementwise", "transpose_f32_batched", this.g1(E * kb * nb), 256, (x) =>
-          x.u64(ssrc).u64(scales.ptr).i32(kb).i32(nb).i32(E),
-        );
-        this.gemmKernel(a, b, out, Mt, N, K, o, 1, offsets, E, bd.rows, bd.cols, cdiv(Mt, 64) + E, {
-          codes: codes.ptr,
-          scales: scales.ptr,
-        });
-        codes.free();
-        scales.free();
-        return out;
-      }
       this.gemmKernel(a, b, out, Mt, N, K, o, 1, offsets, E, bd.rows, bd.cols, cdiv(Mt, 64) + E);
       return out;
     }

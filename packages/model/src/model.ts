@@ -132,7 +132,7 @@ export class DeepSeekModel {
       s.rstd2.push(n2.rstd);
       const y =
         blk.mlp instanceof MoELayer ? blk.mlp.forward(n2.y, shape.batch, shape.seq) : blk.mlp.forward(n2.y);
-      if (!(blk.mlp instanceof MoELayer) && !blk.mlp.retains(n2.y)) n2.y.dispose();
+      if (!blk.mlp.retains(n2.y)) n2.y.dispose();
       h = b.add(mid, y);
       y.dispose();
     }

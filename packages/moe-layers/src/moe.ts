@@ -142,6 +142,11 @@ export class MoELayer {
     return y;
   }
 
+  /** Whether a saved forward holds `t` itself (the router's Wgrad needs the layer input). */
+  retains(t: Tensor): boolean {
+    return this.saved.some((s) => s.x === t);
+  }
+
   backward(dy: Tensor): Tensor {
     const b = this.b;
     const s = this.saved.pop();

@@ -6,7 +6,7 @@ import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { createBackend, requireNative } from "@moe8/kernels";
 import { CONFIGS, countParams, type ModelConfig, STEP_SHAPES, trainStep } from "@moe8/model";
-import { type Backend, BYTES_PER_ELEMENT, Rng, type Tensor, TsBackend } from "@moe8/tensor";
+import { type Backend, BYTES_PER_ELEMENT, Rng, Tensor, TsBackend } from "@moe8/tensor";
 import { parseArgs } from "../args.ts";
 import { UsageError } from "../errors.ts";
 import { DEFAULTS, resolveModel, type TrainConfig } from "../run/config.ts";
@@ -197,13 +197,12 @@ async function profileStep(
   const madeBy = new WeakMap<Tensor, string>();
   const tag = (x: unknown, key: string) => {
     const one = (t: unknown) => {
-      if (!(t instanceof Object) || !("backend" in t) || !("dtype" in t)) return;
-      const tt = t as Tensor;
-      if (!madeBy.has(tt)) madeBy.set(tt, key);
-      if (tt.quant && !madeBy.has(tt.quant.scales)) madeBy.set(tt.quant.scales, key);
+      if (!(t instanceof Tensor)) return;
+      if (!madeBy.has(t)) madeBy.set(t, key);
+      if (t.quant && !madeBy.has(t.quant.scales)) madeBy.set(t.quant.scales, key);
     };
     one(x);
-    if (x && typeof x === "object" && !("dtype" in x)) for (const v of Object.values(x)) one(v);
+    if (x && typeof x === "object" && !(x instanceof Tensor)) for (const v of Object.values(x)) one(v);
   };
   // What exists before the step (parameters, gradients, optimiser state, inputs) keeps that name,
   // also when an op returns it again (a GEMM accumulating into a gradient).

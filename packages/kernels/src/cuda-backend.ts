@@ -175,6 +175,30 @@ export class CudaBackend extends HostLifetimes implements Backend {
     this.n.cudaSynchronize();
   }
 
+  /**
+   * GPU time of every kernel `run` launches (CUDA events around each launch; the run itself is not
+   * synchronised, so the host issues work as it does in training). `busyMs` is the sum of kernel
+   * times, `spanMs` the GPU time from the first launch to the end of the last: busy / span is how
+   * much of the step the GPU computes, the rest it waits for the host. The events add a few
+   * microseconds of host time per launch.
+   */
+  async timeKernels(run: () => Promise<unknown>) {
+    this.n.cudaSynchronize();
+    this.n.cudaKernelTiming(true);
+    try {
+      const t0 = performance.now();
+      await run();
+      const issuedMs = performance.now() - t0;
+      const { kernels, spanMs } = this.n.cudaKernelTimes();
+      const wallMs = performance.now() - t0;
+      kernels.sort((a, b) => b.ms - a.ms);
+      const busyMs = kernels.reduce((s, k) => s + k.ms, 0);
+      return { wallMs, issuedMs, spanMs, busyMs, kernels };
+    } finally {
+      this.n.cudaKernelTiming(false);
+    }
+  }
+
   // --- storage ---------------------------------------------------------------------------------
   private make(shape: readonly number[], dtype: DType, quant: Tensor["quant"] = null): Tensor {
     const buf = new this.n.DeviceBuffer(numel(shape) * BYTES_PER_ELEMENT[dtype]);

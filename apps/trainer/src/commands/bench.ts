@@ -151,6 +151,15 @@ export function trainFlopsPerToken(c: ModelConfig, seq: number): number {
 /** The issue's measured H200 ceilings (cuBLASLt, TFLOP/s): FP8 with 1x128/128x128 scaling, BF16. */
 const CEILINGS = { fp8: 1320, bf16: 800 };
 
+/** CudaBackend.timeKernels: GPU time per kernel over one unsynchronised run. */
+type KernelTimer = (run: () => Promise<unknown>) => Promise<{
+  wallMs: number;
+  issuedMs: number;
+  spanMs: number;
+  busyMs: number;
+  kernels: { name: string; ms: number; launches: number }[];
+}>;
+
 /** One op class of a step profile: time, calls. */
 interface OpTime {
   op: string;
@@ -325,12 +334,29 @@ async function step(flags: Record<string, unknown>): Promise<number> {
     }
     if (flags.profile) {
       const prof = await profileStep(b, () => trainStep(s.model, s.opt, ids, tg, { batch: B, seq: T }, 1e-3));
+      // Device backends: one more step, unsynchronised, with GPU time per kernel.
+      const timeKernels = (b as { timeKernels?: KernelTimer }).timeKernels?.bind(b);
+      const gpu = timeKernels
+        ? await timeKernels(() => trainStep(s.model, s.opt, ids, tg, { batch: B, seq: T }, 1e-3))
+        : undefined;
       const file = `bench-profile-${configName}-${b.name}-${precision}.json`;
-      writeFileSync(file, `${JSON.stringify(prof, null, 2)}\n`);
+      writeFileSync(file, `${JSON.stringify({ ...prof, gpu }, null, 2)}\n`);
+      if (gpu) {
+        row.gpu_busy_ms = +gpu.busyMs.toFixed(1);
+        row.gpu_span_ms = +gpu.spanMs.toFixed(1);
+        row.host_issue_ms = +gpu.issuedMs.toFixed(1);
+      }
       row.profile = file;
       if (!flags.json) {
         for (const p of prof.ops.slice(0, 12))
           console.log(`  ${p.op.padEnd(34)} ${p.ms.toFixed(1).padStart(9)} ms  ${p.calls} calls`);
+        if (gpu) {
+          console.log(
+            `  GPU: busy ${gpu.busyMs.toFixed(1)} ms of a ${gpu.spanMs.toFixed(1)} ms span; host issued the step in ${gpu.issuedMs.toFixed(1)} ms`,
+          );
+          for (const k of gpu.kernels.slice(0, 25))
+            console.log(`  ${k.name.padEnd(44)} ${k.ms.toFixed(2).padStart(9)} ms  ${k.launches} launches`);
+        }
         console.log(`  tensors live at the step's peak (${prof.peakMb} MB), by the op that made them:`);
         for (const p of prof.liveAtPeak.slice(0, 12))
           console.log(`  ${p.made_by.padEnd(34)} ${p.mb.toFixed(1).padStart(9)} MB  ${p.tensors} tensors`);

@@ -12,7 +12,7 @@
 //! (the transpose of the Tensor's [M][ceil(K/128)] tile layout: the TypeScript side transposes
 //! them into a scratch buffer before the call).
 
-use super::{ck, device};
+use super::{ck, device, timer};
 use cudarc::cublaslt::sys as lt;
 use cudarc::driver::sys as cu;
 use std::collections::HashMap;
@@ -287,6 +287,12 @@ pub fn matmul(
         }
         let alpha: f32 = 1.0;
         let beta: f32 = if accumulate { 1.0 } else { 0.0 };
+        let mark = timer::start(|| {
+            format!(
+                "cublasLt.{:?}x{:?}.{:?}x{:?}",
+                cb.elem, ca.elem, cb.scale_mode, ca.scale_mode
+            )
+        })?;
         lck(
             lt::cublasLtMatmul(
                 st.handle,
@@ -307,6 +313,7 @@ pub fn matmul(
                 d.stream as lt::cudaStream_t,
             ),
             "cublasLtMatmul",
-        )
+        )?;
+        timer::stop(mark)
     }
 }

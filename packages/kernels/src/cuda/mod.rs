@@ -8,6 +8,7 @@
 //! - `alloc.rs`  caching device allocator (size classes, stream-ordered reuse, stats);
 //! - `nvrtc.rs`  NVRTC compilation for the GPU present with an on-disk CUBIN/PTX cache;
 //! - `gemm.rs`   cuBLASLt GEMMs (f32, BF16, FP8 with DeepSeek-V3 block scaling);
+//! - `timer.rs`  GPU time per kernel (CUDA events) for `bench step --profile`;
 //! - `napi.rs`   the functions the TypeScript `CudaBackend` calls (buffers, copies, launches);
 //! - `kernels/*.cu` every other op, compiled at run time.
 
@@ -16,6 +17,7 @@ pub mod gemm;
 pub mod napi;
 pub mod nvrtc;
 pub mod sha256;
+pub mod timer;
 
 use cudarc::driver::sys as cu;
 use std::cell::Cell;

@@ -133,6 +133,40 @@ pub fn cuda_synchronize() -> Result<()> {
     super::synchronize().map_err(e)
 }
 
+/// Starts (true) or stops (false) timing every kernel launch with CUDA events (see timer.rs).
+#[napi]
+pub fn cuda_kernel_timing(on: bool) -> Result<()> {
+    super::timer::enable(on).map_err(e)
+}
+
+/// GPU time per kernel since timing started or was last read.
+#[napi(object)]
+pub struct KernelTime {
+    pub name: String,
+    pub ms: f64,
+    pub launches: u32,
+}
+
+/// Per-kernel times and the span of the timed launches (first start to last end), in ms. Waits
+/// for the stream and clears the record.
+#[napi(object)]
+pub struct KernelTimes {
+    pub kernels: Vec<KernelTime>,
+    pub span_ms: f64,
+}
+
+#[napi]
+pub fn cuda_kernel_times() -> Result<KernelTimes> {
+    let (rows, span) = super::timer::read().map_err(e)?;
+    Ok(KernelTimes {
+        kernels: rows
+            .into_iter()
+            .map(|(name, ms, launches)| KernelTime { name, ms, launches })
+            .collect(),
+        span_ms: span,
+    })
+}
+
 /// Device memory from the caching allocator. Freed by `free()` (the backend calls it when a
 /// tensor is released); dropping an unfreed buffer (garbage collection) also returns it.
 #[napi]

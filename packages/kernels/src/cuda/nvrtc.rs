@@ -5,7 +5,7 @@
 //! SHA-256 of (source, options, architecture, NVRTC version) under `$MOE8_CACHE_DIR` or
 //! `~/.cache/moe8/kernels`, as DeepGEMM does, and modules and functions in the process.
 
-use super::{ck, device, nvrtc_version, sha256::sha256_hex};
+use super::{ck, device, nvrtc_version, sha256::sha256_hex, timer};
 use cudarc::driver::sys as cu;
 use cudarc::nvrtc::sys as nv;
 use std::collections::HashMap;
@@ -124,6 +124,8 @@ pub fn compile(name: &str, source: &str, opts: &[String]) -> Result<Vec<u8>, Str
 struct Registry {
     modules: HashMap<String, usize>,
     functions: Vec<(usize, cu::CUfunction)>,
+    /// "module.kernel" per function id (the kernel timer's labels).
+    names: Vec<String>,
     by_name: HashMap<(String, String), u32>,
     /// Dynamic shared memory each function has been allowed so far.
     max_shared: Vec<u32>,
@@ -178,6 +180,7 @@ pub fn function(module: &str, func: &str) -> Result<u32, String> {
     let reg = g.get_or_insert_with(|| Registry {
         modules: HashMap::new(),
         functions: Vec::new(),
+        names: Vec::new(),
         by_name: HashMap::new(),
         max_shared: Vec::new(),
     });
@@ -200,6 +203,7 @@ pub fn function(module: &str, func: &str) -> Result<u32, String> {
     )?;
     let id = reg.functions.len() as u32;
     reg.functions.push((m as usize, f));
+    reg.names.push(format!("{module}.{func}"));
     reg.max_shared.push(48 * 1024);
     reg.by_name
         .insert((module.to_string(), func.to_string()), id);
@@ -245,6 +249,12 @@ pub fn launch(
     let mut params: Vec<*mut std::ffi::c_void> = (0..args.len() / 8)
         .map(|i| args[i * 8..].as_ptr() as *mut std::ffi::c_void)
         .collect();
+    let mark = timer::start(|| {
+        let g = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+        g.as_ref()
+            .map(|r| r.names[id as usize].clone())
+            .unwrap_or_default()
+    })?;
     ck(
         unsafe {
             cu::cuLaunchKernel(
@@ -262,5 +272,6 @@ pub fn launch(
             )
         },
         "cuLaunchKernel",
-    )
+    )?;
+    timer::stop(mark)
 }

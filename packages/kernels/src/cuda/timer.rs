@@ -1,0 +1,132 @@
+//! GPU time per kernel, for `bench step --profile`: while enabled, every launch (NVRTC kernels and
+//! cuBLASLt GEMMs) is bracketed by two CUDA events on the stream. The step runs unsynchronised, as
+//! it does in training, so the sum of kernel times against the step's wall time shows how much of
+//! the step the GPU spends idle waiting for the host. Off by default: a disabled timer costs one
+//! mutex check per launch.
+
+use super::{ck, device};
+use cudarc::driver::sys as cu;
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+struct Timer {
+    labels: Vec<String>,
+    index: HashMap<String, usize>,
+    /// (label, start, end) per timed launch, in stream order.
+    marks: Vec<(usize, cu::CUevent, cu::CUevent)>,
+}
+
+unsafe impl Send for Timer {}
+
+static TIMER: Mutex<Option<Timer>> = Mutex::new(None);
+
+/// A launch being timed: its label and start event.
+pub struct Mark(usize, cu::CUevent);
+
+fn event() -> Result<cu::CUevent, String> {
+    let mut ev: cu::CUevent = std::ptr::null_mut();
+    ck(unsafe { cu::cuEventCreate(&mut ev, 0) }, "cuEventCreate")?;
+    Ok(ev)
+}
+
+/// Starts or stops timing (stopping drops what was recorded).
+pub fn enable(on: bool) -> Result<(), String> {
+    let mut g = TIMER.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(t) = g.take() {
+        destroy(&t);
+    }
+    if on {
+        *g = Some(Timer {
+            labels: Vec::new(),
+            index: HashMap::new(),
+            marks: Vec::new(),
+        });
+    }
+    Ok(())
+}
+
+fn destroy(t: &Timer) {
+    for (_, a, b) in &t.marks {
+        unsafe {
+            cu::cuEventDestroy_v2(*a);
+            cu::cuEventDestroy_v2(*b);
+        }
+    }
+}
+
+/// Records the start of a launch labelled by `label()` (called only when timing is on).
+pub fn start(label: impl FnOnce() -> String) -> Result<Option<Mark>, String> {
+    let mut g = TIMER.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(t) = g.as_mut() else { return Ok(None) };
+    let name = label();
+    let id = match t.index.get(&name) {
+        Some(i) => *i,
+        None => {
+            t.labels.push(name.clone());
+            t.index.insert(name, t.labels.len() - 1);
+            t.labels.len() - 1
+        }
+    };
+    let ev = event()?;
+    ck(
+        unsafe { cu::cuEventRecord(ev, device()?.stream) },
+        "cuEventRecord",
+    )?;
+    Ok(Some(Mark(id, ev)))
+}
+
+/// Records the end of a timed launch.
+pub fn stop(m: Option<Mark>) -> Result<(), String> {
+    let Some(Mark(id, a)) = m else { return Ok(()) };
+    let b = event()?;
+    ck(
+        unsafe { cu::cuEventRecord(b, device()?.stream) },
+        "cuEventRecord",
+    )?;
+    let mut g = TIMER.lock().unwrap_or_else(|e| e.into_inner());
+    match g.as_mut() {
+        Some(t) => t.marks.push((id, a, b)),
+        None => unsafe {
+            cu::cuEventDestroy_v2(a);
+            cu::cuEventDestroy_v2(b);
+        },
+    }
+    Ok(())
+}
+
+/// Per label: (milliseconds, launches), summed over what was recorded since the last read, plus
+/// the span from the first start to the last end. Waits for the stream; clears the record.
+pub fn read() -> Result<(Vec<(String, f64, u32)>, f64), String> {
+    super::synchronize()?;
+    let mut g = TIMER.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(t) = g.as_mut() else {
+        return Ok((Vec::new(), 0.0));
+    };
+    let mut sums = vec![(0.0f64, 0u32); t.labels.len()];
+    for (id, a, b) in &t.marks {
+        let mut ms = 0.0f32;
+        ck(
+            unsafe { cu::cuEventElapsedTime_v2(&mut ms, *a, *b) },
+            "cuEventElapsedTime",
+        )?;
+        sums[*id].0 += ms as f64;
+        sums[*id].1 += 1;
+    }
+    let mut span = 0.0f32;
+    if let (Some(f), Some(l)) = (t.marks.first(), t.marks.last()) {
+        ck(
+            unsafe { cu::cuEventElapsedTime_v2(&mut span, f.1, l.2) },
+            "cuEventElapsedTime",
+        )?;
+    }
+    destroy(t);
+    t.marks.clear();
+    let out = t
+        .labels
+        .iter()
+        .zip(sums)
+        .filter(|(_, (_, n))| *n > 0)
+        .map(|(l, (ms, n))| (l.clone(), ms, n))
+        .collect();
+    Ok((out, span as f64))
+}

@@ -9,6 +9,7 @@ import {
   type LinearPrecision,
   Param,
   type PrecisionTrace,
+  QuantMemo,
   type Tensor,
 } from "@moe8/tensor";
 
@@ -147,15 +148,16 @@ export class MLA {
     let q: Tensor;
     let qa: Tensor | null = null;
     let qaRstd: Tensor | null = null;
-    if (this.q) q = this.q.forward(a);
+    const memo = new QuantMemo(); // the q and kv_a projections read the same a: one FP8 copy of it
+    if (this.q) q = this.q.forward(a, null, memo);
     else {
-      qa = this.qA!.forward(a);
+      qa = this.qA!.forward(a, null, memo);
       const n = b.rmsnorm(qa, this.qNorm!.value, eps);
       qaRstd = n.rstd;
       q = this.qB!.forward(n.y);
     }
     q = b.rope(q, this.ropeOpts(H, dn + dr, dn, shape.seq));
-    const kv = b.rope(this.kvA.forward(a), this.ropeOpts(1, r + dr, r, shape.seq));
+    const kv = b.rope(this.kvA.forward(a, null, memo), this.ropeOpts(1, r + dr, r, shape.seq));
     const c = b.headSlice(kv, { heads: 1, width: r + dr, start: 0, len: r });
     const kpe = b.headSlice(kv, { heads: 1, width: r + dr, start: r, len: dr });
     const cn = b.rmsnorm(c, this.kvNorm.value, eps);

@@ -147,6 +147,13 @@ export class CpuBackend extends HostLifetimes implements Backend {
     return out;
   }
 
+  requantize(q: Tensor, opts: QuantizeOptions): Tensor {
+    const x = this.dequantize(q);
+    const out = this.quantize(x, opts);
+    this.release(x);
+    return out;
+  }
+
   dequantize(q: Tensor): Tensor {
     if (!isFp8(q.dtype) || !q.quant) throw new Error(`dequantize: ${q} is not an FP8 tensor`);
     const { batch, rows, cols } = batchDims(q);

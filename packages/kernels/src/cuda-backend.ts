@@ -122,6 +122,9 @@ function checkFp8Operand(t: Tensor, what: string, kAlongCols: boolean): void {
   }
 }
 
+/** Dynamic shared memory of gemm16.cu's kernels: 3 stages x 2 operands x 128 x 40 BF16. */
+const GEMM16_SMEM = 3 * 2 * 128 * 40 * 2;
+
 /** Head shapes (dqk_dv) with tensor-core attention kernels in flash.cu (FLASH_SHAPE lines). */
 const FLASH_SHAPES = new Set(["32_32", "48_32", "64_64", "96_64", "128_128"]);
 
@@ -362,9 +365,7 @@ export class CudaBackend extends HostLifetimes implements Backend {
     if (t.dtype === dtype) return this.copy(t);
     if (t.dtype === "f32" && dtype === "bf16") {
       const out = this.make(t.shape, "bf16");
-      this.launch("elementwise", "f32_to_bf16", this.g1(t.size), 256, (x) =>
-        x.u64(this.p(t)).u64(this.p(out)).u64(t.size),
-      );
+      this.toBf16(this.p(t), this.p(out), t.size);
       return out;
     }
     if (t.dtype === "bf16" && dtype === "f32") {
@@ -375,6 +376,25 @@ export class CudaBackend extends HostLifetimes implements Backend {
       return out;
     }
     throw new Error(`cast: ${t.dtype} to ${dtype} is not supported (use quantize/dequantize for FP8)`);
+  }
+
+  /** n f32 values at x rounded to BF16 at out (four per thread when both are aligned for it). */
+  private toBf16(x: number, out: number, n: number): void {
+    const x4 = x % 16 === 0 && out % 8 === 0;
+    this.launch(
+      "elementwise",
+      x4 ? "f32_to_bf16_x4" : "f32_to_bf16",
+      this.g1(x4 ? cdiv(n, 4) : n),
+      256,
+      (a) => a.u64(x).u64(out).u64(n),
+    );
+  }
+
+  /** A BF16 copy of an f32 tensor in scratch memory (the caller frees it once its kernels are enqueued). */
+  private bf16Scratch(t: Tensor, op: string): DeviceBuffer {
+    const buf = this.scratch(t.size * 2);
+    this.toBf16(this.f32p(t, op), buf.ptr, t.size);
+    return buf;
   }
 
   sum(t: Tensor): Tensor {
@@ -392,7 +412,8 @@ export class CudaBackend extends HostLifetimes implements Backend {
   }
 
   // --- quantisation ----------------------------------------------------------------------------
-  quantize(x: Tensor, opts: QuantizeOptions): Tensor {
+  /** The FP8 tensor (codes and scales, zeroed where segments leave gaps) quantize(x, opts) fills. */
+  private quantOutput(x: Tensor, opts: QuantizeOptions) {
     const { batch, rows, cols } = batchDims(x);
     const format: Fp8Format = opts.format ?? "e4m3";
     if (!(format in FMT)) throw new Error(`unknown FP8 format "${format}" (allowed: e4m3, e5m2)`);
@@ -402,7 +423,6 @@ export class CudaBackend extends HostLifetimes implements Backend {
     const eps = Math.fround(opts.eps ?? 1e-12);
     if (!opts.unit && !(eps > 0 && Number.isFinite(eps)))
       throw new Error(`quantize: eps must be a positive finite f32 (got ${opts.eps})`);
-    const xp = this.f32p(x, "quantize");
     const seg = opts.segments;
     let nScales: number;
     if (seg) {
@@ -420,7 +440,14 @@ export class CudaBackend extends HostLifetimes implements Backend {
       this.n.cudaMemset8(this.buf(scales), 0, 0, nScales * 4);
       this.n.cudaMemset8(this.buf(q), 0, 0, q.size);
     }
+    return { q, batch, rows, cols, fmt, mode, eps };
+  }
+
+  quantize(x: Tensor, opts: QuantizeOptions): Tensor {
+    const xp = this.f32p(x, "quantize");
+    const { q, batch, rows, cols, fmt, mode, eps } = this.quantOutput(x, opts);
     if (x.size === 0) return q;
+    const scales = q.quant!.scales;
     const R = batch * rows;
     const sp = this.p(scales);
     const qp = this.p(q);
@@ -429,7 +456,7 @@ export class CudaBackend extends HostLifetimes implements Backend {
       case "row": {
         const gw = opts.group === "tile" ? 128 : cols;
         if (gw === 128) {
-          const warps = R * cdiv(cols, 128);
+          const warps = cdiv(R * cdiv(cols, 128), 4); // TILES_PER_WARP in quant.cu
           this.launch("quant", "quant_tile128", [cdiv(warps, 8)], 256, (a) =>
             a.u64(xp).u64(qp).u64(sp).i32(R).i32(cols).i32(fmt).i32(mode).f32(eps),
           );
@@ -449,20 +476,9 @@ export class CudaBackend extends HostLifetimes implements Backend {
           a.u64(xp).u64(qp).u64(sp).i32(rows).i32(cols).i32(fmt).i32(mode).f32(eps),
         );
         break;
-      case "column-tile": {
-        const pieces = seg ? seg.size - 1 : batch;
-        const segp = seg ? this.i32p(seg, "quantize segments") : 0;
-        if (pieces > 0)
-          this.launch(
-            "quant",
-            "quant_coltile",
-            seg ? [cdiv(cols, 128), cdiv(R, 128) + pieces, 1] : [cdiv(cols, 128), cdiv(rows, 128), pieces],
-            128,
-            (a) =>
-              a.u64(xp).u64(qp).u64(sp).u64(segp).i32(pieces).i32(rows).i32(cols).i32(fmt).i32(mode).f32(eps),
-          );
+      case "column-tile":
+        this.colTiles(q, batch, "quant_coltile", (a) => a.u64(xp), { fmt, mode, eps });
         break;
-      }
       case "tensor": {
         const per = rows * cols;
         const amax = this.scratch(batch * 4);
@@ -477,6 +493,65 @@ export class CudaBackend extends HostLifetimes implements Backend {
       }
     }
     return q;
+  }
+
+  /**
+   * Column tiles of q's source values (quant_coltile: an f32 matrix; requant_coltile: an FP8 one),
+   * restarted at each matrix of the batch or each segment of q.quant.segments.
+   */
+  private colTiles(
+    q: Tensor,
+    batch: number,
+    kernel: "quant_coltile" | "requant_coltile",
+    source: (a: Args) => Args,
+    o: { fmt: number; mode: number; eps: number },
+  ): void {
+    const { rows, cols } = batchDims(q);
+    const seg = q.quant!.segments;
+    const pieces = seg ? seg.size - 1 : batch;
+    const segp = seg ? this.i32p(seg, "quantize segments") : 0;
+    if (pieces === 0) return;
+    // 64 columns of one 128-row group per block (CT_COLS in quant.cu).
+    const grid: [number, number, number] = seg
+      ? [cdiv(cols, 64), cdiv(batch * rows, 128) + pieces, 1]
+      : [cdiv(cols, 64), cdiv(rows, 128), pieces];
+    this.launch("quant", kernel, grid, 256, (a) =>
+      source(a)
+        .u64(this.p(q))
+        .u64(this.p(q.quant!.scales))
+        .u64(segp)
+        .i32(pieces)
+        .i32(rows)
+        .i32(cols)
+        .i32(o.fmt)
+        .i32(o.mode)
+        .f32(o.eps),
+    );
+  }
+
+  /**
+   * quantize(dequantize(q), opts) bit for bit. Column tiles of a 2-D FP8 matrix (the Wgrad operand
+   * made from the forward's FP8 activation cache) take one kernel that never writes the f32 values.
+   */
+  requantize(q: Tensor, opts: QuantizeOptions): Tensor {
+    if (!isFp8(q.dtype) || !q.quant) throw new Error(`requantize: ${q} is not an FP8 tensor`);
+    const { batch } = batchDims(q);
+    if (opts.group !== "column-tile" || batch !== 1 || q.quant.segments || q.size === 0) {
+      const x = this.dequantize(q);
+      const r = this.quantize(x, opts);
+      this.release(x);
+      return r;
+    }
+    const { q: out, fmt, mode, eps } = this.quantOutput(q, opts);
+    const src = q.quant;
+    this.colTiles(
+      out,
+      1,
+      "requant_coltile",
+      (a) => a.u64(this.p(q)).u64(this.p(src.scales)).i32(GROUP[src.group]).i32(FMT[src.format]),
+      { fmt, mode, eps },
+    );
+    return out;
   }
 
   fp8Flow(x: Tensor, q: Tensor): Tensor {
@@ -760,11 +835,16 @@ export class CudaBackend extends HostLifetimes implements Backend {
     E: number,
     bRows: number,
     bCols: number,
-    gridY?: number,
   ): void {
     const aKcols = o.transA ? 0 : 1;
     let bKcols = o.transB ? 1 : 0;
-    const grid: [number, number, number] = [cdiv(N, 64), gridY ?? cdiv(M, 64), mode === 2 ? E : 1];
+    // Tiles of C: mode 1 enumerates the row tiles of every expert (at most one partial each).
+    const gridFor = (tile: number): [number, number, number] => [
+      cdiv(N, tile),
+      mode === 1 ? cdiv(M, tile) + E : cdiv(M, tile),
+      mode === 2 ? E : 1,
+    ];
+    const grid = gridFor(64);
     const off = offsets ? this.i32p(offsets, "groupedMatmul offsets") : 0;
     // B's matrix shape per expert as the kernel reads it (swapped when B is transposed below).
     let [bR, bC] = [bRows, bCols];
@@ -846,6 +926,36 @@ export class CudaBackend extends HostLifetimes implements Backend {
       return;
     }
     const bf16 = o.precision === "bf16";
+    // gemm16.cu: BF16 copies of both operands, 16-byte pieces along each operand's contiguous axis.
+    const pieces = (kc: number, rows: number) => (kc ? K : rows) % 8 === 0;
+    if (bf16 && this.useTensorCores && pieces(aKcols, M) && pieces(bKcols, N)) {
+      const [ab, bb] = [a, b].map((t) => this.bf16Scratch(t, "matmul bf16"));
+      this.launch(
+        "gemm16",
+        `gemm_bf16_tc_${aKcols}${bKcols}`,
+        gridFor(128),
+        256,
+        (x) =>
+          x
+            .u64(ab.ptr)
+            .u64(bb.ptr)
+            .u64(this.p(out))
+            .i32(M)
+            .i32(N)
+            .i32(K)
+            .i32(mode)
+            .u64(off)
+            .i32(E)
+            .i32(bR)
+            .i32(bC)
+            .i32(o.accumulate ? 1 : 0)
+            .i32(o.outBf16 ? 1 : 0),
+        GEMM16_SMEM,
+      );
+      ab.free();
+      bb.free();
+      return;
+    }
     const mma = bf16 && this.useTensorCores;
     this.launch("gemm", mma ? "gemm_bf16_mma" : "gemm_f32", grid, mma ? 128 : 256, (x) => {
       tail(x.u64(this.p(a)).i32(aKcols).u64(this.p(b)).i32(bKcols));
@@ -875,7 +985,7 @@ export class CudaBackend extends HostLifetimes implements Backend {
       const out = this.output(Mt, N, o, [Mt, N]);
       if (!o.accumulate) this.n.cudaMemset8(this.buf(out), 0, 0, Mt * N * 4);
       if (Mt === 0 || N === 0 || E <= 0) return out;
-      this.gemmKernel(a, b, out, Mt, N, K, o, 1, offsets, E, bd.rows, bd.cols, cdiv(Mt, 64) + E);
+      this.gemmKernel(a, b, out, Mt, N, K, o, 1, offsets, E, bd.rows, bd.cols);
       return out;
     }
     if (!o.transA || o.transB) throw new Error("groupedMatmul k: A must be transposed and B not");
@@ -1026,8 +1136,8 @@ export class CudaBackend extends HostLifetimes implements Backend {
   /** flash.cu's entry-point suffix for a BF16 attention of these head sizes, or null (attention.cu). */
   private flashShape(dqk: number, dv: number, lowp: number, ...ts: Tensor[]): string | null {
     if (!lowp || !this.useTensorCores || !FLASH_SHAPES.has(`${dqk}_${dv}`)) return null;
-    // float4 tile loads: every operand must start on a 16-byte boundary.
-    return ts.every((t) => this.p(t) % 16 === 0) ? `${dqk}_${dv}` : null;
+    // The kernels read BF16 copies made in fresh (aligned) scratch memory, so any f32 input will do.
+    return ts.every((t) => t.dtype === "f32") ? `${dqk}_${dv}` : null;
   }
 
   attention(q: Tensor, k: Tensor, v: Tensor, o: AttentionOptions) {
@@ -1036,17 +1146,19 @@ export class CudaBackend extends HostLifetimes implements Backend {
     const lse = this.make([o.batch * o.heads * o.seq], "f32");
     const flash = this.flashShape(dqk, dv, lowp, q, k, v);
     if (flash) {
+      const [qb, kb, vb] = [q, k, v].map((t) => this.bf16Scratch(t, "attention"));
       this.launch("flash", `flash_fwd_${flash}`, [cdiv(o.seq, 64), o.batch * o.heads], 128, (a) =>
         a
-          .u64(this.p(q))
-          .u64(this.p(k))
-          .u64(this.p(v))
+          .u64(qb.ptr)
+          .u64(kb.ptr)
+          .u64(vb.ptr)
           .u64(this.p(out))
           .u64(this.p(lse))
           .i32(o.seq)
           .i32(o.heads)
           .f32(o.scale),
       );
+      for (const x of [qb, kb, vb]) x.free();
       return { o: out, lse };
     }
     this.launch("attention", "attn_fwd", grid, 128, (a) =>
@@ -1095,12 +1207,13 @@ export class CudaBackend extends HostLifetimes implements Backend {
     );
     const flash = this.flashShape(dqk, dv, lowp, dO, q, k, v);
     if (flash) {
+      const bf = [dO, q, k, v].map((t) => this.bf16Scratch(t, "attentionBackward"));
       const fl = (a: Args) =>
         a
-          .u64(this.p(dO))
-          .u64(this.p(q))
-          .u64(this.p(k))
-          .u64(this.p(v))
+          .u64(bf[0].ptr)
+          .u64(bf[1].ptr)
+          .u64(bf[2].ptr)
+          .u64(bf[3].ptr)
           .u64(this.f32p(lse, "attentionBackward"))
           .u64(D.ptr);
       const fgrid: [number, number] = [cdiv(T, 64), B * H];
@@ -1110,6 +1223,7 @@ export class CudaBackend extends HostLifetimes implements Backend {
       this.launch("flash", `flash_dkdv_${flash}`, fgrid, 128, (a) =>
         fl(a).u64(this.p(dk)).u64(this.p(dvv)).i32(T).i32(H).f32(o.scale),
       );
+      for (const x of bf) x.free();
       D.free();
       return { dq, dk, dv: dvv };
     }

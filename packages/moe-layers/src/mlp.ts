@@ -6,6 +6,7 @@ import {
   type LinearPrecision,
   Param,
   type PrecisionTrace,
+  QuantMemo,
   type Tensor,
 } from "@moe8/tensor";
 
@@ -55,8 +56,9 @@ export class SwiGluMlp {
   }
 
   forward(x: Tensor, offsets: Tensor | null = null): Tensor {
-    const g = this.gate.forward(x, offsets);
-    const u = this.up.forward(x, offsets);
+    const memo = new QuantMemo(); // gate and up read the same x: one FP8 copy of it
+    const g = this.gate.forward(x, offsets, memo);
+    const u = this.up.forward(x, offsets, memo);
     this.saved.push({ g, u });
     const h = this.b.swiglu(g, u);
     const y = this.down.forward(h, offsets);

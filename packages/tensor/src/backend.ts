@@ -139,6 +139,11 @@ export interface Backend {
   quantize(x: Tensor, opts: QuantizeOptions): Tensor;
   dequantize(q: Tensor): Tensor;
   /**
+   * quantize(dequantize(q), opts), bit for bit: an FP8 tensor quantised again in another layout (the
+   * Wgrad operand made from a 1x128 FP8 activation cache). A device backend may fuse it.
+   */
+  requantize(q: Tensor, opts: QuantizeOptions): Tensor;
+  /**
    * FP8 range events of a quantisation q of x, as f32 [overflow, underflow] counts: overflow = x was
    * not finite or beyond what rounds to the largest code (clipped by saturation); underflow = a
    * non-zero x encoded to zero.

@@ -7,6 +7,7 @@ export {
   Linear,
   type LinearPrecision,
   operandQuant,
+  QuantMemo,
 } from "./layers/linear.ts";
 export { Param } from "./layers/param.ts";
 export { Fp8FlowCounter, type GemmRole, PrecisionTrace, type TraceEntry } from "./layers/trace.ts";

@@ -20,6 +20,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("elementwise", include_str!("kernels/elementwise.cu")),
     ("quant", include_str!("kernels/quant.cu")),
     ("gemm", include_str!("kernels/gemm.cu")),
+    ("gemm16", include_str!("kernels/gemm16.cu")),
     ("nn", include_str!("kernels/nn.cu")),
     ("attention", include_str!("kernels/attention.cu")),
     ("flash", include_str!("kernels/flash.cu")),

@@ -67,6 +67,31 @@ interface Saved {
   wq: Tensor | null;
   wqKey: string;
   offsets: Tensor | null;
+  memo: QuantMemo | null;
+}
+
+/**
+ * FP8 copies of one input shared by the Linears that read it (gate and up, q and kv_a): the
+ * input is quantised once in forward, and its Wgrad column tiles are made once in backward. The
+ * copies are the same values either way; sharing saves the second quantisation of the same bytes.
+ * Create one per input per forward and pass it to each Linear that reads that input.
+ */
+export class QuantMemo {
+  private readonly m = new Map<string, Tensor>();
+  /** The memoised copy for `key`, or make() (then remembered). */
+  get(key: string, make: () => Tensor): Tensor {
+    let t = this.m.get(key);
+    if (!t || t.disposed) {
+      t = make();
+      this.m.set(key, t);
+    }
+    return t;
+  }
+}
+
+/** get() through a memo when there is one. */
+function memoised(memo: QuantMemo | null, key: string, make: () => Tensor): Tensor {
+  return memo ? memo.get(key, make) : make();
 }
 
 /**
@@ -96,7 +121,7 @@ export class Linear {
     return this.b.matmul(a, w, o);
   }
 
-  forward(x: Tensor, offsets: Tensor | null = null): Tensor {
+  forward(x: Tensor, offsets: Tensor | null = null, memo: QuantMemo | null = null): Tensor {
     const b = this.b;
     const pol = this.precision;
     const spec = pol.fprop;
@@ -105,9 +130,9 @@ export class Linear {
     const xqOpt = operandQuant(spec, "tile", spec.format, pol);
     const wqOpt = operandQuant(spec, "block", "e4m3", pol);
     let y: Tensor;
-    const s: Saved = { x, xq: null, wq: null, wqKey: "", offsets };
+    const s: Saved = { x, xq: null, wq: null, wqKey: "", offsets, memo };
     if (xqOpt && wqOpt) {
-      s.xq = b.quantize(x, xqOpt);
+      s.xq = memoised(memo, `fprop ${quantKey(xqOpt)}`, () => b.quantize(x, xqOpt));
       this.site.trace?.flow.add(b, x, s.xq);
       s.wq = b.quantize(this.weight.value, wqOpt);
       s.wqKey = quantKey(wqOpt);
@@ -165,7 +190,6 @@ export class Linear {
     const segments = this.grouped ? (s.offsets ?? undefined) : undefined;
     const gQ = operandQuant(wg, "column-tile", wg.format, pol);
     const xQ = operandQuant(wg, "column-tile", "e4m3", pol);
-    const x = s.x ?? b.dequantize(s.xq!);
     const o: MatmulOptions = {
       transA: true,
       precision: gemmPrecision(wg.precision),
@@ -175,7 +199,12 @@ export class Linear {
       const seg = gQ.group === "column-tile" ? segments : undefined;
       const dyq = b.quantize(dy, { ...gQ, segments: seg });
       this.site.trace?.flow.add(b, dy, dyq);
-      const xq = b.quantize(x, { ...xQ, segments: seg });
+      // With only the FP8 cache saved, its values are quantised again in column tiles (fused on a
+      // device backend: the f32 activation is never rebuilt).
+      const xo = { ...xQ, segments: seg };
+      const xq = memoised(s.memo, `wgrad ${quantKey(xQ)} ${seg ? "segments" : ""}`, () =>
+        s.x ? b.quantize(s.x, xo) : b.requantize(s.xq!, xo),
+      );
       if (this.grouped)
         b.groupedMatmul(dyq, xq, s.offsets!, {
           ...o,
@@ -184,8 +213,12 @@ export class Linear {
           segment: "k",
         });
       else b.matmul(dyq, xq, { ...o, precision: "fp8", promotion: pol.promotion });
-    } else if (this.grouped) b.groupedMatmul(dy, x, s.offsets!, { ...o, segment: "k" });
-    else b.matmul(dy, x, o);
+    } else {
+      const x = s.x ?? b.dequantize(s.xq!);
+      if (this.grouped) b.groupedMatmul(dy, x, s.offsets!, { ...o, segment: "k" });
+      else b.matmul(dy, x, o);
+      if (x !== s.x) b.release(x);
+    }
     return dx;
   }
 

@@ -139,6 +139,25 @@ export function opSuite(name: string, make: () => Backend): void {
       }, "exact");
     });
 
+    it("requantize equals quantize(dequantize): 1x128 tiles to 128x1 column tiles, with and without segments", async () => {
+      const x = rng.normals(300 * 200, 2);
+      x[7] = 3e4;
+      const seg = Int32Array.of(0, 0, 130, 131, 300);
+      for (const format of ["e4m3", "e5m2"] as const)
+        for (const segments of [false, true])
+          await same((b) => {
+            const q = b.quantize(b.upload(x, [300, 200]), { group: "tile", format: "e4m3" });
+            const opts = {
+              group: "column-tile" as const,
+              format,
+              segments: segments ? b.upload(seg, [5], "i32") : undefined,
+            };
+            const r = b.requantize(q, opts);
+            const twice = b.quantize(b.dequantize(q), opts);
+            return { q: r, scales: r.quant!.scales, deq: b.dequantize(r), twice: b.dequantize(twice) };
+          }, "exact");
+    });
+
     it("fp8Flow counts clipped and flushed values", async () => {
       // Unscaled E4M3: 1000, inf, NaN, 470 and 1e4 clip (beyond 464, half an ulp above 448), 1e-4
       // and -2e-5 flush to zero; unscaled E5M2 clips only inf and NaN and keeps the small values.

@@ -112,6 +112,13 @@ export class TsBackend extends HostLifetimes implements Backend {
     });
   }
 
+  requantize(q: Tensor, opts: QuantizeOptions): Tensor {
+    const x = this.dequantize(q);
+    const out = this.quantize(x, opts);
+    this.release(x);
+    return out;
+  }
+
   dequantize(q: Tensor): Tensor {
     if (!isFp8(q.dtype) || !q.quant) throw new Error(`dequantize: ${q} is not an FP8 tensor`);
     const { batch, rows, cols } = batchDims(q);

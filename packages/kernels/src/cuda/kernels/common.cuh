@@ -45,6 +45,27 @@ __device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1)
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Shared-memory address of a generic pointer (for ldmatrix and cp.async).
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+  u32 a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+
+// Asynchronous global -> shared copies (cp.async, sm_80+): `bytes` of 16 or 4; with !in the
+// destination is zero-filled and nothing is read.
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* s, const void* g, bool in) {
+  if (BYTES == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(s)), "l"(g), "r"(in ? 16 : 0));
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(s)), "l"(g), "r"(in ? 4 : 0));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most N committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
 // FP8 encode from the f32 bits (fmt 0 = E4M3 OCP e4m3fn, 1 = E5M2): round to nearest even,
 // subnormals kept, saturating to +-max (infinities too), every NaN -> 0x7f, -0 keeps its sign.
 __device__ __forceinline__ u8 encode_fp8(float x, int fmt) {

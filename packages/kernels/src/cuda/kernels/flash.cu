@@ -1,11 +1,15 @@
-// Causal attention on tensor cores for the BF16 attention core (FlashAttention-2 layout of work):
-// the reference is attention.cu (and packages/tensor/src/ts/nn.ts), same math, same rounding
-// points: q, k, v, dO and the probabilities P are BF16, every dot product accumulates in f32
-// (mma.sync m16n8k16 bf16 -> f32), lse and D stay f32, dS is rounded to BF16 before the GEMMs and
-// the softmax scale is applied to dq/dk afterwards (it is linear, and not a power of two).
-// Nothing of size T x T is stored, nor any transposed tile (ldmatrix.trans reads B^T fragments): the forward makes two passes over the keys (row max and sum,
-// then P @ V with P = exp(s - lse) exactly as the backward recomputes it), the backward recomputes
-// P per tile. Layouts as attention.cu: q, k [B*T, H*DQK]; v, o, dO [B*T, H*DV]; lse, D [B*H*T].
+// Causal attention on tensor cores for the BF16 attention core (FlashAttention-2): the reference
+// is attention.cu (and packages/tensor/src/ts/nn.ts), same math: q, k, v, dO and the probabilities
+// P are BF16, every dot product accumulates in f32 (mma.sync m16n8k16 bf16 -> f32), lse and D stay
+// f32, dS is rounded to BF16 before the GEMMs and the softmax scale is applied to dq/dk afterwards
+// (it is linear, and not a power of two). One rounding point differs from the reference, as in
+// FlashAttention-2: the forward makes one pass with an online softmax, so the P fed to P @ V is
+// bf16(exp(s - running max)) and the row sum divides the f32 result (the reference rounds the
+// normalised P); the backward recomputes P = exp(s - lse) exactly as the reference does.
+// Inputs are BF16 copies (the host casts them once per call), so tiles stream into shared memory
+// with cp.async, double-buffered: the next key (or query) tile loads while this one is multiplied.
+// Nothing of size T x T is stored, nor any transposed tile (ldmatrix.trans reads B^T fragments).
+// Layouts as attention.cu: q, k [B*T, H*DQK]; v, o, dO [B*T, H*DV]; lse, D [B*H*T].
 // Grid: x = tile of 64 queries (forward, dq) or 64 keys (dk/dv), y = b*H + h; 4 warps of 16 rows.
 //
 // Fragment layouts of mma.m16n8k16 (PTX ISA, g = lane / 4, t = lane % 4): A regs {row g, k 2t},
@@ -21,34 +25,30 @@
 
 __device__ __forceinline__ u32 lds32(const u16* p) { return *(const u32*)p; }
 
-// s[r * LD + c] = bf16(g[(r0 + r) * ld + c]) for r < R, c < D (zero for rows >= rmax).
+// Starts copying rows [r0, r0 + R) x D of g (BF16, row stride ld) to s (row stride LD); rows at or
+// past rmax become zeros. 16-byte pieces: D % 8 == 0 and 16-byte aligned rows (the host checks).
 template <int R, int D, int LD>
-__device__ __forceinline__ void tile_rows(u16* s, const float* g, i64 ld, int r0, int rmax) {
-  for (int i = threadIdx.x; i < R * (D / 4); i += blockDim.x) {
-    const int r = i / (D / 4), c = (i % (D / 4)) * 4;
-    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    if (r0 + r < rmax) v = *(const float4*)(g + (i64)(r0 + r) * ld + c);
-    *(u32*)(s + r * LD + c) = pack_bf16(v.x, v.y);
-    *(u32*)(s + r * LD + c + 2) = pack_bf16(v.z, v.w);
+__device__ __forceinline__ void tile_async(u16* s, const u16* g, i64 ld, int r0, int rmax) {
+  constexpr int C = D / 8;
+  for (int i = threadIdx.x; i < R * C; i += 128) {
+    const int r = i / C, c = (i % C) * 8;
+    const bool in = r0 + r < rmax;
+    cp_async<16>(s + r * LD + c, g + (in ? (i64)(r0 + r) * ld : 0) + c, in);
   }
 }
 
-// A fragments of rows r and r + 8 (16 x D, BF16) straight from global f32 memory.
+// A fragments of rows r and r + 8 (16 x D, BF16) straight from global memory.
 template <int D>
-__device__ __forceinline__ void frags_global(u32 (*a)[4], const float* g, i64 ld, int r, int T) {
+__device__ __forceinline__ void frags_global(u32 (*a)[4], const u16* g, i64 ld, int r, int T) {
   const int t = threadIdx.x & 3;
 #pragma unroll
   for (int ks = 0; ks < D / 16; ks++) {
 #pragma unroll
     for (int h = 0; h < 2; h++) {
       const int row = r + 8 * h;
-      float2 lo = make_float2(0.0f, 0.0f), hi = lo;
-      if (row < T) {
-        lo = *(const float2*)(g + (i64)row * ld + ks * 16 + 2 * t);
-        hi = *(const float2*)(g + (i64)row * ld + ks * 16 + 8 + 2 * t);
-      }
-      a[ks][h] = pack_bf16(lo.x, lo.y);
-      a[ks][2 + h] = pack_bf16(hi.x, hi.y);
+      const bool in = row < T;
+      a[ks][h] = in ? *(const u32*)(g + (i64)row * ld + ks * 16 + 2 * t) : 0u;
+      a[ks][2 + h] = in ? *(const u32*)(g + (i64)row * ld + ks * 16 + 8 + 2 * t) : 0u;
     }
   }
 }
@@ -66,13 +66,6 @@ __device__ __forceinline__ void mma_rows(float (*acc)[4], const u32 (*a)[4], con
       mma_bf16(acc[nt], a[ks], lds32(p), lds32(p + 8));
     }
   }
-}
-
-// Shared-memory address of a generic pointer (for ldmatrix).
-__device__ __forceinline__ u32 smem_addr(const void* p) {
-  u32 a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-  return a;
 }
 
 // acc[NT][4] += A (16 x 16, registers) @ B with B[k][n] = s[k * LD + n] row-major in shared memory
@@ -107,9 +100,9 @@ __device__ __forceinline__ void zero(float (*c)[4]) {
   for (int i = 0; i < N; i++) c[i][0] = c[i][1] = c[i][2] = c[i][3] = 0.0f;
 }
 
-// Rows r and r + 8 of a C accumulator (times mul) to global memory.
+// Rows r and r + 8 of a C accumulator (times mul[h] for row r + 8h) to global memory.
 template <int NT>
-__device__ __forceinline__ void store_rows(float* g, i64 ld, int r, int T, const float (*c)[4], float mul) {
+__device__ __forceinline__ void store_rows(float* g, i64 ld, int r, int T, const float (*c)[4], const float* mul) {
   const int t = threadIdx.x & 3;
 #pragma unroll
   for (int h = 0; h < 2; h++) {
@@ -117,36 +110,54 @@ __device__ __forceinline__ void store_rows(float* g, i64 ld, int r, int T, const
     if (row >= T) continue;
 #pragma unroll
     for (int nt = 0; nt < NT; nt++)
-      *(float2*)(g + (i64)row * ld + nt * 8 + 2 * t) = make_float2(c[nt][2 * h] * mul, c[nt][2 * h + 1] * mul);
+      *(float2*)(g + (i64)row * ld + nt * 8 + 2 * t) = make_float2(c[nt][2 * h] * mul[h], c[nt][2 * h + 1] * mul[h]);
   }
 }
 
+// Key (or query) tile rows per pipeline stage: 64, or 32 when two stages of 64 would not fit the
+// 48 KB of static shared memory (head sizes 128/128).
 template <int DQK, int DV>
-__device__ __forceinline__ void flash_fwd(const float* q, const float* k, const float* v, float* o, float* lse,
+struct FlashTile {
+  static constexpr int ROWS = 2 * 64 * (DQK + 8 + DV + 8) * 2 > 48 * 1024 ? 32 : 64;
+};
+
+template <int DQK, int DV>
+__device__ __forceinline__ void flash_fwd(const u16* q, const u16* k, const u16* v, float* o, float* lse,
                                           int T, int H, float scale) {
-  constexpr int BK = 64, LK = DQK + 8, LV = DV + 8;
-  __shared__ __align__(16) u16 sK[BK * LK];
-  __shared__ __align__(16) u16 sV[BK * LV];
+  constexpr int BK = FlashTile<DQK, DV>::ROWS, LK = DQK + 8, LV = DV + 8;
+  __shared__ __align__(16) u16 sK[2][BK * LK];
+  __shared__ __align__(16) u16 sV[2][BK * LV];
   const int bh = blockIdx.y, b = bh / H, h = bh % H;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int q0 = blockIdx.x * FROWS, r = q0 + (threadIdx.x >> 5) * 16 + g;
   const i64 ldq = (i64)H * DQK, ldv = (i64)H * DV;
   const float scale2 = scale * LOG2E;
-  const float* qb = q + (i64)b * T * ldq + h * DQK;
-  const float* kb = k + (i64)b * T * ldq + h * DQK;
-  const float* vb = v + (i64)b * T * ldv + h * DV;
+  const u16* kb = k + (i64)b * T * ldq + h * DQK;
+  const u16* vb = v + (i64)b * T * ldv + h * DV;
+  const int kend = min(q0 + FROWS, T), tiles = (kend + BK - 1) / BK;
+  tile_async<BK, DQK, LK>(sK[0], kb, ldq, 0, T);
+  tile_async<BK, DV, LV>(sV[0], vb, ldv, 0, T);
+  cp_commit();
   u32 qa[DQK / 16][4];
-  frags_global<DQK>(qa, qb, ldq, r, T);
-  const int kend = min(q0 + FROWS, T);
-  float s[BK / 8][4];
-  // Pass 1: running row max m and per-thread partial sums l of exp(s - m) (rows r, r + 8).
+  frags_global<DQK>(qa, q + (i64)b * T * ldq + h * DQK, ldq, r, T);
+  // Online softmax: running row max m (base 2, scaled) and per-thread partial sums l of
+  // exp2(s - m) for rows r and r + 8; acc is rescaled whenever m grows.
   float m[2] = {-f32_inf(), -f32_inf()}, l[2] = {0.0f, 0.0f};
-  for (int k0 = 0; k0 < kend; k0 += BK) {
-    __syncthreads();
-    tile_rows<BK, DQK, LK>(sK, kb, ldq, k0, T);
+  float acc[DV / 8][4], s[BK / 8][4];
+  zero<DV / 8>(acc);
+  for (int it = 0; it < tiles; it++) {
+    const int cur = it & 1, k0 = it * BK;
+    if (it + 1 < tiles) {
+      tile_async<BK, DQK, LK>(sK[cur ^ 1], kb, ldq, k0 + BK, T);
+      tile_async<BK, DV, LV>(sV[cur ^ 1], vb, ldv, k0 + BK, T);
+      cp_commit();
+      cp_wait<1>();
+    } else {
+      cp_wait<0>();
+    }
     __syncthreads();
     zero<BK / 8>(s);
-    mma_rows<DQK / 16, BK / 8, LK>(s, qa, sK);
+    mma_rows<DQK / 16, BK / 8, LK>(s, qa, sK[cur]);
 #pragma unroll
     for (int hh = 0; hh < 2; hh++) {
       float mx = -f32_inf();
@@ -162,64 +173,60 @@ __device__ __forceinline__ void flash_fwd(const float* q, const float* k, const 
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float mn = fmaxf(m[hh], mx);
-      if (mn == -f32_inf()) continue;
-      float sum = l[hh] * exp2f(m[hh] - mn);
+      // A row with no visible key yet (only rows past T, whose results are never stored) keeps
+      // m = -inf; 0 stands in so that exp2 gives 0 rather than NaN.
+      const float base = mn == -f32_inf() ? 0.0f : mn;
+      const float alpha = exp2f(m[hh] - base);
+      float sum = 0.0f;
 #pragma unroll
-      for (int nt = 0; nt < BK / 8; nt++) sum += exp2f(s[nt][2 * hh] - mn) + exp2f(s[nt][2 * hh + 1] - mn);
-      l[hh] = sum;
+      for (int nt = 0; nt < BK / 8; nt++) {
+        s[nt][2 * hh] = exp2f(s[nt][2 * hh] - base);
+        s[nt][2 * hh + 1] = exp2f(s[nt][2 * hh + 1] - base);
+        sum += s[nt][2 * hh] + s[nt][2 * hh + 1];
+      }
+      l[hh] = l[hh] * alpha + sum;
       m[hh] = mn;
+#pragma unroll
+      for (int nt = 0; nt < DV / 8; nt++) acc[nt][2 * hh] *= alpha, acc[nt][2 * hh + 1] *= alpha;
     }
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; kk++) {
+      u32 pa[4];
+      c_to_a(pa, s, kk);
+      mma_rows_t<DV / 8, LV>(acc, pa, sV[cur] + kk * 16 * LV);
+    }
+    __syncthreads();  // every warp is done with this stage before the next prefetch overwrites it
   }
-  float L[2];
+  float inv[2];
 #pragma unroll
   for (int hh = 0; hh < 2; hh++) {
     float sum = l[hh];
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    L[hh] = m[hh] + log2f(sum);
-    if (t == 0 && r + 8 * hh < T) lse[(i64)bh * T + r + 8 * hh] = L[hh] * LN2;
+    inv[hh] = 1.0f / sum;
+    if (t == 0 && r + 8 * hh < T) lse[(i64)bh * T + r + 8 * hh] = (m[hh] + log2f(sum)) * LN2;
   }
-  // Pass 2: o = P @ V with P = bf16(exp(s - lse)).
-  float acc[DV / 8][4];
-  zero<DV / 8>(acc);
-  for (int k0 = 0; k0 < kend; k0 += BK) {
-    __syncthreads();
-    tile_rows<BK, DQK, LK>(sK, kb, ldq, k0, T);
-    tile_rows<BK, DV, LV>(sV, vb, ldv, k0, T);
-    __syncthreads();
-    zero<BK / 8>(s);
-    mma_rows<DQK / 16, BK / 8, LK>(s, qa, sK);
-#pragma unroll
-    for (int nt = 0; nt < BK / 8; nt++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const int key = k0 + nt * 8 + 2 * t + (e & 1), row = r + 8 * (e >> 1);
-        s[nt][e] = (key <= row && key < T) ? exp2f(s[nt][e] * scale2 - L[e >> 1]) : 0.0f;
-      }
-#pragma unroll
-    for (int kk = 0; kk < BK / 16; kk++) {
-      u32 pa[1][4];
-      c_to_a(pa[0], s, kk);
-      mma_rows_t<DV / 8, LV>(acc, pa[0], sV + kk * 16 * LV);
-    }
-  }
-  store_rows<DV / 8>(o + (i64)b * T * ldv + h * DV, ldv, r, T, acc, 1.0f);
+  store_rows<DV / 8>(o + (i64)b * T * ldv + h * DV, ldv, r, T, acc, inv);
 }
 
 // dq = scale * sum_keys bf16(P (dP - D)) k, per tile of 64 queries; key tiles of 32.
 template <int DQK, int DV>
-__device__ __forceinline__ void flash_bwd_dq(const float* dO, const float* q, const float* k, const float* v,
+__device__ __forceinline__ void flash_bwd_dq(const u16* dO, const u16* q, const u16* k, const u16* v,
                                              const float* lse, const float* D, float* dq, int T, int H, float scale) {
   constexpr int BK = 32, LK = DQK + 8, LV = DV + 8;
-  __shared__ __align__(16) u16 sK[BK * LK];
-  __shared__ __align__(16) u16 sV[BK * LV];
+  __shared__ __align__(16) u16 sK[2][BK * LK];
+  __shared__ __align__(16) u16 sV[2][BK * LV];
   const int bh = blockIdx.y, b = bh / H, h = bh % H;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int q0 = blockIdx.x * FROWS, r = q0 + (threadIdx.x >> 5) * 16 + g;
   const i64 ldq = (i64)H * DQK, ldv = (i64)H * DV;
   const float scale2 = scale * LOG2E;
-  const float* kb = k + (i64)b * T * ldq + h * DQK;
-  const float* vb = v + (i64)b * T * ldv + h * DV;
+  const u16* kb = k + (i64)b * T * ldq + h * DQK;
+  const u16* vb = v + (i64)b * T * ldv + h * DV;
+  const int kend = min(q0 + FROWS, T), tiles = (kend + BK - 1) / BK;
+  tile_async<BK, DQK, LK>(sK[0], kb, ldq, 0, T);
+  tile_async<BK, DV, LV>(sV[0], vb, ldv, 0, T);
+  cp_commit();
   u32 qa[DQK / 16][4], da[DV / 16][4];
   frags_global<DQK>(qa, q + (i64)b * T * ldq + h * DQK, ldq, r, T);
   frags_global<DV>(da, dO + (i64)b * T * ldv + h * DV, ldv, r, T);
@@ -232,16 +239,21 @@ __device__ __forceinline__ void flash_bwd_dq(const float* dO, const float* q, co
   }
   float acc[DQK / 8][4], s[BK / 8][4], dp[BK / 8][4];
   zero<DQK / 8>(acc);
-  const int kend = min(q0 + FROWS, T);
-  for (int k0 = 0; k0 < kend; k0 += BK) {
-    __syncthreads();
-    tile_rows<BK, DQK, LK>(sK, kb, ldq, k0, T);
-    tile_rows<BK, DV, LV>(sV, vb, ldv, k0, T);
+  for (int it = 0; it < tiles; it++) {
+    const int cur = it & 1, k0 = it * BK;
+    if (it + 1 < tiles) {
+      tile_async<BK, DQK, LK>(sK[cur ^ 1], kb, ldq, k0 + BK, T);
+      tile_async<BK, DV, LV>(sV[cur ^ 1], vb, ldv, k0 + BK, T);
+      cp_commit();
+      cp_wait<1>();
+    } else {
+      cp_wait<0>();
+    }
     __syncthreads();
     zero<BK / 8>(s);
     zero<BK / 8>(dp);
-    mma_rows<DQK / 16, BK / 8, LK>(s, qa, sK);
-    mma_rows<DV / 16, BK / 8, LV>(dp, da, sV);
+    mma_rows<DQK / 16, BK / 8, LK>(s, qa, sK[cur]);
+    mma_rows<DV / 16, BK / 8, LV>(dp, da, sV[cur]);
 #pragma unroll
     for (int nt = 0; nt < BK / 8; nt++)
 #pragma unroll
@@ -252,88 +264,106 @@ __device__ __forceinline__ void flash_bwd_dq(const float* dO, const float* q, co
       }
 #pragma unroll
     for (int kk = 0; kk < BK / 16; kk++) {
-      u32 a[1][4];
-      c_to_a(a[0], s, kk);
-      mma_rows_t<DQK / 8, LK>(acc, a[0], sK + kk * 16 * LK);
+      u32 a[4];
+      c_to_a(a, s, kk);
+      mma_rows_t<DQK / 8, LK>(acc, a, sK[cur] + kk * 16 * LK);
     }
+    __syncthreads();
   }
-  store_rows<DQK / 8>(dq + (i64)b * T * ldq + h * DQK, ldq, r, T, acc, scale);
+  const float mul[2] = {scale, scale};
+  store_rows<DQK / 8>(dq + (i64)b * T * ldq + h * DQK, ldq, r, T, acc, mul);
 }
 
 // dk = scale * sum_queries bf16(P (dP - D))^T q and dv = sum_queries bf16(P)^T dO, per tile of 64
 // keys (a warp's 16 keys are the rows of the transposed products); query tiles of 32.
 template <int DQK, int DV>
-__device__ __forceinline__ void flash_bwd_dkdv(const float* dO, const float* q, const float* k, const float* v,
+__device__ __forceinline__ void flash_bwd_dkdv(const u16* dO, const u16* q, const u16* k, const u16* v,
                                                const float* lse, const float* D, float* dk, float* dv, int T, int H,
                                                float scale) {
   constexpr int BQ = 32, LQ = DQK + 8, LO = DV + 8;
-  __shared__ __align__(16) u16 sQ[BQ * LQ];
-  __shared__ __align__(16) u16 sO[BQ * LO];
-  __shared__ float sL[BQ], sD[BQ];
+  __shared__ __align__(16) u16 sQ[2][BQ * LQ];
+  __shared__ __align__(16) u16 sO[2][BQ * LO];
+  __shared__ float sL[2][BQ], sD[2][BQ];
   const int bh = blockIdx.y, b = bh / H, h = bh % H;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int k0 = blockIdx.x * FROWS, r = k0 + (threadIdx.x >> 5) * 16 + g;
   const i64 ldq = (i64)H * DQK, ldv = (i64)H * DV;
   const float scale2 = scale * LOG2E;
-  const float* qb = q + (i64)b * T * ldq + h * DQK;
-  const float* ob = dO + (i64)b * T * ldv + h * DV;
+  const u16* qb = q + (i64)b * T * ldq + h * DQK;
+  const u16* ob = dO + (i64)b * T * ldv + h * DV;
+  const float* lb = lse + (i64)bh * T;
+  const float* db = D + (i64)bh * T;
+  // Query tiles from the first one that sees key k0 (queries before it are masked) to the end.
+  const int first = k0 / BQ, tiles = (T + BQ - 1) / BQ - first;
+  auto load = [&](int stage, int q0) {
+    tile_async<BQ, DQK, LQ>(sQ[stage], qb, ldq, q0, T);
+    tile_async<BQ, DV, LO>(sO[stage], ob, ldv, q0, T);
+    if (threadIdx.x < BQ) {
+      const int i = q0 + threadIdx.x;
+      cp_async<4>(&sL[stage][threadIdx.x], lb + (i < T ? i : 0), i < T);
+      cp_async<4>(&sD[stage][threadIdx.x], db + (i < T ? i : 0), i < T);
+    }
+    cp_commit();
+  };
+  if (tiles > 0) load(0, first * BQ);
   u32 ka[DQK / 16][4], va[DV / 16][4];
   frags_global<DQK>(ka, k + (i64)b * T * ldq + h * DQK, ldq, r, T);
   frags_global<DV>(va, v + (i64)b * T * ldv + h * DV, ldv, r, T);
   float ak[DQK / 8][4], av[DV / 8][4], s[BQ / 8][4], dp[BQ / 8][4];
   zero<DQK / 8>(ak);
   zero<DV / 8>(av);
-  for (int q0 = k0; q0 < T; q0 += BQ) {
-    __syncthreads();
-    tile_rows<BQ, DQK, LQ>(sQ, qb, ldq, q0, T);
-    tile_rows<BQ, DV, LO>(sO, ob, ldv, q0, T);
-    if (threadIdx.x < BQ) {
-      const int i = q0 + threadIdx.x;
-      sL[threadIdx.x] = i < T ? lse[(i64)bh * T + i] * LOG2E : 0.0f;
-      sD[threadIdx.x] = i < T ? D[(i64)bh * T + i] : 0.0f;
+  for (int it = 0; it < tiles; it++) {
+    const int cur = it & 1, q0 = (first + it) * BQ;
+    if (it + 1 < tiles) {
+      load(cur ^ 1, q0 + BQ);
+      cp_wait<1>();
+    } else {
+      cp_wait<0>();
     }
     __syncthreads();
     zero<BQ / 8>(s);
     zero<BQ / 8>(dp);
-    mma_rows<DQK / 16, BQ / 8, LQ>(s, ka, sQ);   // S^T = K Q^T
-    mma_rows<DV / 16, BQ / 8, LO>(dp, va, sO);   // dP^T = V dO^T
+    mma_rows<DQK / 16, BQ / 8, LQ>(s, ka, sQ[cur]);  // S^T = K Q^T
+    mma_rows<DV / 16, BQ / 8, LO>(dp, va, sO[cur]);  // dP^T = V dO^T
 #pragma unroll
     for (int nt = 0; nt < BQ / 8; nt++)
 #pragma unroll
       for (int e = 0; e < 4; e++) {
         const int qi = nt * 8 + 2 * t + (e & 1), key = r + 8 * (e >> 1);
         const bool ok = q0 + qi >= key && q0 + qi < T && key < T;
-        const float P = ok ? exp2f(s[nt][e] * scale2 - sL[qi]) : 0.0f;
+        const float P = ok ? exp2f(s[nt][e] * scale2 - sL[cur][qi] * LOG2E) : 0.0f;
         s[nt][e] = P;
-        dp[nt][e] = P * (dp[nt][e] - sD[qi]);
+        dp[nt][e] = P * (dp[nt][e] - sD[cur][qi]);
       }
 #pragma unroll
     for (int kk = 0; kk < BQ / 16; kk++) {
-      u32 a[1][4];
-      c_to_a(a[0], s, kk);
-      mma_rows_t<DV / 8, LO>(av, a[0], sO + kk * 16 * LO);
-      c_to_a(a[0], dp, kk);
-      mma_rows_t<DQK / 8, LQ>(ak, a[0], sQ + kk * 16 * LQ);
+      u32 a[4];
+      c_to_a(a, s, kk);
+      mma_rows_t<DV / 8, LO>(av, a, sO[cur] + kk * 16 * LO);
+      c_to_a(a, dp, kk);
+      mma_rows_t<DQK / 8, LQ>(ak, a, sQ[cur] + kk * 16 * LQ);
     }
+    __syncthreads();
   }
-  store_rows<DQK / 8>(dk + (i64)b * T * ldq + h * DQK, ldq, r, T, ak, scale);
-  store_rows<DV / 8>(dv + (i64)b * T * ldv + h * DV, ldv, r, T, av, 1.0f);
+  const float mk[2] = {scale, scale}, mv[2] = {1.0f, 1.0f};
+  store_rows<DQK / 8>(dk + (i64)b * T * ldq + h * DQK, ldq, r, T, ak, mk);
+  store_rows<DV / 8>(dv + (i64)b * T * ldv + h * DV, ldv, r, T, av, mv);
 }
 
 // One set of entry points per head shape (DQK, DV), both multiples of 16. The host picks
 // flash_*_<dqk>_<dv> when it exists and falls back to attention.cu otherwise.
 #define FLASH_SHAPE(DQK, DV)                                                                              \
-  KERNEL void __launch_bounds__(128) flash_fwd_##DQK##_##DV(const float* q, const float* k, const float* v, \
+  KERNEL void __launch_bounds__(128) flash_fwd_##DQK##_##DV(const u16* q, const u16* k, const u16* v, \
                                                              float* o, float* lse, int T, int H, float scale) { \
     flash_fwd<DQK, DV>(q, k, v, o, lse, T, H, scale);                                                     \
   }                                                                                                       \
-  KERNEL void __launch_bounds__(128) flash_dq_##DQK##_##DV(const float* dO, const float* q, const float* k,  \
-                                                            const float* v, const float* lse, const float* D, \
+  KERNEL void __launch_bounds__(128) flash_dq_##DQK##_##DV(const u16* dO, const u16* q, const u16* k,  \
+                                                            const u16* v, const float* lse, const float* D, \
                                                             float* dq, int T, int H, float scale) {         \
     flash_bwd_dq<DQK, DV>(dO, q, k, v, lse, D, dq, T, H, scale);                                          \
   }                                                                                                       \
-  KERNEL void __launch_bounds__(128) flash_dkdv_##DQK##_##DV(const float* dO, const float* q, const float* k, \
-                                                              const float* v, const float* lse, const float* D, \
+  KERNEL void __launch_bounds__(128) flash_dkdv_##DQK##_##DV(const u16* dO, const u16* q, const u16* k, \
+                                                              const u16* v, const float* lse, const float* D, \
                                                               float* dk, float* dv, int T, int H, float scale) { \
     flash_bwd_dkdv<DQK, DV>(dO, q, k, v, lse, D, dk, dv, T, H, scale);                                    \
   }

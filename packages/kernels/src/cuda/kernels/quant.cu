@@ -25,59 +25,106 @@ KERNEL void quant_rowgroups(const float* x, u8* q, float* scales, int R, int C, 
 }
 
 // 1x128 tiles, one warp per tile (lane: 4 adjacent columns): no block-wide barriers, vector loads
-// and stores when the row length allows. Same amax, scale and codes as quant_rowgroups.
+// and stores when the row length allows. Same amax, scale and codes as quant_rowgroups. Each warp
+// takes TILES_PER_WARP consecutive tiles and issues all their loads first (one load per lane in
+// flight left the kernel latency-bound).
+#define TILES_PER_WARP 4
 KERNEL void quant_tile128(const float* x, u8* q, float* scales, int R, int C, int fmt, int mode, float eps) {
-  const i64 w = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  const int ng = cdiv(C, 128);
-  if (w >= (i64)R * ng) return;
-  const int r = (int)(w / ng), g = (int)(w % ng), lane = threadIdx.x & 31;
-  const int c = g * 128 + lane * 4;
-  const float* xr = x + (i64)r * C;
-  const bool vec = (C & 3) == 0 && c + 4 <= C;
-  float v[4];
-  if (vec) {
-    const float4 t = *(const float4*)(xr + c);
-    v[0] = t.x, v[1] = t.y, v[2] = t.z, v[3] = t.w;
-  } else {
+  // Tile counts fit in 32 bits (R * ceil(C / 128) < 2^31 for any tensor the allocator can hold at
+  // 4 bytes per value), and 32-bit division is a few instructions where 64-bit is a long sequence.
+  const int w0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * TILES_PER_WARP;
+  const int ng = cdiv(C, 128), lane = threadIdx.x & 31;
+  const int total = R * ng;
+  const bool vec = (C & 3) == 0;
+  float v[TILES_PER_WARP][4];
 #pragma unroll
-    for (int j = 0; j < 4; j++) v[j] = c + j < C ? xr[c + j] : 0.0f;
+  for (int k = 0; k < TILES_PER_WARP; k++) {
+    const int w = w0 + k;
+    const int r = w / ng, c = (w % ng) * 128 + lane * 4;
+    const float* xr = x + (i64)r * C;
+    if (w < total && vec && c + 4 <= C) {
+      const float4 t = *(const float4*)(xr + c);
+      v[k][0] = t.x, v[k][1] = t.y, v[k][2] = t.z, v[k][3] = t.w;
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; j++) v[k][j] = w < total && c + j < C ? xr[c + j] : 0.0f;
+    }
   }
-  float a = 0.0f;
 #pragma unroll
-  for (int j = 0; j < 4; j++) a = fmaxf(a, abs_for_amax(v[j]));
-  a = warp_max(a);
-  const QScale s = qscale(a, eps, fmt, mode);
-  u8 b[4];
+  for (int k = 0; k < TILES_PER_WARP; k++) {
+    const int w = w0 + k;
+    if (w >= total) break;
+    const int r = w / ng, g = w % ng, c = g * 128 + lane * 4;
+    float a = 0.0f;
 #pragma unroll
-  for (int j = 0; j < 4; j++) b[j] = quant_value(v[j], s, fmt, mode);
-  u8* qr = q + (i64)r * C;
-  if (vec) {
-    *(u32*)(qr + c) = (u32)b[0] | ((u32)b[1] << 8) | ((u32)b[2] << 16) | ((u32)b[3] << 24);
-  } else {
+    for (int j = 0; j < 4; j++) a = fmaxf(a, abs_for_amax(v[k][j]));
+    a = warp_max(a);
+    const QScale s = qscale(a, eps, fmt, mode);
+    u8 b[4];
 #pragma unroll
-    for (int j = 0; j < 4; j++)
-      if (c + j < C) qr[c + j] = b[j];
+    for (int j = 0; j < 4; j++) b[j] = quant_value(v[k][j], s, fmt, mode);
+    u8* qr = q + (i64)r * C;
+    if (vec && c + 4 <= C) {
+      *(u32*)(qr + c) = (u32)b[0] | ((u32)b[1] << 8) | ((u32)b[2] << 16) | ((u32)b[3] << 24);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; j++)
+        if (c + j < C) qr[c + j] = b[j];
+    }
+    if (lane == 0) scales[(i64)r * ng + g] = s.scale;
   }
-  if (lane == 0) scales[(i64)r * ng + g] = s.scale;
 }
 
-// 128x128 blocks of `batch` matrices of rows x cols. Block (cb, rb, b).
-KERNEL void quant_block(const float* x, u8* q, float* scales, int rows, int cols, int fmt, int mode, float eps) {
+// 128x128 blocks of `batch` matrices of rows x cols. Block (cb, rb, b) of 256 threads: the whole
+// block is held in registers (16 four-wide loads per thread, all issued before the amax), so the
+// values are read from memory once.
+KERNEL void __launch_bounds__(256) quant_block(const float* x, u8* q, float* scales, int rows, int cols, int fmt,
+                                               int mode, float eps) {
   const int cb = blockIdx.x, rb = blockIdx.y, b = blockIdx.z;
   const int ncb = cdiv(cols, 128), nrb = cdiv(rows, 128);
   const int r0 = rb * 128, c0 = cb * 128;
   const int h = min(128, rows - r0), w = min(128, cols - c0);
   const i64 base = (i64)b * rows * cols;
+  const bool vec = (cols & 3) == 0;
+  float4 v[16];
   float a = 0.0f;
-  for (int i = threadIdx.x; i < h * w; i += blockDim.x) {
-    const int r = r0 + i / w, c = c0 + i % w;
-    a = fmaxf(a, abs_for_amax(x[base + (i64)r * cols + c]));
+#pragma unroll
+  for (int j = 0; j < 16; j++) {
+    const int i = threadIdx.x + j * 256, r = i >> 5, c = (i & 31) * 4;
+    const float* p = x + base + (i64)(r0 + r) * cols + c0 + c;
+    v[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (r < h) {
+      if (vec && c < w) {
+        v[j] = *(const float4*)p;
+      } else {
+        if (c < w) v[j].x = p[0];
+        if (c + 1 < w) v[j].y = p[1];
+        if (c + 2 < w) v[j].z = p[2];
+        if (c + 3 < w) v[j].w = p[3];
+      }
+    }
   }
+#pragma unroll
+  for (int j = 0; j < 16; j++)
+    a = fmaxf(fmaxf(a, fmaxf(abs_for_amax(v[j].x), abs_for_amax(v[j].y))),
+              fmaxf(abs_for_amax(v[j].z), abs_for_amax(v[j].w)));
   a = block_max(a);
   const QScale s = qscale(a, eps, fmt, mode);
-  for (int i = threadIdx.x; i < h * w; i += blockDim.x) {
-    const i64 j = base + (i64)(r0 + i / w) * cols + (c0 + i % w);
-    q[j] = quant_value(x[j], s, fmt, mode);
+#pragma unroll
+  for (int j = 0; j < 16; j++) {
+    const int i = threadIdx.x + j * 256, r = i >> 5, c = (i & 31) * 4;
+    if (r >= h || c >= w) continue;
+    const u8 b0 = quant_value(v[j].x, s, fmt, mode), b1 = quant_value(v[j].y, s, fmt, mode);
+    const u8 b2 = quant_value(v[j].z, s, fmt, mode), b3 = quant_value(v[j].w, s, fmt, mode);
+    u8* qp = q + base + (i64)(r0 + r) * cols + c0 + c;
+    if (vec) {
+      *(u32*)qp = (u32)b0 | ((u32)b1 << 8) | ((u32)b2 << 16) | ((u32)b3 << 24);
+    } else {
+      qp[0] = b0;
+      if (c + 1 < w) qp[1] = b1;
+      if (c + 2 < w) qp[2] = b2;
+      if (c + 3 < w) qp[3] = b3;
+    }
   }
   if (threadIdx.x == 0) scales[(i64)b * nrb * ncb + rb * ncb + cb] = s.scale;
 }
@@ -97,12 +144,45 @@ __device__ __forceinline__ void piece_of(const int* seg, int p, int rows, int co
   }
 }
 
+// Where column tiles read their values: an f32 matrix, or the FP8 codes and scales of a 2-D
+// quantised matrix (requantisation: the value is decode(code) * scale, as dequant_rows computes it,
+// so the result is bit-identical to quantising the dequantised matrix, without writing it).
+// at4 reads columns c..c+3 of row r with one load (cols % 4 == 0; the caller checks).
+struct F32Values {
+  const float* x;
+  __device__ __forceinline__ float at(int r, int c, int cols) const { return x[(i64)r * cols + c]; }
+  __device__ __forceinline__ float4 at4(int r, int c, int cols) const { return *(const float4*)(x + (i64)r * cols + c); }
+};
+struct Fp8Values {
+  const u8* q;
+  const float* scales;
+  int group, rows, fmt;
+  __device__ __forceinline__ float value(u8 code, int r, int c, int cols) const {
+    return __fmul_rn(decode_fp8(code, fmt), scales[scale_index(group, r, c, rows, cols)]);
+  }
+  __device__ __forceinline__ float at(int r, int c, int cols) const { return value(q[(i64)r * cols + c], r, c, cols); }
+  __device__ __forceinline__ float4 at4(int r, int c, int cols) const {
+    const u32 w = *(const u32*)(q + (i64)r * cols + c);
+    return make_float4(value(w & 0xff, r, c, cols), value((w >> 8) & 0xff, r, c + 1, cols),
+                       value((w >> 16) & 0xff, r, c + 2, cols), value(w >> 24, r, c + 3, cols));
+  }
+};
+
 // 128x1 column tiles, restarted at each piece (matrix, or expert segment when seg is given).
-// Thread = one column of one 128-row group. Grid (ceil(cols/blockDim), groups, pieces) without
-// segments; with segments grid.y enumerates the row groups of all segments in order (at most
-// ceil(rows/128) + #segments of them) and grid.z is 1.
-KERNEL void quant_coltile(const float* x, u8* q, float* scales, const int* seg, int nseg, int rows, int cols, int fmt, int mode, float eps) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+// A block of 256 threads quantises one 128-row group of 64 columns: the block's loads are all
+// issued before any is used (8 four-wide loads per thread, staged in shared memory), each column's
+// amax is reduced by four threads, then each thread encodes four adjacent codes per row and
+// stores them as one word. (A thread per column walking down 128 rows kept too few loads in
+// flight: the kernel was latency-bound at a fraction of the memory bandwidth.)
+// Grid (ceil(cols/64), groups, pieces) without segments; with segments grid.y enumerates the row
+// groups of all segments in order (at most ceil(rows/128) + #segments of them) and grid.z is 1.
+#define CT_COLS 64
+template <class Values>
+__device__ __forceinline__ void coltile(Values x, u8* q, float* scales, const int* seg, int nseg, int rows, int cols,
+                                        int fmt, int mode, float eps) {
+  __shared__ float v[128][CT_COLS + 1];
+  __shared__ float part[4][CT_COLS];
+  __shared__ QScale sc[CT_COLS];
   int rb = blockIdx.y, p = blockIdx.z;
   if (seg) {
     for (p = 0; p < nseg; p++) {
@@ -115,17 +195,76 @@ KERNEL void quant_coltile(const float* x, u8* q, float* scales, const int* seg, 
   int r0, n;
   i64 soff;
   piece_of(seg, p, rows, cols, &r0, &n, &soff);
-  if (c >= cols || rb * 128 >= n) return;
-  const int a0 = r0 + rb * 128;
-  const int a1 = r0 + min(n, rb * 128 + 128);
-  // Unrolled so that many of the column's loads are in flight at once (the loop is latency-bound).
-  float a = 0.0f;
-#pragma unroll 16
-  for (int r = a0; r < a1; r++) a = fmaxf(a, abs_for_amax(x[(i64)r * cols + c]));
-  const QScale s = qscale(a, eps, fmt, mode);
-#pragma unroll 16
-  for (int r = a0; r < a1; r++) q[(i64)r * cols + c] = quant_value(x[(i64)r * cols + c], s, fmt, mode);
-  scales[soff + (i64)rb * cols + c] = s.scale;
+  if (rb * 128 >= n) return;
+  const int a0 = r0 + rb * 128, h = min(128, n - rb * 128);
+  const int c0 = blockIdx.x * CT_COLS, tid = threadIdx.x;
+  const bool vec = (cols & 3) == 0;
+  // Stage the 128 x 64 tile (zeros outside the matrix: they never raise an amax).
+  float4 t[8];
+#pragma unroll
+  for (int j = 0; j < 8; j++) {
+    const int i = tid + j * 256, r = i >> 4, c = c0 + (i & 15) * 4;
+    t[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (r < h) {
+      if (vec && c < cols) {
+        t[j] = x.at4(a0 + r, c, cols);
+      } else {
+        if (c < cols) t[j].x = x.at(a0 + r, c, cols);
+        if (c + 1 < cols) t[j].y = x.at(a0 + r, c + 1, cols);
+        if (c + 2 < cols) t[j].z = x.at(a0 + r, c + 2, cols);
+        if (c + 3 < cols) t[j].w = x.at(a0 + r, c + 3, cols);
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < 8; j++) {
+    const int i = tid + j * 256, r = i >> 4, c = (i & 15) * 4;
+    v[r][c] = t[j].x, v[r][c + 1] = t[j].y, v[r][c + 2] = t[j].z, v[r][c + 3] = t[j].w;
+  }
+  __syncthreads();
+  {
+    const int c = tid & (CT_COLS - 1), quarter = tid >> 6;
+    float a = 0.0f;
+#pragma unroll 8
+    for (int r = quarter * 32; r < quarter * 32 + 32; r++) a = fmaxf(a, abs_for_amax(v[r][c]));
+    part[quarter][c] = a;
+  }
+  __syncthreads();
+  if (tid < CT_COLS) {
+    const float a = fmaxf(fmaxf(part[0][tid], part[1][tid]), fmaxf(part[2][tid], part[3][tid]));
+    sc[tid] = qscale(a, eps, fmt, mode);
+    if (c0 + tid < cols) scales[soff + (i64)rb * cols + c0 + tid] = sc[tid].scale;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < 8; j++) {
+    const int i = tid + j * 256, r = i >> 4, c = (i & 15) * 4;
+    if (r >= h || c0 + c >= cols) continue;
+    u8 b[4];
+#pragma unroll
+    for (int e = 0; e < 4; e++) b[e] = quant_value(v[r][c + e], sc[c + e], fmt, mode);
+    u8* qr = q + (i64)(a0 + r) * cols + c0 + c;
+    if (vec) {
+      *(u32*)qr = (u32)b[0] | ((u32)b[1] << 8) | ((u32)b[2] << 16) | ((u32)b[3] << 24);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 4; e++)
+        if (c0 + c + e < cols) qr[e] = b[e];
+    }
+  }
+}
+
+KERNEL void __launch_bounds__(256) quant_coltile(const float* x, u8* q, float* scales, const int* seg, int nseg,
+                                                 int rows, int cols, int fmt, int mode, float eps) {
+  coltile(F32Values{x}, q, scales, seg, nseg, rows, cols, fmt, mode, eps);
+}
+
+// Column tiles of a 2-D FP8 matrix (codes xq, scales xs in group xgroup, format xfmt): the
+// backward's Wgrad operand made from the forward's 1x128 FP8 cache in one pass.
+KERNEL void __launch_bounds__(256) requant_coltile(const u8* xq, const float* xs, int xgroup, int xfmt, u8* q,
+                                                   float* scales, const int* seg, int nseg, int rows, int cols,
+                                                   int fmt, int mode, float eps) {
+  coltile(Fp8Values{xq, xs, xgroup, rows, xfmt}, q, scales, seg, nseg, rows, cols, fmt, mode, eps);
 }
 
 // Tensor-wise, stage 1: amax of each of `batch` matrices of n elements, as f32 bits (max of

@@ -122,8 +122,8 @@ function checkFp8Operand(t: Tensor, what: string, kAlongCols: boolean): void {
   }
 }
 
-/** Dynamic shared memory of gemm16.cu's kernels: 3 stages x 2 operands x 128 x 40 BF16. */
-const GEMM16_SMEM = 3 * 2 * 128 * 40 * 2;
+/** Dynamic shared memory of gemm16.cu's kernels: 3 stages x 2 operands x 128 x 72 BF16. */
+const GEMM16_SMEM = 3 * 2 * 128 * 72 * 2;
 
 /** Head shapes (dqk_dv) with tensor-core attention kernels in flash.cu (FLASH_SHAPE lines). */
 const FLASH_SHAPES = new Set(["32_32", "48_32", "64_64", "96_64", "128_128"]);

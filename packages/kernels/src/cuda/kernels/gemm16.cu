@@ -3,7 +3,7 @@
 // optional BF16 rounding of the result and accumulation into C), restructured for throughput:
 // - the operands are BF16 copies the host makes once per call (half the bytes of f32, and 16-byte
 //   cp.async copies straight into shared memory with no conversion on the way);
-// - 128 x 128 tiles of C per block of 8 warps (each warp 64 x 32), 32-deep k steps in a
+// - 128 x 128 tiles of C per block of 8 warps (each warp 64 x 32), 64-deep k steps in a
 //   three-stage cp.async pipeline (two steps in flight while the tensor cores work on a third);
 // - fragments come from ldmatrix: plain for K-contiguous operands, .trans for operands stored
 //   [K, rows] (Wgrad: tokens are K; Dgrad: the weight is [K, N]), so no layout needs a copy.
@@ -16,23 +16,24 @@
 
 #define G16_BM 128
 #define G16_BN 128
-#define G16_BK 32
+#define G16_BK 64
 #define G16_STAGES 3
-#define G16_LDK 40   // u16 per row of a K-contiguous tile: 32 k + 8 (ldmatrix rows hit distinct banks)
+#define G16_LDK 72   // u16 per row of a K-contiguous tile: 64 k + 8 (ldmatrix rows hit distinct banks)
 #define G16_LDR 136  // u16 per k-row of a [K, rows] tile: 128 rows + 8
 
 // Shared u16 per stage and operand (the larger of the two layouts).
 #define G16_TILE (G16_BM * G16_LDK > G16_BK * G16_LDR ? G16_BM * G16_LDK : G16_BK * G16_LDR)
 
-// Starts the copy of one operand's 32-deep slice: rows r0.. (of `rows`), k0.. (of K). KC: stored
-// [rows, K] with row stride ld; otherwise stored [K, rows] with row stride ld.
+// Starts the copy of one operand's 64-deep slice: rows r0.. (of `rows`), k0.. (of K). KC: stored
+// [rows, K] with row stride ld; otherwise stored [K, rows] with row stride ld. 1024 pieces of 16
+// bytes, 4 per thread.
 template <int KC>
 __device__ __forceinline__ void g16_load(u16* s, const u16* g, i64 ld, int rows, int K, int r0, int k0) {
 #pragma unroll
-  for (int j = 0; j < 2; j++) {
+  for (int j = 0; j < 4; j++) {
     const int i = threadIdx.x + j * 256;
     if (KC) {
-      const int r = i >> 2, k = (i & 3) * 8;
+      const int r = i >> 3, k = (i & 7) * 8;
       const bool in = r0 + r < rows && k0 + k < K;
       cp_async<16>(s + r * G16_LDK + k, in ? g + (i64)(r0 + r) * ld + k0 + k : g, in);
     } else {
@@ -160,7 +161,7 @@ __device__ __forceinline__ void g16_dispatch(const u16* A, const u16* B, float* 
 }
 
 #define GEMM16(AK, BK)                                                                                   \
-  KERNEL void __launch_bounds__(256) gemm_bf16_tc_##AK##BK(                                              \
+  KERNEL void __launch_bounds__(256, 2) gemm_bf16_tc_##AK##BK(                                            \
       const u16* A, const u16* B, float* C, int M, int N, int K, int mode, const int* off, int E, int bRows, \
       int bCols, int accumulate, int outBf16) {                                                           \
     g16_dispatch<AK, BK>(A, B, C, M, N, K, mode, off, E, bRows, bCols, accumulate, outBf16);             \

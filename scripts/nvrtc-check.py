@@ -13,7 +13,9 @@ Usage: nvrtc-check.py [--arch sm_90a] [--lib PATH] [--ptxas-verbose (registers a
 """
 import argparse
 import ctypes
+import concurrent.futures
 import glob
+import time
 import os
 import sys
 
@@ -54,6 +56,38 @@ def options(arch):
     return [f"--gpu-architecture={arch}"] + [l for l in lines if l and not l.startswith("#")]
 
 
+def compile_one(job):
+    """Compiles one module; returns (ok, the lines to print)."""
+    path, common, opts, arch, libpath = job
+    lib, _ = find_nvrtc(libpath)
+    lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+    name = os.path.splitext(os.path.basename(path))[0]
+    with open(path) as f:
+        src = f'{common}\n#line 1 "{name}.cu"\n{f.read()}'
+    t0 = time.monotonic()
+    prog = ctypes.c_void_p()
+    r = lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), f"{name}.cu".encode(), 0, None, None)
+    if r != 0:
+        return False, f"FAIL {name}.cu: nvrtcCreateProgram: {lib.nvrtcGetErrorString(r).decode()}"
+    copts = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
+    r = lib.nvrtcCompileProgram(prog, len(opts), copts)
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(max(size.value, 1))
+    lib.nvrtcGetProgramLog(prog, log)
+    text = log.value.decode(errors="replace").strip()
+    secs = time.monotonic() - t0
+    if r != 0:
+        out = (False, f"FAIL {name}.cu: {lib.nvrtcGetErrorString(r).decode()}\n{text}")
+    else:
+        cubin = ctypes.c_size_t()
+        lib.nvrtcGetCUBINSize(prog, ctypes.byref(cubin))
+        warn = f" (warnings:\n{text})" if text else ""
+        out = (True, f"ok   {name}.cu: {cubin.value} bytes of CUBIN for {arch} in {secs:.1f} s{warn}")
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="sm_90a")
@@ -76,32 +110,14 @@ def main():
     if not sources:
         print("nvrtc-check: no kernel sources found")
         return 1
+    # One process per module (NVRTC compiles a program on one thread; the modules are independent).
+    jobs = [(path, common, opts, args.arch, args.lib) for path in sources]
+    with concurrent.futures.ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+        results = list(pool.map(compile_one, jobs))
     failed = 0
-    for path in sources:
-        name = os.path.splitext(os.path.basename(path))[0]
-        with open(path) as f:
-            src = f'{common}\n#line 1 "{name}.cu"\n{f.read()}'
-        prog = ctypes.c_void_p()
-        r = lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), f"{name}.cu".encode(), 0, None, None)
-        if r != 0:
-            print(f"FAIL {name}.cu: nvrtcCreateProgram: {lib.nvrtcGetErrorString(r).decode()}")
-            failed += 1
-            continue
-        r = lib.nvrtcCompileProgram(prog, len(opts), copts)
-        size = ctypes.c_size_t()
-        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-        log = ctypes.create_string_buffer(max(size.value, 1))
-        lib.nvrtcGetProgramLog(prog, log)
-        text = log.value.decode(errors="replace").strip()
-        if r != 0:
-            print(f"FAIL {name}.cu: {lib.nvrtcGetErrorString(r).decode()}\n{text}")
-            failed += 1
-        else:
-            cubin = ctypes.c_size_t()
-            lib.nvrtcGetCUBINSize(prog, ctypes.byref(cubin))
-            warn = f" (warnings:\n{text})" if text else ""
-            print(f"ok   {name}.cu: {cubin.value} bytes of CUBIN for {args.arch}{warn}")
-        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    for ok, text in results:
+        print(text)
+        failed += 0 if ok else 1
     print(f"nvrtc-check: {len(sources) - failed} of {len(sources)} kernel modules compiled")
     return 1 if failed else 0
 

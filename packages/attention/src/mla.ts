@@ -101,6 +101,11 @@ export class MLA {
     this.out = lin("o_proj", d, H * dv);
   }
 
+  /** Whether a saved forward holds the input `t` itself (see Linear.retains). */
+  retains(t: Tensor): boolean {
+    return [this.q, this.qA, this.kvA].some((l) => l?.retains(t));
+  }
+
   clearSaved(): void {
     this.saved.length = 0;
     for (const l of [this.q, this.qA, this.qB, this.kvA, this.kvB, this.out]) l?.clearSaved();

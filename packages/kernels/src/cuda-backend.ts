@@ -33,6 +33,7 @@ import {
   type QuantizeOptions,
   type RopeOptions,
   type RouterResult,
+  rowSpan,
   sameShape,
   scaleCount,
   Tensor,
@@ -359,6 +360,22 @@ export class CudaBackend extends HostLifetimes implements Backend {
     const out = this.make(t.shape, t.dtype);
     this.n.cudaDtod(this.buf(out), 0, this.buf(t), 0, t.size * BYTES_PER_ELEMENT[t.dtype]);
     return out;
+  }
+
+  override rows(t: Tensor, start: number, count: number): Tensor {
+    const w = rowSpan(t, start, count, "rows");
+    const out = this.make([count, ...t.shape.slice(1)], t.dtype);
+    const e = BYTES_PER_ELEMENT[t.dtype];
+    if (count > 0 && w > 0) this.n.cudaDtod(this.buf(out), 0, this.buf(t), start * w * e, count * w * e);
+    return out;
+  }
+
+  override setRows(dst: Tensor, start: number, src: Tensor): void {
+    const w = rowSpan(dst, start, src.shape[0] ?? 0, "setRows");
+    if (src.dtype !== dst.dtype || src.size !== (src.shape[0] ?? 0) * w)
+      throw new Error(`setRows: ${src} does not fit rows of ${dst}`);
+    const e = BYTES_PER_ELEMENT[dst.dtype];
+    if (src.size > 0) this.n.cudaDtod(this.buf(dst), start * w * e, this.buf(src), 0, src.size * e);
   }
 
   cast(t: Tensor, dtype: "f32" | "bf16"): Tensor {

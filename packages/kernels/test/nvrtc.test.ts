@@ -27,11 +27,15 @@ const available = probe.status === 0;
 const inCi = process.env.CI === "true";
 
 describe("CUDA kernel sources", () => {
-  it.skipIf(!available && !inCi)("compile with NVRTC for sm_90a", () => {
-    const r = run();
-    const out = `${r.stdout ?? ""}${r.stderr ?? ""}`;
-    expect(r.status, out).toBe(0);
-    expect(out).toMatch(/kernel modules compiled/);
-    expect(out).not.toMatch(/^FAIL/m);
-  });
+  it.skipIf(!available && !inCi)(
+    "compile with NVRTC for sm_90a",
+    () => {
+      const r = run();
+      const out = `${r.stdout ?? ""}${r.stderr ?? ""}`;
+      expect(r.status, out).toBe(0);
+      expect(out).toMatch(/kernel modules compiled/);
+      expect(out).not.toMatch(/^FAIL/m);
+    },
+    300_000,
+  );
 });

@@ -15,6 +15,13 @@ import {
 } from "@moe8/tensor";
 import type { ModelConfig } from "./config.ts";
 
+/**
+ * Rows of logits computed at once by the loss: only one chunk's [rows, vocab] logits and their
+ * gradient exist at a time (for small, 16,384 x 32,768 f32 would be 2 GiB each). A batch of at most
+ * this many tokens (tiny's 2,048) is one chunk, the plain unchunked computation.
+ */
+export const LOSS_CHUNK_ROWS = 4096;
+
 export interface BatchShape {
   batch: number;
   seq: number;
@@ -114,6 +121,11 @@ export class DeepSeekModel {
 
   /** Logits [B*T, V] for token ids [B*T] (i32). Activations for backward are saved. */
   forward(ids: Tensor, shape: BatchShape): Tensor {
+    return this.head.forward(this.trunk(ids, shape));
+  }
+
+  /** The final normalised hidden states [B*T, d] (the head's input); saves what backward needs. */
+  private trunk(ids: Tensor, shape: BatchShape): Tensor {
     const b = this.b;
     const eps = this.cfg.rms_norm_eps;
     let h = b.embedding(this.embed.value, ids);
@@ -125,6 +137,7 @@ export class DeepSeekModel {
       // Branch outputs and inputs nothing saves are released as soon as they are consumed, not at
       // the end of the step (with FP8 activation caching, layers keep only the FP8 copies).
       const ao = blk.attn.forward(n1.y, shape);
+      if (!blk.attn.retains(n1.y)) n1.y.dispose(); // the projections keep FP8 copies only
       const mid = b.add(h, ao);
       ao.dispose();
       s.mids.push(mid);
@@ -140,17 +153,62 @@ export class DeepSeekModel {
     s.hFinal = h;
     s.rstdF = nf.rstd;
     this.saved = s;
-    return this.head.forward(nf.y);
+    return nf.y;
   }
 
   /** Backpropagates d(logits) (and releases it), accumulating every parameter's gradient. */
   backward(dlogits: Tensor): void {
+    const dn = this.head.backward(dlogits);
+    dlogits.dispose();
+    this.backwardTrunk(dn);
+  }
+
+  /**
+   * Mean cross-entropy of head(y) against targets, `LOSS_CHUNK_ROWS` rows of logits at a time, and
+   * (withGrad) d(loss)/dy with the head's weight gradient accumulated. Only one chunk's logits and
+   * their gradient exist at once: for small (16,384 x 32,768 f32) the whole would be 2 GiB each.
+   */
+  private headLoss(y: Tensor, targets: Tensor, withGrad: boolean): { loss: Tensor; dy: Tensor | null } {
+    const b = this.b;
+    const N = y.rows;
+    // One chunk: its mean cross-entropy, and (withGrad) d(mean over all N rows)/d(rows) of y.
+    const chunk = (yc: Tensor, tc: Tensor) => {
+      const logits = this.head.forward(yc);
+      if (!withGrad) this.head.clearSaved();
+      const ce = b.crossEntropy(logits, tc, yc.rows / N);
+      logits.dispose();
+      const dyc = withGrad ? this.head.backward(ce.dlogits) : null;
+      ce.dlogits.dispose();
+      return { loss: ce.loss, dyc };
+    };
+    if (N <= LOSS_CHUNK_ROWS) {
+      const r = chunk(y, targets);
+      return { loss: r.loss, dy: r.dyc };
+    }
+    const dy = withGrad ? b.zeros(y.shape) : null;
+    let loss: Tensor | null = null;
+    for (let r0 = 0; r0 < N; r0 += LOSS_CHUNK_ROWS) {
+      const n = Math.min(LOSS_CHUNK_ROWS, N - r0);
+      // Each chunk's temporaries (logits, their gradient, the head's copies) go with its arena;
+      // its share of the loss, the chunk's mean times n / N, leaves it.
+      const kept = b.scope(() => {
+        const r = chunk(b.rows(y, r0, n), b.rows(targets, r0, n));
+        if (r.dyc) b.setRows(dy!, r0, r.dyc);
+        return b.keep(b.scale(r.loss, n / N));
+      });
+      const share = b.copy(kept); // in the caller's arena, like every other result
+      b.release(kept);
+      loss = loss ? b.add(loss, share) : share;
+    }
+    return { loss: loss!, dy };
+  }
+
+  /** Backpropagates d(final normalised hidden states) (and releases it) through the blocks. */
+  private backwardTrunk(dn: Tensor): void {
     const b = this.b;
     const s = this.saved;
     if (!s) throw new Error("model: backward without forward");
     this.saved = null;
-    const dn = this.head.backward(dlogits);
-    dlogits.dispose();
     const fin = b.rmsnormBackward(dn, s.hFinal, this.norm.value, s.rstdF);
     dn.dispose();
     b.addInto(this.norm.grad, fin.dw);
@@ -179,20 +237,20 @@ export class DeepSeekModel {
    * gradients. Returns the cross-entropy and the total loss as one-element tensors (not read).
    */
   lossAndGrad(ids: Tensor, targets: Tensor, shape: BatchShape): { ce: Tensor; total: Tensor } {
-    const logits = this.forward(ids, shape);
-    const { loss, dlogits } = this.b.crossEntropy(logits, targets, 1);
-    logits.dispose(); // [B*T, vocab]: the largest activation, not needed by backward (dlogits is)
+    const y = this.trunk(ids, shape);
+    const { loss, dy } = this.headLoss(y, targets, true);
+    y.dispose();
     let total = loss;
     for (const m of this.moeLayers) if (m.lastBalanceLoss) total = this.b.add(total, m.lastBalanceLoss);
-    this.backward(dlogits);
+    this.backwardTrunk(dy!);
     return { ce: loss, total };
   }
 
   /** Mean cross-entropy (and with the balance losses, the total) without keeping anything for backward. */
   evalLoss(ids: Tensor, targets: Tensor, shape: BatchShape): { ce: Tensor; total: Tensor } {
-    const logits = this.forward(ids, shape);
+    const y = this.trunk(ids, shape);
     this.clearSaved();
-    const ce = this.b.crossEntropy(logits, targets, 1).loss;
+    const ce = this.headLoss(y, targets, false).loss;
     let total = ce;
     for (const m of this.moeLayers) if (m.lastBalanceLoss) total = this.b.add(total, m.lastBalanceLoss);
     return { ce, total };

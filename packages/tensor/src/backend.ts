@@ -133,6 +133,10 @@ export interface Backend {
   cast(t: Tensor, dtype: "f32" | "bf16"): Tensor;
   /** A tensor with the same storage seen with another shape of equal size. Not separately owned. */
   reshape(t: Tensor, shape: readonly number[]): Tensor;
+  /** A copy of rows [start, start + count) along the first dimension (not of a quantised tensor). */
+  rows(t: Tensor, start: number, count: number): Tensor;
+  /** dst rows [start, start + src rows) = src, in place (same dtype and row size). */
+  setRows(dst: Tensor, start: number, src: Tensor): void;
   sum(t: Tensor): Tensor;
 
   // FP8 quantisation (fused amax + scale + encode).

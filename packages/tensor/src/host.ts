@@ -59,6 +59,22 @@ export abstract class HostLifetimes {
     return this.alloc(shape, dtype);
   }
 
+  rows(t: Tensor, start: number, count: number): Tensor {
+    const w = rowSpan(t, start, count, "rows");
+    return this.wrap(
+      host(t).slice(start * w, (start + count) * w) as HostArray,
+      [count, ...t.shape.slice(1)],
+      t.dtype,
+    );
+  }
+
+  setRows(dst: Tensor, start: number, src: Tensor): void {
+    const w = rowSpan(dst, start, src.shape[0] ?? 0, "setRows");
+    if (src.dtype !== dst.dtype || src.size !== (src.shape[0] ?? 0) * w)
+      throw new Error(`setRows: ${src} does not fit rows of ${dst}`);
+    host(dst).set(host(src) as never, start * w);
+  }
+
   async read(t: Tensor): Promise<HostArray> {
     return (host(t) as HostArray).slice() as HostArray;
   }
@@ -137,6 +153,15 @@ export abstract class HostLifetimes {
 }
 
 /** The typed array behind a host tensor, checked for use after dispose. */
+/** Elements per row (first dimension) of t, after checking rows [start, start + count) exist. */
+export function rowSpan(t: Tensor, start: number, count: number, op: string): number {
+  const n = t.shape[0] ?? 0;
+  if (t.quant) throw new Error(`${op}: ${t} is quantised (its scales would not follow the rows)`);
+  if (!(Number.isInteger(start) && Number.isInteger(count) && start >= 0 && count >= 0 && start + count <= n))
+    throw new Error(`${op}: rows [${start}, ${start + count}) outside ${t}`);
+  return n === 0 ? 0 : t.size / n;
+}
+
 export function host(t: Tensor): HostArray {
   if (t.disposed || t.storage == null) throw new Error(`use of a disposed tensor ${t}`);
   return t.storage as HostArray;

@@ -102,6 +102,20 @@ export function opSuite(name: string, make: () => Backend): void {
       }, 1e-6);
     });
 
+    it("rows copies a row range and setRows writes one back (f32 and i32)", async () => {
+      const x = rng.normals(7 * 5);
+      const ids = Int32Array.from({ length: 9 }, (_, i) => i * 3 - 4);
+      await same((b) => {
+        const t = b.upload(x, [7, 5]);
+        const mid = b.rows(t, 2, 3);
+        const dst = b.zeros([7, 5]);
+        b.setRows(dst, 4, mid);
+        b.setRows(dst, 0, b.rows(t, 6, 1));
+        const i = b.upload(ids, [9], "i32");
+        return { mid, dst, tail: b.rows(i, 5, 4), none: b.rows(t, 7, 0) };
+      }, "exact");
+    });
+
     it("quantize is bit-exact in every group layout, format and scale option", async () => {
       for (const [rows, cols] of [
         [1, 1],

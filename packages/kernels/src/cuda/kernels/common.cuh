@@ -191,14 +191,9 @@ __device__ __forceinline__ QScale qscale(float amax, float eps, int fmt, int mod
   return s;
 }
 
-// x / factor for power-of-two scales, out of line: the IEEE division is a long instruction sequence
-// that, inlined into every unrolled copy of the quantise loops, multiplied NVRTC's compile time of
-// quant.cu; the mode is rarely used and one call per value costs little there.
-__device__ __noinline__ float div_rn(float x, float d) { return __fdiv_rn(x, d); }
-
 __device__ __forceinline__ u8 quant_value(float x, QScale s, int fmt, int mode) {
   if (mode == 2) return encode_fp8(x, fmt);
-  if (mode == 1) return encode_fp8(div_rn(x, s.factor), fmt);
+  if (mode == 1) return encode_fp8(__fdiv_rn(x, s.factor), fmt);
   return encode_fp8(__fmul_rn(x, s.factor), fmt);
 }
 

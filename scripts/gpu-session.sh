@@ -92,7 +92,8 @@ if want bench; then
   ref=$(ls .gpu-bundle/torch_ref_moe.py 2>/dev/null || find / -xdev -name torch_ref_moe.py 2>/dev/null | head -1)
   echo "PyTorch reference: ${ref:-not found}"
   if [ -n "$ref" ]; then
-    (timeout 150 python3 "$ref" small --steps 10; timeout 300 python3 "$ref" small --compile --steps 10) 2>&1 | tail -4 | tee "$OUT/torch.txt"
+    # Eager and torch.compile, one JSON line each (the two baselines, in the same call).
+    (timeout 150 python3 "$ref" small --steps 10; timeout 300 python3 "$ref" small --compile --steps 10) 2>&1 | grep '^{' | tee "$OUT/torch.txt"
   fi
 fi
 exit $rc

@@ -952,21 +952,7 @@ export class CudaBackend extends HostLifetimes implements Backend {
         `gemm_bf16_tc_${aKcols}${bKcols}`,
         gridFor(128),
         256,
-        (x) =>
-          x
-            .u64(ab.ptr)
-            .u64(bb.ptr)
-            .u64(this.p(out))
-            .i32(M)
-            .i32(N)
-            .i32(K)
-            .i32(mode)
-            .u64(off)
-            .i32(E)
-            .i32(bR)
-            .i32(bC)
-            .i32(o.accumulate ? 1 : 0)
-            .i32(o.outBf16 ? 1 : 0),
+        (x) => tail(x.u64(ab.ptr).u64(bb.ptr)),
         GEMM16_SMEM,
       );
       ab.free();

@@ -114,6 +114,29 @@ __device__ __forceinline__ void store_rows(float* g, i64 ld, int r, int T, const
   }
 }
 
+// The key/value pipeline of the forward and dq kernels (two stages): kv_first starts loading key
+// tile 0; kv_next waits for tile `it` (stage it & 1) and starts tile it + 1 into the other stage.
+template <int BK, int DQK, int DV>
+__device__ __forceinline__ void kv_first(u16 (*sK)[BK * (DQK + 8)], u16 (*sV)[BK * (DV + 8)], const u16* kb,
+                                         const u16* vb, i64 ldq, i64 ldv, int T) {
+  tile_async<BK, DQK, DQK + 8>(sK[0], kb, ldq, 0, T);
+  tile_async<BK, DV, DV + 8>(sV[0], vb, ldv, 0, T);
+  cp_commit();
+}
+template <int BK, int DQK, int DV>
+__device__ __forceinline__ void kv_next(u16 (*sK)[BK * (DQK + 8)], u16 (*sV)[BK * (DV + 8)], const u16* kb,
+                                        const u16* vb, i64 ldq, i64 ldv, int it, int tiles, int T) {
+  if (it + 1 < tiles) {
+    tile_async<BK, DQK, DQK + 8>(sK[(it & 1) ^ 1], kb, ldq, (it + 1) * BK, T);
+    tile_async<BK, DV, DV + 8>(sV[(it & 1) ^ 1], vb, ldv, (it + 1) * BK, T);
+    cp_commit();
+    cp_wait<1>();
+  } else {
+    cp_wait<0>();
+  }
+  __syncthreads();
+}
+
 // Key (or query) tile rows per pipeline stage: 64, or 32 when two stages of 64 would not fit the
 // 48 KB of static shared memory (head sizes 128/128).
 template <int DQK, int DV>
@@ -135,9 +158,7 @@ __device__ __forceinline__ void flash_fwd(const u16* q, const u16* k, const u16*
   const u16* kb = k + (i64)b * T * ldq + h * DQK;
   const u16* vb = v + (i64)b * T * ldv + h * DV;
   const int kend = min(q0 + FROWS, T), tiles = (kend + BK - 1) / BK;
-  tile_async<BK, DQK, LK>(sK[0], kb, ldq, 0, T);
-  tile_async<BK, DV, LV>(sV[0], vb, ldv, 0, T);
-  cp_commit();
+  kv_first<BK, DQK, DV>(sK, sV, kb, vb, ldq, ldv, T);
   u32 qa[DQK / 16][4];
   frags_global<DQK>(qa, q + (i64)b * T * ldq + h * DQK, ldq, r, T);
   // Online softmax: running row max m (base 2, scaled) and per-thread partial sums l of
@@ -147,15 +168,7 @@ __device__ __forceinline__ void flash_fwd(const u16* q, const u16* k, const u16*
   zero<DV / 8>(acc);
   for (int it = 0; it < tiles; it++) {
     const int cur = it & 1, k0 = it * BK;
-    if (it + 1 < tiles) {
-      tile_async<BK, DQK, LK>(sK[cur ^ 1], kb, ldq, k0 + BK, T);
-      tile_async<BK, DV, LV>(sV[cur ^ 1], vb, ldv, k0 + BK, T);
-      cp_commit();
-      cp_wait<1>();
-    } else {
-      cp_wait<0>();
-    }
-    __syncthreads();
+    kv_next<BK, DQK, DV>(sK, sV, kb, vb, ldq, ldv, it, tiles, T);
     zero<BK / 8>(s);
     mma_rows<DQK / 16, BK / 8, LK>(s, qa, sK[cur]);
 #pragma unroll
@@ -224,9 +237,7 @@ __device__ __forceinline__ void flash_bwd_dq(const u16* dO, const u16* q, const 
   const u16* kb = k + (i64)b * T * ldq + h * DQK;
   const u16* vb = v + (i64)b * T * ldv + h * DV;
   const int kend = min(q0 + FROWS, T), tiles = (kend + BK - 1) / BK;
-  tile_async<BK, DQK, LK>(sK[0], kb, ldq, 0, T);
-  tile_async<BK, DV, LV>(sV[0], vb, ldv, 0, T);
-  cp_commit();
+  kv_first<BK, DQK, DV>(sK, sV, kb, vb, ldq, ldv, T);
   u32 qa[DQK / 16][4], da[DV / 16][4];
   frags_global<DQK>(qa, q + (i64)b * T * ldq + h * DQK, ldq, r, T);
   frags_global<DV>(da, dO + (i64)b * T * ldv + h * DV, ldv, r, T);
@@ -241,15 +252,7 @@ __device__ __forceinline__ void flash_bwd_dq(const u16* dO, const u16* q, const 
   zero<DQK / 8>(acc);
   for (int it = 0; it < tiles; it++) {
     const int cur = it & 1, k0 = it * BK;
-    if (it + 1 < tiles) {
-      tile_async<BK, DQK, LK>(sK[cur ^ 1], kb, ldq, k0 + BK, T);
-      tile_async<BK, DV, LV>(sV[cur ^ 1], vb, ldv, k0 + BK, T);
-      cp_commit();
-      cp_wait<1>();
-    } else {
-      cp_wait<0>();
-    }
-    __syncthreads();
+    kv_next<BK, DQK, DV>(sK, sV, kb, vb, ldq, ldv, it, tiles, T);
     zero<BK / 8>(s);
     zero<BK / 8>(dp);
     mma_rows<DQK / 16, BK / 8, LK>(s, qa, sK[cur]);

@@ -59,8 +59,16 @@ export class SwiGluMlp {
     const memo = new QuantMemo(); // gate and up read the same x: one FP8 copy of it
     const g = this.gate.forward(x, offsets, memo);
     const u = this.up.forward(x, offsets, memo);
-    this.saved.push({ g, u });
     const h = this.b.swiglu(g, u);
+    if (this.gate.precision.outputs === "bf16" && this.up.precision.outputs === "bf16") {
+      // The projections round their outputs to BF16, so BF16 storage keeps g and u exactly for the
+      // backward in half the bytes (the routed experts' pair is 2 x [tokens*k, inter] per layer).
+      this.saved.push({ g: this.b.cast(g, "bf16"), u: this.b.cast(u, "bf16") });
+      g.dispose();
+      u.dispose();
+    } else {
+      this.saved.push({ g, u });
+    }
     const y = this.down.forward(h, offsets);
     if (!this.down.retains(h)) h.dispose(); // backward uses its FP8 copy only
     return y;
@@ -75,7 +83,11 @@ export class SwiGluMlp {
     const s = this.saved.pop();
     if (!s) throw new Error(`${this.prefix}: backward without forward`);
     const dh = this.down.backward(dy);
-    const { dg, du } = this.b.swigluBackward(dh, s.g, s.u);
+    const f32 = (t: Tensor) => (t.dtype === "f32" ? t : this.b.cast(t, "f32"));
+    const [g, u] = [f32(s.g), f32(s.u)];
+    const { dg, du } = this.b.swigluBackward(dh, g, u);
+    for (const t of [g, u, s.g, s.u]) t.dispose();
+    dh.dispose();
     const dx = this.gate.backward(dg);
     this.b.addInto(dx, this.up.backward(du));
     return dx;

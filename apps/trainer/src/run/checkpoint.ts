@@ -160,14 +160,22 @@ export function latestValidCheckpoint(
   return null;
 }
 
-/** Keeps the newest `keepLast` checkpoints and the one with the best validation loss. */
+/**
+ * Keeps the newest `keepLast` checkpoints and the one with the best validation loss. A checkpoint
+ * is renamed out of the listing before its files are deleted: deleting in place, a kill between two
+ * files left a `step-N` directory with some files gone, which readers then had to skip.
+ */
 export function pruneCheckpoints(runDir: string, keepLast: number, bestStep: number | null): void {
   const all = listCheckpoints(runDir);
-  all.slice(keepLast).forEach((c) => {
-    if (c.step !== bestStep) rmSync(c.dir, { recursive: true, force: true });
-  });
   const root = join(runDir, "checkpoints");
+  all.slice(keepLast).forEach((c) => {
+    if (c.step === bestStep) return;
+    const doomed = join(root, `.del-step-${c.step}-${process.pid}`);
+    renameSync(c.dir, doomed);
+    rmSync(doomed, { recursive: true, force: true });
+  });
+  // Leftovers of killed runs: unfinished writes and half-deleted checkpoints.
   for (const n of existsSync(root) ? readdirSync(root) : [])
-    if (n.startsWith(".tmp-step-") && !n.endsWith(`-${process.pid}`))
+    if ((n.startsWith(".tmp-step-") || n.startsWith(".del-step-")) && !n.endsWith(`-${process.pid}`))
       rmSync(join(root, n), { recursive: true, force: true });
 }

@@ -159,10 +159,12 @@ __device__ __forceinline__ void mma_fp8(float* c, const u32* a, u32 b0, u32 b1, 
   else mma_fp8_t<1, 1>(c, a, b0, b1);
 }
 
-// A warp's FP8 fragments from shared [row][k] tiles of LD bytes per row, k-step at column k: two
-// m16 tiles of A (rows wm..wm+31) and four n8 tiles of B (rows wn..wn+31).
+// A warp's MMA fragments from shared [row][k] tiles of LD bytes per row, k-step at byte column k:
+// two m16 tiles of A (rows wm..wm+31) and four n8 tiles of B (rows wn..wn+31). An FP8 m16n8k32
+// fragment and a BF16 m16n8k16 one have the same byte layout (4 bytes per register, the second
+// half 16 bytes on), so both the FP8 and the BF16 tiles load through this.
 template <int LD>
-__device__ __forceinline__ void fp8_frags(u32 (*af)[4], u32 (*bf)[2], const u8* sa, const u8* sb, int wm, int wn, int k) {
+__device__ __forceinline__ void mma_frags(u32 (*af)[4], u32 (*bf)[2], const u8* sa, const u8* sb, int wm, int wn, int k) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int i = 0; i < 2; i++) {
@@ -322,7 +324,7 @@ __device__ __forceinline__ void gemm_tile_bf16_mma(
     float* C, int M, int N, int K, int mTile, int nTile, int accumulate, int outBf16) {
   __shared__ __align__(16) u16 sa[BM * MMA_LD16];
   __shared__ __align__(16) u16 sb[BN * MMA_LD16];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int warp = threadIdx.x >> 5;
   const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
   const int m0 = mTile * BM, n0 = nTile * BN;
   float acc[2][4][4];
@@ -334,20 +336,7 @@ __device__ __forceinline__ void gemm_tile_bf16_mma(
 #pragma unroll
     for (int kk = 0; kk < 32; kk += 16) {
       u32 af[2][4], bf[4][2];
-#pragma unroll
-      for (int i = 0; i < 2; i++) {
-        const u16* p = sa + (wm + i * 16 + g) * MMA_LD16 + kk + 2 * t;
-        af[i][0] = *(const u32*)p;
-        af[i][1] = *(const u32*)(p + 8 * MMA_LD16);
-        af[i][2] = *(const u32*)(p + 8);
-        af[i][3] = *(const u32*)(p + 8 * MMA_LD16 + 8);
-      }
-#pragma unroll
-      for (int j = 0; j < 4; j++) {
-        const u16* p = sb + (wn + j * 8 + g) * MMA_LD16 + kk + 2 * t;
-        bf[j][0] = *(const u32*)p;
-        bf[j][1] = *(const u32*)(p + 8);
-      }
+      mma_frags<MMA_LD16 * 2>(af, bf, (const u8*)sa, (const u8*)sb, wm, wn, kk * 2);
 #pragma unroll
       for (int i = 0; i < 2; i++)
 #pragma unroll
@@ -375,7 +364,7 @@ __device__ __forceinline__ void gemm_tile_mma(
     mma_load_tile(sb, B, bKcols, N, K, n0, k0);
     __syncthreads();
     u32 af[2][4], bf[4][2];
-    fp8_frags<MMA_LD>(af, bf, sa, sb, wm, wn, 0);
+    mma_frags<MMA_LD>(af, bf, sa, sb, wm, wn, 0);
 #pragma unroll
     for (int i = 0; i < 2; i++)
 #pragma unroll
@@ -480,7 +469,7 @@ __device__ __forceinline__ void gemm_tile_tn(const u8* A, const float* As, int g
 #pragma unroll
     for (int ks = 0; ks < 128; ks += 32) {
       u32 af[2][4], bf[4][2];
-      fp8_frags<TN_LD>(af, bf, sa[st], sb[st], wm, wn, ks);
+      mma_frags<TN_LD>(af, bf, sa[st], sb[st], wm, wn, ks);
 #pragma unroll
       for (int i = 0; i < 2; i++)
 #pragma unroll

@@ -144,23 +144,37 @@ struct FlashTile {
   static constexpr int ROWS = 2 * 64 * (DQK + 8 + DV + 8) * 2 > 48 * 1024 ? 32 : 64;
 };
 
+// The (batch, head) pair a block works on (blockIdx.y = b * H + h): the row strides of q/k and
+// v/o, the offsets of the pair's first row in them, and of its first row in lse and D.
+template <int DQK, int DV>
+struct FlashHead {
+  i64 ldq, ldv, qk, vo, rows;
+  __device__ __forceinline__ FlashHead(int T, int H) {
+    const int bh = blockIdx.y, b = bh / H, h = bh % H;
+    ldq = (i64)H * DQK;
+    ldv = (i64)H * DV;
+    qk = (i64)b * T * ldq + h * DQK;
+    vo = (i64)b * T * ldv + h * DV;
+    rows = (i64)bh * T;
+  }
+};
+
 template <int DQK, int DV>
 __device__ __forceinline__ void flash_fwd(const u16* q, const u16* k, const u16* v, float* o, float* lse,
                                           int T, int H, float scale) {
   constexpr int BK = FlashTile<DQK, DV>::ROWS, LK = DQK + 8, LV = DV + 8;
   __shared__ __align__(16) u16 sK[2][BK * LK];
   __shared__ __align__(16) u16 sV[2][BK * LV];
-  const int bh = blockIdx.y, b = bh / H, h = bh % H;
+  const FlashHead<DQK, DV> hd(T, H);
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int q0 = blockIdx.x * FROWS, r = q0 + (threadIdx.x >> 5) * 16 + g;
-  const i64 ldq = (i64)H * DQK, ldv = (i64)H * DV;
   const float scale2 = scale * LOG2E;
-  const u16* kb = k + (i64)b * T * ldq + h * DQK;
-  const u16* vb = v + (i64)b * T * ldv + h * DV;
+  const u16* kb = k + hd.qk;
+  const u16* vb = v + hd.vo;
   const int kend = min(q0 + FROWS, T), tiles = (kend + BK - 1) / BK;
-  kv_first<BK, DQK, DV>(sK, sV, kb, vb, ldq, ldv, T);
+  kv_first<BK, DQK, DV>(sK, sV, kb, vb, hd.ldq, hd.ldv, T);
   u32 qa[DQK / 16][4];
-  frags_global<DQK>(qa, q + (i64)b * T * ldq + h * DQK, ldq, r, T);
+  frags_global<DQK>(qa, q + hd.qk, hd.ldq, r, T);
   // Online softmax: running row max m (base 2, scaled) and per-thread partial sums l of
   // exp2(s - m) for rows r and r + 8; acc is rescaled whenever m grows.
   float m[2] = {-f32_inf(), -f32_inf()}, l[2] = {0.0f, 0.0f};
@@ -168,7 +182,7 @@ __device__ __forceinline__ void flash_fwd(const u16* q, const u16* k, const u16*
   zero<DV / 8>(acc);
   for (int it = 0; it < tiles; it++) {
     const int cur = it & 1, k0 = it * BK;
-    kv_next<BK, DQK, DV>(sK, sV, kb, vb, ldq, ldv, it, tiles, T);
+    kv_next<BK, DQK, DV>(sK, sV, kb, vb, hd.ldq, hd.ldv, it, tiles, T);
     zero<BK / 8>(s);
     mma_rows<DQK / 16, BK / 8, LK>(s, qa, sK[cur]);
 #pragma unroll
@@ -217,9 +231,9 @@ __device__ __forceinline__ void flash_fwd(const u16* q, const u16* k, const u16*
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     inv[hh] = 1.0f / sum;
-    if (t == 0 && r + 8 * hh < T) lse[(i64)bh * T + r + 8 * hh] = (m[hh] + log2f(sum)) * LN2;
+    if (t == 0 && r + 8 * hh < T) lse[hd.rows + r + 8 * hh] = (m[hh] + log2f(sum)) * LN2;
   }
-  store_rows<DV / 8>(o + (i64)b * T * ldv + h * DV, ldv, r, T, acc, inv);
+  store_rows<DV / 8>(o + hd.vo, hd.ldv, r, T, acc, inv);
 }
 
 // dq = scale * sum_keys bf16(P (dP - D)) k, per tile of 64 queries; key tiles of 32.
@@ -229,30 +243,29 @@ __device__ __forceinline__ void flash_bwd_dq(const u16* dO, const u16* q, const 
   constexpr int BK = 32, LK = DQK + 8, LV = DV + 8;
   __shared__ __align__(16) u16 sK[2][BK * LK];
   __shared__ __align__(16) u16 sV[2][BK * LV];
-  const int bh = blockIdx.y, b = bh / H, h = bh % H;
+  const FlashHead<DQK, DV> hd(T, H);
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int q0 = blockIdx.x * FROWS, r = q0 + (threadIdx.x >> 5) * 16 + g;
-  const i64 ldq = (i64)H * DQK, ldv = (i64)H * DV;
   const float scale2 = scale * LOG2E;
-  const u16* kb = k + (i64)b * T * ldq + h * DQK;
-  const u16* vb = v + (i64)b * T * ldv + h * DV;
+  const u16* kb = k + hd.qk;
+  const u16* vb = v + hd.vo;
   const int kend = min(q0 + FROWS, T), tiles = (kend + BK - 1) / BK;
-  kv_first<BK, DQK, DV>(sK, sV, kb, vb, ldq, ldv, T);
+  kv_first<BK, DQK, DV>(sK, sV, kb, vb, hd.ldq, hd.ldv, T);
   u32 qa[DQK / 16][4], da[DV / 16][4];
-  frags_global<DQK>(qa, q + (i64)b * T * ldq + h * DQK, ldq, r, T);
-  frags_global<DV>(da, dO + (i64)b * T * ldv + h * DV, ldv, r, T);
+  frags_global<DQK>(qa, q + hd.qk, hd.ldq, r, T);
+  frags_global<DV>(da, dO + hd.vo, hd.ldv, r, T);
   float L[2], Dr[2];
 #pragma unroll
   for (int hh = 0; hh < 2; hh++) {
     const bool in = r + 8 * hh < T;
-    L[hh] = in ? lse[(i64)bh * T + r + 8 * hh] * LOG2E : 0.0f;
-    Dr[hh] = in ? D[(i64)bh * T + r + 8 * hh] : 0.0f;
+    L[hh] = in ? lse[hd.rows + r + 8 * hh] * LOG2E : 0.0f;
+    Dr[hh] = in ? D[hd.rows + r + 8 * hh] : 0.0f;
   }
   float acc[DQK / 8][4], s[BK / 8][4], dp[BK / 8][4];
   zero<DQK / 8>(acc);
   for (int it = 0; it < tiles; it++) {
     const int cur = it & 1, k0 = it * BK;
-    kv_next<BK, DQK, DV>(sK, sV, kb, vb, ldq, ldv, it, tiles, T);
+    kv_next<BK, DQK, DV>(sK, sV, kb, vb, hd.ldq, hd.ldv, it, tiles, T);
     zero<BK / 8>(s);
     zero<BK / 8>(dp);
     mma_rows<DQK / 16, BK / 8, LK>(s, qa, sK[cur]);
@@ -274,7 +287,7 @@ __device__ __forceinline__ void flash_bwd_dq(const u16* dO, const u16* q, const 
     __syncthreads();
   }
   const float mul[2] = {scale, scale};
-  store_rows<DQK / 8>(dq + (i64)b * T * ldq + h * DQK, ldq, r, T, acc, mul);
+  store_rows<DQK / 8>(dq + hd.qk, hd.ldq, r, T, acc, mul);
 }
 
 // dk = scale * sum_queries bf16(P (dP - D))^T q and dv = sum_queries bf16(P)^T dO, per tile of 64
@@ -287,20 +300,19 @@ __device__ __forceinline__ void flash_bwd_dkdv(const u16* dO, const u16* q, cons
   __shared__ __align__(16) u16 sQ[2][BQ * LQ];
   __shared__ __align__(16) u16 sO[2][BQ * LO];
   __shared__ float sL[2][BQ], sD[2][BQ];
-  const int bh = blockIdx.y, b = bh / H, h = bh % H;
+  const FlashHead<DQK, DV> hd(T, H);
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int k0 = blockIdx.x * FROWS, r = k0 + (threadIdx.x >> 5) * 16 + g;
-  const i64 ldq = (i64)H * DQK, ldv = (i64)H * DV;
   const float scale2 = scale * LOG2E;
-  const u16* qb = q + (i64)b * T * ldq + h * DQK;
-  const u16* ob = dO + (i64)b * T * ldv + h * DV;
-  const float* lb = lse + (i64)bh * T;
-  const float* db = D + (i64)bh * T;
+  const u16* qb = q + hd.qk;
+  const u16* ob = dO + hd.vo;
+  const float* lb = lse + hd.rows;
+  const float* db = D + hd.rows;
   // Query tiles from the first one that sees key k0 (queries before it are masked) to the end.
   const int first = k0 / BQ, tiles = (T + BQ - 1) / BQ - first;
   auto load = [&](int stage, int q0) {
-    tile_async<BQ, DQK, LQ>(sQ[stage], qb, ldq, q0, T);
-    tile_async<BQ, DV, LO>(sO[stage], ob, ldv, q0, T);
+    tile_async<BQ, DQK, LQ>(sQ[stage], qb, hd.ldq, q0, T);
+    tile_async<BQ, DV, LO>(sO[stage], ob, hd.ldv, q0, T);
     if (threadIdx.x < BQ) {
       const int i = q0 + threadIdx.x;
       cp_async<4>(&sL[stage][threadIdx.x], lb + (i < T ? i : 0), i < T);
@@ -310,8 +322,8 @@ __device__ __forceinline__ void flash_bwd_dkdv(const u16* dO, const u16* q, cons
   };
   if (tiles > 0) load(0, first * BQ);
   u32 ka[DQK / 16][4], va[DV / 16][4];
-  frags_global<DQK>(ka, k + (i64)b * T * ldq + h * DQK, ldq, r, T);
-  frags_global<DV>(va, v + (i64)b * T * ldv + h * DV, ldv, r, T);
+  frags_global<DQK>(ka, k + hd.qk, hd.ldq, r, T);
+  frags_global<DV>(va, v + hd.vo, hd.ldv, r, T);
   float ak[DQK / 8][4], av[DV / 8][4], s[BQ / 8][4], dp[BQ / 8][4];
   zero<DQK / 8>(ak);
   zero<DV / 8>(av);
@@ -349,8 +361,8 @@ __device__ __forceinline__ void flash_bwd_dkdv(const u16* dO, const u16* q, cons
     __syncthreads();
   }
   const float mk[2] = {scale, scale}, mv[2] = {1.0f, 1.0f};
-  store_rows<DQK / 8>(dk + (i64)b * T * ldq + h * DQK, ldq, r, T, ak, mk);
-  store_rows<DV / 8>(dv + (i64)b * T * ldv + h * DV, ldv, r, T, av, mv);
+  store_rows<DQK / 8>(dk + hd.qk, hd.ldq, r, T, ak, mk);
+  store_rows<DV / 8>(dv + hd.vo, hd.ldv, r, T, av, mv);
 }
 
 // One set of entry points per head shape (DQK, DV), both multiples of 16. The host picks

@@ -362,51 +362,33 @@ export function opSuite(name: string, make: () => Backend): void {
       }, 2e-5);
     });
 
-    it("causal attention forward and backward, f32 and bf16", async () => {
-      const B = 2;
-      const T = 19;
-      const H = 3;
-      const dqk = 24;
-      const dv = 16;
+    /** Causal attention forward and backward on random q, k, v and dO of one shape, per precision. */
+    function attentionCase(B: number, T: number, H: number, dqk: number, dv: number) {
       const q = rng.normals(B * T * H * dqk);
       const k = rng.normals(B * T * H * dqk);
       const v = rng.normals(B * T * H * dv);
       const dO = rng.normals(B * T * H * dv);
+      return (precision: "f32" | "bf16"): Case =>
+        (b) => {
+          const opts = { batch: B, seq: T, heads: H, scale: 1 / Math.sqrt(dqk), precision };
+          const Q = b.upload(q, [B * T, H * dqk]);
+          const K = b.upload(k, [B * T, H * dqk]);
+          const V = b.upload(v, [B * T, H * dv]);
+          const { o, lse } = b.attention(Q, K, V, opts);
+          const g = b.attentionBackward(b.upload(dO, [B * T, H * dv]), Q, K, V, o, lse, opts);
+          return { o, lse, dq: g.dq, dk: g.dk, dv: g.dv };
+        };
+    }
+
+    it("causal attention forward and backward, f32 and bf16", async () => {
+      const run = attentionCase(2, 19, 3, 24, 16);
       for (const precision of ["f32", "bf16"] as const)
-        await same(
-          (b) => {
-            const opts = { batch: B, seq: T, heads: H, scale: 1 / Math.sqrt(dqk), precision };
-            const Q = b.upload(q, [B * T, H * dqk]);
-            const K = b.upload(k, [B * T, H * dqk]);
-            const V = b.upload(v, [B * T, H * dv]);
-            const { o, lse } = b.attention(Q, K, V, opts);
-            const g = b.attentionBackward(b.upload(dO, [B * T, H * dv]), Q, K, V, o, lse, opts);
-            return { o, lse, dq: g.dq, dk: g.dk, dv: g.dv };
-          },
-          precision === "f32" ? 2e-5 : 2e-2,
-        );
+        await same(run(precision), precision === "f32" ? 2e-5 : 2e-2);
     });
 
     // Head sizes a multiple of 16 take the tensor-core kernels on cuda; 150 rows leave partial tiles.
     it("causal attention forward and backward, bf16, tensor-core head sizes", async () => {
-      const B = 2;
-      const T = 150;
-      const H = 2;
-      const dqk = 48;
-      const dv = 32;
-      const q = rng.normals(B * T * H * dqk);
-      const k = rng.normals(B * T * H * dqk);
-      const v = rng.normals(B * T * H * dv);
-      const dO = rng.normals(B * T * H * dv);
-      await same((b) => {
-        const opts = { batch: B, seq: T, heads: H, scale: 1 / Math.sqrt(dqk), precision: "bf16" as const };
-        const Q = b.upload(q, [B * T, H * dqk]);
-        const K = b.upload(k, [B * T, H * dqk]);
-        const V = b.upload(v, [B * T, H * dv]);
-        const { o, lse } = b.attention(Q, K, V, opts);
-        const g = b.attentionBackward(b.upload(dO, [B * T, H * dv]), Q, K, V, o, lse, opts);
-        return { o, lse, dq: g.dq, dk: g.dk, dv: g.dv };
-      }, 2e-2);
+      await same(attentionCase(2, 150, 2, 48, 32)("bf16"), 2e-2);
     });
 
     it("router, balance loss, permute/combine and bias update", async () => {

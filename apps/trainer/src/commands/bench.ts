@@ -4,7 +4,7 @@ import { spawnSync } from "node:child_process";
 import { writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { createBackend, requireNative } from "@moe8/kernels";
+import { type CudaBackend, createBackend, requireNative } from "@moe8/kernels";
 import { CONFIGS, countParams, type ModelConfig, STEP_SHAPES, trainStep } from "@moe8/model";
 import { type Backend, BYTES_PER_ELEMENT, Rng, Tensor, TsBackend } from "@moe8/tensor";
 import { parseArgs } from "../args.ts";
@@ -150,15 +150,6 @@ export function trainFlopsPerToken(c: ModelConfig, seq: number): number {
 
 /** The measured H200 ceilings (cuBLASLt, TFLOP/s): FP8 with 1x128/128x128 scaling, BF16. */
 const CEILINGS = { fp8: 1320, bf16: 800 };
-
-/** CudaBackend.timeKernels: GPU time per kernel over one unsynchronised run. */
-type KernelTimer = (run: () => Promise<unknown>) => Promise<{
-  wallMs: number;
-  issuedMs: number;
-  spanMs: number;
-  busyMs: number;
-  kernels: { name: string; ms: number; launches: number }[];
-}>;
 
 /** One op class of a step profile: time, calls. */
 interface OpTime {
@@ -335,7 +326,7 @@ async function step(flags: Record<string, unknown>): Promise<number> {
     if (flags.profile) {
       const prof = await profileStep(b, () => trainStep(s.model, s.opt, ids, tg, { batch: B, seq: T }, 1e-3));
       // Device backends: one more step, unsynchronised, with GPU time per kernel.
-      const timeKernels = (b as { timeKernels?: KernelTimer }).timeKernels?.bind(b);
+      const timeKernels = (b as { timeKernels?: CudaBackend["timeKernels"] }).timeKernels?.bind(b);
       const gpu = timeKernels
         ? await timeKernels(() => trainStep(s.model, s.opt, ids, tg, { batch: B, seq: T }, 1e-3))
         : undefined;

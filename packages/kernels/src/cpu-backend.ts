@@ -22,6 +22,7 @@ import {
   type QuantizeOptions,
   type RopeOptions,
   type RouterResult,
+  requantizeViaF32,
   sameShape,
   scaleCount,
   type Tensor,
@@ -148,10 +149,7 @@ export class CpuBackend extends HostLifetimes implements Backend {
   }
 
   requantize(q: Tensor, opts: QuantizeOptions): Tensor {
-    const x = this.dequantize(q);
-    const out = this.quantize(x, opts);
-    this.release(x);
-    return out;
+    return requantizeViaF32(this, q, opts);
   }
 
   dequantize(q: Tensor): Tensor {

@@ -33,6 +33,7 @@ import {
   type QuantizeOptions,
   type RopeOptions,
   type RouterResult,
+  requantizeViaF32,
   rowSpan,
   sameShape,
   scaleCount,
@@ -553,12 +554,8 @@ export class CudaBackend extends HostLifetimes implements Backend {
   requantize(q: Tensor, opts: QuantizeOptions): Tensor {
     if (!isFp8(q.dtype) || !q.quant) throw new Error(`requantize: ${q} is not an FP8 tensor`);
     const { batch } = batchDims(q);
-    if (opts.group !== "column-tile" || batch !== 1 || q.quant.segments || q.size === 0) {
-      const x = this.dequantize(q);
-      const r = this.quantize(x, opts);
-      this.release(x);
-      return r;
-    }
+    if (opts.group !== "column-tile" || batch !== 1 || q.quant.segments || q.size === 0)
+      return requantizeViaF32(this, q, opts);
     const { q: out, fmt, mode, eps } = this.quantOutput(q, opts);
     const src = q.quant;
     this.colTiles(

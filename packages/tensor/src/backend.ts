@@ -213,3 +213,11 @@ export interface Backend {
   /** In-place AdamW on f32 master weights; moments in f32 or bf16 storage. */
   adamw(p: Tensor, g: Tensor, m: Tensor, v: Tensor, opts: AdamWOptions): void;
 }
+
+/** Backend.requantize as its definition: dequantise to f32, quantise again, release the f32 copy. */
+export function requantizeViaF32(b: Backend, q: Tensor, opts: QuantizeOptions): Tensor {
+  const x = b.dequantize(q);
+  const out = b.quantize(x, opts);
+  b.release(x);
+  return out;
+}

@@ -13,6 +13,7 @@ import type {
   RopeOptions,
   RouterResult,
 } from "../backend.ts";
+import { requantizeViaF32 } from "../backend.ts";
 import { f32, HostLifetimes, host, i32, sameShape, u8 } from "../host.ts";
 import type { Tensor } from "../tensor.ts";
 import { type Fp8Format, isFp8 } from "../types.ts";
@@ -113,10 +114,7 @@ export class TsBackend extends HostLifetimes implements Backend {
   }
 
   requantize(q: Tensor, opts: QuantizeOptions): Tensor {
-    const x = this.dequantize(q);
-    const out = this.quantize(x, opts);
-    this.release(x);
-    return out;
+    return requantizeViaF32(this, q, opts);
   }
 
   dequantize(q: Tensor): Tensor {

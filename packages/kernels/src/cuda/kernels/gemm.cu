@@ -585,30 +585,22 @@ KERNEL void __launch_bounds__(128) gemm_bf16_mma(
                    accumulate, outBf16, 1, 1 << 30);
 }
 
-// FP8 with both operands K-contiguous and K % 16 == 0 (Fprop and, with transposed weights, Dgrad of
-// the experts): gemm_tile_tn, one entry point per pair of formats. 128 threads.
-#define GEMM_TN(NAME, KIND)                                                                                 \
+// FP8 tensor-core GEMMs with both operands in one layout (gemm_tile_tn), one entry point per layout
+// and pair of formats, 128 threads. KC = 1, "tn": both K-contiguous and K % 16 == 0 (Fprop and, with
+// transposed weights, Dgrad of the experts). KC = 0, "tt": both stored [K, rows] (Wgrad: the tokens
+// are K; rows % 16 == 0), expert segments along K (mode 2) or one matrix (mode 0).
+#define GEMM_FP8_LAYOUT(NAME, KIND, KC)                                                                     \
   KERNEL void __launch_bounds__(128) NAME(const u8* A, const float* As, int ga, const u8* B, const float* Bs, \
                                           int gb, float* C, int M, int N, int K, int mode, const int* off,   \
                                           int E, int bRows, int bCols, int accumulate, int outBf16) {        \
-    gemm_dispatch<KIND>(A, As, ga, 0, 1, B, Bs, gb, 0, 1, C, M, N, K, mode, off, E, bRows, bCols, accumulate, \
-                        outBf16, 0, 128);                                                                    \
+    gemm_dispatch<KIND>(A, As, ga, 0, KC, B, Bs, gb, 0, KC, C, M, N, K, mode, off, E, bRows, bCols,         \
+                        accumulate, outBf16, 0, 128);                                                        \
   }
-GEMM_TN(gemm_fp8_tn_e4m3_e4m3, 4)
-GEMM_TN(gemm_fp8_tn_e4m3_e5m2, 5)
-GEMM_TN(gemm_fp8_tn_e5m2_e4m3, 6)
-GEMM_TN(gemm_fp8_tn_e5m2_e5m2, 7)
-
-// FP8 with both operands stored [K, rows] (Wgrad: the tokens are K; rows % 16 == 0), expert
-// segments along K (mode 2) or one matrix (mode 0). 128 threads.
-#define GEMM_TT(NAME, KIND)                                                                                 \
-  KERNEL void __launch_bounds__(128) NAME(const u8* A, const float* As, int ga, const u8* B, const float* Bs, \
-                                          int gb, float* C, int M, int N, int K, int mode, const int* off,   \
-                                          int E, int bRows, int bCols, int accumulate, int outBf16) {        \
-    gemm_dispatch<KIND>(A, As, ga, 0, 0, B, Bs, gb, 0, 0, C, M, N, K, mode, off, E, bRows, bCols, accumulate, \
-                        outBf16, 0, 128);                                                                    \
-  }
-GEMM_TT(gemm_fp8_tt_e4m3_e4m3, 8)
-GEMM_TT(gemm_fp8_tt_e4m3_e5m2, 9)
-GEMM_TT(gemm_fp8_tt_e5m2_e4m3, 10)
-GEMM_TT(gemm_fp8_tt_e5m2_e5m2, 11)
+GEMM_FP8_LAYOUT(gemm_fp8_tn_e4m3_e4m3, 4, 1)
+GEMM_FP8_LAYOUT(gemm_fp8_tn_e4m3_e5m2, 5, 1)
+GEMM_FP8_LAYOUT(gemm_fp8_tn_e5m2_e4m3, 6, 1)
+GEMM_FP8_LAYOUT(gemm_fp8_tn_e5m2_e5m2, 7, 1)
+GEMM_FP8_LAYOUT(gemm_fp8_tt_e4m3_e4m3, 8, 0)
+GEMM_FP8_LAYOUT(gemm_fp8_tt_e4m3_e5m2, 9, 0)
+GEMM_FP8_LAYOUT(gemm_fp8_tt_e5m2_e4m3, 10, 0)
+GEMM_FP8_LAYOUT(gemm_fp8_tt_e5m2_e5m2, 11, 0)

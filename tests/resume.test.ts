@@ -31,6 +31,19 @@ function losses(runDir: string): Map<number, number> {
   return m;
 }
 
+// The highest step metrics.jsonl records so far (0 before the first); a line being written is skipped.
+function lastStep(runDir: string): number {
+  const file = join(runDir, "metrics.jsonl");
+  if (!existsSync(file)) return 0;
+  let last = 0;
+  for (const line of readFileSync(file, "utf8").split("\n")) {
+    try {
+      last = Math.max(last, JSON.parse(line).step);
+    } catch {}
+  }
+  return last;
+}
+
 function checkpointsReadable(runDir: string) {
   const root = join(runDir, "checkpoints");
   if (!existsSync(root)) return;
@@ -62,18 +75,32 @@ describe("crash safety and exact resume", () => {
     const rng = new Rng(42);
     let kills = 0;
     let started = false;
-    for (let attempt = 0; attempt < 30; attempt++) {
+    for (let attempt = 0; attempt < 60; attempt++) {
       const args = started ? ["train", "--resume", run] : ["train", ...FLAGS, "--out", run];
       const child = cliAsync(args);
       let err = "";
       child.stderr.on("data", (d) => {
         err += d;
       });
-      const done = new Promise<number | null>((res) => child.on("exit", (code) => res(code)));
-      // Kill after a random delay (0.7-3.2 s), which lands in steps, in evaluation and in checkpoint writes.
-      const timer = setTimeout(() => child.kill("SIGKILL"), 700 + rng.next() * 2500);
+      let exited = false;
+      const done = new Promise<number | null>((res) =>
+        child.on("exit", (code) => {
+          exited = true;
+          res(code);
+        }),
+      );
+      // Kill 1-6 steps past where this attempt started, plus 0-250 ms, so the kills land in steps
+      // and in checkpoint writes however fast the machine is (a fixed delay let a fast machine
+      // finish the run in three attempts).
+      const target = lastStep(run) + 1 + Math.floor(rng.next() * 6);
+      const extraMs = rng.next() * 250;
+      const killer = (async () => {
+        while (!exited && lastStep(run) < target) await new Promise((r) => setTimeout(r, 15));
+        await new Promise((r) => setTimeout(r, extraMs));
+        if (!exited) child.kill("SIGKILL");
+      })();
       const code = await done;
-      clearTimeout(timer);
+      await killer;
       if (existsSync(join(run, "checkpoints"))) started = true;
       if (code === 0) break;
       expect(code === null || code === 137, `unexpected exit ${code}: ${err}`).toBe(true);
@@ -94,7 +121,8 @@ describe("crash safety and exact resume", () => {
       out += d;
     });
     const done = new Promise<number | null>((res) => child.on("exit", (code) => res(code)));
-    await new Promise((r) => setTimeout(r, 2500));
+    // Interrupt mid-run (after step 5 is logged), not after a fixed delay a fast machine could outrun.
+    while (lastStep(run) < 5) await new Promise((r) => setTimeout(r, 15));
     child.kill("SIGINT");
     expect(await done).toBe(0);
     expect(out).toMatch(/stopped at step (\d+)/);

@@ -193,6 +193,17 @@ export class CpuBackend extends HostLifetimes implements Backend {
     return this.wrap(c, shape, "f32");
   }
 
+  /**
+   * An f32 tensor's array, or a bf16 tensor decoded to f32 (a temporary copy) where the op takes
+   * BF16 inputs (`lowp`: bf16 GEMMs; attention always).
+   */
+  private values(t: Tensor, lowp = true): Float32Array {
+    if (t.dtype !== "bf16" || !lowp) return f32(t);
+    const x = new Float32Array(t.size);
+    this.n.castBf16ToF32(host(t) as Uint16Array, x);
+    return x;
+  }
+
   private inputsFor(c: Float32Array, ...xs: HostArray[]): HostArray[] {
     return xs.map((x) => distinct(x, c));
   }
@@ -228,7 +239,8 @@ export class CpuBackend extends HostLifetimes implements Backend {
           o.promotion ?? 128,
         );
       } else {
-        const [x, y] = this.inputsFor(c, f32(a), f32(b)) as Float32Array[];
+        const lowp = o.precision === "bf16";
+        const [x, y] = this.inputsFor(c, this.values(a, lowp), this.values(b, lowp)) as Float32Array[];
         this.n.gemmF32(x, y, c, M, N, K, transA, transB, direct, o.precision === "bf16", !!o.outBf16);
       }
     }
@@ -287,7 +299,8 @@ export class CpuBackend extends HostLifetimes implements Backend {
           o.promotion ?? 128,
         );
       } else {
-        const [x, y] = this.inputsFor(c, f32(a), f32(b)) as Float32Array[];
+        const lowp = o.precision === "bf16";
+        const [x, y] = this.inputsFor(c, this.values(a, lowp), this.values(b, lowp)) as Float32Array[];
         this.n.groupedGemmF32(
           x,
           y,
@@ -354,9 +367,9 @@ export class CpuBackend extends HostLifetimes implements Backend {
     const out = this.alloc([q.rows, v.cols]);
     const lse = this.alloc([o.batch * o.heads * o.seq]);
     this.n.attentionForward(
-      f32(q),
-      f32(k),
-      f32(v),
+      this.values(q),
+      this.values(k),
+      this.values(v),
       o.batch,
       o.seq,
       o.heads,
@@ -385,11 +398,11 @@ export class CpuBackend extends HostLifetimes implements Backend {
     const dk = this.alloc(k.shape);
     const dv = this.alloc(v.shape);
     this.n.attentionBackward(
-      f32(dO),
-      f32(q),
-      f32(k),
-      f32(v),
-      f32(out),
+      this.values(dO),
+      this.values(q),
+      this.values(k),
+      this.values(v),
+      this.values(out),
       f32(lse),
       o.batch,
       o.seq,
@@ -500,7 +513,7 @@ export class CpuBackend extends HostLifetimes implements Backend {
     const dweights = this.alloc(weights.shape);
     this.n.moeCombineBackward(
       f32(dy),
-      f32(ys),
+      this.values(ys),
       i32(slot),
       f32(weights),
       weights.rows,

@@ -40,6 +40,10 @@ import {
   Tensor,
 } from "@moe8/tensor";
 import type { DeviceBuffer } from "../native.d.cts";
+
+/** Device memory a kernel reads: a tensor's own, or a scratch copy that free() gives back. */
+type Operand = { ptr: number; free(): void };
+
 import { loadNative, type NativeAddon } from "./index.ts";
 
 const GROUP: Record<QuantGroup, number> = { tile: 0, block: 1, "column-tile": 2, row: 3, tensor: 4 };
@@ -408,11 +412,31 @@ export class CudaBackend extends HostLifetimes implements Backend {
     );
   }
 
-  /** A BF16 copy of an f32 tensor in scratch memory (the caller frees it once its kernels are enqueued). */
-  private bf16Scratch(t: Tensor, op: string): DeviceBuffer {
+  /**
+   * BF16 values of an f32 or bf16 tensor for a kernel that reads BF16: a bf16 tensor itself, or a
+   * copy in scratch memory. The caller calls free() once its kernels are enqueued.
+   */
+  private bf16Operand(t: Tensor, op: string): Operand {
+    if (t.dtype === "bf16") return { ptr: this.p(t), free: () => {} };
     const buf = this.scratch(t.size * 2);
     this.toBf16(this.f32p(t, op), buf.ptr, t.size);
     return buf;
+  }
+
+  /** f32 values of an f32 tensor, or of a bf16 one (a copy in scratch), for the f32-reading fallbacks. */
+  private f32Operand(t: Tensor, op: string): Operand {
+    if (t.dtype !== "bf16") return { ptr: this.f32p(t, op), free: () => {} };
+    const buf = this.scratch(t.size * 4);
+    this.launch("elementwise", "bf16_to_f32", this.g1(t.size), 256, (x) =>
+      x.u64(this.p(t)).u64(buf.ptr).u64(t.size),
+    );
+    return buf;
+  }
+
+  /** Checks a bf16-precision GEMM or attention input: f32, or bf16 (already rounded). */
+  private lowpInput(t: Tensor, op: string): void {
+    if (t.dtype !== "bf16") this.f32p(t, op);
+    else this.buf(t);
   }
 
   sum(t: Tensor): Tensor {
@@ -674,6 +698,9 @@ export class CudaBackend extends HostLifetimes implements Backend {
     if (o.precision === "fp8") {
       checkFp8Operand(a, "A", !transA);
       checkFp8Operand(b, "B", transB);
+    } else if (o.precision === "bf16") {
+      this.lowpInput(a, "matmul");
+      this.lowpInput(b, "matmul");
     } else {
       this.f32p(a, "matmul");
       this.f32p(b, "matmul");
@@ -704,9 +731,8 @@ export class CudaBackend extends HostLifetimes implements Backend {
       let B = b;
       const tmps: Tensor[] = [];
       if (o.precision === "bf16") {
-        A = this.cast(a, "bf16");
-        B = this.cast(b, "bf16");
-        tmps.push(A, B);
+        if (a.dtype !== "bf16") tmps.push((A = this.cast(a, "bf16")));
+        if (b.dtype !== "bf16") tmps.push((B = this.cast(b, "bf16")));
       }
       const t = o.precision === "bf16" ? "bf16" : "f32";
       const ok = this.tryLt(
@@ -943,7 +969,7 @@ export class CudaBackend extends HostLifetimes implements Backend {
     // gemm16.cu: BF16 copies of both operands, 16-byte pieces along each operand's contiguous axis.
     const pieces = (kc: number, rows: number) => (kc ? K : rows) % 8 === 0;
     if (bf16 && this.useTensorCores && pieces(aKcols, M) && pieces(bKcols, N)) {
-      const [ab, bb] = [a, b].map((t) => this.bf16Scratch(t, "matmul bf16"));
+      const [ab, bb] = [a, b].map((t) => this.bf16Operand(t, "matmul bf16"));
       this.launch(
         "gemm16",
         `gemm_bf16_tc_${aKcols}${bKcols}`,
@@ -957,18 +983,21 @@ export class CudaBackend extends HostLifetimes implements Backend {
       return;
     }
     const mma = bf16 && this.useTensorCores;
+    const [af, bf] = [a, b].map((t) => this.f32Operand(t, "matmul"));
     this.launch("gemm", mma ? "gemm_bf16_mma" : "gemm_f32", grid, mma ? 128 : 256, (x) => {
-      tail(x.u64(this.p(a)).i32(aKcols).u64(this.p(b)).i32(bKcols));
+      tail(x.u64(af.ptr).i32(aKcols).u64(bf.ptr).i32(bKcols));
       if (!mma) x.i32(bf16 ? 1 : 0);
     });
+    af.free();
+    bf.free();
   }
 
   groupedMatmul(a: Tensor, b: Tensor, offsets: Tensor, o: GroupedMatmulOptions): Tensor {
     const E = offsets.size - 1;
     const fp8 = o.precision === "fp8";
-    if (!fp8) {
-      this.f32p(a, "groupedMatmul");
-      this.f32p(b, "groupedMatmul");
+    for (const t of fp8 ? [] : [a, b]) {
+      if (o.precision === "bf16") this.lowpInput(t, "groupedMatmul");
+      else this.f32p(t, "groupedMatmul");
     }
     if (o.segment === "m") {
       if (o.transA) throw new Error("groupedMatmul m: A must not be transposed");
@@ -1136,8 +1165,10 @@ export class CudaBackend extends HostLifetimes implements Backend {
   /** flash.cu's entry-point suffix for a BF16 attention of these head sizes, or null (attention.cu). */
   private flashShape(dqk: number, dv: number, lowp: number, ...ts: Tensor[]): string | null {
     if (!lowp || !this.useTensorCores || !FLASH_SHAPES.has(`${dqk}_${dv}`)) return null;
-    // The kernels read BF16 copies made in fresh (aligned) scratch memory, so any f32 input will do.
-    return ts.every((t) => t.dtype === "f32") ? `${dqk}_${dv}` : null;
+    // The kernels read BF16: bf16 inputs as they are, f32 ones as copies in fresh (aligned) scratch.
+    return ts.every((t) => t.dtype === "f32" || (t.dtype === "bf16" && this.p(t) % 16 === 0))
+      ? `${dqk}_${dv}`
+      : null;
   }
 
   attention(q: Tensor, k: Tensor, v: Tensor, o: AttentionOptions) {
@@ -1146,7 +1177,7 @@ export class CudaBackend extends HostLifetimes implements Backend {
     const lse = this.make([o.batch * o.heads * o.seq], "f32");
     const flash = this.flashShape(dqk, dv, lowp, q, k, v);
     if (flash) {
-      const [qb, kb, vb] = [q, k, v].map((t) => this.bf16Scratch(t, "attention"));
+      const [qb, kb, vb] = [q, k, v].map((t) => this.bf16Operand(t, "attention"));
       this.launch("flash", `flash_fwd_${flash}`, [cdiv(o.seq, 64), o.batch * o.heads], 128, (a) =>
         a
           .u64(qb.ptr)
@@ -1161,11 +1192,12 @@ export class CudaBackend extends HostLifetimes implements Backend {
       for (const x of [qb, kb, vb]) x.free();
       return { o: out, lse };
     }
+    const [qf, kf, vf] = [q, k, v].map((t) => this.f32Operand(t, "attention"));
     this.launch("attention", "attn_fwd", grid, 128, (a) =>
       a
-        .u64(this.f32p(q, "attention"))
-        .u64(this.f32p(k, "attention"))
-        .u64(this.f32p(v, "attention"))
+        .u64(qf.ptr)
+        .u64(kf.ptr)
+        .u64(vf.ptr)
         .u64(this.p(out))
         .u64(this.p(lse))
         .i32(o.batch)
@@ -1176,6 +1208,7 @@ export class CudaBackend extends HostLifetimes implements Backend {
         .f32(o.scale)
         .i32(lowp),
     );
+    for (const x of [qf, kf, vf]) x.free();
     return { o: out, lse };
   }
 
@@ -1194,20 +1227,15 @@ export class CudaBackend extends HostLifetimes implements Backend {
     const dq = this.make(q.shape, "f32");
     const dk = this.make(k.shape, "f32");
     const dvv = this.make(v.shape, "f32");
+    const [dOf, outf] = [dO, out].map((t) => this.f32Operand(t, "attentionBackward"));
     this.launch("attention", "attn_bwd_d", grid, 128, (a) =>
-      a
-        .u64(this.f32p(dO, "attentionBackward"))
-        .u64(this.f32p(out, "attentionBackward"))
-        .u64(D.ptr)
-        .i32(B)
-        .i32(T)
-        .i32(H)
-        .i32(dv)
-        .i32(lowp),
+      a.u64(dOf.ptr).u64(outf.ptr).u64(D.ptr).i32(B).i32(T).i32(H).i32(dv).i32(lowp),
     );
+    dOf.free();
+    outf.free();
     const flash = this.flashShape(dqk, dv, lowp, dO, q, k, v);
     if (flash) {
-      const bf = [dO, q, k, v].map((t) => this.bf16Scratch(t, "attentionBackward"));
+      const bf = [dO, q, k, v].map((t) => this.bf16Operand(t, "attentionBackward"));
       const fl = (a: Args) =>
         a
           .u64(bf[0].ptr)
@@ -1227,12 +1255,13 @@ export class CudaBackend extends HostLifetimes implements Backend {
       D.free();
       return { dq, dk, dv: dvv };
     }
+    const f = [dO, q, k, v].map((t) => this.f32Operand(t, "attentionBackward"));
     const common = (a: Args) =>
       a
-        .u64(this.p(dO))
-        .u64(this.p(q))
-        .u64(this.p(k))
-        .u64(this.p(v))
+        .u64(f[0].ptr)
+        .u64(f[1].ptr)
+        .u64(f[2].ptr)
+        .u64(f[3].ptr)
         .u64(this.f32p(lse, "attentionBackward"))
         .u64(D.ptr);
     this.launch("attention", "attn_bwd_dq", grid, 128, (a) =>
@@ -1241,6 +1270,7 @@ export class CudaBackend extends HostLifetimes implements Backend {
     this.launch("attention", "attn_bwd_dkdv", grid, 128, (a) =>
       common(a).u64(this.p(dk)).u64(this.p(dvv)).i32(B).i32(T).i32(H).i32(dqk).i32(dv).f32(o.scale).i32(lowp),
     );
+    for (const x of f) x.free();
     D.free();
     return { dq, dk, dv: dvv };
   }
@@ -1484,10 +1514,11 @@ export class CudaBackend extends HostLifetimes implements Backend {
     const d = ys.cols;
     const dys = this.make(ys.shape, "f32");
     const dweights = this.make(weights.shape, "f32");
-    this.launch("moe", "combine_bwd", [Math.max(1, cdiv(rows, 8))], 256, (a) =>
+    const ys16 = ys.dtype === "bf16";
+    this.launch("moe", ys16 ? "combine_bwd_ys16" : "combine_bwd", [Math.max(1, cdiv(rows, 8))], 256, (a) =>
       a
         .u64(this.f32p(dy, "moeCombineBackward"))
-        .u64(this.f32p(ys, "moeCombineBackward"))
+        .u64(ys16 ? this.p(ys) : this.f32p(ys, "moeCombineBackward"))
         .u64(this.i32p(slot, "moeCombineBackward"))
         .u64(this.f32p(weights, "moeCombineBackward"))
         .u64(this.p(dys))

@@ -23,7 +23,10 @@ export interface MatmulOptions {
   transA?: boolean;
   /** B is stored [N, K] instead of [K, N]. */
   transB?: boolean;
-  /** f32; bf16 (operands rounded to BF16, f32 accumulation); fp8 (operands are quantised tensors). */
+  /**
+   * f32; bf16 (operands rounded to BF16, f32 accumulation; an operand may also be a bf16 tensor,
+   * which saves the rounding pass when it feeds several GEMMs); fp8 (operands are quantised tensors).
+   */
   precision: MatmulPrecision;
   /** Round the output to BF16 (the GEMM writes BF16 activations). */
   outBf16?: boolean;
@@ -47,7 +50,11 @@ export interface AttentionOptions {
   heads: number;
   /** Softmax scale, 1/sqrt(head dim of q·k). */
   scale: number;
-  /** `bf16`: q, k, v, dO and the probabilities are rounded to BF16; accumulation stays f32. */
+  /**
+   * `bf16`: q, k, v, dO and the probabilities are rounded to BF16; accumulation stays f32. q, k, v,
+   * dO and the forward output may be given as bf16 tensors (e.g. kept for backward at half the
+   * memory); the output and gradients are f32.
+   */
   precision: "f32" | "bf16";
 }
 
@@ -196,6 +203,7 @@ export interface Backend {
   moePermute(x: Tensor, topIdx: Tensor, experts: number): PermuteResult;
   moePermuteBackward(dxs: Tensor, slot: Tensor, tokens: number): Tensor;
   moeCombine(ys: Tensor, slot: Tensor, weights: Tensor): Tensor;
+  /** ys (the expert outputs the forward combined) may be a bf16 tensor. */
   moeCombineBackward(
     dy: Tensor,
     ys: Tensor,

@@ -1,6 +1,7 @@
 // Lifetimes for every backend: a registry of live tensors, a stack of per-step arenas and views that
 // share storage, plus the plumbing host backends (ts, cpu) use. A device backend overrides
 // register/freeStorage/read/write/upload/zeros and keeps the arena logic.
+import { decodeBf16 } from "@moe8/fp8-core";
 import type { Backend, BackendName } from "./backend.ts";
 import { type QuantInfo, Tensor } from "./tensor.ts";
 import { BYTES_PER_ELEMENT, type DType, type HostArray, hostArray, numel } from "./types.ts";
@@ -171,6 +172,15 @@ export function f32(t: Tensor): Float32Array {
   host(t);
   if (t.dtype !== "f32") throw new Error(`expected an f32 tensor, got ${t}`);
   return host(t) as Float32Array;
+}
+
+/**
+ * The values of an f32 tensor, or of a bf16 one decoded to f32 (a copy): what the ops that round
+ * their inputs to BF16 read, since rounding a BF16 value again leaves it unchanged.
+ */
+export function f32OrBf16(t: Tensor): Float32Array {
+  if (t.dtype === "bf16") return decodeBf16(host(t) as Uint16Array);
+  return f32(t);
 }
 
 export function i32(t: Tensor): Int32Array {

@@ -1,5 +1,5 @@
 export * from "./backend.ts";
-export { f32, HostLifetimes, host, i32, rowSpan, sameShape, u8 } from "./host.ts";
+export { f32, f32OrBf16, HostLifetimes, host, i32, rowSpan, sameShape, u8 } from "./host.ts";
 export {
   type GemmPrecision,
   type GemmSite,

@@ -391,6 +391,67 @@ export function opSuite(name: string, make: () => Backend): void {
       await same(attentionCase(2, 150, 2, 48, 32)("bf16"), 2e-2);
     });
 
+    // Under bf16 the ops round their inputs to BF16, so a bf16 tensor of the same values must give
+    // bit for bit what its f32 source gives (the model keeps such copies to skip repeated rounding).
+    it("bf16 tensors as inputs of bf16 GEMMs and attention equal their f32 sources", async () => {
+      const bits = async (c: Case) => (await readAll(be, c)).map(([k, v]) => [k, Array.from(v)]);
+      const off = Int32Array.from([0, 3, 3, 40]);
+      const [M, N, K, E] = [40, 24, 136, 3];
+      const a = rng.normals(M * K);
+      const w = rng.normals(E * N * K, 0.1);
+      const dy = rng.normals(M * N);
+      const gemms =
+        (lowp: boolean): Case =>
+        (b) => {
+          const v = (t: Tensor) => (lowp ? b.cast(t, "bf16") : t);
+          const [A, W, DY] = [b.upload(a, [M, K]), b.upload(w, [E, N, K]), b.upload(dy, [M, N])];
+          const O = b.upload(off, [E + 1], "i32");
+          const W0 = b.upload(w.subarray(0, N * K), [N, K]);
+          const precision = "bf16";
+          return {
+            fprop: b.matmul(v(A), v(W0), { transB: true, precision, outBf16: true }),
+            dgrad: b.matmul(v(DY), v(W0), { precision }),
+            wgrad: b.matmul(v(DY), v(A), { transA: true, precision }),
+            m: b.groupedMatmul(v(A), v(W), O, { segment: "m", transB: true, precision }),
+            k: b.groupedMatmul(v(DY), v(A), O, { segment: "k", transA: true, precision }),
+          };
+        };
+      expect(await bits(gemms(true))).toEqual(await bits(gemms(false)));
+      for (const [T, dqk, dv] of [
+        [19, 24, 16],
+        [150, 48, 32],
+      ]) {
+        const [q, k, v, dO] = [dqk, dqk, dv, dv].map((d) => rng.normals(2 * T * 2 * d));
+        const attn =
+          (lowp: boolean): Case =>
+          (b) => {
+            const opts = {
+              batch: 2,
+              seq: T,
+              heads: 2,
+              scale: 1 / Math.sqrt(dqk),
+              precision: "bf16" as const,
+            };
+            const up = (x: Float32Array, d: number) => {
+              const t = b.upload(x, [2 * T, 2 * d]);
+              return lowp ? b.cast(t, "bf16") : b.cast(b.cast(t, "bf16"), "f32");
+            };
+            const [Q, Kt, V] = [up(q, dqk), up(k, dqk), up(v, dv)];
+            const r = b.attention(Q, Kt, V, opts);
+            const g = b.attentionBackward(up(dO, dv), Q, Kt, V, r.o, r.lse, opts);
+            return { o: r.o, lse: r.lse, dq: g.dq, dk: g.dk, dv: g.dv };
+          };
+        expect(await bits(attn(true)), `attention T ${T}`).toEqual(await bits(attn(false)));
+      }
+      // f32 GEMMs take f32 tensors only.
+      expect(() =>
+        be.scope(() => {
+          const t = be.cast(be.upload(a, [M, K]), "bf16");
+          be.matmul(t, t, { transB: true, precision: "f32" });
+        }),
+      ).toThrow(/f32/);
+    });
+
     it("router, balance loss, permute/combine and bias update", async () => {
       const N = 50;
       const E = 8;

@@ -14,7 +14,7 @@ import type {
   RouterResult,
 } from "../backend.ts";
 import { requantizeViaF32 } from "../backend.ts";
-import { f32, HostLifetimes, host, i32, sameShape, u8 } from "../host.ts";
+import { f32, f32OrBf16, HostLifetimes, host, i32, sameShape, u8 } from "../host.ts";
 import type { Tensor } from "../tensor.ts";
 import { type Fp8Format, isFp8 } from "../types.ts";
 import { fp8FlowCounts } from "./flow.ts";
@@ -194,8 +194,13 @@ export class TsBackend extends HostLifetimes implements Backend {
       c.set(r);
       return;
     }
-    let x = f32(a).subarray(aOff, aOff + ra * ca);
-    let y = f32(b).subarray(bOff, bOff + rb * cb);
+    // One expert's slice of an f32 operand, or of a bf16 one decoded (grouped GEMMs come here per expert).
+    const slice = (t: Tensor, off: number, n: number) =>
+      t.dtype === "bf16" && o.precision === "bf16"
+        ? decodeBf16((host(t) as Uint16Array).subarray(off, off + n))
+        : f32(t).subarray(off, off + n);
+    let x = slice(a, aOff, ra * ca);
+    let y = slice(b, bOff, rb * cb);
     if (o.precision === "bf16") {
       x = roundBf16(x);
       y = roundBf16(y);
@@ -325,7 +330,7 @@ export class TsBackend extends HostLifetimes implements Backend {
   attention(q: Tensor, k: Tensor, v: Tensor, o: AttentionOptions) {
     const dqk = q.cols / o.heads;
     const dv = v.cols / o.heads;
-    const r = nn.attention(f32(q), f32(k), f32(v), dqk, dv, o);
+    const r = nn.attention(f32OrBf16(q), f32OrBf16(k), f32OrBf16(v), dqk, dv, o);
     return {
       o: this.wrap(r.o, [q.rows, v.cols], "f32"),
       lse: this.wrap(r.lse, [o.batch * o.heads * o.seq], "f32"),
@@ -343,7 +348,8 @@ export class TsBackend extends HostLifetimes implements Backend {
   ) {
     const dqk = q.cols / o.heads;
     const dv = v.cols / o.heads;
-    const r = nn.attentionBackward(f32(dO), f32(q), f32(k), f32(v), f32(out), f32(lse), dqk, dv, o);
+    const [g, x, y, z, w] = [dO, q, k, v, out].map(f32OrBf16);
+    const r = nn.attentionBackward(g, x, y, z, w, f32(lse), dqk, dv, o);
     return {
       dq: this.wrap(r.dq, q.shape, "f32"),
       dk: this.wrap(r.dk, k.shape, "f32"),
@@ -447,7 +453,7 @@ export class TsBackend extends HostLifetimes implements Backend {
   }
 
   moeCombineBackward(dy: Tensor, ys: Tensor, slot: Tensor, weights: Tensor) {
-    const r = moe.combineBackward(f32(dy), f32(ys), i32(slot), f32(weights), weights.rows, ys.cols);
+    const r = moe.combineBackward(f32(dy), f32OrBf16(ys), i32(slot), f32(weights), weights.rows, ys.cols);
     return { dys: this.wrap(r.dys, ys.shape, "f32"), dweights: this.wrap(r.dweights, weights.shape, "f32") };
   }
 

@@ -205,8 +205,14 @@ KERNEL void combine(const float* ys, const int* pos, const float* w, float* y, i
   }
 }
 
+__device__ __forceinline__ float load_y(const float* p) { return *p; }
+__device__ __forceinline__ float load_y(const u16* p) { return bf16_to_f32(*p); }
+
 // dys[r] = w[slot[r]] dy[slot[r] / k]; dweights[slot[r]] = dy[n] . ys[r]. One warp per row r.
-KERNEL void combine_bwd(const float* dy, const float* ys, const int* slot, const float* w, float* dys, float* dweights, int rows, int k, int d) {
+// ys is f32, or BF16 when the experts' outputs are BF16 values anyway (kept at half the bytes).
+template <typename Y>
+__device__ void combine_bwd_rows(const float* dy, const Y* ys, const int* slot, const float* w, float* dys,
+                                 float* dweights, int rows, int k, int d) {
   const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (r >= rows) return;
   const int lane = threadIdx.x & 31;
@@ -217,10 +223,18 @@ KERNEL void combine_bwd(const float* dy, const float* ys, const int* slot, const
   for (int c = lane; c < d; c += 32) {
     const float g = dy[(i64)n * d + c];
     dys[(i64)r * d + c] = wi * g;
-    dot += (double)g * (double)ys[(i64)r * d + c];
+    dot += (double)g * (double)load_y(ys + (i64)r * d + c);
   }
   dot = warp_sum(dot);
   if (lane == 0) dweights[i] = (float)dot;
+}
+
+KERNEL void combine_bwd(const float* dy, const float* ys, const int* slot, const float* w, float* dys, float* dweights, int rows, int k, int d) {
+  combine_bwd_rows(dy, ys, slot, w, dys, dweights, rows, k, d);
+}
+
+KERNEL void combine_bwd_ys16(const float* dy, const u16* ys, const int* slot, const float* w, float* dys, float* dweights, int rows, int k, int d) {
+  combine_bwd_rows(dy, ys, slot, w, dys, dweights, rows, k, d);
 }
 
 // bias_e += gamma * sign(mean load - load_e), loads from the permute offsets.

@@ -150,6 +150,11 @@ export class MLA {
       v_head_dim: dv,
       rms_norm_eps: eps,
     } = this.cfg;
+    // Intermediates nothing saves are released as soon as they are consumed: otherwise every
+    // layer's projections would live until the end of the step (the peak is after the forward).
+    const drop = (...ts: Tensor[]) => {
+      for (const t of ts) b.release(t);
+    };
     let q: Tensor;
     let qa: Tensor | null = null;
     let qaRstd: Tensor | null = null;
@@ -160,16 +165,30 @@ export class MLA {
       const n = b.rmsnorm(qa, this.qNorm!.value, eps);
       qaRstd = n.rstd;
       q = this.qB!.forward(n.y);
+      if (!this.qB!.retains(n.y)) drop(n.y);
     }
-    q = b.rope(q, this.ropeOpts(H, dn + dr, dn, shape.seq));
-    const kv = b.rope(this.kvA.forward(a, null, memo), this.ropeOpts(1, r + dr, r, shape.seq));
+    const qLin = q;
+    q = b.rope(qLin, this.ropeOpts(H, dn + dr, dn, shape.seq));
+    const kvLin = this.kvA.forward(a, null, memo);
+    const kv = b.rope(kvLin, this.ropeOpts(1, r + dr, r, shape.seq));
     const c = b.headSlice(kv, { heads: 1, width: r + dr, start: 0, len: r });
     const kpe = b.headSlice(kv, { heads: 1, width: r + dr, start: r, len: dr });
+    drop(qLin, kvLin, kv);
     const cn = b.rmsnorm(c, this.kvNorm.value, eps);
     const kvb = this.kvB.forward(cn.y);
+    if (!this.kvB.retains(cn.y)) drop(cn.y);
     const knope = b.headSlice(kvb, { heads: H, width: dn + dv, start: 0, len: dn });
-    const v = b.headSlice(kvb, { heads: H, width: dn + dv, start: dn, len: dv });
-    const k = b.headConcat(knope, kpe, H, 1);
+    let v = b.headSlice(kvb, { heads: H, width: dn + dv, start: dn, len: dv });
+    let k = b.headConcat(knope, kpe, H, 1);
+    drop(kvb, knope, kpe);
+    if (this.precision.core === "bf16") {
+      // The core rounds q, k and v to BF16 anyway: keep those copies for backward at half the bytes.
+      [q, k, v] = [q, k, v].map((t) => {
+        const t16 = b.cast(t, "bf16");
+        drop(t);
+        return t16;
+      });
+    }
     const { o, lse } = b.attention(q, k, v, this.attnOpts(shape));
     this.saved.push({ a, qa, qaRstd, c, cRstd: cn.rstd, q, k, v, o, lse, shape });
     return this.out.forward(o);

@@ -55,6 +55,11 @@ export class SwiGluMlp {
     for (const l of [this.gate, this.up, this.down]) l.precision = p;
   }
 
+  /** Whether the output is rounded to BF16 (so that BF16 storage of it is exact). */
+  get outputsBf16(): boolean {
+    return this.down.precision.outputs === "bf16";
+  }
+
   forward(x: Tensor, offsets: Tensor | null = null): Tensor {
     const memo = new QuantMemo(); // gate and up read the same x: one FP8 copy of it
     const g = this.gate.forward(x, offsets, memo);

@@ -116,6 +116,7 @@ export class MoELayer {
     const logits = b.matmul(x, this.gate.value, { transB: true, precision: "f32" });
     this.trace?.record({ pkg: "moe-layers", layer: `${this.prefix}.gate`, role: "fprop", precision: "f32" });
     const r = b.router(logits, this.bias, k, scaling);
+    b.release(logits); // backward starts from the scores
     let dscores: Tensor | null = null;
     this.lastBalanceLoss = null;
     if (this.cfg.seq_aux_alpha > 0) {
@@ -127,7 +128,18 @@ export class MoELayer {
     const ys = this.experts.forward(p.xs, p.offsets);
     if (!this.experts.retains(p.xs)) p.xs.dispose(); // k copies of every token, in f32: freed early
     let y = b.moeCombine(ys, p.slot, r.weights);
-    if (this.shared) y = b.add(y, this.shared.forward(x));
+    // Backward reads ys only for d(weights): when the experts round their outputs to BF16, BF16
+    // storage keeps it exactly in half the bytes (k rows of d per token and layer).
+    const ysSaved = this.experts.outputsBf16 ? b.cast(ys, "bf16") : ys;
+    if (ysSaved !== ys) b.release(ys);
+    if (this.shared) {
+      // The sum is the layer's output; its two terms are needed by nothing else.
+      const routed = y;
+      const shared = this.shared.forward(x);
+      y = b.add(routed, shared);
+      b.release(routed);
+      b.release(shared);
+    }
     this.lastOffsets = p.offsets;
     this.saved.push({
       x,
@@ -136,7 +148,7 @@ export class MoELayer {
       weights: r.weights,
       slot: p.slot,
       offsets: p.offsets,
-      ys,
+      ys: ysSaved,
       dscores,
     });
     return y;

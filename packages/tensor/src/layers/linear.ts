@@ -143,6 +143,14 @@ export class Linear {
         promotion: pol.promotion,
       });
       if (pol.cacheActivations === "fp8") s.x = null; // keep only the FP8 copy, as DeepSeek-V3 does
+    } else if (spec.precision === "bf16") {
+      // One BF16 copy of x serves this GEMM, the other Linears reading x (memo) and Wgrad, which
+      // then keeps it instead of x: the same values at half the bytes, rounded once.
+      const xb = memoised(memo, "bf16", () => b.cast(x, "bf16"));
+      const wb = b.cast(this.weight.value, "bf16");
+      y = this.mm(xb, wb, offsets, { transB: true, precision: "bf16", outBf16: out });
+      b.release(wb);
+      if (pol.wgrad.precision === "bf16") s.x = xb;
     } else {
       y = this.mm(x, this.weight.value, offsets, {
         transB: true,
@@ -168,6 +176,7 @@ export class Linear {
     const dyQ = operandQuant(dg, "tile", dg.format, pol);
     const wQ = operandQuant(dg, "block", "e4m3", pol);
     let dx: Tensor;
+    let dyb: Tensor | null = null;
     if (dyQ && wQ) {
       const wq = s.wq && s.wqKey === quantKey(wQ) ? s.wq : b.quantize(this.weight.value, wQ);
       const dyq = b.quantize(dy, dyQ);
@@ -178,10 +187,12 @@ export class Linear {
         promotion: pol.promotion,
       });
     } else {
-      dx = this.mm(dy, this.weight.value, s.offsets, {
-        precision: gemmPrecision(dg.precision),
-        outBf16: out,
-      });
+      // dy rounded to BF16 once when both Dgrad and Wgrad read it in BF16.
+      const bf16 = dg.precision === "bf16";
+      if (bf16 && pol.wgrad.precision === "bf16") dy = dyb = b.cast(dy, "bf16");
+      const w = bf16 ? b.cast(this.weight.value, "bf16") : this.weight.value;
+      dx = this.mm(dy, w, s.offsets, { precision: gemmPrecision(dg.precision), outBf16: out });
+      if (w !== this.weight.value) b.release(w);
     }
 
     // Wgrad: dW += dy^T x, reduced over tokens (per expert for grouped weights).
@@ -219,6 +230,7 @@ export class Linear {
       else b.matmul(dy, x, o);
       if (x !== s.x) b.release(x);
     }
+    if (dyb) b.release(dyb);
     return dx;
   }
 

@@ -222,12 +222,12 @@ export class MLA {
     b.headScatterAdd(dkv, dkpe, { heads: 1, width: r + dr, start: r, len: dr });
     const da = this.kvA.backward(b.rope(dkv, this.ropeOpts(1, r + dr, r, s.shape.seq, true)));
     const dq = b.rope(g.dq, this.ropeOpts(H, dn + dr, dn, s.shape.seq, true));
-    if (this.q) b.addInto(da, this.q.backward(dq));
+    if (this.q) this.q.backward(dq, da);
     else {
       const dqa = this.qB!.backward(dq);
       const qn = b.rmsnormBackward(dqa, s.qa!, this.qNorm!.value, s.qaRstd!);
       b.addInto(this.qNorm!.grad, qn.dw);
-      b.addInto(da, this.qA!.backward(qn.dx));
+      this.qA!.backward(qn.dx, da);
     }
     return da;
   }

@@ -84,7 +84,8 @@ export class SwiGluMlp {
     return this.gate.retains(t) || this.up.retains(t);
   }
 
-  backward(dy: Tensor): Tensor {
+  /** Returns dx, or adds it into `into` (see Linear.backward). */
+  backward(dy: Tensor, into: Tensor | null = null): Tensor {
     const s = this.saved.pop();
     if (!s) throw new Error(`${this.prefix}: backward without forward`);
     const dh = this.down.backward(dy);
@@ -93,8 +94,9 @@ export class SwiGluMlp {
     const { dg, du } = this.b.swigluBackward(dh, g, u);
     for (const t of [g, u, s.g, s.u]) t.dispose();
     dh.dispose();
-    const dx = this.gate.backward(dg);
-    this.b.addInto(dx, this.up.backward(du));
+    const dx = this.gate.backward(dg, into);
+    this.up.backward(du, dx);
+    for (const t of [dg, du]) t.dispose();
     return dx;
   }
 }

@@ -174,10 +174,10 @@ export class MoELayer {
       s.dscores ?? undefined,
     );
     b.matmul(dlogits, s.x, { transA: true, precision: "f32", accumulate: this.gate.grad });
-    b.addInto(dx, b.matmul(dlogits, this.gate.value, { precision: "f32" }));
+    b.matmul(dlogits, this.gate.value, { precision: "f32", accumulate: dx });
     this.trace?.record({ pkg: "moe-layers", layer: `${this.prefix}.gate`, role: "dgrad", precision: "f32" });
     this.trace?.record({ pkg: "moe-layers", layer: `${this.prefix}.gate`, role: "wgrad", precision: "f32" });
-    if (this.shared) b.addInto(dx, this.shared.backward(dy));
+    if (this.shared) this.shared.backward(dy, dx);
     return dx;
   }
 

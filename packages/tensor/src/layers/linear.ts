@@ -162,8 +162,11 @@ export class Linear {
     return y;
   }
 
-  /** Accumulates dW into the weight's gradient and returns dx. */
-  backward(dy: Tensor): Tensor {
+  /**
+   * Accumulates dW into the weight's gradient and returns dx, or adds dx into `into` (the Dgrad
+   * GEMM accumulates there: no separate dx and addInto when several branches read one input).
+   */
+  backward(dy: Tensor, into: Tensor | null = null): Tensor {
     const s = this.saved.pop();
     if (!s) throw new Error(`${this.site.layer}: backward without a saved forward`);
     const b = this.b;
@@ -185,13 +188,18 @@ export class Linear {
         precision: "fp8",
         outBf16: out,
         promotion: pol.promotion,
+        accumulate: into ?? undefined,
       });
     } else {
       // dy rounded to BF16 once when both Dgrad and Wgrad read it in BF16.
       const bf16 = dg.precision === "bf16";
       if (bf16 && pol.wgrad.precision === "bf16") dy = dyb = b.cast(dy, "bf16");
       const w = bf16 ? b.cast(this.weight.value, "bf16") : this.weight.value;
-      dx = this.mm(dy, w, s.offsets, { precision: gemmPrecision(dg.precision), outBf16: out });
+      dx = this.mm(dy, w, s.offsets, {
+        precision: gemmPrecision(dg.precision),
+        outBf16: out,
+        accumulate: into ?? undefined,
+      });
       if (w !== this.weight.value) b.release(w);
     }
 

@@ -222,7 +222,10 @@ export function opSuite(name: string, make: () => Backend): void {
               await same((b) => {
                 const A = b.upload(a, transA ? [K, M] : [M, K]);
                 const B = b.upload(bb, transB ? [N, K] : [K, N]);
-                return { c16: b.matmul(A, B, { transA, transB, precision, outBf16: true }) };
+                // Accumulating a BF16 output adds the rounded product (layers sum branch Dgrads so).
+                const acc = b.upload(c0, [M, N]);
+                b.matmul(A, B, { transA, transB, precision, outBf16: true, accumulate: acc });
+                return { c16: b.matmul(A, B, { transA, transB, precision, outBf16: true }), acc };
               }, 1e-2);
           }
     });

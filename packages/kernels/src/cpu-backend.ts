@@ -199,9 +199,22 @@ export class CpuBackend extends HostLifetimes implements Backend {
    */
   private values(t: Tensor, lowp = true): Float32Array {
     if (t.dtype !== "bf16" || !lowp) return f32(t);
-    const x = new Float32Array(t.size);
+    const x = this.decodeScratch(t.size);
     this.n.castBf16ToF32(host(t) as Uint16Array, x);
     return x;
+  }
+
+  // Decoded BF16 operands live only for the duration of one native call, so a few grow-only
+  // buffers, used round-robin, replace an allocation (and its zero fill) per operand. An op
+  // decodes at most five inputs (attention backward), fewer than the ring holds.
+  private readonly decodeRing: Float32Array[] = [];
+  private decodeNext = 0;
+  private decodeScratch(n: number): Float32Array {
+    const i = this.decodeNext;
+    this.decodeNext = (i + 1) % 8;
+    let buf = this.decodeRing[i];
+    if (!buf || buf.length < n) this.decodeRing[i] = buf = new Float32Array(n);
+    return buf.subarray(0, n);
   }
 
   private inputsFor(c: Float32Array, ...xs: HostArray[]): HostArray[] {

@@ -731,8 +731,9 @@ export class CudaBackend extends HostLifetimes implements Backend {
       let B = b;
       const tmps: Tensor[] = [];
       if (o.precision === "bf16") {
-        if (a.dtype !== "bf16") tmps.push((A = this.cast(a, "bf16")));
-        if (b.dtype !== "bf16") tmps.push((B = this.cast(b, "bf16")));
+        // cuBLASLt reads BF16: bf16 tensors as they are, f32 ones through a rounded copy.
+        [A, B] = [a, b].map((t) => (t.dtype === "bf16" ? t : this.cast(t, "bf16")));
+        tmps.push(...[A, B].filter((t) => t !== a && t !== b));
       }
       const t = o.precision === "bf16" ? "bf16" : "f32";
       const ok = this.tryLt(

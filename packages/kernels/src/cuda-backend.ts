@@ -40,11 +40,10 @@ import {
   Tensor,
 } from "@moe8/tensor";
 import type { DeviceBuffer } from "../native.d.cts";
+import { loadNative, type NativeAddon } from "./index.ts";
 
 /** Device memory a kernel reads: a tensor's own, or a scratch copy that free() gives back. */
 type Operand = { ptr: number; free(): void };
-
-import { loadNative, type NativeAddon } from "./index.ts";
 
 const GROUP: Record<QuantGroup, number> = { tile: 0, block: 1, "column-tile": 2, row: 3, tensor: 4 };
 const FMT: Record<Fp8Format, number> = { e4m3: 0, e5m2: 1 };

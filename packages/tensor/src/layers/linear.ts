@@ -71,10 +71,11 @@ interface Saved {
 }
 
 /**
- * FP8 copies of one input shared by the Linears that read it (gate and up, q and kv_a): the
- * input is quantised once in forward, and its Wgrad column tiles are made once in backward. The
- * copies are the same values either way; sharing saves the second quantisation of the same bytes.
- * Create one per input per forward and pass it to each Linear that reads that input.
+ * Low-precision copies of one input shared by the Linears that read it (gate and up, q and kv_a):
+ * under FP8 the input is quantised once in forward and its Wgrad column tiles are made once in
+ * backward; under BF16 it is rounded once. The copies are the same values either way; sharing saves
+ * the second pass over the same bytes. Create one per input per forward and pass it to each Linear
+ * that reads that input.
  */
 export class QuantMemo {
   private readonly m = new Map<string, Tensor>();

@@ -11,7 +11,7 @@ import { cli, tmp } from "./helpers.ts";
 const STEPS = 240;
 
 describe("loss parity on tiny (native backend)", () => {
-  it(`fp8 ends within 3% of bf16 over ${STEPS} steps; fp8-unscaled does not`, () => {
+  it(`fp8 ends within 3% of bf16 over ${STEPS} steps (mean of two seeds); fp8-unscaled does not`, () => {
     const common = [
       "--config",
       "tiny",
@@ -26,8 +26,9 @@ describe("loss parity on tiny (native backend)", () => {
       "--yardsticks=false",
       "--json",
     ];
-    const run = (precision: string) => {
-      const r = cli(["parity", ...common, "--precision", precision, "--out", tmp(`parity-${precision}`)]);
+    const run = (precision: string, seeds = 1) => {
+      const args = ["parity", ...common, "--precision", precision, "--seeds", String(seeds)];
+      const r = cli([...args, "--out", tmp(`parity-${precision}`)]);
       expect(r.status, r.stderr).toBe(0);
       return JSON.parse(r.stdout.trim().split("\n").at(-1)!).comparisons as {
         label: string;
@@ -35,7 +36,9 @@ describe("loss parity on tiny (native backend)", () => {
         valRelDiff: number;
       }[];
     };
-    const fp8 = run("fp8");
+    // Two seeds: one run's end point moves by a few percent under any small numerical change
+    // (a precision swap, a reordered sum), so the mean of two is what is held to 3%.
+    const fp8 = run("fp8", 2);
     console.log(
       fp8
         .map(

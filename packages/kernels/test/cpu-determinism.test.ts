@@ -1,7 +1,7 @@
 // Runs on the cpu backend are bit-for-bit repeatable (RUNTIME.md rule 7): the same call twice gives
 // identical bits, for the ops whose parallel reductions could otherwise depend on thread timing.
 import type { Backend, Tensor } from "@moe8/tensor";
-import { Rng } from "@moe8/tensor/testing";
+import { attentionForwardBackward, Rng } from "@moe8/tensor/testing";
 import { describe, expect, it } from "vitest";
 import { CpuBackend } from "../src/cpu-backend.ts";
 import { createBackend } from "../src/index.ts";
@@ -31,21 +31,8 @@ describe("cpu backend determinism", () => {
   const rng = new Rng(7);
 
   it("attention forward and backward (f32 and bf16) are bit-identical across runs", async () => {
-    const [B, T, H, dqk, dv] = [4, 200, 4, 48, 32];
-    const q = rng.normals(B * T * H * dqk);
-    const k = rng.normals(B * T * H * dqk);
-    const v = rng.normals(B * T * H * dv);
-    const dO = rng.normals(B * T * H * dv);
-    for (const precision of ["f32", "bf16"] as const)
-      await twice(() => {
-        const opts = { batch: B, seq: T, heads: H, scale: 1 / Math.sqrt(dqk), precision };
-        const Q = be.upload(q, [B * T, H * dqk]);
-        const K = be.upload(k, [B * T, H * dqk]);
-        const V = be.upload(v, [B * T, H * dv]);
-        const { o, lse } = be.attention(Q, K, V, opts);
-        const g = be.attentionBackward(be.upload(dO, [B * T, H * dv]), Q, K, V, o, lse, opts);
-        return [o, lse, g.dq, g.dk, g.dv];
-      });
+    const run = attentionForwardBackward(rng, 4, 200, 4, 48, 32);
+    for (const precision of ["f32", "bf16"] as const) await twice(() => Object.values(run(precision)(be)));
   });
 
   it("gemm (f32, bf16, fp8) is bit-identical across runs", async () => {

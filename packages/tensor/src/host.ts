@@ -153,7 +153,6 @@ export abstract class HostLifetimes {
   }
 }
 
-/** The typed array behind a host tensor, checked for use after dispose. */
 /** Elements per row (first dimension) of t, after checking rows [start, start + count) exist. */
 export function rowSpan(t: Tensor, start: number, count: number, op: string): number {
   const n = t.shape[0] ?? 0;
@@ -163,6 +162,7 @@ export function rowSpan(t: Tensor, start: number, count: number, op: string): nu
   return n === 0 ? 0 : t.size / n;
 }
 
+/** The typed array behind a host tensor, checked for use after dispose. */
 export function host(t: Tensor): HostArray {
   if (t.disposed || t.storage == null) throw new Error(`use of a disposed tensor ${t}`);
   return t.storage as HostArray;

@@ -1,2 +1,2 @@
-export { ODD_SIZES, opSuite } from "./op-suite.ts";
+export { attentionForwardBackward, ODD_SIZES, opSuite } from "./op-suite.ts";
 export { Rng, relErr } from "./random.ts";

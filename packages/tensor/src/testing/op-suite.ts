@@ -26,6 +26,27 @@ async function readAll(b: Backend, c: Case): Promise<[string, HostArray, string]
   });
 }
 
+/**
+ * Causal attention forward and backward on random q, k, v and dO of one shape (drawn once from rng),
+ * per precision: the outputs o, lse, dq, dk, dv.
+ */
+export function attentionForwardBackward(rng: Rng, B: number, T: number, H: number, dqk: number, dv: number) {
+  const q = rng.normals(B * T * H * dqk);
+  const k = rng.normals(B * T * H * dqk);
+  const v = rng.normals(B * T * H * dv);
+  const dO = rng.normals(B * T * H * dv);
+  return (precision: "f32" | "bf16") =>
+    (b: Backend): Record<string, Tensor> => {
+      const opts = { batch: B, seq: T, heads: H, scale: 1 / Math.sqrt(dqk), precision };
+      const Q = b.upload(q, [B * T, H * dqk]);
+      const K = b.upload(k, [B * T, H * dqk]);
+      const V = b.upload(v, [B * T, H * dv]);
+      const { o, lse } = b.attention(Q, K, V, opts);
+      const g = b.attentionBackward(b.upload(dO, [B * T, H * dv]), Q, K, V, o, lse, opts);
+      return { o, lse, dq: g.dq, dk: g.dk, dv: g.dv };
+    };
+}
+
 /** Sizes that are not multiples of 128 or of any SIMD width, and some that are. */
 export const ODD_SIZES = [1, 3, 17, 64, 129, 200];
 
@@ -365,23 +386,8 @@ export function opSuite(name: string, make: () => Backend): void {
       }, 2e-5);
     });
 
-    /** Causal attention forward and backward on random q, k, v and dO of one shape, per precision. */
-    function attentionCase(B: number, T: number, H: number, dqk: number, dv: number) {
-      const q = rng.normals(B * T * H * dqk);
-      const k = rng.normals(B * T * H * dqk);
-      const v = rng.normals(B * T * H * dv);
-      const dO = rng.normals(B * T * H * dv);
-      return (precision: "f32" | "bf16"): Case =>
-        (b) => {
-          const opts = { batch: B, seq: T, heads: H, scale: 1 / Math.sqrt(dqk), precision };
-          const Q = b.upload(q, [B * T, H * dqk]);
-          const K = b.upload(k, [B * T, H * dqk]);
-          const V = b.upload(v, [B * T, H * dv]);
-          const { o, lse } = b.attention(Q, K, V, opts);
-          const g = b.attentionBackward(b.upload(dO, [B * T, H * dv]), Q, K, V, o, lse, opts);
-          return { o, lse, dq: g.dq, dk: g.dk, dv: g.dv };
-        };
-    }
+    const attentionCase = (B: number, T: number, H: number, dqk: number, dv: number) =>
+      attentionForwardBackward(rng, B, T, H, dqk, dv);
 
     it("causal attention forward and backward, f32 and bf16", async () => {
       const run = attentionCase(2, 19, 3, 24, 16);

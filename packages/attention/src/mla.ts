@@ -5,6 +5,7 @@
 //   o   = causal softmax(q k^T / sqrt(dn + dr)) v;  out = o Wo^T
 import {
   type Backend,
+  intoBf16,
   Linear,
   type LinearPrecision,
   Param,
@@ -183,11 +184,7 @@ export class MLA {
     drop(kvb, knope, kpe);
     if (this.precision.core === "bf16") {
       // The core rounds q, k and v to BF16 anyway: keep those copies for backward at half the bytes.
-      [q, k, v] = [q, k, v].map((t) => {
-        const t16 = b.cast(t, "bf16");
-        drop(t);
-        return t16;
-      });
+      [q, k, v] = [q, k, v].map((t) => intoBf16(b, t));
     }
     const { o, lse } = b.attention(q, k, v, this.attnOpts(shape));
     this.saved.push({ a, qa, qaRstd, c, cRstd: cn.rstd, q, k, v, o, lse, shape });

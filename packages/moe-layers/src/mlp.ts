@@ -2,6 +2,7 @@
 // with grouped weights, for the routed experts (one grouped GEMM per projection, not one per expert).
 import {
   type Backend,
+  intoBf16,
   Linear,
   type LinearPrecision,
   Param,
@@ -68,9 +69,7 @@ export class SwiGluMlp {
     if (this.gate.precision.outputs === "bf16" && this.up.precision.outputs === "bf16") {
       // The projections round their outputs to BF16, so BF16 storage keeps g and u exactly for the
       // backward in half the bytes (the routed experts' pair is 2 x [tokens*k, inter] per layer).
-      this.saved.push({ g: this.b.cast(g, "bf16"), u: this.b.cast(u, "bf16") });
-      g.dispose();
-      u.dispose();
+      this.saved.push({ g: intoBf16(this.b, g), u: intoBf16(this.b, u) });
     } else {
       this.saved.push({ g, u });
     }

@@ -2,7 +2,14 @@
 // bias, fine-grained routed SwiGLU experts run as grouped GEMMs over expert-sorted rows, shared
 // experts on every token, auxiliary-loss-free balancing (the bias, updated after each step) and the
 // complementary sequence-wise balance loss. No token is dropped. Routing never leaves the device.
-import { type Backend, type LinearPrecision, Param, type PrecisionTrace, type Tensor } from "@moe8/tensor";
+import {
+  type Backend,
+  intoBf16,
+  type LinearPrecision,
+  Param,
+  type PrecisionTrace,
+  type Tensor,
+} from "@moe8/tensor";
 import { type InitFn, SwiGluMlp } from "./mlp.ts";
 
 export interface MoeConfig {
@@ -130,8 +137,7 @@ export class MoELayer {
     let y = b.moeCombine(ys, p.slot, r.weights);
     // Backward reads ys only for d(weights): when the experts round their outputs to BF16, BF16
     // storage keeps it exactly in half the bytes (k rows of d per token and layer).
-    const ysSaved = this.experts.outputsBf16 ? b.cast(ys, "bf16") : ys;
-    if (ysSaved !== ys) b.release(ys);
+    const ysSaved = this.experts.outputsBf16 ? intoBf16(b, ys) : ys;
     if (this.shared) {
       // The sum is the layer's output; its two terms are needed by nothing else.
       const routed = y;

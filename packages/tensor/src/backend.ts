@@ -229,3 +229,14 @@ export function requantizeViaF32(b: Backend, q: Tensor, opts: QuantizeOptions): 
   b.release(x);
   return out;
 }
+
+/**
+ * t in BF16 storage, releasing the f32 original: how layers keep for backward a tensor whose values
+ * are BF16 anyway (a BF16-rounded GEMM output, an input the consuming op rounds), exactly, at half
+ * the bytes.
+ */
+export function intoBf16(b: Backend, t: Tensor): Tensor {
+  const t16 = b.cast(t, "bf16");
+  b.release(t);
+  return t16;
+}

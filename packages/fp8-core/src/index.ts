@@ -1,4 +1,5 @@
 // @moe8/fp8-core: the numerical reference every backend is tested against (see FP8.md).
+export { oneLine, UsageError } from "./errors.ts";
 export {
   decodeBf16,
   decodeFp8,

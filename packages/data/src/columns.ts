@@ -1,6 +1,8 @@
 // The token column: which Arrow types it may have, and turning one record batch of it into documents.
+
+import { UsageError } from "@moe8/fp8-core";
 import { DataType, type RecordBatch, type Schema } from "apache-arrow";
-import { DataError, reason } from "./errors.ts";
+import { reason } from "./errors.ts";
 
 /**
  * Accepts List or LargeList of any integer type. Ours are List<Int32>; Hugging Face `datasets` writes
@@ -10,12 +12,12 @@ export function checkTokenColumn(schema: Schema, column: string, file: string): 
   const field = schema.fields.find((f) => f.name === column);
   if (!field) {
     const names = schema.fields.map((f) => f.name).join(", ");
-    throw new DataError(`${file}: missing column "${column}" (the file has: ${names || "no columns"})`);
+    throw new UsageError(`${file}: missing column "${column}" (the file has: ${names || "no columns"})`);
   }
   const type = field.type;
   const isList = DataType.isList(type) || DataType.isLargeList(type);
   if (!isList || !DataType.isInt(type.children[0]?.type)) {
-    throw new DataError(
+    throw new UsageError(
       `${file}: column "${column}" has type ${String(type)}, expected List<Int32> (or List/LargeList<Int64>)`,
     );
   }
@@ -38,14 +40,14 @@ export function docsFromBatch(batch: RecordBatch, ctx: DecodeContext): Int32Arra
     return extractDocs(batch, ctx);
   } catch (err) {
     // apache-arrow decodes a batch whose body was cut short into missing or short buffers.
-    if (err instanceof DataError) throw err;
-    throw new DataError(`${ctx.file}: truncated or corrupt Arrow IPC stream (${reason(err)})`);
+    if (err instanceof UsageError) throw err;
+    throw new UsageError(`${ctx.file}: truncated or corrupt Arrow IPC stream (${reason(err)})`);
   }
 }
 
 function extractDocs(batch: RecordBatch, ctx: DecodeContext): Int32Array[] {
   const vector = batch.getChild(ctx.column);
-  if (!vector) throw new DataError(`${ctx.file}: missing column "${ctx.column}"`);
+  if (!vector) throw new UsageError(`${ctx.file}: missing column "${ctx.column}"`);
   const limit = ctx.vocabSize ?? 2 ** 31;
   const docs: Int32Array[] = [];
   let row = ctx.rowBase;
@@ -53,7 +55,7 @@ function extractDocs(batch: RecordBatch, ctx: DecodeContext): Int32Array[] {
     const offsets = data.valueOffsets as Int32Array | BigInt64Array;
     const child = data.children[0];
     if (!child || !offsets || !child.values) throw new Error("record batch without its list buffers");
-    if (child.nullCount > 0) throw new DataError(`${ctx.file}: column "${ctx.column}" has null token ids`);
+    if (child.nullCount > 0) throw new UsageError(`${ctx.file}: column "${ctx.column}" has null token ids`);
     const values = child.values as IntArray | BigInt64Array | BigUint64Array;
     for (let i = 0; i < data.length; i++, row++) {
       if (data.nullCount > 0 && !data.getValid(i)) {
@@ -82,7 +84,7 @@ function toCheckedInt32(
     const v = Number(values[j]);
     if (v < 0 || v >= limit) {
       const range = ctx.vocabSize === undefined ? "the Int32 range" : `the vocabulary [0, ${ctx.vocabSize})`;
-      throw new DataError(
+      throw new UsageError(
         `${ctx.file}: token id ${v} in column "${ctx.column}" (row ${row}) is outside ${range}`,
       );
     }

@@ -3,9 +3,9 @@
 // without keeping the data in memory. Opening reads every shard once, one record batch at a time.
 import { createHash } from "node:crypto";
 import { basename, dirname, join } from "node:path";
+import { UsageError } from "@moe8/fp8-core";
 import { MessageHeader, type Schema } from "apache-arrow";
 import { checkTokenColumn, docsFromBatch } from "./columns.ts";
-import { DataError } from "./errors.ts";
 import { statOrThrow } from "./files.ts";
 import { decodeBatch, readMessageAt, scanStream } from "./ipc-scan.ts";
 import { MANIFEST_FILE, type Manifest, readManifest } from "./manifest.ts";
@@ -110,7 +110,7 @@ async function checkSizes(manifestPath: string, manifest: Manifest, files: strin
   for (let i = 0; i < files.length; i++) {
     const st = await statOrThrow(files[i], `shard listed in ${manifestPath}`);
     if (st.size !== manifest.shards[i].bytes) {
-      throw new DataError(`${files[i]}: ${st.size} bytes but the manifest says ${manifest.shards[i].bytes}`);
+      throw new UsageError(`${files[i]}: ${st.size} bytes but the manifest says ${manifest.shards[i].bytes}`);
     }
   }
 }
@@ -124,12 +124,12 @@ function checkShard(
 ) {
   const [docs, tokens] = index.perShard[i];
   if (sha !== undefined && sha !== entry.sha256) {
-    throw new DataError(`${file}: sha256 ${sha} does not match the manifest's ${entry.sha256}`);
+    throw new UsageError(`${file}: sha256 ${sha} does not match the manifest's ${entry.sha256}`);
   }
   if (docs !== entry.documents)
-    throw new DataError(`${file}: ${docs} documents but the manifest says ${entry.documents}`);
+    throw new UsageError(`${file}: ${docs} documents but the manifest says ${entry.documents}`);
   if (tokens !== entry.tokens)
-    throw new DataError(`${file}: ${tokens} tokens but the manifest says ${entry.tokens}`);
+    throw new UsageError(`${file}: ${tokens} tokens but the manifest says ${entry.tokens}`);
 }
 
 class IndexBuilder {
@@ -160,7 +160,7 @@ class IndexBuilder {
         checkTokenColumn(schema, this.column, file);
         this.schemaBytes[shard] = msg.bytes;
       } else if (msg.header === MessageHeader.DictionaryBatch) {
-        throw new DataError(`${file}: dictionary-encoded columns are not supported`);
+        throw new UsageError(`${file}: dictionary-encoded columns are not supported`);
       } else if (msg.header === MessageHeader.RecordBatch) {
         const batch = decodeBatch(file, this.schemaBytes[shard], msg.bytes);
         const rowBase = this.docs.length - docs0;

@@ -1,6 +1,7 @@
 // Small filesystem helpers shared by the writer, the manifest and prepareData.
 import { open, rename, rm, stat, writeFile } from "node:fs/promises";
-import { DataError, reason } from "./errors.ts";
+import { UsageError } from "@moe8/fp8-core";
+import { reason } from "./errors.ts";
 
 /** Writes through a temporary file, fsyncs and renames, so readers never see half a file. */
 export async function writeFileAtomic(path: string, data: string | Uint8Array): Promise<void> {
@@ -26,7 +27,7 @@ export async function statOrThrow(path: string, what: string) {
     return await stat(path);
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
-    if (code === "ENOENT") throw new DataError(`${path}: ${what} not found`);
-    throw new DataError(`${path}: cannot read ${what} (${reason(err)})`);
+    if (code === "ENOENT") throw new UsageError(`${path}: ${what} not found`);
+    throw new UsageError(`${path}: cannot read ${what} (${reason(err)})`);
   }
 }

@@ -1,7 +1,6 @@
 // @moe8/data: Arrow IPC stream token datasets (*.arrows + manifest.json), tokenizers, the loader.
 export { tokenBatch, tokenSchema } from "./arrow-build.ts";
 export { type Block, type Dataset, type OpenOptions, openDataset, readBlockDocs } from "./dataset.ts";
-export { DataError } from "./errors.ts";
 export { type Batch, type Cursor, type LoaderOptions, TokenLoader } from "./loader.ts";
 export {
   checkVocab,

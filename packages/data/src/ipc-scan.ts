@@ -3,8 +3,9 @@
 // batch directly (random access into a stream file) instead of re-reading the shard from the start.
 import type { Hash } from "node:crypto";
 import { open } from "node:fs/promises";
+import { UsageError } from "@moe8/fp8-core";
 import { Message, MessageHeader, RecordBatch, RecordBatchReader } from "apache-arrow";
-import { DataError, reason } from "./errors.ts";
+import { reason } from "./errors.ts";
 
 export interface StreamMessage {
   header: MessageHeader;
@@ -27,7 +28,7 @@ export async function* scanStream(path: string, hash?: Hash): AsyncGenerator<Str
   try {
     const size = (await fh.stat()).size;
     let pos = 0;
-    const fail = (what: string) => new DataError(`${path}: truncated or corrupt Arrow IPC stream (${what})`);
+    const fail = (what: string) => new UsageError(`${path}: truncated or corrupt Arrow IPC stream (${what})`);
     const read = async (n: number, what: string): Promise<Buffer> => {
       if (pos + n > size) throw fail(`${what} at byte ${pos} needs ${n} bytes but the file ends at ${size}`);
       const buf = Buffer.allocUnsafe(n);
@@ -38,7 +39,7 @@ export async function* scanStream(path: string, hash?: Hash): AsyncGenerator<Str
       return buf;
     };
     if (size >= 6 && (await fh.read(Buffer.alloc(6), 0, 6, 0)).buffer.toString("latin1") === "ARROW1") {
-      throw new DataError(`${path}: an Arrow IPC file (random-access format); expected the stream format`);
+      throw new UsageError(`${path}: an Arrow IPC file (random-access format); expected the stream format`);
     }
     let first = true;
     let ended = false;
@@ -88,7 +89,7 @@ export async function readMessageAt(path: string, offset: number, length: number
     const buf = Buffer.allocUnsafe(length);
     const { bytesRead } = await fh.read(buf, 0, length, offset);
     if (bytesRead !== length) {
-      throw new DataError(
+      throw new UsageError(
         `${path}: truncated Arrow IPC stream (record batch at byte ${offset} is cut short)`,
       );
     }
@@ -106,7 +107,7 @@ export function decodeBatch(path: string, schemaBytes: Uint8Array, batchBytes: U
     if (next.done || !(next.value instanceof RecordBatch)) throw new Error("no record batch decoded");
     return next.value;
   } catch (err) {
-    if (err instanceof DataError) throw err;
-    throw new DataError(`${path}: truncated or corrupt Arrow IPC stream (${reason(err)})`);
+    if (err instanceof UsageError) throw err;
+    throw new UsageError(`${path}: truncated or corrupt Arrow IPC stream (${reason(err)})`);
   }
 }

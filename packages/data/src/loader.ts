@@ -9,8 +9,9 @@
 //
 // Memory: the dataset index (4 bytes a document plus one entry per record batch) and one shuffle group
 // (plan.ts) of documents at a time; data of any size is read incrementally.
+
+import { UsageError } from "@moe8/fp8-core";
 import { type Dataset, type OpenOptions, openDataset, readBlockDocs } from "./dataset.ts";
-import { DataError } from "./errors.ts";
 import { type BlockDocs, type EpochPlan, groupTrainDocs, planEpoch } from "./plan.ts";
 import { Rng } from "./prng.ts";
 import { type Split, splitDocuments } from "./split.ts";
@@ -80,7 +81,7 @@ export class TokenLoader {
       ["batchSize", batchSize],
     ] as const) {
       if (!Number.isSafeInteger(v) || v < 1)
-        throw new DataError(`TokenLoader: ${name} must be a positive integer, got ${v}`);
+        throw new UsageError(`TokenLoader: ${name} must be a positive integer, got ${v}`);
     }
     const minValTokens = (options.minValWindows ?? Math.max(8, batchSize)) * (seqLen + 1);
     this.split = splitDocuments(dataset.docLengths, { ...options, minValTokens }, dataset.path);
@@ -95,7 +96,7 @@ export class TokenLoader {
     this.epochState = c ? [...c.rngState] : Rng.fromSeed(options.seed ?? 0).state();
     this.plan = planEpoch(this.blockDocs, this.epochState, this.shuffleTokens);
     if (this.docIndex > this.plan.order.length) {
-      throw new DataError(
+      throw new UsageError(
         `data cursor: docIndex ${this.docIndex} is past the epoch's ${this.plan.order.length} documents`,
       );
     }
@@ -247,9 +248,9 @@ function checkCursor(c: Cursor, fingerprint: string, where: string): void {
     c.rngState.length === 4 &&
     c.rngState.every((x) => Number.isInteger(x) && x >= 0 && x < 2 ** 32) &&
     c.rngState.some((x) => x !== 0);
-  if (!ok) throw new DataError(`data cursor: malformed ${JSON.stringify(c)}`);
+  if (!ok) throw new UsageError(`data cursor: malformed ${JSON.stringify(c)}`);
   if (c.dataset !== fingerprint) {
-    throw new DataError(
+    throw new UsageError(
       `data cursor: saved for other data or another split (${c.dataset}), not ${where} (${fingerprint})`,
     );
   }

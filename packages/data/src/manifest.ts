@@ -2,7 +2,8 @@
 // before training on them.
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
-import { DataError, reason } from "./errors.ts";
+import { UsageError } from "@moe8/fp8-core";
+import { reason } from "./errors.ts";
 import { writeFileAtomic } from "./files.ts";
 
 export const MANIFEST_FORMAT = "moe8-tokens/1";
@@ -39,20 +40,20 @@ export async function readManifest(dir: string): Promise<Manifest> {
     text = await readFile(path, "utf8");
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
-    throw new DataError(`${path}: ${code === "ENOENT" ? "manifest not found" : reason(err)}`);
+    throw new UsageError(`${path}: ${code === "ENOENT" ? "manifest not found" : reason(err)}`);
   }
   let json: unknown;
   try {
     json = JSON.parse(text);
   } catch (err) {
-    throw new DataError(`${path}: not valid JSON (${reason(err)})`);
+    throw new UsageError(`${path}: not valid JSON (${reason(err)})`);
   }
   return validateManifest(json, path);
 }
 
 function validateManifest(json: unknown, path: string): Manifest {
-  const bad = (field: string, what: string) => new DataError(`${path}: field "${field}" ${what}`);
-  if (typeof json !== "object" || json === null) throw new DataError(`${path}: not a JSON object`);
+  const bad = (field: string, what: string) => new UsageError(`${path}: field "${field}" ${what}`);
+  if (typeof json !== "object" || json === null) throw new UsageError(`${path}: not a JSON object`);
   const m = json as Record<string, unknown>;
   if (m.format !== MANIFEST_FORMAT)
     throw bad("format", `must be "${MANIFEST_FORMAT}", got ${JSON.stringify(m.format)}`);
@@ -112,7 +113,7 @@ export function checkVocab(
 ): void {
   const ok = options.allowLarger ? modelVocab >= manifest.vocab_size : modelVocab === manifest.vocab_size;
   if (!ok) {
-    throw new DataError(
+    throw new UsageError(
       `tokenizer/vocabulary mismatch: the dataset's ${manifest.tokenizer.type} tokenizer has vocab_size ` +
         `${manifest.vocab_size} but the model's vocab_size is ${modelVocab}`,
     );

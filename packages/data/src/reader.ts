@@ -2,9 +2,10 @@
 // batch in memory at a time, whatever the size of the file.
 import { createReadStream } from "node:fs";
 import { open } from "node:fs/promises";
+import { UsageError } from "@moe8/fp8-core";
 import { RecordBatchReader } from "apache-arrow";
 import { checkTokenColumn, docsFromBatch } from "./columns.ts";
-import { DataError, reason } from "./errors.ts";
+import { reason } from "./errors.ts";
 import { statOrThrow } from "./files.ts";
 import { END_OF_STREAM, NO_END } from "./ipc-scan.ts";
 
@@ -26,7 +27,7 @@ export async function* readShardDocuments(
   } catch (err) {
     throw corrupt(path, err);
   }
-  if (!reader.schema) throw new DataError(`${path}: not an Arrow IPC stream (no schema message)`);
+  if (!reader.schema) throw new UsageError(`${path}: not an Arrow IPC stream (no schema message)`);
   checkTokenColumn(reader.schema, column, path);
   let rowBase = 0;
   while (true) {
@@ -66,7 +67,7 @@ async function openReader(path: string) {
   return reader;
 }
 
-function corrupt(path: string, err: unknown): DataError {
-  if (err instanceof DataError) return err;
-  return new DataError(`${path}: truncated or corrupt Arrow IPC stream (${reason(err)})`);
+function corrupt(path: string, err: unknown): UsageError {
+  if (err instanceof UsageError) return err;
+  return new UsageError(`${path}: truncated or corrupt Arrow IPC stream (${reason(err)})`);
 }

@@ -1,6 +1,6 @@
 // The train/validation split, by whole documents so no validation text is ever trained on. It depends
 // only on the data (not on the seed), so every run on a dataset validates on the same documents.
-import { DataError } from "./errors.ts";
+import { UsageError } from "@moe8/fp8-core";
 
 export interface SplitOptions {
   /** Share of the tokens held out (default 0.01); 0 disables validation. */
@@ -41,7 +41,7 @@ export function splitDocuments(docLengths: Int32Array, options: SplitOptions = {
   }
   const train = ids.filter((i) => !isVal[i]);
   const val = ids.filter((i) => isVal[i] === 1);
-  if (train.length === 0) throw new DataError(`${where}: no training tokens (all documents are empty)`);
+  if (train.length === 0) throw new UsageError(`${where}: no training tokens (all documents are empty)`);
   return { train, val };
 }
 

@@ -2,7 +2,7 @@
 // concatenated in file order: what `eval` averages its loss over, so the number is reproducible.
 import { stat } from "node:fs/promises";
 import { join } from "node:path";
-import { DataError } from "./errors.ts";
+import { UsageError } from "@moe8/fp8-core";
 import { type Manifest, readManifest } from "./manifest.ts";
 import { readShardDocuments } from "./reader.ts";
 
@@ -55,7 +55,7 @@ export async function* sequentialWindows(
 // record batch boundary or replaced by another.
 function checkCounts(file: string, entry: Manifest["shards"][number], docs: number, tokens: number): void {
   if (docs !== entry.documents || tokens !== entry.tokens) {
-    throw new DataError(
+    throw new UsageError(
       `${file}: ${docs} documents and ${tokens} tokens but the manifest says ${entry.documents} and ${entry.tokens}`,
     );
   }

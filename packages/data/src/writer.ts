@@ -4,8 +4,8 @@
 import { createHash } from "node:crypto";
 import { mkdir, open, rename, rm } from "node:fs/promises";
 import { join } from "node:path";
+import { UsageError } from "@moe8/fp8-core";
 import { StreamEncoder, tokenBatch, tokenSchema } from "./arrow-build.ts";
-import { DataError } from "./errors.ts";
 import {
   MANIFEST_FORMAT,
   type Manifest,
@@ -38,7 +38,7 @@ export async function writeShards(
 ): Promise<Manifest> {
   const tokenizer = options.tokenizer ?? { type: "byte" };
   const vocabSize = options.vocabSize ?? (tokenizer.type === "byte" ? 256 : undefined);
-  if (vocabSize === undefined) throw new DataError("writeShards: vocabSize is required for a BPE tokenizer");
+  if (vocabSize === undefined) throw new UsageError("writeShards: vocabSize is required for a BPE tokenizer");
   const column = options.column ?? "tokens";
   const bytesPerShard = options.bytesPerShard ?? (options.docsPerShard ? Infinity : 64 * 2 ** 20);
   const docsPerShard = options.docsPerShard ?? Infinity;
@@ -60,7 +60,7 @@ export async function writeShards(
   } finally {
     await shard?.abort(); // leave no half-written shard behind
   }
-  if (shards.length === 0) throw new DataError(`${outDir}: no documents to write`);
+  if (shards.length === 0) throw new UsageError(`${outDir}: no documents to write`);
   const manifest: Manifest = {
     format: MANIFEST_FORMAT,
     tokenizer,
@@ -79,7 +79,7 @@ function checkIds(doc: Doc, vocabSize: number, shard: number): void {
   for (let i = 0; i < doc.length; i++) {
     const v = doc[i];
     if (!Number.isInteger(v) || v < 0 || v >= vocabSize) {
-      throw new DataError(
+      throw new UsageError(
         `writeShards: token id ${v} (shard ${shard}) is outside the vocabulary [0, ${vocabSize})`,
       );
     }

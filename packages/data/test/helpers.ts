@@ -2,6 +2,7 @@
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { UsageError } from "@moe8/fp8-core";
 import { afterAll } from "vitest";
 
 /** A fresh temporary folder, removed when the test file finishes. */
@@ -29,7 +30,7 @@ export async function usageError(fn: () => unknown): Promise<Error> {
   try {
     await fn();
   } catch (err) {
-    if (!(err instanceof Error) || err.name !== "UsageError") throw err;
+    if (!(err instanceof UsageError)) throw err;
     return err;
   }
   throw new Error("expected a UsageError, nothing was thrown");

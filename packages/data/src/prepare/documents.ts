@@ -1,9 +1,10 @@
 // Reading documents (strings) out of input files, streaming, with the bytes read reported as they go.
 import { createReadStream } from "node:fs";
 import { createInterface } from "node:readline";
+import { UsageError } from "@moe8/fp8-core";
 import { asyncBufferFromFile, parquetMetadataAsync, parquetReadObjects, parquetSchema } from "hyparquet";
 import { compressors } from "hyparquet-compressors";
-import { DataError, reason } from "../errors.ts";
+import { reason } from "../errors.ts";
 import type { InputFile } from "./inputs.ts";
 
 export interface DocumentOptions {
@@ -69,12 +70,12 @@ async function* jsonlDocuments(
     try {
       row = JSON.parse(line);
     } catch (err) {
-      throw new DataError(`${path}:${n}: invalid JSON (${reason(err)})`);
+      throw new UsageError(`${path}:${n}: invalid JSON (${reason(err)})`);
     }
     const text = (row as Record<string, unknown> | null)?.[textField];
     if (typeof text !== "string") {
       const what = text === undefined ? "missing" : `a ${text === null ? "null" : typeof text}, not a string`;
-      throw new DataError(`${path}:${n}: field "${textField}" is ${what}`);
+      throw new UsageError(`${path}:${n}: field "${textField}" is ${what}`);
     }
     if (text.length > 0) yield text;
   }
@@ -90,11 +91,11 @@ async function* parquetDocuments(
     file = await asyncBufferFromFile(path);
     metadata = await parquetMetadataAsync(file);
   } catch (err) {
-    throw new DataError(`${path}: not a readable Parquet file (${reason(err)})`);
+    throw new UsageError(`${path}: not a readable Parquet file (${reason(err)})`);
   }
   const columns = parquetSchema(metadata).children.map((c) => c.element.name);
   if (!columns.includes(textField)) {
-    throw new DataError(`${path}: missing column "${textField}" (the file has: ${columns.join(", ")})`);
+    throw new UsageError(`${path}: missing column "${textField}" (the file has: ${columns.join(", ")})`);
   }
   // One row group at a time keeps memory bounded by the largest row group.
   let rowStart = 0;
@@ -113,7 +114,7 @@ async function* parquetDocuments(
       const text = row[textField];
       if (text === null || text === undefined) continue;
       if (typeof text !== "string")
-        throw new DataError(`${path}: row ${rowStart + i}: column "${textField}" is not text`);
+        throw new UsageError(`${path}: row ${rowStart + i}: column "${textField}" is not text`);
       if (text.length > 0) yield text;
     }
     rowStart = rowEnd;

@@ -2,7 +2,7 @@
 // folder, in sorted order so the same inputs always give the same dataset.
 import { readdir } from "node:fs/promises";
 import { basename, extname, join, relative } from "node:path";
-import { DataError } from "../errors.ts";
+import { UsageError } from "@moe8/fp8-core";
 import { statOrThrow } from "../files.ts";
 
 export type InputKind = "text" | "jsonl" | "parquet";
@@ -23,14 +23,14 @@ const KINDS: Record<string, InputKind> = {
 };
 
 export async function listInputs(inputs: string[]): Promise<InputFile[]> {
-  if (inputs.length === 0) throw new DataError("--input: no input files or folders given");
+  if (inputs.length === 0) throw new UsageError("--input: no input files or folders given");
   const files: InputFile[] = [];
   for (const input of inputs) {
     const st = await statOrThrow(input, "input file or folder");
     if (st.isDirectory()) {
       const found = await walk(input);
       if (found.length === 0)
-        throw new DataError(`${input}: no .txt, .md, .jsonl or .parquet files in this folder`);
+        throw new UsageError(`${input}: no .txt, .md, .jsonl or .parquet files in this folder`);
       for (const path of found) {
         const name = join(basename(input), relative(input, path));
         files.push({
@@ -43,7 +43,7 @@ export async function listInputs(inputs: string[]): Promise<InputFile[]> {
     } else {
       const kind = KINDS[extname(input).toLowerCase()];
       if (!kind)
-        throw new DataError(`${input}: unsupported input type (expected .txt, .md, .jsonl or .parquet)`);
+        throw new UsageError(`${input}: unsupported input type (expected .txt, .md, .jsonl or .parquet)`);
       files.push({ path: input, name: basename(input), kind, bytes: st.size });
     }
   }

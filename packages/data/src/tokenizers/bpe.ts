@@ -2,7 +2,8 @@
 // pre-tokenizer and decoder ByteLevel), so `tokenizers.Tokenizer.from_file` and transformers load
 // what we train, and GPT-2-style tokenizer.json files load here.
 import { readFile } from "node:fs/promises";
-import { DataError, reason } from "../errors.ts";
+import { UsageError } from "@moe8/fp8-core";
+import { reason } from "../errors.ts";
 import { writeFileAtomic } from "../files.ts";
 import { BpeTrainer, EOT_TOKEN, mergeWord } from "./bpe-train.ts";
 import { BYTE_TO_CHAR, CHAR_TO_BYTE, preTokenize, toByteLevel } from "./byte-level.ts";
@@ -30,13 +31,13 @@ export class BpeTokenizer implements Tokenizer {
     this.eotId = this.ids.get(EOT_TOKEN);
     this.byteIds = Int32Array.from(BYTE_TO_CHAR, (c) => {
       const id = this.ids.get(c);
-      if (id === undefined) throw new DataError(`BPE vocabulary lacks the byte token ${JSON.stringify(c)}`);
+      if (id === undefined) throw new UsageError(`BPE vocabulary lacks the byte token ${JSON.stringify(c)}`);
       return id;
     });
     merges.forEach(([a, b], rank) => {
       const [ia, ib, ic] = [this.ids.get(a), this.ids.get(b), this.ids.get(a + b)];
       if (ia === undefined || ib === undefined || ic === undefined) {
-        throw new DataError(`BPE merge ${rank} "${a} ${b}" uses a token missing from the vocabulary`);
+        throw new UsageError(`BPE merge ${rank} "${a} ${b}" uses a token missing from the vocabulary`);
       }
       this.ranks.set(ia * this.vocabSize + ib, rank);
       this.results.set(ia * this.vocabSize + ib, ic);
@@ -69,7 +70,7 @@ export class BpeTokenizer implements Tokenizer {
     for (const id of Array.from(ids)) {
       const token = this.vocab[id];
       if (token === undefined)
-        throw new DataError(`BPE decode: id ${id} is outside the vocabulary [0, ${this.vocabSize})`);
+        throw new UsageError(`BPE decode: id ${id} is outside the vocabulary [0, ${this.vocabSize})`);
       if (this.special.includes(token)) {
         text += decoder.decode(Uint8Array.from(bytes.splice(0))) + token;
         continue;
@@ -148,7 +149,7 @@ export class BpeTokenizer implements Tokenizer {
       json = JSON.parse(await readFile(path, "utf8"));
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
-      throw new DataError(
+      throw new UsageError(
         `${path}: ${code === "ENOENT" ? "tokenizer file not found" : `unreadable tokenizer.json (${reason(err)})`}`,
       );
     }
@@ -158,12 +159,12 @@ export class BpeTokenizer implements Tokenizer {
   static fromJSON(json: HfTokenizerJson, where = "tokenizer.json"): BpeTokenizer {
     const model = json?.model;
     if (model?.type !== "BPE" || typeof model.vocab !== "object" || !Array.isArray(model.merges)) {
-      throw new DataError(
+      throw new UsageError(
         `${where}: field "model" must be a BPE model with vocab and merges, got type ${JSON.stringify(model?.type)}`,
       );
     }
     if (json.pre_tokenizer?.type !== "ByteLevel") {
-      throw new DataError(
+      throw new UsageError(
         `${where}: field "pre_tokenizer" must be ByteLevel, got ${JSON.stringify(json.pre_tokenizer?.type)}`,
       );
     }
@@ -173,7 +174,7 @@ export class BpeTokenizer implements Tokenizer {
     for (const t of added) vocab[t.id] ??= t.content;
     const dense = Array.from(vocab); // holes become undefined
     if (dense.some((t) => t === undefined) || dense.length !== new Set(dense).size) {
-      throw new DataError(`${where}: field "model.vocab" must map distinct tokens to the ids 0..N-1`);
+      throw new UsageError(`${where}: field "model.vocab" must map distinct tokens to the ids 0..N-1`);
     }
     const merges = model.merges.map((m) => (typeof m === "string" ? (m.split(" ") as [string, string]) : m));
     const special = added.filter((t) => t.special).map((t) => t.content);

@@ -1,6 +1,6 @@
 // A small flag parser: `--name value`, `--name=value`, boolean `--name`, and dotted names such as
 // `--precision.attention=bf16`. Each command declares its flags; anything else is a UsageError.
-import { UsageError } from "./errors.ts";
+import { UsageError } from "@moe8/fp8-core";
 
 export type FlagKind = "string" | "number" | "int" | "boolean" | "list";
 

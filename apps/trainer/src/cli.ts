@@ -1,6 +1,7 @@
 #!/usr/bin/env bun
 // moe8 CLI entry: `bun apps/trainer/src/cli.ts <command> [flags]`, also under Node (tsx) and Deno.
-import { runCli, UsageError } from "./errors.ts";
+import { UsageError } from "@moe8/fp8-core";
+import { runCli } from "./errors.ts";
 
 type Command = (argv: string[]) => Promise<number>;
 

@@ -1,9 +1,7 @@
-// Bad input (flags, config, data, checkpoints) is reported as one line naming the thing and the
+// Bad input (flags, config, data, checkpoints, policies, backend choices) is a UsageError from
+// @moe8/fp8-core, whichever package threw it: reported as one line naming the thing and the
 // problem, with exit code 2 and no stack trace unless --debug. Everything else is a bug: exit 1.
-
-export class UsageError extends Error {
-  override name = "UsageError";
-}
+import { UsageError } from "@moe8/fp8-core";
 
 /** Runs a command, turning errors into the CLI's exit codes. */
 export async function runCli(main: () => Promise<number | undefined>, debug: boolean): Promise<never> {
@@ -11,7 +9,7 @@ export async function runCli(main: () => Promise<number | undefined>, debug: boo
     const code = (await main()) ?? 0;
     process.exit(code);
   } catch (err) {
-    if (err instanceof UsageError || (err instanceof Error && err.name === "UsageError")) {
+    if (err instanceof UsageError) {
       console.error(`error: ${err.message}`);
       if (debug) console.error(err.stack);
       process.exit(2);

@@ -2,9 +2,10 @@
 // roles (Fprop, Dgrad, Wgrad) and in BF16 and FP8, plus the grouped expert GEMMs. Reported as
 // TFLOP/s and as the ratio FP8 / BF16 measured in the same run (the BF16 baseline is cuBLASLt for
 // the dense shapes).
+
+import { UsageError } from "@moe8/fp8-core";
 import type { Backend, Tensor } from "@moe8/tensor";
 import { Rng } from "@moe8/tensor";
-import { UsageError } from "../errors.ts";
 
 /** Dense GEMMs of `small` at 16,384 tokens per step, MxNxK of the Fprop (N = output features). */
 export const SMALL_GEMM_SHAPES = [

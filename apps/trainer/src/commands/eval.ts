@@ -1,9 +1,9 @@
 // `moe8 eval --checkpoint DIR --data PATH`: mean token cross-entropy over consecutive,
 // non-overlapping windows of seq_len + 1 tokens read in order from the start of the data.
 import { sequentialWindows } from "@moe8/data";
+import { UsageError } from "@moe8/fp8-core";
 import { createBackend } from "@moe8/kernels";
 import { parseArgs } from "../args.ts";
-import { UsageError } from "../errors.ts";
 import { loadModel } from "../run/load-model.ts";
 
 export async function evaluate(argv: string[]): Promise<number> {

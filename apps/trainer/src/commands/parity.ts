@@ -3,10 +3,9 @@
 // BF16 run with another data order; FP32 against BF16) so a difference can be judged against noise.
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { describePolicy } from "@moe8/fp8-core";
+import { describePolicy, UsageError } from "@moe8/fp8-core";
 import { trainStep } from "@moe8/model";
 import { parseArgs } from "../args.ts";
-import { UsageError } from "../errors.ts";
 import { resolveModel, type TrainConfig } from "../run/config.ts";
 import { openTrainData } from "../run/data.ts";
 import { configFromArgs, TRAIN_FLAGS } from "../run/flags.ts";

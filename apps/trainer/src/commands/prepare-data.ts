@@ -1,8 +1,8 @@
 // `moe8 prepare-data --input <files or folders> --out datasets/NAME [--tokenizer byte|bpe:N|tokenizer.json]`:
 // tokenises .txt/.jsonl/.parquet text into Arrow IPC stream shards with a manifest, with a progress bar.
 import { formatProgressBar, prepareData } from "@moe8/data";
+import { UsageError } from "@moe8/fp8-core";
 import { parseArgs } from "../args.ts";
-import { UsageError } from "../errors.ts";
 
 export async function prepareDataCommand(argv: string[]): Promise<number> {
   const { flags } = parseArgs(argv, {

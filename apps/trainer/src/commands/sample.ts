@@ -3,10 +3,10 @@
 import { statSync } from "node:fs";
 import { dirname } from "node:path";
 import { ByteTokenizer, DEFAULT_DATASET_DIR, loadTokenizer, type Tokenizer } from "@moe8/data";
+import { UsageError } from "@moe8/fp8-core";
 import { createBackend } from "@moe8/kernels";
 import { Rng } from "@moe8/tensor";
 import { parseArgs } from "../args.ts";
-import { UsageError } from "../errors.ts";
 import { loadModel } from "../run/load-model.ts";
 
 async function tokenizerFor(data: string | null, vocab: number): Promise<Tokenizer> {

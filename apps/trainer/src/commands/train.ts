@@ -3,10 +3,9 @@
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import type { Cursor } from "@moe8/data";
-import { policyToJson } from "@moe8/fp8-core";
+import { policyToJson, UsageError } from "@moe8/fp8-core";
 import { hfConfig, trainStep } from "@moe8/model";
 import { parseArgs } from "../args.ts";
-import { UsageError } from "../errors.ts";
 import {
   type CheckpointFiles,
   latestValidCheckpoint,

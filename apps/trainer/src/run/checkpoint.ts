@@ -16,8 +16,8 @@ import {
   writeSync,
 } from "node:fs";
 import { join } from "node:path";
+import { UsageError } from "@moe8/fp8-core";
 import { hfConfigText } from "@moe8/model";
-import { UsageError } from "../errors.ts";
 import { readSafetensors, type StTensor, sha256File, writeSafetensors } from "./safetensors.ts";
 
 export const CHECKPOINT_VERSION = 1;

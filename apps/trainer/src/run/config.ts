@@ -1,9 +1,9 @@
 // The training run's configuration: JSON files validated by a zod schema (unknown keys and
 // out-of-range values are one-line errors naming the field), then CLI flags on top.
 import { readFileSync } from "node:fs";
+import { UsageError } from "@moe8/fp8-core";
 import { CONFIGS, type ModelConfig, STEP_SHAPES } from "@moe8/model";
 import { z } from "zod";
-import { UsageError } from "../errors.ts";
 
 const modelOverrides = z
   .object({

@@ -1,6 +1,7 @@
 // The training data of a run: the loader over the configured dataset (the bundled corpus by
 // default), checked against the model's vocabulary before anything is written.
 import { type Batch, type Cursor, checkVocab, DEFAULT_DATASET_DIR, TokenLoader } from "@moe8/data";
+import { UsageError } from "@moe8/fp8-core";
 import type { TrainConfig } from "./config.ts";
 
 export interface TrainData {
@@ -28,9 +29,8 @@ export async function openTrainData(
   const ds = loader.dataset;
   if (ds.manifest) checkVocab(ds.manifest, modelVocab, { allowLarger: true });
   else if (ds.vocabSize > modelVocab)
-    throw Object.assign(
-      new Error(`${path}: token ids reach ${ds.vocabSize - 1}, beyond the model's vocab_size ${modelVocab}`),
-      { name: "UsageError" },
+    throw new UsageError(
+      `${path}: token ids reach ${ds.vocabSize - 1}, beyond the model's vocab_size ${modelVocab}`,
     );
   return {
     description: `${path} (${ds.tokens} tokens)`,

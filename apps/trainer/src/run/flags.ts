@@ -1,6 +1,7 @@
 // The flags `train`, `parity` and `bench` share, and how they map onto a TrainConfig.
+
+import { UsageError } from "@moe8/fp8-core";
 import type { FlagSpec, ParsedArgs } from "../args.ts";
-import { UsageError } from "../errors.ts";
 import { loadConfigFile, parseConfig, type TrainConfig } from "./config.ts";
 
 export const TRAIN_FLAGS: FlagSpec = {

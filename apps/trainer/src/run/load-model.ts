@@ -1,7 +1,8 @@
 // A model restored from a checkpoint directory for eval and sample.
+
+import { UsageError } from "@moe8/fp8-core";
 import { DeepSeekModel, fromHfConfig, type ModelConfig } from "@moe8/model";
 import type { Backend } from "@moe8/tensor";
-import { UsageError } from "../errors.ts";
 import { readCheckpoint } from "./checkpoint.ts";
 import type { TrainConfig } from "./config.ts";
 import { policyOf } from "./session.ts";

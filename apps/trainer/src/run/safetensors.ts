@@ -5,7 +5,7 @@
 // file is a one-line error naming it.
 import { createHash } from "node:crypto";
 import { closeSync, fstatSync, fsyncSync, openSync, readSync, writeSync } from "node:fs";
-import { UsageError } from "../errors.ts";
+import { UsageError } from "@moe8/fp8-core";
 
 export type StDtype = "F32" | "BF16" | "I32";
 

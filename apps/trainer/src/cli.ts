@@ -12,7 +12,7 @@ const commands: Record<string, () => Promise<Command>> = {
   eval: async () => (await import("./commands/eval.ts")).evaluate,
   sample: async () => (await import("./commands/sample.ts")).sample,
   parity: async () => (await import("./commands/parity.ts")).parity,
-  bench: async () => (await import("./commands/bench.ts")).bench,
+  bench: async () => (await import("./commands/bench/index.ts")).bench,
   "prepare-data": async () => (await import("./commands/prepare-data.ts")).prepareDataCommand,
 };
 
@@ -22,7 +22,7 @@ commands:
   eval           loss of a checkpoint on data (--checkpoint DIR --data PATH [--json])
   sample         generate text from a checkpoint (--checkpoint DIR --prompt TEXT)
   parity         FP8 against BF16 loss parity (--precision fp8 --against bf16 --steps N [--sweep])
-  bench          gemm | ops | step benchmarks
+  bench          gemm | ops | step | soak benchmarks (--backend ts|cpu|cuda --precision ... [--json])
   prepare-data   tokenise text into Arrow shards (--input ... --out datasets/NAME)
   doctor         runtime, CPU/SIMD, native addon, available backends`;
 
@@ -32,7 +32,7 @@ await runCli(async () => {
     console.log(usage);
     return 0;
   }
-  const load = commands[cmd];
+  const load = Object.hasOwn(commands, cmd) ? commands[cmd] : undefined;
   if (!load) throw new UsageError(`unknown command "${cmd}" (commands: ${Object.keys(commands).join(", ")})`);
   return (await load())(rest);
 }, rest.includes("--debug"));

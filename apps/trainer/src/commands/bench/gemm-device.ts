@@ -2,10 +2,10 @@
 // roles (Fprop, Dgrad, Wgrad) and in BF16 and FP8, plus the grouped expert GEMMs. Reported as
 // TFLOP/s and as the ratio FP8 / BF16 measured in the same run (the BF16 baseline is cuBLASLt for
 // the dense shapes).
-
 import { UsageError } from "@moe8/fp8-core";
 import type { Backend, Tensor } from "@moe8/tensor";
 import { Rng } from "@moe8/tensor";
+import { formatRow } from "./timing.ts";
 
 /** Dense GEMMs of `small` at 16,384 tokens per step, MxNxK of the Fprop (N = output features). */
 export const SMALL_GEMM_SHAPES = [
@@ -131,12 +131,7 @@ export async function benchGemmDevice(
         fp8_vs_bf16: +(t.bf16[role] / t.fp8[role]).toFixed(2),
       };
       rows.push(row);
-      if (!json)
-        console.log(
-          Object.entries(row)
-            .map(([k, v]) => `${k}=${v}`)
-            .join("  "),
-        );
+      if (!json) console.log(formatRow(row));
     }
   };
   for (const shape of shapes ?? SMALL_GEMM_SHAPES) {

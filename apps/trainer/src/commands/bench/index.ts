@@ -1,0 +1,34 @@
+// `moe8 bench gemm|ops|step|soak`: benchmarks reported as numbers and as ratios against a baseline
+// measured in the same run (never asserted by timed tests). One module per benchmark, loaded when
+// chosen; they share the flags below (each reads the ones it needs).
+import { UsageError } from "@moe8/fp8-core";
+import { parseArgs } from "../../args.ts";
+
+type Benchmark = (flags: Record<string, unknown>) => Promise<number>;
+
+const BENCHMARKS: Record<string, () => Promise<Benchmark>> = {
+  gemm: async () => (await import("./gemm.ts")).benchGemm,
+  ops: async () => (await import("./ops.ts")).benchOps,
+  step: async () => (await import("./step.ts")).benchStep,
+  soak: async () => (await import("./soak.ts")).benchSoak,
+};
+
+export async function bench(argv: string[]): Promise<number> {
+  const [what, ...rest] = argv;
+  const { flags } = parseArgs(rest, {
+    backend: "string",
+    precision: "string",
+    shape: "list",
+    config: "string",
+    steps: "int",
+    "batch-size": "int",
+    "seq-len": "int",
+    json: "boolean",
+    profile: "boolean",
+    baseline: "boolean",
+    debug: "boolean",
+  });
+  const load = what !== undefined && Object.hasOwn(BENCHMARKS, what) ? BENCHMARKS[what] : undefined;
+  if (!load) throw new UsageError(`bench: unknown benchmark "${what ?? ""}" (use gemm, ops, step or soak)`);
+  return (await load())(flags);
+}

@@ -1,0 +1,60 @@
+// `moe8 bench soak`: a long training run on the real data, sampling RSS and live tensors.
+import { trainStep } from "@moe8/model";
+import { DEFAULTS, resolveModel, type TrainConfig } from "../../run/config.ts";
+import { openTrainData } from "../../run/data.ts";
+import { buildSession } from "../../run/session.ts";
+
+/**
+ * Soak: many training steps with RSS and live tensors sampled, to show memory stays flat (no leak
+ * in arenas, native buffers or the loader). Real data through the loader, as `train` runs it.
+ */
+export async function benchSoak(flags: Record<string, unknown>): Promise<number> {
+  const steps = Number(flags.steps ?? 2000);
+  const cfg: TrainConfig = {
+    ...DEFAULTS,
+    steps,
+    batchSize: Number(flags["batch-size"] ?? DEFAULTS.batchSize),
+    backend: (flags.backend ?? "auto") as "auto",
+    precision: String(flags.precision ?? "fp8"),
+  };
+  const modelCfg = resolveModel(cfg);
+  const data = await openTrainData(cfg, modelCfg.vocab_size);
+  const s = buildSession(cfg, modelCfg);
+  const b = s.backend;
+  const every = Math.max(1, Math.round(steps / 40));
+  const samples: { step: number; rss_mb: number; tensors: number; s: number }[] = [];
+  const t0 = performance.now();
+  for (let step = 1; step <= steps; step++) {
+    const batch = await data.next();
+    await b.scope(async () => {
+      const ids = b.upload(batch.ids, [batch.ids.length], "i32");
+      const tg = b.upload(batch.targets, [batch.targets.length], "i32");
+      return trainStep(s.model, s.opt, ids, tg, { batch: cfg.batchSize, seq: cfg.seqLen }, s.lrAt(step));
+    });
+    if (step % every === 0 || step === 1) {
+      const m = {
+        step,
+        rss_mb: Math.round(process.memoryUsage().rss / 2 ** 20),
+        tensors: b.stats().tensors,
+        s: Math.round((performance.now() - t0) / 1000),
+      };
+      samples.push(m);
+      if (!flags.json)
+        console.log(`step ${step}/${steps}  rss ${m.rss_mb} MB  live tensors ${m.tensors}  ${m.s}s`);
+    }
+  }
+  const second = samples.slice(Math.floor(samples.length / 2)).map((x) => x.rss_mb);
+  const summary = {
+    steps,
+    backend: b.name,
+    precision: cfg.precision,
+    rss_first_mb: samples[0].rss_mb,
+    rss_last_mb: samples.at(-1)!.rss_mb,
+    rss_max_mb: Math.max(...samples.map((x) => x.rss_mb)),
+    rss_second_half_range_mb: Math.max(...second) - Math.min(...second),
+    live_tensors: [...new Set(samples.map((x) => x.tensors))],
+  };
+  console.log(JSON.stringify(flags.json ? { ...summary, samples } : summary));
+  s.dispose();
+  return 0;
+}

@@ -1,0 +1,113 @@
+// `moe8 bench step`: training steps of `tiny` or `small` on random tokens, as ms per step, tokens/s,
+// model TFLOP/s (flops.ts), peak memory and, on cuda, MFU against the H200 GEMM ceilings;
+// `--profile` adds the time and memory per op class (profile.ts) and, on cuda, GPU time per kernel.
+import { writeFileSync } from "node:fs";
+import { UsageError } from "@moe8/fp8-core";
+import type { CudaBackend } from "@moe8/kernels";
+import { STEP_SHAPES, trainStep } from "@moe8/model";
+import { Rng } from "@moe8/tensor";
+import { DEFAULTS, resolveModel, type TrainConfig } from "../../run/config.ts";
+import { buildSession } from "../../run/session.ts";
+import { H200_BF16_GEMM_TFLOPS, H200_FP8_GEMM_TFLOPS, trainFlopsPerToken } from "./flops.ts";
+import { profileStep } from "./profile.ts";
+import { formatRow, timeIt } from "./timing.ts";
+
+export async function benchStep(flags: Record<string, unknown>): Promise<number> {
+  const configName = String(flags.config ?? "tiny");
+  if (configName !== "tiny" && configName !== "small")
+    throw new UsageError(`--config "${configName}": use tiny or small`);
+  const precisions = flags.precision ? [String(flags.precision)] : ["fp8", "bf16", "fp32"];
+  const steps = Number(flags.steps ?? 10);
+  const shape = STEP_SHAPES[configName];
+  const cfg: TrainConfig = {
+    ...DEFAULTS,
+    model: configName,
+    seqLen: Number(flags["seq-len"] ?? shape.seqLen),
+    batchSize: Number(flags["batch-size"] ?? shape.batch),
+    backend: (flags.backend ?? "auto") as "auto",
+  };
+  for (const [flag, v] of [
+    ["batch-size", cfg.batchSize],
+    ["seq-len", cfg.seqLen],
+  ] as const)
+    if (!(v >= 1)) throw new UsageError(`--${flag} ${v}: must be at least 1`);
+  const modelCfg = resolveModel(cfg);
+  const rows = [];
+  for (const precision of precisions) {
+    const s = buildSession({ ...cfg, precision }, modelCfg);
+    const b = s.backend;
+    const rng = new Rng(7);
+    const T = cfg.seqLen;
+    const B = cfg.batchSize;
+    const ids = b.keep(b.upload(rng.ints(B * T, modelCfg.vocab_size), [B * T], "i32"));
+    const tg = b.keep(b.upload(rng.ints(B * T, modelCfg.vocab_size), [B * T], "i32"));
+    (b as { resetPeakMemory?: () => void }).resetPeakMemory?.();
+    b.resetPeakBytes();
+    let peakRss = 0;
+    const ms = await timeIt(
+      async () => {
+        await trainStep(s.model, s.opt, ids, tg, { batch: B, seq: T }, 1e-3);
+        peakRss = Math.max(peakRss, process.memoryUsage().rss);
+      },
+      steps,
+      120_000,
+    );
+    const tokensPerS = (B * T * 1000) / ms;
+    const tflops = (trainFlopsPerToken(modelCfg, T) * tokensPerS) / 1e12;
+    const peakDevice = (b as { peakMemory?: () => number }).peakMemory?.();
+    const row: Record<string, unknown> = {
+      config: configName,
+      backend: b.name,
+      precision,
+      tokens_per_step: B * T,
+      ms_per_step: +ms.toFixed(1),
+      tokens_per_s: Math.round(tokensPerS),
+      model_tflops: +tflops.toFixed(3),
+      peak_rss_mb: Math.round(peakRss / 2 ** 20),
+      // Tensor bytes live at once (every backend; on cuda the allocator's figure adds size classes).
+      peak_tensor_mb: Math.round(b.peakBytes() / 2 ** 20),
+    };
+    if (peakDevice !== undefined) {
+      row.peak_device_mb = Math.round(peakDevice / 2 ** 20);
+      row.mfu_vs_bf16_ceiling = +(tflops / H200_BF16_GEMM_TFLOPS).toFixed(4);
+      row.mfu_vs_fp8_ceiling = +(tflops / H200_FP8_GEMM_TFLOPS).toFixed(4);
+    }
+    if (flags.profile) {
+      const prof = await profileStep(b, () => trainStep(s.model, s.opt, ids, tg, { batch: B, seq: T }, 1e-3));
+      // Device backends: one more step, unsynchronised, with GPU time per kernel.
+      const timeKernels = (b as { timeKernels?: CudaBackend["timeKernels"] }).timeKernels?.bind(b);
+      const gpu = timeKernels
+        ? await timeKernels(() => trainStep(s.model, s.opt, ids, tg, { batch: B, seq: T }, 1e-3))
+        : undefined;
+      const file = `bench-profile-${configName}-${b.name}-${precision}.json`;
+      writeFileSync(file, `${JSON.stringify({ ...prof, gpu }, null, 2)}\n`);
+      if (gpu) {
+        row.gpu_busy_ms = +gpu.busyMs.toFixed(1);
+        row.gpu_span_ms = +gpu.spanMs.toFixed(1);
+        row.host_issue_ms = +gpu.issuedMs.toFixed(1);
+      }
+      row.profile = file;
+      if (!flags.json) {
+        for (const p of prof.ops.slice(0, 12))
+          console.log(`  ${p.op.padEnd(34)} ${p.ms.toFixed(1).padStart(9)} ms  ${p.calls} calls`);
+        if (gpu) {
+          console.log(
+            `  GPU: busy ${gpu.busyMs.toFixed(1)} ms of a ${gpu.spanMs.toFixed(1)} ms span; host issued the step in ${gpu.issuedMs.toFixed(1)} ms`,
+          );
+          for (const k of gpu.kernels.slice(0, 25))
+            console.log(`  ${k.name.padEnd(44)} ${k.ms.toFixed(2).padStart(9)} ms  ${k.launches} launches`);
+        }
+        console.log(`  tensors live at the step's peak (${prof.peakMb} MB), by the op that made them:`);
+        for (const p of prof.liveAtPeak.slice(0, 12))
+          console.log(`  ${p.made_by.padEnd(34)} ${p.mb.toFixed(1).padStart(9)} MB  ${p.tensors} tensors`);
+      }
+    }
+    rows.push(row);
+    if (!flags.json) console.log(formatRow(row));
+    ids.dispose();
+    tg.dispose();
+    s.dispose();
+  }
+  if (flags.json) console.log(JSON.stringify(rows.length === 1 ? rows[0] : rows));
+  return 0;
+}

@@ -7,7 +7,7 @@
 #   small    small on cuda: trains without NaNs and the loss falls
 #   bench    bench step small (fp8, bf16) and the PyTorch baseline in the same call
 #   gemm     bench gemm --backend cuda: the small model's GEMMs (Fprop/Dgrad/Wgrad, BF16 and FP8)
-#   psmall   loss parity on small: fp8 against bf16, 300 steps each (the 0.5% target)
+#   psmall   loss parity on small: fp8 against bf16, 300 steps each (the 0.5% parity target)
 #   kernels  time per CUDA kernel over two small fp8 steps (nsys), when nsys is installed
 set -u
 xz -dc .gpu-bundle/bun.xz > /tmp/bun && chmod +x /tmp/bun && export PATH=/tmp:$PATH
@@ -92,7 +92,7 @@ if want bench; then
   ref=$(ls .gpu-bundle/torch_ref_moe.py 2>/dev/null || find / -xdev -name torch_ref_moe.py 2>/dev/null | head -1)
   echo "PyTorch reference: ${ref:-not found}"
   if [ -n "$ref" ]; then
-    # Eager and torch.compile, one JSON line each (the two baselines, in the same call).
+    # Eager and torch.compile, one JSON line each (the two PyTorch baselines, in the same call).
     (timeout 150 python3 "$ref" small --steps 10; timeout 300 python3 "$ref" small --compile --steps 10) 2>&1 | grep '^{' | tee "$OUT/torch.txt"
   fi
 fi

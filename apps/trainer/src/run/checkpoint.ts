@@ -1,6 +1,6 @@
 // Crash-safe checkpoints: every file is written into a temporary directory and fsynced, the
 // directory is renamed into place (atomic on POSIX), and a checksum per file is verified on load.
-// `checkpoints/step-N/` holds model.safetensors (MODEL.md names, f32), optimizer.safetensors,
+// `checkpoints/step-N/` holds model.safetensors (docs/model.md names, f32), optimizer.safetensors,
 // config.json (Hugging Face DeepSeek-V3), trainer-state.json and checksums.json.
 import { createHash } from "node:crypto";
 import {

@@ -1,0 +1,290 @@
+// Hopper (sm_90a) FP8 grouped GEMM for the experts' Fprop: C[rows, N] = A[rows, K] B_e[N, K]^T with
+// DeepSeek-V3 scaling. Compiled by NVRTC with ../kernels/common.cuh prepended (u8/u32/u64/i64,
+// KERNEL, cdiv and f32_to_bf16 come from there; nothing here redefines them), sm_90a only.
+//
+// Operands (both E4M3, K contiguous):
+//   A  [rows, K], one f32 scale per 1x128 tile: As [rows, ceil(K/128)]
+//   B  [E, N, K], one f32 scale per 128x128 block: Bs [E, ceil(N/128), ceil(K/128)]
+//   off int32 [E+1] on the device: expert e owns rows off[e] .. off[e+1]-1 of A and C (any sizes, 0 too)
+//   C  [rows, N] f32 (or BF16, RNE)
+// Per output: C[r,n] = sum over 128-chunks kc of (sum_k A[r,k] B[n,k]) * As[r,kc] * Bs[e,n/128,kc];
+// the inner 128-long sum is done by the tensor cores (wgmma m64nNk32, fresh accumulator per chunk)
+// and promoted into f32 registers after every chunk: acc = acc + (part * sa) * sb, rounded in the
+// reference's order (EXACT = 1, fp8-core scaledMatmul), or acc = fma(part, sa * sb, acc) (EXACT = 0).
+//
+// Structure (one CTA per SM, persistent): NWG consumer warpgroups (64 rows each, BM = 64 * NWG rows
+// of one expert) x BN columns, plus one producer warpgroup whose first thread streams the 128-deep K
+// chunks of A and B through a ring of STAGES shared-memory stages with TMA (cp.async.bulk.tensor,
+// 128-byte swizzle: one 128-byte row of a tile = one K chunk of one row) and mbarriers (full: TMA
+// bytes landed; empty: every consumer warp is done reading). The tile schedule is computed on the
+// device from the offsets: m-tiles of each expert in order, n fastest, tile t = blockIdx.x +
+// i * gridDim.x. No host synchronisation; a grid of (SMs x CTAs per SM) blocks serves any routing.
+// TMA reads rows past an expert's end (the next expert's, harmless, never stored) and zero-fills past
+// the tensor's end; stores are guarded by row < off[e+1] and col < N.
+//
+// Launch: blockDim = 128 * (NWG + 1), dynamic shared memory sm90_smem_bytes(); tensor maps (host,
+// cuTensorMapEncodeTiled, UINT8, 128-byte swizzle): A as [rows, K] with box {128, BM}; B as
+// [E * N, K] with box {128, BN}. Requires K % 16 == 0 (TMA row stride), N even.
+
+// A CUtensorMap (128 bytes, 64-byte aligned), passed by value as a __grid_constant__ parameter.
+struct __align__(64) Sm90TmaMap {
+  u64 words[16];
+};
+
+#ifndef SM90_WATCHDOG
+#define SM90_WATCHDOG 1  // trap instead of hanging when a barrier never completes (~4 s)
+#endif
+
+__device__ __forceinline__ u32 sm90_smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void mbar_init(u64* bar, u32 count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(sm90_smem_u32(bar)), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbar_expect_tx(u64* bar, u32 bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(sm90_smem_u32(bar)), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(u64* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(sm90_smem_u32(bar)) : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
+  const u32 a = sm90_smem_u32(bar);
+  u32 done;
+#if SM90_WATCHDOG
+  const long long t0 = clock64();
+#endif
+  for (;;) {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(a), "r"(parity)
+        : "memory");
+    if (done) return;
+#if SM90_WATCHDOG
+    if (clock64() - t0 > 8000000000ll) asm volatile("trap;");
+#endif
+  }
+}
+
+// 2-D TMA load of a box at (inner coordinate c0, row c1) into shared memory, completing on `bar`.
+__device__ __forceinline__ void tma_load_2d(void* dst, const Sm90TmaMap* map, int c0, int c1, u64* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n" ::"r"(
+          sm90_smem_u32(dst)),
+      "l"((u64)map), "r"(sm90_smem_u32(bar)), "r"(c0), "r"(c1)
+      : "memory");
+}
+
+// wgmma shared-memory descriptor of a K-major tile with 128-byte swizzle: rows of 128 bytes, 8-row
+// groups 1024 bytes apart (stride byte offset), leading byte offset unused, tile 1024-byte aligned.
+// Moving along K inside the 128-byte row is a plain +bytes on the start address.
+__device__ __forceinline__ u64 sm90_desc(u32 saddr) {
+  return (u64)((saddr & 0x3ffffu) >> 4) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Keeps the compiler from moving accumulator accesses across the asynchronous MMAs.
+__device__ __forceinline__ void reg_fence(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+
+// d (+)= A * B^T for one m64n64k32 step: A, B from shared memory (descriptors), f32 accumulators.
+__device__ __forceinline__ void wgmma_n64(float* d, u64 da, u64 db, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(da), "l"(db), "r"(accumulate));
+}
+
+// d (+)= A * B^T for one m64n128k32 step: A, B from shared memory (descriptors), f32 accumulators.
+__device__ __forceinline__ void wgmma_n128(float* d, u64 da, u64 db, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(da), "l"(db), "r"(accumulate));
+}
+
+
+template <int BN>
+__device__ __forceinline__ void wgmma_bn(float* d, u64 da, u64 db, int accumulate) {
+  if constexpr (BN == 64) wgmma_n64(d, da, db, accumulate);
+  else wgmma_n128(d, da, db, accumulate);
+}
+
+// Shared memory: STAGES x (A tile BM x 128 bytes, B tile BN x 128 bytes), full/empty barriers, the
+// offsets and the prefix sums of m-tiles per expert (E <= SM90_MAX_E); +1024 for the alignment.
+#define SM90_MAX_E 1024
+__host__ __device__ constexpr int sm90_smem_bytes(int nwg, int bn, int stages) {
+  return 1024 + stages * (64 * nwg + bn) * 128 + 2 * stages * 8 + 2 * (SM90_MAX_E + 1) * 4;
+}
+
+template <int NWG, int BN, int STAGES, int EXACT, int OUTBF16, int MINB>
+__device__ __forceinline__ void sm90_fp8_grouped(const Sm90TmaMap* tA, const Sm90TmaMap* tB, const float* As,
+                                                 const float* Bs, void* C, const int* off, int E, int N, int K) {
+  constexpr int BM = 64 * NWG;
+  constexpr int A_BYTES = BM * 128, B_BYTES = BN * 128;
+  constexpr int ACC = BN / 2;  // f32 accumulators per thread (m64 x BN over 128 threads)
+  extern __shared__ u8 sm90_dyn[];
+  u8* base = sm90_dyn + ((1024 - (sm90_smem_u32(sm90_dyn) & 1023)) & 1023);
+  u8* sA = base;
+  u8* sB = base + STAGES * A_BYTES;
+  u64* full = (u64*)(sB + STAGES * B_BYTES);
+  u64* empty = full + STAGES;
+  int* soff = (int*)(empty + STAGES);  // E + 1 offsets
+  int* mpre = soff + SM90_MAX_E + 1;   // E + 1 prefix sums of m-tiles
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; s++) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], 4 * NWG);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  if (warp == 0) {
+    int carry = 0;
+    for (int b = 0; b < E; b += 32) {
+      const int e = b + lane;
+      int v = 0;
+      if (e < E) {
+        const int lo = off[e], hi = off[e + 1];
+        soff[e] = lo;
+        if (e == E - 1) soff[E] = hi;
+        v = cdiv(hi - lo, BM);
+      }
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= o) v += y;
+      }
+      if (e < E) mpre[e + 1] = carry + v;
+      carry += __shfl_sync(0xffffffffu, v, 31);
+    }
+    if (lane == 0) mpre[0] = 0;
+  }
+  __syncthreads();
+
+  const int NT = cdiv(N, BN), NB = cdiv(N, 128), KC = cdiv(K, 128);
+  const int total = mpre[E] * NT;
+
+  if (warp >= 4 * NWG) {
+    // Producer warpgroup: one thread issues the TMA loads, the rest give their registers away.
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if (warp == 4 * NWG && lane == 0) {
+      int s = 0;
+      u32 ph = 0;
+      for (int t = blockIdx.x; t < total; t += gridDim.x) {
+        const int mt = t / NT, nt = t - mt * NT;
+        int lo = 0, hi = E - 1;
+        while (lo < hi) {
+          const int mid = (lo + hi + 1) >> 1;
+          if (mpre[mid] <= mt) lo = mid;
+          else hi = mid - 1;
+        }
+        const int row0 = soff[lo] + (mt - mpre[lo]) * BM;
+        const int brow = lo * N + nt * BN;
+        for (int kc = 0; kc < KC; kc++) {
+          mbar_wait(&empty[s], ph ^ 1);
+          mbar_expect_tx(&full[s], A_BYTES + B_BYTES);
+          tma_load_2d(sA + s * A_BYTES, tA, kc * 128, row0, &full[s]);
+          tma_load_2d(sB + s * B_BYTES, tB, kc * 128, brow, &full[s]);
+          if (++s == STAGES) s = 0, ph ^= 1;
+        }
+      }
+    }
+    return;
+  }
+
+  // Consumer warpgroup wg: rows 64 * wg .. of the tile; this thread: rows g and g + 8 of its warp's 16.
+  // Registers per consumer thread after the producer's release (65536 per SM, MINB CTAs per SM).
+  if constexpr (MINB == 2) asm volatile("setmaxnreg.inc.sync.aligned.u32 216;\n");
+  else if constexpr (NWG == 2) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+  else asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
+  const int wg = warp >> 2, g = lane >> 2, tq = lane & 3;
+  const int rloc = 64 * wg + 16 * (warp & 3) + g;
+  const u32 aBase = sm90_smem_u32(sA + wg * 64 * 128), bBase = sm90_smem_u32(sB);
+  int s = 0;
+  u32 ph = 0;
+  for (int t = blockIdx.x; t < total; t += gridDim.x) {
+    const int mt = t / NT, nt = t - mt * NT;
+    int lo = 0, hi = E - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (mpre[mid] <= mt) lo = mid;
+      else hi = mid - 1;
+    }
+    const int e = lo;
+    const int row0 = soff[e] + (mt - mpre[e]) * BM, rowEnd = soff[e + 1];
+    const int n0 = nt * BN;
+    const int r0 = row0 + rloc, r1 = r0 + 8;
+    const float* as0 = As + (i64)min(r0, rowEnd - 1) * KC;
+    const float* as1 = As + (i64)min(r1, rowEnd - 1) * KC;
+    const float* bs = Bs + ((i64)e * NB + n0 / 128) * KC;
+
+    float acc[ACC], part[ACC];
+#pragma unroll
+    for (int i = 0; i < ACC; i++) acc[i] = 0.0f;
+    for (int kc = 0; kc < KC; kc++) {
+      const float sa0 = __ldg(as0 + kc), sa1 = __ldg(as1 + kc), sb = __ldg(bs + kc);
+      mbar_wait(&full[s], ph);
+#pragma unroll
+      for (int i = 0; i < ACC; i++) reg_fence(part[i]);
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < 4; ks++)
+        wgmma_bn<BN>(part, sm90_desc(aBase + s * A_BYTES + ks * 32), sm90_desc(bBase + s * B_BYTES + ks * 32), ks);
+      wgmma_commit();
+      wgmma_wait<0>();
+#pragma unroll
+      for (int i = 0; i < ACC; i++) reg_fence(part[i]);
+      if (lane == 0) mbar_arrive(&empty[s]);
+      if (++s == STAGES) s = 0, ph ^= 1;
+      if (EXACT) {
+#pragma unroll
+        for (int i = 0; i < ACC; i++)
+          acc[i] = __fadd_rn(acc[i], __fmul_rn(__fmul_rn(part[i], (i & 2) ? sa1 : sa0), sb));
+      } else {
+        const float c0 = sa0 * sb, c1 = sa1 * sb;
+#pragma unroll
+        for (int i = 0; i < ACC; i++) acc[i] = fmaf(part[i], (i & 2) ? c1 : c0, acc[i]);
+      }
+    }
+
+    // Epilogue: accumulator i is row (i & 2 ? g + 8 : g), column 8 * (i / 4) + 2 * tq + (i & 1).
+#pragma unroll
+    for (int j = 0; j < BN / 8; j++) {
+      const int col = n0 + 8 * j + 2 * tq;
+      if (col >= N) continue;
+      if (OUTBF16) {
+        u32* c = (u32*)C;
+        if (r0 < rowEnd) c[((i64)r0 * N + col) >> 1] = (u32)f32_to_bf16(acc[4 * j]) | ((u32)f32_to_bf16(acc[4 * j + 1]) << 16);
+        if (r1 < rowEnd) c[((i64)r1 * N + col) >> 1] = (u32)f32_to_bf16(acc[4 * j + 2]) | ((u32)f32_to_bf16(acc[4 * j + 3]) << 16);
+      } else {
+        float* c = (float*)C;
+        if (r0 < rowEnd) *(float2*)(c + (i64)r0 * N + col) = make_float2(acc[4 * j], acc[4 * j + 1]);
+        if (r1 < rowEnd) *(float2*)(c + (i64)r1 * N + col) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
+      }
+    }
+  }
+}
+
+// Entry points: sm90_fp8_grouped_<BM>x<BN>_s<STAGES>_<exact|fma>_<f32|bf16>[_2cta].
+#define SM90_ENTRY(NWG, BN, STAGES, EXACT, OUTBF16, MINB, NAME)                                                \
+  KERNEL void __launch_bounds__(128 * (NWG + 1), MINB)                                                       \
+      NAME(const __grid_constant__ Sm90TmaMap tA, const __grid_constant__ Sm90TmaMap tB, const float* As,    \
+           const float* Bs, void* C, const int* off, int E, int N, int K) {                                  \
+    sm90_fp8_grouped<NWG, BN, STAGES, EXACT, OUTBF16, MINB>(&tA, &tB, As, Bs, C, off, E, N, K);              \
+  }
+SM90_ENTRY(2, 128, 6, 1, 0, 1, sm90_fp8_grouped_128x128_s6_exact_f32)
+SM90_ENTRY(2, 128, 6, 0, 0, 1, sm90_fp8_grouped_128x128_s6_fma_f32)
+SM90_ENTRY(2, 128, 6, 0, 1, 1, sm90_fp8_grouped_128x128_s6_fma_bf16)
+SM90_ENTRY(2, 128, 4, 0, 0, 1, sm90_fp8_grouped_128x128_s4_fma_f32)
+SM90_ENTRY(1, 128, 4, 0, 0, 2, sm90_fp8_grouped_64x128_s4_fma_f32_2cta)

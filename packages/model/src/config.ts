@@ -1,4 +1,4 @@
-// Model configs (MODEL.md): Hugging Face DeepSeek-V3 field names, the presets `tiny` and `small`.
+// Model configs (docs/model.md): Hugging Face DeepSeek-V3 field names, the presets `tiny` and `small`.
 
 export interface ModelConfig {
   vocab_size: number;

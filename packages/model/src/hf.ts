@@ -1,5 +1,5 @@
 // Hugging Face `config.json` for a checkpoint, so `transformers` loads it as DeepseekV3ForCausalLM
-// (MODEL.md, "Checkpoint tensor names"), and the way back.
+// (docs/model.md, "Checkpoint tensor names"), and the way back.
 import type { ModelConfig } from "./config.ts";
 
 export function hfConfig(c: ModelConfig): Record<string, unknown> {

@@ -1,6 +1,6 @@
 // One optimizer step: forward + backward in a per-step arena, global-norm clipping, AdamW, then the
 // auxiliary-loss-free bias update. The host reads two numbers per step (loss and grad norm), after
-// all work is enqueued (RUNTIME.md rule 1); a non-finite loss or norm skips the update.
+// all work is enqueued (docs/runtime.md rule 1); a non-finite loss or norm skips the update.
 import type { LoadStats } from "@moe8/moe-layers";
 import type { AdamW } from "@moe8/optimizer";
 import type { Tensor } from "@moe8/tensor";

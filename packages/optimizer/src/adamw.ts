@@ -1,7 +1,7 @@
-// AdamW over f32 master weights (FP8.md: "f32 master weights and f32 gradients, AdamW moments in
-// BF16"). Decoupled weight decay only for parameters marked `decay` (not norms; the MoE correction
-// bias is not a parameter at all). Global-norm clipping happens on the device: the clip factor is a
-// tensor the update reads, so the host never waits inside a step.
+// AdamW over f32 master weights (docs/numerics.md: f32 master weights and f32 gradients, AdamW
+// moments in BF16). Decoupled weight decay only for parameters marked `decay` (not norms; the MoE
+// correction bias is not a parameter at all). Global-norm clipping happens on the device: the clip
+// factor is a tensor the update reads, so the host never waits inside a step.
 import { encodeBf16 } from "@moe8/fp8-core";
 import type { Backend, Param, Tensor } from "@moe8/tensor";
 

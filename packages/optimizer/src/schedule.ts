@@ -1,4 +1,4 @@
-// Learning-rate schedules: linear warm-up then cosine decay to a floor (MODEL.md: 10% of peak), and
+// Learning-rate schedules: linear warm-up then cosine decay to a floor (docs/model.md: 10% of peak), and
 // warm-up-stable-decay (WSD: constant after warm-up, then a linear decay over the last fraction).
 
 export interface ScheduleConfig {

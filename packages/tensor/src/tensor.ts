@@ -1,5 +1,5 @@
 // A Tensor is a shape, an element type and storage owned by one backend. FP8 tensors also carry the
-// scales that dequantise them and the group layout those scales follow (../shared/spec/FP8.md).
+// scales that dequantise them and the group layout those scales follow (docs/numerics.md).
 import type { Backend } from "./backend.ts";
 import { type DType, type Fp8Format, type HostArray, numel, type QuantGroup } from "./types.ts";
 

@@ -1,6 +1,6 @@
 // Reference GEMMs and quantisation for the ts backend, on top of @moe8/fp8-core.
 // f32/bf16 products accumulate in f64 and round once (at least as accurate as an f32 accumulator);
-// FP8 products follow the spec's chunked promotion through fp8-core's scaledMatmul.
+// FP8 products follow the chunked promotion of docs/numerics.md through fp8-core's scaledMatmul.
 import {
   dequantize as fp8Dequantize,
   quantize as fp8Quantize,

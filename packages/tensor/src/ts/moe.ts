@@ -72,7 +72,7 @@ export function routerBackward(
   return dlogits;
 }
 
-/** alpha * sum_i f_i P_i per sequence, averaged over sequences (MODEL.md), and d/d(scores). */
+/** alpha * sum_i f_i P_i per sequence, averaged over sequences (docs/model.md), and d/d(scores). */
 export function balanceLoss(
   scores: Float32Array,
   topIdx: Int32Array,

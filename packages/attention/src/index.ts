@@ -1,1 +1,8 @@
-export { type AttentionPrecision, type InitFn, MLA, type MlaConfig, type StepShape } from "./mla.ts";
+export {
+  type AttentionPrecision,
+  type InitFn,
+  MLA,
+  type MlaConfig,
+  type MlaOptions,
+  type StepShape,
+} from "./mla.ts";

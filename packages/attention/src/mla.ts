@@ -1,4 +1,4 @@
-// Multi-head Latent Attention (DeepSeek-V2/V3), as MODEL.md writes it, with explicit backward.
+// Multi-head Latent Attention (DeepSeek-V2/V3), as docs/model.md writes it, with explicit backward.
 //   q   = a Wq^T (or q_b(RMSNorm(q_a(a))) with q_lora_rank > 0)   per head [q_nope | q_pe]
 //   kv  = a Wkva^T = [c | k_pe];  c = RMSNorm(c);  kvb = c Wkvb^T   per head [k_nope | v]
 //   RoPE on q_pe and the shared k_pe; k = [k_nope | k_pe] (k_pe broadcast to every head)
@@ -34,6 +34,15 @@ export interface AttentionPrecision {
 
 export type InitFn = (n: number) => Float32Array;
 
+export interface MlaOptions {
+  cfg: MlaConfig;
+  /** Checkpoint name prefix, e.g. `model.layers.0.self_attn`. */
+  prefix: string;
+  precision: AttentionPrecision;
+  init: InitFn;
+  trace?: PrecisionTrace;
+}
+
 export interface StepShape {
   batch: number;
   seq: number;
@@ -64,15 +73,19 @@ export class MLA {
   readonly kvB: Linear;
   readonly out: Linear;
   private saved: Saved[] = [];
+  readonly cfg: MlaConfig;
+  /** Checkpoint name prefix, e.g. `model.layers.0.self_attn`. */
+  readonly prefix: string;
+  precision: AttentionPrecision;
 
   constructor(
     readonly b: Backend,
-    readonly cfg: MlaConfig,
-    readonly prefix: string,
-    public precision: AttentionPrecision,
-    init: InitFn,
-    trace?: PrecisionTrace,
+    opts: MlaOptions,
   ) {
+    const { cfg, prefix, precision, init, trace } = opts;
+    this.cfg = cfg;
+    this.prefix = prefix;
+    this.precision = precision;
     const {
       hidden_size: d,
       num_attention_heads: H,
@@ -82,12 +95,27 @@ export class MLA {
       v_head_dim: dv,
     } = cfg;
     const lin = (name: string, out: number, inp: number) => {
-      const p = Param.create(b, `${prefix}.${name}.weight`, init(out * inp), [out, inp], true);
+      const p = Param.create(b, {
+        name: `${prefix}.${name}.weight`,
+        init: init(out * inp),
+        shape: [out, inp],
+        decay: true,
+      });
       this.params.push(p);
-      return new Linear(p, precision.linear, { pkg: "attention", layer: `${prefix}.${name}`, trace });
+      return new Linear(p, {
+        precision: precision.linear,
+        pkg: "attention",
+        layer: `${prefix}.${name}`,
+        trace,
+      });
     };
     const norm = (name: string, n: number) => {
-      const p = Param.create(b, `${prefix}.${name}.weight`, new Float32Array(n).fill(1), [n], false);
+      const p = Param.create(b, {
+        name: `${prefix}.${name}.weight`,
+        init: new Float32Array(n).fill(1),
+        shape: [n],
+        decay: false,
+      });
       this.params.push(p);
       return p;
     };

@@ -22,9 +22,12 @@ const N = 10;
 function layer(qLora: number, seed: number) {
   const rng = new Rng(seed);
   const pol = presetPolicy("fp32");
-  return new MLA(b, { ...cfg, q_lora_rank: qLora }, "attn", { linear: pol.attention, core: "f32" }, (n) =>
-    rng.normals(n, 0.3),
-  );
+  return new MLA(b, {
+    cfg: { ...cfg, q_lora_rank: qLora },
+    prefix: "attn",
+    precision: { linear: pol.attention, core: "f32" },
+    init: (n) => rng.normals(n, 0.3),
+  });
 }
 
 /** d/d(eps) sum(r * MLA(x + eps*d)) against <dx, d> from backward, and the same for every weight. */

@@ -1,6 +1,7 @@
 // Reference GEMMs: C[M,N] = sum_k A[m,k] B[k,n], the FP8 one with DeepSeek-V3's promotion scheme
-// (FP8.md, "Accumulation") and plain f32/BF16/f64 ones to compare with. Written for clarity and
-// exact, reproducible rounding, not speed: every f32 operation is an explicit Math.fround.
+// (docs/numerics.md, "Scaled GEMMs and promotion") and plain f32/BF16/f64 ones to compare with.
+// Written for clarity and exact, reproducible rounding, not speed: every f32 operation is an
+// explicit Math.fround.
 
 import { decodeFp8, type Fp8Format, roundBf16 } from "./formats.ts";
 import { GROUP_SIZE, groupIndexer, type QuantGroup, scaleShape } from "./quantize.ts";
@@ -188,11 +189,38 @@ export function scaledMatmul(
   return out;
 }
 
-export interface MatmulOptions {
+/** How C = op(A) op(B) reads its stored operands: all that the reference GEMMs below take. */
+export interface GemmLayout {
   /** A is stored [K, M] instead of [M, K]. */
   transA?: boolean;
   /** B is stored [N, K] instead of [K, N]. */
   transB?: boolean;
+}
+
+/**
+ * What a GEMM kernel computes in: f32; bf16 (operands rounded to BF16, f32 accumulation); fp8
+ * (operands are quantised tensors, f32 promotion every `promotion` elements of K). The three fp8
+ * policy precisions (fp8, fp8-tensorwise, fp8-unscaled) all run the fp8 kernel: they differ only
+ * in how the operands were quantised.
+ */
+export type MatmulPrecision = "f32" | "bf16" | "fp8";
+
+/**
+ * A GEMM as a backend runs it (Backend.matmul in @moe8/tensor). `T` is the backend's tensor type,
+ * which this package does not know; @moe8/tensor exports `MatmulOptions<Tensor>` under this name.
+ */
+export interface MatmulOptions<T = never> extends GemmLayout {
+  /**
+   * f32; bf16 (operands rounded to BF16, f32 accumulation; an operand may also be a bf16 tensor,
+   * which saves the rounding pass when it feeds several GEMMs); fp8 (operands are quantised tensors).
+   */
+  precision: MatmulPrecision;
+  /** Round the output to BF16 (the GEMM writes BF16 activations). */
+  outBf16?: boolean;
+  /** Add the product into this f32 tensor instead of allocating a new one (returned). */
+  accumulate?: T;
+  /** FP8 promotion interval along K (default 128). */
+  promotion?: number;
 }
 
 function checkMatmul(
@@ -217,7 +245,7 @@ function gemmLoop(
   M: number,
   K: number,
   N: number,
-  opts: MatmulOptions,
+  opts: GemmLayout,
   out: Float32Array | Float64Array,
   f32: boolean,
 ): void {
@@ -240,7 +268,7 @@ export function matmulF32(
   M: number,
   K: number,
   N: number,
-  opts: MatmulOptions = {},
+  opts: GemmLayout = {},
 ): Float32Array {
   checkMatmul("matmulF32", a, b, M, K, N);
   const out = new Float32Array(M * N);
@@ -255,7 +283,7 @@ export function matmulBf16(
   M: number,
   K: number,
   N: number,
-  opts: MatmulOptions = {},
+  opts: GemmLayout = {},
 ): Float32Array {
   checkMatmul("matmulBf16", a, b, M, K, N);
   return matmulF32(roundBf16(a), roundBf16(b), M, K, N, opts);
@@ -268,7 +296,7 @@ export function matmulF64(
   M: number,
   K: number,
   N: number,
-  opts: MatmulOptions = {},
+  opts: GemmLayout = {},
 ): Float64Array {
   checkMatmul("matmulF64", a, b, M, K, N);
   const out = new Float64Array(M * N);

@@ -1,4 +1,5 @@
-// @moe8/fp8-core: the numerical reference every backend is tested against (see FP8.md).
+// @moe8/fp8-core: the numerical reference every backend is tested against (docs/numerics.md), and
+// the one declaration of every precision type the other packages use.
 export { oneLine, UsageError } from "./errors.ts";
 export {
   decodeBf16,
@@ -21,7 +22,9 @@ export {
 } from "./formats.ts";
 export {
   type Accumulator,
+  type GemmLayout,
   type MatmulOptions,
+  type MatmulPrecision,
   matmulBf16,
   matmulF32,
   matmulF64,
@@ -40,14 +43,12 @@ export {
   GEMM_PRECISIONS,
   GEMM_ROLES,
   type GemmPackageName,
-  type GemmPackagePolicy,
   type GemmPrecision,
   type GemmRole,
   type GemmSpec,
-  isFp8,
+  isFp8Precision,
   type LinearPrecision,
   type MomentPrecision,
-  type OperandQuantization,
   type OptimizerPolicy,
   type OutputPrecision,
   PACKAGES,
@@ -61,7 +62,6 @@ export {
   policyFromJson,
   policyToJson,
   presetPolicy,
-  quantGroupsFor,
 } from "./policy.ts";
 export {
   DEFAULT_EPS,
@@ -78,3 +78,11 @@ export {
   scaleIndex,
   scaleShape,
 } from "./quantize.ts";
+export {
+  describeOperands,
+  describeQuant,
+  type GemmOperand,
+  type GemmOperandName,
+  type GemmPlan,
+  gemmPlan,
+} from "./roles.ts";

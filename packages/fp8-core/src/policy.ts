@@ -1,12 +1,13 @@
-// Precision policies (FP8.md, "Presets"): which precision each part of the model computes in. A
-// policy starts from a preset and takes per-package overrides, from CLI-style keys
-// (`precision.attention=bf16`) or from JSON; bad input raises a one-line PolicyError.
+// Precision policies (docs/numerics.md, "Presets and overrides"): which precision each part of the
+// model computes in. A policy starts from a preset and takes per-package overrides, from CLI-style
+// keys (`precision.attention=bf16`) or from JSON; bad input raises a one-line PolicyError.
 //
 // Meaning of the fields:
-// - The GEMM packages (`attention`, `moe-layers`, `model`) give each Linear's three GEMMs a
-//   GemmSpec. `moe-layers` covers the experts (the router's gating stays f32 always); `model` covers
-//   the output head (the embedding lookup and the norms have no FP8 GEMM: norms are always f32
-//   arithmetic, the embedding's output precision is `outputs`).
+// - The GEMM packages (`attention`, `moe-layers`, `model`) each give their Linears a
+//   LinearPrecision: a GemmSpec for each of the three GEMMs and the settings below. `moe-layers`
+//   covers the experts (the router's gating stays f32 always); `model` covers the output head (the
+//   embedding lookup and the norms have no FP8 GEMM: norms are always f32 arithmetic, the
+//   embedding's output precision is `outputs`).
 // - GemmSpec.format (fp8 precisions only): for fprop the format of both operands; for dgrad and
 //   wgrad the format of the gradient operand dy (the other operand, W or x, stays E4M3).
 // - `outputs`: precision of the Fprop/Dgrad outputs and of the package's other activations (bf16:
@@ -14,9 +15,11 @@
 // - `cacheActivations`: how activations for an fp8 Wgrad are kept (fp8: dequantise, transpose and
 //   requantise 128x1; bf16: quantise afresh from the high-precision copy). Unused without fp8 GEMMs.
 // - `pow2Scales`, `eps`: quantisation options; `promotion`: the promotion interval N_C.
+// How each role's operands are then quantised is decided in one place, gemmPlan (roles.ts).
 
+import { UsageError } from "./errors.ts";
 import type { Fp8Format } from "./formats.ts";
-import { DEFAULT_EPS, type QuantGroup } from "./quantize.ts";
+import { DEFAULT_EPS } from "./quantize.ts";
 
 export type GemmPrecision = "f32" | "bf16" | "fp8" | "fp8-tensorwise" | "fp8-unscaled";
 export type PresetName = "fp32" | "bf16" | "fp8" | "fp8-tensorwise" | "fp8-unscaled";
@@ -47,22 +50,26 @@ export const DEFAULT_PROMOTION = 128;
 
 export interface GemmSpec {
   precision: GemmPrecision;
+  /**
+   * FP8 format (fp8 precisions only): for fprop, of both operands; for dgrad and wgrad, of the
+   * gradient dy (the other operand, W or x, stays E4M3).
+   */
   format: Fp8Format;
 }
 
+/** A GEMM package's policy: what each of its Linears (and their three GEMMs) runs in. */
 export interface LinearPrecision {
   fprop: GemmSpec;
   dgrad: GemmSpec;
   wgrad: GemmSpec;
-}
-
-export interface GemmPackagePolicy extends LinearPrecision {
+  /** What Wgrad's x comes from: the FP8 Fprop operand (dequantised, requantised 128x1) or a BF16 copy. */
   cacheActivations: CachePrecision;
   pow2Scales: boolean;
   /** Promotion interval N_C: a multiple of 32 from 32 to 4096 (default 128). */
   promotion: number;
   /** Floor on a group's amax (default 1e-12). */
   eps: number;
+  /** Output type of the Fprop and Dgrad GEMMs (Wgrad accumulates into the f32 gradient). */
   outputs: OutputPrecision;
 }
 
@@ -76,20 +83,18 @@ export interface OptimizerPolicy {
 export interface PrecisionPolicy {
   /** The preset the policy started from (overrides do not change it). */
   preset: PresetName;
-  attention: GemmPackagePolicy;
-  "moe-layers": GemmPackagePolicy;
-  model: GemmPackagePolicy;
+  attention: LinearPrecision;
+  "moe-layers": LinearPrecision;
+  model: LinearPrecision;
   optimizer: OptimizerPolicy;
 }
 
-/** Bad policy input. Named UsageError so that the CLI reports it in one line with exit code 2. */
-export class PolicyError extends Error {
-  override name = "UsageError";
-}
+/** Bad policy input: a UsageError, so the CLI reports it in one line with exit code 2. */
+export class PolicyError extends UsageError {}
 
 // ---- presets ---------------------------------------------------------------------------------------
 
-function gemmPackage(precision: GemmPrecision, outputs: OutputPrecision, fp8: boolean): GemmPackagePolicy {
+function gemmPackage(precision: GemmPrecision, outputs: OutputPrecision, fp8: boolean): LinearPrecision {
   const spec = (): GemmSpec => ({ precision, format: "e4m3" });
   return {
     fprop: spec(),
@@ -103,7 +108,7 @@ function gemmPackage(precision: GemmPrecision, outputs: OutputPrecision, fp8: bo
   };
 }
 
-/** A fresh copy of a preset, exactly as FP8.md's table gives it. */
+/** A fresh copy of a preset, exactly as the presets table of docs/numerics.md gives it. */
 export function presetPolicy(name: PresetName | string): PrecisionPolicy {
   if (!(PRESET_NAMES as readonly string[]).includes(name))
     throw new PolicyError(`precision: unknown preset ${quote(name)} (allowed: ${PRESET_NAMES.join(", ")})`);
@@ -182,7 +187,7 @@ const ROLE_SETTINGS = ["precision", "format"] as const;
 const OPTIMIZER_SETTINGS = ["moments", "master"] as const;
 
 /** Applies `setting = value` to one GEMM package. */
-function setPackage(p: GemmPackagePolicy, key: string, setting: string, value: string): void {
+function setPackage(p: LinearPrecision, key: string, setting: string, value: string): void {
   switch (setting) {
     case "fprop":
     case "dgrad":
@@ -332,7 +337,7 @@ export function policyToJson(policy: PrecisionPolicy): Record<string, unknown> {
 // ---- description and helpers ------------------------------------------------------------------------
 
 function describeSpec(spec: GemmSpec): string {
-  return spec.precision.startsWith("fp8") && spec.format !== "e4m3"
+  return isFp8Precision(spec.precision) && spec.format !== "e4m3"
     ? `${spec.precision}/${spec.format}`
     : spec.precision;
 }
@@ -354,56 +359,6 @@ export function describePolicy(policy: PrecisionPolicy): string {
 }
 
 /** Whether a GEMM precision quantises its operands to FP8. */
-export function isFp8(precision: GemmPrecision): boolean {
+export function isFp8Precision(precision: GemmPrecision): boolean {
   return precision === "fp8" || precision === "fp8-tensorwise" || precision === "fp8-unscaled";
-}
-
-/** How one operand of a GEMM is quantised, and how it is passed to scaledMatmul. */
-export interface OperandQuantization {
-  /** The tensor: x [T, in], W [out, in] or dy [T, out]. */
-  operand: "x" | "w" | "dy";
-  group: QuantGroup;
-  format: Fp8Format;
-  /** Scale fixed at 1 (fp8-unscaled). */
-  unit: boolean;
-  /** `trans` of the scaledMatmul operand when the tensor is passed as stored. */
-  trans: boolean;
-}
-
-/**
- * The operand quantisation of a Linear's GEMM (y = x W^T):
- *   fprop  y  = x W^T   a = x  tile 1x128,      b = W  block 128x128 (stored [N, K]: trans)
- *   dgrad  dx = dy W    a = dy tile 1x128,      b = W  block 128x128
- *   wgrad  dW = dy^T x  a = dy column-tile 128x1 (stored [K, M]: trans), b = x column-tile 128x1
- * fp8-tensorwise uses one scale per tensor for every operand, fp8-unscaled scale 1 (tensor-shaped
- * scales of 1). Returns null for f32 and bf16, which do not quantise.
- */
-export function quantGroupsFor(
-  role: GemmRole,
-  spec: GemmSpec,
-): { a: OperandQuantization; b: OperandQuantization } | null {
-  if (!isFp8(spec.precision)) return null;
-  const fine = spec.precision === "fp8";
-  const unit = spec.precision === "fp8-unscaled";
-  const g = (group: QuantGroup): QuantGroup => (fine ? group : "tensor");
-  const op = (
-    operand: OperandQuantization["operand"],
-    group: QuantGroup,
-    format: Fp8Format,
-    trans: boolean,
-  ) => ({
-    operand,
-    group: g(group),
-    format,
-    unit,
-    trans,
-  });
-  switch (role) {
-    case "fprop":
-      return { a: op("x", "tile", spec.format, false), b: op("w", "block", spec.format, true) };
-    case "dgrad":
-      return { a: op("dy", "tile", spec.format, false), b: op("w", "block", "e4m3", false) };
-    case "wgrad":
-      return { a: op("dy", "column-tile", spec.format, true), b: op("x", "column-tile", "e4m3", false) };
-  }
 }

@@ -1,5 +1,5 @@
-// Fine-grained FP8 quantisation (FP8.md, "Scaling"): one scale per group of values, computed online
-// from the group's absolute maximum, in f32 arithmetic exactly as the spec writes it:
+// Fine-grained FP8 quantisation (docs/numerics.md, "Scaling groups" and "Online scaling"): one
+// scale per group of values, computed online from the group's absolute maximum, in f32 arithmetic:
 //   amax  = max(max|x|, eps)      inv = f32(FMAX / amax)
 //   q     = encode(f32(x * inv))  scale = f32(amax / FMAX)
 // `Math.fround` of a double quotient or product of two f32 values is the correctly rounded f32
@@ -22,7 +22,12 @@ export const GROUP_SIZE = 128;
 /** The default eps floor on a group's amax. */
 export const DEFAULT_EPS = 1e-12;
 
-export interface QuantizeOptions {
+/**
+ * How a matrix is quantised. `S` is the type of `segments`, which only a backend takes (its tensor
+ * type; @moe8/tensor exports `QuantizeOptions<Tensor>` under this name); the reference quantize()
+ * here quantises one matrix and takes none.
+ */
+export interface QuantizeOptions<S = never> {
   group: QuantGroup;
   /** Default e4m3. */
   format?: Fp8Format;
@@ -32,6 +37,8 @@ export interface QuantizeOptions {
   eps?: number;
   /** Scale fixed at 1: values are encoded as they are, saturating (the `fp8-unscaled` control). */
   unit?: boolean;
+  /** For `column-tile`: E+1 row offsets; the 128-row groups restart at each segment (an expert's rows). */
+  segments?: S;
 }
 
 export interface Quantized {

@@ -3,8 +3,8 @@ import {
   describePolicy,
   GEMM_PACKAGES,
   GEMM_ROLES,
-  type GemmPackagePolicy,
   type GemmPrecision,
+  type LinearPrecision,
   PolicyError,
   PRESET_NAMES,
   type PrecisionPolicy,
@@ -12,11 +12,10 @@ import {
   policyFromJson,
   policyToJson,
   presetPolicy,
-  quantGroupsFor,
 } from "../src/index.ts";
 
-const gemmsOf = (p: GemmPackagePolicy) => GEMM_ROLES.map((r) => p[r].precision);
-const formatsOf = (p: GemmPackagePolicy) => GEMM_ROLES.map((r) => p[r].format);
+const gemmsOf = (p: LinearPrecision) => GEMM_ROLES.map((r) => p[r].precision);
+const formatsOf = (p: LinearPrecision) => GEMM_ROLES.map((r) => p[r].format);
 const all = (x: GemmPrecision) => [x, x, x];
 
 /** The error a call throws: must be a one-line PolicyError named UsageError. */
@@ -278,7 +277,7 @@ describe("bad input: one line naming the key, the value and what is allowed", ()
   });
 });
 
-describe("describe and operand groups", () => {
+describe("describePolicy", () => {
   it("describePolicy is one line naming every package", () => {
     const d = describePolicy(
       parsePolicy({
@@ -295,27 +294,5 @@ describe("describe and operand groups", () => {
         "model[gemm=bf16 cache=fp8 pow2=false promotion=128 outputs=bf16] optimizer[moments=bf16 master=f32]",
     );
     expect(describePolicy(presetPolicy("fp32"))).toMatch(/^fp32: attention\[gemm=f32 /);
-  });
-
-  it("quantGroupsFor: the recipe's groups per role, tensorwise and unscaled", () => {
-    const fp8 = { precision: "fp8", format: "e4m3" } as const;
-    expect(quantGroupsFor("fprop", fp8)).toEqual({
-      a: { operand: "x", group: "tile", format: "e4m3", unit: false, trans: false },
-      b: { operand: "w", group: "block", format: "e4m3", unit: false, trans: true },
-    });
-    expect(quantGroupsFor("dgrad", { precision: "fp8", format: "e5m2" })).toEqual({
-      a: { operand: "dy", group: "tile", format: "e5m2", unit: false, trans: false },
-      b: { operand: "w", group: "block", format: "e4m3", unit: false, trans: false },
-    });
-    expect(quantGroupsFor("wgrad", fp8)).toEqual({
-      a: { operand: "dy", group: "column-tile", format: "e4m3", unit: false, trans: true },
-      b: { operand: "x", group: "column-tile", format: "e4m3", unit: false, trans: false },
-    });
-    const tw = quantGroupsFor("wgrad", { precision: "fp8-tensorwise", format: "e4m3" });
-    expect([tw?.a.group, tw?.b.group, tw?.a.unit]).toEqual(["tensor", "tensor", false]);
-    const un = quantGroupsFor("fprop", { precision: "fp8-unscaled", format: "e4m3" });
-    expect([un?.a.group, un?.b.group, un?.a.unit, un?.b.unit]).toEqual(["tensor", "tensor", true, true]);
-    expect(quantGroupsFor("fprop", { precision: "bf16", format: "e4m3" })).toBeNull();
-    expect(quantGroupsFor("dgrad", { precision: "f32", format: "e4m3" })).toBeNull();
   });
 });

@@ -1,18 +1,10 @@
-// The DeepSeek-style MoE transformer (MODEL.md) with explicit forward and backward, written once
+// The DeepSeek-style MoE transformer (docs/model.md) with explicit forward and backward, written once
 // against the Backend interface. Layer l < first_k_dense_replace has a dense SwiGLU FFN, the rest
 // DeepSeekMoE. Every Linear follows the precision policy of the package it belongs to.
 import { type AttentionPrecision, MLA } from "@moe8/attention";
 import type { PrecisionPolicy } from "@moe8/fp8-core";
 import { MoELayer, SwiGluMlp } from "@moe8/moe-layers";
-import {
-  type Backend,
-  Linear,
-  type LinearPrecision,
-  Param,
-  PrecisionTrace,
-  Rng,
-  type Tensor,
-} from "@moe8/tensor";
+import { type Backend, Linear, Param, PrecisionTrace, Rng, type Tensor } from "@moe8/tensor";
 import type { ModelConfig } from "./config.ts";
 
 /**
@@ -68,39 +60,44 @@ export class DeepSeekModel {
     const init = (n: number) => rng.normals(n, std);
     const d = cfg.hidden_size;
     const ones = (n: number) => new Float32Array(n).fill(1);
-    this.embed = Param.create(
-      b,
-      "model.embed_tokens.weight",
-      init(cfg.vocab_size * d),
-      [cfg.vocab_size, d],
-      true,
-    );
+    // Weights are drawn from rng in this order (embedding, then layer by layer, then the head): the
+    // same seed gives the same weights.
+    this.embed = Param.create(b, {
+      name: "model.embed_tokens.weight",
+      init: init(cfg.vocab_size * d),
+      shape: [cfg.vocab_size, d],
+      decay: true,
+    });
     this.params.push(this.embed);
+    const norm = (name: string) => Param.create(b, { name, init: ones(d), shape: [d], decay: false });
+    const trace = this.trace;
     for (let l = 0; l < cfg.num_hidden_layers; l++) {
       const p = `model.layers.${l}`;
-      const ln1 = Param.create(b, `${p}.input_layernorm.weight`, ones(d), [d], false);
-      const attn = new MLA(b, cfg, `${p}.self_attn`, attentionPrecision(policy), init, this.trace);
-      const ln2 = Param.create(b, `${p}.post_attention_layernorm.weight`, ones(d), [d], false);
+      const ln1 = norm(`${p}.input_layernorm.weight`);
+      const attn = new MLA(b, {
+        cfg,
+        prefix: `${p}.self_attn`,
+        precision: attentionPrecision(policy),
+        init,
+        trace,
+      });
+      const ln2 = norm(`${p}.post_attention_layernorm.weight`);
+      const moe = { prefix: `${p}.mlp`, precision: policy["moe-layers"], init, trace };
       const mlp =
         l < cfg.first_k_dense_replace
-          ? new SwiGluMlp(
-              b,
-              `${p}.mlp`,
-              d,
-              cfg.intermediate_size,
-              policy["moe-layers"],
-              init,
-              "moe-layers",
-              0,
-              this.trace,
-            )
-          : new MoELayer(b, cfg, `${p}.mlp`, policy["moe-layers"], init, this.trace);
+          ? new SwiGluMlp(b, { ...moe, hidden: d, intermediate: cfg.intermediate_size, pkg: "moe-layers" })
+          : new MoELayer(b, { ...moe, cfg });
       this.blocks.push({ ln1, attn, ln2, mlp });
       this.params.push(ln1, ...attn.params, ln2, ...mlp.params);
     }
-    this.norm = Param.create(b, "model.norm.weight", ones(d), [d], false);
-    const headW = Param.create(b, "lm_head.weight", init(cfg.vocab_size * d), [cfg.vocab_size, d], true);
-    this.head = new Linear(headW, policy.model, { pkg: "model", layer: "lm_head", trace: this.trace });
+    this.norm = norm("model.norm.weight");
+    const headW = Param.create(b, {
+      name: "lm_head.weight",
+      init: init(cfg.vocab_size * d),
+      shape: [cfg.vocab_size, d],
+      decay: true,
+    });
+    this.head = new Linear(headW, { precision: policy.model, pkg: "model", layer: "lm_head", trace });
     this.params.push(this.norm, headW);
   }
 
@@ -109,7 +106,7 @@ export class DeepSeekModel {
     this.policy = policy;
     for (const blk of this.blocks) {
       blk.attn.setPrecision(attentionPrecision(policy));
-      blk.mlp.setPrecision(policy["moe-layers"] as LinearPrecision);
+      blk.mlp.setPrecision(policy["moe-layers"]);
     }
     this.head.precision = policy.model;
     this.trace.clear();
@@ -270,7 +267,7 @@ export class DeepSeekModel {
   }
 
   /**
-   * Every tensor by its checkpoint name (MODEL.md): stacked expert weights [E, out, in] are listed
+   * Every tensor by its checkpoint name (docs/model.md): stacked expert weights [E, out, in] are listed
    * per expert as `...experts.{e}.{proj}.weight`, and the correction biases are included.
    */
   namedTensors(): { name: string; tensor: Tensor; expert?: number }[] {

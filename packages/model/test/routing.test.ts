@@ -51,7 +51,7 @@ describe("router", () => {
     };
     const rng = new Rng(5);
     const pol = presetPolicy("fp32")["moe-layers"];
-    const layer = new MoELayer(b, cfg, "moe", pol, (n) => rng.normals(n, 0.1));
+    const layer = new MoELayer(b, { cfg, prefix: "moe", precision: pol, init: (n) => rng.normals(n, 0.1) });
     // Skew: experts 0 and 1 get a large affinity for every token.
     const gw = (await layer.gate.value.read()) as Float32Array;
     const x0 = rng.normals(256 * 32);
@@ -83,7 +83,7 @@ describe("router", () => {
 });
 
 describe("model", () => {
-  it("tiny has the parameter counts MODEL.md gives", () => {
+  it("tiny has the parameter counts docs/model.md gives", () => {
     const c = countParams(CONFIGS.tiny);
     expect(c.total / 1e6).toBeCloseTo(1.86, 1);
     expect(c.active / 1e6).toBeCloseTo(0.95, 1);
@@ -92,7 +92,7 @@ describe("model", () => {
     expect(Math.round(s.total / 1e6)).toBeLessThan(480);
   });
 
-  it("parameter names are the checkpoint names of MODEL.md", () => {
+  it("parameter names are the checkpoint names of docs/model.md", () => {
     const m = new DeepSeekModel(b, MICRO, presetPolicy("fp32"), 1);
     const names = m.namedTensors().map((t) => t.name);
     for (const n of [

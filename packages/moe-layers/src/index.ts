@@ -1,2 +1,2 @@
-export { type InitFn, SwiGluMlp } from "./mlp.ts";
-export { type LoadStats, loadStats, MoELayer, type MoeConfig } from "./moe.ts";
+export { type InitFn, SwiGluMlp, type SwiGluMlpOptions } from "./mlp.ts";
+export { type LoadStats, loadStats, MoELayer, type MoELayerOptions, type MoeConfig } from "./moe.ts";

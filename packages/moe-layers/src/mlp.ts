@@ -13,34 +13,54 @@ import {
 
 export type InitFn = (n: number) => Float32Array;
 
+export interface SwiGluMlpOptions {
+  /** Checkpoint name prefix: the weights are `<prefix>.{gate,up,down}_proj.weight`. */
+  prefix: string;
+  /** Model width d (input and output). */
+  hidden: number;
+  /** Width of the gated hidden layer. */
+  intermediate: number;
+  precision: LinearPrecision;
+  init: InitFn;
+  /** The package the GEMMs belong to, for the precision trace. */
+  pkg: string;
+  /**
+   * > 0: a grouped MLP of this many experts, weights [E, out, in], run over expert-sorted rows
+   * (per-expert checkpoint names are made by the checkpoint writer from the stacked weight).
+   */
+  experts?: number;
+  trace?: PrecisionTrace;
+}
+
 export class SwiGluMlp {
   readonly params: Param[] = [];
   readonly gate: Linear;
   readonly up: Linear;
   readonly down: Linear;
+  readonly prefix: string;
+  readonly pkg: string;
+  readonly experts: number;
   private saved: { g: Tensor; u: Tensor }[] = [];
 
-  /**
-   * `experts` > 0 makes a grouped MLP whose weights are [E, out, in]; `prefix` names the checkpoint
-   * tensors (per-expert names are produced by the checkpoint writer from the stacked weight).
-   */
   constructor(
     readonly b: Backend,
-    readonly prefix: string,
-    d: number,
-    inter: number,
-    precision: LinearPrecision,
-    init: InitFn,
-    readonly pkg: string,
-    readonly experts = 0,
-    trace?: PrecisionTrace,
+    opts: SwiGluMlpOptions,
   ) {
-    const E = experts;
+    const { prefix, hidden: d, intermediate: inter, precision, init, pkg, trace } = opts;
+    const E = opts.experts ?? 0;
+    this.prefix = prefix;
+    this.pkg = pkg;
+    this.experts = E;
     const lin = (name: string, out: number, inp: number) => {
       const shape = E > 0 ? [E, out, inp] : [out, inp];
-      const p = Param.create(b, `${prefix}.${name}.weight`, init(shape.reduce((x, y) => x * y)), shape, true);
+      const p = Param.create(b, {
+        name: `${prefix}.${name}.weight`,
+        init: init(shape.reduce((x, y) => x * y)),
+        shape,
+        decay: true,
+      });
       this.params.push(p);
-      return new Linear(p, precision, { pkg, layer: `${prefix}.${name}`, trace }, E > 0);
+      return new Linear(p, { precision, pkg, layer: `${prefix}.${name}`, trace, grouped: E > 0 });
     };
     this.gate = lin("gate_proj", inter, d);
     this.up = lin("up_proj", inter, d);

@@ -1,4 +1,4 @@
-// A DeepSeekMoE layer (MODEL.md): FP32 sigmoid router choosing top-k experts by score + correction
+// A DeepSeekMoE layer (docs/model.md): FP32 sigmoid router choosing top-k experts by score + correction
 // bias, fine-grained routed SwiGLU experts run as grouped GEMMs over expert-sorted rows, shared
 // experts on every token, auxiliary-loss-free balancing (the bias, updated after each step) and the
 // complementary sequence-wise balance loss. No token is dropped. Routing never leaves the device.
@@ -40,6 +40,16 @@ export function loadStats(counts: ArrayLike<number>): LoadStats {
   return { counts: c, cv: mean > 0 ? sd / mean : 0, maxOverMean: mean > 0 ? Math.max(...c) / mean : 0 };
 }
 
+export interface MoELayerOptions {
+  cfg: MoeConfig;
+  /** Checkpoint name prefix, e.g. `model.layers.1.mlp`. */
+  prefix: string;
+  /** The `moe-layers` policy: the routed and shared experts' Linears (the router stays f32). */
+  precision: LinearPrecision;
+  init: InitFn;
+  trace?: PrecisionTrace;
+}
+
 interface Saved {
   x: Tensor;
   scores: Tensor;
@@ -64,42 +74,42 @@ export class MoELayer {
   /** The balance loss of the last forward ([1], in the step's arena), or null when disabled. */
   lastBalanceLoss: Tensor | null = null;
 
+  readonly cfg: MoeConfig;
+  /** Checkpoint name prefix, e.g. `model.layers.1.mlp`. */
+  readonly prefix: string;
+  readonly trace: PrecisionTrace | undefined;
+
   constructor(
     readonly b: Backend,
-    readonly cfg: MoeConfig,
-    readonly prefix: string,
-    precision: LinearPrecision,
-    init: InitFn,
-    readonly trace?: PrecisionTrace,
+    opts: MoELayerOptions,
   ) {
+    const { cfg, prefix, precision, init, trace } = opts;
+    this.cfg = cfg;
+    this.prefix = prefix;
+    this.trace = trace;
     const d = cfg.hidden_size;
     const E = cfg.n_routed_experts;
-    this.gate = Param.create(b, `${prefix}.gate.weight`, init(E * d), [E, d], true);
+    this.gate = Param.create(b, {
+      name: `${prefix}.gate.weight`,
+      init: init(E * d),
+      shape: [E, d],
+      decay: true,
+    });
     this.bias = b.keep(b.zeros([E]));
-    this.experts = new SwiGluMlp(
-      b,
-      `${prefix}.experts`,
-      d,
-      cfg.moe_intermediate_size,
-      precision,
-      init,
-      "moe-layers",
-      E,
-      trace,
-    );
+    const mlp = { hidden: d, precision, init, pkg: "moe-layers", trace };
+    this.experts = new SwiGluMlp(b, {
+      ...mlp,
+      prefix: `${prefix}.experts`,
+      intermediate: cfg.moe_intermediate_size,
+      experts: E,
+    });
     this.shared =
       cfg.n_shared_experts > 0
-        ? new SwiGluMlp(
-            b,
-            `${prefix}.shared_experts`,
-            d,
-            cfg.n_shared_experts * cfg.moe_intermediate_size,
-            precision,
-            init,
-            "moe-layers",
-            0,
-            trace,
-          )
+        ? new SwiGluMlp(b, {
+            ...mlp,
+            prefix: `${prefix}.shared_experts`,
+            intermediate: cfg.n_shared_experts * cfg.moe_intermediate_size,
+          })
         : null;
     this.params.push(this.gate, ...this.experts.params, ...(this.shared?.params ?? []));
   }
@@ -119,7 +129,7 @@ export class MoELayer {
   forward(x: Tensor, batch: number, seq: number): Tensor {
     const b = this.b;
     const { num_experts_per_tok: k, n_routed_experts: E, routed_scaling_factor: scaling } = this.cfg;
-    // The router is FP32 whatever the policy says (FP8.md: "MoE gating (f32)").
+    // The router is FP32 whatever the policy says (docs/numerics.md, "What stays in higher precision").
     const logits = b.matmul(x, this.gate.value, { transB: true, precision: "f32" });
     this.trace?.record({ pkg: "moe-layers", layer: `${this.prefix}.gate`, role: "fprop", precision: "f32" });
     const r = b.router(logits, this.bias, k, scaling);

@@ -28,7 +28,12 @@ describe("load statistics", () => {
 describe("MoELayer", () => {
   it("routes every token to k experts (no dropping) and its input gradient matches finite differences", async () => {
     const rng = new Rng(3);
-    const m = new MoELayer(b, cfg, "moe", presetPolicy("fp32")["moe-layers"], (n) => rng.normals(n, 0.4));
+    const m = new MoELayer(b, {
+      cfg,
+      prefix: "moe",
+      precision: presetPolicy("fp32")["moe-layers"],
+      init: (n) => rng.normals(n, 0.4),
+    });
     const x0 = rng.normals(12 * 8);
     const r = rng.normals(12 * 8);
     const L = async (x: Float32Array) =>
@@ -54,7 +59,12 @@ describe("MoELayer", () => {
 
   it("the bias update moves toward balance: overloaded experts down, idle ones up", async () => {
     const rng = new Rng(4);
-    const m = new MoELayer(b, cfg, "moe", presetPolicy("fp32")["moe-layers"], (n) => rng.normals(n, 0.4));
+    const m = new MoELayer(b, {
+      cfg,
+      prefix: "moe",
+      precision: presetPolicy("fp32")["moe-layers"],
+      init: (n) => rng.normals(n, 0.4),
+    });
     await b.scope(async () => {
       m.forward(b.upload(rng.normals(40 * 8), [40, 8]), 1, 40);
       m.clearSaved();

@@ -34,7 +34,7 @@ describe("AdamW", () => {
   const start = Float32Array.of(1, -1, 0.5, 2);
 
   function run(moments: "f32" | "bf16", decay: boolean) {
-    const p = Param.create(b, "w", start, [4], decay);
+    const p = Param.create(b, { name: "w", init: start, shape: [4], decay });
     b.write(p.grad, grad);
     const opt = new AdamW(b, [p], { ...ADAMW_DEFAULTS, moments });
     const one = b.keep(b.upload(Float32Array.of(1), [1]));
@@ -71,7 +71,7 @@ describe("AdamW", () => {
     const a = run("bf16", true);
     const saved = new Map<string, Float32Array>();
     for (const [k, t] of a.opt.stateTensors()) saved.set(k, (await b.cast(t, "f32").read()) as Float32Array);
-    const p2 = Param.create(b, "w", start, [4], true);
+    const p2 = Param.create(b, { name: "w", init: start, shape: [4], decay: true });
     const o2 = new AdamW(b, [p2], { ...ADAMW_DEFAULTS, moments: "bf16" });
     o2.loadState(a.opt.step, (k) => saved.get(k));
     expect(o2.step).toBe(2);

@@ -1,40 +1,18 @@
-// The Backend interface: the one op set the model is written against (RUNTIME.md rules 1-5).
+// The Backend interface: the one op set the model is written against (docs/runtime.md rules 1-5).
 // Ops return tensors and never host numbers; every shape is row-major and matrices are
 // [rows, cols] with all leading dimensions folded into rows. Backward ops are separate ops.
+import type * as core from "@moe8/fp8-core";
 import type { Tensor } from "./tensor.ts";
-import type { DType, Fp8Format, HostArray, QuantGroup } from "./types.ts";
+import type { DType, HostArray } from "./types.ts";
 
+export type { MatmulPrecision } from "@moe8/fp8-core";
 export type BackendName = "ts" | "cpu" | "cuda";
-export type MatmulPrecision = "f32" | "bf16" | "fp8";
 
-export interface QuantizeOptions {
-  group: QuantGroup;
-  format?: Fp8Format;
-  pow2Scales?: boolean;
-  /** Scale fixed at 1 (the `fp8-unscaled` negative control). */
-  unit?: boolean;
-  eps?: number;
-  /** For `column-tile`: E+1 row offsets; 128-row groups restart at each segment. */
-  segments?: Tensor;
-}
+/** fp8-core's quantisation options, with `segments` a device tensor of E+1 i32 row offsets. */
+export type QuantizeOptions = core.QuantizeOptions<Tensor>;
 
-export interface MatmulOptions {
-  /** A is stored [K, M] instead of [M, K]. */
-  transA?: boolean;
-  /** B is stored [N, K] instead of [K, N]. */
-  transB?: boolean;
-  /**
-   * f32; bf16 (operands rounded to BF16, f32 accumulation; an operand may also be a bf16 tensor,
-   * which saves the rounding pass when it feeds several GEMMs); fp8 (operands are quantised tensors).
-   */
-  precision: MatmulPrecision;
-  /** Round the output to BF16 (the GEMM writes BF16 activations). */
-  outBf16?: boolean;
-  /** Add the product into this f32 tensor instead of allocating a new one (returned). */
-  accumulate?: Tensor;
-  /** FP8 promotion interval along K (default 128). */
-  promotion?: number;
-}
+/** fp8-core's GEMM options, accumulating into a tensor of this backend. */
+export type MatmulOptions = core.MatmulOptions<Tensor>;
 
 export interface GroupedMatmulOptions extends MatmulOptions {
   /**
@@ -113,7 +91,7 @@ export interface AdamWOptions {
 export interface Backend {
   readonly name: BackendName;
 
-  // Memory and lifetimes (RUNTIME.md rule 6).
+  // Memory and lifetimes (docs/runtime.md rule 6).
   upload(data: HostArray, shape: readonly number[], dtype?: DType): Tensor;
   zeros(shape: readonly number[], dtype?: DType): Tensor;
   read(t: Tensor): Promise<HostArray>;

@@ -1,18 +1,13 @@
+// The precision types are @moe8/fp8-core's, re-exported for the packages that import them from here.
+export type { GemmPrecision, GemmRole, GemmSpec, LinearPrecision } from "@moe8/fp8-core";
 export * from "./backend.ts";
 export { f32, f32OrBf16, HostLifetimes, host, i32, rowSpan, sameShape, u8 } from "./host.ts";
-export {
-  type GemmPrecision,
-  type GemmSite,
-  type GemmSpec,
-  Linear,
-  type LinearPrecision,
-  operandQuant,
-  QuantMemo,
-} from "./layers/linear.ts";
-export { Param } from "./layers/param.ts";
-export { Fp8FlowCounter, type GemmRole, PrecisionTrace, type TraceEntry } from "./layers/trace.ts";
+export { Linear, type LinearOptions, QuantMemo } from "./layers/linear.ts";
+export { Param, type ParamOptions } from "./layers/param.ts";
+export { Fp8FlowCounter, PrecisionTrace, type TraceEntry } from "./layers/trace.ts";
+export { Rng } from "./random.ts";
 export { type QuantInfo, Tensor } from "./tensor.ts";
-export { Rng, relErr } from "./testing/random.ts";
+export { relErr } from "./testing/rel-err.ts";
 export { gemmDims, TsBackend } from "./ts/backend.ts";
 export { batchDims, scaleCount } from "./ts/linear.ts";
 export * from "./types.ts";

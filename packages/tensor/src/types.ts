@@ -1,12 +1,14 @@
-// Element types and the host arrays that hold them.
+// Element types and the host arrays that hold them. The FP8 formats and quantisation groups are
+// @moe8/fp8-core's, re-exported for the packages that import them from here.
+import type { Fp8Format } from "@moe8/fp8-core";
 
-export type DType = "f32" | "bf16" | "e4m3" | "e5m2" | "i32";
-export type Fp8Format = "e4m3" | "e5m2";
-export type QuantGroup = "tile" | "block" | "column-tile" | "row" | "tensor";
+export type { Fp8Format, QuantGroup } from "@moe8/fp8-core";
+export type DType = "f32" | "bf16" | Fp8Format | "i32";
 export type HostArray = Float32Array | Uint16Array | Uint8Array | Int32Array;
 
 export const BYTES_PER_ELEMENT: Record<DType, number> = { f32: 4, bf16: 2, e4m3: 1, e5m2: 1, i32: 4 };
 
+/** Whether a tensor of this element type holds FP8 codes (see fp8-core's isFp8Precision for policies). */
 export function isFp8(dtype: DType): dtype is Fp8Format {
   return dtype === "e4m3" || dtype === "e5m2";
 }

@@ -1,7 +1,17 @@
 // A trainable parameter: the f32 master weight and its f32 gradient, both long-lived, with the
-// checkpoint name (MODEL.md) and whether weight decay applies.
+// checkpoint name (docs/model.md) and whether weight decay applies.
 import type { Backend } from "../backend.ts";
 import type { Tensor } from "../tensor.ts";
+
+export interface ParamOptions {
+  /** The checkpoint name, e.g. `model.layers.0.self_attn.o_proj.weight`. */
+  name: string;
+  /** Initial values, row-major in `shape`. */
+  init: Float32Array;
+  shape: number[];
+  /** AdamW's decoupled weight decay applies (weights: yes; norms: no). */
+  decay: boolean;
+}
 
 export class Param {
   readonly grad: Tensor;
@@ -14,7 +24,7 @@ export class Param {
     this.grad = value.backend.zeros(value.shape, "f32");
   }
 
-  static create(b: Backend, name: string, init: Float32Array, shape: number[], decay: boolean): Param {
+  static create(b: Backend, { name, init, shape, decay }: ParamOptions): Param {
     return new Param(name, b.keep(b.upload(init, shape, "f32")), decay);
   }
 

@@ -1,10 +1,10 @@
 // The precision trace: every GEMM records which package, layer and role (fprop/dgrad/wgrad) it ran
-// for and in which precision, so tests and users can see which precision ran where.
+// for, in which precision and, under FP8, how its operands were quantised (the plan fp8-core's
+// gemmPlan made and the GEMM ran with), so tests and users can see which precision ran where.
 
+import type { GemmRole } from "@moe8/fp8-core";
 import type { Backend } from "../backend.ts";
 import type { Tensor } from "../tensor.ts";
-
-export type GemmRole = "fprop" | "dgrad" | "wgrad";
 
 /**
  * FP8 range events of the activations and gradients quantised in a step (Backend.fp8Flow), summed
@@ -39,6 +39,8 @@ export interface TraceEntry {
   layer: string;
   role: GemmRole;
   precision: string;
+  /** The FP8 operands as fp8-core's describeOperands gives them (`x tile/e4m3, w block/e4m3`). */
+  operands?: string;
 }
 
 export class PrecisionTrace {
@@ -73,11 +75,30 @@ export class PrecisionTrace {
     return out;
   }
 
+  /** "package role" -> the distinct FP8 operand quantisations its GEMMs ran with, in first-run order. */
+  operands(): Map<string, string[]> {
+    const out = new Map<string, string[]>();
+    for (const e of this.entries.values()) {
+      if (!e.operands) continue;
+      const key = `${e.pkg} ${e.role}`;
+      const seen = out.get(key) ?? [];
+      if (!seen.includes(e.operands)) seen.push(e.operands);
+      out.set(key, seen);
+    }
+    return out;
+  }
+
+  /** The precision table, then the FP8 operands of each package and role that ran any. */
   format(): string {
     const rows = Object.entries(this.table());
     const lines = [`${"package".padEnd(12)} ${"fprop".padEnd(16)} ${"dgrad".padEnd(16)} wgrad`];
     for (const [pkg, r] of rows)
       lines.push(`${pkg.padEnd(12)} ${r.fprop.padEnd(16)} ${r.dgrad.padEnd(16)} ${r.wgrad}`);
+    const operands = this.operands();
+    if (operands.size > 0) {
+      lines.push("fp8 operands (group/format):");
+      for (const [key, list] of operands) lines.push(`${key.padEnd(18)} ${list.join(" | ")}`);
+    }
     return lines.join("\n");
   }
 

@@ -1,2 +1,3 @@
+export { Rng } from "../random.ts";
 export { attentionForwardBackward, ODD_SIZES, opSuite } from "./op-suite.ts";
-export { Rng, relErr } from "./random.ts";
+export { relErr } from "./rel-err.ts";

@@ -1,13 +1,14 @@
 // One op test suite, run against every backend present (tfjs/burn style). Each case builds the same
 // random inputs on the backend under test and on the `ts` reference and compares the outputs:
-// bit-exact where the spec pins bits (quantisation), a relative tolerance by precision elsewhere.
+// bit-exact where docs/numerics.md pins bits (quantisation), a relative tolerance by precision elsewhere.
 // Gradient checks by finite differences run on the backend under test for every op with a backward.
 import { describe, expect, it } from "vitest";
 import type { Backend } from "../backend.ts";
+import { Rng } from "../random.ts";
 import type { Tensor } from "../tensor.ts";
 import { TsBackend } from "../ts/backend.ts";
 import type { HostArray } from "../types.ts";
-import { Rng, relErr } from "./random.ts";
+import { relErr } from "./rel-err.ts";
 
 type Outputs = Tensor | Tensor[] | Record<string, Tensor>;
 type Case = (b: Backend) => Outputs;

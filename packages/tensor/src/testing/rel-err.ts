@@ -1,36 +1,5 @@
-// Deterministic random inputs for tests (mulberry32 + Box-Muller): every backend gets the same data.
-
-export class Rng {
-  private s: number;
-  constructor(seed: number) {
-    this.s = seed >>> 0;
-  }
-  /** Uniform in [0, 1). */
-  next(): number {
-    this.s = (this.s + 0x6d2b79f5) >>> 0;
-    let t = this.s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  }
-  normal(): number {
-    const u = 1 - this.next();
-    return Math.sqrt(-2 * Math.log(u)) * Math.cos(2 * Math.PI * this.next());
-  }
-  int(n: number): number {
-    return Math.floor(this.next() * n);
-  }
-  normals(n: number, std = 1): Float32Array {
-    const a = new Float32Array(n);
-    for (let i = 0; i < n; i++) a[i] = this.normal() * std;
-    return a;
-  }
-  ints(n: number, max: number): Int32Array {
-    const a = new Int32Array(n);
-    for (let i = 0; i < n; i++) a[i] = this.int(max);
-    return a;
-  }
-}
+// The error measure test tolerances are stated in. (The seeded Rng tests draw their data from lives
+// in ../random.ts, since it also initialises model weights.)
 
 /** max |a - b| / max(|b|_inf, floor): the error measure tolerances are stated in. */
 export function relErr(a: ArrayLike<number>, b: ArrayLike<number>, floor = 1e-6): number {

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Compile every CUDA kernel source of @moe8/kernels with NVRTC, without a GPU (CI check).
+"""Compile every CUDA kernel source of @moe8/kernels with NVRTC, without a GPU (CI check), and check
+every entry point's parameters against the signature table the host launches with.
 
 Each module is packages/kernels/src/cuda/kernels/<name>.cu prefixed with common.cuh, compiled with
 the options in nvrtc-options.txt plus --gpu-architecture (default sm_90a), exactly as the addon
@@ -7,8 +8,15 @@ does at run time (src/cuda/nvrtc.rs). NVRTC comes from the `nvidia-cuda-nvrtc` P
 
     pip install nvidia-cuda-nvrtc==13.0.88
 
-Prints one line per kernel module and exits non-zero on any compile error (with the log), or with
-exit code 2 when libnvrtc cannot be found.
+The table is packages/kernels/src/cuda/kernels.generated.ts, which
+packages/kernels/scripts/kernel-signatures.ts generates by reading the .cu declarations as text. The
+compiler's view of the same kernels is the PTX: every `.entry` must be in the table, with as many
+parameters, each of the width and class (integer or float) of its table kind, and with the table's
+__launch_bounds__ (.maxntid); every table kernel must be an entry. So a launch typed from the
+table passes the argument slots the compiled kernel reads.
+
+Prints one line per kernel module and exits non-zero on any compile error (with the log) or any
+signature mismatch, or with exit code 2 when libnvrtc cannot be found.
 Usage: nvrtc-check.py [--arch sm_90a] [--lib PATH] [--ptxas-verbose (registers and spills per kernel)]
 """
 import argparse
@@ -17,10 +25,21 @@ import concurrent.futures
 import glob
 import time
 import os
+import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KDIR = os.path.join(ROOT, "packages", "kernels", "src", "cuda", "kernels")
+TABLE = os.path.join(ROOT, "packages", "kernels", "src", "cuda", "kernels.generated.ts")
+
+# The PTX parameter types each table kind may compile to (PTX writes `int` as .u32 or .s32 alike).
+PTX_TYPES = {
+    "u64": {"u64", "s64", "b64"},
+    "i32": {"u32", "s32", "b32"},
+    "u32": {"u32", "s32", "b32"},
+    "f32": {"f32"},
+    "f64": {"f64"},
+}
 
 
 def find_nvrtc(explicit):
@@ -56,8 +75,64 @@ def options(arch):
     return [f"--gpu-architecture={arch}"] + [l for l in lines if l and not l.startswith("#")]
 
 
+def read_table():
+    """module -> kernel -> (maxThreads or None, [(param, kind)]) from the generated table's lines."""
+    line_re = re.compile(
+        r'^ {4}(\w+): \{ module: "(\w+)", name: "(\w+)", maxThreads: (\d+|null), params: \[(.*)\] \},$'
+    )
+    table = {}
+    with open(TABLE) as f:
+        for line in f:
+            m = line_re.match(line.rstrip("\n"))
+            if not m:
+                continue
+            key, module, name, bound, params = m.groups()
+            if key != name:
+                raise ValueError(f"{TABLE}: entry {key} names kernel {name}")
+            pairs = re.findall(r'\["(\w+)", "(\w+)"\]', params)
+            table.setdefault(module, {})[name] = (None if bound == "null" else int(bound), pairs)
+    if not table:
+        raise ValueError(f"{TABLE}: no kernel lines found (regenerate it)")
+    return table
+
+
+def ptx_entries(ptx):
+    """entry name -> ([PTX parameter types], .maxntid x or None); a by-value array param reads 'array'."""
+    entries = {}
+    for m in re.finditer(r"\.entry\s+(\w+)\s*\(([^)]*)\)([^{]*)\{", ptx):
+        name, plist, directives = m.groups()
+        types = []
+        for p in [p.strip() for p in plist.split(",") if p.strip()]:
+            words = p.split()
+            kind = next((w[1:] for w in words[1:] if w.startswith(".") and w not in (".ptr", ".align")
+                         and not w.startswith((".global", ".const", ".shared", ".local"))), "?")
+            types.append("array" if p.endswith("]") else kind)
+        nt = re.search(r"\.maxntid\s+(\d+)", directives)
+        entries[name] = (types, int(nt.group(1)) if nt else None)
+    return entries
+
+
+def check_signatures(module, entries, table):
+    """The mismatches between a module's PTX entries and its table rows (empty when they agree)."""
+    want = table.get(module, {})
+    errors = [f"{module}.{n}: in the table but not compiled" for n in want if n not in entries]
+    for name, (types, bound) in entries.items():
+        if name not in want:
+            errors.append(f"{module}.{name}: compiled but not in the table (regenerate it)")
+            continue
+        tbound, params = want[name]
+        if len(types) != len(params):
+            errors.append(f"{module}.{name}: {len(types)} parameters compiled, {len(params)} in the table")
+        for i, ((pname, kind), t) in enumerate(zip(params, types)):
+            if t not in PTX_TYPES[kind]:
+                errors.append(f"{module}.{name}: parameter {i} ({pname}) is {kind} in the table, .{t} in PTX")
+        if bound != tbound:
+            errors.append(f"{module}.{name}: .maxntid {bound} in PTX, maxThreads {tbound} in the table")
+    return errors
+
+
 def compile_one(job):
-    """Compiles one module; returns (ok, the lines to print)."""
+    """Compiles one module; returns (ok, the lines to print, its PTX entries)."""
     path, common, opts, arch, libpath = job
     lib, _ = find_nvrtc(libpath)
     lib.nvrtcGetErrorString.restype = ctypes.c_char_p
@@ -68,7 +143,7 @@ def compile_one(job):
     prog = ctypes.c_void_p()
     r = lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), f"{name}.cu".encode(), 0, None, None)
     if r != 0:
-        return False, f"FAIL {name}.cu: nvrtcCreateProgram: {lib.nvrtcGetErrorString(r).decode()}"
+        return False, f"FAIL {name}.cu: nvrtcCreateProgram: {lib.nvrtcGetErrorString(r).decode()}", {}
     copts = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
     r = lib.nvrtcCompileProgram(prog, len(opts), copts)
     size = ctypes.c_size_t()
@@ -78,12 +153,17 @@ def compile_one(job):
     text = log.value.decode(errors="replace").strip()
     secs = time.monotonic() - t0
     if r != 0:
-        out = (False, f"FAIL {name}.cu: {lib.nvrtcGetErrorString(r).decode()}\n{text}")
+        out = (False, f"FAIL {name}.cu: {lib.nvrtcGetErrorString(r).decode()}\n{text}", {})
     else:
         cubin = ctypes.c_size_t()
         lib.nvrtcGetCUBINSize(prog, ctypes.byref(cubin))
+        ptx_size = ctypes.c_size_t()
+        lib.nvrtcGetPTXSize(prog, ctypes.byref(ptx_size))
+        ptx = ctypes.create_string_buffer(ptx_size.value)
+        lib.nvrtcGetPTX(prog, ptx)
+        entries = ptx_entries(ptx.value.decode(errors="replace"))
         warn = f" (warnings:\n{text})" if text else ""
-        out = (True, f"ok   {name}.cu: {cubin.value} bytes of CUBIN for {arch} in {secs:.1f} s{warn}")
+        out = (True, f"ok   {name}.cu: {cubin.value} bytes of CUBIN for {arch} in {secs:.1f} s{warn}", entries)
     lib.nvrtcDestroyProgram(ctypes.byref(prog))
     return out
 
@@ -110,16 +190,32 @@ def main():
     if not sources:
         print("nvrtc-check: no kernel sources found")
         return 1
+    table = read_table()
     # One process per module (NVRTC compiles a program on one thread; the modules are independent).
     jobs = [(path, common, opts, args.arch, args.lib) for path in sources]
     with concurrent.futures.ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
         results = list(pool.map(compile_one, jobs))
     failed = 0
-    for ok, text in results:
+    mismatches = []
+    checked = 0
+    for path, (ok, text, entries) in zip(sources, results):
         print(text)
         failed += 0 if ok else 1
+        if ok:
+            module = os.path.splitext(os.path.basename(path))[0]
+            mismatches += check_signatures(module, entries, table)
+            checked += len(entries)
+    modules = {os.path.splitext(os.path.basename(p))[0] for p in sources}
+    mismatches += [f"{m}: in the table but there is no {m}.cu" for m in table if m not in modules]
     print(f"nvrtc-check: {len(sources) - failed} of {len(sources)} kernel modules compiled")
-    return 1 if failed else 0
+    for m in mismatches:
+        print(f"MISMATCH {m}")
+    print(
+        f"nvrtc-check: {checked} entry points checked against {os.path.relpath(TABLE, ROOT)}: "
+        + (f"{len(mismatches)} mismatches (regenerate the table: bun packages/kernels/scripts/kernel-signatures.ts)"
+           if mismatches else "all match")
+    )
+    return 1 if failed or mismatches else 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-// Compiles every CUDA kernel source with NVRTC for sm_90a, without a GPU (scripts/nvrtc-check.py).
+// Compiles every CUDA kernel source with NVRTC for sm_90a, without a GPU, and checks every entry
+// point's parameters in the PTX against the signature table launches are typed from
+// (scripts/nvrtc-check.py).
 // Needs python3 and the `nvidia-cuda-nvrtc` wheel (CI installs them: see .ci/run); elsewhere the
 // test is skipped when they are missing, but in CI (CI=true) a missing NVRTC is a failure.
 import { spawnSync } from "node:child_process";
@@ -28,13 +30,14 @@ const inCi = process.env.CI === "true";
 
 describe("CUDA kernel sources", () => {
   it.skipIf(!available && !inCi)(
-    "compile with NVRTC for sm_90a",
+    "compile with NVRTC for sm_90a, with the parameters of the signature table",
     () => {
       const r = run();
       const out = `${r.stdout ?? ""}${r.stderr ?? ""}`;
       expect(r.status, out).toBe(0);
       expect(out).toMatch(/kernel modules compiled/);
       expect(out).not.toMatch(/^FAIL/m);
+      expect(out).toMatch(/entry points checked against .*: all match/);
     },
     300_000,
   );

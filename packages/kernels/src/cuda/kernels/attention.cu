@@ -4,7 +4,8 @@
 // deterministic (no atomics). precision bf16 (lowp = 1): q, k, v, dO and the probabilities are
 // rounded to BF16; accumulation stays f32. Head dimensions up to 32 * MAXD.
 // Layouts: q, k [B*T, H*dqk]; v, o, dO [B*T, H*dv]; lse and D [B*H*T] at (b*H + h)*T + i.
-// This is the simple correct kernel; a tiled (flash) kernel is the performance issue's subject.
+// These are the simple kernels for every case: for BF16 attention with a head shape flash.cu
+// instantiates, the host uses flash.cu's tensor-core kernels instead (unless MOE8_TENSOR_CORES=0).
 
 #define MAXD 8
 #define WARPS 4

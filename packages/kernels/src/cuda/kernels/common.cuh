@@ -1,6 +1,6 @@
 // Shared by every kernel module (prepended to each .cu before NVRTC compiles it). Self-contained:
 // no CUDA headers, so NVRTC needs no include path; BF16 and FP8 are handled as raw bits with the
-// exact conversions of ../shared/spec/FP8.md (RNE from the f32 bits, FP8 saturating, NaN -> 0x7f).
+// exact conversions of docs/numerics.md (RNE from the f32 bits, FP8 saturating, NaN -> 0x7f).
 typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -9,12 +9,29 @@ typedef unsigned long long u64;
 
 #define KERNEL extern "C" __global__
 
-// Quantisation group codes (the same numbers on the TypeScript side).
+// The integer #defines of this file and of each module are copied into TypeScript by
+// packages/kernels/scripts/kernel-signatures.ts (src/cuda/kernels.generated.ts): the host passes
+// these codes and sizes grids with these limits without restating them.
+
+// Quantisation group codes (the `group` arguments of the quantisation and GEMM kernels).
 #define G_TILE 0
 #define G_BLOCK 1
 #define G_COLTILE 2
 #define G_ROW 3
 #define G_TENSOR 4
+
+// FP8 format codes (the `fmt` arguments; the codecs below test fmt != 0 for E5M2).
+#define FMT_E4M3 0
+#define FMT_E5M2 1
+
+// Scale modes (the `mode` arguments of the quantisation kernels; see qscale below).
+#define SCALE_AMAX 0
+#define SCALE_POW2 1
+#define SCALE_UNIT 2
+
+// The largest gridDim.y and gridDim.z. Kernels with one block per row take the rows in chunks of
+// this many along one grid dimension and the chunks along the next (row = x + y * GRID_YZ_MAX).
+#define GRID_YZ_MAX 65535
 
 __device__ __forceinline__ float f32_nan() { return __int_as_float(0x7fc00000); }
 __device__ __forceinline__ float f32_inf() { return __int_as_float(0x7f800000); }
@@ -150,7 +167,7 @@ __device__ __forceinline__ float decode_fp8_bits(u8 c, int fmt) {
 
 __device__ __forceinline__ float fp8_max(int fmt) { return fmt ? 57344.0f : 448.0f; }
 
-// Smallest power of two >= q from q's bits (FP8.md pow2Scales); 2^-149 for q <= 0 or NaN.
+// Smallest power of two >= q from q's bits (docs/numerics.md, pow2Scales); 2^-149 for q <= 0 or NaN.
 __device__ __forceinline__ float pow2_ceil(float q) {
   if (!(q > 0.0f)) return __uint_as_float(1u);
   if (q == f32_inf()) return q;
@@ -164,9 +181,9 @@ __device__ __forceinline__ float pow2_ceil(float q) {
   return man == 0 ? q : __uint_as_float((exp + 1) << 23);
 }
 
-// Scale modes: 0 amax/FMAX, 1 power of two, 2 unit (scale 1).
-// From a group's amax: the stored scale, and the value is encoded as encode(x * factor) (mode 0),
-// encode(x / scale) (mode 1) or encode(x) (mode 2).
+// Scale modes: SCALE_AMAX amax/FMAX, SCALE_POW2 a power of two, SCALE_UNIT scale 1.
+// From a group's amax: the stored scale, and the value is encoded as encode(x * factor) (amax),
+// encode(x / scale) (pow2) or encode(x) (unit).
 struct QScale {
   float scale;
   float factor;
@@ -174,14 +191,14 @@ struct QScale {
 
 __device__ __forceinline__ QScale qscale(float amax, float eps, int fmt, int mode) {
   QScale s;
-  if (mode == 2) {
+  if (mode == SCALE_UNIT) {
     s.scale = 1.0f;
     s.factor = 1.0f;
     return s;
   }
   const float a = amax > eps ? amax : eps;
   const float fmax = fp8_max(fmt);
-  if (mode == 1) {
+  if (mode == SCALE_POW2) {
     s.scale = pow2_ceil(__fdiv_rn(a, fmax));
     s.factor = s.scale;
   } else {
@@ -192,8 +209,8 @@ __device__ __forceinline__ QScale qscale(float amax, float eps, int fmt, int mod
 }
 
 __device__ __forceinline__ u8 quant_value(float x, QScale s, int fmt, int mode) {
-  if (mode == 2) return encode_fp8(x, fmt);
-  if (mode == 1) return encode_fp8(__fdiv_rn(x, s.factor), fmt);
+  if (mode == SCALE_UNIT) return encode_fp8(x, fmt);
+  if (mode == SCALE_POW2) return encode_fp8(__fdiv_rn(x, s.factor), fmt);
   return encode_fp8(__fmul_rn(x, s.factor), fmt);
 }
 

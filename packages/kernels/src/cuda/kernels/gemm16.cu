@@ -23,6 +23,9 @@
 
 // Shared u16 per stage and operand (the larger of the two layouts).
 #define G16_TILE (G16_BM * G16_LDK > G16_BK * G16_LDR ? G16_BM * G16_LDK : G16_BK * G16_LDR)
+// The dynamic shared memory a block needs (the host passes it at launch): both operands' stages.
+#define G16_SMEM_BYTES 110592
+static_assert(G16_SMEM_BYTES == 2 * G16_STAGES * G16_TILE * sizeof(u16), "G16_SMEM_BYTES is the stages' size");
 
 // Starts the copy of one operand's 64-deep slice: rows r0.. (of `rows`), k0.. (of K). KC: stored
 // [rows, K] with row stride ld; otherwise stored [K, rows] with row stride ld. 1024 pieces of 16

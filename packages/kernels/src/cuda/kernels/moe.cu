@@ -1,9 +1,14 @@
 // Routing, dispatch/combine and load balancing (the reference: packages/tensor/src/ts/moe.ts).
-// Everything stays on the device (RUNTIME.md rule 2) and is deterministic: the permutation is the
+// Everything stays on the device (docs/runtime.md rule 2) and is deterministic: the permutation is the
 // reference's stable order (expert, then token, then rank) computed with per-chunk counts, a
 // prefix sum in a fixed order and a stable in-chunk rank; no result depends on atomics' order.
 
 __device__ __forceinline__ double sigmoid_d(double x) { return 1.0 / (1.0 + exp(-x)); }
+
+// The most experts the router (a bit set per token) and the permute scan (a shared total per expert)
+// handle.
+#define ROUTER_MAX_EXPERTS 256
+#define PERMUTE_MAX_EXPERTS 1024
 
 // One thread per token: sigmoid scores, top-k of f32(score + bias) (ties to the lower expert),
 // weights = scaling * s_i / sum of the selected s.
@@ -13,7 +18,7 @@ KERNEL void router(const float* logits, const float* bias, float* scores, int* t
   const float* lg = logits + (i64)n * E;
   float* sc = scores + (i64)n * E;
   for (int e = 0; e < E; e++) sc[e] = (float)sigmoid_d((double)lg[e]);
-  u32 chosen[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // up to 256 experts
+  u32 chosen[ROUTER_MAX_EXPERTS / 32] = {};  // a bit per expert
   double sum = 0.0;
   for (int j = 0; j < k; j++) {
     int best = -1;
@@ -127,7 +132,7 @@ KERNEL void permute_count(const int* topIdx, int* counts, int total, int E) {
 // Permute, stage 2 (one block): offsets[e] (E+1) and base[chunk][e], the first row of the chunk's
 // selections of expert e, by prefix sums in a fixed order.
 KERNEL void permute_scan(const int* counts, int* base, int* offsets, int chunks, int E) {
-  __shared__ int tot[1024];
+  __shared__ int tot[PERMUTE_MAX_EXPERTS];
   for (int e = threadIdx.x; e < E; e += blockDim.x) {
     int s = 0;
     for (int c = 0; c < chunks; c++) s += counts[(i64)c * E + e];

@@ -3,7 +3,7 @@
 
 // y = x * rstd * w per row; rstd = 1 / sqrt(mean(x^2) + eps). One block per row.
 KERNEL void rmsnorm_fwd(const float* x, const float* w, float* y, float* rstd, int R, int C, double eps) {
-  const int r = blockIdx.x + blockIdx.y * 65535;
+  const int r = blockIdx.x + blockIdx.y * GRID_YZ_MAX;
   if (r >= R) return;
   const float* xr = x + (i64)r * C;
   double ss = 0.0;
@@ -16,7 +16,7 @@ KERNEL void rmsnorm_fwd(const float* x, const float* w, float* y, float* rstd, i
 
 // dx = s * (dy * w - x * s^2 * dot(dy * w, x) / C). One block per row.
 KERNEL void rmsnorm_bwd_dx(const float* dy, const float* x, const float* w, const float* rstd, float* dx, int R, int C) {
-  const int r = blockIdx.x + blockIdx.y * 65535;
+  const int r = blockIdx.x + blockIdx.y * GRID_YZ_MAX;
   if (r >= R) return;
   const i64 o = (i64)r * C;
   const double s = rstd[r];

@@ -5,7 +5,7 @@
 // dlogits = gradScale * softmax / N, minus gradScale / N at the target. A target outside
 // [0, V) gives loss 0 and a zero gradient row, and sets *bad.
 KERNEL void cross_entropy_rows(const float* logits, const int* targets, float* dlogits, double* lossRow, int N, int V, double gradScale, int* bad) {
-  const int n = blockIdx.x + blockIdx.y * 65535;
+  const int n = blockIdx.x + blockIdx.y * GRID_YZ_MAX;
   if (n >= N) return;
   const float* l = logits + (i64)n * V;
   float* d = dlogits + (i64)n * V;

@@ -1,16 +1,17 @@
 // Fused FP8 quantisation (amax + scale + encode) for every group layout, bit-exact with the
 // reference (fp8-core quantize): amax = max(max|x|, eps); inv = f32(FMAX / amax) with IEEE
 // division; q = encode(f32(x * inv)); scale = f32(amax / FMAX). Scales are written in the
-// Tensor's logical layout (FP8.md): tile [rows][ceil(cols/128)], block per matrix
+// Tensor's logical layout (docs/numerics.md): tile [rows][ceil(cols/128)], block per matrix
 // [ceil(rows/128)][ceil(cols/128)], column-tile per matrix or segment [ceil(rows/128)][cols],
-// row [rows], tensor one per matrix. fmt: 0 E4M3, 1 E5M2; mode: 0 amax, 1 pow2, 2 unit.
+// row [rows], tensor one per matrix. fmt: FMT_E4M3 or FMT_E5M2; mode: SCALE_AMAX, SCALE_POW2 or SCALE_UNIT
+// (common.cuh).
 
 // Row groups: each row of the R x C matrix split into groups of `gw` columns (the row layout uses
 // gw = C; 1x128 tiles take quant_tile128, one warp per tile).
 // Block (g, r) handles group g of row r; scales[r * ngroups + g].
 KERNEL void quant_rowgroups(const float* x, u8* q, float* scales, int R, int C, int gw, int fmt, int mode, float eps) {
   const int g = blockIdx.x;
-  const int r = blockIdx.y + blockIdx.z * 65535;
+  const int r = blockIdx.y + blockIdx.z * GRID_YZ_MAX;
   if (r >= R) return;
   const int ngroups = cdiv(C, gw);
   const int c0 = g * gw;

@@ -1,7 +1,7 @@
 // Runs on the cpu backend are bit-for-bit repeatable (RUNTIME.md rule 7): the same call twice gives
 // identical bits, for the ops whose parallel reductions could otherwise depend on thread timing.
 import type { Backend, Tensor } from "@moe8/tensor";
-import { attentionForwardBackward, Rng } from "@moe8/tensor/testing";
+import { adamwSteps, attentionForwardBackward, Rng } from "@moe8/tensor/testing";
 import { describe, expect, it } from "vitest";
 import { CpuBackend } from "../src/cpu-backend.ts";
 import { createBackend } from "../src/index.ts";
@@ -64,22 +64,14 @@ describe("cpu backend determinism", () => {
       const G = be.upload(g, [n]);
       const clip = be.clipScale([G, be.upload(x, [2048, 128])], 1);
       const out: Tensor[] = [clip.norm, clip.scale, be.sum(G)];
-      for (const dt of ["f32", "bf16"] as const) {
-        const P = be.upload(p, [n]);
-        const m = be.zeros([n], dt);
-        const v = be.zeros([n], dt);
-        for (let step = 1; step <= 3; step++)
-          be.adamw(P, G, m, v, {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weightDecay: 0.1,
-            step,
-            gradScale: clip.scale,
-          });
-        out.push(P, m, v);
-      }
+      const runs = adamwSteps(be, {
+        param: () => be.upload(p, [n]),
+        grad: G,
+        gradScale: clip.scale,
+        lr: 1e-3,
+        steps: 3,
+      });
+      for (const r of [runs.f32, runs.bf16]) out.push(r.p, r.m, r.v);
       const X = be.upload(x, [2048, 128]);
       const w = be.upload(w0, [128]);
       const { rstd } = be.rmsnorm(X, w, 1e-6);

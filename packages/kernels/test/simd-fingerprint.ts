@@ -3,7 +3,7 @@
 // it prints the digest (the test runs it in a child process with MOE8_SIMD=scalar).
 import { createHash } from "node:crypto";
 import type { Tensor } from "@moe8/tensor";
-import { Rng } from "@moe8/tensor/testing";
+import { adamwSteps, Rng } from "@moe8/tensor/testing";
 import { CpuBackend } from "../src/cpu-backend.ts";
 import { requireNative } from "../src/index.ts";
 
@@ -58,22 +58,14 @@ export async function fingerprint(): Promise<string> {
   outs.push(ce.loss, ce.dlogits);
   const clip = be.clipScale([x, y, ce.dlogits], 1);
   outs.push(clip.norm, clip.scale);
-  for (const dt of ["f32", "bf16"] as const) {
-    const P = be.copy(x);
-    const m = be.zeros([N, C], dt);
-    const vv = be.zeros([N, C], dt);
-    for (let step = 1; step <= 2; step++)
-      be.adamw(P, y, m, vv, {
-        lr: 1e-2,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weightDecay: 0.1,
-        step,
-        gradScale: clip.scale,
-      });
-    outs.push(P, m, vv);
-  }
+  const runs = adamwSteps(be, {
+    param: () => be.copy(x),
+    grad: y,
+    gradScale: clip.scale,
+    lr: 1e-2,
+    steps: 2,
+  });
+  for (const r of [runs.f32, runs.bf16]) outs.push(r.p, r.m, r.v);
   const h = createHash("sha256");
   for (const t of outs) {
     const a = await t.read();

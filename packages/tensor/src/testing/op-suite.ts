@@ -8,6 +8,7 @@ import { Rng } from "../random.ts";
 import type { Tensor } from "../tensor.ts";
 import { TsBackend } from "../ts/backend.ts";
 import type { HostArray } from "../types.ts";
+import { adamwSteps } from "./adamw.ts";
 import { relErr } from "./rel-err.ts";
 
 type Outputs = Tensor | Tensor[] | Record<string, Tensor>;
@@ -502,22 +503,16 @@ export function opSuite(name: string, make: () => Backend): void {
           norm: clip.norm,
           scale: clip.scale,
         };
+        const runs = adamwSteps(b, {
+          param: () => b.upload(p, [500]),
+          grad: G,
+          gradScale: clip.scale,
+          lr: 1e-2,
+          steps: 3,
+        });
         for (const dt of ["f32", "bf16"] as const) {
-          const P = b.upload(p, [500]);
-          const m = b.zeros([500], dt);
-          const v = b.zeros([500], dt);
-          for (let step = 1; step <= 3; step++)
-            b.adamw(P, G, m, v, {
-              lr: 1e-2,
-              beta1: 0.9,
-              beta2: 0.95,
-              eps: 1e-8,
-              weightDecay: 0.1,
-              step,
-              gradScale: clip.scale,
-            });
-          out[`p_${dt}`] = P;
-          out[`m_${dt}`] = dt === "bf16" ? b.cast(m, "f32") : m;
+          out[`p_${dt}`] = runs[dt].p;
+          out[`m_${dt}`] = dt === "bf16" ? b.cast(runs[dt].m, "f32") : runs[dt].m;
         }
         return out;
       }, 1e-5);

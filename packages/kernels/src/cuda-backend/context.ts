@@ -1,0 +1,128 @@
+// What every op module of the cuda backend works through: device memory (tensors in buffers of the
+// addon's caching allocator, scratch, host copies), kernel launches and the settings read from the
+// environment. Nothing here waits for the device except the host reads (docs/runtime.md rule 1).
+import { type Backend, BYTES_PER_ELEMENT, type DType, type HostArray, numel, Tensor } from "@moe8/tensor";
+import type { DeviceBuffer } from "../../native.d.cts";
+import { DEFINES } from "../cuda/kernels.generated.ts";
+import type { NativeAddon } from "../index.ts";
+import { ArgEncoder, type KernelArgs, type KernelSignature } from "./launch.ts";
+
+export { KERNELS } from "../cuda/kernels.generated.ts";
+
+/** Device memory a kernel reads: a tensor's own, or a scratch copy that free() gives back. */
+export type Operand = { ptr: number; free(): void };
+
+export const cdiv = (a: number, b: number) => Math.ceil(a / b);
+
+/** The largest second and third grid dimension (common.cuh). */
+const GRID_YZ_MAX = DEFINES.common.GRID_YZ_MAX;
+
+export function u8view(a: HostArray): Uint8Array {
+  return new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
+}
+
+export class CudaContext {
+  private readonly ids = new Map<KernelSignature, number>();
+  private readonly args = new ArgEncoder();
+  /** Scales of segment-quantised tensors: read() returns their compact prefix. */
+  readonly segScales = new WeakMap<Tensor, { segments: Tensor; cols: number }>();
+  /** GEMM configurations cuBLASLt refused (they use the tiled kernel from then on). */
+  readonly ltRefused = new Set<string>();
+  readonly useLt = process.env.MOE8_CUBLASLT !== "0";
+  readonly useLtFp8 = process.env.MOE8_CUBLASLT_FP8 !== "0";
+  /**
+   * cuBLASLt's block-scaled FP8 (VEC128 x BLK128x128) for Fprop; MOE8_CUBLASLT_FP8_BLOCK=0 falls back to
+   * the tiled kernel. Verified on the H200 against it (test/lt-fp8-diag.ts: relative error 3-4e-4,
+   * the same as per-tensor scaling) once the weight-scale rows are padded to a multiple of 4.
+   */
+  readonly useLtFp8Block = process.env.MOE8_CUBLASLT_FP8_BLOCK !== "0";
+  /** Tensor-core kernels (flash.cu, gemm_fp8_mma); MOE8_TENSOR_CORES=0 keeps the simple reference kernels. */
+  readonly useTensorCores = process.env.MOE8_TENSOR_CORES !== "0";
+
+  /**
+   * @param n the addon (with CUDA)
+   * @param backend the Backend whose tensors these are; ops that use other ops call them through it,
+   *   as the backend's own methods did (so a wrapper around the backend sees those calls)
+   * @param register makes a new tensor live in the backend's current arena
+   */
+  constructor(
+    readonly n: NativeAddon,
+    readonly backend: Backend,
+    private readonly register: (t: Tensor) => Tensor,
+  ) {}
+
+  // --- memory ----------------------------------------------------------------------------------
+  /** A new tensor in device memory (contents undefined). */
+  make(shape: readonly number[], dtype: DType, quant: Tensor["quant"] = null): Tensor {
+    const buf = new this.n.DeviceBuffer(numel(shape) * BYTES_PER_ELEMENT[dtype]);
+    return this.register(new Tensor(this.backend, shape, dtype, buf, quant));
+  }
+
+  buf(t: Tensor): DeviceBuffer {
+    if (t.disposed || t.storage == null) throw new Error(`use of a disposed tensor ${t}`);
+    return t.storage as DeviceBuffer;
+  }
+
+  /** The device address of a tensor's data. */
+  p(t: Tensor): number {
+    return this.buf(t).ptr;
+  }
+
+  f32p(t: Tensor, op: string): number {
+    this.buf(t); // a disposed tensor is reported as such, whatever its dtype
+    if (t.dtype !== "f32") throw new Error(`${op}: expected an f32 tensor, got ${t}`);
+    return this.p(t);
+  }
+
+  i32p(t: Tensor, op: string): number {
+    this.buf(t);
+    if (t.dtype !== "i32") throw new Error(`${op}: expected an i32 tensor, got ${t}`);
+    return this.p(t);
+  }
+
+  /** Scratch device memory for one op; freed (stream-ordered) right after the op is enqueued. */
+  scratch(bytes: number): DeviceBuffer {
+    return new this.n.DeviceBuffer(Math.max(bytes, 8));
+  }
+
+  release(t: Tensor): void {
+    this.backend.release(t);
+  }
+
+  // --- launching -------------------------------------------------------------------------------
+  /**
+   * Enqueues `kernel` (a row of KERNELS) on grid x block threads with its named arguments: the argument
+   * object's type is the kernel's parameter list, so a launch that disagrees with the .cu
+   * declaration does not compile.
+   */
+  launch<S extends KernelSignature>(
+    kernel: S,
+    grid: readonly [number, number?, number?],
+    block: number,
+    args: KernelArgs<S>,
+    shared = 0,
+  ): void {
+    let id = this.ids.get(kernel);
+    if (id === undefined) {
+      id = this.n.cudaKernel(kernel.module, kernel.name);
+      this.ids.set(kernel, id);
+    }
+    if (kernel.maxThreads !== null && block > kernel.maxThreads)
+      throw new Error(
+        `${kernel.module}.${kernel.name}: ${block} threads above its __launch_bounds__(${kernel.maxThreads})`,
+      );
+    const bytes = this.args.encode(kernel, args);
+    const [gx, gy = 1, gz = 1] = grid;
+    this.n.cudaLaunch(id, gx, gy, gz, block, 1, 1, shared, bytes);
+  }
+
+  /** Blocks for a grid-stride loop over n elements. */
+  g1(n: number, block = 256): [number] {
+    return [Math.max(1, Math.min(cdiv(n, block), 16384))];
+  }
+
+  /** Grid for one block per row (rows beyond GRID_YZ_MAX go to the second dimension). */
+  rowsGrid(R: number): [number, number] {
+    return [Math.min(R, GRID_YZ_MAX), cdiv(R, GRID_YZ_MAX)];
+  }
+}

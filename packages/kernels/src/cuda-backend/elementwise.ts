@@ -1,0 +1,136 @@
+// Elementwise ops, copies, casts and sums (elementwise.cu), and the operand conversions the other
+// modules use: BF16 copies for kernels that read BF16, f32 copies for those that read f32.
+import { BYTES_PER_ELEMENT, rowSpan, sameShape, type Tensor } from "@moe8/tensor";
+import { type CudaContext, cdiv, KERNELS, type Operand, u8view } from "./context.ts";
+
+export function add(cx: CudaContext, a: Tensor, b: Tensor): Tensor {
+  sameShape(a, b, "add");
+  const out = cx.make(a.shape, "f32");
+  cx.launch(KERNELS.elementwise.add_f32, cx.g1(a.size), 256, {
+    a: cx.f32p(a, "add"),
+    b: cx.f32p(b, "add"),
+    out: cx.p(out),
+    n: a.size,
+  });
+  return out;
+}
+
+export function addInto(cx: CudaContext, dst: Tensor, src: Tensor, alpha: number): void {
+  sameShape(dst, src, "addInto");
+  cx.launch(KERNELS.elementwise.add_into_f32, cx.g1(dst.size), 256, {
+    dst: cx.f32p(dst, "addInto"),
+    src: cx.f32p(src, "addInto"),
+    alpha,
+    n: dst.size,
+  });
+}
+
+export function scale(cx: CudaContext, a: Tensor, s: number): Tensor {
+  const out = cx.make(a.shape, "f32");
+  cx.launch(KERNELS.elementwise.scale_f32, cx.g1(a.size), 256, {
+    x: cx.f32p(a, "scale"),
+    out: cx.p(out),
+    s,
+    n: a.size,
+  });
+  return out;
+}
+
+export function fill(cx: CudaContext, t: Tensor, value: number): void {
+  const b = cx.buf(t);
+  if (t.dtype === "f32") {
+    const v = new DataView(new ArrayBuffer(4));
+    v.setFloat32(0, value, true);
+    cx.n.cudaMemset32(b, 0, v.getUint32(0, true), t.size);
+  } else if (t.dtype === "i32") {
+    cx.n.cudaMemset32(b, 0, value >>> 0, t.size);
+  } else if (t.dtype === "e4m3" || t.dtype === "e5m2") {
+    cx.n.cudaMemset8(b, 0, value & 0xff, t.size);
+  } else {
+    // bf16 storage holds raw bits, as a Uint16Array fill would set them.
+    const h = value & 0xffff;
+    const host = new Uint16Array(t.size).fill(h);
+    cx.n.cudaHtod(b, 0, u8view(host));
+  }
+}
+
+export function copy(cx: CudaContext, t: Tensor): Tensor {
+  const out = cx.make(t.shape, t.dtype);
+  cx.n.cudaDtod(cx.buf(out), 0, cx.buf(t), 0, t.size * BYTES_PER_ELEMENT[t.dtype]);
+  return out;
+}
+
+export function rows(cx: CudaContext, t: Tensor, start: number, count: number): Tensor {
+  const w = rowSpan(t, start, count, "rows");
+  const out = cx.make([count, ...t.shape.slice(1)], t.dtype);
+  const e = BYTES_PER_ELEMENT[t.dtype];
+  if (count > 0 && w > 0) cx.n.cudaDtod(cx.buf(out), 0, cx.buf(t), start * w * e, count * w * e);
+  return out;
+}
+
+export function setRows(cx: CudaContext, dst: Tensor, start: number, src: Tensor): void {
+  const w = rowSpan(dst, start, src.shape[0] ?? 0, "setRows");
+  if (src.dtype !== dst.dtype || src.size !== (src.shape[0] ?? 0) * w)
+    throw new Error(`setRows: ${src} does not fit rows of ${dst}`);
+  const e = BYTES_PER_ELEMENT[dst.dtype];
+  if (src.size > 0) cx.n.cudaDtod(cx.buf(dst), start * w * e, cx.buf(src), 0, src.size * e);
+}
+
+export function cast(cx: CudaContext, t: Tensor, dtype: "f32" | "bf16"): Tensor {
+  if (t.dtype === dtype) return cx.backend.copy(t);
+  if (t.dtype === "f32" && dtype === "bf16") {
+    const out = cx.make(t.shape, "bf16");
+    toBf16(cx, cx.p(t), cx.p(out), t.size);
+    return out;
+  }
+  if (t.dtype === "bf16" && dtype === "f32") {
+    const out = cx.make(t.shape, "f32");
+    cx.launch(KERNELS.elementwise.bf16_to_f32, cx.g1(t.size), 256, { x: cx.p(t), out: cx.p(out), n: t.size });
+    return out;
+  }
+  throw new Error(`cast: ${t.dtype} to ${dtype} is not supported (use quantize/dequantize for FP8)`);
+}
+
+/** n f32 values at x rounded to BF16 at out (four per thread when both are aligned for it). */
+function toBf16(cx: CudaContext, x: number, out: number, n: number): void {
+  const x4 = x % 16 === 0 && out % 8 === 0;
+  const kernel = x4 ? KERNELS.elementwise.f32_to_bf16_x4 : KERNELS.elementwise.f32_to_bf16;
+  cx.launch(kernel, cx.g1(x4 ? cdiv(n, 4) : n), 256, { x, out, n });
+}
+
+/**
+ * BF16 values of an f32 or bf16 tensor for a kernel that reads BF16: a bf16 tensor itself, or a
+ * copy in scratch memory. The caller calls free() once its kernels are enqueued.
+ */
+export function bf16Operand(cx: CudaContext, t: Tensor, op: string): Operand {
+  if (t.dtype === "bf16") return { ptr: cx.p(t), free: () => {} };
+  const buf = cx.scratch(t.size * 2);
+  toBf16(cx, cx.f32p(t, op), buf.ptr, t.size);
+  return buf;
+}
+
+/** f32 values of an f32 tensor, or of a bf16 one (a copy in scratch), for the f32-reading fallbacks. */
+export function f32Operand(cx: CudaContext, t: Tensor, op: string): Operand {
+  if (t.dtype !== "bf16") return { ptr: cx.f32p(t, op), free: () => {} };
+  const buf = cx.scratch(t.size * 4);
+  cx.launch(KERNELS.elementwise.bf16_to_f32, cx.g1(t.size), 256, { x: cx.p(t), out: buf.ptr, n: t.size });
+  return buf;
+}
+
+/** Checks a bf16-precision GEMM or attention input: f32, or bf16 (already rounded). */
+export function lowpInput(cx: CudaContext, t: Tensor, op: string): void {
+  if (t.dtype !== "bf16") cx.f32p(t, op);
+  else cx.buf(t);
+}
+
+export function sum(cx: CudaContext, t: Tensor): Tensor {
+  const n = t.size;
+  const out = cx.make([1], "f32");
+  const parts = Math.max(1, Math.min(cdiv(n, 256 * 16), 1024));
+  const chunk = Math.max(1, cdiv(n, parts));
+  const tmp = cx.scratch(parts * 8);
+  cx.launch(KERNELS.elementwise.sum_partial, [parts], 256, { x: cx.f32p(t, "sum"), part: tmp.ptr, n, chunk });
+  cx.launch(KERNELS.elementwise.sum_final, [1], 256, { part: tmp.ptr, nparts: parts, out: cx.p(out) });
+  tmp.free();
+  return out;
+}

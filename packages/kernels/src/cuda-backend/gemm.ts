@@ -1,0 +1,245 @@
+// GEMMs, plain and grouped over expert segments: cuBLASLt where it has the case (gemm-lt.ts),
+// otherwise the tiled kernels of gemm.cu (any layout; FP8 on tensor cores or in the reference
+// kernel) and gemm16.cu (BF16 on tensor cores). Expert offsets stay on the device (docs/runtime.md
+// rule 2).
+import {
+  batchDims,
+  type GroupedMatmulOptions,
+  gemmDims,
+  isFp8,
+  type MatmulOptions,
+  type Tensor,
+} from "@moe8/tensor";
+import type { DeviceBuffer } from "../../native.d.cts";
+import { DEFINES } from "../cuda/kernels.generated.ts";
+import { type CudaContext, cdiv, KERNELS } from "./context.ts";
+import { bf16Operand, f32Operand, lowpInput } from "./elementwise.ts";
+import { matmulLt } from "./gemm-lt.ts";
+import { FMT, GROUP, transposeCodes } from "./quant.ts";
+
+/** Why an FP8 operand cannot be used as stored (the reference's rule: no scale change inside a K chunk). */
+function checkFp8Operand(t: Tensor, what: string, kAlongCols: boolean): void {
+  if (!isFp8(t.dtype) || !t.quant)
+    throw new Error(`matmul fp8: ${what} must be a quantised FP8 tensor, got ${t}`);
+  const g = t.quant.group;
+  const ok = kAlongCols ? g !== "column-tile" : g === "column-tile" || g === "block" || g === "tensor";
+  if (!ok) {
+    const stored = kAlongCols ? "with K along its columns" : "with K along its rows";
+    const allowed = kAlongCols ? "tile, block, row, tensor" : "column-tile, block, tensor";
+    throw new Error(
+      `scaledMatmul: operand ${what} stored ${stored} cannot use group "${g}": its scale would vary inside a K chunk (allowed: ${allowed})`,
+    );
+  }
+}
+
+function output(cx: CudaContext, M: number, N: number, o: MatmulOptions, shape: number[] = [M, N]): Tensor {
+  if (o.accumulate) {
+    if (o.accumulate.size !== M * N || o.accumulate.dtype !== "f32")
+      throw new Error(`matmul: accumulate has shape [${o.accumulate.shape}], want [${shape}]`);
+    return o.accumulate;
+  }
+  return cx.make(shape, "f32");
+}
+
+export function matmul(cx: CudaContext, a: Tensor, b: Tensor, o: MatmulOptions): Tensor {
+  const { M, N, K } = gemmDims(a, b, o);
+  const transA = !!o.transA;
+  const transB = !!o.transB;
+  if (o.precision === "fp8") {
+    checkFp8Operand(a, "A", !transA);
+    checkFp8Operand(b, "B", transB);
+  } else if (o.precision === "bf16") {
+    lowpInput(cx, a, "matmul");
+    lowpInput(cx, b, "matmul");
+  } else {
+    cx.f32p(a, "matmul");
+    cx.f32p(b, "matmul");
+  }
+  const out = output(cx, M, N, o);
+  if (M === 0 || N === 0) return out;
+  if (K > 0 && matmulLt(cx, a, b, out, M, N, K, o)) return out;
+  gemmKernel(cx, a, b, out, { M, N, K }, o, { mode: 0, offsets: null, E: 0, bRows: 0, bCols: 0 });
+  return out;
+}
+
+export function groupedMatmul(
+  cx: CudaContext,
+  a: Tensor,
+  b: Tensor,
+  offsets: Tensor,
+  o: GroupedMatmulOptions,
+): Tensor {
+  const E = offsets.size - 1;
+  const fp8 = o.precision === "fp8";
+  for (const t of fp8 ? [] : [a, b]) {
+    if (o.precision === "bf16") lowpInput(cx, t, "groupedMatmul");
+    else cx.f32p(t, "groupedMatmul");
+  }
+  if (o.segment === "m") {
+    if (o.transA) throw new Error("groupedMatmul m: A must not be transposed");
+    const bd = batchDims(b);
+    if (bd.batch !== E) throw new Error(`groupedMatmul: B holds ${bd.batch} matrices for ${E} experts`);
+    const N = o.transB ? bd.rows : bd.cols;
+    const K = a.cols;
+    gemmDims({ rows: a.rows, cols: K }, { rows: bd.rows, cols: bd.cols }, o);
+    if (fp8) {
+      checkFp8Operand(a, "A", true);
+      checkFp8Operand(b, "B", !!o.transB);
+    }
+    const Mt = a.rows;
+    const out = output(cx, Mt, N, o, [Mt, N]);
+    if (!o.accumulate) cx.n.cudaMemset8(cx.buf(out), 0, 0, Mt * N * 4);
+    if (Mt === 0 || N === 0 || E <= 0) return out;
+    gemmKernel(cx, a, b, out, { M: Mt, N, K }, o, { mode: 1, offsets, E, bRows: bd.rows, bCols: bd.cols });
+    return out;
+  }
+  if (!o.transA || o.transB) throw new Error("groupedMatmul k: A must be transposed and B not");
+  if (a.rows !== b.rows) throw new Error(`matmul: inner dimensions ${a.rows} and ${b.rows} differ`);
+  if (fp8) {
+    checkFp8Operand(a, "A", false);
+    checkFp8Operand(b, "B", false);
+  }
+  const M = a.cols;
+  const N = b.cols;
+  const out = output(cx, E * M * N, 1, o, [E, M, N]);
+  if (E <= 0 || M === 0 || N === 0) return out;
+  gemmKernel(cx, a, b, out, { M, N, K: a.rows }, o, { mode: 2, offsets, E, bRows: 0, bCols: 0 });
+  return out;
+}
+
+/**
+ * How a tiled GEMM is grouped: mode 0 one product; 1 (segment "m") rows of A and C split by the
+ * experts' offsets, B holding E matrices of bRows x bCols; 2 (segment "k") C[e] = A_e^T B_e.
+ */
+interface Grouping {
+  mode: 0 | 1 | 2;
+  offsets: Tensor | null;
+  E: number;
+  bRows: number;
+  bCols: number;
+}
+
+/** The tiled kernels (any layout, plain or grouped): gemm.cu, and gemm16.cu for BF16. */
+function gemmKernel(
+  cx: CudaContext,
+  a: Tensor,
+  b: Tensor,
+  out: Tensor,
+  { M, N, K }: { M: number; N: number; K: number },
+  o: MatmulOptions,
+  { mode, offsets, E, bRows, bCols }: Grouping,
+): void {
+  const aKcols = o.transA ? 0 : 1;
+  let bKcols: 0 | 1 = o.transB ? 1 : 0;
+  // Tiles of C: mode 1 enumerates the row tiles of every expert (at most one partial each).
+  const gridFor = (bm: number, bn: number): [number, number, number] => [
+    cdiv(N, bn),
+    mode === 1 ? cdiv(M, bm) + E : cdiv(M, bm),
+    mode === 2 ? E : 1,
+  ];
+  const grid = gridFor(DEFINES.gemm.BM, DEFINES.gemm.BN);
+  const off = offsets ? cx.i32p(offsets, "groupedMatmul offsets") : 0;
+  // B's matrix shape per expert as the kernel reads it (swapped when B is transposed below).
+  let [bR, bC] = [bRows, bCols];
+  // The arguments every gemm.cu and gemm16.cu kernel ends with: C, sizes, expert segments, output.
+  const tail = () => ({
+    C: cx.p(out),
+    M,
+    N,
+    K,
+    mode,
+    off,
+    E,
+    bRows: bR,
+    bCols: bC,
+    accumulate: o.accumulate ? 1 : 0,
+    outBf16: o.outBf16 ? 1 : 0,
+  });
+  if (o.precision === "fp8") {
+    const qa = a.quant!;
+    const qb = b.quant!;
+    const promotion = o.promotion ?? 128;
+    if (!(Number.isInteger(promotion) && promotion > 0))
+      throw new Error(`scaledMatmul: promotion must be a positive integer (got ${promotion})`);
+    const mma = cx.useTensorCores && promotion === 128;
+    let bPtr = cx.p(b);
+    let bScales = cx.p(qb.scales);
+    const tmps: DeviceBuffer[] = [];
+    if (mma && mode === 1 && aKcols && !bKcols && qb.group === "block" && K % 16 === 0) {
+      // Dgrad of the experts: transpose each expert's FP8 weight (codes and block scales, exact)
+      // so that both operands are K-contiguous for the TN kernel.
+      const kb = cdiv(bRows, 128);
+      const nb = cdiv(bCols, 128);
+      const codes = cx.scratch(E * bRows * bCols);
+      const scales = cx.scratch(E * kb * nb * 4);
+      tmps.push(codes, scales);
+      transposeCodes(cx, bPtr, bRows, bCols, codes.ptr, E);
+      cx.launch(KERNELS.elementwise.transpose_f32_batched, cx.g1(E * kb * nb), 256, {
+        x: bScales,
+        out: scales.ptr,
+        R: kb,
+        C: nb,
+        batch: E,
+      });
+      [bPtr, bScales, bKcols, bR, bC] = [codes.ptr, scales.ptr, 1, bCols, bRows];
+    }
+    // Both operands K-contiguous (Fprop, expert Dgrad), or both [K, rows] (Wgrad, tokens as K).
+    const tn = aKcols && bKcols && K % 16 === 0;
+    const tt = !aKcols && !bKcols && M % 16 === 0 && N % 16 === 0;
+    if (mma && (tn || tt) && cx.p(a) % 16 === 0 && bPtr % 16 === 0) {
+      const layout = tn ? "tn" : "tt";
+      cx.launch(KERNELS.gemm[`gemm_fp8_${layout}_${qa.format}_${qb.format}`], grid, 128, {
+        A: cx.p(a),
+        As: cx.p(qa.scales),
+        ga: GROUP[qa.group],
+        B: bPtr,
+        Bs: bScales,
+        gb: GROUP[qb.group],
+        ...tail(),
+      });
+    } else {
+      // Any layout: gemm_fp8_mma on tensor cores (promotion 128), gemm_fp8 for any promotion.
+      const operands = {
+        A: cx.p(a),
+        As: cx.p(qa.scales),
+        ga: GROUP[qa.group],
+        fa: FMT[qa.format],
+        aKcols,
+        B: bPtr,
+        Bs: bScales,
+        gb: GROUP[qb.group],
+        fb: FMT[qb.format],
+        bKcols,
+      };
+      if (mma) cx.launch(KERNELS.gemm.gemm_fp8_mma, grid, 128, { ...operands, ...tail() });
+      else cx.launch(KERNELS.gemm.gemm_fp8, grid, 256, { ...operands, ...tail(), promotion });
+    }
+    for (const t of tmps) t.free();
+    return;
+  }
+  const bf16 = o.precision === "bf16";
+  // gemm16.cu: BF16 copies of both operands, 16-byte pieces along each operand's contiguous axis.
+  const pieces = (kc: number, rows: number) => (kc ? K : rows) % 8 === 0;
+  if (bf16 && cx.useTensorCores && pieces(aKcols, M) && pieces(bKcols, N)) {
+    const [ab, bb] = [a, b].map((t) => bf16Operand(cx, t, "matmul bf16"));
+    const g16 = DEFINES.gemm16;
+    cx.launch(
+      KERNELS.gemm16[`gemm_bf16_tc_${aKcols}${bKcols}`],
+      gridFor(g16.G16_BM, g16.G16_BN),
+      256,
+      { A: ab.ptr, B: bb.ptr, ...tail() },
+      g16.G16_SMEM_BYTES,
+    );
+    ab.free();
+    bb.free();
+    return;
+  }
+  // f32 copies of bf16 inputs; gemm_bf16_mma rounds the operands to BF16 on tensor cores, gemm_f32
+  // rounds them when inBf16 = 1.
+  const [af, bf] = [a, b].map((t) => f32Operand(cx, t, "matmul"));
+  const operands = { A: af.ptr, aKcols, B: bf.ptr, bKcols };
+  if (bf16 && cx.useTensorCores) cx.launch(KERNELS.gemm.gemm_bf16_mma, grid, 128, { ...operands, ...tail() });
+  else cx.launch(KERNELS.gemm.gemm_f32, grid, 256, { ...operands, ...tail(), inBf16: bf16 ? 1 : 0 });
+  af.free();
+  bf.free();
+}

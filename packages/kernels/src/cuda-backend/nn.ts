@@ -1,0 +1,187 @@
+// Dense layers' ops (nn.cu): RMSNorm, RoPE, head slicing and concatenation, SwiGLU, embeddings.
+import { type HeadSliceOptions, type RopeOptions, sameShape, type Tensor } from "@moe8/tensor";
+import { type CudaContext, cdiv, KERNELS } from "./context.ts";
+
+export function rmsnorm(cx: CudaContext, x: Tensor, w: Tensor, eps: number) {
+  const R = x.rows;
+  const C = x.cols;
+  const y = cx.make(x.shape, "f32");
+  const rstd = cx.make([R], "f32");
+  if (R > 0)
+    cx.launch(KERNELS.nn.rmsnorm_fwd, cx.rowsGrid(R), 256, {
+      x: cx.f32p(x, "rmsnorm"),
+      w: cx.f32p(w, "rmsnorm"),
+      y: cx.p(y),
+      rstd: cx.p(rstd),
+      R,
+      C,
+      eps,
+    });
+  return { y, rstd };
+}
+
+export function rmsnormBackward(cx: CudaContext, dy: Tensor, x: Tensor, w: Tensor, rstd: Tensor) {
+  const R = x.rows;
+  const C = x.cols;
+  const dx = cx.make(x.shape, "f32");
+  const dw = cx.make(w.shape, "f32");
+  if (R > 0)
+    cx.launch(KERNELS.nn.rmsnorm_bwd_dx, cx.rowsGrid(R), 256, {
+      dy: cx.f32p(dy, "rmsnormBackward"),
+      x: cx.p(x),
+      w: cx.p(w),
+      rstd: cx.p(rstd),
+      dx: cx.p(dx),
+      R,
+      C,
+    });
+  const rowsPer = 256;
+  const chunks = Math.max(1, cdiv(R, rowsPer));
+  const part = cx.scratch(chunks * C * 8);
+  cx.launch(KERNELS.nn.rmsnorm_bwd_dw_partial, [cdiv(C, 256), chunks], 256, {
+    dy: cx.p(dy),
+    x: cx.p(x),
+    rstd: cx.p(rstd),
+    part: part.ptr,
+    R,
+    C,
+    rowsPer,
+  });
+  cx.launch(KERNELS.nn.colsum_final, [cdiv(C, 256)], 256, { part: part.ptr, out: cx.p(dw), chunks, C });
+  part.free();
+  return { dx, dw };
+}
+
+export function rope(cx: CudaContext, x: Tensor, o: RopeOptions): Tensor {
+  const R = x.rows;
+  const y = cx.make(x.shape, "f32");
+  const xp = cx.f32p(x, "rope");
+  const { heads, width, offset, dim } = o;
+  cx.launch(KERNELS.nn.rope_passthrough, cx.g1(R * heads * width), 256, {
+    x: xp,
+    y: cx.p(y),
+    R,
+    heads,
+    width,
+    offset,
+    dim,
+  });
+  cx.launch(KERNELS.nn.rope, cx.g1((R * heads * dim) / 2), 256, {
+    x: xp,
+    y: cx.p(y),
+    R,
+    heads,
+    width,
+    offset,
+    dim,
+    seqLen: o.seqLen,
+    theta: o.theta,
+    inverse: o.inverse ? 1 : 0,
+  });
+  return y;
+}
+
+export function headSlice(cx: CudaContext, x: Tensor, o: HeadSliceOptions): Tensor {
+  const R = x.rows;
+  const outHeads = o.sumHeads ? 1 : o.heads;
+  const y = cx.make([R, outHeads * o.len], "f32");
+  cx.launch(KERNELS.nn.head_slice, cx.g1(R * outHeads * o.len), 256, {
+    x: cx.f32p(x, "headSlice"),
+    y: cx.p(y),
+    R,
+    heads: o.heads,
+    width: o.width,
+    start: o.start,
+    len: o.len,
+    sumHeads: o.sumHeads ? 1 : 0,
+  });
+  return y;
+}
+
+export function headScatterAdd(cx: CudaContext, dst: Tensor, src: Tensor, o: HeadSliceOptions): void {
+  const R = dst.rows;
+  cx.launch(KERNELS.nn.head_scatter_add, cx.g1(R * o.heads * o.len), 256, {
+    dst: cx.f32p(dst, "headScatterAdd"),
+    src: cx.f32p(src, "headScatterAdd"),
+    R,
+    heads: o.heads,
+    width: o.width,
+    start: o.start,
+    len: o.len,
+  });
+}
+
+export function headConcat(cx: CudaContext, a: Tensor, b: Tensor, heads: number, bHeads: number): Tensor {
+  const la = a.cols / heads;
+  const lb = b.cols / bHeads;
+  const R = a.rows;
+  const y = cx.make([R, heads * (la + lb)], "f32");
+  cx.launch(KERNELS.nn.head_concat, cx.g1(y.size), 256, {
+    a: cx.f32p(a, "headConcat"),
+    b: cx.f32p(b, "headConcat"),
+    y: cx.p(y),
+    R,
+    heads,
+    la,
+    lb,
+    bHeads,
+  });
+  return y;
+}
+
+export function swiglu(cx: CudaContext, g: Tensor, u: Tensor): Tensor {
+  sameShape(g, u, "swiglu");
+  const h = cx.make(g.shape, "f32");
+  cx.launch(KERNELS.nn.swiglu_fwd, cx.g1(g.size), 256, {
+    g: cx.f32p(g, "swiglu"),
+    u: cx.f32p(u, "swiglu"),
+    h: cx.p(h),
+    n: g.size,
+  });
+  return h;
+}
+
+export function swigluBackward(cx: CudaContext, dh: Tensor, g: Tensor, u: Tensor) {
+  const dg = cx.make(g.shape, "f32");
+  const du = cx.make(u.shape, "f32");
+  cx.launch(KERNELS.nn.swiglu_bwd, cx.g1(g.size), 256, {
+    dh: cx.f32p(dh, "swigluBackward"),
+    g: cx.p(g),
+    u: cx.p(u),
+    dg: cx.p(dg),
+    du: cx.p(du),
+    n: g.size,
+  });
+  return { dg, du };
+}
+
+export function embedding(cx: CudaContext, w: Tensor, ids: Tensor): Tensor {
+  const N = ids.size;
+  const d = w.cols;
+  const out = cx.make([N, d], "f32");
+  cx.launch(KERNELS.nn.embedding_fwd, cx.g1(N * d), 256, {
+    w: cx.f32p(w, "embedding"),
+    ids: cx.i32p(ids, "embedding"),
+    out: cx.p(out),
+    N,
+    V: w.rows,
+    d,
+    bad: 0, // null: an id outside [0, V) gives a zero row and is not reported
+  });
+  return out;
+}
+
+export function embeddingBackward(cx: CudaContext, dw: Tensor, dy: Tensor, ids: Tensor): void {
+  const d = dw.cols;
+  const V = dw.rows;
+  const slices = Math.max(1, Math.min(64, V));
+  cx.launch(KERNELS.nn.embedding_bwd, [cdiv(d, 128), slices], 128, {
+    dw: cx.f32p(dw, "embeddingBackward"),
+    dy: cx.f32p(dy, "embeddingBackward"),
+    ids: cx.i32p(ids, "embeddingBackward"),
+    N: ids.size,
+    V,
+    d,
+    slices,
+  });
+}

@@ -1,0 +1,257 @@
+// FP8 quantisation, requantisation and dequantisation (quant.cu), and the FP8 code transpose the
+// GEMMs use. Group layouts and codes: docs/numerics.md; the codes passed to the kernels are
+// common.cuh's (G_*, FMT_*, SCALE_*), read from the generated table.
+import {
+  batchDims,
+  type Fp8Format,
+  isFp8,
+  type QuantGroup,
+  type QuantizeOptions,
+  requantizeViaF32,
+  scaleCount,
+  type Tensor,
+} from "@moe8/tensor";
+import { DEFINES } from "../cuda/kernels.generated.ts";
+import { type CudaContext, cdiv, KERNELS } from "./context.ts";
+
+const C = DEFINES.common;
+
+/** The kernels' quantisation group codes. */
+export const GROUP: Record<QuantGroup, number> = {
+  tile: C.G_TILE,
+  block: C.G_BLOCK,
+  "column-tile": C.G_COLTILE,
+  row: C.G_ROW,
+  tensor: C.G_TENSOR,
+};
+
+/** The kernels' FP8 format codes. */
+export const FMT: Record<Fp8Format, number> = { e4m3: C.FMT_E4M3, e5m2: C.FMT_E5M2 };
+
+/** The FP8 tensor (codes and scales, zeroed where segments leave gaps) quantize(x, opts) fills. */
+function quantOutput(cx: CudaContext, x: Tensor, opts: QuantizeOptions) {
+  const { batch, rows, cols } = batchDims(x);
+  const format: Fp8Format = opts.format ?? "e4m3";
+  if (!(format in FMT)) throw new Error(`unknown FP8 format "${format}" (allowed: e4m3, e5m2)`);
+  if (!(opts.group in GROUP)) throw new Error(`unknown quantisation group "${opts.group}"`);
+  const fmt = FMT[format];
+  const mode = opts.unit ? C.SCALE_UNIT : opts.pow2Scales ? C.SCALE_POW2 : C.SCALE_AMAX;
+  const eps = Math.fround(opts.eps ?? 1e-12);
+  if (!opts.unit && !(eps > 0 && Number.isFinite(eps)))
+    throw new Error(`quantize: eps must be a positive finite f32 (got ${opts.eps})`);
+  const seg = opts.segments;
+  let nScales: number;
+  if (seg) {
+    if (opts.group !== "column-tile" || batch !== 1)
+      throw new Error("quantize: segments need a 2-D column-tile");
+    const E = seg.size - 1;
+    nScales = (cdiv(rows, 128) + E) * cols; // capacity: the exact count depends on device data
+  } else {
+    nScales = batch * scaleCount(opts.group, rows, cols);
+  }
+  const scales = cx.make([nScales], "f32");
+  const q = cx.make(x.shape, format, { group: opts.group, format, scales, segments: seg });
+  if (seg) {
+    cx.segScales.set(scales, { segments: seg, cols });
+    cx.n.cudaMemset8(cx.buf(scales), 0, 0, nScales * 4);
+    cx.n.cudaMemset8(cx.buf(q), 0, 0, q.size);
+  }
+  return { q, batch, rows, cols, fmt, mode, eps };
+}
+
+export function quantize(cx: CudaContext, x: Tensor, opts: QuantizeOptions): Tensor {
+  const xp = cx.f32p(x, "quantize");
+  const { q, batch, rows, cols, fmt, mode, eps } = quantOutput(cx, x, opts);
+  if (x.size === 0) return q;
+  const scales = q.quant!.scales;
+  const R = batch * rows;
+  const sp = cx.p(scales);
+  const qp = cx.p(q);
+  switch (opts.group) {
+    case "tile":
+    case "row": {
+      const gw = opts.group === "tile" ? 128 : cols;
+      if (gw === 128) {
+        const warps = cdiv(R * cdiv(cols, 128), DEFINES.quant.TILES_PER_WARP);
+        cx.launch(KERNELS.quant.quant_tile128, [cdiv(warps, 8)], 256, {
+          x: xp,
+          q: qp,
+          scales: sp,
+          R,
+          C: cols,
+          fmt,
+          mode,
+          eps,
+        });
+        break;
+      }
+      const yz = C.GRID_YZ_MAX;
+      cx.launch(KERNELS.quant.quant_rowgroups, [cdiv(cols, gw), Math.min(R, yz), cdiv(R, yz)], 128, {
+        x: xp,
+        q: qp,
+        scales: sp,
+        R,
+        C: cols,
+        gw,
+        fmt,
+        mode,
+        eps,
+      });
+      break;
+    }
+    case "block":
+      cx.launch(KERNELS.quant.quant_block, [cdiv(cols, 128), cdiv(rows, 128), batch], 256, {
+        x: xp,
+        q: qp,
+        scales: sp,
+        rows,
+        cols,
+        fmt,
+        mode,
+        eps,
+      });
+      break;
+    case "column-tile": {
+      const d = colTileTarget(cx, q, batch);
+      if (d)
+        cx.launch(KERNELS.quant.quant_coltile, d.grid, 256, {
+          x: xp,
+          q: d.q,
+          scales: d.scales,
+          seg: d.seg,
+          nseg: d.nseg,
+          rows: d.rows,
+          cols: d.cols,
+          fmt,
+          mode,
+          eps,
+        });
+      break;
+    }
+    case "tensor": {
+      const per = rows * cols;
+      const amax = cx.scratch(batch * 4);
+      cx.n.cudaMemset32(amax, 0, 0, batch);
+      const gx = Math.max(1, Math.min(cdiv(per, 256), 1024));
+      cx.launch(KERNELS.quant.quant_tensor_amax, [gx, batch], 256, { x: xp, amax: amax.ptr, n: per });
+      cx.launch(KERNELS.quant.quant_tensor_encode, [gx, batch], 256, {
+        x: xp,
+        q: qp,
+        amax: amax.ptr,
+        scales: sp,
+        n: per,
+        fmt,
+        mode,
+        eps,
+      });
+      amax.free();
+      break;
+    }
+  }
+  return q;
+}
+
+/**
+ * Where quant_coltile or requant_coltile writes column tiles of q, restarted at each matrix of the
+ * batch or at each segment of q.quant.segments, and their grid; null when there is nothing to write.
+ */
+function colTileTarget(cx: CudaContext, q: Tensor, batch: number) {
+  const { rows, cols } = batchDims(q);
+  const seg = q.quant!.segments;
+  const pieces = seg ? seg.size - 1 : batch;
+  const segp = seg ? cx.i32p(seg, "quantize segments") : 0;
+  if (pieces === 0) return null;
+  // CT_COLS columns of one 128-row group per block.
+  const ct = DEFINES.quant.CT_COLS;
+  const grid: [number, number, number] = seg
+    ? [cdiv(cols, ct), cdiv(batch * rows, 128) + pieces, 1]
+    : [cdiv(cols, ct), cdiv(rows, 128), pieces];
+  return { grid, q: cx.p(q), scales: cx.p(q.quant!.scales), seg: segp, nseg: pieces, rows, cols };
+}
+
+/**
+ * quantize(dequantize(q), opts) bit for bit. Column tiles of a 2-D FP8 matrix (the Wgrad operand
+ * made from the forward's FP8 activation cache) take one kernel that never writes the f32 values.
+ */
+export function requantize(cx: CudaContext, q: Tensor, opts: QuantizeOptions): Tensor {
+  if (!isFp8(q.dtype) || !q.quant) throw new Error(`requantize: ${q} is not an FP8 tensor`);
+  const { batch } = batchDims(q);
+  if (opts.group !== "column-tile" || batch !== 1 || q.quant.segments || q.size === 0)
+    return requantizeViaF32(cx.backend, q, opts);
+  const { q: out, fmt, mode, eps } = quantOutput(cx, q, opts);
+  const src = q.quant;
+  const d = colTileTarget(cx, out, 1);
+  if (d)
+    cx.launch(KERNELS.quant.requant_coltile, d.grid, 256, {
+      xq: cx.p(q),
+      xs: cx.p(src.scales),
+      xgroup: GROUP[src.group],
+      xfmt: FMT[src.format],
+      q: d.q,
+      scales: d.scales,
+      seg: d.seg,
+      nseg: d.nseg,
+      rows: d.rows,
+      cols: d.cols,
+      fmt,
+      mode,
+      eps,
+    });
+  return out;
+}
+
+export function fp8Flow(cx: CudaContext, x: Tensor, q: Tensor): Tensor {
+  if (!isFp8(q.dtype) || !q.quant) throw new Error(`fp8Flow: ${q} is not an FP8 tensor`);
+  const deq = cx.backend.dequantize(q);
+  const out = cx.backend.zeros([2], "f32");
+  const n = q.size;
+  cx.launch(KERNELS.quant.fp8_flow, cx.g1(n), 256, {
+    x: cx.f32p(x, "fp8Flow"),
+    q: cx.p(q),
+    deq: cx.p(deq),
+    counts: cx.p(out),
+    fmt: FMT[q.quant.format],
+    n,
+  });
+  cx.release(deq);
+  return out;
+}
+
+export function dequantize(cx: CudaContext, q: Tensor): Tensor {
+  if (!isFp8(q.dtype) || !q.quant) throw new Error(`dequantize: ${q} is not an FP8 tensor`);
+  const { batch, rows, cols } = batchDims(q);
+  const out = cx.make(q.shape, "f32");
+  const seg = q.quant.segments;
+  // One block per row, at most 65535 blocks (the kernel strides over the rest).
+  cx.launch(KERNELS.quant.dequant_rows, [Math.max(1, Math.min(batch * rows, 65535))], 256, {
+    q: cx.p(q),
+    scales: cx.p(q.quant.scales),
+    out: cx.p(out),
+    seg: seg ? cx.p(seg) : 0,
+    nseg: seg ? seg.size - 1 : 0,
+    batch,
+    rows,
+    cols,
+    group: GROUP[q.quant.group],
+    fmt: FMT[q.quant.format],
+  });
+  return out;
+}
+
+/** FP8 codes [rows, cols] (`batch` matrices) -> [cols, rows] into dst, a scratch buffer; returns dst. */
+export function transposeCodes(
+  cx: CudaContext,
+  src: number,
+  rows: number,
+  cols: number,
+  dst: number,
+  batch = 1,
+) {
+  cx.launch(KERNELS.quant.transpose_u8_tiled, [cdiv(cols, 32), cdiv(rows, 32), batch], 256, {
+    x: src,
+    out: dst,
+    rows,
+    cols,
+  });
+  return dst;
+}

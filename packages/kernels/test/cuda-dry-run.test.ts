@@ -1,0 +1,219 @@
+// The cuda backend's host code without a GPU: every op runs against a fake addon that records the
+// launches instead of running them, in each configuration that picks other kernels (cuBLASLt on,
+// refusing, off; tensor cores off). Each launch must name a kernel of the signature table, stay
+// within its __launch_bounds__ and the grid limits, and pass one 8-byte slot per parameter; the
+// encoder's run-time checks (integer arguments, pointers below 2^53) run on every launch site; and
+// every kernel of the table must be launched by some op. The numbers are the cuda op suite's job
+// (cuda-op-suite.test.ts, on a GPU).
+import type { Backend } from "@moe8/tensor";
+import { describe, expect, it, vi } from "vitest";
+import { DEFINES, KERNELS } from "../src/cuda/kernels.generated.ts";
+import type { KernelSignature } from "../src/cuda-backend/launch.ts";
+
+const table = new Map<string, KernelSignature>();
+for (const mod of Object.values(KERNELS))
+  for (const k of Object.values(mod)) table.set(`${k.module}.${k.name}`, k);
+
+const launched = new Set<string>();
+const problems: string[] = [];
+let lt: "ok" | "refuse" = "ok";
+let nextPtr = 0;
+let allocs = 0;
+
+class FakeBuffer {
+  readonly ptr: number;
+  constructor(readonly bytes: number) {
+    if (!(Number.isInteger(bytes) && bytes >= 0)) problems.push(`DeviceBuffer of ${bytes} bytes`);
+    // Every 7th buffer misaligned by 4 bytes: the aligned-only fast paths get skipped too.
+    this.ptr = nextPtr + (++allocs % 7 === 0 ? 4 : 0);
+    nextPtr += Math.ceil(bytes / 256) * 256 + 256;
+  }
+  free() {}
+}
+
+const ids: string[] = [];
+const fake = {
+  DeviceBuffer: FakeBuffer,
+  cudaInfo: () => ({ available: true, reason: null }),
+  cudaKernel: (module: string, name: string) => {
+    if (!table.has(`${module}.${name}`)) problems.push(`unknown kernel ${module}.${name}`);
+    return ids.push(`${module}.${name}`) - 1;
+  },
+  cudaLaunch: (
+    id: number,
+    gx: number,
+    gy: number,
+    gz: number,
+    bx: number,
+    by: number,
+    bz: number,
+    sh: number,
+    args: Uint8Array,
+  ) => {
+    const k = table.get(ids[id])!;
+    launched.add(ids[id]);
+    const yz = DEFINES.common.GRID_YZ_MAX;
+    if (args.byteLength !== 8 * k.params.length)
+      problems.push(`${ids[id]}: ${args.byteLength} argument bytes`);
+    if (!(gx >= 1 && gx < 2 ** 31 && gy >= 1 && gy <= yz && gz >= 1 && gz <= yz))
+      problems.push(`${ids[id]}: grid ${[gx, gy, gz]}`);
+    if (!(bx >= 32 && bx <= (k.maxThreads ?? 1024) && by === 1 && bz === 1))
+      problems.push(`${ids[id]}: block ${bx}`);
+    if (!(sh >= 0 && sh <= 227 * 1024)) problems.push(`${ids[id]}: ${sh} bytes of shared memory`);
+  },
+  cudaGemmLt: () => {
+    if (lt === "refuse") throw new Error("CUBLAS_STATUS_NOT_SUPPORTED");
+  },
+  cudaHtod: () => {},
+  cudaDtoh: () => {},
+  cudaDtod: () => {},
+  cudaMemset8: () => {},
+  cudaMemset32: () => {},
+};
+
+vi.mock("../src/index.ts", async (original) => ({
+  ...(await original<typeof import("../src/index.ts")>()),
+  loadNative: () => ({ loaded: true, reason: null, addon: fake }),
+}));
+const { CudaBackend } = await import("../src/cuda-backend.ts");
+
+const seq = (n: number) => Float32Array.from({ length: n }, (_, i) => Math.sin(i));
+const ints = (n: number, m: number) => Int32Array.from({ length: n }, (_, i) => (i * 7) % m);
+
+/** Every op, in the shapes and options that take each branch of the host code. */
+async function everyOp(b: Backend) {
+  const up = (shape: number[]) => b.upload(seq(shape.reduce((x, y) => x * y, 1)), shape);
+  const x = up([64, 256]);
+  const y = up([64, 256]);
+  b.add(x, y);
+  b.addInto(x, y, 0.5);
+  b.scale(x, 1.5);
+  for (const dt of ["f32", "i32", "e4m3", "bf16"] as const) b.fill(b.zeros([5], dt), 1);
+  b.setRows(b.rows(b.copy(x), 3, 7), 0, up([2, 256]));
+  b.cast(b.cast(x, "bf16"), "f32");
+  b.cast(up([3, 3]), "bf16");
+  b.sum(up([1, 100000]));
+  for (const group of ["tile", "block", "column-tile", "row", "tensor"] as const) {
+    for (const o of [{}, { format: "e5m2" as const, pow2Scales: true }, { unit: true }])
+      b.fp8Flow(x, b.quantize(x, { group, ...o }));
+    b.dequantize(b.quantize(up([2, 130, 300]), { group }));
+  }
+  const segs = b.upload(Int32Array.from([0, 10, 10, 64]), [4], "i32");
+  const bySegment = b.quantize(x, { group: "column-tile", segments: segs });
+  b.dequantize(bySegment);
+  await b.read(bySegment.quant!.scales);
+  b.requantize(b.quantize(x, { group: "tile" }), { group: "column-tile" });
+  b.requantize(b.quantize(x, { group: "tile" }), { group: "block" });
+  for (const precision of ["f32", "bf16"] as const)
+    for (const [M, N, K] of [
+      [128, 256, 128],
+      [33, 17, 9],
+    ])
+      for (const transA of [false, true])
+        for (const transB of [false, true]) {
+          const [A, B] = [up(transA ? [K, M] : [M, K]), up(transB ? [N, K] : [K, N])];
+          b.matmul(A, B, { precision, transA, transB, outBf16: true });
+          b.matmul(A, B, { precision, transA, transB, accumulate: b.zeros([M, N]), outBf16: true });
+        }
+  for (const [M, N, K] of [
+    [128, 256, 256],
+    [48, 32, 128],
+    [40, 24, 72],
+  ])
+    for (const [fa, fb] of [
+      ["e4m3", "e4m3"],
+      ["e4m3", "e5m2"],
+      ["e5m2", "e4m3"],
+      ["e5m2", "e5m2"],
+    ] as const) {
+      const a = b.quantize(up([M, K]), { group: "tile", format: fa });
+      b.matmul(a, b.quantize(up([N, K]), { group: "block", format: fb }), { precision: "fp8", transB: true });
+      b.matmul(a, b.quantize(up([N, K]), { group: "block" }), {
+        precision: "fp8",
+        transB: true,
+        promotion: 32,
+      });
+      b.matmul(a, b.quantize(up([K, N]), { group: "block", format: fb }), { precision: "fp8" });
+      const t = (s: number[], f: "e4m3" | "e5m2") => b.quantize(up(s), { group: "tensor", format: f });
+      b.matmul(t([M, K], fa), t([N, K], fb), { precision: "fp8", transB: true });
+      const c = (s: number[], f: "e4m3" | "e5m2") => b.quantize(up(s), { group: "column-tile", format: f });
+      b.matmul(c([K, M], fa), c([K, N], fb), { precision: "fp8", transA: true });
+    }
+  const offs = b.upload(Int32Array.from([0, 20, 20, 64]), [4], "i32");
+  for (const precision of ["f32", "bf16"] as const) {
+    b.groupedMatmul(up([64, 128]), up([3, 64, 128]), offs, { precision, segment: "m", transB: true });
+    b.groupedMatmul(up([64, 36]), up([3, 36, 20]), offs, { precision, segment: "m" });
+    b.groupedMatmul(up([64, 32]), up([64, 48]), offs, { precision, segment: "k", transA: true });
+  }
+  const q = (s: number[], group: "tile" | "block") => b.quantize(up(s), { group });
+  b.groupedMatmul(q([64, 128], "tile"), q([3, 64, 128], "block"), offs, {
+    precision: "fp8",
+    segment: "m",
+    transB: true,
+  });
+  b.groupedMatmul(q([64, 64], "tile"), q([3, 64, 128], "block"), offs, { precision: "fp8", segment: "m" });
+  const cs = (s: number[]) => b.quantize(up(s), { group: "column-tile", segments: offs });
+  b.groupedMatmul(cs([64, 64]), cs([64, 128]), offs, { precision: "fp8", segment: "k", transA: true });
+  const w = up([256]);
+  b.rmsnormBackward(y, x, w, b.rmsnorm(x, w, 1e-6).rstd);
+  b.rope(x, { heads: 4, width: 64, offset: 32, dim: 32, seqLen: 16, theta: 10000, inverse: true });
+  const hs = { heads: 4, width: 64, start: 8, len: 16 };
+  b.headScatterAdd(x, b.headSlice(x, hs), hs);
+  b.headConcat(up([64, 96]), up([64, 8]), 4, 1);
+  b.swigluBackward(x, x, b.swiglu(x, y));
+  const ids = b.upload(ints(64, 100), [64], "i32");
+  b.embeddingBackward(up([100, 48]), b.embedding(up([100, 48]), ids), ids);
+  for (const precision of ["f32", "bf16"] as const)
+    for (const [dqk, dv] of [
+      ...Object.keys(KERNELS.flash)
+        .filter((n) => n.startsWith("flash_fwd_"))
+        .map((n) => n.slice("flash_fwd_".length).split("_").map(Number)),
+      [24, 16],
+    ]) {
+      const o = { batch: 2, seq: 16, heads: 3, scale: 0.125, precision };
+      const [qq, k, v] = [up([32, 3 * dqk]), up([32, 3 * dqk]), up([32, 3 * dv])];
+      const a = b.attention(qq, k, v, o);
+      b.attentionBackward(up([32, 3 * dv]), qq, k, v, a.o, a.lse, o);
+    }
+  const r = b.router(up([64, 16]), up([16]), 2, 2.5);
+  b.routerBackward(up([64, 2]), r.scores, r.topIdx, 2.5, up([64, 16]));
+  b.balanceLoss(r.scores, r.topIdx, { batch: 2, seq: 32, alpha: 0.001 });
+  const p = b.moePermute(x, r.topIdx, 16);
+  b.moePermuteBackward(up([128, 256]), p.slot, 64);
+  const ys = up([128, 256]);
+  b.moeCombine(ys, p.slot, r.weights);
+  for (const yv of [ys, b.cast(ys, "bf16")]) b.moeCombineBackward(y, yv, p.slot, r.weights);
+  b.biasUpdate(up([16]), p.offsets, 0.001);
+  b.crossEntropy(x, b.upload(ints(64, 256), [64], "i32"), 0.5);
+  const clip = b.clipScale([x, y], 1.0);
+  const ao = {
+    lr: 1e-3,
+    beta1: 0.9,
+    beta2: 0.95,
+    eps: 1e-8,
+    weightDecay: 0.1,
+    step: 3,
+    gradScale: clip.scale,
+  };
+  b.adamw(x, y, up([64, 256]), b.cast(up([64, 256]), "bf16"), ao);
+}
+
+describe("cuda backend host code, without a GPU", () => {
+  const configs: [string, Record<string, string>, "ok" | "refuse"][] = [
+    ["cuBLASLt", {}, "ok"],
+    ["cuBLASLt refusing", {}, "refuse"],
+    ["no cuBLASLt, no tensor cores", { MOE8_CUBLASLT: "0", MOE8_TENSOR_CORES: "0" }, "ok"],
+  ];
+  for (const [name, env, mode] of configs)
+    it(`launches valid kernels for every op (${name})`, async () => {
+      for (const [k, v] of Object.entries(env)) vi.stubEnv(k, v);
+      lt = mode;
+      await everyOp(new CudaBackend() as Backend);
+      vi.unstubAllEnvs();
+      expect(problems).toEqual([]);
+    });
+
+  it("launches every kernel of the table from some op", () => {
+    expect([...table.keys()].filter((k) => !launched.has(k))).toEqual([]);
+  });
+});

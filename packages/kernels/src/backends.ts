@@ -1,15 +1,11 @@
 // The backend registry: which backends this process can run, and one constructor for all of them.
+import { UsageError } from "@moe8/fp8-core";
 import { type Backend, TsBackend } from "@moe8/tensor";
 import { CpuBackend } from "./cpu-backend.ts";
 import { CudaBackend } from "./cuda-backend.ts";
 import { loadNative } from "./index.ts";
 
 export type BackendChoice = "ts" | "cpu" | "cuda" | "auto";
-
-/** Bad backend choice (or one not available here). Named UsageError so the CLI prints it on one line. */
-export class UsageError extends Error {
-  override name = "UsageError";
-}
 
 /** Why the cuda backend cannot run in this process, or null when it can. */
 export function cudaUnavailable(): string | null {

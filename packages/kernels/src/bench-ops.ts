@@ -1,4 +1,4 @@
-// Timings of every non-GEMM op at the `tiny` model's shapes (MODEL.md): 2048 tokens per step
+// Timings of every non-GEMM op at the `tiny` model's shapes (docs/model.md): 2048 tokens per step
 // (batch 16 x seq 128), hidden 128, 4 heads with q.k head dim 48 (32 nope + 16 rope) and v head
 // dim 32, 8 routed experts with top-2, vocabulary 256. `bun run bench ops` prints these rows for
 // the ts and cpu backends.

@@ -56,7 +56,9 @@ export function requireNative(): NativeAddon {
   return s.addon;
 }
 
-export { availableBackends, type BackendChoice, createBackend, UsageError } from "./backends.ts";
+/** A bad backend choice (or one not available here) throws @moe8/fp8-core's UsageError, re-exported here. */
+export { UsageError } from "@moe8/fp8-core";
+export { availableBackends, type BackendChoice, createBackend } from "./backends.ts";
 export { type BenchOpsFlags, type BenchOpsOptions, type BenchOpsRow, benchOps, TINY } from "./bench-ops.ts";
 export { CpuBackend } from "./cpu-backend.ts";
 export { CudaBackend } from "./cuda-backend.ts";

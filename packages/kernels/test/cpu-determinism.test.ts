@@ -1,4 +1,4 @@
-// Runs on the cpu backend are bit-for-bit repeatable (RUNTIME.md rule 7): the same call twice gives
+// Runs on the cpu backend are bit-for-bit repeatable (docs/runtime.md rule 7): the same call twice gives
 // identical bits, for the ops whose parallel reductions could otherwise depend on thread timing.
 import type { Backend, Tensor } from "@moe8/tensor";
 import { adamwSteps, attentionForwardBackward, Rng } from "@moe8/tensor/testing";

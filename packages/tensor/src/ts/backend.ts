@@ -44,6 +44,20 @@ export function gemmDims(
   return { M, N, K: Ka };
 }
 
+/**
+ * One stored matrix of a tensor for a GEMM: `rows` x `cols` elements from element `off` (a whole
+ * matrix, one of a stack, or one expert's rows), and for an FP8 tensor its scales from `scaleOff`.
+ */
+interface MatrixSlice {
+  t: Tensor;
+  off: number;
+  scaleOff: number;
+  rows: number;
+  cols: number;
+}
+
+const whole = (t: Tensor): MatrixSlice => ({ t, off: 0, scaleOff: 0, rows: t.rows, cols: t.cols });
+
 export class TsBackend extends HostLifetimes implements Backend {
   readonly name = "ts" as const;
 
@@ -100,9 +114,8 @@ export class TsBackend extends HostLifetimes implements Backend {
 
   // --- quantisation ----------------------------------------------------------------------------
   quantize(x: Tensor, opts: QuantizeOptions): Tensor {
-    const { batch, rows, cols } = batchDims(x);
-    const seg = opts.segments ? i32(opts.segments) : null;
-    const { data, scales } = quantizeHost(f32(x), batch, rows, cols, opts, seg);
+    const segments = opts.segments ? i32(opts.segments) : null;
+    const { data, scales } = quantizeHost(f32(x), { ...batchDims(x), segments }, opts);
     const format: Fp8Format = opts.format ?? "e4m3";
     const s = this.wrap(scales, [scales.length], "f32");
     return this.wrap(data, x.shape, format, {
@@ -119,17 +132,11 @@ export class TsBackend extends HostLifetimes implements Backend {
 
   dequantize(q: Tensor): Tensor {
     if (!isFp8(q.dtype) || !q.quant) throw new Error(`dequantize: ${q} is not an FP8 tensor`);
-    const { batch, rows, cols } = batchDims(q);
-    const seg = q.quant.segments ? i32(q.quant.segments) : null;
+    const segments = q.quant.segments ? i32(q.quant.segments) : null;
+    const { group, format } = q.quant;
     const out = dequantizeHost(
-      u8(q),
-      f32(q.quant.scales),
-      batch,
-      rows,
-      cols,
-      q.quant.group,
-      q.quant.format,
-      seg,
+      { data: u8(q), scales: f32(q.quant.scales), group, format },
+      { ...batchDims(q), segments },
     );
     return this.wrap(out, q.shape, "f32");
   }
@@ -142,41 +149,21 @@ export class TsBackend extends HostLifetimes implements Backend {
   }
 
   // --- GEMMs -----------------------------------------------------------------------------------
-  /** One GEMM on stored matrices a [ra, ca], b [rb, cb]; writes C[M, N] into `c`. */
-  private gemmInto(
-    a: Tensor,
-    aOff: number,
-    aScaleOff: number,
-    ra: number,
-    ca: number,
-    b: Tensor,
-    bOff: number,
-    bScaleOff: number,
-    rb: number,
-    cb: number,
-    c: Float32Array,
-    o: MatmulOptions,
-  ): void {
-    const { M, N, K } = gemmDims({ rows: ra, cols: ca }, { rows: rb, cols: cb }, o);
+  /** One GEMM on two stored matrices; writes C[M, N] into `c`. */
+  private gemmInto(a: MatrixSlice, b: MatrixSlice, c: Float32Array, o: MatmulOptions): void {
+    const { M, N, K } = gemmDims(a, b, o);
     if (M === 0 || N === 0) return;
     if (o.precision === "fp8") {
-      checkFp8(a, "A");
-      checkFp8(b, "B");
-      const op = (
-        t: Tensor,
-        off: number,
-        sOff: number,
-        rows: number,
-        cols: number,
-        trans: boolean,
-      ): Fp8Operand => {
-        const qi = t.quant!;
-        const n = scaleCount(qi.group, rows, cols);
+      checkFp8(a.t, "A");
+      checkFp8(b.t, "B");
+      const op = (s: MatrixSlice, trans: boolean): Fp8Operand => {
+        const qi = s.t.quant!;
+        const n = scaleCount(qi.group, s.rows, s.cols);
         return {
-          data: u8(t).subarray(off, off + rows * cols),
-          scales: f32(qi.scales).subarray(sOff, sOff + n),
-          rows,
-          cols,
+          data: u8(s.t).subarray(s.off, s.off + s.rows * s.cols),
+          scales: f32(qi.scales).subarray(s.scaleOff, s.scaleOff + n),
+          rows: s.rows,
+          cols: s.cols,
           group: qi.group,
           format: qi.format,
           trans,
@@ -186,26 +173,24 @@ export class TsBackend extends HostLifetimes implements Backend {
         c.fill(0, 0, M * N);
         return;
       }
-      const r = gemmFp8(
-        op(a, aOff, aScaleOff, ra, ca, !!o.transA),
-        op(b, bOff, bScaleOff, rb, cb, !!o.transB),
-        o.promotion ?? 128,
-      );
+      const r = gemmFp8(op(a, !!o.transA), op(b, !!o.transB), o.promotion ?? 128);
       c.set(r);
       return;
     }
     // One expert's slice of an f32 operand, or of a bf16 one decoded (grouped GEMMs come here per expert).
-    const slice = (t: Tensor, off: number, n: number) =>
-      t.dtype === "bf16" && o.precision === "bf16"
-        ? decodeBf16((host(t) as Uint16Array).subarray(off, off + n))
-        : f32(t).subarray(off, off + n);
-    let x = slice(a, aOff, ra * ca);
-    let y = slice(b, bOff, rb * cb);
+    const values = (s: MatrixSlice) => {
+      const n = s.rows * s.cols;
+      return s.t.dtype === "bf16" && o.precision === "bf16"
+        ? decodeBf16((host(s.t) as Uint16Array).subarray(s.off, s.off + n))
+        : f32(s.t).subarray(s.off, s.off + n);
+    };
+    let x = values(a);
+    let y = values(b);
     if (o.precision === "bf16") {
       x = roundBf16(x);
       y = roundBf16(y);
     }
-    gemmF32(x, y, c, M, N, K, !!o.transA, !!o.transB);
+    gemmF32(x, y, c, { M, N, K }, o);
   }
 
   private finish(c: Float32Array, shape: number[], o: MatmulOptions): Tensor {
@@ -223,7 +208,7 @@ export class TsBackend extends HostLifetimes implements Backend {
   matmul(a: Tensor, b: Tensor, o: MatmulOptions): Tensor {
     const { M, N } = gemmDims(a, b, o);
     const c = new Float32Array(M * N);
-    this.gemmInto(a, 0, 0, a.rows, a.cols, b, 0, 0, b.rows, b.cols, c, o);
+    this.gemmInto(whole(a), whole(b), c, o);
     return this.finish(c, [M, N], o);
   }
 
@@ -247,16 +232,8 @@ export class TsBackend extends HostLifetimes implements Backend {
         if (rows === 0) continue;
         const ce = c.subarray(off[e] * N, off[e + 1] * N);
         this.gemmInto(
-          a,
-          off[e] * K,
-          off[e] * aScales,
-          rows,
-          K,
-          b,
-          e * bd.rows * bd.cols,
-          e * bScales,
-          bd.rows,
-          bd.cols,
+          { t: a, off: off[e] * K, scaleOff: off[e] * aScales, rows, cols: K },
+          { t: b, off: e * bd.rows * bd.cols, scaleOff: e * bScales, rows: bd.rows, cols: bd.cols },
           ce,
           o,
         );
@@ -274,16 +251,8 @@ export class TsBackend extends HostLifetimes implements Backend {
       const rows = off[e + 1] - off[e];
       if (rows > 0)
         this.gemmInto(
-          a,
-          off[e] * M,
-          aS,
-          rows,
-          M,
-          b,
-          off[e] * N,
-          bS,
-          rows,
-          N,
+          { t: a, off: off[e] * M, scaleOff: aS, rows, cols: M },
+          { t: b, off: off[e] * N, scaleOff: bS, rows, cols: N },
           c.subarray(e * M * N, (e + 1) * M * N),
           o,
         );

@@ -4,6 +4,7 @@
 import {
   dequantize as fp8Dequantize,
   quantize as fp8Quantize,
+  type GemmLayout,
   roundBf16,
   scaledMatmul,
 } from "@moe8/fp8-core";
@@ -35,15 +36,33 @@ export function scaleCount(group: QuantGroup, rows: number, cols: number): numbe
   }
 }
 
-/** Quantises `x` (matrix by matrix over leading dims; by segment for column-tile with segments). */
+/**
+ * How a tensor's rows split into the matrices quantised on their own: `batch` stacked `rows` x
+ * `cols` matrices, or with `segments` (E+1 row offsets) one matrix cut into each expert's rows.
+ */
+export interface HostLayout {
+  batch: number;
+  rows: number;
+  cols: number;
+  segments: Int32Array | null;
+}
+
+/** [first row, row count] of each matrix of the layout. */
+function pieces({ batch, rows, segments }: HostLayout): [number, number][] {
+  const out: [number, number][] = [];
+  if (segments)
+    for (let e = 0; e + 1 < segments.length; e++) out.push([segments[e], segments[e + 1] - segments[e]]);
+  else for (let b = 0; b < batch; b++) out.push([b * rows, rows]);
+  return out;
+}
+
+/** Quantises `x` matrix by matrix (over leading dims, or by segment for column tiles). */
 export function quantizeHost(
   x: Float32Array,
-  batch: number,
-  rows: number,
-  cols: number,
+  layout: HostLayout,
   opts: QuantizeOptions,
-  segments: Int32Array | null,
 ): { data: Uint8Array; scales: Float32Array } {
+  const { cols } = layout;
   const format = opts.format ?? "e4m3";
   const q = (xs: Float32Array, r: number) =>
     fp8Quantize(xs, r, cols, {
@@ -53,17 +72,11 @@ export function quantizeHost(
       eps: opts.eps,
       unit: opts.unit,
     });
+  if (layout.segments && (opts.group !== "column-tile" || layout.batch !== 1))
+    throw new Error("quantize: segments need a 2-D column-tile");
   const data = new Uint8Array(x.length);
   const parts: Float32Array[] = [];
-  const pieces: [number, number][] = [];
-  if (segments) {
-    if (opts.group !== "column-tile" || batch !== 1)
-      throw new Error("quantize: segments need a 2-D column-tile");
-    for (let e = 0; e + 1 < segments.length; e++) pieces.push([segments[e], segments[e + 1] - segments[e]]);
-  } else {
-    for (let b = 0; b < batch; b++) pieces.push([b * rows, rows]);
-  }
-  for (const [r0, r] of pieces) {
+  for (const [r0, r] of pieces(layout)) {
     if (r === 0) continue;
     const res = q(x.subarray(r0 * cols, (r0 + r) * cols), r);
     data.set(res.data, r0 * cols);
@@ -78,23 +91,20 @@ export function quantizeHost(
   return { data, scales };
 }
 
-export function dequantizeHost(
-  data: Uint8Array,
-  scales: Float32Array,
-  batch: number,
-  rows: number,
-  cols: number,
-  group: QuantGroup,
-  format: Fp8Format,
-  segments: Int32Array | null,
-): Float32Array {
+/** FP8 codes and scales of a tensor quantised as `quantizeHost` does it, and how. */
+export interface HostQuantized {
+  data: Uint8Array;
+  scales: Float32Array;
+  group: QuantGroup;
+  format: Fp8Format;
+}
+
+export function dequantizeHost(q: HostQuantized, layout: HostLayout): Float32Array {
+  const { cols } = layout;
+  const { data, scales, group, format } = q;
   const out = new Float32Array(data.length);
-  const pieces: [number, number][] = [];
-  if (segments)
-    for (let e = 0; e + 1 < segments.length; e++) pieces.push([segments[e], segments[e + 1] - segments[e]]);
-  else for (let b = 0; b < batch; b++) pieces.push([b * rows, rows]);
   let so = 0;
-  for (const [r0, r] of pieces) {
+  for (const [r0, r] of pieces(layout)) {
     if (r === 0) continue;
     const n = scaleCount(group, r, cols);
     const d = fp8Dequantize(
@@ -114,12 +124,11 @@ export function gemmF32(
   a: Float32Array,
   b: Float32Array,
   c: Float32Array,
-  M: number,
-  N: number,
-  K: number,
-  transA: boolean,
-  transB: boolean,
+  { M, N, K }: { M: number; N: number; K: number },
+  layout: GemmLayout,
 ): void {
+  const transA = !!layout.transA;
+  const transB = !!layout.transB;
   const acc = new Float64Array(N);
   for (let m = 0; m < M; m++) {
     acc.fill(0);

@@ -28,6 +28,7 @@ import {
   type Tensor,
   u8,
 } from "@moe8/tensor";
+import type { AttentionDims, Fp8Operand } from "../native.d.cts";
 import { type NativeAddon, requireNative } from "./index.ts";
 
 const EMPTY_F32 = new Float32Array(0);
@@ -41,10 +42,16 @@ function distinct<T extends HostArray>(x: T, out: HostArray): T {
   return x0 < o1 && o0 < x1 ? (x.slice() as T) : x;
 }
 
-function fp8Operand(t: Tensor, what: string) {
+/** An FP8 tensor as the native GEMMs take it; its arrays are copied if they overlap the output `c`. */
+function fp8Operand(t: Tensor, what: string, c: Float32Array): Fp8Operand {
   if (!isFp8(t.dtype) || !t.quant)
     throw new Error(`matmul fp8: ${what} must be a quantised FP8 tensor, got ${t}`);
-  return { data: u8(t), scales: f32(t.quant.scales), group: t.quant.group, format: t.quant.format };
+  return {
+    data: distinct(u8(t), c),
+    scales: distinct(f32(t.quant.scales), c),
+    group: t.quant.group,
+    format: t.quant.format,
+  };
 }
 
 export class CpuBackend extends HostLifetimes implements Backend {
@@ -116,16 +123,11 @@ export class CpuBackend extends HostLifetimes implements Backend {
     } else if (rows > 0) nScales = batch * scaleCount(opts.group, rows, cols);
     const data = new Uint8Array(x.size);
     const scales = new Float32Array(nScales);
+    const mode = opts.unit ? "unit" : opts.pow2Scales ? "pow2" : "amax";
     this.n.quantizeFp8(
       f32(x),
-      rows,
-      cols,
-      batch,
-      opts.group,
-      format,
-      !!opts.pow2Scales,
-      !!opts.unit,
-      opts.eps ?? 1e-12,
+      { rows, cols, batch, group: opts.group, format },
+      { mode, eps: opts.eps ?? 1e-12 },
       data,
       scales,
       seg,
@@ -157,17 +159,8 @@ export class CpuBackend extends HostLifetimes implements Backend {
     const { batch, rows, cols } = batchDims(q);
     const out = this.alloc(q.shape, "f32");
     const seg = q.quant.segments ? i32(q.quant.segments) : null;
-    this.n.dequantizeFp8(
-      u8(q),
-      f32(q.quant.scales),
-      rows,
-      cols,
-      batch,
-      q.quant.group,
-      q.quant.format,
-      f32(out),
-      seg,
-    );
+    const layout = { rows, cols, batch, group: q.quant.group, format: q.quant.format };
+    this.n.dequantizeFp8(u8(q), f32(q.quant.scales), layout, f32(out), seg);
     return out;
   }
 
@@ -217,44 +210,26 @@ export class CpuBackend extends HostLifetimes implements Backend {
     return buf.subarray(0, n);
   }
 
-  private inputsFor(c: Float32Array, ...xs: HostArray[]): HostArray[] {
-    return xs.map((x) => distinct(x, c));
+  /** The f32 GEMM operands: BF16-rounded values for a bf16 GEMM, copied if they overlap `c`. */
+  private f32Operands(a: Tensor, b: Tensor, lowp: boolean, c: Float32Array): [Float32Array, Float32Array] {
+    return [distinct(this.values(a, lowp), c), distinct(this.values(b, lowp), c)];
   }
 
   matmul(a: Tensor, b: Tensor, o: MatmulOptions): Tensor {
     const { M, N, K } = gemmDims(a, b, o);
     const shape = [M, N];
     const { c, direct } = this.gemmTarget(M * N, shape, o);
-    const transA = !!o.transA;
-    const transB = !!o.transB;
     if (M > 0 && N > 0) {
+      const gemm = { m: M, n: N, k: K, transA: !!o.transA, transB: !!o.transB, accumulate: direct };
+      const outputBf16 = !!o.outBf16;
       if (o.precision === "fp8") {
-        const A = fp8Operand(a, "A");
-        const B = fp8Operand(b, "B");
-        const [ad, as, bd, bs] = this.inputsFor(c, A.data, A.scales, B.data, B.scales);
-        this.n.gemmFp8(
-          ad as Uint8Array,
-          as as Float32Array,
-          A.group,
-          A.format,
-          bd as Uint8Array,
-          bs as Float32Array,
-          B.group,
-          B.format,
-          c,
-          M,
-          N,
-          K,
-          transA,
-          transB,
-          direct,
-          !!o.outBf16,
-          o.promotion ?? 128,
-        );
+        const promotion = o.promotion ?? 128;
+        const [A, B] = [fp8Operand(a, "A", c), fp8Operand(b, "B", c)];
+        this.n.gemmFp8(A, B, c, { ...gemm, outputBf16, promotion });
       } else {
         const lowp = o.precision === "bf16";
-        const [x, y] = this.inputsFor(c, this.values(a, lowp), this.values(b, lowp)) as Float32Array[];
-        this.n.gemmF32(x, y, c, M, N, K, transA, transB, direct, o.precision === "bf16", !!o.outBf16);
+        const [x, y] = this.f32Operands(a, b, lowp, c);
+        this.n.gemmF32(x, y, c, { ...gemm, inputsBf16: lowp, outputBf16 });
       }
     }
     return this.finish(c, direct, shape, o);
@@ -286,49 +261,16 @@ export class CpuBackend extends HostLifetimes implements Backend {
     const size = shape.reduce((p, d) => p * d, 1);
     const { c, direct } = this.gemmTarget(size, shape, o);
     if (size > 0) {
+      const gemm = { m: M, n: N, k: K, transA: !!o.transA, transB: !!o.transB, accumulate: direct };
+      const outputBf16 = !!o.outBf16;
       if (fp8) {
-        const A = fp8Operand(a, "A");
-        const B = fp8Operand(b, "B");
-        const [ad, as, bd, bs] = this.inputsFor(c, A.data, A.scales, B.data, B.scales);
-        this.n.groupedGemmFp8(
-          ad as Uint8Array,
-          as as Float32Array,
-          A.group,
-          A.format,
-          bd as Uint8Array,
-          bs as Float32Array,
-          B.group,
-          B.format,
-          c,
-          off,
-          o.segment,
-          M,
-          N,
-          K,
-          !!o.transA,
-          !!o.transB,
-          direct,
-          !!o.outBf16,
-          o.promotion ?? 128,
-        );
+        const promotion = o.promotion ?? 128;
+        const [A, B] = [fp8Operand(a, "A", c), fp8Operand(b, "B", c)];
+        this.n.groupedGemmFp8(A, B, c, off, o.segment, { ...gemm, outputBf16, promotion });
       } else {
         const lowp = o.precision === "bf16";
-        const [x, y] = this.inputsFor(c, this.values(a, lowp), this.values(b, lowp)) as Float32Array[];
-        this.n.groupedGemmF32(
-          x,
-          y,
-          c,
-          off,
-          o.segment,
-          M,
-          N,
-          K,
-          !!o.transA,
-          !!o.transB,
-          direct,
-          o.precision === "bf16",
-          !!o.outBf16,
-        );
+        const [x, y] = this.f32Operands(a, b, lowp, c);
+        this.n.groupedGemmF32(x, y, c, off, o.segment, { ...gemm, inputsBf16: lowp, outputBf16 });
       }
     }
     return this.finish(c, direct, shape, o);
@@ -338,61 +280,54 @@ export class CpuBackend extends HostLifetimes implements Backend {
   rmsnorm(x: Tensor, w: Tensor, eps: number) {
     const y = this.alloc(x.shape);
     const rstd = this.alloc([x.rows]);
-    this.n.rmsnorm(f32(x), f32(w), x.rows, x.cols, eps, f32(y), f32(rstd));
+    this.n.rmsnorm(f32(x), f32(w), { rows: x.rows, cols: x.cols }, eps, f32(y), f32(rstd));
     return { y, rstd };
   }
 
   rmsnormBackward(dy: Tensor, x: Tensor, w: Tensor, rstd: Tensor) {
     const dx = this.alloc(x.shape);
     const dw = this.alloc(w.shape);
-    this.n.rmsnormBackward(f32(dy), f32(x), f32(w), f32(rstd), x.rows, x.cols, f32(dx), f32(dw));
+    const shape = { rows: x.rows, cols: x.cols };
+    this.n.rmsnormBackward(f32(dy), f32(x), f32(w), f32(rstd), shape, f32(dx), f32(dw));
     return { dx, dw };
   }
 
   rope(x: Tensor, o: RopeOptions): Tensor {
     const y = this.alloc(x.shape);
-    this.n.rope(f32(x), x.rows, o.heads, o.width, o.offset, o.dim, o.seqLen, o.theta, !!o.inverse, f32(y));
+    this.n.rope(f32(x), { ...o, rows: x.rows }, f32(y));
     return y;
   }
 
   headSlice(x: Tensor, o: HeadSliceOptions): Tensor {
     const y = this.alloc([x.rows, (o.sumHeads ? 1 : o.heads) * o.len]);
-    this.n.headSlice(f32(x), x.rows, o.heads, o.width, o.start, o.len, !!o.sumHeads, f32(y));
+    this.n.headSlice(f32(x), { ...o, rows: x.rows }, f32(y));
     return y;
   }
 
   headScatterAdd(dst: Tensor, src: Tensor, o: HeadSliceOptions): void {
     const d = f32(dst);
-    this.n.headScatterAdd(d, distinct(f32(src), d), dst.rows, o.heads, o.width, o.start, o.len);
+    this.n.headScatterAdd(d, distinct(f32(src), d), { ...o, rows: dst.rows });
   }
 
   headConcat(a: Tensor, b: Tensor, heads: number, bHeads: number): Tensor {
     const la = a.cols / heads;
     const lb = b.cols / bHeads;
     const y = this.alloc([a.rows, heads * (la + lb)]);
-    this.n.headConcat(f32(a), f32(b), a.rows, heads, la, lb, bHeads, f32(y));
+    this.n.headConcat(f32(a), f32(b), { rows: a.rows, heads, la, lb, bHeads }, f32(y));
     return y;
   }
 
+  /** The native attention's sizes: the options and the per-head widths of q·k and v. */
+  private attentionDims(q: Tensor, v: Tensor, o: AttentionOptions): AttentionDims {
+    const { batch, seq, heads, scale, precision } = o;
+    return { batch, seq, heads, dqk: q.cols / heads, dv: v.cols / heads, scale, precision };
+  }
+
   attention(q: Tensor, k: Tensor, v: Tensor, o: AttentionOptions) {
-    const dqk = q.cols / o.heads;
-    const dv = v.cols / o.heads;
     const out = this.alloc([q.rows, v.cols]);
     const lse = this.alloc([o.batch * o.heads * o.seq]);
-    this.n.attentionForward(
-      this.values(q),
-      this.values(k),
-      this.values(v),
-      o.batch,
-      o.seq,
-      o.heads,
-      dqk,
-      dv,
-      o.scale,
-      o.precision,
-      f32(out),
-      f32(lse),
-    );
+    const dims = this.attentionDims(q, v, o);
+    this.n.attentionForward(this.values(q), this.values(k), this.values(v), dims, f32(out), f32(lse));
     return { o: out, lse };
   }
 
@@ -405,29 +340,19 @@ export class CpuBackend extends HostLifetimes implements Backend {
     lse: Tensor,
     o: AttentionOptions,
   ) {
-    const dqk = q.cols / o.heads;
-    const dvh = v.cols / o.heads;
     const dq = this.alloc(q.shape);
     const dk = this.alloc(k.shape);
     const dv = this.alloc(v.shape);
-    this.n.attentionBackward(
-      this.values(dO),
-      this.values(q),
-      this.values(k),
-      this.values(v),
-      this.values(out),
-      f32(lse),
-      o.batch,
-      o.seq,
-      o.heads,
-      dqk,
-      dvh,
-      o.scale,
-      o.precision,
-      f32(dq),
-      f32(dk),
-      f32(dv),
-    );
+    const dOv = this.values(dO);
+    const saved = {
+      q: this.values(q),
+      k: this.values(k),
+      v: this.values(v),
+      o: this.values(out),
+      lse: f32(lse),
+    };
+    const grads = { dq: f32(dq), dk: f32(dk), dv: f32(dv) };
+    this.n.attentionBackward(dOv, saved, this.attentionDims(q, v, o), grads);
     return { dq, dk, dv };
   }
 
@@ -464,7 +389,8 @@ export class CpuBackend extends HostLifetimes implements Backend {
     const scores = this.alloc([N, E]);
     const topIdx = this.alloc([N, k], "i32");
     const weights = this.alloc([N, k]);
-    this.n.router(f32(logits), f32(bias), N, E, k, scaling, f32(scores), i32(topIdx), f32(weights));
+    const p = { n: N, e: E, k, scaling };
+    this.n.router(f32(logits), f32(bias), p, f32(scores), i32(topIdx), f32(weights));
     return { scores, topIdx, weights };
   }
 
@@ -479,22 +405,15 @@ export class CpuBackend extends HostLifetimes implements Backend {
     const E = scores.cols;
     const out = this.alloc([N, E]);
     const ds = dscores ? f32(dscores) : EMPTY_F32;
-    this.n.routerBackward(f32(dweights), f32(scores), i32(topIdx), N, E, topIdx.cols, scaling, ds, f32(out));
+    const p = { n: N, e: E, k: topIdx.cols, scaling };
+    this.n.routerBackward(f32(dweights), f32(scores), i32(topIdx), p, ds, f32(out));
     return out;
   }
 
   balanceLoss(scores: Tensor, topIdx: Tensor, o: { batch: number; seq: number; alpha: number }) {
     const dscores = this.alloc(scores.shape);
-    const loss = this.n.balanceLoss(
-      f32(scores),
-      i32(topIdx),
-      o.batch,
-      o.seq,
-      scores.cols,
-      topIdx.cols,
-      o.alpha,
-      f32(dscores),
-    );
+    const p = { batch: o.batch, seq: o.seq, e: scores.cols, k: topIdx.cols, alpha: o.alpha };
+    const loss = this.n.balanceLoss(f32(scores), i32(topIdx), p, f32(dscores));
     return { loss: this.wrap(Float32Array.of(loss), [1], "f32"), dscores };
   }
 
@@ -504,33 +423,34 @@ export class CpuBackend extends HostLifetimes implements Backend {
     const xs = this.alloc([N * k, x.cols]);
     const slot = this.alloc([N * k], "i32");
     const offsets = this.alloc([experts + 1], "i32");
-    this.n.moePermute(f32(x), x.cols, i32(topIdx), N, k, experts, f32(xs), i32(slot), i32(offsets));
+    const p = { n: N, d: x.cols, k, experts };
+    this.n.moePermute(f32(x), i32(topIdx), p, f32(xs), i32(slot), i32(offsets));
     return { xs, slot, offsets };
   }
 
   moePermuteBackward(dxs: Tensor, slot: Tensor, tokens: number): Tensor {
     const dx = this.alloc([tokens, dxs.cols]);
-    this.n.moePermuteBackward(f32(dxs), i32(slot), tokens, dxs.cols, f32(dx));
+    this.n.moePermuteBackward(f32(dxs), i32(slot), { n: tokens, d: dxs.cols }, f32(dx));
     return dx;
   }
 
   moeCombine(ys: Tensor, slot: Tensor, weights: Tensor): Tensor {
     const N = weights.rows;
     const y = this.alloc([N, ys.cols]);
-    this.n.moeCombine(f32(ys), i32(slot), f32(weights), N, ys.cols, f32(y));
+    this.n.moeCombine(f32(ys), i32(slot), f32(weights), { n: N, d: ys.cols }, f32(y));
     return y;
   }
 
   moeCombineBackward(dy: Tensor, ys: Tensor, slot: Tensor, weights: Tensor) {
     const dys = this.alloc(ys.shape);
     const dweights = this.alloc(weights.shape);
+    const tokens = { n: weights.rows, d: ys.cols };
     this.n.moeCombineBackward(
       f32(dy),
       this.values(ys),
       i32(slot),
       f32(weights),
-      weights.rows,
-      ys.cols,
+      tokens,
       f32(dys),
       f32(dweights),
     );
@@ -572,7 +492,8 @@ export class CpuBackend extends HostLifetimes implements Backend {
     };
     const [mf, mb] = moment(m);
     const [vf, vb] = moment(v);
-    const gs = f32(o.gradScale)[0];
-    this.n.adamw(P, G, mf, mb, vf, vb, gs, o.lr, o.beta1, o.beta2, o.eps, o.weightDecay, o.step);
+    const { lr, beta1, beta2, eps, weightDecay, step } = o;
+    const params = { lr, beta1, beta2, eps, weightDecay, step, gradScale: f32(o.gradScale)[0] };
+    this.n.adamw(P, G, mf, mb, vf, vb, params);
   }
 }

@@ -1,6 +1,6 @@
 // The native CPU GEMMs and FP8 codecs/quantiser against @moe8/fp8-core (the TypeScript reference):
-// bit-exact where FP8.md pins the bits (codecs, quantisation), a tolerance scaled by sum |a*b| where
-// only the summation order differs (GEMMs).
+// bit-exact where docs/numerics.md pins the bits (codecs, quantisation), a tolerance scaled by
+// sum |a*b| where only the summation order differs (GEMMs).
 import {
   decodeFp8,
   encodeFp8,
@@ -163,7 +163,13 @@ describe("quantizeFp8 matches fp8-core's quantize bit for bit", () => {
             const pow2 = "pow2Scales" in mode;
             const unit = "unit" in mode;
             const eps = "eps" in mode ? (mode.eps as number) : 1e-12;
-            native.quantizeFp8(x, rows, cols, 2, group, format, pow2, unit, eps, data, scales);
+            native.quantizeFp8(
+              x,
+              { rows, cols, batch: 2, group, format },
+              { mode: unit ? "unit" : pow2 ? "pow2" : "amax", eps },
+              data,
+              scales,
+            );
             for (let b = 0; b < 2; b++) {
               const xb = x.subarray(b * rows * cols, (b + 1) * rows * cols);
               const want = quantize(xb, rows, cols, { group, format, ...mode });
@@ -181,7 +187,14 @@ describe("quantizeFp8 matches fp8-core's quantize bit for bit", () => {
     for (let e = 0; e + 1 < seg.length; e++) ns += Math.ceil((seg[e + 1] - seg[e]) / 128) * cols;
     const data = new Uint8Array(rows * cols);
     const scales = new Float32Array(ns);
-    native.quantizeFp8(x, rows, cols, 1, "column-tile", "e4m3", false, false, 1e-12, data, scales, seg);
+    native.quantizeFp8(
+      x,
+      { rows, cols, batch: 1, group: "column-tile", format: "e4m3" },
+      { mode: "amax", eps: 1e-12 },
+      data,
+      scales,
+      seg,
+    );
     let s0 = 0;
     for (let e = 0; e + 1 < seg.length; e++) {
       const [r0, r1] = [seg[e], seg[e + 1]];
@@ -195,19 +208,19 @@ describe("quantizeFp8 matches fp8-core's quantize bit for bit", () => {
   it("rejects a bad eps and wrong buffer sizes", () => {
     const x = new Float32Array(4);
     expect(() =>
-      native.quantizeFp8(x, 2, 2, 1, "tile", "e4m3", false, false, 0, new Uint8Array(4), new Float32Array(2)),
+      native.quantizeFp8(
+        x,
+        { rows: 2, cols: 2, batch: 1, group: "tile", format: "e4m3" },
+        { mode: "amax", eps: 0 },
+        new Uint8Array(4),
+        new Float32Array(2),
+      ),
     ).toThrow(/eps/);
     expect(() =>
       native.quantizeFp8(
         x,
-        2,
-        2,
-        1,
-        "tile",
-        "e4m3",
-        false,
-        false,
-        1e-12,
+        { rows: 2, cols: 2, batch: 1, group: "tile", format: "e4m3" },
+        { mode: "amax", eps: 1e-12 },
         new Uint8Array(3),
         new Float32Array(2),
       ),
@@ -215,14 +228,8 @@ describe("quantizeFp8 matches fp8-core's quantize bit for bit", () => {
     expect(() =>
       native.quantizeFp8(
         x,
-        2,
-        2,
-        1,
-        "blocky",
-        "e4m3",
-        false,
-        false,
-        1e-12,
+        { rows: 2, cols: 2, batch: 1, group: "blocky", format: "e4m3" },
+        { mode: "amax", eps: 1e-12 },
         new Uint8Array(4),
         new Float32Array(2),
       ),
@@ -254,16 +261,16 @@ describe("gemmF32 against an f64 reference", () => {
         const b = randomF32(k * n, 12);
         const { c: want, mag } = naive(a, b, m, n, k, ta, tb);
         const c = new Float32Array(m * n).fill(Number.NaN);
-        native.gemmF32(a, b, c, m, n, k, ta, tb, false, false, false);
+        native.gemmF32(a, b, c, { m, n, k, transA: ta, transB: tb });
         expectClose(c, want, mag, 1e-5, "f32");
         // BF16 inputs: the reference on rounded operands.
         const r = naive(roundBf16(a), roundBf16(b), m, n, k, ta, tb);
-        native.gemmF32(a, b, c, m, n, k, ta, tb, false, true, false);
+        native.gemmF32(a, b, c, { m, n, k, transA: ta, transB: tb, inputsBf16: true });
         expectClose(c, r.c, r.mag, 1e-5, "bf16 inputs");
         // accumulate + BF16 output: C = bf16(C0 + AB).
         const c0 = randomF32(m * n, 13);
         const c2 = c0.slice();
-        native.gemmF32(a, b, c2, m, n, k, ta, tb, true, false, true);
+        native.gemmF32(a, b, c2, { m, n, k, transA: ta, transB: tb, accumulate: true, outputBf16: true });
         for (let i = 0; i < c2.length; i++) {
           expect(roundBf16(c2.subarray(i, i + 1))[0]).toBe(c2[i]);
           expect(Math.abs(c2[i] - (c0[i] + want[i]))).toBeLessThanOrEqual(
@@ -278,14 +285,12 @@ describe("gemmF32 against an f64 reference", () => {
     const b = randomF32(k * n, 15);
     const c1 = new Float32Array(m * n);
     const c2 = new Float32Array(m * n);
-    native.gemmF32(a, b, c1, m, n, k, false, false, false, false, false);
+    native.gemmF32(a, b, c1, { m, n, k });
     for (let r = 0; r < 3; r++) {
-      native.gemmF32(a, b, c2, m, n, k, false, false, false, false, false);
+      native.gemmF32(a, b, c2, { m, n, k });
       expect(bits(c2)).toEqual(bits(c1));
     }
-    expect(() => native.gemmF32(a, b, a, 1, 1, 1, false, false, false, false, false)).toThrow(
-      /shares memory/,
-    );
+    expect(() => native.gemmF32(a, b, a, { m: 1, n: 1, k: 1 })).toThrow(/shares memory/);
   });
 });
 
@@ -331,23 +336,10 @@ describe("gemmFp8 against fp8-core's scaledMatmul", () => {
           const mag = fp8Magnitude(a, b, m, n, k);
           const c = new Float32Array(m * n).fill(Number.NaN);
           native.gemmFp8(
-            a.data,
-            a.scales,
-            ag,
-            "e4m3",
-            b.data,
-            b.scales,
-            bg,
-            bf,
+            { data: a.data, scales: a.scales, group: ag, format: "e4m3" },
+            { data: b.data, scales: b.scales, group: bg, format: bf },
             c,
-            m,
-            n,
-            k,
-            ta,
-            tb,
-            false,
-            false,
-            128,
+            { m, n, k, transA: ta, transB: tb, promotion: 128 },
           );
           expectClose(c, want, mag, 1e-5, `fp8 ${bg}`);
         }
@@ -360,23 +352,10 @@ describe("gemmFp8 against fp8-core's scaledMatmul", () => {
     const c = new Float32Array(m * n);
     const run = (ag: QuantGroup, p: number) =>
       native.gemmFp8(
-        a.data,
-        a.scales,
-        ag,
-        "e4m3",
-        b.data,
-        b.scales,
-        "block",
-        "e4m3",
+        { data: a.data, scales: a.scales, group: ag, format: "e4m3" },
+        { data: b.data, scales: b.scales, group: "block", format: "e4m3" },
         c,
-        m,
-        n,
-        k,
-        false,
-        false,
-        false,
-        false,
-        p,
+        { m, n, k, promotion: p },
       );
     expect(() => run("tile", 256)).toThrow(/promotion chunk/);
     expect(() => run("column-tile", 128)).toThrow(/promotion chunk/);
@@ -392,7 +371,7 @@ describe("grouped GEMMs equal the per-expert GEMMs", () => {
     const a = randomF32(m * k, 31);
     const b = randomF32(e * k * n, 32);
     const c = new Float32Array(m * n);
-    native.groupedGemmF32(a, b, c, off, "m", m, n, k, false, true, false, false, false);
+    native.groupedGemmF32(a, b, c, off, "m", { m, n, k, transB: true });
     const qa = quantize(a, m, k, { group: "tile" });
     const qbs = Array.from({ length: e }, (_, i) =>
       quantize(b.subarray(i * k * n, (i + 1) * k * n), n, k, { group: "block" }),
@@ -403,25 +382,12 @@ describe("grouped GEMMs equal the per-expert GEMMs", () => {
     for (const [i, q] of qbs.entries()) sb.set(q.scales, i * q.scales.length);
     const c8 = new Float32Array(m * n);
     native.groupedGemmFp8(
-      qa.data,
-      qa.scales,
-      "tile",
-      "e4m3",
-      qb,
-      sb,
-      "block",
-      "e4m3",
+      { data: qa.data, scales: qa.scales, group: "tile", format: "e4m3" },
+      { data: qb, scales: sb, group: "block", format: "e4m3" },
       c8,
       off,
       "m",
-      m,
-      n,
-      k,
-      false,
-      true,
-      false,
-      false,
-      128,
+      { m, n, k, transB: true, promotion: 128 },
     );
     for (let i = 0; i < e; i++) {
       const [o, len] = [off[i], off[i + 1] - off[i]];
@@ -455,37 +421,31 @@ describe("grouped GEMMs equal the per-expert GEMMs", () => {
     const a = randomF32(k * m, 41);
     const b = randomF32(k * n, 42);
     const c = new Float32Array(e * m * n);
-    native.groupedGemmF32(a, b, c, off, "k", m, n, k, true, false, false, false, false);
+    native.groupedGemmF32(a, b, c, off, "k", { m, n, k, transA: true });
     const quant = (x: Float32Array, cols: number) => {
       let ns = 0;
       for (let i = 0; i < e; i++) ns += Math.ceil((off[i + 1] - off[i]) / 128) * cols;
       const data = new Uint8Array(k * cols);
       const scales = new Float32Array(ns);
-      native.quantizeFp8(x, k, cols, 1, "column-tile", "e4m3", false, false, 1e-12, data, scales, off);
+      native.quantizeFp8(
+        x,
+        { rows: k, cols, batch: 1, group: "column-tile", format: "e4m3" },
+        { mode: "amax", eps: 1e-12 },
+        data,
+        scales,
+        off,
+      );
       return { data, scales };
     };
     const [qa, qb] = [quant(a, m), quant(b, n)];
     const c8 = new Float32Array(e * m * n).fill(Number.NaN);
     native.groupedGemmFp8(
-      qa.data,
-      qa.scales,
-      "column-tile",
-      "e4m3",
-      qb.data,
-      qb.scales,
-      "column-tile",
-      "e4m3",
+      { data: qa.data, scales: qa.scales, group: "column-tile", format: "e4m3" },
+      { data: qb.data, scales: qb.scales, group: "column-tile", format: "e4m3" },
       c8,
       off,
       "k",
-      m,
-      n,
-      k,
-      true,
-      false,
-      false,
-      false,
-      128,
+      { m, n, k, transA: true, promotion: 128 },
     );
     for (let i = 0; i < e; i++) {
       const [o, len] = [off[i], off[i + 1] - off[i]];

@@ -2,8 +2,8 @@
 //! repeated runs after warm-up, inputs allocated here so JS overheads are not measured.
 
 use super::fp8::Fp8Format;
-use super::gemm::{gemm_f32, gemm_fp8, Fp8Mat};
-use super::quant::{quantize, Group, ScaleMode};
+use super::gemm::{gemm_f32, gemm_fp8, Fp8Mat, GemmParams, Inputs};
+use super::quant::{quantize, Fp8Layout, Group, ScaleMode};
 use std::time::Instant;
 
 /// Deterministic pseudo-random values in [-1, 1).
@@ -37,38 +37,47 @@ fn median_ms(reps: usize, mut f: impl FnMut() -> Result<(), String>) -> Result<f
     Ok(ts[ts.len() / 2])
 }
 
-pub fn bench_gemm(
-    precision: &str,
-    m: usize,
-    n: usize,
-    k: usize,
-    ta: bool,
-    tb: bool,
-    reps: usize,
-) -> Result<f64, String> {
+/// `p` gives the shape and layouts (accumulate and output_bf16 are set here from the precision).
+pub fn bench_gemm(precision: &str, p: GemmParams, reps: usize) -> Result<f64, String> {
+    let GemmParams { m, n, k, .. } = p;
     let a = random(m * k, 1);
     let b = random(k * n, 2);
     let mut c = vec![0f32; m * n];
     match precision {
         "fp32" | "f32" | "bf16" => {
             let bf = precision == "bf16";
-            median_ms(reps, || {
-                gemm_f32(&a, &b, &mut c, m, n, k, ta, tb, false, bf, bf)
-            })
+            let p = GemmParams {
+                accumulate: false,
+                output_bf16: bf,
+                ..p
+            };
+            let inputs = if bf { Inputs::Bf16 } else { Inputs::F32 };
+            median_ms(reps, || gemm_f32(&a, &b, &mut c, p, inputs))
         }
         "fp8" => {
             let f = Fp8Format::E4M3;
             let mode = ScaleMode::Amax { eps: 1e-12 };
-            let (ar, ac) = if ta { (k, m) } else { (m, k) };
-            let (br, bc) = if tb { (n, k) } else { (k, n) };
-            let ag = if ta { Group::ColumnTile } else { Group::Tile };
+            let ((ar, ac), (br, bc)) = (p.stored_a(), p.stored_b());
+            let ag = if p.trans_a {
+                Group::ColumnTile
+            } else {
+                Group::Tile
+            };
             let (mut qa, mut sa) = (vec![0u8; m * k], vec![0f32; ag.scale_count(ar, ac)]);
             let (mut qb, mut sb) = (
                 vec![0u8; k * n],
                 vec![0f32; Group::Block.scale_count(br, bc)],
             );
-            quantize(&a, ar, ac, 1, ag, f, mode, &mut qa, &mut sa, None)?;
-            quantize(&b, br, bc, 1, Group::Block, f, mode, &mut qb, &mut sb, None)?;
+            let one = |rows, cols, group| Fp8Layout {
+                rows,
+                cols,
+                batch: 1,
+                group,
+                format: f,
+                segments: None,
+            };
+            quantize(&a, &one(ar, ac, ag), mode, &mut qa, &mut sa)?;
+            quantize(&b, &one(br, bc, Group::Block), mode, &mut qb, &mut sb)?;
             let am = Fp8Mat {
                 q: &qa,
                 scales: &sa,
@@ -81,9 +90,12 @@ pub fn bench_gemm(
                 group: Group::Block,
                 format: f,
             };
-            median_ms(reps, || {
-                gemm_fp8(am, bm, &mut c, m, n, k, ta, tb, false, true, 128)
-            })
+            let p = GemmParams {
+                accumulate: false,
+                output_bf16: true,
+                ..p
+            };
+            median_ms(reps, || gemm_fp8(am, bm, &mut c, p, 128))
         }
         _ => Err(format!(
             "unknown precision \"{precision}\" (allowed: fp32, bf16, fp8)"

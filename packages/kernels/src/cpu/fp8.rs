@@ -1,4 +1,5 @@
-//! FP8 (E4M3 OCP `e4m3fn`, E5M2) and BF16 codecs, bit for bit as CUDA converts (spec FP8.md).
+//! FP8 (E4M3 OCP `e4m3fn`, E5M2) and BF16 codecs, bit for bit as CUDA converts
+//! (docs/numerics.md, formats).
 //!
 //! Encoding works on the f32 bits, never through float arithmetic, so that a tie can never be
 //! rounded twice. Conventions shared with `@moe8/fp8-core` (the TypeScript reference):
@@ -25,7 +26,7 @@ impl Fp8Format {
             _ => Err(format!("unknown FP8 format \"{s}\" (allowed: e4m3, e5m2)")),
         }
     }
-    /// Largest finite value (FMAX in the spec's scaling formulas).
+    /// Largest finite value (FMAX in the scaling formulas of docs/numerics.md).
     pub fn max(self) -> f32 {
         match self {
             Fp8Format::E4M3 => 448.0,

@@ -1,9 +1,10 @@
 //! The f32 GEMM core and the BF16/FP8 GEMMs built on it.
 //!
-//! Every precision runs the same f32 core (the requirement): BF16 rounds the operands
-//! into scratch copies first; FP8 dequantises each operand into f32 *without* its scales, multiplies
-//! one promotion chunk of K at a time into a temporary tile, and adds the chunk's partial sums into
-//! the f32 accumulator times the two groups' scales (spec FP8.md, "Accumulation").
+//! Every precision runs the same f32 core, so the precisions differ only in how the operands are
+//! rounded or quantised, never in how products are summed: BF16 rounds the operands into scratch
+//! copies first; FP8 dequantises each operand into f32 *without* its scales, multiplies one
+//! promotion chunk of K at a time into a temporary tile, and adds the chunk's partial sums into
+//! the f32 accumulator times the two groups' scales (docs/numerics.md, promotion).
 //!
 //! On AVX-512 machines the BF16 and FP8 GEMMs run the own packed kernel of `kernel512` instead,
 //! which fuses the BF16 rounding / FP8 decoding into its packing and applies the FP8 promotion in
@@ -59,50 +60,123 @@ impl View {
     }
 }
 
-/// A raw output pointer that may be shared by threads writing disjoint tiles.
+/// A row-major output block that threads writing disjoint tiles may share: element (i, j) is at
+/// `ptr + i*ld + j`.
 #[derive(Clone, Copy)]
-pub struct OutPtr(pub *mut f32);
-impl OutPtr {
-    /// A method (not field access) so closures capture the Send wrapper, not the raw pointer.
+pub struct OutView {
+    pub ptr: *mut f32,
+    pub ld: usize,
+}
+impl OutView {
+    /// The start of row `i`. A method (not field access) so closures capture the Send wrapper,
+    /// not the raw pointer.
     #[inline]
-    pub fn get(self) -> *mut f32 {
-        self.0
+    pub fn row(self, i: usize) -> *mut f32 {
+        self.ptr.wrapping_add(i * self.ld)
     }
 }
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
+unsafe impl Send for OutView {}
+unsafe impl Sync for OutView {}
 unsafe impl Send for View {}
 unsafe impl Sync for View {}
+
+/// The sizes of C[M,N] (+)= A[M,K] B[K,N] on views (whose strides already encode any
+/// transposition).
+#[derive(Clone, Copy, Debug)]
+pub struct Mnk {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+/// What a GEMM does with C: overwrite it or add into it, and round the result to BF16 or not.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Output {
+    pub accumulate: bool,
+    pub bf16: bool,
+}
+
+/// C[M,N] (+)= op(A)[M,K] op(B)[K,N] on row-major stored operands: the sizes, how A and B are
+/// stored (A [M,K], or [K,M] when `trans_a`; B [K,N], or [N,K] when `trans_b`) and what happens
+/// to C (row-major [M,N]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GemmParams {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    /// C += product (false: C = product).
+    pub accumulate: bool,
+    /// Round the final C to BF16.
+    pub output_bf16: bool,
+}
+
+impl GemmParams {
+    pub fn mnk(&self) -> Mnk {
+        Mnk {
+            m: self.m,
+            n: self.n,
+            k: self.k,
+        }
+    }
+    pub fn output(&self) -> Output {
+        Output {
+            accumulate: self.accumulate,
+            bf16: self.output_bf16,
+        }
+    }
+    /// Stored (rows, cols) of A.
+    pub fn stored_a(&self) -> (usize, usize) {
+        if self.trans_a {
+            (self.k, self.m)
+        } else {
+            (self.m, self.k)
+        }
+    }
+    /// Stored (rows, cols) of B.
+    pub fn stored_b(&self) -> (usize, usize) {
+        if self.trans_b {
+            (self.n, self.k)
+        } else {
+            (self.k, self.n)
+        }
+    }
+}
+
+/// The operands of the f32 GEMM as given, or rounded to BF16 first (the BF16 GEMM).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inputs {
+    F32,
+    Bf16,
+}
+
+/// Whether a GEMM may spread its work over the rayon pool, or runs on the calling thread (inside
+/// an already parallel tile loop).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Threads {
+    Pool,
+    Caller,
+}
 
 fn scalar_mode() -> bool {
     static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
     *LEVEL.get_or_init(detect) == SimdLevel::Scalar
 }
 
-/// C[m x n] (row-major, row stride ldc) = (accumulate ? C : 0) + A[m x k] B[k x n].
-/// `parallel` lets the core use the rayon pool (false inside an already parallel tile loop).
+/// C[m x n] (row-major, row stride c.ld) = (accumulate ? C : 0) + A[m x k] B[k x n].
 ///
 /// # Safety
-/// The views must cover the m x k and k x n elements they describe and `c` m rows of ldc >= n.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn sgemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: View,
-    b: View,
-    c: *mut f32,
-    ldc: usize,
-    accumulate: bool,
-    parallel: bool,
-) {
+/// The views must cover the m x k and k x n elements they describe and `c` m rows of ld >= n.
+pub unsafe fn sgemm(s: Mnk, a: View, b: View, c: OutView, accumulate: bool, threads: Threads) {
+    let Mnk { m, n, k } = s;
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 || scalar_mode() {
-        return sgemm_scalar(m, n, k, a, b, OutPtr(c), ldc, accumulate, parallel);
+        return sgemm_scalar(s, a, b, c, accumulate, threads);
     }
-    let par = if parallel && m * n * k >= 1 << 15 {
+    let par = if threads == Threads::Pool && m * n * k >= 1 << 15 {
         gemm::Parallelism::Rayon(0)
     } else {
         gemm::Parallelism::None
@@ -111,9 +185,9 @@ pub unsafe fn sgemm(
         m,
         n,
         k,
-        c,
+        c.ptr,
         1,
-        ldc as isize,
+        c.ld as isize,
         accumulate,
         a.ptr,
         a.cs,
@@ -132,20 +206,17 @@ pub unsafe fn sgemm(
 
 /// The scalar fallback: rows of C in parallel, k-sequential sums (i-k-j loop order so the inner
 /// loop streams a row of B when B is not transposed).
-#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn sgemm_scalar(
-    m: usize,
-    n: usize,
-    k: usize,
+    s: Mnk,
     a: View,
     b: View,
-    c: OutPtr,
-    ldc: usize,
+    c: OutView,
     accumulate: bool,
-    parallel: bool,
+    threads: Threads,
 ) {
+    let Mnk { m, n, k } = s;
     let row = |i: usize| {
-        let ci = std::slice::from_raw_parts_mut(c.get().add(i * ldc), n);
+        let ci = std::slice::from_raw_parts_mut(c.row(i), n);
         if !accumulate {
             ci.fill(0.0);
         }
@@ -157,10 +228,9 @@ pub(crate) unsafe fn sgemm_scalar(
             }
         }
     };
-    if parallel {
-        (0..m).into_par_iter().for_each(row);
-    } else {
-        (0..m).for_each(row);
+    match threads {
+        Threads::Pool => (0..m).into_par_iter().for_each(row),
+        Threads::Caller => (0..m).for_each(row),
     }
 }
 
@@ -209,89 +279,56 @@ fn copy_bf16(x: &[f32], out: &mut [f32]) {
         });
 }
 
-/// The f32 (and BF16-input) GEMM of the napi `gemm_f32`: C[M,N] (+)= op(A) op(B).
-#[allow(clippy::too_many_arguments)]
+/// The f32 (and BF16-input) GEMM of the napi `gemmF32`: C[M,N] (+)= op(A) op(B).
 pub fn gemm_f32(
     a: &[f32],
     b: &[f32],
     c: &mut [f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    trans_a: bool,
-    trans_b: bool,
-    accumulate: bool,
-    inputs_bf16: bool,
-    output_bf16: bool,
+    p: GemmParams,
+    inputs: Inputs,
 ) -> Result<(), String> {
+    let GemmParams { m, n, k, .. } = p;
     check_len("gemm: a", a.len(), m * k)?;
     check_len("gemm: b", b.len(), k * n)?;
     check_len("gemm: c", c.len(), m * n)?;
-    let (lda, ldb) = (if trans_a { m } else { k }, if trans_b { k } else { n });
+    let (lda, ldb) = (p.stored_a().1, p.stored_b().1);
     let c = &mut c[..m * n];
+    let out = OutView {
+        ptr: c.as_mut_ptr(),
+        ld: n,
+    };
     // BF16 inputs on AVX-512: the rounding is fused into the packing of the own kernel (no
     // rounded copies). Plain f32 stays on the `gemm` crate, which measured a little faster here,
     // most of all on the long-K weight-gradient shapes.
     #[cfg(target_arch = "x86_64")]
-    if inputs_bf16 && m > 0 && n > 0 && k > 0 && super::kernel512::available() {
-        let (va, vb) = (View::of(a, lda, trans_a), View::of(b, ldb, trans_b));
+    if inputs == Inputs::Bf16 && m > 0 && n > 0 && k > 0 && super::kernel512::available() {
+        let (va, vb) = (View::of(a, lda, p.trans_a), View::of(b, ldb, p.trans_b));
         let src = |v: View| super::kernel512::Src::F32 {
             p: v.ptr,
             rs: v.rs,
             cs: v.cs,
-            bf16: inputs_bf16,
+            bf16: true,
         };
-        unsafe {
-            super::kernel512::gemm(
-                m,
-                n,
-                k,
-                src(va),
-                src(vb),
-                c.as_mut_ptr(),
-                accumulate,
-                output_bf16,
-                None,
-            )
-        };
+        unsafe { super::kernel512::gemm(p.mnk(), src(va), src(vb), out.ptr, p.output(), None) };
         return Ok(());
     }
-    if inputs_bf16 {
-        // BF16 GEMM: operands rounded once into scratch copies, then the same f32 core.
-        with_scratch(m * k + k * n, |s| {
-            let (sa, sb) = s.split_at_mut(m * k);
-            copy_bf16(&a[..m * k], sa);
-            copy_bf16(&b[..k * n], sb);
-            unsafe {
-                sgemm(
-                    m,
-                    n,
-                    k,
-                    View::of(sa, lda, trans_a),
-                    View::of(sb, ldb, trans_b),
-                    c.as_mut_ptr(),
-                    n,
-                    accumulate,
-                    true,
-                )
-            };
-        });
-    } else {
-        unsafe {
-            sgemm(
-                m,
-                n,
-                k,
-                View::of(a, lda, trans_a),
-                View::of(b, ldb, trans_b),
-                c.as_mut_ptr(),
-                n,
-                accumulate,
-                true,
-            )
-        };
+    match inputs {
+        Inputs::Bf16 => {
+            // BF16 GEMM: operands rounded once into scratch copies, then the same f32 core.
+            with_scratch(m * k + k * n, |s| {
+                let (sa, sb) = s.split_at_mut(m * k);
+                copy_bf16(&a[..m * k], sa);
+                copy_bf16(&b[..k * n], sb);
+                let (va, vb) = (View::of(sa, lda, p.trans_a), View::of(sb, ldb, p.trans_b));
+                unsafe { sgemm(p.mnk(), va, vb, out, p.accumulate, Threads::Pool) };
+            });
+        }
+        Inputs::F32 => {
+            let (va, vb) = (View::of(a, lda, p.trans_a), View::of(b, ldb, p.trans_b));
+            unsafe { sgemm(p.mnk(), va, vb, out, p.accumulate, Threads::Pool) };
+        }
     }
-    if output_bf16 {
+    if p.output_bf16 {
         round_rows_bf16(c);
     }
     Ok(())
@@ -344,28 +381,28 @@ fn group_name(g: Group) -> &'static str {
 const MT: usize = 256;
 const NT: usize = 256;
 
-/// The FP8 GEMM of the napi `gemm_fp8`: C[M,N] (+)= sum over promotion chunks of
+/// The FP8 GEMM of the napi `gemmFp8`: C[M,N] (+)= sum over promotion chunks of
 /// (sum_k dec(A) dec(B)) * scaleA(m, chunk) * scaleB(n, chunk), in f32.
-#[allow(clippy::too_many_arguments)]
 pub fn gemm_fp8(
     a: Fp8Mat,
     b: Fp8Mat,
     c: &mut [f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    trans_a: bool,
-    trans_b: bool,
-    accumulate: bool,
-    output_bf16: bool,
+    p: GemmParams,
     promotion: usize,
 ) -> Result<(), String> {
+    let GemmParams {
+        m,
+        n,
+        k,
+        trans_a,
+        trans_b,
+        accumulate,
+        output_bf16,
+    } = p;
     if promotion == 0 {
         return Err("gemm_fp8: promotion must be > 0".into());
     }
-    // Stored shapes: A [M,K] or [K,M]; B [K,N] or [N,K].
-    let (ar, ac) = if trans_a { (k, m) } else { (m, k) };
-    let (br, bc) = if trans_b { (n, k) } else { (k, n) };
+    let ((ar, ac), (br, bc)) = (p.stored_a(), p.stored_b());
     check_len("gemm_fp8: a", a.q.len(), m * k)?;
     check_len("gemm_fp8: b", b.q.len(), k * n)?;
     check_len("gemm_fp8: c", c.len(), m * n)?;
@@ -445,23 +482,13 @@ pub fn gemm_fp8(
             cs: v.cs,
             f,
         };
-        unsafe {
-            k5::gemm(
-                m,
-                n,
-                k,
-                src(a.q, va, a.format),
-                src(b.q, vb, b.format),
-                c.as_mut_ptr(),
-                accumulate,
-                output_bf16,
-                Some(k5::Promotion {
-                    chunk: promotion,
-                    sa: &sa,
-                    sb: &sbp,
-                }),
-            )
+        let promo = k5::Promotion {
+            chunk: promotion,
+            sa: &sa,
+            sb: &sbp,
         };
+        let (qa, qb) = (src(a.q, va, a.format), src(b.q, vb, b.format));
+        unsafe { k5::gemm(p.mnk(), qa, qb, c.as_mut_ptr(), p.output(), Some(promo)) };
         return Ok(());
     }
     with_scratch(m * k + k * n, |s| {
@@ -470,44 +497,43 @@ pub fn gemm_fp8(
         dequant(&a.q[..m * k], a.format, da);
         dequant(&b.q[..k * n], b.format, db);
         let (va, vb) = (View::of(da, ac, trans_a), View::of(db, bc, trans_b));
-        let out = OutPtr(c.as_mut_ptr());
+        let out = OutView {
+            ptr: c.as_mut_ptr(),
+            ld: n,
+        };
         let (tm, tn) = (m.div_ceil(MT), n.div_ceil(NT));
         (0..tm * tn).into_par_iter().for_each(|t| {
             let (i0, j0) = ((t / tn) * MT, (t % tn) * NT);
             let (mt, nt) = (MT.min(m - i0), NT.min(n - j0));
-            with_scratch(mt * nt, |p| {
+            with_scratch(mt * nt, |partial| {
                 for (ci, &(k0, k1)) in chunks.iter().enumerate() {
                     // Partial sums of this chunk, then the promotion into C in f32.
-                    unsafe {
-                        sgemm(
-                            mt,
-                            nt,
-                            k1 - k0,
-                            va.at(i0, k0),
-                            vb.at(k0, j0),
-                            p.as_mut_ptr(),
-                            nt,
-                            false,
-                            false,
-                        )
+                    let chunk = Mnk {
+                        m: mt,
+                        n: nt,
+                        k: k1 - k0,
                     };
+                    let part = OutView {
+                        ptr: partial.as_mut_ptr(),
+                        ld: nt,
+                    };
+                    let (ta, tb) = (va.at(i0, k0), vb.at(k0, j0));
+                    unsafe { sgemm(chunk, ta, tb, part, false, Threads::Caller) };
                     let (sai, sbj) = (
                         &sa[ci * m + i0..ci * m + i0 + mt],
                         &sb[ci * n + j0..ci * n + j0 + nt],
                     );
                     let fresh = ci == 0 && !accumulate;
                     for (r, &sar) in sai.iter().enumerate() {
-                        let crow = unsafe {
-                            std::slice::from_raw_parts_mut(out.get().add((i0 + r) * n + j0), nt)
-                        };
-                        promote_row(crow, &p[r * nt..(r + 1) * nt], sar, sbj, fresh);
+                        let crow =
+                            unsafe { std::slice::from_raw_parts_mut(out.row(i0 + r).add(j0), nt) };
+                        promote_row(crow, &partial[r * nt..(r + 1) * nt], sar, sbj, fresh);
                     }
                 }
                 if output_bf16 {
                     for r in 0..mt {
-                        let crow = unsafe {
-                            std::slice::from_raw_parts_mut(out.get().add((i0 + r) * n + j0), nt)
-                        };
+                        let crow =
+                            unsafe { std::slice::from_raw_parts_mut(out.row(i0 + r).add(j0), nt) };
                         crow.iter_mut().for_each(|v| *v = bf16_round(*v));
                     }
                 }

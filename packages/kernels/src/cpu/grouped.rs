@@ -6,7 +6,7 @@
 //! segment e. Each expert runs the ordinary GEMM on sub-views, so every precision path and its
 //! checks are shared; the FP8 promotion chunks restart at each segment start.
 
-use super::gemm::{check_len, gemm_f32, gemm_fp8, Fp8Mat};
+use super::gemm::{check_len, gemm_f32, gemm_fp8, Fp8Mat, GemmParams, Inputs};
 use super::quant::{check_offsets, row_groups, Group, G};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,6 +25,14 @@ impl Segment {
     }
 }
 
+/// How a grouped GEMM splits its experts: `offsets` (E+1 entries, from 0 to the segmented
+/// dimension's total) cut the rows of A and C (`Segment::M`) or the reduction (`Segment::K`).
+#[derive(Clone, Copy, Debug)]
+pub struct Groups<'a> {
+    pub offsets: &'a [i32],
+    pub segment: Segment,
+}
+
 fn ranges(offsets: &[i32]) -> impl Iterator<Item = (usize, usize)> + '_ {
     offsets
         .windows(2)
@@ -32,18 +40,11 @@ fn ranges(offsets: &[i32]) -> impl Iterator<Item = (usize, usize)> + '_ {
 }
 
 /// Checks the segment-specific shapes; returns the number of experts.
-fn check_shapes(
-    offsets: &[i32],
-    seg: Segment,
-    m: usize,
-    k: usize,
-    trans_a: bool,
-    trans_b: bool,
-) -> Result<usize, String> {
-    match seg {
+fn check_shapes(g: Groups, p: &GemmParams) -> Result<usize, String> {
+    match g.segment {
         Segment::M => {
-            check_offsets(offsets, m, "offsets")?;
-            if trans_a {
+            check_offsets(g.offsets, p.m, "offsets")?;
+            if p.trans_a {
                 return Err(
                     "grouped gemm, segment m: A is stored [M_total, K] (trans_a must be false)"
                         .into(),
@@ -51,53 +52,42 @@ fn check_shapes(
             }
         }
         Segment::K => {
-            check_offsets(offsets, k, "offsets")?;
-            if !trans_a || trans_b {
+            check_offsets(g.offsets, p.k, "offsets")?;
+            if !p.trans_a || p.trans_b {
                 return Err(
                     "grouped gemm, segment k: A is stored [K_total, M] and B [K_total, N] (trans_a true, trans_b false)".into(),
                 );
             }
         }
     }
-    Ok(offsets.len() - 1)
+    Ok(g.offsets.len() - 1)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Per-expert f32 (or BF16-input) GEMMs; `p` describes the whole call (M or K the total).
 pub fn grouped_gemm_f32(
     a: &[f32],
     b: &[f32],
     c: &mut [f32],
-    offsets: &[i32],
-    seg: Segment,
-    m: usize,
-    n: usize,
-    k: usize,
-    trans_a: bool,
-    trans_b: bool,
-    accumulate: bool,
-    inputs_bf16: bool,
-    output_bf16: bool,
+    g: Groups,
+    p: GemmParams,
+    inputs: Inputs,
 ) -> Result<(), String> {
-    let e_count = check_shapes(offsets, seg, m, k, trans_a, trans_b)?;
-    match seg {
+    let e_count = check_shapes(g, &p)?;
+    let GemmParams { m, n, k, .. } = p;
+    match g.segment {
         Segment::M => {
             check_len("grouped gemm: a", a.len(), m * k)?;
             check_len("grouped gemm: b", b.len(), e_count * k * n)?;
             check_len("grouped gemm: c", c.len(), m * n)?;
-            for (e, (o, len)) in ranges(offsets).enumerate() {
+            for (e, (o, len)) in ranges(g.offsets).enumerate() {
                 let bb = &b[e * k * n..(e + 1) * k * n];
+                let pe = GemmParams { m: len, ..p };
                 gemm_f32(
                     &a[o * k..(o + len) * k],
                     bb,
                     &mut c[o * n..(o + len) * n],
-                    len,
-                    n,
-                    k,
-                    false,
-                    trans_b,
-                    accumulate,
-                    inputs_bf16,
-                    output_bf16,
+                    pe,
+                    inputs,
                 )?;
             }
         }
@@ -105,20 +95,15 @@ pub fn grouped_gemm_f32(
             check_len("grouped gemm: a", a.len(), k * m)?;
             check_len("grouped gemm: b", b.len(), k * n)?;
             check_len("grouped gemm: c", c.len(), e_count * m * n)?;
-            for (e, (o, len)) in ranges(offsets).enumerate() {
+            for (e, (o, len)) in ranges(g.offsets).enumerate() {
                 let ce = &mut c[e * m * n..(e + 1) * m * n];
+                let pe = GemmParams { k: len, ..p };
                 gemm_f32(
                     &a[o * m..(o + len) * m],
                     &b[o * n..(o + len) * n],
                     ce,
-                    m,
-                    n,
-                    len,
-                    true,
-                    false,
-                    accumulate,
-                    inputs_bf16,
-                    output_bf16,
+                    pe,
+                    inputs,
                 )?;
             }
         }
@@ -156,56 +141,39 @@ fn sub<'a>(x: Fp8Mat<'a>, q0: usize, q1: usize, s0: usize) -> Result<Fp8Mat<'a>,
     })
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Per-expert FP8 GEMMs; `p` describes the whole call (M or K the total).
 pub fn grouped_gemm_fp8(
     a: Fp8Mat,
     b: Fp8Mat,
     c: &mut [f32],
-    offsets: &[i32],
-    seg: Segment,
-    m: usize,
-    n: usize,
-    k: usize,
-    trans_a: bool,
-    trans_b: bool,
-    accumulate: bool,
-    output_bf16: bool,
+    g: Groups,
+    p: GemmParams,
     promotion: usize,
 ) -> Result<(), String> {
-    let e_count = check_shapes(offsets, seg, m, k, trans_a, trans_b)?;
-    match seg {
+    let e_count = check_shapes(g, &p)?;
+    let GemmParams { m, n, k, .. } = p;
+    match g.segment {
         Segment::M => {
             check_len("grouped gemm_fp8: c", c.len(), m * n)?;
-            let (br, bc) = if trans_b { (n, k) } else { (k, n) };
+            let (br, bc) = p.stored_b();
             let b_per = b.group.scale_count(br, bc);
-            for (e, (o, len)) in ranges(offsets).enumerate() {
+            for (e, (o, len)) in ranges(g.offsets).enumerate() {
                 if len == 0 {
                     continue;
                 }
                 let ae = sub(a, o * k, (o + len) * k, sub_scales(a.group, o, k, None)?)?;
                 let be = sub(b, e * k * n, (e + 1) * k * n, e * b_per)?;
-                gemm_fp8(
-                    ae,
-                    be,
-                    &mut c[o * n..(o + len) * n],
-                    len,
-                    n,
-                    k,
-                    false,
-                    trans_b,
-                    accumulate,
-                    output_bf16,
-                    promotion,
-                )?;
+                let pe = GemmParams { m: len, ..p };
+                gemm_fp8(ae, be, &mut c[o * n..(o + len) * n], pe, promotion)?;
             }
         }
         Segment::K => {
             check_len("grouped gemm_fp8: c", c.len(), e_count * m * n)?;
             // Column-tile scales restart their 128-row groups at every segment (quantize_fp8 with
             // the same offsets as segments); the other layouts are indexed globally.
-            let groups = row_groups(k, Some(offsets))?;
+            let groups = row_groups(k, Some(g.offsets))?;
             let mut first_group = 0;
-            for (e, (o, len)) in ranges(offsets).enumerate() {
+            for (e, (o, len)) in ranges(g.offsets).enumerate() {
                 let ae = sub(
                     a,
                     o * m,
@@ -218,19 +186,8 @@ pub fn grouped_gemm_fp8(
                     (o + len) * n,
                     sub_scales(b.group, o, n, Some(first_group))?,
                 )?;
-                gemm_fp8(
-                    ae,
-                    be,
-                    &mut c[e * m * n..(e + 1) * m * n],
-                    m,
-                    n,
-                    len,
-                    true,
-                    false,
-                    accumulate,
-                    output_bf16,
-                    promotion,
-                )?;
+                let pe = GemmParams { k: len, ..p };
+                gemm_fp8(ae, be, &mut c[e * m * n..(e + 1) * m * n], pe, promotion)?;
                 first_group += len.div_ceil(G);
             }
             debug_assert_eq!(first_group, groups.len());

@@ -11,6 +11,7 @@
 //! results are bit-for-bit repeatable, whatever the thread count.
 
 use super::fp8::{bf16_round, decode_slice, Fp8Format};
+use super::gemm::{Mnk, Output};
 use rayon::prelude::*;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
@@ -113,7 +114,7 @@ impl Aligned {
 
 thread_local! {
     static BPACK: RefCell<Aligned> = const { RefCell::new(Aligned::new()) };
-    static ABLOCK: RefCell<(Aligned, Vec<f32>)> = const { RefCell::new((Aligned::new(), Vec::new())) };
+    static ABLOCK: RefCell<Aligned> = const { RefCell::new(Aligned::new()) };
 }
 
 /// Packs op(B) [K, N] into NR-wide panels `bp[p][k][NR]` (zero beyond N).
@@ -151,7 +152,6 @@ unsafe fn pack_b_panel(b: Src, k: usize, n: usize, p: usize, out: &mut [f32], tm
 /// a multiple of MR: row-major with row stride KC when A's rows are contiguous along K
 /// (`rowmajor`), else as MR-row panels `[panel][kc][MR]`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn pack_a_block(
     a: Src,
     i0: usize,
@@ -160,7 +160,6 @@ unsafe fn pack_a_block(
     kc: usize,
     rowmajor: bool,
     out: &mut [f32],
-    tmp: &mut Vec<f32>,
 ) {
     let (rs, cs) = a.strides();
     let rpad = rows.div_ceil(MR) * MR;
@@ -174,7 +173,6 @@ unsafe fn pack_a_block(
             }
         }
     } else {
-        let _ = tmp;
         // Panels [kc][MR]: op(A)'s MR rows of one k are contiguous in the stored [K, M] matrix.
         for (pi, r0) in (0..rpad).step_by(MR).enumerate() {
             let w = MR.min(rows.saturating_sub(r0));
@@ -243,20 +241,21 @@ fn mask16(w: usize) -> __mmask16 {
     }
 }
 
-/// One MR x NR tile of C (the first `mr` rows and the columns of masks m0/m1 are stored).
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn micro<const ROWMAJOR: bool>(
-    kc: usize,
-    a: *const f32,
-    b: *const f32,
+/// Where a micro-kernel's MR x NR tile of C lies: its first element and row stride, and which of
+/// it is stored (the first `mr` rows; the columns of masks m0 and m1, 16 each).
+#[derive(Clone, Copy)]
+struct Tile {
     c: *mut f32,
     ldc: usize,
     mr: usize,
     m0: __mmask16,
     m1: __mmask16,
-    epi: Epi,
-) {
+}
+
+/// One MR x NR tile of C from `kc` steps of packed A (`a`) and packed B (`b`).
+#[inline(always)]
+unsafe fn micro<const ROWMAJOR: bool>(kc: usize, a: *const f32, b: *const f32, t: Tile, epi: Epi) {
+    let Tile { c, ldc, mr, m0, m1 } = t;
     let mut acc0 = [_mm512_setzero_ps(); MR];
     let mut acc1 = [_mm512_setzero_ps(); MR];
     if let Epi::Add = epi {
@@ -313,35 +312,13 @@ unsafe fn micro<const ROWMAJOR: bool>(
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn micro_rm(
-    kc: usize,
-    a: *const f32,
-    b: *const f32,
-    c: *mut f32,
-    ldc: usize,
-    mr: usize,
-    m0: __mmask16,
-    m1: __mmask16,
-    epi: Epi,
-) {
-    micro::<true>(kc, a, b, c, ldc, mr, m0, m1, epi)
+unsafe fn micro_rm(kc: usize, a: *const f32, b: *const f32, t: Tile, epi: Epi) {
+    micro::<true>(kc, a, b, t, epi)
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn micro_pk(
-    kc: usize,
-    a: *const f32,
-    b: *const f32,
-    c: *mut f32,
-    ldc: usize,
-    mr: usize,
-    m0: __mmask16,
-    m1: __mmask16,
-    epi: Epi,
-) {
-    micro::<false>(kc, a, b, c, ldc, mr, m0, m1, epi)
+unsafe fn micro_pk(kc: usize, a: *const f32, b: *const f32, t: Tile, epi: Epi) {
+    micro::<false>(kc, a, b, t, epi)
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
@@ -370,23 +347,18 @@ pub fn npad(n: usize) -> usize {
     n.div_ceil(NR) * NR
 }
 
-/// C[m x n] (row-major, row stride n) (+)= op(A) op(B) as described in the module docs.
+/// C[m x n] (row-major, row stride n) (+)= op(A) op(B) as described in the module docs; `out`
+/// says whether to add into C and whether to round the result to BF16.
 ///
 /// # Safety
 /// `available()` must be true; the sources must cover their m x k and k x n elements and `c`
 /// m * n elements; m, n, k > 0; an FP8 promotion chunk must be <= KC.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: Src,
-    b: Src,
-    c: *mut f32,
-    accumulate: bool,
-    output_bf16: bool,
-    promo: Option<Promotion>,
-) {
+pub unsafe fn gemm(s: Mnk, a: Src, b: Src, c: *mut f32, out: Output, promo: Option<Promotion>) {
+    let Mnk { m, n, k } = s;
+    let Output {
+        accumulate,
+        bf16: output_bf16,
+    } = out;
     let chunk = promo.as_ref().map_or(KC, |p| p.chunk);
     assert!(chunk > 0 && chunk <= KC && m > 0 && n > 0 && k > 0);
     let np = n.div_ceil(NR);
@@ -430,13 +402,12 @@ pub unsafe fn gemm(
                 let Ok(mut ab) = ab.try_borrow_mut() else {
                     unreachable!("kernel512: nested task on one thread")
                 };
-                let (abuf, tmp) = &mut *ab;
-                let abuf = abuf.get(MC * KC);
+                let abuf = ab.get(MC * KC);
                 let mut k0 = 0;
                 let mut ci = 0;
                 while k0 < k {
                     let kc = chunk.min(k - k0);
-                    pack_a_block(a, i0, rows, k0, kc, rowmajor, abuf, tmp);
+                    pack_a_block(a, i0, rows, k0, kc, rowmajor, abuf);
                     for p in p0..p1 {
                         let j0 = p * NR;
                         let w = NR.min(n - j0);
@@ -445,7 +416,13 @@ pub unsafe fn gemm(
                         for ip in 0..rows.div_ceil(MR) {
                             let r0 = ip * MR;
                             let mr = MR.min(rows - r0);
-                            let cptr = c.0.add((i0 + r0) * n + j0);
+                            let tile = Tile {
+                                c: c.0.add((i0 + r0) * n + j0),
+                                ldc: n,
+                                mr,
+                                m0,
+                                m1,
+                            };
                             let epi = match promo {
                                 Some(pr) => Epi::Promote {
                                     sa: pr.sa.as_ptr().add(ci * m + i0 + r0),
@@ -457,9 +434,9 @@ pub unsafe fn gemm(
                             };
                             let ap = abuf.as_ptr().add(r0 * KC);
                             if rowmajor {
-                                micro_rm(kc, ap, bpanel, cptr, n, mr, m0, m1, epi);
+                                micro_rm(kc, ap, bpanel, tile, epi);
                             } else {
-                                micro_pk(kc, ap, bpanel, cptr, n, mr, m0, m1, epi);
+                                micro_pk(kc, ap, bpanel, tile, epi);
                             }
                         }
                     }

@@ -4,10 +4,12 @@
 //! except for `bf16Round`, which supports rounding in place.
 
 use super::fp8::{bf16_round as round1, decode_slice, encode_slice, Fp8Format};
-use super::gemm::{gemm_f32 as core_f32, gemm_fp8 as core_fp8, Fp8Mat};
-use super::grouped::{grouped_gemm_f32 as core_gf32, grouped_gemm_fp8 as core_gfp8, Segment};
-use super::quant::{quantize, Group, ScaleMode};
-use napi::bindgen_prelude::{Float32ArraySlice, Uint8ArraySlice};
+use super::gemm::{gemm_f32 as core_f32, gemm_fp8 as core_fp8, Fp8Mat, GemmParams, Inputs};
+use super::grouped::{
+    grouped_gemm_f32 as core_gf32, grouped_gemm_fp8 as core_gfp8, Groups, Segment,
+};
+use super::quant::{quantize, Fp8Layout, Group, ScaleMode};
+use napi::bindgen_prelude::{Float32Array, Float32ArraySlice, Uint8Array, Uint8ArraySlice};
 use napi::{Error, Result, Status};
 use napi_derive::napi;
 use rayon::prelude::*;
@@ -38,226 +40,233 @@ fn fmt(s: &str) -> Result<Fp8Format> {
     Fp8Format::parse(s).map_err(err)
 }
 
-fn fp8_mat<'a>(q: &'a [u8], scales: &'a [f32], group: &str, format: &str) -> Result<Fp8Mat<'a>> {
-    Ok(Fp8Mat {
-        q,
-        scales,
-        group: Group::parse(group).map_err(err)?,
-        format: fmt(format)?,
-    })
+/// C[M,N] (+)= op(A) op(B) as JavaScript describes it. A is stored [M,K] ([K,M] when transA), B
+/// [K,N] ([N,K] when transB); absent flags are false.
+#[napi(object)]
+pub struct GemmOptions {
+    pub m: u32,
+    pub n: u32,
+    pub k: u32,
+    pub trans_a: Option<bool>,
+    pub trans_b: Option<bool>,
+    /// C += product (otherwise C = product).
+    pub accumulate: Option<bool>,
+    /// Round the operands to BF16 first (the BF16 GEMM).
+    pub inputs_bf16: Option<bool>,
+    /// Round the final C to BF16.
+    pub output_bf16: Option<bool>,
 }
 
-/// C[M,N] (row-major) = op(A) op(B) (+ C when accumulate); f32 accumulation. A is stored [M,K]
-/// ([K,M] when transA), B [K,N] ([N,K] when transB). inputsBf16 rounds the operands to BF16 first
-/// (the BF16 GEMM); outputBf16 rounds the final C to BF16.
-#[napi]
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_f32(
-    a: &[f32],
-    b: &[f32],
-    mut c: Float32ArraySlice,
-    m: u32,
-    n: u32,
-    k: u32,
-    trans_a: bool,
-    trans_b: bool,
+/// The FP8 GEMM's options: those of GemmOptions but the operand rounding (FP8 operands come
+/// quantised), and the promotion interval.
+#[napi(object)]
+pub struct Fp8GemmOptions {
+    pub m: u32,
+    pub n: u32,
+    pub k: u32,
+    pub trans_a: Option<bool>,
+    pub trans_b: Option<bool>,
+    pub accumulate: Option<bool>,
+    pub output_bf16: Option<bool>,
+    /// Elements of K per promotion of the partial sums into the f32 accumulator (default 128).
+    pub promotion: Option<u32>,
+}
+
+impl GemmOptions {
+    fn params(&self) -> (GemmParams, Inputs) {
+        let p = GemmParams {
+            m: self.m as usize,
+            n: self.n as usize,
+            k: self.k as usize,
+            trans_a: self.trans_a.unwrap_or(false),
+            trans_b: self.trans_b.unwrap_or(false),
+            accumulate: self.accumulate.unwrap_or(false),
+            output_bf16: self.output_bf16.unwrap_or(false),
+        };
+        let inputs = if self.inputs_bf16.unwrap_or(false) {
+            Inputs::Bf16
+        } else {
+            Inputs::F32
+        };
+        (p, inputs)
+    }
+}
+
+impl Fp8GemmOptions {
+    fn params(&self) -> (GemmParams, usize) {
+        let p = GemmParams {
+            m: self.m as usize,
+            n: self.n as usize,
+            k: self.k as usize,
+            trans_a: self.trans_a.unwrap_or(false),
+            trans_b: self.trans_b.unwrap_or(false),
+            accumulate: self.accumulate.unwrap_or(false),
+            output_bf16: self.output_bf16.unwrap_or(false),
+        };
+        (p, self.promotion.unwrap_or(128) as usize)
+    }
+}
+
+/// One quantised FP8 operand: its codes, its scales, and their group ("tile" | "block" |
+/// "column-tile" | "row" | "tensor", of the stored matrix) and format ("e4m3" | "e5m2").
+#[napi(object, object_to_js = false)]
+pub struct Fp8Operand {
+    pub data: Uint8Array,
+    pub scales: Float32Array,
+    pub group: String,
+    pub format: String,
+}
+
+impl Fp8Operand {
+    /// The operand for the kernels, checked not to share memory with the output `c`.
+    fn mat(&self, c: &[f32], what: &str) -> Result<Fp8Mat<'_>> {
+        no_alias(c, &self.data, what)?;
+        no_alias(c, &self.scales, what)?;
+        Ok(Fp8Mat {
+            q: &self.data,
+            scales: &self.scales,
+            group: Group::parse(&self.group).map_err(err)?,
+            format: fmt(&self.format)?,
+        })
+    }
+}
+
+/// How FP8 codes and scales are laid out (cpu::quant::Fp8Layout, without the segments, which
+/// travel as their own typed array): `batch` matrices of rows x cols, the scale group and format.
+#[napi(object, js_name = "Fp8Layout")]
+pub struct JsFp8Layout {
+    pub rows: u32,
+    pub cols: u32,
+    pub batch: u32,
+    pub group: String,
+    pub format: String,
+}
+
+impl JsFp8Layout {
+    pub(crate) fn layout<'a>(&self, segments: Option<&'a [i32]>) -> Result<Fp8Layout<'a>> {
+        Ok(Fp8Layout {
+            rows: self.rows as usize,
+            cols: self.cols as usize,
+            batch: self.batch as usize,
+            group: Group::parse(&self.group).map_err(err)?,
+            format: fmt(&self.format)?,
+            segments,
+        })
+    }
+}
+
+/// How quantizeFp8 chooses scales: mode "amax" (scale = amax / FMAX), "pow2" (that rounded up to
+/// a power of two) or "unit" (scale 1, the unscaled control); eps floors the amax.
+#[napi(object)]
+pub struct Scaling {
+    pub mode: String,
+    pub eps: f64,
+}
+
+impl Scaling {
+    fn mode(&self) -> Result<ScaleMode> {
+        let eps = self.eps as f32;
+        match self.mode.as_str() {
+            "amax" => Ok(ScaleMode::Amax { eps }),
+            "pow2" => Ok(ScaleMode::Pow2 { eps }),
+            "unit" => Ok(ScaleMode::Unit),
+            m => Err(err(format!(
+                "unknown scaling mode \"{m}\" (allowed: amax, pow2, unit)"
+            ))),
+        }
+    }
+}
+
+/// Prefaults C for a read-modify-write (see ops::util::prefault_for_write) and checks that it
+/// shares no memory with the f32 operands.
+fn output<'a>(
+    c: &'a mut Float32ArraySlice,
     accumulate: bool,
-    inputs_bf16: bool,
-    output_bf16: bool,
-) -> Result<()> {
+    inputs: &[&[f32]],
+    what: &str,
+) -> Result<&'a mut [f32]> {
     let c = unsafe { c.as_mut() };
     if accumulate {
         crate::ops::util::prefault_for_write(c);
     }
-    no_alias(c, a, "gemmF32")?;
-    no_alias(c, b, "gemmF32")?;
-    core_f32(
-        a,
-        b,
-        c,
-        m as usize,
-        n as usize,
-        k as usize,
-        trans_a,
-        trans_b,
-        accumulate,
-        inputs_bf16,
-        output_bf16,
-    )
-    .map_err(err)
+    for x in inputs {
+        no_alias(c, x, what)?;
+    }
+    Ok(c)
 }
 
-/// FP8 GEMM with fine-grained scales and promotion to f32 every `promotion` (default 128) elements
-/// of K. Groups: "tile" | "block" | "column-tile" | "row" | "tensor" of the stored matrix; formats
-/// "e4m3" | "e5m2". Layouts whose scale changes inside a promotion chunk are rejected.
+/// C[M,N] (row-major) = op(A) op(B) (+ C when accumulate) in f32 (see GemmOptions).
 #[napi]
-#[allow(clippy::too_many_arguments)]
+pub fn gemm_f32(a: &[f32], b: &[f32], mut c: Float32ArraySlice, o: GemmOptions) -> Result<()> {
+    let (p, inputs) = o.params();
+    let c = output(&mut c, p.accumulate, &[a, b], "gemmF32")?;
+    core_f32(a, b, c, p, inputs).map_err(err)
+}
+
+/// FP8 GEMM with fine-grained scales and promotion to f32 every `promotion` elements of K.
+/// Layouts whose scale changes inside a promotion chunk are rejected.
+#[napi]
 pub fn gemm_fp8(
-    a: &[u8],
-    a_scales: &[f32],
-    a_group: String,
-    a_format: String,
-    b: &[u8],
-    b_scales: &[f32],
-    b_group: String,
-    b_format: String,
+    a: Fp8Operand,
+    b: Fp8Operand,
     mut c: Float32ArraySlice,
-    m: u32,
-    n: u32,
-    k: u32,
-    trans_a: bool,
-    trans_b: bool,
-    accumulate: bool,
-    output_bf16: bool,
-    promotion: Option<u32>,
+    o: Fp8GemmOptions,
 ) -> Result<()> {
-    let c = unsafe { c.as_mut() };
-    if accumulate {
-        crate::ops::util::prefault_for_write(c);
-    }
-    for (x, w) in [(a_scales, "aScales"), (b_scales, "bScales")] {
-        no_alias(c, x, w)?;
-    }
-    no_alias(c, a, "gemmFp8")?;
-    no_alias(c, b, "gemmFp8")?;
-    let (am, bm) = (
-        fp8_mat(a, a_scales, &a_group, &a_format)?,
-        fp8_mat(b, b_scales, &b_group, &b_format)?,
-    );
-    core_fp8(
-        am,
-        bm,
-        c,
-        m as usize,
-        n as usize,
-        k as usize,
-        trans_a,
-        trans_b,
-        accumulate,
-        output_bf16,
-        promotion.unwrap_or(128) as usize,
-    )
-    .map_err(err)
+    let (p, promotion) = o.params();
+    let c = output(&mut c, p.accumulate, &[], "gemmFp8")?;
+    let (am, bm) = (a.mat(c, "gemmFp8")?, b.mat(c, "gemmFp8")?);
+    core_fp8(am, bm, c, p, promotion).map_err(err)
+}
+
+fn groups<'a>(offsets: &'a [i32], segment: &str) -> Result<Groups<'a>> {
+    Ok(Groups {
+        offsets,
+        segment: Segment::parse(segment).map_err(err)?,
+    })
 }
 
 /// Per-expert GEMM (see grouped.rs): offsets has E+1 entries; segment "m" splits the rows of A and
 /// C (B holds E matrices), segment "k" splits the reduction (C holds E matrices [M,N]).
 #[napi]
-#[allow(clippy::too_many_arguments)]
 pub fn grouped_gemm_f32(
     a: &[f32],
     b: &[f32],
     mut c: Float32ArraySlice,
     offsets: &[i32],
     segment: String,
-    m: u32,
-    n: u32,
-    k: u32,
-    trans_a: bool,
-    trans_b: bool,
-    accumulate: bool,
-    inputs_bf16: bool,
-    output_bf16: bool,
+    o: GemmOptions,
 ) -> Result<()> {
-    let c = unsafe { c.as_mut() };
-    if accumulate {
-        crate::ops::util::prefault_for_write(c);
-    }
-    no_alias(c, a, "groupedGemmF32")?;
-    no_alias(c, b, "groupedGemmF32")?;
-    let seg = Segment::parse(&segment).map_err(err)?;
-    core_gf32(
-        a,
-        b,
-        c,
-        offsets,
-        seg,
-        m as usize,
-        n as usize,
-        k as usize,
-        trans_a,
-        trans_b,
-        accumulate,
-        inputs_bf16,
-        output_bf16,
-    )
-    .map_err(err)
+    let (p, inputs) = o.params();
+    let c = output(&mut c, p.accumulate, &[a, b], "groupedGemmF32")?;
+    core_gf32(a, b, c, groups(offsets, &segment)?, p, inputs).map_err(err)
 }
 
 /// Per-expert FP8 GEMM. Segment "m": A [M_total,K] quantised as one matrix, B E matrices with
 /// their scales back to back. Segment "k": both operands column-tile quantised with
 /// `segments = offsets` (quantizeFp8), so promotion chunks start at each segment start.
 #[napi]
-#[allow(clippy::too_many_arguments)]
 pub fn grouped_gemm_fp8(
-    a: &[u8],
-    a_scales: &[f32],
-    a_group: String,
-    a_format: String,
-    b: &[u8],
-    b_scales: &[f32],
-    b_group: String,
-    b_format: String,
+    a: Fp8Operand,
+    b: Fp8Operand,
     mut c: Float32ArraySlice,
     offsets: &[i32],
     segment: String,
-    m: u32,
-    n: u32,
-    k: u32,
-    trans_a: bool,
-    trans_b: bool,
-    accumulate: bool,
-    output_bf16: bool,
-    promotion: Option<u32>,
+    o: Fp8GemmOptions,
 ) -> Result<()> {
-    let c = unsafe { c.as_mut() };
-    if accumulate {
-        crate::ops::util::prefault_for_write(c);
-    }
-    for (x, w) in [(a_scales, "aScales"), (b_scales, "bScales")] {
-        no_alias(c, x, w)?;
-    }
-    no_alias(c, a, "groupedGemmFp8")?;
-    no_alias(c, b, "groupedGemmFp8")?;
-    let seg = Segment::parse(&segment).map_err(err)?;
-    let (am, bm) = (
-        fp8_mat(a, a_scales, &a_group, &a_format)?,
-        fp8_mat(b, b_scales, &b_group, &b_format)?,
-    );
-    core_gfp8(
-        am,
-        bm,
-        c,
-        offsets,
-        seg,
-        m as usize,
-        n as usize,
-        k as usize,
-        trans_a,
-        trans_b,
-        accumulate,
-        output_bf16,
-        promotion.unwrap_or(128) as usize,
-    )
-    .map_err(err)
+    let (p, promotion) = o.params();
+    let c = output(&mut c, p.accumulate, &[], "groupedGemmFp8")?;
+    let (am, bm) = (a.mat(c, "groupedGemmFp8")?, b.mat(c, "groupedGemmFp8")?);
+    core_gfp8(am, bm, c, groups(offsets, &segment)?, p, promotion).map_err(err)
 }
 
-/// Quantises `batch` row-major matrices of rows x cols into FP8 codes (`data`, same layout as x)
-/// and scales (the group's layout, per matrix back to back), bit-exact with @moe8/fp8-core.
-/// pow2: power-of-two scales; unit: scale 1 (unscaled control). segments (column-tile only): E+1
-/// row offsets; 128-row groups restart at each segment, scales [sum_e ceil(len_e/128), cols].
+/// Quantises `x` into FP8 codes (`data`, same layout as x) and scales (the group's layout, per
+/// matrix back to back), bit-exact with @moe8/fp8-core. segments (column-tile only): E+1 row
+/// offsets; 128-row groups restart at each segment, scales [sum_e ceil(len_e/128), cols].
 #[napi]
-#[allow(clippy::too_many_arguments)]
 pub fn quantize_fp8(
     x: &[f32],
-    rows: u32,
-    cols: u32,
-    batch: u32,
-    group: String,
-    format: String,
-    pow2: bool,
-    unit: bool,
-    eps: f64,
+    layout: JsFp8Layout,
+    scaling: Scaling,
     mut data: Uint8ArraySlice,
     mut scales: Float32ArraySlice,
     segments: Option<&[i32]>,
@@ -266,27 +275,8 @@ pub fn quantize_fp8(
     no_alias(data, x, "quantizeFp8")?;
     no_alias(scales, x, "quantizeFp8")?;
     no_alias(scales, data, "quantizeFp8")?;
-    let mode = if unit {
-        ScaleMode::Unit
-    } else if pow2 {
-        ScaleMode::Pow2 { eps: eps as f32 }
-    } else {
-        ScaleMode::Amax { eps: eps as f32 }
-    };
-    let g = Group::parse(&group).map_err(err)?;
-    quantize(
-        x,
-        rows as usize,
-        cols as usize,
-        batch as usize,
-        g,
-        fmt(&format)?,
-        mode,
-        data,
-        scales,
-        segments,
-    )
-    .map_err(err)
+    let l = layout.layout(segments)?;
+    quantize(x, &l, scaling.mode()?, data, scales).map_err(err)
 }
 
 /// Encodes f32 to FP8 codes (RNE, saturating, NaN -> 0x7f), no scaling.
@@ -345,7 +335,6 @@ pub fn bf16_round(x: Float32ArraySlice, mut out: Float32ArraySlice) -> Result<()
 /// on random inputs it allocates itself, after warm-up. FP8 uses the recipe's layouts: A tile
 /// 1x128 (column-tile when transA), B block 128x128, E4M3, promotion 128; quantisation is not timed.
 #[napi]
-#[allow(clippy::too_many_arguments)]
 pub fn bench_gemm(
     precision: String,
     m: u32,
@@ -355,14 +344,13 @@ pub fn bench_gemm(
     trans_b: bool,
     reps: u32,
 ) -> Result<f64> {
-    super::bench::bench_gemm(
-        &precision,
-        m as usize,
-        n as usize,
-        k as usize,
+    let p = GemmParams {
+        m: m as usize,
+        n: n as usize,
+        k: k as usize,
         trans_a,
         trans_b,
-        reps.max(1) as usize,
-    )
-    .map_err(err)
+        ..GemmParams::default()
+    };
+    super::bench::bench_gemm(&precision, p, reps.max(1) as usize).map_err(err)
 }

@@ -1,4 +1,4 @@
-//! Fine-grained FP8 quantisation (spec FP8.md, "Scaling"), bit-exact with `@moe8/fp8-core`.
+//! Fine-grained FP8 quantisation (docs/numerics.md, scaling groups), bit-exact with `@moe8/fp8-core`.
 //!
 //! Per group: amax = max(max|x|, eps); inv = f32(FMAX / amax); q = encode(f32(x * inv));
 //! scale = f32(amax / FMAX). As in the reference, NaNs are ignored by the amax (they encode to the
@@ -69,7 +69,7 @@ impl Group {
 /// How scales are chosen.
 #[derive(Clone, Copy, Debug)]
 pub enum ScaleMode {
-    /// scale = amax / FMAX, the spec's default.
+    /// scale = amax / FMAX, the default (docs/numerics.md, scaling groups).
     Amax { eps: f32 },
     /// scale = the smallest power of two >= f32(amax / FMAX); q = encode(x / scale).
     Pow2 { eps: f32 },
@@ -322,20 +322,35 @@ pub fn scales_len(
     })
 }
 
-/// Quantises `batch` matrices of `rows x cols` (row-major, back to back) into codes and scales.
-#[allow(clippy::too_many_arguments)]
+/// How FP8 codes and their scales are laid out: `batch` row-major matrices of `rows x cols`
+/// codes back to back, each with its scales in `group` layout (back to back too), and for a
+/// column-tile group optional `segments` (E+1 row offsets) at which the 128-row groups restart.
+#[derive(Clone, Copy, Debug)]
+pub struct Fp8Layout<'a> {
+    pub rows: usize,
+    pub cols: usize,
+    pub batch: usize,
+    pub group: Group,
+    pub format: Fp8Format,
+    pub segments: Option<&'a [i32]>,
+}
+
+/// Quantises `x` into codes (`data`, x's layout) and `scales` as `l` lays them out.
 pub fn quantize(
     x: &[f32],
-    rows: usize,
-    cols: usize,
-    batch: usize,
-    g: Group,
-    f: Fp8Format,
+    l: &Fp8Layout,
     mode: ScaleMode,
     data: &mut [u8],
     scales: &mut [f32],
-    segments: Option<&[i32]>,
 ) -> Result<(), String> {
+    let Fp8Layout {
+        rows,
+        cols,
+        batch,
+        group: g,
+        segments,
+        ..
+    } = *l;
     let n = rows * cols;
     let ns = scales_len(rows, cols, g, segments)?;
     if let ScaleMode::Amax { eps } | ScaleMode::Pow2 { eps } = mode {
@@ -356,21 +371,11 @@ pub fn quantize(
         ));
     }
     if batch == 1 {
-        return quantize_one(
-            &x[..n],
-            rows,
-            cols,
-            g,
-            f,
-            mode,
-            &mut data[..n],
-            &mut scales[..ns],
-            segments,
-        );
+        return quantize_one(&x[..n], l, mode, &mut data[..n], &mut scales[..ns]);
     }
     if n == 0 {
         for s in scales[..ns * batch].chunks_mut(ns.max(1)) {
-            quantize_one(&[], rows, cols, g, f, mode, &mut [], s, segments)?;
+            quantize_one(&[], l, mode, &mut [], s)?;
         }
         return Ok(());
     }
@@ -379,21 +384,25 @@ pub fn quantize(
         .par_chunks_mut(n)
         .zip(x[..n * batch].par_chunks(n))
         .zip(scales[..ns * batch].par_chunks_mut(ns.max(1)))
-        .try_for_each(|((q, x), s)| quantize_one(x, rows, cols, g, f, mode, q, s, segments))
+        .try_for_each(|((q, x), s)| quantize_one(x, l, mode, q, s))
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One matrix of `l` (its `batch` is not used).
 fn quantize_one(
     x: &[f32],
-    rows: usize,
-    cols: usize,
-    g: Group,
-    f: Fp8Format,
+    l: &Fp8Layout,
     mode: ScaleMode,
     q: &mut [u8],
     s: &mut [f32],
-    segments: Option<&[i32]>,
 ) -> Result<(), String> {
+    let Fp8Layout {
+        rows,
+        cols,
+        group: g,
+        format: f,
+        segments,
+        ..
+    } = *l;
     if rows == 0 || cols == 0 {
         if g == Group::Tensor {
             s[0] = group_scale(0, mode, f).0;
@@ -541,7 +550,15 @@ mod tests {
                         let ns = g.scale_count(rows, cols);
                         let (mut q, mut s) = (vec![0u8; rows * cols * 2], vec![0f32; ns * 2]);
                         let x2: Vec<f32> = x.iter().chain(x.iter()).map(|v| v * 0.5).collect();
-                        quantize(&x2, rows, cols, 2, g, f, mode, &mut q, &mut s, None).unwrap();
+                        let l = Fp8Layout {
+                            rows,
+                            cols,
+                            batch: 2,
+                            group: g,
+                            format: f,
+                            segments: None,
+                        };
+                        quantize(&x2, &l, mode, &mut q, &mut s).unwrap();
                         let xh: Vec<f32> = x.iter().map(|v| v * 0.5).collect();
                         let (rq, rs) = reference(&xh, rows, cols, g, f, mode);
                         for b in 0..2 {
@@ -599,7 +616,15 @@ mod tests {
                 let f = Fp8Format::E4M3;
                 let ns = g.scale_count(rows, cols);
                 let (mut q, mut s) = (vec![0u8; rows * cols], vec![0f32; ns]);
-                quantize(&x, rows, cols, 1, g, f, mode, &mut q, &mut s, None).unwrap();
+                let l = Fp8Layout {
+                    rows,
+                    cols,
+                    batch: 1,
+                    group: g,
+                    format: f,
+                    segments: None,
+                };
+                quantize(&x, &l, mode, &mut q, &mut s).unwrap();
                 let (rq, rs) = reference(&x, rows, cols, g, f, mode);
                 assert_eq!(q, rq, "{g:?} {mode:?}");
                 assert_eq!(
@@ -619,21 +644,18 @@ mod tests {
             .collect();
         let seg = [0i32, 100, 100, 300];
         let ns = scales_len(rows, cols, Group::ColumnTile, Some(&seg)).unwrap();
-        assert_eq!(ns, (1 + 0 + 2) * cols);
+        // Groups per segment: 1, 0 (empty) and 2.
+        assert_eq!(ns, 3 * cols);
         let (mut q, mut s) = (vec![0u8; rows * cols], vec![0f32; ns]);
-        quantize(
-            &x,
+        let l = Fp8Layout {
             rows,
             cols,
-            1,
-            Group::ColumnTile,
-            Fp8Format::E4M3,
-            ScaleMode::Amax { eps: 1e-12 },
-            &mut q,
-            &mut s,
-            Some(&seg),
-        )
-        .unwrap();
+            batch: 1,
+            group: Group::ColumnTile,
+            format: Fp8Format::E4M3,
+            segments: Some(&seg),
+        };
+        quantize(&x, &l, ScaleMode::Amax { eps: 1e-12 }, &mut q, &mut s).unwrap();
         // Each segment equals a standalone column-tile quantisation of its rows.
         let mut srow = 0;
         for w in seg.windows(2) {

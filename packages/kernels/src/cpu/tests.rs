@@ -2,9 +2,11 @@
 
 use super::bench::random;
 use super::fp8::{bf16_round, decode, Fp8Format};
-use super::gemm::{gemm_f32, gemm_fp8, sgemm_scalar, Fp8Mat, OutPtr, View};
-use super::grouped::{grouped_gemm_f32, grouped_gemm_fp8, Segment};
-use super::quant::{quantize, scales_len, Group, ScaleMode};
+use super::gemm::{
+    gemm_f32, gemm_fp8, sgemm_scalar, Fp8Mat, GemmParams, Inputs, Mnk, OutView, Threads, View,
+};
+use super::grouped::{grouped_gemm_f32, grouped_gemm_fp8, Groups, Segment};
+use super::quant::{quantize, scales_len, Fp8Layout, Group, ScaleMode};
 
 /// op(X)(i, j) of a row-major stored matrix with `ld` columns.
 fn at(x: &[f32], ld: usize, trans: bool, i: usize, j: usize) -> f32 {
@@ -15,17 +17,22 @@ fn at(x: &[f32], ld: usize, trans: bool, i: usize, j: usize) -> f32 {
     }
 }
 
+/// An m x n x k GEMM with the given layouts that overwrites C with an f32 result.
+fn shape(m: usize, n: usize, k: usize, ta: bool, tb: bool) -> GemmParams {
+    GemmParams {
+        m,
+        n,
+        k,
+        trans_a: ta,
+        trans_b: tb,
+        ..GemmParams::default()
+    }
+}
+
 /// Naive f64 GEMM; also returns sum |a b| per element, the scale of the rounding error.
-fn naive(
-    a: &[f32],
-    b: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    ta: bool,
-    tb: bool,
-) -> (Vec<f64>, Vec<f64>) {
-    let (lda, ldb) = (if ta { m } else { k }, if tb { k } else { n });
+fn naive(a: &[f32], b: &[f32], s: &GemmParams) -> (Vec<f64>, Vec<f64>) {
+    let (m, n, k, ta, tb) = (s.m, s.n, s.k, s.trans_a, s.trans_b);
+    let (lda, ldb) = (s.stored_a().1, s.stored_b().1);
     let mut c = vec![0f64; m * n];
     let mut mag = vec![0f64; m * n];
     for i in 0..m {
@@ -67,31 +74,36 @@ fn f32_gemm_matches_naive() {
         for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
             let a = random(m * k, 3);
             let b = random(k * n, 4);
-            let (want, mag) = naive(&a, &b, m, n, k, ta, tb);
+            let (want, mag) = naive(&a, &b, &shape(m, n, k, ta, tb));
             let mut c = vec![f32::NAN; m * n];
-            gemm_f32(&a, &b, &mut c, m, n, k, ta, tb, false, false, false).unwrap();
+            gemm_f32(&a, &b, &mut c, shape(m, n, k, ta, tb), Inputs::F32).unwrap();
             assert_close(&c, &want, &mag, 1e-5, &format!("f32 {m}x{n}x{k} {ta} {tb}"));
             // The scalar fallback too (what MOE8_SIMD=scalar selects).
             let mut cs = vec![f32::NAN; m * n];
             let (lda, ldb) = (if ta { m } else { k }, if tb { k } else { n });
-            unsafe {
-                sgemm_scalar(
-                    m,
-                    n,
-                    k,
-                    View::of(&a, lda, ta),
-                    View::of(&b, ldb, tb),
-                    OutPtr(cs.as_mut_ptr()),
-                    n,
-                    false,
-                    true,
-                )
+            let (va, vb) = (View::of(&a, lda, ta), View::of(&b, ldb, tb));
+            let out = OutView {
+                ptr: cs.as_mut_ptr(),
+                ld: n,
             };
+            let mnk = Mnk { m, n, k };
+            unsafe { sgemm_scalar(mnk, va, vb, out, false, Threads::Pool) };
             assert_close(&cs, &want, &mag, 1e-5, "scalar");
             // accumulate: C += AB; output_bf16 rounds the sum.
             let c0 = random(m * n, 5);
             let mut c2 = c0.clone();
-            gemm_f32(&a, &b, &mut c2, m, n, k, ta, tb, true, false, true).unwrap();
+            gemm_f32(
+                &a,
+                &b,
+                &mut c2,
+                GemmParams {
+                    accumulate: true,
+                    output_bf16: true,
+                    ..shape(m, n, k, ta, tb)
+                },
+                Inputs::F32,
+            )
+            .unwrap();
             let want2: Vec<f64> = want.iter().zip(&c0).map(|(w, c)| w + *c as f64).collect();
             let mag2: Vec<f64> = mag
                 .iter()
@@ -120,9 +132,9 @@ fn bf16_inputs_round_operands_first() {
                 a.iter().map(|v| bf16_round(*v)).collect(),
                 b.iter().map(|v| bf16_round(*v)).collect(),
             );
-            let (want, mag) = naive(&ar, &br, m, n, k, ta, tb);
+            let (want, mag) = naive(&ar, &br, &shape(m, n, k, ta, tb));
             let mut c = vec![f32::NAN; m * n];
-            gemm_f32(&a, &b, &mut c, m, n, k, ta, tb, false, true, false).unwrap();
+            gemm_f32(&a, &b, &mut c, shape(m, n, k, ta, tb), Inputs::Bf16).unwrap();
             assert_close(
                 &c,
                 &want,
@@ -133,7 +145,18 @@ fn bf16_inputs_round_operands_first() {
             // Accumulating into C, BF16 output.
             let c0 = random(m * n, 11);
             let mut c2 = c0.clone();
-            gemm_f32(&a, &b, &mut c2, m, n, k, ta, tb, true, true, true).unwrap();
+            gemm_f32(
+                &a,
+                &b,
+                &mut c2,
+                GemmParams {
+                    accumulate: true,
+                    output_bf16: true,
+                    ..shape(m, n, k, ta, tb)
+                },
+                Inputs::Bf16,
+            )
+            .unwrap();
             for i in 0..m * n {
                 assert_eq!(bf16_round(c2[i]), c2[i]);
                 let w = c0[i] as f64 + want[i];
@@ -152,10 +175,10 @@ fn repeatable_bit_for_bit() {
     let a = random(m * k, 8);
     let b = random(k * n, 9);
     let mut c1 = vec![0f32; m * n];
-    gemm_f32(&a, &b, &mut c1, m, n, k, false, false, false, false, false).unwrap();
+    gemm_f32(&a, &b, &mut c1, shape(m, n, k, false, false), Inputs::F32).unwrap();
     for _ in 0..5 {
         let mut c2 = vec![0f32; m * n];
-        gemm_f32(&a, &b, &mut c2, m, n, k, false, false, false, false, false).unwrap();
+        gemm_f32(&a, &b, &mut c2, shape(m, n, k, false, false), Inputs::F32).unwrap();
         assert!(c1.iter().zip(&c2).all(|(x, y)| x.to_bits() == y.to_bits()));
     }
 }
@@ -172,19 +195,15 @@ impl Q {
     fn new(x: &[f32], rows: usize, cols: usize, g: Group, f: Fp8Format, seg: Option<&[i32]>) -> Q {
         let mut q = vec![0u8; rows * cols];
         let mut s = vec![0f32; scales_len(rows, cols, g, seg).unwrap()];
-        quantize(
-            x,
+        let l = Fp8Layout {
             rows,
             cols,
-            1,
-            g,
-            f,
-            ScaleMode::Amax { eps: 1e-12 },
-            &mut q,
-            &mut s,
-            seg,
-        )
-        .unwrap();
+            batch: 1,
+            group: g,
+            format: f,
+            segments: seg,
+        };
+        quantize(x, &l, ScaleMode::Amax { eps: 1e-12 }, &mut q, &mut s).unwrap();
         Q { q, s, g, f }
     }
     fn mat(&self) -> Fp8Mat<'_> {
@@ -199,19 +218,9 @@ impl Q {
 
 /// The reference formula: per promotion chunk an f32 sequential sum of decoded products, then
 /// acc += partial * sa * sb in f32. Returns also a bound scale for the partial-sum order.
-#[allow(clippy::too_many_arguments)]
-fn fp8_ref(
-    a: &Q,
-    b: &Q,
-    m: usize,
-    n: usize,
-    k: usize,
-    ta: bool,
-    tb: bool,
-    p: usize,
-) -> (Vec<f64>, Vec<f64>) {
-    let (ar, ac) = if ta { (k, m) } else { (m, k) };
-    let (_, bc) = if tb { (n, k) } else { (k, n) };
+fn fp8_ref(a: &Q, b: &Q, s: &GemmParams, p: usize) -> (Vec<f64>, Vec<f64>) {
+    let (m, n, k, ta, tb) = (s.m, s.n, s.k, s.trans_a, s.trans_b);
+    let ((ar, ac), (_, bc)) = (s.stored_a(), s.stored_b());
     let mut c = vec![0f64; m * n];
     let mut mag = vec![0f64; m * n];
     for i in 0..m {
@@ -268,9 +277,9 @@ fn fp8_gemm_matches_chunked_reference() {
             for (bg, bf) in [(Group::Block, f), (Group::Tensor, Fp8Format::E5M2)] {
                 let qb = Q::new(&y, br, bc, bg, bf, None);
                 for p in [128, 64] {
-                    let (want, mag) = fp8_ref(&qa, &qb, m, n, k, ta, tb, p);
+                    let (want, mag) = fp8_ref(&qa, &qb, &shape(m, n, k, ta, tb), p);
                     let mut c = vec![f32::NAN; m * n];
-                    gemm_fp8(qa.mat(), qb.mat(), &mut c, m, n, k, ta, tb, false, false, p).unwrap();
+                    gemm_fp8(qa.mat(), qb.mat(), &mut c, shape(m, n, k, ta, tb), p).unwrap();
                     assert_close(
                         &c,
                         &want,
@@ -296,13 +305,7 @@ fn fp8_gemm_rejects_scales_that_vary_inside_a_chunk() {
         qa.mat(),
         qb.mat(),
         &mut c,
-        m,
-        n,
-        k,
-        false,
-        false,
-        false,
-        false,
+        shape(m, n, k, false, false),
         256,
     )
     .unwrap_err();
@@ -312,57 +315,23 @@ fn fp8_gemm_rejects_scales_that_vary_inside_a_chunk() {
         qa_ct.mat(),
         qb.mat(),
         &mut c,
-        m,
-        n,
-        k,
-        false,
-        false,
-        false,
-        false,
+        shape(m, n, k, false, false),
         128
     )
     .is_err());
-    assert!(gemm_fp8(
-        qa.mat(),
-        qb.mat(),
-        &mut c,
-        m,
-        n,
-        k,
-        false,
-        false,
-        false,
-        false,
-        96
-    )
-    .is_err());
-    assert!(gemm_fp8(
-        qa.mat(),
-        qb.mat(),
-        &mut c,
-        m,
-        n,
-        k,
-        false,
-        false,
-        false,
-        false,
-        32
-    )
-    .is_ok());
+    assert!(gemm_fp8(qa.mat(), qb.mat(), &mut c, shape(m, n, k, false, false), 96).is_err());
+    assert!(gemm_fp8(qa.mat(), qb.mat(), &mut c, shape(m, n, k, false, false), 32).is_ok());
     // Accumulate + bf16 output keep working on a valid layout.
     let mut c2 = vec![1f32; m * n];
     gemm_fp8(
         qa.mat(),
         qb.mat(),
         &mut c2,
-        m,
-        n,
-        k,
-        false,
-        false,
-        true,
-        true,
+        GemmParams {
+            accumulate: true,
+            output_bf16: true,
+            ..shape(m, n, k, false, false)
+        },
         128,
     )
     .unwrap();
@@ -371,13 +340,7 @@ fn fp8_gemm_rejects_scales_that_vary_inside_a_chunk() {
         qa.mat(),
         qb.mat(),
         &mut c3,
-        m,
-        n,
-        k,
-        false,
-        false,
-        false,
-        false,
+        shape(m, n, k, false, false),
         128,
     )
     .unwrap();
@@ -399,16 +362,12 @@ fn grouped_f32_and_fp8_segment_m() {
             &a,
             &b,
             &mut c,
-            &offsets,
-            Segment::M,
-            m,
-            n,
-            k,
-            false,
-            tb,
-            false,
-            false,
-            false,
+            Groups {
+                offsets: &offsets,
+                segment: Segment::M,
+            },
+            shape(m, n, k, false, tb),
+            Inputs::F32,
         )
         .unwrap();
         let f = Fp8Format::E4M3;
@@ -437,25 +396,21 @@ fn grouped_f32_and_fp8_segment_m() {
             qa.mat(),
             qb.mat(),
             &mut c8,
-            &offsets,
-            Segment::M,
-            m,
-            n,
-            k,
-            false,
-            tb,
-            false,
-            false,
+            Groups {
+                offsets: &offsets,
+                segment: Segment::M,
+            },
+            shape(m, n, k, false, tb),
             128,
         )
         .unwrap();
         for (ei, w) in offsets.windows(2).enumerate() {
             let (o, len) = (w[0] as usize, (w[1] - w[0]) as usize);
             let bb = &b[ei * k * n..(ei + 1) * k * n];
-            let (want, mag) = naive(&a[o * k..(o + len) * k], bb, len, n, k, false, tb);
+            let (want, mag) = naive(&a[o * k..(o + len) * k], bb, &shape(len, n, k, false, tb));
             assert_close(&c[o * n..(o + len) * n], &want, &mag, 1e-5, "grouped m f32");
             let qae = Q::new(&a[o * k..(o + len) * k], len, k, Group::Tile, f, None);
-            let (want8, mag8) = fp8_ref(&qae, &qbs[ei], len, n, k, false, tb, 128);
+            let (want8, mag8) = fp8_ref(&qae, &qbs[ei], &shape(len, n, k, false, tb), 128);
             assert_close(
                 &c8[o * n..(o + len) * n],
                 &want8,
@@ -479,16 +434,12 @@ fn grouped_f32_and_fp8_segment_k() {
         &a,
         &b,
         &mut c,
-        &offsets,
-        Segment::K,
-        m,
-        n,
-        k,
-        true,
-        false,
-        false,
-        false,
-        false,
+        Groups {
+            offsets: &offsets,
+            segment: Segment::K,
+        },
+        shape(m, n, k, true, false),
+        Inputs::F32,
     )
     .unwrap();
     let f = Fp8Format::E4M3;
@@ -499,22 +450,18 @@ fn grouped_f32_and_fp8_segment_k() {
         qa.mat(),
         qb.mat(),
         &mut c8,
-        &offsets,
-        Segment::K,
-        m,
-        n,
-        k,
-        true,
-        false,
-        false,
-        false,
+        Groups {
+            offsets: &offsets,
+            segment: Segment::K,
+        },
+        shape(m, n, k, true, false),
         128,
     )
     .unwrap();
     for (ei, w) in offsets.windows(2).enumerate() {
         let (o, len) = (w[0] as usize, (w[1] - w[0]) as usize);
         let (ae, be) = (&a[o * m..(o + len) * m], &b[o * n..(o + len) * n]);
-        let (want, mag) = naive(ae, be, m, n, len, true, false);
+        let (want, mag) = naive(ae, be, &shape(m, n, len, true, false));
         assert_close(
             &c[ei * m * n..(ei + 1) * m * n],
             &want,
@@ -527,7 +474,7 @@ fn grouped_f32_and_fp8_segment_k() {
             Q::new(ae, len, m, Group::ColumnTile, f, None),
             Q::new(be, len, n, Group::ColumnTile, f, None),
         );
-        let (want8, mag8) = fp8_ref(&qae, &qbe, m, n, len, true, false, 128);
+        let (want8, mag8) = fp8_ref(&qae, &qbe, &shape(m, n, len, true, false), 128);
         assert_close(
             &c8[ei * m * n..(ei + 1) * m * n],
             &want8,
@@ -554,7 +501,7 @@ fn bench() {
         for (ta, tb) in [(false, false), (true, false), (false, true)] {
             let mut line = format!("{m}x{n}x{k} ta={ta:<5} tb={tb:<5}");
             for p in ["fp32", "bf16", "fp8"] {
-                let ms = super::bench::bench_gemm(p, m, n, k, ta, tb, 20).unwrap();
+                let ms = super::bench::bench_gemm(p, shape(m, n, k, ta, tb), 20).unwrap();
                 line += &format!(
                     "  {p} {ms:7.3} ms {:6.1} GF",
                     2.0 * (m * n * k) as f64 / ms / 1e6
@@ -608,10 +555,10 @@ fn bench_parts() {
         for (ta, tb) in [(false, false), (true, false), (false, true)] {
             let fl = 2.0 * (m * n * k) as f64 / 1e6;
             let t32 = best(&mut || {
-                super::bench::bench_gemm("fp32", m, n, k, ta, tb, 1).unwrap();
+                super::bench::bench_gemm("fp32", shape(m, n, k, ta, tb), 1).unwrap();
             });
             let _ = t32;
-            let r = |p: &str| fl / super::bench::bench_gemm(p, m, n, k, ta, tb, 15).unwrap();
+            let r = |p: &str| fl / super::bench::bench_gemm(p, shape(m, n, k, ta, tb), 15).unwrap();
             println!(
                 "{m}x{n}x{k} {ta} {tb}: fp32 {:.1} bf16 {:.1} fp8 {:.1} GF",
                 r("fp32"),

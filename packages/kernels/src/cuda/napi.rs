@@ -355,6 +355,8 @@ pub fn cuda_kernel(module: String, name: String) -> Result<u32> {
 
 /// Launches kernel `id` on the stream. `args`: one 8-byte little-endian slot per parameter.
 #[napi]
+// A napi boundary whose positional signature the typed TypeScript launches call (grid, block,
+// shared memory and argument bytes, as cuLaunchKernel takes them); kept as is for those callers.
 #[allow(clippy::too_many_arguments)]
 pub fn cuda_launch(
     id: u32,
@@ -381,6 +383,8 @@ pub fn cuda_kernel_sources() -> Vec<String> {
 /// "scalar" | "vec128" | "blk128" (see gemm.rs for the layouts). Throws with
 /// CUBLAS_STATUS_NOT_SUPPORTED in the message when cuBLASLt has no kernel for the case.
 #[napi]
+// A napi boundary mirroring the cuBLASLt call's argument list; the cuda backend's TypeScript calls
+// it positionally, so its JavaScript signature stays as is.
 #[allow(clippy::too_many_arguments)]
 pub fn cuda_gemm_lt(
     a: f64,

@@ -213,7 +213,6 @@ pub fn function(module: &str, func: &str) -> Result<u32, String> {
 
 /// Launches kernel `id` on the backend's stream. `args` holds one 8-byte little-endian slot per
 /// kernel parameter (pointers and 64-bit values fill it; 32-bit values sit in its low half).
-#[allow(clippy::too_many_arguments)]
 pub fn launch(
     id: u32,
     grid: [u32; 3],

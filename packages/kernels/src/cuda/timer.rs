@@ -94,9 +94,12 @@ pub fn stop(m: Option<Mark>) -> Result<(), String> {
     Ok(())
 }
 
+/// Per label: (label, milliseconds, launches).
+pub type LabelTimes = Vec<(String, f64, u32)>;
+
 /// Per label: (milliseconds, launches), summed over what was recorded since the last read, plus
 /// the span from the first start to the last end. Waits for the stream; clears the record.
-pub fn read() -> Result<(Vec<(String, f64, u32)>, f64), String> {
+pub fn read() -> Result<(LabelTimes, f64), String> {
     super::synchronize()?;
     let mut g = TIMER.lock().unwrap_or_else(|e| e.into_inner());
     let Some(t) = g.as_mut() else {

@@ -52,6 +52,37 @@ impl Dims {
     }
 }
 
+/// One (batch, head) pair: the slice of the activations a task reads and writes.
+#[derive(Clone, Copy)]
+struct Head {
+    b: usize,
+    h: usize,
+}
+
+/// A row-major matrix (or a tile of one) with row stride `ld`.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    x: &'a [f32],
+    ld: usize,
+}
+
+/// What the backward pass reads of the forward: its inputs q, k, v and its outputs o and lse.
+#[derive(Clone, Copy)]
+pub struct Saved<'a> {
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub o: &'a [f32],
+    pub lse: &'a [f32],
+}
+
+/// The backward pass's outputs, shaped as q, k and v.
+pub struct Grads<'a> {
+    pub dq: &'a mut [f32],
+    pub dk: &'a mut [f32],
+    pub dv: &'a mut [f32],
+}
+
 #[inline(always)]
 fn rd(x: f32, lowp: bool) -> f32 {
     if lowp {
@@ -61,63 +92,34 @@ fn rd(x: f32, lowp: bool) -> f32 {
     }
 }
 
-/// Copies head `h` of batch `b` of x [B*T, H*d] into rows [T, dp] (zero-padded to `rows` rows of
-/// `dp >= d` columns).
-#[allow(clippy::too_many_arguments)]
-fn gather_rows(
-    x: &[f32],
-    dm: &Dims,
-    d: usize,
-    dp: usize,
-    bb: usize,
-    hh: usize,
-    rows: usize,
-    lowp: bool,
-    out: &mut [f32],
-) {
+/// Copies head `hd.h` of batch `hd.b` of x [B*T, H*d] into rows [T, dp] (zero-padded to `rows`
+/// rows of `dp >= d` columns), BF16-rounded in bf16 precision.
+fn gather_rows(x: &[f32], dm: &Dims, hd: Head, d: usize, dp: usize, rows: usize, out: &mut [f32]) {
     out[..rows * dp].fill(0.0);
     for i in 0..dm.t {
-        let src = &x[((bb * dm.t + i) * dm.h + hh) * d..][..d];
+        let src = &x[((hd.b * dm.t + i) * dm.h + hd.h) * d..][..d];
         for (o, &v) in out[i * dp..][..d].iter_mut().zip(src) {
-            *o = rd(v, lowp);
+            *o = rd(v, dm.lowp);
         }
     }
 }
 
-/// Head `h` of batch `b` of x, transposed to [d, ld] (zero beyond T).
-#[allow(clippy::too_many_arguments)]
-fn gather_transposed(
-    x: &[f32],
-    dm: &Dims,
-    d: usize,
-    bb: usize,
-    hh: usize,
-    ld: usize,
-    lowp: bool,
-    out: &mut [f32],
-) {
+/// Head `hd.h` of batch `hd.b` of x, transposed to [d, ld] (zero beyond T), BF16-rounded in bf16
+/// precision.
+fn gather_transposed(x: &[f32], dm: &Dims, hd: Head, d: usize, ld: usize, out: &mut [f32]) {
     out[..d * ld].fill(0.0);
     for i in 0..dm.t {
-        let src = &x[((bb * dm.t + i) * dm.h + hh) * d..][..d];
+        let src = &x[((hd.b * dm.t + i) * dm.h + hd.h) * d..][..d];
         for (c, &v) in src.iter().enumerate() {
-            out[c * ld + i] = rd(v, lowp);
+            out[c * ld + i] = rd(v, dm.lowp);
         }
     }
 }
 
-/// s[r, 0..BK] = sum_{c<d} a[r*lda + c] * bt[c, j0..j0+BK] for r < nr (nr a multiple of 4).
+/// s[r, 0..BK] = sum_{c<d} a[r, c] * bt[c, j0..j0+BK] for r < nr (nr a multiple of 4).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn tile_product(
-    a: &[f32],
-    nr: usize,
-    d: usize,
-    lda: usize,
-    bt: &[f32],
-    ld: usize,
-    j0: usize,
-    s: &mut [f32],
-) {
+fn tile_product(a: Mat, nr: usize, d: usize, bt: Mat, j0: usize, s: &mut [f32]) {
+    let (Mat { x: a, ld: lda }, Mat { x: bt, ld }) = (a, bt);
     let mut r = 0;
     while r < nr {
         let mut acc = [[0f32; BK]; 4];
@@ -218,12 +220,28 @@ fn scaled_masked(s: &mut [f32; BK], scale: f32, valid: usize) {
     }
 }
 
+/// The forward's outputs o and lse, written by disjoint tasks (see forward_task).
+#[derive(Clone, Copy)]
+struct ForwardOut {
+    o: SendPtr<f32>,
+    lse: SendPtr<f32>,
+}
+
+/// The backward's outputs dq, dk and dv, written by disjoint tasks (see backward_task).
+#[derive(Clone, Copy)]
+struct GradsOut {
+    dq: SendPtr<f32>,
+    dk: SendPtr<f32>,
+    dv: SendPtr<f32>,
+}
+
 multiversion! {
     /// One (batch, head, query block) of the forward pass; writes o rows and lse entries.
     fn forward_task(
-        q: &[f32], kt: &[f32], vv: &[f32], dm: &Dims, bb: usize, hh: usize, qb: usize,
-        o: SendPtr<f32>, lse: SendPtr<f32>,
+        q: &[f32], kt: &[f32], vv: &[f32], dm: &Dims, hd: Head, qb: usize, out: ForwardOut,
     ) {
+        let ForwardOut { o, lse } = out;
+        let (bb, hh) = (hd.b, hd.h);
         let (t, dqk, dv, dvp, ld) = (dm.t, dm.dqk, dm.dv, dm.dvp(), dm.tpad());
         let i0 = qb * BQ;
         let nq = BQ.min(t - i0);
@@ -241,7 +259,7 @@ multiversion! {
         // Pass 1 (and, in f32, the only pass): online max and normaliser, with P.V in f32.
         for kb in 0..=last {
             let j0 = kb * BK;
-            tile_product(&qt, nq4, dqk, dqk, kt, ld, j0, &mut s);
+            tile_product(Mat { x: &qt, ld: dqk }, nq4, dqk, Mat { x: kt, ld }, j0, &mut s);
             for r in 0..nq {
                 let i = i0 + r;
                 if i < j0 { continue; }
@@ -264,7 +282,7 @@ multiversion! {
             // Pass 2: P = bf16(exp(s - m) / l), accumulated against BF16 v in f32.
             for kb in 0..=last {
                 let j0 = kb * BK;
-                tile_product(&qt, nq4, dqk, dqk, kt, ld, j0, &mut s);
+                tile_product(Mat { x: &qt, ld: dqk }, nq4, dqk, Mat { x: kt, ld }, j0, &mut s);
                 for r in 0..nq {
                     let i = i0 + r;
                     if i < j0 { continue; }
@@ -319,30 +337,39 @@ pub fn attention_forward(
         .zip(vv.par_chunks_mut((ld * dvp).max(1)))
         .enumerate()
         .for_each(|(x, (kt, vv))| {
-            let (bb, hh) = (x / dm.h, x % dm.h);
-            gather_transposed(k, &dm, dm.dqk, bb, hh, ld, dm.lowp, kt);
-            gather_rows(v, &dm, dm.dv, dvp, bb, hh, ld, dm.lowp, vv);
+            let hd = Head {
+                b: x / dm.h,
+                h: x % dm.h,
+            };
+            gather_transposed(k, &dm, hd, dm.dqk, ld, kt);
+            gather_rows(v, &dm, hd, dm.dv, dvp, ld, vv);
         });
     let nqb = dm.t.div_ceil(BQ);
-    let (op, lp) = (SendPtr(o.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
+    let out = ForwardOut {
+        o: SendPtr(o.as_mut_ptr()),
+        lse: SendPtr(lse.as_mut_ptr()),
+    };
     // Largest query blocks (most work) first, for a better balance under work stealing.
     (0..bh * nqb).into_par_iter().for_each(|x| {
         let qb = nqb - 1 - x / bh;
         let y = x % bh;
-        let (bb, hh) = (y / dm.h, y % dm.h);
+        let hd = Head {
+            b: y / dm.h,
+            h: y % dm.h,
+        };
         let ktb = &kt[y * dm.dqk * ld..][..dm.dqk * ld];
         let vb = &vv[y * ld * dvp..][..ld * dvp];
-        forward_task(q, ktb, vb, &dm, bb, hh, qb, op, lp);
+        forward_task(q, ktb, vb, &dm, hd, qb, out);
     });
     Ok(())
 }
 
 multiversion! {
     /// One (batch, head) of the backward pass; writes that head's columns of dq, dk, dv.
-    fn backward_task(
-        d_o: &[f32], q: &[f32], k: &[f32], v: &[f32], o: &[f32], lse: &[f32], dm: &Dims, bb: usize, hh: usize,
-        dq: SendPtr<f32>, dk: SendPtr<f32>, dvo: SendPtr<f32>,
-    ) {
+    fn backward_task(d_o: &[f32], fwd: &Saved, dm: &Dims, hd: Head, out: GradsOut) {
+        let Saved { q, k, v, o, lse } = *fwd;
+        let GradsOut { dq, dk, dv: dvo } = out;
+        let (bb, hh) = (hd.b, hd.h);
         let (t, dqk, dv, ld, lowp) = (dm.t, dm.dqk, dm.dv, dm.tpad(), dm.lowp);
         let (dqkp, dvp) = (dm.dqkp(), dm.dvp());
         let mut qr = vec![0f32; ld * dqkp];
@@ -350,11 +377,11 @@ multiversion! {
         let mut kt = vec![0f32; dqk * ld];
         let mut vt = vec![0f32; dv * ld];
         let mut dor = vec![0f32; ld * dvp];
-        gather_rows(q, dm, dqk, dqkp, bb, hh, ld, lowp, &mut qr);
-        gather_rows(k, dm, dqk, dqkp, bb, hh, ld, lowp, &mut kr);
-        gather_transposed(k, dm, dqk, bb, hh, ld, lowp, &mut kt);
-        gather_transposed(v, dm, dv, bb, hh, ld, lowp, &mut vt);
-        gather_rows(d_o, dm, dv, dvp, bb, hh, ld, lowp, &mut dor);
+        gather_rows(q, dm, hd, dqk, dqkp, ld, &mut qr);
+        gather_rows(k, dm, hd, dqk, dqkp, ld, &mut kr);
+        gather_transposed(k, dm, hd, dqk, ld, &mut kt);
+        gather_transposed(v, dm, hd, dv, ld, &mut vt);
+        gather_rows(d_o, dm, hd, dv, dvp, ld, &mut dor);
         // D_i = dO_i . o_i (dO rounded in bf16 precision, o as stored).
         let mut dd = vec![0f32; t];
         for (i, d) in dd.iter_mut().enumerate() {
@@ -384,8 +411,8 @@ multiversion! {
             let doblk = &dor[i0 * dvp..][..nq4 * dvp];
             for kb in 0..=qb {
                 let j0 = kb * BK;
-                tile_product(qblk, nq4, dqk, dqkp, &kt, ld, j0, &mut s);
-                tile_product(doblk, nq4, dv, dvp, &vt, ld, j0, &mut dp);
+                tile_product(Mat { x: qblk, ld: dqkp }, nq4, dqk, Mat { x: &kt, ld }, j0, &mut s);
+                tile_product(Mat { x: doblk, ld: dvp }, nq4, dv, Mat { x: &vt, ld }, j0, &mut dp);
                 // s <- P (rounded in bf16), dp <- dS * scale (dS rounded in bf16).
                 for r in 0..BQ {
                     let i = i0 + r;
@@ -423,20 +450,10 @@ multiversion! {
     }
 }
 
-/// dq, dk, dv of causal attention from dO, the forward's o and lse.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_backward(
-    d_o: &[f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    o: &[f32],
-    lse: &[f32],
-    dm: Dims,
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
-) -> R<()> {
+/// dq, dk, dv of causal attention from dO and what the forward saved.
+pub fn attention_backward(d_o: &[f32], fwd: Saved, dm: Dims, g: Grads) -> R<()> {
+    let Saved { q, k, v, o, lse } = fwd;
+    let Grads { dq, dk, dv } = g;
     dm.check(q.len(), k.len(), v.len())?;
     if d_o.len() != v.len() || o.len() != v.len() || lse.len() != dm.b * dm.h * dm.t {
         return Err("attentionBackward: dO, o or lse size does not match".into());
@@ -447,13 +464,17 @@ pub fn attention_backward(
     if dm.t == 0 || dm.b * dm.h == 0 {
         return Ok(());
     }
-    let (dqp, dkp, dvp) = (
-        SendPtr(dq.as_mut_ptr()),
-        SendPtr(dk.as_mut_ptr()),
-        SendPtr(dv.as_mut_ptr()),
-    );
+    let out = GradsOut {
+        dq: SendPtr(dq.as_mut_ptr()),
+        dk: SendPtr(dk.as_mut_ptr()),
+        dv: SendPtr(dv.as_mut_ptr()),
+    };
     (0..dm.b * dm.h).into_par_iter().for_each(|x| {
-        backward_task(d_o, q, k, v, o, lse, &dm, x / dm.h, x % dm.h, dqp, dkp, dvp);
+        let hd = Head {
+            b: x / dm.h,
+            h: x % dm.h,
+        };
+        backward_task(d_o, &fwd, &dm, hd, out);
     });
     Ok(())
 }

@@ -4,23 +4,20 @@
 
 use super::nn::R;
 use crate::cpu::fp8::Fp8Format;
-use crate::cpu::quant::{row_groups, Group, G};
+use crate::cpu::quant::{row_groups, Fp8Layout, Group, G};
 use rayon::prelude::*;
 
-/// Dequantises `batch` matrices [rows, cols] of codes (or one [rows, cols] matrix split into
-/// segments for a column-tile group) into `out`.
-#[allow(clippy::too_many_arguments)]
-pub fn dequantize(
-    data: &[u8],
-    scales: &[f32],
-    rows: usize,
-    cols: usize,
-    batch: usize,
-    group: Group,
-    format: Fp8Format,
-    segments: Option<&[i32]>,
-    out: &mut [f32],
-) -> R<()> {
+/// Dequantises codes and scales laid out as `l` says (`batch` matrices [rows, cols], or one
+/// [rows, cols] matrix split into segments for a column-tile group) into `out`.
+pub fn dequantize(data: &[u8], scales: &[f32], l: &Fp8Layout, out: &mut [f32]) -> R<()> {
+    let Fp8Layout {
+        rows,
+        cols,
+        batch,
+        group,
+        format,
+        segments,
+    } = *l;
     let n = rows * cols * batch;
     if data.len() != n || out.len() != n {
         return Err(format!(

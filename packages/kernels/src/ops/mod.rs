@@ -5,9 +5,6 @@
 //! Every kernel is deterministic: parallel work is split into fixed blocks and partial sums are
 //! combined in a fixed order, so repeated runs are bit-identical, whatever the thread count.
 
-// Kernels take their shapes as plain arguments, like the napi functions that call them.
-#![allow(clippy::too_many_arguments)]
-
 pub mod util;
 
 pub mod attention;

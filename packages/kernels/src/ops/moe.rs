@@ -17,20 +17,26 @@ fn check_idx(op: &str, idx: &[i32], n: usize) -> R<()> {
     }
 }
 
+/// Routing of `n` tokens to the top `k` of `e` experts, weights scaled by `scaling`.
+#[derive(Clone, Copy, Debug)]
+pub struct Routing {
+    pub n: usize,
+    pub e: usize,
+    pub k: usize,
+    pub scaling: f64,
+}
+
 /// Sigmoid scores, top-k over f32(score + bias) with ties to the lower expert index, and
 /// weights = scaling * s / sum(selected s).
-#[allow(clippy::too_many_arguments)]
 pub fn router(
     logits: &[f32],
     bias: &[f32],
-    n: usize,
-    e: usize,
-    k: usize,
-    scaling: f64,
+    r: &Routing,
     scores: &mut [f32],
     top: &mut [i32],
     weights: &mut [f32],
 ) -> R<()> {
+    let Routing { n, e, k, scaling } = *r;
     if logits.len() != n * e
         || bias.len() != e
         || scores.len() != n * e
@@ -85,18 +91,15 @@ pub fn router(
 }
 
 /// d(logits) from d(weights) (and an optional d(scores): empty when absent).
-#[allow(clippy::too_many_arguments)]
 pub fn router_backward(
     dweights: &[f32],
     scores: &[f32],
     top: &[i32],
-    n: usize,
-    e: usize,
-    k: usize,
-    scaling: f64,
+    r: &Routing,
     dscores: &[f32],
     dlogits: &mut [f32],
 ) -> R<()> {
+    let Routing { n, e, k, scaling } = *r;
     let has_ds = !dscores.is_empty();
     if dweights.len() != n * k
         || scores.len() != n * e
@@ -148,19 +151,27 @@ pub fn router_backward(
     Ok(())
 }
 
+/// The balance loss's inputs: `batch` sequences of `seq` tokens, each routed to `k` of `e`
+/// experts, and the loss weight.
+#[derive(Clone, Copy, Debug)]
+pub struct Balance {
+    pub batch: usize,
+    pub seq: usize,
+    pub e: usize,
+    pub k: usize,
+    pub alpha: f64,
+}
+
 /// Sequence-wise balance loss alpha * sum_i f_i P_i averaged over the B sequences, and
 /// d(loss)/d(scores). Returns the loss (f64).
-#[allow(clippy::too_many_arguments)]
-pub fn balance_loss(
-    scores: &[f32],
-    top: &[i32],
-    b: usize,
-    t: usize,
-    e: usize,
-    k: usize,
-    alpha: f64,
-    dscores: &mut [f32],
-) -> R<f64> {
+pub fn balance_loss(scores: &[f32], top: &[i32], p: &Balance, dscores: &mut [f32]) -> R<f64> {
+    let Balance {
+        batch: b,
+        seq: t,
+        e,
+        k,
+        alpha,
+    } = *p;
     if scores.len() != b * t * e || top.len() != b * t * k || dscores.len() != scores.len() {
         return Err(format!(
             "balanceLoss: sizes do not match batch {b}, seq {t}, E {e}, k {k}"
@@ -221,19 +232,30 @@ pub fn balance_loss(
     Ok(loss)
 }
 
+/// The dispatch of `n` token rows of width `d`, each to `k` of `experts` experts.
+#[derive(Clone, Copy, Debug)]
+pub struct Dispatch {
+    pub n: usize,
+    pub d: usize,
+    pub k: usize,
+    pub experts: usize,
+}
+
 /// Rows grouped by expert, then by token, then by rank: offsets [E+1], slot [N*k], xs = x[slot/k].
-#[allow(clippy::too_many_arguments)]
 pub fn permute(
     x: &[f32],
-    d: usize,
     top: &[i32],
-    n: usize,
-    k: usize,
-    e: usize,
+    p: &Dispatch,
     xs: &mut [f32],
     slot: &mut [i32],
     offsets: &mut [i32],
 ) -> R<()> {
+    let Dispatch {
+        n,
+        d,
+        k,
+        experts: e,
+    } = *p;
     if x.len() != n * d
         || top.len() != n * k
         || xs.len() != n * k * d
@@ -286,7 +308,8 @@ fn inverse(slot: &[i32]) -> R<Vec<u32>> {
 }
 
 /// dx[n] = sum over j of dxs[pos[n*k+j]] (f32 adds in rank order).
-pub fn permute_backward(dxs: &[f32], slot: &[i32], n: usize, d: usize, dx: &mut [f32]) -> R<()> {
+pub fn permute_backward(dxs: &[f32], slot: &[i32], t: Tokens, dx: &mut [f32]) -> R<()> {
+    let Tokens { n, d } = t;
     if n == 0 || !slot.len().is_multiple_of(n) || dxs.len() != slot.len() * d || dx.len() != n * d {
         if n == 0 && slot.is_empty() && dx.is_empty() {
             return Ok(());
@@ -328,8 +351,17 @@ multiversion! {
     }
 }
 
+/// `n` tokens of width `d` (the rows of the combine's output; k, the rows per token, follows from
+/// the slot count).
+#[derive(Clone, Copy, Debug)]
+pub struct Tokens {
+    pub n: usize,
+    pub d: usize,
+}
+
 /// y[n] = sum_j w[n, j] * ys[pos[n*k+j]], in f64.
-pub fn combine(ys: &[f32], slot: &[i32], w: &[f32], n: usize, d: usize, y: &mut [f32]) -> R<()> {
+pub fn combine(ys: &[f32], slot: &[i32], w: &[f32], t: Tokens, y: &mut [f32]) -> R<()> {
+    let Tokens { n, d } = t;
     if n == 0
         || !slot.len().is_multiple_of(n)
         || w.len() != slot.len()
@@ -368,17 +400,16 @@ pub fn combine(ys: &[f32], slot: &[i32], w: &[f32], n: usize, d: usize, y: &mut 
 }
 
 /// dys[r] = w[slot[r]] * dy[slot[r]/k]; dweights[slot[r]] = dy[slot[r]/k] . ys[r] (f64).
-#[allow(clippy::too_many_arguments)]
 pub fn combine_backward(
     dy: &[f32],
     ys: &[f32],
     slot: &[i32],
     w: &[f32],
-    n: usize,
-    d: usize,
+    t: Tokens,
     dys: &mut [f32],
     dweights: &mut [f32],
 ) -> R<()> {
+    let Tokens { n, d } = t;
     if n == 0
         || !slot.len().is_multiple_of(n)
         || w.len() != slot.len()

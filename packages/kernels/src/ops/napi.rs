@@ -3,6 +3,7 @@
 //! mismatch throws. An input that is also an output must be passed as two distinct arrays.
 
 use super::{attention, elementwise, moe, nn, optim};
+use crate::cpu::napi::JsFp8Layout;
 use napi::bindgen_prelude::*;
 // Output arrays arrive as `*ArraySlice` views of the caller's typed arrays; `as_mut` is sound here
 // because JavaScript is blocked for the duration of the call and the TypeScript side never passes
@@ -100,245 +101,252 @@ pub fn cast_bf16_to_f32(x: &[u16], mut out: Float32ArraySlice) -> Result<()> {
     Ok(())
 }
 
-/// RMSNorm of [rows, cols]: y and rstd [rows].
+/// A row-major matrix's size.
+#[napi(object)]
+pub struct MatrixShape {
+    pub rows: u32,
+    pub cols: u32,
+}
+
+impl MatrixShape {
+    fn shape(&self) -> nn::Shape {
+        nn::Shape {
+            rows: self.rows as usize,
+            cols: self.cols as usize,
+        }
+    }
+}
+
+/// RMSNorm of x [rows, cols]: y and rstd [rows].
 #[napi]
 pub fn rmsnorm(
     x: &[f32],
     w: &[f32],
-    rows: u32,
-    cols: u32,
+    shape: MatrixShape,
     eps: f64,
     mut y: Float32ArraySlice,
     mut rstd: Float32ArraySlice,
 ) -> Result<()> {
     let y = unsafe { y.as_mut() };
     let rstd = unsafe { rstd.as_mut() };
-    js(nn::rmsnorm(
-        x,
-        w,
-        rows as usize,
-        cols as usize,
-        eps,
-        y,
-        rstd,
-    ))
+    js(nn::rmsnorm(x, w, shape.shape(), eps, y, rstd))
 }
 
 /// RMSNorm backward: dx [rows, cols] and dw [cols].
 #[napi]
-#[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_backward(
     dy: &[f32],
     x: &[f32],
     w: &[f32],
     rstd: &[f32],
-    rows: u32,
-    cols: u32,
+    shape: MatrixShape,
     mut dx: Float32ArraySlice,
     mut dw: Float32ArraySlice,
 ) -> Result<()> {
     let dx = unsafe { dx.as_mut() };
     let dw = unsafe { dw.as_mut() };
-    js(nn::rmsnorm_backward(
-        dy,
-        x,
-        w,
-        rstd,
-        rows as usize,
-        cols as usize,
-        dx,
-        dw,
-    ))
+    js(nn::rmsnorm_backward(dy, x, w, rstd, shape.shape(), dx, dw))
 }
 
-/// RoPE on [rows, heads * width] (see RopeOptions); y is written in full.
+/// RoPE of x [rows, heads * width]: the Backend's RopeOptions and the row count.
+#[napi(object)]
+pub struct RopeParams {
+    pub rows: u32,
+    pub heads: u32,
+    pub width: u32,
+    pub offset: u32,
+    pub dim: u32,
+    pub seq_len: u32,
+    pub theta: f64,
+    pub inverse: Option<bool>,
+}
+
+/// RoPE on [rows, heads * width]; y is written in full.
 #[napi]
-#[allow(clippy::too_many_arguments)]
-pub fn rope(
-    x: &[f32],
-    rows: u32,
-    heads: u32,
-    width: u32,
-    offset: u32,
-    dim: u32,
-    seq_len: u32,
-    theta: f64,
-    inverse: bool,
-    mut y: Float32ArraySlice,
-) -> Result<()> {
+pub fn rope(x: &[f32], p: RopeParams, mut y: Float32ArraySlice) -> Result<()> {
     let y = unsafe { y.as_mut() };
-    js(nn::rope(
-        x,
-        rows as usize,
-        heads as usize,
-        width as usize,
-        offset as usize,
-        dim as usize,
-        seq_len as usize,
-        theta,
-        inverse,
-        y,
-    ))
+    let r = nn::Rope {
+        rows: p.rows as usize,
+        heads: p.heads as usize,
+        width: p.width as usize,
+        offset: p.offset as usize,
+        dim: p.dim as usize,
+        seq_len: p.seq_len as usize,
+        theta: p.theta,
+        inverse: p.inverse.unwrap_or(false),
+    };
+    js(nn::rope(x, &r, y))
+}
+
+/// The slice [start, start + len) of every head of a [rows, heads * width] matrix: the Backend's
+/// HeadSliceOptions and the row count. sumHeads (headSlice only) sums the slices over heads.
+#[napi(object)]
+pub struct HeadSliceParams {
+    pub rows: u32,
+    pub heads: u32,
+    pub width: u32,
+    pub start: u32,
+    pub len: u32,
+    pub sum_heads: Option<bool>,
+}
+
+impl HeadSliceParams {
+    fn range(&self) -> nn::HeadRange {
+        nn::HeadRange {
+            rows: self.rows as usize,
+            heads: self.heads as usize,
+            width: self.width as usize,
+            start: self.start as usize,
+            len: self.len as usize,
+        }
+    }
 }
 
 /// y = x[:, h, start:start+len] per head (or summed over heads).
 #[napi]
-#[allow(clippy::too_many_arguments)]
-pub fn head_slice(
-    x: &[f32],
-    rows: u32,
-    heads: u32,
-    width: u32,
-    start: u32,
-    len: u32,
-    sum_heads: bool,
-    mut y: Float32ArraySlice,
-) -> Result<()> {
+pub fn head_slice(x: &[f32], p: HeadSliceParams, mut y: Float32ArraySlice) -> Result<()> {
     let y = unsafe { y.as_mut() };
     js(nn::head_slice(
         x,
-        rows as usize,
-        heads as usize,
-        width as usize,
-        start as usize,
-        len as usize,
-        sum_heads,
+        &p.range(),
+        p.sum_heads.unwrap_or(false),
         y,
     ))
 }
 
-/// dst[:, h, start:start+len] += src (in place).
+/// dst[:, h, start:start+len] += src (in place); sumHeads is not read.
 #[napi]
-pub fn head_scatter_add(
-    mut dst: Float32ArraySlice,
-    src: &[f32],
-    rows: u32,
-    heads: u32,
-    width: u32,
-    start: u32,
-    len: u32,
-) -> Result<()> {
+pub fn head_scatter_add(mut dst: Float32ArraySlice, src: &[f32], p: HeadSliceParams) -> Result<()> {
     let dst = unsafe { dst.as_mut() };
     no_alias(dst, src, "headScatterAdd")?;
     super::util::prefault_for_write(dst);
-    js(nn::head_scatter_add(
-        dst,
-        src,
-        rows as usize,
-        heads as usize,
-        width as usize,
-        start as usize,
-        len as usize,
-    ))
+    js(nn::head_scatter_add(dst, src, &p.range()))
+}
+
+/// Per head, a's la columns then b's lb; b has bHeads = heads or 1 (shared by every head).
+#[napi(object)]
+pub struct HeadConcatParams {
+    pub rows: u32,
+    pub heads: u32,
+    pub la: u32,
+    pub lb: u32,
+    pub b_heads: u32,
 }
 
 /// Per head [a_h | b_h] (b with bHeads = heads or 1).
 #[napi]
-#[allow(clippy::too_many_arguments)]
 pub fn head_concat(
     a: &[f32],
     b: &[f32],
-    rows: u32,
-    heads: u32,
-    la: u32,
-    lb: u32,
-    b_heads: u32,
+    p: HeadConcatParams,
     mut y: Float32ArraySlice,
 ) -> Result<()> {
     let y = unsafe { y.as_mut() };
-    js(nn::head_concat(
-        a,
-        b,
-        rows as usize,
-        heads as usize,
-        la as usize,
-        lb as usize,
-        b_heads as usize,
-        y,
-    ))
-}
-
-fn dims(
-    batch: u32,
-    seq: u32,
-    heads: u32,
-    dqk: u32,
-    dv: u32,
-    scale: f64,
-    precision: String,
-) -> Result<attention::Dims> {
-    let lowp = match precision.as_str() {
-        "f32" => false,
-        "bf16" => true,
-        p => {
-            return Err(Error::new(
-                Status::InvalidArg,
-                format!("attention: precision \"{p}\" (allowed: f32, bf16)"),
-            ))
-        }
+    let c = nn::HeadConcat {
+        rows: p.rows as usize,
+        heads: p.heads as usize,
+        la: p.la as usize,
+        lb: p.lb as usize,
+        b_heads: p.b_heads as usize,
     };
-    Ok(attention::Dims {
-        b: batch as usize,
-        t: seq as usize,
-        h: heads as usize,
-        dqk: dqk as usize,
-        dv: dv as usize,
-        scale: scale as f32,
-        lowp,
-    })
+    js(nn::head_concat(a, b, &c, y))
 }
 
-/// Causal attention forward: o [B*T, H*dv] and lse [B*H*T]. precision "f32" | "bf16".
+/// Attention's sizes: q, k [batch*seq, heads*dqk], v and o [batch*seq, heads*dv]; the softmax
+/// scale; precision "f32" | "bf16".
+#[napi(object)]
+pub struct AttentionDims {
+    pub batch: u32,
+    pub seq: u32,
+    pub heads: u32,
+    pub dqk: u32,
+    pub dv: u32,
+    pub scale: f64,
+    pub precision: String,
+}
+
+impl AttentionDims {
+    fn dims(&self) -> Result<attention::Dims> {
+        let lowp = match self.precision.as_str() {
+            "f32" => false,
+            "bf16" => true,
+            p => {
+                return Err(Error::new(
+                    Status::InvalidArg,
+                    format!("attention: precision \"{p}\" (allowed: f32, bf16)"),
+                ))
+            }
+        };
+        Ok(attention::Dims {
+            b: self.batch as usize,
+            t: self.seq as usize,
+            h: self.heads as usize,
+            dqk: self.dqk as usize,
+            dv: self.dv as usize,
+            scale: self.scale as f32,
+            lowp,
+        })
+    }
+}
+
+/// Causal attention forward: o [B*T, H*dv] and lse [B*H*T].
 #[napi]
-#[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    batch: u32,
-    seq: u32,
-    heads: u32,
-    dqk: u32,
-    dv: u32,
-    scale: f64,
-    precision: String,
+    dims: AttentionDims,
     mut o: Float32ArraySlice,
     mut lse: Float32ArraySlice,
 ) -> Result<()> {
     let o = unsafe { o.as_mut() };
     let lse = unsafe { lse.as_mut() };
-    let d = dims(batch, seq, heads, dqk, dv, scale, precision)?;
+    let d = dims.dims()?;
     js(attention::attention_forward(q, k, v, d, o, lse))
 }
 
-/// Causal attention backward: dq, dk, dv from dO, o and lse.
+/// What attentionBackward reads of the forward pass: its inputs and its outputs o and lse.
+#[napi(object, object_to_js = false)]
+pub struct AttentionSaved {
+    pub q: Float32Array,
+    pub k: Float32Array,
+    pub v: Float32Array,
+    pub o: Float32Array,
+    pub lse: Float32Array,
+}
+
+/// attentionBackward's outputs, written in place (shaped as q, k and v).
+#[napi(object, object_to_js = false)]
+pub struct AttentionGrads {
+    pub dq: Float32Array,
+    pub dk: Float32Array,
+    pub dv: Float32Array,
+}
+
+/// Causal attention backward: dq, dk, dv from dO and what the forward saved.
 #[napi]
-#[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     d_o: &[f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    o: &[f32],
-    lse: &[f32],
-    batch: u32,
-    seq: u32,
-    heads: u32,
-    dqk: u32,
-    dv: u32,
-    scale: f64,
-    precision: String,
-    mut dq: Float32ArraySlice,
-    mut dk: Float32ArraySlice,
-    mut dv_out: Float32ArraySlice,
+    saved: AttentionSaved,
+    dims: AttentionDims,
+    mut grads: AttentionGrads,
 ) -> Result<()> {
-    let dq = unsafe { dq.as_mut() };
-    let dk = unsafe { dk.as_mut() };
-    let dv_out = unsafe { dv_out.as_mut() };
-    let d = dims(batch, seq, heads, dqk, dv, scale, precision)?;
-    js(attention::attention_backward(
-        d_o, q, k, v, o, lse, d, dq, dk, dv_out,
-    ))
+    let d = dims.dims()?;
+    let fwd = attention::Saved {
+        q: &saved.q,
+        k: &saved.k,
+        v: &saved.v,
+        o: &saved.o,
+        lse: &saved.lse,
+    };
+    let g = unsafe {
+        attention::Grads {
+            dq: grads.dq.as_mut(),
+            dk: grads.dk.as_mut(),
+            dv: grads.dv.as_mut(),
+        }
+    };
+    js(attention::attention_backward(d_o, fwd, d, g))
 }
 
 /// h = silu(g) * u.
@@ -396,16 +404,32 @@ pub fn embedding_backward(
     ))
 }
 
+/// Routing of `n` tokens to the top `k` of `e` experts, the weights scaled by `scaling`.
+#[napi(object)]
+pub struct RoutingParams {
+    pub n: u32,
+    pub e: u32,
+    pub k: u32,
+    pub scaling: f64,
+}
+
+impl RoutingParams {
+    fn routing(&self) -> moe::Routing {
+        moe::Routing {
+            n: self.n as usize,
+            e: self.e as usize,
+            k: self.k as usize,
+            scaling: self.scaling,
+        }
+    }
+}
+
 /// Router: scores [N, E], topIdx [N, k], weights [N, k].
 #[napi]
-#[allow(clippy::too_many_arguments)]
 pub fn router(
     logits: &[f32],
     bias: &[f32],
-    n: u32,
-    e: u32,
-    k: u32,
-    scaling: f64,
+    p: RoutingParams,
     mut scores: Float32ArraySlice,
     mut top_idx: Int32ArraySlice,
     mut weights: Float32ArraySlice,
@@ -413,73 +437,84 @@ pub fn router(
     let scores = unsafe { scores.as_mut() };
     let top_idx = unsafe { top_idx.as_mut() };
     let weights = unsafe { weights.as_mut() };
-    if k == 0 {
+    if p.k == 0 {
         return Err(Error::new(
             Status::InvalidArg,
             "router: k must be at least 1".to_string(),
         ));
     }
     js(moe::router(
-        logits, bias, n as usize, e as usize, k as usize, scaling, scores, top_idx, weights,
+        logits,
+        bias,
+        &p.routing(),
+        scores,
+        top_idx,
+        weights,
     ))
 }
 
 /// d(logits) [N, E]; `dscores` empty when absent.
 #[napi]
-#[allow(clippy::too_many_arguments)]
 pub fn router_backward(
     dweights: &[f32],
     scores: &[f32],
     top_idx: &[i32],
-    n: u32,
-    e: u32,
-    k: u32,
-    scaling: f64,
+    p: RoutingParams,
     dscores: &[f32],
     mut dlogits: Float32ArraySlice,
 ) -> Result<()> {
     let dlogits = unsafe { dlogits.as_mut() };
+    let r = p.routing();
     js(moe::router_backward(
-        dweights, scores, top_idx, n as usize, e as usize, k as usize, scaling, dscores, dlogits,
+        dweights, scores, top_idx, &r, dscores, dlogits,
     ))
+}
+
+/// The balance loss's sizes (`batch` sequences of `seq` tokens routed to `k` of `e` experts) and
+/// its weight alpha.
+#[napi(object)]
+pub struct BalanceParams {
+    pub batch: u32,
+    pub seq: u32,
+    pub e: u32,
+    pub k: u32,
+    pub alpha: f64,
 }
 
 /// Balance loss (returned) and d(loss)/d(scores) written into `dscores`.
 #[napi]
-#[allow(clippy::too_many_arguments)]
 pub fn balance_loss(
     scores: &[f32],
     top_idx: &[i32],
-    batch: u32,
-    seq: u32,
-    e: u32,
-    k: u32,
-    alpha: f64,
+    p: BalanceParams,
     mut dscores: Float32ArraySlice,
 ) -> Result<f64> {
     let dscores = unsafe { dscores.as_mut() };
-    js(moe::balance_loss(
-        scores,
-        top_idx,
-        batch as usize,
-        seq as usize,
-        e as usize,
-        k as usize,
-        alpha,
-        dscores,
-    ))
+    let b = moe::Balance {
+        batch: p.batch as usize,
+        seq: p.seq as usize,
+        e: p.e as usize,
+        k: p.k as usize,
+        alpha: p.alpha,
+    };
+    js(moe::balance_loss(scores, top_idx, &b, dscores))
+}
+
+/// The dispatch of `n` token rows of width `d`, each to `k` of `experts` experts.
+#[napi(object)]
+pub struct DispatchParams {
+    pub n: u32,
+    pub d: u32,
+    pub k: u32,
+    pub experts: u32,
 }
 
 /// Permute token rows by expert: xs [N*k, d], slot [N*k], offsets [E+1].
 #[napi]
-#[allow(clippy::too_many_arguments)]
 pub fn moe_permute(
     x: &[f32],
-    d: u32,
     top_idx: &[i32],
-    n: u32,
-    k: u32,
-    experts: u32,
+    p: DispatchParams,
     mut xs: Float32ArraySlice,
     mut slot: Int32ArraySlice,
     mut offsets: Int32ArraySlice,
@@ -487,17 +522,29 @@ pub fn moe_permute(
     let xs = unsafe { xs.as_mut() };
     let slot = unsafe { slot.as_mut() };
     let offsets = unsafe { offsets.as_mut() };
-    js(moe::permute(
-        x,
-        d as usize,
-        top_idx,
-        n as usize,
-        k as usize,
-        experts as usize,
-        xs,
-        slot,
-        offsets,
-    ))
+    let d = moe::Dispatch {
+        n: p.n as usize,
+        d: p.d as usize,
+        k: p.k as usize,
+        experts: p.experts as usize,
+    };
+    js(moe::permute(x, top_idx, &d, xs, slot, offsets))
+}
+
+/// `n` token rows of width `d`.
+#[napi(object)]
+pub struct TokenShape {
+    pub n: u32,
+    pub d: u32,
+}
+
+impl TokenShape {
+    fn tokens(&self) -> moe::Tokens {
+        moe::Tokens {
+            n: self.n as usize,
+            d: self.d as usize,
+        }
+    }
 }
 
 /// dx [N, d] from d(xs).
@@ -505,18 +552,11 @@ pub fn moe_permute(
 pub fn moe_permute_backward(
     dxs: &[f32],
     slot: &[i32],
-    tokens: u32,
-    d: u32,
+    tokens: TokenShape,
     mut dx: Float32ArraySlice,
 ) -> Result<()> {
     let dx = unsafe { dx.as_mut() };
-    js(moe::permute_backward(
-        dxs,
-        slot,
-        tokens as usize,
-        d as usize,
-        dx,
-    ))
+    js(moe::permute_backward(dxs, slot, tokens.tokens(), dx))
 }
 
 /// y [N, d] = weighted sum of each token's expert outputs.
@@ -525,31 +565,29 @@ pub fn moe_combine(
     ys: &[f32],
     slot: &[i32],
     weights: &[f32],
-    n: u32,
-    d: u32,
+    tokens: TokenShape,
     mut y: Float32ArraySlice,
 ) -> Result<()> {
     let y = unsafe { y.as_mut() };
-    js(moe::combine(ys, slot, weights, n as usize, d as usize, y))
+    js(moe::combine(ys, slot, weights, tokens.tokens(), y))
 }
 
 /// d(ys) and d(weights) of moeCombine.
 #[napi]
-#[allow(clippy::too_many_arguments)]
 pub fn moe_combine_backward(
     dy: &[f32],
     ys: &[f32],
     slot: &[i32],
     weights: &[f32],
-    n: u32,
-    d: u32,
+    tokens: TokenShape,
     mut dys: Float32ArraySlice,
     mut dweights: Float32ArraySlice,
 ) -> Result<()> {
     let dys = unsafe { dys.as_mut() };
     let dweights = unsafe { dweights.as_mut() };
+    let t = tokens.tokens();
     js(moe::combine_backward(
-        dy, ys, slot, weights, n as usize, d as usize, dys, dweights,
+        dy, ys, slot, weights, t, dys, dweights,
     ))
 }
 
@@ -584,10 +622,24 @@ pub fn clip_scale(grads: Vec<Float32Array>, max_norm: f64) -> Vec<f64> {
     vec![n, s]
 }
 
+/// AdamW's hyperparameters for one step (the Backend's AdamWOptions with the gradient scale
+/// read on the host).
+#[napi(object)]
+pub struct AdamWParams {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// 1-based step for the bias correction.
+    pub step: f64,
+    /// Multiplies the gradient (global-norm clipping).
+    pub grad_scale: f64,
+}
+
 /// AdamW in place. Each moment is given as f32 (`mF32`) or BF16 bits (`mBf16`); pass an empty
 /// array for the storage not used.
 #[napi]
-#[allow(clippy::too_many_arguments)]
 pub fn adamw(
     mut p: Float32ArraySlice,
     g: &[f32],
@@ -595,13 +647,7 @@ pub fn adamw(
     mut m_bf16: Uint16ArraySlice,
     mut v_f32: Float32ArraySlice,
     mut v_bf16: Uint16ArraySlice,
-    grad_scale: f64,
-    lr: f64,
-    beta1: f64,
-    beta2: f64,
-    eps: f64,
-    weight_decay: f64,
-    step: f64,
+    o: AdamWParams,
 ) -> Result<()> {
     let p = unsafe { p.as_mut() };
     let m_f32 = unsafe { m_f32.as_mut() };
@@ -626,45 +672,29 @@ pub fn adamw(
         optim::Moment::Bf16(v_bf16)
     };
     let o = optim::AdamW {
-        lr,
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
-        step,
-        grad_scale,
+        lr: o.lr,
+        beta1: o.beta1,
+        beta2: o.beta2,
+        eps: o.eps,
+        weight_decay: o.weight_decay,
+        step: o.step,
+        grad_scale: o.grad_scale,
     };
     js(optim::adamw(p, g, m, v, o))
 }
 
 /// Dequantises FP8 codes with their scales (see quantizeFp8 for the layouts): out = decode(q) * s.
 #[napi]
-#[allow(clippy::too_many_arguments)]
 pub fn dequantize_fp8(
     data: &[u8],
     scales: &[f32],
-    rows: u32,
-    cols: u32,
-    batch: u32,
-    group: String,
-    format: String,
+    layout: JsFp8Layout,
     mut out: Float32ArraySlice,
     segments: Option<&[i32]>,
 ) -> Result<()> {
     let out = unsafe { out.as_mut() };
-    let g = js(crate::cpu::quant::Group::parse(&group))?;
-    let f = js(crate::cpu::fp8::Fp8Format::parse(&format))?;
-    js(super::dequant::dequantize(
-        data,
-        scales,
-        rows as usize,
-        cols as usize,
-        batch as usize,
-        g,
-        f,
-        segments,
-        out,
-    ))
+    let l = layout.layout(segments)?;
+    js(super::dequant::dequantize(data, scales, &l, out))
 }
 
 /// FP8 overflow/underflow counts of a quantisation (see ops::dequant::flow_counts), written to out[0..2].

@@ -6,6 +6,13 @@ use rayon::prelude::*;
 
 pub type R<T> = Result<T, String>;
 
+/// A row-major matrix's size.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    pub rows: usize,
+    pub cols: usize,
+}
+
 fn check(cond: bool, msg: impl FnOnce() -> String) -> R<()> {
     if cond {
         Ok(())
@@ -30,15 +37,8 @@ multiversion! {
 }
 
 /// y = x * rstd * w per row, rstd = 1 / sqrt(mean(x^2) + eps).
-pub fn rmsnorm(
-    x: &[f32],
-    w: &[f32],
-    rows: usize,
-    cols: usize,
-    eps: f64,
-    y: &mut [f32],
-    rstd: &mut [f32],
-) -> R<()> {
+pub fn rmsnorm(x: &[f32], w: &[f32], s: Shape, eps: f64, y: &mut [f32], rstd: &mut [f32]) -> R<()> {
+    let Shape { rows, cols } = s;
     check(
         x.len() == rows * cols && y.len() == x.len() && w.len() == cols && rstd.len() == rows,
         || {
@@ -83,11 +83,11 @@ pub fn rmsnorm_backward(
     x: &[f32],
     w: &[f32],
     rstd: &[f32],
-    rows: usize,
-    cols: usize,
+    s: Shape,
     dx: &mut [f32],
     dw: &mut [f32],
 ) -> R<()> {
+    let Shape { rows, cols } = s;
     check(
         x.len() == rows * cols
             && dy.len() == x.len()
@@ -125,20 +125,35 @@ pub fn rmsnorm_backward(
 
 // --- RoPE ------------------------------------------------------------------------------------
 
+/// RoPE on x [rows, heads * width]: which part of each head rotates, and by what angles.
+#[derive(Clone, Copy, Debug)]
+pub struct Rope {
+    pub rows: usize,
+    pub heads: usize,
+    pub width: usize,
+    /// The rotated slice [offset, offset + dim) of every head (dim even).
+    pub offset: usize,
+    pub dim: usize,
+    /// Row r is at position r % seq_len.
+    pub seq_len: usize,
+    pub theta: f64,
+    /// Rotate by the negated angles (the backward pass).
+    pub inverse: bool,
+}
+
 /// Interleaved-pair rotation of [offset, offset+dim) of every head, by pos * theta^(-2i/dim) with
 /// pos = row % seq_len; angles and products in f64 as ts. `y` starts as a copy of `x`.
-pub fn rope(
-    x: &[f32],
-    rows: usize,
-    heads: usize,
-    width: usize,
-    offset: usize,
-    dim: usize,
-    seq_len: usize,
-    theta: f64,
-    inverse: bool,
-    y: &mut [f32],
-) -> R<()> {
+pub fn rope(x: &[f32], r: &Rope, y: &mut [f32]) -> R<()> {
+    let Rope {
+        rows,
+        heads,
+        width,
+        offset,
+        dim,
+        seq_len,
+        theta,
+        inverse,
+    } = *r;
     let row_len = heads * width;
     check(x.len() == rows * row_len && y.len() == x.len(), || {
         format!(
@@ -192,15 +207,24 @@ pub fn rope(
 
 // --- head slicing ----------------------------------------------------------------------------
 
-fn check_slice(
-    op: &str,
-    x_len: usize,
-    rows: usize,
-    heads: usize,
-    width: usize,
-    start: usize,
-    len: usize,
-) -> R<()> {
+/// The slice [start, start + len) of every head of a [rows, heads * width] matrix.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadRange {
+    pub rows: usize,
+    pub heads: usize,
+    pub width: usize,
+    pub start: usize,
+    pub len: usize,
+}
+
+fn check_slice(op: &str, x_len: usize, r: &HeadRange) -> R<()> {
+    let HeadRange {
+        rows,
+        heads,
+        width,
+        start,
+        len,
+    } = *r;
     check(
         start + len <= width && x_len == rows * heads * width,
         || {
@@ -210,17 +234,15 @@ fn check_slice(
 }
 
 /// y[r, h, :] = x[r, h, start:start+len] (or summed over heads in f32, in head order).
-pub fn head_slice(
-    x: &[f32],
-    rows: usize,
-    heads: usize,
-    width: usize,
-    start: usize,
-    len: usize,
-    sum_heads: bool,
-    y: &mut [f32],
-) -> R<()> {
-    check_slice("headSlice", x.len(), rows, heads, width, start, len)?;
+pub fn head_slice(x: &[f32], r: &HeadRange, sum_heads: bool, y: &mut [f32]) -> R<()> {
+    check_slice("headSlice", x.len(), r)?;
+    let HeadRange {
+        rows,
+        heads,
+        width,
+        start,
+        len,
+    } = *r;
     let out_heads = if sum_heads { 1 } else { heads };
     check(y.len() == rows * out_heads * len, || {
         "headSlice: output size".into()
@@ -254,16 +276,15 @@ pub fn head_slice(
 }
 
 /// dst[r, h, start:start+len] += src[r, h, :] (f32 adds).
-pub fn head_scatter_add(
-    dst: &mut [f32],
-    src: &[f32],
-    rows: usize,
-    heads: usize,
-    width: usize,
-    start: usize,
-    len: usize,
-) -> R<()> {
-    check_slice("headScatterAdd", dst.len(), rows, heads, width, start, len)?;
+pub fn head_scatter_add(dst: &mut [f32], src: &[f32], r: &HeadRange) -> R<()> {
+    check_slice("headScatterAdd", dst.len(), r)?;
+    let HeadRange {
+        rows,
+        heads,
+        width,
+        start,
+        len,
+    } = *r;
     check(src.len() == rows * heads * len, || {
         format!(
             "headScatterAdd: src has {} elements, want {}",
@@ -295,17 +316,25 @@ pub fn head_scatter_add(
     Ok(())
 }
 
+/// Per head, a's head of width la then b's of width lb; b has `b_heads` = heads or 1 (shared).
+#[derive(Clone, Copy, Debug)]
+pub struct HeadConcat {
+    pub rows: usize,
+    pub heads: usize,
+    pub la: usize,
+    pub lb: usize,
+    pub b_heads: usize,
+}
+
 /// y[r, h] = [a[r, h] | b[r, bHeads == 1 ? 0 : h]].
-pub fn head_concat(
-    a: &[f32],
-    b: &[f32],
-    rows: usize,
-    heads: usize,
-    la: usize,
-    lb: usize,
-    b_heads: usize,
-    y: &mut [f32],
-) -> R<()> {
+pub fn head_concat(a: &[f32], b: &[f32], c: &HeadConcat, y: &mut [f32]) -> R<()> {
+    let HeadConcat {
+        rows,
+        heads,
+        la,
+        lb,
+        b_heads,
+    } = *c;
     check(
         a.len() == rows * heads * la
             && b.len() == rows * b_heads * lb

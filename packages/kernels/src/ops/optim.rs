@@ -46,6 +46,15 @@ impl Moment<'_> {
     }
 }
 
+/// The step's bias corrections 1 - beta^step and weight-decay factor 1 - lr * weightDecay,
+/// computed once per call.
+#[derive(Clone, Copy)]
+struct Factors {
+    bc1: f64,
+    bc2: f64,
+    decay: f64,
+}
+
 /// One element of the reference update: the moment computed in f64, stored to f32 (and then to
 /// BF16 for BF16 moments), and the update using the stored values.
 #[inline(always)]
@@ -54,7 +63,8 @@ fn moment_f32(prev: f32, beta: f64, x: f64) -> f32 {
 }
 
 multiversion! {
-    fn adamw_block_ff(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], o: &AdamW, bc1: f64, bc2: f64, decay: f64) {
+    fn adamw_block_ff(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], o: &AdamW, f: Factors) {
+        let Factors { bc1, bc2, decay } = f;
         for i in 0..p.len().min(g.len()).min(m.len()).min(v.len()) {
             let gi = g[i] as f64 * o.grad_scale;
             let ms = moment_f32(m[i], o.beta1, gi);
@@ -67,7 +77,8 @@ multiversion! {
 }
 
 multiversion! {
-    fn adamw_block_bb(p: &mut [f32], g: &[f32], m: &mut [u16], v: &mut [u16], o: &AdamW, bc1: f64, bc2: f64, decay: f64) {
+    fn adamw_block_bb(p: &mut [f32], g: &[f32], m: &mut [u16], v: &mut [u16], o: &AdamW, f: Factors) {
+        let Factors { bc1, bc2, decay } = f;
         for i in 0..p.len().min(g.len()).min(m.len()).min(v.len()) {
             let gi = g[i] as f64 * o.grad_scale;
             let mb = bf16_bits(moment_f32(bf16_to_f32(m[i]), o.beta1, gi));
@@ -88,10 +99,9 @@ fn adamw_block_mixed(
     v: &mut Moment,
     off: usize,
     o: &AdamW,
-    bc1: f64,
-    bc2: f64,
-    decay: f64,
+    f: Factors,
 ) {
+    let Factors { bc1, bc2, decay } = f;
     for i in 0..p.len() {
         let gi = g[i] as f64 * o.grad_scale;
         let ms = match m {
@@ -130,24 +140,26 @@ pub fn adamw(p: &mut [f32], g: &[f32], mut m: Moment, mut v: Moment, o: AdamW) -
             v.len()
         ));
     }
-    let bc1 = 1.0 - o.beta1.powf(o.step);
-    let bc2 = 1.0 - o.beta2.powf(o.step);
-    let decay = 1.0 - o.lr * o.weight_decay;
+    let f = Factors {
+        bc1: 1.0 - o.beta1.powf(o.step),
+        bc2: 1.0 - o.beta2.powf(o.step),
+        decay: 1.0 - o.lr * o.weight_decay,
+    };
     let c = REDUCE_BLOCK;
     match (&mut m, &mut v) {
         (Moment::F32(mm), Moment::F32(vv)) => {
             p.par_chunks_mut(c)
                 .zip(g.par_chunks(c))
                 .zip(mm.par_chunks_mut(c).zip(vv.par_chunks_mut(c)))
-                .for_each(|((p, g), (m, v))| adamw_block_ff(p, g, m, v, &o, bc1, bc2, decay));
+                .for_each(|((p, g), (m, v))| adamw_block_ff(p, g, m, v, &o, f));
         }
         (Moment::Bf16(mm), Moment::Bf16(vv)) => {
             p.par_chunks_mut(c)
                 .zip(g.par_chunks(c))
                 .zip(mm.par_chunks_mut(c).zip(vv.par_chunks_mut(c)))
-                .for_each(|((p, g), (m, v))| adamw_block_bb(p, g, m, v, &o, bc1, bc2, decay));
+                .for_each(|((p, g), (m, v))| adamw_block_bb(p, g, m, v, &o, f));
         }
-        _ => adamw_block_mixed(p, g, &mut m, &mut v, 0, &o, bc1, bc2, decay),
+        _ => adamw_block_mixed(p, g, &mut m, &mut v, 0, &o, f),
     }
     Ok(())
 }

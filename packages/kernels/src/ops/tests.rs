@@ -1,7 +1,7 @@
 //! Unit tests of the non-GEMM kernels against direct f64 formulas (the op suite in TypeScript
 //! compares every op with the ts reference; these catch kernel bugs without a JS runtime).
 
-use super::attention::{attention_backward, attention_forward, Dims};
+use super::attention::{attention_backward, attention_forward, Dims, Grads, Saved};
 use super::{elementwise, moe, nn, optim};
 
 fn rand(n: usize, seed: u64) -> Vec<f32> {
@@ -113,7 +113,19 @@ fn attention_matches_naive_f64_and_is_repeatable() {
             vec![0f32; k.len()],
             vec![0f32; v.len()],
         );
-        attention_backward(&d_o, &q, &k, &v, &o, &lse, d, &mut dq, &mut dk, &mut dvv).unwrap();
+        let saved = Saved {
+            q: &q,
+            k: &k,
+            v: &v,
+            o: &o,
+            lse: &lse,
+        };
+        let grads = Grads {
+            dq: &mut dq,
+            dk: &mut dk,
+            dv: &mut dvv,
+        };
+        attention_backward(&d_o, saved, d, grads).unwrap();
         let (no, nl, ndq, ndk, ndv) = naive(&q, &k, &v, &d_o, &d);
         for (name, got, want) in [
             ("o", &o, &no),
@@ -202,14 +214,26 @@ fn router_breaks_ties_toward_the_lower_index_and_permute_groups_by_expert() {
     ];
     let bias = [0f32; 4];
     let (mut s, mut top, mut w) = (vec![0f32; n * e], vec![0i32; n * k], vec![0f32; n * k]);
-    moe::router(&logits, &bias, n, e, k, 1.0, &mut s, &mut top, &mut w).unwrap();
+    let r = moe::Routing {
+        n,
+        e,
+        k,
+        scaling: 1.0,
+    };
+    moe::router(&logits, &bias, &r, &mut s, &mut top, &mut w).unwrap();
     assert_eq!(top, vec![1, 2, 0, 1, 2, 1]);
     for r in 0..n {
         assert!((w[r * k] + w[r * k + 1] - 1.0).abs() < 1e-6);
     }
     let x: Vec<f32> = (0..n * 2).map(|v| v as f32).collect();
     let (mut xs, mut slot, mut off) = (vec![0f32; n * k * 2], vec![0i32; n * k], vec![0i32; e + 1]);
-    moe::permute(&x, 2, &top, n, k, e, &mut xs, &mut slot, &mut off).unwrap();
+    let p = moe::Dispatch {
+        n,
+        d: 2,
+        k,
+        experts: e,
+    };
+    moe::permute(&x, &top, &p, &mut xs, &mut slot, &mut off).unwrap();
     assert_eq!(off, vec![0, 1, 4, 6, 6]);
     assert_eq!(slot, vec![2, 0, 3, 5, 1, 4]);
     assert_eq!(&xs[..4], &[2.0, 3.0, 0.0, 1.0]);

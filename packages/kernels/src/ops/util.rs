@@ -34,18 +34,14 @@ pub fn level() -> SimdLevel {
 macro_rules! multiversion {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
-        #[allow(clippy::too_many_arguments)]
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            #[allow(clippy::too_many_arguments)]
             fn inner($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,avx")]
-                #[allow(clippy::too_many_arguments)]
                 unsafe fn v512($($arg: $ty),*) $(-> $ret)? { inner($($arg),*) }
                 #[target_feature(enable = "avx2,fma,avx")]
-                #[allow(clippy::too_many_arguments)]
                 unsafe fn v256($($arg: $ty),*) $(-> $ret)? { inner($($arg),*) }
                 match $crate::ops::util::level() {
                     $crate::simd::SimdLevel::Avx512 => return unsafe { v512($($arg),*) },

@@ -119,24 +119,90 @@ __device__ __forceinline__ void wgmma_bn(float* d, u64 da, u64 db, int accumulat
   else wgmma_n128(d, da, db, accumulate);
 }
 
-// Shared memory: STAGES x (A tile BM x 128 bytes, B tile BN x 128 bytes), full/empty barriers, the
+// Shared memory: STAGES x (A tile BM x 128 bytes, B tile BN x 128 bytes), then (EPI = 1) the C
+// staging tiles (per consumer warpgroup 64 rows x BN, in 128-byte strips), full/empty barriers, the
 // offsets and the prefix sums of m-tiles per expert (E <= SM90_MAX_E); +1024 for the alignment.
 #define SM90_MAX_E 1024
-__host__ __device__ constexpr int sm90_smem_bytes(int nwg, int bn, int stages) {
-  return 1024 + stages * (64 * nwg + bn) * 128 + 2 * stages * 8 + 2 * (SM90_MAX_E + 1) * 4;
+__host__ __device__ constexpr int sm90_smem_bytes(int nwg, int bn, int stages, int epi, int outbf16) {
+  return 1024 + stages * (64 * nwg + bn) * 128 + (epi ? nwg * 64 * bn * (outbf16 ? 2 : 4) : 0) + 2 * stages * 8 +
+         2 * (SM90_MAX_E + 1) * 4;
 }
 
-template <int NWG, int BN, int STAGES, int EXACT, int OUTBF16, int MINB>
-__device__ __forceinline__ void sm90_fp8_grouped(const Sm90TmaMap* tA, const Sm90TmaMap* tB, const float* As,
-                                                 const float* Bs, void* C, const int* off, int E, int N, int K) {
+// 2-D TMA store of a shared box to global at (inner coordinate c0, row c1); clipped at the tensor's
+// bounds. Completes in the issuing thread's bulk group.
+__device__ __forceinline__ void tma_store_2d(const Sm90TmaMap* map, const void* src, int c0, int c1) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n" ::"l"((u64)map),
+               "r"(sm90_smem_u32(src)), "r"(c0), "r"(c1)
+               : "memory");
+}
+__device__ __forceinline__ void tma_store_2d_u32(const Sm90TmaMap* map, u32 src, int c0, int c1) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n" ::"l"((u64)map),
+               "r"(src), "r"(c0), "r"(c1)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Waits until the issuing thread's bulk stores have finished reading shared memory.
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+__device__ __forceinline__ void named_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Two f32 -> BF16 (RNE, NaN -> 0x7fff, as f32_to_bf16), lo in the low half.
+__device__ __forceinline__ u32 sm90_bf16x2(float lo, float hi) {
+  u32 r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+// The 4 k32 wgmmas of one 128-deep chunk into a fresh accumulator p (P32 = 0), issued and committed
+// as one group; the caller waits.
+template <int BN, int ACC>
+__device__ __forceinline__ void mma_chunk(float (&p)[ACC], u32 aAddr, u32 bAddr) {
+#pragma unroll
+  for (int i = 0; i < ACC; i++) reg_fence(p[i]);
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < 4; ks++) wgmma_bn<BN>(p, sm90_desc(aAddr + ks * 32), sm90_desc(bAddr + ks * 32), ks);
+  wgmma_commit();
+}
+
+// acc += p * (row scale) * sb, accumulator i belonging to row g (i & 2 == 0) or g + 8.
+template <int EXACT, int ACC>
+__device__ __forceinline__ void promote(float (&acc)[ACC], float (&p)[ACC], float sa0, float sa1, float sb) {
+#pragma unroll
+  for (int i = 0; i < ACC; i++) reg_fence(p[i]);
+  if (EXACT) {
+#pragma unroll
+    for (int i = 0; i < ACC; i++) acc[i] = __fadd_rn(acc[i], __fmul_rn(__fmul_rn(p[i], (i & 2) ? sa1 : sa0), sb));
+  } else {
+    const float c0 = sa0 * sb, c1 = sa1 * sb;
+#pragma unroll
+    for (int i = 0; i < ACC; i++) acc[i] = fmaf(p[i], (i & 2) ? c1 : c0, acc[i]);
+  }
+}
+
+// Template parameters: NWG consumer warpgroups (BM = 64 NWG), BN columns, STAGES, EXACT promotion
+// order, OUTBF16, MINB CTAs per SM, EPI (0: stores from registers; 1: C staged in shared memory and
+// written by TMA stores, registers for an expert's last, partial m-tile), PIPE (1: two accumulator
+// sets, chunk k+1's wgmmas run while chunk k is promoted), P32 (numerics experiment: promote after
+// every k32 wgmma instead of every 128).
+template <int NWG, int BN, int STAGES, int EXACT, int OUTBF16, int MINB, int EPI, int PIPE, int P32>
+__device__ __forceinline__ void sm90_fp8_grouped(const Sm90TmaMap* tA, const Sm90TmaMap* tB, const Sm90TmaMap* tC,
+                                                 const float* As, const float* Bs, void* C, const int* off, int E,
+                                                 int N, int K) {
   constexpr int BM = 64 * NWG;
   constexpr int A_BYTES = BM * 128, B_BYTES = BN * 128;
   constexpr int ACC = BN / 2;  // f32 accumulators per thread (m64 x BN over 128 threads)
+  constexpr int ESZ = OUTBF16 ? 2 : 4;
+  constexpr int CW = 128 / ESZ;  // output columns per 128-byte strip
+  constexpr int C_BYTES = EPI ? 64 * BN * ESZ : 0;  // per consumer warpgroup
   extern __shared__ u8 sm90_dyn[];
   u8* base = sm90_dyn + ((1024 - (sm90_smem_u32(sm90_dyn) & 1023)) & 1023);
   u8* sA = base;
   u8* sB = base + STAGES * A_BYTES;
-  u64* full = (u64*)(sB + STAGES * B_BYTES);
+  u8* sC = sB + STAGES * B_BYTES;
+  u64* full = (u64*)(sC + NWG * C_BYTES);
   u64* empty = full + STAGES;
   int* soff = (int*)(empty + STAGES);  // E + 1 offsets
   int* mpre = soff + SM90_MAX_E + 1;   // E + 1 prefix sums of m-tiles
@@ -200,17 +266,17 @@ __device__ __forceinline__ void sm90_fp8_grouped(const Sm90TmaMap* tA, const Sm9
         }
       }
     }
-    return;
-  }
-
+  } else {
   // Consumer warpgroup wg: rows 64 * wg .. of the tile; this thread: rows g and g + 8 of its warp's 16.
   // Registers per consumer thread after the producer's release (65536 per SM, MINB CTAs per SM).
   if constexpr (MINB == 2) asm volatile("setmaxnreg.inc.sync.aligned.u32 216;\n");
   else if constexpr (NWG == 2) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
   else asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
   const int wg = warp >> 2, g = lane >> 2, tq = lane & 3;
-  const int rloc = 64 * wg + 16 * (warp & 3) + g;
+  const int wrow = 16 * (warp & 3) + g;  // row of accumulators i & 2 == 0 within the warpgroup's 64
+  const int rloc = 64 * wg + wrow;
   const u32 aBase = sm90_smem_u32(sA + wg * 64 * 128), bBase = sm90_smem_u32(sB);
+  const u32 csBase = sm90_smem_u32(sC);
   int s = 0;
   u32 ph = 0;
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
@@ -225,66 +291,165 @@ __device__ __forceinline__ void sm90_fp8_grouped(const Sm90TmaMap* tA, const Sm9
     const int row0 = soff[e] + (mt - mpre[e]) * BM, rowEnd = soff[e + 1];
     const int n0 = nt * BN;
     const int r0 = row0 + rloc, r1 = r0 + 8;
-    const float* as0 = As + (i64)min(r0, rowEnd - 1) * KC;
-    const float* as1 = As + (i64)min(r1, rowEnd - 1) * KC;
-    const float* bs = Bs + ((i64)e * NB + n0 / 128) * KC;
+    // Scales of this thread's two rows and of the B block (32-bit offsets: fewer live registers).
+    const u32 ia0 = (u32)min(r0, rowEnd - 1) * KC, ia1 = (u32)min(r1, rowEnd - 1) * KC;
+    const u32 ib = ((u32)e * NB + n0 / 128) * KC;
+    const float* as0 = As + ia0;
+    const float* as1 = As + ia1;
+    const float* bs = Bs + ib;
 
-    float acc[ACC], part[ACC];
+    float acc[ACC];
 #pragma unroll
     for (int i = 0; i < ACC; i++) acc[i] = 0.0f;
-    for (int kc = 0; kc < KC; kc++) {
-      const float sa0 = __ldg(as0 + kc), sa1 = __ldg(as1 + kc), sb = __ldg(bs + kc);
+    if constexpr (P32) {
+      float p[ACC];
+      for (int kc = 0; kc < KC; kc++) {
+        const float sa0 = __ldg(as0 + kc), sa1 = __ldg(as1 + kc), sb = __ldg(bs + kc);
+        mbar_wait(&full[s], ph);
+#pragma unroll
+        for (int ks = 0; ks < 4; ks++) {
+#pragma unroll
+          for (int i = 0; i < ACC; i++) reg_fence(p[i]);
+          wgmma_fence();
+          wgmma_bn<BN>(p, sm90_desc(aBase + s * A_BYTES + ks * 32), sm90_desc(bBase + s * B_BYTES + ks * 32), 0);
+          wgmma_commit();
+          wgmma_wait<0>();
+          promote<EXACT>(acc, p, sa0, sa1, sb);
+        }
+        if (lane == 0) mbar_arrive(&empty[s]);
+        if (++s == STAGES) s = 0, ph ^= 1;
+      }
+    } else if constexpr (!PIPE) {
+      float p[ACC];
+      for (int kc = 0; kc < KC; kc++) {
+        const float sa0 = __ldg(as0 + kc), sa1 = __ldg(as1 + kc), sb = __ldg(bs + kc);
+        mbar_wait(&full[s], ph);
+        mma_chunk<BN>(p, aBase + s * A_BYTES, bBase + s * B_BYTES);
+        wgmma_wait<0>();
+        if (lane == 0) mbar_arrive(&empty[s]);
+        if (++s == STAGES) s = 0, ph ^= 1;
+        promote<EXACT>(acc, p, sa0, sa1, sb);
+      }
+    } else {
+      // Two accumulator sets: chunk kc's wgmmas are issued before chunk kc-1 is promoted (wait_group 1).
+      float p0[ACC], p1[ACC];
+      float a00 = __ldg(as0), a01 = __ldg(as1), b0 = __ldg(bs), a10 = 0.f, a11 = 0.f, b1 = 0.f;
+      int st0 = s, st1 = 0;
       mbar_wait(&full[s], ph);
-#pragma unroll
-      for (int i = 0; i < ACC; i++) reg_fence(part[i]);
-      wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < 4; ks++)
-        wgmma_bn<BN>(part, sm90_desc(aBase + s * A_BYTES + ks * 32), sm90_desc(bBase + s * B_BYTES + ks * 32), ks);
-      wgmma_commit();
-      wgmma_wait<0>();
-#pragma unroll
-      for (int i = 0; i < ACC; i++) reg_fence(part[i]);
-      if (lane == 0) mbar_arrive(&empty[s]);
+      mma_chunk<BN>(p0, aBase + s * A_BYTES, bBase + s * B_BYTES);
       if (++s == STAGES) s = 0, ph ^= 1;
-      if (EXACT) {
-#pragma unroll
-        for (int i = 0; i < ACC; i++)
-          acc[i] = __fadd_rn(acc[i], __fmul_rn(__fmul_rn(part[i], (i & 2) ? sa1 : sa0), sb));
-      } else {
-        const float c0 = sa0 * sb, c1 = sa1 * sb;
-#pragma unroll
-        for (int i = 0; i < ACC; i++) acc[i] = fmaf(part[i], (i & 2) ? c1 : c0, acc[i]);
+      int kc = 1;
+      for (; kc + 1 < KC; kc += 2) {
+        a10 = __ldg(as0 + kc), a11 = __ldg(as1 + kc), b1 = __ldg(bs + kc);
+        st1 = s;
+        mbar_wait(&full[s], ph);
+        mma_chunk<BN>(p1, aBase + s * A_BYTES, bBase + s * B_BYTES);
+        if (++s == STAGES) s = 0, ph ^= 1;
+        wgmma_wait<1>();
+        if (lane == 0) mbar_arrive(&empty[st0]);
+        promote<EXACT>(acc, p0, a00, a01, b0);
+        a00 = __ldg(as0 + kc + 1), a01 = __ldg(as1 + kc + 1), b0 = __ldg(bs + kc + 1);
+        st0 = s;
+        mbar_wait(&full[s], ph);
+        mma_chunk<BN>(p0, aBase + s * A_BYTES, bBase + s * B_BYTES);
+        if (++s == STAGES) s = 0, ph ^= 1;
+        wgmma_wait<1>();
+        if (lane == 0) mbar_arrive(&empty[st1]);
+        promote<EXACT>(acc, p1, a10, a11, b1);
+      }
+      if (kc < KC) {  // one chunk left (KC even): into p1, then drain both
+        a10 = __ldg(as0 + kc), a11 = __ldg(as1 + kc), b1 = __ldg(bs + kc);
+        st1 = s;
+        mbar_wait(&full[s], ph);
+        mma_chunk<BN>(p1, aBase + s * A_BYTES, bBase + s * B_BYTES);
+        if (++s == STAGES) s = 0, ph ^= 1;
+        wgmma_wait<1>();
+        if (lane == 0) mbar_arrive(&empty[st0]);
+        promote<EXACT>(acc, p0, a00, a01, b0);
+        wgmma_wait<0>();
+        if (lane == 0) mbar_arrive(&empty[st1]);
+        promote<EXACT>(acc, p1, a10, a11, b1);
+      } else {  // KC odd: p0 holds the last chunk
+        wgmma_wait<0>();
+        if (lane == 0) mbar_arrive(&empty[st0]);
+        promote<EXACT>(acc, p0, a00, a01, b0);
       }
     }
 
     // Epilogue: accumulator i is row (i & 2 ? g + 8 : g), column 8 * (i / 4) + 2 * tq + (i & 1).
+    if (EPI && row0 + BM <= rowEnd) {
+      // Whole tile inside the expert: stage this warpgroup's 64 x BN in 128-byte strips with the TMA
+      // 128-byte swizzle (16-byte chunk index ^= row & 7: conflict-free), then TMA-store the strips.
+      const bool leader = (threadIdx.x & 127) == 0;
+      const u32 cs = csBase + (threadIdx.x >> 7) * C_BYTES;
+      if (leader) bulk_wait_read();  // the previous tile's stores have read the staging buffer
+      named_sync(1 + wg, 128);
+#pragma unroll
+      for (int j = 0; j < BN / 8; j++) {
+        const int col = 8 * j + 2 * tq, strip = col / CW, cb = (col % CW) * ESZ;  // byte in the 128-byte row
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+          const int r = wrow + 8 * h;
+          const u32 p = cs + strip * 64 * 128 + r * 128 + ((((cb >> 4) ^ (r & 7))) << 4) + (cb & 15);
+          if (OUTBF16)
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(p), "r"(sm90_bf16x2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]))
+                         : "memory");
+          else
+            asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(p), "f"(acc[4 * j + 2 * h]),
+                         "f"(acc[4 * j + 2 * h + 1])
+                         : "memory");
+        }
+      }
+      fence_async_smem();
+      named_sync(1 + wg, 128);
+      if (leader) {
+#pragma unroll
+        for (int st = 0; st < BN / CW; st++)
+          if (n0 + st * CW < N) tma_store_2d_u32(tC, cs + st * 64 * 128, n0 + st * CW, row0 + 64 * wg);
+        bulk_commit();
+        // The CTA's last tile: the copies must have read the staging buffer before the CTA exits
+        // (a wait after the loop instead makes ptxas cap the consumers' registers below setmaxnreg).
+        if (t + (int)gridDim.x >= total) bulk_wait_all();
+      }
+      continue;
+    }
 #pragma unroll
     for (int j = 0; j < BN / 8; j++) {
       const int col = n0 + 8 * j + 2 * tq;
       if (col >= N) continue;
       if (OUTBF16) {
         u32* c = (u32*)C;
-        if (r0 < rowEnd) c[((i64)r0 * N + col) >> 1] = (u32)f32_to_bf16(acc[4 * j]) | ((u32)f32_to_bf16(acc[4 * j + 1]) << 16);
-        if (r1 < rowEnd) c[((i64)r1 * N + col) >> 1] = (u32)f32_to_bf16(acc[4 * j + 2]) | ((u32)f32_to_bf16(acc[4 * j + 3]) << 16);
+        if (r0 < rowEnd) c[((i64)r0 * N + col) >> 1] = sm90_bf16x2(acc[4 * j], acc[4 * j + 1]);
+        if (r1 < rowEnd) c[((i64)r1 * N + col) >> 1] = sm90_bf16x2(acc[4 * j + 2], acc[4 * j + 3]);
       } else {
         float* c = (float*)C;
         if (r0 < rowEnd) *(float2*)(c + (i64)r0 * N + col) = make_float2(acc[4 * j], acc[4 * j + 1]);
         if (r1 < rowEnd) *(float2*)(c + (i64)r1 * N + col) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
       }
     }
+    if (EPI && (threadIdx.x & 127) == 0 && t + (int)gridDim.x >= total) bulk_wait_all();
   }
+  }  // consumer
 }
 
-// Entry points: sm90_fp8_grouped_<BM>x<BN>_s<STAGES>_<exact|fma>_<f32|bf16>[_2cta].
-#define SM90_ENTRY(NWG, BN, STAGES, EXACT, OUTBF16, MINB, NAME)                                                \
-  KERNEL void __launch_bounds__(128 * (NWG + 1), MINB)                                                       \
-      NAME(const __grid_constant__ Sm90TmaMap tA, const __grid_constant__ Sm90TmaMap tB, const float* As,    \
-           const float* Bs, void* C, const int* off, int E, int N, int K) {                                  \
-    sm90_fp8_grouped<NWG, BN, STAGES, EXACT, OUTBF16, MINB>(&tA, &tB, As, Bs, C, off, E, N, K);              \
+// Entry points (one signature for all): tC is the output's tensor map ([rows, N], box {128 bytes of
+// columns, 64 rows}, 128-byte swizzle), read only by EPI = 1 entries.
+#define SM90_ENTRY(NAME, NWG, BN, STAGES, EXACT, OUTBF16, MINB, EPI, PIPE, P32)                                 \
+  KERNEL void __launch_bounds__(128 * (NWG + 1), MINB)                                                         \
+      NAME(const __grid_constant__ Sm90TmaMap tA, const __grid_constant__ Sm90TmaMap tB,                        \
+           const __grid_constant__ Sm90TmaMap tC, const float* As, const float* Bs, void* C, const int* off,     \
+           int E, int N, int K) {                                                                               \
+    sm90_fp8_grouped<NWG, BN, STAGES, EXACT, OUTBF16, MINB, EPI, PIPE, P32>(&tA, &tB, &tC, As, Bs, C, off, E,   \
+                                                                            N, K);                              \
   }
-SM90_ENTRY(2, 128, 6, 1, 0, 1, sm90_fp8_grouped_128x128_s6_exact_f32)
-SM90_ENTRY(2, 128, 6, 0, 0, 1, sm90_fp8_grouped_128x128_s6_fma_f32)
-SM90_ENTRY(2, 128, 6, 0, 1, 1, sm90_fp8_grouped_128x128_s6_fma_bf16)
-SM90_ENTRY(2, 128, 4, 0, 0, 1, sm90_fp8_grouped_128x128_s4_fma_f32)
-SM90_ENTRY(1, 128, 4, 0, 0, 2, sm90_fp8_grouped_64x128_s4_fma_f32_2cta)
+// v1 (register epilogue)
+SM90_ENTRY(sm90_fp8_grouped_128x128_s6_fma_f32, 2, 128, 6, 0, 0, 1, 0, 0, 0)
+// v2: TMA-store epilogue, two-buffer mainloop
+SM90_ENTRY(sm90_fp8_grouped_128x128_s4_fma_f32_tma, 2, 128, 4, 0, 0, 1, 1, 0, 0)
+SM90_ENTRY(sm90_fp8_grouped_128x128_s4_fma_f32_tma_pipe, 2, 128, 4, 0, 0, 1, 1, 1, 0)
+SM90_ENTRY(sm90_fp8_grouped_128x128_s4_exact_f32_tma_pipe, 2, 128, 4, 1, 0, 1, 1, 1, 0)
+SM90_ENTRY(sm90_fp8_grouped_128x128_s5_fma_bf16_tma, 2, 128, 5, 0, 1, 1, 1, 0, 0)
+SM90_ENTRY(sm90_fp8_grouped_128x128_s5_fma_bf16_tma_pipe, 2, 128, 5, 0, 1, 1, 1, 1, 0)
+SM90_ENTRY(sm90_fp8_grouped_128x128_s6_fma_f32_pipe, 2, 128, 6, 0, 0, 1, 0, 1, 0)
+// numerics experiment: promotion after every k32 wgmma
+SM90_ENTRY(sm90_fp8_grouped_128x128_s6_fma_f32_p32, 2, 128, 6, 0, 0, 1, 0, 0, 1)

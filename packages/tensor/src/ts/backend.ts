@@ -292,14 +292,14 @@ export class TsBackend extends HostLifetimes implements Backend {
   headConcat(a: Tensor, b: Tensor, heads: number, bHeads: number): Tensor {
     const la = a.cols / heads;
     const lb = b.cols / bHeads;
-    const out = nn.headConcat(f32(a), f32(b), a.rows, heads, la, lb, bHeads);
+    const out = nn.headConcat(f32(a), f32(b), { rows: a.rows, heads, la, lb, bHeads });
     return this.wrap(out, [a.rows, heads * (la + lb)], "f32");
   }
 
   attention(q: Tensor, k: Tensor, v: Tensor, o: AttentionOptions) {
     const dqk = q.cols / o.heads;
     const dv = v.cols / o.heads;
-    const r = nn.attention(f32OrBf16(q), f32OrBf16(k), f32OrBf16(v), dqk, dv, o);
+    const r = nn.attention(f32OrBf16(q), f32OrBf16(k), f32OrBf16(v), { ...o, dqk, dv });
     return {
       o: this.wrap(r.o, [q.rows, v.cols], "f32"),
       lse: this.wrap(r.lse, [o.batch * o.heads * o.seq], "f32"),
@@ -318,7 +318,7 @@ export class TsBackend extends HostLifetimes implements Backend {
     const dqk = q.cols / o.heads;
     const dv = v.cols / o.heads;
     const [g, x, y, z, w] = [dO, q, k, v, out].map(f32OrBf16);
-    const r = nn.attentionBackward(g, x, y, z, w, f32(lse), dqk, dv, o);
+    const r = nn.attentionBackward(g, x, y, z, w, f32(lse), { ...o, dqk, dv });
     return {
       dq: this.wrap(r.dq, q.shape, "f32"),
       dk: this.wrap(r.dk, k.shape, "f32"),
@@ -361,7 +361,7 @@ export class TsBackend extends HostLifetimes implements Backend {
   router(logits: Tensor, bias: Tensor, k: number, scaling: number): RouterResult {
     const N = logits.rows;
     const E = logits.cols;
-    const r = moe.router(f32(logits), f32(bias), N, E, k, scaling);
+    const r = moe.router(f32(logits), f32(bias), { N, E, k, scaling });
     return {
       scores: this.wrap(r.scores, [N, E], "f32"),
       topIdx: this.wrap(r.topIdx, [N, k], "i32"),
@@ -379,21 +379,25 @@ export class TsBackend extends HostLifetimes implements Backend {
     const N = scores.rows;
     const E = scores.cols;
     const k = topIdx.cols;
+    const routing = { N, E, k, scaling };
     const d = moe.routerBackward(
       f32(dweights),
       f32(scores),
       i32(topIdx),
-      N,
-      E,
-      k,
-      scaling,
+      routing,
       dscores ? f32(dscores) : null,
     );
     return this.wrap(d, [N, E], "f32");
   }
 
   balanceLoss(scores: Tensor, topIdx: Tensor, o: { batch: number; seq: number; alpha: number }) {
-    const r = moe.balanceLoss(f32(scores), i32(topIdx), o.batch, o.seq, scores.cols, topIdx.cols, o.alpha);
+    const r = moe.balanceLoss(f32(scores), i32(topIdx), {
+      B: o.batch,
+      T: o.seq,
+      E: scores.cols,
+      k: topIdx.cols,
+      alpha: o.alpha,
+    });
     return {
       loss: this.wrap(Float32Array.of(r.loss), [1], "f32"),
       dscores: this.wrap(r.dscores, scores.shape, "f32"),

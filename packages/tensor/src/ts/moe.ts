@@ -2,15 +2,16 @@
 
 const sigmoid = (x: number) => 1 / (1 + Math.exp(-x));
 
+/** N tokens routed to k of E experts; the selected weights are scaled by `scaling`. */
+export interface Routing {
+  N: number;
+  E: number;
+  k: number;
+  scaling: number;
+}
+
 /** Sigmoid scores, top-k over score + bias (ties to the lower expert index), normalised weights. */
-export function router(
-  logits: Float32Array,
-  bias: Float32Array,
-  N: number,
-  E: number,
-  k: number,
-  scaling: number,
-) {
+export function router(logits: Float32Array, bias: Float32Array, { N, E, k, scaling }: Routing) {
   const scores = new Float32Array(N * E);
   const topIdx = new Int32Array(N * k);
   const weights = new Float32Array(N * k);
@@ -42,10 +43,7 @@ export function routerBackward(
   dweights: Float32Array,
   scores: Float32Array,
   topIdx: Int32Array,
-  N: number,
-  E: number,
-  k: number,
-  scaling: number,
+  { N, E, k, scaling }: Routing,
   dscores: Float32Array | null,
 ): Float32Array {
   const dlogits = new Float32Array(N * E);
@@ -76,11 +74,7 @@ export function routerBackward(
 export function balanceLoss(
   scores: Float32Array,
   topIdx: Int32Array,
-  B: number,
-  T: number,
-  E: number,
-  k: number,
-  alpha: number,
+  { B, T, E, k, alpha }: { B: number; T: number; E: number; k: number; alpha: number },
 ) {
   const dscores = new Float32Array(B * T * E);
   const f = new Float64Array(E);

@@ -88,14 +88,11 @@ export function headScatterAdd(
     }
 }
 
+/** Per row and head [a_h | b_h]: `la` and `lb` values per head; b has `bHeads` heads (all or one). */
 export function headConcat(
   a: Float32Array,
   b: Float32Array,
-  rows: number,
-  heads: number,
-  la: number,
-  lb: number,
-  bHeads: number,
+  { rows, heads, la, lb, bHeads }: { rows: number; heads: number; la: number; lb: number; bHeads: number },
 ) {
   const w = la + lb;
   const y = new Float32Array(rows * heads * w);
@@ -112,16 +109,15 @@ export function headConcat(
 
 const bf = (x: Float32Array, on: boolean) => (on ? roundBf16(x) : x);
 
+/** The attention options with the head widths: `dqk` of q and k, `dv` of v and o. */
+export interface AttentionShape extends AttentionOptions {
+  dqk: number;
+  dv: number;
+}
+
 /** Causal attention per (batch, head); returns o and the log-sum-exp of each query's scores. */
-export function attention(
-  q: Float32Array,
-  k: Float32Array,
-  v: Float32Array,
-  dqk: number,
-  dv: number,
-  o: AttentionOptions,
-) {
-  const { batch: B, seq: T, heads: H, scale } = o;
+export function attention(q: Float32Array, k: Float32Array, v: Float32Array, o: AttentionShape) {
+  const { batch: B, seq: T, heads: H, scale, dqk, dv } = o;
   const lowp = o.precision === "bf16";
   q = bf(q, lowp);
   k = bf(k, lowp);
@@ -166,11 +162,9 @@ export function attentionBackward(
   v: Float32Array,
   out: Float32Array,
   lse: Float32Array,
-  dqk: number,
-  dv: number,
-  o: AttentionOptions,
+  o: AttentionShape,
 ) {
-  const { batch: B, seq: T, heads: H, scale } = o;
+  const { batch: B, seq: T, heads: H, scale, dqk, dv } = o;
   const lowp = o.precision === "bf16";
   q = bf(q, lowp);
   k = bf(k, lowp);

@@ -4,6 +4,7 @@
 //   RoPE on q_pe and the shared k_pe; k = [k_nope | k_pe] (k_pe broadcast to every head)
 //   o   = causal softmax(q k^T / sqrt(dn + dr)) v;  out = o Wo^T
 import {
+  type AttentionOptions,
   type Backend,
   intoBf16,
   Linear,
@@ -29,7 +30,7 @@ export interface MlaConfig {
 export interface AttentionPrecision {
   linear: LinearPrecision;
   /** The attention core: BF16 inputs with f32 accumulation, or f32. */
-  core: "bf16" | "f32";
+  core: AttentionOptions["precision"];
 }
 
 export type InitFn = (n: number) => Float32Array;

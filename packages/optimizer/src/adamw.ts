@@ -2,7 +2,7 @@
 // moments in BF16). Decoupled weight decay only for parameters marked `decay` (not norms; the MoE
 // correction bias is not a parameter at all). Global-norm clipping happens on the device: the clip
 // factor is a tensor the update reads, so the host never waits inside a step.
-import { encodeBf16 } from "@moe8/fp8-core";
+import { encodeBf16, type MomentPrecision } from "@moe8/fp8-core";
 import type { Backend, Param, Tensor } from "@moe8/tensor";
 
 export interface AdamWConfig {
@@ -12,7 +12,7 @@ export interface AdamWConfig {
   weightDecay: number;
   /** Global-norm clipping threshold (0 disables). */
   clip: number;
-  moments: "bf16" | "f32";
+  moments: MomentPrecision;
 }
 
 export const ADAMW_DEFAULTS: AdamWConfig = {

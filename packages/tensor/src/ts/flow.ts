@@ -1,5 +1,6 @@
 // FP8 range events, counted from x, its codes and their dequantised values (no scale lookup needed:
 // a saturated element decodes to exactly FMAX * scale).
+import type { Fp8Format } from "@moe8/fp8-core";
 
 const MAX_CODE = { e4m3: 0x7e, e5m2: 0x7b } as const;
 /** Half an ulp of the largest value, relative to it (max = 1.75 * 2^e): up to max * (1 + this) a value
@@ -10,7 +11,7 @@ export function fp8FlowCounts(
   x: Float32Array,
   codes: Uint8Array,
   deq: Float32Array,
-  format: "e4m3" | "e5m2",
+  format: Fp8Format,
 ): [number, number] {
   let over = 0;
   let under = 0;

@@ -2,7 +2,7 @@
 // for, in which precision and, under FP8, how its operands were quantised (the plan fp8-core's
 // gemmPlan made and the GEMM ran with), so tests and users can see which precision ran where.
 
-import type { GemmRole } from "@moe8/fp8-core";
+import { GEMM_ROLES, type GemmRole } from "@moe8/fp8-core";
 import type { Backend } from "../backend.ts";
 import type { Tensor } from "../tensor.ts";
 
@@ -75,16 +75,22 @@ export class PrecisionTrace {
     return out;
   }
 
-  /** "package role" -> the distinct FP8 operand quantisations its GEMMs ran with, in first-run order. */
+  /** "package role" -> the distinct FP8 operand quantisations its GEMMs ran with, by package and role. */
   operands(): Map<string, string[]> {
-    const out = new Map<string, string[]>();
+    const seen = new Map<string, string[]>();
     for (const e of this.entries.values()) {
       if (!e.operands) continue;
       const key = `${e.pkg} ${e.role}`;
-      const seen = out.get(key) ?? [];
-      if (!seen.includes(e.operands)) seen.push(e.operands);
-      out.set(key, seen);
+      const list = seen.get(key) ?? [];
+      if (!list.includes(e.operands)) list.push(e.operands);
+      seen.set(key, list);
     }
+    const out = new Map<string, string[]>();
+    for (const pkg of Object.keys(this.table()))
+      for (const role of GEMM_ROLES) {
+        const list = seen.get(`${pkg} ${role}`);
+        if (list) out.set(`${pkg} ${role}`, list);
+      }
     return out;
   }
 

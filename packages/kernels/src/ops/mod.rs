@@ -12,6 +12,7 @@ pub mod dequant;
 pub mod elementwise;
 pub mod moe;
 pub mod napi;
+pub mod napi_moe;
 pub mod nn;
 pub mod optim;
 #[cfg(test)]

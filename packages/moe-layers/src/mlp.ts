@@ -1,5 +1,6 @@
 // SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Used for dense layers and shared experts, and,
 // with grouped weights, for the routed experts (one grouped GEMM per projection, not one per expert).
+import type { GemmPackageName } from "@moe8/fp8-core";
 import {
   type Backend,
   intoBf16,
@@ -23,7 +24,7 @@ export interface SwiGluMlpOptions {
   precision: LinearPrecision;
   init: InitFn;
   /** The package the GEMMs belong to, for the precision trace. */
-  pkg: string;
+  pkg: GemmPackageName;
   /**
    * > 0: a grouped MLP of this many experts, weights [E, out, in], run over expert-sorted rows
    * (per-expert checkpoint names are made by the checkpoint writer from the stacked weight).
@@ -38,7 +39,7 @@ export class SwiGluMlp {
   readonly up: Linear;
   readonly down: Linear;
   readonly prefix: string;
-  readonly pkg: string;
+  readonly pkg: GemmPackageName;
   readonly experts: number;
   private saved: { g: Tensor; u: Tensor }[] = [];
 

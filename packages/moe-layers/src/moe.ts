@@ -96,7 +96,7 @@ export class MoELayer {
       decay: true,
     });
     this.bias = b.keep(b.zeros([E]));
-    const mlp = { hidden: d, precision, init, pkg: "moe-layers", trace };
+    const mlp = { hidden: d, precision, init, pkg: "moe-layers" as const, trace };
     this.experts = new SwiGluMlp(b, {
       ...mlp,
       prefix: `${prefix}.experts`,

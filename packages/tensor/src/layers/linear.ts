@@ -5,6 +5,7 @@
 // argument passed to the backend, never a separate code path (docs/runtime.md rule 4).
 import {
   describeOperands,
+  type GemmPackageName,
   type GemmPlan,
   type GemmRole,
   gemmPlan,
@@ -19,14 +20,17 @@ import type { PrecisionTrace } from "./trace.ts";
 export interface LinearOptions {
   precision: LinearPrecision;
   /** The package whose policy the Linear follows, and its layer name, for the precision trace. */
-  pkg: string;
+  pkg: GemmPackageName;
   layer: string;
   trace?: PrecisionTrace;
   /** Expert weights [E, out, in] applied to rows grouped by expert (`offsets`) instead of [out, in]. */
   grouped?: boolean;
 }
 
-/** A quantisation as a memo key: two operands with equal keys are quantised to the same bits. */
+/**
+ * A quantisation as a memo key: under one package policy (one eps) equal keys quantise the same
+ * values to the same bits.
+ */
 function quantKey(q: QuantizeOptions | null): string {
   return q ? `${q.group}/${q.format}/${q.unit ? 1 : 0}/${q.pow2Scales ? 1 : 0}` : "";
 }
@@ -72,7 +76,7 @@ function memoised(memo: QuantMemo | null, key: string, make: () => Tensor): Tens
 export class Linear {
   private saved: Saved[] = [];
   precision: LinearPrecision;
-  readonly pkg: string;
+  readonly pkg: GemmPackageName;
   readonly layer: string;
   readonly trace: PrecisionTrace | undefined;
   readonly grouped: boolean;

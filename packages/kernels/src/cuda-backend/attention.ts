@@ -20,13 +20,16 @@ const FLASH_SHAPES = new Set(
 
 /** Query (or key) rows per block of attention.cu: one warp each. */
 const ROWS_PER_BLOCK = DEFINES.attention.WARPS;
+/** attention.cu's largest head dimension: MAXD values per lane of a warp. */
+const MAX_HEAD_DIM = 32 * DEFINES.attention.MAXD;
 /** Query (or key) rows per block of flash.cu. */
 const FLASH_ROWS = DEFINES.flash.FROWS;
 
 function attnDims(q: Tensor, v: Tensor, o: AttentionOptions) {
   const dqk = q.cols / o.heads;
   const dv = v.cols / o.heads;
-  if (dqk > 256 || dv > 256) throw new Error(`attention: head dimensions ${dqk}/${dv} above 256`);
+  if (dqk > MAX_HEAD_DIM || dv > MAX_HEAD_DIM)
+    throw new Error(`attention: head dimensions ${dqk}/${dv} above ${MAX_HEAD_DIM}`);
   const rows = o.batch * o.heads * o.seq;
   return {
     dqk,

@@ -6,7 +6,7 @@ import { basename, dirname, join } from "node:path";
 import { UsageError } from "@moe8/fp8-core";
 import { MessageHeader, type Schema } from "apache-arrow";
 import { checkTokenColumn, docsFromBatch } from "./columns.ts";
-import { statOrThrow } from "./files.ts";
+import { checkRegular, statOrThrow, statRegularFile } from "./files.ts";
 import { decodeBatch, readMessageAt, scanStream } from "./ipc-scan.ts";
 import { MANIFEST_FILE, type Manifest, readManifest } from "./manifest.ts";
 
@@ -59,6 +59,7 @@ export async function openDataset(path: string, options: OpenOptions = {}): Prom
     manifest = await readManifest(path);
     files = manifest.shards.map((s) => join(path, s.file));
   } else {
+    checkRegular(st, path, "dataset (a folder or an .arrows file)");
     manifestDir = dirname(path);
     const dirManifest = await readManifest(manifestDir).catch(() => null);
     const entry = dirManifest?.shards.find((s) => s.file === basename(path));
@@ -108,7 +109,7 @@ export async function readBlockDocs(ds: Dataset, blockIndex: number): Promise<In
 
 async function checkSizes(manifestPath: string, manifest: Manifest, files: string[]): Promise<void> {
   for (let i = 0; i < files.length; i++) {
-    const st = await statOrThrow(files[i], `shard listed in ${manifestPath}`);
+    const st = await statRegularFile(files[i], `shard listed in ${manifestPath}`);
     if (st.size !== manifest.shards[i].bytes) {
       throw new UsageError(`${files[i]}: ${st.size} bytes but the manifest says ${manifest.shards[i].bytes}`);
     }

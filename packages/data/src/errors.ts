@@ -5,3 +5,17 @@
 export function reason(err: unknown): string {
   return err instanceof Error ? err.message : String(err);
 }
+
+/**
+ * A value quoted for an error message, cut to `max` characters: a message must stay one readable line
+ * even when the value is a 50 MB string from a hostile file.
+ */
+export function brief(value: unknown, max = 80): string {
+  let text: string;
+  try {
+    text = typeof value === "string" ? JSON.stringify(value) : (JSON.stringify(value) ?? String(value));
+  } catch {
+    text = String(value);
+  }
+  return text.length > max ? `${text.slice(0, max)}... (${text.length} characters)` : text;
+}

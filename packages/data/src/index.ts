@@ -1,6 +1,16 @@
 // @moe8/data: Arrow IPC stream token datasets (*.arrows + manifest.json), tokenizers, the loader.
 export { tokenBatch, tokenSchema } from "./arrow-build.ts";
 export { type Block, type Dataset, type OpenOptions, openDataset, readBlockDocs } from "./dataset.ts";
+export { brief } from "./errors.ts";
+export {
+  checkRegular,
+  errnoCode,
+  ioError,
+  ioReason,
+  openRegularSync,
+  readAtSync,
+  readRegularFileSync,
+} from "./files.ts";
 export { type Batch, type Cursor, type LoaderOptions, TokenLoader } from "./loader.ts";
 export {
   checkVocab,

@@ -2,10 +2,12 @@
 // Message, body). It finds the byte range of every record batch, so the loader can later read any one
 // batch directly (random access into a stream file) instead of re-reading the shard from the start.
 import type { Hash } from "node:crypto";
+import { constants } from "node:fs";
 import { open } from "node:fs/promises";
 import { UsageError } from "@moe8/fp8-core";
 import { Message, MessageHeader, RecordBatch, RecordBatchReader } from "apache-arrow";
 import { reason } from "./errors.ts";
+import { checkRegular } from "./files.ts";
 
 export interface StreamMessage {
   header: MessageHeader;
@@ -21,12 +23,16 @@ export const END_OF_STREAM = Uint8Array.of(0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0);
 /** Writers close a stream with this marker; a file without it was cut short (or never closed). */
 export const NO_END = "no end-of-stream marker: the file was cut short or its writer never closed it";
 const READ_CHUNK = 1 << 20;
+/** Non-blocking open: a FIFO where a shard should be must not block (the stat of the fd refuses it). */
+const READ_FLAGS = constants.O_RDONLY | (constants.O_NONBLOCK ?? 0);
 
 /** Walks the messages in order; `hash`, when given, is fed every byte of the file. */
 export async function* scanStream(path: string, hash?: Hash): AsyncGenerator<StreamMessage> {
-  const fh = await open(path, "r");
+  const fh = await open(path, READ_FLAGS);
   try {
-    const size = (await fh.stat()).size;
+    const st = await fh.stat();
+    checkRegular(st, path, "Arrow shard");
+    const size = st.size;
     let pos = 0;
     const fail = (what: string) => new UsageError(`${path}: truncated or corrupt Arrow IPC stream (${what})`);
     const read = async (n: number, what: string): Promise<Buffer> => {
@@ -84,7 +90,7 @@ export async function* scanStream(path: string, hash?: Hash): AsyncGenerator<Str
 
 /** Reads one encapsulated message back by the offset and length found by scanStream. */
 export async function readMessageAt(path: string, offset: number, length: number): Promise<Uint8Array> {
-  const fh = await open(path, "r");
+  const fh = await open(path, READ_FLAGS);
   try {
     const buf = Buffer.allocUnsafe(length);
     const { bytesRead } = await fh.read(buf, 0, length, offset);

@@ -85,6 +85,7 @@ export class TokenLoader {
     }
     const minValTokens = (options.minValWindows ?? Math.max(8, batchSize)) * (seqLen + 1);
     this.split = splitDocuments(dataset.docLengths, { ...options, minValTokens }, dataset.path);
+    checkEnoughTokens(dataset, this.split, seqLen, (options.valFraction ?? 0.01) > 0);
     this.blockDocs = groupTrainDocs(this.split.train, dataset.docBlock, dataset.docLengths);
     this.shuffleTokens = options.shuffleTokens ?? 2 ** 24;
     this.fingerprint = `${dataset.fingerprint}:${this.split.train.length}:${checksum(this.split.train)}`;
@@ -260,4 +261,25 @@ function checksum(a: Int32Array): string {
   let h = 0x811c9dc5;
   for (const v of a) h = Math.imul(h ^ v, 0x01000193);
   return (h >>> 0).toString(16);
+}
+
+/**
+ * Windows repeat the data when it is shorter than one of them (a 1-token dataset "trained" on the
+ * same token forever), and a split without one held-out window gives a validation loss of NaN:
+ * both are refused with the counts. The eot separator counts, as the windows include it.
+ */
+function checkEnoughTokens(ds: Dataset, split: Split, seqLen: number, validate: boolean): void {
+  const tokens = (ids: Int32Array) =>
+    ids.reduce((a, d) => a + ds.docLengths[d] + (ds.eotId === undefined ? 0 : 1), 0);
+  const window = seqLen + 1;
+  const train = tokens(split.train);
+  if (train < window)
+    throw new UsageError(
+      `${ds.path}: ${train} training tokens, fewer than one window of seq_len + 1 = ${window}`,
+    );
+  const val = tokens(split.val);
+  if (validate && val < window)
+    throw new UsageError(
+      `${ds.path}: the held-out documents hold ${val} tokens, fewer than one validation window of seq_len + 1 = ${window} (a dataset needs at least two documents and ${2 * window} tokens)`,
+    );
 }

@@ -1,13 +1,14 @@
 // manifest.json: what a dataset folder holds, so a reader can check its shards and its tokenizer
 // before training on them.
-import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { UsageError } from "@moe8/fp8-core";
-import { reason } from "./errors.ts";
-import { writeFileAtomic } from "./files.ts";
+import { brief, reason } from "./errors.ts";
+import { readRegularFile, writeFileAtomic } from "./files.ts";
 
 export const MANIFEST_FORMAT = "moe8-tokens/1";
 export const MANIFEST_FILE = "manifest.json";
+/** A manifest lists its shards (about 200 bytes each): 64 MiB is 300,000 shards. */
+const MAX_MANIFEST_BYTES = 64 * 2 ** 20;
 
 export type TokenizerSpec =
   | { type: "byte" }
@@ -35,13 +36,7 @@ export interface Manifest {
 
 export async function readManifest(dir: string): Promise<Manifest> {
   const path = join(dir, MANIFEST_FILE);
-  let text: string;
-  try {
-    text = await readFile(path, "utf8");
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    throw new UsageError(`${path}: ${code === "ENOENT" ? "manifest not found" : reason(err)}`);
-  }
+  const text = (await readRegularFile(path, "manifest", MAX_MANIFEST_BYTES)).toString("utf8");
   let json: unknown;
   try {
     json = JSON.parse(text);
@@ -56,7 +51,7 @@ function validateManifest(json: unknown, path: string): Manifest {
   if (typeof json !== "object" || json === null) throw new UsageError(`${path}: not a JSON object`);
   const m = json as Record<string, unknown>;
   if (m.format !== MANIFEST_FORMAT)
-    throw bad("format", `must be "${MANIFEST_FORMAT}", got ${JSON.stringify(m.format)}`);
+    throw bad("format", `must be "${MANIFEST_FORMAT}", got ${brief(m.format)}`);
   for (const key of ["vocab_size", "documents", "tokens"]) {
     if (!Number.isSafeInteger(m[key]) || (m[key] as number) < 0)
       throw bad(key, "must be a non-negative integer");
@@ -70,10 +65,7 @@ function validateManifest(json: unknown, path: string): Manifest {
   } else if (tok?.type === "bpe") {
     if (typeof tok.file !== "string") throw bad("tokenizer.file", "must name the tokenizer.json file");
   } else {
-    throw bad(
-      "tokenizer",
-      `must be {"type":"byte"} or {"type":"bpe","file":...}, got ${JSON.stringify(tok)}`,
-    );
+    throw bad("tokenizer", `must be {"type":"byte"} or {"type":"bpe","file":...}, got ${brief(tok)}`);
   }
   if (!Array.isArray(m.shards) || m.shards.length === 0) throw bad("shards", "must be a non-empty array");
   m.shards.forEach((s: Record<string, unknown>, i: number) => {

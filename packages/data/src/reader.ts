@@ -6,7 +6,7 @@ import { UsageError } from "@moe8/fp8-core";
 import { RecordBatchReader } from "apache-arrow";
 import { checkTokenColumn, docsFromBatch } from "./columns.ts";
 import { reason } from "./errors.ts";
-import { statOrThrow } from "./files.ts";
+import { statRegularFile } from "./files.ts";
 import { END_OF_STREAM, NO_END } from "./ipc-scan.ts";
 
 export interface ReadOptions {
@@ -20,7 +20,7 @@ export async function* readShardDocuments(
   column = "tokens",
   options: ReadOptions = {},
 ): AsyncGenerator<Int32Array> {
-  await statOrThrow(path, "Arrow shard");
+  await statRegularFile(path, "Arrow shard");
   let reader: Awaited<ReturnType<typeof openReader>>;
   try {
     reader = await openReader(path);

@@ -3,10 +3,13 @@
 import { stat } from "node:fs/promises";
 import { join } from "node:path";
 import { UsageError } from "@moe8/fp8-core";
+import { sha256OfFile, statRegularFile } from "./files.ts";
 import { type Manifest, readManifest } from "./manifest.ts";
 import { readShardDocuments } from "./reader.ts";
 
 export interface WindowOptions {
+  /** Check every shard's size and sha256 against the manifest before the first window (default true). */
+  verifyChecksums?: boolean;
   /** Token column (default: the manifest's, else "tokens"). */
   column?: string;
   /** Vocabulary size to check ids against when there is no manifest. */
@@ -24,6 +27,9 @@ export async function* sequentialWindows(
   const column = options.column ?? manifest?.column ?? "tokens";
   const vocabSize = manifest?.vocab_size ?? options.vocabSize;
   const eot = manifest?.tokenizer.type === "bpe" ? manifest.tokenizer.eot_id : undefined;
+  // Damage anywhere is found before any work is done on the data (a flipped byte in the last shard
+  // would otherwise surface only after evaluating every shard before it, or never).
+  if (manifest && options.verifyChecksums !== false) await verifyShards(files, manifest);
   let window = new Int32Array(seqLen + 1);
   let filled = 0;
   for (let i = 0; i < files.length; i++) {
@@ -48,6 +54,18 @@ export async function* sequentialWindows(
       }
     }
     if (manifest) checkCounts(files[i], manifest.shards[i], docs, tokens);
+  }
+}
+
+async function verifyShards(files: string[], manifest: Manifest): Promise<void> {
+  for (const [i, file] of files.entries()) {
+    const entry = manifest.shards[i];
+    const st = await statRegularFile(file, "Arrow shard");
+    if (st.size !== entry.bytes)
+      throw new UsageError(`${file}: ${st.size} bytes but the manifest says ${entry.bytes}`);
+    const sha = await sha256OfFile(file, "Arrow shard");
+    if (sha !== entry.sha256)
+      throw new UsageError(`${file}: sha256 ${sha} does not match the manifest's ${entry.sha256}`);
   }
 }
 

@@ -98,9 +98,35 @@ describe("prepareData", () => {
     const first = await prepareData({ input: [input], out, shardBytes: 4096 });
     expect(first.shards.length).toBeGreaterThan(3);
     writeFileSync(input, "tiny\n");
-    await prepareData({ input: [input], out });
+    await expect(prepareData({ input: [input], out })).rejects.toThrow(
+      /already holds a dataset; pass --overwrite to replace it/,
+    );
+    await prepareData({ input: [input], out, overwrite: true });
     expect(readdirSync(out).sort()).toEqual(["manifest.json", "shard-00000.arrows"]);
     expect(readdirSync(dir).filter((f) => f.includes(".tmp-"))).toEqual([]);
+  });
+
+  it("never replaces what is not a previous dataset, nor the input", async () => {
+    const input = join(dir, "guarded.txt");
+    writeFileSync(input, book);
+    const mine = join(dir, "my-folder");
+    mkdirSync(mine);
+    writeFileSync(join(mine, "notes.txt"), "keep me");
+    const file = join(dir, "a-file.txt");
+    writeFileSync(file, "keep me too");
+    const cases: [Parameters<typeof prepareData>[0], RegExp][] = [
+      [{ input: [input], out: mine, overwrite: true }, /not a dataset folder \(it holds "notes.txt"\)/],
+      [{ input: [input], out: file, overwrite: true }, /exists and is not a folder/],
+      [{ input: [input], out: input, overwrite: true }, /inside the input/],
+      [{ input: [dir], out: join(dir, "sub", "ds") }, /inside the input/],
+      [{ input: [input], out: dir, overwrite: true }, /the input .* is inside it/],
+      [{ input: [input], out: "" }, /output folder name is empty/],
+      [{ input: [input], out: join(dir, "x"), shardBytes: 0 }, /--shard-bytes 0/],
+    ];
+    for (const [options, want] of cases) await expect(prepareData(options)).rejects.toThrow(want);
+    expect(readFileSync(join(mine, "notes.txt"), "utf8")).toBe("keep me");
+    expect(readFileSync(file, "utf8")).toBe("keep me too");
+    expect(readFileSync(input, "utf8")).toBe(book);
   });
 
   it("formats a progress bar", () => {

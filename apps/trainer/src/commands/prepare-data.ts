@@ -1,5 +1,6 @@
 // `moe8 prepare-data --input <files or folders> --out datasets/NAME [--tokenizer byte|bpe:N|tokenizer.json]`:
 // tokenises .txt/.jsonl/.parquet text into Arrow IPC stream shards with a manifest, with a progress bar.
+// An existing --out is replaced only when it is a previous dataset and --overwrite is given.
 import { formatProgressBar, prepareData } from "@moe8/data";
 import { UsageError } from "@moe8/fp8-core";
 import { parseArgs } from "../args.ts";
@@ -8,6 +9,7 @@ export async function prepareDataCommand(argv: string[]): Promise<number> {
   const { flags } = parseArgs(argv, {
     input: "list",
     out: "string",
+    overwrite: "boolean",
     tokenizer: "string",
     "text-field": "string",
     "shard-bytes": "int",
@@ -22,6 +24,7 @@ export async function prepareDataCommand(argv: string[]): Promise<number> {
   const manifest = await prepareData({
     input,
     out: String(flags.out),
+    overwrite: flags.overwrite === true,
     tokenizer: String(flags.tokenizer ?? "byte"),
     textField: String(flags["text-field"] ?? "text"),
     shardBytes: flags["shard-bytes"] as number | undefined,

@@ -3,7 +3,7 @@
 import { readdir } from "node:fs/promises";
 import { basename, extname, join, relative } from "node:path";
 import { UsageError } from "@moe8/fp8-core";
-import { statOrThrow } from "../files.ts";
+import { checkRegular, statOrThrow } from "../files.ts";
 
 export type InputKind = "text" | "jsonl" | "parquet";
 
@@ -44,6 +44,7 @@ export async function listInputs(inputs: string[]): Promise<InputFile[]> {
       const kind = KINDS[extname(input).toLowerCase()];
       if (!kind)
         throw new UsageError(`${input}: unsupported input type (expected .txt, .md, .jsonl or .parquet)`);
+      checkRegular(st, input, "input");
       files.push({ path: input, name: basename(input), kind, bytes: st.size });
     }
   }

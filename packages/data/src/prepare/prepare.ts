@@ -1,8 +1,11 @@
 // prepareData: text files in, a tokenised dataset folder (shards + manifest [+ tokenizer.json]) out.
 // Everything is written into a temporary sibling folder that replaces `out` only when complete, so a
-// failed or interrupted run leaves the previous dataset (or nothing) in place.
+// failed or interrupted run leaves the previous dataset (or nothing) in place. `out` must be new, an
+// empty folder, or (with overwrite) a previous dataset: never a user's folder, a file, or the input.
 import { mkdir, rename, rm } from "node:fs/promises";
-import { dirname, join } from "node:path";
+import { basename, dirname, join } from "node:path";
+import { UsageError } from "@moe8/fp8-core";
+import { ioError } from "../files.ts";
 import type { Manifest, TokenizerSpec } from "../manifest.ts";
 import { BpeTokenizer } from "../tokenizers/bpe.ts";
 import { ByteTokenizer } from "../tokenizers/byte.ts";
@@ -11,11 +14,14 @@ import type { Tokenizer } from "../tokenizers/types.ts";
 import { writeShards } from "../writer.ts";
 import { readDocuments } from "./documents.ts";
 import { type InputFile, listInputs } from "./inputs.ts";
+import { checkOutput } from "./output.ts";
 
 export interface PrepareOptions {
   /** Files or folders of .txt/.md (plain text), .jsonl or .parquet. */
   input: string[];
   out: string;
+  /** Replace `out` when it holds a previous dataset (default: refuse). Nothing else is ever replaced. */
+  overwrite?: boolean;
   /** "byte" (default), "bpe:N" (train a BPE of N tokens on the input), or a tokenizer.json path. */
   tokenizer?: string;
   /** The text field of .jsonl rows and the text column of .parquet files (default "text"). */
@@ -39,13 +45,22 @@ export interface PrepareProgress {
 
 export async function prepareData(options: PrepareOptions): Promise<Manifest> {
   const choice = parseTokenizerSpec(options.tokenizer ?? "byte");
-  const files = await listInputs(options.input);
-  const textField = options.textField ?? "text";
+  const shardBytes = options.shardBytes ?? 64 * 2 ** 20;
   const chunkBytes = options.chunkBytes ?? 16384;
+  if (!Number.isSafeInteger(shardBytes) || shardBytes < 1)
+    throw new UsageError(`--shard-bytes ${shardBytes}: must be a positive number of bytes`);
+  if (!Number.isSafeInteger(chunkBytes) || chunkBytes < 0)
+    throw new UsageError(
+      `--chunk-bytes ${chunkBytes}: must be 0 (whole files) or a positive number of bytes`,
+    );
+  const files = await listInputs(options.input);
+  await checkOutput(options.out, options.input, options.overwrite ?? false);
+  const textField = options.textField ?? "text";
   const bytesTotal = files.reduce((a, f) => a + f.bytes, 0);
-  const tmp = join(dirname(options.out), `.${options.out.split(/[\\/]/).pop()}.tmp-${process.pid}`);
-  await rm(tmp, { recursive: true, force: true });
+  const out = options.out;
+  const tmp = join(dirname(out), `.${basename(out)}.tmp-${process.pid}`);
   try {
+    await rm(tmp, { recursive: true, force: true });
     const texts = (phase: PrepareProgress["phase"], counts: { documents: number; tokens: number }) =>
       allTexts(files, { textField, chunkBytes }, (file, bytesDone) =>
         options.onProgress?.({ phase, file: file.name, bytesDone, bytesTotal, ...counts }),
@@ -78,7 +93,7 @@ export async function prepareData(options: PrepareOptions): Promise<Manifest> {
       }
     }
     const manifest = await writeShards(docs(), tmp, {
-      bytesPerShard: options.shardBytes ?? 64 * 2 ** 20,
+      bytesPerShard: shardBytes,
       tokenizer: spec,
       vocabSize: tokenizer.vocabSize,
       source: {
@@ -88,10 +103,14 @@ export async function prepareData(options: PrepareOptions): Promise<Manifest> {
         chunk_bytes: chunkBytes,
       },
     });
-    await replaceDir(tmp, options.out);
+    await replaceDir(tmp, out);
     return manifest;
+  } catch (err) {
+    // Messages name the output folder, never the temporary one it is built in.
+    if (err instanceof UsageError) throw new UsageError(err.message.replaceAll(tmp, out));
+    throw ioError(err, out, "write the dataset");
   } finally {
-    await rm(tmp, { recursive: true, force: true });
+    await rm(tmp, { recursive: true, force: true }).catch(() => {});
   }
 }
 

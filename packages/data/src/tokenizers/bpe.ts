@@ -1,10 +1,9 @@
 // A byte-level BPE tokenizer that reads and writes Hugging Face's tokenizer.json (model BPE,
 // pre-tokenizer and decoder ByteLevel), so `tokenizers.Tokenizer.from_file` and transformers load
 // what we train, and GPT-2-style tokenizer.json files load here.
-import { readFile } from "node:fs/promises";
 import { UsageError } from "@moe8/fp8-core";
 import { reason } from "../errors.ts";
-import { writeFileAtomic } from "../files.ts";
+import { readRegularFile, writeFileAtomic } from "../files.ts";
 import { BpeTrainer, EOT_TOKEN, mergeWord } from "./bpe-train.ts";
 import { BYTE_TO_CHAR, CHAR_TO_BYTE, preTokenize, toByteLevel } from "./byte-level.ts";
 import type { Tokenizer } from "./types.ts";
@@ -144,14 +143,13 @@ export class BpeTokenizer implements Tokenizer {
   }
 
   static async load(path: string): Promise<BpeTokenizer> {
+    // 1 GiB: far beyond any tokenizer.json (a 1M-token vocabulary with its merges is ~100 MB).
+    const text = (await readRegularFile(path, "tokenizer file", 2 ** 30)).toString("utf8");
     let json: HfTokenizerJson;
     try {
-      json = JSON.parse(await readFile(path, "utf8"));
+      json = JSON.parse(text);
     } catch (err) {
-      const code = (err as NodeJS.ErrnoException).code;
-      throw new UsageError(
-        `${path}: ${code === "ENOENT" ? "tokenizer file not found" : `unreadable tokenizer.json (${reason(err)})`}`,
-      );
+      throw new UsageError(`${path}: unreadable tokenizer.json (${reason(err)})`);
     }
     return BpeTokenizer.fromJSON(json, path);
   }

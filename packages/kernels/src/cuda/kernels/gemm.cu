@@ -1,5 +1,5 @@
 // Tiled GEMMs for what cuBLASLt does not take: f32/BF16 and FP8 with any group layout and shape,
-// plain or grouped over expert segments whose offsets stay on the device (RUNTIME.md rule 2).
+// plain or grouped over expert segments whose offsets stay on the device (docs/runtime.md rule 2).
 // C[M,N] (+)= op(A) op(B). The FP8 path computes exactly the reference's chunked promotion
 // (fp8-core scaledMatmul): within each `promotion`-long stretch of K the products of decoded FP8
 // values are summed in f32, then the partial sum is scaled by the two groups' scales and added to
@@ -14,14 +14,36 @@
 #define BN 64
 #define BK 16
 
-template <int FP8>
+// Every entry point below is one instantiation of gemm_dispatch over these named choices (its
+// static_asserts reject the combinations no tile implements); the tile routines branch on them with
+// `if constexpr`.
+
+// What the operands hold: f32 values (rounded to BF16 on load when the run-time inBf16 flag asks),
+// f32 values always rounded to BF16 (the tensor-core BF16 GEMM), or FP8 codes with group scales.
+enum class Operands { F32, Bf16, Fp8 };
+
+// What multiplies: the CUDA cores (f32 FMAs; FP8 with any promotion interval) or the tensor cores
+// (mma.sync; FP8 promoted every 128 elements of K).
+enum class Unit { Simt, Mma };
+
+// How A and B are stored: each operand's layout given at run time (aKcols, bKcols), or both in one
+// layout fixed at compile time: K-contiguous ("tn": A [M,K], B [N,K]) or K-outer ("tt": A [K,M],
+// B [K,N]).
+enum class Layout { PerOperand, KInner, KOuter };
+
+// An FP8 operand's format fixed at compile time, or Runtime: read from the fa/fb arguments (and the
+// value for f32 and BF16 operands, which have none).
+enum class Fp8Format { Runtime, E4M3, E5M2 };
+
+template <Operands IN>
 __device__ __forceinline__ float load_elem(const void* p, i64 idx, int fmt, int inBf16) {
-  if (FP8) return decode_fp8(((const u8*)p)[idx], fmt);
+  if constexpr (IN == Operands::Fp8) return decode_fp8(((const u8*)p)[idx], fmt);
   const float v = ((const float*)p)[idx];
   return inBf16 ? round_bf16(v) : v;
 }
 
-template <int FP8>
+// The CUDA-core tile: 256 threads, each a 4 x 4 block of the 64 x 64 tile of C.
+template <Operands IN>
 __device__ __forceinline__ void gemm_tile(
     const void* A, const float* As, int ga, int fa, int aKcols,
     const void* B, const float* Bs, int gb, int fb, int bKcols,
@@ -44,7 +66,7 @@ __device__ __forceinline__ void gemm_tile(
       if (aKcols) { kk = l % BK; mm = l / BK; } else { mm = l % BM; kk = l / BM; }
       const int m = m0 + mm, k = k0 + kk;
       float v = 0.0f;
-      if (m < M && k < K) v = load_elem<FP8>(A, aKcols ? (i64)m * K + k : (i64)k * M + m, fa, inBf16);
+      if (m < M && k < K) v = load_elem<IN>(A, aKcols ? (i64)m * K + k : (i64)k * M + m, fa, inBf16);
       sa[kk][mm] = v;
     }
     for (int l = threadIdx.x; l < BK * BN; l += 256) {
@@ -52,7 +74,7 @@ __device__ __forceinline__ void gemm_tile(
       if (bKcols) { kk = l % BK; nn = l / BK; } else { nn = l % BN; kk = l / BN; }
       const int n = n0 + nn, k = k0 + kk;
       float v = 0.0f;
-      if (n < N && k < K) v = load_elem<FP8>(B, bKcols ? (i64)n * K + k : (i64)k * N + n, fb, inBf16);
+      if (n < N && k < K) v = load_elem<IN>(B, bKcols ? (i64)n * K + k : (i64)k * N + n, fb, inBf16);
       sb[kk][nn] = v;
     }
     __syncthreads();
@@ -64,7 +86,7 @@ __device__ __forceinline__ void gemm_tile(
       for (int i = 0; i < 4; i++) av[i] = sa[kk][ty + 16 * i];
 #pragma unroll
       for (int j = 0; j < 4; j++) bv[j] = sb[kk][tx + 16 * j];
-      if (!FP8) {
+      if constexpr (IN != Operands::Fp8) {
 #pragma unroll
         for (int i = 0; i < 4; i++)
 #pragma unroll
@@ -137,26 +159,30 @@ __device__ __forceinline__ void gemm_tile(
 // Promotion as DeepSeek-V3 and DeepGEMM do it: each 128-long stretch of K is summed by the tensor
 // cores into a fresh f32 partial, which is then scaled by the two operands' group scales and added
 // to the f32 accumulator, exactly the factored branch of gemm_tile (summation order aside).
-template <int FA, int FB>
+template <Fp8Format FA, Fp8Format FB>
 __device__ __forceinline__ void mma_fp8_t(float* c, const u32* a, u32 b0, u32 b1) {
+  static_assert(FA != Fp8Format::Runtime && FB != Fp8Format::Runtime, "mma.sync needs both formats");
 #define MMA8T(TA, TB)                                                                                    \
   asm volatile("mma.sync.aligned.m16n8k32.row.col.f32." TA "." TB                                       \
                ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                             \
                : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                          \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
-  if constexpr (FA == 0 && FB == 0) MMA8T("e4m3", "e4m3");
-  else if constexpr (FA == 0) MMA8T("e4m3", "e5m2");
-  else if constexpr (FB == 0) MMA8T("e5m2", "e4m3");
+  constexpr bool a4 = FA == Fp8Format::E4M3, b4 = FB == Fp8Format::E4M3;
+  if constexpr (a4 && b4) MMA8T("e4m3", "e4m3");
+  else if constexpr (a4) MMA8T("e4m3", "e5m2");
+  else if constexpr (b4) MMA8T("e5m2", "e4m3");
   else MMA8T("e5m2", "e5m2");
 #undef MMA8T
 }
 
-// The same with the formats known only at run time (the tile kernel for any layout).
+// The same with the formats known only at run time (fa, fb: FMT_E4M3 or FMT_E5M2; the tile kernel
+// for any layout).
 __device__ __forceinline__ void mma_fp8(float* c, const u32* a, u32 b0, u32 b1, int fa, int fb) {
-  if (fa == 0 && fb == 0) mma_fp8_t<0, 0>(c, a, b0, b1);
-  else if (fa == 0) mma_fp8_t<0, 1>(c, a, b0, b1);
-  else if (fb == 0) mma_fp8_t<1, 0>(c, a, b0, b1);
-  else mma_fp8_t<1, 1>(c, a, b0, b1);
+  constexpr Fp8Format E4 = Fp8Format::E4M3, E5 = Fp8Format::E5M2;
+  if (fa == FMT_E4M3 && fb == FMT_E4M3) mma_fp8_t<E4, E4>(c, a, b0, b1);
+  else if (fa == FMT_E4M3) mma_fp8_t<E4, E5>(c, a, b0, b1);
+  else if (fb == FMT_E4M3) mma_fp8_t<E5, E4>(c, a, b0, b1);
+  else mma_fp8_t<E5, E5>(c, a, b0, b1);
 }
 
 // A warp's MMA fragments from shared [row][k] tiles of LD bytes per row, k-step at byte column k:
@@ -390,14 +416,15 @@ __device__ __forceinline__ void gemm_tile_mma(
 
 
 // One stage of an operand: 64 rows (r0..) x 128 k (k0..), 4 sixteen-byte pieces per thread.
-// T = 0: stored [rows, K] (K-contiguous); each piece is 16 k of one row.
-// T = 1: stored [K, rows] (Wgrad: tokens are K), rows % 16 == 0; thread (k-quad q, 16-row chunk c)
+// KInner: stored [rows, K] (K-contiguous); each piece is 16 k of one row.
+// KOuter: stored [K, rows] (Wgrad: tokens are K), rows % 16 == 0; thread (k-quad q, 16-row chunk c)
 // loads rows 16c..16c+15 of k = 4q..4q+3.
-template <int T>
+template <Layout L>
 __device__ __forceinline__ void tn_fetch(uint4* r, const u8* g, int rows, int K, int r0, int k0) {
+  static_assert(L != Layout::PerOperand, "a stage has one layout");
 #pragma unroll
   for (int j = 0; j < 4; j++) {
-    if constexpr (T == 0) {
+    if constexpr (L == Layout::KInner) {
       const int idx = threadIdx.x + 128 * j, row = r0 + (idx >> 3), k = k0 + (idx & 7) * 16;
       r[j] = (row < rows && k < K) ? *(const uint4*)(g + (i64)row * K + k) : make_uint4(0, 0, 0, 0);
     } else {
@@ -418,9 +445,10 @@ __device__ __forceinline__ void bytes4x4(u32 a, u32 b, u32 c, u32 d, u32* out) {
 }
 
 // The stage into shared memory as [row][k] (k-contiguous rows of TN_LD bytes).
-template <int T>
+template <Layout L>
 __device__ __forceinline__ void tn_stash(u8* s, const uint4* r) {
-  if constexpr (T == 0) {
+  static_assert(L != Layout::PerOperand, "a stage has one layout");
+  if constexpr (L == Layout::KInner) {
 #pragma unroll
     for (int j = 0; j < 4; j++) {
       const int idx = threadIdx.x + 128 * j;
@@ -438,7 +466,7 @@ __device__ __forceinline__ void tn_stash(u8* s, const uint4* r) {
   }
 }
 
-template <int FA, int FB, int T>
+template <Fp8Format FA, Fp8Format FB, Layout L>
 __device__ __forceinline__ void gemm_tile_tn(const u8* A, const float* As, int ga, const u8* B, const float* Bs, int gb,
                                              float* C, int M, int N, int K, int mTile, int nTile, int accumulate,
                                              int outBf16) {
@@ -450,20 +478,21 @@ __device__ __forceinline__ void gemm_tile_tn(const u8* A, const float* As, int g
   float acc[2][4][4];
   zero_frag_acc(acc);
   uint4 ra[4], rb[4];
-  tn_fetch<T>(ra, A, M, K, m0, 0);
-  tn_fetch<T>(rb, B, N, K, n0, 0);
-  tn_stash<T>(sa[0], ra);
-  tn_stash<T>(sb[0], rb);
+  tn_fetch<L>(ra, A, M, K, m0, 0);
+  tn_fetch<L>(rb, B, N, K, n0, 0);
+  tn_stash<L>(sa[0], ra);
+  tn_stash<L>(sb[0], rb);
   __syncthreads();
   int st = 0;
   for (int k0 = 0; k0 < K; k0 += 128, st ^= 1) {
     const bool more = k0 + 128 < K;
     if (more) {
-      tn_fetch<T>(ra, A, M, K, m0, k0 + 128);
-      tn_fetch<T>(rb, B, N, K, n0, k0 + 128);
+      tn_fetch<L>(ra, A, M, K, m0, k0 + 128);
+      tn_fetch<L>(rb, B, N, K, n0, k0 + 128);
     }
     float s1[2][2], s2[4][2];  // loaded before the MMAs, so their latency hides behind them
-    chunk_scales(s1, s2, As, ga, !T, Bs, gb, !T, M, N, K, m0 + wm, n0 + wn, k0);
+    constexpr int kc = L == Layout::KInner;  // both operands K-contiguous
+    chunk_scales(s1, s2, As, ga, kc, Bs, gb, kc, M, N, K, m0 + wm, n0 + wn, k0);
     float part[2][4][4];
     zero_frag_acc(part);
 #pragma unroll
@@ -477,47 +506,56 @@ __device__ __forceinline__ void gemm_tile_tn(const u8* A, const float* As, int g
     }
     promote(acc, part, s1, s2);
     if (more) {
-      tn_stash<T>(sa[st ^ 1], ra);
-      tn_stash<T>(sb[st ^ 1], rb);
+      tn_stash<L>(sa[st ^ 1], ra);
+      tn_stash<L>(sb[st ^ 1], rb);
     }
     __syncthreads();
   }
   mma_store(C, M, N, m0 + wm, n0 + wn, acc, accumulate, outBf16);
 }
 
-template <int KIND>
+// One 64 x 64 tile of C with the routine of the chosen kind.
+template <Operands IN, Unit UNIT, Layout L, Fp8Format FA, Fp8Format FB>
 __device__ __forceinline__ void tile_any(
     const void* A, const float* As, int ga, int fa, int aKcols,
     const void* B, const float* Bs, int gb, int fb, int bKcols,
     float* C, int M, int N, int K, int mTile, int nTile,
     int accumulate, int outBf16, int inBf16, int promotion) {
-  if constexpr (KIND == 2)
+  if constexpr (L != Layout::PerOperand)
+    gemm_tile_tn<FA, FB, L>((const u8*)A, As, ga, (const u8*)B, Bs, gb, C, M, N, K, mTile, nTile, accumulate,
+                            outBf16);
+  else if constexpr (UNIT == Unit::Mma && IN == Operands::Fp8)
     gemm_tile_mma((const u8*)A, As, ga, fa, aKcols, (const u8*)B, Bs, gb, fb, bKcols, C, M, N, K, mTile, nTile,
                   accumulate, outBf16);
-  else if constexpr (KIND >= 4)  // 4 + 4 * T + 2 * fa + fb: FP8, both operands K-contiguous (T = 0) or both [K, rows] (T = 1)
-    gemm_tile_tn<(((KIND - 4) >> 1) & 1), ((KIND - 4) & 1), ((KIND - 4) >> 2)>(
-        (const u8*)A, As, ga, (const u8*)B, Bs, gb, C, M, N, K, mTile, nTile, accumulate, outBf16);
-  else if constexpr (KIND == 3)
+  else if constexpr (UNIT == Unit::Mma)
     gemm_tile_bf16_mma((const float*)A, aKcols, (const float*)B, bKcols, C, M, N, K, mTile, nTile, accumulate,
                        outBf16);
   else
-    gemm_tile<KIND>(A, As, ga, fa, aKcols, B, Bs, gb, fb, bKcols, C, M, N, K, mTile, nTile, accumulate, outBf16,
-                    inBf16, promotion);
+    gemm_tile<IN>(A, As, ga, fa, aKcols, B, Bs, gb, fb, bKcols, C, M, N, K, mTile, nTile, accumulate, outBf16,
+                  inBf16, promotion);
 }
 
-// KIND: 0 f32/BF16 tiles, 1 FP8 tiles (any promotion), 2 FP8 on tensor cores (promotion 128),
-// 3 BF16 on tensor cores, 4..11 FP8 on tensor cores with both operands K-contiguous or both
-// stored [K, rows] (layout and formats in KIND).
-template <int KIND>
+// The tile of C this block computes, plain (mode 0) or within an expert segment (modes 1 and 2),
+// with the tile routine of the kind IN / UNIT / L / FA / FB.
+template <Operands IN, Unit UNIT, Layout L = Layout::PerOperand, Fp8Format FA = Fp8Format::Runtime,
+          Fp8Format FB = Fp8Format::Runtime>
 __device__ __forceinline__ void gemm_dispatch(
     const void* A, const float* As, int ga, int fa, int aKcols,
     const void* B, const float* Bs, int gb, int fb, int bKcols,
     float* C, int M, int N, int K, int mode, const int* off, int E, int bRows, int bCols,
     int accumulate, int outBf16, int inBf16, int promotion) {
-  const int esz = (KIND == 0 || KIND == 3) ? 4 : 1;
+  static_assert(IN != Operands::F32 || UNIT == Unit::Simt,
+                "f32 operands run on the CUDA cores (the tensor-core tile takes them as Operands::Bf16)");
+  static_assert(IN != Operands::Bf16 || UNIT == Unit::Mma,
+                "the CUDA-core tile rounds f32 operands to BF16 at run time (Operands::F32 and inBf16)");
+  static_assert(L == Layout::PerOperand || (IN == Operands::Fp8 && UNIT == Unit::Mma),
+                "only the FP8 tensor-core tile has fixed-layout variants");
+  static_assert((L == Layout::PerOperand) == (FA == Fp8Format::Runtime && FB == Fp8Format::Runtime),
+                "the fixed-layout tiles fix both formats; the others read them at run time (fa, fb)");
+  constexpr int esz = IN == Operands::Fp8 ? 1 : 4;  // bytes per stored element of A and B
   if (mode == 0) {
-    tile_any<KIND>(A, As, ga, fa, aKcols, B, Bs, gb, fb, bKcols, C, M, N, K, blockIdx.y, blockIdx.x,
-                   accumulate, outBf16, inBf16, promotion);
+    tile_any<IN, UNIT, L, FA, FB>(A, As, ga, fa, aKcols, B, Bs, gb, fb, bKcols, C, M, N, K, blockIdx.y, blockIdx.x,
+                                  accumulate, outBf16, inBf16, promotion);
     return;
   }
   if (mode == 1) {
@@ -534,8 +572,8 @@ __device__ __forceinline__ void gemm_dispatch(
     const float* as = As ? As + (ga == G_TENSOR ? 0 : (i64)off[e] * scale_count(ga, 1, K)) : As;
     const char* b = (const char*)B + (i64)e * bRows * bCols * esz;
     const float* bs = Bs ? Bs + (i64)e * scale_count(gb, bRows, bCols) : Bs;
-    tile_any<KIND>(a, as, ga, fa, 1, b, bs, gb, fb, bKcols, C + (i64)off[e] * N, rows, N, K, t, blockIdx.x,
-                   accumulate, outBf16, inBf16, promotion);
+    tile_any<IN, UNIT, L, FA, FB>(a, as, ga, fa, 1, b, bs, gb, fb, bKcols, C + (i64)off[e] * N, rows, N, K, t,
+                                  blockIdx.x, accumulate, outBf16, inBf16, promotion);
     return;
   }
   // mode 2: C[e] = A_e^T B_e.
@@ -549,23 +587,24 @@ __device__ __forceinline__ void gemm_dispatch(
   }
   const char* a = (const char*)A + (i64)off[e] * M * esz;
   const char* b = (const char*)B + (i64)off[e] * N * esz;
-  tile_any<KIND>(a, As ? As + aso : As, ga, fa, 0, b, Bs ? Bs + bso : Bs, gb, fb, 0, C + (i64)e * M * N, M, N, rows,
-                 blockIdx.y, blockIdx.x, accumulate, outBf16, inBf16, promotion);
+  tile_any<IN, UNIT, L, FA, FB>(a, As ? As + aso : As, ga, fa, 0, b, Bs ? Bs + bso : Bs, gb, fb, 0,
+                                C + (i64)e * M * N, M, N, rows, blockIdx.y, blockIdx.x, accumulate, outBf16, inBf16,
+                                promotion);
 }
 
 KERNEL void __launch_bounds__(256) gemm_f32(
     const float* A, int aKcols, const float* B, int bKcols, float* C, int M, int N, int K,
     int mode, const int* off, int E, int bRows, int bCols, int accumulate, int outBf16, int inBf16) {
-  gemm_dispatch<0>(A, 0, 0, 0, aKcols, B, 0, 0, 0, bKcols, C, M, N, K, mode, off, E, bRows, bCols,
-                   accumulate, outBf16, inBf16, 1 << 30);
+  gemm_dispatch<Operands::F32, Unit::Simt>(A, 0, 0, 0, aKcols, B, 0, 0, 0, bKcols, C, M, N, K, mode, off, E, bRows,
+                                           bCols, accumulate, outBf16, inBf16, 1 << 30);
 }
 
 KERNEL void __launch_bounds__(256) gemm_fp8(
     const u8* A, const float* As, int ga, int fa, int aKcols,
     const u8* B, const float* Bs, int gb, int fb, int bKcols, float* C, int M, int N, int K,
     int mode, const int* off, int E, int bRows, int bCols, int accumulate, int outBf16, int promotion) {
-  gemm_dispatch<1>(A, As, ga, fa, aKcols, B, Bs, gb, fb, bKcols, C, M, N, K, mode, off, E, bRows, bCols,
-                   accumulate, outBf16, 0, promotion);
+  gemm_dispatch<Operands::Fp8, Unit::Simt>(A, As, ga, fa, aKcols, B, Bs, gb, fb, bKcols, C, M, N, K, mode, off, E,
+                                           bRows, bCols, accumulate, outBf16, 0, promotion);
 }
 
 // The same GEMMs on tensor cores when the promotion interval is 128 (the recipe's): 128 threads.
@@ -573,34 +612,36 @@ KERNEL void __launch_bounds__(128) gemm_fp8_mma(
     const u8* A, const float* As, int ga, int fa, int aKcols,
     const u8* B, const float* Bs, int gb, int fb, int bKcols, float* C, int M, int N, int K,
     int mode, const int* off, int E, int bRows, int bCols, int accumulate, int outBf16) {
-  gemm_dispatch<2>(A, As, ga, fa, aKcols, B, Bs, gb, fb, bKcols, C, M, N, K, mode, off, E, bRows, bCols,
-                   accumulate, outBf16, 0, 128);
+  gemm_dispatch<Operands::Fp8, Unit::Mma>(A, As, ga, fa, aKcols, B, Bs, gb, fb, bKcols, C, M, N, K, mode, off, E,
+                                          bRows, bCols, accumulate, outBf16, 0, 128);
 }
 
 // BF16 GEMMs (f32 storage, inBf16 = 1) on tensor cores: 128 threads.
 KERNEL void __launch_bounds__(128) gemm_bf16_mma(
     const float* A, int aKcols, const float* B, int bKcols, float* C, int M, int N, int K,
     int mode, const int* off, int E, int bRows, int bCols, int accumulate, int outBf16) {
-  gemm_dispatch<3>(A, 0, 0, 0, aKcols, B, 0, 0, 0, bKcols, C, M, N, K, mode, off, E, bRows, bCols,
-                   accumulate, outBf16, 1, 1 << 30);
+  gemm_dispatch<Operands::Bf16, Unit::Mma>(A, 0, 0, 0, aKcols, B, 0, 0, 0, bKcols, C, M, N, K, mode, off, E, bRows,
+                                          bCols, accumulate, outBf16, 1, 1 << 30);
 }
 
 // FP8 tensor-core GEMMs with both operands in one layout (gemm_tile_tn), one entry point per layout
-// and pair of formats, 128 threads. KC = 1, "tn": both K-contiguous and K % 16 == 0 (Fprop and, with
-// transposed weights, Dgrad of the experts). KC = 0, "tt": both stored [K, rows] (Wgrad: the tokens
-// are K; rows % 16 == 0), expert segments along K (mode 2) or one matrix (mode 0).
-#define GEMM_FP8_LAYOUT(NAME, KIND, KC)                                                                     \
+// and pair of formats, 128 threads. KInner, "tn": both K-contiguous and K % 16 == 0 (Fprop and, with
+// transposed weights, Dgrad of the experts). KOuter, "tt": both stored [K, rows] (Wgrad: the tokens
+// are K; rows % 16 == 0), expert segments along K (mode 2) or one matrix (mode 0). The aKcols and
+// bKcols passed on say the same as L (the fixed-layout tile does not read them).
+#define GEMM_FP8_LAYOUT(NAME, L, FA, FB)                                                                    \
   KERNEL void __launch_bounds__(128) NAME(const u8* A, const float* As, int ga, const u8* B, const float* Bs, \
                                           int gb, float* C, int M, int N, int K, int mode, const int* off,   \
                                           int E, int bRows, int bCols, int accumulate, int outBf16) {        \
-    gemm_dispatch<KIND>(A, As, ga, 0, KC, B, Bs, gb, 0, KC, C, M, N, K, mode, off, E, bRows, bCols,         \
-                        accumulate, outBf16, 0, 128);                                                        \
+    constexpr int kc = Layout::L == Layout::KInner;                                                         \
+    gemm_dispatch<Operands::Fp8, Unit::Mma, Layout::L, Fp8Format::FA, Fp8Format::FB>(                       \
+        A, As, ga, 0, kc, B, Bs, gb, 0, kc, C, M, N, K, mode, off, E, bRows, bCols, accumulate, outBf16, 0, 128); \
   }
-GEMM_FP8_LAYOUT(gemm_fp8_tn_e4m3_e4m3, 4, 1)
-GEMM_FP8_LAYOUT(gemm_fp8_tn_e4m3_e5m2, 5, 1)
-GEMM_FP8_LAYOUT(gemm_fp8_tn_e5m2_e4m3, 6, 1)
-GEMM_FP8_LAYOUT(gemm_fp8_tn_e5m2_e5m2, 7, 1)
-GEMM_FP8_LAYOUT(gemm_fp8_tt_e4m3_e4m3, 8, 0)
-GEMM_FP8_LAYOUT(gemm_fp8_tt_e4m3_e5m2, 9, 0)
-GEMM_FP8_LAYOUT(gemm_fp8_tt_e5m2_e4m3, 10, 0)
-GEMM_FP8_LAYOUT(gemm_fp8_tt_e5m2_e5m2, 11, 0)
+GEMM_FP8_LAYOUT(gemm_fp8_tn_e4m3_e4m3, KInner, E4M3, E4M3)
+GEMM_FP8_LAYOUT(gemm_fp8_tn_e4m3_e5m2, KInner, E4M3, E5M2)
+GEMM_FP8_LAYOUT(gemm_fp8_tn_e5m2_e4m3, KInner, E5M2, E4M3)
+GEMM_FP8_LAYOUT(gemm_fp8_tn_e5m2_e5m2, KInner, E5M2, E5M2)
+GEMM_FP8_LAYOUT(gemm_fp8_tt_e4m3_e4m3, KOuter, E4M3, E4M3)
+GEMM_FP8_LAYOUT(gemm_fp8_tt_e4m3_e5m2, KOuter, E4M3, E5M2)
+GEMM_FP8_LAYOUT(gemm_fp8_tt_e5m2_e4m3, KOuter, E5M2, E4M3)
+GEMM_FP8_LAYOUT(gemm_fp8_tt_e5m2_e5m2, KOuter, E5M2, E5M2)

@@ -1,5 +1,7 @@
 // A small flag parser: `--name value`, `--name=value`, boolean `--name`, and dotted names such as
-// `--precision.attention=bf16`. Each command declares its flags; anything else is a UsageError.
+// `--precision.attention=bf16`. Each command declares its flags; anything else, a bare argument
+// included (`train 100` is not `--steps 100`), is a UsageError. Values are quoted cut short.
+import { brief, clip } from "@moe8/data/errors";
 import { UsageError } from "@moe8/fp8-core";
 
 export type FlagKind = "string" | "number" | "int" | "boolean" | "list";
@@ -12,26 +14,23 @@ export interface ParsedArgs {
   flags: Record<string, string | number | boolean | string[]>;
   /** Dotted flags matched by a declared prefix ending in `.` (e.g. `precision.`), in order. */
   dotted: [string, string][];
-  positional: string[];
 }
 
 export function parseArgs(argv: string[], spec: FlagSpec, dottedPrefixes: string[] = []): ParsedArgs {
-  const out: ParsedArgs = { flags: {}, dotted: [], positional: [] };
+  const out: ParsedArgs = { flags: {}, dotted: [] };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
-    if (!arg.startsWith("--")) {
-      out.positional.push(arg);
-      continue;
-    }
+    if (!arg.startsWith("--"))
+      throw new UsageError(`unexpected argument ${brief(arg)} (flags are --name value)`);
     const eq = arg.indexOf("=");
     const name = eq >= 0 ? arg.slice(2, eq) : arg.slice(2);
     let value: string | undefined = eq >= 0 ? arg.slice(eq + 1) : undefined;
     const prefix = dottedPrefixes.find((p) => name.startsWith(p));
-    const kind = spec[name];
-    if (!kind && !prefix) throw new UsageError(`unknown flag --${name}`);
+    const kind = Object.hasOwn(spec, name) ? spec[name] : undefined;
+    if (!kind && !prefix) throw new UsageError(`unknown flag --${clip(name, 60)}`);
     if (kind === "boolean") {
       if (value !== undefined && value !== "true" && value !== "false")
-        throw new UsageError(`flag --${name} takes no value (got "${value}")`);
+        throw new UsageError(`flag --${name} takes no value (got ${brief(value)})`);
       out.flags[name] = value !== "false";
       continue;
     }
@@ -46,9 +45,9 @@ export function parseArgs(argv: string[], spec: FlagSpec, dottedPrefixes: string
     if (kind === "number" || kind === "int") {
       const n = Number(value);
       if (value.trim() === "" || !Number.isFinite(n))
-        throw new UsageError(`flag --${name}: "${value}" is not a number`);
+        throw new UsageError(`flag --${name}: ${brief(value)} is not a number`);
       if (kind === "int" && !Number.isInteger(n))
-        throw new UsageError(`flag --${name}: "${value}" is not an integer`);
+        throw new UsageError(`flag --${name}: ${brief(value)} is not an integer`);
       out.flags[name] = n;
     } else if (kind === "list") {
       const prev = out.flags[name];
@@ -58,4 +57,18 @@ export function parseArgs(argv: string[], spec: FlagSpec, dottedPrefixes: string
     }
   }
   return out;
+}
+
+/** An integer flag's value checked against [min, max], or undefined when the flag was not given. */
+export function intFlag(
+  flags: ParsedArgs["flags"] | Record<string, unknown>,
+  name: string,
+  min: number,
+  max: number,
+): number | undefined {
+  const v = flags[name];
+  if (v === undefined) return undefined;
+  if (typeof v !== "number" || !Number.isInteger(v) || v < min || v > max)
+    throw new UsageError(`--${name} ${v}: must be an integer in [${min}, ${max}]`);
+  return v;
 }

@@ -23,7 +23,7 @@ commands:
   sample         generate text from a checkpoint (--checkpoint DIR --prompt TEXT)
   parity         FP8 against BF16 loss parity (--precision fp8 --against bf16 --steps N [--sweep])
   bench          gemm | ops | step | soak benchmarks (--backend ts|cpu|cuda --precision ... [--json])
-  prepare-data   tokenise text into Arrow shards (--input ... --out datasets/NAME)
+  prepare-data   tokenise text into Arrow shards (--input ... --out datasets/NAME [--overwrite])
   doctor         runtime, CPU/SIMD, native addon, available backends`;
 
 const [cmd, ...rest] = process.argv.slice(2);

@@ -13,9 +13,14 @@ export function reason(err: unknown): string {
 export function brief(value: unknown, max = 80): string {
   let text: string;
   try {
-    text = typeof value === "string" ? JSON.stringify(value) : (JSON.stringify(value) ?? String(value));
+    text = JSON.stringify(value) ?? String(value);
   } catch {
     text = String(value);
   }
+  return clip(text, max);
+}
+
+/** Text cut to `max` characters, saying how long it was. */
+export function clip(text: string, max = 200): string {
   return text.length > max ? `${text.slice(0, max)}... (${text.length} characters)` : text;
 }

@@ -1,7 +1,7 @@
 // @moe8/data: Arrow IPC stream token datasets (*.arrows + manifest.json), tokenizers, the loader.
 export { tokenBatch, tokenSchema } from "./arrow-build.ts";
 export { type Block, type Dataset, type OpenOptions, openDataset, readBlockDocs } from "./dataset.ts";
-export { brief } from "./errors.ts";
+export { brief, clip } from "./errors.ts";
 export {
   checkRegular,
   errnoCode,

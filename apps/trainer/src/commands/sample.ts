@@ -6,7 +6,7 @@ import { ByteTokenizer, DEFAULT_DATASET_DIR, loadTokenizer, type Tokenizer } fro
 import { UsageError } from "@moe8/fp8-core";
 import { createBackend } from "@moe8/kernels";
 import { Rng } from "@moe8/tensor";
-import { parseArgs } from "../args.ts";
+import { intFlag, parseArgs } from "../args.ts";
 import { loadModel } from "../run/load-model.ts";
 
 async function tokenizerFor(data: string | null, vocab: number): Promise<Tokenizer> {
@@ -32,11 +32,14 @@ export async function sample(argv: string[]): Promise<number> {
   });
   if (!flags.checkpoint) throw new UsageError("sample needs --checkpoint DIR");
   const temperature = Number(flags.temperature ?? 0.8);
-  if (!(temperature >= 0)) throw new UsageError(`--temperature ${flags.temperature}: must be >= 0`);
-  const n = Number(flags.tokens ?? 200);
-  if (n < 1) throw new UsageError(`--tokens ${n}: must be at least 1`);
+  if (!(temperature >= 0 && temperature <= 100))
+    throw new UsageError(`--temperature ${flags.temperature}: must be in [0, 100]`);
+  const n = intFlag(flags, "tokens", 1, 1_000_000) ?? 200;
   const b = createBackend((flags.backend ?? "auto") as "auto");
-  const { model, train } = loadModel(String(flags.checkpoint), b, "fp32");
+  const { model, train } = loadModel(String(flags.checkpoint), b, {
+    precision: "fp32",
+    shape: (t) => ({ batch: 1, seq: t.seqLen }),
+  });
   const tok = await tokenizerFor(train.data, model.cfg.vocab_size);
   const rng = new Rng(Number(flags.seed ?? 0));
   const prompt = String(flags.prompt ?? "\n");

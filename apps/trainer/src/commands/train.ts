@@ -1,23 +1,20 @@
 // `moe8 train`: pretrains the model on Arrow-streamed tokens with progress on the terminal,
-// metrics.jsonl + loss.svg, atomic checkpoints, exact resume, numerical guards and clean shutdown.
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+// metrics.jsonl + loss.svg, atomic checkpoints, exact resume, numerical guards and clean shutdown:
+// the loop yields to the event loop once a step, so SIGINT/SIGTERM stop it after the current step
+// with a checkpoint (exit 0), and a second signal ends the process at once.
 import { join } from "node:path";
-import type { Cursor } from "@moe8/data";
 import { policyToJson, UsageError } from "@moe8/fp8-core";
 import { hfConfig, trainStep } from "@moe8/model";
 import { parseArgs } from "../args.ts";
-import {
-  type CheckpointFiles,
-  latestValidCheckpoint,
-  pruneCheckpoints,
-  writeCheckpoint,
-} from "../run/checkpoint.ts";
-import { resolveModel, type TrainConfig } from "../run/config.ts";
-import { openTrainData, type TrainData } from "../run/data.ts";
-import { configFromArgs, TRAIN_FLAGS } from "../run/flags.ts";
-import { MetricsLog, type StepMetrics } from "../run/metrics.ts";
+import { type CheckpointFiles, pruneCheckpoints, writeCheckpoint } from "../run/checkpoint.ts";
+import type { TrainConfig } from "../run/config.ts";
+import type { TrainData } from "../run/data.ts";
+import { TRAIN_FLAGS } from "../run/flags.ts";
+import { writeFileDurable } from "../run/io.ts";
+import { MetricsLog, type StepMetrics, truncateMetrics } from "../run/metrics.ts";
 import { formatDuration, progressLine } from "../run/progress.ts";
-import { buildSession, type Session } from "../run/session.ts";
+import type { Session } from "../run/session.ts";
+import { type RunStart, startNew, startResume } from "../run/start.ts";
 
 export interface RunState {
   step: number;
@@ -65,77 +62,60 @@ export async function saveCheckpoint(
       best_step: st.bestStep,
       policy: policyToJson(s.policy),
       train_config: cfg,
+      tokenizer: data.tokenizer,
     },
   });
 }
 
 function restore(s: Session, ck: CheckpointFiles, st: RunState): void {
   s.model.loadStateDict((n) => ck.model.get(n));
-  s.opt.loadState(ck.state.optimizer_step as number, (n) => ck.optimizer.get(n)?.data);
-  st.step = ck.state.step as number;
-  st.bestValLoss = (ck.state.best_val_loss as number | null) ?? null;
-  st.bestStep = (ck.state.best_step as number | null) ?? null;
+  s.opt.loadState(ck.state.optimizer_step, (n) => ck.optimizer.get(n)?.data);
+  st.step = ck.state.step;
+  st.bestValLoss = ck.state.best_val_loss;
+  st.bestStep = ck.state.best_step;
+}
+
+/** The run's writes: a failure of any of them is reported with the last good checkpoint. */
+interface Writes {
+  guarded<T>(write: () => T): T;
+  /** Writes a checkpoint of the current state and returns its folder. */
+  checkpoint(): Promise<string>;
+}
+
+/** A failed write names what is safe: the last checkpoint that was completed, if any. */
+function afterWriteFailure(err: unknown, runDir: string, lastGood: string | null): unknown {
+  if (!(err instanceof UsageError)) return err;
+  return new UsageError(
+    `${err.message}; ${lastGood ? `the last good checkpoint is ${lastGood}` : "no checkpoint was completed"} (free space, then --resume ${runDir})`,
+  );
 }
 
 export async function train(argv: string[]): Promise<number> {
   const args = parseArgs(argv, TRAIN_FLAGS, ["precision."]);
   const f = args.flags;
-  let cfg: TrainConfig;
-  let runDir: string;
-  let resumeFrom: { dir: string; files: CheckpointFiles } | null = null;
-  if (f.resume !== undefined) {
-    runDir = String(f.resume);
-    const extra = Object.keys(f).filter((k) => !["resume", "debug", "trace-precision"].includes(k));
-    if (extra.length || args.dotted.length)
-      throw new UsageError(
-        `--resume takes the run's own configuration; remove --${extra[0] ?? args.dotted[0][0]}`,
-      );
-    const skipped: string[] = [];
-    const found = latestValidCheckpoint(runDir, (m) => skipped.push(m));
-    if (!found)
-      throw new UsageError(
-        `--resume ${runDir}: no valid checkpoint in ${join(runDir, "checkpoints")}${skipped.length ? ` (${skipped[0]})` : ""}`,
-      );
-    for (const m of skipped) console.error(`note: ${m}`);
-    cfg = found.files.state.train_config as TrainConfig;
-    resumeFrom = found;
-  } else {
-    cfg = configFromArgs(args);
-    runDir = String(f.out ?? join("runs", new Date().toISOString().replace(/[:.]/g, "-")));
-  }
-  // Validate everything before writing anything.
-  const modelCfg = resolveModel(cfg);
-  const data = await openTrainData(
-    cfg,
-    modelCfg.vocab_size,
-    resumeFrom?.files.state.data_cursor as Cursor | undefined,
-  );
-  const s = buildSession(cfg, modelCfg);
-  if (!resumeFrom && existsSync(join(runDir, "checkpoints")))
-    throw new UsageError(`--out ${runDir}: already holds a run (use --resume ${runDir} to continue it)`);
-  mkdirSync(runDir, { recursive: true });
+  const note = (m: string) => console.error(`note: ${m}`);
+  const start: RunStart = f.resume !== undefined ? await startResume(args, note) : await startNew(args, note);
+  const { cfg, runDir, lock, session: s, data, from } = start;
+  let lastGood: string | null = from?.dir ?? null;
   const st: RunState = { step: 0, bestValLoss: null, bestStep: null, consecutiveBad: 0 };
   const metrics = new MetricsLog(runDir);
-  if (resumeFrom) {
-    restore(s, resumeFrom.files, st);
-    const old = existsSync(join(runDir, "metrics.jsonl"))
-      ? readFileSync(join(runDir, "metrics.jsonl"), "utf8")
-          .trim()
-          .split("\n")
-          .filter(Boolean)
-          .map((l) => JSON.parse(l) as StepMetrics)
-      : [];
-    // Lines past the checkpoint were written by the interrupted process; they are repeated now.
-    const kept = old.filter((m) => m.step <= st.step);
-    writeFileSync(join(runDir, "metrics.jsonl"), kept.map((m) => `${JSON.stringify(m)}\n`).join(""));
-    metrics.preload(kept);
-    console.log(`resuming ${runDir} from ${resumeFrom.dir} (step ${st.step}/${cfg.steps})`);
-  } else writeFileSync(join(runDir, "config.json"), `${JSON.stringify(cfg, null, 2)}\n`);
-
-  const tokensPerStep = cfg.batchSize * cfg.seqLen;
-  console.log(
-    `training ${typeof cfg.model === "string" ? cfg.model : "custom"} on ${s.backend.name}, precision ${cfg.precision}, ${cfg.steps} steps of ${tokensPerStep} tokens, data ${data.description}, out ${runDir}`,
-  );
+  const writes: Writes = {
+    guarded(write) {
+      try {
+        return write();
+      } catch (err) {
+        throw afterWriteFailure(err, runDir, lastGood);
+      }
+    },
+    async checkpoint() {
+      const dir = await saveCheckpoint(runDir, s, cfg, data, st).catch((err) => {
+        throw afterWriteFailure(err, runDir, lastGood);
+      });
+      lastGood = dir;
+      return dir;
+    },
+  };
+  const guarded = writes.guarded;
   let stop: string | null = null;
   const onSignal = (sig: string) => {
     if (stop) {
@@ -143,107 +123,143 @@ export async function train(argv: string[]): Promise<number> {
       process.exit(130);
     }
     stop = sig;
-    console.error(`\n${sig}: finishing the current step, then writing a checkpoint`);
+    // From now on a signal has its default action: the process ends at once, even inside a long
+    // step (the next start cleans up after it). The lock is released by the exit handler when it can.
+    process.off("SIGINT", sigint);
+    process.off("SIGTERM", sigterm);
+    console.error(
+      `\n${sig}: finishing the current step, then writing a checkpoint (${sig} again exits at once)`,
+    );
   };
   const sigint = () => onSignal("SIGINT");
   const sigterm = () => onSignal("SIGTERM");
-  process.on("SIGINT", sigint);
-  process.on("SIGTERM", sigterm);
-
-  const b = s.backend;
-  const t0 = performance.now();
-  const firstStep = st.step;
   try {
-    while (st.step < cfg.steps && !stop) {
-      const ts = performance.now();
-      const batch = await data.next();
-      const lr = s.lrAt(st.step + 1);
-      const r = await b.scope(async () => {
-        const ids = b.upload(batch.ids, [batch.ids.length], "i32");
-        const tg = b.upload(batch.targets, [batch.targets.length], "i32");
-        // FP8 range counts cost one extra pass per quantisation: only on logged steps.
-        const fp8Stats = (st.step + 1) % cfg.logEvery === 0;
-        return trainStep(s.model, s.opt, ids, tg, { batch: cfg.batchSize, seq: cfg.seqLen }, lr, {
-          fp8Stats,
-        });
+    if (from) {
+      restore(s, from.files, st);
+      // Lines past the checkpoint were written by the interrupted process; they are repeated now.
+      metrics.preload(guarded(() => truncateMetrics(runDir, st.step, note)));
+      console.log(`resuming ${runDir} from ${from.dir} (step ${st.step}/${cfg.steps})`);
+    } else
+      guarded(() => {
+        writeFileDurable(join(runDir, "config.json"), `${JSON.stringify(cfg, null, 2)}\n`);
+        metrics.reset();
       });
-      st.step++;
-      const ms = performance.now() - ts;
-      const m: StepMetrics = {
-        step: st.step,
-        loss: r.loss,
-        lr,
-        grad_norm: r.gradNorm,
-        tokens_per_s: (tokensPerStep * 1000) / ms,
-        ms_per_step: ms,
-      };
-      if (r.fp8) {
-        m.fp8_overflow = r.fp8.overflow;
-        m.fp8_underflow = r.fp8.underflow;
-      }
-      if (r.load.length) {
-        m.load_cv = r.load.reduce((a, l) => a + l.cv, 0) / r.load.length;
-        m.load_max_over_mean = Math.max(...r.load.map((l) => l.maxOverMean));
-      }
-      if (r.skipped) {
-        st.consecutiveBad++;
-        m.skipped = true;
-        console.error(
-          `step ${st.step}: non-finite loss (${r.totalLoss}) or gradient norm (${r.gradNorm}); update skipped`,
-        );
-      } else st.consecutiveBad = 0;
-      if (f["trace-precision"] && st.step === firstStep + 1)
-        console.log(`precision trace:\n${s.model.trace.format()}`);
-      if (cfg.evalEvery > 0 && st.step % cfg.evalEvery === 0) {
-        m.val_loss = await validationLoss(s, data, cfg);
-        if (st.bestValLoss === null || m.val_loss < st.bestValLoss) {
-          st.bestValLoss = m.val_loss;
-          st.bestStep = st.step;
-        }
-      }
-      metrics.append(m);
-      if (st.consecutiveBad >= cfg.maxBadSteps)
-        throw new UsageError(
-          `${st.consecutiveBad} consecutive steps with a non-finite loss or gradient; stopping (the last good checkpoint is intact)`,
-        );
-      if (st.step % cfg.logEvery === 0 || st.step === cfg.steps || m.val_loss !== undefined) {
-        const rate = ((st.step - firstStep) * tokensPerStep * 1000) / (performance.now() - t0);
-        console.log(
-          progressLine({
-            step: st.step,
-            total: cfg.steps,
-            loss: m.loss,
-            lr,
-            gradNorm: m.grad_norm,
-            tokensPerS: m.tokens_per_s,
-            balance: m.load_max_over_mean,
-            etaS: ((cfg.steps - st.step) * tokensPerStep) / rate,
-            valLoss: m.val_loss,
-          }),
-        );
-        metrics.writePlot(`moe8 ${cfg.precision} on ${s.backend.name}`);
-      }
-      if (cfg.saveEvery > 0 && st.step % cfg.saveEvery === 0 && st.step < cfg.steps && !r.skipped) {
-        await saveCheckpoint(runDir, s, cfg, data, st);
-        pruneCheckpoints(runDir, cfg.keepLast, st.bestStep);
-      }
-    }
-    if (!stop && (cfg.evalEvery === 0 || st.step % cfg.evalEvery !== 0)) {
-      const val = await validationLoss(s, data, cfg);
-      console.log(`validation loss ${val.toFixed(4)}`);
-    }
-    // A checkpoint is always written at the end, unless this process did no step at all.
-    const dir =
-      st.step > firstStep || !resumeFrom ? await saveCheckpoint(runDir, s, cfg, data, st) : resumeFrom.dir;
-    pruneCheckpoints(runDir, cfg.keepLast, st.bestStep);
-    metrics.writePlot(`moe8 ${cfg.precision} on ${s.backend.name}`);
-    console.log(
-      `${stop ? "stopped" : "done"} at step ${st.step} in ${formatDuration((performance.now() - t0) / 1000)}; checkpoint ${dir}`,
-    );
-    return 0;
+    process.on("SIGINT", sigint);
+    process.on("SIGTERM", sigterm);
+    return await loop(start, st, metrics, writes, () => stop, f["trace-precision"] === true);
   } finally {
     process.off("SIGINT", sigint);
     process.off("SIGTERM", sigterm);
     s.dispose();
+    lock.release();
   }
+}
+
+async function loop(
+  { cfg, runDir, session: s, data, from }: RunStart,
+  st: RunState,
+  metrics: MetricsLog,
+  { guarded, checkpoint: save }: Writes,
+  stopped: () => string | null,
+  tracePrecision: boolean,
+): Promise<number> {
+  const tokensPerStep = cfg.batchSize * cfg.seqLen;
+  console.log(
+    `training ${typeof cfg.model === "string" ? cfg.model : "custom"} on ${s.backend.name}, precision ${cfg.precision}, ${cfg.steps} steps of ${tokensPerStep} tokens, data ${data.description}, out ${runDir}`,
+  );
+  const b = s.backend;
+  const t0 = performance.now();
+  const firstStep = st.step;
+  while (st.step < cfg.steps && !stopped()) {
+    const ts = performance.now();
+    const batch = await data.next();
+    const lr = s.lrAt(st.step + 1);
+    const r = await b.scope(async () => {
+      const ids = b.upload(batch.ids, [batch.ids.length], "i32");
+      const tg = b.upload(batch.targets, [batch.targets.length], "i32");
+      // FP8 range counts cost one extra pass per quantisation: only on logged steps.
+      const fp8Stats = (st.step + 1) % cfg.logEvery === 0;
+      return trainStep(s.model, s.opt, ids, tg, { batch: cfg.batchSize, seq: cfg.seqLen }, lr, {
+        fp8Stats,
+      });
+    });
+    st.step++;
+    const ms = performance.now() - ts;
+    const m: StepMetrics = {
+      step: st.step,
+      loss: r.loss,
+      lr,
+      grad_norm: r.gradNorm,
+      tokens_per_s: (tokensPerStep * 1000) / ms,
+      ms_per_step: ms,
+    };
+    if (r.fp8) {
+      m.fp8_overflow = r.fp8.overflow;
+      m.fp8_underflow = r.fp8.underflow;
+    }
+    if (r.load.length) {
+      m.load_cv = r.load.reduce((a, l) => a + l.cv, 0) / r.load.length;
+      m.load_max_over_mean = Math.max(...r.load.map((l) => l.maxOverMean));
+    }
+    if (r.skipped) {
+      st.consecutiveBad++;
+      m.skipped = true;
+      console.error(
+        `step ${st.step}: non-finite loss (${r.totalLoss}) or gradient norm (${r.gradNorm}); update skipped`,
+      );
+    } else st.consecutiveBad = 0;
+    if (tracePrecision && st.step === firstStep + 1)
+      console.log(`precision trace:\n${s.model.trace.format()}`);
+    if (cfg.evalEvery > 0 && st.step % cfg.evalEvery === 0) {
+      m.val_loss = await validationLoss(s, data, cfg);
+      if (st.bestValLoss === null || m.val_loss < st.bestValLoss) {
+        st.bestValLoss = m.val_loss;
+        st.bestStep = st.step;
+      }
+    }
+    guarded(() => metrics.append(m));
+    if (st.consecutiveBad >= cfg.maxBadSteps)
+      throw new UsageError(
+        `${st.consecutiveBad} consecutive steps with a non-finite loss or gradient; stopping (the last good checkpoint is intact)`,
+      );
+    if (st.step % cfg.logEvery === 0 || st.step === cfg.steps || m.val_loss !== undefined) {
+      const rate = ((st.step - firstStep) * tokensPerStep * 1000) / (performance.now() - t0);
+      console.log(
+        progressLine({
+          step: st.step,
+          total: cfg.steps,
+          loss: m.loss,
+          lr,
+          gradNorm: m.grad_norm,
+          tokensPerS: m.tokens_per_s,
+          balance: m.load_max_over_mean,
+          etaS: ((cfg.steps - st.step) * tokensPerStep) / rate,
+          valLoss: m.val_loss,
+        }),
+      );
+      guarded(() => metrics.writePlot(`moe8 ${cfg.precision} on ${s.backend.name}`));
+    }
+    if (cfg.saveEvery > 0 && st.step % cfg.saveEvery === 0 && st.step < cfg.steps && !r.skipped) {
+      await save();
+      guarded(() => pruneCheckpoints(runDir, cfg.keepLast, st.bestStep));
+    }
+    // Once a step the event loop runs, so a signal's handler can set `stop` (a step never awaits
+    // anything truly asynchronous on the ts and cpu backends).
+    await new Promise<void>((r) => setImmediate(r));
+  }
+  const stop = stopped();
+  if (!stop && (cfg.evalEvery === 0 || st.step % cfg.evalEvery !== 0)) {
+    const val = await validationLoss(s, data, cfg);
+    console.log(`validation loss ${val.toFixed(4)}`);
+  }
+  // A checkpoint is always written at the end, unless this process did no step at all.
+  const dir = st.step > firstStep || !from ? await save() : from.dir;
+  guarded(() => {
+    pruneCheckpoints(runDir, cfg.keepLast, st.bestStep);
+    metrics.writePlot(`moe8 ${cfg.precision} on ${s.backend.name}`);
+  });
+  console.log(
+    `${stop ? "stopped" : "done"} at step ${st.step} in ${formatDuration((performance.now() - t0) / 1000)}; checkpoint ${dir}`,
+  );
+  return 0;
 }

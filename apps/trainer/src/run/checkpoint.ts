@@ -1,7 +1,10 @@
 // Crash-safe checkpoints: every file is written into a temporary directory and fsynced, the
 // directory is renamed into place (atomic on POSIX), and a checksum per file is verified on load.
 // `checkpoints/step-N/` holds model.safetensors (docs/model.md names, f32), optimizer.safetensors,
-// config.json (Hugging Face DeepSeek-V3), trainer-state.json and checksums.json.
+// config.json (Hugging Face DeepSeek-V3), trainer-state.json and checksums.json. A write that fails
+// (a full disk) removes its temporary directory and leaves the previous checkpoints as they were; a
+// checkpoint that verifies but is malformed (a missing tensor, a wrong shape, a bad state field) is
+// refused as a whole, so `--resume` falls back to the one before it.
 import { createHash } from "node:crypto";
 import {
   closeSync,
@@ -10,40 +13,37 @@ import {
   mkdirSync,
   openSync,
   readdirSync,
-  readFileSync,
   renameSync,
   rmSync,
-  writeSync,
 } from "node:fs";
-import { join } from "node:path";
+import { basename, join } from "node:path";
+import { ioReason, readRegularFileSync } from "@moe8/data";
 import { UsageError } from "@moe8/fp8-core";
 import { hfConfigText } from "@moe8/model";
+import { fsyncDir, writeAllSync } from "./io.ts";
 import { readSafetensors, type StTensor, sha256File, writeSafetensors } from "./safetensors.ts";
+import { parseTrainerState, type TrainerState } from "./state.ts";
 
 export const CHECKPOINT_VERSION = 1;
+/** trainer-state.json, config.json and checksums.json are a few KB; this bounds a hostile one. */
+const MAX_JSON_BYTES = 16 * 2 ** 20;
+
+export type HostTensors = Map<string, { shape: number[]; data: Float32Array }>;
 
 export interface CheckpointFiles {
-  model: Map<string, { shape: number[]; data: Float32Array }>;
-  optimizer: Map<string, { shape: number[]; data: Float32Array }>;
+  model: HostTensors;
+  optimizer: HostTensors;
   config: Record<string, unknown>;
-  state: Record<string, unknown>;
+  state: TrainerState;
 }
+
+/** What writeCheckpoint is given: the state without its version, which the writer adds. */
+export type CheckpointInput = Omit<CheckpointFiles, "state"> & { state: Record<string, unknown> };
 
 function writeFileSynced(path: string, data: Uint8Array | string): void {
   const fd = openSync(path, "w");
   try {
-    const buf = typeof data === "string" ? Buffer.from(data) : data;
-    let off = 0;
-    while (off < buf.length) off += writeSync(fd, buf, off, buf.length - off);
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
-  }
-}
-
-function fsyncDir(dir: string): void {
-  const fd = openSync(dir, "r");
-  try {
+    writeAllSync(fd, typeof data === "string" ? Buffer.from(data) : data);
     fsyncSync(fd);
   } finally {
     closeSync(fd);
@@ -52,54 +52,91 @@ function fsyncDir(dir: string): void {
 
 const sha256 = (b: Uint8Array) => createHash("sha256").update(b).digest("hex");
 
-function toSt(m: Map<string, { shape: number[]; data: Float32Array }>): Map<string, StTensor> {
+function toSt(m: HostTensors): Map<string, StTensor> {
   return new Map([...m].map(([k, v]) => [k, { dtype: "F32" as const, shape: v.shape, data: v.data }]));
 }
 
 /** Writes `checkpoints/step-<step>` atomically and returns its path. */
-export function writeCheckpoint(runDir: string, step: number, files: CheckpointFiles): string {
+export function writeCheckpoint(runDir: string, step: number, files: CheckpointInput): string {
   const root = join(runDir, "checkpoints");
-  mkdirSync(root, { recursive: true });
   const final = join(root, `step-${step}`);
   const tmp = join(root, `.tmp-step-${step}-${process.pid}`);
-  rmSync(tmp, { recursive: true, force: true });
-  mkdirSync(tmp);
-  const sums: Record<string, string> = {
-    "model.safetensors": writeSafetensors(join(tmp, "model.safetensors"), toSt(files.model), {
-      format: "pt",
-    }),
-    "optimizer.safetensors": writeSafetensors(join(tmp, "optimizer.safetensors"), toSt(files.optimizer)),
-  };
-  const contents: Record<string, Uint8Array> = {
-    "config.json": Buffer.from(hfConfigText(files.config)),
-    "trainer-state.json": Buffer.from(
-      `${JSON.stringify({ version: CHECKPOINT_VERSION, ...files.state }, null, 2)}\n`,
-    ),
-  };
-  for (const [name, data] of Object.entries(contents)) {
-    writeFileSynced(join(tmp, name), data);
-    sums[name] = sha256(data);
-  }
-  // checksums.json is written last: a directory without it was never completed.
-  writeFileSynced(join(tmp, "checksums.json"), `${JSON.stringify(sums, null, 2)}\n`);
-  fsyncDir(tmp);
-  // Replacing a checkpoint of the same step: move the old one aside first, so that a crash at any
-  // point leaves either the old or the new directory complete under a name the loader skips or reads.
   const old = join(root, `.old-step-${step}-${process.pid}`);
-  const replacing = existsSync(final);
-  if (replacing) renameSync(final, old);
-  renameSync(tmp, final);
-  fsyncDir(root);
-  if (replacing) rmSync(old, { recursive: true, force: true });
+  let movedAside = false;
+  try {
+    mkdirSync(root, { recursive: true });
+    rmSync(tmp, { recursive: true, force: true });
+    mkdirSync(tmp);
+    const sums: Record<string, string> = {
+      "model.safetensors": writeSafetensors(join(tmp, "model.safetensors"), toSt(files.model), {
+        format: "pt",
+      }),
+      "optimizer.safetensors": writeSafetensors(join(tmp, "optimizer.safetensors"), toSt(files.optimizer)),
+    };
+    const contents: Record<string, Uint8Array> = {
+      "config.json": Buffer.from(hfConfigText(files.config)),
+      "trainer-state.json": Buffer.from(
+        `${JSON.stringify({ version: CHECKPOINT_VERSION, ...files.state }, null, 2)}\n`,
+      ),
+    };
+    for (const [name, data] of Object.entries(contents)) {
+      writeFileSynced(join(tmp, name), data);
+      sums[name] = sha256(data);
+    }
+    // checksums.json is written last: a directory without it was never completed.
+    writeFileSynced(join(tmp, "checksums.json"), `${JSON.stringify(sums, null, 2)}\n`);
+    fsyncDir(tmp);
+    // Replacing a checkpoint of the same step: move the old one aside first, so that a crash at any
+    // point leaves either the old or the new directory complete (start-up recovery renames an
+    // `.old-step-N` back when `step-N` is missing).
+    if (existsSync(final)) {
+      renameSync(final, old);
+      movedAside = true;
+    }
+    renameSync(tmp, final);
+    fsyncDir(root);
+  } catch (err) {
+    try {
+      rmSync(tmp, { recursive: true, force: true });
+      if (movedAside && !existsSync(final)) renameSync(old, final);
+    } catch {} // what cannot be removed now, start-up recovery removes
+    if (err instanceof UsageError) throw err;
+    throw new UsageError(`cannot write checkpoint ${final}: ${ioReason(err)}; nothing of it was kept`);
+  }
+  if (movedAside) rmSync(old, { recursive: true, force: true });
   return final;
 }
 
-function verified(dir: string, name: string, sums: Record<string, string>): string {
+function verified(dir: string, name: string, sums: Record<string, unknown>): string {
   const path = join(dir, name);
   if (!existsSync(path)) throw new UsageError(`checkpoint ${dir}: ${name} is missing`);
   if (sums[name] !== sha256File(path))
     throw new UsageError(`checkpoint ${dir}: ${name} does not match its checksum (truncated or corrupt)`);
   return path;
+}
+
+function readJson(path: string, what: string): unknown {
+  const text = readRegularFileSync(path, what, MAX_JSON_BYTES).toString("utf8");
+  try {
+    return JSON.parse(text);
+  } catch {
+    throw new UsageError(`${path}: not valid JSON`);
+  }
+}
+
+/** f32 tensors with finite values: a NaN or Inf weight would poison every step or answer after it. */
+function hostTensors(path: string, tensors: Map<string, StTensor>): HostTensors {
+  const out: HostTensors = new Map();
+  for (const [name, t] of tensors) {
+    if (t.dtype !== "F32")
+      throw new UsageError(`${path}: tensor ${name} is ${t.dtype}, checkpoints hold F32`);
+    const data = t.data as Float32Array;
+    for (let i = 0; i < data.length; i++)
+      if (!Number.isFinite(data[i]))
+        throw new UsageError(`${path}: tensor ${name} holds a non-finite value (${data[i]}) at index ${i}`);
+    out.set(name, { shape: t.shape, data });
+  }
+  return out;
 }
 
 /** Reads and verifies a checkpoint directory; any problem is a one-line UsageError naming the file. */
@@ -110,28 +147,42 @@ export function readCheckpoint(dir: string, withOptimizer = true): CheckpointFil
     throw new UsageError(
       `checkpoint ${dir}: checksums.json is missing (an unfinished or foreign checkpoint)`,
     );
-  let sums: Record<string, string>;
-  try {
-    sums = JSON.parse(readFileSync(sumsPath, "utf8"));
-  } catch {
-    throw new UsageError(`checkpoint ${dir}: checksums.json is not valid JSON`);
-  }
-  const json = (name: string) => JSON.parse(readFileSync(verified(dir, name, sums), "utf8"));
-  const state = json("trainer-state.json");
-  if (state.version !== CHECKPOINT_VERSION)
-    throw new UsageError(
-      `checkpoint ${dir}: version ${state.version} is not supported (this moe8 reads version ${CHECKPOINT_VERSION})`,
-    );
+  const sums = readJson(sumsPath, "checksums.json");
+  if (typeof sums !== "object" || sums === null)
+    throw new UsageError(`checkpoint ${dir}: checksums.json is not a JSON object`);
+  const json = (name: string) => readJson(verified(dir, name, sums as Record<string, unknown>), name);
+  const state = parseTrainerState(json("trainer-state.json"), `checkpoint ${dir}: trainer-state.json`);
+  const named = /^step-(\d+)$/.exec(basename(dir));
+  if (named && Number(named[1]) !== state.step)
+    throw new UsageError(`checkpoint ${dir}: trainer-state.json says step ${state.step}`);
+  const config = json("config.json");
+  if (typeof config !== "object" || config === null || Array.isArray(config))
+    throw new UsageError(`checkpoint ${dir}: config.json is not a JSON object`);
   const tensors = (name: string) => {
-    const { tensors } = readSafetensors(verified(dir, name, sums));
-    return new Map([...tensors].map(([k, v]) => [k, { shape: v.shape, data: v.data as Float32Array }]));
+    const path = verified(dir, name, sums as Record<string, unknown>);
+    return hostTensors(path, readSafetensors(path).tensors);
   };
   return {
     model: tensors("model.safetensors"),
     optimizer: withOptimizer ? tensors("optimizer.safetensors") : new Map(),
-    config: json("config.json"),
+    config: config as Record<string, unknown>,
     state,
   };
+}
+
+/**
+ * Checks a checkpoint's tensors against what a model or optimizer holds: the same names, no more
+ * and no fewer, each of the expected shape. The message names the first difference.
+ */
+export function checkTensorSet(where: string, got: HostTensors, want: Map<string, number[]>): void {
+  for (const [name, shape] of want) {
+    const t = got.get(name);
+    if (!t) throw new UsageError(`${where}: tensor ${name} is missing`);
+    if (t.shape.join(",") !== shape.join(","))
+      throw new UsageError(`${where}: tensor ${name} has shape [${t.shape}], the model wants [${shape}]`);
+  }
+  for (const name of got.keys())
+    if (!want.has(name)) throw new UsageError(`${where}: unexpected tensor ${name.slice(0, 200)}`);
 }
 
 /** Completed checkpoints of a run, newest first (unfinished temporary directories are ignored). */
@@ -145,19 +196,52 @@ export function listCheckpoints(runDir: string): { step: number; dir: string }[]
     .sort((a, b) => b.step - a.step);
 }
 
-/** The newest checkpoint that verifies, skipping damaged ones (with a note for each). */
+/**
+ * The newest checkpoint that verifies and that `accept` takes (it throws to refuse one), skipping
+ * damaged or malformed ones with a note for each.
+ */
 export function latestValidCheckpoint(
   runDir: string,
   warn: (msg: string) => void = () => {},
+  accept: (c: { dir: string; files: CheckpointFiles }) => void = () => {},
 ): { dir: string; files: CheckpointFiles } | null {
   for (const c of listCheckpoints(runDir)) {
     try {
-      return { dir: c.dir, files: readCheckpoint(c.dir) };
+      const found = { dir: c.dir, files: readCheckpoint(c.dir) };
+      if (found.files.state.step !== c.step)
+        throw new UsageError(
+          `trainer-state.json says step ${found.files.state.step}, the folder step ${c.step}`,
+        );
+      accept(found);
+      return found;
     } catch (e) {
-      warn(`skipping ${c.dir}: ${(e as Error).message}`);
+      if (!(e instanceof UsageError)) throw e;
+      warn(`skipping ${c.dir}: ${e.message}`);
     }
   }
   return null;
+}
+
+/**
+ * Start-up recovery of a run folder (under its lock, so no other trainer is writing): a checkpoint
+ * moved aside to be replaced when the process died is put back, and the leftovers of killed or
+ * failed writes (`.tmp-step-*`, `.del-step-*`, `.old-step-*`) are removed. Returns what was removed.
+ */
+export function recoverCheckpoints(runDir: string): string[] {
+  const root = join(runDir, "checkpoints");
+  if (!existsSync(root)) return [];
+  const removed: string[] = [];
+  for (const n of readdirSync(root)) {
+    const old = /^\.old-step-(\d+)-\d+$/.exec(n);
+    if (old && !existsSync(join(root, `step-${old[1]}`)))
+      renameSync(join(root, n), join(root, `step-${old[1]}`));
+  }
+  for (const n of readdirSync(root))
+    if (/^\.(tmp|del|old)-step-/.test(n)) {
+      rmSync(join(root, n), { recursive: true, force: true });
+      removed.push(n);
+    }
+  return removed;
 }
 
 /**
@@ -166,16 +250,15 @@ export function latestValidCheckpoint(
  * files left a `step-N` directory with some files gone, which readers then had to skip.
  */
 export function pruneCheckpoints(runDir: string, keepLast: number, bestStep: number | null): void {
-  const all = listCheckpoints(runDir);
   const root = join(runDir, "checkpoints");
-  all.slice(keepLast).forEach((c) => {
-    if (c.step === bestStep) return;
+  for (const c of listCheckpoints(runDir).slice(keepLast)) {
+    if (c.step === bestStep) continue;
     const doomed = join(root, `.del-step-${c.step}-${process.pid}`);
-    renameSync(c.dir, doomed);
-    rmSync(doomed, { recursive: true, force: true });
-  });
-  // Leftovers of killed runs: unfinished writes and half-deleted checkpoints.
-  for (const n of existsSync(root) ? readdirSync(root) : [])
-    if ((n.startsWith(".tmp-step-") || n.startsWith(".del-step-")) && !n.endsWith(`-${process.pid}`))
-      rmSync(join(root, n), { recursive: true, force: true });
+    try {
+      renameSync(c.dir, doomed);
+      rmSync(doomed, { recursive: true, force: true });
+    } catch (err) {
+      throw new UsageError(`cannot remove the old checkpoint ${c.dir}: ${ioReason(err)}`);
+    }
+  }
 }

@@ -1,36 +1,43 @@
 // The training run's configuration: JSON files validated by a zod schema (unknown keys and
 // out-of-range values are one-line errors naming the field), then CLI flags on top.
-import { readFileSync } from "node:fs";
+import { brief, clip, readRegularFileSync } from "@moe8/data";
 import { UsageError } from "@moe8/fp8-core";
 import { CONFIGS, type ModelConfig, STEP_SHAPES } from "@moe8/model";
 import { z } from "zod";
 
-const modelOverrides = z
-  .object({
-    base: z.enum(["tiny", "small"]).default("tiny"),
-    vocab_size: z.number().int().positive(),
-    hidden_size: z.number().int().positive(),
-    num_hidden_layers: z.number().int().positive(),
-    first_k_dense_replace: z.number().int().nonnegative(),
-    num_attention_heads: z.number().int().positive(),
-    q_lora_rank: z.number().int().nonnegative(),
-    kv_lora_rank: z.number().int().positive(),
-    qk_nope_head_dim: z.number().int().positive(),
-    qk_rope_head_dim: z.number().int().positive().multipleOf(2),
-    v_head_dim: z.number().int().positive(),
-    intermediate_size: z.number().int().positive(),
-    moe_intermediate_size: z.number().int().positive(),
-    n_routed_experts: z.number().int().positive(),
-    num_experts_per_tok: z.number().int().positive(),
-    n_shared_experts: z.number().int().nonnegative(),
-    routed_scaling_factor: z.number().positive(),
-    rms_norm_eps: z.number().positive(),
-    rope_theta: z.number().positive(),
-    max_position_embeddings: z.number().int().positive(),
-    bias_update_speed: z.number().nonnegative(),
-    seq_aux_alpha: z.number().nonnegative(),
-    initializer_range: z.number().positive(),
-  })
+// Bounds: generous for any model this trainer can train (DeepSeek-V3 itself fits them), tight
+// enough that a typo or a hostile file (hidden_size 1e6, 1e5 layers) is refused here, before any
+// memory is allocated; the memory a valid config needs is then estimated (memory.ts).
+const pos = (max: number) => z.number().int().positive().max(max);
+const nonneg = (max: number) => z.number().int().nonnegative().max(max);
+const DIM = 65536;
+
+export const ModelFieldsSchema = z.object({
+  vocab_size: pos(2 ** 21),
+  hidden_size: pos(DIM),
+  num_hidden_layers: pos(1024),
+  first_k_dense_replace: nonneg(1024),
+  num_attention_heads: pos(1024),
+  q_lora_rank: nonneg(DIM),
+  kv_lora_rank: pos(DIM),
+  qk_nope_head_dim: pos(4096),
+  qk_rope_head_dim: pos(4096).multipleOf(2),
+  v_head_dim: pos(4096),
+  intermediate_size: pos(2 ** 20),
+  moe_intermediate_size: pos(2 ** 20),
+  n_routed_experts: pos(4096),
+  num_experts_per_tok: pos(4096),
+  n_shared_experts: nonneg(256),
+  routed_scaling_factor: z.number().positive().max(1e6),
+  rms_norm_eps: z.number().positive().max(1),
+  rope_theta: z.number().positive().max(1e12),
+  max_position_embeddings: pos(2 ** 22),
+  bias_update_speed: z.number().nonnegative().max(1),
+  seq_aux_alpha: z.number().nonnegative().max(1e3),
+  initializer_range: z.number().positive().max(10),
+});
+
+const modelOverrides = ModelFieldsSchema.extend({ base: z.enum(["tiny", "small"]).default("tiny") })
   .partial({
     vocab_size: true,
     hidden_size: true,
@@ -60,31 +67,34 @@ const modelOverrides = z
 export const TrainConfigSchema = z
   .object({
     model: z.union([z.enum(["tiny", "small"]), modelOverrides]),
-    steps: z.number().int().positive(),
-    batchSize: z.number().int().positive(),
-    seqLen: z.number().int().positive(),
-    lr: z.number().positive(),
+    steps: pos(1e9),
+    batchSize: pos(2 ** 16),
+    seqLen: pos(2 ** 22),
+    /** Adam moves each weight by up to lr a step: above 10 every run diverges in its first steps. */
+    lr: z.number().positive().max(10),
     minLrRatio: z.number().min(0).max(1),
-    warmup: z.number().int().nonnegative(),
+    warmup: nonneg(1e9),
     schedule: z.enum(["cosine", "wsd"]),
     decayFraction: z.number().gt(0).max(1),
-    weightDecay: z.number().nonnegative(),
-    clip: z.number().nonnegative(),
+    weightDecay: z.number().nonnegative().max(10),
+    clip: z.number().nonnegative().max(1e9),
     beta1: z.number().min(0).lt(1),
     beta2: z.number().min(0).lt(1),
-    seed: z.number().int().nonnegative(),
+    seed: nonneg(Number.MAX_SAFE_INTEGER),
     /** Seed of the data order when it should differ from the init seed (parity's seed yardstick). */
-    dataSeed: z.number().int().nonnegative().nullable(),
-    evalEvery: z.number().int().nonnegative(),
-    evalBatches: z.number().int().positive(),
-    saveEvery: z.number().int().nonnegative(),
-    keepLast: z.number().int().positive(),
-    logEvery: z.number().int().positive(),
-    maxBadSteps: z.number().int().positive(),
+    dataSeed: nonneg(Number.MAX_SAFE_INTEGER).nullable(),
+    evalEvery: nonneg(1e9),
+    evalBatches: pos(1e6),
+    saveEvery: nonneg(1e9),
+    keepLast: pos(1e6),
+    logEvery: pos(1e9),
+    maxBadSteps: pos(1e6),
     backend: z.enum(["auto", "ts", "cpu", "cuda"]),
-    precision: z.string(),
-    precisionOverrides: z.record(z.string(), z.string()),
-    data: z.string().nullable(),
+    precision: z.string().max(64),
+    precisionOverrides: z
+      .record(z.string().max(64), z.string().max(64))
+      .refine((o) => Object.keys(o).length <= 64, "at most 64 precision overrides"),
+    data: z.string().min(1).max(4096).nullable(),
     valFraction: z.number().gt(0).lt(1),
   })
   .strict();
@@ -125,8 +135,11 @@ export function zodMessage(source: string, err: z.ZodError): string {
   const i = err.issues[0];
   const path = i.path.join(".");
   if (i.code === "unrecognized_keys")
-    return `${source}: unknown key${i.keys.length > 1 ? "s" : ""} ${i.keys.map((k) => `"${path ? `${path}.` : ""}${k}"`).join(", ")}`;
-  return `${source}: ${path || "config"}: ${i.message}`;
+    return `${source}: unknown key${i.keys.length > 1 ? "s" : ""} ${i.keys
+      .slice(0, 5)
+      .map((k) => brief(`${path ? `${path}.` : ""}${k}`, 60))
+      .join(", ")}`;
+  return `${source}: ${clip(path, 200) || "config"}: ${clip(i.message)}`;
 }
 
 export function parseConfig(raw: unknown, source: string): TrainConfig {
@@ -138,44 +151,55 @@ export function parseConfig(raw: unknown, source: string): TrainConfig {
   return { ...DEFAULTS, ...(shape ? { batchSize: shape.batch, seqLen: shape.seqLen } : {}), ...r.data };
 }
 
+/** A config is a few hundred bytes; 1 MiB bounds what a hostile one makes us read. */
+const MAX_CONFIG_BYTES = 2 ** 20;
+
 export function loadConfigFile(path: string): Partial<TrainConfig> {
-  let text: string;
-  try {
-    text = readFileSync(path, "utf8");
-  } catch {
-    throw new UsageError(`config ${path}: cannot read the file`);
-  }
+  const text = readRegularFileSync(path, "config", MAX_CONFIG_BYTES).toString("utf8");
   let raw: unknown;
   try {
     raw = JSON.parse(text);
   } catch (e) {
-    throw new UsageError(`config ${path}: not valid JSON (${(e as Error).message.split("\n")[0]})`);
+    throw new UsageError(
+      `config ${path}: not valid JSON (${clip((e as Error).message.split("\n")[0], 120)})`,
+    );
   }
   const r = TrainConfigSchema.partial().safeParse(raw);
   if (!r.success) throw new UsageError(zodMessage(`config ${path}`, r.error));
   return r.data;
 }
 
-/** The model config a run uses, with the cross-field checks zod cannot express. */
+/**
+ * A model config from any source (a preset with overrides, a checkpoint's config.json) within the
+ * schema's bounds and with the cross-field checks zod cannot express.
+ */
+export function checkModelConfig(m: ModelConfig, source: string): ModelConfig {
+  const r = ModelFieldsSchema.safeParse(m);
+  if (!r.success) throw new UsageError(zodMessage(source, r.error));
+  if (m.num_experts_per_tok > m.n_routed_experts)
+    throw new UsageError(
+      `${source}: num_experts_per_tok (${m.num_experts_per_tok}) exceeds n_routed_experts (${m.n_routed_experts})`,
+    );
+  if (m.first_k_dense_replace > m.num_hidden_layers)
+    throw new UsageError(
+      `${source}: first_k_dense_replace (${m.first_k_dense_replace}) exceeds num_hidden_layers (${m.num_hidden_layers})`,
+    );
+  return m;
+}
+
+/** The model config a run uses, checked, and the run's sequence length against it. */
 export function resolveModel(c: TrainConfig): ModelConfig {
-  const m =
+  const m: ModelConfig =
     typeof c.model === "string"
       ? CONFIGS[c.model]
       : (() => {
           const { base, ...rest } = c.model;
           return { ...CONFIGS[base], ...rest };
         })();
+  checkModelConfig(m, "model");
   if (c.seqLen > m.max_position_embeddings)
     throw new UsageError(
       `--seq-len ${c.seqLen} is beyond the model's max_position_embeddings (${m.max_position_embeddings})`,
-    );
-  if (m.num_experts_per_tok > m.n_routed_experts)
-    throw new UsageError(
-      `model: num_experts_per_tok (${m.num_experts_per_tok}) exceeds n_routed_experts (${m.n_routed_experts})`,
-    );
-  if (m.first_k_dense_replace > m.num_hidden_layers)
-    throw new UsageError(
-      `model: first_k_dense_replace (${m.first_k_dense_replace}) exceeds num_hidden_layers (${m.num_hidden_layers})`,
     );
   return m;
 }

@@ -3,9 +3,12 @@
 import { type Batch, type Cursor, checkVocab, DEFAULT_DATASET_DIR, TokenLoader } from "@moe8/data";
 import { UsageError } from "@moe8/fp8-core";
 import type { TrainConfig } from "./config.ts";
+import type { TokenizerId } from "./state.ts";
 
 export interface TrainData {
   description: string;
+  /** The tokenizer the data was made with (recorded in checkpoints for eval), null without a manifest. */
+  tokenizer: TokenizerId | null;
   next(): Promise<Batch>;
   /** The fixed held-out batches (at most `n`), the same on every call. */
   validation(n: number): Promise<Batch[]>;
@@ -34,6 +37,7 @@ export async function openTrainData(
     );
   return {
     description: `${path} (${ds.tokens} tokens)`,
+    tokenizer: ds.manifest ? { type: ds.manifest.tokenizer.type, vocab_size: ds.manifest.vocab_size } : null,
     next: () => loader.nextBatch(),
     validation: async (n) => (await loader.valBatches()).slice(0, n),
     cursor: () => loader.cursor(),

@@ -1,6 +1,9 @@
 // Run outputs other tools can read: metrics.jsonl (one object per step) and loss.svg.
-import { appendFileSync, renameSync, writeFileSync } from "node:fs";
+import { closeSync, existsSync, ftruncateSync, openSync } from "node:fs";
 import { join } from "node:path";
+import { ioReason, openRegularSync, readAtSync } from "@moe8/data";
+import { UsageError } from "@moe8/fp8-core";
+import { appendText, writeFileDurable } from "./io.ts";
 import { linePlot } from "./svg.ts";
 
 export interface StepMetrics {
@@ -18,6 +21,78 @@ export interface StepMetrics {
   [k: string]: number | boolean | undefined;
 }
 
+/** The curve points of metrics.jsonl lines (a skipped step's loss is null in JSON). */
+interface CurvePoint {
+  step: number;
+  loss: number | null;
+  val_loss?: number | null;
+}
+
+/**
+ * Cuts metrics.jsonl back to the lines of steps up to `step` (those past it were written by the
+ * interrupted process and are written again) and returns those lines' curve points. The file is
+ * read in chunks and truncated in place, so it may be any length. Its last line may be torn (a
+ * partial write on a full disk, a kill mid-line: no newline at its end) and is dropped with a note;
+ * a damaged line anywhere else is refused, naming the line.
+ */
+export function truncateMetrics(runDir: string, step: number, note: (msg: string) => void): CurvePoint[] {
+  const path = join(runDir, "metrics.jsonl");
+  if (!existsSync(path)) return [];
+  const file = openRegularSync(path, "metrics file");
+  const points: CurvePoint[] = [];
+  let keep = 0; // bytes of the lines kept
+  let line = 0;
+  try {
+    let pos = 0;
+    let rest = Buffer.alloc(0);
+    let done = false;
+    while (!done && pos < file.size) {
+      const chunk = readAtSync(file.fd, Math.min(1 << 20, file.size - pos), pos);
+      pos += chunk.length;
+      let buf = Buffer.concat([rest, chunk]);
+      let nl = buf.indexOf(10);
+      while (nl >= 0) {
+        line++;
+        const text = buf.subarray(0, nl).toString("utf8");
+        let row: CurvePoint | null = null;
+        try {
+          row = JSON.parse(text);
+        } catch {}
+        if (!row || typeof row !== "object" || !Number.isSafeInteger(row.step))
+          throw new UsageError(
+            `${path}: line ${line} is damaged (not a metrics object); move the file aside to resume without the earlier curves`,
+          );
+        if (row.step > step) {
+          done = true;
+          break;
+        }
+        points.push({ step: row.step, loss: row.loss ?? null, val_loss: row.val_loss });
+        keep += nl + 1;
+        buf = buf.subarray(nl + 1);
+        nl = buf.indexOf(10);
+      }
+      rest = buf;
+    }
+    if (!done && rest.length > 0)
+      note(`${path}: dropped a torn last line (${rest.length} bytes without a newline)`);
+  } finally {
+    closeSync(file.fd);
+  }
+  if (keep < file.size) {
+    try {
+      const fd = openSync(path, "r+");
+      try {
+        ftruncateSync(fd, keep);
+      } finally {
+        closeSync(fd);
+      }
+    } catch (err) {
+      throw new UsageError(`cannot write ${path}: ${ioReason(err)}`);
+    }
+  }
+  return points;
+}
+
 export class MetricsLog {
   readonly train: [number, number][] = [];
   readonly val: [number, number][] = [];
@@ -25,18 +100,23 @@ export class MetricsLog {
   constructor(readonly dir: string) {}
 
   /** Restores the curves of a resumed run (the jsonl already holds its earlier lines). */
-  preload(rows: StepMetrics[]): void {
+  preload(rows: CurvePoint[]): void {
     for (const r of rows) this.track(r);
   }
 
-  private track(m: StepMetrics): void {
-    if (Number.isFinite(m.loss)) this.train.push([m.step, m.loss]);
-    if (m.val_loss !== undefined) this.val.push([m.step, m.val_loss]);
+  private track(m: CurvePoint): void {
+    if (typeof m.loss === "number" && Number.isFinite(m.loss)) this.train.push([m.step, m.loss]);
+    if (typeof m.val_loss === "number") this.val.push([m.step, m.val_loss]);
   }
 
   append(m: StepMetrics): void {
-    appendFileSync(join(this.dir, "metrics.jsonl"), `${JSON.stringify(m)}\n`);
+    appendText(join(this.dir, "metrics.jsonl"), `${JSON.stringify(m)}\n`);
     this.track(m);
+  }
+
+  /** Starts an empty metrics.jsonl (a new run, or one restarted before its first checkpoint). */
+  reset(): void {
+    writeFileDurable(join(this.dir, "metrics.jsonl"), "");
   }
 
   writePlot(title: string): void {
@@ -47,8 +127,6 @@ export class MetricsLog {
       ],
       { title, xLabel: "step", yLabel: "cross-entropy (nats)" },
     );
-    const tmp = join(this.dir, ".loss.svg.tmp");
-    writeFileSync(tmp, svg);
-    renameSync(tmp, join(this.dir, "loss.svg"));
+    writeFileDurable(join(this.dir, "loss.svg"), svg, { fsync: false }); // a plot: whole, not durable
   }
 }

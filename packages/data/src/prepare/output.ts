@@ -4,7 +4,7 @@
 import { lstat, readdir, realpath } from "node:fs/promises";
 import { basename, dirname, isAbsolute, join, relative, resolve } from "node:path";
 import { UsageError } from "@moe8/fp8-core";
-import { brief } from "../errors.ts";
+import { brief, clip } from "../errors.ts";
 import { errnoCode, ioReason } from "../files.ts";
 import { MANIFEST_FILE, readManifest } from "../manifest.ts";
 
@@ -33,10 +33,10 @@ export async function checkOutput(out: string, inputs: string[], overwrite: bool
   for (const input of inputs) {
     const realIn = await realish(input);
     if (inside(realOut, realIn))
-      throw new UsageError(`--out ${brief(out)}: inside the input ${brief(input)} (it would be replaced)`);
+      throw new UsageError(`--out ${clip(out)}: inside the input ${clip(input)} (it would be replaced)`);
     if (inside(realIn, realOut))
       throw new UsageError(
-        `--out ${brief(out)}: the input ${brief(input)} is inside it (it would be replaced)`,
+        `--out ${clip(out)}: the input ${clip(input)} is inside it (it would be replaced)`,
       );
   }
   let st: Awaited<ReturnType<typeof lstat>>;
@@ -44,11 +44,11 @@ export async function checkOutput(out: string, inputs: string[], overwrite: bool
     st = await lstat(out);
   } catch (err) {
     if (errnoCode(err) === "ENOENT") return;
-    throw new UsageError(`--out ${brief(out)}: ${ioReason(err)}`);
+    throw new UsageError(`--out ${clip(out)}: ${ioReason(err)}`);
   }
   if (st.isSymbolicLink())
-    throw new UsageError(`--out ${brief(out)}: a symbolic link; name the folder itself`);
-  if (!st.isDirectory()) throw new UsageError(`--out ${brief(out)}: exists and is not a folder`);
+    throw new UsageError(`--out ${clip(out)}: a symbolic link; name the folder itself`);
+  if (!st.isDirectory()) throw new UsageError(`--out ${clip(out)}: exists and is not a folder`);
   const entries = await readdir(out);
   if (entries.length === 0) return;
   const foreign = entries.filter((n) => !DATASET_FILE.test(n));
@@ -60,8 +60,8 @@ export async function checkOutput(out: string, inputs: string[], overwrite: bool
     ));
   if (!isDataset || foreign.length > 0)
     throw new UsageError(
-      `--out ${brief(out)}: exists and is not a dataset folder (${foreign.length ? `it holds ${brief(foreign[0])}` : "no valid manifest.json"}); refusing to replace it`,
+      `--out ${clip(out)}: exists and is not a dataset folder (${foreign.length ? `it holds ${brief(foreign[0])}` : "no valid manifest.json"}); refusing to replace it`,
     );
   if (!overwrite)
-    throw new UsageError(`--out ${brief(out)}: already holds a dataset; pass --overwrite to replace it`);
+    throw new UsageError(`--out ${clip(out)}: already holds a dataset; pass --overwrite to replace it`);
 }

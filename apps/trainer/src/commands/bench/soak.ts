@@ -1,5 +1,6 @@
 // `moe8 bench soak`: a long training run on the real data, sampling RSS and live tensors.
 import { trainStep } from "@moe8/model";
+import { intFlag } from "../../args.ts";
 import { DEFAULTS, resolveModel, type TrainConfig } from "../../run/config.ts";
 import { openTrainData } from "../../run/data.ts";
 import { buildSession } from "../../run/session.ts";
@@ -9,11 +10,11 @@ import { buildSession } from "../../run/session.ts";
  * in arenas, native buffers or the loader). Real data through the loader, as `train` runs it.
  */
 export async function benchSoak(flags: Record<string, unknown>): Promise<number> {
-  const steps = Number(flags.steps ?? 2000);
+  const steps = intFlag(flags, "steps", 1, 1e9) ?? 2000;
   const cfg: TrainConfig = {
     ...DEFAULTS,
     steps,
-    batchSize: Number(flags["batch-size"] ?? DEFAULTS.batchSize),
+    batchSize: intFlag(flags, "batch-size", 1, 2 ** 16) ?? DEFAULTS.batchSize,
     backend: (flags.backend ?? "auto") as "auto",
     precision: String(flags.precision ?? "fp8"),
   };

@@ -32,3 +32,21 @@ export function editTensors(dir: string, name: string, edit: (t: Map<string, StT
   edit(tensors);
   updateSum(dir, name, writeSafetensors(path, tensors, metadata));
 }
+
+/** A safetensors file's parts: the parsed header and the data after it. */
+export interface RawSafetensors {
+  header: Record<string, unknown>;
+  data: Uint8Array;
+}
+
+/** Rewrites a safetensors file at the byte level (header and data as given; checksum updated). */
+export function editRaw(dir: string, name: string, edit: (raw: RawSafetensors) => string | undefined): void {
+  const bytes = readFileSync(join(dir, name));
+  const n = Number(bytes.readBigUInt64LE(0));
+  const raw = { header: JSON.parse(bytes.subarray(8, 8 + n).toString("utf8")), data: bytes.subarray(8 + n) };
+  const text = edit(raw) ?? JSON.stringify(raw.header);
+  const head = Buffer.from(text);
+  const len = Buffer.alloc(8);
+  len.writeBigUInt64LE(BigInt(head.length));
+  replaceFile(dir, name, Buffer.concat([len, head, raw.data]));
+}

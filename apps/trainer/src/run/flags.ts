@@ -1,5 +1,6 @@
 // The flags `train`, `parity` and `bench` share, and how they map onto a TrainConfig.
 
+import { clip } from "@moe8/data/errors";
 import { UsageError } from "@moe8/fp8-core";
 import type { FlagSpec, ParsedArgs } from "../args.ts";
 import { loadConfigFile, parseConfig, type TrainConfig } from "./config.ts";
@@ -73,7 +74,7 @@ export function configFromArgs(args: ParsedArgs): TrainConfig {
   } catch (e) {
     const m = /^flags: (\w+): (.*)$/.exec((e as Error).message);
     const flag = m && Object.entries(FLAG_TO_KEY).find(([, k]) => k === m[1])?.[0];
-    if (m && flag && f[flag] !== undefined) throw new UsageError(`--${flag} ${f[flag]}: ${m[2]}`);
+    if (m && flag && f[flag] !== undefined) throw new UsageError(`--${flag} ${clip(String(f[flag]), 80)}: ${m[2]}`);
     throw e;
   }
 }

@@ -292,7 +292,17 @@ const cases: [string, string[], RegExp][] = [
   ],
   [
     "eval: memory estimate",
-    ["eval", "--checkpoint", "@base", "--data", "datasets/default", "--batch-size", "65536", "--seq-len", "128"],
+    [
+      "eval",
+      "--checkpoint",
+      "@base",
+      "--data",
+      "datasets/default",
+      "--batch-size",
+      "65536",
+      "--seq-len",
+      "128",
+    ],
     /needs at least \d+ GiB/,
   ],
   ["bench soak --steps 0", ["bench", "soak", "--steps", "0"], /--steps 0: must be an integer in \[1, /],

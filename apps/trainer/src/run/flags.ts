@@ -74,7 +74,8 @@ export function configFromArgs(args: ParsedArgs): TrainConfig {
   } catch (e) {
     const m = /^flags: (\w+): (.*)$/.exec((e as Error).message);
     const flag = m && Object.entries(FLAG_TO_KEY).find(([, k]) => k === m[1])?.[0];
-    if (m && flag && f[flag] !== undefined) throw new UsageError(`--${flag} ${clip(String(f[flag]), 80)}: ${m[2]}`);
+    if (m && flag && f[flag] !== undefined)
+      throw new UsageError(`--${flag} ${clip(String(f[flag]), 80)}: ${m[2]}`);
     throw e;
   }
 }

@@ -1,6 +1,6 @@
 // Running the CLI as users do (a child process), and building small datasets for tests.
 import { spawn, spawnSync } from "node:child_process";
-import { mkdtempSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -25,10 +25,10 @@ export function cli(args: string[], env: Record<string, string> = {}): CliResult
 }
 
 /** Starts `moe8 <args>` without waiting (for kill and signal tests). */
-export function cliAsync(args: string[]) {
+export function cliAsync(args: string[], env: Record<string, string> = {}) {
   return spawn("bun", [CLI, ...args], {
     cwd: ROOT,
-    env: { ...process.env, NO_COLOR: "1" },
+    env: { ...process.env, NO_COLOR: "1", ...env },
     stdio: ["ignore", "pipe", "pipe"],
   });
 }
@@ -39,3 +39,46 @@ export function tmp(prefix: string): string {
 
 /** A short tiny run's flags: small enough for a test, the same model and code paths as a real run. */
 export const QUICK = ["--batch-size", "4", "--seq-len", "32", "--eval-every", "0", "--log-every", "1000"];
+
+/** The highest step metrics.jsonl records so far (0 before the first); a line being written is skipped. */
+export function lastStep(runDir: string): number {
+  const file = join(runDir, "metrics.jsonl");
+  if (!existsSync(file)) return 0;
+  let last = 0;
+  for (const line of readFileSync(file, "utf8").split("\n")) {
+    try {
+      last = Math.max(last, JSON.parse(line).step);
+    } catch {}
+  }
+  return last;
+}
+
+export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** Polls until `ready()` (every `ms`), failing after `timeoutMs`. */
+export async function until(ready: () => boolean, timeoutMs = 60_000, ms = 5): Promise<void> {
+  const t0 = Date.now();
+  while (!ready()) {
+    if (Date.now() - t0 > timeoutMs) throw new Error(`gave up waiting after ${timeoutMs} ms`);
+    await sleep(ms);
+  }
+}
+
+/** A CLI process started with cliAsync, with its output collected and its end as a promise. */
+export function started(args: string[], env: Record<string, string> = {}) {
+  const child = cliAsync(args, env);
+  const out = { stdout: "", stderr: "", done: false };
+  child.stdout.on("data", (d) => {
+    out.stdout += d;
+  });
+  child.stderr.on("data", (d) => {
+    out.stderr += d;
+  });
+  const exit = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((res) =>
+    child.on("exit", (code, signal) => {
+      out.done = true;
+      res({ code, signal });
+    }),
+  );
+  return { child, out, exit };
+}

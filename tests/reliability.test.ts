@@ -3,7 +3,15 @@
 // two trainers on one folder, checkpoints that verify but are malformed, a torn metrics line.
 // Everything goes through the CLI, as users run it. tests/resume.test.ts kills at random points.
 import { spawnSync } from "node:child_process";
-import { existsSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import {
+  chmodSync,
+  existsSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  statSync,
+  writeFileSync,
+} from "node:fs";
 import { hostname } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
@@ -22,6 +30,12 @@ const stepsIn = (run: string) =>
     .trim()
     .split("\n")
     .map((l) => JSON.parse(l).step as number);
+
+// Real file systems (a small tmpfs, a read-only one) are mounted in a user and mount namespace of
+// the test's own (unshare -rm) where the kernel allows it; runners that forbid it skip those tests.
+const canMount =
+  spawnSync("unshare", ["-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"]).status === 0;
+const isRoot = process.getuid?.() === 0;
 
 describe("signals", () => {
   it("SIGINT after step N stops at N or N+1 with a checkpoint there (exit 0); a second one ends the process at once", async () => {
@@ -197,6 +211,34 @@ describe("the run folder", () => {
     expect(stepsIn(run)).toEqual(Array.from({ length: 8 }, (_, i) => i + 1));
     expect(checkpointsOf(run)).toEqual(["step-6", "step-7", "step-8"]);
   }, 120_000);
+
+  it.skipIf(!canMount)(
+    "a read-only file system: exit 2 naming the folder, for train and prepare-data",
+    () => {
+      const mnt = tmp("ro");
+      const script = [
+        `mount -t tmpfs -o ro,size=1m tmpfs ${mnt}`,
+        `bun ${CLI} train --steps 2 ${FAST.join(" ")} --out ${mnt}/run; echo "train=$?"`,
+        `bun ${CLI} prepare-data --input README.md --out ${mnt}/ds; echo "prepare=$?"`,
+      ].join("\n");
+      const r = spawnSync("unshare", ["-rm", "sh", "-c", script], { cwd: ROOT, encoding: "utf8" });
+      expect(r.stdout).toBe("train=2\nprepare=2\n");
+      expect(r.stderr).toBe(
+        `error: --out ${mnt}/run: cannot create the folder: read-only file system (EROFS)\n` +
+          `error: cannot write the dataset ${mnt}/ds: read-only file system (EROFS)\n`,
+      );
+    },
+  );
+
+  it.skipIf(isRoot)("a folder without write permission: exit 2 naming it", () => {
+    const dir = tmp("unwritable");
+    chmodSync(dir, 0o555);
+    const r = cli(["train", "--steps", "2", ...FAST, "--out", join(dir, "run")]);
+    expect(r.status).toBe(2);
+    expect(r.stderr.trim()).toBe(
+      `error: --out ${join(dir, "run")}: cannot create the folder: permission denied (EACCES)`,
+    );
+  });
 
   it("a stale lock (its process gone) is taken over", () => {
     const run = join(tmp("stale"), "run");

@@ -305,6 +305,11 @@ const cases: [string, string[], RegExp][] = [
     ],
     /needs at least \d+ GiB/,
   ],
+  [
+    "bench step: memory estimate",
+    ["bench", "step", "--config", "small", "--batch-size", "65536", "--backend", "ts"],
+    /a small step of 65536 x 2048 tokens needs at least \d+ GiB/,
+  ],
   ["bench soak --steps 0", ["bench", "soak", "--steps", "0"], /--steps 0: must be an integer in \[1, /],
   [
     "prepare-data --shard-bytes 0",

@@ -4,7 +4,7 @@ import { readFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import { arch, cpus, platform, release, totalmem } from "node:os";
 import { dirname, join } from "node:path";
-import { loadNative } from "@moe8/kernels";
+import { groupedGemmPath, loadNative } from "@moe8/kernels";
 import { parseArgs } from "../args.ts";
 import { currentRuntime } from "../runtime.ts";
 
@@ -31,6 +31,11 @@ export interface DoctorReport {
     driver?: string;
     nvrtc?: string;
     cublasLt?: string;
+    /**
+     * The kernels of the experts' grouped FP8 Fprop/Dgrad: "sm90-wgmma" (gemm_sm90.cu) or "mma.sync"
+     * (gemm.cu), and why.
+     */
+    groupedGemm?: { kernel: string; reason: string };
   };
   arrow: string;
 }
@@ -63,6 +68,7 @@ export function doctorReport(): DoctorReport {
             driver: ci.driverVersion ?? undefined,
             nvrtc: ci.nvrtcVersion ?? undefined,
             cublasLt: ci.cublasLtVersion ?? undefined,
+            groupedGemm: groupedGemmPath(ci.computeCapability),
           }
         : { available: false, reason: ci.reason ?? "unknown" };
   if (cuda.available) backends.push("cuda");
@@ -116,6 +122,8 @@ export async function doctor(argv: string[]): Promise<number> {
         : ` - ${cu.reason}`
     }`,
   );
+  if (cu.groupedGemm)
+    console.log(`expert GEMMs FP8 Fprop/Dgrad on ${cu.groupedGemm.kernel} (${cu.groupedGemm.reason})`);
   console.log(`backends     ${r.backends.join(", ")}`);
   console.log(`apache-arrow ${r.arrow}`);
   return 0;

@@ -98,7 +98,7 @@ export async function train(argv: string[]): Promise<number> {
   const { cfg, runDir, lock, session: s, data, from } = start;
   let lastGood: string | null = from?.dir ?? null;
   const st: RunState = { step: 0, bestValLoss: null, bestStep: null, consecutiveBad: 0 };
-  const metrics = new MetricsLog(runDir);
+  const metrics = new MetricsLog(runDir, s.model.moeLayerNumbers);
   const writes: Writes = {
     guarded(write) {
       try {
@@ -200,6 +200,8 @@ async function loop(
     if (r.load.length) {
       m.load_cv = r.load.reduce((a, l) => a + l.cv, 0) / r.load.length;
       m.load_max_over_mean = Math.max(...r.load.map((l) => l.maxOverMean));
+      m.load_max_over_mean_by_layer = r.load.map((l) => l.maxOverMean);
+      m.load_idle_experts = r.load.reduce((a, l) => a + l.idle, 0);
     }
     if (r.skipped) {
       st.consecutiveBad++;
@@ -233,6 +235,7 @@ async function loop(
           gradNorm: m.grad_norm,
           tokensPerS: m.tokens_per_s,
           balance: m.load_max_over_mean,
+          idleExperts: m.load_idle_experts,
           etaS: ((cfg.steps - st.step) * tokensPerStep) / rate,
           valLoss: m.val_loss,
         }),

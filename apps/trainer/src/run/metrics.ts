@@ -1,4 +1,5 @@
-// Run outputs other tools can read: metrics.jsonl (one object per step) and loss.svg.
+// Run outputs other tools can read: metrics.jsonl (one object per step), loss.svg and, for a model
+// with MoE layers, expert-load.svg (each layer's load max/mean over the steps).
 import { closeSync, existsSync, ftruncateSync, openSync } from "node:fs";
 import { join } from "node:path";
 import { ioReason, openRegularSync, readAtSync } from "@moe8/data";
@@ -16,9 +17,13 @@ export interface StepMetrics {
   /** Load balance over MoE layers: mean coefficient of variation and worst max/mean. */
   load_cv?: number;
   load_max_over_mean?: number;
+  /** Each MoE layer's max/mean load, in layer order (1 is perfect balance, E/k total collapse). */
+  load_max_over_mean_by_layer?: number[];
+  /** Experts that received no token this step, summed over the MoE layers. */
+  load_idle_experts?: number;
   val_loss?: number;
   skipped?: boolean;
-  [k: string]: number | boolean | undefined;
+  [k: string]: number | number[] | boolean | undefined;
 }
 
 /** The curve points of metrics.jsonl lines (a skipped step's loss is null in JSON). */
@@ -26,6 +31,7 @@ interface CurvePoint {
   step: number;
   loss: number | null;
   val_loss?: number | null;
+  load_max_over_mean_by_layer?: number[] | null;
 }
 
 /**
@@ -66,7 +72,12 @@ export function truncateMetrics(runDir: string, step: number, note: (msg: string
           done = true;
           break;
         }
-        points.push({ step: row.step, loss: row.loss ?? null, val_loss: row.val_loss });
+        points.push({
+          step: row.step,
+          loss: row.loss ?? null,
+          val_loss: row.val_loss,
+          load_max_over_mean_by_layer: row.load_max_over_mean_by_layer,
+        });
         keep += nl + 1;
         buf = buf.subarray(nl + 1);
         nl = buf.indexOf(10);
@@ -96,8 +107,14 @@ export function truncateMetrics(runDir: string, step: number, note: (msg: string
 export class MetricsLog {
   readonly train: [number, number][] = [];
   readonly val: [number, number][] = [];
+  /** Per step, each MoE layer's load max/mean. */
+  readonly load: [number, number[]][] = [];
 
-  constructor(readonly dir: string) {}
+  /** `moeLayers`: the model's MoE layer numbers, naming expert-load.svg's curves (none: no plot). */
+  constructor(
+    readonly dir: string,
+    readonly moeLayers: number[] = [],
+  ) {}
 
   /** Restores the curves of a resumed run (the jsonl already holds its earlier lines). */
   preload(rows: CurvePoint[]): void {
@@ -107,6 +124,8 @@ export class MetricsLog {
   private track(m: CurvePoint): void {
     if (typeof m.loss === "number" && Number.isFinite(m.loss)) this.train.push([m.step, m.loss]);
     if (typeof m.val_loss === "number") this.val.push([m.step, m.val_loss]);
+    const byLayer = m.load_max_over_mean_by_layer;
+    if (Array.isArray(byLayer) && byLayer.length === this.moeLayers.length) this.load.push([m.step, byLayer]);
   }
 
   append(m: StepMetrics): void {
@@ -119,6 +138,7 @@ export class MetricsLog {
     writeFileDurable(join(this.dir, "metrics.jsonl"), "");
   }
 
+  /** Writes loss.svg and, for a model with MoE layers, expert-load.svg. */
   writePlot(title: string): void {
     const svg = linePlot(
       [
@@ -128,5 +148,29 @@ export class MetricsLog {
       { title, xLabel: "step", yLabel: "cross-entropy (nats)" },
     );
     writeFileDurable(join(this.dir, "loss.svg"), svg, { fsync: false }); // a plot: whole, not durable
+    if (this.moeLayers.length === 0) return;
+    const steps = this.load.map(([step]) => step);
+    const load = linePlot(
+      [
+        ...this.moeLayers.map((layer, i) => ({
+          name: `layer ${layer}`,
+          points: this.load.map(([step, v]): [number, number] => [step, v[i]]),
+        })),
+        // Perfect balance, so that the axis always shows how far from it the layers are.
+        {
+          name: "balanced",
+          points: steps.length
+            ? ([
+                [steps[0], 1],
+                [steps.at(-1)!, 1],
+              ] as [number, number][])
+            : [],
+          color: "#888",
+          dashed: true,
+        },
+      ],
+      { title: `${title}: expert load`, xLabel: "step", yLabel: "load max/mean (1 = balanced)" },
+    );
+    writeFileDurable(join(this.dir, "expert-load.svg"), load, { fsync: false });
   }
 }

@@ -1,4 +1,5 @@
-// One status line per logged step: step, loss, learning rate, grad norm, tokens/s, balance, ETA.
+// One status line per logged step: step, loss, learning rate, grad norm, tokens/s, expert balance
+// (the worst MoE layer's load max/mean and the experts that got no token), ETA.
 
 export function formatDuration(s: number): string {
   if (!Number.isFinite(s)) return "?";
@@ -16,6 +17,7 @@ export function progressLine(p: {
   gradNorm: number;
   tokensPerS: number;
   balance?: number;
+  idleExperts?: number;
   etaS: number;
   valLoss?: number;
 }): string {
@@ -27,7 +29,9 @@ export function progressLine(p: {
     `lr ${p.lr.toExponential(2)}`,
     `gnorm ${p.gradNorm.toFixed(3)}`,
     `${Math.round(p.tokensPerS)} tok/s`,
-    p.balance !== undefined ? `load max/mean ${p.balance.toFixed(2)}` : null,
+    p.balance !== undefined
+      ? `load max/mean ${p.balance.toFixed(2)}${p.idleExperts !== undefined ? `, ${p.idleExperts} idle experts` : ""}`
+      : null,
     `eta ${formatDuration(p.etaS)}`,
   ]
     .filter(Boolean)

@@ -10,9 +10,17 @@ import { UsageError } from "@moe8/fp8-core";
 
 export const LOCK_FILE = ".lock";
 /** What a run folder holds; anything else means --out names someone else's folder. */
-const RUN_ENTRIES = new Set(["config.json", "metrics.jsonl", "loss.svg", "checkpoints", LOCK_FILE]);
+const RUN_ENTRIES = new Set([
+  "config.json",
+  "metrics.jsonl",
+  "loss.svg",
+  "expert-load.svg",
+  "checkpoints",
+  LOCK_FILE,
+]);
 /** Temporaries of the durable writes (io.ts) and of a lock being taken over. */
-const RUN_TEMPORARY = /^\.(config\.json|metrics\.jsonl|loss\.svg)\.tmp-\d+$|^\.lock\.stale-\d+$/;
+const RUN_TEMPORARY =
+  /^\.(config\.json|metrics\.jsonl|loss\.svg|expert-load\.svg)\.tmp-\d+$|^\.lock\.stale-\d+$/;
 
 /**
  * Refuses an --out that is empty, a file, under a file, or a folder holding anything a run does
@@ -122,4 +130,11 @@ export function lockRun(dir: string, flag: string): RunLock {
     } catch {}
   }
   throw new UsageError(`${flag} ${clip(dir, 200)}: could not take the run folder's lock ${path}`);
+}
+
+/** Removes the temporaries of durable writes that a killed process left (a lock aside is its taker's). */
+export function removeRunTemporaries(dir: string): string[] {
+  const gone = readdirSync(dir).filter((n) => RUN_TEMPORARY.test(n) && !n.startsWith(`${LOCK_FILE}.`));
+  for (const n of gone) rmSync(join(dir, n), { recursive: true, force: true });
+  return gone;
 }

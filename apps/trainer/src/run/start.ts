@@ -24,7 +24,7 @@ import { openTrainData, type TrainData } from "./data.ts";
 import { configFromArgs } from "./flags.ts";
 import { modelShapes } from "./load-model.ts";
 import { checkMemory, memoryNeed } from "./memory.ts";
-import { lockRun, prepareOutDir, type RunLock } from "./run-dir.ts";
+import { lockRun, prepareOutDir, type RunLock, removeRunTemporaries } from "./run-dir.ts";
 import { buildSession, policyOf, type Session } from "./session.ts";
 
 export interface RunStart {
@@ -35,6 +35,13 @@ export interface RunStart {
   data: TrainData;
   /** The checkpoint resumed from; null for a run starting at step 0. */
   from: { dir: string; files: CheckpointFiles } | null;
+}
+
+/** Start-up recovery, under the lock: what killed or failed processes left is put back or removed. */
+function cleanUp(runDir: string, note: (m: string) => void): void {
+  for (const n of recoverCheckpoints(runDir))
+    note(`removed ${join(runDir, "checkpoints", n)} (left by a killed run)`);
+  for (const n of removeRunTemporaries(runDir)) note(`removed ${join(runDir, n)} (left by a killed run)`);
 }
 
 /** The backend and the model's memory check, before the model is built. */
@@ -60,8 +67,7 @@ export async function startNew(args: ParsedArgs, note: (m: string) => void): Pro
   prepareOutDir(runDir);
   const lock = lockRun(runDir, "--out");
   try {
-    for (const n of recoverCheckpoints(runDir))
-      note(`removed ${join(runDir, "checkpoints", n)} (left by a killed run)`);
+    cleanUp(runDir, note);
     if (listCheckpoints(runDir).length)
       throw new UsageError(
         `--out ${clip(runDir, 200)}: already holds a run (use --resume ${runDir} to continue it)`,
@@ -106,8 +112,7 @@ export async function startResume(args: ParsedArgs, note: (m: string) => void): 
     return built;
   };
   try {
-    for (const n of recoverCheckpoints(runDir))
-      note(`removed ${join(runDir, "checkpoints", n)} (left by a killed run)`);
+    cleanUp(runDir, note);
     const skipped: string[] = [];
     const found = latestValidCheckpoint(
       runDir,

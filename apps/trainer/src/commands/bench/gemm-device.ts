@@ -1,8 +1,11 @@
 // `moe8 bench gemm --backend cuda`: the GEMMs one training step of `small` runs, each in its three
 // roles (Fprop, Dgrad, Wgrad) and in BF16 and FP8, plus the grouped expert GEMMs. Reported as
 // TFLOP/s and as the ratio FP8 / BF16 measured in the same run (the BF16 baseline is cuBLASLt for
-// the dense shapes).
+// the dense shapes). On a Hopper GPU the experts' FP8 Fprop and Dgrad run the sm90 wgmma kernels;
+// their rows then also time the mma.sync kernels (MOE8_SM90_GEMM=0) in the same run, and each
+// expert row names the kernels its FP8 time is from. `--shape experts` times the expert GEMMs only.
 import { UsageError } from "@moe8/fp8-core";
+import { CudaBackend } from "@moe8/kernels";
 import type { Backend, Tensor } from "@moe8/tensor";
 import { Rng } from "@moe8/tensor";
 import { formatRow } from "./timing.ts";
@@ -112,38 +115,72 @@ async function grouped(b: Backend, N: number, K: number, p: Precision): Promise<
   });
 }
 
+/** The grouped FP8 kernels of a cuda backend per role ("sm90-wgmma" for Fprop and Dgrad on Hopper). */
+function expertKernels(b: Backend): Record<string, string> {
+  const path = b instanceof CudaBackend ? b.groupedGemmKernel : "mma.sync";
+  return { fprop: path, dgrad: path, wgrad: "mma.sync" };
+}
+
+/** The same backend kind with the sm90 grouped GEMM off (MOE8_SM90_GEMM is read at construction). */
+function mmaSyncBackend(): CudaBackend {
+  const before = process.env.MOE8_SM90_GEMM;
+  process.env.MOE8_SM90_GEMM = "0";
+  try {
+    return new CudaBackend();
+  } finally {
+    if (before === undefined) delete process.env.MOE8_SM90_GEMM;
+    else process.env.MOE8_SM90_GEMM = before;
+  }
+}
+
 export async function benchGemmDevice(
   b: Backend,
   shapes: string[] | undefined,
   json: boolean,
 ): Promise<number> {
   const rows: Record<string, unknown>[] = [];
-  const report = (name: string, flops: number, t: Record<Precision, Record<string, number>>) => {
+  const report = (
+    name: string,
+    flops: number,
+    t: Record<Precision, Record<string, number>>,
+    extra?: { kernels: Record<string, string>; mmaSync?: Record<string, number> },
+  ) => {
     for (const role of ["fprop", "dgrad", "wgrad"]) {
-      const tf = (p: Precision) => +(flops / (t[p][role] * 1e9)).toFixed(1);
-      const row = {
+      const tf = (ms: number) => +(flops / (ms * 1e9)).toFixed(1);
+      const row: Record<string, unknown> = {
         gemm: name,
         role,
         bf16_ms: +t.bf16[role].toFixed(3),
         fp8_ms: +t.fp8[role].toFixed(3),
-        bf16_tflops: tf("bf16"),
-        fp8_tflops: tf("fp8"),
+        bf16_tflops: tf(t.bf16[role]),
+        fp8_tflops: tf(t.fp8[role]),
         fp8_vs_bf16: +(t.bf16[role] / t.fp8[role]).toFixed(2),
       };
+      if (extra) row.fp8_kernel = extra.kernels[role];
+      if (extra?.mmaSync && extra.kernels[role] !== "mma.sync") {
+        row.mma_sync_ms = +extra.mmaSync[role].toFixed(3);
+        row.mma_sync_tflops = tf(extra.mmaSync[role]);
+        row.fp8_vs_mma_sync = +(extra.mmaSync[role] / t.fp8[role]).toFixed(2);
+      }
       rows.push(row);
       if (!json) console.log(formatRow(row));
     }
   };
-  for (const shape of shapes ?? SMALL_GEMM_SHAPES) {
+  const expertsOnly = shapes?.length === 1 && shapes[0] === "experts";
+  for (const shape of expertsOnly ? [] : (shapes ?? SMALL_GEMM_SHAPES)) {
     const [M, N, K] = dims(shape);
     report(shape, 2 * M * N * K, { bf16: await dense(b, shape, "bf16"), fp8: await dense(b, shape, "fp8") });
   }
-  if (!shapes)
+  const kernels = expertKernels(b);
+  const mma = kernels.fprop === "mma.sync" ? null : mmaSyncBackend();
+  if (!shapes || expertsOnly)
     for (const [N, K] of EXPERTS.shapes)
-      report(`experts ${EXPERTS.E}x(${N}x${K}) over ${EXPERTS.rows} rows`, 2 * EXPERTS.rows * N * K, {
-        bf16: await grouped(b, N, K, "bf16"),
-        fp8: await grouped(b, N, K, "fp8"),
-      });
+      report(
+        `experts ${EXPERTS.E}x(${N}x${K}) over ${EXPERTS.rows} rows`,
+        2 * EXPERTS.rows * N * K,
+        { bf16: await grouped(b, N, K, "bf16"), fp8: await grouped(b, N, K, "fp8") },
+        { kernels, mmaSync: mma ? await grouped(mma, N, K, "fp8") : undefined },
+      );
   if (json) console.log(JSON.stringify({ backend: b.name, rows }));
   return 0;
 }

@@ -3,10 +3,12 @@
 // `--profile` adds the time and memory per op class (profile.ts) and, on cuda, GPU time per kernel.
 import { writeFileSync } from "node:fs";
 import { UsageError } from "@moe8/fp8-core";
-import type { CudaBackend } from "@moe8/kernels";
+import { availableBackends, type CudaBackend } from "@moe8/kernels";
 import { STEP_SHAPES, trainStep } from "@moe8/model";
 import { Rng } from "@moe8/tensor";
+import { intFlag } from "../../args.ts";
 import { DEFAULTS, resolveModel, type TrainConfig } from "../../run/config.ts";
+import { checkMemory, memoryNeed } from "../../run/memory.ts";
 import { buildSession } from "../../run/session.ts";
 import { H200_BF16_GEMM_TFLOPS, H200_FP8_GEMM_TFLOPS, trainFlopsPerToken } from "./flops.ts";
 import { profileStep } from "./profile.ts";
@@ -17,21 +19,21 @@ export async function benchStep(flags: Record<string, unknown>): Promise<number>
   if (configName !== "tiny" && configName !== "small")
     throw new UsageError(`--config "${configName}": use tiny or small`);
   const precisions = flags.precision ? [String(flags.precision)] : ["fp8", "bf16", "fp32"];
-  const steps = Number(flags.steps ?? 10);
+  const steps = intFlag(flags, "steps", 1, 1e6) ?? 10;
   const shape = STEP_SHAPES[configName];
   const cfg: TrainConfig = {
     ...DEFAULTS,
     model: configName,
-    seqLen: Number(flags["seq-len"] ?? shape.seqLen),
-    batchSize: Number(flags["batch-size"] ?? shape.batch),
+    seqLen: intFlag(flags, "seq-len", 1, 2 ** 22) ?? shape.seqLen,
+    batchSize: intFlag(flags, "batch-size", 1, 2 ** 16) ?? shape.batch,
     backend: (flags.backend ?? "auto") as "auto",
   };
-  for (const [flag, v] of [
-    ["batch-size", cfg.batchSize],
-    ["seq-len", cfg.seqLen],
-  ] as const)
-    if (!(v >= 1)) throw new UsageError(`--${flag} ${v}: must be at least 1`);
   const modelCfg = resolveModel(cfg);
+  checkMemory(
+    memoryNeed(modelCfg, { batch: cfg.batchSize, seq: cfg.seqLen }, { moments: "bf16" }),
+    cfg.backend === "auto" ? (availableBackends().at(-1) ?? "ts") : cfg.backend,
+    `a ${configName} step of ${cfg.batchSize} x ${cfg.seqLen} tokens`,
+  );
   const rows = [];
   for (const precision of precisions) {
     const s = buildSession({ ...cfg, precision }, modelCfg);

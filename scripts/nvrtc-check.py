@@ -18,7 +18,10 @@ table passes the argument slots the compiled kernel reads.
 Prints one line per kernel module and exits non-zero on any compile error (with the log) or any
 signature mismatch, or with exit code 2 when libnvrtc cannot be found.
 Usage: nvrtc-check.py [--arch sm_90a] [--lib PATH] [--ptxas-verbose (registers and spills per kernel)]
+                      [--write-cache DIR (each CUBIN where the addon's disk cache looks for it, so a
+                       GPU machine with the same NVRTC major.minor skips compiling: MOE8_CACHE_DIR=DIR)]
 """
+import hashlib
 import argparse
 import ctypes
 import concurrent.futures
@@ -32,14 +35,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KDIR = os.path.join(ROOT, "packages", "kernels", "src", "cuda", "kernels")
 TABLE = os.path.join(ROOT, "packages", "kernels", "src", "cuda", "kernels.generated.ts")
 
-# The PTX parameter types each table kind may compile to (PTX writes `int` as .u32 or .s32 alike).
+# The PTX parameter types each table kind may compile to (PTX writes `int` as .u32 or .s32 alike);
+# a by-value struct is a byte array with its alignment: `.param .align 64 .b8 tA[128]` reads
+# "b8[128]@64", the CUtensorMap of a tmap parameter.
 PTX_TYPES = {
     "u64": {"u64", "s64", "b64"},
     "i32": {"u32", "s32", "b32"},
     "u32": {"u32", "s32", "b32"},
     "f32": {"f32"},
     "f64": {"f64"},
+    "tmap": {"b8[128]@64"},
 }
+# Modules that use sm_90a-only instructions (wgmma, TMA, setmaxnreg): compiled for that target only.
+SM90A_ONLY = {"gemm_sm90"}
 
 
 def find_nvrtc(explicit):
@@ -97,7 +105,8 @@ def read_table():
 
 
 def ptx_entries(ptx):
-    """entry name -> ([PTX parameter types], .maxntid x or None); a by-value array param reads 'array'."""
+    """entry name -> ([PTX parameter types], .maxntid x or None); a by-value array param reads
+    '<type>[<count>]@<alignment>' (e.g. 'b8[128]@64')."""
     entries = {}
     for m in re.finditer(r"\.entry\s+(\w+)\s*\(([^)]*)\)([^{]*)\{", ptx):
         name, plist, directives = m.groups()
@@ -106,7 +115,11 @@ def ptx_entries(ptx):
             words = p.split()
             kind = next((w[1:] for w in words[1:] if w.startswith(".") and w not in (".ptr", ".align")
                          and not w.startswith((".global", ".const", ".shared", ".local"))), "?")
-            types.append("array" if p.endswith("]") else kind)
+            arr = re.search(r"\[(\d+)\]$", p)
+            if arr:
+                align = re.search(r"\.align\s+(\d+)", p)
+                kind = f"{kind}[{arr.group(1)}]@{align.group(1) if align else '?'}"
+            types.append(kind)
         nt = re.search(r"\.maxntid\s+(\d+)", directives)
         entries[name] = (types, int(nt.group(1)) if nt else None)
     return entries
@@ -132,7 +145,7 @@ def check_signatures(module, entries, table):
 
 
 def compile_one(job):
-    """Compiles one module; returns (ok, the lines to print, its PTX entries)."""
+    """Compiles one module; returns (ok, the lines to print, its PTX entries, the CUBIN or None)."""
     path, common, opts, arch, libpath = job
     lib, _ = find_nvrtc(libpath)
     lib.nvrtcGetErrorString.restype = ctypes.c_char_p
@@ -143,7 +156,7 @@ def compile_one(job):
     prog = ctypes.c_void_p()
     r = lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), f"{name}.cu".encode(), 0, None, None)
     if r != 0:
-        return False, f"FAIL {name}.cu: nvrtcCreateProgram: {lib.nvrtcGetErrorString(r).decode()}", {}
+        return False, f"FAIL {name}.cu: nvrtcCreateProgram: {lib.nvrtcGetErrorString(r).decode()}", {}, None
     copts = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
     r = lib.nvrtcCompileProgram(prog, len(opts), copts)
     size = ctypes.c_size_t()
@@ -153,19 +166,35 @@ def compile_one(job):
     text = log.value.decode(errors="replace").strip()
     secs = time.monotonic() - t0
     if r != 0:
-        out = (False, f"FAIL {name}.cu: {lib.nvrtcGetErrorString(r).decode()}\n{text}", {})
+        out = (False, f"FAIL {name}.cu: {lib.nvrtcGetErrorString(r).decode()}\n{text}", {}, None)
     else:
         cubin = ctypes.c_size_t()
         lib.nvrtcGetCUBINSize(prog, ctypes.byref(cubin))
+        binary = ctypes.create_string_buffer(cubin.value)
+        lib.nvrtcGetCUBIN(prog, binary)
         ptx_size = ctypes.c_size_t()
         lib.nvrtcGetPTXSize(prog, ctypes.byref(ptx_size))
         ptx = ctypes.create_string_buffer(ptx_size.value)
         lib.nvrtcGetPTX(prog, ptx)
         entries = ptx_entries(ptx.value.decode(errors="replace"))
         warn = f" (warnings:\n{text})" if text else ""
-        out = (True, f"ok   {name}.cu: {cubin.value} bytes of CUBIN for {arch} in {secs:.1f} s{warn}", entries)
+        out = (True, f"ok   {name}.cu: {cubin.value} bytes of CUBIN for {arch} in {secs:.1f} s{warn}", entries,
+               binary.raw)
     lib.nvrtcDestroyProgram(ctypes.byref(prog))
     return out
+
+
+def write_cache(folder, module, path, common, arch, version, cubin):
+    """Stores a CUBIN under the name src/cuda/nvrtc.rs looks up: SHA-256 of (full source, options,
+    architecture, NVRTC major.minor), the same text the addon hashes."""
+    with open(path) as f:
+        source = f'{common}\n#line 1 "{module}.cu"\n{f.read()}'
+    key = hashlib.sha256(
+        f"{source}\0{' '.join(options(arch))}\0{arch}\0nvrtc {version[0]}.{version[1]}".encode()
+    ).hexdigest()
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{module}-{arch}-{key[:32]}.cubin"), "wb") as f:
+        f.write(cubin)
 
 
 def main():
@@ -173,6 +202,7 @@ def main():
     ap.add_argument("--arch", default="sm_90a")
     ap.add_argument("--lib", default=None)
     ap.add_argument("--ptxas-verbose", action="store_true", help="print registers and spills per kernel")
+    ap.add_argument("--write-cache", default=None, help="write each CUBIN into this addon kernel-cache folder")
     args = ap.parse_args()
     lib, where = find_nvrtc(args.lib)
     if lib is None:
@@ -187,6 +217,10 @@ def main():
     opts = options(args.arch) + (["--ptxas-options=-v"] if args.ptxas_verbose else [])
     copts = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
     sources = sorted(glob.glob(os.path.join(KDIR, "*.cu")))
+    skipped = [p for p in sources if args.arch != "sm_90a" and os.path.splitext(os.path.basename(p))[0] in SM90A_ONLY]
+    sources = [p for p in sources if p not in skipped]
+    for p in skipped:
+        print(f"skip {os.path.basename(p)}: sm_90a only (the backend loads it on compute capability 9.0 alone)")
     if not sources:
         print("nvrtc-check: no kernel sources found")
         return 1
@@ -198,14 +232,16 @@ def main():
     failed = 0
     mismatches = []
     checked = 0
-    for path, (ok, text, entries) in zip(sources, results):
+    for path, (ok, text, entries, cubin) in zip(sources, results):
         print(text)
         failed += 0 if ok else 1
         if ok:
             module = os.path.splitext(os.path.basename(path))[0]
             mismatches += check_signatures(module, entries, table)
             checked += len(entries)
-    modules = {os.path.splitext(os.path.basename(p))[0] for p in sources}
+            if args.write_cache and not args.ptxas_verbose:
+                write_cache(args.write_cache, module, path, common, args.arch, (major.value, minor.value), cubin)
+    modules = {os.path.splitext(os.path.basename(p))[0] for p in sources + skipped}
     mismatches += [f"{m}: in the table but there is no {m}.cu" for m in table if m not in modules]
     print(f"nvrtc-check: {len(sources) - failed} of {len(sources)} kernel modules compiled")
     for m in mismatches:

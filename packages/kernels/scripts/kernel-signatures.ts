@@ -6,8 +6,10 @@
 // It reads every `KERNEL void [__launch_bounds__(n)] name(params)` declaration (KERNEL is
 // common.cuh's `extern "C" __global__`), including those inside function-like macros with `##`
 // token pasting, which it expands at each instantiation (flash.cu's FLASH_SHAPE). Each C parameter
-// becomes the kind of its 8-byte argument slot: pointers and 64-bit integers u64, int i32, unsigned
-// u32, float f32, double f64; any other type is an error, as is a declaration it cannot read. It
+// becomes the kind of its argument: an 8-byte slot for pointers and 64-bit integers (u64), int
+// (i32), unsigned (u32), float (f32) and double (f64), or the 128 bytes of a TMA tensor map for
+// `const __grid_constant__ CUtensorMap` (tmap, gemm_sm90.cu); any other type is an error, as is a
+// declaration it cannot read. It
 // also copies the integer constants #defined in common.cuh and in each module (group and format
 // codes, tile sizes, grid limits), so the host never restates them. No NVRTC is needed; the kernel
 // tests fail when the committed file is stale, and scripts/nvrtc-check.py compares the table with
@@ -181,14 +183,22 @@ const SCALAR_KINDS: Record<string, ArgKind> = {
 };
 
 function paramKind(kernel: string, param: string, typedefs: Map<string, string>): [string, ArgKind] {
-  const tokens = param
-    .replace(/\*/g, " * ")
-    .split(/\s+/)
-    .filter((t) => t !== "" && !["const", "volatile", "__restrict__", "__restrict"].includes(t));
+  const words = param.replace(/\*/g, " * ").split(/\s+/);
+  const tokens = words.filter(
+    (t) => t !== "" && !["const", "volatile", "__restrict__", "__restrict", "__grid_constant__"].includes(t),
+  );
   const name = tokens.pop();
   if (!name || !/^[A-Za-z_]\w*$/.test(name) || tokens.length === 0)
     throw new SignatureError(`${kernel}: cannot read the parameter "${param}" (type and name needed)`);
   if (tokens.includes("*")) return [name, "u64"];
+  if (tokens.join(" ") === "CUtensorMap") {
+    // By value in the parameter space, where the TMA instructions read it (a copy would not do).
+    if (!words.includes("const") || !words.includes("__grid_constant__"))
+      throw new SignatureError(
+        `${kernel}: tensor map "${param}" must be a const __grid_constant__ parameter`,
+      );
+    return [name, "tmap"];
+  }
   let type = tokens.join(" ");
   for (let i = 0; i < 8 && typedefs.has(type); i++) type = typedefs.get(type)!;
   const kind = SCALAR_KINDS[type];

@@ -76,6 +76,13 @@ export class CudaBackend extends HostLifetimes implements Backend {
   get useLtFp8Block(): boolean {
     return this.cx.useLtFp8Block;
   }
+  /**
+   * Which kernels run the experts' grouped FP8 Fprop and Dgrad: the Hopper wgmma kernels
+   * (gemm_sm90.cu) on a compute-capability-9.0 GPU unless MOE8_SM90_GEMM=0, else mma.sync (gemm.cu).
+   */
+  get groupedGemmKernel(): "sm90-wgmma" | "mma.sync" {
+    return this.cx.sm90Gemm ? "sm90-wgmma" : "mma.sync";
+  }
   /** The tensor-core kernels (MOE8_TENSOR_CORES=0: the simple reference kernels). */
   get useTensorCores(): boolean {
     return this.cx.useTensorCores;

@@ -1,7 +1,8 @@
 // The cuda backend's host code without a GPU: every op runs against a fake addon that records the
 // launches instead of running them, in each configuration that picks other kernels (cuBLASLt on,
-// refusing, off; tensor cores off). Each launch must name a kernel of the signature table, stay
-// within its __launch_bounds__ and the grid limits, and pass one 8-byte slot per parameter; the
+// refusing, off; tensor cores off; a Hopper GPU, with and without MOE8_SM90_GEMM=0). Each launch
+// must name a kernel of the signature table, stay within its __launch_bounds__ and the grid limits,
+// and pass one 8-byte slot per parameter (tensor maps: 128 bytes at a 64-byte boundary); the
 // encoder's run-time checks (integer arguments, pointers below 2^53) run on every launch site; and
 // every kernel of the table must be launched by some op. The numbers are the cuda op suite's job
 // (cuda-op-suite.test.ts, on a GPU).
@@ -15,8 +16,12 @@ for (const mod of Object.values(KERNELS))
   for (const k of Object.values(mod)) table.set(`${k.module}.${k.name}`, k);
 
 const launched = new Set<string>();
+/** The kernels launched in the current configuration. */
+const launchedNow = new Set<string>();
 const problems: string[] = [];
 let lt: "ok" | "refuse" = "ok";
+/** The fake GPU's compute capability (the backend picks the sm90 GEMM on "9.0"). */
+let cc = "8.9";
 let nextPtr = 0;
 let allocs = 0;
 
@@ -34,7 +39,23 @@ class FakeBuffer {
 const ids: string[] = [];
 const fake = {
   DeviceBuffer: FakeBuffer,
-  cudaInfo: () => ({ available: true, reason: null }),
+  cudaInfo: () => ({ available: true, reason: null, computeCapability: cc, multiprocessors: 132 }),
+  cudaTensorMap2D: (
+    ptr: number,
+    elem: string,
+    inner: number,
+    rows: number,
+    boxInner: number,
+    boxRows: number,
+  ) => {
+    const esz = elem === "f32" ? 4 : 1;
+    if (!["u8", "f32"].includes(elem)) problems.push(`tensor map of ${elem}`);
+    if (ptr % 16 !== 0 || (inner * esz) % 16 !== 0)
+      problems.push(`tensor map at ${ptr}, pitch ${inner * esz}`);
+    if (!(rows >= 1 && boxInner * esz === 128 && boxRows >= 1 && boxRows <= 256))
+      problems.push(`tensor map ${rows} rows, box ${boxInner}x${boxRows}`);
+    return new Uint8Array(128);
+  },
   cudaKernel: (module: string, name: string) => {
     if (!table.has(`${module}.${name}`)) problems.push(`unknown kernel ${module}.${name}`);
     return ids.push(`${module}.${name}`) - 1;
@@ -49,12 +70,23 @@ const fake = {
     bz: number,
     sh: number,
     args: Uint8Array,
+    offsets?: number[],
   ) => {
     const k = table.get(ids[id])!;
     launched.add(ids[id]);
+    launchedNow.add(ids[id]);
     const yz = DEFINES.common.GRID_YZ_MAX;
-    if (args.byteLength !== 8 * k.params.length)
-      problems.push(`${ids[id]}: ${args.byteLength} argument bytes`);
+    // Scalars take 8-byte slots; with a tensor map, each parameter sits at its offset.
+    let at = 0;
+    const want = k.params.map(([, kind]) => {
+      at = kind === "tmap" ? Math.ceil(at / 64) * 64 : at;
+      const o = at;
+      at += kind === "tmap" ? 128 : 8;
+      return o;
+    });
+    const maps = k.params.some(([, kind]) => kind === "tmap");
+    if (args.byteLength !== at || (maps ? offsets?.join() !== want.join() : offsets !== undefined))
+      problems.push(`${ids[id]}: ${args.byteLength} argument bytes at ${offsets ?? "8-byte slots"}`);
     if (!(gx >= 1 && gx < 2 ** 31 && gy >= 1 && gy <= yz && gz >= 1 && gz <= yz))
       problems.push(`${ids[id]}: grid ${[gx, gy, gz]}`);
     if (!(bx >= 32 && bx <= (k.maxThreads ?? 1024) && by === 1 && bz === 1))
@@ -152,6 +184,24 @@ async function everyOp(b: Backend) {
     transB: true,
   });
   b.groupedMatmul(q([64, 64], "tile"), q([3, 64, 128], "block"), offs, { precision: "fp8", segment: "m" });
+  // Long K (the 128 x 256 sm90 tiles), BF16-rounded output, accumulate-into, and E5M2 (mma.sync).
+  for (const accumulate of [undefined, b.zeros([64, 256])])
+    b.groupedMatmul(q([64, 512], "tile"), q([3, 256, 512], "block"), offs, {
+      precision: "fp8",
+      segment: "m",
+      transB: true,
+      outBf16: true,
+      accumulate,
+    });
+  b.groupedMatmul(
+    b.quantize(up([64, 64]), { group: "tile", format: "e5m2" }),
+    q([3, 64, 128], "block"),
+    offs,
+    {
+      precision: "fp8",
+      segment: "m",
+    },
+  );
   const cs = (s: number[]) => b.quantize(up(s), { group: "column-tile", segments: offs });
   b.groupedMatmul(cs([64, 64]), cs([64, 128]), offs, { precision: "fp8", segment: "k", transA: true });
   const w = up([256]);
@@ -199,18 +249,25 @@ async function everyOp(b: Backend) {
 }
 
 describe("cuda backend host code, without a GPU", () => {
-  const configs: [string, Record<string, string>, "ok" | "refuse"][] = [
-    ["cuBLASLt", {}, "ok"],
-    ["cuBLASLt refusing", {}, "refuse"],
-    ["no cuBLASLt, no tensor cores", { MOE8_CUBLASLT: "0", MOE8_TENSOR_CORES: "0" }, "ok"],
+  const configs: [string, Record<string, string>, "ok" | "refuse", string][] = [
+    ["cuBLASLt", {}, "ok", "8.9"],
+    ["cuBLASLt refusing", {}, "refuse", "8.9"],
+    ["no cuBLASLt, no tensor cores", { MOE8_CUBLASLT: "0", MOE8_TENSOR_CORES: "0" }, "ok", "8.9"],
+    ["Hopper: the sm90 grouped GEMM", {}, "ok", "9.0"],
+    ["Hopper, MOE8_SM90_GEMM=0", { MOE8_SM90_GEMM: "0" }, "ok", "9.0"],
   ];
-  for (const [name, env, mode] of configs)
+  for (const [name, env, mode, capability] of configs)
     it(`launches valid kernels for every op (${name})`, async () => {
       for (const [k, v] of Object.entries(env)) vi.stubEnv(k, v);
       lt = mode;
+      cc = capability;
+      launchedNow.clear();
       await everyOp(new CudaBackend() as Backend);
       vi.unstubAllEnvs();
       expect(problems).toEqual([]);
+      // Both sm90 entry points on a Hopper GPU (unless turned off), none anywhere else.
+      const sm90 = [...launchedNow].filter((k) => k.startsWith("gemm_sm90."));
+      expect(sm90.length).toBe(capability === "9.0" && !env.MOE8_SM90_GEMM ? 2 : 0);
     });
 
   it("launches every kernel of the table from some op", () => {

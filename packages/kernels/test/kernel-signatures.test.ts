@@ -44,6 +44,7 @@ describe("kernel signature table", () => {
         "flash",
         "gemm",
         "gemm16",
+        "gemm_sm90",
         "moe",
         "nn",
         "optim",
@@ -69,6 +70,14 @@ describe("kernel signature table", () => {
     ]);
     expect(KERNELS.flash.flash_fwd_64_64.maxThreads).toBe(128);
     expect(KERNELS.gemm.gemm_fp8_tt_e5m2_e4m3.params).toHaveLength(17);
+    // The Hopper GEMM's tensor maps are by-value 128-byte parameters.
+    expect(KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x256.params.slice(0, 4)).toEqual([
+      ["tA", "tmap"],
+      ["tB", "tmap"],
+      ["tC", "tmap"],
+      ["As", "u64"],
+    ]);
+    expect(KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x256.maxThreads).toBe(384);
   });
 
   it("expands kernel macros, follows typedefs and reads __launch_bounds__", () => {
@@ -134,6 +143,20 @@ PAIR(3, 4)
       parseKernelSources(sources({ "d.cu": "KERNEL void k(int a) {}\nKERNEL void k(int b) {}\n" })),
     ).toThrow(/declared twice/);
   });
+
+  it("types a const __grid_constant__ CUtensorMap as a tensor map and refuses one passed otherwise", () => {
+    const map = "struct CUtensorMap { unsigned long long w[16]; };\n";
+    const ok = parseKernelSources(
+      sources({ "t.cu": `${map}KERNEL void k(const __grid_constant__ CUtensorMap m, int n) {}\n` }),
+    );
+    expect(ok.modules.get("t")?.[0].params).toEqual([
+      ["m", "tmap"],
+      ["n", "i32"],
+    ]);
+    expect(() =>
+      parseKernelSources(sources({ "u.cu": `${map}KERNEL void k(const CUtensorMap m) {}\n` })),
+    ).toThrow(/must be a const __grid_constant__ parameter/);
+  });
 });
 
 describe("launch argument encoding", () => {
@@ -151,7 +174,14 @@ describe("launch argument encoding", () => {
   } as const satisfies KernelSignature;
 
   it("writes one zero-padded little-endian 8-byte slot per parameter, in declaration order", () => {
-    const bytes = new ArgEncoder().encode(sig, { d: 0.1, f: 1.5, u: 4000000000, i: -2, p: 2 ** 40 + 3 });
+    const { bytes, offsets } = new ArgEncoder().encode(sig, {
+      d: 0.1,
+      f: 1.5,
+      u: 4000000000,
+      i: -2,
+      p: 2 ** 40 + 3,
+    });
+    expect(offsets).toBeNull();
     const v = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
     expect(bytes.byteLength).toBe(40);
     expect(v.getBigUint64(0, true)).toBe(2n ** 40n + 3n);
@@ -172,5 +202,29 @@ describe("launch argument encoding", () => {
     const { d: _, ...missing } = ok;
     expect(() => e.encode(sig, missing as typeof ok)).toThrow(/m\.k: missing d/);
     expect(() => e.encode(sig, { ...ok, extra: 1 } as typeof ok)).toThrow(/m\.k: no parameter extra/);
+  });
+
+  it("places a tensor map's 128 bytes at a 64-byte boundary and says where each parameter starts", () => {
+    const tsig = {
+      module: "m",
+      name: "t",
+      maxThreads: null,
+      params: [
+        ["n", "i32"],
+        ["map", "tmap"],
+        ["p", "u64"],
+      ],
+    } as const satisfies KernelSignature;
+    const map = Uint8Array.from({ length: 128 }, (_, i) => i + 1);
+    const { bytes, offsets } = new ArgEncoder().encode(tsig, { n: 7, map, p: 2 ** 33 });
+    expect(offsets).toEqual([0, 64, 192]);
+    expect(bytes.byteLength).toBe(200);
+    const v = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    expect(v.getInt32(0, true)).toBe(7);
+    expect(Array.from(bytes.subarray(64, 192))).toEqual(Array.from(map));
+    expect(v.getBigUint64(192, true)).toBe(2n ** 33n);
+    expect(() => new ArgEncoder().encode(tsig, { n: 7, map: new Uint8Array(64), p: 0 })).toThrow(
+      /argument map = 64 bytes is not a tensor map/,
+    );
   });
 });

@@ -5,6 +5,7 @@ import { type Backend, BYTES_PER_ELEMENT, type DType, type HostArray, numel, Ten
 import type { DeviceBuffer } from "../../native.d.cts";
 import { DEFINES } from "../cuda/kernels.generated.ts";
 import type { NativeAddon } from "../index.ts";
+import { groupedGemmPath } from "./gemm-sm90.ts";
 import { ArgEncoder, type KernelArgs, type KernelSignature } from "./launch.ts";
 
 export { KERNELS } from "../cuda/kernels.generated.ts";
@@ -38,6 +39,13 @@ export class CudaContext {
   readonly useLtFp8Block = process.env.MOE8_CUBLASLT_FP8_BLOCK !== "0";
   /** Tensor-core kernels (flash.cu, gemm_fp8_mma); MOE8_TENSOR_CORES=0 keeps the simple reference kernels. */
   readonly useTensorCores = process.env.MOE8_TENSOR_CORES !== "0";
+  /**
+   * The Hopper grouped FP8 GEMM (gemm_sm90.cu) for the experts' Fprop and Dgrad: on a
+   * compute-capability-9.0 GPU with the tensor cores on, unless MOE8_SM90_GEMM=0.
+   */
+  readonly sm90Gemm: boolean;
+  /** Streaming multiprocessors: the persistent kernels' grid. */
+  readonly multiprocessors: number;
 
   /**
    * @param n the addon (with CUDA)
@@ -49,7 +57,14 @@ export class CudaContext {
     readonly n: NativeAddon,
     readonly backend: Backend,
     private readonly register: (t: Tensor) => Tensor,
-  ) {}
+  ) {
+    const info = n.cudaInfo();
+    this.multiprocessors = info.multiprocessors ?? 0;
+    this.sm90Gemm =
+      this.useTensorCores &&
+      this.multiprocessors > 0 &&
+      groupedGemmPath(info.computeCapability).kernel === "sm90-wgmma";
+  }
 
   // --- memory ----------------------------------------------------------------------------------
   /** A new tensor in device memory (contents undefined). */
@@ -111,9 +126,10 @@ export class CudaContext {
       throw new Error(
         `${kernel.module}.${kernel.name}: ${block} threads above its __launch_bounds__(${kernel.maxThreads})`,
       );
-    const bytes = this.args.encode(kernel, args);
+    const { bytes, offsets } = this.args.encode(kernel, args);
     const [gx, gy = 1, gz = 1] = grid;
-    this.n.cudaLaunch(id, gx, gy, gz, block, 1, 1, shared, bytes);
+    if (offsets) this.n.cudaLaunch(id, gx, gy, gz, block, 1, 1, shared, bytes, offsets);
+    else this.n.cudaLaunch(id, gx, gy, gz, block, 1, 1, shared, bytes);
   }
 
   /** Blocks for a grid-stride loop over n elements. */

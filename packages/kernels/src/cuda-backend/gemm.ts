@@ -1,7 +1,7 @@
-// GEMMs, plain and grouped over expert segments: cuBLASLt where it has the case (gemm-lt.ts),
-// otherwise the tiled kernels of gemm.cu (any layout; FP8 on tensor cores or in the reference
-// kernel) and gemm16.cu (BF16 on tensor cores). Expert offsets stay on the device (docs/runtime.md
-// rule 2).
+// GEMMs, plain and grouped over expert segments: cuBLASLt where it has the case (gemm-lt.ts), the
+// Hopper wgmma kernels for the experts' FP8 Fprop and Dgrad on sm_90 (gemm-sm90.ts), otherwise the
+// tiled kernels of gemm.cu (any layout; FP8 on tensor cores or in the reference kernel) and
+// gemm16.cu (BF16 on tensor cores). Expert offsets stay on the device (docs/runtime.md rule 2).
 import {
   batchDims,
   type GroupedMatmulOptions,
@@ -15,7 +15,10 @@ import { DEFINES } from "../cuda/kernels.generated.ts";
 import { type CudaContext, cdiv, KERNELS } from "./context.ts";
 import { bf16Operand, f32Operand, lowpInput } from "./elementwise.ts";
 import { matmulLt } from "./gemm-lt.ts";
+import { sm90Grouped } from "./gemm-sm90.ts";
 import { FMT, GROUP, transposeCodes } from "./quant.ts";
+
+const { GEMM_PLAIN, GEMM_SEGMENT_M, GEMM_SEGMENT_K } = DEFINES.common;
 
 /** Why an FP8 operand cannot be used as stored (the reference's rule: no scale change inside a K chunk). */
 function checkFp8Operand(t: Tensor, what: string, kAlongCols: boolean): void {
@@ -58,7 +61,7 @@ export function matmul(cx: CudaContext, a: Tensor, b: Tensor, o: MatmulOptions):
   const out = output(cx, M, N, o);
   if (M === 0 || N === 0) return out;
   if (K > 0 && matmulLt(cx, a, b, out, M, N, K, o)) return out;
-  gemmKernel(cx, a, b, out, { M, N, K }, o, { mode: 0, offsets: null, E: 0, bRows: 0, bCols: 0 });
+  gemmKernel(cx, a, b, out, { M, N, K }, o, { mode: GEMM_PLAIN, offsets: null, E: 0, bRows: 0, bCols: 0 });
   return out;
 }
 
@@ -90,7 +93,13 @@ export function groupedMatmul(
     const out = output(cx, Mt, N, o, [Mt, N]);
     if (!o.accumulate) cx.n.cudaMemset8(cx.buf(out), 0, 0, Mt * N * 4);
     if (Mt === 0 || N === 0 || E <= 0) return out;
-    gemmKernel(cx, a, b, out, { M: Mt, N, K }, o, { mode: 1, offsets, E, bRows: bd.rows, bCols: bd.cols });
+    gemmKernel(cx, a, b, out, { M: Mt, N, K }, o, {
+      mode: GEMM_SEGMENT_M,
+      offsets,
+      E,
+      bRows: bd.rows,
+      bCols: bd.cols,
+    });
     return out;
   }
   if (!o.transA || o.transB) throw new Error("groupedMatmul k: A must be transposed and B not");
@@ -103,16 +112,17 @@ export function groupedMatmul(
   const N = b.cols;
   const out = output(cx, E * M * N, 1, o, [E, M, N]);
   if (E <= 0 || M === 0 || N === 0) return out;
-  gemmKernel(cx, a, b, out, { M, N, K: a.rows }, o, { mode: 2, offsets, E, bRows: 0, bCols: 0 });
+  gemmKernel(cx, a, b, out, { M, N, K: a.rows }, o, { mode: GEMM_SEGMENT_K, offsets, E, bRows: 0, bCols: 0 });
   return out;
 }
 
 /**
- * How a tiled GEMM is grouped: mode 0 one product; 1 (segment "m") rows of A and C split by the
- * experts' offsets, B holding E matrices of bRows x bCols; 2 (segment "k") C[e] = A_e^T B_e.
+ * How a tiled GEMM is grouped (common.cuh's codes): GEMM_PLAIN one product; GEMM_SEGMENT_M rows of A
+ * and C split by the experts' offsets, B holding E matrices of bRows x bCols; GEMM_SEGMENT_K
+ * C[e] = A_e^T B_e.
  */
 interface Grouping {
-  mode: 0 | 1 | 2;
+  mode: typeof GEMM_PLAIN | typeof GEMM_SEGMENT_M | typeof GEMM_SEGMENT_K;
   offsets: Tensor | null;
   E: number;
   bRows: number;
@@ -131,11 +141,11 @@ function gemmKernel(
 ): void {
   const aKcols = o.transA ? 0 : 1;
   let bKcols: 0 | 1 = o.transB ? 1 : 0;
-  // Tiles of C: mode 1 enumerates the row tiles of every expert (at most one partial each).
+  // Tiles of C: segments along M enumerate the row tiles of every expert (at most one partial each).
   const gridFor = (bm: number, bn: number): [number, number, number] => [
     cdiv(N, bn),
-    mode === 1 ? cdiv(M, bm) + E : cdiv(M, bm),
-    mode === 2 ? E : 1,
+    mode === GEMM_SEGMENT_M ? cdiv(M, bm) + E : cdiv(M, bm),
+    mode === GEMM_SEGMENT_K ? E : 1,
   ];
   const grid = gridFor(DEFINES.gemm.BM, DEFINES.gemm.BN);
   const off = offsets ? cx.i32p(offsets, "groupedMatmul offsets") : 0;
@@ -165,7 +175,7 @@ function gemmKernel(
     let bPtr = cx.p(b);
     let bScales = cx.p(qb.scales);
     const tmps: DeviceBuffer[] = [];
-    if (mma && mode === 1 && aKcols && !bKcols && qb.group === "block" && K % 16 === 0) {
+    if (mma && mode === GEMM_SEGMENT_M && aKcols && !bKcols && qb.group === "block" && K % 16 === 0) {
       // Dgrad of the experts: transpose each expert's FP8 weight (codes and block scales, exact)
       // so that both operands are K-contiguous for the TN kernel.
       const kb = cdiv(bRows, 128);
@@ -186,6 +196,34 @@ function gemmKernel(
     // Both operands K-contiguous (Fprop, expert Dgrad), or both [K, rows] (Wgrad, tokens as K).
     const tn = aKcols && bKcols && K % 16 === 0;
     const tt = !aKcols && !bKcols && M % 16 === 0 && N % 16 === 0;
+    // The experts' Fprop and Dgrad on sm_90: the wgmma kernels when the operands fit them.
+    const onSm90 =
+      mma &&
+      tn &&
+      mode === GEMM_SEGMENT_M &&
+      sm90Grouped(cx, {
+        a: cx.p(a),
+        aScales: cx.p(qa.scales),
+        aFormat: qa.format,
+        aGroup: qa.group,
+        b: bPtr,
+        bScales,
+        bFormat: qb.format,
+        bGroup: qb.group,
+        c: cx.p(out),
+        offsets: off,
+        M,
+        N,
+        K,
+        E,
+        promotion,
+        accumulate: !!o.accumulate,
+        outBf16: !!o.outBf16,
+      });
+    if (onSm90) {
+      for (const t of tmps) t.free();
+      return;
+    }
     if (mma && (tn || tt) && cx.p(a) % 16 === 0 && bPtr % 16 === 0) {
       const layout = tn ? "tn" : "tt";
       cx.launch(KERNELS.gemm[`gemm_fp8_${layout}_${qa.format}_${qb.format}`], grid, 128, {

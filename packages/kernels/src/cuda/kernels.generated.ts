@@ -65,6 +65,10 @@ export const KERNELS = {
     gemm_bf16_tc_00: { module: "gemm16", name: "gemm_bf16_tc_00", maxThreads: 256, params: [["A", "u64"], ["B", "u64"], ["C", "u64"], ["M", "i32"], ["N", "i32"], ["K", "i32"], ["mode", "i32"], ["off", "u64"], ["E", "i32"], ["bRows", "i32"], ["bCols", "i32"], ["accumulate", "i32"], ["outBf16", "i32"]] },
     gemm_bf16_tc_01: { module: "gemm16", name: "gemm_bf16_tc_01", maxThreads: 256, params: [["A", "u64"], ["B", "u64"], ["C", "u64"], ["M", "i32"], ["N", "i32"], ["K", "i32"], ["mode", "i32"], ["off", "u64"], ["E", "i32"], ["bRows", "i32"], ["bCols", "i32"], ["accumulate", "i32"], ["outBf16", "i32"]] },
   },
+  gemm_sm90: {
+    gemm_sm90_fp8_grouped_128x256: { module: "gemm_sm90", name: "gemm_sm90_fp8_grouped_128x256", maxThreads: 384, params: [["tA", "tmap"], ["tB", "tmap"], ["tC", "tmap"], ["As", "u64"], ["Bs", "u64"], ["C", "u64"], ["off", "u64"], ["E", "i32"], ["N", "i32"], ["K", "i32"], ["accumulate", "i32"], ["outBf16", "i32"]] },
+    gemm_sm90_fp8_grouped_128x128: { module: "gemm_sm90", name: "gemm_sm90_fp8_grouped_128x128", maxThreads: 384, params: [["tA", "tmap"], ["tB", "tmap"], ["tC", "tmap"], ["As", "u64"], ["Bs", "u64"], ["C", "u64"], ["off", "u64"], ["E", "i32"], ["N", "i32"], ["K", "i32"], ["accumulate", "i32"], ["outBf16", "i32"]] },
+  },
   moe: {
     router: { module: "moe", name: "router", maxThreads: null, params: [["logits", "u64"], ["bias", "u64"], ["scores", "u64"], ["topIdx", "u64"], ["weights", "u64"], ["N", "i32"], ["E", "i32"], ["k", "i32"], ["scaling", "f64"]] },
     router_bwd: { module: "moe", name: "router_bwd", maxThreads: null, params: [["dweights", "u64"], ["scores", "u64"], ["topIdx", "u64"], ["dscores", "u64"], ["dlogits", "u64"], ["N", "i32"], ["E", "i32"], ["k", "i32"], ["scaling", "f64"]] },
@@ -120,12 +124,13 @@ export const KERNELS = {
 
 /** Integer constants #defined in common.cuh (`common`) and in each module. */
 export const DEFINES = {
-  common: { G_TILE: 0, G_BLOCK: 1, G_COLTILE: 2, G_ROW: 3, G_TENSOR: 4, FMT_E4M3: 0, FMT_E5M2: 1, SCALE_AMAX: 0, SCALE_POW2: 1, SCALE_UNIT: 2, GRID_YZ_MAX: 65535 },
+  common: { G_TILE: 0, G_BLOCK: 1, G_COLTILE: 2, G_ROW: 3, G_TENSOR: 4, FMT_E4M3: 0, FMT_E5M2: 1, SCALE_AMAX: 0, SCALE_POW2: 1, SCALE_UNIT: 2, GEMM_PLAIN: 0, GEMM_SEGMENT_M: 1, GEMM_SEGMENT_K: 2, GRID_YZ_MAX: 65535 },
   attention: { MAXD: 8, WARPS: 4 },
   elementwise: {},
   flash: { FROWS: 64 },
   gemm: { BM: 64, BN: 64, BK: 16, MMA_LD: 48, MMA_LD16: 40, TN_LD: 144 },
   gemm16: { G16_BM: 128, G16_BN: 128, G16_BK: 64, G16_STAGES: 3, G16_LDK: 72, G16_LDR: 136, G16_SMEM_BYTES: 110592 },
+  gemm_sm90: { SM90_MAX_E: 256, SM90_THREADS: 384, SM90_BM: 128, SM90_SMEM_128x256: 216120, SM90_SMEM_128x128: 199752, SM90_WATCHDOG: 1 },
   moe: { ROUTER_MAX_EXPERTS: 256, PERMUTE_MAX_EXPERTS: 1024, PCHUNK: 256 },
   nn: {},
   optim: {},

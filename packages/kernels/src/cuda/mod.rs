@@ -9,6 +9,7 @@
 //! - `nvrtc.rs`  NVRTC compilation for the GPU present with an on-disk CUBIN/PTX cache;
 //! - `gemm.rs`   cuBLASLt GEMMs (f32, BF16, FP8 with DeepSeek-V3 block scaling);
 //! - `timer.rs`  GPU time per kernel (CUDA events) for `bench step --profile`;
+//! - `tma.rs`    TMA tensor maps (cuTensorMapEncodeTiled) for the Hopper GEMM's by-value arguments;
 //! - `napi.rs`   the functions the TypeScript `CudaBackend` calls (buffers, copies, launches);
 //! - `kernels/*.cu` every other op, compiled at run time.
 
@@ -18,6 +19,7 @@ pub mod napi;
 pub mod nvrtc;
 pub mod sha256;
 pub mod timer;
+pub mod tma;
 
 use cudarc::driver::sys as cu;
 use std::cell::Cell;

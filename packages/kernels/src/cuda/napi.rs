@@ -3,9 +3,9 @@
 //! kernel launches on the one stream, and cuBLASLt GEMMs. Every function returns a JS error (never
 //! panics) when CUDA is unavailable, naming the reason.
 
-use super::{alloc, device, gemm, nvrtc};
+use super::{alloc, device, gemm, nvrtc, tma};
 use cudarc::driver::sys as cu;
-use napi::bindgen_prelude::Uint8ArraySlice;
+use napi::bindgen_prelude::{Buffer, Uint8ArraySlice};
 use napi::{Error, Result, Status};
 use napi_derive::napi;
 
@@ -353,7 +353,8 @@ pub fn cuda_kernel(module: String, name: String) -> Result<u32> {
     nvrtc::function(&module, &name).map_err(e)
 }
 
-/// Launches kernel `id` on the stream. `args`: one 8-byte little-endian slot per parameter.
+/// Launches kernel `id` on the stream. `args`: one 8-byte little-endian slot per parameter, or,
+/// with `offsets`, each parameter's bytes from its offset (a 128-byte tensor map, 64-aligned).
 #[napi]
 // A napi boundary whose positional signature the typed TypeScript launches call (grid, block,
 // shared memory and argument bytes, as cuLaunchKernel takes them); kept as is for those callers.
@@ -368,8 +369,41 @@ pub fn cuda_launch(
     bz: u32,
     shared: u32,
     args: &[u8],
+    offsets: Option<Vec<u32>>,
 ) -> Result<()> {
-    nvrtc::launch(id, [gx, gy, gz], [bx, by, bz], shared, args).map_err(e)
+    nvrtc::launch(
+        id,
+        [gx, gy, gz],
+        [bx, by, bz],
+        shared,
+        args,
+        offsets.as_deref(),
+    )
+    .map_err(e)
+}
+
+/// The 128 bytes of a TMA tensor map (cuTensorMapEncodeTiled) for a row-major `[rows, inner]`
+/// tensor of `elem` ("u8" FP8 codes or "f32") at device address `ptr`, copied in boxes of
+/// `boxInner x boxRows` elements with the 128-byte swizzle: a by-value kernel argument of the
+/// Hopper GEMM (gemm_sm90.cu).
+#[napi]
+pub fn cuda_tensor_map_2d(
+    ptr: f64,
+    elem: String,
+    inner: f64,
+    rows: f64,
+    box_inner: u32,
+    box_rows: u32,
+) -> Result<Buffer> {
+    let m = tma::Map2d {
+        ptr: ptr as u64,
+        elem: tma::MapElem::parse(&elem).map_err(e)?,
+        inner: inner as u64,
+        rows: rows as u64,
+        box_inner,
+        box_rows,
+    };
+    Ok(tma::encode_2d(&m).map_err(e)?.to_vec().into())
 }
 
 /// The full CUDA C++ text NVRTC compiles for a module and the options, for the CI check.

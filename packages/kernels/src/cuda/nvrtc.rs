@@ -26,6 +26,9 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("flash", include_str!("kernels/flash.cu")),
     ("moe", include_str!("kernels/moe.cu")),
     ("optim", include_str!("kernels/optim.cu")),
+    // Hopper only (wgmma, TMA, setmaxnreg: sm_90a): the backend asks for its kernels only on a
+    // compute-capability-9.0 GPU, and modules compile on first use, so other GPUs never build it.
+    ("gemm_sm90", include_str!("kernels/gemm_sm90.cu")),
 ];
 
 /// The full text NVRTC compiles for a module.
@@ -211,14 +214,17 @@ pub fn function(module: &str, func: &str) -> Result<u32, String> {
     Ok(id)
 }
 
-/// Launches kernel `id` on the backend's stream. `args` holds one 8-byte little-endian slot per
-/// kernel parameter (pointers and 64-bit values fill it; 32-bit values sit in its low half).
+/// Launches kernel `id` on the backend's stream. `args` holds the parameters' bytes: without
+/// `offsets`, one 8-byte little-endian slot per kernel parameter (pointers and 64-bit values fill
+/// it; 32-bit values sit in its low half); with `offsets`, parameter i starts at byte offsets[i]
+/// (a by-value struct such as a 128-byte CUtensorMap takes more than a slot).
 pub fn launch(
     id: u32,
     grid: [u32; 3],
     block: [u32; 3],
     shared: u32,
     args: &[u8],
+    offsets: Option<&[u32]>,
 ) -> Result<(), String> {
     let d = device()?;
     let f = {
@@ -243,12 +249,26 @@ pub fn launch(
     if grid.contains(&0) {
         return Ok(()); // nothing to do
     }
-    if !args.len().is_multiple_of(8) {
-        return Err("launch: the argument buffer must hold 8-byte slots".into());
-    }
-    let mut params: Vec<*mut std::ffi::c_void> = (0..args.len() / 8)
-        .map(|i| args[i * 8..].as_ptr() as *mut std::ffi::c_void)
-        .collect();
+    // A copy of the bytes at a 64-byte-aligned address (the alignment of the widest parameter,
+    // a tensor map), so every parameter's source is as aligned as the kernel's own copy will be.
+    let mut store = vec![0u8; args.len() + 64];
+    let base = store.as_ptr().align_offset(64);
+    store[base..base + args.len()].copy_from_slice(args);
+    let at = |o: usize| store[base + o..].as_ptr() as *mut std::ffi::c_void;
+    let mut params: Vec<*mut std::ffi::c_void> = match offsets {
+        None => {
+            if !args.len().is_multiple_of(8) {
+                return Err("launch: the argument buffer must hold 8-byte slots".into());
+            }
+            (0..args.len() / 8).map(|i| at(i * 8)).collect()
+        }
+        Some(offs) => {
+            if offs.iter().any(|&o| o as usize >= args.len()) {
+                return Err("launch: a parameter offset lies past the argument bytes".into());
+            }
+            offs.iter().map(|&o| at(o as usize)).collect()
+        }
+    };
     let mark = timer::start(|| {
         let g = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
         g.as_ref()

@@ -29,6 +29,13 @@ typedef unsigned long long u64;
 #define SCALE_POW2 1
 #define SCALE_UNIT 2
 
+// GEMM grouping modes (the `mode` argument of every gemm.cu and gemm16.cu kernel): one product;
+// segments along M (rows off[e]..off[e+1]-1 of A and C use expert e's matrix of B); segments along K
+// (C[e] = A_e^T B_e over rows off[e]..off[e+1]-1 of A and B).
+#define GEMM_PLAIN 0
+#define GEMM_SEGMENT_M 1
+#define GEMM_SEGMENT_K 2
+
 // The largest gridDim.y and gridDim.z. Kernels with one block per row take the rows in chunks of
 // this many along one grid dimension and the chunks along the next (row = x + y * GRID_YZ_MAX).
 #define GRID_YZ_MAX 65535

@@ -5,8 +5,8 @@
 // values are summed in f32, then the partial sum is scaled by the two groups' scales and added to
 // an f32 accumulator (or each product is scaled first when the stretch spans several groups).
 //
-// Modes: 0 plain; 1 segment m (rows of A split by expert, B holds E matrices); 2 segment k (the
-// reduction runs over each expert's rows of A^T and B, C holds E matrices of M x N).
+// Modes (common.cuh): GEMM_PLAIN; GEMM_SEGMENT_M (rows of A split by expert, B holds E matrices);
+// GEMM_SEGMENT_K (the reduction runs over each expert's rows of A^T and B, C holds E matrices of M x N).
 // Operand layouts: aKcols = 1 when K runs along the stored columns of A (A stored [M,K]), 0 when
 // A is stored [K,M]; bKcols = 1 when B is stored [N,K], 0 when [K,N].
 
@@ -535,7 +535,7 @@ __device__ __forceinline__ void tile_any(
                   inBf16, promotion);
 }
 
-// The tile of C this block computes, plain (mode 0) or within an expert segment (modes 1 and 2),
+// The tile of C this block computes, plain (GEMM_PLAIN) or within an expert segment (GEMM_SEGMENT_M, _K),
 // with the tile routine of the kind IN / UNIT / L / FA / FB.
 template <Operands IN, Unit UNIT, Layout L = Layout::PerOperand, Fp8Format FA = Fp8Format::Runtime,
           Fp8Format FB = Fp8Format::Runtime>
@@ -553,12 +553,12 @@ __device__ __forceinline__ void gemm_dispatch(
   static_assert((L == Layout::PerOperand) == (FA == Fp8Format::Runtime && FB == Fp8Format::Runtime),
                 "the fixed-layout tiles fix both formats; the others read them at run time (fa, fb)");
   constexpr int esz = IN == Operands::Fp8 ? 1 : 4;  // bytes per stored element of A and B
-  if (mode == 0) {
+  if (mode == GEMM_PLAIN) {
     tile_any<IN, UNIT, L, FA, FB>(A, As, ga, fa, aKcols, B, Bs, gb, fb, bKcols, C, M, N, K, blockIdx.y, blockIdx.x,
                                   accumulate, outBf16, inBf16, promotion);
     return;
   }
-  if (mode == 1) {
+  if (mode == GEMM_SEGMENT_M) {
     // Find this block's expert and its tile within the expert's rows.
     int t = blockIdx.y, e = 0;
     for (; e < E; e++) {
@@ -576,7 +576,7 @@ __device__ __forceinline__ void gemm_dispatch(
                                   blockIdx.x, accumulate, outBf16, inBf16, promotion);
     return;
   }
-  // mode 2: C[e] = A_e^T B_e.
+  // GEMM_SEGMENT_K: C[e] = A_e^T B_e.
   const int e = blockIdx.z;
   const int rows = off[e + 1] - off[e];
   i64 aso = 0, bso = 0;
@@ -627,8 +627,8 @@ KERNEL void __launch_bounds__(128) gemm_bf16_mma(
 // FP8 tensor-core GEMMs with both operands in one layout (gemm_tile_tn), one entry point per layout
 // and pair of formats, 128 threads. KInner, "tn": both K-contiguous and K % 16 == 0 (Fprop and, with
 // transposed weights, Dgrad of the experts). KOuter, "tt": both stored [K, rows] (Wgrad: the tokens
-// are K; rows % 16 == 0), expert segments along K (mode 2) or one matrix (mode 0). The aKcols and
-// bKcols passed on say the same as L (the fixed-layout tile does not read them).
+// are K; rows % 16 == 0), expert segments along K (GEMM_SEGMENT_K) or one matrix (GEMM_PLAIN). The
+// aKcols and bKcols passed on say the same as L (the fixed-layout tile does not read them).
 #define GEMM_FP8_LAYOUT(NAME, L, FA, FB)                                                                    \
   KERNEL void __launch_bounds__(128) NAME(const u8* A, const float* As, int ga, const u8* B, const float* Bs, \
                                           int gb, float* C, int M, int N, int K, int mode, const int* off,   \

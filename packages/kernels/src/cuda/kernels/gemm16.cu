@@ -10,9 +10,9 @@
 // Layout template parameters: AK = 1 when A is stored [M, K], 0 when [K, M]; BK = 1 when B is
 // stored [N, K], 0 when [K, N]. K-contiguous operands need K % 8 == 0, [K, rows] ones rows % 8 == 0
 // (16-byte pieces; the host checks).
-// mode 0: C = A B. mode 1 (segment "m"): rows off[e]..off[e+1] of A and C use expert e's
-// B (B holds E matrices of bRows x bCols). mode 2 (segment "k"): C[e] = A_e^T B_e where A_e and
-// B_e are rows off[e]..off[e+1] of A [rows, M] and B [rows, N].
+// GEMM_PLAIN: C = A B. GEMM_SEGMENT_M: rows off[e]..off[e+1] of A and C use expert e's B (B holds E
+// matrices of bRows x bCols). GEMM_SEGMENT_K: C[e] = A_e^T B_e where A_e and B_e are rows
+// off[e]..off[e+1] of A [rows, M] and B [rows, N].
 
 #define G16_BM 128
 #define G16_BN 128
@@ -140,11 +140,11 @@ template <int AK, int BK>
 __device__ __forceinline__ void g16_dispatch(const u16* A, const u16* B, float* C, int M, int N, int K, int mode,
                                              const int* off, int E, int bRows, int bCols, int accumulate,
                                              int outBf16) {
-  if (mode == 0) {
+  if (mode == GEMM_PLAIN) {
     g16_tile<AK, BK>(A, AK ? K : M, B, BK ? K : N, C, M, N, K, blockIdx.y, blockIdx.x, accumulate, outBf16);
     return;
   }
-  if (mode == 1) {
+  if (mode == GEMM_SEGMENT_M) {
     // This block's expert, and its tile within the expert's rows.
     int tile = blockIdx.y, e = 0;
     for (; e < E; e++) {
@@ -158,6 +158,7 @@ __device__ __forceinline__ void g16_dispatch(const u16* A, const u16* B, float* 
                      tile, blockIdx.x, accumulate, outBf16);
     return;
   }
+  // GEMM_SEGMENT_K
   const int e = blockIdx.z;
   g16_tile<AK, BK>(A + (i64)off[e] * M, M, B + (i64)off[e] * N, N, C + (i64)e * M * N, M, N, off[e + 1] - off[e],
                    blockIdx.y, blockIdx.x, accumulate, outBf16);

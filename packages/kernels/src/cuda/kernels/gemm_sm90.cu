@@ -1,0 +1,440 @@
+// Hopper (sm_90a) FP8 grouped GEMM for the experts: C[rows, N] (+)= A[rows, K] B_e[N, K]^T with
+// DeepSeek-V3's fine-grained scaling, on wgmma tensor cores fed by TMA. The backend calls it on a
+// compute-capability-9.0 GPU for the grouped Fprop and Dgrad (segments along M, both operands
+// K-contiguous, E4M3 x E4M3, promotion 128); every other FP8 GEMM, and every GEMM on other GPUs,
+// runs gemm.cu's mma.sync kernels. Developed and measured standalone first: notes/sm90-gemm.md.
+//
+// Operands (FP8 codes, K contiguous):
+//   A  [rows, K], one f32 scale per 1x128 tile: As [rows, ceil(K/128)]
+//   B  [E, N, K], one f32 scale per 128x128 block: Bs [E, ceil(N/128), ceil(K/128)]
+//   off int32 [E+1] on the device: expert e owns rows off[e] .. off[e+1]-1 of A and C (any sizes, 0 too)
+//   C  [rows, N] f32 storage; outBf16 rounds each result to BF16 first (RNE, round_bf16), and
+//      accumulate adds the (rounded) result to C: C = C + v, as gemm.cu's mma_store does.
+// Per output: C[r,n] = sum over 128-chunks kc of (sum_k A[r,k] B[n,k]) * As[r,kc] * Bs[e,n/128,kc];
+// the inner 128-long sum is done by the tensor cores (wgmma m64n128k32, fresh accumulator per
+// chunk) and promoted into f32 registers after every chunk: acc = fma(part, sa * sb, acc).
+// Numerics: wgmma accumulates FP8 products with ~14 bits inside each instruction (the Hopper
+// behaviour the DeepSeek-V3 report describes), so a result differs from the exact chunked sum of
+// the reference (fp8-core scaledMatmul, gemm.cu) by ~2.5e-4 relative; promotion every 128 bounds it.
+//
+// Structure (one CTA per SM, persistent): two consumer warpgroups (64 rows each: BM = 128 rows of
+// one expert) x BN columns (128, or 256 as two n128 halves), plus one producer warpgroup whose first
+// thread streams the 128-deep K chunks of A and B through a ring of STAGES shared-memory stages with
+// TMA (cp.async.bulk.tensor, 128-byte swizzle: one 128-byte row of a tile = one K chunk of one row)
+// and mbarriers (full: the TMA bytes landed; empty: every consumer warp is done reading). The tile
+// schedule is computed on the device from the offsets: m-tiles of each expert in order, n fastest,
+// tile t = blockIdx.x + i * gridDim.x; no host synchronisation. TMA reads rows past an expert's end
+// (the next expert's, never stored) and zero-fills past the tensor's end (K not a multiple of 128,
+// the last rows); stores are guarded by row < off[e+1] and col < N. Epilogue: a whole tile is staged
+// in shared memory (128-byte swizzled strips) and written by TMA stores that drain while the
+// warpgroup goes on; an expert's last, partial m-tile, and every tile when accumulating, is stored
+// from registers.
+//
+// Launch: SM90_THREADS threads, grid = the number of SMs, dynamic shared memory SM90_SMEM_<tile>;
+// tensor maps (cudaTensorMap2D, 128-byte swizzle): A u8 [rows, K] box {128, 128}; B u8 [E * N, K]
+// box {128, BN}; C f32 [rows, N] box {32, 64}. Requires K % 16 == 0 (the TMA row pitch), N % 8 == 0,
+// E <= SM90_MAX_E and 16-byte-aligned A, B and C; the kernel traps for E > SM90_MAX_E.
+
+#define SM90_MAX_E 256
+#define SM90_THREADS 384  // two consumer warpgroups and the producer warpgroup
+#define SM90_BM 128       // rows per tile (64 per consumer warpgroup)
+// Dynamic shared memory of each entry point (static_asserts below check them against sm90_smem_bytes).
+#define SM90_SMEM_128x256 216120
+#define SM90_SMEM_128x128 199752
+
+// The driver's CUtensorMap (128 bytes, 64-byte aligned): passed by value as a __grid_constant__
+// parameter, so the TMA instructions read it from the kernel's parameter space.
+struct __align__(64) CUtensorMap {
+  u64 opaque[16];
+};
+
+#ifndef SM90_WATCHDOG
+#define SM90_WATCHDOG 1  // trap instead of hanging when a barrier never completes (~4 s)
+#endif
+
+__device__ __forceinline__ u32 sm90_smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void mbar_init(u64* bar, u32 count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(sm90_smem_u32(bar)), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbar_expect_tx(u64* bar, u32 bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(sm90_smem_u32(bar)), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(u64* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(sm90_smem_u32(bar)) : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
+  const u32 a = sm90_smem_u32(bar);
+  u32 done;
+#if SM90_WATCHDOG
+  const long long t0 = clock64();
+#endif
+  for (;;) {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(a), "r"(parity)
+        : "memory");
+    if (done) return;
+#if SM90_WATCHDOG
+    if (clock64() - t0 > 8000000000ll) asm volatile("trap;");
+#endif
+  }
+}
+
+// 2-D TMA load of a box at (inner coordinate c0, row c1) into shared memory, completing on `bar`.
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int c0, int c1, u64* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n" ::"r"(
+          sm90_smem_u32(dst)),
+      "l"((u64)map), "r"(sm90_smem_u32(bar)), "r"(c0), "r"(c1)
+      : "memory");
+}
+
+// 2-D TMA store of a shared box to global at (inner coordinate c0, row c1), clipped at the tensor's
+// bounds; completes in the issuing thread's bulk group.
+__device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, u32 src, int c0, int c1) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n" ::"l"((u64)map),
+               "r"(src), "r"(c0), "r"(c1)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Waits until the issuing thread's bulk stores have finished reading shared memory.
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+__device__ __forceinline__ void named_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// wgmma shared-memory descriptor of a K-major tile with 128-byte swizzle: rows of 128 bytes, 8-row
+// groups 1024 bytes apart (stride byte offset), leading byte offset unused, tile 1024-byte aligned.
+// Moving along K inside the 128-byte row is a plain +bytes on the start address.
+__device__ __forceinline__ u64 sm90_desc(u32 saddr) {
+  return (u64)((saddr & 0x3ffffu) >> 4) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Keeps the compiler from moving accumulator accesses across the asynchronous MMAs.
+__device__ __forceinline__ void reg_fence(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+
+// d (+)= A * B^T for one m64n128k32 step: A, B from shared memory (descriptors), f32 accumulators.
+__device__ __forceinline__ void wgmma_n128(float* d, u64 da, u64 db, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(da), "l"(db), "r"(accumulate));
+}
+
+// The 4 k32 wgmmas of one 128-deep chunk into a fresh accumulator p, issued and committed as one
+// group; the caller waits.
+template <int ACC>
+__device__ __forceinline__ void mma_chunk(float (&p)[ACC], u32 aAddr, u32 bAddr) {
+#pragma unroll
+  for (int i = 0; i < ACC; i++) reg_fence(p[i]);
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < 4; ks++) wgmma_n128(p, sm90_desc(aAddr + ks * 32), sm90_desc(bAddr + ks * 32), ks);
+  wgmma_commit();
+}
+
+// Promotion: acc += p * (row scale * sb), accumulator i belonging to row g (i & 2 == 0) or g + 8.
+template <int ACC>
+__device__ __forceinline__ void promote(float (&acc)[ACC], float (&p)[ACC], float sa0, float sa1, float sb) {
+#pragma unroll
+  for (int i = 0; i < ACC; i++) reg_fence(p[i]);
+  const float c0 = sa0 * sb, c1 = sa1 * sb;
+#pragma unroll
+  for (int i = 0; i < ACC; i++) acc[i] = fmaf(p[i], (i & 2) ? c1 : c0, acc[i]);
+}
+
+// The mainloop's use of the tensor cores: OneBuffer waits for each chunk's wgmmas before promoting
+// them (any BN); TwoBuffers issues chunk k+1's wgmmas before promoting chunk k (two accumulator sets:
+// BN = 128 only, for registers).
+enum class Mainloop { OneBuffer, TwoBuffers };
+
+// Bytes of dynamic shared memory: 1024 of alignment pad (the swizzled tiles must start 1024-aligned,
+// and where the dynamic shared memory starts is the driver's choice: a tool such as compute-sanitizer
+// may move it), STAGES x (A tile BM x 128 bytes, B tile BN x 128 bytes), the C staging (per consumer
+// warpgroup one 64 x 128 f32 half-tile), the full/empty barriers, the offsets and the prefix sums of
+// m-tiles per expert.
+__host__ __device__ constexpr int sm90_smem_bytes(int bn, int stages) {
+  return 1024 + stages * (SM90_BM + bn) * 128 + 2 * 64 * 128 * 4 + 2 * stages * 8 + 2 * (SM90_MAX_E + 1) * 4;
+}
+
+template <int BN, int STAGES, Mainloop LOOP>
+__device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CUtensorMap* tB, const CUtensorMap* tC,
+                                                 const float* As, const float* Bs, float* C, const int* off, int E,
+                                                 int N, int K, int accumulate, int outBf16) {
+  constexpr int BM = SM90_BM, NWG = BM / 64;
+  constexpr int A_BYTES = BM * 128, B_BYTES = BN * 128;
+  constexpr int NH = BN / 128;  // 128-column halves of the tile, one m64n128 wgmma chain each
+  constexpr int ACC = 64;       // f32 accumulators per thread per half (m64 x n128 over 128 threads)
+  static_assert(BN == 128 || BN == 256, "BN is 128 or 256");
+  static_assert(LOOP == Mainloop::OneBuffer || BN == 128, "two accumulator sets fit the registers at BN = 128 only");
+  constexpr int CW = 32;               // f32 output columns per 128-byte strip
+  constexpr int C_BYTES = 64 * 128 * 4;  // staging per consumer warpgroup: 64 rows x 128 columns
+  extern __shared__ u8 sm90_dyn[];
+  u8* base = sm90_dyn + ((1024 - (sm90_smem_u32(sm90_dyn) & 1023)) & 1023);
+  if (E > SM90_MAX_E) asm volatile("trap;");
+  u8* sA = base;
+  u8* sB = base + STAGES * A_BYTES;
+  u8* sC = sB + STAGES * B_BYTES;
+  u64* full = (u64*)(sC + NWG * C_BYTES);
+  u64* empty = full + STAGES;
+  int* soff = (int*)(empty + STAGES);  // E + 1 offsets
+  int* mpre = soff + SM90_MAX_E + 1;   // E + 1 prefix sums of m-tiles
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; s++) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], 4 * NWG);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  if (warp == 0) {
+    int carry = 0;
+    for (int b = 0; b < E; b += 32) {
+      const int e = b + lane;
+      int v = 0;
+      if (e < E) {
+        const int lo = off[e], hi = off[e + 1];
+        soff[e] = lo;
+        if (e == E - 1) soff[E] = hi;
+        v = cdiv(hi - lo, BM);
+      }
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= o) v += y;
+      }
+      if (e < E) mpre[e + 1] = carry + v;
+      carry += __shfl_sync(0xffffffffu, v, 31);
+    }
+    if (lane == 0) mpre[0] = 0;
+  }
+  __syncthreads();
+
+  const int NT = cdiv(N, BN), NB = cdiv(N, 128), KC = cdiv(K, 128);
+  const int total = mpre[E] * NT;
+
+  if (warp >= 4 * NWG) {
+    // Producer warpgroup: one thread issues the TMA loads, the rest give their registers away.
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if (warp == 4 * NWG && lane == 0) {
+      int s = 0;
+      u32 ph = 0;
+      for (int t = blockIdx.x; t < total; t += gridDim.x) {
+        const int mt = t / NT, nt = t - mt * NT;
+        int lo = 0, hi = E - 1;
+        while (lo < hi) {
+          const int mid = (lo + hi + 1) >> 1;
+          if (mpre[mid] <= mt) lo = mid;
+          else hi = mid - 1;
+        }
+        const int row0 = soff[lo] + (mt - mpre[lo]) * BM;
+        const int brow = lo * N + nt * BN;
+        for (int kc = 0; kc < KC; kc++) {
+          mbar_wait(&empty[s], ph ^ 1);
+          mbar_expect_tx(&full[s], A_BYTES + B_BYTES);
+          tma_load_2d(sA + s * A_BYTES, tA, kc * 128, row0, &full[s]);
+          tma_load_2d(sB + s * B_BYTES, tB, kc * 128, brow, &full[s]);
+          if (++s == STAGES) s = 0, ph ^= 1;
+        }
+      }
+    }
+  } else {
+  // Consumer warpgroup wg: rows 64 * wg .. of the tile; this thread: rows g and g + 8 of its warp's 16.
+  // 232 registers per consumer thread after the producer's release (65536 per SM, one CTA per SM).
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+  const int wg = warp >> 2, g = lane >> 2, tq = lane & 3;
+  const int wrow = 16 * (warp & 3) + g;  // row of accumulators i & 2 == 0 within the warpgroup's 64
+  const int rloc = 64 * wg + wrow;
+  const u32 aBase = sm90_smem_u32(sA + wg * 64 * 128), bBase = sm90_smem_u32(sB);
+  const u32 csBase = sm90_smem_u32(sC);
+  int s = 0;
+  u32 ph = 0;
+  for (int t = blockIdx.x; t < total; t += gridDim.x) {
+    const int mt = t / NT, nt = t - mt * NT;
+    int lo = 0, hi = E - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (mpre[mid] <= mt) lo = mid;
+      else hi = mid - 1;
+    }
+    const int e = lo;
+    const int row0 = soff[e] + (mt - mpre[e]) * BM, rowEnd = soff[e + 1];
+    const int n0 = nt * BN;
+    const int r0 = row0 + rloc, r1 = r0 + 8;
+    // Scales of this thread's two rows and of the B blocks (32-bit offsets: fewer live registers).
+    // Half h of the tile (columns n0 + 128 h ..) uses B block n0 / 128 + h (clamped: a half past N
+    // computes values that are never stored).
+    const u32 ia0 = (u32)min(r0, rowEnd - 1) * KC, ia1 = (u32)min(r1, rowEnd - 1) * KC;
+    const float* as0 = As + ia0;
+    const float* as1 = As + ia1;
+    const float* bs = Bs + ((u32)e * NB + n0 / 128) * KC;
+    const int bs1 = (n0 / 128 + 1 < NB ? KC : 0);  // offset of the second half's B scales
+
+    float acc[NH][ACC];
+#pragma unroll
+    for (int h = 0; h < NH; h++)
+#pragma unroll
+      for (int i = 0; i < ACC; i++) acc[h][i] = 0.0f;
+    if constexpr (LOOP == Mainloop::OneBuffer) {
+      float p[ACC];
+      for (int kc = 0; kc < KC; kc++) {
+        const float sa0 = __ldg(as0 + kc), sa1 = __ldg(as1 + kc), sb0 = __ldg(bs + kc);
+        const float sb1 = NH > 1 ? __ldg(bs + bs1 + kc) : 0.0f;
+        mbar_wait(&full[s], ph);
+#pragma unroll
+        for (int h = 0; h < NH; h++) {
+          mma_chunk(p, aBase + s * A_BYTES, bBase + s * B_BYTES + h * 128 * 128);
+          wgmma_wait<0>();
+          if (h == NH - 1 && lane == 0) mbar_arrive(&empty[s]);
+          promote(acc[h], p, sa0, sa1, h ? sb1 : sb0);
+        }
+        if (++s == STAGES) s = 0, ph ^= 1;
+      }
+    } else {
+      // Two accumulator sets: chunk kc's wgmmas are issued before chunk kc-1 is promoted (wait_group 1).
+      float p0[ACC], p1[ACC];
+      float a00 = __ldg(as0), a01 = __ldg(as1), b0 = __ldg(bs), a10 = 0.f, a11 = 0.f, b1 = 0.f;
+      int st0 = s, st1 = 0;
+      mbar_wait(&full[s], ph);
+      mma_chunk(p0, aBase + s * A_BYTES, bBase + s * B_BYTES);
+      if (++s == STAGES) s = 0, ph ^= 1;
+      int kc = 1;
+      for (; kc + 1 < KC; kc += 2) {
+        a10 = __ldg(as0 + kc), a11 = __ldg(as1 + kc), b1 = __ldg(bs + kc);
+        st1 = s;
+        mbar_wait(&full[s], ph);
+        mma_chunk(p1, aBase + s * A_BYTES, bBase + s * B_BYTES);
+        if (++s == STAGES) s = 0, ph ^= 1;
+        wgmma_wait<1>();
+        if (lane == 0) mbar_arrive(&empty[st0]);
+        promote(acc[0], p0, a00, a01, b0);
+        a00 = __ldg(as0 + kc + 1), a01 = __ldg(as1 + kc + 1), b0 = __ldg(bs + kc + 1);
+        st0 = s;
+        mbar_wait(&full[s], ph);
+        mma_chunk(p0, aBase + s * A_BYTES, bBase + s * B_BYTES);
+        if (++s == STAGES) s = 0, ph ^= 1;
+        wgmma_wait<1>();
+        if (lane == 0) mbar_arrive(&empty[st1]);
+        promote(acc[0], p1, a10, a11, b1);
+      }
+      if (kc < KC) {  // one chunk left (KC even): into p1, then drain both
+        a10 = __ldg(as0 + kc), a11 = __ldg(as1 + kc), b1 = __ldg(bs + kc);
+        st1 = s;
+        mbar_wait(&full[s], ph);
+        mma_chunk(p1, aBase + s * A_BYTES, bBase + s * B_BYTES);
+        if (++s == STAGES) s = 0, ph ^= 1;
+        wgmma_wait<1>();
+        if (lane == 0) mbar_arrive(&empty[st0]);
+        promote(acc[0], p0, a00, a01, b0);
+        wgmma_wait<0>();
+        if (lane == 0) mbar_arrive(&empty[st1]);
+        promote(acc[0], p1, a10, a11, b1);
+      } else {  // KC odd: p0 holds the last chunk
+        wgmma_wait<0>();
+        if (lane == 0) mbar_arrive(&empty[st0]);
+        promote(acc[0], p0, a00, a01, b0);
+      }
+    }
+    if (outBf16) {
+#pragma unroll
+      for (int h = 0; h < NH; h++)
+#pragma unroll
+        for (int i = 0; i < ACC; i++) acc[h][i] = round_bf16(acc[h][i]);
+    }
+
+    // Epilogue, per 128-column half h: accumulator i is row (i & 2 ? g + 8 : g), column
+    // n0 + 128 h + 8 (i / 4) + 2 tq + (i & 1).
+    const bool last = t + (int)gridDim.x >= total;
+    if (!accumulate && row0 + BM <= rowEnd) {
+      // Whole tile inside the expert: stage this warpgroup's 64 x 128 in 128-byte strips with the TMA
+      // 128-byte swizzle (16-byte chunk index ^= row & 7: conflict-free), then TMA-store the strips.
+      const bool leader = (threadIdx.x & 127) == 0;
+      const u32 cs = csBase + (threadIdx.x >> 7) * C_BYTES;
+#pragma unroll
+      for (int h = 0; h < NH; h++) {
+        const int nh = n0 + 128 * h;
+        if (leader) bulk_wait_read();  // the previous stores have read the staging buffer
+        named_sync(1 + wg, 128);
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+          const int col = 8 * j + 2 * tq, strip = col / CW, cb = (col % CW) * 4;  // byte in the 128-byte row
+#pragma unroll
+          for (int hh = 0; hh < 2; hh++) {
+            const int r = wrow + 8 * hh;
+            const u32 p = cs + strip * 64 * 128 + r * 128 + ((((cb >> 4) ^ (r & 7))) << 4) + (cb & 15);
+            asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(p), "f"(acc[h][4 * j + 2 * hh]),
+                         "f"(acc[h][4 * j + 2 * hh + 1])
+                         : "memory");
+          }
+        }
+        fence_async_smem();
+        named_sync(1 + wg, 128);
+        if (leader) {
+#pragma unroll
+          for (int st = 0; st < 128 / CW; st++)
+            if (nh + st * CW < N) tma_store_2d(tC, cs + st * 64 * 128, nh + st * CW, row0 + 64 * wg);
+          bulk_commit();
+          // The CTA's last tile: the copies must have read the staging buffer before the CTA exits
+          // (a wait after the loop instead makes ptxas cap the consumers' registers below setmaxnreg).
+          if (last && h == NH - 1) bulk_wait_all();
+        }
+      }
+      continue;
+    }
+#pragma unroll
+    for (int h = 0; h < NH; h++)
+#pragma unroll
+      for (int j = 0; j < 16; j++) {
+        const int col = n0 + 128 * h + 8 * j + 2 * tq;
+        if (col >= N) continue;
+#pragma unroll
+        for (int hh = 0; hh < 2; hh++) {
+          const int r = hh ? r1 : r0;
+          if (r >= rowEnd) continue;
+          float2* c = (float2*)(C + (i64)r * N + col);
+          float2 v = make_float2(acc[h][4 * j + 2 * hh], acc[h][4 * j + 2 * hh + 1]);
+          if (accumulate) {
+            const float2 o = *c;
+            v = make_float2(o.x + v.x, o.y + v.y);
+          }
+          *c = v;
+        }
+      }
+    if ((threadIdx.x & 127) == 0 && last) bulk_wait_all();
+  }
+  }  // consumer
+}
+
+static_assert(sm90_smem_bytes(256, 3) == SM90_SMEM_128x256, "SM90_SMEM_128x256");
+static_assert(sm90_smem_bytes(128, 4) == SM90_SMEM_128x128, "SM90_SMEM_128x128");
+
+// Entry points, one signature: tensor maps of A, B and C, the scales, C, the expert offsets, sizes.
+#define GEMM_SM90_ENTRY(NAME, BN, STAGES, LOOP)                                                                  \
+  KERNEL void __launch_bounds__(SM90_THREADS, 1)                                                                 \
+      NAME(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,                       \
+           const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs, float* C, const int* off,    \
+           int E, int N, int K, int accumulate, int outBf16) {                                                   \
+    sm90_fp8_grouped<BN, STAGES, Mainloop::LOOP>(&tA, &tB, &tC, As, Bs, C, off, E, N, K, accumulate, outBf16); \
+  }
+// K >= 512 (gate/up Fprop, down Dgrad in `small`): 128 x 256 tiles, 25% less L2 traffic per FLOP.
+GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x256, 256, 3, OneBuffer)
+// Short K (down Fprop, K = 256: two chunks per tile): 128 x 128 tiles, four stages, two buffers.
+// (notes/sm90-gemm.md measured five stages 2% faster, but only without the alignment pad, which
+// made the kernel depend on where the driver places the dynamic shared memory.)
+GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128, 128, 4, TwoBuffers)

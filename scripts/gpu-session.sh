@@ -9,6 +9,9 @@
 #   gemm     bench gemm --backend cuda: the small model's GEMMs (Fprop/Dgrad/Wgrad, BF16 and FP8)
 #   psmall   loss parity on small: fp8 against bf16, 300 steps each (the 0.5% parity target)
 #   kernels  time per CUDA kernel over two small fp8 steps (nsys), when nsys is installed
+#   sm90     the Hopper grouped FP8 GEMM (issue 16), alone and in one call of at most ~9 minutes:
+#            scripts/gpu-sm90.sh (op suite, sanitizers, bench gemm, small step with and without it,
+#            PyTorch anchors), a table last
 set -u
 xz -dc .gpu-bundle/bun.xz > /tmp/bun && chmod +x /tmp/bun && export PATH=/tmp:$PATH
 [ -f .gpu-bundle/nm.tar.xz ] && xz -dc .gpu-bundle/nm.tar.xz | tar -xf -
@@ -28,6 +31,7 @@ if want diag; then
   MOE8_CUBLASLT_FP8_BLOCK=1 timeout 200 bun apps/trainer/src/cli.ts bench step --config small --backend cuda --precision fp8 --steps 3 --json
 fi
 rc=0
+if want sm90; then bash scripts/gpu-sm90.sh || rc=1; fi
 if want gemm; then
   echo; echo "=== bench gemm --backend cuda (small's GEMM shapes) ==="
   timeout 300 bun apps/trainer/src/cli.ts bench gemm --backend cuda 2>&1 | tee "$OUT/bench-gemm.txt"

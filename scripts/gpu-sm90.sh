@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# GPU check and measurement of the Hopper grouped FP8 GEMM (gemm_sm90.cu, issue 16) in one device
+# call: run from the repository root on the H200 by `bash scripts/gpu-session.sh sm90` (which puts
+# bun and node_modules in place). Steps, most important first, each bounded so that the whole stays
+# under BUDGET_S seconds (default 540; a step that no longer fits is reported as skipped):
+#   1 doctor (which grouped-GEMM path runs)
+#   2 the cuda op suite with poisoned buffers (MOE8_POISON=1), including both grouped FP8 paths
+#     against the reference (test/cuda-op-suite.test.ts)
+#   3 bench gemm --shape experts: per-role TFLOP/s of the expert GEMMs, sm90 and mma.sync
+#   4 bench step small: fp8 with the sm90 GEMM, fp8 with MOE8_SM90_GEMM=0 (before), bf16
+#   5 compute-sanitizer on the sm90 kernels (both entry points, through the op suite's sm90 tests):
+#     racecheck and memcheck filtered to gemm_sm90; memcheck of one whole tiny training step
+#   6 PyTorch in the same call: grouped-GEMM anchors, then the small step eager and compiled
+# STEPS="op-suite bench-gemm ..." runs only the named steps (names as in the table).
+# Everything goes to $OUT/log.txt; JSON results to $OUT/results.jsonl; the table to $OUT/summary.txt
+# and last on stdout. A prebuilt kernel cache in .gpu-cache/ (python3 scripts/nvrtc-check.py
+# --write-cache .gpu-cache) saves the NVRTC compile when the machine's NVRTC has the same version.
+set -u
+OUT="${OUT:-$PWD/gpu-out}"
+mkdir -p "$OUT"
+BUDGET_S="${BUDGET_S:-540}"
+LOG="$OUT/log.txt"
+RES="$OUT/results.jsonl"
+: >"$LOG"
+: >"$RES"
+export MOE8_CACHE_DIR=/tmp/moe8-kernel-cache
+mkdir -p "$MOE8_CACHE_DIR"
+[ -d .gpu-cache ] && cp .gpu-cache/*.cubin "$MOE8_CACHE_DIR/" 2>/dev/null
+if [ -z "${MOE8_CUDA_LIB_DIR:-}" ]; then
+  dirs=$(find / -xdev \( -name 'libnvrtc.so.13' -o -name 'libcublasLt.so.13' \) -printf '%h\n' 2>/dev/null | sort -u | tr '\n' ':')
+  export MOE8_CUDA_LIB_DIR="${dirs%:}" LD_LIBRARY_PATH="${dirs%:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+moe8() { bun apps/trainer/src/cli.ts "$@"; }
+left() { echo $((BUDGET_S - SECONDS)); }
+STEPS="${STEPS:-}"
+picked() { [ -z "$STEPS" ] || [[ " $STEPS " == *" $1 "* ]]; }
+# step NAME CAP_S MIN_S CMD...: runs CMD under a timeout of min(CAP_S, time left - 5), logging it;
+# skipped when less than MIN_S seconds are left. Records {"step", "rc", "s"} in results.jsonl.
+step() {
+  local name=$1 cap=$2 min=$3
+  shift 3
+  picked "$name" || return 0
+  local l
+  l=$(left)
+  if [ "$l" -lt "$min" ]; then
+    echo "{\"step\":\"$name\",\"rc\":\"skipped\",\"s\":0}" >>"$RES"
+    echo "=== $name: skipped ($l s left) ===" | tee -a "$LOG"
+    return 0
+  fi
+  local t=$((l - 5 < cap ? l - 5 : cap)) t0=$SECONDS
+  echo "=== $name (timeout $t s) ===" | tee -a "$LOG"
+  timeout "$t" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  echo "{\"step\":\"$name\",\"rc\":$rc,\"s\":$((SECONDS - t0))}" >>"$RES"
+  echo "    rc=$rc in $((SECONDS - t0)) s" | tee -a "$LOG"
+  return 0
+}
+# JSON lines a command printed (its output's lines starting with "{"), tagged, into results.jsonl.
+json_of() { grep -h '^{' "$1" 2>/dev/null | sed "s/^{/{\"tag\":\"$2\",/" >>"$RES"; }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >>"$LOG" 2>&1
+step doctor 30 10 bun apps/trainer/src/cli.ts doctor
+moe8 doctor --json >/tmp/doctor.json 2>>"$LOG" && json_of /tmp/doctor.json doctor
+# A different NVRTC than the one that built .gpu-cache: compile every module in parallel now (the
+# addon would compile them one at a time as they are first used).
+if ! grep -q '"nvrtc":"13.0"' /tmp/doctor.json; then
+  step nvrtc-cache 150 60 python3 scripts/nvrtc-check.py --write-cache "$MOE8_CACHE_DIR"
+fi
+
+step op-suite 240 60 env MOE8_POISON=1 MOE8_REQUIRE_CUDA=1 \
+  bun test --timeout 300000 packages/kernels/test/cuda-op-suite.test.ts
+
+step bench-gemm 150 40 sh -c 'bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts --json > /tmp/gemm.json'
+cat /tmp/gemm.json >>"$LOG" 2>/dev/null
+json_of /tmp/gemm.json bench-gemm
+
+for v in sm90 mma bf16; do
+  picked "step-$v" || continue
+  case $v in
+    sm90) env=(MOE8_SM90_GEMM=1) p=fp8 prof=--profile ;;
+    mma) env=(MOE8_SM90_GEMM=0) p=fp8 prof=--profile ;;
+    bf16) env=() p=bf16 prof= ;;
+  esac
+  step "step-$v" 150 40 env "${env[@]}" sh -c "bun apps/trainer/src/cli.ts bench step --config small --backend cuda --precision $p --steps 3 $prof --json > /tmp/step-$v.json"
+  cat "/tmp/step-$v.json" >>"$LOG" 2>/dev/null
+  json_of "/tmp/step-$v.json" "step-$v"
+  # GPU ms per kernel class of the profiled step (the expert GEMMs, all GEMMs).
+  [ -f bench-profile-small-cuda-fp8.json ] && [ "$p" = fp8 ] && python3 - "$v" bench-profile-small-cuda-fp8.json >>"$RES" <<'PY'
+import json, sys
+k = json.load(open(sys.argv[2]))["gpu"]["kernels"]
+ms = lambda f: round(sum(x["ms"] for x in k if f(x["name"])), 2)
+experts = lambda n: n.startswith(("gemm_sm90.", "gemm.gemm_fp8_tn", "gemm.gemm_fp8_tt"))
+gemm = lambda n: n.startswith(("gemm", "cublasLt"))
+print(json.dumps({"tag": "kernels-" + sys.argv[1], "expert_gemm_ms": ms(experts), "all_gemm_ms": ms(gemm),
+                  "busy_ms": round(sum(x["ms"] for x in k), 1),
+                  "top": [[x["name"], round(x["ms"], 2)] for x in sorted(k, key=lambda x: -x["ms"])[:8]]}))
+PY
+  rm -f bench-profile-small-cuda-fp8.json
+done
+
+if command -v compute-sanitizer >/dev/null 2>&1; then
+  # The op suite's sm90 tests launch both entry points on groups of 0, 1, 127, 128, 129 rows.
+  sm90_tests=(bun test --timeout 300000 -t "sm90 wgmma" packages/kernels/test/cuda-op-suite.test.ts)
+  for tool in racecheck memcheck; do
+    step "$tool-sm90" 120 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool "$tool" --kernel-name kns=gemm_sm90 \
+      --error-exitcode 3 "${sm90_tests[@]}"
+  done
+  step memcheck-step 150 60 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool memcheck --leak-check no --error-exitcode 3 \
+    bun apps/trainer/src/cli.ts train --backend cuda --steps 1 --out /tmp/run-memcheck
+else
+  echo '{"step":"sanitizer","rc":"not installed","s":0}' >>"$RES"
+fi
+
+ref=$(ls .gpu-bundle/torch_ref_moe.py 2>/dev/null)
+if [ -f .gpu-bundle/torch_op_anchors.py ] && picked torch-anchors; then
+  step torch-anchors 90 30 sh -c 'python3 .gpu-bundle/torch_op_anchors.py > /tmp/anchors.txt'
+  cat /tmp/anchors.txt >>"$LOG" 2>/dev/null
+  json_of /tmp/anchors.txt torch-anchors
+fi
+if [ -n "$ref" ]; then
+  step torch-eager 120 45 sh -c "python3 $ref small --steps 10 > /tmp/torch-eager.txt"
+  json_of /tmp/torch-eager.txt torch-eager
+  step torch-compile 300 150 sh -c "python3 $ref small --compile --steps 10 > /tmp/torch-compile.txt"
+  json_of /tmp/torch-compile.txt torch-compile
+fi
+
+# The table: step status, per-role TFLOP/s of the expert GEMMs, the small step before and after.
+python3 - "$RES" <<'PY' | tee "$OUT/summary.txt"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+print("\n--- sm90 grouped FP8 GEMM: GPU session summary ---")
+for r in rows:
+    if "step" in r:
+        print(f"step {r['step']:<16} rc {r['rc']!s:<8} {r['s']} s")
+doc = next((r for r in rows if r.get("tag") == "doctor"), {})
+print("grouped GEMM path:", (doc.get("cuda") or {}).get("groupedGemm"))
+for line in open(sys.argv[1].replace("results.jsonl", "log.txt"), errors="replace"):
+    if line.startswith("grouped FP8 ") or "SUMMARY" in line or "Sanitizer Error" in line:
+        print(line.rstrip()[:200])
+print(f"\n{'expert GEMM':<44} {'role':<6} {'fp8 kernel':<11} {'fp8 TF/s':>8} {'mma TF/s':>8} {'bf16 TF/s':>9} {'fp8 ms':>7}")
+for r in rows:
+    if r.get("tag") == "bench-gemm":
+        for x in r.get("rows", []):
+            print(f"{x['gemm'][:44]:<44} {x['role']:<6} {x.get('fp8_kernel', '-'):<11} {x['fp8_tflops']:>8} "
+                  f"{x.get('mma_sync_tflops', '-')!s:>8} {x['bf16_tflops']:>9} {x['fp8_ms']:>7}")
+print()
+for v in ("sm90", "mma", "bf16"):
+    s = next((r for r in rows if r.get("tag") == f"step-{v}"), None)
+    k = next((r for r in rows if r.get("tag") == f"kernels-{v}"), {})
+    if s:
+        print(f"small step {v:<5} {s.get('tokens_per_s')} tokens/s, {s.get('ms_per_step')} ms/step, "
+              f"expert GEMMs {k.get('expert_gemm_ms', '-')} ms, all GEMMs {k.get('all_gemm_ms', '-')} ms of GPU time")
+for t in ("torch-eager", "torch-compile"):
+    for r in rows:
+        if r.get("tag") == t:
+            print(t, json.dumps({k: v for k, v in r.items() if k != "tag"})[:200])
+for r in rows:
+    if r.get("tag") == "torch-anchors" and "attn" not in r:
+        print("torch-anchors", json.dumps({k: v for k, v in r.items() if k != "tag"})[:200])
+PY
+grep -q '"step":"op-suite","rc":0' "$RES"

@@ -312,6 +312,11 @@ const cases: [string, string[], RegExp][] = [
   ],
   ["bench soak --steps 0", ["bench", "soak", "--steps", "0"], /--steps 0: must be an integer in \[1, /],
   [
+    "prepare-data: no documents (the message names --out, not its temporary folder)",
+    ["prepare-data", "--input", "@empty.txt", "--out", "@ds-empty"],
+    /^error: [^ ]*\/ds-empty: no documents to write$/,
+  ],
+  [
     "prepare-data --shard-bytes 0",
     ["prepare-data", "--input", "@in.txt", "--out", "@ds-new", "--shard-bytes", "0"],
     /--shard-bytes 0: must be a positive number of bytes/,
@@ -366,6 +371,7 @@ beforeAll(async () => {
     tamper(at(`ck-${name}`));
   }
   writeFileSync(at("a-file"), "a file");
+  writeFileSync(at("empty.txt"), "");
   mkdirSync(at("mine"));
   writeFileSync(at("mine/notes.txt"), "keep me");
   writeFileSync(at("in.txt"), `${"the king speaks to the queen at night. ".repeat(40)}\n\n`.repeat(30));
@@ -433,7 +439,11 @@ describe("hostile input: exit code 2 and one line naming the problem", () => {
           : args;
       const r = cli(withFlags);
       expect(r.status, r.stderr).toBe(2);
-      const lines = r.stderr.trim().split("\n");
+      // prepare-data reports progress on stderr ("[###---] ..." lines) before it fails
+      const lines = r.stderr
+        .trim()
+        .split("\n")
+        .filter((l) => !l.startsWith("["));
       expect(lines, r.stderr).toHaveLength(1);
       expect(lines[0]).toMatch(/^error: /);
       expect(lines[0]).toMatch(want);

@@ -252,7 +252,7 @@ describe("the run folder", () => {
 });
 
 describe("checkpoints that verify but are malformed", () => {
-  it("--resume skips them for the one before (a missing optimizer tensor, a null data cursor)", () => {
+  it("--resume skips them for the one before (a missing optimizer tensor, bad trainer-state fields)", () => {
     const run = join(tmp("malformed"), "run");
     expect(cli(["train", "--steps", "4", "--save-every", "2", ...FAST, "--out", run]).status).toBe(0);
     const last = join(run, "checkpoints", "step-4");
@@ -263,6 +263,10 @@ describe("checkpoints that verify but are malformed", () => {
       ],
       [(d) => editJson(d, "trainer-state.json", (s) => (s.data_cursor = null)), /data_cursor: Invalid input/],
       [(d) => editJson(d, "trainer-state.json", (s) => (s.step = "abc")), /step: Invalid input/],
+      [
+        (d) => editJson(d, "trainer-state.json", (s) => ((s.train_config as { lr: number }).lr = -1)),
+        /train_config\.lr: Too small/,
+      ],
     ];
     for (const [tamper, why] of tampers) {
       tamper(last);

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Standalone check and benchmark of the sm_90a FP8 grouped GEMM (fp8_grouped_gemm.cu) on an H100/H200.
 
-Compiles fp8_grouped_gemm.cu and the current moe8 kernel module (../kernels/gemm.cu), each with
-../kernels/common.cuh prepended and the options of ../kernels/nvrtc-options.txt, through NVRTC (ctypes),
+Compiles fp8_grouped_gemm.cu and the mma.sync kernel module (src/cuda/kernels/gemm.cu), each with
+src/cuda/kernels/common.cuh prepended and the options of nvrtc-options.txt, through NVRTC (ctypes),
 loads them with the driver API (ctypes libcuda: cuModuleLoadData, cuTensorMapEncodeTiled,
 cuLaunchKernel) on PyTorch's context, checks every variant against an f64 reference of the same
 quantised operands (outputs poisoned with NaN first, guard rows after the end), then times them and
@@ -19,7 +19,7 @@ starts a new worker for the remaining stages, so one bad variant cannot hide the
 """
 import argparse
 import ctypes
-import glob
+import importlib.util
 import json
 import os
 import subprocess
@@ -27,7 +27,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-KDIR = os.path.join(os.path.dirname(HERE), "kernels")
+ROOT = os.path.abspath(os.path.join(HERE, "..", "..", "..", ".."))
+KDIR = os.path.join(ROOT, "packages", "kernels", "src", "cuda", "kernels")
 SRC = os.path.join(HERE, "fp8_grouped_gemm.cu")
 
 # name: (consumer warpgroups, BN, stages, exact promotion, bf16 output, CTAs per SM, TMA-store epilogue,
@@ -54,34 +55,22 @@ def smem_bytes(nwg, bn, stages, epi, bf16, pad):
 
 
 # ---------------------------------------------------------------- NVRTC
-def find_nvrtc():
-    cands = []
-    try:
-        import nvidia
+# The library loader and the options are scripts/nvrtc-check.py's, so this study compiles exactly as
+# CI's check and the addon do.
+_spec = importlib.util.spec_from_file_location("nvrtc_check", os.path.join(ROOT, "scripts", "nvrtc-check.py"))
+nvrtc_check = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(nvrtc_check)
 
-        for base in list(getattr(nvidia, "__path__", [])):
-            cands += sorted(glob.glob(os.path.join(base, "cu13", "lib", "libnvrtc.so.13")))
-            cands += sorted(glob.glob(os.path.join(base, "cuda_nvrtc", "lib", "libnvrtc.so*")))
-    except ImportError:
-        pass
-    cands += sorted(glob.glob("/usr/local/cuda/lib64/libnvrtc.so.1*")) + ["libnvrtc.so.13", "libnvrtc.so"]
-    errs = []
-    for c in cands:
-        try:
-            d = os.path.dirname(c)
-            for b in sorted(glob.glob(os.path.join(d, "libnvrtc-builtins.so.*"))) if d else []:
-                if ".alt." not in b:
-                    ctypes.CDLL(b, mode=ctypes.RTLD_GLOBAL)
-            return ctypes.CDLL(c, mode=ctypes.RTLD_GLOBAL), c
-        except OSError as e:
-            errs.append(f"{c}: {e}")
-    raise RuntimeError("libnvrtc not found:\n" + "\n".join(errs))
+
+def find_nvrtc():
+    lib, where = nvrtc_check.find_nvrtc(None)
+    if lib is None:
+        raise RuntimeError("libnvrtc not found:\n" + where)
+    return lib, where
 
 
 def nvrtc_options(extra=()):
-    with open(os.path.join(KDIR, "nvrtc-options.txt")) as f:
-        lines = [l.strip() for l in f]
-    return ["--gpu-architecture=sm_90a"] + [l for l in lines if l and not l.startswith("#")] + list(extra)
+    return nvrtc_check.options("sm_90a") + list(extra)
 
 
 CACHE = os.path.join(HERE, ".cache")  # untracked; cubins keyed by the hash of source + options

@@ -15,6 +15,7 @@ import {
   readdirSync,
   renameSync,
   rmSync,
+  statSync,
 } from "node:fs";
 import { basename, join } from "node:path";
 import { ioReason, readRegularFileSync } from "@moe8/data";
@@ -188,7 +189,9 @@ export function checkTensorSet(where: string, got: HostTensors, want: Map<string
 /** Completed checkpoints of a run, newest first (unfinished temporary directories are ignored). */
 export function listCheckpoints(runDir: string): { step: number; dir: string }[] {
   const root = join(runDir, "checkpoints");
-  if (!existsSync(root)) return [];
+  const st = statSync(root, { throwIfNoEntry: false });
+  if (!st) return [];
+  if (!st.isDirectory()) throw new UsageError(`${root}: must be a folder of checkpoints`);
   return readdirSync(root)
     .map((n) => /^step-(\d+)$/.exec(n))
     .filter((m): m is RegExpExecArray => m !== null)
@@ -229,6 +232,7 @@ export function latestValidCheckpoint(
  */
 export function recoverCheckpoints(runDir: string): string[] {
   const root = join(runDir, "checkpoints");
+  listCheckpoints(runDir); // refuses a `checkpoints` that is not a folder
   if (!existsSync(root)) return [];
   const removed: string[] = [];
   for (const n of readdirSync(root)) {

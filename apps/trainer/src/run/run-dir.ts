@@ -2,10 +2,10 @@
 // is a file created with O_EXCL holding the owner's pid, host and process start time; a lock whose
 // process is gone (killed, the machine rebooted) is stale and taken over, anything else refuses the
 // second trainer, whose pruning would otherwise delete the first one's checkpoint being written.
-import { lstatSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { hostname } from "node:os";
 import { join } from "node:path";
-import { brief, clip, errnoCode, ioReason } from "@moe8/data";
+import { brief, clip, errnoCode, ioReason, readRegularFileSync } from "@moe8/data";
 import { UsageError } from "@moe8/fp8-core";
 
 export const LOCK_FILE = ".lock";
@@ -31,7 +31,7 @@ export function prepareOutDir(out: string): void {
   if (out.trim() === "") throw new UsageError("--out: the run folder name is empty");
   const shown = clip(out, 200);
   try {
-    const st = lstatSync(out);
+    const st = statSync(out); // a symbolic link to a folder is that folder
     if (!st.isDirectory()) throw new UsageError(`--out ${shown}: exists and is not a folder`);
     const foreign = readdirSync(out).filter((n) => !RUN_ENTRIES.has(n) && !RUN_TEMPORARY.test(n));
     if (foreign.length)
@@ -78,7 +78,8 @@ function alive(h: Holder): boolean {
 
 function readHolder(path: string): Holder | null {
   try {
-    const j = JSON.parse(readFileSync(path, "utf8"));
+    // Bounded, regular files only: a lock replaced by a link to /dev/zero must not be read forever.
+    const j = JSON.parse(readRegularFileSync(path, "lock file", 4096).toString("utf8"));
     if (Number.isSafeInteger(j?.pid) && typeof j.host === "string") return j as Holder;
   } catch {}
   return null;

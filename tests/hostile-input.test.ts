@@ -231,6 +231,11 @@ const cases: [string, string[], RegExp][] = [
     /dataset's bpe tokenizer has vocab_size \d+ but the model's vocab_size is 256/,
   ],
   [
+    "eval: BPE checkpoint on one shard of byte data",
+    ["eval", "--checkpoint", "@bpe-run/checkpoints/step-1", "--data", "datasets/default/shard-00001.arrows"],
+    /shard-00001\.arrows: tokenised with a byte tokenizer of vocab_size 256, but the checkpoint was trained on bpe data/,
+  ],
+  [
     "eval: BPE checkpoint on byte data",
     ["eval", "--checkpoint", "@bpe-run/checkpoints/step-1", "--data", "datasets/default"],
     /tokenised with a byte tokenizer of vocab_size 256, but the checkpoint was trained on bpe data of vocab_size \d+/,

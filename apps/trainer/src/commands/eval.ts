@@ -3,6 +3,7 @@
 // must be tokenised as the checkpoint's training data was (same tokenizer and vocabulary), and
 // every shard is verified against its manifest before the first window is evaluated.
 import { statSync } from "node:fs";
+import { basename, dirname } from "node:path";
 import { checkVocab, DEFAULT_DATASET_DIR, type Manifest, readManifest, sequentialWindows } from "@moe8/data";
 import { UsageError } from "@moe8/fp8-core";
 import { createBackend } from "@moe8/kernels";
@@ -56,8 +57,14 @@ export async function evaluate(argv: string[]): Promise<number> {
     const B = batchFlag ?? train.batchSize;
     if (T > model.cfg.max_position_embeddings)
       throw new UsageError(`--seq-len ${T} is beyond the model's max_position_embeddings`);
-    if (statSync(data, { throwIfNoEntry: false })?.isDirectory())
-      await checkTokenizer(data, await readManifest(data), model.cfg.vocab_size, state);
+    // A dataset folder, or one shard of one (its folder's manifest lists it): same tokenizer as training.
+    const manifest = statSync(data, { throwIfNoEntry: false })?.isDirectory()
+      ? await readManifest(data)
+      : await readManifest(dirname(data)).then(
+          (m) => (m.shards.some((sh) => sh.file === basename(data)) ? m : null),
+          () => null,
+        );
+    if (manifest) await checkTokenizer(data, manifest, model.cfg.vocab_size, state);
     let sum = 0;
     let tokens = 0;
     let pending: Int32Array[] = [];

@@ -192,9 +192,10 @@ describe("the run folder", () => {
     expect(checkpointsOf(viaResume)).toEqual(["step-2", "step-4"]);
   }, 180_000);
 
-  it("two trainers on one folder: the second is refused with exit 2, the first finishes untouched", async () => {
+  it("two trainers on one folder: the second is refused with exit 2, the first goes on untouched", async () => {
     const run = join(tmp("two"), "run");
-    const a = started(["train", "--steps", "8", "--save-every", "1", ...SLOW, "--out", run]);
+    // Many steps, so the first is still running however fast the machine; SIGINT ends it after.
+    const a = started(["train", "--steps", "1000", "--save-every", "1", ...SLOW, "--out", run]);
     await until(() => lastStep(run) >= 2 || a.out.done);
     const pid = a.child.pid;
     for (const args of [
@@ -207,9 +208,22 @@ describe("the run folder", () => {
         new RegExp(`^error: --(out|resume) .*run: another trainer \\(pid ${pid}\\) is using this run folder`),
       );
     }
+    await until(() => lastStep(run) >= 4 || a.out.done); // a few more checkpoints of the first, pruned
+    a.child.kill("SIGINT");
     expect(await a.exit, a.out.stderr).toEqual({ code: 0, signal: null });
-    expect(stepsIn(run)).toEqual(Array.from({ length: 8 }, (_, i) => i + 1));
-    expect(checkpointsOf(run)).toEqual(["step-6", "step-7", "step-8"]);
+    const stopped = Number(/stopped at step (\d+)/.exec(a.out.stdout)?.[1]);
+    expect(stepsIn(run)).toEqual(Array.from({ length: stopped }, (_, i) => i + 1));
+    expect(checkpointsOf(run)).toEqual([stopped - 2, stopped - 1, stopped].map((s) => `step-${s}`).sort());
+    const e = cli([
+      "eval",
+      "--checkpoint",
+      join(run, "checkpoints", `step-${stopped}`),
+      "--data",
+      "datasets/default",
+      "--batches",
+      "1",
+    ]);
+    expect(e.status, e.stderr).toBe(0);
   }, 120_000);
 
   it.skipIf(!canMount)(

@@ -25,7 +25,9 @@ describe("train, eval and sample on the bundled corpus", () => {
       "--trace-precision",
     ]);
     expect(r.status, r.stderr).toBe(0);
-    expect(r.stdout).toMatch(/step +25\/150 \| loss [\d.]+ .*tok\/s .*eta/);
+    expect(r.stdout).toMatch(
+      /step +25\/150 \| loss [\d.]+ .*tok\/s \| load max\/mean [\d.]+, \d+ idle experts \| eta/,
+    );
     expect(r.stdout).toMatch(/precision trace:\npackage +fprop +dgrad +wgrad\nattention +fp8 +fp8 +fp8/);
     const rows = readFileSync(join(run, "metrics.jsonl"), "utf8")
       .trim()
@@ -41,8 +43,16 @@ describe("train, eval and sample on the bundled corpus", () => {
       "ms_per_step",
       "load_cv",
       "load_max_over_mean",
+      "load_max_over_mean_by_layer",
+      "load_idle_experts",
     ])
       expect(rows[0]).toHaveProperty(k);
+    // tiny's MoE layers are 1, 2 and 3; the worst layer is the one reported on its own.
+    for (const r of rows) {
+      expect(r.load_max_over_mean_by_layer).toHaveLength(3);
+      expect(r.load_max_over_mean).toBe(Math.max(...r.load_max_over_mean_by_layer));
+      expect(Number.isInteger(r.load_idle_experts)).toBe(true);
+    }
     const tail = rows.slice(-20).reduce((a, r) => a + r.loss, 0) / 20;
     expect(rows[0].loss).toBeGreaterThan(5.3);
     expect(tail).toBeLessThan(3.2);
@@ -52,6 +62,9 @@ describe("train, eval and sample on the bundled corpus", () => {
     const svg = readFileSync(join(run, "loss.svg"), "utf8");
     expect(svg).toMatch(/^<svg/);
     expect(svg).toContain("validation loss");
+    const load = readFileSync(join(run, "expert-load.svg"), "utf8");
+    expect(load).toMatch(/^<svg/);
+    for (const name of ["layer 1", "layer 2", "layer 3", "balanced"]) expect(load).toContain(name);
     const ck = join(run, "checkpoints", "step-150");
     for (const f of [
       "model.safetensors",

@@ -116,6 +116,11 @@ export class DeepSeekModel {
     return this.blocks.map((b) => b.mlp).filter((m): m is MoELayer => m instanceof MoELayer);
   }
 
+  /** The layer number of each of `moeLayers` (the dense layers come first). */
+  get moeLayerNumbers(): number[] {
+    return this.blocks.flatMap((b, l) => (b.mlp instanceof MoELayer ? [l] : []));
+  }
+
   /** Logits [B*T, V] for token ids [B*T] (i32). Activations for backward are saved. */
   forward(ids: Tensor, shape: BatchShape): Tensor {
     return this.head.forward(this.trunk(ids, shape));

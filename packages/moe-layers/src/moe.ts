@@ -29,15 +29,22 @@ export interface LoadStats {
   counts: number[];
   /** Coefficient of variation of the per-expert loads. */
   cv: number;
-  /** Largest load over the mean load (1 is perfect balance). */
+  /** Largest load over the mean load (1 is perfect balance, E/k: every token to the same k experts). */
   maxOverMean: number;
+  /** Experts that received no token. */
+  idle: number;
 }
 
 export function loadStats(counts: ArrayLike<number>): LoadStats {
   const c = Array.from(counts);
   const mean = c.reduce((a, x) => a + x, 0) / c.length;
   const sd = Math.sqrt(c.reduce((a, x) => a + (x - mean) ** 2, 0) / c.length);
-  return { counts: c, cv: mean > 0 ? sd / mean : 0, maxOverMean: mean > 0 ? Math.max(...c) / mean : 0 };
+  return {
+    counts: c,
+    cv: mean > 0 ? sd / mean : 0,
+    maxOverMean: mean > 0 ? Math.max(...c) / mean : 0,
+    idle: c.filter((x) => x === 0).length,
+  };
 }
 
 export interface MoELayerOptions {

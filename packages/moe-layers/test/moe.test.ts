@@ -17,10 +17,11 @@ const cfg: MoeConfig = {
 };
 
 describe("load statistics", () => {
-  it("coefficient of variation and max/mean", () => {
-    expect(loadStats([2, 2, 2, 2])).toEqual({ counts: [2, 2, 2, 2], cv: 0, maxOverMean: 1 });
+  it("coefficient of variation, max/mean and idle experts", () => {
+    expect(loadStats([2, 2, 2, 2])).toEqual({ counts: [2, 2, 2, 2], cv: 0, maxOverMean: 1, idle: 0 });
     const s = loadStats([4, 0, 2, 2]);
     expect(s.maxOverMean).toBe(2);
+    expect(s.idle).toBe(1);
     expect(s.cv).toBeCloseTo(Math.sqrt(2) / 2, 12);
   });
 });

@@ -5,6 +5,7 @@ import { join } from "node:path";
 import { STEP_SHAPES } from "@moe8/model";
 import { describe, expect, it } from "vitest";
 import { parseArgs } from "../src/args.ts";
+import { resolveModel } from "../src/run/config.ts";
 import { configFromArgs, TRAIN_FLAGS } from "../src/run/flags.ts";
 
 const resolve = (argv: string[]) => configFromArgs(parseArgs(argv, TRAIN_FLAGS, ["precision."]));
@@ -35,5 +36,17 @@ describe("configFromArgs", () => {
     const b = join(dir, "b.json");
     writeFileSync(b, JSON.stringify({ model: "small", batchSize: 4 }));
     expect(resolve(["--config", b]).batchSize).toBe(4);
+  });
+
+  it("--balance.* set the model's balancing for this run, over a config file's, and keep a preset's step shape", () => {
+    const dir = mkdtempSync(join(tmpdir(), "moe8-config-"));
+    const file = join(dir, "balance.json");
+    writeFileSync(file, JSON.stringify({ model: "small", balance: { gamma: 0.02, alpha: 0.5 } }));
+    const c = resolve(["--config", file, "--balance.rule", "sign", "--balance.alpha", "0.01"]);
+    expect([c.model, c.batchSize, c.seqLen]).toEqual(["small", 8, 2048]);
+    const m = resolveModel(c);
+    expect([m.bias_update_speed, m.bias_update_rule, m.seq_aux_alpha]).toEqual([0.02, "sign", 0.01]);
+    expect(() => resolve(["--balance.rule", "fast"])).toThrow(/^--balance\.rule fast: /);
+    expect(() => resolve(["--balance.gamma", "2"])).toThrow(/^--balance\.gamma 2: /);
   });
 });

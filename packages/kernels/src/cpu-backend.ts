@@ -6,6 +6,7 @@ import {
   type AdamWOptions,
   type AttentionOptions,
   type Backend,
+  type BiasUpdateOptions,
   batchDims,
   type Fp8Format,
   f32,
@@ -457,8 +458,8 @@ export class CpuBackend extends HostLifetimes implements Backend {
     return { dys, dweights };
   }
 
-  biasUpdate(bias: Tensor, offsets: Tensor, gamma: number): void {
-    this.n.biasUpdate(f32(bias), i32(offsets), gamma);
+  biasUpdate(bias: Tensor, offsets: Tensor, opts: BiasUpdateOptions): void {
+    this.n.biasUpdate(f32(bias), i32(offsets), opts.gamma, opts.rule);
   }
 
   // --- loss and optimiser ----------------------------------------------------------------------

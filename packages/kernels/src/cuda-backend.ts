@@ -20,6 +20,7 @@ import {
   type AdamWOptions,
   type AttentionOptions,
   type Backend,
+  type BiasUpdateOptions,
   BYTES_PER_ELEMENT,
   type DType,
   type GroupedMatmulOptions,
@@ -330,8 +331,8 @@ export class CudaBackend extends HostLifetimes implements Backend {
     return moe.moeCombineBackward(this.cx, dy, ys, slot, weights);
   }
 
-  biasUpdate(bias: Tensor, offsets: Tensor, gamma: number): void {
-    moe.biasUpdate(this.cx, bias, offsets, gamma);
+  biasUpdate(bias: Tensor, offsets: Tensor, opts: BiasUpdateOptions): void {
+    moe.biasUpdate(this.cx, bias, offsets, opts);
   }
 
   // --- loss and optimiser ----------------------------------------------------------------------

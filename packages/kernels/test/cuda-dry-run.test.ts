@@ -233,7 +233,7 @@ async function everyOp(b: Backend) {
   const ys = up([128, 256]);
   b.moeCombine(ys, p.slot, r.weights);
   for (const yv of [ys, b.cast(ys, "bf16")]) b.moeCombineBackward(y, yv, p.slot, r.weights);
-  b.biasUpdate(up([16]), p.offsets, 0.001);
+  for (const rule of ["sign", "error"] as const) b.biasUpdate(up([16]), p.offsets, { gamma: 0.001, rule });
   b.crossEntropy(x, b.upload(ints(64, 256), [64], "i32"), 0.5);
   const clip = b.clipScale([x, y], 1.0);
   const ao = {

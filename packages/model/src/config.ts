@@ -1,4 +1,5 @@
 // Model configs (docs/model.md): Hugging Face DeepSeek-V3 field names, the presets `tiny` and `small`.
+import type { BiasRule } from "@moe8/tensor";
 
 export interface ModelConfig {
   vocab_size: number;
@@ -22,6 +23,8 @@ export interface ModelConfig {
   max_position_embeddings: number;
   /** Auxiliary-loss-free balancing speed gamma (0 disables). */
   bias_update_speed: number;
+  /** How the correction bias follows the loads: `sign` (DeepSeek-V3) or `error` (scaled by the load error). */
+  bias_update_rule: BiasRule;
   /** Sequence-wise balance loss weight alpha (0 disables). */
   seq_aux_alpha: number;
   /** Init standard deviation of linear and embedding weights. */
@@ -35,6 +38,7 @@ const common = {
   rms_norm_eps: 1e-6,
   rope_theta: 10000,
   bias_update_speed: 0.001,
+  bias_update_rule: "sign" as BiasRule,
   seq_aux_alpha: 1e-4,
   initializer_range: 0.006,
 };

@@ -1,5 +1,6 @@
 // Hugging Face `config.json` for a checkpoint, so `transformers` loads it as DeepseekV3ForCausalLM
 // (docs/model.md, "Checkpoint tensor names"), and the way back.
+import type { BiasRule } from "@moe8/tensor";
 import type { ModelConfig } from "./config.ts";
 
 export function hfConfig(c: ModelConfig): Record<string, unknown> {
@@ -43,6 +44,7 @@ export function hfConfig(c: ModelConfig): Record<string, unknown> {
     use_cache: true,
     // moe8's own fields (ignored by transformers): the balancing hyperparameters.
     moe8_bias_update_speed: c.bias_update_speed,
+    moe8_bias_update_rule: c.bias_update_rule,
     moe8_seq_aux_alpha: c.seq_aux_alpha,
   };
 }
@@ -75,9 +77,16 @@ export function fromHfConfig(j: Record<string, unknown>): ModelConfig {
     rope_theta: n("rope_theta"),
     max_position_embeddings: n("max_position_embeddings"),
     bias_update_speed: n("moe8_bias_update_speed", 0.001),
+    bias_update_rule: biasRule(j.moe8_bias_update_rule),
     seq_aux_alpha: n("moe8_seq_aux_alpha", 1e-4),
     initializer_range: n("initializer_range", 0.006),
   };
+}
+
+/** A checkpoint's bias rule; those written before the rule existed used `sign`. */
+function biasRule(v: unknown): BiasRule {
+  if (v === undefined || v === "sign" || v === "error") return v ?? "sign";
+  throw new Error(`config.json: field moe8_bias_update_rule is ${JSON.stringify(v)} (allowed: sign, error)`);
 }
 
 /** Fields transformers validates as floats: JSON would write 1.0 as 1, which it rejects. */

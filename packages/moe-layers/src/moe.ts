@@ -4,6 +4,7 @@
 // complementary sequence-wise balance loss. No token is dropped. Routing never leaves the device.
 import {
   type Backend,
+  type BiasRule,
   intoBf16,
   type LinearPrecision,
   Param,
@@ -19,8 +20,10 @@ export interface MoeConfig {
   num_experts_per_tok: number;
   n_shared_experts: number;
   routed_scaling_factor: number;
-  /** Bias update speed of the auxiliary-loss-free balancing (0 disables). */
+  /** Bias update speed gamma of the auxiliary-loss-free balancing (0 disables). */
   bias_update_speed: number;
+  /** How the bias follows the loads: DeepSeek-V3's `sign`, or `error` (scaled by the load error). */
+  bias_update_rule: BiasRule;
   /** Weight of the sequence-wise balance loss (0 disables). */
   seq_aux_alpha: number;
 }
@@ -204,10 +207,13 @@ export class MoELayer {
     return dx;
   }
 
-  /** After the optimizer step: bias_i += gamma * sign(mean load - load_i). */
+  /**
+   * After the optimizer step, from this step's loads: bias_i += gamma * sign(mean - load_i) (`sign`)
+   * or gamma * (mean - load_i) / mean (`error`).
+   */
   updateBias(): void {
-    if (this.lastOffsets && this.cfg.bias_update_speed > 0)
-      this.b.biasUpdate(this.bias, this.lastOffsets, this.cfg.bias_update_speed);
+    const { bias_update_speed: gamma, bias_update_rule: rule } = this.cfg;
+    if (this.lastOffsets && gamma > 0) this.b.biasUpdate(this.bias, this.lastOffsets, { gamma, rule });
   }
 
   /** Per-expert token counts of the last forward (reads from the device: logging only). */

@@ -79,6 +79,7 @@ describe("precision overrides reach the kernel calls", () => {
       n_shared_experts: 1,
       routed_scaling_factor: 1.5,
       bias_update_speed: 0.001,
+      bias_update_rule: "sign",
       seq_aux_alpha: 0.1,
     };
     const m = new MoELayer(b, {

@@ -13,6 +13,7 @@ const cfg: MoeConfig = {
   n_shared_experts: 1,
   routed_scaling_factor: 1.5,
   bias_update_speed: 0.001,
+  bias_update_rule: "sign",
   seq_aux_alpha: 0.1,
 };
 
@@ -76,5 +77,65 @@ describe("MoELayer", () => {
       for (const [e, c] of counts.entries())
         expect(bias[e]).toBeCloseTo(c > mean ? -0.001 : c < mean ? 0.001 : 0, 9);
     });
+  });
+
+  it("the error rule moves each bias by gamma times its relative load error", async () => {
+    const rng = new Rng(4);
+    const m = new MoELayer(b, {
+      cfg: { ...cfg, bias_update_speed: 0.05, bias_update_rule: "error" },
+      prefix: "moe",
+      precision: presetPolicy("fp32")["moe-layers"],
+      init: (n) => rng.normals(n, 0.4),
+    });
+    await b.scope(async () => {
+      m.forward(b.upload(rng.normals(40 * 8), [40, 8]), 1, 40);
+      m.clearSaved();
+      const counts = (await m.loadStats()).counts;
+      m.updateBias();
+      const bias = (await m.bias.read()) as Float32Array;
+      const mean = (40 * 2) / 4;
+      for (const [e, c] of counts.entries()) expect(bias[e]).toBeCloseTo((0.05 * (mean - c)) / mean, 7);
+    });
+  });
+
+  // A router input that sends every token to the same two experts (a shared component that favours
+  // them, as the residual stream has early in training) on top of a token-specific part.
+  async function collapsedLoads(rule: "sign" | "error", gamma: number, steps: number): Promise<number[]> {
+    const rng = new Rng(5);
+    const E = 8;
+    const d = 16;
+    const N = 256;
+    const layer = new MoELayer(b, {
+      cfg: { ...cfg, hidden_size: d, n_routed_experts: E, bias_update_speed: gamma, bias_update_rule: rule },
+      prefix: "moe",
+      precision: presetPolicy("fp32")["moe-layers"],
+      init: (n) => rng.normals(n, 0.3),
+    });
+    const gw = (await layer.gate.value.read()) as Float32Array;
+    for (let c = 0; c < d; c++) [gw[c], gw[d + c]] = [0.3, 0.25];
+    b.write(layer.gate.value, gw);
+    const input = Float32Array.from(rng.normals(N * d), (v) => 1 + 0.3 * v);
+    const x = b.keep(b.upload(input, [N, d]));
+    const ratios: number[] = [];
+    for (let step = 0; step < steps; step++)
+      await b.scope(async () => {
+        layer.forward(x, 1, N);
+        layer.clearSaved();
+        ratios.push((await layer.loadStats()).maxOverMean);
+        layer.updateBias();
+      });
+    x.dispose();
+    return ratios;
+  }
+
+  it("from a collapsed router, the error rule reaches balance and settles closer to it than the sign rule", async () => {
+    const mean = (xs: number[]) => xs.reduce((a, v) => a + v, 0) / xs.length;
+    const error = await collapsedLoads("error", 0.003, 300);
+    expect(error[0]).toBe(4); // every token to experts 0 and 1: E/k
+    expect(mean(error.slice(-100))).toBeLessThan(1.1);
+    expect(Math.max(...error.slice(-100))).toBeLessThan(1.2);
+    // The sign rule at the same gamma moves every bias by gamma each step, balanced or not.
+    const sign = await collapsedLoads("sign", 0.003, 300);
+    expect(mean(sign.slice(-100))).toBeGreaterThan(mean(error.slice(-100)));
   });
 });

@@ -76,6 +76,19 @@ export interface PermuteResult {
   offsets: Tensor;
 }
 
+/**
+ * How `biasUpdate` moves each expert's correction bias from the loads of one step (docs/model.md,
+ * "Balancing"): `sign` is DeepSeek-V3's bias_i += gamma * sign(mean - load_i); `error` scales the
+ * step by the relative load error, bias_i += gamma * (mean - load_i) / mean, so a collapsed layer
+ * is pulled back fast and a nearly balanced one is barely moved.
+ */
+export type BiasRule = "sign" | "error";
+
+export interface BiasUpdateOptions {
+  gamma: number;
+  rule: BiasRule;
+}
+
 export interface AdamWOptions {
   lr: number;
   beta1: number;
@@ -188,8 +201,11 @@ export interface Backend {
     slot: Tensor,
     weights: Tensor,
   ): { dys: Tensor; dweights: Tensor };
-  /** bias_i += gamma * sign(mean load - load_i), loads from the permute offsets; in place. */
-  biasUpdate(bias: Tensor, offsets: Tensor, gamma: number): void;
+  /**
+   * The correction bias update after a step, in place, from the loads in the permute offsets:
+   * bias_i += gamma * sign(mean - load_i) or gamma * (mean - load_i) / mean (`opts.rule`).
+   */
+  biasUpdate(bias: Tensor, offsets: Tensor, opts: BiasUpdateOptions): void;
 
   // Loss and optimiser.
   /** Mean token cross-entropy [1] and its gradient times `gradScale`, fused. */

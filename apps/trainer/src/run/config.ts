@@ -33,9 +33,24 @@ export const ModelFieldsSchema = z.object({
   rope_theta: z.number().positive().max(1e12),
   max_position_embeddings: pos(2 ** 22),
   bias_update_speed: z.number().nonnegative().max(1),
+  bias_update_rule: z.enum(["sign", "error"]),
   seq_aux_alpha: z.number().nonnegative().max(1e3),
   initializer_range: z.number().positive().max(10),
 });
+
+/**
+ * The run's expert balancing (docs/model.md, "Balancing"), on top of the model's own settings:
+ * gamma -> bias_update_speed, rule -> bias_update_rule, alpha -> seq_aux_alpha. The same under every
+ * precision a run or a parity comparison uses.
+ */
+export const BalanceSchema = z
+  .object({
+    gamma: ModelFieldsSchema.shape.bias_update_speed,
+    rule: ModelFieldsSchema.shape.bias_update_rule,
+    alpha: ModelFieldsSchema.shape.seq_aux_alpha,
+  })
+  .partial()
+  .strict();
 
 const modelOverrides = ModelFieldsSchema.extend({ base: z.enum(["tiny", "small"]).default("tiny") })
   .partial({
@@ -59,6 +74,7 @@ const modelOverrides = ModelFieldsSchema.extend({ base: z.enum(["tiny", "small"]
     rope_theta: true,
     max_position_embeddings: true,
     bias_update_speed: true,
+    bias_update_rule: true,
     seq_aux_alpha: true,
     initializer_range: true,
   })
@@ -67,6 +83,8 @@ const modelOverrides = ModelFieldsSchema.extend({ base: z.enum(["tiny", "small"]
 export const TrainConfigSchema = z
   .object({
     model: z.union([z.enum(["tiny", "small"]), modelOverrides]),
+    /** Absent from configs written before it existed: nothing overridden. */
+    balance: BalanceSchema.default({}),
     steps: pos(1e9),
     batchSize: pos(2 ** 16),
     seqLen: pos(2 ** 22),
@@ -103,6 +121,7 @@ export type TrainConfig = z.infer<typeof TrainConfigSchema>;
 
 export const DEFAULTS: TrainConfig = {
   model: "tiny",
+  balance: {},
   steps: 600,
   batchSize: STEP_SHAPES.tiny.batch,
   seqLen: STEP_SHAPES.tiny.seqLen,
@@ -191,11 +210,15 @@ export function checkModelConfig(m: ModelConfig, source: string): ModelConfig {
 export function resolveModel(c: TrainConfig): ModelConfig {
   const m: ModelConfig =
     typeof c.model === "string"
-      ? CONFIGS[c.model]
+      ? { ...CONFIGS[c.model] }
       : (() => {
           const { base, ...rest } = c.model;
           return { ...CONFIGS[base], ...rest };
         })();
+  const { gamma, rule, alpha } = c.balance ?? {};
+  if (gamma !== undefined) m.bias_update_speed = gamma;
+  if (rule !== undefined) m.bias_update_rule = rule;
+  if (alpha !== undefined) m.seq_aux_alpha = alpha;
   checkModelConfig(m, "model");
   if (c.seqLen > m.max_position_embeddings)
     throw new UsageError(

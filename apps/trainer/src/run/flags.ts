@@ -27,6 +27,9 @@ export const TRAIN_FLAGS: FlagSpec = {
   "weight-decay": "number",
   clip: "number",
   "max-bad-steps": "int",
+  "balance.gamma": "number",
+  "balance.rule": "string",
+  "balance.alpha": "number",
   "trace-precision": "boolean",
   json: "boolean",
   debug: "boolean",
@@ -53,6 +56,9 @@ const FLAG_TO_KEY: Record<string, keyof TrainConfig> = {
   "max-bad-steps": "maxBadSteps",
 };
 
+/** The balancing flags: fields of TrainConfig.balance (docs/model.md, "Balancing"). */
+const BALANCE_FLAGS = { "balance.gamma": "gamma", "balance.rule": "rule", "balance.alpha": "alpha" } as const;
+
 /** DEFAULTS <- preset or config file (--config) <- flags; validated as a whole. */
 export function configFromArgs(args: ParsedArgs): TrainConfig {
   const f = args.flags;
@@ -67,13 +73,19 @@ export function configFromArgs(args: ParsedArgs): TrainConfig {
   for (const [flag, key] of Object.entries(FLAG_TO_KEY)) if (f[flag] !== undefined) over[key] = f[flag];
   const precisionOverrides = { ...(base.precisionOverrides ?? {}) };
   for (const [k, v] of args.dotted) precisionOverrides[k.replace(/^precision\./, "")] = v;
-  const merged = { ...base, ...over, precisionOverrides };
+  const balance: Record<string, unknown> = { ...(base.balance ?? {}) };
+  for (const [flag, key] of Object.entries(BALANCE_FLAGS)) if (f[flag] !== undefined) balance[key] = f[flag];
+  const merged = { ...base, ...over, precisionOverrides, balance };
   // Flag values are reported by flag name: map zod's field names back for the message.
   try {
     return parseConfig(merged, "flags");
   } catch (e) {
-    const m = /^flags: (\w+): (.*)$/.exec((e as Error).message);
-    const flag = m && Object.entries(FLAG_TO_KEY).find(([, k]) => k === m[1])?.[0];
+    const m = /^flags: ([\w.]+): (.*)$/.exec((e as Error).message);
+    const keys: [string, string][] = [
+      ...Object.entries(FLAG_TO_KEY),
+      ...Object.entries(BALANCE_FLAGS).map(([flag, k]): [string, string] => [flag, `balance.${k}`]),
+    ];
+    const flag = m && keys.find(([, k]) => k === m[1])?.[0];
     if (m && flag && f[flag] !== undefined)
       throw new UsageError(`--${flag} ${clip(String(f[flag]), 80)}: ${m[2]}`);
     throw e;

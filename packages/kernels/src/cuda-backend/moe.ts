@@ -1,11 +1,11 @@
 // Mixture-of-experts ops (moe.cu): routing, the balance loss, the permutation of tokens to experts
 // and back, and the bias update. Routing stays on the device (docs/runtime.md rule 2).
-import type { PermuteResult, RouterResult, Tensor } from "@moe8/tensor";
+import type { BiasUpdateOptions, PermuteResult, RouterResult, Tensor } from "@moe8/tensor";
 import type { DeviceBuffer } from "../../native.d.cts";
 import { DEFINES } from "../cuda/kernels.generated.ts";
 import { type CudaContext, cdiv, KERNELS } from "./context.ts";
 
-const { ROUTER_MAX_EXPERTS, PERMUTE_MAX_EXPERTS, PCHUNK } = DEFINES.moe;
+const { ROUTER_MAX_EXPERTS, PERMUTE_MAX_EXPERTS, PCHUNK, BIAS_SIGN, BIAS_ERROR } = DEFINES.moe;
 
 export function router(
   cx: CudaContext,
@@ -243,12 +243,13 @@ export function moeCombineBackward(cx: CudaContext, dy: Tensor, ys: Tensor, slot
   return { dys, dweights };
 }
 
-export function biasUpdate(cx: CudaContext, bias: Tensor, offsets: Tensor, gamma: number): void {
+export function biasUpdate(cx: CudaContext, bias: Tensor, offsets: Tensor, opts: BiasUpdateOptions): void {
   const E = bias.size;
   cx.launch(KERNELS.moe.bias_update, [Math.max(1, cdiv(E, 256))], 256, {
     bias: cx.f32p(bias, "biasUpdate"),
     offsets: cx.i32p(offsets, "biasUpdate"),
     E,
-    gamma,
+    gamma: opts.gamma,
+    rule: opts.rule === "sign" ? BIAS_SIGN : BIAS_ERROR,
   });
 }

@@ -86,7 +86,7 @@ export const KERNELS = {
     combine: { module: "moe", name: "combine", maxThreads: null, params: [["ys", "u64"], ["pos", "u64"], ["w", "u64"], ["y", "u64"], ["N", "i32"], ["k", "i32"], ["d", "i32"]] },
     combine_bwd: { module: "moe", name: "combine_bwd", maxThreads: null, params: [["dy", "u64"], ["ys", "u64"], ["slot", "u64"], ["w", "u64"], ["dys", "u64"], ["dweights", "u64"], ["rows", "i32"], ["k", "i32"], ["d", "i32"]] },
     combine_bwd_ys16: { module: "moe", name: "combine_bwd_ys16", maxThreads: null, params: [["dy", "u64"], ["ys", "u64"], ["slot", "u64"], ["w", "u64"], ["dys", "u64"], ["dweights", "u64"], ["rows", "i32"], ["k", "i32"], ["d", "i32"]] },
-    bias_update: { module: "moe", name: "bias_update", maxThreads: null, params: [["bias", "u64"], ["offsets", "u64"], ["E", "i32"], ["gamma", "f64"]] },
+    bias_update: { module: "moe", name: "bias_update", maxThreads: null, params: [["bias", "u64"], ["offsets", "u64"], ["E", "i32"], ["gamma", "f64"], ["rule", "i32"]] },
   },
   nn: {
     rmsnorm_fwd: { module: "nn", name: "rmsnorm_fwd", maxThreads: null, params: [["x", "u64"], ["w", "u64"], ["y", "u64"], ["rstd", "u64"], ["R", "i32"], ["C", "i32"], ["eps", "f64"]] },
@@ -131,7 +131,7 @@ export const DEFINES = {
   gemm: { BM: 64, BN: 64, BK: 16, MMA_LD: 48, MMA_LD16: 40, TN_LD: 144 },
   gemm16: { G16_BM: 128, G16_BN: 128, G16_BK: 64, G16_STAGES: 3, G16_LDK: 72, G16_LDR: 136, G16_SMEM_BYTES: 110592 },
   gemm_sm90: { SM90_MAX_E: 256, SM90_THREADS: 384, SM90_BM: 128, SM90_SMEM_128x256: 216120, SM90_SMEM_128x128: 199752, SM90_WATCHDOG: 1 },
-  moe: { ROUTER_MAX_EXPERTS: 256, PERMUTE_MAX_EXPERTS: 1024, PCHUNK: 256 },
+  moe: { ROUTER_MAX_EXPERTS: 256, PERMUTE_MAX_EXPERTS: 1024, PCHUNK: 256, BIAS_SIGN: 0, BIAS_ERROR: 1 },
   nn: {},
   optim: {},
   quant: { TILES_PER_WARP: 4, CT_COLS: 64 },

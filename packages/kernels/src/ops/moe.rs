@@ -458,8 +458,17 @@ pub fn combine_backward(
     Ok(())
 }
 
-/// bias_e += gamma * sign(mean load - load_e), loads from the permute offsets.
-pub fn bias_update(bias: &mut [f32], offsets: &[i32], gamma: f64) -> R<()> {
+/// How the correction bias follows the loads (docs/model.md, "Balancing").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BiasRule {
+    /// bias_e += gamma * sign(mean - load_e) (DeepSeek-V3).
+    Sign,
+    /// bias_e += gamma * (mean - load_e) / mean: the step scaled by the relative load error.
+    Error,
+}
+
+/// The correction bias update, loads from the permute offsets (f64, one rounding per bias).
+pub fn bias_update(bias: &mut [f32], offsets: &[i32], gamma: f64, rule: BiasRule) -> R<()> {
     let e = bias.len();
     if offsets.len() != e + 1 {
         return Err(format!(
@@ -471,17 +480,25 @@ pub fn bias_update(bias: &mut [f32], offsets: &[i32], gamma: f64) -> R<()> {
         return Ok(());
     }
     let mean = (offsets[e] - offsets[0]) as f64 / e as f64;
+    if mean <= 0.0 {
+        return Ok(()); // no token was routed: no load to balance
+    }
     for (x, b) in bias.iter_mut().enumerate() {
         let load = (offsets[x + 1] - offsets[x]) as f64;
         let diff = mean - load;
-        let sign = if diff > 0.0 {
-            1.0
-        } else if diff < 0.0 {
-            -1.0
-        } else {
-            0.0
+        let step = match rule {
+            BiasRule::Sign => {
+                if diff > 0.0 {
+                    1.0
+                } else if diff < 0.0 {
+                    -1.0
+                } else {
+                    0.0
+                }
+            }
+            BiasRule::Error => diff / mean,
         };
-        *b = (*b as f64 + gamma * sign) as f32;
+        *b = (*b as f64 + gamma * step) as f32;
     }
     Ok(())
 }

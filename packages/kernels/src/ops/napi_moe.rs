@@ -193,11 +193,27 @@ pub fn moe_combine_backward(
     ))
 }
 
-/// bias += gamma * sign(mean load - load), in place.
+/// The correction bias update in place: rule "sign" (bias += gamma * sign(mean - load)) or
+/// "error" (bias += gamma * (mean - load) / mean).
 #[napi]
-pub fn bias_update(mut bias: Float32ArraySlice, offsets: &[i32], gamma: f64) -> Result<()> {
+pub fn bias_update(
+    mut bias: Float32ArraySlice,
+    offsets: &[i32],
+    gamma: f64,
+    rule: String,
+) -> Result<()> {
+    let rule = match rule.as_str() {
+        "sign" => moe::BiasRule::Sign,
+        "error" => moe::BiasRule::Error,
+        r => {
+            return Err(Error::new(
+                Status::InvalidArg,
+                format!("biasUpdate: rule \"{r}\" (allowed: sign, error)"),
+            ))
+        }
+    };
     let bias = unsafe { bias.as_mut() };
-    js(moe::bias_update(bias, offsets, gamma))
+    js(moe::bias_update(bias, offsets, gamma, rule))
 }
 
 /// Mean cross-entropy (returned) and dlogits (written).

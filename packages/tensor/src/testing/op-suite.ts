@@ -481,8 +481,11 @@ export function opSuite(name: string, make: () => Backend): void {
         const y = b.moeCombine(p.xs, p.slot, r.weights);
         const cb = b.moeCombineBackward(b.upload(x, [N, d]), p.xs, p.slot, r.weights);
         const bs = b.upload(bias, [E]);
-        b.biasUpdate(bs, p.offsets, 0.001);
-        return { ...r, bl: bl.loss, bld: bl.dscores, dl, ...p, back, y, dys: cb.dys, dwts: cb.dweights, bs };
+        b.biasUpdate(bs, p.offsets, { gamma: 0.001, rule: "sign" });
+        const be = b.upload(bias, [E]);
+        b.biasUpdate(be, p.offsets, { gamma: 0.05, rule: "error" });
+        const out = { ...r, bl: bl.loss, bld: bl.dscores, dl, ...p, back, y };
+        return { ...out, dys: cb.dys, dwts: cb.dweights, bs, be };
       }, 2e-5);
     });
 

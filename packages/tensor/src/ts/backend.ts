@@ -5,6 +5,7 @@ import type {
   AdamWOptions,
   AttentionOptions,
   Backend,
+  BiasUpdateOptions,
   GroupedMatmulOptions,
   HeadSliceOptions,
   MatmulOptions,
@@ -430,8 +431,8 @@ export class TsBackend extends HostLifetimes implements Backend {
     return { dys: this.wrap(r.dys, ys.shape, "f32"), dweights: this.wrap(r.dweights, weights.shape, "f32") };
   }
 
-  biasUpdate(bias: Tensor, offsets: Tensor, gamma: number): void {
-    moe.biasUpdate(f32(bias), i32(offsets), gamma);
+  biasUpdate(bias: Tensor, offsets: Tensor, opts: BiasUpdateOptions): void {
+    moe.biasUpdate(f32(bias), i32(offsets), opts);
   }
 
   // --- loss and optimiser ----------------------------------------------------------------------

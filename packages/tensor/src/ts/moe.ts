@@ -1,4 +1,5 @@
 // Reference kernels for routing, dispatch/combine, load balancing, the loss and the optimiser.
+import type { BiasUpdateOptions } from "../backend.ts";
 
 const sigmoid = (x: number) => 1 / (1 + Math.exp(-x));
 
@@ -189,12 +190,18 @@ export function combineBackward(
   return { dys, dweights: dw };
 }
 
-export function biasUpdate(bias: Float32Array, offsets: Int32Array, gamma: number): void {
+/** The reference of Backend.biasUpdate, in f64 with one rounding to f32 per bias. */
+export function biasUpdate(
+  bias: Float32Array,
+  offsets: Int32Array,
+  { gamma, rule }: BiasUpdateOptions,
+): void {
   const E = bias.length;
   const mean = (offsets[E] - offsets[0]) / E;
+  if (!(mean > 0)) return; // no token was routed: no load to balance
   for (let e = 0; e < E; e++) {
     const load = offsets[e + 1] - offsets[e];
-    bias[e] += gamma * Math.sign(mean - load);
+    bias[e] += gamma * (rule === "sign" ? Math.sign(mean - load) : (mean - load) / mean);
   }
 }
 

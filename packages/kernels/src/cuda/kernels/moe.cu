@@ -242,13 +242,19 @@ KERNEL void combine_bwd_ys16(const float* dy, const u16* ys, const int* slot, co
   combine_bwd_rows(dy, ys, slot, w, dys, dweights, rows, k, d);
 }
 
-// bias_e += gamma * sign(mean load - load_e), loads from the permute offsets.
-KERNEL void bias_update(float* bias, const int* offsets, int E, double gamma) {
+// The bias update rules (Backend.biasUpdate's `rule`).
+#define BIAS_SIGN 0
+#define BIAS_ERROR 1
+
+// The correction bias update, loads from the permute offsets: bias_e += gamma * sign(mean - load_e)
+// (BIAS_SIGN) or gamma * (mean - load_e) / mean (BIAS_ERROR), in f64 with one rounding per bias.
+KERNEL void bias_update(float* bias, const int* offsets, int E, double gamma, int rule) {
   const int e = blockIdx.x * blockDim.x + threadIdx.x;
   if (e >= E) return;
   const double mean = (double)(offsets[E] - offsets[0]) / E;
+  if (!(mean > 0)) return;  // no token was routed: no load to balance
   const double load = offsets[e + 1] - offsets[e];
   const double d = mean - load;
-  const double sg = d > 0 ? 1.0 : (d < 0 ? -1.0 : 0.0);
-  bias[e] = (float)((double)bias[e] + gamma * sg);
+  const double step = rule == BIAS_SIGN ? (d > 0 ? 1.0 : (d < 0 ? -1.0 : 0.0)) : d / mean;
+  bias[e] = (float)((double)bias[e] + gamma * step);
 }

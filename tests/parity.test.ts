@@ -1,5 +1,7 @@
 // The product's claim, checked: FP8 training as DeepSeek-V3 does it tracks BF16, and the test can
 // fail (fp8-unscaled, the negative control, must not pass). Plus one step's gradient SQNR.
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
 import { presetPolicy } from "@moe8/fp8-core";
 import { createBackend } from "@moe8/kernels";
 import { CONFIGS, DeepSeekModel, trainStep } from "@moe8/model";
@@ -52,6 +54,29 @@ describe("loss parity on tiny (native backend)", () => {
     console.log(`fp8-unscaled: train ${(100 * unscaled[0].trainRelDiff).toFixed(2)}%`);
     expect(unscaled[0].trainRelDiff).toBeGreaterThanOrEqual(0.1);
   }, 900_000);
+});
+
+describe("parity compares like with like", () => {
+  it("every policy, the yardsticks included, trains with the same balancing: the run's --balance.* or the model's", () => {
+    const balanceOf = (extra: string[]) => {
+      const out = tmp("parity-balance");
+      const r = cli([
+        "parity",
+        ...["--config", "tiny", "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--backend", "auto"],
+        ...["--json", "--out", out, ...extra],
+      ]);
+      expect(r.status, r.stderr).toBe(0);
+      const report = JSON.parse(readFileSync(join(out, "parity.json"), "utf8"));
+      const policies = report.runs.map((run: { precision: string }) => run.precision);
+      expect(policies).toEqual(["bf16", "fp8", "bf16", "fp32"]); // baseline, variant, two yardsticks
+      return report.runs.map((run: { balance: unknown }) => run.balance);
+    };
+    const given = { gamma: 0.02, rule: "sign", alpha: 0.003 };
+    const flags = ["--balance.gamma", "0.02", "--balance.rule", "sign", "--balance.alpha", "0.003"];
+    expect(balanceOf(flags)).toEqual(Array(4).fill(given));
+    const { bias_update_speed: gamma, bias_update_rule: rule, seq_aux_alpha: alpha } = CONFIGS.tiny;
+    expect(balanceOf([])).toEqual(Array(4).fill({ gamma, rule, alpha }));
+  }, 120_000);
 });
 
 // One step's gradient SQNR is heavy-tailed in a MoE: a token whose top-k experts differ between

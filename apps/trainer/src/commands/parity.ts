@@ -4,6 +4,7 @@
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { describePolicy, UsageError } from "@moe8/fp8-core";
+import type { BiasRule } from "@moe8/tensor";
 import { trainStep } from "@moe8/model";
 import { parseArgs } from "../args.ts";
 import { resolveModel, type TrainConfig } from "../run/config.ts";
@@ -20,6 +21,8 @@ export interface RunResult {
   policy: string;
   seed: number;
   dataSeed: number;
+  /** The expert balancing this run trained with: the same for every policy compared. */
+  balance: { gamma: number; rule: BiasRule; alpha: number };
   losses: number[];
   ema: number[];
   /** Mean EMA(0.9) training loss over the last 10% of steps. */
@@ -125,6 +128,11 @@ export async function trainForParity(
       policy: describePolicy(s.policy),
       seed: c.seed,
       dataSeed: c.dataSeed ?? c.seed,
+      balance: {
+        gamma: modelCfg.bias_update_speed,
+        rule: modelCfg.bias_update_rule,
+        alpha: modelCfg.seq_aux_alpha,
+      },
       losses,
       ema,
       finalTrain: tailMean(ema),
@@ -273,6 +281,7 @@ export async function parity(argv: string[]): Promise<number> {
       seqLen: cfg.seqLen,
       lr: cfg.lr,
       backend: cfg.backend,
+      balance: cfg.balance,
       seeds,
     },
     against,

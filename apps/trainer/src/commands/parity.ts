@@ -4,8 +4,8 @@
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { describePolicy, UsageError } from "@moe8/fp8-core";
-import type { BiasRule } from "@moe8/tensor";
 import { trainStep } from "@moe8/model";
+import type { BiasRule } from "@moe8/tensor";
 import { parseArgs } from "../args.ts";
 import { resolveModel, type TrainConfig } from "../run/config.ts";
 import { openTrainData } from "../run/data.ts";

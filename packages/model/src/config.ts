@@ -37,9 +37,12 @@ const common = {
   routed_scaling_factor: 1.0,
   rms_norm_eps: 1e-6,
   rope_theta: 10000,
-  bias_update_speed: 0.001,
-  bias_update_rule: "sign" as BiasRule,
-  seq_aux_alpha: 1e-4,
+  // Balancing that works within a few hundred steps (docs/model.md, "Balancing", has the measurements):
+  // DeepSeek-V3's sign rule at 0.001 leaves tiny routing every token to the same 2 experts for its
+  // first ~100 steps.
+  bias_update_speed: 0.08,
+  bias_update_rule: "error" as BiasRule,
+  seq_aux_alpha: 0.01,
   initializer_range: 0.006,
 };
 

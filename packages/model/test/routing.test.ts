@@ -47,6 +47,7 @@ describe("router", () => {
       n_routed_experts: 8,
       num_experts_per_tok: 2,
       bias_update_speed: 0.01,
+      bias_update_rule: "sign" as const,
       seq_aux_alpha: 0,
     };
     const rng = new Rng(5);

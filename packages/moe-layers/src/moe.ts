@@ -22,7 +22,10 @@ export interface MoeConfig {
   routed_scaling_factor: number;
   /** Bias update speed gamma of the auxiliary-loss-free balancing (0 disables). */
   bias_update_speed: number;
-  /** How the bias follows the loads: DeepSeek-V3's `sign`, or `error` (scaled by the load error). */
+  /**
+   * How the bias follows the loads: DeepSeek-V3's `sign` (every bias moves by gamma), or `error`
+   * (each moves by gamma times the gap between the expert's share of the step's tokens and k/E).
+   */
   bias_update_rule: BiasRule;
   /** Weight of the sequence-wise balance loss (0 disables). */
   seq_aux_alpha: number;
@@ -208,12 +211,18 @@ export class MoELayer {
   }
 
   /**
-   * After the optimizer step, from this step's loads: bias_i += gamma * sign(mean - load_i) (`sign`)
-   * or gamma * (mean - load_i) / mean (`error`).
+   * After the optimizer step, from this step's loads (n_i of the N tokens routed to expert i):
+   * `sign`: bias_i += gamma * sign(mean - n_i); `error`: bias_i += gamma * (k/E - n_i/N), which is
+   * the op's relative error (mean - n_i) / mean times gamma * k/E. In these units one gamma suits
+   * 8 experts top-2 and 64 top-6 alike: the relative error of an overloaded expert reaches E/k - 1,
+   * and the loads respond to the bias more steeply the smaller k/E is (docs/model.md, "Balancing").
    */
   updateBias(): void {
     const { bias_update_speed: gamma, bias_update_rule: rule } = this.cfg;
-    if (this.lastOffsets && gamma > 0) this.b.biasUpdate(this.bias, this.lastOffsets, { gamma, rule });
+    const { num_experts_per_tok: k, n_routed_experts: E } = this.cfg;
+    if (!this.lastOffsets || gamma <= 0) return;
+    const step = rule === "error" ? (gamma * k) / E : gamma;
+    this.b.biasUpdate(this.bias, this.lastOffsets, { gamma: step, rule });
   }
 
   /** Per-expert token counts of the last forward (reads from the device: logging only). */

@@ -10,7 +10,8 @@
 #   4 bench step small: fp8 with the sm90 GEMM, fp8 with MOE8_SM90_GEMM=0 (before), bf16
 #   5 compute-sanitizer on the sm90 kernels (both entry points, through the op suite's sm90 tests):
 #     racecheck and memcheck filtered to gemm_sm90; memcheck of one whole tiny training step
-#   6 PyTorch in the same call: grouped-GEMM anchors, then the small step eager and compiled
+#   6 a 300-step small training run: its expert balance (issue 23)
+#   7 PyTorch in the same call: grouped-GEMM anchors, then the small step eager and compiled
 # STEPS="op-suite bench-gemm ..." runs only the named steps (names as in the table).
 # Everything goes to $OUT/log.txt; JSON results to $OUT/results.jsonl; the table to $OUT/summary.txt
 # and last on stdout. A prebuilt kernel cache in .gpu-cache/ (python3 scripts/nvrtc-check.py
@@ -102,13 +103,34 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
   # The op suite's sm90 tests launch both entry points on groups of 0, 1, 127, 128, 129 rows.
   sm90_tests=(bun test --timeout 300000 -t "sm90 wgmma" packages/kernels/test/cuda-op-suite.test.ts)
   for tool in racecheck memcheck; do
-    step "$tool-sm90" 120 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool "$tool" --kernel-name kns=gemm_sm90 \
+    step "$tool-sm90" 120 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool "$tool" --kernel-name kns=sm90 \
       --error-exitcode 3 "${sm90_tests[@]}"
   done
   step memcheck-step 150 60 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool memcheck --leak-check no --error-exitcode 3 \
     bun apps/trainer/src/cli.ts train --backend cuda --steps 1 --out /tmp/run-memcheck
 else
   echo '{"step":"sanitizer","rc":"not installed","s":0}' >>"$RES"
+fi
+
+# Expert balance of a 300-step small run with the default balancing (issue 23): the worst MoE
+# layer's load max/mean and the idle experts from step 50 on, from its metrics.jsonl.
+step balance-small 200 90 sh -c "bun apps/trainer/src/cli.ts train --config small --backend cuda --steps 300 \
+  --eval-every 100 --save-every 300 --out /tmp/run-balance > /tmp/balance.txt 2>&1"
+if [ -f /tmp/run-balance/metrics.jsonl ]; then
+  cp /tmp/run-balance/metrics.jsonl "$OUT/balance-small-metrics.jsonl"
+  cp /tmp/run-balance/*.svg "$OUT/" 2>/dev/null
+  python3 - /tmp/run-balance/metrics.jsonl >>"$RES" <<'PY'
+import json, sys
+m = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+late = [r for r in m if r.get("step", 0) >= 50 and "load_max_over_mean" in r]
+val = [r["val_loss"] for r in m if "val_loss" in r]
+print(json.dumps({"tag": "balance-small", "steps": len(m),
+                  "load_max_over_mean_step1": m[0].get("load_max_over_mean") if m else None,
+                  "worst_from_50": max((r["load_max_over_mean"] for r in late), default=None),
+                  "mean_from_50": round(sum(r["load_max_over_mean"] for r in late) / max(len(late), 1), 3),
+                  "idle_from_50": max((r.get("load_idle_experts", 0) for r in late), default=None),
+                  "final_loss": m[-1].get("loss") if m else None, "val_loss": val[-1] if val else None}))
+PY
 fi
 
 ref=$(ls .gpu-bundle/torch_ref_moe.py 2>/dev/null)
@@ -154,6 +176,9 @@ for t in ("torch-eager", "torch-compile"):
     for r in rows:
         if r.get("tag") == t:
             print(t, json.dumps({k: v for k, v in r.items() if k != "tag"})[:200])
+for r in rows:
+    if r.get("tag") == "balance-small":
+        print("balance-small", json.dumps({k: v for k, v in r.items() if k != "tag"}))
 for r in rows:
     if r.get("tag") == "torch-anchors" and "attn" not in r:
         print("torch-anchors", json.dumps({k: v for k, v in r.items() if k != "tag"})[:200])

@@ -24,13 +24,14 @@ let lt: "ok" | "refuse" = "ok";
 let cc = "8.9";
 let nextPtr = 0;
 let allocs = 0;
+let misalign = true;
 
 class FakeBuffer {
   readonly ptr: number;
   constructor(readonly bytes: number) {
     if (!(Number.isInteger(bytes) && bytes >= 0)) problems.push(`DeviceBuffer of ${bytes} bytes`);
-    // Every 7th buffer misaligned by 4 bytes: the aligned-only fast paths get skipped too.
-    this.ptr = nextPtr + (++allocs % 7 === 0 ? 4 : 0);
+    // With `misalign`, every 7th buffer misaligned by 4 bytes: the aligned-only fast paths get skipped too.
+    this.ptr = nextPtr + (misalign && ++allocs % 7 === 0 ? 4 : 0);
     nextPtr += Math.ceil(bytes / 256) * 256 + 256;
   }
   free() {}
@@ -203,7 +204,15 @@ async function everyOp(b: Backend) {
     },
   );
   const cs = (s: number[]) => b.quantize(up(s), { group: "column-tile", segments: offs });
+  // Wgrad: N = 128 and N = 256 take the two sm90 Wgrad entries (after the transposes), accumulating
+  // too.
   b.groupedMatmul(cs([64, 64]), cs([64, 128]), offs, { precision: "fp8", segment: "k", transA: true });
+  b.groupedMatmul(cs([64, 32]), cs([64, 256]), offs, {
+    precision: "fp8",
+    segment: "k",
+    transA: true,
+    accumulate: b.zeros([3, 32, 256]),
+  });
   const w = up([256]);
   b.rmsnormBackward(y, x, w, b.rmsnorm(x, w, 1e-6).rstd);
   b.rope(x, { heads: 4, width: 64, offset: 32, dim: 32, seqLen: 16, theta: 10000, inverse: true });
@@ -249,25 +258,30 @@ async function everyOp(b: Backend) {
 }
 
 describe("cuda backend host code, without a GPU", () => {
-  const configs: [string, Record<string, string>, "ok" | "refuse", string][] = [
-    ["cuBLASLt", {}, "ok", "8.9"],
-    ["cuBLASLt refusing", {}, "refuse", "8.9"],
-    ["no cuBLASLt, no tensor cores", { MOE8_CUBLASLT: "0", MOE8_TENSOR_CORES: "0" }, "ok", "8.9"],
-    ["Hopper: the sm90 grouped GEMM", {}, "ok", "9.0"],
-    ["Hopper, MOE8_SM90_GEMM=0", { MOE8_SM90_GEMM: "0" }, "ok", "9.0"],
+  // name, environment, cuBLASLt's answer, compute capability, misaligned buffers among the others.
+  const configs: [string, Record<string, string>, "ok" | "refuse", string, boolean][] = [
+    ["cuBLASLt", {}, "ok", "8.9", true],
+    ["cuBLASLt refusing", {}, "refuse", "8.9", true],
+    ["no cuBLASLt, no tensor cores", { MOE8_CUBLASLT: "0", MOE8_TENSOR_CORES: "0" }, "ok", "8.9", true],
+    ["Hopper: the sm90 GEMMs", {}, "ok", "9.0", false],
+    ["Hopper, misaligned buffers: the sm90 fallbacks", {}, "ok", "9.0", true],
+    ["Hopper, MOE8_SM90_GEMM=0", { MOE8_SM90_GEMM: "0" }, "ok", "9.0", true],
   ];
-  for (const [name, env, mode, capability] of configs)
+  for (const [name, env, mode, capability, misaligned] of configs)
     it(`launches valid kernels for every op (${name})`, async () => {
       for (const [k, v] of Object.entries(env)) vi.stubEnv(k, v);
       lt = mode;
       cc = capability;
       launchedNow.clear();
+      misalign = misaligned;
       await everyOp(new CudaBackend() as Backend);
       vi.unstubAllEnvs();
       expect(problems).toEqual([]);
-      // Both sm90 entry points on a Hopper GPU (unless turned off), none anywhere else.
+      // Every sm90 kernel (Fprop/Dgrad and Wgrad entries, Wgrad's transpose) on a Hopper GPU with
+      // aligned buffers, none where turned off or on other GPUs.
       const sm90 = [...launchedNow].filter((k) => k.startsWith("gemm_sm90."));
-      expect(sm90.length).toBe(capability === "9.0" && !env.MOE8_SM90_GEMM ? 2 : 0);
+      if (capability !== "9.0" || env.MOE8_SM90_GEMM) expect(sm90).toEqual([]);
+      else if (!misaligned) expect(sm90.length).toBe(5);
     });
 
   it("launches every kernel of the table from some op", () => {

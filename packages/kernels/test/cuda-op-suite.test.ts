@@ -30,10 +30,11 @@ function normRel(a: ArrayLike<number>, b: ArrayLike<number>): number {
 }
 
 /**
- * The experts' FP8 Fprop and Dgrad (segments along M, 1x128 tiles x 128x128 blocks, E4M3) in every
- * epilogue (f32, BF16-rounded, accumulate-into), on expert groups of 0, 1, 127, 128, 129 rows and
- * uneven ones, with activations of varied row magnitude and outlier channels, K not a multiple of
- * 128 and N past the last full tile: the shapes that take both sm90 entry points.
+ * The experts' FP8 Fprop and Dgrad (segments along M, 1x128 tiles x 128x128 blocks, E4M3) and Wgrad
+ * (segments along K, 128x1 column tiles restarted at each expert on both operands) in every epilogue
+ * (f32, BF16-rounded, accumulate-into), on expert groups of 0, 1, 127, 128, 129 rows and uneven ones,
+ * with activations of varied row magnitude and outlier channels, K not a multiple of 128 and N (and
+ * Wgrad's M) past the last full tile: the shapes that take every sm90 entry point.
  */
 function expertGemms(seed: number) {
   const rng = new Rng(seed);
@@ -62,6 +63,7 @@ function expertGemms(seed: number) {
     const dy = act(out);
     const w = rng.normals(E * out * inp, 0.05);
     const c0 = rng.normals(rows * Math.max(out, inp));
+    const cw = rng.normals(E * out * inp);
     const name = `sizes ${sizes.join(",")}, W [${E}, ${out}, ${inp}]`;
     return {
       name,
@@ -70,6 +72,9 @@ function expertGemms(seed: number) {
         const wq = b.quantize(b.upload(w, [E, out, inp]), { group: "block" });
         const xq = b.quantize(b.upload(x, [rows, inp]), { group: "tile" });
         const dyq = b.quantize(b.upload(dy, [rows, out]), { group: "tile" });
+        const xc = b.quantize(b.upload(x, [rows, inp]), { group: "column-tile", segments: O });
+        const dyc = b.quantize(b.upload(dy, [rows, out]), { group: "column-tile", segments: O });
+        const wgrad = { segment: "k", transA: true, precision: "fp8" } as const;
         const r: Record<string, Tensor> = {};
         for (const outBf16 of [false, true]) {
           const tag = outBf16 ? "bf16" : "f32";
@@ -92,6 +97,12 @@ function expertGemms(seed: number) {
           const accD = b.upload(c0.subarray(0, rows * inp), [rows, inp]);
           b.groupedMatmul(dyq, wq, O, { segment: "m", precision: "fp8", outBf16, accumulate: accD });
           r[`dgrad ${tag} accumulate`] = accD;
+          // Wgrad [E, out, inp], and its transpose [E, inp, out] (the other tile width).
+          r[`wgrad ${tag}`] = b.groupedMatmul(dyc, xc, O, { ...wgrad, outBf16 });
+          r[`wgrad swapped ${tag}`] = b.groupedMatmul(xc, dyc, O, { ...wgrad, outBf16 });
+          const accW = b.upload(cw, [E, out, inp]);
+          b.groupedMatmul(dyc, xc, O, { ...wgrad, outBf16, accumulate: accW });
+          r[`wgrad ${tag} accumulate`] = accW;
         }
         return r;
       },
@@ -181,7 +192,7 @@ if (status.ok) {
   // one element, and promotion every 128 bounds it, so 1e-3 (Frobenius) and 2e-3 (largest element
   // error over the largest output). BF16-rounded outputs may differ by one BF16 ulp (2^-8) where
   // the two sums straddle a rounding boundary, on either path.
-  describe("grouped FP8 GEMM paths (experts' Fprop and Dgrad)", () => {
+  describe("grouped FP8 GEMM paths (experts' Fprop, Dgrad and Wgrad)", () => {
     const seed = Number(process.env.MOE8_TEST_SEED ?? Date.now() % 1_000_000_007);
     const ref = new TsBackend();
     const paths = status.cc === "9.0" ? ([false, true] as const) : ([false] as const);
@@ -220,12 +231,15 @@ if (status.ok) {
         }
         // The measured errors, for the record (notes/sm90-gemm.md).
         console.log(`grouped FP8 ${sm90 ? "sm90 wgmma" : "mma.sync"} vs reference: ${JSON.stringify(worst)}`);
-        // Which kernels computed them: both sm90 entry points, or the mma.sync TN kernel only.
+        // Which kernels computed them: every sm90 entry point, or the mma.sync kernels only.
         const sm90Ran = [...ran].filter((k) => k.startsWith("gemm_sm90."));
         if (sm90)
           expect(sm90Ran.sort(), [...ran].join(", ")).toEqual([
             "gemm_sm90.gemm_sm90_fp8_grouped_128x128",
             "gemm_sm90.gemm_sm90_fp8_grouped_128x256",
+            "gemm_sm90.gemm_sm90_fp8_wgrad_128x128",
+            "gemm_sm90.gemm_sm90_fp8_wgrad_128x256",
+            "gemm_sm90.sm90_coltile_transpose",
           ]);
         else expect(sm90Ran, [...ran].join(", ")).toEqual([]);
       }, 300_000);

@@ -1,13 +1,15 @@
 // The Hopper grouped FP8 GEMM (gemm_sm90.cu: TMA loads, mbarrier ring, wgmma, persistent CTAs over
-// the experts' tiles) for the experts' Fprop and Dgrad on a compute-capability-9.0 GPU. It takes
-// E4M3 x E4M3 with 1x128 activation tiles and 128x128 weight blocks, promotion 128, both operands
-// K-contiguous; gemm.ts asks it first and falls back to the mma.sync kernels of gemm.cu for
-// anything else (Wgrad's column tiles, E5M2 operands, other GPUs, MOE8_SM90_GEMM=0).
+// the experts' tiles) for the experts' Fprop, Dgrad and Wgrad on a compute-capability-9.0 GPU. It
+// takes E4M3 x E4M3, promotion 128: 1x128 activation tiles with 128x128 weight blocks, both operands
+// K-contiguous (Fprop, Dgrad), or 128x1 column tiles restarted at each expert on both operands
+// (Wgrad, after a transpose into K-major chunks). gemm.ts asks it first and falls back to the
+// mma.sync kernels of gemm.cu for anything else (E5M2 operands, other GPUs, MOE8_SM90_GEMM=0).
 // Numerics: wgmma keeps ~14 bits while it sums FP8 products inside one instruction, so results
 // differ from the reference's exact chunked sums by ~2.5e-4 relative (packages/kernels/notes/sm90-gemm.md).
 import type { Fp8Format, QuantGroup } from "@moe8/fp8-core";
+import type { Tensor } from "@moe8/tensor";
 import { DEFINES, KERNELS } from "../cuda/kernels.generated.ts";
-import type { CudaContext } from "./context.ts";
+import { type CudaContext, cdiv } from "./context.ts";
 
 const SM90 = DEFINES.gemm_sm90;
 
@@ -33,7 +35,8 @@ export function groupedGemmPath(
   if (env.MOE8_SM90_GEMM === "0") return { kernel: "mma.sync", reason: "MOE8_SM90_GEMM=0" };
   return {
     kernel: "sm90-wgmma",
-    reason: "sm_90a: TMA + wgmma for E4M3 Fprop/Dgrad (1x128 x 128x128); Wgrad and E5M2 on mma.sync",
+    reason:
+      "sm_90a: TMA + wgmma for E4M3 Fprop/Dgrad (1x128 x 128x128) and Wgrad (128x1 x 128x1); E5M2 on mma.sync",
   };
 }
 
@@ -117,4 +120,109 @@ export function sm90Grouped(cx: CudaContext, o: Sm90Operands): boolean {
     wide ? SM90.SM90_SMEM_128x256 : SM90.SM90_SMEM_128x128,
   );
   return true;
+}
+
+/** The experts' Wgrad: C[e] (+)= A_e^T B_e over each expert's rows (segments along K). */
+export interface Sm90WgradOperands {
+  /** dY [rows, M] and X [rows, N]: FP8 column tiles restarted at each expert (quant.segments = offsets). */
+  a: Tensor;
+  b: Tensor;
+  offsets: Tensor;
+  /** [E, M, N] f32. */
+  out: Tensor;
+  M: number;
+  N: number;
+  E: number;
+  promotion: number;
+  accumulate: boolean;
+  outBf16: boolean;
+}
+
+/** Why these operands cannot take the sm90 Wgrad, or null when they can. */
+export function sm90WgradRefusal(cx: CudaContext, o: Sm90WgradOperands): string | null {
+  const qa = o.a.quant;
+  const qb = o.b.quant;
+  if (!qa || !qb) return "operands not quantised";
+  if (qa.format !== "e4m3" || qb.format !== "e4m3") return "operands not E4M3 x E4M3";
+  if (qa.group !== "column-tile" || qb.group !== "column-tile")
+    return "not 128x1 column tiles on both operands";
+  // The chunks of the transposed layout are quant_coltile's only when its tiles restart at each expert.
+  const off = cx.p(o.offsets);
+  if (!qa.segments || !qb.segments || cx.p(qa.segments) !== off || cx.p(qb.segments) !== off)
+    return "column tiles not restarted at the experts' offsets";
+  if (o.promotion !== 128) return "promotion is not 128";
+  if (o.M % 16 !== 0 || o.N % 16 !== 0) return "M or N % 16 != 0 (16-byte transposes)";
+  if (o.E < 1 || o.E > SM90.SM90_MAX_E) return `E outside 1..${SM90.SM90_MAX_E}`;
+  if (cdiv(o.a.rows, 128) + o.E > DEFINES.common.GRID_YZ_MAX) return "too many 128-row chunks";
+  // 16-byte loads of the codes, bulk copies of the scale vectors, TMA stores of C.
+  if ([o.a, o.b, qa.scales, qb.scales, o.out].some((t) => cx.p(t) % 16 !== 0))
+    return "an operand is not 16-byte aligned";
+  return null;
+}
+
+/**
+ * Enqueues the experts' Wgrad with gemm_sm90.cu when the GPU and the operands allow it: both
+ * operands transposed into K-major chunks (sm90_coltile_transpose), then the wgmma kernel; returns
+ * false (nothing enqueued) otherwise.
+ */
+export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
+  if (!cx.sm90Gemm || sm90WgradRefusal(cx, o) !== null) return false;
+  const { M, N, E } = o;
+  const rows = o.a.rows;
+  // Each expert's rows padded to whole chunks: at most ceil(rows / 128) + E chunks in all.
+  const chunks = cdiv(rows, 128) + E;
+  const pitch = chunks * 128;
+  const at = cx.scratch(M * pitch);
+  const bt = cx.scratch(N * pitch);
+  const off = cx.p(o.offsets);
+  const transpose = (t: Tensor, out: number, cols: number) =>
+    cx.launch(KERNELS.gemm_sm90.sm90_coltile_transpose, [cdiv(cols, SM90.SM90_TP_COLS), chunks], 256, {
+      q: cx.p(t),
+      out,
+      off,
+      E,
+      rows,
+      cols,
+      pitch,
+    });
+  try {
+    if (at.ptr % 16 !== 0 || bt.ptr % 16 !== 0) return false;
+    const wide = N >= 256;
+    const bn = wide ? 256 : 128;
+    const map = cx.n.cudaTensorMap2D;
+    let maps: { tA: Uint8Array; tB: Uint8Array; tC: Uint8Array };
+    try {
+      maps = {
+        tA: map(at.ptr, "u8", pitch, M, 128, SM90.SM90_BM),
+        tB: map(bt.ptr, "u8", pitch, N, 128, bn),
+        tC: map(cx.p(o.out), "f32", N, E * M, 32, 64),
+      };
+    } catch {
+      return false; // the driver refused a map: the mma.sync kernel takes it (see sm90Grouped)
+    }
+    transpose(o.a, at.ptr, M);
+    transpose(o.b, bt.ptr, N);
+    cx.launch(
+      wide ? KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256 : KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x128,
+      [cx.multiprocessors],
+      SM90.SM90_THREADS,
+      {
+        ...maps,
+        As: cx.p(o.a.quant!.scales),
+        Bs: cx.p(o.b.quant!.scales),
+        C: cx.p(o.out),
+        off,
+        E,
+        M,
+        N,
+        accumulate: o.accumulate ? 1 : 0,
+        outBf16: o.outBf16 ? 1 : 0,
+      },
+      wide ? SM90.SM90_SMEM_WGRAD_128x256 : SM90.SM90_SMEM_WGRAD_128x128,
+    );
+    return true;
+  } finally {
+    at.free();
+    bt.free();
+  }
 }

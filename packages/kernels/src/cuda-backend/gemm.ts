@@ -1,5 +1,5 @@
 // GEMMs, plain and grouped over expert segments: cuBLASLt where it has the case (gemm-lt.ts), the
-// Hopper wgmma kernels for the experts' FP8 Fprop and Dgrad on sm_90 (gemm-sm90.ts), otherwise the
+// Hopper wgmma kernels for the experts' FP8 Fprop, Dgrad and Wgrad on sm_90 (gemm-sm90.ts), otherwise the
 // tiled kernels of gemm.cu (any layout; FP8 on tensor cores or in the reference kernel) and
 // gemm16.cu (BF16 on tensor cores). Expert offsets stay on the device (docs/runtime.md rule 2).
 import {
@@ -15,7 +15,7 @@ import { DEFINES } from "../cuda/kernels.generated.ts";
 import { type CudaContext, cdiv, KERNELS } from "./context.ts";
 import { bf16Operand, f32Operand, lowpInput } from "./elementwise.ts";
 import { matmulLt } from "./gemm-lt.ts";
-import { sm90Grouped } from "./gemm-sm90.ts";
+import { sm90Grouped, sm90Wgrad } from "./gemm-sm90.ts";
 import { FMT, GROUP, transposeCodes } from "./quant.ts";
 
 const { GEMM_PLAIN, GEMM_SEGMENT_M, GEMM_SEGMENT_K } = DEFINES.common;
@@ -112,6 +112,8 @@ export function groupedMatmul(
   const N = b.cols;
   const out = output(cx, E * M * N, 1, o, [E, M, N]);
   if (E <= 0 || M === 0 || N === 0) return out;
+  const wgrad = { a, b, offsets, out, M, N, E, promotion: o.promotion ?? 128 };
+  if (fp8 && sm90Wgrad(cx, { ...wgrad, accumulate: !!o.accumulate, outBf16: !!o.outBf16 })) return out;
   gemmKernel(cx, a, b, out, { M, N, K: a.rows }, o, { mode: GEMM_SEGMENT_K, offsets, E, bRows: 0, bCols: 0 });
   return out;
 }

@@ -68,6 +68,9 @@ export const KERNELS = {
   gemm_sm90: {
     gemm_sm90_fp8_grouped_128x256: { module: "gemm_sm90", name: "gemm_sm90_fp8_grouped_128x256", maxThreads: 384, params: [["tA", "tmap"], ["tB", "tmap"], ["tC", "tmap"], ["As", "u64"], ["Bs", "u64"], ["C", "u64"], ["off", "u64"], ["E", "i32"], ["N", "i32"], ["K", "i32"], ["accumulate", "i32"], ["outBf16", "i32"]] },
     gemm_sm90_fp8_grouped_128x128: { module: "gemm_sm90", name: "gemm_sm90_fp8_grouped_128x128", maxThreads: 384, params: [["tA", "tmap"], ["tB", "tmap"], ["tC", "tmap"], ["As", "u64"], ["Bs", "u64"], ["C", "u64"], ["off", "u64"], ["E", "i32"], ["N", "i32"], ["K", "i32"], ["accumulate", "i32"], ["outBf16", "i32"]] },
+    gemm_sm90_fp8_wgrad_128x256: { module: "gemm_sm90", name: "gemm_sm90_fp8_wgrad_128x256", maxThreads: 384, params: [["tA", "tmap"], ["tB", "tmap"], ["tC", "tmap"], ["As", "u64"], ["Bs", "u64"], ["C", "u64"], ["off", "u64"], ["E", "i32"], ["M", "i32"], ["N", "i32"], ["accumulate", "i32"], ["outBf16", "i32"]] },
+    gemm_sm90_fp8_wgrad_128x128: { module: "gemm_sm90", name: "gemm_sm90_fp8_wgrad_128x128", maxThreads: 384, params: [["tA", "tmap"], ["tB", "tmap"], ["tC", "tmap"], ["As", "u64"], ["Bs", "u64"], ["C", "u64"], ["off", "u64"], ["E", "i32"], ["M", "i32"], ["N", "i32"], ["accumulate", "i32"], ["outBf16", "i32"]] },
+    sm90_coltile_transpose: { module: "gemm_sm90", name: "sm90_coltile_transpose", maxThreads: 256, params: [["q", "u64"], ["out", "u64"], ["off", "u64"], ["E", "i32"], ["rows", "i32"], ["cols", "i32"], ["pitch", "u64"]] },
   },
   moe: {
     router: { module: "moe", name: "router", maxThreads: null, params: [["logits", "u64"], ["bias", "u64"], ["scores", "u64"], ["topIdx", "u64"], ["weights", "u64"], ["N", "i32"], ["E", "i32"], ["k", "i32"], ["scaling", "f64"]] },
@@ -130,7 +133,7 @@ export const DEFINES = {
   flash: { FROWS: 64 },
   gemm: { BM: 64, BN: 64, BK: 16, MMA_LD: 48, MMA_LD16: 40, TN_LD: 144 },
   gemm16: { G16_BM: 128, G16_BN: 128, G16_BK: 64, G16_STAGES: 3, G16_LDK: 72, G16_LDR: 136, G16_SMEM_BYTES: 110592 },
-  gemm_sm90: { SM90_MAX_E: 256, SM90_THREADS: 384, SM90_BM: 128, SM90_SMEM_128x256: 216120, SM90_SMEM_128x128: 199752, SM90_WATCHDOG: 1 },
+  gemm_sm90: { SM90_MAX_E: 256, SM90_THREADS: 384, SM90_BM: 128, SM90_SMEM_128x256: 216120, SM90_SMEM_128x128: 199752, SM90_SMEM_WGRAD_128x256: 220728, SM90_SMEM_WGRAD_128x128: 203848, SM90_WATCHDOG: 1, SM90_TP_COLS: 64 },
   moe: { ROUTER_MAX_EXPERTS: 256, PERMUTE_MAX_EXPERTS: 1024, PCHUNK: 256, BIAS_SIGN: 0, BIAS_ERROR: 1 },
   nn: {},
   optim: {},

@@ -34,6 +34,16 @@
 // tensor maps (cudaTensorMap2D, 128-byte swizzle): A u8 [rows, K] box {128, 128}; B u8 [E * N, K]
 // box {128, BN}; C f32 [rows, N] box {32, 64}. Requires K % 16 == 0 (the TMA row pitch), N % 8 == 0,
 // E <= SM90_MAX_E and 16-byte-aligned A, B and C; the kernel traps for E > SM90_MAX_E.
+//
+// Wgrad (segments along K: dW[e] (+)= dY_e^T X_e, the tokens of expert e as the reduction) runs the
+// same template with Segments::AlongK. wgmma reads FP8 operands K-major only, so the column-tiled
+// operands (quant_coltile's codes [tokens, cols], 128x1 tiles restarted at each expert's first
+// token) are first transposed by sm90_coltile_transpose into [cols, pitch] with each expert's tokens
+// padded by zero codes to whole 128-token chunks; chunk g of that layout is chunk g of
+// quant_coltile's scales ([chunks, cols]), so one chunk of A (dY^T, M rows) and B (X^T, N rows) has a
+// per-row scale vector on both sides: promotion is acc += p * sa[row] * sb[col], the two vectors
+// brought into shared memory with the codes (cp.async.bulk). The tiles are static (E x M/128 x N/BN,
+// expert-major), each with the K chunks of its expert; C is [E * M, N].
 
 #define SM90_MAX_E 256
 #define SM90_THREADS 384  // two consumer warpgroups and the producer warpgroup
@@ -41,6 +51,8 @@
 // Dynamic shared memory of each entry point (static_asserts below check them against sm90_smem_bytes).
 #define SM90_SMEM_128x256 216120
 #define SM90_SMEM_128x128 199752
+#define SM90_SMEM_WGRAD_128x256 220728
+#define SM90_SMEM_WGRAD_128x128 203848
 
 // The driver's CUtensorMap (128 bytes, 64-byte aligned): passed by value as a __grid_constant__
 // parameter, so the TMA instructions read it from the kernel's parameter space.
@@ -102,6 +114,21 @@ __device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, u32 src, in
                "r"(src), "r"(c0), "r"(c1)
                : "memory");
 }
+// The same, adding the box into global memory (f32 add in L2: C = C + v, one writer per element).
+__device__ __forceinline__ void tma_reduce_add_2d(const CUtensorMap* map, u32 src, int c0, int c1) {
+  asm volatile("cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3}], [%1];\n" ::"l"(
+                   (u64)map),
+               "r"(src), "r"(c0), "r"(c1)
+               : "memory");
+}
+// 1-D bulk copy of `bytes` (a multiple of 16, both addresses 16-byte aligned) into shared memory,
+// completing on `bar`.
+__device__ __forceinline__ void bulk_load_1d(void* dst, const void* src, u32 bytes, u64* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                   sm90_smem_u32(dst)),
+               "l"((u64)src), "r"(bytes), "r"(sm90_smem_u32(bar))
+               : "memory");
+}
 __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 // Waits until the issuing thread's bulk stores have finished reading shared memory.
 __device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
@@ -158,6 +185,27 @@ __device__ __forceinline__ void promote(float (&acc)[ACC], float (&p)[ACC], floa
   for (int i = 0; i < ACC; i++) acc[i] = fmaf(p[i], (i & 2) ? c1 : c0, acc[i]);
 }
 
+// Wgrad's promotion: both operands have one scale per row of the chunk, so
+// acc += p * (sa[row] * sb[col]); sb points at this thread's first column (2 tq) of the half in
+// shared memory, its columns 8 j + {0, 1}.
+template <int ACC>
+__device__ __forceinline__ void promote_cols(float (&acc)[ACC], float (&p)[ACC], float sa0, float sa1,
+                                             const float* sb) {
+#pragma unroll
+  for (int i = 0; i < ACC; i++) reg_fence(p[i]);
+#pragma unroll
+  for (int j = 0; j < ACC / 4; j++) {
+    const float2 b = *(const float2*)(sb + 8 * j);
+    acc[4 * j] = fmaf(p[4 * j], sa0 * b.x, acc[4 * j]);
+    acc[4 * j + 1] = fmaf(p[4 * j + 1], sa0 * b.y, acc[4 * j + 1]);
+    acc[4 * j + 2] = fmaf(p[4 * j + 2], sa1 * b.x, acc[4 * j + 2]);
+    acc[4 * j + 3] = fmaf(p[4 * j + 3], sa1 * b.y, acc[4 * j + 3]);
+  }
+}
+
+// Where the experts' segments lie: along M (Fprop, Dgrad: rows of A and C) or along K (Wgrad).
+enum class Segments { AlongM, AlongK };
+
 // The mainloop's use of the tensor cores: OneBuffer waits for each chunk's wgmmas before promoting
 // them (any BN); TwoBuffers issues chunk k+1's wgmmas before promoting chunk k (two accumulator sets:
 // BN = 128 only, for registers).
@@ -167,21 +215,68 @@ enum class Mainloop { OneBuffer, TwoBuffers };
 // and where the dynamic shared memory starts is the driver's choice: a tool such as compute-sanitizer
 // may move it), STAGES x (A tile BM x 128 bytes, B tile BN x 128 bytes), the C staging (per consumer
 // warpgroup one 64 x 128 f32 half-tile), the full/empty barriers, the offsets and the prefix sums of
-// m-tiles per expert.
-__host__ __device__ constexpr int sm90_smem_bytes(int bn, int stages) {
-  return 1024 + stages * (SM90_BM + bn) * 128 + 2 * 64 * 128 * 4 + 2 * stages * 8 + 2 * (SM90_MAX_E + 1) * 4;
+// m-tiles per expert; for Wgrad (rowScales) also each stage's scale vectors (BM + BN floats).
+__host__ __device__ constexpr int sm90_smem_bytes(int bn, int stages, bool rowScales) {
+  return 1024 + stages * (SM90_BM + bn) * 128 + 2 * 64 * 128 * 4 + (rowScales ? stages * (SM90_BM + bn) * 4 : 0) +
+         2 * stages * 8 + 2 * (SM90_MAX_E + 1) * 4;
 }
 
-template <int BN, int STAGES, Mainloop LOOP>
+// One output tile of the schedule: its expert, the rows of its A and B boxes, its K chunks
+// (k0 .. k0 + kc - 1), the first row of C it writes and the end of its expert's rows in C.
+struct Sm90Tile {
+  int e, aRow, bRow, k0, kc, cRow, rowEnd, n0;
+};
+
+// Tile t. Along M: m-tiles of each expert in order (mpre: prefix sums of m-tiles), n fastest, found by
+// bisection. Along K: E x MT x NT tiles, expert-major; mpre holds each expert's first 128-chunk.
+template <Segments SEG, int BN>
+__device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int* mpre, int E, int M, int N, int KC) {
+  const int NT = cdiv(N, BN);
+  Sm90Tile T;
+  if constexpr (SEG == Segments::AlongM) {
+    const int mt = t / NT, nt = t - mt * NT;
+    int lo = 0, hi = E - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (mpre[mid] <= mt) lo = mid;
+      else hi = mid - 1;
+    }
+    T.e = lo;
+    T.aRow = soff[lo] + (mt - mpre[lo]) * SM90_BM;
+    T.bRow = lo * N + nt * BN;
+    T.k0 = 0;
+    T.kc = KC;
+    T.cRow = T.aRow;
+    T.rowEnd = soff[lo + 1];
+    T.n0 = nt * BN;
+  } else {
+    const int per = cdiv(M, SM90_BM) * NT;
+    const int e = t / per, r = t - e * per, mt = r / NT, nt = r - mt * NT;
+    T.e = e;
+    T.aRow = mt * SM90_BM;
+    T.bRow = nt * BN;
+    T.k0 = mpre[e];
+    T.kc = mpre[e + 1] - mpre[e];
+    T.cRow = e * M + T.aRow;
+    T.rowEnd = e * M + M;
+    T.n0 = nt * BN;
+  }
+  return T;
+}
+
+template <int BN, int STAGES, Mainloop LOOP, Segments SEG>
 __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CUtensorMap* tB, const CUtensorMap* tC,
                                                  const float* As, const float* Bs, float* C, const int* off, int E,
-                                                 int N, int K, int accumulate, int outBf16) {
+                                                 int M, int N, int K, int accumulate, int outBf16) {
   constexpr int BM = SM90_BM, NWG = BM / 64;
   constexpr int A_BYTES = BM * 128, B_BYTES = BN * 128;
   constexpr int NH = BN / 128;  // 128-column halves of the tile, one m64n128 wgmma chain each
   constexpr int ACC = 64;       // f32 accumulators per thread per half (m64 x n128 over 128 threads)
   static_assert(BN == 128 || BN == 256, "BN is 128 or 256");
   static_assert(LOOP == Mainloop::OneBuffer || BN == 128, "two accumulator sets fit the registers at BN = 128 only");
+  static_assert(LOOP == Mainloop::OneBuffer || SEG == Segments::AlongM, "Wgrad runs the one-buffer mainloop");
+  // Wgrad's per-row scale vectors of a stage (A's BM, then B's BN), after the C staging.
+  constexpr int S_BYTES = SEG == Segments::AlongK ? (BM + BN) * 4 : 0;
   constexpr int CW = 32;               // f32 output columns per 128-byte strip
   constexpr int C_BYTES = 64 * 128 * 4;  // staging per consumer warpgroup: 64 rows x 128 columns
   extern __shared__ u8 sm90_dyn[];
@@ -190,10 +285,11 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   u8* sA = base;
   u8* sB = base + STAGES * A_BYTES;
   u8* sC = sB + STAGES * B_BYTES;
-  u64* full = (u64*)(sC + NWG * C_BYTES);
+  u8* sS = sC + NWG * C_BYTES;
+  u64* full = (u64*)(sS + STAGES * S_BYTES);
   u64* empty = full + STAGES;
   int* soff = (int*)(empty + STAGES);  // E + 1 offsets
-  int* mpre = soff + SM90_MAX_E + 1;   // E + 1 prefix sums of m-tiles
+  int* mpre = soff + SM90_MAX_E + 1;   // E + 1 prefix sums of m-tiles (of 128 rows: chunks along K)
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (threadIdx.x == 0) {
@@ -227,7 +323,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   __syncthreads();
 
   const int NT = cdiv(N, BN), NB = cdiv(N, 128), KC = cdiv(K, 128);
-  const int total = mpre[E] * NT;
+  const int total = SEG == Segments::AlongM ? mpre[E] * NT : E * cdiv(M, BM) * NT;
 
   if (warp >= 4 * NWG) {
     // Producer warpgroup: one thread issues the TMA loads, the rest give their registers away.
@@ -236,20 +332,20 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
       int s = 0;
       u32 ph = 0;
       for (int t = blockIdx.x; t < total; t += gridDim.x) {
-        const int mt = t / NT, nt = t - mt * NT;
-        int lo = 0, hi = E - 1;
-        while (lo < hi) {
-          const int mid = (lo + hi + 1) >> 1;
-          if (mpre[mid] <= mt) lo = mid;
-          else hi = mid - 1;
-        }
-        const int row0 = soff[lo] + (mt - mpre[lo]) * BM;
-        const int brow = lo * N + nt * BN;
-        for (int kc = 0; kc < KC; kc++) {
+        const Sm90Tile T = sm90_tile<SEG, BN>(t, soff, mpre, E, M, N, KC);
+        for (int kc = T.k0; kc < T.k0 + T.kc; kc++) {
           mbar_wait(&empty[s], ph ^ 1);
-          mbar_expect_tx(&full[s], A_BYTES + B_BYTES);
-          tma_load_2d(sA + s * A_BYTES, tA, kc * 128, row0, &full[s]);
-          tma_load_2d(sB + s * B_BYTES, tB, kc * 128, brow, &full[s]);
+          if constexpr (SEG == Segments::AlongK) {
+            // The chunk's scale vectors: A's rows aRow.. (columns of dY), B's rows n0.. (columns of X).
+            const int na = min(BM, M - T.aRow), nb = min(BN, N - T.n0);
+            mbar_expect_tx(&full[s], A_BYTES + B_BYTES + 4 * (na + nb));
+            bulk_load_1d(sS + s * S_BYTES, As + (i64)kc * M + T.aRow, 4 * na, &full[s]);
+            bulk_load_1d(sS + s * S_BYTES + 4 * BM, Bs + (i64)kc * N + T.n0, 4 * nb, &full[s]);
+          } else {
+            mbar_expect_tx(&full[s], A_BYTES + B_BYTES);
+          }
+          tma_load_2d(sA + s * A_BYTES, tA, kc * 128, T.aRow, &full[s]);
+          tma_load_2d(sB + s * B_BYTES, tB, kc * 128, T.bRow, &full[s]);
           if (++s == STAGES) s = 0, ph ^= 1;
         }
       }
@@ -266,16 +362,8 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   int s = 0;
   u32 ph = 0;
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
-    const int mt = t / NT, nt = t - mt * NT;
-    int lo = 0, hi = E - 1;
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) >> 1;
-      if (mpre[mid] <= mt) lo = mid;
-      else hi = mid - 1;
-    }
-    const int e = lo;
-    const int row0 = soff[e] + (mt - mpre[e]) * BM, rowEnd = soff[e + 1];
-    const int n0 = nt * BN;
+    const Sm90Tile T = sm90_tile<SEG, BN>(t, soff, mpre, E, M, N, KC);
+    const int e = T.e, row0 = T.cRow, rowEnd = T.rowEnd, n0 = T.n0;
     const int r0 = row0 + rloc, r1 = r0 + 8;
     // Scales of this thread's two rows and of the B blocks (32-bit offsets: fewer live registers).
     // Half h of the tile (columns n0 + 128 h ..) uses B block n0 / 128 + h (clamped: a half past N
@@ -291,7 +379,23 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
     for (int h = 0; h < NH; h++)
 #pragma unroll
       for (int i = 0; i < ACC; i++) acc[h][i] = 0.0f;
-    if constexpr (LOOP == Mainloop::OneBuffer) {
+    if constexpr (SEG == Segments::AlongK) {
+      float p[ACC];
+      for (int kc = 0; kc < T.kc; kc++) {
+        mbar_wait(&full[s], ph);
+        const float* ss = (const float*)(sS + s * S_BYTES);
+        const float sa0 = ss[rloc], sa1 = ss[rloc + 8];
+#pragma unroll
+        for (int h = 0; h < NH; h++) {
+          mma_chunk(p, aBase + s * A_BYTES, bBase + s * B_BYTES + h * 128 * 128);
+          wgmma_wait<0>();
+          promote_cols(acc[h], p, sa0, sa1, ss + BM + 128 * h + 2 * tq);
+        }
+        __syncwarp();  // every lane has read the stage's scales
+        if (lane == 0) mbar_arrive(&empty[s]);
+        if (++s == STAGES) s = 0, ph ^= 1;
+      }
+    } else if constexpr (LOOP == Mainloop::OneBuffer) {
       float p[ACC];
       for (int kc = 0; kc < KC; kc++) {
         const float sa0 = __ldg(as0 + kc), sa1 = __ldg(as1 + kc), sb0 = __ldg(bs + kc);
@@ -361,9 +465,10 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
     // Epilogue, per 128-column half h: accumulator i is row (i & 2 ? g + 8 : g), column
     // n0 + 128 h + 8 (i / 4) + 2 tq + (i & 1).
     const bool last = t + (int)gridDim.x >= total;
-    if (!accumulate && row0 + BM <= rowEnd) {
+    if (row0 + BM <= rowEnd) {
       // Whole tile inside the expert: stage this warpgroup's 64 x 128 in 128-byte strips with the TMA
-      // 128-byte swizzle (16-byte chunk index ^= row & 7: conflict-free), then TMA-store the strips.
+      // 128-byte swizzle (16-byte chunk index ^= row & 7: conflict-free), then TMA-store the strips
+      // (TMA-add them when accumulating: C = C + v in L2, the one write of each element).
       const bool leader = (threadIdx.x & 127) == 0;
       const u32 cs = csBase + (threadIdx.x >> 7) * C_BYTES;
 #pragma unroll
@@ -388,7 +493,10 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
         if (leader) {
 #pragma unroll
           for (int st = 0; st < 128 / CW; st++)
-            if (nh + st * CW < N) tma_store_2d(tC, cs + st * 64 * 128, nh + st * CW, row0 + 64 * wg);
+            if (nh + st * CW < N) {
+              if (accumulate) tma_reduce_add_2d(tC, cs + st * 64 * 128, nh + st * CW, row0 + 64 * wg);
+              else tma_store_2d(tC, cs + st * 64 * 128, nh + st * CW, row0 + 64 * wg);
+            }
           bulk_commit();
           // The CTA's last tile: the copies must have read the staging buffer before the CTA exits
           // (a wait after the loop instead makes ptxas cap the consumers' registers below setmaxnreg).
@@ -421,16 +529,19 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   }  // consumer
 }
 
-static_assert(sm90_smem_bytes(256, 3) == SM90_SMEM_128x256, "SM90_SMEM_128x256");
-static_assert(sm90_smem_bytes(128, 4) == SM90_SMEM_128x128, "SM90_SMEM_128x128");
+static_assert(sm90_smem_bytes(256, 3, false) == SM90_SMEM_128x256, "SM90_SMEM_128x256");
+static_assert(sm90_smem_bytes(128, 4, false) == SM90_SMEM_128x128, "SM90_SMEM_128x128");
+static_assert(sm90_smem_bytes(256, 3, true) == SM90_SMEM_WGRAD_128x256, "SM90_SMEM_WGRAD_128x256");
+static_assert(sm90_smem_bytes(128, 4, true) == SM90_SMEM_WGRAD_128x128, "SM90_SMEM_WGRAD_128x128");
 
 // Entry points, one signature: tensor maps of A, B and C, the scales, C, the expert offsets, sizes.
-#define GEMM_SM90_ENTRY(NAME, BN, STAGES, LOOP)                                                                  \
-  KERNEL void __launch_bounds__(SM90_THREADS, 1)                                                                 \
-      NAME(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,                       \
-           const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs, float* C, const int* off,    \
-           int E, int N, int K, int accumulate, int outBf16) {                                                   \
-    sm90_fp8_grouped<BN, STAGES, Mainloop::LOOP>(&tA, &tB, &tC, As, Bs, C, off, E, N, K, accumulate, outBf16); \
+#define GEMM_SM90_ENTRY(NAME, BN, STAGES, LOOP)                                                                   \
+  KERNEL void __launch_bounds__(SM90_THREADS, 1)                                                                  \
+      NAME(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,                        \
+           const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs, float* C, const int* off,     \
+           int E, int N, int K, int accumulate, int outBf16) {                                                    \
+    sm90_fp8_grouped<BN, STAGES, Mainloop::LOOP, Segments::AlongM>(&tA, &tB, &tC, As, Bs, C, off, E, 0, N, K,    \
+                                                                    accumulate, outBf16);                         \
   }
 // K >= 512 (gate/up Fprop, down Dgrad in `small`): 128 x 256 tiles, 25% less L2 traffic per FLOP.
 GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x256, 256, 3, OneBuffer)
@@ -438,3 +549,79 @@ GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x256, 256, 3, OneBuffer)
 // (notes/sm90-gemm.md measured five stages 2% faster, but only without the alignment pad, which
 // made the kernel depend on where the driver places the dynamic shared memory.)
 GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128, 128, 4, TwoBuffers)
+
+// Wgrad: dW[e] (+)= A_e B_e^T with A = dY^T [M, pitch] and B = X^T [N, pitch] as sm90_coltile_transpose
+// writes them (tensor maps: A u8 [M, pitch] box {128, 128}, B u8 [N, pitch] box {128, BN}, C f32
+// [E * M, N] box {32, 64}); As [chunks, M] and Bs [chunks, N] are quant_coltile's scales. Requires
+// M % 4 == 0 and N % 4 == 0 (16-byte scale vectors).
+#define GEMM_SM90_WGRAD_ENTRY(NAME, BN, STAGES)                                                                  \
+  KERNEL void __launch_bounds__(SM90_THREADS, 1)                                                                 \
+      NAME(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,                       \
+           const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs, float* C, const int* off,    \
+           int E, int M, int N, int accumulate, int outBf16) {                                                   \
+    sm90_fp8_grouped<BN, STAGES, Mainloop::OneBuffer, Segments::AlongK>(&tA, &tB, &tC, As, Bs, C, off, E, M, N, \
+                                                                         0, accumulate, outBf16);                \
+  }
+// N >= 256 (X's columns: the hidden size for gate/up, the expert width for down in `small`).
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256, 256, 3)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x128, 128, 4)
+
+#define SM90_TP_COLS 64  // columns per block of sm90_coltile_transpose
+
+// Wgrad's operand layout: the column-tiled FP8 codes q [rows, cols] (quant_coltile's 128-row tiles
+// restarted at each expert's first row off[e]) transposed to out [cols, pitch], expert e's rows
+// padded with zero codes to whole 128-chunks and its chunks starting at sum over e' < e of
+// ceil(n_e' / 128): the chunk numbering of quant_coltile's scales. One block per 64 columns x one
+// chunk; grid.y covers the largest chunk count, ceil(rows / 128) + E (blocks past it return).
+// Requires cols % 16 == 0 and pitch % 16 == 0 (16-byte loads and stores).
+KERNEL void __launch_bounds__(256) sm90_coltile_transpose(const u8* q, u8* out, const int* off, int E, int rows,
+                                                          int cols, i64 pitch) {
+  __shared__ int cs[SM90_MAX_E + 1];  // first chunk of each expert, cs[E] = all chunks
+  __shared__ __align__(16) u8 tile[128][SM90_TP_COLS + 16];
+  const int tid = threadIdx.x, lane = tid & 31;
+  if (E > SM90_MAX_E) asm volatile("trap;");
+  if (tid < E) cs[tid + 1] = cdiv(off[tid + 1] - off[tid], 128);
+  __syncthreads();
+  if (tid < 32) {
+    int carry = 0;
+    for (int b = 0; b < E; b += 32) {
+      int v = b + lane < E ? cs[b + lane + 1] : 0;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= o) v += y;
+      }
+      if (b + lane < E) cs[b + lane + 1] = carry + v;
+      carry += __shfl_sync(0xffffffffu, v, 31);
+    }
+    if (lane == 0) cs[0] = 0;
+  }
+  __syncthreads();
+  const int g = blockIdx.y;
+  if (g >= cs[E]) return;
+  int lo = 0, hi = E - 1;  // the last expert whose first chunk is <= g (it holds g)
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (cs[mid] <= g) lo = mid;
+    else hi = mid - 1;
+  }
+  const int r0 = off[lo] + (g - cs[lo]) * 128, h = min(128, off[lo + 1] - r0);
+  const int c0 = blockIdx.x * SM90_TP_COLS;
+  for (int i = tid; i < 128 * SM90_TP_COLS / 16; i += 256) {
+    const int r = i / (SM90_TP_COLS / 16), c = (i % (SM90_TP_COLS / 16)) * 16;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (r < h && r0 + r < rows && c0 + c < cols) v = *(const uint4*)(q + (i64)(r0 + r) * cols + c0 + c);
+    *(uint4*)&tile[r][c] = v;
+  }
+  __syncthreads();
+  for (int i = tid; i < SM90_TP_COLS * 8; i += 256) {
+    const int c = i >> 3, r = (i & 7) * 16;
+    if (c0 + c >= cols) continue;
+    u32 w[4];
+#pragma unroll
+    for (int k = 0; k < 4; k++)
+      w[k] = (u32)tile[r + 4 * k][c] | ((u32)tile[r + 4 * k + 1][c] << 8) | ((u32)tile[r + 4 * k + 2][c] << 16) |
+             ((u32)tile[r + 4 * k + 3][c] << 24);
+    *(uint4*)(out + (i64)(c0 + c) * pitch + (i64)g * 128 + r) = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+}

@@ -12,6 +12,7 @@
 #   sm90     the Hopper grouped FP8 GEMM (issue 16), alone and in one call of at most ~9 minutes:
 #            scripts/gpu-sm90.sh (op suite, sanitizers, bench gemm, small step with and without it,
 #            PyTorch anchors), a table last
+#   balance  expert balance against the embedding's init std: small on cuda, tiny on cpu (issue 23)
 set -u
 xz -dc .gpu-bundle/bun.xz > /tmp/bun && chmod +x /tmp/bun && export PATH=/tmp:$PATH
 [ -f .gpu-bundle/nm.tar.xz ] && xz -dc .gpu-bundle/nm.tar.xz | tar -xf -
@@ -32,6 +33,7 @@ if want diag; then
 fi
 rc=0
 if want sm90; then bash scripts/gpu-sm90.sh || rc=1; fi
+if want balance; then bash scripts/gpu-balance.sh || rc=1; fi
 if want gemm; then
   echo; echo "=== bench gemm --backend cuda (small's GEMM shapes) ==="
   timeout 300 bun apps/trainer/src/cli.ts bench gemm --backend cuda 2>&1 | tee "$OUT/bench-gemm.txt"

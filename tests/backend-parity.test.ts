@@ -16,6 +16,7 @@ const CFG: ModelConfig = {
   intermediate_size: 128,
   moe_intermediate_size: 64,
   initializer_range: 0.05,
+  embedding_init_std: 0.05,
 };
 
 async function step(b: Backend, preset: string) {

@@ -46,6 +46,7 @@ export function hfConfig(c: ModelConfig): Record<string, unknown> {
     moe8_bias_update_speed: c.bias_update_speed,
     moe8_bias_update_rule: c.bias_update_rule,
     moe8_seq_aux_alpha: c.seq_aux_alpha,
+    moe8_embedding_init_std: c.embedding_init_std,
   };
 }
 
@@ -80,6 +81,8 @@ export function fromHfConfig(j: Record<string, unknown>): ModelConfig {
     bias_update_rule: biasRule(j.moe8_bias_update_rule),
     seq_aux_alpha: n("moe8_seq_aux_alpha", 1e-4),
     initializer_range: n("initializer_range", 0.006),
+    // Checkpoints written before the field drew the embedding with initializer_range.
+    embedding_init_std: n("moe8_embedding_init_std", n("initializer_range", 0.006)),
   };
 }
 

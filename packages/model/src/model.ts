@@ -64,7 +64,7 @@ export class DeepSeekModel {
     // same seed gives the same weights.
     this.embed = Param.create(b, {
       name: "model.embed_tokens.weight",
-      init: init(cfg.vocab_size * d),
+      init: rng.normals(cfg.vocab_size * d, cfg.embedding_init_std),
       shape: [cfg.vocab_size, d],
       decay: true,
     });

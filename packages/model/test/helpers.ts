@@ -22,6 +22,7 @@ export const MICRO: ModelConfig = {
   routed_scaling_factor: 1.5,
   seq_aux_alpha: 0.05,
   initializer_range: 0.3,
+  embedding_init_std: 0.3,
 };
 
 export function batchOf(b: Backend, cfg: ModelConfig, B: number, T: number, seed: number) {

@@ -36,6 +36,7 @@ export const ModelFieldsSchema = z.object({
   bias_update_rule: z.enum(["sign", "error"]),
   seq_aux_alpha: z.number().nonnegative().max(1e3),
   initializer_range: z.number().positive().max(10),
+  embedding_init_std: z.number().positive().max(10),
 });
 
 /**
@@ -77,6 +78,7 @@ const modelOverrides = ModelFieldsSchema.extend({ base: z.enum(["tiny", "small"]
     bias_update_rule: true,
     seq_aux_alpha: true,
     initializer_range: true,
+    embedding_init_std: true,
   })
   .strict();
 

@@ -14,6 +14,7 @@ const commands: Record<string, () => Promise<Command>> = {
   parity: async () => (await import("./commands/parity.ts")).parity,
   bench: async () => (await import("./commands/bench/index.ts")).bench,
   "prepare-data": async () => (await import("./commands/prepare-data.ts")).prepareDataCommand,
+  export: async () => (await import("./commands/export.ts")).exportCommand,
 };
 
 const usage = `usage: moe8 <command> [flags]
@@ -24,6 +25,7 @@ commands:
   parity         FP8 against BF16 loss parity (--precision fp8 --against bf16 --steps N [--sweep])
   bench          gemm | ops | step | soak benchmarks (--backend ts|cpu|cuda --precision ... [--json])
   prepare-data   tokenise text into Arrow shards (--input ... --out datasets/NAME [--overwrite])
+  export         a Hugging Face model folder from a checkpoint (--checkpoint DIR --out DIR [--dtype bf16|f32])
   doctor         runtime, CPU/SIMD, native addon, available backends`;
 
 const [cmd, ...rest] = process.argv.slice(2);

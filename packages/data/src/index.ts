@@ -30,6 +30,7 @@ export { type Split, type SplitOptions, splitDocuments } from "./split.ts";
 export { BpeTokenizer } from "./tokenizers/bpe.ts";
 export { EOT_TOKEN } from "./tokenizers/bpe-train.ts";
 export { ByteTokenizer } from "./tokenizers/byte.ts";
+export { hfTokenizerFiles, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE } from "./tokenizers/hf-files.ts";
 export { loadTokenizer, parseTokenizerSpec, type TokenizerChoice } from "./tokenizers/load.ts";
 export type { Tokenizer } from "./tokenizers/types.ts";
 export { sequentialWindows, type WindowOptions } from "./windows.ts";

@@ -1,4 +1,11 @@
 export { CONFIGS, countParams, type ModelConfig, STEP_SHAPES } from "./config.ts";
 export { fromHfConfig, hfConfig, hfConfigText } from "./hf.ts";
 export { type BatchShape, DeepSeekModel } from "./model.ts";
+export {
+  drawToken,
+  hfGenerationConfig,
+  nextTokenProbs,
+  SAMPLING_DEFAULTS,
+  type SamplingOptions,
+} from "./sampling.ts";
 export { type StepResult, trainStep } from "./train-step.ts";

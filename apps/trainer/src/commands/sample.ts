@@ -1,24 +1,11 @@
 // `moe8 sample --checkpoint DIR [--prompt TEXT] [--tokens N] [--temperature T]`: generated text,
-// with the tokenizer of the dataset the checkpoint was trained on.
-import { statSync } from "node:fs";
-import { dirname } from "node:path";
-import { ByteTokenizer, DEFAULT_DATASET_DIR, loadTokenizer, type Tokenizer } from "@moe8/data";
+// with the checkpoint's own tokenizer (run/checkpoint-tokenizer.ts).
 import { UsageError } from "@moe8/fp8-core";
 import { createBackend } from "@moe8/kernels";
 import { Rng } from "@moe8/tensor";
 import { intFlag, parseArgs } from "../args.ts";
+import { checkpointTokenizer } from "../run/checkpoint-tokenizer.ts";
 import { loadModel } from "../run/load-model.ts";
-
-async function tokenizerFor(data: string | null, vocab: number): Promise<Tokenizer> {
-  const path = data ?? DEFAULT_DATASET_DIR;
-  const dir = statSync(path, { throwIfNoEntry: false })?.isDirectory() ? path : dirname(path);
-  try {
-    return await loadTokenizer(dir);
-  } catch (e) {
-    if (vocab === 256) return new ByteTokenizer();
-    throw new UsageError(`cannot find the tokenizer of ${path}: ${(e as Error).message}`);
-  }
-}
 
 export async function sample(argv: string[]): Promise<number> {
   const { flags } = parseArgs(argv, {
@@ -36,11 +23,11 @@ export async function sample(argv: string[]): Promise<number> {
     throw new UsageError(`--temperature ${flags.temperature}: must be in [0, 100]`);
   const n = intFlag(flags, "tokens", 1, 1_000_000) ?? 200;
   const b = createBackend((flags.backend ?? "auto") as "auto");
-  const { model, train } = loadModel(String(flags.checkpoint), b, {
+  const { model, train, state } = loadModel(String(flags.checkpoint), b, {
     precision: "fp32",
     shape: (t) => ({ batch: 1, seq: t.seqLen }),
   });
-  const tok = await tokenizerFor(train.data, model.cfg.vocab_size);
+  const tok = await checkpointTokenizer(String(flags.checkpoint), state, model.cfg.vocab_size);
   const rng = new Rng(Number(flags.seed ?? 0));
   const prompt = String(flags.prompt ?? "\n");
   const ctx = Array.from(tok.encode(prompt));

@@ -7,7 +7,7 @@ import { basename, dirname } from "node:path";
 import { checkVocab, DEFAULT_DATASET_DIR, type Manifest, readManifest, sequentialWindows } from "@moe8/data";
 import { UsageError } from "@moe8/fp8-core";
 import { createBackend } from "@moe8/kernels";
-import { intFlag, parseArgs } from "../args.ts";
+import { type FlagSpec, intFlag, parseArgs } from "../args.ts";
 import { loadModel } from "../run/load-model.ts";
 import type { TrainerState } from "../run/state.ts";
 
@@ -29,18 +29,20 @@ async function checkTokenizer(data: string, manifest: Manifest, modelVocab: numb
     );
 }
 
+export const EVAL_FLAGS: FlagSpec = {
+  checkpoint: "string",
+  data: "string",
+  precision: "string",
+  batches: "int",
+  "batch-size": "int",
+  "seq-len": "int",
+  backend: "string",
+  json: "boolean",
+  debug: "boolean",
+};
+
 export async function evaluate(argv: string[]): Promise<number> {
-  const { flags } = parseArgs(argv, {
-    checkpoint: "string",
-    data: "string",
-    precision: "string",
-    batches: "int",
-    "batch-size": "int",
-    "seq-len": "int",
-    backend: "string",
-    json: "boolean",
-    debug: "boolean",
-  });
+  const { flags } = parseArgs(argv, EVAL_FLAGS);
   if (!flags.checkpoint) throw new UsageError("eval needs --checkpoint DIR");
   if (!flags.data) throw new UsageError("eval needs --data PATH (a dataset folder or .arrows file)");
   const data = String(flags.data);

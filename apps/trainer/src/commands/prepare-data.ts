@@ -3,19 +3,21 @@
 // An existing --out is replaced only when it is a previous dataset and --overwrite is given.
 import { formatProgressBar, prepareData } from "@moe8/data";
 import { UsageError } from "@moe8/fp8-core";
-import { parseArgs } from "../args.ts";
+import { type FlagSpec, parseArgs } from "../args.ts";
+
+export const PREPARE_DATA_FLAGS: FlagSpec = {
+  input: "list",
+  out: "string",
+  overwrite: "boolean",
+  tokenizer: "string",
+  "text-field": "string",
+  "shard-bytes": "int",
+  "chunk-bytes": "int",
+  debug: "boolean",
+};
 
 export async function prepareDataCommand(argv: string[]): Promise<number> {
-  const { flags } = parseArgs(argv, {
-    input: "list",
-    out: "string",
-    overwrite: "boolean",
-    tokenizer: "string",
-    "text-field": "string",
-    "shard-bytes": "int",
-    "chunk-bytes": "int",
-    debug: "boolean",
-  });
+  const { flags } = parseArgs(argv, PREPARE_DATA_FLAGS);
   const input = (flags.input as string[] | undefined) ?? [];
   if (!input.length) throw new UsageError("prepare-data needs --input <file or folder> (repeatable)");
   if (!flags.out) throw new UsageError("prepare-data needs --out DIR");

@@ -3,20 +3,22 @@
 import { UsageError } from "@moe8/fp8-core";
 import { createBackend } from "@moe8/kernels";
 import { Rng } from "@moe8/tensor";
-import { intFlag, parseArgs } from "../args.ts";
+import { type FlagSpec, intFlag, parseArgs } from "../args.ts";
 import { checkpointTokenizer } from "../run/checkpoint-tokenizer.ts";
 import { loadModel } from "../run/load-model.ts";
 
+export const SAMPLE_FLAGS: FlagSpec = {
+  checkpoint: "string",
+  prompt: "string",
+  tokens: "int",
+  temperature: "number",
+  seed: "int",
+  backend: "string",
+  debug: "boolean",
+};
+
 export async function sample(argv: string[]): Promise<number> {
-  const { flags } = parseArgs(argv, {
-    checkpoint: "string",
-    prompt: "string",
-    tokens: "int",
-    temperature: "number",
-    seed: "int",
-    backend: "string",
-    debug: "boolean",
-  });
+  const { flags } = parseArgs(argv, SAMPLE_FLAGS);
   if (!flags.checkpoint) throw new UsageError("sample needs --checkpoint DIR");
   const temperature = Number(flags.temperature ?? 0.8);
   if (!(temperature >= 0 && temperature <= 100))

@@ -2,7 +2,7 @@
 // (byte-level and BPE) and encodes and decodes real text exactly as moe8 does; `export` writes a
 // standalone folder whose BF16 weights are the checkpoint's f32 weights rounded.
 import { spawnSync } from "node:child_process";
-import { existsSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
+import { cpSync, existsSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { BpeTokenizer, ByteTokenizer, readShardDocuments, type Tokenizer } from "@moe8/data";
 import { encodeBf16 } from "@moe8/fp8-core";
@@ -119,5 +119,29 @@ describe("checkpoints are Hugging Face model folders", () => {
     expect(r.stderr.trim()).toMatch(/^error: --out .*export-f32: folder is not empty$/);
     expect(existsSync(at("export-f32/extra.txt"))).toBe(true);
     expect(readdirSync(root).filter((n) => n.includes(".tmp-"))).toEqual([]);
+  });
+
+  it("sample on a checkpoint without tokenizer files (an older one) uses its recorded dataset, or says why not", () => {
+    const old = at("old-ck");
+    cpSync(at("bpe-run/checkpoints/step-1"), old, { recursive: true });
+    const sums = JSON.parse(readFileSync(join(old, "checksums.json"), "utf8"));
+    for (const name of ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]) {
+      rmSync(join(old, name));
+      delete sums[name];
+    }
+    writeFileSync(join(old, "checksums.json"), JSON.stringify(sums));
+    const args = ["sample", "--checkpoint", old, "--backend", "cpu", "--prompt", "ROMEO:", "--tokens", "5"];
+    const ok = cli(args);
+    expect(ok.status, ok.stderr).toBe(0);
+    expect(ok.stdout).toBe(
+      cli([...args.slice(0, 2), at("bpe-run/checkpoints/step-1"), ...args.slice(3)]).stdout,
+    );
+    renameSync(at("bpe-data"), at("bpe-data-moved"));
+    const r = cli(args);
+    renameSync(at("bpe-data-moved"), at("bpe-data"));
+    expect(r.status).toBe(2);
+    expect(r.stderr.trim()).toMatch(
+      /^error: checkpoint .*old-ck has no tokenizer\.json \(written before checkpoints held one\) and its dataset .*bpe-data is not found from /,
+    );
   });
 });

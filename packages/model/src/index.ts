@@ -1,4 +1,5 @@
 export { CONFIGS, countParams, type ModelConfig, STEP_SHAPES } from "./config.ts";
+export { type GenerateOptions, generateByRecompute } from "./generate.ts";
 export { fromHfConfig, hfConfig, hfConfigText } from "./hf.ts";
 export { type BatchShape, DeepSeekModel } from "./model.ts";
 export {

@@ -21,7 +21,8 @@ const DESCRIPTIONS: Record<string, string> = {
   dtype: "weights of the exported model.safetensors: bf16 (default) or f32",
   "eval-batches": "held-out batches per validation",
   "eval-every": "steps between validations (0: never)",
-  input: "a .txt, .md, .jsonl or .parquet file, or a folder of them",
+  input:
+    "a .txt, .md, .jsonl (also .gz), .parquet or .arrow file, a text file, a folder, or a datasets save_to_disk folder",
   json: "print the result as JSON",
   "keep-last": "checkpoints kept besides the best one",
   "log-every": "steps between progress lines",

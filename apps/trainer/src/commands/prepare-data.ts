@@ -1,5 +1,7 @@
 // `moe8 prepare-data --input <files or folders> --out datasets/NAME [--tokenizer byte|bpe:N|tokenizer.json]`:
-// tokenises .txt/.jsonl/.parquet text into Arrow IPC stream shards with a manifest, with a progress bar.
+// tokenises text (.txt/.md/.jsonl, gzipped too, .parquet, Arrow and Hugging Face datasets folders: the
+// list is in packages/data/src/prepare/inputs.ts) into Arrow IPC stream shards with a manifest, with a
+// progress bar.
 // An existing --out is replaced only when it is a previous dataset and --overwrite is given.
 import { formatProgressBar, prepareData } from "@moe8/data";
 import { UsageError } from "@moe8/fp8-core";

@@ -26,6 +26,16 @@ beforeAll(() => {
 }, 120_000);
 
 describe("sample", () => {
+  it("greedy decoding with the KV cache gives the tokens of recomputing the whole context (ts and cpu)", () => {
+    for (const backend of ["ts", "cpu"]) {
+      const args = ["--prompt", "KING:", "--tokens", "40", "--temperature", "0", "--backend", backend];
+      const cached = sample(...args);
+      expect(cached.status, cached.stderr).toBe(0);
+      expect(sample(...args, "--no-kv-cache").stdout, backend).toBe(cached.stdout);
+      expect(cached.stdout.length).toBeGreaterThan(40);
+    }
+  }, 60_000);
+
   it("top-k 1 at any temperature is greedy decoding", () => {
     const greedy = sample("--prompt", "KING:", "--tokens", "20", "--temperature", "0");
     const top1 = sample(
@@ -77,7 +87,7 @@ describe("sample", () => {
   it("refuses out-of-range sampling flags", () => {
     for (const [flag, value, want] of [
       ["--top-p", "0", /--top-p 0: must be in \(0, 1\]/],
-      ["--top-k", "-1", /--top-k -1: must be an integer in \[0, 256\]/],
+      ["--top-k", "-1", /--top-k -1: must be an integer in \[0, 2097152\]/],
       ["--repetition-penalty", "0", /--repetition-penalty 0: must be in \(0, 100\]/],
       ["--num-samples", "0", /--num-samples 0: must be an integer in \[1, 1024\]/],
     ] as const) {

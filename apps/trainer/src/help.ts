@@ -28,6 +28,7 @@ const DESCRIPTIONS: Record<string, string> = {
   "log-every": "steps between progress lines",
   lr: "peak learning rate",
   "max-bad-steps": "stop after this many non-finite steps in a row",
+  "no-kv-cache": "run the whole context again for every token (slow; to check the KV cache)",
   "num-samples": "independent samples generated from the prompt",
   out: "output folder",
   overwrite: "replace a previous dataset in --out",

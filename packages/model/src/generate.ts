@@ -1,7 +1,10 @@
 // Autoregressive generation of several samples at once from one prompt. Every sample has the same
 // length at every step (they share the prompt and grow by one token each), so a step is one batch
 // of `samples` sequences. Logits are read back once per step for the sampler (docs/runtime.md rule 1).
+// `generate` keeps a KV cache (kv-decode.ts); `generateByRecompute` runs the whole context again for
+// every token, the slow reference it is tested against.
 import type { Rng } from "@moe8/tensor";
+import { KvCacheDecoder } from "./kv-decode.ts";
 import type { DeepSeekModel } from "./model.ts";
 import { drawToken, nextTokenProbs, type SamplingOptions } from "./sampling.ts";
 
@@ -38,6 +41,26 @@ export async function generateByRecompute(model: DeepSeekModel, o: GenerateOptio
     const logits = await lastLogits(model, seqs);
     for (let s = 0; s < o.samples; s++)
       seqs[s].push(drawToken(nextTokenProbs(logits[s], o.sampling, seqs[s]), o.rng));
+  }
+  return seqs.map((s) => s.slice(o.prompt.length));
+}
+
+/** The generated ids of each sample (prompt excluded), each new token one position through the network. */
+export async function generate(model: DeepSeekModel, o: GenerateOptions): Promise<number[][]> {
+  const seqs = Array.from({ length: o.samples }, () => Array.from(o.prompt));
+  const decoder = new KvCacheDecoder(model, o.samples, o.prompt.length + o.tokens);
+  try {
+    const first = await decoder.prefill(o.prompt);
+    let logits = seqs.map(() => first);
+    for (let t = 0; t < o.tokens; t++) {
+      const next = seqs.map((seq, s) => drawToken(nextTokenProbs(logits[s], o.sampling, seq), o.rng));
+      next.forEach((id, s) => {
+        seqs[s].push(id);
+      });
+      if (t + 1 < o.tokens) logits = await decoder.step(next);
+    }
+  } finally {
+    decoder.dispose();
   }
   return seqs.map((s) => s.slice(o.prompt.length));
 }

@@ -1,6 +1,7 @@
 export { CONFIGS, countParams, type ModelConfig, STEP_SHAPES } from "./config.ts";
-export { type GenerateOptions, generateByRecompute } from "./generate.ts";
+export { type GenerateOptions, generate, generateByRecompute } from "./generate.ts";
 export { fromHfConfig, hfConfig, hfConfigText } from "./hf.ts";
+export { KvCacheDecoder } from "./kv-decode.ts";
 export { type BatchShape, DeepSeekModel } from "./model.ts";
 export {
   drawToken,

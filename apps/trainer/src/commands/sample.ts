@@ -2,10 +2,11 @@
 // [--top-k K] [--top-p P] [--repetition-penalty R]`: text generated from a checkpoint with its own
 // tokenizer (run/checkpoint-tokenizer.ts), from any working directory. The prompt and the new tokens
 // must fit in the context the model was trained on: positions beyond it were never trained, so a
-// longer request is refused rather than answered with noise.
+// longer request is refused rather than answered with noise. Tokens come from a KV cache
+// (packages/model/src/kv-decode.ts); --no-kv-cache runs the whole context again for each token.
 import { UsageError } from "@moe8/fp8-core";
 import { createBackend } from "@moe8/kernels";
-import { generateByRecompute, SAMPLING_DEFAULTS, type SamplingOptions } from "@moe8/model";
+import { generate, generateByRecompute, SAMPLING_DEFAULTS, type SamplingOptions } from "@moe8/model";
 import { Rng } from "@moe8/tensor";
 import { type FlagSpec, intFlag, type ParsedArgs, parseArgs } from "../args.ts";
 import { checkpointTokenizer } from "../run/checkpoint-tokenizer.ts";
@@ -21,11 +22,13 @@ export const SAMPLE_FLAGS: FlagSpec = {
   "top-p": "number",
   "repetition-penalty": "number",
   seed: "int",
+  "no-kv-cache": "boolean",
   backend: "string",
   debug: "boolean",
 };
 
-function samplingFlags(flags: ParsedArgs["flags"], vocab: number): SamplingOptions {
+/** The sampling flags, checked before the model is loaded (a --top-k beyond the vocabulary keeps all). */
+function samplingFlags(flags: ParsedArgs["flags"]): SamplingOptions {
   const num = (name: string, fallback: number, ok: (v: number) => boolean, range: string) => {
     const v = flags[name] === undefined ? fallback : Number(flags[name]);
     if (!ok(v)) throw new UsageError(`--${name} ${flags[name]}: must be ${range}`);
@@ -34,7 +37,7 @@ function samplingFlags(flags: ParsedArgs["flags"], vocab: number): SamplingOptio
   const d = SAMPLING_DEFAULTS;
   return {
     temperature: num("temperature", d.temperature, (v) => v >= 0 && v <= 100, "in [0, 100]"),
-    topK: intFlag(flags, "top-k", 0, vocab) ?? d.topK,
+    topK: intFlag(flags, "top-k", 0, 2 ** 21) ?? d.topK,
     topP: num("top-p", d.topP, (v) => v > 0 && v <= 1, "in (0, 1]"),
     repetitionPenalty: num(
       "repetition-penalty",
@@ -52,6 +55,7 @@ export async function sample(argv: string[]): Promise<number> {
   const tokensFlag = intFlag(flags, "tokens", 1, 1_000_000);
   const samples = intFlag(flags, "num-samples", 1, 1024) ?? 1;
   const seed = intFlag(flags, "seed", 0, 2 ** 32 - 1) ?? 0;
+  const sampling = samplingFlags(flags);
   const b = createBackend((flags.backend ?? "auto") as "auto");
   const { model, train, state } = loadModel(dir, b, {
     precision: "fp32",
@@ -59,7 +63,6 @@ export async function sample(argv: string[]): Promise<number> {
   });
   try {
     const V = model.cfg.vocab_size;
-    const sampling = samplingFlags(flags, V);
     const tok = await checkpointTokenizer(dir, state, V);
     const prompt = String(flags.prompt ?? "\n");
     const ids = Array.from(tok.encode(prompt));
@@ -72,13 +75,8 @@ export async function sample(argv: string[]): Promise<number> {
       throw new UsageError(
         `--tokens ${tokens}: the prompt (${ids.length} tokens) and ${tokens} new tokens make ${ids.length + tokens}, beyond the ${context}-token context this model was trained on`,
       );
-    const out = await generateByRecompute(model, {
-      prompt: ids,
-      tokens,
-      samples,
-      sampling,
-      rng: new Rng(seed),
-    });
+    const run = flags["no-kv-cache"] ? generateByRecompute : generate;
+    const out = await run(model, { prompt: ids, tokens, samples, sampling, rng: new Rng(seed) });
     const texts = out.map((ids) => `${prompt}${tok.decode(ids)}`);
     process.stdout.write(
       samples === 1 ? `${texts[0]}\n` : texts.map((t, i) => `--- sample ${i + 1} ---\n${t}\n`).join(""),

@@ -18,7 +18,7 @@ p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu
 a = p.parse_args()
 
 tok = AutoTokenizer.from_pretrained(a.folder)
-model = AutoModelForCausalLM.from_pretrained(a.folder, dtype="auto").to(a.device).eval()
+model = AutoModelForCausalLM.from_pretrained(a.folder, torch_dtype="auto").to(a.device).eval()
 ids = tok(a.prompt, return_tensors="pt").input_ids.to(a.device)
 # max_length in generation_config.json is the context the model was trained on: stay within it.
 room = model.generation_config.max_length - ids.shape[1]

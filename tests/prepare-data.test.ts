@@ -105,15 +105,27 @@ describe("prepare-data inputs", () => {
     );
   });
 
-  it("train --data with raw text points to prepare-data", () => {
+  it("train --data and eval --data with raw text point to prepare-data", () => {
     writeFileSync(at("raw.txt"), play);
-    for (const data of [at("raw.txt"), at("PLAY")]) {
-      const r = cli(["train", "--steps", "1", "--data", data, "--out", at("never")]);
-      expect(r.status).toBe(2);
-      expect(r.stderr.trim()).toMatch(
-        /^error: .*: a text file, not a token dataset; make one with `moe8 prepare-data --input .* --out datasets\/NAME` and train on that$/,
-      );
-    }
+    mkdirSync(at("texts"));
+    writeFileSync(at("texts/raw.txt"), play);
+    const make = "make one with `moe8 prepare-data --input .* --out datasets/NAME` and use that";
+    const ck = at("noext-run/checkpoints/step-1");
+    const t = cli(["train", "--steps", "1", "--batch-size", "2", "--seq-len", "8", "--out", at("noext-run")]);
+    expect(t.status, t.stderr).toBe(0);
+    for (const [data, what] of [
+      [at("raw.txt"), "a text file, not a token dataset"],
+      [at("PLAY"), "a text file, not a token dataset"],
+      [at("texts"), "not a dataset folder \\(no manifest\\.json\\)"],
+    ])
+      for (const argv of [
+        ["train", "--steps", "1", "--data", data, "--out", at("never")],
+        ["eval", "--checkpoint", ck, "--data", data],
+      ]) {
+        const r = cli(argv);
+        expect(r.status, argv.join(" ")).toBe(2);
+        expect(r.stderr.trim()).toMatch(new RegExp(`^error: .*: ${what}; ${make}$`));
+      }
   });
 
   it("an --out that holds a dataset is replaced only with --overwrite", async () => {

@@ -2,7 +2,6 @@
 // every record batch and the length of every document), so the loader can read any document later
 // without keeping the data in memory. Opening reads every shard once, one record batch at a time.
 import { createHash } from "node:crypto";
-import { existsSync } from "node:fs";
 import { basename, dirname, join } from "node:path";
 import { UsageError } from "@moe8/fp8-core";
 import { MessageHeader, type Schema } from "apache-arrow";
@@ -10,7 +9,7 @@ import { checkTokenColumn, docsFromBatch } from "./columns.ts";
 import { checkRegular, statOrThrow, statRegularFile } from "./files.ts";
 import { decodeBatch, readMessageAt, scanStream } from "./ipc-scan.ts";
 import { MANIFEST_FILE, type Manifest, readManifest } from "./manifest.ts";
-import { rawInputKind } from "./prepare/inputs.ts";
+import { refuseRawInput } from "./prepare/inputs.ts";
 
 export interface OpenOptions {
   /** Token column; defaults to the manifest's, else "tokens" or "input_ids", whichever the file has. */
@@ -57,17 +56,12 @@ export async function openDataset(path: string, options: OpenOptions = {}): Prom
   let manifest: Manifest | null = null;
   let manifestDir = path;
   let files: string[];
-  // Text given where tokens are expected: say how to make a dataset of it.
-  const prepare = `make one with \`moe8 prepare-data --input ${path} --out datasets/NAME\` and train on that`;
+  refuseRawInput(path, st.isDirectory());
   if (st.isDirectory()) {
-    if (!existsSync(join(path, MANIFEST_FILE)))
-      throw new UsageError(`${path}: not a dataset folder (no ${MANIFEST_FILE}); ${prepare}`);
     manifest = await readManifest(path);
     files = manifest.shards.map((s) => join(path, s.file));
   } else {
     checkRegular(st, path, "dataset (a folder or an .arrows file)");
-    const raw = rawInputKind(path);
-    if (raw) throw new UsageError(`${path}: a ${raw} file, not a token dataset; ${prepare}`);
     manifestDir = dirname(path);
     const dirManifest = await readManifest(manifestDir).catch(() => null);
     const entry = dirManifest?.shards.find((s) => s.file === basename(path));

@@ -22,6 +22,7 @@ export {
   type TokenizerSpec,
 } from "./manifest.ts";
 export { DEFAULT_DATASET_DIR } from "./paths.ts";
+export { refuseRawInput } from "./prepare/inputs.ts";
 export { type PrepareOptions, type PrepareProgress, prepareData } from "./prepare/prepare.ts";
 export { Rng, type RngState } from "./prng.ts";
 export { formatProgressBar } from "./progress.ts";

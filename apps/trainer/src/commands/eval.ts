@@ -4,7 +4,14 @@
 // every shard is verified against its manifest before the first window is evaluated.
 import { statSync } from "node:fs";
 import { basename, dirname } from "node:path";
-import { checkVocab, DEFAULT_DATASET_DIR, type Manifest, readManifest, sequentialWindows } from "@moe8/data";
+import {
+  checkVocab,
+  DEFAULT_DATASET_DIR,
+  type Manifest,
+  readManifest,
+  refuseRawInput,
+  sequentialWindows,
+} from "@moe8/data";
 import { UsageError } from "@moe8/fp8-core";
 import { createBackend } from "@moe8/kernels";
 import { type FlagSpec, intFlag, parseArgs } from "../args.ts";
@@ -60,7 +67,9 @@ export async function evaluate(argv: string[]): Promise<number> {
     if (T > model.cfg.max_position_embeddings)
       throw new UsageError(`--seq-len ${T} is beyond the model's max_position_embeddings`);
     // A dataset folder, or one shard of one (its folder's manifest lists it): same tokenizer as training.
-    const manifest = statSync(data, { throwIfNoEntry: false })?.isDirectory()
+    const st = statSync(data, { throwIfNoEntry: false });
+    if (st) refuseRawInput(data, st.isDirectory());
+    const manifest = st?.isDirectory()
       ? await readManifest(data)
       : await readManifest(dirname(data)).then(
           (m) => (m.shards.some((sh) => sh.file === basename(data)) ? m : null),

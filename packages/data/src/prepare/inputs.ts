@@ -3,7 +3,7 @@
 // .jsonl and .parquet, the first three also gzipped (.txt.gz, a bare .gz is text); Arrow IPC streams
 // (.arrow) with a text column; a Hugging Face `datasets.save_to_disk` folder (its state.json lists the
 // data-*.arrow files, in order); and, given directly, a file without an extension that is UTF-8 text.
-import { closeSync, openSync, readSync } from "node:fs";
+import { closeSync, existsSync, openSync, readSync } from "node:fs";
 import { readdir } from "node:fs/promises";
 import { basename, extname, join, relative } from "node:path";
 import { UsageError } from "@moe8/fp8-core";
@@ -65,6 +65,18 @@ export function rawInputKind(path: string): string | null {
   const byName = kindByName(path);
   if (byName) return byName.kind === "arrow" ? null : `${byName.kind}${byName.gzip ? " (gzip)" : ""}`;
   return extname(path) === "" && looksLikeText(path) ? "text" : null;
+}
+
+/**
+ * Refuses raw input given where a token dataset is expected (train --data, eval --data): a folder
+ * without manifest.json, or a text, JSONL or Parquet file; the message says how to make a dataset.
+ */
+export function refuseRawInput(path: string, isDir: boolean): void {
+  const prepare = `make one with \`moe8 prepare-data --input ${path} --out datasets/NAME\` and use that`;
+  if (isDir && !existsSync(join(path, "manifest.json")))
+    throw new UsageError(`${path}: not a dataset folder (no manifest.json); ${prepare}`);
+  const raw = isDir ? null : rawInputKind(path);
+  if (raw) throw new UsageError(`${path}: a ${raw} file, not a token dataset; ${prepare}`);
 }
 
 /** A `datasets.save_to_disk` folder's Arrow files, in the order its state.json lists them; null if it is not one. */

@@ -84,6 +84,14 @@ describe("sample", () => {
     );
   });
 
+  it("refuses a prompt that fills the context", () => {
+    const r = sample("--prompt", "x".repeat(64));
+    expect(r.status).toBe(2);
+    expect(r.stderr.trim()).toBe(
+      "error: --prompt: 64 tokens leave no room in the 64-token context this model was trained on",
+    );
+  });
+
   it("refuses out-of-range sampling flags", () => {
     for (const [flag, value, want] of [
       ["--top-p", "0", /--top-p 0: must be in \(0, 1\]/],

@@ -65,10 +65,14 @@ export async function sample(argv: string[]): Promise<number> {
     const V = model.cfg.vocab_size;
     const tok = await checkpointTokenizer(dir, state, V);
     const prompt = String(flags.prompt ?? "\n");
-    const ids = Array.from(tok.encode(prompt));
+    const promptIds = Array.from(tok.encode(prompt));
     // An empty prompt starts from the end-of-text token (a document start), else from id 0.
-    if (!ids.length) ids.push(tok.eotId ?? 0);
+    const ids = promptIds.length ? promptIds : [tok.eotId ?? 0];
     const context = Math.min(train.seqLen, model.cfg.max_position_embeddings);
+    if (ids.length >= context)
+      throw new UsageError(
+        `--prompt: ${ids.length} tokens leave no room in the ${context}-token context this model was trained on`,
+      );
     // Without --tokens: 200, or what room the context leaves.
     const tokens = tokensFlag ?? Math.max(1, Math.min(200, context - ids.length));
     if (ids.length + tokens > context)
@@ -77,7 +81,8 @@ export async function sample(argv: string[]): Promise<number> {
       );
     const run = flags["no-kv-cache"] ? generateByRecompute : generate;
     const out = await run(model, { prompt: ids, tokens, samples, sampling, rng: new Rng(seed) });
-    const texts = out.map((ids) => `${prompt}${tok.decode(ids)}`);
+    // Decoded with the prompt: a character whose bytes the prompt and the sample share stays whole.
+    const texts = out.map((gen) => tok.decode([...promptIds, ...gen]));
     process.stdout.write(
       samples === 1 ? `${texts[0]}\n` : texts.map((t, i) => `--- sample ${i + 1} ---\n${t}\n`).join(""),
     );

@@ -8,6 +8,7 @@ import { BpeTokenizer, ByteTokenizer, readShardDocuments, type Tokenizer } from 
 import { encodeBf16 } from "@moe8/fp8-core";
 import { beforeAll, describe, expect, it } from "vitest";
 import { readSafetensors } from "../apps/trainer/src/run/safetensors.ts";
+import { replaceFile } from "./checkpoint-tools.ts";
 import { cli, QUICK, ROOT, tmp } from "./helpers.ts";
 
 const root = tmp("hf");
@@ -142,6 +143,17 @@ describe("checkpoints are Hugging Face model folders", () => {
     expect(r.status).toBe(2);
     expect(r.stderr.trim()).toMatch(
       /^error: checkpoint .*old-ck has no tokenizer\.json \(written before checkpoints held one\) and its dataset .*bpe-data is not found from /,
+    );
+  });
+
+  it("sample refuses a checkpoint whose tokenizer.json is larger than the model's vocabulary", () => {
+    const ck = at("mixed-ck");
+    cpSync(at("byte-run/checkpoints/step-1"), ck, { recursive: true });
+    replaceFile(ck, "tokenizer.json", readFileSync(at("bpe-run/checkpoints/step-1/tokenizer.json")));
+    const r = cli(["sample", "--checkpoint", ck, "--backend", "cpu", "--tokens", "2"]);
+    expect(r.status).toBe(2);
+    expect(r.stderr.trim()).toMatch(
+      /^error: .*mixed-ck\/tokenizer\.json: 400 tokens, more than the model's vocab_size 256$/,
     );
   });
 });

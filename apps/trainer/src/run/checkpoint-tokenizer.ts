@@ -14,7 +14,13 @@ export async function checkpointTokenizer(
   vocab: number,
 ): Promise<Tokenizer> {
   const file = join(dir, "tokenizer.json");
-  if (existsSync(file)) return BpeTokenizer.load(file);
+  if (existsSync(file)) {
+    const tok = await BpeTokenizer.load(file);
+    // Ids past the embedding would index outside it.
+    if (tok.vocabSize > vocab)
+      throw new UsageError(`${file}: ${tok.vocabSize} tokens, more than the model's vocab_size ${vocab}`);
+    return tok;
+  }
   if (state.tokenizer?.type === "byte" || (!state.tokenizer && vocab === 256)) return new ByteTokenizer();
   const data = state.train_config.data ?? DEFAULT_DATASET_DIR;
   const st = statSync(data, { throwIfNoEntry: false });

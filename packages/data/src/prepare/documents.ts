@@ -61,7 +61,8 @@ async function* textChunks(
   { chunkBytes, onBytes }: DocumentOptions,
 ): AsyncGenerator<string> {
   const { bytes, raw } = openBytes(file);
-  const decoder = new TextDecoder(); // streaming: a character split across two reads stays whole
+  // Streaming: a character split across two reads stays whole; a BOM is kept as text, as before.
+  const decoder = new TextDecoder("utf-8", { ignoreBOM: true });
   let buf = "";
   for await (const chunk of bytes) {
     buf += decoder.decode(chunk as Buffer, { stream: true });

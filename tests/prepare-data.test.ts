@@ -1,7 +1,7 @@
 // prepare-data's inputs as practitioners have them: a text file without an extension, gzipped text,
 // a Hugging Face `datasets.save_to_disk` folder (Arrow IPC streams with a text column); raw text given
 // to `train --data` is pointed to prepare-data; an existing dataset is replaced only with --overwrite.
-import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { cpSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { gzipSync } from "node:zlib";
 import { ByteTokenizer, readManifest, readShardDocuments } from "@moe8/data";
@@ -98,6 +98,12 @@ describe("prepare-data inputs", () => {
     prepare("--input", hf, "--out", at("from-hf"));
     // Empty rows hold no document.
     expect(await documents(at("from-hf"))).toEqual(parts.flat().filter((t) => t !== ""));
+    // A DatasetDict (one such folder per split, dataset_dict.json beside them) gives every split.
+    mkdirSync(at("hf-dict"));
+    cpSync(hf, at("hf-dict/train"), { recursive: true });
+    writeFileSync(at("hf-dict/dataset_dict.json"), JSON.stringify({ splits: ["train"] }));
+    prepare("--input", at("hf-dict"), "--out", at("from-dict"));
+    expect(await documents(at("from-dict"))).toEqual(await documents(at("from-hf")));
     const r = cli(["prepare-data", "--input", hf, "--out", at("hf-wrong"), "--text-field", "body"]);
     expect(r.status).toBe(2);
     expect(r.stderr.trim().split("\n").at(-1)).toMatch(

@@ -8,7 +8,7 @@ import { BpeTokenizer, ByteTokenizer, readShardDocuments, type Tokenizer } from 
 import { encodeBf16 } from "@moe8/fp8-core";
 import { beforeAll, describe, expect, it } from "vitest";
 import { readSafetensors } from "../apps/trainer/src/run/safetensors.ts";
-import { replaceFile } from "./checkpoint-tools.ts";
+import { editTensors, replaceFile } from "./checkpoint-tools.ts";
 import { cli, QUICK, ROOT, tmp } from "./helpers.ts";
 
 const root = tmp("hf");
@@ -112,6 +112,18 @@ describe("checkpoints are Hugging Face model folders", () => {
     expect(JSON.parse(readFileSync(at("export-bf16/config.json"), "utf8")).torch_dtype).toBe("bfloat16");
     expectSameTokenizer(at("export-bf16"), await BpeTokenizer.load(at("bpe-data/tokenizer.json")));
   }, 120_000);
+
+  it("export refuses a checkpoint missing a tensor, naming it, and writes nothing", () => {
+    const ck = at("missing-ck");
+    cpSync(at("byte-run/checkpoints/step-1"), ck, { recursive: true });
+    editTensors(ck, "model.safetensors", (t) => t.delete("model.layers.1.mlp.experts.3.up_proj.weight"));
+    const r = cli(["export", "--checkpoint", ck, "--out", at("never-exported")]);
+    expect(r.status).toBe(2);
+    expect(r.stderr.trim()).toMatch(
+      /^error: .*missing-ck\/model\.safetensors: tensor model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight is missing$/,
+    );
+    expect(existsSync(at("never-exported"))).toBe(false);
+  });
 
   it("export refuses an --out that holds files and writes nothing", () => {
     writeFileSync(at("export-f32/extra.txt"), "mine");

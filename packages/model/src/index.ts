@@ -10,4 +10,5 @@ export {
   SAMPLING_DEFAULTS,
   type SamplingOptions,
 } from "./sampling.ts";
+export { checkpointTensorShapes } from "./tensor-shapes.ts";
 export { type StepResult, trainStep } from "./train-step.ts";

@@ -1,6 +1,7 @@
 // A small flag parser: `--name value`, `--name=value`, boolean `--name`, and dotted names such as
 // `--precision.attention=bf16`. Each command declares its flags; anything else, a bare argument
 // included (`train 100` is not `--steps 100`), is a UsageError. Values are quoted cut short.
+// `--help` anywhere lists the command's flags (HelpRequest).
 import { brief, clip } from "@moe8/data/errors";
 import { UsageError } from "@moe8/fp8-core";
 
@@ -16,7 +17,21 @@ export interface ParsedArgs {
   dotted: [string, string][];
 }
 
+/**
+ * Thrown by parseArgs for `--help`: the CLI prints the command's flags from the very table the parser
+ * was given (so help lists exactly what is accepted) and exits 0.
+ */
+export class HelpRequest extends Error {
+  constructor(
+    readonly spec: FlagSpec,
+    readonly dottedPrefixes: string[],
+  ) {
+    super("--help");
+  }
+}
+
 export function parseArgs(argv: string[], spec: FlagSpec, dottedPrefixes: string[] = []): ParsedArgs {
+  if (argv.includes("--help") && !Object.hasOwn(spec, "help")) throw new HelpRequest(spec, dottedPrefixes);
   const out: ParsedArgs = { flags: {}, dotted: [] };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];

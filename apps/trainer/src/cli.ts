@@ -1,7 +1,9 @@
 #!/usr/bin/env bun
 // moe8 CLI entry: `bun apps/trainer/src/cli.ts <command> [flags]`, also under Node (tsx) and Deno.
 import { UsageError } from "@moe8/fp8-core";
+import { HelpRequest } from "./args.ts";
 import { runCli } from "./errors.ts";
+import { helpText } from "./help.ts";
 
 type Command = (argv: string[]) => Promise<number>;
 
@@ -14,16 +16,18 @@ const commands: Record<string, () => Promise<Command>> = {
   parity: async () => (await import("./commands/parity.ts")).parity,
   bench: async () => (await import("./commands/bench/index.ts")).bench,
   "prepare-data": async () => (await import("./commands/prepare-data.ts")).prepareDataCommand,
+  export: async () => (await import("./commands/export.ts")).exportCommand,
 };
 
 const usage = `usage: moe8 <command> [flags]
-commands:
+commands (moe8 <command> --help lists a command's flags):
   train          pretrain a model (--config tiny|small|file.json --steps N --precision fp8 --backend cpu ...)
   eval           loss of a checkpoint on data (--checkpoint DIR --data PATH [--json])
   sample         generate text from a checkpoint (--checkpoint DIR --prompt TEXT)
   parity         FP8 against BF16 loss parity (--precision fp8 --against bf16 --steps N [--sweep])
   bench          gemm | ops | step | soak benchmarks (--backend ts|cpu|cuda --precision ... [--json])
   prepare-data   tokenise text into Arrow shards (--input ... --out datasets/NAME [--overwrite])
+  export         a Hugging Face model folder from a checkpoint (--checkpoint DIR --out DIR [--dtype bf16|f32])
   doctor         runtime, CPU/SIMD, native addon, available backends`;
 
 const [cmd, ...rest] = process.argv.slice(2);
@@ -34,5 +38,11 @@ await runCli(async () => {
   }
   const load = Object.hasOwn(commands, cmd) ? commands[cmd] : undefined;
   if (!load) throw new UsageError(`unknown command "${cmd}" (commands: ${Object.keys(commands).join(", ")})`);
-  return (await load())(rest);
+  try {
+    return await (await load())(rest);
+  } catch (e) {
+    if (!(e instanceof HelpRequest)) throw e;
+    console.log(helpText(cmd === "bench" ? "bench gemm|ops|step|soak" : cmd, e));
+    return 0;
+  }
 }, rest.includes("--debug"));

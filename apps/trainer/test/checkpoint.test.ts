@@ -6,6 +6,7 @@ import { createHash } from "node:crypto";
 import { mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { ByteTokenizer } from "@moe8/data";
 import { CONFIGS } from "@moe8/model";
 import { describe, expect, it } from "vitest";
 import {
@@ -30,6 +31,7 @@ const files = (step: number) => ({
     policy: {},
     train_config: DEFAULTS,
   },
+  tokenizer: new ByteTokenizer(),
 });
 
 const newRun = () => mkdtempSync(join(tmpdir(), "moe8-ck-"));
@@ -95,5 +97,22 @@ describe("checkpoints on disk", () => {
     edit((s) => ((s.train_config as { lr: number }).lr = -1), /train_config\.lr: Too small/);
     edit((s) => (s.step = 6), /trainer-state\.json says step 6/);
     edit((s) => ((s.train_config as { steps: number }).steps = 4), /step 5 is past the run's 4 steps/);
+  });
+
+  it("writes the Hugging Face files under checksums, and refuses a damaged one", () => {
+    const dir = writeCheckpoint(newRun(), 3, files(3));
+    const sums = JSON.parse(readFileSync(join(dir, "checksums.json"), "utf8"));
+    for (const name of ["generation_config.json", "tokenizer.json", "tokenizer_config.json"])
+      expect(sums[name], name).toBe(
+        createHash("sha256")
+          .update(readFileSync(join(dir, name)))
+          .digest("hex"),
+      );
+    expect(JSON.parse(readFileSync(join(dir, "generation_config.json"), "utf8")).max_length).toBe(
+      DEFAULTS.seqLen,
+    );
+    expect(readCheckpoint(dir).state.step).toBe(3);
+    writeFileSync(join(dir, "tokenizer.json"), "{}");
+    expect(() => readCheckpoint(dir)).toThrow(/tokenizer\.json does not match its checksum/);
   });
 });

@@ -1,3 +1,4 @@
+export { createMlaKvCache, disposeMlaKvCache, type MlaKvCache, mlaExtend } from "./decode.ts";
 export {
   type AttentionPrecision,
   type InitFn,

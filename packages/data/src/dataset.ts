@@ -9,6 +9,7 @@ import { checkTokenColumn, docsFromBatch } from "./columns.ts";
 import { checkRegular, statOrThrow, statRegularFile } from "./files.ts";
 import { decodeBatch, readMessageAt, scanStream } from "./ipc-scan.ts";
 import { MANIFEST_FILE, type Manifest, readManifest } from "./manifest.ts";
+import { refuseRawInput } from "./prepare/inputs.ts";
 
 export interface OpenOptions {
   /** Token column; defaults to the manifest's, else "tokens" or "input_ids", whichever the file has. */
@@ -55,6 +56,7 @@ export async function openDataset(path: string, options: OpenOptions = {}): Prom
   let manifest: Manifest | null = null;
   let manifestDir = path;
   let files: string[];
+  refuseRawInput(path, st.isDirectory());
   if (st.isDirectory()) {
     manifest = await readManifest(path);
     files = manifest.shards.map((s) => join(path, s.file));

@@ -22,6 +22,7 @@ export {
   type TokenizerSpec,
 } from "./manifest.ts";
 export { DEFAULT_DATASET_DIR } from "./paths.ts";
+export { refuseRawInput } from "./prepare/inputs.ts";
 export { type PrepareOptions, type PrepareProgress, prepareData } from "./prepare/prepare.ts";
 export { Rng, type RngState } from "./prng.ts";
 export { formatProgressBar } from "./progress.ts";
@@ -30,6 +31,7 @@ export { type Split, type SplitOptions, splitDocuments } from "./split.ts";
 export { BpeTokenizer } from "./tokenizers/bpe.ts";
 export { EOT_TOKEN } from "./tokenizers/bpe-train.ts";
 export { ByteTokenizer } from "./tokenizers/byte.ts";
+export { hfTokenizerFiles, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE } from "./tokenizers/hf-files.ts";
 export { loadTokenizer, parseTokenizerSpec, type TokenizerChoice } from "./tokenizers/load.ts";
 export type { Tokenizer } from "./tokenizers/types.ts";
 export { sequentialWindows, type WindowOptions } from "./windows.ts";

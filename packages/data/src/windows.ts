@@ -5,6 +5,7 @@ import { join } from "node:path";
 import { UsageError } from "@moe8/fp8-core";
 import { sha256OfFile, statRegularFile } from "./files.ts";
 import { type Manifest, readManifest } from "./manifest.ts";
+import { refuseRawInput } from "./prepare/inputs.ts";
 import { readShardDocuments } from "./reader.ts";
 
 export interface WindowOptions {
@@ -21,7 +22,9 @@ export async function* sequentialWindows(
   seqLen: number,
   options: WindowOptions = {},
 ): AsyncGenerator<Int32Array> {
-  const isDir = (await stat(path).catch(() => null))?.isDirectory() ?? false;
+  const st = await stat(path).catch(() => null);
+  const isDir = st?.isDirectory() ?? false;
+  if (st) refuseRawInput(path, isDir);
   const manifest = isDir ? await readManifest(path) : null;
   const files = manifest ? manifest.shards.map((s) => join(path, s.file)) : [path];
   const column = options.column ?? manifest?.column ?? "tokens";

@@ -70,7 +70,11 @@ const cases: [string, () => unknown, RegExp][] = [
     () => collect(readShardDocuments(join(dir, "nope.arrows"))),
     /nope\.arrows: Arrow shard not found/,
   ],
-  ["folder without manifest", () => openDataset(dir), /manifest\.json: manifest not found/],
+  [
+    "folder without manifest",
+    () => openDataset(dir),
+    /not a dataset folder \(no manifest\.json\); make one with `moe8 prepare-data/,
+  ],
   [
     "truncated shard (read)",
     () => collect(readShardDocuments(half)),

@@ -1,4 +1,14 @@
 export { CONFIGS, countParams, type ModelConfig, STEP_SHAPES } from "./config.ts";
+export { type GenerateOptions, generate, generateByRecompute } from "./generate.ts";
 export { fromHfConfig, hfConfig, hfConfigText } from "./hf.ts";
+export { KvCacheDecoder } from "./kv-decode.ts";
 export { type BatchShape, DeepSeekModel } from "./model.ts";
+export {
+  drawToken,
+  hfGenerationConfig,
+  nextTokenProbs,
+  SAMPLING_DEFAULTS,
+  type SamplingOptions,
+} from "./sampling.ts";
+export { checkpointTensorShapes } from "./tensor-shapes.ts";
 export { type StepResult, trainStep } from "./train-step.ts";

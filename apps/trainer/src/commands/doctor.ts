@@ -5,8 +5,10 @@ import { createRequire } from "node:module";
 import { arch, cpus, platform, release, totalmem } from "node:os";
 import { dirname, join } from "node:path";
 import { groupedGemmPath, loadNative } from "@moe8/kernels";
-import { parseArgs } from "../args.ts";
+import { type FlagSpec, parseArgs } from "../args.ts";
 import { currentRuntime } from "../runtime.ts";
+
+export const DOCTOR_FLAGS: FlagSpec = { json: "boolean", debug: "boolean" };
 
 export interface DoctorReport {
   runtime: { name: string; version: string };
@@ -99,7 +101,7 @@ export function doctorReport(): DoctorReport {
 }
 
 export async function doctor(argv: string[]): Promise<number> {
-  const { flags } = parseArgs(argv, { json: "boolean", debug: "boolean" });
+  const { flags } = parseArgs(argv, DOCTOR_FLAGS);
   const r = doctorReport();
   if (flags.json) {
     console.log(JSON.stringify(r));

@@ -4,10 +4,17 @@
 // every shard is verified against its manifest before the first window is evaluated.
 import { statSync } from "node:fs";
 import { basename, dirname } from "node:path";
-import { checkVocab, DEFAULT_DATASET_DIR, type Manifest, readManifest, sequentialWindows } from "@moe8/data";
+import {
+  checkVocab,
+  DEFAULT_DATASET_DIR,
+  type Manifest,
+  readManifest,
+  refuseRawInput,
+  sequentialWindows,
+} from "@moe8/data";
 import { UsageError } from "@moe8/fp8-core";
 import { createBackend } from "@moe8/kernels";
-import { intFlag, parseArgs } from "../args.ts";
+import { type FlagSpec, intFlag, parseArgs } from "../args.ts";
 import { loadModel } from "../run/load-model.ts";
 import type { TrainerState } from "../run/state.ts";
 
@@ -29,18 +36,20 @@ async function checkTokenizer(data: string, manifest: Manifest, modelVocab: numb
     );
 }
 
+export const EVAL_FLAGS: FlagSpec = {
+  checkpoint: "string",
+  data: "string",
+  precision: "string",
+  batches: "int",
+  "batch-size": "int",
+  "seq-len": "int",
+  backend: "string",
+  json: "boolean",
+  debug: "boolean",
+};
+
 export async function evaluate(argv: string[]): Promise<number> {
-  const { flags } = parseArgs(argv, {
-    checkpoint: "string",
-    data: "string",
-    precision: "string",
-    batches: "int",
-    "batch-size": "int",
-    "seq-len": "int",
-    backend: "string",
-    json: "boolean",
-    debug: "boolean",
-  });
+  const { flags } = parseArgs(argv, EVAL_FLAGS);
   if (!flags.checkpoint) throw new UsageError("eval needs --checkpoint DIR");
   if (!flags.data) throw new UsageError("eval needs --data PATH (a dataset folder or .arrows file)");
   const data = String(flags.data);
@@ -58,7 +67,9 @@ export async function evaluate(argv: string[]): Promise<number> {
     if (T > model.cfg.max_position_embeddings)
       throw new UsageError(`--seq-len ${T} is beyond the model's max_position_embeddings`);
     // A dataset folder, or one shard of one (its folder's manifest lists it): same tokenizer as training.
-    const manifest = statSync(data, { throwIfNoEntry: false })?.isDirectory()
+    const st = statSync(data, { throwIfNoEntry: false });
+    if (st) refuseRawInput(data, st.isDirectory());
+    const manifest = st?.isDirectory()
       ? await readManifest(data)
       : await readManifest(dirname(data)).then(
           (m) => (m.shards.some((sh) => sh.file === basename(data)) ? m : null),

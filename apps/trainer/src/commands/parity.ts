@@ -6,7 +6,7 @@ import { join } from "node:path";
 import { describePolicy, UsageError } from "@moe8/fp8-core";
 import { trainStep } from "@moe8/model";
 import type { BiasRule } from "@moe8/tensor";
-import { parseArgs } from "../args.ts";
+import { type FlagSpec, parseArgs } from "../args.ts";
 import { resolveModel, type TrainConfig } from "../run/config.ts";
 import { openTrainData } from "../run/data.ts";
 import { configFromArgs, TRAIN_FLAGS } from "../run/flags.ts";
@@ -198,12 +198,16 @@ function plot(runs: RunResult[], base: RunResult, title: string): string {
 
 const pct = (x: number) => `${x >= 0 ? "+" : ""}${(100 * x).toFixed(2)}%`;
 
+export const PARITY_FLAGS: FlagSpec = {
+  ...TRAIN_FLAGS,
+  against: "string",
+  seeds: "int",
+  sweep: "boolean",
+  yardsticks: "boolean",
+};
+
 export async function parity(argv: string[]): Promise<number> {
-  const args = parseArgs(
-    argv,
-    { ...TRAIN_FLAGS, against: "string", seeds: "int", sweep: "boolean", yardsticks: "boolean" },
-    ["precision."],
-  );
+  const args = parseArgs(argv, PARITY_FLAGS, ["precision."]);
   const f = args.flags;
   if (f.resume !== undefined) throw new UsageError("parity does not take --resume");
   const stepsGiven = f.steps !== undefined;

@@ -1,21 +1,25 @@
 // `moe8 prepare-data --input <files or folders> --out datasets/NAME [--tokenizer byte|bpe:N|tokenizer.json]`:
-// tokenises .txt/.jsonl/.parquet text into Arrow IPC stream shards with a manifest, with a progress bar.
+// tokenises text (.txt/.md/.jsonl, gzipped too, .parquet, Arrow and Hugging Face datasets folders: the
+// list is in packages/data/src/prepare/inputs.ts) into Arrow IPC stream shards with a manifest, with a
+// progress bar.
 // An existing --out is replaced only when it is a previous dataset and --overwrite is given.
 import { formatProgressBar, prepareData } from "@moe8/data";
 import { UsageError } from "@moe8/fp8-core";
-import { parseArgs } from "../args.ts";
+import { type FlagSpec, parseArgs } from "../args.ts";
+
+export const PREPARE_DATA_FLAGS: FlagSpec = {
+  input: "list",
+  out: "string",
+  overwrite: "boolean",
+  tokenizer: "string",
+  "text-field": "string",
+  "shard-bytes": "int",
+  "chunk-bytes": "int",
+  debug: "boolean",
+};
 
 export async function prepareDataCommand(argv: string[]): Promise<number> {
-  const { flags } = parseArgs(argv, {
-    input: "list",
-    out: "string",
-    overwrite: "boolean",
-    tokenizer: "string",
-    "text-field": "string",
-    "shard-bytes": "int",
-    "chunk-bytes": "int",
-    debug: "boolean",
-  });
+  const { flags } = parseArgs(argv, PREPARE_DATA_FLAGS);
   const input = (flags.input as string[] | undefined) ?? [];
   if (!input.length) throw new UsageError("prepare-data needs --input <file or folder> (repeatable)");
   if (!flags.out) throw new UsageError("prepare-data needs --out DIR");

@@ -1,83 +1,93 @@
-// `moe8 sample --checkpoint DIR [--prompt TEXT] [--tokens N] [--temperature T]`: generated text,
-// with the tokenizer of the dataset the checkpoint was trained on.
-import { statSync } from "node:fs";
-import { dirname } from "node:path";
-import { ByteTokenizer, DEFAULT_DATASET_DIR, loadTokenizer, type Tokenizer } from "@moe8/data";
+// `moe8 sample --checkpoint DIR [--prompt TEXT] [--tokens N] [--num-samples N] [--temperature T]
+// [--top-k K] [--top-p P] [--repetition-penalty R]`: text generated from a checkpoint with its own
+// tokenizer (run/checkpoint-tokenizer.ts), from any working directory. The prompt and the new tokens
+// must fit in the context the model was trained on: positions beyond it were never trained, so a
+// longer request is refused rather than answered with noise. Tokens come from a KV cache
+// (packages/model/src/kv-decode.ts); --no-kv-cache runs the whole context again for each token.
 import { UsageError } from "@moe8/fp8-core";
 import { createBackend } from "@moe8/kernels";
+import { generate, generateByRecompute, SAMPLING_DEFAULTS, type SamplingOptions } from "@moe8/model";
 import { Rng } from "@moe8/tensor";
-import { intFlag, parseArgs } from "../args.ts";
+import { type FlagSpec, intFlag, type ParsedArgs, parseArgs } from "../args.ts";
+import { checkpointTokenizer } from "../run/checkpoint-tokenizer.ts";
 import { loadModel } from "../run/load-model.ts";
 
-async function tokenizerFor(data: string | null, vocab: number): Promise<Tokenizer> {
-  const path = data ?? DEFAULT_DATASET_DIR;
-  const dir = statSync(path, { throwIfNoEntry: false })?.isDirectory() ? path : dirname(path);
-  try {
-    return await loadTokenizer(dir);
-  } catch (e) {
-    if (vocab === 256) return new ByteTokenizer();
-    throw new UsageError(`cannot find the tokenizer of ${path}: ${(e as Error).message}`);
-  }
+export const SAMPLE_FLAGS: FlagSpec = {
+  checkpoint: "string",
+  prompt: "string",
+  tokens: "int",
+  "num-samples": "int",
+  temperature: "number",
+  "top-k": "int",
+  "top-p": "number",
+  "repetition-penalty": "number",
+  seed: "int",
+  "no-kv-cache": "boolean",
+  backend: "string",
+  debug: "boolean",
+};
+
+/** The sampling flags, checked before the model is loaded (a --top-k beyond the vocabulary keeps all). */
+function samplingFlags(flags: ParsedArgs["flags"]): SamplingOptions {
+  const num = (name: string, fallback: number, ok: (v: number) => boolean, range: string) => {
+    const v = flags[name] === undefined ? fallback : Number(flags[name]);
+    if (!ok(v)) throw new UsageError(`--${name} ${flags[name]}: must be ${range}`);
+    return v;
+  };
+  const d = SAMPLING_DEFAULTS;
+  return {
+    temperature: num("temperature", d.temperature, (v) => v >= 0 && v <= 100, "in [0, 100]"),
+    topK: intFlag(flags, "top-k", 0, 2 ** 21) ?? d.topK,
+    topP: num("top-p", d.topP, (v) => v > 0 && v <= 1, "in (0, 1]"),
+    repetitionPenalty: num(
+      "repetition-penalty",
+      d.repetitionPenalty,
+      (v) => v > 0 && v <= 100,
+      "in (0, 100]",
+    ),
+  };
 }
 
 export async function sample(argv: string[]): Promise<number> {
-  const { flags } = parseArgs(argv, {
-    checkpoint: "string",
-    prompt: "string",
-    tokens: "int",
-    temperature: "number",
-    seed: "int",
-    backend: "string",
-    debug: "boolean",
-  });
+  const { flags } = parseArgs(argv, SAMPLE_FLAGS);
   if (!flags.checkpoint) throw new UsageError("sample needs --checkpoint DIR");
-  const temperature = Number(flags.temperature ?? 0.8);
-  if (!(temperature >= 0 && temperature <= 100))
-    throw new UsageError(`--temperature ${flags.temperature}: must be in [0, 100]`);
-  const n = intFlag(flags, "tokens", 1, 1_000_000) ?? 200;
+  const dir = String(flags.checkpoint);
+  const tokensFlag = intFlag(flags, "tokens", 1, 1_000_000);
+  const samples = intFlag(flags, "num-samples", 1, 1024) ?? 1;
+  const seed = intFlag(flags, "seed", 0, 2 ** 32 - 1) ?? 0;
+  const sampling = samplingFlags(flags);
   const b = createBackend((flags.backend ?? "auto") as "auto");
-  const { model, train } = loadModel(String(flags.checkpoint), b, {
+  const { model, train, state } = loadModel(dir, b, {
     precision: "fp32",
-    shape: (t) => ({ batch: 1, seq: t.seqLen }),
+    shape: (t) => ({ batch: samples, seq: t.seqLen }),
   });
-  const tok = await tokenizerFor(train.data, model.cfg.vocab_size);
-  const rng = new Rng(Number(flags.seed ?? 0));
-  const prompt = String(flags.prompt ?? "\n");
-  const ctx = Array.from(tok.encode(prompt));
-  if (!ctx.length) ctx.push(0);
-  const maxT = train.seqLen;
-  const out: number[] = [];
-  const V = model.cfg.vocab_size;
-  for (let i = 0; i < n; i++) {
-    const window = ctx.slice(-maxT);
-    const T = window.length;
-    const logits = await b.scope(async () => {
-      const l = model.forward(b.upload(Int32Array.from(window), [T], "i32"), { batch: 1, seq: T });
-      model.clearSaved();
-      return (await l.read()) as Float32Array;
-    });
-    const last = logits.subarray((T - 1) * V, T * V);
-    let next = 0;
-    if (temperature === 0) {
-      for (let v = 1; v < V; v++) if (last[v] > last[next]) next = v;
-    } else {
-      let m = Number.NEGATIVE_INFINITY;
-      for (let v = 0; v < V; v++) m = Math.max(m, last[v]);
-      const p = Array.from(last, (x) => Math.exp((x - m) / temperature));
-      let r = rng.next() * p.reduce((a, x) => a + x, 0);
-      next = V - 1;
-      for (let v = 0; v < V; v++) {
-        r -= p[v];
-        if (r <= 0) {
-          next = v;
-          break;
-        }
-      }
-    }
-    ctx.push(next);
-    out.push(next);
+  try {
+    const V = model.cfg.vocab_size;
+    const tok = await checkpointTokenizer(dir, state, V);
+    const prompt = String(flags.prompt ?? "\n");
+    const promptIds = Array.from(tok.encode(prompt));
+    // An empty prompt starts from the end-of-text token (a document start), else from id 0.
+    const ids = promptIds.length ? promptIds : [tok.eotId ?? 0];
+    const context = Math.min(train.seqLen, model.cfg.max_position_embeddings);
+    if (ids.length >= context)
+      throw new UsageError(
+        `--prompt: ${ids.length} tokens leave no room in the ${context}-token context this model was trained on`,
+      );
+    // Without --tokens: 200, or what room the context leaves.
+    const tokens = tokensFlag ?? Math.max(1, Math.min(200, context - ids.length));
+    if (ids.length + tokens > context)
+      throw new UsageError(
+        `--tokens ${tokens}: the prompt (${ids.length} tokens) and ${tokens} new tokens make ${ids.length + tokens}, beyond the ${context}-token context this model was trained on`,
+      );
+    const run = flags["no-kv-cache"] ? generateByRecompute : generate;
+    const out = await run(model, { prompt: ids, tokens, samples, sampling, rng: new Rng(seed) });
+    // Decoded with the prompt: a character whose bytes the prompt and the sample share stays whole.
+    const texts = out.map((gen) => tok.decode([...promptIds, ...gen]));
+    process.stdout.write(
+      samples === 1 ? `${texts[0]}\n` : texts.map((t, i) => `--- sample ${i + 1} ---\n${t}\n`).join(""),
+    );
+  } finally {
+    model.dispose();
   }
-  model.dispose();
-  process.stdout.write(`${prompt}${tok.decode(out)}\n`);
   return 0;
 }

@@ -64,6 +64,7 @@ export async function saveCheckpoint(
       train_config: cfg,
       tokenizer: data.tokenizer,
     },
+    tokenizer: data.textTokenizer,
   });
 }
 

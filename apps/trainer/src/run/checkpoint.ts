@@ -1,7 +1,9 @@
 // Crash-safe checkpoints: every file is written into a temporary directory and fsynced, the
 // directory is renamed into place (atomic on POSIX), and a checksum per file is verified on load.
 // `checkpoints/step-N/` holds model.safetensors (docs/model.md names, f32), optimizer.safetensors,
-// config.json (Hugging Face DeepSeek-V3), trainer-state.json and checksums.json. A write that fails
+// config.json (Hugging Face DeepSeek-V3), generation_config.json, the dataset's tokenizer as
+// tokenizer.json and tokenizer_config.json (so the folder alone is a Hugging Face model: AutoTokenizer
+// and AutoModelForCausalLM load it), trainer-state.json and checksums.json. A write that fails
 // (a full disk) removes its temporary directory and leaves the previous checkpoints as they were; a
 // checkpoint that verifies but is malformed (a missing tensor, a wrong shape, a bad state field) is
 // refused as a whole, so `--resume` falls back to the one before it.
@@ -18,9 +20,9 @@ import {
   statSync,
 } from "node:fs";
 import { basename, join } from "node:path";
-import { ioReason, readRegularFileSync } from "@moe8/data";
+import { hfTokenizerFiles, ioReason, readRegularFileSync, type Tokenizer } from "@moe8/data";
 import { UsageError } from "@moe8/fp8-core";
-import { hfConfigText } from "@moe8/model";
+import { hfConfigText, hfGenerationConfig } from "@moe8/model";
 import { fsyncDir, writeAllSync } from "./io.ts";
 import { readSafetensors, type StTensor, sha256File, writeSafetensors } from "./safetensors.ts";
 import { parseTrainerState, type TrainerState } from "./state.ts";
@@ -38,8 +40,27 @@ export interface CheckpointFiles {
   state: TrainerState;
 }
 
-/** What writeCheckpoint is given: the state without its version, which the writer adds. */
-export type CheckpointInput = Omit<CheckpointFiles, "state"> & { state: Record<string, unknown> };
+/**
+ * What writeCheckpoint is given: the state without its version, which the writer adds, and the
+ * tokenizer of the run's data (null for a bare .arrows file, whose tokenizer nothing records).
+ */
+export type CheckpointInput = Omit<CheckpointFiles, "state"> & {
+  state: Record<string, unknown>;
+  tokenizer: Tokenizer | null;
+};
+
+/** Files of the Hugging Face model folder besides config.json: verified when checksums.json lists them. */
+export const HF_EXTRA_FILES = ["generation_config.json", "tokenizer.json", "tokenizer_config.json"];
+
+/** generation_config.json and the tokenizer files of a checkpoint. */
+function hfExtraFiles(files: CheckpointInput): Record<string, string> {
+  const trained = (files.state.train_config as { seqLen?: unknown } | undefined)?.seqLen;
+  const context = typeof trained === "number" ? trained : Number(files.config.max_position_embeddings);
+  return {
+    "generation_config.json": `${JSON.stringify(hfGenerationConfig(context, files.tokenizer?.eotId), null, 2)}\n`,
+    ...(files.tokenizer ? hfTokenizerFiles(files.tokenizer, context) : {}),
+  };
+}
 
 function writeFileSynced(path: string, data: Uint8Array | string): void {
   const fd = openSync(path, "w");
@@ -76,6 +97,7 @@ export function writeCheckpoint(runDir: string, step: number, files: CheckpointI
     };
     const contents: Record<string, Uint8Array> = {
       "config.json": Buffer.from(hfConfigText(files.config)),
+      ...Object.fromEntries(Object.entries(hfExtraFiles(files)).map(([n, t]) => [n, Buffer.from(t)])),
       "trainer-state.json": Buffer.from(
         `${JSON.stringify({ version: CHECKPOINT_VERSION, ...files.state }, null, 2)}\n`,
       ),
@@ -152,6 +174,9 @@ export function readCheckpoint(dir: string, withOptimizer = true): CheckpointFil
   if (typeof sums !== "object" || sums === null)
     throw new UsageError(`checkpoint ${dir}: checksums.json is not a JSON object`);
   const json = (name: string) => readJson(verified(dir, name, sums as Record<string, unknown>), name);
+  // Checkpoints written before these files existed lack them; when listed they must verify.
+  for (const name of HF_EXTRA_FILES)
+    if (Object.hasOwn(sums, name)) verified(dir, name, sums as Record<string, unknown>);
   const state = parseTrainerState(json("trainer-state.json"), `checkpoint ${dir}: trainer-state.json`);
   const named = /^step-(\d+)$/.exec(basename(dir));
   if (named && Number(named[1]) !== state.step)

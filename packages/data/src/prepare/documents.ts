@@ -1,7 +1,10 @@
 // Reading documents (strings) out of input files, streaming, with the bytes read reported as they go.
-import { createReadStream } from "node:fs";
+import { createReadStream, type ReadStream } from "node:fs";
 import { createInterface } from "node:readline";
+import type { Readable } from "node:stream";
+import { createGunzip } from "node:zlib";
 import { UsageError } from "@moe8/fp8-core";
+import { DataType, RecordBatchReader } from "apache-arrow";
 import { asyncBufferFromFile, parquetMetadataAsync, parquetReadObjects, parquetSchema } from "hyparquet";
 import { compressors } from "hyparquet-compressors";
 import { reason } from "../errors.ts";
@@ -16,9 +19,32 @@ export interface DocumentOptions {
 }
 
 export function readDocuments(file: InputFile, options: DocumentOptions): AsyncGenerator<string> {
-  if (file.kind === "jsonl") return jsonlDocuments(file.path, options);
+  if (file.kind === "jsonl") return jsonlDocuments(file, options);
   if (file.kind === "parquet") return parquetDocuments(file.path, options);
-  return textDocuments(file.path, options);
+  if (file.kind === "arrow") return arrowDocuments(file.path, options);
+  return textDocuments(file, options);
+}
+
+/**
+ * The file's bytes (gunzipped when it is gzip), and the file stream whose bytesRead counts progress
+ * in the file's own (compressed) bytes. A gzip error becomes a UsageError naming the file.
+ */
+function openBytes(file: InputFile): { bytes: Readable; raw: ReadStream } {
+  const raw = createReadStream(file.path, { highWaterMark: 1 << 20 });
+  if (!file.gzip) return { bytes: raw, raw };
+  const gunzip = createGunzip();
+  raw.on("error", (err) => gunzip.destroy(err));
+  gunzip.on("error", () => raw.destroy());
+  return { bytes: raw.pipe(gunzip), raw };
+}
+
+async function* guarded<T>(file: InputFile, gen: AsyncGenerator<T>): AsyncGenerator<T> {
+  try {
+    yield* gen;
+  } catch (err) {
+    if (err instanceof UsageError || !file.gzip) throw err;
+    throw new UsageError(`${file.path}: not a readable gzip file (${reason(err)})`);
+  }
 }
 
 /**
@@ -26,15 +52,21 @@ export function readDocuments(file: InputFile, options: DocumentOptions): AsyncG
  * it at paragraph boundaries (blank lines) into pieces of about chunkBytes, each ending with its blank
  * line, so the pieces put together give the file back exactly.
  */
-async function* textDocuments(
-  path: string,
+function textDocuments(file: InputFile, options: DocumentOptions): AsyncGenerator<string> {
+  return guarded(file, textChunks(file, options));
+}
+
+async function* textChunks(
+  file: InputFile,
   { chunkBytes, onBytes }: DocumentOptions,
 ): AsyncGenerator<string> {
-  const stream = createReadStream(path, { encoding: "utf8", highWaterMark: 1 << 20 });
+  const { bytes, raw } = openBytes(file);
+  // Streaming: a character split across two reads stays whole; a BOM is kept as text, as before.
+  const decoder = new TextDecoder("utf-8", { ignoreBOM: true });
   let buf = "";
-  for await (const chunk of stream) {
-    buf += chunk as string;
-    onBytes(stream.bytesRead);
+  for await (const chunk of bytes) {
+    buf += decoder.decode(chunk as Buffer, { stream: true });
+    onBytes(raw.bytesRead);
     while (chunkBytes > 0 && buf.length >= chunkBytes) {
       const cut = paragraphCut(buf, chunkBytes);
       if (cut < 0) break; // wait for more text
@@ -42,6 +74,7 @@ async function* textDocuments(
       buf = buf.slice(cut);
     }
   }
+  buf += decoder.decode();
   if (buf.length > 0) yield buf;
 }
 
@@ -55,16 +88,17 @@ function paragraphCut(buf: string, size: number): number {
   return line > 0 ? line + 1 : size;
 }
 
-async function* jsonlDocuments(
-  path: string,
-  { textField, onBytes }: DocumentOptions,
-): AsyncGenerator<string> {
-  let bytes = 0;
+function jsonlDocuments(file: InputFile, options: DocumentOptions): AsyncGenerator<string> {
+  return guarded(file, jsonlRows(file, options));
+}
+
+async function* jsonlRows(file: InputFile, { textField, onBytes }: DocumentOptions): AsyncGenerator<string> {
+  const path = file.path;
+  const { bytes, raw } = openBytes(file);
   let n = 0;
-  for await (const line of createInterface({ input: createReadStream(path), crlfDelay: Infinity })) {
+  for await (const line of createInterface({ input: bytes, crlfDelay: Infinity })) {
     n++;
-    bytes += Buffer.byteLength(line) + 1;
-    onBytes(bytes);
+    onBytes(raw.bytesRead);
     if (line.trim() === "") continue;
     let row: unknown;
     try {
@@ -120,5 +154,49 @@ async function* parquetDocuments(
     rowStart = rowEnd;
     bytes += Number(group.total_byte_size);
     onBytes(Math.min(bytes, file.byteLength));
+  }
+}
+
+/**
+ * An Arrow IPC stream with a text column, such as the data-*.arrow files `datasets.save_to_disk`
+ * writes: one record batch in memory at a time.
+ */
+async function* arrowDocuments(
+  path: string,
+  { textField, onBytes }: DocumentOptions,
+): AsyncGenerator<string> {
+  const raw = createReadStream(path);
+  let reader: Awaited<ReturnType<typeof RecordBatchReader.from>>;
+  try {
+    reader = await RecordBatchReader.from(raw);
+    await reader.open();
+  } catch (err) {
+    raw.destroy();
+    throw new UsageError(`${path}: not an Arrow IPC stream (${reason(err)})`);
+  }
+  const field = reader.schema?.fields.find((f) => f.name === textField);
+  if (!field) {
+    raw.destroy();
+    const names = reader.schema?.fields.map((f) => f.name).join(", ") ?? "none";
+    throw new UsageError(`${path}: missing column "${textField}" (the file has: ${names})`);
+  }
+  const isText = (t: DataType): boolean => DataType.isUtf8(t) || DataType.isLargeUtf8(t);
+  if (!isText(field.type) && !(DataType.isDictionary(field.type) && isText(field.type.dictionary))) {
+    raw.destroy();
+    throw new UsageError(`${path}: column "${textField}" is ${field.type}, not text`);
+  }
+  let row = 0;
+  try {
+    for await (const batch of reader) {
+      const column = batch.getChild(textField)!;
+      for (let i = 0; i < batch.numRows; i++, row++) {
+        const text = column.get(i) as string | null;
+        if (text) yield text;
+      }
+      onBytes(raw.bytesRead);
+    }
+  } catch (err) {
+    if (err instanceof UsageError) throw err;
+    throw new UsageError(`${path}: truncated or corrupt Arrow IPC stream after row ${row} (${reason(err)})`);
   }
 }

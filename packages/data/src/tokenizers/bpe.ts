@@ -56,8 +56,10 @@ export class BpeTokenizer implements Tokenizer {
 
   encode(text: string): Int32Array {
     const out: number[] = [];
-    text.split(EOT_TOKEN).forEach((part, i) => {
-      if (i > 0 && this.eotId !== undefined) out.push(this.eotId);
+    // Without an end-of-text token (the byte-level vocabulary as a BPE) its text is plain text.
+    const parts = this.eotId === undefined ? [text] : text.split(EOT_TOKEN);
+    parts.forEach((part, i) => {
+      if (i > 0) out.push(this.eotId!);
       for (const w of preTokenize(part)) for (const id of this.encodeWord(w)) out.push(id);
     });
     return Int32Array.from(out);

@@ -2,7 +2,7 @@
 // measured in the same run (never asserted by timed tests). One module per benchmark, loaded when
 // chosen; they share the flags below (each reads the ones it needs).
 import { UsageError } from "@moe8/fp8-core";
-import { parseArgs } from "../../args.ts";
+import { type FlagSpec, parseArgs } from "../../args.ts";
 
 type Benchmark = (flags: Record<string, unknown>) => Promise<number>;
 
@@ -13,21 +13,24 @@ const BENCHMARKS: Record<string, () => Promise<Benchmark>> = {
   soak: async () => (await import("./soak.ts")).benchSoak,
 };
 
+export const BENCH_FLAGS: FlagSpec = {
+  backend: "string",
+  precision: "string",
+  shape: "list",
+  config: "string",
+  steps: "int",
+  "batch-size": "int",
+  "seq-len": "int",
+  json: "boolean",
+  profile: "boolean",
+  baseline: "boolean",
+  debug: "boolean",
+};
+
 export async function bench(argv: string[]): Promise<number> {
   const [what, ...rest] = argv;
-  const { flags } = parseArgs(rest, {
-    backend: "string",
-    precision: "string",
-    shape: "list",
-    config: "string",
-    steps: "int",
-    "batch-size": "int",
-    "seq-len": "int",
-    json: "boolean",
-    profile: "boolean",
-    baseline: "boolean",
-    debug: "boolean",
-  });
+  // `bench --help` has no benchmark name before the flag.
+  const { flags } = parseArgs(what === "--help" ? argv : rest, BENCH_FLAGS);
   const load = what !== undefined && Object.hasOwn(BENCHMARKS, what) ? BENCHMARKS[what] : undefined;
   if (!load) throw new UsageError(`bench: unknown benchmark "${what ?? ""}" (use gemm, ops, step or soak)`);
   return (await load())(flags);

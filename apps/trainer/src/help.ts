@@ -1,0 +1,81 @@
+// `moe8 <command> --help`: the command's flags, listed from the table its parser was given (a
+// HelpRequest carries it), with a line on each flag from the descriptions below. A flag without a
+// description is still listed: the table, not this file, decides what a command accepts.
+import type { FlagKind, HelpRequest } from "./args.ts";
+
+const DESCRIPTIONS: Record<string, string> = {
+  against: "the policy to compare with (default bf16)",
+  "balance.alpha": "weight of the sequence-wise balance loss",
+  "balance.gamma": "speed of the expert bias update",
+  "balance.rule": "bias update rule: error or sign",
+  baseline: "also time the baseline (OpenBLAS or cuBLASLt)",
+  backend: "ts, cpu, cuda or auto (the fastest present)",
+  batches: "number of batches to evaluate",
+  "batch-size": "sequences per step",
+  checkpoint: "a checkpoint folder (runs/NAME/checkpoints/step-N)",
+  "chunk-bytes": "split long texts into documents of about this many bytes",
+  clip: "gradient clipping norm",
+  config: "tiny, small or a config.json file",
+  data: "a dataset folder (prepare-data) or .arrows file",
+  debug: "print the stack trace of an error",
+  dtype: "weights of the exported model.safetensors: bf16 (default) or f32",
+  "eval-batches": "held-out batches per validation",
+  "eval-every": "steps between validations (0: never)",
+  input:
+    "a .txt, .md, .jsonl (also .gz), .parquet or .arrow file, a text file, a folder, or a datasets save_to_disk folder",
+  json: "print the result as JSON",
+  "keep-last": "checkpoints kept besides the best one",
+  "log-every": "steps between progress lines",
+  lr: "peak learning rate",
+  "max-bad-steps": "stop after this many non-finite steps in a row",
+  "no-kv-cache": "run the whole context again for every token (slow; to check the KV cache)",
+  "num-samples": "independent samples generated from the prompt",
+  out: "output folder",
+  overwrite: "replace a previous dataset in --out",
+  precision: "precision preset: fp8, bf16, fp32, fp8-tensorwise or fp8-unscaled",
+  profile: "time and memory per op class",
+  prompt: "text the samples continue",
+  "repetition-penalty": "> 1 makes tokens already in the text less likely (1: off)",
+  resume: "continue the run in this folder from its newest valid checkpoint",
+  "save-every": "steps between checkpoints",
+  schedule: "learning-rate schedule: cosine or wsd",
+  seed: "random seed",
+  seeds: "number of seeds to average over",
+  "seq-len": "tokens per sequence",
+  shape: "GEMM shape MxNxK",
+  "shard-bytes": "target size of each Arrow shard",
+  steps: "number of steps",
+  sweep: "compare each choice of the recipe on its own",
+  temperature: "sampling temperature (0: greedy)",
+  "text-field": "JSONL/Parquet/Arrow column holding the text (default text)",
+  tokenizer: "byte, bpe:N (train a BPE of N tokens) or a tokenizer.json",
+  tokens: "tokens to generate per sample",
+  "top-k": "sample among the k most likely tokens (0: all)",
+  "top-p": "sample among the most likely tokens holding this much probability (1: all)",
+  "trace-precision": "print which precision ran where",
+  warmup: "warm-up steps",
+  "weight-decay": "AdamW weight decay",
+  yardsticks: "also run the yardstick comparisons",
+};
+
+const VALUE: Record<FlagKind, string> = {
+  string: " VALUE",
+  number: " X",
+  int: " N",
+  boolean: "",
+  list: " VALUE",
+};
+
+export function helpText(command: string, help: HelpRequest): string {
+  const rows = Object.entries(help.spec).map(([name, kind]) => [
+    `--${name}${VALUE[kind]}`,
+    `${DESCRIPTIONS[name] ?? ""}${kind === "list" ? " (repeatable)" : ""}`,
+  ]);
+  for (const p of help.dottedPrefixes) rows.push([`--${p}<name>=VALUE`, "override one part of the preset"]);
+  const width = Math.max(...rows.map(([f]) => f.length)) + 2;
+  return [
+    `usage: moe8 ${command} [flags]`,
+    "flags:",
+    ...rows.map(([f, d]) => `  ${f.padEnd(width)}${d}`.trimEnd()),
+  ].join("\n");
+}

@@ -1,0 +1,83 @@
+// Generation with a KV cache (packages/attention/src/decode.ts): the prompt runs once for all the
+// samples, then each step runs the network on one new position per sample, attention reading the
+// earlier positions' keys and values from the cache. The trunk below is DeepSeekModel's forward with MLA.forward
+// replaced by mlaExtend and nothing saved for backward: the same ops in the same order, so the
+// logits are those of a full forward over the whole context.
+import { createMlaKvCache, disposeMlaKvCache, type MlaKvCache, mlaExtend } from "@moe8/attention";
+import { MoELayer } from "@moe8/moe-layers";
+import type { Tensor } from "@moe8/tensor";
+import type { DeepSeekModel } from "./model.ts";
+
+export class KvCacheDecoder {
+  private readonly caches: MlaKvCache[];
+  /** Positions already in the cache. */
+  length = 0;
+
+  constructor(
+    readonly model: DeepSeekModel,
+    readonly samples: number,
+    readonly maxLen: number,
+  ) {
+    this.caches = model.blocks.map((blk) => createMlaKvCache(blk.attn, samples, maxLen));
+  }
+
+  /**
+   * Runs the prompt, shared by every sample, once (as the first sample) and copies its keys and
+   * values to the others; returns the logits of its last position [V].
+   */
+  async prefill(prompt: ArrayLike<number>): Promise<Float32Array> {
+    if (this.length !== 0) throw new Error("decode: prefill of a cache already in use");
+    const P = prompt.length;
+    const first = this.caches.map((c) => ({ k: c.k.slice(0, 1), v: c.v.slice(0, 1), maxLen: c.maxLen }));
+    const all = await this.extend(Array.from(prompt), P, first);
+    const b = this.model.b;
+    b.scope(() => {
+      for (const c of this.caches)
+        for (let s = 1; s < this.samples; s++) {
+          b.setRows(c.k[s], 0, b.rows(c.k[0], 0, P));
+          b.setRows(c.v[s], 0, b.rows(c.v[0], 0, P));
+        }
+    });
+    this.length = P;
+    const V = this.model.cfg.vocab_size;
+    return all.slice((P - 1) * V, P * V);
+  }
+
+  /** Appends one token per sample and returns each sample's logits [V] for the next position. */
+  async step(ids: number[]): Promise<Float32Array[]> {
+    if (ids.length !== this.samples) throw new Error(`decode: ${ids.length} ids for ${this.samples} samples`);
+    const all = await this.extend(ids, 1, this.caches);
+    this.length += 1;
+    const V = this.model.cfg.vocab_size;
+    return ids.map((_, s) => all.slice(s * V, (s + 1) * V));
+  }
+
+  /**
+   * Logits [S*n, V] of n new positions for each of the S samples `caches` hold (ids sample major),
+   * read back to the host.
+   */
+  private async extend(ids: number[], n: number, caches: MlaKvCache[]): Promise<Float32Array> {
+    const m = this.model;
+    const b = m.b;
+    const eps = m.cfg.rms_norm_eps;
+    const pos = this.length;
+    const S = caches[0].k.length;
+    return b.scope(async () => {
+      let h: Tensor = b.embedding(m.embed.value, b.upload(Int32Array.from(ids), [ids.length], "i32"));
+      m.blocks.forEach((blk, l) => {
+        const n1 = b.rmsnorm(h, blk.ln1.value, eps);
+        const mid = b.add(h, mlaExtend(blk.attn, n1.y, caches[l], pos, n));
+        const n2 = b.rmsnorm(mid, blk.ln2.value, eps);
+        const y = blk.mlp instanceof MoELayer ? blk.mlp.forward(n2.y, S, n) : blk.mlp.forward(n2.y);
+        h = b.add(mid, y);
+      });
+      const out = m.head.forward(b.rmsnorm(h, m.norm.value, eps).y);
+      m.clearSaved();
+      return (await out.read()) as Float32Array;
+    });
+  }
+
+  dispose(): void {
+    for (const c of this.caches) disposeMlaKvCache(c);
+  }
+}

@@ -38,18 +38,19 @@ function normRel(a: ArrayLike<number>, b: ArrayLike<number>): number {
  */
 function expertGemms(seed: number) {
   const rng = new Rng(seed);
-  const cases: { sizes: number[]; out: number; inp: number }[] = [
-    { sizes: [0, 1, 127, 128, 129, 0, 300, 5], out: 256, inp: 256 }, // 128x128 tiles both ways
+  // uncovered: rows after the last segment (they must read 0 in a fresh output).
+  const cases: { sizes: number[]; out: number; inp: number; uncovered?: number }[] = [
+    { sizes: [0, 1, 127, 128, 129, 0, 300, 5], out: 256, inp: 256, uncovered: 7 }, // 128x128 tiles both ways
     { sizes: [129, 0, 300, 1, 128, 63], out: 512, inp: 272 }, // Dgrad K = 512: 128x256, N = 272
     { sizes: [1, 130, 0, 64, 257], out: 128, inp: 1024 }, // Fprop K = 1024: 128x256, N = 128
   ];
-  return cases.map(({ sizes, out, inp }) => {
+  return cases.map(({ sizes, out, inp, uncovered = 0 }) => {
     const E = sizes.length;
     const off = Int32Array.from([
       0,
       ...sizes.map((_, i) => sizes.slice(0, i + 1).reduce((s, v) => s + v, 0)),
     ]);
-    const rows = off[E];
+    const rows = off[E] + uncovered;
     const act = (cols: number) => {
       const v = rng.normals(rows * cols);
       const hot = new Set(Array.from({ length: Math.max(1, cols >> 6) }, () => rng.int(cols)));
@@ -64,7 +65,7 @@ function expertGemms(seed: number) {
     const w = rng.normals(E * out * inp, 0.05);
     const c0 = rng.normals(rows * Math.max(out, inp));
     const cw = rng.normals(E * out * inp);
-    const name = `sizes ${sizes.join(",")}, W [${E}, ${out}, ${inp}]`;
+    const name = `sizes ${sizes.join(",")}${uncovered ? ` + ${uncovered} uncovered rows` : ""}, W [${E}, ${out}, ${inp}]`;
     return {
       name,
       run: (b: Backend): Record<string, Tensor> => {

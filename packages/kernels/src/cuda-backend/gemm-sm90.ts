@@ -77,7 +77,8 @@ export function sm90Refusal(o: Sm90Operands): string | null {
 
 /**
  * Enqueues C (+)= A B_e^T over the experts' row segments with gemm_sm90.cu when the GPU and the
- * operands allow it; returns false (nothing enqueued) otherwise.
+ * operands allow it (without accumulate, C needs no clearing: the kernel writes 0 to the rows
+ * outside every segment); returns false (nothing enqueued) otherwise.
  */
 export function sm90Grouped(cx: CudaContext, o: Sm90Operands): boolean {
   if (!cx.sm90Gemm || sm90Refusal(o) !== null) return false;
@@ -116,6 +117,7 @@ export function sm90Grouped(cx: CudaContext, o: Sm90Operands): boolean {
       K: o.K,
       accumulate: o.accumulate ? 1 : 0,
       outBf16: o.outBf16 ? 1 : 0,
+      rows: o.M,
     },
     wide ? SM90.SM90_SMEM_128x256 : SM90.SM90_SMEM_128x128,
   );

@@ -91,7 +91,9 @@ export function groupedMatmul(
     }
     const Mt = a.rows;
     const out = output(cx, Mt, N, o, [Mt, N]);
-    if (!o.accumulate) cx.n.cudaMemset8(cx.buf(out), 0, 0, Mt * N * 4);
+    // Rows outside the segments read 0: cleared here, or by the sm90 kernel itself (FP8 on Hopper).
+    const zeroLater = fp8 && cx.sm90Gemm && !o.accumulate && Mt > 0 && N > 0 && E > 0;
+    if (!o.accumulate && !zeroLater) cx.n.cudaMemset8(cx.buf(out), 0, 0, Mt * N * 4);
     if (Mt === 0 || N === 0 || E <= 0) return out;
     gemmKernel(cx, a, b, out, { M: Mt, N, K }, o, {
       mode: GEMM_SEGMENT_M,
@@ -99,6 +101,7 @@ export function groupedMatmul(
       E,
       bRows: bd.rows,
       bCols: bd.cols,
+      zeroOutput: zeroLater,
     });
     return out;
   }
@@ -129,6 +132,8 @@ interface Grouping {
   E: number;
   bRows: number;
   bCols: number;
+  /** C still needs clearing unless the sm90 kernel takes the GEMM (it zeroes the uncovered rows). */
+  zeroOutput?: boolean;
 }
 
 /** The tiled kernels (any layout, plain or grouped): gemm.cu, and gemm16.cu for BF16. */
@@ -139,7 +144,7 @@ function gemmKernel(
   out: Tensor,
   { M, N, K }: { M: number; N: number; K: number },
   o: MatmulOptions,
-  { mode, offsets, E, bRows, bCols }: Grouping,
+  { mode, offsets, E, bRows, bCols, zeroOutput }: Grouping,
 ): void {
   const aKcols = o.transA ? 0 : 1;
   let bKcols: 0 | 1 = o.transB ? 1 : 0;
@@ -226,6 +231,7 @@ function gemmKernel(
       for (const t of tmps) t.free();
       return;
     }
+    if (zeroOutput) cx.n.cudaMemset8(cx.buf(out), 0, 0, M * N * 4);
     if (mma && (tn || tt) && cx.p(a) % 16 === 0 && bPtr % 16 === 0) {
       const layout = tn ? "tn" : "tt";
       cx.launch(KERNELS.gemm[`gemm_fp8_${layout}_${qa.format}_${qb.format}`], grid, 128, {

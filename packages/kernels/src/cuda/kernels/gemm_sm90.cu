@@ -9,7 +9,9 @@
 //   B  [E, N, K], one f32 scale per 128x128 block: Bs [E, ceil(N/128), ceil(K/128)]
 //   off int32 [E+1] on the device: expert e owns rows off[e] .. off[e+1]-1 of A and C (any sizes, 0 too)
 //   C  [rows, N] f32 storage; outBf16 rounds each result to BF16 first (RNE, round_bf16), and
-//      accumulate adds the (rounded) result to C: C = C + v, as gemm.cu's mma_store does.
+//      accumulate adds the (rounded) result to C: C = C + v, as gemm.cu's mma_store does. Without
+//      accumulate the kernel also writes 0 to the rows outside every segment (before off[0], from
+//      off[E] to rows), so C needs no clearing first.
 // Per output: C[r,n] = sum over 128-chunks kc of (sum_k A[r,k] B[n,k]) * As[r,kc] * Bs[e,n/128,kc];
 // the inner 128-long sum is done by the tensor cores (wgmma m64n128k32, fresh accumulator per
 // chunk) and promoted into f32 registers after every chunk: acc = fma(part, sa * sb, acc).
@@ -221,6 +223,17 @@ __host__ __device__ constexpr int sm90_smem_bytes(int bn, int stages, bool rowSc
          2 * stages * 8 + 2 * (SM90_MAX_E + 1) * 4;
 }
 
+// Writes 0 to the rows of C [rows, N] outside [lo, hi), the rows no segment covers (none when the
+// segments cover C, as in the model), spread over the grid. N % 8 == 0 and a 16-byte-aligned C:
+// whole float4s. Not inlined, so that its registers stay out of the mainloop's allocation.
+__device__ __noinline__ void sm90_zero_uncovered(float* C, int lo, int hi, int rows, int N) {
+  const i64 n4 = N / 4, count = ((i64)lo + (rows - hi)) * n4;
+  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < count; i += (i64)gridDim.x * blockDim.x) {
+    const i64 r = i / n4, row = r < lo ? r : hi + (r - lo);
+    ((float4*)(C + row * N))[i - r * n4] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  }
+}
+
 // One output tile of the schedule: its expert, the rows of its A and B boxes, its K chunks
 // (k0 .. k0 + kc - 1), the first row of C it writes and the end of its expert's rows in C.
 struct Sm90Tile {
@@ -267,7 +280,7 @@ __device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int*
 template <int BN, int STAGES, Mainloop LOOP, Segments SEG>
 __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CUtensorMap* tB, const CUtensorMap* tC,
                                                  const float* As, const float* Bs, float* C, const int* off, int E,
-                                                 int M, int N, int K, int accumulate, int outBf16) {
+                                                 int M, int N, int K, int accumulate, int outBf16, int rows) {
   constexpr int BM = SM90_BM, NWG = BM / 64;
   constexpr int A_BYTES = BM * 128, B_BYTES = BN * 128;
   constexpr int NH = BN / 128;  // 128-column halves of the tile, one m64n128 wgmma chain each
@@ -324,6 +337,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
 
   const int NT = cdiv(N, BN), NB = cdiv(N, 128), KC = cdiv(K, 128);
   const int total = SEG == Segments::AlongM ? mpre[E] * NT : E * cdiv(M, BM) * NT;
+  if (SEG == Segments::AlongM && !accumulate) sm90_zero_uncovered(C, soff[0], soff[E], rows, N);
 
   if (warp >= 4 * NWG) {
     // Producer warpgroup: one thread issues the TMA loads, the rest give their registers away.
@@ -534,14 +548,15 @@ static_assert(sm90_smem_bytes(128, 4, false) == SM90_SMEM_128x128, "SM90_SMEM_12
 static_assert(sm90_smem_bytes(256, 3, true) == SM90_SMEM_WGRAD_128x256, "SM90_SMEM_WGRAD_128x256");
 static_assert(sm90_smem_bytes(128, 4, true) == SM90_SMEM_WGRAD_128x128, "SM90_SMEM_WGRAD_128x128");
 
-// Entry points, one signature: tensor maps of A, B and C, the scales, C, the expert offsets, sizes.
+// Entry points, one signature: tensor maps of A, B and C, the scales, C, the expert offsets, sizes
+// (rows: of A and C).
 #define GEMM_SM90_ENTRY(NAME, BN, STAGES, LOOP)                                                                   \
   KERNEL void __launch_bounds__(SM90_THREADS, 1)                                                                  \
       NAME(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,                        \
            const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs, float* C, const int* off,     \
-           int E, int N, int K, int accumulate, int outBf16) {                                                    \
+           int E, int N, int K, int accumulate, int outBf16, int rows) {                                          \
     sm90_fp8_grouped<BN, STAGES, Mainloop::LOOP, Segments::AlongM>(&tA, &tB, &tC, As, Bs, C, off, E, 0, N, K,    \
-                                                                    accumulate, outBf16);                         \
+                                                                    accumulate, outBf16, rows);                   \
   }
 // K >= 512 (gate/up Fprop, down Dgrad in `small`): 128 x 256 tiles, 25% less L2 traffic per FLOP.
 GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x256, 256, 3, OneBuffer)
@@ -560,7 +575,7 @@ GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128, 128, 4, TwoBuffers)
            const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs, float* C, const int* off,    \
            int E, int M, int N, int accumulate, int outBf16) {                                                   \
     sm90_fp8_grouped<BN, STAGES, Mainloop::OneBuffer, Segments::AlongK>(&tA, &tB, &tC, As, Bs, C, off, E, M, N, \
-                                                                         0, accumulate, outBf16);                \
+                                                                         0, accumulate, outBf16, E * M);         \
   }
 // N >= 256 (X's columns: the hidden size for gate/up, the expert width for down in `small`).
 GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256, 256, 3)

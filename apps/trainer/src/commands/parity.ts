@@ -112,7 +112,9 @@ export async function trainForParity(
       const r = await b.scope(async () => {
         const ids = b.upload(batch.ids, [batch.ids.length], "i32");
         const tg = b.upload(batch.targets, [batch.targets.length], "i32");
-        return trainStep(s.model, s.opt, ids, tg, { batch: c.batchSize, seq: c.seqLen }, s.lrAt(step));
+        return trainStep(s.model, s.opt, ids, tg, { batch: c.batchSize, seq: c.seqLen }, s.lrAt(step), {
+          accum: c.gradAccum,
+        });
       });
       losses.push(r.loss);
       peak = Math.max(peak, process.memoryUsage().rss);

@@ -23,17 +23,28 @@ export interface RunState {
   consecutiveBad: number;
 }
 
-/** Mean validation loss over the fixed held-out batches. */
+/**
+ * Mean validation loss over the fixed held-out batches, each evaluated in the run's micro-batches
+ * (--grad-accum) so that validation needs no more memory than a training step: a batch's loss is
+ * its micro-batches' means weighted by their sequences (a small held-out set may give one short
+ * batch).
+ */
 export async function validationLoss(s: Session, data: TrainData, cfg: TrainConfig): Promise<number> {
   const b = s.backend;
+  const T = cfg.seqLen;
+  const microBatch = cfg.batchSize / cfg.gradAccum;
   let sum = 0;
   const batches = await data.validation(cfg.evalBatches);
   for (const batch of batches)
-    sum += await b.scope(async () => {
-      const ids = b.upload(batch.ids, [batch.ids.length], "i32");
-      const tg = b.upload(batch.targets, [batch.targets.length], "i32");
-      return s.model.evalLoss(ids, tg, { batch: cfg.batchSize, seq: cfg.seqLen }).ce.item();
-    });
+    for (let r0 = 0; r0 < batch.batchSize; r0 += microBatch) {
+      const n = Math.min(microBatch, batch.batchSize - r0);
+      const loss = await b.scope(async () => {
+        const ids = b.upload(batch.ids.subarray(r0 * T, (r0 + n) * T), [n * T], "i32");
+        const tg = b.upload(batch.targets.subarray(r0 * T, (r0 + n) * T), [n * T], "i32");
+        return s.model.evalLoss(ids, tg, { batch: n, seq: T }).ce.item();
+      });
+      sum += (loss * n) / batch.batchSize;
+    }
   return sum / batches.length;
 }
 
@@ -164,8 +175,12 @@ async function loop(
   tracePrecision: boolean,
 ): Promise<number> {
   const tokensPerStep = cfg.batchSize * cfg.seqLen;
+  const accum =
+    cfg.gradAccum > 1
+      ? ` (${cfg.gradAccum} micro-batches of ${cfg.batchSize / cfg.gradAccum} x ${cfg.seqLen})`
+      : "";
   console.log(
-    `training ${typeof cfg.model === "string" ? cfg.model : "custom"} on ${s.backend.name}, precision ${cfg.precision}, ${cfg.steps} steps of ${tokensPerStep} tokens, data ${data.description}, out ${runDir}`,
+    `training ${typeof cfg.model === "string" ? cfg.model : "custom"} on ${s.backend.name}, precision ${cfg.precision}, ${cfg.steps} steps of ${tokensPerStep} tokens${accum}, data ${data.description}, out ${runDir}`,
   );
   const b = s.backend;
   const t0 = performance.now();
@@ -181,6 +196,7 @@ async function loop(
       const fp8Stats = (st.step + 1) % cfg.logEvery === 0;
       return trainStep(s.model, s.opt, ids, tg, { batch: cfg.batchSize, seq: cfg.seqLen }, lr, {
         fp8Stats,
+        accum: cfg.gradAccum,
       });
     });
     st.step++;

@@ -87,6 +87,11 @@ export const TrainConfigSchema = z
     balance: BalanceSchema.default({}),
     steps: pos(1e9),
     batchSize: pos(2 ** 16),
+    /**
+     * Micro-batches per optimizer step (gradient accumulation); batchSize stays the step's whole
+     * batch and must be a multiple of it. Absent from configs written before it existed: 1.
+     */
+    gradAccum: pos(2 ** 16).default(1),
     seqLen: pos(2 ** 22),
     /** Adam moves each weight by up to lr a step: above 10 every run diverges in its first steps. */
     lr: z.number().positive().max(10),
@@ -124,6 +129,7 @@ export const DEFAULTS: TrainConfig = {
   balance: {},
   steps: 600,
   batchSize: STEP_SHAPES.tiny.batch,
+  gradAccum: 1,
   seqLen: STEP_SHAPES.tiny.seqLen,
   lr: 3e-3,
   minLrRatio: 0.1,
@@ -167,7 +173,12 @@ export function parseConfig(raw: unknown, source: string): TrainConfig {
   // A preset model brings its own step shape (small: 8 x 2048 tokens) unless batch or length is given.
   const m = r.data.model;
   const shape = m === "tiny" || m === "small" ? STEP_SHAPES[m] : undefined;
-  return { ...DEFAULTS, ...(shape ? { batchSize: shape.batch, seqLen: shape.seqLen } : {}), ...r.data };
+  const c = { ...DEFAULTS, ...(shape ? { batchSize: shape.batch, seqLen: shape.seqLen } : {}), ...r.data };
+  if (c.batchSize % c.gradAccum !== 0)
+    throw new UsageError(
+      `${source}: gradAccum: ${c.gradAccum} micro-batches do not divide the batch of ${c.batchSize} sequences (batchSize is the whole step's batch)`,
+    );
+  return c;
 }
 
 /** A config is a few hundred bytes; 1 MiB bounds what a hostile one makes us read. */

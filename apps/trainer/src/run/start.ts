@@ -48,10 +48,12 @@ function cleanUp(runDir: string, note: (m: string) => void): void {
 function backendFor(cfg: TrainConfig, modelCfg: ModelConfig): Backend {
   const b = createBackend(cfg.backend);
   const moments = policyOf(cfg).optimizer.moments;
+  // Activations exist for one micro-batch at a time (--grad-accum).
+  const micro = cfg.batchSize / cfg.gradAccum;
   checkMemory(
-    memoryNeed(modelCfg, { batch: cfg.batchSize, seq: cfg.seqLen }, { moments }),
+    memoryNeed(modelCfg, { batch: micro, seq: cfg.seqLen }, { moments }),
     b.name,
-    `training this model on ${cfg.batchSize} x ${cfg.seqLen} tokens a step`,
+    `training this model on ${micro} x ${cfg.seqLen} tokens a micro-batch`,
   );
   return b;
 }

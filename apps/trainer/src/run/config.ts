@@ -118,6 +118,11 @@ export const TrainConfigSchema = z
       .record(z.string().max(64), z.string().max(64))
       .refine((o) => Object.keys(o).length <= 64, "at most 64 precision overrides"),
     data: z.string().min(1).max(4096).nullable(),
+    /**
+     * Where TensorBoard event files go: null for the run folder's `tensorboard/`, a folder, or "off".
+     * Absent from configs written before it existed: null.
+     */
+    tensorboard: z.string().min(1).max(4096).nullable().default(null),
     valFraction: z.number().gt(0).lt(1),
   })
   .strict();
@@ -152,13 +157,32 @@ export const DEFAULTS: TrainConfig = {
   precision: "fp8",
   precisionOverrides: {},
   data: null,
+  tensorboard: null,
   valFraction: 0.02,
 };
 
+/**
+ * The first issue, looking into a union (`model`: a preset name or an object of fields) for the
+ * alternative that got furthest into the value, so that a bad field of the object is named.
+ */
+function firstIssue(err: z.ZodError): { issue: z.core.$ZodIssue; path: PropertyKey[] } {
+  let issue = err.issues[0];
+  let path = [...issue.path];
+  while (issue.code === "invalid_union" && issue.errors.length) {
+    const deepest = issue.errors.reduce((a, b) =>
+      (b[0]?.path.length ?? 0) > (a[0]?.path.length ?? 0) ? b : a,
+    );
+    if (!deepest[0]?.path.length) break;
+    issue = deepest[0];
+    path = [...path, ...issue.path];
+  }
+  return { issue, path };
+}
+
 /** One line for the first zod issue: the field path and what is wrong with it. */
 export function zodMessage(source: string, err: z.ZodError): string {
-  const i = err.issues[0];
-  const path = i.path.join(".");
+  const { issue: i, path: keys } = firstIssue(err);
+  const path = keys.map(String).join(".");
   if (i.code === "unrecognized_keys")
     return `${source}: unknown key${i.keys.length > 1 ? "s" : ""} ${i.keys
       .slice(0, 5)

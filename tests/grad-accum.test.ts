@@ -1,6 +1,6 @@
 // Gradient accumulation through the CLI: `--batch-size 8 --grad-accum 4` (four micro-batches of 2
 // sequences) trains as `--batch-size 8` in one piece does, up to the order of f32 sums.
-import { readFileSync } from "node:fs";
+import { readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { readSafetensors } from "../apps/trainer/src/run/safetensors.ts";
@@ -96,6 +96,45 @@ describe("--grad-accum", () => {
     expect(maxDiff).toBeLessThan(2e-2 * LR);
     expect(beyondSummation / total).toBeLessThan(1e-3);
   }, 120_000);
+
+  it("a resumed run keeps its micro-batches and repeats the lost steps bit for bit", () => {
+    const run = join(tmp("accum-resume"), "run");
+    const flags = [
+      "--backend",
+      "cpu",
+      "--steps",
+      "4",
+      "--seq-len",
+      "32",
+      "--batch-size",
+      "8",
+      "--grad-accum",
+      "4",
+    ];
+    const r = cli([
+      "train",
+      ...flags,
+      "--eval-every",
+      "0",
+      "--save-every",
+      "2",
+      "--keep-last",
+      "3",
+      "--out",
+      run,
+    ]);
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stdout).toContain("(4 micro-batches of 2 x 32)");
+    const before = metrics(run);
+    // Killed after step 2's checkpoint: steps 3 and 4 are done again from it.
+    rmSync(join(run, "checkpoints/step-4"), { recursive: true });
+    const again = cli(["train", "--resume", run]);
+    expect(again.status, again.stderr).toBe(0);
+    expect(again.stdout).toContain("(4 micro-batches of 2 x 32)");
+    expect(metrics(run).map((m) => [m.step, m.loss, m.grad_norm])).toEqual(
+      before.map((m) => [m.step, m.loss, m.grad_norm]),
+    );
+  });
 
   it("a batch that the micro-batches do not divide is exit 2, nothing written", () => {
     const out = join(tmp("accum-bad"), "run");

@@ -208,6 +208,7 @@ export async function parity(argv: string[]): Promise<number> {
   );
   const f = args.flags;
   if (f.resume !== undefined) throw new UsageError("parity does not take --resume");
+  if (f.tensorboard !== undefined) throw new UsageError("parity does not take --tensorboard");
   const stepsGiven = f.steps !== undefined;
   const cfg0 = configFromArgs(args);
   const cfg: TrainConfig = { ...cfg0, steps: stepsGiven ? cfg0.steps : 300, evalEvery: 0, saveEvery: 0 };

@@ -47,6 +47,24 @@ describe("--resume RUN --steps N", () => {
     expect(state.schedule_from).toEqual({ step: 4, lr: m[3].lr });
   });
 
+  it("cosine interrupted mid-way: re-stretched from step 4's learning rate to the floor at the new end", () => {
+    const run = join(tmp("extend-cos"), "run");
+    const flags = ["--lr", String(LR), "--warmup", "1", "--save-every", "4", "--keep-last", "5"];
+    const first = cli(["train", ...QUICK, "--backend", "cpu", ...flags, "--steps", "8", "--out", run]);
+    expect(first.status, first.stderr).toBe(0);
+    rmSync(join(run, "checkpoints/step-8"), { recursive: true }); // killed after step 4's checkpoint
+    const at4 = metrics(run)[3].lr;
+    const more = cli(["train", "--resume", run, "--steps", "12"]);
+    expect(more.status, more.stderr).toBe(0);
+    const m = metrics(run);
+    expect(m.map((r) => r.step)).toEqual([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+    for (let step = 5; step <= 12; step++)
+      expect(m[step - 1].lr, `step ${step}`).toBeCloseTo(
+        FLOOR + (at4 - FLOOR) * 0.5 * (1 + Math.cos((Math.PI * (step - 4)) / 8)),
+        15,
+      );
+  });
+
   it("WSD interrupted at its peak: the stable phase goes on and the decay moves to the new end", () => {
     const run = join(tmp("extend-wsd"), "run");
     const wsd = [

@@ -44,7 +44,7 @@ export async function validationLoss(s: Session, data: TrainData, cfg: TrainConf
         const tg = b.upload(batch.targets.subarray(r0 * T, (r0 + n) * T), [n * T], "i32");
         return s.model.evalLoss(ids, tg, { batch: n, seq: T }).ce.item();
       });
-      sum += (loss * n) / batch.batchSize;
+      sum += loss * (n / batch.batchSize); // exactly the loss when the batch is one micro-batch
     }
   return sum / batches.length;
 }

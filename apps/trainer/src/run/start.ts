@@ -81,8 +81,13 @@ function backendFor(cfg: TrainConfig, modelCfg: ModelConfig): Backend {
 /** The tokenizer a dataset was made with (its manifest's), or null for a bare .arrows file. */
 async function datasetTokenizer(cfg: TrainConfig): Promise<TokenizerId | null> {
   const path = cfg.data ?? DEFAULT_DATASET_DIR;
-  const st = statSync(path, { throwIfNoEntry: false });
-  if (!st) return null; // opening the data names the problem
+  let st: ReturnType<typeof statSync>;
+  try {
+    st = statSync(path, { throwIfNoEntry: false });
+  } catch {
+    return null; // opening the data names the problem
+  }
+  if (!st) return null;
   const manifest = st.isDirectory()
     ? await readManifest(path)
     : await readManifest(dirname(path)).then(

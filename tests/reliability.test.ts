@@ -103,14 +103,18 @@ describe("a full disk", () => {
     // The bytes written up to the failing line, measured on a run without the fault: config.json,
     // metrics line 1, checkpoint step-1 (deterministic sizes but line 1, whose timings vary by a few
     // characters: 60 bytes of line 2 still fit, well short of its ~250).
+    // (No TensorBoard files: their records would come between those writes.)
+    const NO_TB = ["--tensorboard", "off"];
     const ref = join(root, "ref");
-    expect(cli(["train", "--steps", "2", "--save-every", "1", ...FAST, "--out", ref]).status).toBe(0);
+    expect(cli(["train", "--steps", "2", "--save-every", "1", ...FAST, ...NO_TB, "--out", ref]).status).toBe(
+      0,
+    );
     const size = (p: string): number =>
       statSync(p).isDirectory() ? readdirSync(p).reduce((a, n) => a + size(join(p, n)), 0) : statSync(p).size;
     const line1 = readFileSync(join(ref, "metrics.jsonl"), "utf8").split("\n")[0].length + 1;
     const budget = size(join(ref, "config.json")) + line1 + size(join(ref, "checkpoints", "step-1")) + 60;
     const run = join(root, "run");
-    const r = cli(["train", "--steps", "4", "--save-every", "1", ...FAST, "--out", run], {
+    const r = cli(["train", "--steps", "4", "--save-every", "1", ...FAST, ...NO_TB, "--out", run], {
       MOE8_FAULT_ENOSPC_AFTER: String(budget),
     });
     expect(r.status, r.stderr).toBe(2);

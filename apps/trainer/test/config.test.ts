@@ -38,6 +38,22 @@ describe("configFromArgs", () => {
     expect(resolve(["--config", b]).batchSize).toBe(4);
   });
 
+  it("--model.* change a preset's fields and keep its step shape; a file's fields stay under them", () => {
+    const c = resolve(["--config", "small", "--model.num_hidden_layers", "2", "--model.rope_theta", "5e5"]);
+    expect([c.model, c.batchSize, c.seqLen]).toEqual([
+      { base: "small", num_hidden_layers: 2, rope_theta: 5e5 },
+      8,
+      2048,
+    ]);
+    expect(resolveModel(c).hidden_size).toBe(1024);
+    const dir = mkdtempSync(join(tmpdir(), "moe8-config-"));
+    const file = join(dir, "m.json");
+    writeFileSync(file, JSON.stringify({ model: { base: "tiny", hidden_size: 64, num_hidden_layers: 6 } }));
+    const d = resolve(["--config", file, "--model.num_hidden_layers", "3"]);
+    expect(d.model).toEqual({ base: "tiny", hidden_size: 64, num_hidden_layers: 3 });
+    expect(() => resolve(["--model.kv_lora_rank", "0"])).toThrow(/^--model\.kv_lora_rank 0: Too small/);
+  });
+
   it("--balance.* set the model's balancing for this run, over a config file's, and keep a preset's step shape", () => {
     const dir = mkdtempSync(join(tmpdir(), "moe8-config-"));
     const file = join(dir, "balance.json");

@@ -127,7 +127,7 @@ export class DeepSeekModel {
   }
 
   /** The final normalised hidden states [B*T, d] (the head's input); saves what backward needs. */
-  private trunk(ids: Tensor, shape: BatchShape): Tensor {
+  private trunk(ids: Tensor, shape: BatchShape, gradScale = 1): Tensor {
     const b = this.b;
     const eps = this.cfg.rms_norm_eps;
     let h = b.embedding(this.embed.value, ids);
@@ -146,7 +146,9 @@ export class DeepSeekModel {
       const n2 = b.rmsnorm(mid, blk.ln2.value, eps);
       s.rstd2.push(n2.rstd);
       const y =
-        blk.mlp instanceof MoELayer ? blk.mlp.forward(n2.y, shape.batch, shape.seq) : blk.mlp.forward(n2.y);
+        blk.mlp instanceof MoELayer
+          ? blk.mlp.forward(n2.y, shape.batch, shape.seq, gradScale)
+          : blk.mlp.forward(n2.y);
       if (!blk.mlp.retains(n2.y)) n2.y.dispose();
       h = b.add(mid, y);
       y.dispose();
@@ -170,14 +172,19 @@ export class DeepSeekModel {
    * (withGrad) d(loss)/dy with the head's weight gradient accumulated. Only one chunk's logits and
    * their gradient exist at once: for small (16,384 x 32,768 f32) the whole would be 2 GiB each.
    */
-  private headLoss(y: Tensor, targets: Tensor, withGrad: boolean): { loss: Tensor; dy: Tensor | null } {
+  private headLoss(
+    y: Tensor,
+    targets: Tensor,
+    withGrad: boolean,
+    gradScale = 1,
+  ): { loss: Tensor; dy: Tensor | null } {
     const b = this.b;
     const N = y.rows;
     // One chunk: its mean cross-entropy, and (withGrad) d(mean over all N rows)/d(rows) of y.
     const chunk = (yc: Tensor, tc: Tensor) => {
       const logits = this.head.forward(yc);
       if (!withGrad) this.head.clearSaved();
-      const ce = b.crossEntropy(logits, tc, yc.rows / N);
+      const ce = b.crossEntropy(logits, tc, (yc.rows / N) * gradScale);
       logits.dispose();
       const dyc = withGrad ? this.head.backward(ce.dlogits) : null;
       ce.dlogits.dispose();
@@ -237,10 +244,12 @@ export class DeepSeekModel {
   /**
    * Forward + backward of the mean token cross-entropy (plus the MoE balance losses), accumulating
    * gradients. Returns the cross-entropy and the total loss as one-element tensors (not read).
+   * `gradScale` multiplies the gradients (not the returned losses): 1/K for one of K equal
+   * micro-batches of a step, so that their gradients sum to the whole batch's mean.
    */
-  lossAndGrad(ids: Tensor, targets: Tensor, shape: BatchShape): { ce: Tensor; total: Tensor } {
-    const y = this.trunk(ids, shape);
-    const { loss, dy } = this.headLoss(y, targets, true);
+  lossAndGrad(ids: Tensor, targets: Tensor, shape: BatchShape, gradScale = 1): { ce: Tensor; total: Tensor } {
+    const y = this.trunk(ids, shape, gradScale);
+    const { loss, dy } = this.headLoss(y, targets, true, gradScale);
     y.dispose();
     let total = loss;
     for (const m of this.moeLayers) if (m.lastBalanceLoss) total = this.b.add(total, m.lastBalanceLoss);

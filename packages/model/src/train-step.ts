@@ -1,7 +1,13 @@
 // One optimizer step: forward + backward in a per-step arena, global-norm clipping, AdamW, then the
 // auxiliary-loss-free bias update. The host reads two numbers per step (loss and grad norm), after
 // all work is enqueued (docs/runtime.md rule 1); a non-finite loss or norm skips the update.
-import type { LoadStats } from "@moe8/moe-layers";
+//
+// Gradient accumulation (`accum` K > 1): the batch is cut into K micro-batches of batch/K sequences,
+// each forward + backward in its own arena (only one micro-batch's activations exist at a time), with
+// every gradient scaled by 1/K so that they sum to the whole batch's mean-loss gradient. The step is
+// the whole batch's: its loss is the mean of the micro-batches' means (all of one size), and the
+// bias update and the load statistics use the expert loads summed over the micro-batches.
+import { type LoadStats, loadStats } from "@moe8/moe-layers";
 import type { AdamW } from "@moe8/optimizer";
 import type { Tensor } from "@moe8/tensor";
 import type { BatchShape, DeepSeekModel } from "./model.ts";
@@ -20,6 +26,14 @@ export interface StepResult {
   fp8?: { overflow: number; underflow: number };
 }
 
+export interface StepOptions {
+  /** Read the FP8 range counts of this step (one extra pass per quantisation). */
+  fp8Stats?: boolean;
+  /** Micro-batches per step (gradient accumulation); `shape.batch` must be a multiple of it. */
+  accum?: number;
+}
+
+/** `ids` and `targets` hold the whole step's batch (`shape`), whatever `accum` is. */
 export async function trainStep(
   model: DeepSeekModel,
   opt: AdamW,
@@ -27,24 +41,114 @@ export async function trainStep(
   targets: Tensor,
   shape: BatchShape,
   lr: number,
-  opts: { fp8Stats?: boolean } = {},
+  opts: StepOptions = {},
 ): Promise<StepResult> {
   const b = model.b;
   const flow = model.trace.flow;
+  const accum = opts.accum ?? 1;
+  if (!Number.isInteger(accum) || accum < 1 || shape.batch % accum !== 0)
+    throw new Error(`trainStep: batch ${shape.batch} is not a multiple of accum ${accum}`);
   return b.scope(async () => {
     flow.enabled = !!opts.fp8Stats;
     opt.zeroGrad();
-    const { ce, total } = model.lossAndGrad(ids, targets, shape);
+    const pass =
+      accum === 1 ? wholeBatch(model, ids, targets, shape) : microBatches(model, ids, targets, shape, accum);
     const { norm, scale } = opt.gradNorm();
-    const [loss, totalLoss, gradNorm] = [await ce.item(), await total.item(), await norm.item()];
+    const [loss, totalLoss, gradNorm] = [await pass.ce.item(), await pass.total.item(), await norm.item()];
+    const offsets = await pass.offsets();
     const skipped = !Number.isFinite(totalLoss) || !Number.isFinite(gradNorm);
     if (!skipped) {
       opt.update(lr, scale);
-      for (const m of model.moeLayers) m.updateBias();
+      model.moeLayers.forEach((m, i) => {
+        m.updateBias(offsets[i]);
+      });
     }
-    const load = await Promise.all(model.moeLayers.map((m) => m.loadStats()));
+    const load = await Promise.all(
+      offsets.map(async (o) => loadStats(counts((await o.read()) as Int32Array))),
+    );
     const fp8 = flow.enabled ? await flow.take() : undefined;
     flow.enabled = false;
     return { loss, totalLoss, gradNorm, skipped, load, fp8 };
   });
+}
+
+/** The forward + backward of a step: its losses ([1] tensors) and each MoE layer's expert offsets. */
+interface Pass {
+  ce: Tensor;
+  total: Tensor;
+  offsets(): Promise<Tensor[]>;
+}
+
+function wholeBatch(model: DeepSeekModel, ids: Tensor, targets: Tensor, shape: BatchShape): Pass {
+  const { ce, total } = model.lossAndGrad(ids, targets, shape);
+  const offsets = model.moeLayers.map((m) => m.lastOffsets!);
+  return { ce, total, offsets: async () => offsets };
+}
+
+function microBatches(
+  model: DeepSeekModel,
+  ids: Tensor,
+  targets: Tensor,
+  shape: BatchShape,
+  accum: number,
+): Pass {
+  const b = model.b;
+  const micro = { batch: shape.batch / accum, seq: shape.seq };
+  const rows = micro.batch * micro.seq;
+  let ce: Tensor | null = null;
+  let total: Tensor | null = null;
+  const perLayer: Tensor[][] = model.moeLayers.map(() => []);
+  for (let k = 0; k < accum; k++) {
+    // The micro-batch's activations go with its arena; its losses (scaled by 1/K) and expert
+    // offsets leave it.
+    const kept = b.scope(() => {
+      const r = model.lossAndGrad(
+        b.rows(ids, k * rows, rows),
+        b.rows(targets, k * rows, rows),
+        micro,
+        1 / accum,
+      );
+      return {
+        ce: b.keep(b.scale(r.ce, 1 / accum)),
+        total: b.keep(b.scale(r.total, 1 / accum)),
+        offsets: model.moeLayers.map((m) => b.keep(m.lastOffsets!)),
+      };
+    });
+    const [c, t] = [b.copy(kept.ce), b.copy(kept.total)]; // in the step's arena
+    b.release(kept.ce);
+    b.release(kept.total);
+    ce = ce ? b.add(ce, c) : c;
+    total = total ? b.add(total, t) : t;
+    kept.offsets.forEach((o, i) => {
+      perLayer[i].push(o);
+    });
+  }
+  return {
+    ce: ce!,
+    total: total!,
+    // The step's offsets are the sums of the micro-batches'. There is no integer add on the device,
+    // so they are summed on the host from the reads the load statistics make anyway (E+1 integers
+    // per layer and micro-batch, once per step) and uploaded for the bias update: the one place
+    // routing data visits the host inside a step (docs/runtime.md rules 1 and 2), only with K > 1.
+    async offsets() {
+      const out: Tensor[] = [];
+      for (const list of perLayer) {
+        const sum = new Int32Array(list[0].size);
+        for (const o of list) {
+          const v = (await o.read()) as Int32Array;
+          for (let e = 0; e < sum.length; e++) sum[e] += v[e];
+          b.release(o);
+        }
+        out.push(b.upload(sum, [sum.length], "i32"));
+      }
+      return out;
+    },
+  };
+}
+
+/** Per-expert token counts from expert offsets. */
+function counts(offsets: Int32Array): number[] {
+  const c: number[] = [];
+  for (let e = 0; e + 1 < offsets.length; e++) c.push(offsets[e + 1] - offsets[e]);
+  return c;
 }

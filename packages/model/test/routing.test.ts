@@ -140,7 +140,12 @@ describe("model", () => {
   });
 
   it("training steps lower the loss and leave no tensor behind", async () => {
-    const m = new DeepSeekModel(b, { ...MICRO, initializer_range: 0.05, embedding_init_std: 0.05 }, presetPolicy("fp8"), 2);
+    const m = new DeepSeekModel(
+      b,
+      { ...MICRO, initializer_range: 0.05, embedding_init_std: 0.05 },
+      presetPolicy("fp8"),
+      2,
+    );
     const opt = new AdamW(b, m.params, { ...ADAMW_DEFAULTS, moments: "bf16" });
     const batch = batchOf(b, MICRO, 2, 8, 9);
     const before = b.stats();

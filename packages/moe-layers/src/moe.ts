@@ -138,8 +138,12 @@ export class MoELayer {
     this.shared?.setPrecision(p);
   }
 
-  /** x: normalised hidden states [B*T, d]; batch/seq are needed by the sequence-wise loss. */
-  forward(x: Tensor, batch: number, seq: number): Tensor {
+  /**
+   * x: normalised hidden states [B*T, d]; batch/seq are needed by the sequence-wise loss, whose
+   * gradient is multiplied by `gradScale` (1/K for one of a step's K micro-batches; the loss itself
+   * is not scaled).
+   */
+  forward(x: Tensor, batch: number, seq: number, gradScale = 1): Tensor {
     const b = this.b;
     const { num_experts_per_tok: k, n_routed_experts: E, routed_scaling_factor: scaling } = this.cfg;
     // The router is FP32 whatever the policy says (docs/numerics.md, "What stays in higher precision").
@@ -152,6 +156,10 @@ export class MoELayer {
     if (this.cfg.seq_aux_alpha > 0) {
       const bl = b.balanceLoss(r.scores, r.topIdx, { batch, seq, alpha: this.cfg.seq_aux_alpha });
       dscores = bl.dscores;
+      if (gradScale !== 1) {
+        dscores = b.scale(bl.dscores, gradScale);
+        b.release(bl.dscores);
+      }
       this.lastBalanceLoss = bl.loss;
     }
     const p = b.moePermute(x, r.topIdx, E);
@@ -216,13 +224,15 @@ export class MoELayer {
    * the op's relative error (mean - n_i) / mean times gamma * k/E. In these units one gamma suits
    * 8 experts top-2 and 64 top-6 alike: the relative error of an overloaded expert reaches E/k - 1,
    * and the loads respond to the bias more steeply the smaller k/E is (docs/model.md, "Balancing").
+   * `offsets`: the step's expert offsets, the last forward's unless a step of several micro-batches
+   * passes their sum.
    */
-  updateBias(): void {
+  updateBias(offsets: Tensor | null = this.lastOffsets): void {
     const { bias_update_speed: gamma, bias_update_rule: rule } = this.cfg;
     const { num_experts_per_tok: k, n_routed_experts: E } = this.cfg;
-    if (!this.lastOffsets || gamma <= 0) return;
+    if (!offsets || gamma <= 0) return;
     const step = rule === "error" ? (gamma * k) / E : gamma;
-    this.b.biasUpdate(this.bias, this.lastOffsets, { gamma: step, rule });
+    this.b.biasUpdate(this.bias, offsets, { gamma: step, rule });
   }
 
   /** Per-expert token counts of the last forward (reads from the device: logging only). */

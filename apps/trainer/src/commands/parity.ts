@@ -112,7 +112,9 @@ export async function trainForParity(
       const r = await b.scope(async () => {
         const ids = b.upload(batch.ids, [batch.ids.length], "i32");
         const tg = b.upload(batch.targets, [batch.targets.length], "i32");
-        return trainStep(s.model, s.opt, ids, tg, { batch: c.batchSize, seq: c.seqLen }, s.lrAt(step));
+        return trainStep(s.model, s.opt, ids, tg, { batch: c.batchSize, seq: c.seqLen }, s.lrAt(step), {
+          accum: c.gradAccum,
+        });
       });
       losses.push(r.loss);
       peak = Math.max(peak, process.memoryUsage().rss);
@@ -210,6 +212,7 @@ export async function parity(argv: string[]): Promise<number> {
   const args = parseArgs(argv, PARITY_FLAGS, ["precision."]);
   const f = args.flags;
   if (f.resume !== undefined) throw new UsageError("parity does not take --resume");
+  if (f.tensorboard !== undefined) throw new UsageError("parity does not take --tensorboard");
   const stepsGiven = f.steps !== undefined;
   const cfg0 = configFromArgs(args);
   const cfg: TrainConfig = { ...cfg0, steps: stepsGiven ? cfg0.steps : 300, evalEvery: 0, saveEvery: 0 };

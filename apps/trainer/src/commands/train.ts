@@ -15,6 +15,7 @@ import { MetricsLog, type StepMetrics, truncateMetrics } from "../run/metrics.ts
 import { formatDuration, progressLine } from "../run/progress.ts";
 import type { Session } from "../run/session.ts";
 import { type RunStart, startNew, startResume } from "../run/start.ts";
+import { TensorBoardWriter } from "../run/tensorboard.ts";
 
 export interface RunState {
   step: number;
@@ -23,17 +24,28 @@ export interface RunState {
   consecutiveBad: number;
 }
 
-/** Mean validation loss over the fixed held-out batches. */
+/**
+ * Mean validation loss over the fixed held-out batches, each evaluated in the run's micro-batches
+ * (--grad-accum) so that validation needs no more memory than a training step: a batch's loss is
+ * its micro-batches' means weighted by their sequences (a small held-out set may give one short
+ * batch).
+ */
 export async function validationLoss(s: Session, data: TrainData, cfg: TrainConfig): Promise<number> {
   const b = s.backend;
+  const T = cfg.seqLen;
+  const microBatch = cfg.batchSize / cfg.gradAccum;
   let sum = 0;
   const batches = await data.validation(cfg.evalBatches);
   for (const batch of batches)
-    sum += await b.scope(async () => {
-      const ids = b.upload(batch.ids, [batch.ids.length], "i32");
-      const tg = b.upload(batch.targets, [batch.targets.length], "i32");
-      return s.model.evalLoss(ids, tg, { batch: cfg.batchSize, seq: cfg.seqLen }).ce.item();
-    });
+    for (let r0 = 0; r0 < batch.batchSize; r0 += microBatch) {
+      const n = Math.min(microBatch, batch.batchSize - r0);
+      const loss = await b.scope(async () => {
+        const ids = b.upload(batch.ids.subarray(r0 * T, (r0 + n) * T), [n * T], "i32");
+        const tg = b.upload(batch.targets.subarray(r0 * T, (r0 + n) * T), [n * T], "i32");
+        return s.model.evalLoss(ids, tg, { batch: n, seq: T }).ce.item();
+      });
+      sum += loss * (n / batch.batchSize); // exactly the loss when the batch is one micro-batch
+    }
   return sum / batches.length;
 }
 
@@ -63,6 +75,7 @@ export async function saveCheckpoint(
       policy: policyToJson(s.policy),
       train_config: cfg,
       tokenizer: data.tokenizer,
+      schedule_from: s.schedule.from,
     },
     tokenizer: data.textTokenizer,
   });
@@ -89,6 +102,10 @@ function afterWriteFailure(err: unknown, runDir: string, lastGood: string | null
   return new UsageError(
     `${err.message}; ${lastGood ? `the last good checkpoint is ${lastGood}` : "no checkpoint was completed"} (free space, then --resume ${runDir})`,
   );
+}
+
+function writeConfig(runDir: string, cfg: TrainConfig): void {
+  writeFileDurable(join(runDir, "config.json"), `${JSON.stringify(cfg, null, 2)}\n`);
 }
 
 export async function train(argv: string[]): Promise<number> {
@@ -132,9 +149,12 @@ export async function train(argv: string[]): Promise<number> {
       `\n${sig}: finishing the current step, then writing a checkpoint (${sig} again exits at once)`,
     );
   };
+  let tb: TensorBoardWriter | null = null;
   const sigint = () => onSignal("SIGINT");
   const sigterm = () => onSignal("SIGTERM");
   try {
+    // A resumed run given another length or other outputs: config.json says what it now is.
+    if (start.configChanged) guarded(() => writeConfig(runDir, cfg));
     if (from) {
       restore(s, from.files, st);
       // Lines past the checkpoint were written by the interrupted process; they are repeated now.
@@ -142,31 +162,47 @@ export async function train(argv: string[]): Promise<number> {
       console.log(`resuming ${runDir} from ${from.dir} (step ${st.step}/${cfg.steps})`);
     } else
       guarded(() => {
-        writeFileDurable(join(runDir, "config.json"), `${JSON.stringify(cfg, null, 2)}\n`);
+        writeConfig(runDir, cfg);
         metrics.reset();
       });
+    // A new event file for every process: a resumed run's continues the curves (tensorboard.ts).
+    tb = start.tensorboard ? guarded(() => TensorBoardWriter.open(start.tensorboard!, st.step + 1)) : null;
     process.on("SIGINT", sigint);
     process.on("SIGTERM", sigterm);
-    return await loop(start, st, metrics, writes, () => stop, f["trace-precision"] === true);
+    return await loop(start, st, metrics, tb, writes, () => stop, f["trace-precision"] === true);
   } finally {
     process.off("SIGINT", sigint);
     process.off("SIGTERM", sigterm);
+    tb?.close();
     s.dispose();
     lock.release();
   }
 }
 
+/** `tiny`, or `tiny with vocab_size 1000, num_hidden_layers 2` for a preset with changed fields. */
+function modelLabel(m: TrainConfig["model"]): string {
+  if (typeof m === "string") return m;
+  const { base, ...fields } = m;
+  const changed = Object.entries(fields).map(([k, v]) => `${k} ${v}`);
+  return changed.length ? `${base} with ${changed.join(", ")}` : base;
+}
+
 async function loop(
-  { cfg, runDir, session: s, data, from }: RunStart,
+  { cfg, runDir, session: s, data, from, vocabTaken, tensorboard }: RunStart,
   st: RunState,
   metrics: MetricsLog,
+  tb: TensorBoardWriter | null,
   { guarded, checkpoint: save }: Writes,
   stopped: () => string | null,
   tracePrecision: boolean,
 ): Promise<number> {
   const tokensPerStep = cfg.batchSize * cfg.seqLen;
+  const accum =
+    cfg.gradAccum > 1
+      ? ` (${cfg.gradAccum} micro-batches of ${cfg.batchSize / cfg.gradAccum} x ${cfg.seqLen})`
+      : "";
   console.log(
-    `training ${typeof cfg.model === "string" ? cfg.model : "custom"} on ${s.backend.name}, precision ${cfg.precision}, ${cfg.steps} steps of ${tokensPerStep} tokens, data ${data.description}, out ${runDir}`,
+    `training ${modelLabel(cfg.model)}${vocabTaken ? ` (${vocabTaken})` : ""} on ${s.backend.name}, precision ${cfg.precision}, ${cfg.steps} steps of ${tokensPerStep} tokens${accum}, data ${data.description}, out ${runDir}${tensorboard ? `, tensorboard ${tensorboard}` : ""}`,
   );
   const b = s.backend;
   const t0 = performance.now();
@@ -182,6 +218,7 @@ async function loop(
       const fp8Stats = (st.step + 1) % cfg.logEvery === 0;
       return trainStep(s.model, s.opt, ids, tg, { batch: cfg.batchSize, seq: cfg.seqLen }, lr, {
         fp8Stats,
+        accum: cfg.gradAccum,
       });
     });
     st.step++;
@@ -220,7 +257,10 @@ async function loop(
         st.bestStep = st.step;
       }
     }
-    guarded(() => metrics.append(m));
+    guarded(() => {
+      metrics.append(m);
+      tb?.append(m);
+    });
     if (st.consecutiveBad >= cfg.maxBadSteps)
       throw new UsageError(
         `${st.consecutiveBad} consecutive steps with a non-finite loss or gradient; stopping (the last good checkpoint is intact)`,

@@ -89,6 +89,11 @@ export const TrainConfigSchema = z
     balance: BalanceSchema.default({}),
     steps: pos(1e9),
     batchSize: pos(2 ** 16),
+    /**
+     * Micro-batches per optimizer step (gradient accumulation); batchSize stays the step's whole
+     * batch and must be a multiple of it. Absent from configs written before it existed: 1.
+     */
+    gradAccum: pos(2 ** 16).default(1),
     seqLen: pos(2 ** 22),
     /** Adam moves each weight by up to lr a step: above 10 every run diverges in its first steps. */
     lr: z.number().positive().max(10),
@@ -115,6 +120,11 @@ export const TrainConfigSchema = z
       .record(z.string().max(64), z.string().max(64))
       .refine((o) => Object.keys(o).length <= 64, "at most 64 precision overrides"),
     data: z.string().min(1).max(4096).nullable(),
+    /**
+     * Where TensorBoard event files go: null for the run folder's `tensorboard/`, a folder, or "off".
+     * Absent from configs written before it existed: null.
+     */
+    tensorboard: z.string().min(1).max(4096).nullable().default(null),
     valFraction: z.number().gt(0).lt(1),
   })
   .strict();
@@ -126,6 +136,7 @@ export const DEFAULTS: TrainConfig = {
   balance: {},
   steps: 600,
   batchSize: STEP_SHAPES.tiny.batch,
+  gradAccum: 1,
   seqLen: STEP_SHAPES.tiny.seqLen,
   lr: 3e-3,
   minLrRatio: 0.1,
@@ -148,13 +159,32 @@ export const DEFAULTS: TrainConfig = {
   precision: "fp8",
   precisionOverrides: {},
   data: null,
+  tensorboard: null,
   valFraction: 0.02,
 };
 
+/**
+ * The first issue, looking into a union (`model`: a preset name or an object of fields) for the
+ * alternative that got furthest into the value, so that a bad field of the object is named.
+ */
+function firstIssue(err: z.ZodError): { issue: z.core.$ZodIssue; path: PropertyKey[] } {
+  let issue = err.issues[0];
+  let path = [...issue.path];
+  while (issue.code === "invalid_union" && issue.errors.length) {
+    const deepest = issue.errors.reduce((a, b) =>
+      (b[0]?.path.length ?? 0) > (a[0]?.path.length ?? 0) ? b : a,
+    );
+    if (!deepest[0]?.path.length) break;
+    issue = deepest[0];
+    path = [...path, ...issue.path];
+  }
+  return { issue, path };
+}
+
 /** One line for the first zod issue: the field path and what is wrong with it. */
 export function zodMessage(source: string, err: z.ZodError): string {
-  const i = err.issues[0];
-  const path = i.path.join(".");
+  const { issue: i, path: keys } = firstIssue(err);
+  const path = keys.map(String).join(".");
   if (i.code === "unrecognized_keys")
     return `${source}: unknown key${i.keys.length > 1 ? "s" : ""} ${i.keys
       .slice(0, 5)
@@ -169,7 +199,12 @@ export function parseConfig(raw: unknown, source: string): TrainConfig {
   // A preset model brings its own step shape (small: 8 x 2048 tokens) unless batch or length is given.
   const m = r.data.model;
   const shape = m === "tiny" || m === "small" ? STEP_SHAPES[m] : undefined;
-  return { ...DEFAULTS, ...(shape ? { batchSize: shape.batch, seqLen: shape.seqLen } : {}), ...r.data };
+  const c = { ...DEFAULTS, ...(shape ? { batchSize: shape.batch, seqLen: shape.seqLen } : {}), ...r.data };
+  if (c.batchSize % c.gradAccum !== 0)
+    throw new UsageError(
+      `${source}: gradAccum: ${c.gradAccum} micro-batches do not divide the batch of ${c.batchSize} sequences (batchSize is the whole step's batch)`,
+    );
+  return c;
 }
 
 /** A config is a few hundred bytes; 1 MiB bounds what a hostile one makes us read. */

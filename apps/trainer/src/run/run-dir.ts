@@ -16,6 +16,7 @@ const RUN_ENTRIES = new Set([
   "loss.svg",
   "expert-load.svg",
   "checkpoints",
+  "tensorboard",
   LOCK_FILE,
 ]);
 /** Temporaries of the durable writes (io.ts) and of a lock being taken over. */

@@ -2,16 +2,18 @@
 import { type PrecisionPolicy, parsePolicy } from "@moe8/fp8-core";
 import { createBackend } from "@moe8/kernels";
 import { DeepSeekModel, type ModelConfig } from "@moe8/model";
-import { ADAMW_DEFAULTS, AdamW, learningRate, type ScheduleConfig } from "@moe8/optimizer";
+import { ADAMW_DEFAULTS, AdamW } from "@moe8/optimizer";
 import type { Backend } from "@moe8/tensor";
 import type { TrainConfig } from "./config.ts";
+import { lrAt, type RunSchedule, runSchedule } from "./schedule.ts";
 
 export interface Session {
   backend: Backend;
   policy: PrecisionPolicy;
   model: DeepSeekModel;
   opt: AdamW;
-  schedule: ScheduleConfig;
+  /** The learning-rate schedule; a resumed run whose length changed replaces it (schedule.ts). */
+  schedule: RunSchedule;
   lrAt(step: number): number;
   dispose(): void;
 }
@@ -35,21 +37,15 @@ export function buildSession(cfg: TrainConfig, modelCfg: ModelConfig, backend?: 
     clip: cfg.clip,
     moments: policy.optimizer.moments,
   });
-  const schedule: ScheduleConfig = {
-    kind: cfg.schedule,
-    peak: cfg.lr,
-    warmup: cfg.warmup,
-    total: cfg.steps,
-    minRatio: cfg.minLrRatio,
-    decayFraction: cfg.decayFraction,
-  };
   return {
     backend: b,
     policy,
     model,
     opt,
-    schedule,
-    lrAt: (step) => learningRate(schedule, step),
+    schedule: runSchedule(cfg),
+    lrAt(step) {
+      return lrAt(this.schedule, step);
+    },
     dispose() {
       opt.dispose();
       model.dispose();

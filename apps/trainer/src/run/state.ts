@@ -41,6 +41,15 @@ export const TrainerStateSchema = z
     train_config: TrainConfigSchema,
     /** Absent in checkpoints written before it was recorded. */
     tokenizer: TokenizerIdSchema.nullable().optional(),
+    /**
+     * Where the run's length was changed by `--resume --steps` (run/schedule.ts): the learning rate
+     * continues from this step's. Absent or null: the run has its first length.
+     */
+    schedule_from: z
+      .object({ step: count, lr: z.number().nonnegative().max(10) })
+      .strict()
+      .nullable()
+      .optional(),
   })
   .strict();
 
@@ -54,6 +63,8 @@ export function parseTrainerState(raw: unknown, source: string): TrainerState {
     throw new UsageError(`${source}: step ${s.step} is past the run's ${s.train_config.steps} steps`);
   if (s.optimizer_step > s.step)
     throw new UsageError(`${source}: optimizer_step ${s.optimizer_step} is past step ${s.step}`);
+  if (s.schedule_from && s.schedule_from.step > s.step)
+    throw new UsageError(`${source}: schedule_from.step ${s.schedule_from.step} is past step ${s.step}`);
   if (s.best_step !== null && s.best_step > s.step)
     throw new UsageError(`${source}: best_step ${s.best_step} is past step ${s.step}`);
   return s;

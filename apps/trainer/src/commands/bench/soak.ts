@@ -30,7 +30,9 @@ export async function benchSoak(flags: Record<string, unknown>): Promise<number>
     await b.scope(async () => {
       const ids = b.upload(batch.ids, [batch.ids.length], "i32");
       const tg = b.upload(batch.targets, [batch.targets.length], "i32");
-      return trainStep(s.model, s.opt, ids, tg, { batch: cfg.batchSize, seq: cfg.seqLen }, s.lrAt(step));
+      return trainStep(s.model, s.opt, ids, tg, { batch: cfg.batchSize, seq: cfg.seqLen }, s.lrAt(step), {
+        accum: cfg.gradAccum,
+      });
     });
     if (step % every === 0 || step === 1) {
       const m = {

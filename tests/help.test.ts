@@ -8,6 +8,7 @@ import { EXPORT_FLAGS } from "../apps/trainer/src/commands/export.ts";
 import { PARITY_FLAGS } from "../apps/trainer/src/commands/parity.ts";
 import { PREPARE_DATA_FLAGS } from "../apps/trainer/src/commands/prepare-data.ts";
 import { SAMPLE_FLAGS } from "../apps/trainer/src/commands/sample.ts";
+import { describe as describeFlag } from "../apps/trainer/src/help.ts";
 import { TRAIN_FLAGS } from "../apps/trainer/src/run/flags.ts";
 import { cli } from "./helpers.ts";
 
@@ -42,6 +43,9 @@ describe("--help", () => {
       const dotted = shown.filter((m) => m[2]).map((m) => m[1]);
       if (command === "train" || command === "parity") expect(dotted).toContain("precision.");
       else expect(dotted).toEqual([]);
+      // Every flag says what it does.
+      const bare = Object.keys(table).filter((f) => describeFlag(f) === "");
+      expect(bare, `${command}: flags without a description in apps/trainer/src/help.ts`).toEqual([]);
     });
 
   it("--help after other flags still prints help, and an unknown flag is still refused", () => {

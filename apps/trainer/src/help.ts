@@ -1,6 +1,7 @@
 // `moe8 <command> --help`: the command's flags, listed from the table its parser was given (a
-// HelpRequest carries it), with a line on each flag from the descriptions below. A flag without a
-// description is still listed: the table, not this file, decides what a command accepts.
+// HelpRequest carries it), with a line on each flag from the descriptions below (tests/help.test.ts
+// checks that every flag has one; `--model.<field>` flags share one). The table, not this file,
+// decides what a command accepts.
 import type { FlagKind, HelpRequest } from "./args.ts";
 
 const DESCRIPTIONS: Record<string, string> = {
@@ -21,6 +22,7 @@ const DESCRIPTIONS: Record<string, string> = {
   dtype: "weights of the exported model.safetensors: bf16 (default) or f32",
   "eval-batches": "held-out batches per validation",
   "eval-every": "steps between validations (0: never)",
+  "grad-accum": "micro-batches per step: --batch-size split in K pieces (less memory, the same step)",
   input:
     "a .txt, .md, .jsonl (also .gz), .parquet or .arrow file, a text file, a folder, or a datasets save_to_disk folder",
   json: "print the result as JSON",
@@ -28,6 +30,7 @@ const DESCRIPTIONS: Record<string, string> = {
   "log-every": "steps between progress lines",
   lr: "peak learning rate",
   "max-bad-steps": "stop after this many non-finite steps in a row",
+  "model.base": "the preset the --model.* fields change: tiny or small",
   "no-kv-cache": "run the whole context again for every token (slow; to check the KV cache)",
   "num-samples": "independent samples generated from the prompt",
   out: "output folder",
@@ -46,6 +49,7 @@ const DESCRIPTIONS: Record<string, string> = {
   "shard-bytes": "target size of each Arrow shard",
   steps: "number of steps",
   sweep: "compare each choice of the recipe on its own",
+  tensorboard: "TensorBoard event files: a folder, or off (default: the run folder's tensorboard/)",
   temperature: "sampling temperature (0: greedy)",
   "text-field": "JSONL/Parquet/Arrow column holding the text (default text)",
   tokenizer: "byte, bpe:N (train a BPE of N tokens) or a tokenizer.json",
@@ -66,10 +70,17 @@ const VALUE: Record<FlagKind, string> = {
   list: " VALUE",
 };
 
+/** A flag's line; each `--model.<field>` is that field of the model config (docs/model.md). */
+export function describe(flag: string): string {
+  if (DESCRIPTIONS[flag]) return DESCRIPTIONS[flag];
+  if (flag.startsWith("model.")) return `the model config's ${flag.slice(6)} (docs/model.md, "Configs")`;
+  return "";
+}
+
 export function helpText(command: string, help: HelpRequest): string {
   const rows = Object.entries(help.spec).map(([name, kind]) => [
     `--${name}${VALUE[kind]}`,
-    `${DESCRIPTIONS[name] ?? ""}${kind === "list" ? " (repeatable)" : ""}`,
+    `${describe(name)}${kind === "list" ? " (repeatable)" : ""}`,
   ]);
   for (const p of help.dottedPrefixes) rows.push([`--${p}<name>=VALUE`, "override one part of the preset"]);
   const width = Math.max(...rows.map(([f]) => f.length)) + 2;

@@ -22,7 +22,7 @@ const DESCRIPTIONS: Record<string, string> = {
   dtype: "weights of the exported model.safetensors: bf16 (default) or f32",
   "eval-batches": "held-out batches per validation",
   "eval-every": "steps between validations (0: never)",
-  "grad-accum": "micro-batches per step: --batch-size split in K pieces (less memory, the same step)",
+  "grad-accum": "micro-batches per step: --batch-size split in N pieces (less memory, the same step)",
   input:
     "a .txt, .md, .jsonl (also .gz), .parquet or .arrow file, a text file, a folder, or a datasets save_to_disk folder",
   json: "print the result as JSON",

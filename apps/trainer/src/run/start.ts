@@ -6,7 +6,7 @@
 // checkpoint starts again from step 0.
 import { existsSync, statSync } from "node:fs";
 import { basename, dirname, join } from "node:path";
-import { clip, DEFAULT_DATASET_DIR, readManifest, readRegularFileSync } from "@moe8/data";
+import { clip, DEFAULT_DATASET_DIR, readManifest, readRegularFileSync, refuseRawInput } from "@moe8/data";
 import { UsageError } from "@moe8/fp8-core";
 import { createBackend } from "@moe8/kernels";
 import type { ModelConfig } from "@moe8/model";
@@ -88,6 +88,7 @@ async function datasetTokenizer(cfg: TrainConfig): Promise<TokenizerId | null> {
     return null; // opening the data names the problem
   }
   if (!st) return null;
+  refuseRawInput(path, st.isDirectory()); // raw text: the error that points to prepare-data
   const manifest = st.isDirectory()
     ? await readManifest(path)
     : await readManifest(dirname(path)).then(

@@ -1,3 +1,4 @@
+export { type Collectives, SINGLE_PROCESS } from "./collectives.ts";
 export { CONFIGS, countParams, type ModelConfig, STEP_SHAPES } from "./config.ts";
 export { type GenerateOptions, generate, generateByRecompute } from "./generate.ts";
 export { fromHfConfig, hfConfig, hfConfigText } from "./hf.ts";
@@ -11,4 +12,4 @@ export {
   type SamplingOptions,
 } from "./sampling.ts";
 export { checkpointTensorShapes } from "./tensor-shapes.ts";
-export { type StepResult, trainStep } from "./train-step.ts";
+export { type StepOptions, type StepResult, trainStep } from "./train-step.ts";

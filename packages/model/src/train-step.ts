@@ -7,9 +7,15 @@
 // every gradient scaled by 1/K so that they sum to the whole batch's mean-loss gradient. The step is
 // the whole batch's: its loss is the mean of the micro-batches' means (all of one size), and the
 // bias update and the load statistics use the expert loads summed over the micro-batches.
+//
+// Data parallel (`collectives` of size N > 1): each rank passes its slice of the step's batch (the
+// same number of sequences on every rank); gradients and losses are scaled by 1/N and summed over
+// the ranks, the expert offsets summed, so every rank clips, updates and balances with the whole
+// step's numbers and the replicas stay identical (the same bits on every rank).
 import { type LoadStats, loadStats } from "@moe8/moe-layers";
 import type { AdamW } from "@moe8/optimizer";
 import type { Tensor } from "@moe8/tensor";
+import { type Collectives, SINGLE_PROCESS } from "./collectives.ts";
 import type { BatchShape, DeepSeekModel } from "./model.ts";
 
 export interface StepResult {
@@ -31,9 +37,14 @@ export interface StepOptions {
   fp8Stats?: boolean;
   /** Micro-batches per step (gradient accumulation); `shape.batch` must be a multiple of it. */
   accum?: number;
+  /** The data-parallel group (default: this process alone); `ids` is then this rank's slice. */
+  collectives?: Collectives;
 }
 
-/** `ids` and `targets` hold the whole step's batch (`shape`), whatever `accum` is. */
+/**
+ * `ids` and `targets` hold the whole step's batch (`shape`), whatever `accum` is; under data
+ * parallelism, this rank's part of it.
+ */
 export async function trainStep(
   model: DeepSeekModel,
   opt: AdamW,
@@ -46,16 +57,22 @@ export async function trainStep(
   const b = model.b;
   const flow = model.trace.flow;
   const accum = opts.accum ?? 1;
+  const group = opts.collectives ?? SINGLE_PROCESS;
   if (!Number.isInteger(accum) || accum < 1 || shape.batch % accum !== 0)
     throw new Error(`trainStep: batch ${shape.batch} is not a multiple of accum ${accum}`);
   return b.scope(async () => {
     flow.enabled = !!opts.fp8Stats;
     opt.zeroGrad();
+    const share = 1 / group.size;
     const pass =
-      accum === 1 ? wholeBatch(model, ids, targets, shape) : microBatches(model, ids, targets, shape, accum);
+      accum === 1
+        ? wholeBatch(model, ids, targets, shape, share)
+        : microBatches(model, ids, targets, shape, accum, share);
+    const offsets = await pass.offsets();
+    if (group.size > 1)
+      await group.allReduceSum([...opt.params.map((p) => p.grad), pass.ce, pass.total, ...offsets]);
     const { norm, scale } = opt.gradNorm();
     const [loss, totalLoss, gradNorm] = [await pass.ce.item(), await pass.total.item(), await norm.item()];
-    const offsets = await pass.offsets();
     const skipped = !Number.isFinite(totalLoss) || !Number.isFinite(gradNorm);
     if (!skipped) {
       opt.update(lr, scale);
@@ -79,8 +96,17 @@ interface Pass {
   offsets(): Promise<Tensor[]>;
 }
 
-function wholeBatch(model: DeepSeekModel, ids: Tensor, targets: Tensor, shape: BatchShape): Pass {
-  const { ce, total } = model.lossAndGrad(ids, targets, shape);
+/** share: this rank's part of the step (1 / ranks), applied to the gradients and the losses. */
+function wholeBatch(
+  model: DeepSeekModel,
+  ids: Tensor,
+  targets: Tensor,
+  shape: BatchShape,
+  share: number,
+): Pass {
+  const b = model.b;
+  const r = model.lossAndGrad(ids, targets, shape, share);
+  const [ce, total] = share === 1 ? [r.ce, r.total] : [b.scale(r.ce, share), b.scale(r.total, share)];
   const offsets = model.moeLayers.map((m) => m.lastOffsets!);
   return { ce, total, offsets: async () => offsets };
 }
@@ -91,6 +117,7 @@ function microBatches(
   targets: Tensor,
   shape: BatchShape,
   accum: number,
+  share: number,
 ): Pass {
   const b = model.b;
   const micro = { batch: shape.batch / accum, seq: shape.seq };
@@ -106,11 +133,11 @@ function microBatches(
         b.rows(ids, k * rows, rows),
         b.rows(targets, k * rows, rows),
         micro,
-        1 / accum,
+        share / accum,
       );
       return {
-        ce: b.keep(b.scale(r.ce, 1 / accum)),
-        total: b.keep(b.scale(r.total, 1 / accum)),
+        ce: b.keep(b.scale(r.ce, share / accum)),
+        total: b.keep(b.scale(r.total, share / accum)),
         offsets: model.moeLayers.map((m) => b.keep(m.lastOffsets!)),
       };
     });

@@ -17,6 +17,8 @@ export interface Collectives {
    * fixed (rank 0 + rank 1 + ...), so every rank gets the same bits.
    */
   allReduceSum(tensors: Tensor[]): Promise<void>;
+  /** In place: tensor i becomes rank roots[i]'s tensor i on every rank (each rank passes the same list). */
+  broadcast(tensors: Tensor[], roots: number[]): Promise<void>;
 }
 
 /** The group of one process: every collective leaves its tensors as they are. */
@@ -24,4 +26,5 @@ export const SINGLE_PROCESS: Collectives = {
   rank: 0,
   size: 1,
   async allReduceSum() {},
+  async broadcast() {},
 };

@@ -11,7 +11,8 @@
 // Data parallel (`collectives` of size N > 1): each rank passes its slice of the step's batch (the
 // same number of sequences on every rank); gradients and losses are scaled by 1/N and summed over
 // the ranks, the expert offsets summed, so every rank clips, updates and balances with the whole
-// step's numbers and the replicas stay identical (the same bits on every rank).
+// step's numbers and the replicas stay identical (the same bits on every rank). With a sharded
+// optimiser (ZeRO-1) each rank updates the parameters it owns and broadcasts them.
 import { type LoadStats, loadStats } from "@moe8/moe-layers";
 import type { AdamW } from "@moe8/optimizer";
 import type { Tensor } from "@moe8/tensor";
@@ -76,6 +77,12 @@ export async function trainStep(
     const skipped = !Number.isFinite(totalLoss) || !Number.isFinite(gradNorm);
     if (!skipped) {
       opt.update(lr, scale);
+      // ZeRO-1: each parameter was updated by its owner only; every rank takes the owner's values.
+      if (opt.shard && group.size > 1)
+        await group.broadcast(
+          opt.params.map((p) => p.value),
+          opt.owners,
+        );
       model.moeLayers.forEach((m, i) => {
         m.updateBias(offsets[i]);
       });

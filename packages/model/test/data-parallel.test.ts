@@ -4,7 +4,8 @@
 // losses and gradient norms agree to f32 re-association (the batch's mean is summed in another
 // order), the first step's expert loads exactly, and the replicas never drift apart (every rank
 // holds the same bits). fp32, so that no quantisation group spans two ranks' rows (under fp8 the
-// 128-token column tiles of Wgrad would).
+// 128-token column tiles of Wgrad would). With the optimiser state sharded (ZeRO-1) the run is the
+// same bit for bit, and each rank holds its share of the state.
 import { presetPolicy } from "@moe8/fp8-core";
 import { ADAMW_DEFAULTS, AdamW } from "@moe8/optimizer";
 import { type Backend, TsBackend } from "@moe8/tensor";
@@ -24,16 +25,19 @@ interface Run {
   norms: number[];
   loads: number[][][];
   weights: Float32Array[];
+  /** Optimiser state elements this rank holds. */
+  state: number;
 }
 
 /** `ranks` replicas, each on its own backend, training STEPS steps on their slices of one batch. */
-async function train(ranks: number, accum = 1): Promise<Run[]> {
+async function train(ranks: number, accum = 1, zero1 = false): Promise<Run[]> {
   const group: Collectives[] = ranks === 1 ? [SINGLE_PROCESS] : localGroup(ranks);
   const replicas = group.map((g) => {
     const b: Backend = new TsBackend();
     const model = new DeepSeekModel(b, MICRO, presetPolicy("fp32"), 11);
-    const opt = new AdamW(b, model.params, ADAMW_DEFAULTS);
-    return { g, b, model, opt, run: { losses: [], norms: [], loads: [], weights: [] } as Run };
+    const opt = new AdamW(b, model.params, ADAMW_DEFAULTS, zero1 ? { rank: g.rank, size: g.size } : null);
+    const run: Run = { losses: [], norms: [], loads: [], weights: [], state: opt.stateElements };
+    return { g, b, model, opt, run };
   });
   const rows = (BATCH / ranks) * SEQ;
   for (let s = 0; s < STEPS; s++)
@@ -80,6 +84,26 @@ describe("data parallel: ranks summed through the collectives", () => {
       expect(maxRelDiff(runs[0].losses, one.losses), what).toBeLessThan(1e-5);
       expect(maxRelDiff(runs[0].norms, one.norms), what).toBeLessThan(1e-4);
       expect(runs[0].loads[0], what).toEqual(one.loads[0]);
+    }
+  }, 120_000);
+
+  it("ZeRO-1: each rank holds about 1/N of the optimiser state and training is bit for bit the same", async () => {
+    const [one] = await train(1);
+    for (const ranks of [2, 4]) {
+      const plain = await train(ranks);
+      const sharded = await train(ranks, 1, true);
+      for (const r of sharded) {
+        expect(r.losses).toEqual(plain[0].losses);
+        expect(r.norms).toEqual(plain[0].norms);
+        r.weights.forEach((w, i) => {
+          expect(w, `${ranks} ranks: parameter ${i}`).toEqual(plain[0].weights[i]);
+        });
+      }
+      // The shards partition the state: together the whole, each within one parameter of 1/N.
+      const states = sharded.map((r) => r.state);
+      expect(states.reduce((a, x) => a + x, 0)).toBe(one.state);
+      const largest = 2 * Math.max(...one.weights.map((w) => w.length));
+      for (const st of states) expect(Math.abs(st - one.state / ranks)).toBeLessThanOrEqual(largest);
     }
   }, 120_000);
 

@@ -2,6 +2,11 @@
 // moments in BF16). Decoupled weight decay only for parameters marked `decay` (not norms; the MoE
 // correction bias is not a parameter at all). Global-norm clipping happens on the device: the clip
 // factor is a tensor the update reads, so the host never waits inside a step.
+//
+// Sharded (ZeRO-1, `shard` = this rank of a data-parallel group): each parameter has one owner rank
+// (`owners`, whole parameters balanced by size), and a rank keeps moments for, and updates, only the
+// parameters it owns; the step then gives every rank the owners' new values (trainStep's
+// broadcast). The optimiser state of a rank is about 1/N of the whole.
 import { encodeBf16, type MomentPrecision } from "@moe8/fp8-core";
 import type { Backend, Param, Tensor } from "@moe8/tensor";
 
@@ -30,20 +35,58 @@ interface Slot {
   v: Tensor;
 }
 
+/** This rank of a data-parallel group over which the optimiser state is sharded. */
+export interface OptimizerShard {
+  rank: number;
+  size: number;
+}
+
+/**
+ * The owner rank of each parameter: largest first, each to the rank owning the fewest elements so
+ * far (the lowest rank on ties), so that the shards' sizes differ by at most one parameter.
+ */
+export function shardOwners(sizes: number[], ranks: number): number[] {
+  const load = new Array<number>(ranks).fill(0);
+  const owners = new Array<number>(sizes.length).fill(0);
+  const order = sizes.map((_, i) => i).sort((a, b) => sizes[b] - sizes[a] || a - b);
+  for (const i of order) {
+    const r = load.indexOf(Math.min(...load));
+    owners[i] = r;
+    load[r] += sizes[i];
+  }
+  return owners;
+}
+
 export class AdamW {
   step = 0;
   private slots: Slot[];
+  /** Each parameter's owner rank (all 0 without a shard). */
+  readonly owners: number[];
 
   constructor(
     readonly b: Backend,
     readonly params: Param[],
     readonly cfg: AdamWConfig,
+    readonly shard: OptimizerShard | null = null,
   ) {
-    this.slots = params.map((param) => ({
-      param,
-      m: b.keep(b.zeros(param.value.shape, cfg.moments)),
-      v: b.keep(b.zeros(param.value.shape, cfg.moments)),
-    }));
+    this.owners = shard
+      ? shardOwners(
+          params.map((p) => p.value.size),
+          shard.size,
+        )
+      : params.map(() => 0);
+    this.slots = params
+      .filter((_, i) => this.owners[i] === (shard?.rank ?? 0))
+      .map((param) => ({
+        param,
+        m: b.keep(b.zeros(param.value.shape, cfg.moments)),
+        v: b.keep(b.zeros(param.value.shape, cfg.moments)),
+      }));
+  }
+
+  /** Elements of optimiser state this rank holds (both moments). */
+  get stateElements(): number {
+    return this.slots.reduce((n, s) => n + s.m.size + s.v.size, 0);
   }
 
   /** The global gradient norm and the clip factor, as one-element device tensors. */
@@ -54,7 +97,7 @@ export class AdamW {
     );
   }
 
-  /** One update of every parameter at learning rate `lr`, gradients multiplied by `gradScale`. */
+  /** One update of every parameter (this rank's, when sharded) at learning rate `lr`, gradients multiplied by `gradScale`. */
   update(lr: number, gradScale: Tensor): void {
     this.step++;
     const c = this.cfg;

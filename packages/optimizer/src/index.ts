@@ -1,2 +1,2 @@
-export { ADAMW_DEFAULTS, AdamW, type AdamWConfig } from "./adamw.ts";
+export { ADAMW_DEFAULTS, AdamW, type AdamWConfig, type OptimizerShard, shardOwners } from "./adamw.ts";
 export { learningRate, type ScheduleConfig } from "./schedule.ts";

@@ -1,13 +1,15 @@
 // The `cpu` backend: host tensors (the same lifetimes as `ts`) with every op running in the native
 // addon (Rust, rayon, SIMD). Inputs are passed as the tensors' own typed arrays (no copies) and
-// outputs are allocated here and written in place by the kernels. The semantics are those of the
-// `ts` reference backend, which the shared op suite checks.
+// outputs are taken here from the buffer pool (cpu-pool.ts: released tensors give their storage
+// back to it) and written in place by the kernels. The semantics are those of the `ts` reference
+// backend, which the shared op suite checks.
 import {
   type AdamWOptions,
   type AttentionOptions,
   type Backend,
   type BiasUpdateOptions,
   batchDims,
+  type DType,
   type Fp8Format,
   f32,
   type GroupedMatmulOptions,
@@ -19,17 +21,20 @@ import {
   i32,
   isFp8,
   type MatmulOptions,
+  numel,
   type PermuteResult,
   type QuantizeOptions,
   type RopeOptions,
   type RouterResult,
   requantizeViaF32,
+  rowSpan,
   sameShape,
   scaleCount,
   type Tensor,
   u8,
 } from "@moe8/tensor";
 import type { AttentionDims, Fp8Operand } from "../native.d.cts";
+import { HostBufferPool, type PoolStats } from "./cpu-pool.ts";
 import { type NativeAddon, requireNative } from "./index.ts";
 
 const EMPTY_F32 = new Float32Array(0);
@@ -58,10 +63,57 @@ function fp8Operand(t: Tensor, what: string, c: Float32Array): Fp8Operand {
 export class CpuBackend extends HostLifetimes implements Backend {
   readonly name = "cpu" as const;
   private readonly n: NativeAddon;
+  private readonly pool = new HostBufferPool();
 
   constructor() {
     super();
     this.n = requireNative();
+  }
+
+  // --- storage (docs/runtime.md rule 6) ----------------------------------------------------------
+  /** A zero-filled tensor with pooled storage (what `zeros` and every op output get). */
+  protected override alloc(shape: readonly number[], dtype: DType = "f32"): Tensor {
+    return this.wrap(this.pool.take(dtype, numel(shape), "zeroed"), shape, dtype);
+  }
+
+  /** Hands a released tensor's storage back to the pool (a view's storage is its base's). */
+  protected override freeStorage(t: Tensor): void {
+    if (ArrayBuffer.isView(t.storage)) this.pool.give(t.storage as HostArray);
+  }
+
+  /** A pooled tensor holding a copy of `data`. */
+  private copyOf(data: HostArray, shape: readonly number[], dtype: DType): Tensor {
+    const a = this.pool.take(dtype, data.length, "any");
+    a.set(data as never);
+    return this.wrap(a, shape, dtype);
+  }
+
+  /** A one-element f32 tensor (losses, norms). */
+  private scalar(v: number): Tensor {
+    const t = this.alloc([1]);
+    f32(t)[0] = v;
+    return t;
+  }
+
+  override upload(data: HostArray, shape: readonly number[], dtype: DType = "f32"): Tensor {
+    if (data.length !== numel(shape)) throw new Error(`data of ${data.length} elements for shape [${shape}]`);
+    return this.copyOf(data, shape, dtype);
+  }
+
+  override rows(t: Tensor, start: number, count: number): Tensor {
+    const w = rowSpan(t, start, count, "rows");
+    const src = host(t).subarray(start * w, (start + count) * w) as HostArray;
+    return this.copyOf(src, [count, ...t.shape.slice(1)], t.dtype);
+  }
+
+  /** The buffer pool's counters: a steady-state step must not add misses (test/cpu-pool.test.ts). */
+  poolStats(): PoolStats {
+    return this.pool.stats();
+  }
+
+  /** Returns the pool's free buffers to the garbage collector (after a run, or between phases). */
+  trimPool(): void {
+    this.pool.trim();
   }
 
   // --- elementwise -----------------------------------------------------------------------------
@@ -89,7 +141,7 @@ export class CpuBackend extends HostLifetimes implements Backend {
   }
 
   copy(t: Tensor): Tensor {
-    return this.wrap(host(t).slice(), t.shape, t.dtype);
+    return this.copyOf(host(t), t.shape, t.dtype);
   }
 
   cast(t: Tensor, dtype: "f32" | "bf16"): Tensor {
@@ -108,7 +160,7 @@ export class CpuBackend extends HostLifetimes implements Backend {
   }
 
   sum(t: Tensor): Tensor {
-    return this.wrap(Float32Array.of(this.n.sumF32(f32(t))), [1], "f32");
+    return this.scalar(this.n.sumF32(f32(t)));
   }
 
   // --- quantisation ----------------------------------------------------------------------------
@@ -117,23 +169,25 @@ export class CpuBackend extends HostLifetimes implements Backend {
     const format: Fp8Format = opts.format ?? "e4m3";
     const seg = opts.segments ? i32(opts.segments) : null;
     let nScales = 0;
+    let capacity = 0;
     if (seg) {
       if (opts.group !== "column-tile" || batch !== 1)
         throw new Error("quantize: segments need a 2-D column-tile");
       for (let e = 0; e + 1 < seg.length; e++) nScales += scaleCount(opts.group, seg[e + 1] - seg[e], cols);
+      // The count follows the routing; its bound (as on cuda) keeps every step in one size class.
+      capacity = (Math.ceil(rows / 128) + seg.length - 1) * cols;
     } else if (rows > 0) nScales = batch * scaleCount(opts.group, rows, cols);
-    const data = new Uint8Array(x.size);
-    const scales = new Float32Array(nScales);
+    const s = this.wrap(this.pool.take("f32", nScales, "zeroed", capacity), [nScales], "f32");
+    const data = this.pool.take(format, x.size, "zeroed") as Uint8Array;
     const mode = opts.unit ? "unit" : opts.pow2Scales ? "pow2" : "amax";
     this.n.quantizeFp8(
       f32(x),
       { rows, cols, batch, group: opts.group, format },
       { mode, eps: opts.eps ?? 1e-12 },
       data,
-      scales,
+      f32(s),
       seg,
     );
-    const s = this.wrap(scales, [scales.length], "f32");
     return this.wrap(data, x.shape, format, {
       group: opts.group,
       format,
@@ -166,25 +220,25 @@ export class CpuBackend extends HostLifetimes implements Backend {
   }
 
   // --- GEMMs -----------------------------------------------------------------------------------
-  /** The f32 array the GEMM writes: `accumulate` itself when it can add into it directly. */
-  private gemmTarget(size: number, shape: number[], o: MatmulOptions): { c: Float32Array; direct: boolean } {
+  /**
+   * Where the GEMM writes: `accumulate` itself when it can add into it directly (`direct`), else a
+   * new output tensor.
+   */
+  private gemmTarget(size: number, shape: number[], o: MatmulOptions): { out: Tensor; direct: boolean } {
     if (o.accumulate) {
-      const acc = f32(o.accumulate);
-      if (acc.length !== size)
+      if (o.accumulate.size !== size)
         throw new Error(`matmul: accumulate has shape [${o.accumulate.shape}], want [${shape}]`);
       // The reference rounds the product to BF16 before adding it: then the GEMM needs its own output.
-      if (!o.outBf16) return { c: acc, direct: true };
+      if (!o.outBf16) return { out: o.accumulate, direct: true };
     }
-    return { c: new Float32Array(size), direct: false };
+    return { out: this.alloc(shape), direct: false };
   }
 
-  private finish(c: Float32Array, direct: boolean, shape: number[], o: MatmulOptions): Tensor {
-    if (direct) return o.accumulate!;
-    if (o.accumulate) {
-      this.n.addIntoF32(f32(o.accumulate), c, 1);
-      return o.accumulate;
-    }
-    return this.wrap(c, shape, "f32");
+  private finish(out: Tensor, direct: boolean, o: MatmulOptions): Tensor {
+    if (direct || !o.accumulate) return out;
+    this.n.addIntoF32(f32(o.accumulate), f32(out), 1);
+    out.dispose();
+    return o.accumulate;
   }
 
   /**
@@ -219,7 +273,8 @@ export class CpuBackend extends HostLifetimes implements Backend {
   matmul(a: Tensor, b: Tensor, o: MatmulOptions): Tensor {
     const { M, N, K } = gemmDims(a, b, o);
     const shape = [M, N];
-    const { c, direct } = this.gemmTarget(M * N, shape, o);
+    const { out, direct } = this.gemmTarget(M * N, shape, o);
+    const c = f32(out);
     if (M > 0 && N > 0) {
       const gemm = { m: M, n: N, k: K, transA: !!o.transA, transB: !!o.transB, accumulate: direct };
       const outputBf16 = !!o.outBf16;
@@ -233,7 +288,7 @@ export class CpuBackend extends HostLifetimes implements Backend {
         this.n.gemmF32(x, y, c, { ...gemm, inputsBf16: lowp, outputBf16 });
       }
     }
-    return this.finish(c, direct, shape, o);
+    return this.finish(out, direct, o);
   }
 
   groupedMatmul(a: Tensor, b: Tensor, offsets: Tensor, o: GroupedMatmulOptions): Tensor {
@@ -260,7 +315,8 @@ export class CpuBackend extends HostLifetimes implements Backend {
       shape = [E, M, N];
     }
     const size = shape.reduce((p, d) => p * d, 1);
-    const { c, direct } = this.gemmTarget(size, shape, o);
+    const { out, direct } = this.gemmTarget(size, shape, o);
+    const c = f32(out);
     if (size > 0) {
       const gemm = { m: M, n: N, k: K, transA: !!o.transA, transB: !!o.transB, accumulate: direct };
       const outputBf16 = !!o.outBf16;
@@ -274,7 +330,7 @@ export class CpuBackend extends HostLifetimes implements Backend {
         this.n.groupedGemmF32(x, y, c, off, o.segment, { ...gemm, inputsBf16: lowp, outputBf16 });
       }
     }
-    return this.finish(c, direct, shape, o);
+    return this.finish(out, direct, o);
   }
 
   // --- dense layers ----------------------------------------------------------------------------
@@ -415,7 +471,7 @@ export class CpuBackend extends HostLifetimes implements Backend {
     const dscores = this.alloc(scores.shape);
     const p = { batch: o.batch, seq: o.seq, e: scores.cols, k: topIdx.cols, alpha: o.alpha };
     const loss = this.n.balanceLoss(f32(scores), i32(topIdx), p, f32(dscores));
-    return { loss: this.wrap(Float32Array.of(loss), [1], "f32"), dscores };
+    return { loss: this.scalar(loss), dscores };
   }
 
   moePermute(x: Tensor, topIdx: Tensor, experts: number): PermuteResult {
@@ -473,15 +529,12 @@ export class CpuBackend extends HostLifetimes implements Backend {
       gradScale,
       f32(dlogits),
     );
-    return { loss: this.wrap(Float32Array.of(loss), [1], "f32"), dlogits };
+    return { loss: this.scalar(loss), dlogits };
   }
 
   clipScale(grads: Tensor[], maxNorm: number) {
     const [norm, scale] = this.n.clipScale(grads.map(f32), maxNorm);
-    return {
-      norm: this.wrap(Float32Array.of(norm), [1], "f32"),
-      scale: this.wrap(Float32Array.of(scale), [1], "f32"),
-    };
+    return { norm: this.scalar(norm), scale: this.scalar(scale) };
   }
 
   adamw(p: Tensor, g: Tensor, m: Tensor, v: Tensor, o: AdamWOptions): void {

@@ -64,6 +64,11 @@ export class CpuBackend extends HostLifetimes implements Backend {
   readonly name = "cpu" as const;
   private readonly n: NativeAddon;
   private readonly pool = new HostBufferPool();
+  private readonly fresh =
+    (globalThis as { process?: { env?: Record<string, string | undefined> } }).process?.env?.MOE8_POISON ===
+    "1"
+      ? ("poison" as const)
+      : ("any" as const);
 
   constructor() {
     super();
@@ -74,6 +79,15 @@ export class CpuBackend extends HostLifetimes implements Backend {
   /** A zero-filled tensor with pooled storage (what `zeros` and every op output get). */
   protected override alloc(shape: readonly number[], dtype: DType = "f32"): Tensor {
     return this.wrap(this.pool.take(dtype, numel(shape), "zeroed"), shape, dtype);
+  }
+
+  /**
+   * An op's output: pooled storage as the last user left it, since every kernel writes each element
+   * of its outputs. Under MOE8_POISON=1 (read at construction) it starts as 0xff bytes instead (NaN
+   * in f32), so an element a kernel leaves unwritten changes the results: the cpu op suite runs so.
+   */
+  private out(shape: readonly number[], dtype: DType = "f32"): Tensor {
+    return this.wrap(this.pool.take(dtype, numel(shape), this.fresh), shape, dtype);
   }
 
   /** Hands a released tensor's storage back to the pool (a view's storage is its base's). */
@@ -119,7 +133,7 @@ export class CpuBackend extends HostLifetimes implements Backend {
   // --- elementwise -----------------------------------------------------------------------------
   add(a: Tensor, b: Tensor): Tensor {
     sameShape(a, b, "add");
-    const out = this.alloc(a.shape);
+    const out = this.out(a.shape);
     this.n.addF32(f32(a), f32(b), f32(out));
     return out;
   }
@@ -131,7 +145,7 @@ export class CpuBackend extends HostLifetimes implements Backend {
   }
 
   scale(a: Tensor, s: number): Tensor {
-    const out = this.alloc(a.shape);
+    const out = this.out(a.shape);
     this.n.scaleF32(f32(a), s, f32(out));
     return out;
   }
@@ -147,12 +161,12 @@ export class CpuBackend extends HostLifetimes implements Backend {
   cast(t: Tensor, dtype: "f32" | "bf16"): Tensor {
     if (t.dtype === dtype) return this.copy(t);
     if (t.dtype === "f32" && dtype === "bf16") {
-      const out = this.alloc(t.shape, "bf16");
+      const out = this.out(t.shape, "bf16");
       this.n.castF32ToBf16(f32(t), host(out) as Uint16Array);
       return out;
     }
     if (t.dtype === "bf16" && dtype === "f32") {
-      const out = this.alloc(t.shape, "f32");
+      const out = this.out(t.shape, "f32");
       this.n.castBf16ToF32(host(t) as Uint16Array, f32(out));
       return out;
     }
@@ -177,8 +191,8 @@ export class CpuBackend extends HostLifetimes implements Backend {
       // The count follows the routing; its bound (as on cuda) keeps every step in one size class.
       capacity = (Math.ceil(rows / 128) + seg.length - 1) * cols;
     } else if (rows > 0) nScales = batch * scaleCount(opts.group, rows, cols);
-    const s = this.wrap(this.pool.take("f32", nScales, "zeroed", capacity), [nScales], "f32");
-    const data = this.pool.take(format, x.size, "zeroed") as Uint8Array;
+    const s = this.wrap(this.pool.take("f32", nScales, this.fresh, capacity), [nScales], "f32");
+    const data = this.pool.take(format, x.size, this.fresh) as Uint8Array;
     const mode = opts.unit ? "unit" : opts.pow2Scales ? "pow2" : "amax";
     this.n.quantizeFp8(
       f32(x),
@@ -199,7 +213,7 @@ export class CpuBackend extends HostLifetimes implements Backend {
   fp8Flow(x: Tensor, q: Tensor): Tensor {
     if (!isFp8(q.dtype) || !q.quant) throw new Error(`fp8Flow: ${q} is not an FP8 tensor`);
     const deq = this.dequantize(q);
-    const out = this.alloc([2], "f32");
+    const out = this.out([2], "f32");
     this.n.fp8Flow(f32(x), u8(q), f32(deq), q.quant.format, f32(out));
     deq.dispose();
     return out;
@@ -212,7 +226,7 @@ export class CpuBackend extends HostLifetimes implements Backend {
   dequantize(q: Tensor): Tensor {
     if (!isFp8(q.dtype) || !q.quant) throw new Error(`dequantize: ${q} is not an FP8 tensor`);
     const { batch, rows, cols } = batchDims(q);
-    const out = this.alloc(q.shape, "f32");
+    const out = this.out(q.shape, "f32");
     const seg = q.quant.segments ? i32(q.quant.segments) : null;
     const layout = { rows, cols, batch, group: q.quant.group, format: q.quant.format };
     this.n.dequantizeFp8(u8(q), f32(q.quant.scales), layout, f32(out), seg);
@@ -231,7 +245,7 @@ export class CpuBackend extends HostLifetimes implements Backend {
       // The reference rounds the product to BF16 before adding it: then the GEMM needs its own output.
       if (!o.outBf16) return { out: o.accumulate, direct: true };
     }
-    return { out: this.alloc(shape), direct: false };
+    return { out: this.out(shape), direct: false };
   }
 
   private finish(out: Tensor, direct: boolean, o: MatmulOptions): Tensor {
@@ -335,28 +349,28 @@ export class CpuBackend extends HostLifetimes implements Backend {
 
   // --- dense layers ----------------------------------------------------------------------------
   rmsnorm(x: Tensor, w: Tensor, eps: number) {
-    const y = this.alloc(x.shape);
-    const rstd = this.alloc([x.rows]);
+    const y = this.out(x.shape);
+    const rstd = this.out([x.rows]);
     this.n.rmsnorm(f32(x), f32(w), { rows: x.rows, cols: x.cols }, eps, f32(y), f32(rstd));
     return { y, rstd };
   }
 
   rmsnormBackward(dy: Tensor, x: Tensor, w: Tensor, rstd: Tensor) {
-    const dx = this.alloc(x.shape);
-    const dw = this.alloc(w.shape);
+    const dx = this.out(x.shape);
+    const dw = this.out(w.shape);
     const shape = { rows: x.rows, cols: x.cols };
     this.n.rmsnormBackward(f32(dy), f32(x), f32(w), f32(rstd), shape, f32(dx), f32(dw));
     return { dx, dw };
   }
 
   rope(x: Tensor, o: RopeOptions): Tensor {
-    const y = this.alloc(x.shape);
+    const y = this.out(x.shape);
     this.n.rope(f32(x), { ...o, rows: x.rows }, f32(y));
     return y;
   }
 
   headSlice(x: Tensor, o: HeadSliceOptions): Tensor {
-    const y = this.alloc([x.rows, (o.sumHeads ? 1 : o.heads) * o.len]);
+    const y = this.out([x.rows, (o.sumHeads ? 1 : o.heads) * o.len]);
     this.n.headSlice(f32(x), { ...o, rows: x.rows }, f32(y));
     return y;
   }
@@ -369,7 +383,7 @@ export class CpuBackend extends HostLifetimes implements Backend {
   headConcat(a: Tensor, b: Tensor, heads: number, bHeads: number): Tensor {
     const la = a.cols / heads;
     const lb = b.cols / bHeads;
-    const y = this.alloc([a.rows, heads * (la + lb)]);
+    const y = this.out([a.rows, heads * (la + lb)]);
     this.n.headConcat(f32(a), f32(b), { rows: a.rows, heads, la, lb, bHeads }, f32(y));
     return y;
   }
@@ -381,8 +395,8 @@ export class CpuBackend extends HostLifetimes implements Backend {
   }
 
   attention(q: Tensor, k: Tensor, v: Tensor, o: AttentionOptions) {
-    const out = this.alloc([q.rows, v.cols]);
-    const lse = this.alloc([o.batch * o.heads * o.seq]);
+    const out = this.out([q.rows, v.cols]);
+    const lse = this.out([o.batch * o.heads * o.seq]);
     const dims = this.attentionDims(q, v, o);
     this.n.attentionForward(this.values(q), this.values(k), this.values(v), dims, f32(out), f32(lse));
     return { o: out, lse };
@@ -397,9 +411,9 @@ export class CpuBackend extends HostLifetimes implements Backend {
     lse: Tensor,
     o: AttentionOptions,
   ) {
-    const dq = this.alloc(q.shape);
-    const dk = this.alloc(k.shape);
-    const dv = this.alloc(v.shape);
+    const dq = this.out(q.shape);
+    const dk = this.out(k.shape);
+    const dv = this.out(v.shape);
     const dOv = this.values(dO);
     const saved = {
       q: this.values(q),
@@ -415,21 +429,21 @@ export class CpuBackend extends HostLifetimes implements Backend {
 
   swiglu(g: Tensor, u: Tensor): Tensor {
     sameShape(g, u, "swiglu");
-    const h = this.alloc(g.shape);
+    const h = this.out(g.shape);
     this.n.swiglu(f32(g), f32(u), f32(h));
     return h;
   }
 
   swigluBackward(dh: Tensor, g: Tensor, u: Tensor) {
-    const dg = this.alloc(g.shape);
-    const du = this.alloc(u.shape);
+    const dg = this.out(g.shape);
+    const du = this.out(u.shape);
     this.n.swigluBackward(f32(dh), f32(g), f32(u), f32(dg), f32(du));
     return { dg, du };
   }
 
   embedding(w: Tensor, ids: Tensor): Tensor {
     const id = i32(ids);
-    const out = this.alloc([id.length, w.cols]);
+    const out = this.out([id.length, w.cols]);
     this.n.embedding(f32(w), w.rows, w.cols, id, f32(out));
     return out;
   }
@@ -443,9 +457,9 @@ export class CpuBackend extends HostLifetimes implements Backend {
   router(logits: Tensor, bias: Tensor, k: number, scaling: number): RouterResult {
     const N = logits.rows;
     const E = logits.cols;
-    const scores = this.alloc([N, E]);
-    const topIdx = this.alloc([N, k], "i32");
-    const weights = this.alloc([N, k]);
+    const scores = this.out([N, E]);
+    const topIdx = this.out([N, k], "i32");
+    const weights = this.out([N, k]);
     const p = { n: N, e: E, k, scaling };
     this.n.router(f32(logits), f32(bias), p, f32(scores), i32(topIdx), f32(weights));
     return { scores, topIdx, weights };
@@ -460,7 +474,7 @@ export class CpuBackend extends HostLifetimes implements Backend {
   ): Tensor {
     const N = scores.rows;
     const E = scores.cols;
-    const out = this.alloc([N, E]);
+    const out = this.out([N, E]);
     const ds = dscores ? f32(dscores) : EMPTY_F32;
     const p = { n: N, e: E, k: topIdx.cols, scaling };
     this.n.routerBackward(f32(dweights), f32(scores), i32(topIdx), p, ds, f32(out));
@@ -468,7 +482,7 @@ export class CpuBackend extends HostLifetimes implements Backend {
   }
 
   balanceLoss(scores: Tensor, topIdx: Tensor, o: { batch: number; seq: number; alpha: number }) {
-    const dscores = this.alloc(scores.shape);
+    const dscores = this.out(scores.shape);
     const p = { batch: o.batch, seq: o.seq, e: scores.cols, k: topIdx.cols, alpha: o.alpha };
     const loss = this.n.balanceLoss(f32(scores), i32(topIdx), p, f32(dscores));
     return { loss: this.scalar(loss), dscores };
@@ -477,30 +491,30 @@ export class CpuBackend extends HostLifetimes implements Backend {
   moePermute(x: Tensor, topIdx: Tensor, experts: number): PermuteResult {
     const N = topIdx.rows;
     const k = topIdx.cols;
-    const xs = this.alloc([N * k, x.cols]);
-    const slot = this.alloc([N * k], "i32");
-    const offsets = this.alloc([experts + 1], "i32");
+    const xs = this.out([N * k, x.cols]);
+    const slot = this.out([N * k], "i32");
+    const offsets = this.out([experts + 1], "i32");
     const p = { n: N, d: x.cols, k, experts };
     this.n.moePermute(f32(x), i32(topIdx), p, f32(xs), i32(slot), i32(offsets));
     return { xs, slot, offsets };
   }
 
   moePermuteBackward(dxs: Tensor, slot: Tensor, tokens: number): Tensor {
-    const dx = this.alloc([tokens, dxs.cols]);
+    const dx = this.out([tokens, dxs.cols]);
     this.n.moePermuteBackward(f32(dxs), i32(slot), { n: tokens, d: dxs.cols }, f32(dx));
     return dx;
   }
 
   moeCombine(ys: Tensor, slot: Tensor, weights: Tensor): Tensor {
     const N = weights.rows;
-    const y = this.alloc([N, ys.cols]);
+    const y = this.out([N, ys.cols]);
     this.n.moeCombine(f32(ys), i32(slot), f32(weights), { n: N, d: ys.cols }, f32(y));
     return y;
   }
 
   moeCombineBackward(dy: Tensor, ys: Tensor, slot: Tensor, weights: Tensor) {
-    const dys = this.alloc(ys.shape);
-    const dweights = this.alloc(weights.shape);
+    const dys = this.out(ys.shape);
+    const dweights = this.out(weights.shape);
     const tokens = { n: weights.rows, d: ys.cols };
     this.n.moeCombineBackward(
       f32(dy),
@@ -520,7 +534,7 @@ export class CpuBackend extends HostLifetimes implements Backend {
 
   // --- loss and optimiser ----------------------------------------------------------------------
   crossEntropy(logits: Tensor, targets: Tensor, gradScale: number) {
-    const dlogits = this.alloc(logits.shape);
+    const dlogits = this.out(logits.shape);
     const loss = this.n.crossEntropy(
       f32(logits),
       i32(targets),

@@ -70,7 +70,7 @@ describe("HostBufferPool", () => {
 });
 
 describe("the cpu backend's storage", () => {
-  it("released tensors give their storage back; outputs are zero-filled like fresh arrays", async () => {
+  it("released tensors give their storage back; zeros() clears a reused buffer", async () => {
     const be = new CpuBackend();
     const first = be.scope(() => {
       const t = be.upload(Float32Array.of(1, 2, 3, 4), [2, 2]);

@@ -23,6 +23,7 @@ import {
   type MatmulOptions,
   numel,
   type PermuteResult,
+  type QuantGroup,
   type QuantizeOptions,
   type RopeOptions,
   type RouterResult,
@@ -182,22 +183,13 @@ export class CpuBackend extends HostLifetimes implements Backend {
     const { batch, rows, cols } = batchDims(x);
     const format: Fp8Format = opts.format ?? "e4m3";
     const seg = opts.segments ? i32(opts.segments) : null;
-    let nScales = 0;
-    let capacity = 0;
-    if (seg) {
-      if (opts.group !== "column-tile" || batch !== 1)
-        throw new Error("quantize: segments need a 2-D column-tile");
-      for (let e = 0; e + 1 < seg.length; e++) nScales += scaleCount(opts.group, seg[e + 1] - seg[e], cols);
-      // The count follows the routing; its bound (as on cuda) keeps every step in one size class.
-      capacity = (Math.ceil(rows / 128) + seg.length - 1) * cols;
-    } else if (rows > 0) nScales = batch * scaleCount(opts.group, rows, cols);
-    const s = this.wrap(this.pool.take("f32", nScales, this.fresh, capacity), [nScales], "f32");
-    const data = this.pool.take(format, x.size, this.fresh) as Uint8Array;
-    const mode = opts.unit ? "unit" : opts.pow2Scales ? "pow2" : "amax";
+    if (seg && (opts.group !== "column-tile" || batch !== 1))
+      throw new Error("quantize: segments need a 2-D column-tile");
+    const { s, data } = this.quantOutputs(x.size, rows, cols, opts.group, seg, batch);
     this.n.quantizeFp8(
       f32(x),
       { rows, cols, batch, group: opts.group, format },
-      { mode, eps: opts.eps ?? 1e-12 },
+      this.scaling(opts),
       data,
       f32(s),
       seg,
@@ -210,6 +202,31 @@ export class CpuBackend extends HostLifetimes implements Backend {
     });
   }
 
+  /** The codes and the scales tensor of a quantisation of `batch` [rows, cols] matrices. */
+  private quantOutputs(
+    size: number,
+    rows: number,
+    cols: number,
+    group: QuantGroup,
+    seg: Int32Array | null,
+    batch = 1,
+  ) {
+    let nScales = 0;
+    let capacity = 0;
+    if (seg) {
+      for (let e = 0; e + 1 < seg.length; e++) nScales += scaleCount(group, seg[e + 1] - seg[e], cols);
+      // The count follows the routing; its bound (as on cuda) keeps every step in one size class.
+      capacity = (Math.ceil(rows / 128) + seg.length - 1) * cols;
+    } else if (rows > 0) nScales = batch * scaleCount(group, rows, cols);
+    const s = this.wrap(this.pool.take("f32", nScales, this.fresh, capacity), [nScales], "f32");
+    const data = this.pool.take("e4m3", size, this.fresh) as Uint8Array;
+    return { s, data };
+  }
+
+  private scaling(opts: QuantizeOptions) {
+    return { mode: opts.unit ? "unit" : opts.pow2Scales ? "pow2" : "amax", eps: opts.eps ?? 1e-12 };
+  }
+
   fp8Flow(x: Tensor, q: Tensor): Tensor {
     if (!isFp8(q.dtype) || !q.quant) throw new Error(`fp8Flow: ${q} is not an FP8 tensor`);
     const deq = this.dequantize(q);
@@ -219,8 +236,26 @@ export class CpuBackend extends HostLifetimes implements Backend {
     return out;
   }
 
+  /**
+   * Wgrad's column tiles from a cached FP8 matrix, in one native pass that decodes each 128-row
+   * group into a scratch tile (bit for bit quantize(dequantize(q))); other layouts go through f32.
+   */
   requantize(q: Tensor, opts: QuantizeOptions): Tensor {
-    return requantizeViaF32(this, q, opts);
+    if (!isFp8(q.dtype) || !q.quant) throw new Error(`requantize: ${q} is not an FP8 tensor`);
+    const { batch, rows, cols } = batchDims(q);
+    if (opts.group !== "column-tile" || batch !== 1 || q.quant.segments)
+      return requantizeViaF32(this, q, opts);
+    const format: Fp8Format = opts.format ?? "e4m3";
+    const seg = opts.segments ? i32(opts.segments) : null;
+    const { s, data } = this.quantOutputs(q.size, rows, cols, opts.group, seg);
+    const layout = { rows, cols, batch, group: q.quant.group, format: q.quant.format };
+    this.n.requantizeFp8(u8(q), f32(q.quant.scales), layout, this.scaling(opts), format, data, f32(s), seg);
+    return this.wrap(data, q.shape, format, {
+      group: opts.group,
+      format,
+      scales: s,
+      segments: opts.segments,
+    });
   }
 
   dequantize(q: Tensor): Tensor {

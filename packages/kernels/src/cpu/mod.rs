@@ -9,6 +9,7 @@ pub mod grouped;
 pub mod kernel512;
 pub mod napi;
 pub mod quant;
+pub mod requant;
 
 #[cfg(test)]
 mod tests;

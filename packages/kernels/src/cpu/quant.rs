@@ -237,7 +237,7 @@ multiversion! {
 
 multiversion! {
     /// One 128-row group of a column-tile quantisation (scales `s[cols]`).
-    fn column_tile_group(x: &[f32], q: &mut [u8], s: &mut [f32], cols: usize, mode: ScaleMode, f: Fp8Format) {
+    pub(crate) fn column_tile_group(x: &[f32], q: &mut [u8], s: &mut [f32], cols: usize, mode: ScaleMode, f: Fp8Format) {
         let mut m = vec![0u32; cols];
         amax_cols(&mut m, x);
         let mut fac = vec![0f32; cols];

@@ -10,6 +10,7 @@ pub mod kernel512;
 pub mod napi;
 pub mod quant;
 pub mod requant;
+pub mod threads;
 
 #[cfg(test)]
 mod tests;

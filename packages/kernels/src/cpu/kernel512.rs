@@ -55,7 +55,7 @@ unsafe impl Send for Src {}
 unsafe impl Sync for Src {}
 
 impl Src {
-    fn strides(self) -> (isize, isize) {
+    pub(crate) fn strides(self) -> (isize, isize) {
         match self {
             Src::F32 { rs, cs, .. } | Src::Fp8 { rs, cs, .. } => (rs, cs),
         }
@@ -63,7 +63,7 @@ impl Src {
 
     /// out[t] = converted element at offset `off + t*step`, t < out.len().
     #[inline(always)]
-    unsafe fn load_run(self, off: isize, step: isize, out: &mut [f32]) {
+    pub(crate) unsafe fn load_run(self, off: isize, step: isize, out: &mut [f32]) {
         let len = out.len();
         match self {
             Src::F32 { p, bf16, .. } => {
@@ -96,14 +96,18 @@ impl Src {
 }
 
 /// A 64-byte aligned f32 buffer kept per thread (grown on demand, never shrunk).
-struct Aligned {
+pub(crate) struct Aligned {
     buf: Vec<f32>,
 }
 impl Aligned {
-    const fn new() -> Self {
+    pub(crate) const fn new() -> Self {
         Aligned { buf: Vec::new() }
     }
-    fn get(&mut self, len: usize) -> &mut [f32] {
+    /// Floats held (the larger of two buffers is the one to keep).
+    pub(crate) fn capacity(&self) -> usize {
+        self.buf.len()
+    }
+    pub(crate) fn get(&mut self, len: usize) -> &mut [f32] {
         if self.buf.len() < len + 16 {
             self.buf = vec![0f32; len + 16];
         }

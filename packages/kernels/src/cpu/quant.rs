@@ -117,7 +117,9 @@ fn abs_bits(v: f32) -> u32 {
 /// second pass recompute the max without the NaNs.
 #[inline(always)]
 fn amax_bits(x: &[f32]) -> u32 {
-    let r = x.iter().fold(0u32, |a, &v| a.max(v.to_bits() & 0x7fff_ffff));
+    let r = x
+        .iter()
+        .fold(0u32, |a, &v| a.max(v.to_bits() & 0x7fff_ffff));
     if r > 0x7f80_0000 {
         x.iter().fold(0, |a, &v| a.max(abs_bits(v)))
     } else {

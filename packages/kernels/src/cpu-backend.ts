@@ -77,7 +77,7 @@ export class CpuBackend extends HostLifetimes implements Backend {
   }
 
   // --- storage (docs/runtime.md rule 6) ----------------------------------------------------------
-  /** A zero-filled tensor with pooled storage (what `zeros` and every op output get). */
+  /** A zero-filled tensor with pooled storage (what `zeros` gets; op outputs take `out`). */
   protected override alloc(shape: readonly number[], dtype: DType = "f32"): Tensor {
     return this.wrap(this.pool.take(dtype, numel(shape), "zeroed"), shape, dtype);
   }
@@ -121,7 +121,7 @@ export class CpuBackend extends HostLifetimes implements Backend {
     return this.copyOf(src, [count, ...t.shape.slice(1)], t.dtype);
   }
 
-  /** The buffer pool's counters: a steady-state step must not add misses (test/cpu-pool.test.ts). */
+  /** The buffer pool's counters: a steady-state step must not add misses (tests/cpu-pool.test.ts). */
   poolStats(): PoolStats {
     return this.pool.stats();
   }
@@ -219,6 +219,7 @@ export class CpuBackend extends HostLifetimes implements Backend {
       capacity = (Math.ceil(rows / 128) + seg.length - 1) * cols;
     } else if (rows > 0) nScales = batch * scaleCount(group, rows, cols);
     const s = this.wrap(this.pool.take("f32", nScales, this.fresh, capacity), [nScales], "f32");
+    // One byte per code in either FP8 format.
     const data = this.pool.take("e4m3", size, this.fresh) as Uint8Array;
     return { s, data };
   }

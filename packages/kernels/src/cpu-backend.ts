@@ -1,13 +1,15 @@
 // The `cpu` backend: host tensors (the same lifetimes as `ts`) with every op running in the native
 // addon (Rust, rayon, SIMD). Inputs are passed as the tensors' own typed arrays (no copies) and
-// outputs are allocated here and written in place by the kernels. The semantics are those of the
-// `ts` reference backend, which the shared op suite checks.
+// outputs are taken here from the buffer pool (cpu-pool.ts: released tensors give their storage
+// back to it) and written in place by the kernels. The semantics are those of the `ts` reference
+// backend, which the shared op suite checks.
 import {
   type AdamWOptions,
   type AttentionOptions,
   type Backend,
   type BiasUpdateOptions,
   batchDims,
+  type DType,
   type Fp8Format,
   f32,
   type GroupedMatmulOptions,
@@ -19,17 +21,21 @@ import {
   i32,
   isFp8,
   type MatmulOptions,
+  numel,
   type PermuteResult,
+  type QuantGroup,
   type QuantizeOptions,
   type RopeOptions,
   type RouterResult,
   requantizeViaF32,
+  rowSpan,
   sameShape,
   scaleCount,
   type Tensor,
   u8,
 } from "@moe8/tensor";
 import type { AttentionDims, Fp8Operand } from "../native.d.cts";
+import { HostBufferPool, type PoolStats } from "./cpu-pool.ts";
 import { type NativeAddon, requireNative } from "./index.ts";
 
 const EMPTY_F32 = new Float32Array(0);
@@ -58,16 +64,77 @@ function fp8Operand(t: Tensor, what: string, c: Float32Array): Fp8Operand {
 export class CpuBackend extends HostLifetimes implements Backend {
   readonly name = "cpu" as const;
   private readonly n: NativeAddon;
+  private readonly pool = new HostBufferPool();
+  private readonly fresh =
+    (globalThis as { process?: { env?: Record<string, string | undefined> } }).process?.env?.MOE8_POISON ===
+    "1"
+      ? ("poison" as const)
+      : ("any" as const);
 
   constructor() {
     super();
     this.n = requireNative();
   }
 
+  // --- storage (docs/runtime.md rule 6) ----------------------------------------------------------
+  /** A zero-filled tensor with pooled storage (what `zeros` gets; op outputs take `out`). */
+  protected override alloc(shape: readonly number[], dtype: DType = "f32"): Tensor {
+    return this.wrap(this.pool.take(dtype, numel(shape), "zeroed"), shape, dtype);
+  }
+
+  /**
+   * An op's output: pooled storage as the last user left it, since every kernel writes each element
+   * of its outputs. Under MOE8_POISON=1 (read at construction) it starts as 0xff bytes instead (NaN
+   * in f32), so an element a kernel leaves unwritten changes the results: the cpu op suite runs so.
+   */
+  private out(shape: readonly number[], dtype: DType = "f32"): Tensor {
+    return this.wrap(this.pool.take(dtype, numel(shape), this.fresh), shape, dtype);
+  }
+
+  /** Hands a released tensor's storage back to the pool (a view's storage is its base's). */
+  protected override freeStorage(t: Tensor): void {
+    if (ArrayBuffer.isView(t.storage)) this.pool.give(t.storage as HostArray);
+  }
+
+  /** A pooled tensor holding a copy of `data`. */
+  private copyOf(data: HostArray, shape: readonly number[], dtype: DType): Tensor {
+    const a = this.pool.take(dtype, data.length, "any");
+    a.set(data as never);
+    return this.wrap(a, shape, dtype);
+  }
+
+  /** A one-element f32 tensor (losses, norms). */
+  private scalar(v: number): Tensor {
+    const t = this.alloc([1]);
+    f32(t)[0] = v;
+    return t;
+  }
+
+  override upload(data: HostArray, shape: readonly number[], dtype: DType = "f32"): Tensor {
+    if (data.length !== numel(shape)) throw new Error(`data of ${data.length} elements for shape [${shape}]`);
+    return this.copyOf(data, shape, dtype);
+  }
+
+  override rows(t: Tensor, start: number, count: number): Tensor {
+    const w = rowSpan(t, start, count, "rows");
+    const src = host(t).subarray(start * w, (start + count) * w) as HostArray;
+    return this.copyOf(src, [count, ...t.shape.slice(1)], t.dtype);
+  }
+
+  /** The buffer pool's counters: a steady-state step must not add misses (tests/cpu-pool.test.ts). */
+  poolStats(): PoolStats {
+    return this.pool.stats();
+  }
+
+  /** Returns the pool's free buffers to the garbage collector (after a run, or between phases). */
+  trimPool(): void {
+    this.pool.trim();
+  }
+
   // --- elementwise -----------------------------------------------------------------------------
   add(a: Tensor, b: Tensor): Tensor {
     sameShape(a, b, "add");
-    const out = this.alloc(a.shape);
+    const out = this.out(a.shape);
     this.n.addF32(f32(a), f32(b), f32(out));
     return out;
   }
@@ -79,7 +146,7 @@ export class CpuBackend extends HostLifetimes implements Backend {
   }
 
   scale(a: Tensor, s: number): Tensor {
-    const out = this.alloc(a.shape);
+    const out = this.out(a.shape);
     this.n.scaleF32(f32(a), s, f32(out));
     return out;
   }
@@ -89,18 +156,18 @@ export class CpuBackend extends HostLifetimes implements Backend {
   }
 
   copy(t: Tensor): Tensor {
-    return this.wrap(host(t).slice(), t.shape, t.dtype);
+    return this.copyOf(host(t), t.shape, t.dtype);
   }
 
   cast(t: Tensor, dtype: "f32" | "bf16"): Tensor {
     if (t.dtype === dtype) return this.copy(t);
     if (t.dtype === "f32" && dtype === "bf16") {
-      const out = this.alloc(t.shape, "bf16");
+      const out = this.out(t.shape, "bf16");
       this.n.castF32ToBf16(f32(t), host(out) as Uint16Array);
       return out;
     }
     if (t.dtype === "bf16" && dtype === "f32") {
-      const out = this.alloc(t.shape, "f32");
+      const out = this.out(t.shape, "f32");
       this.n.castBf16ToF32(host(t) as Uint16Array, f32(out));
       return out;
     }
@@ -108,7 +175,7 @@ export class CpuBackend extends HostLifetimes implements Backend {
   }
 
   sum(t: Tensor): Tensor {
-    return this.wrap(Float32Array.of(this.n.sumF32(f32(t))), [1], "f32");
+    return this.scalar(this.n.sumF32(f32(t)));
   }
 
   // --- quantisation ----------------------------------------------------------------------------
@@ -116,24 +183,17 @@ export class CpuBackend extends HostLifetimes implements Backend {
     const { batch, rows, cols } = batchDims(x);
     const format: Fp8Format = opts.format ?? "e4m3";
     const seg = opts.segments ? i32(opts.segments) : null;
-    let nScales = 0;
-    if (seg) {
-      if (opts.group !== "column-tile" || batch !== 1)
-        throw new Error("quantize: segments need a 2-D column-tile");
-      for (let e = 0; e + 1 < seg.length; e++) nScales += scaleCount(opts.group, seg[e + 1] - seg[e], cols);
-    } else if (rows > 0) nScales = batch * scaleCount(opts.group, rows, cols);
-    const data = new Uint8Array(x.size);
-    const scales = new Float32Array(nScales);
-    const mode = opts.unit ? "unit" : opts.pow2Scales ? "pow2" : "amax";
+    if (seg && (opts.group !== "column-tile" || batch !== 1))
+      throw new Error("quantize: segments need a 2-D column-tile");
+    const { s, data } = this.quantOutputs(x.size, rows, cols, opts.group, seg, batch);
     this.n.quantizeFp8(
       f32(x),
       { rows, cols, batch, group: opts.group, format },
-      { mode, eps: opts.eps ?? 1e-12 },
+      this.scaling(opts),
       data,
-      scales,
+      f32(s),
       seg,
     );
-    const s = this.wrap(scales, [scales.length], "f32");
     return this.wrap(data, x.shape, format, {
       group: opts.group,
       format,
@@ -142,23 +202,67 @@ export class CpuBackend extends HostLifetimes implements Backend {
     });
   }
 
+  /** The codes and the scales tensor of a quantisation of `batch` [rows, cols] matrices. */
+  private quantOutputs(
+    size: number,
+    rows: number,
+    cols: number,
+    group: QuantGroup,
+    seg: Int32Array | null,
+    batch = 1,
+  ) {
+    let nScales = 0;
+    let capacity = 0;
+    if (seg) {
+      for (let e = 0; e + 1 < seg.length; e++) nScales += scaleCount(group, seg[e + 1] - seg[e], cols);
+      // The count follows the routing; its bound (as on cuda) keeps every step in one size class.
+      capacity = (Math.ceil(rows / 128) + seg.length - 1) * cols;
+    } else if (rows > 0) nScales = batch * scaleCount(group, rows, cols);
+    const s = this.wrap(this.pool.take("f32", nScales, this.fresh, capacity), [nScales], "f32");
+    // One byte per code in either FP8 format.
+    const data = this.pool.take("e4m3", size, this.fresh) as Uint8Array;
+    return { s, data };
+  }
+
+  private scaling(opts: QuantizeOptions) {
+    return { mode: opts.unit ? "unit" : opts.pow2Scales ? "pow2" : "amax", eps: opts.eps ?? 1e-12 };
+  }
+
   fp8Flow(x: Tensor, q: Tensor): Tensor {
     if (!isFp8(q.dtype) || !q.quant) throw new Error(`fp8Flow: ${q} is not an FP8 tensor`);
     const deq = this.dequantize(q);
-    const out = this.alloc([2], "f32");
+    const out = this.out([2], "f32");
     this.n.fp8Flow(f32(x), u8(q), f32(deq), q.quant.format, f32(out));
     deq.dispose();
     return out;
   }
 
+  /**
+   * Wgrad's column tiles from a cached FP8 matrix, in one native pass that decodes each 128-row
+   * group into a scratch tile (bit for bit quantize(dequantize(q))); other layouts go through f32.
+   */
   requantize(q: Tensor, opts: QuantizeOptions): Tensor {
-    return requantizeViaF32(this, q, opts);
+    if (!isFp8(q.dtype) || !q.quant) throw new Error(`requantize: ${q} is not an FP8 tensor`);
+    const { batch, rows, cols } = batchDims(q);
+    if (opts.group !== "column-tile" || batch !== 1 || q.quant.segments)
+      return requantizeViaF32(this, q, opts);
+    const format: Fp8Format = opts.format ?? "e4m3";
+    const seg = opts.segments ? i32(opts.segments) : null;
+    const { s, data } = this.quantOutputs(q.size, rows, cols, opts.group, seg);
+    const layout = { rows, cols, batch, group: q.quant.group, format: q.quant.format };
+    this.n.requantizeFp8(u8(q), f32(q.quant.scales), layout, this.scaling(opts), format, data, f32(s), seg);
+    return this.wrap(data, q.shape, format, {
+      group: opts.group,
+      format,
+      scales: s,
+      segments: opts.segments,
+    });
   }
 
   dequantize(q: Tensor): Tensor {
     if (!isFp8(q.dtype) || !q.quant) throw new Error(`dequantize: ${q} is not an FP8 tensor`);
     const { batch, rows, cols } = batchDims(q);
-    const out = this.alloc(q.shape, "f32");
+    const out = this.out(q.shape, "f32");
     const seg = q.quant.segments ? i32(q.quant.segments) : null;
     const layout = { rows, cols, batch, group: q.quant.group, format: q.quant.format };
     this.n.dequantizeFp8(u8(q), f32(q.quant.scales), layout, f32(out), seg);
@@ -166,25 +270,25 @@ export class CpuBackend extends HostLifetimes implements Backend {
   }
 
   // --- GEMMs -----------------------------------------------------------------------------------
-  /** The f32 array the GEMM writes: `accumulate` itself when it can add into it directly. */
-  private gemmTarget(size: number, shape: number[], o: MatmulOptions): { c: Float32Array; direct: boolean } {
+  /**
+   * Where the GEMM writes: `accumulate` itself when it can add into it directly (`direct`), else a
+   * new output tensor.
+   */
+  private gemmTarget(size: number, shape: number[], o: MatmulOptions): { out: Tensor; direct: boolean } {
     if (o.accumulate) {
-      const acc = f32(o.accumulate);
-      if (acc.length !== size)
+      if (o.accumulate.size !== size)
         throw new Error(`matmul: accumulate has shape [${o.accumulate.shape}], want [${shape}]`);
       // The reference rounds the product to BF16 before adding it: then the GEMM needs its own output.
-      if (!o.outBf16) return { c: acc, direct: true };
+      if (!o.outBf16) return { out: o.accumulate, direct: true };
     }
-    return { c: new Float32Array(size), direct: false };
+    return { out: this.out(shape), direct: false };
   }
 
-  private finish(c: Float32Array, direct: boolean, shape: number[], o: MatmulOptions): Tensor {
-    if (direct) return o.accumulate!;
-    if (o.accumulate) {
-      this.n.addIntoF32(f32(o.accumulate), c, 1);
-      return o.accumulate;
-    }
-    return this.wrap(c, shape, "f32");
+  private finish(out: Tensor, direct: boolean, o: MatmulOptions): Tensor {
+    if (direct || !o.accumulate) return out;
+    this.n.addIntoF32(f32(o.accumulate), f32(out), 1);
+    out.dispose();
+    return o.accumulate;
   }
 
   /**
@@ -219,7 +323,8 @@ export class CpuBackend extends HostLifetimes implements Backend {
   matmul(a: Tensor, b: Tensor, o: MatmulOptions): Tensor {
     const { M, N, K } = gemmDims(a, b, o);
     const shape = [M, N];
-    const { c, direct } = this.gemmTarget(M * N, shape, o);
+    const { out, direct } = this.gemmTarget(M * N, shape, o);
+    const c = f32(out);
     if (M > 0 && N > 0) {
       const gemm = { m: M, n: N, k: K, transA: !!o.transA, transB: !!o.transB, accumulate: direct };
       const outputBf16 = !!o.outBf16;
@@ -233,7 +338,7 @@ export class CpuBackend extends HostLifetimes implements Backend {
         this.n.gemmF32(x, y, c, { ...gemm, inputsBf16: lowp, outputBf16 });
       }
     }
-    return this.finish(c, direct, shape, o);
+    return this.finish(out, direct, o);
   }
 
   groupedMatmul(a: Tensor, b: Tensor, offsets: Tensor, o: GroupedMatmulOptions): Tensor {
@@ -260,7 +365,8 @@ export class CpuBackend extends HostLifetimes implements Backend {
       shape = [E, M, N];
     }
     const size = shape.reduce((p, d) => p * d, 1);
-    const { c, direct } = this.gemmTarget(size, shape, o);
+    const { out, direct } = this.gemmTarget(size, shape, o);
+    const c = f32(out);
     if (size > 0) {
       const gemm = { m: M, n: N, k: K, transA: !!o.transA, transB: !!o.transB, accumulate: direct };
       const outputBf16 = !!o.outBf16;
@@ -274,33 +380,33 @@ export class CpuBackend extends HostLifetimes implements Backend {
         this.n.groupedGemmF32(x, y, c, off, o.segment, { ...gemm, inputsBf16: lowp, outputBf16 });
       }
     }
-    return this.finish(c, direct, shape, o);
+    return this.finish(out, direct, o);
   }
 
   // --- dense layers ----------------------------------------------------------------------------
   rmsnorm(x: Tensor, w: Tensor, eps: number) {
-    const y = this.alloc(x.shape);
-    const rstd = this.alloc([x.rows]);
+    const y = this.out(x.shape);
+    const rstd = this.out([x.rows]);
     this.n.rmsnorm(f32(x), f32(w), { rows: x.rows, cols: x.cols }, eps, f32(y), f32(rstd));
     return { y, rstd };
   }
 
   rmsnormBackward(dy: Tensor, x: Tensor, w: Tensor, rstd: Tensor) {
-    const dx = this.alloc(x.shape);
-    const dw = this.alloc(w.shape);
+    const dx = this.out(x.shape);
+    const dw = this.out(w.shape);
     const shape = { rows: x.rows, cols: x.cols };
     this.n.rmsnormBackward(f32(dy), f32(x), f32(w), f32(rstd), shape, f32(dx), f32(dw));
     return { dx, dw };
   }
 
   rope(x: Tensor, o: RopeOptions): Tensor {
-    const y = this.alloc(x.shape);
+    const y = this.out(x.shape);
     this.n.rope(f32(x), { ...o, rows: x.rows }, f32(y));
     return y;
   }
 
   headSlice(x: Tensor, o: HeadSliceOptions): Tensor {
-    const y = this.alloc([x.rows, (o.sumHeads ? 1 : o.heads) * o.len]);
+    const y = this.out([x.rows, (o.sumHeads ? 1 : o.heads) * o.len]);
     this.n.headSlice(f32(x), { ...o, rows: x.rows }, f32(y));
     return y;
   }
@@ -313,7 +419,7 @@ export class CpuBackend extends HostLifetimes implements Backend {
   headConcat(a: Tensor, b: Tensor, heads: number, bHeads: number): Tensor {
     const la = a.cols / heads;
     const lb = b.cols / bHeads;
-    const y = this.alloc([a.rows, heads * (la + lb)]);
+    const y = this.out([a.rows, heads * (la + lb)]);
     this.n.headConcat(f32(a), f32(b), { rows: a.rows, heads, la, lb, bHeads }, f32(y));
     return y;
   }
@@ -325,8 +431,8 @@ export class CpuBackend extends HostLifetimes implements Backend {
   }
 
   attention(q: Tensor, k: Tensor, v: Tensor, o: AttentionOptions) {
-    const out = this.alloc([q.rows, v.cols]);
-    const lse = this.alloc([o.batch * o.heads * o.seq]);
+    const out = this.out([q.rows, v.cols]);
+    const lse = this.out([o.batch * o.heads * o.seq]);
     const dims = this.attentionDims(q, v, o);
     this.n.attentionForward(this.values(q), this.values(k), this.values(v), dims, f32(out), f32(lse));
     return { o: out, lse };
@@ -341,9 +447,9 @@ export class CpuBackend extends HostLifetimes implements Backend {
     lse: Tensor,
     o: AttentionOptions,
   ) {
-    const dq = this.alloc(q.shape);
-    const dk = this.alloc(k.shape);
-    const dv = this.alloc(v.shape);
+    const dq = this.out(q.shape);
+    const dk = this.out(k.shape);
+    const dv = this.out(v.shape);
     const dOv = this.values(dO);
     const saved = {
       q: this.values(q),
@@ -359,21 +465,21 @@ export class CpuBackend extends HostLifetimes implements Backend {
 
   swiglu(g: Tensor, u: Tensor): Tensor {
     sameShape(g, u, "swiglu");
-    const h = this.alloc(g.shape);
+    const h = this.out(g.shape);
     this.n.swiglu(f32(g), f32(u), f32(h));
     return h;
   }
 
   swigluBackward(dh: Tensor, g: Tensor, u: Tensor) {
-    const dg = this.alloc(g.shape);
-    const du = this.alloc(u.shape);
+    const dg = this.out(g.shape);
+    const du = this.out(u.shape);
     this.n.swigluBackward(f32(dh), f32(g), f32(u), f32(dg), f32(du));
     return { dg, du };
   }
 
   embedding(w: Tensor, ids: Tensor): Tensor {
     const id = i32(ids);
-    const out = this.alloc([id.length, w.cols]);
+    const out = this.out([id.length, w.cols]);
     this.n.embedding(f32(w), w.rows, w.cols, id, f32(out));
     return out;
   }
@@ -387,9 +493,9 @@ export class CpuBackend extends HostLifetimes implements Backend {
   router(logits: Tensor, bias: Tensor, k: number, scaling: number): RouterResult {
     const N = logits.rows;
     const E = logits.cols;
-    const scores = this.alloc([N, E]);
-    const topIdx = this.alloc([N, k], "i32");
-    const weights = this.alloc([N, k]);
+    const scores = this.out([N, E]);
+    const topIdx = this.out([N, k], "i32");
+    const weights = this.out([N, k]);
     const p = { n: N, e: E, k, scaling };
     this.n.router(f32(logits), f32(bias), p, f32(scores), i32(topIdx), f32(weights));
     return { scores, topIdx, weights };
@@ -404,7 +510,7 @@ export class CpuBackend extends HostLifetimes implements Backend {
   ): Tensor {
     const N = scores.rows;
     const E = scores.cols;
-    const out = this.alloc([N, E]);
+    const out = this.out([N, E]);
     const ds = dscores ? f32(dscores) : EMPTY_F32;
     const p = { n: N, e: E, k: topIdx.cols, scaling };
     this.n.routerBackward(f32(dweights), f32(scores), i32(topIdx), p, ds, f32(out));
@@ -412,39 +518,39 @@ export class CpuBackend extends HostLifetimes implements Backend {
   }
 
   balanceLoss(scores: Tensor, topIdx: Tensor, o: { batch: number; seq: number; alpha: number }) {
-    const dscores = this.alloc(scores.shape);
+    const dscores = this.out(scores.shape);
     const p = { batch: o.batch, seq: o.seq, e: scores.cols, k: topIdx.cols, alpha: o.alpha };
     const loss = this.n.balanceLoss(f32(scores), i32(topIdx), p, f32(dscores));
-    return { loss: this.wrap(Float32Array.of(loss), [1], "f32"), dscores };
+    return { loss: this.scalar(loss), dscores };
   }
 
   moePermute(x: Tensor, topIdx: Tensor, experts: number): PermuteResult {
     const N = topIdx.rows;
     const k = topIdx.cols;
-    const xs = this.alloc([N * k, x.cols]);
-    const slot = this.alloc([N * k], "i32");
-    const offsets = this.alloc([experts + 1], "i32");
+    const xs = this.out([N * k, x.cols]);
+    const slot = this.out([N * k], "i32");
+    const offsets = this.out([experts + 1], "i32");
     const p = { n: N, d: x.cols, k, experts };
     this.n.moePermute(f32(x), i32(topIdx), p, f32(xs), i32(slot), i32(offsets));
     return { xs, slot, offsets };
   }
 
   moePermuteBackward(dxs: Tensor, slot: Tensor, tokens: number): Tensor {
-    const dx = this.alloc([tokens, dxs.cols]);
+    const dx = this.out([tokens, dxs.cols]);
     this.n.moePermuteBackward(f32(dxs), i32(slot), { n: tokens, d: dxs.cols }, f32(dx));
     return dx;
   }
 
   moeCombine(ys: Tensor, slot: Tensor, weights: Tensor): Tensor {
     const N = weights.rows;
-    const y = this.alloc([N, ys.cols]);
+    const y = this.out([N, ys.cols]);
     this.n.moeCombine(f32(ys), i32(slot), f32(weights), { n: N, d: ys.cols }, f32(y));
     return y;
   }
 
   moeCombineBackward(dy: Tensor, ys: Tensor, slot: Tensor, weights: Tensor) {
-    const dys = this.alloc(ys.shape);
-    const dweights = this.alloc(weights.shape);
+    const dys = this.out(ys.shape);
+    const dweights = this.out(weights.shape);
     const tokens = { n: weights.rows, d: ys.cols };
     this.n.moeCombineBackward(
       f32(dy),
@@ -464,7 +570,7 @@ export class CpuBackend extends HostLifetimes implements Backend {
 
   // --- loss and optimiser ----------------------------------------------------------------------
   crossEntropy(logits: Tensor, targets: Tensor, gradScale: number) {
-    const dlogits = this.alloc(logits.shape);
+    const dlogits = this.out(logits.shape);
     const loss = this.n.crossEntropy(
       f32(logits),
       i32(targets),
@@ -473,15 +579,12 @@ export class CpuBackend extends HostLifetimes implements Backend {
       gradScale,
       f32(dlogits),
     );
-    return { loss: this.wrap(Float32Array.of(loss), [1], "f32"), dlogits };
+    return { loss: this.scalar(loss), dlogits };
   }
 
   clipScale(grads: Tensor[], maxNorm: number) {
     const [norm, scale] = this.n.clipScale(grads.map(f32), maxNorm);
-    return {
-      norm: this.wrap(Float32Array.of(norm), [1], "f32"),
-      scale: this.wrap(Float32Array.of(scale), [1], "f32"),
-    };
+    return { norm: this.scalar(norm), scale: this.scalar(scale) };
   }
 
   adamw(p: Tensor, g: Tensor, m: Tensor, v: Tensor, o: AdamWOptions): void {

@@ -24,6 +24,7 @@ pub struct NativeInfo {
 
 #[napi]
 pub fn info() -> NativeInfo {
+    cpu::threads::init_pool();
     NativeInfo {
         version: env!("CARGO_PKG_VERSION").to_string(),
         target: env!("MOE8_TARGET").to_string(),

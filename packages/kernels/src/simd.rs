@@ -20,17 +20,20 @@ impl SimdLevel {
 }
 
 /// The widest instruction set this CPU supports that we have kernels for.
-/// `MOE8_SIMD=scalar` forces the scalar fallback (used by tests to cover that path).
+/// `MOE8_SIMD=scalar` forces the scalar fallback (used by tests to cover that path);
+/// `MOE8_SIMD=avx2` stops at AVX2+FMA, so an AVX-512 machine runs (and measures) a laptop's
+/// kernels (the `gemm` crate's f32 micro-kernels still pick their own width).
 pub fn detect() -> SimdLevel {
-    if std::env::var("MOE8_SIMD")
-        .map(|v| v == "scalar")
-        .unwrap_or(false)
-    {
+    let forced = std::env::var("MOE8_SIMD").unwrap_or_default();
+    if forced == "scalar" {
         return SimdLevel::Scalar;
     }
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+        if forced != "avx2"
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("fma")
+        {
             return SimdLevel::Avx512;
         }
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {

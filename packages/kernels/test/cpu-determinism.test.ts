@@ -4,7 +4,7 @@ import type { Backend, Tensor } from "@moe8/tensor";
 import { adamwSteps, attentionForwardBackward, Rng } from "@moe8/tensor/testing";
 import { describe, expect, it } from "vitest";
 import { CpuBackend } from "../src/cpu-backend.ts";
-import { createBackend } from "../src/index.ts";
+import { createBackend, requireNative } from "../src/index.ts";
 
 const be: Backend = new CpuBackend();
 
@@ -91,18 +91,36 @@ describe("cpu backend determinism", () => {
   });
 });
 
+/** The digests of test/simd-fingerprint.ts computed in a child process under `MOE8_SIMD=level`. */
+async function childFingerprint(level: string): Promise<{ simd: string; digest: string; gemm: string }> {
+  const { execFileSync } = await import("node:child_process");
+  const { fileURLToPath } = await import("node:url");
+  const script = fileURLToPath(new URL("./simd-fingerprint.ts", import.meta.url));
+  const out = execFileSync(process.execPath, ["--import", "tsx", script], {
+    env: { ...process.env, MOE8_SIMD: level },
+    encoding: "utf8",
+  });
+  return JSON.parse(out.trim().split("\n").at(-1)!);
+}
+
 describe("cpu backend SIMD levels", () => {
   it("the baseline (MOE8_SIMD=scalar) kernels compute the same bits as the dispatched SIMD ones", async () => {
-    const { execFileSync } = await import("node:child_process");
-    const { fileURLToPath } = await import("node:url");
     const { fingerprint } = await import("./simd-fingerprint.ts");
-    const script = fileURLToPath(new URL("./simd-fingerprint.ts", import.meta.url));
-    const out = execFileSync(process.execPath, ["--import", "tsx", script], {
-      env: { ...process.env, MOE8_SIMD: "scalar" },
-      encoding: "utf8",
-    });
-    const child = JSON.parse(out.trim().split("\n").at(-1)!);
+    const child = await childFingerprint("scalar");
     expect(child.simd).toBe("scalar");
     expect(child.digest).toBe(await fingerprint());
   });
+
+  // The packed BF16/FP8 GEMM of AVX2 machines (kernel256.rs) against AVX-512's (kernel512.rs):
+  // the same sums in the same order, so a laptop reproduces this machine's losses bit for bit.
+  it.runIf(requireNative().info().simd === "avx512f")(
+    "the AVX2 kernels (MOE8_SIMD=avx2) compute the same bits as the AVX-512 ones, GEMMs included",
+    async () => {
+      const { fingerprint, gemmFingerprint } = await import("./simd-fingerprint.ts");
+      const child = await childFingerprint("avx2");
+      expect(child.simd).toBe("avx2+fma");
+      expect(child.digest).toBe(await fingerprint());
+      expect(child.gemm).toBe(await gemmFingerprint());
+    },
+  );
 });

@@ -1,6 +1,8 @@
 // The shared op suite on the cpu backend with the SIMD dispatch forced to the baseline (scalar)
-// kernels. vitest runs each test file in its own process, so the variable is seen at load time.
+// kernels, and outputs poisoned as in cpu-op-suite.test.ts. vitest runs each test file in its own
+// process, so the variables are seen at load time.
 process.env.MOE8_SIMD = "scalar";
+process.env.MOE8_POISON = "1";
 
 export {};
 

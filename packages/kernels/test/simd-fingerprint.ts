@@ -1,6 +1,7 @@
 // A digest of the outputs of the SIMD-dispatched kernels on fixed inputs, so that a test can check
-// that the AVX-512, AVX2 and baseline builds of every kernel compute the same bits. Run as a script
-// it prints the digest (the test runs it in a child process with MOE8_SIMD=scalar).
+// that the AVX-512, AVX2 and baseline builds of every kernel compute the same bits, and one of the
+// BF16/FP8 GEMMs, which the AVX-512 and AVX2 kernels compute alike. Run as a script it prints both
+// (the tests run it in child processes with MOE8_SIMD=scalar and MOE8_SIMD=avx2).
 import { createHash } from "node:crypto";
 import type { Tensor } from "@moe8/tensor";
 import { adamwSteps, Rng } from "@moe8/tensor/testing";
@@ -66,6 +67,10 @@ export async function fingerprint(): Promise<string> {
     steps: 2,
   });
   for (const r of [runs.f32, runs.bf16]) outs.push(r.p, r.m, r.v);
+  return digest(outs);
+}
+
+async function digest(outs: Tensor[]): Promise<string> {
   const h = createHash("sha256");
   for (const t of outs) {
     const a = await t.read();
@@ -74,5 +79,52 @@ export async function fingerprint(): Promise<string> {
   return h.digest("hex");
 }
 
+/**
+ * A digest of the BF16 and FP8 GEMMs (every transposition, accumulate, BF16 output, promotion 128
+ * and 64, ragged edges, grouped by expert with an empty expert). The packed AVX-512 and AVX2
+ * kernels (kernel512.rs, kernel256.rs) sum in the same order, so both give these bits; the scalar
+ * baseline sums without FMA and is not compared.
+ */
+export async function gemmFingerprint(): Promise<string> {
+  const be = new CpuBackend();
+  const rng = new Rng(43);
+  const outs: Tensor[] = [];
+  const [M, N, K] = [203, 75, 300];
+  for (const transA of [false, true])
+    for (const transB of [false, true]) {
+      const a = be.upload(rng.normals(M * K), transA ? [K, M] : [M, K]);
+      const b = be.upload(rng.normals(K * N), transB ? [N, K] : [K, N]);
+      const acc = be.upload(rng.normals(M * N), [M, N]);
+      outs.push(be.matmul(a, b, { transA, transB, precision: "bf16" }));
+      outs.push(be.matmul(a, b, { transA, transB, precision: "bf16", outBf16: true }));
+      be.matmul(a, b, { transA, transB, precision: "bf16", accumulate: acc });
+      outs.push(acc);
+      // FP8: A's scales constant along K (1x128 tiles, or 128x1 column tiles when stored [K, M]).
+      const qa = be.quantize(a, { group: transA ? "column-tile" : "tile" });
+      const qb = be.quantize(b, { group: transB ? "tile" : "column-tile" });
+      for (const promotion of [128, 64])
+        outs.push(be.matmul(qa, qb, { transA, transB, precision: "fp8", promotion }));
+    }
+  const off = be.upload(Int32Array.of(0, 70, 70, 203), [4], "i32");
+  const x = be.upload(rng.normals(M * K), [M, K]);
+  const w = be.upload(rng.normals(3 * N * K), [3, N, K]);
+  const dy = be.upload(rng.normals(M * N), [M, N]);
+  outs.push(be.groupedMatmul(x, w, off, { segment: "m", transB: true, precision: "bf16" }));
+  outs.push(be.groupedMatmul(x, dy, off, { segment: "k", transA: true, precision: "bf16" }));
+  const qx = be.quantize(x, { group: "tile" });
+  const qw = be.quantize(w, { group: "block" });
+  outs.push(be.groupedMatmul(qx, qw, off, { segment: "m", transB: true, precision: "fp8" }));
+  const cx = be.quantize(x, { group: "column-tile", segments: off });
+  const cdy = be.quantize(dy, { group: "column-tile", segments: off });
+  outs.push(be.groupedMatmul(cx, cdy, off, { segment: "k", transA: true, precision: "fp8" }));
+  return digest(outs);
+}
+
 if (process.argv[1]?.endsWith("simd-fingerprint.ts"))
-  console.log(JSON.stringify({ simd: requireNative().info().simd, digest: await fingerprint() }));
+  console.log(
+    JSON.stringify({
+      simd: requireNative().info().simd,
+      digest: await fingerprint(),
+      gemm: await gemmFingerprint(),
+    }),
+  );

@@ -301,7 +301,7 @@ pub fn gemm_f32(
     // rounded copies). Plain f32 stays on the `gemm` crate, which measured a little faster here,
     // most of all on the long-K weight-gradient shapes.
     #[cfg(target_arch = "x86_64")]
-    if inputs == Inputs::Bf16 && m > 0 && n > 0 && k > 0 && super::kernel512::available() {
+    if inputs == Inputs::Bf16 && m > 0 && n > 0 && k > 0 {
         let (va, vb) = (View::of(a, lda, p.trans_a), View::of(b, ldb, p.trans_b));
         let src = |v: View| super::kernel512::Src::F32 {
             p: v.ptr,
@@ -309,8 +309,16 @@ pub fn gemm_f32(
             cs: v.cs,
             bf16: true,
         };
-        unsafe { super::kernel512::gemm(p.mnk(), src(va), src(vb), out.ptr, p.output(), None) };
-        return Ok(());
+        let (sa, sb) = (src(va), src(vb));
+        if super::kernel512::available() {
+            unsafe { super::kernel512::gemm(p.mnk(), sa, sb, out.ptr, p.output(), None) };
+            return Ok(());
+        }
+        // The same packed design on AVX2+FMA, with the same bits.
+        if super::kernel256::available() {
+            unsafe { super::kernel256::gemm(p.mnk(), sa, sb, out.ptr, p.output(), None) };
+            return Ok(());
+        }
     }
     match inputs {
         Inputs::Bf16 => {
@@ -467,10 +475,13 @@ pub fn gemm_fp8(
         }
     }
     #[cfg(target_arch = "x86_64")]
-    if promotion <= super::kernel512::KC && super::kernel512::available() {
-        use super::kernel512 as k5;
-        // The column scales padded to whole panels.
-        let npd = k5::npad(n);
+    if promotion <= super::kernel512::KC
+        && (super::kernel512::available() || super::kernel256::available())
+    {
+        use super::{kernel256 as k2, kernel512 as k5};
+        let wide = k5::available();
+        // The column scales padded to whole panels (of the kernel that runs).
+        let npd = if wide { k5::npad(n) } else { k2::npad(n) };
         let mut sbp = vec![0f32; nch * npd];
         for ci in 0..nch {
             sbp[ci * npd..ci * npd + n].copy_from_slice(&sb[ci * n..(ci + 1) * n]);
@@ -488,7 +499,11 @@ pub fn gemm_fp8(
             sb: &sbp,
         };
         let (qa, qb) = (src(a.q, va, a.format), src(b.q, vb, b.format));
-        unsafe { k5::gemm(p.mnk(), qa, qb, c.as_mut_ptr(), p.output(), Some(promo)) };
+        if wide {
+            unsafe { k5::gemm(p.mnk(), qa, qb, c.as_mut_ptr(), p.output(), Some(promo)) };
+        } else {
+            unsafe { k2::gemm(p.mnk(), qa, qb, c.as_mut_ptr(), p.output(), Some(promo)) };
+        }
         return Ok(());
     }
     with_scratch(m * k + k * n, |s| {

@@ -55,7 +55,7 @@ unsafe impl Send for Src {}
 unsafe impl Sync for Src {}
 
 impl Src {
-    fn strides(self) -> (isize, isize) {
+    pub(crate) fn strides(self) -> (isize, isize) {
         match self {
             Src::F32 { rs, cs, .. } | Src::Fp8 { rs, cs, .. } => (rs, cs),
         }
@@ -63,7 +63,7 @@ impl Src {
 
     /// out[t] = converted element at offset `off + t*step`, t < out.len().
     #[inline(always)]
-    unsafe fn load_run(self, off: isize, step: isize, out: &mut [f32]) {
+    pub(crate) unsafe fn load_run(self, off: isize, step: isize, out: &mut [f32]) {
         let len = out.len();
         match self {
             Src::F32 { p, bf16, .. } => {
@@ -96,14 +96,18 @@ impl Src {
 }
 
 /// A 64-byte aligned f32 buffer kept per thread (grown on demand, never shrunk).
-struct Aligned {
+pub(crate) struct Aligned {
     buf: Vec<f32>,
 }
 impl Aligned {
-    const fn new() -> Self {
+    pub(crate) const fn new() -> Self {
         Aligned { buf: Vec::new() }
     }
-    fn get(&mut self, len: usize) -> &mut [f32] {
+    /// Floats held (the larger of two buffers is the one to keep).
+    pub(crate) fn capacity(&self) -> usize {
+        self.buf.len()
+    }
+    pub(crate) fn get(&mut self, len: usize) -> &mut [f32] {
         if self.buf.len() < len + 16 {
             self.buf = vec![0f32; len + 16];
         }
@@ -189,6 +193,9 @@ unsafe fn pack_a_block(
                             v
                         }
                     }
+                    // The panel's MR codes of one k are contiguous: decoded in a register (a
+                    // decode through memory stalled on store forwarding, half of this function).
+                    Src::Fp8 { q, f, .. } if rs == 1 => decode16(q.offset(off), mask, f),
                     Src::Fp8 { q, f, .. } => {
                         let tab = f.table();
                         let mut t = [0f32; 16];
@@ -202,6 +209,42 @@ unsafe fn pack_a_block(
             }
         }
     }
+}
+
+/// The FP8 codes of the lanes in `mask` (others read as code 0) decoded to f32 without scales, bit
+/// for bit as `fp8::decode_slice`: sign | (code < min normal ? code * 2^-(bias+man-1) : re-biased
+/// exponent and mantissa), the NaN codes (and E5M2's infinity) mapped as there.
+#[inline(always)]
+unsafe fn decode16(q: *const u8, mask: __mmask16, f: Fp8Format) -> __m512 {
+    let x = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, q as *const i8));
+    let c = _mm512_and_si512(x, _mm512_set1_epi32(0x7f));
+    let sign = _mm512_slli_epi32(_mm512_and_si512(x, _mm512_set1_epi32(0x80)), 24);
+    let (min_normal, sub_scale, shift, rebias) = match f {
+        Fp8Format::E4M3 => (8, 1.0 / 512.0, 20, 120 << 23),
+        Fp8Format::E5M2 => (4, 1.0 / 65536.0, 21, 112 << 23),
+    };
+    let sub = _mm512_castps_si512(_mm512_mul_ps(
+        _mm512_cvtepi32_ps(c),
+        _mm512_set1_ps(sub_scale),
+    ));
+    let normal = _mm512_add_epi32(
+        _mm512_sllv_epi32(c, _mm512_set1_epi32(shift)),
+        _mm512_set1_epi32(rebias),
+    );
+    let is_sub = _mm512_cmplt_epi32_mask(c, _mm512_set1_epi32(min_normal));
+    let mut v = _mm512_mask_blend_epi32(is_sub, normal, sub);
+    let nan = _mm512_set1_epi32(0x7fc0_0000);
+    match f {
+        Fp8Format::E4M3 => {
+            v = _mm512_mask_mov_epi32(v, _mm512_cmpeq_epi32_mask(c, _mm512_set1_epi32(0x7f)), nan);
+        }
+        Fp8Format::E5M2 => {
+            let inf = _mm512_cmpeq_epi32_mask(c, _mm512_set1_epi32(0x7c));
+            v = _mm512_mask_mov_epi32(v, inf, _mm512_set1_epi32(0x7f80_0000));
+            v = _mm512_mask_mov_epi32(v, _mm512_cmpgt_epi32_mask(c, _mm512_set1_epi32(0x7c)), nan);
+        }
+    }
+    _mm512_castsi512_ps(_mm512_or_si512(v, sign))
 }
 
 /// BF16 rounding of 16 lanes, as `bf16_round` (RNE; NaN -> the quiet NaN 0x7fff0000).
@@ -460,4 +503,41 @@ pub unsafe fn gemm(s: Mnk, a: Src, b: Src, c: *mut f32, out: Output, promo: Opti
             *slot = bpk;
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every code of both formats, in every lane, decodes as `fp8::decode_slice` does (bit for bit,
+    /// NaNs included); lanes outside the mask read code 0.
+    #[test]
+    fn decode16_equals_decode_slice() {
+        if !available() {
+            return;
+        }
+        for f in [Fp8Format::E4M3, Fp8Format::E5M2] {
+            let codes: Vec<u8> = (0..=255u8).collect();
+            let mut want = vec![0f32; 256];
+            decode_slice(&codes, f, &mut want);
+            for start in (0..256).step_by(16) {
+                for w in [16, 12, 1] {
+                    let mut got = [0f32; 16];
+                    unsafe {
+                        let v = decode16(codes.as_ptr().add(start), mask16(w), f);
+                        _mm512_storeu_ps(got.as_mut_ptr(), v);
+                    }
+                    for l in 0..16 {
+                        let expect = if l < w { want[start + l].to_bits() } else { 0 };
+                        assert_eq!(
+                            got[l].to_bits(),
+                            expect,
+                            "{f:?} code {} width {w}",
+                            start + l
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

@@ -6,9 +6,13 @@ pub mod fp8;
 pub mod gemm;
 pub mod grouped;
 #[cfg(target_arch = "x86_64")]
+pub mod kernel256;
+#[cfg(target_arch = "x86_64")]
 pub mod kernel512;
 pub mod napi;
 pub mod quant;
+pub mod requant;
+pub mod threads;
 
 #[cfg(test)]
 mod tests;

@@ -279,6 +279,43 @@ pub fn quantize_fp8(
     quantize(x, &l, scaling.mode()?, data, scales).map_err(err)
 }
 
+/// Requantises FP8 codes (`data`, `scales` as `layout` lays them out: one matrix, no segments)
+/// into 128x1 column tiles of `format` (`outData`, `outScales`), restarted at each of `segments`
+/// (E+1 row offsets) when given: bit for bit quantizeFp8(dequantizeFp8(...)) without the f32 copy.
+#[napi]
+#[allow(clippy::too_many_arguments)]
+pub fn requantize_fp8(
+    data: &[u8],
+    scales: &[f32],
+    layout: JsFp8Layout,
+    scaling: Scaling,
+    format: String,
+    mut out_data: Uint8ArraySlice,
+    mut out_scales: Float32ArraySlice,
+    segments: Option<&[i32]>,
+) -> Result<()> {
+    let (q, s) = unsafe { (out_data.as_mut(), out_scales.as_mut()) };
+    no_alias(q, data, "requantizeFp8")?;
+    no_alias(s, scales, "requantizeFp8")?;
+    no_alias(q, scales, "requantizeFp8")?;
+    no_alias(s, data, "requantizeFp8")?;
+    no_alias(s, q, "requantizeFp8")?;
+    let l = layout.layout(None)?;
+    if l.batch != 1 {
+        return Err(err("requantizeFp8: one matrix (batch 1) only".into()));
+    }
+    let src = super::requant::Source {
+        codes: data,
+        scales,
+        rows: l.rows,
+        cols: l.cols,
+        group: l.group,
+        format: l.format,
+    };
+    let f = fmt(&format)?;
+    super::requant::requantize_column_tiles(&src, f, scaling.mode()?, segments, q, s).map_err(err)
+}
+
 /// Encodes f32 to FP8 codes (RNE, saturating, NaN -> 0x7f), no scaling.
 #[napi]
 pub fn fp8_encode(x: &[f32], format: String, mut out: Uint8ArraySlice) -> Result<()> {

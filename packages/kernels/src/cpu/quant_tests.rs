@@ -206,3 +206,70 @@ fn column_tile_segments() {
         srow += (r1 - r0).div_ceil(G);
     }
 }
+
+/// The fused requantisation equals quantising the dequantised source, for every source layout,
+/// both target formats and with segments (one empty, one shorter than a group).
+#[test]
+fn requantize_equals_quantize_of_dequantize() {
+    use crate::cpu::requant::{requantize_column_tiles, Source};
+    let (rows, cols) = (300, 200);
+    let x: Vec<f32> = (0..rows * cols)
+        .map(|i| ((i * 7919 % 1009) as f32 - 504.0) * 0.37 + if i == 7 { 3e4 } else { 0.0 })
+        .collect();
+    let seg = [0i32, 0, 130, 131, 300];
+    let mode = ScaleMode::Amax { eps: 1e-12 };
+    for g in [
+        Group::Tile,
+        Group::Block,
+        Group::Row,
+        Group::Tensor,
+        Group::ColumnTile,
+    ] {
+        let src_layout = Fp8Layout {
+            rows,
+            cols,
+            batch: 1,
+            group: g,
+            format: Fp8Format::E4M3,
+            segments: None,
+        };
+        let mut codes = vec![0u8; rows * cols];
+        let mut scales = vec![0f32; g.scale_count(rows, cols)];
+        quantize(&x, &src_layout, mode, &mut codes, &mut scales).unwrap();
+        let mut deq = vec![0f32; rows * cols];
+        crate::ops::dequant::dequantize(&codes, &scales, &src_layout, &mut deq).unwrap();
+        let src = Source {
+            codes: &codes,
+            scales: &scales,
+            rows,
+            cols,
+            group: g,
+            format: Fp8Format::E4M3,
+        };
+        for f in [Fp8Format::E4M3, Fp8Format::E5M2] {
+            for segments in [None, Some(&seg[..])] {
+                let to = Fp8Layout {
+                    rows,
+                    cols,
+                    batch: 1,
+                    group: Group::ColumnTile,
+                    format: f,
+                    segments,
+                };
+                let ns = scales_len(rows, cols, Group::ColumnTile, segments).unwrap();
+                let (mut q1, mut s1) = (vec![0u8; rows * cols], vec![0f32; ns]);
+                quantize(&deq, &to, mode, &mut q1, &mut s1).unwrap();
+                let (mut q2, mut s2) = (vec![1u8; rows * cols], vec![-1f32; ns]);
+                requantize_column_tiles(&src, f, mode, segments, &mut q2, &mut s2).unwrap();
+                assert_eq!(
+                    q1,
+                    q2,
+                    "codes, source {g:?}, {f:?}, segments {}",
+                    segments.is_some()
+                );
+                let bits = |s: &[f32]| s.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&s1), bits(&s2), "scales, source {g:?}, {f:?}");
+            }
+        }
+    }
+}

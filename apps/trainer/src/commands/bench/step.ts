@@ -54,6 +54,9 @@ export async function benchStep(flags: Record<string, unknown>): Promise<number>
       steps,
       120_000,
     );
+    const churn = await steadyStateChurn(b, () =>
+      trainStep(s.model, s.opt, ids, tg, { batch: B, seq: T }, 1e-3),
+    );
     const tokensPerS = (B * T * 1000) / ms;
     const tflops = (trainFlopsPerToken(modelCfg, T) * tokensPerS) / 1e12;
     const peakDevice = (b as { peakMemory?: () => number }).peakMemory?.();
@@ -68,6 +71,7 @@ export async function benchStep(flags: Record<string, unknown>): Promise<number>
       peak_rss_mb: Math.round(peakRss / 2 ** 20),
       // Tensor bytes live at once (every backend; on cuda the allocator's figure adds size classes).
       peak_tensor_mb: Math.round(b.peakBytes() / 2 ** 20),
+      ...churn,
     };
     if (peakDevice !== undefined) {
       row.peak_device_mb = Math.round(peakDevice / 2 ** 20);
@@ -112,4 +116,22 @@ export async function benchStep(flags: Record<string, unknown>): Promise<number>
   }
   if (flags.json) console.log(JSON.stringify(rows.length === 1 ? rows[0] : rows));
   return 0;
+}
+
+/**
+ * What one more (warm) step costs the OS: the process's minor page faults (each a first touch of
+ * fresh memory) and, on cpu, the buffers the pool had to allocate anew (0 when a step reuses
+ * everything; tests/cpu-pool.test.ts holds it there).
+ */
+async function steadyStateChurn(b: object, step: () => Promise<unknown>) {
+  const poolStats = (b as { poolStats?: () => { misses: number } }).poolStats?.bind(b);
+  // Not every runtime has resourceUsage (it is Node's API; Bun has it).
+  const faults = () =>
+    typeof process.resourceUsage === "function" ? process.resourceUsage().minorPageFault : NaN;
+  const [misses, faults0] = [poolStats?.().misses ?? 0, faults()];
+  await step();
+  const out: Record<string, number> = {};
+  if (!Number.isNaN(faults0)) out.minor_faults_per_step = faults() - faults0;
+  if (poolStats) out.pool_misses_per_step = poolStats().misses - misses;
+  return out;
 }

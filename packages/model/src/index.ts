@@ -1,4 +1,3 @@
-export { type Collectives, SINGLE_PROCESS } from "./collectives.ts";
 export { CONFIGS, countParams, type ModelConfig, STEP_SHAPES } from "./config.ts";
 export { type GenerateOptions, generate, generateByRecompute } from "./generate.ts";
 export { fromHfConfig, hfConfig, hfConfigText } from "./hf.ts";

@@ -15,8 +15,7 @@
 // optimiser (ZeRO-1) each rank updates the parameters it owns and broadcasts them.
 import { type LoadStats, loadStats } from "@moe8/moe-layers";
 import type { AdamW } from "@moe8/optimizer";
-import type { Tensor } from "@moe8/tensor";
-import { type Collectives, SINGLE_PROCESS } from "./collectives.ts";
+import { type Collectives, SINGLE_PROCESS, type Tensor } from "@moe8/tensor";
 import type { BatchShape, DeepSeekModel } from "./model.ts";
 
 export interface StepResult {

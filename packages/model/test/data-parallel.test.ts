@@ -1,4 +1,4 @@
-// Data parallelism's arithmetic, with 2 and 4 ranks simulated in one process (local-collectives.ts):
+// Data parallelism's arithmetic, with 2 and 4 ranks simulated in one process (localGroup):
 // each rank trains a replica on its slice of the same global batch, and the step sums gradients,
 // losses and expert loads over the ranks. Against one rank training the whole batch: the per-step
 // losses and gradient norms agree to f32 re-association (the batch's mean is summed in another
@@ -8,13 +8,12 @@
 // same bit for bit, and each rank holds its share of the state.
 import { presetPolicy } from "@moe8/fp8-core";
 import { ADAMW_DEFAULTS, AdamW } from "@moe8/optimizer";
-import { type Backend, TsBackend } from "@moe8/tensor";
+import { type Backend, type Collectives, SINGLE_PROCESS, TsBackend } from "@moe8/tensor";
+import { localGroup } from "@moe8/tensor/testing";
 import { describe, expect, it } from "vitest";
-import { type Collectives, SINGLE_PROCESS } from "../src/collectives.ts";
 import { DeepSeekModel } from "../src/model.ts";
 import { trainStep } from "../src/train-step.ts";
 import { batchOf, MICRO } from "./helpers.ts";
-import { localGroup } from "./local-collectives.ts";
 
 const BATCH = 8;
 const SEQ = 8;

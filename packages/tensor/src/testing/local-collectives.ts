@@ -3,8 +3,8 @@
 // k-th call of each rank meets the k-th of the others), then gives every rank the same sum, added in
 // rank order as NCCL's ring would give one fixed order. Rank mistakes (different tensor counts or
 // sizes) throw instead of hanging.
-import type { Tensor } from "@moe8/tensor";
-import type { Collectives } from "../src/collectives.ts";
+import type { Collectives } from "../collectives.ts";
+import type { Tensor } from "../tensor.ts";
 
 type Summable = Float32Array | Int32Array;
 

@@ -3,8 +3,8 @@
 // through this interface whatever the world size: one process is the group of one
 // (SINGLE_PROCESS, where every collective is the identity), so a single-GPU run goes through the
 // same step code as a data-parallel one. Tests simulate several ranks in one process
-// (packages/model/test/local-collectives.ts); across GPUs the implementation is NCCL's.
-import type { Tensor } from "@moe8/tensor";
+// (`localGroup` in @moe8/tensor/testing); across GPUs the implementation is NCCL's.
+import type { Tensor } from "./tensor.ts";
 
 export interface Collectives {
   /** This process's rank, 0 .. size - 1. */

@@ -19,6 +19,11 @@ export interface Collectives {
   allReduceSum(tensors: Tensor[]): Promise<void>;
   /** In place: tensor i becomes rank roots[i]'s tensor i on every rank (each rank passes the same list). */
   broadcast(tensors: Tensor[], roots: number[]): Promise<void>;
+  /**
+   * send[q] (2-D, f32 or i32, any number of rows, the same columns on every rank) goes to rank q;
+   * returns recv, recv[q] being what rank q sent to this rank, on this rank's backend.
+   */
+  allToAll(send: Tensor[]): Promise<Tensor[]>;
 }
 
 /** The group of one process: every collective leaves its tensors as they are. */
@@ -27,4 +32,7 @@ export const SINGLE_PROCESS: Collectives = {
   size: 1,
   async allReduceSum() {},
   async broadcast() {},
+  async allToAll(send) {
+    return send;
+  },
 };

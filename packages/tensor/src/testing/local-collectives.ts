@@ -1,8 +1,9 @@
-// Several data-parallel ranks in one process, for tests only: each rank has its own backend and
-// model replica, and runs as one async task; a collective waits until every rank has called it (the
-// k-th call of each rank meets the k-th of the others), then gives every rank the same sum, added in
-// rank order as NCCL's ring would give one fixed order. Rank mistakes (different tensor counts or
-// sizes) throw instead of hanging.
+// Several ranks of a group in one process, for tests only: each rank has its own backend (and model
+// replica), and runs as one async task; a collective waits until every rank has called it (the k-th
+// call of each rank meets the k-th of the others). allReduceSum gives every rank the same sum, added
+// in rank order as NCCL's ring gives one fixed order; broadcast copies the root's tensor; allToAll
+// hands each rank the pieces addressed to it. Rank mistakes (different tensor counts or sizes) throw
+// instead of hanging.
 import type { Collectives } from "../collectives.ts";
 import type { Tensor } from "../tensor.ts";
 
@@ -32,7 +33,7 @@ export function localGroup(size: number): Collectives[] {
   return Array.from({ length: size }, (_, rank) => {
     let calls = 0;
     /** Every rank's copies of `tensors` once all have called (the k-th call of each rank meets). */
-    const exchange = async (tensors: Tensor[]): Promise<Summable[][]> => {
+    const exchange = async (tensors: Tensor[], sameSizes = true): Promise<Summable[][]> => {
       const k = calls++;
       const mine = await Promise.all(
         tensors.map(async (t) => {
@@ -52,7 +53,7 @@ export function localGroup(size: number): Collectives[] {
       for (let q = 0; q < size; q++)
         tensors.forEach((_, i) => {
           const p = r.parts[q][i];
-          if (!p || p.length !== mine[i].length)
+          if (!p || (sameSizes && p.length !== mine[i].length))
             throw new Error(`collectives call ${k}: rank ${q} passed another tensor ${i}`);
         });
       return r.parts;
@@ -69,6 +70,16 @@ export function localGroup(size: number): Collectives[] {
             for (let j = 0; j < sum.length; j++) sum[j] += p[j];
           }
           t.backend.write(t, sum);
+        });
+      },
+      async allToAll(send) {
+        if (send.length !== size) throw new Error(`allToAll: ${send.length} tensors for ${size} ranks`);
+        const parts = await exchange(send, false);
+        return parts.map((p, q) => {
+          const t = send[q];
+          const cols = t.shape[t.shape.length - 1];
+          const data = p[rank];
+          return t.backend.upload(data, [data.length / cols, cols], t.dtype);
         });
       },
       async broadcast(tensors, roots) {

@@ -1,0 +1,82 @@
+// How many kernel launches (and cuBLASLt calls) one training step of `small`'s shape issues on a
+// Hopper GPU, and what the host's own work per step costs, measured without a GPU: the cuda
+// backend runs against a fake addon that only counts (as packages/kernels/test/cuda-dry-run.test.ts
+// does). The counts are a ratchet for issue 18 (fewer, fused launches; one graph per step): a change
+// that issues more launches fails here and must say why by raising the budget. The host times are
+// printed, not asserted (machine-dependent): the JavaScript side of a step, which is all the host
+// would do if the GPU were infinitely fast. Three layers (one dense, two MoE) keep it quick; a step
+// of the eight-layer model issues about 1,981 (fp8) and 1,528 (bf16) launches.
+import { presetPolicy } from "@moe8/fp8-core";
+import { CONFIGS, DeepSeekModel, trainStep } from "@moe8/model";
+import { ADAMW_DEFAULTS, AdamW } from "@moe8/optimizer";
+import type { Backend } from "@moe8/tensor";
+import { describe, expect, it, vi } from "vitest";
+
+let launches = 0;
+let nextPtr = 4096;
+class FakeBuffer {
+  readonly ptr: number;
+  constructor(readonly bytes: number) {
+    this.ptr = nextPtr;
+    nextPtr += Math.ceil(bytes / 256) * 256 + 256;
+  }
+  free() {}
+}
+let kernels = 0;
+const fake = {
+  DeviceBuffer: FakeBuffer,
+  cudaInfo: () => ({ available: true, reason: null, computeCapability: "9.0", multiprocessors: 132 }),
+  cudaTensorMap2D: () => new Uint8Array(128),
+  cudaKernel: () => kernels++,
+  cudaLaunch: () => {
+    launches++;
+  },
+  cudaGemmLt: () => {
+    launches++;
+  },
+  cudaHtod: () => {},
+  cudaDtoh: () => {},
+  cudaDtod: () => {},
+  cudaMemset8: () => {},
+  cudaMemset32: () => {},
+};
+vi.mock("../packages/kernels/src/index.ts", async (original) => ({
+  ...(await original<typeof import("../packages/kernels/src/index.ts")>()),
+  loadNative: () => ({ loaded: true, reason: null, addon: fake }),
+}));
+const { CudaBackend } = await import("../packages/kernels/src/cuda-backend.ts");
+
+/** The budget: launches per step of the three-layer model, as of this file's last change. */
+const BUDGET = { fp8: 741, bf16: 578 };
+
+describe("launches per training step (small's shape, 3 layers, fake Hopper GPU)", () => {
+  for (const precision of ["fp8", "bf16"] as const)
+    it(`${precision}: at most ${BUDGET[precision]}`, async () => {
+      const b = new CudaBackend() as Backend;
+      const m = new DeepSeekModel(b, { ...CONFIGS.small, num_hidden_layers: 3 }, presetPolicy(precision), 1);
+      const opt = new AdamW(b, m.params, ADAMW_DEFAULTS);
+      const [B, T] = [8, 2048];
+      const ids = b.upload(
+        Int32Array.from({ length: B * T }, (_, i) => (i * 7) % 256),
+        [B * T],
+        "i32",
+      );
+      const targets = b.upload(
+        Int32Array.from({ length: B * T }, (_, i) => (i * 5) % 256),
+        [B * T],
+        "i32",
+      );
+      const counts: number[] = [];
+      const ms: number[] = [];
+      for (let s = 0; s < 3; s++) {
+        launches = 0;
+        const t0 = performance.now();
+        await trainStep(m, opt, ids, targets, { batch: B, seq: T }, 1e-4);
+        ms.push(performance.now() - t0);
+        counts.push(launches);
+      }
+      console.log(`${precision}: ${counts[2]} launches, host ${ms[2].toFixed(1)} ms per warm step`);
+      expect(new Set(counts).size, "every step issues the same launches").toBe(1);
+      expect(counts[0]).toBeLessThanOrEqual(BUDGET[precision]);
+    }, 120_000);
+});

@@ -1,6 +1,7 @@
 // The model's shape from the command line: --model.<field> for every field a config file's `model`
 // takes, validated the same way, and a vocab_size taken from the dataset's tokenizer when none is
-// set, so a `prepare-data --tokenizer bpe:N` dataset trains without a hand-written config.
+// set, so a `prepare-data --tokenizer bpe:N` dataset trains (and runs parity) without a hand-written
+// config.
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { beforeAll, describe, expect, it } from "vitest";
@@ -43,6 +44,13 @@ describe("model shape from flags and data", () => {
     const plain = train("byte-run", []);
     expect(plain.status, plain.stderr).toBe(0);
     expect(plain.stdout.split("\n")[0]).toMatch(/^training tiny on cpu/);
+  });
+
+  it("parity on a bpe:300 dataset takes its vocab_size too", () => {
+    const out = join(dir, "bpe-parity");
+    const r = cli(["parity", ...QUICK, "--backend", "cpu", "--steps", "2", "--data", bpe, "--out", out]);
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stdout).toMatch(/vocab_size 300 \(taken from the dataset's bpe tokenizer\)/);
   });
 
   it("--model.* change the model as a config file's fields do", () => {

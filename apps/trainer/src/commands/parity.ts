@@ -11,6 +11,7 @@ import { resolveModel, type TrainConfig } from "../run/config.ts";
 import { openTrainData } from "../run/data.ts";
 import { configFromArgs, TRAIN_FLAGS } from "../run/flags.ts";
 import { buildSession, policyOf } from "../run/session.ts";
+import { withDatasetVocab } from "../run/start.ts";
 import { linePlot } from "../run/svg.ts";
 import { validationLoss } from "./train.ts";
 
@@ -214,7 +215,8 @@ export async function parity(argv: string[]): Promise<number> {
   if (f.resume !== undefined) throw new UsageError("parity does not take --resume");
   if (f.tensorboard !== undefined) throw new UsageError("parity does not take --tensorboard");
   const stepsGiven = f.steps !== undefined;
-  const cfg0 = configFromArgs(args);
+  // A bpe dataset's vocab_size, where the user set none, as train takes it.
+  const { cfg: cfg0, taken } = await withDatasetVocab(configFromArgs(args));
   const cfg: TrainConfig = { ...cfg0, steps: stepsGiven ? cfg0.steps : 300, evalEvery: 0, saveEvery: 0 };
   const against = String(f.against ?? "bf16");
   policyOf({ precision: against, precisionOverrides: {} }); // validate before any work
@@ -243,7 +245,10 @@ export async function parity(argv: string[]): Promise<number> {
   const allRuns: RunResult[][] = [];
   for (let k = 0; k < seeds; k++) {
     const c = { ...cfg, seed: cfg.seed + k, dataSeed: null };
-    log(`seed ${c.seed}: ${cfg.steps} steps of ${cfg.batchSize}x${cfg.seqLen} tokens on ${cfg.backend}`);
+    const vocab = taken ? `, vocab_size ${resolveModel(cfg).vocab_size} (${taken})` : "";
+    log(
+      `seed ${c.seed}: ${cfg.steps} steps of ${cfg.batchSize}x${cfg.seqLen} tokens on ${cfg.backend}${vocab}`,
+    );
     const base = await trainForParity(c, baseV, log);
     const runs = [base];
     const cmp: Comparison[] = [];

@@ -116,9 +116,15 @@ function vocabFromData(
   };
 }
 
+/** The config with its dataset's vocab_size where the user set none (train and parity). */
+export async function withDatasetVocab(
+  given: TrainConfig,
+): Promise<{ cfg: TrainConfig; taken: string | null }> {
+  return vocabFromData(given, await datasetTokenizer(given));
+}
+
 export async function startNew(args: ParsedArgs, note: (m: string) => void): Promise<RunStart> {
-  const given = configFromArgs(args);
-  const { cfg, taken } = vocabFromData(given, await datasetTokenizer(given));
+  const { cfg, taken } = await withDatasetVocab(configFromArgs(args));
   const out = args.flags.out;
   const runDir =
     out === undefined ? join("runs", new Date().toISOString().replace(/[:.]/g, "-")) : String(out);

@@ -77,10 +77,11 @@ export async function dispatch(
   // Regroup by local expert: for expert j, its rows from rank 0, then from rank 1, ...
   const pieces: Tensor[] = [];
   const local = new Int32Array(El + 1);
+  const next = new Array<number>(R).fill(0); // per source rank: its first row not yet taken
   for (let j = 0; j < El; j++) {
     for (let q = 0; q < R; q++) {
-      const before = received[q].slice(0, j).reduce((n, x) => n + x, 0);
-      pieces.push(rowsOf(b, inbound[q], before, received[q][j]));
+      pieces.push(rowsOf(b, inbound[q], next[q], received[q][j]));
+      next[q] += received[q][j];
     }
     local[j + 1] = local[j] + received.reduce((n, r) => n + r[j], 0);
   }

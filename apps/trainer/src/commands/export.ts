@@ -8,18 +8,12 @@ import { existsSync, mkdirSync, readdirSync, renameSync, rmdirSync, rmSync, stat
 import { basename, dirname, join, resolve } from "node:path";
 import { hfTokenizerFiles, ioReason } from "@moe8/data";
 import { encodeBf16, UsageError } from "@moe8/fp8-core";
-import {
-  checkpointTensorShapes,
-  fromHfConfig,
-  hfConfigText,
-  hfGenerationConfig,
-  type ModelConfig,
-} from "@moe8/model";
+import { checkpointTensorShapes, hfConfigText, hfGenerationConfig } from "@moe8/model";
 import { type FlagSpec, parseArgs } from "../args.ts";
 import { checkTensorSet, readCheckpoint } from "../run/checkpoint.ts";
 import { checkpointTokenizer } from "../run/checkpoint-tokenizer.ts";
-import { checkModelConfig } from "../run/config.ts";
 import { fsyncDir, writeFileDurable } from "../run/io.ts";
+import { checkpointModelConfig } from "../run/load-model.ts";
 import { type StTensor, writeSafetensors } from "../run/safetensors.ts";
 
 export const EXPORT_FLAGS: FlagSpec = {
@@ -48,13 +42,7 @@ export async function exportCommand(argv: string[]): Promise<number> {
   checkOut(out);
   const ck = readCheckpoint(dir, false);
   // Held to what eval and sample check (run/load-model.ts), without building the model.
-  let cfg: ModelConfig;
-  try {
-    cfg = fromHfConfig(ck.config);
-  } catch (e) {
-    throw new UsageError(`checkpoint ${dir}: ${(e as Error).message}`);
-  }
-  checkModelConfig(cfg, `checkpoint ${dir}: config.json`);
+  const cfg = checkpointModelConfig(dir, ck.config);
   checkTensorSet(join(dir, "model.safetensors"), ck.model, checkpointTensorShapes(cfg));
   const tok = await checkpointTokenizer(dir, ck.state, cfg.vocab_size);
   const context = ck.state.train_config.seqLen;

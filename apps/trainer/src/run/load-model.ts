@@ -19,6 +19,18 @@ export function modelShapes(model: DeepSeekModel): Map<string, number[]> {
   return want;
 }
 
+/** A checkpoint's model config (its config.json), held to the bounds a config file is held to. */
+export function checkpointModelConfig(dir: string, config: Record<string, unknown>): ModelConfig {
+  let cfg: ModelConfig;
+  try {
+    cfg = fromHfConfig(config);
+  } catch (e) {
+    throw new UsageError(`checkpoint ${dir}: ${(e as Error).message}`);
+  }
+  checkModelConfig(cfg, `checkpoint ${dir}: config.json`);
+  return cfg;
+}
+
 export function loadModel(
   dir: string,
   backend: Backend,
@@ -28,13 +40,7 @@ export function loadModel(
   },
 ) {
   const ck = readCheckpoint(dir, false);
-  let modelCfg: ModelConfig;
-  try {
-    modelCfg = fromHfConfig(ck.config);
-  } catch (e) {
-    throw new UsageError(`checkpoint ${dir}: ${(e as Error).message}`);
-  }
-  checkModelConfig(modelCfg, `checkpoint ${dir}: config.json`);
+  const modelCfg = checkpointModelConfig(dir, ck.config);
   const train = ck.state.train_config;
   const shape = opts.shape(train);
   checkMemory(

@@ -115,8 +115,9 @@ export function groupedMatmul(
   const N = b.cols;
   const out = output(cx, E * M * N, 1, o, [E, M, N]);
   if (E <= 0 || M === 0 || N === 0) return out;
-  const wgrad = { a, b, offsets, out, M, N, E, promotion: o.promotion ?? 128 };
-  if (fp8 && sm90Wgrad(cx, { ...wgrad, accumulate: !!o.accumulate, outBf16: !!o.outBf16 })) return out;
+  const promotion = o.promotion ?? 128;
+  const [accumulate, outBf16] = [!!o.accumulate, !!o.outBf16];
+  if (fp8 && sm90Wgrad(cx, { a, b, offsets, out, M, N, E, promotion, accumulate, outBf16 })) return out;
   gemmKernel(cx, a, b, out, { M, N, K: a.rows }, o, { mode: GEMM_SEGMENT_K, offsets, E, bRows: 0, bCols: 0 });
   return out;
 }

@@ -6,10 +6,12 @@
 #   1 doctor (which grouped-GEMM path runs)
 #   2 the cuda op suite with poisoned buffers (MOE8_POISON=1), including both grouped FP8 paths
 #     against the reference (test/cuda-op-suite.test.ts)
-#   3 bench gemm --shape experts: per-role TFLOP/s of the expert GEMMs, sm90 and mma.sync
+#   3 attn-bench: the attention kernels against PyTorch's SDPA (cuDNN, FlashAttention-2); bench gemm
+#     --shape experts: per-role TFLOP/s of the expert GEMMs, sm90 and mma.sync
 #   4 bench step small: fp8 with the sm90 GEMM, fp8 with MOE8_SM90_GEMM=0 (before), bf16
 #   5 compute-sanitizer on the sm90 kernels (both entry points, through the op suite's sm90 tests):
-#     racecheck and memcheck filtered to gemm_sm90; memcheck of one whole tiny training step
+#     racecheck and memcheck filtered to gemm_sm90, then to flash_sm90's fa3 kernels (racecheck-fa3,
+#     memcheck-fa3); memcheck of one whole tiny training step
 #   6 a 300-step small training run: its expert balance (issue 23)
 #   7 PyTorch in the same call: grouped-GEMM anchors, then the small step eager and compiled
 # STEPS="op-suite bench-gemm ..." runs only the named steps (names as in the table).
@@ -71,15 +73,19 @@ fi
 step op-suite 240 60 env MOE8_POISON=1 MOE8_REQUIRE_CUDA=1 \
   bun test --timeout 300000 packages/kernels/test/cuda-op-suite.test.ts
 
+# The attention kernels alone (flash_sm90.cu's wgmma, flash.cu's mma.sync) against PyTorch's SDPA
+# (cuDNN, FlashAttention-2) at small's shape and T = 4096, 8192 (packages/kernels/bench/attn).
+step attn-bench 150 40 python3 packages/kernels/bench/attn/bench.py --out "$OUT" --reps 15
 step bench-gemm 150 40 sh -c 'bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts --json > /tmp/gemm.json'
 cat /tmp/gemm.json >>"$LOG" 2>/dev/null
 json_of /tmp/gemm.json bench-gemm
 
-for v in sm90 mma bf16; do
+for v in sm90 mma fa2 bf16; do
   picked "step-$v" || continue
   case $v in
     sm90) env=(MOE8_SM90_GEMM=1) p=fp8 prof=--profile ;;
     mma) env=(MOE8_SM90_GEMM=0) p=fp8 prof=--profile ;;
+    fa2) env=(MOE8_SM90_ATTENTION=0) p=fp8 prof=--profile ;;
     bf16) env=() p=bf16 prof= ;;
   esac
   step "step-$v" 150 40 env "${env[@]}" sh -c "bun apps/trainer/src/cli.ts bench step --config small --backend cuda --precision $p --steps 3 $prof --json > /tmp/step-$v.json"
@@ -92,7 +98,9 @@ k = json.load(open(sys.argv[2]))["gpu"]["kernels"]
 ms = lambda f: round(sum(x["ms"] for x in k if f(x["name"])), 2)
 experts = lambda n: n.startswith(("gemm_sm90.", "gemm.gemm_fp8_tn", "gemm.gemm_fp8_tt"))
 gemm = lambda n: n.startswith(("gemm", "cublasLt"))
+attn = lambda n: n.startswith(("flash", "attention."))
 print(json.dumps({"tag": "kernels-" + sys.argv[1], "expert_gemm_ms": ms(experts), "all_gemm_ms": ms(gemm),
+                  "attention_ms": ms(attn),
                   "busy_ms": round(sum(x["ms"] for x in k), 1),
                   "top": [[x["name"], round(x["ms"], 2)] for x in sorted(k, key=lambda x: -x["ms"])[:8]]}))
 PY
@@ -105,6 +113,12 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
   for tool in racecheck memcheck; do
     step "$tool-sm90" 120 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool "$tool" --kernel-name kns=sm90 \
       --error-exitcode 3 "${sm90_tests[@]}"
+  done
+  # The Hopper attention kernels (flash_sm90.cu), through the op suite's tensor-core attention cases.
+  attn_tests=(bun test --timeout 300000 -t "tensor-core head sizes" packages/kernels/test/cuda-op-suite.test.ts)
+  for tool in racecheck memcheck; do
+    step "$tool-fa3" 120 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool "$tool" --kernel-name kns=fa3 \
+      --error-exitcode 3 "${attn_tests[@]}"
   done
   step memcheck-step 150 60 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool memcheck --leak-check no --error-exitcode 3 \
     bun apps/trainer/src/cli.ts train --backend cuda --steps 1 --out /tmp/run-memcheck

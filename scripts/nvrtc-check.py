@@ -47,7 +47,21 @@ PTX_TYPES = {
     "tmap": {"b8[128]@64"},
 }
 # Modules that use sm_90a-only instructions (wgmma, TMA, setmaxnreg): compiled for that target only.
-SM90A_ONLY = {"gemm_sm90"}
+SM90A_ONLY = {"gemm_sm90", "flash_sm90"}
+
+
+def module_source(common, module, text):
+    """The text NVRTC compiles (src/cuda/nvrtc.rs full_source): common.cuh, then the module with each
+    `#include "<header>"` line naming a file of the kernels folder replaced by that file's text."""
+    out = [common, f'#line 1 "{module}.cu"']
+    for i, line in enumerate(text.split("\n")):
+        m = re.fullmatch(r'\s*#include "([\w.]+)"\s*', line)
+        if m and os.path.exists(os.path.join(KDIR, m.group(1))):
+            with open(os.path.join(KDIR, m.group(1))) as f:
+                out += [f'#line 1 "{m.group(1)}"', f.read(), f'#line {i + 2} "{module}.cu"']
+        else:
+            out.append(line)
+    return "\n".join(out)
 
 
 def find_nvrtc(explicit):
@@ -151,7 +165,7 @@ def compile_one(job):
     lib.nvrtcGetErrorString.restype = ctypes.c_char_p
     name = os.path.splitext(os.path.basename(path))[0]
     with open(path) as f:
-        src = f'{common}\n#line 1 "{name}.cu"\n{f.read()}'
+        src = module_source(common, name, f.read())
     t0 = time.monotonic()
     prog = ctypes.c_void_p()
     r = lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), f"{name}.cu".encode(), 0, None, None)
@@ -188,7 +202,7 @@ def write_cache(folder, module, path, common, arch, version, cubin):
     """Stores a CUBIN under the name src/cuda/nvrtc.rs looks up: SHA-256 of (full source, options,
     architecture, NVRTC major.minor), the same text the addon hashes."""
     with open(path) as f:
-        source = f'{common}\n#line 1 "{module}.cu"\n{f.read()}'
+        source = module_source(common, module, f.read())
     key = hashlib.sha256(
         f"{source}\0{' '.join(options(arch))}\0{arch}\0nvrtc {version[0]}.{version[1]}".encode()
     ).hexdigest()

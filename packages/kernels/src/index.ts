@@ -61,5 +61,6 @@ export { UsageError } from "@moe8/fp8-core";
 export { availableBackends, type BackendChoice, createBackend } from "./backends.ts";
 export { type BenchOpsFlags, type BenchOpsOptions, type BenchOpsRow, benchOps, TINY } from "./bench-ops.ts";
 export { CpuBackend } from "./cpu-backend.ts";
+export { type AttentionPath, attentionPath } from "./cuda-backend/attention.ts";
 export { type GroupedGemmPath, groupedGemmPath } from "./cuda-backend/gemm-sm90.ts";
 export { CudaBackend } from "./cuda-backend.ts";

@@ -48,13 +48,22 @@ const fake = {
     rows: number,
     boxInner: number,
     boxRows: number,
+    swizzle = 128,
   ) => {
-    const esz = elem === "f32" ? 4 : 1;
-    if (!["u8", "f32"].includes(elem)) problems.push(`tensor map of ${elem}`);
+    const esz = elem === "f32" ? 4 : elem === "bf16" ? 2 : 1;
+    if (!["u8", "bf16", "f32"].includes(elem)) problems.push(`tensor map of ${elem}`);
     if (ptr % 16 !== 0 || (inner * esz) % 16 !== 0)
       problems.push(`tensor map at ${ptr}, pitch ${inner * esz}`);
-    if (!(rows >= 1 && boxInner * esz === 128 && boxRows >= 1 && boxRows <= 256))
-      problems.push(`tensor map ${rows} rows, box ${boxInner}x${boxRows}`);
+    if (
+      !(
+        rows >= 1 &&
+        boxInner * esz === swizzle &&
+        [64, 128].includes(swizzle) &&
+        boxRows >= 1 &&
+        boxRows <= 256
+      )
+    )
+      problems.push(`tensor map ${rows} rows, box ${boxInner}x${boxRows}, swizzle ${swizzle}`);
     return new Uint8Array(128);
   },
   cudaKernel: (module: string, name: string) => {
@@ -266,6 +275,7 @@ describe("cuda backend host code, without a GPU", () => {
     ["Hopper: the sm90 GEMMs", {}, "ok", "9.0", false],
     ["Hopper, misaligned buffers: the sm90 fallbacks", {}, "ok", "9.0", true],
     ["Hopper, MOE8_SM90_GEMM=0", { MOE8_SM90_GEMM: "0" }, "ok", "9.0", true],
+    ["Hopper, MOE8_SM90_ATTENTION=0", { MOE8_SM90_ATTENTION: "0" }, "ok", "9.0", false],
   ];
   for (const [name, env, mode, capability, misaligned] of configs)
     it(`launches valid kernels for every op (${name})`, async () => {
@@ -282,6 +292,11 @@ describe("cuda backend host code, without a GPU", () => {
       const sm90 = [...launchedNow].filter((k) => k.startsWith("gemm_sm90."));
       if (capability !== "9.0" || env.MOE8_SM90_GEMM) expect(sm90).toEqual([]);
       else if (!misaligned) expect(sm90.length).toBe(5);
+      // The Hopper attention kernels (forward, dq, dk/dv for each head shape of flash_sm90.cu).
+      const fa3 = [...launchedNow].filter((k) => k.startsWith("flash_sm90."));
+      const fa3Entries = Object.keys(KERNELS.flash_sm90).length;
+      if (capability !== "9.0" || env.MOE8_SM90_ATTENTION) expect(fa3).toEqual([]);
+      else if (!misaligned) expect(fa3.length).toBe(fa3Entries);
     });
 
   it("launches every kernel of the table from some op", () => {

@@ -4,7 +4,7 @@ import { readFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import { arch, cpus, platform, release, totalmem } from "node:os";
 import { dirname, join } from "node:path";
-import { groupedGemmPath, loadNative } from "@moe8/kernels";
+import { attentionPath, groupedGemmPath, loadNative } from "@moe8/kernels";
 import { type FlagSpec, parseArgs } from "../args.ts";
 import { currentRuntime } from "../runtime.ts";
 
@@ -38,6 +38,7 @@ export interface DoctorReport {
      * (gemm.cu), and why.
      */
     groupedGemm?: { kernel: string; reason: string };
+    attention?: { kernel: string; reason: string };
   };
   arrow: string;
 }
@@ -71,6 +72,7 @@ export function doctorReport(): DoctorReport {
             nvrtc: ci.nvrtcVersion ?? undefined,
             cublasLt: ci.cublasLtVersion ?? undefined,
             groupedGemm: groupedGemmPath(ci.computeCapability),
+            attention: attentionPath(ci.computeCapability),
           }
         : { available: false, reason: ci.reason ?? "unknown" };
   if (cuda.available) backends.push("cuda");
@@ -126,6 +128,7 @@ export async function doctor(argv: string[]): Promise<number> {
   );
   if (cu.groupedGemm)
     console.log(`expert GEMMs FP8 Fprop/Dgrad on ${cu.groupedGemm.kernel} (${cu.groupedGemm.reason})`);
+  if (cu.attention) console.log(`BF16 attention on ${cu.attention.kernel} (${cu.attention.reason})`);
   console.log(`backends     ${r.backends.join(", ")}`);
   console.log(`apache-arrow ${r.arrow}`);
   return 0;

@@ -81,9 +81,9 @@ def cached_cubin(path):
     import hashlib
 
     with open(os.path.join(KDIR, "common.cuh")) as f:
-        key = f.read()
+        common = f.read()
     with open(path) as f:
-        key += f.read()
+        key = nvrtc_check.module_source(common, os.path.splitext(os.path.basename(path))[0], f.read())
     key += "\n".join(nvrtc_options())
     h = hashlib.sha256(key.encode()).hexdigest()[:16]
     cp = os.path.join(CACHE, f"{os.path.basename(path)}.{h}.cubin")
@@ -106,7 +106,7 @@ def compile_module(path, extra=()):
         common = f.read()
     name = os.path.basename(path)
     with open(path) as f:
-        src = f'{common}\n#line 1 "{name}"\n{f.read()}'
+        src = nvrtc_check.module_source(common, os.path.splitext(name)[0], f.read())
     prog = ctypes.c_void_p()
     r = lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), name.encode(), 0, None, None)
     assert r == 0, lib.nvrtcGetErrorString(r)

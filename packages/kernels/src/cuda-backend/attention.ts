@@ -1,8 +1,13 @@
-// Causal attention, forward and backward: flash.cu's tensor-core kernels for BF16 attention with a
-// head shape that file instantiates, attention.cu's simple kernels for every other case.
+// Causal attention, forward and backward. BF16 attention with a head shape flash_sm90.cu instantiates
+// runs its wgmma kernels on a compute-capability-9.0 GPU (forward; backward as a dq kernel and a
+// dk/dv kernel, each summing in a fixed order: no atomics, the same bits every run); flash.cu's
+// mma.sync kernels take the other head shapes it instantiates (and every shape off Hopper);
+// attention.cu's simple kernels every other case.
 import type { AttentionOptions, Tensor } from "@moe8/tensor";
-import { DEFINES } from "../cuda/kernels.generated.ts";
-import { type CudaContext, cdiv, KERNELS } from "./context.ts";
+// KERNELS from the generated table itself, not through context.ts: context.ts imports this module
+// (attentionPath), and the shape sets below read KERNELS while the modules load.
+import { DEFINES, KERNELS } from "../cuda/kernels.generated.ts";
+import { type CudaContext, cdiv } from "./context.ts";
 import { bf16Operand, f32Operand } from "./elementwise.ts";
 
 /** The head shapes "<dqk>_<dv>" flash.cu has entry points for (flash_fwd_<dqk>_<dv> and the rest). */
@@ -17,6 +22,48 @@ const FLASH_SHAPES = new Set(
     .filter((n) => n.startsWith("flash_fwd_"))
     .map((n) => n.slice("flash_fwd_".length)),
 ) as ReadonlySet<string>;
+
+/** The head shapes "<dqk>_<dv>" flash_sm90.cu has entry points for (fa3_fwd_<dqk>_<dv> and the rest). */
+type Fa3Shape = keyof typeof KERNELS.flash_sm90 extends infer N
+  ? N extends `fa3_fwd_${infer S}`
+    ? S
+    : never
+  : never;
+
+const FA3_SHAPES = new Set(
+  Object.keys(KERNELS.flash_sm90)
+    .filter((n) => n.startsWith("fa3_fwd_"))
+    .map((n) => n.slice("fa3_fwd_".length)),
+) as ReadonlySet<string>;
+const FA3 = DEFINES.flash_sm90;
+
+/** Which kernels run BF16 attention on the tensor cores, and why (doctor prints it). */
+export interface AttentionPath {
+  kernel: "sm90-wgmma" | "mma.sync";
+  reason: string;
+}
+
+/**
+ * The attention path on a GPU of this compute capability (e.g. "9.0") under the environment: the
+ * wgmma kernels of flash_sm90.cu for their head shapes on sm_90 unless MOE8_SM90_ATTENTION=0, the
+ * mma.sync kernels of flash.cu otherwise.
+ */
+export function attentionPath(
+  computeCapability: string | null | undefined,
+  env: Record<string, string | undefined> = process.env,
+): AttentionPath {
+  if (computeCapability !== "9.0")
+    return {
+      kernel: "mma.sync",
+      reason: `compute capability ${computeCapability ?? "unknown"}: wgmma needs 9.0 (sm_90a)`,
+    };
+  if (env.MOE8_SM90_ATTENTION === "0") return { kernel: "mma.sync", reason: "MOE8_SM90_ATTENTION=0" };
+  const shapes = [...FA3_SHAPES].map((s) => s.replace("_", "/")).join(", ");
+  return {
+    kernel: "sm90-wgmma",
+    reason: `sm_90a: TMA + wgmma for q.k/v head sizes ${shapes}; flash.cu's mma.sync for other sizes`,
+  };
+}
 
 /** Query (or key) rows per block of attention.cu: one warp each. */
 const ROWS_PER_BLOCK = DEFINES.attention.WARPS;
@@ -55,6 +102,24 @@ function flashShape(
     : null;
 }
 
+/**
+ * The flash_sm90.cu shape for a flash shape on a GPU that runs it, with its BF16 operands where TMA
+ * can read them (16-byte-aligned addresses), or null (flash.cu then).
+ */
+function fa3Shape(cx: CudaContext, flash: FlashShape, ...operands: { ptr: number }[]): Fa3Shape | null {
+  return cx.sm90Attention && FA3_SHAPES.has(flash) && operands.every((x) => x.ptr % 16 === 0)
+    ? (flash as Fa3Shape)
+    : null;
+}
+
+/**
+ * A tensor map over a BF16 [B*T, H*D] operand for flash_sm90.cu: 32-column boxes (64 bytes, the
+ * 64-byte swizzle) of `rows` rows.
+ */
+function fa3Map(cx: CudaContext, ptr: number, o: AttentionOptions, d: number, rows: number) {
+  return cx.n.cudaTensorMap2D(ptr, "bf16", o.heads * d, o.batch * o.seq, 32, rows, 64);
+}
+
 export function attention(cx: CudaContext, q: Tensor, k: Tensor, v: Tensor, o: AttentionOptions) {
   const { dqk, dv, grid, lowp } = attnDims(q, v, o);
   const out = cx.make([q.rows, v.cols], "f32");
@@ -62,16 +127,36 @@ export function attention(cx: CudaContext, q: Tensor, k: Tensor, v: Tensor, o: A
   const flash = flashShape(cx, dqk, dv, lowp, q, k, v);
   if (flash) {
     const [qb, kb, vb] = [q, k, v].map((t) => bf16Operand(cx, t, "attention"));
-    cx.launch(KERNELS.flash[`flash_fwd_${flash}`], [cdiv(o.seq, FLASH_ROWS), o.batch * o.heads], 128, {
-      q: qb.ptr,
-      k: kb.ptr,
-      v: vb.ptr,
-      o: cx.p(out),
-      lse: cx.p(lse),
-      T: o.seq,
-      H: o.heads,
-      scale: o.scale,
-    });
+    const fa3 = fa3Shape(cx, flash, qb, kb, vb);
+    if (fa3) {
+      const grid: [number, number] = [cdiv(o.seq, FA3.FA3_BM), o.batch * o.heads];
+      cx.launch(
+        KERNELS.flash_sm90[`fa3_fwd_${fa3}`],
+        grid,
+        FA3.FA3_THREADS,
+        {
+          tQ: fa3Map(cx, qb.ptr, o, dqk, FA3.FA3_BM),
+          tK: fa3Map(cx, kb.ptr, o, dqk, FA3.FA3_BN),
+          tV: fa3Map(cx, vb.ptr, o, dv, FA3.FA3_BN),
+          o: cx.p(out),
+          lse: cx.p(lse),
+          T: o.seq,
+          H: o.heads,
+          scale: o.scale,
+        },
+        FA3[`FA3_FWD_SMEM_${fa3}`],
+      );
+    } else
+      cx.launch(KERNELS.flash[`flash_fwd_${flash}`], [cdiv(o.seq, FLASH_ROWS), o.batch * o.heads], 128, {
+        q: qb.ptr,
+        k: kb.ptr,
+        v: vb.ptr,
+        o: cx.p(out),
+        lse: cx.p(lse),
+        T: o.seq,
+        H: o.heads,
+        scale: o.scale,
+      });
     for (const x of [qb, kb, vb]) x.free();
     return { o: out, lse };
   }
@@ -126,6 +211,47 @@ export function attentionBackward(
   const flash = flashShape(cx, dqk, dv, lowp, dO, q, k, v);
   if (flash) {
     const bf = [dO, q, k, v].map((t) => bf16Operand(cx, t, "attentionBackward"));
+    const [ob, qb, kb, vb] = bf;
+    const fa3 = fa3Shape(cx, flash, ...bf);
+    if (fa3) {
+      const tK = fa3Map(cx, kb.ptr, o, dqk, FA3.FA3_BN);
+      const tV = fa3Map(cx, vb.ptr, o, dv, FA3.FA3_BN);
+      const grid: [number, number] = [cdiv(T, FA3.FA3_BN), B * H];
+      const rest = { lse: cx.f32p(lse, "attentionBackward"), D: D.ptr, T, H, scale: o.scale };
+      // dq: query tiles of FA3_BM rows (as the forward); dk, dv: key tiles with query tiles of FA3_BQ.
+      cx.launch(
+        KERNELS.flash_sm90[`fa3_dq_${fa3}`],
+        grid,
+        FA3.FA3_THREADS,
+        {
+          tQ: fa3Map(cx, qb.ptr, o, dqk, FA3.FA3_BM),
+          tK,
+          tV,
+          tO: fa3Map(cx, ob.ptr, o, dv, FA3.FA3_BM),
+          ...rest,
+          dq: cx.p(dq),
+        },
+        FA3[`FA3_DQ_SMEM_${fa3}`],
+      );
+      cx.launch(
+        KERNELS.flash_sm90[`fa3_dkdv_${fa3}`],
+        grid,
+        FA3.FA3_THREADS,
+        {
+          tQ: fa3Map(cx, qb.ptr, o, dqk, FA3.FA3_BQ),
+          tK,
+          tV,
+          tO: fa3Map(cx, ob.ptr, o, dv, FA3.FA3_BQ),
+          ...rest,
+          dk: cx.p(dk),
+          dv: cx.p(dvv),
+        },
+        FA3[`FA3_DKDV_SMEM_${fa3}`],
+      );
+      for (const x of bf) x.free();
+      D.free();
+      return { dq, dk, dv: dvv };
+    }
     // The inputs both flash backward kernels read.
     const inputs = () => ({
       dO: bf[0].ptr,

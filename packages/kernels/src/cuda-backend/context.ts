@@ -5,6 +5,7 @@ import { type Backend, BYTES_PER_ELEMENT, type DType, type HostArray, numel, Ten
 import type { DeviceBuffer } from "../../native.d.cts";
 import { DEFINES } from "../cuda/kernels.generated.ts";
 import type { NativeAddon } from "../index.ts";
+import { attentionPath } from "./attention.ts";
 import { groupedGemmPath } from "./gemm-sm90.ts";
 import { ArgEncoder, type KernelArgs, type KernelSignature } from "./launch.ts";
 
@@ -44,6 +45,11 @@ export class CudaContext {
    * compute-capability-9.0 GPU with the tensor cores on, unless MOE8_SM90_GEMM=0.
    */
   readonly sm90Gemm: boolean;
+  /**
+   * The Hopper attention kernels (flash_sm90.cu) for BF16 attention of their head shapes: on a
+   * compute-capability-9.0 GPU with the tensor cores on, unless MOE8_SM90_ATTENTION=0.
+   */
+  readonly sm90Attention: boolean;
   /** Streaming multiprocessors: the persistent kernels' grid. */
   readonly multiprocessors: number;
 
@@ -64,6 +70,7 @@ export class CudaContext {
       this.useTensorCores &&
       this.multiprocessors > 0 &&
       groupedGemmPath(info.computeCapability).kernel === "sm90-wgmma";
+    this.sm90Attention = this.useTensorCores && attentionPath(info.computeCapability).kernel === "sm90-wgmma";
   }
 
   // --- memory ----------------------------------------------------------------------------------

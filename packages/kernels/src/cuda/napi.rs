@@ -383,9 +383,9 @@ pub fn cuda_launch(
 }
 
 /// The 128 bytes of a TMA tensor map (cuTensorMapEncodeTiled) for a row-major `[rows, inner]`
-/// tensor of `elem` ("u8" FP8 codes or "f32") at device address `ptr`, copied in boxes of
-/// `boxInner x boxRows` elements with the 128-byte swizzle: a by-value kernel argument of the
-/// Hopper GEMM (gemm_sm90.cu).
+/// tensor of `elem` ("u8" FP8 codes, "bf16" or "f32") at device address `ptr`, copied in boxes of
+/// `boxInner x boxRows` elements with the `swizzle`-byte swizzle (128 unless given; 64): a by-value
+/// kernel argument of the Hopper kernels (gemm_sm90.cu, flash_sm90.cu).
 #[napi]
 pub fn cuda_tensor_map_2d(
     ptr: f64,
@@ -394,6 +394,7 @@ pub fn cuda_tensor_map_2d(
     rows: f64,
     box_inner: u32,
     box_rows: u32,
+    swizzle: Option<u32>,
 ) -> Result<Buffer> {
     let m = tma::Map2d {
         ptr: ptr as u64,
@@ -402,6 +403,7 @@ pub fn cuda_tensor_map_2d(
         rows: rows as u64,
         box_inner,
         box_rows,
+        swizzle: swizzle.unwrap_or(128),
     };
     Ok(tma::encode_2d(&m).map_err(e)?.to_vec().into())
 }

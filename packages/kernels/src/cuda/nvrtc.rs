@@ -13,6 +13,8 @@ use std::ffi::{CStr, CString};
 use std::sync::Mutex;
 
 pub const COMMON: &str = include_str!("kernels/common.cuh");
+/// Headers a module may `#include "<name>"`: replaced by their text (see `full_source`).
+pub const HEADERS: &[(&str, &str)] = &[("sm90.cuh", include_str!("kernels/sm90.cuh"))];
 pub const OPTIONS: &str = include_str!("kernels/nvrtc-options.txt");
 
 /// Every kernel source, by module name.
@@ -29,12 +31,31 @@ pub const SOURCES: &[(&str, &str)] = &[
     // Hopper only (wgmma, TMA, setmaxnreg: sm_90a): the backend asks for its kernels only on a
     // compute-capability-9.0 GPU, and modules compile on first use, so other GPUs never build it.
     ("gemm_sm90", include_str!("kernels/gemm_sm90.cu")),
+    ("flash_sm90", include_str!("kernels/flash_sm90.cu")),
 ];
 
-/// The full text NVRTC compiles for a module.
+/// The full text NVRTC compiles for a module: common.cuh, then the module with each
+/// `#include "<header>"` line of HEADERS replaced by that header's text (so the text hashed for the
+/// kernel cache is everything compiled; NVRTC itself is given no include path).
 pub fn full_source(name: &str) -> Option<String> {
     let src = SOURCES.iter().find(|(n, _)| *n == name)?.1;
-    Some(format!("{COMMON}\n#line 1 \"{name}.cu\"\n{src}"))
+    let mut out = format!("{COMMON}\n#line 1 \"{name}.cu\"\n");
+    for (i, line) in src.lines().enumerate() {
+        let header = HEADERS
+            .iter()
+            .find(|(h, _)| line.trim() == format!("#include \"{h}\""));
+        match header {
+            Some((h, text)) => out.push_str(&format!(
+                "#line 1 \"{h}\"\n{text}\n#line {} \"{name}.cu\"\n",
+                i + 2
+            )),
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    Some(out)
 }
 
 /// The compiler options for an architecture such as `sm_90a`.

@@ -11,6 +11,7 @@ use cudarc::driver::sys as cu;
 pub enum MapElem {
     /// FP8 codes (E4M3 or E5M2: TMA copies bytes).
     U8,
+    Bf16,
     F32,
 }
 
@@ -18,23 +19,27 @@ impl MapElem {
     pub fn parse(s: &str) -> Result<Self, String> {
         match s {
             "u8" => Ok(MapElem::U8),
+            "bf16" => Ok(MapElem::Bf16),
             "f32" => Ok(MapElem::F32),
-            _ => Err(format!("tensor map: element type {s:?} (want \"u8\" or \"f32\")")),
+            _ => Err(format!(
+                "tensor map: element type {s:?} (want \"u8\", \"bf16\" or \"f32\")"
+            )),
         }
     }
 
     fn bytes(self) -> u64 {
         match self {
             MapElem::U8 => 1,
+            MapElem::Bf16 => 2,
             MapElem::F32 => 4,
         }
     }
 }
 
 /// A row-major `[rows, inner]` tensor at device address `ptr`, copied in boxes of
-/// `box_inner x box_rows` elements with the 128-byte swizzle (the layout the kernels' shared-memory
-/// tiles and wgmma descriptors assume); reads past the tensor's edge return zeros, writes there
-/// are dropped.
+/// `box_inner x box_rows` elements with the 128- or 64-byte swizzle (`swizzle`, the layout the
+/// kernels' shared-memory tiles and wgmma descriptors assume: gemm_sm90.cu 128, flash_sm90.cu 64);
+/// reads past the tensor's edge return zeros, writes there are dropped.
 pub struct Map2d {
     pub ptr: u64,
     pub elem: MapElem,
@@ -42,6 +47,8 @@ pub struct Map2d {
     pub rows: u64,
     pub box_inner: u32,
     pub box_rows: u32,
+    /// Swizzle span in bytes: 128 or 64; a box row is at most this long.
+    pub swizzle: u32,
 }
 
 /// The 128 bytes of the tensor map, or the driver's reason for refusing it.
@@ -55,14 +62,21 @@ pub fn encode_2d(m: &Map2d) -> Result<[u8; 128], String> {
             m.ptr
         ));
     }
-    if m.box_inner as u64 * m.elem.bytes() > 128 || m.box_rows == 0 || m.box_rows > 256 {
+    let swizzle = match m.swizzle {
+        128 => cu::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+        64 => cu::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_64B,
+        s => return Err(format!("tensor map: swizzle {s} bytes (want 128 or 64)")),
+    };
+    if m.box_inner as u64 * m.elem.bytes() > m.swizzle as u64 || m.box_rows == 0 || m.box_rows > 256
+    {
         return Err(format!(
-            "tensor map: box {}x{} does not fit the 128-byte swizzle",
-            m.box_inner, m.box_rows
+            "tensor map: box {}x{} does not fit the {}-byte swizzle",
+            m.box_inner, m.box_rows, m.swizzle
         ));
     }
     let dtype = match m.elem {
         MapElem::U8 => cu::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+        MapElem::Bf16 => cu::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
         MapElem::F32 => cu::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
     };
     let dims: [u64; 2] = [m.inner.max(1), m.rows.max(1)];
@@ -82,7 +96,7 @@ pub fn encode_2d(m: &Map2d) -> Result<[u8; 128], String> {
                 boxes.as_ptr(),
                 elem_strides.as_ptr(),
                 cu::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-                cu::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                swizzle,
                 cu::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                 cu::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
             )

@@ -397,9 +397,12 @@ export function opSuite(name: string, make: () => Backend): void {
         await same(run(precision), precision === "f32" ? 2e-5 : 2e-2);
     });
 
-    // Head sizes a multiple of 16 take the tensor-core kernels on cuda; 150 rows leave partial tiles.
+    // Head sizes a multiple of 16 take the tensor-core kernels on cuda (96/64 and 64/64 the wgmma
+    // kernels on Hopper, with 128-row tiles); 150, 300 and 130 rows leave partial tiles.
     it("causal attention forward and backward, bf16, tensor-core head sizes", async () => {
       await same(attentionCase(2, 150, 2, 48, 32)("bf16"), 2e-2);
+      await same(attentionCase(2, 300, 2, 96, 64)("bf16"), 2e-2);
+      await same(attentionCase(1, 130, 3, 64, 64)("bf16"), 2e-2);
     });
 
     // Under bf16 the ops round their inputs to BF16, so a bf16 tensor of the same values must give
@@ -431,6 +434,7 @@ export function opSuite(name: string, make: () => Backend): void {
       for (const [T, dqk, dv] of [
         [19, 24, 16],
         [150, 48, 32],
+        [150, 96, 64],
       ]) {
         const [q, k, v, dO] = [dqk, dqk, dv, dv].map((d) => rng.normals(2 * T * 2 * d));
         const attn =

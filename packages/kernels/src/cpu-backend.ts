@@ -593,7 +593,16 @@ export class CpuBackend extends HostLifetimes implements Backend {
 
   prepareClipScale(grads: Tensor[]): PreparedClipScale {
     const list = [...grads];
-    return { clipScale: (maxNorm) => this.clipScale(list, maxNorm), dispose() {} };
+    let disposed = false;
+    return {
+      clipScale: (maxNorm) => {
+        if (disposed) throw new Error("clipScale: used after dispose()");
+        return this.clipScale(list, maxNorm);
+      },
+      dispose: () => {
+        disposed = true;
+      },
+    };
   }
 
   /** One native call per step: the addon's rayon loop runs over the blocks of all the tensors. */
@@ -602,8 +611,10 @@ export class CpuBackend extends HostLifetimes implements Backend {
     const list = slots.map((s) => ({ ...s }));
     const moment = (t: Tensor): [Float32Array, Uint16Array] =>
       t.dtype === "bf16" ? [EMPTY_F32, host(t) as Uint16Array] : [f32(t), EMPTY_U16];
+    let disposed = false;
     return {
       update: (o: AdamWOptions) => {
+        if (disposed) throw new Error("adamw: used after dispose()");
         const tensors = list.map(({ p, g, m, v, decay }) => {
           const P = f32(p);
           const [mF32, mBf16] = moment(m);
@@ -614,7 +625,9 @@ export class CpuBackend extends HostLifetimes implements Backend {
         const gradScale = f32(o.gradScale)[0];
         this.n.adamwMulti(tensors, { lr, beta1, beta2, eps, weightDecay, step, gradScale });
       },
-      dispose() {},
+      dispose: () => {
+        disposed = true;
+      },
     };
   }
 }

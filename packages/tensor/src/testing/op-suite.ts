@@ -3,7 +3,7 @@
 // bit-exact where docs/numerics.md pins bits (quantisation), a relative tolerance by precision elsewhere.
 // Gradient checks by finite differences run on the backend under test for every op with a backward.
 import { describe, expect, it } from "vitest";
-import type { Backend } from "../backend.ts";
+import type { AdamWOptions, Backend } from "../backend.ts";
 import { Rng } from "../random.ts";
 import type { Tensor } from "../tensor.ts";
 import { TsBackend } from "../ts/backend.ts";
@@ -554,6 +554,10 @@ export function opSuite(name: string, make: () => Backend): void {
               gradScale: scale,
             });
         for (const plan of [clip, ...plans]) plan.dispose();
+        expect(() => clip.clipScale(0.5), "a prepared op after dispose()").toThrow(/after dispose/);
+        expect(() => plans[0].update({} as AdamWOptions), "a prepared op after dispose()").toThrow(
+          /after dispose/,
+        );
         const out: Record<string, Tensor> = { norm, scale };
         slots.forEach((s, i) => {
           out[`p${i}`] = s.p;

@@ -464,17 +464,30 @@ export class TsBackend extends HostLifetimes implements Backend {
 
   prepareClipScale(grads: Tensor[]): PreparedClipScale {
     const list = [...grads];
-    return { clipScale: (maxNorm) => this.clipScale(list, maxNorm), dispose() {} };
+    let disposed = false;
+    return {
+      clipScale: (maxNorm) => {
+        if (disposed) throw new Error("clipScale: used after dispose()");
+        return this.clipScale(list, maxNorm);
+      },
+      dispose: () => {
+        disposed = true;
+      },
+    };
   }
 
   prepareAdamW(slots: AdamWSlot[]): PreparedAdamW {
     checkAdamWSlots(slots);
     const list = slots.map((s) => ({ ...s }));
+    let disposed = false;
     return {
       update: (o) => {
+        if (disposed) throw new Error("adamw: used after dispose()");
         for (const s of list) adamw(s, o);
       },
-      dispose() {},
+      dispose: () => {
+        disposed = true;
+      },
     };
   }
 }

@@ -5,10 +5,12 @@
 // backend, which the shared op suite checks.
 import {
   type AdamWOptions,
+  type AdamWSlot,
   type AttentionOptions,
   type Backend,
   type BiasUpdateOptions,
   batchDims,
+  checkAdamWSlots,
   type DType,
   type Fp8Format,
   f32,
@@ -23,6 +25,8 @@ import {
   type MatmulOptions,
   numel,
   type PermuteResult,
+  type PreparedAdamW,
+  type PreparedClipScale,
   type QuantGroup,
   type QuantizeOptions,
   type RopeOptions,
@@ -587,17 +591,43 @@ export class CpuBackend extends HostLifetimes implements Backend {
     return { norm: this.scalar(norm), scale: this.scalar(scale) };
   }
 
-  adamw(p: Tensor, g: Tensor, m: Tensor, v: Tensor, o: AdamWOptions): void {
-    const P = f32(p);
-    const G = distinct(f32(g), P);
-    const moment = (t: Tensor): [Float32Array, Uint16Array] => {
-      if (t.dtype === "bf16") return [EMPTY_F32, host(t) as Uint16Array];
-      return [f32(t), EMPTY_U16];
+  prepareClipScale(grads: Tensor[]): PreparedClipScale {
+    const list = [...grads];
+    let disposed = false;
+    return {
+      clipScale: (maxNorm) => {
+        if (disposed) throw new Error("clipScale: used after dispose()");
+        return this.clipScale(list, maxNorm);
+      },
+      dispose: () => {
+        disposed = true;
+      },
     };
-    const [mf, mb] = moment(m);
-    const [vf, vb] = moment(v);
-    const { lr, beta1, beta2, eps, weightDecay, step } = o;
-    const params = { lr, beta1, beta2, eps, weightDecay, step, gradScale: f32(o.gradScale)[0] };
-    this.n.adamw(P, G, mf, mb, vf, vb, params);
+  }
+
+  /** One native call per step: the addon's rayon loop runs over the blocks of all the tensors. */
+  prepareAdamW(slots: AdamWSlot[]): PreparedAdamW {
+    checkAdamWSlots(slots);
+    const list = slots.map((s) => ({ ...s }));
+    const moment = (t: Tensor): [Float32Array, Uint16Array] =>
+      t.dtype === "bf16" ? [EMPTY_F32, host(t) as Uint16Array] : [f32(t), EMPTY_U16];
+    let disposed = false;
+    return {
+      update: (o: AdamWOptions) => {
+        if (disposed) throw new Error("adamw: used after dispose()");
+        const tensors = list.map(({ p, g, m, v, decay }) => {
+          const P = f32(p);
+          const [mF32, mBf16] = moment(m);
+          const [vF32, vBf16] = moment(v);
+          return { p: P, g: distinct(f32(g), P), mF32, mBf16, vF32, vBf16, decay };
+        });
+        const { lr, beta1, beta2, eps, weightDecay, step } = o;
+        const gradScale = f32(o.gradScale)[0];
+        this.n.adamwMulti(tensors, { lr, beta1, beta2, eps, weightDecay, step, gradScale });
+      },
+      dispose: () => {
+        disposed = true;
+      },
+    };
   }
 }

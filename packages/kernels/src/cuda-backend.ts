@@ -17,7 +17,7 @@
 // first entries hold the reference's compact layout, and `read()` returns exactly those.
 import { UsageError } from "@moe8/fp8-core";
 import {
-  type AdamWOptions,
+  type AdamWSlot,
   type AttentionOptions,
   type Backend,
   type BiasUpdateOptions,
@@ -31,6 +31,8 @@ import {
   type MatmulOptions,
   numel,
   type PermuteResult,
+  type PreparedAdamW,
+  type PreparedClipScale,
   type QuantizeOptions,
   type RopeOptions,
   type RouterResult,
@@ -344,7 +346,11 @@ export class CudaBackend extends HostLifetimes implements Backend {
     return optim.clipScale(this.cx, grads, maxNorm);
   }
 
-  adamw(p: Tensor, g: Tensor, m: Tensor, v: Tensor, o: AdamWOptions): void {
-    optim.adamw(this.cx, p, g, m, v, o);
+  prepareClipScale(grads: Tensor[]): PreparedClipScale {
+    return optim.prepareClipScale(this.cx, grads);
+  }
+
+  prepareAdamW(slots: AdamWSlot[]): PreparedAdamW {
+    return optim.prepareAdamW(this.cx, slots);
   }
 }

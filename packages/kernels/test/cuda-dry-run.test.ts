@@ -6,7 +6,7 @@
 // encoder's run-time checks (integer arguments, pointers below 2^53) run on every launch site; and
 // every kernel of the table must be launched by some op. The numbers are the cuda op suite's job
 // (cuda-op-suite.test.ts, on a GPU).
-import type { Backend } from "@moe8/tensor";
+import type { Backend, Tensor } from "@moe8/tensor";
 import { describe, expect, it, vi } from "vitest";
 import { DEFINES, KERNELS } from "../src/cuda/kernels.generated.ts";
 import type { KernelSignature } from "../src/cuda-backend/launch.ts";
@@ -38,6 +38,10 @@ class FakeBuffer {
 }
 
 const ids: string[] = [];
+/** Each launch of the current test: the kernel, the grid's x and the argument bytes. */
+const log: { kernel: string; gx: number; args: DataView }[] = [];
+/** The bytes last copied to each device address. */
+const uploads = new Map<number, DataView>();
 const fake = {
   DeviceBuffer: FakeBuffer,
   cudaInfo: () => ({ available: true, reason: null, computeCapability: cc, multiprocessors: 132 }),
@@ -83,6 +87,7 @@ const fake = {
     offsets?: number[],
   ) => {
     const k = table.get(ids[id])!;
+    log.push({ kernel: ids[id], gx, args: new DataView(args.slice().buffer) });
     launched.add(ids[id]);
     launchedNow.add(ids[id]);
     const yz = DEFINES.common.GRID_YZ_MAX;
@@ -106,7 +111,9 @@ const fake = {
   cudaGemmLt: () => {
     if (lt === "refuse") throw new Error("CUBLAS_STATUS_NOT_SUPPORTED");
   },
-  cudaHtod: () => {},
+  cudaHtod: (buf: FakeBuffer, offset: number, data: Uint8Array) => {
+    uploads.set(buf.ptr + offset, new DataView(data.slice().buffer));
+  },
   cudaDtoh: () => {},
   cudaDtod: () => {},
   cudaMemset8: () => {},
@@ -263,7 +270,15 @@ async function everyOp(b: Backend) {
     step: 3,
     gradScale: clip.scale,
   };
-  b.adamw(x, y, up([64, 256]), b.cast(up([64, 256]), "bf16"), ao);
+  const adamw = b.prepareAdamW([
+    { p: x, g: y, m: up([64, 256]), v: b.cast(up([64, 256]), "bf16"), decay: true },
+    { p: up([3]), g: up([3]), m: b.zeros([3], "bf16"), v: b.zeros([3]), decay: false },
+    { p: up([0]), g: up([0]), m: b.zeros([0]), v: b.zeros([0]), decay: true },
+  ]);
+  adamw.update(ao);
+  adamw.dispose();
+  b.prepareAdamW([]).update(ao);
+  b.prepareClipScale([]).clipScale(1.0);
 }
 
 describe("cuda backend host code, without a GPU", () => {
@@ -298,6 +313,101 @@ describe("cuda backend host code, without a GPU", () => {
       if (capability !== "9.0" || env.MOE8_SM90_ATTENTION) expect(fa3).toEqual([]);
       else if (!misaligned) expect(fa3.length).toBe(fa3Entries);
     });
+
+  // The device tables of the multi-tensor ops, read back from the fake's uploads and walked as the
+  // kernels walk them (optim.cu's table_row: each block takes the last row whose first block is at
+  // or before it): every element of every tensor is visited once, with its tensor's flags.
+  it("AdamW and the gradient norm: one launch each over all tensors, every element once", () => {
+    misalign = false;
+    const b = new CudaBackend() as Backend;
+    const { ADAMW_ROW, ADAMW_CHUNK, ADAMW_M_BF16, ADAMW_V_BF16, ADAMW_DECAY, SUMSQ_ROW } = DEFINES.optim;
+    const sizes = [5, 0, ADAMW_CHUNK, ADAMW_CHUNK + 1, 3 * ADAMW_CHUNK - 7, 1, 600_000, 2048 * 256 + 3];
+    const slots = sizes.map((n, i) => ({
+      p: b.zeros([n]),
+      g: b.zeros([n]),
+      m: b.zeros([n], i % 2 ? "bf16" : "f32"),
+      v: b.zeros([n], i % 3 ? "bf16" : "f32"),
+      decay: i % 4 !== 1,
+    }));
+    const ptr = (t: Tensor) => (t.storage as FakeBuffer).ptr;
+    /** Each table row's [start, end) spans, from walking every block of the launch. */
+    const walk = (
+      l: (typeof log)[number],
+      width: number,
+      first: number,
+      chunk: (row: number[]) => number,
+    ) => {
+      const tab = uploads.get(Number(l.args.getBigUint64(0, true)))!;
+      const T = l.args.getInt32(8, true);
+      const rows = Array.from({ length: T }, (_, r) =>
+        Array.from({ length: width }, (_, j) => Number(tab.getBigInt64((r * width + j) * 8, true))),
+      );
+      const spans: [number, number][][] = rows.map(() => []);
+      for (let block = 0; block < l.gx; block++) {
+        let [lo, hi] = [0, T - 1];
+        while (lo < hi) {
+          const mid = (lo + hi + 1) >> 1;
+          if (rows[mid][first] <= block) lo = mid;
+          else hi = mid - 1;
+        }
+        const r = rows[lo];
+        const start = (block - r[first]) * chunk(r);
+        spans[lo].push([start, Math.min(start + chunk(r), r[width === ADAMW_ROW ? 4 : 1])]);
+      }
+      return { rows, spans };
+    };
+    const once = (spans: [number, number][], n: number) => {
+      let at = 0;
+      for (const [s, e] of spans) {
+        expect(s).toBe(at);
+        expect(e).toBeGreaterThan(s);
+        at = e;
+      }
+      expect(at).toBe(n);
+    };
+
+    const adamw = b.prepareAdamW(slots);
+    log.length = 0;
+    adamw.update({
+      lr: 1e-3,
+      beta1: 0.9,
+      beta2: 0.95,
+      eps: 1e-8,
+      weightDecay: 0.1,
+      step: 1,
+      gradScale: b.zeros([1]),
+    });
+    expect(log.map((l) => l.kernel)).toEqual(["optim.adamw_multi"]);
+    const a = walk(log[0], ADAMW_ROW, 5, () => ADAMW_CHUNK);
+    const live = slots.filter((s) => s.p.size > 0);
+    expect(a.rows.length).toBe(live.length);
+    live.forEach((s, i) => {
+      const flags =
+        (s.m.dtype === "bf16" ? ADAMW_M_BF16 : 0) |
+        (s.v.dtype === "bf16" ? ADAMW_V_BF16 : 0) |
+        (s.decay ? ADAMW_DECAY : 0);
+      expect(a.rows[i].slice(0, 5)).toEqual([ptr(s.p), ptr(s.g), ptr(s.m), ptr(s.v), s.p.size]);
+      expect(a.rows[i][6]).toBe(flags);
+      once(a.spans[i], s.p.size);
+    });
+    adamw.dispose();
+    expect(() => adamw.update({} as never)).toThrow(/after dispose/);
+
+    const grads = slots.map((s) => s.g);
+    const clip = b.prepareClipScale(grads);
+    log.length = 0;
+    clip.clipScale(1);
+    expect(log.map((l) => l.kernel)).toEqual(["optim.sumsq_multi", "optim.clip_final"]);
+    const c = walk(log[0], SUMSQ_ROW, 2, (r) => r[3]);
+    grads.forEach((g, i) => {
+      expect(c.rows[i].slice(0, 2)).toEqual([ptr(g), g.size]);
+      if (g.size > 0) once(c.spans[i], g.size);
+      else expect(c.spans[i]).toEqual([[0, 0]]); // one partial of 0, as the per-tensor launches had
+    });
+    expect(log[1].args.getInt32(8, true), "clip_final's partials").toBe(log[0].gx);
+    clip.dispose();
+    expect(problems).toEqual([]);
+  });
 
   it("launches every kernel of the table from some op", () => {
     expect([...table.keys()].filter((k) => !launched.has(k))).toEqual([]);

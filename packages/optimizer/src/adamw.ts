@@ -3,12 +3,16 @@
 // correction bias is not a parameter at all). Global-norm clipping happens on the device: the clip
 // factor is a tensor the update reads, so the host never waits inside a step.
 //
+// The tensor lists are fixed at construction and handed to the backend once (prepareClipScale over
+// every gradient, prepareAdamW over this rank's parameters and moments): on cuda a step's gradient
+// norm is then two launches and its update one, whatever the number of parameters.
+//
 // Sharded (ZeRO-1, `shard` = this rank of a data-parallel group): each parameter has one owner rank
 // (`owners`, whole parameters balanced by size), and a rank keeps moments for, and updates, only the
 // parameters it owns; the step then gives every rank the owners' new values (trainStep's
 // broadcast). The optimiser state of a rank is about 1/N of the whole.
 import { encodeBf16, type MomentPrecision } from "@moe8/fp8-core";
-import type { Backend, Param, Tensor } from "@moe8/tensor";
+import type { Backend, Param, PreparedAdamW, PreparedClipScale, Tensor } from "@moe8/tensor";
 
 export interface AdamWConfig {
   beta1: number;
@@ -62,6 +66,8 @@ export class AdamW {
   private slots: Slot[];
   /** Each parameter's owner rank (all 0 without a shard). */
   readonly owners: number[];
+  private readonly clip: PreparedClipScale;
+  private readonly adamw: PreparedAdamW;
 
   constructor(
     readonly b: Backend,
@@ -82,6 +88,10 @@ export class AdamW {
         m: b.keep(b.zeros(param.value.shape, cfg.moments)),
         v: b.keep(b.zeros(param.value.shape, cfg.moments)),
       }));
+    this.clip = b.prepareClipScale(params.map((p) => p.grad));
+    this.adamw = b.prepareAdamW(
+      this.slots.map(({ param, m, v }) => ({ p: param.value, g: param.grad, m, v, decay: param.decay })),
+    );
   }
 
   /** Elements of optimiser state this rank holds (both moments). */
@@ -91,26 +101,22 @@ export class AdamW {
 
   /** The global gradient norm and the clip factor, as one-element device tensors. */
   gradNorm(): { norm: Tensor; scale: Tensor } {
-    return this.b.clipScale(
-      this.params.map((p) => p.grad),
-      this.cfg.clip > 0 ? this.cfg.clip : Number.POSITIVE_INFINITY,
-    );
+    return this.clip.clipScale(this.cfg.clip > 0 ? this.cfg.clip : Number.POSITIVE_INFINITY);
   }
 
   /** One update of every parameter (this rank's, when sharded) at learning rate `lr`, gradients multiplied by `gradScale`. */
   update(lr: number, gradScale: Tensor): void {
     this.step++;
     const c = this.cfg;
-    for (const s of this.slots)
-      this.b.adamw(s.param.value, s.param.grad, s.m, s.v, {
-        lr,
-        beta1: c.beta1,
-        beta2: c.beta2,
-        eps: c.eps,
-        weightDecay: s.param.decay ? c.weightDecay : 0,
-        step: this.step,
-        gradScale,
-      });
+    this.adamw.update({
+      lr,
+      beta1: c.beta1,
+      beta2: c.beta2,
+      eps: c.eps,
+      weightDecay: c.weightDecay,
+      step: this.step,
+      gradScale,
+    });
   }
 
   zeroGrad(): void {
@@ -146,6 +152,8 @@ export class AdamW {
   }
 
   dispose(): void {
+    this.clip.dispose();
+    this.adamw.dispose();
     for (const s of this.slots) {
       s.m.dispose();
       s.v.dispose();

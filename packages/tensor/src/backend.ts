@@ -94,11 +94,41 @@ export interface AdamWOptions {
   beta1: number;
   beta2: number;
   eps: number;
+  /** Decoupled weight decay, for the tensors marked `decay` (the others get none). */
   weightDecay: number;
   /** 1-based step for bias correction. */
   step: number;
   /** A one-element tensor multiplying the gradient (global-norm clipping), read on the device. */
   gradScale: Tensor;
+}
+
+/** One tensor AdamW updates: the f32 master weight, its f32 gradient and both moments (f32 or bf16). */
+export interface AdamWSlot {
+  p: Tensor;
+  g: Tensor;
+  m: Tensor;
+  v: Tensor;
+  /** AdamWOptions.weightDecay applies (weights: yes; norms: no). */
+  decay: boolean;
+}
+
+/**
+ * AdamW over a list of tensors fixed once (an optimiser's parameters): each `update` is one step of
+ * all of them, in place. On cuda that is one launch over a device table of the tensors built when
+ * the list is prepared (so a step uploads nothing); `dispose` frees the table, not the tensors.
+ */
+export interface PreparedAdamW {
+  update(opts: AdamWOptions): void;
+  dispose(): void;
+}
+
+/**
+ * Global-norm clipping over a list of gradients fixed once: `clipScale` is Backend.clipScale of
+ * those gradients (on cuda two launches whatever their number, from a device table built once).
+ */
+export interface PreparedClipScale {
+  clipScale(maxNorm: number): { norm: Tensor; scale: Tensor };
+  dispose(): void;
 }
 
 export interface Backend {
@@ -212,8 +242,25 @@ export interface Backend {
   crossEntropy(logits: Tensor, targets: Tensor, gradScale: number): { loss: Tensor; dlogits: Tensor };
   /** Global L2 norm of all gradients [1] and the clip factor min(1, maxNorm / (norm + 1e-6)) [1]. */
   clipScale(grads: Tensor[], maxNorm: number): { norm: Tensor; scale: Tensor };
-  /** In-place AdamW on f32 master weights; moments in f32 or bf16 storage. */
-  adamw(p: Tensor, g: Tensor, m: Tensor, v: Tensor, opts: AdamWOptions): void;
+  /** clipScale over the same gradients, step after step. */
+  prepareClipScale(grads: Tensor[]): PreparedClipScale;
+  /** In-place AdamW on f32 master weights, step after step; moments in f32 or bf16 storage. */
+  prepareAdamW(slots: AdamWSlot[]): PreparedAdamW;
+}
+
+/** What every backend's prepareAdamW checks: f32 weights and gradients, moments of f32 or bf16, one size. */
+export function checkAdamWSlots(slots: readonly AdamWSlot[]): void {
+  for (const { p, g, m, v } of slots) {
+    for (const t of [p, g, m, v])
+      if (t.disposed) throw new Error(`prepareAdamW: use of a disposed tensor ${t}`);
+    if (p.dtype !== "f32" || g.dtype !== "f32")
+      throw new Error(`prepareAdamW: weights and gradients must be f32, got ${p} and ${g}`);
+    for (const t of [m, v])
+      if (t.dtype !== "f32" && t.dtype !== "bf16")
+        throw new Error(`prepareAdamW: moments must be f32 or bf16, got ${t}`);
+    if (g.size !== p.size || m.size !== p.size || v.size !== p.size)
+      throw new Error(`prepareAdamW: p ${p}, g ${g}, m ${m} and v ${v} differ in size`);
+  }
 }
 
 /** Backend.requantize as its definition: dequantise to f32, quantise again, release the f32 copy. */

@@ -25,8 +25,6 @@ export const KERNELS = {
     transpose_f32_batched: { module: "elementwise", name: "transpose_f32_batched", maxThreads: null, params: [["x", "u64"], ["out", "u64"], ["R", "i32"], ["C", "i32"], ["batch", "i32"]] },
     sum_partial: { module: "elementwise", name: "sum_partial", maxThreads: null, params: [["x", "u64"], ["part", "u64"], ["n", "u64"], ["chunk", "u64"]] },
     sum_final: { module: "elementwise", name: "sum_final", maxThreads: null, params: [["part", "u64"], ["nparts", "i32"], ["out", "u64"]] },
-    sumsq_partial: { module: "elementwise", name: "sumsq_partial", maxThreads: null, params: [["x", "u64"], ["part", "u64"], ["n", "u64"], ["chunk", "u64"]] },
-    clip_final: { module: "elementwise", name: "clip_final", maxThreads: null, params: [["part", "u64"], ["nparts", "i32"], ["maxNorm", "f64"], ["norm", "u64"], ["scale", "u64"]] },
   },
   flash: {
     flash_fwd_32_32: { module: "flash", name: "flash_fwd_32_32", maxThreads: 128, params: [["q", "u64"], ["k", "u64"], ["v", "u64"], ["o", "u64"], ["lse", "u64"], ["T", "i32"], ["H", "i32"], ["scale", "f32"]] },
@@ -117,7 +115,9 @@ export const KERNELS = {
   optim: {
     cross_entropy_rows: { module: "optim", name: "cross_entropy_rows", maxThreads: null, params: [["logits", "u64"], ["targets", "u64"], ["dlogits", "u64"], ["lossRow", "u64"], ["N", "i32"], ["V", "i32"], ["gradScale", "f64"], ["bad", "u64"]] },
     cross_entropy_final: { module: "optim", name: "cross_entropy_final", maxThreads: null, params: [["lossRow", "u64"], ["N", "i32"], ["loss", "u64"]] },
-    adamw: { module: "optim", name: "adamw", maxThreads: null, params: [["p", "u64"], ["g", "u64"], ["m", "u64"], ["v", "u64"], ["mBf16", "i32"], ["vBf16", "i32"], ["gradScale", "u64"], ["n", "u64"], ["lr", "f64"], ["beta1", "f64"], ["beta2", "f64"], ["eps", "f64"], ["decay", "f64"], ["bc1", "f64"], ["bc2", "f64"]] },
+    sumsq_multi: { module: "optim", name: "sumsq_multi", maxThreads: null, params: [["tab", "u64"], ["T", "i32"], ["part", "u64"]] },
+    clip_final: { module: "optim", name: "clip_final", maxThreads: null, params: [["part", "u64"], ["nparts", "i32"], ["maxNorm", "f64"], ["norm", "u64"], ["scale", "u64"]] },
+    adamw_multi: { module: "optim", name: "adamw_multi", maxThreads: null, params: [["tab", "u64"], ["T", "i32"], ["gradScale", "u64"], ["lr", "f64"], ["beta1", "f64"], ["beta2", "f64"], ["eps", "f64"], ["decay", "f64"], ["bc1", "f64"], ["bc2", "f64"]] },
   },
   quant: {
     quant_rowgroups: { module: "quant", name: "quant_rowgroups", maxThreads: null, params: [["x", "u64"], ["q", "u64"], ["scales", "u64"], ["R", "i32"], ["C", "i32"], ["gw", "i32"], ["fmt", "i32"], ["mode", "i32"], ["eps", "f32"]] },
@@ -145,6 +145,6 @@ export const DEFINES = {
   gemm_sm90: { SM90_MAX_E: 256, SM90_THREADS: 384, SM90_BM: 128, SM90_SMEM_128x256: 216120, SM90_SMEM_128x128: 199752, SM90_SMEM_WGRAD_128x256: 220728, SM90_SMEM_WGRAD_128x128: 203848, SM90_TP_COLS: 64 },
   moe: { ROUTER_MAX_EXPERTS: 256, PERMUTE_MAX_EXPERTS: 1024, PCHUNK: 256, BIAS_SIGN: 0, BIAS_ERROR: 1 },
   nn: {},
-  optim: {},
+  optim: { SUMSQ_ROW: 4, ADAMW_ROW: 8, ADAMW_CHUNK: 4096, ADAMW_M_BF16: 1, ADAMW_V_BF16: 2, ADAMW_DECAY: 4 },
   quant: { TILES_PER_WARP: 4, CT_COLS: 64 },
 } as const;

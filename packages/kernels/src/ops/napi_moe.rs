@@ -1,7 +1,7 @@
 //! JavaScript bindings of the MoE routing and dispatch kernels, the losses and the optimiser (the
 //! conventions of napi.rs: outputs preallocated and written in place, sizes checked).
 
-use super::napi::{js, no_alias};
+use super::napi::js;
 use super::{moe, optim};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
@@ -255,40 +255,91 @@ pub struct AdamWParams {
     pub grad_scale: f64,
 }
 
-/// AdamW in place. Each moment is given as f32 (`mF32`) or BF16 bits (`mBf16`); pass an empty
-/// array for the storage not used.
-#[napi]
-pub fn adamw(
-    mut p: Float32ArraySlice,
-    g: &[f32],
-    mut m_f32: Float32ArraySlice,
-    mut m_bf16: Uint16ArraySlice,
-    mut v_f32: Float32ArraySlice,
-    mut v_bf16: Uint16ArraySlice,
-    o: AdamWParams,
-) -> Result<()> {
-    let p = unsafe { p.as_mut() };
-    let m_f32 = unsafe { m_f32.as_mut() };
-    let m_bf16 = unsafe { m_bf16.as_mut() };
-    let v_f32 = unsafe { v_f32.as_mut() };
-    let v_bf16 = unsafe { v_bf16.as_mut() };
-    for (what, o) in [("p", &*p as &[f32]), ("m", &*m_f32), ("v", &*v_f32)] {
-        no_alias(o, g, &format!("adamw ({what} and g)"))?;
+/// One tensor of `adamwMulti`. Each moment is given as f32 (`mF32`) or BF16 bits (`mBf16`); pass
+/// an empty array for the storage not used.
+#[napi(object)]
+pub struct AdamWTensor {
+    pub p: Float32Array,
+    pub g: Float32Array,
+    pub m_f32: Float32Array,
+    pub m_bf16: Uint16Array,
+    pub v_f32: Float32Array,
+    pub v_bf16: Uint16Array,
+    /// The weight decay applies.
+    pub decay: bool,
+}
+
+/// The bytes of `x`, and whether the call writes them.
+fn span<T>(x: &[T], out: bool) -> (usize, usize, bool) {
+    let start = x.as_ptr() as usize;
+    (start, start + std::mem::size_of_val(x), out)
+}
+
+/// Errors when any array AdamW writes (p, m, v of any tensor) shares bytes with another array of
+/// the call (gradients may share with each other): one sort of the byte ranges.
+fn no_alias_multi(ranges: &mut Vec<(usize, usize, bool)>) -> Result<()> {
+    ranges.retain(|r| r.0 < r.1);
+    ranges.sort_unstable();
+    let (mut end_any, mut end_out) = (0usize, 0usize);
+    for &(start, end, out) in ranges.iter() {
+        if start < end_out || (out && start < end_any) {
+            return Err(Error::new(
+                Status::InvalidArg,
+                "adamw: an output shares memory with another array".to_string(),
+            ));
+        }
+        end_any = end_any.max(end);
+        if out {
+            end_out = end_out.max(end);
+        }
     }
-    no_alias(m_bf16, v_bf16, "adamw (m and v)")?;
-    no_alias(m_f32, v_f32, "adamw (m and v)")?;
-    no_alias(p, m_f32, "adamw (p and m)")?;
-    no_alias(p, v_f32, "adamw (p and v)")?;
-    let m = if m_bf16.is_empty() {
-        optim::Moment::F32(m_f32)
+    Ok(())
+}
+
+/// A moment's storage: the BF16 bits when given, else the f32 values.
+fn moment<'a>(f: &'a mut Float32Array, b: &'a mut Uint16Array) -> optim::Moment<'a> {
+    if b.is_empty() {
+        optim::Moment::F32(unsafe { f.as_mut() })
     } else {
-        optim::Moment::Bf16(m_bf16)
-    };
-    let v = if v_bf16.is_empty() {
-        optim::Moment::F32(v_f32)
-    } else {
-        optim::Moment::Bf16(v_bf16)
-    };
+        optim::Moment::Bf16(unsafe { b.as_mut() })
+    }
+}
+
+/// AdamW in place on every tensor, `o.weightDecay` applying to those marked `decay`.
+#[napi]
+pub fn adamw_multi(mut tensors: Vec<AdamWTensor>, o: AdamWParams) -> Result<()> {
+    let mut ranges = Vec::with_capacity(tensors.len() * 6);
+    for t in &tensors {
+        ranges.push(span(&t.g[..], false));
+        ranges.extend([
+            span(&t.p[..], true),
+            span(&t.m_f32[..], true),
+            span(&t.v_f32[..], true),
+        ]);
+        ranges.extend([span(&t.m_bf16[..], true), span(&t.v_bf16[..], true)]);
+    }
+    no_alias_multi(&mut ranges)?;
+    let slots = tensors
+        .iter_mut()
+        .map(|t| {
+            let AdamWTensor {
+                p,
+                g,
+                m_f32,
+                m_bf16,
+                v_f32,
+                v_bf16,
+                decay,
+            } = t;
+            optim::Slot {
+                p: unsafe { p.as_mut() },
+                g,
+                m: moment(m_f32, m_bf16),
+                v: moment(v_f32, v_bf16),
+                decay: *decay,
+            }
+        })
+        .collect();
     let o = optim::AdamW {
         lr: o.lr,
         beta1: o.beta1,
@@ -298,5 +349,5 @@ pub fn adamw(
         step: o.step,
         grad_scale: o.grad_scale,
     };
-    js(optim::adamw(p, g, m, v, o))
+    js(optim::adamw_multi(slots, o))
 }

@@ -46,8 +46,8 @@ impl Moment<'_> {
     }
 }
 
-/// The step's bias corrections 1 - beta^step and weight-decay factor 1 - lr * weightDecay,
-/// computed once per call.
+/// The step's bias corrections 1 - beta^step and a tensor's weight-decay factor
+/// 1 - lr * weightDecay (weightDecay 0 where it does not apply), computed once per tensor.
 #[derive(Clone, Copy)]
 struct Factors {
     bc1: f64,
@@ -97,7 +97,6 @@ fn adamw_block_mixed(
     g: &[f32],
     m: &mut Moment,
     v: &mut Moment,
-    off: usize,
     o: &AdamW,
     f: Factors,
 ) {
@@ -106,60 +105,81 @@ fn adamw_block_mixed(
         let gi = g[i] as f64 * o.grad_scale;
         let ms = match m {
             Moment::F32(x) => {
-                x[off + i] = moment_f32(x[off + i], o.beta1, gi);
-                x[off + i]
+                x[i] = moment_f32(x[i], o.beta1, gi);
+                x[i]
             }
             Moment::Bf16(x) => {
-                x[off + i] = bf16_bits(moment_f32(bf16_to_f32(x[off + i]), o.beta1, gi));
-                bf16_to_f32(x[off + i])
+                x[i] = bf16_bits(moment_f32(bf16_to_f32(x[i]), o.beta1, gi));
+                bf16_to_f32(x[i])
             }
         } as f64;
         let vnew = |prev: f32| (o.beta2 * prev as f64 + (1.0 - o.beta2) * gi * gi) as f32;
         let vs = match v {
             Moment::F32(x) => {
-                x[off + i] = vnew(x[off + i]);
-                x[off + i]
+                x[i] = vnew(x[i]);
+                x[i]
             }
             Moment::Bf16(x) => {
-                x[off + i] = bf16_bits(vnew(bf16_to_f32(x[off + i])));
-                bf16_to_f32(x[off + i])
+                x[i] = bf16_bits(vnew(bf16_to_f32(x[i])));
+                bf16_to_f32(x[i])
             }
         } as f64;
         p[i] = (p[i] as f64 * decay - (o.lr * (ms / bc1)) / ((vs / bc2).sqrt() + o.eps)) as f32;
     }
 }
 
-/// In-place AdamW on f32 master weights p with gradient g * gradScale.
-pub fn adamw(p: &mut [f32], g: &[f32], mut m: Moment, mut v: Moment, o: AdamW) -> R<()> {
-    let n = p.len();
-    if g.len() != n || m.len() != n || v.len() != n {
-        return Err(format!(
-            "adamw: p {n}, g {}, m {}, v {} elements",
-            g.len(),
-            m.len(),
-            v.len()
-        ));
+/// One tensor of a multi-tensor AdamW step: the f32 master weight p, its gradient g, the moments,
+/// and whether the weight decay applies.
+pub struct Slot<'a> {
+    pub p: &'a mut [f32],
+    pub g: &'a [f32],
+    pub m: Moment<'a>,
+    pub v: Moment<'a>,
+    pub decay: bool,
+}
+
+/// `x` cut into blocks of `c` elements.
+fn moment_blocks(x: Moment<'_>, c: usize) -> Vec<Moment<'_>> {
+    match x {
+        Moment::F32(x) => x.chunks_mut(c).map(Moment::F32).collect(),
+        Moment::Bf16(x) => x.chunks_mut(c).map(Moment::Bf16).collect(),
     }
-    let f = Factors {
-        bc1: 1.0 - o.beta1.powf(o.step),
-        bc2: 1.0 - o.beta2.powf(o.step),
-        decay: 1.0 - o.lr * o.weight_decay,
-    };
+}
+
+/// In-place AdamW on every slot (p with gradient g * gradScale), `o.weight_decay` applying to the
+/// slots marked `decay`: the blocks of all the tensors are one parallel loop. Each element's update
+/// is the single-tensor one, so the result does not depend on how the tensors are grouped.
+pub fn adamw_multi(slots: Vec<Slot>, o: AdamW) -> R<()> {
+    for s in &slots {
+        let n = s.p.len();
+        if s.g.len() != n || s.m.len() != n || s.v.len() != n {
+            return Err(format!(
+                "adamw: p {n}, g {}, m {}, v {} elements",
+                s.g.len(),
+                s.m.len(),
+                s.v.len()
+            ));
+        }
+    }
+    let (bc1, bc2) = (1.0 - o.beta1.powf(o.step), 1.0 - o.beta2.powf(o.step));
     let c = REDUCE_BLOCK;
-    match (&mut m, &mut v) {
-        (Moment::F32(mm), Moment::F32(vv)) => {
-            p.par_chunks_mut(c)
-                .zip(g.par_chunks(c))
-                .zip(mm.par_chunks_mut(c).zip(vv.par_chunks_mut(c)))
-                .for_each(|((p, g), (m, v))| adamw_block_ff(p, g, m, v, &o, f));
-        }
-        (Moment::Bf16(mm), Moment::Bf16(vv)) => {
-            p.par_chunks_mut(c)
-                .zip(g.par_chunks(c))
-                .zip(mm.par_chunks_mut(c).zip(vv.par_chunks_mut(c)))
-                .for_each(|((p, g), (m, v))| adamw_block_bb(p, g, m, v, &o, f));
-        }
-        _ => adamw_block_mixed(p, g, &mut m, &mut v, 0, &o, f),
+    let mut blocks = Vec::new();
+    for Slot { p, g, m, v, decay } in slots {
+        let f = Factors {
+            bc1,
+            bc2,
+            decay: 1.0 - o.lr * if decay { o.weight_decay } else { 0.0 },
+        };
+        let parts = p.chunks_mut(c).zip(g.chunks(c));
+        let moments = moment_blocks(m, c).into_iter().zip(moment_blocks(v, c));
+        blocks.extend(parts.zip(moments).map(|((p, g), (m, v))| (p, g, m, v, f)));
     }
+    blocks
+        .into_par_iter()
+        .for_each(|(p, g, mut m, mut v, f)| match (&mut m, &mut v) {
+            (Moment::F32(m), Moment::F32(v)) => adamw_block_ff(p, g, m, v, &o, f),
+            (Moment::Bf16(m), Moment::Bf16(v)) => adamw_block_bb(p, g, m, v, &o, f),
+            _ => adamw_block_mixed(p, g, &mut m, &mut v, &o, f),
+        });
     Ok(())
 }

@@ -1,5 +1,6 @@
 // The AdamW check shared by the op suite and the cpu determinism and SIMD tests: a few steps of
-// Backend.adamw from zero moments, once with f32 moments and once with BF16 moments.
+// Backend.prepareAdamW on one tensor from zero moments, once with f32 moments and once with BF16
+// moments.
 import type { Backend } from "../backend.ts";
 import type { Tensor } from "../tensor.ts";
 
@@ -30,8 +31,9 @@ export function adamwSteps(b: Backend, o: AdamwStepsOptions): Record<"f32" | "bf
     const p = o.param();
     const m = b.zeros(p.shape, moments);
     const v = b.zeros(p.shape, moments);
+    const adamw = b.prepareAdamW([{ p, g: o.grad, m, v, decay: true }]);
     for (let step = 1; step <= o.steps; step++)
-      b.adamw(p, o.grad, m, v, {
+      adamw.update({
         lr: o.lr,
         beta1: 0.9,
         beta2: 0.95,
@@ -40,6 +42,7 @@ export function adamwSteps(b: Backend, o: AdamwStepsOptions): Record<"f32" | "bf
         step,
         gradScale: o.gradScale,
       });
+    adamw.dispose();
     return { p, m, v };
   };
   const f32 = run("f32");

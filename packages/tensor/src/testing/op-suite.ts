@@ -3,7 +3,7 @@
 // bit-exact where docs/numerics.md pins bits (quantisation), a relative tolerance by precision elsewhere.
 // Gradient checks by finite differences run on the backend under test for every op with a backward.
 import { describe, expect, it } from "vitest";
-import type { Backend } from "../backend.ts";
+import type { AdamWOptions, Backend } from "../backend.ts";
 import { Rng } from "../random.ts";
 import type { Tensor } from "../tensor.ts";
 import { TsBackend } from "../ts/backend.ts";
@@ -523,6 +523,64 @@ export function opSuite(name: string, make: () => Backend): void {
         }
         return out;
       }, 1e-5);
+    });
+
+    // The optimiser's path: one prepared gradient norm and one prepared AdamW over tensors of odd
+    // sizes (empty, one element, across the cuda kernel's 4,096-element blocks, past 256 norm
+    // partials), f32, BF16 and mixed moments, with and without weight decay, for three steps. Against
+    // the reference within the single-tensor case's tolerance, and on the backend itself bit-exact
+    // against the same steps prepared one tensor at a time (grouping changes no element's update).
+    it("multi-tensor clipping and AdamW: many tensors, mixed moments and decay, as one tensor at a time", async () => {
+      const sizes = [1, 0, 17, 129, 4096, 4097, 3 * 4096 - 7, 2048 * 256 + 3];
+      const ps = sizes.map((n) => rng.normals(n));
+      const gs = sizes.map((n) => rng.normals(n, 0.1));
+      const dt = (x: boolean) => (x ? "bf16" : "f32");
+      const run = (b: Backend, grouped: boolean): Record<string, Tensor> => {
+        const slots = sizes.map((n, i) => ({
+          p: b.upload(ps[i], [n]),
+          g: b.upload(gs[i], [n]),
+          m: b.zeros([n], dt(i % 2 === 1)),
+          v: b.zeros([n], dt(i % 3 !== 0)),
+          decay: i % 4 !== 1,
+        }));
+        const clip = b.prepareClipScale(slots.map((s) => s.g));
+        const { norm, scale } = clip.clipScale(0.5);
+        const plans = grouped ? [b.prepareAdamW(slots)] : slots.map((s) => b.prepareAdamW([s]));
+        for (let step = 1; step <= 3; step++)
+          for (const plan of plans)
+            plan.update({
+              lr: 1e-2,
+              beta1: 0.9,
+              beta2: 0.95,
+              eps: 1e-8,
+              weightDecay: 0.1,
+              step,
+              gradScale: scale,
+            });
+        for (const plan of [clip, ...plans]) plan.dispose();
+        expect(() => clip.clipScale(0.5), "a prepared op after dispose()").toThrow(/after dispose/);
+        expect(() => plans[0].update({} as AdamWOptions), "a prepared op after dispose()").toThrow(
+          /after dispose/,
+        );
+        const out: Record<string, Tensor> = { norm, scale };
+        slots.forEach((s, i) => {
+          out[`p${i}`] = s.p;
+          out[`m${i}`] = b.cast(s.m, "f32");
+          out[`v${i}`] = b.cast(s.v, "f32");
+        });
+        return out;
+      };
+      await same((b) => run(b, true), 1e-5);
+      const [grouped, alone] = [
+        await readAll(be, (b) => run(b, true)),
+        await readAll(be, (b) => run(b, false)),
+      ];
+      expect(grouped.map(([k]) => k)).toEqual(alone.map(([k]) => k));
+      grouped.forEach(([key, got], i) => {
+        expect(Array.from(got), `${key}: all tensors in one call = one call each`).toEqual(
+          Array.from(alone[i][1]),
+        );
+      });
     });
 
     it("arenas release everything a step allocates; dispose frees long-lived tensors", async () => {

@@ -3,6 +3,7 @@
 import { decodeBf16, encodeBf16, roundBf16 } from "@moe8/fp8-core";
 import type {
   AdamWOptions,
+  AdamWSlot,
   AttentionOptions,
   Backend,
   BiasUpdateOptions,
@@ -10,11 +11,13 @@ import type {
   HeadSliceOptions,
   MatmulOptions,
   PermuteResult,
+  PreparedAdamW,
+  PreparedClipScale,
   QuantizeOptions,
   RopeOptions,
   RouterResult,
 } from "../backend.ts";
-import { requantizeViaF32 } from "../backend.ts";
+import { checkAdamWSlots, requantizeViaF32 } from "../backend.ts";
 import { f32, f32OrBf16, HostLifetimes, host, i32, sameShape, u8 } from "../host.ts";
 import type { Tensor } from "../tensor.ts";
 import { type Fp8Format, isFp8 } from "../types.ts";
@@ -459,27 +462,57 @@ export class TsBackend extends HostLifetimes implements Backend {
     };
   }
 
-  adamw(p: Tensor, g: Tensor, m: Tensor, v: Tensor, o: AdamWOptions): void {
-    const P = f32(p);
-    const G = f32(g);
-    const gs = f32(o.gradScale)[0];
-    const bc1 = 1 - o.beta1 ** o.step;
-    const bc2 = 1 - o.beta2 ** o.step;
-    const decay = 1 - o.lr * o.weightDecay;
-    const load = (t: Tensor) => (t.dtype === "bf16" ? decodeBf16(host(t) as Uint16Array) : f32(t));
-    const M = load(m);
-    const V = load(v);
-    for (let i = 0; i < P.length; i++) {
-      const gi = G[i] * gs;
-      M[i] = o.beta1 * M[i] + (1 - o.beta1) * gi;
-      V[i] = o.beta2 * V[i] + (1 - o.beta2) * gi * gi;
-    }
-    // BF16 moments are stored rounded, and the update uses the stored values.
-    if (m.dtype === "bf16") (host(m) as Uint16Array).set(encodeBf16(M));
-    if (v.dtype === "bf16") (host(v) as Uint16Array).set(encodeBf16(V));
-    const Ms = m.dtype === "bf16" ? load(m) : M;
-    const Vs = v.dtype === "bf16" ? load(v) : V;
-    for (let i = 0; i < P.length; i++)
-      P[i] = P[i] * decay - (o.lr * (Ms[i] / bc1)) / (Math.sqrt(Vs[i] / bc2) + o.eps);
+  prepareClipScale(grads: Tensor[]): PreparedClipScale {
+    const list = [...grads];
+    let disposed = false;
+    return {
+      clipScale: (maxNorm) => {
+        if (disposed) throw new Error("clipScale: used after dispose()");
+        return this.clipScale(list, maxNorm);
+      },
+      dispose: () => {
+        disposed = true;
+      },
+    };
   }
+
+  prepareAdamW(slots: AdamWSlot[]): PreparedAdamW {
+    checkAdamWSlots(slots);
+    const list = slots.map((s) => ({ ...s }));
+    let disposed = false;
+    return {
+      update: (o) => {
+        if (disposed) throw new Error("adamw: used after dispose()");
+        for (const s of list) adamw(s, o);
+      },
+      dispose: () => {
+        disposed = true;
+      },
+    };
+  }
+}
+
+/** One tensor's update: the moments in f64, stored (then rounded to BF16 for BF16 moments), and p from the stored values. */
+function adamw({ p, g, m, v, decay: decays }: AdamWSlot, o: AdamWOptions): void {
+  const P = f32(p);
+  const G = f32(g);
+  const gs = f32(o.gradScale)[0];
+  const bc1 = 1 - o.beta1 ** o.step;
+  const bc2 = 1 - o.beta2 ** o.step;
+  const decay = 1 - o.lr * (decays ? o.weightDecay : 0);
+  const load = (t: Tensor) => (t.dtype === "bf16" ? decodeBf16(host(t) as Uint16Array) : f32(t));
+  const M = load(m);
+  const V = load(v);
+  for (let i = 0; i < P.length; i++) {
+    const gi = G[i] * gs;
+    M[i] = o.beta1 * M[i] + (1 - o.beta1) * gi;
+    V[i] = o.beta2 * V[i] + (1 - o.beta2) * gi * gi;
+  }
+  // BF16 moments are stored rounded, and the update uses the stored values.
+  if (m.dtype === "bf16") (host(m) as Uint16Array).set(encodeBf16(M));
+  if (v.dtype === "bf16") (host(v) as Uint16Array).set(encodeBf16(V));
+  const Ms = m.dtype === "bf16" ? load(m) : M;
+  const Vs = v.dtype === "bf16" ? load(v) : V;
+  for (let i = 0; i < P.length; i++)
+    P[i] = P[i] * decay - (o.lr * (Ms[i] / bc1)) / (Math.sqrt(Vs[i] / bc2) + o.eps);
 }

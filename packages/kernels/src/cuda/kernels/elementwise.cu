@@ -93,29 +93,3 @@ KERNEL void sum_final(const double* part, int nparts, float* out) {
   if (threadIdx.x == 0) out[0] = (float)v;
 }
 
-// Sum of squares of one buffer into part[0..gridDim) (double), for the global gradient norm.
-KERNEL void sumsq_partial(const float* x, double* part, i64 n, i64 chunk) {
-  const i64 s = blockIdx.x * chunk;
-  const i64 e = s + chunk < n ? s + chunk : n;
-  double v = 0.0;
-  for (i64 i = s + threadIdx.x; i < e; i += blockDim.x) {
-    const double t = (double)x[i];
-    v += t * t;
-  }
-  v = block_sum(v);
-  if (threadIdx.x == 0) part[blockIdx.x] = v;
-}
-
-// norm = sqrt(sum of the partials), scale = min(1, maxNorm / (norm + 1e-6)) (1 when not finite).
-KERNEL void clip_final(const double* part, int nparts, double maxNorm, float* norm, float* scale) {
-  double v = 0.0;
-  for (int i = threadIdx.x; i < nparts; i += blockDim.x) v += part[i];
-  v = block_sum(v);
-  if (threadIdx.x == 0) {
-    const double nrm = sqrt(v);
-    norm[0] = (float)nrm;
-    const bool finite = nrm == nrm && nrm < 1.0 / 0.0;
-    double s = maxNorm / (nrm + 1e-6);
-    scale[0] = finite ? (float)(s < 1.0 ? s : 1.0) : 1.0f;
-  }
-}

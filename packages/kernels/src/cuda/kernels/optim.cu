@@ -1,5 +1,8 @@
-// Fused softmax cross-entropy and AdamW (the reference: packages/tensor/src/ts/moe.ts crossEntropy,
-// packages/tensor/src/ts/backend.ts adamw). The global gradient norm is in elementwise.cu.
+// Fused softmax cross-entropy, the global gradient norm and AdamW (the reference:
+// packages/tensor/src/ts/moe.ts crossEntropy, packages/tensor/src/ts/backend.ts clipScale and
+// adamw). The norm and AdamW each walk all the tensors in one launch, from a device table the host
+// builds once for the optimiser's tensor list (cuda-backend/optim.ts): a row per tensor, its first
+// block in a running count, and each block finds its row by binary search.
 
 // One block per token row: loss_n = logsumexp(logits) - logits[target] (double), and
 // dlogits = gradScale * softmax / N, minus gradScale / N at the target. A target outside
@@ -41,12 +44,78 @@ KERNEL void cross_entropy_final(const double* lossRow, int N, float* loss) {
   if (threadIdx.x == 0) loss[0] = (float)(v / N);
 }
 
-// AdamW on f32 master weights, moments f32 (mBf16/vBf16 = 0) or BF16 (stored rounded, and the
-// update uses the stored values); the gradient is multiplied by *gradScale (read on the device).
-KERNEL void adamw(float* p, const float* g, void* m, void* v, int mBf16, int vBf16, const float* gradScale, i64 n,
-                  double lr, double beta1, double beta2, double eps, double decay, double bc1, double bc2) {
+// The row of a table of T rows of `width` i64 whose entry `first` counts, in order, the blocks before
+// that tensor's: the last row whose first block is at or before this block.
+__device__ __forceinline__ const i64* table_row(const i64* tab, int T, int width, int first) {
+  int lo = 0, hi = T - 1;
+  const i64 b = blockIdx.x;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (tab[(i64)mid * width + first] <= b) lo = mid;
+    else hi = mid - 1;
+  }
+  return tab + (i64)lo * width;
+}
+
+// Global gradient norm, stage 1: the sum of squares of a span of one tensor into part[blockIdx.x]
+// (double). Each row: x, n (elements), part0 (the tensor's first partial), chunk (elements per
+// partial); block part0 + j sums elements [j * chunk, (j + 1) * chunk) of x.
+#define SUMSQ_ROW 4
+KERNEL void sumsq_multi(const i64* tab, int T, double* part) {
+  const i64* r = table_row(tab, T, SUMSQ_ROW, 2);
+  const float* x = (const float*)r[0];
+  const i64 n = r[1], chunk = r[3];
+  const i64 s = (blockIdx.x - r[2]) * chunk;
+  const i64 e = s + chunk < n ? s + chunk : n;
+  double v = 0.0;
+  for (i64 i = s + threadIdx.x; i < e; i += blockDim.x) {
+    const double t = (double)x[i];
+    v += t * t;
+  }
+  v = block_sum(v);
+  if (threadIdx.x == 0) part[blockIdx.x] = v;
+}
+
+// Stage 2: norm = sqrt(sum of the partials, in a fixed order), scale = min(1, maxNorm / (norm +
+// 1e-6)) (1 when not finite).
+KERNEL void clip_final(const double* part, int nparts, double maxNorm, float* norm, float* scale) {
+  double v = 0.0;
+  for (int i = threadIdx.x; i < nparts; i += blockDim.x) v += part[i];
+  v = block_sum(v);
+  if (threadIdx.x == 0) {
+    const double nrm = sqrt(v);
+    norm[0] = (float)nrm;
+    const bool finite = nrm == nrm && nrm < 1.0 / 0.0;
+    double s = maxNorm / (nrm + 1e-6);
+    scale[0] = finite ? (float)(s < 1.0 ? s : 1.0) : 1.0f;
+  }
+}
+
+// AdamW on f32 master weights of many tensors, moments f32 or BF16 (stored rounded, and the update
+// uses the stored values); the gradient is multiplied by *gradScale (read on the device). Each row:
+// p, g, m, v, n (elements), chunk0 (the tensor's first block), flags (ADAMW_M_BF16, ADAMW_V_BF16,
+// ADAMW_DECAY: the weight decay factor `decay` applies, else 1), unused; block chunk0 + j updates
+// elements [j * ADAMW_CHUNK, (j + 1) * ADAMW_CHUNK) of that tensor.
+#define ADAMW_ROW 8
+#define ADAMW_CHUNK 4096
+#define ADAMW_M_BF16 1
+#define ADAMW_V_BF16 2
+#define ADAMW_DECAY 4
+KERNEL void adamw_multi(const i64* tab, int T, const float* gradScale, double lr, double beta1, double beta2,
+                        double eps, double decay, double bc1, double bc2) {
+  const i64* r = table_row(tab, T, ADAMW_ROW, 5);
+  float* p = (float*)r[0];
+  const float* g = (const float*)r[1];
+  void* m = (void*)r[2];
+  void* v = (void*)r[3];
+  const i64 n = r[4];
+  const int flags = (int)r[6];
+  const bool mBf16 = flags & ADAMW_M_BF16, vBf16 = flags & ADAMW_V_BF16;
+  const double dec = (flags & ADAMW_DECAY) ? decay : 1.0;
   const double gs = gradScale[0];
-  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+  const i64 s = (blockIdx.x - r[5]) * (i64)ADAMW_CHUNK;
+  const i64 e = s + ADAMW_CHUNK < n ? s + ADAMW_CHUNK : n;
+  for (i64 i = s + threadIdx.x; i < e; i += blockDim.x) {
     const double gi = (double)g[i] * gs;
     const double m0 = mBf16 ? (double)bf16_to_f32(((u16*)m)[i]) : (double)((float*)m)[i];
     const double v0 = vBf16 ? (double)bf16_to_f32(((u16*)v)[i]) : (double)((float*)v)[i];
@@ -66,6 +135,6 @@ KERNEL void adamw(float* p, const float* g, void* m, void* v, int mBf16, int vBf
     } else {
       ((float*)v)[i] = v1;
     }
-    p[i] = (float)((double)p[i] * decay - (lr * ((double)m1 / bc1)) / (sqrt((double)v1 / bc2) + eps));
+    p[i] = (float)((double)p[i] * dec - (lr * ((double)m1 / bc1)) / (sqrt((double)v1 / bc2) + eps));
   }
 }

@@ -1,5 +1,6 @@
 // Causal attention, forward and backward: flash.cu's tensor-core kernels for BF16 attention with a
-// head shape that file instantiates, attention.cu's simple kernels for every other case.
+// head shape that file instantiates, attention.cu's simple kernels for every other case, and for a
+// forward with fewer queries than keys (kvSeq > seq: a KV-cache decode step).
 import type { AttentionOptions, Tensor } from "@moe8/tensor";
 import { DEFINES } from "../cuda/kernels.generated.ts";
 import { type CudaContext, cdiv, KERNELS } from "./context.ts";
@@ -57,9 +58,15 @@ function flashShape(
 
 export function attention(cx: CudaContext, q: Tensor, k: Tensor, v: Tensor, o: AttentionOptions) {
   const { dqk, dv, grid, lowp } = attnDims(q, v, o);
+  const Tk = o.kvSeq ?? o.seq;
+  const kv = o.batch * Tk;
+  if (Tk < o.seq || q.rows !== o.batch * o.seq || k.rows !== kv || v.rows !== kv)
+    throw new Error(
+      `attention: q ${q.rows}, k ${k.rows}, v ${v.rows} rows for batch ${o.batch} x seq ${o.seq} (kvSeq ${Tk})`,
+    );
   const out = cx.make([q.rows, v.cols], "f32");
   const lse = cx.make([o.batch * o.heads * o.seq], "f32");
-  const flash = flashShape(cx, dqk, dv, lowp, q, k, v);
+  const flash = Tk === o.seq ? flashShape(cx, dqk, dv, lowp, q, k, v) : null;
   if (flash) {
     const [qb, kb, vb] = [q, k, v].map((t) => bf16Operand(cx, t, "attention"));
     cx.launch(KERNELS.flash[`flash_fwd_${flash}`], [cdiv(o.seq, FLASH_ROWS), o.batch * o.heads], 128, {
@@ -84,6 +91,7 @@ export function attention(cx: CudaContext, q: Tensor, k: Tensor, v: Tensor, o: A
     lse: cx.p(lse),
     B: o.batch,
     T: o.seq,
+    Tk,
     H: o.heads,
     dqk,
     dv,
@@ -106,6 +114,7 @@ export function attentionBackward(
 ) {
   const { dqk, dv, grid, lowp } = attnDims(q, v, o);
   const { batch: B, seq: T, heads: H } = o;
+  if ((o.kvSeq ?? T) !== T) throw new Error(`attentionBackward: kvSeq ${o.kvSeq} is not seq ${T}`);
   const D = cx.scratch(B * H * T * 4);
   const dq = cx.make(q.shape, "f32");
   const dk = cx.make(k.shape, "f32");

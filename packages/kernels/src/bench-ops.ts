@@ -127,7 +127,9 @@ function cases(b: Backend): { list: Case[]; dispose: () => void } {
     bl.loss,
     bl.dscores,
   );
-  hold(perm.xs, perm.slot, perm.offsets, sliced);
+  // A KV-cache decode step: one query per sequence against its seq keys.
+  const qStep = b.rows(q, 0, T.batch);
+  hold(perm.xs, perm.slot, perm.offsets, sliced, qStep);
 
   // Optimiser state for a parameter set of the tiny model's size, in 16 tensors.
   const groups = 16;
@@ -175,6 +177,10 @@ function cases(b: Backend): { list: Case[]; dispose: () => void } {
       () => b.attentionBackward(dO, q, k, v, att.o, att.lse, { ...attn, precision: "f32" }),
     ],
     ["attention bf16", () => b.attention(q, k, v, { ...attn, precision: "bf16" })],
+    [
+      "attention decode f32 (1 query, seq keys)",
+      () => b.attention(qStep, k, v, { ...attn, seq: 1, kvSeq: T.seq, precision: "f32" }),
+    ],
     [
       "attentionBackward bf16",
       () => b.attentionBackward(dO, q, k, v, att16.o, att16.lse, { ...attn, precision: "bf16" }),

@@ -430,8 +430,8 @@ export class CpuBackend extends HostLifetimes implements Backend {
 
   /** The native attention's sizes: the options and the per-head widths of q·k and v. */
   private attentionDims(q: Tensor, v: Tensor, o: AttentionOptions): AttentionDims {
-    const { batch, seq, heads, scale, precision } = o;
-    return { batch, seq, heads, dqk: q.cols / heads, dv: v.cols / heads, scale, precision };
+    const { batch, seq, kvSeq, heads, scale, precision } = o;
+    return { batch, seq, kvSeq, heads, dqk: q.cols / heads, dv: v.cols / heads, scale, precision };
   }
 
   attention(q: Tensor, k: Tensor, v: Tensor, o: AttentionOptions) {

@@ -232,6 +232,7 @@ async function everyOp(b: Backend) {
   const w = up([256]);
   b.rmsnormBackward(y, x, w, b.rmsnorm(x, w, 1e-6).rstd);
   b.rope(x, { heads: 4, width: 64, offset: 32, dim: 32, seqLen: 16, theta: 10000, inverse: true });
+  b.rope(x, { heads: 4, width: 64, offset: 32, dim: 32, seqLen: 1, start: 200, theta: 10000 });
   const hs = { heads: 4, width: 64, start: 8, len: 16 };
   b.headScatterAdd(x, b.headSlice(x, hs), hs);
   b.headConcat(up([64, 96]), up([64, 8]), 4, 1);
@@ -249,6 +250,8 @@ async function everyOp(b: Backend) {
       const [qq, k, v] = [up([32, 3 * dqk]), up([32, 3 * dqk]), up([32, 3 * dv])];
       const a = b.attention(qq, k, v, o);
       b.attentionBackward(up([32, 3 * dv]), qq, k, v, a.o, a.lse, o);
+      // A KV-cache decode step: one query per batch against 16 keys.
+      b.attention(up([2, 3 * dqk]), k, v, { ...o, seq: 1, kvSeq: 16 });
     }
   const r = b.router(up([64, 16]), up([16]), 2, 2.5);
   b.routerBackward(up([64, 2]), r.scores, r.topIdx, 2.5, up([64, 16]));

@@ -22,22 +22,13 @@ export class KvCacheDecoder {
   }
 
   /**
-   * Runs the prompt, shared by every sample, once (as the first sample) and copies its keys and
-   * values to the others; returns the logits of its last position [V].
+   * Runs the prompt, shared by every sample, once (mlaExtend writes its keys and values to every
+   * sample's cache); returns the logits of its last position [V].
    */
   async prefill(prompt: ArrayLike<number>): Promise<Float32Array> {
     if (this.length !== 0) throw new Error("decode: prefill of a cache already in use");
     const P = prompt.length;
-    const first = this.caches.map((c) => ({ k: c.k.slice(0, 1), v: c.v.slice(0, 1), maxLen: c.maxLen }));
-    const all = await this.extend(Array.from(prompt), P, first);
-    const b = this.model.b;
-    b.scope(() => {
-      for (const c of this.caches)
-        for (let s = 1; s < this.samples; s++) {
-          b.setRows(c.k[s], 0, b.rows(c.k[0], 0, P));
-          b.setRows(c.v[s], 0, b.rows(c.v[0], 0, P));
-        }
-    });
+    const all = await this.extend(Array.from(prompt), P);
     this.length = P;
     const V = this.model.cfg.vocab_size;
     return all.slice((P - 1) * V, P * V);
@@ -46,22 +37,23 @@ export class KvCacheDecoder {
   /** Appends one token per sample and returns each sample's logits [V] for the next position. */
   async step(ids: number[]): Promise<Float32Array[]> {
     if (ids.length !== this.samples) throw new Error(`decode: ${ids.length} ids for ${this.samples} samples`);
-    const all = await this.extend(ids, 1, this.caches);
+    const all = await this.extend(ids, 1);
     this.length += 1;
     const V = this.model.cfg.vocab_size;
     return ids.map((_, s) => all.slice(s * V, (s + 1) * V));
   }
 
   /**
-   * Logits [S*n, V] of n new positions for each of the S samples `caches` hold (ids sample major),
-   * read back to the host.
+   * Logits [S*n, V] of n new positions of S sequences (ids sample major: one position of every
+   * sample, or the shared prompt as S = 1), read back to the host.
    */
-  private async extend(ids: number[], n: number, caches: MlaKvCache[]): Promise<Float32Array> {
+  private async extend(ids: number[], n: number): Promise<Float32Array> {
     const m = this.model;
     const b = m.b;
     const eps = m.cfg.rms_norm_eps;
     const pos = this.length;
-    const S = caches[0].k.length;
+    const S = ids.length / n;
+    const caches = this.caches;
     return b.scope(async () => {
       let h: Tensor = b.embedding(m.embed.value, b.upload(Int32Array.from(ids), [ids.length], "i32"));
       m.blocks.forEach((blk, l) => {

@@ -24,7 +24,15 @@ export interface GroupedMatmulOptions extends MatmulOptions {
 
 export interface AttentionOptions {
   batch: number;
+  /** Queries per sample: q and o are [batch*seq, heads*d]. */
   seq: number;
+  /**
+   * Keys (and values) per sample, at least `seq` (default `seq`): k and v are [batch*kvSeq,
+   * heads*d]. The queries sit at the last `seq` of the `kvSeq` positions, so query i sees keys
+   * 0..kvSeq-seq+i (a KV-cache decode step: seq 1, kvSeq the context). Forward only:
+   * attentionBackward takes kvSeq = seq.
+   */
+  kvSeq?: number;
   heads: number;
   /** Softmax scale, 1/sqrt(head dim of q·k). */
   scale: number;
@@ -42,8 +50,10 @@ export interface RopeOptions {
   width: number;
   offset: number;
   dim: number;
-  /** Position of row r is r % seqLen. */
+  /** Position of row r is start + r % seqLen. */
   seqLen: number;
+  /** The position of row 0 (default 0): rows of a KV-cache decode step sit after the context. */
+  start?: number;
   theta: number;
   /** Rotate by the negative angle (the backward pass). */
   inverse?: boolean;

@@ -2,7 +2,8 @@
 // runs its wgmma kernels on a compute-capability-9.0 GPU (forward; backward as a dq kernel and a
 // dk/dv kernel, each summing in a fixed order: no atomics, the same bits every run); flash.cu's
 // mma.sync kernels take the other head shapes it instantiates (and every shape off Hopper);
-// attention.cu's simple kernels every other case.
+// attention.cu's simple kernels every other case, and the forward with fewer queries than keys
+// (kvSeq > seq: a KV-cache decode step).
 import type { AttentionOptions, Tensor } from "@moe8/tensor";
 // KERNELS from the generated table itself, not through context.ts: context.ts imports this module
 // (attentionPath), and the shape sets below read KERNELS while the modules load.
@@ -122,9 +123,15 @@ function fa3Map(cx: CudaContext, ptr: number, o: AttentionOptions, d: number, ro
 
 export function attention(cx: CudaContext, q: Tensor, k: Tensor, v: Tensor, o: AttentionOptions) {
   const { dqk, dv, grid, lowp } = attnDims(q, v, o);
+  const Tk = o.kvSeq ?? o.seq;
+  const kv = o.batch * Tk;
+  if (Tk < o.seq || q.rows !== o.batch * o.seq || k.rows !== kv || v.rows !== kv)
+    throw new Error(
+      `attention: q ${q.rows}, k ${k.rows}, v ${v.rows} rows for batch ${o.batch} x seq ${o.seq} (kvSeq ${Tk})`,
+    );
   const out = cx.make([q.rows, v.cols], "f32");
   const lse = cx.make([o.batch * o.heads * o.seq], "f32");
-  const flash = flashShape(cx, dqk, dv, lowp, q, k, v);
+  const flash = Tk === o.seq ? flashShape(cx, dqk, dv, lowp, q, k, v) : null;
   if (flash) {
     const [qb, kb, vb] = [q, k, v].map((t) => bf16Operand(cx, t, "attention"));
     const fa3 = fa3Shape(cx, flash, qb, kb, vb);
@@ -169,6 +176,7 @@ export function attention(cx: CudaContext, q: Tensor, k: Tensor, v: Tensor, o: A
     lse: cx.p(lse),
     B: o.batch,
     T: o.seq,
+    Tk,
     H: o.heads,
     dqk,
     dv,
@@ -191,6 +199,7 @@ export function attentionBackward(
 ) {
   const { dqk, dv, grid, lowp } = attnDims(q, v, o);
   const { batch: B, seq: T, heads: H } = o;
+  if ((o.kvSeq ?? T) !== T) throw new Error(`attentionBackward: kvSeq ${o.kvSeq} is not seq ${T}`);
   const D = cx.scratch(B * H * T * 4);
   const dq = cx.make(q.shape, "f32");
   const dk = cx.make(k.shape, "f32");

@@ -75,6 +75,7 @@ export function rope(cx: CudaContext, x: Tensor, o: RopeOptions): Tensor {
     offset,
     dim,
     seqLen: o.seqLen,
+    start: o.start ?? 0,
     theta: o.theta,
     inverse: o.inverse ? 1 : 0,
   });

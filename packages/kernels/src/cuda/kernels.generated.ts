@@ -6,7 +6,7 @@
 /** Each module's kernels: parameters in declaration order, each with the kind of its argument slot. */
 export const KERNELS = {
   attention: {
-    attn_fwd: { module: "attention", name: "attn_fwd", maxThreads: 128, params: [["q", "u64"], ["k", "u64"], ["v", "u64"], ["o", "u64"], ["lse", "u64"], ["B", "i32"], ["T", "i32"], ["H", "i32"], ["dqk", "i32"], ["dv", "i32"], ["scale", "f32"], ["lowp", "i32"]] },
+    attn_fwd: { module: "attention", name: "attn_fwd", maxThreads: 128, params: [["q", "u64"], ["k", "u64"], ["v", "u64"], ["o", "u64"], ["lse", "u64"], ["B", "i32"], ["T", "i32"], ["Tk", "i32"], ["H", "i32"], ["dqk", "i32"], ["dv", "i32"], ["scale", "f32"], ["lowp", "i32"]] },
     attn_bwd_d: { module: "attention", name: "attn_bwd_d", maxThreads: 128, params: [["dO", "u64"], ["o", "u64"], ["D", "u64"], ["B", "i32"], ["T", "i32"], ["H", "i32"], ["dv", "i32"], ["lowp", "i32"]] },
     attn_bwd_dq: { module: "attention", name: "attn_bwd_dq", maxThreads: 128, params: [["dO", "u64"], ["q", "u64"], ["k", "u64"], ["v", "u64"], ["lse", "u64"], ["D", "u64"], ["dq", "u64"], ["B", "i32"], ["T", "i32"], ["H", "i32"], ["dqk", "i32"], ["dv", "i32"], ["scale", "f32"], ["lowp", "i32"]] },
     attn_bwd_dkdv: { module: "attention", name: "attn_bwd_dkdv", maxThreads: 128, params: [["dO", "u64"], ["q", "u64"], ["k", "u64"], ["v", "u64"], ["lse", "u64"], ["D", "u64"], ["dk", "u64"], ["dvo", "u64"], ["B", "i32"], ["T", "i32"], ["H", "i32"], ["dqk", "i32"], ["dv", "i32"], ["scale", "f32"], ["lowp", "i32"]] },
@@ -102,7 +102,7 @@ export const KERNELS = {
     rmsnorm_bwd_dx: { module: "nn", name: "rmsnorm_bwd_dx", maxThreads: null, params: [["dy", "u64"], ["x", "u64"], ["w", "u64"], ["rstd", "u64"], ["dx", "u64"], ["R", "i32"], ["C", "i32"]] },
     rmsnorm_bwd_dw_partial: { module: "nn", name: "rmsnorm_bwd_dw_partial", maxThreads: null, params: [["dy", "u64"], ["x", "u64"], ["rstd", "u64"], ["part", "u64"], ["R", "i32"], ["C", "i32"], ["rowsPer", "i32"]] },
     colsum_final: { module: "nn", name: "colsum_final", maxThreads: null, params: [["part", "u64"], ["out", "u64"], ["chunks", "i32"], ["C", "i32"]] },
-    rope: { module: "nn", name: "rope", maxThreads: null, params: [["x", "u64"], ["y", "u64"], ["R", "i32"], ["heads", "i32"], ["width", "i32"], ["offset", "i32"], ["dim", "i32"], ["seqLen", "i32"], ["theta", "f64"], ["inverse", "i32"]] },
+    rope: { module: "nn", name: "rope", maxThreads: null, params: [["x", "u64"], ["y", "u64"], ["R", "i32"], ["heads", "i32"], ["width", "i32"], ["offset", "i32"], ["dim", "i32"], ["seqLen", "i32"], ["start", "i32"], ["theta", "f64"], ["inverse", "i32"]] },
     rope_passthrough: { module: "nn", name: "rope_passthrough", maxThreads: null, params: [["x", "u64"], ["y", "u64"], ["R", "i32"], ["heads", "i32"], ["width", "i32"], ["offset", "i32"], ["dim", "i32"]] },
     head_slice: { module: "nn", name: "head_slice", maxThreads: null, params: [["x", "u64"], ["y", "u64"], ["R", "i32"], ["heads", "i32"], ["width", "i32"], ["start", "i32"], ["len", "i32"], ["sumHeads", "i32"]] },
     head_scatter_add: { module: "nn", name: "head_scatter_add", maxThreads: null, params: [["dst", "u64"], ["src", "u64"], ["R", "i32"], ["heads", "i32"], ["width", "i32"], ["start", "i32"], ["len", "i32"]] },

@@ -1,7 +1,9 @@
 //! Causal attention, forward and backward, as packages/tensor/src/ts/nn.ts defines it, computed
 //! flash-attention style in 64x64 tiles with f32 accumulation.
 //!
-//! Layouts: q, k [B*T, H*dqk], v, o [B*T, H*dv] (row b*T+i, head h at column h*d); lse [B*H*T].
+//! Layouts: q [B*T, H*dqk], o [B*T, H*dv] (row b*T+i, head h at column h*d); k [B*Tk, H*dqk], v
+//! [B*Tk, H*dv]; lse [B*H*T]. Tk = T but in the forward of a KV-cache decode step, which has fewer
+//! queries than keys, the queries at the last positions: query i sees keys 0..Tk-T+i (decode_task).
 //! Forward: one task per (batch, head, 64-query block); an online softmax over the key tiles up to
 //! the diagonal. In `bf16` precision q, k, v are rounded to BF16 and the *normalised*
 //! probabilities are rounded before the P.V product (the reference's rounding point), which needs
@@ -21,7 +23,10 @@ const BK: usize = 64;
 #[derive(Clone, Copy)]
 pub struct Dims {
     pub b: usize,
+    /// Queries per batch.
     pub t: usize,
+    /// Keys (and values) per batch, at least `t`.
+    pub tk: usize,
     pub h: usize,
     pub dqk: usize,
     pub dv: usize,
@@ -30,8 +35,9 @@ pub struct Dims {
 }
 
 impl Dims {
+    /// Keys padded to whole tiles.
     fn tpad(&self) -> usize {
-        self.t.div_ceil(BK) * BK
+        self.tk.div_ceil(BK) * BK
     }
     /// Head widths padded to a multiple of 16 (zeros), so that row updates run on whole vectors.
     fn dqkp(&self) -> usize {
@@ -41,11 +47,11 @@ impl Dims {
         self.dv.div_ceil(16) * 16
     }
     fn check(&self, q: usize, k: usize, v: usize) -> R<()> {
-        let n = self.b * self.t * self.h;
-        if q != n * self.dqk || k != n * self.dqk || v != n * self.dv {
+        let (n, nk) = (self.b * self.t * self.h, self.b * self.tk * self.h);
+        if self.tk < self.t || q != n * self.dqk || k != nk * self.dqk || v != nk * self.dv {
             return Err(format!(
-                "attention: q {q}, k {k}, v {v} elements for batch {} x seq {} x heads {} (dqk {}, dv {})",
-                self.b, self.t, self.h, self.dqk, self.dv
+                "attention: q {q}, k {k}, v {v} elements for batch {} x seq {} (kvSeq {}) x heads {} (dqk {}, dv {})",
+                self.b, self.t, self.tk, self.h, self.dqk, self.dv
             ));
         }
         Ok(())
@@ -92,24 +98,42 @@ fn rd(x: f32, lowp: bool) -> f32 {
     }
 }
 
-/// Copies head `hd.h` of batch `hd.b` of x [B*T, H*d] into rows [T, dp] (zero-padded to `rows`
+/// Copies head `hd.h` of batch `hd.b` of x [B*n, H*d] into rows [n, dp] (zero-padded to `rows`
 /// rows of `dp >= d` columns), BF16-rounded in bf16 precision.
-fn gather_rows(x: &[f32], dm: &Dims, hd: Head, d: usize, dp: usize, rows: usize, out: &mut [f32]) {
+#[allow(clippy::too_many_arguments)]
+fn gather_rows(
+    x: &[f32],
+    dm: &Dims,
+    hd: Head,
+    n: usize,
+    d: usize,
+    dp: usize,
+    rows: usize,
+    out: &mut [f32],
+) {
     out[..rows * dp].fill(0.0);
-    for i in 0..dm.t {
-        let src = &x[((hd.b * dm.t + i) * dm.h + hd.h) * d..][..d];
+    for i in 0..n {
+        let src = &x[((hd.b * n + i) * dm.h + hd.h) * d..][..d];
         for (o, &v) in out[i * dp..][..d].iter_mut().zip(src) {
             *o = rd(v, dm.lowp);
         }
     }
 }
 
-/// Head `hd.h` of batch `hd.b` of x, transposed to [d, ld] (zero beyond T), BF16-rounded in bf16
-/// precision.
-fn gather_transposed(x: &[f32], dm: &Dims, hd: Head, d: usize, ld: usize, out: &mut [f32]) {
+/// Head `hd.h` of batch `hd.b` of x [B*n, H*d], transposed to [d, ld] (zero beyond n),
+/// BF16-rounded in bf16 precision.
+fn gather_transposed(
+    x: &[f32],
+    dm: &Dims,
+    hd: Head,
+    n: usize,
+    d: usize,
+    ld: usize,
+    out: &mut [f32],
+) {
     out[..d * ld].fill(0.0);
-    for i in 0..dm.t {
-        let src = &x[((hd.b * dm.t + i) * dm.h + hd.h) * d..][..d];
+    for i in 0..n {
+        let src = &x[((hd.b * n + i) * dm.h + hd.h) * d..][..d];
         for (c, &v) in src.iter().enumerate() {
             out[c * ld + i] = rd(v, dm.lowp);
         }
@@ -312,7 +336,90 @@ multiversion! {
     }
 }
 
-/// o [B*T, H*dv] and lse [B*H*T] of causal softmax(q k^T * scale) v.
+multiversion! {
+    /// All the queries of one (batch, head) when there are fewer queries than keys (a KV-cache decode
+    /// step). The tiled forward's copies of k transposed and v padded for every (batch, head), made
+    /// once and read by 64 queries, would cost a single query more than its scores: here k goes
+    /// through an L1-sized buffer a tile at a time and v is read in place where it can be. The
+    /// arithmetic is forward_task's in the same order (scores summed over the head dimension in
+    /// order, the same online softmax tile by tile, the same P.V reductions), so each query's o and
+    /// lse are the bits of its row in a full forward (attention_with_fewer_queries_... in tests.rs).
+    fn decode_task(q: &[f32], k: &[f32], v: &[f32], dm: &Dims, hd: Head, out: ForwardOut) {
+        let ForwardOut { o, lse } = out;
+        let (bb, hh, nh) = (hd.b, hd.h, dm.h);
+        let (t, tk, dqk, dv, dvp, lowp) = (dm.t, dm.tk, dm.dqk, dm.dv, dm.dvp(), dm.lowp);
+        // V rows as gemv_acc reads them: in place (row stride H*dv) when they need neither BF16
+        // rounding nor zero padding to whole vectors, else copied [Tpad, dvp] as forward does.
+        let (vv, ldv) = if !lowp && dv == dvp {
+            (std::borrow::Cow::Borrowed(&v[(bb * tk * nh + hh) * dv..]), nh * dv)
+        } else {
+            let mut g = vec![0f32; dm.tpad() * dvp];
+            gather_rows(v, dm, hd, tk, dv, dvp, dm.tpad(), &mut g);
+            (std::borrow::Cow::Owned(g), dvp)
+        };
+        let mut qr = vec![0f32; dqk];
+        let mut kt = vec![0f32; dqk * BK];
+        let mut acc = vec![0f32; dvp];
+        let mut s = vec![0f32; tk.div_ceil(BK) * BK];
+        for i in 0..t {
+            let n = tk - t + i + 1; // the keys query i sees
+            for (d, &x) in qr.iter_mut().zip(&q[((bb * t + i) * nh + hh) * dqk..][..dqk]) { *d = rd(x, lowp); }
+            // Scaled scores of keys 0..n, -inf beyond, tile by tile: each tile of k transposed in
+            // an L1-sized buffer (columns past `valid` hold stale values, masked), then summed over
+            // the head dimension in order, 64 keys at a time.
+            for j0 in (0..n).step_by(BK) {
+                let valid = BK.min(n - j0);
+                for j in 0..valid {
+                    let src = &k[((bb * tk + j0 + j) * nh + hh) * dqk..][..dqk];
+                    for (c, &x) in src.iter().enumerate() { kt[c * BK + j] = rd(x, lowp); }
+                }
+                let sr: &mut [f32; BK] = (&mut s[j0..][..BK]).try_into().unwrap();
+                sr.fill(0.0);
+                for (c, &a) in qr.iter().enumerate() {
+                    let krow: &[f32; BK] = kt[c * BK..][..BK].try_into().unwrap();
+                    for j in 0..BK { sr[j] += a * krow[j]; }
+                }
+                scaled_masked(sr, dm.scale, valid);
+            }
+            let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
+            acc.fill(0.0);
+            let mut e = [0f32; BK];
+            for j0 in (0..n).step_by(BK) {
+                let valid = BK.min(n - j0);
+                e.copy_from_slice(&s[j0..][..BK]);
+                let mnew = { let mx = row_max(&e); if mx > m { mx } else { m } };
+                let alpha = exp_f32(m - mnew);
+                for x in e.iter_mut() { *x = exp_f32(*x - mnew); }
+                l = l * alpha + row_sum(&e);
+                m = mnew;
+                if !lowp {
+                    for a in acc.iter_mut() { *a *= alpha; }
+                    gemv_acc(&mut acc, &e[..], 1, &vv[j0 * ldv..], ldv, valid);
+                }
+            }
+            if lowp {
+                for j0 in (0..n).step_by(BK) {
+                    let valid = BK.min(n - j0);
+                    e.copy_from_slice(&s[j0..][..BK]);
+                    for x in e.iter_mut() { *x = round_bf16(exp_f32(*x - m) / l); }
+                    gemv_acc(&mut acc, &e[..], 1, &vv[j0 * ldv..], ldv, valid);
+                }
+            }
+            // SAFETY: row (b, i), head h of o and entry (b, h, i) of lse belong to this task only.
+            let orow = unsafe { o.slice(((bb * t + i) * nh + hh) * dv, dv) };
+            if lowp {
+                orow.copy_from_slice(&acc[..dv]);
+            } else {
+                for (o, &a) in orow.iter_mut().zip(&acc[..dv]) { *o = a / l; }
+            }
+            let le = unsafe { lse.slice((bb * nh + hh) * t + i, 1) };
+            le[0] = (m as f64 + (l as f64).ln()) as f32;
+        }
+    }
+}
+
+/// o [B*T, H*dv] and lse [B*H*T] of causal softmax(q k^T * scale) v, the T queries of a batch at
+/// its last T of Tk key positions.
 pub fn attention_forward(
     q: &[f32],
     k: &[f32],
@@ -322,13 +429,27 @@ pub fn attention_forward(
     lse: &mut [f32],
 ) -> R<()> {
     dm.check(q.len(), k.len(), v.len())?;
-    if o.len() != v.len() || lse.len() != dm.b * dm.h * dm.t {
+    if o.len() != dm.b * dm.t * dm.h * dm.dv || lse.len() != dm.b * dm.h * dm.t {
         return Err("attention: output sizes do not match".into());
     }
     if dm.t == 0 || dm.b * dm.h == 0 {
         return Ok(());
     }
     let (ld, bh) = (dm.tpad(), dm.b * dm.h);
+    let out = ForwardOut {
+        o: SendPtr(o.as_mut_ptr()),
+        lse: SendPtr(lse.as_mut_ptr()),
+    };
+    if dm.tk > dm.t {
+        (0..bh).into_par_iter().for_each(|x| {
+            let hd = Head {
+                b: x / dm.h,
+                h: x % dm.h,
+            };
+            decode_task(q, k, v, &dm, hd, out);
+        });
+        return Ok(());
+    }
     // K^T [dqk, Tpad] and V [Tpad, dv] per (batch, head), BF16-rounded in bf16 precision.
     let mut kt = vec![0f32; bh * dm.dqk * ld];
     let dvp = dm.dvp();
@@ -341,14 +462,10 @@ pub fn attention_forward(
                 b: x / dm.h,
                 h: x % dm.h,
             };
-            gather_transposed(k, &dm, hd, dm.dqk, ld, kt);
-            gather_rows(v, &dm, hd, dm.dv, dvp, ld, vv);
+            gather_transposed(k, &dm, hd, dm.tk, dm.dqk, ld, kt);
+            gather_rows(v, &dm, hd, dm.tk, dm.dv, dvp, ld, vv);
         });
     let nqb = dm.t.div_ceil(BQ);
-    let out = ForwardOut {
-        o: SendPtr(o.as_mut_ptr()),
-        lse: SendPtr(lse.as_mut_ptr()),
-    };
     // Largest query blocks (most work) first, for a better balance under work stealing.
     (0..bh * nqb).into_par_iter().for_each(|x| {
         let qb = nqb - 1 - x / bh;
@@ -377,11 +494,11 @@ multiversion! {
         let mut kt = vec![0f32; dqk * ld];
         let mut vt = vec![0f32; dv * ld];
         let mut dor = vec![0f32; ld * dvp];
-        gather_rows(q, dm, hd, dqk, dqkp, ld, &mut qr);
-        gather_rows(k, dm, hd, dqk, dqkp, ld, &mut kr);
-        gather_transposed(k, dm, hd, dqk, ld, &mut kt);
-        gather_transposed(v, dm, hd, dv, ld, &mut vt);
-        gather_rows(d_o, dm, hd, dv, dvp, ld, &mut dor);
+        gather_rows(q, dm, hd, t, dqk, dqkp, ld, &mut qr);
+        gather_rows(k, dm, hd, t, dqk, dqkp, ld, &mut kr);
+        gather_transposed(k, dm, hd, t, dqk, ld, &mut kt);
+        gather_transposed(v, dm, hd, t, dv, ld, &mut vt);
+        gather_rows(d_o, dm, hd, t, dv, dvp, ld, &mut dor);
         // D_i = dO_i . o_i (dO rounded in bf16 precision, o as stored).
         let mut dd = vec![0f32; t];
         for (i, d) in dd.iter_mut().enumerate() {
@@ -454,6 +571,12 @@ multiversion! {
 pub fn attention_backward(d_o: &[f32], fwd: Saved, dm: Dims, g: Grads) -> R<()> {
     let Saved { q, k, v, o, lse } = fwd;
     let Grads { dq, dk, dv } = g;
+    if dm.tk != dm.t {
+        return Err(format!(
+            "attentionBackward: kvSeq {} is not seq {}",
+            dm.tk, dm.t
+        ));
+    }
     dm.check(q.len(), k.len(), v.len())?;
     if d_o.len() != v.len() || o.len() != v.len() || lse.len() != dm.b * dm.h * dm.t {
         return Err("attentionBackward: dO, o or lse size does not match".into());

@@ -159,6 +159,7 @@ pub struct RopeParams {
     pub offset: u32,
     pub dim: u32,
     pub seq_len: u32,
+    pub start: Option<u32>,
     pub theta: f64,
     pub inverse: Option<bool>,
 }
@@ -174,6 +175,7 @@ pub fn rope(x: &[f32], p: RopeParams, mut y: Float32ArraySlice) -> Result<()> {
         offset: p.offset as usize,
         dim: p.dim as usize,
         seq_len: p.seq_len as usize,
+        start: p.start.unwrap_or(0) as usize,
         theta: p.theta,
         inverse: p.inverse.unwrap_or(false),
     };
@@ -254,12 +256,14 @@ pub fn head_concat(
     js(nn::head_concat(a, b, &c, y))
 }
 
-/// Attention's sizes: q, k [batch*seq, heads*dqk], v and o [batch*seq, heads*dv]; the softmax
-/// scale; precision "f32" | "bf16".
+/// Attention's sizes: q [batch*seq, heads*dqk], o [batch*seq, heads*dv], k [batch*kvSeq,
+/// heads*dqk] and v [batch*kvSeq, heads*dv] (kvSeq >= seq, default seq: the queries are the last
+/// seq positions); the softmax scale; precision "f32" | "bf16".
 #[napi(object)]
 pub struct AttentionDims {
     pub batch: u32,
     pub seq: u32,
+    pub kv_seq: Option<u32>,
     pub heads: u32,
     pub dqk: u32,
     pub dv: u32,
@@ -282,6 +286,7 @@ impl AttentionDims {
         Ok(attention::Dims {
             b: self.batch as usize,
             t: self.seq as usize,
+            tk: self.kv_seq.unwrap_or(self.seq) as usize,
             h: self.heads as usize,
             dqk: self.dqk as usize,
             dv: self.dv as usize,
@@ -291,7 +296,7 @@ impl AttentionDims {
     }
 }
 
-/// Causal attention forward: o [B*T, H*dv] and lse [B*H*T].
+/// Causal attention forward: o [B*T, H*dv] and lse [B*H*T] (k, v [B*Tk, ...]).
 #[napi]
 pub fn attention_forward(
     q: &[f32],

@@ -134,15 +134,16 @@ pub struct Rope {
     /// The rotated slice [offset, offset + dim) of every head (dim even).
     pub offset: usize,
     pub dim: usize,
-    /// Row r is at position r % seq_len.
+    /// Row r is at position start + r % seq_len.
     pub seq_len: usize,
+    pub start: usize,
     pub theta: f64,
     /// Rotate by the negated angles (the backward pass).
     pub inverse: bool,
 }
 
 /// Interleaved-pair rotation of [offset, offset+dim) of every head, by pos * theta^(-2i/dim) with
-/// pos = row % seq_len; angles and products in f64 as ts. `y` starts as a copy of `x`.
+/// pos = start + row % seq_len; angles and products in f64 as ts. `y` starts as a copy of `x`.
 pub fn rope(x: &[f32], r: &Rope, y: &mut [f32]) -> R<()> {
     let Rope {
         rows,
@@ -151,6 +152,7 @@ pub fn rope(x: &[f32], r: &Rope, y: &mut [f32]) -> R<()> {
         offset,
         dim,
         seq_len,
+        start,
         theta,
         inverse,
     } = *r;
@@ -169,11 +171,12 @@ pub fn rope(x: &[f32], r: &Rope, y: &mut [f32]) -> R<()> {
     )?;
     let half = dim / 2;
     let npos = rows.min(seq_len);
-    // cos/sin table [pos][i], computed once per call.
+    // cos/sin table [pos - start][i], computed once per call.
     let mut cs = vec![(0f64, 0f64); npos * half];
     cs.par_chunks_mut(half.max(1))
         .enumerate()
-        .for_each(|(pos, row)| {
+        .for_each(|(p, row)| {
+            let pos = start + p;
             for (i, e) in row.iter_mut().enumerate() {
                 let angle = pos as f64 * theta.powf((-2.0 * i as f64) / dim as f64);
                 let s = angle.sin();

@@ -95,6 +95,7 @@ fn attention_matches_naive_f64_and_is_repeatable() {
         let d = Dims {
             b,
             t,
+            tk: t,
             h,
             dqk,
             dv,
@@ -155,6 +156,7 @@ fn attention_bf16_stays_close() {
     let d = Dims {
         b,
         t,
+        tk: t,
         h,
         dqk,
         dv,
@@ -170,6 +172,89 @@ fn attention_bf16_stays_close() {
     attention_forward(&q, &k, &v, d, &mut o, &mut lse).unwrap();
     let (no, ..) = naive(&q, &k, &v, &d_o, &d);
     assert!(max_rel(&o, &no) < 2e-2);
+}
+
+/// Fewer queries than keys (a KV-cache decode step): the last tq queries of a full forward over tk
+/// positions, bit for bit, since each query row runs over the same key tiles in the same order.
+#[test]
+fn attention_with_fewer_queries_equals_the_full_forward_rows() {
+    for lowp in [false, true] {
+        for &(b, tk, tq, h, dqk, dv) in &[
+            (1, 1, 1, 1, 8, 8),
+            (2, 19, 1, 3, 24, 16),
+            (1, 130, 1, 2, 48, 32),
+            (2, 130, 5, 2, 17, 40),
+            (1, 200, 70, 2, 32, 16),
+        ] {
+            let full = Dims {
+                b,
+                t: tk,
+                tk,
+                h,
+                dqk,
+                dv,
+                scale: 1.0 / (dqk as f32).sqrt(),
+                lowp,
+            };
+            let q = rand(b * tk * h * dqk, 11);
+            let k = rand(b * tk * h * dqk, 12);
+            let v = rand(b * tk * h * dv, 13);
+            let mut o = vec![0f32; v.len()];
+            let mut lse = vec![0f32; b * h * tk];
+            attention_forward(&q, &k, &v, full, &mut o, &mut lse).unwrap();
+            let part = Dims { t: tq, ..full };
+            let (rq, ro) = (h * dqk, h * dv);
+            let mut qs = Vec::new();
+            for bb in 0..b {
+                qs.extend_from_slice(&q[(bb * tk + tk - tq) * rq..(bb + 1) * tk * rq]);
+            }
+            let mut o2 = vec![0f32; b * tq * ro];
+            let mut lse2 = vec![0f32; b * h * tq];
+            attention_forward(&qs, &k, &v, part, &mut o2, &mut lse2).unwrap();
+            for bb in 0..b {
+                assert_eq!(
+                    &o2[bb * tq * ro..(bb + 1) * tq * ro],
+                    &o[(bb * tk + tk - tq) * ro..(bb + 1) * tk * ro],
+                    "o of {:?}",
+                    (b, tk, tq, h, lowp)
+                );
+                for hh in 0..h {
+                    assert_eq!(
+                        &lse2[(bb * h + hh) * tq..][..tq],
+                        &lse[(bb * h + hh) * tk + tk - tq..][..tq],
+                        "lse of {:?}",
+                        (b, tk, tq, h, lowp)
+                    );
+                }
+            }
+        }
+    }
+    // The backward takes as many keys as queries.
+    let d = Dims {
+        b: 1,
+        t: 1,
+        tk: 2,
+        h: 1,
+        dqk: 4,
+        dv: 4,
+        scale: 0.5,
+        lowp: false,
+    };
+    let (q, kv, o, lse) = (vec![0f32; 4], vec![0f32; 8], vec![0f32; 4], vec![0f32; 1]);
+    let saved = Saved {
+        q: &q,
+        k: &kv,
+        v: &kv,
+        o: &o,
+        lse: &lse,
+    };
+    let (mut dq, mut dk, mut dvv) = (vec![0f32; 4], vec![0f32; 8], vec![0f32; 8]);
+    let grads = Grads {
+        dq: &mut dq,
+        dk: &mut dk,
+        dv: &mut dvv,
+    };
+    assert!(attention_backward(&o, saved, d, grads).is_err());
 }
 
 #[test]

@@ -374,6 +374,10 @@ export function opSuite(name: string, make: () => Backend): void {
           dw,
           rope: b.rope(X, ro),
           inv: b.rope(X, { ...ro, inverse: true }),
+          // Rows after a context (a KV-cache decode step), one position for all rows and far out.
+          ropeAt: b.rope(X, { ...ro, start: 7 }),
+          ropeOne: b.rope(X, { ...ro, seqLen: 1, start: 1000 }),
+          invAt: b.rope(X, { ...ro, start: 7, inverse: true }),
           sliced,
           summed,
           dst,
@@ -395,6 +399,43 @@ export function opSuite(name: string, make: () => Backend): void {
       const run = attentionCase(2, 19, 3, 24, 16);
       for (const precision of ["f32", "bf16"] as const)
         await same(run(precision), precision === "f32" ? 2e-5 : 2e-2);
+    });
+
+    // A KV-cache decode step's forward: Tq queries at the last positions of Tk keys, per batch.
+    // Tk past a tile (64 on cpu, 4 rows per block on cuda), one query and several, head sizes the
+    // cuda flash kernels have (which must not take this case) and odd ones.
+    it("attention with fewer queries than keys (kvSeq), f32 and bf16", async () => {
+      for (const [B, Tq, Tk, H, dqk, dv] of [
+        [1, 1, 1, 1, 8, 8],
+        [2, 1, 19, 3, 24, 16],
+        [1, 1, 150, 2, 48, 32],
+        [2, 5, 130, 2, 17, 40],
+        [1, 3, 257, 8, 48, 32],
+        [1, 1, 300, 6, 96, 64],
+      ]) {
+        const q = rng.normals(B * Tq * H * dqk);
+        const k = rng.normals(B * Tk * H * dqk);
+        const v = rng.normals(B * Tk * H * dv);
+        for (const precision of ["f32", "bf16"] as const)
+          await same(
+            (b) => {
+              const opts = { batch: B, seq: Tq, kvSeq: Tk, heads: H, scale: 1 / Math.sqrt(dqk), precision };
+              const Q = b.upload(q, [B * Tq, H * dqk]);
+              const r = b.attention(Q, b.upload(k, [B * Tk, H * dqk]), b.upload(v, [B * Tk, H * dv]), opts);
+              return { o: r.o, lse: r.lse };
+            },
+            precision === "f32" ? 2e-5 : 2e-2,
+          );
+      }
+      // The backward takes as many keys as queries.
+      expect(() =>
+        be.scope(() => {
+          const [Q, K] = [be.zeros([1, 8]), be.zeros([2, 8])];
+          const opts = { batch: 1, seq: 1, kvSeq: 2, heads: 1, scale: 1, precision: "f32" as const };
+          const r = be.attention(Q, K, K, opts);
+          be.attentionBackward(r.o, Q, K, K, r.o, r.lse, opts);
+        }),
+      ).toThrow(/kvSeq/);
     });
 
     // Head sizes a multiple of 16 take the tensor-core kernels on cuda (96/64 and 64/64 the wgmma
@@ -633,7 +674,7 @@ export function opSuite(name: string, make: () => Backend): void {
     });
 
     it("rope (the inverse rotation is the adjoint)", async () => {
-      const o = { heads: 2, width: 8, offset: 2, dim: 6, seqLen: 3, theta: 10000 };
+      const o = { heads: 2, width: 8, offset: 2, dim: 6, seqLen: 3, start: 5, theta: 10000 };
       await gradCheck(
         (b, x) => b.rope(x, o),
         (b, _x, r) => b.rope(b.reshape(r, [R, C]), { ...o, inverse: true }),

@@ -301,6 +301,11 @@ export class TsBackend extends HostLifetimes implements Backend {
   }
 
   attention(q: Tensor, k: Tensor, v: Tensor, o: AttentionOptions) {
+    const kv = o.batch * (o.kvSeq ?? o.seq);
+    if (q.rows !== o.batch * o.seq || k.rows !== kv || v.rows !== kv)
+      throw new Error(
+        `attention: q ${q.rows}, k ${k.rows}, v ${v.rows} rows for batch ${o.batch} x seq ${o.seq} (kvSeq ${o.kvSeq ?? o.seq})`,
+      );
     const dqk = q.cols / o.heads;
     const dv = v.cols / o.heads;
     const r = nn.attention(f32OrBf16(q), f32OrBf16(k), f32OrBf16(v), { ...o, dqk, dv });

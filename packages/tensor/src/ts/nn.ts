@@ -44,8 +44,9 @@ export function rope(x: Float32Array, rows: number, o: RopeOptions): Float32Arra
   const y = Float32Array.from(x);
   const half = o.dim / 2;
   const rowLen = o.heads * o.width;
+  const start = o.start ?? 0;
   for (let r = 0; r < rows; r++) {
-    const pos = r % o.seqLen;
+    const pos = start + (r % o.seqLen);
     for (let i = 0; i < half; i++) {
       const angle = pos * o.theta ** ((-2 * i) / o.dim);
       const c = Math.cos(angle);
@@ -115,39 +116,46 @@ export interface AttentionShape extends AttentionOptions {
   dv: number;
 }
 
-/** Causal attention per (batch, head); returns o and the log-sum-exp of each query's scores. */
+/**
+ * Causal attention per (batch, head); returns o and the log-sum-exp of each query's scores. With
+ * `kvSeq` keys per sample the `seq` queries are the last positions: query i sees keys 0..kvSeq-seq+i.
+ */
 export function attention(q: Float32Array, k: Float32Array, v: Float32Array, o: AttentionShape) {
   const { batch: B, seq: T, heads: H, scale, dqk, dv } = o;
+  const Tk = o.kvSeq ?? T;
+  if (!(Tk >= T)) throw new Error(`attention: kvSeq ${Tk} below seq ${T}`);
   const lowp = o.precision === "bf16";
   q = bf(q, lowp);
   k = bf(k, lowp);
   v = bf(v, lowp);
   const out = new Float32Array(B * T * H * dv);
   const lse = new Float32Array(B * H * T);
-  const p = new Float32Array(T);
+  const p = new Float32Array(Tk);
   const acc = new Float64Array(dv);
   for (let b = 0; b < B; b++)
     for (let h = 0; h < H; h++)
       for (let i = 0; i < T; i++) {
         const qi = (b * T + i) * H * dqk + h * dqk;
+        // The last key query i sees: its own position among the kvSeq.
+        const last = Tk - T + i;
         let m = -Infinity;
-        for (let j = 0; j <= i; j++) {
-          const kj = (b * T + j) * H * dqk + h * dqk;
+        for (let j = 0; j <= last; j++) {
+          const kj = (b * Tk + j) * H * dqk + h * dqk;
           let s = 0;
           for (let c = 0; c < dqk; c++) s += q[qi + c] * k[kj + c];
           p[j] = s * scale;
           if (p[j] > m) m = p[j];
         }
         let l = 0;
-        for (let j = 0; j <= i; j++) {
+        for (let j = 0; j <= last; j++) {
           p[j] = Math.exp(p[j] - m);
           l += p[j];
         }
         lse[(b * H + h) * T + i] = m + Math.log(l);
         acc.fill(0);
-        for (let j = 0; j <= i; j++) {
+        for (let j = 0; j <= last; j++) {
           const pj = lowp ? roundBf16Scalar(p[j] / l) : p[j] / l;
-          const vj = (b * T + j) * H * dv + h * dv;
+          const vj = (b * Tk + j) * H * dv + h * dv;
           for (let c = 0; c < dv; c++) acc[c] += pj * v[vj + c];
         }
         out.set(acc, (b * T + i) * H * dv + h * dv);
@@ -165,6 +173,7 @@ export function attentionBackward(
   o: AttentionShape,
 ) {
   const { batch: B, seq: T, heads: H, scale, dqk, dv } = o;
+  if ((o.kvSeq ?? T) !== T) throw new Error(`attentionBackward: kvSeq ${o.kvSeq} is not seq ${T}`);
   const lowp = o.precision === "bf16";
   q = bf(q, lowp);
   k = bf(k, lowp);

@@ -3,7 +3,9 @@
 // dimension, dot products are warp reductions with a fixed shuffle tree, so every result is
 // deterministic (no atomics). precision bf16 (lowp = 1): q, k, v, dO and the probabilities are
 // rounded to BF16; accumulation stays f32. Head dimensions up to 32 * MAXD.
-// Layouts: q, k [B*T, H*dqk]; v, o, dO [B*T, H*dv]; lse and D [B*H*T] at (b*H + h)*T + i.
+// Layouts: q, k [B*T, H*dqk]; v, o, dO [B*T, H*dv]; lse and D [B*H*T] at (b*H + h)*T + i. The
+// forward also takes Tk >= T keys per batch (k [B*Tk, H*dqk], v [B*Tk, H*dv]; Tk = T in training),
+// the queries being the last T positions (a KV-cache decode step): query i sees keys 0..Tk-T+i.
 // These are the simple kernels for every case: for BF16 attention with a head shape flash.cu
 // instantiates, the host uses flash.cu's tensor-core kernels instead (unless MOE8_TENSOR_CORES=0).
 
@@ -34,16 +36,17 @@ __device__ __forceinline__ void load_row(float* r, const float* p, int d, int lo
 }
 
 KERNEL void __launch_bounds__(128) attn_fwd(const float* q, const float* k, const float* v, float* o, float* lse,
-                                            int B, int T, int H, int dqk, int dv, float scale, int lowp) {
+                                            int B, int T, int Tk, int H, int dqk, int dv, float scale, int lowp) {
   const int w = blockIdx.x * WARPS + (threadIdx.x >> 5);
   if (w >= B * H * T) return;
   const int lane = threadIdx.x & 31;
   const int i = w % T, bh = w / T, b = bh / H, h = bh % H;
+  const int last = Tk - T + i;  // the query's own key position
   float qr[MAXD];
   load_row(qr, q + ((i64)(b * T + i) * H + h) * dqk, dqk, lowp);
   float m = -f32_inf(), l = 0.0f;
-  for (int j = 0; j <= i; j++) {
-    const float s = warp_dot(qr, k + ((i64)(b * T + j) * H + h) * dqk, dqk, lowp) * scale;
+  for (int j = 0; j <= last; j++) {
+    const float s = warp_dot(qr, k + ((i64)(b * Tk + j) * H + h) * dqk, dqk, lowp) * scale;
     if (s > m) {
       l = l * expf(m - s) + 1.0f;
       m = s;
@@ -54,11 +57,11 @@ KERNEL void __launch_bounds__(128) attn_fwd(const float* q, const float* k, cons
   float acc[MAXD];
 #pragma unroll
   for (int t = 0; t < MAXD; t++) acc[t] = 0.0f;
-  for (int j = 0; j <= i; j++) {
-    const float s = warp_dot(qr, k + ((i64)(b * T + j) * H + h) * dqk, dqk, lowp) * scale;
+  for (int j = 0; j <= last; j++) {
+    const float s = warp_dot(qr, k + ((i64)(b * Tk + j) * H + h) * dqk, dqk, lowp) * scale;
     float p = expf(s - m) / l;
     if (lowp) p = round_bf16(p);
-    const float* vj = v + ((i64)(b * T + j) * H + h) * dv;
+    const float* vj = v + ((i64)(b * Tk + j) * H + h) * dv;
 #pragma unroll
     for (int t = 0; t < MAXD; t++) {
       const int c = lane + 32 * t;

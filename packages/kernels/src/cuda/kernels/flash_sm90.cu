@@ -258,6 +258,7 @@ __device__ __forceinline__ void fa3_rows(const CUtensorMap* tQ, const CUtensorMa
       wgmma_commit();
       wgmma_wait<0>();
       fa3_fence<NACC>(acc);
+      __syncwarp();  // every lane's reads of the stage come before its warp's release
       if (lane == 0) mbar_arrive(&empty[st]);
     }
     float mul[2] = {scale, scale};  // dq: the softmax scale, applied once at the end
@@ -420,6 +421,7 @@ __device__ __forceinline__ void fa3_keys(const CUtensorMap* tQ, const CUtensorMa
       wgmma_wait<0>();
       fa3_fence<DV / 2>(adv);
       fa3_fence<DQK / 2>(adk);
+      __syncwarp();  // every lane's reads of the stage come before its warp's release
       if (lane == 0) mbar_arrive(&empty[st]);
     }
     const i64 ldq = (i64)H * DQK, ldv = (i64)H * DV;

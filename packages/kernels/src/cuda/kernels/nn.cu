@@ -48,16 +48,17 @@ KERNEL void colsum_final(const double* part, float* out, int chunks, int C) {
   out[c] = (float)v;
 }
 
-// Interleaved-pair RoPE on [offset, offset + dim) of each head; position r % seqLen.
+// Interleaved-pair RoPE on [offset, offset + dim) of each head; position start + r % seqLen.
 // One thread per (row, pair, head). The angle is computed in double, as the reference does.
-KERNEL void rope(const float* x, float* y, int R, int heads, int width, int offset, int dim, int seqLen, double theta, int inverse) {
+KERNEL void rope(const float* x, float* y, int R, int heads, int width, int offset, int dim, int seqLen, int start,
+                 double theta, int inverse) {
   const int half = dim / 2;
   const i64 total = (i64)R * heads * half;
   for (i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x; t < total; t += (i64)gridDim.x * blockDim.x) {
     const int h = (int)(t % heads);
     const int i = (int)((t / heads) % half);
     const int r = (int)(t / ((i64)heads * half));
-    const int pos = r % seqLen;
+    const int pos = start + r % seqLen;
     const double angle = pos * pow(theta, (-2.0 * i) / dim);
     const double c = cos(angle);
     const double s = inverse ? -sin(angle) : sin(angle);

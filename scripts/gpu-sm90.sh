@@ -12,7 +12,8 @@
 #   5 compute-sanitizer on the sm90 kernels (both entry points, through the op suite's sm90 tests):
 #     racecheck and memcheck filtered to gemm_sm90, then to flash_sm90's fa3 kernels (racecheck-fa3,
 #     memcheck-fa3); memcheck of one whole tiny training step
-#   6 a 300-step small training run: its expert balance (issue 23)
+#   6 sample-kv: greedy cuda samples with and without the KV cache are the same text; a 300-step
+#     small training run: its expert balance (issue 23)
 #   7 PyTorch in the same call: grouped-GEMM anchors, then the small step eager and compiled
 # STEPS="op-suite bench-gemm ..." runs only the named steps (names as in the table).
 # Everything goes to $OUT/log.txt; JSON results to $OUT/results.jsonl; the table to $OUT/summary.txt
@@ -125,6 +126,14 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
 else
   echo '{"step":"sanitizer","rc":"not installed","s":0}' >>"$RES"
 fi
+
+# KV-cache decode on cuda (RoPE from a start position, attention with fewer queries than keys):
+# greedy samples of a briefly trained tiny model with and without the cache must be the same text.
+step sample-kv 120 40 sh -c "bun apps/trainer/src/cli.ts train --backend cuda --steps 30 --save-every 30 \
+  --eval-every 30 --out /tmp/run-kv > /tmp/kv-train.txt 2>&1 && ck=\$(ls -d /tmp/run-kv/checkpoints/step-* | tail -1) && \
+  for c in '' --no-kv-cache; do bun apps/trainer/src/cli.ts sample --backend cuda --checkpoint \$ck \
+  --prompt 'The ' --tokens 200 --num-samples 3 --temperature 0 \$c > /tmp/kv-sample\$c.txt 2>>/tmp/kv-err.txt || { cat /tmp/kv-err.txt; exit 1; }; done; \
+  tail -5 /tmp/kv-sample.txt; cmp /tmp/kv-sample.txt /tmp/kv-sample--no-kv-cache.txt && echo 'sample-kv: identical'"
 
 # Expert balance of a 300-step small run with the default balancing (issue 23): the worst MoE
 # layer's load max/mean and the idle experts from step 50 on, from its metrics.jsonl.

@@ -26,16 +26,22 @@
 #define FA3_BM 128       // forward: queries per CTA (64 per consumer warpgroup)
 #define FA3_BN 128       // forward: keys per tile; backward: keys per CTA (64 per consumer warpgroup)
 #define FA3_BQ 64        // backward: queries per tile
-#define FA3_STAGES 2
+#define FA3_STAGES 3
+#ifndef FA3_PINGPONG
+// The forward's consumer warpgroups take turns issuing their products (fa3_turn_*). Measured on the
+// H200 at small's shape (notes/sm90-attention.md): forward 0.290 ms with, 0.305 without; the dq and
+// dk/dv kernels were as fast or faster without, so they never take turns.
+#define FA3_PINGPONG 1
+#endif
 #define FA3_LOG2E 1.4426950408889634f
 #define FA3_LN2 0.6931471805599453f
 // Dynamic shared memory of each entry point (checked against Fa3Rows / Fa3Keys by static_asserts).
-#define FA3_FWD_SMEM_96_64 107576
-#define FA3_DQ_SMEM_96_64 123960
-#define FA3_DKDV_SMEM_96_64 84008
-#define FA3_FWD_SMEM_64_64 83000
-#define FA3_DQ_SMEM_64_64 99384
-#define FA3_DKDV_SMEM_64_64 67624
+#define FA3_FWD_SMEM_96_64 148560
+#define FA3_DQ_SMEM_96_64 164944
+#define FA3_DKDV_SMEM_96_64 105016
+#define FA3_FWD_SMEM_64_64 115792
+#define FA3_DQ_SMEM_64_64 132176
+#define FA3_DKDV_SMEM_64_64 84536
 
 // Descriptor of a BF16 operand stored in 64-byte-swizzled boxes (rows of 64 bytes, 8-row groups 512
 // bytes apart). `lbo`: for MN-major operands, the bytes from one 32-column box to the next; unused
@@ -61,12 +67,45 @@ __device__ __forceinline__ void fa3_fence_frags(u32 (*a)[4]) {
     for (int i = 0; i < 4; i++) asm volatile("" : "+r"(a[k][i])::"memory");
 }
 
+// Two values as one BF16 pair (lo in the low half) in one instruction: cvt.rn.bf16x2.f32 rounds to
+// nearest even and gives 0x7fff for NaN, as common.cuh's pack_bf16 does in software.
+__device__ __forceinline__ u32 fa3_pack(float lo, float hi) {
+  u32 r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+// 2^x on the MUFU unit (results below 2^-126 flush to 0: probabilities that small do not matter).
+__device__ __forceinline__ float fa3_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // The A fragment (m64 x k16) made of accumulator column chunks 2kk and 2kk+1, rounded to BF16.
 __device__ __forceinline__ void fa3_c_to_a(u32* a, const float* c, int kk) {
-  a[0] = pack_bf16(c[8 * kk + 0], c[8 * kk + 1]);
-  a[1] = pack_bf16(c[8 * kk + 2], c[8 * kk + 3]);
-  a[2] = pack_bf16(c[8 * kk + 4], c[8 * kk + 5]);
-  a[3] = pack_bf16(c[8 * kk + 6], c[8 * kk + 7]);
+  a[0] = fa3_pack(c[8 * kk + 0], c[8 * kk + 1]);
+  a[1] = fa3_pack(c[8 * kk + 2], c[8 * kk + 3]);
+  a[2] = fa3_pack(c[8 * kk + 4], c[8 * kk + 5]);
+  a[3] = fa3_pack(c[8 * kk + 6], c[8 * kk + 7]);
+}
+
+// Turn-taking of the two consumer warpgroups (FlashAttention-3's ping-pong): a warpgroup issues a
+// tile's first products only on its turn (named barrier 1 + cw, completed by the other warpgroup's
+// arrival) and passes the turn right after issuing, so one warpgroup's softmax / elementwise work
+// runs while the other's products occupy the tensor cores, instead of both in step. Warpgroup 1
+// gives warpgroup 0 the first turn; the last pass of warpgroup 1 is skipped (nobody waits for it).
+template <bool ON>
+__device__ __forceinline__ void fa3_turn_first(int cw) {
+  if (ON && cw == 1) named_arrive(1, 256);
+}
+template <bool ON>
+__device__ __forceinline__ void fa3_turn_wait(int cw) {
+  if (ON) named_sync(1 + cw, 256);
+}
+template <bool ON>
+__device__ __forceinline__ void fa3_turn_pass(int cw, bool last) {
+  if (ON && !(cw == 1 && last)) named_arrive(2 - cw, 256);
 }
 
 // Loads a [rows, D] BF16 tile as D/32 boxes of {32, rows} starting at (column c0, row r0).
@@ -115,8 +154,8 @@ __device__ __forceinline__ void fa3_softmax(float* s, float* m, float* l, float*
     float sum = 0.0f;
 #pragma unroll
     for (int j = 0; j < BN / 8; j++) {
-      s[4 * j + 2 * hh] = exp2f(s[4 * j + 2 * hh] - base);
-      s[4 * j + 2 * hh + 1] = exp2f(s[4 * j + 2 * hh + 1] - base);
+        s[4 * j + 2 * hh] = fa3_exp2(s[4 * j + 2 * hh] - base);
+      s[4 * j + 2 * hh + 1] = fa3_exp2(s[4 * j + 2 * hh + 1] - base);
       sum += s[4 * j + 2 * hh] + s[4 * j + 2 * hh + 1];
     }
     l[hh] = l[hh] * alpha + sum;
@@ -136,7 +175,7 @@ __device__ __forceinline__ void fa3_rows(const CUtensorMap* tQ, const CUtensorMa
                                          float* lseOut, int T, int H, float scale) {
   using L = Fa3Rows<DQK, DV, MODE>;
   constexpr int BM = FA3_BM, BN = FA3_BN, ST = FA3_STAGES;
-  constexpr bool DQ = MODE == Rows::Dq;
+  constexpr bool DQ = MODE == Rows::Dq, PP = FA3_PINGPONG && !DQ;
   extern __shared__ u8 fa3_dyn[];
   u8* base = fa3_dyn + ((1024 - (sm90_smem_u32(fa3_dyn) & 1023)) & 1023);
   u8* sQ = base;
@@ -199,6 +238,7 @@ __device__ __forceinline__ void fa3_rows(const CUtensorMap* tQ, const CUtensorMa
       Dr[hh] = in ? D[(i64)bh * T + r + 8 * hh] : 0.0f;
     }
     mbar_wait(barQ, 0);
+    fa3_turn_first<PP>(cw);
     for (int it = 0; it < tiles; it++) {
       const int st = it % ST, k0 = it * BN;
       const u32 par = (it / ST) & 1;
@@ -207,6 +247,8 @@ __device__ __forceinline__ void fa3_rows(const CUtensorMap* tQ, const CUtensorMa
       const bool diag = k0 + BN - 1 > q0 + 64 * cw;
       float s[BN / 2];
       mbar_wait(&fullK[st], par);
+      if constexpr (DQ) mbar_wait(&fullV[st], par);
+      fa3_turn_wait<PP>(cw);
       fa3_fence<BN / 2>(s);
       wgmma_fence();
 #pragma unroll
@@ -216,6 +258,7 @@ __device__ __forceinline__ void fa3_rows(const CUtensorMap* tQ, const CUtensorMa
       u32 pa[BN / 16][4];
       if constexpr (!DQ) {
         wgmma_commit();
+        fa3_turn_pass<PP>(cw, it == tiles - 1);
         wgmma_wait<0>();
         fa3_fence<BN / 2>(s);
         fa3_softmax<BN, DV>(s, m, l, acc, k0, r, diag, scale2);
@@ -223,26 +266,30 @@ __device__ __forceinline__ void fa3_rows(const CUtensorMap* tQ, const CUtensorMa
         for (int kk = 0; kk < BN / 16; kk++) fa3_c_to_a(pa[kk], s, kk);
       } else {
         float dp[BN / 2];
-        mbar_wait(&fullV[st], par);
         fa3_fence<BN / 2>(dp);
 #pragma unroll
         for (int ks = 0; ks < DV / 16; ks++)  // dP = dO V^T
           wgmma_ss<BN, 0, 0>(dp, fa3_desc(oAddr + (ks >> 1) * BM * 64 + (ks & 1) * 32, 16),
                              fa3_desc(vAddr + (ks >> 1) * BN * 64 + (ks & 1) * 32, 16), ks);
         wgmma_commit();
+        fa3_turn_pass<PP>(cw, it == tiles - 1);
         wgmma_wait<0>();
         fa3_fence<BN / 2>(s);
         fa3_fence<BN / 2>(dp);
+        // dS = P (dP - D), P = exp(s - lse) recomputed; each 16 keys packed into their A fragment at
+        // once, so that their f32 scores leave the registers early.
 #pragma unroll
-        for (int j = 0; j < BN / 8; j++)
+        for (int kk = 0; kk < BN / 16; kk++) {
 #pragma unroll
-          for (int e = 0; e < 4; e++) {  // dS = P (dP - D), P = exp(s - lse) recomputed
-            const int key = k0 + 8 * j + 2 * t + (e & 1), hh = e >> 1;
-            const float P = !diag || key <= r + 8 * hh ? exp2f(s[4 * j + e] * scale2 - L2[hh]) : 0.0f;
-            s[4 * j + e] = P * (dp[4 * j + e] - Dr[hh]);
-          }
+          for (int j = 2 * kk; j < 2 * kk + 2; j++)
 #pragma unroll
-        for (int kk = 0; kk < BN / 16; kk++) fa3_c_to_a(pa[kk], s, kk);
+            for (int e = 0; e < 4; e++) {
+              const int key = k0 + 8 * j + 2 * t + (e & 1), hh = e >> 1;
+              const float P = !diag || key <= r + 8 * hh ? fa3_exp2(s[4 * j + e] * scale2 - L2[hh]) : 0.0f;
+              s[4 * j + e] = P * (dp[4 * j + e] - Dr[hh]);
+            }
+          fa3_c_to_a(pa[kk], s, kk);
+        }
       }
       fa3_fence_frags<BN / 16>(pa);
       if constexpr (!DQ) mbar_wait(&fullV[st], par);
@@ -396,7 +443,7 @@ __device__ __forceinline__ void fa3_keys(const CUtensorMap* tQ, const CUtensorMa
         for (int e = 0; e < 4; e++) {
           const int qi = 8 * j + 2 * t + (e & 1), q = q0 + qi, key = kr + 8 * (e >> 1);
           const bool ok = !mask || (q >= key && q < T);
-          const float P = ok ? exp2f(s[4 * j + e] * scale2 - sL[qi]) : 0.0f;
+          const float P = ok ? fa3_exp2(s[4 * j + e] * scale2 - sL[qi]) : 0.0f;
           s[4 * j + e] = P;
           dp[4 * j + e] = P * (dp[4 * j + e] - sD[qi]);
         }

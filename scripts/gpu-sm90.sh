@@ -132,7 +132,7 @@ fi
 step sample-kv 120 40 sh -c "bun apps/trainer/src/cli.ts train --backend cuda --steps 30 --save-every 30 \
   --eval-every 30 --out /tmp/run-kv > /tmp/kv-train.txt 2>&1 && ck=\$(ls -d /tmp/run-kv/checkpoints/step-* | tail -1) && \
   for c in '' --no-kv-cache; do bun apps/trainer/src/cli.ts sample --backend cuda --checkpoint \$ck \
-  --prompt 'The ' --tokens 200 --num-samples 3 --temperature 0 \$c > /tmp/kv-sample\$c.txt 2>>/tmp/kv-err.txt || { cat /tmp/kv-err.txt; exit 1; }; done; \
+  --prompt 'The ' --tokens 100 --num-samples 3 --temperature 0 \$c > /tmp/kv-sample\$c.txt 2>>/tmp/kv-err.txt || { cat /tmp/kv-err.txt; exit 1; }; done; \
   tail -5 /tmp/kv-sample.txt; cmp /tmp/kv-sample.txt /tmp/kv-sample--no-kv-cache.txt && echo 'sample-kv: identical'"
 
 # Expert balance of a 300-step small run with the default balancing (issue 23): the worst MoE

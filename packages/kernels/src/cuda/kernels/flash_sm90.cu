@@ -357,7 +357,10 @@ __device__ __forceinline__ void fa3_keys(const CUtensorMap* tQ, const CUtensorMa
   u8* sV = sK + L::K_BYTES;
   u8* sQ = sV + L::V_BYTES;
   u8* sO = sQ + ST * L::Q_BYTES;
-  float* sLD = (float*)(sO + ST * L::O_BYTES);  // per stage: lse * log2(e) [BQ], then D [BQ]
+  // lse * log2(e) [BQ], then D [BQ], of a query tile, double-buffered: the consumers themselves stage
+  // them (global loads issued a tile ahead, a named barrier per tile), so that every shared-memory
+  // write the consumers read is ordered by a barrier compute-sanitizer's racecheck understands.
+  float* sLD = (float*)(sO + ST * L::O_BYTES);
   u64* barKV = (u64*)(sLD + ST * 2 * BQ);
   u64* full = barKV + 1;
   u64* empty = full + ST;
@@ -368,37 +371,25 @@ __device__ __forceinline__ void fa3_keys(const CUtensorMap* tQ, const CUtensorMa
   if (threadIdx.x == 0) {
     mbar_init(barKV, 1);
     for (int s = 0; s < ST; s++) {
-      mbar_init(&full[s], 1 + 32);  // the TMA bytes, and the producer warp's lse / D values
+      mbar_init(&full[s], 1);
       mbar_init(&empty[s], 8);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
 
-  if (wg == 0) {  // producer: warp 0 (TMA from lane 0; lse and D by all lanes)
+  if (wg == 0) {  // producer: one thread issuing the TMA loads
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
-    if (threadIdx.x < 32) {
-      const int lane = threadIdx.x;
-      if (lane == 0) {
-        mbar_expect_tx(barKV, L::K_BYTES + L::V_BYTES);
-        fa3_load_tile<DQK, BN>(sK, tK, h * DQK, rowBase + k0, barKV);
-        fa3_load_tile<DV, BN>(sV, tV, h * DV, rowBase + k0, barKV);
-      }
+    if (threadIdx.x == 0) {
+      mbar_expect_tx(barKV, L::K_BYTES + L::V_BYTES);
+      fa3_load_tile<DQK, BN>(sK, tK, h * DQK, rowBase + k0, barKV);
+      fa3_load_tile<DV, BN>(sV, tV, h * DV, rowBase + k0, barKV);
       for (int it = 0; it < tiles; it++) {
         const int s = it % ST, q0 = (first + it) * BQ;
         if (it >= ST) mbar_wait(&empty[s], ((it / ST) - 1) & 1);
-        __syncwarp();
-        if (lane == 0) {
-          mbar_expect_tx(&full[s], L::Q_BYTES + L::O_BYTES);
-          fa3_load_tile<DQK, BQ>(sQ + s * L::Q_BYTES, tQ, h * DQK, rowBase + q0, &full[s]);
-          fa3_load_tile<DV, BQ>(sO + s * L::O_BYTES, tO, h * DV, rowBase + q0, &full[s]);
-        }
-        for (int i = lane; i < BQ; i += 32) {
-          const int q = q0 + i;
-          sLD[s * 2 * BQ + i] = q < T ? lse[(i64)bh * T + q] * FA3_LOG2E : 0.0f;
-          sLD[s * 2 * BQ + BQ + i] = q < T ? D[(i64)bh * T + q] : 0.0f;
-        }
-        mbar_arrive(&full[s]);
+        mbar_expect_tx(&full[s], L::Q_BYTES + L::O_BYTES);
+        fa3_load_tile<DQK, BQ>(sQ + s * L::Q_BYTES, tQ, h * DQK, rowBase + q0, &full[s]);
+        fa3_load_tile<DV, BQ>(sO + s * L::O_BYTES, tO, h * DV, rowBase + q0, &full[s]);
       }
     }
   } else {  // consumers
@@ -412,13 +403,26 @@ __device__ __forceinline__ void fa3_keys(const CUtensorMap* tQ, const CUtensorMa
     for (int i = 0; i < DQK / 2; i++) adk[i] = 0.0f;
 #pragma unroll
     for (int i = 0; i < DV / 2; i++) adv[i] = 0.0f;
+    // Consumer thread ct < BQ stages lse of query q0 + ct, BQ <= ct < 2 BQ stages D of q0 + ct - BQ.
+    const int ct = threadIdx.x - 128;
+    auto fetch = [&](int it) {
+      const int i = ct < BQ ? ct : ct - BQ, q = (first + it) * BQ + i;
+      if (ct >= 2 * BQ || q >= T) return 0.0f;
+      return ct < BQ ? lse[(i64)bh * T + q] * FA3_LOG2E : D[(i64)bh * T + q];
+    };
+    {
+      const float v = fetch(0);
+      if (ct < 2 * BQ) sLD[ct] = v;
+      named_sync(1, 256);
+    }
     mbar_wait(barKV, 0);
     for (int it = 0; it < tiles; it++) {
       const int st = it % ST, q0 = (first + it) * BQ;
       const u32 par = (it / ST) & 1;
       const u32 qAddr = sm90_smem_u32(sQ + st * L::Q_BYTES), oAddr = sm90_smem_u32(sO + st * L::O_BYTES);
-      const float* sL = sLD + st * 2 * BQ;
+      const float* sL = sLD + (it & 1) * 2 * BQ;
       const float* sD = sL + BQ;
+      const float next = it + 1 < tiles ? fetch(it + 1) : 0.0f;  // lands while this tile is computed
       mbar_wait(&full[st], par);
       float s[BQ / 2], dp[BQ / 2];
       fa3_fence<BQ / 2>(s);
@@ -470,6 +474,10 @@ __device__ __forceinline__ void fa3_keys(const CUtensorMap* tQ, const CUtensorMa
       fa3_fence<DQK / 2>(adk);
       __syncwarp();  // every lane's reads of the stage come before its warp's release
       if (lane == 0) mbar_arrive(&empty[st]);
+      if (it + 1 < tiles) {  // the next tile's lse, D into the other buffer, read after this barrier
+        if (ct < 2 * BQ) sLD[((it + 1) & 1) * 2 * BQ + ct] = next;
+        named_sync(1, 256);
+      }
     }
     const i64 ldq = (i64)H * DQK, ldv = (i64)H * DV;
 #pragma unroll

@@ -15,7 +15,7 @@
 // computes for the same position: RoPE takes the new rows' position as its start, and the attention
 // op takes fewer queries than keys (kvSeq), the queries sitting at the last positions. A new token
 // costs one row in every op but attention, which reads the pos + 1 cached keys and values as it must
-// (from a copy of the cache's first pos + 1 rows: ops take whole tensors).
+// (read in place: with batch 1 the attention op takes a k and v longer than kvSeq).
 import type { Backend, Tensor } from "@moe8/tensor";
 import type { MLA } from "./mla.ts";
 
@@ -104,8 +104,9 @@ export function mlaExtend(mla: MLA, a: Tensor, cache: MlaKvCache, pos: number, n
   b.setRows(cache.v, pos, repeatCols(b, vRows, cache.samples / S));
   // From position 0 the new keys are all there is; later the cache holds them all.
   const T = pos + n;
-  const keys = pos === 0 ? kRows : b.rows(cache.k, 0, T);
-  const values = pos === 0 ? vRows : b.rows(cache.v, 0, T);
+  // (The attention op reads the first T rows of the cache in place: batch 1 allows a longer k, v.)
+  const keys = pos === 0 ? kRows : cache.k;
+  const values = pos === 0 ? vRows : cache.v;
   const att = b.attention(b.reshape(q, [n, S * H * (dn + dr)]), keys, values, {
     batch: 1,
     seq: n,

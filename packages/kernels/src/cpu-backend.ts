@@ -7,6 +7,7 @@ import {
   type AdamWOptions,
   type AdamWSlot,
   type AttentionOptions,
+  attentionRowsError,
   type Backend,
   type BiasUpdateOptions,
   batchDims,
@@ -297,12 +298,16 @@ export class CpuBackend extends HostLifetimes implements Backend {
 
   /**
    * An f32 tensor's array, or a bf16 tensor decoded to f32 (a temporary copy) where the op takes
-   * BF16 inputs (`lowp`: bf16 GEMMs; attention always).
+   * BF16 inputs (`lowp`: bf16 GEMMs; attention always). `rows`: only the first rows.
    */
-  private values(t: Tensor, lowp = true): Float32Array {
-    if (t.dtype !== "bf16" || !lowp) return f32(t);
-    const x = this.decodeScratch(t.size);
-    this.n.castBf16ToF32(host(t) as Uint16Array, x);
+  private values(t: Tensor, lowp = true, rows = t.rows): Float32Array {
+    const size = rows * t.cols;
+    if (t.dtype !== "bf16" || !lowp) {
+      const x = f32(t);
+      return size === x.length ? x : x.subarray(0, size);
+    }
+    const x = this.decodeScratch(size);
+    this.n.castBf16ToF32((host(t) as Uint16Array).subarray(0, size), x);
     return x;
   }
 
@@ -435,10 +440,21 @@ export class CpuBackend extends HostLifetimes implements Backend {
   }
 
   attention(q: Tensor, k: Tensor, v: Tensor, o: AttentionOptions) {
+    const bad = attentionRowsError(q.rows, k.rows, v.rows, o);
+    if (bad) throw new Error(bad);
     const out = this.out([q.rows, v.cols]);
     const lse = this.out([o.batch * o.heads * o.seq]);
     const dims = this.attentionDims(q, v, o);
-    this.n.attentionForward(this.values(q), this.values(k), this.values(v), dims, f32(out), f32(lse));
+    // The first batch*kvSeq rows of k and v (a longer KV cache is read in place, not copied).
+    const n = o.batch * (o.kvSeq ?? o.seq);
+    this.n.attentionForward(
+      this.values(q),
+      this.values(k, true, n),
+      this.values(v, true, n),
+      dims,
+      f32(out),
+      f32(lse),
+    );
     return { o: out, lse };
   }
 

@@ -30,7 +30,8 @@ export interface AttentionOptions {
    * Keys (and values) per sample, at least `seq` (default `seq`): k and v are [batch*kvSeq,
    * heads*d]. The queries sit at the last `seq` of the `kvSeq` positions, so query i sees keys
    * 0..kvSeq-seq+i (a KV-cache decode step: seq 1, kvSeq the context). Forward only:
-   * attentionBackward takes kvSeq = seq.
+   * attentionBackward takes kvSeq = seq. With batch 1, k and v may hold more rows than kvSeq (a
+   * cache with room for later positions): only their first kvSeq rows are read.
    */
   kvSeq?: number;
   heads: number;
@@ -42,6 +43,18 @@ export interface AttentionOptions {
    * memory); the output and gradients are f32.
    */
   precision: "f32" | "bf16";
+}
+
+/**
+ * Why q, k and v (by their row counts) do not fit the attention options, or null: q has
+ * batch*seq rows; k and v batch*kvSeq, or with batch 1 at least kvSeq (only those are read).
+ */
+export function attentionRowsError(qRows: number, kRows: number, vRows: number, o: AttentionOptions): string | null {
+  const Tk = o.kvSeq ?? o.seq;
+  const kv = o.batch * Tk;
+  const fits = (rows: number) => (o.batch === 1 ? rows >= kv : rows === kv);
+  if (Tk >= o.seq && qRows === o.batch * o.seq && fits(kRows) && fits(vRows)) return null;
+  return `attention: q ${qRows}, k ${kRows}, v ${vRows} rows for batch ${o.batch} x seq ${o.seq} (kvSeq ${Tk})`;
 }
 
 export interface RopeOptions {

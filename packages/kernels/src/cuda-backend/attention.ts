@@ -4,7 +4,7 @@
 // mma.sync kernels take the other head shapes it instantiates (and every shape off Hopper);
 // attention.cu's simple kernels every other case, and the forward with fewer queries than keys
 // (kvSeq > seq: a KV-cache decode step).
-import type { AttentionOptions, Tensor } from "@moe8/tensor";
+import { type AttentionOptions, attentionRowsError, type Tensor } from "@moe8/tensor";
 // KERNELS from the generated table itself, not through context.ts: context.ts imports this module
 // (attentionPath), and the shape sets below read KERNELS while the modules load.
 import { DEFINES, KERNELS } from "../cuda/kernels.generated.ts";
@@ -124,11 +124,9 @@ function fa3Map(cx: CudaContext, ptr: number, o: AttentionOptions, d: number, ro
 export function attention(cx: CudaContext, q: Tensor, k: Tensor, v: Tensor, o: AttentionOptions) {
   const { dqk, dv, grid, lowp } = attnDims(q, v, o);
   const Tk = o.kvSeq ?? o.seq;
-  const kv = o.batch * Tk;
-  if (Tk < o.seq || q.rows !== o.batch * o.seq || k.rows !== kv || v.rows !== kv)
-    throw new Error(
-      `attention: q ${q.rows}, k ${k.rows}, v ${v.rows} rows for batch ${o.batch} x seq ${o.seq} (kvSeq ${Tk})`,
-    );
+  // With batch 1, k and v may be a longer cache: the kernels read their first Tk rows only.
+  const bad = attentionRowsError(q.rows, k.rows, v.rows, o);
+  if (bad) throw new Error(bad);
   const out = cx.make([q.rows, v.cols], "f32");
   const lse = cx.make([o.batch * o.heads * o.seq], "f32");
   const flash = Tk === o.seq ? flashShape(cx, dqk, dv, lowp, q, k, v) : null;

@@ -427,6 +427,36 @@ export function opSuite(name: string, make: () => Backend): void {
             precision === "f32" ? 2e-5 : 2e-2,
           );
       }
+      // With batch 1, k and v may be longer than kvSeq (a cache with room for later positions): only
+      // the first kvSeq rows are read, so rows of NaN after them change nothing.
+      for (const [Tq, Tk, H, dqk, dv] of [
+        [1, 37, 3, 24, 16],
+        [2, 150, 2, 48, 32],
+      ]) {
+        const [q, k, v] = [Tq * H * dqk, Tk * H * dqk, Tk * H * dv].map((n) => rng.normals(n));
+        const padded = (x: Float32Array, cols: number) => {
+          const y = new Float32Array(x.length + 5 * cols).fill(Number.NaN);
+          y.set(x);
+          return y;
+        };
+        for (const precision of ["f32", "bf16"] as const) {
+          const opts = { batch: 1, seq: Tq, kvSeq: Tk, heads: H, scale: 1 / Math.sqrt(dqk), precision };
+          const run = (long: boolean) =>
+            readAll(be, (b) => {
+              const K = long ? b.upload(padded(k, H * dqk), [Tk + 5, H * dqk]) : b.upload(k, [Tk, H * dqk]);
+              const V = long ? b.upload(padded(v, H * dv), [Tk + 5, H * dv]) : b.upload(v, [Tk, H * dv]);
+              const r = b.attention(b.upload(q, [Tq, H * dqk]), K, V, opts);
+              return { o: r.o, lse: r.lse };
+            });
+          expect(await run(true), `cache of ${Tk} + 5 rows`).toEqual(await run(false));
+        }
+      }
+      expect(() =>
+        be.scope(() => {
+          const opts = { batch: 2, seq: 1, kvSeq: 2, heads: 1, scale: 1, precision: "f32" as const };
+          be.attention(be.zeros([2, 8]), be.zeros([5, 8]), be.zeros([5, 8]), opts);
+        }),
+      ).toThrow(/rows/);
       // The backward takes as many keys as queries.
       expect(() =>
         be.scope(() => {

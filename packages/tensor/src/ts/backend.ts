@@ -17,7 +17,7 @@ import type {
   RopeOptions,
   RouterResult,
 } from "../backend.ts";
-import { checkAdamWSlots, requantizeViaF32 } from "../backend.ts";
+import { attentionRowsError, checkAdamWSlots, requantizeViaF32 } from "../backend.ts";
 import { f32, f32OrBf16, HostLifetimes, host, i32, sameShape, u8 } from "../host.ts";
 import type { Tensor } from "../tensor.ts";
 import { type Fp8Format, isFp8 } from "../types.ts";
@@ -301,14 +301,14 @@ export class TsBackend extends HostLifetimes implements Backend {
   }
 
   attention(q: Tensor, k: Tensor, v: Tensor, o: AttentionOptions) {
-    const kv = o.batch * (o.kvSeq ?? o.seq);
-    if (q.rows !== o.batch * o.seq || k.rows !== kv || v.rows !== kv)
-      throw new Error(
-        `attention: q ${q.rows}, k ${k.rows}, v ${v.rows} rows for batch ${o.batch} x seq ${o.seq} (kvSeq ${o.kvSeq ?? o.seq})`,
-      );
+    const bad = attentionRowsError(q.rows, k.rows, v.rows, o);
+    if (bad) throw new Error(bad);
     const dqk = q.cols / o.heads;
     const dv = v.cols / o.heads;
-    const r = nn.attention(f32OrBf16(q), f32OrBf16(k), f32OrBf16(v), { ...o, dqk, dv });
+    // The first batch*kvSeq rows of k and v (a longer KV cache is read in place).
+    const n = o.batch * (o.kvSeq ?? o.seq);
+    const rows = (t: Tensor) => f32OrBf16(t).subarray(0, n * t.cols);
+    const r = nn.attention(f32OrBf16(q), rows(k), rows(v), { ...o, dqk, dv });
     return {
       o: this.wrap(r.o, [q.rows, v.cols], "f32"),
       lse: this.wrap(r.lse, [o.batch * o.heads * o.seq], "f32"),

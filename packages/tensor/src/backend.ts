@@ -49,7 +49,12 @@ export interface AttentionOptions {
  * Why q, k and v (by their row counts) do not fit the attention options, or null: q has
  * batch*seq rows; k and v batch*kvSeq, or with batch 1 at least kvSeq (only those are read).
  */
-export function attentionRowsError(qRows: number, kRows: number, vRows: number, o: AttentionOptions): string | null {
+export function attentionRowsError(
+  qRows: number,
+  kRows: number,
+  vRows: number,
+  o: AttentionOptions,
+): string | null {
   const Tk = o.kvSeq ?? o.seq;
   const kv = o.batch * Tk;
   const fits = (rows: number) => (o.batch === 1 ? rows >= kv : rows === kv);

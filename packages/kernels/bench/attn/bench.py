@@ -67,28 +67,49 @@ class Maps:
         return (ctypes.c_uint64 * 16).from_address(addr)
 
 
-def stage_variant(stages, pingpong=1):
-    """flash_sm90.cu with FA3_STAGES = stages and FA3_PINGPONG = pingpong (the static_asserts on the
-    default's shared-memory sizes dropped), written next to this script; returns its path."""
+VARIANT_KEYS = {"s": "FA3_STAGES", "pp": "FA3_PINGPONG", "bq": "FA3_BQ"}
+
+
+def variant_defines(spec):
+    """"bq128+s2" -> {"FA3_BQ": 128, "FA3_STAGES": 2}: the source's #defines a variant overrides."""
+    import re
+
+    out = {}
+    for part in spec.split("+"):
+        m = re.fullmatch(r"([a-z]+)(\d+)", part)
+        if not m or m.group(1) not in VARIANT_KEYS:
+            raise SystemExit(f"bench: variant {spec!r}: parts are s<stages>, pp<0|1>, bq<64|128>")
+        out[VARIANT_KEYS[m.group(1)]] = int(m.group(2))
+    return out
+
+
+def variant_source(spec):
+    """flash_sm90.cu with the variant's #defines (its static_asserts on the default's shared-memory
+    sizes dropped), written next to this script; returns its path."""
+    import re
+
     with open(os.path.join(KDIR, "flash_sm90.cu")) as f:
         src = f.read()
-    src = src.replace("#define FA3_STAGES 3", f"#define FA3_STAGES {stages}")
-    src = f"#define FA3_PINGPONG {pingpong}\n" + src
+    for name, value in variant_defines(spec).items():
+        src, n = re.subn(rf"^#define {name} \d+", f"#define {name} {value}", src, flags=re.M)
+        if n == 0:  # defined under #ifndef: define it first
+            src = f"#define {name} {value}\n" + src
     src = "\n".join(l for l in src.split("\n") if "static_assert(Fa3" not in l)
     os.makedirs(os.path.join(HERE, ".variants"), exist_ok=True)
-    path = os.path.join(HERE, ".variants", f"flash_sm90_s{stages}_pp{pingpong}.cu")
+    path = os.path.join(HERE, ".variants", f"flash_sm90_{spec.replace('+', '_')}.cu")
     with open(path, "w") as f:
         f.write(src)
     return path
 
 
-def fa3_smem(kind, dqk, dv, S):
+def fa3_smem(kind, dqk, dv, d):
+    """Shared memory of an entry point under the #defines d (FA3_STAGES, FA3_BQ)."""
     BM = BN = 128
-    BQ = 64
+    S, BQ = d["FA3_STAGES"], d["FA3_BQ"]
     if kind == "FWD":
         return 1024 + BM * dqk * 2 + S * (BN * dqk * 2 + BN * dv * 2) + (1 + 3 * S) * 8
     if kind == "DQ":
-        return fa3_smem("FWD", dqk, dv, S) + BM * dv * 2
+        return fa3_smem("FWD", dqk, dv, d) + BM * dv * 2
     return 1024 + BN * dqk * 2 + BN * dv * 2 + S * (BQ * dqk * 2 + BQ * dv * 2 + 2 * BQ * 4) + (1 + 2 * S) * 8
 
 
@@ -197,11 +218,9 @@ def stage_moe8(args, emit):
     stream = torch.cuda.current_stream().cuda_stream
     dfs = defines()
     
-    fa3_mods = {(3, 1): drv.load(sm90.cached_cubin(os.path.join(KDIR, "flash_sm90.cu")))}
-    for S in args.stages:
-        for pp in args.pingpong:
-            if (S, pp) != (3, 1):
-                fa3_mods[(S, pp)] = drv.load(sm90.cached_cubin(stage_variant(S, pp)))
+    fa3_mods = {"": (drv.load(sm90.cached_cubin(os.path.join(KDIR, "flash_sm90.cu"))), dfs)}
+    for spec in args.variants:
+        fa3_mods[spec] = (drv.load(sm90.cached_cubin(variant_source(spec))), {**dfs, **variant_defines(spec)})
     mod_fa2 = drv.load(sm90.cached_cubin(os.path.join(KDIR, "flash.cu")))
     maps = Maps(drv)
     P = lambda t: ctypes.c_uint64(t.data_ptr())
@@ -221,28 +240,34 @@ def stage_moe8(args, emit):
         F = lambda x: ctypes.c_float(x)
         lin = lse if not ref else ref["lse"]
         tq128 = maps.bf16_64b(c["q"].data_ptr(), H * dqk, B * T, 128)
-        tq64 = maps.bf16_64b(c["q"].data_ptr(), H * dqk, B * T, 64)
         tk = maps.bf16_64b(c["k"].data_ptr(), H * dqk, B * T, 128)
         tv = maps.bf16_64b(c["v"].data_ptr(), H * dv, B * T, 128)
         tdo128 = maps.bf16_64b(c["do"].data_ptr(), H * dv, B * T, 128)
-        tdo64 = maps.bf16_64b(c["do"].data_ptr(), H * dv, B * T, 64)
         grid = ((T + 127) // 128, B * H, 1)
-        for (S, pp), mod in fa3_mods.items():
-            fsm, qsm, ksm = (fa3_smem(k, dqk, dv, S) for k in ("FWD", "DQ", "DKDV"))
-            if (S, pp) == (3, 1):
+        for spec, (mod, d) in fa3_mods.items():
+            fsm, qsm, ksm = (fa3_smem(k, dqk, dv, d) for k in ("FWD", "DQ", "DKDV"))
+            if not spec:
                 assert (fsm, qsm, ksm) == tuple(dfs[f"FA3_{k}_SMEM_{shape}"] for k in ("FWD", "DQ", "DKDV"))
             ffw = drv.function(mod, f"fa3_fwd_{shape}", fsm)
             fdq = drv.function(mod, f"fa3_dq_{shape}", qsm)
             fkv = drv.function(mod, f"fa3_dkdv_{shape}", ksm)
+            tqk = maps.bf16_64b(c["q"].data_ptr(), H * dqk, B * T, d["FA3_BQ"])
+            tdok = maps.bf16_64b(c["do"].data_ptr(), H * dv, B * T, d["FA3_BQ"])
             fwd_s = drv.launcher(ffw, grid, 384, fsm, stream, [tq128, tk, tv, P(out["o"]), P(lse), I(T), I(H), F(sc)])
             bdq = drv.launcher(fdq, grid, 384, qsm, stream,
                                [tq128, tk, tv, tdo128, P(lin), P(D), P(out["dq"]), I(T), I(H), F(sc)])
             bkv = drv.launcher(fkv, grid, 384, ksm, stream,
-                               [tq64, tk, tv, tdo64, P(lin), P(D), P(out["dk"]), P(out["dv"]), I(T), I(H), F(sc)])
-            name = "fa3" if (S, pp) == (3, 1) else f"fa3_s{S}_pp{pp}"
+                               [tqk, tk, tv, tdok, P(lin), P(D), P(out["dk"]), P(out["dv"]), I(T), I(H), F(sc)])
+            name = "fa3" + (f"_{spec}" if spec else "")
             impls[name] = (fwd_s, (lambda a, b: lambda: (a(), b()))(bdq, bkv))
             impls[name + "_dq"] = (fwd_s, bdq)
             impls[name + "_dkdv"] = (fwd_s, bkv)
+            if spec and ref:  # each variant's backward against the reference too
+                out["dk"].fill_(float("nan"))
+                bkv()
+                torch.cuda.synchronize()
+                emit(dict(stage="check", case=case, variant=spec, dk=rel(out["dk"], ref["dk"])[0],
+                          dv=rel(out["dv"], ref["dv"])[0]))
         fwd, bwd = impls["fa3"]
 
         # FlashAttention-2 style mma.sync kernels (flash.cu)
@@ -293,22 +318,19 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--cases", default="short,ragged,d64,small,t4096,t8192")
     ap.add_argument("--no-check", action="store_true")
-    ap.add_argument("--stages", default="3", help="FA3_STAGES values to build and time (3 is the source's)")
-    ap.add_argument("--pingpong", default="1", help="FA3_PINGPONG values to build and time (1 is the source's)")
+    ap.add_argument("--variants", default="", help="extra flash_sm90 builds to time, e.g. s2,bq128,bq128+s2 "
+                    "(s<FA3_STAGES>, pp<FA3_PINGPONG>, bq<FA3_BQ>)")
     ap.add_argument("--compile-only", action="store_true")
     args = ap.parse_args()
     args.cases = args.cases.split(",")
-    args.stages = [int(x) for x in args.stages.split(",")]
-    args.pingpong = [int(x) for x in args.pingpong.split(",")]
+    args.variants = [v for v in args.variants.split(",") if v]
     if args.compile_only:
         for m in ("flash_sm90.cu", "flash.cu"):
             sm90.cached_cubin(os.path.join(KDIR, m))
             print("compiled", m)
-        for S in args.stages:
-            for pp in args.pingpong:
-                if (S, pp) != (3, 1):
-                    sm90.cached_cubin(stage_variant(S, pp))
-                    print("compiled stages", S, "pingpong", pp)
+        for spec in args.variants:
+            sm90.cached_cubin(variant_source(spec))
+            print("compiled variant", spec)
         return
     if args.stage:
         def emit(d):
@@ -319,7 +341,7 @@ def main():
     results = []
     for st in ("moe8", "torch"):
         cmd = [sys.executable, __file__, "--stage", st, "--reps", str(args.reps), "--cases", ",".join(args.cases),
-               "--stages", ",".join(map(str, args.stages)), "--pingpong", ",".join(map(str, args.pingpong))]
+               "--variants", ",".join(args.variants)]
         if args.no_check:
             cmd.append("--no-check")
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=400)

@@ -10,7 +10,7 @@
 // with the 64-byte swizzle; a tile of D columns is D/32 such boxes one after another).
 //
 // Tensor maps (2-D over [B*T, H*D] BF16, 64-byte swizzle, box {32, 128} for q/k/v tiles of 128 rows
-// and {32, 64} for the backward's query tiles): rows past a batch's end belong to the next batch
+// and {32, FA3_BQ} for the dk/dv kernel's query tiles): rows past a batch's end belong to the next batch
 // (or read as zeros past the tensor), so every kernel masks by position rather than relying on
 // zeros: keys past T are later than every query, and the backward masks queries past T itself.
 //
@@ -25,7 +25,7 @@
 #define FA3_THREADS 384  // one producer warpgroup, two consumer warpgroups
 #define FA3_BM 128       // forward: queries per CTA (64 per consumer warpgroup)
 #define FA3_BN 128       // forward: keys per tile; backward: keys per CTA (64 per consumer warpgroup)
-#define FA3_BQ 64        // backward: queries per tile
+#define FA3_BQ 128       // backward dk/dv: queries per tile
 #define FA3_STAGES 3
 #ifndef FA3_PINGPONG
 // The forward's consumer warpgroups take turns issuing their products (fa3_turn_*). Measured on the
@@ -38,10 +38,10 @@
 // Dynamic shared memory of each entry point (checked against Fa3Rows / Fa3Keys by static_asserts).
 #define FA3_FWD_SMEM_96_64 148560
 #define FA3_DQ_SMEM_96_64 164944
-#define FA3_DKDV_SMEM_96_64 105016
+#define FA3_DKDV_SMEM_96_64 167992
 #define FA3_FWD_SMEM_64_64 115792
 #define FA3_DQ_SMEM_64_64 132176
-#define FA3_DKDV_SMEM_64_64 84536
+#define FA3_DKDV_SMEM_64_64 135224
 
 // Descriptor of a BF16 operand stored in 64-byte-swizzled boxes (rows of 64 bytes, 8-row groups 512
 // bytes apart). `lbo`: for MN-major operands, the bytes from one 32-column box to the next; unused
@@ -441,19 +441,21 @@ __device__ __forceinline__ void fa3_keys(const CUtensorMap* tQ, const CUtensorMa
       fa3_fence<BQ / 2>(s);
       fa3_fence<BQ / 2>(dp);
       const bool mask = q0 < k0 + BN || q0 + BQ > T;  // the diagonal tiles, and rows past T
-#pragma unroll
-      for (int j = 0; j < BQ / 8; j++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-          const int qi = 8 * j + 2 * t + (e & 1), q = q0 + qi, key = kr + 8 * (e >> 1);
-          const bool ok = !mask || (q >= key && q < T);
-          const float P = ok ? fa3_exp2(s[4 * j + e] * scale2 - sL[qi]) : 0.0f;
-          s[4 * j + e] = P;
-          dp[4 * j + e] = P * (dp[4 * j + e] - sD[qi]);
-        }
+      // P^T and dS^T = P^T (dP^T - D), each 16 queries packed into their A fragments at once, so
+      // that their f32 scores leave the registers early.
       u32 pa[BQ / 16][4], da[BQ / 16][4];
 #pragma unroll
       for (int kk = 0; kk < BQ / 16; kk++) {
+#pragma unroll
+        for (int j = 2 * kk; j < 2 * kk + 2; j++)
+#pragma unroll
+          for (int e = 0; e < 4; e++) {
+            const int qi = 8 * j + 2 * t + (e & 1), q = q0 + qi, key = kr + 8 * (e >> 1);
+            const bool ok = !mask || (q >= key && q < T);
+            const float P = ok ? fa3_exp2(s[4 * j + e] * scale2 - sL[qi]) : 0.0f;
+            s[4 * j + e] = P;
+            dp[4 * j + e] = P * (dp[4 * j + e] - sD[qi]);
+          }
         fa3_c_to_a(pa[kk], s, kk);
         fa3_c_to_a(da[kk], dp, kk);
       }
@@ -498,7 +500,7 @@ __device__ __forceinline__ void fa3_keys(const CUtensorMap* tQ, const CUtensorMa
 
 // Entry points per head shape (both multiples of 32); the host picks fa3_*_<dqk>_<dv> on a
 // compute-capability-9.0 GPU when it exists. Tensor maps: fwd and dq take q, k, v (and dO) with
-// 128-row boxes; dkdv takes q and dO with 64-row boxes, k and v with 128-row boxes.
+// 128-row boxes; dkdv takes q and dO with FA3_BQ-row boxes, k and v with 128-row boxes.
 #define FA3_SHAPE(DQK, DV)                                                                                        \
   static_assert(Fa3Rows<DQK, DV, Rows::Forward>::SMEM == FA3_FWD_SMEM_##DQK##_##DV, "FA3_FWD_SMEM");          \
   static_assert(Fa3Rows<DQK, DV, Rows::Dq>::SMEM == FA3_DQ_SMEM_##DQK##_##DV, "FA3_DQ_SMEM");                 \

@@ -12,6 +12,7 @@ import {
   type BiasUpdateOptions,
   batchDims,
   checkAdamWSlots,
+  clipScaleOver,
   type DType,
   type Fp8Format,
   f32,
@@ -608,17 +609,7 @@ export class CpuBackend extends HostLifetimes implements Backend {
   }
 
   prepareClipScale(grads: Tensor[]): PreparedClipScale {
-    const list = [...grads];
-    let disposed = false;
-    return {
-      clipScale: (maxNorm) => {
-        if (disposed) throw new Error("clipScale: used after dispose()");
-        return this.clipScale(list, maxNorm);
-      },
-      dispose: () => {
-        disposed = true;
-      },
-    };
+    return clipScaleOver(grads, (g, maxNorm) => this.clipScale(g, maxNorm));
   }
 
   /** One native call per step: the addon's rayon loop runs over the blocks of all the tensors. */

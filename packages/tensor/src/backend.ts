@@ -159,6 +159,27 @@ export interface PreparedClipScale {
   dispose(): void;
 }
 
+/**
+ * A PreparedClipScale that calls a backend's one-off `clipScale` on a fixed list of gradients (the
+ * backends whose norm needs no prepared state: ts, cpu); refuses use after dispose().
+ */
+export function clipScaleOver(
+  grads: Tensor[],
+  clipScale: (grads: Tensor[], maxNorm: number) => { norm: Tensor; scale: Tensor },
+): PreparedClipScale {
+  const list = [...grads];
+  let disposed = false;
+  return {
+    clipScale: (maxNorm) => {
+      if (disposed) throw new Error("clipScale: used after dispose()");
+      return clipScale(list, maxNorm);
+    },
+    dispose: () => {
+      disposed = true;
+    },
+  };
+}
+
 export interface Backend {
   readonly name: BackendName;
 

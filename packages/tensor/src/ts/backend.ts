@@ -17,7 +17,7 @@ import type {
   RopeOptions,
   RouterResult,
 } from "../backend.ts";
-import { attentionRowsError, checkAdamWSlots, requantizeViaF32 } from "../backend.ts";
+import { attentionRowsError, checkAdamWSlots, clipScaleOver, requantizeViaF32 } from "../backend.ts";
 import { f32, f32OrBf16, HostLifetimes, host, i32, sameShape, u8 } from "../host.ts";
 import type { Tensor } from "../tensor.ts";
 import { type Fp8Format, isFp8 } from "../types.ts";
@@ -468,17 +468,7 @@ export class TsBackend extends HostLifetimes implements Backend {
   }
 
   prepareClipScale(grads: Tensor[]): PreparedClipScale {
-    const list = [...grads];
-    let disposed = false;
-    return {
-      clipScale: (maxNorm) => {
-        if (disposed) throw new Error("clipScale: used after dispose()");
-        return this.clipScale(list, maxNorm);
-      },
-      dispose: () => {
-        disposed = true;
-      },
-    };
+    return clipScaleOver(grads, (g, maxNorm) => this.clipScale(g, maxNorm));
   }
 
   prepareAdamW(slots: AdamWSlot[]): PreparedAdamW {

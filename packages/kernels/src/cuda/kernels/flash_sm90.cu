@@ -127,9 +127,10 @@ struct Fa3Rows {
 };
 
 // Online softmax of one key tile for the forward: s holds this thread's scores (rows r, r + 8),
-// masked where diag; m, l the running max and sum; acc (the f32 output rows) rescaled as m grows.
-template <int BN, int DV>
-__device__ __forceinline__ void fa3_softmax(float* s, float* m, float* l, float* acc, int k0, int r, bool diag,
+// masked where diag, and leaves exp2(score - new max); m, l are the running max and sum, alpha the
+// factor by which the output rows must be rescaled (the caller does it once their product is done).
+template <int BN>
+__device__ __forceinline__ void fa3_softmax(float* s, float* m, float* l, float* alpha, int k0, int r, bool diag,
                                             float scale2) {
   const int t = threadIdx.x & 3;
 #pragma unroll
@@ -150,18 +151,16 @@ __device__ __forceinline__ void fa3_softmax(float* s, float* m, float* l, float*
     const float mn = fmaxf(m[hh], mx);
     // A row with no visible key yet keeps m = -inf; 0 stands in so that exp2 gives 0, not NaN.
     const float base = mn == -f32_inf() ? 0.0f : mn;
-    const float alpha = exp2f(m[hh] - base);
+    alpha[hh] = exp2f(m[hh] - base);
     float sum = 0.0f;
 #pragma unroll
     for (int j = 0; j < BN / 8; j++) {
-        s[4 * j + 2 * hh] = fa3_exp2(s[4 * j + 2 * hh] - base);
+      s[4 * j + 2 * hh] = fa3_exp2(s[4 * j + 2 * hh] - base);
       s[4 * j + 2 * hh + 1] = fa3_exp2(s[4 * j + 2 * hh + 1] - base);
       sum += s[4 * j + 2 * hh] + s[4 * j + 2 * hh + 1];
     }
-    l[hh] = l[hh] * alpha + sum;
+    l[hh] = l[hh] * alpha[hh] + sum;
     m[hh] = mn;
-#pragma unroll
-    for (int j = 0; j < DV / 8; j++) acc[4 * j + 2 * hh] *= alpha, acc[4 * j + 2 * hh + 1] *= alpha;
   }
 }
 
@@ -239,34 +238,91 @@ __device__ __forceinline__ void fa3_rows(const CUtensorMap* tQ, const CUtensorMa
     }
     mbar_wait(barQ, 0);
     fa3_turn_first<PP>(cw);
-    for (int it = 0; it < tiles; it++) {
-      const int st = it % ST, k0 = it * BN;
-      const u32 par = (it / ST) & 1;
-      const u32 kAddr = sm90_smem_u32(sK + st * L::K_BYTES), vAddr = sm90_smem_u32(sV + st * L::V_BYTES);
-      // Some key of this tile is later than some row of this warpgroup: mask by position.
-      const bool diag = k0 + BN - 1 > q0 + 64 * cw;
-      float s[BN / 2];
-      mbar_wait(&fullK[st], par);
-      if constexpr (DQ) mbar_wait(&fullV[st], par);
-      fa3_turn_wait<PP>(cw);
-      fa3_fence<BN / 2>(s);
+    // S = Q K^T of the key tile in stage st into s (issued and committed, not waited for).
+    auto issue_s = [&](float* sc, int st) {
+      const u32 kAddr = sm90_smem_u32(sK + st * L::K_BYTES);
+      fa3_fence<BN / 2>(sc);
       wgmma_fence();
 #pragma unroll
-      for (int ks = 0; ks < DQK / 16; ks++)  // S = Q K^T
-        wgmma_ss<BN, 0, 0>(s, fa3_desc(qAddr + (ks >> 1) * BM * 64 + (ks & 1) * 32, 16),
+      for (int ks = 0; ks < DQK / 16; ks++)
+        wgmma_ss<BN, 0, 0>(sc, fa3_desc(qAddr + (ks >> 1) * BM * 64 + (ks & 1) * 32, 16),
                            fa3_desc(kAddr + (ks >> 1) * BN * 64 + (ks & 1) * 32, 16), ks);
-      u32 pa[BN / 16][4];
-      if constexpr (!DQ) {
-        wgmma_commit();
-        fa3_turn_pass<PP>(cw, it == tiles - 1);
-        wgmma_wait<0>();
-        fa3_fence<BN / 2>(s);
-        fa3_softmax<BN, DV>(s, m, l, acc, k0, r, diag, scale2);
+      wgmma_commit();
+    };
+    // Some key of tile it is later than some row of this warpgroup: mask by position.
+    auto diag = [&](int it) { return it * BN + BN - 1 > q0 + 64 * cw; };
+    float s[BN / 2];
+    u32 pa[BN / 16][4];
+    if constexpr (!DQ) {
+      // Forward, pipelined within the warpgroup (FlashAttention-3): tile it + 1's S = QK^T is issued
+      // before tile it's O += P V, and its softmax runs while that product is on the tensor cores;
+      // the output rows are rescaled once the product is done.
+      float alpha[2];
+      mbar_wait(&fullK[0], 0);
+      issue_s(s, 0);
+      wgmma_wait<0>();
+      fa3_fence<BN / 2>(s);
+      fa3_softmax<BN>(s, m, l, alpha, 0, r, diag(0), scale2);
 #pragma unroll
-        for (int kk = 0; kk < BN / 16; kk++) fa3_c_to_a(pa[kk], s, kk);
-      } else {
+      for (int kk = 0; kk < BN / 16; kk++) fa3_c_to_a(pa[kk], s, kk);
+      fa3_fence_frags<BN / 16>(pa);
+      // One tile's O += P V, with the next tile's S issued before it and its softmax after (tiles
+      // before the last), or alone (the last).
+      auto step = [&](int it, bool more) {
+        const int st = it % ST, nx = it + 1, sn = nx % ST;
+        const u32 vAddr = sm90_smem_u32(sV + st * L::V_BYTES);
+        fa3_turn_wait<PP>(cw);
+        if (more) {
+          mbar_wait(&fullK[sn], (nx / ST) & 1);
+          issue_s(s, sn);
+        }
+        mbar_wait(&fullV[st], (it / ST) & 1);
+        fa3_fence<NACC>(acc);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; kk++)  // O += P V (V: keys x dv, MN-major)
+          wgmma_rs<DV, 1>(acc, pa[kk], fa3_desc(vAddr + kk * 16 * 64, BN * 64), 1);
+        wgmma_commit();
+        fa3_turn_pass<PP>(cw, !more);
+        if (more) {
+          wgmma_wait<1>();  // the next tile's scores (committed first)
+          fa3_fence<BN / 2>(s);
+          fa3_softmax<BN>(s, m, l, alpha, nx * BN, r, diag(nx), scale2);
+          wgmma_wait<0>();  // O += P V: acc is this tile's, pa free again
+          fa3_fence<NACC>(acc);
+#pragma unroll
+          for (int hh = 0; hh < 2; hh++)
+#pragma unroll
+            for (int j = 0; j < DV / 8; j++) acc[4 * j + 2 * hh] *= alpha[hh], acc[4 * j + 2 * hh + 1] *= alpha[hh];
+#pragma unroll
+          for (int kk = 0; kk < BN / 16; kk++) fa3_c_to_a(pa[kk], s, kk);
+          fa3_fence_frags<BN / 16>(pa);
+        } else {
+          wgmma_wait<0>();
+          fa3_fence<NACC>(acc);
+        }
+        __syncwarp();  // every lane's reads of the stage come before its warp's release
+        if (lane == 0) mbar_arrive(&empty[st]);
+      };
+      for (int it = 0; it + 1 < tiles; it++) step(it, true);
+      step(tiles - 1, false);
+    } else {
+      for (int it = 0; it < tiles; it++) {
+        const int st = it % ST, k0 = it * BN;
+        const u32 par = (it / ST) & 1;
+        const u32 kAddr = sm90_smem_u32(sK + st * L::K_BYTES), vAddr = sm90_smem_u32(sV + st * L::V_BYTES);
+        const bool dg = diag(it);
         float dp[BN / 2];
+        mbar_wait(&fullK[st], par);
+        mbar_wait(&fullV[st], par);
+        fa3_turn_wait<PP>(cw);
+        fa3_fence<BN / 2>(s);
         fa3_fence<BN / 2>(dp);
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < DQK / 16; ks++)  // S = Q K^T
+          wgmma_ss<BN, 0, 0>(s, fa3_desc(qAddr + (ks >> 1) * BM * 64 + (ks & 1) * 32, 16),
+                             fa3_desc(kAddr + (ks >> 1) * BN * 64 + (ks & 1) * 32, 16), ks);
 #pragma unroll
         for (int ks = 0; ks < DV / 16; ks++)  // dP = dO V^T
           wgmma_ss<BN, 0, 0>(dp, fa3_desc(oAddr + (ks >> 1) * BM * 64 + (ks & 1) * 32, 16),
@@ -285,28 +341,23 @@ __device__ __forceinline__ void fa3_rows(const CUtensorMap* tQ, const CUtensorMa
 #pragma unroll
             for (int e = 0; e < 4; e++) {
               const int key = k0 + 8 * j + 2 * t + (e & 1), hh = e >> 1;
-              const float P = !diag || key <= r + 8 * hh ? fa3_exp2(s[4 * j + e] * scale2 - L2[hh]) : 0.0f;
+              const float P = !dg || key <= r + 8 * hh ? fa3_exp2(s[4 * j + e] * scale2 - L2[hh]) : 0.0f;
               s[4 * j + e] = P * (dp[4 * j + e] - Dr[hh]);
             }
           fa3_c_to_a(pa[kk], s, kk);
         }
-      }
-      fa3_fence_frags<BN / 16>(pa);
-      if constexpr (!DQ) mbar_wait(&fullV[st], par);
-      fa3_fence<NACC>(acc);
-      wgmma_fence();
+        fa3_fence_frags<BN / 16>(pa);
+        fa3_fence<NACC>(acc);
+        wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < BN / 16; kk++) {
-        if constexpr (!DQ)  // O += P V (V: keys x dv, MN-major)
-          wgmma_rs<DV, 1>(acc, pa[kk], fa3_desc(vAddr + kk * 16 * 64, BN * 64), 1);
-        else  // dQ += dS K (K: keys x dqk, MN-major)
+        for (int kk = 0; kk < BN / 16; kk++)  // dQ += dS K (K: keys x dqk, MN-major)
           wgmma_rs<DQK, 1>(acc, pa[kk], fa3_desc(kAddr + kk * 16 * 64, BN * 64), 1);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fa3_fence<NACC>(acc);
+        __syncwarp();  // every lane's reads of the stage come before its warp's release
+        if (lane == 0) mbar_arrive(&empty[st]);
       }
-      wgmma_commit();
-      wgmma_wait<0>();
-      fa3_fence<NACC>(acc);
-      __syncwarp();  // every lane's reads of the stage come before its warp's release
-      if (lane == 0) mbar_arrive(&empty[st]);
     }
     float mul[2] = {scale, scale};  // dq: the softmax scale, applied once at the end
     if constexpr (!DQ) {
@@ -447,15 +498,18 @@ __device__ __forceinline__ void fa3_keys(const CUtensorMap* tQ, const CUtensorMa
 #pragma unroll
       for (int kk = 0; kk < BQ / 16; kk++) {
 #pragma unroll
-        for (int j = 2 * kk; j < 2 * kk + 2; j++)
+        for (int j = 2 * kk; j < 2 * kk + 2; j++) {
+          // This thread's two queries of column chunk j: their lse and D in one 8-byte load each.
+          const float2 l2 = *(const float2*)(sL + 8 * j + 2 * t), d2 = *(const float2*)(sD + 8 * j + 2 * t);
 #pragma unroll
           for (int e = 0; e < 4; e++) {
             const int qi = 8 * j + 2 * t + (e & 1), q = q0 + qi, key = kr + 8 * (e >> 1);
             const bool ok = !mask || (q >= key && q < T);
-            const float P = ok ? fa3_exp2(s[4 * j + e] * scale2 - sL[qi]) : 0.0f;
+            const float P = ok ? fa3_exp2(s[4 * j + e] * scale2 - ((e & 1) ? l2.y : l2.x)) : 0.0f;
             s[4 * j + e] = P;
-            dp[4 * j + e] = P * (dp[4 * j + e] - sD[qi]);
+            dp[4 * j + e] = P * (dp[4 * j + e] - ((e & 1) ? d2.y : d2.x));
           }
+        }
         fa3_c_to_a(pa[kk], s, kk);
         fa3_c_to_a(da[kk], dp, kk);
       }

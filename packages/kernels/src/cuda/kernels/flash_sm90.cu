@@ -5,7 +5,9 @@
 // mma.sync kernels, which remain for other GPUs and head shapes): q, k, v, dO BF16; the forward
 // makes one pass with an online softmax and feeds bf16(exp(s - running max)) to P @ V; the backward
 // recomputes P = exp(s - lse), rounds dS = P (dP - D) to BF16 and applies the softmax scale to dq
-// and dk at the end. Layouts: q, k [B*T, H*DQK]; v, o, dO [B*T, H*DV] (o, dq, dk, dv f32); lse, D
+// and dk at the end (exp2 on the MUFU unit flushes probabilities below 2^-126 to 0). The backward
+// is two kernels, dq (per query tile) and dk/dv (per key tile), so every gradient element is summed
+// by one thread in a fixed order: no atomics, the same bits every run. Layouts: q, k [B*T, H*DQK]; v, o, dO [B*T, H*DV] (o, dq, dk, dv f32); lse, D
 // [B*H*T]. Head dimensions are multiples of 32 (each TMA box is 32 BF16 columns = 64 bytes, copied
 // with the 64-byte swizzle; a tile of D columns is D/32 such boxes one after another).
 //
@@ -15,9 +17,9 @@
 // zeros: keys past T are later than every query, and the backward masks queries past T itself.
 //
 // wgmma operand layouts used here (PTX ISA "matrix descriptor"): K-major (the reduction dimension
-// contiguous: Q and K for S = Q K^T) with 8-row groups 512 bytes apart; MN-major (V for P V, and the
-// backward's dO, Q, K, dS used "transposed") with the 32-column boxes LBO bytes apart and 8-row groups
-// 512 bytes apart. A-from-registers: the f32 accumulator layout of one product is the A fragment
+// contiguous: Q and K for S = Q K^T) with 8-row groups 512 bytes apart; MN-major (V for P V, K for
+// dQ += dS K, dO and Q for dV += P^T dO and dK += dS^T Q: read "transposed", never copied) with the
+// 32-column boxes LBO bytes apart and 8-row groups 512 bytes apart. A-from-registers: the f32 accumulator layout of one product is the A fragment
 // layout of the next after rounding to BF16 pairs, as in flash.cu (c_to_a).
 
 #include "sm90.cuh"

@@ -153,6 +153,24 @@ struct Rows {
     n: usize,
 }
 
+/// dst = src, BF16-rounded under `lowp`, 16 floats at a time (a short row: no memcpy call).
+#[inline(always)]
+fn copy_short(dst: &mut [f32], src: &[f32], lowp: bool) {
+    let mut d = dst.chunks_exact_mut(W);
+    let mut s = src.chunks_exact(W);
+    for (o, i) in (&mut d).zip(&mut s) {
+        let o: &mut [f32; W] = o.try_into().unwrap();
+        let i: &[f32; W] = i.try_into().unwrap();
+        *o = *i;
+        if lowp {
+            o.iter_mut().for_each(|x| *x = round_bf16(*x));
+        }
+    }
+    for (o, &i) in d.into_remainder().iter_mut().zip(s.remainder()) {
+        *o = rd(i, lowp);
+    }
+}
+
 /// Rows of head `hd.h` of batch `hd.b` of x [B*len, H*d] into `out` with row stride `ld >= d`
 /// (columns d..ld zero), then zero rows up to `rows`; BF16-rounded in bf16 precision.
 #[inline(always)]
@@ -161,26 +179,49 @@ fn copy_rows(x: &[f32], dm: &Dims, hd: Head, rs: Rows, ld: usize, rows: usize, o
     for i in 0..n {
         let src = &x[((hd.b * len + r0 + i) * dm.h + hd.h) * d..][..d];
         let dst = &mut out[i * ld..][..ld];
-        for (o, &v) in dst[..d].iter_mut().zip(src) {
-            *o = rd(v, dm.lowp);
-        }
+        copy_short(&mut dst[..d], src, dm.lowp);
         dst[d..].fill(0.0);
     }
     out[n * ld..rows * ld].fill(0.0);
 }
 
-/// The same rows transposed: out[c * ld + i] (zero for i in n..cols).
+/// The same rows transposed: out[c * ld + i] (zero for i in n..cols). The transposition is a
+/// plain copy (16 x 16 blocks in registers where the vector type can); the rounding runs
+/// afterwards on whole rows of `out`, where it vectorises.
 #[inline(always)]
-fn copy_cols(x: &[f32], dm: &Dims, hd: Head, rs: Rows, ld: usize, cols: usize, out: &mut [f32]) {
+unsafe fn copy_cols<V: Tiles>(
+    x: &[f32],
+    dm: &Dims,
+    hd: Head,
+    rs: Rows,
+    ld: usize,
+    cols: usize,
+    out: &mut [f32],
+) {
     let Rows { len, d, r0, n } = rs;
+    let row = |i: usize| &x[((hd.b * len + r0 + i) * dm.h + hd.h) * d..][..d];
+    let (n16, d16) = (n / W * W, d / W * W);
+    assert!(out.len() >= (d.max(1) - 1) * ld + n);
+    for i in (0..n16).step_by(W) {
+        // The 16 rows i.. are in x (checked by `row`), each a row of H*d floats after the first.
+        let src = row(i).as_ptr();
+        let _ = row(i + W - 1);
+        for c in (0..d16).step_by(W) {
+            V::transpose16(src.add(c), dm.h * d, out.as_mut_ptr().add(c * ld + i), ld);
+        }
+    }
     for i in 0..n {
-        let src = &x[((hd.b * len + r0 + i) * dm.h + hd.h) * d..][..d];
-        for (c, &v) in src.iter().enumerate() {
-            out[c * ld + i] = rd(v, dm.lowp);
+        let c0 = if i < n16 { d16 } else { 0 };
+        for (c, &v) in row(i).iter().enumerate().skip(c0) {
+            out[c * ld + i] = v;
         }
     }
     for c in 0..d {
-        out[c * ld + n..c * ld + cols].fill(0.0);
+        let row = &mut out[c * ld..][..cols];
+        if dm.lowp {
+            row[..n].iter_mut().for_each(|x| *x = round_bf16(*x));
+        }
+        row[n..].fill(0.0);
     }
 }
 
@@ -227,27 +268,21 @@ struct At {
     first: usize,
 }
 
-/// One tile of scores s[j][r] (row stride BQ, `nkr` key rows, `nqv` vectors of queries), scaled and
-/// masked in place, and the running max `m` and normaliser `l` of each query updated: alpha =
-/// exp(m_old - m_new), l = l * alpha + exp(s - m_new) summed over the tile's keys in order. With
-/// `keep`, s then holds exp(s - m_new) (the forward's P in f32) and `alpha` the factors.
-#[allow(clippy::too_many_arguments)]
+/// Key rows of a tile that vector `cv` of queries sees at least in part: the rest are masked for
+/// all 16 of its queries, and no product reads them for those queries.
 #[inline(always)]
-fn softmax_tile(
-    s: &mut [f32],
-    nkr: usize,
-    nqv: usize,
-    at: At,
-    scale: f32,
-    m: &mut [f32],
-    l: &mut [f32],
-    alpha: &mut [f32],
-    keep: bool,
-) {
+fn seen_rows(nkr: usize, cv: usize, at: At) -> usize {
+    nkr.min((at.first + cv * W + W).saturating_sub(at.j0))
+}
+
+/// One tile of scores s[j][r] (row stride BQ, `nkr` key rows, `nqv` vectors of queries) scaled and
+/// masked in place (-inf where query r does not see key j), and `mx` = each query's max over it.
+#[inline(always)]
+fn mask_max(s: &mut [f32], nkr: usize, nqv: usize, at: At, scale: f32, mx: &mut [f32]) {
     for cv in 0..nqv {
         let c0 = cv * W;
-        let mut mx = [NEG_INF; W];
-        for j in 0..nkr {
+        let mut m = [NEG_INF; W];
+        for j in 0..seen_rows(nkr, cv, at) {
             let row: &mut [f32; W] = (&mut s[j * BQ + c0..][..W]).try_into().unwrap();
             // Lane r sees the key when j0 + j <= first + c0 + r.
             let seen = (at.first + c0) as isize - (at.j0 + j) as isize;
@@ -255,28 +290,29 @@ fn softmax_tile(
                 let y = *x * scale;
                 let y = if r as isize >= -seen { y } else { NEG_INF };
                 *x = y;
-                mx[r] = if y > mx[r] { y } else { mx[r] };
+                m[r] = if y > m[r] { y } else { m[r] };
             }
         }
-        let mo: &mut [f32; W] = (&mut m[c0..][..W]).try_into().unwrap();
-        let lo: &mut [f32; W] = (&mut l[c0..][..W]).try_into().unwrap();
-        let al: &mut [f32; W] = (&mut alpha[c0..][..W]).try_into().unwrap();
-        for r in 0..W {
-            let mn = if mx[r] > mo[r] { mx[r] } else { mo[r] };
-            al[r] = exp_f32(mo[r] - mn);
-            lo[r] *= al[r];
-            mo[r] = mn;
-        }
-        for j in 0..nkr {
+        mx[c0..c0 + W].copy_from_slice(&m);
+    }
+}
+
+/// s <- exp(s - m) over a masked tile, added to each query's `l` in key order.
+#[inline(always)]
+fn exp_sum(s: &mut [f32], nkr: usize, nqv: usize, at: At, m: &[f32], l: &mut [f32]) {
+    for cv in 0..nqv {
+        let c0 = cv * W;
+        let mr: &[f32; W] = m[c0..][..W].try_into().unwrap();
+        let mut lr: [f32; W] = l[c0..][..W].try_into().unwrap();
+        for j in 0..seen_rows(nkr, cv, at) {
             let row: &mut [f32; W] = (&mut s[j * BQ + c0..][..W]).try_into().unwrap();
             for r in 0..W {
-                let e = exp_f32(row[r] - mo[r]);
-                lo[r] += e;
-                if keep {
-                    row[r] = e;
-                }
+                let e = exp_f32(row[r] - mr[r]);
+                lr[r] += e;
+                row[r] = e;
             }
         }
+        l[c0..c0 + W].copy_from_slice(&lr);
     }
 }
 
@@ -357,7 +393,8 @@ unsafe fn forward_task<V: Tiles>(x: Inputs, dm: &Dims, hd: Head, qb: usize, out:
     let first = tk - t + i0;
     let nkb = (first + nq - 1) / BK + 1;
     let srows = if lowp { nkb * BK } else { BK };
-    let mut scratch = scratch_take(dqk * BQ + BK * dqk + BK * dvp + srows * BQ + BQ * dvp + 3 * BQ);
+    let len = dqk * BQ + BK * dqk + BK * dvp + srows * BQ + BQ * dvp + 4 * BQ;
+    let mut scratch = scratch_take(len);
     let mut buf = &mut scratch[..];
     let qt = carve(&mut buf, dqk * BQ);
     let kt = carve(&mut buf, BK * dqk);
@@ -367,33 +404,51 @@ unsafe fn forward_task<V: Tiles>(x: Inputs, dm: &Dims, hd: Head, qb: usize, out:
     let m = carve(&mut buf, BQ);
     let l = carve(&mut buf, BQ);
     let alpha = carve(&mut buf, BQ);
+    let mx = carve(&mut buf, BQ);
     let qrows = Rows {
         len: t,
         d: dqk,
         r0: i0,
         n: nq,
     };
-    copy_cols(x.q, dm, hd, qrows, BQ, nqr, qt);
+    copy_cols::<V>(x.q, dm, hd, qrows, BQ, nqr, qt);
     m.fill(NEG_INF);
     l.fill(0.0);
     acc[..nqr * dvp].fill(0.0);
-    for kb in 0..nkb {
+    // Tile kb: where it lies, its keys and its key rows padded to whole vectors.
+    let tile = |kb: usize| {
         let j0 = kb * BK;
         let nk = BK.min(tk - j0);
-        let nkr = nk.div_ceil(W) * W;
-        let at = At { j0, first };
+        (At { j0, first }, nk, nk.div_ceil(W) * W)
+    };
+    let vrows = |at: At, nk: usize| Rows {
+        len: tk,
+        d: dv,
+        r0: at.j0,
+        n: nk,
+    };
+    for kb in 0..nkb {
+        let (at, nk, nkr) = tile(kb);
         let krows = Rows {
-            len: tk,
             d: dqk,
-            r0: j0,
-            n: nk,
+            ..vrows(at, nk)
         };
         copy_rows(x.k, dm, hd, krows, dqk, nkr, kt);
-        let s = &mut st[if lowp { j0 * BQ } else { 0 }..][..BK * BQ];
+        let s = &mut st[if lowp { at.j0 * BQ } else { 0 }..][..BK * BQ];
         scores::<V>(kt, dqk, qt, BQ, dqk, s, nkr, nqv, at);
-        softmax_tile(s, nkr, nqv, at, dm.scale, m, l, alpha, !lowp);
+        mask_max(s, nkr, nqv, at, dm.scale, mx);
+        // The running max; in f32 the online softmax rescales l and o by exp(m_old - m_new).
+        for r in 0..nqr {
+            let mn = if mx[r] > m[r] { mx[r] } else { m[r] };
+            alpha[r] = exp_f32(m[r] - mn);
+            m[r] = mn;
+        }
         if !lowp {
-            copy_rows(x.v, dm, hd, Rows { d: dv, ..krows }, dvp, nk, vt);
+            for r in 0..nqr {
+                l[r] *= alpha[r];
+            }
+            exp_sum(s, nkr, nqv, at, m, l);
+            copy_rows(x.v, dm, hd, vrows(at, nk), dvp, nk, vt);
             for r in 0..nqr {
                 let a = alpha[r];
                 acc[r * dvp..][..dvp].iter_mut().for_each(|x| *x *= a);
@@ -402,30 +457,29 @@ unsafe fn forward_task<V: Tiles>(x: Inputs, dm: &Dims, hd: Head, qb: usize, out:
         }
     }
     if lowp {
-        // P = bf16(exp(s - m) / l) with each query's final max and normaliser, then P v.
+        // With each query's final max: l = the sum of exp(s - m) in key order, then P =
+        // bf16(exp(s - m) * (1 / l)) and o = P v.
         for kb in 0..nkb {
-            let j0 = kb * BK;
-            let nk = BK.min(tk - j0);
-            let nkr = nk.div_ceil(W) * W;
-            let s = &mut st[j0 * BQ..][..BK * BQ];
-            for j in 0..nkr {
-                for cv in 0..nqv {
+            let (at, _, nkr) = tile(kb);
+            exp_sum(&mut st[at.j0 * BQ..][..BK * BQ], nkr, nqv, at, m, l);
+        }
+        for r in 0..nqr {
+            alpha[r] = 1.0 / l[r];
+        }
+        for kb in 0..nkb {
+            let (at, nk, nkr) = tile(kb);
+            let s = &mut st[at.j0 * BQ..][..BK * BQ];
+            for cv in 0..nqv {
+                let inv: &[f32; W] = alpha[cv * W..][..W].try_into().unwrap();
+                for j in 0..seen_rows(nkr, cv, at) {
                     let row: &mut [f32; W] = (&mut s[j * BQ + cv * W..][..W]).try_into().unwrap();
-                    let mr: &[f32; W] = m[cv * W..][..W].try_into().unwrap();
-                    let lr: &[f32; W] = l[cv * W..][..W].try_into().unwrap();
                     for r in 0..W {
-                        row[r] = round_bf16(exp_f32(row[r] - mr[r]) / lr[r]);
+                        row[r] = round_bf16(row[r] * inv[r]);
                     }
                 }
             }
-            let vrows = Rows {
-                len: tk,
-                d: dv,
-                r0: j0,
-                n: nk,
-            };
-            copy_rows(x.v, dm, hd, vrows, dvp, nk, vt);
-            pv::<V>(s, vt, acc, nqr, dvp, nk, At { j0, first });
+            copy_rows(x.v, dm, hd, vrows(at, nk), dvp, nk, vt);
+            pv::<V>(s, vt, acc, nqr, dvp, nk, at);
         }
     }
     for r in 0..nq {
@@ -434,7 +488,7 @@ unsafe fn forward_task<V: Tiles>(x: Inputs, dm: &Dims, hd: Head, qb: usize, out:
         let orow = out.o.slice(((hd.b * t + i) * dm.h + hd.h) * dv, dv);
         let ar = &acc[r * dvp..][..dv];
         if lowp {
-            orow.copy_from_slice(ar);
+            copy_short(orow, ar, false);
         } else {
             let inv = l[r];
             for (o, &a) in orow.iter_mut().zip(ar) {
@@ -538,15 +592,15 @@ unsafe fn decode_task<V: Tiles>(x: Inputs, dm: &Dims, hd: Head, out: ForwardOut)
             let mx = row_max(&e);
             let mn = if mx > m { mx } else { m };
             let alpha = exp_f32(m - mn);
-            l *= alpha;
-            for x in e.iter_mut() {
-                *x = exp_f32(*x - mn);
-            }
-            for &x in e.iter() {
-                l += x;
-            }
             m = mn;
             if !lowp {
+                l *= alpha;
+                for x in e.iter_mut() {
+                    *x = exp_f32(*x - mn);
+                }
+                for &x in e.iter() {
+                    l += x;
+                }
                 acc.iter_mut().for_each(|a| *a *= alpha);
                 let (vp, ldv) = vrows(j0, valid, vt);
                 let tile = Tile {
@@ -565,10 +619,15 @@ unsafe fn decode_task<V: Tiles>(x: Inputs, dm: &Dims, hd: Head, out: ForwardOut)
             }
         }
         if lowp {
+            for x in s[..n.div_ceil(BK) * BK].iter_mut() {
+                *x = exp_f32(*x - m);
+                l += *x;
+            }
+            let inv = 1.0 / l;
             for j0 in (0..n).step_by(BK) {
                 let valid = BK.min(n - j0);
                 for (x, &v) in e.iter_mut().zip(&s[j0..][..BK]) {
-                    *x = round_bf16(exp_f32(v - m) / l);
+                    *x = round_bf16(v * inv);
                 }
                 let (vp, ldv) = vrows(j0, valid, vt);
                 let tile = Tile {
@@ -685,11 +744,11 @@ unsafe fn backward_task<V: Tiles>(d_o: &[f32], fwd: &Saved, dm: &Dims, hd: Head,
     };
     let rv = Rows { d: dv, ..rq };
     copy_rows(fwd.q, dm, hd, rq, dqkp, tp, qr);
-    copy_cols(fwd.q, dm, hd, rq, tp, tp, qt);
+    copy_cols::<V>(fwd.q, dm, hd, rq, tp, tp, qt);
     copy_rows(fwd.k, dm, hd, rq, dqkp, tp, kr);
     copy_rows(fwd.v, dm, hd, rv, dvp, tp, vr);
     copy_rows(d_o, dm, hd, rv, dvp, tp, dor);
-    copy_cols(d_o, dm, hd, rv, tp, tp, dot);
+    copy_cols::<V>(d_o, dm, hd, rv, tp, tp, dot);
     // D_i = dO_i . o_i (dO rounded in bf16 precision, o as stored); queries past T read D = 0 and
     // lse = inf, so that their P and dS are 0.
     for (i, d) in dd.iter_mut().enumerate() {
@@ -731,7 +790,11 @@ unsafe fn backward_task<V: Tiles>(d_o: &[f32], fwd: &Saved, dm: &Dims, hd: Head,
             // st <- P (rounded in bf16), dpt <- dS * scale (dS rounded in bf16); 0 where masked.
             for j in 0..nkr {
                 let seen = i0 as isize - (j0 + j) as isize;
-                for cv in 0..nqv {
+                // Vectors of queries that all come before key j0 + j: zeros, nothing to compute.
+                let cv0 = ((j0 + j).saturating_sub(i0) / W).min(nqv);
+                st[j * BQ..][..cv0 * W].fill(0.0);
+                dpt[j * BQ..][..cv0 * W].fill(0.0);
+                for cv in cv0..nqv {
                     let c0 = cv * W;
                     let sr: &mut [f32; W] = (&mut st[j * BQ + c0..][..W]).try_into().unwrap();
                     let pr: &mut [f32; W] = (&mut dpt[j * BQ + c0..][..W]).try_into().unwrap();
@@ -798,15 +861,17 @@ unsafe fn backward_task<V: Tiles>(d_o: &[f32], fwd: &Saved, dm: &Dims, hd: Head,
     for i in 0..t {
         let base = (bb * t + i) * dm.h + hh;
         // SAFETY: head h of rows (b, *) of dq, dk, dv belong to this task only.
-        out.dq
-            .slice(base * dqk, dqk)
-            .copy_from_slice(&dqa[i * dqkp..][..dqk]);
-        out.dk
-            .slice(base * dqk, dqk)
-            .copy_from_slice(&dka[i * dqkp..][..dqk]);
-        out.dv
-            .slice(base * dv, dv)
-            .copy_from_slice(&dva[i * dvp..][..dv]);
+        copy_short(
+            out.dq.slice(base * dqk, dqk),
+            &dqa[i * dqkp..][..dqk],
+            false,
+        );
+        copy_short(
+            out.dk.slice(base * dqk, dqk),
+            &dka[i * dqkp..][..dqk],
+            false,
+        );
+        copy_short(out.dv.slice(base * dv, dv), &dva[i * dvp..][..dv], false);
     }
     scratch_put(scratch);
 }

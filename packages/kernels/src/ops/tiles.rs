@@ -40,6 +40,19 @@ pub trait Lanes: Copy {
     /// # Safety
     /// See [`Lanes::zero`].
     unsafe fn fma(a: Self, b: Self, c: Self) -> Self;
+    /// dst[c * ldd + r] = src[r * lds + c] for a 16 x 16 block (a plain copy, one element at a
+    /// time unless the type has a register transposition).
+    ///
+    /// # Safety
+    /// See [`Lanes::zero`]; both blocks lie in their allocations.
+    #[inline(always)]
+    unsafe fn transpose16(src: *const f32, lds: usize, dst: *mut f32, ldd: usize) {
+        for r in 0..W {
+            for c in 0..W {
+                *dst.add(c * ldd + r) = *src.add(r * lds + c);
+            }
+        }
+    }
 }
 
 /// The portable vector: 16 floats, each lane through `f32::mul_add` (a fused multiply-add in
@@ -100,6 +113,39 @@ impl Lanes for Z512 {
     #[inline(always)]
     unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
         Z512(_mm512_fmadd_ps(a.0, b.0, c.0))
+    }
+    /// In registers: unpacks pair rows, `shuffle_ps` makes 4 x 4 blocks within 128-bit lanes, and
+    /// two rounds of `shuffle_f32x4` move the lanes into place (64 shuffles for 256 floats).
+    #[inline(always)]
+    unsafe fn transpose16(src: *const f32, lds: usize, dst: *mut f32, ldd: usize) {
+        let r: [__m512; W] = std::array::from_fn(|i| _mm512_loadu_ps(src.add(i * lds)));
+        let mut t = [_mm512_setzero_ps(); W];
+        for i in 0..W / 2 {
+            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        // u[4g + k], 128-bit lane L: column 4L + k of rows 4g..4g+3.
+        let mut u = [_mm512_setzero_ps(); W];
+        for g in 0..4 {
+            let (a, b, c, d) = (t[4 * g], t[4 * g + 1], t[4 * g + 2], t[4 * g + 3]);
+            u[4 * g] = _mm512_shuffle_ps::<0x44>(a, c);
+            u[4 * g + 1] = _mm512_shuffle_ps::<0xEE>(a, c);
+            u[4 * g + 2] = _mm512_shuffle_ps::<0x44>(b, d);
+            u[4 * g + 3] = _mm512_shuffle_ps::<0xEE>(b, d);
+        }
+        for k in 0..4 {
+            let v0 = _mm512_shuffle_f32x4::<0x88>(u[k], u[4 + k]);
+            let v1 = _mm512_shuffle_f32x4::<0xDD>(u[k], u[4 + k]);
+            let x0 = _mm512_shuffle_f32x4::<0x88>(u[8 + k], u[12 + k]);
+            let x1 = _mm512_shuffle_f32x4::<0xDD>(u[8 + k], u[12 + k]);
+            _mm512_storeu_ps(dst.add(k * ldd), _mm512_shuffle_f32x4::<0x88>(v0, x0));
+            _mm512_storeu_ps(dst.add((4 + k) * ldd), _mm512_shuffle_f32x4::<0x88>(v1, x1));
+            _mm512_storeu_ps(dst.add((8 + k) * ldd), _mm512_shuffle_f32x4::<0xDD>(v0, x0));
+            _mm512_storeu_ps(
+                dst.add((12 + k) * ldd),
+                _mm512_shuffle_f32x4::<0xDD>(v1, x1),
+            );
+        }
     }
 }
 
@@ -399,6 +445,26 @@ mod tests {
             k1: k,
             v0: 0,
         });
+    }
+
+    unsafe fn transposed<V: Tiles>(src: &[f32], dst: &mut [f32]) {
+        V::transpose16(src.as_ptr().add(3), 21, dst.as_mut_ptr().add(1), 19);
+    }
+
+    by_level!(fn transpose_level(src: &[f32], dst: &mut [f32]) => transposed);
+
+    #[test]
+    fn transposition_moves_every_element() {
+        let src: Vec<f32> = (0..21 * 16).map(|i| i as f32).collect();
+        let mut want = vec![-1f32; 19 * 16 + 1];
+        for r in 0..16 {
+            for c in 0..16 {
+                want[1 + c * 19 + r] = src[3 + r * 21 + c];
+            }
+        }
+        let mut got = vec![-1f32; want.len()];
+        transpose_level(&src, &mut got);
+        assert_eq!(got, want);
     }
 
     by_level!(fn run_level(m: usize, nv: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32], add: bool) => run);

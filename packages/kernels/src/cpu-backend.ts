@@ -297,7 +297,7 @@ export class CpuBackend extends HostLifetimes implements Backend {
 
   /**
    * An f32 tensor's array, or a bf16 tensor decoded to f32 (a temporary copy) where the op takes
-   * BF16 inputs (`lowp`: bf16 GEMMs; attention always).
+   * BF16 inputs (`lowp`: bf16 GEMMs).
    */
   private values(t: Tensor, lowp = true): Float32Array {
     if (t.dtype !== "bf16" || !lowp) return f32(t);
@@ -308,7 +308,7 @@ export class CpuBackend extends HostLifetimes implements Backend {
 
   // Decoded BF16 operands live only for the duration of one native call, so a few grow-only
   // buffers, used round-robin, replace an allocation (and its zero fill) per operand. An op
-  // decodes at most five inputs (attention backward), fewer than the ring holds.
+  // decodes at most two inputs (a GEMM's), fewer than the ring holds.
   private readonly decodeRing: Float32Array[] = [];
   private decodeNext = 0;
   private decodeScratch(n: number): Float32Array {
@@ -434,11 +434,18 @@ export class CpuBackend extends HostLifetimes implements Backend {
     return { batch, seq, kvSeq, heads, dqk: q.cols / heads, dv: v.cols / heads, scale, precision };
   }
 
+  /** An attention input as the kernel reads it: f32 values, or a bf16 tensor's codes (decoded as
+   * it copies its tiles, with no f32 copy of the whole tensor). */
+  private attentionInput(t: Tensor): Float32Array | Uint16Array {
+    return t.dtype === "bf16" ? (host(t) as Uint16Array) : f32(t);
+  }
+
   attention(q: Tensor, k: Tensor, v: Tensor, o: AttentionOptions) {
     const out = this.out([q.rows, v.cols]);
     const lse = this.out([o.batch * o.heads * o.seq]);
     const dims = this.attentionDims(q, v, o);
-    this.n.attentionForward(this.values(q), this.values(k), this.values(v), dims, f32(out), f32(lse));
+    const [qv, kv, vv] = [q, k, v].map((t) => this.attentionInput(t));
+    this.n.attentionForward(qv, kv, vv, dims, f32(out), f32(lse));
     return { o: out, lse };
   }
 
@@ -454,12 +461,12 @@ export class CpuBackend extends HostLifetimes implements Backend {
     const dq = this.out(q.shape);
     const dk = this.out(k.shape);
     const dv = this.out(v.shape);
-    const dOv = this.values(dO);
+    const dOv = this.attentionInput(dO);
     const saved = {
-      q: this.values(q),
-      k: this.values(k),
-      v: this.values(v),
-      o: this.values(out),
+      q: this.attentionInput(q),
+      k: this.attentionInput(k),
+      v: this.attentionInput(v),
+      o: this.attentionInput(out),
       lse: f32(lse),
     };
     const grads = { dq: f32(dq), dk: f32(dk), dv: f32(dv) };

@@ -86,13 +86,68 @@ struct Head {
     h: usize,
 }
 
+/// An input array: f32 values, or BF16 codes (a bf16 tensor's storage), decoded as the tiles are
+/// copied instead of in a pass of their own. Codes are BF16 values already: rounding them again
+/// in bf16 precision would change nothing, so it is skipped.
+#[derive(Clone, Copy)]
+pub enum Src<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl Src<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Src::F32(x) => x.len(),
+            Src::Bf16(x) => x.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// dst = elements off.., BF16-rounded under `lowp`, 16 floats at a time (a short row: no
+    /// memcpy call).
+    #[inline(always)]
+    fn load(&self, off: usize, dst: &mut [f32], lowp: bool) {
+        let n = dst.len();
+        match *self {
+            Src::F32(x) => copy_short(dst, &x[off..][..n], lowp),
+            Src::Bf16(x) => {
+                for (o, &c) in dst.iter_mut().zip(&x[off..][..n]) {
+                    *o = f32::from_bits((c as u32) << 16);
+                }
+            }
+        }
+    }
+}
+
+impl<'a> From<&'a [f32]> for Src<'a> {
+    fn from(x: &'a [f32]) -> Self {
+        Src::F32(x)
+    }
+}
+
+impl<'a> From<&'a Vec<f32>> for Src<'a> {
+    fn from(x: &'a Vec<f32>) -> Self {
+        Src::F32(x)
+    }
+}
+
+impl<'a> From<&'a [u16]> for Src<'a> {
+    fn from(x: &'a [u16]) -> Self {
+        Src::Bf16(x)
+    }
+}
+
 /// What the backward pass reads of the forward: its inputs q, k, v and its outputs o and lse.
 #[derive(Clone, Copy)]
 pub struct Saved<'a> {
-    pub q: &'a [f32],
-    pub k: &'a [f32],
-    pub v: &'a [f32],
-    pub o: &'a [f32],
+    pub q: Src<'a>,
+    pub k: Src<'a>,
+    pub v: Src<'a>,
+    pub o: Src<'a>,
     pub lse: &'a [f32],
 }
 
@@ -171,57 +226,52 @@ fn copy_short(dst: &mut [f32], src: &[f32], lowp: bool) {
     }
 }
 
+/// Where element 0 of row r0 + i of head `hd.h` of batch `hd.b` lies in x [B*len, H*d].
+#[inline(always)]
+fn row_at(dm: &Dims, hd: Head, rs: Rows, i: usize) -> usize {
+    ((hd.b * rs.len + rs.r0 + i) * dm.h + hd.h) * rs.d
+}
+
 /// Rows of head `hd.h` of batch `hd.b` of x [B*len, H*d] into `out` with row stride `ld >= d`
 /// (columns d..ld zero), then zero rows up to `rows`; BF16-rounded in bf16 precision.
 #[inline(always)]
-fn copy_rows(x: &[f32], dm: &Dims, hd: Head, rs: Rows, ld: usize, rows: usize, out: &mut [f32]) {
-    let Rows { len, d, r0, n } = rs;
+fn copy_rows(x: Src, dm: &Dims, hd: Head, rs: Rows, ld: usize, rows: usize, out: &mut [f32]) {
+    let (d, n) = (rs.d, rs.n);
     for i in 0..n {
-        let src = &x[((hd.b * len + r0 + i) * dm.h + hd.h) * d..][..d];
         let dst = &mut out[i * ld..][..ld];
-        copy_short(&mut dst[..d], src, dm.lowp);
+        x.load(row_at(dm, hd, rs, i), &mut dst[..d], dm.lowp);
         dst[d..].fill(0.0);
     }
     out[n * ld..rows * ld].fill(0.0);
 }
 
-/// The same rows transposed: out[c * ld + i] (zero for i in n..cols). The transposition is a
-/// plain copy (16 x 16 blocks in registers where the vector type can); the rounding runs
-/// afterwards on whole rows of `out`, where it vectorises.
+/// `n` rows of `d` floats (row stride `lds`) transposed: out[c * ld + i], zero for i in n..cols;
+/// 16 x 16 blocks in registers where the vector type can.
 #[inline(always)]
-unsafe fn copy_cols<V: Tiles>(
+unsafe fn transpose<V: Tiles>(
     x: &[f32],
-    dm: &Dims,
-    hd: Head,
-    rs: Rows,
+    lds: usize,
+    (n, d): (usize, usize),
     ld: usize,
     cols: usize,
     out: &mut [f32],
 ) {
-    let Rows { len, d, r0, n } = rs;
-    let row = |i: usize| &x[((hd.b * len + r0 + i) * dm.h + hd.h) * d..][..d];
     let (n16, d16) = (n / W * W, d / W * W);
-    assert!(out.len() >= (d.max(1) - 1) * ld + n);
+    assert!(n == 0 || (x.len() >= (n - 1) * lds + d && out.len() >= (d.max(1) - 1) * ld + cols));
     for i in (0..n16).step_by(W) {
-        // The 16 rows i.. are in x (checked by `row`), each a row of H*d floats after the first.
-        let src = row(i).as_ptr();
-        let _ = row(i + W - 1);
         for c in (0..d16).step_by(W) {
-            V::transpose16(src.add(c), dm.h * d, out.as_mut_ptr().add(c * ld + i), ld);
+            let src = x.as_ptr().add(i * lds + c);
+            V::transpose16(src, lds, out.as_mut_ptr().add(c * ld + i), ld);
         }
     }
     for i in 0..n {
         let c0 = if i < n16 { d16 } else { 0 };
-        for (c, &v) in row(i).iter().enumerate().skip(c0) {
-            out[c * ld + i] = v;
+        for c in c0..d {
+            out[c * ld + i] = x[i * lds + c];
         }
     }
     for c in 0..d {
-        let row = &mut out[c * ld..][..cols];
-        if dm.lowp {
-            row[..n].iter_mut().for_each(|x| *x = round_bf16(*x));
-        }
-        row[n..].fill(0.0);
+        out[c * ld + n..c * ld + cols].fill(0.0);
     }
 }
 
@@ -240,9 +290,9 @@ fn row_max(x: &[f32; BK]) -> f32 {
 /// The forward's inputs.
 #[derive(Clone, Copy)]
 struct Inputs<'a> {
-    q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
+    q: Src<'a>,
+    k: Src<'a>,
+    v: Src<'a>,
 }
 
 /// The forward's outputs o and lse, written by disjoint tasks (see forward_task).
@@ -411,7 +461,24 @@ unsafe fn forward_task<V: Tiles>(x: Inputs, dm: &Dims, hd: Head, qb: usize, out:
         r0: i0,
         n: nq,
     };
-    copy_cols::<V>(x.q, dm, hd, qrows, BQ, nqr, qt);
+    // q^T: transposed from q's rows in place (then rounded), or from decoded codes in kt's space.
+    match x.q {
+        Src::F32(q) => {
+            let rows = &q[row_at(dm, hd, qrows, 0)..];
+            transpose::<V>(rows, dm.h * dqk, (nq, dqk), BQ, nqr, qt);
+            if lowp {
+                for c in 0..dqk {
+                    qt[c * BQ..][..nq]
+                        .iter_mut()
+                        .for_each(|x| *x = round_bf16(*x));
+                }
+            }
+        }
+        Src::Bf16(_) => {
+            copy_rows(x.q, dm, hd, qrows, dqk, nq, kt);
+            transpose::<V>(kt, dqk, (nq, dqk), BQ, nqr, qt);
+        }
+    }
     m.fill(NEG_INF);
     l.fill(0.0);
     acc[..nqr * dvp].fill(0.0);
@@ -509,26 +576,30 @@ by_level!(
 /// All the queries of one (batch, head) when there are few of them (a KV-cache decode step), one
 /// at a time: forward_task's arithmetic in its order, on one query instead of a vector lane of 16.
 /// Each tile of k is transposed into an L1-sized buffer (keys as lanes), the scores are the same
-/// chains of fused multiply-adds over the head dimension, the online softmax takes the same max and
-/// sums the same exponentials in key order, and o gets the same chains over the keys; v is read in
-/// place when it needs neither BF16 rounding nor padding. So each query's o and lse are the bits
+/// chains of fused multiply-adds over the head dimension, the softmax takes the same maxima and sums
+/// the same exponentials in key order (online in f32, after the final max in bf16), and o gets the
+/// same chains over the keys; v is read in place when it needs neither BF16 rounding nor padding. So each query's o and lse are the bits
 /// of its row in a full forward (attention_with_fewer_queries_... in tests.rs).
 #[inline(always)]
 unsafe fn decode_task<V: Tiles>(x: Inputs, dm: &Dims, hd: Head, out: ForwardOut) {
     let (bb, hh, nh) = (hd.b, hd.h, dm.h);
     let (t, tk, dqk, dv, dvp, lowp) = (dm.t, dm.tk, dm.dqk, dm.dv, dm.dvp(), dm.lowp);
-    let in_place = !lowp && dv == dvp;
-    let mut scratch = scratch_take(dqk + dqk * BK + BK * dvp + dm.tpad() + dvp);
+    let v_f32 = match x.v {
+        Src::F32(v) if !lowp && dv == dvp => Some(v),
+        _ => None,
+    };
+    let mut scratch = scratch_take(dqk + 2 * dqk * BK + BK * dvp + dm.tpad() + dvp);
     let mut buf = &mut scratch[..];
     let qr = carve(&mut buf, dqk);
+    let kr = carve(&mut buf, BK * dqk);
     let kt = carve(&mut buf, dqk * BK);
     let vt = carve(&mut buf, BK * dvp);
     let s = carve(&mut buf, dm.tpad());
     let acc = carve(&mut buf, dvp);
     // The rows of v for keys j0..j0+n, and their stride.
     let vrows = |j0: usize, n: usize, vt: &mut [f32]| -> (*const f32, usize) {
-        if in_place {
-            (v_at(x.v, dm, hd, j0), nh * dv)
+        if let Some(v) = v_f32 {
+            (v_at(v, dm, hd, j0), nh * dv)
         } else {
             copy_rows(
                 x.v,
@@ -549,22 +620,20 @@ unsafe fn decode_task<V: Tiles>(x: Inputs, dm: &Dims, hd: Head, out: ForwardOut)
     };
     for i in 0..t {
         let n = tk - t + i + 1; // the keys query i sees
-        for (d, &v) in qr
-            .iter_mut()
-            .zip(&x.q[((bb * t + i) * nh + hh) * dqk..][..dqk])
-        {
-            *d = rd(v, lowp);
-        }
-        // Scaled scores of keys 0..n, -inf beyond, a tile at a time (columns of kt past `valid`
-        // hold stale values, masked).
+        x.q.load(((bb * t + i) * nh + hh) * dqk, qr, lowp);
+        // Scaled scores of keys 0..n, -inf beyond, a tile at a time (k's rows, rounded, then
+        // transposed into kt: keys as lanes).
         for j0 in (0..n).step_by(BK) {
             let valid = BK.min(n - j0);
-            for j in 0..valid {
-                let src = &x.k[((bb * tk + j0 + j) * nh + hh) * dqk..][..dqk];
-                for (c, &v) in src.iter().enumerate() {
-                    kt[c * BK + j] = rd(v, lowp);
-                }
-            }
+            let krows = Rows {
+                len: tk,
+                d: dqk,
+                r0: j0,
+                n: valid,
+            };
+            let nkr = valid.div_ceil(W) * W;
+            copy_rows(x.k, dm, hd, krows, dqk, nkr, kr);
+            transpose::<V>(kr, dqk, (nkr, dqk), BK, BK, kt);
             let tile = Tile {
                 a: qr.as_ptr(),
                 ars: 0,
@@ -673,14 +742,15 @@ by_level!(
 
 /// o [B*T, H*dv] and lse [B*H*T] of causal softmax(q k^T * scale) v, the T queries of a batch at
 /// its last T of Tk key positions.
-pub fn attention_forward(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+pub fn attention_forward<'a>(
+    q: impl Into<Src<'a>>,
+    k: impl Into<Src<'a>>,
+    v: impl Into<Src<'a>>,
     dm: Dims,
     o: &mut [f32],
     lse: &mut [f32],
 ) -> R<()> {
+    let (q, k, v) = (q.into(), k.into(), v.into());
     dm.check(q.len(), k.len(), v.len())?;
     if o.len() != dm.b * dm.t * dm.h * dm.dv || lse.len() != dm.b * dm.h * dm.t {
         return Err("attention: output sizes do not match".into());
@@ -715,12 +785,12 @@ pub fn attention_forward(
 
 /// One (batch, head) of the backward pass; writes that head's columns of dq, dk, dv.
 #[inline(always)]
-unsafe fn backward_task<V: Tiles>(d_o: &[f32], fwd: &Saved, dm: &Dims, hd: Head, out: GradsOut) {
+unsafe fn backward_task<V: Tiles>(d_o: Src, fwd: &Saved, dm: &Dims, hd: Head, out: GradsOut) {
     let (bb, hh) = (hd.b, hd.h);
     let (t, dqk, dv, lowp, scale) = (dm.t, dm.dqk, dm.dv, dm.lowp, dm.scale);
     let (dqkp, dvp) = (dm.dqkp(), dm.dvp());
     let tp = t.div_ceil(BQ) * BQ;
-    let len = 4 * tp * dqkp + dqk * tp + 3 * tp * dvp + dv * tp + 2 * tp + 2 * BK * BQ;
+    let len = 4 * tp * dqkp + dqk * tp + 3 * tp * dvp + dv * tp + 2 * tp + 2 * BK * BQ + dv;
     let mut scratch = scratch_take(len);
     let mut buf = &mut scratch[..];
     let qr = carve(&mut buf, tp * dqkp);
@@ -736,6 +806,7 @@ unsafe fn backward_task<V: Tiles>(d_o: &[f32], fwd: &Saved, dm: &Dims, hd: Head,
     let dqa = carve(&mut buf, tp * dqkp);
     let dka = carve(&mut buf, tp * dqkp);
     let dva = carve(&mut buf, tp * dvp);
+    let orow = carve(&mut buf, dv);
     let rq = Rows {
         len: t,
         d: dqk,
@@ -744,11 +815,11 @@ unsafe fn backward_task<V: Tiles>(d_o: &[f32], fwd: &Saved, dm: &Dims, hd: Head,
     };
     let rv = Rows { d: dv, ..rq };
     copy_rows(fwd.q, dm, hd, rq, dqkp, tp, qr);
-    copy_cols::<V>(fwd.q, dm, hd, rq, tp, tp, qt);
+    transpose::<V>(qr, dqkp, (t, dqk), tp, tp, qt);
     copy_rows(fwd.k, dm, hd, rq, dqkp, tp, kr);
     copy_rows(fwd.v, dm, hd, rv, dvp, tp, vr);
     copy_rows(d_o, dm, hd, rv, dvp, tp, dor);
-    copy_cols::<V>(d_o, dm, hd, rv, tp, tp, dot);
+    transpose::<V>(dor, dvp, (t, dv), tp, tp, dot);
     // D_i = dO_i . o_i (dO rounded in bf16 precision, o as stored); queries past T read D = 0 and
     // lse = inf, so that their P and dS are 0.
     for (i, d) in dd.iter_mut().enumerate() {
@@ -756,7 +827,7 @@ unsafe fn backward_task<V: Tiles>(d_o: &[f32], fwd: &Saved, dm: &Dims, hd: Head,
             *d = 0.0;
             continue;
         }
-        let orow = &fwd.o[((bb * t + i) * dm.h + hh) * dv..][..dv];
+        fwd.o.load(((bb * t + i) * dm.h + hh) * dv, orow, false);
         let drow = &dor[i * dvp..][..dv];
         let mut a = [0f32; 8];
         let mut c = 0;
@@ -878,11 +949,17 @@ unsafe fn backward_task<V: Tiles>(d_o: &[f32], fwd: &Saved, dm: &Dims, hd: Head,
 
 by_level!(
     /// backward_task on the widest vectors the CPU has.
-    fn backward_head(d_o: &[f32], fwd: &Saved, dm: &Dims, hd: Head, out: GradsOut) => backward_task
+    fn backward_head(d_o: Src, fwd: &Saved, dm: &Dims, hd: Head, out: GradsOut) => backward_task
 );
 
 /// dq, dk, dv of causal attention from dO and what the forward saved.
-pub fn attention_backward(d_o: &[f32], fwd: Saved, dm: Dims, g: Grads) -> R<()> {
+pub fn attention_backward<'a>(
+    d_o: impl Into<Src<'a>>,
+    fwd: Saved<'a>,
+    dm: Dims,
+    g: Grads,
+) -> R<()> {
+    let d_o = d_o.into();
     let Saved { q, k, v, o, lse } = fwd;
     let Grads { dq, dk, dv } = g;
     if dm.tk != dm.t {

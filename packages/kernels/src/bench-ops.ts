@@ -22,6 +22,9 @@ export interface BenchOpsRow {
   backend: string;
   /** Median wall time of one call, milliseconds. */
   ms: number;
+  /** For the attention ops: the causal useful arithmetic (2 flops a multiply-add, masked half
+   * not counted) per second at that median, in GFLOP/s. */
+  gflops?: number;
 }
 
 /** The tiny model's shapes used by the bench. */
@@ -69,7 +72,14 @@ function ints(n: number, max: number, seed: number): Int32Array {
   return a;
 }
 
-type Case = [name: string, run: () => void];
+/** A timed op: its name, one call, and (attention) the useful flops of one call. */
+type Case = [name: string, run: () => void, flops?: number];
+
+/** Multiply-adds of causal attention over `pairs` (query, key) pairs, as flops: the forward
+ * computes q.k and p.v per pair, the backward q.k, dO.v, p.dO (dv), dS.q (dk) and dS.k (dq). */
+function attentionFlops(pairs: number, dqk: number, dv: number) {
+  return { forward: 2 * pairs * (dqk + dv), backward: 2 * pairs * (3 * dqk + 2 * dv) };
+}
 
 /** Builds the inputs (long-lived, released by the returned `dispose`) and the timed closures. */
 function cases(b: Backend): { list: Case[]; dispose: () => void } {
@@ -104,6 +114,8 @@ function cases(b: Backend): { list: Case[]; dispose: () => void } {
   const attn = { batch: T.batch, seq: T.seq, heads: T.heads, scale: 1 / Math.sqrt(T.dqk) };
   const rope = { heads: T.heads, width: T.dqk, offset: T.dnope, dim: T.drope, seqLen: T.seq, theta: 10000 };
   const slice = { heads: T.heads, width: T.dqk, start: T.dnope, len: T.drope };
+  const flops = attentionFlops((T.batch * T.heads * T.seq * (T.seq + 1)) / 2, T.dqk, T.dv);
+  const decodeFlops = attentionFlops(T.batch * T.heads * T.seq, T.dqk, T.dv).forward;
 
   // Forward results the backward ops consume.
   const fwd = b.rmsnorm(x, w, 1e-6);
@@ -171,19 +183,30 @@ function cases(b: Backend): { list: Case[]; dispose: () => void } {
     ["headSlice", () => b.headSlice(q, slice)],
     ["headScatterAdd", () => b.headScatterAdd(b.zeros(q.shape), sliced, slice)],
     ["headConcat", () => b.headConcat(qnope, kpe, T.heads, 1)],
-    ["attention f32", () => b.attention(q, k, v, { ...attn, precision: "f32" })],
+    ["attention f32", () => b.attention(q, k, v, { ...attn, precision: "f32" }), flops.forward],
     [
       "attentionBackward f32",
       () => b.attentionBackward(dO, q, k, v, att.o, att.lse, { ...attn, precision: "f32" }),
+      flops.backward,
     ],
-    ["attention bf16", () => b.attention(q, k, v, { ...attn, precision: "bf16" })],
+    ["attention bf16", () => b.attention(q, k, v, { ...attn, precision: "bf16" }), flops.forward],
     [
       "attention decode f32 (1 query, seq keys)",
       () => b.attention(qStep, k, v, { ...attn, seq: 1, kvSeq: T.seq, precision: "f32" }),
+      decodeFlops,
     ],
     [
       "attentionBackward bf16",
       () => b.attentionBackward(dO, q, k, v, att16.o, att16.lse, { ...attn, precision: "bf16" }),
+      flops.backward,
+    ],
+    [
+      "attention forward+backward bf16",
+      () => {
+        const a = b.attention(q, k, v, { ...attn, precision: "bf16" });
+        b.attentionBackward(dO, q, k, v, a.o, a.lse, { ...attn, precision: "bf16" });
+      },
+      flops.forward + flops.backward,
     ],
     ["swiglu", () => b.swiglu(g, u)],
     ["swigluBackward", () => b.swigluBackward(u, g, u)],
@@ -243,7 +266,7 @@ function benchOne(backend: Backend, opts: BenchOpsOptions): BenchOpsRow[] {
   const { list, dispose } = backend.scope(() => cases(backend));
   const rows: BenchOpsRow[] = [];
   try {
-    for (const [op, run] of list) {
+    for (const [op, run, flops] of list) {
       if (opts.ops && !opts.ops.includes(op)) continue;
       for (let i = 0; i < warmup; i++) backend.scope(run);
       const times: number[] = [];
@@ -254,7 +277,10 @@ function benchOne(backend: Backend, opts: BenchOpsOptions): BenchOpsRow[] {
         times.push(performance.now() - t0);
       }
       times.sort((a, b) => a - b);
-      rows.push({ op, backend: backend.name, ms: times[Math.floor(times.length / 2)] });
+      const ms = times[Math.floor(times.length / 2)];
+      const row: BenchOpsRow = { op, backend: backend.name, ms };
+      if (flops) row.gflops = Math.round(flops / ms / 1e5) / 10;
+      rows.push(row);
     }
   } finally {
     dispose();

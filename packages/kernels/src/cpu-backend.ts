@@ -299,22 +299,18 @@ export class CpuBackend extends HostLifetimes implements Backend {
 
   /**
    * An f32 tensor's array, or a bf16 tensor decoded to f32 (a temporary copy) where the op takes
-   * BF16 inputs (`lowp`: bf16 GEMMs; attention always). `rows`: only the first rows.
+   * BF16 inputs (`lowp`: bf16 GEMMs).
    */
-  private values(t: Tensor, lowp = true, rows = t.rows): Float32Array {
-    const size = rows * t.cols;
-    if (t.dtype !== "bf16" || !lowp) {
-      const x = f32(t);
-      return size === x.length ? x : x.subarray(0, size);
-    }
-    const x = this.decodeScratch(size);
-    this.n.castBf16ToF32((host(t) as Uint16Array).subarray(0, size), x);
+  private values(t: Tensor, lowp = true): Float32Array {
+    if (t.dtype !== "bf16" || !lowp) return f32(t);
+    const x = this.decodeScratch(t.size);
+    this.n.castBf16ToF32(host(t) as Uint16Array, x);
     return x;
   }
 
   // Decoded BF16 operands live only for the duration of one native call, so a few grow-only
   // buffers, used round-robin, replace an allocation (and its zero fill) per operand. An op
-  // decodes at most five inputs (attention backward), fewer than the ring holds.
+  // decodes at most two inputs (a GEMM's), fewer than the ring holds.
   private readonly decodeRing: Float32Array[] = [];
   private decodeNext = 0;
   private decodeScratch(n: number): Float32Array {
@@ -440,6 +436,16 @@ export class CpuBackend extends HostLifetimes implements Backend {
     return { batch, seq, kvSeq, heads, dqk: q.cols / heads, dv: v.cols / heads, scale, precision };
   }
 
+  /**
+   * An attention input as the kernel reads it: f32 values, or a bf16 tensor's codes (decoded as it
+   * copies its tiles, with no f32 copy of the whole tensor); only the first `rows` (a longer KV
+   * cache is read in place).
+   */
+  private attentionInput(t: Tensor, rows = t.rows): Float32Array | Uint16Array {
+    const x = t.dtype === "bf16" ? (host(t) as Uint16Array) : f32(t);
+    return rows === t.rows ? x : x.subarray(0, rows * t.cols);
+  }
+
   attention(q: Tensor, k: Tensor, v: Tensor, o: AttentionOptions) {
     const bad = attentionRowsError(q.rows, k.rows, v.rows, o);
     if (bad) throw new Error(bad);
@@ -448,14 +454,8 @@ export class CpuBackend extends HostLifetimes implements Backend {
     const dims = this.attentionDims(q, v, o);
     // The first batch*kvSeq rows of k and v (a longer KV cache is read in place, not copied).
     const n = o.batch * (o.kvSeq ?? o.seq);
-    this.n.attentionForward(
-      this.values(q),
-      this.values(k, true, n),
-      this.values(v, true, n),
-      dims,
-      f32(out),
-      f32(lse),
-    );
+    const [qv, kv, vv] = [this.attentionInput(q), this.attentionInput(k, n), this.attentionInput(v, n)];
+    this.n.attentionForward(qv, kv, vv, dims, f32(out), f32(lse));
     return { o: out, lse };
   }
 
@@ -471,12 +471,12 @@ export class CpuBackend extends HostLifetimes implements Backend {
     const dq = this.out(q.shape);
     const dk = this.out(k.shape);
     const dv = this.out(v.shape);
-    const dOv = this.values(dO);
+    const dOv = this.attentionInput(dO);
     const saved = {
-      q: this.values(q),
-      k: this.values(k),
-      v: this.values(v),
-      o: this.values(out),
+      q: this.attentionInput(q),
+      k: this.attentionInput(k),
+      v: this.attentionInput(v),
+      o: this.attentionInput(out),
       lse: f32(lse),
     };
     const grads = { dq: f32(dq), dk: f32(dk), dv: f32(dv) };

@@ -91,17 +91,38 @@ describe("cpu backend determinism", () => {
   });
 });
 
-/** The digests of test/simd-fingerprint.ts computed in a child process under `MOE8_SIMD=level`. */
-async function childFingerprint(level: string): Promise<{ simd: string; digest: string; gemm: string }> {
+/**
+ * The digests of test/simd-fingerprint.ts computed in a child process under `MOE8_SIMD=level`
+ * (empty: the widest level) and `env`.
+ */
+async function childFingerprint(
+  level: string,
+  env: Record<string, string> = {},
+): Promise<{ simd: string; threads: number; digest: string; gemm: string }> {
   const { execFileSync } = await import("node:child_process");
   const { fileURLToPath } = await import("node:url");
   const script = fileURLToPath(new URL("./simd-fingerprint.ts", import.meta.url));
   const out = execFileSync(process.execPath, ["--import", "tsx", script], {
-    env: { ...process.env, MOE8_SIMD: level },
+    env: { ...process.env, MOE8_SIMD: level, ...env },
     encoding: "utf8",
   });
   return JSON.parse(out.trim().split("\n").at(-1)!);
 }
+
+describe("cpu backend thread counts", () => {
+  // Attention splits its work by (batch, head, query block), the GEMMs by tiles of C, the
+  // reductions by fixed blocks: none of it depends on how many threads take the pieces.
+  it("one thread and three compute the bits of the default pool, attention and GEMMs included", async () => {
+    const { fingerprint, gemmFingerprint } = await import("./simd-fingerprint.ts");
+    const [digest, gemm] = [await fingerprint(), await gemmFingerprint()];
+    for (const threads of ["1", "3"]) {
+      const child = await childFingerprint("", { RAYON_NUM_THREADS: threads });
+      expect(child.threads).toBe(Number(threads));
+      expect(child.digest).toBe(digest);
+      expect(child.gemm).toBe(gemm);
+    }
+  });
+});
 
 describe("cpu backend SIMD levels", () => {
   it("the baseline (MOE8_SIMD=scalar) kernels compute the same bits as the dispatched SIMD ones", async () => {

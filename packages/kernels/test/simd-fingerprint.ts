@@ -124,6 +124,7 @@ if (process.argv[1]?.endsWith("simd-fingerprint.ts"))
   console.log(
     JSON.stringify({
       simd: requireNative().info().simd,
+      threads: requireNative().info().threads,
       digest: await fingerprint(),
       gemm: await gemmFingerprint(),
     }),

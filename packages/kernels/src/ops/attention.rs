@@ -1,24 +1,45 @@
 //! Causal attention, forward and backward, as packages/tensor/src/ts/nn.ts defines it, computed
-//! flash-attention style in 64x64 tiles with f32 accumulation.
+//! FlashAttention-style in 64 x 64 tiles with f32 arithmetic, every tile product on the SIMD
+//! micro-kernels of `tiles.rs` (fused multiply-add chains in a fixed order).
 //!
 //! Layouts: q [B*T, H*dqk], o [B*T, H*dv] (row b*T+i, head h at column h*d); k [B*Tk, H*dqk], v
 //! [B*Tk, H*dv]; lse [B*H*T]. Tk = T but in the forward of a KV-cache decode step, which has fewer
-//! queries than keys, the queries at the last positions: query i sees keys 0..Tk-T+i (decode_task).
-//! Forward: one task per (batch, head, 64-query block); an online softmax over the key tiles up to
-//! the diagonal. In `bf16` precision q, k, v are rounded to BF16 and the *normalised*
-//! probabilities are rounded before the P.V product (the reference's rounding point), which needs
-//! the row's max and normaliser first: a first pass over the key tiles finds them, a second
-//! accumulates P.V. Backward: one task per (batch, head); P is recomputed from lse tile by tile
-//! (P = exp(s * scale - lse)); dS = P (dP - D) with D = rowsum(dO * o), rounded to BF16 (and P
-//! too) in `bf16` precision as the reference does. Every reduction runs in a fixed order, so the
-//! results are bit-for-bit repeatable and identical at every SIMD level.
+//! queries than keys, the queries at the last positions: query i sees keys 0..Tk-T+i.
+//!
+//! Tiles hold scores transposed, keys by queries (`s[j][r]`), so that a query is a vector lane:
+//! the softmax's max and sum over keys are vertical operations, and q.k^T is the micro-kernel's
+//! product of the key rows (broadcast) with q^T, which each task transposes once, while the keys
+//! and values of a tile are plain row copies.
+//!
+//! Forward: one task per (batch, head, 64-query block), over the key tiles up to its last query's
+//! position: s = k q^T, scaled and masked; an online softmax per query (running max m and
+//! normaliser l = l * exp(m_old - m) + the tile's exp(s - m), summed in key order); o += P v after
+//! scaling o by the same factor. In `bf16` precision q, k, v are rounded to BF16 and the
+//! *normalised* probabilities are rounded before the P.V product (the reference's rounding point),
+//! which needs each query's final max and normaliser first: the task keeps its block's scores
+//! (64 x Tk floats) and runs the P.V products after the last tile. A decode step with fewer than 16
+//! queries runs decode_task instead, one query at a time, with the same arithmetic in the same
+//! order, so its rows are the full forward's bit for bit.
+//!
+//! Backward: one task per (batch, head), over query blocks and, within one, its key tiles in order;
+//! P is recomputed from lse (P = exp(s * scale - lse)); dS = P (dP - D) with D = rowsum(dO * o),
+//! rounded to BF16 (and P too) in `bf16` precision as the reference does; dV += P^T dO, dK += dS^T
+//! q and dQ += dS k tile by tile, each element of them one chain over the tiles in order.
+//!
+//! Products skip the masked corner of the diagonal tiles (see tiles.rs: the skipped terms are exact
+//! zeros). Scratch is one per-thread buffer, grown on demand and kept, so a call allocates nothing
+//! once warm. Every sum runs in a fixed order that depends on the shapes only: the results are
+//! bit-for-bit repeatable whatever the thread count, and identical at every SIMD level.
 
 use super::nn::R;
-use super::util::{exp_f32, multiversion, round_bf16, SendPtr};
+use super::tiles::{by_level, product, row_product, Span, Tile, Tiles, W};
+use super::util::{exp_f32, round_bf16, SendPtr};
 use rayon::prelude::*;
+use std::cell::RefCell;
 
 const BQ: usize = 64;
 const BK: usize = 64;
+const NEG_INF: f32 = f32::NEG_INFINITY;
 
 #[derive(Clone, Copy)]
 pub struct Dims {
@@ -65,20 +86,68 @@ struct Head {
     h: usize,
 }
 
-/// A row-major matrix (or a tile of one) with row stride `ld`.
+/// An input array: f32 values, or BF16 codes (a bf16 tensor's storage), decoded as the tiles are
+/// copied instead of in a pass of their own. Codes are BF16 values already: rounding them again
+/// in bf16 precision would change nothing, so it is skipped.
 #[derive(Clone, Copy)]
-struct Mat<'a> {
-    x: &'a [f32],
-    ld: usize,
+pub enum Src<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl Src<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Src::F32(x) => x.len(),
+            Src::Bf16(x) => x.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// dst = elements off.., BF16-rounded under `lowp`, 16 floats at a time (a short row: no
+    /// memcpy call).
+    #[inline(always)]
+    fn load(&self, off: usize, dst: &mut [f32], lowp: bool) {
+        let n = dst.len();
+        match *self {
+            Src::F32(x) => copy_short(dst, &x[off..][..n], lowp),
+            Src::Bf16(x) => {
+                for (o, &c) in dst.iter_mut().zip(&x[off..][..n]) {
+                    *o = f32::from_bits((c as u32) << 16);
+                }
+            }
+        }
+    }
+}
+
+impl<'a> From<&'a [f32]> for Src<'a> {
+    fn from(x: &'a [f32]) -> Self {
+        Src::F32(x)
+    }
+}
+
+impl<'a> From<&'a Vec<f32>> for Src<'a> {
+    fn from(x: &'a Vec<f32>) -> Self {
+        Src::F32(x)
+    }
+}
+
+impl<'a> From<&'a [u16]> for Src<'a> {
+    fn from(x: &'a [u16]) -> Self {
+        Src::Bf16(x)
+    }
 }
 
 /// What the backward pass reads of the forward: its inputs q, k, v and its outputs o and lse.
 #[derive(Clone, Copy)]
 pub struct Saved<'a> {
-    pub q: &'a [f32],
-    pub k: &'a [f32],
-    pub v: &'a [f32],
-    pub o: &'a [f32],
+    pub q: Src<'a>,
+    pub k: Src<'a>,
+    pub v: Src<'a>,
+    pub o: Src<'a>,
     pub lse: &'a [f32],
 }
 
@@ -98,150 +167,132 @@ fn rd(x: f32, lowp: bool) -> f32 {
     }
 }
 
-/// Copies head `hd.h` of batch `hd.b` of x [B*n, H*d] into rows [n, dp] (zero-padded to `rows`
-/// rows of `dp >= d` columns), BF16-rounded in bf16 precision.
-#[allow(clippy::too_many_arguments)]
-fn gather_rows(
-    x: &[f32],
-    dm: &Dims,
-    hd: Head,
-    n: usize,
-    d: usize,
-    dp: usize,
-    rows: usize,
-    out: &mut [f32],
-) {
-    out[..rows * dp].fill(0.0);
-    for i in 0..n {
-        let src = &x[((hd.b * n + i) * dm.h + hd.h) * d..][..d];
-        for (o, &v) in out[i * dp..][..d].iter_mut().zip(src) {
-            *o = rd(v, dm.lowp);
-        }
-    }
+thread_local! {
+    /// Per-thread scratch of the attention tasks, grown on demand and kept.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Head `hd.h` of batch `hd.b` of x [B*n, H*d], transposed to [d, ld] (zero beyond n),
-/// BF16-rounded in bf16 precision.
-fn gather_transposed(
-    x: &[f32],
-    dm: &Dims,
-    hd: Head,
-    n: usize,
-    d: usize,
-    ld: usize,
-    out: &mut [f32],
-) {
-    out[..d * ld].fill(0.0);
-    for i in 0..n {
-        let src = &x[((hd.b * n + i) * dm.h + hd.h) * d..][..d];
-        for (c, &v) in src.iter().enumerate() {
-            out[c * ld + i] = rd(v, dm.lowp);
-        }
+/// The thread's scratch with at least `len` floats (contents unspecified), taken out of its slot
+/// until [`scratch_put`] gives it back (a nested use would allocate, never share it).
+fn scratch_take(len: usize) -> Vec<f32> {
+    let mut buf = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    if buf.len() < len {
+        buf.resize(len, 0.0);
     }
+    buf
 }
 
-/// s[r, 0..BK] = sum_{c<d} a[r, c] * bt[c, j0..j0+BK] for r < nr (nr a multiple of 4).
+fn scratch_put(buf: Vec<f32>) {
+    SCRATCH.with(|s| {
+        let mut slot = s.borrow_mut();
+        if slot.len() < buf.len() {
+            *slot = buf;
+        }
+    });
+}
+
+/// The first `n` floats of `buf`, which keeps the rest.
 #[inline(always)]
-fn tile_product(a: Mat, nr: usize, d: usize, bt: Mat, j0: usize, s: &mut [f32]) {
-    let (Mat { x: a, ld: lda }, Mat { x: bt, ld }) = (a, bt);
-    let mut r = 0;
-    while r < nr {
-        let mut acc = [[0f32; BK]; 4];
-        for c in 0..d {
-            let brow: &[f32; BK] = bt[c * ld + j0..][..BK].try_into().unwrap();
-            let a0 = a[r * lda + c];
-            let a1 = a[(r + 1) * lda + c];
-            let a2 = a[(r + 2) * lda + c];
-            let a3 = a[(r + 3) * lda + c];
-            for j in 0..BK {
-                acc[0][j] += a0 * brow[j];
-                acc[1][j] += a1 * brow[j];
-                acc[2][j] += a2 * brow[j];
-                acc[3][j] += a3 * brow[j];
-            }
+fn carve<'a>(buf: &mut &'a mut [f32], n: usize) -> &'a mut [f32] {
+    let (a, b) = std::mem::take(buf).split_at_mut(n);
+    *buf = b;
+    a
+}
+
+/// Which rows of a head one copy takes: rows `r0..r0+n` of `len` per batch, `d` values each.
+#[derive(Clone, Copy)]
+struct Rows {
+    len: usize,
+    d: usize,
+    r0: usize,
+    n: usize,
+}
+
+/// dst = src, BF16-rounded under `lowp`, 16 floats at a time (a short row: no memcpy call).
+#[inline(always)]
+fn copy_short(dst: &mut [f32], src: &[f32], lowp: bool) {
+    let mut d = dst.chunks_exact_mut(W);
+    let mut s = src.chunks_exact(W);
+    for (o, i) in (&mut d).zip(&mut s) {
+        let o: &mut [f32; W] = o.try_into().unwrap();
+        let i: &[f32; W] = i.try_into().unwrap();
+        *o = *i;
+        if lowp {
+            o.iter_mut().for_each(|x| *x = round_bf16(*x));
         }
-        for (q, row) in acc.iter().enumerate() {
-            s[(r + q) * BK..][..BK].copy_from_slice(row);
+    }
+    for (o, &i) in d.into_remainder().iter_mut().zip(s.remainder()) {
+        *o = rd(i, lowp);
+    }
+}
+
+/// Where element 0 of row r0 + i of head `hd.h` of batch `hd.b` lies in x [B*len, H*d].
+#[inline(always)]
+fn row_at(dm: &Dims, hd: Head, rs: Rows, i: usize) -> usize {
+    ((hd.b * rs.len + rs.r0 + i) * dm.h + hd.h) * rs.d
+}
+
+/// Rows of head `hd.h` of batch `hd.b` of x [B*len, H*d] into `out` with row stride `ld >= d`
+/// (columns d..ld zero), then zero rows up to `rows`; BF16-rounded in bf16 precision.
+#[inline(always)]
+fn copy_rows(x: Src, dm: &Dims, hd: Head, rs: Rows, ld: usize, rows: usize, out: &mut [f32]) {
+    let (d, n) = (rs.d, rs.n);
+    for i in 0..n {
+        let dst = &mut out[i * ld..][..ld];
+        x.load(row_at(dm, hd, rs, i), &mut dst[..d], dm.lowp);
+        dst[d..].fill(0.0);
+    }
+    out[n * ld..rows * ld].fill(0.0);
+}
+
+/// `n` rows of `d` floats (row stride `lds`) transposed: out[c * ld + i], zero for i in n..cols;
+/// 16 x 16 blocks in registers where the vector type can.
+#[inline(always)]
+unsafe fn transpose<V: Tiles>(
+    x: &[f32],
+    lds: usize,
+    (n, d): (usize, usize),
+    ld: usize,
+    cols: usize,
+    out: &mut [f32],
+) {
+    let (n16, d16) = (n / W * W, d / W * W);
+    assert!(n == 0 || (x.len() >= (n - 1) * lds + d && out.len() >= (d.max(1) - 1) * ld + cols));
+    for i in (0..n16).step_by(W) {
+        for c in (0..d16).step_by(W) {
+            let src = x.as_ptr().add(i * lds + c);
+            V::transpose16(src, lds, out.as_mut_ptr().add(c * ld + i), ld);
         }
-        r += 4;
+    }
+    for i in 0..n {
+        let c0 = if i < n16 { d16 } else { 0 };
+        for c in c0..d {
+            out[c * ld + i] = x[i * lds + c];
+        }
+    }
+    for c in 0..d {
+        out[c * ld + n..c * ld + cols].fill(0.0);
     }
 }
 
 #[inline(always)]
 fn row_max(x: &[f32; BK]) -> f32 {
-    let mut m = [f32::NEG_INFINITY; 16];
+    let mut m = [NEG_INF; 16];
     for c in x.chunks_exact(16) {
         let c: &[f32; 16] = c.try_into().unwrap();
         for l in 0..16 {
             m[l] = if c[l] > m[l] { c[l] } else { m[l] };
         }
     }
-    m.iter()
-        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+    m.iter().fold(NEG_INF, |a, &b| if b > a { b } else { a })
 }
 
-#[inline(always)]
-fn row_sum(x: &[f32; BK]) -> f32 {
-    let mut s = [0f32; 16];
-    for c in x.chunks_exact(16) {
-        let c: &[f32; 16] = c.try_into().unwrap();
-        for l in 0..16 {
-            s[l] += c[l];
-        }
-    }
-    let mut t = 0f32;
-    for v in s {
-        t += v;
-    }
-    t
-}
-
-/// y[0..16] += sum over j < n of a[j * sa] * x[j * ldx ..][..16], with four independent add
-/// chains (j mod 4) combined at the end in a fixed order.
-#[inline(always)]
-fn gemv16(y: &mut [f32], a: &[f32], sa: usize, x: &[f32], ldx: usize, n: usize) {
-    // Four separate accumulator rows (not one 2-D array), so that LLVM keeps them in registers
-    // instead of spilling them to the stack every iteration.
-    let (mut c0, mut c1, mut c2, mut c3) = ([0f32; 16], [0f32; 16], [0f32; 16], [0f32; 16]);
-    #[inline(always)]
-    fn axpy(c: &mut [f32; 16], a: f32, x: &[f32]) {
-        let x: &[f32; 16] = x[..16].try_into().unwrap();
-        for l in 0..16 {
-            c[l] += a * x[l];
-        }
-    }
-    let mut j = 0;
-    while j + 4 <= n {
-        axpy(&mut c0, a[j * sa], &x[j * ldx..]);
-        axpy(&mut c1, a[(j + 1) * sa], &x[(j + 1) * ldx..]);
-        axpy(&mut c2, a[(j + 2) * sa], &x[(j + 2) * ldx..]);
-        axpy(&mut c3, a[(j + 3) * sa], &x[(j + 3) * ldx..]);
-        j += 4;
-    }
-    for jj in j..n {
-        axpy(&mut c0, a[jj * sa], &x[jj * ldx..]);
-    }
-    let yr: &mut [f32; 16] = (&mut y[..16]).try_into().unwrap();
-    for l in 0..16 {
-        yr[l] += (c0[l] + c1[l]) + (c2[l] + c3[l]);
-    }
-}
-
-/// y += sum over j < n of a[j * sa] * x[j * ldx ..][..y.len()]; y.len() is a multiple of 16.
-#[inline(always)]
-fn gemv_acc(y: &mut [f32], a: &[f32], sa: usize, x: &[f32], ldx: usize, n: usize) {
-    for c0 in (0..y.len()).step_by(16) {
-        gemv16(&mut y[c0..], a, sa, &x[c0..], ldx, n);
-    }
-}
-
-/// Scales the scores of row `r` (query `i`) of a tile starting at key `j0`, masking j > i to -inf.
-#[inline(always)]
-fn scaled_masked(s: &mut [f32; BK], scale: f32, valid: usize) {
-    for (j, v) in s.iter_mut().enumerate() {
-        let x = *v * scale;
-        *v = if j < valid { x } else { f32::NEG_INFINITY };
-    }
+/// The forward's inputs.
+#[derive(Clone, Copy)]
+struct Inputs<'a> {
+    q: Src<'a>,
+    k: Src<'a>,
+    v: Src<'a>,
 }
 
 /// The forward's outputs o and lse, written by disjoint tasks (see forward_task).
@@ -259,175 +310,447 @@ struct GradsOut {
     dv: SendPtr<f32>,
 }
 
-multiversion! {
-    /// One (batch, head, query block) of the forward pass; writes o rows and lse entries.
-    fn forward_task(
-        q: &[f32], kt: &[f32], vv: &[f32], dm: &Dims, hd: Head, qb: usize, out: ForwardOut,
-    ) {
-        let ForwardOut { o, lse } = out;
-        let (bb, hh) = (hd.b, hd.h);
-        let (t, dqk, dv, dvp, ld) = (dm.t, dm.dqk, dm.dv, dm.dvp(), dm.tpad());
-        let i0 = qb * BQ;
-        let nq = BQ.min(t - i0);
-        let nq4 = nq.div_ceil(4) * 4;
-        let mut qt = vec![0f32; nq4 * dqk];
-        for r in 0..nq {
-            let src = &q[((bb * t + i0 + r) * dm.h + hh) * dqk..][..dqk];
-            for (d, &v) in qt[r * dqk..][..dqk].iter_mut().zip(src) { *d = rd(v, dm.lowp); }
-        }
-        let mut s = vec![0f32; BQ * BK];
-        let mut m = [f32::NEG_INFINITY; BQ];
-        let mut l = [0f32; BQ];
-        let mut acc = vec![0f32; nq * dvp];
-        let last = (i0 + nq - 1) / BK;
-        // Pass 1 (and, in f32, the only pass): online max and normaliser, with P.V in f32.
-        for kb in 0..=last {
-            let j0 = kb * BK;
-            tile_product(Mat { x: &qt, ld: dqk }, nq4, dqk, Mat { x: kt, ld }, j0, &mut s);
-            for r in 0..nq {
-                let i = i0 + r;
-                if i < j0 { continue; }
-                let valid = (i + 1 - j0).min(BK);
-                let sr: &mut [f32; BK] = (&mut s[r * BK..][..BK]).try_into().unwrap();
-                scaled_masked(sr, dm.scale, valid);
-                let mnew = { let mx = row_max(sr); if mx > m[r] { mx } else { m[r] } };
-                let alpha = exp_f32(m[r] - mnew);
-                for v in sr.iter_mut() { *v = exp_f32(*v - mnew); }
-                l[r] = l[r] * alpha + row_sum(sr);
-                m[r] = mnew;
-                if !dm.lowp {
-                    let ar = &mut acc[r * dvp..][..dvp];
-                    for a in ar.iter_mut() { *a *= alpha; }
-                    gemv_acc(ar, &sr[..], 1, &vv[j0 * dvp..], dvp, valid);
-                }
+/// Where a tile lies: its first key `j0` and the position of its query block's first query
+/// (query r sees key j0 + j when j0 + j <= first + r).
+#[derive(Clone, Copy)]
+struct At {
+    j0: usize,
+    first: usize,
+}
+
+/// Key rows of a tile that vector `cv` of queries sees at least in part: the rest are masked for
+/// all 16 of its queries, and no product reads them for those queries.
+#[inline(always)]
+fn seen_rows(nkr: usize, cv: usize, at: At) -> usize {
+    nkr.min((at.first + cv * W + W).saturating_sub(at.j0))
+}
+
+/// One tile of scores s[j][r] (row stride BQ, `nkr` key rows, `nqv` vectors of queries) scaled and
+/// masked in place (-inf where query r does not see key j), and `mx` = each query's max over it.
+#[inline(always)]
+fn mask_max(s: &mut [f32], nkr: usize, nqv: usize, at: At, scale: f32, mx: &mut [f32]) {
+    for cv in 0..nqv {
+        let c0 = cv * W;
+        let mut m = [NEG_INF; W];
+        for j in 0..seen_rows(nkr, cv, at) {
+            let row: &mut [f32; W] = (&mut s[j * BQ + c0..][..W]).try_into().unwrap();
+            // Lane r sees the key when j0 + j <= first + c0 + r.
+            let seen = (at.first + c0) as isize - (at.j0 + j) as isize;
+            for (r, x) in row.iter_mut().enumerate() {
+                let y = *x * scale;
+                let y = if r as isize >= -seen { y } else { NEG_INF };
+                *x = y;
+                m[r] = if y > m[r] { y } else { m[r] };
             }
         }
-        if dm.lowp {
-            // Pass 2: P = bf16(exp(s - m) / l), accumulated against BF16 v in f32.
-            for kb in 0..=last {
-                let j0 = kb * BK;
-                tile_product(Mat { x: &qt, ld: dqk }, nq4, dqk, Mat { x: kt, ld }, j0, &mut s);
-                for r in 0..nq {
-                    let i = i0 + r;
-                    if i < j0 { continue; }
-                    let valid = (i + 1 - j0).min(BK);
-                    let sr: &mut [f32; BK] = (&mut s[r * BK..][..BK]).try_into().unwrap();
-                    scaled_masked(sr, dm.scale, valid);
-                    let (mr, lr) = (m[r], l[r]);
-                    for v in sr.iter_mut() { *v = round_bf16(exp_f32(*v - mr) / lr); }
-                    gemv_acc(&mut acc[r * dvp..][..dvp], &sr[..], 1, &vv[j0 * dvp..], dvp, valid);
-                }
-            }
-        }
-        for r in 0..nq {
-            let i = i0 + r;
-            // SAFETY: row (b, i), head h of o and entry (b, h, i) of lse belong to this task only.
-            let orow = unsafe { o.slice(((bb * t + i) * dm.h + hh) * dv, dv) };
-            let ar = &acc[r * dvp..][..dv];
-            if dm.lowp {
-                orow.copy_from_slice(ar);
-            } else {
-                let inv = l[r];
-                for (o, &a) in orow.iter_mut().zip(ar) { *o = a / inv; }
-            }
-            let le = unsafe { lse.slice((bb * dm.h + hh) * t + i, 1) };
-            le[0] = (m[r] as f64 + (l[r] as f64).ln()) as f32;
-        }
+        mx[c0..c0 + W].copy_from_slice(&m);
     }
 }
 
-multiversion! {
-    /// All the queries of one (batch, head) when there are fewer queries than keys (a KV-cache decode
-    /// step). The tiled forward's copies of k transposed and v padded for every (batch, head), made
-    /// once and read by 64 queries, would cost a single query more than its scores: here k goes
-    /// through an L1-sized buffer a tile at a time and v is read in place where it can be. The
-    /// arithmetic is forward_task's in the same order (scores summed over the head dimension in
-    /// order, the same online softmax tile by tile, the same P.V reductions), so each query's o and
-    /// lse are the bits of its row in a full forward (attention_with_fewer_queries_... in tests.rs).
-    fn decode_task(q: &[f32], k: &[f32], v: &[f32], dm: &Dims, hd: Head, out: ForwardOut) {
-        let ForwardOut { o, lse } = out;
-        let (bb, hh, nh) = (hd.b, hd.h, dm.h);
-        let (t, tk, dqk, dv, dvp, lowp) = (dm.t, dm.tk, dm.dqk, dm.dv, dm.dvp(), dm.lowp);
-        // V rows as gemv_acc reads them: in place (row stride H*dv) when they need neither BF16
-        // rounding nor zero padding to whole vectors, else copied [Tpad, dvp] as forward does.
-        let (vv, ldv) = if !lowp && dv == dvp {
-            (std::borrow::Cow::Borrowed(&v[(bb * tk * nh + hh) * dv..]), nh * dv)
-        } else {
-            let mut g = vec![0f32; dm.tpad() * dvp];
-            gather_rows(v, dm, hd, tk, dv, dvp, dm.tpad(), &mut g);
-            (std::borrow::Cow::Owned(g), dvp)
-        };
-        let mut qr = vec![0f32; dqk];
-        let mut kt = vec![0f32; dqk * BK];
-        let mut acc = vec![0f32; dvp];
-        let mut s = vec![0f32; tk.div_ceil(BK) * BK];
-        for i in 0..t {
-            let n = tk - t + i + 1; // the keys query i sees
-            for (d, &x) in qr.iter_mut().zip(&q[((bb * t + i) * nh + hh) * dqk..][..dqk]) { *d = rd(x, lowp); }
-            // Scaled scores of keys 0..n, -inf beyond, tile by tile: each tile of k transposed in
-            // an L1-sized buffer (columns past `valid` hold stale values, masked), then summed over
-            // the head dimension in order, 64 keys at a time.
-            for j0 in (0..n).step_by(BK) {
-                let valid = BK.min(n - j0);
-                for j in 0..valid {
-                    let src = &k[((bb * tk + j0 + j) * nh + hh) * dqk..][..dqk];
-                    for (c, &x) in src.iter().enumerate() { kt[c * BK + j] = rd(x, lowp); }
-                }
-                let sr: &mut [f32; BK] = (&mut s[j0..][..BK]).try_into().unwrap();
-                sr.fill(0.0);
-                for (c, &a) in qr.iter().enumerate() {
-                    let krow: &[f32; BK] = kt[c * BK..][..BK].try_into().unwrap();
-                    for j in 0..BK { sr[j] += a * krow[j]; }
-                }
-                scaled_masked(sr, dm.scale, valid);
+/// s <- exp(s - m) over a masked tile, added to each query's `l` in key order.
+#[inline(always)]
+fn exp_sum(s: &mut [f32], nkr: usize, nqv: usize, at: At, m: &[f32], l: &mut [f32]) {
+    for cv in 0..nqv {
+        let c0 = cv * W;
+        let mr: &[f32; W] = m[c0..][..W].try_into().unwrap();
+        let mut lr: [f32; W] = l[c0..][..W].try_into().unwrap();
+        for j in 0..seen_rows(nkr, cv, at) {
+            let row: &mut [f32; W] = (&mut s[j * BQ + c0..][..W]).try_into().unwrap();
+            for r in 0..W {
+                let e = exp_f32(row[r] - mr[r]);
+                lr[r] += e;
+                row[r] = e;
             }
-            let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
-            acc.fill(0.0);
-            let mut e = [0f32; BK];
-            for j0 in (0..n).step_by(BK) {
-                let valid = BK.min(n - j0);
-                e.copy_from_slice(&s[j0..][..BK]);
-                let mnew = { let mx = row_max(&e); if mx > m { mx } else { m } };
-                let alpha = exp_f32(m - mnew);
-                for x in e.iter_mut() { *x = exp_f32(*x - mnew); }
-                l = l * alpha + row_sum(&e);
-                m = mnew;
-                if !lowp {
-                    for a in acc.iter_mut() { *a *= alpha; }
-                    gemv_acc(&mut acc, &e[..], 1, &vv[j0 * ldv..], ldv, valid);
-                }
-            }
-            if lowp {
-                for j0 in (0..n).step_by(BK) {
-                    let valid = BK.min(n - j0);
-                    e.copy_from_slice(&s[j0..][..BK]);
-                    for x in e.iter_mut() { *x = round_bf16(exp_f32(*x - m) / l); }
-                    gemv_acc(&mut acc, &e[..], 1, &vv[j0 * ldv..], ldv, valid);
-                }
-            }
-            // SAFETY: row (b, i), head h of o and entry (b, h, i) of lse belong to this task only.
-            let orow = unsafe { o.slice(((bb * t + i) * nh + hh) * dv, dv) };
-            if lowp {
-                orow.copy_from_slice(&acc[..dv]);
-            } else {
-                for (o, &a) in orow.iter_mut().zip(&acc[..dv]) { *o = a / l; }
-            }
-            let le = unsafe { lse.slice((bb * nh + hh) * t + i, 1) };
-            le[0] = (m as f64 + (l as f64).ln()) as f32;
         }
+        l[c0..c0 + W].copy_from_slice(&lr);
     }
 }
+
+/// acc[0..nqr, 0..dvp] += P v for one tile: P transposed in `s` (s[j][r], stride BQ), the tile's
+/// `nk` value rows in `vt` (stride dvp). Each block of queries stops at the last key it sees.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn pv<V: Tiles>(
+    s: &[f32],
+    vt: &[f32],
+    acc: &mut [f32],
+    nqr: usize,
+    dvp: usize,
+    nk: usize,
+    at: At,
+) {
+    let t = Tile {
+        a: s.as_ptr(),
+        ars: 1,
+        acs: BQ,
+        b: vt.as_ptr(),
+        ldb: dvp,
+        c: acc.as_mut_ptr(),
+        ldc: dvp,
+        k0: 0,
+        k1: 0,
+        add: true,
+    };
+    product::<V>(nqr, dvp / W, t, |_, r1| Span {
+        k0: 0,
+        k1: nk.min((at.first + r1).saturating_sub(at.j0)),
+        v0: 0,
+    });
+}
+
+/// s[0..nkr][0..16 nqv] = k q^T for one tile: `kt` the tile's key rows (stride dqk), `qt` the
+/// block's q transposed (stride BQ). Key rows skip the query vectors that cannot see them.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn scores<V: Tiles>(
+    kt: &[f32],
+    ldk: usize,
+    qt: &[f32],
+    ldq: usize,
+    d: usize,
+    s: &mut [f32],
+    nkr: usize,
+    nqv: usize,
+    at: At,
+) {
+    let t = Tile {
+        a: kt.as_ptr(),
+        ars: ldk,
+        acs: 1,
+        b: qt.as_ptr(),
+        ldb: ldq,
+        c: s.as_mut_ptr(),
+        ldc: BQ,
+        k0: 0,
+        k1: 0,
+        add: false,
+    };
+    product::<V>(nkr, nqv, t, |r0, _| Span {
+        k0: 0,
+        k1: d,
+        v0: (at.j0 + r0).saturating_sub(at.first) / W,
+    });
+}
+
+/// One (batch, head, query block) of the forward pass; writes o rows and lse entries.
+#[inline(always)]
+unsafe fn forward_task<V: Tiles>(x: Inputs, dm: &Dims, hd: Head, qb: usize, out: ForwardOut) {
+    let (t, tk, dqk, dv, dvp, lowp) = (dm.t, dm.tk, dm.dqk, dm.dv, dm.dvp(), dm.lowp);
+    let i0 = qb * BQ;
+    let nq = BQ.min(t - i0);
+    let nqv = nq.div_ceil(W);
+    let nqr = nqv * W;
+    let first = tk - t + i0;
+    let nkb = (first + nq - 1) / BK + 1;
+    let srows = if lowp { nkb * BK } else { BK };
+    let len = dqk * BQ + BK * dqk + BK * dvp + srows * BQ + BQ * dvp + 4 * BQ;
+    let mut scratch = scratch_take(len);
+    let mut buf = &mut scratch[..];
+    let qt = carve(&mut buf, dqk * BQ);
+    let kt = carve(&mut buf, BK * dqk);
+    let vt = carve(&mut buf, BK * dvp);
+    let st = carve(&mut buf, srows * BQ);
+    let acc = carve(&mut buf, BQ * dvp);
+    let m = carve(&mut buf, BQ);
+    let l = carve(&mut buf, BQ);
+    let alpha = carve(&mut buf, BQ);
+    let mx = carve(&mut buf, BQ);
+    let qrows = Rows {
+        len: t,
+        d: dqk,
+        r0: i0,
+        n: nq,
+    };
+    // q^T: transposed from q's rows in place (then rounded), or from decoded codes in kt's space.
+    match x.q {
+        Src::F32(q) => {
+            let rows = &q[row_at(dm, hd, qrows, 0)..];
+            transpose::<V>(rows, dm.h * dqk, (nq, dqk), BQ, nqr, qt);
+            if lowp {
+                for c in 0..dqk {
+                    qt[c * BQ..][..nq]
+                        .iter_mut()
+                        .for_each(|x| *x = round_bf16(*x));
+                }
+            }
+        }
+        Src::Bf16(_) => {
+            copy_rows(x.q, dm, hd, qrows, dqk, nq, kt);
+            transpose::<V>(kt, dqk, (nq, dqk), BQ, nqr, qt);
+        }
+    }
+    m.fill(NEG_INF);
+    l.fill(0.0);
+    acc[..nqr * dvp].fill(0.0);
+    // Tile kb: where it lies, its keys and its key rows padded to whole vectors.
+    let tile = |kb: usize| {
+        let j0 = kb * BK;
+        let nk = BK.min(tk - j0);
+        (At { j0, first }, nk, nk.div_ceil(W) * W)
+    };
+    let vrows = |at: At, nk: usize| Rows {
+        len: tk,
+        d: dv,
+        r0: at.j0,
+        n: nk,
+    };
+    for kb in 0..nkb {
+        let (at, nk, nkr) = tile(kb);
+        let krows = Rows {
+            d: dqk,
+            ..vrows(at, nk)
+        };
+        copy_rows(x.k, dm, hd, krows, dqk, nkr, kt);
+        let s = &mut st[if lowp { at.j0 * BQ } else { 0 }..][..BK * BQ];
+        scores::<V>(kt, dqk, qt, BQ, dqk, s, nkr, nqv, at);
+        mask_max(s, nkr, nqv, at, dm.scale, mx);
+        // The running max; in f32 the online softmax rescales l and o by exp(m_old - m_new).
+        for r in 0..nqr {
+            let mn = if mx[r] > m[r] { mx[r] } else { m[r] };
+            alpha[r] = exp_f32(m[r] - mn);
+            m[r] = mn;
+        }
+        if !lowp {
+            for r in 0..nqr {
+                l[r] *= alpha[r];
+            }
+            exp_sum(s, nkr, nqv, at, m, l);
+            copy_rows(x.v, dm, hd, vrows(at, nk), dvp, nk, vt);
+            for r in 0..nqr {
+                let a = alpha[r];
+                acc[r * dvp..][..dvp].iter_mut().for_each(|x| *x *= a);
+            }
+            pv::<V>(s, vt, acc, nqr, dvp, nk, at);
+        }
+    }
+    if lowp {
+        // With each query's final max: l = the sum of exp(s - m) in key order, then P =
+        // bf16(exp(s - m) * (1 / l)) and o = P v.
+        for kb in 0..nkb {
+            let (at, _, nkr) = tile(kb);
+            exp_sum(&mut st[at.j0 * BQ..][..BK * BQ], nkr, nqv, at, m, l);
+        }
+        for r in 0..nqr {
+            alpha[r] = 1.0 / l[r];
+        }
+        for kb in 0..nkb {
+            let (at, nk, nkr) = tile(kb);
+            let s = &mut st[at.j0 * BQ..][..BK * BQ];
+            for cv in 0..nqv {
+                let inv: &[f32; W] = alpha[cv * W..][..W].try_into().unwrap();
+                for j in 0..seen_rows(nkr, cv, at) {
+                    let row: &mut [f32; W] = (&mut s[j * BQ + cv * W..][..W]).try_into().unwrap();
+                    for r in 0..W {
+                        row[r] = round_bf16(row[r] * inv[r]);
+                    }
+                }
+            }
+            copy_rows(x.v, dm, hd, vrows(at, nk), dvp, nk, vt);
+            pv::<V>(s, vt, acc, nqr, dvp, nk, at);
+        }
+    }
+    for r in 0..nq {
+        let i = i0 + r;
+        // SAFETY: row (b, i), head h of o and entry (b, h, i) of lse belong to this task only.
+        let orow = out.o.slice(((hd.b * t + i) * dm.h + hd.h) * dv, dv);
+        let ar = &acc[r * dvp..][..dv];
+        if lowp {
+            copy_short(orow, ar, false);
+        } else {
+            let inv = l[r];
+            for (o, &a) in orow.iter_mut().zip(ar) {
+                *o = a / inv;
+            }
+        }
+        let le = out.lse.slice((hd.b * dm.h + hd.h) * t + i, 1);
+        le[0] = (m[r] as f64 + (l[r] as f64).ln()) as f32;
+    }
+    scratch_put(scratch);
+}
+
+by_level!(
+    /// forward_task on the widest vectors the CPU has.
+    fn forward_block(x: Inputs, dm: &Dims, hd: Head, qb: usize, out: ForwardOut) => forward_task
+);
+
+/// All the queries of one (batch, head) when there are few of them (a KV-cache decode step), one
+/// at a time: forward_task's arithmetic in its order, on one query instead of a vector lane of 16.
+/// Each tile of k is transposed into an L1-sized buffer (keys as lanes), the scores are the same
+/// chains of fused multiply-adds over the head dimension, the softmax takes the same maxima and sums
+/// the same exponentials in key order (online in f32, after the final max in bf16), and o gets the
+/// same chains over the keys; v is read in place when it needs neither BF16 rounding nor padding. So each query's o and lse are the bits
+/// of its row in a full forward (attention_with_fewer_queries_... in tests.rs).
+#[inline(always)]
+unsafe fn decode_task<V: Tiles>(x: Inputs, dm: &Dims, hd: Head, out: ForwardOut) {
+    let (bb, hh, nh) = (hd.b, hd.h, dm.h);
+    let (t, tk, dqk, dv, dvp, lowp) = (dm.t, dm.tk, dm.dqk, dm.dv, dm.dvp(), dm.lowp);
+    let v_f32 = match x.v {
+        Src::F32(v) if !lowp && dv == dvp => Some(v),
+        _ => None,
+    };
+    let mut scratch = scratch_take(dqk + 2 * dqk * BK + BK * dvp + dm.tpad() + dvp);
+    let mut buf = &mut scratch[..];
+    let qr = carve(&mut buf, dqk);
+    let kr = carve(&mut buf, BK * dqk);
+    let kt = carve(&mut buf, dqk * BK);
+    let vt = carve(&mut buf, BK * dvp);
+    let s = carve(&mut buf, dm.tpad());
+    let acc = carve(&mut buf, dvp);
+    // The rows of v for keys j0..j0+n, and their stride.
+    let vrows = |j0: usize, n: usize, vt: &mut [f32]| -> (*const f32, usize) {
+        if let Some(v) = v_f32 {
+            (v_at(v, dm, hd, j0), nh * dv)
+        } else {
+            copy_rows(
+                x.v,
+                dm,
+                hd,
+                Rows {
+                    len: tk,
+                    d: dv,
+                    r0: j0,
+                    n,
+                },
+                dvp,
+                n,
+                vt,
+            );
+            (vt.as_ptr(), dvp)
+        }
+    };
+    for i in 0..t {
+        let n = tk - t + i + 1; // the keys query i sees
+        x.q.load(((bb * t + i) * nh + hh) * dqk, qr, lowp);
+        // Scaled scores of keys 0..n, -inf beyond, a tile at a time (k's rows, rounded, then
+        // transposed into kt: keys as lanes).
+        for j0 in (0..n).step_by(BK) {
+            let valid = BK.min(n - j0);
+            let krows = Rows {
+                len: tk,
+                d: dqk,
+                r0: j0,
+                n: valid,
+            };
+            let nkr = valid.div_ceil(W) * W;
+            copy_rows(x.k, dm, hd, krows, dqk, nkr, kr);
+            transpose::<V>(kr, dqk, (nkr, dqk), BK, BK, kt);
+            let tile = Tile {
+                a: qr.as_ptr(),
+                ars: 0,
+                acs: 1,
+                b: kt.as_ptr(),
+                ldb: BK,
+                c: s[j0..].as_mut_ptr(),
+                ldc: 0,
+                k0: 0,
+                k1: dqk,
+                add: false,
+            };
+            row_product::<V>(BK / W, tile);
+            for (j, v) in s[j0..][..BK].iter_mut().enumerate() {
+                let y = *v * dm.scale;
+                *v = if j < valid { y } else { NEG_INF };
+            }
+        }
+        let (mut m, mut l) = (NEG_INF, 0f32);
+        acc.fill(0.0);
+        let mut e = [0f32; BK];
+        for j0 in (0..n).step_by(BK) {
+            let valid = BK.min(n - j0);
+            e.copy_from_slice(&s[j0..][..BK]);
+            let mx = row_max(&e);
+            let mn = if mx > m { mx } else { m };
+            let alpha = exp_f32(m - mn);
+            m = mn;
+            if !lowp {
+                l *= alpha;
+                for x in e.iter_mut() {
+                    *x = exp_f32(*x - mn);
+                }
+                for &x in e.iter() {
+                    l += x;
+                }
+                acc.iter_mut().for_each(|a| *a *= alpha);
+                let (vp, ldv) = vrows(j0, valid, vt);
+                let tile = Tile {
+                    a: e.as_ptr(),
+                    ars: 0,
+                    acs: 1,
+                    b: vp,
+                    ldb: ldv,
+                    c: acc.as_mut_ptr(),
+                    ldc: 0,
+                    k0: 0,
+                    k1: valid,
+                    add: true,
+                };
+                row_product::<V>(dvp / W, tile);
+            }
+        }
+        if lowp {
+            for x in s[..n.div_ceil(BK) * BK].iter_mut() {
+                *x = exp_f32(*x - m);
+                l += *x;
+            }
+            let inv = 1.0 / l;
+            for j0 in (0..n).step_by(BK) {
+                let valid = BK.min(n - j0);
+                for (x, &v) in e.iter_mut().zip(&s[j0..][..BK]) {
+                    *x = round_bf16(v * inv);
+                }
+                let (vp, ldv) = vrows(j0, valid, vt);
+                let tile = Tile {
+                    a: e.as_ptr(),
+                    ars: 0,
+                    acs: 1,
+                    b: vp,
+                    ldb: ldv,
+                    c: acc.as_mut_ptr(),
+                    ldc: 0,
+                    k0: 0,
+                    k1: valid,
+                    add: true,
+                };
+                row_product::<V>(dvp / W, tile);
+            }
+        }
+        // SAFETY: row (b, i), head h of o and entry (b, h, i) of lse belong to this task only.
+        let orow = out.o.slice(((bb * t + i) * nh + hh) * dv, dv);
+        if lowp {
+            orow.copy_from_slice(&acc[..dv]);
+        } else {
+            for (o, &a) in orow.iter_mut().zip(&acc[..dv]) {
+                *o = a / l;
+            }
+        }
+        let le = out.lse.slice((bb * nh + hh) * t + i, 1);
+        le[0] = (m as f64 + (l as f64).ln()) as f32;
+    }
+    scratch_put(scratch);
+}
+
+/// Row j0 of head h of batch b of v [B*Tk, H*dv].
+#[inline(always)]
+fn v_at(v: &[f32], dm: &Dims, hd: Head, j0: usize) -> *const f32 {
+    v[((hd.b * dm.tk + j0) * dm.h + hd.h) * dm.dv..].as_ptr()
+}
+
+by_level!(
+    /// decode_task on the widest vectors the CPU has.
+    fn decode_head(x: Inputs, dm: &Dims, hd: Head, out: ForwardOut) => decode_task
+);
 
 /// o [B*T, H*dv] and lse [B*H*T] of causal softmax(q k^T * scale) v, the T queries of a batch at
 /// its last T of Tk key positions.
-pub fn attention_forward(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+pub fn attention_forward<'a>(
+    q: impl Into<Src<'a>>,
+    k: impl Into<Src<'a>>,
+    v: impl Into<Src<'a>>,
     dm: Dims,
     o: &mut [f32],
     lse: &mut [f32],
 ) -> R<()> {
+    let (q, k, v) = (q.into(), k.into(), v.into());
     dm.check(q.len(), k.len(), v.len())?;
     if o.len() != dm.b * dm.t * dm.h * dm.dv || lse.len() != dm.b * dm.h * dm.t {
         return Err("attention: output sizes do not match".into());
@@ -435,140 +758,208 @@ pub fn attention_forward(
     if dm.t == 0 || dm.b * dm.h == 0 {
         return Ok(());
     }
-    let (ld, bh) = (dm.tpad(), dm.b * dm.h);
+    let bh = dm.b * dm.h;
     let out = ForwardOut {
         o: SendPtr(o.as_mut_ptr()),
         lse: SendPtr(lse.as_mut_ptr()),
     };
-    if dm.tk > dm.t {
-        (0..bh).into_par_iter().for_each(|x| {
-            let hd = Head {
-                b: x / dm.h,
-                h: x % dm.h,
-            };
-            decode_task(q, k, v, &dm, hd, out);
-        });
+    let x = Inputs { q, k, v };
+    let head = |y: usize| Head {
+        b: y / dm.h,
+        h: y % dm.h,
+    };
+    if dm.tk > dm.t && dm.t < W {
+        (0..bh)
+            .into_par_iter()
+            .for_each(|y| decode_head(x, &dm, head(y), out));
         return Ok(());
     }
-    // K^T [dqk, Tpad] and V [Tpad, dv] per (batch, head), BF16-rounded in bf16 precision.
-    let mut kt = vec![0f32; bh * dm.dqk * ld];
-    let dvp = dm.dvp();
-    let mut vv = vec![0f32; bh * ld * dvp];
-    kt.par_chunks_mut((dm.dqk * ld).max(1))
-        .zip(vv.par_chunks_mut((ld * dvp).max(1)))
-        .enumerate()
-        .for_each(|(x, (kt, vv))| {
-            let hd = Head {
-                b: x / dm.h,
-                h: x % dm.h,
-            };
-            gather_transposed(k, &dm, hd, dm.tk, dm.dqk, ld, kt);
-            gather_rows(v, &dm, hd, dm.tk, dm.dv, dvp, ld, vv);
-        });
     let nqb = dm.t.div_ceil(BQ);
     // Largest query blocks (most work) first, for a better balance under work stealing.
-    (0..bh * nqb).into_par_iter().for_each(|x| {
-        let qb = nqb - 1 - x / bh;
-        let y = x % bh;
-        let hd = Head {
-            b: y / dm.h,
-            h: y % dm.h,
-        };
-        let ktb = &kt[y * dm.dqk * ld..][..dm.dqk * ld];
-        let vb = &vv[y * ld * dvp..][..ld * dvp];
-        forward_task(q, ktb, vb, &dm, hd, qb, out);
+    (0..bh * nqb).into_par_iter().for_each(|z| {
+        let qb = nqb - 1 - z / bh;
+        forward_block(x, &dm, head(z % bh), qb, out);
     });
     Ok(())
 }
 
-multiversion! {
-    /// One (batch, head) of the backward pass; writes that head's columns of dq, dk, dv.
-    fn backward_task(d_o: &[f32], fwd: &Saved, dm: &Dims, hd: Head, out: GradsOut) {
-        let Saved { q, k, v, o, lse } = *fwd;
-        let GradsOut { dq, dk, dv: dvo } = out;
-        let (bb, hh) = (hd.b, hd.h);
-        let (t, dqk, dv, ld, lowp) = (dm.t, dm.dqk, dm.dv, dm.tpad(), dm.lowp);
-        let (dqkp, dvp) = (dm.dqkp(), dm.dvp());
-        let mut qr = vec![0f32; ld * dqkp];
-        let mut kr = vec![0f32; ld * dqkp];
-        let mut kt = vec![0f32; dqk * ld];
-        let mut vt = vec![0f32; dv * ld];
-        let mut dor = vec![0f32; ld * dvp];
-        gather_rows(q, dm, hd, t, dqk, dqkp, ld, &mut qr);
-        gather_rows(k, dm, hd, t, dqk, dqkp, ld, &mut kr);
-        gather_transposed(k, dm, hd, t, dqk, ld, &mut kt);
-        gather_transposed(v, dm, hd, t, dv, ld, &mut vt);
-        gather_rows(d_o, dm, hd, t, dv, dvp, ld, &mut dor);
-        // D_i = dO_i . o_i (dO rounded in bf16 precision, o as stored).
-        let mut dd = vec![0f32; t];
-        for (i, d) in dd.iter_mut().enumerate() {
-            let orow = &o[((bb * t + i) * dm.h + hh) * dv..][..dv];
-            let drow = &dor[i * dvp..][..dv];
-            let mut a = [0f32; 8];
-            let mut c = 0;
-            while c + 8 <= dv {
-                for x in 0..8 { a[x] += drow[c + x] * orow[c + x]; }
-                c += 8;
-            }
-            for x in 0..dv - c { a[x] += drow[c + x] * orow[c + x]; }
-            *d = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+/// One (batch, head) of the backward pass; writes that head's columns of dq, dk, dv.
+#[inline(always)]
+unsafe fn backward_task<V: Tiles>(d_o: Src, fwd: &Saved, dm: &Dims, hd: Head, out: GradsOut) {
+    let (bb, hh) = (hd.b, hd.h);
+    let (t, dqk, dv, lowp, scale) = (dm.t, dm.dqk, dm.dv, dm.lowp, dm.scale);
+    let (dqkp, dvp) = (dm.dqkp(), dm.dvp());
+    let tp = t.div_ceil(BQ) * BQ;
+    let len = 4 * tp * dqkp + dqk * tp + 3 * tp * dvp + dv * tp + 2 * tp + 2 * BK * BQ + dv;
+    let mut scratch = scratch_take(len);
+    let mut buf = &mut scratch[..];
+    let qr = carve(&mut buf, tp * dqkp);
+    let qt = carve(&mut buf, dqk * tp);
+    let kr = carve(&mut buf, tp * dqkp);
+    let vr = carve(&mut buf, tp * dvp);
+    let dor = carve(&mut buf, tp * dvp);
+    let dot = carve(&mut buf, dv * tp);
+    let dd = carve(&mut buf, tp);
+    let lp = carve(&mut buf, tp);
+    let st = carve(&mut buf, BK * BQ);
+    let dpt = carve(&mut buf, BK * BQ);
+    let dqa = carve(&mut buf, tp * dqkp);
+    let dka = carve(&mut buf, tp * dqkp);
+    let dva = carve(&mut buf, tp * dvp);
+    let orow = carve(&mut buf, dv);
+    let rq = Rows {
+        len: t,
+        d: dqk,
+        r0: 0,
+        n: t,
+    };
+    let rv = Rows { d: dv, ..rq };
+    copy_rows(fwd.q, dm, hd, rq, dqkp, tp, qr);
+    transpose::<V>(qr, dqkp, (t, dqk), tp, tp, qt);
+    copy_rows(fwd.k, dm, hd, rq, dqkp, tp, kr);
+    copy_rows(fwd.v, dm, hd, rv, dvp, tp, vr);
+    copy_rows(d_o, dm, hd, rv, dvp, tp, dor);
+    transpose::<V>(dor, dvp, (t, dv), tp, tp, dot);
+    // D_i = dO_i . o_i (dO rounded in bf16 precision, o as stored); queries past T read D = 0 and
+    // lse = inf, so that their P and dS are 0.
+    for (i, d) in dd.iter_mut().enumerate() {
+        if i >= t {
+            *d = 0.0;
+            continue;
         }
-        let lrow = &lse[(bb * dm.h + hh) * t..][..t];
-        let mut dqa = vec![0f32; ld * dqkp];
-        let mut dka = vec![0f32; ld * dqkp];
-        let mut dva = vec![0f32; ld * dvp];
-        let mut s = vec![0f32; BQ * BK];
-        let mut dp = vec![0f32; BQ * BK];
-        let nqb = t.div_ceil(BQ);
-        for qb in 0..nqb {
-            let i0 = qb * BQ;
-            let nq = BQ.min(t - i0);
-            let nq4 = nq.div_ceil(4) * 4;
-            let qblk = &qr[i0 * dqkp..][..nq4 * dqkp];
-            let doblk = &dor[i0 * dvp..][..nq4 * dvp];
-            for kb in 0..=qb {
-                let j0 = kb * BK;
-                tile_product(Mat { x: qblk, ld: dqkp }, nq4, dqk, Mat { x: &kt, ld }, j0, &mut s);
-                tile_product(Mat { x: doblk, ld: dvp }, nq4, dv, Mat { x: &vt, ld }, j0, &mut dp);
-                // s <- P (rounded in bf16), dp <- dS * scale (dS rounded in bf16).
-                for r in 0..BQ {
-                    let i = i0 + r;
-                    let valid = if r < nq && i >= j0 { (i + 1 - j0).min(BK) } else { 0 };
-                    let (li, di) = if r < nq { (lrow[i], dd[i]) } else { (0.0, 0.0) };
-                    let sr: &mut [f32; BK] = (&mut s[r * BK..][..BK]).try_into().unwrap();
-                    let pr: &mut [f32; BK] = (&mut dp[r * BK..][..BK]).try_into().unwrap();
-                    for j in 0..BK {
-                        let p = exp_f32(sr[j] * dm.scale - li);
-                        let p = if j < valid { p } else { 0.0 };
-                        let ds = rd(p * (pr[j] - di), lowp) * dm.scale;
-                        sr[j] = rd(p, lowp);
-                        pr[j] = ds;
+        fwd.o.load(((bb * t + i) * dm.h + hh) * dv, orow, false);
+        let drow = &dor[i * dvp..][..dv];
+        let mut a = [0f32; 8];
+        let mut c = 0;
+        while c + 8 <= dv {
+            for x in 0..8 {
+                a[x] += drow[c + x] * orow[c + x];
+            }
+            c += 8;
+        }
+        for x in 0..dv - c {
+            a[x] += drow[c + x] * orow[c + x];
+        }
+        *d = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+    }
+    lp[..t].copy_from_slice(&fwd.lse[(bb * dm.h + hh) * t..][..t]);
+    lp[t..].fill(f32::INFINITY);
+    dqa.fill(0.0);
+    dka.fill(0.0);
+    dva.fill(0.0);
+    for qb in 0..tp / BQ {
+        let i0 = qb * BQ;
+        let nq = BQ.min(t - i0);
+        let nqv = nq.div_ceil(W);
+        for kb in 0..=qb {
+            let j0 = kb * BK;
+            let nk = BK.min(t - j0);
+            let nkr = nk.div_ceil(W) * W;
+            let at = At { j0, first: i0 };
+            scores::<V>(&kr[j0 * dqkp..], dqkp, &qt[i0..], tp, dqk, st, nkr, nqv, at);
+            scores::<V>(&vr[j0 * dvp..], dvp, &dot[i0..], tp, dv, dpt, nkr, nqv, at);
+            // st <- P (rounded in bf16), dpt <- dS * scale (dS rounded in bf16); 0 where masked.
+            for j in 0..nkr {
+                let seen = i0 as isize - (j0 + j) as isize;
+                // Vectors of queries that all come before key j0 + j: zeros, nothing to compute.
+                let cv0 = ((j0 + j).saturating_sub(i0) / W).min(nqv);
+                st[j * BQ..][..cv0 * W].fill(0.0);
+                dpt[j * BQ..][..cv0 * W].fill(0.0);
+                for cv in cv0..nqv {
+                    let c0 = cv * W;
+                    let sr: &mut [f32; W] = (&mut st[j * BQ + c0..][..W]).try_into().unwrap();
+                    let pr: &mut [f32; W] = (&mut dpt[j * BQ + c0..][..W]).try_into().unwrap();
+                    let li: &[f32; W] = lp[i0 + c0..][..W].try_into().unwrap();
+                    let di: &[f32; W] = dd[i0 + c0..][..W].try_into().unwrap();
+                    for r in 0..W {
+                        let ok = (c0 + r) as isize >= -seen;
+                        let p = exp_f32(sr[r] * scale - li[r]);
+                        let p = if ok { p } else { 0.0 };
+                        let ds = rd(p * (pr[r] - di[r]), lowp) * scale;
+                        sr[r] = rd(p, lowp);
+                        pr[r] = if ok { ds } else { 0.0 };
                     }
                 }
-                let kv = (t - j0).min(BK);
-                for j in 0..kv {
-                    gemv_acc(&mut dva[(j0 + j) * dvp..][..dvp], &s[j..], BK, doblk, dvp, nq);
-                    gemv_acc(&mut dka[(j0 + j) * dqkp..][..dqkp], &dp[j..], BK, qblk, dqkp, nq);
-                }
-                for r in 0..nq {
-                    gemv_acc(&mut dqa[(i0 + r) * dqkp..][..dqkp], &dp[r * BK..], 1, &kr[j0 * dqkp..], dqkp, kv);
-                }
             }
-        }
-        for i in 0..t {
-            let base = (bb * t + i) * dm.h + hh;
-            // SAFETY: head h of rows (b, *) of dq, dk, dv belong to this task only.
-            unsafe {
-                dq.slice(base * dqk, dqk).copy_from_slice(&dqa[i * dqkp..][..dqk]);
-                dk.slice(base * dqk, dqk).copy_from_slice(&dka[i * dqkp..][..dqk]);
-                dvo.slice(base * dv, dv).copy_from_slice(&dva[i * dvp..][..dv]);
-            }
+            // dV and dK rows j0..: the queries from the first that sees the block's first key.
+            let from = |r0: usize, _| Span {
+                k0: (j0 + r0).saturating_sub(i0).min(nq),
+                k1: nq,
+                v0: 0,
+            };
+            let tv = Tile {
+                a: st.as_ptr(),
+                ars: BQ,
+                acs: 1,
+                b: dor[i0 * dvp..].as_ptr(),
+                ldb: dvp,
+                c: dva[j0 * dvp..].as_mut_ptr(),
+                ldc: dvp,
+                k0: 0,
+                k1: 0,
+                add: true,
+            };
+            product::<V>(nkr, dvp / W, tv, from);
+            let tk = Tile {
+                a: dpt.as_ptr(),
+                b: qr[i0 * dqkp..].as_ptr(),
+                ldb: dqkp,
+                c: dka[j0 * dqkp..].as_mut_ptr(),
+                ldc: dqkp,
+                ..tv
+            };
+            product::<V>(nkr, dqkp / W, tk, from);
+            // dQ rows i0..: the keys up to the block's last query.
+            let tq = Tile {
+                a: dpt.as_ptr(),
+                ars: 1,
+                acs: BQ,
+                b: kr[j0 * dqkp..].as_ptr(),
+                ldb: dqkp,
+                c: dqa[i0 * dqkp..].as_mut_ptr(),
+                ldc: dqkp,
+                k0: 0,
+                k1: 0,
+                add: true,
+            };
+            product::<V>(nqv * W, dqkp / W, tq, |_, r1| Span {
+                k0: 0,
+                k1: nk.min((i0 + r1).saturating_sub(j0)),
+                v0: 0,
+            });
         }
     }
+    for i in 0..t {
+        let base = (bb * t + i) * dm.h + hh;
+        // SAFETY: head h of rows (b, *) of dq, dk, dv belong to this task only.
+        copy_short(
+            out.dq.slice(base * dqk, dqk),
+            &dqa[i * dqkp..][..dqk],
+            false,
+        );
+        copy_short(
+            out.dk.slice(base * dqk, dqk),
+            &dka[i * dqkp..][..dqk],
+            false,
+        );
+        copy_short(out.dv.slice(base * dv, dv), &dva[i * dvp..][..dv], false);
+    }
+    scratch_put(scratch);
 }
 
+by_level!(
+    /// backward_task on the widest vectors the CPU has.
+    fn backward_head(d_o: Src, fwd: &Saved, dm: &Dims, hd: Head, out: GradsOut) => backward_task
+);
+
 /// dq, dk, dv of causal attention from dO and what the forward saved.
-pub fn attention_backward(d_o: &[f32], fwd: Saved, dm: Dims, g: Grads) -> R<()> {
+pub fn attention_backward<'a>(
+    d_o: impl Into<Src<'a>>,
+    fwd: Saved<'a>,
+    dm: Dims,
+    g: Grads,
+) -> R<()> {
+    let d_o = d_o.into();
     let Saved { q, k, v, o, lse } = fwd;
     let Grads { dq, dk, dv } = g;
     if dm.tk != dm.t {
@@ -597,7 +988,7 @@ pub fn attention_backward(d_o: &[f32], fwd: Saved, dm: Dims, g: Grads) -> R<()> 
             b: x / dm.h,
             h: x % dm.h,
         };
-        backward_task(d_o, &fwd, &dm, hd, out);
+        backward_head(d_o, &fwd, &dm, hd, out);
     });
     Ok(())
 }

@@ -17,3 +17,4 @@ pub mod nn;
 pub mod optim;
 #[cfg(test)]
 mod tests;
+pub mod tiles;

@@ -296,12 +296,29 @@ impl AttentionDims {
     }
 }
 
-/// Causal attention forward: o [B*T, H*dv] and lse [B*H*T] (k, v [B*Tk, ...]).
+/// An attention input: f32 values, or a bf16 tensor's codes (decoded as the kernel copies its tiles).
+fn src<'a>(x: &'a Either<&'a [f32], &'a [u16]>) -> attention::Src<'a> {
+    match x {
+        Either::A(f) => attention::Src::F32(f),
+        Either::B(h) => attention::Src::Bf16(h),
+    }
+}
+
+/// The same for an array held in an object.
+fn src_array(x: &Either<Float32Array, Uint16Array>) -> attention::Src<'_> {
+    match x {
+        Either::A(f) => attention::Src::F32(f),
+        Either::B(h) => attention::Src::Bf16(h),
+    }
+}
+
+/// Causal attention forward: o [B*T, H*dv] and lse [B*H*T] (k, v [B*Tk, ...]); q, k and v as f32
+/// values or BF16 codes.
 #[napi]
 pub fn attention_forward(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    q: Either<&[f32], &[u16]>,
+    k: Either<&[f32], &[u16]>,
+    v: Either<&[f32], &[u16]>,
     dims: AttentionDims,
     mut o: Float32ArraySlice,
     mut lse: Float32ArraySlice,
@@ -309,16 +326,24 @@ pub fn attention_forward(
     let o = unsafe { o.as_mut() };
     let lse = unsafe { lse.as_mut() };
     let d = dims.dims()?;
-    js(attention::attention_forward(q, k, v, d, o, lse))
+    js(attention::attention_forward(
+        src(&q),
+        src(&k),
+        src(&v),
+        d,
+        o,
+        lse,
+    ))
 }
 
-/// What attentionBackward reads of the forward pass: its inputs and its outputs o and lse.
+/// What attentionBackward reads of the forward pass: its inputs and its outputs o and lse (q, k, v
+/// and o as f32 values or BF16 codes).
 #[napi(object, object_to_js = false)]
 pub struct AttentionSaved {
-    pub q: Float32Array,
-    pub k: Float32Array,
-    pub v: Float32Array,
-    pub o: Float32Array,
+    pub q: Either<Float32Array, Uint16Array>,
+    pub k: Either<Float32Array, Uint16Array>,
+    pub v: Either<Float32Array, Uint16Array>,
+    pub o: Either<Float32Array, Uint16Array>,
     pub lse: Float32Array,
 }
 
@@ -333,17 +358,17 @@ pub struct AttentionGrads {
 /// Causal attention backward: dq, dk, dv from dO and what the forward saved.
 #[napi]
 pub fn attention_backward(
-    d_o: &[f32],
+    d_o: Either<&[f32], &[u16]>,
     saved: AttentionSaved,
     dims: AttentionDims,
     mut grads: AttentionGrads,
 ) -> Result<()> {
     let d = dims.dims()?;
     let fwd = attention::Saved {
-        q: &saved.q,
-        k: &saved.k,
-        v: &saved.v,
-        o: &saved.o,
+        q: src_array(&saved.q),
+        k: src_array(&saved.k),
+        v: src_array(&saved.v),
+        o: src_array(&saved.o),
         lse: &saved.lse,
     };
     let g = unsafe {
@@ -353,7 +378,7 @@ pub fn attention_backward(
             dv: grads.dv.as_mut(),
         }
     };
-    js(attention::attention_backward(d_o, fwd, d, g))
+    js(attention::attention_backward(src(&d_o), fwd, d, g))
 }
 
 /// h = silu(g) * u.

@@ -115,10 +115,10 @@ fn attention_matches_naive_f64_and_is_repeatable() {
             vec![0f32; v.len()],
         );
         let saved = Saved {
-            q: &q,
-            k: &k,
-            v: &v,
-            o: &o,
+            q: (&q).into(),
+            k: (&k).into(),
+            v: (&v).into(),
+            o: (&o).into(),
             lse: &lse,
         };
         let grads = Grads {
@@ -242,10 +242,10 @@ fn attention_with_fewer_queries_equals_the_full_forward_rows() {
     };
     let (q, kv, o, lse) = (vec![0f32; 4], vec![0f32; 8], vec![0f32; 4], vec![0f32; 1]);
     let saved = Saved {
-        q: &q,
-        k: &kv,
-        v: &kv,
-        o: &o,
+        q: (&q).into(),
+        k: (&kv).into(),
+        v: (&kv).into(),
+        o: (&o).into(),
         lse: &lse,
     };
     let (mut dq, mut dk, mut dvv) = (vec![0f32; 4], vec![0f32; 8], vec![0f32; 8]);
@@ -341,4 +341,66 @@ fn cross_entropy_matches_f64() {
         assert!(gsum.abs() < 1e-6);
     }
     assert!((loss - want / n as f64).abs() < 1e-6);
+}
+
+/// BF16 codes as inputs give the bits of f32 inputs holding the same values, in both precisions.
+#[test]
+fn attention_reads_bf16_codes_as_their_values() {
+    use super::attention::Src;
+    use super::util::{bf16_bits, bf16_to_f32};
+    let (b, t, h, dqk, dv) = (2, 70, 3, 24, 40);
+    let codes =
+        |n: usize, seed: u64| -> Vec<u16> { rand(n, seed).iter().map(|&x| bf16_bits(x)).collect() };
+    let (q, k, v, d_o) = (
+        codes(b * t * h * dqk, 21),
+        codes(b * t * h * dqk, 22),
+        codes(b * t * h * dv, 23),
+        codes(b * t * h * dv, 24),
+    );
+    let vals = |c: &[u16]| -> Vec<f32> { c.iter().map(|&x| bf16_to_f32(x)).collect() };
+    let (qf, kf, vf, dof) = (vals(&q), vals(&k), vals(&v), vals(&d_o));
+    for lowp in [false, true] {
+        let d = Dims {
+            b,
+            t,
+            tk: t,
+            h,
+            dqk,
+            dv,
+            scale: 0.2,
+            lowp,
+        };
+        let run = |q: Src, k: Src, v: Src, d_o: Src| {
+            let mut o = vec![0f32; b * t * h * dv];
+            let mut lse = vec![0f32; b * h * t];
+            attention_forward(q, k, v, d, &mut o, &mut lse).unwrap();
+            let (mut dq, mut dk, mut dvv) = (
+                vec![0f32; q.len()],
+                vec![0f32; k.len()],
+                vec![0f32; v.len()],
+            );
+            let saved = Saved {
+                q,
+                k,
+                v,
+                o: (&o).into(),
+                lse: &lse,
+            };
+            let grads = Grads {
+                dq: &mut dq,
+                dk: &mut dk,
+                dv: &mut dvv,
+            };
+            attention_backward(d_o, saved, d, grads).unwrap();
+            [o, lse, dq, dk, dvv]
+        };
+        let from_codes = run(Src::Bf16(&q), Src::Bf16(&k), Src::Bf16(&v), Src::Bf16(&d_o));
+        let from_values = run((&qf).into(), (&kf).into(), (&vf).into(), (&dof).into());
+        let bits = |x: &[Vec<f32>; 5]| -> Vec<Vec<u32>> {
+            x.iter()
+                .map(|a| a.iter().map(|v| v.to_bits()).collect())
+                .collect()
+        };
+        assert!(bits(&from_codes) == bits(&from_values), "lowp {lowp}");
+    }
 }

@@ -1,7 +1,7 @@
 // How many kernel launches (and cuBLASLt calls) one training step of `small`'s shape issues on a
 // Hopper GPU, and what the host's own work per step costs, measured without a GPU: the cuda
-// backend runs against a fake addon that only counts (as packages/kernels/test/cuda-dry-run.test.ts
-// does). The counts are a ratchet for issue 18 (fewer, fused launches; one graph per step): a change
+// backend runs against the fake addon of packages/kernels/test/fake-cuda.ts (the cuda dry run's),
+// which counts the launches and checks each against the signature table. The counts are a ratchet for issue 18 (fewer, fused launches; one graph per step): a change
 // that issues more launches fails here and must say why by raising the budget. The host times are
 // printed, not asserted (machine-dependent): the JavaScript side of a step, which is all the host
 // would do if the GPU were infinitely fast. Three layers (one dense, two MoE) keep it quick; a step
@@ -14,38 +14,13 @@ import { CONFIGS, DeepSeekModel, trainStep } from "@moe8/model";
 import { ADAMW_DEFAULTS, AdamW } from "@moe8/optimizer";
 import type { Backend } from "@moe8/tensor";
 import { describe, expect, it, vi } from "vitest";
+import { createFakeCuda } from "../packages/kernels/test/fake-cuda.ts";
 
-let launches = 0;
-let nextPtr = 4096;
-class FakeBuffer {
-  readonly ptr: number;
-  constructor(readonly bytes: number) {
-    this.ptr = nextPtr;
-    nextPtr += Math.ceil(bytes / 256) * 256 + 256;
-  }
-  free() {}
-}
-let kernels = 0;
-const fake = {
-  DeviceBuffer: FakeBuffer,
-  cudaInfo: () => ({ available: true, reason: null, computeCapability: "9.0", multiprocessors: 132 }),
-  cudaTensorMap2D: () => new Uint8Array(128),
-  cudaKernel: () => kernels++,
-  cudaLaunch: () => {
-    launches++;
-  },
-  cudaGemmLt: () => {
-    launches++;
-  },
-  cudaHtod: () => {},
-  cudaDtoh: () => {},
-  cudaDtod: () => {},
-  cudaMemset8: () => {},
-  cudaMemset32: () => {},
-};
+// The cuda dry run's fake: it also checks every launch against the signature table.
+const fake = createFakeCuda({ computeCapability: "9.0", misalign: false, lt: "ok" });
 vi.mock("../packages/kernels/src/index.ts", async (original) => ({
   ...(await original<typeof import("../packages/kernels/src/index.ts")>()),
-  loadNative: () => ({ loaded: true, reason: null, addon: fake }),
+  loadNative: () => ({ loaded: true, reason: null, addon: fake.addon }),
 }));
 const { CudaBackend } = await import("../packages/kernels/src/cuda-backend.ts");
 
@@ -72,15 +47,17 @@ describe("launches per training step (small's shape, 3 layers, fake Hopper GPU)"
       const counts: number[] = [];
       const ms: number[] = [];
       for (let s = 0; s < 3; s++) {
-        launches = 0;
+        fake.launches = 0;
         const t0 = performance.now();
         await trainStep(m, opt, ids, targets, { batch: B, seq: T }, 1e-4);
         ms.push(performance.now() - t0);
-        counts.push(launches);
+        counts.push(fake.launches);
       }
       console.log(`${precision}: ${counts[2]} launches, host ${ms[2].toFixed(1)} ms per warm step`);
       expect(new Set(counts).size, "every step issues the same launches").toBe(1);
+      expect(fake.problems, "launches the signature table refuses").toEqual([]);
       expect(counts[0]).toBeLessThanOrEqual(BUDGET[precision]);
+      expect(counts[0], "the fake counted nothing").toBeGreaterThan(BUDGET[precision] / 2);
     }, 120_000);
 });
 
@@ -96,16 +73,16 @@ describe("the optimiser's launches (tiny's shape, fake Hopper GPU)", () => {
           1,
         );
         const opt = new AdamW(b, m.params, ADAMW_DEFAULTS, shard);
-        launches = 0;
+        fake.launches = 0;
         const { scale } = opt.gradNorm();
-        const norm = launches;
-        launches = 0;
+        const norm = fake.launches;
+        fake.launches = 0;
         opt.update(1e-4, scale);
         const what = shard ? ", ZeRO-1 rank 1 of 2" : "";
         console.log(
-          `${m.params.length} parameters${what}: gradient norm ${norm} launches, AdamW ${launches}`,
+          `${m.params.length} parameters${what}: gradient norm ${norm} launches, AdamW ${fake.launches}`,
         );
-        expect([norm, launches]).toEqual([2, 1]);
+        expect([norm, fake.launches]).toEqual([2, 1]);
         opt.dispose();
       }
   });

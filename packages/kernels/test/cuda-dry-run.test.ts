@@ -9,120 +9,15 @@
 import type { Backend, Tensor } from "@moe8/tensor";
 import { describe, expect, it, vi } from "vitest";
 import { DEFINES, KERNELS } from "../src/cuda/kernels.generated.ts";
-import type { KernelSignature } from "../src/cuda-backend/launch.ts";
+import { createFakeCuda, type FakeCudaConfig } from "./fake-cuda.ts";
 
-const table = new Map<string, KernelSignature>();
-for (const mod of Object.values(KERNELS))
-  for (const k of Object.values(mod)) table.set(`${k.module}.${k.name}`, k);
-
-const launched = new Set<string>();
-/** The kernels launched in the current configuration. */
-const launchedNow = new Set<string>();
-const problems: string[] = [];
-let lt: "ok" | "refuse" = "ok";
-/** The fake GPU's compute capability (the backend picks the sm90 GEMM on "9.0"). */
-let cc = "8.9";
-let nextPtr = 0;
-let allocs = 0;
-let misalign = true;
-
-class FakeBuffer {
-  readonly ptr: number;
-  constructor(readonly bytes: number) {
-    if (!(Number.isInteger(bytes) && bytes >= 0)) problems.push(`DeviceBuffer of ${bytes} bytes`);
-    // With `misalign`, every 7th buffer misaligned by 4 bytes: the aligned-only fast paths get skipped too.
-    this.ptr = nextPtr + (misalign && ++allocs % 7 === 0 ? 4 : 0);
-    nextPtr += Math.ceil(bytes / 256) * 256 + 256;
-  }
-  free() {}
-}
-
-const ids: string[] = [];
-/** Each launch of the current test: the kernel, the grid's x and the argument bytes. */
-const log: { kernel: string; gx: number; args: DataView }[] = [];
-/** The bytes last copied to each device address. */
-const uploads = new Map<number, DataView>();
-const fake = {
-  DeviceBuffer: FakeBuffer,
-  cudaInfo: () => ({ available: true, reason: null, computeCapability: cc, multiprocessors: 132 }),
-  cudaTensorMap2D: (
-    ptr: number,
-    elem: string,
-    inner: number,
-    rows: number,
-    boxInner: number,
-    boxRows: number,
-    swizzle = 128,
-  ) => {
-    const esz = elem === "f32" ? 4 : elem === "bf16" ? 2 : 1;
-    if (!["u8", "bf16", "f32"].includes(elem)) problems.push(`tensor map of ${elem}`);
-    if (ptr % 16 !== 0 || (inner * esz) % 16 !== 0)
-      problems.push(`tensor map at ${ptr}, pitch ${inner * esz}`);
-    if (
-      !(
-        rows >= 1 &&
-        boxInner * esz === swizzle &&
-        [64, 128].includes(swizzle) &&
-        boxRows >= 1 &&
-        boxRows <= 256
-      )
-    )
-      problems.push(`tensor map ${rows} rows, box ${boxInner}x${boxRows}, swizzle ${swizzle}`);
-    return new Uint8Array(128);
-  },
-  cudaKernel: (module: string, name: string) => {
-    if (!table.has(`${module}.${name}`)) problems.push(`unknown kernel ${module}.${name}`);
-    return ids.push(`${module}.${name}`) - 1;
-  },
-  cudaLaunch: (
-    id: number,
-    gx: number,
-    gy: number,
-    gz: number,
-    bx: number,
-    by: number,
-    bz: number,
-    sh: number,
-    args: Uint8Array,
-    offsets?: number[],
-  ) => {
-    const k = table.get(ids[id])!;
-    log.push({ kernel: ids[id], gx, args: new DataView(args.slice().buffer) });
-    launched.add(ids[id]);
-    launchedNow.add(ids[id]);
-    const yz = DEFINES.common.GRID_YZ_MAX;
-    // Scalars take 8-byte slots; with a tensor map, each parameter sits at its offset.
-    let at = 0;
-    const want = k.params.map(([, kind]) => {
-      at = kind === "tmap" ? Math.ceil(at / 64) * 64 : at;
-      const o = at;
-      at += kind === "tmap" ? 128 : 8;
-      return o;
-    });
-    const maps = k.params.some(([, kind]) => kind === "tmap");
-    if (args.byteLength !== at || (maps ? offsets?.join() !== want.join() : offsets !== undefined))
-      problems.push(`${ids[id]}: ${args.byteLength} argument bytes at ${offsets ?? "8-byte slots"}`);
-    if (!(gx >= 1 && gx < 2 ** 31 && gy >= 1 && gy <= yz && gz >= 1 && gz <= yz))
-      problems.push(`${ids[id]}: grid ${[gx, gy, gz]}`);
-    if (!(bx >= 32 && bx <= (k.maxThreads ?? 1024) && by === 1 && bz === 1))
-      problems.push(`${ids[id]}: block ${bx}`);
-    if (!(sh >= 0 && sh <= 227 * 1024)) problems.push(`${ids[id]}: ${sh} bytes of shared memory`);
-  },
-  cudaGemmLt: () => {
-    if (lt === "refuse") throw new Error("CUBLAS_STATUS_NOT_SUPPORTED");
-  },
-  cudaHtod: (buf: FakeBuffer, offset: number, data: Uint8Array) => {
-    uploads.set(buf.ptr + offset, new DataView(data.slice().buffer));
-  },
-  cudaDtoh: () => {},
-  cudaDtod: () => {},
-  cudaMemset8: () => {},
-  cudaMemset32: () => {},
-};
+const config: FakeCudaConfig = { computeCapability: "8.9", misalign: true, lt: "ok" };
+const fake = createFakeCuda(config);
+const { table, launched, launchedNow, problems, log, uploads } = fake;
 
 vi.mock("../src/index.ts", async (original) => ({
   ...(await original<typeof import("../src/index.ts")>()),
-  loadNative: () => ({ loaded: true, reason: null, addon: fake }),
+  loadNative: () => ({ loaded: true, reason: null, addon: fake.addon }),
 }));
 const { CudaBackend } = await import("../src/cuda-backend.ts");
 
@@ -298,10 +193,10 @@ describe("cuda backend host code, without a GPU", () => {
   for (const [name, env, mode, capability, misaligned] of configs)
     it(`launches valid kernels for every op (${name})`, async () => {
       for (const [k, v] of Object.entries(env)) vi.stubEnv(k, v);
-      lt = mode;
-      cc = capability;
+      config.lt = mode;
+      config.computeCapability = capability;
       launchedNow.clear();
-      misalign = misaligned;
+      config.misalign = misaligned;
       await everyOp(new CudaBackend() as Backend);
       vi.unstubAllEnvs();
       expect(problems).toEqual([]);
@@ -321,7 +216,7 @@ describe("cuda backend host code, without a GPU", () => {
   // kernels walk them (optim.cu's table_row: each block takes the last row whose first block is at
   // or before it): every element of every tensor is visited once, with its tensor's flags.
   it("AdamW and the gradient norm: one launch each over all tensors, every element once", () => {
-    misalign = false;
+    config.misalign = false;
     const b = new CudaBackend() as Backend;
     const { ADAMW_ROW, ADAMW_CHUNK, ADAMW_M_BF16, ADAMW_V_BF16, ADAMW_DECAY, SUMSQ_ROW } = DEFINES.optim;
     const sizes = [5, 0, ADAMW_CHUNK, ADAMW_CHUNK + 1, 3 * ADAMW_CHUNK - 7, 1, 600_000, 2048 * 256 + 3];
@@ -332,7 +227,7 @@ describe("cuda backend host code, without a GPU", () => {
       v: b.zeros([n], i % 3 ? "bf16" : "f32"),
       decay: i % 4 !== 1,
     }));
-    const ptr = (t: Tensor) => (t.storage as FakeBuffer).ptr;
+    const ptr = (t: Tensor) => (t.storage as { ptr: number }).ptr;
     /** Each table row's [start, end) spans, from walking every block of the launch. */
     const walk = (
       l: (typeof log)[number],

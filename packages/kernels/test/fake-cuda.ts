@@ -1,0 +1,136 @@
+// A fake cuda addon for tests without a GPU (cuda-dry-run.test.ts, tests/launch-count.test.ts): the
+// cuda backend runs every op against it; it records launches instead of running them and checks
+// each against the signature table: a kernel of the table, within its __launch_bounds__ and the
+// grid limits, one 8-byte slot per parameter (tensor maps: 128 bytes at a 64-byte boundary), shared
+// memory within the H200's 227 KB, tensor maps the driver would accept. What it finds wrong goes to
+// `problems`. `config` is read at every call, so a test changes the GPU it pretends to be between
+// runs (compute capability, misaligned buffers, cuBLASLt refusing).
+import { DEFINES, KERNELS } from "../src/cuda/kernels.generated.ts";
+import type { KernelSignature } from "../src/cuda-backend/launch.ts";
+
+export interface FakeCudaConfig {
+  /** The fake GPU's compute capability (the backend picks the sm90 kernels on "9.0"). */
+  computeCapability: string;
+  /** Every 7th buffer misaligned by 4 bytes, so that the aligned-only fast paths get skipped too. */
+  misalign: boolean;
+  /** cuBLASLt's answer to every call. */
+  lt: "ok" | "refuse";
+}
+
+export function createFakeCuda(config: FakeCudaConfig) {
+  const table = new Map<string, KernelSignature>();
+  for (const mod of Object.values(KERNELS))
+    for (const k of Object.values(mod)) table.set(`${k.module}.${k.name}`, k);
+  const state = {
+    table,
+    /** Every kernel launched so far. */
+    launched: new Set<string>(),
+    /** The kernels launched since the caller last cleared it. */
+    launchedNow: new Set<string>(),
+    problems: [] as string[],
+    /** Each launch since the caller last cleared it: the kernel, the grid's x and the argument bytes. */
+    log: [] as { kernel: string; gx: number; args: DataView }[],
+    /** The bytes last copied to each device address. */
+    uploads: new Map<number, DataView>(),
+    /** Kernel launches and cuBLASLt calls (the caller resets it). */
+    launches: 0,
+  };
+  const { problems, log, uploads } = state;
+  let nextPtr = 0;
+  let allocs = 0;
+  class FakeBuffer {
+    readonly ptr: number;
+    constructor(readonly bytes: number) {
+      if (!(Number.isInteger(bytes) && bytes >= 0)) problems.push(`DeviceBuffer of ${bytes} bytes`);
+      this.ptr = nextPtr + (config.misalign && ++allocs % 7 === 0 ? 4 : 0);
+      nextPtr += Math.ceil(bytes / 256) * 256 + 256;
+    }
+    free() {}
+  }
+  const ids: string[] = [];
+  const addon = {
+    DeviceBuffer: FakeBuffer,
+    cudaInfo: () => ({
+      available: true,
+      reason: null,
+      computeCapability: config.computeCapability,
+      multiprocessors: 132,
+    }),
+    cudaTensorMap2D: (
+      ptr: number,
+      elem: string,
+      inner: number,
+      rows: number,
+      boxInner: number,
+      boxRows: number,
+      swizzle = 128,
+    ) => {
+      const esz = elem === "f32" ? 4 : elem === "bf16" ? 2 : 1;
+      if (!["u8", "bf16", "f32"].includes(elem)) problems.push(`tensor map of ${elem}`);
+      if (ptr % 16 !== 0 || (inner * esz) % 16 !== 0)
+        problems.push(`tensor map at ${ptr}, pitch ${inner * esz}`);
+      if (
+        !(
+          rows >= 1 &&
+          boxInner * esz === swizzle &&
+          [64, 128].includes(swizzle) &&
+          boxRows >= 1 &&
+          boxRows <= 256
+        )
+      )
+        problems.push(`tensor map ${rows} rows, box ${boxInner}x${boxRows}, swizzle ${swizzle}`);
+      return new Uint8Array(128);
+    },
+    cudaKernel: (module: string, name: string) => {
+      if (!table.has(`${module}.${name}`)) problems.push(`unknown kernel ${module}.${name}`);
+      return ids.push(`${module}.${name}`) - 1;
+    },
+    cudaLaunch: (
+      id: number,
+      gx: number,
+      gy: number,
+      gz: number,
+      bx: number,
+      by: number,
+      bz: number,
+      sh: number,
+      args: Uint8Array,
+      offsets?: number[],
+    ) => {
+      state.launches++;
+      const k = table.get(ids[id])!;
+      log.push({ kernel: ids[id], gx, args: new DataView(args.slice().buffer) });
+      state.launched.add(ids[id]);
+      state.launchedNow.add(ids[id]);
+      const yz = DEFINES.common.GRID_YZ_MAX;
+      // Scalars take 8-byte slots; with a tensor map, each parameter sits at its offset.
+      let at = 0;
+      const want = k.params.map(([, kind]) => {
+        at = kind === "tmap" ? Math.ceil(at / 64) * 64 : at;
+        const o = at;
+        at += kind === "tmap" ? 128 : 8;
+        return o;
+      });
+      const maps = k.params.some(([, kind]) => kind === "tmap");
+      if (args.byteLength !== at || (maps ? offsets?.join() !== want.join() : offsets !== undefined))
+        problems.push(`${ids[id]}: ${args.byteLength} argument bytes at ${offsets ?? "8-byte slots"}`);
+      if (!(gx >= 1 && gx < 2 ** 31 && gy >= 1 && gy <= yz && gz >= 1 && gz <= yz))
+        problems.push(`${ids[id]}: grid ${[gx, gy, gz]}`);
+      if (!(bx >= 32 && bx <= (k.maxThreads ?? 1024) && by === 1 && bz === 1))
+        problems.push(`${ids[id]}: block ${bx}`);
+      if (!(sh >= 0 && sh <= 227 * 1024)) problems.push(`${ids[id]}: ${sh} bytes of shared memory`);
+    },
+    cudaGemmLt: () => {
+      state.launches++;
+      if (config.lt === "refuse") throw new Error("CUBLAS_STATUS_NOT_SUPPORTED");
+    },
+    cudaHtod: (buf: FakeBuffer, offset: number, data: Uint8Array) => {
+      uploads.set(buf.ptr + offset, new DataView(data.slice().buffer));
+    },
+    cudaDtoh: () => {},
+    cudaDtod: () => {},
+    cudaMemset8: () => {},
+    cudaMemset32: () => {},
+  };
+  return Object.assign(state, { addon });
+}

@@ -581,6 +581,31 @@ by_level!(
 /// same chains over the keys; v is read in place when it needs neither BF16 rounding nor padding. So each query's o and lse are the bits
 /// of its row in a full forward (attention_with_fewer_queries_... in tests.rs).
 #[inline(always)]
+/// acc += e[..valid] times the first `valid` rows of the value tile at vp (row stride ldv): one
+/// query's probabilities against a tile of values (acc's length a whole number of vectors).
+#[inline(always)]
+unsafe fn add_weighted_rows<V: Tiles>(
+    e: &[f32],
+    vp: *const f32,
+    ldv: usize,
+    valid: usize,
+    acc: &mut [f32],
+) {
+    let tile = Tile {
+        a: e.as_ptr(),
+        ars: 0,
+        acs: 1,
+        b: vp,
+        ldb: ldv,
+        c: acc.as_mut_ptr(),
+        ldc: 0,
+        k0: 0,
+        k1: valid,
+        add: true,
+    };
+    row_product::<V>(acc.len() / W, tile);
+}
+
 unsafe fn decode_task<V: Tiles>(x: Inputs, dm: &Dims, hd: Head, out: ForwardOut) {
     let (bb, hh, nh) = (hd.b, hd.h, dm.h);
     let (t, tk, dqk, dv, dvp, lowp) = (dm.t, dm.tk, dm.dqk, dm.dv, dm.dvp(), dm.lowp);
@@ -672,19 +697,7 @@ unsafe fn decode_task<V: Tiles>(x: Inputs, dm: &Dims, hd: Head, out: ForwardOut)
                 }
                 acc.iter_mut().for_each(|a| *a *= alpha);
                 let (vp, ldv) = vrows(j0, valid, vt);
-                let tile = Tile {
-                    a: e.as_ptr(),
-                    ars: 0,
-                    acs: 1,
-                    b: vp,
-                    ldb: ldv,
-                    c: acc.as_mut_ptr(),
-                    ldc: 0,
-                    k0: 0,
-                    k1: valid,
-                    add: true,
-                };
-                row_product::<V>(dvp / W, tile);
+                add_weighted_rows::<V>(&e, vp, ldv, valid, acc);
             }
         }
         if lowp {
@@ -699,19 +712,7 @@ unsafe fn decode_task<V: Tiles>(x: Inputs, dm: &Dims, hd: Head, out: ForwardOut)
                     *x = round_bf16(v * inv);
                 }
                 let (vp, ldv) = vrows(j0, valid, vt);
-                let tile = Tile {
-                    a: e.as_ptr(),
-                    ars: 0,
-                    acs: 1,
-                    b: vp,
-                    ldb: ldv,
-                    c: acc.as_mut_ptr(),
-                    ldc: 0,
-                    k0: 0,
-                    k1: valid,
-                    add: true,
-                };
-                row_product::<V>(dvp / W, tile);
+                add_weighted_rows::<V>(&e, vp, ldv, valid, acc);
             }
         }
         // SAFETY: row (b, i), head h of o and entry (b, h, i) of lse belong to this task only.

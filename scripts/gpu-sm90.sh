@@ -80,6 +80,14 @@ step attn-bench 150 40 python3 packages/kernels/bench/attn/bench.py --out "$OUT"
 step bench-gemm 150 40 sh -c 'bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts --json > /tmp/gemm.json'
 cat /tmp/gemm.json >>"$LOG" 2>/dev/null
 json_of /tmp/gemm.json bench-gemm
+# The dense shapes of small: BF16 (cuBLASLt) and FP8 on each Hopper path (cuBLASLt, sm90), per role.
+step bench-dense 150 40 sh -c 'bun apps/trainer/src/cli.ts bench gemm --backend cuda --json > /tmp/gemm-dense.json'
+cat /tmp/gemm-dense.json >>"$LOG" 2>/dev/null
+json_of /tmp/gemm-dense.json bench-dense
+# PyTorch's BF16 grouped GEMM in every expert role (the per-role baseline of issue 16).
+step torch-roles 60 20 sh -c 'python3 packages/kernels/bench/torch_expert_roles.py > /tmp/torch-roles.txt'
+cat /tmp/torch-roles.txt >>"$LOG" 2>/dev/null
+json_of /tmp/torch-roles.txt torch-roles
 
 for v in sm90 mma fa2 bf16; do
   picked "step-$v" || continue
@@ -182,12 +190,25 @@ print("grouped GEMM path:", (doc.get("cuda") or {}).get("groupedGemm"))
 for line in open(sys.argv[1].replace("results.jsonl", "log.txt"), errors="replace"):
     if line.startswith("grouped FP8 ") or "SUMMARY" in line or "Sanitizer Error" in line:
         print(line.rstrip()[:200])
-print(f"\n{'expert GEMM':<44} {'role':<6} {'fp8 kernel':<11} {'fp8 TF/s':>8} {'mma TF/s':>8} {'bf16 TF/s':>9} {'fp8 ms':>7}")
+torch = {(r["torch_grouped_bf16"], r["role"]): r.get("tflops") for r in rows if r.get("tag") == "torch-roles"}
+print(f"\n{'expert GEMM':<44} {'role':<6} {'fp8 kernel':<11} {'fp8 TF/s':>8} {'mma TF/s':>8} {'bf16 TF/s':>9} "
+      f"{'fp8 ms':>7} {'torch TF/s':>10} {'x torch':>7}")
 for r in rows:
     if r.get("tag") == "bench-gemm":
         for x in r.get("rows", []):
+            t = torch.get(("gate_up" if "512x1024" in x["gemm"] else "down", x["role"]))
             print(f"{x['gemm'][:44]:<44} {x['role']:<6} {x.get('fp8_kernel', '-'):<11} {x['fp8_tflops']:>8} "
-                  f"{x.get('mma_sync_tflops', '-')!s:>8} {x['bf16_tflops']:>9} {x['fp8_ms']:>7}")
+                  f"{x.get('mma_sync_tflops', '-')!s:>8} {x['bf16_tflops']:>9} {x['fp8_ms']:>7} {t!s:>10} "
+                  f"{round(x['fp8_tflops'] / t, 2) if t else '-'!s:>7}")
+print(f"\n{'dense GEMM':<20} {'role':<6} {'chosen':<11} {'fp8 TF/s':>8} {'cuBLASLt':>8} {'sm90':>8} {'bf16':>8} {'fp8/bf16':>8}")
+for r in rows:
+    if r.get("tag") == "bench-dense":
+        for x in r.get("rows", []):
+            if x["gemm"].startswith("experts"):
+                continue
+            print(f"{x['gemm'][:20]:<20} {x['role']:<6} {x.get('fp8_kernel', '-'):<11} {x['fp8_tflops']:>8} "
+                  f"{x.get('fp8_cublaslt_tflops', '-')!s:>8} {x.get('fp8_sm90_tflops', '-')!s:>8} {x['bf16_tflops']:>8} "
+                  f"{x['fp8_vs_bf16']:>8}")
 print()
 for v in ("sm90", "mma", "bf16"):
     s = next((r for r in rows if r.get("tag") == f"step-{v}"), None)

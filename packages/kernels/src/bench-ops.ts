@@ -103,8 +103,9 @@ function cases(b: Backend): { list: Case[]; dispose: () => void } {
   const dO = up(data(N * T.heads * T.dv, 7), [N, T.heads * T.dv]);
   const kpe = up(data(N * T.drope, 8), [N, T.drope]);
   const qnope = up(data(N * T.heads * T.dnope, 9), [N, T.heads * T.dnope]);
-  const g = up(data(N * T.ffn, 10), [N, T.ffn]);
-  const u = up(data(N * T.ffn, 11), [N, T.ffn]);
+  // The gate and up projections' outputs side by side, as their fused GEMM writes them.
+  const gu = up(data(N * 2 * T.ffn, 10), [N, 2 * T.ffn]);
+  const dh = up(data(N * T.ffn, 11), [N, T.ffn]);
   const emb = up(data(T.vocab * T.d, 12), [T.vocab, T.d]);
   const ids = up(ints(N, T.vocab, 13), [N], "i32");
   const logits = up(data(N * T.experts, 14), [N, T.experts]);
@@ -208,8 +209,8 @@ function cases(b: Backend): { list: Case[]; dispose: () => void } {
       },
       flops.forward + flops.backward,
     ],
-    ["swiglu", () => b.swiglu(g, u)],
-    ["swigluBackward", () => b.swigluBackward(u, g, u)],
+    ["swiglu", () => b.swiglu(gu)],
+    ["swigluBackward", () => b.swigluBackward(dh, gu)],
     ["embedding", () => b.embedding(emb, ids)],
     ["embeddingBackward", () => b.embeddingBackward(dE, x, ids)],
     ["router", () => b.router(logits, bias, T.k, 1)],

@@ -37,6 +37,7 @@ import {
   rowSpan,
   sameShape,
   scaleCount,
+  swigluWidth,
   type Tensor,
   u8,
 } from "@moe8/tensor";
@@ -484,18 +485,18 @@ export class CpuBackend extends HostLifetimes implements Backend {
     return { dq, dk, dv };
   }
 
-  swiglu(g: Tensor, u: Tensor): Tensor {
-    sameShape(g, u, "swiglu");
-    const h = this.out(g.shape);
-    this.n.swiglu(f32(g), f32(u), f32(h));
+  swiglu(gu: Tensor): Tensor {
+    const inter = swigluWidth(gu, "swiglu");
+    const h = this.out([gu.rows, inter]);
+    this.n.swiglu(this.values(gu), inter, f32(h));
     return h;
   }
 
-  swigluBackward(dh: Tensor, g: Tensor, u: Tensor) {
-    const dg = this.out(g.shape);
-    const du = this.out(u.shape);
-    this.n.swigluBackward(f32(dh), f32(g), f32(u), f32(dg), f32(du));
-    return { dg, du };
+  swigluBackward(dh: Tensor, gu: Tensor): Tensor {
+    const inter = swigluWidth(gu, "swigluBackward", dh);
+    const dgu = this.out([gu.rows, 2 * inter]);
+    this.n.swigluBackward(f32(dh), this.values(gu), inter, f32(dgu));
+    return dgu;
   }
 
   embedding(w: Tensor, ids: Tensor): Tensor {

@@ -43,6 +43,7 @@ import * as attn from "./cuda-backend/attention.ts";
 import { CudaContext, cdiv, u8view } from "./cuda-backend/context.ts";
 import * as ew from "./cuda-backend/elementwise.ts";
 import * as gemm from "./cuda-backend/gemm.ts";
+import type { Sm90DenseMode } from "./cuda-backend/gemm-sm90.ts";
 import * as moe from "./cuda-backend/moe.ts";
 import * as nn from "./cuda-backend/nn.ts";
 import * as optim from "./cuda-backend/optim.ts";
@@ -85,6 +86,16 @@ export class CudaBackend extends HostLifetimes implements Backend {
    */
   get groupedGemmKernel(): "sm90-wgmma" | "mma.sync" {
     return this.cx.sm90Gemm ? "sm90-wgmma" : "mma.sync";
+  }
+  /**
+   * Which dense FP8 GEMMs run on the sm90 kernels instead of cuBLASLt (MOE8_SM90_DENSE; settable
+   * so that `bench gemm` and the tests can run both paths on one backend).
+   */
+  get sm90Dense(): Sm90DenseMode {
+    return this.cx.sm90Dense;
+  }
+  set sm90Dense(mode: Sm90DenseMode) {
+    this.cx.sm90Dense = mode;
   }
   /** The tensor-core kernels (MOE8_TENSOR_CORES=0: the simple reference kernels). */
   get useTensorCores(): boolean {
@@ -265,12 +276,12 @@ export class CudaBackend extends HostLifetimes implements Backend {
     return nn.headConcat(this.cx, a, b, heads, bHeads);
   }
 
-  swiglu(g: Tensor, u: Tensor): Tensor {
-    return nn.swiglu(this.cx, g, u);
+  swiglu(gu: Tensor): Tensor {
+    return nn.swiglu(this.cx, gu);
   }
 
-  swigluBackward(dh: Tensor, g: Tensor, u: Tensor) {
-    return nn.swigluBackward(this.cx, dh, g, u);
+  swigluBackward(dh: Tensor, gu: Tensor): Tensor {
+    return nn.swigluBackward(this.cx, dh, gu);
   }
 
   embedding(w: Tensor, ids: Tensor): Tensor {

@@ -62,5 +62,10 @@ export { availableBackends, type BackendChoice, createBackend } from "./backends
 export { type BenchOpsFlags, type BenchOpsOptions, type BenchOpsRow, benchOps, TINY } from "./bench-ops.ts";
 export { CpuBackend } from "./cpu-backend.ts";
 export { type AttentionPath, attentionPath } from "./cuda-backend/attention.ts";
-export { type GroupedGemmPath, groupedGemmPath } from "./cuda-backend/gemm-sm90.ts";
+export {
+  type GroupedGemmPath,
+  groupedGemmPath,
+  type Sm90DenseMode,
+  sm90DenseChosen,
+} from "./cuda-backend/gemm-sm90.ts";
 export { CudaBackend } from "./cuda-backend.ts";

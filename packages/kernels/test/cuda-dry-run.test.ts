@@ -131,7 +131,8 @@ async function everyOp(b: Backend) {
   const hs = { heads: 4, width: 64, start: 8, len: 16 };
   b.headScatterAdd(x, b.headSlice(x, hs), hs);
   b.headConcat(up([64, 96]), up([64, 8]), 4, 1);
-  b.swigluBackward(x, x, b.swiglu(x, y));
+  // x as a packed gate|up [rows, 2 x 128], in f32 and as BF16 codes.
+  for (const gu of [x, b.cast(x, "bf16")]) b.swigluBackward(b.swiglu(gu), gu);
   const ids = b.upload(ints(64, 100), [64], "i32");
   b.embeddingBackward(up([100, 48]), b.embedding(up([100, 48]), ids), ids);
   for (const precision of ["f32", "bf16"] as const)
@@ -189,7 +190,11 @@ describe("cuda backend host code, without a GPU", () => {
     ["Hopper, misaligned buffers: the sm90 fallbacks", {}, "ok", "9.0", true],
     ["Hopper, MOE8_SM90_GEMM=0", { MOE8_SM90_GEMM: "0" }, "ok", "9.0", true],
     ["Hopper, MOE8_SM90_ATTENTION=0", { MOE8_SM90_ATTENTION: "0" }, "ok", "9.0", false],
+    ["Hopper, MOE8_SM90_DENSE=all", { MOE8_SM90_DENSE: "all" }, "ok", "9.0", false],
+    ["Hopper, MOE8_SM90_DENSE=none", { MOE8_SM90_DENSE: "none" }, "ok", "9.0", false],
   ];
+  /** sm90 GEMM launches per configuration: the dense FP8 GEMMs add to the experts' under `all`. */
+  const sm90Launches = new Map<string, number>();
   for (const [name, env, mode, capability, misaligned] of configs)
     it(`launches valid kernels for every op (${name})`, async () => {
       for (const [k, v] of Object.entries(env)) vi.stubEnv(k, v);
@@ -197,9 +202,11 @@ describe("cuda backend host code, without a GPU", () => {
       config.computeCapability = capability;
       launchedNow.clear();
       config.misalign = misaligned;
+      const first = log.length;
       await everyOp(new CudaBackend() as Backend);
       vi.unstubAllEnvs();
       expect(problems).toEqual([]);
+      sm90Launches.set(name, log.slice(first).filter((l) => l.kernel.startsWith("gemm_sm90.")).length);
       // Every sm90 kernel (Fprop/Dgrad and Wgrad entries, Wgrad's transpose) on a Hopper GPU with
       // aligned buffers, none where turned off or on other GPUs.
       const sm90 = [...launchedNow].filter((k) => k.startsWith("gemm_sm90."));
@@ -211,6 +218,20 @@ describe("cuda backend host code, without a GPU", () => {
       if (capability !== "9.0" || env.MOE8_SM90_ATTENTION) expect(fa3).toEqual([]);
       else if (!misaligned) expect(fa3.length).toBe(fa3Entries);
     });
+
+  it("MOE8_SM90_DENSE moves the dense FP8 GEMMs onto the sm90 kernels (all > auto > none)", () => {
+    const [all, auto, none] = [
+      "Hopper, MOE8_SM90_DENSE=all",
+      "Hopper: the sm90 GEMMs",
+      "Hopper, MOE8_SM90_DENSE=none",
+    ].map((k) => sm90Launches.get(k)!);
+    expect(none).toBeGreaterThan(0); // the experts' GEMMs
+    expect(auto).toBeGreaterThan(none);
+    expect(all).toBeGreaterThan(auto);
+    vi.stubEnv("MOE8_SM90_DENSE", "some");
+    expect(() => new CudaBackend()).toThrow(/MOE8_SM90_DENSE="some": expected auto, all or none/);
+    vi.unstubAllEnvs();
+  });
 
   // The device tables of the multi-tensor ops, read back from the fake's uploads and walked as the
   // kernels walk them (optim.cu's table_row: each block takes the last row whose first block is at

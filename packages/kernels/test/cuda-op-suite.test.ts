@@ -300,6 +300,71 @@ if (status.ok) {
         else expect(sm90Ran, [...ran].join(", ")).toEqual([]);
       }, 300_000);
 
+    // Dense FP8 GEMMs (Fprop, Dgrad, Wgrad of a Linear) on the same kernels as one group of all rows
+    // (MOE8_SM90_DENSE=all), against the reference with the wgmma tolerance: M not a multiple of
+    // 128, K not a multiple of 128 (Fprop) and N past the last full tile, every epilogue.
+    it.skipIf(status.cc !== "9.0")(
+      `sm90 wgmma: dense FP8 roles as one group (seed ${seed})`,
+      async () => {
+        const be = cudaWith(true);
+        be.sm90Dense = "all";
+        const rng = new Rng(seed + 2);
+        const [T, out, inp] = [300, 272, 400];
+        const x = rng.normals(T * inp);
+        const dy = rng.normals(T * out);
+        const w = rng.normals(out * inp, 0.05);
+        const c0 = rng.normals(Math.max(T * Math.max(out, inp), out * inp));
+        const run = (b: Backend): Record<string, Tensor> => {
+          const wq = b.quantize(b.upload(w, [out, inp]), { group: "block" });
+          const xq = b.quantize(b.upload(x, [T, inp]), { group: "tile" });
+          const dyq = b.quantize(b.upload(dy, [T, out]), { group: "tile" });
+          const xc = b.quantize(b.upload(x, [T, inp]), { group: "column-tile" });
+          const dyc = b.quantize(b.upload(dy, [T, out]), { group: "column-tile" });
+          const r: Record<string, Tensor> = {};
+          for (const outBf16 of [false, true]) {
+            const tag = outBf16 ? "bf16" : "f32";
+            const fp8 = { precision: "fp8", outBf16 } as const;
+            r[`fprop ${tag}`] = b.matmul(xq, wq, { ...fp8, transB: true });
+            r[`dgrad ${tag}`] = b.matmul(dyq, wq, fp8);
+            r[`wgrad ${tag}`] = b.matmul(dyc, xc, { ...fp8, transA: true });
+            const acc = b.upload(c0.subarray(0, out * inp), [out, inp]);
+            b.matmul(dyc, xc, { ...fp8, transA: true, accumulate: acc });
+            r[`wgrad ${tag} accumulate`] = acc;
+            const accD = b.upload(c0.subarray(0, T * inp), [T, inp]);
+            b.matmul(dyq, wq, { ...fp8, accumulate: accD });
+            r[`dgrad ${tag} accumulate`] = accD;
+          }
+          return r;
+        };
+        const want = await readOutputs(ref, run);
+        let got: [string, Float32Array][] = [];
+        const t = await be.timeKernels(async () => {
+          got = await readOutputs(be, run);
+        });
+        for (let i = 0; i < want.length; i++) {
+          const [key, wv] = want[i];
+          const what = `dense ${key} (seed ${seed})`;
+          if (key.includes("bf16")) expect(relErr(got[i][1], wv), what).toBeLessThanOrEqual(1e-2);
+          else {
+            expect(normRel(got[i][1], wv), `${what}, Frobenius`).toBeLessThanOrEqual(1e-3);
+            expect(relErr(got[i][1], wv), `${what}, largest element`).toBeLessThanOrEqual(2e-3);
+          }
+        }
+        const ran = new Set(t.kernels.map((k) => k.name).filter((n) => n.startsWith("gemm_sm90.")));
+        expect([...ran].sort()).toEqual(
+          expect.arrayContaining([
+            "gemm_sm90.gemm_sm90_fp8_wgrad_128x256",
+            "gemm_sm90.sm90_coltile_transpose",
+          ]),
+        );
+        expect(
+          [...ran].some((n) => n.includes("grouped")),
+          [...ran].join(", "),
+        ).toBe(true);
+      },
+      300_000,
+    );
+
     it.skipIf(status.cc !== "9.0")("sm90 wgmma gives the same bits twice", async () => {
       const be = cudaWith(true);
       const [c] = expertGemms(seed + 1);

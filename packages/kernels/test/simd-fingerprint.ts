@@ -22,12 +22,12 @@ export async function fingerprint(): Promise<string> {
   be.addInto(acc, y, 0.3);
   const { y: ny, rstd } = be.rmsnorm(x, w, 1e-6);
   const bw = be.rmsnormBackward(y, x, w, rstd);
-  const sg = be.swigluBackward(y, x, y);
+  // x as a packed gate|up [N, 2 x 36].
+  const h = be.swiglu(x);
   outs.push(be.add(x, y), acc, be.scale(x, 0.7), be.sum(x), be.cast(x, "bf16"), ny, rstd, bw.dx, bw.dw);
   outs.push(
-    be.swiglu(x, y),
-    sg.dg,
-    sg.du,
+    h,
+    be.swigluBackward(be.scale(h, 0.5), x),
     be.rope(x, { heads: 3, width: 24, offset: 8, dim: 16, seqLen: T, theta: 1e4 }),
   );
   for (const precision of ["f32", "bf16"] as const) {

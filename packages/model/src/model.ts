@@ -14,6 +14,14 @@ import type { ModelConfig } from "./config.ts";
  */
 export const LOSS_CHUNK_ROWS = 4096;
 
+/** One checkpoint tensor: `shape`'s values from `offset` in a model tensor. */
+export interface NamedTensor {
+  name: string;
+  tensor: Tensor;
+  shape: number[];
+  offset: number;
+}
+
 export interface BatchShape {
   batch: number;
   seq: number;
@@ -281,65 +289,76 @@ export class DeepSeekModel {
   }
 
   /**
-   * Every tensor by its checkpoint name (docs/model.md): stacked expert weights [E, out, in] are listed
-   * per expert as `...experts.{e}.{proj}.weight`, and the correction biases are included.
+   * Every tensor by its checkpoint name (docs/model.md) with its checkpoint shape: each is a
+   * contiguous range of one model tensor, from `offset`. Stacked expert weights [E, out, in] are
+   * listed per expert as `...experts.{e}.{proj}.weight`; a fused weight (Param.parts, e.g.
+   * `gate_up_proj`) as its parts, each a block of every matrix's rows; the correction biases are
+   * included.
    */
-  namedTensors(): { name: string; tensor: Tensor; expert?: number }[] {
-    const out: { name: string; tensor: Tensor; expert?: number }[] = [];
+  namedTensors(): NamedTensor[] {
+    const out: NamedTensor[] = [];
     for (const p of this.params) {
-      const m = /^(.*\.experts)\.(gate_proj|up_proj|down_proj)\.weight$/.exec(p.name);
-      if (m)
-        for (let e = 0; e < p.value.shape[0]; e++)
-          out.push({ name: `${m[1]}.${e}.${m[2]}.weight`, tensor: p.value, expert: e });
-      else out.push({ name: p.name, tensor: p.value });
+      const m = /^(.*)\.(\w+)\.weight$/.exec(p.name);
+      const stacked = m !== null && p.value.shape.length === 3 && m[1].endsWith(".experts");
+      if (!m || (!stacked && !p.parts)) {
+        out.push({ name: p.name, tensor: p.value, shape: [...p.value.shape], offset: 0 });
+        continue;
+      }
+      const parts = p.parts ?? [m[2]];
+      const [rows, cols] = p.value.shape.slice(-2);
+      const partRows = rows / parts.length;
+      for (let e = 0; e < (stacked ? p.value.shape[0] : 1); e++)
+        parts.forEach((part, j) => {
+          out.push({
+            name: stacked ? `${m[1]}.${e}.${part}.weight` : `${m[1]}.${part}.weight`,
+            tensor: p.value,
+            shape: [partRows, cols],
+            offset: (e * rows + j * partRows) * cols,
+          });
+        });
     }
     for (const m of this.moeLayers)
-      out.push({ name: `${m.prefix}.gate.e_score_correction_bias`, tensor: m.bias });
+      out.push({
+        name: `${m.prefix}.gate.e_score_correction_bias`,
+        tensor: m.bias,
+        shape: [...m.bias.shape],
+        offset: 0,
+      });
     return out.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
   }
 
-  /** Host copies of every checkpoint tensor (expert slices cut from the stacked weights). */
+  /** Host copies of every checkpoint tensor (ranges cut from the stacked and fused weights). */
   async stateDict(): Promise<Map<string, { shape: number[]; data: Float32Array }>> {
     const out = new Map<string, { shape: number[]; data: Float32Array }>();
     const cache = new Map<Tensor, Float32Array>();
-    for (const { name, tensor, expert } of this.namedTensors()) {
+    for (const { name, tensor, shape, offset } of this.namedTensors()) {
       let all = cache.get(tensor);
       if (!all) {
         all = (await tensor.read()) as Float32Array;
         cache.set(tensor, all);
       }
-      if (expert === undefined) out.set(name, { shape: [...tensor.shape], data: all });
-      else {
-        const [, rows, cols] = tensor.shape;
-        out.set(name, {
-          shape: [rows, cols],
-          data: all.slice(expert * rows * cols, (expert + 1) * rows * cols),
-        });
-      }
+      const n = shape.reduce((x, y) => x * y, 1);
+      out.set(name, { shape, data: n === all.length ? all : all.slice(offset, offset + n) });
     }
     return out;
   }
 
   /** Loads weights by checkpoint name; a missing or misshapen tensor is an error naming it. */
   loadStateDict(get: (name: string) => { shape: number[]; data: Float32Array } | undefined): void {
-    const stacked = new Map<Tensor, Float32Array>();
-    for (const { name, tensor, expert } of this.namedTensors()) {
+    const joined = new Map<Tensor, Float32Array>();
+    for (const { name, tensor, shape, offset } of this.namedTensors()) {
       const t = get(name);
       if (!t) throw new Error(`checkpoint: tensor ${name} is missing`);
-      const want = expert === undefined ? [...tensor.shape] : tensor.shape.slice(1);
-      if (t.shape.join(",") !== want.join(","))
-        throw new Error(`checkpoint: tensor ${name} has shape [${t.shape}], the model wants [${want}]`);
-      if (expert === undefined) this.b.write(tensor, t.data);
-      else {
-        let buf = stacked.get(tensor);
-        if (!buf) {
-          buf = new Float32Array(tensor.size);
-          stacked.set(tensor, buf);
-        }
-        buf.set(t.data, expert * t.data.length);
+      if (t.shape.join(",") !== shape.join(","))
+        throw new Error(`checkpoint: tensor ${name} has shape [${t.shape}], the model wants [${shape}]`);
+      let buf = joined.get(tensor);
+      if (!buf) {
+        buf = new Float32Array(tensor.size);
+        joined.set(tensor, buf);
       }
+      buf.set(t.data, offset);
     }
-    for (const [tensor, buf] of stacked) this.b.write(tensor, buf);
+    for (const [tensor, buf] of joined) this.b.write(tensor, buf);
   }
 
   dispose(): void {

@@ -79,9 +79,11 @@ describe("data parallel: ranks summed through the collectives", () => {
           expect(w, `${what}: parameter ${i}`).toEqual(runs[0].weights[i]);
         });
       }
-      // Against one rank: the same step up to the order of the f32 sums.
+      // Against one rank: the same step up to the order of the f32 sums. AdamW's first steps divide
+      // each gradient by its own magnitude, so an element whose gradient is near 0 (~1e-8 here)
+      // moves by an amount that depends on those last bits: the third step's norm differs by ~2e-4.
       expect(maxRelDiff(runs[0].losses, one.losses), what).toBeLessThan(1e-5);
-      expect(maxRelDiff(runs[0].norms, one.norms), what).toBeLessThan(1e-4);
+      expect(maxRelDiff(runs[0].norms, one.norms), what).toBeLessThan(5e-4);
       expect(runs[0].loads[0], what).toEqual(one.loads[0]);
     }
   }, 120_000);

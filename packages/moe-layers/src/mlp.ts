@@ -8,7 +8,6 @@ import {
   type LinearPrecision,
   Param,
   type PrecisionTrace,
-  QuantMemo,
   type Tensor,
 } from "@moe8/tensor";
 
@@ -33,15 +32,35 @@ export interface SwiGluMlpOptions {
   trace?: PrecisionTrace;
 }
 
+/**
+ * [gate; up] stacked along the output rows (per expert for [E, out, in]) from two [.., inter, d]
+ * weights: the fused projection's initial weight holds exactly the values the separate gate and up
+ * weights would (same draws, same order).
+ */
+function stackRows(gate: Float32Array, up: Float32Array, matrices: number): Float32Array {
+  const n = gate.length / matrices;
+  const out = new Float32Array(2 * gate.length);
+  for (let e = 0; e < matrices; e++) {
+    out.set(gate.subarray(e * n, (e + 1) * n), 2 * e * n);
+    out.set(up.subarray(e * n, (e + 1) * n), (2 * e + 1) * n);
+  }
+  return out;
+}
+
+/**
+ * The gate and up projections are one Linear, `gate_up_proj` ([2 inter, d], or [E, 2 inter, d]):
+ * one GEMM with N = 2 inter for both (one read of x, twice the columns per tile), one Dgrad with
+ * K = 2 inter instead of two Dgrads and an add, one Wgrad. Checkpoints still store `gate_proj` and
+ * `up_proj` (the weight's two row halves; Param.parts).
+ */
 export class SwiGluMlp {
   readonly params: Param[] = [];
-  readonly gate: Linear;
-  readonly up: Linear;
+  readonly gateUp: Linear;
   readonly down: Linear;
   readonly prefix: string;
   readonly pkg: GemmPackageName;
   readonly experts: number;
-  private saved: { g: Tensor; u: Tensor }[] = [];
+  private saved: Tensor[] = [];
 
   constructor(
     readonly b: Backend,
@@ -52,29 +71,33 @@ export class SwiGluMlp {
     this.prefix = prefix;
     this.pkg = pkg;
     this.experts = E;
-    const lin = (name: string, out: number, inp: number) => {
+    const lin = (name: string, out: number, inp: number, values: () => Float32Array, parts?: string[]) => {
       const shape = E > 0 ? [E, out, inp] : [out, inp];
       const p = Param.create(b, {
         name: `${prefix}.${name}.weight`,
-        init: init(shape.reduce((x, y) => x * y)),
+        init: values(),
         shape,
         decay: true,
+        parts,
       });
       this.params.push(p);
       return new Linear(p, { precision, pkg, layer: `${prefix}.${name}`, trace, grouped: E > 0 });
     };
-    this.gate = lin("gate_proj", inter, d);
-    this.up = lin("up_proj", inter, d);
-    this.down = lin("down_proj", d, inter);
+    const n = Math.max(E, 1) * inter * d;
+    this.gateUp = lin("gate_up_proj", 2 * inter, d, () => stackRows(init(n), init(n), Math.max(E, 1)), [
+      "gate_proj",
+      "up_proj",
+    ]);
+    this.down = lin("down_proj", d, inter, () => init(n));
   }
 
   clearSaved(): void {
     this.saved.length = 0;
-    for (const l of [this.gate, this.up, this.down]) l.clearSaved();
+    for (const l of [this.gateUp, this.down]) l.clearSaved();
   }
 
   setPrecision(p: LinearPrecision): void {
-    for (const l of [this.gate, this.up, this.down]) l.precision = p;
+    for (const l of [this.gateUp, this.down]) l.precision = p;
   }
 
   /** Whether the output is rounded to BF16 (so that BF16 storage of it is exact). */
@@ -83,17 +106,12 @@ export class SwiGluMlp {
   }
 
   forward(x: Tensor, offsets: Tensor | null = null): Tensor {
-    const memo = new QuantMemo(); // gate and up read the same x: one FP8 copy of it
-    const g = this.gate.forward(x, offsets, memo);
-    const u = this.up.forward(x, offsets, memo);
-    const h = this.b.swiglu(g, u);
-    if (this.gate.precision.outputs === "bf16" && this.up.precision.outputs === "bf16") {
-      // The projections round their outputs to BF16, so BF16 storage keeps g and u exactly for the
-      // backward in half the bytes (the routed experts' pair is 2 x [tokens*k, inter] per layer).
-      this.saved.push({ g: intoBf16(this.b, g), u: intoBf16(this.b, u) });
-    } else {
-      this.saved.push({ g, u });
-    }
+    const gu = this.gateUp.forward(x, offsets);
+    const h = this.b.swiglu(gu);
+    // When the projection rounds its outputs to BF16, BF16 storage keeps gate|up exactly for the
+    // backward in half the bytes (the routed experts' [tokens*k, 2 inter] per layer), and swiglu
+    // reads the codes directly.
+    this.saved.push(this.gateUp.precision.outputs === "bf16" ? intoBf16(this.b, gu) : gu);
     const y = this.down.forward(h, offsets);
     if (!this.down.retains(h)) h.dispose(); // backward uses its FP8 copy only
     return y;
@@ -101,22 +119,19 @@ export class SwiGluMlp {
 
   /** Whether a saved forward holds the input `t` itself (see Linear.retains). */
   retains(t: Tensor): boolean {
-    return this.gate.retains(t) || this.up.retains(t);
+    return this.gateUp.retains(t);
   }
 
   /** Returns dx, or adds it into `into` (see Linear.backward). */
   backward(dy: Tensor, into: Tensor | null = null): Tensor {
-    const s = this.saved.pop();
-    if (!s) throw new Error(`${this.prefix}: backward without forward`);
+    const gu = this.saved.pop();
+    if (!gu) throw new Error(`${this.prefix}: backward without forward`);
     const dh = this.down.backward(dy);
-    const f32 = (t: Tensor) => (t.dtype === "f32" ? t : this.b.cast(t, "f32"));
-    const [g, u] = [f32(s.g), f32(s.u)];
-    const { dg, du } = this.b.swigluBackward(dh, g, u);
-    for (const t of [g, u, s.g, s.u]) t.dispose();
+    const dgu = this.b.swigluBackward(dh, gu);
+    gu.dispose();
     dh.dispose();
-    const dx = this.gate.backward(dg, into);
-    this.up.backward(du, dx);
-    for (const t of [dg, du]) t.dispose();
+    const dx = this.gateUp.backward(dgu, into);
+    dgu.dispose();
     return dx;
   }
 }

@@ -61,6 +61,31 @@ export function shardOwners(sizes: number[], ranks: number): number[] {
   return owners;
 }
 
+/**
+ * A fused weight's moment from a checkpoint written before the fusion, which kept one moment per
+ * part (`...gate_proj.weight.exp_avg` and `...up_proj.weight.exp_avg` for `...gate_up_proj.weight`):
+ * the parts' rows interleaved back per matrix (per expert for stacked weights). Undefined when a
+ * part is missing too.
+ */
+function joinedParts(
+  param: Param,
+  suffix: string,
+  get: (name: string) => Float32Array | undefined,
+): Float32Array | undefined {
+  const m = /^(.*)\.\w+\.weight$/.exec(param.name);
+  if (!param.parts || !m) return undefined;
+  const pieces = param.parts.map((part) => get(`${m[1]}.${part}.weight.${suffix}`));
+  if (pieces.some((p) => !p || p.length * param.parts!.length !== param.value.size)) return undefined;
+  const matrices = param.value.shape.length === 3 ? param.value.shape[0] : 1;
+  const n = param.value.size / matrices / pieces.length;
+  const out = new Float32Array(param.value.size);
+  for (let e = 0; e < matrices; e++)
+    pieces.forEach((p, j) => {
+      out.set(p!.subarray(e * n, (e + 1) * n), (e * pieces.length + j) * n);
+    });
+  return out;
+}
+
 export class AdamW {
   step = 0;
   private slots: Slot[];
@@ -140,7 +165,7 @@ export class AdamW {
         [s.m, "exp_avg"],
         [s.v, "exp_avg_sq"],
       ] as const) {
-        const data = get(`${s.param.name}.${suffix}`);
+        const data = get(`${s.param.name}.${suffix}`) ?? joinedParts(s.param, suffix, get);
         if (!data) throw new Error(`optimizer state: missing ${s.param.name}.${suffix}`);
         if (data.length !== t.size)
           throw new Error(

@@ -81,4 +81,35 @@ describe("AdamW", () => {
       );
     expect(() => o2.loadState(2, () => undefined)).toThrow(/missing w\.exp_avg/);
   });
+
+  it("a fused weight resumes from a checkpoint that kept one moment per part (before the fusion)", async () => {
+    // Two experts of [gate; up] = [2 x 2 rows, 3 columns]; the old state has gate and up apart.
+    const name = "l.experts.gate_up_proj.weight";
+    const p = Param.create(b, {
+      name,
+      init: new Float32Array(24),
+      shape: [2, 4, 3],
+      decay: true,
+      parts: ["gate_proj", "up_proj"],
+    });
+    const opt = new AdamW(b, [p], { ...ADAMW_DEFAULTS, moments: "f32" });
+    const part = (base: number) => Float32Array.from({ length: 12 }, (_, i) => base + i);
+    const old = new Map([
+      ["l.experts.gate_proj.weight.exp_avg", part(100)],
+      ["l.experts.up_proj.weight.exp_avg", part(200)],
+      ["l.experts.gate_proj.weight.exp_avg_sq", part(300)],
+      ["l.experts.up_proj.weight.exp_avg_sq", part(400)],
+    ]);
+    opt.loadState(7, (k) => old.get(k));
+    const m = Array.from((await opt.stateTensors().get(`${name}.exp_avg`)!.read()) as Float32Array);
+    // Expert 0: gate rows 0-1, up rows 0-1; expert 1: gate rows 2-3, up rows 2-3.
+    expect(m).toEqual([
+      100, 101, 102, 103, 104, 105, 200, 201, 202, 203, 204, 205, 106, 107, 108, 109, 110, 111, 206, 207, 208,
+      209, 210, 211,
+    ]);
+    old.delete("l.experts.up_proj.weight.exp_avg_sq");
+    expect(() => opt.loadState(7, (k) => old.get(k))).toThrow(
+      /missing l\.experts\.gate_up_proj\.weight\.exp_avg_sq/,
+    );
+  });
 });

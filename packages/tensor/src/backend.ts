@@ -254,8 +254,13 @@ export interface Backend {
     lse: Tensor,
     opts: AttentionOptions,
   ): { dq: Tensor; dk: Tensor; dv: Tensor };
-  swiglu(g: Tensor, u: Tensor): Tensor;
-  swigluBackward(dh: Tensor, g: Tensor, u: Tensor): { dg: Tensor; du: Tensor };
+  /**
+   * h = silu(g) * u, [rows, inter], for gu = [g | u] ([rows, 2 inter], f32 or bf16): the gate and up
+   * projections' outputs side by side, as their one fused GEMM writes them.
+   */
+  swiglu(gu: Tensor): Tensor;
+  /** d[g | u] (f32, gu's packed layout) of swiglu from dh [rows, inter]. */
+  swigluBackward(dh: Tensor, gu: Tensor): Tensor;
   embedding(w: Tensor, ids: Tensor): Tensor;
   /** dw[ids[n]] += dy[n]. */
   embeddingBackward(dw: Tensor, dy: Tensor, ids: Tensor): void;

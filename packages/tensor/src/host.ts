@@ -197,3 +197,19 @@ export function sameShape(a: Tensor, b: Tensor, op: string): void {
   if (a.size !== b.size || a.cols !== b.cols)
     throw new Error(`${op}: shapes [${a.shape}] and [${b.shape}] differ`);
 }
+
+/**
+ * The width `inter` of a packed gate|up tensor [rows, 2 inter] (every backend's swiglu checks it the
+ * same way), and that dh, when given, is [rows, inter].
+ */
+export function swigluWidth(gu: Tensor, op: string, dh?: Tensor): number {
+  if (gu.dtype !== "f32" && gu.dtype !== "bf16")
+    throw new Error(`${op}: gate|up must be f32 or bf16, got ${gu}`);
+  if (gu.cols % 2 !== 0) throw new Error(`${op}: gate|up has ${gu.cols} columns, want an even number`);
+  const inter = gu.cols / 2;
+  if (dh && (dh.rows !== gu.rows || dh.cols !== inter))
+    throw new Error(
+      `${op}: dh has shape [${dh.shape}], want [${gu.rows}, ${inter}] for gate|up [${gu.shape}]`,
+    );
+  return inter;
+}

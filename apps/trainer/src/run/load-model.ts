@@ -13,10 +13,7 @@ import { policyOf } from "./session.ts";
 
 /** The model's tensors by checkpoint name with their checkpoint shapes (an expert's slice per expert). */
 export function modelShapes(model: DeepSeekModel): Map<string, number[]> {
-  const want = new Map<string, number[]>();
-  for (const { name, tensor, expert } of model.namedTensors())
-    want.set(name, expert === undefined ? [...tensor.shape] : tensor.shape.slice(1));
-  return want;
+  return new Map(model.namedTensors().map(({ name, shape }) => [name, shape]));
 }
 
 /** A checkpoint's model config (its config.json), held to the bounds a config file is held to. */

@@ -6,7 +6,7 @@ import type { DeviceBuffer } from "../../native.d.cts";
 import { DEFINES } from "../cuda/kernels.generated.ts";
 import type { NativeAddon } from "../index.ts";
 import { attentionPath } from "./attention.ts";
-import { groupedGemmPath } from "./gemm-sm90.ts";
+import { groupedGemmPath, type Sm90DenseMode, sm90DenseMode } from "./gemm-sm90.ts";
 import { ArgEncoder, type KernelArgs, type KernelSignature } from "./launch.ts";
 
 export { KERNELS } from "../cuda/kernels.generated.ts";
@@ -52,6 +52,14 @@ export class CudaContext {
   readonly sm90Attention: boolean;
   /** Streaming multiprocessors: the persistent kernels' grid. */
   readonly multiprocessors: number;
+  /**
+   * Which dense FP8 GEMMs run on the sm90 grouped kernels as one group instead of cuBLASLt
+   * (MOE8_SM90_DENSE: `auto`, the measured per-role choice of gemm-sm90.ts; `all`; `none`).
+   * Mutable so that `bench gemm` can time both paths in one run.
+   */
+  sm90Dense: Sm90DenseMode;
+  /** Device int32 [0, rows] per row count: a dense GEMM as the one segment of the grouped kernels. */
+  private readonly oneSegments = new Map<number, DeviceBuffer>();
 
   /**
    * @param n the addon (with CUDA)
@@ -71,6 +79,21 @@ export class CudaContext {
       this.multiprocessors > 0 &&
       groupedGemmPath(info.computeCapability).kernel === "sm90-wgmma";
     this.sm90Attention = this.useTensorCores && attentionPath(info.computeCapability).kernel === "sm90-wgmma";
+    this.sm90Dense = sm90DenseMode(process.env.MOE8_SM90_DENSE);
+  }
+
+  /**
+   * The device address of int32 [0, rows] (made once per row count and kept for the backend's life:
+   * 8 bytes each, and a dense GEMM's offsets must not cost an upload per call).
+   */
+  oneSegment(rows: number): number {
+    let buf = this.oneSegments.get(rows);
+    if (!buf) {
+      buf = new this.n.DeviceBuffer(8);
+      this.n.cudaHtod(buf, 0, u8view(Int32Array.of(0, rows)));
+      this.oneSegments.set(rows, buf);
+    }
+    return buf.ptr;
   }
 
   // --- memory ----------------------------------------------------------------------------------

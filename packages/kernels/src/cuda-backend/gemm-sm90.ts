@@ -7,9 +7,10 @@
 // Numerics: wgmma keeps ~14 bits while it sums FP8 products inside one instruction, so results
 // differ from the reference's exact chunked sums by ~2.5e-4 relative (packages/kernels/notes/sm90-gemm.md).
 import type { Fp8Format, QuantGroup } from "@moe8/fp8-core";
-import type { Tensor } from "@moe8/tensor";
+import type { MatmulOptions, Tensor } from "@moe8/tensor";
 import { DEFINES, KERNELS } from "../cuda/kernels.generated.ts";
 import { type CudaContext, cdiv } from "./context.ts";
+import { transposedWeight } from "./quant.ts";
 
 const SM90 = DEFINES.gemm_sm90;
 
@@ -33,10 +34,11 @@ export function groupedGemmPath(
       reason: `compute capability ${computeCapability ?? "unknown"}: wgmma needs 9.0 (sm_90a)`,
     };
   if (env.MOE8_SM90_GEMM === "0") return { kernel: "mma.sync", reason: "MOE8_SM90_GEMM=0" };
+  const mode = sm90DenseMode(env.MOE8_SM90_DENSE);
+  const dense = mode === "auto" ? SM90_DENSE_AUTO : mode === "all" ? "all roles" : "none (cuBLASLt)";
   return {
     kernel: "sm90-wgmma",
-    reason:
-      "sm_90a: TMA + wgmma for E4M3 Fprop/Dgrad (1x128 x 128x128) and Wgrad (128x1 x 128x1); E5M2 on mma.sync",
+    reason: `sm_90a: TMA + wgmma for E4M3 Fprop/Dgrad (1x128 x 128x128) and Wgrad (128x1 x 128x1), E5M2 on mma.sync; dense FP8 GEMMs on it: ${dense} (MOE8_SM90_DENSE=${mode})`,
   };
 }
 
@@ -126,10 +128,13 @@ export function sm90Grouped(cx: CudaContext, o: Sm90Operands): boolean {
 
 /** The experts' Wgrad: C[e] (+)= A_e^T B_e over each expert's rows (segments along K). */
 export interface Sm90WgradOperands {
-  /** dY [rows, M] and X [rows, N]: FP8 column tiles restarted at each expert (quant.segments = offsets). */
+  /**
+   * dY [rows, M] and X [rows, N]: FP8 column tiles restarted at each expert (quant.segments =
+   * offsets), or, with offsets null and E = 1, a dense Wgrad's column tiles over all rows.
+   */
   a: Tensor;
   b: Tensor;
-  offsets: Tensor;
+  offsets: Tensor | null;
   /** [E, M, N] f32. */
   out: Tensor;
   M: number;
@@ -148,10 +153,16 @@ export function sm90WgradRefusal(cx: CudaContext, o: Sm90WgradOperands): string 
   if (qa.format !== "e4m3" || qb.format !== "e4m3") return "operands not E4M3 x E4M3";
   if (qa.group !== "column-tile" || qb.group !== "column-tile")
     return "not 128x1 column tiles on both operands";
-  // The chunks of the transposed layout are quant_coltile's only when its tiles restart at each expert.
-  const off = cx.p(o.offsets);
-  if (!qa.segments || !qb.segments || cx.p(qa.segments) !== off || cx.p(qb.segments) !== off)
-    return "column tiles not restarted at the experts' offsets";
+  // The chunks of the transposed layout are quant_coltile's only when its tiles restart at each expert
+  // (or, dense, run over all rows from row 0).
+  if (o.offsets === null) {
+    if (qa.segments || qb.segments || o.E !== 1)
+      return "a dense Wgrad is one group of unsegmented column tiles";
+  } else {
+    const off = cx.p(o.offsets);
+    if (!qa.segments || !qb.segments || cx.p(qa.segments) !== off || cx.p(qb.segments) !== off)
+      return "column tiles not restarted at the experts' offsets";
+  }
   if (o.promotion !== 128) return "promotion is not 128";
   if (o.M % 16 !== 0 || o.N % 16 !== 0) return "M or N % 16 != 0 (16-byte transposes)";
   if (o.E < 1 || o.E > SM90.SM90_MAX_E) return `E outside 1..${SM90.SM90_MAX_E}`;
@@ -176,7 +187,7 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
   const pitch = chunks * 128;
   const at = cx.scratch(M * pitch);
   const bt = cx.scratch(N * pitch);
-  const off = cx.p(o.offsets);
+  const off = o.offsets ? cx.p(o.offsets) : cx.oneSegment(rows);
   const transpose = (t: Tensor, out: number, cols: number) =>
     cx.launch(KERNELS.gemm_sm90.sm90_coltile_transpose, [cdiv(cols, SM90.SM90_TP_COLS), chunks], 256, {
       q: cx.p(t),
@@ -226,5 +237,90 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
   } finally {
     at.free();
     bt.free();
+  }
+}
+
+// --- Dense FP8 GEMMs on the grouped kernels ------------------------------------------------------
+
+/** MOE8_SM90_DENSE: which dense FP8 GEMMs take the sm90 kernels (see CudaContext.sm90Dense). */
+export type Sm90DenseMode = "auto" | "all" | "none";
+
+export function sm90DenseMode(value: string | undefined): Sm90DenseMode {
+  if (value === undefined || value === "" || value === "auto") return "auto";
+  if (value === "all" || value === "none") return value;
+  throw new Error(`MOE8_SM90_DENSE="${value}": expected auto, all or none`);
+}
+
+export type DenseRole = "fprop" | "dgrad" | "wgrad";
+
+/** The role a dense FP8 operand pair plays, in the layouts the sm90 kernels take, or null. */
+function denseRole(a: Tensor, b: Tensor, transA: boolean, transB: boolean): DenseRole | null {
+  const [qa, qb] = [a.quant, b.quant];
+  if (!qa || !qb) return null;
+  if (!transA && qa.group === "tile" && qb.group === "block") return transB ? "fprop" : "dgrad";
+  if (transA && !transB && qa.group === "column-tile" && qb.group === "column-tile") return "wgrad";
+  return null;
+}
+
+/**
+ * `auto`: where the sm90 kernels beat cuBLASLt's block-scaled FP8 at a dense shape (M x N x K of
+ * the role's own product), from `bun run bench gemm --backend cuda` on the H200; the numbers are in
+ * packages/kernels/notes/sm90-gemm.md ("Dense FP8 roles").
+ */
+/** What `auto` picks, in words (doctor). */
+const SM90_DENSE_AUTO = "Dgrad and Wgrad (Fprop on cuBLASLt)";
+
+export function sm90DenseChosen(role: DenseRole, _M: number, _N: number, _K: number): boolean {
+  return role === "wgrad" || role === "dgrad";
+}
+
+/**
+ * A dense FP8 GEMM (Fprop x W^T, Dgrad dy W, Wgrad dy^T x) on the grouped kernels as one group of
+ * all M rows, when the GPU, the mode and the operands allow it; false (nothing enqueued) otherwise,
+ * and the caller goes on to cuBLASLt or the tiled kernels.
+ */
+export function sm90Matmul(
+  cx: CudaContext,
+  a: Tensor,
+  b: Tensor,
+  out: Tensor,
+  { M, N, K }: { M: number; N: number; K: number },
+  o: MatmulOptions,
+): boolean {
+  if (!cx.sm90Gemm || cx.sm90Dense === "none") return false;
+  const role = denseRole(a, b, !!o.transA, !!o.transB);
+  if (!role || (cx.sm90Dense === "auto" && !sm90DenseChosen(role, M, N, K))) return false;
+  const promotion = o.promotion ?? 128;
+  const [accumulate, outBf16] = [!!o.accumulate, !!o.outBf16];
+  if (role === "wgrad")
+    return sm90Wgrad(cx, { a, b, offsets: null, out, M, N, E: 1, promotion, accumulate, outBf16 });
+  const [qa, qb] = [a.quant!, b.quant!];
+  const operands: Sm90Operands = {
+    a: cx.p(a),
+    aScales: cx.p(qa.scales),
+    aFormat: qa.format,
+    aGroup: qa.group,
+    b: cx.p(b),
+    bScales: cx.p(qb.scales),
+    bFormat: qb.format,
+    bGroup: qb.group,
+    c: cx.p(out),
+    offsets: cx.oneSegment(M),
+    M,
+    N,
+    K,
+    E: 1,
+    promotion,
+    accumulate,
+    outBf16,
+  };
+  if (sm90Refusal(operands) !== null) return false;
+  if (role === "fprop") return sm90Grouped(cx, operands);
+  // Dgrad: W [K, N] (stored [out, in]) transposed to [N, K], so that both operands are K-contiguous.
+  const t = transposedWeight(cx, operands.b, operands.bScales, K, N);
+  try {
+    return sm90Grouped(cx, { ...operands, b: t.codes, bScales: t.scales });
+  } finally {
+    t.free();
   }
 }

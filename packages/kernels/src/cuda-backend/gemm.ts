@@ -10,13 +10,12 @@ import {
   type MatmulOptions,
   type Tensor,
 } from "@moe8/tensor";
-import type { DeviceBuffer } from "../../native.d.cts";
 import { DEFINES } from "../cuda/kernels.generated.ts";
 import { type CudaContext, cdiv, KERNELS } from "./context.ts";
 import { bf16Operand, f32Operand, lowpInput } from "./elementwise.ts";
 import { matmulLt } from "./gemm-lt.ts";
-import { sm90Grouped, sm90Wgrad } from "./gemm-sm90.ts";
-import { FMT, GROUP, transposeCodes } from "./quant.ts";
+import { sm90Grouped, sm90Matmul, sm90Wgrad } from "./gemm-sm90.ts";
+import { FMT, GROUP, transposedWeight } from "./quant.ts";
 
 const { GEMM_PLAIN, GEMM_SEGMENT_M, GEMM_SEGMENT_K } = DEFINES.common;
 
@@ -60,6 +59,7 @@ export function matmul(cx: CudaContext, a: Tensor, b: Tensor, o: MatmulOptions):
   }
   const out = output(cx, M, N, o);
   if (M === 0 || N === 0) return out;
+  if (K > 0 && o.precision === "fp8" && sm90Matmul(cx, a, b, out, { M, N, K }, o)) return out;
   if (K > 0 && matmulLt(cx, a, b, out, M, N, K, o)) return out;
   gemmKernel(cx, a, b, out, { M, N, K }, o, { mode: GEMM_PLAIN, offsets: null, E: 0, bRows: 0, bCols: 0 });
   return out;
@@ -182,24 +182,13 @@ function gemmKernel(
     const mma = cx.useTensorCores && promotion === 128;
     let bPtr = cx.p(b);
     let bScales = cx.p(qb.scales);
-    const tmps: DeviceBuffer[] = [];
+    const tmps: { free: () => void }[] = [];
     if (mma && mode === GEMM_SEGMENT_M && aKcols && !bKcols && qb.group === "block" && K % 16 === 0) {
       // Dgrad of the experts: transpose each expert's FP8 weight (codes and block scales, exact)
       // so that both operands are K-contiguous for the TN kernel.
-      const kb = cdiv(bRows, 128);
-      const nb = cdiv(bCols, 128);
-      const codes = cx.scratch(E * bRows * bCols);
-      const scales = cx.scratch(E * kb * nb * 4);
-      tmps.push(codes, scales);
-      transposeCodes(cx, bPtr, bRows, bCols, codes.ptr, E);
-      cx.launch(KERNELS.elementwise.transpose_f32_batched, cx.g1(E * kb * nb), 256, {
-        x: bScales,
-        out: scales.ptr,
-        R: kb,
-        C: nb,
-        batch: E,
-      });
-      [bPtr, bScales, bKcols, bR, bC] = [codes.ptr, scales.ptr, 1, bCols, bRows];
+      const t = transposedWeight(cx, bPtr, bScales, bRows, bCols, E);
+      tmps.push(t);
+      [bPtr, bScales, bKcols, bR, bC] = [t.codes, t.scales, 1, bCols, bRows];
     }
     // Both operands K-contiguous (Fprop, expert Dgrad), or both [K, rows] (Wgrad, tokens as K).
     const tn = aKcols && bKcols && K % 16 === 0;

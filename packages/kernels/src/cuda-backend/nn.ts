@@ -1,5 +1,5 @@
 // Dense layers' ops (nn.cu): RMSNorm, RoPE, head slicing and concatenation, SwiGLU, embeddings.
-import { type HeadSliceOptions, type RopeOptions, sameShape, type Tensor } from "@moe8/tensor";
+import { type HeadSliceOptions, type RopeOptions, swigluWidth, type Tensor } from "@moe8/tensor";
 import { type CudaContext, cdiv, KERNELS } from "./context.ts";
 
 export function rmsnorm(cx: CudaContext, x: Tensor, w: Tensor, eps: number) {
@@ -130,30 +130,37 @@ export function headConcat(cx: CudaContext, a: Tensor, b: Tensor, heads: number,
   return y;
 }
 
-export function swiglu(cx: CudaContext, g: Tensor, u: Tensor): Tensor {
-  sameShape(g, u, "swiglu");
-  const h = cx.make(g.shape, "f32");
-  cx.launch(KERNELS.nn.swiglu_fwd, cx.g1(g.size), 256, {
-    g: cx.f32p(g, "swiglu"),
-    u: cx.f32p(u, "swiglu"),
+/** gu's pointer and the kernel that reads its dtype (f32 values or BF16 codes). */
+function packed(cx: CudaContext, gu: Tensor, op: string): { ptr: number; bf16: boolean } {
+  if (gu.dtype === "bf16") return { ptr: cx.p(gu), bf16: true };
+  return { ptr: cx.f32p(gu, op), bf16: false };
+}
+
+export function swiglu(cx: CudaContext, gu: Tensor): Tensor {
+  const inter = swigluWidth(gu, "swiglu");
+  const h = cx.make([gu.rows, inter], "f32");
+  const g = packed(cx, gu, "swiglu");
+  cx.launch(g.bf16 ? KERNELS.nn.swiglu_fwd_bf16 : KERNELS.nn.swiglu_fwd_f32, cx.g1(h.size), 256, {
+    gu: g.ptr,
     h: cx.p(h),
-    n: g.size,
+    rows: gu.rows,
+    inter,
   });
   return h;
 }
 
-export function swigluBackward(cx: CudaContext, dh: Tensor, g: Tensor, u: Tensor) {
-  const dg = cx.make(g.shape, "f32");
-  const du = cx.make(u.shape, "f32");
-  cx.launch(KERNELS.nn.swiglu_bwd, cx.g1(g.size), 256, {
+export function swigluBackward(cx: CudaContext, dh: Tensor, gu: Tensor): Tensor {
+  const inter = swigluWidth(gu, "swigluBackward", dh);
+  const dgu = cx.make([gu.rows, 2 * inter], "f32");
+  const g = packed(cx, gu, "swigluBackward");
+  cx.launch(g.bf16 ? KERNELS.nn.swiglu_bwd_bf16 : KERNELS.nn.swiglu_bwd_f32, cx.g1(dh.size), 256, {
     dh: cx.f32p(dh, "swigluBackward"),
-    g: cx.p(g),
-    u: cx.p(u),
-    dg: cx.p(dg),
-    du: cx.p(du),
-    n: g.size,
+    gu: g.ptr,
+    dgu: cx.p(dgu),
+    rows: gu.rows,
+    inter,
   });
-  return { dg, du };
+  return dgu;
 }
 
 export function embedding(cx: CudaContext, w: Tensor, ids: Tensor): Tensor {

@@ -239,6 +239,39 @@ export function dequantize(cx: CudaContext, q: Tensor): Tensor {
 }
 
 /** FP8 codes [rows, cols] (`batch` matrices) -> [cols, rows] into dst, a scratch buffer; returns dst. */
+/**
+ * Each of `batch` block-quantised FP8 weights [rows, cols] transposed to [cols, rows], codes and
+ * 128x128 block scales together (exact), into scratch: the K-contiguous B operand of a Dgrad.
+ */
+export function transposedWeight(
+  cx: CudaContext,
+  codes: number,
+  scales: number,
+  rows: number,
+  cols: number,
+  batch = 1,
+): { codes: number; scales: number; free: () => void } {
+  const [rb, cb] = [cdiv(rows, 128), cdiv(cols, 128)];
+  const c = cx.scratch(batch * rows * cols);
+  const s = cx.scratch(batch * rb * cb * 4);
+  transposeCodes(cx, codes, rows, cols, c.ptr, batch);
+  cx.launch(KERNELS.elementwise.transpose_f32_batched, cx.g1(batch * rb * cb), 256, {
+    x: scales,
+    out: s.ptr,
+    R: rb,
+    C: cb,
+    batch,
+  });
+  return {
+    codes: c.ptr,
+    scales: s.ptr,
+    free: () => {
+      c.free();
+      s.free();
+    },
+  };
+}
+
 export function transposeCodes(
   cx: CudaContext,
   src: number,

@@ -381,25 +381,18 @@ pub fn attention_backward(
     js(attention::attention_backward(src(&d_o), fwd, d, g))
 }
 
-/// h = silu(g) * u.
+/// h = silu(g) * u for each row of gu = [g | u] ([rows, 2 inter]); h is [rows, inter].
 #[napi]
-pub fn swiglu(g: &[f32], u: &[f32], mut h: Float32ArraySlice) -> Result<()> {
+pub fn swiglu(gu: &[f32], inter: u32, mut h: Float32ArraySlice) -> Result<()> {
     let h = unsafe { h.as_mut() };
-    js(nn::swiglu(g, u, h))
+    js(nn::swiglu(gu, inter as usize, h))
 }
 
-/// dg, du of h = silu(g) * u.
+/// d[g | u] ([rows, 2 inter]) of h = silu(g) * u from dh ([rows, inter]).
 #[napi]
-pub fn swiglu_backward(
-    dh: &[f32],
-    g: &[f32],
-    u: &[f32],
-    mut dg: Float32ArraySlice,
-    mut du: Float32ArraySlice,
-) -> Result<()> {
-    let dg = unsafe { dg.as_mut() };
-    let du = unsafe { du.as_mut() };
-    js(nn::swiglu_backward(dh, g, u, dg, du))
+pub fn swiglu_backward(dh: &[f32], gu: &[f32], inter: u32, mut dgu: Float32ArraySlice) -> Result<()> {
+    let dgu = unsafe { dgu.as_mut() };
+    js(nn::swiglu_backward(dh, gu, inter as usize, dgu))
 }
 
 /// out[n] = w[ids[n]] for w [vocab, d].

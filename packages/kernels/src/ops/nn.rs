@@ -1,7 +1,7 @@
 //! Dense-layer kernels: RMSNorm, RoPE, head slicing, SwiGLU and the embedding, forward and
 //! backward, following packages/tensor/src/ts/nn.ts (sums in f64 where the reference's are).
 
-use super::util::{dot3_f64, multiversion, rows_per_task, sigmoid_f32, sum_f64_by, REDUCE_BLOCK};
+use super::util::{dot3_f64, multiversion, rows_per_task, sigmoid_f32, sum_f64_by};
 use rayon::prelude::*;
 
 pub type R<T> = Result<T, String>;
@@ -373,26 +373,39 @@ pub fn head_concat(a: &[f32], b: &[f32], c: &HeadConcat, y: &mut [f32]) -> R<()>
 }
 
 // --- SwiGLU ----------------------------------------------------------------------------------
+// The gate and up projections run as one GEMM, so their outputs arrive side by side in each row:
+// gu = [g | u], [rows, 2 inter]; h = silu(g) * u is [rows, inter], and the backward writes d[g | u]
+// in the same packed layout for the one Dgrad and Wgrad of the fused projection.
 
 multiversion! {
-    fn swiglu_block(g: &[f32], u: &[f32], h: &mut [f32]) {
+    fn swiglu_row(g: &[f32], u: &[f32], h: &mut [f32]) {
         for ((h, &g), &u) in h.iter_mut().zip(g).zip(u) { *h = g * sigmoid_f32(g) * u; }
     }
 }
 
-/// h = silu(g) * u.
-pub fn swiglu(g: &[f32], u: &[f32], h: &mut [f32]) -> R<()> {
-    check(g.len() == u.len() && h.len() == g.len(), || {
-        "swiglu: g, u and h differ in size".into()
-    })?;
-    h.par_chunks_mut(REDUCE_BLOCK)
-        .zip(g.par_chunks(REDUCE_BLOCK).zip(u.par_chunks(REDUCE_BLOCK)))
-        .for_each(|(h, (g, u))| swiglu_block(g, u, h));
+fn check_packed(op: &str, gu: usize, h: usize, inter: usize) -> R<()> {
+    check(inter > 0 && h % inter == 0 && gu == 2 * h, || {
+        format!("{op}: gate|up has {gu} values, want 2 x {h} ([rows, 2 x {inter}])")
+    })
+}
+
+/// h = silu(g) * u for each row of gu = [g | u].
+pub fn swiglu(gu: &[f32], inter: usize, h: &mut [f32]) -> R<()> {
+    check_packed("swiglu", gu.len(), h.len(), inter)?;
+    let rt = rows_per_task(inter);
+    h.par_chunks_mut(rt * inter)
+        .zip(gu.par_chunks(rt * 2 * inter))
+        .for_each(|(h, gu)| {
+            for (h, gu) in h.chunks_mut(inter).zip(gu.chunks(2 * inter)) {
+                let (g, u) = gu.split_at(inter);
+                swiglu_row(g, u, h);
+            }
+        });
     Ok(())
 }
 
 multiversion! {
-    fn swiglu_bw_block(dh: &[f32], g: &[f32], u: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    fn swiglu_bw_row(dh: &[f32], g: &[f32], u: &[f32], dg: &mut [f32], du: &mut [f32]) {
         for i in 0..dg.len().min(du.len()).min(dh.len()).min(g.len()).min(u.len()) {
             let s = sigmoid_f32(g[i]);
             du[i] = dh[i] * g[i] * s;
@@ -401,20 +414,20 @@ multiversion! {
     }
 }
 
-/// dg = dh * u * s * (1 + g (1 - s)), du = dh * g * s with s = sigmoid(g).
-pub fn swiglu_backward(dh: &[f32], g: &[f32], u: &[f32], dg: &mut [f32], du: &mut [f32]) -> R<()> {
-    let n = g.len();
-    check(
-        dh.len() == n && u.len() == n && dg.len() == n && du.len() == n,
-        || "swigluBackward: sizes differ".into(),
-    )?;
-    dg.par_chunks_mut(REDUCE_BLOCK)
-        .zip(du.par_chunks_mut(REDUCE_BLOCK))
-        .zip(
-            dh.par_chunks(REDUCE_BLOCK)
-                .zip(g.par_chunks(REDUCE_BLOCK).zip(u.par_chunks(REDUCE_BLOCK))),
-        )
-        .for_each(|((dg, du), (dh, (g, u)))| swiglu_bw_block(dh, g, u, dg, du));
+/// d[g | u] of h = silu(g) * u: dg = dh * u * s * (1 + g (1 - s)), du = dh * g * s, s = sigmoid(g).
+pub fn swiglu_backward(dh: &[f32], gu: &[f32], inter: usize, dgu: &mut [f32]) -> R<()> {
+    check_packed("swigluBackward", gu.len(), dh.len(), inter)?;
+    check(dgu.len() == gu.len(), || "swigluBackward: d(gate|up) and gate|up differ in size".into())?;
+    let rt = rows_per_task(inter);
+    dgu.par_chunks_mut(rt * 2 * inter)
+        .zip(gu.par_chunks(rt * 2 * inter).zip(dh.par_chunks(rt * inter)))
+        .for_each(|(dgu, (gu, dh))| {
+            for ((dgu, gu), dh) in dgu.chunks_mut(2 * inter).zip(gu.chunks(2 * inter)).zip(dh.chunks(inter)) {
+                let (g, u) = gu.split_at(inter);
+                let (dg, du) = dgu.split_at_mut(inter);
+                swiglu_bw_row(dh, g, u, dg, du);
+            }
+        });
     Ok(())
 }
 

@@ -11,6 +11,12 @@ export interface ParamOptions {
   shape: number[];
   /** AdamW's decoupled weight decay applies (weights: yes; norms: no). */
   decay: boolean;
+  /**
+   * A weight that checkpoints store as several: its rows (each expert's rows, for stacked expert
+   * weights) split into equal consecutive blocks named by these projections, e.g. the fused
+   * `gate_up_proj` stored as `gate_proj` and `up_proj` (see DeepSeekModel.namedTensors).
+   */
+  parts?: readonly string[];
 }
 
 export class Param {
@@ -20,12 +26,13 @@ export class Param {
     readonly name: string,
     readonly value: Tensor,
     readonly decay: boolean,
+    readonly parts?: readonly string[],
   ) {
     this.grad = value.backend.zeros(value.shape, "f32");
   }
 
-  static create(b: Backend, { name, init, shape, decay }: ParamOptions): Param {
-    return new Param(name, b.keep(b.upload(init, shape, "f32")), decay);
+  static create(b: Backend, { name, init, shape, decay, parts }: ParamOptions): Param {
+    return new Param(name, b.keep(b.upload(init, shape, "f32")), decay, parts);
   }
 
   zeroGrad(): void {

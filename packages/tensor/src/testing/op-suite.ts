@@ -361,8 +361,9 @@ export function opSuite(name: string, make: () => Backend): void {
         b.headScatterAdd(dst, sliced, sl);
         const cat = b.headConcat(sliced, b.headSlice(X, { heads: 1, width: 72, start: 0, len: 6 }), 3, 1);
         const cat3 = b.headConcat(sliced, sliced, 3, 3);
-        const h = b.swiglu(X, DY);
-        const sg = b.swigluBackward(X, DY, b.scale(X, 0.5));
+        // X as a packed gate|up [R, 2 x 36].
+        const h = b.swiglu(X);
+        const dgu = b.swigluBackward(b.scale(h, 0.5), X);
         const E = b.upload(table, [11, C]);
         const emb = b.embedding(E, b.upload(ids, [R], "i32"));
         const dE = b.zeros([11, C]);
@@ -384,8 +385,7 @@ export function opSuite(name: string, make: () => Backend): void {
           cat,
           cat3,
           h,
-          dg: sg.dg,
-          du: sg.du,
+          dgu,
           emb,
           dE,
         };
@@ -783,25 +783,49 @@ export function opSuite(name: string, make: () => Backend): void {
       );
     });
 
-    it("swiglu dg and du", async () => {
-      const u = rng.normals(R * C);
+    it("swiglu d[g | u] over the packed gate|up", async () => {
+      // gu [R, 2C]: the finite difference moves the g and the u halves of every row at once.
       await gradCheck(
-        (b, g) => b.swiglu(g, b.upload(u, [R, C])),
-        (b, g, r) => b.swigluBackward(b.reshape(r, [R, C]), g, b.upload(u, [R, C])).dg,
-        rng.normals(R * C),
-        [R, C],
+        (b, gu) => b.swiglu(gu),
+        (b, gu, r) => b.swigluBackward(b.reshape(r, [R, C]), gu),
+        rng.normals(R * 2 * C),
+        [R, 2 * C],
         R * C,
         9,
       );
-      const g0 = rng.normals(R * C);
-      await gradCheck(
-        (b, uu) => b.swiglu(b.upload(g0, [R, C]), uu),
-        (b, uu, r) => b.swigluBackward(b.reshape(r, [R, C]), b.upload(g0, [R, C]), uu).du,
-        u,
-        [R, C],
-        R * C,
-        10,
-      );
+    });
+
+    it("swiglu reads a BF16 gate|up as its values, and refuses a misshapen one", async () => {
+      const gu = rng.normals(R * 2 * C);
+      const dh = rng.normals(R * C);
+      await same((b) => {
+        const g32 = b.cast(b.cast(b.upload(gu, [R, 2 * C]), "bf16"), "f32");
+        const g16 = b.cast(g32, "bf16");
+        const D = b.upload(dh, [R, C]);
+        return {
+          h32: b.swiglu(g32),
+          h16: b.swiglu(g16),
+          d32: b.swigluBackward(D, g32),
+          d16: b.swigluBackward(D, g16),
+        };
+      }, 2e-5);
+      await be.scope(async () => {
+        const g32 = be.cast(be.cast(be.upload(gu, [R, 2 * C]), "bf16"), "f32");
+        const D = be.upload(dh, [R, C]);
+        // The BF16 codes decode to exactly the f32 values: the same bits out.
+        expect(Array.from(await be.swiglu(be.cast(g32, "bf16")).read())).toEqual(
+          Array.from(await be.swiglu(g32).read()),
+        );
+        expect(Array.from(await be.swigluBackward(D, be.cast(g32, "bf16")).read())).toEqual(
+          Array.from(await be.swigluBackward(D, g32).read()),
+        );
+        expect(() => be.swiglu(be.upload(rng.normals(R * 5), [R, 5]))).toThrow(
+          /swiglu: gate\|up has 5 columns/,
+        );
+        expect(() => be.swigluBackward(be.upload(rng.normals(R * 2), [R, 2]), g32)).toThrow(
+          /swigluBackward: dh has shape \[\d+,2\], want/,
+        );
+      });
     });
 
     it("embedding backward is the adjoint of the gather", async () => {

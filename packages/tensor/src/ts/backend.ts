@@ -18,7 +18,7 @@ import type {
   RouterResult,
 } from "../backend.ts";
 import { attentionRowsError, checkAdamWSlots, clipScaleOver, requantizeViaF32 } from "../backend.ts";
-import { f32, f32OrBf16, HostLifetimes, host, i32, sameShape, u8 } from "../host.ts";
+import { f32, f32OrBf16, HostLifetimes, host, i32, sameShape, swigluWidth, u8 } from "../host.ts";
 import type { Tensor } from "../tensor.ts";
 import { type Fp8Format, isFp8 } from "../types.ts";
 import { fp8FlowCounts } from "./flow.ts";
@@ -335,14 +335,14 @@ export class TsBackend extends HostLifetimes implements Backend {
     };
   }
 
-  swiglu(g: Tensor, u: Tensor): Tensor {
-    sameShape(g, u, "swiglu");
-    return this.wrap(nn.swiglu(f32(g), f32(u)), g.shape, "f32");
+  swiglu(gu: Tensor): Tensor {
+    const inter = swigluWidth(gu, "swiglu");
+    return this.wrap(nn.swiglu(f32OrBf16(gu), inter), [gu.rows, inter], "f32");
   }
 
-  swigluBackward(dh: Tensor, g: Tensor, u: Tensor) {
-    const r = nn.swigluBackward(f32(dh), f32(g), f32(u));
-    return { dg: this.wrap(r.dg, g.shape, "f32"), du: this.wrap(r.du, u.shape, "f32") };
+  swigluBackward(dh: Tensor, gu: Tensor): Tensor {
+    const inter = swigluWidth(gu, "swigluBackward", dh);
+    return this.wrap(nn.swigluBackward(f32(dh), f32OrBf16(gu), inter), [gu.rows, 2 * inter], "f32");
   }
 
   embedding(w: Tensor, ids: Tensor): Tensor {

@@ -215,19 +215,28 @@ export function attentionBackward(
 
 const sigmoid = (x: number) => 1 / (1 + Math.exp(-x));
 
-export function swiglu(g: Float32Array, u: Float32Array): Float32Array {
-  const h = new Float32Array(g.length);
-  for (let i = 0; i < g.length; i++) h[i] = g[i] * sigmoid(g[i]) * u[i];
+/** h = silu(g) * u for each row of gu = [g | u] ([rows, 2 inter]); h is [rows, inter]. */
+export function swiglu(gu: Float32Array, inter: number): Float32Array {
+  const rows = gu.length / (2 * inter);
+  const h = new Float32Array(rows * inter);
+  for (let r = 0; r < rows; r++)
+    for (let c = 0; c < inter; c++) {
+      const g = gu[r * 2 * inter + c];
+      h[r * inter + c] = g * sigmoid(g) * gu[r * 2 * inter + inter + c];
+    }
   return h;
 }
 
-export function swigluBackward(dh: Float32Array, g: Float32Array, u: Float32Array) {
-  const dg = new Float32Array(g.length);
-  const du = new Float32Array(g.length);
-  for (let i = 0; i < g.length; i++) {
-    const s = sigmoid(g[i]);
-    du[i] = dh[i] * g[i] * s;
-    dg[i] = dh[i] * u[i] * s * (1 + g[i] * (1 - s));
-  }
-  return { dg, du };
+/** d[g | u] of swiglu (the packed layout of gu) from dh [rows, inter]. */
+export function swigluBackward(dh: Float32Array, gu: Float32Array, inter: number): Float32Array {
+  const dgu = new Float32Array(gu.length);
+  for (let r = 0; r < dh.length / inter; r++)
+    for (let c = 0; c < inter; c++) {
+      const [gi, ui] = [r * 2 * inter + c, r * 2 * inter + inter + c];
+      const [g, u, d] = [gu[gi], gu[ui], dh[r * inter + c]];
+      const s = sigmoid(g);
+      dgu[ui] = d * g * s;
+      dgu[gi] = d * u * s * (1 + g * (1 - s));
+    }
+  return dgu;
 }

@@ -5,7 +5,7 @@
 // their rows then also time the mma.sync kernels (MOE8_SM90_GEMM=0) in the same run, and each
 // expert row names the kernels its FP8 time is from. `--shape experts` times the expert GEMMs only.
 import { UsageError } from "@moe8/fp8-core";
-import { CudaBackend } from "@moe8/kernels";
+import { CudaBackend, sm90DenseChosen } from "@moe8/kernels";
 import type { Backend, Tensor } from "@moe8/tensor";
 import { Rng } from "@moe8/tensor";
 import { formatRow } from "./timing.ts";
@@ -16,14 +16,17 @@ export const SMALL_GEMM_SHAPES = [
   "16384x288x1024", // kv_a_proj_with_mqa
   "16384x2048x256", // kv_b_proj
   "16384x1024x1024", // o_proj
-  "16384x2816x1024", // dense gate_proj / up_proj
+  "16384x5632x1024", // dense gate_up_proj (gate and up as one GEMM)
   "16384x1024x2816", // dense down_proj
-  "16384x512x1024", // shared experts gate / up
+  "16384x1024x1024", // shared experts gate_up_proj
   "16384x1024x512", // shared experts down
 ];
 
-/** Routed experts of `small`: 64 experts, 16,384 tokens x 6 choices, moe_intermediate_size 256. */
-const EXPERTS = { E: 64, rows: 16384 * 6, shapes: [[256, 1024] as const, [1024, 256] as const] };
+/**
+ * Routed experts of `small`: 64 experts, 16,384 tokens x 6 choices, moe_intermediate_size 256; the
+ * gate and up projections as one grouped GEMM (N = 512), then down.
+ */
+const EXPERTS = { E: 64, rows: 16384 * 6, shapes: [[512, 1024] as const, [1024, 256] as const] };
 
 type Precision = "bf16" | "fp8";
 
@@ -83,6 +86,35 @@ async function dense(b: Backend, shape: string, p: Precision): Promise<Record<st
   });
 }
 
+/**
+ * A dense shape's FP8 roles on each Hopper path (cuBLASLt and the sm90 kernels, one run each), and
+ * the path `auto` takes per role (the training default).
+ */
+async function denseFp8Paths(b: CudaBackend, shape: string) {
+  const before = b.sm90Dense;
+  try {
+    b.sm90Dense = "none";
+    const lt = await dense(b, shape, "fp8");
+    b.sm90Dense = "all";
+    const sm90 = await dense(b, shape, "fp8");
+    const [M, N, K] = dims(shape);
+    // Each role's own product: Fprop M x N x K, Dgrad M x K x N, Wgrad N x K x M.
+    const auto = {
+      fprop: sm90DenseChosen("fprop", M, N, K),
+      dgrad: sm90DenseChosen("dgrad", M, K, N),
+      wgrad: sm90DenseChosen("wgrad", N, K, M),
+    };
+    const pick = (role: keyof typeof auto) => (auto[role] ? sm90[role] : lt[role]);
+    const fp8 = { fprop: pick("fprop"), dgrad: pick("dgrad"), wgrad: pick("wgrad") };
+    const kernels = Object.fromEntries(
+      Object.entries(auto).map(([r, s]) => [r, s ? "sm90-wgmma" : "cublaslt"]),
+    ) as Record<string, string>;
+    return { fp8, lt, sm90, kernels };
+  } finally {
+    b.sm90Dense = before;
+  }
+}
+
 async function grouped(b: Backend, N: number, K: number, p: Precision): Promise<Record<string, number>> {
   const { E, rows } = EXPERTS;
   const rng = new Rng(4);
@@ -115,10 +147,10 @@ async function grouped(b: Backend, N: number, K: number, p: Precision): Promise<
   });
 }
 
-/** The grouped FP8 kernels of a cuda backend per role ("sm90-wgmma" for Fprop and Dgrad on Hopper). */
+/** The grouped FP8 kernels of a cuda backend per role ("sm90-wgmma" for all three on Hopper). */
 function expertKernels(b: Backend): Record<string, string> {
   const path = b instanceof CudaBackend ? b.groupedGemmKernel : "mma.sync";
-  return { fprop: path, dgrad: path, wgrad: "mma.sync" };
+  return { fprop: path, dgrad: path, wgrad: path };
 }
 
 /** The same backend kind with the sm90 grouped GEMM off (MOE8_SM90_GEMM is read at construction). */
@@ -143,7 +175,12 @@ export async function benchGemmDevice(
     name: string,
     flops: number,
     t: Record<Precision, Record<string, number>>,
-    extra?: { kernels: Record<string, string>; mmaSync?: Record<string, number> },
+    extra?: {
+      kernels: Record<string, string>;
+      mmaSync?: Record<string, number>;
+      lt?: Record<string, number>;
+      sm90?: Record<string, number>;
+    },
   ) => {
     for (const role of ["fprop", "dgrad", "wgrad"]) {
       const tf = (ms: number) => +(flops / (ms * 1e9)).toFixed(1);
@@ -157,6 +194,11 @@ export async function benchGemmDevice(
         fp8_vs_bf16: +(t.bf16[role] / t.fp8[role]).toFixed(2),
       };
       if (extra) row.fp8_kernel = extra.kernels[role];
+      if (extra?.lt && extra.sm90) {
+        row.fp8_cublaslt_tflops = tf(extra.lt[role]);
+        row.fp8_sm90_tflops = tf(extra.sm90[role]);
+        row.sm90_vs_cublaslt = +(extra.lt[role] / extra.sm90[role]).toFixed(2);
+      }
       if (extra?.mmaSync && extra.kernels[role] !== "mma.sync") {
         row.mma_sync_ms = +extra.mmaSync[role].toFixed(3);
         row.mma_sync_tflops = tf(extra.mmaSync[role]);
@@ -167,9 +209,14 @@ export async function benchGemmDevice(
     }
   };
   const expertsOnly = shapes?.length === 1 && shapes[0] === "experts";
+  const hopper = b instanceof CudaBackend && b.groupedGemmKernel === "sm90-wgmma";
   for (const shape of expertsOnly ? [] : (shapes ?? SMALL_GEMM_SHAPES)) {
     const [M, N, K] = dims(shape);
-    report(shape, 2 * M * N * K, { bf16: await dense(b, shape, "bf16"), fp8: await dense(b, shape, "fp8") });
+    const bf16 = await dense(b, shape, "bf16");
+    if (hopper) {
+      const paths = await denseFp8Paths(b, shape);
+      report(shape, 2 * M * N * K, { bf16, fp8: paths.fp8 }, paths);
+    } else report(shape, 2 * M * N * K, { bf16, fp8: await dense(b, shape, "fp8") });
   }
   const kernels = expertKernels(b);
   const mma = kernels.fprop === "mma.sync" ? null : mmaSyncBackend();

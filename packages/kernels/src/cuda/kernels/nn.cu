@@ -124,19 +124,43 @@ KERNEL void head_concat(const float* a, const float* b, float* y, int R, int hea
 
 __device__ __forceinline__ double sigmoid_d(double x) { return 1.0 / (1.0 + exp(-x)); }
 
-KERNEL void swiglu_fwd(const float* g, const float* u, float* h, i64 n) {
+// SwiGLU over the fused gate|up projection's output: gu = [g | u] per row, [rows, 2 inter], in f32
+// or, when the projection rounds its outputs to BF16 and they were saved that way, as BF16 codes
+// (read directly, no f32 copy). h = silu(g) * u is [rows, inter]; the backward writes d[g | u] in
+// gu's packed layout, the fused projection's Dgrad/Wgrad operand. Arithmetic in double, rounded
+// once, like the ts reference.
+__device__ __forceinline__ double gu_at(const float* gu, i64 i) { return gu[i]; }
+__device__ __forceinline__ double gu_at(const u16* gu, i64 i) { return bf16_to_f32(gu[i]); }
+
+template <typename T>
+__device__ __forceinline__ void swiglu_fwd_body(const T* gu, float* h, i64 rows, int inter) {
+  const i64 n = rows * inter;
   for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
-    const double gv = g[i];
-    h[i] = (float)(gv * sigmoid_d(gv) * (double)u[i]);
+    const i64 r = i / inter, c = i - r * inter;
+    const double gv = gu_at(gu, r * 2 * inter + c);
+    h[i] = (float)(gv * sigmoid_d(gv) * gu_at(gu, r * 2 * inter + inter + c));
   }
 }
 
-KERNEL void swiglu_bwd(const float* dh, const float* g, const float* u, float* dg, float* du, i64 n) {
+template <typename T>
+__device__ __forceinline__ void swiglu_bwd_body(const float* dh, const T* gu, float* dgu, i64 rows, int inter) {
+  const i64 n = rows * inter;
   for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
-    const double gv = g[i], s = sigmoid_d(gv), d = dh[i];
-    du[i] = (float)(d * gv * s);
-    dg[i] = (float)(d * (double)u[i] * s * (1.0 + gv * (1.0 - s)));
+    const i64 r = i / inter, c = i - r * inter;
+    const i64 gi = r * 2 * inter + c, ui = gi + inter;
+    const double gv = gu_at(gu, gi), s = sigmoid_d(gv), d = dh[i];
+    dgu[ui] = (float)(d * gv * s);
+    dgu[gi] = (float)(d * gu_at(gu, ui) * s * (1.0 + gv * (1.0 - s)));
   }
+}
+
+KERNEL void swiglu_fwd_f32(const float* gu, float* h, i64 rows, int inter) { swiglu_fwd_body(gu, h, rows, inter); }
+KERNEL void swiglu_fwd_bf16(const u16* gu, float* h, i64 rows, int inter) { swiglu_fwd_body(gu, h, rows, inter); }
+KERNEL void swiglu_bwd_f32(const float* dh, const float* gu, float* dgu, i64 rows, int inter) {
+  swiglu_bwd_body(dh, gu, dgu, rows, inter);
+}
+KERNEL void swiglu_bwd_bf16(const float* dh, const u16* gu, float* dgu, i64 rows, int inter) {
+  swiglu_bwd_body(dh, gu, dgu, rows, inter);
 }
 
 // out[n] = w[ids[n]]; an id outside [0, V) gives a zero row (and sets *bad).

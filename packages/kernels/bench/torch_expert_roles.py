@@ -1,0 +1,55 @@
+# PyTorch's BF16 grouped GEMM (torch._grouped_mm) in every role of small's expert GEMMs, the
+# baseline of issue 16's per-role target ("at least 1.3x PyTorch's BF16 grouped GEMM at the same
+# shape"). ../shared/reference/torch_op_anchors.py times the two Fprops; this adds the Dgrads and
+# the Wgrads (2-D x 2-D with the offsets along K, output [E, M, N]). 64 experts, 98,304 rows
+# (16,384 tokens x top-6), balanced. One JSON line per role: ms (median of CUDA-event timings) and
+# TFLOP/s = 2 M N K / time. Run on the GPU: python3 packages/kernels/bench/torch_expert_roles.py
+import json
+
+import torch
+
+E, R, D, I = 64, 98304, 1024, 256
+dev = "cuda"
+offs = torch.arange(1, E + 1, device=dev, dtype=torch.int32) * (R // E)
+
+
+def bench(fn, warm=3, reps=20):
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def rnd(*shape):
+    return torch.randn(*shape, device=dev, dtype=torch.bfloat16)
+
+
+# (gemm, role, call, M, N, K): Fprop/Dgrad over row segments, Wgrad A^T [M, R] x B [R, N] per expert.
+x, gu, h, y = rnd(R, D), rnd(R, 2 * I), rnd(R, I), rnd(R, D)
+w_gu = rnd(E, 2 * I, D)  # [E, out, in] as the model stores it
+w_dn = rnd(E, D, I)
+cases = [
+    ("gate_up", "fprop", lambda: torch._grouped_mm(x, w_gu.transpose(1, 2), offs=offs), R, 2 * I, D),
+    ("gate_up", "dgrad", lambda: torch._grouped_mm(gu, w_gu, offs=offs), R, D, 2 * I),
+    ("gate_up", "wgrad", lambda: torch._grouped_mm(gu.t(), x, offs=offs), 2 * I, D, R),
+    ("down", "fprop", lambda: torch._grouped_mm(h, w_dn.transpose(1, 2), offs=offs), R, D, I),
+    ("down", "dgrad", lambda: torch._grouped_mm(y, w_dn, offs=offs), R, I, D),
+    ("down", "wgrad", lambda: torch._grouped_mm(y.t(), h, offs=offs), D, I, R),
+]
+for gemm, role, fn, M, N, K in cases:
+    try:
+        out = fn()
+        t = bench(fn)
+        print(json.dumps({"torch_grouped_bf16": gemm, "role": role, "shape": list(out.shape), "ms": round(t, 4),
+                          "tflops": round(2 * M * N * K / t / 1e9, 1)}))
+    except Exception as ex:  # a role this torch build's grouped GEMM does not take
+        print(json.dumps({"torch_grouped_bf16": gemm, "role": role, "error": str(ex)[:200]}))

@@ -127,7 +127,9 @@ export async function doctor(argv: string[]): Promise<number> {
     }`,
   );
   if (cu.groupedGemm)
-    console.log(`FP8 GEMMs (experts' and chosen dense roles) on ${cu.groupedGemm.kernel} (${cu.groupedGemm.reason})`);
+    console.log(
+      `FP8 GEMMs (experts' and chosen dense roles) on ${cu.groupedGemm.kernel} (${cu.groupedGemm.reason})`,
+    );
   if (cu.attention) console.log(`BF16 attention on ${cu.attention.kernel} (${cu.attention.reason})`);
   console.log(`backends     ${r.backends.join(", ")}`);
   console.log(`apache-arrow ${r.arrow}`);

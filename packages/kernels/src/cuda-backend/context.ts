@@ -58,8 +58,8 @@ export class CudaContext {
    * Mutable so that `bench gemm` can time both paths in one run.
    */
   sm90Dense: Sm90DenseMode;
-  /** Device int32 [0, rows] per row count: a dense GEMM as the one segment of the grouped kernels. */
-  private readonly oneSegments = new Map<number, DeviceBuffer>();
+  /** Device int32 offsets by (rows, part size): see segmentsOf. */
+  private readonly segments = new Map<string, DeviceBuffer>();
 
   /**
    * @param n the addon (with CUDA)
@@ -83,15 +83,21 @@ export class CudaContext {
   }
 
   /**
-   * The device address of int32 [0, rows] (made once per row count and kept for the backend's life:
-   * 8 bytes each, and a dense GEMM's offsets must not cost an upload per call).
+   * The device address of int32 offsets [0, per, 2 per, ..., rows]: `rows` cut into parts of `per`
+   * (the last shorter). per = rows: a dense GEMM as the one segment of the grouped kernels; per a
+   * multiple of 128: a dense Wgrad split along K. Made once per (rows, per) and kept for the
+   * backend's life (a few bytes each, and no upload per call).
    */
-  oneSegment(rows: number): number {
-    let buf = this.oneSegments.get(rows);
+  segmentsOf(rows: number, per: number): number {
+    const key = `${rows}/${per}`;
+    let buf = this.segments.get(key);
     if (!buf) {
-      buf = new this.n.DeviceBuffer(8);
-      this.n.cudaHtod(buf, 0, u8view(Int32Array.of(0, rows)));
-      this.oneSegments.set(rows, buf);
+      const off = [0];
+      while (off[off.length - 1] < rows) off.push(Math.min(rows, off[off.length - 1] + per));
+      if (off.length === 1) off.push(0);
+      buf = new this.n.DeviceBuffer(off.length * 4);
+      this.n.cudaHtod(buf, 0, u8view(Int32Array.from(off)));
+      this.segments.set(key, buf);
     }
     return buf.ptr;
   }

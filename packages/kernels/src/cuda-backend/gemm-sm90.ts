@@ -128,15 +128,17 @@ export function sm90Grouped(cx: CudaContext, o: Sm90Operands): boolean {
 
 /** The experts' Wgrad: C[e] (+)= A_e^T B_e over each expert's rows (segments along K). */
 export interface Sm90WgradOperands {
-  /**
-   * dY [rows, M] and X [rows, N]: FP8 column tiles restarted at each expert (quant.segments =
-   * offsets), or, with offsets null and E = 1, a dense Wgrad's column tiles over all rows.
-   */
+  /** dY [rows, M] and X [rows, N]: FP8 128x1 column tiles. */
   a: Tensor;
   b: Tensor;
-  offsets: Tensor | null;
-  /** [E, M, N] f32. */
-  out: Tensor;
+  /**
+   * The experts' offsets, equal to both operands' quant.segments (tiles restarted at each expert);
+   * or, for unsegmented column tiles (a dense Wgrad), the device address of E + 1 offsets that are
+   * multiples of 128 but the last (so each part is whole chunks of the dense tiling).
+   */
+  offsets: Tensor | number;
+  /** [E, M, N] f32 (device address). */
+  out: number;
   M: number;
   N: number;
   E: number;
@@ -155,9 +157,8 @@ export function sm90WgradRefusal(cx: CudaContext, o: Sm90WgradOperands): string 
     return "not 128x1 column tiles on both operands";
   // The chunks of the transposed layout are quant_coltile's only when its tiles restart at each expert
   // (or, dense, run over all rows from row 0).
-  if (o.offsets === null) {
-    if (qa.segments || qb.segments || o.E !== 1)
-      return "a dense Wgrad is one group of unsegmented column tiles";
+  if (typeof o.offsets === "number") {
+    if (qa.segments || qb.segments) return "split offsets are for unsegmented column tiles";
   } else {
     const off = cx.p(o.offsets);
     if (!qa.segments || !qb.segments || cx.p(qa.segments) !== off || cx.p(qb.segments) !== off)
@@ -168,7 +169,7 @@ export function sm90WgradRefusal(cx: CudaContext, o: Sm90WgradOperands): string 
   if (o.E < 1 || o.E > SM90.SM90_MAX_E) return `E outside 1..${SM90.SM90_MAX_E}`;
   if (cdiv(o.a.rows, 128) + o.E > DEFINES.common.GRID_YZ_MAX) return "too many 128-row chunks";
   // 16-byte loads of the codes, bulk copies of the scale vectors, TMA stores of C.
-  if ([o.a, o.b, qa.scales, qb.scales, o.out].some((t) => cx.p(t) % 16 !== 0))
+  if ([o.a, o.b, qa.scales, qb.scales].some((t) => cx.p(t) % 16 !== 0) || o.out % 16 !== 0)
     return "an operand is not 16-byte aligned";
   return null;
 }
@@ -187,7 +188,7 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
   const pitch = chunks * 128;
   const at = cx.scratch(M * pitch);
   const bt = cx.scratch(N * pitch);
-  const off = o.offsets ? cx.p(o.offsets) : cx.oneSegment(rows);
+  const off = typeof o.offsets === "number" ? o.offsets : cx.p(o.offsets);
   const transpose = (t: Tensor, out: number, cols: number) =>
     cx.launch(KERNELS.gemm_sm90.sm90_coltile_transpose, [cdiv(cols, SM90.SM90_TP_COLS), chunks], 256, {
       q: cx.p(t),
@@ -208,7 +209,7 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
       maps = {
         tA: map(at.ptr, "u8", pitch, M, 128, SM90.SM90_BM),
         tB: map(bt.ptr, "u8", pitch, N, 128, bn),
-        tC: map(cx.p(o.out), "f32", N, E * M, 32, 64),
+        tC: map(o.out, "f32", N, E * M, 32, 64),
       };
     } catch {
       return false; // the driver refused a map: the mma.sync kernel takes it (see sm90Grouped)
@@ -223,7 +224,7 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
         ...maps,
         As: cx.p(o.a.quant!.scales),
         Bs: cx.p(o.b.quant!.scales),
-        C: cx.p(o.out),
+        C: o.out,
         off,
         E,
         M,
@@ -263,15 +264,16 @@ function denseRole(a: Tensor, b: Tensor, transA: boolean, transB: boolean): Dens
 }
 
 /**
- * `auto`: where the sm90 kernels beat cuBLASLt's block-scaled FP8 at a dense shape (M x N x K of
- * the role's own product), from `bun run bench gemm --backend cuda` on the H200; the numbers are in
- * packages/kernels/notes/sm90-gemm.md ("Dense FP8 roles").
+ * `auto`: where the sm90 kernels beat cuBLASLt's block-scaled FP8 at small's dense shapes, from
+ * `bun run bench gemm --backend cuda` on the H200 (packages/kernels/notes/sm90-gemm.md, "Dense FP8
+ * roles"): Fprop 1.1-1.75x and Dgrad 1.0-4.4x cuBLASLt's TFLOP/s at every shape; Wgrad split along K
+ * (wgradSplit) at every shape.
  */
 /** What `auto` picks, in words (doctor). */
-const SM90_DENSE_AUTO = "Dgrad and Wgrad (Fprop on cuBLASLt)";
+const SM90_DENSE_AUTO = "Fprop, Dgrad and Wgrad (split along K)";
 
-export function sm90DenseChosen(role: DenseRole, _M: number, _N: number, _K: number): boolean {
-  return role === "wgrad" || role === "dgrad";
+export function sm90DenseChosen(_role: DenseRole, _M: number, _N: number, _K: number): boolean {
+  return true;
 }
 
 /**
@@ -293,7 +295,18 @@ export function sm90Matmul(
   const promotion = o.promotion ?? 128;
   const [accumulate, outBf16] = [!!o.accumulate, !!o.outBf16];
   if (role === "wgrad")
-    return sm90Wgrad(cx, { a, b, offsets: null, out, M, N, E: 1, promotion, accumulate, outBf16 });
+    return sm90DenseWgrad(cx, {
+      a,
+      b,
+      offsets: 0,
+      out: cx.p(out),
+      M,
+      N,
+      E: 1,
+      promotion,
+      accumulate,
+      outBf16,
+    });
   const [qa, qb] = [a.quant!, b.quant!];
   const operands: Sm90Operands = {
     a: cx.p(a),
@@ -305,7 +318,7 @@ export function sm90Matmul(
     bFormat: qb.format,
     bGroup: qb.group,
     c: cx.p(out),
-    offsets: cx.oneSegment(M),
+    offsets: cx.segmentsOf(M, M),
     M,
     N,
     K,
@@ -322,5 +335,47 @@ export function sm90Matmul(
     return sm90Grouped(cx, { ...operands, b: t.codes, bScales: t.scales });
   } finally {
     t.free();
+  }
+}
+
+/**
+ * How many parts a dense Wgrad over `rows` tokens is split into along K: its M x N output has few
+ * tiles (e.g. 32 of 128 x 256 for 1024 x 1024) for 132 SMs, so each part of whole 128-token chunks
+ * runs as one "expert" of the grouped Wgrad and the parts are summed after. About two tiles per SM
+ * in all, at least 4 chunks per part.
+ */
+export function wgradSplit(multiprocessors: number, rows: number, M: number, N: number): number {
+  const tiles = cdiv(M, 128) * cdiv(N, N >= 256 ? 256 : 128);
+  const chunks = cdiv(rows, 128);
+  return Math.max(1, Math.min(Math.floor(chunks / 4), Math.round((2 * multiprocessors) / tiles)));
+}
+
+/**
+ * A dense Wgrad, C (+)= A^T B over all rows, on the grouped Wgrad: split along K into parts of whole
+ * chunks written to scratch [S, M, N], then summed in order into C (sum_slices_f32: deterministic).
+ */
+function sm90DenseWgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
+  const rows = o.a.rows;
+  const parts = wgradSplit(cx.multiprocessors, rows, o.M, o.N);
+  const perPart = cdiv(cdiv(rows, 128), parts) * 128;
+  const S = cdiv(rows, perPart);
+  if (S <= 1) return sm90Wgrad(cx, { ...o, offsets: cx.segmentsOf(rows, rows) });
+  const n = o.M * o.N;
+  const scratch = cx.scratch(S * n * 4);
+  try {
+    const offsets = cx.segmentsOf(rows, perPart);
+    const ok = sm90Wgrad(cx, { ...o, offsets, out: scratch.ptr, E: S, accumulate: false, outBf16: false });
+    if (ok)
+      cx.launch(KERNELS.elementwise.sum_slices_f32, cx.g1(n), 256, {
+        parts: scratch.ptr,
+        S,
+        out: o.out,
+        accumulate: o.accumulate ? 1 : 0,
+        roundBf16: o.outBf16 ? 1 : 0,
+        n,
+      });
+    return ok;
+  } finally {
+    scratch.free();
   }
 }

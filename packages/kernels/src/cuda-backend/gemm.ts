@@ -117,7 +117,8 @@ export function groupedMatmul(
   if (E <= 0 || M === 0 || N === 0) return out;
   const promotion = o.promotion ?? 128;
   const [accumulate, outBf16] = [!!o.accumulate, !!o.outBf16];
-  if (fp8 && sm90Wgrad(cx, { a, b, offsets, out, M, N, E, promotion, accumulate, outBf16 })) return out;
+  if (fp8 && sm90Wgrad(cx, { a, b, offsets, out: cx.p(out), M, N, E, promotion, accumulate, outBf16 }))
+    return out;
   gemmKernel(cx, a, b, out, { M, N, K: a.rows }, o, { mode: GEMM_SEGMENT_K, offsets, E, bRows: 0, bCols: 0 });
   return out;
 }

@@ -20,6 +20,7 @@ export const KERNELS = {
     bf16_to_f32: { module: "elementwise", name: "bf16_to_f32", maxThreads: null, params: [["x", "u64"], ["out", "u64"], ["n", "u64"]] },
     round_bf16_f32: { module: "elementwise", name: "round_bf16_f32", maxThreads: null, params: [["x", "u64"], ["out", "u64"], ["n", "u64"]] },
     acc_add_f32: { module: "elementwise", name: "acc_add_f32", maxThreads: null, params: [["acc", "u64"], ["c", "u64"], ["roundBf16", "i32"], ["n", "u64"]] },
+    sum_slices_f32: { module: "elementwise", name: "sum_slices_f32", maxThreads: null, params: [["parts", "u64"], ["S", "i32"], ["out", "u64"], ["accumulate", "i32"], ["roundBf16", "i32"], ["n", "u64"]] },
     pad_rows_f32: { module: "elementwise", name: "pad_rows_f32", maxThreads: null, params: [["x", "u64"], ["out", "u64"], ["R", "i32"], ["C", "i32"], ["ld", "i32"]] },
     transpose_f32: { module: "elementwise", name: "transpose_f32", maxThreads: null, params: [["x", "u64"], ["out", "u64"], ["R", "i32"], ["C", "i32"]] },
     transpose_f32_batched: { module: "elementwise", name: "transpose_f32_batched", maxThreads: null, params: [["x", "u64"], ["out", "u64"], ["R", "i32"], ["C", "i32"], ["batch", "i32"]] },

@@ -49,6 +49,18 @@ KERNEL void acc_add_f32(float* acc, const float* c, int roundBf16, i64 n) {
   }
 }
 
+// out (+)= round?(parts[0] + parts[1] + ... + parts[S-1]), each part n floats: the partial products of
+// a GEMM split along K, summed in a fixed order (deterministic, unlike atomics), then treated as one
+// product (rounded to BF16 when asked, added into out with accumulate).
+KERNEL void sum_slices_f32(const float* parts, int S, float* out, int accumulate, int roundBf16, i64 n) {
+  GRID_LOOP(i, n) {
+    float v = parts[i];
+    for (int s = 1; s < S; s++) v += parts[(i64)s * n + i];
+    if (roundBf16) v = round_bf16(v);
+    out[i] = accumulate ? out[i] + v : v;
+  }
+}
+
 // out[r][c] = x[r][c] for c < C, 0 for C <= c < ld: an R x C f32 matrix copied with row stride ld
 // (cuBLASLt reads 128x128 block scales with rows padded to a multiple of 4).
 KERNEL void pad_rows_f32(const float* x, float* out, int R, int C, int ld) {

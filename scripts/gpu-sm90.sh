@@ -191,14 +191,15 @@ for line in open(sys.argv[1].replace("results.jsonl", "log.txt"), errors="replac
     if line.startswith("grouped FP8 ") or "SUMMARY" in line or "Sanitizer Error" in line:
         print(line.rstrip()[:200])
 torch = {(r["torch_grouped_bf16"], r["role"]): r.get("tflops") for r in rows if r.get("tag") == "torch-roles"}
-print(f"\n{'expert GEMM':<44} {'role':<6} {'fp8 kernel':<11} {'fp8 TF/s':>8} {'mma TF/s':>8} {'bf16 TF/s':>9} "
-      f"{'fp8 ms':>7} {'torch TF/s':>10} {'x torch':>7}")
+print(f"\n{'expert GEMM':<44} {'role':<6} {'fp8 kernel':<11} {'fp8 TF/s':>8} {'f32 out':>8} {'mma TF/s':>8} "
+      f"{'bf16 TF/s':>9} {'fp8 ms':>7} {'torch TF/s':>10} {'x torch':>7}")
 for r in rows:
     if r.get("tag") == "bench-gemm":
         for x in r.get("rows", []):
             t = torch.get(("gate_up" if "512x1024" in x["gemm"] else "down", x["role"]))
             print(f"{x['gemm'][:44]:<44} {x['role']:<6} {x.get('fp8_kernel', '-'):<11} {x['fp8_tflops']:>8} "
-                  f"{x.get('mma_sync_tflops', '-')!s:>8} {x['bf16_tflops']:>9} {x['fp8_ms']:>7} {t!s:>10} "
+                  f"{x.get('fp8_f32_out_tflops', '-')!s:>8} {x.get('mma_sync_tflops', '-')!s:>8} {x['bf16_tflops']:>9} "
+                  f"{x['fp8_ms']:>7} {t!s:>10} "
                   f"{round(x['fp8_tflops'] / t, 2) if t else '-'!s:>7}")
 print(f"\n{'dense GEMM':<20} {'role':<6} {'chosen':<11} {'fp8 TF/s':>8} {'cuBLASLt':>8} {'sm90':>8} {'bf16':>8} {'fp8/bf16':>8}")
 for r in rows:

@@ -23,6 +23,7 @@ import {
   HostLifetimes,
   host,
   i32,
+  intoBf16,
   isFp8,
   type MatmulOptions,
   numel,
@@ -37,6 +38,7 @@ import {
   rowSpan,
   sameShape,
   scaleCount,
+  storeBf16Error,
   swigluWidth,
   type Tensor,
   u8,
@@ -348,7 +350,11 @@ export class CpuBackend extends HostLifetimes implements Backend {
     return this.finish(out, direct, o);
   }
 
-  groupedMatmul(a: Tensor, b: Tensor, offsets: Tensor, o: GroupedMatmulOptions): Tensor {
+  groupedMatmul(a: Tensor, b: Tensor, offsets: Tensor, opts: GroupedMatmulOptions): Tensor {
+    const bad = storeBf16Error(opts);
+    if (bad) throw new Error(bad);
+    // BF16 storage: the f32 product rounded to BF16 values, then stored as BF16 (exact).
+    const o = opts.storeBf16 ? { ...opts, outBf16: true } : opts;
     const off = i32(offsets);
     const E = off.length - 1;
     const fp8 = o.precision === "fp8";
@@ -387,7 +393,8 @@ export class CpuBackend extends HostLifetimes implements Backend {
         this.n.groupedGemmF32(x, y, c, off, o.segment, { ...gemm, inputsBf16: lowp, outputBf16 });
       }
     }
-    return this.finish(out, direct, o);
+    const result = this.finish(out, direct, o);
+    return o.storeBf16 ? intoBf16(this, result) : result;
   }
 
   // --- dense layers ----------------------------------------------------------------------------
@@ -495,7 +502,7 @@ export class CpuBackend extends HostLifetimes implements Backend {
   swigluBackward(dh: Tensor, gu: Tensor): Tensor {
     const inter = swigluWidth(gu, "swigluBackward", dh);
     const dgu = this.out([gu.rows, 2 * inter]);
-    this.n.swigluBackward(f32(dh), this.values(gu), inter, f32(dgu));
+    this.n.swigluBackward(this.values(dh), this.values(gu), inter, f32(dgu));
     return dgu;
   }
 
@@ -559,14 +566,14 @@ export class CpuBackend extends HostLifetimes implements Backend {
 
   moePermuteBackward(dxs: Tensor, slot: Tensor, tokens: number): Tensor {
     const dx = this.out([tokens, dxs.cols]);
-    this.n.moePermuteBackward(f32(dxs), i32(slot), { n: tokens, d: dxs.cols }, f32(dx));
+    this.n.moePermuteBackward(this.values(dxs), i32(slot), { n: tokens, d: dxs.cols }, f32(dx));
     return dx;
   }
 
   moeCombine(ys: Tensor, slot: Tensor, weights: Tensor): Tensor {
     const N = weights.rows;
     const y = this.out([N, ys.cols]);
-    this.n.moeCombine(f32(ys), i32(slot), f32(weights), { n: N, d: ys.cols }, f32(y));
+    this.n.moeCombine(this.values(ys), i32(slot), f32(weights), { n: N, d: ys.cols }, f32(y));
     return y;
   }
 

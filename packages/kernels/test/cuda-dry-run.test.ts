@@ -99,6 +99,25 @@ async function everyOp(b: Backend) {
     transB: true,
   });
   b.groupedMatmul(q([64, 64], "tile"), q([3, 64, 128], "block"), offs, { precision: "fp8", segment: "m" });
+  // BF16 storage: the sm90 epilogue on Hopper (128 x 256 and 128 x 128 entries), f32 then a
+  // conversion elsewhere and for other precisions.
+  for (const [K, N] of [
+    [512, 256],
+    [128, 64],
+  ])
+    b.groupedMatmul(q([64, K], "tile"), q([3, N, K], "block"), offs, {
+      precision: "fp8",
+      segment: "m",
+      transB: true,
+      outBf16: true,
+      storeBf16: true,
+    });
+  b.groupedMatmul(up([64, 128]), up([3, 64, 128]), offs, {
+    precision: "f32",
+    segment: "m",
+    transB: true,
+    storeBf16: true,
+  });
   // Long K (the 128 x 256 sm90 tiles), BF16-rounded output, accumulate-into, and E5M2 (mma.sync).
   for (const accumulate of [undefined, b.zeros([64, 256])])
     b.groupedMatmul(q([64, 512], "tile"), q([3, 256, 512], "block"), offs, {
@@ -135,7 +154,11 @@ async function everyOp(b: Backend) {
   b.headScatterAdd(x, b.headSlice(x, hs), hs);
   b.headConcat(up([64, 96]), up([64, 8]), 4, 1);
   // x as a packed gate|up [rows, 2 x 128], in f32 and as BF16 codes.
-  for (const gu of [x, b.cast(x, "bf16")]) b.swigluBackward(b.swiglu(gu), gu);
+  for (const gu of [x, b.cast(x, "bf16")]) {
+    const h = b.swiglu(gu);
+    b.swigluBackward(h, gu);
+    b.swigluBackward(b.cast(h, "bf16"), gu);
+  }
   const ids = b.upload(ints(64, 100), [64], "i32");
   b.embeddingBackward(up([100, 48]), b.embedding(up([100, 48]), ids), ids);
   for (const precision of ["f32", "bf16"] as const)
@@ -159,7 +182,11 @@ async function everyOp(b: Backend) {
   b.moePermuteBackward(up([128, 256]), p.slot, 64);
   const ys = up([128, 256]);
   b.moeCombine(ys, p.slot, r.weights);
-  for (const yv of [ys, b.cast(ys, "bf16")]) b.moeCombineBackward(y, yv, p.slot, r.weights);
+  for (const yv of [ys, b.cast(ys, "bf16")]) {
+    b.moeCombineBackward(y, yv, p.slot, r.weights);
+    b.moeCombine(yv, p.slot, r.weights);
+    b.moePermuteBackward(yv, p.slot, 64);
+  }
   for (const rule of ["sign", "error"] as const) b.biasUpdate(up([16]), p.offsets, { gamma: 0.001, rule });
   b.crossEntropy(x, b.upload(ints(64, 256), [64], "i32"), 0.5);
   const clip = b.clipScale([x, y], 1.0);

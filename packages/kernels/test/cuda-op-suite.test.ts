@@ -86,6 +86,12 @@ function expertGemms(seed: number) {
             outBf16,
           });
           r[`dgrad ${tag}`] = b.groupedMatmul(dyq, wq, O, { segment: "m", precision: "fp8", outBf16 });
+          if (outBf16) {
+            // BF16 storage (the sm90 epilogue's bf16 strips and partial-tile stores), read as f32.
+            const s16 = { segment: "m", precision: "fp8", outBf16, storeBf16: true } as const;
+            r["fprop bf16 stored"] = b.cast(b.groupedMatmul(xq, wq, O, { ...s16, transB: true }), "f32");
+            r["dgrad bf16 stored"] = b.cast(b.groupedMatmul(dyq, wq, O, s16), "f32");
+          }
           const accF = b.upload(c0.subarray(0, rows * out), [rows, out]);
           b.groupedMatmul(xq, wq, O, {
             segment: "m",

@@ -81,7 +81,16 @@ export class SwiGluMlp {
         parts,
       });
       this.params.push(p);
-      return new Linear(p, { precision, pkg, layer: `${prefix}.${name}`, trace, grouped: E > 0 });
+      // The experts' activations and their gradients in BF16 storage when rounded to BF16 anyway.
+      const grouped = E > 0;
+      return new Linear(p, {
+        precision,
+        pkg,
+        layer: `${prefix}.${name}`,
+        trace,
+        grouped,
+        storeBf16: grouped,
+      });
     };
     const n = Math.max(E, 1) * inter * d;
     this.gateUp = lin("gate_up_proj", 2 * inter, d, () => stackRows(init(n), init(n), Math.max(E, 1)), [
@@ -111,7 +120,9 @@ export class SwiGluMlp {
     // When the projection rounds its outputs to BF16, BF16 storage keeps gate|up exactly for the
     // backward in half the bytes (the routed experts' [tokens*k, 2 inter] per layer), and swiglu
     // reads the codes directly.
-    this.saved.push(this.gateUp.precision.outputs === "bf16" ? intoBf16(this.b, gu) : gu);
+    this.saved.push(
+      this.gateUp.precision.outputs === "bf16" && gu.dtype === "f32" ? intoBf16(this.b, gu) : gu,
+    );
     const y = this.down.forward(h, offsets);
     if (!this.down.retains(h)) h.dispose(); // backward uses its FP8 copy only
     return y;

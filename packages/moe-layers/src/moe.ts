@@ -168,7 +168,7 @@ export class MoELayer {
     let y = b.moeCombine(ys, p.slot, r.weights);
     // Backward reads ys only for d(weights): when the experts round their outputs to BF16, BF16
     // storage keeps it exactly in half the bytes (k rows of d per token and layer).
-    const ysSaved = this.experts.outputsBf16 ? intoBf16(b, ys) : ys;
+    const ysSaved = this.experts.outputsBf16 && ys.dtype === "f32" ? intoBf16(b, ys) : ys;
     if (this.shared) {
       // The sum is the layer's output; its two terms are needed by nothing else.
       const routed = y;

@@ -20,6 +20,20 @@ export interface GroupedMatmulOptions extends MatmulOptions {
    * `k`: the reduction runs over each expert's rows of A^T and B; C holds E matrices (expert Wgrad).
    */
   segment: "m" | "k";
+  /**
+   * Segments along M only: return the output as a bf16 tensor (its values rounded to BF16 as with
+   * `outBf16`, stored in half the bytes; the experts' activations, whose consumers read BF16). Not
+   * with `accumulate`.
+   */
+  storeBf16?: boolean;
+}
+
+/** The options' storeBf16 checked against the others (every backend refuses the same combinations). */
+export function storeBf16Error(o: GroupedMatmulOptions): string | null {
+  if (!o.storeBf16) return null;
+  if (o.segment !== "m") return "groupedMatmul: storeBf16 needs segments along M";
+  if (o.accumulate) return "groupedMatmul: storeBf16 cannot accumulate into an f32 tensor";
+  return null;
 }
 
 export interface AttentionOptions {

@@ -207,6 +207,8 @@ export function swigluWidth(gu: Tensor, op: string, dh?: Tensor): number {
     throw new Error(`${op}: gate|up must be f32 or bf16, got ${gu}`);
   if (gu.cols % 2 !== 0) throw new Error(`${op}: gate|up has ${gu.cols} columns, want an even number`);
   const inter = gu.cols / 2;
+  if (dh && dh.dtype !== "f32" && dh.dtype !== "bf16")
+    throw new Error(`${op}: dh must be f32 or bf16, got ${dh}`);
   if (dh && (dh.rows !== gu.rows || dh.cols !== inter))
     throw new Error(
       `${op}: dh has shape [${dh.shape}], want [${gu.rows}, ${inter}] for gate|up [${gu.shape}]`,

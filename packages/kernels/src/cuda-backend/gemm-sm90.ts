@@ -63,6 +63,14 @@ export interface Sm90Operands {
   promotion: number;
   accumulate: boolean;
   outBf16: boolean;
+  /** C is a bf16 tensor (values rounded to BF16, half the bytes); never with accumulate. */
+  storeBf16?: boolean;
+}
+
+/** gemm_sm90.cu's outMode for these options. */
+function outMode(o: { outBf16: boolean; storeBf16?: boolean }): number {
+  if (o.storeBf16) return SM90.SM90_OUT_BF16;
+  return o.outBf16 ? SM90.SM90_OUT_ROUND : SM90.SM90_OUT_F32;
 }
 
 /** Why these operands cannot take the sm90 kernels, or null when they can. */
@@ -97,7 +105,7 @@ export function sm90Grouped(cx: CudaContext, o: Sm90Operands): boolean {
     maps = {
       tA: map(o.a, "u8", o.K, o.M, 128, SM90.SM90_BM),
       tB: map(o.b, "u8", o.K, o.E * o.N, 128, bn),
-      tC: map(o.c, "f32", o.N, o.M, 32, 64),
+      tC: o.storeBf16 ? map(o.c, "bf16", o.N, o.M, 64, 64) : map(o.c, "f32", o.N, o.M, 32, 64),
     };
   } catch {
     // The driver refused a tensor map (its rules are the last word on them): the mma.sync kernels
@@ -118,7 +126,7 @@ export function sm90Grouped(cx: CudaContext, o: Sm90Operands): boolean {
       N: o.N,
       K: o.K,
       accumulate: o.accumulate ? 1 : 0,
-      outBf16: o.outBf16 ? 1 : 0,
+      outMode: outMode(o),
       rows: o.M,
     },
     wide ? SM90.SM90_SMEM_128x256 : SM90.SM90_SMEM_128x128,
@@ -230,7 +238,7 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
         M,
         N,
         accumulate: o.accumulate ? 1 : 0,
-        outBf16: o.outBf16 ? 1 : 0,
+        outMode: outMode(o),
       },
       wide ? SM90.SM90_SMEM_WGRAD_128x256 : SM90.SM90_SMEM_WGRAD_128x128,
     );

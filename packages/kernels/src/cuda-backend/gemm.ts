@@ -3,11 +3,13 @@
 // tiled kernels of gemm.cu (any layout; FP8 on tensor cores or in the reference kernel) and
 // gemm16.cu (BF16 on tensor cores). Expert offsets stay on the device (docs/runtime.md rule 2).
 import {
+  BYTES_PER_ELEMENT,
   batchDims,
   type GroupedMatmulOptions,
   gemmDims,
   isFp8,
   type MatmulOptions,
+  storeBf16Error,
   type Tensor,
 } from "@moe8/tensor";
 import { DEFINES } from "../cuda/kernels.generated.ts";
@@ -72,6 +74,8 @@ export function groupedMatmul(
   offsets: Tensor,
   o: GroupedMatmulOptions,
 ): Tensor {
+  const bad = storeBf16Error(o);
+  if (bad) throw new Error(bad);
   const E = offsets.size - 1;
   const fp8 = o.precision === "fp8";
   for (const t of fp8 ? [] : [a, b]) {
@@ -90,10 +94,12 @@ export function groupedMatmul(
       checkFp8Operand(b, "B", !!o.transB);
     }
     const Mt = a.rows;
-    const out = output(cx, Mt, N, o, [Mt, N]);
+    // BF16 storage: the sm90 kernel writes it; the other kernels write f32 that is then converted.
+    const out = o.storeBf16 ? cx.make([Mt, N], "bf16") : output(cx, Mt, N, o, [Mt, N]);
     // Rows outside the segments read 0: cleared here, or by the sm90 kernel itself (FP8 on Hopper).
     const zeroLater = fp8 && cx.sm90Gemm && !o.accumulate && Mt > 0 && N > 0 && E > 0;
-    if (!o.accumulate && !zeroLater) cx.n.cudaMemset8(cx.buf(out), 0, 0, Mt * N * 4);
+    if (!o.accumulate && !zeroLater)
+      cx.n.cudaMemset8(cx.buf(out), 0, 0, Mt * N * BYTES_PER_ELEMENT[out.dtype]);
     if (Mt === 0 || N === 0 || E <= 0) return out;
     gemmKernel(cx, a, b, out, { M: Mt, N, K }, o, {
       mode: GEMM_SEGMENT_M,
@@ -124,6 +130,22 @@ export function groupedMatmul(
 }
 
 /**
+ * A GEMM whose kernels write f32 into `out`, a bf16 tensor: `run` fills an f32 scratch tensor
+ * (cleared first: rows outside the segments must read 0), then one conversion writes `out`.
+ */
+function viaF32(cx: CudaContext, out: Tensor, run: (tmp: Tensor) => void): void {
+  const tmp = cx.make(out.shape, "f32");
+  cx.n.cudaMemset8(cx.buf(tmp), 0, 0, tmp.size * 4);
+  run(tmp);
+  cx.launch(KERNELS.elementwise.f32_to_bf16, cx.g1(tmp.size), 256, {
+    x: cx.p(tmp),
+    out: cx.p(out),
+    n: tmp.size,
+  });
+  cx.release(tmp);
+}
+
+/**
  * How a tiled GEMM is grouped (common.cuh's codes): GEMM_PLAIN one product; GEMM_SEGMENT_M rows of A
  * and C split by the experts' offsets, B holding E matrices of bRows x bCols; GEMM_SEGMENT_K
  * C[e] = A_e^T B_e.
@@ -146,8 +168,13 @@ function gemmKernel(
   out: Tensor,
   { M, N, K }: { M: number; N: number; K: number },
   o: MatmulOptions,
-  { mode, offsets, E, bRows, bCols, zeroOutput }: Grouping,
+  grouping: Grouping,
 ): void {
+  const { mode, offsets, E, bRows, bCols, zeroOutput } = grouping;
+  if (out.dtype === "bf16" && !(o.precision === "fp8" && cx.sm90Gemm)) {
+    viaF32(cx, out, (tmp) => gemmKernel(cx, a, b, tmp, { M, N, K }, { ...o, outBf16: true }, grouping));
+    return;
+  }
   const aKcols = o.transA ? 0 : 1;
   let bKcols: 0 | 1 = o.transB ? 1 : 0;
   // Tiles of C: segments along M enumerate the row tiles of every expert (at most one partial each).
@@ -217,9 +244,15 @@ function gemmKernel(
         promotion,
         accumulate: !!o.accumulate,
         outBf16: !!o.outBf16,
+        storeBf16: out.dtype === "bf16",
       });
-    if (onSm90) {
-      for (const t of tmps) t.free();
+    if (onSm90 || out.dtype === "bf16") for (const t of tmps) t.free();
+    if (onSm90) return;
+    if (out.dtype === "bf16") {
+      // The sm90 kernel could not take it after all: f32 from the other kernels, then BF16.
+      viaF32(cx, out, (tmp) =>
+        gemmKernel(cx, a, b, tmp, { M, N, K }, { ...o, outBf16: true }, { ...grouping, zeroOutput: true }),
+      );
       return;
     }
     if (zeroOutput) cx.n.cudaMemset8(cx.buf(out), 0, 0, M * N * 4);
@@ -251,7 +284,7 @@ function gemmKernel(
       if (mma) cx.launch(KERNELS.gemm.gemm_fp8_mma, grid, 128, { ...operands, ...tail() });
       else cx.launch(KERNELS.gemm.gemm_fp8, grid, 256, { ...operands, ...tail(), promotion });
     }
-    for (const t of tmps) t.free();
+    for (const t of tmps) t.free(); // after the kernels that read the transposed weight
     return;
   }
   const bf16 = o.precision === "bf16";

@@ -185,8 +185,9 @@ export function moePermuteBackward(cx: CudaContext, dxs: Tensor, slot: Tensor, t
   const k = slot.size / tokens;
   const dx = cx.make([tokens, d], "f32");
   const pos = positions(cx, slot);
-  cx.launch(KERNELS.moe.permute_bwd, cx.g1(tokens * d), 256, {
-    dxs: cx.f32p(dxs, "moePermuteBackward"),
+  const bf16 = dxs.dtype === "bf16";
+  cx.launch(bf16 ? KERNELS.moe.permute_bwd16 : KERNELS.moe.permute_bwd, cx.g1(tokens * d), 256, {
+    dxs: bf16 ? cx.p(dxs) : cx.f32p(dxs, "moePermuteBackward"),
     pos: pos.ptr,
     dx: cx.p(dx),
     N: tokens,
@@ -203,8 +204,9 @@ export function moeCombine(cx: CudaContext, ys: Tensor, slot: Tensor, weights: T
   const d = ys.cols;
   const y = cx.make([N, d], "f32");
   const pos = positions(cx, slot);
-  cx.launch(KERNELS.moe.combine, cx.g1(N * d), 256, {
-    ys: cx.f32p(ys, "moeCombine"),
+  const bf16 = ys.dtype === "bf16";
+  cx.launch(bf16 ? KERNELS.moe.combine16 : KERNELS.moe.combine, cx.g1(N * d), 256, {
+    ys: bf16 ? cx.p(ys) : cx.f32p(ys, "moeCombine"),
     pos: pos.ptr,
     w: cx.f32p(weights, "moeCombine"),
     y: cx.p(y),

@@ -1,6 +1,7 @@
 // Dense layers' ops (nn.cu): RMSNorm, RoPE, head slicing and concatenation, SwiGLU, embeddings.
 import { type HeadSliceOptions, type RopeOptions, swigluWidth, type Tensor } from "@moe8/tensor";
 import { type CudaContext, cdiv, KERNELS } from "./context.ts";
+import { f32Operand } from "./elementwise.ts";
 
 export function rmsnorm(cx: CudaContext, x: Tensor, w: Tensor, eps: number) {
   const R = x.rows;
@@ -153,13 +154,16 @@ export function swigluBackward(cx: CudaContext, dh: Tensor, gu: Tensor): Tensor 
   const inter = swigluWidth(gu, "swigluBackward", dh);
   const dgu = cx.make([gu.rows, 2 * inter], "f32");
   const g = packed(cx, gu, "swigluBackward");
-  cx.launch(g.bf16 ? KERNELS.nn.swiglu_bwd_bf16 : KERNELS.nn.swiglu_bwd_f32, cx.g1(dh.size), 256, {
-    dh: cx.f32p(dh, "swigluBackward"),
-    gu: g.ptr,
-    dgu: cx.p(dgu),
-    rows: gu.rows,
-    inter,
-  });
+  // dh as stored (f32, or BF16 beside a BF16 gate|up); a BF16 dh with an f32 gate|up goes through f32.
+  const dh16 = dh.dtype === "bf16" && g.bf16;
+  const d = dh16 ? { ptr: cx.p(dh), free: () => {} } : f32Operand(cx, dh, "swigluBackward");
+  const kernel = dh16
+    ? KERNELS.nn.swiglu_bwd_bf16_dh16
+    : g.bf16
+      ? KERNELS.nn.swiglu_bwd_bf16
+      : KERNELS.nn.swiglu_bwd_f32;
+  cx.launch(kernel, cx.g1(dh.size), 256, { dh: d.ptr, gu: g.ptr, dgu: cx.p(dgu), rows: gu.rows, inter });
+  d.free();
   return dgu;
 }
 

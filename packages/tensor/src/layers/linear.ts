@@ -25,6 +25,12 @@ export interface LinearOptions {
   trace?: PrecisionTrace;
   /** Expert weights [E, out, in] applied to rows grouped by expert (`offsets`) instead of [out, in]. */
   grouped?: boolean;
+  /**
+   * Grouped Linears: when the policy rounds outputs to BF16, Fprop's y and Dgrad's dx (unless added
+   * into another tensor) come back as bf16 tensors: the same values in half the bytes, for
+   * consumers that read BF16 (the experts' swiglu, combine and permute backward).
+   */
+  storeBf16?: boolean;
 }
 
 /**
@@ -80,6 +86,7 @@ export class Linear {
   readonly layer: string;
   readonly trace: PrecisionTrace | undefined;
   readonly grouped: boolean;
+  readonly storeBf16: boolean;
 
   constructor(
     readonly weight: Param,
@@ -90,6 +97,7 @@ export class Linear {
     this.layer = opts.layer;
     this.trace = opts.trace;
     this.grouped = opts.grouped ?? false;
+    this.storeBf16 = this.grouped && (opts.storeBf16 ?? false);
   }
 
   private get b(): Backend {
@@ -109,9 +117,11 @@ export class Linear {
     return plan;
   }
 
+  /** y = a w^T (Fprop) or dy w (Dgrad); grouped: BF16 storage where `storeBf16` allows it. */
   private mm(a: Tensor, w: Tensor, offsets: Tensor | null, o: MatmulOptions): Tensor {
-    if (this.grouped) return this.b.groupedMatmul(a, w, offsets!, { ...o, segment: "m" });
-    return this.b.matmul(a, w, o);
+    if (!this.grouped) return this.b.matmul(a, w, o);
+    const storeBf16 = this.storeBf16 && !!o.outBf16 && !o.accumulate;
+    return this.b.groupedMatmul(a, w, offsets!, { ...o, segment: "m", storeBf16 });
   }
 
   forward(x: Tensor, offsets: Tensor | null = null, memo: QuantMemo | null = null): Tensor {

@@ -538,6 +538,83 @@ export function opSuite(name: string, make: () => Backend): void {
       ).toThrow(/f32/);
     });
 
+    it("BF16 storage of grouped outputs (storeBf16), and the expert ops that read BF16", async () => {
+      const off = Int32Array.from([0, 5, 5, 140, 300]);
+      const [E, Mt, K, N] = [4, 300, 144, 48];
+      const a = rng.normals(Mt * K);
+      const w = rng.normals(E * N * K, 0.1);
+      const dy = rng.normals(Mt * N);
+      const grouped = (b: Backend, precision: "f32" | "bf16" | "fp8", storeBf16: boolean) => {
+        const O = b.upload(off, [E + 1], "i32");
+        const [A, W, DY] = [b.upload(a, [Mt, K]), b.upload(w, [E, N, K]), b.upload(dy, [Mt, N])];
+        const fp8 = precision === "fp8";
+        const wq = fp8 ? b.quantize(W, { group: "block" }) : W;
+        const q = (t: Tensor) => (fp8 ? b.quantize(t, { group: "tile" }) : t);
+        const o = { segment: "m", precision, outBf16: true, storeBf16 } as const;
+        return {
+          y: b.groupedMatmul(q(A), wq, O, { ...o, transB: true }),
+          dx: b.groupedMatmul(q(DY), wq, O, o),
+        };
+      };
+      for (const precision of ["f32", "bf16", "fp8"] as const) {
+        // Against the reference, as f32 values: one BF16 ulp apart where two sums straddle a rounding
+        // boundary.
+        await same((b) => {
+          const r = grouped(b, precision, true);
+          return { y: b.cast(r.y, "f32"), dx: b.cast(r.dx, "f32") };
+        }, 1e-2);
+        // On this backend: exactly the BF16-rounded f32 result, stored as BF16.
+        await be.scope(async () => {
+          const [s16, f32] = [grouped(be, precision, true), grouped(be, precision, false)];
+          for (const k of ["y", "dx"] as const) {
+            expect(s16[k].dtype, `${precision} ${k}`).toBe("bf16");
+            expect(Array.from(await be.cast(s16[k], "f32").read()), `${precision} ${k}`).toEqual(
+              Array.from(await f32[k].read()),
+            );
+          }
+        });
+      }
+      await be.scope(async () => {
+        const O = be.upload(off, [E + 1], "i32");
+        const A = be.upload(a, [Mt, K]);
+        expect(() =>
+          be.groupedMatmul(A, A, O, { segment: "k", transA: true, precision: "f32", storeBf16: true }),
+        ).toThrow(/storeBf16 needs segments along M/);
+        const W = be.upload(w, [E, N, K]);
+        const acc = be.zeros([Mt, N]);
+        expect(() =>
+          be.groupedMatmul(A, W, O, {
+            segment: "m",
+            transB: true,
+            precision: "f32",
+            storeBf16: true,
+            accumulate: acc,
+          }),
+        ).toThrow(/storeBf16 cannot accumulate/);
+        // combine, permute backward and swiglu backward read BF16 inputs as their values.
+        const [T, k, d] = [40, 3, 24];
+        const r = be.router(be.upload(rng.normals(T * 8), [T, 8]), be.zeros([8]), k, 1);
+        const p = be.moePermute(be.upload(rng.normals(T * d), [T, d]), r.topIdx, 8);
+        const y16 = be.cast(p.xs, "bf16");
+        const y32 = be.cast(y16, "f32");
+        const eq = async (x: Tensor, y: Tensor, what: string) =>
+          expect(Array.from(await x.read()), what).toEqual(Array.from(await y.read()));
+        await eq(be.moeCombine(y16, p.slot, r.weights), be.moeCombine(y32, p.slot, r.weights), "moeCombine");
+        await eq(
+          be.moePermuteBackward(y16, p.slot, T),
+          be.moePermuteBackward(y32, p.slot, T),
+          "moePermuteBackward",
+        );
+        const gu16 = be.cast(be.upload(rng.normals(T * k * 2 * d), [T * k, 2 * d]), "bf16");
+        await eq(be.swigluBackward(y16, gu16), be.swigluBackward(y32, gu16), "swigluBackward, BF16 dh");
+        await eq(
+          be.swigluBackward(y16, be.cast(gu16, "f32")),
+          be.swigluBackward(y32, gu16),
+          "BF16 dh, f32 gate|up",
+        );
+      });
+    });
+
     it("router, balance loss, permute/combine and bias update", async () => {
       const N = 50;
       const E = 8;

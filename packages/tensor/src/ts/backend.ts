@@ -17,7 +17,14 @@ import type {
   RopeOptions,
   RouterResult,
 } from "../backend.ts";
-import { attentionRowsError, checkAdamWSlots, clipScaleOver, requantizeViaF32 } from "../backend.ts";
+import {
+  attentionRowsError,
+  checkAdamWSlots,
+  clipScaleOver,
+  intoBf16,
+  requantizeViaF32,
+  storeBf16Error,
+} from "../backend.ts";
 import { f32, f32OrBf16, HostLifetimes, host, i32, sameShape, swigluWidth, u8 } from "../host.ts";
 import type { Tensor } from "../tensor.ts";
 import { type Fp8Format, isFp8 } from "../types.ts";
@@ -217,6 +224,8 @@ export class TsBackend extends HostLifetimes implements Backend {
   }
 
   groupedMatmul(a: Tensor, b: Tensor, offsets: Tensor, o: GroupedMatmulOptions): Tensor {
+    const bad = storeBf16Error(o);
+    if (bad) throw new Error(bad);
     const off = i32(offsets);
     const E = off.length - 1;
     const fp8 = o.precision === "fp8";
@@ -242,6 +251,7 @@ export class TsBackend extends HostLifetimes implements Backend {
           o,
         );
       }
+      if (o.storeBf16) return intoBf16(this, this.finish(c, [a.rows, N], { ...o, outBf16: true }));
       return this.finish(c, [a.rows, N], o);
     }
     // segment k: C[e] = A_e^T B_e over each expert's rows; a [Ktot, M], b [Ktot, N].
@@ -342,7 +352,7 @@ export class TsBackend extends HostLifetimes implements Backend {
 
   swigluBackward(dh: Tensor, gu: Tensor): Tensor {
     const inter = swigluWidth(gu, "swigluBackward", dh);
-    return this.wrap(nn.swigluBackward(f32(dh), f32OrBf16(gu), inter), [gu.rows, 2 * inter], "f32");
+    return this.wrap(nn.swigluBackward(f32OrBf16(dh), f32OrBf16(gu), inter), [gu.rows, 2 * inter], "f32");
   }
 
   embedding(w: Tensor, ids: Tensor): Tensor {
@@ -426,12 +436,16 @@ export class TsBackend extends HostLifetimes implements Backend {
   }
 
   moePermuteBackward(dxs: Tensor, slot: Tensor, tokens: number): Tensor {
-    return this.wrap(moe.permuteBackward(f32(dxs), i32(slot), tokens, dxs.cols), [tokens, dxs.cols], "f32");
+    return this.wrap(
+      moe.permuteBackward(f32OrBf16(dxs), i32(slot), tokens, dxs.cols),
+      [tokens, dxs.cols],
+      "f32",
+    );
   }
 
   moeCombine(ys: Tensor, slot: Tensor, weights: Tensor): Tensor {
     const N = weights.rows;
-    return this.wrap(moe.combine(f32(ys), i32(slot), f32(weights), N, ys.cols), [N, ys.cols], "f32");
+    return this.wrap(moe.combine(f32OrBf16(ys), i32(slot), f32(weights), N, ys.cols), [N, ys.cols], "f32");
   }
 
   moeCombineBackward(dy: Tensor, ys: Tensor, slot: Tensor, weights: Tensor) {

@@ -135,15 +135,25 @@ async function grouped(b: Backend, N: number, K: number, p: Precision): Promise<
     const dyq = fp8 ? b.quantize(dy, { group: "tile" }) : dy;
     const dyc = fp8 ? b.quantize(dy, { group: "column-tile", segments: O }) : dy;
     const xc = fp8 ? b.quantize(x, { group: "column-tile", segments: O }) : x;
-    return {
+    // FP8 as the model runs it: Fprop and Dgrad outputs rounded to and stored in BF16 (the experts'
+    // activations); f32 storage timed beside it.
+    const out = fp8 ? ({ outBf16: true, storeBf16: true } as const) : {};
+    const times: Record<string, number> = {
       fprop: await deviceMs(b, () =>
-        b.groupedMatmul(xq, wq, O, { segment: "m", transB: true, precision: p }),
+        b.groupedMatmul(xq, wq, O, { segment: "m", transB: true, precision: p, ...out }),
       ),
-      dgrad: await deviceMs(b, () => b.groupedMatmul(dyq, wq, O, { segment: "m", precision: p })),
+      dgrad: await deviceMs(b, () => b.groupedMatmul(dyq, wq, O, { segment: "m", precision: p, ...out })),
       wgrad: await deviceMs(b, () =>
         b.groupedMatmul(dyc, xc, O, { segment: "k", transA: true, precision: p }),
       ),
     };
+    if (fp8) {
+      times.fprop_f32 = await deviceMs(b, () =>
+        b.groupedMatmul(xq, wq, O, { segment: "m", transB: true, precision: p }),
+      );
+      times.dgrad_f32 = await deviceMs(b, () => b.groupedMatmul(dyq, wq, O, { segment: "m", precision: p }));
+    }
+    return times;
   });
 }
 
@@ -194,6 +204,7 @@ export async function benchGemmDevice(
         fp8_vs_bf16: +(t.bf16[role] / t.fp8[role]).toFixed(2),
       };
       if (extra) row.fp8_kernel = extra.kernels[role];
+      if (t.fp8[`${role}_f32`] !== undefined) row.fp8_f32_out_tflops = tf(t.fp8[`${role}_f32`]);
       if (extra?.lt && extra.sm90) {
         row.fp8_cublaslt_tflops = tf(extra.lt[role]);
         row.fp8_sm90_tflops = tf(extra.sm90[role]);

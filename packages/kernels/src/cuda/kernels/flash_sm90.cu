@@ -69,14 +69,6 @@ __device__ __forceinline__ void fa3_fence_frags(u32 (*a)[4]) {
     for (int i = 0; i < 4; i++) asm volatile("" : "+r"(a[k][i])::"memory");
 }
 
-// Two values as one BF16 pair (lo in the low half) in one instruction: cvt.rn.bf16x2.f32 rounds to
-// nearest even and gives 0x7fff for NaN, as common.cuh's pack_bf16 does in software.
-__device__ __forceinline__ u32 fa3_pack(float lo, float hi) {
-  u32 r;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-
 // 2^x on the MUFU unit (results below 2^-126 flush to 0: probabilities that small do not matter).
 __device__ __forceinline__ float fa3_exp2(float x) {
   float y;
@@ -86,10 +78,10 @@ __device__ __forceinline__ float fa3_exp2(float x) {
 
 // The A fragment (m64 x k16) made of accumulator column chunks 2kk and 2kk+1, rounded to BF16.
 __device__ __forceinline__ void fa3_c_to_a(u32* a, const float* c, int kk) {
-  a[0] = fa3_pack(c[8 * kk + 0], c[8 * kk + 1]);
-  a[1] = fa3_pack(c[8 * kk + 2], c[8 * kk + 3]);
-  a[2] = fa3_pack(c[8 * kk + 4], c[8 * kk + 5]);
-  a[3] = fa3_pack(c[8 * kk + 6], c[8 * kk + 7]);
+  a[0] = sm90_pack_bf16(c[8 * kk + 0], c[8 * kk + 1]);
+  a[1] = sm90_pack_bf16(c[8 * kk + 2], c[8 * kk + 3]);
+  a[2] = sm90_pack_bf16(c[8 * kk + 4], c[8 * kk + 5]);
+  a[3] = sm90_pack_bf16(c[8 * kk + 6], c[8 * kk + 7]);
 }
 
 // Turn-taking of the two consumer warpgroups (FlashAttention-3's ping-pong): a warpgroup issues a

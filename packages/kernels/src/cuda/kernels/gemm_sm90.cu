@@ -8,10 +8,12 @@
 //   A  [rows, K], one f32 scale per 1x128 tile: As [rows, ceil(K/128)]
 //   B  [E, N, K], one f32 scale per 128x128 block: Bs [E, ceil(N/128), ceil(K/128)]
 //   off int32 [E+1] on the device: expert e owns rows off[e] .. off[e+1]-1 of A and C (any sizes, 0 too)
-//   C  [rows, N] f32 storage; outBf16 rounds each result to BF16 first (RNE, round_bf16), and
-//      accumulate adds the (rounded) result to C: C = C + v, as gemm.cu's mma_store does. Without
-//      accumulate the kernel also writes 0 to the rows outside every segment (before off[0], from
-//      off[E] to rows), so C needs no clearing first.
+//   C  [rows, N], by outMode: SM90_OUT_F32 f32 storage; SM90_OUT_ROUND f32 storage of each result
+//      rounded to BF16 (RNE, round_bf16); SM90_OUT_BF16 BF16 storage (the same rounding, half the
+//      bytes: the experts' activations, whose consumers read BF16). accumulate (f32 storage only)
+//      adds the (rounded) result to C: C = C + v, as gemm.cu's mma_store does. Without accumulate the
+//      kernel also writes 0 to the rows outside every segment (before off[0], from off[E] to rows),
+//      so C needs no clearing first.
 // Per output: C[r,n] = sum over 128-chunks kc of (sum_k A[r,k] B[n,k]) * As[r,kc] * Bs[e,n/128,kc];
 // the inner 128-long sum is done by the tensor cores (wgmma m64n128k32, fresh accumulator per
 // chunk) and promoted into f32 registers after every chunk: acc = fma(part, sa * sb, acc).
@@ -34,7 +36,7 @@
 //
 // Launch: SM90_THREADS threads, grid = the number of SMs, dynamic shared memory SM90_SMEM_<tile>;
 // tensor maps (cudaTensorMap2D, 128-byte swizzle): A u8 [rows, K] box {128, 128}; B u8 [E * N, K]
-// box {128, BN}; C f32 [rows, N] box {32, 64}. Requires K % 16 == 0 (the TMA row pitch), N % 8 == 0,
+// box {128, BN}; C f32 [rows, N] box {32, 64} (BF16 storage: bf16, box {64, 64}). Requires K % 16 == 0 (the TMA row pitch), N % 8 == 0,
 // E <= SM90_MAX_E and 16-byte-aligned A, B and C; the kernel traps for E > SM90_MAX_E.
 //
 // Wgrad (segments along K: dW[e] (+)= dY_e^T X_e, the tokens of expert e as the reduction) runs the
@@ -50,6 +52,10 @@
 #define SM90_MAX_E 256
 #define SM90_THREADS 384  // two consumer warpgroups and the producer warpgroup
 #define SM90_BM 128       // rows per tile (64 per consumer warpgroup)
+// outMode: how C is stored (see the header).
+#define SM90_OUT_F32 0
+#define SM90_OUT_ROUND 1
+#define SM90_OUT_BF16 2
 // Dynamic shared memory of each entry point (static_asserts below check them against sm90_smem_bytes).
 #define SM90_SMEM_128x256 216120
 #define SM90_SMEM_128x128 199752
@@ -182,7 +188,7 @@ __device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int*
 template <int BN, int STAGES, Mainloop LOOP, Segments SEG>
 __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CUtensorMap* tB, const CUtensorMap* tC,
                                                  const float* As, const float* Bs, float* C, const int* off, int E,
-                                                 int M, int N, int K, int accumulate, int outBf16, int rows) {
+                                                 int M, int N, int K, int accumulate, int outMode, int rows) {
   constexpr int BM = SM90_BM, NWG = BM / 64;
   constexpr int A_BYTES = BM * 128, B_BYTES = BN * 128;
   constexpr int NH = BN / 128;  // 128-column halves of the tile, one m64n128 wgmma chain each
@@ -192,8 +198,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   static_assert(LOOP == Mainloop::OneBuffer || SEG == Segments::AlongM, "Wgrad runs the one-buffer mainloop");
   // Wgrad's per-row scale vectors of a stage (A's BM, then B's BN), after the C staging.
   constexpr int S_BYTES = SEG == Segments::AlongK ? (BM + BN) * 4 : 0;
-  constexpr int CW = 32;               // f32 output columns per 128-byte strip
-  constexpr int C_BYTES = 64 * 128 * 4;  // staging per consumer warpgroup: 64 rows x 128 columns
+  constexpr int C_BYTES = 64 * 128 * 4;  // staging per consumer warpgroup: 64 rows x 128 f32 columns
   extern __shared__ u8 sm90_dyn[];
   u8* base = sm90_dyn + ((1024 - (sm90_smem_u32(sm90_dyn) & 1023)) & 1023);
   if (E > SM90_MAX_E) asm volatile("trap;");
@@ -239,7 +244,9 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
 
   const int NT = cdiv(N, BN), NB = cdiv(N, 128), KC = cdiv(K, 128);
   const int total = SEG == Segments::AlongM ? mpre[E] * NT : E * cdiv(M, BM) * NT;
-  if (SEG == Segments::AlongM && !accumulate) sm90_zero_uncovered(C, soff[0], soff[E], rows, N);
+  // (BF16 storage: a row of N BF16 values is N / 2 floats; N % 8 == 0.)
+  if (SEG == Segments::AlongM && !accumulate)
+    sm90_zero_uncovered(C, soff[0], soff[E], rows, outMode == SM90_OUT_BF16 ? N / 2 : N);
 
   if (warp >= 4 * NWG) {
     // Producer warpgroup: one thread issues the TMA loads, the rest give their registers away.
@@ -371,7 +378,8 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
         promote(acc[0], p0, a00, a01, b0);
       }
     }
-    if (outBf16) {
+    const bool bf16 = outMode == SM90_OUT_BF16;
+    if (outMode == SM90_OUT_ROUND) {
 #pragma unroll
       for (int h = 0; h < NH; h++)
 #pragma unroll
@@ -385,8 +393,10 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
       // Whole tile inside the expert: stage this warpgroup's 64 x 128 in 128-byte strips with the TMA
       // 128-byte swizzle (16-byte chunk index ^= row & 7: conflict-free), then TMA-store the strips
       // (TMA-add them when accumulating: C = C + v in L2, the one write of each element).
+      // BF16 storage: 64 columns per strip (cvt.rn.bf16x2 pairs), 32 for f32.
       const bool leader = (threadIdx.x & 127) == 0;
       const u32 cs = csBase + (threadIdx.x >> 7) * C_BYTES;
+      const int cw = bf16 ? 64 : 32, esz = bf16 ? 2 : 4;
 #pragma unroll
       for (int h = 0; h < NH; h++) {
         const int nh = n0 + 128 * h;
@@ -394,24 +404,23 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
         named_sync(1 + wg, 128);
 #pragma unroll
         for (int j = 0; j < 16; j++) {
-          const int col = 8 * j + 2 * tq, strip = col / CW, cb = (col % CW) * 4;  // byte in the 128-byte row
+          const int col = 8 * j + 2 * tq, strip = col / cw, cb = (col % cw) * esz;  // byte in the 128-byte row
 #pragma unroll
           for (int hh = 0; hh < 2; hh++) {
             const int r = wrow + 8 * hh;
             const u32 p = cs + strip * 64 * 128 + r * 128 + ((((cb >> 4) ^ (r & 7))) << 4) + (cb & 15);
-            asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(p), "f"(acc[h][4 * j + 2 * hh]),
-                         "f"(acc[h][4 * j + 2 * hh + 1])
-                         : "memory");
+            const float v0 = acc[h][4 * j + 2 * hh], v1 = acc[h][4 * j + 2 * hh + 1];
+            if (bf16) asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(p), "r"(sm90_pack_bf16(v0, v1)) : "memory");
+            else asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(p), "f"(v0), "f"(v1) : "memory");
           }
         }
         fence_async_smem();
         named_sync(1 + wg, 128);
         if (leader) {
-#pragma unroll
-          for (int st = 0; st < 128 / CW; st++)
-            if (nh + st * CW < N) {
-              if (accumulate) tma_reduce_add_2d(tC, cs + st * 64 * 128, nh + st * CW, row0 + 64 * wg);
-              else tma_store_2d(tC, cs + st * 64 * 128, nh + st * CW, row0 + 64 * wg);
+          for (int st = 0; st < 128 / cw; st++)
+            if (nh + st * cw < N) {
+              if (accumulate) tma_reduce_add_2d(tC, cs + st * 64 * 128, nh + st * cw, row0 + 64 * wg);
+              else tma_store_2d(tC, cs + st * 64 * 128, nh + st * cw, row0 + 64 * wg);
             }
           bulk_commit();
           // The CTA's last tile: the copies must have read the staging buffer before the CTA exits
@@ -431,8 +440,13 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
         for (int hh = 0; hh < 2; hh++) {
           const int r = hh ? r1 : r0;
           if (r >= rowEnd) continue;
+          const float v0 = acc[h][4 * j + 2 * hh], v1 = acc[h][4 * j + 2 * hh + 1];
+          if (bf16) {
+            *(u32*)((u16*)C + (i64)r * N + col) = sm90_pack_bf16(v0, v1);
+            continue;
+          }
           float2* c = (float2*)(C + (i64)r * N + col);
-          float2 v = make_float2(acc[h][4 * j + 2 * hh], acc[h][4 * j + 2 * hh + 1]);
+          float2 v = make_float2(v0, v1);
           if (accumulate) {
             const float2 o = *c;
             v = make_float2(o.x + v.x, o.y + v.y);
@@ -456,9 +470,9 @@ static_assert(sm90_smem_bytes(128, 4, true) == SM90_SMEM_WGRAD_128x128, "SM90_SM
   KERNEL void __launch_bounds__(SM90_THREADS, 1)                                                                  \
       NAME(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,                        \
            const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs, float* C, const int* off,     \
-           int E, int N, int K, int accumulate, int outBf16, int rows) {                                          \
+           int E, int N, int K, int accumulate, int outMode, int rows) {                                          \
     sm90_fp8_grouped<BN, STAGES, Mainloop::LOOP, Segments::AlongM>(&tA, &tB, &tC, As, Bs, C, off, E, 0, N, K,    \
-                                                                    accumulate, outBf16, rows);                   \
+                                                                    accumulate, outMode, rows);                   \
   }
 // K >= 512 (gate/up Fprop, down Dgrad in `small`): 128 x 256 tiles, 25% less L2 traffic per FLOP.
 GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x256, 256, 3, OneBuffer)
@@ -475,9 +489,9 @@ GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128, 128, 4, TwoBuffers)
   KERNEL void __launch_bounds__(SM90_THREADS, 1)                                                                 \
       NAME(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,                       \
            const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs, float* C, const int* off,    \
-           int E, int M, int N, int accumulate, int outBf16) {                                                   \
+           int E, int M, int N, int accumulate, int outMode) {                                                   \
     sm90_fp8_grouped<BN, STAGES, Mainloop::OneBuffer, Segments::AlongK>(&tA, &tB, &tC, As, Bs, C, off, E, M, N, \
-                                                                         0, accumulate, outBf16, E * M);         \
+                                                                         0, accumulate, outMode, E * M);         \
   }
 // N >= 256 (X's columns: the hidden size for gate/up, the expert width for down in `small`).
 GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256, 256, 3)

@@ -188,30 +188,48 @@ KERNEL void invert_slots(const int* slot, int* pos, int rows) {
   if (r < rows) pos[slot[r]] = r;
 }
 
-// dx[n] = sum_j dxs[pos[n k + j]] (f32, in order of j).
-KERNEL void permute_bwd(const float* dxs, const int* pos, float* dx, int N, int k, int d) {
+__device__ __forceinline__ float load_y(const float* p) { return *p; }
+__device__ __forceinline__ float load_y(const u16* p) { return bf16_to_f32(*p); }
+
+// dx[n] = sum_j dxs[pos[n k + j]] (f32, in order of j). dxs is f32, or BF16 when the experts' Dgrad
+// stores its (BF16-rounded) result that way.
+template <typename Y>
+__device__ __forceinline__ void permute_bwd_body(const Y* dxs, const int* pos, float* dx, int N, int k, int d) {
   const i64 total = (i64)N * d;
   for (i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x; t < total; t += (i64)gridDim.x * blockDim.x) {
     const int n = (int)(t / d), c = (int)(t % d);
     float v = 0.0f;
-    for (int j = 0; j < k; j++) v += dxs[(i64)pos[(i64)n * k + j] * d + c];
+    for (int j = 0; j < k; j++) v += load_y(dxs + (i64)pos[(i64)n * k + j] * d + c);
     dx[t] = v;
   }
 }
 
-// y[n] = sum_j w[n k + j] ys[pos[n k + j]] (double accumulation).
-KERNEL void combine(const float* ys, const int* pos, const float* w, float* y, int N, int k, int d) {
+KERNEL void permute_bwd(const float* dxs, const int* pos, float* dx, int N, int k, int d) {
+  permute_bwd_body(dxs, pos, dx, N, k, d);
+}
+KERNEL void permute_bwd16(const u16* dxs, const int* pos, float* dx, int N, int k, int d) {
+  permute_bwd_body(dxs, pos, dx, N, k, d);
+}
+
+// y[n] = sum_j w[n k + j] ys[pos[n k + j]] (double accumulation); ys f32 or BF16 (as above).
+template <typename Y>
+__device__ __forceinline__ void combine_body(const Y* ys, const int* pos, const float* w, float* y, int N, int k, int d) {
   const i64 total = (i64)N * d;
   for (i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x; t < total; t += (i64)gridDim.x * blockDim.x) {
     const int n = (int)(t / d), c = (int)(t % d);
     double v = 0.0;
-    for (int j = 0; j < k; j++) v += (double)w[(i64)n * k + j] * (double)ys[(i64)pos[(i64)n * k + j] * d + c];
+    for (int j = 0; j < k; j++)
+      v += (double)w[(i64)n * k + j] * (double)load_y(ys + (i64)pos[(i64)n * k + j] * d + c);
     y[t] = (float)v;
   }
 }
 
-__device__ __forceinline__ float load_y(const float* p) { return *p; }
-__device__ __forceinline__ float load_y(const u16* p) { return bf16_to_f32(*p); }
+KERNEL void combine(const float* ys, const int* pos, const float* w, float* y, int N, int k, int d) {
+  combine_body(ys, pos, w, y, N, k, d);
+}
+KERNEL void combine16(const u16* ys, const int* pos, const float* w, float* y, int N, int k, int d) {
+  combine_body(ys, pos, w, y, N, k, d);
+}
 
 // dys[r] = w[slot[r]] dy[slot[r] / k]; dweights[slot[r]] = dy[n] . ys[r]. One warp per row r.
 // ys is f32, or BF16 when the experts' outputs are BF16 values anyway (kept at half the bytes).

@@ -142,13 +142,13 @@ __device__ __forceinline__ void swiglu_fwd_body(const T* gu, float* h, i64 rows,
   }
 }
 
-template <typename T>
-__device__ __forceinline__ void swiglu_bwd_body(const float* dh, const T* gu, float* dgu, i64 rows, int inter) {
+template <typename D, typename T>
+__device__ __forceinline__ void swiglu_bwd_body(const D* dh, const T* gu, float* dgu, i64 rows, int inter) {
   const i64 n = rows * inter;
   for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
     const i64 r = i / inter, c = i - r * inter;
     const i64 gi = r * 2 * inter + c, ui = gi + inter;
-    const double gv = gu_at(gu, gi), s = sigmoid_d(gv), d = dh[i];
+    const double gv = gu_at(gu, gi), s = sigmoid_d(gv), d = gu_at(dh, i);
     dgu[ui] = (float)(d * gv * s);
     dgu[gi] = (float)(d * gu_at(gu, ui) * s * (1.0 + gv * (1.0 - s)));
   }
@@ -160,6 +160,10 @@ KERNEL void swiglu_bwd_f32(const float* dh, const float* gu, float* dgu, i64 row
   swiglu_bwd_body(dh, gu, dgu, rows, inter);
 }
 KERNEL void swiglu_bwd_bf16(const float* dh, const u16* gu, float* dgu, i64 rows, int inter) {
+  swiglu_bwd_body(dh, gu, dgu, rows, inter);
+}
+// dh in BF16 too (the down projection's Dgrad stored as BF16).
+KERNEL void swiglu_bwd_bf16_dh16(const u16* dh, const u16* gu, float* dgu, i64 rows, int inter) {
   swiglu_bwd_body(dh, gu, dgu, rows, inter);
 }
 

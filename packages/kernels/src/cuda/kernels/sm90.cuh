@@ -15,6 +15,14 @@ struct __align__(64) CUtensorMap {
 
 __device__ __forceinline__ u32 sm90_smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 
+// Two values as one BF16 pair (lo in the low half) in one instruction: cvt.rn.bf16x2.f32 rounds to
+// nearest even and gives 0x7fff for NaN, as common.cuh's pack_bf16 does in software.
+__device__ __forceinline__ u32 sm90_pack_bf16(float lo, float hi) {
+  u32 r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
 __device__ __forceinline__ void mbar_init(u64* bar, u32 count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(sm90_smem_u32(bar)), "r"(count) : "memory");
 }

@@ -6,6 +6,9 @@
 # addon (packages/kernels/kernels.linux-x64-gnu.node, native.cjs) with the call.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
+# The addon embeds the CUDA sources: rebuild it when any changed (a no-op when its stamp is current),
+# or the GPU runs the kernels of the last build.
+(cd packages/kernels && node ../../scripts/build-native.mjs --required)
 mkdir -p .gpu-bundle
 bin=$(readlink -f "$(command -v bun)")
 if [ ! -f .gpu-bundle/bun.xz ] || [ "$(cat .gpu-bundle/bun.version 2>/dev/null)" != "$("$bin" --version)" ]; then

@@ -274,15 +274,23 @@ function denseRole(a: Tensor, b: Tensor, transA: boolean, transB: boolean): Dens
 /**
  * `auto`: where the sm90 kernels beat cuBLASLt's block-scaled FP8 at small's dense shapes, from
  * `bun run bench gemm --backend cuda` on the H200 (packages/kernels/notes/sm90-gemm.md, "Dense FP8
- * roles"): Fprop 1.1-1.75x and Dgrad 1.0-4.4x cuBLASLt's TFLOP/s at every shape; Wgrad split along K
- * (wgradSplit) at every shape.
+ * roles"): Fprop 1.2-2.0x and Dgrad 1.07-4.4x cuBLASLt's TFLOP/s at every shape, so always; the
+ * Wgrad split along K (wgradSplit) 1.0-1.32x at every shape but the ones listed in LT_WGRAD, where
+ * cuBLASLt measured faster.
  */
-/** What `auto` picks, in words (doctor). */
-const SM90_DENSE_AUTO = "Fprop, Dgrad and Wgrad (split along K)";
-
-export function sm90DenseChosen(_role: DenseRole, _M: number, _N: number, _K: number): boolean {
-  return true;
+export function sm90DenseChosen(role: DenseRole, M: number, N: number, _K: number): boolean {
+  return role !== "wgrad" || !LT_WGRAD.some(([m, n]) => m === M && n === N);
 }
+
+/**
+ * Wgrad outputs [M, N] (the weight's [out, in]) where cuBLASLt's FP8 Wgrad beat the split sm90 one:
+ * q_proj of small, 1536 x 1024 (305 against 276 TFLOP/s).
+ */
+const LT_WGRAD: readonly (readonly [number, number])[] = [[1536, 1024]];
+
+/** What `auto` picks, in words (doctor). */
+const SM90_DENSE_AUTO =
+  "Fprop, Dgrad, and Wgrad split along K (cuBLASLt for the Wgrads it measured faster at)";
 
 /**
  * A dense FP8 GEMM (Fprop x W^T, Dgrad dy W, Wgrad dy^T x) on the grouped kernels as one group of

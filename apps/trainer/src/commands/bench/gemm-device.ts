@@ -45,7 +45,8 @@ async function deviceMs(b: Backend, op: () => Tensor, reps = 10): Promise<number
     await b.scope(async () => {
       let y: Tensor | null = null;
       for (let i = 0; i < reps; i++) y = op();
-      await b.sum(y!).item();
+      // Wait for the batch through a one-row read (outputs may be stored as BF16).
+      await b.sum(b.cast(b.rows(y!, 0, 1), "f32")).item();
     });
   };
   await batch();

@@ -314,7 +314,12 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
           wgmma_wait<0>();
           promote_cols(acc[h], p, sa0, sa1, ss + BM + 128 * h + 2 * tq);
         }
-        __syncwarp();  // every lane has read the stage's scales
+        // Every lane's reads of the stage's scale vectors (generic proxy) ordered before the
+        // producer's next bulk copy into the stage (async proxy): the proxy fence, then the warp's
+        // arrival. (Without the fence compute-sanitizer's racecheck reports the reuse of a stage
+        // within one tile, once a tile has more chunks than the ring has stages.)
+        fence_async_smem();
+        __syncwarp();
         if (lane == 0) mbar_arrive(&empty[s]);
         if (++s == STAGES) s = 0, ph ^= 1;
       }

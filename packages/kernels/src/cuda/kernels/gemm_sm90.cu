@@ -46,7 +46,7 @@
 // padded by zero codes to whole 128-token chunks; chunk g of that layout is chunk g of
 // quant_coltile's scales ([chunks, cols]), so one chunk of A (dY^T, M rows) and B (X^T, N rows) has a
 // per-row scale vector on both sides: promotion is acc += p * sa[row] * sb[col], the two vectors
-// brought into shared memory with the codes (cp.async.bulk). The tiles are static (E x M/128 x N/BN,
+// staged in shared memory by each consumer warpgroup one chunk ahead (named barriers). The tiles are static (E x M/128 x N/BN,
 // expert-major), each with the K chunks of its expert; C is [E * M, N].
 
 #define SM90_MAX_E 256
@@ -59,8 +59,8 @@
 // Dynamic shared memory of each entry point (static_asserts below check them against sm90_smem_bytes).
 #define SM90_SMEM_128x256 216120
 #define SM90_SMEM_128x128 199752
-#define SM90_SMEM_WGRAD_128x256 220728
-#define SM90_SMEM_WGRAD_128x128 203848
+#define SM90_SMEM_WGRAD_128x256 221240
+#define SM90_SMEM_WGRAD_128x128 202824
 
 #include "sm90.cuh"
 
@@ -125,9 +125,10 @@ enum class Mainloop { OneBuffer, TwoBuffers };
 // and where the dynamic shared memory starts is the driver's choice: a tool such as compute-sanitizer
 // may move it), STAGES x (A tile BM x 128 bytes, B tile BN x 128 bytes), the C staging (per consumer
 // warpgroup one 64 x 128 f32 half-tile), the full/empty barriers, the offsets and the prefix sums of
-// m-tiles per expert; for Wgrad (rowScales) also each stage's scale vectors (BM + BN floats).
+// m-tiles per expert; for Wgrad (rowScales) also each consumer warpgroup's two chunk scale buffers
+// (its 64 rows and the tile's bn columns).
 __host__ __device__ constexpr int sm90_smem_bytes(int bn, int stages, bool rowScales) {
-  return 1024 + stages * (SM90_BM + bn) * 128 + 2 * 64 * 128 * 4 + (rowScales ? stages * (SM90_BM + bn) * 4 : 0) +
+  return 1024 + stages * (SM90_BM + bn) * 128 + 2 * 64 * 128 * 4 + (rowScales ? 2 * 2 * (64 + bn) * 4 : 0) +
          2 * stages * 8 + 2 * (SM90_MAX_E + 1) * 4;
 }
 
@@ -196,8 +197,10 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   static_assert(BN == 128 || BN == 256, "BN is 128 or 256");
   static_assert(LOOP == Mainloop::OneBuffer || BN == 128, "two accumulator sets fit the registers at BN = 128 only");
   static_assert(LOOP == Mainloop::OneBuffer || SEG == Segments::AlongM, "Wgrad runs the one-buffer mainloop");
-  // Wgrad's per-row scale vectors of a stage (A's BM, then B's BN), after the C staging.
-  constexpr int S_BYTES = SEG == Segments::AlongK ? (BM + BN) * 4 : 0;
+  // Wgrad: per consumer warpgroup two buffers of a chunk's scales (its 64 rows of A, then BN columns
+  // of B), after the C staging.
+  constexpr int S_FLOATS = 64 + BN;
+  constexpr int S_BYTES = SEG == Segments::AlongK ? NWG * 2 * S_FLOATS * 4 : 0;
   constexpr int C_BYTES = 64 * 128 * 4;  // staging per consumer warpgroup: 64 rows x 128 f32 columns
   extern __shared__ u8 sm90_dyn[];
   u8* base = sm90_dyn + ((1024 - (sm90_smem_u32(sm90_dyn) & 1023)) & 1023);
@@ -206,7 +209,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   u8* sB = base + STAGES * A_BYTES;
   u8* sC = sB + STAGES * B_BYTES;
   u8* sS = sC + NWG * C_BYTES;
-  u64* full = (u64*)(sS + STAGES * S_BYTES);
+  u64* full = (u64*)(sS + S_BYTES);
   u64* empty = full + STAGES;
   int* soff = (int*)(empty + STAGES);  // E + 1 offsets
   int* mpre = soff + SM90_MAX_E + 1;   // E + 1 prefix sums of m-tiles (of 128 rows: chunks along K)
@@ -258,15 +261,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
         const Sm90Tile T = sm90_tile<SEG, BN>(t, soff, mpre, E, M, N, KC);
         for (int kc = T.k0; kc < T.k0 + T.kc; kc++) {
           mbar_wait(&empty[s], ph ^ 1);
-          if constexpr (SEG == Segments::AlongK) {
-            // The chunk's scale vectors: A's rows aRow.. (columns of dY), B's rows n0.. (columns of X).
-            const int na = min(BM, M - T.aRow), nb = min(BN, N - T.n0);
-            mbar_expect_tx(&full[s], A_BYTES + B_BYTES + 4 * (na + nb));
-            bulk_load_1d(sS + s * S_BYTES, As + (i64)kc * M + T.aRow, 4 * na, &full[s]);
-            bulk_load_1d(sS + s * S_BYTES + 4 * BM, Bs + (i64)kc * N + T.n0, 4 * nb, &full[s]);
-          } else {
-            mbar_expect_tx(&full[s], A_BYTES + B_BYTES);
-          }
+          mbar_expect_tx(&full[s], A_BYTES + B_BYTES);
           tma_load_2d(sA + s * A_BYTES, tA, kc * 128, T.aRow, &full[s]);
           tma_load_2d(sB + s * B_BYTES, tB, kc * 128, T.bRow, &full[s]);
           if (++s == STAGES) s = 0, ph ^= 1;
@@ -282,7 +277,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   const int rloc = 64 * wg + wrow;
   const u32 aBase = sm90_smem_u32(sA + wg * 64 * 128), bBase = sm90_smem_u32(sB);
   const u32 csBase = sm90_smem_u32(sC);
-  int s = 0;
+  int s = 0, sc = 0;  // ring stage; Wgrad's scale buffer
   u32 ph = 0;
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
     const Sm90Tile T = sm90_tile<SEG, BN>(t, soff, mpre, E, M, N, KC);
@@ -303,24 +298,47 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
 #pragma unroll
       for (int i = 0; i < ACC; i++) acc[h][i] = 0.0f;
     if constexpr (SEG == Segments::AlongK) {
+      // The chunk's scales reach shared memory through the warpgroup itself: each thread loads its
+      // share from global memory (A's row aRow + 64 wg + tid, B's columns n0 + tid, + 128) one chunk
+      // ahead, stores it into the buffer the next chunk reads, and a named barrier of the
+      // warpgroup's 128 threads per chunk orders those stores before the reads and the reads of a
+      // buffer before its next stores (two chunks later: the chunk between has its barrier). The
+      // chunk counter `sc` runs on across tiles, so the buffers alternate at every chunk.
+      const int tid = threadIdx.x & 127;
+      const int ra = min(T.aRow + 64 * wg + tid, M - 1);
+      auto load = [&](int kc, float (&v)[1 + BN / 128]) {
+        const i64 g = T.k0 + kc;  // the chunk's row of As [chunks, M] and Bs [chunks, N]
+        v[0] = tid < 64 ? __ldg(As + g * M + ra) : 0.0f;
+#pragma unroll
+        for (int c = 0; c < BN / 128; c++) v[1 + c] = __ldg(Bs + g * N + min(n0 + tid + 128 * c, N - 1));
+      };
+      auto store = [&](const float (&v)[1 + BN / 128], float* buf) {
+        if (tid < 64) buf[tid] = v[0];
+#pragma unroll
+        for (int c = 0; c < BN / 128; c++) buf[64 + tid + 128 * c] = v[1 + c];
+      };
+      float* bufs = (float*)sS + wg * 2 * S_FLOATS;
+      float v[1 + BN / 128];
       float p[ACC];
+      if (T.kc > 0) {
+        load(0, v);
+        store(v, bufs + sc * S_FLOATS);
+      }
       for (int kc = 0; kc < T.kc; kc++) {
+        const float* buf = bufs + sc * S_FLOATS;
+        named_sync(3 + wg, 128);  // this chunk's scales stored; the other buffer's reads done
+        if (kc + 1 < T.kc) load(kc + 1, v);
         mbar_wait(&full[s], ph);
-        const float* ss = (const float*)(sS + s * S_BYTES);
-        const float sa0 = ss[rloc], sa1 = ss[rloc + 8];
+        const float sa0 = buf[wrow], sa1 = buf[wrow + 8];
 #pragma unroll
         for (int h = 0; h < NH; h++) {
           mma_chunk(p, aBase + s * A_BYTES, bBase + s * B_BYTES + h * 128 * 128);
           wgmma_wait<0>();
-          promote_cols(acc[h], p, sa0, sa1, ss + BM + 128 * h + 2 * tq);
+          if (h == NH - 1 && lane == 0) mbar_arrive(&empty[s]);
+          promote_cols(acc[h], p, sa0, sa1, buf + 64 + 128 * h + 2 * tq);
         }
-        // Every lane's reads of the stage's scale vectors (generic proxy) ordered before the
-        // producer's next bulk copy into the stage (async proxy): the proxy fence, then the warp's
-        // arrival. (Without the fence compute-sanitizer's racecheck reports the reuse of a stage
-        // within one tile, once a tile has more chunks than the ring has stages.)
-        fence_async_smem();
-        __syncwarp();
-        if (lane == 0) mbar_arrive(&empty[s]);
+        sc ^= 1;
+        if (kc + 1 < T.kc) store(v, bufs + sc * S_FLOATS);
         if (++s == STAGES) s = 0, ph ^= 1;
       }
     } else if constexpr (LOOP == Mainloop::OneBuffer) {

@@ -507,7 +507,7 @@ GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128, 128, 4, TwoBuffers)
 // Wgrad: dW[e] (+)= A_e B_e^T with A = dY^T [M, pitch] and B = X^T [N, pitch] as sm90_coltile_transpose
 // writes them (tensor maps: A u8 [M, pitch] box {128, 128}, B u8 [N, pitch] box {128, BN}, C f32
 // [E * M, N] box {32, 64}); As [chunks, M] and Bs [chunks, N] are quant_coltile's scales. Requires
-// M % 4 == 0 and N % 4 == 0 (16-byte scale vectors).
+// M % 16 == 0 and N % 16 == 0 (the transposes' 16-byte pieces).
 #define GEMM_SM90_WGRAD_ENTRY(NAME, BN, STAGES)                                                                  \
   KERNEL void __launch_bounds__(SM90_THREADS, 1)                                                                 \
       NAME(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,                       \

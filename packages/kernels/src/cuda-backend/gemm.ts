@@ -250,9 +250,7 @@ function gemmKernel(
     if (onSm90) return;
     if (out.dtype === "bf16") {
       // The sm90 kernel could not take it after all: f32 from the other kernels, then BF16.
-      viaF32(cx, out, (tmp) =>
-        gemmKernel(cx, a, b, tmp, { M, N, K }, { ...o, outBf16: true }, { ...grouping, zeroOutput: true }),
-      );
+      viaF32(cx, out, (tmp) => gemmKernel(cx, a, b, tmp, { M, N, K }, { ...o, outBf16: true }, grouping));
       return;
     }
     if (zeroOutput) cx.n.cudaMemset8(cx.buf(out), 0, 0, M * N * 4);

@@ -4,29 +4,21 @@
 # the Wgrads (2-D x 2-D with the offsets along K, output [E, M, N]). 64 experts, 98,304 rows
 # (16,384 tokens x top-6), balanced. One JSON line per role: ms (median of CUDA-event timings) and
 # TFLOP/s = 2 M N K / time. Run on the GPU: python3 packages/kernels/bench/torch_expert_roles.py
+import importlib.util
 import json
+import os
 
 import torch
+
+# The CUDA-event median timer of the attention harness (packages/kernels/bench/attn/bench.py).
+_spec = importlib.util.spec_from_file_location(
+    "attnbench", os.path.join(os.path.dirname(os.path.abspath(__file__)), "attn", "bench.py"))
+_attn = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_attn)
 
 E, R, D, I = 64, 98304, 1024, 256
 dev = "cuda"
 offs = torch.arange(1, E + 1, device=dev, dtype=torch.int32) * (R // E)
-
-
-def bench(fn, warm=3, reps=20):
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
 
 
 def rnd(*shape):
@@ -48,7 +40,7 @@ cases = [
 for gemm, role, fn, M, N, K in cases:
     try:
         out = fn()
-        t = bench(fn)
+        t = _attn.time_it(torch, fn, reps=20)
         print(json.dumps({"torch_grouped_bf16": gemm, "role": role, "shape": list(out.shape), "ms": round(t, 4),
                           "tflops": round(2 * M * N * K / t / 1e9, 1)}))
     except Exception as ex:  # a role this torch build's grouped GEMM does not take

@@ -276,9 +276,9 @@ function denseRole(a: Tensor, b: Tensor, transA: boolean, transB: boolean): Dens
  * `bun run bench gemm --backend cuda` on the H200 (packages/kernels/notes/sm90-gemm.md, "Dense FP8
  * roles"): Fprop 1.2-2.0x and Dgrad 1.07-4.4x cuBLASLt's TFLOP/s at every shape, so always; the
  * Wgrad split along K (wgradSplit) 1.0-1.32x at every shape but the ones listed in LT_WGRAD, where
- * cuBLASLt measured faster.
+ * cuBLASLt measured faster. M x N: the role's output.
  */
-export function sm90DenseChosen(role: DenseRole, M: number, N: number, _K: number): boolean {
+export function sm90DenseChosen(role: DenseRole, M: number, N: number): boolean {
   return role !== "wgrad" || !LT_WGRAD.some(([m, n]) => m === M && n === N);
 }
 
@@ -307,7 +307,7 @@ export function sm90Matmul(
 ): boolean {
   if (!cx.sm90Gemm || cx.sm90Dense === "none") return false;
   const role = denseRole(a, b, !!o.transA, !!o.transB);
-  if (!role || (cx.sm90Dense === "auto" && !sm90DenseChosen(role, M, N, K))) return false;
+  if (!role || (cx.sm90Dense === "auto" && !sm90DenseChosen(role, M, N))) return false;
   const promotion = o.promotion ?? 128;
   const [accumulate, outBf16] = [!!o.accumulate, !!o.outBf16];
   if (role === "wgrad")
@@ -360,7 +360,7 @@ export function sm90Matmul(
  * runs as one "expert" of the grouped Wgrad and the parts are summed after. About two tiles per SM
  * in all, at least 4 chunks per part.
  */
-export function wgradSplit(multiprocessors: number, rows: number, M: number, N: number): number {
+function wgradSplit(multiprocessors: number, rows: number, M: number, N: number): number {
   const tiles = cdiv(M, 128) * cdiv(N, N >= 256 ? 256 : 128);
   const chunks = cdiv(rows, 128);
   return Math.max(1, Math.min(Math.floor(chunks / 4), Math.round((2 * multiprocessors) / tiles)));

@@ -8,7 +8,9 @@
 #     against the reference (test/cuda-op-suite.test.ts)
 #   3 attn-bench: the attention kernels against PyTorch's SDPA (cuDNN, FlashAttention-2); bench gemm
 #     --shape experts: per-role TFLOP/s of the expert GEMMs, sm90 and mma.sync
-#   4 bench step small: fp8 with the sm90 GEMM, fp8 with MOE8_SM90_GEMM=0 (before), bf16
+#   4 bench step small: fp8 with the sm90 GEMM, fp8 with MOE8_SM90_KMAJOR=0 (kt: transposed column
+#     tiles), MOE8_SM90_WGRAD_BN=128 (wg128), MOE8_SM90_GEMM=0 (mma), bf16; bench-gemm-wg128: the
+#     experts' GEMMs with the 128 x 128 Wgrad
 #   5 compute-sanitizer on the sm90 kernels (both entry points, through the op suite's sm90 tests):
 #     racecheck and memcheck filtered to gemm_sm90, then to flash_sm90's fa3 kernels (racecheck-fa3,
 #     memcheck-fa3); memcheck of one whole tiny training step
@@ -80,6 +82,10 @@ step attn-bench 150 40 python3 packages/kernels/bench/attn/bench.py --out "$OUT"
 step bench-gemm 150 40 sh -c 'bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts --json > /tmp/gemm.json'
 cat /tmp/gemm.json >>"$LOG" 2>/dev/null
 json_of /tmp/gemm.json bench-gemm
+# The experts' Wgrad on the 128 x 128 two-buffer entry instead (MOE8_SM90_WGRAD_BN=128).
+step bench-gemm-wg128 150 40 sh -c 'MOE8_SM90_WGRAD_BN=128 bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts --json > /tmp/gemm-wg128.json'
+cat /tmp/gemm-wg128.json >>"$LOG" 2>/dev/null
+json_of /tmp/gemm-wg128.json bench-gemm-wg128
 # The dense shapes of small: BF16 (cuBLASLt) and FP8 on each Hopper path (cuBLASLt, sm90), per role.
 step bench-dense 150 40 sh -c 'bun apps/trainer/src/cli.ts bench gemm --backend cuda --json > /tmp/gemm-dense.json'
 cat /tmp/gemm-dense.json >>"$LOG" 2>/dev/null
@@ -89,11 +95,13 @@ step torch-roles 60 20 sh -c 'python3 packages/kernels/bench/torch_expert_roles.
 cat /tmp/torch-roles.txt >>"$LOG" 2>/dev/null
 json_of /tmp/torch-roles.txt torch-roles
 
-for v in sm90 mma fa2 bf16; do
+for v in sm90 kt wg128 mma fa2 bf16; do
   picked "step-$v" || continue
   case $v in
     sm90) env=(MOE8_SM90_GEMM=1) p=fp8 prof=--profile ;;
     mma) env=(MOE8_SM90_GEMM=0) p=fp8 prof=--profile ;;
+    kt) env=(MOE8_SM90_KMAJOR=0) p=fp8 prof=--profile ;;
+    wg128) env=(MOE8_SM90_WGRAD_BN=128) p=fp8 prof=--profile ;;
     fa2) env=(MOE8_SM90_ATTENTION=0) p=fp8 prof=--profile ;;
     bf16) env=() p=bf16 prof= ;;
   esac
@@ -211,7 +219,12 @@ for r in rows:
                   f"{x.get('fp8_cublaslt_tflops', '-')!s:>8} {x.get('fp8_sm90_tflops', '-')!s:>8} {x['bf16_tflops']:>8} "
                   f"{x['fp8_vs_bf16']:>8}")
 print()
-for v in ("sm90", "mma", "bf16"):
+for r in rows:
+    if r.get("tag") == "bench-gemm-wg128":
+        for x in r.get("rows", []):
+            if x["role"] == "wgrad":
+                print(f"wgrad 128x128 two buffers: {x['gemm'][:44]:<44} {x['fp8_tflops']:>8} TF/s")
+for v in ("sm90", "kt", "wg128", "mma", "bf16"):
     s = next((r for r in rows if r.get("tag") == f"step-{v}"), None)
     k = next((r for r in rows if r.get("tag") == f"kernels-{v}"), {})
     if s:

@@ -177,7 +177,13 @@ export class CudaBackend extends HostLifetimes implements Backend {
       for (let e = 0; e + 1 < off.length; e++) n += cdiv(off[e + 1] - off[e], 128) * seg.cols;
     }
     const out = hostArray(t.dtype, n);
-    this.cx.n.cudaDtoh(this.cx.buf(t), 0, u8view(out));
+    if (this.cx.kMajor.has(t)) {
+      const rowMajor = quant.rowMajorBuffer(this.cx, t);
+      this.cx.n.cudaDtoh(rowMajor, 0, u8view(out));
+      rowMajor.free();
+    } else {
+      this.cx.n.cudaDtoh(this.cx.buf(t), 0, u8view(out));
+    }
     return out;
   }
 

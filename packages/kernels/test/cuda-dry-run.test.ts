@@ -48,6 +48,14 @@ async function everyOp(b: Backend) {
   await b.read(bySegment.quant!.scales);
   b.requantize(b.quantize(x, { group: "tile" }), { group: "column-tile" });
   b.requantize(b.quantize(x, { group: "tile" }), { group: "block" });
+  // Column tiles (K-major on Hopper) read back, copied (row-major, without scales) and quantised
+  // again.
+  for (const seg of [undefined, segs]) {
+    const c = b.quantize(x, { group: "column-tile", segments: seg });
+    await b.read(c);
+    b.rows(b.copy(c), 3, 7);
+    for (const group of ["column-tile", "tile"] as const) b.requantize(c, { group });
+  }
   for (const precision of ["f32", "bf16"] as const)
     for (const [M, N, K] of [
       [128, 256, 128],
@@ -222,6 +230,7 @@ describe("cuda backend host code, without a GPU", () => {
     ["Hopper, MOE8_SM90_ATTENTION=0", { MOE8_SM90_ATTENTION: "0" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_DENSE=all", { MOE8_SM90_DENSE: "all" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_DENSE=none", { MOE8_SM90_DENSE: "none" }, "ok", "9.0", false],
+    ["Hopper, MOE8_SM90_KMAJOR=0", { MOE8_SM90_KMAJOR: "0" }, "ok", "9.0", false],
   ];
   /** sm90 GEMM launches per configuration: the dense FP8 GEMMs add to the experts' under `all`. */
   const sm90Launches = new Map<string, number>();
@@ -237,11 +246,18 @@ describe("cuda backend host code, without a GPU", () => {
       vi.unstubAllEnvs();
       expect(problems).toEqual([]);
       sm90Launches.set(name, log.slice(first).filter((l) => l.kernel.startsWith("gemm_sm90.")).length);
-      // Every sm90 kernel (Fprop/Dgrad and Wgrad entries, Wgrad's transpose) on a Hopper GPU with
-      // aligned buffers, none where turned off or on other GPUs.
+      // Every sm90 kernel (Fprop/Dgrad and Wgrad entries) on a Hopper GPU with aligned buffers, and
+      // Wgrad's transpose only where the quantisers do not write the K-major layout; none where
+      // turned off or on other GPUs.
       const sm90 = [...launchedNow].filter((k) => k.startsWith("gemm_sm90."));
+      const transposed = launchedNow.has("gemm_sm90.sm90_coltile_transpose");
       if (capability !== "9.0" || env.MOE8_SM90_GEMM) expect(sm90).toEqual([]);
-      else if (!misaligned) expect(sm90.length).toBe(5);
+      else if (!misaligned)
+        expect([sm90.length, transposed]).toEqual(env.MOE8_SM90_KMAJOR ? [5, true] : [4, false]);
+      // Column tiles read in row-major form (read, copy, the tiled GEMMs) only where stored K-major.
+      expect(launchedNow.has("quant.coltile_kmajor_rows")).toBe(
+        capability === "9.0" && !env.MOE8_SM90_GEMM && !env.MOE8_SM90_KMAJOR,
+      );
       // The Hopper attention kernels (forward, dq, dk/dv for each head shape of flash_sm90.cu).
       const fa3 = [...launchedNow].filter((k) => k.startsWith("flash_sm90."));
       const fa3Entries = Object.keys(KERNELS.flash_sm90).length;
@@ -261,6 +277,26 @@ describe("cuda backend host code, without a GPU", () => {
     vi.stubEnv("MOE8_SM90_DENSE", "some");
     expect(() => new CudaBackend()).toThrow(/MOE8_SM90_DENSE="some": expected auto, all or none/);
     vi.unstubAllEnvs();
+  });
+
+  it("column tiles stored K-major on Hopper: the kernels that write them say so, writing into them is refused", () => {
+    config.computeCapability = "9.0";
+    config.misalign = false;
+    const b = new CudaBackend() as Backend;
+    const x = b.upload(seq(300 * 64), [300, 64]);
+    const first = log.length;
+    const c = b.quantize(x, { group: "column-tile" });
+    const [quant] = log.slice(first).filter((l) => l.kernel === "quant.quant_coltile");
+    // kpitch, quant_coltile's last parameter: three 128-token chunks.
+    expect(quant.args.getBigInt64(10 * 8, true)).toBe(384n);
+    expect(() => b.write(c, new Uint8Array(300 * 64))).toThrow(/stored K-major/);
+    // e5m2 (the sm90 Wgrad takes E4M3 only) and a width the 16-byte chunks cannot hold stay row-major.
+    b.write(b.quantize(x, { group: "column-tile", format: "e5m2" }), new Uint8Array(300 * 64));
+    b.write(
+      b.quantize(b.upload(seq(300 * 24), [300, 24]), { group: "column-tile" }),
+      new Uint8Array(300 * 24),
+    );
+    config.computeCapability = "8.9";
   });
 
   // The device tables of the multi-tensor ops, read back from the fake's uploads and walked as the

@@ -58,6 +58,23 @@ export class CudaContext {
    * Mutable so that `bench gemm` can time both paths in one run.
    */
   sm90Dense: Sm90DenseMode;
+  /**
+   * FP8 column-tile matrices stored K-major ([cols, pitch] chunks of 128 tokens: the Hopper Wgrad's
+   * operand layout, written so by the quantisers; quant.ts). Their storage is not the logical
+   * layout: `buf`/`p` refuse them, and a consumer either reads them as they are (`kMajorBuf`) or
+   * takes the row-major codes from quant.ts's `rowMajorCodes`.
+   */
+  readonly kMajor = new WeakMap<Tensor, { pitch: number }>();
+  /**
+   * Whether column-tile quantisations are written K-major (on sm_90 with the sm90 GEMMs, unless
+   * MOE8_SM90_KMAJOR=0; mutable so that `bench` and the tests can run both layouts on one backend).
+   */
+  kMajorColTiles: boolean;
+  /**
+   * The Wgrad's tile width on sm_90: 0 picks by N (gemm-sm90.ts), 128 or 256 force one entry
+   * (MOE8_SM90_WGRAD_BN; for measuring the two against each other).
+   */
+  readonly sm90WgradBn: 0 | 128 | 256;
   /** Device int32 offsets by (rows, part size): see segmentsOf. */
   private readonly segments = new Map<string, DeviceBuffer>();
 
@@ -80,6 +97,10 @@ export class CudaContext {
       groupedGemmPath(info.computeCapability).kernel === "sm90-wgmma";
     this.sm90Attention = this.useTensorCores && attentionPath(info.computeCapability).kernel === "sm90-wgmma";
     this.sm90Dense = sm90DenseMode(process.env.MOE8_SM90_DENSE);
+    this.kMajorColTiles = this.sm90Gemm && process.env.MOE8_SM90_KMAJOR !== "0";
+    const bn = process.env.MOE8_SM90_WGRAD_BN ?? "";
+    if (!["", "128", "256"].includes(bn)) throw new Error(`MOE8_SM90_WGRAD_BN="${bn}": expected 128 or 256`);
+    this.sm90WgradBn = bn === "" ? 0 : (Number(bn) as 128 | 256);
   }
 
   /**
@@ -109,7 +130,29 @@ export class CudaContext {
     return this.register(new Tensor(this.backend, shape, dtype, buf, quant));
   }
 
+  /** A new FP8 column-tile matrix [rows, cols] stored K-major as [cols, pitch] (see kMajor). */
+  makeKMajor(rows: number, cols: number, pitch: number, quant: NonNullable<Tensor["quant"]>): Tensor {
+    const t = new Tensor(
+      this.backend,
+      [rows, cols],
+      quant.format,
+      new this.n.DeviceBuffer(cols * pitch),
+      quant,
+    );
+    this.kMajor.set(t, { pitch });
+    return this.register(t);
+  }
+
   buf(t: Tensor): DeviceBuffer {
+    if (this.kMajor.has(t))
+      throw new Error(
+        `${t} is stored K-major (the sm90 Wgrad's layout): read its codes through rowMajorCodes`,
+      );
+    return this.kMajorBuf(t);
+  }
+
+  /** A tensor's storage whatever its layout (for the consumers that know the K-major one). */
+  kMajorBuf(t: Tensor): DeviceBuffer {
     if (t.disposed || t.storage == null) throw new Error(`use of a disposed tensor ${t}`);
     return t.storage as DeviceBuffer;
   }

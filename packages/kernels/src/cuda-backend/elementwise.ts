@@ -2,6 +2,7 @@
 // modules use: BF16 copies for kernels that read BF16, f32 copies for those that read f32.
 import { BYTES_PER_ELEMENT, rowSpan, sameShape, type Tensor } from "@moe8/tensor";
 import { type CudaContext, cdiv, KERNELS, type Operand, u8view } from "./context.ts";
+import { rowMajorBuffer } from "./quant.ts";
 
 export function add(cx: CudaContext, a: Tensor, b: Tensor): Tensor {
   sameShape(a, b, "add");
@@ -54,9 +55,12 @@ export function fill(cx: CudaContext, t: Tensor, value: number): void {
   }
 }
 
+/** The codes without their scales (rows() refuses quantised tensors); K-major ones row-major. */
 export function copy(cx: CudaContext, t: Tensor): Tensor {
   const out = cx.make(t.shape, t.dtype);
-  cx.n.cudaDtod(cx.buf(out), 0, cx.buf(t), 0, t.size * BYTES_PER_ELEMENT[t.dtype]);
+  const src = cx.kMajor.has(t) ? rowMajorBuffer(cx, t) : null;
+  cx.n.cudaDtod(cx.buf(out), 0, src ?? cx.buf(t), 0, t.size * BYTES_PER_ELEMENT[t.dtype]);
+  src?.free();
   return out;
 }
 

@@ -126,17 +126,16 @@ export function matmulLt(
     tmps.push(t);
     return t.ptr;
   };
-  let aPtr = cx.p(a);
-  let bPtr = cx.p(b);
+  // Column tiles along the tokens (Wgrad): codes [K, M] and [K, N] wanted as [M, K] and [N, K];
+  // stored K-major (CudaContext.kMajor: [cols, pitch], pitch = K as K % 128 == 0) they are already,
+  // else transposed. Their scales [K/128][M] and [K/128][N] are the layout cuBLASLt reads for VEC128.
+  const tokensAsK = (t: Tensor, cols: number) =>
+    cx.kMajor.has(t) ? cx.kMajorBuf(t).ptr : transposeCodes(cx, cx.p(t), K, cols, scratch(cols * K));
+  const aPtr = form === "wgrad" ? tokensAsK(a, M) : cx.p(a);
+  let bPtr = form === "wgrad" ? tokensAsK(b, N) : cx.p(b);
   let aScale = cx.p(qa.scales);
   let bScale = cx.p(qb.scales);
   if (form === "dgrad") bPtr = transposeCodes(cx, bPtr, K, N, scratch(K * N));
-  if (form === "wgrad") {
-    // Column tiles along the tokens: codes [K, M] and [K, N] to [M, K] and [N, K]; their scales
-    // [K/128][M] and [K/128][N] are already the layout cuBLASLt reads for VEC128.
-    aPtr = transposeCodes(cx, aPtr, K, M, scratch(M * K));
-    bPtr = transposeCodes(cx, bPtr, K, N, scratch(N * K));
-  }
   if (form === "fprop" || form === "dgrad") {
     // cuBLASLt reads 128x128 weight scales [N/128][K/128] with each row padded to a multiple of 4
     // (unpadded, every block row after the first read the wrong scales on the H200).

@@ -8,6 +8,7 @@
 // differ from the reference's exact chunked sums by ~2.5e-4 relative (packages/kernels/notes/sm90-gemm.md).
 import type { Fp8Format, QuantGroup } from "@moe8/fp8-core";
 import type { MatmulOptions, Tensor } from "@moe8/tensor";
+import type { DeviceBuffer } from "../../native.d.cts";
 import { DEFINES, KERNELS } from "../cuda/kernels.generated.ts";
 import { type CudaContext, cdiv } from "./context.ts";
 import { transposedWeight } from "./quant.ts";
@@ -177,15 +178,16 @@ export function sm90WgradRefusal(cx: CudaContext, o: Sm90WgradOperands): string 
   if (o.E < 1 || o.E > SM90.SM90_MAX_E) return `E outside 1..${SM90.SM90_MAX_E}`;
   if (cdiv(o.a.rows, 128) + o.E > DEFINES.common.GRID_YZ_MAX) return "too many 128-row chunks";
   // 16-byte loads of the codes, bulk copies of the scale vectors, TMA stores of C.
-  if ([o.a, o.b, qa.scales, qb.scales].some((t) => cx.p(t) % 16 !== 0) || o.out % 16 !== 0)
+  const ptr = (t: Tensor) => cx.kMajorBuf(t).ptr; // either layout
+  if ([o.a, o.b, qa.scales, qb.scales].some((t) => ptr(t) % 16 !== 0) || o.out % 16 !== 0)
     return "an operand is not 16-byte aligned";
   return null;
 }
 
 /**
- * Enqueues the experts' Wgrad with gemm_sm90.cu when the GPU and the operands allow it: both
- * operands transposed into K-major chunks (sm90_coltile_transpose), then the wgmma kernel; returns
- * false (nothing enqueued) otherwise.
+ * Enqueues the experts' Wgrad with gemm_sm90.cu when the GPU and the operands allow it: operands the
+ * quantisers stored K-major (CudaContext.kMajor) as they are, others first transposed into K-major
+ * chunks (sm90_coltile_transpose), then the wgmma kernel; returns false (nothing enqueued) otherwise.
  */
 export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
   if (!cx.sm90Gemm || sm90WgradRefusal(cx, o) !== null) return false;
@@ -193,37 +195,46 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
   const rows = o.a.rows;
   // Each expert's rows padded to whole chunks: at most ceil(rows / 128) + E chunks in all.
   const chunks = cdiv(rows, 128) + E;
-  const pitch = chunks * 128;
-  const at = cx.scratch(M * pitch);
-  const bt = cx.scratch(N * pitch);
   const off = typeof o.offsets === "number" ? o.offsets : cx.p(o.offsets);
-  const transpose = (t: Tensor, out: number, cols: number) =>
+  const scratch: DeviceBuffer[] = [];
+  /** An operand's K-major codes and their pitch: as stored, or transposed into scratch. */
+  const kMajor = (t: Tensor, cols: number): { ptr: number; pitch: number } | null => {
+    const km = cx.kMajor.get(t);
+    if (km) return { ptr: cx.kMajorBuf(t).ptr, pitch: km.pitch };
+    const pitch = chunks * 128;
+    const out = cx.scratch(cols * pitch);
+    scratch.push(out);
+    if (out.ptr % 16 !== 0) return null;
     cx.launch(KERNELS.gemm_sm90.sm90_coltile_transpose, [cdiv(cols, SM90.SM90_TP_COLS), chunks], 256, {
       q: cx.p(t),
-      out,
+      out: out.ptr,
       off,
       E,
       rows,
       cols,
       pitch,
     });
+    return { ptr: out.ptr, pitch };
+  };
   try {
-    if (at.ptr % 16 !== 0 || bt.ptr % 16 !== 0) return false;
-    const wide = N >= 256;
+    // 128 x 256 tiles (one buffer) for N >= 256, else 128 x 128 (two buffers); MOE8_SM90_WGRAD_BN.
+    const wide = cx.sm90WgradBn ? cx.sm90WgradBn === 256 : N >= 256;
     const bn = wide ? 256 : 128;
     const map = cx.n.cudaTensorMap2D;
     let maps: { tA: Uint8Array; tB: Uint8Array; tC: Uint8Array };
     try {
+      // (A refusal after a transpose was enqueued leaves nothing wrong: it wrote only scratch.)
+      const tC = map(o.out, "f32", N, E * M, 32, 64);
+      const [at, bt] = [kMajor(o.a, M), kMajor(o.b, N)];
+      if (!at || !bt) return false;
       maps = {
-        tA: map(at.ptr, "u8", pitch, M, 128, SM90.SM90_BM),
-        tB: map(bt.ptr, "u8", pitch, N, 128, bn),
-        tC: map(o.out, "f32", N, E * M, 32, 64),
+        tA: map(at.ptr, "u8", at.pitch, M, 128, SM90.SM90_BM),
+        tB: map(bt.ptr, "u8", bt.pitch, N, 128, bn),
+        tC,
       };
     } catch {
       return false; // the driver refused a map: the mma.sync kernel takes it (see sm90Grouped)
     }
-    transpose(o.a, at.ptr, M);
-    transpose(o.b, bt.ptr, N);
     cx.launch(
       wide ? KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256 : KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x128,
       [cx.multiprocessors],
@@ -244,8 +255,7 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
     );
     return true;
   } finally {
-    at.free();
-    bt.free();
+    for (const b of scratch) b.free();
   }
 }
 

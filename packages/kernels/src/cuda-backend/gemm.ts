@@ -17,7 +17,7 @@ import { type CudaContext, cdiv, KERNELS } from "./context.ts";
 import { bf16Operand, f32Operand, lowpInput } from "./elementwise.ts";
 import { matmulLt } from "./gemm-lt.ts";
 import { sm90Grouped, sm90Matmul, sm90Wgrad } from "./gemm-sm90.ts";
-import { FMT, GROUP, transposedWeight } from "./quant.ts";
+import { FMT, GROUP, rowMajorCodes, transposedWeight } from "./quant.ts";
 
 const { GEMM_PLAIN, GEMM_SEGMENT_M, GEMM_SEGMENT_K } = DEFINES.common;
 
@@ -208,9 +208,12 @@ function gemmKernel(
     if (!(Number.isInteger(promotion) && promotion > 0))
       throw new Error(`scaledMatmul: promotion must be a positive integer (got ${promotion})`);
     const mma = cx.useTensorCores && promotion === 128;
-    let bPtr = cx.p(b);
+    // Column tiles stored K-major for the sm90 Wgrad reach these kernels in their row-major form.
+    const [ac, bc] = [rowMajorCodes(cx, a), rowMajorCodes(cx, b)];
+    const aPtr = ac.ptr;
+    let bPtr = bc.ptr;
     let bScales = cx.p(qb.scales);
-    const tmps: { free: () => void }[] = [];
+    const tmps: { free: () => void }[] = [ac, bc];
     if (mma && mode === GEMM_SEGMENT_M && aKcols && !bKcols && qb.group === "block" && K % 16 === 0) {
       // Dgrad of the experts: transpose each expert's FP8 weight (codes and block scales, exact)
       // so that both operands are K-contiguous for the TN kernel.
@@ -227,7 +230,7 @@ function gemmKernel(
       tn &&
       mode === GEMM_SEGMENT_M &&
       sm90Grouped(cx, {
-        a: cx.p(a),
+        a: aPtr,
         aScales: cx.p(qa.scales),
         aFormat: qa.format,
         aGroup: qa.group,
@@ -254,10 +257,10 @@ function gemmKernel(
       return;
     }
     if (zeroOutput) cx.n.cudaMemset8(cx.buf(out), 0, 0, M * N * 4);
-    if (mma && (tn || tt) && cx.p(a) % 16 === 0 && bPtr % 16 === 0) {
+    if (mma && (tn || tt) && aPtr % 16 === 0 && bPtr % 16 === 0) {
       const layout = tn ? "tn" : "tt";
       cx.launch(KERNELS.gemm[`gemm_fp8_${layout}_${qa.format}_${qb.format}`], grid, 128, {
-        A: cx.p(a),
+        A: aPtr,
         As: cx.p(qa.scales),
         ga: GROUP[qa.group],
         B: bPtr,
@@ -268,7 +271,7 @@ function gemmKernel(
     } else {
       // Any layout: gemm_fp8_mma on tensor cores (promotion 128), gemm_fp8 for any promotion.
       const operands = {
-        A: cx.p(a),
+        A: aPtr,
         As: cx.p(qa.scales),
         ga: GROUP[qa.group],
         fa: FMT[qa.format],

@@ -11,8 +11,9 @@ import {
   scaleCount,
   type Tensor,
 } from "@moe8/tensor";
+import type { DeviceBuffer } from "../../native.d.cts";
 import { DEFINES } from "../cuda/kernels.generated.ts";
-import { type CudaContext, cdiv, KERNELS } from "./context.ts";
+import { type CudaContext, cdiv, KERNELS, type Operand } from "./context.ts";
 
 const C = DEFINES.common;
 
@@ -50,13 +51,73 @@ function quantOutput(cx: CudaContext, x: Tensor, opts: QuantizeOptions) {
     nScales = batch * scaleCount(opts.group, rows, cols);
   }
   const scales = cx.make([nScales], "f32");
-  const q = cx.make(x.shape, format, { group: opts.group, format, scales, segments: seg });
+  const quant = { group: opts.group, format, scales, segments: seg };
+  const pitch = kMajorPitch(cx, opts.group, format, batch, rows, cols, seg);
+  const q = pitch ? cx.makeKMajor(rows, cols, pitch, quant) : cx.make(x.shape, format, quant);
   if (seg) {
     cx.segScales.set(scales, { segments: seg, cols });
     cx.n.cudaMemset8(cx.buf(scales), 0, 0, nScales * 4);
-    cx.n.cudaMemset8(cx.buf(q), 0, 0, q.size);
+    // Rows outside every segment read as zero codes (the K-major layout has no such rows).
+    if (!pitch) cx.n.cudaMemset8(cx.buf(q), 0, 0, q.size);
   }
   return { q, batch, rows, cols, fmt, mode, eps };
+}
+
+/**
+ * The chunk pitch when a column-tile quantisation is stored K-major ([cols, pitch]: each column's
+ * 128-token chunks contiguous, each segment's tokens padded to whole chunks, as gemm_sm90.cu's Wgrad
+ * loads them with TMA; no transpose before it), or 0 for the logical row-major layout. K-major only
+ * on sm_90 with the sm90 GEMMs (CudaContext.kMajorColTiles) and for what that Wgrad takes: one E4M3
+ * matrix, cols % 16 == 0, at most SM90_MAX_E segments.
+ */
+function kMajorPitch(
+  cx: CudaContext,
+  group: QuantGroup,
+  format: Fp8Format,
+  batch: number,
+  rows: number,
+  cols: number,
+  seg: Tensor | undefined,
+): number {
+  if (!cx.kMajorColTiles || group !== "column-tile" || format !== "e4m3" || batch !== 1) return 0;
+  const E = seg ? seg.size - 1 : 0;
+  if (rows === 0 || cols === 0 || cols % 16 !== 0 || E > DEFINES.gemm_sm90.SM90_MAX_E) return 0;
+  return (cdiv(rows, 128) + E) * 128;
+}
+
+/**
+ * The row-major codes [rows, cols] of a K-major column-tile matrix, in scratch the caller frees
+ * (coltile_kmajor_rows; rows outside every segment zero).
+ */
+export function rowMajorBuffer(cx: CudaContext, t: Tensor): DeviceBuffer {
+  const km = cx.kMajor.get(t);
+  if (!km) throw new Error(`rowMajorBuffer: ${t} is not stored K-major`);
+  const out = cx.scratch(t.size);
+  const seg = t.quant!.segments;
+  if (seg) cx.n.cudaMemset8(out, 0, 0, t.size);
+  const d = colTileTarget(cx, t, 1);
+  if (d)
+    cx.launch(KERNELS.quant.coltile_kmajor_rows, d.grid, 256, {
+      kq: d.q,
+      q: out.ptr,
+      seg: d.seg,
+      nseg: d.nseg,
+      rows: d.rows,
+      cols: d.cols,
+      kpitch: km.pitch,
+    });
+  return out;
+}
+
+/**
+ * An FP8 tensor's codes in its logical (row-major) layout: its own storage, or for a K-major
+ * column-tile matrix a converted copy (the consumers other than the sm90 Wgrad: the tiled GEMMs,
+ * dequantize, fp8Flow, requantize, read). free() after the launches that read it.
+ */
+export function rowMajorCodes(cx: CudaContext, t: Tensor): Operand {
+  if (!cx.kMajor.has(t)) return { ptr: cx.p(t), free: () => {} };
+  const b = rowMajorBuffer(cx, t);
+  return { ptr: b.ptr, free: () => b.free() };
 }
 
 export function quantize(cx: CudaContext, x: Tensor, opts: QuantizeOptions): Tensor {
@@ -66,7 +127,7 @@ export function quantize(cx: CudaContext, x: Tensor, opts: QuantizeOptions): Ten
   const scales = q.quant!.scales;
   const R = batch * rows;
   const sp = cx.p(scales);
-  const qp = cx.p(q);
+  const qp = opts.group === "column-tile" ? 0 : cx.p(q); // column tiles: colTileTarget's pointer
   switch (opts.group) {
     case "tile":
     case "row": {
@@ -125,6 +186,7 @@ export function quantize(cx: CudaContext, x: Tensor, opts: QuantizeOptions): Ten
           fmt,
           mode,
           eps,
+          kpitch: d.kpitch,
         });
       break;
     }
@@ -166,7 +228,17 @@ function colTileTarget(cx: CudaContext, q: Tensor, batch: number) {
   const grid: [number, number, number] = seg
     ? [cdiv(cols, ct), cdiv(batch * rows, 128) + pieces, 1]
     : [cdiv(cols, ct), cdiv(rows, 128), pieces];
-  return { grid, q: cx.p(q), scales: cx.p(q.quant!.scales), seg: segp, nseg: pieces, rows, cols };
+  const kpitch = cx.kMajor.get(q)?.pitch ?? 0;
+  return {
+    grid,
+    q: cx.kMajorBuf(q).ptr,
+    scales: cx.p(q.quant!.scales),
+    seg: segp,
+    nseg: pieces,
+    rows,
+    cols,
+    kpitch,
+  };
 }
 
 /**
@@ -181,9 +253,10 @@ export function requantize(cx: CudaContext, q: Tensor, opts: QuantizeOptions): T
   const { q: out, fmt, mode, eps } = quantOutput(cx, q, opts);
   const src = q.quant;
   const d = colTileTarget(cx, out, 1);
+  const xq = rowMajorCodes(cx, q);
   if (d)
     cx.launch(KERNELS.quant.requant_coltile, d.grid, 256, {
-      xq: cx.p(q),
+      xq: xq.ptr,
       xs: cx.p(src.scales),
       xgroup: GROUP[src.group],
       xfmt: FMT[src.format],
@@ -196,7 +269,9 @@ export function requantize(cx: CudaContext, q: Tensor, opts: QuantizeOptions): T
       fmt,
       mode,
       eps,
+      kpitch: d.kpitch,
     });
+  xq.free();
   return out;
 }
 
@@ -205,14 +280,16 @@ export function fp8Flow(cx: CudaContext, x: Tensor, q: Tensor): Tensor {
   const deq = cx.backend.dequantize(q);
   const out = cx.backend.zeros([2], "f32");
   const n = q.size;
+  const codes = rowMajorCodes(cx, q);
   cx.launch(KERNELS.quant.fp8_flow, cx.g1(n), 256, {
     x: cx.f32p(x, "fp8Flow"),
-    q: cx.p(q),
+    q: codes.ptr,
     deq: cx.p(deq),
     counts: cx.p(out),
     fmt: FMT[q.quant.format],
     n,
   });
+  codes.free();
   cx.release(deq);
   return out;
 }
@@ -223,8 +300,9 @@ export function dequantize(cx: CudaContext, q: Tensor): Tensor {
   const out = cx.make(q.shape, "f32");
   const seg = q.quant.segments;
   // One block per row, at most 65535 blocks (the kernel strides over the rest).
+  const codes = rowMajorCodes(cx, q);
   cx.launch(KERNELS.quant.dequant_rows, [Math.max(1, Math.min(batch * rows, 65535))], 256, {
-    q: cx.p(q),
+    q: codes.ptr,
     scales: cx.p(q.quant.scales),
     out: cx.p(out),
     seg: seg ? cx.p(seg) : 0,
@@ -235,6 +313,7 @@ export function dequantize(cx: CudaContext, q: Tensor): Tensor {
     group: GROUP[q.quant.group],
     fmt: FMT[q.quant.format],
   });
+  codes.free();
   return out;
 }
 

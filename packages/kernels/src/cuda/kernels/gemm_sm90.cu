@@ -196,7 +196,6 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   constexpr int ACC = 64;       // f32 accumulators per thread per half (m64 x n128 over 128 threads)
   static_assert(BN == 128 || BN == 256, "BN is 128 or 256");
   static_assert(LOOP == Mainloop::OneBuffer || BN == 128, "two accumulator sets fit the registers at BN = 128 only");
-  static_assert(LOOP == Mainloop::OneBuffer || SEG == Segments::AlongM, "Wgrad runs the one-buffer mainloop");
   // Wgrad: per consumer warpgroup two buffers of a chunk's scales (its 64 rows of A, then BN columns
   // of B), after the C staging.
   constexpr int S_FLOATS = 64 + BN;
@@ -319,11 +318,63 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
       };
       float* bufs = (float*)sS + wg * 2 * S_FLOATS;
       float v[1 + BN / 128];
-      float p[ACC];
       if (T.kc > 0) {
         load(0, v);
         store(v, bufs + sc * S_FLOATS);
       }
+      if constexpr (LOOP == Mainloop::TwoBuffers) {
+        // Chunk kc + 1's wgmmas are issued before chunk kc is promoted (wait_group 1), so the
+        // promotion's multiplies overlap the tensor cores. pa holds chunk kc (from stage sta), pb
+        // receives chunk kc + 1 (stage stb); the scale buffers work as in the one-buffer loop.
+        // The loop has no branch around a wgmma (ptxas serialises wgmmas in a path it cannot prove
+        // uniform): chunks in pairs, then the one or two left.
+        float p0[ACC], p1[ACC];
+        const int n = T.kc;
+        auto issue = [&](float (&p)[ACC]) {
+          const int st = s;
+          mbar_wait(&full[s], ph);
+          mma_chunk(p, aBase + s * A_BYTES, bBase + s * B_BYTES);
+          if (++s == STAGES) s = 0, ph ^= 1;
+          return st;
+        };
+        // Promotes chunk kc from p (stage st) once its wgmmas are done (`pending` groups may stay).
+        auto finish = [&](int kc, float (&p)[ACC], int st) {
+          if (lane == 0) mbar_arrive(&empty[st]);
+          const float* buf = bufs + sc * S_FLOATS;
+          promote_cols(acc[0], p, buf[wrow], buf[wrow + 8], buf + 64 + 2 * tq);
+          sc ^= 1;
+          if (kc + 1 < n) store(v, bufs + sc * S_FLOATS);
+        };
+        if (n > 0) {
+          int st0 = issue(p0), st1 = 0, kc = 0;
+          for (; kc + 2 < n; kc += 2) {
+            named_sync(3 + wg, 128);  // chunk kc's scales stored; the other buffer's reads done
+            load(kc + 1, v);
+            st1 = issue(p1);
+            wgmma_wait<1>();
+            finish(kc, p0, st0);
+            named_sync(3 + wg, 128);
+            load(kc + 2, v);
+            st0 = issue(p0);
+            wgmma_wait<1>();
+            finish(kc + 1, p1, st1);
+          }
+          named_sync(3 + wg, 128);
+          if (kc + 1 < n) {  // two chunks left: kc in p0, kc + 1 into p1
+            load(kc + 1, v);
+            st1 = issue(p1);
+            wgmma_wait<1>();
+            finish(kc, p0, st0);
+            named_sync(3 + wg, 128);
+            wgmma_wait<0>();
+            finish(kc + 1, p1, st1);
+          } else {  // one chunk left, in p0
+            wgmma_wait<0>();
+            finish(kc, p0, st0);
+          }
+        }
+      } else {
+      float p[ACC];
       for (int kc = 0; kc < T.kc; kc++) {
         const float* buf = bufs + sc * S_FLOATS;
         named_sync(3 + wg, 128);  // this chunk's scales stored; the other buffer's reads done
@@ -340,6 +391,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
         sc ^= 1;
         if (kc + 1 < T.kc) store(v, bufs + sc * S_FLOATS);
         if (++s == STAGES) s = 0, ph ^= 1;
+      }
       }
     } else if constexpr (LOOP == Mainloop::OneBuffer) {
       float p[ACC];
@@ -508,17 +560,18 @@ GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128, 128, 4, TwoBuffers)
 // writes them (tensor maps: A u8 [M, pitch] box {128, 128}, B u8 [N, pitch] box {128, BN}, C f32
 // [E * M, N] box {32, 64}); As [chunks, M] and Bs [chunks, N] are quant_coltile's scales. Requires
 // M % 16 == 0 and N % 16 == 0 (the transposes' 16-byte pieces).
-#define GEMM_SM90_WGRAD_ENTRY(NAME, BN, STAGES)                                                                  \
+#define GEMM_SM90_WGRAD_ENTRY(NAME, BN, STAGES, LOOP)                                                            \
   KERNEL void __launch_bounds__(SM90_THREADS, 1)                                                                 \
       NAME(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,                       \
            const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs, float* C, const int* off,    \
            int E, int M, int N, int accumulate, int outMode) {                                                   \
-    sm90_fp8_grouped<BN, STAGES, Mainloop::OneBuffer, Segments::AlongK>(&tA, &tB, &tC, As, Bs, C, off, E, M, N, \
-                                                                         0, accumulate, outMode, E * M);         \
+    sm90_fp8_grouped<BN, STAGES, Mainloop::LOOP, Segments::AlongK>(&tA, &tB, &tC, As, Bs, C, off, E, M, N, 0,   \
+                                                                    accumulate, outMode, E * M);                 \
   }
-// N >= 256 (X's columns: the hidden size for gate/up, the expert width for down in `small`).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256, 256, 3)
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x128, 128, 4)
+// 128 x 256 tiles: half the L2 traffic per FLOP of 128 x 128, promotion not overlapped (one buffer).
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256, 256, 3, OneBuffer)
+// 128 x 128 tiles: two accumulator sets, the promotion overlapped with the next chunk's wgmmas.
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x128, 128, 4, TwoBuffers)
 
 #define SM90_TP_COLS 64  // columns per block of sm90_coltile_transpose
 

@@ -184,9 +184,14 @@ struct Fp8Values {
 // Grid (ceil(cols/64), groups, pieces) without segments; with segments grid.y enumerates the row
 // groups of all segments in order (at most ceil(rows/128) + #segments of them) and grid.z is 1.
 #define CT_COLS 64
+//
+// kpitch > 0: q is stored K-major instead, as the Hopper Wgrad reads it (gemm_sm90.cu): [cols, kpitch],
+// the 128 codes of chunk g of column c at q[c * kpitch + g * 128], chunks numbered across the pieces
+// in order (the numbering of the scales), rows past a piece's end written as zero codes. Only for
+// one matrix (2-D); kpitch % 16 == 0.
 template <class Values>
 __device__ __forceinline__ void coltile(Values x, u8* q, float* scales, const int* seg, int nseg, int rows, int cols,
-                                        int fmt, int mode, float eps) {
+                                        int fmt, int mode, float eps, i64 kpitch) {
   __shared__ float v[128][CT_COLS + 1];
   __shared__ float part[4][CT_COLS];
   __shared__ QScale sc[CT_COLS];
@@ -243,6 +248,21 @@ __device__ __forceinline__ void coltile(Values x, u8* q, float* scales, const in
     if (c0 + tid < cols) scales[soff + (i64)rb * cols + c0 + tid] = sc[tid].scale;
   }
   __syncthreads();
+  if (kpitch > 0) {
+    // 64 columns x 8 pieces of 16 codes: lanes 8k..8k+7 write one column's 128 contiguous bytes.
+    const i64 chunk = soff / cols + rb;
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+      const int i = tid + j * 256, c = i >> 3, r = (i & 7) * 16;
+      if (c0 + c >= cols) continue;
+      u32 w[4] = {0, 0, 0, 0};
+#pragma unroll
+      for (int e = 0; e < 16; e++)
+        if (r + e < h) w[e >> 2] |= (u32)quant_value(v[r + e][c], sc[c], fmt, mode) << ((e & 3) * 8);
+      *(uint4*)(q + (i64)(c0 + c) * kpitch + chunk * 128 + r) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+    return;
+  }
 #pragma unroll
   for (int j = 0; j < 8; j++) {
     const int i = tid + j * 256, r = i >> 4, c = (i & 15) * 4;
@@ -262,16 +282,50 @@ __device__ __forceinline__ void coltile(Values x, u8* q, float* scales, const in
 }
 
 KERNEL void __launch_bounds__(256) quant_coltile(const float* x, u8* q, float* scales, const int* seg, int nseg,
-                                                 int rows, int cols, int fmt, int mode, float eps) {
-  coltile(F32Values{x}, q, scales, seg, nseg, rows, cols, fmt, mode, eps);
+                                                 int rows, int cols, int fmt, int mode, float eps, i64 kpitch) {
+  coltile(F32Values{x}, q, scales, seg, nseg, rows, cols, fmt, mode, eps, kpitch);
 }
 
 // Column tiles of a 2-D FP8 matrix (codes xq, scales xs in group xgroup, format xfmt): the
 // backward's Wgrad operand made from the forward's 1x128 FP8 cache in one pass.
 KERNEL void __launch_bounds__(256) requant_coltile(const u8* xq, const float* xs, int xgroup, int xfmt, u8* q,
                                                    float* scales, const int* seg, int nseg, int rows, int cols,
-                                                   int fmt, int mode, float eps) {
-  coltile(Fp8Values{xq, xs, xgroup, rows, xfmt}, q, scales, seg, nseg, rows, cols, fmt, mode, eps);
+                                                   int fmt, int mode, float eps, i64 kpitch) {
+  coltile(Fp8Values{xq, xs, xgroup, rows, xfmt}, q, scales, seg, nseg, rows, cols, fmt, mode, eps, kpitch);
+}
+
+// The row-major codes q [rows, cols] of a K-major column-tile matrix kq [cols, kpitch] (coltile's
+// kpitch layout): the form every consumer but the Hopper Wgrad reads. Same grid as quant_coltile
+// (one block per 64 columns of one 128-row group); rows outside every segment are left alone (the
+// caller clears q). kpitch % 16 == 0.
+KERNEL void __launch_bounds__(256) coltile_kmajor_rows(const u8* kq, u8* q, const int* seg, int nseg, int rows,
+                                                       int cols, i64 kpitch) {
+  __shared__ __align__(16) u8 t[CT_COLS][128 + 16];
+  int rb = blockIdx.y, p = blockIdx.z;
+  if (seg) {
+    for (p = 0; p < nseg; p++) {
+      const int groups = cdiv(seg[p + 1] - seg[p], 128);
+      if (rb < groups) break;
+      rb -= groups;
+    }
+    if (p >= nseg) return;
+  }
+  int r0, n;
+  i64 soff;
+  piece_of(seg, p, rows, cols, &r0, &n, &soff);
+  if (rb * 128 >= n) return;
+  const int a0 = r0 + rb * 128, h = min(128, n - rb * 128);
+  const int c0 = blockIdx.x * CT_COLS, tid = threadIdx.x;
+  const i64 chunk = soff / cols + rb;
+  for (int i = tid; i < CT_COLS * 8; i += 256) {
+    const int c = i >> 3, r = (i & 7) * 16;
+    if (c0 + c < cols) *(uint4*)&t[c][r] = *(const uint4*)(kq + (i64)(c0 + c) * kpitch + chunk * 128 + r);
+  }
+  __syncthreads();
+  for (int i = tid; i < 128 * CT_COLS; i += 256) {
+    const int r = i / CT_COLS, c = i % CT_COLS;
+    if (r < h && c0 + c < cols) q[(i64)(a0 + r) * cols + c0 + c] = t[c][r];
+  }
 }
 
 // Tensor-wise, stage 1: amax of each of `batch` matrices of n elements, as f32 bits (max of

@@ -9,8 +9,8 @@
 #   3 attn-bench: the attention kernels against PyTorch's SDPA (cuDNN, FlashAttention-2); bench gemm
 #     --shape experts: per-role TFLOP/s of the expert GEMMs, sm90 and mma.sync
 #   4 bench step small: fp8 with the sm90 GEMM, fp8 with MOE8_SM90_KMAJOR=0 (kt: transposed column
-#     tiles), MOE8_SM90_WGRAD_BN=128 (wg128), MOE8_SM90_GEMM=0 (mma), bf16; bench-gemm-wg128: the
-#     experts' GEMMs with the 128 x 128 Wgrad
+#     tiles), MOE8_SM90_BN=128 (bn128), MOE8_SM90_GEMM=0 (mma), bf16; bench-gemm-bn128: the
+#     experts' GEMMs on the 128 x 128 entries
 #   5 compute-sanitizer on the sm90 kernels (both entry points, through the op suite's sm90 tests):
 #     racecheck and memcheck filtered to gemm_sm90, then to flash_sm90's fa3 kernels (racecheck-fa3,
 #     memcheck-fa3); memcheck of one whole tiny training step
@@ -82,10 +82,10 @@ step attn-bench 150 40 python3 packages/kernels/bench/attn/bench.py --out "$OUT"
 step bench-gemm 150 40 sh -c 'bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts --json > /tmp/gemm.json'
 cat /tmp/gemm.json >>"$LOG" 2>/dev/null
 json_of /tmp/gemm.json bench-gemm
-# The experts' Wgrad on the 128 x 128 two-buffer entry instead (MOE8_SM90_WGRAD_BN=128).
-step bench-gemm-wg128 150 40 sh -c 'MOE8_SM90_WGRAD_BN=128 bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts --json > /tmp/gemm-wg128.json'
-cat /tmp/gemm-wg128.json >>"$LOG" 2>/dev/null
-json_of /tmp/gemm-wg128.json bench-gemm-wg128
+# The experts' GEMMs on the 128 x 128 entries instead (two buffers; deferred epilogues along M).
+step bench-gemm-bn128 150 40 sh -c 'MOE8_SM90_BN=128 MOE8_SM90_WGRAD_BN=128 bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts --json > /tmp/gemm-bn128.json'
+cat /tmp/gemm-bn128.json >>"$LOG" 2>/dev/null
+json_of /tmp/gemm-bn128.json bench-gemm-bn128
 # The dense shapes of small: BF16 (cuBLASLt) and FP8 on each Hopper path (cuBLASLt, sm90), per role.
 step bench-dense 150 40 sh -c 'bun apps/trainer/src/cli.ts bench gemm --backend cuda --json > /tmp/gemm-dense.json'
 cat /tmp/gemm-dense.json >>"$LOG" 2>/dev/null
@@ -95,13 +95,13 @@ step torch-roles 60 20 sh -c 'python3 packages/kernels/bench/torch_expert_roles.
 cat /tmp/torch-roles.txt >>"$LOG" 2>/dev/null
 json_of /tmp/torch-roles.txt torch-roles
 
-for v in sm90 kt wg128 mma fa2 bf16; do
+for v in sm90 kt bn128 mma fa2 bf16; do
   picked "step-$v" || continue
   case $v in
     sm90) env=(MOE8_SM90_GEMM=1) p=fp8 prof=--profile ;;
     mma) env=(MOE8_SM90_GEMM=0) p=fp8 prof=--profile ;;
     kt) env=(MOE8_SM90_KMAJOR=0) p=fp8 prof=--profile ;;
-    wg128) env=(MOE8_SM90_WGRAD_BN=128) p=fp8 prof=--profile ;;
+    bn128) env=(MOE8_SM90_BN=128) p=fp8 prof=--profile ;;
     fa2) env=(MOE8_SM90_ATTENTION=0) p=fp8 prof=--profile ;;
     bf16) env=() p=bf16 prof= ;;
   esac
@@ -121,6 +121,7 @@ print(json.dumps({"tag": "kernels-" + sys.argv[1], "expert_gemm_ms": ms(experts)
                   "busy_ms": round(sum(x["ms"] for x in k), 1),
                   "top": [[x["name"], round(x["ms"], 2)] for x in sorted(k, key=lambda x: -x["ms"])[:8]]}))
 PY
+  [ -f bench-profile-small-cuda-fp8.json ] && cp bench-profile-small-cuda-fp8.json "$OUT/profile-$v.json"
   rm -f bench-profile-small-cuda-fp8.json
 done
 
@@ -128,9 +129,16 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
   # The op suite's sm90 tests launch both entry points on groups of 0, 1, 127, 128, 129 rows.
   sm90_tests=(bun test --timeout 300000 -t "sm90 wgmma" packages/kernels/test/cuda-op-suite.test.ts)
   for tool in racecheck memcheck; do
-    step "$tool-sm90" 120 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool "$tool" --kernel-name kns=sm90 \
+    step "$tool-sm90" 180 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool "$tool" --kernel-name kns=sm90 \
       --error-exitcode 3 "${sm90_tests[@]}"
   done
+  # Nsight Compute on one launch of the experts' gate_up Dgrad (bench gemm's 66th sm90 Fprop/Dgrad
+  # launch: its Fprop takes 60): speed of light, memory, warp stalls.
+  if command -v ncu >/dev/null 2>&1; then
+    step ncu-dgrad 120 40 ncu --kernel-name regex:gemm_sm90_fp8_grouped --launch-skip 65 --launch-count 1 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
+      --section LaunchStats --section Occupancy bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts
+  fi
   # The Hopper attention kernels (flash_sm90.cu), through the op suite's tensor-core attention cases.
   attn_tests=(bun test --timeout 300000 -t "tensor-core head sizes" packages/kernels/test/cuda-op-suite.test.ts)
   for tool in racecheck memcheck; do
@@ -220,11 +228,10 @@ for r in rows:
                   f"{x['fp8_vs_bf16']:>8}")
 print()
 for r in rows:
-    if r.get("tag") == "bench-gemm-wg128":
+    if r.get("tag") == "bench-gemm-bn128":
         for x in r.get("rows", []):
-            if x["role"] == "wgrad":
-                print(f"wgrad 128x128 two buffers: {x['gemm'][:44]:<44} {x['fp8_tflops']:>8} TF/s")
-for v in ("sm90", "kt", "wg128", "mma", "bf16"):
+            print(f"128x128 entries: {x['gemm'][:44]:<44} {x['role']:<6} {x['fp8_tflops']:>8} TF/s")
+for v in ("sm90", "kt", "bn128", "mma", "bf16"):
     s = next((r for r in rows if r.get("tag") == f"step-{v}"), None)
     k = next((r for r in rows if r.get("tag") == f"kernels-{v}"), {})
     if s:

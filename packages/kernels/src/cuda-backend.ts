@@ -11,10 +11,12 @@
 // addon, the launch and the memory helpers. Launches are typed from the kernels' .cu declarations
 // (cuda-backend/launch.ts).
 //
-// Device layouts are the Tensor's logical layouts, with one exception: the scales of a column-tile
+// Device layouts are the Tensor's logical layouts, with two exceptions: the scales of a column-tile
 // quantisation with expert `segments` have a count that depends on the (device-resident) segment
 // sizes, so the scales tensor is allocated with the upper bound (ceil(rows/128) + E) * cols; its
-// first entries hold the reference's compact layout, and `read()` returns exactly those.
+// first entries hold the reference's compact layout, and `read()` returns exactly those. And on
+// sm_90 the codes of a column-tile quantisation are stored K-major for the Wgrad (quant.ts,
+// CudaContext.kMajor); `read()` and every other consumer see them row-major.
 import { UsageError } from "@moe8/fp8-core";
 import {
   type AdamWSlot,

@@ -231,6 +231,14 @@ describe("cuda backend host code, without a GPU", () => {
     ["Hopper, MOE8_SM90_DENSE=all", { MOE8_SM90_DENSE: "all" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_DENSE=none", { MOE8_SM90_DENSE: "none" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_KMAJOR=0", { MOE8_SM90_KMAJOR: "0" }, "ok", "9.0", false],
+    ["Hopper, MOE8_SM90_BN=256", { MOE8_SM90_BN: "256" }, "ok", "9.0", false],
+    [
+      "Hopper, 128-wide sm90 tiles on 3 CTAs",
+      { MOE8_SM90_BN: "128", MOE8_SM90_WGRAD_BN: "128", MOE8_SM90_CTAS: "3" },
+      "ok",
+      "9.0",
+      false,
+    ],
   ];
   /** sm90 GEMM launches per configuration: the dense FP8 GEMMs add to the experts' under `all`. */
   const sm90Launches = new Map<string, number>();
@@ -245,15 +253,30 @@ describe("cuda backend host code, without a GPU", () => {
       await everyOp(new CudaBackend() as Backend);
       vi.unstubAllEnvs();
       expect(problems).toEqual([]);
-      sm90Launches.set(name, log.slice(first).filter((l) => l.kernel.startsWith("gemm_sm90.")).length);
+      const sm90Log = log
+        .slice(first)
+        .filter((l) => l.kernel.startsWith("gemm_sm90.") && !l.kernel.includes("transpose"));
+      sm90Launches.set(name, sm90Log.length);
+      // The persistent kernels' grid: one CTA per SM (the fake reports 132), or MOE8_SM90_CTAS.
+      for (const l of sm90Log) expect(l.gx).toBe(env.MOE8_SM90_CTAS ? 3 : 132);
       // Every sm90 kernel (Fprop/Dgrad and Wgrad entries) on a Hopper GPU with aligned buffers, and
       // Wgrad's transpose only where the quantisers do not write the K-major layout; none where
       // turned off or on other GPUs.
       const sm90 = [...launchedNow].filter((k) => k.startsWith("gemm_sm90."));
       const transposed = launchedNow.has("gemm_sm90.sm90_coltile_transpose");
       if (capability !== "9.0" || env.MOE8_SM90_GEMM) expect(sm90).toEqual([]);
-      else if (!misaligned)
-        expect([sm90.length, transposed]).toEqual(env.MOE8_SM90_KMAJOR ? [5, true] : [4, false]);
+      else if (!misaligned) {
+        // Fprop/Dgrad: 128 x 128 unless MOE8_SM90_BN=256; Wgrad: by N (128 and 256 in everyOp)
+        // unless MOE8_SM90_WGRAD_BN forces one.
+        const wgrad = env.MOE8_SM90_WGRAD_BN ? [env.MOE8_SM90_WGRAD_BN] : ["128", "256"];
+        const want = [
+          `gemm_sm90.gemm_sm90_fp8_grouped_128x${env.MOE8_SM90_BN === "256" ? 256 : 128}`,
+          ...wgrad.map((w) => `gemm_sm90.gemm_sm90_fp8_wgrad_128x${w}`),
+          ...(env.MOE8_SM90_KMAJOR ? ["gemm_sm90.sm90_coltile_transpose"] : []),
+        ];
+        expect(sm90.sort()).toEqual(want.sort());
+        expect(transposed).toBe(!!env.MOE8_SM90_KMAJOR);
+      }
       // Column tiles read in row-major form (read, copy, the tiled GEMMs) only where stored K-major.
       expect(launchedNow.has("quant.coltile_kmajor_rows")).toBe(
         capability === "9.0" && !env.MOE8_SM90_GEMM && !env.MOE8_SM90_KMAJOR,
@@ -277,6 +300,15 @@ describe("cuda backend host code, without a GPU", () => {
     vi.stubEnv("MOE8_SM90_DENSE", "some");
     expect(() => new CudaBackend()).toThrow(/MOE8_SM90_DENSE="some": expected auto, all or none/);
     vi.unstubAllEnvs();
+    for (const [name, value, why] of [
+      ["MOE8_SM90_BN", "64", "expected 128 or 256"],
+      ["MOE8_SM90_WGRAD_BN", "wide", "expected 128 or 256"],
+      ["MOE8_SM90_CTAS", "0", "expected a positive integer"],
+    ]) {
+      vi.stubEnv(name, value);
+      expect(() => new CudaBackend()).toThrow(`${name}="${value}": ${why}`);
+      vi.unstubAllEnvs();
+    }
   });
 
   it("column tiles stored K-major on Hopper: the kernels that write them say so, writing into them is refused", () => {

@@ -132,11 +132,14 @@ async function readOutputs(b: Backend, run: (b: Backend) => Record<string, Tenso
  * A cuda backend with the sm90 grouped GEMM on or off (MOE8_SM90_GEMM is read at construction; set
  * directly rather than stubbed, as this file also runs under `bun test`).
  */
-/** A cuda backend with the sm90 GEMMs on or off, and column tiles K-major (default) or not. */
-function cudaWith(sm90: boolean, kMajor = true): CudaBackend {
-  const env = { MOE8_SM90_GEMM: sm90 ? "1" : "0", MOE8_SM90_KMAJOR: kMajor ? "1" : "0" };
-  const before = Object.fromEntries(Object.keys(env).map((k) => [k, process.env[k]]));
-  Object.assign(process.env, env);
+/**
+ * A cuda backend with the sm90 GEMMs on or off and the other settings of `env` (MOE8_SM90_KMAJOR,
+ * MOE8_SM90_BN, MOE8_SM90_CTAS, ...) for its construction.
+ */
+function cudaWith(sm90: boolean, env: Record<string, string> = {}): CudaBackend {
+  const all: Record<string, string> = { MOE8_SM90_GEMM: sm90 ? "1" : "0", ...env };
+  const before = Object.fromEntries(Object.keys(all).map((k) => [k, process.env[k]]));
+  Object.assign(process.env, all);
   try {
     return new CudaBackend();
   } finally {
@@ -264,19 +267,23 @@ if (status.ok) {
   describe("grouped FP8 GEMM paths (experts' Fprop, Dgrad and Wgrad)", () => {
     const seed = Number(process.env.MOE8_TEST_SEED ?? Date.now() % 1_000_000_007);
     const ref = new TsBackend();
-    // sm90: the Wgrad's column tiles written K-major by the quantisers, or transposed before it.
-    const paths = [
-      { sm90: false, kMajor: false, name: "mma.sync" },
+    // sm90: the Wgrad's column tiles written K-major by the quantisers (or transposed before it);
+    // Fprop and Dgrad on 128 x 128 tiles (or 128 x 256); one CTA per SM (or 3, each walking many
+    // tiles: the ring's phases, epilogues deferred across tiles).
+    const paths: { sm90: boolean; env: Record<string, string>; name: string }[] = [
+      { sm90: false, env: {}, name: "mma.sync" },
       ...(status.cc === "9.0"
         ? [
-            { sm90: true, kMajor: true, name: "sm90 wgmma" },
-            { sm90: true, kMajor: false, name: "sm90 wgmma, MOE8_SM90_KMAJOR=0" },
+            { sm90: true, env: {}, name: "sm90 wgmma" },
+            { sm90: true, env: { MOE8_SM90_KMAJOR: "0" }, name: "sm90 wgmma, MOE8_SM90_KMAJOR=0" },
+            { sm90: true, env: { MOE8_SM90_BN: "256" }, name: "sm90 wgmma, MOE8_SM90_BN=256" },
+            { sm90: true, env: { MOE8_SM90_CTAS: "3" }, name: "sm90 wgmma on 3 CTAs" },
           ]
         : []),
     ];
-    for (const { sm90, kMajor, name } of paths)
+    for (const { sm90, env, name } of paths)
       it(`${name} equals the reference within its tolerance (seed ${seed})`, async () => {
-        const be = cudaWith(sm90, kMajor);
+        const be = cudaWith(sm90, env);
         expect(be.groupedGemmKernel).toBe(sm90 ? "sm90-wgmma" : "mma.sync");
         const ran = new Set<string>();
         const worst = { f32Frobenius: 0, f32Largest: 0, bf16Largest: 0 };
@@ -313,80 +320,96 @@ if (status.ok) {
         // where the quantisers do not write K-major), or the mma.sync kernels only.
         const sm90Ran = [...ran].filter((k) => k.startsWith("gemm_sm90."));
         if (sm90)
-          expect(sm90Ran.sort(), [...ran].join(", ")).toEqual([
-            "gemm_sm90.gemm_sm90_fp8_grouped_128x128",
-            "gemm_sm90.gemm_sm90_fp8_grouped_128x256",
-            "gemm_sm90.gemm_sm90_fp8_wgrad_128x128",
-            "gemm_sm90.gemm_sm90_fp8_wgrad_128x256",
-            ...(kMajor ? [] : ["gemm_sm90.sm90_coltile_transpose"]),
-          ]);
+          expect(sm90Ran.sort(), [...ran].join(", ")).toEqual(
+            [
+              `gemm_sm90.gemm_sm90_fp8_grouped_128x${env.MOE8_SM90_BN ?? 128}`,
+              "gemm_sm90.gemm_sm90_fp8_wgrad_128x128",
+              "gemm_sm90.gemm_sm90_fp8_wgrad_128x256",
+              ...(env.MOE8_SM90_KMAJOR === "0" ? ["gemm_sm90.sm90_coltile_transpose"] : []),
+            ].sort(),
+          );
         else expect(sm90Ran, [...ran].join(", ")).toEqual([]);
       }, 300_000);
 
     // Dense FP8 GEMMs (Fprop, Dgrad, Wgrad of a Linear) on the same kernels as one group of all rows
     // (MOE8_SM90_DENSE=all), against the reference with the wgmma tolerance: M not a multiple of
     // 128, K not a multiple of 128 (Fprop) and N past the last full tile, every epilogue; Wgrad
-    // split along K and summed (sum_slices_f32).
-    it.skipIf(status.cc !== "9.0")(
-      `sm90 wgmma: dense FP8 roles as one group (seed ${seed})`,
-      async () => {
-        const be = cudaWith(true);
-        be.sm90Dense = "all";
-        const rng = new Rng(seed + 2);
-        // T = 1300 (11 chunks): Wgrad split along K into two parts (wgradSplit), the last partial.
-        const [T, out, inp] = [1300, 272, 400];
-        const x = rng.normals(T * inp);
-        const dy = rng.normals(T * out);
-        const w = rng.normals(out * inp, 0.05);
-        const c0 = rng.normals(Math.max(T * Math.max(out, inp), out * inp));
-        const run = (b: Backend): Record<string, Tensor> => {
-          const wq = b.quantize(b.upload(w, [out, inp]), { group: "block" });
-          const xq = b.quantize(b.upload(x, [T, inp]), { group: "tile" });
-          const dyq = b.quantize(b.upload(dy, [T, out]), { group: "tile" });
-          const xc = b.quantize(b.upload(x, [T, inp]), { group: "column-tile" });
-          const dyc = b.quantize(b.upload(dy, [T, out]), { group: "column-tile" });
-          const r: Record<string, Tensor> = {};
-          for (const outBf16 of [false, true]) {
-            const tag = outBf16 ? "bf16" : "f32";
-            const fp8 = { precision: "fp8", outBf16 } as const;
-            r[`fprop ${tag}`] = b.matmul(xq, wq, { ...fp8, transB: true });
-            r[`dgrad ${tag}`] = b.matmul(dyq, wq, fp8);
-            r[`wgrad ${tag}`] = b.matmul(dyc, xc, { ...fp8, transA: true });
-            const acc = b.upload(c0.subarray(0, out * inp), [out, inp]);
-            b.matmul(dyc, xc, { ...fp8, transA: true, accumulate: acc });
-            r[`wgrad ${tag} accumulate`] = acc;
-            const accD = b.upload(c0.subarray(0, T * inp), [T, inp]);
-            b.matmul(dyq, wq, { ...fp8, accumulate: accD });
-            r[`dgrad ${tag} accumulate`] = accD;
+    // split along K and summed (sum_slices_f32). Under `auto` with T a multiple of 128 the Wgrad is
+    // cuBLASLt's, reading the K-major column tiles as they are.
+    for (const [mode, T] of [
+      ["all", 1300],
+      ["auto", 1280],
+    ] as const)
+      it.skipIf(status.cc !== "9.0")(
+        `sm90 wgmma: dense FP8 roles as one group, MOE8_SM90_DENSE=${mode}, ${T} tokens (seed ${seed})`,
+        async () => {
+          const be = cudaWith(true);
+          be.sm90Dense = mode;
+          const rng = new Rng(seed + 2);
+          // T = 1300 (11 chunks): Wgrad split along K into two parts (wgradSplit), the last partial.
+          const [out, inp] = [272, 400];
+          const x = rng.normals(T * inp);
+          const dy = rng.normals(T * out);
+          const w = rng.normals(out * inp, 0.05);
+          const c0 = rng.normals(Math.max(T * Math.max(out, inp), out * inp));
+          const run = (b: Backend): Record<string, Tensor> => {
+            const wq = b.quantize(b.upload(w, [out, inp]), { group: "block" });
+            const xq = b.quantize(b.upload(x, [T, inp]), { group: "tile" });
+            const dyq = b.quantize(b.upload(dy, [T, out]), { group: "tile" });
+            const xc = b.quantize(b.upload(x, [T, inp]), { group: "column-tile" });
+            const dyc = b.quantize(b.upload(dy, [T, out]), { group: "column-tile" });
+            const r: Record<string, Tensor> = {};
+            for (const outBf16 of [false, true]) {
+              const tag = outBf16 ? "bf16" : "f32";
+              const fp8 = { precision: "fp8", outBf16 } as const;
+              r[`fprop ${tag}`] = b.matmul(xq, wq, { ...fp8, transB: true });
+              r[`dgrad ${tag}`] = b.matmul(dyq, wq, fp8);
+              r[`wgrad ${tag}`] = b.matmul(dyc, xc, { ...fp8, transA: true });
+              const acc = b.upload(c0.subarray(0, out * inp), [out, inp]);
+              b.matmul(dyc, xc, { ...fp8, transA: true, accumulate: acc });
+              r[`wgrad ${tag} accumulate`] = acc;
+              const accD = b.upload(c0.subarray(0, T * inp), [T, inp]);
+              b.matmul(dyq, wq, { ...fp8, accumulate: accD });
+              r[`dgrad ${tag} accumulate`] = accD;
+            }
+            return r;
+          };
+          const want = await readOutputs(ref, run);
+          let got: [string, Float32Array][] = [];
+          const t = await be.timeKernels(async () => {
+            got = await readOutputs(be, run);
+          });
+          for (let i = 0; i < want.length; i++) {
+            const [key, wv] = want[i];
+            const what = `dense ${key} (seed ${seed})`;
+            if (key.includes("bf16")) expect(relErr(got[i][1], wv), what).toBeLessThanOrEqual(1e-2);
+            else {
+              expect(normRel(got[i][1], wv), `${what}, Frobenius`).toBeLessThanOrEqual(1e-3);
+              expect(relErr(got[i][1], wv), `${what}, largest element`).toBeLessThanOrEqual(2e-3);
+            }
           }
-          return r;
-        };
-        const want = await readOutputs(ref, run);
-        let got: [string, Float32Array][] = [];
-        const t = await be.timeKernels(async () => {
-          got = await readOutputs(be, run);
-        });
-        for (let i = 0; i < want.length; i++) {
-          const [key, wv] = want[i];
-          const what = `dense ${key} (seed ${seed})`;
-          if (key.includes("bf16")) expect(relErr(got[i][1], wv), what).toBeLessThanOrEqual(1e-2);
-          else {
-            expect(normRel(got[i][1], wv), `${what}, Frobenius`).toBeLessThanOrEqual(1e-3);
-            expect(relErr(got[i][1], wv), `${what}, largest element`).toBeLessThanOrEqual(2e-3);
-          }
-        }
-        const ran = new Set(t.kernels.map((k) => k.name));
-        expect([...ran].sort()).toEqual(
-          expect.arrayContaining(["elementwise.sum_slices_f32", "gemm_sm90.gemm_sm90_fp8_wgrad_128x256"]),
-        );
-        expect(ran.has("gemm_sm90.sm90_coltile_transpose"), "column tiles written K-major").toBe(false);
-        expect(
-          [...ran].some((n) => n.includes("grouped")),
-          [...ran].join(", "),
-        ).toBe(true);
-      },
-      300_000,
-    );
+          const ran = new Set(t.kernels.map((k) => k.name));
+          const names = [...ran].join(", ");
+          if (mode === "all")
+            expect([...ran].sort()).toEqual(
+              expect.arrayContaining(["elementwise.sum_slices_f32", "gemm_sm90.gemm_sm90_fp8_wgrad_128x256"]),
+            );
+          else
+            expect(
+              [...ran].some((n) => n.startsWith("cublasLt.")),
+              names,
+            ).toBe(true);
+          // Column tiles written K-major: no transposes before either Wgrad, no conversion back (the
+          // Dgrad's weight transpose is transpose_u8_tiled too, so that one is not checked here).
+          for (const k of ["gemm_sm90.sm90_coltile_transpose", "quant.coltile_kmajor_rows"])
+            expect(ran.has(k), `${k} in ${names}`).toBe(false);
+          expect(
+            [...ran].some((n) => n.includes("grouped")),
+            [...ran].join(", "),
+          ).toBe(true);
+        },
+        300_000,
+      );
 
     it.skipIf(status.cc !== "9.0")("sm90 wgmma gives the same bits twice", async () => {
       const be = cudaWith(true);

@@ -23,6 +23,13 @@ export function u8view(a: HostArray): Uint8Array {
   return new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
 }
 
+/** A tile-width override from the environment: unset 0 (by shape), else 128 or 256. */
+function tileWidth(name: string): 0 | 128 | 256 {
+  const v = process.env[name] ?? "";
+  if (!["", "128", "256"].includes(v)) throw new Error(`${name}="${v}": expected 128 or 256`);
+  return v === "" ? 0 : (Number(v) as 128 | 256);
+}
+
 export class CudaContext {
   private readonly ids = new Map<KernelSignature, number>();
   private readonly args = new ArgEncoder();
@@ -71,9 +78,15 @@ export class CudaContext {
    */
   kMajorColTiles: boolean;
   /**
-   * The Wgrad's tile width on sm_90: 0 picks by N (gemm-sm90.ts), 128 or 256 force one entry
-   * (MOE8_SM90_WGRAD_BN; for measuring the two against each other).
+   * Tile widths of the sm90 kernels: 0 picks by shape (gemm-sm90.ts), 128 or 256 force one entry
+   * (MOE8_SM90_BN for Fprop and Dgrad, MOE8_SM90_WGRAD_BN for Wgrad; for measuring the two).
    */
+  readonly sm90Bn: 0 | 128 | 256;
+  /**
+   * CTAs of the persistent sm90 GEMMs: one per SM, or MOE8_SM90_CTAS (the tests use a few, so that
+   * every CTA walks several tiles: the ring's phases and the deferred epilogues across tiles).
+   */
+  readonly sm90Ctas: number;
   readonly sm90WgradBn: 0 | 128 | 256;
   /** Device int32 offsets by (rows, part size): see segmentsOf. */
   private readonly segments = new Map<string, DeviceBuffer>();
@@ -98,9 +111,12 @@ export class CudaContext {
     this.sm90Attention = this.useTensorCores && attentionPath(info.computeCapability).kernel === "sm90-wgmma";
     this.sm90Dense = sm90DenseMode(process.env.MOE8_SM90_DENSE);
     this.kMajorColTiles = this.sm90Gemm && process.env.MOE8_SM90_KMAJOR !== "0";
-    const bn = process.env.MOE8_SM90_WGRAD_BN ?? "";
-    if (!["", "128", "256"].includes(bn)) throw new Error(`MOE8_SM90_WGRAD_BN="${bn}": expected 128 or 256`);
-    this.sm90WgradBn = bn === "" ? 0 : (Number(bn) as 128 | 256);
+    this.sm90Bn = tileWidth("MOE8_SM90_BN");
+    const ctas = process.env.MOE8_SM90_CTAS ?? "";
+    if (ctas !== "" && !(Number.isInteger(Number(ctas)) && Number(ctas) >= 1))
+      throw new Error(`MOE8_SM90_CTAS="${ctas}": expected a positive integer`);
+    this.sm90Ctas = ctas === "" ? this.multiprocessors : Number(ctas);
+    this.sm90WgradBn = tileWidth("MOE8_SM90_WGRAD_BN");
   }
 
   /**

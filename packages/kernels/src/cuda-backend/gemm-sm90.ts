@@ -93,9 +93,11 @@ export function sm90Refusal(o: Sm90Operands): string | null {
  */
 export function sm90Grouped(cx: CudaContext, o: Sm90Operands): boolean {
   if (!cx.sm90Gemm || sm90Refusal(o) !== null) return false;
-  // 128 x 256 tiles when K is long enough to amortise them; 128 x 128 with two accumulator sets for
-  // short K (K = 256: two chunks per tile), as measured in notes/sm90-gemm.md.
-  const wide = o.K >= 512;
+  // 128 x 128 tiles with two accumulator sets and deferred epilogues (the next tile's first wgmmas
+  // run while this one is stored): at small's expert shapes as fast as 128 x 256 or faster (gate_up
+  // Fprop 689 against 622 TFLOP/s, down Dgrad 416 against 380; notes/sm90-gemm.md); MOE8_SM90_BN=256
+  // takes the 128 x 256 entry (one buffer, epilogue not deferred).
+  const wide = cx.sm90Bn === 256;
   const kernel = wide
     ? KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x256
     : KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x128;
@@ -115,7 +117,7 @@ export function sm90Grouped(cx: CudaContext, o: Sm90Operands): boolean {
   }
   cx.launch(
     kernel,
-    [cx.multiprocessors],
+    [cx.sm90Ctas],
     SM90.SM90_THREADS,
     {
       ...maps,
@@ -237,7 +239,7 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
     }
     cx.launch(
       wide ? KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256 : KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x128,
-      [cx.multiprocessors],
+      [cx.sm90Ctas],
       SM90.SM90_THREADS,
       {
         ...maps,
@@ -284,23 +286,26 @@ function denseRole(a: Tensor, b: Tensor, transA: boolean, transB: boolean): Dens
 /**
  * `auto`: where the sm90 kernels beat cuBLASLt's block-scaled FP8 at small's dense shapes, from
  * `bun run bench gemm --backend cuda` on the H200 (packages/kernels/notes/sm90-gemm.md, "Dense FP8
- * roles"): Fprop 1.2-2.0x and Dgrad 1.07-4.4x cuBLASLt's TFLOP/s at every shape, so always; the
- * Wgrad split along K (wgradSplit) 1.0-1.32x at every shape but the ones listed in LT_WGRAD, where
- * cuBLASLt measured faster. M x N: the role's output.
+ * roles" and "K-major column tiles"): Fprop 1.0-1.7x and Dgrad 1.1-4.2x cuBLASLt's TFLOP/s at every
+ * shape, so always. Wgrad: since the quantisers write the column tiles K-major, cuBLASLt reads them
+ * without transposes and beat the split sm90 Wgrad (wgradSplit) at every shape but those in
+ * SM90_WGRAD (1.2-1.7x); it needs the tokens (`tokens`, the Wgrad's K) a multiple of 128, else the
+ * sm90 Wgrad runs. M x N: the role's output.
  */
-export function sm90DenseChosen(role: DenseRole, M: number, N: number): boolean {
-  return role !== "wgrad" || !LT_WGRAD.some(([m, n]) => m === M && n === N);
+export function sm90DenseChosen(role: DenseRole, M: number, N: number, tokens: number): boolean {
+  if (role !== "wgrad") return true;
+  return tokens % 128 !== 0 || SM90_WGRAD.some(([m, n]) => m === M && n === N);
 }
 
 /**
- * Wgrad outputs [M, N] (the weight's [out, in]) where cuBLASLt's FP8 Wgrad beat the split sm90 one:
- * q_proj of small, 1536 x 1024 (305 against 276 TFLOP/s).
+ * Wgrad outputs [M, N] (the weight's [out, in]) where the split sm90 Wgrad beat cuBLASLt's FP8 one
+ * with K-major operands: the dense MLP's down_proj of small, 1024 x 2816 (638 against 534 TFLOP/s).
  */
-const LT_WGRAD: readonly (readonly [number, number])[] = [[1536, 1024]];
+const SM90_WGRAD: readonly (readonly [number, number])[] = [[1024, 2816]];
 
 /** What `auto` picks, in words (doctor). */
 const SM90_DENSE_AUTO =
-  "Fprop, Dgrad, and Wgrad split along K (cuBLASLt for the Wgrads it measured faster at)";
+  "Fprop, Dgrad, and the Wgrads it measured faster at (split along K; cuBLASLt for the others)";
 
 /**
  * A dense FP8 GEMM (Fprop x W^T, Dgrad dy W, Wgrad dy^T x) on the grouped kernels as one group of
@@ -317,7 +322,7 @@ export function sm90Matmul(
 ): boolean {
   if (!cx.sm90Gemm || cx.sm90Dense === "none") return false;
   const role = denseRole(a, b, !!o.transA, !!o.transB);
-  if (!role || (cx.sm90Dense === "auto" && !sm90DenseChosen(role, M, N))) return false;
+  if (!role || (cx.sm90Dense === "auto" && !sm90DenseChosen(role, M, N, K))) return false;
   const promotion = o.promotion ?? 128;
   const [accumulate, outBf16] = [!!o.accumulate, !!o.outBf16];
   if (role === "wgrad")

@@ -101,9 +101,9 @@ async function denseFp8Paths(b: CudaBackend, shape: string) {
     const [M, N, K] = dims(shape);
     // Each role's own output: Fprop M x N, Dgrad M x K, Wgrad N x K.
     const auto = {
-      fprop: sm90DenseChosen("fprop", M, N),
-      dgrad: sm90DenseChosen("dgrad", M, K),
-      wgrad: sm90DenseChosen("wgrad", N, K),
+      fprop: sm90DenseChosen("fprop", M, N, K),
+      dgrad: sm90DenseChosen("dgrad", M, K, N),
+      wgrad: sm90DenseChosen("wgrad", N, K, M),
     };
     const pick = (role: keyof typeof auto) => (auto[role] ? sm90[role] : lt[role]);
     const fp8 = { fprop: pick("fprop"), dgrad: pick("dgrad"), wgrad: pick("wgrad") };

@@ -278,6 +278,114 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   const u32 csBase = sm90_smem_u32(sC);
   int s = 0, sc = 0;  // ring stage; Wgrad's scale buffer
   u32 ph = 0;
+  // Stores the accumulators of tile P (rows row0 .. rowEnd - 1 of C from row0, columns n0 ..).
+  // Along M it runs once the next tile's first wgmmas are issued (deferred: the tensor cores work
+  // while this warpgroup stores); the CTA's last tile waits for its copies to read the staging.
+  struct Done {
+    int row0, rowEnd, n0;
+    bool last;
+  };
+  float acc[NH][ACC];
+  auto zero_acc = [&]() {
+#pragma unroll
+    for (int h = 0; h < NH; h++)
+#pragma unroll
+      for (int i = 0; i < ACC; i++) acc[h][i] = 0.0f;
+  };
+  auto epilogue = [&](const Done& P) {
+    const int row0 = P.row0, rowEnd = P.rowEnd, n0 = P.n0;
+    const bool last = P.last;
+    const int r0 = row0 + rloc, r1 = r0 + 8;
+    const bool bf16 = outMode == SM90_OUT_BF16;
+    if (outMode == SM90_OUT_ROUND) {
+#pragma unroll
+      for (int h = 0; h < NH; h++)
+#pragma unroll
+        for (int i = 0; i < ACC; i++) acc[h][i] = round_bf16(acc[h][i]);
+    }
+
+    // Epilogue, per 128-column half h: accumulator i is row (i & 2 ? g + 8 : g), column
+    // n0 + 128 h + 8 (i / 4) + 2 tq + (i & 1).
+    if (row0 + BM <= rowEnd) {
+      // Whole tile inside the expert: stage this warpgroup's 64 x 128 in 128-byte strips with the TMA
+      // 128-byte swizzle (16-byte chunk index ^= row & 7: conflict-free), then TMA-store the strips
+      // (TMA-add them when accumulating: C = C + v in L2, the one write of each element).
+      // BF16 storage: 64 columns per strip (cvt.rn.bf16x2 pairs), 32 for f32.
+      const bool leader = (threadIdx.x & 127) == 0;
+      const u32 cs = csBase + (threadIdx.x >> 7) * C_BYTES;
+      const int cw = bf16 ? 64 : 32, esz = bf16 ? 2 : 4;
+#pragma unroll
+      for (int h = 0; h < NH; h++) {
+        const int nh = n0 + 128 * h;
+        if (leader) bulk_wait_read();  // the previous stores have read the staging buffer
+        named_sync(1 + wg, 128);
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+          const int col = 8 * j + 2 * tq, strip = col / cw, cb = (col % cw) * esz;  // byte in the 128-byte row
+#pragma unroll
+          for (int hh = 0; hh < 2; hh++) {
+            const int r = wrow + 8 * hh;
+            const u32 p = cs + strip * 64 * 128 + r * 128 + ((((cb >> 4) ^ (r & 7))) << 4) + (cb & 15);
+            const float v0 = acc[h][4 * j + 2 * hh], v1 = acc[h][4 * j + 2 * hh + 1];
+            if (bf16) asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(p), "r"(sm90_pack_bf16(v0, v1)) : "memory");
+            else asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(p), "f"(v0), "f"(v1) : "memory");
+          }
+        }
+        fence_async_smem();
+        named_sync(1 + wg, 128);
+        if (leader) {
+          for (int st = 0; st < 128 / cw; st++)
+            if (nh + st * cw < N) {
+              if (accumulate) tma_reduce_add_2d(tC, cs + st * 64 * 128, nh + st * cw, row0 + 64 * wg);
+              else tma_store_2d(tC, cs + st * 64 * 128, nh + st * cw, row0 + 64 * wg);
+            }
+          bulk_commit();
+          // The CTA's last tile: the copies must have read the staging buffer before the CTA exits
+          // (a wait after the loop instead makes ptxas cap the consumers' registers below setmaxnreg).
+          if (last && h == NH - 1) bulk_wait_all();
+        }
+      }
+      return;
+    }
+#pragma unroll
+    for (int h = 0; h < NH; h++)
+#pragma unroll
+      for (int j = 0; j < 16; j++) {
+        const int col = n0 + 128 * h + 8 * j + 2 * tq;
+        if (col >= N) continue;
+#pragma unroll
+        for (int hh = 0; hh < 2; hh++) {
+          const int r = hh ? r1 : r0;
+          if (r >= rowEnd) continue;
+          const float v0 = acc[h][4 * j + 2 * hh], v1 = acc[h][4 * j + 2 * hh + 1];
+          if (bf16) {
+            *(u32*)((u16*)C + (i64)r * N + col) = sm90_pack_bf16(v0, v1);
+            continue;
+          }
+          float2* c = (float2*)(C + (i64)r * N + col);
+          float2 v = make_float2(v0, v1);
+          if (accumulate) {
+            const float2 o = *c;
+            v = make_float2(o.x + v.x, o.y + v.y);
+          }
+          *c = v;
+        }
+      }
+    if ((threadIdx.x & 127) == 0 && last) bulk_wait_all();
+  };
+  // Deferred epilogues along M with 128-column tiles only: at 128 x 256 the stores' registers next
+  // to two accumulator halves and the wgmmas' in flight spill (ptxas: 2.4 KB).
+  constexpr bool DEFER = SEG == Segments::AlongM && BN == 128;
+  Done pend{0, 0, 0, false};
+  bool pending = false;  // pend's tile is computed but not stored (DEFER)
+  // The first chunk's wgmmas of an along-M tile are in flight: store the previous tile, then clear.
+  auto flush = [&]() {
+    if constexpr (DEFER) {
+      if (pending) epilogue(pend);
+      pending = false;
+    }
+    zero_acc();
+  };
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
     const Sm90Tile T = sm90_tile<SEG, BN>(t, soff, mpre, E, M, N, KC);
     const int e = T.e, row0 = T.cRow, rowEnd = T.rowEnd, n0 = T.n0;
@@ -291,12 +399,9 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
     const float* bs = Bs + ((u32)e * NB + n0 / 128) * KC;
     const int bs1 = (n0 / 128 + 1 < NB ? KC : 0);  // offset of the second half's B scales
 
-    float acc[NH][ACC];
-#pragma unroll
-    for (int h = 0; h < NH; h++)
-#pragma unroll
-      for (int i = 0; i < ACC; i++) acc[h][i] = 0.0f;
+    const bool last = t + (int)gridDim.x >= total;
     if constexpr (SEG == Segments::AlongK) {
+      zero_acc();
       // The chunk's scales reach shared memory through the warpgroup itself: each thread loads its
       // share from global memory (A's row aRow + 64 wg + tid, B's columns n0 + tid, + 128) one chunk
       // ahead, stores it into the buffer the next chunk reads, and a named barrier of the
@@ -402,6 +507,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
 #pragma unroll
         for (int h = 0; h < NH; h++) {
           mma_chunk(p, aBase + s * A_BYTES, bBase + s * B_BYTES + h * 128 * 128);
+          if (h == 0 && kc == 0) flush();
           wgmma_wait<0>();
           if (h == NH - 1 && lane == 0) mbar_arrive(&empty[s]);
           promote(acc[h], p, sa0, sa1, h ? sb1 : sb0);
@@ -416,6 +522,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
       mbar_wait(&full[s], ph);
       mma_chunk(p0, aBase + s * A_BYTES, bBase + s * B_BYTES);
       if (++s == STAGES) s = 0, ph ^= 1;
+      flush();
       int kc = 1;
       for (; kc + 1 < KC; kc += 2) {
         a10 = __ldg(as0 + kc), a11 = __ldg(as1 + kc), b1 = __ldg(bs + kc);
@@ -453,84 +560,16 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
         promote(acc[0], p0, a00, a01, b0);
       }
     }
-    const bool bf16 = outMode == SM90_OUT_BF16;
-    if (outMode == SM90_OUT_ROUND) {
-#pragma unroll
-      for (int h = 0; h < NH; h++)
-#pragma unroll
-        for (int i = 0; i < ACC; i++) acc[h][i] = round_bf16(acc[h][i]);
+    if constexpr (DEFER) {
+      pend = {row0, rowEnd, n0, last};
+      pending = true;
+    } else {
+      epilogue({row0, rowEnd, n0, last});
     }
-
-    // Epilogue, per 128-column half h: accumulator i is row (i & 2 ? g + 8 : g), column
-    // n0 + 128 h + 8 (i / 4) + 2 tq + (i & 1).
-    const bool last = t + (int)gridDim.x >= total;
-    if (row0 + BM <= rowEnd) {
-      // Whole tile inside the expert: stage this warpgroup's 64 x 128 in 128-byte strips with the TMA
-      // 128-byte swizzle (16-byte chunk index ^= row & 7: conflict-free), then TMA-store the strips
-      // (TMA-add them when accumulating: C = C + v in L2, the one write of each element).
-      // BF16 storage: 64 columns per strip (cvt.rn.bf16x2 pairs), 32 for f32.
-      const bool leader = (threadIdx.x & 127) == 0;
-      const u32 cs = csBase + (threadIdx.x >> 7) * C_BYTES;
-      const int cw = bf16 ? 64 : 32, esz = bf16 ? 2 : 4;
-#pragma unroll
-      for (int h = 0; h < NH; h++) {
-        const int nh = n0 + 128 * h;
-        if (leader) bulk_wait_read();  // the previous stores have read the staging buffer
-        named_sync(1 + wg, 128);
-#pragma unroll
-        for (int j = 0; j < 16; j++) {
-          const int col = 8 * j + 2 * tq, strip = col / cw, cb = (col % cw) * esz;  // byte in the 128-byte row
-#pragma unroll
-          for (int hh = 0; hh < 2; hh++) {
-            const int r = wrow + 8 * hh;
-            const u32 p = cs + strip * 64 * 128 + r * 128 + ((((cb >> 4) ^ (r & 7))) << 4) + (cb & 15);
-            const float v0 = acc[h][4 * j + 2 * hh], v1 = acc[h][4 * j + 2 * hh + 1];
-            if (bf16) asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(p), "r"(sm90_pack_bf16(v0, v1)) : "memory");
-            else asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(p), "f"(v0), "f"(v1) : "memory");
-          }
-        }
-        fence_async_smem();
-        named_sync(1 + wg, 128);
-        if (leader) {
-          for (int st = 0; st < 128 / cw; st++)
-            if (nh + st * cw < N) {
-              if (accumulate) tma_reduce_add_2d(tC, cs + st * 64 * 128, nh + st * cw, row0 + 64 * wg);
-              else tma_store_2d(tC, cs + st * 64 * 128, nh + st * cw, row0 + 64 * wg);
-            }
-          bulk_commit();
-          // The CTA's last tile: the copies must have read the staging buffer before the CTA exits
-          // (a wait after the loop instead makes ptxas cap the consumers' registers below setmaxnreg).
-          if (last && h == NH - 1) bulk_wait_all();
-        }
-      }
-      continue;
-    }
-#pragma unroll
-    for (int h = 0; h < NH; h++)
-#pragma unroll
-      for (int j = 0; j < 16; j++) {
-        const int col = n0 + 128 * h + 8 * j + 2 * tq;
-        if (col >= N) continue;
-#pragma unroll
-        for (int hh = 0; hh < 2; hh++) {
-          const int r = hh ? r1 : r0;
-          if (r >= rowEnd) continue;
-          const float v0 = acc[h][4 * j + 2 * hh], v1 = acc[h][4 * j + 2 * hh + 1];
-          if (bf16) {
-            *(u32*)((u16*)C + (i64)r * N + col) = sm90_pack_bf16(v0, v1);
-            continue;
-          }
-          float2* c = (float2*)(C + (i64)r * N + col);
-          float2 v = make_float2(v0, v1);
-          if (accumulate) {
-            const float2 o = *c;
-            v = make_float2(o.x + v.x, o.y + v.y);
-          }
-          *c = v;
-        }
-      }
-    if ((threadIdx.x & 127) == 0 && last) bulk_wait_all();
   }
+  if constexpr (DEFER)
+    if (pending) epilogue(pend);
+
   }  // consumer
 }
 

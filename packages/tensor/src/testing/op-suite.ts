@@ -680,6 +680,22 @@ export function opSuite(name: string, make: () => Backend): void {
       }, 1e-5);
     });
 
+    // Rows as wide as a vocabulary (the cuda kernel's four-wide path when V % 4 == 0), targets at
+    // both ends of a row and a -inf logit (it adds nothing to the sum and gets a zero gradient).
+    it("cross-entropy over wide rows", async () => {
+      for (const V of [1024, 1027]) {
+        const N = 6;
+        const logits = rng.normals(N * V, 4);
+        logits[2 * V + 5] = Number.NEGATIVE_INFINITY;
+        logits[3 * V] = Number.NEGATIVE_INFINITY;
+        const t = Int32Array.of(0, V - 1, 7, 1, V - 2, 3);
+        await same((b) => {
+          const ce = b.crossEntropy(b.upload(logits, [N, V]), b.upload(t, [N], "i32"), 0.7);
+          return { loss: ce.loss, dl: ce.dlogits };
+        }, 1e-5);
+      }
+    });
+
     // The optimiser's path: one prepared gradient norm and one prepared AdamW over tensors of odd
     // sizes (empty, one element, across the cuda kernel's 4,096-element blocks, past 256 norm
     // partials), f32, BF16 and mixed moments, with and without weight decay, for three steps. Against

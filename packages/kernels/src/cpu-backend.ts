@@ -35,6 +35,7 @@ import {
   type RopeOptions,
   type RouterResult,
   requantizeViaF32,
+  rowScales,
   rowSpan,
   sameShape,
   scaleCount,
@@ -556,11 +557,33 @@ export class CpuBackend extends HostLifetimes implements Backend {
   moePermute(x: Tensor, topIdx: Tensor, experts: number): PermuteResult {
     const N = topIdx.rows;
     const k = topIdx.cols;
-    const xs = this.out([N * k, x.cols]);
     const slot = this.out([N * k], "i32");
     const offsets = this.out([experts + 1], "i32");
-    const p = { n: N, d: x.cols, k, experts };
-    this.n.moePermute(f32(x), i32(topIdx), p, f32(xs), i32(slot), i32(offsets));
+    /** Rows of `d` f32 values gathered by the native op (which also writes slot and offsets). */
+    const gather = (src: Float32Array, d: number, dst: Float32Array) =>
+      this.n.moePermute(src, i32(topIdx), { n: N, d, k, experts }, dst, i32(slot), i32(offsets));
+    if (!x.quant) {
+      const xs = this.out([N * k, x.cols]);
+      gather(f32(x), x.cols, f32(xs));
+      return { xs, slot, offsets };
+    }
+    // FP8 rows: their scales, then their codes as 4-byte words (a bit copy) when the rows allow it.
+    const per = rowScales(x, "moePermute");
+    const scales = this.out([N * k * per]);
+    gather(f32(x.quant.scales), per, f32(scales));
+    const codes = u8(x);
+    const out = this.pool.take(x.dtype, N * k * x.cols, this.fresh) as Uint8Array;
+    const words = (a: Uint8Array) => new Float32Array(a.buffer, a.byteOffset, a.length / 4);
+    if (x.cols % 4 === 0 && codes.byteOffset % 4 === 0 && out.byteOffset % 4 === 0) {
+      gather(words(codes), x.cols / 4, words(out));
+    } else {
+      const sl = i32(slot);
+      for (let r = 0; r < N * k; r++) {
+        const n = Math.floor(sl[r] / k);
+        out.set(codes.subarray(n * x.cols, (n + 1) * x.cols), r * x.cols);
+      }
+    }
+    const xs = this.wrap(out, [N * k, x.cols], x.dtype, { ...x.quant, scales });
     return { xs, slot, offsets };
   }
 

@@ -187,6 +187,8 @@ async function everyOp(b: Backend) {
   b.routerBackward(up([64, 2]), r.scores, r.topIdx, 2.5, up([64, 16]));
   b.balanceLoss(r.scores, r.topIdx, { batch: 2, seq: 32, alpha: 0.001 });
   const p = b.moePermute(x, r.topIdx, 16);
+  // FP8 rows (tiles, rows): codes and scales gathered as words.
+  for (const group of ["tile", "row"] as const) b.moePermute(b.quantize(x, { group }), r.topIdx, 16);
   b.moePermuteBackward(up([128, 256]), p.slot, 64);
   const ys = up([128, 256]);
   b.moeCombine(ys, p.slot, r.weights);

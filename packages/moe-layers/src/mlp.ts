@@ -8,6 +8,7 @@ import {
   type LinearPrecision,
   Param,
   type PrecisionTrace,
+  type QuantMemo,
   type Tensor,
 } from "@moe8/tensor";
 
@@ -114,8 +115,9 @@ export class SwiGluMlp {
     return this.down.precision.outputs === "bf16";
   }
 
-  forward(x: Tensor, offsets: Tensor | null = null): Tensor {
-    const gu = this.gateUp.forward(x, offsets);
+  /** memo: x's quantised copies shared with other readers of x (see QuantMemo). */
+  forward(x: Tensor, offsets: Tensor | null = null, memo: QuantMemo | null = null): Tensor {
+    const gu = this.gateUp.forward(x, offsets, memo);
     const h = this.b.swiglu(gu);
     // When the projection rounds its outputs to BF16, BF16 storage keeps gate|up exactly for the
     // backward in half the bytes (the routed experts' [tokens*k, 2 inter] per layer), and swiglu

@@ -8,7 +8,9 @@ import {
   intoBf16,
   type LinearPrecision,
   Param,
+  type PermuteResult,
   type PrecisionTrace,
+  QuantMemo,
   type Tensor,
 } from "@moe8/tensor";
 import { type InitFn, SwiGluMlp } from "./mlp.ts";
@@ -162,9 +164,35 @@ export class MoELayer {
       }
       this.lastBalanceLoss = bl.loss;
     }
-    const p = b.moePermute(x, r.topIdx, E);
-    const ys = this.experts.forward(p.xs, p.offsets);
-    if (!this.experts.retains(p.xs)) p.xs.dispose(); // k copies of every token, in f32: freed early
+    // Under FP8 with only the quantised input kept for backward, the tokens are quantised once and
+    // their codes and scales permuted (k copies of 1 byte per value instead of 4, and the quantiser
+    // reads N rows instead of N k): the same bits as quantising the permuted rows, since 1x128 tiles
+    // and row scales never mix rows. The shared expert reuses the same copy of x. FP8 range counting
+    // (logged steps) measures the permuted f32 rows, so it keeps the other order.
+    const xqOpt = this.experts.gateUp.fp8InputOnly();
+    const once =
+      xqOpt !== null &&
+      (xqOpt.group === "tile" || xqOpt.group === "row") &&
+      !this.trace?.flow.enabled &&
+      x.cols % 4 === 0; // (cuda moves FP8 rows as 4-byte words)
+    const xMemo = new QuantMemo();
+    let p: PermuteResult;
+    let ys: Tensor;
+    if (once) {
+      p = b.moePermute(
+        xMemo.fprop(xqOpt, () => b.quantize(x, xqOpt)),
+        r.topIdx,
+        E,
+      );
+      const permuted = new QuantMemo();
+      permuted.fprop(xqOpt, () => p.xs);
+      // p.xs is the experts' saved FP8 input from here on (their backward's Wgrad reads it).
+      ys = this.experts.forward(p.xs, p.offsets, permuted);
+    } else {
+      p = b.moePermute(x, r.topIdx, E);
+      ys = this.experts.forward(p.xs, p.offsets);
+      if (!this.experts.retains(p.xs)) p.xs.dispose(); // k copies of every token, in f32: freed early
+    }
     let y = b.moeCombine(ys, p.slot, r.weights);
     // Backward reads ys only for d(weights): when the experts round their outputs to BF16, BF16
     // storage keeps it exactly in half the bytes (k rows of d per token and layer).
@@ -172,7 +200,7 @@ export class MoELayer {
     if (this.shared) {
       // The sum is the layer's output; its two terms are needed by nothing else.
       const routed = y;
-      const shared = this.shared.forward(x);
+      const shared = this.shared.forward(x, null, xMemo);
       y = b.add(routed, shared);
       b.release(routed);
       b.release(shared);

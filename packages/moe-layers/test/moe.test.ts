@@ -1,6 +1,6 @@
 // DeepSeekMoE layer on its own: load statistics, no token dropped, finite-difference gradients.
 import { presetPolicy } from "@moe8/fp8-core";
-import { Rng, TsBackend } from "@moe8/tensor";
+import { type Backend, PrecisionTrace, Rng, type Tensor, TsBackend } from "@moe8/tensor";
 import { describe, expect, it } from "vitest";
 import { loadStats, MoELayer, type MoeConfig } from "../src/moe.ts";
 
@@ -57,6 +57,44 @@ describe("MoELayer", () => {
       ((await L(x0.map((v, i) => v + h * d[i]))) - (await L(x0.map((v, i) => v - h * d[i])))) / (2 * h);
     const an = dx.reduce((a, v, i) => a + v * d[i], 0);
     expect(Math.abs(fd - an) / Math.abs(an)).toBeLessThan(2e-3);
+  });
+
+  // Under FP8 the layer quantises its tokens once and permutes the codes and scales; with FP8 range
+  // counting on it permutes the f32 tokens and the experts quantise the k copies. Both orders must
+  // give the same bits: outputs, the input gradient and every weight gradient.
+  it("under FP8, quantising before the permutation gives the bits of quantising after it", async () => {
+    class Spy extends TsBackend {
+      permuted: string[] = [];
+      override moePermute(x: Tensor, topIdx: Tensor, experts: number) {
+        this.permuted.push(x.dtype);
+        return super.moePermute(x, topIdx, experts);
+      }
+    }
+    const wide: MoeConfig = { ...cfg, hidden_size: 136, moe_intermediate_size: 24 };
+    const run = async (counting: boolean) => {
+      const sb = new Spy();
+      const rng = new Rng(5);
+      const trace = new PrecisionTrace();
+      trace.flow.enabled = counting;
+      const m = new MoELayer(sb as Backend, {
+        cfg: wide,
+        prefix: "moe",
+        precision: presetPolicy("fp8")["moe-layers"],
+        init: (n) => rng.normals(n, 0.1),
+        trace,
+      });
+      const x = sb.upload(rng.normals(20 * 136), [20, 136]);
+      const y = await m.forward(x, 2, 10).read();
+      const dx = await m.backward(sb.upload(rng.normals(20 * 136), [20, 136])).read();
+      const grads = await Promise.all(m.params.map((p) => p.grad.read()));
+      return { y, dx, grads, permuted: sb.permuted };
+    };
+    const [once, copies] = [await run(false), await run(true)];
+    expect(once.permuted).toEqual(["e4m3"]);
+    expect(copies.permuted).toEqual(["f32"]);
+    expect(once.y).toEqual(copies.y);
+    expect(once.dx).toEqual(copies.dx);
+    expect(once.grads).toEqual(copies.grads);
   });
 
   it("the bias update moves toward balance: overloaded experts down, idle ones up", async () => {

@@ -110,7 +110,7 @@ export interface RouterResult {
 }
 
 export interface PermuteResult {
-  /** Token rows copied once per selection and grouped by expert, [N*k, d]. */
+  /** Token rows copied once per selection and grouped by expert, [N*k, d] (FP8 if x is). */
   xs: Tensor;
   /** For each row of xs the flat selection index n*k + j it came from, [N*k] i32. */
   slot: Tensor;
@@ -289,6 +289,10 @@ export interface Backend {
     topIdx: Tensor,
     opts: { batch: number; seq: number; alpha: number },
   ): { loss: Tensor; dscores: Tensor };
+  /**
+   * x: f32 [N, d], or FP8 [N, d] of 1x128 tiles or rows (its rows' codes and scales are moved
+   * together: permuting a quantised x is quantising the permuted x, bit for bit; on cuda d % 4 == 0).
+   */
   moePermute(x: Tensor, topIdx: Tensor, experts: number): PermuteResult;
   moePermuteBackward(dxs: Tensor, slot: Tensor, tokens: number): Tensor;
   moeCombine(ys: Tensor, slot: Tensor, weights: Tensor): Tensor;

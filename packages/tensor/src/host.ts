@@ -162,6 +162,20 @@ export function rowSpan(t: Tensor, start: number, count: number, op: string): nu
   return n === 0 ? 0 : t.size / n;
 }
 
+/**
+ * Scales per row of an FP8 matrix whose scales follow its rows (1x128 `tile`: ceil(cols/128);
+ * `row`: 1), so that permuting rows permutes codes and scales alike (moePermute of a quantised
+ * input); an error for any other layout.
+ */
+export function rowScales(t: Tensor, op: string): number {
+  const q = t.quant;
+  if (!q || t.shape.length !== 2 || q.segments || (q.group !== "tile" && q.group !== "row"))
+    throw new Error(
+      `${op}: ${t} is not a 2-D FP8 matrix of 1x128 tiles or rows (other scales do not follow its rows)`,
+    );
+  return q.group === "row" ? 1 : Math.ceil(t.cols / 128);
+}
+
 /** The typed array behind a host tensor, checked for use after dispose. */
 export function host(t: Tensor): HostArray {
   if (t.disposed || t.storage == null) throw new Error(`use of a disposed tensor ${t}`);

@@ -2,7 +2,18 @@
 export type { GemmPrecision, GemmRole, GemmSpec, LinearPrecision } from "@moe8/fp8-core";
 export * from "./backend.ts";
 export { type Collectives, SINGLE_PROCESS } from "./collectives.ts";
-export { f32, f32OrBf16, HostLifetimes, host, i32, rowSpan, sameShape, swigluWidth, u8 } from "./host.ts";
+export {
+  f32,
+  f32OrBf16,
+  HostLifetimes,
+  host,
+  i32,
+  rowScales,
+  rowSpan,
+  sameShape,
+  swigluWidth,
+  u8,
+} from "./host.ts";
 export { Linear, type LinearOptions, QuantMemo } from "./layers/linear.ts";
 export { Param, type ParamOptions } from "./layers/param.ts";
 export { Fp8FlowCounter, PrecisionTrace, type TraceEntry } from "./layers/trace.ts";

@@ -1,6 +1,12 @@
 // Mixture-of-experts ops (moe.cu): routing, the balance loss, the permutation of tokens to experts
 // and back, and the bias update. Routing stays on the device (docs/runtime.md rule 2).
-import type { BiasUpdateOptions, PermuteResult, RouterResult, Tensor } from "@moe8/tensor";
+import {
+  type BiasUpdateOptions,
+  type PermuteResult,
+  type RouterResult,
+  rowScales,
+  type Tensor,
+} from "@moe8/tensor";
 import type { DeviceBuffer } from "../../native.d.cts";
 import { DEFINES } from "../cuda/kernels.generated.ts";
 import { type CudaContext, cdiv, KERNELS } from "./context.ts";
@@ -142,13 +148,17 @@ export function moePermute(cx: CudaContext, x: Tensor, topIdx: Tensor, experts: 
     throw new Error(`moePermute: ${E} experts (at most ${PERMUTE_MAX_EXPERTS} on cuda)`);
   const total = N * k;
   const d = x.cols;
+  // FP8 rows (1x128 tiles or rows): codes and scales are moved together, the codes as 4-byte words.
+  const per = x.quant ? rowScales(x, "moePermute") : 0;
+  if (x.quant && d % 4 !== 0)
+    throw new Error(`moePermute: FP8 rows of ${d} codes (cuda moves them as 4-byte words: d % 4 == 0)`);
+  if (!x.quant) cx.f32p(x, "moePermute");
   // One block of PCHUNK threads per chunk of PCHUNK selections.
   const chunks = cdiv(total, PCHUNK);
   const counts = cx.scratch(chunks * E * 4);
   const base = cx.scratch(chunks * E * 4);
   const slot = cx.make([total], "i32");
   const offsets = cx.make([E + 1], "i32");
-  const xs = cx.make([total, d], "f32");
   const tp = cx.i32p(topIdx, "moePermute");
   // The per-chunk histogram lives in E ints of dynamic shared memory.
   cx.launch(KERNELS.moe.permute_count, [chunks], PCHUNK, { topIdx: tp, counts: counts.ptr, total, E }, E * 4);
@@ -167,16 +177,27 @@ export function moePermute(cx: CudaContext, x: Tensor, topIdx: Tensor, experts: 
     total,
     E,
   });
-  cx.launch(KERNELS.moe.gather_rows, cx.g1(total * d), 256, {
-    x: cx.f32p(x, "moePermute"),
-    slot: cx.p(slot),
-    xs: cx.p(xs),
-    rows: total,
-    d,
-    k,
-  });
   counts.free();
   base.free();
+  /** Rows of `w` 4-byte words of src gathered into dst (f32 values, or FP8 codes as words: a bit copy). */
+  const gather = (src: number, w: number, dst: number) =>
+    cx.launch(KERNELS.moe.gather_rows, cx.g1(total * w), 256, {
+      x: src,
+      slot: cx.p(slot),
+      xs: dst,
+      rows: total,
+      d: w,
+      k,
+    });
+  if (!x.quant) {
+    const xs = cx.make([total, d], "f32");
+    gather(cx.f32p(x, "moePermute"), d, cx.p(xs));
+    return { xs, slot, offsets };
+  }
+  const scales = cx.make([total * per], "f32");
+  const xs = cx.make([total, d], x.dtype, { ...x.quant, scales });
+  gather(cx.f32p(x.quant.scales, "moePermute"), per, cx.p(scales));
+  gather(cx.p(x), d / 4, cx.p(xs));
   return { xs, slot, offsets };
 }
 

@@ -68,6 +68,19 @@ export class QuantMemo {
     }
     return t;
   }
+
+  /**
+   * The input quantised as `opts` for Fprop, as a Linear given this memo looks it up, or make()
+   * (then remembered): a caller that already holds that quantisation (the MoE layer's permuted
+   * copy of its quantised tokens) hands it to the Linear this way.
+   */
+  fprop(opts: QuantizeOptions, make: () => Tensor): Tensor {
+    return this.get(fpropKey(opts), make);
+  }
+}
+
+function fpropKey(q: QuantizeOptions): string {
+  return `fprop ${quantKey(q)}`;
 }
 
 /** get() through a memo when there is one. */
@@ -124,6 +137,20 @@ export class Linear {
     return this.b.groupedMatmul(a, w, offsets!, { ...o, segment: "m", storeBf16 });
   }
 
+  /**
+   * How Fprop quantises this Linear's input when backward keeps only that FP8 copy (so the input
+   * itself is never read after Fprop), or null. Nothing is recorded in the trace.
+   */
+  fp8InputOnly(): QuantizeOptions | null {
+    const plan = gemmPlan("fprop", this.precision);
+    if (!plan.a.quant || !plan.b.quant || this.precision.cacheActivations !== "fp8") return null;
+    return plan.a.quant;
+  }
+
+  /**
+   * x: the input; with a memo, the copies other Linears reading the same input made (or will
+   * use), looked up before quantising or rounding x again.
+   */
   forward(x: Tensor, offsets: Tensor | null = null, memo: QuantMemo | null = null): Tensor {
     const b = this.b;
     const pol = this.precision;
@@ -135,7 +162,7 @@ export class Linear {
     let y: Tensor;
     const s: Saved = { x, xq: null, wq: null, wqKey: "", offsets, memo };
     if (xqOpt && wqOpt) {
-      s.xq = memoised(memo, `fprop ${quantKey(xqOpt)}`, () => b.quantize(x, xqOpt));
+      s.xq = memoised(memo, fpropKey(xqOpt), () => b.quantize(x, xqOpt));
       this.trace?.flow.add(b, x, s.xq);
       s.wq = b.quantize(this.weight.value, wqOpt);
       s.wqKey = quantKey(wqOpt);

@@ -622,6 +622,40 @@ export function opSuite(name: string, make: () => Backend): void {
       });
     });
 
+    // A quantised x permuted moves each row's codes and scales together: the same bits as quantising
+    // the permuted x (the MoE layer quantises the tokens once, before the k copies).
+    it("moePermute of FP8 rows (1x128 tiles, rows) equals quantising the permuted rows", async () => {
+      const [N, E, k] = [37, 8, 3];
+      // Rows whose codes are not whole 4-byte words too, except on cuda, which moves codes as words.
+      for (const d of be.name === "cuda" ? [264] : [264, 262]) {
+        const x = rng.normals(N * d, 2);
+        const top = Int32Array.from({ length: N * k }, (_, i) => (i * 5 + Math.floor(i / k)) % E);
+        for (const group of ["tile", "row"] as const)
+          for (const format of ["e4m3", "e5m2"] as const)
+            await same((b) => {
+              const X = b.upload(x, [N, d]);
+              const T = b.upload(top, [N, k], "i32");
+              const p = b.moePermute(b.quantize(X, { group, format }), T, E);
+              const twice = b.quantize(b.moePermute(X, T, E).xs, { group, format });
+              return {
+                xs: p.xs,
+                scales: p.xs.quant!.scales,
+                slot: p.slot,
+                offsets: p.offsets,
+                quantisedAfter: twice,
+                scalesAfter: twice.quant!.scales,
+              };
+            }, "exact");
+      }
+      // Scales that do not follow the rows are refused.
+      const d = 264;
+      const x = rng.normals(N * d, 2);
+      const top = Int32Array.from({ length: N * k }, (_, i) => (i * 5 + Math.floor(i / k)) % E);
+      const X = be.upload(x, [N, d]);
+      const T = be.upload(top, [N, k], "i32");
+      expect(() => be.moePermute(be.quantize(X, { group: "block" }), T, E)).toThrow(/1x128 tiles or rows/);
+    });
+
     it("router, balance loss, permute/combine and bias update", async () => {
       const N = 50;
       const E = 8;

@@ -25,7 +25,7 @@ import {
   requantizeViaF32,
   storeBf16Error,
 } from "../backend.ts";
-import { f32, f32OrBf16, HostLifetimes, host, i32, sameShape, swigluWidth, u8 } from "../host.ts";
+import { f32, f32OrBf16, HostLifetimes, host, i32, rowScales, sameShape, swigluWidth, u8 } from "../host.ts";
 import type { Tensor } from "../tensor.ts";
 import { type Fp8Format, isFp8 } from "../types.ts";
 import { fp8FlowCounts } from "./flow.ts";
@@ -427,9 +427,19 @@ export class TsBackend extends HostLifetimes implements Backend {
     const N = topIdx.rows;
     const k = topIdx.cols;
     const { slot, offsets } = moe.permuteOrder(i32(topIdx), N, k, experts);
-    const xs = moe.gatherRows(f32(x), x.cols, slot, k);
+    let xs: Tensor;
+    if (x.quant) {
+      const per = rowScales(x, "moePermute");
+      const scales = this.wrap(moe.gatherRows(f32(x.quant.scales), per, slot, k), [N * k * per], "f32");
+      xs = this.wrap(moe.gatherRows(u8(x), x.cols, slot, k), [N * k, x.cols], x.dtype, {
+        ...x.quant,
+        scales,
+      });
+    } else {
+      xs = this.wrap(moe.gatherRows(f32(x), x.cols, slot, k), [N * k, x.cols], "f32");
+    }
     return {
-      xs: this.wrap(xs, [N * k, x.cols], "f32"),
+      xs,
       slot: this.wrap(slot, [N * k], "i32"),
       offsets: this.wrap(offsets, [experts + 1], "i32"),
     };

@@ -115,8 +115,14 @@ export function permuteOrder(topIdx: Int32Array, N: number, k: number, E: number
   return { slot, offsets };
 }
 
-export function gatherRows(x: Float32Array, d: number, slot: Int32Array, k: number): Float32Array {
-  const xs = new Float32Array(slot.length * d);
+/** xs[r] = x[slot[r] / k], rows of d elements (f32 values, or FP8 codes and their row scales). */
+export function gatherRows<A extends Float32Array | Uint8Array>(
+  x: A,
+  d: number,
+  slot: Int32Array,
+  k: number,
+): A {
+  const xs = new (x.constructor as new (n: number) => A)(slot.length * d);
   for (let r = 0; r < slot.length; r++) {
     const n = Math.floor(slot[r] / k);
     xs.set(x.subarray(n * d, (n + 1) * d), r * d);

@@ -2,7 +2,7 @@
 // the experts' tiles) for the experts' Fprop, Dgrad and Wgrad on a compute-capability-9.0 GPU. It
 // takes E4M3 x E4M3, promotion 128: 1x128 activation tiles with 128x128 weight blocks, both operands
 // K-contiguous (Fprop, Dgrad), or 128x1 column tiles restarted at each expert on both operands
-// (Wgrad, after a transpose into K-major chunks). gemm.ts asks it first and falls back to the
+// (Wgrad, on the K-major chunks the quantisers write). gemm.ts asks it first and falls back to the
 // mma.sync kernels of gemm.cu for anything else (E5M2 operands, other GPUs, MOE8_SM90_GEMM=0).
 // Numerics: wgmma keeps ~14 bits while it sums FP8 products inside one instruction, so results
 // differ from the reference's exact chunked sums by ~2.5e-4 relative (packages/kernels/notes/sm90-gemm.md).

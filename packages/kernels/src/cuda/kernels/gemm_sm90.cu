@@ -41,9 +41,10 @@
 //
 // Wgrad (segments along K: dW[e] (+)= dY_e^T X_e, the tokens of expert e as the reduction) runs the
 // same template with Segments::AlongK. wgmma reads FP8 operands K-major only, so the column-tiled
-// operands (quant_coltile's codes [tokens, cols], 128x1 tiles restarted at each expert's first
-// token) are first transposed by sm90_coltile_transpose into [cols, pitch] with each expert's tokens
-// padded by zero codes to whole 128-token chunks; chunk g of that layout is chunk g of
+// operands (128x1 tiles restarted at each expert's first token) come as [cols, pitch] with each
+// expert's tokens padded by zero codes to whole 128-token chunks: written so by quant_coltile and
+// requant_coltile (their kpitch layout), or from their row-major codes [tokens, cols] by
+// sm90_coltile_transpose (MOE8_SM90_KMAJOR=0); chunk g of that layout is chunk g of
 // quant_coltile's scales ([chunks, cols]), so one chunk of A (dY^T, M rows) and B (X^T, N rows) has a
 // per-row scale vector on both sides: promotion is acc += p * sa[row] * sb[col], the two vectors
 // staged in shared memory by each consumer warpgroup one chunk ahead (named barriers). The tiles are static (E x M/128 x N/BN,

@@ -184,6 +184,30 @@ struct Fp8Values {
 // Grid (ceil(cols/64), groups, pieces) without segments; with segments grid.y enumerates the row
 // groups of all segments in order (at most ceil(rows/128) + #segments of them) and grid.z is 1.
 #define CT_COLS 64
+// The 128-row group of this block of a column-tile grid (see coltile): its first row a0 and height
+// h, the offset soff of its piece's scales, and rb, its index within the piece; false when the block
+// has no group (grid.y enumerates an upper bound of the groups).
+struct ColGroup {
+  int a0, h, rb;
+  i64 soff;
+};
+__device__ __forceinline__ bool col_group(const int* seg, int nseg, int rows, int cols, ColGroup* g) {
+  int rb = blockIdx.y, p = blockIdx.z;
+  if (seg) {
+    for (p = 0; p < nseg; p++) {
+      const int groups = cdiv(seg[p + 1] - seg[p], 128);
+      if (rb < groups) break;
+      rb -= groups;
+    }
+    if (p >= nseg) return false;
+  }
+  int r0, n;
+  piece_of(seg, p, rows, cols, &r0, &n, &g->soff);
+  if (rb * 128 >= n) return false;
+  g->a0 = r0 + rb * 128, g->h = min(128, n - rb * 128), g->rb = rb;
+  return true;
+}
+
 //
 // kpitch > 0: q is stored K-major instead, as the Hopper Wgrad reads it (gemm_sm90.cu): [cols, kpitch],
 // the 128 codes of chunk g of column c at q[c * kpitch + g * 128], chunks numbered across the pieces
@@ -195,20 +219,10 @@ __device__ __forceinline__ void coltile(Values x, u8* q, float* scales, const in
   __shared__ float v[128][CT_COLS + 1];
   __shared__ float part[4][CT_COLS];
   __shared__ QScale sc[CT_COLS];
-  int rb = blockIdx.y, p = blockIdx.z;
-  if (seg) {
-    for (p = 0; p < nseg; p++) {
-      const int groups = cdiv(seg[p + 1] - seg[p], 128);
-      if (rb < groups) break;
-      rb -= groups;
-    }
-    if (p >= nseg) return;
-  }
-  int r0, n;
-  i64 soff;
-  piece_of(seg, p, rows, cols, &r0, &n, &soff);
-  if (rb * 128 >= n) return;
-  const int a0 = r0 + rb * 128, h = min(128, n - rb * 128);
+  ColGroup grp;
+  if (!col_group(seg, nseg, rows, cols, &grp)) return;
+  const int a0 = grp.a0, h = grp.h, rb = grp.rb;
+  const i64 soff = grp.soff;
   const int c0 = blockIdx.x * CT_COLS, tid = threadIdx.x;
   const bool vec = (cols & 3) == 0;
   // Stage the 128 x 64 tile (zeros outside the matrix: they never raise an amax).
@@ -301,20 +315,10 @@ KERNEL void __launch_bounds__(256) requant_coltile(const u8* xq, const float* xs
 KERNEL void __launch_bounds__(256) coltile_kmajor_rows(const u8* kq, u8* q, const int* seg, int nseg, int rows,
                                                        int cols, i64 kpitch) {
   __shared__ __align__(16) u8 t[CT_COLS][128 + 16];
-  int rb = blockIdx.y, p = blockIdx.z;
-  if (seg) {
-    for (p = 0; p < nseg; p++) {
-      const int groups = cdiv(seg[p + 1] - seg[p], 128);
-      if (rb < groups) break;
-      rb -= groups;
-    }
-    if (p >= nseg) return;
-  }
-  int r0, n;
-  i64 soff;
-  piece_of(seg, p, rows, cols, &r0, &n, &soff);
-  if (rb * 128 >= n) return;
-  const int a0 = r0 + rb * 128, h = min(128, n - rb * 128);
+  ColGroup grp;
+  if (!col_group(seg, nseg, rows, cols, &grp)) return;
+  const int a0 = grp.a0, h = grp.h, rb = grp.rb;
+  const i64 soff = grp.soff;
   const int c0 = blockIdx.x * CT_COLS, tid = threadIdx.x;
   const i64 chunk = soff / cols + rb;
   for (int i = tid; i < CT_COLS * 8; i += 256) {

@@ -237,6 +237,9 @@ for v in ("sm90", "kt", "bn128", "mma", "bf16"):
     if s:
         print(f"small step {v:<5} {s.get('tokens_per_s')} tokens/s, {s.get('ms_per_step')} ms/step, "
               f"expert GEMMs {k.get('expert_gemm_ms', '-')} ms, all GEMMs {k.get('all_gemm_ms', '-')} ms of GPU time")
+        classes = {key[7:]: val for key, val in s.items() if key.startswith("gpu_ms_")}
+        if classes:
+            print("    GPU ms by class:", ", ".join(f"{c} {m}" for c, m in classes.items()))
 for t in ("torch-eager", "torch-compile"):
     for r in rows:
         if r.get("tag") == t:

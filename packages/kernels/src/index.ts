@@ -57,6 +57,8 @@ export function requireNative(): NativeAddon {
 }
 
 /** A bad backend choice (or one not available here) throws @moe8/fp8-core's UsageError, re-exported here. */
+import { KERNELS } from "./cuda/kernels.generated.ts";
+
 export { UsageError } from "@moe8/fp8-core";
 export { availableBackends, type BackendChoice, createBackend } from "./backends.ts";
 export { type BenchOpsFlags, type BenchOpsOptions, type BenchOpsRow, benchOps, TINY } from "./bench-ops.ts";
@@ -69,3 +71,10 @@ export {
   sm90DenseChosen,
 } from "./cuda-backend/gemm-sm90.ts";
 export { CudaBackend } from "./cuda-backend.ts";
+
+/** Every CUDA kernel the cuda backend can launch, as its timing names them (`module.entry`). */
+export function cudaKernelNames(): string[] {
+  return Object.entries(KERNELS).flatMap(([module, entries]) =>
+    Object.keys(entries).map((e) => `${module}.${e}`),
+  );
+}

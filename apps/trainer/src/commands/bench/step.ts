@@ -11,6 +11,7 @@ import { DEFAULTS, resolveModel, type TrainConfig } from "../../run/config.ts";
 import { checkMemory, memoryNeed } from "../../run/memory.ts";
 import { buildSession } from "../../run/session.ts";
 import { H200_BF16_GEMM_TFLOPS, H200_FP8_GEMM_TFLOPS, trainFlopsPerToken } from "./flops.ts";
+import { byKernelClass } from "./kernel-classes.ts";
 import { profileStep } from "./profile.ts";
 import { formatRow, timeIt } from "./timing.ts";
 
@@ -87,10 +88,13 @@ export async function benchStep(flags: Record<string, unknown>): Promise<number>
         : undefined;
       const file = `bench-profile-${configName}-${b.name}-${precision}.json`;
       writeFileSync(file, `${JSON.stringify({ ...prof, gpu }, null, 2)}\n`);
+      const classes = gpu ? byKernelClass(gpu.kernels) : [];
       if (gpu) {
         row.gpu_busy_ms = +gpu.busyMs.toFixed(1);
         row.gpu_span_ms = +gpu.spanMs.toFixed(1);
         row.host_issue_ms = +gpu.issuedMs.toFixed(1);
+        row.gpu_launches = gpu.kernels.reduce((n, k) => n + k.launches, 0);
+        for (const c of classes) row[`gpu_ms_${c.class.split(/[ ,]+/)[0]}`] = c.ms;
       }
       row.profile = file;
       if (!flags.json) {
@@ -100,6 +104,9 @@ export async function benchStep(flags: Record<string, unknown>): Promise<number>
           console.log(
             `  GPU: busy ${gpu.busyMs.toFixed(1)} ms of a ${gpu.spanMs.toFixed(1)} ms span; host issued the step in ${gpu.issuedMs.toFixed(1)} ms`,
           );
+          for (const c of classes)
+            console.log(`  ${c.class.padEnd(44)} ${c.ms.toFixed(2).padStart(9)} ms  ${c.launches} launches`);
+          console.log("  the kernels:");
           for (const k of gpu.kernels.slice(0, 25))
             console.log(`  ${k.name.padEnd(44)} ${k.ms.toFixed(2).padStart(9)} ms  ${k.launches} launches`);
         }

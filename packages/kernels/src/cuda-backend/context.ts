@@ -48,8 +48,9 @@ export class CudaContext {
   /** Tensor-core kernels (flash.cu, gemm_fp8_mma); MOE8_TENSOR_CORES=0 keeps the simple reference kernels. */
   readonly useTensorCores = process.env.MOE8_TENSOR_CORES !== "0";
   /**
-   * The Hopper grouped FP8 GEMM (gemm_sm90.cu) for the experts' Fprop and Dgrad: on a
-   * compute-capability-9.0 GPU with the tensor cores on, unless MOE8_SM90_GEMM=0.
+   * The Hopper grouped FP8 GEMMs (gemm_sm90.cu) for the experts' Fprop, Dgrad and Wgrad (and the
+   * dense ones MOE8_SM90_DENSE picks): on a compute-capability-9.0 GPU with the tensor cores on,
+   * unless MOE8_SM90_GEMM=0.
    */
   readonly sm90Gemm: boolean;
   /**
@@ -74,20 +75,20 @@ export class CudaContext {
   readonly kMajor = new WeakMap<Tensor, { pitch: number }>();
   /**
    * Whether column-tile quantisations are written K-major (on sm_90 with the sm90 GEMMs, unless
-   * MOE8_SM90_KMAJOR=0; mutable so that `bench` and the tests can run both layouts on one backend).
+   * MOE8_SM90_KMAJOR=0).
    */
-  kMajorColTiles: boolean;
+  readonly kMajorColTiles: boolean;
   /**
    * Tile widths of the sm90 kernels: 0 picks by shape (gemm-sm90.ts), 128 or 256 force one entry
    * (MOE8_SM90_BN for Fprop and Dgrad, MOE8_SM90_WGRAD_BN for Wgrad; for measuring the two).
    */
   readonly sm90Bn: 0 | 128 | 256;
+  readonly sm90WgradBn: 0 | 128 | 256;
   /**
    * CTAs of the persistent sm90 GEMMs: one per SM, or MOE8_SM90_CTAS (the tests use a few, so that
    * every CTA walks several tiles: the ring's phases and the deferred epilogues across tiles).
    */
   readonly sm90Ctas: number;
-  readonly sm90WgradBn: 0 | 128 | 256;
   /** Device int32 offsets by (rows, part size): see segmentsOf. */
   private readonly segments = new Map<string, DeviceBuffer>();
 
@@ -112,11 +113,11 @@ export class CudaContext {
     this.sm90Dense = sm90DenseMode(process.env.MOE8_SM90_DENSE);
     this.kMajorColTiles = this.sm90Gemm && process.env.MOE8_SM90_KMAJOR !== "0";
     this.sm90Bn = tileWidth("MOE8_SM90_BN");
+    this.sm90WgradBn = tileWidth("MOE8_SM90_WGRAD_BN");
     const ctas = process.env.MOE8_SM90_CTAS ?? "";
     if (ctas !== "" && !(Number.isInteger(Number(ctas)) && Number(ctas) >= 1))
       throw new Error(`MOE8_SM90_CTAS="${ctas}": expected a positive integer`);
     this.sm90Ctas = ctas === "" ? this.multiprocessors : Number(ctas);
-    this.sm90WgradBn = tileWidth("MOE8_SM90_WGRAD_BN");
   }
 
   /**

@@ -4,6 +4,7 @@
 import { decodeBf16 } from "@moe8/fp8-core";
 import type { Backend, BackendName } from "./backend.ts";
 import { type QuantInfo, Tensor } from "./tensor.ts";
+import { scaleCount } from "./ts/linear.ts";
 import { BYTES_PER_ELEMENT, type DType, type HostArray, hostArray, numel } from "./types.ts";
 
 /**
@@ -173,7 +174,7 @@ export function rowScales(t: Tensor, op: string): number {
     throw new Error(
       `${op}: ${t} is not a 2-D FP8 matrix of 1x128 tiles or rows (other scales do not follow its rows)`,
     );
-  return q.group === "row" ? 1 : Math.ceil(t.cols / 128);
+  return scaleCount(q.group, 1, t.cols);
 }
 
 /** The typed array behind a host tensor, checked for use after dispose. */

@@ -7,7 +7,7 @@
 #   2 the cuda op suite with poisoned buffers (MOE8_POISON=1), including both grouped FP8 paths
 #     against the reference (test/cuda-op-suite.test.ts)
 #   3 attn-bench: the attention kernels against PyTorch's SDPA (cuDNN, FlashAttention-2); bench gemm
-#     --shape experts: per-role TFLOP/s of the expert GEMMs, sm90 and mma.sync
+#     --shape experts: per-role TFLOP/s of the expert GEMMs, sm90 and mma.sync; bench-quant: the FP8 quantisers at small's shapes against a device copy
 #   4 bench step small: fp8 with the sm90 GEMM, fp8 with MOE8_SM90_KMAJOR=0 (kt: transposed column
 #     tiles), MOE8_SM90_BN=128 (bn128), MOE8_SM90_GEMM=0 (mma), bf16; bench-gemm-bn128: the
 #     experts' GEMMs on the 128 x 128 entries
@@ -86,6 +86,9 @@ json_of /tmp/gemm.json bench-gemm
 step bench-gemm-bn128 150 40 sh -c 'MOE8_SM90_BN=128 MOE8_SM90_WGRAD_BN=128 bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts --json > /tmp/gemm-bn128.json'
 cat /tmp/gemm-bn128.json >>"$LOG" 2>/dev/null
 json_of /tmp/gemm-bn128.json bench-gemm-bn128
+# The FP8 quantisers at small's shapes: ms and effective bandwidth against a device copy (issue 18).
+step bench-quant 90 20 sh -c 'bun apps/trainer/src/cli.ts bench quant --backend cuda > /tmp/quant.txt'
+cat /tmp/quant.txt >>"$LOG" 2>/dev/null
 # The dense shapes of small: BF16 (cuBLASLt) and FP8 on each Hopper path (cuBLASLt, sm90), per role.
 step bench-dense 150 40 sh -c 'bun apps/trainer/src/cli.ts bench gemm --backend cuda --json > /tmp/gemm-dense.json'
 cat /tmp/gemm-dense.json >>"$LOG" 2>/dev/null

@@ -25,7 +25,7 @@ commands (moe8 <command> --help lists a command's flags):
   eval           loss of a checkpoint on data (--checkpoint DIR --data PATH [--json])
   sample         generate text from a checkpoint (--checkpoint DIR --prompt TEXT)
   parity         FP8 against BF16 loss parity (--precision fp8 --against bf16 --steps N [--sweep])
-  bench          gemm | ops | step | soak benchmarks (--backend ts|cpu|cuda --precision ... [--json])
+  bench          gemm | ops | step | soak | quant benchmarks (--backend ts|cpu|cuda --precision ... [--json])
   prepare-data   tokenise text into Arrow shards (--input ... --out datasets/NAME [--overwrite])
   export         a Hugging Face model folder from a checkpoint (--checkpoint DIR --out DIR [--dtype bf16|f32])
   doctor         runtime, CPU/SIMD, native addon, available backends`;
@@ -42,7 +42,7 @@ await runCli(async () => {
     return await (await load())(rest);
   } catch (e) {
     if (!(e instanceof HelpRequest)) throw e;
-    console.log(helpText(cmd === "bench" ? "bench gemm|ops|step|soak" : cmd, e));
+    console.log(helpText(cmd === "bench" ? "bench gemm|ops|step|soak|quant" : cmd, e));
     return 0;
   }
 }, rest.includes("--debug"));

@@ -237,15 +237,13 @@ export class MLA {
     // k = [k_nope | k_pe]: k_nope goes back to kv_b's rows, k_pe is summed over the heads it was shared by.
     const dknope = b.headSlice(g.dk, { heads: H, width: dn + dr, start: 0, len: dn });
     const dkpe = b.headSlice(g.dk, { heads: H, width: dn + dr, start: dn, len: dr, sumHeads: true });
-    const dkvb = b.zeros([s.a.rows, H * (dn + dv)]);
-    b.headScatterAdd(dkvb, dknope, { heads: H, width: dn + dv, start: 0, len: dn });
-    b.headScatterAdd(dkvb, g.dv, { heads: H, width: dn + dv, start: dn, len: dv });
+    // kv_b's output rows are [k_nope | v] per head: its gradient is the same concatenation (one
+    // pass, no zeroed tensor added into).
+    const dkvb = b.headConcat(dknope, g.dv, H, H);
     const dcn = this.kvB.backward(dkvb);
     const cn = b.rmsnormBackward(dcn, s.c, this.kvNorm.value, s.cRstd);
     b.addInto(this.kvNorm.grad, cn.dw);
-    const dkv = b.zeros([s.a.rows, r + dr]);
-    b.headScatterAdd(dkv, cn.dx, { heads: 1, width: r + dr, start: 0, len: r });
-    b.headScatterAdd(dkv, dkpe, { heads: 1, width: r + dr, start: r, len: dr });
+    const dkv = b.headConcat(cn.dx, dkpe, 1, 1);
     const da = this.kvA.backward(b.rope(dkv, this.ropeOpts(1, r + dr, r, s.shape.seq, true)));
     const dq = b.rope(g.dq, this.ropeOpts(H, dn + dr, dn, s.shape.seq, true));
     if (this.q) this.q.backward(dq, da);

@@ -57,37 +57,46 @@ export function rope(cx: CudaContext, x: Tensor, o: RopeOptions): Tensor {
   const R = x.rows;
   const y = cx.make(x.shape, "f32");
   const xp = cx.f32p(x, "rope");
-  const { heads, width, offset, dim } = o;
-  cx.launch(KERNELS.nn.rope_passthrough, cx.g1(R * heads * width), 256, {
-    x: xp,
-    y: cx.p(y),
-    R,
-    heads,
-    width,
-    offset,
+  const { heads, width, offset, dim, seqLen } = o;
+  const half = Math.floor(dim / 2);
+  if (R === 0) return y;
+  // The angles' cosines and sines for this call's positions, then one pass over the rows.
+  const table = cx.scratch(Math.max(1, seqLen * half) * 16);
+  cx.launch(KERNELS.nn.rope_table, cx.g1(seqLen * half), 256, {
+    cs: table.ptr,
+    seqLen,
+    half,
     dim,
-  });
-  cx.launch(KERNELS.nn.rope, cx.g1((R * heads * dim) / 2), 256, {
-    x: xp,
-    y: cx.p(y),
-    R,
-    heads,
-    width,
-    offset,
-    dim,
-    seqLen: o.seqLen,
     start: o.start ?? 0,
     theta: o.theta,
     inverse: o.inverse ? 1 : 0,
   });
+  cx.launch(KERNELS.nn.rope_rows, cx.rowsGrid(R), rowBlock(heads * width), {
+    x: xp,
+    y: cx.p(y),
+    cs: table.ptr,
+    R,
+    heads,
+    width,
+    offset,
+    dim,
+    seqLen,
+  });
+  table.free();
   return y;
+}
+
+/** Threads for one block per row of n elements: whole warps, at most 256. */
+function rowBlock(n: number): number {
+  return Math.min(256, Math.max(32, Math.ceil(n / 32) * 32));
 }
 
 export function headSlice(cx: CudaContext, x: Tensor, o: HeadSliceOptions): Tensor {
   const R = x.rows;
   const outHeads = o.sumHeads ? 1 : o.heads;
   const y = cx.make([R, outHeads * o.len], "f32");
-  cx.launch(KERNELS.nn.head_slice, cx.g1(R * outHeads * o.len), 256, {
+  if (R === 0) return y;
+  cx.launch(KERNELS.nn.head_slice, cx.rowsGrid(R), rowBlock(outHeads * o.len), {
     x: cx.f32p(x, "headSlice"),
     y: cx.p(y),
     R,
@@ -102,7 +111,8 @@ export function headSlice(cx: CudaContext, x: Tensor, o: HeadSliceOptions): Tens
 
 export function headScatterAdd(cx: CudaContext, dst: Tensor, src: Tensor, o: HeadSliceOptions): void {
   const R = dst.rows;
-  cx.launch(KERNELS.nn.head_scatter_add, cx.g1(R * o.heads * o.len), 256, {
+  if (R === 0) return;
+  cx.launch(KERNELS.nn.head_scatter_add, cx.rowsGrid(R), rowBlock(o.heads * o.len), {
     dst: cx.f32p(dst, "headScatterAdd"),
     src: cx.f32p(src, "headScatterAdd"),
     R,
@@ -118,7 +128,8 @@ export function headConcat(cx: CudaContext, a: Tensor, b: Tensor, heads: number,
   const lb = b.cols / bHeads;
   const R = a.rows;
   const y = cx.make([R, heads * (la + lb)], "f32");
-  cx.launch(KERNELS.nn.head_concat, cx.g1(y.size), 256, {
+  if (R === 0) return y;
+  cx.launch(KERNELS.nn.head_concat, cx.rowsGrid(R), rowBlock(heads * (la + lb)), {
     a: cx.f32p(a, "headConcat"),
     b: cx.f32p(b, "headConcat"),
     y: cx.p(y),

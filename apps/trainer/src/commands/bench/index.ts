@@ -1,4 +1,4 @@
-// `moe8 bench gemm|ops|step|soak`: benchmarks reported as numbers and as ratios against a baseline
+// `moe8 bench gemm|ops|step|soak|quant`: benchmarks reported as numbers and as ratios against a baseline
 // measured in the same run (never asserted by timed tests). One module per benchmark, loaded when
 // chosen; they share the flags below (each reads the ones it needs).
 import { UsageError } from "@moe8/fp8-core";
@@ -11,6 +11,7 @@ const BENCHMARKS: Record<string, () => Promise<Benchmark>> = {
   ops: async () => (await import("./ops.ts")).benchOps,
   step: async () => (await import("./step.ts")).benchStep,
   soak: async () => (await import("./soak.ts")).benchSoak,
+  quant: async () => (await import("./quant.ts")).benchQuant,
 };
 
 export const BENCH_FLAGS: FlagSpec = {
@@ -32,6 +33,7 @@ export async function bench(argv: string[]): Promise<number> {
   // `bench --help` has no benchmark name before the flag.
   const { flags } = parseArgs(what === "--help" ? argv : rest, BENCH_FLAGS);
   const load = what !== undefined && Object.hasOwn(BENCHMARKS, what) ? BENCHMARKS[what] : undefined;
-  if (!load) throw new UsageError(`bench: unknown benchmark "${what ?? ""}" (use gemm, ops, step or soak)`);
+  if (!load)
+    throw new UsageError(`bench: unknown benchmark "${what ?? ""}" (use gemm, ops, step, soak or quant)`);
   return (await load())(flags);
 }

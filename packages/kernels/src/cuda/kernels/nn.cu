@@ -48,77 +48,90 @@ KERNEL void colsum_final(const double* part, float* out, int chunks, int C) {
   out[c] = (float)v;
 }
 
-// Interleaved-pair RoPE on [offset, offset + dim) of each head; position start + r % seqLen.
-// One thread per (row, pair, head). The angle is computed in double, as the reference does.
-KERNEL void rope(const float* x, float* y, int R, int heads, int width, int offset, int dim, int seqLen, int start,
-                 double theta, int inverse) {
-  const int half = dim / 2;
-  const i64 total = (i64)R * heads * half;
-  for (i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x; t < total; t += (i64)gridDim.x * blockDim.x) {
-    const int h = (int)(t % heads);
-    const int i = (int)((t / heads) % half);
-    const int r = (int)(t / ((i64)heads * half));
-    const int pos = start + r % seqLen;
-    const double angle = pos * pow(theta, (-2.0 * i) / dim);
-    const double c = cos(angle);
-    const double s = inverse ? -sin(angle) : sin(angle);
-    const i64 j = (i64)r * heads * width + (i64)h * width + offset + 2 * i;
-    const double a = x[j], b = x[j + 1];
-    y[j] = (float)(a * c - b * s);
-    y[j + 1] = (float)(a * s + b * c);
+// Interleaved-pair RoPE on [offset, offset + dim) of each head; position start + r % seqLen. The
+// angles' cosines and sines are computed once per call (rope_table: seqLen x dim/2 of them, in double
+// as the reference computes them), then rope_rows rotates and copies every row in one pass. (One
+// thread per pair computing pow, cos and sin in double, and a second kernel copying the unrotated
+// columns, took 3 ms of the small step for 32 calls.)
+// cs[2 (p * half + i)] = cos and cs[2 (p * half + i) + 1] = sin (negated for the inverse rotation) of
+// the angle (start + p) * theta^(-2i / dim).
+KERNEL void rope_table(double* cs, int seqLen, int half, int dim, int start, double theta, int inverse) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= seqLen * half) return;
+  const int p = t / half, i = t - p * half;
+  const double angle = (start + p) * pow(theta, (-2.0 * i) / dim);
+  cs[2 * t] = cos(angle);
+  cs[2 * t + 1] = inverse ? -sin(angle) : sin(angle);
+}
+
+// One block per row: each element of the rotated slices is its pair's rotation (a c - b s for the
+// first of the pair, a s + b c for the second, in double, rounded once), the others are copied.
+KERNEL void rope_rows(const float* x, float* y, const double* cs, int R, int heads, int width, int offset, int dim,
+                      int seqLen) {
+  const int r = blockIdx.x + blockIdx.y * GRID_YZ_MAX;
+  if (r >= R) return;
+  const int n = heads * width, half = dim / 2;
+  const float* xr = x + (i64)r * n;
+  float* yr = y + (i64)r * n;
+  const double* rc = cs + 2 * (i64)(r % seqLen) * half;
+  for (int t = threadIdx.x; t < n; t += blockDim.x) {
+    const int h = t / width, j = t - h * width - offset;
+    if (j < 0 || j >= 2 * half) {
+      yr[t] = xr[t];
+      continue;
+    }
+    const int i = j >> 1, a0 = t - (j & 1);
+    const double c = rc[2 * i], sn = rc[2 * i + 1], a = xr[a0], b = xr[a0 + 1];
+    yr[t] = (float)((j & 1) ? a * sn + b * c : a * c - b * sn);
   }
 }
 
-// Copies the columns of x outside the rotated slices (rope writes only the slices).
-KERNEL void rope_passthrough(const float* x, float* y, int R, int heads, int width, int offset, int dim) {
-  const i64 total = (i64)R * heads * width;
-  for (i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x; t < total; t += (i64)gridDim.x * blockDim.x) {
-    const int c = (int)(t % width);
-    if (c < offset || c >= offset + dim) y[t] = x[t];
-  }
-}
-
-// y[r, h, 0:len] = x[r, h, start:start+len] (or summed over heads into [r, 0:len]).
+// The head kernels below take one block per row (32-bit index arithmetic within it: a grid-stride
+// loop dividing 64-bit element indices by the head width made them bound by integer division).
+// y[r, h, 0:len] = x[r, h, start:start+len] (or summed over heads into [r, 0:len], heads in order).
 KERNEL void head_slice(const float* x, float* y, int R, int heads, int width, int start, int len, int sumHeads) {
-  const int outHeads = sumHeads ? 1 : heads;
-  const i64 total = (i64)R * outHeads * len;
-  for (i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x; t < total; t += (i64)gridDim.x * blockDim.x) {
-    const int c = (int)(t % len);
-    const int h = (int)((t / len) % outHeads);
-    const int r = (int)(t / ((i64)outHeads * len));
-    const float* xr = x + (i64)r * heads * width + start + c;
+  const int r = blockIdx.x + blockIdx.y * GRID_YZ_MAX;
+  if (r >= R) return;
+  const int n = (sumHeads ? 1 : heads) * len;
+  const float* xr = x + (i64)r * heads * width + start;
+  float* yr = y + (i64)r * n;
+  for (int t = threadIdx.x; t < n; t += blockDim.x) {
     if (sumHeads) {
       float v = 0.0f;
-      for (int hh = 0; hh < heads; hh++) v += xr[(i64)hh * width];
-      y[t] = v;
+      for (int h = 0; h < heads; h++) v += xr[h * width + t];
+      yr[t] = v;
     } else {
-      y[t] = xr[(i64)h * width];
+      const int h = t / len;
+      yr[t] = xr[h * width + t - h * len];
     }
   }
 }
 
 // dst[r, h, start:start+len] += src[r, h, :].
 KERNEL void head_scatter_add(float* dst, const float* src, int R, int heads, int width, int start, int len) {
-  const i64 total = (i64)R * heads * len;
-  for (i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x; t < total; t += (i64)gridDim.x * blockDim.x) {
-    const int c = (int)(t % len);
-    const int h = (int)((t / len) % heads);
-    const int r = (int)(t / ((i64)heads * len));
-    float* d = dst + (i64)r * heads * width + (i64)h * width + start + c;
-    *d = *d + src[t];
+  const int r = blockIdx.x + blockIdx.y * GRID_YZ_MAX;
+  if (r >= R) return;
+  const int n = heads * len;
+  float* dr = dst + (i64)r * heads * width + start;
+  const float* sr = src + (i64)r * n;
+  for (int t = threadIdx.x; t < n; t += blockDim.x) {
+    const int h = t / len;
+    float* d = dr + h * width + t - h * len;
+    *d = *d + sr[t];
   }
 }
 
 // y[r, h] = [a[r, h] (la) | b[r, bHeads == 1 ? 0 : h] (lb)].
 KERNEL void head_concat(const float* a, const float* b, float* y, int R, int heads, int la, int lb, int bHeads) {
-  const int w = la + lb;
-  const i64 total = (i64)R * heads * w;
-  for (i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x; t < total; t += (i64)gridDim.x * blockDim.x) {
-    const int c = (int)(t % w);
-    const int h = (int)((t / w) % heads);
-    const int r = (int)(t / ((i64)heads * w));
-    if (c < la) y[t] = a[(i64)r * heads * la + (i64)h * la + c];
-    else y[t] = b[(i64)r * bHeads * lb + (i64)(bHeads == 1 ? 0 : h) * lb + (c - la)];
+  const int r = blockIdx.x + blockIdx.y * GRID_YZ_MAX;
+  if (r >= R) return;
+  const int w = la + lb, n = heads * w;
+  const float* ar = a + (i64)r * heads * la;
+  const float* br = b + (i64)r * bHeads * lb;
+  float* yr = y + (i64)r * n;
+  for (int t = threadIdx.x; t < n; t += blockDim.x) {
+    const int h = t / w, c = t - h * w;
+    yr[t] = c < la ? ar[h * la + c] : br[(bHeads == 1 ? 0 : h) * lb + c - la];
   }
 }
 
@@ -132,26 +145,40 @@ __device__ __forceinline__ double sigmoid_d(double x) { return 1.0 / (1.0 + exp(
 __device__ __forceinline__ double gu_at(const float* gu, i64 i) { return gu[i]; }
 __device__ __forceinline__ double gu_at(const u16* gu, i64 i) { return bf16_to_f32(gu[i]); }
 
-template <typename T>
-__device__ __forceinline__ void swiglu_fwd_body(const T* gu, float* h, i64 rows, int inter) {
-  const i64 n = rows * inter;
-  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
-    const i64 r = i / inter, c = i - r * inter;
+// The element loops index with I = int when every index fits (the 64-bit division by `inter` per
+// element cost more than the element's arithmetic), else with i64.
+__device__ __forceinline__ bool fits_i32(i64 n) { return n + (i64)gridDim.x * blockDim.x < 2147483647LL; }
+
+template <typename I, typename T>
+__device__ __forceinline__ void swiglu_fwd_loop(const T* gu, float* h, I rows, int inter) {
+  const I n = rows * inter;
+  for (I i = blockIdx.x * (I)blockDim.x + threadIdx.x; i < n; i += (I)gridDim.x * blockDim.x) {
+    const I r = i / inter, c = i - r * inter;
     const double gv = gu_at(gu, r * 2 * inter + c);
     h[i] = (float)(gv * sigmoid_d(gv) * gu_at(gu, r * 2 * inter + inter + c));
   }
 }
+template <typename T>
+__device__ __forceinline__ void swiglu_fwd_body(const T* gu, float* h, i64 rows, int inter) {
+  if (fits_i32(2 * rows * inter)) swiglu_fwd_loop<int>(gu, h, (int)rows, inter);
+  else swiglu_fwd_loop<i64>(gu, h, rows, inter);
+}
 
-template <typename D, typename T>
-__device__ __forceinline__ void swiglu_bwd_body(const D* dh, const T* gu, float* dgu, i64 rows, int inter) {
-  const i64 n = rows * inter;
-  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
-    const i64 r = i / inter, c = i - r * inter;
-    const i64 gi = r * 2 * inter + c, ui = gi + inter;
+template <typename I, typename D, typename T>
+__device__ __forceinline__ void swiglu_bwd_loop(const D* dh, const T* gu, float* dgu, I rows, int inter) {
+  const I n = rows * inter;
+  for (I i = blockIdx.x * (I)blockDim.x + threadIdx.x; i < n; i += (I)gridDim.x * blockDim.x) {
+    const I r = i / inter, c = i - r * inter;
+    const I gi = r * 2 * inter + c, ui = gi + inter;
     const double gv = gu_at(gu, gi), s = sigmoid_d(gv), d = gu_at(dh, i);
     dgu[ui] = (float)(d * gv * s);
     dgu[gi] = (float)(d * gu_at(gu, ui) * s * (1.0 + gv * (1.0 - s)));
   }
+}
+template <typename D, typename T>
+__device__ __forceinline__ void swiglu_bwd_body(const D* dh, const T* gu, float* dgu, i64 rows, int inter) {
+  if (fits_i32(2 * rows * inter)) swiglu_bwd_loop<int>(dh, gu, dgu, (int)rows, inter);
+  else swiglu_bwd_loop<i64>(dh, gu, dgu, rows, inter);
 }
 
 KERNEL void swiglu_fwd_f32(const float* gu, float* h, i64 rows, int inter) { swiglu_fwd_body(gu, h, rows, inter); }

@@ -136,21 +136,6 @@ KERNEL void __launch_bounds__(256) quant_block(const float* x, u8* q, float* sca
   if (threadIdx.x == 0) scales[(i64)b * nrb * ncb + rb * ncb + cb] = s.scale;
 }
 
-// First row, row count and scale offset of piece p: a segment (when seg != 0) or matrix p.
-__device__ __forceinline__ void piece_of(const int* seg, int p, int rows, int cols, int* r0, int* n, i64* soff) {
-  if (seg) {
-    *r0 = seg[p];
-    *n = seg[p + 1] - seg[p];
-    i64 o = 0;
-    for (int e = 0; e < p; e++) o += (i64)cdiv(seg[e + 1] - seg[e], 128) * cols;
-    *soff = o;
-  } else {
-    *r0 = p * rows;
-    *n = rows;
-    *soff = (i64)p * cdiv(rows, 128) * cols;
-  }
-}
-
 // Where column tiles read their values: an f32 matrix, or the FP8 codes and scales of a 2-D
 // quantised matrix (requantisation: the value is decode(code) * scale, as dequant_rows computes it,
 // so the result is bit-identical to quantising the dequantised matrix, without writing it).
@@ -191,20 +176,47 @@ struct ColGroup {
   int a0, h, rb;
   i64 soff;
 };
+// With segments each warp finds the block's piece in one pass: lane l takes segments l, l + 32, ...,
+// a warp scan of their group counts gives each segment's first group, and a ballot the segment that
+// holds blockIdx.y (the first whose groups end past it); its scales start after all earlier groups'.
+// (Walking the segments one at a time, twice, cost a block hundreds of dependent loads before its
+// first data load: most of the experts' Wgrad quantisation time at 64 experts.)
 __device__ __forceinline__ bool col_group(const int* seg, int nseg, int rows, int cols, ColGroup* g) {
-  int rb = blockIdx.y, p = blockIdx.z;
+  int rb = blockIdx.y, r0, n;
+  i64 before;  // groups of the earlier pieces
   if (seg) {
-    for (p = 0; p < nseg; p++) {
-      const int groups = cdiv(seg[p + 1] - seg[p], 128);
-      if (rb < groups) break;
-      rb -= groups;
+    const int lane = threadIdx.x & 31;
+    int p = -1, done = 0;
+    for (int base = 0; base < nseg && p < 0; base += 32) {
+      const int e = base + lane;
+      const int groups = e < nseg ? cdiv(seg[e + 1] - seg[e], 128) : 0;
+      int incl = groups;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int t = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += t;
+      }
+      const unsigned hit = __ballot_sync(0xffffffffu, e < nseg && rb < done + incl);
+      if (hit) {
+        const int l = __ffs(hit) - 1;
+        p = base + l;
+        before = done + __shfl_sync(0xffffffffu, incl - groups, l);
+      } else {
+        done += __shfl_sync(0xffffffffu, incl, 31);
+      }
     }
-    if (p >= nseg) return false;
+    if (p < 0) return false;
+    rb -= (int)before;
+    r0 = seg[p];
+    n = seg[p + 1] - seg[p];
+  } else {
+    const int p = blockIdx.z;
+    r0 = p * rows;
+    n = rows;
+    before = (i64)p * cdiv(rows, 128);
   }
-  int r0, n;
-  piece_of(seg, p, rows, cols, &r0, &n, &g->soff);
   if (rb * 128 >= n) return false;
-  g->a0 = r0 + rb * 128, g->h = min(128, n - rb * 128), g->rb = rb;
+  g->a0 = r0 + rb * 128, g->h = min(128, n - rb * 128), g->rb = rb, g->soff = before * cols;
   return true;
 }
 

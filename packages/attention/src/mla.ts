@@ -230,7 +230,6 @@ export class MLA {
       kv_lora_rank: r,
       qk_nope_head_dim: dn,
       qk_rope_head_dim: dr,
-      v_head_dim: dv,
     } = this.cfg;
     const dO = this.out.backward(dOut);
     const g = b.attentionBackward(dO, s.q, s.k, s.v, s.o, s.lse, this.attnOpts(s.shape));

@@ -1,5 +1,6 @@
 // Dense layers' ops (nn.cu): RMSNorm, RoPE, head slicing and concatenation, SwiGLU, embeddings.
 import { type HeadSliceOptions, type RopeOptions, swigluWidth, type Tensor } from "@moe8/tensor";
+import { DEFINES } from "../cuda/kernels.generated.ts";
 import { type CudaContext, cdiv, KERNELS } from "./context.ts";
 import { f32Operand } from "./elementwise.ts";
 
@@ -198,7 +199,8 @@ export function embeddingBackward(cx: CudaContext, dw: Tensor, dy: Tensor, ids: 
   const d = dw.cols;
   const V = dw.rows;
   const slices = Math.max(1, Math.min(64, V));
-  cx.launch(KERNELS.nn.embedding_bwd, [cdiv(d, 128), slices], 128, {
+  const threads = DEFINES.nn.EMB_THREADS;
+  cx.launch(KERNELS.nn.embedding_bwd, [cdiv(d, threads), slices], threads, {
     dw: cx.f32p(dw, "embeddingBackward"),
     dy: cx.f32p(dy, "embeddingBackward"),
     ids: cx.i32p(ids, "embeddingBackward"),

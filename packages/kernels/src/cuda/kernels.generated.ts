@@ -116,7 +116,7 @@ export const KERNELS = {
     swiglu_bwd_bf16: { module: "nn", name: "swiglu_bwd_bf16", maxThreads: null, params: [["dh", "u64"], ["gu", "u64"], ["dgu", "u64"], ["rows", "u64"], ["inter", "i32"]] },
     swiglu_bwd_bf16_dh16: { module: "nn", name: "swiglu_bwd_bf16_dh16", maxThreads: null, params: [["dh", "u64"], ["gu", "u64"], ["dgu", "u64"], ["rows", "u64"], ["inter", "i32"]] },
     embedding_fwd: { module: "nn", name: "embedding_fwd", maxThreads: null, params: [["w", "u64"], ["ids", "u64"], ["out", "u64"], ["N", "i32"], ["V", "i32"], ["d", "i32"], ["bad", "u64"]] },
-    embedding_bwd: { module: "nn", name: "embedding_bwd", maxThreads: null, params: [["dw", "u64"], ["dy", "u64"], ["ids", "u64"], ["N", "i32"], ["V", "i32"], ["d", "i32"], ["slices", "i32"]] },
+    embedding_bwd: { module: "nn", name: "embedding_bwd", maxThreads: 128, params: [["dw", "u64"], ["dy", "u64"], ["ids", "u64"], ["N", "i32"], ["V", "i32"], ["d", "i32"], ["slices", "i32"]] },
   },
   optim: {
     cross_entropy_rows: { module: "optim", name: "cross_entropy_rows", maxThreads: null, params: [["logits", "u64"], ["targets", "u64"], ["dlogits", "u64"], ["lossRow", "u64"], ["N", "i32"], ["V", "i32"], ["gradScale", "f64"], ["bad", "u64"]] },
@@ -151,7 +151,7 @@ export const DEFINES = {
   gemm16: { G16_BM: 128, G16_BN: 128, G16_BK: 64, G16_STAGES: 3, G16_LDK: 72, G16_LDR: 136, G16_SMEM_BYTES: 110592 },
   gemm_sm90: { SM90_MAX_E: 256, SM90_THREADS: 384, SM90_BM: 128, SM90_OUT_F32: 0, SM90_OUT_ROUND: 1, SM90_OUT_BF16: 2, SM90_SMEM_128x256: 216120, SM90_SMEM_128x128: 199752, SM90_SMEM_WGRAD_128x256: 221240, SM90_SMEM_WGRAD_128x128: 202824, SM90_TP_COLS: 64 },
   moe: { ROUTER_MAX_EXPERTS: 256, PERMUTE_MAX_EXPERTS: 1024, PCHUNK: 256, BIAS_SIGN: 0, BIAS_ERROR: 1 },
-  nn: {},
+  nn: { EMB_THREADS: 128 },
   optim: { SUMSQ_ROW: 4, ADAMW_ROW: 8, ADAMW_CHUNK: 4096, ADAMW_M_BF16: 1, ADAMW_V_BF16: 2, ADAMW_DECAY: 4 },
   quant: { TILES_PER_WARP: 4, CT_COLS: 64 },
 } as const;

@@ -229,6 +229,11 @@ __device__ __forceinline__ float abs_for_amax(float x) {
 
 __device__ __forceinline__ int cdiv(int a, int b) { return (a + b - 1) / b; }
 
+// Whether a grid-stride loop over n elements can index with int (its last step stays below 2^31):
+// element loops that divide their index take the 32-bit path then (a 64-bit division is a long
+// instruction sequence, and made such kernels bound by integer arithmetic).
+__device__ __forceinline__ bool fits_i32(i64 n) { return n + (i64)gridDim.x * blockDim.x < 2147483647LL; }
+
 // Number of scales of a rows x cols matrix in a group layout (fp8-core scaleShape).
 __device__ __forceinline__ int scale_count(int group, int rows, int cols) {
   switch (group) {

@@ -174,12 +174,17 @@ KERNEL void permute_scatter(const int* topIdx, const int* base, int* slot, int* 
 }
 
 // xs[r] = x[slot[r] / k].
-KERNEL void gather_rows(const float* x, const int* slot, float* xs, int rows, int d, int k) {
-  const i64 total = (i64)rows * d;
-  for (i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x; t < total; t += (i64)gridDim.x * blockDim.x) {
-    const int r = (int)(t / d), c = (int)(t % d);
+template <typename I>
+__device__ __forceinline__ void gather_loop(const float* x, const int* slot, float* xs, I rows, int d, int k) {
+  const I total = rows * d;
+  for (I t = blockIdx.x * (I)blockDim.x + threadIdx.x; t < total; t += (I)gridDim.x * blockDim.x) {
+    const I r = t / d, c = t - r * d;
     xs[t] = x[(i64)(slot[r] / k) * d + c];
   }
+}
+KERNEL void gather_rows(const float* x, const int* slot, float* xs, int rows, int d, int k) {
+  if (fits_i32((i64)rows * d)) gather_loop<int>(x, slot, xs, rows, d, k);
+  else gather_loop<i64>(x, slot, xs, rows, d, k);
 }
 
 // pos[slot[r]] = r (the inverse permutation).
@@ -193,15 +198,20 @@ __device__ __forceinline__ float load_y(const u16* p) { return bf16_to_f32(*p); 
 
 // dx[n] = sum_j dxs[pos[n k + j]] (f32, in order of j). dxs is f32, or BF16 when the experts' Dgrad
 // stores its (BF16-rounded) result that way.
-template <typename Y>
-__device__ __forceinline__ void permute_bwd_body(const Y* dxs, const int* pos, float* dx, int N, int k, int d) {
-  const i64 total = (i64)N * d;
-  for (i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x; t < total; t += (i64)gridDim.x * blockDim.x) {
-    const int n = (int)(t / d), c = (int)(t % d);
+template <typename I, typename Y>
+__device__ __forceinline__ void permute_bwd_loop(const Y* dxs, const int* pos, float* dx, I N, int k, int d) {
+  const I total = N * d;
+  for (I t = blockIdx.x * (I)blockDim.x + threadIdx.x; t < total; t += (I)gridDim.x * blockDim.x) {
+    const I n = t / d, c = t - n * d;
     float v = 0.0f;
     for (int j = 0; j < k; j++) v += load_y(dxs + (i64)pos[(i64)n * k + j] * d + c);
     dx[t] = v;
   }
+}
+template <typename Y>
+__device__ __forceinline__ void permute_bwd_body(const Y* dxs, const int* pos, float* dx, int N, int k, int d) {
+  if (fits_i32((i64)N * d)) permute_bwd_loop<int>(dxs, pos, dx, N, k, d);
+  else permute_bwd_loop<i64>(dxs, pos, dx, N, k, d);
 }
 
 KERNEL void permute_bwd(const float* dxs, const int* pos, float* dx, int N, int k, int d) {
@@ -212,16 +222,21 @@ KERNEL void permute_bwd16(const u16* dxs, const int* pos, float* dx, int N, int 
 }
 
 // y[n] = sum_j w[n k + j] ys[pos[n k + j]] (double accumulation); ys f32 or BF16 (as above).
-template <typename Y>
-__device__ __forceinline__ void combine_body(const Y* ys, const int* pos, const float* w, float* y, int N, int k, int d) {
-  const i64 total = (i64)N * d;
-  for (i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x; t < total; t += (i64)gridDim.x * blockDim.x) {
-    const int n = (int)(t / d), c = (int)(t % d);
+template <typename I, typename Y>
+__device__ __forceinline__ void combine_loop(const Y* ys, const int* pos, const float* w, float* y, I N, int k, int d) {
+  const I total = N * d;
+  for (I t = blockIdx.x * (I)blockDim.x + threadIdx.x; t < total; t += (I)gridDim.x * blockDim.x) {
+    const I n = t / d, c = t - n * d;
     double v = 0.0;
     for (int j = 0; j < k; j++)
       v += (double)w[(i64)n * k + j] * (double)load_y(ys + (i64)pos[(i64)n * k + j] * d + c);
     y[t] = (float)v;
   }
+}
+template <typename Y>
+__device__ __forceinline__ void combine_body(const Y* ys, const int* pos, const float* w, float* y, int N, int k, int d) {
+  if (fits_i32((i64)N * d)) combine_loop<int>(ys, pos, w, y, N, k, d);
+  else combine_loop<i64>(ys, pos, w, y, N, k, d);
 }
 
 KERNEL void combine(const float* ys, const int* pos, const float* w, float* y, int N, int k, int d) {
@@ -233,6 +248,14 @@ KERNEL void combine16(const u16* ys, const int* pos, const float* w, float* y, i
 
 // dys[r] = w[slot[r]] dy[slot[r] / k]; dweights[slot[r]] = dy[n] . ys[r]. One warp per row r.
 // ys is f32, or BF16 when the experts' outputs are BF16 values anyway (kept at half the bytes).
+// When d % 4 == 0 each lane takes four adjacent columns per load (16-byte dy and dys accesses;
+// scalar loads left the kernel latency-bound at a third of the memory bandwidth).
+__device__ __forceinline__ float4 load_y4(const float* p) { return *(const float4*)p; }
+__device__ __forceinline__ float4 load_y4(const u16* p) {
+  const uint2 w = *(const uint2*)p;
+  return make_float4(bf16_to_f32(w.x & 0xffff), bf16_to_f32(w.x >> 16), bf16_to_f32(w.y & 0xffff),
+                     bf16_to_f32(w.y >> 16));
+}
 template <typename Y>
 __device__ void combine_bwd_rows(const float* dy, const Y* ys, const int* slot, const float* w, float* dys,
                                  float* dweights, int rows, int k, int d) {
@@ -242,11 +265,27 @@ __device__ void combine_bwd_rows(const float* dy, const Y* ys, const int* slot, 
   const int i = slot[r];
   const int n = i / k;
   const float wi = w[i];
+  const float* dyr = dy + (i64)n * d;
+  const Y* ysr = ys + (i64)r * d;
+  float* dysr = dys + (i64)r * d;
   double dot = 0.0;
-  for (int c = lane; c < d; c += 32) {
-    const float g = dy[(i64)n * d + c];
-    dys[(i64)r * d + c] = wi * g;
-    dot += (double)g * (double)load_y(ys + (i64)r * d + c);
+  if ((d & 3) == 0) {
+#pragma unroll 4
+    for (int c = lane * 4; c < d; c += 128) {
+      const float4 g = *(const float4*)(dyr + c);
+      const float4 yv = load_y4(ysr + c);
+      *(float4*)(dysr + c) = make_float4(wi * g.x, wi * g.y, wi * g.z, wi * g.w);
+      dot += (double)g.x * (double)yv.x;
+      dot += (double)g.y * (double)yv.y;
+      dot += (double)g.z * (double)yv.z;
+      dot += (double)g.w * (double)yv.w;
+    }
+  } else {
+    for (int c = lane; c < d; c += 32) {
+      const float g = dyr[c];
+      dysr[c] = wi * g;
+      dot += (double)g * (double)load_y(ysr + c);
+    }
   }
   dot = warp_sum(dot);
   if (lane == 0) dweights[i] = (float)dot;

@@ -225,12 +225,7 @@ export class MLA {
     const b = this.b;
     const s = this.saved.pop();
     if (!s) throw new Error(`${this.prefix}: backward without forward`);
-    const {
-      num_attention_heads: H,
-      kv_lora_rank: r,
-      qk_nope_head_dim: dn,
-      qk_rope_head_dim: dr,
-    } = this.cfg;
+    const { num_attention_heads: H, kv_lora_rank: r, qk_nope_head_dim: dn, qk_rope_head_dim: dr } = this.cfg;
     const dO = this.out.backward(dOut);
     const g = b.attentionBackward(dO, s.q, s.k, s.v, s.o, s.lse, this.attnOpts(s.shape));
     // k = [k_nope | k_pe]: k_nope goes back to kv_b's rows, k_pe is summed over the heads it was shared by.

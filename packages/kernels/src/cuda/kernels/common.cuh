@@ -158,6 +158,27 @@ __device__ __forceinline__ float decode_fp8(u8 c, int fmt) {
 #endif
 }
 
+// Four codes (w's bytes, lowest first) decoded as decode_fp8 does, two per conversion on sm_89+.
+__device__ __forceinline__ void decode_fp8x4(u32 w, int fmt, float* v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  u32 lo, hi;
+  const unsigned short a = w & 0xffffu, b = w >> 16;
+  if (fmt) {
+    asm("cvt.rn.f16x2.e5m2x2 %0, %1;" : "=r"(lo) : "h"(a));
+    asm("cvt.rn.f16x2.e5m2x2 %0, %1;" : "=r"(hi) : "h"(b));
+  } else {
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(lo) : "h"(a));
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(hi) : "h"(b));
+  }
+  asm("cvt.f32.f16 %0, %1;" : "=f"(v[0]) : "h"((unsigned short)(lo & 0xffffu)));
+  asm("cvt.f32.f16 %0, %1;" : "=f"(v[1]) : "h"((unsigned short)(lo >> 16)));
+  asm("cvt.f32.f16 %0, %1;" : "=f"(v[2]) : "h"((unsigned short)(hi & 0xffffu)));
+  asm("cvt.f32.f16 %0, %1;" : "=f"(v[3]) : "h"((unsigned short)(hi >> 16)));
+#else
+  for (int j = 0; j < 4; j++) v[j] = decode_fp8_bits((w >> (8 * j)) & 0xff, fmt);
+#endif
+}
+
 __device__ __forceinline__ float decode_fp8_bits(u8 c, int fmt) {
   const int man = fmt ? 2 : 3;
   const int bias = fmt ? 15 : 7;

@@ -195,11 +195,34 @@ KERNEL void invert_slots(const int* slot, int* pos, int rows) {
 
 __device__ __forceinline__ float load_y(const float* p) { return *p; }
 __device__ __forceinline__ float load_y(const u16* p) { return bf16_to_f32(*p); }
+// Four adjacent values (16-byte aligned f32, 8-byte aligned BF16).
+__device__ __forceinline__ float4 load_y4(const float* p) { return *(const float4*)p; }
+__device__ __forceinline__ float4 load_y4(const u16* p) {
+  const uint2 w = *(const uint2*)p;
+  return make_float4(bf16_to_f32(w.x & 0xffff), bf16_to_f32(w.x >> 16), bf16_to_f32(w.y & 0xffff),
+                     bf16_to_f32(w.y >> 16));
+}
 
 // dx[n] = sum_j dxs[pos[n k + j]] (f32, in order of j). dxs is f32, or BF16 when the experts' Dgrad
 // stores its (BF16-rounded) result that way.
+// The element loops take four adjacent columns per thread when d % 4 == 0 (wider loads; each column's
+// sum in the same order as one at a time), and 32-bit indices when they fit.
 template <typename I, typename Y>
 __device__ __forceinline__ void permute_bwd_loop(const Y* dxs, const int* pos, float* dx, I N, int k, int d) {
+  if ((d & 3) == 0) {
+    const int d4 = d >> 2;
+    const I total = N * d4;
+    for (I t = blockIdx.x * (I)blockDim.x + threadIdx.x; t < total; t += (I)gridDim.x * blockDim.x) {
+      const I n = t / d4, c = (t - n * d4) * 4;
+      float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      for (int j = 0; j < k; j++) {
+        const float4 y = load_y4(dxs + (i64)pos[(i64)n * k + j] * d + c);
+        v.x += y.x, v.y += y.y, v.z += y.z, v.w += y.w;
+      }
+      *(float4*)(dx + (i64)n * d + c) = v;
+    }
+    return;
+  }
   const I total = N * d;
   for (I t = blockIdx.x * (I)blockDim.x + threadIdx.x; t < total; t += (I)gridDim.x * blockDim.x) {
     const I n = t / d, c = t - n * d;
@@ -224,6 +247,21 @@ KERNEL void permute_bwd16(const u16* dxs, const int* pos, float* dx, int N, int 
 // y[n] = sum_j w[n k + j] ys[pos[n k + j]] (double accumulation); ys f32 or BF16 (as above).
 template <typename I, typename Y>
 __device__ __forceinline__ void combine_loop(const Y* ys, const int* pos, const float* w, float* y, I N, int k, int d) {
+  if ((d & 3) == 0) {
+    const int d4 = d >> 2;
+    const I total = N * d4;
+    for (I t = blockIdx.x * (I)blockDim.x + threadIdx.x; t < total; t += (I)gridDim.x * blockDim.x) {
+      const I n = t / d4, c = (t - n * d4) * 4;
+      double v0 = 0.0, v1 = 0.0, v2 = 0.0, v3 = 0.0;
+      for (int j = 0; j < k; j++) {
+        const double wj = w[(i64)n * k + j];
+        const float4 a = load_y4(ys + (i64)pos[(i64)n * k + j] * d + c);
+        v0 += wj * (double)a.x, v1 += wj * (double)a.y, v2 += wj * (double)a.z, v3 += wj * (double)a.w;
+      }
+      *(float4*)(y + (i64)n * d + c) = make_float4((float)v0, (float)v1, (float)v2, (float)v3);
+    }
+    return;
+  }
   const I total = N * d;
   for (I t = blockIdx.x * (I)blockDim.x + threadIdx.x; t < total; t += (I)gridDim.x * blockDim.x) {
     const I n = t / d, c = t - n * d;
@@ -250,12 +288,6 @@ KERNEL void combine16(const u16* ys, const int* pos, const float* w, float* y, i
 // ys is f32, or BF16 when the experts' outputs are BF16 values anyway (kept at half the bytes).
 // When d % 4 == 0 each lane takes four adjacent columns per load (16-byte dy and dys accesses;
 // scalar loads left the kernel latency-bound at a third of the memory bandwidth).
-__device__ __forceinline__ float4 load_y4(const float* p) { return *(const float4*)p; }
-__device__ __forceinline__ float4 load_y4(const u16* p) {
-  const uint2 w = *(const uint2*)p;
-  return make_float4(bf16_to_f32(w.x & 0xffff), bf16_to_f32(w.x >> 16), bf16_to_f32(w.y & 0xffff),
-                     bf16_to_f32(w.y >> 16));
-}
 template <typename Y>
 __device__ void combine_bwd_rows(const float* dy, const Y* ys, const int* slot, const float* w, float* dys,
                                  float* dweights, int rows, int k, int d) {

@@ -160,6 +160,25 @@ struct Fp8Values {
   }
 };
 
+// The codes and scales of a 2-D matrix of 1x128 tiles (the activation caches every Wgrad operand is
+// requantised from): four adjacent codes (c % 4 == 0) share one scale, looked up once, and two codes
+// decode with one instruction. Values as Fp8Values computes them.
+struct Fp8TileValues {
+  const u8* q;
+  const float* scales;
+  int fmt;
+  __device__ __forceinline__ float at(int r, int c, int cols) const {
+    return __fmul_rn(decode_fp8(q[(i64)r * cols + c], fmt), scales[(i64)r * cdiv(cols, 128) + c / 128]);
+  }
+  __device__ __forceinline__ float4 at4(int r, int c, int cols) const {
+    const u32 w = *(const u32*)(q + (i64)r * cols + c);
+    const float s = scales[(i64)r * cdiv(cols, 128) + c / 128];
+    float v[4];
+    decode_fp8x4(w, fmt, v);
+    return make_float4(__fmul_rn(v[0], s), __fmul_rn(v[1], s), __fmul_rn(v[2], s), __fmul_rn(v[3], s));
+  }
+};
+
 // 128x1 column tiles, restarted at each piece (matrix, or expert segment when seg is given).
 // A block of 256 threads quantises one 128-row group of 64 columns: the block's loads are all
 // issued before any is used (8 four-wide loads per thread, staged in shared memory), each column's
@@ -225,12 +244,19 @@ __device__ __forceinline__ bool col_group(const int* seg, int nseg, int rows, in
 // the 128 codes of chunk g of column c at q[c * kpitch + g * 128], chunks numbered across the pieces
 // in order (the numbering of the scales), rows past a piece's end written as zero codes. Only for
 // one matrix (2-D); kpitch % 16 == 0.
+// The staged tile, the column maxima's four partial rows and the columns' scales (declared once per
+// kernel: a kernel with two instantiations of coltile would otherwise hold two copies).
+struct ColTileSmem {
+  float v[128][CT_COLS + 1];
+  float part[4][CT_COLS];
+  QScale sc[CT_COLS];
+};
 template <class Values>
 __device__ __forceinline__ void coltile(Values x, u8* q, float* scales, const int* seg, int nseg, int rows, int cols,
-                                        int fmt, int mode, float eps, i64 kpitch) {
-  __shared__ float v[128][CT_COLS + 1];
-  __shared__ float part[4][CT_COLS];
-  __shared__ QScale sc[CT_COLS];
+                                        int fmt, int mode, float eps, i64 kpitch, ColTileSmem& sm) {
+  float(&v)[128][CT_COLS + 1] = sm.v;
+  float(&part)[4][CT_COLS] = sm.part;
+  QScale(&sc)[CT_COLS] = sm.sc;
   ColGroup grp;
   if (!col_group(seg, nseg, rows, cols, &grp)) return;
   const int a0 = grp.a0, h = grp.h, rb = grp.rb;
@@ -309,7 +335,8 @@ __device__ __forceinline__ void coltile(Values x, u8* q, float* scales, const in
 
 KERNEL void __launch_bounds__(256) quant_coltile(const float* x, u8* q, float* scales, const int* seg, int nseg,
                                                  int rows, int cols, int fmt, int mode, float eps, i64 kpitch) {
-  coltile(F32Values{x}, q, scales, seg, nseg, rows, cols, fmt, mode, eps, kpitch);
+  __shared__ ColTileSmem sm;
+  coltile(F32Values{x}, q, scales, seg, nseg, rows, cols, fmt, mode, eps, kpitch, sm);
 }
 
 // Column tiles of a 2-D FP8 matrix (codes xq, scales xs in group xgroup, format xfmt): the
@@ -317,7 +344,11 @@ KERNEL void __launch_bounds__(256) quant_coltile(const float* x, u8* q, float* s
 KERNEL void __launch_bounds__(256) requant_coltile(const u8* xq, const float* xs, int xgroup, int xfmt, u8* q,
                                                    float* scales, const int* seg, int nseg, int rows, int cols,
                                                    int fmt, int mode, float eps, i64 kpitch) {
-  coltile(Fp8Values{xq, xs, xgroup, rows, xfmt}, q, scales, seg, nseg, rows, cols, fmt, mode, eps, kpitch);
+  __shared__ ColTileSmem sm;
+  if (xgroup == G_TILE)
+    coltile(Fp8TileValues{xq, xs, xfmt}, q, scales, seg, nseg, rows, cols, fmt, mode, eps, kpitch, sm);
+  else
+    coltile(Fp8Values{xq, xs, xgroup, rows, xfmt}, q, scales, seg, nseg, rows, cols, fmt, mode, eps, kpitch, sm);
 }
 
 // The row-major codes q [rows, cols] of a K-major column-tile matrix kq [cols, kpitch] (coltile's

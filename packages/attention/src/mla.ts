@@ -6,7 +6,6 @@
 import {
   type AttentionOptions,
   type Backend,
-  intoBf16,
   Linear,
   type LinearPrecision,
   Param,
@@ -197,8 +196,11 @@ export class MLA {
       q = this.qB!.forward(n.y);
       if (!this.qB!.retains(n.y)) drop(n.y);
     }
+    // The attention core rounds q, k and v to BF16 anyway (core precision bf16): their producers
+    // store them so, at half the bytes, kept for backward too.
+    const bf16 = this.precision.core === "bf16";
     const qLin = q;
-    q = b.rope(qLin, this.ropeOpts(H, dn + dr, dn, shape.seq));
+    q = b.rope(qLin, { ...this.ropeOpts(H, dn + dr, dn, shape.seq), storeBf16: bf16 });
     const kvLin = this.kvA.forward(a, null, memo);
     const kv = b.rope(kvLin, this.ropeOpts(1, r + dr, r, shape.seq));
     const c = b.headSlice(kv, { heads: 1, width: r + dr, start: 0, len: r });
@@ -208,13 +210,9 @@ export class MLA {
     const kvb = this.kvB.forward(cn.y);
     if (!this.kvB.retains(cn.y)) drop(cn.y);
     const knope = b.headSlice(kvb, { heads: H, width: dn + dv, start: 0, len: dn });
-    let v = b.headSlice(kvb, { heads: H, width: dn + dv, start: dn, len: dv });
-    let k = b.headConcat(knope, kpe, H, 1);
+    const v = b.headSlice(kvb, { heads: H, width: dn + dv, start: dn, len: dv, storeBf16: bf16 });
+    const k = b.headConcat(knope, kpe, H, 1, bf16);
     drop(kvb, knope, kpe);
-    if (this.precision.core === "bf16") {
-      // The core rounds q, k and v to BF16 anyway: keep those copies for backward at half the bytes.
-      [q, k, v] = [q, k, v].map((t) => intoBf16(b, t));
-    }
     const { o, lse } = b.attention(q, k, v, this.attnOpts(shape));
     this.saved.push({ a, qa, qaRstd, c, cRstd: cn.rstd, q, k, v, o, lse, shape });
     return this.out.forward(o);

@@ -40,6 +40,7 @@ import {
   sameShape,
   scaleCount,
   storeBf16Error,
+  storedAs,
   swigluWidth,
   type Tensor,
   u8,
@@ -416,14 +417,16 @@ export class CpuBackend extends HostLifetimes implements Backend {
 
   rope(x: Tensor, o: RopeOptions): Tensor {
     const y = this.out(x.shape);
-    this.n.rope(f32(x), { ...o, rows: x.rows }, f32(y));
-    return y;
+    const { storeBf16, ...opts } = o;
+    this.n.rope(f32(x), { ...opts, rows: x.rows }, f32(y));
+    return storedAs(this, y, storeBf16);
   }
 
   headSlice(x: Tensor, o: HeadSliceOptions): Tensor {
     const y = this.out([x.rows, (o.sumHeads ? 1 : o.heads) * o.len]);
-    this.n.headSlice(f32(x), { ...o, rows: x.rows }, f32(y));
-    return y;
+    const { storeBf16, ...opts } = o;
+    this.n.headSlice(f32(x), { ...opts, rows: x.rows }, f32(y));
+    return storedAs(this, y, storeBf16);
   }
 
   headScatterAdd(dst: Tensor, src: Tensor, o: HeadSliceOptions): void {
@@ -431,12 +434,12 @@ export class CpuBackend extends HostLifetimes implements Backend {
     this.n.headScatterAdd(d, distinct(f32(src), d), { ...o, rows: dst.rows });
   }
 
-  headConcat(a: Tensor, b: Tensor, heads: number, bHeads: number): Tensor {
+  headConcat(a: Tensor, b: Tensor, heads: number, bHeads: number, storeBf16 = false): Tensor {
     const la = a.cols / heads;
     const lb = b.cols / bHeads;
     const y = this.out([a.rows, heads * (la + lb)]);
     this.n.headConcat(f32(a), f32(b), { rows: a.rows, heads, la, lb, bHeads }, f32(y));
-    return y;
+    return storedAs(this, y, storeBf16);
   }
 
   /** The native attention's sizes: the options and the per-head widths of q·k and v. */

@@ -280,8 +280,8 @@ export class CudaBackend extends HostLifetimes implements Backend {
     nn.headScatterAdd(this.cx, dst, src, o);
   }
 
-  headConcat(a: Tensor, b: Tensor, heads: number, bHeads: number): Tensor {
-    return nn.headConcat(this.cx, a, b, heads, bHeads);
+  headConcat(a: Tensor, b: Tensor, heads: number, bHeads: number, storeBf16 = false): Tensor {
+    return nn.headConcat(this.cx, a, b, heads, bHeads, storeBf16);
   }
 
   swiglu(gu: Tensor): Tensor {

@@ -89,6 +89,8 @@ export interface RopeOptions {
   theta: number;
   /** Rotate by the negative angle (the backward pass). */
   inverse?: boolean;
+  /** Return a bf16 tensor: the f32 result rounded to BF16 (what cast(y, "bf16") gives), one pass. */
+  storeBf16?: boolean;
 }
 
 export interface HeadSliceOptions {
@@ -98,6 +100,8 @@ export interface HeadSliceOptions {
   len: number;
   /** Sum the slices over heads ([R, len] out): the backward of a broadcast head. */
   sumHeads?: boolean;
+  /** headSlice: return a bf16 tensor (the f32 result rounded to BF16, as cast gives), one pass. */
+  storeBf16?: boolean;
 }
 
 export interface RouterResult {
@@ -256,8 +260,11 @@ export interface Backend {
   headSlice(x: Tensor, opts: HeadSliceOptions): Tensor;
   /** dst[:, head h, start:start+len] += src (the backward of headSlice). */
   headScatterAdd(dst: Tensor, src: Tensor, opts: HeadSliceOptions): void;
-  /** Per head [a_h | b_h]; b has `bHeads` = heads or 1 (one head broadcast to all). */
-  headConcat(a: Tensor, b: Tensor, heads: number, bHeads: number): Tensor;
+  /**
+   * Per head [a_h | b_h]; b has `bHeads` = heads or 1 (one head broadcast to all). storeBf16: a bf16
+   * tensor of the same values rounded to BF16 (the attention core's operands).
+   */
+  headConcat(a: Tensor, b: Tensor, heads: number, bHeads: number, storeBf16?: boolean): Tensor;
   attention(q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions): { o: Tensor; lse: Tensor };
   attentionBackward(
     dO: Tensor,
@@ -348,6 +355,11 @@ export function requantizeViaF32(b: Backend, q: Tensor, opts: QuantizeOptions): 
  * are BF16 anyway (a BF16-rounded GEMM output, an input the consuming op rounds), exactly, at half
  * the bytes.
  */
+/** t itself, or (bf16) its BF16 copy with t released: the storeBf16 options of the host backends. */
+export function storedAs(b: Backend, t: Tensor, bf16: boolean | undefined): Tensor {
+  return bf16 ? intoBf16(b, t) : t;
+}
+
 export function intoBf16(b: Backend, t: Tensor): Tensor {
   const t16 = b.cast(t, "bf16");
   b.release(t);

@@ -56,7 +56,7 @@ export function rmsnormBackward(cx: CudaContext, dy: Tensor, x: Tensor, w: Tenso
 
 export function rope(cx: CudaContext, x: Tensor, o: RopeOptions): Tensor {
   const R = x.rows;
-  const y = cx.make(x.shape, "f32");
+  const y = cx.make(x.shape, o.storeBf16 ? "bf16" : "f32");
   const xp = cx.f32p(x, "rope");
   const { heads, width, offset, dim, seqLen } = o;
   const half = Math.floor(dim / 2);
@@ -82,6 +82,7 @@ export function rope(cx: CudaContext, x: Tensor, o: RopeOptions): Tensor {
     offset,
     dim,
     seqLen,
+    out16: o.storeBf16 ? 1 : 0,
   });
   table.free();
   return y;
@@ -95,7 +96,7 @@ function rowBlock(n: number): number {
 export function headSlice(cx: CudaContext, x: Tensor, o: HeadSliceOptions): Tensor {
   const R = x.rows;
   const outHeads = o.sumHeads ? 1 : o.heads;
-  const y = cx.make([R, outHeads * o.len], "f32");
+  const y = cx.make([R, outHeads * o.len], o.storeBf16 ? "bf16" : "f32");
   if (R === 0) return y;
   cx.launch(KERNELS.nn.head_slice, cx.rowsGrid(R), rowBlock(outHeads * o.len), {
     x: cx.f32p(x, "headSlice"),
@@ -106,6 +107,7 @@ export function headSlice(cx: CudaContext, x: Tensor, o: HeadSliceOptions): Tens
     start: o.start,
     len: o.len,
     sumHeads: o.sumHeads ? 1 : 0,
+    out16: o.storeBf16 ? 1 : 0,
   });
   return y;
 }
@@ -124,11 +126,18 @@ export function headScatterAdd(cx: CudaContext, dst: Tensor, src: Tensor, o: Hea
   });
 }
 
-export function headConcat(cx: CudaContext, a: Tensor, b: Tensor, heads: number, bHeads: number): Tensor {
+export function headConcat(
+  cx: CudaContext,
+  a: Tensor,
+  b: Tensor,
+  heads: number,
+  bHeads: number,
+  storeBf16: boolean,
+): Tensor {
   const la = a.cols / heads;
   const lb = b.cols / bHeads;
   const R = a.rows;
-  const y = cx.make([R, heads * (la + lb)], "f32");
+  const y = cx.make([R, heads * (la + lb)], storeBf16 ? "bf16" : "f32");
   if (R === 0) return y;
   cx.launch(KERNELS.nn.head_concat, cx.rowsGrid(R), rowBlock(heads * (la + lb)), {
     a: cx.f32p(a, "headConcat"),
@@ -139,6 +148,7 @@ export function headConcat(cx: CudaContext, a: Tensor, b: Tensor, heads: number,
     la,
     lb,
     bHeads,
+    out16: storeBf16 ? 1 : 0,
   });
   return y;
 }

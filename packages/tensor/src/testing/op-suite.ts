@@ -399,6 +399,30 @@ export function opSuite(name: string, make: () => Backend): void {
       }, 2e-5);
     });
 
+    it("rope, headSlice and headConcat with storeBf16: the f32 results cast to BF16, bit for bit", async () => {
+      const [R, C] = [37, 72];
+      await be.scope(async () => {
+        const X = be.upload(rng.normals(R * C), [R, C]);
+        const ro = { heads: 3, width: 24, offset: 8, dim: 16, seqLen: 5, theta: 10000 };
+        const sl = { heads: 3, width: 24, start: 4, len: 10 };
+        const kpe = be.headSlice(X, { heads: 1, width: 72, start: 0, len: 6 });
+        const cases: [string, (bf16: boolean) => Tensor][] = [
+          ["rope", (bf16) => be.rope(X, { ...ro, storeBf16: bf16 })],
+          ["rope inverse at 7", (bf16) => be.rope(X, { ...ro, start: 7, inverse: true, storeBf16: bf16 })],
+          ["headSlice", (bf16) => be.headSlice(X, { ...sl, storeBf16: bf16 })],
+          ["headSlice summed", (bf16) => be.headSlice(X, { ...sl, sumHeads: true, storeBf16: bf16 })],
+          ["headConcat broadcast", (bf16) => be.headConcat(be.headSlice(X, sl), kpe, 3, 1, bf16)],
+        ];
+        for (const [what, op] of cases) {
+          const y16 = op(true);
+          expect(y16.dtype, what).toBe("bf16");
+          expect(Array.from(await be.cast(y16, "f32").read()), what).toEqual(
+            Array.from(await be.cast(be.cast(op(false), "bf16"), "f32").read()),
+          );
+        }
+      });
+    });
+
     const attentionCase = (B: number, T: number, H: number, dqk: number, dv: number) =>
       attentionForwardBackward(rng, B, T, H, dqk, dv);
 

@@ -24,6 +24,7 @@ import {
   intoBf16,
   requantizeViaF32,
   storeBf16Error,
+  storedAs,
 } from "../backend.ts";
 import { f32, f32OrBf16, HostLifetimes, host, i32, rowScales, sameShape, swigluWidth, u8 } from "../host.ts";
 import type { Tensor } from "../tensor.ts";
@@ -291,23 +292,23 @@ export class TsBackend extends HostLifetimes implements Backend {
   }
 
   rope(x: Tensor, o: RopeOptions): Tensor {
-    return this.wrap(nn.rope(f32(x), x.rows, o), x.shape, "f32");
+    return storedAs(this, this.wrap(nn.rope(f32(x), x.rows, o), x.shape, "f32"), o.storeBf16);
   }
 
   headSlice(x: Tensor, o: HeadSliceOptions): Tensor {
     const out = nn.headSlice(f32(x), x.rows, o);
-    return this.wrap(out, [x.rows, out.length / x.rows], "f32");
+    return storedAs(this, this.wrap(out, [x.rows, out.length / x.rows], "f32"), o.storeBf16);
   }
 
   headScatterAdd(dst: Tensor, src: Tensor, o: HeadSliceOptions): void {
     nn.headScatterAdd(f32(dst), f32(src), dst.rows, o);
   }
 
-  headConcat(a: Tensor, b: Tensor, heads: number, bHeads: number): Tensor {
+  headConcat(a: Tensor, b: Tensor, heads: number, bHeads: number, storeBf16 = false): Tensor {
     const la = a.cols / heads;
     const lb = b.cols / bHeads;
     const out = nn.headConcat(f32(a), f32(b), { rows: a.rows, heads, la, lb, bHeads });
-    return this.wrap(out, [a.rows, heads * (la + lb)], "f32");
+    return storedAs(this, this.wrap(out, [a.rows, heads * (la + lb)], "f32"), storeBf16);
   }
 
   attention(q: Tensor, k: Tensor, v: Tensor, o: AttentionOptions) {

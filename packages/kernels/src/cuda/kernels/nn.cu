@@ -64,45 +64,53 @@ KERNEL void rope_table(double* cs, int seqLen, int half, int dim, int start, dou
   cs[2 * t + 1] = inverse ? -sin(angle) : sin(angle);
 }
 
+// y[i] = v as f32, or (out16) rounded to BF16 and stored in 2 bytes: the ops' storeBf16 option,
+// the same values cast() gives, without an f32 copy in between.
+__device__ __forceinline__ void store_out(void* y, i64 i, float v, int out16) {
+  if (out16) ((u16*)y)[i] = f32_to_bf16(v);
+  else ((float*)y)[i] = v;
+}
+
 // One block per row: each element of the rotated slices is its pair's rotation (a c - b s for the
 // first of the pair, a s + b c for the second, in double, rounded once), the others are copied.
-KERNEL void rope_rows(const float* x, float* y, const double* cs, int R, int heads, int width, int offset, int dim,
-                      int seqLen) {
+KERNEL void rope_rows(const float* x, void* y, const double* cs, int R, int heads, int width, int offset, int dim,
+                      int seqLen, int out16) {
   const int r = blockIdx.x + blockIdx.y * GRID_YZ_MAX;
   if (r >= R) return;
   const int n = heads * width, half = dim / 2;
   const float* xr = x + (i64)r * n;
-  float* yr = y + (i64)r * n;
+  const i64 y0 = (i64)r * n;
   const double* rc = cs + 2 * (i64)(r % seqLen) * half;
   for (int t = threadIdx.x; t < n; t += blockDim.x) {
     const int h = t / width, j = t - h * width - offset;
     if (j < 0 || j >= 2 * half) {
-      yr[t] = xr[t];
+      store_out(y, y0 + t, xr[t], out16);
       continue;
     }
     const int i = j >> 1, a0 = t - (j & 1);
     const double c = rc[2 * i], sn = rc[2 * i + 1], a = xr[a0], b = xr[a0 + 1];
-    yr[t] = (float)((j & 1) ? a * sn + b * c : a * c - b * sn);
+    store_out(y, y0 + t, (float)((j & 1) ? a * sn + b * c : a * c - b * sn), out16);
   }
 }
 
 // The head kernels below take one block per row (32-bit index arithmetic within it: a grid-stride
 // loop dividing 64-bit element indices by the head width made them bound by integer division).
 // y[r, h, 0:len] = x[r, h, start:start+len] (or summed over heads into [r, 0:len], heads in order).
-KERNEL void head_slice(const float* x, float* y, int R, int heads, int width, int start, int len, int sumHeads) {
+KERNEL void head_slice(const float* x, void* y, int R, int heads, int width, int start, int len, int sumHeads,
+                       int out16) {
   const int r = blockIdx.x + blockIdx.y * GRID_YZ_MAX;
   if (r >= R) return;
   const int n = (sumHeads ? 1 : heads) * len;
   const float* xr = x + (i64)r * heads * width + start;
-  float* yr = y + (i64)r * n;
+  const i64 y0 = (i64)r * n;
   for (int t = threadIdx.x; t < n; t += blockDim.x) {
     if (sumHeads) {
       float v = 0.0f;
       for (int h = 0; h < heads; h++) v += xr[h * width + t];
-      yr[t] = v;
+      store_out(y, y0 + t, v, out16);
     } else {
       const int h = t / len;
-      yr[t] = xr[h * width + t - h * len];
+      store_out(y, y0 + t, xr[h * width + t - h * len], out16);
     }
   }
 }
@@ -122,16 +130,17 @@ KERNEL void head_scatter_add(float* dst, const float* src, int R, int heads, int
 }
 
 // y[r, h] = [a[r, h] (la) | b[r, bHeads == 1 ? 0 : h] (lb)].
-KERNEL void head_concat(const float* a, const float* b, float* y, int R, int heads, int la, int lb, int bHeads) {
+KERNEL void head_concat(const float* a, const float* b, void* y, int R, int heads, int la, int lb, int bHeads,
+                        int out16) {
   const int r = blockIdx.x + blockIdx.y * GRID_YZ_MAX;
   if (r >= R) return;
   const int w = la + lb, n = heads * w;
   const float* ar = a + (i64)r * heads * la;
   const float* br = b + (i64)r * bHeads * lb;
-  float* yr = y + (i64)r * n;
+  const i64 y0 = (i64)r * n;
   for (int t = threadIdx.x; t < n; t += blockDim.x) {
     const int h = t / w, c = t - h * w;
-    yr[t] = c < la ? ar[h * la + c] : br[(bHeads == 1 ? 0 : h) * lb + c - la];
+    store_out(y, y0 + t, c < la ? ar[h * la + c] : br[(bHeads == 1 ? 0 : h) * lb + c - la], out16);
   }
 }
 

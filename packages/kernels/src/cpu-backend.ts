@@ -16,6 +16,7 @@ import {
   type DType,
   type Fp8Format,
   f32,
+  f32OrBf16,
   type GroupedMatmulOptions,
   gemmDims,
   type HeadSliceOptions,
@@ -331,7 +332,11 @@ export class CpuBackend extends HostLifetimes implements Backend {
     return [distinct(this.values(a, lowp), c), distinct(this.values(b, lowp), c)];
   }
 
-  matmul(a: Tensor, b: Tensor, o: MatmulOptions): Tensor {
+  matmul(a: Tensor, b: Tensor, opts: MatmulOptions): Tensor {
+    const bad = storeBf16Error(opts);
+    if (bad) throw new Error(bad);
+    // BF16 storage: the f32 product rounded to BF16 values, then stored as BF16 (exact).
+    const o = opts.storeBf16 ? { ...opts, outBf16: true } : opts;
     const { M, N, K } = gemmDims(a, b, o);
     const shape = [M, N];
     const { out, direct } = this.gemmTarget(M * N, shape, o);
@@ -349,7 +354,7 @@ export class CpuBackend extends HostLifetimes implements Backend {
         this.n.gemmF32(x, y, c, { ...gemm, inputsBf16: lowp, outputBf16 });
       }
     }
-    return this.finish(out, direct, o);
+    return storedAs(this, this.finish(out, direct, o), o.storeBf16);
   }
 
   groupedMatmul(a: Tensor, b: Tensor, offsets: Tensor, opts: GroupedMatmulOptions): Tensor {
@@ -624,17 +629,17 @@ export class CpuBackend extends HostLifetimes implements Backend {
   }
 
   // --- loss and optimiser ----------------------------------------------------------------------
-  crossEntropy(logits: Tensor, targets: Tensor, gradScale: number) {
+  crossEntropy(logits: Tensor, targets: Tensor, gradScale: number, storeBf16 = false) {
     const dlogits = this.out(logits.shape);
     const loss = this.n.crossEntropy(
-      f32(logits),
+      f32OrBf16(logits),
       i32(targets),
       logits.rows,
       logits.cols,
       gradScale,
       f32(dlogits),
     );
-    return { loss: this.scalar(loss), dlogits };
+    return { loss: this.scalar(loss), dlogits: storedAs(this, dlogits, storeBf16) };
   }
 
   clipScale(grads: Tensor[], maxNorm: number) {

@@ -357,8 +357,8 @@ export class CudaBackend extends HostLifetimes implements Backend {
   }
 
   // --- loss and optimiser ----------------------------------------------------------------------
-  crossEntropy(logits: Tensor, targets: Tensor, gradScale: number) {
-    return optim.crossEntropy(this.cx, logits, targets, gradScale);
+  crossEntropy(logits: Tensor, targets: Tensor, gradScale: number, storeBf16 = false) {
+    return optim.crossEntropy(this.cx, logits, targets, gradScale, storeBf16);
   }
 
   clipScale(grads: Tensor[], maxNorm: number) {

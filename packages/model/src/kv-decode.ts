@@ -63,7 +63,7 @@ export class KvCacheDecoder {
         const y = blk.mlp instanceof MoELayer ? blk.mlp.forward(n2.y, S, n) : blk.mlp.forward(n2.y);
         h = b.add(mid, y);
       });
-      const out = m.head.forward(b.rmsnorm(h, m.norm.value, eps).y);
+      const out = m.logits(b.rmsnorm(h, m.norm.value, eps).y);
       m.clearSaved();
       return (await out.read()) as Float32Array;
     });

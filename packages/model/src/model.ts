@@ -105,7 +105,14 @@ export class DeepSeekModel {
       shape: [cfg.vocab_size, d],
       decay: true,
     });
-    this.head = new Linear(headW, { precision: policy.model, pkg: "model", layer: "lm_head", trace });
+    // Logits in BF16 storage when the policy rounds outputs to BF16 (the cross-entropy reads them).
+    this.head = new Linear(headW, {
+      precision: policy.model,
+      pkg: "model",
+      layer: "lm_head",
+      trace,
+      storeBf16: true,
+    });
     this.params.push(this.norm, headW);
   }
 
@@ -129,9 +136,18 @@ export class DeepSeekModel {
     return this.blocks.flatMap((b, l) => (b.mlp instanceof MoELayer ? [l] : []));
   }
 
-  /** Logits [B*T, V] for token ids [B*T] (i32). Activations for backward are saved. */
+  /** Logits [B*T, V] (f32) for token ids [B*T] (i32). Activations for backward are saved. */
   forward(ids: Tensor, shape: BatchShape): Tensor {
-    return this.head.forward(this.trunk(ids, shape));
+    return this.logits(this.trunk(ids, shape));
+  }
+
+  /** head(y) as an f32 tensor (the head stores BF16 logits when its policy rounds to BF16). */
+  logits(y: Tensor): Tensor {
+    const l = this.head.forward(y);
+    if (l.dtype === "f32") return l;
+    const f = this.b.cast(l, "f32");
+    this.b.release(l);
+    return f;
   }
 
   /** The final normalised hidden states [B*T, d] (the head's input); saves what backward needs. */
@@ -192,7 +208,13 @@ export class DeepSeekModel {
     const chunk = (yc: Tensor, tc: Tensor) => {
       const logits = this.head.forward(yc);
       if (!withGrad) this.head.clearSaved();
-      const ce = b.crossEntropy(logits, tc, (yc.rows / N) * gradScale);
+      // dlogits in BF16 when the head's backward reads it so anyway (BF16 Dgrad and Wgrad).
+      const ce = b.crossEntropy(
+        logits,
+        tc,
+        (yc.rows / N) * gradScale,
+        withGrad && this.head.readsGradInBf16(),
+      );
       logits.dispose();
       const dyc = withGrad ? this.head.backward(ce.dlogits) : null;
       ce.dlogits.dispose();

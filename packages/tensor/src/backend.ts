@@ -12,7 +12,14 @@ export type BackendName = "ts" | "cpu" | "cuda";
 export type QuantizeOptions = core.QuantizeOptions<Tensor>;
 
 /** fp8-core's GEMM options, accumulating into a tensor of this backend. */
-export type MatmulOptions = core.MatmulOptions<Tensor>;
+export interface MatmulOptions extends core.MatmulOptions<Tensor> {
+  /**
+   * Return the output as a bf16 tensor: its values rounded to BF16 as with `outBf16`, stored in half
+   * the bytes (for consumers that read BF16: the output head's logits, the experts' activations).
+   * Not with `accumulate`; grouped GEMMs: segments along M only.
+   */
+  storeBf16?: boolean;
+}
 
 export interface GroupedMatmulOptions extends MatmulOptions {
   /**
@@ -20,19 +27,14 @@ export interface GroupedMatmulOptions extends MatmulOptions {
    * `k`: the reduction runs over each expert's rows of A^T and B; C holds E matrices (expert Wgrad).
    */
   segment: "m" | "k";
-  /**
-   * Segments along M only: return the output as a bf16 tensor (its values rounded to BF16 as with
-   * `outBf16`, stored in half the bytes; the experts' activations, whose consumers read BF16). Not
-   * with `accumulate`.
-   */
-  storeBf16?: boolean;
 }
 
 /** The options' storeBf16 checked against the others (every backend refuses the same combinations). */
-export function storeBf16Error(o: GroupedMatmulOptions): string | null {
+export function storeBf16Error(o: MatmulOptions | GroupedMatmulOptions): string | null {
   if (!o.storeBf16) return null;
-  if (o.segment !== "m") return "groupedMatmul: storeBf16 needs segments along M";
-  if (o.accumulate) return "groupedMatmul: storeBf16 cannot accumulate into an f32 tensor";
+  const op = "segment" in o ? "groupedMatmul" : "matmul";
+  if ("segment" in o && o.segment !== "m") return "groupedMatmul: storeBf16 needs segments along M";
+  if (o.accumulate) return `${op}: storeBf16 cannot accumulate into an f32 tensor`;
   return null;
 }
 
@@ -317,8 +319,17 @@ export interface Backend {
   biasUpdate(bias: Tensor, offsets: Tensor, opts: BiasUpdateOptions): void;
 
   // Loss and optimiser.
-  /** Mean token cross-entropy [1] and its gradient times `gradScale`, fused. */
-  crossEntropy(logits: Tensor, targets: Tensor, gradScale: number): { loss: Tensor; dlogits: Tensor };
+  /**
+   * Mean token cross-entropy [1] and its gradient times `gradScale`, fused. logits may be a bf16
+   * tensor (read as its values); storeBf16: dlogits as a bf16 tensor, the f32 gradient rounded to
+   * BF16 (what cast gives), for an output head whose backward reads it in BF16.
+   */
+  crossEntropy(
+    logits: Tensor,
+    targets: Tensor,
+    gradScale: number,
+    storeBf16?: boolean,
+  ): { loss: Tensor; dlogits: Tensor };
   /** Global L2 norm of all gradients [1] and the clip factor min(1, maxNorm / (norm + 1e-6)) [1]. */
   clipScale(grads: Tensor[], maxNorm: number): { norm: Tensor; scale: Tensor };
   /** clipScale over the same gradients, step after step. */

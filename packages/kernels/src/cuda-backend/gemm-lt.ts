@@ -65,7 +65,7 @@ function tryLt(
   if (tmp) {
     finishLt(cx, tmp, o, M * N);
     tmp.free();
-  } else if (o.outBf16) {
+  } else if (o.outBf16 && out.dtype !== "bf16") {
     finishLt(cx, out, o, M * N);
   }
   return true;
@@ -85,7 +85,9 @@ export function matmulLt(
   const transA = !!o.transA;
   const transB = !!o.transB;
   if (o.precision === "f32" || o.precision === "bf16") {
-    const key = `${o.precision},${M},${N},${K},${transA},${transB}`;
+    // A bf16 output (matmul's storeBf16): cuBLASLt's epilogue rounds the f32 product to BF16.
+    const ct = out.dtype === "bf16" ? "bf16" : "f32";
+    const key = `${o.precision},${M},${N},${K},${transA},${transB},${ct}`;
     if (!cx.useLt || cx.ltRefused.has(key)) return false;
     let A = a;
     let B = b;
@@ -100,7 +102,7 @@ export function matmulLt(
       cx,
       key,
       (c, acc) =>
-        cx.n.cudaGemmLt(cx.p(A), t, transA, 0, "none", cx.p(B), t, transB, 0, "none", c, M, N, K, acc),
+        cx.n.cudaGemmLt(cx.p(A), t, transA, 0, "none", cx.p(B), t, transB, 0, "none", c, ct, M, N, K, acc),
       out,
       o,
       M,
@@ -109,7 +111,7 @@ export function matmulLt(
     for (const x of tmps) cx.release(x);
     return ok;
   }
-  if (!cx.useLtFp8 || (o.promotion ?? 128) !== 128) return false;
+  if (!cx.useLtFp8 || (o.promotion ?? 128) !== 128 || out.dtype !== "f32") return false;
   const qa = a.quant!;
   const qb = b.quant!;
   if (qa.format === "e5m2" && qb.format === "e5m2") return false;
@@ -184,6 +186,7 @@ export function matmulLt(
         bScale,
         mode[1],
         c,
+        "f32",
         M,
         N,
         K,

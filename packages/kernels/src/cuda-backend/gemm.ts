@@ -45,7 +45,11 @@ function output(cx: CudaContext, M: number, N: number, o: MatmulOptions, shape: 
   return cx.make(shape, "f32");
 }
 
-export function matmul(cx: CudaContext, a: Tensor, b: Tensor, o: MatmulOptions): Tensor {
+export function matmul(cx: CudaContext, a: Tensor, b: Tensor, opts: MatmulOptions): Tensor {
+  const bad = storeBf16Error(opts);
+  if (bad) throw new Error(bad);
+  if (opts.storeBf16) return matmulBf16Out(cx, a, b, opts);
+  const o = opts;
   const { M, N, K } = gemmDims(a, b, o);
   const transA = !!o.transA;
   const transB = !!o.transB;
@@ -65,6 +69,27 @@ export function matmul(cx: CudaContext, a: Tensor, b: Tensor, o: MatmulOptions):
   if (K > 0 && matmulLt(cx, a, b, out, M, N, K, o)) return out;
   gemmKernel(cx, a, b, out, { M, N, K }, o, { mode: GEMM_PLAIN, offsets: null, E: 0, bRows: 0, bCols: 0 });
   return out;
+}
+
+/**
+ * matmul with storeBf16: cuBLASLt writes the BF16 output itself (f32 and BF16 products: its epilogue
+ * rounds to nearest even, as round_bf16 does); any other path computes the BF16-rounded f32 product
+ * and converts it.
+ */
+function matmulBf16Out(cx: CudaContext, a: Tensor, b: Tensor, opts: MatmulOptions): Tensor {
+  const o = { ...opts, outBf16: true, storeBf16: false };
+  const { M, N, K } = gemmDims(a, b, o);
+  if (o.precision !== "fp8" && M > 0 && N > 0 && K > 0) {
+    if (o.precision === "bf16") [a, b].forEach((t) => lowpInput(cx, t, "matmul"));
+    else [a, b].forEach((t) => cx.f32p(t, "matmul"));
+    const out = cx.make([M, N], "bf16");
+    if (matmulLt(cx, a, b, out, M, N, K, o)) return out;
+    cx.release(out);
+  }
+  const y = matmul(cx, a, b, o);
+  const y16 = cx.backend.cast(y, "bf16");
+  cx.release(y);
+  return y16;
 }
 
 export function groupedMatmul(

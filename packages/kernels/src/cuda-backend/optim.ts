@@ -17,17 +17,26 @@ import { type CudaContext, cdiv, KERNELS } from "./context.ts";
 
 const { SUMSQ_ROW, ADAMW_ROW, ADAMW_CHUNK, ADAMW_M_BF16, ADAMW_V_BF16, ADAMW_DECAY } = DEFINES.optim;
 
-export function crossEntropy(cx: CudaContext, logits: Tensor, targets: Tensor, gradScale: number) {
+export function crossEntropy(
+  cx: CudaContext,
+  logits: Tensor,
+  targets: Tensor,
+  gradScale: number,
+  storeBf16: boolean,
+) {
   const N = logits.rows;
   const V = logits.cols;
-  const dlogits = cx.make(logits.shape, "f32");
+  const l16 = logits.dtype === "bf16";
+  const dlogits = cx.make(logits.shape, storeBf16 ? "bf16" : "f32");
   const loss = cx.make([1], "f32");
   const rows = cx.scratch(N * 8);
   if (N > 0)
     cx.launch(KERNELS.optim.cross_entropy_rows, cx.rowsGrid(N), 256, {
-      logits: cx.f32p(logits, "crossEntropy"),
+      logits: l16 ? cx.p(logits) : cx.f32p(logits, "crossEntropy"),
+      l16: l16 ? 1 : 0,
       targets: cx.i32p(targets, "crossEntropy"),
       dlogits: cx.p(dlogits),
+      d16: storeBf16 ? 1 : 0,
       lossRow: rows.ptr,
       N,
       V,

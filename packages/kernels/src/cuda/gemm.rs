@@ -162,18 +162,25 @@ unsafe fn set_desc<T>(
     )
 }
 
-/// C[M,N] (row-major, f32) = op(A) op(B), or += with `accumulate`. Errors (among them
+/// C[M,N] (row-major, f32, or BF16 when `c_elem` says so and not accumulating) = op(A) op(B), or +=
+/// with `accumulate`. Errors (among them
 /// `CUBLAS_STATUS_NOT_SUPPORTED` for a shape or layout cuBLASLt has no kernel for) are returned so
 /// the caller can fall back to its own kernel.
 pub fn matmul(
     a: &Operand,
     b: &Operand,
     c: u64,
+    c_elem: Elem,
     m: usize,
     n: usize,
     k: usize,
     accumulate: bool,
 ) -> Result<(), String> {
+    let c_bf16 = match c_elem {
+        Elem::F32 => false,
+        Elem::Bf16 if !accumulate => true,
+        _ => return Err(format!("cuBLASLt: output type {c_elem:?} (f32, or bf16 without accumulate)")),
+    };
     let d = device()?;
     let mut g = LT.lock().unwrap_or_else(|e| e.into_inner());
     let st = g.get_or_insert_with(init).as_mut().map_err(|e| e.clone())?;
@@ -233,9 +240,9 @@ pub fn matmul(
         };
         let la = layout(ca.elem.cuda(), ar, ac)?;
         let lb = layout(cb.elem.cuda(), br, bc)?;
-        let lc = layout(lt::cudaDataType_t::CUDA_R_32F, n, m)?;
+        let lc = layout(c_elem.cuda(), n, m)?;
         let key = format!(
-            "{m},{n},{k},{:?},{:?},{},{},{:?},{:?},{accumulate}",
+            "{m},{n},{k},{:?},{:?},{},{},{:?},{:?},{accumulate},{c_bf16}",
             ca.elem, cb.elem, ca.trans, cb.trans, ca.scale_mode, cb.scale_mode
         );
         let algo = match st.algos.get(&key) {
@@ -280,10 +287,17 @@ pub fn matmul(
         if !accumulate && ca.elem.fp8() {
             // With block-scaled FP8 inputs cuBLASLt reads C even for beta = 0 (seen on the H200: a
             // NaN-poisoned output stayed NaN), so start from zeros rather than whatever C holds.
-            ck(
-                cu::cuMemsetD32Async(c, 0, m * n, d.stream),
-                "cuMemsetD32Async",
-            )?;
+            if c_bf16 {
+                ck(
+                    cu::cuMemsetD16Async(c, 0, m * n, d.stream),
+                    "cuMemsetD16Async",
+                )?;
+            } else {
+                ck(
+                    cu::cuMemsetD32Async(c, 0, m * n, d.stream),
+                    "cuMemsetD32Async",
+                )?;
+            }
         }
         let alpha: f32 = 1.0;
         let beta: f32 = if accumulate { 1.0 } else { 0.0 };

@@ -119,7 +119,7 @@ export const KERNELS = {
     embedding_bwd: { module: "nn", name: "embedding_bwd", maxThreads: 128, params: [["dw", "u64"], ["dy", "u64"], ["ids", "u64"], ["N", "i32"], ["V", "i32"], ["d", "i32"], ["slices", "i32"]] },
   },
   optim: {
-    cross_entropy_rows: { module: "optim", name: "cross_entropy_rows", maxThreads: null, params: [["logits", "u64"], ["targets", "u64"], ["dlogits", "u64"], ["lossRow", "u64"], ["N", "i32"], ["V", "i32"], ["gradScale", "f64"], ["bad", "u64"]] },
+    cross_entropy_rows: { module: "optim", name: "cross_entropy_rows", maxThreads: null, params: [["logits", "u64"], ["l16", "i32"], ["targets", "u64"], ["dlogits", "u64"], ["d16", "i32"], ["lossRow", "u64"], ["N", "i32"], ["V", "i32"], ["gradScale", "f64"], ["bad", "u64"]] },
     cross_entropy_final: { module: "optim", name: "cross_entropy_final", maxThreads: null, params: [["lossRow", "u64"], ["N", "i32"], ["loss", "u64"]] },
     sumsq_multi: { module: "optim", name: "sumsq_multi", maxThreads: null, params: [["tab", "u64"], ["T", "i32"], ["part", "u64"]] },
     clip_final: { module: "optim", name: "clip_final", maxThreads: null, params: [["part", "u64"], ["nparts", "i32"], ["maxNorm", "f64"], ["norm", "u64"], ["scale", "u64"]] },

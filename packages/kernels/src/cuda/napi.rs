@@ -414,7 +414,8 @@ pub fn cuda_kernel_sources() -> Vec<String> {
     nvrtc::SOURCES.iter().map(|(n, _)| n.to_string()).collect()
 }
 
-/// C[M,N] (f32, row-major) = op(A) op(B) (+= with accumulate) through cuBLASLt. Pointers are
+/// C[M,N] (row-major; c_type "f32", or "bf16" without accumulate: the product rounded to BF16 by
+/// cuBLASLt's epilogue) = op(A) op(B) (+= with accumulate) through cuBLASLt. Pointers are
 /// device addresses (numbers); types "f32" | "bf16" | "e4m3" | "e5m2"; scale modes "none" |
 /// "scalar" | "vec128" | "blk128" (see gemm.rs for the layouts). Throws with
 /// CUBLAS_STATUS_NOT_SUPPORTED in the message when cuBLASLt has no kernel for the case.
@@ -434,6 +435,7 @@ pub fn cuda_gemm_lt(
     b_scale: f64,
     b_scale_mode: String,
     c: f64,
+    c_type: String,
     m: u32,
     n: u32,
     k: u32,
@@ -450,8 +452,9 @@ pub fn cuda_gemm_lt(
     };
     let oa = op(a, &a_type, trans_a, a_scale, &a_scale_mode)?;
     let ob = op(b, &b_type, trans_b, b_scale, &b_scale_mode)?;
+    let c_elem = gemm::Elem::parse(&c_type).map_err(e)?;
     gemm::matmul(
-        &oa, &ob, c as u64, m as usize, n as usize, k as usize, accumulate,
+        &oa, &ob, c as u64, c_elem, m as usize, n as usize, k as usize, accumulate,
     )
     .map_err(e)
 }

@@ -26,9 +26,10 @@ export interface LinearOptions {
   /** Expert weights [E, out, in] applied to rows grouped by expert (`offsets`) instead of [out, in]. */
   grouped?: boolean;
   /**
-   * Grouped Linears: when the policy rounds outputs to BF16, Fprop's y and Dgrad's dx (unless added
-   * into another tensor) come back as bf16 tensors: the same values in half the bytes, for
-   * consumers that read BF16 (the experts' swiglu, combine and permute backward).
+   * When the policy rounds outputs to BF16, outputs come back as bf16 tensors: the same values in
+   * half the bytes, for consumers that read BF16. Grouped Linears: Fprop's y and Dgrad's dx (unless
+   * added into another tensor; the experts' swiglu, combine and permute backward read them). Dense
+   * Linears: Fprop's y only (the output head's logits, read by the cross-entropy).
    */
   storeBf16?: boolean;
 }
@@ -110,7 +111,7 @@ export class Linear {
     this.layer = opts.layer;
     this.trace = opts.trace;
     this.grouped = opts.grouped ?? false;
-    this.storeBf16 = this.grouped && (opts.storeBf16 ?? false);
+    this.storeBf16 = opts.storeBf16 ?? false;
   }
 
   private get b(): Backend {
@@ -130,11 +131,27 @@ export class Linear {
     return plan;
   }
 
-  /** y = a w^T (Fprop) or dy w (Dgrad); grouped: BF16 storage where `storeBf16` allows it. */
-  private mm(a: Tensor, w: Tensor, offsets: Tensor | null, o: MatmulOptions): Tensor {
-    if (!this.grouped) return this.b.matmul(a, w, o);
-    const storeBf16 = this.storeBf16 && !!o.outBf16 && !o.accumulate;
+  /** y = a w^T (Fprop) or dy w (Dgrad), with BF16 storage where `storeBf16` allows it. */
+  private mm(
+    a: Tensor,
+    w: Tensor,
+    offsets: Tensor | null,
+    o: MatmulOptions,
+    role: "fprop" | "dgrad",
+  ): Tensor {
+    const storeBf16 = this.storeBf16 && !!o.outBf16 && !o.accumulate && (this.grouped || role === "fprop");
+    if (!this.grouped) return this.b.matmul(a, w, storeBf16 ? { ...o, storeBf16 } : o);
     return this.b.groupedMatmul(a, w, offsets!, { ...o, segment: "m", storeBf16 });
+  }
+
+  /**
+   * Whether backward reads its gradient in BF16 only (Dgrad and Wgrad both BF16 GEMMs): a producer
+   * may then hand it over as a bf16 tensor (the cross-entropy's dlogits), saving the rounded copy.
+   */
+  readsGradInBf16(): boolean {
+    const dg = gemmPlan("dgrad", this.precision);
+    const quantised = !!(dg.a.quant && dg.b.quant);
+    return !quantised && dg.kernel === "bf16" && this.precision.wgrad.precision === "bf16";
   }
 
   /**
@@ -166,23 +183,30 @@ export class Linear {
       this.trace?.flow.add(b, x, s.xq);
       s.wq = b.quantize(this.weight.value, wqOpt);
       s.wqKey = quantKey(wqOpt);
-      y = this.mm(s.xq, s.wq, offsets, {
-        ...layout,
-        precision: plan.kernel,
-        outBf16: out,
-        promotion: pol.promotion,
-      });
+      y = this.mm(
+        s.xq,
+        s.wq,
+        offsets,
+        { ...layout, precision: plan.kernel, outBf16: out, promotion: pol.promotion },
+        "fprop",
+      );
       if (pol.cacheActivations === "fp8") s.x = null; // keep only the FP8 copy, as DeepSeek-V3 does
     } else if (plan.kernel === "bf16") {
       // One BF16 copy of x serves this GEMM, the other Linears reading x (memo) and Wgrad, which
       // then keeps it instead of x: the same values at half the bytes, rounded once.
       const xb = memoised(memo, "bf16", () => b.cast(x, "bf16"));
       const wb = b.cast(this.weight.value, "bf16");
-      y = this.mm(xb, wb, offsets, { ...layout, precision: "bf16", outBf16: out });
+      y = this.mm(xb, wb, offsets, { ...layout, precision: "bf16", outBf16: out }, "fprop");
       b.release(wb);
       if (pol.wgrad.precision === "bf16") s.x = xb;
     } else {
-      y = this.mm(x, this.weight.value, offsets, { ...layout, precision: plan.kernel, outBf16: out });
+      y = this.mm(
+        x,
+        this.weight.value,
+        offsets,
+        { ...layout, precision: plan.kernel, outBf16: out },
+        "fprop",
+      );
     }
     this.saved.push(s);
     return y;
@@ -210,24 +234,31 @@ export class Linear {
       const wq = s.wq && s.wqKey === quantKey(wQ) ? s.wq : b.quantize(this.weight.value, wQ);
       const dyq = b.quantize(dy, dyQ);
       this.trace?.flow.add(b, dy, dyq);
-      dx = this.mm(dyq, wq, s.offsets, {
-        ...dgLayout,
-        precision: dg.kernel,
-        outBf16: out,
-        promotion: pol.promotion,
-        accumulate: into ?? undefined,
-      });
+      dx = this.mm(
+        dyq,
+        wq,
+        s.offsets,
+        {
+          ...dgLayout,
+          precision: dg.kernel,
+          outBf16: out,
+          promotion: pol.promotion,
+          accumulate: into ?? undefined,
+        },
+        "dgrad",
+      );
     } else {
-      // dy rounded to BF16 once when both Dgrad and Wgrad read it in BF16.
+      // dy rounded to BF16 once when both Dgrad and Wgrad read it in BF16 (unless it came so).
       const bf16 = dg.kernel === "bf16";
-      if (bf16 && pol.wgrad.precision === "bf16") dy = dyb = b.cast(dy, "bf16");
+      if (bf16 && pol.wgrad.precision === "bf16" && dy.dtype !== "bf16") dy = dyb = b.cast(dy, "bf16");
       const w = bf16 ? b.cast(this.weight.value, "bf16") : this.weight.value;
-      dx = this.mm(dy, w, s.offsets, {
-        ...dgLayout,
-        precision: dg.kernel,
-        outBf16: out,
-        accumulate: into ?? undefined,
-      });
+      dx = this.mm(
+        dy,
+        w,
+        s.offsets,
+        { ...dgLayout, precision: dg.kernel, outBf16: out, accumulate: into ?? undefined },
+        "dgrad",
+      );
       if (w !== this.weight.value) b.release(w);
     }
 

@@ -754,6 +754,44 @@ export function opSuite(name: string, make: () => Backend): void {
       }
     });
 
+    // The output head's BF16 path: logits stored as BF16 by the head's GEMM, read by the cross-entropy,
+    // whose gradient comes back in BF16 for a head that reads it so.
+    it("dense matmul with storeBf16, cross-entropy of BF16 logits with a BF16 gradient", async () => {
+      const [M, N, K] = [37, 48, 40];
+      const a = rng.normals(M * K);
+      const w = rng.normals(N * K, 0.2);
+      for (const precision of ["f32", "bf16"] as const)
+        await same((b) => {
+          const y = b.matmul(b.upload(a, [M, K]), b.upload(w, [N, K]), {
+            transB: true,
+            precision,
+            storeBf16: true,
+          });
+          expect(y.dtype).toBe("bf16");
+          return { y: b.cast(y, "f32") };
+        }, 1e-2);
+      await be.scope(async () => {
+        const A = be.upload(a, [M, K]);
+        expect(() =>
+          be.matmul(A, A, { transA: true, precision: "f32", storeBf16: true, accumulate: be.zeros([K, K]) }),
+        ).toThrow(/storeBf16 cannot accumulate/);
+        for (const V of [1024, 77]) {
+          const rows = 6;
+          const l16 = be.cast(be.upload(rng.normals(rows * V, 4), [rows, V]), "bf16");
+          const t = be.upload(Int32Array.of(0, V - 1, 7, 1, V - 2, 3), [rows], "i32");
+          const want = be.crossEntropy(be.cast(l16, "f32"), t, 0.7);
+          const got = be.crossEntropy(l16, t, 0.7, true);
+          expect(got.dlogits.dtype).toBe("bf16");
+          expect(Array.from(await got.loss.read()), `loss, V ${V}`).toEqual(
+            Array.from(await want.loss.read()),
+          );
+          expect(Array.from(await be.cast(got.dlogits, "f32").read()), `dlogits, V ${V}`).toEqual(
+            Array.from(await be.cast(be.cast(want.dlogits, "bf16"), "f32").read()),
+          );
+        }
+      });
+    });
+
     // The optimiser's path: one prepared gradient norm and one prepared AdamW over tensors of odd
     // sizes (empty, one element, across the cuda kernel's 4,096-element blocks, past 256 norm
     // partials), f32, BF16 and mixed moments, with and without weight decay, for three steps. Against

@@ -218,10 +218,13 @@ export class TsBackend extends HostLifetimes implements Backend {
   }
 
   matmul(a: Tensor, b: Tensor, o: MatmulOptions): Tensor {
+    const bad = storeBf16Error(o);
+    if (bad) throw new Error(bad);
     const { M, N } = gemmDims(a, b, o);
     const c = new Float32Array(M * N);
     this.gemmInto(whole(a), whole(b), c, o);
-    return this.finish(c, [M, N], o);
+    // BF16 storage: the f32 product rounded to BF16 values, then stored as BF16 (exact).
+    return storedAs(this, this.finish(c, [M, N], o.storeBf16 ? { ...o, outBf16: true } : o), o.storeBf16);
   }
 
   groupedMatmul(a: Tensor, b: Tensor, offsets: Tensor, o: GroupedMatmulOptions): Tensor {
@@ -469,11 +472,11 @@ export class TsBackend extends HostLifetimes implements Backend {
   }
 
   // --- loss and optimiser ----------------------------------------------------------------------
-  crossEntropy(logits: Tensor, targets: Tensor, gradScale: number) {
-    const r = moe.crossEntropy(f32(logits), i32(targets), logits.rows, logits.cols, gradScale);
+  crossEntropy(logits: Tensor, targets: Tensor, gradScale: number, storeBf16 = false) {
+    const r = moe.crossEntropy(f32OrBf16(logits), i32(targets), logits.rows, logits.cols, gradScale);
     return {
       loss: this.wrap(Float32Array.of(r.loss), [1], "f32"),
-      dlogits: this.wrap(r.dlogits, logits.shape, "f32"),
+      dlogits: storedAs(this, this.wrap(r.dlogits, logits.shape, "f32"), storeBf16),
     };
   }
 

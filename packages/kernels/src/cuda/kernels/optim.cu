@@ -22,14 +22,34 @@ __device__ __forceinline__ void ce_add(float x, float& m, double& z) {
   if (x != -f32_inf()) z += exp((double)x - (double)m);  // (a -inf logit adds 0)
 }
 
-KERNEL void cross_entropy_rows(const float* logits, const int* targets, float* dlogits, double* lossRow, int N, int V, double gradScale, int* bad) {
+// Logits are read as f32 or BF16 values (l16: the output head's logits stored as BF16), and the
+// gradient is written as f32 or rounded to BF16 (d16: for a head whose Dgrad and Wgrad read it in
+// BF16, the values cast() would give).
+__device__ __forceinline__ float ce_at(const float* l, int v) { return l[v]; }
+__device__ __forceinline__ float ce_at(const u16* l, int v) { return bf16_to_f32(l[v]); }
+__device__ __forceinline__ float4 ce_at4(const float* l, int v) { return *(const float4*)(l + v); }
+__device__ __forceinline__ float4 ce_at4(const u16* l, int v) {
+  const uint2 w = *(const uint2*)(l + v);
+  return make_float4(bf16_to_f32(w.x & 0xffff), bf16_to_f32(w.x >> 16), bf16_to_f32(w.y & 0xffff),
+                     bf16_to_f32(w.y >> 16));
+}
+__device__ __forceinline__ void ce_put(float* d, int v, float x) { d[v] = x; }
+__device__ __forceinline__ void ce_put(u16* d, int v, float x) { d[v] = f32_to_bf16(x); }
+__device__ __forceinline__ void ce_put4(float* d, int v, float4 y) { *(float4*)(d + v) = y; }
+__device__ __forceinline__ void ce_put4(u16* d, int v, float4 y) {
+  *(uint2*)(d + v) = make_uint2(pack_bf16(y.x, y.y), pack_bf16(y.z, y.w));
+}
+
+template <typename L, typename D>
+__device__ __forceinline__ void ce_row(const L* logits, const int* targets, D* dlogits, double* lossRow, int N, int V,
+                                       double gradScale, int* bad) {
   const int n = blockIdx.x + blockIdx.y * GRID_YZ_MAX;
   if (n >= N) return;
-  const float* l = logits + (i64)n * V;
-  float* d = dlogits + (i64)n * V;
+  const L* l = logits + (i64)n * V;
+  D* d = dlogits + (i64)n * V;
   const int t = targets[n];
   if (t < 0 || t >= V) {
-    for (int v = threadIdx.x; v < V; v += blockDim.x) d[v] = 0.0f;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) ce_put(d, v, 0.0f);
     if (threadIdx.x == 0) {
       lossRow[n] = 0.0;
       if (bad) *bad = 1;
@@ -41,11 +61,11 @@ KERNEL void cross_entropy_rows(const float* logits, const int* targets, float* d
   double z = 0.0;
   if (vec) {
     for (int v = threadIdx.x * 4; v < V; v += blockDim.x * 4) {
-      const float4 x = *(const float4*)(l + v);
+      const float4 x = ce_at4(l, v);
       ce_add(x.x, m, z), ce_add(x.y, m, z), ce_add(x.z, m, z), ce_add(x.w, m, z);
     }
   } else {
-    for (int v = threadIdx.x; v < V; v += blockDim.x) ce_add(l[v], m, z);
+    for (int v = threadIdx.x; v < V; v += blockDim.x) ce_add(ce_at(l, v), m, z);
   }
   const float M = block_maxf_any(m);
   z = block_sum(m == -f32_inf() ? 0.0 : z * exp((double)m - (double)M));
@@ -53,22 +73,30 @@ KERNEL void cross_entropy_rows(const float* logits, const int* targets, float* d
   const float c = (float)(gradScale / z / N);
   if (vec) {
     for (int v = threadIdx.x * 4; v < V; v += blockDim.x * 4) {
-      const float4 x = *(const float4*)(l + v);
+      const float4 x = ce_at4(l, v);
       float4 y = make_float4(expf(x.x - M) * c, expf(x.y - M) * c, expf(x.z - M) * c, expf(x.w - M) * c);
       if (t >= v && t < v + 4) {
         float* e = &y.x + (t - v);
         *e = (float)((double)*e - g);
       }
-      *(float4*)(d + v) = y;
+      ce_put4(d, v, y);
     }
   } else {
     for (int v = threadIdx.x; v < V; v += blockDim.x) {
-      float x = expf(l[v] - M) * c;
+      float x = expf(ce_at(l, v) - M) * c;
       if (v == t) x = (float)((double)x - g);
-      d[v] = x;
+      ce_put(d, v, x);
     }
   }
-  if (threadIdx.x == 0) lossRow[n] = (double)M + log(z) - (double)l[t];
+  if (threadIdx.x == 0) lossRow[n] = (double)M + log(z) - (double)ce_at(l, t);
+}
+
+KERNEL void cross_entropy_rows(const void* logits, int l16, const int* targets, void* dlogits, int d16, double* lossRow,
+                               int N, int V, double gradScale, int* bad) {
+  if (l16 && d16) ce_row((const u16*)logits, targets, (u16*)dlogits, lossRow, N, V, gradScale, bad);
+  else if (l16) ce_row((const u16*)logits, targets, (float*)dlogits, lossRow, N, V, gradScale, bad);
+  else if (d16) ce_row((const float*)logits, targets, (u16*)dlogits, lossRow, N, V, gradScale, bad);
+  else ce_row((const float*)logits, targets, (float*)dlogits, lossRow, N, V, gradScale, bad);
 }
 
 // loss = sum_n lossRow[n] / N (one block, fixed order).

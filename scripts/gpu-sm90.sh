@@ -19,8 +19,9 @@
 #   7 PyTorch in the same call: grouped-GEMM anchors, then the small step eager and compiled
 # STEPS="op-suite bench-gemm ..." runs only the named steps (names as in the table).
 # Everything goes to $OUT/log.txt; JSON results to $OUT/results.jsonl; the table to $OUT/summary.txt
-# and last on stdout. A prebuilt kernel cache in .gpu-cache/ (python3 scripts/nvrtc-check.py
-# --write-cache .gpu-cache) saves the NVRTC compile when the machine's NVRTC has the same version.
+# and last on stdout. A prebuilt kernel cache in .gpu-cache/ (cubins.tar.xz, which
+# scripts/pack-gpu-bundle.sh writes, or the cubins of python3 scripts/nvrtc-check.py --write-cache
+# .gpu-cache) saves the NVRTC compile when the machine's NVRTC has the same version.
 set -u
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
@@ -32,6 +33,8 @@ RES="$OUT/results.jsonl"
 export MOE8_CACHE_DIR=/tmp/moe8-kernel-cache
 mkdir -p "$MOE8_CACHE_DIR"
 [ -d .gpu-cache ] && cp .gpu-cache/*.cubin "$MOE8_CACHE_DIR/" 2>/dev/null
+# The same cache packed by scripts/pack-gpu-bundle.sh (a tenth of the bytes a call carries).
+[ -f .gpu-cache/cubins.tar.xz ] && xz -dc .gpu-cache/cubins.tar.xz | tar -xf - -C "$MOE8_CACHE_DIR"
 if [ -z "${MOE8_CUDA_LIB_DIR:-}" ]; then
   dirs=$(find / -xdev \( -name 'libnvrtc.so.13' -o -name 'libcublasLt.so.13' \) -printf '%h\n' 2>/dev/null | sort -u | tr '\n' ':')
   export MOE8_CUDA_LIB_DIR="${dirs%:}" LD_LIBRARY_PATH="${dirs%:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"

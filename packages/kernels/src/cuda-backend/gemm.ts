@@ -80,8 +80,10 @@ function matmulBf16Out(cx: CudaContext, a: Tensor, b: Tensor, opts: MatmulOption
   const o = { ...opts, outBf16: true, storeBf16: false };
   const { M, N, K } = gemmDims(a, b, o);
   if (o.precision !== "fp8" && M > 0 && N > 0 && K > 0) {
-    if (o.precision === "bf16") [a, b].forEach((t) => lowpInput(cx, t, "matmul"));
-    else [a, b].forEach((t) => cx.f32p(t, "matmul"));
+    for (const t of [a, b]) {
+      if (o.precision === "bf16") lowpInput(cx, t, "matmul");
+      else cx.f32p(t, "matmul");
+    }
     const out = cx.make([M, N], "bf16");
     if (matmulLt(cx, a, b, out, M, N, K, o)) return out;
     cx.release(out);

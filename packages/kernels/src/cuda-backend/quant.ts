@@ -333,14 +333,26 @@ export function transposedWeight(
   const [rb, cb] = [cdiv(rows, 128), cdiv(cols, 128)];
   const c = cx.scratch(batch * rows * cols);
   const s = cx.scratch(batch * rb * cb * 4);
-  transposeCodes(cx, codes, rows, cols, c.ptr, batch);
-  cx.launch(KERNELS.elementwise.transpose_f32_batched, cx.g1(batch * rb * cb), 256, {
-    x: scales,
-    out: s.ptr,
-    R: rb,
-    C: cb,
-    batch,
-  });
+  if (tiles64(codes, rows, cols, batch)) {
+    // Codes and scales in one launch.
+    cx.launch(KERNELS.quant.transpose_u8_64, [cols / 64, rows / 64, batch], 256, {
+      x: codes,
+      out: c.ptr,
+      s: scales,
+      sout: s.ptr,
+      rows,
+      cols,
+    });
+  } else {
+    transposeCodes(cx, codes, rows, cols, c.ptr, batch);
+    cx.launch(KERNELS.elementwise.transpose_f32_batched, cx.g1(batch * rb * cb), 256, {
+      x: scales,
+      out: s.ptr,
+      R: rb,
+      C: cb,
+      batch,
+    });
+  }
   return {
     codes: c.ptr,
     scales: s.ptr,
@@ -351,6 +363,11 @@ export function transposedWeight(
   };
 }
 
+/** Whether transpose_u8_64 takes these codes: whole 64 x 64 tiles, 16-byte aligned. */
+function tiles64(src: number, rows: number, cols: number, batch: number): boolean {
+  return rows > 0 && cols > 0 && batch > 0 && rows % 64 === 0 && cols % 64 === 0 && src % 16 === 0;
+}
+
 export function transposeCodes(
   cx: CudaContext,
   src: number,
@@ -359,6 +376,17 @@ export function transposeCodes(
   dst: number,
   batch = 1,
 ) {
+  if (tiles64(src, rows, cols, batch) && dst % 16 === 0) {
+    cx.launch(KERNELS.quant.transpose_u8_64, [cols / 64, rows / 64, batch], 256, {
+      x: src,
+      out: dst,
+      s: 0,
+      sout: 0,
+      rows,
+      cols,
+    });
+    return dst;
+  }
   cx.launch(KERNELS.quant.transpose_u8_tiled, [cdiv(cols, 32), cdiv(rows, 32), batch], 256, {
     x: src,
     out: dst,

@@ -136,6 +136,7 @@ export const KERNELS = {
     quant_tensor_encode: { module: "quant", name: "quant_tensor_encode", maxThreads: null, params: [["x", "u64"], ["q", "u64"], ["amax", "u64"], ["scales", "u64"], ["n", "u64"], ["fmt", "i32"], ["mode", "i32"], ["eps", "f32"]] },
     dequant_rows: { module: "quant", name: "dequant_rows", maxThreads: null, params: [["q", "u64"], ["scales", "u64"], ["out", "u64"], ["seg", "u64"], ["nseg", "i32"], ["batch", "i32"], ["rows", "i32"], ["cols", "i32"], ["group", "i32"], ["fmt", "i32"]] },
     fp8_flow: { module: "quant", name: "fp8_flow", maxThreads: null, params: [["x", "u64"], ["q", "u64"], ["deq", "u64"], ["counts", "u64"], ["fmt", "i32"], ["n", "u64"]] },
+    transpose_u8_64: { module: "quant", name: "transpose_u8_64", maxThreads: 256, params: [["x", "u64"], ["out", "u64"], ["s", "u64"], ["sout", "u64"], ["rows", "i32"], ["cols", "i32"]] },
     transpose_u8_tiled: { module: "quant", name: "transpose_u8_tiled", maxThreads: null, params: [["x", "u64"], ["out", "u64"], ["rows", "i32"], ["cols", "i32"]] },
   },
 } as const;

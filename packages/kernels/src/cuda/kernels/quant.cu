@@ -351,6 +351,88 @@ KERNEL void __launch_bounds__(256) requant_coltile(const u8* xq, const float* xs
     coltile(Fp8Values{xq, xs, xgroup, rows, xfmt}, q, scales, seg, nseg, rows, cols, fmt, mode, eps, kpitch, sm);
 }
 
+// requant_coltile for the case the model runs: a 1x128-tile FP8 cache requantised into K-major
+// column tiles (kpitch > 0), cols % 128 == 0. A block takes 128 rows x 128 columns: the codes are
+// staged as bytes, transposed (tT[column][row], 16 KB instead of 32 KB of f32 for half the
+// columns), with the rows' scales; two threads per column find its amax over 64 rows each; then each
+// thread requantises 16 rows of one column and stores them as one 16-byte K-major chunk. Values,
+// amax and codes as coltile computes them. (requant_coltile staged f32 values of 64 columns and
+// moved 4 bytes of codes per load: a fifth of the memory bandwidth at the experts' shapes.)
+#define RQ_PITCH 144
+KERNEL void __launch_bounds__(256) requant_tile_kmajor(const u8* xq, const float* xs, int xfmt, u8* q, float* scales,
+                                                       const int* seg, int nseg, int rows, int cols, int fmt,
+                                                       int mode, float eps, i64 kpitch) {
+  __shared__ __align__(16) u8 tT[128][RQ_PITCH];
+  __shared__ float rs[128];
+  __shared__ float part[2][128];
+  __shared__ QScale sc[128];
+  ColGroup grp;
+  if (!col_group(seg, nseg, rows, cols, &grp)) return;
+  const int a0 = grp.a0, h = grp.h, tid = threadIdx.x;
+  const int c0 = blockIdx.x * 128, ng = cols / 128;
+  // Stage: thread (row tid / 2, half tid % 2) loads 64 codes as four 16-byte words.
+  {
+    const int r = tid >> 1, k0 = (tid & 1) * 64;
+    const bool in = r < h;
+    const u8* src = xq + (i64)(a0 + r) * cols + c0 + k0;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      const uint4 w = in ? *(const uint4*)(src + 16 * j) : make_uint4(0, 0, 0, 0);
+      const u32 v[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+      for (int e = 0; e < 16; e++) tT[k0 + 16 * j + e][r] = (v[e >> 2] >> ((e & 3) * 8)) & 0xff;
+    }
+    if (tid < 128) rs[tid] = tid < h ? xs[(i64)(a0 + tid) * ng + blockIdx.x] : 0.0f;
+  }
+  __syncthreads();
+  // Column maxima: thread (column tid % 128, rows 64 (tid / 128) ..) reads 16 codes at a time.
+  {
+    const int c = tid & 127, half = tid >> 7;
+    float a = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      const int r0 = half * 64 + 16 * j;
+      const uint4 w = *(const uint4*)&tT[c][r0];
+      const u32 v[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+      for (int g = 0; g < 4; g++) {
+        float d[4];
+        decode_fp8x4(v[g], xfmt, d);
+#pragma unroll
+        for (int e = 0; e < 4; e++) a = fmaxf(a, abs_for_amax(__fmul_rn(d[e], rs[r0 + 4 * g + e])));
+      }
+    }
+    part[half][c] = a;
+  }
+  __syncthreads();
+  if (tid < 128) {
+    sc[tid] = qscale(fmaxf(part[0][tid], part[1][tid]), eps, fmt, mode);
+    scales[grp.soff + (i64)grp.rb * cols + c0 + tid] = sc[tid].scale;
+  }
+  __syncthreads();
+  // Codes: lanes 8k..8k+7 write one column's 128 contiguous bytes, 16 rows each.
+  const i64 chunk = grp.soff / cols + grp.rb;
+#pragma unroll
+  for (int j = 0; j < 4; j++) {
+    const int i = tid + j * 256, c = i >> 3, r0 = (i & 7) * 16;
+    const uint4 w = *(const uint4*)&tT[c][r0];
+    const u32 v[4] = {w.x, w.y, w.z, w.w};
+    const QScale s = sc[c];
+    u32 out[4];
+#pragma unroll
+    for (int g = 0; g < 4; g++) {
+      float d[4];
+      decode_fp8x4(v[g], xfmt, d);
+      u32 word = 0;
+#pragma unroll
+      for (int e = 0; e < 4; e++)
+        word |= (u32)quant_value(__fmul_rn(d[e], rs[r0 + 4 * g + e]), s, fmt, mode) << (8 * e);
+      out[g] = word;
+    }
+    *(uint4*)(q + (i64)(c0 + c) * kpitch + chunk * 128 + r0) = make_uint4(out[0], out[1], out[2], out[3]);
+  }
+}
+
 // The row-major codes q [rows, cols] of a K-major column-tile matrix kq [cols, kpitch] (coltile's
 // kpitch layout): the form every consumer but the Hopper Wgrad reads. Same grid as quant_coltile
 // (one block per 64 columns of one 128-row group); rows outside every segment are left alone (the

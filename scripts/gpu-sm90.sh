@@ -145,6 +145,15 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
       --section LaunchStats --section Occupancy bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts
   fi
+  # Nsight Compute on the quantisers at the experts' shapes (bench quant: the 70th quant_tile128
+  # launch is a 98,304 x 1,024 tile quantisation; the 6th requant_tile_kmajor, the experts' xs).
+  if command -v ncu >/dev/null 2>&1; then
+    for k in quant_tile128:70 requant_tile_kmajor:5; do
+      step "ncu-${k%%:*}" 90 30 ncu --kernel-name "regex:${k%%:*}" --launch-skip "${k##*:}" --launch-count 1 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+        --section LaunchStats bun apps/trainer/src/cli.ts bench quant --backend cuda
+    done
+  fi
   # The Hopper attention kernels (flash_sm90.cu), through the op suite's tensor-core attention cases.
   attn_tests=(bun test --timeout 300000 -t "tensor-core head sizes" packages/kernels/test/cuda-op-suite.test.ts)
   for tool in racecheck memcheck; do
@@ -153,6 +162,9 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
   done
   step memcheck-step 150 60 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool memcheck --leak-check no --error-exitcode 3 \
     bun apps/trainer/src/cli.ts train --backend cuda --steps 1 --out /tmp/run-memcheck
+  # Shared-memory hazards in every kernel one tiny training step launches.
+  step racecheck-step 150 60 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool racecheck --error-exitcode 3 \
+    bun apps/trainer/src/cli.ts train --backend cuda --steps 1 --out /tmp/run-racecheck
 else
   echo '{"step":"sanitizer","rc":"not installed","s":0}' >>"$RES"
 fi

@@ -126,8 +126,9 @@ export class CudaBackend extends HostLifetimes implements Backend {
    * GPU time of every kernel `run` launches (CUDA events around each launch; the run itself is not
    * synchronised, so the host issues work as it does in training). `busyMs` is the sum of kernel
    * times, `spanMs` the GPU time from the first launch to the end of the last: busy / span is how
-   * much of the step the GPU computes, the rest it waits for the host. The events add a few
-   * microseconds of host time per launch.
+   * much of the step the GPU computes, the rest it waits for the host. `hostMs` is the host's time
+   * from the start to its last kernel launch (before the final read waits for the GPU): above
+   * `busyMs`, the step is bound by the host. The events add a few microseconds of host time per launch.
    */
   async timeKernels(run: () => Promise<unknown>) {
     const n = this.cx.n;
@@ -137,11 +138,12 @@ export class CudaBackend extends HostLifetimes implements Backend {
       const t0 = performance.now();
       await run();
       const issuedMs = performance.now() - t0;
+      const hostMs = this.cx.lastLaunchMs - t0;
       const { kernels, spanMs } = n.cudaKernelTimes();
       const wallMs = performance.now() - t0;
       kernels.sort((a, b) => b.ms - a.ms);
       const busyMs = kernels.reduce((s, k) => s + k.ms, 0);
-      return { wallMs, issuedMs, spanMs, busyMs, kernels };
+      return { wallMs, issuedMs, hostMs, spanMs, busyMs, kernels };
     } finally {
       n.cudaKernelTiming(false);
     }

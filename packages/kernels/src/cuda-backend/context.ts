@@ -223,10 +223,14 @@ export class CudaContext {
         `${kernel.module}.${kernel.name}: ${block} threads above its __launch_bounds__(${kernel.maxThreads})`,
       );
     const { bytes, offsets } = this.args.encode(kernel, args);
+    this.lastLaunchMs = performance.now();
     const [gx, gy = 1, gz = 1] = grid;
     if (offsets) this.n.cudaLaunch(id, gx, gy, gz, block, 1, 1, shared, bytes, offsets);
     else this.n.cudaLaunch(id, gx, gy, gz, block, 1, 1, shared, bytes);
   }
+
+  /** performance.now() at the last kernel launch (timeKernels: when the host had issued a step). */
+  lastLaunchMs = 0;
 
   /** Blocks for a grid-stride loop over n elements. */
   g1(n: number, block = 256): [number] {

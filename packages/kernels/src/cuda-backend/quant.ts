@@ -133,17 +133,23 @@ export function quantize(cx: CudaContext, x: Tensor, opts: QuantizeOptions): Ten
     case "row": {
       const gw = opts.group === "tile" ? 128 : cols;
       if (gw === 128) {
-        const warps = cdiv(R * cdiv(cols, 128), DEFINES.quant.TILES_PER_WARP);
-        cx.launch(KERNELS.quant.quant_tile128, [cdiv(warps, 8)], 256, {
-          x: xp,
-          q: qp,
-          scales: sp,
-          R,
-          C: cols,
-          fmt,
-          mode,
-          eps,
-        });
+        // TILE_LANES threads per tile, 256 a block.
+        const tiles = R * cdiv(cols, 128);
+        cx.launch(
+          KERNELS.quant.quant_tile128,
+          [Math.max(1, cdiv(tiles, 256 / DEFINES.quant.TILE_LANES))],
+          256,
+          {
+            x: xp,
+            q: qp,
+            scales: sp,
+            R,
+            C: cols,
+            fmt,
+            mode,
+            eps,
+          },
+        );
         break;
       }
       const yz = C.GRID_YZ_MAX;

@@ -93,6 +93,7 @@ export async function benchStep(flags: Record<string, unknown>): Promise<number>
         row.gpu_busy_ms = +gpu.busyMs.toFixed(1);
         row.gpu_span_ms = +gpu.spanMs.toFixed(1);
         row.host_issue_ms = +gpu.issuedMs.toFixed(1);
+        row.host_launch_ms = +gpu.hostMs.toFixed(1);
         row.gpu_launches = gpu.kernels.reduce((n, k) => n + k.launches, 0);
         for (const c of classes) row[`gpu_ms_${c.class.split(/[ ,]+/)[0]}`] = c.ms;
       }
@@ -102,7 +103,7 @@ export async function benchStep(flags: Record<string, unknown>): Promise<number>
           console.log(`  ${p.op.padEnd(34)} ${p.ms.toFixed(1).padStart(9)} ms  ${p.calls} calls`);
         if (gpu) {
           console.log(
-            `  GPU: busy ${gpu.busyMs.toFixed(1)} ms of a ${gpu.spanMs.toFixed(1)} ms span; host issued the step in ${gpu.issuedMs.toFixed(1)} ms`,
+            `  GPU: busy ${gpu.busyMs.toFixed(1)} ms of a ${gpu.spanMs.toFixed(1)} ms span; host issued the step in ${gpu.issuedMs.toFixed(1)} ms, its last kernel launch at ${gpu.hostMs.toFixed(1)} ms`,
           );
           for (const c of classes)
             console.log(`  ${c.class.padEnd(44)} ${c.ms.toFixed(2).padStart(9)} ms  ${c.launches} launches`);

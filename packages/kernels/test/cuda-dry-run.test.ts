@@ -47,6 +47,9 @@ async function everyOp(b: Backend) {
   b.dequantize(bySegment);
   await b.read(bySegment.quant!.scales);
   b.requantize(b.quantize(x, { group: "tile" }), { group: "column-tile" });
+  // Tiles and column tiles of one x (one pass on Hopper: 256 columns), with and without segments.
+  for (const seg of [undefined, segs])
+    b.quantizePair(x, { group: "tile" }, { group: "column-tile", segments: seg });
   b.requantize(b.quantize(x, { group: "tile" }), { group: "block" });
   // Column tiles (K-major on Hopper) read back, copied (row-major, without scales) and quantised
   // again.

@@ -220,6 +220,68 @@ export function quantize(cx: CudaContext, x: Tensor, opts: QuantizeOptions): Ten
 }
 
 /**
+ * Backend.quantizePair on cuda: a 2-D f32 x into 1x128 tiles (no segments) and K-major column tiles
+ * (the sm90 Wgrad's layout), cols % 128 == 0, in one pass (quant_tile_coltile); any other pair as
+ * two quantize calls. The same bits either way.
+ */
+export function quantizePair(
+  cx: CudaContext,
+  x: Tensor,
+  a: QuantizeOptions,
+  b: QuantizeOptions,
+): { a: Tensor; b: Tensor } {
+  const { batch, rows, cols } = batchDims(x);
+  const fused =
+    x.dtype === "f32" &&
+    batch === 1 &&
+    rows > 0 &&
+    cols % 128 === 0 &&
+    a.group === "tile" &&
+    !a.segments &&
+    b.group === "column-tile" &&
+    kMajorPitch(cx, b.group, b.format ?? "e4m3", batch, rows, cols, b.segments) > 0;
+  if (!fused) return { a: quantize(cx, x, a), b: quantize(cx, x, b) };
+  const xp = cx.f32p(x, "quantizePair");
+  const ta = quantOutput(cx, x, a);
+  const tb = quantOutput(cx, x, b);
+  const d = colTileTarget(cx, tb.q, 1);
+  if (d) {
+    // With segments, rows / 128 more blocks give the rows outside every segment their tiles.
+    const extra = b.segments ? cdiv(rows, 128) : 0;
+    const pitch = DEFINES.quant.QP_PITCH;
+    cx.launch(
+      KERNELS.quant.quant_tile_coltile,
+      [cols / 128, d.grid[1] + extra, 1],
+      256,
+      {
+        x: xp,
+        q1: cx.p(ta.q),
+        s1: cx.p(ta.q.quant!.scales),
+        fmt1: ta.fmt,
+        mode1: ta.mode,
+        eps1: ta.eps,
+        q2: d.q,
+        s2: d.scales,
+        fmt2: tb.fmt,
+        mode2: tb.mode,
+        eps2: tb.eps,
+        seg: d.seg,
+        nseg: d.nseg,
+        rows,
+        cols,
+        kpitch: d.kpitch,
+      },
+      128 * pitch * 4,
+    );
+  } else {
+    // No segment (E = 0): only the tiles.
+    cx.backend.release(ta.q);
+    return { a: quantize(cx, x, a), b: tb.q };
+  }
+  return { a: ta.q, b: tb.q };
+}
+
+/**
  * Where quant_coltile or requant_coltile writes column tiles of q, restarted at each matrix of the
  * batch or at each segment of q.quant.segments, and their grid; null when there is nothing to write.
  */

@@ -132,6 +132,7 @@ export const KERNELS = {
     quant_coltile: { module: "quant", name: "quant_coltile", maxThreads: 256, params: [["x", "u64"], ["q", "u64"], ["scales", "u64"], ["seg", "u64"], ["nseg", "i32"], ["rows", "i32"], ["cols", "i32"], ["fmt", "i32"], ["mode", "i32"], ["eps", "f32"], ["kpitch", "u64"]] },
     requant_coltile: { module: "quant", name: "requant_coltile", maxThreads: 256, params: [["xq", "u64"], ["xs", "u64"], ["xgroup", "i32"], ["xfmt", "i32"], ["q", "u64"], ["scales", "u64"], ["seg", "u64"], ["nseg", "i32"], ["rows", "i32"], ["cols", "i32"], ["fmt", "i32"], ["mode", "i32"], ["eps", "f32"], ["kpitch", "u64"]] },
     requant_tile_kmajor: { module: "quant", name: "requant_tile_kmajor", maxThreads: 256, params: [["xq", "u64"], ["xs", "u64"], ["xfmt", "i32"], ["q", "u64"], ["scales", "u64"], ["seg", "u64"], ["nseg", "i32"], ["rows", "i32"], ["cols", "i32"], ["fmt", "i32"], ["mode", "i32"], ["eps", "f32"], ["kpitch", "u64"]] },
+    quant_tile_coltile: { module: "quant", name: "quant_tile_coltile", maxThreads: 256, params: [["x", "u64"], ["q1", "u64"], ["s1", "u64"], ["fmt1", "i32"], ["mode1", "i32"], ["eps1", "f32"], ["q2", "u64"], ["s2", "u64"], ["fmt2", "i32"], ["mode2", "i32"], ["eps2", "f32"], ["seg", "u64"], ["nseg", "i32"], ["rows", "i32"], ["cols", "i32"], ["kpitch", "u64"]] },
     coltile_kmajor_rows: { module: "quant", name: "coltile_kmajor_rows", maxThreads: 256, params: [["kq", "u64"], ["q", "u64"], ["seg", "u64"], ["nseg", "i32"], ["rows", "i32"], ["cols", "i32"], ["kpitch", "u64"]] },
     quant_tensor_amax: { module: "quant", name: "quant_tensor_amax", maxThreads: null, params: [["x", "u64"], ["amax", "u64"], ["n", "u64"]] },
     quant_tensor_encode: { module: "quant", name: "quant_tensor_encode", maxThreads: null, params: [["x", "u64"], ["q", "u64"], ["amax", "u64"], ["scales", "u64"], ["n", "u64"], ["fmt", "i32"], ["mode", "i32"], ["eps", "f32"]] },
@@ -155,5 +156,5 @@ export const DEFINES = {
   moe: { ROUTER_MAX_EXPERTS: 256, PERMUTE_MAX_EXPERTS: 1024, PCHUNK: 256, BIAS_SIGN: 0, BIAS_ERROR: 1 },
   nn: { EMB_THREADS: 128 },
   optim: { SUMSQ_ROW: 4, ADAMW_ROW: 8, ADAMW_CHUNK: 4096, ADAMW_M_BF16: 1, ADAMW_V_BF16: 2, ADAMW_DECAY: 4 },
-  quant: { TILE_LANES: 8, CT_COLS: 64, RQ_PITCH: 144 },
+  quant: { TILE_LANES: 8, CT_COLS: 64, RQ_PITCH: 144, QP_PITCH: 129 },
 } as const;

@@ -439,6 +439,94 @@ KERNEL void __launch_bounds__(256) requant_tile_kmajor(const u8* xq, const float
   }
 }
 
+// x [rows, cols] (f32, cols % 128 == 0) quantised twice in one read (Backend.quantizePair): 1x128
+// tiles into q1 (row-major) with scales s1 [rows][cols / 128], and 128x1 column tiles into q2 stored
+// K-major (kpitch, as coltile) with scales s2, restarted at each segment when seg is given: a Linear's
+// gradient feeds its Dgrad in the first layout and its Wgrad in the second. A block takes one 128-row
+// group x 128 columns (dynamic shared memory, 66 KB): each warp quantises whole rows' tiles from
+// registers as it loads them, then the staged values give the column tiles. Segments should cover
+// the rows (Backend.quantize's contract; device data, so unchecked here): if they do not, the rows
+// outside every segment (before seg[0], from seg[nseg] on) still get their tiles, from the
+// `rows / 128` extra blocks at the end of grid.y, so the tiles never depend on the segments. Values, scales and codes as quant_tile128 and
+// quant_coltile compute them.
+struct QuantSide {
+  int fmt, mode;
+  float eps;
+};
+#define QP_PITCH 129
+KERNEL void __launch_bounds__(256) quant_tile_coltile(const float* x, u8* q1, float* s1, int fmt1, int mode1, float eps1,
+                                                      u8* q2, float* s2, int fmt2, int mode2, float eps2, const int* seg,
+                                                      int nseg, int rows, int cols, i64 kpitch) {
+  extern __shared__ float v[];  // [128][QP_PITCH]
+  __shared__ float part[2][128];
+  __shared__ QScale sc[128];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int c0 = blockIdx.x * 128, ng = cols / 128;
+  // The block's rows: a column-tile group, or (the extra blocks) a window of uncovered rows.
+  const int groups = seg ? cdiv(rows, 128) + nseg : cdiv(rows, 128);
+  ColGroup grp = {0, 0, 0, 0};
+  bool tilesOnly = false;
+  int lo = 0, hi = 0;  // tilesOnly: rows a0 + r with lo <= a0 + r < hi are outside every segment
+  if (seg && (int)blockIdx.y >= groups) {
+    tilesOnly = true;
+    grp.a0 = ((int)blockIdx.y - groups) * 128;
+    grp.h = min(128, rows - grp.a0);
+    lo = seg[0], hi = seg[nseg];
+  } else if (!col_group(seg, nseg, rows, cols, &grp)) {
+    return;
+  }
+  const int a0 = grp.a0, h = grp.h;
+  if (tilesOnly && a0 >= lo && a0 + h <= hi) return;  // every row of the window is in a segment
+  const QuantSide t1 = {fmt1, mode1, eps1}, t2 = {fmt2, mode2, eps2};
+  // Rows warp + 8 j: lane holds columns 4 lane .. 4 lane + 3; the tile is the whole row of the block.
+#pragma unroll 4
+  for (int j = 0; j < 16; j++) {
+    const int r = warp + 8 * j;
+    const bool in = r < h;
+    float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (in) a = *(const float4*)(x + (i64)(a0 + r) * cols + c0 + 4 * lane);
+    const bool tile = in && (!tilesOnly || a0 + r < lo || a0 + r >= hi);
+    float m = fmaxf(fmaxf(abs_for_amax(a.x), abs_for_amax(a.y)), fmaxf(abs_for_amax(a.z), abs_for_amax(a.w)));
+    m = warp_max(m);
+    if (tile) {
+      const QScale s = qscale(m, t1.eps, t1.fmt, t1.mode);
+      const u32 w = (u32)quant_value(a.x, s, t1.fmt, t1.mode) | ((u32)quant_value(a.y, s, t1.fmt, t1.mode) << 8) |
+                    ((u32)quant_value(a.z, s, t1.fmt, t1.mode) << 16) | ((u32)quant_value(a.w, s, t1.fmt, t1.mode) << 24);
+      *(u32*)(q1 + (i64)(a0 + r) * cols + c0 + 4 * lane) = w;
+      if (lane == 0) s1[(i64)(a0 + r) * ng + blockIdx.x] = s.scale;
+    }
+    float* vr = v + r * QP_PITCH + 4 * lane;
+    vr[0] = a.x, vr[1] = a.y, vr[2] = a.z, vr[3] = a.w;
+  }
+  if (tilesOnly) return;  // (no barrier was passed: the other threads of the block return too)
+  __syncthreads();
+  {
+    const int c = tid & 127, half = tid >> 7;
+    float a = 0.0f;
+#pragma unroll 8
+    for (int r = half * 64; r < half * 64 + 64; r++) a = fmaxf(a, abs_for_amax(v[r * QP_PITCH + c]));
+    part[half][c] = a;
+  }
+  __syncthreads();
+  if (tid < 128) {
+    sc[tid] = qscale(fmaxf(part[0][tid], part[1][tid]), t2.eps, t2.fmt, t2.mode);
+    s2[grp.soff + (i64)grp.rb * cols + c0 + tid] = sc[tid].scale;
+  }
+  __syncthreads();
+  // K-major: a warp takes 32 adjacent columns' 16-row piece p (conflict-free reads of the staged rows).
+  const i64 chunk = grp.soff / cols + grp.rb;
+#pragma unroll
+  for (int j = 0; j < 4; j++) {
+    const int i = tid + j * 256, c = i & 127, p = i >> 7;
+    const QScale s = sc[c];
+    u32 w[4] = {0, 0, 0, 0};
+#pragma unroll
+    for (int e = 0; e < 16; e++)
+      w[e >> 2] |= (u32)quant_value(v[(p * 16 + e) * QP_PITCH + c], s, t2.fmt, t2.mode) << ((e & 3) * 8);
+    *(uint4*)(q2 + (i64)(c0 + c) * kpitch + chunk * 128 + p * 16) = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+}
+
 // The row-major codes q [rows, cols] of a K-major column-tile matrix kq [cols, kpitch] (coltile's
 // kpitch layout): the form every consumer but the Hopper Wgrad reads. Same grid as quant_coltile
 // (one block per 64 columns of one 128-row group); rows outside every segment are left alone (the

@@ -12,6 +12,8 @@ import { DEFINES, KERNELS } from "../src/cuda/kernels.generated.ts";
 import { createFakeCuda, type FakeCudaConfig } from "./fake-cuda.ts";
 
 const config: FakeCudaConfig = { computeCapability: "8.9", misalign: true, lt: "ok" };
+// quantizePair's one-pass kernel is opt-in until it has run on a GPU: launch it here too.
+process.env.MOE8_QUANT_PAIR = "1";
 const fake = createFakeCuda(config);
 const { table, launched, launchedNow, problems, log, uploads } = fake;
 

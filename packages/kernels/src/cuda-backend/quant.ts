@@ -221,8 +221,9 @@ export function quantize(cx: CudaContext, x: Tensor, opts: QuantizeOptions): Ten
 
 /**
  * Backend.quantizePair on cuda: a 2-D f32 x into 1x128 tiles (no segments) and K-major column tiles
- * (the sm90 Wgrad's layout), cols % 128 == 0, in one pass (quant_tile_coltile); any other pair as
- * two quantize calls. The same bits either way.
+ * (the sm90 Wgrad's layout), cols % 128 == 0, in one pass (quant_tile_coltile, with
+ * MOE8_QUANT_PAIR=1 until it has run on a GPU); any other pair as two quantize calls. The same bits
+ * either way.
  */
 export function quantizePair(
   cx: CudaContext,
@@ -232,6 +233,7 @@ export function quantizePair(
 ): { a: Tensor; b: Tensor } {
   const { batch, rows, cols } = batchDims(x);
   const fused =
+    cx.quantPairFused &&
     x.dtype === "f32" &&
     batch === 1 &&
     rows > 0 &&

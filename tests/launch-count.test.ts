@@ -25,12 +25,13 @@ vi.mock("../packages/kernels/src/index.ts", async (original) => ({
 const { CudaBackend } = await import("../packages/kernels/src/cuda-backend.ts");
 
 /**
- * The budget: launches per step of the three-layer model, as of this file's last change (a gradient's
- * tiles and column tiles in one launch, q/k/v and the logits stored as BF16 by their producers, MLA's
- * backward concatenating instead of zeroing and adding, a weight's codes and scales transposed
- * together: 532 -> 410 fp8, 451 -> 428 bf16).
+ * The budget: launches per step of the three-layer model, as of this file's last change (q/k/v and
+ * the logits stored as BF16 by their producers, MLA's backward concatenating instead of zeroing and
+ * adding, a weight's codes and scales transposed together, RoPE in one pass: 532 -> 429 fp8,
+ * 451 -> 428 bf16; with MOE8_QUANT_PAIR=1, a gradient's tiles and column tiles in one launch, fp8
+ * takes 410).
  */
-const BUDGET = { fp8: 410, bf16: 428 };
+const BUDGET = { fp8: 429, bf16: 428 };
 
 describe("launches per training step (small's shape, 3 layers, fake Hopper GPU)", () => {
   for (const precision of ["fp8", "bf16"] as const)

@@ -324,9 +324,8 @@ export function requantize(cx: CudaContext, q: Tensor, opts: QuantizeOptions): T
   const src = q.quant;
   const d = colTileTarget(cx, out, 1);
   const xq = rowMajorCodes(cx, q);
-  if (d && d.kpitch > 0 && src.group === "tile" && d.cols % 128 === 0) {
-    // The model's case: a 1x128-tile cache into K-major column tiles, 128 columns a block.
-    cx.launch(KERNELS.quant.requant_tile_kmajor, [d.cols / 128, d.grid[1], d.grid[2]], 256, {
+  if (d) {
+    const args = {
       xq: xq.ptr,
       xs: cx.p(src.scales),
       xfmt: FMT[src.format],
@@ -340,24 +339,12 @@ export function requantize(cx: CudaContext, q: Tensor, opts: QuantizeOptions): T
       mode,
       eps,
       kpitch: d.kpitch,
-    });
-  } else if (d)
-    cx.launch(KERNELS.quant.requant_coltile, d.grid, 256, {
-      xq: xq.ptr,
-      xs: cx.p(src.scales),
-      xgroup: GROUP[src.group],
-      xfmt: FMT[src.format],
-      q: d.q,
-      scales: d.scales,
-      seg: d.seg,
-      nseg: d.nseg,
-      rows: d.rows,
-      cols: d.cols,
-      fmt,
-      mode,
-      eps,
-      kpitch: d.kpitch,
-    });
+    };
+    // The model's case, a 1x128-tile cache into K-major column tiles: 128 columns a block.
+    if (d.kpitch > 0 && src.group === "tile" && d.cols % 128 === 0)
+      cx.launch(KERNELS.quant.requant_tile_kmajor, [d.cols / 128, d.grid[1], d.grid[2]], 256, args);
+    else cx.launch(KERNELS.quant.requant_coltile, d.grid, 256, { ...args, xgroup: GROUP[src.group] });
+  }
   xq.free();
   return out;
 }

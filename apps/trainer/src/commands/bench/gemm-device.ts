@@ -6,9 +6,9 @@
 // expert row names the kernels its FP8 time is from. `--shape experts` times the expert GEMMs only.
 import { UsageError } from "@moe8/fp8-core";
 import { CudaBackend, sm90DenseChosen } from "@moe8/kernels";
-import type { Backend, Tensor } from "@moe8/tensor";
+import type { Backend } from "@moe8/tensor";
 import { Rng } from "@moe8/tensor";
-import { formatRow } from "./timing.ts";
+import { deviceMs, formatRow } from "./timing.ts";
 
 /** Dense GEMMs of `small` at 16,384 tokens per step, MxNxK of the Fprop (N = output features). */
 export const SMALL_GEMM_SHAPES = [
@@ -37,27 +37,6 @@ function normals(rng: Rng, n: number, std = 1): Float32Array {
   const out = new Float32Array(n);
   for (let i = 0; i < n; i += pool.length) out.set(pool.subarray(0, Math.min(pool.length, n - i)), i);
   return out;
-}
-
-/** Median ms of one call of `op` over batches of `reps` calls, each batch synchronised once. */
-async function deviceMs(b: Backend, op: () => Tensor, reps = 10): Promise<number> {
-  const batch = async () => {
-    await b.scope(async () => {
-      let y: Tensor | null = null;
-      for (let i = 0; i < reps; i++) y = op();
-      // Wait for the batch through a one-row read (outputs may be stored as BF16).
-      await b.sum(b.cast(b.rows(y!, 0, 1), "f32")).item();
-    });
-  };
-  await batch();
-  const times: number[] = [];
-  for (let i = 0; i < 5; i++) {
-    const t = performance.now();
-    await batch();
-    times.push((performance.now() - t) / reps);
-  }
-  times.sort((x, y) => x - y);
-  return times[2];
 }
 
 function dims(shape: string): [number, number, number] {

@@ -6,7 +6,7 @@
 import { UsageError } from "@moe8/fp8-core";
 import { createBackend } from "@moe8/kernels";
 import { type Backend, Rng, type Tensor } from "@moe8/tensor";
-import { formatRow } from "./timing.ts";
+import { deviceMs, formatRow } from "./timing.ts";
 
 /** Routed experts of `small` after routing: 16,384 tokens x 6 choices over 64 experts. */
 const E = 64;
@@ -92,26 +92,6 @@ function cases(): QuantCase[] {
   ];
 }
 
-/** Median ms of one call over batches of `reps` calls, each batch synchronised once. */
-async function deviceMs(b: Backend, sync: Tensor, op: () => Tensor, reps = 10): Promise<number> {
-  const batch = async () => {
-    await b.scope(async () => {
-      for (let i = 0; i < reps; i++) op();
-      // One stream: a one-row sum read back waits for the batch.
-      await b.sum(b.rows(sync, 0, 1)).item();
-    });
-  };
-  await batch();
-  const times: number[] = [];
-  for (let i = 0; i < 5; i++) {
-    const t = performance.now();
-    await batch();
-    times.push((performance.now() - t) / reps);
-  }
-  times.sort((x, y) => x - y);
-  return times[2];
-}
-
 /** Expert offsets of uneven loads as after routing (sizes drawn around rows / E). */
 function expertOffsets(rng: Rng): Int32Array {
   const sizes = Array.from({ length: E }, () => 0.5 + rng.next());
@@ -144,14 +124,14 @@ export async function benchQuant(flags: Record<string, unknown>): Promise<number
   };
   // The baseline: a device copy reads and writes each byte once.
   const big = b.upload(fill(EXPERT_ROWS * 1024), [EXPERT_ROWS, 1024]);
-  const copyMs = await deviceMs(b, big, () => b.copy(big));
+  const copyMs = await deviceMs(b, () => b.copy(big), 10, big);
   const copyGBs = (2 * big.size * 4) / (copyMs * 1e6);
   emit({ case: "copy_f32", rows: EXPERT_ROWS, cols: 1024, ms: +copyMs.toFixed(4), gbs: Math.round(copyGBs) });
   for (const c of cases()) {
     await b.scope(async () => {
       const x = b.reshape(b.rows(big, 0, c.rows * (c.cols / 1024)), [c.rows, c.cols]);
       const xq = b.quantize(x, { group: "tile" });
-      const ms = await deviceMs(b, big, () => c.run(b, x, offsets, xq));
+      const ms = await deviceMs(b, () => c.run(b, x, offsets, xq), 10, big);
       const gbs = c.bytes / (ms * 1e6);
       emit({
         case: c.name,

@@ -1,4 +1,6 @@
-// What every benchmark shares: a median wall-clock timer and the `key=value` row printed per result.
+// What every benchmark shares: a median wall-clock timer, a device-op timer and the `key=value` row
+// printed per result.
+import type { Backend, Tensor } from "@moe8/tensor";
 
 function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
@@ -23,4 +25,27 @@ export function formatRow(row: object): string {
   return Object.entries(row)
     .map(([k, v]) => `${k}=${v}`)
     .join("  ");
+}
+
+/**
+ * Median ms of one call of a device op over batches of `reps` calls, each batch synchronised once:
+ * by reading one row of `sync` (one stream: it waits for the batch), or without it one row of the
+ * op's last output (read as f32: outputs may be stored as BF16).
+ */
+export async function deviceMs(b: Backend, op: () => Tensor, reps = 10, sync?: Tensor): Promise<number> {
+  const batch = async () => {
+    await b.scope(async () => {
+      let y: Tensor | null = null;
+      for (let i = 0; i < reps; i++) y = op();
+      await b.sum(b.cast(b.rows(sync ?? y!, 0, 1), "f32")).item();
+    });
+  };
+  await batch();
+  const times: number[] = [];
+  for (let i = 0; i < 5; i++) {
+    const t = performance.now();
+    await batch();
+    times.push((performance.now() - t) / reps);
+  }
+  return median(times);
 }

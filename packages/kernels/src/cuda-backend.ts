@@ -134,6 +134,7 @@ export class CudaBackend extends HostLifetimes implements Backend {
     const n = this.cx.n;
     n.cudaSynchronize();
     n.cudaKernelTiming(true);
+    this.cx.timingLaunches = true;
     try {
       const t0 = performance.now();
       await run();
@@ -146,6 +147,7 @@ export class CudaBackend extends HostLifetimes implements Backend {
       return { wallMs, issuedMs, hostMs, spanMs, busyMs, kernels };
     } finally {
       n.cudaKernelTiming(false);
+      this.cx.timingLaunches = false;
     }
   }
 

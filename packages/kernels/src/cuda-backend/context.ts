@@ -230,13 +230,15 @@ export class CudaContext {
         `${kernel.module}.${kernel.name}: ${block} threads above its __launch_bounds__(${kernel.maxThreads})`,
       );
     const { bytes, offsets } = this.args.encode(kernel, args);
-    this.lastLaunchMs = performance.now();
+    if (this.timingLaunches) this.lastLaunchMs = performance.now();
     const [gx, gy = 1, gz = 1] = grid;
     if (offsets) this.n.cudaLaunch(id, gx, gy, gz, block, 1, 1, shared, bytes, offsets);
     else this.n.cudaLaunch(id, gx, gy, gz, block, 1, 1, shared, bytes);
   }
 
-  /** performance.now() at the last kernel launch (timeKernels: when the host had issued a step). */
+  /** While true (CudaBackend.timeKernels), lastLaunchMs is performance.now() at each launch. */
+  timingLaunches = false;
+  /** performance.now() at the last kernel launch while timing: when the host had issued a step. */
   lastLaunchMs = 0;
 
   /** Blocks for a grid-stride loop over n elements. */

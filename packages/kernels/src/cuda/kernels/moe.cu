@@ -197,11 +197,7 @@ __device__ __forceinline__ float load_y(const float* p) { return *p; }
 __device__ __forceinline__ float load_y(const u16* p) { return bf16_to_f32(*p); }
 // Four adjacent values (16-byte aligned f32, 8-byte aligned BF16).
 __device__ __forceinline__ float4 load_y4(const float* p) { return *(const float4*)p; }
-__device__ __forceinline__ float4 load_y4(const u16* p) {
-  const uint2 w = *(const uint2*)p;
-  return make_float4(bf16_to_f32(w.x & 0xffff), bf16_to_f32(w.x >> 16), bf16_to_f32(w.y & 0xffff),
-                     bf16_to_f32(w.y >> 16));
-}
+__device__ __forceinline__ float4 load_y4(const u16* p) { return load_bf16x4(p); }
 
 // dx[n] = sum_j dxs[pos[n k + j]] (f32, in order of j). dxs is f32, or BF16 when the experts' Dgrad
 // stores its (BF16-rounded) result that way.

@@ -29,11 +29,7 @@ __device__ __forceinline__ void ce_add(float x, float& m, double& z) {
 __device__ __forceinline__ float ce_at(const float* l, int v) { return l[v]; }
 __device__ __forceinline__ float ce_at(const u16* l, int v) { return bf16_to_f32(l[v]); }
 __device__ __forceinline__ float4 ce_at4(const float* l, int v) { return *(const float4*)(l + v); }
-__device__ __forceinline__ float4 ce_at4(const u16* l, int v) {
-  const uint2 w = *(const uint2*)(l + v);
-  return make_float4(bf16_to_f32(w.x & 0xffff), bf16_to_f32(w.x >> 16), bf16_to_f32(w.y & 0xffff),
-                     bf16_to_f32(w.y >> 16));
-}
+__device__ __forceinline__ float4 ce_at4(const u16* l, int v) { return load_bf16x4(l + v); }
 __device__ __forceinline__ void ce_put(float* d, int v, float x) { d[v] = x; }
 __device__ __forceinline__ void ce_put(u16* d, int v, float x) { d[v] = f32_to_bf16(x); }
 __device__ __forceinline__ void ce_put4(float* d, int v, float4 y) { *(float4*)(d + v) = y; }
@@ -190,9 +186,7 @@ __device__ __forceinline__ void adamw_elem(float& p, float g, float& m, float& v
 }
 __device__ __forceinline__ float4 adamw_load4(const void* a, bool bf16, i64 i) {
   if (!bf16) return *(const float4*)((const float*)a + i);
-  const uint2 w = *(const uint2*)((const u16*)a + i);
-  return make_float4(bf16_to_f32(w.x & 0xffff), bf16_to_f32(w.x >> 16), bf16_to_f32(w.y & 0xffff),
-                     bf16_to_f32(w.y >> 16));
+  return load_bf16x4((const u16*)a + i);
 }
 __device__ __forceinline__ void adamw_store4(void* a, bool bf16, i64 i, float4 x) {
   if (!bf16) {

@@ -8,8 +8,7 @@
 #     against the reference (test/cuda-op-suite.test.ts)
 #   3 attn-bench: the attention kernels against PyTorch's SDPA (cuDNN, FlashAttention-2); bench gemm
 #     --shape experts: per-role TFLOP/s of the expert GEMMs, sm90 and mma.sync; bench-quant: the FP8 quantisers at small's shapes against a device copy
-#   4 bench step small: fp8 with the sm90 GEMM, fp8 with MOE8_QUANT_PAIR=1 (pair: quantizePair's one-pass
-#     kernel), fp8 with MOE8_SM90_KMAJOR=0 (kt: transposed column
+#   4 bench step small: fp8 with the sm90 GEMM, fp8 with MOE8_SM90_KMAJOR=0 (kt: transposed column
 #     tiles), MOE8_SM90_BN=128 (bn128), MOE8_SM90_GEMM=0 (mma), bf16; bench-gemm-bn128: the
 #     experts' GEMMs on the 128 x 128 entries
 #   5 compute-sanitizer on the sm90 kernels (both entry points, through the op suite's sm90 tests):
@@ -77,8 +76,7 @@ if ! grep -q '"nvrtc":"13.0"' /tmp/doctor.json; then
   step nvrtc-cache 150 60 python3 scripts/nvrtc-check.py --write-cache "$MOE8_CACHE_DIR"
 fi
 
-# MOE8_QUANT_PAIR=1: quantizePair's one-pass kernel, off by default until this suite has passed with it.
-step op-suite 240 60 env MOE8_POISON=1 MOE8_REQUIRE_CUDA=1 MOE8_QUANT_PAIR=1 \
+step op-suite 240 60 env MOE8_POISON=1 MOE8_REQUIRE_CUDA=1 \
   bun test --timeout 300000 packages/kernels/test/cuda-op-suite.test.ts
 
 # The attention kernels alone (flash_sm90.cu's wgmma, flash.cu's mma.sync) against PyTorch's SDPA
@@ -107,11 +105,10 @@ step torch-roles 60 20 sh -c 'python3 packages/kernels/bench/torch_expert_roles.
 cat /tmp/torch-roles.txt >>"$LOG" 2>/dev/null
 json_of /tmp/torch-roles.txt torch-roles
 
-for v in sm90 pair kt bn128 mma fa2 bf16; do
+for v in sm90 kt bn128 mma fa2 bf16; do
   picked "step-$v" || continue
   case $v in
     sm90) env=(MOE8_SM90_GEMM=1) p=fp8 prof=--profile ;;
-    pair) env=(MOE8_QUANT_PAIR=1) p=fp8 prof=--profile ;;
     mma) env=(MOE8_SM90_GEMM=0) p=fp8 prof=--profile ;;
     kt) env=(MOE8_SM90_KMAJOR=0) p=fp8 prof=--profile ;;
     bn128) env=(MOE8_SM90_BN=128) p=fp8 prof=--profile ;;
@@ -261,7 +258,7 @@ for r in rows:
     if r.get("tag") == "bench-gemm-bn128":
         for x in r.get("rows", []):
             print(f"128x128 entries: {x['gemm'][:44]:<44} {x['role']:<6} {x['fp8_tflops']:>8} TF/s")
-for v in ("sm90", "pair", "kt", "bn128", "mma", "fa2", "bf16"):
+for v in ("sm90", "kt", "bn128", "mma", "fa2", "bf16"):
     s = next((r for r in rows if r.get("tag") == f"step-{v}"), None)
     k = next((r for r in rows if r.get("tag") == f"kernels-{v}"), {})
     if s:

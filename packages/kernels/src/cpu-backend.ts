@@ -33,7 +33,6 @@ import {
   type PreparedClipScale,
   type QuantGroup,
   type QuantizeOptions,
-  quantizePairOf,
   type RopeOptions,
   type RouterResult,
   requantizeViaF32,
@@ -192,10 +191,6 @@ export class CpuBackend extends HostLifetimes implements Backend {
   }
 
   // --- quantisation ----------------------------------------------------------------------------
-  quantizePair(x: Tensor, a: QuantizeOptions, b: QuantizeOptions) {
-    return quantizePairOf(this, x, a, b);
-  }
-
   quantize(x: Tensor, opts: QuantizeOptions): Tensor {
     const { batch, rows, cols } = batchDims(x);
     const format: Fp8Format = opts.format ?? "e4m3";

@@ -242,10 +242,6 @@ export class CudaBackend extends HostLifetimes implements Backend {
     return quant.quantize(this.cx, x, opts);
   }
 
-  quantizePair(x: Tensor, a: QuantizeOptions, b: QuantizeOptions) {
-    return quant.quantizePair(this.cx, x, a, b);
-  }
-
   requantize(q: Tensor, opts: QuantizeOptions): Tensor {
     return quant.requantize(this.cx, q, opts);
   }

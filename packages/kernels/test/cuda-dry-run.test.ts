@@ -12,8 +12,6 @@ import { DEFINES, KERNELS } from "../src/cuda/kernels.generated.ts";
 import { createFakeCuda, type FakeCudaConfig } from "./fake-cuda.ts";
 
 const config: FakeCudaConfig = { computeCapability: "8.9", misalign: true, lt: "ok" };
-// quantizePair's one-pass kernel is opt-in until it has run on a GPU: launch it here too.
-process.env.MOE8_QUANT_PAIR = "1";
 const fake = createFakeCuda(config);
 const { table, launched, launchedNow, problems, log, uploads } = fake;
 
@@ -49,9 +47,6 @@ async function everyOp(b: Backend) {
   b.dequantize(bySegment);
   await b.read(bySegment.quant!.scales);
   b.requantize(b.quantize(x, { group: "tile" }), { group: "column-tile" });
-  // Tiles and column tiles of one x (one pass on Hopper: 256 columns), with and without segments.
-  for (const seg of [undefined, segs])
-    b.quantizePair(x, { group: "tile" }, { group: "column-tile", segments: seg });
   b.requantize(b.quantize(x, { group: "tile" }), { group: "block" });
   // Column tiles (K-major on Hopper) read back, copied (row-major, without scales) and quantised
   // again.

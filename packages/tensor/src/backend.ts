@@ -240,12 +240,6 @@ export interface Backend {
   quantize(x: Tensor, opts: QuantizeOptions): Tensor;
   dequantize(q: Tensor): Tensor;
   /**
-   * x quantised as `a` and as `b`: the same bits as quantize(x, a) and quantize(x, b), which a
-   * device backend may make in one pass over x (a Linear's gradient, read by its Dgrad as 1x128
-   * tiles and by its Wgrad as 128x1 column tiles).
-   */
-  quantizePair(x: Tensor, a: QuantizeOptions, b: QuantizeOptions): { a: Tensor; b: Tensor };
-  /**
    * quantize(dequantize(q), opts), bit for bit: an FP8 tensor quantised again in another layout (the
    * Wgrad operand made from a 1x128 FP8 activation cache). A device backend may fuse it.
    */
@@ -357,16 +351,6 @@ export function checkAdamWSlots(slots: readonly AdamWSlot[]): void {
     if (g.size !== p.size || m.size !== p.size || v.size !== p.size)
       throw new Error(`prepareAdamW: p ${p}, g ${g}, m ${m} and v ${v} differ in size`);
   }
-}
-
-/** Backend.quantizePair as its definition: two quantisations. */
-export function quantizePairOf(
-  b: Backend,
-  x: Tensor,
-  oa: QuantizeOptions,
-  ob: QuantizeOptions,
-): { a: Tensor; b: Tensor } {
-  return { a: b.quantize(x, oa), b: b.quantize(x, ob) };
 }
 
 /** Backend.requantize as its definition: dequantise to f32, quantise again, release the f32 copy. */

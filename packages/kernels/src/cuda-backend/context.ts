@@ -79,12 +79,6 @@ export class CudaContext {
    */
   readonly kMajorColTiles: boolean;
   /**
-   * quantizePair's one-pass kernel (quant_tile_coltile) for a gradient's tiles and K-major column
-   * tiles: off until it has run on a GPU (MOE8_QUANT_PAIR=1 turns it on; the two-pass path is the
-   * verified one).
-   */
-  readonly quantPairFused: boolean;
-  /**
    * Tile widths of the sm90 kernels: 0 picks by shape (gemm-sm90.ts), 128 or 256 force one entry
    * (MOE8_SM90_BN for Fprop and Dgrad, MOE8_SM90_WGRAD_BN for Wgrad; for measuring the two).
    */
@@ -118,7 +112,6 @@ export class CudaContext {
     this.sm90Attention = this.useTensorCores && attentionPath(info.computeCapability).kernel === "sm90-wgmma";
     this.sm90Dense = sm90DenseMode(process.env.MOE8_SM90_DENSE);
     this.kMajorColTiles = this.sm90Gemm && process.env.MOE8_SM90_KMAJOR !== "0";
-    this.quantPairFused = this.kMajorColTiles && process.env.MOE8_QUANT_PAIR === "1";
     this.sm90Bn = tileWidth("MOE8_SM90_BN");
     this.sm90WgradBn = tileWidth("MOE8_SM90_WGRAD_BN");
     const ctas = process.env.MOE8_SM90_CTAS ?? "";

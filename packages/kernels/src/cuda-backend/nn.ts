@@ -27,28 +27,27 @@ export function rmsnormBackward(cx: CudaContext, dy: Tensor, x: Tensor, w: Tenso
   const C = x.cols;
   const dx = cx.make(x.shape, "f32");
   const dw = cx.make(w.shape, "f32");
-  if (R > 0)
-    cx.launch(KERNELS.nn.rmsnorm_bwd_dx, cx.rowsGrid(R), 256, {
-      dy: cx.f32p(dy, "rmsnormBackward"),
-      x: cx.p(x),
-      w: cx.p(w),
-      rstd: cx.p(rstd),
-      dx: cx.p(dx),
-      R,
-      C,
-    });
-  const rowsPer = 256;
+  const ptrs = { dy: cx.f32p(dy, "rmsnormBackward"), x: cx.p(x), w: cx.p(w), rstd: cx.p(rstd) };
+  // One pass for dx and dw's partial sums (RMS_ROWS = 128 rows a chunk) at the model's widths with
+  // 16-byte aligned rows; two passes otherwise.
+  const fused = C % 128 === 0 && C <= 1024 && [ptrs.dy, ptrs.x, ptrs.w].every((p) => p % 16 === 0);
+  const rowsPer = fused ? 128 : 256;
   const chunks = Math.max(1, cdiv(R, rowsPer));
   const part = cx.scratch(chunks * C * 8);
-  cx.launch(KERNELS.nn.rmsnorm_bwd_dw_partial, [cdiv(C, 256), chunks], 256, {
-    dy: cx.p(dy),
-    x: cx.p(x),
-    rstd: cx.p(rstd),
-    part: part.ptr,
-    R,
-    C,
-    rowsPer,
-  });
+  if (fused && R > 0) {
+    cx.launch(KERNELS.nn.rmsnorm_bwd_fused, [chunks], 256, { ...ptrs, dx: cx.p(dx), part: part.ptr, R, C });
+  } else {
+    if (R > 0) cx.launch(KERNELS.nn.rmsnorm_bwd_dx, cx.rowsGrid(R), 256, { ...ptrs, dx: cx.p(dx), R, C });
+    cx.launch(KERNELS.nn.rmsnorm_bwd_dw_partial, [cdiv(C, 256), chunks], 256, {
+      dy: ptrs.dy,
+      x: ptrs.x,
+      rstd: ptrs.rstd,
+      part: part.ptr,
+      R,
+      C,
+      rowsPer,
+    });
+  }
   cx.launch(KERNELS.nn.colsum_final, [cdiv(C, 256)], 256, { part: part.ptr, out: cx.p(dw), chunks, C });
   part.free();
   return { dx, dw };
@@ -159,16 +158,24 @@ function packed(cx: CudaContext, gu: Tensor, op: string): { ptr: number; bf16: b
   return { ptr: cx.f32p(gu, op), bf16: false };
 }
 
+/** The swiglu kernels take four columns a thread when inter % 4 == 0. */
+const swigluThreads = (n: number, inter: number) => (inter % 4 === 0 ? n / 4 : n);
+
 export function swiglu(cx: CudaContext, gu: Tensor): Tensor {
   const inter = swigluWidth(gu, "swiglu");
   const h = cx.make([gu.rows, inter], "f32");
   const g = packed(cx, gu, "swiglu");
-  cx.launch(g.bf16 ? KERNELS.nn.swiglu_fwd_bf16 : KERNELS.nn.swiglu_fwd_f32, cx.g1(h.size), 256, {
-    gu: g.ptr,
-    h: cx.p(h),
-    rows: gu.rows,
-    inter,
-  });
+  cx.launch(
+    g.bf16 ? KERNELS.nn.swiglu_fwd_bf16 : KERNELS.nn.swiglu_fwd_f32,
+    cx.g1(swigluThreads(h.size, inter)),
+    256,
+    {
+      gu: g.ptr,
+      h: cx.p(h),
+      rows: gu.rows,
+      inter,
+    },
+  );
   return h;
 }
 
@@ -184,7 +191,13 @@ export function swigluBackward(cx: CudaContext, dh: Tensor, gu: Tensor): Tensor 
     : g.bf16
       ? KERNELS.nn.swiglu_bwd_bf16
       : KERNELS.nn.swiglu_bwd_f32;
-  cx.launch(kernel, cx.g1(dh.size), 256, { dh: d.ptr, gu: g.ptr, dgu: cx.p(dgu), rows: gu.rows, inter });
+  cx.launch(kernel, cx.g1(swigluThreads(dh.size, inter)), 256, {
+    dh: d.ptr,
+    gu: g.ptr,
+    dgu: cx.p(dgu),
+    rows: gu.rows,
+    inter,
+  });
   d.free();
   return dgu;
 }

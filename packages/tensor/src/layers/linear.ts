@@ -228,21 +228,11 @@ export class Linear {
     const dgLayout = { transA: dg.a.trans, transB: dg.b.trans };
     const dyQ = dg.a.quant;
     const wQ = dg.b.quant;
-    // Wgrad's plan too (the trace records dgrad, then wgrad, as before): when both GEMMs quantise dy,
-    // its two FP8 copies come from one pass over it (quantizePair).
-    const wg = this.plan("wgrad");
-    const segments = this.grouped ? (s.offsets ?? undefined) : undefined;
-    const gQ = wg.a.quant;
-    const xQ = wg.b.quant;
-    const seg = gQ?.group === "column-tile" ? segments : undefined;
-    let dyWgrad: Tensor | null = null;
     let dx: Tensor;
     let dyb: Tensor | null = null;
     if (dyQ && wQ) {
       const wq = s.wq && s.wqKey === quantKey(wQ) ? s.wq : b.quantize(this.weight.value, wQ);
-      let dyq: Tensor;
-      if (gQ && xQ) ({ a: dyq, b: dyWgrad } = b.quantizePair(dy, dyQ, { ...gQ, segments: seg }));
-      else dyq = b.quantize(dy, dyQ);
+      const dyq = b.quantize(dy, dyQ);
       this.trace?.flow.add(b, dy, dyq);
       dx = this.mm(
         dyq,
@@ -273,6 +263,10 @@ export class Linear {
     }
 
     // Wgrad: dW += dy^T x, reduced over tokens (per expert for grouped weights).
+    const wg = this.plan("wgrad");
+    const segments = this.grouped ? (s.offsets ?? undefined) : undefined;
+    const gQ = wg.a.quant;
+    const xQ = wg.b.quant;
     const o: MatmulOptions = {
       transA: wg.a.trans,
       transB: wg.b.trans,
@@ -280,7 +274,8 @@ export class Linear {
       accumulate: this.weight.grad,
     };
     if (gQ && xQ) {
-      const dyq = dyWgrad ?? b.quantize(dy, { ...gQ, segments: seg });
+      const seg = gQ.group === "column-tile" ? segments : undefined;
+      const dyq = b.quantize(dy, { ...gQ, segments: seg });
       this.trace?.flow.add(b, dy, dyq);
       // With only the FP8 cache saved, its values are quantised again in column tiles (fused on a
       // device backend: the f32 activation is never rebuilt).

@@ -203,33 +203,6 @@ export function opSuite(name: string, make: () => Backend): void {
             }, "exact");
     });
 
-    it("quantizePair equals two quantize calls: tiles and column tiles, with and without segments", async () => {
-      const x = rng.normals(300 * 256, 2);
-      x[5] = 3e4;
-      x[256 * 200 + 7] = -2e4;
-      const segs = [undefined, Int32Array.of(0, 0, 130, 131, 300), Int32Array.of(0, 128, 300)];
-      // 256 columns: cuda's one-pass kernel on Hopper (whole 128-column blocks); 200: two passes.
-      for (const cols of [200, 256])
-        for (const format of ["e4m3", "e5m2"] as const)
-          for (const seg of segs)
-            await be.scope(async () => {
-              const X = be.upload(x.subarray(0, 300 * cols), [300, cols]);
-              const S = seg ? be.upload(seg, [seg.length], "i32") : undefined;
-              const oa = { group: "tile" as const };
-              const ob = { group: "column-tile" as const, format, segments: S };
-              const pair = be.quantizePair(X, oa, ob);
-              const want = { a: be.quantize(X, oa), b: be.quantize(X, ob) };
-              for (const k of ["a", "b"] as const) {
-                const what = `${k}, ${cols} columns, ${format}, segments ${seg ?? "none"}`;
-                expect(pair[k].dtype, what).toBe(want[k].dtype);
-                expect(Array.from(await be.read(pair[k])), what).toEqual(Array.from(await be.read(want[k])));
-                expect(Array.from(await be.read(pair[k].quant!.scales)), `${what} scales`).toEqual(
-                  Array.from(await be.read(want[k].quant!.scales)),
-                );
-              }
-            });
-    });
-
     it("fp8Flow counts clipped and flushed values", async () => {
       // Unscaled E4M3: 1000, inf, NaN, 470 and 1e4 clip (beyond 464, half an ulp above 448), 1e-4
       // and -2e-5 flush to zero; unscaled E5M2 clips only inf and NaN and keeps the small values.

@@ -22,7 +22,6 @@ import {
   checkAdamWSlots,
   clipScaleOver,
   intoBf16,
-  quantizePairOf,
   requantizeViaF32,
   storeBf16Error,
   storedAs,
@@ -126,10 +125,6 @@ export class TsBackend extends HostLifetimes implements Backend {
   }
 
   // --- quantisation ----------------------------------------------------------------------------
-  quantizePair(x: Tensor, a: QuantizeOptions, b: QuantizeOptions) {
-    return quantizePairOf(this, x, a, b);
-  }
-
   quantize(x: Tensor, opts: QuantizeOptions): Tensor {
     const segments = opts.segments ? i32(opts.segments) : null;
     const { data, scales } = quantizeHost(f32(x), { ...batchDims(x), segments }, opts);

@@ -52,22 +52,6 @@ function cases(): QuantCase[] {
     bytes: moved(rows, cols, 1 + 4 / 128),
     run: (b, _x, offsets, xq) => b.requantize(xq, { group: "column-tile", segments: offsets }),
   });
-  const pair = (name: string, what: string, rows: number, cols: number, seg: boolean): QuantCase => ({
-    name,
-    what,
-    rows,
-    cols,
-    bytes: rows * cols * (4 + 2 + 8 / 128),
-    run: (b, x, offsets) => {
-      const p = b.quantizePair(
-        x,
-        { group: "tile" },
-        { group: "column-tile", segments: seg ? offsets : undefined },
-      );
-      b.release(p.a);
-      return p.b;
-    },
-  });
   return [
     tile("tile_dense", "a dense Linear's input or gradient", TOKENS, 1024),
     tile("tile_experts_down_dy", "the experts' down Dgrad input", EXPERT_ROWS, 1024),
@@ -76,9 +60,6 @@ function cases(): QuantCase[] {
     coltile("coltile_dense", "a dense Wgrad's gradient", TOKENS, 1024, false),
     coltile("coltile_experts_down_dy", "the experts' down Wgrad gradient", EXPERT_ROWS, 1024, true),
     coltile("coltile_experts_gate_up_dy", "the experts' gate_up Wgrad gradient", EXPERT_ROWS, 512, true),
-    pair("pair_dense", "a dense Linear's gradient, both layouts in one pass", TOKENS, 1024, false),
-    pair("pair_experts_down_dy", "the experts' down gradient, both layouts", EXPERT_ROWS, 1024, true),
-    pair("pair_experts_gate_up_dy", "the experts' gate_up gradient, both layouts", EXPERT_ROWS, 512, true),
     requant("requant_experts_xs", "the experts' gate_up Wgrad input", EXPERT_ROWS, 1024),
     requant("requant_experts_h", "the experts' down Wgrad input", EXPERT_ROWS, 256),
     {

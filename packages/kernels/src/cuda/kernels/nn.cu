@@ -39,6 +39,74 @@ KERNEL void rmsnorm_bwd_dw_partial(const float* dy, const float* x, const float*
   part[(i64)ch * C + c] = v;
 }
 
+// dx and dw's partial sums in one read of dy and x, for C % 128 == 0 and C <= 1024 (the model's
+// norms): a block takes RMS_ROWS rows (part's chunk), each warp every eighth of them, lane l the
+// columns 4 l + 128 j. Per row the warp sums dot(dy * w, x) in double (no block barrier) and writes
+// dx as rmsnorm_bwd_dx does; each lane keeps its columns' sums of dy * x * rstd in registers, and the
+// warps add theirs into part in warp order. (Two kernels read dy and x twice: 2.8 ms of the step.)
+#define RMS_ROWS 128
+KERNEL void __launch_bounds__(256) rmsnorm_bwd_fused(const float* dy, const float* x, const float* w,
+                                                     const float* rstd, float* dx, double* part, int R, int C) {
+  __shared__ double acc_s[1024];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, K = C >> 7;
+  const int r0 = blockIdx.x * RMS_ROWS, r1 = min(R, r0 + RMS_ROWS);
+  double acc[8][4];
+#pragma unroll
+  for (int j = 0; j < 8; j++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) acc[j][e] = 0.0;
+  for (int r = r0 + warp; r < r1; r += 8) {
+    const i64 o = (i64)r * C;
+    const double s = rstd[r];
+    float4 vd[8], vx[8];
+    double dot = 0.0;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+      if (j < K) {
+        const int c = 4 * lane + 128 * j;
+        vd[j] = *(const float4*)(dy + o + c);
+        vx[j] = *(const float4*)(x + o + c);
+        const float4 vw = *(const float4*)(w + c);
+        dot += (double)vd[j].x * (double)vw.x * (double)vx[j].x + (double)vd[j].y * (double)vw.y * (double)vx[j].y +
+               (double)vd[j].z * (double)vw.z * (double)vx[j].z + (double)vd[j].w * (double)vw.w * (double)vx[j].w;
+      }
+    }
+    dot = warp_sum(dot);
+    const double k = s * s * dot / C;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+      if (j < K) {
+        const int c = 4 * lane + 128 * j;
+        const float4 vw = *(const float4*)(w + c);
+        const float d[4] = {vd[j].x, vd[j].y, vd[j].z, vd[j].w}, xv[4] = {vx[j].x, vx[j].y, vx[j].z, vx[j].w};
+        const float wv[4] = {vw.x, vw.y, vw.z, vw.w};
+        float out[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          out[e] = (float)(s * ((double)d[e] * (double)wv[e] - (double)xv[e] * k));
+          acc[j][e] += (double)d[e] * (double)xv[e] * s;
+        }
+        *(float4*)(dx + o + c) = make_float4(out[0], out[1], out[2], out[3]);
+      }
+    }
+  }
+  // The warps' column sums, added in warp order.
+  for (int wv = 0; wv < 8; wv++) {
+    if (warp == wv) {
+#pragma unroll
+      for (int j = 0; j < 8; j++)
+        if (j < K)
+#pragma unroll
+          for (int e = 0; e < 4; e++) {
+            const int c = 4 * lane + 128 * j + e;
+            acc_s[c] = wv == 0 ? acc[j][e] : acc_s[c] + acc[j][e];
+          }
+    }
+    __syncthreads();
+  }
+  for (int c = threadIdx.x; c < C; c += blockDim.x) part[(i64)blockIdx.x * C + c] = acc_s[c];
+}
+
 // Column sums of part [chunks][C] in chunk order, rounded to f32.
 KERNEL void colsum_final(const double* part, float* out, int chunks, int C) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
@@ -144,26 +212,46 @@ KERNEL void head_concat(const float* a, const float* b, void* y, int R, int head
   }
 }
 
-__device__ __forceinline__ double sigmoid_d(double x) { return 1.0 / (1.0 + exp(-x)); }
-
 // SwiGLU over the fused gate|up projection's output: gu = [g | u] per row, [rows, 2 inter], in f32
 // or, when the projection rounds its outputs to BF16 and they were saved that way, as BF16 codes
 // (read directly, no f32 copy). h = silu(g) * u is [rows, inter]; the backward writes d[g | u] in
-// gu's packed layout, the fused projection's Dgrad/Wgrad operand. Arithmetic in double, rounded
-// once, like the ts reference.
-__device__ __forceinline__ double gu_at(const float* gu, i64 i) { return gu[i]; }
-__device__ __forceinline__ double gu_at(const u16* gu, i64 i) { return bf16_to_f32(gu[i]); }
+// gu's packed layout, the fused projection's Dgrad/Wgrad operand. Arithmetic in f32 with expf and
+// IEEE divisions (within a few ulps of the ts reference's double arithmetic): in double, the four
+// kernels took 3.7 ms of the small fp8 step, bound by FP64 exp, for about 1 ms of memory traffic.
+// Four columns a thread when inter % 4 == 0 (16- or 8-byte accesses), else one.
+__device__ __forceinline__ float sigmoid_f(float x) { return __fdiv_rn(1.0f, 1.0f + expf(-x)); }
+__device__ __forceinline__ float4 load4(const float* p) { return *(const float4*)p; }
+__device__ __forceinline__ float4 load4(const u16* p) { return load_bf16x4(p); }
+__device__ __forceinline__ float load1(const float* p) { return *p; }
+__device__ __forceinline__ float load1(const u16* p) { return bf16_to_f32(*p); }
+
+__device__ __forceinline__ float silu_mul(float g, float u) { return __fmul_rn(__fmul_rn(g, sigmoid_f(g)), u); }
+// (dg, du) of h = silu(g) u for dh = d.
+__device__ __forceinline__ void swiglu_grad(float d, float g, float u, float* dg, float* du) {
+  const float s = sigmoid_f(g);
+  *du = d * g * s;
+  *dg = d * u * s * (1.0f + g * (1.0f - s));
+}
 
 // The element loops index with I = int when every index fits (fits_i32: the 64-bit division by
 // `inter` per element cost more than the element's arithmetic), else with i64.
-
 template <typename I, typename T>
 __device__ __forceinline__ void swiglu_fwd_loop(const T* gu, float* h, I rows, int inter) {
+  if ((inter & 3) == 0) {
+    const int q = inter >> 2;
+    const I n = rows * q;
+    for (I i = blockIdx.x * (I)blockDim.x + threadIdx.x; i < n; i += (I)gridDim.x * blockDim.x) {
+      const I r = i / q, c = (i - r * q) * 4, gi = r * 2 * inter + c;
+      const float4 g = load4(gu + gi), u = load4(gu + gi + inter);
+      *(float4*)(h + r * inter + c) = make_float4(silu_mul(g.x, u.x), silu_mul(g.y, u.y), silu_mul(g.z, u.z),
+                                                  silu_mul(g.w, u.w));
+    }
+    return;
+  }
   const I n = rows * inter;
   for (I i = blockIdx.x * (I)blockDim.x + threadIdx.x; i < n; i += (I)gridDim.x * blockDim.x) {
     const I r = i / inter, c = i - r * inter;
-    const double gv = gu_at(gu, r * 2 * inter + c);
-    h[i] = (float)(gv * sigmoid_d(gv) * gu_at(gu, r * 2 * inter + inter + c));
+    h[i] = silu_mul(load1(gu + r * 2 * inter + c), load1(gu + r * 2 * inter + inter + c));
   }
 }
 template <typename T>
@@ -174,13 +262,27 @@ __device__ __forceinline__ void swiglu_fwd_body(const T* gu, float* h, i64 rows,
 
 template <typename I, typename D, typename T>
 __device__ __forceinline__ void swiglu_bwd_loop(const D* dh, const T* gu, float* dgu, I rows, int inter) {
+  if ((inter & 3) == 0) {
+    const int q = inter >> 2;
+    const I n = rows * q;
+    for (I i = blockIdx.x * (I)blockDim.x + threadIdx.x; i < n; i += (I)gridDim.x * blockDim.x) {
+      const I r = i / q, c = (i - r * q) * 4, gi = r * 2 * inter + c;
+      const float4 g = load4(gu + gi), u = load4(gu + gi + inter), d = load4(dh + r * inter + c);
+      float4 dg, du;
+      swiglu_grad(d.x, g.x, u.x, &dg.x, &du.x);
+      swiglu_grad(d.y, g.y, u.y, &dg.y, &du.y);
+      swiglu_grad(d.z, g.z, u.z, &dg.z, &du.z);
+      swiglu_grad(d.w, g.w, u.w, &dg.w, &du.w);
+      *(float4*)(dgu + gi) = dg;
+      *(float4*)(dgu + gi + inter) = du;
+    }
+    return;
+  }
   const I n = rows * inter;
   for (I i = blockIdx.x * (I)blockDim.x + threadIdx.x; i < n; i += (I)gridDim.x * blockDim.x) {
     const I r = i / inter, c = i - r * inter;
     const I gi = r * 2 * inter + c, ui = gi + inter;
-    const double gv = gu_at(gu, gi), s = sigmoid_d(gv), d = gu_at(dh, i);
-    dgu[ui] = (float)(d * gv * s);
-    dgu[gi] = (float)(d * gu_at(gu, ui) * s * (1.0 + gv * (1.0 - s)));
+    swiglu_grad(load1(dh + i), load1(gu + gi), load1(gu + ui), dgu + gi, dgu + ui);
   }
 }
 template <typename D, typename T>

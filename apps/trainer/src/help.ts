@@ -9,6 +9,7 @@ const DESCRIPTIONS: Record<string, string> = {
   "balance.alpha": "weight of the sequence-wise balance loss",
   "balance.gamma": "speed of the expert bias update",
   "balance.rule": "bias update rule: error or sign",
+  "balance.router-lr": "the routers' learning rate as a multiple of --lr",
   baseline: "also time the baseline (OpenBLAS or cuBLASLt)",
   backend: "ts, cpu, cuda or auto (the fastest present)",
   batches: "number of batches to evaluate",

@@ -64,5 +64,9 @@ describe("configFromArgs", () => {
     expect([m.bias_update_speed, m.bias_update_rule, m.seq_aux_alpha]).toEqual([0.02, "sign", 0.01]);
     expect(() => resolve(["--balance.rule", "fast"])).toThrow(/^--balance\.rule fast: /);
     expect(() => resolve(["--balance.gamma", "2"])).toThrow(/^--balance\.gamma 2: /);
+    // The routers' learning-rate scale is the optimiser's, not the model's.
+    expect(resolve(["--balance.router-lr", "0.5"]).balance.routerLr).toBe(0.5);
+    expect(resolve([]).balance.routerLr).toBeUndefined();
+    expect(() => resolve(["--balance.router-lr", "-1"])).toThrow(/^--balance\.router-lr -1: /);
   });
 });

@@ -109,6 +109,7 @@ export class MoELayer {
       init: init(E * d),
       shape: [E, d],
       decay: true,
+      group: "router",
     });
     this.bias = b.keep(b.zeros([E]));
     const mlp = { hidden: d, precision, init, pkg: "moe-layers" as const, trace };

@@ -22,6 +22,11 @@ export interface AdamWConfig {
   /** Global-norm clipping threshold (0 disables). */
   clip: number;
   moments: MomentPrecision;
+  /**
+   * Learning-rate multipliers by parameter group (Param.group), 1 for a group not named: e.g.
+   * `{ router: 0.1 }` trains the MoE routers at a tenth of the rate (docs/model.md, "Balancing").
+   */
+  lrScale?: Partial<Record<NonNullable<Param["group"]>, number>>;
 }
 
 export const ADAMW_DEFAULTS: AdamWConfig = {
@@ -92,7 +97,8 @@ export class AdamW {
   /** Each parameter's owner rank (all 0 without a shard). */
   readonly owners: number[];
   private readonly clip: PreparedClipScale;
-  private readonly adamw: PreparedAdamW;
+  /** One prepared update per learning-rate scale (one launch each on cuda; one group by default). */
+  private readonly groups: { scale: number; adamw: PreparedAdamW }[];
 
   constructor(
     readonly b: Backend,
@@ -114,9 +120,16 @@ export class AdamW {
         v: b.keep(b.zeros(param.value.shape, cfg.moments)),
       }));
     this.clip = b.prepareClipScale(params.map((p) => p.grad));
-    this.adamw = b.prepareAdamW(
-      this.slots.map(({ param, m, v }) => ({ p: param.value, g: param.grad, m, v, decay: param.decay })),
-    );
+    const scaleOf = (p: Param) => (p.group ? (cfg.lrScale?.[p.group] ?? 1) : 1);
+    const scales = [...new Set(this.slots.map((s) => scaleOf(s.param)))];
+    this.groups = scales.map((scale) => ({
+      scale,
+      adamw: b.prepareAdamW(
+        this.slots
+          .filter((s) => scaleOf(s.param) === scale)
+          .map(({ param, m, v }) => ({ p: param.value, g: param.grad, m, v, decay: param.decay })),
+      ),
+    }));
   }
 
   /** Elements of optimiser state this rank holds (both moments). */
@@ -133,15 +146,16 @@ export class AdamW {
   update(lr: number, gradScale: Tensor): void {
     this.step++;
     const c = this.cfg;
-    this.adamw.update({
-      lr,
-      beta1: c.beta1,
-      beta2: c.beta2,
-      eps: c.eps,
-      weightDecay: c.weightDecay,
-      step: this.step,
-      gradScale,
-    });
+    for (const { scale, adamw } of this.groups)
+      adamw.update({
+        lr: lr * scale,
+        beta1: c.beta1,
+        beta2: c.beta2,
+        eps: c.eps,
+        weightDecay: c.weightDecay,
+        step: this.step,
+        gradScale,
+      });
   }
 
   zeroGrad(): void {
@@ -178,7 +192,7 @@ export class AdamW {
 
   dispose(): void {
     this.clip.dispose();
-    this.adamw.dispose();
+    for (const g of this.groups) g.adamw.dispose();
     for (const s of this.slots) {
       s.m.dispose();
       s.v.dispose();

@@ -59,6 +59,26 @@ describe("AdamW", () => {
     }
   });
 
+  it("lrScale trains a parameter group at its multiple of the learning rate, the others at lr", async () => {
+    const mk = (name: string, group?: "router") => {
+      const p = Param.create(b, { name, init: start, shape: [4], decay: false, group });
+      b.write(p.grad, grad);
+      return p;
+    };
+    const [w, r] = [mk("w"), mk("gate.weight", "router")];
+    const opt = new AdamW(b, [w, r], { ...ADAMW_DEFAULTS, moments: "f32", lrScale: { router: 0.25 } });
+    opt.update(0.01, b.keep(b.upload(Float32Array.of(1), [1])));
+    const [dw, dr] = [w, r].map(async (p) =>
+      Array.from((await p.value.read()) as Float32Array, (x, i) => x - start[i]),
+    );
+    const [a, c] = await Promise.all([dw, dr]);
+    // Step 1 of Adam moves each element by lr * g / (|g| + eps): -0.01 or +0.01, 0 where g is 0.
+    for (let i = 0; i < 4; i++) {
+      expect(a[i]).toBeCloseTo(grad[i] === 0 ? 0 : -0.01 * Math.sign(grad[i]), 6);
+      expect(c[i]).toBeCloseTo(a[i] * 0.25, 6);
+    }
+  });
+
   it("no weight decay for parameters marked so; BF16 moments stay close to f32 ones", async () => {
     const nd = (await run("f32", false).p.value.read()) as Float32Array;
     expect(nd[2]).toBe(0.5); // zero gradient and no decay: unchanged

@@ -23,7 +23,7 @@ export interface RunResult {
   seed: number;
   dataSeed: number;
   /** The expert balancing this run trained with: the same for every policy compared. */
-  balance: { gamma: number; rule: BiasRule; alpha: number };
+  balance: { gamma: number; rule: BiasRule; alpha: number; routerLr: number };
   losses: number[];
   ema: number[];
   /** Mean EMA(0.9) training loss over the last 10% of steps. */
@@ -135,6 +135,7 @@ export async function trainForParity(
         gamma: modelCfg.bias_update_speed,
         rule: modelCfg.bias_update_rule,
         alpha: modelCfg.seq_aux_alpha,
+        routerLr: c.balance.routerLr ?? 1,
       },
       losses,
       ema,

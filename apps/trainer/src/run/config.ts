@@ -49,6 +49,8 @@ export const BalanceSchema = z
     gamma: ModelFieldsSchema.shape.bias_update_speed,
     rule: ModelFieldsSchema.shape.bias_update_rule,
     alpha: ModelFieldsSchema.shape.seq_aux_alpha,
+    /** The routers' learning rate as a multiple of the run's (AdamWConfig.lrScale.router); 1 by default. */
+    routerLr: z.number().positive().max(100),
   })
   .partial()
   .strict();

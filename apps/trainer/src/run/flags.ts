@@ -46,6 +46,7 @@ export const TRAIN_FLAGS: FlagSpec = {
   "balance.gamma": "number",
   "balance.rule": "string",
   "balance.alpha": "number",
+  "balance.router-lr": "number",
   "trace-precision": "boolean",
   json: "boolean",
   debug: "boolean",
@@ -76,7 +77,12 @@ const FLAG_TO_KEY: Record<string, keyof TrainConfig> = {
 };
 
 /** The balancing flags: fields of TrainConfig.balance (docs/model.md, "Balancing"). */
-const BALANCE_FLAGS = { "balance.gamma": "gamma", "balance.rule": "rule", "balance.alpha": "alpha" } as const;
+const BALANCE_FLAGS = {
+  "balance.gamma": "gamma",
+  "balance.rule": "rule",
+  "balance.alpha": "alpha",
+  "balance.router-lr": "routerLr",
+} as const;
 
 /** DEFAULTS <- preset or config file (--config) <- flags; validated as a whole. */
 export function configFromArgs(args: ParsedArgs): TrainConfig {

@@ -36,6 +36,7 @@ export function buildSession(cfg: TrainConfig, modelCfg: ModelConfig, backend?: 
     weightDecay: cfg.weightDecay,
     clip: cfg.clip,
     moments: policy.optimizer.moments,
+    lrScale: { router: cfg.balance.routerLr ?? 1 },
   });
   return {
     backend: b,

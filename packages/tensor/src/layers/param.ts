@@ -12,6 +12,11 @@ export interface ParamOptions {
   /** AdamW's decoupled weight decay applies (weights: yes; norms: no). */
   decay: boolean;
   /**
+   * The optimiser group whose learning-rate scale applies (AdamWConfig.lrScale): "router" for the MoE
+   * routers' weights; absent for every other parameter.
+   */
+  group?: "router";
+  /**
    * A weight that checkpoints store as several: its rows (each expert's rows, for stacked expert
    * weights) split into equal consecutive blocks named by these projections, e.g. the fused
    * `gate_up_proj` stored as `gate_proj` and `up_proj` (see DeepSeekModel.namedTensors).
@@ -27,12 +32,13 @@ export class Param {
     readonly value: Tensor,
     readonly decay: boolean,
     readonly parts?: readonly string[],
+    readonly group?: "router",
   ) {
     this.grad = value.backend.zeros(value.shape, "f32");
   }
 
-  static create(b: Backend, { name, init, shape, decay, parts }: ParamOptions): Param {
-    return new Param(name, b.keep(b.upload(init, shape, "f32")), decay, parts);
+  static create(b: Backend, { name, init, shape, decay, parts, group }: ParamOptions): Param {
+    return new Param(name, b.keep(b.upload(init, shape, "f32")), decay, parts, group);
   }
 
   zeroGrad(): void {

@@ -209,10 +209,10 @@ export class MLA {
     const cn = b.rmsnorm(c, this.kvNorm.value, eps);
     const kvb = this.kvB.forward(cn.y);
     if (!this.kvB.retains(cn.y)) drop(cn.y);
-    const knope = b.headSlice(kvb, { heads: H, width: dn + dv, start: 0, len: dn });
+    // k = [k_nope | k_pe] with k_nope read in place from kv_b's [k_nope | v] heads.
     const v = b.headSlice(kvb, { heads: H, width: dn + dv, start: dn, len: dv, storeBf16: bf16 });
-    const k = b.headConcat(knope, kpe, H, 1, bf16);
-    drop(kvb, knope, kpe);
+    const k = b.headConcat(kvb, kpe, H, 1, bf16, { width: dn + dv, start: 0, len: dn });
+    drop(kvb, kpe);
     const { o, lse } = b.attention(q, k, v, this.attnOpts(shape));
     this.saved.push({ a, qa, qaRstd, c, cRstd: cn.rstd, q, k, v, o, lse, shape });
     return this.out.forward(o);
@@ -227,22 +227,19 @@ export class MLA {
     const dO = this.out.backward(dOut);
     const g = b.attentionBackward(dO, s.q, s.k, s.v, s.o, s.lse, this.attnOpts(s.shape));
     // k = [k_nope | k_pe]: k_nope goes back to kv_b's rows, k_pe is summed over the heads it was shared by.
-    const dknope = b.headSlice(g.dk, { heads: H, width: dn + dr, start: 0, len: dn });
     const dkpe = b.headSlice(g.dk, { heads: H, width: dn + dr, start: dn, len: dr, sumHeads: true });
     // kv_b's output rows are [k_nope | v] per head: its gradient is the same concatenation (one
-    // pass, no zeroed tensor added into).
-    const dkvb = b.headConcat(dknope, g.dv, H, H);
+    // pass, no zeroed tensor added into), d(k_nope) read in place from dk's heads.
+    const dkvb = b.headConcat(g.dk, g.dv, H, H, false, { width: dn + dr, start: 0, len: dn });
     const dcn = this.kvB.backward(dkvb);
-    const cn = b.rmsnormBackward(dcn, s.c, this.kvNorm.value, s.cRstd);
-    b.addInto(this.kvNorm.grad, cn.dw);
+    const cn = b.rmsnormBackward(dcn, s.c, this.kvNorm.value, s.cRstd, { dw: this.kvNorm.grad });
     const dkv = b.headConcat(cn.dx, dkpe, 1, 1);
     const da = this.kvA.backward(b.rope(dkv, this.ropeOpts(1, r + dr, r, s.shape.seq, true)));
     const dq = b.rope(g.dq, this.ropeOpts(H, dn + dr, dn, s.shape.seq, true));
     if (this.q) this.q.backward(dq, da);
     else {
       const dqa = this.qB!.backward(dq);
-      const qn = b.rmsnormBackward(dqa, s.qa!, this.qNorm!.value, s.qaRstd!);
-      b.addInto(this.qNorm!.grad, qn.dw);
+      const qn = b.rmsnormBackward(dqa, s.qa!, this.qNorm!.value, s.qaRstd!, { dw: this.qNorm!.grad });
       this.qA!.backward(qn.dx, da);
     }
     return da;

@@ -7,6 +7,7 @@ import {
   type AdamWOptions,
   type AdamWSlot,
   type AttentionOptions,
+  accumulateNorm,
   attentionRowsError,
   type Backend,
   type BiasUpdateOptions,
@@ -19,6 +20,7 @@ import {
   f32OrBf16,
   type GroupedMatmulOptions,
   gemmDims,
+  type HeadPart,
   type HeadSliceOptions,
   type HostArray,
   HostLifetimes,
@@ -33,6 +35,7 @@ import {
   type PreparedClipScale,
   type QuantGroup,
   type QuantizeOptions,
+  type RmsnormAccumulate,
   type RopeOptions,
   type RouterResult,
   requantizeViaF32,
@@ -412,12 +415,12 @@ export class CpuBackend extends HostLifetimes implements Backend {
     return { y, rstd };
   }
 
-  rmsnormBackward(dy: Tensor, x: Tensor, w: Tensor, rstd: Tensor) {
+  rmsnormBackward(dy: Tensor, x: Tensor, w: Tensor, rstd: Tensor, accumulate?: RmsnormAccumulate) {
     const dx = this.out(x.shape);
     const dw = this.out(w.shape);
     const shape = { rows: x.rows, cols: x.cols };
     this.n.rmsnormBackward(f32(dy), f32(x), f32(w), f32(rstd), shape, f32(dx), f32(dw));
-    return { dx, dw };
+    return accumulateNorm(this, { dx, dw }, accumulate);
   }
 
   rope(x: Tensor, o: RopeOptions): Tensor {
@@ -439,7 +442,21 @@ export class CpuBackend extends HostLifetimes implements Backend {
     this.n.headScatterAdd(d, distinct(f32(src), d), { ...o, rows: dst.rows });
   }
 
-  headConcat(a: Tensor, b: Tensor, heads: number, bHeads: number, storeBf16 = false): Tensor {
+  headConcat(
+    a: Tensor,
+    b: Tensor,
+    heads: number,
+    bHeads: number,
+    storeBf16 = false,
+    aPart?: HeadPart,
+  ): Tensor {
+    if (aPart) {
+      // The part as its own tensor first (the native kernel reads whole heads).
+      const part = this.headSlice(a, { heads, ...aPart });
+      const y = this.headConcat(part, b, heads, bHeads, storeBf16);
+      this.release(part);
+      return y;
+    }
     const la = a.cols / heads;
     const lb = b.cols / bHeads;
     const y = this.out([a.rows, heads * (la + lb)]);

@@ -26,6 +26,7 @@ import {
   BYTES_PER_ELEMENT,
   type DType,
   type GroupedMatmulOptions,
+  type HeadPart,
   type HeadSliceOptions,
   type HostArray,
   HostLifetimes,
@@ -36,6 +37,7 @@ import {
   type PreparedAdamW,
   type PreparedClipScale,
   type QuantizeOptions,
+  type RmsnormAccumulate,
   type RopeOptions,
   type RouterResult,
   type Tensor,
@@ -268,8 +270,8 @@ export class CudaBackend extends HostLifetimes implements Backend {
     return nn.rmsnorm(this.cx, x, w, eps);
   }
 
-  rmsnormBackward(dy: Tensor, x: Tensor, w: Tensor, rstd: Tensor) {
-    return nn.rmsnormBackward(this.cx, dy, x, w, rstd);
+  rmsnormBackward(dy: Tensor, x: Tensor, w: Tensor, rstd: Tensor, accumulate?: RmsnormAccumulate) {
+    return nn.rmsnormBackward(this.cx, dy, x, w, rstd, accumulate);
   }
 
   rope(x: Tensor, o: RopeOptions): Tensor {
@@ -284,8 +286,15 @@ export class CudaBackend extends HostLifetimes implements Backend {
     nn.headScatterAdd(this.cx, dst, src, o);
   }
 
-  headConcat(a: Tensor, b: Tensor, heads: number, bHeads: number, storeBf16 = false): Tensor {
-    return nn.headConcat(this.cx, a, b, heads, bHeads, storeBf16);
+  headConcat(
+    a: Tensor,
+    b: Tensor,
+    heads: number,
+    bHeads: number,
+    storeBf16 = false,
+    aPart?: HeadPart,
+  ): Tensor {
+    return nn.headConcat(this.cx, a, b, heads, bHeads, storeBf16, aPart);
   }
 
   swiglu(gu: Tensor): Tensor {

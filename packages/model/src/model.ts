@@ -248,9 +248,9 @@ export class DeepSeekModel {
     const s = this.saved;
     if (!s) throw new Error("model: backward without forward");
     this.saved = null;
-    const fin = b.rmsnormBackward(dn, s.hFinal, this.norm.value, s.rstdF);
+    // Norm weight gradients and the residual's gradient are accumulated by the norms' backward.
+    const fin = b.rmsnormBackward(dn, s.hFinal, this.norm.value, s.rstdF, { dw: this.norm.grad });
     dn.dispose();
-    b.addInto(this.norm.grad, fin.dw);
     const dh = fin.dx; // in the caller's arena (the step's), updated in place by every block
     // Each block's backward runs in its own arena: its temporaries (activation gradients, FP8
     // copies) are freed before the next block's, instead of all living to the end of the step.
@@ -259,13 +259,10 @@ export class DeepSeekModel {
       const blk = this.blocks[l];
       b.scope(() => {
         const dy = blk.mlp.backward(dh);
-        const n2 = b.rmsnormBackward(dy, s.mids[l], blk.ln2.value, s.rstd2[l]);
-        b.addInto(blk.ln2.grad, n2.dw);
-        b.addInto(dh, n2.dx); // dh is now d(mid): the residual plus the FFN branch
+        // dh becomes d(mid): the residual plus the FFN branch.
+        b.rmsnormBackward(dy, s.mids[l], blk.ln2.value, s.rstd2[l], { dx: dh, dw: blk.ln2.grad });
         const da = blk.attn.backward(dh);
-        const n1 = b.rmsnormBackward(da, s.hs[l], blk.ln1.value, s.rstd1[l]);
-        b.addInto(blk.ln1.grad, n1.dw);
-        b.addInto(dh, n1.dx);
+        b.rmsnormBackward(da, s.hs[l], blk.ln1.value, s.rstd1[l], { dx: dh, dw: blk.ln1.grad });
       });
     }
     b.embeddingBackward(this.embed.grad, dh, s.ids);

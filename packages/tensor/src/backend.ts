@@ -95,6 +95,23 @@ export interface RopeOptions {
   storeBf16?: boolean;
 }
 
+/**
+ * Where rmsnormBackward adds its results instead of returning new tensors: dx into a running
+ * activation gradient, dw into the norm weight's gradient (f32, the results' shapes). Each sum is
+ * the f32 addition addInto does, bit for bit.
+ */
+export interface RmsnormAccumulate {
+  dx?: Tensor;
+  dw?: Tensor;
+}
+
+/** Columns start .. start + len of each `width`-wide head. */
+export interface HeadPart {
+  width: number;
+  start: number;
+  len: number;
+}
+
 export interface HeadSliceOptions {
   heads: number;
   width: number;
@@ -257,16 +274,31 @@ export interface Backend {
 
   // Layers' natural units of work.
   rmsnorm(x: Tensor, w: Tensor, eps: number): { y: Tensor; rstd: Tensor };
-  rmsnormBackward(dy: Tensor, x: Tensor, w: Tensor, rstd: Tensor): { dx: Tensor; dw: Tensor };
+  /** dx and dw, or (accumulate) the given tensors with them added in. */
+  rmsnormBackward(
+    dy: Tensor,
+    x: Tensor,
+    w: Tensor,
+    rstd: Tensor,
+    accumulate?: RmsnormAccumulate,
+  ): { dx: Tensor; dw: Tensor };
   rope(x: Tensor, opts: RopeOptions): Tensor;
   headSlice(x: Tensor, opts: HeadSliceOptions): Tensor;
   /** dst[:, head h, start:start+len] += src (the backward of headSlice). */
   headScatterAdd(dst: Tensor, src: Tensor, opts: HeadSliceOptions): void;
   /**
    * Per head [a_h | b_h]; b has `bHeads` = heads or 1 (one head broadcast to all). storeBf16: a bf16
-   * tensor of the same values rounded to BF16 (the attention core's operands).
+   * tensor of the same values rounded to BF16 (the attention core's operands). aPart: a's heads are
+   * `width` wide and a_h is their columns start .. start + len (headSlice(a, aPart) without the copy).
    */
-  headConcat(a: Tensor, b: Tensor, heads: number, bHeads: number, storeBf16?: boolean): Tensor;
+  headConcat(
+    a: Tensor,
+    b: Tensor,
+    heads: number,
+    bHeads: number,
+    storeBf16?: boolean,
+    aPart?: HeadPart,
+  ): Tensor;
   attention(q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions): { o: Tensor; lse: Tensor };
   attentionBackward(
     dO: Tensor,
@@ -351,6 +383,21 @@ export function checkAdamWSlots(slots: readonly AdamWSlot[]): void {
     if (g.size !== p.size || m.size !== p.size || v.size !== p.size)
       throw new Error(`prepareAdamW: p ${p}, g ${g}, m ${m} and v ${v} differ in size`);
   }
+}
+
+/** rmsnormBackward's accumulate as its definition: each result added into its target and released. */
+export function accumulateNorm(
+  b: Backend,
+  r: { dx: Tensor; dw: Tensor },
+  acc: RmsnormAccumulate | undefined,
+): { dx: Tensor; dw: Tensor } {
+  const into = (t: Tensor | undefined, v: Tensor) => {
+    if (!t) return v;
+    b.addInto(t, v);
+    b.release(v);
+    return t;
+  };
+  return { dx: into(acc?.dx, r.dx), dw: into(acc?.dw, r.dw) };
 }
 
 /** Backend.requantize as its definition: dequantise to f32, quantise again, release the f32 copy. */

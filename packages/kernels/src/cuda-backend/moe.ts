@@ -102,7 +102,7 @@ export function balanceLoss(
     E,
     k,
   });
-  cx.launch(KERNELS.moe.balance_stats, [Math.max(1, B)], 128, {
+  cx.launch(KERNELS.moe.balance_stats, [Math.max(1, B)], 1024, {
     term: term.ptr,
     cnt: cnt.ptr,
     f: f.ptr,

@@ -1,5 +1,13 @@
 // Dense layers' ops (nn.cu): RMSNorm, RoPE, head slicing and concatenation, SwiGLU, embeddings.
-import { type HeadSliceOptions, type RopeOptions, swigluWidth, type Tensor } from "@moe8/tensor";
+import {
+  type HeadPart,
+  type HeadSliceOptions,
+  numel,
+  type RmsnormAccumulate,
+  type RopeOptions,
+  swigluWidth,
+  type Tensor,
+} from "@moe8/tensor";
 import { DEFINES } from "../cuda/kernels.generated.ts";
 import { type CudaContext, cdiv, KERNELS } from "./context.ts";
 import { f32Operand } from "./elementwise.ts";
@@ -9,33 +17,64 @@ export function rmsnorm(cx: CudaContext, x: Tensor, w: Tensor, eps: number) {
   const C = x.cols;
   const y = cx.make(x.shape, "f32");
   const rstd = cx.make([R], "f32");
+  const xp = cx.f32p(x, "rmsnorm");
+  const wp = cx.f32p(w, "rmsnorm");
+  // Four columns a thread, kept in registers, when the rows are 16-byte aligned and fit 256 x 16.
+  const vec4 = C % 4 === 0 && C <= 256 * 16 && xp % 16 === 0 && wp % 16 === 0 ? 1 : 0;
   if (R > 0)
     cx.launch(KERNELS.nn.rmsnorm_fwd, cx.rowsGrid(R), 256, {
-      x: cx.f32p(x, "rmsnorm"),
-      w: cx.f32p(w, "rmsnorm"),
+      x: xp,
+      w: wp,
       y: cx.p(y),
       rstd: cx.p(rstd),
       R,
       C,
       eps,
+      vec4,
     });
   return { y, rstd };
 }
 
-export function rmsnormBackward(cx: CudaContext, dy: Tensor, x: Tensor, w: Tensor, rstd: Tensor) {
+/**
+ * dx and dw; with accumulate, added into its tensors (the one-pass kernel adds dx as it writes it and
+ * colsum_final adds dw, the f32 sums addInto makes; the two-pass path adds afterwards).
+ */
+export function rmsnormBackward(
+  cx: CudaContext,
+  dy: Tensor,
+  x: Tensor,
+  w: Tensor,
+  rstd: Tensor,
+  accumulate?: RmsnormAccumulate,
+) {
   const R = x.rows;
   const C = x.cols;
-  const dx = cx.make(x.shape, "f32");
-  const dw = cx.make(w.shape, "f32");
   const ptrs = { dy: cx.f32p(dy, "rmsnormBackward"), x: cx.p(x), w: cx.p(w), rstd: cx.p(rstd) };
   // One pass for dx and dw's partial sums (RMS_ROWS = 128 rows a chunk) at the model's widths with
   // 16-byte aligned rows; two passes otherwise.
   const fused = C % 128 === 0 && C <= 1024 && [ptrs.dy, ptrs.x, ptrs.w].every((p) => p % 16 === 0);
+  const target = (t: Tensor | undefined, shape: readonly number[], what: string) => {
+    if (!t) return null;
+    if (t.dtype !== "f32" || t.size !== numel(shape))
+      throw new Error(`rmsnormBackward: accumulate.${what} must be f32 of shape [${shape}], got ${t}`);
+    return t;
+  };
+  const dxInto = fused ? target(accumulate?.dx, x.shape, "dx") : null;
+  const dwInto = target(accumulate?.dw, w.shape, "dw");
+  const dx = dxInto ?? cx.make(x.shape, "f32");
+  const dw = dwInto ?? cx.make(w.shape, "f32");
   const rowsPer = fused ? 128 : 256;
   const chunks = Math.max(1, cdiv(R, rowsPer));
   const part = cx.scratch(chunks * C * 8);
   if (fused && R > 0) {
-    cx.launch(KERNELS.nn.rmsnorm_bwd_fused, [chunks], 256, { ...ptrs, dx: cx.p(dx), part: part.ptr, R, C });
+    cx.launch(KERNELS.nn.rmsnorm_bwd_fused, [chunks], 256, {
+      ...ptrs,
+      dx: cx.p(dx),
+      part: part.ptr,
+      R,
+      C,
+      accum: dxInto ? 1 : 0,
+    });
   } else {
     if (R > 0) cx.launch(KERNELS.nn.rmsnorm_bwd_dx, cx.rowsGrid(R), 256, { ...ptrs, dx: cx.p(dx), R, C });
     cx.launch(KERNELS.nn.rmsnorm_bwd_dw_partial, [cdiv(C, 256), chunks], 256, {
@@ -48,8 +87,19 @@ export function rmsnormBackward(cx: CudaContext, dy: Tensor, x: Tensor, w: Tenso
       rowsPer,
     });
   }
-  cx.launch(KERNELS.nn.colsum_final, [cdiv(C, 256)], 256, { part: part.ptr, out: cx.p(dw), chunks, C });
+  cx.launch(KERNELS.nn.colsum_final, [cdiv(C, 256)], 256, {
+    part: part.ptr,
+    out: cx.p(dw),
+    chunks,
+    C,
+    accum: dwInto ? 1 : 0,
+  });
   part.free();
+  if (!fused && accumulate?.dx) {
+    cx.backend.addInto(accumulate.dx, dx);
+    cx.backend.release(dx);
+    return { dx: accumulate.dx, dw };
+  }
   return { dx, dw };
 }
 
@@ -132,8 +182,9 @@ export function headConcat(
   heads: number,
   bHeads: number,
   storeBf16: boolean,
+  aPart?: HeadPart,
 ): Tensor {
-  const la = a.cols / heads;
+  const la = aPart ? aPart.len : a.cols / heads;
   const lb = b.cols / bHeads;
   const R = a.rows;
   const y = cx.make([R, heads * (la + lb)], storeBf16 ? "bf16" : "f32");
@@ -147,6 +198,8 @@ export function headConcat(
     la,
     lb,
     bHeads,
+    aw: aPart ? aPart.width : la,
+    a0: aPart ? aPart.start : 0,
     out16: storeBf16 ? 1 : 0,
   });
   return y;

@@ -369,6 +369,9 @@ export function opSuite(name: string, make: () => Backend): void {
         b.headScatterAdd(dst, sliced, sl);
         const cat = b.headConcat(sliced, b.headSlice(X, { heads: 1, width: 72, start: 0, len: 6 }), 3, 1);
         const cat3 = b.headConcat(sliced, sliced, 3, 3);
+        // The same part of X's heads read in place (aPart), against the sliced copy above.
+        const one = b.headSlice(X, { heads: 1, width: 72, start: 0, len: 6 });
+        const catPart = b.headConcat(X, one, 3, 1, false, sl);
         // X as a packed gate|up [R, 2 x 36].
         const h = b.swiglu(X);
         const dgu = b.swigluBackward(b.scale(h, 0.5), X);
@@ -392,12 +395,41 @@ export function opSuite(name: string, make: () => Backend): void {
           dst,
           cat,
           cat3,
+          catPart,
           h,
           dgu,
           emb,
           dE,
         };
       }, 2e-5);
+    });
+
+    // The model's widths (cuda's one-pass backward takes C % 128 == 0, C <= 1024, 128-row chunks;
+    // 300 rows end in a partial chunk) and a width past that path.
+    it("rmsnorm forward and backward at the model's widths", async () => {
+      for (const [R, C] of [
+        [300, 256],
+        [300, 1024],
+        [130, 1152],
+      ]) {
+        const x = rng.normals(R * C, 3);
+        const w = rng.normals(C);
+        const dy = rng.normals(R * C);
+        const [dx0, dw0] = [rng.normals(R * C), rng.normals(C)];
+        await same((b) => {
+          const X = b.upload(x, [R, C]);
+          const W = b.upload(w, [C]);
+          const DY = b.upload(dy, [R, C]);
+          const { y, rstd } = b.rmsnorm(X, W, 1e-6);
+          const { dx, dw } = b.rmsnormBackward(DY, X, W, rstd);
+          // Accumulated: into a running dx and a weight gradient, or only into the latter.
+          const acc = { dx: b.upload(dx0, [R, C]), dw: b.upload(dw0, [C]) };
+          const into = b.rmsnormBackward(DY, X, W, rstd, acc);
+          expect(into.dx).toBe(acc.dx);
+          const dwOnly = b.rmsnormBackward(DY, X, W, rstd, { dw: b.upload(dw0, [C]) });
+          return { y, rstd, dx, dw, accDx: acc.dx, accDw: acc.dw, dx2: dwOnly.dx, accDw2: dwOnly.dw };
+        }, 2e-5);
+      }
     });
 
     it("rope, headSlice and headConcat with storeBf16: the f32 results cast to BF16, bit for bit", async () => {

@@ -8,16 +8,19 @@ import type {
   Backend,
   BiasUpdateOptions,
   GroupedMatmulOptions,
+  HeadPart,
   HeadSliceOptions,
   MatmulOptions,
   PermuteResult,
   PreparedAdamW,
   PreparedClipScale,
   QuantizeOptions,
+  RmsnormAccumulate,
   RopeOptions,
   RouterResult,
 } from "../backend.ts";
 import {
+  accumulateNorm,
   attentionRowsError,
   checkAdamWSlots,
   clipScaleOver,
@@ -289,9 +292,10 @@ export class TsBackend extends HostLifetimes implements Backend {
     return { y: this.wrap(r.y, x.shape, "f32"), rstd: this.wrap(r.rstd, [x.rows], "f32") };
   }
 
-  rmsnormBackward(dy: Tensor, x: Tensor, w: Tensor, rstd: Tensor) {
+  rmsnormBackward(dy: Tensor, x: Tensor, w: Tensor, rstd: Tensor, accumulate?: RmsnormAccumulate) {
     const r = nn.rmsnormBackward(f32(dy), f32(x), f32(w), f32(rstd), x.rows, x.cols);
-    return { dx: this.wrap(r.dx, x.shape, "f32"), dw: this.wrap(r.dw, w.shape, "f32") };
+    const out = { dx: this.wrap(r.dx, x.shape, "f32"), dw: this.wrap(r.dw, w.shape, "f32") };
+    return accumulateNorm(this, out, accumulate);
   }
 
   rope(x: Tensor, o: RopeOptions): Tensor {
@@ -307,10 +311,18 @@ export class TsBackend extends HostLifetimes implements Backend {
     nn.headScatterAdd(f32(dst), f32(src), dst.rows, o);
   }
 
-  headConcat(a: Tensor, b: Tensor, heads: number, bHeads: number, storeBf16 = false): Tensor {
-    const la = a.cols / heads;
+  headConcat(
+    a: Tensor,
+    b: Tensor,
+    heads: number,
+    bHeads: number,
+    storeBf16 = false,
+    aPart?: HeadPart,
+  ): Tensor {
+    const la = aPart ? aPart.len : a.cols / heads;
     const lb = b.cols / bHeads;
-    const out = nn.headConcat(f32(a), f32(b), { rows: a.rows, heads, la, lb, bHeads });
+    const part = aPart ? { aw: aPart.width, a0: aPart.start } : {};
+    const out = nn.headConcat(f32(a), f32(b), { rows: a.rows, heads, la, lb, bHeads, ...part });
     return storedAs(this, this.wrap(out, [a.rows, heads * (la + lb)], "f32"), storeBf16);
   }
 

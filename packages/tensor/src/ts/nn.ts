@@ -89,18 +89,25 @@ export function headScatterAdd(
     }
 }
 
-/** Per row and head [a_h | b_h]: `la` and `lb` values per head; b has `bHeads` heads (all or one). */
+/**
+ * Per row and head [a_h | b_h]: `la` and `lb` values per head; b has `bHeads` heads (all or one). a's
+ * heads are `aw` wide (la by default) and a_h starts at column `a0` of its head (0 by default).
+ */
 export function headConcat(
   a: Float32Array,
   b: Float32Array,
-  { rows, heads, la, lb, bHeads }: { rows: number; heads: number; la: number; lb: number; bHeads: number },
+  o: { rows: number; heads: number; la: number; lb: number; bHeads: number; aw?: number; a0?: number },
 ) {
+  const { rows, heads, la, lb, bHeads } = o;
+  const aw = o.aw ?? la;
+  const a0 = o.a0 ?? 0;
   const w = la + lb;
   const y = new Float32Array(rows * heads * w);
   for (let r = 0; r < rows; r++)
     for (let h = 0; h < heads; h++) {
       const d = r * heads * w + h * w;
-      y.set(a.subarray(r * heads * la + h * la, r * heads * la + (h + 1) * la), d);
+      const s0 = r * heads * aw + h * aw + a0;
+      y.set(a.subarray(s0, s0 + la), d);
       const bh = bHeads === 1 ? 0 : h;
       const s = r * bHeads * lb + bh * lb;
       y.set(b.subarray(s, s + lb), d + la);

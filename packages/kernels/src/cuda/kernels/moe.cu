@@ -76,23 +76,46 @@ KERNEL void balance_terms(const float* scores, const int* topIdx, const double* 
   if (i < N * k) atomicAdd(&cnt[(i / k / T) * E + topIdx[i]], 1);
 }
 
-// Balance loss, stage 2: per sequence b (one block), f[b][e] and P[b][e] (P summed over t in order,
-// as the reference), and the sequence's loss term sum_e alpha f P / B.
-KERNEL void balance_stats(const double* term, const int* cnt, double* f, double* P, double* lossPart, int B, int T, int E, int k, double alpha) {
-  const int b = blockIdx.x;
-  double acc = 0.0;
-  for (int e = threadIdx.x; e < E; e += blockDim.x) {
-    double p = 0.0;
-    const double* col = term + (i64)b * T * E + e;
+// Balance loss, stage 2: per sequence b (one block), f[b][e] and P[b][e], and the sequence's loss
+// term sum_e alpha f P / B. When E <= blockDim, P's sum over t is split into parts = blockDim / E
+// consecutive ranges summed by parts threads at once and added in range order (one thread per
+// expert walking all T tokens took 77 us a launch at small's 2,048 x 64: eight blocks, each a chain
+// of dependent double adds); else one thread per expert sums all t.
+__device__ __forceinline__ double balance_p(const double* term, int b, int T, int E, int e, int t0, int t1) {
+  double p = 0.0;
+  const double* col = term + (i64)b * T * E + e;
 #pragma unroll 16
-    for (int t = 0; t < T; t++) p += col[(i64)t * E];
-    const double fe = cnt[(i64)b * E + e] * ((double)E / ((double)k * T));
-    f[(i64)b * E + e] = fe;
-    P[(i64)b * E + e] = p;
-    acc += alpha * fe * p / B;
+  for (int t = t0; t < t1; t++) p += col[(i64)t * E];
+  return p;
+}
+KERNEL void balance_stats(const double* term, const int* cnt, double* f, double* P, double* lossPart, int B, int T, int E, int k, double alpha) {
+  __shared__ double sp[1024];
+  const int b = blockIdx.x, tid = threadIdx.x;
+  double acc = 0.0;
+  if (E <= (int)blockDim.x) {
+    const int parts = blockDim.x / E, len = (T + parts - 1) / parts;
+    const int e = tid % E, part = tid / E;
+    if (part < parts) sp[tid] = balance_p(term, b, T, E, e, min(T, part * len), min(T, (part + 1) * len));
+    __syncthreads();
+    if (tid < E) {
+      double p = 0.0;
+      for (int i = 0; i < parts; i++) p += sp[i * E + tid];
+      const double fe = cnt[(i64)b * E + tid] * ((double)E / ((double)k * T));
+      f[(i64)b * E + tid] = fe;
+      P[(i64)b * E + tid] = p;
+      acc = alpha * fe * p / B;
+    }
+  } else {
+    for (int e = tid; e < E; e += blockDim.x) {
+      const double p = balance_p(term, b, T, E, e, 0, T);
+      const double fe = cnt[(i64)b * E + e] * ((double)E / ((double)k * T));
+      f[(i64)b * E + e] = fe;
+      P[(i64)b * E + e] = p;
+      acc += alpha * fe * p / B;
+    }
   }
   acc = block_sum(acc);
-  if (threadIdx.x == 0) lossPart[b] = acc;
+  if (tid == 0) lossPart[b] = acc;
 }
 
 // Balance loss, stage 3: the loss (sum over sequences in order) ...

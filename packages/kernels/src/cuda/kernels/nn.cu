@@ -1,17 +1,43 @@
-// Dense layers' ops (the TypeScript reference: packages/tensor/src/ts/nn.ts). Row reductions run in
-// double with a fixed tree; column reductions in two fixed stages, so results are deterministic.
+// Dense layers' ops (the TypeScript reference: packages/tensor/src/ts/nn.ts). Row reductions sum
+// in a fixed tree (per-thread or per-lane f32 partial sums, then double across threads); column
+// reductions in two fixed stages, so results are deterministic. Elementwise arithmetic is f32:
+// H200's FP64 conversions and exps made the double versions compute-bound (RMSNorm, SwiGLU).
 
-// y = x * rstd * w per row; rstd = 1 / sqrt(mean(x^2) + eps). One block per row.
-KERNEL void rmsnorm_fwd(const float* x, const float* w, float* y, float* rstd, int R, int C, double eps) {
+// y = x * rstd * w per row; rstd = 1 / sqrt(mean(x^2) + eps). One block per row. vec4 (C % 4 == 0,
+// 16-byte aligned rows, C <= 16 blockDim): each thread keeps its four-column groups in registers
+// between the sum and the scaling.
+KERNEL void rmsnorm_fwd(const float* x, const float* w, float* y, float* rstd, int R, int C, double eps, int vec4) {
   const int r = blockIdx.x + blockIdx.y * GRID_YZ_MAX;
   if (r >= R) return;
   const float* xr = x + (i64)r * C;
-  double ss = 0.0;
-  for (int c = threadIdx.x; c < C; c += blockDim.x) ss += (double)xr[c] * (double)xr[c];
-  ss = block_sum(ss);
-  const double s = 1.0 / sqrt(ss / C + eps);
-  for (int c = threadIdx.x; c < C; c += blockDim.x) y[(i64)r * C + c] = (float)((double)xr[c] * s * (double)w[c]);
-  if (threadIdx.x == 0) rstd[r] = (float)s;
+  float* yr = y + (i64)r * C;
+  float ss = 0.0f;
+  if (vec4) {
+    float4 v[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      const int c = 4 * (threadIdx.x + j * blockDim.x);
+      v[j] = c < C ? *(const float4*)(xr + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+      ss = fmaf(v[j].x, v[j].x, fmaf(v[j].y, v[j].y, fmaf(v[j].z, v[j].z, fmaf(v[j].w, v[j].w, ss))));
+    }
+    const double t = block_sum((double)ss);
+    const float s = (float)(1.0 / sqrt(t / C + eps));
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      const int c = 4 * (threadIdx.x + j * blockDim.x);
+      if (c < C) {
+        const float4 wv = *(const float4*)(w + c);
+        *(float4*)(yr + c) = make_float4(v[j].x * s * wv.x, v[j].y * s * wv.y, v[j].z * s * wv.z, v[j].w * s * wv.w);
+      }
+    }
+    if (threadIdx.x == 0) rstd[r] = s;
+    return;
+  }
+  for (int c = threadIdx.x; c < C; c += blockDim.x) ss = fmaf(xr[c], xr[c], ss);
+  const double t = block_sum((double)ss);
+  const float s = (float)(1.0 / sqrt(t / C + eps));
+  for (int c = threadIdx.x; c < C; c += blockDim.x) yr[c] = xr[c] * s * w[c];
+  if (threadIdx.x == 0) rstd[r] = s;
 }
 
 // dx = s * (dy * w - x * s^2 * dot(dy * w, x) / C). One block per row.
@@ -41,25 +67,26 @@ KERNEL void rmsnorm_bwd_dw_partial(const float* dy, const float* x, const float*
 
 // dx and dw's partial sums in one read of dy and x, for C % 128 == 0 and C <= 1024 (the model's
 // norms): a block takes RMS_ROWS rows (part's chunk), each warp every eighth of them, lane l the
-// columns 4 l + 128 j. Per row the warp sums dot(dy * w, x) in double (no block barrier) and writes
-// dx as rmsnorm_bwd_dx does; each lane keeps its columns' sums of dy * x * rstd in registers, and the
-// warps add theirs into part in warp order. (Two kernels read dy and x twice: 2.8 ms of the step.)
+// columns 4 l + 128 j. Per row the warp sums dot(dy * w, x) (f32 per lane, double across lanes; no
+// block barrier) and writes dx as rmsnorm_bwd_dx does; each lane keeps its columns' f32 sums of
+// dy * x * rstd over its rows, and the warps add theirs into part in double, in warp order. (Two
+// kernels read dy and x twice: 2.8 ms of the step; this one in double arithmetic 2.2 ms.)
 #define RMS_ROWS 128
+// accum: dx is added into (dx = dx + value, addInto's f32 sum) instead of written.
 KERNEL void __launch_bounds__(256) rmsnorm_bwd_fused(const float* dy, const float* x, const float* w,
-                                                     const float* rstd, float* dx, double* part, int R, int C) {
+                                                     const float* rstd, float* dx, double* part, int R, int C,
+                                                     int accum) {
   __shared__ double acc_s[1024];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, K = C >> 7;
   const int r0 = blockIdx.x * RMS_ROWS, r1 = min(R, r0 + RMS_ROWS);
-  double acc[8][4];
+  float4 acc[8];
 #pragma unroll
-  for (int j = 0; j < 8; j++)
-#pragma unroll
-    for (int e = 0; e < 4; e++) acc[j][e] = 0.0;
+  for (int j = 0; j < 8; j++) acc[j] = make_float4(0.f, 0.f, 0.f, 0.f);
   for (int r = r0 + warp; r < r1; r += 8) {
     const i64 o = (i64)r * C;
-    const double s = rstd[r];
+    const float s = rstd[r];
     float4 vd[8], vx[8];
-    double dot = 0.0;
+    float dot = 0.0f;
 #pragma unroll
     for (int j = 0; j < 8; j++) {
       if (j < K) {
@@ -67,26 +94,30 @@ KERNEL void __launch_bounds__(256) rmsnorm_bwd_fused(const float* dy, const floa
         vd[j] = *(const float4*)(dy + o + c);
         vx[j] = *(const float4*)(x + o + c);
         const float4 vw = *(const float4*)(w + c);
-        dot += (double)vd[j].x * (double)vw.x * (double)vx[j].x + (double)vd[j].y * (double)vw.y * (double)vx[j].y +
-               (double)vd[j].z * (double)vw.z * (double)vx[j].z + (double)vd[j].w * (double)vw.w * (double)vx[j].w;
+        dot = fmaf(vd[j].x * vw.x, vx[j].x, dot);
+        dot = fmaf(vd[j].y * vw.y, vx[j].y, dot);
+        dot = fmaf(vd[j].z * vw.z, vx[j].z, dot);
+        dot = fmaf(vd[j].w * vw.w, vx[j].w, dot);
       }
     }
-    dot = warp_sum(dot);
-    const double k = s * s * dot / C;
+    const double dsum = warp_sum((double)dot);
+    const float k = (float)((double)s * s * dsum / C);
 #pragma unroll
     for (int j = 0; j < 8; j++) {
       if (j < K) {
         const int c = 4 * lane + 128 * j;
         const float4 vw = *(const float4*)(w + c);
-        const float d[4] = {vd[j].x, vd[j].y, vd[j].z, vd[j].w}, xv[4] = {vx[j].x, vx[j].y, vx[j].z, vx[j].w};
-        const float wv[4] = {vw.x, vw.y, vw.z, vw.w};
-        float out[4];
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-          out[e] = (float)(s * ((double)d[e] * (double)wv[e] - (double)xv[e] * k));
-          acc[j][e] += (double)d[e] * (double)xv[e] * s;
+        float4 g = make_float4(s * (vd[j].x * vw.x - vx[j].x * k), s * (vd[j].y * vw.y - vx[j].y * k),
+                               s * (vd[j].z * vw.z - vx[j].z * k), s * (vd[j].w * vw.w - vx[j].w * k));
+        if (accum) {
+          const float4 d0 = *(const float4*)(dx + o + c);
+          g = make_float4(d0.x + g.x, d0.y + g.y, d0.z + g.z, d0.w + g.w);
         }
-        *(float4*)(dx + o + c) = make_float4(out[0], out[1], out[2], out[3]);
+        *(float4*)(dx + o + c) = g;
+        acc[j].x = fmaf(vd[j].x * vx[j].x, s, acc[j].x);
+        acc[j].y = fmaf(vd[j].y * vx[j].y, s, acc[j].y);
+        acc[j].z = fmaf(vd[j].z * vx[j].z, s, acc[j].z);
+        acc[j].w = fmaf(vd[j].w * vx[j].w, s, acc[j].w);
       }
     }
   }
@@ -95,25 +126,27 @@ KERNEL void __launch_bounds__(256) rmsnorm_bwd_fused(const float* dy, const floa
     if (warp == wv) {
 #pragma unroll
       for (int j = 0; j < 8; j++)
-        if (j < K)
+        if (j < K) {
+          const float a[4] = {acc[j].x, acc[j].y, acc[j].z, acc[j].w};
 #pragma unroll
           for (int e = 0; e < 4; e++) {
             const int c = 4 * lane + 128 * j + e;
-            acc_s[c] = wv == 0 ? acc[j][e] : acc_s[c] + acc[j][e];
+            acc_s[c] = wv == 0 ? (double)a[e] : acc_s[c] + (double)a[e];
           }
+        }
     }
     __syncthreads();
   }
   for (int c = threadIdx.x; c < C; c += blockDim.x) part[(i64)blockIdx.x * C + c] = acc_s[c];
 }
 
-// Column sums of part [chunks][C] in chunk order, rounded to f32.
-KERNEL void colsum_final(const double* part, float* out, int chunks, int C) {
+// Column sums of part [chunks][C] in chunk order, rounded to f32; accum: added into out (f32 sum).
+KERNEL void colsum_final(const double* part, float* out, int chunks, int C, int accum) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= C) return;
   double v = 0.0;
   for (int i = 0; i < chunks; i++) v += part[(i64)i * C + c];
-  out[c] = (float)v;
+  out[c] = accum ? out[c] + (float)v : (float)v;
 }
 
 // Interleaved-pair RoPE on [offset, offset + dim) of each head; position start + r % seqLen. The
@@ -197,18 +230,19 @@ KERNEL void head_scatter_add(float* dst, const float* src, int R, int heads, int
   }
 }
 
-// y[r, h] = [a[r, h] (la) | b[r, bHeads == 1 ? 0 : h] (lb)].
+// y[r, h] = [a[r, h, a0:a0+la] | b[r, bHeads == 1 ? 0 : h] (lb)], a's heads aw wide (aw = la, a0 = 0:
+// whole heads).
 KERNEL void head_concat(const float* a, const float* b, void* y, int R, int heads, int la, int lb, int bHeads,
-                        int out16) {
+                        int aw, int a0, int out16) {
   const int r = blockIdx.x + blockIdx.y * GRID_YZ_MAX;
   if (r >= R) return;
   const int w = la + lb, n = heads * w;
-  const float* ar = a + (i64)r * heads * la;
+  const float* ar = a + (i64)r * heads * aw + a0;
   const float* br = b + (i64)r * bHeads * lb;
   const i64 y0 = (i64)r * n;
   for (int t = threadIdx.x; t < n; t += blockDim.x) {
     const int h = t / w, c = t - h * w;
-    store_out(y, y0 + t, c < la ? ar[h * la + c] : br[(bHeads == 1 ? 0 : h) * lb + c - la], out16);
+    store_out(y, y0 + t, c < la ? ar[h * aw + c] : br[(bHeads == 1 ? 0 : h) * lb + c - la], out16);
   }
 }
 

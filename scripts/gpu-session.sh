@@ -20,6 +20,9 @@ xz -dc .gpu-bundle/bun.xz > /tmp/bun && chmod +x /tmp/bun && export PATH=/tmp:$P
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
 export MOE8_CACHE_DIR="$OUT/kernel-cache"
+# The kernels compiled here by scripts/pack-gpu-bundle.sh (used when this machine's NVRTC matches).
+mkdir -p "$MOE8_CACHE_DIR"
+[ -f .gpu-cache/cubins.tar.xz ] && xz -dc .gpu-cache/cubins.tar.xz | tar -xf - -C "$MOE8_CACHE_DIR"
 dirs=$(find / -xdev \( -name 'libnvrtc.so.13' -o -name 'libcublasLt.so.13' \) -printf '%h\n' 2>/dev/null | sort -u | tr '\n' ':')
 export MOE8_CUDA_LIB_DIR="${dirs%:}" LD_LIBRARY_PATH="${dirs%:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 moe8() { bun apps/trainer/src/cli.ts "$@"; }

@@ -1,9 +1,9 @@
 // Running the CLI as users do (a child process), and building small datasets for tests.
 import { spawn, spawnSync } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { existsSync, readFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
+import { tempDir } from "@moe8/tensor/testing";
 
 export const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..");
 export const CLI = join(ROOT, "apps/trainer/src/cli.ts");
@@ -33,8 +33,9 @@ export function cliAsync(args: string[], env: Record<string, string> = {}) {
   });
 }
 
+/** A temporary folder, removed when the test process exits (tempDir; MOE8_KEEP_TMP=1 keeps it). */
 export function tmp(prefix: string): string {
-  return mkdtempSync(join(tmpdir(), `moe8-${prefix}-`));
+  return tempDir(prefix);
 }
 
 /** A short tiny run's flags: small enough for a test, the same model and code paths as a real run. */

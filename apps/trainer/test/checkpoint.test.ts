@@ -3,11 +3,11 @@
 // a failed write names the checkpoint and leaves nothing; trainer-state.json is validated.
 
 import { createHash } from "node:crypto";
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { mkdirSync, readdirSync, readFileSync, renameSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { ByteTokenizer } from "@moe8/data";
 import { CONFIGS } from "@moe8/model";
+import { tempDir } from "@moe8/tensor/testing";
 import { describe, expect, it } from "vitest";
 import {
   listCheckpoints,
@@ -34,7 +34,7 @@ const files = (step: number) => ({
   tokenizer: new ByteTokenizer(),
 });
 
-const newRun = () => mkdtempSync(join(tmpdir(), "moe8-ck-"));
+const newRun = () => tempDir("ck");
 
 describe("checkpoints on disk", () => {
   it("pruning keeps the newest and the best; recovery removes killed runs' leftovers", () => {

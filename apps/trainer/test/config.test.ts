@@ -1,8 +1,8 @@
 // Config resolution: DEFAULTS <- preset or file <- flags, with a preset model's own step shape.
-import { mkdtempSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { STEP_SHAPES } from "@moe8/model";
+import { tempDir } from "@moe8/tensor/testing";
 import { describe, expect, it } from "vitest";
 import { parseArgs } from "../src/args.ts";
 import { resolveModel } from "../src/run/config.ts";
@@ -28,7 +28,7 @@ describe("configFromArgs", () => {
   });
 
   it("gives a config file naming a preset model that model's step shape unless it sets one", () => {
-    const dir = mkdtempSync(join(tmpdir(), "moe8-config-"));
+    const dir = tempDir("config");
     const a = join(dir, "a.json");
     writeFileSync(a, JSON.stringify({ model: "small", steps: 5 }));
     const c = resolve(["--config", a]);
@@ -46,7 +46,7 @@ describe("configFromArgs", () => {
       2048,
     ]);
     expect(resolveModel(c).hidden_size).toBe(1024);
-    const dir = mkdtempSync(join(tmpdir(), "moe8-config-"));
+    const dir = tempDir("config");
     const file = join(dir, "m.json");
     writeFileSync(file, JSON.stringify({ model: { base: "tiny", hidden_size: 64, num_hidden_layers: 6 } }));
     const d = resolve(["--config", file, "--model.num_hidden_layers", "3"]);
@@ -55,7 +55,7 @@ describe("configFromArgs", () => {
   });
 
   it("--balance.* set the model's balancing for this run, over a config file's, and keep a preset's step shape", () => {
-    const dir = mkdtempSync(join(tmpdir(), "moe8-config-"));
+    const dir = tempDir("config");
     const file = join(dir, "balance.json");
     writeFileSync(file, JSON.stringify({ model: "small", balance: { gamma: 0.02, alpha: 0.5 } }));
     const c = resolve(["--config", file, "--balance.rule", "sign", "--balance.alpha", "0.01"]);

@@ -35,6 +35,12 @@ export interface ModelConfig {
    * routers can tell the tokens apart at step 0 (docs/model.md, "Initialisation").
    */
   embedding_init_std: number;
+  /**
+   * Init standard deviation of the MoE routers' weights (moe8's own field; initializer_range when
+   * absent): the spread of the router logits across tokens at step 0 against the balancing bias's
+   * steps (docs/model.md, "Balancing").
+   */
+  router_init_std?: number;
 }
 
 const common = {

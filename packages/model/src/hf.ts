@@ -47,6 +47,7 @@ export function hfConfig(c: ModelConfig): Record<string, unknown> {
     moe8_bias_update_rule: c.bias_update_rule,
     moe8_seq_aux_alpha: c.seq_aux_alpha,
     moe8_embedding_init_std: c.embedding_init_std,
+    moe8_router_init_std: c.router_init_std ?? c.initializer_range,
   };
 }
 
@@ -83,6 +84,8 @@ export function fromHfConfig(j: Record<string, unknown>): ModelConfig {
     initializer_range: n("initializer_range", 0.006),
     // Checkpoints written before the field drew the embedding with initializer_range.
     embedding_init_std: n("moe8_embedding_init_std", n("initializer_range", 0.006)),
+    // Likewise the routers' weights.
+    router_init_std: n("moe8_router_init_std", n("initializer_range", 0.006)),
   };
 }
 

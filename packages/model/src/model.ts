@@ -94,7 +94,7 @@ export class DeepSeekModel {
       const mlp =
         l < cfg.first_k_dense_replace
           ? new SwiGluMlp(b, { ...moe, hidden: d, intermediate: cfg.intermediate_size, pkg: "moe-layers" })
-          : new MoELayer(b, { ...moe, cfg });
+          : new MoELayer(b, { ...moe, cfg, routerInit: (n) => rng.normals(n, cfg.router_init_std ?? std) });
       this.blocks.push({ ln1, attn, ln2, mlp });
       this.params.push(ln1, ...attn.params, ln2, ...mlp.params);
     }

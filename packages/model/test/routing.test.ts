@@ -5,6 +5,7 @@ import { ADAMW_DEFAULTS, AdamW } from "@moe8/optimizer";
 import { Rng, TsBackend } from "@moe8/tensor";
 import { describe, expect, it } from "vitest";
 import { CONFIGS, countParams } from "../src/config.ts";
+import { fromHfConfig, hfConfig } from "../src/hf.ts";
 import { DeepSeekModel } from "../src/model.ts";
 import { trainStep } from "../src/train-step.ts";
 import { batchOf, MICRO } from "./helpers.ts";
@@ -154,5 +155,37 @@ describe("model", () => {
       losses.push((await trainStep(m, opt, batch.ids, batch.targets, batch.shape, 1e-2)).loss);
     expect(b.stats()).toEqual(before);
     expect(losses[29]).toBeLessThan(losses[0] * 0.8);
+  });
+});
+
+describe("router_init_std", () => {
+  const b = new TsBackend();
+  const gateStd = async (cfg: typeof MICRO) => {
+    const m = new DeepSeekModel(b, cfg, presetPolicy("fp8"), 3);
+    const w = (await m.params.find((p) => p.name.endsWith(".mlp.gate.weight"))!.value.read()) as Float32Array;
+    const other = (await m.params
+      .find((p) => p.name.endsWith(".o_proj.weight"))!
+      .value.read()) as Float32Array;
+    const rms = (x: Float32Array) => Math.sqrt(x.reduce((a, v) => a + v * v, 0) / x.length);
+    m.dispose();
+    return { gate: rms(w), other: rms(other) };
+  };
+
+  it("draws the routers' weights with their own std, initializer_range when absent, the rest unchanged", async () => {
+    const base = await gateStd({ ...MICRO, initializer_range: 0.02 });
+    const wide = await gateStd({ ...MICRO, initializer_range: 0.02, router_init_std: 0.2 });
+    expect(base.gate / 0.02).toBeGreaterThan(0.7);
+    expect(base.gate / 0.02).toBeLessThan(1.3);
+    // The same normal draws scaled: exactly 10x, and every other weight as before.
+    expect(wide.gate / base.gate).toBeCloseTo(10, 4);
+    expect(wide.other).toBe(base.other);
+  });
+
+  it("is written to config.json as moe8_router_init_std and read back; older configs mean initializer_range", () => {
+    const c = { ...MICRO, router_init_std: 0.03 };
+    expect(hfConfig(c).moe8_router_init_std).toBe(0.03);
+    expect(fromHfConfig(hfConfig(c)).router_init_std).toBe(0.03);
+    const { moe8_router_init_std: _, ...old } = hfConfig({ ...MICRO, initializer_range: 0.04 });
+    expect(fromHfConfig(old).router_init_std).toBe(0.04);
   });
 });

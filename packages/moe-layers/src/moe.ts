@@ -62,6 +62,8 @@ export interface MoELayerOptions {
   /** The `moe-layers` policy: the routed and shared experts' Linears (the router stays f32). */
   precision: LinearPrecision;
   init: InitFn;
+  /** The router's initial weights (`init` when absent): the model's router_init_std. */
+  routerInit?: InitFn;
   trace?: PrecisionTrace;
 }
 
@@ -98,7 +100,7 @@ export class MoELayer {
     readonly b: Backend,
     opts: MoELayerOptions,
   ) {
-    const { cfg, prefix, precision, init, trace } = opts;
+    const { cfg, prefix, precision, init, trace, routerInit = init } = opts;
     this.cfg = cfg;
     this.prefix = prefix;
     this.trace = trace;
@@ -106,7 +108,7 @@ export class MoELayer {
     const E = cfg.n_routed_experts;
     this.gate = Param.create(b, {
       name: `${prefix}.gate.weight`,
-      init: init(E * d),
+      init: routerInit(E * d),
       shape: [E, d],
       decay: true,
       group: "router",

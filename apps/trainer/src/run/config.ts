@@ -37,6 +37,7 @@ export const ModelFieldsSchema = z.object({
   seq_aux_alpha: z.number().nonnegative().max(1e3),
   initializer_range: z.number().positive().max(10),
   embedding_init_std: z.number().positive().max(10),
+  router_init_std: z.number().positive().max(10).optional(),
 });
 
 /**
@@ -81,6 +82,7 @@ const modelOverrides = ModelFieldsSchema.extend({ base: z.enum(["tiny", "small"]
     seq_aux_alpha: true,
     initializer_range: true,
     embedding_init_std: true,
+    router_init_std: true,
   })
   .strict();
 

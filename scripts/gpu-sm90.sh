@@ -234,8 +234,11 @@ for line in open(sys.argv[1].replace("results.jsonl", "log.txt"), errors="replac
     if line.startswith("grouped FP8 ") or "SUMMARY" in line or "Sanitizer Error" in line:
         print(line.rstrip()[:200])
 torch = {(r["torch_grouped_bf16"], r["role"]): r.get("tflops") for r in rows if r.get("tag") == "torch-roles"}
-print(f"\n{'expert GEMM':<44} {'role':<6} {'fp8 kernel':<11} {'fp8 TF/s':>8} {'f32 out':>8} {'mma TF/s':>8} "
-      f"{'bf16 TF/s':>9} {'fp8 ms':>7} {'torch TF/s':>10} {'x torch':>7}")
+tagged = lambda tag: any(r.get("tag") == tag and r.get("rows") for r in rows)
+# Tables only for the benches that ran.
+if tagged("bench-gemm"):
+  print(f"\n{'expert GEMM':<44} {'role':<6} {'fp8 kernel':<11} {'fp8 TF/s':>8} {'f32 out':>8} {'mma TF/s':>8} "
+        f"{'bf16 TF/s':>9} {'fp8 ms':>7} {'torch TF/s':>10} {'x torch':>7}")
 for r in rows:
     if r.get("tag") == "bench-gemm":
         for x in r.get("rows", []):
@@ -244,7 +247,8 @@ for r in rows:
                   f"{x.get('fp8_f32_out_tflops', '-')!s:>8} {x.get('mma_sync_tflops', '-')!s:>8} {x['bf16_tflops']:>9} "
                   f"{x['fp8_ms']:>7} {t!s:>10} "
                   f"{round(x['fp8_tflops'] / t, 2) if t else '-'!s:>7}")
-print(f"\n{'dense GEMM':<20} {'role':<6} {'chosen':<11} {'fp8 TF/s':>8} {'cuBLASLt':>8} {'sm90':>8} {'bf16':>8} {'fp8/bf16':>8}")
+if tagged("bench-dense"):
+  print(f"\n{'dense GEMM':<20} {'role':<6} {'chosen':<11} {'fp8 TF/s':>8} {'cuBLASLt':>8} {'sm90':>8} {'bf16':>8} {'fp8/bf16':>8}")
 for r in rows:
     if r.get("tag") == "bench-dense":
         for x in r.get("rows", []):
@@ -273,12 +277,24 @@ for v in ("sm90", "kt", "bn128", "mma", "fa2", "bf16"):
 for t in ("torch-eager", "torch-compile"):
     for r in rows:
         if r.get("tag") == t:
-            print(t, json.dumps({k: v for k, v in r.items() if k != "tag"})[:200])
+            print(f"{t:<13} {r.get('tokens_per_s')} tokens/s, {r.get('step_ms')} ms/step, peak "
+                  f"{r.get('peak_mem_gib')} GiB (PyTorch {r.get('torch')}, loss {r.get('loss')})")
 for r in rows:
     if r.get("tag") == "balance-small":
         print("balance-small", json.dumps({k: v for k, v in r.items() if k != "tag"}))
 for r in rows:
     if r.get("tag") == "torch-anchors" and "attn" not in r:
         print("torch-anchors", json.dumps({k: v for k, v in r.items() if k != "tag"})[:200])
+# The targets' ratios, from numbers measured in this call only.
+tps = {t: next((r.get("tokens_per_s") for r in rows if r.get("tag") == t), None)
+       for t in ("step-sm90", "step-bf16", "torch-eager", "torch-compile")}
+ratio = lambda a, b: f"{tps[a] / tps[b]:.3f}x" if tps[a] and tps[b] else "-"
+print(f"\nratios in this call: fp8 / torch.compile {ratio('step-sm90', 'torch-compile')}, fp8 / our bf16 "
+      f"{ratio('step-sm90', 'step-bf16')}, our bf16 / eager {ratio('step-bf16', 'torch-eager')}, our bf16 / "
+      f"torch.compile {ratio('step-bf16', 'torch-compile')}")
+mine = next((r.get("peak_device_mb") for r in rows if r.get("tag") == "step-sm90"), None)
+theirs = next((r.get("peak_mem_gib") for r in rows if r.get("tag") == "torch-compile"), None)
+if mine and theirs:
+    print(f"peak device memory: fp8 {mine} MB / torch.compile {theirs} GiB = {mine / (theirs * 1024):.2f}x")
 PY
 grep -q '"step":"op-suite","rc":0' "$RES"

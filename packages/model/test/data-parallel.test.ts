@@ -26,20 +26,48 @@ interface Run {
   weights: Float32Array[];
   /** Optimiser state elements this rank holds. */
   state: number;
+  /** The whole group's optimiser state after the last step (AdamW.gatherState). */
+  gathered: Map<string, Float32Array>;
+  /** The model's checkpoint tensors after the last step (the balancing biases too). */
+  dict: Map<string, { shape: number[]; data: Float32Array }>;
 }
 
-/** `ranks` replicas, each on its own backend, training STEPS steps on their slices of one batch. */
-async function train(ranks: number, accum = 1, zero1 = false): Promise<Run[]> {
+/** Where a run starts over from, as a checkpoint holds it: model tensors, optimiser state, step. */
+interface Start {
+  dict: Map<string, { shape: number[]; data: Float32Array }>;
+  state: Map<string, Float32Array>;
+  step: number;
+}
+
+/**
+ * `ranks` replicas, each on its own backend, training steps `first` .. `first + steps - 1` (batch 100
+ * + step) on their slices of one batch, from the seed's initialisation or from `start`.
+ */
+async function train(
+  ranks: number,
+  accum = 1,
+  zero1 = false,
+  start: Start | null = null,
+  first = 0,
+  steps = STEPS,
+): Promise<Run[]> {
   const group: Collectives[] = ranks === 1 ? [SINGLE_PROCESS] : localGroup(ranks);
   const replicas = group.map((g) => {
     const b: Backend = new TsBackend();
     const model = new DeepSeekModel(b, MICRO, presetPolicy("fp32"), 11);
     const opt = new AdamW(b, model.params, ADAMW_DEFAULTS, zero1 ? { rank: g.rank, size: g.size } : null);
-    const run: Run = { losses: [], norms: [], loads: [], weights: [], state: opt.stateElements };
+    if (start) {
+      model.loadStateDict((n) => start.dict.get(n));
+      opt.loadState(start.step, (n) => start.state.get(n));
+    }
+    const run: Run = {
+      ...{ losses: [], norms: [], loads: [], weights: [], state: opt.stateElements },
+      ...{ gathered: new Map(), dict: new Map() },
+    };
     return { g, b, model, opt, run };
   });
   const rows = (BATCH / ranks) * SEQ;
-  for (let s = 0; s < STEPS; s++)
+  for (let s = first; s < first + steps; s++)
     await Promise.all(
       replicas.map(async ({ g, b, model, opt, run }) => {
         const all = batchOf(b, MICRO, BATCH, SEQ, 100 + s);
@@ -54,8 +82,17 @@ async function train(ranks: number, accum = 1, zero1 = false): Promise<Run[]> {
     );
   for (const { model, run } of replicas)
     for (const p of model.params) run.weights.push(((await p.value.read()) as Float32Array).slice());
+  await Promise.all(
+    replicas.map(async ({ g, model, opt, run }) => {
+      run.gathered = await opt.gatherState(g);
+      run.dict = await model.stateDict();
+    }),
+  );
   return replicas.map((r) => r.run);
 }
+
+/** The model's parameter count (tensors), from a replica. */
+const MICRO_PARAMS = () => new DeepSeekModel(new TsBackend(), MICRO, presetPolicy("fp32"), 11).params.length;
 
 function maxRelDiff(a: number[], b: number[]): number {
   return Math.max(...a.map((x, i) => Math.abs(x - b[i]) / Math.abs(b[i])));
@@ -106,6 +143,32 @@ describe("data parallel: ranks summed through the collectives", () => {
       const largest = 2 * Math.max(...one.weights.map((w) => w.length));
       for (const st of states) expect(Math.abs(st - one.state / ranks)).toBeLessThanOrEqual(largest);
     }
+  }, 120_000);
+
+  it("ZeRO-1's state gathers into one checkpoint that resumes under another number of ranks", async () => {
+    // 2 ranks sharded: every rank gathers the whole state, the bits of the unsharded run's.
+    const plain = await train(2);
+    const sharded = await train(2, 1, true);
+    const whole = (r: Run) => [...r.gathered.entries()].sort(([a], [b]) => a.localeCompare(b));
+    expect(plain[0].gathered.size).toBe(2 * MICRO_PARAMS());
+    for (const r of sharded) expect(whole(r)).toEqual(whole(plain[0]));
+    // Resumed from it for two more steps: sharded or not, 2 or 4 ranks, the same as 2 plain ranks
+    // carrying on (bit for bit under the same rank count; to f32 re-association under another).
+    const start: Start = { dict: sharded[0].dict, state: sharded[0].gathered, step: STEPS };
+    const go = (ranks: number, zero1: boolean) => train(ranks, 1, zero1, start, STEPS, 2);
+    const on = await train(2, 1, false, null, 0, STEPS + 2);
+    const [two, twoSharded, four, fourSharded] = await Promise.all([
+      go(2, false),
+      go(2, true),
+      go(4, false),
+      go(4, true),
+    ]);
+    expect(twoSharded[0].losses).toEqual(two[0].losses);
+    expect(two[0].losses).toEqual(on[0].losses.slice(STEPS));
+    expect(two[0].weights).toEqual(on[0].weights);
+    expect(fourSharded[0].losses).toEqual(four[0].losses);
+    expect(fourSharded[1].weights).toEqual(four[0].weights);
+    expect(maxRelDiff(four[0].losses, two[0].losses)).toBeLessThan(1e-5);
   }, 120_000);
 
   it("a rank that passes other tensors is an error, not a hang", async () => {

@@ -12,7 +12,7 @@
 // parameters it owns; the step then gives every rank the owners' new values (trainStep's
 // broadcast). The optimiser state of a rank is about 1/N of the whole.
 import { encodeBf16, type MomentPrecision } from "@moe8/fp8-core";
-import type { Backend, Param, PreparedAdamW, PreparedClipScale, Tensor } from "@moe8/tensor";
+import type { Backend, Collectives, Param, PreparedAdamW, PreparedClipScale, Tensor } from "@moe8/tensor";
 
 export interface AdamWConfig {
   beta1: number;
@@ -169,6 +169,42 @@ export class AdamW {
       out.set(`${s.param.name}.exp_avg`, s.m);
       out.set(`${s.param.name}.exp_avg_sq`, s.v);
     }
+    return out;
+  }
+
+  /**
+   * The whole group's moments by parameter name, as `stateTensors` names them, on every rank (f32
+   * host arrays; BF16 moments widen exactly): each owner broadcasts its parameters' moments, in one
+   * collective. What a sharded run writes to its one checkpoint; `loadState` reads it back under any
+   * number of ranks, each rank taking the parameters it owns. Without a shard: this rank's state.
+   */
+  async gatherState(group: Collectives): Promise<Map<string, Float32Array>> {
+    const b = this.b;
+    if (this.shard && group.size !== this.shard.size)
+      throw new Error(`gatherState: a group of ${group.size} ranks for state sharded over ${this.shard.size}`);
+    const ranks = this.shard ? group.size : 1;
+    const own = new Map(this.slots.map((s) => [s.param, s]));
+    const tensors: Tensor[] = [];
+    const roots: number[] = [];
+    const temps: Tensor[] = [];
+    this.params.forEach((p, i) => {
+      const s = own.get(p);
+      for (const t of s ? [s.m, s.v] : [null, null]) {
+        const v = t ? (t.dtype === "f32" ? t : b.cast(t, "f32")) : b.zeros(p.value.shape, "f32");
+        if (v !== t) temps.push(v);
+        tensors.push(v);
+        roots.push(this.owners[i]);
+      }
+    });
+    if (ranks > 1) await group.broadcast(tensors, roots);
+    const out = new Map<string, Float32Array>();
+    for (let i = 0; i < this.params.length; i++) {
+      if (ranks === 1 && !own.has(this.params[i])) continue;
+      const name = this.params[i].name;
+      out.set(`${name}.exp_avg`, ((await tensors[2 * i].read()) as Float32Array).slice());
+      out.set(`${name}.exp_avg_sq`, ((await tensors[2 * i + 1].read()) as Float32Array).slice());
+    }
+    for (const t of temps) b.release(t);
     return out;
   }
 

@@ -181,7 +181,9 @@ export class AdamW {
   async gatherState(group: Collectives): Promise<Map<string, Float32Array>> {
     const b = this.b;
     if (this.shard && group.size !== this.shard.size)
-      throw new Error(`gatherState: a group of ${group.size} ranks for state sharded over ${this.shard.size}`);
+      throw new Error(
+        `gatherState: a group of ${group.size} ranks for state sharded over ${this.shard.size}`,
+      );
     const ranks = this.shard ? group.size : 1;
     const own = new Map(this.slots.map((s) => [s.param, s]));
     const tensors: Tensor[] = [];

@@ -60,6 +60,13 @@ __device__ __forceinline__ float4 load_bf16x4(const u16* p) {
                      bf16_to_f32(w.y >> 16));
 }
 
+// A value stored as f32 or as BF16 codes, read as f32 (one kernel body for both storages), and four
+// adjacent ones (16-byte aligned f32, 8-byte aligned BF16) in one load.
+__device__ __forceinline__ float load_f32(const float* p) { return *p; }
+__device__ __forceinline__ float load_f32(const u16* p) { return bf16_to_f32(*p); }
+__device__ __forceinline__ float4 load_f32x4(const float* p) { return *(const float4*)p; }
+__device__ __forceinline__ float4 load_f32x4(const u16* p) { return load_bf16x4(p); }
+
 // Two values as the BF16 pair of one 32-bit MMA operand register (lo in the low half).
 __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
   return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);

@@ -216,11 +216,6 @@ KERNEL void invert_slots(const int* slot, int* pos, int rows) {
   if (r < rows) pos[slot[r]] = r;
 }
 
-__device__ __forceinline__ float load_y(const float* p) { return *p; }
-__device__ __forceinline__ float load_y(const u16* p) { return bf16_to_f32(*p); }
-// Four adjacent values (16-byte aligned f32, 8-byte aligned BF16).
-__device__ __forceinline__ float4 load_y4(const float* p) { return *(const float4*)p; }
-__device__ __forceinline__ float4 load_y4(const u16* p) { return load_bf16x4(p); }
 
 // dx[n] = sum_j dxs[pos[n k + j]] (f32, in order of j). dxs is f32, or BF16 when the experts' Dgrad
 // stores its (BF16-rounded) result that way.
@@ -235,7 +230,7 @@ __device__ __forceinline__ void permute_bwd_loop(const Y* dxs, const int* pos, f
       const I n = t / d4, c = (t - n * d4) * 4;
       float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       for (int j = 0; j < k; j++) {
-        const float4 y = load_y4(dxs + (i64)pos[(i64)n * k + j] * d + c);
+        const float4 y = load_f32x4(dxs + (i64)pos[(i64)n * k + j] * d + c);
         v.x += y.x, v.y += y.y, v.z += y.z, v.w += y.w;
       }
       *(float4*)(dx + (i64)n * d + c) = v;
@@ -246,7 +241,7 @@ __device__ __forceinline__ void permute_bwd_loop(const Y* dxs, const int* pos, f
   for (I t = blockIdx.x * (I)blockDim.x + threadIdx.x; t < total; t += (I)gridDim.x * blockDim.x) {
     const I n = t / d, c = t - n * d;
     float v = 0.0f;
-    for (int j = 0; j < k; j++) v += load_y(dxs + (i64)pos[(i64)n * k + j] * d + c);
+    for (int j = 0; j < k; j++) v += load_f32(dxs + (i64)pos[(i64)n * k + j] * d + c);
     dx[t] = v;
   }
 }
@@ -274,7 +269,7 @@ __device__ __forceinline__ void combine_loop(const Y* ys, const int* pos, const 
       double v0 = 0.0, v1 = 0.0, v2 = 0.0, v3 = 0.0;
       for (int j = 0; j < k; j++) {
         const double wj = w[(i64)n * k + j];
-        const float4 a = load_y4(ys + (i64)pos[(i64)n * k + j] * d + c);
+        const float4 a = load_f32x4(ys + (i64)pos[(i64)n * k + j] * d + c);
         v0 += wj * (double)a.x, v1 += wj * (double)a.y, v2 += wj * (double)a.z, v3 += wj * (double)a.w;
       }
       *(float4*)(y + (i64)n * d + c) = make_float4((float)v0, (float)v1, (float)v2, (float)v3);
@@ -286,7 +281,7 @@ __device__ __forceinline__ void combine_loop(const Y* ys, const int* pos, const 
     const I n = t / d, c = t - n * d;
     double v = 0.0;
     for (int j = 0; j < k; j++)
-      v += (double)w[(i64)n * k + j] * (double)load_y(ys + (i64)pos[(i64)n * k + j] * d + c);
+      v += (double)w[(i64)n * k + j] * (double)load_f32(ys + (i64)pos[(i64)n * k + j] * d + c);
     y[t] = (float)v;
   }
 }
@@ -324,7 +319,7 @@ __device__ void combine_bwd_rows(const float* dy, const Y* ys, const int* slot, 
 #pragma unroll 4
     for (int c = lane * 4; c < d; c += 128) {
       const float4 g = *(const float4*)(dyr + c);
-      const float4 yv = load_y4(ysr + c);
+      const float4 yv = load_f32x4(ysr + c);
       *(float4*)(dysr + c) = make_float4(wi * g.x, wi * g.y, wi * g.z, wi * g.w);
       dot += (double)g.x * (double)yv.x;
       dot += (double)g.y * (double)yv.y;
@@ -335,7 +330,7 @@ __device__ void combine_bwd_rows(const float* dy, const Y* ys, const int* slot, 
     for (int c = lane; c < d; c += 32) {
       const float g = dyr[c];
       dysr[c] = wi * g;
-      dot += (double)g * (double)load_y(ysr + c);
+      dot += (double)g * (double)load_f32(ysr + c);
     }
   }
   dot = warp_sum(dot);

@@ -254,10 +254,6 @@ KERNEL void head_concat(const float* a, const float* b, void* y, int R, int head
 // kernels took 3.7 ms of the small fp8 step, bound by FP64 exp, for about 1 ms of memory traffic.
 // Four columns a thread when inter % 4 == 0 (16- or 8-byte accesses), else one.
 __device__ __forceinline__ float sigmoid_f(float x) { return __fdiv_rn(1.0f, 1.0f + expf(-x)); }
-__device__ __forceinline__ float4 load4(const float* p) { return *(const float4*)p; }
-__device__ __forceinline__ float4 load4(const u16* p) { return load_bf16x4(p); }
-__device__ __forceinline__ float load1(const float* p) { return *p; }
-__device__ __forceinline__ float load1(const u16* p) { return bf16_to_f32(*p); }
 
 __device__ __forceinline__ float silu_mul(float g, float u) { return __fmul_rn(__fmul_rn(g, sigmoid_f(g)), u); }
 // (dg, du) of h = silu(g) u for dh = d.
@@ -276,7 +272,7 @@ __device__ __forceinline__ void swiglu_fwd_loop(const T* gu, float* h, I rows, i
     const I n = rows * q;
     for (I i = blockIdx.x * (I)blockDim.x + threadIdx.x; i < n; i += (I)gridDim.x * blockDim.x) {
       const I r = i / q, c = (i - r * q) * 4, gi = r * 2 * inter + c;
-      const float4 g = load4(gu + gi), u = load4(gu + gi + inter);
+      const float4 g = load_f32x4(gu + gi), u = load_f32x4(gu + gi + inter);
       *(float4*)(h + r * inter + c) = make_float4(silu_mul(g.x, u.x), silu_mul(g.y, u.y), silu_mul(g.z, u.z),
                                                   silu_mul(g.w, u.w));
     }
@@ -285,7 +281,7 @@ __device__ __forceinline__ void swiglu_fwd_loop(const T* gu, float* h, I rows, i
   const I n = rows * inter;
   for (I i = blockIdx.x * (I)blockDim.x + threadIdx.x; i < n; i += (I)gridDim.x * blockDim.x) {
     const I r = i / inter, c = i - r * inter;
-    h[i] = silu_mul(load1(gu + r * 2 * inter + c), load1(gu + r * 2 * inter + inter + c));
+    h[i] = silu_mul(load_f32(gu + r * 2 * inter + c), load_f32(gu + r * 2 * inter + inter + c));
   }
 }
 template <typename T>
@@ -301,7 +297,7 @@ __device__ __forceinline__ void swiglu_bwd_loop(const D* dh, const T* gu, float*
     const I n = rows * q;
     for (I i = blockIdx.x * (I)blockDim.x + threadIdx.x; i < n; i += (I)gridDim.x * blockDim.x) {
       const I r = i / q, c = (i - r * q) * 4, gi = r * 2 * inter + c;
-      const float4 g = load4(gu + gi), u = load4(gu + gi + inter), d = load4(dh + r * inter + c);
+      const float4 g = load_f32x4(gu + gi), u = load_f32x4(gu + gi + inter), d = load_f32x4(dh + r * inter + c);
       float4 dg, du;
       swiglu_grad(d.x, g.x, u.x, &dg.x, &du.x);
       swiglu_grad(d.y, g.y, u.y, &dg.y, &du.y);
@@ -316,7 +312,7 @@ __device__ __forceinline__ void swiglu_bwd_loop(const D* dh, const T* gu, float*
   for (I i = blockIdx.x * (I)blockDim.x + threadIdx.x; i < n; i += (I)gridDim.x * blockDim.x) {
     const I r = i / inter, c = i - r * inter;
     const I gi = r * 2 * inter + c, ui = gi + inter;
-    swiglu_grad(load1(dh + i), load1(gu + gi), load1(gu + ui), dgu + gi, dgu + ui);
+    swiglu_grad(load_f32(dh + i), load_f32(gu + gi), load_f32(gu + ui), dgu + gi, dgu + ui);
   }
 }
 template <typename D, typename T>

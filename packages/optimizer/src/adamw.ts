@@ -184,7 +184,7 @@ export class AdamW {
       throw new Error(
         `gatherState: a group of ${group.size} ranks for state sharded over ${this.shard.size}`,
       );
-    const ranks = this.shard ? group.size : 1;
+    // Unsharded, this rank owns every parameter: nothing to exchange.
     const own = new Map(this.slots.map((s) => [s.param, s]));
     const tensors: Tensor[] = [];
     const roots: number[] = [];
@@ -198,10 +198,9 @@ export class AdamW {
         roots.push(this.owners[i]);
       }
     });
-    if (ranks > 1) await group.broadcast(tensors, roots);
+    if (this.shard) await group.broadcast(tensors, roots);
     const out = new Map<string, Float32Array>();
     for (let i = 0; i < this.params.length; i++) {
-      if (ranks === 1 && !own.has(this.params[i])) continue;
       const name = this.params[i].name;
       out.set(`${name}.exp_avg`, ((await tensors[2 * i].read()) as Float32Array).slice());
       out.set(`${name}.exp_avg_sq`, ((await tensors[2 * i + 1].read()) as Float32Array).slice());

@@ -1,5 +1,6 @@
 // Dense layers' ops (nn.cu): RMSNorm, RoPE, head slicing and concatenation, SwiGLU, embeddings.
 import {
+  accumulateNorm,
   type HeadPart,
   type HeadSliceOptions,
   numel,
@@ -95,12 +96,8 @@ export function rmsnormBackward(
     accum: dwInto ? 1 : 0,
   });
   part.free();
-  if (!fused && accumulate?.dx) {
-    cx.backend.addInto(accumulate.dx, dx);
-    cx.backend.release(dx);
-    return { dx: accumulate.dx, dw };
-  }
-  return { dx, dw };
+  // The two-pass path adds dx afterwards, as the host backends do.
+  return fused ? { dx, dw } : accumulateNorm(cx.backend, { dx, dw }, { dx: accumulate?.dx });
 }
 
 export function rope(cx: CudaContext, x: Tensor, o: RopeOptions): Tensor {

@@ -85,7 +85,7 @@ KERNEL void __launch_bounds__(256) rmsnorm_bwd_fused(const float* dy, const floa
   for (int r = r0 + warp; r < r1; r += 8) {
     const i64 o = (i64)r * C;
     const float s = rstd[r];
-    float4 vd[8], vx[8];
+    float4 vd[8], vx[8], v0[8];
     float dot = 0.0f;
 #pragma unroll
     for (int j = 0; j < 8; j++) {
@@ -93,6 +93,9 @@ KERNEL void __launch_bounds__(256) rmsnorm_bwd_fused(const float* dy, const floa
         const int c = 4 * lane + 128 * j;
         vd[j] = *(const float4*)(dy + o + c);
         vx[j] = *(const float4*)(x + o + c);
+        // The gradient added into is loaded with the operands (after the arithmetic, its latency
+        // was exposed: 2.10 against 1.30 ms a step).
+        if (accum) v0[j] = *(const float4*)(dx + o + c);
         const float4 vw = *(const float4*)(w + c);
         dot = fmaf(vd[j].x * vw.x, vx[j].x, dot);
         dot = fmaf(vd[j].y * vw.y, vx[j].y, dot);
@@ -109,10 +112,7 @@ KERNEL void __launch_bounds__(256) rmsnorm_bwd_fused(const float* dy, const floa
         const float4 vw = *(const float4*)(w + c);
         float4 g = make_float4(s * (vd[j].x * vw.x - vx[j].x * k), s * (vd[j].y * vw.y - vx[j].y * k),
                                s * (vd[j].z * vw.z - vx[j].z * k), s * (vd[j].w * vw.w - vx[j].w * k));
-        if (accum) {
-          const float4 d0 = *(const float4*)(dx + o + c);
-          g = make_float4(d0.x + g.x, d0.y + g.y, d0.z + g.z, d0.w + g.w);
-        }
+        if (accum) g = make_float4(v0[j].x + g.x, v0[j].y + g.y, v0[j].z + g.z, v0[j].w + g.w);
         *(float4*)(dx + o + c) = g;
         acc[j].x = fmaf(vd[j].x * vx[j].x, s, acc[j].x);
         acc[j].y = fmaf(vd[j].y * vx[j].y, s, acc[j].y);

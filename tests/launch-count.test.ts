@@ -30,9 +30,10 @@ const { CudaBackend } = await import("../packages/kernels/src/cuda-backend.ts");
  * adding, a weight's codes and scales transposed together, RoPE in one pass: 532 -> 429 fp8,
  * 451 -> 428 bf16; RMSNorm's backward in two launches instead of three and adding into the
  * residual's and the norm weight's gradients itself, MLA's k and kv_b's gradient concatenated from
- * their sources' heads in place: 397 fp8, 396 bf16).
+ * their sources' heads in place: 397 fp8, 396 bf16; the MoE combine adding the shared experts'
+ * output and the residual, RoPE's table kept: 381 fp8, 380 bf16).
  */
-const BUDGET = { fp8: 397, bf16: 396 };
+const BUDGET = { fp8: 381, bf16: 380 };
 
 describe("launches per training step (small's shape, 3 layers, fake Hopper GPU)", () => {
   for (const precision of ["fp8", "bf16"] as const)
@@ -61,10 +62,12 @@ describe("launches per training step (small's shape, 3 layers, fake Hopper GPU)"
         counts.push(fake.launches);
       }
       console.log(`${precision}: ${counts[2]} launches, host ${ms[2].toFixed(1)} ms per warm step`);
-      expect(new Set(counts).size, "every step issues the same launches").toBe(1);
+      // The first step also makes the tables kept for the backend's life (RoPE's cosines and sines).
+      expect(counts[1], "every warm step issues the same launches").toBe(counts[2]);
+      expect(counts[0], "the first step's one-time tables").toBeLessThanOrEqual(counts[1] + 4);
       expect(fake.problems, "launches the signature table refuses").toEqual([]);
-      expect(counts[0]).toBeLessThanOrEqual(BUDGET[precision]);
-      expect(counts[0], "the fake counted nothing").toBeGreaterThan(BUDGET[precision] / 2);
+      expect(counts[2]).toBeLessThanOrEqual(BUDGET[precision]);
+      expect(counts[2], "the fake counted nothing").toBeGreaterThan(BUDGET[precision] / 2);
     }, 120_000);
 });
 

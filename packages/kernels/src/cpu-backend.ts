@@ -14,6 +14,7 @@ import {
   batchDims,
   checkAdamWSlots,
   clipScaleOver,
+  combineAddError,
   type DType,
   type Fp8Format,
   f32,
@@ -618,10 +619,13 @@ export class CpuBackend extends HostLifetimes implements Backend {
     return dx;
   }
 
-  moeCombine(ys: Tensor, slot: Tensor, weights: Tensor): Tensor {
+  moeCombine(ys: Tensor, slot: Tensor, weights: Tensor, add: readonly Tensor[] = []): Tensor {
     const N = weights.rows;
+    const bad = combineAddError(add, N, ys.cols);
+    if (bad) throw new Error(bad);
     const y = this.out([N, ys.cols]);
     this.n.moeCombine(this.values(ys), i32(slot), f32(weights), { n: N, d: ys.cols }, f32(y));
+    for (const a of add) this.addInto(y, a);
     return y;
   }
 

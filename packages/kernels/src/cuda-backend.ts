@@ -24,6 +24,7 @@ import {
   type Backend,
   type BiasUpdateOptions,
   BYTES_PER_ELEMENT,
+  combineAddError,
   type DType,
   type GroupedMatmulOptions,
   type HeadPart,
@@ -357,8 +358,10 @@ export class CudaBackend extends HostLifetimes implements Backend {
     return moe.moePermuteBackward(this.cx, dxs, slot, tokens);
   }
 
-  moeCombine(ys: Tensor, slot: Tensor, weights: Tensor): Tensor {
-    return moe.moeCombine(this.cx, ys, slot, weights);
+  moeCombine(ys: Tensor, slot: Tensor, weights: Tensor, add: readonly Tensor[] = []): Tensor {
+    const bad = combineAddError(add, weights.rows, ys.cols);
+    if (bad) throw new Error(bad);
+    return moe.moeCombine(this.cx, ys, slot, weights, add);
   }
 
   moeCombineBackward(dy: Tensor, ys: Tensor, slot: Tensor, weights: Tensor) {

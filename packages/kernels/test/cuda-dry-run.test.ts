@@ -161,6 +161,10 @@ async function everyOp(b: Backend) {
   const hs = { heads: 4, width: 64, start: 8, len: 16 };
   b.headScatterAdd(x, b.headSlice(x, hs), hs);
   b.headConcat(up([64, 96]), up([64, 8]), 4, 1);
+  // Layouts whose groups of four columns straddle a pair, a head or the a|b boundary: one column a thread.
+  b.rope(x, { heads: 4, width: 64, offset: 30, dim: 18, seqLen: 16, theta: 10000 });
+  b.headSlice(x, { heads: 4, width: 64, start: 6, len: 10 });
+  b.headConcat(up([64, 40]), up([64, 6]), 4, 1);
   // x as a packed gate|up [rows, 2 x 128], in f32 and as BF16 codes.
   for (const gu of [x, b.cast(x, "bf16")]) {
     const h = b.swiglu(gu);

@@ -169,13 +169,16 @@ export class DeepSeekModel {
       s.mids.push(mid);
       const n2 = b.rmsnorm(mid, blk.ln2.value, eps);
       s.rstd2.push(n2.rstd);
-      const y =
-        blk.mlp instanceof MoELayer
-          ? blk.mlp.forward(n2.y, shape.batch, shape.seq, gradScale)
-          : blk.mlp.forward(n2.y);
-      if (!blk.mlp.retains(n2.y)) n2.y.dispose();
-      h = b.add(mid, y);
-      y.dispose();
+      if (blk.mlp instanceof MoELayer) {
+        // The MoE combine adds the residual as it writes the block's output.
+        h = blk.mlp.forward(n2.y, shape.batch, shape.seq, gradScale, mid);
+        if (!blk.mlp.retains(n2.y)) n2.y.dispose();
+      } else {
+        const y = blk.mlp.forward(n2.y);
+        if (!blk.mlp.retains(n2.y)) n2.y.dispose();
+        h = b.add(mid, y);
+        y.dispose();
+      }
     }
     const nf = b.rmsnorm(h, this.norm.value, eps);
     s.hFinal = h;

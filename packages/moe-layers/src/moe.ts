@@ -146,9 +146,11 @@ export class MoELayer {
   /**
    * x: normalised hidden states [B*T, d]; batch/seq are needed by the sequence-wise loss, whose
    * gradient is multiplied by `gradScale` (1/K for one of a step's K micro-batches; the loss itself
-   * is not scaled).
+   * is not scaled). `residual` (f32 [B*T, d]): returned plus the layer's output, summed by the
+   * combine (the block's residual connection without a pass of its own); its gradient is the
+   * output's, which the caller already holds.
    */
-  forward(x: Tensor, batch: number, seq: number, gradScale = 1): Tensor {
+  forward(x: Tensor, batch: number, seq: number, gradScale = 1, residual: Tensor | null = null): Tensor {
     const b = this.b;
     const { num_experts_per_tok: k, n_routed_experts: E, routed_scaling_factor: scaling } = this.cfg;
     // The router is FP32 whatever the policy says (docs/numerics.md, "What stays in higher precision").
@@ -196,18 +198,15 @@ export class MoELayer {
       ys = this.experts.forward(p.xs, p.offsets);
       if (!this.experts.retains(p.xs)) p.xs.dispose(); // k copies of every token, in f32: freed early
     }
-    let y = b.moeCombine(ys, p.slot, r.weights);
+    // The layer's output (plus the residual when given): the combined routed experts, the shared
+    // experts' output and the residual summed by the combine itself (no passes of add).
+    const shared = this.shared ? this.shared.forward(x, null, xMemo) : null;
+    const add = [shared, residual].filter((t): t is Tensor => t !== null);
+    const y = b.moeCombine(ys, p.slot, r.weights, add);
+    if (shared) b.release(shared);
     // Backward reads ys only for d(weights): when the experts round their outputs to BF16, BF16
     // storage keeps it exactly in half the bytes (k rows of d per token and layer).
     const ysSaved = this.experts.outputsBf16 && ys.dtype === "f32" ? intoBf16(b, ys) : ys;
-    if (this.shared) {
-      // The sum is the layer's output; its two terms are needed by nothing else.
-      const routed = y;
-      const shared = this.shared.forward(x, null, xMemo);
-      y = b.add(routed, shared);
-      b.release(routed);
-      b.release(shared);
-    }
     this.lastOffsets = p.offsets;
     this.saved.push({
       x,

@@ -29,6 +29,16 @@ export interface GroupedMatmulOptions extends MatmulOptions {
   segment: "m" | "k";
 }
 
+/** moeCombine's `add` checked (every backend refuses the same): at most 2 f32 tensors [N, d]. */
+export function combineAddError(add: readonly Tensor[], N: number, d: number): string | null {
+  if (add.length > 2) return `moeCombine: at most 2 tensors to add, got ${add.length}`;
+  for (const a of add) {
+    if (a.dtype !== "f32") return `moeCombine: add must be f32, got ${a.dtype}`;
+    if (a.rows !== N || a.cols !== d) return `moeCombine: add [${a.shape}], expected [${N}, ${d}]`;
+  }
+  return null;
+}
+
 /** The options' storeBf16 checked against the others (every backend refuses the same combinations). */
 export function storeBf16Error(o: MatmulOptions | GroupedMatmulOptions): string | null {
   if (!o.storeBf16) return null;
@@ -336,7 +346,12 @@ export interface Backend {
    */
   moePermute(x: Tensor, topIdx: Tensor, experts: number): PermuteResult;
   moePermuteBackward(dxs: Tensor, slot: Tensor, tokens: number): Tensor;
-  moeCombine(ys: Tensor, slot: Tensor, weights: Tensor): Tensor;
+  /**
+   * y[n] = sum_j weights[n, j] ys[the row of token n's j-th choice], in f32; then each tensor of
+   * `add` (at most 2, f32 [N, d]) added in order with f32 additions: the same values as add() after
+   * it, without the passes (the MoE layer adds its shared experts' output and the residual).
+   */
+  moeCombine(ys: Tensor, slot: Tensor, weights: Tensor, add?: readonly Tensor[]): Tensor;
   /** ys (the expert outputs the forward combined) may be a bf16 tensor. */
   moeCombineBackward(
     dy: Tensor,

@@ -91,6 +91,8 @@ export class CudaContext {
   readonly sm90Ctas: number;
   /** Device int32 offsets by (rows, part size): see segmentsOf. */
   private readonly segments = new Map<string, DeviceBuffer>();
+  /** Device tables made once by a kernel and kept for the backend's life: see kept. */
+  private readonly tables = new Map<string, DeviceBuffer>();
 
   /**
    * @param n the addon (with CUDA)
@@ -136,6 +138,21 @@ export class CudaContext {
       buf = new this.n.DeviceBuffer(off.length * 4);
       this.n.cudaHtod(buf, 0, u8view(Int32Array.from(off)));
       this.segments.set(key, buf);
+    }
+    return buf.ptr;
+  }
+
+  /**
+   * The device address of a table that depends only on `key` (RoPE's cosines and sines of a
+   * sequence length): `bytes` filled by `fill(ptr)` on first use and kept for the backend's life
+   * (a few hundred KB each), instead of a kernel and a scratch buffer per call.
+   */
+  kept(key: string, bytes: number, fill: (ptr: number) => void): number {
+    let buf = this.tables.get(key);
+    if (!buf) {
+      buf = new this.n.DeviceBuffer(Math.max(1, bytes));
+      fill(buf.ptr);
+      this.tables.set(key, buf);
     }
     return buf.ptr;
   }

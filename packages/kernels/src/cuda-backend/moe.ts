@@ -219,10 +219,19 @@ export function moePermuteBackward(cx: CudaContext, dxs: Tensor, slot: Tensor, t
   return dx;
 }
 
-export function moeCombine(cx: CudaContext, ys: Tensor, slot: Tensor, weights: Tensor): Tensor {
+export function moeCombine(
+  cx: CudaContext,
+  ys: Tensor,
+  slot: Tensor,
+  weights: Tensor,
+  add: readonly Tensor[] = [],
+): Tensor {
   const N = weights.rows;
   const k = weights.cols;
   const d = ys.cols;
+  if (add.length > 2) throw new Error(`moeCombine: at most 2 tensors to add, got ${add.length}`);
+  for (const a of add)
+    if (a.rows !== N || a.cols !== d) throw new Error(`moeCombine: add [${a.shape}], expected [${N}, ${d}]`);
   const y = cx.make([N, d], "f32");
   const pos = positions(cx, slot);
   const bf16 = ys.dtype === "bf16";
@@ -230,6 +239,8 @@ export function moeCombine(cx: CudaContext, ys: Tensor, slot: Tensor, weights: T
     ys: bf16 ? cx.p(ys) : cx.f32p(ys, "moeCombine"),
     pos: pos.ptr,
     w: cx.f32p(weights, "moeCombine"),
+    a0: add[0] ? cx.f32p(add[0], "moeCombine") : 0,
+    a1: add[1] ? cx.f32p(add[1], "moeCombine") : 0,
     y: cx.p(y),
     N,
     k,

@@ -104,33 +104,34 @@ export function rope(cx: CudaContext, x: Tensor, o: RopeOptions): Tensor {
   const R = x.rows;
   const y = cx.make(x.shape, o.storeBf16 ? "bf16" : "f32");
   const xp = cx.f32p(x, "rope");
-  const { heads, width, offset, dim, seqLen } = o;
+  const { heads, width, offset, dim, seqLen, theta } = o;
   const half = Math.floor(dim / 2);
+  const start = o.start ?? 0;
   if (R === 0) return y;
-  // The angles' cosines and sines for this call's positions, then one pass over the rows.
-  const table = cx.scratch(Math.max(1, seqLen * half) * 16);
-  cx.launch(KERNELS.nn.rope_table, cx.g1(seqLen * half), 256, {
-    cs: table.ptr,
-    seqLen,
-    half,
-    dim,
-    start: o.start ?? 0,
-    theta: o.theta,
-    inverse: o.inverse ? 1 : 0,
-  });
-  cx.launch(KERNELS.nn.rope_rows, cx.rowsGrid(R), rowBlock(heads * width), {
-    x: xp,
-    y: cx.p(y),
-    cs: table.ptr,
-    R,
-    heads,
-    width,
-    offset,
-    dim,
-    seqLen,
-    out16: o.storeBf16 ? 1 : 0,
-  });
-  table.free();
+  // The angles' cosines and sines for these positions (made once per shape; the inverse rotation
+  // negates the sines as it reads them), then one pass over the rows.
+  const table = cx.kept(`rope/${seqLen}/${dim}/${start}/${theta}`, seqLen * half * 16, (cs) =>
+    cx.launch(KERNELS.nn.rope_table, cx.g1(seqLen * half), 256, { cs, seqLen, half, dim, start, theta }),
+  );
+  const wide = width % 4 === 0 && offset % 4 === 0 && dim % 4 === 0;
+  cx.launch(
+    wide ? KERNELS.nn.rope_rows4 : KERNELS.nn.rope_rows,
+    cx.rowsGrid(R),
+    rowBlock((heads * width) / (wide ? 4 : 1)),
+    {
+      x: xp,
+      y: cx.p(y),
+      cs: table,
+      R,
+      heads,
+      width,
+      offset,
+      dim,
+      seqLen,
+      inverse: o.inverse ? 1 : 0,
+      out16: o.storeBf16 ? 1 : 0,
+    },
+  );
   return y;
 }
 
@@ -144,7 +145,10 @@ export function headSlice(cx: CudaContext, x: Tensor, o: HeadSliceOptions): Tens
   const outHeads = o.sumHeads ? 1 : o.heads;
   const y = cx.make([R, outHeads * o.len], o.storeBf16 ? "bf16" : "f32");
   if (R === 0) return y;
-  cx.launch(KERNELS.nn.head_slice, cx.rowsGrid(R), rowBlock(outHeads * o.len), {
+  // Four columns a thread when no group of four straddles a head.
+  const wide = o.width % 4 === 0 && o.start % 4 === 0 && o.len % 4 === 0;
+  const kernel = wide ? KERNELS.nn.head_slice4 : KERNELS.nn.head_slice;
+  cx.launch(kernel, cx.rowsGrid(R), rowBlock((outHeads * o.len) / (wide ? 4 : 1)), {
     x: cx.f32p(x, "headSlice"),
     y: cx.p(y),
     R,
@@ -186,7 +190,12 @@ export function headConcat(
   const R = a.rows;
   const y = cx.make([R, heads * (la + lb)], storeBf16 ? "bf16" : "f32");
   if (R === 0) return y;
-  cx.launch(KERNELS.nn.head_concat, cx.rowsGrid(R), rowBlock(heads * (la + lb)), {
+  const aw = aPart ? aPart.width : la;
+  const a0 = aPart ? aPart.start : 0;
+  // Four columns a thread when no group of four straddles a head or the a|b boundary.
+  const wide = la % 4 === 0 && lb % 4 === 0 && aw % 4 === 0 && a0 % 4 === 0;
+  const kernel = wide ? KERNELS.nn.head_concat4 : KERNELS.nn.head_concat;
+  cx.launch(kernel, cx.rowsGrid(R), rowBlock((heads * (la + lb)) / (wide ? 4 : 1)), {
     a: cx.f32p(a, "headConcat"),
     b: cx.f32p(b, "headConcat"),
     y: cx.p(y),
@@ -195,8 +204,8 @@ export function headConcat(
     la,
     lb,
     bHeads,
-    aw: aPart ? aPart.width : la,
-    a0: aPart ? aPart.start : 0,
+    aw,
+    a0,
     out16: storeBf16 ? 1 : 0,
   });
   return y;

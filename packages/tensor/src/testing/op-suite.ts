@@ -404,6 +404,33 @@ export function opSuite(name: string, make: () => Backend): void {
       }, 2e-5);
     });
 
+    // Widths in multiples of 4 (MLA's: cuda moves four columns a thread) and one rotation that is
+    // not (the one-column path); f32 and BF16 storage.
+    it("rope, headSlice and headConcat at four-column layouts", async () => {
+      const [R, C] = [37, 96];
+      const x = rng.normals(R * C);
+      await same((b) => {
+        const X = b.upload(x, [R, C]);
+        const ro = { heads: 4, width: 24, offset: 8, dim: 16, seqLen: 5, theta: 10000 };
+        const odd = { heads: 4, width: 24, offset: 6, dim: 18, seqLen: 7, theta: 500 };
+        const sl = { heads: 4, width: 24, start: 8, len: 12 };
+        const kpe = b.headSlice(X, { heads: 1, width: 96, start: 4, len: 8 });
+        const sliced = b.headSlice(X, sl);
+        return {
+          rope: b.rope(X, ro),
+          rope16: b.rope(X, { ...ro, inverse: true, start: 3, storeBf16: true }),
+          odd: b.rope(X, odd),
+          oddInv: b.rope(X, { ...odd, inverse: true }),
+          kpe,
+          sliced16: b.headSlice(X, { ...sl, storeBf16: true }),
+          summed: b.headSlice(X, { ...sl, sumHeads: true }),
+          cat: b.headConcat(sliced, kpe, 4, 1),
+          cat16: b.headConcat(sliced, sliced, 4, 4, true),
+          catPart: b.headConcat(X, kpe, 4, 1, true, sl),
+        };
+      }, 2e-5);
+    });
+
     // The model's widths (cuda's one-pass backward takes C % 128 == 0, C <= 1024, 128-row chunks;
     // 300 rows end in a partial chunk) and a width past that path.
     it("rmsnorm forward and backward at the model's widths", async () => {
@@ -737,6 +764,33 @@ export function opSuite(name: string, make: () => Backend): void {
         const out = { ...r, bl: bl.loss, bld: bl.dscores, dl, ...p, back, y };
         return { ...out, dys: cb.dys, dwts: cb.dweights, bs, be };
       }, 2e-5);
+    });
+
+    it("moeCombine's add: the values of add() after it, bit for bit", async () => {
+      for (const d of [20, 18]) {
+        const [N, E, k] = [40, 6, 3];
+        await be.scope(async () => {
+          const r = be.router(
+            be.upload(rng.normals(N * E), [N, E]),
+            be.upload(rng.normals(E, 0.1), [E]),
+            k,
+            1,
+          );
+          const p = be.moePermute(be.upload(rng.normals(N * d), [N, d]), r.topIdx, E);
+          const [A, B] = [be.upload(rng.normals(N * d), [N, d]), be.upload(rng.normals(N * d, 30), [N, d])];
+          const plain = be.moeCombine(p.xs, p.slot, r.weights);
+          const one = be.moeCombine(p.xs, p.slot, r.weights, [A]);
+          const two = be.moeCombine(p.xs, p.slot, r.weights, [A, B]);
+          expect(Array.from(await one.read()), `d ${d}, one`).toEqual(
+            Array.from(await be.add(plain, A).read()),
+          );
+          expect(Array.from(await two.read()), `d ${d}, two`).toEqual(
+            Array.from(await be.add(be.add(plain, A), B).read()),
+          );
+          expect(() => be.moeCombine(p.xs, p.slot, r.weights, [A, A, A])).toThrow(/at most 2/);
+          expect(() => be.moeCombine(p.xs, p.slot, r.weights, [be.zeros([N, d + 1])])).toThrow(/add \[/);
+        });
+      }
     });
 
     it("cross-entropy, clipping and AdamW with f32 and BF16 moments", async () => {

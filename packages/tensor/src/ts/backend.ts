@@ -24,6 +24,7 @@ import {
   attentionRowsError,
   checkAdamWSlots,
   clipScaleOver,
+  combineAddError,
   intoBf16,
   requantizeViaF32,
   storeBf16Error,
@@ -469,9 +470,13 @@ export class TsBackend extends HostLifetimes implements Backend {
     );
   }
 
-  moeCombine(ys: Tensor, slot: Tensor, weights: Tensor): Tensor {
+  moeCombine(ys: Tensor, slot: Tensor, weights: Tensor, add: readonly Tensor[] = []): Tensor {
     const N = weights.rows;
-    return this.wrap(moe.combine(f32OrBf16(ys), i32(slot), f32(weights), N, ys.cols), [N, ys.cols], "f32");
+    const bad = combineAddError(add, N, ys.cols);
+    if (bad) throw new Error(bad);
+    const y = this.wrap(moe.combine(f32OrBf16(ys), i32(slot), f32(weights), N, ys.cols), [N, ys.cols], "f32");
+    for (const a of add) this.addInto(y, a);
+    return y;
   }
 
   moeCombineBackward(dy: Tensor, ys: Tensor, slot: Tensor, weights: Tensor) {

@@ -258,9 +258,17 @@ KERNEL void permute_bwd16(const u16* dxs, const int* pos, float* dx, int N, int 
   permute_bwd_body(dxs, pos, dx, N, k, d);
 }
 
-// y[n] = sum_j w[n k + j] ys[pos[n k + j]] (double accumulation); ys f32 or BF16 (as above).
+// y[n] = sum_j w[n k + j] ys[pos[n k + j]] (double accumulation, rounded to f32), then + a0[n] and
+// + a1[n] when given (f32 additions in that order: the same values as adding them afterwards, without
+// the passes: the MoE layer adds its shared experts' output and the residual here). ys f32 or BF16.
+__device__ __forceinline__ float4 add4(float4 v, const float* a, i64 i) {
+  if (!a) return v;
+  const float4 b = *(const float4*)(a + i);
+  return make_float4(v.x + b.x, v.y + b.y, v.z + b.z, v.w + b.w);
+}
 template <typename I, typename Y>
-__device__ __forceinline__ void combine_loop(const Y* ys, const int* pos, const float* w, float* y, I N, int k, int d) {
+__device__ __forceinline__ void combine_loop(const Y* ys, const int* pos, const float* w, const float* a0,
+                                             const float* a1, float* y, I N, int k, int d) {
   if ((d & 3) == 0) {
     const int d4 = d >> 2;
     const I total = N * d4;
@@ -272,7 +280,8 @@ __device__ __forceinline__ void combine_loop(const Y* ys, const int* pos, const 
         const float4 a = load_f32x4(ys + (i64)pos[(i64)n * k + j] * d + c);
         v0 += wj * (double)a.x, v1 += wj * (double)a.y, v2 += wj * (double)a.z, v3 += wj * (double)a.w;
       }
-      *(float4*)(y + (i64)n * d + c) = make_float4((float)v0, (float)v1, (float)v2, (float)v3);
+      const i64 i = (i64)n * d + c;
+      *(float4*)(y + i) = add4(add4(make_float4((float)v0, (float)v1, (float)v2, (float)v3), a0, i), a1, i);
     }
     return;
   }
@@ -282,20 +291,26 @@ __device__ __forceinline__ void combine_loop(const Y* ys, const int* pos, const 
     double v = 0.0;
     for (int j = 0; j < k; j++)
       v += (double)w[(i64)n * k + j] * (double)load_f32(ys + (i64)pos[(i64)n * k + j] * d + c);
-    y[t] = (float)v;
+    float f = (float)v;
+    if (a0) f = f + a0[t];
+    if (a1) f = f + a1[t];
+    y[t] = f;
   }
 }
 template <typename Y>
-__device__ __forceinline__ void combine_body(const Y* ys, const int* pos, const float* w, float* y, int N, int k, int d) {
-  if (fits_i32((i64)N * d)) combine_loop<int>(ys, pos, w, y, N, k, d);
-  else combine_loop<i64>(ys, pos, w, y, N, k, d);
+__device__ __forceinline__ void combine_body(const Y* ys, const int* pos, const float* w, const float* a0,
+                                             const float* a1, float* y, int N, int k, int d) {
+  if (fits_i32((i64)N * d)) combine_loop<int>(ys, pos, w, a0, a1, y, N, k, d);
+  else combine_loop<i64>(ys, pos, w, a0, a1, y, N, k, d);
 }
 
-KERNEL void combine(const float* ys, const int* pos, const float* w, float* y, int N, int k, int d) {
-  combine_body(ys, pos, w, y, N, k, d);
+KERNEL void combine(const float* ys, const int* pos, const float* w, const float* a0, const float* a1, float* y,
+                    int N, int k, int d) {
+  combine_body(ys, pos, w, a0, a1, y, N, k, d);
 }
-KERNEL void combine16(const u16* ys, const int* pos, const float* w, float* y, int N, int k, int d) {
-  combine_body(ys, pos, w, y, N, k, d);
+KERNEL void combine16(const u16* ys, const int* pos, const float* w, const float* a0, const float* a1, float* y,
+                      int N, int k, int d) {
+  combine_body(ys, pos, w, a0, a1, y, N, k, d);
 }
 
 // dys[r] = w[slot[r]] dy[slot[r] / k]; dweights[slot[r]] = dy[n] . ys[r]. One warp per row r.

@@ -150,19 +150,19 @@ KERNEL void colsum_final(const double* part, float* out, int chunks, int C, int 
 }
 
 // Interleaved-pair RoPE on [offset, offset + dim) of each head; position start + r % seqLen. The
-// angles' cosines and sines are computed once per call (rope_table: seqLen x dim/2 of them, in double
-// as the reference computes them), then rope_rows rotates and copies every row in one pass. (One
+// angles' cosines and sines are computed once per (seqLen, dim, start, theta) and kept by the backend
+// (rope_table: seqLen x dim/2 of them, in double as the reference computes them; the inverse rotation
+// negates the sines as it reads them), then rope_rows rotates and copies every row in one pass. (One
 // thread per pair computing pow, cos and sin in double, and a second kernel copying the unrotated
-// columns, took 3 ms of the small step for 32 calls.)
-// cs[2 (p * half + i)] = cos and cs[2 (p * half + i) + 1] = sin (negated for the inverse rotation) of
-// the angle (start + p) * theta^(-2i / dim).
-KERNEL void rope_table(double* cs, int seqLen, int half, int dim, int start, double theta, int inverse) {
+// columns, took 3 ms of the small step for 32 calls; the table made per call, 0.2 ms.)
+// cs[2 (p * half + i)] = cos and cs[2 (p * half + i) + 1] = sin of the angle (start + p) * theta^(-2i / dim).
+KERNEL void rope_table(double* cs, int seqLen, int half, int dim, int start, double theta) {
   const int t = blockIdx.x * blockDim.x + threadIdx.x;
   if (t >= seqLen * half) return;
   const int p = t / half, i = t - p * half;
   const double angle = (start + p) * pow(theta, (-2.0 * i) / dim);
   cs[2 * t] = cos(angle);
-  cs[2 * t + 1] = inverse ? -sin(angle) : sin(angle);
+  cs[2 * t + 1] = sin(angle);
 }
 
 // y[i] = v as f32, or (out16) rounded to BF16 and stored in 2 bytes: the ops' storeBf16 option,
@@ -172,10 +172,21 @@ __device__ __forceinline__ void store_out(void* y, i64 i, float v, int out16) {
   else ((float*)y)[i] = v;
 }
 
+// y[4 i .. 4 i + 3] = v, as f32 or (out16) rounded to BF16 (8 bytes).
+__device__ __forceinline__ void store_out4(void* y, i64 i, float4 v, int out16) {
+  if (out16) ((uint2*)y)[i] = make_uint2(pack_bf16(v.x, v.y), pack_bf16(v.z, v.w));
+  else ((float4*)y)[i] = v;
+}
+
+// The rotation of the pair (a, b) by (c, s), in double, rounded once.
+__device__ __forceinline__ float2 rotate_pair(double a, double b, double c, double s) {
+  return make_float2((float)(a * c - b * s), (float)(a * s + b * c));
+}
+
 // One block per row: each element of the rotated slices is its pair's rotation (a c - b s for the
 // first of the pair, a s + b c for the second, in double, rounded once), the others are copied.
 KERNEL void rope_rows(const float* x, void* y, const double* cs, int R, int heads, int width, int offset, int dim,
-                      int seqLen, int out16) {
+                      int seqLen, int inverse, int out16) {
   const int r = blockIdx.x + blockIdx.y * GRID_YZ_MAX;
   if (r >= R) return;
   const int n = heads * width, half = dim / 2;
@@ -189,8 +200,30 @@ KERNEL void rope_rows(const float* x, void* y, const double* cs, int R, int head
       continue;
     }
     const int i = j >> 1, a0 = t - (j & 1);
-    const double c = rc[2 * i], sn = rc[2 * i + 1], a = xr[a0], b = xr[a0 + 1];
+    const double c = rc[2 * i], sn = inverse ? -rc[2 * i + 1] : rc[2 * i + 1], a = xr[a0], b = xr[a0 + 1];
     store_out(y, y0 + t, (float)((j & 1) ? a * sn + b * c : a * c - b * sn), out16);
+  }
+}
+
+// rope_rows four columns a thread (16-byte loads, 16- or 8-byte stores), when width, offset and dim
+// are multiples of 4: a group of four holds two whole pairs or none. The same arithmetic.
+KERNEL void rope_rows4(const float* x, void* y, const double* cs, int R, int heads, int width, int offset, int dim,
+                       int seqLen, int inverse, int out16) {
+  const int r = blockIdx.x + blockIdx.y * GRID_YZ_MAX;
+  if (r >= R) return;
+  const int n4 = heads * width / 4;
+  const float4* xr = (const float4*)(x + (i64)r * heads * width);
+  const double2* rc = (const double2*)(cs + (i64)(r % seqLen) * dim);  // (cos, sin) of each pair
+  for (int t = threadIdx.x; t < n4; t += blockDim.x) {
+    const int e = 4 * t, h = e / width, j = e - h * width - offset;
+    float4 v = xr[t];
+    if (j >= 0 && j < dim) {
+      const double2 p0 = rc[j >> 1], p1 = rc[(j >> 1) + 1];
+      const double s0 = inverse ? -p0.y : p0.y, s1 = inverse ? -p1.y : p1.y;
+      const float2 a = rotate_pair(v.x, v.y, p0.x, s0), b = rotate_pair(v.z, v.w, p1.x, s1);
+      v = make_float4(a.x, a.y, b.x, b.y);
+    }
+    store_out4(y, (i64)r * n4 + t, v, out16);
   }
 }
 
@@ -243,6 +276,47 @@ KERNEL void head_concat(const float* a, const float* b, void* y, int R, int head
   for (int t = threadIdx.x; t < n; t += blockDim.x) {
     const int h = t / w, c = t - h * w;
     store_out(y, y0 + t, c < la ? ar[h * aw + c] : br[(bHeads == 1 ? 0 : h) * lb + c - la], out16);
+  }
+}
+
+// head_slice and head_concat four columns a thread, when every width, start and length is a
+// multiple of 4 (a group of four never straddles a head or the a|b boundary). The same values;
+// head_slice's sum over heads in the same order.
+KERNEL void head_slice4(const float* x, void* y, int R, int heads, int width, int start, int len, int sumHeads,
+                        int out16) {
+  const int r = blockIdx.x + blockIdx.y * GRID_YZ_MAX;
+  if (r >= R) return;
+  const int l4 = len / 4, n4 = (sumHeads ? 1 : heads) * l4;
+  const float* xr = x + (i64)r * heads * width + start;
+  const i64 y0 = (i64)r * n4;
+  for (int t = threadIdx.x; t < n4; t += blockDim.x) {
+    float4 v;
+    if (sumHeads) {
+      v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      for (int h = 0; h < heads; h++) {
+        const float4 a = *(const float4*)(xr + h * width + 4 * t);
+        v.x += a.x, v.y += a.y, v.z += a.z, v.w += a.w;
+      }
+    } else {
+      const int h = t / l4;
+      v = *(const float4*)(xr + h * width + 4 * (t - h * l4));
+    }
+    store_out4(y, y0 + t, v, out16);
+  }
+}
+
+KERNEL void head_concat4(const float* a, const float* b, void* y, int R, int heads, int la, int lb, int bHeads,
+                         int aw, int a0, int out16) {
+  const int r = blockIdx.x + blockIdx.y * GRID_YZ_MAX;
+  if (r >= R) return;
+  const int w4 = (la + lb) / 4, la4 = la / 4, n4 = heads * w4;
+  const float* ar = a + (i64)r * heads * aw + a0;
+  const float* br = b + (i64)r * bHeads * lb;
+  const i64 y0 = (i64)r * n4;
+  for (int t = threadIdx.x; t < n4; t += blockDim.x) {
+    const int h = t / w4, c = t - h * w4;
+    const float* src = c < la4 ? ar + h * aw + 4 * c : br + (bHeads == 1 ? 0 : h) * lb + 4 * (c - la4);
+    store_out4(y, y0 + t, *(const float4*)src, out16);
   }
 }
 

@@ -223,6 +223,19 @@ export class DeepSeekModel {
       ce.dlogits.dispose();
       return { loss: ce.loss, dyc };
     };
+    // The head's weight cast to BF16 once for every chunk's Fprop and Dgrad (under a BF16 head).
+    return this.head.withWeightCopy(() => this.headChunks(y, targets, withGrad, chunk));
+  }
+
+  /** headLoss's loop over row chunks of `chunk`, each in its own arena. */
+  private headChunks(
+    y: Tensor,
+    targets: Tensor,
+    withGrad: boolean,
+    chunk: (yc: Tensor, tc: Tensor) => { loss: Tensor; dyc: Tensor | null },
+  ): { loss: Tensor; dy: Tensor | null } {
+    const b = this.b;
+    const N = y.rows;
     if (N <= LOSS_CHUNK_ROWS) {
       const r = chunk(y, targets);
       return { loss: r.loss, dy: r.dyc };

@@ -72,7 +72,17 @@ export class SwiGluMlp {
     this.prefix = prefix;
     this.pkg = pkg;
     this.experts = E;
-    const lin = (name: string, out: number, inp: number, values: () => Float32Array, parts?: string[]) => {
+    // storeBf16: the output in BF16 storage when the policy rounds it to BF16 anyway (see Linear):
+    // gate|up always (swiglu reads the codes, backward keeps them), down for the experts (the
+    // combine reads BF16; a dense MLP's output is added to f32 tensors).
+    const lin = (
+      name: string,
+      out: number,
+      inp: number,
+      values: () => Float32Array,
+      storeBf16: boolean,
+      parts?: string[],
+    ) => {
       const shape = E > 0 ? [E, out, inp] : [out, inp];
       const p = Param.create(b, {
         name: `${prefix}.${name}.weight`,
@@ -82,23 +92,21 @@ export class SwiGluMlp {
         parts,
       });
       this.params.push(p);
-      // The experts' activations and their gradients in BF16 storage when rounded to BF16 anyway.
-      const grouped = E > 0;
       return new Linear(p, {
         precision,
         pkg,
         layer: `${prefix}.${name}`,
         trace,
-        grouped,
-        storeBf16: grouped,
+        grouped: E > 0,
+        storeBf16,
       });
     };
     const n = Math.max(E, 1) * inter * d;
-    this.gateUp = lin("gate_up_proj", 2 * inter, d, () => stackRows(init(n), init(n), Math.max(E, 1)), [
+    this.gateUp = lin("gate_up_proj", 2 * inter, d, () => stackRows(init(n), init(n), Math.max(E, 1)), true, [
       "gate_proj",
       "up_proj",
     ]);
-    this.down = lin("down_proj", d, inter, () => init(n));
+    this.down = lin("down_proj", d, inter, () => init(n), E > 0);
   }
 
   clearSaved(): void {

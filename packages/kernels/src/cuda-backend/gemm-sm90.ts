@@ -325,6 +325,9 @@ export function sm90Matmul(
   if (!role || (cx.sm90Dense === "auto" && !sm90DenseChosen(role, M, N, K))) return false;
   const promotion = o.promotion ?? 128;
   const [accumulate, outBf16] = [!!o.accumulate, !!o.outBf16];
+  // BF16 storage (a bf16 `out`): Fprop only, where the Linear stores its output so.
+  const storeBf16 = out.dtype === "bf16";
+  if (storeBf16 && (role !== "fprop" || accumulate)) return false;
   if (role === "wgrad")
     return sm90DenseWgrad(cx, {
       a,
@@ -357,6 +360,7 @@ export function sm90Matmul(
     promotion,
     accumulate,
     outBf16,
+    storeBf16,
   };
   if (sm90Refusal(operands) !== null) return false;
   if (role === "fprop") return sm90Grouped(cx, operands);

@@ -73,12 +73,19 @@ export function matmul(cx: CudaContext, a: Tensor, b: Tensor, opts: MatmulOption
 
 /**
  * matmul with storeBf16: cuBLASLt writes the BF16 output itself (f32 and BF16 products: its epilogue
- * rounds to nearest even, as round_bf16 does); any other path computes the BF16-rounded f32 product
- * and converts it.
+ * rounds to nearest even, as round_bf16 does), and so does the sm90 kernel for an FP8 Fprop (the
+ * shared experts' gate|up); any other path computes the BF16-rounded f32 product and converts it.
  */
 function matmulBf16Out(cx: CudaContext, a: Tensor, b: Tensor, opts: MatmulOptions): Tensor {
   const o = { ...opts, outBf16: true, storeBf16: false };
   const { M, N, K } = gemmDims(a, b, o);
+  if (o.precision === "fp8" && M > 0 && N > 0 && K > 0) {
+    checkFp8Operand(a, "A", !o.transA);
+    checkFp8Operand(b, "B", !!o.transB);
+    const out = cx.make([M, N], "bf16");
+    if (sm90Matmul(cx, a, b, out, { M, N, K }, o)) return out;
+    cx.release(out);
+  }
   if (o.precision !== "fp8" && M > 0 && N > 0 && K > 0) {
     for (const t of [a, b]) {
       if (o.precision === "bf16") lowpInput(cx, t, "matmul");

@@ -29,7 +29,8 @@ export interface LinearOptions {
    * When the policy rounds outputs to BF16, outputs come back as bf16 tensors: the same values in
    * half the bytes, for consumers that read BF16. Grouped Linears: Fprop's y and Dgrad's dx (unless
    * added into another tensor; the experts' swiglu, combine and permute backward read them). Dense
-   * Linears: Fprop's y only (the output head's logits, read by the cross-entropy).
+   * Linears: Fprop's y only (the output head's logits, read by the cross-entropy; a dense MLP's
+   * gate|up, read by swiglu).
    */
   storeBf16?: boolean;
 }
@@ -101,6 +102,8 @@ export class Linear {
   readonly trace: PrecisionTrace | undefined;
   readonly grouped: boolean;
   readonly storeBf16: boolean;
+  /** The weight's BF16 copy shared by the GEMMs inside withWeightCopy, else null. */
+  private weightBf16: Tensor | null = null;
 
   constructor(
     readonly weight: Param,
@@ -129,6 +132,34 @@ export class Linear {
       operands: describeOperands(plan) || undefined,
     });
     return plan;
+  }
+
+  /**
+   * Runs fn with the weight cast to BF16 once for all of fn's BF16 GEMMs, instead of once per GEMM
+   * (the output head's row chunks: one cast of the [vocab, d] weight a step instead of two a chunk).
+   * The copy is made in the caller's arena and released after fn; under a policy whose Fprop does
+   * not read a BF16 weight, fn runs as is.
+   */
+  withWeightCopy<T>(fn: () => T): T {
+    const plan = gemmPlan("fprop", this.precision);
+    if (this.weightBf16 || plan.kernel !== "bf16" || plan.a.quant || plan.b.quant) return fn();
+    this.weightBf16 = this.b.cast(this.weight.value, "bf16");
+    try {
+      return fn();
+    } finally {
+      this.b.release(this.weightBf16);
+      this.weightBf16 = null;
+    }
+  }
+
+  /** The weight in BF16: the shared copy, or a new one the caller releases (see dropCopy). */
+  private bf16Weight(): Tensor {
+    return this.weightBf16 ?? this.b.cast(this.weight.value, "bf16");
+  }
+
+  /** Releases a weight copy bf16Weight made for one GEMM (not the shared one, nor the weight). */
+  private dropCopy(w: Tensor): void {
+    if (w !== this.weightBf16 && w !== this.weight.value) this.b.release(w);
   }
 
   /** y = a w^T (Fprop) or dy w (Dgrad), with BF16 storage where `storeBf16` allows it. */
@@ -195,9 +226,9 @@ export class Linear {
       // One BF16 copy of x serves this GEMM, the other Linears reading x (memo) and Wgrad, which
       // then keeps it instead of x: the same values at half the bytes, rounded once.
       const xb = memoised(memo, "bf16", () => b.cast(x, "bf16"));
-      const wb = b.cast(this.weight.value, "bf16");
+      const wb = this.bf16Weight();
       y = this.mm(xb, wb, offsets, { ...layout, precision: "bf16", outBf16: out }, "fprop");
-      b.release(wb);
+      this.dropCopy(wb);
       if (pol.wgrad.precision === "bf16") s.x = xb;
     } else {
       y = this.mm(
@@ -251,7 +282,7 @@ export class Linear {
       // dy rounded to BF16 once when both Dgrad and Wgrad read it in BF16 (unless it came so).
       const bf16 = dg.kernel === "bf16";
       if (bf16 && pol.wgrad.precision === "bf16" && dy.dtype !== "bf16") dy = dyb = b.cast(dy, "bf16");
-      const w = bf16 ? b.cast(this.weight.value, "bf16") : this.weight.value;
+      const w = bf16 ? this.bf16Weight() : this.weight.value;
       dx = this.mm(
         dy,
         w,
@@ -259,7 +290,7 @@ export class Linear {
         { ...dgLayout, precision: dg.kernel, outBf16: out, accumulate: into ?? undefined },
         "dgrad",
       );
-      if (w !== this.weight.value) b.release(w);
+      this.dropCopy(w);
     }
 
     // Wgrad: dW += dy^T x, reduced over tokens (per expert for grouped weights).

@@ -857,6 +857,19 @@ export function opSuite(name: string, make: () => Backend): void {
           expect(y.dtype).toBe("bf16");
           return { y: b.cast(y, "f32") };
         }, 1e-2);
+      // An FP8 Fprop (the shared experts' gate|up: cuda's sm90 kernel stores BF16 itself), against
+      // the rounded f32 result in BF16, bit for bit.
+      await be.scope(async () => {
+        const [m, n, k] = [300, 256, 384];
+        const X = be.quantize(be.upload(rng.normals(m * k), [m, k]), { group: "tile" });
+        const W = be.quantize(be.upload(rng.normals(n * k, 0.1), [n, k]), { group: "block" });
+        const o = { transB: true, precision: "fp8", outBf16: true } as const;
+        const y16 = be.matmul(X, W, { ...o, storeBf16: true });
+        expect(y16.dtype).toBe("bf16");
+        expect(Array.from(await y16.read())).toEqual(
+          Array.from(await be.cast(be.matmul(X, W, o), "bf16").read()),
+        );
+      });
       await be.scope(async () => {
         const A = be.upload(a, [M, K]);
         expect(() =>

@@ -15,10 +15,12 @@ import {
   checkAdamWSlots,
   clipScaleOver,
   combineAddError,
+  combineBackwardQuantizedVia,
   type DType,
   type Fp8Format,
   f32,
   f32OrBf16,
+  type GradQuant,
   type GroupedMatmulOptions,
   gemmDims,
   type HeadPart,
@@ -627,6 +629,10 @@ export class CpuBackend extends HostLifetimes implements Backend {
     this.n.moeCombine(this.values(ys), i32(slot), f32(weights), { n: N, d: ys.cols }, f32(y));
     for (const a of add) this.addInto(y, a);
     return y;
+  }
+
+  moeCombineBackwardQuantized(dy: Tensor, ys: Tensor, slot: Tensor, weights: Tensor, q: GradQuant) {
+    return combineBackwardQuantizedVia(this, dy, ys, slot, weights, q);
   }
 
   moeCombineBackward(dy: Tensor, ys: Tensor, slot: Tensor, weights: Tensor) {

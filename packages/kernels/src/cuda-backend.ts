@@ -25,7 +25,9 @@ import {
   type BiasUpdateOptions,
   BYTES_PER_ELEMENT,
   combineAddError,
+  combineBackwardQuantizedVia,
   type DType,
+  type GradQuant,
   type GroupedMatmulOptions,
   type HeadPart,
   type HeadSliceOptions,
@@ -366,6 +368,13 @@ export class CudaBackend extends HostLifetimes implements Backend {
 
   moeCombineBackward(dy: Tensor, ys: Tensor, slot: Tensor, weights: Tensor) {
     return moe.moeCombineBackward(this.cx, dy, ys, slot, weights);
+  }
+
+  moeCombineBackwardQuantized(dy: Tensor, ys: Tensor, slot: Tensor, weights: Tensor, q: GradQuant) {
+    return (
+      quant.combineGradQuantized(this.cx, dy, ys, slot, weights, q) ??
+      combineBackwardQuantizedVia(this, dy, ys, slot, weights, q)
+    );
   }
 
   biasUpdate(bias: Tensor, offsets: Tensor, opts: BiasUpdateOptions): void {

@@ -198,6 +198,10 @@ async function everyOp(b: Backend) {
   b.moeCombine(ys, p.slot, r.weights);
   for (const yv of [ys, b.cast(ys, "bf16")]) {
     b.moeCombineBackward(y, yv, p.slot, r.weights);
+    b.moeCombineBackwardQuantized(y, yv, p.slot, r.weights, {
+      dgrad: { group: "tile" },
+      wgrad: { group: "column-tile", segments: p.offsets },
+    });
     b.moeCombine(yv, p.slot, r.weights);
     b.moePermuteBackward(yv, p.slot, 64);
   }

@@ -3,11 +3,13 @@
 import type { GemmPackageName } from "@moe8/fp8-core";
 import {
   type Backend,
+  type GradQuant,
   intoBf16,
   Linear,
   type LinearPrecision,
   Param,
   type PrecisionTrace,
+  type QuantisedGrad,
   type QuantMemo,
   type Tensor,
 } from "@moe8/tensor";
@@ -143,8 +145,16 @@ export class SwiGluMlp {
     return this.gateUp.retains(t);
   }
 
-  /** Returns dx, or adds it into `into` (see Linear.backward). */
-  backward(dy: Tensor, into: Tensor | null = null): Tensor {
+  /**
+   * How the down projection's backward quantises its gradient (Linear.gradQuant; `offsets`: the
+   * experts' segments), for a producer that hands it over quantised; null when it does not.
+   */
+  gradQuant(offsets: Tensor | null = null): GradQuant | null {
+    return this.down.gradQuant(offsets);
+  }
+
+  /** Returns dx, or adds it into `into` (see Linear.backward); dy may come as gradQuant asks. */
+  backward(dy: Tensor | QuantisedGrad, into: Tensor | null = null): Tensor {
     const gu = this.saved.pop();
     if (!gu) throw new Error(`${this.prefix}: backward without forward`);
     const dh = this.down.backward(dy);

@@ -230,8 +230,20 @@ export class MoELayer {
     const b = this.b;
     const s = this.saved.pop();
     if (!s) throw new Error(`${this.prefix}: backward without forward`);
-    const { dys, dweights } = b.moeCombineBackward(dy, s.ys, s.slot, s.weights);
-    const dxs = this.experts.backward(dys);
+    // Under FP8 the experts' output gradient reaches their down projection quantised by the
+    // combine's backward itself (its f32 copy, k rows of d per token, is never made).
+    const gq = this.experts.gradQuant(s.offsets);
+    let dweights: Tensor;
+    let dxs: Tensor;
+    if (gq) {
+      const r = b.moeCombineBackwardQuantized(dy, s.ys, s.slot, s.weights, gq);
+      dweights = r.dweights;
+      dxs = this.experts.backward({ dgrad: r.dgrad, wgrad: r.wgrad });
+    } else {
+      const r = b.moeCombineBackward(dy, s.ys, s.slot, s.weights);
+      dweights = r.dweights;
+      dxs = this.experts.backward(r.dys);
+    }
     const dx = b.moePermuteBackward(dxs, s.slot, s.x.rows);
     const dlogits = b.routerBackward(
       dweights,

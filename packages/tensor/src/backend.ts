@@ -360,6 +360,18 @@ export interface Backend {
     weights: Tensor,
   ): { dys: Tensor; dweights: Tensor };
   /**
+   * moeCombineBackward with d(ys) handed over quantised, never stored in f32: dweights, and
+   * quantize(dys, q.dgrad) and quantize(dys, q.wgrad), bit for bit (the experts' down projection's
+   * Dgrad and Wgrad operands; see Linear.gradQuant).
+   */
+  moeCombineBackwardQuantized(
+    dy: Tensor,
+    ys: Tensor,
+    slot: Tensor,
+    weights: Tensor,
+    q: GradQuant,
+  ): { dweights: Tensor; dgrad: Tensor; wgrad: Tensor };
+  /**
    * The correction bias update after a step, in place, from the loads in the permute offsets:
    * bias_i += gamma * sign(mean - load_i) or gamma * (mean - load_i) / mean (`opts.rule`).
    */
@@ -398,6 +410,28 @@ export function checkAdamWSlots(slots: readonly AdamWSlot[]): void {
     if (g.size !== p.size || m.size !== p.size || v.size !== p.size)
       throw new Error(`prepareAdamW: p ${p}, g ${g}, m ${m} and v ${v} differ in size`);
   }
+}
+
+/** How a Linear's backward quantises its output gradient for Dgrad and for Wgrad (Linear.gradQuant). */
+export interface GradQuant {
+  dgrad: QuantizeOptions;
+  wgrad: QuantizeOptions;
+}
+
+/** moeCombineBackwardQuantized as its definition: d(ys) in f32, quantised twice, released. */
+export function combineBackwardQuantizedVia(
+  b: Backend,
+  dy: Tensor,
+  ys: Tensor,
+  slot: Tensor,
+  weights: Tensor,
+  q: GradQuant,
+): { dweights: Tensor; dgrad: Tensor; wgrad: Tensor } {
+  const { dys, dweights } = b.moeCombineBackward(dy, ys, slot, weights);
+  const dgrad = b.quantize(dys, q.dgrad);
+  const wgrad = b.quantize(dys, q.wgrad);
+  b.release(dys);
+  return { dweights, dgrad, wgrad };
 }
 
 /** rmsnormBackward's accumulate as its definition: each result added into its target and released. */

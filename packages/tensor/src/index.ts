@@ -14,7 +14,7 @@ export {
   swigluWidth,
   u8,
 } from "./host.ts";
-export { Linear, type LinearOptions, QuantMemo } from "./layers/linear.ts";
+export { Linear, type LinearOptions, type QuantisedGrad, QuantMemo } from "./layers/linear.ts";
 export { Param, type ParamOptions } from "./layers/param.ts";
 export { Fp8FlowCounter, PrecisionTrace, type TraceEntry } from "./layers/trace.ts";
 export { Rng } from "./random.ts";

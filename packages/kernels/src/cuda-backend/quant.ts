@@ -405,3 +405,73 @@ export function transposeCodes(
   });
   return dst;
 }
+
+/**
+ * Backend.moeCombineBackwardQuantized in two kernels that never store d(ys) in f32: dweights with
+ * d(ys)'s 1x128 tiles (combine_grad_tile128, a warp per row, as combine_bwd), then its column tiles
+ * (combine_grad_coltile, quant_coltile's layout: K-major on sm_90), each reading the products
+ * w[slot[r]] dy[slot[r] / k] in place. null for the layouts it does not take (the caller quantises an
+ * f32 d(ys) instead): Dgrad's tiles need d % 128 == 0, Wgrad's group must be column tiles.
+ */
+export function combineGradQuantized(
+  cx: CudaContext,
+  dy: Tensor,
+  ys: Tensor,
+  slot: Tensor,
+  weights: Tensor,
+  g: { dgrad: QuantizeOptions; wgrad: QuantizeOptions },
+): { dweights: Tensor; dgrad: Tensor; wgrad: Tensor } | null {
+  const rows = slot.size;
+  const k = weights.cols;
+  const d = ys.cols;
+  if (g.dgrad.group !== "tile" || g.dgrad.segments || g.wgrad.group !== "column-tile") return null;
+  if (d % 128 !== 0 || ys.shape.length !== 2 || ys.rows !== rows) return null;
+  const ys16 = ys.dtype === "bf16";
+  const args = {
+    dy: cx.f32p(dy, "moeCombineBackwardQuantized"),
+    ys: ys16 ? cx.p(ys) : cx.f32p(ys, "moeCombineBackwardQuantized"),
+    slot: cx.i32p(slot, "moeCombineBackwardQuantized"),
+    w: cx.f32p(weights, "moeCombineBackwardQuantized"),
+  };
+  const dweights = cx.make(weights.shape, "f32");
+  const tiles = quantOutput(cx, ys, g.dgrad);
+  const cols = quantOutput(cx, ys, g.wgrad);
+  if (rows === 0) return { dweights, dgrad: tiles.q, wgrad: cols.q };
+  // One warp per row: 8 rows per block of 256 threads.
+  cx.launch(
+    ys16 ? KERNELS.quant.combine_grad_tile128_ys16 : KERNELS.quant.combine_grad_tile128,
+    [cdiv(rows, 8)],
+    256,
+    {
+      ...args,
+      dweights: cx.p(dweights),
+      q: cx.p(tiles.q),
+      scales: cx.p(tiles.q.quant!.scales),
+      rows,
+      k,
+      d,
+      fmt: tiles.fmt,
+      mode: tiles.mode,
+      eps: tiles.eps,
+    },
+  );
+  const t = colTileTarget(cx, cols.q, 1);
+  if (t)
+    cx.launch(KERNELS.quant.combine_grad_coltile, t.grid, 256, {
+      dy: args.dy,
+      slot: args.slot,
+      w: args.w,
+      k,
+      q: t.q,
+      scales: t.scales,
+      seg: t.seg,
+      nseg: t.nseg,
+      rows: t.rows,
+      cols: t.cols,
+      fmt: cols.fmt,
+      mode: cols.mode,
+      eps: cols.eps,
+      kpitch: t.kpitch,
+    });
+  return { dweights, dgrad: tiles.q, wgrad: cols.q };
+}

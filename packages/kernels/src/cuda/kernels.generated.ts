@@ -143,6 +143,9 @@ export const KERNELS = {
     fp8_flow: { module: "quant", name: "fp8_flow", maxThreads: null, params: [["x", "u64"], ["q", "u64"], ["deq", "u64"], ["counts", "u64"], ["fmt", "i32"], ["n", "u64"]] },
     transpose_u8_64: { module: "quant", name: "transpose_u8_64", maxThreads: 256, params: [["x", "u64"], ["out", "u64"], ["s", "u64"], ["sout", "u64"], ["rows", "i32"], ["cols", "i32"]] },
     transpose_u8_tiled: { module: "quant", name: "transpose_u8_tiled", maxThreads: null, params: [["x", "u64"], ["out", "u64"], ["rows", "i32"], ["cols", "i32"]] },
+    combine_grad_tile128: { module: "quant", name: "combine_grad_tile128", maxThreads: null, params: [["dy", "u64"], ["ys", "u64"], ["slot", "u64"], ["w", "u64"], ["dweights", "u64"], ["q", "u64"], ["scales", "u64"], ["rows", "i32"], ["k", "i32"], ["d", "i32"], ["fmt", "i32"], ["mode", "i32"], ["eps", "f32"]] },
+    combine_grad_tile128_ys16: { module: "quant", name: "combine_grad_tile128_ys16", maxThreads: null, params: [["dy", "u64"], ["ys", "u64"], ["slot", "u64"], ["w", "u64"], ["dweights", "u64"], ["q", "u64"], ["scales", "u64"], ["rows", "i32"], ["k", "i32"], ["d", "i32"], ["fmt", "i32"], ["mode", "i32"], ["eps", "f32"]] },
+    combine_grad_coltile: { module: "quant", name: "combine_grad_coltile", maxThreads: 256, params: [["dy", "u64"], ["slot", "u64"], ["w", "u64"], ["k", "i32"], ["q", "u64"], ["scales", "u64"], ["seg", "u64"], ["nseg", "i32"], ["rows", "i32"], ["cols", "i32"], ["fmt", "i32"], ["mode", "i32"], ["eps", "f32"], ["kpitch", "u64"]] },
   },
 } as const;
 
@@ -158,6 +161,6 @@ export const DEFINES = {
   gemm_sm90: { SM90_MAX_E: 256, SM90_THREADS: 384, SM90_BM: 128, SM90_OUT_F32: 0, SM90_OUT_ROUND: 1, SM90_OUT_BF16: 2, SM90_SMEM_128x256: 216120, SM90_SMEM_128x128: 199752, SM90_SMEM_WGRAD_128x256: 221240, SM90_SMEM_WGRAD_128x128: 202824, SM90_TP_COLS: 64 },
   moe: { ROUTER_MAX_EXPERTS: 256, PERMUTE_MAX_EXPERTS: 1024, PCHUNK: 256, BIAS_SIGN: 0, BIAS_ERROR: 1 },
   nn: { RMS_ROWS: 128, EMB_THREADS: 128 },
-  optim: { SUMSQ_ROW: 4, ADAMW_ROW: 8, ADAMW_CHUNK: 4096, ADAMW_M_BF16: 1, ADAMW_V_BF16: 2, ADAMW_DECAY: 4 },
+  optim: { CE_BATCH: 4, SUMSQ_ROW: 4, ADAMW_ROW: 8, ADAMW_CHUNK: 4096, ADAMW_M_BF16: 1, ADAMW_V_BF16: 2, ADAMW_DECAY: 4 },
   quant: { TILE_LANES: 8, CT_COLS: 64, RQ_PITCH: 144 },
 } as const;

@@ -12,7 +12,7 @@ import {
   type LinearPrecision,
   type QuantizeOptions,
 } from "@moe8/fp8-core";
-import type { Backend, MatmulOptions } from "../backend.ts";
+import type { Backend, GradQuant, MatmulOptions } from "../backend.ts";
 import type { Tensor } from "../tensor.ts";
 import type { Param } from "./param.ts";
 import type { PrecisionTrace } from "./trace.ts";
@@ -33,6 +33,14 @@ export interface LinearOptions {
    * gate|up, read by swiglu).
    */
   storeBf16?: boolean;
+}
+
+/** An output gradient its producer handed over already quantised as Linear.gradQuant asked. */
+export interface QuantisedGrad {
+  /** The Dgrad operand, quantize(dy, gradQuant().dgrad). */
+  dgrad: Tensor;
+  /** The Wgrad operand, quantize(dy, gradQuant().wgrad). */
+  wgrad: Tensor;
 }
 
 /**
@@ -186,6 +194,20 @@ export class Linear {
   }
 
   /**
+   * How backward quantises its output gradient for Dgrad and for Wgrad (with the Wgrad's segments
+   * for a grouped Linear: `offsets`, the forward's), when both are FP8 GEMMs reading dy only through
+   * those copies; else null. A producer that can emit them without an f32 dy (the MoE combine's
+   * backward) passes them to backward as a QuantisedGrad. Nothing is recorded in the trace.
+   */
+  gradQuant(offsets: Tensor | null = null): GradQuant | null {
+    const dg = gemmPlan("dgrad", this.precision);
+    const wg = gemmPlan("wgrad", this.precision);
+    if (!dg.a.quant || !dg.b.quant || !wg.a.quant || !wg.b.quant || this.trace?.flow.enabled) return null;
+    const seg = this.grouped && wg.a.quant.group === "column-tile" ? (offsets ?? undefined) : undefined;
+    return { dgrad: dg.a.quant, wgrad: { ...wg.a.quant, segments: seg } };
+  }
+
+  /**
    * How Fprop quantises this Linear's input when backward keeps only that FP8 copy (so the input
    * itself is never read after Fprop), or null. Nothing is recorded in the trace.
    */
@@ -246,10 +268,19 @@ export class Linear {
   /**
    * Accumulates dW into the weight's gradient and returns dx, or adds dx into `into` (the Dgrad
    * GEMM accumulates there: no separate dx and addInto when several branches read one input).
+   * dy may come quantised as gradQuant asks (QuantisedGrad).
    */
-  backward(dy: Tensor, into: Tensor | null = null): Tensor {
+  backward(grad: Tensor | QuantisedGrad, into: Tensor | null = null): Tensor {
     const s = this.saved.pop();
     if (!s) throw new Error(`${this.layer}: backward without a saved forward`);
+    const given = "dgrad" in grad ? grad : null;
+    if (given) {
+      const gq = this.gradQuant(s.offsets);
+      if (gq?.dgrad.group !== given.dgrad.quant?.group || gq?.wgrad.group !== given.wgrad.quant?.group)
+        throw new Error(`${this.layer}: a quantised gradient that is not the one gradQuant() asks for`);
+    }
+    // With a QuantisedGrad only its two copies are read (the FP8 branches below); dy stands in.
+    let dy = given ? given.dgrad : (grad as Tensor);
     const b = this.b;
     const pol = this.precision;
     const out = pol.outputs === "bf16";
@@ -263,8 +294,8 @@ export class Linear {
     let dyb: Tensor | null = null;
     if (dyQ && wQ) {
       const wq = s.wq && s.wqKey === quantKey(wQ) ? s.wq : b.quantize(this.weight.value, wQ);
-      const dyq = b.quantize(dy, dyQ);
-      this.trace?.flow.add(b, dy, dyq);
+      const dyq = given ? given.dgrad : b.quantize(dy, dyQ);
+      if (!given) this.trace?.flow.add(b, dy, dyq);
       dx = this.mm(
         dyq,
         wq,
@@ -306,8 +337,8 @@ export class Linear {
     };
     if (gQ && xQ) {
       const seg = gQ.group === "column-tile" ? segments : undefined;
-      const dyq = b.quantize(dy, { ...gQ, segments: seg });
-      this.trace?.flow.add(b, dy, dyq);
+      const dyq = given ? given.wgrad : b.quantize(dy, { ...gQ, segments: seg });
+      if (!given) this.trace?.flow.add(b, dy, dyq);
       // With only the FP8 cache saved, its values are quantised again in column tiles (fused on a
       // device backend: the f32 activation is never rebuilt).
       const xo = { ...xQ, segments: seg };

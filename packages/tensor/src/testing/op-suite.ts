@@ -740,6 +740,62 @@ export function opSuite(name: string, make: () => Backend): void {
       expect(() => be.moePermute(be.quantize(X, { group: "block" }), T, E)).toThrow(/1x128 tiles or rows/);
     });
 
+    // The experts' output gradient quantised by the combine's backward (cuda: without an f32 copy
+    // when d % 128 == 0) against quantising moeCombineBackward's d(ys): the same bits. Uneven experts
+    // (one empty, one over 128 rows: column tiles restart at each), ys in f32 and BF16.
+    it("moeCombineBackwardQuantized equals quantising moeCombineBackward's d(ys)", async () => {
+      // Expert 0 takes 140 rows, 1 a few, 2 the rest, 3 none.
+      const [N, E, k] = [150, 4, 2];
+      const top = Int32Array.from({ length: N * k }, (_, i) => {
+        const n = Math.floor(i / k);
+        if (i % k === 0) return n < 140 ? 0 : 1;
+        return n % 5 === 0 && n < 140 ? 1 : 2;
+      });
+      for (const d of [256, 200]) {
+        const dy = rng.normals(N * d);
+        dy[7 * d + 3] = 300; // an outlier channel value
+        const ysv = rng.normals(N * k * d);
+        const wts = rng.normals(N * k);
+        for (const bf16 of [false, true]) {
+          const run = (b: Backend) => {
+            const p = b.moePermute(b.upload(dy, [N, d]), b.upload(top, [N, k], "i32"), E);
+            const ys0 = b.upload(ysv, [N * k, d]);
+            const ys = bf16 ? b.cast(ys0, "bf16") : ys0;
+            const W = b.upload(wts, [N, k]);
+            const DY = b.upload(dy, [N, d]);
+            const q = {
+              dgrad: { group: "tile" as const },
+              wgrad: { group: "column-tile" as const, segments: p.offsets },
+            };
+            const fused = b.moeCombineBackwardQuantized(DY, ys, p.slot, W, q);
+            const plain = b.moeCombineBackward(DY, ys, p.slot, W);
+            return { fused, plain, q };
+          };
+          await same((b) => {
+            const { fused, plain, q } = run(b);
+            const tiles = b.quantize(plain.dys, q.dgrad);
+            const cols = b.quantize(plain.dys, q.wgrad);
+            return {
+              dgrad: fused.dgrad,
+              dgradScales: fused.dgrad.quant!.scales,
+              tiles,
+              tilesScales: tiles.quant!.scales,
+              wgrad: fused.wgrad,
+              wgradScales: fused.wgrad.quant!.scales,
+              cols,
+              colsScales: cols.quant!.scales,
+            };
+          }, "exact");
+          await be.scope(async () => {
+            const { fused, plain } = run(be);
+            expect(Array.from(await fused.dweights.read()), `d ${d} dweights`).toEqual(
+              Array.from(await plain.dweights.read()),
+            );
+          });
+        }
+      }
+    });
+
     it("router, balance loss, permute/combine and bias update", async () => {
       const N = 50;
       const E = 8;

@@ -25,6 +25,8 @@ import {
   checkAdamWSlots,
   clipScaleOver,
   combineAddError,
+  combineBackwardQuantizedVia,
+  type GradQuant,
   intoBf16,
   requantizeViaF32,
   storeBf16Error,
@@ -482,6 +484,10 @@ export class TsBackend extends HostLifetimes implements Backend {
   moeCombineBackward(dy: Tensor, ys: Tensor, slot: Tensor, weights: Tensor) {
     const r = moe.combineBackward(f32(dy), f32OrBf16(ys), i32(slot), f32(weights), weights.rows, ys.cols);
     return { dys: this.wrap(r.dys, ys.shape, "f32"), dweights: this.wrap(r.dweights, weights.shape, "f32") };
+  }
+
+  moeCombineBackwardQuantized(dy: Tensor, ys: Tensor, slot: Tensor, weights: Tensor, q: GradQuant) {
+    return combineBackwardQuantizedVia(this, dy, ys, slot, weights, q);
   }
 
   biasUpdate(bias: Tensor, offsets: Tensor, opts: BiasUpdateOptions): void {

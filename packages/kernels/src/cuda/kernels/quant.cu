@@ -608,3 +608,85 @@ KERNEL void transpose_u8_tiled(const u8* x, u8* out, int rows, int cols) {
     if (r < rows && c < cols) out[off + (i64)c * rows + r] = tile[tx][i];
   }
 }
+
+// The MoE combine's gradient for the experts, d(ys)[r] = w[slot[r]] dy[slot[r] / k] (moe.cu's
+// combine_bwd), handed to the experts' down projection quantised and never stored in f32: its f32
+// copy (k rows of d per token and layer) was written once and read twice, by the two quantisers.
+// The values are the f32 products combine_bwd writes, so the codes and scales are quantize(d(ys))'s.
+
+// combine_grad_tile128: one warp per row r of d(ys): dweights[slot[r]] = dy[n] . ys[r] in double, in
+// combine_bwd's order, and the row's 1x128 tiles (d % 128 == 0: lane l holds columns 4 l .. 4 l + 3 of
+// each tile) with quant_tile128's amax, scale and codes. ys f32 or BF16.
+template <typename Y>
+__device__ void combine_grad_tile_rows(const float* dy, const Y* ys, const int* slot, const float* w,
+                                       float* dweights, u8* q, float* scales, int rows, int k, int d, int fmt,
+                                       int mode, float eps) {
+  const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (r >= rows) return;
+  const int lane = threadIdx.x & 31;
+  const int i = slot[r], n = i / k;
+  const float wi = w[i];
+  const float* dyr = dy + (i64)n * d;
+  const Y* ysr = ys + (i64)r * d;
+  u8* qr = q + (i64)r * d;
+  float* sr = scales + (i64)r * (d / 128);
+  double dot = 0.0;
+#pragma unroll 2
+  for (int c0 = 0; c0 < d; c0 += 128) {
+    const int c = c0 + lane * 4;
+    const float4 g = *(const float4*)(dyr + c);
+    const float4 yv = load_f32x4(ysr + c);
+    dot += (double)g.x * (double)yv.x;
+    dot += (double)g.y * (double)yv.y;
+    dot += (double)g.z * (double)yv.z;
+    dot += (double)g.w * (double)yv.w;
+    const float v[4] = {wi * g.x, wi * g.y, wi * g.z, wi * g.w};
+    float a = 0.0f;
+#pragma unroll
+    for (int e = 0; e < 4; e++) a = fmaxf(a, abs_for_amax(v[e]));
+    a = warp_max(a);
+    const QScale s = qscale(a, eps, fmt, mode);
+    *(u32*)(qr + c) = (u32)quant_value(v[0], s, fmt, mode) | ((u32)quant_value(v[1], s, fmt, mode) << 8) |
+                      ((u32)quant_value(v[2], s, fmt, mode) << 16) | ((u32)quant_value(v[3], s, fmt, mode) << 24);
+    if (lane == 0) sr[c0 / 128] = s.scale;
+  }
+  dot = warp_sum(dot);
+  if (lane == 0) dweights[i] = (float)dot;
+}
+
+KERNEL void combine_grad_tile128(const float* dy, const float* ys, const int* slot, const float* w, float* dweights,
+                                 u8* q, float* scales, int rows, int k, int d, int fmt, int mode, float eps) {
+  combine_grad_tile_rows(dy, ys, slot, w, dweights, q, scales, rows, k, d, fmt, mode, eps);
+}
+KERNEL void combine_grad_tile128_ys16(const float* dy, const u16* ys, const int* slot, const float* w,
+                                      float* dweights, u8* q, float* scales, int rows, int k, int d, int fmt,
+                                      int mode, float eps) {
+  combine_grad_tile_rows(dy, ys, slot, w, dweights, q, scales, rows, k, d, fmt, mode, eps);
+}
+
+// d(ys)'s values read in place for coltile: row r is token slot[r] / k's gradient times w[slot[r]].
+struct CombineGradValues {
+  const float* dy;
+  const int* slot;
+  const float* w;
+  int k;
+  __device__ __forceinline__ float at(int r, int c, int cols) const {
+    const int i = slot[r];
+    return w[i] * dy[(i64)(i / k) * cols + c];
+  }
+  __device__ __forceinline__ float4 at4(int r, int c, int cols) const {
+    const int i = slot[r];
+    const float wi = w[i];
+    const float4 g = *(const float4*)(dy + (i64)(i / k) * cols + c);
+    return make_float4(wi * g.x, wi * g.y, wi * g.z, wi * g.w);
+  }
+};
+
+// combine_grad_coltile: d(ys)'s column tiles (restarted at the experts' segments; K-major with
+// kpitch > 0), quant_coltile's grid and layout.
+KERNEL void __launch_bounds__(256) combine_grad_coltile(const float* dy, const int* slot, const float* w, int k, u8* q,
+                                                        float* scales, const int* seg, int nseg, int rows, int cols,
+                                                        int fmt, int mode, float eps, i64 kpitch) {
+  __shared__ ColTileSmem sm;
+  coltile(CombineGradValues{dy, slot, w, k}, q, scales, seg, nseg, rows, cols, fmt, mode, eps, kpitch, sm);
+}

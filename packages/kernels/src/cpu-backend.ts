@@ -48,6 +48,7 @@ import {
   scaleCount,
   storeBf16Error,
   storedAs,
+  swigluBackwardQuantizedVia,
   swigluWidth,
   type Tensor,
   u8,
@@ -629,6 +630,10 @@ export class CpuBackend extends HostLifetimes implements Backend {
     this.n.moeCombine(this.values(ys), i32(slot), f32(weights), { n: N, d: ys.cols }, f32(y));
     for (const a of add) this.addInto(y, a);
     return y;
+  }
+
+  swigluBackwardQuantized(dh: Tensor, gu: Tensor, q: GradQuant) {
+    return swigluBackwardQuantizedVia(this, dh, gu, q);
   }
 
   moeCombineBackwardQuantized(dy: Tensor, ys: Tensor, slot: Tensor, weights: Tensor, q: GradQuant) {

@@ -43,6 +43,7 @@ import {
   type RmsnormAccumulate,
   type RopeOptions,
   type RouterResult,
+  swigluBackwardQuantizedVia,
   type Tensor,
 } from "@moe8/tensor";
 import type { DeviceBuffer } from "../native.d.cts";
@@ -368,6 +369,10 @@ export class CudaBackend extends HostLifetimes implements Backend {
 
   moeCombineBackward(dy: Tensor, ys: Tensor, slot: Tensor, weights: Tensor) {
     return moe.moeCombineBackward(this.cx, dy, ys, slot, weights);
+  }
+
+  swigluBackwardQuantized(dh: Tensor, gu: Tensor, q: GradQuant) {
+    return quant.swigluGradQuantized(this.cx, dh, gu, q) ?? swigluBackwardQuantizedVia(this, dh, gu, q);
   }
 
   moeCombineBackwardQuantized(dy: Tensor, ys: Tensor, slot: Tensor, weights: Tensor, q: GradQuant) {

@@ -170,6 +170,9 @@ async function everyOp(b: Backend) {
     const h = b.swiglu(gu);
     b.swigluBackward(h, gu);
     b.swigluBackward(b.cast(h, "bf16"), gu);
+    const q = { dgrad: { group: "tile" }, wgrad: { group: "column-tile" } } as const;
+    b.swigluBackwardQuantized(h, gu, q);
+    if (gu.dtype === "bf16") b.swigluBackwardQuantized(b.cast(h, "bf16"), gu, q);
   }
   const ids = b.upload(ints(64, 100), [64], "i32");
   b.embeddingBackward(up([100, 48]), b.embedding(up([100, 48]), ids), ids);

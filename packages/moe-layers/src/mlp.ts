@@ -146,11 +146,11 @@ export class SwiGluMlp {
   }
 
   /**
-   * How the down projection's backward quantises its gradient (Linear.gradQuant; `offsets`: the
-   * experts' segments), for a producer that hands it over quantised; null when it does not.
+   * How the down projection's next backward quantises its gradient (Linear.gradQuant), for a
+   * producer that hands it over quantised; null when it does not.
    */
-  gradQuant(offsets: Tensor | null = null): GradQuant | null {
-    return this.down.gradQuant(offsets);
+  gradQuant(): GradQuant | null {
+    return this.down.gradQuant();
   }
 
   /** Returns dx, or adds it into `into` (see Linear.backward); dy may come as gradQuant asks. */
@@ -158,11 +158,16 @@ export class SwiGluMlp {
     const gu = this.saved.pop();
     if (!gu) throw new Error(`${this.prefix}: backward without forward`);
     const dh = this.down.backward(dy);
-    const dgu = this.b.swigluBackward(dh, gu);
+    // Under FP8, SwiGLU's backward hands gate|up its gradient quantised (no f32 d[g | u]).
+    const gq = this.gateUp.gradQuant();
+    const dgu = gq ? this.b.swigluBackwardQuantized(dh, gu, gq) : this.b.swigluBackward(dh, gu);
     gu.dispose();
     dh.dispose();
     const dx = this.gateUp.backward(dgu, into);
-    dgu.dispose();
+    if ("dgrad" in dgu) {
+      dgu.dgrad.dispose();
+      dgu.wgrad.dispose();
+    } else dgu.dispose();
     return dx;
   }
 }

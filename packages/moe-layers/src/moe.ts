@@ -232,13 +232,15 @@ export class MoELayer {
     if (!s) throw new Error(`${this.prefix}: backward without forward`);
     // Under FP8 the experts' output gradient reaches their down projection quantised by the
     // combine's backward itself (its f32 copy, k rows of d per token, is never made).
-    const gq = this.experts.gradQuant(s.offsets);
+    const gq = this.experts.gradQuant();
     let dweights: Tensor;
     let dxs: Tensor;
     if (gq) {
       const r = b.moeCombineBackwardQuantized(dy, s.ys, s.slot, s.weights, gq);
       dweights = r.dweights;
       dxs = this.experts.backward({ dgrad: r.dgrad, wgrad: r.wgrad });
+      r.dgrad.dispose();
+      r.wgrad.dispose();
     } else {
       const r = b.moeCombineBackward(dy, s.ys, s.slot, s.weights);
       dweights = r.dweights;

@@ -326,6 +326,11 @@ export interface Backend {
   swiglu(gu: Tensor): Tensor;
   /** d[g | u] (f32, gu's packed layout) of swiglu from dh [rows, inter]. */
   swigluBackward(dh: Tensor, gu: Tensor): Tensor;
+  /**
+   * swigluBackward handed over quantised, never stored in f32: quantize(d[g | u], q.dgrad) and
+   * quantize(d[g | u], q.wgrad), bit for bit (the gate|up projection's Dgrad and Wgrad operands).
+   */
+  swigluBackwardQuantized(dh: Tensor, gu: Tensor, q: GradQuant): { dgrad: Tensor; wgrad: Tensor };
   embedding(w: Tensor, ids: Tensor): Tensor;
   /** dw[ids[n]] += dy[n]. */
   embeddingBackward(dw: Tensor, dy: Tensor, ids: Tensor): void;
@@ -432,6 +437,20 @@ export function combineBackwardQuantizedVia(
   const wgrad = b.quantize(dys, q.wgrad);
   b.release(dys);
   return { dweights, dgrad, wgrad };
+}
+
+/** swigluBackwardQuantized as its definition: d[g | u] in f32, quantised twice, released. */
+export function swigluBackwardQuantizedVia(
+  b: Backend,
+  dh: Tensor,
+  gu: Tensor,
+  q: GradQuant,
+): { dgrad: Tensor; wgrad: Tensor } {
+  const dgu = b.swigluBackward(dh, gu);
+  const dgrad = b.quantize(dgu, q.dgrad);
+  const wgrad = b.quantize(dgu, q.wgrad);
+  b.release(dgu);
+  return { dgrad, wgrad };
 }
 
 /** rmsnormBackward's accumulate as its definition: each result added into its target and released. */

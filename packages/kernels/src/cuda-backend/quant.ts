@@ -9,6 +9,7 @@ import {
   type QuantizeOptions,
   requantizeViaF32,
   scaleCount,
+  swigluWidth,
   type Tensor,
 } from "@moe8/tensor";
 import type { DeviceBuffer } from "../../native.d.cts";
@@ -474,4 +475,62 @@ export function combineGradQuantized(
       kpitch: t.kpitch,
     });
   return { dweights, dgrad: tiles.q, wgrad: cols.q };
+}
+
+/**
+ * Backend.swigluBackwardQuantized in two kernels that never store d[g | u] in f32: its 1x128 tiles
+ * (swiglu_grad_tile128, a warp per row) and its column tiles (swiglu_grad_coltile, quant_coltile's
+ * layout), each computing swiglu_grad from dh and gate|up in place (as swiglu_bwd does). null for the
+ * layouts it does not take: tiles need inter % 128 == 0, Wgrad's group must be column tiles, and dh
+ * in BF16 goes with a BF16 gate|up only (swigluBackward's combinations).
+ */
+export function swigluGradQuantized(
+  cx: CudaContext,
+  dh: Tensor,
+  gu: Tensor,
+  g: { dgrad: QuantizeOptions; wgrad: QuantizeOptions },
+): { dgrad: Tensor; wgrad: Tensor } | null {
+  const inter = swigluWidth(gu, "swigluBackwardQuantized", dh);
+  if (g.dgrad.group !== "tile" || g.dgrad.segments || g.wgrad.group !== "column-tile") return null;
+  if (inter % 128 !== 0 || gu.shape.length !== 2) return null;
+  const gu16 = gu.dtype === "bf16";
+  const dh16 = dh.dtype === "bf16";
+  if (dh16 && !gu16) return null;
+  const variant = dh16 ? "_bf16_dh16" : gu16 ? "_bf16" : "_f32";
+  const ptrs = {
+    dh: dh16 ? cx.p(dh) : cx.f32p(dh, "swigluBackwardQuantized"),
+    gu: gu16 ? cx.p(gu) : cx.f32p(gu, "swigluBackwardQuantized"),
+  };
+  const tiles = quantOutput(cx, gu, g.dgrad);
+  const cols = quantOutput(cx, gu, g.wgrad);
+  const rows = gu.rows;
+  if (rows === 0) return { dgrad: tiles.q, wgrad: cols.q };
+  // One warp per row: 8 rows per block of 256 threads.
+  cx.launch(KERNELS.quant[`swiglu_grad_tile128${variant}`], [cdiv(rows, 8)], 256, {
+    ...ptrs,
+    q: cx.p(tiles.q),
+    scales: cx.p(tiles.q.quant!.scales),
+    rows,
+    inter,
+    fmt: tiles.fmt,
+    mode: tiles.mode,
+    eps: tiles.eps,
+  });
+  const t = colTileTarget(cx, cols.q, 1);
+  if (t)
+    cx.launch(KERNELS.quant[`swiglu_grad_coltile${variant}`], t.grid, 256, {
+      ...ptrs,
+      inter,
+      q: t.q,
+      scales: t.scales,
+      seg: t.seg,
+      nseg: t.nseg,
+      rows: t.rows,
+      cols: t.cols,
+      fmt: cols.fmt,
+      mode: cols.mode,
+      eps: cols.eps,
+      kpitch: t.kpitch,
+    });
+  return { dgrad: tiles.q, wgrad: cols.q };
 }

@@ -194,12 +194,18 @@ export class Linear {
   }
 
   /**
-   * How backward quantises its output gradient for Dgrad and for Wgrad (with the Wgrad's segments
-   * for a grouped Linear: `offsets`, the forward's), when both are FP8 GEMMs reading dy only through
-   * those copies; else null. A producer that can emit them without an f32 dy (the MoE combine's
-   * backward) passes them to backward as a QuantisedGrad. Nothing is recorded in the trace.
+   * How the next backward (the last saved forward's) quantises its output gradient for Dgrad and
+   * for Wgrad (a grouped Linear's Wgrad restarting at that forward's expert offsets), when both are
+   * FP8 GEMMs reading dy only through those copies; else null. A producer that can emit them
+   * without an f32 dy (the MoE combine's and SwiGLU's backward) passes them to backward as a
+   * QuantisedGrad. Nothing is recorded in the trace.
    */
-  gradQuant(offsets: Tensor | null = null): GradQuant | null {
+  gradQuant(): GradQuant | null {
+    const s = this.saved[this.saved.length - 1];
+    return s ? this.gradQuantFor(s.offsets) : null;
+  }
+
+  private gradQuantFor(offsets: Tensor | null): GradQuant | null {
     const dg = gemmPlan("dgrad", this.precision);
     const wg = gemmPlan("wgrad", this.precision);
     if (!dg.a.quant || !dg.b.quant || !wg.a.quant || !wg.b.quant || this.trace?.flow.enabled) return null;
@@ -275,7 +281,7 @@ export class Linear {
     if (!s) throw new Error(`${this.layer}: backward without a saved forward`);
     const given = "dgrad" in grad ? grad : null;
     if (given) {
-      const gq = this.gradQuant(s.offsets);
+      const gq = this.gradQuantFor(s.offsets);
       if (gq?.dgrad.group !== given.dgrad.quant?.group || gq?.wgrad.group !== given.wgrad.quant?.group)
         throw new Error(`${this.layer}: a quantised gradient that is not the one gradQuant() asks for`);
     }

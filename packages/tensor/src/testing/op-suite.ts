@@ -796,6 +796,45 @@ export function opSuite(name: string, make: () => Backend): void {
       }
     });
 
+    // SwiGLU's backward quantised for the gate|up projection (cuda: without an f32 copy when
+    // inter % 128 == 0) against quantising swigluBackward's result: the same bits, for each storage
+    // of dh and gate|up the model uses, column tiles restarting at uneven segments.
+    it("swigluBackwardQuantized equals quantising swigluBackward's d[g | u]", async () => {
+      const rows = 300;
+      const offsets = Int32Array.of(0, 140, 140, 150, 300);
+      for (const inter of [256, 200]) {
+        const gu = rng.normals(rows * 2 * inter, 2);
+        const dh = rng.normals(rows * inter);
+        dh[5 * inter + 7] = 250; // an outlier
+        for (const [gu16, dh16] of [
+          [false, false],
+          [true, false],
+          [true, true],
+        ])
+          await be.scope(async () => {
+            const b = be;
+            const GU0 = b.upload(gu, [rows, 2 * inter]);
+            const GU = gu16 ? b.cast(GU0, "bf16") : GU0;
+            const DH0 = b.upload(dh, [rows, inter]);
+            const DH = dh16 ? b.cast(DH0, "bf16") : DH0;
+            const q = {
+              dgrad: { group: "tile" as const },
+              wgrad: { group: "column-tile" as const, segments: b.upload(offsets, [5], "i32") },
+            };
+            const fused = b.swigluBackwardQuantized(DH, GU, q);
+            const dgu = b.swigluBackward(DH, GU);
+            const want = { dgrad: b.quantize(dgu, q.dgrad), wgrad: b.quantize(dgu, q.wgrad) };
+            for (const k of ["dgrad", "wgrad"] as const) {
+              const what = `inter ${inter}, gu ${gu16 ? "bf16" : "f32"}, dh ${dh16 ? "bf16" : "f32"}: ${k}`;
+              expect(Array.from(await fused[k].read()), what).toEqual(Array.from(await want[k].read()));
+              expect(Array.from(await fused[k].quant!.scales.read()), `${what} scales`).toEqual(
+                Array.from(await want[k].quant!.scales.read()),
+              );
+            }
+          });
+      }
+    });
+
     it("router, balance loss, permute/combine and bias update", async () => {
       const N = 50;
       const E = 8;

@@ -31,6 +31,7 @@ import {
   requantizeViaF32,
   storeBf16Error,
   storedAs,
+  swigluBackwardQuantizedVia,
 } from "../backend.ts";
 import { f32, f32OrBf16, HostLifetimes, host, i32, rowScales, sameShape, swigluWidth, u8 } from "../host.ts";
 import type { Tensor } from "../tensor.ts";
@@ -484,6 +485,10 @@ export class TsBackend extends HostLifetimes implements Backend {
   moeCombineBackward(dy: Tensor, ys: Tensor, slot: Tensor, weights: Tensor) {
     const r = moe.combineBackward(f32(dy), f32OrBf16(ys), i32(slot), f32(weights), weights.rows, ys.cols);
     return { dys: this.wrap(r.dys, ys.shape, "f32"), dweights: this.wrap(r.dweights, weights.shape, "f32") };
+  }
+
+  swigluBackwardQuantized(dh: Tensor, gu: Tensor, q: GradQuant) {
+    return swigluBackwardQuantizedVia(this, dh, gu, q);
   }
 
   moeCombineBackwardQuantized(dy: Tensor, ys: Tensor, slot: Tensor, weights: Tensor, q: GradQuant) {

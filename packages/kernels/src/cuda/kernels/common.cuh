@@ -255,6 +255,15 @@ __device__ __forceinline__ u8 quant_value(float x, QScale s, int fmt, int mode) 
   return encode_fp8(__fmul_rn(x, s.factor), fmt);
 }
 
+// SwiGLU's sigmoid, and (dg, du) of h = silu(g) u for dh = d, in f32 (nn.cu's swiglu kernels and
+// quant.cu's quantisers of the same gradient: one definition, the same bits).
+__device__ __forceinline__ float sigmoid_f(float x) { return __fdiv_rn(1.0f, 1.0f + expf(-x)); }
+__device__ __forceinline__ void swiglu_grad(float d, float g, float u, float* dg, float* du) {
+  const float s = sigmoid_f(g);
+  *du = d * g * s;
+  *dg = d * u * s * (1.0f + g * (1.0f - s));
+}
+
 // |x| for the amax: NaN counts as 0 (ignored), as the reference's `v > amax` comparison does.
 __device__ __forceinline__ float abs_for_amax(float x) {
   const float a = fabsf(x);

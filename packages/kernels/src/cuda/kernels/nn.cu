@@ -327,15 +327,8 @@ KERNEL void head_concat4(const float* a, const float* b, void* y, int R, int hea
 // IEEE divisions (within a few ulps of the ts reference's double arithmetic): in double, the four
 // kernels took 3.7 ms of the small fp8 step, bound by FP64 exp, for about 1 ms of memory traffic.
 // Four columns a thread when inter % 4 == 0 (16- or 8-byte accesses), else one.
-__device__ __forceinline__ float sigmoid_f(float x) { return __fdiv_rn(1.0f, 1.0f + expf(-x)); }
-
+// (sigmoid_f and swiglu_grad are in common.cuh: quant.cu's fused backward quantisers use them too.)
 __device__ __forceinline__ float silu_mul(float g, float u) { return __fmul_rn(__fmul_rn(g, sigmoid_f(g)), u); }
-// (dg, du) of h = silu(g) u for dh = d.
-__device__ __forceinline__ void swiglu_grad(float d, float g, float u, float* dg, float* du) {
-  const float s = sigmoid_f(g);
-  *du = d * g * s;
-  *dg = d * u * s * (1.0f + g * (1.0f - s));
-}
 
 // The element loops index with I = int when every index fits (fits_i32: the 64-bit division by
 // `inter` per element cost more than the element's arithmetic), else with i64.

@@ -614,6 +614,20 @@ KERNEL void transpose_u8_tiled(const u8* x, u8* out, int rows, int cols) {
 // copy (k rows of d per token and layer) was written once and read twice, by the two quantisers.
 // The values are the f32 products combine_bwd writes, so the codes and scales are quantize(d(ys))'s.
 
+// One 1x128 tile held by a warp, four values a lane (lane l: columns 4 l .. 4 l + 3): quant_tile128's
+// amax, scale and codes; q4 is this lane's four codes, *scale the tile's scale (written by lane 0).
+__device__ __forceinline__ void warp_tile_quant(const float (&v)[4], u8* q4, float* scale, int lane, int fmt,
+                                                int mode, float eps) {
+  float a = 0.0f;
+#pragma unroll
+  for (int e = 0; e < 4; e++) a = fmaxf(a, abs_for_amax(v[e]));
+  a = warp_max(a);
+  const QScale s = qscale(a, eps, fmt, mode);
+  *(u32*)q4 = (u32)quant_value(v[0], s, fmt, mode) | ((u32)quant_value(v[1], s, fmt, mode) << 8) |
+              ((u32)quant_value(v[2], s, fmt, mode) << 16) | ((u32)quant_value(v[3], s, fmt, mode) << 24);
+  if (lane == 0) *scale = s.scale;
+}
+
 // combine_grad_tile128: one warp per row r of d(ys): dweights[slot[r]] = dy[n] . ys[r] in double, in
 // combine_bwd's order, and the row's 1x128 tiles (d % 128 == 0: lane l holds columns 4 l .. 4 l + 3 of
 // each tile) with quant_tile128's amax, scale and codes. ys f32 or BF16.
@@ -641,14 +655,7 @@ __device__ void combine_grad_tile_rows(const float* dy, const Y* ys, const int* 
     dot += (double)g.z * (double)yv.z;
     dot += (double)g.w * (double)yv.w;
     const float v[4] = {wi * g.x, wi * g.y, wi * g.z, wi * g.w};
-    float a = 0.0f;
-#pragma unroll
-    for (int e = 0; e < 4; e++) a = fmaxf(a, abs_for_amax(v[e]));
-    a = warp_max(a);
-    const QScale s = qscale(a, eps, fmt, mode);
-    *(u32*)(qr + c) = (u32)quant_value(v[0], s, fmt, mode) | ((u32)quant_value(v[1], s, fmt, mode) << 8) |
-                      ((u32)quant_value(v[2], s, fmt, mode) << 16) | ((u32)quant_value(v[3], s, fmt, mode) << 24);
-    if (lane == 0) sr[c0 / 128] = s.scale;
+    warp_tile_quant(v, qr + c, sr + c0 / 128, lane, fmt, mode, eps);
   }
   dot = warp_sum(dot);
   if (lane == 0) dweights[i] = (float)dot;
@@ -690,3 +697,73 @@ KERNEL void __launch_bounds__(256) combine_grad_coltile(const float* dy, const i
   __shared__ ColTileSmem sm;
   coltile(CombineGradValues{dy, slot, w, k}, q, scales, seg, nseg, rows, cols, fmt, mode, eps, kpitch, sm);
 }
+
+// SwiGLU's backward, d[g | u] (nn.cu's swiglu_bwd: the fused gate|up projection's output gradient),
+// handed to that projection quantised, never stored in f32 (k rows of 2 inter per token and layer
+// for the experts). dh is f32 or BF16, gu f32 or BF16 (nn.cu's three combinations).
+
+// swiglu_grad_tile128: one warp per row, each 128 columns of the gate half giving a tile of dg and
+// the tile inter columns on of du (inter % 128 == 0: no tile straddles the halves).
+template <typename D, typename T>
+__device__ void swiglu_grad_tile_rows(const D* dh, const T* gu, u8* q, float* scales, int rows, int inter, int fmt,
+                                      int mode, float eps) {
+  const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (r >= rows) return;
+  const int lane = threadIdx.x & 31, C = 2 * inter;
+  const D* dr = dh + (i64)r * inter;
+  const T* gr = gu + (i64)r * C;
+  u8* qr = q + (i64)r * C;
+  float* sr = scales + (i64)r * (C / 128);
+  for (int c0 = 0; c0 < inter; c0 += 128) {
+    const int c = c0 + 4 * lane;
+    const float4 d = load_f32x4(dr + c), g = load_f32x4(gr + c), u = load_f32x4(gr + inter + c);
+    float dg[4], du[4];
+    swiglu_grad(d.x, g.x, u.x, &dg[0], &du[0]);
+    swiglu_grad(d.y, g.y, u.y, &dg[1], &du[1]);
+    swiglu_grad(d.z, g.z, u.z, &dg[2], &du[2]);
+    swiglu_grad(d.w, g.w, u.w, &dg[3], &du[3]);
+    warp_tile_quant(dg, qr + c, sr + c0 / 128, lane, fmt, mode, eps);
+    warp_tile_quant(du, qr + inter + c, sr + (inter + c0) / 128, lane, fmt, mode, eps);
+  }
+}
+
+// d[g | u]'s values computed in place for coltile (cols = 2 inter; inter % 4 == 0 for at4).
+template <typename D, typename T>
+struct SwigluGradValues {
+  const D* dh;
+  const T* gu;
+  int inter;
+  __device__ __forceinline__ float at(int r, int c, int cols) const {
+    const int cc = c < inter ? c : c - inter;
+    float dg, du;
+    swiglu_grad(load_f32(dh + (i64)r * inter + cc), load_f32(gu + (i64)r * cols + cc),
+                load_f32(gu + (i64)r * cols + inter + cc), &dg, &du);
+    return c < inter ? dg : du;
+  }
+  __device__ __forceinline__ float4 at4(int r, int c, int cols) const {
+    const int cc = c < inter ? c : c - inter;
+    const float4 d = load_f32x4(dh + (i64)r * inter + cc), g = load_f32x4(gu + (i64)r * cols + cc),
+                 u = load_f32x4(gu + (i64)r * cols + inter + cc);
+    float4 dg, du;
+    swiglu_grad(d.x, g.x, u.x, &dg.x, &du.x);
+    swiglu_grad(d.y, g.y, u.y, &dg.y, &du.y);
+    swiglu_grad(d.z, g.z, u.z, &dg.z, &du.z);
+    swiglu_grad(d.w, g.w, u.w, &dg.w, &du.w);
+    return c < inter ? dg : du;
+  }
+};
+
+#define SWIGLU_GRAD_QUANT(SUFFIX, D, T)                                                                           \
+  KERNEL void swiglu_grad_tile128##SUFFIX(const D* dh, const T* gu, u8* q, float* scales, int rows, int inter,   \
+                                          int fmt, int mode, float eps) {                                        \
+    swiglu_grad_tile_rows(dh, gu, q, scales, rows, inter, fmt, mode, eps);                                       \
+  }                                                                                                              \
+  KERNEL void __launch_bounds__(256)                                                                             \
+      swiglu_grad_coltile##SUFFIX(const D* dh, const T* gu, int inter, u8* q, float* scales, const int* seg,     \
+                                  int nseg, int rows, int cols, int fmt, int mode, float eps, i64 kpitch) {     \
+    __shared__ ColTileSmem sm;                                                                                   \
+    coltile(SwigluGradValues<D, T>{dh, gu, inter}, q, scales, seg, nseg, rows, cols, fmt, mode, eps, kpitch, sm); \
+  }
+SWIGLU_GRAD_QUANT(_f32, float, float)
+SWIGLU_GRAD_QUANT(_bf16, float, u16)
+SWIGLU_GRAD_QUANT(_bf16_dh16, u16, u16)

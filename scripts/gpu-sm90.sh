@@ -158,6 +158,16 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
         --section LaunchStats bun apps/trainer/src/cli.ts bench quant --backend cuda
     done
   fi
+  # Nsight Compute on one launch each of kernels of the small fp8 training step: NCU_STEP="name:skip
+  # ..." runs step ncu-step-<name> (ask for it in STEPS) on the (skip+1)-th launch of <name>.
+  if command -v ncu >/dev/null 2>&1; then
+    for k in ${NCU_STEP:-}; do
+      step "ncu-step-${k%%:*}" 120 40 ncu --kernel-name "regex:${k%%:*}" --launch-skip "${k##*:}" --launch-count 1 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+        --section LaunchStats --section ComputeWorkloadAnalysis \
+        bun apps/trainer/src/cli.ts bench step --config small --backend cuda --precision fp8 --steps 1
+    done
+  fi
   # The Hopper attention kernels (flash_sm90.cu), through the op suite's tensor-core attention cases.
   attn_tests=(bun test --timeout 300000 -t "tensor-core head sizes" packages/kernels/test/cuda-op-suite.test.ts)
   for tool in racecheck memcheck; do

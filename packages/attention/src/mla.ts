@@ -230,12 +230,24 @@ export class MLA {
     const dkpe = b.headSlice(g.dk, { heads: H, width: dn + dr, start: dn, len: dr, sumHeads: true });
     // kv_b's output rows are [k_nope | v] per head: its gradient is the same concatenation (one
     // pass, no zeroed tensor added into), d(k_nope) read in place from dk's heads.
-    const dkvb = b.headConcat(g.dk, g.dv, H, H, false, { width: dn + dr, start: 0, len: dn });
+    // Under FP8 the gradients that go on into a Linear's backward are handed to it quantised by
+    // their producer (the concatenation, the inverse rotation): no f32 copy made only to be quantised.
+    const part = { width: dn + dr, start: 0, len: dn };
+    const kvbQ = this.kvB.gradQuant();
+    const dkvb = kvbQ
+      ? b.headConcatQuantized(g.dk, g.dv, H, H, part, kvbQ)
+      : b.headConcat(g.dk, g.dv, H, H, false, part);
     const dcn = this.kvB.backward(dkvb);
     const cn = b.rmsnormBackward(dcn, s.c, this.kvNorm.value, s.cRstd, { dw: this.kvNorm.grad });
     const dkv = b.headConcat(cn.dx, dkpe, 1, 1);
-    const da = this.kvA.backward(b.rope(dkv, this.ropeOpts(1, r + dr, r, s.shape.seq, true)));
-    const dq = b.rope(g.dq, this.ropeOpts(H, dn + dr, dn, s.shape.seq, true));
+    const unrotate = (lin: Linear, x: Tensor, heads: number, width: number, offset: number) => {
+      const o = this.ropeOpts(heads, width, offset, s.shape.seq, true);
+      const q = lin.gradQuant();
+      return q ? b.ropeQuantized(x, o, q) : b.rope(x, o);
+    };
+    const da = this.kvA.backward(unrotate(this.kvA, dkv, 1, r + dr, r));
+    const qIn = this.q ?? this.qB!;
+    const dq = unrotate(qIn, g.dq, H, dn + dr, dn);
     if (this.q) this.q.backward(dq, da);
     else {
       const dqa = this.qB!.backward(dq);

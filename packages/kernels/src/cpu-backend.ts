@@ -38,6 +38,7 @@ import {
   type PreparedClipScale,
   type QuantGroup,
   type QuantizeOptions,
+  quantizedVia,
   type RmsnormAccumulate,
   type RopeOptions,
   type RouterResult,
@@ -630,6 +631,21 @@ export class CpuBackend extends HostLifetimes implements Backend {
     this.n.moeCombine(this.values(ys), i32(slot), f32(weights), { n: N, d: ys.cols }, f32(y));
     for (const a of add) this.addInto(y, a);
     return y;
+  }
+
+  ropeQuantized(x: Tensor, opts: RopeOptions, q: GradQuant) {
+    return quantizedVia(this, this.rope(x, opts), q);
+  }
+
+  headConcatQuantized(
+    a: Tensor,
+    b: Tensor,
+    heads: number,
+    bHeads: number,
+    aPart: HeadPart | undefined,
+    q: GradQuant,
+  ) {
+    return quantizedVia(this, this.headConcat(a, b, heads, bHeads, false, aPart), q);
   }
 
   swigluBackwardQuantized(dh: Tensor, gu: Tensor, q: GradQuant) {

@@ -40,6 +40,7 @@ import {
   type PreparedAdamW,
   type PreparedClipScale,
   type QuantizeOptions,
+  quantizedVia,
   type RmsnormAccumulate,
   type RopeOptions,
   type RouterResult,
@@ -369,6 +370,24 @@ export class CudaBackend extends HostLifetimes implements Backend {
 
   moeCombineBackward(dy: Tensor, ys: Tensor, slot: Tensor, weights: Tensor) {
     return moe.moeCombineBackward(this.cx, dy, ys, slot, weights);
+  }
+
+  ropeQuantized(x: Tensor, opts: RopeOptions, q: GradQuant) {
+    return quant.ropeQuantized(this.cx, x, opts, q) ?? quantizedVia(this, this.rope(x, opts), q);
+  }
+
+  headConcatQuantized(
+    a: Tensor,
+    b: Tensor,
+    heads: number,
+    bHeads: number,
+    aPart: HeadPart | undefined,
+    q: GradQuant,
+  ) {
+    return (
+      quant.headConcatQuantized(this.cx, a, b, heads, bHeads, aPart, q) ??
+      quantizedVia(this, this.headConcat(a, b, heads, bHeads, false, aPart), q)
+    );
   }
 
   swigluBackwardQuantized(dh: Tensor, gu: Tensor, q: GradQuant) {

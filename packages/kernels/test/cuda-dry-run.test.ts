@@ -161,6 +161,14 @@ async function everyOp(b: Backend) {
   const hs = { heads: 4, width: 64, start: 8, len: 16 };
   b.headScatterAdd(x, b.headSlice(x, hs), hs);
   b.headConcat(up([64, 96]), up([64, 8]), 4, 1);
+  // Producers quantising for the next Linear's backward (MLA's gradients).
+  const gq = { dgrad: { group: "tile" }, wgrad: { group: "column-tile" } } as const;
+  b.ropeQuantized(
+    x,
+    { heads: 4, width: 64, offset: 32, dim: 32, seqLen: 16, theta: 10000, inverse: true },
+    gq,
+  );
+  b.headConcatQuantized(up([64, 96]), up([64, 8]), 4, 1, undefined, gq);
   // Layouts whose groups of four columns straddle a pair, a head or the a|b boundary: one column a thread.
   b.rope(x, { heads: 4, width: 64, offset: 30, dim: 18, seqLen: 16, theta: 10000 });
   b.headSlice(x, { heads: 4, width: 64, start: 6, len: 10 });

@@ -293,6 +293,12 @@ export interface Backend {
     accumulate?: RmsnormAccumulate,
   ): { dx: Tensor; dw: Tensor };
   rope(x: Tensor, opts: RopeOptions): Tensor;
+  /**
+   * rope's output handed to the next Linear's backward quantised, never stored in f32:
+   * quantize(rope(x, opts), q.dgrad) and quantize(rope(x, opts), q.wgrad), bit for bit (MLA's q and
+   * kv_a gradients after the inverse rotation).
+   */
+  ropeQuantized(x: Tensor, opts: RopeOptions, q: GradQuant): { dgrad: Tensor; wgrad: Tensor };
   headSlice(x: Tensor, opts: HeadSliceOptions): Tensor;
   /** dst[:, head h, start:start+len] += src (the backward of headSlice). */
   headScatterAdd(dst: Tensor, src: Tensor, opts: HeadSliceOptions): void;
@@ -301,6 +307,18 @@ export interface Backend {
    * tensor of the same values rounded to BF16 (the attention core's operands). aPart: a's heads are
    * `width` wide and a_h is their columns start .. start + len (headSlice(a, aPart) without the copy).
    */
+  /**
+   * headConcat's f32 output quantised as q asks, never stored in f32 (see ropeQuantized; MLA's
+   * kv_b gradient [d(k_nope) | d(v)]).
+   */
+  headConcatQuantized(
+    a: Tensor,
+    b: Tensor,
+    heads: number,
+    bHeads: number,
+    aPart: HeadPart | undefined,
+    q: GradQuant,
+  ): { dgrad: Tensor; wgrad: Tensor };
   headConcat(
     a: Tensor,
     b: Tensor,
@@ -437,6 +455,14 @@ export function combineBackwardQuantizedVia(
   const wgrad = b.quantize(dys, q.wgrad);
   b.release(dys);
   return { dweights, dgrad, wgrad };
+}
+
+/** A producer's f32 output quantised twice as q asks and released: the fused ops' definition. */
+export function quantizedVia(b: Backend, y: Tensor, q: GradQuant): { dgrad: Tensor; wgrad: Tensor } {
+  const dgrad = b.quantize(y, q.dgrad);
+  const wgrad = b.quantize(y, q.wgrad);
+  b.release(y);
+  return { dgrad, wgrad };
 }
 
 /** swigluBackwardQuantized as its definition: d[g | u] in f32, quantised twice, released. */

@@ -100,20 +100,32 @@ export function rmsnormBackward(
   return fused ? { dx, dw } : accumulateNorm(cx.backend, { dx, dw }, { dx: accumulate?.dx });
 }
 
+/**
+ * The device address of the angles' cosines and sines for o's positions (rope_table), made once per
+ * (seqLen, dim, start, theta) and kept; the inverse rotation negates the sines as it reads them.
+ */
+export function ropeTable(cx: CudaContext, o: RopeOptions): number {
+  const { seqLen, dim, theta } = o;
+  const half = Math.floor(dim / 2);
+  const start = o.start ?? 0;
+  return cx.kept(`rope/${seqLen}/${dim}/${start}/${theta}`, seqLen * half * 16, (cs) =>
+    cx.launch(KERNELS.nn.rope_table, cx.g1(seqLen * half), 256, { cs, seqLen, half, dim, start, theta }),
+  );
+}
+
+/** Whether RoPE's kernels may take four columns at once (no group of four straddles a pair or a head). */
+export function ropeWide(o: RopeOptions): boolean {
+  return o.width % 4 === 0 && o.offset % 4 === 0 && o.dim % 4 === 0;
+}
+
 export function rope(cx: CudaContext, x: Tensor, o: RopeOptions): Tensor {
   const R = x.rows;
   const y = cx.make(x.shape, o.storeBf16 ? "bf16" : "f32");
   const xp = cx.f32p(x, "rope");
-  const { heads, width, offset, dim, seqLen, theta } = o;
-  const half = Math.floor(dim / 2);
-  const start = o.start ?? 0;
+  const { heads, width, offset, dim, seqLen } = o;
   if (R === 0) return y;
-  // The angles' cosines and sines for these positions (made once per shape; the inverse rotation
-  // negates the sines as it reads them), then one pass over the rows.
-  const table = cx.kept(`rope/${seqLen}/${dim}/${start}/${theta}`, seqLen * half * 16, (cs) =>
-    cx.launch(KERNELS.nn.rope_table, cx.g1(seqLen * half), 256, { cs, seqLen, half, dim, start, theta }),
-  );
-  const wide = width % 4 === 0 && offset % 4 === 0 && dim % 4 === 0;
+  const table = ropeTable(cx, o);
+  const wide = ropeWide(o);
   cx.launch(
     wide ? KERNELS.nn.rope_rows4 : KERNELS.nn.rope_rows,
     cx.rowsGrid(R),

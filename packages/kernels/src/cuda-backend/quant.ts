@@ -4,9 +4,11 @@
 import {
   batchDims,
   type Fp8Format,
+  type HeadPart,
   isFp8,
   type QuantGroup,
   type QuantizeOptions,
+  type RopeOptions,
   requantizeViaF32,
   scaleCount,
   swigluWidth,
@@ -15,6 +17,7 @@ import {
 import type { DeviceBuffer } from "../../native.d.cts";
 import { DEFINES } from "../cuda/kernels.generated.ts";
 import { type CudaContext, cdiv, KERNELS, type Operand } from "./context.ts";
+import { ropeTable, ropeWide } from "./nn.ts";
 
 const C = DEFINES.common;
 
@@ -31,8 +34,10 @@ export const GROUP: Record<QuantGroup, number> = {
 export const FMT: Record<Fp8Format, number> = { e4m3: C.FMT_E4M3, e5m2: C.FMT_E5M2 };
 
 /** The FP8 tensor (codes and scales, zeroed where segments leave gaps) quantize(x, opts) fills. */
-function quantOutput(cx: CudaContext, x: Tensor, opts: QuantizeOptions) {
-  const { batch, rows, cols } = batchDims(x);
+function quantOutput(cx: CudaContext, shape: readonly number[], opts: QuantizeOptions) {
+  const rows = shape.length >= 2 ? shape[shape.length - 2] : 1;
+  const cols = shape.length >= 1 ? shape[shape.length - 1] : 1;
+  const batch = rows * cols === 0 ? 1 : shape.reduce((a, b) => a * b, 1) / (rows * cols);
   const format: Fp8Format = opts.format ?? "e4m3";
   if (!(format in FMT)) throw new Error(`unknown FP8 format "${format}" (allowed: e4m3, e5m2)`);
   if (!(opts.group in GROUP)) throw new Error(`unknown quantisation group "${opts.group}"`);
@@ -54,7 +59,7 @@ function quantOutput(cx: CudaContext, x: Tensor, opts: QuantizeOptions) {
   const scales = cx.make([nScales], "f32");
   const quant = { group: opts.group, format, scales, segments: seg };
   const pitch = kMajorPitch(cx, opts.group, format, batch, rows, cols, seg);
-  const q = pitch ? cx.makeKMajor(rows, cols, pitch, quant) : cx.make(x.shape, format, quant);
+  const q = pitch ? cx.makeKMajor(rows, cols, pitch, quant) : cx.make(shape, format, quant);
   if (seg) {
     cx.segScales.set(scales, { segments: seg, cols });
     cx.n.cudaMemset8(cx.buf(scales), 0, 0, nScales * 4);
@@ -123,7 +128,7 @@ export function rowMajorCodes(cx: CudaContext, t: Tensor): Operand {
 
 export function quantize(cx: CudaContext, x: Tensor, opts: QuantizeOptions): Tensor {
   const xp = cx.f32p(x, "quantize");
-  const { q, batch, rows, cols, fmt, mode, eps } = quantOutput(cx, x, opts);
+  const { q, batch, rows, cols, fmt, mode, eps } = quantOutput(cx, x.shape, opts);
   if (x.size === 0) return q;
   const scales = q.quant!.scales;
   const R = batch * rows;
@@ -257,7 +262,7 @@ export function requantize(cx: CudaContext, q: Tensor, opts: QuantizeOptions): T
   const { batch } = batchDims(q);
   if (opts.group !== "column-tile" || batch !== 1 || q.quant.segments || q.size === 0)
     return requantizeViaF32(cx.backend, q, opts);
-  const { q: out, fmt, mode, eps } = quantOutput(cx, q, opts);
+  const { q: out, fmt, mode, eps } = quantOutput(cx, q.shape, opts);
   const src = q.quant;
   const d = colTileTarget(cx, out, 1);
   const xq = rowMajorCodes(cx, q);
@@ -435,8 +440,8 @@ export function combineGradQuantized(
     w: cx.f32p(weights, "moeCombineBackwardQuantized"),
   };
   const dweights = cx.make(weights.shape, "f32");
-  const tiles = quantOutput(cx, ys, g.dgrad);
-  const cols = quantOutput(cx, ys, g.wgrad);
+  const tiles = quantOutput(cx, ys.shape, g.dgrad);
+  const cols = quantOutput(cx, ys.shape, g.wgrad);
   if (rows === 0) return { dweights, dgrad: tiles.q, wgrad: cols.q };
   // One warp per row: 8 rows per block of 256 threads.
   cx.launch(
@@ -501,8 +506,8 @@ export function swigluGradQuantized(
     dh: dh16 ? cx.p(dh) : cx.f32p(dh, "swigluBackwardQuantized"),
     gu: gu16 ? cx.p(gu) : cx.f32p(gu, "swigluBackwardQuantized"),
   };
-  const tiles = quantOutput(cx, gu, g.dgrad);
-  const cols = quantOutput(cx, gu, g.wgrad);
+  const tiles = quantOutput(cx, gu.shape, g.dgrad);
+  const cols = quantOutput(cx, gu.shape, g.wgrad);
   const rows = gu.rows;
   if (rows === 0) return { dgrad: tiles.q, wgrad: cols.q };
   // One warp per row: 8 rows per block of 256 threads.
@@ -533,4 +538,135 @@ export function swigluGradQuantized(
       kpitch: t.kpitch,
     });
   return { dgrad: tiles.q, wgrad: cols.q };
+}
+
+type Grid = readonly [number, number?, number?];
+
+interface TileArgs {
+  q: number;
+  scales: number;
+  rows: number;
+  cols: number;
+  fmt: number;
+  mode: number;
+  eps: number;
+}
+interface ColArgs extends TileArgs {
+  seg: number;
+  nseg: number;
+  kpitch: number;
+}
+
+/** The two quantised copies a producer hands the next Linear's backward (see tile_rows in quant.cu). */
+function producerQuantized(
+  cx: CudaContext,
+  shape: readonly number[],
+  g: { dgrad: QuantizeOptions; wgrad: QuantizeOptions },
+  launchTiles: (grid: Grid, t: TileArgs) => void,
+  launchCols: (grid: Grid, t: ColArgs) => void,
+): { dgrad: Tensor; wgrad: Tensor } {
+  const tiles = quantOutput(cx, shape, g.dgrad);
+  const cols = quantOutput(cx, shape, g.wgrad);
+  const [rows, n] = [shape[0], shape[1]];
+  if (rows === 0) return { dgrad: tiles.q, wgrad: cols.q };
+  // One warp per row: 8 rows per block of 256 threads.
+  launchTiles([cdiv(rows, 8)], {
+    q: cx.p(tiles.q),
+    scales: cx.p(tiles.q.quant!.scales),
+    rows,
+    cols: n,
+    fmt: tiles.fmt,
+    mode: tiles.mode,
+    eps: tiles.eps,
+  });
+  const t = colTileTarget(cx, cols.q, 1);
+  if (t)
+    launchCols(t.grid, {
+      q: t.q,
+      scales: t.scales,
+      seg: t.seg,
+      nseg: t.nseg,
+      rows: t.rows,
+      cols: t.cols,
+      fmt: cols.fmt,
+      mode: cols.mode,
+      eps: cols.eps,
+      kpitch: t.kpitch,
+    });
+  return { dgrad: tiles.q, wgrad: cols.q };
+}
+
+/** Whether g is the pair the fused producers make: 1x128 tiles, and column tiles (any segments). */
+function tilesAndColumns(g: { dgrad: QuantizeOptions; wgrad: QuantizeOptions }): boolean {
+  return g.dgrad.group === "tile" && !g.dgrad.segments && g.wgrad.group === "column-tile";
+}
+
+/**
+ * Backend.ropeQuantized without the f32 rotated copy (rope_tile128, rope_coltile), or null for the
+ * layouts it does not take (row widths not a multiple of 128, groups of four straddling a pair).
+ */
+export function ropeQuantized(
+  cx: CudaContext,
+  x: Tensor,
+  o: RopeOptions,
+  g: { dgrad: QuantizeOptions; wgrad: QuantizeOptions },
+): { dgrad: Tensor; wgrad: Tensor } | null {
+  if (!tilesAndColumns(g) || x.shape.length !== 2 || x.cols % 128 !== 0 || !ropeWide(o)) return null;
+  if (o.heads * o.width !== x.cols) return null;
+  const args = {
+    x: cx.f32p(x, "ropeQuantized"),
+    cs: x.rows > 0 ? ropeTable(cx, o) : 0,
+    width: o.width,
+    offset: o.offset,
+    dim: o.dim,
+    seqLen: o.seqLen,
+    inverse: o.inverse ? 1 : 0,
+  };
+  return producerQuantized(
+    cx,
+    x.shape,
+    g,
+    (grid, t) => cx.launch(KERNELS.quant.rope_tile128, grid, 256, { ...args, ...t }),
+    (grid, t) => cx.launch(KERNELS.quant.rope_coltile, grid, 256, { ...args, ...t }),
+  );
+}
+
+/**
+ * Backend.headConcatQuantized without the f32 concatenation (head_concat_tile128,
+ * head_concat_coltile), or null for the layouts it does not take (head_concat4's, in rows that are
+ * whole 1x128 tiles).
+ */
+export function headConcatQuantized(
+  cx: CudaContext,
+  a: Tensor,
+  b: Tensor,
+  heads: number,
+  bHeads: number,
+  aPart: HeadPart | undefined,
+  g: { dgrad: QuantizeOptions; wgrad: QuantizeOptions },
+): { dgrad: Tensor; wgrad: Tensor } | null {
+  const la = aPart ? aPart.len : a.cols / heads;
+  const lb = b.cols / bHeads;
+  const aw = aPart ? aPart.width : la;
+  const a0 = aPart ? aPart.start : 0;
+  const cols = heads * (la + lb);
+  const wide = la % 4 === 0 && lb % 4 === 0 && aw % 4 === 0 && a0 % 4 === 0;
+  if (!tilesAndColumns(g) || !wide || cols % 128 !== 0) return null;
+  const args = {
+    a: cx.f32p(a, "headConcatQuantized"),
+    b: cx.f32p(b, "headConcatQuantized"),
+    heads,
+    la,
+    lb,
+    bHeads,
+    aw,
+    a0,
+  };
+  return producerQuantized(
+    cx,
+    [a.rows, cols],
+    g,
+    (grid, t) => cx.launch(KERNELS.quant.head_concat_tile128, grid, 256, { ...args, ...t }),
+    (grid, t) => cx.launch(KERNELS.quant.head_concat_coltile, grid, 256, { ...args, ...t }),
+  );
 }

@@ -835,6 +835,70 @@ export function opSuite(name: string, make: () => Backend): void {
       }
     });
 
+    // MLA's gradients quantised by their producers (cuda: without the f32 copy where rows are whole
+    // 1x128 tiles and groups of four do not straddle) against quantising rope's and headConcat's
+    // f32 results: the same bits, for fused and unfused layouts, column tiles with segments.
+    it("ropeQuantized and headConcatQuantized equal quantising rope and headConcat", async () => {
+      const R = 300;
+      const offsets = Int32Array.of(0, 130, 130, 300);
+      const x = rng.normals(R * 512, 2);
+      x[3 * 512 + 70] = -400; // an outlier
+      await be.scope(async () => {
+        const b = be;
+        const seg = b.upload(offsets, [4], "i32");
+        const q = {
+          dgrad: { group: "tile" as const },
+          wgrad: { group: "column-tile" as const, segments: seg },
+        };
+        const X = (cols: number) => b.upload(x.subarray(0, R * cols), [R, cols]);
+        const cases: [string, () => { dgrad: Tensor; wgrad: Tensor }, () => Tensor][] = [];
+        for (const [heads, width, offset, dim, inverse] of [
+          [4, 96, 64, 32, true],
+          [4, 96, 64, 32, false],
+          [1, 288, 256, 32, true],
+          [2, 64, 6, 18, false],
+        ] as const) {
+          const o = { heads, width, offset, dim, seqLen: 7, theta: 10000, inverse };
+          cases.push([
+            `rope ${heads}x${width} at ${offset}`,
+            () => b.ropeQuantized(X(heads * width), o, q),
+            () => b.rope(X(heads * width), o),
+          ]);
+        }
+        const part = { width: 96, start: 0, len: 64 };
+        cases.push(
+          [
+            "headConcat of parts",
+            () => b.headConcatQuantized(X(384), X(256), 4, 4, part, q),
+            () => b.headConcat(X(384), X(256), 4, 4, false, part),
+          ],
+          [
+            "headConcat broadcast",
+            () => b.headConcatQuantized(X(256), X(32), 4, 1, undefined, q),
+            () => b.headConcat(X(256), X(32), 4, 1),
+          ],
+          [
+            "headConcat unfused",
+            () => b.headConcatQuantized(X(40), X(6), 4, 1, undefined, q),
+            () => b.headConcat(X(40), X(6), 4, 1),
+          ],
+        );
+        for (const [what, fused, plain] of cases) {
+          const got = fused();
+          const y = plain();
+          const want = { dgrad: b.quantize(y, q.dgrad), wgrad: b.quantize(y, q.wgrad) };
+          for (const k of ["dgrad", "wgrad"] as const) {
+            expect(Array.from(await got[k].read()), `${what}: ${k}`).toEqual(
+              Array.from(await want[k].read()),
+            );
+            expect(Array.from(await got[k].quant!.scales.read()), `${what}: ${k} scales`).toEqual(
+              Array.from(await want[k].quant!.scales.read()),
+            );
+          }
+        }
+      });
+    });
+
     it("router, balance loss, permute/combine and bias update", async () => {
       const N = 50;
       const E = 8;

@@ -28,6 +28,7 @@ import {
   combineBackwardQuantizedVia,
   type GradQuant,
   intoBf16,
+  quantizedVia,
   requantizeViaF32,
   storeBf16Error,
   storedAs,
@@ -485,6 +486,21 @@ export class TsBackend extends HostLifetimes implements Backend {
   moeCombineBackward(dy: Tensor, ys: Tensor, slot: Tensor, weights: Tensor) {
     const r = moe.combineBackward(f32(dy), f32OrBf16(ys), i32(slot), f32(weights), weights.rows, ys.cols);
     return { dys: this.wrap(r.dys, ys.shape, "f32"), dweights: this.wrap(r.dweights, weights.shape, "f32") };
+  }
+
+  ropeQuantized(x: Tensor, opts: RopeOptions, q: GradQuant) {
+    return quantizedVia(this, this.rope(x, opts), q);
+  }
+
+  headConcatQuantized(
+    a: Tensor,
+    b: Tensor,
+    heads: number,
+    bHeads: number,
+    aPart: HeadPart | undefined,
+    q: GradQuant,
+  ) {
+    return quantizedVia(this, this.headConcat(a, b, heads, bHeads, false, aPart), q);
   }
 
   swigluBackwardQuantized(dh: Tensor, gu: Tensor, q: GradQuant) {

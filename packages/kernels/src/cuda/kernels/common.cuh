@@ -264,6 +264,24 @@ __device__ __forceinline__ void swiglu_grad(float d, float g, float u, float* dg
   *dg = d * u * s * (1.0f + g * (1.0f - s));
 }
 
+// RoPE on four adjacent columns c .. c + 3 of row r (c % 4 == 0; width, offset and dim multiples of
+// 4, so the group holds two whole pairs or none): each pair (a, b) rotated by the angle of position
+// r % seqLen in double, rounded once; cs: (cos, sin) per pair and position (nn.cu's rope_table; the
+// inverse rotation negates the sines). nn.cu's rope_rows4 and quant.cu's quantisers of its output.
+__device__ __forceinline__ float2 rotate_pair(double a, double b, double c, double s) {
+  return make_float2((float)(a * c - b * s), (float)(a * s + b * c));
+}
+__device__ __forceinline__ float4 rope_group4(float4 v, const double* cs, int r, int c, int width, int offset,
+                                              int dim, int seqLen, int inverse) {
+  const int h = c / width, j = c - h * width - offset;
+  if (j < 0 || j >= dim) return v;
+  const double2* rc = (const double2*)(cs + (i64)(r % seqLen) * dim);
+  const double2 p0 = rc[j >> 1], p1 = rc[(j >> 1) + 1];
+  const double s0 = inverse ? -p0.y : p0.y, s1 = inverse ? -p1.y : p1.y;
+  const float2 a = rotate_pair(v.x, v.y, p0.x, s0), b = rotate_pair(v.z, v.w, p1.x, s1);
+  return make_float4(a.x, a.y, b.x, b.y);
+}
+
 // |x| for the amax: NaN counts as 0 (ignored), as the reference's `v > amax` comparison does.
 __device__ __forceinline__ float abs_for_amax(float x) {
   const float a = fabsf(x);

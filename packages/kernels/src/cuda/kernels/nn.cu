@@ -178,11 +178,6 @@ __device__ __forceinline__ void store_out4(void* y, i64 i, float4 v, int out16) 
   else ((float4*)y)[i] = v;
 }
 
-// The rotation of the pair (a, b) by (c, s), in double, rounded once.
-__device__ __forceinline__ float2 rotate_pair(double a, double b, double c, double s) {
-  return make_float2((float)(a * c - b * s), (float)(a * s + b * c));
-}
-
 // One block per row: each element of the rotated slices is its pair's rotation (a c - b s for the
 // first of the pair, a s + b c for the second, in double, rounded once), the others are copied.
 KERNEL void rope_rows(const float* x, void* y, const double* cs, int R, int heads, int width, int offset, int dim,
@@ -206,25 +201,15 @@ KERNEL void rope_rows(const float* x, void* y, const double* cs, int R, int head
 }
 
 // rope_rows four columns a thread (16-byte loads, 16- or 8-byte stores), when width, offset and dim
-// are multiples of 4: a group of four holds two whole pairs or none. The same arithmetic.
+// are multiples of 4 (rope_group4 in common.cuh: the same arithmetic).
 KERNEL void rope_rows4(const float* x, void* y, const double* cs, int R, int heads, int width, int offset, int dim,
                        int seqLen, int inverse, int out16) {
   const int r = blockIdx.x + blockIdx.y * GRID_YZ_MAX;
   if (r >= R) return;
   const int n4 = heads * width / 4;
   const float4* xr = (const float4*)(x + (i64)r * heads * width);
-  const double2* rc = (const double2*)(cs + (i64)(r % seqLen) * dim);  // (cos, sin) of each pair
-  for (int t = threadIdx.x; t < n4; t += blockDim.x) {
-    const int e = 4 * t, h = e / width, j = e - h * width - offset;
-    float4 v = xr[t];
-    if (j >= 0 && j < dim) {
-      const double2 p0 = rc[j >> 1], p1 = rc[(j >> 1) + 1];
-      const double s0 = inverse ? -p0.y : p0.y, s1 = inverse ? -p1.y : p1.y;
-      const float2 a = rotate_pair(v.x, v.y, p0.x, s0), b = rotate_pair(v.z, v.w, p1.x, s1);
-      v = make_float4(a.x, a.y, b.x, b.y);
-    }
-    store_out4(y, (i64)r * n4 + t, v, out16);
-  }
+  for (int t = threadIdx.x; t < n4; t += blockDim.x)
+    store_out4(y, (i64)r * n4 + t, rope_group4(xr[t], cs, r, 4 * t, width, offset, dim, seqLen, inverse), out16);
 }
 
 // The head kernels below take one block per row (32-bit index arithmetic within it: a grid-stride

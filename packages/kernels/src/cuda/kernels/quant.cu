@@ -767,3 +767,77 @@ struct SwigluGradValues {
 SWIGLU_GRAD_QUANT(_f32, float, float)
 SWIGLU_GRAD_QUANT(_bf16, float, u16)
 SWIGLU_GRAD_QUANT(_bf16_dh16, u16, u16)
+
+// Producers' outputs quantised for the next Linear's backward (its Dgrad tiles and Wgrad column
+// tiles) without an f32 copy: each Values type computes the value its producer would have stored.
+// tile_rows: one warp per row, lane l holding columns 4 l .. 4 l + 3 of each 1x128 tile
+// (cols % 128 == 0), quant_tile128's amax, scale and codes.
+template <class Values>
+__device__ __forceinline__ void tile_rows(Values x, u8* q, float* scales, int rows, int cols, int fmt, int mode,
+                                          float eps) {
+  const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (r >= rows) return;
+  const int lane = threadIdx.x & 31;
+  for (int c0 = 0; c0 < cols; c0 += 128) {
+    const float4 v4 = x.at4(r, c0 + 4 * lane, cols);
+    const float v[4] = {v4.x, v4.y, v4.z, v4.w};
+    warp_tile_quant(v, q + (i64)r * cols + c0 + 4 * lane, scales + (i64)r * (cols / 128) + c0 / 128, lane, fmt,
+                    mode, eps);
+  }
+}
+
+// Backend.rope's output (x f32 [rows, heads * width]; width, offset, dim multiples of 4).
+struct RopeValues {
+  const float* x;
+  const double* cs;
+  int width, offset, dim, seqLen, inverse;
+  __device__ __forceinline__ float4 at4(int r, int c, int cols) const {
+    return rope_group4(*(const float4*)(x + (i64)r * cols + c), cs, r, c, width, offset, dim, seqLen, inverse);
+  }
+  __device__ __forceinline__ float at(int r, int c, int cols) const {
+    const float4 v = at4(r, c & ~3, cols);
+    return (&v.x)[c & 3];
+  }
+};
+
+// Backend.headConcat's output (a, b f32; la, lb, aw, a0 multiples of 4), as head_concat4 reads it.
+struct HeadConcatValues {
+  const float* a;
+  const float* b;
+  int heads, la, lb, bHeads, aw, a0;
+  __device__ __forceinline__ float4 at4(int r, int c, int cols) const {
+    const int w = la + lb, h = c / w, cc = c - h * w;
+    const float* src = cc < la ? a + (i64)r * heads * aw + a0 + h * aw + cc
+                               : b + (i64)r * bHeads * lb + (bHeads == 1 ? 0 : h) * lb + cc - la;
+    return *(const float4*)src;
+  }
+  __device__ __forceinline__ float at(int r, int c, int cols) const {
+    const float4 v = at4(r, c & ~3, cols);
+    return (&v.x)[c & 3];
+  }
+};
+
+KERNEL void rope_tile128(const float* x, const double* cs, int width, int offset, int dim, int seqLen, int inverse,
+                         u8* q, float* scales, int rows, int cols, int fmt, int mode, float eps) {
+  tile_rows(RopeValues{x, cs, width, offset, dim, seqLen, inverse}, q, scales, rows, cols, fmt, mode, eps);
+}
+KERNEL void __launch_bounds__(256) rope_coltile(const float* x, const double* cs, int width, int offset, int dim,
+                                                int seqLen, int inverse, u8* q, float* scales, const int* seg,
+                                                int nseg, int rows, int cols, int fmt, int mode, float eps,
+                                                i64 kpitch) {
+  __shared__ ColTileSmem sm;
+  coltile(RopeValues{x, cs, width, offset, dim, seqLen, inverse}, q, scales, seg, nseg, rows, cols, fmt, mode, eps,
+          kpitch, sm);
+}
+KERNEL void head_concat_tile128(const float* a, const float* b, int heads, int la, int lb, int bHeads, int aw, int a0,
+                                u8* q, float* scales, int rows, int cols, int fmt, int mode, float eps) {
+  tile_rows(HeadConcatValues{a, b, heads, la, lb, bHeads, aw, a0}, q, scales, rows, cols, fmt, mode, eps);
+}
+KERNEL void __launch_bounds__(256) head_concat_coltile(const float* a, const float* b, int heads, int la, int lb,
+                                                       int bHeads, int aw, int a0, u8* q, float* scales,
+                                                       const int* seg, int nseg, int rows, int cols, int fmt,
+                                                       int mode, float eps, i64 kpitch) {
+  __shared__ ColTileSmem sm;
+  coltile(HeadConcatValues{a, b, heads, la, lb, bHeads, aw, a0}, q, scales, seg, nseg, rows, cols, fmt, mode, eps,
+          kpitch, sm);
+}

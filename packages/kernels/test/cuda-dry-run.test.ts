@@ -107,6 +107,9 @@ async function everyOp(b: Backend) {
     transB: true,
   });
   b.groupedMatmul(q([64, 64], "tile"), q([3, 64, 128], "block"), offs, { precision: "fp8", segment: "m" });
+  // A weight whose columns are not a multiple of 16: quant_block writes no transpose beside it, so
+  // the Dgrad transposes it first.
+  b.groupedMatmul(q([64, 48], "tile"), q([3, 48, 72], "block"), offs, { precision: "fp8", segment: "m" });
   // BF16 storage: the sm90 epilogue on Hopper (128 x 256 and 128 x 128 entries), f32 then a
   // conversion elsewhere and for other precisions.
   for (const [K, N] of [

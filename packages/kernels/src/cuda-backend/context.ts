@@ -74,6 +74,13 @@ export class CudaContext {
    */
   readonly kMajor = new WeakMap<Tensor, { pitch: number }>();
   /**
+   * Block-quantised FP8 matrices (weights) whose buffers also hold their transpose, written by the
+   * same quant_block launch: the codes [batch][cols][rows] right after the tensor's own codes, the
+   * block scales [batch][cb][rb] right after its scales. The Dgrad reads its weight so (W^T with both
+   * operands K-contiguous; quant.ts transposedOf) instead of transposing it first.
+   */
+  readonly blockTransposed = new WeakSet<Tensor>();
+  /**
    * Whether column-tile quantisations are written K-major (on sm_90 with the sm90 GEMMs, unless
    * MOE8_SM90_KMAJOR=0).
    */
@@ -161,6 +168,15 @@ export class CudaContext {
   /** A new tensor in device memory (contents undefined). */
   make(shape: readonly number[], dtype: DType, quant: Tensor["quant"] = null): Tensor {
     const buf = new this.n.DeviceBuffer(numel(shape) * BYTES_PER_ELEMENT[dtype]);
+    return this.register(new Tensor(this.backend, shape, dtype, buf, quant));
+  }
+
+  /**
+   * A new tensor whose buffer holds `bytes` (more than its own elements: room for a second layout
+   * after them, see blockTransposed), contents undefined.
+   */
+  makeWithRoom(shape: readonly number[], dtype: DType, bytes: number, quant: Tensor["quant"] = null): Tensor {
+    const buf = new this.n.DeviceBuffer(Math.max(bytes, numel(shape) * BYTES_PER_ELEMENT[dtype]));
     return this.register(new Tensor(this.backend, shape, dtype, buf, quant));
   }
 

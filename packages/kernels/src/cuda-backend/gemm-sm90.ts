@@ -11,7 +11,7 @@ import type { MatmulOptions, Tensor } from "@moe8/tensor";
 import type { DeviceBuffer } from "../../native.d.cts";
 import { DEFINES, KERNELS } from "../cuda/kernels.generated.ts";
 import { type CudaContext, cdiv } from "./context.ts";
-import { transposedWeight } from "./quant.ts";
+import { transposedOf } from "./quant.ts";
 
 const SM90 = DEFINES.gemm_sm90;
 
@@ -365,7 +365,7 @@ export function sm90Matmul(
   if (sm90Refusal(operands) !== null) return false;
   if (role === "fprop") return sm90Grouped(cx, operands);
   // Dgrad: W [K, N] (stored [out, in]) transposed to [N, K], so that both operands are K-contiguous.
-  const t = transposedWeight(cx, operands.b, operands.bScales, K, N);
+  const t = transposedOf(cx, b, operands.b, operands.bScales, K, N);
   try {
     return sm90Grouped(cx, { ...operands, b: t.codes, bScales: t.scales });
   } finally {

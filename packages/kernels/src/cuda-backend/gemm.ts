@@ -17,7 +17,7 @@ import { type CudaContext, cdiv, KERNELS } from "./context.ts";
 import { bf16Operand, f32Operand, lowpInput } from "./elementwise.ts";
 import { matmulLt } from "./gemm-lt.ts";
 import { sm90Grouped, sm90Matmul, sm90Wgrad } from "./gemm-sm90.ts";
-import { FMT, GROUP, rowMajorCodes, transposedWeight } from "./quant.ts";
+import { FMT, GROUP, rowMajorCodes, transposedOf } from "./quant.ts";
 
 const { GEMM_PLAIN, GEMM_SEGMENT_M, GEMM_SEGMENT_K } = DEFINES.common;
 
@@ -251,7 +251,7 @@ function gemmKernel(
     if (mma && mode === GEMM_SEGMENT_M && aKcols && !bKcols && qb.group === "block" && K % 16 === 0) {
       // Dgrad of the experts: transpose each expert's FP8 weight (codes and block scales, exact)
       // so that both operands are K-contiguous for the TN kernel.
-      const t = transposedWeight(cx, bPtr, bScales, bRows, bCols, E);
+      const t = transposedOf(cx, b, bPtr, bScales, bRows, bCols, E);
       tmps.push(t);
       [bPtr, bScales, bKcols, bR, bC] = [t.codes, t.scales, 1, bCols, bRows];
     }

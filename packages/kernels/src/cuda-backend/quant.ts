@@ -56,10 +56,19 @@ function quantOutput(cx: CudaContext, shape: readonly number[], opts: QuantizeOp
   } else {
     nScales = batch * scaleCount(opts.group, rows, cols);
   }
-  const scales = cx.make([nScales], "f32");
+  // Weights (block groups) on tensor-core contexts carry their transpose for the Dgrad.
+  const withT =
+    cx.useTensorCores && opts.group === "block" && rows % 16 === 0 && cols % 16 === 0 && rows * cols > 0;
+  const scales = withT ? cx.makeWithRoom([nScales], "f32", 8 * nScales) : cx.make([nScales], "f32");
   const quant = { group: opts.group, format, scales, segments: seg };
   const pitch = kMajorPitch(cx, opts.group, format, batch, rows, cols, seg);
-  const q = pitch ? cx.makeKMajor(rows, cols, pitch, quant) : cx.make(shape, format, quant);
+  const n = batch * rows * cols;
+  const q = pitch
+    ? cx.makeKMajor(rows, cols, pitch, quant)
+    : withT
+      ? cx.makeWithRoom(shape, format, 2 * n, quant)
+      : cx.make(shape, format, quant);
+  if (withT) cx.blockTransposed.add(q);
   if (seg) {
     cx.segScales.set(scales, { segments: seg, cols });
     cx.n.cudaMemset8(cx.buf(scales), 0, 0, nScales * 4);
@@ -172,7 +181,8 @@ export function quantize(cx: CudaContext, x: Tensor, opts: QuantizeOptions): Ten
       });
       break;
     }
-    case "block":
+    case "block": {
+      const withT = cx.blockTransposed.has(q);
       cx.launch(KERNELS.quant.quant_block, [cdiv(cols, 128), cdiv(rows, 128), batch], 256, {
         x: xp,
         q: qp,
@@ -182,8 +192,11 @@ export function quantize(cx: CudaContext, x: Tensor, opts: QuantizeOptions): Ten
         fmt,
         mode,
         eps,
+        qt: withT ? qp + q.size : 0,
+        st: withT ? sp + scales.size * 4 : 0,
       });
       break;
+    }
     case "column-tile": {
       const d = colTileTarget(cx, q, batch);
       if (d)
@@ -338,6 +351,29 @@ export function dequantize(cx: CudaContext, q: Tensor): Tensor {
  * Each of `batch` block-quantised FP8 weights [rows, cols] transposed to [cols, rows], codes and
  * 128x128 block scales together (exact), into scratch: the K-contiguous B operand of a Dgrad.
  */
+/**
+ * The Dgrad's weight operand, W^T's codes and block scales for the FP8 weight t ([batch][rows][cols]
+ * as codes at `codes`, scales at `scales`): what quant_block wrote beside t (blockTransposed), or a
+ * transpose made now (transposedWeight). free() after the launches that read it.
+ */
+export function transposedOf(
+  cx: CudaContext,
+  t: Tensor,
+  codes: number,
+  scales: number,
+  rows: number,
+  cols: number,
+  batch = 1,
+): { codes: number; scales: number; free: () => void } {
+  if (cx.blockTransposed.has(t) && t.size === batch * rows * cols)
+    return {
+      codes: cx.p(t) + t.size,
+      scales: cx.p(t.quant!.scales) + t.quant!.scales.size * 4,
+      free: () => {},
+    };
+  return transposedWeight(cx, codes, scales, rows, cols, batch);
+}
+
 export function transposedWeight(
   cx: CudaContext,
   codes: number,

@@ -45,11 +45,20 @@ __device__ __forceinline__ float f32_inf() { return __int_as_float(0x7f800000); 
 
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
 
-// Round to nearest even; NaN -> 0x7fff (canonical, as __float2bfloat16_rn); overflow -> inf.
+// Round to nearest even; NaN -> 0x7fff (canonical, as __float2bfloat16_rn); overflow -> inf. From
+// sm_80 on the conversion instruction gives these bits (one instruction where the integer rounding
+// took five: the BF16-storing kernels were bound by integer issue, Nsight Compute on the
+// cross-entropy); the integer form stays for older GPUs.
 __device__ __forceinline__ u16 f32_to_bf16(float x) {
+#if __CUDA_ARCH__ >= 800
+  u16 r;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x));
+  return r;
+#else
   u32 b = __float_as_uint(x);
   if ((b & 0x7fffffffu) > 0x7f800000u) return 0x7fff;
   return (u16)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+#endif
 }
 
 __device__ __forceinline__ float round_bf16(float x) { return bf16_to_f32(f32_to_bf16(x)); }
@@ -69,7 +78,13 @@ __device__ __forceinline__ float4 load_f32x4(const u16* p) { return load_bf16x4(
 
 // Two values as the BF16 pair of one 32-bit MMA operand register (lo in the low half).
 __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+#if __CUDA_ARCH__ >= 800
+  u32 r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+#else
   return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
+#endif
 }
 
 // c += a @ b on tensor cores, BF16 inputs and f32 accumulation (mma.sync m16n8k16; fragment

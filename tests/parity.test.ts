@@ -71,11 +71,15 @@ describe("parity compares like with like", () => {
       expect(policies).toEqual(["bf16", "fp8", "bf16", "fp32"]); // baseline, variant, two yardsticks
       return report.runs.map((run: { balance: unknown }) => run.balance);
     };
-    const given = { gamma: 0.02, rule: "sign", alpha: 0.003, routerLr: 0.5 };
+    const given = { gamma: 0.02, rule: "sign", alpha: 0.003, routerLr: 0.5, noise: 0.7, noiseUntil: 0.25 };
     const flags = ["--balance.gamma", "0.02", "--balance.rule", "sign", "--balance.alpha", "0.003"];
-    expect(balanceOf([...flags, "--balance.router-lr", "0.5"])).toEqual(Array(4).fill(given));
+    const noise = ["--balance.noise", "0.7", "--balance.noise-until", "0.25"];
+    expect(balanceOf([...flags, "--balance.router-lr", "0.5", ...noise])).toEqual(Array(4).fill(given));
     const { bias_update_speed: gamma, bias_update_rule: rule, seq_aux_alpha: alpha } = CONFIGS.tiny;
-    expect(balanceOf([])).toEqual(Array(4).fill({ gamma, rule, alpha, routerLr: 1 }));
+    const { router_noise: n, router_noise_until: until } = CONFIGS.tiny;
+    expect(balanceOf([])).toEqual(
+      Array(4).fill({ gamma, rule, alpha, routerLr: 1, noise: n, noiseUntil: until }),
+    );
   }, 120_000);
 });
 

@@ -8,6 +8,7 @@ import {
   type AdamWSlot,
   type AttentionOptions,
   accumulateNorm,
+  addUniformNoiseHost,
   attentionRowsError,
   type Backend,
   type BiasUpdateOptions,
@@ -32,6 +33,7 @@ import {
   intoBf16,
   isFp8,
   type MatmulOptions,
+  type NoiseOptions,
   numel,
   type PermuteResult,
   type PreparedAdamW,
@@ -550,6 +552,11 @@ export class CpuBackend extends HostLifetimes implements Backend {
   }
 
   // --- mixture of experts ----------------------------------------------------------------------
+  addUniformNoise(x: Tensor, o: NoiseOptions): void {
+    if (x.shape.length !== 2) throw new Error(`addUniformNoise: x must be 2-D, got [${x.shape}]`);
+    addUniformNoiseHost(f32(x), x.rows, x.cols, o);
+  }
+
   router(logits: Tensor, bias: Tensor, k: number, scaling: number): RouterResult {
     const N = logits.rows;
     const E = logits.cols;

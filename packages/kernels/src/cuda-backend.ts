@@ -35,6 +35,7 @@ import {
   HostLifetimes,
   hostArray,
   type MatmulOptions,
+  type NoiseOptions,
   numel,
   type PermuteResult,
   type PreparedAdamW,
@@ -336,6 +337,10 @@ export class CudaBackend extends HostLifetimes implements Backend {
   }
 
   // --- mixture of experts ----------------------------------------------------------------------
+  addUniformNoise(x: Tensor, o: NoiseOptions): void {
+    ew.addUniformNoise(this.cx, x, o);
+  }
+
   router(logits: Tensor, bias: Tensor, k: number, scaling: number): RouterResult {
     return moe.router(this.cx, logits, bias, k, scaling);
   }

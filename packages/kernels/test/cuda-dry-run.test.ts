@@ -201,6 +201,7 @@ async function everyOp(b: Backend) {
       // A KV-cache decode step: one query per batch against 16 keys.
       b.attention(up([2, 3 * dqk]), k, v, { ...o, seq: 1, kvSeq: 16 });
     }
+  b.addUniformNoise(up([64, 16]), { seed: 7, rowOffset: 64, scale: 2 });
   const r = b.router(up([64, 16]), up([16]), 2, 2.5);
   b.routerBackward(up([64, 2]), r.scores, r.topIdx, 2.5, up([64, 16]));
   b.balanceLoss(r.scores, r.topIdx, { batch: 2, seq: 32, alpha: 0.001 });

@@ -48,6 +48,8 @@ export function hfConfig(c: ModelConfig): Record<string, unknown> {
     moe8_seq_aux_alpha: c.seq_aux_alpha,
     moe8_embedding_init_std: c.embedding_init_std,
     moe8_router_init_std: c.router_init_std ?? c.initializer_range,
+    moe8_router_noise: c.router_noise ?? 0,
+    moe8_router_noise_until: c.router_noise_until ?? 0.5,
   };
 }
 
@@ -86,6 +88,9 @@ export function fromHfConfig(j: Record<string, unknown>): ModelConfig {
     embedding_init_std: n("moe8_embedding_init_std", n("initializer_range", 0.006)),
     // Likewise the routers' weights.
     router_init_std: n("moe8_router_init_std", n("initializer_range", 0.006)),
+    // Checkpoints written before router noise trained without it.
+    router_noise: n("moe8_router_noise", 0),
+    router_noise_until: n("moe8_router_noise_until", 0.5),
   };
 }
 

@@ -1,4 +1,11 @@
-export { CONFIGS, countParams, type ModelConfig, STEP_SHAPES } from "./config.ts";
+export {
+  CONFIGS,
+  countParams,
+  type ModelConfig,
+  routerNoiseAt,
+  routerNoiseSeed,
+  STEP_SHAPES,
+} from "./config.ts";
 export { type GenerateOptions, generate, generateByRecompute } from "./generate.ts";
 export { fromHfConfig, hfConfig, hfConfigText } from "./hf.ts";
 export { KvCacheDecoder } from "./kv-decode.ts";

@@ -4,7 +4,15 @@
 import { type AttentionPrecision, MLA } from "@moe8/attention";
 import type { PrecisionPolicy } from "@moe8/fp8-core";
 import { MoELayer, SwiGluMlp } from "@moe8/moe-layers";
-import { type Backend, Linear, Param, PrecisionTrace, Rng, type Tensor } from "@moe8/tensor";
+import {
+  type Backend,
+  Linear,
+  type NoiseOptions,
+  Param,
+  PrecisionTrace,
+  Rng,
+  type Tensor,
+} from "@moe8/tensor";
 import type { ModelConfig } from "./config.ts";
 
 /**
@@ -148,6 +156,17 @@ export class DeepSeekModel {
     const f = this.b.cast(l, "f32");
     this.b.release(l);
     return f;
+  }
+
+  /**
+   * Router noise for the next training forwards (null: none): `o.seed` is the step's, mixed here with
+   * each MoE layer's index; `o.rowOffset` the first token's index in the step's whole batch.
+   */
+  setRouterNoise(o: NoiseOptions | null): void {
+    this.moeLayers.forEach((m, i) => {
+      m.noise =
+        o && o.scale > 0 ? { ...o, seed: (Math.imul(o.seed ^ 0x5bd1e995, 31) + i * 0x27d4eb2f) | 0 } : null;
+    });
   }
 
   /** The final normalised hidden states [B*T, d] (the head's input); saves what backward needs. */

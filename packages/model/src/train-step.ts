@@ -39,6 +39,11 @@ export interface StepOptions {
   accum?: number;
   /** The data-parallel group (default: this process alone); `ids` is then this rank's slice. */
   collectives?: Collectives;
+  /**
+   * Router noise of this step (routerNoiseAt, routerNoiseSeed): each token's noise is drawn by its
+   * index in the whole step's batch, so micro-batches and ranks see the noise one pass would.
+   */
+  routerNoise?: { scale: number; seed: number };
 }
 
 /**
@@ -64,10 +69,19 @@ export async function trainStep(
     flow.enabled = !!opts.fp8Stats;
     opt.zeroGrad();
     const share = 1 / group.size;
-    const pass =
-      accum === 1
-        ? wholeBatch(model, ids, targets, shape, share)
-        : microBatches(model, ids, targets, shape, accum, share);
+    const noise = opts.routerNoise && opts.routerNoise.scale > 0 ? opts.routerNoise : null;
+    // This rank's first token in the step's batch (the ranks hold equal consecutive slices).
+    const first = group.rank * shape.batch * shape.seq;
+    const setNoise = (row: number) => model.setRouterNoise(noise && { ...noise, rowOffset: first + row });
+    let pass: Pass;
+    try {
+      pass =
+        accum === 1
+          ? wholeBatch(model, ids, targets, shape, share, setNoise)
+          : microBatches(model, ids, targets, shape, accum, share, setNoise);
+    } finally {
+      model.setRouterNoise(null);
+    }
     const offsets = await pass.offsets();
     if (group.size > 1)
       await group.allReduceSum([...opt.params.map((p) => p.grad), pass.ce, pass.total, ...offsets]);
@@ -102,15 +116,20 @@ interface Pass {
   offsets(): Promise<Tensor[]>;
 }
 
-/** share: this rank's part of the step (1 / ranks), applied to the gradients and the losses. */
+/**
+ * share: this rank's part of the step (1 / ranks), applied to the gradients and the losses;
+ * setNoise(row): the router noise for a pass whose first token is `row` of this rank's batch.
+ */
 function wholeBatch(
   model: DeepSeekModel,
   ids: Tensor,
   targets: Tensor,
   shape: BatchShape,
   share: number,
+  setNoise: (row: number) => void,
 ): Pass {
   const b = model.b;
+  setNoise(0);
   const r = model.lossAndGrad(ids, targets, shape, share);
   const [ce, total] = share === 1 ? [r.ce, r.total] : [b.scale(r.ce, share), b.scale(r.total, share)];
   const offsets = model.moeLayers.map((m) => m.lastOffsets!);
@@ -124,6 +143,7 @@ function microBatches(
   shape: BatchShape,
   accum: number,
   share: number,
+  setNoise: (row: number) => void,
 ): Pass {
   const b = model.b;
   const micro = { batch: shape.batch / accum, seq: shape.seq };
@@ -135,6 +155,7 @@ function microBatches(
     // The micro-batch's activations go with its arena; its losses (scaled by 1/K) and expert
     // offsets leave it.
     const kept = b.scope(() => {
+      setNoise(k * rows);
       const r = model.lossAndGrad(
         b.rows(ids, k * rows, rows),
         b.rows(targets, k * rows, rows),

@@ -50,6 +50,7 @@ async function train(
   start: Start | null = null,
   first = 0,
   steps = STEPS,
+  noise = 0,
 ): Promise<Run[]> {
   const group: Collectives[] = ranks === 1 ? [SINGLE_PROCESS] : localGroup(ranks);
   const replicas = group.map((g) => {
@@ -74,7 +75,12 @@ async function train(
         const ids = b.rows(all.ids, g.rank * rows, rows);
         const targets = b.rows(all.targets, g.rank * rows, rows);
         const shape = { batch: BATCH / ranks, seq: SEQ };
-        const r = await trainStep(model, opt, ids, targets, shape, 1e-2, { collectives: g, accum });
+        const routerNoise = noise > 0 ? { scale: noise, seed: 7919 * (s + 1) } : undefined;
+        const r = await trainStep(model, opt, ids, targets, shape, 1e-2, {
+          collectives: g,
+          accum,
+          routerNoise,
+        });
         run.losses.push(r.loss);
         run.norms.push(r.gradNorm);
         run.loads.push(r.load.map((l) => l.counts));
@@ -119,6 +125,26 @@ describe("data parallel: ranks summed through the collectives", () => {
       // Against one rank: the same step up to the order of the f32 sums. AdamW's first steps divide
       // each gradient by its own magnitude, so an element whose gradient is near 0 (~1e-8 here)
       // moves by an amount that depends on those last bits: the third step's norm differs by ~2e-4.
+      expect(maxRelDiff(runs[0].losses, one.losses), what).toBeLessThan(1e-5);
+      expect(maxRelDiff(runs[0].norms, one.norms), what).toBeLessThan(5e-4);
+      expect(runs[0].loads[0], what).toEqual(one.loads[0]);
+    }
+  }, 120_000);
+
+  // Router noise is drawn by each token's index in the step's whole batch: ranks and micro-batches
+  // route every token as one pass over the batch does.
+  it("router noise: 2 and 4 ranks and micro-batches train as 1 rank, and the noise changes the run", async () => {
+    const [plain] = await train(1);
+    const [one] = await train(1, 1, false, null, 0, STEPS, 1.5);
+    expect(maxRelDiff(one.losses, plain.losses)).toBeGreaterThan(1e-4);
+    expect(one.loads[0]).not.toEqual(plain.loads[0]);
+    for (const [ranks, accum] of [
+      [1, 2],
+      [2, 1],
+      [4, 2],
+    ] as const) {
+      const runs = await train(ranks, accum, false, null, 0, STEPS, 1.5);
+      const what = `${ranks} ranks, ${accum} micro-batches`;
       expect(maxRelDiff(runs[0].losses, one.losses), what).toBeLessThan(1e-5);
       expect(maxRelDiff(runs[0].norms, one.norms), what).toBeLessThan(5e-4);
       expect(runs[0].loads[0], what).toEqual(one.loads[0]);

@@ -4,7 +4,7 @@ import { MoELayer } from "@moe8/moe-layers";
 import { ADAMW_DEFAULTS, AdamW } from "@moe8/optimizer";
 import { Rng, TsBackend } from "@moe8/tensor";
 import { describe, expect, it } from "vitest";
-import { CONFIGS, countParams } from "../src/config.ts";
+import { CONFIGS, countParams, routerNoiseAt, routerNoiseSeed } from "../src/config.ts";
 import { fromHfConfig, hfConfig } from "../src/hf.ts";
 import { DeepSeekModel } from "../src/model.ts";
 import { trainStep } from "../src/train-step.ts";
@@ -187,5 +187,45 @@ describe("router_init_std", () => {
     expect(fromHfConfig(hfConfig(c)).router_init_std).toBe(0.03);
     const { moe8_router_init_std: _, ...old } = hfConfig({ ...MICRO, initializer_range: 0.04 });
     expect(fromHfConfig(old).router_init_std).toBe(0.04);
+  });
+});
+
+describe("router noise", () => {
+  it("falls linearly from router_noise to 0 at router_noise_until of the run; none when absent", () => {
+    const c = { ...MICRO, router_noise: 2, router_noise_until: 0.5 };
+    expect(routerNoiseAt(c, 1, 600)).toBe(2);
+    expect(routerNoiseAt(c, 151, 600)).toBeCloseTo(1, 12);
+    expect(routerNoiseAt(c, 301, 600)).toBe(0);
+    expect(routerNoiseAt(c, 600, 600)).toBe(0);
+    expect(routerNoiseAt({ ...MICRO, router_noise: undefined }, 1, 600)).toBe(0);
+    expect(routerNoiseSeed(1, 2)).not.toBe(routerNoiseSeed(1, 3));
+    expect(routerNoiseSeed(1, 2)).not.toBe(routerNoiseSeed(2, 2));
+  });
+
+  it("is on by default for tiny only, and config.json keeps it; older configs trained without it", () => {
+    expect(CONFIGS.tiny.router_noise).toBeGreaterThan(0);
+    expect(CONFIGS.small.router_noise ?? 0).toBe(0);
+    const c = { ...MICRO, router_noise: 1.5, router_noise_until: 0.25 };
+    expect(fromHfConfig(hfConfig(c))).toMatchObject({ router_noise: 1.5, router_noise_until: 0.25 });
+    const { moe8_router_noise: _, moe8_router_noise_until: __, ...old } = hfConfig(c);
+    expect(fromHfConfig(old)).toMatchObject({ router_noise: 0, router_noise_until: 0.5 });
+  });
+
+  it("spreads a collapsed router's tokens over the experts in training, and evaluation routes without it", async () => {
+    const b = new TsBackend();
+    // Every router weight 0: every token's scores are equal, so every token takes the same k experts.
+    const m = new DeepSeekModel(b, MICRO, presetPolicy("fp32"), 5);
+    for (const p of m.params) if (p.name.endsWith(".mlp.gate.weight")) p.value = b.zeros(p.value.shape);
+    const opt = new AdamW(b, m.params, ADAMW_DEFAULTS);
+    const batch = batchOf(b, MICRO, 4, 8, 3);
+    const step = (routerNoise?: { scale: number; seed: number }) =>
+      trainStep(m, opt, batch.ids, batch.targets, batch.shape, 0, { routerNoise });
+    const k = MICRO.num_experts_per_tok;
+    const used = (counts: number[]) => counts.filter((c) => c > 0).length;
+    expect(used((await step()).load[0].counts)).toBe(k);
+    expect(used((await step({ scale: 2, seed: 1 })).load[0].counts)).toBeGreaterThan(k);
+    // After a noisy step the layers hold no noise: the same step without it routes as before.
+    expect(used((await step()).load[0].counts)).toBe(k);
+    expect(m.moeLayers.every((l) => l.noise === null)).toBe(true);
   });
 });

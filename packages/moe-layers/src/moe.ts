@@ -7,6 +7,7 @@ import {
   type BiasRule,
   intoBf16,
   type LinearPrecision,
+  type NoiseOptions,
   Param,
   type PermuteResult,
   type PrecisionTrace,
@@ -150,11 +151,20 @@ export class MoELayer {
    * combine (the block's residual connection without a pass of its own); its gradient is the
    * output's, which the caller already holds.
    */
+  /**
+   * The router noise of the next training forwards (set by the model for each step and micro-batch;
+   * null: none, as for evaluation and generation).
+   */
+  noise: NoiseOptions | null = null;
+
   forward(x: Tensor, batch: number, seq: number, gradScale = 1, residual: Tensor | null = null): Tensor {
     const b = this.b;
     const { num_experts_per_tok: k, n_routed_experts: E, routed_scaling_factor: scaling } = this.cfg;
     // The router is FP32 whatever the policy says (docs/numerics.md, "What stays in higher precision").
     const logits = b.matmul(x, this.gate.value, { transB: true, precision: "f32" });
+    // Router noise while training (docs/model.md, "Balancing"): it moves the scores, so the choice
+    // of experts and their weights, and the backward differentiates at the noisy logits.
+    if (this.noise && this.noise.scale > 0) b.addUniformNoise(logits, this.noise);
     this.trace?.record({ pkg: "moe-layers", layer: `${this.prefix}.gate`, role: "fprop", precision: "f32" });
     const r = b.router(logits, this.bias, k, scaling);
     b.release(logits); // backward starts from the scores

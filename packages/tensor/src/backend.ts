@@ -355,6 +355,12 @@ export interface Backend {
 
   // Mixture of experts.
   router(logits: Tensor, bias: Tensor, k: number, scaling: number): RouterResult;
+  /**
+   * In place, x f32 [rows, cols]: x[r, c] += noise(o.seed, o.rowOffset + r, c) * o.scale, the noise
+   * uniform in [-1, 1) from a counter hash (uniformNoise: the same bits on every backend, whatever
+   * the rows' split over micro-batches or ranks). The router noise of training (docs/model.md).
+   */
+  addUniformNoise(x: Tensor, o: NoiseOptions): void;
   /** Gradient of the logits from d(weights) and an optional extra d(scores) (the balance loss). */
   routerBackward(dweights: Tensor, scores: Tensor, topIdx: Tensor, scaling: number, dscores?: Tensor): Tensor;
   /** Sequence-wise balance loss alpha * sum_i f_i P_i averaged over sequences, and d(loss)/d(scores). */
@@ -433,6 +439,40 @@ export function checkAdamWSlots(slots: readonly AdamWSlot[]): void {
     if (g.size !== p.size || m.size !== p.size || v.size !== p.size)
       throw new Error(`prepareAdamW: p ${p}, g ${g}, m ${m} and v ${v} differ in size`);
   }
+}
+
+/** Backend.addUniformNoise's stream: a seed, the first row's index in it, and the width. */
+export interface NoiseOptions {
+  /** Any 32-bit integer (its low 32 bits are used). */
+  seed: number;
+  /** Index of x's row 0 among the rows the seed covers (a micro-batch's or a rank's first row). */
+  rowOffset: number;
+  scale: number;
+}
+
+/**
+ * The noise of (seed, row, col), uniform in [-1, 1) with 24 bits: a 32-bit mix (lowbias32) of the
+ * seed and the position, its top 24 bits u as 2 u / 2^24 - 1 (exact in f32). Every backend computes
+ * these bits; the CUDA kernel mirrors this function.
+ */
+export function uniformNoise(seed: number, row: number, col: number): number {
+  let h = (seed + Math.imul(row, 0x9e3779b1) + Math.imul(col, 0x85ebca77)) >>> 0;
+  h ^= h >>> 16;
+  h = Math.imul(h, 0x7feb352d) >>> 0;
+  h ^= h >>> 15;
+  h = Math.imul(h, 0x846ca68b) >>> 0;
+  h ^= h >>> 16;
+  return (h >>> 8) / 8388608 - 1;
+}
+
+/** addUniformNoise on host f32 values [rows, cols] (the ts and cpu backends). */
+export function addUniformNoiseHost(x: Float32Array, rows: number, cols: number, o: NoiseOptions): void {
+  const scale = Math.fround(o.scale);
+  for (let r = 0; r < rows; r++)
+    for (let c = 0; c < cols; c++) {
+      const i = r * cols + c;
+      x[i] = Math.fround(x[i] + Math.fround(uniformNoise(o.seed, o.rowOffset + r, c) * scale));
+    }
 }
 
 /** How a Linear's backward quantises its output gradient for Dgrad and for Wgrad (Linear.gradQuant). */

@@ -23,7 +23,14 @@ export interface RunResult {
   seed: number;
   dataSeed: number;
   /** The expert balancing this run trained with: the same for every policy compared. */
-  balance: { gamma: number; rule: BiasRule; alpha: number; routerLr: number };
+  balance: {
+    gamma: number;
+    rule: BiasRule;
+    alpha: number;
+    routerLr: number;
+    noise: number;
+    noiseUntil: number;
+  };
   losses: number[];
   ema: number[];
   /** Mean EMA(0.9) training loss over the last 10% of steps. */
@@ -115,6 +122,7 @@ export async function trainForParity(
         const tg = b.upload(batch.targets, [batch.targets.length], "i32");
         return trainStep(s.model, s.opt, ids, tg, { batch: c.batchSize, seq: c.seqLen }, s.lrAt(step), {
           accum: c.gradAccum,
+          routerNoise: s.routerNoiseAt(step),
         });
       });
       losses.push(r.loss);
@@ -136,6 +144,8 @@ export async function trainForParity(
         rule: modelCfg.bias_update_rule,
         alpha: modelCfg.seq_aux_alpha,
         routerLr: c.balance.routerLr ?? 1,
+        noise: modelCfg.router_noise ?? 0,
+        noiseUntil: modelCfg.router_noise_until ?? 0.5,
       },
       losses,
       ema,

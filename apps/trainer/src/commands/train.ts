@@ -219,6 +219,7 @@ async function loop(
       return trainStep(s.model, s.opt, ids, tg, { batch: cfg.batchSize, seq: cfg.seqLen }, lr, {
         fp8Stats,
         accum: cfg.gradAccum,
+        routerNoise: s.routerNoiseAt(st.step + 1),
       });
     });
     st.step++;

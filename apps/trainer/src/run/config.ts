@@ -38,11 +38,14 @@ export const ModelFieldsSchema = z.object({
   initializer_range: z.number().positive().max(10),
   embedding_init_std: z.number().positive().max(10),
   router_init_std: z.number().positive().max(10).optional(),
+  router_noise: z.number().nonnegative().max(100).optional(),
+  router_noise_until: z.number().positive().max(1).optional(),
 });
 
 /**
  * The run's expert balancing (docs/model.md, "Balancing"), on top of the model's own settings:
- * gamma -> bias_update_speed, rule -> bias_update_rule, alpha -> seq_aux_alpha. The same under every
+ * gamma -> bias_update_speed, rule -> bias_update_rule, alpha -> seq_aux_alpha, noise ->
+ * router_noise, noiseUntil -> router_noise_until. The same under every
  * precision a run or a parity comparison uses.
  */
 export const BalanceSchema = z
@@ -52,6 +55,8 @@ export const BalanceSchema = z
     alpha: ModelFieldsSchema.shape.seq_aux_alpha,
     /** The routers' learning rate as a multiple of the run's (AdamWConfig.lrScale.router); 1 by default. */
     routerLr: z.number().positive().max(100),
+    noise: ModelFieldsSchema.shape.router_noise.unwrap(),
+    noiseUntil: ModelFieldsSchema.shape.router_noise_until.unwrap(),
   })
   .partial()
   .strict();
@@ -83,6 +88,8 @@ const modelOverrides = ModelFieldsSchema.extend({ base: z.enum(["tiny", "small"]
     initializer_range: true,
     embedding_init_std: true,
     router_init_std: true,
+    router_noise: true,
+    router_noise_until: true,
   })
   .strict();
 
@@ -256,7 +263,9 @@ export function resolveModel(c: TrainConfig): ModelConfig {
           const { base, ...rest } = c.model;
           return { ...CONFIGS[base], ...rest };
         })();
-  const { gamma, rule, alpha } = c.balance ?? {};
+  const { gamma, rule, alpha, noise, noiseUntil } = c.balance ?? {};
+  if (noise !== undefined) m.router_noise = noise;
+  if (noiseUntil !== undefined) m.router_noise_until = noiseUntil;
   if (gamma !== undefined) m.bias_update_speed = gamma;
   if (rule !== undefined) m.bias_update_rule = rule;
   if (alpha !== undefined) m.seq_aux_alpha = alpha;

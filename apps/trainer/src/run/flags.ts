@@ -47,6 +47,8 @@ export const TRAIN_FLAGS: FlagSpec = {
   "balance.rule": "string",
   "balance.alpha": "number",
   "balance.router-lr": "number",
+  "balance.noise": "number",
+  "balance.noise-until": "number",
   "trace-precision": "boolean",
   json: "boolean",
   debug: "boolean",
@@ -82,6 +84,8 @@ const BALANCE_FLAGS = {
   "balance.rule": "rule",
   "balance.alpha": "alpha",
   "balance.router-lr": "routerLr",
+  "balance.noise": "noise",
+  "balance.noise-until": "noiseUntil",
 } as const;
 
 /** DEFAULTS <- preset or config file (--config) <- flags; validated as a whole. */

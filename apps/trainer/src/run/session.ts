@@ -1,7 +1,7 @@
 // Everything a run needs, built from its config: backend, precision policy, model and optimizer.
 import { type PrecisionPolicy, parsePolicy } from "@moe8/fp8-core";
 import { createBackend } from "@moe8/kernels";
-import { DeepSeekModel, type ModelConfig } from "@moe8/model";
+import { DeepSeekModel, type ModelConfig, routerNoiseAt, routerNoiseSeed } from "@moe8/model";
 import { ADAMW_DEFAULTS, AdamW } from "@moe8/optimizer";
 import type { Backend } from "@moe8/tensor";
 import type { TrainConfig } from "./config.ts";
@@ -15,6 +15,8 @@ export interface Session {
   /** The learning-rate schedule; a resumed run whose length changed replaces it (schedule.ts). */
   schedule: RunSchedule;
   lrAt(step: number): number;
+  /** The router noise of step `step` (1-based) for trainStep's `routerNoise` (none once it fell to 0). */
+  routerNoiseAt(step: number): { scale: number; seed: number } | undefined;
   dispose(): void;
 }
 
@@ -46,6 +48,10 @@ export function buildSession(cfg: TrainConfig, modelCfg: ModelConfig, backend?: 
     schedule: runSchedule(cfg),
     lrAt(step) {
       return lrAt(this.schedule, step);
+    },
+    routerNoiseAt(step) {
+      const scale = routerNoiseAt(modelCfg, step, this.schedule.total);
+      return scale > 0 ? { scale, seed: routerNoiseSeed(cfg.seed, step) } : undefined;
     },
     dispose() {
       opt.dispose();

@@ -1,6 +1,6 @@
 // Elementwise ops, copies, casts and sums (elementwise.cu), and the operand conversions the other
 // modules use: BF16 copies for kernels that read BF16, f32 copies for those that read f32.
-import { BYTES_PER_ELEMENT, rowSpan, sameShape, type Tensor } from "@moe8/tensor";
+import { BYTES_PER_ELEMENT, type NoiseOptions, rowSpan, sameShape, type Tensor } from "@moe8/tensor";
 import { type CudaContext, cdiv, KERNELS, type Operand, u8view } from "./context.ts";
 import { rowMajorBuffer } from "./quant.ts";
 
@@ -137,4 +137,18 @@ export function sum(cx: CudaContext, t: Tensor): Tensor {
   cx.launch(KERNELS.elementwise.sum_final, [1], 256, { part: tmp.ptr, nparts: parts, out: cx.p(out) });
   tmp.free();
   return out;
+}
+
+/** Backend.addUniformNoise (add_uniform_noise: the reference's uniformNoise bits). */
+export function addUniformNoise(cx: CudaContext, x: Tensor, o: NoiseOptions): void {
+  if (x.shape.length !== 2) throw new Error(`addUniformNoise: x must be 2-D, got [${x.shape}]`);
+  if (x.size === 0) return;
+  cx.launch(KERNELS.elementwise.add_uniform_noise, cx.g1(x.size), 256, {
+    x: cx.f32p(x, "addUniformNoise"),
+    rows: x.rows,
+    cols: x.cols,
+    seed: o.seed >>> 0,
+    rowOffset: o.rowOffset,
+    scale: o.scale,
+  });
 }

@@ -899,6 +899,35 @@ export function opSuite(name: string, make: () => Backend): void {
       });
     });
 
+    // The router noise: the reference's bits on every backend, and a row's noise depends on its index
+    // in the stream only (two halves with their row offsets are the whole).
+    it("addUniformNoise: the same bits everywhere, by each row's index", async () => {
+      const [R, C] = [70, 64];
+      const x = rng.normals(R * C);
+      const o = { seed: -123456789, rowOffset: 1000, scale: 2.5 };
+      await same((b) => {
+        const X = b.upload(x, [R, C]);
+        b.addUniformNoise(X, o);
+        const halves = [b.upload(x.subarray(0, 30 * C), [30, C]), b.upload(x.subarray(30 * C), [R - 30, C])];
+        b.addUniformNoise(halves[0], o);
+        b.addUniformNoise(halves[1], { ...o, rowOffset: o.rowOffset + 30 });
+        return { X, top: halves[0], bottom: halves[1] };
+      }, "exact");
+      await be.scope(async () => {
+        const X = be.upload(x, [R, C]);
+        be.addUniformNoise(X, o);
+        const got = (await X.read()) as Float32Array;
+        const noise = got.map((v, i) => (v - x[i]) / o.scale);
+        // Uniform in [-1, 1): every value inside, the mean near 0 and the spread near 1/sqrt(3).
+        expect(Math.min(...noise)).toBeGreaterThanOrEqual(-1.0001);
+        expect(Math.max(...noise)).toBeLessThan(1.0001);
+        const mean = noise.reduce((a, v) => a + v, 0) / noise.length;
+        const sd = Math.sqrt(noise.reduce((a, v) => a + (v - mean) ** 2, 0) / noise.length);
+        expect(Math.abs(mean)).toBeLessThan(0.05);
+        expect(Math.abs(sd - 1 / Math.sqrt(3))).toBeLessThan(0.03);
+      });
+    });
+
     it("router, balance loss, permute/combine and bias update", async () => {
       const N = 50;
       const E = 8;

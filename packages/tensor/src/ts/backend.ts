@@ -21,6 +21,7 @@ import type {
 } from "../backend.ts";
 import {
   accumulateNorm,
+  addUniformNoiseHost,
   attentionRowsError,
   checkAdamWSlots,
   clipScaleOver,
@@ -28,6 +29,7 @@ import {
   combineBackwardQuantizedVia,
   type GradQuant,
   intoBf16,
+  type NoiseOptions,
   quantizedVia,
   requantizeViaF32,
   storeBf16Error,
@@ -398,6 +400,11 @@ export class TsBackend extends HostLifetimes implements Backend {
   }
 
   // --- mixture of experts ----------------------------------------------------------------------
+  addUniformNoise(x: Tensor, o: NoiseOptions): void {
+    if (x.shape.length !== 2) throw new Error(`addUniformNoise: x must be 2-D, got [${x.shape}]`);
+    addUniformNoiseHost(f32(x), x.rows, x.cols, o);
+  }
+
   router(logits: Tensor, bias: Tensor, k: number, scaling: number): RouterResult {
     const N = logits.rows;
     const E = logits.cols;

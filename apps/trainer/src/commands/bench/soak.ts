@@ -32,6 +32,7 @@ export async function benchSoak(flags: Record<string, unknown>): Promise<number>
       const tg = b.upload(batch.targets, [batch.targets.length], "i32");
       return trainStep(s.model, s.opt, ids, tg, { batch: cfg.batchSize, seq: cfg.seqLen }, s.lrAt(step), {
         accum: cfg.gradAccum,
+        routerNoise: s.routerNoiseAt(step),
       });
     });
     if (step % every === 0 || step === 1) {

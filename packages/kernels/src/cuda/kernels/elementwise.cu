@@ -105,3 +105,21 @@ KERNEL void sum_final(const double* part, int nparts, float* out) {
   if (threadIdx.x == 0) out[0] = (float)v;
 }
 
+
+// x[r, c] += noise(seed, rowOffset + r, c) * scale in place (Backend.addUniformNoise): the noise
+// uniform in [-1, 1) from a 32-bit mix of the seed and the position, the bits of the reference's
+// uniformNoise (packages/tensor/src/backend.ts); the product and the sum rounded separately.
+KERNEL void add_uniform_noise(float* x, int rows, int cols, u32 seed, int rowOffset, float scale) {
+  const i64 n = (i64)rows * cols;
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+    const int r = (int)(i / cols), c = (int)(i - (i64)r * cols);
+    u32 h = seed + (u32)(rowOffset + r) * 0x9e3779b1u + (u32)c * 0x85ebca77u;
+    h ^= h >> 16;
+    h *= 0x7feb352du;
+    h ^= h >> 15;
+    h *= 0x846ca68bu;
+    h ^= h >> 16;
+    const float u = __fadd_rn(__fmul_rn((float)(h >> 8), 1.0f / 8388608.0f), -1.0f);
+    x[i] = __fadd_rn(x[i], __fmul_rn(u, scale));
+  }
+}

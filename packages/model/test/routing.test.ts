@@ -215,7 +215,8 @@ describe("router noise", () => {
     const b = new TsBackend();
     // Every router weight 0: every token's scores are equal, so every token takes the same k experts.
     const m = new DeepSeekModel(b, MICRO, presetPolicy("fp32"), 5);
-    for (const p of m.params) if (p.name.endsWith(".mlp.gate.weight")) p.value = b.zeros(p.value.shape);
+    for (const p of m.params)
+      if (p.name.endsWith(".mlp.gate.weight")) b.write(p.value, new Float32Array(p.value.size));
     const opt = new AdamW(b, m.params, ADAMW_DEFAULTS);
     const batch = batchOf(b, MICRO, 4, 8, 3);
     const step = (routerNoise?: { scale: number; seed: number }) =>

@@ -159,6 +159,10 @@ async function everyOp(b: Backend) {
   });
   const w = up([256]);
   b.rmsnormBackward(y, x, w, b.rmsnorm(x, w, 1e-6).rstd);
+  // A width the one-pass backward does not take (C % 128 != 0): the two-pass kernels, whatever the
+  // buffers' alignment.
+  const [x72, w72] = [up([64, 72]), up([72])];
+  b.rmsnormBackward(up([64, 72]), x72, w72, b.rmsnorm(x72, w72, 1e-6).rstd);
   b.rope(x, { heads: 4, width: 64, offset: 32, dim: 32, seqLen: 16, theta: 10000, inverse: true });
   b.rope(x, { heads: 4, width: 64, offset: 32, dim: 32, seqLen: 1, start: 200, theta: 10000 });
   const hs = { heads: 4, width: 64, start: 8, len: 16 };

@@ -491,10 +491,7 @@ export function combineBackwardQuantizedVia(
   q: GradQuant,
 ): { dweights: Tensor; dgrad: Tensor; wgrad: Tensor } {
   const { dys, dweights } = b.moeCombineBackward(dy, ys, slot, weights);
-  const dgrad = b.quantize(dys, q.dgrad);
-  const wgrad = b.quantize(dys, q.wgrad);
-  b.release(dys);
-  return { dweights, dgrad, wgrad };
+  return { dweights, ...quantizedVia(b, dys, q) };
 }
 
 /** A producer's f32 output quantised twice as q asks and released: the fused ops' definition. */
@@ -512,11 +509,7 @@ export function swigluBackwardQuantizedVia(
   gu: Tensor,
   q: GradQuant,
 ): { dgrad: Tensor; wgrad: Tensor } {
-  const dgu = b.swigluBackward(dh, gu);
-  const dgrad = b.quantize(dgu, q.dgrad);
-  const wgrad = b.quantize(dgu, q.wgrad);
-  b.release(dgu);
-  return { dgrad, wgrad };
+  return quantizedVia(b, b.swigluBackward(dh, gu), q);
 }
 
 /** rmsnormBackward's accumulate as its definition: each result added into its target and released. */

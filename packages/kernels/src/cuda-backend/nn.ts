@@ -188,6 +188,20 @@ export function headScatterAdd(cx: CudaContext, dst: Tensor, src: Tensor, o: Hea
   });
 }
 
+/**
+ * Where headConcat's output columns come from: each output head is a's `la` columns from `a0` of
+ * its `aw`-wide head, then b's `lb` (its one head, or the same head); `wide` when no group of four
+ * columns straddles a head or the a|b boundary (the four-column kernels).
+ */
+export function concatLayout(a: Tensor, b: Tensor, heads: number, bHeads: number, aPart?: HeadPart) {
+  const la = aPart ? aPart.len : a.cols / heads;
+  const lb = b.cols / bHeads;
+  const aw = aPart ? aPart.width : la;
+  const a0 = aPart ? aPart.start : 0;
+  const wide = la % 4 === 0 && lb % 4 === 0 && aw % 4 === 0 && a0 % 4 === 0;
+  return { heads, bHeads, la, lb, aw, a0, cols: heads * (la + lb), wide };
+}
+
 export function headConcat(
   cx: CudaContext,
   a: Tensor,
@@ -197,27 +211,18 @@ export function headConcat(
   storeBf16: boolean,
   aPart?: HeadPart,
 ): Tensor {
-  const la = aPart ? aPart.len : a.cols / heads;
-  const lb = b.cols / bHeads;
+  const { cols, wide, ...layout } = concatLayout(a, b, heads, bHeads, aPart);
   const R = a.rows;
-  const y = cx.make([R, heads * (la + lb)], storeBf16 ? "bf16" : "f32");
+  const y = cx.make([R, cols], storeBf16 ? "bf16" : "f32");
   if (R === 0) return y;
-  const aw = aPart ? aPart.width : la;
-  const a0 = aPart ? aPart.start : 0;
   // Four columns a thread when no group of four straddles a head or the a|b boundary.
-  const wide = la % 4 === 0 && lb % 4 === 0 && aw % 4 === 0 && a0 % 4 === 0;
   const kernel = wide ? KERNELS.nn.head_concat4 : KERNELS.nn.head_concat;
-  cx.launch(kernel, cx.rowsGrid(R), rowBlock((heads * (la + lb)) / (wide ? 4 : 1)), {
+  cx.launch(kernel, cx.rowsGrid(R), rowBlock(cols / (wide ? 4 : 1)), {
     a: cx.f32p(a, "headConcat"),
     b: cx.f32p(b, "headConcat"),
     y: cx.p(y),
     R,
-    heads,
-    la,
-    lb,
-    bHeads,
-    aw,
-    a0,
+    ...layout,
     out16: storeBf16 ? 1 : 0,
   });
   return y;

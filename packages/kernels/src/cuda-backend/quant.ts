@@ -17,7 +17,7 @@ import {
 import type { DeviceBuffer } from "../../native.d.cts";
 import { DEFINES } from "../cuda/kernels.generated.ts";
 import { type CudaContext, cdiv, KERNELS, type Operand } from "./context.ts";
-import { ropeTable, ropeWide } from "./nn.ts";
+import { concatLayout, ropeTable, ropeWide } from "./nn.ts";
 
 const C = DEFINES.common;
 
@@ -448,134 +448,6 @@ export function transposeCodes(
   return dst;
 }
 
-/**
- * Backend.moeCombineBackwardQuantized in two kernels that never store d(ys) in f32: dweights with
- * d(ys)'s 1x128 tiles (combine_grad_tile128, a warp per row, as combine_bwd), then its column tiles
- * (combine_grad_coltile, quant_coltile's layout: K-major on sm_90), each reading the products
- * w[slot[r]] dy[slot[r] / k] in place. null for the layouts it does not take (the caller quantises an
- * f32 d(ys) instead): Dgrad's tiles need d % 128 == 0, Wgrad's group must be column tiles.
- */
-export function combineGradQuantized(
-  cx: CudaContext,
-  dy: Tensor,
-  ys: Tensor,
-  slot: Tensor,
-  weights: Tensor,
-  g: { dgrad: QuantizeOptions; wgrad: QuantizeOptions },
-): { dweights: Tensor; dgrad: Tensor; wgrad: Tensor } | null {
-  const rows = slot.size;
-  const k = weights.cols;
-  const d = ys.cols;
-  if (g.dgrad.group !== "tile" || g.dgrad.segments || g.wgrad.group !== "column-tile") return null;
-  if (d % 128 !== 0 || ys.shape.length !== 2 || ys.rows !== rows) return null;
-  const ys16 = ys.dtype === "bf16";
-  const args = {
-    dy: cx.f32p(dy, "moeCombineBackwardQuantized"),
-    ys: ys16 ? cx.p(ys) : cx.f32p(ys, "moeCombineBackwardQuantized"),
-    slot: cx.i32p(slot, "moeCombineBackwardQuantized"),
-    w: cx.f32p(weights, "moeCombineBackwardQuantized"),
-  };
-  const dweights = cx.make(weights.shape, "f32");
-  const tiles = quantOutput(cx, ys.shape, g.dgrad);
-  const cols = quantOutput(cx, ys.shape, g.wgrad);
-  if (rows === 0) return { dweights, dgrad: tiles.q, wgrad: cols.q };
-  // One warp per row: 8 rows per block of 256 threads.
-  cx.launch(
-    ys16 ? KERNELS.quant.combine_grad_tile128_ys16 : KERNELS.quant.combine_grad_tile128,
-    [cdiv(rows, 8)],
-    256,
-    {
-      ...args,
-      dweights: cx.p(dweights),
-      q: cx.p(tiles.q),
-      scales: cx.p(tiles.q.quant!.scales),
-      rows,
-      k,
-      d,
-      fmt: tiles.fmt,
-      mode: tiles.mode,
-      eps: tiles.eps,
-    },
-  );
-  const t = colTileTarget(cx, cols.q, 1);
-  if (t)
-    cx.launch(KERNELS.quant.combine_grad_coltile, t.grid, 256, {
-      dy: args.dy,
-      slot: args.slot,
-      w: args.w,
-      k,
-      q: t.q,
-      scales: t.scales,
-      seg: t.seg,
-      nseg: t.nseg,
-      rows: t.rows,
-      cols: t.cols,
-      fmt: cols.fmt,
-      mode: cols.mode,
-      eps: cols.eps,
-      kpitch: t.kpitch,
-    });
-  return { dweights, dgrad: tiles.q, wgrad: cols.q };
-}
-
-/**
- * Backend.swigluBackwardQuantized in two kernels that never store d[g | u] in f32: its 1x128 tiles
- * (swiglu_grad_tile128, a warp per row) and its column tiles (swiglu_grad_coltile, quant_coltile's
- * layout), each computing swiglu_grad from dh and gate|up in place (as swiglu_bwd does). null for the
- * layouts it does not take: tiles need inter % 128 == 0, Wgrad's group must be column tiles, and dh
- * in BF16 goes with a BF16 gate|up only (swigluBackward's combinations).
- */
-export function swigluGradQuantized(
-  cx: CudaContext,
-  dh: Tensor,
-  gu: Tensor,
-  g: { dgrad: QuantizeOptions; wgrad: QuantizeOptions },
-): { dgrad: Tensor; wgrad: Tensor } | null {
-  const inter = swigluWidth(gu, "swigluBackwardQuantized", dh);
-  if (g.dgrad.group !== "tile" || g.dgrad.segments || g.wgrad.group !== "column-tile") return null;
-  if (inter % 128 !== 0 || gu.shape.length !== 2) return null;
-  const gu16 = gu.dtype === "bf16";
-  const dh16 = dh.dtype === "bf16";
-  if (dh16 && !gu16) return null;
-  const variant = dh16 ? "_bf16_dh16" : gu16 ? "_bf16" : "_f32";
-  const ptrs = {
-    dh: dh16 ? cx.p(dh) : cx.f32p(dh, "swigluBackwardQuantized"),
-    gu: gu16 ? cx.p(gu) : cx.f32p(gu, "swigluBackwardQuantized"),
-  };
-  const tiles = quantOutput(cx, gu.shape, g.dgrad);
-  const cols = quantOutput(cx, gu.shape, g.wgrad);
-  const rows = gu.rows;
-  if (rows === 0) return { dgrad: tiles.q, wgrad: cols.q };
-  // One warp per row: 8 rows per block of 256 threads.
-  cx.launch(KERNELS.quant[`swiglu_grad_tile128${variant}`], [cdiv(rows, 8)], 256, {
-    ...ptrs,
-    q: cx.p(tiles.q),
-    scales: cx.p(tiles.q.quant!.scales),
-    rows,
-    inter,
-    fmt: tiles.fmt,
-    mode: tiles.mode,
-    eps: tiles.eps,
-  });
-  const t = colTileTarget(cx, cols.q, 1);
-  if (t)
-    cx.launch(KERNELS.quant[`swiglu_grad_coltile${variant}`], t.grid, 256, {
-      ...ptrs,
-      inter,
-      q: t.q,
-      scales: t.scales,
-      seg: t.seg,
-      nseg: t.nseg,
-      rows: t.rows,
-      cols: t.cols,
-      fmt: cols.fmt,
-      mode: cols.mode,
-      eps: cols.eps,
-      kpitch: t.kpitch,
-    });
-  return { dgrad: tiles.q, wgrad: cols.q };
-}
-
 type Grid = readonly [number, number?, number?];
 
 interface TileArgs {
@@ -593,7 +465,11 @@ interface ColArgs extends TileArgs {
   kpitch: number;
 }
 
-/** The two quantised copies a producer hands the next Linear's backward (see tile_rows in quant.cu). */
+/**
+ * The two quantised copies a producer hands the next Linear's backward: their tensors, and the
+ * producer's two kernels launched on them (the tiles a warp per row, 8 rows a block of 256; the
+ * column tiles on quant_coltile's grid). See tile_rows and coltile in quant.cu.
+ */
 function producerQuantized(
   cx: CudaContext,
   shape: readonly number[],
@@ -635,6 +511,85 @@ function producerQuantized(
 /** Whether g is the pair the fused producers make: 1x128 tiles, and column tiles (any segments). */
 function tilesAndColumns(g: { dgrad: QuantizeOptions; wgrad: QuantizeOptions }): boolean {
   return g.dgrad.group === "tile" && !g.dgrad.segments && g.wgrad.group === "column-tile";
+}
+
+/**
+ * Backend.moeCombineBackwardQuantized in two kernels that never store d(ys) in f32: dweights with
+ * d(ys)'s 1x128 tiles (combine_grad_tile128, a warp per row, as combine_bwd), then its column tiles
+ * (combine_grad_coltile, quant_coltile's layout: K-major on sm_90), each reading the products
+ * w[slot[r]] dy[slot[r] / k] in place. null for the layouts it does not take (the caller quantises an
+ * f32 d(ys) instead): Dgrad's tiles need d % 128 == 0, Wgrad's group must be column tiles.
+ */
+export function combineGradQuantized(
+  cx: CudaContext,
+  dy: Tensor,
+  ys: Tensor,
+  slot: Tensor,
+  weights: Tensor,
+  g: { dgrad: QuantizeOptions; wgrad: QuantizeOptions },
+): { dweights: Tensor; dgrad: Tensor; wgrad: Tensor } | null {
+  const rows = slot.size;
+  const k = weights.cols;
+  if (!tilesAndColumns(g) || ys.cols % 128 !== 0 || ys.shape.length !== 2 || ys.rows !== rows) return null;
+  const ys16 = ys.dtype === "bf16";
+  const op = "moeCombineBackwardQuantized";
+  const [dyp, slotp, wp] = [cx.f32p(dy, op), cx.i32p(slot, op), cx.f32p(weights, op)];
+  const ysp = ys16 ? cx.p(ys) : cx.f32p(ys, op);
+  const dweights = cx.make(weights.shape, "f32");
+  const tile = ys16 ? KERNELS.quant.combine_grad_tile128_ys16 : KERNELS.quant.combine_grad_tile128;
+  const q = producerQuantized(
+    cx,
+    ys.shape,
+    g,
+    (grid, { cols, ...t }) =>
+      cx.launch(tile, grid, 256, {
+        dy: dyp,
+        ys: ysp,
+        slot: slotp,
+        w: wp,
+        dweights: cx.p(dweights),
+        ...t,
+        k,
+        d: cols,
+      }),
+    (grid, t) =>
+      cx.launch(KERNELS.quant.combine_grad_coltile, grid, 256, { dy: dyp, slot: slotp, w: wp, k, ...t }),
+  );
+  return { dweights, ...q };
+}
+
+/**
+ * Backend.swigluBackwardQuantized in two kernels that never store d[g | u] in f32: its 1x128 tiles
+ * (swiglu_grad_tile128, a warp per row) and its column tiles (swiglu_grad_coltile, quant_coltile's
+ * layout), each computing swiglu_grad from dh and gate|up in place (as swiglu_bwd does). null for the
+ * layouts it does not take: tiles need inter % 128 == 0, Wgrad's group must be column tiles, and dh
+ * in BF16 goes with a BF16 gate|up only (swigluBackward's combinations).
+ */
+export function swigluGradQuantized(
+  cx: CudaContext,
+  dh: Tensor,
+  gu: Tensor,
+  g: { dgrad: QuantizeOptions; wgrad: QuantizeOptions },
+): { dgrad: Tensor; wgrad: Tensor } | null {
+  const inter = swigluWidth(gu, "swigluBackwardQuantized", dh);
+  if (!tilesAndColumns(g) || inter % 128 !== 0 || gu.shape.length !== 2) return null;
+  const gu16 = gu.dtype === "bf16";
+  const dh16 = dh.dtype === "bf16";
+  if (dh16 && !gu16) return null;
+  const variant = dh16 ? "_bf16_dh16" : gu16 ? "_bf16" : "_f32";
+  const ptrs = {
+    dh: dh16 ? cx.p(dh) : cx.f32p(dh, "swigluBackwardQuantized"),
+    gu: gu16 ? cx.p(gu) : cx.f32p(gu, "swigluBackwardQuantized"),
+    inter,
+  };
+  return producerQuantized(
+    cx,
+    gu.shape,
+    g,
+    (grid, { cols: _, ...t }) =>
+      cx.launch(KERNELS.quant[`swiglu_grad_tile128${variant}`], grid, 256, { ...ptrs, ...t }),
+    (grid, t) => cx.launch(KERNELS.quant[`swiglu_grad_coltile${variant}`], grid, 256, { ...ptrs, ...t }),
+  );
 }
 
 /**
@@ -681,23 +636,9 @@ export function headConcatQuantized(
   aPart: HeadPart | undefined,
   g: { dgrad: QuantizeOptions; wgrad: QuantizeOptions },
 ): { dgrad: Tensor; wgrad: Tensor } | null {
-  const la = aPart ? aPart.len : a.cols / heads;
-  const lb = b.cols / bHeads;
-  const aw = aPart ? aPart.width : la;
-  const a0 = aPart ? aPart.start : 0;
-  const cols = heads * (la + lb);
-  const wide = la % 4 === 0 && lb % 4 === 0 && aw % 4 === 0 && a0 % 4 === 0;
+  const { cols, wide, ...layout } = concatLayout(a, b, heads, bHeads, aPart);
   if (!tilesAndColumns(g) || !wide || cols % 128 !== 0) return null;
-  const args = {
-    a: cx.f32p(a, "headConcatQuantized"),
-    b: cx.f32p(b, "headConcatQuantized"),
-    heads,
-    la,
-    lb,
-    bHeads,
-    aw,
-    a0,
-  };
+  const args = { a: cx.f32p(a, "headConcatQuantized"), b: cx.f32p(b, "headConcatQuantized"), ...layout };
   return producerQuantized(
     cx,
     [a.rows, cols],

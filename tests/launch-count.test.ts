@@ -35,9 +35,10 @@ const { CudaBackend } = await import("../packages/kernels/src/cuda-backend.ts");
  * its chunks, the dense MLPs' gate|up stored in BF16 by their GEMM: 371 fp8, 367 bf16; the experts' output
  * gradient quantised by the combine's backward, every MLP's gate|up gradient by SwiGLU's: 364 fp8;
  * MLA's q and kv_b gradients by the inverse rotation and the concatenation: 358 fp8; each FP8
- * weight's transpose for its Dgrad written by the launch that quantises it: 333 fp8).
+ * weight's transpose for its Dgrad written by the launch that quantises it: 333 fp8; each of those
+ * four producers writing both quantised copies in one kernel: 320 fp8).
  */
-const BUDGET = { fp8: 333, bf16: 367 };
+const BUDGET = { fp8: 320, bf16: 367 };
 
 describe("launches per training step (small's shape, 3 layers, fake Hopper GPU)", () => {
   for (const precision of ["fp8", "bf16"] as const)

@@ -448,77 +448,82 @@ export function transposeCodes(
   return dst;
 }
 
-type Grid = readonly [number, number?, number?];
-
-interface TileArgs {
+/** The arguments every producer's one-pass quantiser takes after its own (tiles_cols in quant.cu). */
+interface TilesColsArgs {
+  tq: number;
+  ts: number;
   q: number;
   scales: number;
+  seg: number;
+  nseg: number;
   rows: number;
   cols: number;
   fmt: number;
   mode: number;
   eps: number;
-}
-interface ColArgs extends TileArgs {
-  seg: number;
-  nseg: number;
   kpitch: number;
 }
 
 /**
- * The two quantised copies a producer hands the next Linear's backward: their tensors, and the
- * producer's two kernels launched on them (the tiles a warp per row, 8 rows a block of 256; the
- * column tiles on quant_coltile's grid). See tile_rows and coltile in quant.cu.
+ * The two quantised copies a producer hands the next Linear's backward (1x128 tiles for its
+ * Dgrad, column tiles for its Wgrad), made by the producer's one kernel (tiles_cols in quant.cu),
+ * launched with the column-tile grid of 128 columns a block: `launch(blocksPerRowGroup, args)`.
+ * The producers take cols % 128 == 0.
  */
 function producerQuantized(
   cx: CudaContext,
   shape: readonly number[],
   g: { dgrad: QuantizeOptions; wgrad: QuantizeOptions },
-  launchTiles: (grid: Grid, t: TileArgs) => void,
-  launchCols: (grid: Grid, t: ColArgs) => void,
+  launch: (grid: readonly [number, number, number], t: TilesColsArgs) => void,
 ): { dgrad: Tensor; wgrad: Tensor } {
   const tiles = quantOutput(cx, shape, g.dgrad);
   const cols = quantOutput(cx, shape, g.wgrad);
-  const [rows, n] = [shape[0], shape[1]];
-  if (rows === 0) return { dgrad: tiles.q, wgrad: cols.q };
-  // One warp per row: 8 rows per block of 256 threads.
-  launchTiles([cdiv(rows, 8)], {
-    q: cx.p(tiles.q),
-    scales: cx.p(tiles.q.quant!.scales),
-    rows,
-    cols: n,
-    fmt: tiles.fmt,
-    mode: tiles.mode,
-    eps: tiles.eps,
-  });
+  if (shape[0] === 0) return { dgrad: tiles.q, wgrad: cols.q };
   const t = colTileTarget(cx, cols.q, 1);
-  if (t)
-    launchCols(t.grid, {
-      q: t.q,
-      scales: t.scales,
-      seg: t.seg,
-      nseg: t.nseg,
-      rows: t.rows,
-      cols: t.cols,
-      fmt: cols.fmt,
-      mode: cols.mode,
-      eps: cols.eps,
-      kpitch: t.kpitch,
-    });
+  // Every row's tiles are written by the block of its column-tile group: segments must cover them.
+  if (!t) throw new Error(`quantised producer: the column tiles' segments hold no rows of ${shape[0]}`);
+  launch([t.cols / 128, t.grid[1], t.grid[2]], {
+    tq: cx.p(tiles.q),
+    ts: cx.p(tiles.q.quant!.scales),
+    q: t.q,
+    scales: t.scales,
+    seg: t.seg,
+    nseg: t.nseg,
+    rows: t.rows,
+    cols: t.cols,
+    fmt: cols.fmt,
+    mode: cols.mode,
+    eps: cols.eps,
+    kpitch: t.kpitch,
+  });
   return { dgrad: tiles.q, wgrad: cols.q };
 }
 
-/** Whether g is the pair the fused producers make: 1x128 tiles, and column tiles (any segments). */
+/**
+ * Whether g is the pair the fused producers make: 1x128 tiles, and column tiles (any segments)
+ * with the same format and scaling (one kernel writes both), amax or unit scales (power-of-two
+ * scales take the f32 path: see quant_mul4 in quant.cu).
+ */
 function tilesAndColumns(g: { dgrad: QuantizeOptions; wgrad: QuantizeOptions }): boolean {
-  return g.dgrad.group === "tile" && !g.dgrad.segments && g.wgrad.group === "column-tile";
+  const same = (k: "format" | "pow2Scales" | "eps" | "unit") => (g.dgrad[k] ?? null) === (g.wgrad[k] ?? null);
+  return (
+    g.dgrad.group === "tile" &&
+    !g.dgrad.segments &&
+    g.wgrad.group === "column-tile" &&
+    same("format") &&
+    !g.dgrad.pow2Scales &&
+    !g.wgrad.pow2Scales &&
+    same("eps") &&
+    same("unit")
+  );
 }
 
 /**
- * Backend.moeCombineBackwardQuantized in two kernels that never store d(ys) in f32: dweights with
- * d(ys)'s 1x128 tiles (combine_grad_tile128, a warp per row, as combine_bwd), then its column tiles
- * (combine_grad_coltile, quant_coltile's layout: K-major on sm_90), each reading the products
- * w[slot[r]] dy[slot[r] / k] in place. null for the layouts it does not take (the caller quantises an
- * f32 d(ys) instead): Dgrad's tiles need d % 128 == 0, Wgrad's group must be column tiles.
+ * Backend.moeCombineBackwardQuantized in one kernel that never stores d(ys) in f32
+ * (combine_grad_quant): dweights, d(ys)'s 1x128 tiles and its column tiles (restarting at the
+ * experts' segments; K-major on sm_90), a block walking all d / 128 column chunks of its 128 rows so
+ * that dweights sums in combine_bwd's order. null for the layouts it does not take (the caller
+ * quantises an f32 d(ys) instead): d % 128 == 0, Wgrad's group column tiles.
  */
 export function combineGradQuantized(
   cx: CudaContext,
@@ -536,34 +541,27 @@ export function combineGradQuantized(
   const [dyp, slotp, wp] = [cx.f32p(dy, op), cx.i32p(slot, op), cx.f32p(weights, op)];
   const ysp = ys16 ? cx.p(ys) : cx.f32p(ys, op);
   const dweights = cx.make(weights.shape, "f32");
-  const tile = ys16 ? KERNELS.quant.combine_grad_tile128_ys16 : KERNELS.quant.combine_grad_tile128;
-  const q = producerQuantized(
-    cx,
-    ys.shape,
-    g,
-    (grid, { cols, ...t }) =>
-      cx.launch(tile, grid, 256, {
-        dy: dyp,
-        ys: ysp,
-        slot: slotp,
-        w: wp,
-        dweights: cx.p(dweights),
-        ...t,
-        k,
-        d: cols,
-      }),
-    (grid, t) =>
-      cx.launch(KERNELS.quant.combine_grad_coltile, grid, 256, { dy: dyp, slot: slotp, w: wp, k, ...t }),
+  const kernel = ys16 ? KERNELS.quant.combine_grad_quant_ys16 : KERNELS.quant.combine_grad_quant;
+  const q = producerQuantized(cx, ys.shape, g, ([, gy, gz], t) =>
+    cx.launch(kernel, [1, gy, gz], 256, {
+      dy: dyp,
+      ys: ysp,
+      slot: slotp,
+      w: wp,
+      k,
+      dweights: cx.p(dweights),
+      ...t,
+    }),
   );
   return { dweights, ...q };
 }
 
 /**
- * Backend.swigluBackwardQuantized in two kernels that never store d[g | u] in f32: its 1x128 tiles
- * (swiglu_grad_tile128, a warp per row) and its column tiles (swiglu_grad_coltile, quant_coltile's
- * layout), each computing swiglu_grad from dh and gate|up in place (as swiglu_bwd does). null for the
- * layouts it does not take: tiles need inter % 128 == 0, Wgrad's group must be column tiles, and dh
- * in BF16 goes with a BF16 gate|up only (swigluBackward's combinations).
+ * Backend.swigluBackwardQuantized in one kernel that never stores d[g | u] in f32
+ * (swiglu_grad_quant: each block computes swiglu_grad from dh and gate|up in place, as swiglu_bwd
+ * does, for 128 columns of the gate or the up half). null for the layouts it does not take: tiles
+ * need inter % 128 == 0, Wgrad's group must be column tiles, and dh in BF16 goes with a BF16 gate|up
+ * only (swigluBackward's combinations).
  */
 export function swigluGradQuantized(
   cx: CudaContext,
@@ -582,18 +580,13 @@ export function swigluGradQuantized(
     gu: gu16 ? cx.p(gu) : cx.f32p(gu, "swigluBackwardQuantized"),
     inter,
   };
-  return producerQuantized(
-    cx,
-    gu.shape,
-    g,
-    (grid, { cols: _, ...t }) =>
-      cx.launch(KERNELS.quant[`swiglu_grad_tile128${variant}`], grid, 256, { ...ptrs, ...t }),
-    (grid, t) => cx.launch(KERNELS.quant[`swiglu_grad_coltile${variant}`], grid, 256, { ...ptrs, ...t }),
+  return producerQuantized(cx, gu.shape, g, (grid, t) =>
+    cx.launch(KERNELS.quant[`swiglu_grad_quant${variant}`], grid, 256, { ...ptrs, ...t }),
   );
 }
 
 /**
- * Backend.ropeQuantized without the f32 rotated copy (rope_tile128, rope_coltile), or null for the
+ * Backend.ropeQuantized without the f32 rotated copy (rope_quant), or null for the
  * layouts it does not take (row widths not a multiple of 128, groups of four straddling a pair).
  */
 export function ropeQuantized(
@@ -613,18 +606,13 @@ export function ropeQuantized(
     seqLen: o.seqLen,
     inverse: o.inverse ? 1 : 0,
   };
-  return producerQuantized(
-    cx,
-    x.shape,
-    g,
-    (grid, t) => cx.launch(KERNELS.quant.rope_tile128, grid, 256, { ...args, ...t }),
-    (grid, t) => cx.launch(KERNELS.quant.rope_coltile, grid, 256, { ...args, ...t }),
+  return producerQuantized(cx, x.shape, g, (grid, t) =>
+    cx.launch(KERNELS.quant.rope_quant, grid, 256, { ...args, ...t }),
   );
 }
 
 /**
- * Backend.headConcatQuantized without the f32 concatenation (head_concat_tile128,
- * head_concat_coltile), or null for the layouts it does not take (head_concat4's, in rows that are
+ * Backend.headConcatQuantized without the f32 concatenation (head_concat_quant), or null for the layouts it does not take (head_concat4's, in rows that are
  * whole 1x128 tiles).
  */
 export function headConcatQuantized(
@@ -639,11 +627,7 @@ export function headConcatQuantized(
   const { cols, wide, ...layout } = concatLayout(a, b, heads, bHeads, aPart);
   if (!tilesAndColumns(g) || !wide || cols % 128 !== 0) return null;
   const args = { a: cx.f32p(a, "headConcatQuantized"), b: cx.f32p(b, "headConcatQuantized"), ...layout };
-  return producerQuantized(
-    cx,
-    [a.rows, cols],
-    g,
-    (grid, t) => cx.launch(KERNELS.quant.head_concat_tile128, grid, 256, { ...args, ...t }),
-    (grid, t) => cx.launch(KERNELS.quant.head_concat_coltile, grid, 256, { ...args, ...t }),
+  return producerQuantized(cx, [a.rows, cols], g, (grid, t) =>
+    cx.launch(KERNELS.quant.head_concat_quant, grid, 256, { ...args, ...t }),
   );
 }

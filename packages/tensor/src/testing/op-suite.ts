@@ -817,19 +817,23 @@ export function opSuite(name: string, make: () => Backend): void {
             const GU = gu16 ? b.cast(GU0, "bf16") : GU0;
             const DH0 = b.upload(dh, [rows, inter]);
             const DH = dh16 ? b.cast(DH0, "bf16") : DH0;
-            const q = {
-              dgrad: { group: "tile" as const },
-              wgrad: { group: "column-tile" as const, segments: b.upload(offsets, [5], "i32") },
-            };
-            const fused = b.swigluBackwardQuantized(DH, GU, q);
-            const dgu = b.swigluBackward(DH, GU);
-            const want = { dgrad: b.quantize(dgu, q.dgrad), wgrad: b.quantize(dgu, q.wgrad) };
-            for (const k of ["dgrad", "wgrad"] as const) {
-              const what = `inter ${inter}, gu ${gu16 ? "bf16" : "f32"}, dh ${dh16 ? "bf16" : "f32"}: ${k}`;
-              expect(Array.from(await fused[k].read()), what).toEqual(Array.from(await want[k].read()));
-              expect(Array.from(await fused[k].quant!.scales.read()), `${what} scales`).toEqual(
-                Array.from(await want[k].quant!.scales.read()),
-              );
+            // Unit and power-of-two scales too (one storage: the scaling does not depend on it).
+            const scalings = gu16 && !dh16 ? [{}, { unit: true }, { pow2Scales: true }] : [{}];
+            for (const scaling of scalings) {
+              const q = {
+                dgrad: { group: "tile" as const, ...scaling },
+                wgrad: { group: "column-tile" as const, segments: b.upload(offsets, [5], "i32"), ...scaling },
+              };
+              const fused = b.swigluBackwardQuantized(DH, GU, q);
+              const dgu = b.swigluBackward(DH, GU);
+              const want = { dgrad: b.quantize(dgu, q.dgrad), wgrad: b.quantize(dgu, q.wgrad) };
+              for (const k of ["dgrad", "wgrad"] as const) {
+                const what = `inter ${inter}, gu ${gu16 ? "bf16" : "f32"}, dh ${dh16 ? "bf16" : "f32"} ${JSON.stringify(scaling)}: ${k}`;
+                expect(Array.from(await fused[k].read()), what).toEqual(Array.from(await want[k].read()));
+                expect(Array.from(await fused[k].quant!.scales.read()), `${what} scales`).toEqual(
+                  Array.from(await want[k].quant!.scales.read()),
+                );
+              }
             }
           });
       }
@@ -952,6 +956,28 @@ export function opSuite(name: string, make: () => Backend): void {
         const out = { ...r, bl: bl.loss, bld: bl.dscores, dl, ...p, back, y };
         return { ...out, dys: cb.dys, dwts: cb.dweights, bs, be };
       }, 2e-5);
+    });
+
+    // The three bias rules on skewed loads (an expert with 60 of 100 rows, one with none): each
+    // bias moved by gamma times sign, the relative error, or that error clipped to [-1, 1], in f64
+    // and rounded once.
+    it("biasUpdate: sign, error and clipped steps", async () => {
+      const offsets = Int32Array.of(0, 60, 60, 61, 70, 80, 90, 95, 100);
+      const E = 8;
+      const mean = 100 / E;
+      const bias = rng.normals(E, 0.1);
+      for (const rule of ["sign", "error", "clipped"] as const)
+        await be.scope(async () => {
+          const B = be.upload(bias, [E]);
+          be.biasUpdate(B, be.upload(offsets, [E + 1], "i32"), { gamma: 0.03, rule });
+          const want = Array.from(bias, (v, e) => {
+            const err = (mean - (offsets[e + 1] - offsets[e])) / mean;
+            const step =
+              rule === "sign" ? Math.sign(err) : rule === "clipped" ? Math.max(-1, Math.min(1, err)) : err;
+            return Math.fround(v + 0.03 * step);
+          });
+          expect(Array.from(await B.read()), rule).toEqual(want);
+        });
     });
 
     it("moeCombine's add: the values of add() after it, bit for bit", async () => {

@@ -629,147 +629,197 @@ KERNEL void transpose_u8_tiled(const u8* x, u8* out, int rows, int cols) {
   }
 }
 
-// The MoE combine's gradient for the experts, d(ys)[r] = w[slot[r]] dy[slot[r] / k] (moe.cu's
-// combine_bwd), handed to the experts' down projection quantised and never stored in f32: its f32
-// copy (k rows of d per token and layer) was written once and read twice, by the two quantisers.
-// The values are the f32 products combine_bwd writes, so the codes and scales are quantize(d(ys))'s.
-
-// One 1x128 tile held by a warp, four values a lane (lane l: columns 4 l .. 4 l + 3): quant_tile128's
-// amax, scale and codes; q4 is this lane's four codes, *scale the tile's scale (written by lane 0).
-__device__ __forceinline__ void warp_tile_quant(const float (&v)[4], u8* q4, float* scale, int lane, int fmt,
-                                                int mode, float eps) {
-  float a = 0.0f;
-#pragma unroll
-  for (int e = 0; e < 4; e++) a = fmaxf(a, abs_for_amax(v[e]));
-  a = warp_max(a);
-  const QScale s = qscale(a, eps, fmt, mode);
-  *(u32*)q4 = (u32)quant_value(v[0], s, fmt, mode) | ((u32)quant_value(v[1], s, fmt, mode) << 8) |
-              ((u32)quant_value(v[2], s, fmt, mode) << 16) | ((u32)quant_value(v[3], s, fmt, mode) << 24);
-  if (lane == 0) *scale = s.scale;
-}
-
-// combine_grad_tile128: one warp per row r of d(ys): dweights[slot[r]] = dy[n] . ys[r] in double, in
-// combine_bwd's order, and the row's 1x128 tiles (d % 128 == 0: lane l holds columns 4 l .. 4 l + 3 of
-// each tile) with quant_tile128's amax, scale and codes. ys f32 or BF16.
-template <typename Y>
-__device__ void combine_grad_tile_rows(const float* dy, const Y* ys, const int* slot, const float* w,
-                                       float* dweights, u8* q, float* scales, int rows, int k, int d, int fmt,
-                                       int mode, float eps) {
-  const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (r >= rows) return;
-  const int lane = threadIdx.x & 31;
-  const int i = slot[r], n = i / k;
-  const float wi = w[i];
-  const float* dyr = dy + (i64)n * d;
-  const Y* ysr = ys + (i64)r * d;
-  u8* qr = q + (i64)r * d;
-  float* sr = scales + (i64)r * (d / 128);
-  double dot = 0.0;
-#pragma unroll 2
-  for (int c0 = 0; c0 < d; c0 += 128) {
-    const int c = c0 + lane * 4;
-    const float4 g = *(const float4*)(dyr + c);
-    const float4 yv = load_f32x4(ysr + c);
-    dot += (double)g.x * (double)yv.x;
-    dot += (double)g.y * (double)yv.y;
-    dot += (double)g.z * (double)yv.z;
-    dot += (double)g.w * (double)yv.w;
-    const float v[4] = {wi * g.x, wi * g.y, wi * g.z, wi * g.w};
-    warp_tile_quant(v, qr + c, sr + c0 / 128, lane, fmt, mode, eps);
-  }
-  dot = warp_sum(dot);
-  if (lane == 0) dweights[i] = (float)dot;
-}
-
-KERNEL void combine_grad_tile128(const float* dy, const float* ys, const int* slot, const float* w, float* dweights,
-                                 u8* q, float* scales, int rows, int k, int d, int fmt, int mode, float eps) {
-  combine_grad_tile_rows(dy, ys, slot, w, dweights, q, scales, rows, k, d, fmt, mode, eps);
-}
-KERNEL void combine_grad_tile128_ys16(const float* dy, const u16* ys, const int* slot, const float* w,
-                                      float* dweights, u8* q, float* scales, int rows, int k, int d, int fmt,
-                                      int mode, float eps) {
-  combine_grad_tile_rows(dy, ys, slot, w, dweights, q, scales, rows, k, d, fmt, mode, eps);
-}
-
-// d(ys)'s values read in place for coltile: row r is token slot[r] / k's gradient times w[slot[r]].
-// The block's 128 rows' dy offsets and weights are looked up once into shared memory (off, wr; row
-// a0 + j at j) before the staging loop, which then issues its dy loads without waiting on the slot
-// and weight loads each of them needed (Nsight Compute: stalls on L1TEX scoreboard 35% of the time,
-// 4 blocks an SM).
-struct CombineGradValues {
-  const float* dy;
-  const i64* off;
-  const float* wr;
-  int a0;
-  __device__ __forceinline__ float at(int r, int c, int cols) const { return wr[r - a0] * dy[off[r - a0] + c]; }
-  __device__ __forceinline__ float4 at4(int r, int c, int cols) const {
-    const float wi = wr[r - a0];
-    const float4 g = *(const float4*)(dy + off[r - a0] + c);
-    return make_float4(wi * g.x, wi * g.y, wi * g.z, wi * g.w);
-  }
+// Producers whose output two GEMMs read, each quantising it for both in one pass without storing it
+// in f32: its 1x128 tiles (the Dgrad operand, row-major) and its 128x1 column tiles (the Wgrad
+// operand; restarted at each segment, K-major with kpitch > 0 as quant_coltile lays them out). The
+// values are computed once, into registers: a block of 256 threads takes one 128-row group (see
+// col_group) of 128 columns, warp w rows 16 w .. 16 w + 15 and lane l columns 4 l .. 4 l + 3 of each.
+// A row's tile amax is then a warp reduction, a column's amax 16 rows in a thread and 8 warps
+// through shared memory, and a lane's 16 rows of a column one 16-byte piece of its K-major chunk.
+// (Two kernels, one per copy, computed each value twice: 8.4 ms of the small step for four
+// producers, latency-bound.) Codes and scales are quant_tile128's and quant_coltile's: max is
+// order-free and each code depends only on its value and its group's scale. Amax or unit scaling
+// (tiles_cols_chunk); cols % 128 == 0; the
+// segments partition the rows (expert offsets do), as every row's tiles are written by the block of
+// its group.
+struct TilesColsSmem {
+  float part[8][128];
+  QScale sc[128];
 };
 
-// combine_grad_coltile: d(ys)'s column tiles (restarted at the experts' segments; K-major with
-// kpitch > 0), quant_coltile's grid and layout.
-KERNEL void __launch_bounds__(256) combine_grad_coltile(const float* dy, const int* slot, const float* w, int k, u8* q,
-                                                        float* scales, const int* seg, int nseg, int rows, int cols,
-                                                        int fmt, int mode, float eps, i64 kpitch) {
-  __shared__ ColTileSmem sm;
-  __shared__ i64 off[128];
-  __shared__ float wr[128];
-  ColGroup grp;
-  if (!col_group(seg, nseg, rows, cols, &grp)) return;
-  if ((int)threadIdx.x < grp.h) {
-    const int i = slot[grp.a0 + threadIdx.x];
-    off[threadIdx.x] = (i64)(i / k) * cols;
-    wr[threadIdx.x] = w[i];
+// A code by the amax and unit scalings' one path: encode(f32(x * factor)); the unit factor is 1, and
+// x * 1 is x (NaN stays NaN, which encodes as 0x7f either way). Power-of-two scales divide
+// instead, and their producers take the two-pass path (the host's tilesAndColumns): an inlined
+// IEEE division per code made these kernels take minutes to compile.
+__device__ __forceinline__ u32 quant_mul4(float a, float b, float c, float d, float fa, float fb, float fc,
+                                          float fd, int fmt) {
+  return (u32)encode_fp8(__fmul_rn(a, fa), fmt) | ((u32)encode_fp8(__fmul_rn(b, fb), fmt) << 8) |
+         ((u32)encode_fp8(__fmul_rn(c, fc), fmt) << 16) | ((u32)encode_fp8(__fmul_rn(d, fd), fmt) << 24);
+}
+
+// One 128 x 128 chunk held as above (v[j]: row 16 w + j, zeros past the group's h rows), column
+// chunk cb: writes its rows' tiles (tq, ts: [rows, cols / 128]) and its columns' tiles (q, scales).
+// mode is SCALE_AMAX or SCALE_UNIT. Each warp reduces its 16 rows' amaxes, then lane j < 16 turns
+// row j's into its scale (one scale computation, not 16 inlined copies of its divisions) and the
+// others take its factor by a shuffle.
+__device__ __forceinline__ void tiles_cols_chunk(const float4 (&v)[16], const ColGroup& g, int cb, u8* tq, float* ts,
+                                                 u8* q, float* scales, int cols, int fmt, int mode, float eps,
+                                                 i64 kpitch, TilesColsSmem& sm) {
+  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, ng = cols / 128;
+  const int c = cb * 128 + 4 * lane;
+  float mine = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 16; j++) {
+    const float a = warp_max(fmaxf(fmaxf(abs_for_amax(v[j].x), abs_for_amax(v[j].y)),
+                                   fmaxf(abs_for_amax(v[j].z), abs_for_amax(v[j].w))));
+    if (lane == j) mine = a;
+  }
+  const QScale rs = qscale(mine, eps, fmt, mode);
+  if (lane < 16 && 16 * w + lane < g.h) ts[(i64)(g.a0 + 16 * w + lane) * ng + cb] = rs.scale;
+#pragma unroll
+  for (int j = 0; j < 16; j++) {
+    const float f = __shfl_sync(0xffffffffu, rs.factor, j);
+    if (16 * w + j < g.h)
+      *(u32*)(tq + (i64)(g.a0 + 16 * w + j) * cols + c) = quant_mul4(v[j].x, v[j].y, v[j].z, v[j].w, f, f, f, f, fmt);
+  }
+  float4 m = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+  for (int j = 0; j < 16; j++) {
+    m.x = fmaxf(m.x, abs_for_amax(v[j].x)), m.y = fmaxf(m.y, abs_for_amax(v[j].y));
+    m.z = fmaxf(m.z, abs_for_amax(v[j].z)), m.w = fmaxf(m.w, abs_for_amax(v[j].w));
+  }
+  *(float4*)&sm.part[w][4 * lane] = m;
+  __syncthreads();
+  if (tid < 128) {
+    float a = sm.part[0][tid];
+#pragma unroll
+    for (int k = 1; k < 8; k++) a = fmaxf(a, sm.part[k][tid]);
+    sm.sc[tid] = qscale(a, eps, fmt, mode);
+    scales[g.soff + (i64)g.rb * cols + cb * 128 + tid] = sm.sc[tid].scale;
   }
   __syncthreads();
-  coltile(CombineGradValues{dy, off, wr, grp.a0}, q, scales, seg, nseg, rows, cols, fmt, mode, eps, kpitch, sm);
+  const float f0 = sm.sc[4 * lane].factor, f1 = sm.sc[4 * lane + 1].factor, f2 = sm.sc[4 * lane + 2].factor,
+              f3 = sm.sc[4 * lane + 3].factor;
+  if (kpitch > 0) {
+    // Column c + e's rows 16 w .. 16 w + 15 as one 16-byte word (rows past h hold zeros: zero codes,
+    // as quant_coltile writes them).
+    const i64 at = (g.soff / cols + g.rb) * 128 + 16 * w;
+    u32 o[4][4];  // o[e][k]: column c + e, rows 16 w + 4 k .. + 3
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+      const float4 a = v[4 * k], b = v[4 * k + 1], cc = v[4 * k + 2], d = v[4 * k + 3];
+      o[0][k] = quant_mul4(a.x, b.x, cc.x, d.x, f0, f0, f0, f0, fmt);
+      o[1][k] = quant_mul4(a.y, b.y, cc.y, d.y, f1, f1, f1, f1, fmt);
+      o[2][k] = quant_mul4(a.z, b.z, cc.z, d.z, f2, f2, f2, f2, fmt);
+      o[3][k] = quant_mul4(a.w, b.w, cc.w, d.w, f3, f3, f3, f3, fmt);
+    }
+#pragma unroll
+    for (int e = 0; e < 4; e++)
+      *(uint4*)(q + (i64)(c + e) * kpitch + at) = make_uint4(o[e][0], o[e][1], o[e][2], o[e][3]);
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < 16; j++)
+    if (16 * w + j < g.h)
+      *(u32*)(q + (i64)(g.a0 + 16 * w + j) * cols + c) =
+          quant_mul4(v[j].x, v[j].y, v[j].z, v[j].w, f0, f1, f2, f3, fmt);
+}
+
+// The block's rows of column chunk blockIdx.x read through Values (at4) and quantised both ways.
+// Grid (cols / 128, groups, pieces): quant_coltile's, 128 columns a block.
+template <class Values>
+__device__ __forceinline__ void tiles_cols(Values x, u8* tq, float* ts, u8* q, float* scales, const int* seg, int nseg,
+                                           int rows, int cols, int fmt, int mode, float eps, i64 kpitch,
+                                           TilesColsSmem& sm) {
+  ColGroup g;
+  if (!col_group(seg, nseg, rows, cols, &g)) return;
+  const int w = threadIdx.x >> 5, c = blockIdx.x * 128 + 4 * (threadIdx.x & 31);
+  float4 v[16];
+#pragma unroll
+  for (int j = 0; j < 16; j++)
+    v[j] = 16 * w + j < g.h ? x.at4(g.a0 + 16 * w + j, c, cols) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  tiles_cols_chunk(v, g, blockIdx.x, tq, ts, q, scales, cols, fmt, mode, eps, kpitch, sm);
+}
+#define TILES_COLS(VALUES)                       \
+  __shared__ TilesColsSmem sm;                   \
+  tiles_cols(VALUES, tq, ts, q, scales, seg, nseg, rows, cols, fmt, mode, eps, kpitch, sm)
+
+// The MoE combine's gradient for the experts, d(ys)[r] = w[slot[r]] dy[slot[r] / k] (moe.cu's
+// combine_bwd), handed to the experts' down projection quantised (its f32 copy was k rows of d per
+// token and layer, written once and read twice), with dweights[slot[r]] = dy[n] . ys[r] in double.
+// A block walks the d / 128 column chunks of its rows (grid (1, groups)), so that each lane sums
+// its columns of a row over the chunks in combine_bwd's order (then a warp sum, as combine_bwd):
+// the same dweights bits. The rows' dy offsets and weights are looked up once into shared memory.
+template <typename Y>
+__device__ void combine_grad_tiles_cols(const float* dy, const Y* ys, const int* slot, const float* w, int k,
+                                        float* dweights,
+    u8* tq, float* ts, u8* q, float* scales, const int* seg, int nseg, int rows, int cols, int fmt, int mode,
+    float eps, i64 kpitch) {
+  __shared__ TilesColsSmem sm;
+  __shared__ i64 off[128];
+  __shared__ float wr[128];
+  ColGroup g;
+  if (!col_group(seg, nseg, rows, cols, &g)) return;
+  const int tid = threadIdx.x, lane = tid & 31, r0 = 16 * (tid >> 5);
+  if (tid < g.h) {
+    const int i = slot[g.a0 + tid];
+    off[tid] = (i64)(i / k) * cols;
+    wr[tid] = w[i];
+  }
+  __syncthreads();
+  double dot[16];
+#pragma unroll
+  for (int j = 0; j < 16; j++) dot[j] = 0.0;
+  for (int cb = 0; cb < cols / 128; cb++) {
+    const int c = cb * 128 + 4 * lane;
+    float4 v[16];
+#pragma unroll
+    for (int j = 0; j < 16; j++) {
+      v[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (r0 + j < g.h) {
+        const float4 d = *(const float4*)(dy + off[r0 + j] + c);
+        const float4 y = load_f32x4(ys + (i64)(g.a0 + r0 + j) * cols + c);
+        dot[j] += (double)d.x * (double)y.x;
+        dot[j] += (double)d.y * (double)y.y;
+        dot[j] += (double)d.z * (double)y.z;
+        dot[j] += (double)d.w * (double)y.w;
+        const float wi = wr[r0 + j];
+        v[j] = make_float4(wi * d.x, wi * d.y, wi * d.z, wi * d.w);
+      }
+    }
+    tiles_cols_chunk(v, g, cb, tq, ts, q, scales, cols, fmt, mode, eps, kpitch, sm);
+  }
+#pragma unroll
+  for (int j = 0; j < 16; j++) {
+    if (r0 + j >= g.h) break;
+    const double t = warp_sum(dot[j]);
+    if (lane == 0) dweights[slot[g.a0 + r0 + j]] = (float)t;
+  }
+}
+KERNEL void __launch_bounds__(256) combine_grad_quant(const float* dy, const float* ys, const int* slot,
+                                                      const float* w, int k, float* dweights,
+    u8* tq, float* ts, u8* q, float* scales, const int* seg, int nseg, int rows, int cols, int fmt, int mode,
+    float eps, i64 kpitch) {
+  combine_grad_tiles_cols(dy, ys, slot, w, k, dweights, tq, ts, q, scales, seg, nseg, rows, cols, fmt, mode, eps,
+                          kpitch);
+}
+KERNEL void __launch_bounds__(256) combine_grad_quant_ys16(const float* dy, const u16* ys, const int* slot,
+                                                           const float* w, int k, float* dweights,
+    u8* tq, float* ts, u8* q, float* scales, const int* seg, int nseg, int rows, int cols, int fmt, int mode,
+    float eps, i64 kpitch) {
+  combine_grad_tiles_cols(dy, ys, slot, w, k, dweights, tq, ts, q, scales, seg, nseg, rows, cols, fmt, mode, eps,
+                          kpitch);
 }
 
 // SwiGLU's backward, d[g | u] (nn.cu's swiglu_bwd: the fused gate|up projection's output gradient),
-// handed to that projection quantised, never stored in f32 (k rows of 2 inter per token and layer
-// for the experts). dh is f32 or BF16, gu f32 or BF16 (nn.cu's three combinations).
-
-// swiglu_grad_tile128: one warp per row, each 128 columns of the gate half giving a tile of dg and
-// the tile inter columns on of du (inter % 128 == 0: no tile straddles the halves).
-template <typename D, typename T>
-__device__ void swiglu_grad_tile_rows(const D* dh, const T* gu, u8* q, float* scales, int rows, int inter, int fmt,
-                                      int mode, float eps) {
-  const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (r >= rows) return;
-  const int lane = threadIdx.x & 31, C = 2 * inter;
-  const D* dr = dh + (i64)r * inter;
-  const T* gr = gu + (i64)r * C;
-  u8* qr = q + (i64)r * C;
-  float* sr = scales + (i64)r * (C / 128);
-  for (int c0 = 0; c0 < inter; c0 += 128) {
-    const int c = c0 + 4 * lane;
-    const float4 d = load_f32x4(dr + c), g = load_f32x4(gr + c), u = load_f32x4(gr + inter + c);
-    float dg[4], du[4];
-    swiglu_grad(d.x, g.x, u.x, &dg[0], &du[0]);
-    swiglu_grad(d.y, g.y, u.y, &dg[1], &du[1]);
-    swiglu_grad(d.z, g.z, u.z, &dg[2], &du[2]);
-    swiglu_grad(d.w, g.w, u.w, &dg[3], &du[3]);
-    warp_tile_quant(dg, qr + c, sr + c0 / 128, lane, fmt, mode, eps);
-    warp_tile_quant(du, qr + inter + c, sr + (inter + c0) / 128, lane, fmt, mode, eps);
-  }
-}
-
-// d[g | u]'s values computed in place for coltile (cols = 2 inter; inter % 4 == 0 for at4).
+// handed to that projection quantised (k rows of 2 inter per token and layer for the experts). dh is
+// f32 or BF16, gu f32 or BF16 (nn.cu's three combinations). A column chunk lies in one half
+// (inter % 128 == 0), so a block computes only dg or only du.
 template <typename D, typename T>
 struct SwigluGradValues {
   const D* dh;
   const T* gu;
   int inter;
-  __device__ __forceinline__ float at(int r, int c, int cols) const {
-    const int cc = c < inter ? c : c - inter;
-    float dg, du;
-    swiglu_grad(load_f32(dh + (i64)r * inter + cc), load_f32(gu + (i64)r * cols + cc),
-                load_f32(gu + (i64)r * cols + inter + cc), &dg, &du);
-    return c < inter ? dg : du;
-  }
   __device__ __forceinline__ float4 at4(int r, int c, int cols) const {
     const int cc = c < inter ? c : c - inter;
     const float4 d = load_f32x4(dh + (i64)r * inter + cc), g = load_f32x4(gu + (i64)r * cols + cc),
@@ -782,39 +832,15 @@ struct SwigluGradValues {
     return c < inter ? dg : du;
   }
 };
-
-#define SWIGLU_GRAD_QUANT(SUFFIX, D, T)                                                                           \
-  KERNEL void swiglu_grad_tile128##SUFFIX(const D* dh, const T* gu, u8* q, float* scales, int rows, int inter,   \
-                                          int fmt, int mode, float eps) {                                        \
-    swiglu_grad_tile_rows(dh, gu, q, scales, rows, inter, fmt, mode, eps);                                       \
-  }                                                                                                              \
-  KERNEL void __launch_bounds__(256)                                                                             \
-      swiglu_grad_coltile##SUFFIX(const D* dh, const T* gu, int inter, u8* q, float* scales, const int* seg,     \
-                                  int nseg, int rows, int cols, int fmt, int mode, float eps, i64 kpitch) {     \
-    __shared__ ColTileSmem sm;                                                                                   \
-    coltile(SwigluGradValues<D, T>{dh, gu, inter}, q, scales, seg, nseg, rows, cols, fmt, mode, eps, kpitch, sm); \
+#define SWIGLU_GRAD_QUANT(SUFFIX, D, T)                                                                              \
+  KERNEL void __launch_bounds__(256) swiglu_grad_quant##SUFFIX(const D* dh, const T* gu, int inter,                    \
+      u8* tq, float* ts, u8* q, float* scales, const int* seg, int nseg, int rows, int cols,                           \
+      int fmt, int mode, float eps, i64 kpitch) {                                                                      \
+    TILES_COLS((SwigluGradValues<D, T>{dh, gu, inter}));                                                            \
   }
 SWIGLU_GRAD_QUANT(_f32, float, float)
 SWIGLU_GRAD_QUANT(_bf16, float, u16)
 SWIGLU_GRAD_QUANT(_bf16_dh16, u16, u16)
-
-// Producers' outputs quantised for the next Linear's backward (its Dgrad tiles and Wgrad column
-// tiles) without an f32 copy: each Values type computes the value its producer would have stored.
-// tile_rows: one warp per row, lane l holding columns 4 l .. 4 l + 3 of each 1x128 tile
-// (cols % 128 == 0), quant_tile128's amax, scale and codes.
-template <class Values>
-__device__ __forceinline__ void tile_rows(Values x, u8* q, float* scales, int rows, int cols, int fmt, int mode,
-                                          float eps) {
-  const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (r >= rows) return;
-  const int lane = threadIdx.x & 31;
-  for (int c0 = 0; c0 < cols; c0 += 128) {
-    const float4 v4 = x.at4(r, c0 + 4 * lane, cols);
-    const float v[4] = {v4.x, v4.y, v4.z, v4.w};
-    warp_tile_quant(v, q + (i64)r * cols + c0 + 4 * lane, scales + (i64)r * (cols / 128) + c0 / 128, lane, fmt,
-                    mode, eps);
-  }
-}
 
 // Backend.rope's output (x f32 [rows, heads * width]; width, offset, dim multiples of 4).
 struct RopeValues {
@@ -823,10 +849,6 @@ struct RopeValues {
   int width, offset, dim, seqLen, inverse;
   __device__ __forceinline__ float4 at4(int r, int c, int cols) const {
     return rope_group4(*(const float4*)(x + (i64)r * cols + c), cs, r, c, width, offset, dim, seqLen, inverse);
-  }
-  __device__ __forceinline__ float at(int r, int c, int cols) const {
-    const float4 v = at4(r, c & ~3, cols);
-    return (&v.x)[c & 3];
   }
 };
 
@@ -841,33 +863,17 @@ struct HeadConcatValues {
                                : b + (i64)r * bHeads * lb + (bHeads == 1 ? 0 : h) * lb + cc - la;
     return *(const float4*)src;
   }
-  __device__ __forceinline__ float at(int r, int c, int cols) const {
-    const float4 v = at4(r, c & ~3, cols);
-    return (&v.x)[c & 3];
-  }
 };
 
-KERNEL void rope_tile128(const float* x, const double* cs, int width, int offset, int dim, int seqLen, int inverse,
-                         u8* q, float* scales, int rows, int cols, int fmt, int mode, float eps) {
-  tile_rows(RopeValues{x, cs, width, offset, dim, seqLen, inverse}, q, scales, rows, cols, fmt, mode, eps);
+KERNEL void __launch_bounds__(256) rope_quant(const float* x, const double* cs, int width, int offset, int dim,
+                                              int seqLen, int inverse,
+    u8* tq, float* ts, u8* q, float* scales, const int* seg, int nseg, int rows, int cols, int fmt, int mode,
+    float eps, i64 kpitch) {
+  TILES_COLS((RopeValues{x, cs, width, offset, dim, seqLen, inverse}));
 }
-KERNEL void __launch_bounds__(256) rope_coltile(const float* x, const double* cs, int width, int offset, int dim,
-                                                int seqLen, int inverse, u8* q, float* scales, const int* seg,
-                                                int nseg, int rows, int cols, int fmt, int mode, float eps,
-                                                i64 kpitch) {
-  __shared__ ColTileSmem sm;
-  coltile(RopeValues{x, cs, width, offset, dim, seqLen, inverse}, q, scales, seg, nseg, rows, cols, fmt, mode, eps,
-          kpitch, sm);
-}
-KERNEL void head_concat_tile128(const float* a, const float* b, int heads, int la, int lb, int bHeads, int aw, int a0,
-                                u8* q, float* scales, int rows, int cols, int fmt, int mode, float eps) {
-  tile_rows(HeadConcatValues{a, b, heads, la, lb, bHeads, aw, a0}, q, scales, rows, cols, fmt, mode, eps);
-}
-KERNEL void __launch_bounds__(256) head_concat_coltile(const float* a, const float* b, int heads, int la, int lb,
-                                                       int bHeads, int aw, int a0, u8* q, float* scales,
-                                                       const int* seg, int nseg, int rows, int cols, int fmt,
-                                                       int mode, float eps, i64 kpitch) {
-  __shared__ ColTileSmem sm;
-  coltile(HeadConcatValues{a, b, heads, la, lb, bHeads, aw, a0}, q, scales, seg, nseg, rows, cols, fmt, mode, eps,
-          kpitch, sm);
+KERNEL void __launch_bounds__(256) head_concat_quant(const float* a, const float* b, int heads, int la, int lb,
+                                                     int bHeads, int aw, int a0,
+    u8* tq, float* ts, u8* q, float* scales, const int* seg, int nseg, int rows, int cols, int fmt, int mode,
+    float eps, i64 kpitch) {
+  TILES_COLS((HeadConcatValues{a, b, heads, la, lb, bHeads, aw, a0}));
 }

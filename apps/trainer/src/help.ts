@@ -8,7 +8,7 @@ const DESCRIPTIONS: Record<string, string> = {
   against: "the policy to compare with (default bf16)",
   "balance.alpha": "weight of the sequence-wise balance loss",
   "balance.gamma": "speed of the expert bias update",
-  "balance.rule": "bias update rule: error or sign",
+  "balance.rule": "bias update rule: error, clipped or sign",
   "balance.router-lr": "the routers' learning rate as a multiple of --lr",
   "balance.noise": "width of the uniform noise on the router logits while training (0: none)",
   "balance.noise-until": "fraction of the run's steps over which the router noise falls to 0",

@@ -224,7 +224,8 @@ async function everyOp(b: Backend) {
     b.moeCombine(yv, p.slot, r.weights);
     b.moePermuteBackward(yv, p.slot, 64);
   }
-  for (const rule of ["sign", "error"] as const) b.biasUpdate(up([16]), p.offsets, { gamma: 0.001, rule });
+  for (const rule of ["sign", "error", "clipped"] as const)
+    b.biasUpdate(up([16]), p.offsets, { gamma: 0.001, rule });
   b.crossEntropy(x, b.upload(ints(64, 256), [64], "i32"), 0.5);
   const clip = b.clipScale([x, y], 1.0);
   const ao = {

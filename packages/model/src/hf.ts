@@ -96,8 +96,10 @@ export function fromHfConfig(j: Record<string, unknown>): ModelConfig {
 
 /** A checkpoint's bias rule; those written before the rule existed used `sign`. */
 function biasRule(v: unknown): BiasRule {
-  if (v === undefined || v === "sign" || v === "error") return v ?? "sign";
-  throw new Error(`config.json: field moe8_bias_update_rule is ${JSON.stringify(v)} (allowed: sign, error)`);
+  if (v === undefined || v === "sign" || v === "error" || v === "clipped") return v ?? "sign";
+  throw new Error(
+    `config.json: field moe8_bias_update_rule is ${JSON.stringify(v)} (allowed: sign, error, clipped)`,
+  );
 }
 
 /** Fields transformers validates as floats: JSON would write 1.0 as 1, which it rejects. */

@@ -278,6 +278,7 @@ export class MoELayer {
    * the op's relative error (mean - n_i) / mean times gamma * k/E. In these units one gamma suits
    * 8 experts top-2 and 64 top-6 alike: the relative error of an overloaded expert reaches E/k - 1,
    * and the loads respond to the bias more steeply the smaller k/E is (docs/model.md, "Balancing").
+   * `clipped`: error's step with (mean - n_i) / mean clipped to [-1, 1], at most gamma * k/E either way.
    * `offsets`: the step's expert offsets, the last forward's unless a step of several micro-batches
    * passes their sum.
    */
@@ -285,7 +286,7 @@ export class MoELayer {
     const { bias_update_speed: gamma, bias_update_rule: rule } = this.cfg;
     const { num_experts_per_tok: k, n_routed_experts: E } = this.cfg;
     if (!offsets || gamma <= 0) return;
-    const step = rule === "error" ? (gamma * k) / E : gamma;
+    const step = rule === "sign" ? gamma : (gamma * k) / E;
     this.b.biasUpdate(this.bias, offsets, { gamma: step, rule });
   }
 

@@ -155,9 +155,11 @@ export interface PermuteResult {
  * How `biasUpdate` moves each expert's correction bias from the loads of one step (docs/model.md,
  * "Balancing"): `sign` is DeepSeek-V3's bias_i += gamma * sign(mean - load_i); `error` scales the
  * step by the relative load error, bias_i += gamma * (mean - load_i) / mean, so a collapsed layer
- * is pulled back fast and a nearly balanced one is barely moved.
+ * is pulled back fast and a nearly balanced one is barely moved; `clipped` is `error` with the
+ * relative error clipped to [-1, 1], so an overloaded expert moves no faster than an idle one
+ * (with E/k = 10 the error rule's step down is up to 9 times its step up).
  */
-export type BiasRule = "sign" | "error";
+export type BiasRule = "sign" | "error" | "clipped";
 
 export interface BiasUpdateOptions {
   gamma: number;

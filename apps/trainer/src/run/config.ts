@@ -33,7 +33,7 @@ export const ModelFieldsSchema = z.object({
   rope_theta: z.number().positive().max(1e12),
   max_position_embeddings: pos(2 ** 22),
   bias_update_speed: z.number().nonnegative().max(1),
-  bias_update_rule: z.enum(["sign", "error"]),
+  bias_update_rule: z.enum(["sign", "error", "clipped"]),
   seq_aux_alpha: z.number().nonnegative().max(1e3),
   initializer_range: z.number().positive().max(10),
   embedding_init_std: z.number().positive().max(10),

@@ -11,7 +11,7 @@ import type { DeviceBuffer } from "../../native.d.cts";
 import { DEFINES } from "../cuda/kernels.generated.ts";
 import { type CudaContext, cdiv, KERNELS } from "./context.ts";
 
-const { ROUTER_MAX_EXPERTS, PERMUTE_MAX_EXPERTS, PCHUNK, BIAS_SIGN, BIAS_ERROR } = DEFINES.moe;
+const { ROUTER_MAX_EXPERTS, PERMUTE_MAX_EXPERTS, PCHUNK, BIAS_SIGN, BIAS_ERROR, BIAS_CLIPPED } = DEFINES.moe;
 
 export function router(
   cx: CudaContext,
@@ -284,6 +284,6 @@ export function biasUpdate(cx: CudaContext, bias: Tensor, offsets: Tensor, opts:
     offsets: cx.i32p(offsets, "biasUpdate"),
     E,
     gamma: opts.gamma,
-    rule: opts.rule === "sign" ? BIAS_SIGN : BIAS_ERROR,
+    rule: { sign: BIAS_SIGN, error: BIAS_ERROR, clipped: BIAS_CLIPPED }[opts.rule],
   });
 }

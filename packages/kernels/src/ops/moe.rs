@@ -465,6 +465,8 @@ pub enum BiasRule {
     Sign,
     /// bias_e += gamma * (mean - load_e) / mean: the step scaled by the relative load error.
     Error,
+    /// Error's step with the relative error clipped to [-1, 1].
+    Clipped,
 }
 
 /// The correction bias update, loads from the permute offsets (f64, one rounding per bias).
@@ -497,6 +499,7 @@ pub fn bias_update(bias: &mut [f32], offsets: &[i32], gamma: f64, rule: BiasRule
                 }
             }
             BiasRule::Error => diff / mean,
+            BiasRule::Clipped => (diff / mean).clamp(-1.0, 1.0),
         };
         *b = (*b as f64 + gamma * step) as f32;
     }

@@ -205,6 +205,7 @@ pub fn bias_update(
     let rule = match rule.as_str() {
         "sign" => moe::BiasRule::Sign,
         "error" => moe::BiasRule::Error,
+        "clipped" => moe::BiasRule::Clipped,
         r => {
             return Err(Error::new(
                 Status::InvalidArg,

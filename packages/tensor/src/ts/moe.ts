@@ -207,7 +207,10 @@ export function biasUpdate(
   if (!(mean > 0)) return; // no token was routed: no load to balance
   for (let e = 0; e < E; e++) {
     const load = offsets[e + 1] - offsets[e];
-    bias[e] += gamma * (rule === "sign" ? Math.sign(mean - load) : (mean - load) / mean);
+    const err = (mean - load) / mean;
+    bias[e] +=
+      gamma *
+      (rule === "sign" ? Math.sign(mean - load) : rule === "clipped" ? Math.max(-1, Math.min(1, err)) : err);
   }
 }
 

@@ -363,9 +363,11 @@ KERNEL void combine_bwd_ys16(const float* dy, const u16* ys, const int* slot, co
 // The bias update rules (Backend.biasUpdate's `rule`).
 #define BIAS_SIGN 0
 #define BIAS_ERROR 1
+#define BIAS_CLIPPED 2
 
 // The correction bias update, loads from the permute offsets: bias_e += gamma * sign(mean - load_e)
-// (BIAS_SIGN) or gamma * (mean - load_e) / mean (BIAS_ERROR), in f64 with one rounding per bias.
+// (BIAS_SIGN) or gamma * (mean - load_e) / mean (BIAS_ERROR; BIAS_CLIPPED: that relative error
+// clipped to [-1, 1]), in f64 with one rounding per bias.
 KERNEL void bias_update(float* bias, const int* offsets, int E, double gamma, int rule) {
   const int e = blockIdx.x * blockDim.x + threadIdx.x;
   if (e >= E) return;
@@ -373,6 +375,9 @@ KERNEL void bias_update(float* bias, const int* offsets, int E, double gamma, in
   if (!(mean > 0)) return;  // no token was routed: no load to balance
   const double load = offsets[e + 1] - offsets[e];
   const double d = mean - load;
-  const double step = rule == BIAS_SIGN ? (d > 0 ? 1.0 : (d < 0 ? -1.0 : 0.0)) : d / mean;
+  const double err = d / mean;
+  const double step = rule == BIAS_SIGN      ? (d > 0 ? 1.0 : (d < 0 ? -1.0 : 0.0))
+                      : rule == BIAS_CLIPPED ? fmin(1.0, fmax(-1.0, err))
+                                             : err;
   bias[e] = (float)((double)bias[e] + gamma * step);
 }

@@ -519,11 +519,14 @@ function tilesAndColumns(g: { dgrad: QuantizeOptions; wgrad: QuantizeOptions }):
 }
 
 /**
- * Backend.moeCombineBackwardQuantized in one kernel that never stores d(ys) in f32
- * (combine_grad_quant): dweights, d(ys)'s 1x128 tiles and its column tiles (restarting at the
- * experts' segments; K-major on sm_90), a block walking all d / 128 column chunks of its 128 rows so
- * that dweights sums in combine_bwd's order. null for the layouts it does not take (the caller
- * quantises an f32 d(ys) instead): d % 128 == 0, Wgrad's group column tiles.
+ * Backend.moeCombineBackwardQuantized in two kernels that never store d(ys) in f32: dweights with
+ * d(ys)'s 1x128 tiles (combine_grad_tile128, a warp per row, as combine_bwd), then its column tiles
+ * (combine_grad_coltile, quant_coltile's layout: K-major on sm_90), each reading the products
+ * w[slot[r]] dy[slot[r] / k] in place. null for the layouts it does not take (the caller quantises an
+ * f32 d(ys) instead): Dgrad's tiles need d % 128 == 0, Wgrad's group must be column tiles. (The other
+ * producers' one-pass form was slower here, 5.8 ms against 3.2 a small step on the H200: a block
+ * must walk all of a row's chunks for dweights to sum in combine_bwd's order, and at 186 registers
+ * one block an SM kept too few loads in flight; notes/step.md.)
  */
 export function combineGradQuantized(
   cx: CudaContext,
@@ -541,19 +544,46 @@ export function combineGradQuantized(
   const [dyp, slotp, wp] = [cx.f32p(dy, op), cx.i32p(slot, op), cx.f32p(weights, op)];
   const ysp = ys16 ? cx.p(ys) : cx.f32p(ys, op);
   const dweights = cx.make(weights.shape, "f32");
-  const kernel = ys16 ? KERNELS.quant.combine_grad_quant_ys16 : KERNELS.quant.combine_grad_quant;
-  const q = producerQuantized(cx, ys.shape, g, ([, gy, gz], t) =>
-    cx.launch(kernel, [1, gy, gz], 256, {
+  const tiles = quantOutput(cx, ys.shape, g.dgrad);
+  const cols = quantOutput(cx, ys.shape, g.wgrad);
+  if (rows === 0) return { dweights, dgrad: tiles.q, wgrad: cols.q };
+  const quant = { fmt: tiles.fmt, mode: tiles.mode, eps: tiles.eps };
+  // One warp per row: 8 rows per block of 256 threads.
+  cx.launch(
+    ys16 ? KERNELS.quant.combine_grad_tile128_ys16 : KERNELS.quant.combine_grad_tile128,
+    [cdiv(rows, 8)],
+    256,
+    {
       dy: dyp,
       ys: ysp,
       slot: slotp,
       w: wp,
-      k,
       dweights: cx.p(dweights),
-      ...t,
-    }),
+      q: cx.p(tiles.q),
+      scales: cx.p(tiles.q.quant!.scales),
+      rows,
+      k,
+      d: ys.cols,
+      ...quant,
+    },
   );
-  return { dweights, ...q };
+  const t = colTileTarget(cx, cols.q, 1);
+  if (t)
+    cx.launch(KERNELS.quant.combine_grad_coltile, t.grid, 256, {
+      dy: dyp,
+      slot: slotp,
+      w: wp,
+      k,
+      q: t.q,
+      scales: t.scales,
+      seg: t.seg,
+      nseg: t.nseg,
+      rows: t.rows,
+      cols: t.cols,
+      ...quant,
+      kpitch: t.kpitch,
+    });
+  return { dweights, dgrad: tiles.q, wgrad: cols.q };
 }
 
 /**

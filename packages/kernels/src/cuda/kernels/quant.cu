@@ -745,70 +745,102 @@ __device__ __forceinline__ void tiles_cols(Values x, u8* tq, float* ts, u8* q, f
   tiles_cols(VALUES, tq, ts, q, scales, seg, nseg, rows, cols, fmt, mode, eps, kpitch, sm)
 
 // The MoE combine's gradient for the experts, d(ys)[r] = w[slot[r]] dy[slot[r] / k] (moe.cu's
-// combine_bwd), handed to the experts' down projection quantised (its f32 copy was k rows of d per
-// token and layer, written once and read twice), with dweights[slot[r]] = dy[n] . ys[r] in double.
-// A block walks the d / 128 column chunks of its rows (grid (1, groups)), so that each lane sums
-// its columns of a row over the chunks in combine_bwd's order (then a warp sum, as combine_bwd):
-// the same dweights bits. The rows' dy offsets and weights are looked up once into shared memory.
+// combine_bwd), handed to the experts' down projection quantised and never stored in f32: its f32
+// copy (k rows of d per token and layer) was written once and read twice, by the two quantisers.
+// The values are the f32 products combine_bwd writes, so the codes and scales are quantize(d(ys))'s.
+
+// One 1x128 tile held by a warp, four values a lane (lane l: columns 4 l .. 4 l + 3): quant_tile128's
+// amax, scale and codes; q4 is this lane's four codes, *scale the tile's scale (written by lane 0).
+__device__ __forceinline__ void warp_tile_quant(const float (&v)[4], u8* q4, float* scale, int lane, int fmt,
+                                                int mode, float eps) {
+  float a = 0.0f;
+#pragma unroll
+  for (int e = 0; e < 4; e++) a = fmaxf(a, abs_for_amax(v[e]));
+  a = warp_max(a);
+  const QScale s = qscale(a, eps, fmt, mode);
+  *(u32*)q4 = (u32)quant_value(v[0], s, fmt, mode) | ((u32)quant_value(v[1], s, fmt, mode) << 8) |
+              ((u32)quant_value(v[2], s, fmt, mode) << 16) | ((u32)quant_value(v[3], s, fmt, mode) << 24);
+  if (lane == 0) *scale = s.scale;
+}
+
+// combine_grad_tile128: one warp per row r of d(ys): dweights[slot[r]] = dy[n] . ys[r] in double, in
+// combine_bwd's order, and the row's 1x128 tiles (d % 128 == 0: lane l holds columns 4 l .. 4 l + 3 of
+// each tile) with quant_tile128's amax, scale and codes. ys f32 or BF16.
 template <typename Y>
-__device__ void combine_grad_tiles_cols(const float* dy, const Y* ys, const int* slot, const float* w, int k,
-                                        float* dweights,
-    u8* tq, float* ts, u8* q, float* scales, const int* seg, int nseg, int rows, int cols, int fmt, int mode,
-    float eps, i64 kpitch) {
-  __shared__ TilesColsSmem sm;
+__device__ void combine_grad_tile_rows(const float* dy, const Y* ys, const int* slot, const float* w,
+                                       float* dweights, u8* q, float* scales, int rows, int k, int d, int fmt,
+                                       int mode, float eps) {
+  const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (r >= rows) return;
+  const int lane = threadIdx.x & 31;
+  const int i = slot[r], n = i / k;
+  const float wi = w[i];
+  const float* dyr = dy + (i64)n * d;
+  const Y* ysr = ys + (i64)r * d;
+  u8* qr = q + (i64)r * d;
+  float* sr = scales + (i64)r * (d / 128);
+  double dot = 0.0;
+#pragma unroll 2
+  for (int c0 = 0; c0 < d; c0 += 128) {
+    const int c = c0 + lane * 4;
+    const float4 g = *(const float4*)(dyr + c);
+    const float4 yv = load_f32x4(ysr + c);
+    dot += (double)g.x * (double)yv.x;
+    dot += (double)g.y * (double)yv.y;
+    dot += (double)g.z * (double)yv.z;
+    dot += (double)g.w * (double)yv.w;
+    const float v[4] = {wi * g.x, wi * g.y, wi * g.z, wi * g.w};
+    warp_tile_quant(v, qr + c, sr + c0 / 128, lane, fmt, mode, eps);
+  }
+  dot = warp_sum(dot);
+  if (lane == 0) dweights[i] = (float)dot;
+}
+
+KERNEL void combine_grad_tile128(const float* dy, const float* ys, const int* slot, const float* w, float* dweights,
+                                 u8* q, float* scales, int rows, int k, int d, int fmt, int mode, float eps) {
+  combine_grad_tile_rows(dy, ys, slot, w, dweights, q, scales, rows, k, d, fmt, mode, eps);
+}
+KERNEL void combine_grad_tile128_ys16(const float* dy, const u16* ys, const int* slot, const float* w,
+                                      float* dweights, u8* q, float* scales, int rows, int k, int d, int fmt,
+                                      int mode, float eps) {
+  combine_grad_tile_rows(dy, ys, slot, w, dweights, q, scales, rows, k, d, fmt, mode, eps);
+}
+
+// d(ys)'s values read in place for coltile: row r is token slot[r] / k's gradient times w[slot[r]].
+// The block's 128 rows' dy offsets and weights are looked up once into shared memory (off, wr; row
+// a0 + j at j) before the staging loop, which then issues its dy loads without waiting on the slot
+// and weight loads each of them needed (Nsight Compute: stalls on L1TEX scoreboard 35% of the time,
+// 4 blocks an SM).
+struct CombineGradValues {
+  const float* dy;
+  const i64* off;
+  const float* wr;
+  int a0;
+  __device__ __forceinline__ float at(int r, int c, int cols) const { return wr[r - a0] * dy[off[r - a0] + c]; }
+  __device__ __forceinline__ float4 at4(int r, int c, int cols) const {
+    const float wi = wr[r - a0];
+    const float4 g = *(const float4*)(dy + off[r - a0] + c);
+    return make_float4(wi * g.x, wi * g.y, wi * g.z, wi * g.w);
+  }
+};
+
+// combine_grad_coltile: d(ys)'s column tiles (restarted at the experts' segments; K-major with
+// kpitch > 0), quant_coltile's grid and layout.
+KERNEL void __launch_bounds__(256) combine_grad_coltile(const float* dy, const int* slot, const float* w, int k, u8* q,
+                                                        float* scales, const int* seg, int nseg, int rows, int cols,
+                                                        int fmt, int mode, float eps, i64 kpitch) {
+  __shared__ ColTileSmem sm;
   __shared__ i64 off[128];
   __shared__ float wr[128];
-  ColGroup g;
-  if (!col_group(seg, nseg, rows, cols, &g)) return;
-  const int tid = threadIdx.x, lane = tid & 31, r0 = 16 * (tid >> 5);
-  if (tid < g.h) {
-    const int i = slot[g.a0 + tid];
-    off[tid] = (i64)(i / k) * cols;
-    wr[tid] = w[i];
+  ColGroup grp;
+  if (!col_group(seg, nseg, rows, cols, &grp)) return;
+  if ((int)threadIdx.x < grp.h) {
+    const int i = slot[grp.a0 + threadIdx.x];
+    off[threadIdx.x] = (i64)(i / k) * cols;
+    wr[threadIdx.x] = w[i];
   }
   __syncthreads();
-  double dot[16];
-#pragma unroll
-  for (int j = 0; j < 16; j++) dot[j] = 0.0;
-  for (int cb = 0; cb < cols / 128; cb++) {
-    const int c = cb * 128 + 4 * lane;
-    float4 v[16];
-#pragma unroll
-    for (int j = 0; j < 16; j++) {
-      v[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      if (r0 + j < g.h) {
-        const float4 d = *(const float4*)(dy + off[r0 + j] + c);
-        const float4 y = load_f32x4(ys + (i64)(g.a0 + r0 + j) * cols + c);
-        dot[j] += (double)d.x * (double)y.x;
-        dot[j] += (double)d.y * (double)y.y;
-        dot[j] += (double)d.z * (double)y.z;
-        dot[j] += (double)d.w * (double)y.w;
-        const float wi = wr[r0 + j];
-        v[j] = make_float4(wi * d.x, wi * d.y, wi * d.z, wi * d.w);
-      }
-    }
-    tiles_cols_chunk(v, g, cb, tq, ts, q, scales, cols, fmt, mode, eps, kpitch, sm);
-  }
-#pragma unroll
-  for (int j = 0; j < 16; j++) {
-    if (r0 + j >= g.h) break;
-    const double t = warp_sum(dot[j]);
-    if (lane == 0) dweights[slot[g.a0 + r0 + j]] = (float)t;
-  }
-}
-KERNEL void __launch_bounds__(256) combine_grad_quant(const float* dy, const float* ys, const int* slot,
-                                                      const float* w, int k, float* dweights,
-    u8* tq, float* ts, u8* q, float* scales, const int* seg, int nseg, int rows, int cols, int fmt, int mode,
-    float eps, i64 kpitch) {
-  combine_grad_tiles_cols(dy, ys, slot, w, k, dweights, tq, ts, q, scales, seg, nseg, rows, cols, fmt, mode, eps,
-                          kpitch);
-}
-KERNEL void __launch_bounds__(256) combine_grad_quant_ys16(const float* dy, const u16* ys, const int* slot,
-                                                           const float* w, int k, float* dweights,
-    u8* tq, float* ts, u8* q, float* scales, const int* seg, int nseg, int rows, int cols, int fmt, int mode,
-    float eps, i64 kpitch) {
-  combine_grad_tiles_cols(dy, ys, slot, w, k, dweights, tq, ts, q, scales, seg, nseg, rows, cols, fmt, mode, eps,
-                          kpitch);
+  coltile(CombineGradValues{dy, off, wr, grp.a0}, q, scales, seg, nseg, rows, cols, fmt, mode, eps, kpitch, sm);
 }
 
 // SwiGLU's backward, d[g | u] (nn.cu's swiglu_bwd: the fused gate|up projection's output gradient),

@@ -89,31 +89,50 @@ __device__ __noinline__ u32 quant4(float4 v, QScale s, int fmt, int mode) {
          ((u32)quant_value(v.z, s, fmt, mode) << 16) | ((u32)quant_value(v.w, s, fmt, mode) << 24);
 }
 
-// 128x128 blocks of `batch` matrices of rows x cols. Block (cb, rb, b) of 256 threads: the whole
-// block is held in registers (16 four-wide loads per thread, all issued before the amax), so the
-// values are read from memory once.
+// A code by the amax and unit scalings' one path: encode(f32(x * factor)); the unit factor is 1, and
+// x * 1 is x (NaN stays NaN, which encodes as 0x7f either way). Power-of-two scales divide
+// instead, and their producers take the two-pass path (the host's tilesAndColumns): an inlined
+// IEEE division per code made these kernels take minutes to compile.
+__device__ __forceinline__ u32 quant_mul4(float a, float b, float c, float d, float fa, float fb, float fc,
+                                          float fd, int fmt) {
+  return (u32)encode_fp8(__fmul_rn(a, fa), fmt) | ((u32)encode_fp8(__fmul_rn(b, fb), fmt) << 8) |
+         ((u32)encode_fp8(__fmul_rn(c, fc), fmt) << 16) | ((u32)encode_fp8(__fmul_rn(d, fd), fmt) << 24);
+}
+
+// The 4 x 4 bytes of four words (w[i]: row i, byte e = column e) transposed: o[e] holds column e's
+// four bytes, row 0 in the low byte.
+__device__ __forceinline__ void transpose4x4_bytes(u32 w0, u32 w1, u32 w2, u32 w3, u32 (&o)[4]) {
+  const u32 lo01 = __byte_perm(w0, w1, 0x5140), hi01 = __byte_perm(w0, w1, 0x7362);
+  const u32 lo23 = __byte_perm(w2, w3, 0x5140), hi23 = __byte_perm(w2, w3, 0x7362);
+  o[0] = __byte_perm(lo01, lo23, 0x5410), o[1] = __byte_perm(lo01, lo23, 0x7632);
+  o[2] = __byte_perm(hi01, hi23, 0x5410), o[3] = __byte_perm(hi01, hi23, 0x7632);
+}
+
+// 128x128 blocks of `batch` matrices of rows x cols. Block (cb, rb, b) of 256 threads holds the
+// whole block in registers, warp w rows 16 w .. 16 w + 15 and lane l columns 4 l .. 4 l + 3 of each
+// (16 four-wide loads per thread, all issued before the amax), so the values are read once.
 // With qt given (rows % 16 == 0 and cols % 16 == 0), also the transposed codes qt [batch][cols][rows]
 // and scales st [batch][ncb][nrb]: the Dgrad's weight operand (W^T with both operands K-contiguous),
-// exact since a 128x128 block's scale does not depend on the orientation; the codes staged in shared
-// memory and stored 16 bytes a column piece (transpose_u8_64's pattern), instead of a second kernel
-// reading them back before every Dgrad.
+// exact since a 128x128 block's scale does not depend on the orientation. A lane's 16 rows of one
+// column are one 16-byte piece of a row of W^T, made from its row codes by 4 x 4 byte transposes in
+// registers. (Staging the codes in shared memory and reading them back a byte at a time took 1.69 ms
+// of the small step, with quant4 out of line for every code.)
 KERNEL void __launch_bounds__(256) quant_block(const float* x, u8* q, float* scales, int rows, int cols, int fmt,
                                                int mode, float eps, u8* qt, float* st) {
-  __shared__ __align__(16) u8 tq[128][144];
   const int cb = blockIdx.x, rb = blockIdx.y, b = blockIdx.z;
   const int ncb = cdiv(cols, 128), nrb = cdiv(rows, 128);
-  const int r0 = rb * 128, c0 = cb * 128;
-  const int h = min(128, rows - r0), w = min(128, cols - c0);
+  const int r0 = rb * 128 + 16 * (threadIdx.x >> 5), c0 = cb * 128;
+  const int h = min(128, rows - rb * 128) - 16 * (threadIdx.x >> 5), w = min(128, cols - c0);
+  const int c = 4 * (threadIdx.x & 31);
   const i64 base = (i64)b * rows * cols;
   const bool vec = (cols & 3) == 0;
   float4 v[16];
   float a = 0.0f;
 #pragma unroll
   for (int j = 0; j < 16; j++) {
-    const int i = threadIdx.x + j * 256, r = i >> 5, c = (i & 31) * 4;
-    const float* p = x + base + (i64)(r0 + r) * cols + c0 + c;
+    const float* p = x + base + (i64)(r0 + j) * cols + c0 + c;
     v[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    if (r < h) {
+    if (j < h) {
       if (vec && c < w) {
         v[j] = *(const float4*)p;
       } else {
@@ -130,36 +149,40 @@ KERNEL void __launch_bounds__(256) quant_block(const float* x, u8* q, float* sca
               fmaxf(abs_for_amax(v[j].z), abs_for_amax(v[j].w)));
   a = block_max(a);
   const QScale s = qscale(a, eps, fmt, mode);
+  u32 codes[16];
+  if (mode == SCALE_POW2) {
+#pragma unroll
+    for (int j = 0; j < 16; j++) codes[j] = quant4(v[j], s, fmt, mode);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 16; j++)
+      codes[j] = quant_mul4(v[j].x, v[j].y, v[j].z, v[j].w, s.factor, s.factor, s.factor, s.factor, fmt);
+  }
 #pragma unroll
   for (int j = 0; j < 16; j++) {
-    const int i = threadIdx.x + j * 256, r = i >> 5, c = (i & 31) * 4;
-    if (r >= h || c >= w) continue;
-    const u32 codes = quant4(v[j], s, fmt, mode);
-    if (qt) *(u32*)&tq[r][c] = codes;
-    u8* qp = q + base + (i64)(r0 + r) * cols + c0 + c;
+    if (j >= h || c >= w) continue;
+    u8* qp = q + base + (i64)(r0 + j) * cols + c0 + c;
     if (vec) {
-      *(u32*)qp = codes;
+      *(u32*)qp = codes[j];
     } else {
-      qp[0] = codes & 0xff;
-      if (c + 1 < w) qp[1] = (codes >> 8) & 0xff;
-      if (c + 2 < w) qp[2] = (codes >> 16) & 0xff;
-      if (c + 3 < w) qp[3] = codes >> 24;
+      qp[0] = codes[j] & 0xff;
+      if (c + 1 < w) qp[1] = (codes[j] >> 8) & 0xff;
+      if (c + 2 < w) qp[2] = (codes[j] >> 16) & 0xff;
+      if (c + 3 < w) qp[3] = codes[j] >> 24;
     }
   }
   if (threadIdx.x == 0) scales[(i64)b * nrb * ncb + rb * ncb + cb] = s.scale;
   if (!qt) return;
   if (threadIdx.x == 0) st[(i64)b * nrb * ncb + cb * nrb + rb] = s.scale;
-  __syncthreads();
-  // Column c of the block becomes row c0 + c of W^T: its h codes in pieces of 16 (h % 16 == 0).
+  if (h <= 0 || c >= w) return;  // h % 16 == 0: a warp's 16 rows are all in the matrix or none
+  u32 t[4][4];  // t[k][e]: column c + e, rows 4 k .. 4 k + 3 of the warp's 16
 #pragma unroll
-  for (int it = 0; it < 4; it++) {
-    const int i = threadIdx.x + it * 256, c = i & 127, k = (i >> 7) * 16;
-    if (c >= w || k >= h) continue;
-    u32 wd[4] = {0, 0, 0, 0};
+  for (int k = 0; k < 4; k++)
+    transpose4x4_bytes(codes[4 * k], codes[4 * k + 1], codes[4 * k + 2], codes[4 * k + 3], t[k]);
 #pragma unroll
-    for (int e = 0; e < 16; e++) wd[e >> 2] |= (u32)tq[k + e][c] << ((e & 3) * 8);
-    *(uint4*)(qt + base + (i64)(c0 + c) * rows + r0 + k) = make_uint4(wd[0], wd[1], wd[2], wd[3]);
-  }
+  for (int e = 0; e < 4; e++)
+    if (c + e < w)
+      *(uint4*)(qt + base + (i64)(c0 + c + e) * rows + r0) = make_uint4(t[0][e], t[1][e], t[2][e], t[3][e]);
 }
 
 // Where column tiles read their values: an f32 matrix, or the FP8 codes and scales of a 2-D
@@ -646,16 +669,6 @@ struct TilesColsSmem {
   float part[8][128];
   QScale sc[128];
 };
-
-// A code by the amax and unit scalings' one path: encode(f32(x * factor)); the unit factor is 1, and
-// x * 1 is x (NaN stays NaN, which encodes as 0x7f either way). Power-of-two scales divide
-// instead, and their producers take the two-pass path (the host's tilesAndColumns): an inlined
-// IEEE division per code made these kernels take minutes to compile.
-__device__ __forceinline__ u32 quant_mul4(float a, float b, float c, float d, float fa, float fb, float fc,
-                                          float fd, int fmt) {
-  return (u32)encode_fp8(__fmul_rn(a, fa), fmt) | ((u32)encode_fp8(__fmul_rn(b, fb), fmt) << 8) |
-         ((u32)encode_fp8(__fmul_rn(c, fc), fmt) << 16) | ((u32)encode_fp8(__fmul_rn(d, fd), fmt) << 24);
-}
 
 // One 128 x 128 chunk held as above (v[j]: row 16 w + j, zeros past the group's h rows), column
 // chunk cb: writes its rows' tiles (tq, ts: [rows, cols / 128]) and its columns' tiles (q, scales).

@@ -482,19 +482,14 @@ function producerQuantized(
   const t = colTileTarget(cx, cols.q, 1);
   // Every row's tiles are written by the block of its column-tile group: segments must cover them.
   if (!t) throw new Error(`quantised producer: the column tiles' segments hold no rows of ${shape[0]}`);
-  launch([t.cols / 128, t.grid[1], t.grid[2]], {
+  const { grid, ...target } = t;
+  launch([t.cols / 128, grid[1], grid[2]], {
     tq: cx.p(tiles.q),
     ts: cx.p(tiles.q.quant!.scales),
-    q: t.q,
-    scales: t.scales,
-    seg: t.seg,
-    nseg: t.nseg,
-    rows: t.rows,
-    cols: t.cols,
+    ...target,
     fmt: cols.fmt,
     mode: cols.mode,
     eps: cols.eps,
-    kpitch: t.kpitch,
   });
   return { dgrad: tiles.q, wgrad: cols.q };
 }
@@ -568,21 +563,17 @@ export function combineGradQuantized(
     },
   );
   const t = colTileTarget(cx, cols.q, 1);
-  if (t)
-    cx.launch(KERNELS.quant.combine_grad_coltile, t.grid, 256, {
+  if (t) {
+    const { grid, ...target } = t;
+    cx.launch(KERNELS.quant.combine_grad_coltile, grid, 256, {
       dy: dyp,
       slot: slotp,
       w: wp,
       k,
-      q: t.q,
-      scales: t.scales,
-      seg: t.seg,
-      nseg: t.nseg,
-      rows: t.rows,
-      cols: t.cols,
+      ...target,
       ...quant,
-      kpitch: t.kpitch,
     });
+  }
   return { dweights, dgrad: tiles.q, wgrad: cols.q };
 }
 

@@ -348,10 +348,6 @@ export function dequantize(cx: CudaContext, q: Tensor): Tensor {
 
 /** FP8 codes [rows, cols] (`batch` matrices) -> [cols, rows] into dst, a scratch buffer; returns dst. */
 /**
- * Each of `batch` block-quantised FP8 weights [rows, cols] transposed to [cols, rows], codes and
- * 128x128 block scales together (exact), into scratch: the K-contiguous B operand of a Dgrad.
- */
-/**
  * The Dgrad's weight operand, W^T's codes and block scales for the FP8 weight t ([batch][rows][cols]
  * as codes at `codes`, scales at `scales`): what quant_block wrote beside t (blockTransposed), or a
  * transpose made now (transposedWeight). free() after the launches that read it.
@@ -374,6 +370,10 @@ export function transposedOf(
   return transposedWeight(cx, codes, scales, rows, cols, batch);
 }
 
+/**
+ * Each of `batch` block-quantised FP8 weights [rows, cols] transposed to [cols, rows], codes and
+ * 128x128 block scales together (exact), into scratch: the K-contiguous B operand of a Dgrad.
+ */
 export function transposedWeight(
   cx: CudaContext,
   codes: number,
@@ -494,23 +494,20 @@ function producerQuantized(
   return { dgrad: tiles.q, wgrad: cols.q };
 }
 
-/**
- * Whether g is the pair the fused producers make: 1x128 tiles, and column tiles (any segments)
- * with the same format and scaling (one kernel writes both), amax or unit scales (power-of-two
- * scales take the f32 path: see quant_mul4 in quant.cu).
- */
+/** Whether g is the pair the fused producers make: 1x128 tiles, and column tiles (any segments). */
 function tilesAndColumns(g: { dgrad: QuantizeOptions; wgrad: QuantizeOptions }): boolean {
-  const same = (k: "format" | "pow2Scales" | "eps" | "unit") => (g.dgrad[k] ?? null) === (g.wgrad[k] ?? null);
-  return (
-    g.dgrad.group === "tile" &&
-    !g.dgrad.segments &&
-    g.wgrad.group === "column-tile" &&
-    same("format") &&
-    !g.dgrad.pow2Scales &&
-    !g.wgrad.pow2Scales &&
-    same("eps") &&
-    same("unit")
-  );
+  return g.dgrad.group === "tile" && !g.dgrad.segments && g.wgrad.group === "column-tile";
+}
+
+/**
+ * tilesAndColumns, with the two copies' format and scaling the same, as the one-pass producers
+ * (one kernel writing both) need, and amax or unit scales (power-of-two scales take the f32 path:
+ * see quant_mul4 in quant.cu).
+ */
+function onePass(g: { dgrad: QuantizeOptions; wgrad: QuantizeOptions }): boolean {
+  const same = (k: "format" | "eps" | "unit") => (g.dgrad[k] ?? null) === (g.wgrad[k] ?? null);
+  const pow2 = g.dgrad.pow2Scales || g.wgrad.pow2Scales;
+  return tilesAndColumns(g) && same("format") && same("eps") && same("unit") && !pow2;
 }
 
 /**
@@ -542,7 +539,6 @@ export function combineGradQuantized(
   const tiles = quantOutput(cx, ys.shape, g.dgrad);
   const cols = quantOutput(cx, ys.shape, g.wgrad);
   if (rows === 0) return { dweights, dgrad: tiles.q, wgrad: cols.q };
-  const quant = { fmt: tiles.fmt, mode: tiles.mode, eps: tiles.eps };
   // One warp per row: 8 rows per block of 256 threads.
   cx.launch(
     ys16 ? KERNELS.quant.combine_grad_tile128_ys16 : KERNELS.quant.combine_grad_tile128,
@@ -559,7 +555,9 @@ export function combineGradQuantized(
       rows,
       k,
       d: ys.cols,
-      ...quant,
+      fmt: tiles.fmt,
+      mode: tiles.mode,
+      eps: tiles.eps,
     },
   );
   const t = colTileTarget(cx, cols.q, 1);
@@ -571,7 +569,9 @@ export function combineGradQuantized(
       w: wp,
       k,
       ...target,
-      ...quant,
+      fmt: cols.fmt,
+      mode: cols.mode,
+      eps: cols.eps,
     });
   }
   return { dweights, dgrad: tiles.q, wgrad: cols.q };
@@ -591,7 +591,7 @@ export function swigluGradQuantized(
   g: { dgrad: QuantizeOptions; wgrad: QuantizeOptions },
 ): { dgrad: Tensor; wgrad: Tensor } | null {
   const inter = swigluWidth(gu, "swigluBackwardQuantized", dh);
-  if (!tilesAndColumns(g) || inter % 128 !== 0 || gu.shape.length !== 2) return null;
+  if (!onePass(g) || inter % 128 !== 0 || gu.shape.length !== 2) return null;
   const gu16 = gu.dtype === "bf16";
   const dh16 = dh.dtype === "bf16";
   if (dh16 && !gu16) return null;
@@ -607,8 +607,8 @@ export function swigluGradQuantized(
 }
 
 /**
- * Backend.ropeQuantized without the f32 rotated copy (rope_quant), or null for the
- * layouts it does not take (row widths not a multiple of 128, groups of four straddling a pair).
+ * Backend.ropeQuantized without the f32 rotated copy (rope_quant), or null for the layouts it does
+ * not take (row widths not a multiple of 128, groups of four straddling a pair).
  */
 export function ropeQuantized(
   cx: CudaContext,
@@ -616,7 +616,7 @@ export function ropeQuantized(
   o: RopeOptions,
   g: { dgrad: QuantizeOptions; wgrad: QuantizeOptions },
 ): { dgrad: Tensor; wgrad: Tensor } | null {
-  if (!tilesAndColumns(g) || x.shape.length !== 2 || x.cols % 128 !== 0 || !ropeWide(o)) return null;
+  if (!onePass(g) || x.shape.length !== 2 || x.cols % 128 !== 0 || !ropeWide(o)) return null;
   if (o.heads * o.width !== x.cols) return null;
   const args = {
     x: cx.f32p(x, "ropeQuantized"),
@@ -633,8 +633,8 @@ export function ropeQuantized(
 }
 
 /**
- * Backend.headConcatQuantized without the f32 concatenation (head_concat_quant), or null for the layouts it does not take (head_concat4's, in rows that are
- * whole 1x128 tiles).
+ * Backend.headConcatQuantized without the f32 concatenation (head_concat_quant), or null for the
+ * layouts it does not take (head_concat4's, in rows that are whole 1x128 tiles).
  */
 export function headConcatQuantized(
   cx: CudaContext,
@@ -646,7 +646,7 @@ export function headConcatQuantized(
   g: { dgrad: QuantizeOptions; wgrad: QuantizeOptions },
 ): { dgrad: Tensor; wgrad: Tensor } | null {
   const { cols, wide, ...layout } = concatLayout(a, b, heads, bHeads, aPart);
-  if (!tilesAndColumns(g) || !wide || cols % 128 !== 0) return null;
+  if (!onePass(g) || !wide || cols % 128 !== 0) return null;
   const args = { a: cx.f32p(a, "headConcatQuantized"), b: cx.f32p(b, "headConcatQuantized"), ...layout };
   return producerQuantized(cx, [a.rows, cols], g, (grid, t) =>
     cx.launch(KERNELS.quant.head_concat_quant, grid, 256, { ...args, ...t }),

@@ -580,9 +580,9 @@ export function combineGradQuantized(
 /**
  * Backend.swigluBackwardQuantized in one kernel that never stores d[g | u] in f32
  * (swiglu_grad_quant: each block computes swiglu_grad from dh and gate|up in place, as swiglu_bwd
- * does, for 128 columns of the gate or the up half). null for the layouts it does not take: tiles
- * need inter % 128 == 0, Wgrad's group must be column tiles, and dh in BF16 goes with a BF16 gate|up
- * only (swigluBackward's combinations).
+ * does, for 128 columns of the gate half and the same columns of the up half). null for the layouts
+ * it does not take: tiles need inter % 128 == 0, Wgrad's group must be column tiles, and dh in BF16
+ * goes with a BF16 gate|up only (swigluBackward's combinations).
  */
 export function swigluGradQuantized(
   cx: CudaContext,
@@ -601,8 +601,9 @@ export function swigluGradQuantized(
     gu: gu16 ? cx.p(gu) : cx.f32p(gu, "swigluBackwardQuantized"),
     inter,
   };
-  return producerQuantized(cx, gu.shape, g, (grid, t) =>
-    cx.launch(KERNELS.quant[`swiglu_grad_quant${variant}`], grid, 256, { ...ptrs, ...t }),
+  // A block of 512 threads per 128-row group and column chunk of both halves: inter / 128 blocks a row group.
+  return producerQuantized(cx, gu.shape, g, ([, gy, gz], t) =>
+    cx.launch(KERNELS.quant[`swiglu_grad_quant${variant}`], [inter / 128, gy, gz], 512, { ...ptrs, ...t }),
   );
 }
 

@@ -860,30 +860,120 @@ KERNEL void __launch_bounds__(256) combine_grad_coltile(const float* dy, const i
 
 // SwiGLU's backward, d[g | u] (nn.cu's swiglu_bwd: the fused gate|up projection's output gradient),
 // handed to that projection quantised (k rows of 2 inter per token and layer for the experts). dh is
-// f32 or BF16, gu f32 or BF16 (nn.cu's three combinations). A column chunk lies in one half
-// (inter % 128 == 0), so a block computes only dg or only du.
-template <typename D, typename T>
-struct SwigluGradValues {
-  const D* dh;
-  const T* gu;
-  int inter;
-  __device__ __forceinline__ float4 at4(int r, int c, int cols) const {
-    const int cc = c < inter ? c : c - inter;
-    const float4 d = load_f32x4(dh + (i64)r * inter + cc), g = load_f32x4(gu + (i64)r * cols + cc),
-                 u = load_f32x4(gu + (i64)r * cols + inter + cc);
-    float4 dg, du;
-    swiglu_grad(d.x, g.x, u.x, &dg.x, &du.x);
-    swiglu_grad(d.y, g.y, u.y, &dg.y, &du.y);
-    swiglu_grad(d.z, g.z, u.z, &dg.z, &du.z);
-    swiglu_grad(d.w, g.w, u.w, &dg.w, &du.w);
-    return c < inter ? dg : du;
-  }
+// f32 or BF16, gu f32 or BF16 (nn.cu's three combinations); inter % 128 == 0.
+// tiles_cols's scheme over both halves at once: a block of 512 threads takes one 128-row group and
+// column chunk cb of the gate half with the same chunk of the up half, warp w rows 8 w .. 8 w + 7
+// and lane l columns 4 l .. 4 l + 3 of each half, so d, g and u are read once and swiglu_grad runs
+// once per pair (with a block per half they were read twice). Row tiles: each row's gate tile cb and
+// up tile inter / 128 + cb (16 warp reductions a warp, lane j < 16 computing one scale: row j's gate
+// tile, then row j - 8's up tile). Column tiles: 256 columns' amaxes through shared memory, a lane's
+// 8 rows of a column 8 bytes of its K-major chunk.
+struct SwigluQuantSmem {
+  float part[16][256];
+  QScale sc[256];
 };
-#define SWIGLU_GRAD_QUANT(SUFFIX, D, T)                                                                              \
-  KERNEL void __launch_bounds__(256) swiglu_grad_quant##SUFFIX(const D* dh, const T* gu, int inter,                    \
-      u8* tq, float* ts, u8* q, float* scales, const int* seg, int nseg, int rows, int cols,                           \
-      int fmt, int mode, float eps, i64 kpitch) {                                                                      \
-    TILES_COLS((SwigluGradValues<D, T>{dh, gu, inter}));                                                            \
+__device__ __forceinline__ float amax4(float4 v) {
+  return fmaxf(fmaxf(abs_for_amax(v.x), abs_for_amax(v.y)), fmaxf(abs_for_amax(v.z), abs_for_amax(v.w)));
+}
+__device__ __forceinline__ float4 fmax4(float4 a, float4 v) {
+  return make_float4(fmaxf(a.x, abs_for_amax(v.x)), fmaxf(a.y, abs_for_amax(v.y)), fmaxf(a.z, abs_for_amax(v.z)),
+                     fmaxf(a.w, abs_for_amax(v.w)));
+}
+template <typename D, typename T>
+__device__ __forceinline__ void swiglu_grad_both(const D* dh, const T* gu, int inter, u8* tq, float* ts, u8* q,
+                                                 float* scales, const int* seg, int nseg, int rows, int cols, int fmt,
+                                                 int mode, float eps, i64 kpitch, SwigluQuantSmem& sm) {
+  ColGroup g;
+  if (!col_group(seg, nseg, rows, cols, &g)) return;
+  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, cb = blockIdx.x, ng = cols / 128;
+  const int c = cb * 128 + 4 * lane, r0 = 8 * w, h = g.h - r0;  // gate column c, up column inter + c
+  float4 vg[8], vu[8];
+#pragma unroll
+  for (int j = 0; j < 8; j++) {
+    vg[j] = vu[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (j < h) {
+      const i64 r = g.a0 + r0 + j;
+      const float4 d = load_f32x4(dh + r * inter + c), gg = load_f32x4(gu + r * cols + c),
+                   u = load_f32x4(gu + r * cols + inter + c);
+      swiglu_grad(d.x, gg.x, u.x, &vg[j].x, &vu[j].x);
+      swiglu_grad(d.y, gg.y, u.y, &vg[j].y, &vu[j].y);
+      swiglu_grad(d.z, gg.z, u.z, &vg[j].z, &vu[j].z);
+      swiglu_grad(d.w, gg.w, u.w, &vg[j].w, &vu[j].w);
+    }
+  }
+  float mine = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 8; j++) {
+    const float ag = warp_max(amax4(vg[j])), au = warp_max(amax4(vu[j]));
+    if (lane == j) mine = ag;
+    if (lane == 8 + j) mine = au;
+  }
+  const QScale rs = qscale(mine, eps, fmt, mode);
+  if (lane < 16 && (lane & 7) < h)
+    ts[(i64)(g.a0 + r0 + (lane & 7)) * ng + (lane < 8 ? cb : inter / 128 + cb)] = rs.scale;
+#pragma unroll
+  for (int j = 0; j < 8; j++) {
+    const float fg = __shfl_sync(0xffffffffu, rs.factor, j), fu = __shfl_sync(0xffffffffu, rs.factor, 8 + j);
+    if (j < h) {
+      u8* row = tq + (i64)(g.a0 + r0 + j) * cols;
+      *(u32*)(row + c) = quant_mul4(vg[j].x, vg[j].y, vg[j].z, vg[j].w, fg, fg, fg, fg, fmt);
+      *(u32*)(row + inter + c) = quant_mul4(vu[j].x, vu[j].y, vu[j].z, vu[j].w, fu, fu, fu, fu, fmt);
+    }
+  }
+  float4 mg = make_float4(0.0f, 0.0f, 0.0f, 0.0f), mu = mg;
+#pragma unroll
+  for (int j = 0; j < 8; j++) mg = fmax4(mg, vg[j]), mu = fmax4(mu, vu[j]);
+  *(float4*)&sm.part[w][4 * lane] = mg;
+  *(float4*)&sm.part[w][128 + 4 * lane] = mu;
+  __syncthreads();
+  if (tid < 256) {
+    float a = sm.part[0][tid];
+#pragma unroll
+    for (int k = 1; k < 16; k++) a = fmaxf(a, sm.part[k][tid]);
+    sm.sc[tid] = qscale(a, eps, fmt, mode);
+    const int col = tid < 128 ? cb * 128 + tid : inter + cb * 128 + tid - 128;
+    scales[g.soff + (i64)g.rb * cols + col] = sm.sc[tid].scale;
+  }
+  __syncthreads();
+  float fg[4], fu[4];
+#pragma unroll
+  for (int e = 0; e < 4; e++) fg[e] = sm.sc[4 * lane + e].factor, fu[e] = sm.sc[128 + 4 * lane + e].factor;
+  u32 cg[8], cu[8];  // row j's four codes of each half
+#pragma unroll
+  for (int j = 0; j < 8; j++) {
+    cg[j] = quant_mul4(vg[j].x, vg[j].y, vg[j].z, vg[j].w, fg[0], fg[1], fg[2], fg[3], fmt);
+    cu[j] = quant_mul4(vu[j].x, vu[j].y, vu[j].z, vu[j].w, fu[0], fu[1], fu[2], fu[3], fmt);
+  }
+  if (kpitch > 0) {
+    // Column c + e's rows r0 .. r0 + 7 as 8 bytes (rows past h hold zeros: zero codes, as
+    // quant_coltile writes them).
+    const i64 at = (g.soff / cols + g.rb) * 128 + r0;
+    u32 tg[2][4], tu[2][4];
+    transpose4x4_bytes(cg[0], cg[1], cg[2], cg[3], tg[0]);
+    transpose4x4_bytes(cg[4], cg[5], cg[6], cg[7], tg[1]);
+    transpose4x4_bytes(cu[0], cu[1], cu[2], cu[3], tu[0]);
+    transpose4x4_bytes(cu[4], cu[5], cu[6], cu[7], tu[1]);
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      *(uint2*)(q + (i64)(c + e) * kpitch + at) = make_uint2(tg[0][e], tg[1][e]);
+      *(uint2*)(q + (i64)(inter + c + e) * kpitch + at) = make_uint2(tu[0][e], tu[1][e]);
+    }
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < 8; j++)
+    if (j < h) {
+      u8* row = q + (i64)(g.a0 + r0 + j) * cols;
+      *(u32*)(row + c) = cg[j];
+      *(u32*)(row + inter + c) = cu[j];
+    }
+}
+#define SWIGLU_GRAD_QUANT(SUFFIX, D, T)                                                                     \
+  KERNEL void __launch_bounds__(512) swiglu_grad_quant##SUFFIX(const D* dh, const T* gu, int inter,         \
+      u8* tq, float* ts, u8* q, float* scales, const int* seg, int nseg, int rows, int cols,                \
+      int fmt, int mode, float eps, i64 kpitch) {                                                           \
+    __shared__ SwigluQuantSmem sm;                                                                          \
+    swiglu_grad_both<D, T>(dh, gu, inter, tq, ts, q, scales, seg, nseg, rows, cols, fmt, mode, eps, kpitch, sm); \
   }
 SWIGLU_GRAD_QUANT(_f32, float, float)
 SWIGLU_GRAD_QUANT(_bf16, float, u16)

@@ -107,10 +107,15 @@ step torch-roles 60 20 sh -c 'python3 packages/kernels/bench/torch_expert_roles.
 cat /tmp/torch-roles.txt >>"$LOG" 2>/dev/null
 json_of /tmp/torch-roles.txt torch-roles
 
-for v in sm90 kt bn128 mma fa2 bf16; do
+# The training step replayed from a CUDA graph equals the uncaptured step bit for bit (issue 18).
+step graph-test 180 40 env MOE8_REQUIRE_CUDA=1 bun test --timeout 300000 tests/cuda-graph.test.ts
+
+for v in sm90 nograph kt bn128 mma fa2 bf16 bf16nograph; do
   picked "step-$v" || continue
   case $v in
     sm90) env=(MOE8_SM90_GEMM=1) p=fp8 prof=--profile ;;
+    nograph) env=(MOE8_CUDA_GRAPH=0) p=fp8 prof= ;;
+    bf16nograph) env=(MOE8_CUDA_GRAPH=0) p=bf16 prof= ;;
     mma) env=(MOE8_SM90_GEMM=0) p=fp8 prof=--profile ;;
     kt) env=(MOE8_SM90_KMAJOR=0) p=fp8 prof=--profile ;;
     bn128) env=(MOE8_SM90_BN=128) p=fp8 prof=--profile ;;
@@ -275,12 +280,13 @@ for r in rows:
     if r.get("tag") == "bench-gemm-bn128":
         for x in r.get("rows", []):
             print(f"128x128 entries: {x['gemm'][:44]:<44} {x['role']:<6} {x['fp8_tflops']:>8} TF/s")
-for v in ("sm90", "kt", "bn128", "mma", "fa2", "bf16"):
+for v in ("sm90", "nograph", "kt", "bn128", "mma", "fa2", "bf16", "bf16nograph"):
     s = next((r for r in rows if r.get("tag") == f"step-{v}"), None)
     k = next((r for r in rows if r.get("tag") == f"kernels-{v}"), {})
     if s:
         print(f"small step {v:<5} {s.get('tokens_per_s')} tokens/s, {s.get('ms_per_step')} ms/step, "
-              f"expert GEMMs {k.get('expert_gemm_ms', '-')} ms, all GEMMs {k.get('all_gemm_ms', '-')} ms of GPU time")
+              f"expert GEMMs {k.get('expert_gemm_ms', '-')} ms, all GEMMs {k.get('all_gemm_ms', '-')} ms of GPU time, "
+              f"CUDA graph {s.get('cuda_graph')}, host {s.get('host_ms_per_step')} ms/step, peak {s.get('peak_device_mb')} MB")
         classes = {key[7:]: val for key, val in s.items() if key.startswith("gpu_ms_")}
         if classes:
             print("    GPU ms by class:", ", ".join(f"{c} {m}" for c, m in classes.items()))
@@ -300,11 +306,12 @@ for r in rows:
         print("torch-anchors", json.dumps({k: v for k, v in r.items() if k != "tag"})[:200])
 # The targets' ratios, from numbers measured in this call only.
 tps = {t: next((r.get("tokens_per_s") for r in rows if r.get("tag") == t), None)
-       for t in ("step-sm90", "step-bf16", "torch-eager", "torch-compile")}
+       for t in ("step-sm90", "step-bf16", "torch-eager", "torch-compile", "step-nograph", "step-bf16nograph")}
 ratio = lambda a, b: f"{tps[a] / tps[b]:.3f}x" if tps[a] and tps[b] else "-"
 print(f"\nratios in this call: fp8 / torch.compile {ratio('step-sm90', 'torch-compile')}, fp8 / our bf16 "
       f"{ratio('step-sm90', 'step-bf16')}, our bf16 / eager {ratio('step-bf16', 'torch-eager')}, our bf16 / "
-      f"torch.compile {ratio('step-bf16', 'torch-compile')}")
+      f"torch.compile {ratio('step-bf16', 'torch-compile')}; CUDA graph / uncaptured: fp8 "
+      f"{ratio('step-sm90', 'step-nograph')}, bf16 {ratio('step-bf16', 'step-bf16nograph')}")
 mine = next((r.get("peak_device_mb") for r in rows if r.get("tag") == "step-sm90"), None)
 theirs = next((r.get("peak_mem_gib") for r in rows if r.get("tag") == "torch-compile"), None)
 if mine and theirs:

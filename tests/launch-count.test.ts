@@ -10,7 +10,7 @@
 // multi-tensor kernels it was one per parameter for each, plus one (741 and 578 with three layers,
 // 1,981 and 1,528 with eight).
 import { presetPolicy } from "@moe8/fp8-core";
-import { CONFIGS, DeepSeekModel, trainStep } from "@moe8/model";
+import { CONFIGS, DeepSeekModel, StepRunner, trainStep } from "@moe8/model";
 import { ADAMW_DEFAULTS, AdamW } from "@moe8/optimizer";
 import type { Backend } from "@moe8/tensor";
 import { describe, expect, it, vi } from "vitest";
@@ -74,6 +74,43 @@ describe("launches per training step (small's shape, 3 layers, fake Hopper GPU)"
       expect(counts[2]).toBeLessThanOrEqual(BUDGET[precision]);
       expect(counts[2], "the fake counted nothing").toBeGreaterThan(BUDGET[precision] / 2);
     }, 120_000);
+});
+
+describe("the step replayed from a CUDA graph (small's shape, 3 layers, fake Hopper GPU)", () => {
+  it("records the eager step's forward and backward once, then one replay and the update a step", async () => {
+    const b = new CudaBackend() as Backend;
+    const m = new DeepSeekModel(b, { ...CONFIGS.small, num_hidden_layers: 3 }, presetPolicy("fp8"), 1);
+    const opt = new AdamW(b, m.params, ADAMW_DEFAULTS);
+    const runner = new StepRunner(m, opt, { batch: 8, seq: 2048 }, { graph: true });
+    const batch = {
+      ids: Int32Array.from({ length: 8 * 2048 }, (_, i) => (i * 7) % 256),
+      targets: Int32Array.from({ length: 8 * 2048 }, (_, i) => (i * 5) % 256),
+    };
+    const issued: number[] = [];
+    const host: number[] = [];
+    for (let s = 0; s < 4; s++) {
+      fake.launches = 0;
+      fake.graphLaunches = 0;
+      await runner.step(batch, 1e-4);
+      issued.push(fake.launches);
+      host.push(runner.lastHostMs);
+      expect(fake.graphLaunches, `step ${s + 1}'s replays`).toBe(s === 0 ? 0 : 1);
+    }
+    const update = 1 + m.moeLayers.length; // AdamW, and each MoE layer's bias
+    console.log(
+      `graph: ${issued[0]} launches eager, then ${issued[3]} a replayed step; host ${host[3].toFixed(2)} ms per replayed step (eager ${host[0].toFixed(1)} ms)`,
+    );
+    expect([runner.captures, runner.replays]).toEqual([1, 3]);
+    expect(issued.slice(1)).toEqual([update, update, update]);
+    expect(issued[0], "the eager step issues the recorded work itself").toBeGreaterThan(BUDGET.fp8 / 2);
+    expect(fake.problems).toEqual([]);
+    // A step the graph cannot replay (FP8 range counts) runs uncaptured and keeps the graph.
+    fake.launches = 0;
+    await runner.step(batch, 1e-4, { fp8Stats: true });
+    expect(fake.launches).toBeGreaterThan(issued[0] / 2);
+    expect(runner.captures).toBe(1);
+    runner.dispose();
+  }, 120_000);
 });
 
 describe("the optimiser's launches (tiny's shape, fake Hopper GPU)", () => {

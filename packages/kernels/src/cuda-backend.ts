@@ -24,6 +24,7 @@ import {
   type Backend,
   type BiasUpdateOptions,
   BYTES_PER_ELEMENT,
+  type CapturedGraph,
   combineAddError,
   combineBackwardQuantizedVia,
   type DType,
@@ -46,7 +47,7 @@ import {
   type RopeOptions,
   type RouterResult,
   swigluBackwardQuantizedVia,
-  type Tensor,
+  Tensor,
 } from "@moe8/tensor";
 import type { DeviceBuffer } from "../native.d.cts";
 import * as attn from "./cuda-backend/attention.ts";
@@ -159,12 +160,59 @@ export class CudaBackend extends HostLifetimes implements Backend {
     }
   }
 
+  /**
+   * Records the work `fn` enqueues as a CUDA graph (graph.rs): nothing runs while it records, and
+   * each `replay()` then enqueues all of it as one launch. The blocks the recorded work uses belong
+   * to the graph until `dispose()` (the allocator lends its free ones to other work between replays;
+   * `borrowed()` says how many are out). Reads, uploads and writes inside `fn` are refused: they would
+   * synchronise or copy from host memory the replay cannot see.
+   */
+  captureGraph<T>(fn: () => T): CapturedGraph<T> {
+    const n = this.cx.n;
+    if (this.cx.timingLaunches) throw new Error("captureGraph: kernel timing is on (profile uncaptured)");
+    n.cudaCaptureBegin();
+    this.capturing = true;
+    let result: T;
+    try {
+      result = fn();
+    } catch (e) {
+      this.capturing = false;
+      n.cudaCaptureAbort();
+      throw e;
+    }
+    this.capturing = false;
+    const g = n.cudaCaptureEnd();
+    const outputs = collectTensors(result);
+    let disposed = false;
+    return {
+      result,
+      nodes: g.nodes,
+      borrowed: () => (disposed ? 0 : g.borrowed),
+      replay: () => g.launch(),
+      dispose: () => {
+        if (disposed) return;
+        disposed = true;
+        g.free();
+        for (const t of outputs) this.release(t);
+      },
+    };
+  }
+
+  /** True while captureGraph records (host copies would not be part of the graph). */
+  private capturing = false;
+
+  private refuseWhileCapturing(op: string): void {
+    if (this.capturing)
+      throw new Error(`${op} while a CUDA graph is recording: the step must not copy to or from the host`);
+  }
+
   // --- storage ---------------------------------------------------------------------------------
   protected override freeStorage(t: Tensor): void {
     (t.storage as DeviceBuffer | null)?.free();
   }
 
   override upload(data: HostArray, shape: readonly number[], dtype: DType = "f32"): Tensor {
+    this.refuseWhileCapturing("upload");
     if (data.length !== numel(shape)) throw new Error(`data of ${data.length} elements for shape [${shape}]`);
     const want = hostArray(dtype, 0);
     if (data.constructor !== want.constructor)
@@ -183,6 +231,7 @@ export class CudaBackend extends HostLifetimes implements Backend {
   }
 
   override async read(t: Tensor): Promise<HostArray> {
+    this.refuseWhileCapturing("read");
     const seg = this.cx.segScales.get(t);
     let n = t.size;
     if (seg) {
@@ -202,6 +251,7 @@ export class CudaBackend extends HostLifetimes implements Backend {
   }
 
   override write(t: Tensor, data: HostArray): void {
+    this.refuseWhileCapturing("write");
     const want = hostArray(t.dtype, 0);
     if (t.size !== data.length || data.constructor !== want.constructor)
       throw new Error(`write: ${data.constructor.name}(${data.length}) into ${t}`);
@@ -426,4 +476,13 @@ export class CudaBackend extends HostLifetimes implements Backend {
   prepareAdamW(slots: AdamWSlot[]): PreparedAdamW {
     return optim.prepareAdamW(this.cx, slots);
   }
+}
+
+/** The tensors in a captured function's result (a tensor, or arrays and plain objects of them). */
+function collectTensors(v: unknown, out: Tensor[] = []): Tensor[] {
+  if (v instanceof Tensor) out.push(v);
+  else if (Array.isArray(v)) for (const x of v) collectTensors(x, out);
+  else if (v && typeof v === "object" && Object.getPrototypeOf(v) === Object.prototype)
+    for (const x of Object.values(v)) collectTensors(x, out);
+  return out;
 }

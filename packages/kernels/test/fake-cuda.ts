@@ -32,8 +32,16 @@ export function createFakeCuda(config: FakeCudaConfig) {
     log: [] as { kernel: string; gx: number; args: DataView }[],
     /** The bytes last copied to each device address. */
     uploads: new Map<number, DataView>(),
-    /** Kernel launches and cuBLASLt calls (the caller resets it). */
+    /** Kernel launches and cuBLASLt calls (the caller resets it); those recorded into a graph not. */
     launches: 0,
+    /** Graph replays (the caller resets it). */
+    graphLaunches: 0,
+  };
+  // The launches of the capture recording now (null: none), as a CUDA graph's nodes.
+  let recording: number | null = null;
+  const issue = () => {
+    if (recording === null) state.launches++;
+    else recording++;
   };
   const { problems, log, uploads } = state;
   let nextPtr = 0;
@@ -97,7 +105,7 @@ export function createFakeCuda(config: FakeCudaConfig) {
       args: Uint8Array,
       offsets?: number[],
     ) => {
-      state.launches++;
+      issue();
       const k = table.get(ids[id])!;
       log.push({ kernel: ids[id], gx, args: new DataView(args.slice().buffer) });
       state.launched.add(ids[id]);
@@ -121,13 +129,39 @@ export function createFakeCuda(config: FakeCudaConfig) {
       if (!(sh >= 0 && sh <= 227 * 1024)) problems.push(`${ids[id]}: ${sh} bytes of shared memory`);
     },
     cudaGemmLt: () => {
-      state.launches++;
+      issue();
       if (config.lt === "refuse") throw new Error("CUBLAS_STATUS_NOT_SUPPORTED");
     },
     cudaHtod: (buf: FakeBuffer, offset: number, data: Uint8Array) => {
+      if (recording !== null) problems.push("an upload while a graph records");
       uploads.set(buf.ptr + offset, new DataView(data.slice().buffer));
     },
-    cudaDtoh: () => {},
+    cudaDtoh: () => {
+      if (recording !== null) problems.push("a read while a graph records");
+    },
+    cudaCaptureBegin: () => {
+      if (recording !== null) problems.push("a capture inside a capture");
+      recording = 0;
+    },
+    cudaCaptureEnd: () => {
+      const nodes = recording ?? 0;
+      recording = null;
+      let freed = false;
+      return {
+        nodes,
+        borrowed: 0,
+        launch: () => {
+          if (freed) problems.push("a graph replayed after free()");
+          state.graphLaunches++;
+        },
+        free: () => {
+          freed = true;
+        },
+      };
+    },
+    cudaCaptureAbort: () => {
+      recording = null;
+    },
     cudaDtod: () => {},
     cudaMemset8: () => {},
     cudaMemset32: () => {},

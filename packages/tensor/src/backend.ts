@@ -229,6 +229,27 @@ export function clipScaleOver(
   };
 }
 
+/**
+ * Device work recorded once and replayed as one launch (a CUDA graph): `replay` enqueues exactly the
+ * recorded kernels with the recorded arguments and addresses, so what changes between replays must
+ * be written into tensors the recorded work reads (its inputs), and its outputs are read after.
+ */
+export interface CapturedGraph<T> {
+  /** What the recorded function returned (tensors made inside it stay valid: the graph's outputs). */
+  readonly result: T;
+  /** Operations recorded (kernels and memsets). */
+  readonly nodes: number;
+  /**
+   * Tensors made outside the graph that hold device memory its replay writes (the graph's free
+   * memory is lent to other work between replays): 0 before a replay may run.
+   */
+  borrowed(): number;
+  /** Enqueues one replay (refused while borrowed() > 0). */
+  replay(): void;
+  /** Frees the graph and its outputs; its memory goes back to the allocator. */
+  dispose(): void;
+}
+
 export interface Backend {
   readonly name: BackendName;
 
@@ -245,6 +266,11 @@ export interface Backend {
   keep<T extends Tensor>(t: T): T;
   /** Live tensors and bytes, for leak checks. */
   stats(): { tensors: number; bytes: number };
+  /**
+   * Records the device work `fn` enqueues (nothing runs until a replay) where the backend can
+   * (cuda); absent on the host backends. `fn` must not read from the device or upload to it.
+   */
+  captureGraph?<T>(fn: () => T): CapturedGraph<T>;
   /** The most tensor bytes live at once since the last resetPeakBytes() (views not counted). */
   peakBytes(): number;
   resetPeakBytes(): void;

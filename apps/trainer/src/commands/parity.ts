@@ -4,7 +4,6 @@
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { describePolicy, UsageError } from "@moe8/fp8-core";
-import { trainStep } from "@moe8/model";
 import type { BiasRule } from "@moe8/tensor";
 import { type FlagSpec, parseArgs } from "../args.ts";
 import { resolveModel, type TrainConfig } from "../run/config.ts";
@@ -117,13 +116,9 @@ export async function trainForParity(
   try {
     for (let step = 1; step <= c.steps; step++) {
       const batch = await data.next();
-      const r = await b.scope(async () => {
-        const ids = b.upload(batch.ids, [batch.ids.length], "i32");
-        const tg = b.upload(batch.targets, [batch.targets.length], "i32");
-        return trainStep(s.model, s.opt, ids, tg, { batch: c.batchSize, seq: c.seqLen }, s.lrAt(step), {
-          accum: c.gradAccum,
-          routerNoise: s.routerNoiseAt(step),
-        });
+      const r = await s.runner.step(batch, s.lrAt(step), {
+        accum: c.gradAccum,
+        routerNoise: s.routerNoiseAt(step),
       });
       losses.push(r.loss);
       peak = Math.max(peak, process.memoryUsage().rss);

@@ -4,7 +4,7 @@
 // with a checkpoint (exit 0), and a second signal ends the process at once.
 import { join } from "node:path";
 import { policyToJson, UsageError } from "@moe8/fp8-core";
-import { hfConfig, trainStep } from "@moe8/model";
+import { hfConfig } from "@moe8/model";
 import { parseArgs } from "../args.ts";
 import { type CheckpointFiles, pruneCheckpoints, writeCheckpoint } from "../run/checkpoint.ts";
 import type { TrainConfig } from "../run/config.ts";
@@ -211,16 +211,12 @@ async function loop(
     const ts = performance.now();
     const batch = await data.next();
     const lr = s.lrAt(st.step + 1);
-    const r = await b.scope(async () => {
-      const ids = b.upload(batch.ids, [batch.ids.length], "i32");
-      const tg = b.upload(batch.targets, [batch.targets.length], "i32");
-      // FP8 range counts cost one extra pass per quantisation: only on logged steps.
-      const fp8Stats = (st.step + 1) % cfg.logEvery === 0;
-      return trainStep(s.model, s.opt, ids, tg, { batch: cfg.batchSize, seq: cfg.seqLen }, lr, {
-        fp8Stats,
-        accum: cfg.gradAccum,
-        routerNoise: s.routerNoiseAt(st.step + 1),
-      });
+    // FP8 range counts cost one extra pass per quantisation: only on logged steps.
+    const fp8Stats = (st.step + 1) % cfg.logEvery === 0;
+    const r = await s.runner.step(batch, lr, {
+      fp8Stats,
+      accum: cfg.gradAccum,
+      routerNoise: s.routerNoiseAt(st.step + 1),
     });
     st.step++;
     const ms = performance.now() - ts;

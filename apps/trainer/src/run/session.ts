@@ -1,7 +1,7 @@
 // Everything a run needs, built from its config: backend, precision policy, model and optimizer.
 import { type PrecisionPolicy, parsePolicy } from "@moe8/fp8-core";
 import { createBackend } from "@moe8/kernels";
-import { DeepSeekModel, type ModelConfig, routerNoiseAt, routerNoiseSeed } from "@moe8/model";
+import { DeepSeekModel, type ModelConfig, routerNoiseAt, routerNoiseSeed, StepRunner } from "@moe8/model";
 import { ADAMW_DEFAULTS, AdamW } from "@moe8/optimizer";
 import type { Backend } from "@moe8/tensor";
 import type { TrainConfig } from "./config.ts";
@@ -12,6 +12,11 @@ export interface Session {
   policy: PrecisionPolicy;
   model: DeepSeekModel;
   opt: AdamW;
+  /**
+   * The training step at the config's batch shape: trainStep, or on cuda its forward and backward
+   * replayed from a CUDA graph (step-runner.ts; MOE8_CUDA_GRAPH=0 turns that off).
+   */
+  runner: StepRunner;
   /** The learning-rate schedule; a resumed run whose length changed replaces it (schedule.ts). */
   schedule: RunSchedule;
   lrAt(step: number): number;
@@ -40,11 +45,13 @@ export function buildSession(cfg: TrainConfig, modelCfg: ModelConfig, backend?: 
     moments: policy.optimizer.moments,
     lrScale: { router: cfg.balance.routerLr ?? 1 },
   });
+  const runner = new StepRunner(model, opt, { batch: cfg.batchSize, seq: cfg.seqLen });
   return {
     backend: b,
     policy,
     model,
     opt,
+    runner,
     schedule: runSchedule(cfg),
     lrAt(step) {
       return lrAt(this.schedule, step);
@@ -54,6 +61,7 @@ export function buildSession(cfg: TrainConfig, modelCfg: ModelConfig, backend?: 
       return scale > 0 ? { scale, seed: routerNoiseSeed(cfg.seed, step) } : undefined;
     },
     dispose() {
+      runner.dispose();
       opt.dispose();
       model.dispose();
     },

@@ -8,6 +8,7 @@
 //! - `alloc.rs`  caching device allocator (size classes, stream-ordered reuse, stats);
 //! - `nvrtc.rs`  NVRTC compilation for the GPU present with an on-disk CUBIN/PTX cache;
 //! - `gemm.rs`   cuBLASLt GEMMs (f32, BF16, FP8 with DeepSeek-V3 block scaling);
+//! - `graph.rs`  CUDA graphs: a step's work recorded once and replayed as one launch;
 //! - `timer.rs`  GPU time per kernel (CUDA events) for `bench step --profile`;
 //! - `tma.rs`    TMA tensor maps (cuTensorMapEncodeTiled) for the Hopper GEMM's by-value arguments;
 //! - `napi.rs`   the functions the TypeScript `CudaBackend` calls (buffers, copies, launches);
@@ -15,6 +16,7 @@
 
 pub mod alloc;
 pub mod gemm;
+pub mod graph;
 pub mod napi;
 pub mod nvrtc;
 pub mod sha256;

@@ -3,7 +3,7 @@
 //! kernel launches on the one stream, and cuBLASLt GEMMs. Every function returns a JS error (never
 //! panics) when CUDA is unavailable, naming the reason.
 
-use super::{alloc, device, gemm, nvrtc, tma};
+use super::{alloc, device, gemm, graph, nvrtc, tma};
 use cudarc::driver::sys as cu;
 use napi::bindgen_prelude::{Buffer, Uint8ArraySlice};
 use napi::{Error, Result, Status};
@@ -457,4 +457,69 @@ pub fn cuda_gemm_lt(
         &oa, &ob, c as u64, c_elem, m as usize, n as usize, k as usize, accumulate,
     )
     .map_err(e)
+}
+
+/// Starts recording the stream's work into a CUDA graph (graph.rs); nothing enqueued until
+/// `cudaCaptureEnd` runs.
+#[napi]
+pub fn cuda_capture_begin() -> Result<()> {
+    graph::begin().map_err(e)
+}
+
+/// Ends the recording: the graph, ready to replay.
+#[napi]
+pub fn cuda_capture_end() -> Result<CudaGraph> {
+    Ok(CudaGraph {
+        inner: Some(graph::end().map_err(e)?),
+    })
+}
+
+/// Discards a recording the host abandoned.
+#[napi]
+pub fn cuda_capture_abort() {
+    graph::abort()
+}
+
+/// A recorded stream of work; `launch` replays it on the stream.
+#[napi]
+pub struct CudaGraph {
+    inner: Option<graph::Graph>,
+}
+
+#[napi]
+impl CudaGraph {
+    fn live(&self) -> Result<&graph::Graph> {
+        self.inner
+            .as_ref()
+            .ok_or_else(|| e("CUDA graph: used after free()".into()))
+    }
+
+    #[napi]
+    pub fn launch(&self) -> Result<()> {
+        self.live()?.launch().map_err(e)
+    }
+
+    /// Operations recorded.
+    #[napi(getter)]
+    pub fn nodes(&self) -> Result<u32> {
+        Ok(self.live()?.nodes() as u32)
+    }
+
+    /// Device blocks its work uses.
+    #[napi(getter)]
+    pub fn blocks(&self) -> Result<u32> {
+        Ok(self.live()?.blocks() as u32)
+    }
+
+    /// Of those, the blocks held now by tensors made outside the graph (a replay needs 0).
+    #[napi(getter)]
+    pub fn borrowed(&self) -> Result<u32> {
+        Ok(self.live()?.borrowed() as u32)
+    }
+
+    /// Destroys the graph (stream-ordered; safe to call twice).
+    #[napi]
+    pub fn free(&mut self) {
+        self.inner = None;
+    }
 }

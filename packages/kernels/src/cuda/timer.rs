@@ -54,6 +54,11 @@ fn destroy(t: &Timer) {
     }
 }
 
+/// Whether launches are being timed.
+pub fn on() -> bool {
+    TIMER.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+}
+
 /// Records the start of a launch labelled by `label()` (called only when timing is on).
 pub fn start(label: impl FnOnce() -> String) -> Result<Option<Mark>, String> {
     let mut g = TIMER.lock().unwrap_or_else(|e| e.into_inner());

@@ -1,5 +1,4 @@
 // `moe8 bench soak`: a long training run on the real data, sampling RSS and live tensors.
-import { trainStep } from "@moe8/model";
 import { intFlag } from "../../args.ts";
 import { DEFAULTS, resolveModel, type TrainConfig } from "../../run/config.ts";
 import { openTrainData } from "../../run/data.ts";
@@ -27,13 +26,9 @@ export async function benchSoak(flags: Record<string, unknown>): Promise<number>
   const t0 = performance.now();
   for (let step = 1; step <= steps; step++) {
     const batch = await data.next();
-    await b.scope(async () => {
-      const ids = b.upload(batch.ids, [batch.ids.length], "i32");
-      const tg = b.upload(batch.targets, [batch.targets.length], "i32");
-      return trainStep(s.model, s.opt, ids, tg, { batch: cfg.batchSize, seq: cfg.seqLen }, s.lrAt(step), {
-        accum: cfg.gradAccum,
-        routerNoise: s.routerNoiseAt(step),
-      });
+    await s.runner.step(batch, s.lrAt(step), {
+      accum: cfg.gradAccum,
+      routerNoise: s.routerNoiseAt(step),
     });
     if (step % every === 0 || step === 1) {
       const m = {

@@ -1,0 +1,184 @@
+// The training loop's step: trainStep, or on a backend that can record device work (cuda) its
+// forward, backward and gradient norm replayed from a CUDA graph (issue 18: ~850 launches a small
+// step become one, and the host's ~30 ms of issuing them a fraction of a millisecond).
+//
+// What the graph holds is what does not change between steps: it reads the batch from two input
+// tensors the runner owns (each step's ids and targets are copied into them first), zeroes the
+// gradients, runs lossAndGrad and the clip factor, and leaves the losses, the norm, the clip factor
+// and each MoE layer's expert offsets in its output tensors. What does change runs after a replay
+// as in trainStep, with the same ops: the host reads the losses and the norm, decides whether the
+// update is skipped, and enqueues AdamW at this step's learning rate and the bias updates. So a
+// replayed step computes the bits trainStep computes (same kernels, same arguments, same order).
+//
+// Steps trainStep must run itself: the first (it compiles and loads every kernel, which a recording
+// cannot do), steps with FP8 range counts (extra kernels), with router noise (its seed and width
+// change every step), with micro-batches or with several ranks. They borrow the graph's free memory
+// and give it back by the end of the step, so the recording stays valid. MOE8_CUDA_GRAPH=0 turns
+// the graph off.
+import { loadStats } from "@moe8/moe-layers";
+import type { AdamW } from "@moe8/optimizer";
+import type { CapturedGraph, HostArray, Tensor } from "@moe8/tensor";
+import type { BatchShape, DeepSeekModel } from "./model.ts";
+import { type StepOptions, type StepResult, trainStep } from "./train-step.ts";
+
+/** What the recorded step leaves on the device. */
+interface GraphOutputs {
+  ce: Tensor;
+  total: Tensor;
+  norm: Tensor;
+  scale: Tensor;
+  offsets: Tensor[];
+}
+
+export interface StepRunnerOptions {
+  /** Replay from a CUDA graph where the backend can (default: unless MOE8_CUDA_GRAPH=0). */
+  graph?: boolean;
+}
+
+/** The batch of one step: host arrays, or device tensors of `shape.batch * shape.seq` ids. */
+export type StepBatch = { ids: HostArray | Tensor; targets: HostArray | Tensor };
+
+export class StepRunner {
+  private graph: CapturedGraph<GraphOutputs> | null = null;
+  private inputs: { ids: Tensor; targets: Tensor } | null = null;
+  private readonly useGraph: boolean;
+  private eagerSteps = 0;
+  /** Steps replayed from the graph, and graphs recorded (for reports and tests). */
+  replays = 0;
+  captures = 0;
+  /** The host's time in the last step, waiting for the device's results not counted (ms). */
+  lastHostMs = 0;
+
+  constructor(
+    readonly model: DeepSeekModel,
+    readonly opt: AdamW,
+    readonly shape: BatchShape,
+    o: StepRunnerOptions = {},
+  ) {
+    this.useGraph =
+      (o.graph ?? process.env.MOE8_CUDA_GRAPH !== "0") && typeof model.b.captureGraph === "function";
+  }
+
+  /** Whether this step can be the recorded one: see the file comment. */
+  private graphable(o: StepOptions): boolean {
+    return (
+      this.useGraph &&
+      (o.accum ?? 1) === 1 &&
+      (o.collectives?.size ?? 1) === 1 &&
+      !o.fp8Stats &&
+      !(o.routerNoise && o.routerNoise.scale > 0)
+    );
+  }
+
+  async step(batch: StepBatch, lr: number, o: StepOptions = {}): Promise<StepResult> {
+    const b = this.model.b;
+    const t0 = performance.now();
+    if (!this.graphable(o) || this.eagerSteps === 0) {
+      this.eagerSteps++;
+      const r = await b.scope(() => {
+        const ids = this.device(batch.ids);
+        const targets = this.device(batch.targets);
+        return trainStep(this.model, this.opt, ids, targets, this.shape, lr, o);
+      });
+      this.lastHostMs = performance.now() - t0;
+      return r;
+    }
+    if (!this.inputs) {
+      const n = this.shape.batch * this.shape.seq;
+      this.inputs = { ids: b.keep(b.zeros([n], "i32")), targets: b.keep(b.zeros([n], "i32")) };
+    }
+    this.load(this.inputs.ids, batch.ids);
+    this.load(this.inputs.targets, batch.targets);
+    // Memory the graph lent to work that still holds it: record again (the rare case of a caller
+    // keeping tensors across steps that were made after the recording).
+    if (this.graph && this.graph.borrowed() > 0) this.dropGraph();
+    if (!this.graph) this.capture();
+    this.graph!.replay();
+    this.replays++;
+    this.lastHostMs = performance.now() - t0;
+    return this.finish(this.graph!.result, lr);
+  }
+
+  private device(x: HostArray | Tensor): Tensor {
+    const b = this.model.b;
+    return ArrayBuffer.isView(x) ? b.upload(x, [x.length], "i32") : (x as Tensor);
+  }
+
+  private load(dst: Tensor, x: HostArray | Tensor): void {
+    const b = this.model.b;
+    if (ArrayBuffer.isView(x)) b.write(dst, x);
+    else b.setRows(dst, 0, x as Tensor);
+  }
+
+  private capture(): void {
+    const { model, opt } = this;
+    const b = model.b;
+    const inputs = this.inputs!;
+    this.graph = b.captureGraph!(() =>
+      b.scope(() => {
+        model.trace.flow.enabled = false;
+        model.setRouterNoise(null);
+        opt.zeroGrad();
+        const r = model.lossAndGrad(inputs.ids, inputs.targets, this.shape, 1);
+        const { norm, scale } = opt.gradNorm();
+        return {
+          ce: b.keep(r.ce),
+          total: b.keep(r.total),
+          norm: b.keep(norm),
+          scale: b.keep(scale),
+          offsets: model.moeLayers.map((m) => b.keep(m.lastOffsets!)),
+        };
+      }),
+    );
+    this.captures++;
+  }
+
+  /** trainStep's part after the norm, on the graph's outputs. */
+  private finish(out: GraphOutputs, lr: number): Promise<StepResult> {
+    return this.model.b.scope(() => this.afterNorm(out, lr));
+  }
+
+  private async afterNorm(out: GraphOutputs, lr: number): Promise<StepResult> {
+    const { model, opt } = this;
+    const [loss, totalLoss, gradNorm] = [await out.ce.item(), await out.total.item(), await out.norm.item()];
+    const skipped = !Number.isFinite(totalLoss) || !Number.isFinite(gradNorm);
+    const t0 = performance.now();
+    model.moeLayers.forEach((m, i) => {
+      m.lastOffsets = out.offsets[i];
+    });
+    if (!skipped) {
+      opt.update(lr, out.scale);
+      model.moeLayers.forEach((m, i) => {
+        m.updateBias(out.offsets[i]);
+      });
+    }
+    this.lastHostMs += performance.now() - t0;
+    const load = await Promise.all(
+      out.offsets.map(async (t) => loadStats(counts((await t.read()) as Int32Array))),
+    );
+    return { loss, totalLoss, gradNorm, skipped, load };
+  }
+
+  private dropGraph(): void {
+    this.graph?.dispose();
+    this.graph = null;
+    for (const m of this.model.moeLayers) m.lastOffsets = null;
+  }
+
+  /** Frees the graph and the input tensors (the model and optimiser stay). */
+  dispose(): void {
+    this.dropGraph();
+    if (this.inputs) {
+      this.inputs.ids.dispose();
+      this.inputs.targets.dispose();
+      this.inputs = null;
+    }
+  }
+}
+
+/** Per-expert token counts from expert offsets. */
+function counts(offsets: Int32Array): number[] {
+  const c: number[] = [];
+  for (let e = 0; e + 1 < offsets.length; e++) c.push(offsets[e + 1] - offsets[e]);
+  return c;
+}

@@ -36,9 +36,10 @@ const { CudaBackend } = await import("../packages/kernels/src/cuda-backend.ts");
  * gradient quantised by the combine's backward, every MLP's gate|up gradient by SwiGLU's: 364 fp8;
  * MLA's q and kv_b gradients by the inverse rotation and the concatenation: 358 fp8; each FP8
  * weight's transpose for its Dgrad written by the launch that quantises it: 333 fp8; each of those
- * producers (SwiGLU, RoPE, the concatenation) writing both quantised copies in one kernel: 322 fp8).
+ * producers (SwiGLU, RoPE, the concatenation) writing both quantised copies in one kernel: 322 fp8;
+ * RMSNorm and SwiGLU's forward handing the next projection its FP8 input in the same kernel: 310 fp8).
  */
-const BUDGET = { fp8: 322, bf16: 367 };
+const BUDGET = { fp8: 310, bf16: 367 };
 
 describe("launches per training step (small's shape, 3 layers, fake Hopper GPU)", () => {
   for (const precision of ["fp8", "bf16"] as const)

@@ -3,6 +3,7 @@
 //   kv  = a Wkva^T = [c | k_pe];  c = RMSNorm(c);  kvb = c Wkvb^T   per head [k_nope | v]
 //   RoPE on q_pe and the shared k_pe; k = [k_nope | k_pe] (k_pe broadcast to every head)
 //   o   = causal softmax(q k^T / sqrt(dn + dr)) v;  out = o Wo^T
+import type { QuantizeOptions } from "@moe8/fp8-core";
 import {
   type AttentionOptions,
   type Backend,
@@ -135,6 +136,20 @@ export class MLA {
     return [this.q, this.qA, this.kvA].some((l) => l?.retains(t));
   }
 
+  /**
+   * How the input's producer (the block's RMSNorm) may hand it over quantised: when the q (or q_a)
+   * and kv_a projections both take the same FP8 copy (Linear.producerQuant), else null.
+   */
+  producerQuant(): QuantizeOptions | null {
+    const a = (this.q ?? this.qA!).producerQuant();
+    const b = this.kvA.producerQuant();
+    const same = (k: "group" | "format" | "eps" | "unit" | "pow2Scales") =>
+      (a?.[k] ?? null) === (b?.[k] ?? null);
+    return a && b && same("group") && same("format") && same("eps") && same("unit") && same("pow2Scales")
+      ? a
+      : null;
+  }
+
   clearSaved(): void {
     this.saved.length = 0;
     for (const l of [this.q, this.qA, this.qB, this.kvA, this.kvB, this.out]) l?.clearSaved();
@@ -169,7 +184,31 @@ export class MLA {
   }
 
   /** a: the normalised hidden states [B*T, d]. */
-  forward(a: Tensor, shape: StepShape): Tensor {
+  /**
+   * lin(rmsnorm(x)): under FP8 the norm hands lin its input quantised (Backend.rmsnormQuantized, no
+   * f32 copy), which lin keeps; otherwise the f32 output, released unless lin keeps it.
+   */
+  private normInto(lin: Linear, x: Tensor, w: Tensor): { out: Tensor; rstd: Tensor } {
+    const b = this.b;
+    const eps = this.cfg.rms_norm_eps;
+    const q = lin.producerQuant();
+    if (q) {
+      const n = b.rmsnormQuantized(x, w, eps, q);
+      const memo = new QuantMemo();
+      memo.fprop(q, () => n.y);
+      return { out: lin.forward(n.y, null, memo), rstd: n.rstd };
+    }
+    const n = b.rmsnorm(x, w, eps);
+    const out = lin.forward(n.y);
+    if (!lin.retains(n.y)) b.release(n.y);
+    return { out, rstd: n.rstd };
+  }
+
+  /**
+   * a: the input, or its FP8 copy with `given` holding it (producerQuant: the RMSNorm before this
+   * block quantised it; the projections keep it as their saved input).
+   */
+  forward(a: Tensor, shape: StepShape, given: QuantMemo | null = null): Tensor {
     const b = this.b;
     const {
       num_attention_heads: H,
@@ -177,7 +216,6 @@ export class MLA {
       qk_nope_head_dim: dn,
       qk_rope_head_dim: dr,
       v_head_dim: dv,
-      rms_norm_eps: eps,
     } = this.cfg;
     // Intermediates nothing saves are released as soon as they are consumed: otherwise every
     // layer's projections would live until the end of the step (the peak is after the forward).
@@ -187,14 +225,13 @@ export class MLA {
     let q: Tensor;
     let qa: Tensor | null = null;
     let qaRstd: Tensor | null = null;
-    const memo = new QuantMemo(); // the q and kv_a projections read the same a: one FP8 copy of it
+    const memo = given ?? new QuantMemo(); // the q and kv_a projections read the same a: one FP8 copy of it
     if (this.q) q = this.q.forward(a, null, memo);
     else {
       qa = this.qA!.forward(a, null, memo);
-      const n = b.rmsnorm(qa, this.qNorm!.value, eps);
+      const n = this.normInto(this.qB!, qa, this.qNorm!.value);
       qaRstd = n.rstd;
-      q = this.qB!.forward(n.y);
-      if (!this.qB!.retains(n.y)) drop(n.y);
+      q = n.out;
     }
     // The attention core rounds q, k and v to BF16 anyway (core precision bf16): their producers
     // store them so, at half the bytes, kept for backward too.
@@ -206,9 +243,8 @@ export class MLA {
     const c = b.headSlice(kv, { heads: 1, width: r + dr, start: 0, len: r });
     const kpe = b.headSlice(kv, { heads: 1, width: r + dr, start: r, len: dr });
     drop(qLin, kvLin, kv);
-    const cn = b.rmsnorm(c, this.kvNorm.value, eps);
-    const kvb = this.kvB.forward(cn.y);
-    if (!this.kvB.retains(cn.y)) drop(cn.y);
+    const cn = this.normInto(this.kvB, c, this.kvNorm.value);
+    const kvb = cn.out;
     // k = [k_nope | k_pe] with k_nope read in place from kv_b's [k_nope | v] heads.
     const v = b.headSlice(kvb, { heads: H, width: dn + dv, start: dn, len: dv, storeBf16: bf16 });
     const k = b.headConcat(kvb, kpe, H, 1, bf16, { width: dn + dv, start: 0, len: dn });

@@ -45,6 +45,7 @@ import {
   type RopeOptions,
   type RouterResult,
   requantizeViaF32,
+  rmsnormQuantizedVia,
   rowScales,
   rowSpan,
   sameShape,
@@ -52,6 +53,7 @@ import {
   storeBf16Error,
   storedAs,
   swigluBackwardQuantizedVia,
+  swigluQuantizedVia,
   swigluWidth,
   type Tensor,
   u8,
@@ -657,6 +659,14 @@ export class CpuBackend extends HostLifetimes implements Backend {
 
   swigluBackwardQuantized(dh: Tensor, gu: Tensor, q: GradQuant) {
     return swigluBackwardQuantizedVia(this, dh, gu, q);
+  }
+
+  rmsnormQuantized(x: Tensor, w: Tensor, eps: number, q: QuantizeOptions) {
+    return rmsnormQuantizedVia(this, x, w, eps, q);
+  }
+
+  swigluQuantized(gu: Tensor, q: QuantizeOptions) {
+    return swigluQuantizedVia(this, gu, q);
   }
 
   moeCombineBackwardQuantized(dy: Tensor, ys: Tensor, slot: Tensor, weights: Tensor, q: GradQuant) {

@@ -46,7 +46,9 @@ import {
   type RmsnormAccumulate,
   type RopeOptions,
   type RouterResult,
+  rmsnormQuantizedVia,
   swigluBackwardQuantizedVia,
+  swigluQuantizedVia,
   Tensor,
 } from "@moe8/tensor";
 import type { DeviceBuffer } from "../native.d.cts";
@@ -443,6 +445,14 @@ export class CudaBackend extends HostLifetimes implements Backend {
       quant.headConcatQuantized(this.cx, a, b, heads, bHeads, aPart, q) ??
       quantizedVia(this, this.headConcat(a, b, heads, bHeads, false, aPart), q)
     );
+  }
+
+  rmsnormQuantized(x: Tensor, w: Tensor, eps: number, q: QuantizeOptions) {
+    return quant.rmsnormQuantized(this.cx, x, w, eps, q) ?? rmsnormQuantizedVia(this, x, w, eps, q);
+  }
+
+  swigluQuantized(gu: Tensor, q: QuantizeOptions) {
+    return quant.swigluQuantized(this.cx, gu, q) ?? swigluQuantizedVia(this, gu, q);
   }
 
   swigluBackwardQuantized(dh: Tensor, gu: Tensor, q: GradQuant) {

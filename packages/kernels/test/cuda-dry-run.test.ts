@@ -159,6 +159,8 @@ async function everyOp(b: Backend) {
   });
   const w = up([256]);
   b.rmsnormBackward(y, x, w, b.rmsnorm(x, w, 1e-6).rstd);
+  // Producers handing the next Linear its FP8 input (the fused kernels where rows are whole tiles).
+  b.rmsnormQuantized(x, w, 1e-6, { group: "tile" });
   // A width the one-pass backward does not take (C % 128 != 0): the two-pass kernels, whatever the
   // buffers' alignment.
   const [x72, w72] = [up([64, 72]), up([72])];
@@ -183,6 +185,7 @@ async function everyOp(b: Backend) {
   // x as a packed gate|up [rows, 2 x 128], in f32 and as BF16 codes.
   for (const gu of [x, b.cast(x, "bf16")]) {
     const h = b.swiglu(gu);
+    b.swigluQuantized(gu, { group: "tile" });
     b.swigluBackward(h, gu);
     b.swigluBackward(b.cast(h, "bf16"), gu);
     const q = { dgrad: { group: "tile" }, wgrad: { group: "column-tile" } } as const;

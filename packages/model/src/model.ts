@@ -2,7 +2,7 @@
 // against the Backend interface. Layer l < first_k_dense_replace has a dense SwiGLU FFN, the rest
 // DeepSeekMoE. Every Linear follows the precision policy of the package it belongs to.
 import { type AttentionPrecision, MLA } from "@moe8/attention";
-import type { PrecisionPolicy } from "@moe8/fp8-core";
+import type { PrecisionPolicy, QuantizeOptions } from "@moe8/fp8-core";
 import { MoELayer, SwiGluMlp } from "@moe8/moe-layers";
 import {
   type Backend,
@@ -10,6 +10,7 @@ import {
   type NoiseOptions,
   Param,
   PrecisionTrace,
+  QuantMemo,
   Rng,
   type Tensor,
 } from "@moe8/tensor";
@@ -177,15 +178,37 @@ export class DeepSeekModel {
     const s: Saved = { hs: [], rstd1: [], rstd2: [], mids: [], hFinal: h, rstdF: h, ids };
     for (const blk of this.blocks) {
       s.hs.push(h);
-      const n1 = b.rmsnorm(h, blk.ln1.value, eps);
-      s.rstd1.push(n1.rstd);
-      // Branch outputs and inputs nothing saves are released as soon as they are consumed, not at
-      // the end of the step (with FP8 activation caching, layers keep only the FP8 copies).
-      const ao = blk.attn.forward(n1.y, shape);
-      if (!blk.attn.retains(n1.y)) n1.y.dispose(); // the projections keep FP8 copies only
+      // Under FP8 the norm hands the attention's projections their input quantised (no f32 copy
+      // made only to be quantised); they keep that copy for backward.
+      const aq = blk.attn.producerQuant();
+      let ao: Tensor;
+      if (aq) {
+        const n1 = b.rmsnormQuantized(h, blk.ln1.value, eps, aq);
+        s.rstd1.push(n1.rstd);
+        ao = blk.attn.forward(n1.y, shape, givenCopy(aq, n1.y));
+      } else {
+        const n1 = b.rmsnorm(h, blk.ln1.value, eps);
+        s.rstd1.push(n1.rstd);
+        // Branch outputs and inputs nothing saves are released as soon as they are consumed, not at
+        // the end of the step (with FP8 activation caching, layers keep only the FP8 copies).
+        ao = blk.attn.forward(n1.y, shape);
+        if (!blk.attn.retains(n1.y)) n1.y.dispose(); // the projections keep FP8 copies only
+      }
       const mid = b.add(h, ao);
       ao.dispose();
       s.mids.push(mid);
+      // A dense MLP takes its input quantised from the norm as the attention does; the MoE router
+      // reads the f32 output.
+      const dense = blk.mlp instanceof MoELayer ? null : blk.mlp;
+      const mq = dense?.producerQuant();
+      if (dense && mq) {
+        const n2 = b.rmsnormQuantized(mid, blk.ln2.value, eps, mq);
+        s.rstd2.push(n2.rstd);
+        const y = dense.forward(n2.y, null, givenCopy(mq, n2.y));
+        h = b.add(mid, y);
+        y.dispose();
+        continue;
+      }
       const n2 = b.rmsnorm(mid, blk.ln2.value, eps);
       s.rstd2.push(n2.rstd);
       if (blk.mlp instanceof MoELayer) {
@@ -420,4 +443,11 @@ export class DeepSeekModel {
     for (const p of this.params) p.dispose();
     for (const m of this.moeLayers) m.bias.dispose();
   }
+}
+
+/** A memo holding a producer's FP8 copy of a Linear's input, as Linear.producerQuant asks. */
+function givenCopy(q: QuantizeOptions, copy: Tensor): QuantMemo {
+  const memo = new QuantMemo();
+  memo.fprop(q, () => copy);
+  return memo;
 }

@@ -1,6 +1,6 @@
 // SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Used for dense layers and shared experts, and,
 // with grouped weights, for the routed experts (one grouped GEMM per projection, not one per expert).
-import type { GemmPackageName } from "@moe8/fp8-core";
+import type { GemmPackageName, QuantizeOptions } from "@moe8/fp8-core";
 import {
   type Backend,
   type GradQuant,
@@ -10,7 +10,7 @@ import {
   Param,
   type PrecisionTrace,
   type QuantisedGrad,
-  type QuantMemo,
+  QuantMemo,
   type Tensor,
 } from "@moe8/tensor";
 
@@ -128,16 +128,29 @@ export class SwiGluMlp {
   /** memo: x's quantised copies shared with other readers of x (see QuantMemo). */
   forward(x: Tensor, offsets: Tensor | null = null, memo: QuantMemo | null = null): Tensor {
     const gu = this.gateUp.forward(x, offsets, memo);
-    const h = this.b.swiglu(gu);
+    // Under FP8 SwiGLU hands the down projection its input quantised (never stored in f32), the
+    // FP8 copy the projection keeps for backward.
+    const hq = this.down.producerQuant();
+    const h = hq ? this.b.swigluQuantized(gu, hq) : this.b.swiglu(gu);
     // When the projection rounds its outputs to BF16, BF16 storage keeps gate|up exactly for the
     // backward in half the bytes (the routed experts' [tokens*k, 2 inter] per layer), and swiglu
     // reads the codes directly.
     this.saved.push(
       this.gateUp.precision.outputs === "bf16" && gu.dtype === "f32" ? intoBf16(this.b, gu) : gu,
     );
+    if (hq) {
+      const given = new QuantMemo();
+      given.fprop(hq, () => h);
+      return this.down.forward(h, offsets, given);
+    }
     const y = this.down.forward(h, offsets);
     if (!this.down.retains(h)) h.dispose(); // backward uses its FP8 copy only
     return y;
+  }
+
+  /** How this MLP's producer may hand it its input quantised (Linear.producerQuant), or null. */
+  producerQuant(): QuantizeOptions | null {
+    return this.gateUp.producerQuant();
   }
 
   /** Whether a saved forward holds the input `t` itself (see Linear.retains). */

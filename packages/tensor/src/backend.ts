@@ -312,6 +312,11 @@ export interface Backend {
 
   // Layers' natural units of work.
   rmsnorm(x: Tensor, w: Tensor, eps: number): { y: Tensor; rstd: Tensor };
+  /**
+   * rmsnorm with y handed over quantised, never stored in f32: quantize(y, q) bit for bit, and rstd
+   * (the next GEMM's FP8 input, when that GEMM reads nothing else of y).
+   */
+  rmsnormQuantized(x: Tensor, w: Tensor, eps: number, q: QuantizeOptions): { y: Tensor; rstd: Tensor };
   /** dx and dw, or (accumulate) the given tensors with them added in. */
   rmsnormBackward(
     dy: Tensor,
@@ -370,6 +375,8 @@ export interface Backend {
    * projections' outputs side by side, as their one fused GEMM writes them.
    */
   swiglu(gu: Tensor): Tensor;
+  /** swiglu handed over quantised, never stored in f32: quantize(swiglu(gu), q) bit for bit. */
+  swigluQuantized(gu: Tensor, q: QuantizeOptions): Tensor;
   /** d[g | u] (f32, gu's packed layout) of swiglu from dh [rows, inter]. */
   swigluBackward(dh: Tensor, gu: Tensor): Tensor;
   /**
@@ -528,6 +535,28 @@ export function quantizedVia(b: Backend, y: Tensor, q: GradQuant): { dgrad: Tens
   const wgrad = b.quantize(y, q.wgrad);
   b.release(y);
   return { dgrad, wgrad };
+}
+
+/** rmsnormQuantized as its definition: y in f32, quantised, released. */
+export function rmsnormQuantizedVia(
+  b: Backend,
+  x: Tensor,
+  w: Tensor,
+  eps: number,
+  q: QuantizeOptions,
+): { y: Tensor; rstd: Tensor } {
+  const { y, rstd } = b.rmsnorm(x, w, eps);
+  const yq = b.quantize(y, q);
+  b.release(y);
+  return { y: yq, rstd };
+}
+
+/** swigluQuantized as its definition: h in f32, quantised, released. */
+export function swigluQuantizedVia(b: Backend, gu: Tensor, q: QuantizeOptions): Tensor {
+  const h = b.swiglu(gu);
+  const hq = b.quantize(h, q);
+  b.release(h);
+  return hq;
 }
 
 /** swigluBackwardQuantized as its definition: d[g | u] in f32, quantised twice, released. */

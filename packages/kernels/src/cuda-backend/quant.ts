@@ -653,3 +653,60 @@ export function headConcatQuantized(
     cx.launch(KERNELS.quant.head_concat_quant, grid, 256, { ...args, ...t }),
   );
 }
+
+/**
+ * Backend.rmsnormQuantized in one kernel (rmsnorm_quant_tile: y never stored), or null for what it
+ * does not take (the caller quantises rmsnorm's f32 y instead): 1x128 tiles without segments, rows of
+ * a multiple of 128 columns up to 4,096, 16-byte aligned.
+ */
+export function rmsnormQuantized(cx: CudaContext, x: Tensor, w: Tensor, eps: number, opts: QuantizeOptions) {
+  const C = x.cols;
+  const xp = cx.f32p(x, "rmsnormQuantized");
+  const wp = cx.f32p(w, "rmsnormQuantized");
+  if (opts.group !== "tile" || opts.segments || x.shape.length !== 2 || C % 128 !== 0 || C > 256 * 16)
+    return null;
+  if (xp % 16 !== 0 || wp % 16 !== 0) return null;
+  const R = x.rows;
+  const { q, fmt, mode, eps: qeps } = quantOutput(cx, x.shape, opts);
+  const rstd = cx.make([R], "f32");
+  if (R > 0)
+    cx.launch(KERNELS.nn.rmsnorm_quant_tile, cx.rowsGrid(R), 256, {
+      x: xp,
+      w: wp,
+      q: cx.p(q),
+      scales: cx.p(q.quant!.scales),
+      rstd: cx.p(rstd),
+      R,
+      C,
+      eps,
+      fmt,
+      mode,
+      qeps,
+    });
+  return { y: q, rstd };
+}
+
+/**
+ * Backend.swigluQuantized in one kernel (swiglu_quant: h never stored), or null for what it does not
+ * take: 1x128 tiles without segments of rows of a multiple of 128 values.
+ */
+export function swigluQuantized(cx: CudaContext, gu: Tensor, opts: QuantizeOptions): Tensor | null {
+  const inter = swigluWidth(gu, "swigluQuantized");
+  if (opts.group !== "tile" || opts.segments || gu.shape.length !== 2 || inter % 128 !== 0) return null;
+  const gu16 = gu.dtype === "bf16";
+  const rows = gu.rows;
+  const { q, fmt, mode, eps } = quantOutput(cx, [rows, inter], opts);
+  const tiles = rows * (inter / 128);
+  if (tiles > 0)
+    cx.launch(gu16 ? KERNELS.nn.swiglu_quant_bf16 : KERNELS.nn.swiglu_quant_f32, [cdiv(tiles, 32)], 256, {
+      gu: gu16 ? cx.p(gu) : cx.f32p(gu, "swigluQuantized"),
+      q: cx.p(q),
+      scales: cx.p(q.quant!.scales),
+      rows,
+      inter,
+      fmt,
+      mode,
+      eps,
+    });
+  return q;
+}

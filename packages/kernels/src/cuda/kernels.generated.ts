@@ -103,6 +103,7 @@ export const KERNELS = {
   },
   nn: {
     rmsnorm_fwd: { module: "nn", name: "rmsnorm_fwd", maxThreads: null, params: [["x", "u64"], ["w", "u64"], ["y", "u64"], ["rstd", "u64"], ["R", "i32"], ["C", "i32"], ["eps", "f64"], ["vec4", "i32"]] },
+    rmsnorm_quant_tile: { module: "nn", name: "rmsnorm_quant_tile", maxThreads: null, params: [["x", "u64"], ["w", "u64"], ["q", "u64"], ["scales", "u64"], ["rstd", "u64"], ["R", "i32"], ["C", "i32"], ["eps", "f64"], ["fmt", "i32"], ["mode", "i32"], ["qeps", "f32"]] },
     rmsnorm_bwd_dx: { module: "nn", name: "rmsnorm_bwd_dx", maxThreads: null, params: [["dy", "u64"], ["x", "u64"], ["w", "u64"], ["rstd", "u64"], ["dx", "u64"], ["R", "i32"], ["C", "i32"]] },
     rmsnorm_bwd_dw_partial: { module: "nn", name: "rmsnorm_bwd_dw_partial", maxThreads: null, params: [["dy", "u64"], ["x", "u64"], ["rstd", "u64"], ["part", "u64"], ["R", "i32"], ["C", "i32"], ["rowsPer", "i32"]] },
     rmsnorm_bwd_fused: { module: "nn", name: "rmsnorm_bwd_fused", maxThreads: 256, params: [["dy", "u64"], ["x", "u64"], ["w", "u64"], ["rstd", "u64"], ["dx", "u64"], ["part", "u64"], ["R", "i32"], ["C", "i32"], ["accum", "i32"]] },
@@ -120,6 +121,8 @@ export const KERNELS = {
     swiglu_bwd_f32: { module: "nn", name: "swiglu_bwd_f32", maxThreads: null, params: [["dh", "u64"], ["gu", "u64"], ["dgu", "u64"], ["rows", "u64"], ["inter", "i32"]] },
     swiglu_bwd_bf16: { module: "nn", name: "swiglu_bwd_bf16", maxThreads: null, params: [["dh", "u64"], ["gu", "u64"], ["dgu", "u64"], ["rows", "u64"], ["inter", "i32"]] },
     swiglu_bwd_bf16_dh16: { module: "nn", name: "swiglu_bwd_bf16_dh16", maxThreads: null, params: [["dh", "u64"], ["gu", "u64"], ["dgu", "u64"], ["rows", "u64"], ["inter", "i32"]] },
+    swiglu_quant_f32: { module: "nn", name: "swiglu_quant_f32", maxThreads: null, params: [["gu", "u64"], ["q", "u64"], ["scales", "u64"], ["rows", "i32"], ["inter", "i32"], ["fmt", "i32"], ["mode", "i32"], ["eps", "f32"]] },
+    swiglu_quant_bf16: { module: "nn", name: "swiglu_quant_bf16", maxThreads: null, params: [["gu", "u64"], ["q", "u64"], ["scales", "u64"], ["rows", "i32"], ["inter", "i32"], ["fmt", "i32"], ["mode", "i32"], ["eps", "f32"]] },
     embedding_fwd: { module: "nn", name: "embedding_fwd", maxThreads: null, params: [["w", "u64"], ["ids", "u64"], ["out", "u64"], ["N", "i32"], ["V", "i32"], ["d", "i32"], ["bad", "u64"]] },
     embedding_bwd: { module: "nn", name: "embedding_bwd", maxThreads: 128, params: [["dw", "u64"], ["dy", "u64"], ["ids", "u64"], ["N", "i32"], ["V", "i32"], ["d", "i32"], ["slices", "i32"]] },
   },

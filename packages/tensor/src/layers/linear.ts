@@ -224,6 +224,18 @@ export class Linear {
   }
 
   /**
+   * How a producer of this Linear's input (RMSNorm, SwiGLU) may hand it over already quantised
+   * (Backend.rmsnormQuantized, swigluQuantized: no f32 copy made only to be quantised): the 1x128
+   * tiles Fprop reads, when backward keeps only that copy and FP8 range counting, which compares the
+   * copy with the f32 input, is off; else null. The producer passes the copy as x, with a memo
+   * holding it (QuantMemo.fprop), and does not release it: it is this Linear's saved input.
+   */
+  producerQuant(): QuantizeOptions | null {
+    const q = this.fp8InputOnly();
+    return q && q.group === "tile" && !q.segments && !this.trace?.flow.enabled ? q : null;
+  }
+
+  /**
    * x: the input; with a memo, the copies other Linears reading the same input made (or will
    * use), looked up before quantising or rounding x again.
    */

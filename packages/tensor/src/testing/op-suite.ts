@@ -839,6 +839,59 @@ export function opSuite(name: string, make: () => Backend): void {
       }
     });
 
+    // The forward's producers that hand their output over as the next GEMM's FP8 input (cuda: one
+    // kernel, the f32 output never stored, where rows are whole 1x128 tiles) against quantising
+    // rmsnorm's and swiglu's f32 results: the same codes and scales, for fused and unfused widths,
+    // every scaling, E4M3 and E5M2.
+    it("rmsnormQuantized and swigluQuantized equal quantising rmsnorm's y and swiglu's h", async () => {
+      const rows = 300;
+      const scalings = [{}, { unit: true }, { pow2Scales: true }, { format: "e5m2" as const }];
+      for (const C of [1024, 256, 200]) {
+        const x = rng.normals(rows * C, 3);
+        x[7 * C + 5] = 900; // an outlier
+        const w = rng.normals(C, 1);
+        await be.scope(async () => {
+          const b = be;
+          const X = b.upload(x, [rows, C]);
+          const W = b.upload(w, [C]);
+          for (const scaling of scalings) {
+            const q = { group: "tile" as const, ...scaling };
+            const fused = b.rmsnormQuantized(X, W, 1e-6, q);
+            const plain = b.rmsnorm(X, W, 1e-6);
+            const want = b.quantize(plain.y, q);
+            const what = `rmsnorm, ${C} columns ${JSON.stringify(scaling)}`;
+            expect(Array.from(await fused.y.read()), what).toEqual(Array.from(await want.read()));
+            expect(Array.from(await fused.y.quant!.scales.read()), `${what} scales`).toEqual(
+              Array.from(await want.quant!.scales.read()),
+            );
+            expect(Array.from(await fused.rstd.read()), `${what} rstd`).toEqual(
+              Array.from(await plain.rstd.read()),
+            );
+          }
+        });
+      }
+      for (const inter of [256, 2816, 200]) {
+        const gu = rng.normals(rows * 2 * inter, 2);
+        gu[3 * 2 * inter + 9] = 40; // an outlier
+        for (const gu16 of [false, true])
+          await be.scope(async () => {
+            const b = be;
+            const GU0 = b.upload(gu, [rows, 2 * inter]);
+            const GU = gu16 ? b.cast(GU0, "bf16") : GU0;
+            for (const scaling of scalings) {
+              const q = { group: "tile" as const, ...scaling };
+              const fused = b.swigluQuantized(GU, q);
+              const want = b.quantize(b.swiglu(GU), q);
+              const what = `swiglu, inter ${inter}, gu ${gu16 ? "bf16" : "f32"} ${JSON.stringify(scaling)}`;
+              expect(Array.from(await fused.read()), what).toEqual(Array.from(await want.read()));
+              expect(Array.from(await fused.quant!.scales.read()), `${what} scales`).toEqual(
+                Array.from(await want.quant!.scales.read()),
+              );
+            }
+          });
+      }
+    });
+
     // MLA's gradients quantised by their producers (cuda: without the f32 copy where rows are whole
     // 1x128 tiles and groups of four do not straddle) against quantising rope's and headConcat's
     // f32 results: the same bits, for fused and unfused layouts, column tiles with segments.

@@ -32,9 +32,11 @@ import {
   type NoiseOptions,
   quantizedVia,
   requantizeViaF32,
+  rmsnormQuantizedVia,
   storeBf16Error,
   storedAs,
   swigluBackwardQuantizedVia,
+  swigluQuantizedVia,
 } from "../backend.ts";
 import { f32, f32OrBf16, HostLifetimes, host, i32, rowScales, sameShape, swigluWidth, u8 } from "../host.ts";
 import type { Tensor } from "../tensor.ts";
@@ -512,6 +514,14 @@ export class TsBackend extends HostLifetimes implements Backend {
 
   swigluBackwardQuantized(dh: Tensor, gu: Tensor, q: GradQuant) {
     return swigluBackwardQuantizedVia(this, dh, gu, q);
+  }
+
+  rmsnormQuantized(x: Tensor, w: Tensor, eps: number, q: QuantizeOptions) {
+    return rmsnormQuantizedVia(this, x, w, eps, q);
+  }
+
+  swigluQuantized(gu: Tensor, q: QuantizeOptions) {
+    return swigluQuantizedVia(this, gu, q);
   }
 
   moeCombineBackwardQuantized(dy: Tensor, ys: Tensor, slot: Tensor, weights: Tensor, q: GradQuant) {

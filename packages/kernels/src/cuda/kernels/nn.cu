@@ -40,6 +40,55 @@ KERNEL void rmsnorm_fwd(const float* x, const float* w, float* y, float* rstd, i
   if (threadIdx.x == 0) rstd[r] = s;
 }
 
+// Four codes in one word (v.x in the low byte) of a group with scale s. Power-of-two scales divide,
+// out of line (an IEEE division inlined per code multiplies NVRTC's compile time); the amax and unit
+// scales multiply by the factor (1 for unit scales: x * 1 is x, NaN included).
+__device__ __noinline__ u32 nn_quant4_pow2(float4 v, QScale s, int fmt) {
+  return (u32)quant_value(v.x, s, fmt, SCALE_POW2) | ((u32)quant_value(v.y, s, fmt, SCALE_POW2) << 8) |
+         ((u32)quant_value(v.z, s, fmt, SCALE_POW2) << 16) | ((u32)quant_value(v.w, s, fmt, SCALE_POW2) << 24);
+}
+__device__ __forceinline__ u32 nn_quant4(float4 v, QScale s, int fmt, int mode) {
+  if (mode == SCALE_POW2) return nn_quant4_pow2(v, s, fmt);
+  return (u32)encode_fp8(__fmul_rn(v.x, s.factor), fmt) | ((u32)encode_fp8(__fmul_rn(v.y, s.factor), fmt) << 8) |
+         ((u32)encode_fp8(__fmul_rn(v.z, s.factor), fmt) << 16) |
+         ((u32)encode_fp8(__fmul_rn(v.w, s.factor), fmt) << 24);
+}
+
+// rmsnorm_fwd's vec4 path with y handed over as FP8 1x128 tiles (codes q, scales [R][C / 128]) instead
+// of stored in f32: the next GEMM's input. C % 128 == 0 and C <= 4096: the 32 lanes of a warp hold
+// the four-column groups of one tile for each j (columns 128 (w + 8 j) ..), so a tile's amax is a warp
+// reduction. The sum, s and y are rmsnorm_fwd's own operations, the amax, scale and codes
+// quant_tile128's: quantize(rmsnorm(x).y) bit for bit.
+KERNEL void rmsnorm_quant_tile(const float* x, const float* w, u8* q, float* scales, float* rstd, int R, int C,
+                               double eps, int fmt, int mode, float qeps) {
+  const int r = blockIdx.x + blockIdx.y * GRID_YZ_MAX;
+  if (r >= R) return;
+  const float* xr = x + (i64)r * C;
+  float ss = 0.0f;
+  float4 v[4];
+#pragma unroll
+  for (int j = 0; j < 4; j++) {
+    const int c = 4 * (threadIdx.x + j * blockDim.x);
+    v[j] = c < C ? *(const float4*)(xr + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+    ss = fmaf(v[j].x, v[j].x, fmaf(v[j].y, v[j].y, fmaf(v[j].z, v[j].z, fmaf(v[j].w, v[j].w, ss))));
+  }
+  const double t = block_sum((double)ss);
+  const float s = (float)(1.0 / sqrt(t / C + eps));
+#pragma unroll
+  for (int j = 0; j < 4; j++) {
+    const int c = 4 * (threadIdx.x + j * blockDim.x);
+    if (c >= C) continue;  // whole warps (C % 128 == 0)
+    const float4 wv = *(const float4*)(w + c);
+    const float4 y = make_float4(v[j].x * s * wv.x, v[j].y * s * wv.y, v[j].z * s * wv.z, v[j].w * s * wv.w);
+    const float a = warp_max(fmaxf(fmaxf(abs_for_amax(y.x), abs_for_amax(y.y)),
+                                   fmaxf(abs_for_amax(y.z), abs_for_amax(y.w))));
+    const QScale sc = qscale(a, qeps, fmt, mode);
+    *(u32*)(q + (i64)r * C + c) = nn_quant4(y, sc, fmt, mode);
+    if ((threadIdx.x & 31) == 0) scales[(i64)r * (C / 128) + c / 128] = sc.scale;
+  }
+  if (threadIdx.x == 0) rstd[r] = s;
+}
+
 // dx = s * (dy * w - x * s^2 * dot(dy * w, x) / C). One block per row.
 KERNEL void rmsnorm_bwd_dx(const float* dy, const float* x, const float* w, const float* rstd, float* dx, int R, int C) {
   const int r = blockIdx.x + blockIdx.y * GRID_YZ_MAX;
@@ -384,6 +433,49 @@ KERNEL void swiglu_bwd_bf16(const float* dh, const u16* gu, float* dgu, i64 rows
 // dh in BF16 too (the down projection's Dgrad stored as BF16).
 KERNEL void swiglu_bwd_bf16_dh16(const u16* dh, const u16* gu, float* dgu, i64 rows, int inter) {
   swiglu_bwd_body(dh, gu, dgu, rows, inter);
+}
+
+// swiglu handed over as FP8 1x128 tiles of h (codes q [rows][inter], scales [rows][inter / 128])
+// instead of stored in f32: the down projection's input. inter % 128 == 0. quant_tile128's layout
+// (eight lanes a tile, lane j columns 4 j + 32 i, four tiles a warp), each value swiglu_fwd's
+// silu_mul: quantize(swiglu(gu)) bit for bit.
+template <typename T>
+__device__ __forceinline__ void swiglu_quant_body(const T* gu, u8* q, float* scales, int rows, int inter, int fmt,
+                                                  int mode, float eps) {
+  const int ng = inter / 128, j = threadIdx.x & 7;
+  const int w = blockIdx.x * (blockDim.x / 8) + (threadIdx.x >> 3);
+  const bool live = w < rows * ng;  // no early return: all eight lanes take part in the shuffles
+  const int r = live ? w / ng : 0, g = live ? w - r * ng : 0;
+  const T* gr = gu + (i64)r * 2 * inter + g * 128;
+  float4 h[4];
+  float a = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 4; i++) {
+    const int c = 4 * j + 32 * i;
+    h[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (live) {
+      const float4 gv = load_f32x4(gr + c), uv = load_f32x4(gr + inter + c);
+      h[i] = make_float4(silu_mul(gv.x, uv.x), silu_mul(gv.y, uv.y), silu_mul(gv.z, uv.z), silu_mul(gv.w, uv.w));
+    }
+    a = fmaxf(fmaxf(a, fmaxf(abs_for_amax(h[i].x), abs_for_amax(h[i].y))),
+              fmaxf(abs_for_amax(h[i].z), abs_for_amax(h[i].w)));
+  }
+#pragma unroll
+  for (int o = 1; o < 8; o <<= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+  if (!live) return;
+  const QScale s = qscale(a, eps, fmt, mode);
+  u8* qr = q + (i64)r * inter + g * 128;
+#pragma unroll
+  for (int i = 0; i < 4; i++) *(u32*)(qr + 4 * j + 32 * i) = nn_quant4(h[i], s, fmt, mode);
+  if (j == 0) scales[w] = s.scale;
+}
+KERNEL void swiglu_quant_f32(const float* gu, u8* q, float* scales, int rows, int inter, int fmt, int mode,
+                             float eps) {
+  swiglu_quant_body(gu, q, scales, rows, inter, fmt, mode, eps);
+}
+KERNEL void swiglu_quant_bf16(const u16* gu, u8* q, float* scales, int rows, int inter, int fmt, int mode,
+                              float eps) {
+  swiglu_quant_body(gu, q, scales, rows, inter, fmt, mode, eps);
 }
 
 // out[n] = w[ids[n]]; an id outside [0, V) gives a zero row (and sets *bad).

@@ -112,6 +112,36 @@ describe("the step replayed from a CUDA graph (small's shape, 3 layers, fake Hop
     expect(runner.captures).toBe(1);
     runner.dispose();
   }, 120_000);
+
+  it("a recording that fails leaves the run going uncaptured, with the reason", async () => {
+    const b = new CudaBackend() as Backend;
+    const m = new DeepSeekModel(b, { ...CONFIGS.small, num_hidden_layers: 2 }, presetPolicy("fp8"), 1);
+    const opt = new AdamW(b, m.params, ADAMW_DEFAULTS);
+    const runner = new StepRunner(m, opt, { batch: 2, seq: 2048 }, { graph: true });
+    const batch = { ids: new Int32Array(2 * 2048).fill(3), targets: new Int32Array(2 * 2048).fill(4) };
+    const live = b.stats().tensors;
+    fake.failCaptureEnd = true;
+    const errors = vi.spyOn(console, "error").mockImplementation(() => {});
+    try {
+      const launches: number[] = [];
+      for (let s = 0; s < 3; s++) {
+        fake.launches = 0;
+        fake.graphLaunches = 0;
+        await runner.step(batch, 1e-4);
+        launches.push(fake.launches);
+        expect(fake.graphLaunches).toBe(0);
+      }
+      expect(runner.graphError).toMatch(/STREAM_CAPTURE_INVALIDATED/);
+      expect(errors).toHaveBeenCalledTimes(1);
+      expect([runner.captures, runner.replays]).toEqual([0, 0]);
+      expect(launches[2], "uncaptured steps issue their launches themselves").toBe(launches[1]);
+    } finally {
+      fake.failCaptureEnd = false;
+      errors.mockRestore();
+      runner.dispose();
+    }
+    expect(b.stats().tensors, "the failed recording's outputs were released").toBe(live);
+  }, 120_000);
 });
 
 describe("the optimiser's launches (tiny's shape, fake Hopper GPU)", () => {

@@ -183,8 +183,14 @@ export class CudaBackend extends HostLifetimes implements Backend {
       throw e;
     }
     this.capturing = false;
-    const g = n.cudaCaptureEnd();
     const outputs = collectTensors(result);
+    let g: ReturnType<typeof n.cudaCaptureEnd>;
+    try {
+      g = n.cudaCaptureEnd();
+    } catch (e) {
+      for (const t of outputs) this.release(t);
+      throw e;
+    }
     let disposed = false;
     return {
       result,

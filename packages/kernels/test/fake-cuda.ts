@@ -36,6 +36,8 @@ export function createFakeCuda(config: FakeCudaConfig) {
     launches: 0,
     /** Graph replays (the caller resets it). */
     graphLaunches: 0,
+    /** Makes cudaCaptureEnd fail, as a recording an op broke does on a GPU. */
+    failCaptureEnd: false,
   };
   // The launches of the capture recording now (null: none), as a CUDA graph's nodes.
   let recording: number | null = null;
@@ -146,6 +148,8 @@ export function createFakeCuda(config: FakeCudaConfig) {
     cudaCaptureEnd: () => {
       const nodes = recording ?? 0;
       recording = null;
+      if (state.failCaptureEnd)
+        throw new Error("cuStreamEndCapture: CUDA_ERROR_STREAM_CAPTURE_INVALIDATED (fake)");
       let freed = false;
       return {
         nodes,

@@ -41,7 +41,9 @@ export type StepBatch = { ids: HostArray | Tensor; targets: HostArray | Tensor }
 export class StepRunner {
   private graph: CapturedGraph<GraphOutputs> | null = null;
   private inputs: { ids: Tensor; targets: Tensor } | null = null;
-  private readonly useGraph: boolean;
+  private useGraph: boolean;
+  /** Why recording failed, when it did (the run then steps uncaptured). */
+  graphError: string | null = null;
   private eagerSteps = 0;
   /** Steps replayed from the graph, and graphs recorded (for reports and tests). */
   replays = 0;
@@ -73,16 +75,7 @@ export class StepRunner {
   async step(batch: StepBatch, lr: number, o: StepOptions = {}): Promise<StepResult> {
     const b = this.model.b;
     const t0 = performance.now();
-    if (!this.graphable(o) || this.eagerSteps === 0) {
-      this.eagerSteps++;
-      const r = await b.scope(() => {
-        const ids = this.device(batch.ids);
-        const targets = this.device(batch.targets);
-        return trainStep(this.model, this.opt, ids, targets, this.shape, lr, o);
-      });
-      this.lastHostMs = performance.now() - t0;
-      return r;
-    }
+    if (!this.graphable(o) || this.eagerSteps === 0) return this.uncaptured(batch, lr, o, t0);
     if (!this.inputs) {
       const n = this.shape.batch * this.shape.seq;
       this.inputs = { ids: b.keep(b.zeros([n], "i32")), targets: b.keep(b.zeros([n], "i32")) };
@@ -92,11 +85,44 @@ export class StepRunner {
     // Memory the graph lent to work that still holds it: record again (the rare case of a caller
     // keeping tensors across steps that were made after the recording).
     if (this.graph && this.graph.borrowed() > 0) this.dropGraph();
-    if (!this.graph) this.capture();
+    if (!this.graph && !this.tryCapture()) return this.uncaptured(batch, lr, o, t0);
     this.graph!.replay();
     this.replays++;
     this.lastHostMs = performance.now() - t0;
     return this.finish(this.graph!.result, lr);
+  }
+
+  /** trainStep itself. */
+  private async uncaptured(batch: StepBatch, lr: number, o: StepOptions, t0: number): Promise<StepResult> {
+    const b = this.model.b;
+    this.eagerSteps++;
+    const r = await b.scope(() => {
+      const ids = this.device(batch.ids);
+      const targets = this.device(batch.targets);
+      return trainStep(this.model, this.opt, ids, targets, this.shape, lr, o);
+    });
+    this.lastHostMs = performance.now() - t0;
+    return r;
+  }
+
+  /**
+   * Records the step; false when recording failed (an op the recording cannot hold, on a path the
+   * first step did not take): the run goes on uncaptured, with one line saying why. Nothing ran
+   * while recording, so the model and optimiser are as they were.
+   */
+  private tryCapture(): boolean {
+    try {
+      this.capture();
+      return true;
+    } catch (e) {
+      this.graphError = e instanceof Error ? e.message : String(e);
+      this.useGraph = false;
+      this.model.clearSaved();
+      console.error(
+        `CUDA graph: recording the step failed (${this.graphError}); the run continues uncaptured`,
+      );
+      return false;
+    }
   }
 
   private device(x: HostArray | Tensor): Tensor {

@@ -39,6 +39,8 @@ export interface DoctorReport {
      */
     groupedGemm?: { kernel: string; reason: string };
     attention?: { kernel: string; reason: string };
+    /** Whether training steps are replayed from a CUDA graph (docs/runtime.md rule 8). */
+    graph?: { on: boolean; reason: string };
   };
   arrow: string;
 }
@@ -73,6 +75,13 @@ export function doctorReport(): DoctorReport {
             cublasLt: ci.cublasLtVersion ?? undefined,
             groupedGemm: groupedGemmPath(ci.computeCapability),
             attention: attentionPath(ci.computeCapability),
+            graph:
+              process.env.MOE8_CUDA_GRAPH === "0"
+                ? { on: false, reason: "MOE8_CUDA_GRAPH=0: every step issues its launches" }
+                : {
+                    on: true,
+                    reason: "from the second step on, one replay a step (MOE8_CUDA_GRAPH=0 turns it off)",
+                  },
           }
         : { available: false, reason: ci.reason ?? "unknown" };
   if (cuda.available) backends.push("cuda");
@@ -131,6 +140,10 @@ export async function doctor(argv: string[]): Promise<number> {
       `FP8 GEMMs (experts' and chosen dense roles) on ${cu.groupedGemm.kernel} (${cu.groupedGemm.reason})`,
     );
   if (cu.attention) console.log(`BF16 attention on ${cu.attention.kernel} (${cu.attention.reason})`);
+  if (cu.graph)
+    console.log(
+      `training step ${cu.graph.on ? "replayed from a CUDA graph" : "uncaptured"} (${cu.graph.reason})`,
+    );
   console.log(`backends     ${r.backends.join(", ")}`);
   console.log(`apache-arrow ${r.arrow}`);
   return 0;

@@ -36,3 +36,72 @@ export const SINGLE_PROCESS: Collectives = {
     return send;
   },
 };
+
+/** The values a collective moves: f32 or i32 tensors' contents. */
+export type CollectiveValues = Float32Array | Int32Array;
+
+/**
+ * The k-th collective call's exchange: every rank's copies of its `tensors` (parts[q][i]: rank q's
+ * tensor i), once all ranks have made their k-th call. With `sameSizes`, a tensor whose size differs
+ * between ranks is an error.
+ */
+export type Exchange = (mine: CollectiveValues[], sameSizes: boolean) => Promise<CollectiveValues[][]>;
+
+/** A tensor's values for a collective (a copy), or an error for another dtype. */
+export async function collectiveValues(t: Tensor): Promise<CollectiveValues> {
+  const v = await t.read();
+  if (!(v instanceof Float32Array || v instanceof Int32Array))
+    throw new Error(`collectives: ${t} is not f32 or i32`);
+  return v.slice();
+}
+
+/**
+ * The collectives of rank `rank` of `size` on an exchange of everyone's values (in one process for
+ * tests, over sockets between processes): allReduceSum adds in rank order (rank 0 + rank 1 + ..., in
+ * the tensor's precision), so every rank gets the same bits; broadcast copies the root's values;
+ * allToAll hands each rank the pieces addressed to it.
+ */
+export function collectivesOver(rank: number, size: number, exchange: Exchange): Collectives {
+  const gather = async (tensors: Tensor[], sameSizes = true) => {
+    const mine = await Promise.all(tensors.map(collectiveValues));
+    const parts = await exchange(mine, sameSizes);
+    for (let q = 0; q < size; q++)
+      mine.forEach((m, i) => {
+        const p = parts[q]?.[i];
+        if (!p || (sameSizes && p.length !== m.length))
+          throw new Error(`collectives: rank ${q} passed another tensor ${i} than rank ${rank}`);
+      });
+    return parts;
+  };
+  return {
+    rank,
+    size,
+    async allReduceSum(tensors) {
+      const parts = await gather(tensors);
+      tensors.forEach((t, i) => {
+        const sum = parts[0][i].slice();
+        for (let q = 1; q < size; q++) {
+          const p = parts[q][i];
+          for (let j = 0; j < sum.length; j++) sum[j] += p[j];
+        }
+        t.backend.write(t, sum);
+      });
+    },
+    async allToAll(send) {
+      if (send.length !== size) throw new Error(`allToAll: ${send.length} tensors for ${size} ranks`);
+      const parts = await gather(send, false);
+      return parts.map((p, q) => {
+        const t = send[q];
+        const cols = t.shape[t.shape.length - 1];
+        const data = p[rank];
+        return t.backend.upload(data, [data.length / cols, cols], t.dtype);
+      });
+    },
+    async broadcast(tensors, roots) {
+      const parts = await gather(tensors);
+      tensors.forEach((t, i) => {
+        if (roots[i] !== rank) t.backend.write(t, parts[roots[i]][i]);
+      });
+    },
+  };
+}

@@ -1,7 +1,13 @@
 // The precision types are @moe8/fp8-core's, re-exported for the packages that import them from here.
 export type { GemmPrecision, GemmRole, GemmSpec, LinearPrecision } from "@moe8/fp8-core";
 export * from "./backend.ts";
-export { type Collectives, SINGLE_PROCESS } from "./collectives.ts";
+export {
+  type Collectives,
+  type CollectiveValues,
+  collectivesOver,
+  type Exchange,
+  SINGLE_PROCESS,
+} from "./collectives.ts";
 export {
   f32,
   f32OrBf16,

@@ -1,0 +1,73 @@
+// The TCP collectives (src/dist/tcp-collectives.ts) over real localhost sockets, ranks in one process:
+// the same results as the in-process double (localGroup) for every collective, tensors of both
+// dtypes and uneven all-to-all pieces, and a rank that disconnects fails the others' call with its
+// name instead of hanging.
+import { type Collectives, Rng, type Tensor, TsBackend } from "@moe8/tensor";
+import { localGroup } from "@moe8/tensor/testing";
+import { describe, expect, it } from "vitest";
+import { tcpHub, tcpJoin } from "../src/dist/tcp-collectives.ts";
+
+async function tcpGroup(size: number) {
+  const { port, group } = await tcpHub(size);
+  const others = await Promise.all(Array.from({ length: size - 1 }, (_, i) => tcpJoin(i + 1, size, port)));
+  return [await group, ...others];
+}
+
+/** Each rank's results of a fixed round of collectives, as plain arrays. */
+async function round(group: Collectives[]) {
+  return Promise.all(
+    group.map(async (c) => {
+      const b = new TsBackend();
+      const rng = new Rng(100 + c.rank);
+      const f = b.upload(rng.normals(1000), [10, 100]);
+      const i = b.upload(
+        Int32Array.from({ length: 7 }, (_, j) => j * (c.rank + 1)),
+        [7],
+        "i32",
+      );
+      await c.allReduceSum([f, i]);
+      const roots = [1 % c.size, 0];
+      const bc = [b.upload(rng.normals(33), [33]), b.upload(Int32Array.of(c.rank, 5), [2], "i32")];
+      await c.broadcast(bc, roots);
+      // Rank r sends q + r rows to rank q.
+      const send = Array.from({ length: c.size }, (_, q) =>
+        b.upload(rng.normals((q + c.rank) * 3), [q + c.rank, 3]),
+      );
+      const recv = await c.allToAll(send);
+      const read = async (t: Tensor) => Array.from((await t.read()) as Float32Array | Int32Array);
+      return {
+        sums: [await read(f), await read(i)],
+        bc: [await read(bc[0]), await read(bc[1])],
+        recv: await Promise.all(recv.map(async (t) => [t.shape, await read(t)])),
+      };
+    }),
+  );
+}
+
+describe("collectives over TCP", () => {
+  for (const size of [1, 2, 4])
+    it(`${size} ranks give the in-process double's results, bit for bit`, async () => {
+      const tcp = await tcpGroup(size);
+      try {
+        expect(await round(tcp.map((g) => g.collectives))).toEqual(await round(localGroup(size)));
+      } finally {
+        for (const g of tcp) g.close();
+      }
+    });
+
+  it("a rank that leaves fails the others' next call, naming it", async () => {
+    const [hub, one, two] = await tcpGroup(3);
+    const b = new TsBackend();
+    two.close();
+    const calls = [hub, one].map((g) => g.collectives.allReduceSum([b.upload(new Float32Array(4), [4])]));
+    await expect(calls[0]).rejects.toThrow(/rank 2 disconnected/);
+    hub.close();
+    await expect(calls[1]).rejects.toThrow(/rank 0 disconnected/);
+    one.close();
+  });
+
+  it("gives up on ranks that never connect", async () => {
+    const { group } = await tcpHub(3, 0, 300);
+    await expect(group).rejects.toThrow(/2 of 2 ranks did not connect within 0.3 s/);
+  });
+});

@@ -4,8 +4,10 @@
 // with a checkpoint (exit 0), and a second signal ends the process at once.
 import { join } from "node:path";
 import { policyToJson, UsageError } from "@moe8/fp8-core";
-import { hfConfig } from "@moe8/model";
+import { hfConfig, StepRunner } from "@moe8/model";
 import { parseArgs } from "../args.ts";
+import { exchangeStep, type Ranks, startRanks } from "../dist/ranks.ts";
+import { runWorker } from "../dist/worker.ts";
 import { type CheckpointFiles, pruneCheckpoints, writeCheckpoint } from "../run/checkpoint.ts";
 import type { TrainConfig } from "../run/config.ts";
 import type { TrainData } from "../run/data.ts";
@@ -109,11 +111,27 @@ function writeConfig(runDir: string, cfg: TrainConfig): void {
 }
 
 export async function train(argv: string[]): Promise<number> {
+  // A worker rank of `--ranks N`, started by the leader (dist/ranks.ts).
+  if (process.env.MOE8_RANK) return runWorker();
   const args = parseArgs(argv, TRAIN_FLAGS, ["precision."]);
   const f = args.flags;
+  const nRanks = ranksFlag(f.ranks);
   const note = (m: string) => console.error(`note: ${m}`);
   const start: RunStart = f.resume !== undefined ? await startResume(args, note) : await startNew(args, note);
   const { cfg, runDir, lock, session: s, data, from } = start;
+  let ranks: Ranks | null = null;
+  if (nRanks > 1) {
+    try {
+      checkRanks(nRanks, cfg, s.backend.name);
+    } catch (e) {
+      s.dispose();
+      lock.release();
+      throw e;
+    }
+    // Each rank steps on its share of the batch.
+    s.runner.dispose();
+    s.runner = new StepRunner(s.model, s.opt, { batch: cfg.batchSize / nRanks, seq: cfg.seqLen });
+  }
   let lastGood: string | null = from?.dir ?? null;
   const st: RunState = { step: 0, bestValLoss: null, bestStep: null, consecutiveBad: 0 };
   const metrics = new MetricsLog(runDir, s.model.moeLayerNumbers);
@@ -169,10 +187,22 @@ export async function train(argv: string[]): Promise<number> {
     tb = start.tensorboard ? guarded(() => TensorBoardWriter.open(start.tensorboard!, st.step + 1)) : null;
     process.on("SIGINT", sigint);
     process.on("SIGTERM", sigterm);
-    return await loop(start, st, metrics, tb, writes, () => stop, f["trace-precision"] === true);
+    if (nRanks > 1) ranks = await startRanks(nRanks, cfg, s);
+    try {
+      return await loop(start, st, metrics, tb, writes, () => stop, f["trace-precision"] === true, ranks);
+    } catch (e) {
+      // A worker that died: say which, and that the last checkpoint resumes the run.
+      const failed = ranks?.failure();
+      if (failed)
+        throw new Error(
+          `${failed}: the run stopped at step ${st.step}${lastGood ? `; --resume ${runDir} continues it from ${lastGood}` : ""}`,
+        );
+      throw e;
+    }
   } finally {
     process.off("SIGINT", sigint);
     process.off("SIGTERM", sigterm);
+    await ranks?.close();
     tb?.close();
     s.dispose();
     lock.release();
@@ -195,6 +225,7 @@ async function loop(
   { guarded, checkpoint: save }: Writes,
   stopped: () => string | null,
   tracePrecision: boolean,
+  ranks: Ranks | null,
 ): Promise<number> {
   const tokensPerStep = cfg.batchSize * cfg.seqLen;
   const accum =
@@ -202,7 +233,7 @@ async function loop(
       ? ` (${cfg.gradAccum} micro-batches of ${cfg.batchSize / cfg.gradAccum} x ${cfg.seqLen})`
       : "";
   console.log(
-    `training ${modelLabel(cfg.model)}${vocabTaken ? ` (${vocabTaken})` : ""} on ${s.backend.name}, precision ${cfg.precision}, ${cfg.steps} steps of ${tokensPerStep} tokens${accum}, data ${data.description}, out ${runDir}${tensorboard ? `, tensorboard ${tensorboard}` : ""}`,
+    `training ${modelLabel(cfg.model)}${vocabTaken ? ` (${vocabTaken})` : ""} on ${s.backend.name}${ranks ? ` x ${ranks.group.collectives.size} ranks` : ""}, precision ${cfg.precision}, ${cfg.steps} steps of ${tokensPerStep} tokens${accum}, data ${data.description}, out ${runDir}${tensorboard ? `, tensorboard ${tensorboard}` : ""}`,
   );
   const b = s.backend;
   const t0 = performance.now();
@@ -211,13 +242,21 @@ async function loop(
     const ts = performance.now();
     const batch = await data.next();
     const lr = s.lrAt(st.step + 1);
+    const routerNoise = s.routerNoiseAt(st.step + 1);
+    // With ranks, each steps on its rows of the batch (the leader sends the others theirs).
+    const collectives = ranks?.group.collectives;
+    const rows = collectives
+      ? await exchangeStep(
+          s,
+          collectives,
+          { step: st.step + 1, lr, noise: routerNoise ?? null },
+          batch,
+          cfg.seqLen,
+        )
+      : batch;
     // FP8 range counts cost one extra pass per quantisation: only on logged steps.
     const fp8Stats = (st.step + 1) % cfg.logEvery === 0;
-    const r = await s.runner.step(batch, lr, {
-      fp8Stats,
-      accum: cfg.gradAccum,
-      routerNoise: s.routerNoiseAt(st.step + 1),
-    });
+    const r = await s.runner.step(rows, lr, { fp8Stats, accum: cfg.gradAccum, routerNoise, collectives });
     st.step++;
     const ms = performance.now() - ts;
     const m: StepMetrics = {
@@ -303,4 +342,25 @@ async function loop(
     `${stop ? "stopped" : "done"} at step ${st.step} in ${formatDuration((performance.now() - t0) / 1000)}; checkpoint ${dir}`,
   );
   return 0;
+}
+
+/** --ranks: data-parallel processes, 1 unless given. */
+function ranksFlag(v: unknown): number {
+  if (v === undefined) return 1;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 1 || n > 64)
+    throw new UsageError(`--ranks ${v}: use an integer from 1 to 64`);
+  return n;
+}
+
+/** What --ranks N needs of the run: whole shares of the batch, and collectives for its backend. */
+function checkRanks(n: number, cfg: TrainConfig, backend: string): void {
+  if (cfg.batchSize % (n * cfg.gradAccum) !== 0)
+    throw new UsageError(
+      `--ranks ${n}: the batch of ${cfg.batchSize} sequences does not split into ${n} ranks${cfg.gradAccum > 1 ? ` of ${cfg.gradAccum} micro-batches` : ""}`,
+    );
+  if (backend === "cuda")
+    throw new UsageError(
+      `--ranks ${n}: several ranks on cuda need NCCL collectives, which moe8 does not have yet (issue 22); use --backend cpu`,
+    );
 }

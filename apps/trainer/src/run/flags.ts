@@ -37,6 +37,7 @@ export const TRAIN_FLAGS: FlagSpec = {
   lr: "number",
   "batch-size": "int",
   "grad-accum": "int",
+  ranks: "int",
   "seq-len": "int",
   warmup: "int",
   schedule: "string",
@@ -126,7 +127,7 @@ export function configFromArgs(args: ParsedArgs): TrainConfig {
  * what a step computes (docs/reliability.md, "Extending a run").
  */
 export const RESUME_FLAGS = ["steps", "eval-every", "save-every", "keep-last", "tensorboard"];
-const RESUME_OWN = ["resume", "debug", "trace-precision"];
+const RESUME_OWN = ["resume", "debug", "trace-precision", "ranks"];
 
 /** Refuses, before anything is opened, a flag that --resume cannot change. */
 export function checkResumeFlags(args: ParsedArgs): void {

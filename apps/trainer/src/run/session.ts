@@ -32,7 +32,8 @@ export function policyOf(cfg: Pick<TrainConfig, "precision" | "precisionOverride
   });
 }
 
-export function buildSession(cfg: TrainConfig, modelCfg: ModelConfig, backend?: Backend): Session {
+/** ranks: data-parallel processes sharing each step (the runner steps on 1/ranks of the batch). */
+export function buildSession(cfg: TrainConfig, modelCfg: ModelConfig, backend?: Backend, ranks = 1): Session {
   const b = backend ?? createBackend(cfg.backend);
   const policy = policyOf(cfg);
   const model = new DeepSeekModel(b, modelCfg, policy, cfg.seed);
@@ -45,7 +46,7 @@ export function buildSession(cfg: TrainConfig, modelCfg: ModelConfig, backend?: 
     moments: policy.optimizer.moments,
     lrScale: { router: cfg.balance.routerLr ?? 1 },
   });
-  const runner = new StepRunner(model, opt, { batch: cfg.batchSize, seq: cfg.seqLen });
+  const runner = new StepRunner(model, opt, { batch: cfg.batchSize / ranks, seq: cfg.seqLen });
   return {
     backend: b,
     policy,

@@ -1,0 +1,181 @@
+// Data-parallel ranks on one machine (issue 22): `moe8 train --ranks N` runs the run itself in the
+// process the user started (rank 0, the leader: data, schedule, logs, evaluation, checkpoints) and
+// N - 1 worker processes (./worker.ts) that only compute. They meet over TCP (tcp-collectives.ts):
+// at the start the leader broadcasts every weight, correction bias and optimiser moment, so a worker
+// needs no checkpoint or data of its own, and then, every step, a header (the step, its learning
+// rate and router noise, or "stop") and each rank's slice of the batch. Each rank runs the step on
+// its slice with the group's collectives (trainStep sums gradients, losses and expert loads over the
+// ranks), so every rank makes the same update and the replicas stay the same bits.
+//
+// A worker that dies ends the run: the leader's next collective fails naming the rank, and its exit
+// code and signal are added to the message; the last checkpoint resumes with any --ranks. A leader
+// that ends (normally, by a signal or an error) stops its workers.
+import { type ChildProcess, spawn } from "node:child_process";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { encodeBf16 } from "@moe8/fp8-core";
+import type { Collectives, Tensor } from "@moe8/tensor";
+import type { TrainConfig } from "../run/config.ts";
+import type { Session } from "../run/session.ts";
+import { type TcpGroup, tcpHub } from "./tcp-collectives.ts";
+
+/** What the leader tells every rank before a step (or that the run is over). */
+export interface StepHeader {
+  step: number;
+  lr: number;
+  noise: { scale: number; seed: number } | null;
+}
+
+const HEADER_WORDS = 8;
+
+/** The header as i32 words (doubles by their bits), `null` for "stop". */
+function encodeHeader(h: StepHeader | null): Int32Array {
+  const w = new Int32Array(HEADER_WORDS);
+  if (!h) return w;
+  const d = new Float64Array([h.lr, h.noise?.scale ?? 0]);
+  const bits = new Int32Array(d.buffer);
+  w.set([1, h.step, bits[0], bits[1], bits[2], bits[3], h.noise?.seed ?? 0, h.noise ? 1 : 0]);
+  return w;
+}
+
+function decodeHeader(w: Int32Array): StepHeader | null {
+  if (w[0] === 0) return null;
+  const d = new Float64Array(Int32Array.of(w[2], w[3], w[4], w[5]).buffer);
+  return { step: w[1], lr: d[0], noise: w[7] ? { scale: d[1], seed: w[6] } : null };
+}
+
+/** Rank `c.rank`'s part of the step: the header from rank 0, and this rank's rows of the batch. */
+export async function exchangeStep(
+  s: Session,
+  c: Collectives,
+  h: StepHeader | null,
+  batch: { ids: Int32Array; targets: Int32Array } | null,
+  seqLen: number,
+): Promise<{ header: StepHeader | null; ids: Int32Array; targets: Int32Array }> {
+  const b = s.backend;
+  return b.scope(async () => {
+    const head = b.upload(encodeHeader(h), [HEADER_WORDS], "i32");
+    await c.broadcast([head], [0]);
+    const header = decodeHeader((await head.read()) as Int32Array);
+    if (!header) return { header, ids: new Int32Array(0), targets: new Int32Array(0) };
+    const piece = (all: Int32Array | undefined, q: number) => {
+      if (!all) return b.upload(new Int32Array(0), [0, seqLen], "i32");
+      const rows = all.length / seqLen / c.size;
+      return b.upload(all.subarray(q * rows * seqLen, (q + 1) * rows * seqLen), [rows, seqLen], "i32");
+    };
+    const parts = async (all: Int32Array | undefined) => {
+      const got = await c.allToAll(Array.from({ length: c.size }, (_, q) => piece(all, q)));
+      return (await got[0].read()) as Int32Array;
+    };
+    return { header, ids: await parts(batch?.ids), targets: await parts(batch?.targets) };
+  });
+}
+
+/**
+ * Every rank takes rank 0's weights, correction biases, optimiser moments and step count (a new
+ * run's are the same on every rank already; a resumed run's only the leader read).
+ */
+export async function syncState(s: Session, c: Collectives): Promise<void> {
+  const b = s.backend;
+  await b.scope(async () => {
+    const moments = [...s.opt.stateTensors().values()];
+    // Collectives move f32 and i32: BF16 moments travel widened (exactly) and are stored back.
+    const wide = moments.map((t) => (t.dtype === "bf16" ? b.cast(t, "f32") : t));
+    const step = b.upload(Int32Array.of(s.opt.step), [1], "i32");
+    const all: Tensor[] = [
+      ...s.model.params.map((p) => p.value),
+      ...s.model.moeLayers.map((m) => m.bias),
+      ...wide,
+      step,
+    ];
+    await c.broadcast(
+      all,
+      all.map(() => 0),
+    );
+    if (c.rank === 0) return;
+    for (let i = 0; i < moments.length; i++)
+      if (moments[i] !== wide[i]) b.write(moments[i], encodeBf16((await wide[i].read()) as Float32Array));
+    s.opt.step = ((await step.read()) as Int32Array)[0];
+  });
+}
+
+/** The leader's view of its workers. */
+export interface Ranks {
+  group: TcpGroup;
+  /** Why a worker stopped, once one has (its rank, exit code or signal), else null. */
+  failure(): string | null;
+  /** Tells the workers the run is over and waits for them (kills what has not exited in 10 s). */
+  close(): Promise<void>;
+}
+
+/** Where `moe8 train` runs from, for the workers' command line. */
+function cliPath(): string {
+  return join(import.meta.dirname, "..", "cli.ts");
+}
+
+/**
+ * Starts ranks 1 .. n - 1 as child processes of this one (the same runtime, `cli.ts train` with
+ * MOE8_RANK, MOE8_RANKS, MOE8_RANKS_PORT and MOE8_RANKS_CONFIG: the run's resolved config) and
+ * returns once all have joined.
+ */
+export async function startRanks(n: number, cfg: TrainConfig, s: Session): Promise<Ranks> {
+  const dir = mkdtempSync(join(tmpdir(), "moe8-ranks-"));
+  const config = join(dir, "config.json");
+  writeFileSync(config, JSON.stringify(cfg));
+  const { port, group } = await tcpHub(n);
+  const children: ChildProcess[] = [];
+  let failure: string | null = null;
+  let closing = false;
+  for (let r = 1; r < n; r++) {
+    const child = spawn(process.execPath, [...process.execArgv, cliPath(), "train"], {
+      env: {
+        ...process.env,
+        MOE8_RANK: String(r),
+        MOE8_RANKS: String(n),
+        MOE8_RANKS_PORT: String(port),
+        MOE8_RANKS_CONFIG: config,
+      },
+      stdio: ["ignore", "ignore", "inherit"],
+    });
+    child.on("exit", (code, signal) => {
+      if (!closing && (code !== 0 || signal))
+        failure ??= `rank ${r} (process ${child.pid}) exited ${signal ? `on ${signal}` : `with code ${code}`}`;
+    });
+    children.push(child);
+  }
+  let joined: TcpGroup;
+  try {
+    joined = await group;
+  } catch (e) {
+    for (const c of children) c.kill("SIGKILL");
+    rmSync(dir, { recursive: true, force: true });
+    throw failure ? new Error(`${failure} before the ranks met`) : e;
+  }
+  await syncState(s, joined.collectives);
+  return {
+    group: joined,
+    failure: () => failure,
+    async close() {
+      closing = true;
+      const exited = children.map(
+        (c) =>
+          new Promise<void>((ok) =>
+            c.exitCode !== null || c.signalCode ? ok() : c.once("exit", () => ok()),
+          ),
+      );
+      try {
+        if (!failure) await exchangeStep(s, joined.collectives, null, null, cfg.seqLen);
+      } catch {
+        // A worker already gone: the others are stopped below.
+      }
+      joined.close();
+      const timer = setTimeout(() => {
+        for (const c of children) c.kill("SIGKILL");
+      }, 10_000);
+      await Promise.all(exited);
+      clearTimeout(timer);
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}

@@ -1,0 +1,49 @@
+// A worker rank of `moe8 train --ranks N` (ranks.ts): started by the leader with MOE8_RANK,
+// MOE8_RANKS, MOE8_RANKS_PORT and MOE8_RANKS_CONFIG, it builds the run's model and optimiser, joins
+// the group, takes the leader's state, and then runs each step the leader announces on the rows it
+// is sent, until the leader says stop. It writes nothing: logs, evaluation and checkpoints are the
+// leader's. MOE8_FAULT_RANK_EXIT=R:S makes rank R exit with code 3 at step S (the tests' stand-in
+// for a crashed worker).
+import { readFileSync } from "node:fs";
+import { parseConfig, resolveModel } from "../run/config.ts";
+import { buildSession } from "../run/session.ts";
+import { exchangeStep, syncState } from "./ranks.ts";
+import { tcpJoin } from "./tcp-collectives.ts";
+
+/** The step at which this rank should fail (MOE8_FAULT_RANK_EXIT=rank:step), if any. */
+function faultStep(rank: number): number | null {
+  const m = /^(\d+):(\d+)$/.exec(process.env.MOE8_FAULT_RANK_EXIT ?? "");
+  return m && Number(m[1]) === rank ? Number(m[2]) : null;
+}
+
+export async function runWorker(): Promise<number> {
+  const rank = Number(process.env.MOE8_RANK);
+  const size = Number(process.env.MOE8_RANKS);
+  const port = Number(process.env.MOE8_RANKS_PORT);
+  const path = process.env.MOE8_RANKS_CONFIG ?? "";
+  const cfg = parseConfig(JSON.parse(readFileSync(path, "utf8")), path);
+  const s = buildSession(cfg, resolveModel(cfg), undefined, size);
+  const group = await tcpJoin(rank, size, port);
+  const c = group.collectives;
+  const fault = faultStep(rank);
+  try {
+    await syncState(s, c);
+    for (;;) {
+      const { header, ids, targets } = await exchangeStep(s, c, null, null, cfg.seqLen);
+      if (!header) return 0;
+      if (header.step === fault) process.exit(3);
+      await s.runner.step({ ids, targets }, header.lr, {
+        accum: cfg.gradAccum,
+        routerNoise: header.noise ?? undefined,
+        collectives: c,
+      });
+    }
+  } catch (e) {
+    // The leader gone (it ended, was stopped, or failed and says why itself): nothing to add.
+    if (e instanceof Error && /rank 0 disconnected/.test(e.message)) return 0;
+    throw e;
+  } finally {
+    group.close();
+    s.dispose();
+  }
+}

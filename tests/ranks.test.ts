@@ -1,0 +1,128 @@
+// Data-parallel ranks through the CLI (`moe8 train --ranks N`, apps/trainer/src/dist): N processes
+// on one machine, each stepping on 1/N of every batch, train as one process does up to the order of
+// f32 sums; their checkpoint resumes under another N; a worker that dies stops the run with a line
+// naming it and the checkpoint to resume from; and a split that does not divide the batch is refused.
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import { describe, expect, it } from "vitest";
+import { readSafetensors } from "../apps/trainer/src/run/safetensors.ts";
+import { cli, tmp } from "./helpers.ts";
+
+// fp32: under FP8 each rank's Wgrad column tiles (128 tokens) would cover other tokens than one
+// process's, so their scales legitimately differ (as with --grad-accum).
+const LR = 1e-3;
+const FLAGS = [
+  "--backend",
+  "cpu",
+  "--precision",
+  "fp32",
+  "--batch-size",
+  "8",
+  "--seq-len",
+  "32",
+  "--lr",
+  String(LR),
+];
+const MORE = ["--warmup", "0", "--eval-every", "2", "--save-every", "2", "--log-every", "1000"];
+
+function run(ranks: number, steps = 4, env: Record<string, string> = {}) {
+  const out = join(tmp(`ranks${ranks}`), "run");
+  const r = cli(
+    ["train", ...FLAGS, ...MORE, "--steps", String(steps), "--ranks", String(ranks), "--out", out],
+    {
+      RAYON_NUM_THREADS: "1",
+      ...env,
+    },
+  );
+  return { out, r };
+}
+
+const metrics = (dir: string) =>
+  readFileSync(join(dir, "metrics.jsonl"), "utf8")
+    .trim()
+    .split("\n")
+    .map((l) => JSON.parse(l));
+
+describe("--ranks", () => {
+  it("2 and 4 ranks train as one process: losses, norms, loads, biases and weights", () => {
+    const one = run(1);
+    expect(one.r.status, one.r.stderr).toBe(0);
+    for (const n of [2, 4]) {
+      const many = run(n);
+      expect(many.r.status, many.r.stderr).toBe(0);
+      expect(many.r.stdout).toContain(`on cpu x ${n} ranks`);
+      const [a, b] = [metrics(one.out), metrics(many.out)];
+      expect(b.map((m) => m.step)).toEqual([1, 2, 3, 4]);
+      for (let i = 0; i < 4; i++) {
+        // The loss is a mean over 256 tokens summed in another order: a few f32 ulps.
+        expect(Math.abs(b[i].loss - a[i].loss), `${n} ranks, step ${i + 1} loss`).toBeLessThan(4e-6);
+        expect(Math.abs(b[i].grad_norm - a[i].grad_norm) / a[i].grad_norm).toBeLessThan(5e-5);
+        // The step's integer loads are summed over the ranks: the same counts.
+        expect(b[i].load_max_over_mean_by_layer).toEqual(a[i].load_max_over_mean_by_layer);
+      }
+      expect(Math.abs(b[1].val_loss - a[1].val_loss)).toBeLessThan(4e-6);
+      const wa = readSafetensors(join(one.out, "checkpoints/step-4/model.safetensors")).tensors;
+      const wb = readSafetensors(join(many.out, "checkpoints/step-4/model.safetensors")).tensors;
+      expect([...wb.keys()]).toEqual([...wa.keys()]);
+      let [maxDiff, beyond, total] = [0, 0, 0];
+      for (const [name, t] of wa) {
+        const x = t.data as Float32Array;
+        const y = wb.get(name)!.data as Float32Array;
+        // The bias update is a function of the summed integer loads: bit for bit.
+        if (name.endsWith("e_score_correction_bias")) {
+          expect([...y], name).toEqual([...x]);
+          continue;
+        }
+        for (let i = 0; i < x.length; i++) {
+          const d = Math.abs(x[i] - y[i]);
+          maxDiff = Math.max(maxDiff, d);
+          if (d > 1e-4 * LR) beyond++;
+        }
+        total += x.length;
+      }
+      // As with --grad-accum: AdamW's update lr g / (|g| + eps) moves by up to ~1e-2 of lr where a
+      // gradient's terms cancel to within eps; elsewhere the weights agree to 1e-4 of lr, and a rank
+      // whose rows were lost or counted twice would move every weight by ~lr.
+      expect(maxDiff).toBeLessThan(2e-2 * LR);
+      expect(beyond / total).toBeLessThan(1e-3);
+    }
+  }, 240_000);
+
+  it("a checkpoint of 2 ranks resumes on 1 (and the other way round)", () => {
+    const two = run(2);
+    expect(two.r.status, two.r.stderr).toBe(0);
+    const r = cli(["train", "--resume", two.out, "--steps", "6", "--ranks", "1"], { RAYON_NUM_THREADS: "1" });
+    expect(r.status, r.stderr).toBe(0);
+    const one = run(1, 2);
+    expect(one.r.status, one.r.stderr).toBe(0);
+    const back = cli(["train", "--resume", one.out, "--steps", "4", "--ranks", "2"], {
+      RAYON_NUM_THREADS: "1",
+    });
+    expect(back.status, back.stderr).toBe(0);
+    expect(metrics(two.out).map((m) => m.step)).toEqual([1, 2, 3, 4, 5, 6]);
+    expect(metrics(one.out).map((m) => m.step)).toEqual([1, 2, 3, 4]);
+  }, 240_000);
+
+  it("a worker that dies stops the run, naming it and the checkpoint to resume from", () => {
+    const { out, r } = run(2, 6, { MOE8_FAULT_RANK_EXIT: "1:4" });
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(
+      /rank 1 \(process \d+\) exited with code 3: the run stopped at step 3; --resume \S+ continues it from \S+step-2/,
+    );
+    const again = cli(["train", "--resume", out, "--ranks", "2"], { RAYON_NUM_THREADS: "1" });
+    expect(again.status, again.stderr).toBe(0);
+    expect(metrics(out).at(-1).step).toBe(6);
+  }, 240_000);
+
+  it("refuses a split that does not divide the batch, and a bad count, in one line (exit 2)", () => {
+    for (const [ranks, want] of [
+      ["3", /--ranks 3: the batch of 8 sequences does not split into 3 ranks/],
+      ["0", /--ranks 0: use an integer from 1 to 64/],
+    ] as const) {
+      const { r } = run(Number(ranks));
+      expect(r.status, r.stderr).toBe(2);
+      expect(r.stderr.trim().split("\n")).toHaveLength(1);
+      expect(r.stderr).toMatch(want);
+    }
+  }, 60_000);
+});

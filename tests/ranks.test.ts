@@ -23,7 +23,18 @@ const FLAGS = [
   "--lr",
   String(LR),
 ];
-const MORE = ["--warmup", "0", "--eval-every", "2", "--save-every", "2", "--log-every", "1000"];
+const MORE = [
+  "--warmup",
+  "0",
+  "--eval-every",
+  "2",
+  "--save-every",
+  "2",
+  "--log-every",
+  "1000",
+  "--check-every",
+  "2",
+];
 
 function run(ranks: number, steps = 4, env: Record<string, string> = {}) {
   const out = join(tmp(`ranks${ranks}`), "run");
@@ -113,6 +124,12 @@ describe("--ranks", () => {
     expect(again.status, again.stderr).toBe(0);
     expect(metrics(out).at(-1).step).toBe(6);
   }, 240_000);
+
+  it("the replica check stops a run whose ranks' weights differ, naming the rank", () => {
+    const { r } = run(2, 6, { MOE8_FAULT_RANK_CORRUPT: "1:3" });
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/replica check at step 4: the weights of rank 1 differ from rank 0's/);
+  }, 120_000);
 
   it("refuses a split that does not divide the batch, and a bad count, in one line (exit 2)", () => {
     for (const [ranks, want] of [

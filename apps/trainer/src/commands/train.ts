@@ -6,7 +6,7 @@ import { join } from "node:path";
 import { policyToJson, UsageError } from "@moe8/fp8-core";
 import { hfConfig, StepRunner } from "@moe8/model";
 import { parseArgs } from "../args.ts";
-import { exchangeStep, type Ranks, startRanks } from "../dist/ranks.ts";
+import { checkReplicas, exchangeStep, type Ranks, startRanks } from "../dist/ranks.ts";
 import { runWorker } from "../dist/worker.ts";
 import { type CheckpointFiles, pruneCheckpoints, writeCheckpoint } from "../run/checkpoint.ts";
 import type { TrainConfig } from "../run/config.ts";
@@ -116,6 +116,7 @@ export async function train(argv: string[]): Promise<number> {
   const args = parseArgs(argv, TRAIN_FLAGS, ["precision."]);
   const f = args.flags;
   const nRanks = ranksFlag(f.ranks);
+  const checkEvery = checkEveryFlag(f["check-every"]);
   const note = (m: string) => console.error(`note: ${m}`);
   const start: RunStart = f.resume !== undefined ? await startResume(args, note) : await startNew(args, note);
   const { cfg, runDir, lock, session: s, data, from } = start;
@@ -187,7 +188,7 @@ export async function train(argv: string[]): Promise<number> {
     tb = start.tensorboard ? guarded(() => TensorBoardWriter.open(start.tensorboard!, st.step + 1)) : null;
     process.on("SIGINT", sigint);
     process.on("SIGTERM", sigterm);
-    if (nRanks > 1) ranks = await startRanks(nRanks, cfg, s);
+    if (nRanks > 1) ranks = await startRanks(nRanks, cfg, s, checkEvery);
     try {
       return await loop(start, st, metrics, tb, writes, () => stop, f["trace-precision"] === true, ranks);
     } catch (e) {
@@ -245,18 +246,13 @@ async function loop(
     const routerNoise = s.routerNoiseAt(st.step + 1);
     // With ranks, each steps on its rows of the batch (the leader sends the others theirs).
     const collectives = ranks?.group.collectives;
-    const rows = collectives
-      ? await exchangeStep(
-          s,
-          collectives,
-          { step: st.step + 1, lr, noise: routerNoise ?? null },
-          batch,
-          cfg.seqLen,
-        )
-      : batch;
+    const check = ranks !== null && ranks.checkEvery > 0 && (st.step + 1) % ranks.checkEvery === 0;
+    const header = { step: st.step + 1, lr, noise: routerNoise ?? null, check };
+    const rows = collectives ? await exchangeStep(s, collectives, header, batch, cfg.seqLen) : batch;
     // FP8 range counts cost one extra pass per quantisation: only on logged steps.
     const fp8Stats = (st.step + 1) % cfg.logEvery === 0;
     const r = await s.runner.step(rows, lr, { fp8Stats, accum: cfg.gradAccum, routerNoise, collectives });
+    if (check) await checkReplicas(s, collectives!, st.step + 1);
     st.step++;
     const ms = performance.now() - ts;
     const m: StepMetrics = {
@@ -350,6 +346,15 @@ function ranksFlag(v: unknown): number {
   const n = Number(v);
   if (!Number.isInteger(n) || n < 1 || n > 64)
     throw new UsageError(`--ranks ${v}: use an integer from 1 to 64`);
+  return n;
+}
+
+/** --check-every: steps between the ranks' replica checks (0: never). */
+function checkEveryFlag(v: unknown): number {
+  if (v === undefined) return 100;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 0)
+    throw new UsageError(`--check-every ${v}: use a whole number of steps (0: never)`);
   return n;
 }
 

@@ -11,6 +11,7 @@
 // code and signal are added to the message; the last checkpoint resumes with any --ranks. A leader
 // that ends (normally, by a signal or an error) stops its workers.
 import { type ChildProcess, spawn } from "node:child_process";
+import { createHash } from "node:crypto";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -25,9 +26,11 @@ export interface StepHeader {
   step: number;
   lr: number;
   noise: { scale: number; seed: number } | null;
+  /** After the step, every rank compares its weights with rank 0's (checkReplicas). */
+  check: boolean;
 }
 
-const HEADER_WORDS = 8;
+const HEADER_WORDS = 9;
 
 /** The header as i32 words (doubles by their bits), `null` for "stop". */
 function encodeHeader(h: StepHeader | null): Int32Array {
@@ -35,14 +38,24 @@ function encodeHeader(h: StepHeader | null): Int32Array {
   if (!h) return w;
   const d = new Float64Array([h.lr, h.noise?.scale ?? 0]);
   const bits = new Int32Array(d.buffer);
-  w.set([1, h.step, bits[0], bits[1], bits[2], bits[3], h.noise?.seed ?? 0, h.noise ? 1 : 0]);
+  w.set([
+    1,
+    h.step,
+    bits[0],
+    bits[1],
+    bits[2],
+    bits[3],
+    h.noise?.seed ?? 0,
+    h.noise ? 1 : 0,
+    h.check ? 1 : 0,
+  ]);
   return w;
 }
 
 function decodeHeader(w: Int32Array): StepHeader | null {
   if (w[0] === 0) return null;
   const d = new Float64Array(Int32Array.of(w[2], w[3], w[4], w[5]).buffer);
-  return { step: w[1], lr: d[0], noise: w[7] ? { scale: d[1], seed: w[6] } : null };
+  return { step: w[1], lr: d[0], noise: w[7] ? { scale: d[1], seed: w[6] } : null, check: w[8] === 1 };
 }
 
 /** Rank `c.rank`'s part of the step: the header from rank 0, and this rank's rows of the batch. */
@@ -100,9 +113,41 @@ export async function syncState(s: Session, c: Collectives): Promise<void> {
   });
 }
 
+/**
+ * Every rank compares a digest (SHA-256) of its weights and correction biases with rank 0's; all
+ * ranks fail, naming the ranks that differ, if any does. The replicas should hold the same bits
+ * (trainStep's sums are in rank order): a difference means a rank computed something else, which
+ * would otherwise go unnoticed until the losses drift.
+ */
+export async function checkReplicas(s: Session, c: Collectives, step: number): Promise<void> {
+  const b = s.backend;
+  const hash = createHash("sha256");
+  for (const t of [...s.model.params.map((p) => p.value), ...s.model.moeLayers.map((m) => m.bias)]) {
+    const v = await t.read();
+    hash.update(new Uint8Array(v.buffer, v.byteOffset, v.byteLength));
+  }
+  const digest = new Int32Array(new Uint8Array(hash.digest()).buffer);
+  await b.scope(async () => {
+    const theirs = b.upload(digest, [digest.length], "i32");
+    await c.broadcast([theirs], [0]);
+    const rank0 = (await theirs.read()) as Int32Array;
+    const differs = new Int32Array(c.size);
+    differs[c.rank] = rank0.every((x, i) => x === digest[i]) ? 0 : 1;
+    const all = b.upload(differs, [c.size], "i32");
+    await c.allReduceSum([all]);
+    const bad = [...((await all.read()) as Int32Array)].flatMap((x, r) => (x ? [r] : []));
+    if (bad.length)
+      throw new Error(
+        `replica check at step ${step}: the weights of rank ${bad.join(", ")} differ from rank 0's`,
+      );
+  });
+}
+
 /** The leader's view of its workers. */
 export interface Ranks {
   group: TcpGroup;
+  /** Steps between replica checks (0: never). */
+  checkEvery: number;
   /** Why a worker stopped, once one has (its rank, exit code or signal), else null. */
   failure(): string | null;
   /** Tells the workers the run is over and waits for them (kills what has not exited in 10 s). */
@@ -119,7 +164,12 @@ function cliPath(): string {
  * MOE8_RANK, MOE8_RANKS, MOE8_RANKS_PORT and MOE8_RANKS_CONFIG: the run's resolved config) and
  * returns once all have joined.
  */
-export async function startRanks(n: number, cfg: TrainConfig, s: Session): Promise<Ranks> {
+export async function startRanks(
+  n: number,
+  cfg: TrainConfig,
+  s: Session,
+  checkEvery: number,
+): Promise<Ranks> {
   const dir = mkdtempSync(join(tmpdir(), "moe8-ranks-"));
   const config = join(dir, "config.json");
   writeFileSync(config, JSON.stringify(cfg));
@@ -155,6 +205,7 @@ export async function startRanks(n: number, cfg: TrainConfig, s: Session): Promi
   await syncState(s, joined.collectives);
   return {
     group: joined,
+    checkEvery,
     failure: () => failure,
     async close() {
       closing = true;

@@ -3,16 +3,17 @@
 // the group, takes the leader's state, and then runs each step the leader announces on the rows it
 // is sent, until the leader says stop. It writes nothing: logs, evaluation and checkpoints are the
 // leader's. MOE8_FAULT_RANK_EXIT=R:S makes rank R exit with code 3 at step S (the tests' stand-in
-// for a crashed worker).
+// for a crashed worker), MOE8_FAULT_RANK_CORRUPT=R:S changes one of its weights after step S (for
+// the replica check).
 import { readFileSync } from "node:fs";
 import { parseConfig, resolveModel } from "../run/config.ts";
 import { buildSession } from "../run/session.ts";
-import { exchangeStep, syncState } from "./ranks.ts";
+import { checkReplicas, exchangeStep, syncState } from "./ranks.ts";
 import { tcpJoin } from "./tcp-collectives.ts";
 
-/** The step at which this rank should fail (MOE8_FAULT_RANK_EXIT=rank:step), if any. */
-function faultStep(rank: number): number | null {
-  const m = /^(\d+):(\d+)$/.exec(process.env.MOE8_FAULT_RANK_EXIT ?? "");
+/** The step at which this rank should fail (MOE8_FAULT_RANK_EXIT or _CORRUPT=rank:step), if any. */
+function faultStep(rank: number, name: string): number | null {
+  const m = /^(\d+):(\d+)$/.exec(process.env[name] ?? "");
   return m && Number(m[1]) === rank ? Number(m[2]) : null;
 }
 
@@ -25,7 +26,8 @@ export async function runWorker(): Promise<number> {
   const s = buildSession(cfg, resolveModel(cfg), undefined, size);
   const group = await tcpJoin(rank, size, port);
   const c = group.collectives;
-  const fault = faultStep(rank);
+  const fault = faultStep(rank, "MOE8_FAULT_RANK_EXIT");
+  const corrupt = faultStep(rank, "MOE8_FAULT_RANK_CORRUPT");
   try {
     await syncState(s, c);
     for (;;) {
@@ -37,10 +39,19 @@ export async function runWorker(): Promise<number> {
         routerNoise: header.noise ?? undefined,
         collectives: c,
       });
+      if (header.step === corrupt) {
+        const w = s.model.params[0].value;
+        const v = (await w.read()) as Float32Array;
+        v[0] += 1e-3;
+        s.backend.write(w, v);
+      }
+      if (header.check) await checkReplicas(s, c, header.step);
     }
   } catch (e) {
-    // The leader gone (it ended, was stopped, or failed and says why itself): nothing to add.
+    // The leader gone (it ended, was stopped, or failed and says why itself), or a replica check
+    // the leader reports too: nothing to add.
     if (e instanceof Error && /rank 0 disconnected/.test(e.message)) return 0;
+    if (e instanceof Error && /replica check/.test(e.message)) return 1;
     throw e;
   } finally {
     group.close();

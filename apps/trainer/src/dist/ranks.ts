@@ -178,7 +178,9 @@ export async function startRanks(
   let failure: string | null = null;
   let closing = false;
   for (let r = 1; r < n; r++) {
-    const child = spawn(process.execPath, [...process.execArgv, cliPath(), "train"], {
+    // The same runtime: Bun and Node (tsx's loader is in execArgv) take the script; Deno needs `run`.
+    const runtimeArgs = "Deno" in globalThis ? ["run", "--allow-all"] : process.execArgv;
+    const child = spawn(process.execPath, [...runtimeArgs, cliPath(), "train"], {
       env: {
         ...process.env,
         MOE8_RANK: String(r),

@@ -1,6 +1,6 @@
 // Data-parallel ranks through the CLI (`moe8 train --ranks N`, apps/trainer/src/dist): N processes
-// on one machine, each stepping on 1/N of every batch, train as one process does up to the order of
-// f32 sums; their checkpoint resumes under another N; a worker that dies stops the run with a line
+// on one machine, each stepping on 1/N of every batch and keeping 1/N of the optimiser state
+// (ZeRO-1), train as one process does up to the order of f32 sums; their checkpoint resumes under another N; a worker that dies stops the run with a line
 // naming it and the checkpoint to resume from; and a split that does not divide the batch is refused.
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
@@ -62,6 +62,10 @@ describe("--ranks", () => {
       const many = run(n);
       expect(many.r.status, many.r.stderr).toBe(0);
       expect(many.r.stdout).toContain(`on cpu x ${n} ranks`);
+      // ZeRO-1: the leader keeps about 1/N of the moments (whole parameters, balanced by size).
+      const [held, all] = /rank 0 holds (\d+) of (\d+) values/.exec(many.r.stdout)!.slice(1).map(Number);
+      expect(held / all).toBeGreaterThan(0.5 / n);
+      expect(held / all).toBeLessThan(1.5 / n);
       const [a, b] = [metrics(one.out), metrics(many.out)];
       expect(b.map((m) => m.step)).toEqual([1, 2, 3, 4]);
       for (let i = 0; i < 4; i++) {

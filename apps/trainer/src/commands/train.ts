@@ -57,13 +57,22 @@ export async function saveCheckpoint(
   cfg: TrainConfig,
   data: TrainData,
   st: RunState,
+  gathered?: Map<string, Float32Array>,
 ): Promise<string> {
   const optimizer = new Map<string, { shape: number[]; data: Float32Array }>();
-  for (const [name, t] of s.opt.stateTensors()) {
-    const raw = t.dtype === "bf16" ? s.backend.cast(t, "f32") : t;
-    optimizer.set(name, { shape: [...t.shape], data: (await raw.read()) as Float32Array });
-    if (raw !== t) raw.dispose();
-  }
+  if (gathered) {
+    // Every parameter's moments, gathered from the ranks that own them (named as one process names them).
+    for (const p of s.model.params)
+      for (const suffix of ["exp_avg", "exp_avg_sq"]) {
+        const name = `${p.name}.${suffix}`;
+        optimizer.set(name, { shape: [...p.value.shape], data: gathered.get(name)! });
+      }
+  } else
+    for (const [name, t] of s.opt.stateTensors()) {
+      const raw = t.dtype === "bf16" ? s.backend.cast(t, "f32") : t;
+      optimizer.set(name, { shape: [...t.shape], data: (await raw.read()) as Float32Array });
+      if (raw !== t) raw.dispose();
+    }
   return writeCheckpoint(runDir, st.step, {
     model: await s.model.stateDict(),
     optimizer,
@@ -129,9 +138,8 @@ export async function train(argv: string[]): Promise<number> {
       lock.release();
       throw e;
     }
-    // Each rank steps on its share of the batch.
-    s.runner.dispose();
-    s.runner = new StepRunner(s.model, s.opt, { batch: cfg.batchSize / nRanks, seq: cfg.seqLen });
+    // Each rank steps on its share of the batch and keeps the moments of the parameters it owns.
+    s.becomeRank(0, nRanks);
   }
   let lastGood: string | null = from?.dir ?? null;
   const st: RunState = { step: 0, bestValLoss: null, bestStep: null, consecutiveBad: 0 };
@@ -145,7 +153,9 @@ export async function train(argv: string[]): Promise<number> {
       }
     },
     async checkpoint() {
-      const dir = await saveCheckpoint(runDir, s, cfg, data, st).catch((err) => {
+      // With ranks every rank holds part of the optimiser state: they gather it for the leader.
+      const gathered = ranks ? await ranks.gatherOptimizer() : undefined;
+      const dir = await saveCheckpoint(runDir, s, cfg, data, st, gathered).catch((err) => {
         throw afterWriteFailure(err, runDir, lastGood);
       });
       lastGood = dir;
@@ -188,12 +198,13 @@ export async function train(argv: string[]): Promise<number> {
     tb = start.tensorboard ? guarded(() => TensorBoardWriter.open(start.tensorboard!, st.step + 1)) : null;
     process.on("SIGINT", sigint);
     process.on("SIGTERM", sigterm);
-    if (nRanks > 1) ranks = await startRanks(nRanks, cfg, s, checkEvery);
+    if (nRanks > 1) ranks = await startRanks(nRanks, cfg, s, checkEvery, from?.dir ?? null);
     try {
       return await loop(start, st, metrics, tb, writes, () => stop, f["trace-precision"] === true, ranks);
     } catch (e) {
       // A worker that died: say which, and that the last checkpoint resumes the run.
-      const failed = ranks?.failure();
+      // (A collective sees the socket close before the worker's exit is reported: wait for it then.)
+      const failed = await ranks?.failure(/disconnected/.test(String(e)) ? 5_000 : 0);
       if (failed)
         throw new Error(
           `${failed}: the run stopped at step ${st.step}${lastGood ? `; --resume ${runDir} continues it from ${lastGood}` : ""}`,
@@ -234,7 +245,7 @@ async function loop(
       ? ` (${cfg.gradAccum} micro-batches of ${cfg.batchSize / cfg.gradAccum} x ${cfg.seqLen})`
       : "";
   console.log(
-    `training ${modelLabel(cfg.model)}${vocabTaken ? ` (${vocabTaken})` : ""} on ${s.backend.name}${ranks ? ` x ${ranks.group.collectives.size} ranks` : ""}, precision ${cfg.precision}, ${cfg.steps} steps of ${tokensPerStep} tokens${accum}, data ${data.description}, out ${runDir}${tensorboard ? `, tensorboard ${tensorboard}` : ""}`,
+    `training ${modelLabel(cfg.model)}${vocabTaken ? ` (${vocabTaken})` : ""} on ${s.backend.name}${ranks ? ` x ${ranks.group.collectives.size} ranks (${shareOfState(s)})` : ""}, precision ${cfg.precision}, ${cfg.steps} steps of ${tokensPerStep} tokens${accum}, data ${data.description}, out ${runDir}${tensorboard ? `, tensorboard ${tensorboard}` : ""}`,
   );
   const b = s.backend;
   const t0 = performance.now();
@@ -368,4 +379,10 @@ function checkRanks(n: number, cfg: TrainConfig, backend: string): void {
     throw new UsageError(
       `--ranks ${n}: several ranks on cuda need NCCL collectives, which moe8 does not have yet (issue 22); use --backend cpu`,
     );
+}
+
+/** Under ZeRO-1: how much of the optimiser state this rank holds. */
+function shareOfState(s: Session): string {
+  const all = 2 * s.model.params.reduce((n, p) => n + p.value.size, 0);
+  return `optimiser state sharded: rank 0 holds ${s.opt.stateElements} of ${all} values`;
 }

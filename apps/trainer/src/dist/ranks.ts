@@ -15,7 +15,6 @@ import { createHash } from "node:crypto";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { encodeBf16 } from "@moe8/fp8-core";
 import type { Collectives, Tensor } from "@moe8/tensor";
 import type { TrainConfig } from "../run/config.ts";
 import type { Session } from "../run/session.ts";
@@ -32,10 +31,20 @@ export interface StepHeader {
 
 const HEADER_WORDS = 9;
 
-/** The header as i32 words (doubles by their bits), `null` for "stop". */
-function encodeHeader(h: StepHeader | null): Int32Array {
+/**
+ * What rank 0 announces: a step, "gather" (every rank joins AdamW.gatherState: the leader is
+ * writing a checkpoint) or "stop" (the run is over).
+ */
+export type Announcement = StepHeader | "gather" | "stop";
+
+/** The announcement as i32 words (doubles by their bits). */
+function encodeHeader(h: Announcement | null): Int32Array {
   const w = new Int32Array(HEADER_WORDS);
-  if (!h) return w;
+  if (h === null || h === "stop") return w;
+  if (h === "gather") {
+    w[0] = 2;
+    return w;
+  }
   const d = new Float64Array([h.lr, h.noise?.scale ?? 0]);
   const bits = new Int32Array(d.buffer);
   w.set([
@@ -52,26 +61,30 @@ function encodeHeader(h: StepHeader | null): Int32Array {
   return w;
 }
 
-function decodeHeader(w: Int32Array): StepHeader | null {
-  if (w[0] === 0) return null;
+function decodeHeader(w: Int32Array): Announcement {
+  if (w[0] === 0) return "stop";
+  if (w[0] === 2) return "gather";
   const d = new Float64Array(Int32Array.of(w[2], w[3], w[4], w[5]).buffer);
   return { step: w[1], lr: d[0], noise: w[7] ? { scale: d[1], seed: w[6] } : null, check: w[8] === 1 };
 }
 
-/** Rank `c.rank`'s part of the step: the header from rank 0, and this rank's rows of the batch. */
+/**
+ * Rank `c.rank`'s part of an announcement: what rank 0 announced (`h` on rank 0, null elsewhere),
+ * and for a step this rank's rows of the batch.
+ */
 export async function exchangeStep(
   s: Session,
   c: Collectives,
-  h: StepHeader | null,
+  h: Announcement | null,
   batch: { ids: Int32Array; targets: Int32Array } | null,
   seqLen: number,
-): Promise<{ header: StepHeader | null; ids: Int32Array; targets: Int32Array }> {
+): Promise<{ header: Announcement; ids: Int32Array; targets: Int32Array }> {
   const b = s.backend;
   return b.scope(async () => {
     const head = b.upload(encodeHeader(h), [HEADER_WORDS], "i32");
     await c.broadcast([head], [0]);
     const header = decodeHeader((await head.read()) as Int32Array);
-    if (!header) return { header, ids: new Int32Array(0), targets: new Int32Array(0) };
+    if (typeof header === "string") return { header, ids: new Int32Array(0), targets: new Int32Array(0) };
     const piece = (all: Int32Array | undefined, q: number) => {
       if (!all) return b.upload(new Int32Array(0), [0, seqLen], "i32");
       const rows = all.length / seqLen / c.size;
@@ -86,29 +99,23 @@ export async function exchangeStep(
 }
 
 /**
- * Every rank takes rank 0's weights, correction biases, optimiser moments and step count (a new
- * run's are the same on every rank already; a resumed run's only the leader read).
+ * Every rank takes rank 0's weights, correction biases and optimiser step count (a new run's are the
+ * same on every rank already; a resumed run's each rank read from the same checkpoint, and its own
+ * shard of the moments with them).
  */
 export async function syncState(s: Session, c: Collectives): Promise<void> {
   const b = s.backend;
   await b.scope(async () => {
-    const moments = [...s.opt.stateTensors().values()];
-    // Collectives move f32 and i32: BF16 moments travel widened (exactly) and are stored back.
-    const wide = moments.map((t) => (t.dtype === "bf16" ? b.cast(t, "f32") : t));
     const step = b.upload(Int32Array.of(s.opt.step), [1], "i32");
     const all: Tensor[] = [
       ...s.model.params.map((p) => p.value),
       ...s.model.moeLayers.map((m) => m.bias),
-      ...wide,
       step,
     ];
     await c.broadcast(
       all,
       all.map(() => 0),
     );
-    if (c.rank === 0) return;
-    for (let i = 0; i < moments.length; i++)
-      if (moments[i] !== wide[i]) b.write(moments[i], encodeBf16((await wide[i].read()) as Float32Array));
     s.opt.step = ((await step.read()) as Int32Array)[0];
   });
 }
@@ -143,13 +150,27 @@ export async function checkReplicas(s: Session, c: Collectives, step: number): P
   });
 }
 
+/** What a worker is started with (MOE8_RANKS_CONFIG): the run's config and the checkpoint it resumes. */
+export interface WorkerStart {
+  cfg: TrainConfig;
+  from: string | null;
+}
+
 /** The leader's view of its workers. */
 export interface Ranks {
   group: TcpGroup;
   /** Steps between replica checks (0: never). */
   checkEvery: number;
-  /** Why a worker stopped, once one has (its rank, exit code or signal), else null. */
-  failure(): string | null;
+  /**
+   * Every rank's optimiser moments by name, as one process names them (AdamW.gatherState, with the
+   * workers joining it): what the leader's checkpoint writes.
+   */
+  gatherOptimizer(): Promise<Map<string, Float32Array>>;
+  /**
+   * Why a worker stopped (its rank, exit code or signal), else null; waits up to `ms` for a worker's
+   * exit to be reported (a collective sees the socket close before the process's exit arrives).
+   */
+  failure(ms?: number): Promise<string | null>;
   /** Tells the workers the run is over and waits for them (kills what has not exited in 10 s). */
   close(): Promise<void>;
 }
@@ -169,14 +190,19 @@ export async function startRanks(
   cfg: TrainConfig,
   s: Session,
   checkEvery: number,
+  from: string | null,
 ): Promise<Ranks> {
   const dir = mkdtempSync(join(tmpdir(), "moe8-ranks-"));
   const config = join(dir, "config.json");
-  writeFileSync(config, JSON.stringify(cfg));
+  writeFileSync(config, JSON.stringify({ cfg, from } satisfies WorkerStart));
   const { port, group } = await tcpHub(n);
   const children: ChildProcess[] = [];
   let failure: string | null = null;
   let closing = false;
+  let failed = () => {};
+  const someExit = new Promise<void>((ok) => {
+    failed = ok;
+  });
   for (let r = 1; r < n; r++) {
     // The same runtime: Bun and Node (tsx's loader is in execArgv) take the script; Deno needs `run`.
     const runtimeArgs = "Deno" in globalThis ? ["run", "--allow-all"] : process.execArgv;
@@ -191,8 +217,10 @@ export async function startRanks(
       stdio: ["ignore", "ignore", "inherit"],
     });
     child.on("exit", (code, signal) => {
-      if (!closing && (code !== 0 || signal))
+      if (!closing && (code !== 0 || signal)) {
         failure ??= `rank ${r} (process ${child.pid}) exited ${signal ? `on ${signal}` : `with code ${code}`}`;
+        failed();
+      }
     });
     children.push(child);
   }
@@ -208,7 +236,14 @@ export async function startRanks(
   return {
     group: joined,
     checkEvery,
-    failure: () => failure,
+    async gatherOptimizer() {
+      await exchangeStep(s, joined.collectives, "gather", null, cfg.seqLen);
+      return s.opt.gatherState(joined.collectives);
+    },
+    async failure(ms = 0) {
+      if (!failure && ms > 0) await Promise.race([someExit, new Promise((ok) => setTimeout(ok, ms))]);
+      return failure;
+    },
     async close() {
       closing = true;
       const exited = children.map(
@@ -218,7 +253,7 @@ export async function startRanks(
           ),
       );
       try {
-        if (!failure) await exchangeStep(s, joined.collectives, null, null, cfg.seqLen);
+        if (!failure) await exchangeStep(s, joined.collectives, "stop", null, cfg.seqLen);
       } catch {
         // A worker already gone: the others are stopped below.
       }

@@ -3,12 +3,13 @@
 // the group, takes the leader's state, and then runs each step the leader announces on the rows it
 // is sent, until the leader says stop. It writes nothing: logs, evaluation and checkpoints are the
 // leader's. MOE8_FAULT_RANK_EXIT=R:S makes rank R exit with code 3 at step S (the tests' stand-in
-// for a crashed worker), MOE8_FAULT_RANK_CORRUPT=R:S changes one of its weights after step S (for
-// the replica check).
+// for a crashed worker), MOE8_FAULT_RANK_CORRUPT=R:S changes one of its correction biases after step
+// S (for the replica check).
 import { readFileSync } from "node:fs";
+import { readCheckpoint } from "../run/checkpoint.ts";
 import { parseConfig, resolveModel } from "../run/config.ts";
 import { buildSession } from "../run/session.ts";
-import { checkReplicas, exchangeStep, syncState } from "./ranks.ts";
+import { checkReplicas, exchangeStep, syncState, type WorkerStart } from "./ranks.ts";
 import { tcpJoin } from "./tcp-collectives.ts";
 
 /** The step at which this rank should fail (MOE8_FAULT_RANK_EXIT or _CORRUPT=rank:step), if any. */
@@ -22,8 +23,16 @@ export async function runWorker(): Promise<number> {
   const size = Number(process.env.MOE8_RANKS);
   const port = Number(process.env.MOE8_RANKS_PORT);
   const path = process.env.MOE8_RANKS_CONFIG ?? "";
-  const cfg = parseConfig(JSON.parse(readFileSync(path, "utf8")), path);
-  const s = buildSession(cfg, resolveModel(cfg), undefined, size);
+  const start = JSON.parse(readFileSync(path, "utf8")) as WorkerStart;
+  const cfg = parseConfig(start.cfg, path);
+  const s = buildSession(cfg, resolveModel(cfg));
+  s.becomeRank(rank, size);
+  // A resumed run: the leader's checkpoint (it checked it), this rank's shard of the moments.
+  if (start.from) {
+    const ck = readCheckpoint(start.from);
+    s.model.loadStateDict((n) => ck.model.get(n));
+    s.opt.loadState(ck.state.optimizer_step, (n) => ck.optimizer.get(n)?.data);
+  }
   const group = await tcpJoin(rank, size, port);
   const c = group.collectives;
   const fault = faultStep(rank, "MOE8_FAULT_RANK_EXIT");
@@ -32,7 +41,11 @@ export async function runWorker(): Promise<number> {
     await syncState(s, c);
     for (;;) {
       const { header, ids, targets } = await exchangeStep(s, c, null, null, cfg.seqLen);
-      if (!header) return 0;
+      if (header === "stop") return 0;
+      if (header === "gather") {
+        await s.opt.gatherState(c); // the leader writes the checkpoint
+        continue;
+      }
       if (header.step === fault) process.exit(3);
       await s.runner.step({ ids, targets }, header.lr, {
         accum: cfg.gradAccum,
@@ -40,7 +53,9 @@ export async function runWorker(): Promise<number> {
         collectives: c,
       });
       if (header.step === corrupt) {
-        const w = s.model.params[0].value;
+        // A correction bias: every rank updates its own copy (a weight would be overwritten by its
+        // owner's broadcast the next step).
+        const w = s.model.moeLayers[0]?.bias ?? s.model.params[0].value;
         const v = (await w.read()) as Float32Array;
         v[0] += 1e-3;
         s.backend.write(w, v);

@@ -2,7 +2,7 @@
 import { type PrecisionPolicy, parsePolicy } from "@moe8/fp8-core";
 import { createBackend } from "@moe8/kernels";
 import { DeepSeekModel, type ModelConfig, routerNoiseAt, routerNoiseSeed, StepRunner } from "@moe8/model";
-import { ADAMW_DEFAULTS, AdamW } from "@moe8/optimizer";
+import { ADAMW_DEFAULTS, AdamW, type OptimizerShard } from "@moe8/optimizer";
 import type { Backend } from "@moe8/tensor";
 import type { TrainConfig } from "./config.ts";
 import { lrAt, type RunSchedule, runSchedule } from "./schedule.ts";
@@ -17,6 +17,12 @@ export interface Session {
    * replayed from a CUDA graph (step-runner.ts; MOE8_CUDA_GRAPH=0 turns that off).
    */
   runner: StepRunner;
+  /**
+   * Makes this session rank `rank` of `size` data-parallel ranks: the runner steps on 1/size of the
+   * batch and the optimiser keeps (and updates) only the parameters this rank owns (ZeRO-1). Call it
+   * before any state is loaded or any step runs.
+   */
+  becomeRank(rank: number, size: number): void;
   /** The learning-rate schedule; a resumed run whose length changed replaces it (schedule.ts). */
   schedule: RunSchedule;
   lrAt(step: number): number;
@@ -32,27 +38,32 @@ export function policyOf(cfg: Pick<TrainConfig, "precision" | "precisionOverride
   });
 }
 
-/** ranks: data-parallel processes sharing each step (the runner steps on 1/ranks of the batch). */
-export function buildSession(cfg: TrainConfig, modelCfg: ModelConfig, backend?: Backend, ranks = 1): Session {
+export function buildSession(cfg: TrainConfig, modelCfg: ModelConfig, backend?: Backend): Session {
   const b = backend ?? createBackend(cfg.backend);
   const policy = policyOf(cfg);
   const model = new DeepSeekModel(b, modelCfg, policy, cfg.seed);
-  const opt = new AdamW(b, model.params, {
-    ...ADAMW_DEFAULTS,
-    beta1: cfg.beta1,
-    beta2: cfg.beta2,
-    weightDecay: cfg.weightDecay,
-    clip: cfg.clip,
-    moments: policy.optimizer.moments,
-    lrScale: { router: cfg.balance.routerLr ?? 1 },
-  });
-  const runner = new StepRunner(model, opt, { batch: cfg.batchSize / ranks, seq: cfg.seqLen });
+  const optimizer = (shard: OptimizerShard | null) =>
+    new AdamW(
+      b,
+      model.params,
+      {
+        ...ADAMW_DEFAULTS,
+        beta1: cfg.beta1,
+        beta2: cfg.beta2,
+        weightDecay: cfg.weightDecay,
+        clip: cfg.clip,
+        moments: policy.optimizer.moments,
+        lrScale: { router: cfg.balance.routerLr ?? 1 },
+      },
+      shard,
+    );
+  const opt = optimizer(null);
   return {
     backend: b,
     policy,
     model,
     opt,
-    runner,
+    runner: new StepRunner(model, opt, { batch: cfg.batchSize, seq: cfg.seqLen }),
     schedule: runSchedule(cfg),
     lrAt(step) {
       return lrAt(this.schedule, step);
@@ -61,9 +72,15 @@ export function buildSession(cfg: TrainConfig, modelCfg: ModelConfig, backend?: 
       const scale = routerNoiseAt(modelCfg, step, this.schedule.total);
       return scale > 0 ? { scale, seed: routerNoiseSeed(cfg.seed, step) } : undefined;
     },
+    becomeRank(rank, size) {
+      this.runner.dispose();
+      this.opt.dispose();
+      this.opt = optimizer(size > 1 ? { rank, size } : null);
+      this.runner = new StepRunner(model, this.opt, { batch: cfg.batchSize / size, seq: cfg.seqLen });
+    },
     dispose() {
-      runner.dispose();
-      opt.dispose();
+      this.runner.dispose();
+      this.opt.dispose();
       model.dispose();
     },
   };

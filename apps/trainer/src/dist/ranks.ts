@@ -192,6 +192,7 @@ export async function startRanks(
   checkEvery: number,
   from: string | null,
 ): Promise<Ranks> {
+  process.env.NCCL_NVLS_ENABLE = "0";
   const dir = mkdtempSync(join(tmpdir(), "moe8-ranks-"));
   const config = join(dir, "config.json");
   writeFileSync(config, JSON.stringify({ cfg, from } satisfies WorkerStart));
@@ -213,6 +214,8 @@ export async function startRanks(
         MOE8_RANKS: String(n),
         MOE8_RANKS_PORT: String(port),
         MOE8_RANKS_CONFIG: config,
+        // NVLink multicast stays off for NCCL in every rank (issue 22; the leader's own too).
+        NCCL_NVLS_ENABLE: "0",
       },
       stdio: ["ignore", "ignore", "inherit"],
     });

@@ -25,11 +25,13 @@ export function cli(args: string[], env: Record<string, string> = {}): CliResult
 }
 
 /** Starts `moe8 <args>` without waiting (for kill and signal tests). */
-export function cliAsync(args: string[], env: Record<string, string> = {}) {
+export function cliAsync(args: string[], env: Record<string, string> = {}, detached = false) {
   return spawn("bun", [CLI, ...args], {
     cwd: ROOT,
     env: { ...process.env, NO_COLOR: "1", ...env },
     stdio: ["ignore", "pipe", "pipe"],
+    // Its own process group (and the children it starts): a test can signal them all, as a terminal's Ctrl-C does.
+    detached,
   });
 }
 
@@ -66,8 +68,8 @@ export async function until(ready: () => boolean, timeoutMs = 60_000, ms = 5): P
 }
 
 /** A CLI process started with cliAsync, with its output collected and its end as a promise. */
-export function started(args: string[], env: Record<string, string> = {}) {
-  const child = cliAsync(args, env);
+export function started(args: string[], env: Record<string, string> = {}, detached = false) {
+  const child = cliAsync(args, env, detached);
   const out = { stdout: "", stderr: "", done: false };
   child.stdout.on("data", (d) => {
     out.stdout += d;

@@ -6,7 +6,7 @@ import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { readSafetensors } from "../apps/trainer/src/run/safetensors.ts";
-import { cli, tmp } from "./helpers.ts";
+import { cli, lastStep, started, tmp, until } from "./helpers.ts";
 
 // fp32: under FP8 each rank's Wgrad column tiles (128 tokens) would cover other tokens than one
 // process's, so their scales legitimately differ (as with --grad-accum).
@@ -128,6 +128,25 @@ describe("--ranks", () => {
     expect(again.status, again.stderr).toBe(0);
     expect(metrics(out).at(-1).step).toBe(6);
   }, 240_000);
+
+  it("Ctrl-C (SIGINT to the whole process group) stops the ranks with a checkpoint, exit 0", async () => {
+    const out = join(tmp("ranks-sigint"), "run");
+    const a = started(
+      ["train", ...FLAGS, ...MORE, "--steps", "200", "--seq-len", "64", "--ranks", "2", "--out", out],
+      { RAYON_NUM_THREADS: "1" },
+      true,
+    );
+    await until(() => lastStep(out) >= 2 || a.out.done);
+    process.kill(-a.child.pid!, "SIGINT");
+    expect(await a.exit, a.out.stderr).toEqual({ code: 0, signal: null });
+    const stopped = Number(/stopped at step (\d+)/.exec(a.out.stdout)?.[1]);
+    expect(stopped).toBeGreaterThanOrEqual(2);
+    expect(stopped).toBeLessThan(200);
+    const again = cli(["train", "--resume", out, "--steps", String(stopped + 2), "--ranks", "2"], {
+      RAYON_NUM_THREADS: "1",
+    });
+    expect(again.status, again.stderr).toBe(0);
+  }, 120_000);
 
   it("the replica check stops a run whose ranks' weights differ, naming the rank", () => {
     const { r } = run(2, 6, { MOE8_FAULT_RANK_CORRUPT: "1:3" });

@@ -19,6 +19,10 @@ function faultStep(rank: number, name: string): number | null {
 }
 
 export async function runWorker(): Promise<number> {
+  // A terminal's Ctrl-C reaches the whole process group: the leader finishes its step, writes a
+  // checkpoint and tells the workers to stop, so they must outlive the signal (SIGKILL still ends one).
+  process.on("SIGINT", () => {});
+  process.on("SIGTERM", () => {});
   const rank = Number(process.env.MOE8_RANK);
   const size = Number(process.env.MOE8_RANKS);
   const port = Number(process.env.MOE8_RANKS_PORT);

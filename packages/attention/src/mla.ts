@@ -194,9 +194,7 @@ export class MLA {
     const q = lin.producerQuant();
     if (q) {
       const n = b.rmsnormQuantized(x, w, eps, q);
-      const memo = new QuantMemo();
-      memo.fprop(q, () => n.y);
-      return { out: lin.forward(n.y, null, memo), rstd: n.rstd };
+      return { out: lin.forward(n.y, null, QuantMemo.holding(q, n.y)), rstd: n.rstd };
     }
     const n = b.rmsnorm(x, w, eps);
     const out = lin.forward(n.y);

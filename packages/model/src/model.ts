@@ -2,7 +2,7 @@
 // against the Backend interface. Layer l < first_k_dense_replace has a dense SwiGLU FFN, the rest
 // DeepSeekMoE. Every Linear follows the precision policy of the package it belongs to.
 import { type AttentionPrecision, MLA } from "@moe8/attention";
-import type { PrecisionPolicy, QuantizeOptions } from "@moe8/fp8-core";
+import type { PrecisionPolicy } from "@moe8/fp8-core";
 import { MoELayer, SwiGluMlp } from "@moe8/moe-layers";
 import {
   type Backend,
@@ -185,7 +185,7 @@ export class DeepSeekModel {
       if (aq) {
         const n1 = b.rmsnormQuantized(h, blk.ln1.value, eps, aq);
         s.rstd1.push(n1.rstd);
-        ao = blk.attn.forward(n1.y, shape, givenCopy(aq, n1.y));
+        ao = blk.attn.forward(n1.y, shape, QuantMemo.holding(aq, n1.y));
       } else {
         const n1 = b.rmsnorm(h, blk.ln1.value, eps);
         s.rstd1.push(n1.rstd);
@@ -204,7 +204,7 @@ export class DeepSeekModel {
       if (dense && mq) {
         const n2 = b.rmsnormQuantized(mid, blk.ln2.value, eps, mq);
         s.rstd2.push(n2.rstd);
-        const y = dense.forward(n2.y, null, givenCopy(mq, n2.y));
+        const y = dense.forward(n2.y, null, QuantMemo.holding(mq, n2.y));
         h = b.add(mid, y);
         y.dispose();
         continue;
@@ -443,11 +443,4 @@ export class DeepSeekModel {
     for (const p of this.params) p.dispose();
     for (const m of this.moeLayers) m.bias.dispose();
   }
-}
-
-/** A memo holding a producer's FP8 copy of a Linear's input, as Linear.producerQuant asks. */
-function givenCopy(q: QuantizeOptions, copy: Tensor): QuantMemo {
-  const memo = new QuantMemo();
-  memo.fprop(q, () => copy);
-  return memo;
 }

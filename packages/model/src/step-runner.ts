@@ -15,20 +15,10 @@
 // change every step), with micro-batches or with several ranks. They borrow the graph's free memory
 // and give it back by the end of the step, so the recording stays valid. MOE8_CUDA_GRAPH=0 turns
 // the graph off.
-import { loadStats } from "@moe8/moe-layers";
 import type { AdamW } from "@moe8/optimizer";
-import type { CapturedGraph, HostArray, Tensor } from "@moe8/tensor";
+import { type CapturedGraph, type HostArray, SINGLE_PROCESS, type Tensor } from "@moe8/tensor";
 import type { BatchShape, DeepSeekModel } from "./model.ts";
-import { type StepOptions, type StepResult, trainStep } from "./train-step.ts";
-
-/** What the recorded step leaves on the device. */
-interface GraphOutputs {
-  ce: Tensor;
-  total: Tensor;
-  norm: Tensor;
-  scale: Tensor;
-  offsets: Tensor[];
-}
+import { finishStep, type StepOptions, type StepResult, type StepTail, trainStep } from "./train-step.ts";
 
 export interface StepRunnerOptions {
   /** Replay from a CUDA graph where the backend can (default: unless MOE8_CUDA_GRAPH=0). */
@@ -39,7 +29,8 @@ export interface StepRunnerOptions {
 export type StepBatch = { ids: HostArray | Tensor; targets: HostArray | Tensor };
 
 export class StepRunner {
-  private graph: CapturedGraph<GraphOutputs> | null = null;
+  /** The recorded step; its result is what it leaves on the device (read after each replay). */
+  private graph: CapturedGraph<StepTail> | null = null;
   private inputs: { ids: Tensor; targets: Tensor } | null = null;
   private useGraph: boolean;
   /** Why recording failed, when it did (the run then steps uncaptured). */
@@ -159,30 +150,17 @@ export class StepRunner {
     this.captures++;
   }
 
-  /** trainStep's part after the norm, on the graph's outputs. */
-  private finish(out: GraphOutputs, lr: number): Promise<StepResult> {
-    return this.model.b.scope(() => this.afterNorm(out, lr));
-  }
-
-  private async afterNorm(out: GraphOutputs, lr: number): Promise<StepResult> {
+  /** trainStep's part after the norm (finishStep), on the graph's outputs. */
+  private finish(out: StepTail, lr: number): Promise<StepResult> {
     const { model, opt } = this;
-    const [loss, totalLoss, gradNorm] = [await out.ce.item(), await out.total.item(), await out.norm.item()];
-    const skipped = !Number.isFinite(totalLoss) || !Number.isFinite(gradNorm);
-    const t0 = performance.now();
     model.moeLayers.forEach((m, i) => {
       m.lastOffsets = out.offsets[i];
     });
-    if (!skipped) {
-      opt.update(lr, out.scale);
-      model.moeLayers.forEach((m, i) => {
-        m.updateBias(out.offsets[i]);
-      });
-    }
-    this.lastHostMs += performance.now() - t0;
-    const load = await Promise.all(
-      out.offsets.map(async (t) => loadStats(counts((await t.read()) as Int32Array))),
+    return model.b.scope(() =>
+      finishStep(model, opt, lr, out, SINGLE_PROCESS, (ms) => {
+        this.lastHostMs += ms;
+      }),
     );
-    return { loss, totalLoss, gradNorm, skipped, load };
   }
 
   private dropGraph(): void {
@@ -200,11 +178,4 @@ export class StepRunner {
       this.inputs = null;
     }
   }
-}
-
-/** Per-expert token counts from expert offsets. */
-function counts(offsets: Int32Array): number[] {
-  const c: number[] = [];
-  for (let e = 0; e + 1 < offsets.length; e++) c.push(offsets[e + 1] - offsets[e]);
-  return c;
 }

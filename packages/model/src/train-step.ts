@@ -86,27 +86,64 @@ export async function trainStep(
     if (group.size > 1)
       await group.allReduceSum([...opt.params.map((p) => p.grad), pass.ce, pass.total, ...offsets]);
     const { norm, scale } = opt.gradNorm();
-    const [loss, totalLoss, gradNorm] = [await pass.ce.item(), await pass.total.item(), await norm.item()];
-    const skipped = !Number.isFinite(totalLoss) || !Number.isFinite(gradNorm);
-    if (!skipped) {
-      opt.update(lr, scale);
-      // ZeRO-1: each parameter was updated by its owner only; every rank takes the owner's values.
-      if (opt.shard && group.size > 1)
-        await group.broadcast(
-          opt.params.map((p) => p.value),
-          opt.owners,
-        );
-      model.moeLayers.forEach((m, i) => {
-        m.updateBias(offsets[i]);
-      });
-    }
-    const load = await Promise.all(
-      offsets.map(async (o) => loadStats(counts((await o.read()) as Int32Array))),
+    const r = await finishStep(
+      model,
+      opt,
+      lr,
+      { ce: pass.ce, total: pass.total, norm, scale, offsets },
+      group,
     );
     const fp8 = flow.enabled ? await flow.take() : undefined;
     flow.enabled = false;
-    return { loss, totalLoss, gradNorm, skipped, load, fp8 };
+    return { ...r, fp8 };
   });
+}
+
+/** What forward, backward and the gradient norm leave for the rest of a step. */
+export interface StepTail {
+  ce: Tensor;
+  total: Tensor;
+  norm: Tensor;
+  /** The clip factor AdamW multiplies the gradients by. */
+  scale: Tensor;
+  /** Each MoE layer's expert offsets (the step's loads). */
+  offsets: Tensor[];
+}
+
+/**
+ * A step after its gradient norm (trainStep's, and a replayed graph's in StepRunner): the host
+ * reads the losses and the norm; when both are finite it enqueues AdamW at `lr` (with ZeRO-1 every
+ * rank then takes the owners' values) and the bias updates; then it reads the loads. `enqueued`
+ * gets the host's milliseconds from the update's start to the last bias update's.
+ */
+export async function finishStep(
+  model: DeepSeekModel,
+  opt: AdamW,
+  lr: number,
+  t: StepTail,
+  group: Collectives = SINGLE_PROCESS,
+  enqueued?: (ms: number) => void,
+): Promise<Omit<StepResult, "fp8">> {
+  const [loss, totalLoss, gradNorm] = [await t.ce.item(), await t.total.item(), await t.norm.item()];
+  const skipped = !Number.isFinite(totalLoss) || !Number.isFinite(gradNorm);
+  const t0 = performance.now();
+  if (!skipped) {
+    opt.update(lr, t.scale);
+    // ZeRO-1: each parameter was updated by its owner only; every rank takes the owner's values.
+    if (opt.shard && group.size > 1)
+      await group.broadcast(
+        opt.params.map((p) => p.value),
+        opt.owners,
+      );
+    model.moeLayers.forEach((m, i) => {
+      m.updateBias(t.offsets[i]);
+    });
+  }
+  enqueued?.(performance.now() - t0);
+  const load = await Promise.all(
+    t.offsets.map(async (o) => loadStats(counts((await o.read()) as Int32Array))),
+  );
+  return { loss, totalLoss, gradNorm, skipped, load };
 }
 
 /** The forward + backward of a step: its losses ([1] tensors) and each MoE layer's expert offsets. */

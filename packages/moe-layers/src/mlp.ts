@@ -138,11 +138,7 @@ export class SwiGluMlp {
     this.saved.push(
       this.gateUp.precision.outputs === "bf16" && gu.dtype === "f32" ? intoBf16(this.b, gu) : gu,
     );
-    if (hq) {
-      const given = new QuantMemo();
-      given.fprop(hq, () => h);
-      return this.down.forward(h, offsets, given);
-    }
+    if (hq) return this.down.forward(h, offsets, QuantMemo.holding(hq, h));
     const y = this.down.forward(h, offsets);
     if (!this.down.retains(h)) h.dispose(); // backward uses its FP8 copy only
     return y;

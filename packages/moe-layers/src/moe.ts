@@ -199,10 +199,8 @@ export class MoELayer {
         r.topIdx,
         E,
       );
-      const permuted = new QuantMemo();
-      permuted.fprop(xqOpt, () => p.xs);
       // p.xs is the experts' saved FP8 input from here on (their backward's Wgrad reads it).
-      ys = this.experts.forward(p.xs, p.offsets, permuted);
+      ys = this.experts.forward(p.xs, p.offsets, QuantMemo.holding(xqOpt, p.xs));
     } else {
       p = b.moePermute(x, r.topIdx, E);
       ys = this.experts.forward(p.xs, p.offsets);

@@ -4,7 +4,7 @@
 // with a checkpoint (exit 0), and a second signal ends the process at once.
 import { join } from "node:path";
 import { policyToJson, UsageError } from "@moe8/fp8-core";
-import { hfConfig, StepRunner } from "@moe8/model";
+import { hfConfig } from "@moe8/model";
 import { parseArgs } from "../args.ts";
 import { checkReplicas, exchangeStep, type Ranks, startRanks } from "../dist/ranks.ts";
 import { runWorker } from "../dist/worker.ts";
@@ -247,7 +247,6 @@ async function loop(
   console.log(
     `training ${modelLabel(cfg.model)}${vocabTaken ? ` (${vocabTaken})` : ""} on ${s.backend.name}${ranks ? ` x ${ranks.group.collectives.size} ranks (${shareOfState(s)})` : ""}, precision ${cfg.precision}, ${cfg.steps} steps of ${tokensPerStep} tokens${accum}, data ${data.description}, out ${runDir}${tensorboard ? `, tensorboard ${tensorboard}` : ""}`,
   );
-  const b = s.backend;
   const t0 = performance.now();
   const firstStep = st.step;
   while (st.step < cfg.steps && !stopped()) {

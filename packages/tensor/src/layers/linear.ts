@@ -87,6 +87,16 @@ export class QuantMemo {
   fprop(opts: QuantizeOptions, make: () => Tensor): Tensor {
     return this.get(fpropKey(opts), make);
   }
+
+  /**
+   * A memo holding `copy` as the input quantised for Fprop as `opts`: what a producer that made the
+   * copy itself (Linear.producerQuant) passes with it.
+   */
+  static holding(opts: QuantizeOptions, copy: Tensor): QuantMemo {
+    const memo = new QuantMemo();
+    memo.fprop(opts, () => copy);
+    return memo;
+  }
 }
 
 function fpropKey(q: QuantizeOptions): string {

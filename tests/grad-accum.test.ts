@@ -4,7 +4,7 @@ import { readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { readSafetensors } from "../apps/trainer/src/run/safetensors.ts";
-import { cli, tmp } from "./helpers.ts";
+import { cli, metricsOf, tmp, weightDiffs } from "./helpers.ts";
 
 // fp32: under FP8 the Wgrad column tiles (128 tokens) of a micro-batch of 64 tokens cover other
 // tokens than the whole batch's, so their scales legitimately differ.
@@ -40,12 +40,6 @@ function run(accum: number): string {
   return out;
 }
 
-const metrics = (dir: string) =>
-  readFileSync(join(dir, "metrics.jsonl"), "utf8")
-    .trim()
-    .split("\n")
-    .map((l) => JSON.parse(l));
-
 const weights = (dir: string) => readSafetensors(join(dir, "checkpoints/step-4/model.safetensors")).tensors;
 
 describe("--grad-accum", () => {
@@ -53,7 +47,7 @@ describe("--grad-accum", () => {
     const whole = run(1);
     const accum = run(4);
     expect(readFileSync(join(accum, "config.json"), "utf8")).toContain('"gradAccum": 4');
-    const [a, b] = [metrics(whole), metrics(accum)];
+    const [a, b] = [metricsOf(whole), metricsOf(accum)];
     expect(b.map((m) => m.step)).toEqual([1, 2, 3, 4]);
     // The step's loss is a mean over 256 tokens summed in another order: a few f32 ulps (5.4 has
     // an ulp of 4.8e-7; 4e-6 is 8 ulps; measured: 0 or 1 ulp). Taking one micro-batch's loss for
@@ -68,33 +62,20 @@ describe("--grad-accum", () => {
     expect(Math.abs(b[1].val_loss - a[1].val_loss)).toBeLessThan(4e-6);
     const [wa, wb] = [weights(whole), weights(accum)];
     expect([...wb.keys()]).toEqual([...wa.keys()]);
-    let maxDiff = 0;
-    let beyondSummation = 0;
-    let total = 0;
-    for (const [name, t] of wa) {
-      const x = t.data as Float32Array;
-      const y = wb.get(name)!.data as Float32Array;
-      if (name.endsWith("e_score_correction_bias")) {
-        // The bias update is a function of the step's integer loads alone, so with the loads summed
-        // over the micro-batches it is bit for bit the one-batch run's; one micro-batch's loads (a
-        // quarter of the tokens) would move it differently by ~1e-2 a step.
-        expect(Math.max(...x.map(Math.abs)), name).toBeGreaterThan(1e-3);
-        expect([...y], name).toEqual([...x]);
-        continue;
-      }
-      for (let i = 0; i < x.length; i++) {
-        const d = Math.abs(x[i] - y[i]);
-        maxDiff = Math.max(maxDiff, d);
-        if (d > 1e-4 * LR) beyondSummation++;
-      }
-      total += x.length;
+    const { maxDiff, beyondFraction, biases } = weightDiffs(wa, wb, 1e-4 * LR);
+    for (const { name, x, y } of biases) {
+      // The bias update is a function of the step's integer loads alone, so with the loads summed
+      // over the micro-batches it is bit for bit the one-batch run's; one micro-batch's loads (a
+      // quarter of the tokens) would move it differently by ~1e-2 a step.
+      expect(Math.max(...x.map(Math.abs)), name).toBeGreaterThan(1e-3);
+      expect([...y], name).toEqual([...x]);
     }
     // AdamW's first update is lr * g / (|g| + eps) with eps 1e-8: for a gradient whose terms cancel
     // to within eps, the f32 summation order (~1e-7 of the terms' magnitude) moves the update by up
     // to ~1e-2 of lr (measured: 9e-3). Everywhere else the weights agree to 1e-4 of lr; a missing
     // or repeated micro-batch moves every weight by ~lr.
     expect(maxDiff).toBeLessThan(2e-2 * LR);
-    expect(beyondSummation / total).toBeLessThan(1e-3);
+    expect(beyondFraction).toBeLessThan(1e-3);
   }, 120_000);
 
   it("a resumed run keeps its micro-batches and repeats the lost steps bit for bit", () => {
@@ -125,13 +106,13 @@ describe("--grad-accum", () => {
     ]);
     expect(r.status, r.stderr).toBe(0);
     expect(r.stdout).toContain("(4 micro-batches of 2 x 32)");
-    const before = metrics(run);
+    const before = metricsOf(run);
     // Killed after step 2's checkpoint: steps 3 and 4 are done again from it.
     rmSync(join(run, "checkpoints/step-4"), { recursive: true });
     const again = cli(["train", "--resume", run]);
     expect(again.status, again.stderr).toBe(0);
     expect(again.stdout).toContain("(4 micro-batches of 2 x 32)");
-    expect(metrics(run).map((m) => [m.step, m.loss, m.grad_norm])).toEqual(
+    expect(metricsOf(run).map((m) => [m.step, m.loss, m.grad_norm])).toEqual(
       before.map((m) => [m.step, m.loss, m.grad_norm]),
     );
   });

@@ -85,3 +85,38 @@ export function started(args: string[], env: Record<string, string> = {}, detach
   );
   return { child, out, exit };
 }
+
+/** A run's metrics.jsonl, one object per step. */
+export function metricsOf(runDir: string): Record<string, number & number[]>[] {
+  return readFileSync(join(runDir, "metrics.jsonl"), "utf8")
+    .trim()
+    .split("\n")
+    .map((l) => JSON.parse(l));
+}
+
+type Weights = Map<string, { data: unknown }>;
+
+/**
+ * Two runs' weights (checkpoint name -> tensor) value by value, the correction biases set apart
+ * for the caller's bit-for-bit checks: the largest difference, and the fraction of values further
+ * apart than `tol`.
+ */
+export function weightDiffs(wa: Weights, wb: Weights, tol: number) {
+  let [maxDiff, beyond, total] = [0, 0, 0];
+  const biases: { name: string; x: Float32Array; y: Float32Array }[] = [];
+  for (const [name, t] of wa) {
+    const x = t.data as Float32Array;
+    const y = wb.get(name)!.data as Float32Array;
+    if (name.endsWith("e_score_correction_bias")) {
+      biases.push({ name, x, y });
+      continue;
+    }
+    for (let i = 0; i < x.length; i++) {
+      const d = Math.abs(x[i] - y[i]);
+      maxDiff = Math.max(maxDiff, d);
+      if (d > tol) beyond++;
+    }
+    total += x.length;
+  }
+  return { maxDiff, beyondFraction: beyond / total, biases };
+}

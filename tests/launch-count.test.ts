@@ -77,25 +77,41 @@ describe("launches per training step (small's shape, 3 layers, fake Hopper GPU)"
     }, 120_000);
 });
 
+/** small with `layers` layers and a graph-replaying StepRunner on the fake Hopper GPU, and a batch of `batch` x 2048. */
+function graphRunner(layers: number, batch: number) {
+  const b = new CudaBackend() as Backend;
+  const m = new DeepSeekModel(b, { ...CONFIGS.small, num_hidden_layers: layers }, presetPolicy("fp8"), 1);
+  const runner = new StepRunner(
+    m,
+    new AdamW(b, m.params, ADAMW_DEFAULTS),
+    { batch, seq: 2048 },
+    { graph: true },
+  );
+  const rows = {
+    ids: Int32Array.from({ length: batch * 2048 }, (_, i) => (i * 7) % 256),
+    targets: Int32Array.from({ length: batch * 2048 }, (_, i) => (i * 5) % 256),
+  };
+  return { b, m, runner, rows };
+}
+
+/** One step of `runner`: the launches it issued itself and the graph replays it enqueued. */
+async function countedStep(runner: StepRunner, rows: { ids: Int32Array; targets: Int32Array }) {
+  fake.launches = 0;
+  fake.graphLaunches = 0;
+  await runner.step(rows, 1e-4);
+  return { launches: fake.launches, replays: fake.graphLaunches };
+}
+
 describe("the step replayed from a CUDA graph (small's shape, 3 layers, fake Hopper GPU)", () => {
   it("records the eager step's forward and backward once, then one replay and the update a step", async () => {
-    const b = new CudaBackend() as Backend;
-    const m = new DeepSeekModel(b, { ...CONFIGS.small, num_hidden_layers: 3 }, presetPolicy("fp8"), 1);
-    const opt = new AdamW(b, m.params, ADAMW_DEFAULTS);
-    const runner = new StepRunner(m, opt, { batch: 8, seq: 2048 }, { graph: true });
-    const batch = {
-      ids: Int32Array.from({ length: 8 * 2048 }, (_, i) => (i * 7) % 256),
-      targets: Int32Array.from({ length: 8 * 2048 }, (_, i) => (i * 5) % 256),
-    };
+    const { m, runner, rows: batch } = graphRunner(3, 8);
     const issued: number[] = [];
     const host: number[] = [];
     for (let s = 0; s < 4; s++) {
-      fake.launches = 0;
-      fake.graphLaunches = 0;
-      await runner.step(batch, 1e-4);
-      issued.push(fake.launches);
+      const c = await countedStep(runner, batch);
+      issued.push(c.launches);
       host.push(runner.lastHostMs);
-      expect(fake.graphLaunches, `step ${s + 1}'s replays`).toBe(s === 0 ? 0 : 1);
+      expect(c.replays, `step ${s + 1}'s replays`).toBe(s === 0 ? 0 : 1);
     }
     const update = 1 + m.moeLayers.length; // AdamW, and each MoE layer's bias
     console.log(
@@ -114,22 +130,16 @@ describe("the step replayed from a CUDA graph (small's shape, 3 layers, fake Hop
   }, 120_000);
 
   it("a recording that fails leaves the run going uncaptured, with the reason", async () => {
-    const b = new CudaBackend() as Backend;
-    const m = new DeepSeekModel(b, { ...CONFIGS.small, num_hidden_layers: 2 }, presetPolicy("fp8"), 1);
-    const opt = new AdamW(b, m.params, ADAMW_DEFAULTS);
-    const runner = new StepRunner(m, opt, { batch: 2, seq: 2048 }, { graph: true });
-    const batch = { ids: new Int32Array(2 * 2048).fill(3), targets: new Int32Array(2 * 2048).fill(4) };
+    const { b, runner, rows: batch } = graphRunner(2, 2);
     const live = b.stats().tensors;
     fake.failCaptureEnd = true;
     const errors = vi.spyOn(console, "error").mockImplementation(() => {});
     try {
       const launches: number[] = [];
       for (let s = 0; s < 3; s++) {
-        fake.launches = 0;
-        fake.graphLaunches = 0;
-        await runner.step(batch, 1e-4);
-        launches.push(fake.launches);
-        expect(fake.graphLaunches).toBe(0);
+        const c = await countedStep(runner, batch);
+        launches.push(c.launches);
+        expect(c.replays).toBe(0);
       }
       expect(runner.graphError).toMatch(/STREAM_CAPTURE_INVALIDATED/);
       expect(errors).toHaveBeenCalledTimes(1);

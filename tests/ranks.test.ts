@@ -2,11 +2,10 @@
 // on one machine, each stepping on 1/N of every batch and keeping 1/N of the optimiser state
 // (ZeRO-1), train as one process does up to the order of f32 sums; their checkpoint resumes under another N; a worker that dies stops the run with a line
 // naming it and the checkpoint to resume from; and a split that does not divide the batch is refused.
-import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { readSafetensors } from "../apps/trainer/src/run/safetensors.ts";
-import { cli, lastStep, started, tmp, until } from "./helpers.ts";
+import { cli, lastStep, metricsOf, started, tmp, until, weightDiffs } from "./helpers.ts";
 
 // fp32: under FP8 each rank's Wgrad column tiles (128 tokens) would cover other tokens than one
 // process's, so their scales legitimately differ (as with --grad-accum).
@@ -48,12 +47,6 @@ function run(ranks: number, steps = 4, env: Record<string, string> = {}) {
   return { out, r };
 }
 
-const metrics = (dir: string) =>
-  readFileSync(join(dir, "metrics.jsonl"), "utf8")
-    .trim()
-    .split("\n")
-    .map((l) => JSON.parse(l));
-
 describe("--ranks", () => {
   it("2 and 4 ranks train as one process: losses, norms, loads, biases and weights", () => {
     const one = run(1);
@@ -66,7 +59,7 @@ describe("--ranks", () => {
       const [held, all] = /rank 0 holds (\d+) of (\d+) values/.exec(many.r.stdout)!.slice(1).map(Number);
       expect(held / all).toBeGreaterThan(0.5 / n);
       expect(held / all).toBeLessThan(1.5 / n);
-      const [a, b] = [metrics(one.out), metrics(many.out)];
+      const [a, b] = [metricsOf(one.out), metricsOf(many.out)];
       expect(b.map((m) => m.step)).toEqual([1, 2, 3, 4]);
       for (let i = 0; i < 4; i++) {
         // The loss is a mean over 256 tokens summed in another order: a few f32 ulps.
@@ -79,27 +72,14 @@ describe("--ranks", () => {
       const wa = readSafetensors(join(one.out, "checkpoints/step-4/model.safetensors")).tensors;
       const wb = readSafetensors(join(many.out, "checkpoints/step-4/model.safetensors")).tensors;
       expect([...wb.keys()]).toEqual([...wa.keys()]);
-      let [maxDiff, beyond, total] = [0, 0, 0];
-      for (const [name, t] of wa) {
-        const x = t.data as Float32Array;
-        const y = wb.get(name)!.data as Float32Array;
-        // The bias update is a function of the summed integer loads: bit for bit.
-        if (name.endsWith("e_score_correction_bias")) {
-          expect([...y], name).toEqual([...x]);
-          continue;
-        }
-        for (let i = 0; i < x.length; i++) {
-          const d = Math.abs(x[i] - y[i]);
-          maxDiff = Math.max(maxDiff, d);
-          if (d > 1e-4 * LR) beyond++;
-        }
-        total += x.length;
-      }
+      const { maxDiff, beyondFraction, biases } = weightDiffs(wa, wb, 1e-4 * LR);
+      // The bias update is a function of the summed integer loads: bit for bit.
+      for (const { name, x, y } of biases) expect([...y], name).toEqual([...x]);
       // As with --grad-accum: AdamW's update lr g / (|g| + eps) moves by up to ~1e-2 of lr where a
       // gradient's terms cancel to within eps; elsewhere the weights agree to 1e-4 of lr, and a rank
       // whose rows were lost or counted twice would move every weight by ~lr.
       expect(maxDiff).toBeLessThan(2e-2 * LR);
-      expect(beyond / total).toBeLessThan(1e-3);
+      expect(beyondFraction).toBeLessThan(1e-3);
     }
   }, 240_000);
 
@@ -114,8 +94,8 @@ describe("--ranks", () => {
       RAYON_NUM_THREADS: "1",
     });
     expect(back.status, back.stderr).toBe(0);
-    expect(metrics(two.out).map((m) => m.step)).toEqual([1, 2, 3, 4, 5, 6]);
-    expect(metrics(one.out).map((m) => m.step)).toEqual([1, 2, 3, 4]);
+    expect(metricsOf(two.out).map((m) => m.step)).toEqual([1, 2, 3, 4, 5, 6]);
+    expect(metricsOf(one.out).map((m) => m.step)).toEqual([1, 2, 3, 4]);
   }, 240_000);
 
   it("a worker that dies stops the run, naming it and the checkpoint to resume from", () => {
@@ -126,7 +106,7 @@ describe("--ranks", () => {
     );
     const again = cli(["train", "--resume", out, "--ranks", "2"], { RAYON_NUM_THREADS: "1" });
     expect(again.status, again.stderr).toBe(0);
-    expect(metrics(out).at(-1).step).toBe(6);
+    expect(metricsOf(out).at(-1)?.step).toBe(6);
   }, 240_000);
 
   it("Ctrl-C (SIGINT to the whole process group) stops the ranks with a checkpoint, exit 0", async () => {

@@ -6,22 +6,29 @@
 // y = x * rstd * w per row; rstd = 1 / sqrt(mean(x^2) + eps). One block per row. vec4 (C % 4 == 0,
 // 16-byte aligned rows, C <= 16 blockDim): each thread keeps its four-column groups in registers
 // between the sum and the scaling.
+// The vec4 path's row statistics, shared with rmsnorm_quant_tile so that both give s the same bits:
+// thread t's four-column groups j (columns 4 (t + j blockDim.x), zeros past C) loaded into v, their
+// squares summed in this order, the block's sum in double; returns s = 1 / sqrt(mean + eps).
+__device__ __forceinline__ float rmsnorm_row_vec4(const float* xr, int C, double eps, float4 (&v)[4]) {
+  float ss = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 4; j++) {
+    const int c = 4 * (threadIdx.x + j * blockDim.x);
+    v[j] = c < C ? *(const float4*)(xr + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+    ss = fmaf(v[j].x, v[j].x, fmaf(v[j].y, v[j].y, fmaf(v[j].z, v[j].z, fmaf(v[j].w, v[j].w, ss))));
+  }
+  const double t = block_sum((double)ss);
+  return (float)(1.0 / sqrt(t / C + eps));
+}
+
 KERNEL void rmsnorm_fwd(const float* x, const float* w, float* y, float* rstd, int R, int C, double eps, int vec4) {
   const int r = blockIdx.x + blockIdx.y * GRID_YZ_MAX;
   if (r >= R) return;
   const float* xr = x + (i64)r * C;
   float* yr = y + (i64)r * C;
-  float ss = 0.0f;
   if (vec4) {
     float4 v[4];
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-      const int c = 4 * (threadIdx.x + j * blockDim.x);
-      v[j] = c < C ? *(const float4*)(xr + c) : make_float4(0.f, 0.f, 0.f, 0.f);
-      ss = fmaf(v[j].x, v[j].x, fmaf(v[j].y, v[j].y, fmaf(v[j].z, v[j].z, fmaf(v[j].w, v[j].w, ss))));
-    }
-    const double t = block_sum((double)ss);
-    const float s = (float)(1.0 / sqrt(t / C + eps));
+    const float s = rmsnorm_row_vec4(xr, C, eps, v);
 #pragma unroll
     for (int j = 0; j < 4; j++) {
       const int c = 4 * (threadIdx.x + j * blockDim.x);
@@ -33,6 +40,7 @@ KERNEL void rmsnorm_fwd(const float* x, const float* w, float* y, float* rstd, i
     if (threadIdx.x == 0) rstd[r] = s;
     return;
   }
+  float ss = 0.0f;
   for (int c = threadIdx.x; c < C; c += blockDim.x) ss = fmaf(xr[c], xr[c], ss);
   const double t = block_sum((double)ss);
   const float s = (float)(1.0 / sqrt(t / C + eps));
@@ -58,22 +66,13 @@ __device__ __forceinline__ u32 nn_quant4(float4 v, QScale s, int fmt, int mode) 
 // of stored in f32: the next GEMM's input. C % 128 == 0 and C <= 4096: the 32 lanes of a warp hold
 // the four-column groups of one tile for each j (columns 128 (w + 8 j) ..), so a tile's amax is a warp
 // reduction. The sum, s and y are rmsnorm_fwd's own operations, the amax, scale and codes
-// quant_tile128's: quantize(rmsnorm(x).y) bit for bit.
+// quant_tile128's: quantize(rmsnorm(x).y) bit for bit (rmsnorm_row_vec4 computes s for both).
 KERNEL void rmsnorm_quant_tile(const float* x, const float* w, u8* q, float* scales, float* rstd, int R, int C,
                                double eps, int fmt, int mode, float qeps) {
   const int r = blockIdx.x + blockIdx.y * GRID_YZ_MAX;
   if (r >= R) return;
-  const float* xr = x + (i64)r * C;
-  float ss = 0.0f;
   float4 v[4];
-#pragma unroll
-  for (int j = 0; j < 4; j++) {
-    const int c = 4 * (threadIdx.x + j * blockDim.x);
-    v[j] = c < C ? *(const float4*)(xr + c) : make_float4(0.f, 0.f, 0.f, 0.f);
-    ss = fmaf(v[j].x, v[j].x, fmaf(v[j].y, v[j].y, fmaf(v[j].z, v[j].z, fmaf(v[j].w, v[j].w, ss))));
-  }
-  const double t = block_sum((double)ss);
-  const float s = (float)(1.0 / sqrt(t / C + eps));
+  const float s = rmsnorm_row_vec4(x + (i64)r * C, C, eps, v);
 #pragma unroll
   for (int j = 0; j < 4; j++) {
     const int c = 4 * (threadIdx.x + j * blockDim.x);

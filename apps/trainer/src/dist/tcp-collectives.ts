@@ -58,7 +58,9 @@ function decode(head: Buffer, payload: Buffer): Frame {
 
 /** The frames arriving on a socket, in order; `next()` fails once the peer is gone. */
 class FrameReader {
-  private buf = Buffer.alloc(0);
+  /** Bytes received and not yet decoded, as they came (joined only once a frame is whole). */
+  private chunks: Buffer[] = [];
+  private have = 0;
   private frames: Frame[] = [];
   private waiting: { ok: (f: Frame) => void; fail: (e: Error) => void }[] = [];
   private gone: Error | null = null;
@@ -68,14 +70,23 @@ class FrameReader {
     socket: Socket,
     public who: string,
   ) {
+    // A gradient's frame arrives in many chunks: joining each into the rest would copy it over and over.
+    let need = 8; // the length prefix, then the whole frame
     socket.on("data", (d: Buffer) => {
-      this.buf = Buffer.concat([this.buf, d]);
-      while (this.buf.length >= 8) {
-        const h = this.buf.readUInt32LE(0);
-        const p = this.buf.readUInt32LE(4);
-        if (this.buf.length < 8 + h + p) break;
-        const f = decode(this.buf.subarray(8, 8 + h), this.buf.subarray(8 + h, 8 + h + p));
-        this.buf = this.buf.subarray(8 + h + p);
+      this.chunks.push(d);
+      this.have += d.length;
+      while (this.have >= need) {
+        let buf = this.chunks.length === 1 ? this.chunks[0] : Buffer.concat(this.chunks);
+        this.chunks = [buf];
+        const h = buf.readUInt32LE(0);
+        const p = buf.readUInt32LE(4);
+        need = 8 + h + p;
+        if (this.have < need) break;
+        const f = decode(buf.subarray(8, 8 + h), buf.subarray(8 + h, need));
+        buf = buf.subarray(need);
+        this.chunks = buf.length ? [buf] : [];
+        this.have = buf.length;
+        need = 8;
         const w = this.waiting.shift();
         if (w) w.ok(f);
         else this.frames.push(f);

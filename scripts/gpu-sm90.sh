@@ -175,6 +175,17 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
         bun apps/trainer/src/cli.ts bench step --config small --backend cuda --precision fp8 --steps 1
     done
   fi
+  # Every kernel of one uncaptured small fp8 step (the first, after a warm-up step outside the
+  # profile): its time and DRAM bytes, as achieved bandwidth per kernel name (which of the
+  # memory-bound kernels are far from the HBM's ~4.8 TB/s). Table in $OUT/ncu-bytes.txt.
+  if command -v ncu >/dev/null 2>&1; then
+    step ncu-bytes 240 90 sh -c 'MOE8_CUDA_GRAPH=0 ncu --csv --page raw --cache-control all \
+      --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
+      --launch-skip 900 --launch-count 1400 \
+      bun apps/trainer/src/cli.ts bench step --config small --backend cuda --precision fp8 --steps 2 \
+      > /tmp/ncu-bytes.csv 2>/tmp/ncu-bytes.err; python3 scripts/ncu-bytes.py /tmp/ncu-bytes.csv > "$OUT/ncu-bytes.txt";
+      cat "$OUT/ncu-bytes.txt"'
+  fi
   # The Hopper attention kernels (flash_sm90.cu), through the op suite's tensor-core attention cases.
   attn_tests=(bun test --timeout 300000 -t "tensor-core head sizes" packages/kernels/test/cuda-op-suite.test.ts)
   for tool in racecheck memcheck; do

@@ -1,7 +1,8 @@
 // The training step replayed from a CUDA graph (packages/model/src/step-runner.ts) computes what the
 // uncaptured step computes, bit for bit: the same losses and gradient norms every step and the same
 // weights after them, through steps the graph cannot replay (FP8 range counts) and a re-recording
-// (a tensor made after the recording held across a step). Runs where a GPU is present (skipped
+// (a tensor made after the recording held across a step) and router noise (each step's seeds and
+// width read from a table the runner rewrites). Runs where a GPU is present (skipped
 // elsewhere, unless MOE8_REQUIRE_CUDA=1, which makes a missing GPU a failure): the GPU session
 // script runs it (scripts/gpu-sm90.sh, step `graph-test`); tests/launch-count.test.ts checks the
 // host side without a GPU.
@@ -32,11 +33,13 @@ async function run(b: Backend, cfg: ModelConfig, shape: { batch: number; seq: nu
   const n = shape.batch * shape.seq;
   const out: number[][] = [];
   let held = null;
-  for (let step = 1; step <= 6; step++) {
+  for (let step = 1; step <= 8; step++) {
     const batch = { ids: rng.ints(n, cfg.vocab_size), targets: rng.ints(n, cfg.vocab_size) };
-    // Step 4 logs FP8 range counts (uncaptured); a tensor made before step 5 is held across it.
+    // Step 4 logs FP8 range counts (uncaptured); a tensor made before step 5 is held across it;
+    // steps 7 and 8 have router noise (recorded again, the noise's seeds and width read from a table).
     if (step === 5) held = b.keep(b.zeros([n], "f32"));
-    const r = await runner.step(batch, 1e-3 * step, { fp8Stats: step === 4 });
+    const routerNoise = step >= 7 ? { scale: 3 - step / 4, seed: 1000 + step } : undefined;
+    const r = await runner.step(batch, 1e-3 * step, { fp8Stats: step === 4, routerNoise });
     out.push([r.loss, r.totalLoss, r.gradNorm]);
   }
   held?.dispose();
@@ -68,8 +71,8 @@ describe.skipIf(reason !== null)("the step replayed from a CUDA graph equals the
       const graphed = await run(b, cfg, shape, true);
       expect(eager.counts).toEqual({ captures: 0, replays: 0 });
       // Step 1 uncaptured, steps 2-3 replayed (2 recorded), 4 uncaptured, 5 re-recorded (the held
-      // tensor may sit in the graph's memory) or replayed, 6 replayed.
-      expect(graphed.counts.replays).toBe(4);
+      // tensor may sit in the graph's memory) or replayed, 6 replayed, 7 recorded with noise, 8 replayed.
+      expect(graphed.counts.replays).toBe(6);
       expect(graphed.out).toEqual(eager.out);
       expect(graphed.weights).toEqual(eager.weights);
     }, 300_000);

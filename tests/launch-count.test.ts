@@ -126,6 +126,23 @@ describe("the step replayed from a CUDA graph (small's shape, 3 layers, fake Hop
     await runner.step(batch, 1e-4, { fp8Stats: true });
     expect(fake.launches).toBeGreaterThan(issued[0] / 2);
     expect(runner.captures).toBe(1);
+    // Router noise: recorded once more with the noise read from a table, which each step rewrites
+    // (one upload a step, its seeds), then once more when the noise ends.
+    const tables: string[] = [];
+    for (const [scale, seed] of [
+      [2, 11],
+      [1.5, 12],
+      [0, 0],
+    ]) {
+      fake.graphLaunches = 0;
+      fake.uploads.clear();
+      await runner.step(batch, 1e-4, scale > 0 ? { routerNoise: { scale, seed } } : {});
+      expect(fake.graphLaunches).toBe(1);
+      tables.push([...fake.uploads.values()].map((v) => new Int32Array(v.buffer).join()).join("|"));
+    }
+    expect(runner.captures).toBe(3);
+    expect(tables[0]).not.toBe(tables[1]);
+    expect(fake.problems).toEqual([]);
     runner.dispose();
   }, 120_000);
 

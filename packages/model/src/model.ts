@@ -163,11 +163,23 @@ export class DeepSeekModel {
    * Router noise for the next training forwards (null: none): `o.seed` is the step's, mixed here with
    * each MoE layer's index; `o.rowOffset` the first token's index in the step's whole batch.
    */
-  setRouterNoise(o: NoiseOptions | null): void {
+  setRouterNoise(o: NoiseOptions | null, table: Tensor | null = null): void {
     this.moeLayers.forEach((m, i) => {
       m.noise =
-        o && o.scale > 0 ? { ...o, seed: (Math.imul(o.seed ^ 0x5bd1e995, 31) + i * 0x27d4eb2f) | 0 } : null;
+        o && o.scale > 0
+          ? { ...o, seed: layerNoiseSeed(o.seed, i), ...(table ? { params: { table, row: i } } : {}) }
+          : null;
     });
+  }
+
+  /**
+   * The router noise of `o` as a table, a row per MoE layer (its seed, the scale's f32 bits): what
+   * `setRouterNoise(o, table)` has the layers read on the device, so that a recorded step draws each
+   * step's noise (StepRunner rewrites the table before each replay).
+   */
+  routerNoiseTable(o: { seed: number; scale: number }): Int32Array {
+    const bits = new Int32Array(new Float32Array([o.scale]).buffer)[0];
+    return Int32Array.from(this.moeLayers.flatMap((_, i) => [layerNoiseSeed(o.seed, i), bits]));
   }
 
   /** The final normalised hidden states [B*T, d] (the head's input); saves what backward needs. */
@@ -443,4 +455,9 @@ export class DeepSeekModel {
     for (const p of this.params) p.dispose();
     for (const m of this.moeLayers) m.bias.dispose();
   }
+}
+
+/** Layer i's noise seed from the step's (each MoE layer draws its own noise). */
+function layerNoiseSeed(seed: number, layer: number): number {
+  return (Math.imul(seed ^ 0x5bd1e995, 31) + layer * 0x27d4eb2f) | 0;
 }

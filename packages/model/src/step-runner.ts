@@ -10,11 +10,14 @@
 // update is skipped, and enqueues AdamW at this step's learning rate and the bias updates. So a
 // replayed step computes the bits trainStep computes (same kernels, same arguments, same order).
 //
+// Router noise changes its seed and width every step: a graph recorded with noise has the routers
+// read both from a table (DeepSeekModel.routerNoiseTable) that the runner rewrites before each
+// replay; when the noise ends (or starts) the runner records again, once.
+//
 // Steps trainStep must run itself: the first (it compiles and loads every kernel, which a recording
-// cannot do), steps with FP8 range counts (extra kernels), with router noise (its seed and width
-// change every step), with micro-batches or with several ranks. They borrow the graph's free memory
-// and give it back by the end of the step, so the recording stays valid. MOE8_CUDA_GRAPH=0 turns
-// the graph off.
+// cannot do), steps with FP8 range counts (extra kernels), with micro-batches or with several ranks.
+// They borrow the graph's free memory and give it back by the end of the step, so the recording
+// stays valid. MOE8_CUDA_GRAPH=0 turns the graph off.
 import type { AdamW } from "@moe8/optimizer";
 import { type CapturedGraph, type HostArray, SINGLE_PROCESS, type Tensor } from "@moe8/tensor";
 import type { BatchShape, DeepSeekModel } from "./model.ts";
@@ -31,7 +34,11 @@ export type StepBatch = { ids: HostArray | Tensor; targets: HostArray | Tensor }
 export class StepRunner {
   /** The recorded step; its result is what it leaves on the device (read after each replay). */
   private graph: CapturedGraph<StepTail> | null = null;
+  /** Whether the graph was recorded with router noise (read from noiseTable). */
+  private graphNoise = false;
   private inputs: { ids: Tensor; targets: Tensor } | null = null;
+  /** The router noise's per-layer seeds and scale, read by a graph recorded with noise. */
+  private noiseTable: Tensor | null = null;
   private useGraph: boolean;
   /** Why recording failed, when it did (the run then steps uncaptured). */
   graphError: string | null = null;
@@ -54,13 +61,7 @@ export class StepRunner {
 
   /** Whether this step can be the recorded one: see the file comment. */
   private graphable(o: StepOptions): boolean {
-    return (
-      this.useGraph &&
-      (o.accum ?? 1) === 1 &&
-      (o.collectives?.size ?? 1) === 1 &&
-      !o.fp8Stats &&
-      !(o.routerNoise && o.routerNoise.scale > 0)
-    );
+    return this.useGraph && (o.accum ?? 1) === 1 && (o.collectives?.size ?? 1) === 1 && !o.fp8Stats;
   }
 
   async step(batch: StepBatch, lr: number, o: StepOptions = {}): Promise<StepResult> {
@@ -73,10 +74,17 @@ export class StepRunner {
     }
     this.load(this.inputs.ids, batch.ids);
     this.load(this.inputs.targets, batch.targets);
+    const noise = o.routerNoise && o.routerNoise.scale > 0 ? o.routerNoise : null;
+    if (noise) {
+      const values = this.model.routerNoiseTable(noise);
+      this.noiseTable ??= b.keep(b.zeros([values.length / 2, 2], "i32"));
+      b.write(this.noiseTable, values);
+    }
     // Memory the graph lent to work that still holds it: record again (the rare case of a caller
-    // keeping tensors across steps that were made after the recording).
-    if (this.graph && this.graph.borrowed() > 0) this.dropGraph();
-    if (!this.graph && !this.tryCapture()) return this.uncaptured(batch, lr, o, t0);
+    // keeping tensors across steps that were made after the recording). So too when the noise
+    // starts or ends.
+    if (this.graph && (this.graph.borrowed() > 0 || this.graphNoise !== (noise !== null))) this.dropGraph();
+    if (!this.graph && !this.tryCapture(noise !== null)) return this.uncaptured(batch, lr, o, t0);
     this.graph!.replay();
     this.replays++;
     this.lastHostMs = performance.now() - t0;
@@ -101,9 +109,9 @@ export class StepRunner {
    * first step did not take): the run goes on uncaptured, with one line saying why. Nothing ran
    * while recording, so the model and optimiser are as they were.
    */
-  private tryCapture(): boolean {
+  private tryCapture(noise: boolean): boolean {
     try {
-      this.capture();
+      this.capture(noise);
       return true;
     } catch (e) {
       this.graphError = e instanceof Error ? e.message : String(e);
@@ -127,26 +135,32 @@ export class StepRunner {
     else b.setRows(dst, 0, x as Tensor);
   }
 
-  private capture(): void {
+  private capture(noise: boolean): void {
     const { model, opt } = this;
     const b = model.b;
     const inputs = this.inputs!;
-    this.graph = b.captureGraph!(() =>
-      b.scope(() => {
-        model.trace.flow.enabled = false;
-        model.setRouterNoise(null);
-        opt.zeroGrad();
-        const r = model.lossAndGrad(inputs.ids, inputs.targets, this.shape, 1);
-        const { norm, scale } = opt.gradNorm();
-        return {
-          ce: b.keep(r.ce),
-          total: b.keep(r.total),
-          norm: b.keep(norm),
-          scale: b.keep(scale),
-          offsets: model.moeLayers.map((m) => b.keep(m.lastOffsets!)),
-        };
-      }),
-    );
+    try {
+      this.graph = b.captureGraph!(() =>
+        b.scope(() => {
+          model.trace.flow.enabled = false;
+          // With noise the layers read its seeds and scale from the table (the values here are not used).
+          model.setRouterNoise(noise ? { seed: 0, scale: 1, rowOffset: 0 } : null, this.noiseTable);
+          opt.zeroGrad();
+          const r = model.lossAndGrad(inputs.ids, inputs.targets, this.shape, 1);
+          const { norm, scale } = opt.gradNorm();
+          return {
+            ce: b.keep(r.ce),
+            total: b.keep(r.total),
+            norm: b.keep(norm),
+            scale: b.keep(scale),
+            offsets: model.moeLayers.map((m) => b.keep(m.lastOffsets!)),
+          };
+        }),
+      );
+    } finally {
+      model.setRouterNoise(null);
+    }
+    this.graphNoise = noise;
     this.captures++;
   }
 
@@ -177,5 +191,7 @@ export class StepRunner {
       this.inputs.targets.dispose();
       this.inputs = null;
     }
+    this.noiseTable?.dispose();
+    this.noiseTable = null;
   }
 }

@@ -483,6 +483,21 @@ export interface NoiseOptions {
   /** Index of x's row 0 among the rows the seed covers (a micro-batch's or a rank's first row). */
   rowOffset: number;
   scale: number;
+  /**
+   * Where the seed and the scale are read instead, when the op runs: row `row` of `table` (i32
+   * [rows, 2]: the seed, the scale's f32 bits), which the host rewrites between replays of a
+   * recorded step (StepRunner); `seed` and `scale` are then ignored.
+   */
+  params?: { table: Tensor; row: number };
+}
+
+/** The seed and scale NoiseOptions stand for, given its table's values when it names one. */
+export function noiseSeedScale(o: NoiseOptions, table: Int32Array | null): { seed: number; scale: number } {
+  if (!o.params) return { seed: o.seed, scale: o.scale };
+  if (!table || table.length < 2 * (o.params.row + 1))
+    throw new Error(`addUniformNoise: no row ${o.params.row} in the noise table`);
+  const bits = new Int32Array([table[2 * o.params.row + 1]]);
+  return { seed: table[2 * o.params.row], scale: new Float32Array(bits.buffer)[0] };
 }
 
 /**
@@ -501,12 +516,19 @@ export function uniformNoise(seed: number, row: number, col: number): number {
 }
 
 /** addUniformNoise on host f32 values [rows, cols] (the ts and cpu backends). */
-export function addUniformNoiseHost(x: Float32Array, rows: number, cols: number, o: NoiseOptions): void {
-  const scale = Math.fround(o.scale);
+export function addUniformNoiseHost(
+  x: Float32Array,
+  rows: number,
+  cols: number,
+  o: NoiseOptions,
+  table: Int32Array | null = null,
+): void {
+  const { seed, scale: s } = noiseSeedScale(o, table);
+  const scale = Math.fround(s);
   for (let r = 0; r < rows; r++)
     for (let c = 0; c < cols; c++) {
       const i = r * cols + c;
-      x[i] = Math.fround(x[i] + Math.fround(uniformNoise(o.seed, o.rowOffset + r, c) * scale));
+      x[i] = Math.fround(x[i] + Math.fround(uniformNoise(seed, o.rowOffset + r, c) * scale));
     }
 }
 

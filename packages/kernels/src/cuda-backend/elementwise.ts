@@ -143,6 +143,9 @@ export function sum(cx: CudaContext, t: Tensor): Tensor {
 export function addUniformNoise(cx: CudaContext, x: Tensor, o: NoiseOptions): void {
   if (x.shape.length !== 2) throw new Error(`addUniformNoise: x must be 2-D, got [${x.shape}]`);
   if (x.size === 0) return;
+  const t = o.params?.table;
+  if (t && !(t.shape.length === 2 && t.shape[1] === 2 && o.params!.row >= 0 && o.params!.row < t.shape[0]))
+    throw new Error(`addUniformNoise: no row ${o.params!.row} in a noise table of shape [${t.shape}]`);
   cx.launch(KERNELS.elementwise.add_uniform_noise, cx.g1(x.size), 256, {
     x: cx.f32p(x, "addUniformNoise"),
     rows: x.rows,
@@ -150,5 +153,7 @@ export function addUniformNoise(cx: CudaContext, x: Tensor, o: NoiseOptions): vo
     seed: o.seed >>> 0,
     rowOffset: o.rowOffset,
     scale: o.scale,
+    // The table's row (i32 [rows, 2]) in place of seed and scale.
+    params: o.params ? cx.i32p(o.params.table, "addUniformNoise") + 8 * o.params.row : 0,
   });
 }

@@ -26,7 +26,7 @@ export const KERNELS = {
     transpose_f32_batched: { module: "elementwise", name: "transpose_f32_batched", maxThreads: null, params: [["x", "u64"], ["out", "u64"], ["R", "i32"], ["C", "i32"], ["batch", "i32"]] },
     sum_partial: { module: "elementwise", name: "sum_partial", maxThreads: null, params: [["x", "u64"], ["part", "u64"], ["n", "u64"], ["chunk", "u64"]] },
     sum_final: { module: "elementwise", name: "sum_final", maxThreads: null, params: [["part", "u64"], ["nparts", "i32"], ["out", "u64"]] },
-    add_uniform_noise: { module: "elementwise", name: "add_uniform_noise", maxThreads: null, params: [["x", "u64"], ["rows", "i32"], ["cols", "i32"], ["seed", "u32"], ["rowOffset", "i32"], ["scale", "f32"]] },
+    add_uniform_noise: { module: "elementwise", name: "add_uniform_noise", maxThreads: null, params: [["x", "u64"], ["rows", "i32"], ["cols", "i32"], ["seed", "u32"], ["rowOffset", "i32"], ["scale", "f32"], ["params", "u64"]] },
   },
   flash: {
     flash_fwd_32_32: { module: "flash", name: "flash_fwd_32_32", maxThreads: 128, params: [["q", "u64"], ["k", "u64"], ["v", "u64"], ["o", "u64"], ["lse", "u64"], ["T", "i32"], ["H", "i32"], ["scale", "f32"]] },

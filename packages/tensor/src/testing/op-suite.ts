@@ -968,8 +968,21 @@ export function opSuite(name: string, make: () => Backend): void {
         const halves = [b.upload(x.subarray(0, 30 * C), [30, C]), b.upload(x.subarray(30 * C), [R - 30, C])];
         b.addUniformNoise(halves[0], o);
         b.addUniformNoise(halves[1], { ...o, rowOffset: o.rowOffset + 30 });
-        return { X, top: halves[0], bottom: halves[1] };
+        // The seed and scale read from row 1 of a table (a replayed graph's), the values given ignored.
+        const T = b.upload(x, [R, C]);
+        const bits = new Int32Array(new Float32Array([o.scale]).buffer)[0];
+        const table = b.upload(Int32Array.of(7, 7, o.seed, bits, 9, 9), [3, 2], "i32");
+        b.addUniformNoise(T, { seed: 1, rowOffset: o.rowOffset, scale: 0.5, params: { table, row: 1 } });
+        return { X, top: halves[0], bottom: halves[1], T };
       }, "exact");
+      await be.scope(async () => {
+        const [X, T] = [be.upload(x, [R, C]), be.upload(x, [R, C])];
+        be.addUniformNoise(X, o);
+        const bits = new Int32Array(new Float32Array([o.scale]).buffer)[0];
+        const table = be.upload(Int32Array.of(o.seed, bits), [1, 2], "i32");
+        be.addUniformNoise(T, { seed: 5, rowOffset: o.rowOffset, scale: 9, params: { table, row: 0 } });
+        expect(Array.from(await T.read()), "the table's seed and scale").toEqual(Array.from(await X.read()));
+      });
       await be.scope(async () => {
         const X = be.upload(x, [R, C]);
         be.addUniformNoise(X, o);

@@ -404,7 +404,7 @@ export class TsBackend extends HostLifetimes implements Backend {
   // --- mixture of experts ----------------------------------------------------------------------
   addUniformNoise(x: Tensor, o: NoiseOptions): void {
     if (x.shape.length !== 2) throw new Error(`addUniformNoise: x must be 2-D, got [${x.shape}]`);
-    addUniformNoiseHost(f32(x), x.rows, x.cols, o);
+    addUniformNoiseHost(f32(x), x.rows, x.cols, o, o.params ? i32(o.params.table) : null);
   }
 
   router(logits: Tensor, bias: Tensor, k: number, scaling: number): RouterResult {

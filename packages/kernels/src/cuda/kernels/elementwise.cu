@@ -108,8 +108,13 @@ KERNEL void sum_final(const double* part, int nparts, float* out) {
 
 // x[r, c] += noise(seed, rowOffset + r, c) * scale in place (Backend.addUniformNoise): the noise
 // uniform in [-1, 1) from a 32-bit mix of the seed and the position, the bits of the reference's
-// uniformNoise (packages/tensor/src/backend.ts); the product and the sum rounded separately.
-KERNEL void add_uniform_noise(float* x, int rows, int cols, u32 seed, int rowOffset, float scale) {
+// uniformNoise (packages/tensor/src/backend.ts); the product and the sum rounded separately. With
+// params, the seed and the scale's bits are read from there (a replayed graph's per-step values).
+KERNEL void add_uniform_noise(float* x, int rows, int cols, u32 seed, int rowOffset, float scale, const u32* params) {
+  if (params) {
+    seed = params[0];
+    scale = __uint_as_float(params[1]);
+  }
   const i64 n = (i64)rows * cols;
   for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
     const int r = (int)(i / cols), c = (int)(i - (i64)r * cols);

@@ -186,6 +186,15 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
       > /tmp/ncu-bytes.csv 2>/tmp/ncu-bytes.err; python3 scripts/ncu-bytes.py /tmp/ncu-bytes.csv > "$OUT/ncu-bytes.txt";
       cat "$OUT/ncu-bytes.txt"'
   fi
+  # Nsight Compute's detailed sections on the first NCU_COUNT launches (40) of the kernels named by
+  # the regex NCU_KERNELS in one uncaptured small fp8 step: $OUT/ncu-kernels.txt.
+  if command -v ncu >/dev/null 2>&1 && [ -n "${NCU_KERNELS:-}" ]; then
+    step ncu-kernels 300 90 sh -c "MOE8_CUDA_GRAPH=0 ncu --kernel-name 'regex:$NCU_KERNELS' --launch-count ${NCU_COUNT:-40} \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
+      --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis \
+      bun apps/trainer/src/cli.ts bench step --config small --backend cuda --precision fp8 --steps 1 \
+      > '$OUT/ncu-kernels.txt' 2>&1; tail -5 '$OUT/ncu-kernels.txt'"
+  fi
   # The Hopper attention kernels (flash_sm90.cu), through the op suite's tensor-core attention cases.
   attn_tests=(bun test --timeout 300000 -t "tensor-core head sizes" packages/kernels/test/cuda-op-suite.test.ts)
   for tool in racecheck memcheck; do

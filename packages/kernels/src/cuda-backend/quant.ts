@@ -562,8 +562,10 @@ export function combineGradQuantized(
   );
   const t = colTileTarget(cx, cols.q, 1);
   if (t) {
+    // 128 columns a block (tiles_cols's scheme: ys.cols % 128 == 0).
     const { grid, ...target } = t;
-    cx.launch(KERNELS.quant.combine_grad_coltile, grid, 256, {
+    grid[0] = ys.cols / 128;
+    cx.launch(KERNELS.quant.combine_grad_coltile, grid, DEFINES.quant.TC_THREADS, {
       dy: dyp,
       slot: slotp,
       w: wp,
@@ -603,7 +605,7 @@ export function swigluGradQuantized(
   };
   // A block of 512 threads per 128-row group and column chunk of both halves: inter / 128 blocks a row group.
   return producerQuantized(cx, gu.shape, g, ([, gy, gz], t) =>
-    cx.launch(KERNELS.quant[`swiglu_grad_quant${variant}`], [inter / 128, gy, gz], 512, { ...ptrs, ...t }),
+    cx.launch(KERNELS.quant[`swiglu_grad_quant${variant}`], [inter / 128, gy, gz], 1024, { ...ptrs, ...t }),
   );
 }
 
@@ -629,7 +631,7 @@ export function ropeQuantized(
     inverse: o.inverse ? 1 : 0,
   };
   return producerQuantized(cx, x.shape, g, (grid, t) =>
-    cx.launch(KERNELS.quant.rope_quant, grid, 256, { ...args, ...t }),
+    cx.launch(KERNELS.quant.rope_quant, grid, DEFINES.quant.TC_THREADS, { ...args, ...t }),
   );
 }
 
@@ -650,7 +652,7 @@ export function headConcatQuantized(
   if (!onePass(g) || !wide || cols % 128 !== 0) return null;
   const args = { a: cx.f32p(a, "headConcatQuantized"), b: cx.f32p(b, "headConcatQuantized"), ...layout };
   return producerQuantized(cx, [a.rows, cols], g, (grid, t) =>
-    cx.launch(KERNELS.quant.head_concat_quant, grid, 256, { ...args, ...t }),
+    cx.launch(KERNELS.quant.head_concat_quant, grid, DEFINES.quant.TC_THREADS, { ...args, ...t }),
   );
 }
 

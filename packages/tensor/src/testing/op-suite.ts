@@ -203,6 +203,33 @@ export function opSuite(name: string, make: () => Backend): void {
             }, "exact");
     });
 
+    it("quantisers code NaN as 0x7f whatever its sign or payload, and infinities alike (E4M3)", async () => {
+      // The cuda kernels convert two values at once and repair NaN bytes for the whole word after:
+      // NaNs of both signs and two payloads, and infinities (whose tiles' scales become inf), in
+      // every layout the model quantises into, and requantized from codes that hold NaN.
+      const rows = 256;
+      const cols = 256;
+      const x = new Float32Array(rng.normals(rows * cols, 3));
+      const bits = new Uint32Array(x.buffer);
+      for (let i = 0; i < x.length; i += 97) bits[i] = i % 2 ? 0xffc00000 : 0x7fc00123;
+      for (let i = 5; i < x.length; i += 1031)
+        x[i] = i % 2 ? Number.POSITIVE_INFINITY : Number.NEGATIVE_INFINITY;
+      await same((b) => {
+        const X = b.upload(x, [rows, cols]);
+        const segments = b.upload(new Int32Array([0, 100, 100, 229, 256]), [5], "i32");
+        const tile = b.quantize(X, { group: "tile" });
+        const col = b.quantize(X, { group: "column-tile", segments });
+        const block = b.quantize(X, { group: "block" });
+        const re = b.requantize(tile, { group: "column-tile", segments });
+        const out: Record<string, Tensor> = {};
+        for (const [k, t] of Object.entries({ tile, col, block, re })) {
+          out[k] = t;
+          out[`${k}Scales`] = t.quant!.scales;
+        }
+        return out;
+      }, "exact");
+    });
+
     it("fp8Flow counts clipped and flushed values", async () => {
       // Unscaled E4M3: 1000, inf, NaN, 470 and 1e4 clip (beyond 464, half an ulp above 448), 1e-4
       // and -2e-5 flush to zero; unscaled E5M2 clips only inf and NaN and keeps the small values.

@@ -169,6 +169,31 @@ __device__ __forceinline__ u8 encode_fp8_bits(float x, int fmt) {
   return (u8)(code | sign);
 }
 
+// A code by the amax and unit scalings' one path: encode(f32(x * factor)); the unit factor is 1, and
+// x * 1 is x (NaN stays NaN, which encodes as 0x7f either way). Power-of-two scales divide
+// instead, and their producers take the two-pass path (the host's tilesAndColumns): an inlined
+// IEEE division per code made these kernels take minutes to compile.
+// E4M3 takes two values a conversion (cvt ...e4m3x2.f32) and fixes NaN codes afterwards for the
+// whole word: satfinite never makes 0x7f or 0xff of a number (448 is 0x7e), so a byte whose low
+// seven bits are all ones is a NaN, and clearing its sign gives the reference's 0x7f. (A NaN test
+// and a select per value, four conversions and the packing made the quantisers ALU-bound.) E5M2,
+// whose NaNs have several codes, keeps encode_fp8 per value.
+__device__ __forceinline__ u32 quant_mul4(float a, float b, float c, float d, float fa, float fb, float fc,
+                                          float fd, int fmt) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  if (fmt == FMT_E4M3) {
+    unsigned short lo, hi;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(lo) : "f"(__fmul_rn(b, fb)), "f"(__fmul_rn(a, fa)));
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(hi) : "f"(__fmul_rn(d, fd)), "f"(__fmul_rn(c, fc)));
+    const u32 w = (u32)lo | ((u32)hi << 16);
+    const u32 nan = ((w & 0x7f7f7f7fu) + 0x01010101u) & 0x80808080u;  // 0x80 in each NaN byte
+    return w & ~nan;
+  }
+#endif
+  return (u32)encode_fp8(__fmul_rn(a, fa), fmt) | ((u32)encode_fp8(__fmul_rn(b, fb), fmt) << 8) |
+         ((u32)encode_fp8(__fmul_rn(c, fc), fmt) << 16) | ((u32)encode_fp8(__fmul_rn(d, fd), fmt) << 24);
+}
+
 // Exact decode of an FP8 code.
 // Every FP8 value is exact in f16, so on sm_89+ the hardware widening (FP8 -> f16 -> f32) is exact.
 __device__ __forceinline__ float decode_fp8_bits(u8 c, int fmt);
@@ -297,10 +322,12 @@ __device__ __forceinline__ float4 rope_group4(float4 v, const double* cs, int r,
   return make_float4(a.x, a.y, b.x, b.y);
 }
 
-// |x| for the amax: NaN counts as 0 (ignored), as the reference's `v > amax` comparison does.
-__device__ __forceinline__ float abs_for_amax(float x) {
-  const float a = fabsf(x);
-  return a == a ? a : 0.0f;
+// A running amax a (>= 0, never NaN: it starts at 0) with |x| taken in: NaN counts as 0 (ignored),
+// as the reference's `v > amax` comparison does, because fmaxf returns its other operand when one
+// is NaN. One FMNMX a value (a NaN test and a select besides made the quantisers ALU-bound).
+__device__ __forceinline__ float amax_add(float a, float x) { return fmaxf(a, fabsf(x)); }
+__device__ __forceinline__ float amax_add4(float a, float4 v) {
+  return amax_add(amax_add(amax_add(amax_add(a, v.x), v.y), v.z), v.w);
 }
 
 __device__ __forceinline__ int cdiv(int a, int b) { return (a + b - 1) / b; }

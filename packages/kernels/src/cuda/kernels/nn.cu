@@ -57,9 +57,7 @@ __device__ __noinline__ u32 nn_quant4_pow2(float4 v, QScale s, int fmt) {
 }
 __device__ __forceinline__ u32 nn_quant4(float4 v, QScale s, int fmt, int mode) {
   if (mode == SCALE_POW2) return nn_quant4_pow2(v, s, fmt);
-  return (u32)encode_fp8(__fmul_rn(v.x, s.factor), fmt) | ((u32)encode_fp8(__fmul_rn(v.y, s.factor), fmt) << 8) |
-         ((u32)encode_fp8(__fmul_rn(v.z, s.factor), fmt) << 16) |
-         ((u32)encode_fp8(__fmul_rn(v.w, s.factor), fmt) << 24);
+  return quant_mul4(v.x, v.y, v.z, v.w, s.factor, s.factor, s.factor, s.factor, fmt);
 }
 
 // rmsnorm_fwd's vec4 path with y handed over as FP8 1x128 tiles (codes q, scales [R][C / 128]) instead
@@ -79,8 +77,7 @@ KERNEL void rmsnorm_quant_tile(const float* x, const float* w, u8* q, float* sca
     if (c >= C) continue;  // whole warps (C % 128 == 0)
     const float4 wv = *(const float4*)(w + c);
     const float4 y = make_float4(v[j].x * s * wv.x, v[j].y * s * wv.y, v[j].z * s * wv.z, v[j].w * s * wv.w);
-    const float a = warp_max(fmaxf(fmaxf(abs_for_amax(y.x), abs_for_amax(y.y)),
-                                   fmaxf(abs_for_amax(y.z), abs_for_amax(y.w))));
+    const float a = warp_max(amax_add4(0.0f, y));
     const QScale sc = qscale(a, qeps, fmt, mode);
     *(u32*)(q + (i64)r * C + c) = nn_quant4(y, sc, fmt, mode);
     if ((threadIdx.x & 31) == 0) scales[(i64)r * (C / 128) + c / 128] = sc.scale;
@@ -456,8 +453,7 @@ __device__ __forceinline__ void swiglu_quant_body(const T* gu, u8* q, float* sca
       const float4 gv = load_f32x4(gr + c), uv = load_f32x4(gr + inter + c);
       h[i] = make_float4(silu_mul(gv.x, uv.x), silu_mul(gv.y, uv.y), silu_mul(gv.z, uv.z), silu_mul(gv.w, uv.w));
     }
-    a = fmaxf(fmaxf(a, fmaxf(abs_for_amax(h[i].x), abs_for_amax(h[i].y))),
-              fmaxf(abs_for_amax(h[i].z), abs_for_amax(h[i].w)));
+    a = amax_add4(a, h[i]);
   }
 #pragma unroll
   for (int o = 1; o < 8; o <<= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));

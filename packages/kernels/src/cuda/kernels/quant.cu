@@ -18,7 +18,7 @@ KERNEL void quant_rowgroups(const float* x, u8* q, float* scales, int R, int C, 
   const int c1 = min(c0 + gw, C);
   const float* xr = x + (i64)r * C;
   float a = 0.0f;
-  for (int c = c0 + threadIdx.x; c < c1; c += blockDim.x) a = fmaxf(a, abs_for_amax(xr[c]));
+  for (int c = c0 + threadIdx.x; c < c1; c += blockDim.x) a = amax_add(a, xr[c]);
   a = block_max(a);
   const QScale s = qscale(a, eps, fmt, mode);
   for (int c = c0 + threadIdx.x; c < c1; c += blockDim.x) q[(i64)r * C + c] = quant_value(xr[c], s, fmt, mode);
@@ -59,7 +59,7 @@ KERNEL void quant_tile128(const float* x, u8* q, float* scales, int R, int C, in
 #pragma unroll
   for (int i = 0; i < 4; i++)
 #pragma unroll
-    for (int e = 0; e < 4; e++) a = fmaxf(a, abs_for_amax(v[i][e]));
+    for (int e = 0; e < 4; e++) a = amax_add(a, v[i][e]);
 #pragma unroll
   for (int o = 1; o < TILE_LANES; o <<= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
   if (!live) return;
@@ -89,15 +89,6 @@ __device__ __noinline__ u32 quant4(float4 v, QScale s, int fmt, int mode) {
          ((u32)quant_value(v.z, s, fmt, mode) << 16) | ((u32)quant_value(v.w, s, fmt, mode) << 24);
 }
 
-// A code by the amax and unit scalings' one path: encode(f32(x * factor)); the unit factor is 1, and
-// x * 1 is x (NaN stays NaN, which encodes as 0x7f either way). Power-of-two scales divide
-// instead, and their producers take the two-pass path (the host's tilesAndColumns): an inlined
-// IEEE division per code made these kernels take minutes to compile.
-__device__ __forceinline__ u32 quant_mul4(float a, float b, float c, float d, float fa, float fb, float fc,
-                                          float fd, int fmt) {
-  return (u32)encode_fp8(__fmul_rn(a, fa), fmt) | ((u32)encode_fp8(__fmul_rn(b, fb), fmt) << 8) |
-         ((u32)encode_fp8(__fmul_rn(c, fc), fmt) << 16) | ((u32)encode_fp8(__fmul_rn(d, fd), fmt) << 24);
-}
 
 // The 4 x 4 bytes of four words (w[i]: row i, byte e = column e) transposed: o[e] holds column e's
 // four bytes, row 0 in the low byte.
@@ -145,8 +136,7 @@ KERNEL void __launch_bounds__(256) quant_block(const float* x, u8* q, float* sca
   }
 #pragma unroll
   for (int j = 0; j < 16; j++)
-    a = fmaxf(fmaxf(a, fmaxf(abs_for_amax(v[j].x), abs_for_amax(v[j].y))),
-              fmaxf(abs_for_amax(v[j].z), abs_for_amax(v[j].w)));
+    a = amax_add4(a, v[j]);
   a = block_max(a);
   const QScale s = qscale(a, eps, fmt, mode);
   u32 codes[16];
@@ -339,7 +329,7 @@ __device__ __forceinline__ void coltile(Values x, u8* q, float* scales, const in
     const int c = tid & (CT_COLS - 1), quarter = tid >> 6;
     float a = 0.0f;
 #pragma unroll 8
-    for (int r = quarter * 32; r < quarter * 32 + 32; r++) a = fmaxf(a, abs_for_amax(v[r][c]));
+    for (int r = quarter * 32; r < quarter * 32 + 32; r++) a = amax_add(a, v[r][c]);
     part[quarter][c] = a;
   }
   __syncthreads();
@@ -358,10 +348,21 @@ __device__ __forceinline__ void coltile(Values x, u8* q, float* scales, const in
     for (int j = 0; j < 2; j++) {
       const int i = tid + j * 256, c = i >> 3, r = (i & 7) * 16;
       if (c0 + c >= cols) continue;
-      u32 w[4] = {0, 0, 0, 0};
+      // Rows past h were staged as zeros, whose codes are the zero codes written there.
+      float x[16];
 #pragma unroll
-      for (int e = 0; e < 16; e++)
-        if (r + e < h) w[e >> 2] |= (u32)quant_value(v[r + e][c], sc[c], fmt, mode) << ((e & 3) * 8);
+      for (int e = 0; e < 16; e++) x[e] = v[r + e][c];
+      const QScale s = sc[c];
+      u32 w[4] = {0, 0, 0, 0};
+      if (mode == SCALE_POW2) {
+#pragma unroll
+        for (int e = 0; e < 16; e++) w[e >> 2] |= (u32)quant_value(x[e], s, fmt, mode) << ((e & 3) * 8);
+      } else {
+#pragma unroll
+        for (int k = 0; k < 4; k++)
+          w[k] = quant_mul4(x[4 * k], x[4 * k + 1], x[4 * k + 2], x[4 * k + 3], s.factor, s.factor, s.factor,
+                            s.factor, fmt);
+      }
       *(uint4*)(q + (i64)(c0 + c) * kpitch + chunk * 128 + r) = make_uint4(w[0], w[1], w[2], w[3]);
     }
     return;
@@ -370,10 +371,15 @@ __device__ __forceinline__ void coltile(Values x, u8* q, float* scales, const in
   for (int j = 0; j < 8; j++) {
     const int i = tid + j * 256, r = i >> 4, c = (i & 15) * 4;
     if (r >= h || c0 + c >= cols) continue;
+    u8* qr = q + (i64)(a0 + r) * cols + c0 + c;
+    if (vec && mode != SCALE_POW2) {
+      *(u32*)qr = quant_mul4(v[r][c], v[r][c + 1], v[r][c + 2], v[r][c + 3], sc[c].factor, sc[c + 1].factor,
+                             sc[c + 2].factor, sc[c + 3].factor, fmt);
+      continue;
+    }
     u8 b[4];
 #pragma unroll
     for (int e = 0; e < 4; e++) b[e] = quant_value(v[r][c + e], sc[c + e], fmt, mode);
-    u8* qr = q + (i64)(a0 + r) * cols + c0 + c;
     if (vec) {
       *(u32*)qr = (u32)b[0] | ((u32)b[1] << 8) | ((u32)b[2] << 16) | ((u32)b[3] << 24);
     } else {
@@ -466,7 +472,9 @@ KERNEL void __launch_bounds__(256) requant_tile_kmajor(const u8* xq, const float
         const float4 s4 = *(const float4*)&rs[r0 + 4 * g];  // the same for every lane: a broadcast
         const float sv[4] = {s4.x, s4.y, s4.z, s4.w};
 #pragma unroll
-        for (int e = 0; e < 4; e++) a = fmaxf(a, abs_for_amax(__fmul_rn(d[e], sv[e])));
+        // |d s| = |d| s (the row scales are >= 0, 0 past the group's rows), and the FMUL takes |d|
+        // as a free operand modifier; fmaxf ignores a NaN code's product as amax_add does.
+        for (int e = 0; e < 4; e++) a = fmaxf(a, __fmul_rn(fabsf(d[e]), sv[e]));
       }
     }
     part[half][c] = a;
@@ -499,11 +507,17 @@ KERNEL void __launch_bounds__(256) requant_tile_kmajor(const u8* xq, const float
     for (int g = 0; g < 4; g++) {
       float d[4];
       decode_fp8x4(v[g], xfmt, d);
-      u32 word = 0;
+      float x[4];
 #pragma unroll
-      for (int e = 0; e < 4; e++)
-        word |= (u32)quant_value(__fmul_rn(d[e], rv[4 * g + e]), s, fmt, mode) << (8 * e);
-      out[g] = word;
+      for (int e = 0; e < 4; e++) x[e] = __fmul_rn(d[e], rv[4 * g + e]);
+      if (mode == SCALE_POW2) {
+        u32 word = 0;
+#pragma unroll
+        for (int e = 0; e < 4; e++) word |= (u32)quant_value(x[e], s, fmt, mode) << (8 * e);
+        out[g] = word;
+      } else {
+        out[g] = quant_mul4(x[0], x[1], x[2], x[3], s.factor, s.factor, s.factor, s.factor, fmt);
+      }
     }
     *(uint4*)(q + (i64)(c0 + c) * kpitch + chunk * 128 + r0) = make_uint4(out[0], out[1], out[2], out[3]);
   }
@@ -539,7 +553,7 @@ KERNEL void quant_tensor_amax(const float* x, u32* amax, i64 n) {
   const int b = blockIdx.y;
   float a = 0.0f;
   for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
-    a = fmaxf(a, abs_for_amax(x[(i64)b * n + i]));
+    a = amax_add(a, x[(i64)b * n + i]);
   a = block_max(a);
   if (threadIdx.x == 0) atomicMax(amax + b, __float_as_uint(a));
 }
@@ -655,58 +669,71 @@ KERNEL void transpose_u8_tiled(const u8* x, u8* out, int rows, int cols) {
 // Producers whose output two GEMMs read, each quantising it for both in one pass without storing it
 // in f32: its 1x128 tiles (the Dgrad operand, row-major) and its 128x1 column tiles (the Wgrad
 // operand; restarted at each segment, K-major with kpitch > 0 as quant_coltile lays them out). The
-// values are computed once, into registers: a block of 256 threads takes one 128-row group (see
-// col_group) of 128 columns, warp w rows 16 w .. 16 w + 15 and lane l columns 4 l .. 4 l + 3 of each.
-// A row's tile amax is then a warp reduction, a column's amax 16 rows in a thread and 8 warps
-// through shared memory, and a lane's 16 rows of a column one 16-byte piece of its K-major chunk.
+// values are computed once, into registers: a block takes one 128-row group (see col_group) of 128
+// columns, warp w rows R w .. R w + R - 1 and lane l columns 4 l .. 4 l + 3 of each (R = 8: 512
+// threads; SwiGLU's backward, with two such chunks a thread, R = 4 and 1,024 threads). A row's tile
+// amax is then a warp reduction, a column's amax R rows in a thread and 128 / R warps through
+// shared memory, and a column's K-major chunk one warp's store through shared memory. (With 16
+// rows a thread, 256 threads and 96 registers, two blocks an SM kept a quarter of its warps busy:
+// Nsight Compute showed these kernels latency-bound at 0.8-1.4 TB/s.)
 // (Two kernels, one per copy, computed each value twice; SwiGLU's backward, RoPE and the
 // concatenation use this, the combine's gradient keeps two kernels: see combine_grad_tile128.)
 // Codes and scales are quant_tile128's and quant_coltile's: max is order-free and each code depends
 // only on its value and its group's scale. Amax or unit scaling (tiles_cols_chunk); cols % 128 == 0;
 // the segments partition the rows (expert offsets do), as every row's tiles are written by the block
 // of its group.
+template <int R>
 struct TilesColsSmem {
-  float part[8][128];
+  float part[128 / R][128];
   QScale sc[128];
+  u32 kt[128][33];  // K-major codes, [column][4 rows a word] (a word's padding: 4-way bank conflicts)
 };
+#define TC_ROWS 8       // rows a warp of tiles_cols
+#define TC_THREADS 512  // 32 * 128 / TC_ROWS
+static_assert(TC_THREADS == 32 * 128 / TC_ROWS, "TC_ROWS rows a warp, 128 rows a block");
 
-// One 128 x 128 chunk held as above (v[j]: row 16 w + j, zeros past the group's h rows), column
+// One 128 x 128 chunk held as above (v[j]: row R w + j, zeros past the group's h rows), column
 // chunk cb: writes its rows' tiles (tq, ts: [rows, cols / 128]) and its columns' tiles (q, scales).
-// mode is SCALE_AMAX or SCALE_UNIT. Each warp reduces its 16 rows' amaxes, then lane j < 16 turns
-// row j's into its scale (one scale computation, not 16 inlined copies of its divisions) and the
-// others take its factor by a shuffle.
-__device__ __forceinline__ void tiles_cols_chunk(const float4 (&v)[16], const ColGroup& g, int cb, u8* tq, float* ts,
+// mode is SCALE_AMAX or SCALE_UNIT. Each warp reduces its R rows' amaxes, then lane j < R turns
+// row j's into its scale (one scale computation, not R inlined copies of its divisions) and the
+// others take its factor by a shuffle. Two calls in a row may share sm: every shared-memory write
+// of the second comes after a barrier every thread reaches only once done reading the first's.
+// ROWS false: the column tiles only (tq and ts unused).
+template <int R, bool ROWS = true>
+__device__ __forceinline__ void tiles_cols_chunk(const float4 (&v)[R], const ColGroup& g, int cb, u8* tq, float* ts,
                                                  u8* q, float* scales, int cols, int fmt, int mode, float eps,
-                                                 i64 kpitch, TilesColsSmem& sm) {
+                                                 i64 kpitch, TilesColsSmem<R>& sm) {
+  static_assert(R == 4 || R == 8 || R == 16, "R rows a warp: 4, 8 or 16");
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, ng = cols / 128;
-  const int c = cb * 128 + 4 * lane;
-  float mine = 0.0f;
+  const int c = cb * 128 + 4 * lane, r0 = R * w;
+  if constexpr (ROWS) {
+    float mine = 0.0f;
 #pragma unroll
-  for (int j = 0; j < 16; j++) {
-    const float a = warp_max(fmaxf(fmaxf(abs_for_amax(v[j].x), abs_for_amax(v[j].y)),
-                                   fmaxf(abs_for_amax(v[j].z), abs_for_amax(v[j].w))));
-    if (lane == j) mine = a;
-  }
-  const QScale rs = qscale(mine, eps, fmt, mode);
-  if (lane < 16 && 16 * w + lane < g.h) ts[(i64)(g.a0 + 16 * w + lane) * ng + cb] = rs.scale;
+    for (int j = 0; j < R; j++) {
+      const float a = warp_max(amax_add4(0.0f, v[j]));
+      if (lane == j) mine = a;
+    }
+    const QScale rs = qscale(mine, eps, fmt, mode);
+    if (lane < R && r0 + lane < g.h) ts[(i64)(g.a0 + r0 + lane) * ng + cb] = rs.scale;
 #pragma unroll
-  for (int j = 0; j < 16; j++) {
-    const float f = __shfl_sync(0xffffffffu, rs.factor, j);
-    if (16 * w + j < g.h)
-      *(u32*)(tq + (i64)(g.a0 + 16 * w + j) * cols + c) = quant_mul4(v[j].x, v[j].y, v[j].z, v[j].w, f, f, f, f, fmt);
+    for (int j = 0; j < R; j++) {
+      const float f = __shfl_sync(0xffffffffu, rs.factor, j);
+      if (r0 + j < g.h)
+        *(u32*)(tq + (i64)(g.a0 + r0 + j) * cols + c) = quant_mul4(v[j].x, v[j].y, v[j].z, v[j].w, f, f, f, f, fmt);
+    }
   }
   float4 m = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
-  for (int j = 0; j < 16; j++) {
-    m.x = fmaxf(m.x, abs_for_amax(v[j].x)), m.y = fmaxf(m.y, abs_for_amax(v[j].y));
-    m.z = fmaxf(m.z, abs_for_amax(v[j].z)), m.w = fmaxf(m.w, abs_for_amax(v[j].w));
+  for (int j = 0; j < R; j++) {
+    m.x = amax_add(m.x, v[j].x), m.y = amax_add(m.y, v[j].y);
+    m.z = amax_add(m.z, v[j].z), m.w = amax_add(m.w, v[j].w);
   }
   *(float4*)&sm.part[w][4 * lane] = m;
   __syncthreads();
   if (tid < 128) {
     float a = sm.part[0][tid];
 #pragma unroll
-    for (int k = 1; k < 8; k++) a = fmaxf(a, sm.part[k][tid]);
+    for (int k = 1; k < 128 / R; k++) a = fmaxf(a, sm.part[k][tid]);
     sm.sc[tid] = qscale(a, eps, fmt, mode);
     scales[g.soff + (i64)g.rb * cols + cb * 128 + tid] = sm.sc[tid].scale;
   }
@@ -714,48 +741,50 @@ __device__ __forceinline__ void tiles_cols_chunk(const float4 (&v)[16], const Co
   const float f0 = sm.sc[4 * lane].factor, f1 = sm.sc[4 * lane + 1].factor, f2 = sm.sc[4 * lane + 2].factor,
               f3 = sm.sc[4 * lane + 3].factor;
   if (kpitch > 0) {
-    // Column c + e's rows 16 w .. 16 w + 15 as one 16-byte word (rows past h hold zeros: zero codes,
-    // as quant_coltile writes them).
-    const i64 at = (g.soff / cols + g.rb) * 128 + 16 * w;
-    u32 o[4][4];  // o[e][k]: column c + e, rows 16 w + 4 k .. + 3
+    // Column c + e's rows r0 .. r0 + R - 1 as R / 4 words of 4 rows (rows past h hold zeros: zero
+    // codes, as quant_coltile writes them), transposed through shared memory so that each warp then
+    // writes whole 128-byte column chunks: stored from registers, a lane's few bytes of each of
+    // its four columns went to as many lines, 32 a store instruction (R = 4: 4,096 L1 wavefronts a
+    // 128 x 128 chunk against 768 this way).
+    const int lc = 4 * lane;  // the chunk's column c - 128 cb
 #pragma unroll
-    for (int k = 0; k < 4; k++) {
+    for (int k = 0; k < R / 4; k++) {
       const float4 a = v[4 * k], b = v[4 * k + 1], cc = v[4 * k + 2], d = v[4 * k + 3];
-      o[0][k] = quant_mul4(a.x, b.x, cc.x, d.x, f0, f0, f0, f0, fmt);
-      o[1][k] = quant_mul4(a.y, b.y, cc.y, d.y, f1, f1, f1, f1, fmt);
-      o[2][k] = quant_mul4(a.z, b.z, cc.z, d.z, f2, f2, f2, f2, fmt);
-      o[3][k] = quant_mul4(a.w, b.w, cc.w, d.w, f3, f3, f3, f3, fmt);
+      sm.kt[lc][r0 / 4 + k] = quant_mul4(a.x, b.x, cc.x, d.x, f0, f0, f0, f0, fmt);
+      sm.kt[lc + 1][r0 / 4 + k] = quant_mul4(a.y, b.y, cc.y, d.y, f1, f1, f1, f1, fmt);
+      sm.kt[lc + 2][r0 / 4 + k] = quant_mul4(a.z, b.z, cc.z, d.z, f2, f2, f2, f2, fmt);
+      sm.kt[lc + 3][r0 / 4 + k] = quant_mul4(a.w, b.w, cc.w, d.w, f3, f3, f3, f3, fmt);
     }
-#pragma unroll
-    for (int e = 0; e < 4; e++)
-      *(uint4*)(q + (i64)(c + e) * kpitch + at) = make_uint4(o[e][0], o[e][1], o[e][2], o[e][3]);
+    __syncthreads();
+    const i64 at = (g.soff / cols + g.rb) * 128 + 4 * lane;
+    for (int col = w; col < 128; col += 128 / R)
+      *(u32*)(q + (i64)(cb * 128 + col) * kpitch + at) = sm.kt[col][lane];
     return;
   }
 #pragma unroll
-  for (int j = 0; j < 16; j++)
-    if (16 * w + j < g.h)
-      *(u32*)(q + (i64)(g.a0 + 16 * w + j) * cols + c) =
-          quant_mul4(v[j].x, v[j].y, v[j].z, v[j].w, f0, f1, f2, f3, fmt);
+  for (int j = 0; j < R; j++)
+    if (r0 + j < g.h)
+      *(u32*)(q + (i64)(g.a0 + r0 + j) * cols + c) = quant_mul4(v[j].x, v[j].y, v[j].z, v[j].w, f0, f1, f2, f3, fmt);
 }
 
 // The block's rows of column chunk blockIdx.x read through Values (at4) and quantised both ways.
-// Grid (cols / 128, groups, pieces): quant_coltile's, 128 columns a block.
-template <class Values>
-__device__ __forceinline__ void tiles_cols(Values x, u8* tq, float* ts, u8* q, float* scales, const int* seg, int nseg,
-                                           int rows, int cols, int fmt, int mode, float eps, i64 kpitch,
-                                           TilesColsSmem& sm) {
-  ColGroup g;
-  if (!col_group(seg, nseg, rows, cols, &g)) return;
-  const int w = threadIdx.x >> 5, c = blockIdx.x * 128 + 4 * (threadIdx.x & 31);
-  float4 v[16];
+// Grid (cols / 128, groups, pieces): quant_coltile's, 128 columns a block of TC_THREADS threads.
+template <class Values, bool ROWS = true>
+__device__ __forceinline__ void tiles_cols(Values x, u8* tq, float* ts, u8* q, float* scales, const ColGroup& g,
+                                           int cols, int fmt, int mode, float eps, i64 kpitch,
+                                           TilesColsSmem<TC_ROWS>& sm) {
+  const int r0 = TC_ROWS * (threadIdx.x >> 5), c = blockIdx.x * 128 + 4 * (threadIdx.x & 31);
+  float4 v[TC_ROWS];
 #pragma unroll
-  for (int j = 0; j < 16; j++)
-    v[j] = 16 * w + j < g.h ? x.at4(g.a0 + 16 * w + j, c, cols) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  tiles_cols_chunk(v, g, blockIdx.x, tq, ts, q, scales, cols, fmt, mode, eps, kpitch, sm);
+  for (int j = 0; j < TC_ROWS; j++)
+    v[j] = r0 + j < g.h ? x.at4(g.a0 + r0 + j, c, cols) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  tiles_cols_chunk<TC_ROWS, ROWS>(v, g, blockIdx.x, tq, ts, q, scales, cols, fmt, mode, eps, kpitch, sm);
 }
-#define TILES_COLS(VALUES)                       \
-  __shared__ TilesColsSmem sm;                   \
-  tiles_cols(VALUES, tq, ts, q, scales, seg, nseg, rows, cols, fmt, mode, eps, kpitch, sm)
+#define TILES_COLS(VALUES)                                                \
+  __shared__ TilesColsSmem<TC_ROWS> sm;                                   \
+  ColGroup g;                                                             \
+  if (!col_group(seg, nseg, rows, cols, &g)) return;                      \
+  tiles_cols(VALUES, tq, ts, q, scales, g, cols, fmt, mode, eps, kpitch, sm)
 
 // The MoE combine's gradient for the experts, d(ys)[r] = w[slot[r]] dy[slot[r] / k] (moe.cu's
 // combine_bwd), handed to the experts' down projection quantised and never stored in f32: its f32
@@ -768,7 +797,7 @@ __device__ __forceinline__ void warp_tile_quant(const float (&v)[4], u8* q4, flo
                                                 int mode, float eps) {
   float a = 0.0f;
 #pragma unroll
-  for (int e = 0; e < 4; e++) a = fmaxf(a, abs_for_amax(v[e]));
+  for (int e = 0; e < 4; e++) a = amax_add(a, v[e]);
   a = warp_max(a);
   const QScale s = qscale(a, eps, fmt, mode);
   *(u32*)q4 = (u32)quant_value(v[0], s, fmt, mode) | ((u32)quant_value(v[1], s, fmt, mode) << 8) |
@@ -840,11 +869,14 @@ struct CombineGradValues {
 };
 
 // combine_grad_coltile: d(ys)'s column tiles (restarted at the experts' segments; K-major with
-// kpitch > 0), quant_coltile's grid and layout.
-KERNEL void __launch_bounds__(256) combine_grad_coltile(const float* dy, const int* slot, const float* w, int k, u8* q,
+// kpitch > 0) by tiles_cols without the row tiles (combine_grad_tile128 writes those): grid (cols /
+// 128, groups, 1), TC_THREADS threads, cols % 128 == 0. (Staged through shared memory as quant_coltile
+// does, 64 columns a block, it ran at 1.3 TB/s with the L1 at 65%: the f32 values went in and out
+// of shared memory once more than here.)
+KERNEL void __launch_bounds__(TC_THREADS) combine_grad_coltile(const float* dy, const int* slot, const float* w, int k, u8* q,
                                                         float* scales, const int* seg, int nseg, int rows, int cols,
                                                         int fmt, int mode, float eps, i64 kpitch) {
-  __shared__ ColTileSmem sm;
+  __shared__ TilesColsSmem<TC_ROWS> sm;
   __shared__ i64 off[128];
   __shared__ float wr[128];
   ColGroup grp;
@@ -855,41 +887,30 @@ KERNEL void __launch_bounds__(256) combine_grad_coltile(const float* dy, const i
     wr[threadIdx.x] = w[i];
   }
   __syncthreads();
-  coltile(CombineGradValues{dy, off, wr, grp.a0}, q, scales, seg, nseg, rows, cols, fmt, mode, eps, kpitch, sm);
+  tiles_cols<CombineGradValues, false>(CombineGradValues{dy, off, wr, grp.a0}, nullptr, nullptr, q, scales, grp, cols,
+                                       fmt, mode, eps, kpitch, sm);
 }
 
 // SwiGLU's backward, d[g | u] (nn.cu's swiglu_bwd: the fused gate|up projection's output gradient),
 // handed to that projection quantised (k rows of 2 inter per token and layer for the experts). dh is
 // f32 or BF16, gu f32 or BF16 (nn.cu's three combinations); inter % 128 == 0.
-// tiles_cols's scheme over both halves at once: a block of 512 threads takes one 128-row group and
-// column chunk cb of the gate half with the same chunk of the up half, warp w rows 8 w .. 8 w + 7
+// tiles_cols's scheme over both halves at once: a block of 1,024 threads takes one 128-row group and
+// column chunk cb of the gate half with the same chunk of the up half, warp w rows 4 w .. 4 w + 3
 // and lane l columns 4 l .. 4 l + 3 of each half, so d, g and u are read once and swiglu_grad runs
-// once per pair (with a block per half they were read twice). Row tiles: each row's gate tile cb and
-// up tile inter / 128 + cb (16 warp reductions a warp, lane j < 16 computing one scale: row j's gate
-// tile, then row j - 8's up tile). Column tiles: 256 columns' amaxes through shared memory, a lane's
-// 8 rows of a column 8 bytes of its K-major chunk.
-struct SwigluQuantSmem {
-  float part[16][256];
-  QScale sc[256];
-};
-__device__ __forceinline__ float amax4(float4 v) {
-  return fmaxf(fmaxf(abs_for_amax(v.x), abs_for_amax(v.y)), fmaxf(abs_for_amax(v.z), abs_for_amax(v.w)));
-}
-__device__ __forceinline__ float4 fmax4(float4 a, float4 v) {
-  return make_float4(fmaxf(a.x, abs_for_amax(v.x)), fmaxf(a.y, abs_for_amax(v.y)), fmaxf(a.z, abs_for_amax(v.z)),
-                     fmaxf(a.w, abs_for_amax(v.w)));
-}
+// once per pair (with a block per half they were read twice); then tiles_cols_chunk quantises the
+// gate chunk (column chunk cb) and the up chunk (inter / 128 + cb). (512 threads of 8 rows, at 99
+// registers one block an SM, ran at 0.8 TB/s, latency-bound.)
 template <typename D, typename T>
 __device__ __forceinline__ void swiglu_grad_both(const D* dh, const T* gu, int inter, u8* tq, float* ts, u8* q,
                                                  float* scales, const int* seg, int nseg, int rows, int cols, int fmt,
-                                                 int mode, float eps, i64 kpitch, SwigluQuantSmem& sm) {
+                                                 int mode, float eps, i64 kpitch, TilesColsSmem<4>& sm) {
   ColGroup g;
   if (!col_group(seg, nseg, rows, cols, &g)) return;
-  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, cb = blockIdx.x, ng = cols / 128;
-  const int c = cb * 128 + 4 * lane, r0 = 8 * w, h = g.h - r0;  // gate column c, up column inter + c
-  float4 vg[8], vu[8];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, cb = blockIdx.x;
+  const int c = cb * 128 + 4 * lane, r0 = 4 * w, h = g.h - r0;  // gate column c, up column inter + c
+  float4 vg[4], vu[4];
 #pragma unroll
-  for (int j = 0; j < 8; j++) {
+  for (int j = 0; j < 4; j++) {
     vg[j] = vu[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     if (j < h) {
       const i64 r = g.a0 + r0 + j;
@@ -901,78 +922,14 @@ __device__ __forceinline__ void swiglu_grad_both(const D* dh, const T* gu, int i
       swiglu_grad(d.w, gg.w, u.w, &vg[j].w, &vu[j].w);
     }
   }
-  float mine = 0.0f;
-#pragma unroll
-  for (int j = 0; j < 8; j++) {
-    const float ag = warp_max(amax4(vg[j])), au = warp_max(amax4(vu[j]));
-    if (lane == j) mine = ag;
-    if (lane == 8 + j) mine = au;
-  }
-  const QScale rs = qscale(mine, eps, fmt, mode);
-  if (lane < 16 && (lane & 7) < h)
-    ts[(i64)(g.a0 + r0 + (lane & 7)) * ng + (lane < 8 ? cb : inter / 128 + cb)] = rs.scale;
-#pragma unroll
-  for (int j = 0; j < 8; j++) {
-    const float fg = __shfl_sync(0xffffffffu, rs.factor, j), fu = __shfl_sync(0xffffffffu, rs.factor, 8 + j);
-    if (j < h) {
-      u8* row = tq + (i64)(g.a0 + r0 + j) * cols;
-      *(u32*)(row + c) = quant_mul4(vg[j].x, vg[j].y, vg[j].z, vg[j].w, fg, fg, fg, fg, fmt);
-      *(u32*)(row + inter + c) = quant_mul4(vu[j].x, vu[j].y, vu[j].z, vu[j].w, fu, fu, fu, fu, fmt);
-    }
-  }
-  float4 mg = make_float4(0.0f, 0.0f, 0.0f, 0.0f), mu = mg;
-#pragma unroll
-  for (int j = 0; j < 8; j++) mg = fmax4(mg, vg[j]), mu = fmax4(mu, vu[j]);
-  *(float4*)&sm.part[w][4 * lane] = mg;
-  *(float4*)&sm.part[w][128 + 4 * lane] = mu;
-  __syncthreads();
-  if (tid < 256) {
-    float a = sm.part[0][tid];
-#pragma unroll
-    for (int k = 1; k < 16; k++) a = fmaxf(a, sm.part[k][tid]);
-    sm.sc[tid] = qscale(a, eps, fmt, mode);
-    const int col = tid < 128 ? cb * 128 + tid : inter + cb * 128 + tid - 128;
-    scales[g.soff + (i64)g.rb * cols + col] = sm.sc[tid].scale;
-  }
-  __syncthreads();
-  float fg[4], fu[4];
-#pragma unroll
-  for (int e = 0; e < 4; e++) fg[e] = sm.sc[4 * lane + e].factor, fu[e] = sm.sc[128 + 4 * lane + e].factor;
-  u32 cg[8], cu[8];  // row j's four codes of each half
-#pragma unroll
-  for (int j = 0; j < 8; j++) {
-    cg[j] = quant_mul4(vg[j].x, vg[j].y, vg[j].z, vg[j].w, fg[0], fg[1], fg[2], fg[3], fmt);
-    cu[j] = quant_mul4(vu[j].x, vu[j].y, vu[j].z, vu[j].w, fu[0], fu[1], fu[2], fu[3], fmt);
-  }
-  if (kpitch > 0) {
-    // Column c + e's rows r0 .. r0 + 7 as 8 bytes (rows past h hold zeros: zero codes, as
-    // quant_coltile writes them).
-    const i64 at = (g.soff / cols + g.rb) * 128 + r0;
-    u32 tg[2][4], tu[2][4];
-    transpose4x4_bytes(cg[0], cg[1], cg[2], cg[3], tg[0]);
-    transpose4x4_bytes(cg[4], cg[5], cg[6], cg[7], tg[1]);
-    transpose4x4_bytes(cu[0], cu[1], cu[2], cu[3], tu[0]);
-    transpose4x4_bytes(cu[4], cu[5], cu[6], cu[7], tu[1]);
-#pragma unroll
-    for (int e = 0; e < 4; e++) {
-      *(uint2*)(q + (i64)(c + e) * kpitch + at) = make_uint2(tg[0][e], tg[1][e]);
-      *(uint2*)(q + (i64)(inter + c + e) * kpitch + at) = make_uint2(tu[0][e], tu[1][e]);
-    }
-    return;
-  }
-#pragma unroll
-  for (int j = 0; j < 8; j++)
-    if (j < h) {
-      u8* row = q + (i64)(g.a0 + r0 + j) * cols;
-      *(u32*)(row + c) = cg[j];
-      *(u32*)(row + inter + c) = cu[j];
-    }
+  tiles_cols_chunk<4>(vg, g, cb, tq, ts, q, scales, cols, fmt, mode, eps, kpitch, sm);
+  tiles_cols_chunk<4>(vu, g, inter / 128 + cb, tq, ts, q, scales, cols, fmt, mode, eps, kpitch, sm);
 }
 #define SWIGLU_GRAD_QUANT(SUFFIX, D, T)                                                                     \
-  KERNEL void __launch_bounds__(512) swiglu_grad_quant##SUFFIX(const D* dh, const T* gu, int inter,         \
+  KERNEL void __launch_bounds__(1024) swiglu_grad_quant##SUFFIX(const D* dh, const T* gu, int inter,        \
       u8* tq, float* ts, u8* q, float* scales, const int* seg, int nseg, int rows, int cols,                \
       int fmt, int mode, float eps, i64 kpitch) {                                                           \
-    __shared__ SwigluQuantSmem sm;                                                                          \
+    __shared__ TilesColsSmem<4> sm;                                                                         \
     swiglu_grad_both<D, T>(dh, gu, inter, tq, ts, q, scales, seg, nseg, rows, cols, fmt, mode, eps, kpitch, sm); \
   }
 SWIGLU_GRAD_QUANT(_f32, float, float)
@@ -1002,13 +959,13 @@ struct HeadConcatValues {
   }
 };
 
-KERNEL void __launch_bounds__(256) rope_quant(const float* x, const double* cs, int width, int offset, int dim,
+KERNEL void __launch_bounds__(TC_THREADS) rope_quant(const float* x, const double* cs, int width, int offset, int dim,
                                               int seqLen, int inverse,
     u8* tq, float* ts, u8* q, float* scales, const int* seg, int nseg, int rows, int cols, int fmt, int mode,
     float eps, i64 kpitch) {
   TILES_COLS((RopeValues{x, cs, width, offset, dim, seqLen, inverse}));
 }
-KERNEL void __launch_bounds__(256) head_concat_quant(const float* a, const float* b, int heads, int la, int lb,
+KERNEL void __launch_bounds__(TC_THREADS) head_concat_quant(const float* a, const float* b, int heads, int la, int lb,
                                                      int bHeads, int aw, int a0,
     u8* tq, float* ts, u8* q, float* scales, const int* seg, int nseg, int rows, int cols, int fmt, int mode,
     float eps, i64 kpitch) {

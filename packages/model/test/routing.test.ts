@@ -202,9 +202,10 @@ describe("router noise", () => {
     expect(routerNoiseSeed(1, 2)).not.toBe(routerNoiseSeed(2, 2));
   });
 
-  it("is on by default for tiny only, and config.json keeps it; older configs trained without it", () => {
+  it("is on by default for tiny (half the run) and small (the whole run), and config.json keeps it; older configs trained without it", () => {
     expect(CONFIGS.tiny.router_noise).toBeGreaterThan(0);
-    expect(CONFIGS.small.router_noise ?? 0).toBe(0);
+    expect(CONFIGS.small.router_noise).toBeGreaterThan(0);
+    expect(CONFIGS.small.router_noise_until).toBe(1);
     const c = { ...MICRO, router_noise: 1.5, router_noise_until: 0.25 };
     expect(fromHfConfig(hfConfig(c))).toMatchObject({ router_noise: 1.5, router_noise_until: 0.25 });
     const { moe8_router_noise: _, moe8_router_noise_until: __, ...old } = hfConfig(c);

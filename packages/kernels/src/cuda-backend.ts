@@ -25,6 +25,7 @@ import {
   type BiasUpdateOptions,
   BYTES_PER_ELEMENT,
   type CapturedGraph,
+  type Collectives,
   combineAddError,
   combineBackwardQuantizedVia,
   type DType,
@@ -51,13 +52,14 @@ import {
   swigluQuantizedVia,
   Tensor,
 } from "@moe8/tensor";
-import type { DeviceBuffer } from "../native.d.cts";
+import type { DeviceBuffer, NcclComm } from "../native.d.cts";
 import * as attn from "./cuda-backend/attention.ts";
 import { CudaContext, cdiv, u8view } from "./cuda-backend/context.ts";
 import * as ew from "./cuda-backend/elementwise.ts";
 import * as gemm from "./cuda-backend/gemm.ts";
 import type { Sm90DenseMode } from "./cuda-backend/gemm-sm90.ts";
 import * as moe from "./cuda-backend/moe.ts";
+import { ncclCollectives } from "./cuda-backend/nccl.ts";
 import * as nn from "./cuda-backend/nn.ts";
 import * as optim from "./cuda-backend/optim.ts";
 import * as quant from "./cuda-backend/quant.ts";
@@ -79,6 +81,15 @@ export class CudaBackend extends HostLifetimes implements Backend {
     const info = s.addon.cudaInfo();
     if (!info.available) throw new UsageError(`backend "cuda" is not available: ${info.reason}`);
     this.cx = new CudaContext(s.addon, this as unknown as Backend, (t) => this.register(t));
+  }
+
+  /**
+   * This rank's collectives over NCCL (issue 22), for a communicator made with
+   * `new NcclComm(uniqueId, size, rank)` on this process's GPU: gradients, weights and rows move
+   * between the GPUs on the backend's stream (cuda-backend/nccl.ts).
+   */
+  ncclCollectives(comm: NcclComm): Collectives {
+    return ncclCollectives(this.cx, comm);
   }
 
   /** cuBLASLt for the GEMMs it has (MOE8_CUBLASLT=0: never). */

@@ -42,6 +42,8 @@ export interface DoctorReport {
     /** Whether training steps are replayed from a CUDA graph (docs/runtime.md rule 8). */
     graph?: { on: boolean; reason: string };
   };
+  /** NCCL (libnccl.so.2, loaded at run time) for several GPUs' ranks; absent without the cuda feature. */
+  nccl?: { available: boolean; version?: string; path?: string; reason?: string };
   arrow: string;
 }
 
@@ -85,6 +87,12 @@ export function doctorReport(): DoctorReport {
           }
         : { available: false, reason: ci.reason ?? "unknown" };
   if (cuda.available) backends.push("cuda");
+  const ni = info?.cudaCompiled && native.addon?.ncclInfo ? native.addon.ncclInfo() : null;
+  const nccl = ni
+    ? ni.available
+      ? { available: true, version: ni.version ?? undefined, path: ni.path ?? undefined }
+      : { available: false, reason: ni.reason ?? "unknown" }
+    : undefined;
   const c = cpus();
   return {
     runtime: currentRuntime(),
@@ -107,6 +115,7 @@ export function doctorReport(): DoctorReport {
       : { loaded: false, reason: native.reason },
     backends,
     cuda,
+    nccl,
     arrow: arrowVersion(),
   };
 }
@@ -143,6 +152,10 @@ export async function doctor(argv: string[]): Promise<number> {
   if (cu.graph)
     console.log(
       `training step ${cu.graph.on ? "replayed from a CUDA graph" : "uncaptured"} (${cu.graph.reason})`,
+    );
+  if (r.nccl)
+    console.log(
+      `nccl         ${ok(r.nccl.available)}${r.nccl.available ? ` (${r.nccl.version}, ${r.nccl.path})` : ` - ${r.nccl.reason}`}`,
     );
   console.log(`backends     ${r.backends.join(", ")}`);
   console.log(`apache-arrow ${r.arrow}`);

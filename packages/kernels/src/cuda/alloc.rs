@@ -114,7 +114,8 @@ pub fn empty_cache() -> Result<(), String> {
         let owners = &p.owners;
         let mut v: Vec<(usize, u64)> = Vec::new();
         for (c, l) in p.free.iter_mut() {
-            let (kept, gone): (Vec<u64>, Vec<u64>) = l.drain(..).partition(|ptr| owners.contains_key(ptr));
+            let (kept, gone): (Vec<u64>, Vec<u64>) =
+                l.drain(..).partition(|ptr| owners.contains_key(ptr));
             *l = kept;
             v.extend(gone.into_iter().map(|ptr| (*c, ptr)));
         }
@@ -277,7 +278,9 @@ pub fn check_graph(id: u64) -> Result<(), String> {
 /// Graph `id` is gone: its blocks are ordinary cache again (once no other graph uses them).
 pub fn release_graph(id: u64) {
     with_pool(|p| {
-        let Some(g) = p.graphs.remove(&id) else { return };
+        let Some(g) = p.graphs.remove(&id) else {
+            return;
+        };
         for b in g.blocks {
             if let Some(n) = p.owners.get_mut(&b) {
                 *n -= 1;

@@ -179,7 +179,11 @@ pub fn matmul(
     let c_bf16 = match c_elem {
         Elem::F32 => false,
         Elem::Bf16 if !accumulate => true,
-        _ => return Err(format!("cuBLASLt: output type {c_elem:?} (f32, or bf16 without accumulate)")),
+        _ => {
+            return Err(format!(
+                "cuBLASLt: output type {c_elem:?} (f32, or bf16 without accumulate)"
+            ))
+        }
     };
     let d = device()?;
     let mut g = LT.lock().unwrap_or_else(|e| e.into_inner());

@@ -23,11 +23,16 @@ unsafe impl Send for Graph {}
 pub fn begin() -> Result<(), String> {
     let d = device()?;
     if timer::on() {
-        return Err("CUDA graph capture while kernel timing is on (bench --profile runs uncaptured)".into());
+        return Err(
+            "CUDA graph capture while kernel timing is on (bench --profile runs uncaptured)".into(),
+        );
     }
     alloc::capture_begin()?;
     let r = unsafe {
-        cu::cuStreamBeginCapture_v2(d.stream, cu::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+        cu::cuStreamBeginCapture_v2(
+            d.stream,
+            cu::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
+        )
     };
     if let Err(m) = ck(r, "cuStreamBeginCapture") {
         alloc::capture_end(false);

@@ -9,6 +9,7 @@
 //! - `nvrtc.rs`  NVRTC compilation for the GPU present with an on-disk CUBIN/PTX cache;
 //! - `gemm.rs`   cuBLASLt GEMMs (f32, BF16, FP8 with DeepSeek-V3 block scaling);
 //! - `graph.rs`  CUDA graphs: a step's work recorded once and replayed as one launch;
+//! - `nccl.rs`   NCCL (libnccl.so.2 loaded at run time): the collectives of several GPUs' ranks;
 //! - `timer.rs`  GPU time per kernel (CUDA events) for `bench step --profile`;
 //! - `tma.rs`    TMA tensor maps (cuTensorMapEncodeTiled) for the Hopper GEMM's by-value arguments;
 //! - `napi.rs`   the functions the TypeScript `CudaBackend` calls (buffers, copies, launches);
@@ -18,6 +19,7 @@ pub mod alloc;
 pub mod gemm;
 pub mod graph;
 pub mod napi;
+pub mod nccl;
 pub mod nvrtc;
 pub mod sha256;
 pub mod timer;
@@ -77,7 +79,7 @@ thread_local! {
 /// own path: `MOE8_CUDA_LIB_DIR` (colon-separated), `$CUDA_HOME`, /usr/local/cuda and the
 /// NVIDIA PyPI wheels (`nvidia/cu13/lib`, `nvidia/cuda_nvrtc/lib`, `nvidia/cublas/lib`) of the
 /// usual Python installations.
-fn lib_dirs() -> Vec<std::path::PathBuf> {
+pub(crate) fn lib_dirs() -> Vec<std::path::PathBuf> {
     use std::path::PathBuf;
     let mut dirs: Vec<PathBuf> = Vec::new();
     if let Ok(v) = std::env::var("MOE8_CUDA_LIB_DIR") {

@@ -390,7 +390,12 @@ pub fn swiglu(gu: &[f32], inter: u32, mut h: Float32ArraySlice) -> Result<()> {
 
 /// d[g | u] ([rows, 2 inter]) of h = silu(g) * u from dh ([rows, inter]).
 #[napi]
-pub fn swiglu_backward(dh: &[f32], gu: &[f32], inter: u32, mut dgu: Float32ArraySlice) -> Result<()> {
+pub fn swiglu_backward(
+    dh: &[f32],
+    gu: &[f32],
+    inter: u32,
+    mut dgu: Float32ArraySlice,
+) -> Result<()> {
     let dgu = unsafe { dgu.as_mut() };
     js(nn::swiglu_backward(dh, gu, inter as usize, dgu))
 }

@@ -417,12 +417,18 @@ multiversion! {
 /// d[g | u] of h = silu(g) * u: dg = dh * u * s * (1 + g (1 - s)), du = dh * g * s, s = sigmoid(g).
 pub fn swiglu_backward(dh: &[f32], gu: &[f32], inter: usize, dgu: &mut [f32]) -> R<()> {
     check_packed("swigluBackward", gu.len(), dh.len(), inter)?;
-    check(dgu.len() == gu.len(), || "swigluBackward: d(gate|up) and gate|up differ in size".into())?;
+    check(dgu.len() == gu.len(), || {
+        "swigluBackward: d(gate|up) and gate|up differ in size".into()
+    })?;
     let rt = rows_per_task(inter);
     dgu.par_chunks_mut(rt * 2 * inter)
         .zip(gu.par_chunks(rt * 2 * inter).zip(dh.par_chunks(rt * inter)))
         .for_each(|(dgu, (gu, dh))| {
-            for ((dgu, gu), dh) in dgu.chunks_mut(2 * inter).zip(gu.chunks(2 * inter)).zip(dh.chunks(inter)) {
+            for ((dgu, gu), dh) in dgu
+                .chunks_mut(2 * inter)
+                .zip(gu.chunks(2 * inter))
+                .zip(dh.chunks(inter))
+            {
                 let (g, u) = gu.split_at(inter);
                 let (dg, du) = dgu.split_at_mut(inter);
                 swiglu_bw_row(dh, g, u, dg, du);

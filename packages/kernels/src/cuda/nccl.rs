@@ -1,0 +1,537 @@
+//! NCCL for the data-parallel ranks of several GPUs (issue 22), loaded at run time like the rest of
+//! CUDA: libnccl.so.2 from the loader's path, `MOE8_NCCL_LIB` (a file), or the directories where
+//! the other CUDA libraries are looked for plus the `nvidia-nccl-cu13` wheel's `nvidia/nccl/lib`
+//! (PyTorch's install carries it). A thin loader of our own rather than cudarc's `nccl` module:
+//! cudarc's dynamic loading asks for `libnccl.so` or `libnccl.so.<CUDA major>`, while NCCL's soname
+//! is `libnccl.so.2` and the wheels ship nothing else. Only entry points NCCL has had since 2.7 are
+//! resolved, so any NCCL 2 release works.
+//!
+//! Every collective is enqueued on the backend's one stream, in place on device buffers, so it is
+//! ordered with the kernels that produce and consume its tensors and the host does not wait.
+
+use super::{device, lib_dirs};
+use libloading::Library;
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::sync::OnceLock;
+
+/// ncclUniqueId: 128 opaque bytes made by one rank and handed to the others (our launcher sends
+/// them over its TCP rendezvous).
+pub const UNIQUE_ID_BYTES: usize = 128;
+type Comm = *mut c_void;
+type Stream = *mut c_void;
+/// ncclDataType_t values (nccl.h, stable since 2.0).
+pub const NCCL_INT32: c_int = 2;
+pub const NCCL_FLOAT32: c_int = 7;
+const NCCL_SUM: c_int = 0;
+
+#[allow(non_snake_case)]
+struct Api {
+    _lib: Library,
+    path: String,
+    ncclGetVersion: unsafe extern "C" fn(*mut c_int) -> c_int,
+    ncclGetErrorString: unsafe extern "C" fn(c_int) -> *const c_char,
+    ncclGetUniqueId: unsafe extern "C" fn(*mut [u8; UNIQUE_ID_BYTES]) -> c_int,
+    ncclCommInitRank: unsafe extern "C" fn(*mut Comm, c_int, [u8; UNIQUE_ID_BYTES], c_int) -> c_int,
+    ncclCommDestroy: unsafe extern "C" fn(Comm) -> c_int,
+    ncclCommAbort: unsafe extern "C" fn(Comm) -> c_int,
+    ncclAllReduce: unsafe extern "C" fn(
+        *const c_void,
+        *mut c_void,
+        usize,
+        c_int,
+        c_int,
+        Comm,
+        Stream,
+    ) -> c_int,
+    ncclBroadcast: unsafe extern "C" fn(
+        *const c_void,
+        *mut c_void,
+        usize,
+        c_int,
+        c_int,
+        Comm,
+        Stream,
+    ) -> c_int,
+    ncclAllGather:
+        unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, Comm, Stream) -> c_int,
+    ncclSend: unsafe extern "C" fn(*const c_void, usize, c_int, c_int, Comm, Stream) -> c_int,
+    ncclRecv: unsafe extern "C" fn(*mut c_void, usize, c_int, c_int, Comm, Stream) -> c_int,
+    ncclGroupStart: unsafe extern "C" fn() -> c_int,
+    ncclGroupEnd: unsafe extern "C" fn() -> c_int,
+}
+
+// The function pointers are process-wide and NCCL's API is thread-safe for these calls.
+unsafe impl Send for Api {}
+unsafe impl Sync for Api {}
+
+static API: OnceLock<Result<Api, String>> = OnceLock::new();
+
+/// Where libnccl.so.2 may be, in the order tried.
+fn candidates() -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(p) = std::env::var("MOE8_NCCL_LIB") {
+        // An explicit file is the only candidate: a wrong path must not fall back silently.
+        return vec![p];
+    }
+    out.push("libnccl.so.2".to_string());
+    for d in lib_dirs() {
+        out.push(d.join("libnccl.so.2").display().to_string());
+        // The wheel's layout beside nvidia/cu13/lib, nvidia/cublas/lib, ...
+        if let Some(nvidia) = d.parent().and_then(|p| p.parent()) {
+            out.push(nvidia.join("nccl/lib/libnccl.so.2").display().to_string());
+        }
+    }
+    out.dedup();
+    out
+}
+
+fn load() -> Result<Api, String> {
+    let tried = candidates();
+    let mut found = None;
+    for c in &tried {
+        if let Ok(lib) = unsafe { Library::new(c) } {
+            found = Some((lib, c.clone()));
+            break;
+        }
+    }
+    let Some((lib, path)) = found else {
+        return Err(format!(
+            "libnccl.so.2 was not found (tried {}): install NCCL 2 (`pip install nvidia-nccl-cu13`, or the system's package) or set MOE8_NCCL_LIB to the library file",
+            if tried.len() > 3 { format!("{} and {} more", tried[..3].join(", "), tried.len() - 3) } else { tried.join(", ") }
+        ));
+    };
+    macro_rules! sym {
+        ($name:ident) => {
+            *unsafe { lib.get(concat!(stringify!($name), "\0").as_bytes()) }
+                .map_err(|err| format!("{path}: no symbol {} ({err})", stringify!($name)))?
+        };
+    }
+    Ok(Api {
+        path: path.clone(),
+        ncclGetVersion: sym!(ncclGetVersion),
+        ncclGetErrorString: sym!(ncclGetErrorString),
+        ncclGetUniqueId: sym!(ncclGetUniqueId),
+        ncclCommInitRank: sym!(ncclCommInitRank),
+        ncclCommDestroy: sym!(ncclCommDestroy),
+        ncclCommAbort: sym!(ncclCommAbort),
+        ncclAllReduce: sym!(ncclAllReduce),
+        ncclBroadcast: sym!(ncclBroadcast),
+        ncclAllGather: sym!(ncclAllGather),
+        ncclSend: sym!(ncclSend),
+        ncclRecv: sym!(ncclRecv),
+        ncclGroupStart: sym!(ncclGroupStart),
+        ncclGroupEnd: sym!(ncclGroupEnd),
+        _lib: lib,
+    })
+}
+
+fn api() -> Result<&'static Api, String> {
+    API.get_or_init(load).as_ref().map_err(|e| e.clone())
+}
+
+fn ck(a: &Api, r: c_int, what: &str) -> Result<(), String> {
+    if r == 0 {
+        return Ok(());
+    }
+    let p = unsafe { (a.ncclGetErrorString)(r) };
+    let s = if p.is_null() {
+        "?".to_string()
+    } else {
+        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    };
+    Err(format!("{what}: NCCL error {r} ({s})"))
+}
+
+/// NCCL's version as "major.minor.patch" and the library file it came from.
+pub fn version() -> Result<(String, String), String> {
+    let a = api()?;
+    let mut v: c_int = 0;
+    ck(a, unsafe { (a.ncclGetVersion)(&mut v) }, "ncclGetVersion")?;
+    // NCCL_VERSION_CODE: major * 10000 + minor * 100 + patch since 2.9 (major * 1000 + ... before).
+    let (major, minor, patch) = if v >= 10000 {
+        (v / 10000, (v / 100) % 100, v % 100)
+    } else {
+        (v / 1000, (v / 100) % 10, v % 100)
+    };
+    Ok((format!("{major}.{minor}.{patch}"), a.path.clone()))
+}
+
+/// A new unique id (rank 0 makes it; every rank initialises its communicator with it).
+pub fn unique_id() -> Result<[u8; UNIQUE_ID_BYTES], String> {
+    let a = api()?;
+    let mut id = [0u8; UNIQUE_ID_BYTES];
+    ck(
+        a,
+        unsafe { (a.ncclGetUniqueId)(&mut id) },
+        "ncclGetUniqueId",
+    )?;
+    Ok(id)
+}
+
+/// One rank's communicator on this process's device (the backend's context is made current).
+pub struct Communicator {
+    comm: Comm,
+    pub rank: i32,
+    pub size: i32,
+}
+
+unsafe impl Send for Communicator {}
+
+impl Communicator {
+    /// Blocks until all `size` ranks have called it with the same id.
+    pub fn new(id: [u8; UNIQUE_ID_BYTES], size: i32, rank: i32) -> Result<Self, String> {
+        let a = api()?;
+        if size < 1 || rank < 0 || rank >= size {
+            return Err(format!("ncclCommInitRank: rank {rank} of {size}"));
+        }
+        device()?;
+        let mut comm: Comm = std::ptr::null_mut();
+        ck(
+            a,
+            unsafe { (a.ncclCommInitRank)(&mut comm, size, id, rank) },
+            "ncclCommInitRank",
+        )?;
+        Ok(Communicator { comm, rank, size })
+    }
+
+    fn stream() -> Result<Stream, String> {
+        Ok(super::stream()? as Stream)
+    }
+
+    /// In place on each (device address, element count) of one dtype, as one NCCL group.
+    pub fn all_reduce_sum(&self, bufs: &[(u64, usize)], dtype: c_int) -> Result<(), String> {
+        let a = api()?;
+        let s = Self::stream()?;
+        ck(a, unsafe { (a.ncclGroupStart)() }, "ncclGroupStart")?;
+        let mut first = Ok(());
+        for &(p, n) in bufs {
+            let r = unsafe {
+                (a.ncclAllReduce)(
+                    p as *const c_void,
+                    p as *mut c_void,
+                    n,
+                    dtype,
+                    NCCL_SUM,
+                    self.comm,
+                    s,
+                )
+            };
+            if first.is_ok() {
+                first = ck(a, r, "ncclAllReduce");
+            }
+        }
+        let end = ck(a, unsafe { (a.ncclGroupEnd)() }, "ncclGroupEnd");
+        first.and(end)
+    }
+
+    /// In place: each buffer becomes rank `root`'s (element counts as all_reduce_sum).
+    pub fn broadcast(&self, bufs: &[(u64, usize, i32)], dtype: c_int) -> Result<(), String> {
+        let a = api()?;
+        let s = Self::stream()?;
+        ck(a, unsafe { (a.ncclGroupStart)() }, "ncclGroupStart")?;
+        let mut first = Ok(());
+        for &(p, n, root) in bufs {
+            let r = unsafe {
+                (a.ncclBroadcast)(
+                    p as *const c_void,
+                    p as *mut c_void,
+                    n,
+                    dtype,
+                    root,
+                    self.comm,
+                    s,
+                )
+            };
+            if first.is_ok() {
+                first = ck(a, r, "ncclBroadcast");
+            }
+        }
+        let end = ck(a, unsafe { (a.ncclGroupEnd)() }, "ncclGroupEnd");
+        first.and(end)
+    }
+
+    /// recv (size x n elements) gets every rank's n elements of send, in rank order.
+    pub fn all_gather(&self, send: u64, recv: u64, n: usize, dtype: c_int) -> Result<(), String> {
+        let a = api()?;
+        let s = Self::stream()?;
+        ck(
+            a,
+            unsafe {
+                (a.ncclAllGather)(
+                    send as *const c_void,
+                    recv as *mut c_void,
+                    n,
+                    dtype,
+                    self.comm,
+                    s,
+                )
+            },
+            "ncclAllGather",
+        )
+    }
+
+    /// Point-to-point in one group: sends[q] = (address, elements) to rank q, recvs[q] from rank q
+    /// (0 elements: nothing exchanged with that rank; this rank's own pair is copied by the caller).
+    pub fn exchange(
+        &self,
+        sends: &[(u64, usize)],
+        recvs: &[(u64, usize)],
+        dtype: c_int,
+    ) -> Result<(), String> {
+        let a = api()?;
+        let s = Self::stream()?;
+        ck(a, unsafe { (a.ncclGroupStart)() }, "ncclGroupStart")?;
+        let mut first = Ok(());
+        for q in 0..self.size as usize {
+            if q as i32 == self.rank {
+                continue;
+            }
+            if let Some(&(p, n)) = sends.get(q) {
+                if n > 0 && first.is_ok() {
+                    first = ck(
+                        a,
+                        unsafe {
+                            (a.ncclSend)(p as *const c_void, n, dtype, q as c_int, self.comm, s)
+                        },
+                        "ncclSend",
+                    );
+                }
+            }
+            if let Some(&(p, n)) = recvs.get(q) {
+                if n > 0 && first.is_ok() {
+                    first = ck(
+                        a,
+                        unsafe {
+                            (a.ncclRecv)(p as *mut c_void, n, dtype, q as c_int, self.comm, s)
+                        },
+                        "ncclRecv",
+                    );
+                }
+            }
+        }
+        let end = ck(a, unsafe { (a.ncclGroupEnd)() }, "ncclGroupEnd");
+        first.and(end)
+    }
+
+    /// Ends the communicator without waiting for the other ranks (a rank is gone): pending and
+    /// later operations of this rank fail instead of waiting for ever.
+    pub fn abort(&mut self) -> Result<(), String> {
+        if self.comm.is_null() {
+            return Ok(());
+        }
+        let a = api()?;
+        let r = unsafe { (a.ncclCommAbort)(self.comm) };
+        self.comm = std::ptr::null_mut();
+        ck(a, r, "ncclCommAbort")
+    }
+
+    /// Frees the communicator once its operations are done.
+    pub fn destroy(&mut self) -> Result<(), String> {
+        if self.comm.is_null() {
+            return Ok(());
+        }
+        let a = api()?;
+        let r = unsafe { (a.ncclCommDestroy)(self.comm) };
+        self.comm = std::ptr::null_mut();
+        ck(a, r, "ncclCommDestroy")
+    }
+
+    pub fn live(&self) -> bool {
+        !self.comm.is_null()
+    }
+}
+
+impl Drop for Communicator {
+    fn drop(&mut self) {
+        let _ = self.destroy();
+    }
+}
+
+// --- napi: what the TypeScript NcclCollectives calls (packages/kernels/src/cuda-backend/nccl.ts) ---
+
+pub mod js {
+    use super::{unique_id, version, Communicator, NCCL_FLOAT32, NCCL_INT32, UNIQUE_ID_BYTES};
+    use napi::bindgen_prelude::Buffer;
+    use napi::{Error, Result, Status};
+    use napi_derive::napi;
+    use std::ffi::c_int;
+
+    fn napi_err(msg: String) -> Error {
+        Error::new(Status::GenericFailure, msg)
+    }
+
+    /// NCCL's version and library file, or why it cannot be loaded.
+    #[napi(object)]
+    pub struct NcclInfo {
+        pub available: bool,
+        pub version: Option<String>,
+        pub path: Option<String>,
+        pub reason: Option<String>,
+    }
+
+    #[napi]
+    pub fn nccl_info() -> NcclInfo {
+        match version() {
+            Ok((v, p)) => NcclInfo {
+                available: true,
+                version: Some(v),
+                path: Some(p),
+                reason: None,
+            },
+            Err(r) => NcclInfo {
+                available: false,
+                version: None,
+                path: None,
+                reason: Some(r),
+            },
+        }
+    }
+
+    /// A new ncclUniqueId's 128 bytes.
+    #[napi]
+    pub fn nccl_unique_id() -> Result<Buffer> {
+        Ok(unique_id().map_err(napi_err)?.to_vec().into())
+    }
+
+    fn dtype_of(d: String) -> Result<c_int> {
+        match d.as_str() {
+            "f32" => Ok(NCCL_FLOAT32),
+            "i32" => Ok(NCCL_INT32),
+            _ => Err(napi_err(format!(
+                "NCCL collectives move f32 or i32, not {d}"
+            ))),
+        }
+    }
+
+    fn count(n: f64, what: &str) -> Result<usize> {
+        if n.is_nan() || n < 0.0 || n.fract() != 0.0 {
+            return Err(napi_err(format!("{what}: bad element count {n}")));
+        }
+        Ok(n as usize)
+    }
+
+    /// One rank's NCCL communicator (`dispose()` frees it; `abort()` ends it when a rank is gone).
+    #[napi]
+    pub struct NcclComm {
+        inner: Communicator,
+    }
+
+    #[napi]
+    impl NcclComm {
+        /// Joins the group: blocks until every rank has called it with the same id.
+        #[napi(constructor)]
+        pub fn new(id: Buffer, size: i32, rank: i32) -> Result<Self> {
+            let bytes: &[u8] = &id;
+            let id: [u8; UNIQUE_ID_BYTES] = bytes.try_into().map_err(|_| {
+                napi_err(format!(
+                    "NcclComm: the unique id has {} bytes, not {UNIQUE_ID_BYTES}",
+                    bytes.len()
+                ))
+            })?;
+            Ok(NcclComm {
+                inner: Communicator::new(id, size, rank).map_err(napi_err)?,
+            })
+        }
+
+        #[napi(getter)]
+        pub fn rank(&self) -> i32 {
+            self.inner.rank
+        }
+
+        #[napi(getter)]
+        pub fn size(&self) -> i32 {
+            self.inner.size
+        }
+
+        /// In place: buffer i (device address ptrs[i], counts[i] elements of dtype) summed over the ranks.
+        #[napi]
+        pub fn all_reduce_sum(
+            &self,
+            ptrs: Vec<f64>,
+            counts: Vec<f64>,
+            dtype: String,
+        ) -> Result<()> {
+            let bufs = ptrs
+                .iter()
+                .zip(&counts)
+                .map(|(&p, &n)| Ok((p as u64, count(n, "allReduceSum")?)))
+                .collect::<Result<Vec<_>>>()?;
+            self.inner
+                .all_reduce_sum(&bufs, dtype_of(dtype)?)
+                .map_err(napi_err)
+        }
+
+        /// In place: buffer i becomes rank roots[i]'s.
+        #[napi]
+        pub fn broadcast(
+            &self,
+            ptrs: Vec<f64>,
+            counts: Vec<f64>,
+            roots: Vec<i32>,
+            dtype: String,
+        ) -> Result<()> {
+            let bufs = ptrs
+                .iter()
+                .zip(&counts)
+                .zip(&roots)
+                .map(|((&p, &n), &r)| Ok((p as u64, count(n, "broadcast")?, r)))
+                .collect::<Result<Vec<_>>>()?;
+            self.inner
+                .broadcast(&bufs, dtype_of(dtype)?)
+                .map_err(napi_err)
+        }
+
+        /// recv (size x n elements) gets every rank's n elements of send, in rank order.
+        #[napi]
+        pub fn all_gather(&self, send: f64, recv: f64, n: f64, dtype: String) -> Result<()> {
+            self.inner
+                .all_gather(
+                    send as u64,
+                    recv as u64,
+                    count(n, "allGather")?,
+                    dtype_of(dtype)?,
+                )
+                .map_err(napi_err)
+        }
+
+        /// Send (address, elements) pair q to rank q and receive pair q from it, as one group.
+        #[napi]
+        pub fn exchange(
+            &self,
+            send_ptrs: Vec<f64>,
+            send_counts: Vec<f64>,
+            recv_ptrs: Vec<f64>,
+            recv_counts: Vec<f64>,
+            dtype: String,
+        ) -> Result<()> {
+            let pairs = |ps: &[f64], ns: &[f64]| {
+                ps.iter()
+                    .zip(ns)
+                    .map(|(&p, &n)| Ok((p as u64, count(n, "exchange")?)))
+                    .collect::<Result<Vec<_>>>()
+            };
+            let (s, r) = (
+                pairs(&send_ptrs, &send_counts)?,
+                pairs(&recv_ptrs, &recv_counts)?,
+            );
+            self.inner
+                .exchange(&s, &r, dtype_of(dtype)?)
+                .map_err(napi_err)
+        }
+
+        #[napi]
+        pub fn abort(&mut self) -> Result<()> {
+            self.inner.abort().map_err(napi_err)
+        }
+
+        #[napi]
+        pub fn dispose(&mut self) -> Result<()> {
+            self.inner.destroy().map_err(napi_err)
+        }
+
+        #[napi(getter)]
+        pub fn disposed(&self) -> bool {
+            !self.inner.live()
+        }
+    }
+}

@@ -109,7 +109,7 @@ json_of /tmp/torch-roles.txt torch-roles
 
 # NCCL from PyTorch's install: its version, and a communicator of one rank through every collective
 # on the cuda backend (issue 22; one GPU cannot hold two NCCL ranks).
-step nccl-test 120 30 env MOE8_REQUIRE_NCCL=1 bun test --timeout 300000 packages/kernels/test/nccl.test.ts
+step nccl-test 240 30 env MOE8_REQUIRE_NCCL=1 bun test --timeout 300000 packages/kernels/test/nccl.test.ts tests/gpus.test.ts
 # The training step replayed from a CUDA graph equals the uncaptured step bit for bit (issue 18).
 step graph-test 180 40 env MOE8_REQUIRE_CUDA=1 bun test --timeout 300000 tests/cuda-graph.test.ts
 

@@ -145,4 +145,19 @@ describe("--ranks", () => {
       expect(r.stderr).toMatch(want);
     }
   }, 60_000);
+
+  it("--gpus: refused in one line without the cuda backend, beside --ranks, or with a bad count (exit 2)", () => {
+    const out = join(tmp("gpus"), "run");
+    for (const [flags, want] of [
+      [["--gpus", "2"], /--gpus 2 runs on the cuda backend: add --backend cuda/],
+      [["--gpus", "all"], /--gpus all runs on the cuda backend: add --backend cuda/],
+      [["--gpus", "2", "--ranks", "2"], /--gpus and --ranks: give one/],
+      [["--gpus", "0"], /--gpus 0: use an integer from 1 to 64, or all/],
+    ] as const) {
+      const r = cli(["train", ...FLAGS, "--steps", "2", ...flags, "--out", out], { RAYON_NUM_THREADS: "1" });
+      expect(r.status, r.stderr).toBe(2);
+      expect(r.stderr.trim().split("\n")).toHaveLength(1);
+      expect(r.stderr).toMatch(want);
+    }
+  }, 60_000);
 });

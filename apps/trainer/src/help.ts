@@ -27,7 +27,9 @@ const DESCRIPTIONS: Record<string, string> = {
   "eval-every": "steps between validations (0: never)",
   "grad-accum": "micro-batches per step: --batch-size split in N pieces (less memory, the same step)",
   ranks: "data-parallel processes on this machine (cpu backend): each takes 1/N of every batch",
-  "check-every": "with --ranks: compare every rank's weights with rank 0's every N steps (100; 0: never)",
+  gpus: "data-parallel ranks on N GPUs of this machine (or all), one process each, over NCCL (cuda backend)",
+  "check-every":
+    "with --ranks or --gpus: compare every rank's weights with rank 0's every N steps (100; 0: never)",
   input:
     "a .txt, .md, .jsonl (also .gz), .parquet or .arrow file, a text file, a folder, or a datasets save_to_disk folder",
   json: "print the result as JSON",

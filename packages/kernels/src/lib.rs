@@ -6,6 +6,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod simd;
+pub mod watchdog;
 
 /// What this build of the addon is and what the machine it runs on offers.
 #[napi(object)]

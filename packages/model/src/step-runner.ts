@@ -59,9 +59,13 @@ export class StepRunner {
       (o.graph ?? process.env.MOE8_CUDA_GRAPH !== "0") && typeof model.b.captureGraph === "function";
   }
 
-  /** Whether this step can be the recorded one: see the file comment. */
+  /**
+   * Whether this step can be the recorded one: see the file comment. A step given collectives runs
+   * uncaptured whatever the group's size (NCCL's group of one at `--gpus 1` too): their calls are not
+   * part of a recording.
+   */
   private graphable(o: StepOptions): boolean {
-    return this.useGraph && (o.accum ?? 1) === 1 && (o.collectives?.size ?? 1) === 1 && !o.fp8Stats;
+    return this.useGraph && (o.accum ?? 1) === 1 && o.collectives === undefined && !o.fp8Stats;
   }
 
   async step(batch: StepBatch, lr: number, o: StepOptions = {}): Promise<StepResult> {

@@ -4,6 +4,7 @@
 // with a checkpoint (exit 0), and a second signal ends the process at once.
 import { join } from "node:path";
 import { policyToJson, UsageError } from "@moe8/fp8-core";
+import { requireNative } from "@moe8/kernels";
 import { hfConfig } from "@moe8/model";
 import { parseArgs } from "../args.ts";
 import { checkReplicas, exchangeStep, type Ranks, startRanks } from "../dist/ranks.ts";
@@ -124,22 +125,25 @@ export async function train(argv: string[]): Promise<number> {
   if (process.env.MOE8_RANK) return runWorker();
   const args = parseArgs(argv, TRAIN_FLAGS, ["precision."]);
   const f = args.flags;
-  const nRanks = ranksFlag(f.ranks);
+  const gpus = gpusFlag(f.gpus, f.ranks);
+  const nRanks = gpus === null ? ranksFlag(f.ranks) : gpus === "all" ? 0 : gpus;
   const checkEvery = checkEveryFlag(f["check-every"]);
   const note = (m: string) => console.error(`note: ${m}`);
   const start: RunStart = f.resume !== undefined ? await startResume(args, note) : await startNew(args, note);
   const { cfg, runDir, lock, session: s, data, from } = start;
   let ranks: Ranks | null = null;
-  if (nRanks > 1) {
+  let n = nRanks;
+  if (gpus !== null || nRanks > 1) {
     try {
-      checkRanks(nRanks, cfg, s.backend.name);
+      if (gpus !== null) n = checkGpus(gpus, s.backend.name);
+      checkRanks(n, cfg, s.backend.name, gpus !== null);
     } catch (e) {
       s.dispose();
       lock.release();
       throw e;
     }
     // Each rank steps on its share of the batch and keeps the moments of the parameters it owns.
-    s.becomeRank(0, nRanks);
+    s.becomeRank(0, n);
   }
   let lastGood: string | null = from?.dir ?? null;
   const st: RunState = { step: 0, bestValLoss: null, bestStep: null, consecutiveBad: 0 };
@@ -159,6 +163,7 @@ export async function train(argv: string[]): Promise<number> {
         throw afterWriteFailure(err, runDir, lastGood);
       });
       lastGood = dir;
+      ranks?.progress(st.step, `${runDir} continues it from ${dir}`);
       return dir;
     },
   };
@@ -198,7 +203,9 @@ export async function train(argv: string[]): Promise<number> {
     tb = start.tensorboard ? guarded(() => TensorBoardWriter.open(start.tensorboard!, st.step + 1)) : null;
     process.on("SIGINT", sigint);
     process.on("SIGTERM", sigterm);
-    if (nRanks > 1) ranks = await startRanks(nRanks, cfg, s, checkEvery, from?.dir ?? null);
+    if (gpus !== null || n > 1)
+      ranks = await startRanks(n, cfg, s, checkEvery, from?.dir ?? null, gpus !== null);
+    ranks?.progress(st.step, lastGood ? `${runDir} continues it from ${lastGood}` : null);
     try {
       return await loop(start, st, metrics, tb, writes, () => stop, f["trace-precision"] === true, ranks);
     } catch (e) {
@@ -245,7 +252,7 @@ async function loop(
       ? ` (${cfg.gradAccum} micro-batches of ${cfg.batchSize / cfg.gradAccum} x ${cfg.seqLen})`
       : "";
   console.log(
-    `training ${modelLabel(cfg.model)}${vocabTaken ? ` (${vocabTaken})` : ""} on ${s.backend.name}${ranks ? ` x ${ranks.group.collectives.size} ranks (${shareOfState(s)})` : ""}, precision ${cfg.precision}, ${cfg.steps} steps of ${tokensPerStep} tokens${accum}, data ${data.description}, out ${runDir}${tensorboard ? `, tensorboard ${tensorboard}` : ""}`,
+    `training ${modelLabel(cfg.model)}${vocabTaken ? ` (${vocabTaken})` : ""} on ${s.backend.name}${ranks ? ` x ${ranks.collectives.size} ${gpuRanks(ranks)} (${shareOfState(s)})` : ""}, precision ${cfg.precision}, ${cfg.steps} steps of ${tokensPerStep} tokens${accum}, data ${data.description}, out ${runDir}${tensorboard ? `, tensorboard ${tensorboard}` : ""}`,
   );
   const t0 = performance.now();
   const firstStep = st.step;
@@ -255,7 +262,7 @@ async function loop(
     const lr = s.lrAt(st.step + 1);
     const routerNoise = s.routerNoiseAt(st.step + 1);
     // With ranks, each steps on its rows of the batch (the leader sends the others theirs).
-    const collectives = ranks?.group.collectives;
+    const collectives = ranks?.collectives;
     const check = ranks !== null && ranks.checkEvery > 0 && (st.step + 1) % ranks.checkEvery === 0;
     const header = { step: st.step + 1, lr, noise: routerNoise ?? null, check };
     const rows = collectives ? await exchangeStep(s, collectives, header, batch, cfg.seqLen) : batch;
@@ -368,16 +375,54 @@ function checkEveryFlag(v: unknown): number {
   return n;
 }
 
-/** What --ranks N needs of the run: whole shares of the batch, and collectives for its backend. */
-function checkRanks(n: number, cfg: TrainConfig, backend: string): void {
+/** --gpus N or all (null when absent); --ranks beside it is refused. */
+function gpusFlag(v: unknown, ranks: unknown): number | "all" | null {
+  if (v === undefined) return null;
+  if (ranks !== undefined)
+    throw new UsageError("--gpus and --ranks: give one (--gpus runs one rank per GPU)");
+  if (v === "all") return "all";
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 1 || n > 64)
+    throw new UsageError(`--gpus ${v}: use an integer from 1 to 64, or all`);
+  return n;
+}
+
+/**
+ * What --gpus needs: the cuda backend, as many GPUs from this process's own on (MOE8_CUDA_DEVICE)
+ * and NCCL. Returns the number of ranks.
+ */
+function checkGpus(gpus: number | "all", backend: string): number {
+  const flag = `--gpus ${gpus}`;
+  if (backend !== "cuda") throw new UsageError(`${flag} runs on the cuda backend: add --backend cuda`);
+  const native = requireNative();
+  const info = native.cudaInfo();
+  const first = info.device ?? 0;
+  const have = (info.deviceCount ?? 1) - first;
+  const n = gpus === "all" ? have : gpus;
+  if (n > have)
+    throw new UsageError(
+      `${flag}: this machine has ${have} GPU${have === 1 ? "" : "s"} from device ${first} on`,
+    );
+  const nccl = native.ncclInfo();
+  if (!nccl.available) throw new UsageError(`${flag} needs NCCL: ${nccl.reason}`);
+  return n;
+}
+
+/** "ranks", or "GPU(s) (NCCL x.y.z)" with --gpus. */
+function gpuRanks(r: Ranks): string {
+  if (r.collectives === r.group.collectives) return "ranks";
+  return `GPU${r.collectives.size === 1 ? "" : "s"} (NCCL ${requireNative().ncclInfo().version})`;
+}
+
+/** What N ranks need of the run: whole shares of the batch, and collectives for its backend. */
+function checkRanks(n: number, cfg: TrainConfig, backend: string, gpus: boolean): void {
+  const flag = gpus ? `--gpus ${n}` : `--ranks ${n}`;
   if (cfg.batchSize % (n * cfg.gradAccum) !== 0)
     throw new UsageError(
-      `--ranks ${n}: the batch of ${cfg.batchSize} sequences does not split into ${n} ranks${cfg.gradAccum > 1 ? ` of ${cfg.gradAccum} micro-batches` : ""}`,
+      `${flag}: the batch of ${cfg.batchSize} sequences does not split into ${n} ranks${cfg.gradAccum > 1 ? ` of ${cfg.gradAccum} micro-batches` : ""}`,
     );
-  if (backend === "cuda")
-    throw new UsageError(
-      `--ranks ${n}: several ranks on cuda need NCCL collectives, which moe8 does not have yet (issue 22); use --backend cpu`,
-    );
+  if (backend === "cuda" && !gpus)
+    throw new UsageError(`${flag}: several ranks on cuda run one per GPU over NCCL: use --gpus ${n}`);
 }
 
 /** Under ZeRO-1: how much of the optimiser state this rank holds. */

@@ -15,6 +15,7 @@ import { createHash } from "node:crypto";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { type CudaBackend, requireNative } from "@moe8/kernels";
 import type { Collectives, Tensor } from "@moe8/tensor";
 import type { TrainConfig } from "../run/config.ts";
 import type { Session } from "../run/session.ts";
@@ -150,6 +151,36 @@ export async function checkReplicas(s: Session, c: Collectives, step: number): P
   });
 }
 
+/**
+ * The ranks' NCCL communicator (`--gpus`): rank 0 makes the unique id and hands it to the others over
+ * the TCP group they met on; every rank then joins the communicator on its own GPU, and the group's
+ * collectives from then on are NCCL's, on the device (cuda-backend/nccl.ts).
+ */
+export async function ncclGroup(
+  s: Session,
+  tcp: Collectives,
+): Promise<{ collectives: Collectives; dispose(): void }> {
+  const native = requireNative();
+  const b = s.backend as unknown as CudaBackend;
+  const id = tcp.rank === 0 ? native.ncclUniqueId() : Buffer.alloc(128);
+  const words = s.backend.upload(new Int32Array(new Uint8Array(id).buffer), [32], "i32");
+  await tcp.broadcast([words], [0]);
+  const got = Buffer.from(((await words.read()) as Int32Array).buffer);
+  words.dispose();
+  const comm = new native.NcclComm(got, tcp.size, tcp.rank);
+  return { collectives: b.ncclCollectives(comm), dispose: () => comm.dispose() };
+}
+
+/**
+ * Ends this process (exit code 3, `note` on stderr with {pid} and {rank} filled in) once one of the
+ * watched processes has been gone for 2 s: a rank waiting in NCCL for a dead peer is blocked in the
+ * device read, where the run's own error path cannot run (src/watchdog.rs). False where it cannot
+ * watch (no /proc).
+ */
+export function watchRanks(pids: number[], ranks: number[], note: string): boolean {
+  return requireNative().watchProcesses(pids, ranks, note, 2000);
+}
+
 /** What a worker is started with (MOE8_RANKS_CONFIG): the run's config and the checkpoint it resumes. */
 export interface WorkerStart {
   cfg: TrainConfig;
@@ -159,6 +190,10 @@ export interface WorkerStart {
 /** The leader's view of its workers. */
 export interface Ranks {
   group: TcpGroup;
+  /** The group's collectives: NCCL's with --gpus, else the TCP group's. */
+  collectives: Collectives;
+  /** With --gpus: what the watchdog prints if a worker dies while this process waits on NCCL. */
+  progress(step: number, resume: string | null): void;
   /** Steps between replica checks (0: never). */
   checkEvery: number;
   /**
@@ -191,8 +226,11 @@ export async function startRanks(
   s: Session,
   checkEvery: number,
   from: string | null,
+  gpus = false,
 ): Promise<Ranks> {
   process.env.NCCL_NVLS_ENABLE = "0";
+  // --gpus: rank r on the GPU r places after this process's own (MOE8_CUDA_DEVICE, 0 by default).
+  const device = Number(process.env.MOE8_CUDA_DEVICE ?? 0);
   const dir = mkdtempSync(join(tmpdir(), "moe8-ranks-"));
   const config = join(dir, "config.json");
   writeFileSync(config, JSON.stringify({ cfg, from } satisfies WorkerStart));
@@ -216,6 +254,7 @@ export async function startRanks(
         MOE8_RANKS_CONFIG: config,
         // NVLink multicast stays off for NCCL in every rank (issue 22; the leader's own too).
         NCCL_NVLS_ENABLE: "0",
+        ...(gpus ? { MOE8_CUDA_DEVICE: String(device + r), MOE8_RANKS_NCCL: "1" } : {}),
       },
       stdio: ["ignore", "ignore", "inherit"],
     });
@@ -235,13 +274,30 @@ export async function startRanks(
     rmSync(dir, { recursive: true, force: true });
     throw failure ? new Error(`${failure} before the ranks met`) : e;
   }
-  await syncState(s, joined.collectives);
+  let nccl: { collectives: Collectives; dispose(): void } | null = null;
+  const pids = children.map((c) => c.pid ?? 0);
+  const note = (step: number, resume: string | null) =>
+    `rank {rank} (process {pid}) is gone: the run stopped at step ${step}${resume ? `; --resume ${resume}` : ""}`;
+  if (gpus) {
+    nccl = await ncclGroup(s, joined.collectives);
+    watchRanks(
+      pids,
+      pids.map((_, i) => i + 1),
+      note(0, null),
+    );
+  }
+  const collectives = nccl?.collectives ?? joined.collectives;
+  await syncState(s, collectives);
   return {
     group: joined,
+    collectives,
     checkEvery,
+    progress(step, resume) {
+      if (gpus) requireNative().setWatchNote(note(step, resume));
+    },
     async gatherOptimizer() {
-      await exchangeStep(s, joined.collectives, "gather", null, cfg.seqLen);
-      return s.opt.gatherState(joined.collectives);
+      await exchangeStep(s, collectives, "gather", null, cfg.seqLen);
+      return s.opt.gatherState(collectives);
     },
     async failure(ms = 0) {
       if (!failure && ms > 0) await Promise.race([someExit, new Promise((ok) => setTimeout(ok, ms))]);
@@ -255,11 +311,13 @@ export async function startRanks(
             c.exitCode !== null || c.signalCode ? ok() : c.once("exit", () => ok()),
           ),
       );
+      if (gpus) requireNative().unwatch();
       try {
-        if (!failure) await exchangeStep(s, joined.collectives, "stop", null, cfg.seqLen);
+        if (!failure) await exchangeStep(s, collectives, "stop", null, cfg.seqLen);
       } catch {
         // A worker already gone: the others are stopped below.
       }
+      nccl?.dispose();
       joined.close();
       const timer = setTimeout(() => {
         for (const c of children) c.kill("SIGKILL");

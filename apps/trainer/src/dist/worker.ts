@@ -1,15 +1,17 @@
-// A worker rank of `moe8 train --ranks N` (ranks.ts): started by the leader with MOE8_RANK,
-// MOE8_RANKS, MOE8_RANKS_PORT and MOE8_RANKS_CONFIG, it builds the run's model and optimiser, joins
-// the group, takes the leader's state, and then runs each step the leader announces on the rows it
-// is sent, until the leader says stop. It writes nothing: logs, evaluation and checkpoints are the
-// leader's. MOE8_FAULT_RANK_EXIT=R:S makes rank R exit with code 3 at step S (the tests' stand-in
-// for a crashed worker), MOE8_FAULT_RANK_CORRUPT=R:S changes one of its correction biases after step
-// S (for the replica check).
+// A worker rank of `moe8 train --ranks N` or `--gpus N` (ranks.ts): started by the leader with
+// MOE8_RANK, MOE8_RANKS, MOE8_RANKS_PORT and MOE8_RANKS_CONFIG (for --gpus also MOE8_CUDA_DEVICE and
+// MOE8_RANKS_NCCL), it builds the run's model and optimiser, joins the group, takes the leader's
+// state, and then runs each step the leader announces on the rows it is sent, until the leader says
+// stop. It writes nothing: logs, evaluation and checkpoints are the leader's. MOE8_FAULT_RANK_EXIT=R:S
+// makes rank R exit with code 3 at step S (the tests' stand-in for a crashed worker),
+// MOE8_FAULT_RANK_CORRUPT=R:S changes one of its correction biases after step S (for the replica
+// check).
 import { readFileSync } from "node:fs";
+import { requireNative } from "@moe8/kernels";
 import { readCheckpoint } from "../run/checkpoint.ts";
 import { parseConfig, resolveModel } from "../run/config.ts";
 import { buildSession } from "../run/session.ts";
-import { checkReplicas, exchangeStep, syncState, type WorkerStart } from "./ranks.ts";
+import { checkReplicas, exchangeStep, ncclGroup, syncState, type WorkerStart, watchRanks } from "./ranks.ts";
 import { tcpJoin } from "./tcp-collectives.ts";
 
 /** The step at which this rank should fail (MOE8_FAULT_RANK_EXIT or _CORRUPT=rank:step), if any. */
@@ -38,7 +40,10 @@ export async function runWorker(): Promise<number> {
     s.opt.loadState(ck.state.optimizer_step, (n) => ck.optimizer.get(n)?.data);
   }
   const group = await tcpJoin(rank, size, port);
-  const c = group.collectives;
+  // --gpus: the collectives are NCCL's; a leader that dies while this rank waits in NCCL ends it.
+  const nccl = process.env.MOE8_RANKS_NCCL === "1" ? await ncclGroup(s, group.collectives) : null;
+  if (nccl) watchRanks([process.ppid], [0], `rank ${rank}: the leader (rank {rank}, process {pid}) is gone`);
+  const c = nccl?.collectives ?? group.collectives;
   const fault = faultStep(rank, "MOE8_FAULT_RANK_EXIT");
   const corrupt = faultStep(rank, "MOE8_FAULT_RANK_CORRUPT");
   try {
@@ -73,6 +78,8 @@ export async function runWorker(): Promise<number> {
     if (e instanceof Error && /replica check/.test(e.message)) return 1;
     throw e;
   } finally {
+    if (nccl) requireNative().unwatch();
+    nccl?.dispose();
     group.close();
     s.dispose();
   }

@@ -38,6 +38,7 @@ export const TRAIN_FLAGS: FlagSpec = {
   "batch-size": "int",
   "grad-accum": "int",
   ranks: "int",
+  gpus: "string",
   "check-every": "int",
   "seq-len": "int",
   warmup: "int",
@@ -128,7 +129,7 @@ export function configFromArgs(args: ParsedArgs): TrainConfig {
  * what a step computes (docs/reliability.md, "Extending a run").
  */
 export const RESUME_FLAGS = ["steps", "eval-every", "save-every", "keep-last", "tensorboard"];
-const RESUME_OWN = ["resume", "debug", "trace-precision", "ranks", "check-every"];
+const RESUME_OWN = ["resume", "debug", "trace-precision", "ranks", "gpus", "check-every"];
 
 /** Refuses, before anything is opened, a flag that --resume cannot change. */
 export function checkResumeFlags(args: ParsedArgs): void {

@@ -62,6 +62,9 @@ pub struct Device {
     pub cc_minor: i32,
     pub sm_count: i32,
     pub driver_version: i32,
+    /// CUDA devices the driver reports, and the ordinal this process uses (MOE8_CUDA_DEVICE).
+    pub count: i32,
+    pub ordinal: i32,
 }
 
 // The raw handles are process-wide and only used from the JS thread (and the context is made
@@ -265,6 +268,8 @@ fn init() -> Result<Device, String> {
             cc_minor,
             sm_count,
             driver_version,
+            count,
+            ordinal,
         })
     }
 }

@@ -36,6 +36,9 @@ pub struct CudaInfo {
     pub nvrtc_version: Option<String>,
     /// cuBLASLt's version, e.g. "13.0.0".
     pub cublas_lt_version: Option<String>,
+    /// CUDA devices on this machine, and the one this process runs on (MOE8_CUDA_DEVICE).
+    pub device_count: Option<u32>,
+    pub device: Option<u32>,
 }
 
 #[napi]
@@ -51,6 +54,8 @@ pub fn cuda_info() -> CudaInfo {
         driver_version: None,
         nvrtc_version: None,
         cublas_lt_version: None,
+        device_count: None,
+        device: None,
     };
     let d = match device() {
         Ok(d) => d,
@@ -60,6 +65,8 @@ pub fn cuda_info() -> CudaInfo {
         }
     };
     info.name = Some(d.name.clone());
+    info.device_count = Some(d.count as u32);
+    info.device = Some(d.ordinal as u32);
     info.total_memory = Some(d.total_memory as f64);
     info.compute_capability = Some(format!("{}.{}", d.cc_major, d.cc_minor));
     info.arch = nvrtc::arch().ok();

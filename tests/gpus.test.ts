@@ -1,0 +1,41 @@
+// `moe8 train --gpus N` (apps/trainer/src/dist, NCCL through packages/kernels/src/cuda/nccl.rs) on
+// the GPUs of one machine. With one GPU the whole path runs as a group of one: the TCP rendezvous,
+// the NCCL unique id handed out, the communicator, every step's announcement, rows and gradient sums
+// through NCCL, ZeRO-1's broadcasts and the checkpoint's gather; the run must equal the single-process
+// run step for step (a group of one sums nothing), both uncaptured. Runs where a GPU and NCCL are
+// present (skipped elsewhere, unless MOE8_REQUIRE_NCCL=1 makes their absence a failure): the GPU
+// session script's step `nccl-test`. Two or more GPUs (`--gpus 2`) are for a machine that has them.
+import { join } from "node:path";
+import { loadNative } from "@moe8/kernels";
+import { describe, expect, it } from "vitest";
+import { cli, metricsOf, QUICK, tmp } from "./helpers.ts";
+
+function missing(): string | null {
+  const a = loadNative().addon;
+  if (!a || typeof a.ncclInfo !== "function") return "addon without CUDA";
+  const c = a.cudaInfo();
+  if (!c.available) return c.reason ?? "no GPU";
+  const n = a.ncclInfo();
+  return n.available ? null : (n.reason ?? "no NCCL");
+}
+const why = missing();
+if (why && process.env.MOE8_REQUIRE_NCCL === "1") throw new Error(`MOE8_REQUIRE_NCCL=1: ${why}`);
+
+describe.skipIf(why !== null)("--gpus on this machine's GPUs", () => {
+  it("--gpus 1 (a group of one through NCCL) trains as the single process does, and resumes", () => {
+    const flags = ["--backend", "cuda", ...QUICK, "--save-every", "3", "--steps", "6"];
+    const env = { MOE8_CUDA_GRAPH: "0" };
+    const one = join(tmp("gpus"), "one");
+    const nccl = join(tmp("gpus"), "nccl");
+    const a = cli(["train", ...flags, "--out", one], env);
+    expect(a.status, a.stderr).toBe(0);
+    const b = cli(["train", ...flags, "--gpus", "1", "--out", nccl], env);
+    expect(b.status, b.stderr).toBe(0);
+    expect(b.stdout).toMatch(/on cuda x 1 GPU \(NCCL \d+\.\d+\.\d+\)/);
+    const pick = (m: ReturnType<typeof metricsOf>) => m.map((r) => [r.step, r.loss, r.grad_norm]);
+    expect(pick(metricsOf(nccl))).toEqual(pick(metricsOf(one)));
+    // Its checkpoint (the optimiser state gathered through NCCL) resumes in one process.
+    const c = cli(["train", "--resume", nccl, "--steps", "8"], env);
+    expect(c.status, c.stderr).toBe(0);
+  }, 300_000);
+});

@@ -279,12 +279,13 @@ export async function startRanks(
   const note = (step: number, resume: string | null) =>
     `rank {rank} (process {pid}) is gone: the run stopped at step ${step}${resume ? `; --resume ${resume}` : ""}`;
   if (gpus) {
-    nccl = await ncclGroup(s, joined.collectives);
+    // Watched before the communicator is made: its making waits for every rank too.
     watchRanks(
       pids,
       pids.map((_, i) => i + 1),
       note(0, null),
     );
+    nccl = await ncclGroup(s, joined.collectives);
   }
   const collectives = nccl?.collectives ?? joined.collectives;
   await syncState(s, collectives);

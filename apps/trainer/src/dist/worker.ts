@@ -41,8 +41,9 @@ export async function runWorker(): Promise<number> {
   }
   const group = await tcpJoin(rank, size, port);
   // --gpus: the collectives are NCCL's; a leader that dies while this rank waits in NCCL ends it.
-  const nccl = process.env.MOE8_RANKS_NCCL === "1" ? await ncclGroup(s, group.collectives) : null;
-  if (nccl) watchRanks([process.ppid], [0], `rank ${rank}: the leader (rank {rank}, process {pid}) is gone`);
+  const gpus = process.env.MOE8_RANKS_NCCL === "1";
+  if (gpus) watchRanks([process.ppid], [0], `rank ${rank}: the leader (rank {rank}, process {pid}) is gone`);
+  const nccl = gpus ? await ncclGroup(s, group.collectives) : null;
   const c = nccl?.collectives ?? group.collectives;
   const fault = faultStep(rank, "MOE8_FAULT_RANK_EXIT");
   const corrupt = faultStep(rank, "MOE8_FAULT_RANK_CORRUPT");
@@ -78,7 +79,7 @@ export async function runWorker(): Promise<number> {
     if (e instanceof Error && /replica check/.test(e.message)) return 1;
     throw e;
   } finally {
-    if (nccl) requireNative().unwatch();
+    if (gpus) requireNative().unwatch();
     nccl?.dispose();
     group.close();
     s.dispose();

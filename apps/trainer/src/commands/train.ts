@@ -271,6 +271,7 @@ async function loop(
     const r = await s.runner.step(rows, lr, { fp8Stats, accum: cfg.gradAccum, routerNoise, collectives });
     if (check) await checkReplicas(s, collectives!, st.step + 1);
     st.step++;
+    ranks?.progress(st.step);
     const ms = performance.now() - ts;
     const m: StepMetrics = {
       step: st.step,

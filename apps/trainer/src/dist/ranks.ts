@@ -192,8 +192,11 @@ export interface Ranks {
   group: TcpGroup;
   /** The group's collectives: NCCL's with --gpus, else the TCP group's. */
   collectives: Collectives;
-  /** With --gpus: what the watchdog prints if a worker dies while this process waits on NCCL. */
-  progress(step: number, resume: string | null): void;
+  /**
+   * With --gpus: the step reached and (when given) what resumes the run, for the note the watchdog
+   * prints if a worker dies while this process waits on NCCL.
+   */
+  progress(step: number, resume?: string | null): void;
   /** Steps between replica checks (0: never). */
   checkEvery: number;
   /**
@@ -275,6 +278,7 @@ export async function startRanks(
     throw failure ? new Error(`${failure} before the ranks met`) : e;
   }
   let nccl: { collectives: Collectives; dispose(): void } | null = null;
+  let resumeFrom: string | null = null;
   const pids = children.map((c) => c.pid ?? 0);
   const note = (step: number, resume: string | null) =>
     `rank {rank} (process {pid}) is gone: the run stopped at step ${step}${resume ? `; --resume ${resume}` : ""}`;
@@ -294,7 +298,8 @@ export async function startRanks(
     collectives,
     checkEvery,
     progress(step, resume) {
-      if (gpus) requireNative().setWatchNote(note(step, resume));
+      if (resume !== undefined) resumeFrom = resume;
+      if (gpus) requireNative().setWatchNote(note(step, resumeFrom));
     },
     async gatherOptimizer() {
       await exchangeStep(s, collectives, "gather", null, cfg.seqLen);

@@ -37,13 +37,14 @@ for std in ${TINY_STDS/none/}; do
     pids+=($!)
   done
 done
-# SMALL_VARIANTS: "std:gamma:rule:router_std:noise:noise_until:alpha" entries (gamma, rule, noise,
-# noise_until and alpha as --balance.gamma/--balance.rule/--balance.noise/--balance.noise-until/
-# --balance.alpha, router_std as --model.router_init_std; empty or missing fields keep the defaults),
-# e.g. "0.1::", "0.1:0.02:error", "0.1:::0.018", "0.1::::2:0.5" or "0.1::::2:1:0.1".
+# SMALL_VARIANTS: "std:gamma:rule:router_std:noise:noise_until:alpha:seed" entries (gamma, rule,
+# noise, noise_until, alpha and seed as --balance.gamma/--balance.rule/--balance.noise/
+# --balance.noise-until/--balance.alpha/--seed, router_std as --model.router_init_std; empty or
+# missing fields keep the defaults), e.g. "0.1::", "0.1:0.02:error", "0.1:::0.018", "0.1::::2:0.5",
+# "0.1::::2:1:0.1" or "0.1:::::::2" (the preset's settings, seed 2).
 SMALL_VARIANTS="${SMALL_VARIANTS:-$(for s in $SMALL_STDS; do printf '%s:: ' "$s"; done)}"
 for v in $SMALL_VARIANTS; do
-  IFS=: read -r std gamma rule rstd noise until alpha <<<"$v"
+  IFS=: read -r std gamma rule rstd noise until alpha seed <<<"$v"
   bal=()
   [ -n "$gamma" ] && bal+=(--balance.gamma "$gamma")
   [ -n "$rule" ] && bal+=(--balance.rule "$rule")
@@ -51,11 +52,12 @@ for v in $SMALL_VARIANTS; do
   [ -n "$noise" ] && bal+=(--balance.noise "$noise")
   [ -n "$until" ] && bal+=(--balance.noise-until "$until")
   [ -n "$alpha" ] && bal+=(--balance.alpha "$alpha")
+  [ -n "$seed" ] && bal+=(--seed "$seed")
   echo "{\"model\": {\"base\": \"small\", \"embedding_init_std\": $std}}" > "/tmp/small-$std.json"
   timeout 200 bun apps/trainer/src/cli.ts train --config "/tmp/small-$std.json" --backend cuda --batch-size 8 \
     --seq-len 2048 --steps "$SMALL_STEPS" --eval-every 100 --save-every 100000 "${bal[@]}" --out "/tmp/bal-small-$v" \
     > "/tmp/bal-small-$v.log" 2>&1
-  summary "/tmp/bal-small-$v" "small emb $std gamma ${gamma:-default} rule ${rule:-default} router ${rstd:-default} noise ${noise:-default} until ${until:-default} alpha ${alpha:-default}" |
+  summary "/tmp/bal-small-$v" "small emb $std gamma ${gamma:-default} rule ${rule:-default} router ${rstd:-default} noise ${noise:-default} until ${until:-default} alpha ${alpha:-default} seed ${seed:-default}" |
     tee -a "$OUT/balance.jsonl"
   cp "/tmp/bal-small-$v/metrics.jsonl" "$OUT/small-${v//:/_}-metrics.jsonl" 2>/dev/null
 done

@@ -38,7 +38,9 @@ fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // "pid (comm) S ...": the state is the first field after the last ')'.
         Ok(s) => !matches!(
-            s.rsplit(')').next().and_then(|t| t.trim_start().chars().next()),
+            s.rsplit(')')
+                .next()
+                .and_then(|t| t.trim_start().chars().next()),
             Some('Z') | Some('X') | None
         ),
         Err(_) => false,
@@ -79,7 +81,10 @@ pub fn watch_processes(pids: Vec<i32>, ranks: Vec<i32>, note: String, grace_ms: 
                     }
                 }
                 Some((t, pid, rank)) if t.elapsed() >= w.grace => {
-                    let msg = w.note.replace("{pid}", &pid.to_string()).replace("{rank}", &rank.to_string());
+                    let msg = w
+                        .note
+                        .replace("{pid}", &pid.to_string())
+                        .replace("{rank}", &rank.to_string());
                     eprintln!("{msg}");
                     unsafe { _exit(3) };
                 }

@@ -198,74 +198,52 @@ impl Communicator {
         Ok(super::stream()? as Stream)
     }
 
-    /// In place on each (device address, element count) of one dtype, as one NCCL group.
-    pub fn all_reduce_sum(&self, bufs: &[(u64, usize)], dtype: c_int) -> Result<(), String> {
+    /// Runs `body` (its NCCL calls enqueued on the backend's stream) between ncclGroupStart and
+    /// ncclGroupEnd: the first failing call ends the body, and the group is closed either way.
+    fn in_group(
+        &self,
+        body: impl FnOnce(&Api, Comm, Stream) -> Result<(), String>,
+    ) -> Result<(), String> {
         let a = api()?;
         let s = Self::stream()?;
         ck(a, unsafe { (a.ncclGroupStart)() }, "ncclGroupStart")?;
-        let mut first = Ok(());
-        for &(p, n) in bufs {
-            let r = unsafe {
-                (a.ncclAllReduce)(
-                    p as *const c_void,
-                    p as *mut c_void,
-                    n,
-                    dtype,
-                    NCCL_SUM,
-                    self.comm,
-                    s,
-                )
-            };
-            if first.is_ok() {
-                first = ck(a, r, "ncclAllReduce");
-            }
-        }
+        let r = body(a, self.comm, s);
         let end = ck(a, unsafe { (a.ncclGroupEnd)() }, "ncclGroupEnd");
-        first.and(end)
+        r.and(end)
+    }
+
+    /// In place on each (device address, element count) of one dtype, as one NCCL group.
+    pub fn all_reduce_sum(&self, bufs: &[(u64, usize)], dtype: c_int) -> Result<(), String> {
+        self.in_group(|a, comm, s| {
+            for &(p, n) in bufs {
+                let (src, dst) = (p as *const c_void, p as *mut c_void);
+                let r = unsafe { (a.ncclAllReduce)(src, dst, n, dtype, NCCL_SUM, comm, s) };
+                ck(a, r, "ncclAllReduce")?;
+            }
+            Ok(())
+        })
     }
 
     /// In place: each buffer becomes rank `root`'s (element counts as all_reduce_sum).
     pub fn broadcast(&self, bufs: &[(u64, usize, i32)], dtype: c_int) -> Result<(), String> {
-        let a = api()?;
-        let s = Self::stream()?;
-        ck(a, unsafe { (a.ncclGroupStart)() }, "ncclGroupStart")?;
-        let mut first = Ok(());
-        for &(p, n, root) in bufs {
-            let r = unsafe {
-                (a.ncclBroadcast)(
-                    p as *const c_void,
-                    p as *mut c_void,
-                    n,
-                    dtype,
-                    root,
-                    self.comm,
-                    s,
-                )
-            };
-            if first.is_ok() {
-                first = ck(a, r, "ncclBroadcast");
+        self.in_group(|a, comm, s| {
+            for &(p, n, root) in bufs {
+                let (src, dst) = (p as *const c_void, p as *mut c_void);
+                let r = unsafe { (a.ncclBroadcast)(src, dst, n, dtype, root, comm, s) };
+                ck(a, r, "ncclBroadcast")?;
             }
-        }
-        let end = ck(a, unsafe { (a.ncclGroupEnd)() }, "ncclGroupEnd");
-        first.and(end)
+            Ok(())
+        })
     }
 
     /// recv (size x n elements) gets every rank's n elements of send, in rank order.
     pub fn all_gather(&self, send: u64, recv: u64, n: usize, dtype: c_int) -> Result<(), String> {
         let a = api()?;
         let s = Self::stream()?;
+        let (src, dst) = (send as *const c_void, recv as *mut c_void);
         ck(
             a,
-            unsafe {
-                (a.ncclAllGather)(
-                    send as *const c_void,
-                    recv as *mut c_void,
-                    n,
-                    dtype,
-                    self.comm,
-                    s,
-                )
-            },
+            unsafe { (a.ncclAllGather)(src, dst, n, dtype, self.comm, s) },
             "ncclAllGather",
         )
     }
@@ -278,39 +256,19 @@ impl Communicator {
         recvs: &[(u64, usize)],
         dtype: c_int,
     ) -> Result<(), String> {
-        let a = api()?;
-        let s = Self::stream()?;
-        ck(a, unsafe { (a.ncclGroupStart)() }, "ncclGroupStart")?;
-        let mut first = Ok(());
-        for q in 0..self.size as usize {
-            if q as i32 == self.rank {
-                continue;
-            }
-            if let Some(&(p, n)) = sends.get(q) {
-                if n > 0 && first.is_ok() {
-                    first = ck(
-                        a,
-                        unsafe {
-                            (a.ncclSend)(p as *const c_void, n, dtype, q as c_int, self.comm, s)
-                        },
-                        "ncclSend",
-                    );
+        self.in_group(|a, comm, s| {
+            for q in (0..self.size).filter(|&q| q != self.rank) {
+                if let Some(&(p, n)) = sends.get(q as usize).filter(|&&(_, n)| n > 0) {
+                    let r = unsafe { (a.ncclSend)(p as *const c_void, n, dtype, q, comm, s) };
+                    ck(a, r, "ncclSend")?;
+                }
+                if let Some(&(p, n)) = recvs.get(q as usize).filter(|&&(_, n)| n > 0) {
+                    let r = unsafe { (a.ncclRecv)(p as *mut c_void, n, dtype, q, comm, s) };
+                    ck(a, r, "ncclRecv")?;
                 }
             }
-            if let Some(&(p, n)) = recvs.get(q) {
-                if n > 0 && first.is_ok() {
-                    first = ck(
-                        a,
-                        unsafe {
-                            (a.ncclRecv)(p as *mut c_void, n, dtype, q as c_int, self.comm, s)
-                        },
-                        "ncclRecv",
-                    );
-                }
-            }
-        }
-        let end = ck(a, unsafe { (a.ncclGroupEnd)() }, "ncclGroupEnd");
-        first.and(end)
+            Ok(())
+        })
     }
 
     /// Ends the communicator without waiting for the other ranks (a rank is gone): pending and

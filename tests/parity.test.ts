@@ -32,7 +32,18 @@ describe("loss parity on tiny (native backend)", () => {
       const args = ["parity", ...common, "--precision", precision, "--seeds", String(seeds)];
       const r = cli([...args, "--out", tmp(`parity-${precision}`)]);
       expect(r.status, r.stderr).toBe(0);
-      return JSON.parse(r.stdout.trim().split("\n").at(-1)!).comparisons as {
+      const report = JSON.parse(r.stdout.trim().split("\n").at(-1)!);
+      // The mean is the mean of the per-seed comparisons the report lists beside it.
+      expect(report.perSeed).toHaveLength(seeds);
+      const perSeedMean =
+        report.perSeed.reduce(
+          (a: number, p: { variants: { trainRelDiff: number }[] }) => a + p.variants[0].trainRelDiff,
+          0,
+        ) / seeds;
+      expect(report.comparisons[0].trainRelDiff).toBeCloseTo(perSeedMean, 12);
+      expect(report.baselineSpread.train).toBeGreaterThanOrEqual(0);
+      if (seeds > 1) expect(report.perSeed[0].bf16.train).not.toBe(report.perSeed[1].bf16.train);
+      return report.comparisons as {
         label: string;
         trainRelDiff: number;
         valRelDiff: number;

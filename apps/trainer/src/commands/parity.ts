@@ -289,6 +289,25 @@ export async function parity(argv: string[]): Promise<number> {
     trainRelDiff: comparisons.reduce((a, c) => a + c[i].trainRelDiff, 0) / seeds,
     valRelDiff: comparisons.reduce((a, c) => a + c[i].valRelDiff, 0) / seeds,
   }));
+  // Per seed: the baseline's losses and each variant's; across seeds, how far the baseline's own
+  // losses spread (max - min, relative to their mean): the yardstick for the means above.
+  const perSeed = allRuns.map((runs, k) => ({
+    seed: runs[0].seed,
+    [against]: { train: runs[0].finalTrain, val: runs[0].finalVal },
+    variants: comparisons[k].map((c, i) => ({
+      label: c.label,
+      train: runs[i + 1].finalTrain,
+      val: runs[i + 1].finalVal,
+      trainRelDiff: c.trainRelDiff,
+      valRelDiff: c.valRelDiff,
+    })),
+  }));
+  const spreadOf = (xs: number[]) =>
+    (Math.max(...xs) - Math.min(...xs)) / (xs.reduce((a, x) => a + x, 0) / xs.length);
+  const baselineSpread = {
+    train: spreadOf(allRuns.map((r) => r[0].finalTrain)),
+    val: spreadOf(allRuns.map((r) => r[0].finalVal)),
+  };
   mkdirSync(out, { recursive: true });
   const runs0 = allRuns[0];
   const report = {
@@ -304,6 +323,8 @@ export async function parity(argv: string[]): Promise<number> {
     },
     against,
     comparisons: mean,
+    perSeed,
+    baselineSpread,
     runs: allRuns.flat().map(({ ema: _e, ...r }) => r),
   };
   writeFileSync(join(out, "parity.json"), `${JSON.stringify(report, null, 2)}\n`);
@@ -315,8 +336,23 @@ export async function parity(argv: string[]): Promise<number> {
       `loss parity against ${against}`,
     ),
   );
-  if (f.json) console.log(JSON.stringify({ comparisons: mean, out }));
+  if (f.json) console.log(JSON.stringify({ comparisons: mean, perSeed, baselineSpread, out }));
   else {
+    if (seeds > 1) {
+      // Each seed's end losses (train: the EMA over the last 10% of steps), then the baseline's spread.
+      const loss = (x: { train: number; val: number }) => `${x.train.toFixed(4)} / ${x.val.toFixed(4)}`;
+      console.log(`\nper seed: training / validation loss`);
+      for (const p of perSeed)
+        console.log(
+          `  seed ${p.seed}: ${against} ${loss(p[against] as { train: number; val: number })}` +
+            p.variants
+              .map((v) => `, ${v.label} ${loss(v)} (${pct(v.trainRelDiff)} / ${pct(v.valRelDiff)})`)
+              .join(""),
+        );
+      console.log(
+        `  ${against} across seeds (max - min over the mean): ${(100 * baselineSpread.train).toFixed(2)}% training, ${(100 * baselineSpread.val).toFixed(2)}% validation`,
+      );
+    }
     console.log(
       `\n${"variant".padEnd(40)} ${"train (last 10%, EMA)".padStart(22)} ${"validation".padStart(12)}  tokens/s  peak RSS`,
     );

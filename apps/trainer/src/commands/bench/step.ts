@@ -133,19 +133,21 @@ export async function benchStep(flags: Record<string, unknown>): Promise<number>
 }
 
 /**
- * What one more (warm) step costs the OS: the process's minor page faults (each a first touch of
- * fresh memory) and, on cpu, the buffers the pool had to allocate anew (0 when a step reuses
+ * What a warm step costs the OS, over CHURN_STEPS more steps: the process's minor page faults per
+ * step (each a first touch of fresh memory; one step alone swings with where the runtime's garbage
+ * collector runs) and, on cpu, the buffers the pool had to allocate anew (0 when a step reuses
  * everything; tests/cpu-pool.test.ts holds it there).
  */
+const CHURN_STEPS = 3;
 async function steadyStateChurn(b: object, step: () => Promise<unknown>) {
   const poolStats = (b as { poolStats?: () => { misses: number } }).poolStats?.bind(b);
   // Not every runtime has resourceUsage (it is Node's API; Bun has it).
   const faults = () =>
     typeof process.resourceUsage === "function" ? process.resourceUsage().minorPageFault : NaN;
   const [misses, faults0] = [poolStats?.().misses ?? 0, faults()];
-  await step();
+  for (let i = 0; i < CHURN_STEPS; i++) await step();
   const out: Record<string, number> = {};
-  if (!Number.isNaN(faults0)) out.minor_faults_per_step = faults() - faults0;
-  if (poolStats) out.pool_misses_per_step = poolStats().misses - misses;
+  if (!Number.isNaN(faults0)) out.minor_faults_per_step = Math.round((faults() - faults0) / CHURN_STEPS);
+  if (poolStats) out.pool_misses_per_step = (poolStats().misses - misses) / CHURN_STEPS;
   return out;
 }

@@ -10,7 +10,7 @@
 #     --shape experts: per-role TFLOP/s of the expert GEMMs, sm90 and mma.sync; bench-quant: the FP8 quantisers at small's shapes against a device copy
 #   4 bench step small: fp8 with the sm90 GEMM, fp8 with MOE8_SM90_KMAJOR=0 (kt: transposed column
 #     tiles), MOE8_SM90_BN=128 (bn128), MOE8_SM90_GEMM=0 (mma), bf16; bench-gemm-bn128: the
-#     experts' GEMMs on the 128 x 128 entries
+#     experts' GEMMs on the 128 x 128 entries; ring4 and bench-gemm-ring4: MOE8_SM90_RING=4
 #   5 compute-sanitizer on the sm90 kernels (both entry points, through the op suite's sm90 tests):
 #     racecheck and memcheck filtered to gemm_sm90, then to flash_sm90's fa3 kernels (racecheck-fa3,
 #     memcheck-fa3); memcheck of one whole tiny training step
@@ -91,6 +91,11 @@ json_of /tmp/gemm.json bench-gemm
 step bench-gemm-bn128 150 40 sh -c 'MOE8_SM90_BN=128 MOE8_SM90_WGRAD_BN=128 bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts --json > /tmp/gemm-bn128.json'
 cat /tmp/gemm-bn128.json >>"$LOG" 2>/dev/null
 json_of /tmp/gemm-bn128.json bench-gemm-bn128
+# The Fprop and Dgrad on the 4-stage 128 x 128 entry instead of the deep rings (6 stages storing
+# BF16, 5 otherwise; MOE8_SM90_RING=4): the two measured against each other in one call.
+step bench-gemm-ring4 150 40 sh -c 'MOE8_SM90_RING=4 bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts --json > /tmp/gemm-ring4.json'
+cat /tmp/gemm-ring4.json >>"$LOG" 2>/dev/null
+json_of /tmp/gemm-ring4.json bench-gemm-ring4
 # Where the host's time per step goes (the step is bound by the host once the GPU is faster): a CPU
 # profile of five small fp8 steps, as markdown (bun --cpu-prof-md) in $OUT/cpuprof.
 step cpu-prof 120 40 bun --cpu-prof-md --cpu-prof-dir="$OUT/cpuprof" --cpu-prof-interval=200 \
@@ -113,7 +118,7 @@ step nccl-test 240 30 env MOE8_REQUIRE_NCCL=1 bun test --timeout 300000 packages
 # The training step replayed from a CUDA graph equals the uncaptured step bit for bit (issue 18).
 step graph-test 180 40 env MOE8_REQUIRE_CUDA=1 bun test --timeout 300000 tests/cuda-graph.test.ts
 
-for v in sm90 nograph kt bn128 mma fa2 bf16 bf16nograph; do
+for v in sm90 nograph kt bn128 ring4 mma fa2 bf16 bf16nograph; do
   picked "step-$v" || continue
   case $v in
     sm90) env=(MOE8_SM90_GEMM=1) p=fp8 prof=--profile ;;
@@ -122,6 +127,7 @@ for v in sm90 nograph kt bn128 mma fa2 bf16 bf16nograph; do
     mma) env=(MOE8_SM90_GEMM=0) p=fp8 prof=--profile ;;
     kt) env=(MOE8_SM90_KMAJOR=0) p=fp8 prof=--profile ;;
     bn128) env=(MOE8_SM90_BN=128) p=fp8 prof=--profile ;;
+    ring4) env=(MOE8_SM90_RING=4) p=fp8 prof=--profile ;;
     fa2) env=(MOE8_SM90_ATTENTION=0) p=fp8 prof=--profile ;;
     bf16) env=() p=bf16 prof= ;;
   esac

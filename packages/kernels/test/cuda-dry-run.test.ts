@@ -265,6 +265,7 @@ describe("cuda backend host code, without a GPU", () => {
     ["Hopper, MOE8_SM90_DENSE=none", { MOE8_SM90_DENSE: "none" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_KMAJOR=0", { MOE8_SM90_KMAJOR: "0" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_BN=256", { MOE8_SM90_BN: "256" }, "ok", "9.0", false],
+    ["Hopper, MOE8_SM90_RING=4", { MOE8_SM90_RING: "4" }, "ok", "9.0", false],
     [
       "Hopper, 128-wide sm90 tiles on 3 CTAs",
       { MOE8_SM90_BN: "128", MOE8_SM90_WGRAD_BN: "128", MOE8_SM90_CTAS: "3" },
@@ -299,11 +300,17 @@ describe("cuda backend host code, without a GPU", () => {
       const transposed = launchedNow.has("gemm_sm90.sm90_coltile_transpose");
       if (capability !== "9.0" || env.MOE8_SM90_GEMM) expect(sm90).toEqual([]);
       else if (!misaligned) {
-        // Fprop/Dgrad: 128 x 128 unless MOE8_SM90_BN=256; Wgrad: by N (128 and 256 in everyOp)
-        // unless MOE8_SM90_WGRAD_BN forces one.
+        // Fprop/Dgrad: 128 x 128 (BF16 stores on the 6-stage ring unless MOE8_SM90_RING=4) unless
+        // MOE8_SM90_BN=256; Wgrad: by N (128 and 256 in everyOp) unless MOE8_SM90_WGRAD_BN forces one.
         const wgrad = env.MOE8_SM90_WGRAD_BN ? [env.MOE8_SM90_WGRAD_BN] : ["128", "256"];
+        const fpropDgrad =
+          env.MOE8_SM90_BN === "256"
+            ? ["128x256"]
+            : env.MOE8_SM90_RING === "4"
+              ? ["128x128"]
+              : ["128x128_bf16", "128x128"];
         const want = [
-          `gemm_sm90.gemm_sm90_fp8_grouped_128x${env.MOE8_SM90_BN === "256" ? 256 : 128}`,
+          ...fpropDgrad.map((t) => `gemm_sm90.gemm_sm90_fp8_grouped_${t}`),
           ...wgrad.map((w) => `gemm_sm90.gemm_sm90_fp8_wgrad_128x${w}`),
           ...(env.MOE8_SM90_KMAJOR ? ["gemm_sm90.sm90_coltile_transpose"] : []),
         ];
@@ -337,6 +344,7 @@ describe("cuda backend host code, without a GPU", () => {
       ["MOE8_SM90_BN", "64", "expected 128 or 256"],
       ["MOE8_SM90_WGRAD_BN", "wide", "expected 128 or 256"],
       ["MOE8_SM90_CTAS", "0", "expected a positive integer"],
+      ["MOE8_SM90_RING", "6", "expected deep or 4"],
     ]) {
       vi.stubEnv(name, value);
       expect(() => new CudaBackend()).toThrow(`${name}="${value}": ${why}`);

@@ -277,6 +277,7 @@ if (status.ok) {
             { sm90: true, env: {}, name: "sm90 wgmma" },
             { sm90: true, env: { MOE8_SM90_KMAJOR: "0" }, name: "sm90 wgmma, MOE8_SM90_KMAJOR=0" },
             { sm90: true, env: { MOE8_SM90_BN: "256" }, name: "sm90 wgmma, MOE8_SM90_BN=256" },
+            { sm90: true, env: { MOE8_SM90_RING: "4" }, name: "sm90 wgmma, MOE8_SM90_RING=4" },
             { sm90: true, env: { MOE8_SM90_CTAS: "3" }, name: "sm90 wgmma on 3 CTAs" },
           ]
         : []),
@@ -322,7 +323,13 @@ if (status.ok) {
         if (sm90)
           expect(sm90Ran.sort(), [...ran].join(", ")).toEqual(
             [
-              `gemm_sm90.gemm_sm90_fp8_grouped_128x${env.MOE8_SM90_BN ?? 128}`,
+              // Fprop/Dgrad: the 6-stage ring for BF16 stores, the 4-stage one otherwise, unless forced.
+              ...(env.MOE8_SM90_BN || env.MOE8_SM90_RING
+                ? [`gemm_sm90.gemm_sm90_fp8_grouped_128x${env.MOE8_SM90_BN ?? 128}`]
+                : [
+                    "gemm_sm90.gemm_sm90_fp8_grouped_128x128_bf16",
+                    "gemm_sm90.gemm_sm90_fp8_grouped_128x128",
+                  ]),
               "gemm_sm90.gemm_sm90_fp8_wgrad_128x128",
               "gemm_sm90.gemm_sm90_fp8_wgrad_128x256",
               ...(env.MOE8_SM90_KMAJOR === "0" ? ["gemm_sm90.sm90_coltile_transpose"] : []),

@@ -92,6 +92,11 @@ export class CudaContext {
   readonly sm90Bn: 0 | 128 | 256;
   readonly sm90WgradBn: 0 | 128 | 256;
   /**
+   * The ring of the 128 x 128 Fprop and Dgrad storing BF16 for up to 128 groups: "deep" (6 stages,
+   * BF16 staging) or 4 stages (MOE8_SM90_RING=4; for measuring the two).
+   */
+  readonly sm90Ring: "deep" | "4";
+  /**
    * CTAs of the persistent sm90 GEMMs: one per SM, or MOE8_SM90_CTAS (the tests use a few, so that
    * every CTA walks several tiles: the ring's phases and the deferred epilogues across tiles).
    */
@@ -123,6 +128,9 @@ export class CudaContext {
     this.kMajorColTiles = this.sm90Gemm && process.env.MOE8_SM90_KMAJOR !== "0";
     this.sm90Bn = tileWidth("MOE8_SM90_BN");
     this.sm90WgradBn = tileWidth("MOE8_SM90_WGRAD_BN");
+    const ring = process.env.MOE8_SM90_RING ?? "";
+    if (!["", "deep", "4"].includes(ring)) throw new Error(`MOE8_SM90_RING="${ring}": expected deep or 4`);
+    this.sm90Ring = ring === "4" ? "4" : "deep";
     const ctas = process.env.MOE8_SM90_CTAS ?? "";
     if (ctas !== "" && !(Number.isInteger(Number(ctas)) && Number(ctas) >= 1))
       throw new Error(`MOE8_SM90_CTAS="${ctas}": expected a positive integer`);

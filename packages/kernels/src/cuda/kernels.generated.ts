@@ -76,6 +76,7 @@ export const KERNELS = {
   gemm_sm90: {
     gemm_sm90_fp8_grouped_128x256: { module: "gemm_sm90", name: "gemm_sm90_fp8_grouped_128x256", maxThreads: 384, params: [["tA", "tmap"], ["tB", "tmap"], ["tC", "tmap"], ["As", "u64"], ["Bs", "u64"], ["C", "u64"], ["off", "u64"], ["E", "i32"], ["N", "i32"], ["K", "i32"], ["accumulate", "i32"], ["outMode", "i32"], ["rows", "i32"]] },
     gemm_sm90_fp8_grouped_128x128: { module: "gemm_sm90", name: "gemm_sm90_fp8_grouped_128x128", maxThreads: 384, params: [["tA", "tmap"], ["tB", "tmap"], ["tC", "tmap"], ["As", "u64"], ["Bs", "u64"], ["C", "u64"], ["off", "u64"], ["E", "i32"], ["N", "i32"], ["K", "i32"], ["accumulate", "i32"], ["outMode", "i32"], ["rows", "i32"]] },
+    gemm_sm90_fp8_grouped_128x128_bf16: { module: "gemm_sm90", name: "gemm_sm90_fp8_grouped_128x128_bf16", maxThreads: 384, params: [["tA", "tmap"], ["tB", "tmap"], ["tC", "tmap"], ["As", "u64"], ["Bs", "u64"], ["C", "u64"], ["off", "u64"], ["E", "i32"], ["N", "i32"], ["K", "i32"], ["accumulate", "i32"], ["outMode", "i32"], ["rows", "i32"]] },
     gemm_sm90_fp8_wgrad_128x256: { module: "gemm_sm90", name: "gemm_sm90_fp8_wgrad_128x256", maxThreads: 384, params: [["tA", "tmap"], ["tB", "tmap"], ["tC", "tmap"], ["As", "u64"], ["Bs", "u64"], ["C", "u64"], ["off", "u64"], ["E", "i32"], ["M", "i32"], ["N", "i32"], ["accumulate", "i32"], ["outMode", "i32"]] },
     gemm_sm90_fp8_wgrad_128x128: { module: "gemm_sm90", name: "gemm_sm90_fp8_wgrad_128x128", maxThreads: 384, params: [["tA", "tmap"], ["tB", "tmap"], ["tC", "tmap"], ["As", "u64"], ["Bs", "u64"], ["C", "u64"], ["off", "u64"], ["E", "i32"], ["M", "i32"], ["N", "i32"], ["accumulate", "i32"], ["outMode", "i32"]] },
     sm90_coltile_transpose: { module: "gemm_sm90", name: "sm90_coltile_transpose", maxThreads: 256, params: [["q", "u64"], ["out", "u64"], ["off", "u64"], ["E", "i32"], ["rows", "i32"], ["cols", "i32"], ["pitch", "u64"]] },
@@ -167,7 +168,7 @@ export const DEFINES = {
   flash_sm90: { FA3_THREADS: 384, FA3_BM: 128, FA3_BN: 128, FA3_BQ: 128, FA3_STAGES: 3, FA3_PINGPONG: 1, FA3_FWD_SMEM_96_64: 148560, FA3_DQ_SMEM_96_64: 164944, FA3_DKDV_SMEM_96_64: 167992, FA3_FWD_SMEM_64_64: 115792, FA3_DQ_SMEM_64_64: 132176, FA3_DKDV_SMEM_64_64: 135224 },
   gemm: { BM: 64, BN: 64, BK: 16, MMA_LD: 48, MMA_LD16: 40, TN_LD: 144 },
   gemm16: { G16_BM: 128, G16_BN: 128, G16_BK: 64, G16_STAGES: 3, G16_LDK: 72, G16_LDR: 136, G16_SMEM_BYTES: 110592 },
-  gemm_sm90: { SM90_MAX_E: 256, SM90_THREADS: 384, SM90_BM: 128, SM90_OUT_F32: 0, SM90_OUT_ROUND: 1, SM90_OUT_BF16: 2, SM90_SMEM_128x256: 216120, SM90_SMEM_128x128: 199752, SM90_SMEM_WGRAD_128x256: 221240, SM90_SMEM_WGRAD_128x128: 202824, SM90_TP_COLS: 64 },
+  gemm_sm90: { SM90_MAX_E: 256, SM90_THREADS: 384, SM90_BM: 128, SM90_OUT_F32: 0, SM90_OUT_ROUND: 1, SM90_OUT_BF16: 2, SM90_SMEM_128x256: 216120, SM90_SMEM_128x128: 199752, SM90_SMEM_WGRAD_128x256: 221240, SM90_SMEM_WGRAD_128x128: 202824, SM90_MAX_E_DEEP: 128, SM90_SMEM_128x128_BF16: 231528, SM90_TP_COLS: 64 },
   moe: { ROUTER_MAX_EXPERTS: 256, PERMUTE_MAX_EXPERTS: 1024, PCHUNK: 256, BIAS_SIGN: 0, BIAS_ERROR: 1, BIAS_CLIPPED: 2 },
   nn: { RMS_ROWS: 128, EMB_THREADS: 128 },
   optim: { CE_BATCH: 4, SUMSQ_ROW: 4, ADAMW_ROW: 8, ADAMW_CHUNK: 4096, ADAMW_M_BF16: 1, ADAMW_V_BF16: 2, ADAMW_DECAY: 4 },

@@ -62,6 +62,11 @@
 #define SM90_SMEM_128x128 199752
 #define SM90_SMEM_WGRAD_128x256 221240
 #define SM90_SMEM_WGRAD_128x128 202824
+// The deeper ring of the 128 x 128 entry for BF16 stores without accumulate, for at most
+// SM90_MAX_E_DEEP experts (tables half the size): C staged as BF16 (half the bytes of f32) and six
+// stages, which fill the 227 KB a CTA may have (the f32 entry has four).
+#define SM90_MAX_E_DEEP 128
+#define SM90_SMEM_128x128_BF16 231528
 
 #include "sm90.cuh"
 
@@ -125,12 +130,14 @@ enum class Mainloop { OneBuffer, TwoBuffers };
 // Bytes of dynamic shared memory: 1024 of alignment pad (the swizzled tiles must start 1024-aligned,
 // and where the dynamic shared memory starts is the driver's choice: a tool such as compute-sanitizer
 // may move it), STAGES x (A tile BM x 128 bytes, B tile BN x 128 bytes), the C staging (per consumer
-// warpgroup one 64 x 128 f32 half-tile), the full/empty barriers, the offsets and the prefix sums of
-// m-tiles per expert; for Wgrad (rowScales) also each consumer warpgroup's two chunk scale buffers
-// (its 64 rows and the tile's bn columns).
-__host__ __device__ constexpr int sm90_smem_bytes(int bn, int stages, bool rowScales) {
-  return 1024 + stages * (SM90_BM + bn) * 128 + 2 * 64 * 128 * 4 + (rowScales ? 2 * 2 * (64 + bn) * 4 : 0) +
-         2 * stages * 8 + 2 * (SM90_MAX_E + 1) * 4;
+// warpgroup one 64 x 128 half-tile of f32, or of BF16 in the BF16-only entry), the full/empty
+// barriers, the offsets and the prefix sums of m-tiles per expert (maxE + 1 each); for Wgrad
+// (rowScales) also each consumer warpgroup's two chunk scale buffers (its 64 rows and the tile's bn
+// columns).
+__host__ __device__ constexpr int sm90_smem_bytes(int bn, int stages, bool rowScales, bool bf16Staging = false,
+                                                  int maxE = SM90_MAX_E) {
+  return 1024 + stages * (SM90_BM + bn) * 128 + 2 * 64 * 128 * (bf16Staging ? 2 : 4) +
+         (rowScales ? 2 * 2 * (64 + bn) * 4 : 0) + 2 * stages * 8 + 2 * (maxE + 1) * 4;
 }
 
 // Writes 0 to the rows of C [rows, N] outside [lo, hi), the rows no segment covers (none when the
@@ -187,7 +194,9 @@ __device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int*
   return T;
 }
 
-template <int BN, int STAGES, Mainloop LOOP, Segments SEG>
+// BF16_ONLY: the C staging holds BF16 (the entry stores BF16 and never accumulates; it traps
+// otherwise); MAX_E: the experts its tables hold.
+template <int BN, int STAGES, Mainloop LOOP, Segments SEG, bool BF16_ONLY = false, int MAX_E = SM90_MAX_E>
 __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CUtensorMap* tB, const CUtensorMap* tC,
                                                  const float* As, const float* Bs, float* C, const int* off, int E,
                                                  int M, int N, int K, int accumulate, int outMode, int rows) {
@@ -201,10 +210,11 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   // of B), after the C staging.
   constexpr int S_FLOATS = 64 + BN;
   constexpr int S_BYTES = SEG == Segments::AlongK ? NWG * 2 * S_FLOATS * 4 : 0;
-  constexpr int C_BYTES = 64 * 128 * 4;  // staging per consumer warpgroup: 64 rows x 128 f32 columns
+  // Staging per consumer warpgroup: 64 rows x 128 columns of f32 (or BF16).
+  constexpr int C_BYTES = 64 * 128 * (BF16_ONLY ? 2 : 4);
   extern __shared__ u8 sm90_dyn[];
   u8* base = sm90_dyn + ((1024 - (sm90_smem_u32(sm90_dyn) & 1023)) & 1023);
-  if (E > SM90_MAX_E) asm volatile("trap;");
+  if (E > MAX_E || (BF16_ONLY && (outMode != SM90_OUT_BF16 || accumulate))) asm volatile("trap;");
   u8* sA = base;
   u8* sB = base + STAGES * A_BYTES;
   u8* sC = sB + STAGES * B_BYTES;
@@ -212,7 +222,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   u64* full = (u64*)(sS + S_BYTES);
   u64* empty = full + STAGES;
   int* soff = (int*)(empty + STAGES);  // E + 1 offsets
-  int* mpre = soff + SM90_MAX_E + 1;   // E + 1 prefix sums of m-tiles (of 128 rows: chunks along K)
+  int* mpre = soff + MAX_E + 1;        // E + 1 prefix sums of m-tiles (of 128 rows: chunks along K)
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (threadIdx.x == 0) {
@@ -297,7 +307,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
     const int row0 = P.row0, rowEnd = P.rowEnd, n0 = P.n0;
     const bool last = P.last;
     const int r0 = row0 + rloc, r1 = r0 + 8;
-    const bool bf16 = outMode == SM90_OUT_BF16;
+    const bool bf16 = BF16_ONLY || outMode == SM90_OUT_BF16;
     if (outMode == SM90_OUT_ROUND) {
 #pragma unroll
       for (int h = 0; h < NH; h++)
@@ -578,23 +588,30 @@ static_assert(sm90_smem_bytes(256, 3, false) == SM90_SMEM_128x256, "SM90_SMEM_12
 static_assert(sm90_smem_bytes(128, 4, false) == SM90_SMEM_128x128, "SM90_SMEM_128x128");
 static_assert(sm90_smem_bytes(256, 3, true) == SM90_SMEM_WGRAD_128x256, "SM90_SMEM_WGRAD_128x256");
 static_assert(sm90_smem_bytes(128, 4, true) == SM90_SMEM_WGRAD_128x128, "SM90_SMEM_WGRAD_128x128");
+static_assert(sm90_smem_bytes(128, 6, false, true, SM90_MAX_E_DEEP) == SM90_SMEM_128x128_BF16,
+              "SM90_SMEM_128x128_BF16");
+static_assert(SM90_SMEM_128x128_BF16 <= 227 * 1024, "a CTA's dynamic shared memory on sm_90");
 
 // Entry points, one signature: tensor maps of A, B and C, the scales, C, the expert offsets, sizes
 // (rows: of A and C).
-#define GEMM_SM90_ENTRY(NAME, BN, STAGES, LOOP)                                                                   \
+#define GEMM_SM90_ENTRY(NAME, BN, STAGES, LOOP, BF16_ONLY, MAX_E)                                                 \
   KERNEL void __launch_bounds__(SM90_THREADS, 1)                                                                  \
       NAME(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,                        \
            const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs, float* C, const int* off,     \
            int E, int N, int K, int accumulate, int outMode, int rows) {                                          \
-    sm90_fp8_grouped<BN, STAGES, Mainloop::LOOP, Segments::AlongM>(&tA, &tB, &tC, As, Bs, C, off, E, 0, N, K,    \
-                                                                    accumulate, outMode, rows);                   \
+    sm90_fp8_grouped<BN, STAGES, Mainloop::LOOP, Segments::AlongM, BF16_ONLY, MAX_E>(                            \
+        &tA, &tB, &tC, As, Bs, C, off, E, 0, N, K, accumulate, outMode, rows);                                    \
   }
 // K >= 512 (gate/up Fprop, down Dgrad in `small`): 128 x 256 tiles, 25% less L2 traffic per FLOP.
-GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x256, 256, 3, OneBuffer)
+GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x256, 256, 3, OneBuffer, false, SM90_MAX_E)
 // Short K (down Fprop, K = 256: two chunks per tile): 128 x 128 tiles, four stages, two buffers.
 // (notes/sm90-gemm.md measured five stages 2% faster, but only without the alignment pad, which
 // made the kernel depend on where the driver places the dynamic shared memory.)
-GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128, 128, 4, TwoBuffers)
+GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128, 128, 4, TwoBuffers, false, SM90_MAX_E)
+// BF16 stores without accumulate for up to 128 experts (the model's Fprop and Dgrad): six stages,
+// so the producer runs further ahead across tile switches (short K: a tile's fixed cost dominates;
+// notes/sm90-gemm.md, "Deeper rings"): gate/up Fprop 680 -> 789 TFLOP/s, down Fprop 343 -> 383.
+GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_bf16, 128, 6, TwoBuffers, true, SM90_MAX_E_DEEP)
 
 // Wgrad: dW[e] (+)= A_e B_e^T with A = dY^T [M, pitch] and B = X^T [N, pitch] as sm90_coltile_transpose
 // writes them (tensor maps: A u8 [M, pitch] box {128, 128}, B u8 [N, pitch] box {128, BN}, C f32

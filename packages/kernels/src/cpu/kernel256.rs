@@ -139,7 +139,7 @@ unsafe fn mask8(w: usize) -> __m256i {
 }
 
 /// Where a micro-kernel's MR x NR tile of C lies and which of it is stored (the first `mr` rows;
-/// the columns of masks m0 and m1, 8 each).
+/// the columns of masks m0 and m1, 8 each; `full`: all NR columns, stored without the masks).
 #[derive(Clone, Copy)]
 struct Tile {
     c: *mut f32,
@@ -147,19 +147,48 @@ struct Tile {
     mr: usize,
     m0: __m256i,
     m1: __m256i,
+    full: bool,
+}
+
+// C's loads and stores: plain ones for a whole row of the tile, masked ones at N's edge. (AMD's
+// Zen cores run a masked store of 8 floats as microcode, tens of cycles each: with 24 of them per
+// tile and K chunk they cost the micro-kernel about a fifth of its time there.)
+#[inline(always)]
+unsafe fn ld(p: *const f32, m: __m256i, full: bool) -> __m256 {
+    if full {
+        _mm256_loadu_ps(p)
+    } else {
+        _mm256_maskload_ps(p, m)
+    }
+}
+
+#[inline(always)]
+unsafe fn st(p: *mut f32, m: __m256i, v: __m256, full: bool) {
+    if full {
+        _mm256_storeu_ps(p, v)
+    } else {
+        _mm256_maskstore_ps(p, m, v)
+    }
 }
 
 /// One MR x NR tile of C from `kc` steps of packed A (`a`) and packed B (`b`).
 #[inline(always)]
 unsafe fn micro<const ROWMAJOR: bool>(kc: usize, a: *const f32, b: *const f32, t: Tile, epi: Epi) {
-    let Tile { c, ldc, mr, m0, m1 } = t;
+    let Tile {
+        c,
+        ldc,
+        mr,
+        m0,
+        m1,
+        full,
+    } = t;
     let mut acc0 = [_mm256_setzero_ps(); MR];
     let mut acc1 = [_mm256_setzero_ps(); MR];
     if let Epi::Add = epi {
         for r in 0..MR {
             if r < mr {
-                acc0[r] = _mm256_maskload_ps(c.add(r * ldc), m0);
-                acc1[r] = _mm256_maskload_ps(c.add(r * ldc + 8), m1);
+                acc0[r] = ld(c.add(r * ldc), m0, full);
+                acc1[r] = ld(c.add(r * ldc + 8), m1, full);
             }
         }
     }
@@ -178,8 +207,8 @@ unsafe fn micro<const ROWMAJOR: bool>(kc: usize, a: *const f32, b: *const f32, t
     match epi {
         Epi::Set | Epi::Add => {
             for r in 0..mr.min(MR) {
-                _mm256_maskstore_ps(c.add(r * ldc), m0, acc0[r]);
-                _mm256_maskstore_ps(c.add(r * ldc + 8), m1, acc1[r]);
+                st(c.add(r * ldc), m0, acc0[r], full);
+                st(c.add(r * ldc + 8), m1, acc1[r], full);
             }
         }
         Epi::Promote { sa, sb, fresh } => {
@@ -191,14 +220,14 @@ unsafe fn micro<const ROWMAJOR: bool>(kc: usize, a: *const f32, b: *const f32, t
                     (_mm256_setzero_ps(), _mm256_setzero_ps())
                 } else {
                     (
-                        _mm256_maskload_ps(c.add(r * ldc), m0),
-                        _mm256_maskload_ps(c.add(r * ldc + 8), m1),
+                        ld(c.add(r * ldc), m0, full),
+                        ld(c.add(r * ldc + 8), m1, full),
                     )
                 };
                 let t0 = _mm256_mul_ps(_mm256_mul_ps(acc0[r], s), sb0);
                 let t1 = _mm256_mul_ps(_mm256_mul_ps(acc1[r], s), sb1);
-                _mm256_maskstore_ps(c.add(r * ldc), m0, _mm256_add_ps(c0, t0));
-                _mm256_maskstore_ps(c.add(r * ldc + 8), m1, _mm256_add_ps(c1, t1));
+                st(c.add(r * ldc), m0, _mm256_add_ps(c0, t0), full);
+                st(c.add(r * ldc + 8), m1, _mm256_add_ps(c1, t1), full);
             }
         }
     }
@@ -289,6 +318,7 @@ pub unsafe fn gemm(s: Mnk, a: Src, b: Src, c: *mut f32, out: Output, promo: Opti
                                 mr: MR.min(rows - r0),
                                 m0,
                                 m1,
+                                full: w == NR,
                             };
                             let epi = match promo {
                                 Some(pr) => Epi::Promote {

@@ -14,6 +14,10 @@ STEPS="${STEPS:-20}"
 REF="${REF:-../shared/reference/torch_ref_moe.py}"
 TORCH_PYTHONS="${TORCH_PYTHONS:-python3}"
 [ -f "$REF" ] || { echo "cpu-vs-torch: $REF not found (set REF)" >&2; exit 2; }
+for py in $TORCH_PYTHONS; do
+  "$py" -c 'import torch' 2>/dev/null ||
+    { echo "cpu-vs-torch: $py cannot import torch (TORCH_PYTHONS names the Pythons to compare with)" >&2; exit 2; }
+done
 out=$(mktemp)
 for r in $(seq 1 "$ROUNDS"); do
   for p in fp8 bf16 fp32; do

@@ -291,13 +291,13 @@ export async function parity(argv: string[]): Promise<number> {
   }));
   // Per seed: the baseline's losses and each variant's; across seeds, how far the baseline's own
   // losses spread (max - min, relative to their mean): the yardstick for the means above.
+  const lossesOf = (r: RunResult) => ({ train: r.finalTrain, val: r.finalVal });
   const perSeed = allRuns.map((runs, k) => ({
     seed: runs[0].seed,
-    [against]: { train: runs[0].finalTrain, val: runs[0].finalVal },
+    [against]: lossesOf(runs[0]),
     variants: comparisons[k].map((c, i) => ({
       label: c.label,
-      train: runs[i + 1].finalTrain,
-      val: runs[i + 1].finalVal,
+      ...lossesOf(runs[i + 1]),
       trainRelDiff: c.trainRelDiff,
       valRelDiff: c.valRelDiff,
     })),
@@ -342,13 +342,14 @@ export async function parity(argv: string[]): Promise<number> {
       // Each seed's end losses (train: the EMA over the last 10% of steps), then the baseline's spread.
       const loss = (x: { train: number; val: number }) => `${x.train.toFixed(4)} / ${x.val.toFixed(4)}`;
       console.log(`\nper seed: training / validation loss`);
-      for (const p of perSeed)
+      perSeed.forEach((p, k) => {
         console.log(
-          `  seed ${p.seed}: ${against} ${loss(p[against] as { train: number; val: number })}` +
+          `  seed ${p.seed}: ${against} ${loss(lossesOf(allRuns[k][0]))}` +
             p.variants
               .map((v) => `, ${v.label} ${loss(v)} (${pct(v.trainRelDiff)} / ${pct(v.valRelDiff)})`)
               .join(""),
         );
+      });
       console.log(
         `  ${against} across seeds (max - min over the mean): ${(100 * baselineSpread.train).toFixed(2)}% training, ${(100 * baselineSpread.val).toFixed(2)}% validation`,
       );

@@ -107,6 +107,17 @@ async function everyOp(b: Backend) {
     transB: true,
   });
   b.groupedMatmul(q([64, 64], "tile"), q([3, 64, 128], "block"), offs, { precision: "fp8", segment: "m" });
+  // More groups than the deep rings' tables hold (SM90_MAX_E_DEEP = 128): the 4-stage entry.
+  const many = b.upload(
+    Int32Array.from({ length: 131 }, (_, i) => Math.min(i, 64)),
+    [131],
+    "i32",
+  );
+  b.groupedMatmul(q([64, 128], "tile"), q([130, 64, 128], "block"), many, {
+    precision: "fp8",
+    segment: "m",
+    transB: true,
+  });
   // A weight whose columns are not a multiple of 16: quant_block writes no transpose beside it, so
   // the Dgrad transposes it first.
   b.groupedMatmul(q([64, 48], "tile"), q([3, 48, 72], "block"), offs, { precision: "fp8", segment: "m" });
@@ -300,7 +311,8 @@ describe("cuda backend host code, without a GPU", () => {
       const transposed = launchedNow.has("gemm_sm90.sm90_coltile_transpose");
       if (capability !== "9.0" || env.MOE8_SM90_GEMM) expect(sm90).toEqual([]);
       else if (!misaligned) {
-        // Fprop/Dgrad: 128 x 128 (BF16 stores on the 6-stage ring unless MOE8_SM90_RING=4) unless
+        // Fprop/Dgrad: 128 x 128 (up to 128 groups BF16 stores on the 6-stage ring, the rest on the
+        // 5-stage one, unless MOE8_SM90_RING=4; 130 groups on the 4-stage one) unless
         // MOE8_SM90_BN=256; Wgrad: by N (128 and 256 in everyOp) unless MOE8_SM90_WGRAD_BN forces one.
         const wgrad = env.MOE8_SM90_WGRAD_BN ? [env.MOE8_SM90_WGRAD_BN] : ["128", "256"];
         const fpropDgrad =
@@ -308,7 +320,7 @@ describe("cuda backend host code, without a GPU", () => {
             ? ["128x256"]
             : env.MOE8_SM90_RING === "4"
               ? ["128x128"]
-              : ["128x128_bf16", "128x128"];
+              : ["128x128_bf16", "128x128_e128", "128x128"];
         const want = [
           ...fpropDgrad.map((t) => `gemm_sm90.gemm_sm90_fp8_grouped_${t}`),
           ...wgrad.map((w) => `gemm_sm90.gemm_sm90_fp8_wgrad_128x${w}`),

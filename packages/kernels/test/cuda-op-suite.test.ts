@@ -46,6 +46,8 @@ function expertGemms(seed: number) {
     // Wgrad N = 128: the 128 x 128 two-buffer mainloop over 6, 0, 5, 1 and 3 chunks (pairs, odd
     // and even tails; the 4-stage ring wraps inside a tile).
     { sizes: [700, 0, 517, 1, 260], out: 256, inp: 128 },
+    // More groups than the deep rings' tables hold (SM90_MAX_E_DEEP = 128): the 4-stage entry.
+    { sizes: Array.from({ length: 130 }, (_, i) => (i * 37) % 61), out: 128, inp: 256 },
   ];
   return cases.map(({ sizes, out, inp, uncovered = 0 }) => {
     const E = sizes.length;
@@ -323,11 +325,13 @@ if (status.ok) {
         if (sm90)
           expect(sm90Ran.sort(), [...ran].join(", ")).toEqual(
             [
-              // Fprop/Dgrad: the 6-stage ring for BF16 stores, the 4-stage one otherwise, unless forced.
+              // Fprop/Dgrad up to 128 groups: the 6-stage ring for BF16 stores, the 5-stage one
+              // otherwise; the 4-stage entry for 130 groups; unless forced.
               ...(env.MOE8_SM90_BN || env.MOE8_SM90_RING
                 ? [`gemm_sm90.gemm_sm90_fp8_grouped_128x${env.MOE8_SM90_BN ?? 128}`]
                 : [
                     "gemm_sm90.gemm_sm90_fp8_grouped_128x128_bf16",
+                    "gemm_sm90.gemm_sm90_fp8_grouped_128x128_e128",
                     "gemm_sm90.gemm_sm90_fp8_grouped_128x128",
                   ]),
               "gemm_sm90.gemm_sm90_fp8_wgrad_128x128",

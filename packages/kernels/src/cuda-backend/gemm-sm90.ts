@@ -98,16 +98,18 @@ export function sm90Grouped(cx: CudaContext, o: Sm90Operands): boolean {
   // Fprop 689 against 622 TFLOP/s, down Dgrad 416 against 380; notes/sm90-gemm.md); MOE8_SM90_BN=256
   // takes the 128 x 256 entry (one buffer, epilogue not deferred).
   const wide = cx.sm90Bn === 256;
-  // BF16 stores without accumulate (the experts' Fprop and Dgrad) for up to SM90_MAX_E_DEEP groups
-  // take the 6-stage entry with BF16 staging; MOE8_SM90_RING=4 keeps the 4-stage entry (for
-  // measuring the two).
-  const bf16Ring =
-    !wide && cx.sm90Ring === "deep" && !!o.storeBf16 && !o.accumulate && o.E <= SM90.SM90_MAX_E_DEEP;
+  // Up to SM90_MAX_E_DEEP groups the deeper rings: BF16 stores without accumulate (the experts'
+  // Fprop and Dgrad) take the 6-stage entry with BF16 staging, the rest (f32 stores, accumulate-into:
+  // the dense roles) the 5-stage entry. MOE8_SM90_RING=4 keeps the 4-stage entry (for measuring).
+  const deep = !wide && cx.sm90Ring === "deep" && o.E <= SM90.SM90_MAX_E_DEEP;
+  const bf16Ring = deep && !!o.storeBf16 && !o.accumulate;
   const [kernel, smem] = wide
     ? [KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x256, SM90.SM90_SMEM_128x256]
     : bf16Ring
       ? [KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x128_bf16, SM90.SM90_SMEM_128x128_BF16]
-      : [KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x128, SM90.SM90_SMEM_128x128];
+      : deep
+        ? [KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x128_e128, SM90.SM90_SMEM_128x128_E128]
+        : [KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x128, SM90.SM90_SMEM_128x128];
   const bn = wide ? 256 : 128;
   const map = cx.n.cudaTensorMap2D;
   let maps: { tA: Uint8Array; tB: Uint8Array; tC: Uint8Array };

@@ -67,6 +67,9 @@
 // stages, which fill the 227 KB a CTA may have (the f32 entry has four).
 #define SM90_MAX_E_DEEP 128
 #define SM90_SMEM_128x128_BF16 231528
+// The f32 and accumulating calls (the dense roles as one group) for at most SM90_MAX_E_DEEP experts:
+// f32 staging and the small tables leave room for five stages.
+#define SM90_SMEM_128x128_E128 231512
 
 #include "sm90.cuh"
 
@@ -590,7 +593,10 @@ static_assert(sm90_smem_bytes(256, 3, true) == SM90_SMEM_WGRAD_128x256, "SM90_SM
 static_assert(sm90_smem_bytes(128, 4, true) == SM90_SMEM_WGRAD_128x128, "SM90_SMEM_WGRAD_128x128");
 static_assert(sm90_smem_bytes(128, 6, false, true, SM90_MAX_E_DEEP) == SM90_SMEM_128x128_BF16,
               "SM90_SMEM_128x128_BF16");
+static_assert(sm90_smem_bytes(128, 5, false, false, SM90_MAX_E_DEEP) == SM90_SMEM_128x128_E128,
+              "SM90_SMEM_128x128_E128");
 static_assert(SM90_SMEM_128x128_BF16 <= 227 * 1024, "a CTA's dynamic shared memory on sm_90");
+static_assert(SM90_SMEM_128x128_E128 <= 227 * 1024, "a CTA's dynamic shared memory on sm_90");
 
 // Entry points, one signature: tensor maps of A, B and C, the scales, C, the expert offsets, sizes
 // (rows: of A and C).
@@ -612,6 +618,9 @@ GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128, 128, 4, TwoBuffers, false, SM90_M
 // so the producer runs further ahead across tile switches (short K: a tile's fixed cost dominates;
 // notes/sm90-gemm.md, "Deeper rings"): gate/up Fprop 680 -> 789 TFLOP/s, down Fprop 343 -> 383.
 GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_bf16, 128, 6, TwoBuffers, true, SM90_MAX_E_DEEP)
+// Every other call (f32 stores, accumulate-into: the dense roles as one group) for up to 128
+// experts: five stages (the step's GEMMs 20.7 -> 19.9 GPU ms; notes/sm90-gemm.md).
+GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_e128, 128, 5, TwoBuffers, false, SM90_MAX_E_DEEP)
 
 // Wgrad: dW[e] (+)= A_e B_e^T with A = dY^T [M, pitch] and B = X^T [N, pitch] as sm90_coltile_transpose
 // writes them (tensor maps: A u8 [M, pitch] box {128, 128}, B u8 [N, pitch] box {128, BN}, C f32

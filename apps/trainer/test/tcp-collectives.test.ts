@@ -29,6 +29,8 @@ async function round(group: Collectives[]) {
       const roots = [1 % c.size, 0];
       const bc = [b.upload(rng.normals(33), [33]), b.upload(Int32Array.of(c.rank, 5), [2], "i32")];
       await c.broadcast(bc, roots);
+      const red = [b.upload(rng.normals(20), [20]), b.upload(Int32Array.of(c.rank + 1, 2), [2], "i32")];
+      await c.reduceSum(red, [0, c.size - 1]);
       // Rank r sends q + r rows to rank q.
       const send = Array.from({ length: c.size }, (_, q) =>
         b.upload(rng.normals((q + c.rank) * 3), [q + c.rank, 3]),
@@ -38,6 +40,7 @@ async function round(group: Collectives[]) {
       return {
         sums: [await read(f), await read(i)],
         bc: [await read(bc[0]), await read(bc[1])],
+        red: [await read(red[0]), await read(red[1])],
         recv: await Promise.all(recv.map(async (t) => [t.shape, await read(t)])),
       };
     }),
@@ -54,6 +57,30 @@ describe("collectives over TCP", () => {
         for (const g of tcp) g.close();
       }
     });
+
+  it("reduceSum: each root holds the sum in rank order, the other ranks keep their own", async () => {
+    const group = localGroup(3);
+    const mine = (r: number) => Float32Array.from({ length: 5 }, (_, j) => (r + 1) * 0.1 + j);
+    const got = await Promise.all(
+      group.map(async (c) => {
+        const b = new TsBackend();
+        const t = [b.upload(mine(c.rank), [5]), b.upload(Int32Array.of(c.rank, 10), [2], "i32")];
+        await c.reduceSum(t, [2, 0]);
+        return Promise.all(t.map(async (x) => Array.from((await x.read()) as Float32Array | Int32Array)));
+      }),
+    );
+    const sum = Float32Array.from(mine(0));
+    for (const r of [1, 2]) mine(r).forEach((v, j) => (sum[j] += v));
+    expect(got[2][0]).toEqual(Array.from(sum));
+    expect(got[0][0]).toEqual(Array.from(mine(0)));
+    expect(got[1][0]).toEqual(Array.from(mine(1)));
+    expect(got[0][1]).toEqual([3, 30]);
+    expect(got[1][1]).toEqual([1, 10]);
+    expect(got[2][1]).toEqual([2, 10]);
+    await expect(group[0].reduceSum([new TsBackend().zeros([1])], [])).rejects.toThrow(
+      /0 roots for 1 tensors/,
+    );
+  });
 
   it("a rank that leaves fails the others' next call, naming it", async () => {
     const [hub, one, two] = await tcpGroup(3);

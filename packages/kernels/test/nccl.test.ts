@@ -52,7 +52,7 @@ describe.skipIf(!compiled)("NCCL's library", () => {
 });
 
 describe.skipIf(!(nccl?.available && cuda) && !required)("NCCL collectives on the cuda backend", () => {
-  it("a group of one rank: sums and broadcasts leave the values, allToAll hands back what was sent", async () => {
+  it("a group of one rank: sums, reductions and broadcasts leave the values, allToAll hands back what was sent", async () => {
     const b = new CudaBackend();
     const comm = new native!.NcclComm(native!.ncclUniqueId(), 1, 0);
     const c = b.ncclCollectives(comm);
@@ -68,6 +68,10 @@ describe.skipIf(!(nccl?.available && cuda) && !required)("NCCL collectives on th
       expect(Array.from((await ti.read()) as Int32Array)).toEqual(Array.from(n));
       await c.broadcast([tf, ti], [0, 0]);
       expect(Array.from((await tf.read()) as Float32Array)).toEqual(Array.from(f));
+      await c.reduceSum([tf, ti, empty], [0, 0, 0]);
+      expect(Array.from((await tf.read()) as Float32Array)).toEqual(Array.from(f));
+      expect(Array.from((await ti.read()) as Int32Array)).toEqual(Array.from(n));
+      await expect(c.reduceSum([tf], [0, 0])).rejects.toThrow(/2 roots for 1 tensors/);
       const [back] = await c.allToAll([tf]);
       expect(back.shape).toEqual([10, 100]);
       expect(Array.from((await back.read()) as Float32Array)).toEqual(Array.from(f));

@@ -12,7 +12,9 @@
 // same number of sequences on every rank); gradients and losses are scaled by 1/N and summed over
 // the ranks, the expert offsets summed, so every rank clips, updates and balances with the whole
 // step's numbers and the replicas stay identical (the same bits on every rank). With a sharded
-// optimiser (ZeRO-1) each rank updates the parameters it owns and broadcasts them.
+// optimiser (ZeRO-1) each gradient is summed on its owner rank only (a reduce, not an all-reduce),
+// the global norm is assembled from the ranks' norms of what they own, and each rank updates the
+// parameters it owns and broadcasts them.
 import { type LoadStats, loadStats } from "@moe8/moe-layers";
 import type { AdamW } from "@moe8/optimizer";
 import { type Collectives, SINGLE_PROCESS, type Tensor } from "@moe8/tensor";
@@ -83,9 +85,14 @@ export async function trainStep(
       model.setRouterNoise(null);
     }
     const offsets = await pass.offsets();
-    if (group.size > 1)
-      await group.allReduceSum([...opt.params.map((p) => p.grad), pass.ce, pass.total, ...offsets]);
-    const { norm, scale } = opt.gradNorm();
+    const grads = opt.params.map((p) => p.grad);
+    const sharded = !!opt.shard && group.size > 1;
+    if (sharded) {
+      // ZeRO-1: each gradient summed on its owner only (the other ranks never read it again).
+      await group.reduceSum(grads, opt.owners);
+      await group.allReduceSum([pass.ce, pass.total, ...offsets]);
+    } else if (group.size > 1) await group.allReduceSum([...grads, pass.ce, pass.total, ...offsets]);
+    const { norm, scale } = sharded ? await opt.shardedGradNorm(group) : opt.gradNorm();
     const r = await finishStep(
       model,
       opt,

@@ -4,8 +4,10 @@
 // losses and gradient norms agree to f32 re-association (the batch's mean is summed in another
 // order), the first step's expert loads exactly, and the replicas never drift apart (every rank
 // holds the same bits). fp32, so that no quantisation group spans two ranks' rows (under fp8 the
-// 128-token column tiles of Wgrad would). With the optimiser state sharded (ZeRO-1) the run is the
-// same bit for bit, and each rank holds its share of the state.
+// 128-token column tiles of Wgrad would). With the optimiser state sharded (ZeRO-1: gradients
+// reduced to their owners, the global norm assembled from the shards' norms) the run is the same up
+// to that norm's re-association, the replicas again identical, and each rank holds its share of the
+// state.
 import { presetPolicy } from "@moe8/fp8-core";
 import { ADAMW_DEFAULTS, AdamW } from "@moe8/optimizer";
 import { type Backend, type Collectives, SINGLE_PROCESS, TsBackend } from "@moe8/tensor";
@@ -104,6 +106,40 @@ function maxRelDiff(a: number[], b: number[]): number {
   return Math.max(...a.map((x, i) => Math.abs(x - b[i]) / Math.abs(b[i])));
 }
 
+/** The largest element difference of two tensors over the largest magnitude of the second. */
+function tensorRelDiff(a: Float32Array, b: Float32Array): number {
+  expect(a.length).toBe(b.length);
+  let d = 0;
+  let m = 0;
+  for (let i = 0; i < b.length; i++) {
+    d = Math.max(d, Math.abs(a[i] - b[i]));
+    m = Math.max(m, Math.abs(b[i]));
+  }
+  return d / Math.max(m, 1e-30);
+}
+
+/** The Frobenius norm of the difference of two tensors over the second's. */
+function frobeniusRelDiff(a: Float32Array, b: Float32Array): number {
+  let d = 0;
+  let n = 0;
+  for (let i = 0; i < b.length; i++) {
+    d += (a[i] - b[i]) ** 2;
+    n += b[i] ** 2;
+  }
+  return Math.sqrt(d / Math.max(n, 1e-30));
+}
+
+/** Every rank of a run holds the same numbers and weights, bit for bit. */
+function expectReplicasIdentical(runs: Run[], what: string) {
+  for (const r of runs.slice(1)) {
+    expect(r.losses, what).toEqual(runs[0].losses);
+    expect(r.norms, what).toEqual(runs[0].norms);
+    r.weights.forEach((w, i) => {
+      expect(w, `${what}: parameter ${i}`).toEqual(runs[0].weights[i]);
+    });
+  }
+}
+
 describe("data parallel: ranks summed through the collectives", () => {
   it("2 and 4 ranks train as 1 rank on the whole batch, and the replicas stay identical", async () => {
     const [one] = await train(1);
@@ -115,13 +151,7 @@ describe("data parallel: ranks summed through the collectives", () => {
       const runs = await train(ranks, accum);
       const what = `${ranks} ranks, ${accum} micro-batches`;
       // Every rank reports the same numbers and holds the same weights, bit for bit.
-      for (const r of runs.slice(1)) {
-        expect(r.losses, what).toEqual(runs[0].losses);
-        expect(r.norms, what).toEqual(runs[0].norms);
-        r.weights.forEach((w, i) => {
-          expect(w, `${what}: parameter ${i}`).toEqual(runs[0].weights[i]);
-        });
-      }
+      expectReplicasIdentical(runs, what);
       // Against one rank: the same step up to the order of the f32 sums. AdamW's first steps divide
       // each gradient by its own magnitude, so an element whose gradient is near 0 (~1e-8 here)
       // moves by an amount that depends on those last bits: the third step's norm differs by ~2e-4.
@@ -151,18 +181,22 @@ describe("data parallel: ranks summed through the collectives", () => {
     }
   }, 120_000);
 
-  it("ZeRO-1: each rank holds about 1/N of the optimiser state and training is bit for bit the same", async () => {
+  it("ZeRO-1: each rank holds about 1/N of the optimiser state and trains as the unsharded ranks do", async () => {
     const [one] = await train(1);
     for (const ranks of [2, 4]) {
       const plain = await train(ranks);
       const sharded = await train(ranks, 1, true);
-      for (const r of sharded) {
-        expect(r.losses).toEqual(plain[0].losses);
-        expect(r.norms).toEqual(plain[0].norms);
-        r.weights.forEach((w, i) => {
-          expect(w, `${ranks} ranks: parameter ${i}`).toEqual(plain[0].weights[i]);
-        });
-      }
+      const what = `${ranks} ranks sharded`;
+      expectReplicasIdentical(sharded, what);
+      // The first step's loss comes before any update: the same bits. The rest differ only by the
+      // norm's sum of squares taken shard by shard (the clip factor's last bits).
+      expect(sharded[0].losses[0], what).toBe(plain[0].losses[0]);
+      expect(maxRelDiff(sharded[0].losses, plain[0].losses), what).toBeLessThan(1e-5);
+      expect(maxRelDiff(sharded[0].norms, plain[0].norms), what).toBeLessThan(5e-4);
+      expect(maxRelDiff(sharded[0].norms, one.norms), what).toBeLessThan(5e-4);
+      sharded[0].weights.forEach((w, i) => {
+        expect(tensorRelDiff(w, plain[0].weights[i]), `${what}: parameter ${i}`).toBeLessThan(1e-3);
+      });
       // The shards partition the state: together the whole, each within one parameter of 1/N.
       const states = sharded.map((r) => r.state);
       expect(states.reduce((a, x) => a + x, 0)).toBe(one.state);
@@ -172,29 +206,47 @@ describe("data parallel: ranks summed through the collectives", () => {
   }, 120_000);
 
   it("ZeRO-1's state gathers into one checkpoint that resumes under another number of ranks", async () => {
-    // 2 ranks sharded: every rank gathers the whole state, the bits of the unsharded run's.
+    // 2 ranks sharded: every rank gathers the whole state (the same bits on both), the unsharded
+    // run's up to the clip factor's last bits (an expert's second moment moves more where those bits
+    // flip a token's routing: compared as a whole, not element by element).
     const plain = await train(2);
     const sharded = await train(2, 1, true);
     const whole = (r: Run) => [...r.gathered.entries()].sort(([a], [b]) => a.localeCompare(b));
     expect(plain[0].gathered.size).toBe(2 * MICRO_PARAMS());
-    for (const r of sharded) expect(whole(r)).toEqual(whole(plain[0]));
-    // Resumed from it for two more steps: sharded or not, 2 or 4 ranks, the same as 2 plain ranks
-    // carrying on (bit for bit under the same rank count; to f32 re-association under another).
+    expect(whole(sharded[1])).toEqual(whole(sharded[0]));
+    for (const [name, v] of whole(sharded[0]))
+      expect(frobeniusRelDiff(v, plain[0].gathered.get(name)!), name).toBeLessThan(1e-2);
+    // Resumed from it for two more steps: sharded or not, 2 or 4 ranks, as 2 plain ranks carrying
+    // on from it (the first step's loss bit for bit under the same rank count; to f32
+    // re-association else). And the unsharded run resumed from its own checkpoint is the run that
+    // never stopped, bit for bit.
     const start: Start = { dict: sharded[0].dict, state: sharded[0].gathered, step: STEPS };
-    const go = (ranks: number, zero1: boolean) => train(ranks, 1, zero1, start, STEPS, 2);
+    const fromPlain: Start = { dict: plain[0].dict, state: plain[0].gathered, step: STEPS };
+    const go = (ranks: number, zero1: boolean, from = start) => train(ranks, 1, zero1, from, STEPS, 2);
     const on = await train(2, 1, false, null, 0, STEPS + 2);
-    const [two, twoSharded, four, fourSharded] = await Promise.all([
+    const [resumed, two, twoSharded, four, fourSharded] = await Promise.all([
+      go(2, false, fromPlain),
       go(2, false),
       go(2, true),
       go(4, false),
       go(4, true),
     ]);
-    expect(twoSharded[0].losses).toEqual(two[0].losses);
-    expect(two[0].losses).toEqual(on[0].losses.slice(STEPS));
-    expect(two[0].weights).toEqual(on[0].weights);
-    expect(fourSharded[0].losses).toEqual(four[0].losses);
-    expect(fourSharded[1].weights).toEqual(four[0].weights);
-    expect(maxRelDiff(four[0].losses, two[0].losses)).toBeLessThan(1e-5);
+    expect(resumed[0].losses).toEqual(on[0].losses.slice(STEPS));
+    expect(resumed[0].weights).toEqual(on[0].weights);
+    expectReplicasIdentical(twoSharded, "2 ranks sharded, resumed");
+    expectReplicasIdentical(fourSharded, "4 ranks sharded, resumed");
+    expect(twoSharded[0].losses[0]).toBe(two[0].losses[0]);
+    expect(fourSharded[0].losses[0]).toBe(four[0].losses[0]);
+    for (const [runs, base] of [
+      [twoSharded, two],
+      [fourSharded, four],
+      [four, two],
+    ] as const) {
+      expect(maxRelDiff(runs[0].losses, base[0].losses)).toBeLessThan(1e-5);
+      runs[0].weights.forEach((w, i) => {
+        expect(tensorRelDiff(w, base[0].weights[i]), `parameter ${i}`).toBeLessThan(1e-3);
+      });
+    }
   }, 120_000);
 
   it("a rank that passes other tensors is an error, not a hang", async () => {

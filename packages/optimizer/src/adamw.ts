@@ -119,7 +119,9 @@ export class AdamW {
         m: b.keep(b.zeros(param.value.shape, cfg.moments)),
         v: b.keep(b.zeros(param.value.shape, cfg.moments)),
       }));
-    this.clip = b.prepareClipScale(params.map((p) => p.grad));
+    // Sharded, a rank's norm covers the gradients it owns (the only ones summed on it: trainStep
+    // reduces each gradient to its owner); shardedGradNorm combines the ranks' norms.
+    this.clip = b.prepareClipScale(this.slots.map((s) => s.param.grad));
     const scaleOf = (p: Param) => (p.group ? (cfg.lrScale?.[p.group] ?? 1) : 1);
     const scales = [...new Set(this.slots.map((s) => scaleOf(s.param)))];
     this.groups = scales.map((scale) => ({
@@ -137,9 +139,37 @@ export class AdamW {
     return this.slots.reduce((n, s) => n + s.m.size + s.v.size, 0);
   }
 
-  /** The global gradient norm and the clip factor, as one-element device tensors. */
+  private get maxNorm(): number {
+    return this.cfg.clip > 0 ? this.cfg.clip : Number.POSITIVE_INFINITY;
+  }
+
+  /** The global gradient norm and the clip factor, as one-element device tensors (unsharded). */
   gradNorm(): { norm: Tensor; scale: Tensor } {
-    return this.clip.clipScale(this.cfg.clip > 0 ? this.cfg.clip : Number.POSITIVE_INFINITY);
+    if (this.shard && this.shard.size > 1)
+      throw new Error("AdamW.gradNorm: the optimiser is sharded; use shardedGradNorm(group)");
+    return this.clip.clipScale(this.maxNorm);
+  }
+
+  /**
+   * gradNorm of a sharded optimiser, once each rank holds the summed gradients of the parameters it
+   * owns: each rank's norm of those goes into its row of a [ranks, 1] vector, one all-reduce of that
+   * vector (exact: every other row is 0) gives every rank all of them, and the norm of the vector is
+   * the global norm (the sum of squares re-associated by shard), with the same bits on every rank.
+   */
+  async shardedGradNorm(group: Collectives): Promise<{ norm: Tensor; scale: Tensor }> {
+    if (!this.shard || this.shard.size <= 1) return this.gradNorm();
+    if (group.size !== this.shard.size || group.rank !== this.shard.rank)
+      throw new Error(
+        `AdamW.shardedGradNorm: rank ${group.rank} of ${group.size} for a shard ${this.shard.rank} of ${this.shard.size}`,
+      );
+    const b = this.b;
+    const norms = b.zeros([group.size, 1]);
+    if (this.slots.length > 0) {
+      const own = this.clip.clipScale(Number.POSITIVE_INFINITY).norm;
+      b.setRows(norms, group.rank, b.reshape(own, [1, 1]));
+    }
+    await group.allReduceSum([norms]);
+    return b.clipScale([norms], this.maxNorm);
   }
 
   /** One update of every parameter (this rank's, when sharded) at learning rate `lr`, gradients multiplied by `gradScale`. */

@@ -20,6 +20,13 @@ export interface Collectives {
   /** In place: tensor i becomes rank roots[i]'s tensor i on every rank (each rank passes the same list). */
   broadcast(tensors: Tensor[], roots: number[]): Promise<void>;
   /**
+   * In place on rank roots[i] only: its tensor i becomes the sum of tensor i over the ranks (in the
+   * order allReduceSum adds); the other ranks' tensor i is left as it was. What a sharded optimiser
+   * needs of the gradients (each owner the sum of its parameters'): half the traffic of an
+   * all-reduce, the other half being the broadcast of the updated weights.
+   */
+  reduceSum(tensors: Tensor[], roots: number[]): Promise<void>;
+  /**
    * send[q] (2-D, f32 or i32, any number of rows, the same columns on every rank) goes to rank q;
    * returns recv, recv[q] being what rank q sent to this rank, on this rank's backend.
    */
@@ -32,6 +39,7 @@ export const SINGLE_PROCESS: Collectives = {
   size: 1,
   async allReduceSum() {},
   async broadcast() {},
+  async reduceSum() {},
   async allToAll(send) {
     return send;
   },
@@ -73,18 +81,31 @@ export function collectivesOver(rank: number, size: number, exchange: Exchange):
       });
     return parts;
   };
+  const sumOf = (parts: CollectiveValues[][], i: number) => {
+    const sum = parts[0][i].slice();
+    for (let q = 1; q < size; q++) {
+      const p = parts[q][i];
+      for (let j = 0; j < sum.length; j++) sum[j] += p[j];
+    }
+    return sum;
+  };
   return {
     rank,
     size,
     async allReduceSum(tensors) {
       const parts = await gather(tensors);
       tensors.forEach((t, i) => {
-        const sum = parts[0][i].slice();
-        for (let q = 1; q < size; q++) {
-          const p = parts[q][i];
-          for (let j = 0; j < sum.length; j++) sum[j] += p[j];
-        }
-        t.backend.write(t, sum);
+        t.backend.write(t, sumOf(parts, i));
+      });
+    },
+    async reduceSum(tensors, roots) {
+      if (roots.length !== tensors.length)
+        throw new Error(`reduceSum: ${roots.length} roots for ${tensors.length} tensors`);
+      // (Every rank sends everything here: the exchange is one all-to-all-of-everything; the
+      // saving is NCCL's.)
+      const parts = await gather(tensors);
+      tensors.forEach((t, i) => {
+        if (roots[i] === rank) t.backend.write(t, sumOf(parts, i));
       });
     },
     async allToAll(send) {

@@ -48,6 +48,17 @@ export function ncclCollectives(cx: CudaContext, comm: NcclComm): Collectives {
           dtype,
         );
     },
+    async reduceSum(tensors, roots) {
+      if (roots.length !== tensors.length)
+        throw new Error(`reduceSum: ${roots.length} roots for ${tensors.length} tensors`);
+      for (const [dtype, ts] of byDtype(tensors, "reduceSum"))
+        comm.reduceSum(
+          ts.map(([t]) => addr(cx, t)),
+          ts.map(([t]) => t.size),
+          ts.map(([, i]) => roots[i]),
+          dtype,
+        );
+    },
     async allToAll(send) {
       if (send.length !== size) throw new Error(`allToAll: ${send.length} tensors for ${size} ranks`);
       const dtype = moved(send[0], "allToAll");

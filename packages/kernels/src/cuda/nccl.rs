@@ -52,6 +52,16 @@ struct Api {
         Comm,
         Stream,
     ) -> c_int,
+    ncclReduce: unsafe extern "C" fn(
+        *const c_void,
+        *mut c_void,
+        usize,
+        c_int,
+        c_int,
+        c_int,
+        Comm,
+        Stream,
+    ) -> c_int,
     ncclAllGather:
         unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, Comm, Stream) -> c_int,
     ncclSend: unsafe extern "C" fn(*const c_void, usize, c_int, c_int, Comm, Stream) -> c_int,
@@ -116,6 +126,7 @@ fn load() -> Result<Api, String> {
         ncclCommAbort: sym!(ncclCommAbort),
         ncclAllReduce: sym!(ncclAllReduce),
         ncclBroadcast: sym!(ncclBroadcast),
+        ncclReduce: sym!(ncclReduce),
         ncclAllGather: sym!(ncclAllGather),
         ncclSend: sym!(ncclSend),
         ncclRecv: sym!(ncclRecv),
@@ -231,6 +242,19 @@ impl Communicator {
                 let (src, dst) = (p as *const c_void, p as *mut c_void);
                 let r = unsafe { (a.ncclBroadcast)(src, dst, n, dtype, root, comm, s) };
                 ck(a, r, "ncclBroadcast")?;
+            }
+            Ok(())
+        })
+    }
+
+    /// In place on rank `root` only: each buffer becomes the sum over the ranks (the other ranks'
+    /// buffers are sent, not written).
+    pub fn reduce_sum(&self, bufs: &[(u64, usize, i32)], dtype: c_int) -> Result<(), String> {
+        self.in_group(|a, comm, s| {
+            for &(p, n, root) in bufs {
+                let (src, dst) = (p as *const c_void, p as *mut c_void);
+                let r = unsafe { (a.ncclReduce)(src, dst, n, dtype, NCCL_SUM, root, comm, s) };
+                ck(a, r, "ncclReduce")?;
             }
             Ok(())
         })
@@ -436,6 +460,26 @@ pub mod js {
                 .collect::<Result<Vec<_>>>()?;
             self.inner
                 .broadcast(&bufs, dtype_of(dtype)?)
+                .map_err(napi_err)
+        }
+
+        /// In place on rank roots[i] only: buffer i summed over the ranks.
+        #[napi]
+        pub fn reduce_sum(
+            &self,
+            ptrs: Vec<f64>,
+            counts: Vec<f64>,
+            roots: Vec<i32>,
+            dtype: String,
+        ) -> Result<()> {
+            let bufs = ptrs
+                .iter()
+                .zip(&counts)
+                .zip(&roots)
+                .map(|((&p, &n), &r)| Ok((p as u64, count(n, "reduceSum")?, r)))
+                .collect::<Result<Vec<_>>>()?;
+            self.inner
+                .reduce_sum(&bufs, dtype_of(dtype)?)
                 .map_err(napi_err)
         }
 

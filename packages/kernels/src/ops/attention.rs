@@ -573,14 +573,6 @@ by_level!(
     fn forward_block(x: Inputs, dm: &Dims, hd: Head, qb: usize, out: ForwardOut) => forward_task
 );
 
-/// All the queries of one (batch, head) when there are few of them (a KV-cache decode step), one
-/// at a time: forward_task's arithmetic in its order, on one query instead of a vector lane of 16.
-/// Each tile of k is transposed into an L1-sized buffer (keys as lanes), the scores are the same
-/// chains of fused multiply-adds over the head dimension, the softmax takes the same maxima and sums
-/// the same exponentials in key order (online in f32, after the final max in bf16), and o gets the
-/// same chains over the keys; v is read in place when it needs neither BF16 rounding nor padding. So each query's o and lse are the bits
-/// of its row in a full forward (attention_with_fewer_queries_... in tests.rs).
-#[inline(always)]
 /// acc += e[..valid] times the first `valid` rows of the value tile at vp (row stride ldv): one
 /// query's probabilities against a tile of values (acc's length a whole number of vectors).
 #[inline(always)]
@@ -606,6 +598,13 @@ unsafe fn add_weighted_rows<V: Tiles>(
     row_product::<V>(acc.len() / W, tile);
 }
 
+/// All the queries of one (batch, head) when there are few of them (a KV-cache decode step), one
+/// at a time: forward_task's arithmetic in its order, on one query instead of a vector lane of 16.
+/// Each tile of k is transposed into an L1-sized buffer (keys as lanes), the scores are the same
+/// chains of fused multiply-adds over the head dimension, the softmax takes the same maxima and sums
+/// the same exponentials in key order (online in f32, after the final max in bf16), and o gets the
+/// same chains over the keys; v is read in place when it needs neither BF16 rounding nor padding. So each query's o and lse are the bits
+/// of its row in a full forward (attention_with_fewer_queries_... in tests.rs).
 unsafe fn decode_task<V: Tiles>(x: Inputs, dm: &Dims, hd: Head, out: ForwardOut) {
     let (bb, hh, nh) = (hd.b, hd.h, dm.h);
     let (t, tk, dqk, dv, dvp, lowp) = (dm.t, dm.tk, dm.dqk, dm.dv, dm.dvp(), dm.lowp);

@@ -31,6 +31,15 @@ async function round(group: Collectives[]) {
       await c.broadcast(bc, roots);
       const red = [b.upload(rng.normals(20), [20]), b.upload(Int32Array.of(c.rank + 1, 2), [2], "i32")];
       await c.reduceSum(red, [0, c.size - 1]);
+      // Started reductions (the gradient buckets): two starts, one settle.
+      const st = [
+        b.upload(rng.normals(9), [9]),
+        b.upload(rng.normals(4), [4]),
+        b.upload(rng.normals(6), [6]),
+      ];
+      c.startReduce([st[0]]);
+      c.startReduce([st[1], st[2]], [c.size - 1, 0]);
+      await c.settle();
       // Rank r sends q + r rows to rank q.
       const send = Array.from({ length: c.size }, (_, q) =>
         b.upload(rng.normals((q + c.rank) * 3), [q + c.rank, 3]),
@@ -41,6 +50,7 @@ async function round(group: Collectives[]) {
         sums: [await read(f), await read(i)],
         bc: [await read(bc[0]), await read(bc[1])],
         red: [await read(red[0]), await read(red[1])],
+        started: await Promise.all(st.map(read)),
         recv: await Promise.all(recv.map(async (t) => [t.shape, await read(t)])),
       };
     }),
@@ -80,6 +90,33 @@ describe("collectives over TCP", () => {
     await expect(group[0].reduceSum([new TsBackend().zeros([1])], [])).rejects.toThrow(
       /0 roots for 1 tensors/,
     );
+  });
+
+  it("startReduce and settle: the same sums as reduceSum and allReduceSum", async () => {
+    const run = (started: boolean) =>
+      Promise.all(
+        localGroup(3).map(async (c) => {
+          const b = new TsBackend();
+          const rng = new Rng(7 + c.rank);
+          const t = [b.upload(rng.normals(8), [8]), b.upload(rng.normals(5), [5])];
+          if (started) {
+            c.startReduce([t[0]]);
+            c.startReduce([t[1]], [1]);
+            // Nothing moves before settle.
+            const own = Array.from(new Rng(7 + c.rank).normals(8));
+            expect(Array.from((await t[0].read()) as Float32Array)).toEqual(own);
+            await c.settle();
+          } else {
+            await c.allReduceSum([t[0]]);
+            await c.reduceSum([t[1]], [1]);
+          }
+          return Promise.all(t.map(async (x) => Array.from((await x.read()) as Float32Array)));
+        }),
+      );
+    expect(await run(true)).toEqual(await run(false));
+    const c = localGroup(2)[0];
+    expect(() => c.startReduce([new TsBackend().zeros([1])], [0, 1])).toThrow(/2 roots for 1 tensors/);
+    await c.settle(); // nothing started: returns at once
   });
 
   it("a rank that leaves fails the others' next call, naming it", async () => {

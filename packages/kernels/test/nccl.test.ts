@@ -72,6 +72,14 @@ describe.skipIf(!(nccl?.available && cuda) && !required)("NCCL collectives on th
       expect(Array.from((await tf.read()) as Float32Array)).toEqual(Array.from(f));
       expect(Array.from((await ti.read()) as Int32Array)).toEqual(Array.from(n));
       await expect(c.reduceSum([tf], [0, 0])).rejects.toThrow(/2 roots for 1 tensors/);
+      // Started on the side stream after the work before it, joined before the work after it.
+      const x = b.scale(tf, 2);
+      c.startReduce([x, ti]);
+      c.startReduce([empty], [0]);
+      await c.settle();
+      const y = b.scale(x, 0.5);
+      expect(Array.from((await y.read()) as Float32Array)).toEqual(Array.from(f));
+      expect(Array.from((await ti.read()) as Int32Array)).toEqual(Array.from(n));
       const [back] = await c.allToAll([tf]);
       expect(back.shape).toEqual([10, 100]);
       expect(Array.from((await back.read()) as Float32Array)).toEqual(Array.from(f));

@@ -61,6 +61,12 @@ export class DeepSeekModel {
   readonly params: Param[] = [];
   readonly embed: Param;
   readonly blocks: Block[] = [];
+  /**
+   * The parameters in the order the backward pass finishes their gradients: the final norm and the
+   * head, each block from the last to the first, the embedding (the buckets `lossAndGrad`'s
+   * `onGrads` is called with).
+   */
+  readonly gradBuckets: Param[][] = [];
   readonly norm: Param;
   readonly head: Linear;
   readonly trace = new PrecisionTrace();
@@ -123,6 +129,11 @@ export class DeepSeekModel {
       storeBf16: true,
     });
     this.params.push(this.norm, headW);
+    this.gradBuckets.push(
+      [this.norm, headW],
+      ...this.blocks.map((k) => [k.ln1, ...k.attn.params, k.ln2, ...k.mlp.params]).reverse(),
+      [this.embed],
+    );
   }
 
   /** Switches precision policy (all packages) without touching the weights. */
@@ -312,8 +323,11 @@ export class DeepSeekModel {
     return { loss: loss!, dy };
   }
 
-  /** Backpropagates d(final normalised hidden states) (and releases it) through the blocks. */
-  private backwardTrunk(dn: Tensor): void {
+  /**
+   * Backpropagates d(final normalised hidden states) (and releases it) through the blocks; calls
+   * `onGrads` with each of `gradBuckets` once its gradients are final (the head's were made before).
+   */
+  private backwardTrunk(dn: Tensor, onGrads?: (params: Param[]) => void): void {
     const b = this.b;
     const s = this.saved;
     if (!s) throw new Error("model: backward without forward");
@@ -321,6 +335,7 @@ export class DeepSeekModel {
     // Norm weight gradients and the residual's gradient are accumulated by the norms' backward.
     const fin = b.rmsnormBackward(dn, s.hFinal, this.norm.value, s.rstdF, { dw: this.norm.grad });
     dn.dispose();
+    onGrads?.(this.gradBuckets[0]);
     const dh = fin.dx; // in the caller's arena (the step's), updated in place by every block
     // Each block's backward runs in its own arena: its temporaries (activation gradients, FP8
     // copies) are freed before the next block's, instead of all living to the end of the step.
@@ -334,23 +349,33 @@ export class DeepSeekModel {
         const da = blk.attn.backward(dh);
         b.rmsnormBackward(da, s.hs[l], blk.ln1.value, s.rstd1[l], { dx: dh, dw: blk.ln1.grad });
       });
+      onGrads?.(this.gradBuckets[this.blocks.length - l]);
     }
     b.embeddingBackward(this.embed.grad, dh, s.ids);
+    onGrads?.(this.gradBuckets[this.blocks.length + 1]);
   }
 
   /**
    * Forward + backward of the mean token cross-entropy (plus the MoE balance losses), accumulating
    * gradients. Returns the cross-entropy and the total loss as one-element tensors (not read).
    * `gradScale` multiplies the gradients (not the returned losses): 1/K for one of K equal
-   * micro-batches of a step, so that their gradients sum to the whole batch's mean.
+   * micro-batches of a step, so that their gradients sum to the whole batch's mean. `onGrads` is
+   * called with each of `gradBuckets` as soon as the backward pass has finished its gradients (a
+   * data-parallel step starts their reduction there, while the rest of the backward pass runs).
    */
-  lossAndGrad(ids: Tensor, targets: Tensor, shape: BatchShape, gradScale = 1): { ce: Tensor; total: Tensor } {
+  lossAndGrad(
+    ids: Tensor,
+    targets: Tensor,
+    shape: BatchShape,
+    gradScale = 1,
+    onGrads?: (params: Param[]) => void,
+  ): { ce: Tensor; total: Tensor } {
     const y = this.trunk(ids, shape, gradScale);
     const { loss, dy } = this.headLoss(y, targets, true, gradScale);
     y.dispose();
     let total = loss;
     for (const m of this.moeLayers) if (m.lastBalanceLoss) total = this.b.add(total, m.lastBalanceLoss);
-    this.backwardTrunk(dy!);
+    this.backwardTrunk(dy!, onGrads);
     return { ce: loss, total };
   }
 

@@ -17,7 +17,7 @@
 // parameters it owns and broadcasts them.
 import { type LoadStats, loadStats } from "@moe8/moe-layers";
 import type { AdamW } from "@moe8/optimizer";
-import { type Collectives, SINGLE_PROCESS, type Tensor } from "@moe8/tensor";
+import { type Collectives, type Param, SINGLE_PROCESS, type Tensor } from "@moe8/tensor";
 import type { BatchShape, DeepSeekModel } from "./model.ts";
 
 export interface StepResult {
@@ -75,23 +75,35 @@ export async function trainStep(
     // This rank's first token in the step's batch (the ranks hold equal consecutive slices).
     const first = group.rank * shape.batch * shape.seq;
     const setNoise = (row: number) => model.setRouterNoise(noise && { ...noise, rowOffset: first + row });
+    const sharded = !!opt.shard && group.size > 1;
+    // Gradient buckets: each block's gradients start their reduction (ZeRO-1: to their owners only,
+    // the other ranks never read them again) as soon as the backward pass has finished them, on the
+    // last micro-batch, and travel while it computes the blocks before (with NCCL).
+    const owner = new Map(opt.params.map((p, i) => [p, opt.owners[i]] as const));
+    const onGrads =
+      group.size > 1
+        ? (params: Param[]) => {
+            const grads = params.map((p) => p.grad);
+            if (sharded)
+              group.startReduce(
+                grads,
+                params.map((p) => owner.get(p)!),
+              );
+            else group.startReduce(grads);
+          }
+        : undefined;
     let pass: Pass;
     try {
       pass =
         accum === 1
-          ? wholeBatch(model, ids, targets, shape, share, setNoise)
-          : microBatches(model, ids, targets, shape, accum, share, setNoise);
+          ? wholeBatch(model, ids, targets, shape, share, setNoise, onGrads)
+          : microBatches(model, ids, targets, shape, accum, share, setNoise, onGrads);
     } finally {
       model.setRouterNoise(null);
     }
+    if (group.size > 1) await group.settle();
     const offsets = await pass.offsets();
-    const grads = opt.params.map((p) => p.grad);
-    const sharded = !!opt.shard && group.size > 1;
-    if (sharded) {
-      // ZeRO-1: each gradient summed on its owner only (the other ranks never read it again).
-      await group.reduceSum(grads, opt.owners);
-      await group.allReduceSum([pass.ce, pass.total, ...offsets]);
-    } else if (group.size > 1) await group.allReduceSum([...grads, pass.ce, pass.total, ...offsets]);
+    if (group.size > 1) await group.allReduceSum([pass.ce, pass.total, ...offsets]);
     const { norm, scale } = sharded ? await opt.shardedGradNorm(group) : opt.gradNorm();
     const r = await finishStep(
       model,
@@ -171,10 +183,11 @@ function wholeBatch(
   shape: BatchShape,
   share: number,
   setNoise: (row: number) => void,
+  onGrads?: (params: Param[]) => void,
 ): Pass {
   const b = model.b;
   setNoise(0);
-  const r = model.lossAndGrad(ids, targets, shape, share);
+  const r = model.lossAndGrad(ids, targets, shape, share, onGrads);
   const [ce, total] = share === 1 ? [r.ce, r.total] : [b.scale(r.ce, share), b.scale(r.total, share)];
   const offsets = model.moeLayers.map((m) => m.lastOffsets!);
   return { ce, total, offsets: async () => offsets };
@@ -188,6 +201,7 @@ function microBatches(
   accum: number,
   share: number,
   setNoise: (row: number) => void,
+  onGrads?: (params: Param[]) => void,
 ): Pass {
   const b = model.b;
   const micro = { batch: shape.batch / accum, seq: shape.seq };
@@ -205,6 +219,7 @@ function microBatches(
         b.rows(targets, k * rows, rows),
         micro,
         share / accum,
+        k === accum - 1 ? onGrads : undefined,
       );
       return {
         ce: b.keep(b.scale(r.ce, share / accum)),

@@ -10,7 +10,14 @@
 // state.
 import { presetPolicy } from "@moe8/fp8-core";
 import { ADAMW_DEFAULTS, AdamW } from "@moe8/optimizer";
-import { type Backend, type Collectives, SINGLE_PROCESS, TsBackend } from "@moe8/tensor";
+import {
+  type Backend,
+  type Collectives,
+  type Param,
+  SINGLE_PROCESS,
+  type Tensor,
+  TsBackend,
+} from "@moe8/tensor";
 import { localGroup } from "@moe8/tensor/testing";
 import { describe, expect, it } from "vitest";
 import { DeepSeekModel } from "../src/model.ts";
@@ -248,6 +255,31 @@ describe("data parallel: ranks summed through the collectives", () => {
       });
     }
   }, 120_000);
+
+  // The buckets a data-parallel step starts reducing during the backward pass: every parameter in
+  // exactly one, each handed over only once its gradient is final (the values at the call are the
+  // values after the whole backward pass), in the order the backward pass finishes them.
+  it("gradient buckets: every parameter once, each final when handed over", async () => {
+    const b = new TsBackend();
+    const model = new DeepSeekModel(b, MICRO, presetPolicy("fp32"), 11);
+    const flat = model.gradBuckets.flat();
+    expect(new Set(flat).size).toBe(flat.length);
+    expect(new Set(flat)).toEqual(new Set(model.params));
+    const { ids, targets } = batchOf(b, MICRO, BATCH, SEQ, 100);
+    const seen: { params: Param[]; grads: Tensor[] }[] = [];
+    for (const p of model.params) p.zeroGrad();
+    // A copy made at the call holds the gradient as of then, in stream order on any backend.
+    model.lossAndGrad(ids, targets, { batch: BATCH, seq: SEQ }, 1, (params) => {
+      seen.push({ params, grads: params.map((p) => b.copy(p.grad)) });
+    });
+    expect(seen.map((x) => x.params)).toEqual(model.gradBuckets);
+    for (const { params, grads } of seen)
+      for (const [i, p] of params.entries()) {
+        const now = (await p.grad.read()) as Float32Array;
+        expect(await grads[i].read(), p.name).toEqual(now);
+        expect(now.some((v) => v !== 0)).toBe(true);
+      }
+  });
 
   it("a rank that passes other tensors is an error, not a hang", async () => {
     const [a, b] = localGroup(2);

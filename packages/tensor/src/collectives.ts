@@ -27,6 +27,15 @@ export interface Collectives {
    */
   reduceSum(tensors: Tensor[], roots: number[]): Promise<void>;
   /**
+   * Starts, on tensors whose values are final, a reduceSum to `roots` (or with no roots an
+   * allReduceSum) that may run beside the work enqueued after it: with NCCL on a stream of its own,
+   * so that a bucket of gradients travels while the backward pass computes the next. The tensors
+   * must be neither read nor written until `settle()`, which completes every reduction started so
+   * far. Every rank starts the same reductions in the same order.
+   */
+  startReduce(tensors: Tensor[], roots?: number[]): void;
+  settle(): Promise<void>;
+  /**
    * send[q] (2-D, f32 or i32, any number of rows, the same columns on every rank) goes to rank q;
    * returns recv, recv[q] being what rank q sent to this rank, on this rank's backend.
    */
@@ -40,6 +49,8 @@ export const SINGLE_PROCESS: Collectives = {
   async allReduceSum() {},
   async broadcast() {},
   async reduceSum() {},
+  startReduce() {},
+  async settle() {},
   async allToAll(send) {
     return send;
   },
@@ -89,9 +100,28 @@ export function collectivesOver(rank: number, size: number, exchange: Exchange):
     }
     return sum;
   };
+  // startReduce's tensors and roots (undefined: every rank) until settle.
+  let started: { t: Tensor; root: number | undefined }[] = [];
   return {
     rank,
     size,
+    startReduce(tensors, roots) {
+      if (roots && roots.length !== tensors.length)
+        throw new Error(`startReduce: ${roots.length} roots for ${tensors.length} tensors`);
+      tensors.forEach((t, i) => {
+        started.push({ t, root: roots?.[i] });
+      });
+    },
+    // The host has no second stream: the started reductions go as one exchange here.
+    async settle() {
+      const list = started;
+      started = [];
+      if (list.length === 0) return;
+      const parts = await gather(list.map((x) => x.t));
+      list.forEach(({ t, root }, i) => {
+        if (root === undefined || root === rank) t.backend.write(t, sumOf(parts, i));
+      });
+    },
     async allReduceSum(tensors) {
       const parts = await gather(tensors);
       tensors.forEach((t, i) => {

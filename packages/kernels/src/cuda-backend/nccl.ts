@@ -59,6 +59,22 @@ export function ncclCollectives(cx: CudaContext, comm: NcclComm): Collectives {
           dtype,
         );
     },
+    // Started reductions run on the communicator's side stream after what the backend's stream
+    // has enqueued so far; settle makes the backend's stream wait for them (the host does not).
+    startReduce(tensors, roots) {
+      if (roots && roots.length !== tensors.length)
+        throw new Error(`startReduce: ${roots.length} roots for ${tensors.length} tensors`);
+      for (const [dtype, ts] of byDtype(tensors, "startReduce"))
+        comm.startReduce(
+          ts.map(([t]) => addr(cx, t)),
+          ts.map(([t]) => t.size),
+          ts.map(([, i]) => roots?.[i] ?? -1),
+          dtype,
+        );
+    },
+    async settle() {
+      comm.join();
+    },
     async allToAll(send) {
       if (send.length !== size) throw new Error(`allToAll: ${send.length} tensors for ${size} ranks`);
       const dtype = moved(send[0], "allToAll");

@@ -9,7 +9,8 @@
 //! Every collective is enqueued on the backend's one stream, in place on device buffers, so it is
 //! ordered with the kernels that produce and consume its tensors and the host does not wait.
 
-use super::{device, lib_dirs};
+use super::{ck as cuda_ck, device, lib_dirs};
+use cudarc::driver::sys as cu;
 use libloading::Library;
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::sync::OnceLock;
@@ -184,6 +185,9 @@ pub struct Communicator {
     comm: Comm,
     pub rank: i32,
     pub size: i32,
+    /// The stream of the reductions started during the backward pass (`start_reduce`), made on
+    /// first use: they run beside the kernels enqueued after them on the backend's stream.
+    side: Option<cu::CUstream>,
 }
 
 unsafe impl Send for Communicator {}
@@ -202,7 +206,70 @@ impl Communicator {
             unsafe { (a.ncclCommInitRank)(&mut comm, size, id, rank) },
             "ncclCommInitRank",
         )?;
-        Ok(Communicator { comm, rank, size })
+        Ok(Communicator {
+            comm,
+            rank,
+            size,
+            side: None,
+        })
+    }
+
+    /// An event recorded now on `on`, for another stream to wait on (destroyed at once: the driver
+    /// releases it once the wait has been enqueued and it has completed).
+    fn hand_over(on: cu::CUstream, to: cu::CUstream) -> Result<(), String> {
+        let mut ev: cu::CUevent = std::ptr::null_mut();
+        let flags = cu::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32;
+        cuda_ck(unsafe { cu::cuEventCreate(&mut ev, flags) }, "cuEventCreate")?;
+        let r = cuda_ck(unsafe { cu::cuEventRecord(ev, on) }, "cuEventRecord")
+            .and_then(|_| cuda_ck(unsafe { cu::cuStreamWaitEvent(to, ev, 0) }, "cuStreamWaitEvent"));
+        unsafe { cu::cuEventDestroy_v2(ev) };
+        r
+    }
+
+    /// Starts, on the side stream and after everything enqueued so far on the backend's stream, one
+    /// NCCL group of reductions: each (address, elements, root) summed in place on rank `root`
+    /// (ncclReduce), or on every rank for root -1 (ncclAllReduce). `join` orders them before what
+    /// the backend's stream runs next.
+    pub fn start_reduce(&mut self, bufs: &[(u64, usize, i32)], dtype: c_int) -> Result<(), String> {
+        let a = api()?;
+        let main = super::stream()?;
+        let side = match self.side {
+            Some(s) => s,
+            None => {
+                let mut s: cu::CUstream = std::ptr::null_mut();
+                let flags = cu::CUstream_flags::CU_STREAM_NON_BLOCKING as u32;
+                cuda_ck(unsafe { cu::cuStreamCreate(&mut s, flags) }, "cuStreamCreate")?;
+                self.side = Some(s);
+                s
+            }
+        };
+        Self::hand_over(main, side)?;
+        ck(a, unsafe { (a.ncclGroupStart)() }, "ncclGroupStart")?;
+        let mut r = Ok(());
+        for &(p, n, root) in bufs {
+            let (src, dst) = (p as *const c_void, p as *mut c_void);
+            let (code, what) = if root < 0 {
+                let c = unsafe { (a.ncclAllReduce)(src, dst, n, dtype, NCCL_SUM, self.comm, side as Stream) };
+                (c, "ncclAllReduce")
+            } else {
+                let c = unsafe { (a.ncclReduce)(src, dst, n, dtype, NCCL_SUM, root, self.comm, side as Stream) };
+                (c, "ncclReduce")
+            };
+            r = ck(a, code, what);
+            if r.is_err() {
+                break;
+            }
+        }
+        let end = ck(a, unsafe { (a.ncclGroupEnd)() }, "ncclGroupEnd");
+        r.and(end)
+    }
+
+    /// The backend's stream waits for every reduction started so far.
+    pub fn join(&self) -> Result<(), String> {
+        match self.side {
+            Some(side) => Self::hand_over(side, super::stream()?),
+            None => Ok(()),
+        }
     }
 
     fn stream() -> Result<Stream, String> {
@@ -309,6 +376,10 @@ impl Communicator {
 
     /// Frees the communicator once its operations are done.
     pub fn destroy(&mut self) -> Result<(), String> {
+        if let Some(side) = self.side.take() {
+            // (Destroying a stream with work pending releases it once that work is done.)
+            unsafe { cu::cuStreamDestroy_v2(side) };
+        }
         if self.comm.is_null() {
             return Ok(());
         }
@@ -481,6 +552,33 @@ pub mod js {
             self.inner
                 .reduce_sum(&bufs, dtype_of(dtype)?)
                 .map_err(napi_err)
+        }
+
+        /// Starts buffer i's sum over the ranks on rank roots[i] (every rank for -1) on the side
+        /// stream, after the work enqueued so far; `join` waits for them on the backend's stream.
+        #[napi]
+        pub fn start_reduce(
+            &mut self,
+            ptrs: Vec<f64>,
+            counts: Vec<f64>,
+            roots: Vec<i32>,
+            dtype: String,
+        ) -> Result<()> {
+            let bufs = ptrs
+                .iter()
+                .zip(&counts)
+                .zip(&roots)
+                .map(|((&p, &n), &r)| Ok((p as u64, count(n, "startReduce")?, r)))
+                .collect::<Result<Vec<_>>>()?;
+            self.inner
+                .start_reduce(&bufs, dtype_of(dtype)?)
+                .map_err(napi_err)
+        }
+
+        /// The backend's stream waits for the reductions started so far.
+        #[napi]
+        pub fn join(&self) -> Result<()> {
+            self.inner.join().map_err(napi_err)
         }
 
         /// recv (size x n elements) gets every rank's n elements of send, in rank order.

@@ -80,7 +80,10 @@ describe("collectives over TCP", () => {
       }),
     );
     const sum = Float32Array.from(mine(0));
-    for (const r of [1, 2]) mine(r).forEach((v, j) => (sum[j] += v));
+    for (const r of [1, 2])
+      mine(r).forEach((v, j) => {
+        sum[j] += v;
+      });
     expect(got[2][0]).toEqual(Array.from(sum));
     expect(got[0][0]).toEqual(Array.from(mine(0)));
     expect(got[1][0]).toEqual(Array.from(mine(1)));

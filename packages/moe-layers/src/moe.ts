@@ -5,6 +5,7 @@
 import {
   type Backend,
   type BiasRule,
+  type Collectives,
   intoBf16,
   type LinearPrecision,
   type NoiseOptions,
@@ -14,6 +15,7 @@ import {
   QuantMemo,
   type Tensor,
 } from "@moe8/tensor";
+import { combine, dispatch, type ExpertExchange } from "./expert-parallel.ts";
 import { type InitFn, SwiGluMlp } from "./mlp.ts";
 
 export interface MoeConfig {
@@ -66,6 +68,20 @@ export interface MoELayerOptions {
   /** The router's initial weights (`init` when absent): the model's router_init_std. */
   routerInit?: InitFn;
   trace?: PrecisionTrace;
+  /**
+   * Expert parallelism: the group the routed experts are split over. Rank q holds experts
+   * [q E/R, (q+1) E/R) (drawn from `init` as the whole layer draws them, so a group holds the one
+   * process's weights), and forwardExpertParallel / backwardExpertParallel send each token to its
+   * experts' ranks and back (expert-parallel.ts). The router, its bias and the shared experts stay
+   * whole on every rank.
+   */
+  expertGroup?: Collectives;
+}
+
+/** What an expert-parallel forward's backward needs of its exchange. */
+interface ExpertParallelSaved {
+  /** This rank's expert offsets on the host ([E + 1], what dispatch split the rows by). */
+  offsets: Int32Array;
 }
 
 interface Saved {
@@ -77,6 +93,7 @@ interface Saved {
   offsets: Tensor;
   ys: Tensor;
   dscores: Tensor | null;
+  ep?: ExpertParallelSaved;
 }
 
 export class MoELayer {
@@ -96,17 +113,26 @@ export class MoELayer {
   /** Checkpoint name prefix, e.g. `model.layers.1.mlp`. */
   readonly prefix: string;
   readonly trace: PrecisionTrace | undefined;
+  /** The expert-parallel group (null: this layer holds every expert). */
+  readonly expertGroup: Collectives | null;
 
   constructor(
     readonly b: Backend,
     opts: MoELayerOptions,
   ) {
-    const { cfg, prefix, precision, init, trace, routerInit = init } = opts;
+    const { cfg, prefix, precision, init, trace, routerInit = init, expertGroup } = opts;
     this.cfg = cfg;
     this.prefix = prefix;
     this.trace = trace;
     const d = cfg.hidden_size;
     const E = cfg.n_routed_experts;
+    const R = expertGroup?.size ?? 1;
+    if (E % R !== 0) throw new Error(`${prefix}: ${E} experts do not split over ${R} ranks`);
+    this.expertGroup = expertGroup && R > 1 ? expertGroup : null;
+    // An expert-parallel rank draws every expert's weights, in the order one process does, and
+    // keeps its own [rank E/R, (rank+1) E/R) (the stacked weights are expert-major).
+    const rank = expertGroup?.rank ?? 0;
+    const expertInit: InitFn = R > 1 ? (n) => init(n * R).slice(rank * n, (rank + 1) * n) : init;
     this.gate = Param.create(b, {
       name: `${prefix}.gate.weight`,
       init: routerInit(E * d),
@@ -118,9 +144,10 @@ export class MoELayer {
     const mlp = { hidden: d, precision, init, pkg: "moe-layers" as const, trace };
     this.experts = new SwiGluMlp(b, {
       ...mlp,
+      init: expertInit,
       prefix: `${prefix}.experts`,
       intermediate: cfg.moe_intermediate_size,
-      experts: E,
+      experts: E / R,
     });
     this.shared =
       cfg.n_shared_experts > 0
@@ -159,26 +186,10 @@ export class MoELayer {
 
   forward(x: Tensor, batch: number, seq: number, gradScale = 1, residual: Tensor | null = null): Tensor {
     const b = this.b;
-    const { num_experts_per_tok: k, n_routed_experts: E, routed_scaling_factor: scaling } = this.cfg;
-    // The router is FP32 whatever the policy says (docs/numerics.md, "What stays in higher precision").
-    const logits = b.matmul(x, this.gate.value, { transB: true, precision: "f32" });
-    // Router noise while training (docs/model.md, "Balancing"): it moves the scores, so the choice
-    // of experts and their weights, and the backward differentiates at the noisy logits.
-    if (this.noise && this.noise.scale > 0) b.addUniformNoise(logits, this.noise);
-    this.trace?.record({ pkg: "moe-layers", layer: `${this.prefix}.gate`, role: "fprop", precision: "f32" });
-    const r = b.router(logits, this.bias, k, scaling);
-    b.release(logits); // backward starts from the scores
-    let dscores: Tensor | null = null;
-    this.lastBalanceLoss = null;
-    if (this.cfg.seq_aux_alpha > 0) {
-      const bl = b.balanceLoss(r.scores, r.topIdx, { batch, seq, alpha: this.cfg.seq_aux_alpha });
-      dscores = bl.dscores;
-      if (gradScale !== 1) {
-        dscores = b.scale(bl.dscores, gradScale);
-        b.release(bl.dscores);
-      }
-      this.lastBalanceLoss = bl.loss;
-    }
+    if (this.expertGroup)
+      throw new Error(`${this.prefix}: an expert-parallel layer runs forwardExpertParallel`);
+    const E = this.cfg.n_routed_experts;
+    const { r, dscores } = this.route(x, batch, seq, gradScale);
     // Under FP8 with only the quantised input kept for backward, the tokens are quantised once and
     // their codes and scales permuted (k copies of 1 byte per value instead of 4, and the quantiser
     // reads N rows instead of N k): the same bits as quantising the permuted rows, since 1x128 tiles
@@ -229,6 +240,95 @@ export class MoELayer {
     return y;
   }
 
+  /**
+   * The router (FP32 whatever the policy says: docs/numerics.md, "What stays in higher precision")
+   * with its noise while training, and the sequence-wise balance loss (lastBalanceLoss) with its
+   * gradient on the scores.
+   */
+  private route(x: Tensor, batch: number, seq: number, gradScale: number) {
+    const b = this.b;
+    const { num_experts_per_tok: k, routed_scaling_factor: scaling } = this.cfg;
+    const logits = b.matmul(x, this.gate.value, { transB: true, precision: "f32" });
+    // Router noise while training (docs/model.md, "Balancing"): it moves the scores, so the choice
+    // of experts and their weights, and the backward differentiates at the noisy logits.
+    if (this.noise && this.noise.scale > 0) b.addUniformNoise(logits, this.noise);
+    this.trace?.record({ pkg: "moe-layers", layer: `${this.prefix}.gate`, role: "fprop", precision: "f32" });
+    const r = b.router(logits, this.bias, k, scaling);
+    b.release(logits); // backward starts from the scores
+    let dscores: Tensor | null = null;
+    this.lastBalanceLoss = null;
+    if (this.cfg.seq_aux_alpha > 0) {
+      const bl = b.balanceLoss(r.scores, r.topIdx, { batch, seq, alpha: this.cfg.seq_aux_alpha });
+      dscores = bl.dscores;
+      if (gradScale !== 1) {
+        dscores = b.scale(bl.dscores, gradScale);
+        b.release(bl.dscores);
+      }
+      this.lastBalanceLoss = bl.loss;
+    }
+    return { r, dscores };
+  }
+
+  /**
+   * forward with the routed experts split over `expertGroup`: this rank's tokens are routed and
+   * sorted by expert as in forward, each expert's rows go to the rank holding it (dispatch: with
+   * the per-expert counts exchanged first, so the host reads this rank's offsets once), that rank
+   * runs its experts on the rows from every rank (one grouped GEMM each), and the outputs come back
+   * (combine) to be weighted and summed as in forward. Every rank of the group calls it for the
+   * same layer in the same order. The rows travel in the precision the layer input has (f32 here;
+   * FP8 tiles on the wire are issue 22's next step), so the numbers are forward's.
+   */
+  async forwardExpertParallel(
+    x: Tensor,
+    batch: number,
+    seq: number,
+    gradScale = 1,
+    residual: Tensor | null = null,
+  ): Promise<Tensor> {
+    const b = this.b;
+    const group = this.expertGroup;
+    if (!group) throw new Error(`${this.prefix}: forwardExpertParallel without an expert group`);
+    const E = this.cfg.n_routed_experts;
+    const { r, dscores } = this.route(x, batch, seq, gradScale);
+    const p = b.moePermute(x, r.topIdx, E);
+    const offsets = (await p.offsets.read()) as Int32Array;
+    const sent = await dispatch(b, group, p.xs, offsets);
+    const ysLocal = this.experts.forward(sent.xs, b.upload(sent.offsets, [sent.offsets.length], "i32"));
+    const ys = await combine(b, group, ysLocal, sent.exchange);
+    const shared = this.shared ? this.shared.forward(x) : null;
+    const add = [shared, residual].filter((t): t is Tensor => t !== null);
+    const y = b.moeCombine(ys, p.slot, r.weights, add);
+    if (shared) b.release(shared);
+    this.lastOffsets = p.offsets;
+    this.saved.push({
+      x,
+      scores: r.scores,
+      topIdx: r.topIdx,
+      weights: r.weights,
+      slot: p.slot,
+      offsets: p.offsets,
+      ys,
+      dscores,
+      ep: { offsets },
+    });
+    return y;
+  }
+
+  /** backward of forwardExpertParallel: the output gradients of each expert's rows go to its rank and the input gradients come back. */
+  async backwardExpertParallel(dy: Tensor): Promise<Tensor> {
+    const b = this.b;
+    const group = this.expertGroup;
+    const s = this.saved.pop();
+    if (!s) throw new Error(`${this.prefix}: backward without forward`);
+    if (!group || !s.ep) throw new Error(`${this.prefix}: backwardExpertParallel after another forward`);
+    const r = b.moeCombineBackward(dy, s.ys, s.slot, s.weights);
+    // The gradients of this rank's expert-sorted rows take the rows' own way: the same exchange.
+    const sent: { xs: Tensor; exchange: ExpertExchange } = await dispatch(b, group, r.dys, s.ep.offsets);
+    const dxsLocal = this.experts.backward(sent.xs);
+    const dxs = await combine(b, group, dxsLocal, sent.exchange);
+    return this.routerBackward(s, dy, r.dweights, dxs);
+  }
+
   /** Whether a saved forward holds `t` itself (the router's Wgrad needs the layer input). */
   retains(t: Tensor): boolean {
     return this.saved.some((s) => s.x === t);
@@ -238,6 +338,7 @@ export class MoELayer {
     const b = this.b;
     const s = this.saved.pop();
     if (!s) throw new Error(`${this.prefix}: backward without forward`);
+    if (s.ep) throw new Error(`${this.prefix}: an expert-parallel forward needs backwardExpertParallel`);
     // Under FP8 the experts' output gradient reaches their down projection quantised by the
     // combine's backward itself (its f32 copy, k rows of d per token, is never made).
     const gq = this.experts.gradQuant();
@@ -254,6 +355,15 @@ export class MoELayer {
       dweights = r.dweights;
       dxs = this.experts.backward(r.dys);
     }
+    return this.routerBackward(s, dy, dweights, dxs);
+  }
+
+  /**
+   * The rest of a backward once the routed experts' input gradients (dxs, expert-sorted) are back:
+   * the permute's backward, the router's (with the balance loss's gradient), the shared experts'.
+   */
+  private routerBackward(s: Saved, dy: Tensor, dweights: Tensor, dxs: Tensor): Tensor {
+    const b = this.b;
     const dx = b.moePermuteBackward(dxs, s.slot, s.x.rows);
     const dlogits = b.routerBackward(
       dweights,

@@ -3,10 +3,12 @@
 // ranks, each rank applies its experts (expert e multiplies by e + 1, so a row that reached the wrong
 // expert, or came back to the wrong place, shows), and combine returns every row exactly once, in
 // its rank's original order.
-import { type Backend, Rng, TsBackend } from "@moe8/tensor";
+import { presetPolicy } from "@moe8/fp8-core";
+import { type Backend, type Collectives, Rng, type Tensor, TsBackend } from "@moe8/tensor";
 import { localGroup } from "@moe8/tensor/testing";
 import { describe, expect, it } from "vitest";
 import { combine, dispatch } from "../src/expert-parallel.ts";
+import { MoELayer, type MoeConfig } from "../src/moe.ts";
 
 const E = 8;
 const D = 4;
@@ -66,5 +68,105 @@ describe("expert parallel dispatch and combine", () => {
     await expect(dispatch(b, g, b.zeros([2, D]), new Int32Array([0, 1, 2, 2, 2]))).rejects.toThrow(
       /4 experts do not split over 3 ranks/,
     );
+  });
+});
+
+// The layer itself on 2 and 4 simulated ranks: each rank routes its own sequences, its experts run
+// on the rows every rank routed to them, and the results are one process's over the whole batch:
+// outputs and input gradients row for row (each row's arithmetic is the same), each rank's expert
+// weight gradients the matching slice of the whole layer's, the router's and shared experts'
+// gradients summed over the ranks equal to the whole's to f32 re-association.
+describe("expert-parallel MoE layer", () => {
+  const cfg: MoeConfig = {
+    hidden_size: 8,
+    moe_intermediate_size: 6,
+    n_routed_experts: 8,
+    num_experts_per_tok: 2,
+    n_shared_experts: 1,
+    routed_scaling_factor: 1.5,
+    bias_update_speed: 0.001,
+    bias_update_rule: "sign",
+    seq_aux_alpha: 0.1,
+  };
+  const SEQS = 4;
+  const SEQ = 6;
+  const layer = (g?: Collectives) => {
+    const rng = new Rng(9);
+    return new MoELayer(new TsBackend(), {
+      cfg,
+      prefix: "moe",
+      precision: presetPolicy("fp32")["moe-layers"],
+      init: (n) => rng.normals(n, 0.4),
+      expertGroup: g,
+    });
+  };
+  const read = async (t: Tensor) => Array.from((await t.read()) as Float32Array);
+
+  for (const ranks of [2, 4])
+    it(`${ranks} ranks: one process's outputs, input and weight gradients`, async () => {
+      const rng = new Rng(31);
+      const d = cfg.hidden_size;
+      const x = rng.normals(SEQS * SEQ * d);
+      const dy = rng.normals(SEQS * SEQ * d);
+      const whole = layer();
+      const wb = whole.b;
+      const y = await read(whole.forward(wb.upload(x, [SEQS * SEQ, d]), SEQS, SEQ));
+      const dx = await read(whole.backward(wb.upload(dy, [SEQS * SEQ, d])));
+      const grads = await Promise.all(whole.params.map((p) => read(p.grad)));
+
+      const rows = (SEQS / ranks) * SEQ;
+      const parts = await Promise.all(
+        localGroup(ranks).map(async (g) => {
+          const m = layer(g);
+          const mine = (v: Float32Array) =>
+            m.b.upload(v.slice(g.rank * rows * d, (g.rank + 1) * rows * d), [rows, d]);
+          // (The balance loss is a mean over a rank's sequences: its gradient scaled by the rank's
+          // share of them, as a data-parallel step scales it.)
+          const yr = await read(await m.forwardExpertParallel(mine(x), SEQS / ranks, SEQ, 1 / ranks));
+          const dxr = await read(await m.backwardExpertParallel(mine(dy)));
+          return { m, yr, dxr, grads: await Promise.all(m.params.map((p) => read(p.grad))) };
+        }),
+      );
+      expect(parts.flatMap((p) => p.yr)).toEqual(y);
+      expect(parts.flatMap((p) => p.dxr)).toEqual(dx);
+      whole.params.forEach((p, i) => {
+        const local = parts[0].m.params[i];
+        expect(local.name).toBe(p.name);
+        if (p.name.startsWith("moe.experts.")) {
+          // Expert-major stacked weights: rank q's gradient is the q-th slice of the whole's.
+          const n = grads[i].length / ranks;
+          parts.forEach((part, q) => {
+            const want = grads[i].slice(q * n, (q + 1) * n);
+            const got = part.grads[i];
+            got.forEach((v, j) => {
+              expect(Math.abs(v - want[j]), `${p.name}[${q * n + j}]`).toBeLessThanOrEqual(
+                1e-5 * (1 + Math.abs(want[j])),
+              );
+            });
+          });
+        } else {
+          // Replicated: each rank's gradient covers its own tokens, their sum the whole batch's.
+          grads[i].forEach((want, j) => {
+            const sum = parts.reduce((a, part) => a + part.grads[i][j], 0);
+            expect(Math.abs(sum - want), `${p.name}[${j}]`).toBeLessThanOrEqual(1e-5 * (1 + Math.abs(want)));
+          });
+        }
+      });
+      // The loads every rank routed, summed, are the whole batch's (what the bias update reads).
+      const loads = await Promise.all(parts.map(({ m }) => m.loadStats()));
+      const whole_ = await whole.loadStats();
+      expect(whole_.counts).toEqual(
+        loads.reduce(
+          (a, l) => a.map((c, e) => c + l.counts[e]),
+          whole_.counts.map(() => 0),
+        ),
+      );
+    });
+
+  it("refuses the one-process calls on an expert-parallel layer, and experts that do not split", async () => {
+    const [g] = localGroup(2);
+    const m = layer(g);
+    expect(() => m.forward(m.b.zeros([SEQ, cfg.hidden_size]), 1, SEQ)).toThrow(/runs forwardExpertParallel/);
+    expect(() => layer({ ...g, size: 3 })).toThrow(/8 experts do not split over 3 ranks/);
   });
 });

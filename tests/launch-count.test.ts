@@ -12,7 +12,7 @@
 import { presetPolicy } from "@moe8/fp8-core";
 import { CONFIGS, DeepSeekModel, StepRunner, trainStep } from "@moe8/model";
 import { ADAMW_DEFAULTS, AdamW } from "@moe8/optimizer";
-import type { Backend } from "@moe8/tensor";
+import { type Backend, SINGLE_PROCESS } from "@moe8/tensor";
 import { describe, expect, it, vi } from "vitest";
 import { createFakeCuda } from "../packages/kernels/test/fake-cuda.ts";
 
@@ -172,7 +172,7 @@ describe("the step replayed from a CUDA graph (small's shape, 3 layers, fake Hop
 });
 
 describe("the optimiser's launches (tiny's shape, fake Hopper GPU)", () => {
-  it("the gradient norm in two launches and AdamW in one, for any number of parameters", () => {
+  it("the gradient norm in two launches and AdamW in one, for any number of parameters", async () => {
     const b = new CudaBackend() as Backend;
     for (const layers of [1, 4])
       for (const shard of [null, { rank: 1, size: 2 }]) {
@@ -184,7 +184,11 @@ describe("the optimiser's launches (tiny's shape, fake Hopper GPU)", () => {
         );
         const opt = new AdamW(b, m.params, ADAMW_DEFAULTS, shard);
         fake.launches = 0;
-        const { scale } = opt.gradNorm();
+        // Sharded: the shard's norm in two launches, then the ranks' norms combined by the clip
+        // op's two (the vector's zeroing and row copy are memory operations, not kernels; the
+        // all-reduce is the group's, a no-op double here).
+        const group = { ...SINGLE_PROCESS, rank: 1, size: 2 };
+        const { scale } = shard ? await opt.shardedGradNorm(group) : opt.gradNorm();
         const norm = fake.launches;
         fake.launches = 0;
         opt.update(1e-4, scale);
@@ -192,7 +196,7 @@ describe("the optimiser's launches (tiny's shape, fake Hopper GPU)", () => {
         console.log(
           `${m.params.length} parameters${what}: gradient norm ${norm} launches, AdamW ${fake.launches}`,
         );
-        expect([norm, fake.launches]).toEqual([2, 1]);
+        expect([norm, fake.launches]).toEqual([shard ? 2 + 2 : 2, 1]);
         opt.dispose();
       }
   });

@@ -6,6 +6,7 @@ import type { PrecisionPolicy } from "@moe8/fp8-core";
 import { MoELayer, SwiGluMlp } from "@moe8/moe-layers";
 import {
   type Backend,
+  type Collectives,
   Linear,
   type NoiseOptions,
   Param,
@@ -72,12 +73,22 @@ export class DeepSeekModel {
   readonly trace = new PrecisionTrace();
   private saved: Saved | null = null;
 
+  /** The expert-parallel group of the MoE layers (null: each holds all its experts). */
+  readonly expertGroup: Collectives | null;
+
+  /**
+   * `expertGroup`: the routed experts of every MoE layer split over this group (MoELayer's
+   * `expertGroup`); the model then trains through `lossAndGradExpertParallel`.
+   */
   constructor(
     readonly b: Backend,
     readonly cfg: ModelConfig,
     public policy: PrecisionPolicy,
     seed: number,
+    opts: { expertGroup?: Collectives } = {},
   ) {
+    this.expertGroup = opts.expertGroup && opts.expertGroup.size > 1 ? opts.expertGroup : null;
+    const expertGroup = this.expertGroup ?? undefined;
     const rng = new Rng(seed);
     const std = cfg.initializer_range;
     const init = (n: number) => rng.normals(n, std);
@@ -109,7 +120,12 @@ export class DeepSeekModel {
       const mlp =
         l < cfg.first_k_dense_replace
           ? new SwiGluMlp(b, { ...moe, hidden: d, intermediate: cfg.intermediate_size, pkg: "moe-layers" })
-          : new MoELayer(b, { ...moe, cfg, routerInit: (n) => rng.normals(n, cfg.router_init_std ?? std) });
+          : new MoELayer(b, {
+              ...moe,
+              cfg,
+              routerInit: (n) => rng.normals(n, cfg.router_init_std ?? std),
+              expertGroup,
+            });
       this.blocks.push({ ln1, attn, ln2, mlp });
       this.params.push(ln1, ...attn.params, ln2, ...mlp.params);
     }
@@ -195,61 +211,102 @@ export class DeepSeekModel {
 
   /** The final normalised hidden states [B*T, d] (the head's input); saves what backward needs. */
   private trunk(ids: Tensor, shape: BatchShape, gradScale = 1): Tensor {
-    const b = this.b;
-    const eps = this.cfg.rms_norm_eps;
-    let h = b.embedding(this.embed.value, ids);
-    const s: Saved = { hs: [], rstd1: [], rstd2: [], mids: [], hFinal: h, rstdF: h, ids };
+    const s = this.trunkStart(ids);
+    let h = s.hFinal;
     for (const blk of this.blocks) {
-      s.hs.push(h);
-      // Under FP8 the norm hands the attention's projections their input quantised (no f32 copy
-      // made only to be quantised); they keep that copy for backward.
-      const aq = blk.attn.producerQuant();
-      let ao: Tensor;
-      if (aq) {
-        const n1 = b.rmsnormQuantized(h, blk.ln1.value, eps, aq);
-        s.rstd1.push(n1.rstd);
-        ao = blk.attn.forward(n1.y, shape, QuantMemo.holding(aq, n1.y));
-      } else {
-        const n1 = b.rmsnorm(h, blk.ln1.value, eps);
-        s.rstd1.push(n1.rstd);
-        // Branch outputs and inputs nothing saves are released as soon as they are consumed, not at
-        // the end of the step (with FP8 activation caching, layers keep only the FP8 copies).
-        ao = blk.attn.forward(n1.y, shape);
-        if (!blk.attn.retains(n1.y)) n1.y.dispose(); // the projections keep FP8 copies only
-      }
-      const mid = b.add(h, ao);
-      ao.dispose();
-      s.mids.push(mid);
-      // A dense MLP takes its input quantised from the norm as the attention does; the MoE router
-      // reads the f32 output.
-      const dense = blk.mlp instanceof MoELayer ? null : blk.mlp;
-      const mq = dense?.producerQuant();
-      if (dense && mq) {
-        const n2 = b.rmsnormQuantized(mid, blk.ln2.value, eps, mq);
-        s.rstd2.push(n2.rstd);
-        const y = dense.forward(n2.y, null, QuantMemo.holding(mq, n2.y));
-        h = b.add(mid, y);
-        y.dispose();
-        continue;
-      }
-      const n2 = b.rmsnorm(mid, blk.ln2.value, eps);
-      s.rstd2.push(n2.rstd);
-      if (blk.mlp instanceof MoELayer) {
-        // The MoE combine adds the residual as it writes the block's output.
-        h = blk.mlp.forward(n2.y, shape.batch, shape.seq, gradScale, mid);
-        if (!blk.mlp.retains(n2.y)) n2.y.dispose();
-      } else {
-        const y = blk.mlp.forward(n2.y);
-        if (!blk.mlp.retains(n2.y)) n2.y.dispose();
-        h = b.add(mid, y);
-        y.dispose();
-      }
+      const r = this.blockForward(blk, h, s, shape);
+      h = "h" in r ? r.h : this.moeDone(r, r.moe.forward(r.x, shape.batch, shape.seq, gradScale, r.mid));
     }
-    const nf = b.rmsnorm(h, this.norm.value, eps);
+    return this.trunkEnd(h, s);
+  }
+
+  /** trunk with expert-parallel MoE layers (awaited: each exchanges its tokens with the group). */
+  private async trunkExpertParallel(ids: Tensor, shape: BatchShape, gradScale = 1): Promise<Tensor> {
+    const s = this.trunkStart(ids);
+    let h = s.hFinal;
+    for (const blk of this.blocks) {
+      const r = this.blockForward(blk, h, s, shape);
+      h =
+        "h" in r
+          ? r.h
+          : this.moeDone(r, await r.moe.forwardExpertParallel(r.x, shape.batch, shape.seq, gradScale, r.mid));
+    }
+    return this.trunkEnd(h, s);
+  }
+
+  /** The embedding, and what the trunk saves (hFinal holds the embedding until trunkEnd). */
+  private trunkStart(ids: Tensor): Saved {
+    const h = this.b.embedding(this.embed.value, ids);
+    return { hs: [], rstd1: [], rstd2: [], mids: [], hFinal: h, rstdF: h, ids };
+  }
+
+  private trunkEnd(h: Tensor, s: Saved): Tensor {
+    const nf = this.b.rmsnorm(h, this.norm.value, this.cfg.rms_norm_eps);
     s.hFinal = h;
     s.rstdF = nf.rstd;
     this.saved = s;
     return nf.y;
+  }
+
+  /** After a MoE layer's forward: its input freed unless the layer keeps it; its output is h. */
+  private moeDone(r: { moe: MoELayer; x: Tensor }, h: Tensor): Tensor {
+    if (!r.moe.retains(r.x)) r.x.dispose();
+    return h;
+  }
+
+  /**
+   * One block's forward up to its MLP: the block's output h for a dense MLP, or for a MoE layer its
+   * input x and the residual `mid` its combine adds (the caller runs the layer, sync or awaited).
+   */
+  private blockForward(
+    blk: Block,
+    h: Tensor,
+    s: Saved,
+    shape: BatchShape,
+  ): { h: Tensor } | { moe: MoELayer; x: Tensor; mid: Tensor } {
+    const b = this.b;
+    const eps = this.cfg.rms_norm_eps;
+    s.hs.push(h);
+    // Under FP8 the norm hands the attention's projections their input quantised (no f32 copy
+    // made only to be quantised); they keep that copy for backward.
+    const aq = blk.attn.producerQuant();
+    let ao: Tensor;
+    if (aq) {
+      const n1 = b.rmsnormQuantized(h, blk.ln1.value, eps, aq);
+      s.rstd1.push(n1.rstd);
+      ao = blk.attn.forward(n1.y, shape, QuantMemo.holding(aq, n1.y));
+    } else {
+      const n1 = b.rmsnorm(h, blk.ln1.value, eps);
+      s.rstd1.push(n1.rstd);
+      // Branch outputs and inputs nothing saves are released as soon as they are consumed, not at
+      // the end of the step (with FP8 activation caching, layers keep only the FP8 copies).
+      ao = blk.attn.forward(n1.y, shape);
+      if (!blk.attn.retains(n1.y)) n1.y.dispose(); // the projections keep FP8 copies only
+    }
+    const mid = b.add(h, ao);
+    ao.dispose();
+    s.mids.push(mid);
+    // A dense MLP takes its input quantised from the norm as the attention does; the MoE router
+    // reads the f32 output.
+    const dense = blk.mlp instanceof MoELayer ? null : blk.mlp;
+    const mq = dense?.producerQuant();
+    if (dense && mq) {
+      const n2 = b.rmsnormQuantized(mid, blk.ln2.value, eps, mq);
+      s.rstd2.push(n2.rstd);
+      const y = dense.forward(n2.y, null, QuantMemo.holding(mq, n2.y));
+      const out = b.add(mid, y);
+      y.dispose();
+      return { h: out };
+    }
+    const n2 = b.rmsnorm(mid, blk.ln2.value, eps);
+    s.rstd2.push(n2.rstd);
+    // The MoE combine adds the residual as it writes the block's output.
+    if (blk.mlp instanceof MoELayer) return { moe: blk.mlp, x: n2.y, mid };
+    const y = blk.mlp.forward(n2.y);
+    if (!blk.mlp.retains(n2.y)) n2.y.dispose();
+    const out = b.add(mid, y);
+    y.dispose();
+    return { h: out };
   }
 
   /** Backpropagates d(logits) (and releases it), accumulating every parameter's gradient. */
@@ -329,29 +386,58 @@ export class DeepSeekModel {
    */
   private backwardTrunk(dn: Tensor, onGrads?: (params: Param[]) => void): void {
     const b = this.b;
-    const s = this.saved;
-    if (!s) throw new Error("model: backward without forward");
-    this.saved = null;
-    // Norm weight gradients and the residual's gradient are accumulated by the norms' backward.
-    const fin = b.rmsnormBackward(dn, s.hFinal, this.norm.value, s.rstdF, { dw: this.norm.grad });
-    dn.dispose();
-    onGrads?.(this.gradBuckets[0]);
-    const dh = fin.dx; // in the caller's arena (the step's), updated in place by every block
+    const { s, dh } = this.backwardStart(dn, onGrads);
     // Each block's backward runs in its own arena: its temporaries (activation gradients, FP8
     // copies) are freed before the next block's, instead of all living to the end of the step.
     // Only dh and the parameter gradients (both accumulated in place) outlive it.
     for (let l = this.blocks.length - 1; l >= 0; l--) {
-      const blk = this.blocks[l];
       b.scope(() => {
-        const dy = blk.mlp.backward(dh);
-        // dh becomes d(mid): the residual plus the FFN branch.
-        b.rmsnormBackward(dy, s.mids[l], blk.ln2.value, s.rstd2[l], { dx: dh, dw: blk.ln2.grad });
-        const da = blk.attn.backward(dh);
-        b.rmsnormBackward(da, s.hs[l], blk.ln1.value, s.rstd1[l], { dx: dh, dw: blk.ln1.grad });
+        this.blockBackwardRest(l, s, dh, this.blocks[l].mlp.backward(dh));
       });
       onGrads?.(this.gradBuckets[this.blocks.length - l]);
     }
-    b.embeddingBackward(this.embed.grad, dh, s.ids);
+    this.backwardEnd(s, dh, onGrads);
+  }
+
+  /** backwardTrunk with expert-parallel MoE layers (awaited: each exchanges gradients with the group). */
+  private async backwardTrunkExpertParallel(dn: Tensor, onGrads?: (params: Param[]) => void): Promise<void> {
+    const b = this.b;
+    const { s, dh } = this.backwardStart(dn, onGrads);
+    for (let l = this.blocks.length - 1; l >= 0; l--) {
+      const mlp = this.blocks[l].mlp;
+      await b.scope(async () => {
+        const dy = mlp instanceof MoELayer ? await mlp.backwardExpertParallel(dh) : mlp.backward(dh);
+        this.blockBackwardRest(l, s, dh, dy);
+      });
+      onGrads?.(this.gradBuckets[this.blocks.length - l]);
+    }
+    this.backwardEnd(s, dh, onGrads);
+  }
+
+  /** The final norm's backward: the saved forward and d(h), which every block updates in place. */
+  private backwardStart(dn: Tensor, onGrads?: (params: Param[]) => void): { s: Saved; dh: Tensor } {
+    const s = this.saved;
+    if (!s) throw new Error("model: backward without forward");
+    this.saved = null;
+    // Norm weight gradients and the residual's gradient are accumulated by the norms' backward.
+    const fin = this.b.rmsnormBackward(dn, s.hFinal, this.norm.value, s.rstdF, { dw: this.norm.grad });
+    dn.dispose();
+    onGrads?.(this.gradBuckets[0]);
+    return { s, dh: fin.dx }; // dh in the caller's arena (the step's)
+  }
+
+  /** Block l's backward after its MLP's (dy: d(MLP input)): the norms' and the attention's. */
+  private blockBackwardRest(l: number, s: Saved, dh: Tensor, dy: Tensor): void {
+    const b = this.b;
+    const blk = this.blocks[l];
+    // dh becomes d(mid): the residual plus the FFN branch.
+    b.rmsnormBackward(dy, s.mids[l], blk.ln2.value, s.rstd2[l], { dx: dh, dw: blk.ln2.grad });
+    const da = blk.attn.backward(dh);
+    b.rmsnormBackward(da, s.hs[l], blk.ln1.value, s.rstd1[l], { dx: dh, dw: blk.ln1.grad });
+  }
+
+  private backwardEnd(s: Saved, dh: Tensor, onGrads?: (params: Param[]) => void): void {
+    this.b.embeddingBackward(this.embed.grad, dh, s.ids);
     onGrads?.(this.gradBuckets[this.blocks.length + 1]);
   }
 
@@ -376,6 +462,24 @@ export class DeepSeekModel {
     let total = loss;
     for (const m of this.moeLayers) if (m.lastBalanceLoss) total = this.b.add(total, m.lastBalanceLoss);
     this.backwardTrunk(dy!, onGrads);
+    return { ce: loss, total };
+  }
+
+  /** lossAndGrad with the MoE layers' experts split over `expertGroup` (every rank calls it). */
+  async lossAndGradExpertParallel(
+    ids: Tensor,
+    targets: Tensor,
+    shape: BatchShape,
+    gradScale = 1,
+    onGrads?: (params: Param[]) => void,
+  ): Promise<{ ce: Tensor; total: Tensor }> {
+    if (!this.expertGroup) throw new Error("model: lossAndGradExpertParallel without an expert group");
+    const y = await this.trunkExpertParallel(ids, shape, gradScale);
+    const { loss, dy } = this.headLoss(y, targets, true, gradScale);
+    y.dispose();
+    let total = loss;
+    for (const m of this.moeLayers) if (m.lastBalanceLoss) total = this.b.add(total, m.lastBalanceLoss);
+    await this.backwardTrunkExpertParallel(dy!, onGrads);
     return { ce: loss, total };
   }
 

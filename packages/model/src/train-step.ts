@@ -76,13 +76,19 @@ export async function trainStep(
     const first = group.rank * shape.batch * shape.seq;
     const setNoise = (row: number) => model.setRouterNoise(noise && { ...noise, rowOffset: first + row });
     const sharded = !!opt.shard && group.size > 1;
+    // Expert parallelism (the model's experts split over this same group): the experts' gradients
+    // are whole on their rank after the backward pass (every rank's tokens reached them), so only
+    // the replicated parameters are summed over the group.
+    const experts = expertParams(model, group, opt, accum);
     // Gradient buckets: each block's gradients start their reduction (ZeRO-1: to their owners only,
     // the other ranks never read them again) as soon as the backward pass has finished them, on the
     // last micro-batch, and travel while it computes the blocks before (with NCCL).
     const owner = new Map(opt.params.map((p, i) => [p, opt.owners[i]] as const));
     const onGrads =
       group.size > 1
-        ? (params: Param[]) => {
+        ? (bucket: Param[]) => {
+            const params = experts ? bucket.filter((p) => !experts.has(p)) : bucket;
+            if (params.length === 0) return;
             const grads = params.map((p) => p.grad);
             if (sharded)
               group.startReduce(
@@ -94,8 +100,9 @@ export async function trainStep(
         : undefined;
     let pass: Pass;
     try {
-      pass =
-        accum === 1
+      pass = experts
+        ? await expertParallelBatch(model, ids, targets, shape, share, setNoise, onGrads)
+        : accum === 1
           ? wholeBatch(model, ids, targets, shape, share, setNoise, onGrads)
           : microBatches(model, ids, targets, shape, accum, share, setNoise, onGrads);
     } finally {
@@ -104,7 +111,11 @@ export async function trainStep(
     if (group.size > 1) await group.settle();
     const offsets = await pass.offsets();
     if (group.size > 1) await group.allReduceSum([pass.ce, pass.total, ...offsets]);
-    const { norm, scale } = sharded ? await opt.shardedGradNorm(group) : opt.gradNorm();
+    const { norm, scale } = experts
+      ? await expertParallelGradNorm(model, opt, group, experts)
+      : sharded
+        ? await opt.shardedGradNorm(group)
+        : opt.gradNorm();
     const r = await finishStep(
       model,
       opt,
@@ -257,6 +268,70 @@ function microBatches(
       return out;
     },
   };
+}
+
+/**
+ * The experts' parameters of a model whose experts are split over `group` (null when they are not),
+ * after checking what this first version of expert parallelism takes: the data-parallel group as
+ * the expert group, no optimiser sharding, one micro-batch.
+ */
+function expertParams(
+  model: DeepSeekModel,
+  group: Collectives,
+  opt: AdamW,
+  accum: number,
+): Set<Param> | null {
+  const ep = model.expertGroup;
+  if (!ep) return null;
+  if (ep.size !== group.size || ep.rank !== group.rank)
+    throw new Error(
+      `trainStep: the experts are split over ${ep.size} ranks, the batch over ${group.size}: expert parallelism runs over the data-parallel group`,
+    );
+  if (opt.shard) throw new Error("trainStep: expert parallelism with a sharded optimiser is not built yet");
+  if (accum !== 1) throw new Error("trainStep: expert parallelism with micro-batches is not built yet");
+  return new Set(model.moeLayers.flatMap((m) => m.experts.params));
+}
+
+/** wholeBatch through the model's expert-parallel forward and backward. */
+async function expertParallelBatch(
+  model: DeepSeekModel,
+  ids: Tensor,
+  targets: Tensor,
+  shape: BatchShape,
+  share: number,
+  setNoise: (row: number) => void,
+  onGrads?: (params: Param[]) => void,
+): Promise<Pass> {
+  const b = model.b;
+  setNoise(0);
+  const r = await model.lossAndGradExpertParallel(ids, targets, shape, share, onGrads);
+  const [ce, total] = share === 1 ? [r.ce, r.total] : [b.scale(r.ce, share), b.scale(r.total, share)];
+  const offsets = model.moeLayers.map((m) => m.lastOffsets!);
+  return { ce, total, offsets: async () => offsets };
+}
+
+/**
+ * The global gradient norm under expert parallelism: each rank's norm of the gradients it alone
+ * holds (its experts', and on rank 0 the replicated parameters', the same on every rank after their
+ * sum) goes into its row of a [ranks, 1] vector, one exact all-reduce hands every rank all of them,
+ * and the clip op on it gives the norm and the clip factor, the same bits on every rank.
+ */
+async function expertParallelGradNorm(
+  model: DeepSeekModel,
+  opt: AdamW,
+  group: Collectives,
+  experts: Set<Param>,
+): Promise<{ norm: Tensor; scale: Tensor }> {
+  const b = model.b;
+  const mine = opt.params.filter((p) => experts.has(p) || group.rank === 0);
+  const norms = b.zeros([group.size, 1]);
+  const own = b.clipScale(
+    mine.map((p) => p.grad),
+    Number.POSITIVE_INFINITY,
+  ).norm;
+  b.setRows(norms, group.rank, b.reshape(own, [1, 1]));
+  await group.allReduceSum([norms]);
+  return b.clipScale([norms], opt.cfg.clip > 0 ? opt.cfg.clip : Number.POSITIVE_INFINITY);
 }
 
 /** Per-expert token counts from expert offsets. */

@@ -60,11 +60,14 @@ async function train(
   first = 0,
   steps = STEPS,
   noise = 0,
+  expertParallel = false,
 ): Promise<Run[]> {
   const group: Collectives[] = ranks === 1 ? [SINGLE_PROCESS] : localGroup(ranks);
   const replicas = group.map((g) => {
     const b: Backend = new TsBackend();
-    const model = new DeepSeekModel(b, MICRO, presetPolicy("fp32"), 11);
+    const model = new DeepSeekModel(b, MICRO, presetPolicy("fp32"), 11, {
+      expertGroup: expertParallel ? g : undefined,
+    });
     const opt = new AdamW(b, model.params, ADAMW_DEFAULTS, zero1 ? { rank: g.rank, size: g.size } : null);
     if (start) {
       model.loadStateDict((n) => start.dict.get(n));
@@ -280,6 +283,43 @@ describe("data parallel: ranks summed through the collectives", () => {
         expect(now.some((v) => v !== 0)).toBe(true);
       }
   });
+
+  // Expert parallelism over the data-parallel group: each rank trains on its slice of the batch and
+  // holds a quarter (half) of every MoE layer's experts; tokens travel to their experts' ranks and
+  // back. Against one process: the same losses and norms to f32 re-association, the replicated
+  // weights the same on every rank and the experts' weights the matching slices of one process's.
+  it("expert parallel: 2 and 4 ranks train as 1 rank, each holding its slice of the experts", async () => {
+    const [one] = await train(1);
+    const whole = new DeepSeekModel(new TsBackend(), MICRO, presetPolicy("fp32"), 11);
+    const isExpert = whole.params.map((p) => /\.mlp\.experts\./.test(p.name));
+    expect(isExpert.some((x) => x)).toBe(true);
+    for (const ranks of [2, 4]) {
+      const runs = await train(ranks, 1, false, null, 0, STEPS, 0, true);
+      const what = `${ranks} ranks, expert parallel`;
+      expect(runs[0].losses[0], what).toBe(one.losses[0]);
+      expect(maxRelDiff(runs[0].losses, one.losses), what).toBeLessThan(1e-5);
+      expect(maxRelDiff(runs[0].norms, one.norms), what).toBeLessThan(5e-4);
+      for (const r of runs) {
+        expect(r.losses, what).toEqual(runs[0].losses);
+        expect(r.norms, what).toEqual(runs[0].norms);
+      }
+      runs.forEach((r, q) => {
+        r.weights.forEach((w, i) => {
+          if (!isExpert[i]) {
+            expect(w, `${what}: parameter ${i}`).toEqual(runs[0].weights[i]);
+            expect(tensorRelDiff(w, one.weights[i]), `${what}: parameter ${i}`).toBeLessThan(1e-3);
+            return;
+          }
+          const n = one.weights[i].length / ranks;
+          expect(w.length).toBe(n);
+          expect(
+            tensorRelDiff(w, one.weights[i].slice(q * n, (q + 1) * n)),
+            `${what}: rank ${q}, parameter ${i}`,
+          ).toBeLessThan(1e-3);
+        });
+      });
+    }
+  }, 120_000);
 
   it("a rank that passes other tensors is an error, not a hang", async () => {
     const [a, b] = localGroup(2);

@@ -83,12 +83,13 @@ export async function trainStep(
     // Gradient buckets: each block's gradients start their reduction (ZeRO-1: to their owners only,
     // the other ranks never read them again) as soon as the backward pass has finished them, on the
     // last micro-batch, and travel while it computes the blocks before (with NCCL).
+    // Not under expert parallelism: its backward exchanges tokens through the same communicator
+    // on the backend's stream, and two NCCL operations of one communicator running at once on two
+    // streams can wait on each other across ranks; its replicated gradients are summed after it.
     const owner = new Map(opt.params.map((p, i) => [p, opt.owners[i]] as const));
     const onGrads =
-      group.size > 1
-        ? (bucket: Param[]) => {
-            const params = experts ? bucket.filter((p) => !experts.has(p)) : bucket;
-            if (params.length === 0) return;
+      group.size > 1 && !experts
+        ? (params: Param[]) => {
             const grads = params.map((p) => p.grad);
             if (sharded)
               group.startReduce(
@@ -109,6 +110,7 @@ export async function trainStep(
       model.setRouterNoise(null);
     }
     if (group.size > 1) await group.settle();
+    if (experts) await group.allReduceSum(opt.params.filter((p) => !experts.has(p)).map((p) => p.grad));
     const offsets = await pass.offsets();
     if (group.size > 1) await group.allReduceSum([pass.ce, pass.total, ...offsets]);
     const { norm, scale } = experts

@@ -79,7 +79,7 @@ export async function trainStep(
     // Expert parallelism (the model's experts split over this same group): the experts' gradients
     // are whole on their rank after the backward pass (every rank's tokens reached them), so only
     // the replicated parameters are summed over the group.
-    const experts = expertParams(model, group, opt, accum);
+    const experts = expertParams(model, group, opt);
     // Gradient buckets: each block's gradients start their reduction (ZeRO-1: to their owners only,
     // the other ranks never read them again) as soon as the backward pass has finished them, on the
     // last micro-batch, and travel while it computes the blocks before (with NCCL).
@@ -101,11 +101,12 @@ export async function trainStep(
         : undefined;
     let pass: Pass;
     try {
-      pass = experts
-        ? await expertParallelBatch(model, ids, targets, shape, share, setNoise, onGrads)
-        : accum === 1
-          ? wholeBatch(model, ids, targets, shape, share, setNoise, onGrads)
-          : microBatches(model, ids, targets, shape, accum, share, setNoise, onGrads);
+      pass =
+        accum > 1
+          ? await microBatches(model, ids, targets, shape, accum, share, setNoise, onGrads, !!experts)
+          : experts
+            ? await expertParallelBatch(model, ids, targets, shape, share, setNoise, onGrads)
+            : wholeBatch(model, ids, targets, shape, share, setNoise, onGrads);
     } finally {
       model.setRouterNoise(null);
     }
@@ -206,7 +207,7 @@ function wholeBatch(
   return { ce, total, offsets: async () => offsets };
 }
 
-function microBatches(
+async function microBatches(
   model: DeepSeekModel,
   ids: Tensor,
   targets: Tensor,
@@ -215,7 +216,8 @@ function microBatches(
   share: number,
   setNoise: (row: number) => void,
   onGrads?: (params: Param[]) => void,
-): Pass {
+  expertParallel = false,
+): Promise<Pass> {
   const b = model.b;
   const micro = { batch: shape.batch / accum, seq: shape.seq };
   const rows = micro.batch * micro.seq;
@@ -225,15 +227,16 @@ function microBatches(
   for (let k = 0; k < accum; k++) {
     // The micro-batch's activations go with its arena; its losses (scaled by 1/K) and expert
     // offsets leave it.
-    const kept = b.scope(() => {
+    const kept = await b.scope(async () => {
       setNoise(k * rows);
-      const r = model.lossAndGrad(
+      const args = [
         b.rows(ids, k * rows, rows),
         b.rows(targets, k * rows, rows),
         micro,
         share / accum,
         k === accum - 1 ? onGrads : undefined,
-      );
+      ] as const;
+      const r = expertParallel ? await model.lossAndGradExpertParallel(...args) : model.lossAndGrad(...args);
       return {
         ce: b.keep(b.scale(r.ce, share / accum)),
         total: b.keep(b.scale(r.total, share / accum)),
@@ -275,14 +278,9 @@ function microBatches(
 /**
  * The experts' parameters of a model whose experts are split over `group` (null when they are not),
  * after checking what this first version of expert parallelism takes: the data-parallel group as
- * the expert group, no optimiser sharding, one micro-batch.
+ * the expert group, no optimiser sharding.
  */
-function expertParams(
-  model: DeepSeekModel,
-  group: Collectives,
-  opt: AdamW,
-  accum: number,
-): Set<Param> | null {
+function expertParams(model: DeepSeekModel, group: Collectives, opt: AdamW): Set<Param> | null {
   const ep = model.expertGroup;
   if (!ep) return null;
   if (ep.size !== group.size || ep.rank !== group.rank)
@@ -290,7 +288,6 @@ function expertParams(
       `trainStep: the experts are split over ${ep.size} ranks, the batch over ${group.size}: expert parallelism runs over the data-parallel group`,
     );
   if (opt.shard) throw new Error("trainStep: expert parallelism with a sharded optimiser is not built yet");
-  if (accum !== 1) throw new Error("trainStep: expert parallelism with micro-batches is not built yet");
   return new Set(model.moeLayers.flatMap((m) => m.experts.params));
 }
 

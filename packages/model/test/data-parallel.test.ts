@@ -293,9 +293,13 @@ describe("data parallel: ranks summed through the collectives", () => {
     const whole = new DeepSeekModel(new TsBackend(), MICRO, presetPolicy("fp32"), 11);
     const isExpert = whole.params.map((p) => /\.mlp\.experts\./.test(p.name));
     expect(isExpert.some((x) => x)).toBe(true);
-    for (const ranks of [2, 4]) {
-      const runs = await train(ranks, 1, false, null, 0, STEPS, 0, true);
-      const what = `${ranks} ranks, expert parallel`;
+    for (const [ranks, accum] of [
+      [2, 1],
+      [4, 1],
+      [2, 2],
+    ] as const) {
+      const runs = await train(ranks, accum, false, null, 0, STEPS, 0, true);
+      const what = `${ranks} ranks, ${accum} micro-batches, expert parallel`;
       expect(runs[0].losses[0], what).toBe(one.losses[0]);
       expect(maxRelDiff(runs[0].losses, one.losses), what).toBeLessThan(1e-5);
       expect(maxRelDiff(runs[0].norms, one.norms), what).toBeLessThan(5e-4);

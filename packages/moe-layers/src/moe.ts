@@ -293,8 +293,12 @@ export class MoELayer {
     const p = b.moePermute(x, r.topIdx, E);
     const offsets = (await p.offsets.read()) as Int32Array;
     const sent = await dispatch(b, group, p.xs, offsets);
-    const ysLocal = this.experts.forward(sent.xs, b.upload(sent.offsets, [sent.offsets.length], "i32"));
-    const ys = await combine(b, group, ysLocal, sent.exchange);
+    let ysLocal = this.experts.forward(sent.xs, b.upload(sent.offsets, [sent.offsets.length], "i32"));
+    // (The collectives move f32 or i32: BF16 outputs go back as f32, the same values.)
+    if (ysLocal.dtype !== "f32") ysLocal = b.cast(ysLocal, "f32");
+    const back = await combine(b, group, ysLocal, sent.exchange);
+    // Backward reads ys only for d(weights): BF16 storage when the experts round to BF16, as in forward.
+    const ys = this.experts.outputsBf16 ? intoBf16(b, back) : back;
     const shared = this.shared ? this.shared.forward(x) : null;
     const add = [shared, residual].filter((t): t is Tensor => t !== null);
     const y = b.moeCombine(ys, p.slot, r.weights, add);
@@ -322,9 +326,11 @@ export class MoELayer {
     if (!s) throw new Error(`${this.prefix}: backward without forward`);
     if (!group || !s.ep) throw new Error(`${this.prefix}: backwardExpertParallel after another forward`);
     const r = b.moeCombineBackward(dy, s.ys, s.slot, s.weights);
-    // The gradients of this rank's expert-sorted rows take the rows' own way: the same exchange.
-    const sent: { xs: Tensor; exchange: ExpertExchange } = await dispatch(b, group, r.dys, s.ep.offsets);
-    const dxsLocal = this.experts.backward(sent.xs);
+    // The gradients of this rank's expert-sorted rows take the rows' own way: the same exchange
+    // (as f32, what the collectives move; BF16 values travel unchanged).
+    const f32 = (t: Tensor) => (t.dtype === "f32" ? t : b.cast(t, "f32"));
+    const sent: { xs: Tensor; exchange: ExpertExchange } = await dispatch(b, group, f32(r.dys), s.ep.offsets);
+    const dxsLocal = f32(this.experts.backward(sent.xs));
     const dxs = await combine(b, group, dxsLocal, sent.exchange);
     return this.routerBackward(s, dy, r.dweights, dxs);
   }

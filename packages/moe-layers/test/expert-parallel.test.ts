@@ -163,6 +163,64 @@ describe("expert-parallel MoE layer", () => {
       );
     });
 
+  // Under the BF16 and FP8 policies (BF16 expert outputs and gradients travel as f32 and come back
+  // unchanged; FP8 tiles of 128 columns): the experts' rows from rank 0 come first, as their tokens
+  // do in one process, so even the Wgrad's 128-token column tiles are the same and the results are
+  // the same bits, but for the replicated gradients' sum over the ranks.
+  for (const policy of ["bf16", "fp8"] as const)
+    it(`2 ranks under the ${policy} policy: one process's bits`, async () => {
+      const wide: MoeConfig = { ...cfg, hidden_size: 256, moe_intermediate_size: 128 };
+      const make = (g?: Collectives) => {
+        const rng = new Rng(9);
+        return new MoELayer(new TsBackend(), {
+          cfg: wide,
+          prefix: "moe",
+          precision: presetPolicy(policy)["moe-layers"],
+          init: (n) => rng.normals(n, 0.1),
+          expertGroup: g,
+        });
+      };
+      const f32 = async (t: Tensor) => read(t.dtype === "f32" ? t : t.backend.cast(t, "f32"));
+      const d = wide.hidden_size;
+      const [seqs, seq] = [4, 64];
+      const rng = new Rng(31);
+      const x = rng.normals(seqs * seq * d);
+      const dy = rng.normals(seqs * seq * d);
+      const whole = make();
+      const y = await f32(whole.forward(whole.b.upload(x, [seqs * seq, d]), seqs, seq));
+      const dx = await f32(whole.backward(whole.b.upload(dy, [seqs * seq, d])));
+      const grads = await Promise.all(whole.params.map((p) => f32(p.grad)));
+      const rows = (seqs / 2) * seq;
+      const parts = await Promise.all(
+        localGroup(2).map(async (g) => {
+          const m = make(g);
+          const mine = (v: Float32Array) =>
+            m.b.upload(v.slice(g.rank * rows * d, (g.rank + 1) * rows * d), [rows, d]);
+          const yr = await f32(await m.forwardExpertParallel(mine(x), seqs / 2, seq, 1 / 2));
+          const dxr = await f32(await m.backwardExpertParallel(mine(dy)));
+          return { yr, dxr, grads: await Promise.all(m.params.map((p) => f32(p.grad))) };
+        }),
+      );
+      expect(parts.flatMap((p) => p.yr)).toEqual(y);
+      expect(parts.flatMap((p) => p.dxr)).toEqual(dx);
+      whole.params.forEach((p, i) => {
+        if (p.name.startsWith("moe.experts.")) {
+          const n = grads[i].length / 2;
+          parts.forEach((part, q) => {
+            expect(part.grads[i], `${p.name}, rank ${q}`).toEqual(grads[i].slice(q * n, (q + 1) * n));
+          });
+          return;
+        }
+        let diff = 0;
+        let norm = 0;
+        grads[i].forEach((want, j) => {
+          diff += (parts[0].grads[i][j] + parts[1].grads[i][j] - want) ** 2;
+          norm += want * want;
+        });
+        expect(Math.sqrt(diff / norm), p.name).toBeLessThan(1e-6);
+      });
+    }, 60_000);
+
   it("refuses the one-process calls on an expert-parallel layer, and experts that do not split", async () => {
     const [g] = localGroup(2);
     const m = layer(g);

@@ -514,22 +514,34 @@ export class DeepSeekModel {
    * included.
    */
   namedTensors(): NamedTensor[] {
+    return this.namedTensorsOf(
+      this.params.map((p) => ({ param: p, tensor: p.value, rank: this.expertGroup?.rank ?? 0 })),
+    );
+  }
+
+  /**
+   * namedTensors over given tensors of the parameters (`tensor`: the parameter's value or a copy of
+   * the same shape, `rank`: the expert-parallel rank whose experts a stacked expert tensor holds,
+   * which names them by their index in the whole layer).
+   */
+  private namedTensorsOf(list: { param: Param; tensor: Tensor; rank: number }[]): NamedTensor[] {
     const out: NamedTensor[] = [];
-    for (const p of this.params) {
+    for (const { param: p, tensor, rank } of list) {
       const m = /^(.*)\.(\w+)\.weight$/.exec(p.name);
       const stacked = m !== null && p.value.shape.length === 3 && m[1].endsWith(".experts");
       if (!m || (!stacked && !p.parts)) {
-        out.push({ name: p.name, tensor: p.value, shape: [...p.value.shape], offset: 0 });
+        out.push({ name: p.name, tensor, shape: [...p.value.shape], offset: 0 });
         continue;
       }
       const parts = p.parts ?? [m[2]];
       const [rows, cols] = p.value.shape.slice(-2);
       const partRows = rows / parts.length;
+      const e0 = stacked ? rank * p.value.shape[0] : 0; // the first expert's index in the layer
       for (let e = 0; e < (stacked ? p.value.shape[0] : 1); e++)
         parts.forEach((part, j) => {
           out.push({
-            name: stacked ? `${m[1]}.${e}.${part}.weight` : `${m[1]}.${part}.weight`,
-            tensor: p.value,
+            name: stacked ? `${m[1]}.${e0 + e}.${part}.weight` : `${m[1]}.${part}.weight`,
+            tensor,
             shape: [partRows, cols],
             offset: (e * rows + j * partRows) * cols,
           });
@@ -545,23 +557,62 @@ export class DeepSeekModel {
     return out.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
   }
 
-  /** Host copies of every checkpoint tensor (ranges cut from the stacked and fused weights). */
+  /**
+   * Host copies of every checkpoint tensor (ranges cut from the stacked and fused weights). With
+   * the experts split over `expertGroup`, every rank of the group must call it: each rank's experts
+   * are broadcast to all, so that every rank returns the whole model, as one process names it.
+   */
   async stateDict(): Promise<Map<string, { shape: number[]; data: Float32Array }>> {
-    const out = new Map<string, { shape: number[]; data: Float32Array }>();
-    const cache = new Map<Tensor, Float32Array>();
-    for (const { name, tensor, shape, offset } of this.namedTensors()) {
-      let all = cache.get(tensor);
-      if (!all) {
-        all = (await tensor.read()) as Float32Array;
-        cache.set(tensor, all);
+    // (In an arena of its own: the gathered experts' device copies go with it.)
+    return this.b.scope(async () => {
+      const out = new Map<string, { shape: number[]; data: Float32Array }>();
+      const cache = new Map<Tensor, Float32Array>();
+      for (const { name, tensor, shape, offset } of await this.wholeNamedTensors()) {
+        let all = cache.get(tensor);
+        if (!all) {
+          all = (await tensor.read()) as Float32Array;
+          cache.set(tensor, all);
+        }
+        const n = shape.reduce((x, y) => x * y, 1);
+        out.set(name, { shape, data: n === all.length ? all : all.slice(offset, offset + n) });
       }
-      const n = shape.reduce((x, y) => x * y, 1);
-      out.set(name, { shape, data: n === all.length ? all : all.slice(offset, offset + n) });
-    }
-    return out;
+      return out;
+    });
   }
 
-  /** Loads weights by checkpoint name; a missing or misshapen tensor is an error naming it. */
+  /** namedTensors of the whole model: under expert parallelism every rank's experts gathered. */
+  private async wholeNamedTensors(): Promise<NamedTensor[]> {
+    const g = this.expertGroup;
+    if (!g) return this.namedTensors();
+    const experts = new Set(this.moeLayers.flatMap((m) => m.experts.params));
+    const list: { param: Param; tensor: Tensor; rank: number }[] = [];
+    const roots: number[] = [];
+    for (const p of this.params) {
+      if (!experts.has(p)) {
+        list.push({ param: p, tensor: p.value, rank: g.rank });
+        continue;
+      }
+      for (let q = 0; q < g.size; q++) {
+        list.push({
+          param: p,
+          tensor: q === g.rank ? this.b.copy(p.value) : this.b.zeros(p.value.shape),
+          rank: q,
+        });
+        roots.push(q);
+      }
+    }
+    const gathered = list.filter((x) => experts.has(x.param));
+    await g.broadcast(
+      gathered.map((x) => x.tensor),
+      roots,
+    );
+    return this.namedTensorsOf(list);
+  }
+
+  /**
+   * Loads weights by checkpoint name; a missing or misshapen tensor is an error naming it. Under
+   * expert parallelism each rank loads its own experts (by their index in the whole layer).
+   */
   loadStateDict(get: (name: string) => { shape: number[]; data: Float32Array } | undefined): void {
     const joined = new Map<Tensor, Float32Array>();
     for (const { name, tensor, shape, offset } of this.namedTensors()) {

@@ -325,6 +325,31 @@ describe("data parallel: ranks summed through the collectives", () => {
     }
   }, 120_000);
 
+  // The checkpoint of an expert-parallel run: every rank's stateDict is the whole model as one
+  // process names it (each rank's experts gathered), and a whole model's dict loads into the ranks,
+  // each taking its own experts.
+  it("expert parallel: the state dict gathers every rank's experts, and loads back into the ranks", async () => {
+    const [one] = await train(1);
+    const runs = await train(2, 1, false, null, 0, STEPS, 0, true);
+    const names = [...one.dict.keys()];
+    for (const r of runs) {
+      expect([...r.dict.keys()]).toEqual(names);
+      for (const n of names) {
+        expect(r.dict.get(n)!.data, n).toEqual(runs[0].dict.get(n)!.data);
+        expect(tensorRelDiff(r.dict.get(n)!.data, one.dict.get(n)!.data), n).toBeLessThan(1e-3);
+      }
+    }
+    // One process's dict loaded into 2 ranks: each holds its slice, and their dict is the same dict.
+    const back = await Promise.all(
+      localGroup(2).map(async (g) => {
+        const m = new DeepSeekModel(new TsBackend(), MICRO, presetPolicy("fp32"), 5, { expertGroup: g });
+        m.loadStateDict((n) => one.dict.get(n));
+        return m.stateDict();
+      }),
+    );
+    for (const d of back) for (const n of names) expect(d.get(n)!.data, n).toEqual(one.dict.get(n)!.data);
+  }, 60_000);
+
   it("a rank that passes other tensors is an error, not a hang", async () => {
     const [a, b] = localGroup(2);
     const be = new TsBackend();

@@ -167,6 +167,17 @@ export class DeepSeekModel {
     return this.blocks.map((b) => b.mlp).filter((m): m is MoELayer => m instanceof MoELayer);
   }
 
+  /**
+   * Under expert parallelism, the parameters split over the group (each MoE layer's stacked expert
+   * weights, expert-major), as the optimiser takes them (AdamW's `split`); null otherwise.
+   */
+  get expertSplit(): { rank: number; size: number; params: Set<Param> } | null {
+    const g = this.expertGroup;
+    return g
+      ? { rank: g.rank, size: g.size, params: new Set(this.moeLayers.flatMap((m) => m.experts.params)) }
+      : null;
+  }
+
   /** The layer number of each of `moeLayers` (the dense layers come first). */
   get moeLayerNumbers(): number[] {
     return this.blocks.flatMap((b, l) => (b.mlp instanceof MoELayer ? [l] : []));

@@ -68,7 +68,13 @@ async function train(
     const model = new DeepSeekModel(b, MICRO, presetPolicy("fp32"), 11, {
       expertGroup: expertParallel ? g : undefined,
     });
-    const opt = new AdamW(b, model.params, ADAMW_DEFAULTS, zero1 ? { rank: g.rank, size: g.size } : null);
+    const opt = new AdamW(
+      b,
+      model.params,
+      ADAMW_DEFAULTS,
+      zero1 ? { rank: g.rank, size: g.size } : null,
+      model.expertSplit,
+    );
     if (start) {
       model.loadStateDict((n) => start.dict.get(n));
       opt.loadState(start.step, (n) => start.state.get(n));
@@ -348,6 +354,21 @@ describe("data parallel: ranks summed through the collectives", () => {
       }),
     );
     for (const d of back) for (const n of names) expect(d.get(n)!.data, n).toEqual(one.dict.get(n)!.data);
+    // The optimiser's moments the same way: gathered whole (every rank the same), and resumed from
+    // one process's checkpoint under 2 ranks, the run goes on as one process's does.
+    const moments = [...one.gathered.keys()].sort();
+    for (const r of runs) {
+      expect([...r.gathered.keys()].sort()).toEqual(moments);
+      for (const n of moments) {
+        expect(r.gathered.get(n), n).toEqual(runs[0].gathered.get(n));
+        expect(frobeniusRelDiff(r.gathered.get(n)!, one.gathered.get(n)!), n).toBeLessThan(1e-2);
+      }
+    }
+    const start: Start = { dict: one.dict, state: one.gathered, step: STEPS };
+    const [on] = await train(1, 1, false, null, 0, STEPS + 2);
+    const resumed = await train(2, 1, false, start, STEPS, 2, 0, true);
+    expect(resumed[0].losses[0]).toBeCloseTo(on.losses[STEPS], 5);
+    expect(maxRelDiff(resumed[0].losses, on.losses.slice(STEPS))).toBeLessThan(1e-5);
   }, 60_000);
 
   it("a rank that passes other tensors is an error, not a hang", async () => {

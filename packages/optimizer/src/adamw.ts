@@ -51,6 +51,18 @@ export interface OptimizerShard {
 }
 
 /**
+ * Parameters split over a group along their first axis (expert parallelism: each rank holds
+ * experts [rank E/size, (rank+1) E/size) of a stacked expert weight): this rank's moments are of its
+ * slice; a checkpoint holds the whole (gatherState concatenates the ranks' slices, loadState takes
+ * this rank's).
+ */
+export interface SplitParams {
+  rank: number;
+  size: number;
+  params: Set<Param>;
+}
+
+/**
  * The owner rank of each parameter: largest first, each to the rank owning the fewest elements so
  * far (the lowest rank on ties), so that the shards' sizes differ by at most one parameter.
  */
@@ -105,6 +117,7 @@ export class AdamW {
     readonly params: Param[],
     readonly cfg: AdamWConfig,
     readonly shard: OptimizerShard | null = null,
+    readonly split: SplitParams | null = null,
   ) {
     this.owners = shard
       ? shardOwners(
@@ -214,26 +227,62 @@ export class AdamW {
       throw new Error(
         `gatherState: a group of ${group.size} ranks for state sharded over ${this.shard.size}`,
       );
-    // Unsharded, this rank owns every parameter: nothing to exchange.
+    const split = this.split;
+    if (split && (group.size !== split.size || group.rank !== split.rank))
+      throw new Error(
+        `gatherState: rank ${group.rank} of ${group.size} for parameters split over ${split.size}`,
+      );
+    // Unsharded, this rank owns every parameter: nothing to exchange. A split parameter's moments
+    // are every rank's slices, each broadcast by its rank, concatenated in rank order.
     const own = new Map(this.slots.map((s) => [s.param, s]));
     const tensors: Tensor[] = [];
     const roots: number[] = [];
     const temps: Tensor[] = [];
+    /** Per parameter and moment: its tensors in tensors (one, or one per rank when split). */
+    const at: number[][] = [];
+    const f32 = (t: Tensor) => {
+      const v = t.dtype === "f32" ? t : b.cast(t, "f32");
+      if (v !== t) temps.push(v);
+      return v;
+    };
     this.params.forEach((p, i) => {
       const s = own.get(p);
       for (const t of s ? [s.m, s.v] : [null, null]) {
-        const v = t ? (t.dtype === "f32" ? t : b.cast(t, "f32")) : b.zeros(p.value.shape, "f32");
-        if (v !== t) temps.push(v);
+        if (split?.params.has(p)) {
+          const idx: number[] = [];
+          for (let q = 0; q < split.size; q++) {
+            const v = q === split.rank ? b.copy(f32(t!)) : b.zeros(p.value.shape, "f32");
+            temps.push(v);
+            idx.push(tensors.length);
+            tensors.push(v);
+            roots.push(q);
+          }
+          at.push(idx);
+          continue;
+        }
+        const v = t ? f32(t) : b.zeros(p.value.shape, "f32");
+        if (!t) temps.push(v);
+        at.push([tensors.length]);
         tensors.push(v);
         roots.push(this.owners[i]);
       }
     });
-    if (this.shard) await group.broadcast(tensors, roots);
+    if (this.shard || split) await group.broadcast(tensors, roots);
+    const read = async (idx: number[]) => {
+      const parts = await Promise.all(idx.map(async (j) => (await tensors[j].read()) as Float32Array));
+      const out = new Float32Array(parts.reduce((n, x) => n + x.length, 0));
+      let o = 0;
+      for (const x of parts) {
+        out.set(x, o);
+        o += x.length;
+      }
+      return out;
+    };
     const out = new Map<string, Float32Array>();
     for (let i = 0; i < this.params.length; i++) {
       const name = this.params[i].name;
-      out.set(`${name}.exp_avg`, ((await tensors[2 * i].read()) as Float32Array).slice());
-      out.set(`${name}.exp_avg_sq`, ((await tensors[2 * i + 1].read()) as Float32Array).slice());
+      out.set(`${name}.exp_avg`, await read(at[2 * i]));
+      out.set(`${name}.exp_avg_sq`, await read(at[2 * i + 1]));
     }
     for (const t of temps) b.release(t);
     return out;
@@ -246,8 +295,12 @@ export class AdamW {
         [s.m, "exp_avg"],
         [s.v, "exp_avg_sq"],
       ] as const) {
-        const data = get(`${s.param.name}.${suffix}`) ?? joinedParts(s.param, suffix, get);
+        let data = get(`${s.param.name}.${suffix}`) ?? joinedParts(s.param, suffix, get);
         if (!data) throw new Error(`optimizer state: missing ${s.param.name}.${suffix}`);
+        // A split parameter's moments are saved whole: this rank's slice of them.
+        const split = this.split;
+        if (split?.params.has(s.param) && data.length === t.size * split.size)
+          data = data.subarray(split.rank * t.size, (split.rank + 1) * t.size);
         if (data.length !== t.size)
           throw new Error(
             `optimizer state: ${s.param.name}.${suffix} has ${data.length} values, want ${t.size}`,

@@ -35,10 +35,10 @@ const MORE = [
   "2",
 ];
 
-function run(ranks: number, steps = 4, env: Record<string, string> = {}) {
+function run(ranks: number, steps = 4, env: Record<string, string> = {}, extra: string[] = []) {
   const out = join(tmp(`ranks${ranks}`), "run");
   const r = cli(
-    ["train", ...FLAGS, ...MORE, "--steps", String(steps), "--ranks", String(ranks), "--out", out],
+    ["train", ...FLAGS, ...MORE, "--steps", String(steps), "--ranks", String(ranks), ...extra, "--out", out],
     {
       RAYON_NUM_THREADS: "1",
       ...env,
@@ -140,6 +140,61 @@ describe("--ranks", () => {
       ["0", /--ranks 0: use an integer from 1 to 64/],
     ] as const) {
       const { r } = run(Number(ranks));
+      expect(r.status, r.stderr).toBe(2);
+      expect(r.stderr.trim().split("\n")).toHaveLength(1);
+      expect(r.stderr).toMatch(want);
+    }
+  }, 60_000);
+
+  // --expert-parallel: each rank holds 1/N of every MoE layer's experts, the tokens go to their
+  // experts' ranks and back; the run is one process's to f32 re-association, the leader evaluates a
+  // whole copy, and the checkpoint (every rank's experts gathered) resumes under any N.
+  it("--expert-parallel: 2 and 4 ranks train as one process, and the checkpoint resumes under another N", () => {
+    const one = run(1);
+    expect(one.r.status, one.r.stderr).toBe(0);
+    const a = metricsOf(one.out);
+    for (const n of [2, 4]) {
+      const ep = run(n, 4, {}, ["--expert-parallel"]);
+      expect(ep.r.status, ep.r.stderr).toBe(0);
+      expect(ep.r.stdout).toContain(`on cpu x ${n} ranks (experts split over the ranks`);
+      const b = metricsOf(ep.out);
+      for (let i = 0; i < 4; i++) {
+        expect(Math.abs(b[i].loss - a[i].loss), `${n} ranks, step ${i + 1} loss`).toBeLessThan(4e-6);
+        expect(Math.abs(b[i].grad_norm - a[i].grad_norm) / a[i].grad_norm).toBeLessThan(5e-5);
+        expect(b[i].load_max_over_mean_by_layer).toEqual(a[i].load_max_over_mean_by_layer);
+      }
+      expect(Math.abs(b[1].val_loss - a[1].val_loss)).toBeLessThan(4e-6);
+      const wa = readSafetensors(join(one.out, "checkpoints/step-4/model.safetensors")).tensors;
+      const wb = readSafetensors(join(ep.out, "checkpoints/step-4/model.safetensors")).tensors;
+      expect([...wb.keys()]).toEqual([...wa.keys()]);
+      const { maxDiff } = weightDiffs(wa, wb, 1e-4 * LR);
+      expect(maxDiff).toBeLessThan(2e-2 * LR);
+    }
+    // 2 expert-parallel ranks' checkpoint resumed by one process, and one process's by 2 ranks.
+    const ep = run(2, 4, {}, ["--expert-parallel"]);
+    const r1 = cli(["train", "--resume", ep.out, "--steps", "6"], { RAYON_NUM_THREADS: "1" });
+    expect(r1.status, r1.stderr).toBe(0);
+    const r2 = cli(["train", "--resume", one.out, "--steps", "6", "--ranks", "2", "--expert-parallel"], {
+      RAYON_NUM_THREADS: "1",
+    });
+    expect(r2.status, r2.stderr).toBe(0);
+    const [x, y] = [metricsOf(ep.out), metricsOf(one.out)];
+    for (const i of [4, 5]) expect(Math.abs(x[i].loss - y[i].loss), `step ${i + 1}`).toBeLessThan(4e-6);
+  }, 240_000);
+
+  it("--expert-parallel: refused in one line without ranks, or with experts that do not split (exit 2)", () => {
+    const out = join(tmp("ep"), "run");
+    for (const [flags, want] of [
+      [
+        ["--expert-parallel"],
+        /--expert-parallel splits the routed experts over the ranks: give --ranks N or --gpus N/,
+      ],
+      [
+        ["--expert-parallel", "--ranks", "4", "--model.n_routed_experts", "6"],
+        /--expert-parallel: the 6 routed experts of a layer do not split over 4 ranks/,
+      ],
+    ] as const) {
+      const r = cli(["train", ...FLAGS, "--steps", "2", ...flags, "--out", out], { RAYON_NUM_THREADS: "1" });
       expect(r.status, r.stderr).toBe(2);
       expect(r.stderr.trim().split("\n")).toHaveLength(1);
       expect(r.stderr).toMatch(want);

@@ -7,7 +7,7 @@ import { policyToJson, UsageError } from "@moe8/fp8-core";
 import { requireNative } from "@moe8/kernels";
 import { hfConfig } from "@moe8/model";
 import { parseArgs } from "../args.ts";
-import { checkReplicas, exchangeStep, type Ranks, startRanks } from "../dist/ranks.ts";
+import { checkReplicas, exchangeStep, type GatheredState, type Ranks, startRanks } from "../dist/ranks.ts";
 import { runWorker } from "../dist/worker.ts";
 import { type CheckpointFiles, pruneCheckpoints, writeCheckpoint } from "../run/checkpoint.ts";
 import type { TrainConfig } from "../run/config.ts";
@@ -33,8 +33,16 @@ export interface RunState {
  * its micro-batches' means weighted by their sequences (a small held-out set may give one short
  * batch).
  */
-export async function validationLoss(s: Session, data: TrainData, cfg: TrainConfig): Promise<number> {
+export async function validationLoss(
+  s: Session,
+  data: TrainData,
+  cfg: TrainConfig,
+  ranks: Ranks | null = null,
+): Promise<number> {
   const b = s.backend;
+  // Under expert parallelism no rank holds every expert: the leader evaluates a whole copy of the
+  // model, the ranks' experts gathered (every rank joins).
+  const model = s.model.expertGroup && ranks ? s.wholeModel(await ranks.gatherModel()) : s.model;
   const T = cfg.seqLen;
   const microBatch = cfg.batchSize / cfg.gradAccum;
   let sum = 0;
@@ -45,7 +53,7 @@ export async function validationLoss(s: Session, data: TrainData, cfg: TrainConf
       const loss = await b.scope(async () => {
         const ids = b.upload(batch.ids.subarray(r0 * T, (r0 + n) * T), [n * T], "i32");
         const tg = b.upload(batch.targets.subarray(r0 * T, (r0 + n) * T), [n * T], "i32");
-        return s.model.evalLoss(ids, tg, { batch: n, seq: T }).ce.item();
+        return model.evalLoss(ids, tg, { batch: n, seq: T }).ce.item();
       });
       sum += loss * (n / batch.batchSize); // exactly the loss when the batch is one micro-batch
     }
@@ -58,15 +66,19 @@ export async function saveCheckpoint(
   cfg: TrainConfig,
   data: TrainData,
   st: RunState,
-  gathered?: Map<string, Float32Array>,
+  gathered?: GatheredState,
 ): Promise<string> {
   const optimizer = new Map<string, { shape: number[]; data: Float32Array }>();
   if (gathered) {
-    // Every parameter's moments, gathered from the ranks that own them (named as one process names them).
+    // Every parameter's moments, gathered from the ranks that own them (named as one process names
+    // them; an expert-parallel rank's stacked experts are a slice of the whole, along the first axis).
     for (const p of s.model.params)
       for (const suffix of ["exp_avg", "exp_avg_sq"]) {
         const name = `${p.name}.${suffix}`;
-        optimizer.set(name, { shape: [...p.value.shape], data: gathered.get(name)! });
+        const data = gathered.optimizer.get(name)!;
+        const shape = [...p.value.shape];
+        shape[0] *= data.length / p.value.size;
+        optimizer.set(name, { shape, data });
       }
   } else
     for (const [name, t] of s.opt.stateTensors()) {
@@ -75,7 +87,7 @@ export async function saveCheckpoint(
       if (raw !== t) raw.dispose();
     }
   return writeCheckpoint(runDir, st.step, {
-    model: await s.model.stateDict(),
+    model: gathered?.model ?? (await s.model.stateDict()),
     optimizer,
     config: hfConfig(s.model.cfg),
     state: {
@@ -128,6 +140,7 @@ export async function train(argv: string[]): Promise<number> {
   const gpus = gpusFlag(f.gpus, f.ranks);
   const nRanks = gpus === null ? ranksFlag(f.ranks) : gpus === "all" ? 0 : gpus;
   const checkEvery = checkEveryFlag(f["check-every"]);
+  const expertParallel = f["expert-parallel"] === true;
   const note = (m: string) => console.error(`note: ${m}`);
   const start: RunStart = f.resume !== undefined ? await startResume(args, note) : await startNew(args, note);
   const { cfg, runDir, lock, session: s, data, from } = start;
@@ -136,7 +149,7 @@ export async function train(argv: string[]): Promise<number> {
   if (gpus !== null || nRanks > 1) {
     try {
       if (gpus !== null) n = checkGpus(gpus, s.backend.name);
-      checkRanks(n, cfg, s.backend.name, gpus !== null);
+      checkRanks(n, cfg, s.backend.name, gpus !== null, expertParallel ? s.model.cfg.n_routed_experts : null);
     } catch (e) {
       s.dispose();
       lock.release();
@@ -144,6 +157,12 @@ export async function train(argv: string[]): Promise<number> {
     }
     // Each rank steps on its share of the batch and keeps the moments of the parameters it owns.
     s.becomeRank(0, n);
+  } else if (expertParallel) {
+    s.dispose();
+    lock.release();
+    throw new UsageError(
+      "--expert-parallel splits the routed experts over the ranks: give --ranks N or --gpus N with N > 1",
+    );
   }
   let lastGood: string | null = from?.dir ?? null;
   const st: RunState = { step: 0, bestValLoss: null, bestStep: null, consecutiveBad: 0 };
@@ -204,7 +223,7 @@ export async function train(argv: string[]): Promise<number> {
     process.on("SIGINT", sigint);
     process.on("SIGTERM", sigterm);
     if (gpus !== null || n > 1)
-      ranks = await startRanks(n, cfg, s, checkEvery, from?.dir ?? null, gpus !== null);
+      ranks = await startRanks(n, cfg, s, checkEvery, from?.dir ?? null, gpus !== null, expertParallel);
     ranks?.progress(st.step, lastGood ? `${runDir} continues it from ${lastGood}` : null);
     try {
       return await loop(start, st, metrics, tb, writes, () => stop, f["trace-precision"] === true, ranks);
@@ -301,7 +320,7 @@ async function loop(
     if (tracePrecision && st.step === firstStep + 1)
       console.log(`precision trace:\n${s.model.trace.format()}`);
     if (cfg.evalEvery > 0 && st.step % cfg.evalEvery === 0) {
-      m.val_loss = await validationLoss(s, data, cfg);
+      m.val_loss = await validationLoss(s, data, cfg, ranks);
       if (st.bestValLoss === null || m.val_loss < st.bestValLoss) {
         st.bestValLoss = m.val_loss;
         st.bestStep = st.step;
@@ -343,7 +362,7 @@ async function loop(
   }
   const stop = stopped();
   if (!stop && (cfg.evalEvery === 0 || st.step % cfg.evalEvery !== 0)) {
-    const val = await validationLoss(s, data, cfg);
+    const val = await validationLoss(s, data, cfg, ranks);
     console.log(`validation loss ${val.toFixed(4)}`);
   }
   // A checkpoint is always written at the end, unless this process did no step at all.
@@ -416,8 +435,18 @@ function gpuRanks(r: Ranks): string {
 }
 
 /** What N ranks need of the run: whole shares of the batch, and collectives for its backend. */
-function checkRanks(n: number, cfg: TrainConfig, backend: string, gpus: boolean): void {
+function checkRanks(
+  n: number,
+  cfg: TrainConfig,
+  backend: string,
+  gpus: boolean,
+  experts: number | null,
+): void {
   const flag = gpus ? `--gpus ${n}` : `--ranks ${n}`;
+  if (experts !== null && experts % n !== 0)
+    throw new UsageError(
+      `--expert-parallel: the ${experts} routed experts of a layer do not split over ${n} ranks`,
+    );
   if (cfg.batchSize % (n * cfg.gradAccum) !== 0)
     throw new UsageError(
       `${flag}: the batch of ${cfg.batchSize} sequences does not split into ${n} ranks${cfg.gradAccum > 1 ? ` of ${cfg.gradAccum} micro-batches` : ""}`,
@@ -428,6 +457,12 @@ function checkRanks(n: number, cfg: TrainConfig, backend: string, gpus: boolean)
 
 /** Under ZeRO-1: how much of the optimiser state this rank holds. */
 function shareOfState(s: Session): string {
+  const split = s.model.expertSplit;
+  if (split) {
+    const experts = [...split.params].reduce((n, p) => n + p.value.size, 0);
+    const all = s.model.params.reduce((n, p) => n + p.value.size, 0) + experts * (split.size - 1);
+    return `experts split over the ranks: rank 0 holds ${s.model.params.reduce((n, p) => n + p.value.size, 0)} of ${all} weights`;
+  }
   const all = 2 * s.model.params.reduce((n, p) => n + p.value.size, 0);
   return `optimiser state sharded: rank 0 holds ${s.opt.stateElements} of ${all} values`;
 }

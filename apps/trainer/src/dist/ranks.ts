@@ -16,7 +16,7 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { type CudaBackend, requireNative } from "@moe8/kernels";
-import type { Collectives, Tensor } from "@moe8/tensor";
+import type { Collectives, Param, Tensor } from "@moe8/tensor";
 import type { TrainConfig } from "../run/config.ts";
 import type { Session } from "../run/session.ts";
 import { type TcpGroup, tcpHub } from "./tcp-collectives.ts";
@@ -33,17 +33,18 @@ export interface StepHeader {
 const HEADER_WORDS = 9;
 
 /**
- * What rank 0 announces: a step, "gather" (every rank joins AdamW.gatherState: the leader is
- * writing a checkpoint) or "stop" (the run is over).
+ * What rank 0 announces: a step, "gather" (every rank joins AdamW.gatherState, and under expert
+ * parallelism the model's stateDict: the leader is writing a checkpoint), "model" (every rank joins
+ * the model's stateDict: the leader evaluates the whole model) or "stop" (the run is over).
  */
-export type Announcement = StepHeader | "gather" | "stop";
+export type Announcement = StepHeader | "gather" | "model" | "stop";
 
 /** The announcement as i32 words (doubles by their bits). */
 function encodeHeader(h: Announcement | null): Int32Array {
   const w = new Int32Array(HEADER_WORDS);
   if (h === null || h === "stop") return w;
-  if (h === "gather") {
-    w[0] = 2;
+  if (h === "gather" || h === "model") {
+    w[0] = h === "gather" ? 2 : 3;
     return w;
   }
   const d = new Float64Array([h.lr, h.noise?.scale ?? 0]);
@@ -65,6 +66,7 @@ function encodeHeader(h: Announcement | null): Int32Array {
 function decodeHeader(w: Int32Array): Announcement {
   if (w[0] === 0) return "stop";
   if (w[0] === 2) return "gather";
+  if (w[0] === 3) return "model";
   const d = new Float64Array(Int32Array.of(w[2], w[3], w[4], w[5]).buffer);
   return { step: w[1], lr: d[0], noise: w[7] ? { scale: d[1], seed: w[6] } : null, check: w[8] === 1 };
 }
@@ -100,7 +102,17 @@ export async function exchangeStep(
 }
 
 /**
- * Every rank takes rank 0's weights, correction biases and optimiser step count (a new run's are the
+ * The parameters every rank holds the same: all of them, but under expert parallelism the experts
+ * (each rank holds its own).
+ */
+function replicated(s: Session): Param[] {
+  const split = s.model.expertSplit;
+  return split ? s.model.params.filter((p) => !split.params.has(p)) : s.model.params;
+}
+
+/**
+ * Every rank takes rank 0's weights (under expert parallelism its own experts stay), correction
+ * biases and optimiser step count (a new run's are the
  * same on every rank already; a resumed run's each rank read from the same checkpoint, and its own
  * shard of the moments with them).
  */
@@ -109,7 +121,7 @@ export async function syncState(s: Session, c: Collectives): Promise<void> {
   await b.scope(async () => {
     const step = b.upload(Int32Array.of(s.opt.step), [1], "i32");
     const all: Tensor[] = [
-      ...s.model.params.map((p) => p.value),
+      ...replicated(s).map((p) => p.value),
       ...s.model.moeLayers.map((m) => m.bias),
       step,
     ];
@@ -130,7 +142,7 @@ export async function syncState(s: Session, c: Collectives): Promise<void> {
 export async function checkReplicas(s: Session, c: Collectives, step: number): Promise<void> {
   const b = s.backend;
   const hash = createHash("sha256");
-  for (const t of [...s.model.params.map((p) => p.value), ...s.model.moeLayers.map((m) => m.bias)]) {
+  for (const t of [...replicated(s).map((p) => p.value), ...s.model.moeLayers.map((m) => m.bias)]) {
     const v = await t.read();
     hash.update(new Uint8Array(v.buffer, v.byteOffset, v.byteLength));
   }
@@ -149,6 +161,12 @@ export async function checkReplicas(s: Session, c: Collectives, step: number): P
         `replica check at step ${step}: the weights of rank ${bad.join(", ")} differ from rank 0's`,
       );
   });
+}
+
+/** Every rank's part of a "gather": the optimiser's moments, and under expert parallelism the model. */
+export async function joinGather(s: Session, c: Collectives): Promise<GatheredState> {
+  const optimizer = await s.opt.gatherState(c);
+  return { optimizer, model: s.model.expertGroup ? await s.model.stateDict() : null };
 }
 
 /**
@@ -185,6 +203,16 @@ export function watchRanks(pids: number[], ranks: number[], note: string): boole
 export interface WorkerStart {
   cfg: TrainConfig;
   from: string | null;
+  /** --expert-parallel: the routed experts split over the ranks. */
+  expertParallel?: boolean;
+}
+
+/** What the leader's checkpoint writes, gathered from the ranks. */
+export interface GatheredState {
+  /** Every parameter's moments, named as one process names them. */
+  optimizer: Map<string, Float32Array>;
+  /** Under expert parallelism the whole model (every rank's experts); else null (the leader's own). */
+  model: Map<string, { shape: number[]; data: Float32Array }> | null;
 }
 
 /** The leader's view of its workers. */
@@ -203,7 +231,9 @@ export interface Ranks {
    * Every rank's optimiser moments by name, as one process names them (AdamW.gatherState, with the
    * workers joining it): what the leader's checkpoint writes.
    */
-  gatherOptimizer(): Promise<Map<string, Float32Array>>;
+  gatherOptimizer(): Promise<GatheredState>;
+  /** The whole model, every rank joining (expert parallelism: for the leader's evaluation). */
+  gatherModel(): Promise<Map<string, { shape: number[]; data: Float32Array }>>;
   /**
    * Why a worker stopped (its rank, exit code or signal), else null; waits up to `ms` for a worker's
    * exit to be reported (a collective sees the socket close before the process's exit arrives).
@@ -230,13 +260,14 @@ export async function startRanks(
   checkEvery: number,
   from: string | null,
   gpus = false,
+  expertParallel = false,
 ): Promise<Ranks> {
   process.env.NCCL_NVLS_ENABLE = "0";
   // --gpus: rank r on the GPU r places after this process's own (MOE8_CUDA_DEVICE, 0 by default).
   const device = Number(process.env.MOE8_CUDA_DEVICE ?? 0);
   const dir = mkdtempSync(join(tmpdir(), "moe8-ranks-"));
   const config = join(dir, "config.json");
-  writeFileSync(config, JSON.stringify({ cfg, from } satisfies WorkerStart));
+  writeFileSync(config, JSON.stringify({ cfg, from, expertParallel } satisfies WorkerStart));
   const { port, group } = await tcpHub(n);
   const children: ChildProcess[] = [];
   let failure: string | null = null;
@@ -292,6 +323,7 @@ export async function startRanks(
     nccl = await ncclGroup(s, joined.collectives);
   }
   const collectives = nccl?.collectives ?? joined.collectives;
+  if (expertParallel) await s.becomeExpertParallel(collectives);
   await syncState(s, collectives);
   return {
     group: joined,
@@ -303,7 +335,11 @@ export async function startRanks(
     },
     async gatherOptimizer() {
       await exchangeStep(s, collectives, "gather", null, cfg.seqLen);
-      return s.opt.gatherState(collectives);
+      return joinGather(s, collectives);
+    },
+    async gatherModel() {
+      await exchangeStep(s, collectives, "model", null, cfg.seqLen);
+      return s.model.stateDict();
     },
     async failure(ms = 0) {
       if (!failure && ms > 0) await Promise.race([someExit, new Promise((ok) => setTimeout(ok, ms))]);

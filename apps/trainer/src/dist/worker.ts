@@ -11,7 +11,15 @@ import { requireNative } from "@moe8/kernels";
 import { readCheckpoint } from "../run/checkpoint.ts";
 import { parseConfig, resolveModel } from "../run/config.ts";
 import { buildSession } from "../run/session.ts";
-import { checkReplicas, exchangeStep, ncclGroup, syncState, type WorkerStart, watchRanks } from "./ranks.ts";
+import {
+  checkReplicas,
+  exchangeStep,
+  joinGather,
+  ncclGroup,
+  syncState,
+  type WorkerStart,
+  watchRanks,
+} from "./ranks.ts";
 import { tcpJoin } from "./tcp-collectives.ts";
 
 /** The step at which this rank should fail (MOE8_FAULT_RANK_EXIT or _CORRUPT=rank:step), if any. */
@@ -45,6 +53,7 @@ export async function runWorker(): Promise<number> {
   if (gpus) watchRanks([process.ppid], [0], `rank ${rank}: the leader (rank {rank}, process {pid}) is gone`);
   const nccl = gpus ? await ncclGroup(s, group.collectives) : null;
   const c = nccl?.collectives ?? group.collectives;
+  if (start.expertParallel) await s.becomeExpertParallel(c);
   const fault = faultStep(rank, "MOE8_FAULT_RANK_EXIT");
   const corrupt = faultStep(rank, "MOE8_FAULT_RANK_CORRUPT");
   try {
@@ -53,7 +62,11 @@ export async function runWorker(): Promise<number> {
       const { header, ids, targets } = await exchangeStep(s, c, null, null, cfg.seqLen);
       if (header === "stop") return 0;
       if (header === "gather") {
-        await s.opt.gatherState(c); // the leader writes the checkpoint
+        await joinGather(s, c); // the leader writes the checkpoint
+        continue;
+      }
+      if (header === "model") {
+        await s.model.stateDict(); // the leader evaluates
         continue;
       }
       if (header.step === fault) process.exit(3);

@@ -40,6 +40,7 @@ export const TRAIN_FLAGS: FlagSpec = {
   ranks: "int",
   gpus: "string",
   "check-every": "int",
+  "expert-parallel": "boolean",
   "seq-len": "int",
   warmup: "int",
   schedule: "string",
@@ -129,7 +130,7 @@ export function configFromArgs(args: ParsedArgs): TrainConfig {
  * what a step computes (docs/reliability.md, "Extending a run").
  */
 export const RESUME_FLAGS = ["steps", "eval-every", "save-every", "keep-last", "tensorboard"];
-const RESUME_OWN = ["resume", "debug", "trace-precision", "ranks", "gpus", "check-every"];
+const RESUME_OWN = ["resume", "debug", "trace-precision", "ranks", "gpus", "check-every", "expert-parallel"];
 
 /** Refuses, before anything is opened, a flag that --resume cannot change. */
 export function checkResumeFlags(args: ParsedArgs): void {

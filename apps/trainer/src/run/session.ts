@@ -2,8 +2,8 @@
 import { type PrecisionPolicy, parsePolicy } from "@moe8/fp8-core";
 import { createBackend } from "@moe8/kernels";
 import { DeepSeekModel, type ModelConfig, routerNoiseAt, routerNoiseSeed, StepRunner } from "@moe8/model";
-import { ADAMW_DEFAULTS, AdamW, type OptimizerShard } from "@moe8/optimizer";
-import type { Backend } from "@moe8/tensor";
+import { ADAMW_DEFAULTS, AdamW, type OptimizerShard, type SplitParams } from "@moe8/optimizer";
+import type { Backend, Collectives } from "@moe8/tensor";
 import type { TrainConfig } from "./config.ts";
 import { lrAt, type RunSchedule, runSchedule } from "./schedule.ts";
 
@@ -23,6 +23,18 @@ export interface Session {
    * before any state is loaded or any step runs.
    */
   becomeRank(rank: number, size: number): void;
+  /**
+   * Makes this session a rank of `group` with the routed experts split over it (expert parallelism,
+   * after becomeRank and the group's making): the model is rebuilt holding this rank's experts, with
+   * the weights, balancing biases and moments it held (all of them, as one process holds them:
+   * those of a new run, or of the checkpoint loaded), and the optimiser is not sharded.
+   */
+  becomeExpertParallel(group: Collectives): Promise<void>;
+  /**
+   * A model holding every expert with the weights of `dict` (a stateDict), for what runs on one
+   * rank alone under expert parallelism (the leader's evaluation); made once, reloaded each call.
+   */
+  wholeModel(dict: Map<string, { shape: number[]; data: Float32Array }>): DeepSeekModel;
   /** The learning-rate schedule; a resumed run whose length changed replaces it (schedule.ts). */
   schedule: RunSchedule;
   lrAt(step: number): number;
@@ -42,10 +54,10 @@ export function buildSession(cfg: TrainConfig, modelCfg: ModelConfig, backend?: 
   const b = backend ?? createBackend(cfg.backend);
   const policy = policyOf(cfg);
   const model = new DeepSeekModel(b, modelCfg, policy, cfg.seed);
-  const optimizer = (shard: OptimizerShard | null) =>
+  const optimizer = (shard: OptimizerShard | null, split: SplitParams | null = null, on = model) =>
     new AdamW(
       b,
-      model.params,
+      on.params,
       {
         ...ADAMW_DEFAULTS,
         beta1: cfg.beta1,
@@ -56,8 +68,10 @@ export function buildSession(cfg: TrainConfig, modelCfg: ModelConfig, backend?: 
         lrScale: { router: cfg.balance.routerLr ?? 1 },
       },
       shard,
+      split,
     );
   const opt = optimizer(null);
+  let whole: DeepSeekModel | null = null;
   return {
     backend: b,
     policy,
@@ -78,10 +92,32 @@ export function buildSession(cfg: TrainConfig, modelCfg: ModelConfig, backend?: 
       this.opt = optimizer(size > 1 ? { rank, size } : null);
       this.runner = new StepRunner(model, this.opt, { batch: cfg.batchSize / size, seq: cfg.seqLen });
     },
+    async becomeExpertParallel(group) {
+      const [dict, state, step] = [
+        await this.model.stateDict(),
+        await this.opt.gatherState(group),
+        this.opt.step,
+      ];
+      this.runner.dispose();
+      this.opt.dispose();
+      this.model.dispose();
+      const m = new DeepSeekModel(b, modelCfg, policy, cfg.seed, { expertGroup: group });
+      m.loadStateDict((n) => dict.get(n));
+      this.model = m;
+      this.opt = optimizer(null, m.expertSplit, m);
+      this.opt.loadState(step, (n) => state.get(n));
+      this.runner = new StepRunner(m, this.opt, { batch: cfg.batchSize / group.size, seq: cfg.seqLen });
+    },
+    wholeModel(dict) {
+      whole ??= new DeepSeekModel(b, modelCfg, policy, cfg.seed);
+      whole.loadStateDict((n) => dict.get(n));
+      return whole;
+    },
     dispose() {
       this.runner.dispose();
       this.opt.dispose();
-      model.dispose();
+      this.model.dispose();
+      whole?.dispose();
     },
   };
 }

@@ -111,13 +111,23 @@ export async function trainStep(
       model.setRouterNoise(null);
     }
     if (group.size > 1) await group.settle();
-    if (experts) await group.allReduceSum(opt.params.filter((p) => !experts.has(p)).map((p) => p.grad));
+    if (experts) {
+      const whole = opt.params.map((p, i) => [p, opt.owners[i]] as const).filter(([p]) => !experts.has(p));
+      if (sharded)
+        await group.reduceSum(
+          whole.map(([p]) => p.grad),
+          whole.map(([, owner]) => owner),
+        );
+      else await group.allReduceSum(whole.map(([p]) => p.grad));
+    }
     const offsets = await pass.offsets();
     if (group.size > 1) await group.allReduceSum([pass.ce, pass.total, ...offsets]);
-    const { norm, scale } = experts
-      ? await expertParallelGradNorm(model, opt, group, experts)
-      : sharded
-        ? await opt.shardedGradNorm(group)
+    // (Sharded, with or without split experts, each rank's optimiser holds exactly the gradients it
+    // alone has: the shard's norm is the global one.)
+    const { norm, scale } = sharded
+      ? await opt.shardedGradNorm(group)
+      : experts
+        ? await expertParallelGradNorm(model, opt, group, experts)
         : opt.gradNorm();
     const r = await finishStep(
       model,
@@ -162,12 +172,17 @@ export async function finishStep(
   const t0 = performance.now();
   if (!skipped) {
     opt.update(lr, t.scale);
-    // ZeRO-1: each parameter was updated by its owner only; every rank takes the owner's values.
-    if (opt.shard && group.size > 1)
+    // ZeRO-1: each parameter was updated by its owner only; every rank takes the owner's values
+    // (but a split parameter's: each rank's slice is its own).
+    if (opt.shard && group.size > 1) {
+      const whole = opt.params
+        .map((p, i) => [p, opt.owners[i]] as const)
+        .filter(([p]) => !opt.split?.params.has(p));
       await group.broadcast(
-        opt.params.map((p) => p.value),
-        opt.owners,
+        whole.map(([p]) => p.value),
+        whole.map(([, owner]) => owner),
       );
+    }
     model.moeLayers.forEach((m, i) => {
       m.updateBias(t.offsets[i]);
     });
@@ -277,8 +292,7 @@ async function microBatches(
 
 /**
  * The experts' parameters of a model whose experts are split over `group` (null when they are not),
- * after checking what this first version of expert parallelism takes: the data-parallel group as
- * the expert group, no optimiser sharding.
+ * after checking that the expert group is the data-parallel group.
  */
 function expertParams(model: DeepSeekModel, group: Collectives, opt: AdamW): Set<Param> | null {
   const ep = model.expertGroup;
@@ -287,7 +301,6 @@ function expertParams(model: DeepSeekModel, group: Collectives, opt: AdamW): Set
     throw new Error(
       `trainStep: the experts are split over ${ep.size} ranks, the batch over ${group.size}: expert parallelism runs over the data-parallel group`,
     );
-  if (opt.shard) throw new Error("trainStep: expert parallelism with a sharded optimiser is not built yet");
   return new Set(model.moeLayers.flatMap((m) => m.experts.params));
 }
 

@@ -299,13 +299,15 @@ describe("data parallel: ranks summed through the collectives", () => {
     const whole = new DeepSeekModel(new TsBackend(), MICRO, presetPolicy("fp32"), 11);
     const isExpert = whole.params.map((p) => /\.mlp\.experts\./.test(p.name));
     expect(isExpert.some((x) => x)).toBe(true);
-    for (const [ranks, accum] of [
-      [2, 1],
-      [4, 1],
-      [2, 2],
+    for (const [ranks, accum, zero1] of [
+      [2, 1, false],
+      [4, 1, false],
+      [2, 2, false],
+      [2, 1, true],
+      [4, 2, true],
     ] as const) {
-      const runs = await train(ranks, accum, false, null, 0, STEPS, 0, true);
-      const what = `${ranks} ranks, ${accum} micro-batches, expert parallel`;
+      const runs = await train(ranks, accum, zero1, null, 0, STEPS, 0, true);
+      const what = `${ranks} ranks, ${accum} micro-batches, expert parallel${zero1 ? ", ZeRO-1" : ""}`;
       expect(runs[0].losses[0], what).toBe(one.losses[0]);
       expect(maxRelDiff(runs[0].losses, one.losses), what).toBeLessThan(1e-5);
       expect(maxRelDiff(runs[0].norms, one.norms), what).toBeLessThan(5e-4);
@@ -336,7 +338,8 @@ describe("data parallel: ranks summed through the collectives", () => {
   // each taking its own experts.
   it("expert parallel: the state dict gathers every rank's experts, and loads back into the ranks", async () => {
     const [one] = await train(1);
-    const runs = await train(2, 1, false, null, 0, STEPS, 0, true);
+    // (With ZeRO-1 too: the replicated parameters' moments sharded, the experts' split.)
+    const runs = await train(2, 1, true, null, 0, STEPS, 0, true);
     const names = [...one.dict.keys()];
     for (const r of runs) {
       expect([...r.dict.keys()]).toEqual(names);

@@ -106,7 +106,7 @@ function joinedParts(
 export class AdamW {
   step = 0;
   private slots: Slot[];
-  /** Each parameter's owner rank (all 0 without a shard). */
+  /** Each parameter's owner rank (all 0 without a shard; a split parameter's: this rank). */
   readonly owners: number[];
   private readonly clip: PreparedClipScale;
   /** One prepared update per learning-rate scale (one launch each on cuda; one group by default). */
@@ -119,14 +119,21 @@ export class AdamW {
     readonly shard: OptimizerShard | null = null,
     readonly split: SplitParams | null = null,
   ) {
-    this.owners = shard
+    // A split parameter's slice is this rank's own; the others are whole parameters balanced over
+    // the shard's ranks (all rank 0's without a shard).
+    const isSplit = (p: Param) => !!split?.params.has(p);
+    const whole = params.filter((p) => !isSplit(p));
+    const wholeOwners = shard
       ? shardOwners(
-          params.map((p) => p.value.size),
+          whole.map((p) => p.value.size),
           shard.size,
         )
-      : params.map(() => 0);
+      : whole.map(() => 0);
+    const rank = shard?.rank ?? 0;
+    let k = 0;
+    this.owners = params.map((p) => (isSplit(p) ? (split?.rank ?? rank) : wholeOwners[k++]));
     this.slots = params
-      .filter((_, i) => this.owners[i] === (shard?.rank ?? 0))
+      .filter((p, i) => isSplit(p) || this.owners[i] === rank)
       .map((param) => ({
         param,
         m: b.keep(b.zeros(param.value.shape, cfg.moments)),

@@ -104,7 +104,7 @@ export function buildSession(cfg: TrainConfig, modelCfg: ModelConfig, backend?: 
       const m = new DeepSeekModel(b, modelCfg, policy, cfg.seed, { expertGroup: group });
       m.loadStateDict((n) => dict.get(n));
       this.model = m;
-      this.opt = optimizer(null, m.expertSplit, m);
+      this.opt = optimizer(this.opt.shard, m.expertSplit, m);
       this.opt.loadState(step, (n) => state.get(n));
       this.runner = new StepRunner(m, this.opt, { batch: cfg.batchSize / group.size, seq: cfg.seqLen });
     },

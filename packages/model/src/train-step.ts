@@ -79,7 +79,7 @@ export async function trainStep(
     // Expert parallelism (the model's experts split over this same group): the experts' gradients
     // are whole on their rank after the backward pass (every rank's tokens reached them), so only
     // the replicated parameters are summed over the group.
-    const experts = expertParams(model, group, opt);
+    const experts = expertParams(model, group);
     // Gradient buckets: each block's gradients start their reduction (ZeRO-1: to their owners only,
     // the other ranks never read them again) as soon as the backward pass has finished them, on the
     // last micro-batch, and travel while it computes the blocks before (with NCCL).
@@ -294,7 +294,7 @@ async function microBatches(
  * The experts' parameters of a model whose experts are split over `group` (null when they are not),
  * after checking that the expert group is the data-parallel group.
  */
-function expertParams(model: DeepSeekModel, group: Collectives, opt: AdamW): Set<Param> | null {
+function expertParams(model: DeepSeekModel, group: Collectives): Set<Param> | null {
   const ep = model.expertGroup;
   if (!ep) return null;
   if (ep.size !== group.size || ep.rank !== group.rank)

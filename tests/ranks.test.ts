@@ -47,6 +47,31 @@ function run(ranks: number, steps = 4, env: Record<string, string> = {}, extra: 
   return { out, r };
 }
 
+/**
+ * N ranks' first four steps against one process's (metrics a, b): losses, norms and loads, the
+ * validation loss; the step-4 checkpoints' weights (wa, wb) with the same names, for the caller.
+ */
+function expectAsOneProcess(
+  a: ReturnType<typeof metricsOf>,
+  b: ReturnType<typeof metricsOf>,
+  n: number,
+  oneOut: string,
+  manyOut: string,
+) {
+  for (let i = 0; i < 4; i++) {
+    // The loss is a mean over 256 tokens summed in another order: a few f32 ulps.
+    expect(Math.abs(b[i].loss - a[i].loss), `${n} ranks, step ${i + 1} loss`).toBeLessThan(4e-6);
+    expect(Math.abs(b[i].grad_norm - a[i].grad_norm) / a[i].grad_norm).toBeLessThan(5e-5);
+    // The step's integer loads are summed over the ranks: the same counts.
+    expect(b[i].load_max_over_mean_by_layer).toEqual(a[i].load_max_over_mean_by_layer);
+  }
+  expect(Math.abs(b[1].val_loss - a[1].val_loss)).toBeLessThan(4e-6);
+  const wa = readSafetensors(join(oneOut, "checkpoints/step-4/model.safetensors")).tensors;
+  const wb = readSafetensors(join(manyOut, "checkpoints/step-4/model.safetensors")).tensors;
+  expect([...wb.keys()]).toEqual([...wa.keys()]);
+  return { wa, wb };
+}
+
 describe("--ranks", () => {
   it("2 and 4 ranks train as one process: losses, norms, loads, biases and weights", () => {
     const one = run(1);
@@ -61,17 +86,7 @@ describe("--ranks", () => {
       expect(held / all).toBeLessThan(1.5 / n);
       const [a, b] = [metricsOf(one.out), metricsOf(many.out)];
       expect(b.map((m) => m.step)).toEqual([1, 2, 3, 4]);
-      for (let i = 0; i < 4; i++) {
-        // The loss is a mean over 256 tokens summed in another order: a few f32 ulps.
-        expect(Math.abs(b[i].loss - a[i].loss), `${n} ranks, step ${i + 1} loss`).toBeLessThan(4e-6);
-        expect(Math.abs(b[i].grad_norm - a[i].grad_norm) / a[i].grad_norm).toBeLessThan(5e-5);
-        // The step's integer loads are summed over the ranks: the same counts.
-        expect(b[i].load_max_over_mean_by_layer).toEqual(a[i].load_max_over_mean_by_layer);
-      }
-      expect(Math.abs(b[1].val_loss - a[1].val_loss)).toBeLessThan(4e-6);
-      const wa = readSafetensors(join(one.out, "checkpoints/step-4/model.safetensors")).tensors;
-      const wb = readSafetensors(join(many.out, "checkpoints/step-4/model.safetensors")).tensors;
-      expect([...wb.keys()]).toEqual([...wa.keys()]);
+      const { wa, wb } = expectAsOneProcess(a, b, n, one.out, many.out);
       const { maxDiff, beyondFraction, biases } = weightDiffs(wa, wb, 1e-4 * LR);
       // The bias update is a function of the summed integer loads: bit for bit.
       for (const { name, x, y } of biases) expect([...y], name).toEqual([...x]);
@@ -157,16 +172,7 @@ describe("--ranks", () => {
       const ep = run(n, 4, {}, ["--expert-parallel"]);
       expect(ep.r.status, ep.r.stderr).toBe(0);
       expect(ep.r.stdout).toContain(`on cpu x ${n} ranks (experts split over the ranks`);
-      const b = metricsOf(ep.out);
-      for (let i = 0; i < 4; i++) {
-        expect(Math.abs(b[i].loss - a[i].loss), `${n} ranks, step ${i + 1} loss`).toBeLessThan(4e-6);
-        expect(Math.abs(b[i].grad_norm - a[i].grad_norm) / a[i].grad_norm).toBeLessThan(5e-5);
-        expect(b[i].load_max_over_mean_by_layer).toEqual(a[i].load_max_over_mean_by_layer);
-      }
-      expect(Math.abs(b[1].val_loss - a[1].val_loss)).toBeLessThan(4e-6);
-      const wa = readSafetensors(join(one.out, "checkpoints/step-4/model.safetensors")).tensors;
-      const wb = readSafetensors(join(ep.out, "checkpoints/step-4/model.safetensors")).tensors;
-      expect([...wb.keys()]).toEqual([...wa.keys()]);
+      const { wa, wb } = expectAsOneProcess(a, metricsOf(ep.out), n, one.out, ep.out);
       const { maxDiff } = weightDiffs(wa, wb, 1e-4 * LR);
       expect(maxDiff).toBeLessThan(2e-2 * LR);
     }

@@ -145,6 +145,10 @@ export class DeepSeekModel {
       storeBf16: true,
     });
     this.params.push(this.norm, headW);
+    const g = this.expertGroup;
+    this.expertSplit = g
+      ? { rank: g.rank, size: g.size, params: new Set(this.moeLayers.flatMap((m) => m.experts.params)) }
+      : null;
     this.gradBuckets.push(
       [this.norm, headW],
       ...this.blocks.map((k) => [k.ln1, ...k.attn.params, k.ln2, ...k.mlp.params]).reverse(),
@@ -171,12 +175,7 @@ export class DeepSeekModel {
    * Under expert parallelism, the parameters split over the group (each MoE layer's stacked expert
    * weights, expert-major), as the optimiser takes them (AdamW's `split`); null otherwise.
    */
-  get expertSplit(): { rank: number; size: number; params: Set<Param> } | null {
-    const g = this.expertGroup;
-    return g
-      ? { rank: g.rank, size: g.size, params: new Set(this.moeLayers.flatMap((m) => m.experts.params)) }
-      : null;
-  }
+  readonly expertSplit: { rank: number; size: number; params: Set<Param> } | null;
 
   /** The layer number of each of `moeLayers` (the dense layers come first). */
   get moeLayerNumbers(): number[] {
@@ -467,13 +466,22 @@ export class DeepSeekModel {
     gradScale = 1,
     onGrads?: (params: Param[]) => void,
   ): { ce: Tensor; total: Tensor } {
-    const y = this.trunk(ids, shape, gradScale);
+    const { ce, total, dy } = this.headAndTotal(this.trunk(ids, shape, gradScale), targets, gradScale);
+    this.backwardTrunk(dy, onGrads);
+    return { ce, total };
+  }
+
+  /** The head's loss and d(y) of the trunk's output y (released), and the total with the balance losses. */
+  private headAndTotal(
+    y: Tensor,
+    targets: Tensor,
+    gradScale: number,
+  ): { ce: Tensor; total: Tensor; dy: Tensor } {
     const { loss, dy } = this.headLoss(y, targets, true, gradScale);
     y.dispose();
     let total = loss;
     for (const m of this.moeLayers) if (m.lastBalanceLoss) total = this.b.add(total, m.lastBalanceLoss);
-    this.backwardTrunk(dy!, onGrads);
-    return { ce: loss, total };
+    return { ce: loss, total, dy: dy! };
   }
 
   /** lossAndGrad with the MoE layers' experts split over `expertGroup` (every rank calls it). */
@@ -486,12 +494,9 @@ export class DeepSeekModel {
   ): Promise<{ ce: Tensor; total: Tensor }> {
     if (!this.expertGroup) throw new Error("model: lossAndGradExpertParallel without an expert group");
     const y = await this.trunkExpertParallel(ids, shape, gradScale);
-    const { loss, dy } = this.headLoss(y, targets, true, gradScale);
-    y.dispose();
-    let total = loss;
-    for (const m of this.moeLayers) if (m.lastBalanceLoss) total = this.b.add(total, m.lastBalanceLoss);
-    await this.backwardTrunkExpertParallel(dy!, onGrads);
-    return { ce: loss, total };
+    const { ce, total, dy } = this.headAndTotal(y, targets, gradScale);
+    await this.backwardTrunkExpertParallel(dy, onGrads);
+    return { ce, total };
   }
 
   /** Mean cross-entropy (and with the balance losses, the total) without keeping anything for backward. */
@@ -594,8 +599,8 @@ export class DeepSeekModel {
   /** namedTensors of the whole model: under expert parallelism every rank's experts gathered. */
   private async wholeNamedTensors(): Promise<NamedTensor[]> {
     const g = this.expertGroup;
-    if (!g) return this.namedTensors();
-    const experts = new Set(this.moeLayers.flatMap((m) => m.experts.params));
+    const experts = this.expertSplit?.params;
+    if (!g || !experts) return this.namedTensors();
     const list: { param: Param; tensor: Tensor; rank: number }[] = [];
     const roots: number[] = [];
     for (const p of this.params) {

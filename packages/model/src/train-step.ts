@@ -104,9 +104,7 @@ export async function trainStep(
       pass =
         accum > 1
           ? await microBatches(model, ids, targets, shape, accum, share, setNoise, onGrads, !!experts)
-          : experts
-            ? await expertParallelBatch(model, ids, targets, shape, share, setNoise, onGrads)
-            : wholeBatch(model, ids, targets, shape, share, setNoise, onGrads);
+          : await wholeBatch(model, ids, targets, shape, share, setNoise, onGrads, !!experts);
     } finally {
       model.setRouterNoise(null);
     }
@@ -127,7 +125,11 @@ export async function trainStep(
     const { norm, scale } = sharded
       ? await opt.shardedGradNorm(group)
       : experts
-        ? await expertParallelGradNorm(model, opt, group, experts)
+        ? // Each rank's experts, and on rank 0 the replicated gradients (the same on every rank).
+          await opt.groupGradNorm(
+            group,
+            opt.params.filter((p) => experts.has(p) || group.rank === 0).map((p) => p.grad),
+          )
         : opt.gradNorm();
     const r = await finishStep(
       model,
@@ -205,7 +207,7 @@ interface Pass {
  * share: this rank's part of the step (1 / ranks), applied to the gradients and the losses;
  * setNoise(row): the router noise for a pass whose first token is `row` of this rank's batch.
  */
-function wholeBatch(
+async function wholeBatch(
   model: DeepSeekModel,
   ids: Tensor,
   targets: Tensor,
@@ -213,10 +215,13 @@ function wholeBatch(
   share: number,
   setNoise: (row: number) => void,
   onGrads?: (params: Param[]) => void,
-): Pass {
+  expertParallel = false,
+): Promise<Pass> {
   const b = model.b;
   setNoise(0);
-  const r = model.lossAndGrad(ids, targets, shape, share, onGrads);
+  const r = expertParallel
+    ? await model.lossAndGradExpertParallel(ids, targets, shape, share, onGrads)
+    : model.lossAndGrad(ids, targets, shape, share, onGrads);
   const [ce, total] = share === 1 ? [r.ce, r.total] : [b.scale(r.ce, share), b.scale(r.total, share)];
   const offsets = model.moeLayers.map((m) => m.lastOffsets!);
   return { ce, total, offsets: async () => offsets };
@@ -301,49 +306,7 @@ function expertParams(model: DeepSeekModel, group: Collectives): Set<Param> | nu
     throw new Error(
       `trainStep: the experts are split over ${ep.size} ranks, the batch over ${group.size}: expert parallelism runs over the data-parallel group`,
     );
-  return new Set(model.moeLayers.flatMap((m) => m.experts.params));
-}
-
-/** wholeBatch through the model's expert-parallel forward and backward. */
-async function expertParallelBatch(
-  model: DeepSeekModel,
-  ids: Tensor,
-  targets: Tensor,
-  shape: BatchShape,
-  share: number,
-  setNoise: (row: number) => void,
-  onGrads?: (params: Param[]) => void,
-): Promise<Pass> {
-  const b = model.b;
-  setNoise(0);
-  const r = await model.lossAndGradExpertParallel(ids, targets, shape, share, onGrads);
-  const [ce, total] = share === 1 ? [r.ce, r.total] : [b.scale(r.ce, share), b.scale(r.total, share)];
-  const offsets = model.moeLayers.map((m) => m.lastOffsets!);
-  return { ce, total, offsets: async () => offsets };
-}
-
-/**
- * The global gradient norm under expert parallelism: each rank's norm of the gradients it alone
- * holds (its experts', and on rank 0 the replicated parameters', the same on every rank after their
- * sum) goes into its row of a [ranks, 1] vector, one exact all-reduce hands every rank all of them,
- * and the clip op on it gives the norm and the clip factor, the same bits on every rank.
- */
-async function expertParallelGradNorm(
-  model: DeepSeekModel,
-  opt: AdamW,
-  group: Collectives,
-  experts: Set<Param>,
-): Promise<{ norm: Tensor; scale: Tensor }> {
-  const b = model.b;
-  const mine = opt.params.filter((p) => experts.has(p) || group.rank === 0);
-  const norms = b.zeros([group.size, 1]);
-  const own = b.clipScale(
-    mine.map((p) => p.grad),
-    Number.POSITIVE_INFINITY,
-  ).norm;
-  b.setRows(norms, group.rank, b.reshape(own, [1, 1]));
-  await group.allReduceSum([norms]);
-  return b.clipScale([norms], opt.cfg.clip > 0 ? opt.cfg.clip : Number.POSITIVE_INFINITY);
+  return model.expertSplit!.params;
 }
 
 /** Per-expert token counts from expert offsets. */

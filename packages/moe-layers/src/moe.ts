@@ -226,17 +226,7 @@ export class MoELayer {
     // Backward reads ys only for d(weights): when the experts round their outputs to BF16, BF16
     // storage keeps it exactly in half the bytes (k rows of d per token and layer).
     const ysSaved = this.experts.outputsBf16 && ys.dtype === "f32" ? intoBf16(b, ys) : ys;
-    this.lastOffsets = p.offsets;
-    this.saved.push({
-      x,
-      scores: r.scores,
-      topIdx: r.topIdx,
-      weights: r.weights,
-      slot: p.slot,
-      offsets: p.offsets,
-      ys: ysSaved,
-      dscores,
-    });
+    this.save(x, r, p, ysSaved, dscores);
     return y;
   }
 
@@ -303,19 +293,22 @@ export class MoELayer {
     const add = [shared, residual].filter((t): t is Tensor => t !== null);
     const y = b.moeCombine(ys, p.slot, r.weights, add);
     if (shared) b.release(shared);
-    this.lastOffsets = p.offsets;
-    this.saved.push({
-      x,
-      scores: r.scores,
-      topIdx: r.topIdx,
-      weights: r.weights,
-      slot: p.slot,
-      offsets: p.offsets,
-      ys,
-      dscores,
-      ep: { offsets },
-    });
+    this.save(x, r, p, ys, dscores, { offsets });
     return y;
+  }
+
+  /** What a forward leaves for its backward (and its loads for the bias update). */
+  private save(
+    x: Tensor,
+    r: { scores: Tensor; topIdx: Tensor; weights: Tensor },
+    p: PermuteResult,
+    ys: Tensor,
+    dscores: Tensor | null,
+    ep?: ExpertParallelSaved,
+  ): void {
+    this.lastOffsets = p.offsets;
+    const { scores, topIdx, weights } = r;
+    this.saved.push({ x, scores, topIdx, weights, slot: p.slot, offsets: p.offsets, ys, dscores, ep });
   }
 
   /** backward of forwardExpertParallel: the output gradients of each expert's rows go to its rank and the input gradients come back. */

@@ -182,12 +182,32 @@ export class AdamW {
       throw new Error(
         `AdamW.shardedGradNorm: rank ${group.rank} of ${group.size} for a shard ${this.shard.rank} of ${this.shard.size}`,
       );
+    return this.combineNorms(
+      group,
+      this.slots.length > 0 ? this.clip.clipScale(Number.POSITIVE_INFINITY).norm : null,
+    );
+  }
+
+  /**
+   * The global gradient norm and clip factor when each rank of `group` passes the gradients it
+   * alone holds (together every gradient once): shardedGradNorm's assembly for any such split
+   * (expert parallelism's, trainStep).
+   */
+  async groupGradNorm(group: Collectives, grads: Tensor[]): Promise<{ norm: Tensor; scale: Tensor }> {
+    return this.combineNorms(
+      group,
+      grads.length > 0 ? this.b.clipScale(grads, Number.POSITIVE_INFINITY).norm : null,
+    );
+  }
+
+  /** This rank's norm (null: none) into its row of a [ranks, 1] vector, all-reduced, then clipped. */
+  private async combineNorms(
+    group: Collectives,
+    own: Tensor | null,
+  ): Promise<{ norm: Tensor; scale: Tensor }> {
     const b = this.b;
     const norms = b.zeros([group.size, 1]);
-    if (this.slots.length > 0) {
-      const own = this.clip.clipScale(Number.POSITIVE_INFINITY).norm;
-      b.setRows(norms, group.rank, b.reshape(own, [1, 1]));
-    }
+    if (own) b.setRows(norms, group.rank, b.reshape(own, [1, 1]));
     await group.allReduceSum([norms]);
     return b.clipScale([norms], this.maxNorm);
   }

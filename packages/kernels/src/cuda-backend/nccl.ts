@@ -26,6 +26,23 @@ export function ncclCollectives(cx: CudaContext, comm: NcclComm): Collectives {
     (["f32", "i32"] as const)
       .map((d) => [d, tensors.map((t, i) => [t, i] as const).filter(([t]) => moved(t, op) === d)] as const)
       .filter(([, ts]) => ts.length > 0);
+  /** `call` per dtype with the tensors' addresses, sizes and roots (-1 where `roots` is absent). */
+  const rooted = (
+    op: string,
+    tensors: Tensor[],
+    roots: number[] | undefined,
+    call: (ptrs: number[], counts: number[], roots: number[], dtype: Moved) => void,
+  ) => {
+    if (roots && roots.length !== tensors.length)
+      throw new Error(`${op}: ${roots.length} roots for ${tensors.length} tensors`);
+    for (const [dtype, ts] of byDtype(tensors, op))
+      call(
+        ts.map(([t]) => addr(cx, t)),
+        ts.map(([t]) => t.size),
+        ts.map(([, i]) => roots?.[i] ?? -1),
+        dtype,
+      );
+  };
   return {
     rank,
     size,
@@ -38,39 +55,15 @@ export function ncclCollectives(cx: CudaContext, comm: NcclComm): Collectives {
         );
     },
     async broadcast(tensors, roots) {
-      if (roots.length !== tensors.length)
-        throw new Error(`broadcast: ${roots.length} roots for ${tensors.length} tensors`);
-      for (const [dtype, ts] of byDtype(tensors, "broadcast"))
-        comm.broadcast(
-          ts.map(([t]) => addr(cx, t)),
-          ts.map(([t]) => t.size),
-          ts.map(([, i]) => roots[i]),
-          dtype,
-        );
+      rooted("broadcast", tensors, roots, (p, n, r, d) => comm.broadcast(p, n, r, d));
     },
     async reduceSum(tensors, roots) {
-      if (roots.length !== tensors.length)
-        throw new Error(`reduceSum: ${roots.length} roots for ${tensors.length} tensors`);
-      for (const [dtype, ts] of byDtype(tensors, "reduceSum"))
-        comm.reduceSum(
-          ts.map(([t]) => addr(cx, t)),
-          ts.map(([t]) => t.size),
-          ts.map(([, i]) => roots[i]),
-          dtype,
-        );
+      rooted("reduceSum", tensors, roots, (p, n, r, d) => comm.reduceSum(p, n, r, d));
     },
     // Started reductions run on the communicator's side stream after what the backend's stream
     // has enqueued so far; settle makes the backend's stream wait for them (the host does not).
     startReduce(tensors, roots) {
-      if (roots && roots.length !== tensors.length)
-        throw new Error(`startReduce: ${roots.length} roots for ${tensors.length} tensors`);
-      for (const [dtype, ts] of byDtype(tensors, "startReduce"))
-        comm.startReduce(
-          ts.map(([t]) => addr(cx, t)),
-          ts.map(([t]) => t.size),
-          ts.map(([, i]) => roots?.[i] ?? -1),
-          dtype,
-        );
+      rooted("startReduce", tensors, roots, (p, n, r, d) => comm.startReduce(p, n, r, d));
     },
     async settle() {
       comm.join();

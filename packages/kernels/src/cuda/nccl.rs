@@ -219,9 +219,16 @@ impl Communicator {
     fn hand_over(on: cu::CUstream, to: cu::CUstream) -> Result<(), String> {
         let mut ev: cu::CUevent = std::ptr::null_mut();
         let flags = cu::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32;
-        cuda_ck(unsafe { cu::cuEventCreate(&mut ev, flags) }, "cuEventCreate")?;
-        let r = cuda_ck(unsafe { cu::cuEventRecord(ev, on) }, "cuEventRecord")
-            .and_then(|_| cuda_ck(unsafe { cu::cuStreamWaitEvent(to, ev, 0) }, "cuStreamWaitEvent"));
+        cuda_ck(
+            unsafe { cu::cuEventCreate(&mut ev, flags) },
+            "cuEventCreate",
+        )?;
+        let r = cuda_ck(unsafe { cu::cuEventRecord(ev, on) }, "cuEventRecord").and_then(|_| {
+            cuda_ck(
+                unsafe { cu::cuStreamWaitEvent(to, ev, 0) },
+                "cuStreamWaitEvent",
+            )
+        });
         unsafe { cu::cuEventDestroy_v2(ev) };
         r
     }
@@ -238,7 +245,10 @@ impl Communicator {
             None => {
                 let mut s: cu::CUstream = std::ptr::null_mut();
                 let flags = cu::CUstream_flags::CU_STREAM_NON_BLOCKING as u32;
-                cuda_ck(unsafe { cu::cuStreamCreate(&mut s, flags) }, "cuStreamCreate")?;
+                cuda_ck(
+                    unsafe { cu::cuStreamCreate(&mut s, flags) },
+                    "cuStreamCreate",
+                )?;
                 self.side = Some(s);
                 s
             }
@@ -249,10 +259,23 @@ impl Communicator {
         for &(p, n, root) in bufs {
             let (src, dst) = (p as *const c_void, p as *mut c_void);
             let (code, what) = if root < 0 {
-                let c = unsafe { (a.ncclAllReduce)(src, dst, n, dtype, NCCL_SUM, self.comm, side as Stream) };
+                let c = unsafe {
+                    (a.ncclAllReduce)(src, dst, n, dtype, NCCL_SUM, self.comm, side as Stream)
+                };
                 (c, "ncclAllReduce")
             } else {
-                let c = unsafe { (a.ncclReduce)(src, dst, n, dtype, NCCL_SUM, root, self.comm, side as Stream) };
+                let c = unsafe {
+                    (a.ncclReduce)(
+                        src,
+                        dst,
+                        n,
+                        dtype,
+                        NCCL_SUM,
+                        root,
+                        self.comm,
+                        side as Stream,
+                    )
+                };
                 (c, "ncclReduce")
             };
             r = ck(a, code, what);
@@ -463,6 +486,20 @@ pub mod js {
         Ok(n as usize)
     }
 
+    /// (device address, element count, root rank) per buffer, from the JavaScript arrays.
+    fn rooted(
+        ptrs: &[f64],
+        counts: &[f64],
+        roots: &[i32],
+        what: &str,
+    ) -> Result<Vec<(u64, usize, i32)>> {
+        ptrs.iter()
+            .zip(counts)
+            .zip(roots)
+            .map(|((&p, &n), &r)| Ok((p as u64, count(n, what)?, r)))
+            .collect()
+    }
+
     /// One rank's NCCL communicator (`dispose()` frees it; `abort()` ends it when a rank is gone).
     #[napi]
     pub struct NcclComm {
@@ -523,12 +560,7 @@ pub mod js {
             roots: Vec<i32>,
             dtype: String,
         ) -> Result<()> {
-            let bufs = ptrs
-                .iter()
-                .zip(&counts)
-                .zip(&roots)
-                .map(|((&p, &n), &r)| Ok((p as u64, count(n, "broadcast")?, r)))
-                .collect::<Result<Vec<_>>>()?;
+            let bufs = rooted(&ptrs, &counts, &roots, "broadcast")?;
             self.inner
                 .broadcast(&bufs, dtype_of(dtype)?)
                 .map_err(napi_err)
@@ -543,12 +575,7 @@ pub mod js {
             roots: Vec<i32>,
             dtype: String,
         ) -> Result<()> {
-            let bufs = ptrs
-                .iter()
-                .zip(&counts)
-                .zip(&roots)
-                .map(|((&p, &n), &r)| Ok((p as u64, count(n, "reduceSum")?, r)))
-                .collect::<Result<Vec<_>>>()?;
+            let bufs = rooted(&ptrs, &counts, &roots, "reduceSum")?;
             self.inner
                 .reduce_sum(&bufs, dtype_of(dtype)?)
                 .map_err(napi_err)
@@ -564,12 +591,7 @@ pub mod js {
             roots: Vec<i32>,
             dtype: String,
         ) -> Result<()> {
-            let bufs = ptrs
-                .iter()
-                .zip(&counts)
-                .zip(&roots)
-                .map(|((&p, &n), &r)| Ok((p as u64, count(n, "startReduce")?, r)))
-                .collect::<Result<Vec<_>>>()?;
+            let bufs = rooted(&ptrs, &counts, &roots, "startReduce")?;
             self.inner
                 .start_reduce(&bufs, dtype_of(dtype)?)
                 .map_err(napi_err)

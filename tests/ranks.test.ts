@@ -149,6 +149,54 @@ describe("--ranks", () => {
     expect(r.stderr).toMatch(/replica check at step 4: the weights of rank 1 differ from rank 0's/);
   }, 120_000);
 
+  // Under FP8 (the MoE layers' tokens travel to their experts as FP8 tiles under --expert-parallel)
+  // the ranks train as one process to within the quantisation of their own gradients (a rank's
+  // Wgrad column tiles cover its tokens only), and a logged step's FP8 range counts are summed over
+  // the ranks (each counts its own quantisations), not the leader's alone.
+  it("under FP8: 2 ranks (data and expert parallel) train as one process; range counts summed over the ranks", () => {
+    const flags = (n: number, out: string, extra: string[] = []) => [
+      "train",
+      ...FLAGS.map((f) => (f === "fp32" ? "fp8" : f)),
+      "--warmup",
+      "0",
+      "--eval-every",
+      "0",
+      "--log-every",
+      "1",
+      "--steps",
+      "2",
+      "--ranks",
+      String(n),
+      ...extra,
+      "--out",
+      out,
+    ];
+    const runs = [
+      ["one", 1, []],
+      ["data", 2, []],
+      ["experts", 2, ["--expert-parallel"]],
+    ] as const;
+    const m = runs.map(([name, n, extra]) => {
+      const out = join(tmp(`ranks-fp8-${name}`), "run");
+      const r = cli(flags(n, out, [...extra]), { RAYON_NUM_THREADS: "1" });
+      expect(r.status, r.stderr).toBe(0);
+      return metricsOf(out);
+    });
+    const [one, ...many] = m;
+    for (const [i, b] of many.entries()) {
+      const what = runs[i + 1][0];
+      for (let s = 0; s < 2; s++) {
+        expect(Math.abs(b[s].loss - one[s].loss), `${what}, step ${s + 1} loss`).toBeLessThan(1e-3);
+        // (The first step's routing is the same weights' on the same tokens: the same loads.)
+        if (s === 0)
+          expect(b[s].load_max_over_mean_by_layer, what).toEqual(one[s].load_max_over_mean_by_layer);
+        // One process counts ~1,400 underflows a step; the leader alone counted ~800.
+        expect(b[s].fp8_underflow / one[s].fp8_underflow, `${what}, step ${s + 1}`).toBeGreaterThan(0.85);
+        expect(b[s].fp8_underflow / one[s].fp8_underflow, `${what}, step ${s + 1}`).toBeLessThan(1.15);
+      }
+    }
+  }, 240_000);
+
   it("refuses a split that does not divide the batch, and a bad count, in one line (exit 2)", () => {
     for (const [ranks, want] of [
       ["3", /--ranks 3: the batch of 8 sequences does not split into 3 ranks/],

@@ -51,6 +51,8 @@ import {
   swigluBackwardQuantizedVia,
   swigluQuantizedVia,
   Tensor,
+  type Words,
+  type WordsKind,
 } from "@moe8/tensor";
 import type { DeviceBuffer, NcclComm } from "../native.d.cts";
 import * as attn from "./cuda-backend/attention.ts";
@@ -283,6 +285,14 @@ export class CudaBackend extends HostLifetimes implements Backend {
 
   override setRows(dst: Tensor, start: number, src: Tensor): void {
     ew.setRows(this.cx, dst, start, src);
+  }
+
+  override toWords(t: Tensor): Words {
+    return ew.toWords(this.cx, t);
+  }
+
+  override fromWords(words: Tensor, scales: Tensor | null, kind: WordsKind): Tensor {
+    return ew.fromWords(this.cx, words, scales, kind);
   }
 
   // --- elementwise -----------------------------------------------------------------------------

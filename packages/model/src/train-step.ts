@@ -138,6 +138,8 @@ export async function trainStep(
       { ce: pass.ce, total: pass.total, norm, scale, offsets },
       group,
     );
+    // (Every rank counts the range events of its own quantisations: the step's are their sum.)
+    if (flow.enabled && group.size > 1) await flow.sumOver(group, b);
     const fp8 = flow.enabled ? await flow.take() : undefined;
     flow.enabled = false;
     return { ...r, fp8 };

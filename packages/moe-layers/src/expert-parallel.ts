@@ -5,11 +5,13 @@
 // it receives by local expert (for one grouped GEMM over its experts), and `combine` sends the
 // experts' outputs back to where each row came from, in the original order.
 //
-// Numerics: a row's values arrive unchanged. With NCCL the block goes as FP8 1x128 tiles with their
-// scales, as DeepSeek-V3 does: that moves a quarter of the bytes and changes nothing, since the
-// experts' Fprop quantises each row in the same 1x128 tiles anyway (a row's tiles do not depend on
-// which rows travel with it). The outputs come back in BF16 under the bf16 and fp8 policies.
-import type { Backend, Collectives, Tensor } from "@moe8/tensor";
+// What travels: the collectives move f32 and i32 values, so a BF16 or FP8 matrix goes as its bytes
+// in i32 words with its scales beside them (Backend.toWords) and is made again on arrival, bit for
+// bit. Under the FP8 policy the MoE layer dispatches its tokens as FP8 1x128 tiles with their
+// scales, as DeepSeek-V3 does (a quarter of f32's bytes and a few percent for the scales): the same
+// bits the experts' Fprop would quantise, since a row's tiles do not depend on the rows travelling
+// with it. The experts' outputs come back in BF16 under the bf16 and fp8 policies.
+import type { Backend, Collectives, Tensor, WordsKind } from "@moe8/tensor";
 
 /** How one dispatch moved the rows: what combine needs to send them back. */
 export interface ExpertExchange {
@@ -33,14 +35,56 @@ function rowsOf(b: Backend, t: Tensor, start: number, n: number): Tensor {
 }
 
 /** Pieces stacked along rows, in order, into one new tensor. */
-function stack(b: Backend, pieces: Tensor[], cols: number): Tensor {
-  const out = b.zeros([pieces.reduce((n, p) => n + p.rows, 0), cols]);
+function stack(b: Backend, pieces: Tensor[], cols: number, dtype: Tensor["dtype"]): Tensor {
+  const out = b.zeros([pieces.reduce((n, p) => n + p.rows, 0), cols], dtype);
   let at = 0;
   for (const p of pieces) {
     if (p.rows > 0) b.setRows(out, at, p);
     at += p.rows;
   }
   return out;
+}
+
+/**
+ * A matrix as the row-aligned f32/i32 parts the collectives move (itself when f32; its words, and
+ * its scales when FP8, otherwise), and how to make it again from the parts as they arrive.
+ */
+function onWire(b: Backend, t: Tensor): { parts: Tensor[]; rebuild: (parts: Tensor[]) => Tensor } {
+  if (t.dtype === "f32" || t.dtype === "i32") return { parts: [t], rebuild: ([p]) => p };
+  const kind: WordsKind =
+    t.dtype === "bf16" ? { dtype: "bf16" } : { dtype: t.dtype, group: t.quant?.group as "tile" | "row" };
+  const { words, scales } = b.toWords(t);
+  return {
+    parts: scales ? [words, scales] : [words],
+    rebuild: ([w, s]) => {
+      const out = b.fromWords(w, s ?? null, kind);
+      w.dispose();
+      s?.dispose();
+      return out;
+    },
+  };
+}
+
+/**
+ * Frees the exchange's temporaries at once (the collectives of one process hand back what they were
+ * given, so a tensor may be in two lists), but never the caller's `keep`.
+ */
+function release(lists: Tensor[][], keep: Tensor[]): void {
+  const all = new Set(lists.flat());
+  for (const t of keep) all.delete(t);
+  for (const t of all) t.dispose();
+}
+
+/** Each part's pieces (pieces[q][i]: part i's rows for rank q) sent by one allToAll per part. */
+async function exchangeParts(group: Collectives, pieces: Tensor[][]): Promise<Tensor[][]> {
+  const got: Tensor[][] = pieces.map(() => []);
+  for (let i = 0; i < pieces[0].length; i++) {
+    const inbound = await group.allToAll(pieces.map((p) => p[i]));
+    inbound.forEach((t, q) => {
+      got[q].push(t);
+    });
+  }
+  return got;
 }
 
 /**
@@ -57,11 +101,11 @@ export async function dispatch(
   const E = offsets.length - 1;
   if (E % R !== 0) throw new Error(`expert parallel: ${E} experts do not split over ${R} ranks`);
   const El = E / R;
-  const d = xs.cols;
   // Per destination rank: its experts' row counts (exchanged first: a receiver must know how many
   // rows of each of its experts come from each rank), then the block of rows itself.
+  const wire = onWire(b, xs);
   const counts: Tensor[] = [];
-  const blocks: Tensor[] = [];
+  const blocks: Tensor[][] = [];
   const sent: number[] = [];
   for (let q = 0; q < R; q++) {
     const c = new Int32Array(El);
@@ -69,23 +113,27 @@ export async function dispatch(
     counts.push(b.upload(c, [1, El], "i32"));
     const start = offsets[q * El];
     sent.push(offsets[(q + 1) * El] - start);
-    blocks.push(rowsOf(b, xs, start, sent[q]));
+    blocks.push(wire.parts.map((p) => rowsOf(b, p, start, sent[q])));
   }
   const got = await group.allToAll(counts);
   const received = await Promise.all(got.map(async (t) => Array.from((await t.read()) as Int32Array)));
-  const inbound = await group.allToAll(blocks);
+  const inbound = await exchangeParts(group, blocks);
   // Regroup by local expert: for expert j, its rows from rank 0, then from rank 1, ...
-  const pieces: Tensor[] = [];
+  const pieces: Tensor[][] = wire.parts.map(() => []);
   const local = new Int32Array(El + 1);
   const next = new Array<number>(R).fill(0); // per source rank: its first row not yet taken
   for (let j = 0; j < El; j++) {
     for (let q = 0; q < R; q++) {
-      pieces.push(rowsOf(b, inbound[q], next[q], received[q][j]));
+      inbound[q].forEach((t, i) => {
+        pieces[i].push(rowsOf(b, t, next[q], received[q][j]));
+      });
       next[q] += received[q][j];
     }
     local[j + 1] = local[j] + received.reduce((n, r) => n + r[j], 0);
   }
-  return { xs: stack(b, pieces, d), offsets: local, exchange: { sent, received } };
+  const parts = pieces.map((ps, i) => stack(b, ps, wire.parts[i].cols, wire.parts[i].dtype));
+  release([counts, got, blocks.flat(), inbound.flat(), pieces.flat(), wire.parts], [xs]);
+  return { xs: wire.rebuild(parts), offsets: local, exchange: { sent, received } };
 }
 
 /**
@@ -101,20 +149,34 @@ export async function combine(
   const R = group.size;
   const { sent, received } = exchange;
   const El = received[0].length;
-  const d = ys.cols;
+  const wire = onWire(b, ys);
   // ys is local-expert-major, source rank minor: gather each source rank's rows back into one
   // block in its own (expert-sorted) order.
-  const bySource: Tensor[][] = Array.from({ length: R }, () => []);
+  const bySource: Tensor[][][] = Array.from({ length: R }, () => wire.parts.map(() => []));
   let at = 0;
   for (let j = 0; j < El; j++)
     for (let q = 0; q < R; q++) {
-      bySource[q].push(rowsOf(b, ys, at, received[q][j]));
+      wire.parts.forEach((p, i) => {
+        bySource[q][i].push(rowsOf(b, p, at, received[q][j]));
+      });
       at += received[q][j];
     }
-  const back = await group.allToAll(bySource.map((p) => stack(b, p, d)));
-  back.forEach((t, q) => {
-    if (t.rows !== sent[q])
-      throw new Error(`combine: rank ${q} returned ${t.rows} rows, ${sent[q]} were sent`);
+  const blocks = bySource.map((ps) =>
+    ps.map((pieces, i) => stack(b, pieces, wire.parts[i].cols, wire.parts[i].dtype)),
+  );
+  const back = await exchangeParts(group, blocks);
+  back.forEach((ts, q) => {
+    if (ts[0].rows !== sent[q])
+      throw new Error(`combine: rank ${q} returned ${ts[0].rows} rows, ${sent[q]} were sent`);
   });
-  return stack(b, back, d);
+  const parts = wire.parts.map((p, i) =>
+    stack(
+      b,
+      back.map((ts) => ts[i]),
+      p.cols,
+      p.dtype,
+    ),
+  );
+  release([bySource.flat(2), blocks.flat(), back.flat(), wire.parts], [ys]);
+  return wire.rebuild(parts);
 }

@@ -2,6 +2,7 @@
 // bias, fine-grained routed SwiGLU experts run as grouped GEMMs over expert-sorted rows, shared
 // experts on every token, auxiliary-loss-free balancing (the bias, updated after each step) and the
 // complementary sequence-wise balance loss. No token is dropped. Routing never leaves the device.
+import type { QuantizeOptions } from "@moe8/fp8-core";
 import {
   type Backend,
   type BiasRule,
@@ -190,21 +191,11 @@ export class MoELayer {
       throw new Error(`${this.prefix}: an expert-parallel layer runs forwardExpertParallel`);
     const E = this.cfg.n_routed_experts;
     const { r, dscores } = this.route(x, batch, seq, gradScale);
-    // Under FP8 with only the quantised input kept for backward, the tokens are quantised once and
-    // their codes and scales permuted (k copies of 1 byte per value instead of 4, and the quantiser
-    // reads N rows instead of N k): the same bits as quantising the permuted rows, since 1x128 tiles
-    // and row scales never mix rows. The shared expert reuses the same copy of x. FP8 range counting
-    // (logged steps) measures the permuted f32 rows, so it keeps the other order.
-    const xqOpt = this.experts.gateUp.fp8InputOnly();
-    const once =
-      xqOpt !== null &&
-      (xqOpt.group === "tile" || xqOpt.group === "row") &&
-      !this.trace?.flow.enabled &&
-      x.cols % 4 === 0; // (cuda moves FP8 rows as 4-byte words)
+    const xqOpt = this.quantiseOnce(x);
     const xMemo = new QuantMemo();
     let p: PermuteResult;
     let ys: Tensor;
-    if (once) {
+    if (xqOpt) {
       p = b.moePermute(
         xMemo.fprop(xqOpt, () => b.quantize(x, xqOpt)),
         r.topIdx,
@@ -228,6 +219,27 @@ export class MoELayer {
     const ysSaved = this.experts.outputsBf16 && ys.dtype === "f32" ? intoBf16(b, ys) : ys;
     this.save(x, r, p, ysSaved, dscores);
     return y;
+  }
+
+  /**
+   * How the tokens are quantised once for the routed experts, or null. Under FP8 with only the
+   * quantised input kept for backward, the tokens are quantised once and their codes and scales
+   * permuted (k copies of 1 byte per value instead of 4, and the quantiser reads N rows instead of
+   * N k; expert parallelism sends these rows): the same bits as quantising the permuted rows, since
+   * 1x128 tiles and row scales never mix rows. The shared expert reuses the same copy of x. FP8
+   * range counting (logged steps) measures the permuted f32 rows, so one process keeps the other
+   * order then; expert parallelism does not (every rank of the group must send the same kind of
+   * rows, and a rank's logging is its own), and counts on the tokens instead (see
+   * forwardExpertParallel).
+   */
+  private quantiseOnce(x: Tensor, expertParallel = false): QuantizeOptions | null {
+    const q = this.experts.gateUp.fp8InputOnly();
+    const once =
+      q !== null &&
+      (q.group === "tile" || q.group === "row") &&
+      (expertParallel || !this.trace?.flow.enabled) &&
+      x.cols % 4 === 0; // (cuda moves FP8 rows as 4-byte words)
+    return once ? q : null;
   }
 
   /**
@@ -265,8 +277,9 @@ export class MoELayer {
    * the per-expert counts exchanged first, so the host reads this rank's offsets once), that rank
    * runs its experts on the rows from every rank (one grouped GEMM each), and the outputs come back
    * (combine) to be weighted and summed as in forward. Every rank of the group calls it for the
-   * same layer in the same order. The rows travel in the precision the layer input has (f32 here;
-   * FP8 tiles on the wire are issue 22's next step), so the numbers are forward's.
+   * same layer in the same order. Under FP8 the rows travel as the FP8 1x128 tiles (and scales)
+   * that forward would hand the experts, otherwise as the f32 layer input; BF16 outputs come back
+   * as BF16: the numbers are forward's, bit for bit.
    */
   async forwardExpertParallel(
     x: Tensor,
@@ -280,16 +293,28 @@ export class MoELayer {
     if (!group) throw new Error(`${this.prefix}: forwardExpertParallel without an expert group`);
     const E = this.cfg.n_routed_experts;
     const { r, dscores } = this.route(x, batch, seq, gradScale);
-    const p = b.moePermute(x, r.topIdx, E);
+    const xqOpt = this.quantiseOnce(x, true);
+    const xMemo = new QuantMemo();
+    const xq = xqOpt ? xMemo.fprop(xqOpt, () => b.quantize(x, xqOpt)) : null;
+    // FP8 range counting: each token's tiles k times, as one process counts its k permuted copies
+    // (the experts' Fprop, given FP8 rows, has no f32 rows to count).
+    if (xq && this.trace?.flow.enabled)
+      for (let i = 0; i < this.cfg.num_experts_per_tok; i++) this.trace.flow.add(b, x, xq);
+    const p = b.moePermute(xq ?? x, r.topIdx, E);
     const offsets = (await p.offsets.read()) as Int32Array;
     const sent = await dispatch(b, group, p.xs, offsets);
-    let ysLocal = this.experts.forward(sent.xs, b.upload(sent.offsets, [sent.offsets.length], "i32"));
-    // (The collectives move f32 or i32: BF16 outputs go back as f32, the same values.)
-    if (ysLocal.dtype !== "f32") ysLocal = b.cast(ysLocal, "f32");
+    p.xs.dispose(); // dispatch sent copies of its rows
+    const localOffsets = b.upload(sent.offsets, [sent.offsets.length], "i32");
+    // sent.xs (FP8: the experts' saved input from here on, as p.xs is in forward).
+    const ysLocal = xqOpt
+      ? this.experts.forward(sent.xs, localOffsets, QuantMemo.holding(xqOpt, sent.xs))
+      : this.experts.forward(sent.xs, localOffsets);
+    if (!xqOpt && !this.experts.retains(sent.xs)) sent.xs.dispose();
     const back = await combine(b, group, ysLocal, sent.exchange);
+    ysLocal.dispose();
     // Backward reads ys only for d(weights): BF16 storage when the experts round to BF16, as in forward.
-    const ys = this.experts.outputsBf16 ? intoBf16(b, back) : back;
-    const shared = this.shared ? this.shared.forward(x) : null;
+    const ys = this.experts.outputsBf16 && back.dtype === "f32" ? intoBf16(b, back) : back;
+    const shared = this.shared ? this.shared.forward(x, null, xMemo) : null;
     const add = [shared, residual].filter((t): t is Tensor => t !== null);
     const y = b.moeCombine(ys, p.slot, r.weights, add);
     if (shared) b.release(shared);

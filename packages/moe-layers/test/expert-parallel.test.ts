@@ -163,10 +163,12 @@ describe("expert-parallel MoE layer", () => {
       );
     });
 
-  // Under the BF16 and FP8 policies (BF16 expert outputs and gradients travel as f32 and come back
-  // unchanged; FP8 tiles of 128 columns): the experts' rows from rank 0 come first, as their tokens
-  // do in one process, so even the Wgrad's 128-token column tiles are the same and the results are
-  // the same bits, but for the replicated gradients' sum over the ranks.
+  // Under the BF16 and FP8 policies (the tokens go as FP8 1x128 tiles with their scales under FP8,
+  // the experts' BF16 outputs come back as BF16; the gradients travel as f32): the experts' rows
+  // from rank 0 come first, as their tokens do in one process, so even the Wgrad's 128-token column
+  // tiles are the same and the results are the same bits, but for the replicated gradients' sum
+  // over the ranks. `wire` records what each forward's allToAll moved (element type and row width):
+  // the counts, the rows (FP8: codes as words, then scales), the outputs (BF16 as words).
   for (const policy of ["bf16", "fp8"] as const)
     it(`2 ranks under the ${policy} policy: one process's bits`, async () => {
       const wide: MoeConfig = { ...cfg, hidden_size: 256, moe_intermediate_size: 128 };
@@ -193,14 +195,29 @@ describe("expert-parallel MoE layer", () => {
       const rows = (seqs / 2) * seq;
       const parts = await Promise.all(
         localGroup(2).map(async (g) => {
-          const m = make(g);
+          const wire: string[] = [];
+          const m = make({
+            ...g,
+            allToAll: (send) => {
+              wire.push(`${send[0].dtype}[${send[0].cols}]`);
+              return g.allToAll(send);
+            },
+          });
           const mine = (v: Float32Array) =>
             m.b.upload(v.slice(g.rank * rows * d, (g.rank + 1) * rows * d), [rows, d]);
           const yr = await f32(await m.forwardExpertParallel(mine(x), seqs / 2, seq, 1 / 2));
+          const forwardWire = wire.splice(0);
           const dxr = await f32(await m.backwardExpertParallel(mine(dy)));
-          return { yr, dxr, grads: await Promise.all(m.params.map((p) => f32(p.grad))) };
+          return { yr, dxr, grads: await Promise.all(m.params.map((p) => f32(p.grad))), forwardWire };
         }),
       );
+      const El = wide.n_routed_experts / 2;
+      for (const p of parts)
+        expect(p.forwardWire).toEqual(
+          policy === "fp8"
+            ? [`i32[${El}]`, `i32[${d / 4}]`, `f32[${d / 128}]`, `i32[${d / 2}]`]
+            : [`i32[${El}]`, `f32[${d}]`, `i32[${d / 2}]`],
+        );
       expect(parts.flatMap((p) => p.yr)).toEqual(y);
       expect(parts.flatMap((p) => p.dxr)).toEqual(dx);
       whole.params.forEach((p, i) => {

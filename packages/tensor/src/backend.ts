@@ -3,7 +3,7 @@
 // [rows, cols] with all leading dimensions folded into rows. Backward ops are separate ops.
 import type * as core from "@moe8/fp8-core";
 import type { Tensor } from "./tensor.ts";
-import type { DType, HostArray } from "./types.ts";
+import type { DType, Fp8Format, HostArray } from "./types.ts";
 
 export type { MatmulPrecision } from "@moe8/fp8-core";
 export type BackendName = "ts" | "cpu" | "cuda";
@@ -140,6 +140,20 @@ export interface RouterResult {
   topIdx: Tensor;
   /** routed_scaling_factor * s_i / sum of the selected s, [N, k], f32. */
   weights: Tensor;
+}
+
+/**
+ * What Backend.fromWords rebuilds from 4-byte words: BF16 values, or FP8 codes whose scales follow
+ * the rows (1x128 tiles or one per row).
+ */
+export type WordsKind = { dtype: "bf16" } | { dtype: Fp8Format; group: "tile" | "row" };
+
+/** A matrix in the form the collectives move (Backend.toWords). */
+export interface Words {
+  /** The storage's bytes as i32 [rows, cols * element bytes / 4]. */
+  words: Tensor;
+  /** FP8: a copy of the scales, [rows, scales per row]; BF16: null. */
+  scales: Tensor | null;
 }
 
 export interface PermuteResult {
@@ -289,6 +303,15 @@ export interface Backend {
   rows(t: Tensor, start: number, count: number): Tensor;
   /** dst rows [start, start + src rows) = src, in place (same dtype and row size). */
   setRows(dst: Tensor, start: number, src: Tensor): void;
+  /**
+   * A BF16 matrix (even cols), or an FP8 one whose scales follow its rows (cols % 4 == 0), as the
+   * collectives move it (f32 and i32 only): its bytes as i32 words and a copy of its scales, each
+   * with one row per row, so that rows(), setRows() and allToAll take them apart and together
+   * (expert parallelism's FP8 dispatch and BF16 combine). A bit copy; fromWords is its inverse.
+   */
+  toWords(t: Tensor): Words;
+  /** The matrix toWords made `words` (and `scales`) of, as `kind` says it was; a bit copy. */
+  fromWords(words: Tensor, scales: Tensor | null, kind: WordsKind): Tensor;
   sum(t: Tensor): Tensor;
 
   // FP8 quantisation (fused amax + scale + encode).

@@ -2,10 +2,10 @@
 // share storage, plus the plumbing host backends (ts, cpu) use. A device backend overrides
 // register/freeStorage/read/write/upload/zeros and keeps the arena logic.
 import { decodeBf16 } from "@moe8/fp8-core";
-import type { Backend, BackendName } from "./backend.ts";
+import type { Backend, BackendName, Words, WordsKind } from "./backend.ts";
 import { type QuantInfo, Tensor } from "./tensor.ts";
 import { scaleCount } from "./ts/linear.ts";
-import { BYTES_PER_ELEMENT, type DType, type HostArray, hostArray, numel } from "./types.ts";
+import { BYTES_PER_ELEMENT, type DType, type HostArray, hostArray, isFp8, numel } from "./types.ts";
 
 /**
  * MOE8_POISON=1: a released host tensor's storage is overwritten (NaN, or all ones in integer
@@ -146,6 +146,25 @@ export abstract class HostLifetimes {
     return { tensors: this.live.size, bytes };
   }
 
+  toWords(t: Tensor): Words {
+    const { per, width } = wordsLayout(t);
+    const src = host(t);
+    const bytes = new Uint8Array(src.buffer, src.byteOffset, src.byteLength).slice();
+    return {
+      words: this.wrap(new Int32Array(bytes.buffer), [t.rows, width], "i32"),
+      scales: t.quant ? this.wrap(f32(t.quant.scales).slice(), [t.rows, per], "f32") : null,
+    };
+  }
+
+  fromWords(words: Tensor, scales: Tensor | null, kind: WordsKind): Tensor {
+    const { rows, cols, per } = fromWordsLayout(words, scales, kind);
+    const w = i32(words);
+    const bytes = new Uint8Array(w.buffer, w.byteOffset, w.byteLength).slice();
+    if (kind.dtype === "bf16") return this.wrap(new Uint16Array(bytes.buffer), [rows, cols], "bf16");
+    const s = this.wrap(f32(scales!).slice(), [rows * per], "f32");
+    return this.wrap(bytes, [rows, cols], kind.dtype, { group: kind.group, format: kind.dtype, scales: s });
+  }
+
   reshape(t: Tensor, shape: readonly number[]): Tensor {
     if (numel(shape) !== t.size) throw new Error(`reshape [${t.shape}] to [${shape}]: sizes differ`);
     const v = new Tensor(this as unknown as Backend, shape, t.dtype, t.storage, t.quant);
@@ -175,6 +194,40 @@ export function rowScales(t: Tensor, op: string): number {
       `${op}: ${t} is not a 2-D FP8 matrix of 1x128 tiles or rows (other scales do not follow its rows)`,
     );
   return scaleCount(q.group, 1, t.cols);
+}
+
+/**
+ * toWords' checks: a 2-D BF16 matrix, or an FP8 one whose scales follow its rows, whose rows are
+ * whole 4-byte words; its scales per row (0 for BF16) and words per row.
+ */
+export function wordsLayout(t: Tensor): { per: number; width: number } {
+  const e = BYTES_PER_ELEMENT[t.dtype];
+  const kind = t.dtype === "bf16" || (isFp8(t.dtype) && t.quant);
+  if (!kind || t.shape.length !== 2 || (t.cols * e) % 4 !== 0)
+    throw new Error(`toWords: ${t} is not a 2-D BF16 or FP8 matrix whose rows are whole 4-byte words`);
+  return { per: t.quant ? rowScales(t, "toWords") : 0, width: (t.cols * e) / 4 };
+}
+
+/** fromWords' checks: the rows, columns and scales per row of what `words` holds. */
+export function fromWordsLayout(
+  words: Tensor,
+  scales: Tensor | null,
+  kind: WordsKind,
+): { rows: number; cols: number; per: number } {
+  if (words.dtype !== "i32" || words.shape.length !== 2)
+    throw new Error(`fromWords: ${words} is not an i32 matrix of words`);
+  const rows = words.rows;
+  const cols = (words.cols * 4) / BYTES_PER_ELEMENT[kind.dtype];
+  if (kind.dtype === "bf16") {
+    if (scales) throw new Error("fromWords: BF16 words come without scales");
+    return { rows, cols, per: 0 };
+  }
+  const per = scaleCount(kind.group, 1, cols);
+  if (scales?.dtype !== "f32" || scales.size !== rows * per)
+    throw new Error(
+      `fromWords: ${rows} rows of ${cols} FP8 codes need ${rows * per} f32 scales, got ${scales}`,
+    );
+  return { rows, cols, per };
 }
 
 /** The typed array behind a host tensor, checked for use after dispose. */

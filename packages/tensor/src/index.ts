@@ -11,6 +11,7 @@ export {
 export {
   f32,
   f32OrBf16,
+  fromWordsLayout,
   HostLifetimes,
   host,
   i32,
@@ -19,6 +20,7 @@ export {
   sameShape,
   swigluWidth,
   u8,
+  wordsLayout,
 } from "./host.ts";
 export { Linear, type LinearOptions, type QuantisedGrad, QuantMemo } from "./layers/linear.ts";
 export { Param, type ParamOptions } from "./layers/param.ts";

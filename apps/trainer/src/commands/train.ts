@@ -283,10 +283,10 @@ async function loop(
     // With ranks, each steps on its rows of the batch (the leader sends the others theirs).
     const collectives = ranks?.collectives;
     const check = ranks !== null && ranks.checkEvery > 0 && (st.step + 1) % ranks.checkEvery === 0;
-    const header = { step: st.step + 1, lr, noise: routerNoise ?? null, check };
-    const rows = collectives ? await exchangeStep(s, collectives, header, batch, cfg.seqLen) : batch;
     // FP8 range counts cost one extra pass per quantisation: only on logged steps.
     const fp8Stats = (st.step + 1) % cfg.logEvery === 0;
+    const header = { step: st.step + 1, lr, noise: routerNoise ?? null, check, fp8Stats };
+    const rows = collectives ? await exchangeStep(s, collectives, header, batch, cfg.seqLen) : batch;
     const r = await s.runner.step(rows, lr, { fp8Stats, accum: cfg.gradAccum, routerNoise, collectives });
     if (check) await checkReplicas(s, collectives!, st.step + 1);
     st.step++;

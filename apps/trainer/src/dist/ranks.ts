@@ -28,9 +28,11 @@ export interface StepHeader {
   noise: { scale: number; seed: number } | null;
   /** After the step, every rank compares its weights with rank 0's (checkReplicas). */
   check: boolean;
+  /** A logged step: every rank counts its FP8 range events, and the step sums them. */
+  fp8Stats: boolean;
 }
 
-const HEADER_WORDS = 9;
+const HEADER_WORDS = 10;
 
 /**
  * What rank 0 announces: a step, "gather" (every rank joins AdamW.gatherState, and under expert
@@ -59,6 +61,7 @@ function encodeHeader(h: Announcement | null): Int32Array {
     h.noise?.seed ?? 0,
     h.noise ? 1 : 0,
     h.check ? 1 : 0,
+    h.fp8Stats ? 1 : 0,
   ]);
   return w;
 }
@@ -68,7 +71,13 @@ function decodeHeader(w: Int32Array): Announcement {
   if (w[0] === 2) return "gather";
   if (w[0] === 3) return "model";
   const d = new Float64Array(Int32Array.of(w[2], w[3], w[4], w[5]).buffer);
-  return { step: w[1], lr: d[0], noise: w[7] ? { scale: d[1], seed: w[6] } : null, check: w[8] === 1 };
+  return {
+    step: w[1],
+    lr: d[0],
+    noise: w[7] ? { scale: d[1], seed: w[6] } : null,
+    check: w[8] === 1,
+    fp8Stats: w[9] === 1,
+  };
 }
 
 /**

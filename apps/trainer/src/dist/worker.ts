@@ -71,6 +71,7 @@ export async function runWorker(): Promise<number> {
       }
       if (header.step === fault) process.exit(3);
       await s.runner.step({ ids, targets }, header.lr, {
+        fp8Stats: header.fp8Stats,
         accum: cfg.gradAccum,
         routerNoise: header.noise ?? undefined,
         collectives: c,

@@ -1,6 +1,16 @@
 // Elementwise ops, copies, casts and sums (elementwise.cu), and the operand conversions the other
 // modules use: BF16 copies for kernels that read BF16, f32 copies for those that read f32.
-import { BYTES_PER_ELEMENT, type NoiseOptions, rowSpan, sameShape, type Tensor } from "@moe8/tensor";
+import {
+  BYTES_PER_ELEMENT,
+  fromWordsLayout,
+  type NoiseOptions,
+  rowSpan,
+  sameShape,
+  type Tensor,
+  type Words,
+  type WordsKind,
+  wordsLayout,
+} from "@moe8/tensor";
 import { type CudaContext, cdiv, KERNELS, type Operand, u8view } from "./context.ts";
 import { rowMajorBuffer } from "./quant.ts";
 
@@ -78,6 +88,32 @@ export function setRows(cx: CudaContext, dst: Tensor, start: number, src: Tensor
     throw new Error(`setRows: ${src} does not fit rows of ${dst}`);
   const e = BYTES_PER_ELEMENT[dst.dtype];
   if (src.size > 0) cx.n.cudaDtod(cx.buf(dst), start * w * e, cx.buf(src), 0, src.size * e);
+}
+
+/** Backend.toWords: device copies of the bytes (as i32 words) and of the scales. */
+export function toWords(cx: CudaContext, t: Tensor): Words {
+  const { per, width } = wordsLayout(t);
+  if (cx.kMajor.has(t)) throw new Error(`toWords: ${t} is stored K-major`);
+  const words = cx.make([t.rows, width], "i32");
+  if (words.size > 0) cx.n.cudaDtod(cx.buf(words), 0, cx.buf(t), 0, words.size * 4);
+  if (!t.quant) return { words, scales: null };
+  const scales = cx.make([t.rows, per], "f32");
+  if (scales.size > 0) cx.n.cudaDtod(cx.buf(scales), 0, cx.buf(t.quant.scales), 0, scales.size * 4);
+  return { words, scales };
+}
+
+/** Backend.fromWords: the inverse of toWords. */
+export function fromWords(cx: CudaContext, words: Tensor, scales: Tensor | null, kind: WordsKind): Tensor {
+  const { rows, cols, per } = fromWordsLayout(words, scales, kind);
+  let out: Tensor;
+  if (kind.dtype === "bf16") out = cx.make([rows, cols], "bf16");
+  else {
+    const s = cx.make([rows * per], "f32");
+    if (s.size > 0) cx.n.cudaDtod(cx.buf(s), 0, cx.buf(scales!), 0, s.size * 4);
+    out = cx.make([rows, cols], kind.dtype, { group: kind.group, format: kind.dtype, scales: s });
+  }
+  if (words.size > 0) cx.n.cudaDtod(cx.buf(out), 0, cx.buf(words), 0, words.size * 4);
+  return out;
 }
 
 export function cast(cx: CudaContext, t: Tensor, dtype: "f32" | "bf16"): Tensor {

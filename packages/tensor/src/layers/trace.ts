@@ -4,6 +4,7 @@
 
 import { GEMM_ROLES, type GemmRole } from "@moe8/fp8-core";
 import type { Backend } from "../backend.ts";
+import type { Collectives } from "../collectives.ts";
 import type { Tensor } from "../tensor.ts";
 
 /**
@@ -15,9 +16,19 @@ export class Fp8FlowCounter {
   private counts: Tensor | null = null;
 
   add(b: Backend, x: Tensor, q: Tensor): void {
-    if (!this.enabled) return;
+    // (An input that came quantised has no f32 values here: whoever quantised it counted them.)
+    if (!this.enabled || x.quant) return;
     this.counts ??= b.keep(b.zeros([2]));
     b.addInto(this.counts, b.fp8Flow(x, q));
+  }
+
+  /**
+   * Sums the counts over the ranks of `group` (each rank counts its own quantisations; every rank
+   * calls this on the same steps).
+   */
+  async sumOver(group: Collectives, b: Backend): Promise<void> {
+    this.counts ??= b.keep(b.zeros([2]));
+    await group.allReduceSum([this.counts]);
   }
 
   /** Reads and resets the counts: [overflow, underflow] since the last call. */

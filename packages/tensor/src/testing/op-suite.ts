@@ -139,6 +139,60 @@ export function opSuite(name: string, make: () => Backend): void {
       }, "exact");
     });
 
+    it("toWords/fromWords: BF16 and FP8 rows as i32 words and f32 scales, and back, bit for bit", async () => {
+      const [N, d] = [9, 264];
+      const x = rng.normals(N * d, 2);
+      // Rows of the words and scales taken apart and put together again (as dispatch does) give the
+      // rows' own values: of BF16, the cast rows; of FP8 1x128 tiles or rows, the quantised rows.
+      const regroup = (b: Backend, w: Tensor): Tensor => {
+        const out = b.zeros([N, w.cols], w.dtype);
+        b.setRows(out, 0, b.rows(w, 5, 4));
+        b.setRows(out, 4, b.rows(w, 0, 5));
+        return out;
+      };
+      await same((b) => {
+        const X = b.upload(x, [N, d]);
+        const swapped = b.zeros([N, d]);
+        b.setRows(swapped, 0, b.rows(X, 5, 4));
+        b.setRows(swapped, 4, b.rows(X, 0, 5));
+        const out: Record<string, Tensor> = {};
+        const h = b.toWords(b.cast(X, "bf16"));
+        expect(h.scales).toBeNull();
+        expect(h.words.shape).toEqual([N, d / 2]);
+        out.bf16 = b.fromWords(regroup(b, h.words), null, { dtype: "bf16" });
+        out.bf16Want = b.cast(swapped, "bf16");
+        for (const group of ["tile", "row"] as const)
+          for (const format of ["e4m3", "e5m2"] as const) {
+            const w = b.toWords(b.quantize(X, { group, format }));
+            expect(w.words.shape).toEqual([N, d / 4]);
+            expect(w.scales!.shape).toEqual([N, group === "tile" ? 3 : 1]);
+            const q = b.fromWords(regroup(b, w.words), regroup(b, w.scales!), { dtype: format, group });
+            const want = b.quantize(swapped, { group, format });
+            expect(q.quant).toMatchObject({ group, format });
+            Object.assign(out, {
+              [`${group}.${format}`]: q,
+              [`${group}.${format}.scales`]: q.quant!.scales,
+              [`${group}.${format}.want`]: want,
+              [`${group}.${format}.wantScales`]: want.quant!.scales,
+            });
+          }
+        return out;
+      }, "exact");
+      // What has no word form, or words that do not match the kind, is refused.
+      const X = be.upload(x, [N, d]);
+      expect(() => be.toWords(X)).toThrow(/not a 2-D BF16 or FP8 matrix/);
+      expect(() => be.toWords(be.cast(be.upload(x.subarray(0, 3 * 3), [3, 3]), "bf16"))).toThrow(
+        /4-byte words/,
+      );
+      expect(() => be.toWords(be.quantize(X, { group: "block" }))).toThrow(/1x128 tiles or rows/);
+      const w = be.toWords(be.quantize(X, { group: "tile" }));
+      expect(() => be.fromWords(w.words, null, { dtype: "e4m3", group: "tile" })).toThrow(
+        /need 27 f32 scales/,
+      );
+      expect(() => be.fromWords(w.words, w.scales, { dtype: "bf16" })).toThrow(/without scales/);
+      expect(() => be.fromWords(w.scales!, null, { dtype: "bf16" })).toThrow(/not an i32 matrix/);
+    });
+
     it("quantize is bit-exact in every group layout, format and scale option", async () => {
       for (const [rows, cols] of [
         [1, 1],

@@ -11,7 +11,8 @@ const DESCRIPTIONS: Record<string, string> = {
   "balance.rule": "bias update rule: error, clipped or sign",
   "balance.router-lr": "the routers' learning rate as a multiple of --lr",
   "balance.noise": "width of the uniform noise on the router logits while training (0: none)",
-  "balance.noise-until": "fraction of the run's steps over which the router noise falls to 0",
+  "balance.noise-until":
+    "fraction of the run's steps over which the router noise falls to 0 (past 1: noise left at the end)",
   baseline: "also time the baseline (OpenBLAS or cuBLASLt)",
   backend: "ts, cpu, cuda or auto (the fastest present)",
   batches: "number of batches to evaluate",

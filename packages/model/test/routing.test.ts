@@ -198,14 +198,18 @@ describe("router noise", () => {
     expect(routerNoiseAt(c, 301, 600)).toBe(0);
     expect(routerNoiseAt(c, 600, 600)).toBe(0);
     expect(routerNoiseAt({ ...MICRO, router_noise: undefined }, 1, 600)).toBe(0);
+    // Past 1 the run ends before the noise does: width 2 x (1 - 599/750) at the last step.
+    const past = { ...c, router_noise_until: 1.25 };
+    expect(routerNoiseAt(past, 600, 600)).toBeCloseTo(2 * (1 - 599 / 750), 12);
+    expect(routerNoiseAt(past, 376, 600)).toBeCloseTo(1, 12);
     expect(routerNoiseSeed(1, 2)).not.toBe(routerNoiseSeed(1, 3));
     expect(routerNoiseSeed(1, 2)).not.toBe(routerNoiseSeed(2, 2));
   });
 
-  it("is on by default for tiny (half the run) and small (the whole run), and config.json keeps it; older configs trained without it", () => {
+  it("is on by default for tiny (half the run) and small (past the run's end), and config.json keeps it; older configs trained without it", () => {
     expect(CONFIGS.tiny.router_noise).toBeGreaterThan(0);
     expect(CONFIGS.small.router_noise).toBeGreaterThan(0);
-    expect(CONFIGS.small.router_noise_until).toBe(1);
+    expect(CONFIGS.small.router_noise_until).toBeGreaterThan(1);
     const c = { ...MICRO, router_noise: 1.5, router_noise_until: 0.25 };
     expect(fromHfConfig(hfConfig(c))).toMatchObject({ router_noise: 1.5, router_noise_until: 0.25 });
     const { moe8_router_noise: _, moe8_router_noise_until: __, ...old } = hfConfig(c);

@@ -39,7 +39,8 @@ export const ModelFieldsSchema = z.object({
   embedding_init_std: z.number().positive().max(10),
   router_init_std: z.number().positive().max(10).optional(),
   router_noise: z.number().nonnegative().max(100).optional(),
-  router_noise_until: z.number().positive().max(1).optional(),
+  // (Past 1: the run ends with noise left; 10 is far past any use.)
+  router_noise_until: z.number().positive().max(10).optional(),
 });
 
 /**

@@ -10,7 +10,9 @@
 #     --shape experts: per-role TFLOP/s of the expert GEMMs, sm90 and mma.sync; bench-quant: the FP8 quantisers at small's shapes against a device copy
 #   4 bench step small: fp8 with the sm90 GEMM, fp8 with MOE8_SM90_KMAJOR=0 (kt: transposed column
 #     tiles), MOE8_SM90_BN=128 (bn128), MOE8_SM90_GEMM=0 (mma), bf16; bench-gemm-bn128: the
-#     experts' GEMMs on the 128 x 128 entries; ring4 and bench-gemm-ring4: MOE8_SM90_RING=4
+#     experts' GEMMs on the 128 x 128 entries; ring4 and bench-gemm-ring4: MOE8_SM90_RING=4;
+#     bench-gemm-bn256: every role on 128 x 256 tiles; nopp and bench-gemm-nopp: MOE8_SM90_PINGPONG=0
+#     (bench-gemm-nopp on 128 x 256 tiles too)
 #   5 compute-sanitizer on the sm90 kernels (both entry points, through the op suite's sm90 tests):
 #     racecheck and memcheck filtered to gemm_sm90, then to flash_sm90's fa3 kernels (racecheck-fa3,
 #     memcheck-fa3); memcheck of one whole tiny training step
@@ -96,6 +98,14 @@ json_of /tmp/gemm-bn128.json bench-gemm-bn128
 step bench-gemm-ring4 150 40 sh -c 'MOE8_SM90_RING=4 bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts --json > /tmp/gemm-ring4.json'
 cat /tmp/gemm-ring4.json >>"$LOG" 2>/dev/null
 json_of /tmp/gemm-ring4.json bench-gemm-ring4
+# Every role on the 128 x 256 entries, the two consumer warpgroups taking turns (bench-gemm-bn256)
+# and issuing together (bench-gemm-nopp, MOE8_SM90_PINGPONG=0): measured against each other in one call.
+step bench-gemm-bn256 150 40 sh -c 'MOE8_SM90_BN=256 bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts --json > /tmp/gemm-bn256.json'
+cat /tmp/gemm-bn256.json >>"$LOG" 2>/dev/null
+json_of /tmp/gemm-bn256.json bench-gemm-bn256
+step bench-gemm-nopp 150 40 sh -c 'MOE8_SM90_BN=256 MOE8_SM90_PINGPONG=0 bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts --json > /tmp/gemm-nopp.json'
+cat /tmp/gemm-nopp.json >>"$LOG" 2>/dev/null
+json_of /tmp/gemm-nopp.json bench-gemm-nopp
 # Where the host's time per step goes (the step is bound by the host once the GPU is faster): a CPU
 # profile of five small fp8 steps, as markdown (bun --cpu-prof-md) in $OUT/cpuprof.
 step cpu-prof 120 40 bun --cpu-prof-md --cpu-prof-dir="$OUT/cpuprof" --cpu-prof-interval=200 \
@@ -118,7 +128,7 @@ step nccl-test 240 30 env MOE8_REQUIRE_NCCL=1 bun test --timeout 300000 packages
 # The training step replayed from a CUDA graph equals the uncaptured step bit for bit (issue 18).
 step graph-test 180 40 env MOE8_REQUIRE_CUDA=1 bun test --timeout 300000 tests/cuda-graph.test.ts
 
-for v in sm90 nograph kt bn128 ring4 mma fa2 bf16 bf16nograph; do
+for v in sm90 nograph kt bn128 ring4 nopp mma fa2 bf16 bf16nograph; do
   picked "step-$v" || continue
   case $v in
     sm90) env=(MOE8_SM90_GEMM=1) p=fp8 prof=--profile ;;
@@ -128,6 +138,7 @@ for v in sm90 nograph kt bn128 ring4 mma fa2 bf16 bf16nograph; do
     kt) env=(MOE8_SM90_KMAJOR=0) p=fp8 prof=--profile ;;
     bn128) env=(MOE8_SM90_BN=128) p=fp8 prof=--profile ;;
     ring4) env=(MOE8_SM90_RING=4) p=fp8 prof=--profile ;;
+    nopp) env=(MOE8_SM90_PINGPONG=0) p=fp8 prof=--profile ;;
     fa2) env=(MOE8_SM90_ATTENTION=0) p=fp8 prof=--profile ;;
     bf16) env=() p=bf16 prof= ;;
   esac
@@ -309,10 +320,12 @@ for r in rows:
                   f"{x['fp8_vs_bf16']:>8}")
 print()
 for r in rows:
-    if r.get("tag") == "bench-gemm-bn128":
-        for x in r.get("rows", []):
-            print(f"128x128 entries: {x['gemm'][:44]:<44} {x['role']:<6} {x['fp8_tflops']:>8} TF/s")
-for v in ("sm90", "nograph", "kt", "bn128", "mma", "fa2", "bf16", "bf16nograph"):
+    for tag, what in (("bench-gemm-bn128", "128x128 entries"), ("bench-gemm-ring4", "4-stage ring"),
+                      ("bench-gemm-bn256", "128x256 ping-pong"), ("bench-gemm-nopp", "128x256 together")):
+        if r.get("tag") == tag:
+            for x in r.get("rows", []):
+                print(f"{what}: {x['gemm'][:44]:<44} {x['role']:<6} {x['fp8_tflops']:>8} TF/s")
+for v in ("sm90", "nograph", "kt", "bn128", "ring4", "nopp", "mma", "fa2", "bf16", "bf16nograph"):
     s = next((r for r in rows if r.get("tag") == f"step-{v}"), None)
     k = next((r for r in rows if r.get("tag") == f"kernels-{v}"), {})
     if s:

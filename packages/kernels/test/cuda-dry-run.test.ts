@@ -278,6 +278,13 @@ describe("cuda backend host code, without a GPU", () => {
     ["Hopper, MOE8_SM90_BN=256", { MOE8_SM90_BN: "256" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_RING=4", { MOE8_SM90_RING: "4" }, "ok", "9.0", false],
     [
+      "Hopper, MOE8_SM90_BN=256 MOE8_SM90_PINGPONG=0",
+      { MOE8_SM90_BN: "256", MOE8_SM90_PINGPONG: "0" },
+      "ok",
+      "9.0",
+      false,
+    ],
+    [
       "Hopper, 128-wide sm90 tiles on 3 CTAs",
       { MOE8_SM90_BN: "128", MOE8_SM90_WGRAD_BN: "128", MOE8_SM90_CTAS: "3" },
       "ok",
@@ -313,11 +320,16 @@ describe("cuda backend host code, without a GPU", () => {
       else if (!misaligned) {
         // Fprop/Dgrad: 128 x 128 (up to 128 groups BF16 stores on the 6-stage ring, the rest on the
         // 5-stage one, unless MOE8_SM90_RING=4; 130 groups on the 4-stage one) unless
-        // MOE8_SM90_BN=256; Wgrad: by N (128 and 256 in everyOp) unless MOE8_SM90_WGRAD_BN forces one.
-        const wgrad = env.MOE8_SM90_WGRAD_BN ? [env.MOE8_SM90_WGRAD_BN] : ["128", "256"];
+        // MOE8_SM90_BN=256; Wgrad: by N (128 and 256 in everyOp) unless MOE8_SM90_WGRAD_BN forces one,
+        // the 256-wide entries (Wgrad, and Fprop/Dgrad under MOE8_SM90_BN=256) taking turns unless
+        // MOE8_SM90_PINGPONG=0.
+        const wide = env.MOE8_SM90_PINGPONG === "0" ? "256" : "256_pingpong";
+        const wgrad = (env.MOE8_SM90_WGRAD_BN ? [env.MOE8_SM90_WGRAD_BN] : ["128", "256"]).map((w) =>
+          w === "256" ? wide : w,
+        );
         const fpropDgrad =
           env.MOE8_SM90_BN === "256"
-            ? ["128x256"]
+            ? [`128x${wide}`]
             : env.MOE8_SM90_RING === "4"
               ? ["128x128"]
               : ["128x128_bf16", "128x128_e128", "128x128"];
@@ -357,6 +369,7 @@ describe("cuda backend host code, without a GPU", () => {
       ["MOE8_SM90_WGRAD_BN", "wide", "expected 128 or 256"],
       ["MOE8_SM90_CTAS", "0", "expected a positive integer"],
       ["MOE8_SM90_RING", "6", "expected deep or 4"],
+      ["MOE8_SM90_PINGPONG", "yes", "expected 0 or 1"],
     ]) {
       vi.stubEnv(name, value);
       expect(() => new CudaBackend()).toThrow(`${name}="${value}": ${why}`);

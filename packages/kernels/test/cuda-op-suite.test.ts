@@ -281,6 +281,11 @@ if (status.ok) {
             { sm90: true, env: { MOE8_SM90_BN: "256" }, name: "sm90 wgmma, MOE8_SM90_BN=256" },
             { sm90: true, env: { MOE8_SM90_RING: "4" }, name: "sm90 wgmma, MOE8_SM90_RING=4" },
             { sm90: true, env: { MOE8_SM90_CTAS: "3" }, name: "sm90 wgmma on 3 CTAs" },
+            {
+              sm90: true,
+              env: { MOE8_SM90_BN: "256", MOE8_SM90_PINGPONG: "0" },
+              name: "sm90 wgmma, MOE8_SM90_BN=256 MOE8_SM90_PINGPONG=0",
+            },
           ]
         : []),
     ];
@@ -328,14 +333,20 @@ if (status.ok) {
               // Fprop/Dgrad up to 128 groups: the 6-stage ring for BF16 stores, the 5-stage one
               // otherwise; the 4-stage entry for 130 groups; unless forced.
               ...(env.MOE8_SM90_BN || env.MOE8_SM90_RING
-                ? [`gemm_sm90.gemm_sm90_fp8_grouped_128x${env.MOE8_SM90_BN ?? 128}`]
+                ? [
+                    env.MOE8_SM90_BN === "256"
+                      ? `gemm_sm90.gemm_sm90_fp8_grouped_128x256${env.MOE8_SM90_PINGPONG === "0" ? "" : "_pingpong"}`
+                      : "gemm_sm90.gemm_sm90_fp8_grouped_128x128",
+                  ]
                 : [
                     "gemm_sm90.gemm_sm90_fp8_grouped_128x128_bf16",
                     "gemm_sm90.gemm_sm90_fp8_grouped_128x128_e128",
                     "gemm_sm90.gemm_sm90_fp8_grouped_128x128",
                   ]),
               "gemm_sm90.gemm_sm90_fp8_wgrad_128x128",
-              "gemm_sm90.gemm_sm90_fp8_wgrad_128x256",
+              env.MOE8_SM90_PINGPONG === "0"
+                ? "gemm_sm90.gemm_sm90_fp8_wgrad_128x256"
+                : "gemm_sm90.gemm_sm90_fp8_wgrad_128x256_pingpong",
               ...(env.MOE8_SM90_KMAJOR === "0" ? ["gemm_sm90.sm90_coltile_transpose"] : []),
             ].sort(),
           );
@@ -403,7 +414,10 @@ if (status.ok) {
           const names = [...ran].join(", ");
           if (mode === "all")
             expect([...ran].sort()).toEqual(
-              expect.arrayContaining(["elementwise.sum_slices_f32", "gemm_sm90.gemm_sm90_fp8_wgrad_128x256"]),
+              expect.arrayContaining([
+                "elementwise.sum_slices_f32",
+                "gemm_sm90.gemm_sm90_fp8_wgrad_128x256_pingpong",
+              ]),
             );
           else
             expect(

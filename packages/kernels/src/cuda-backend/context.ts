@@ -97,6 +97,11 @@ export class CudaContext {
    */
   readonly sm90Ring: "deep" | "4";
   /**
+   * Whether the 128 x 256 entries' two consumer warpgroups take turns on the tensor cores (the
+   * default; MOE8_SM90_PINGPONG=0 issues both together, for measuring the two).
+   */
+  readonly sm90Pingpong: boolean;
+  /**
    * CTAs of the persistent sm90 GEMMs: one per SM, or MOE8_SM90_CTAS (the tests use a few, so that
    * every CTA walks several tiles: the ring's phases and the deferred epilogues across tiles).
    */
@@ -131,6 +136,10 @@ export class CudaContext {
     const ring = process.env.MOE8_SM90_RING ?? "";
     if (!["", "deep", "4"].includes(ring)) throw new Error(`MOE8_SM90_RING="${ring}": expected deep or 4`);
     this.sm90Ring = ring === "4" ? "4" : "deep";
+    const pingpong = process.env.MOE8_SM90_PINGPONG ?? "";
+    if (!["", "0", "1"].includes(pingpong))
+      throw new Error(`MOE8_SM90_PINGPONG="${pingpong}": expected 0 or 1`);
+    this.sm90Pingpong = pingpong !== "0";
     const ctas = process.env.MOE8_SM90_CTAS ?? "";
     if (ctas !== "" && !(Number.isInteger(Number(ctas)) && Number(ctas) >= 1))
       throw new Error(`MOE8_SM90_CTAS="${ctas}": expected a positive integer`);

@@ -96,7 +96,8 @@ export function sm90Grouped(cx: CudaContext, o: Sm90Operands): boolean {
   // 128 x 128 tiles with two accumulator sets and deferred epilogues (the next tile's first wgmmas
   // run while this one is stored): at small's expert shapes as fast as 128 x 256 or faster (gate_up
   // Fprop 689 against 622 TFLOP/s, down Dgrad 416 against 380; notes/sm90-gemm.md); MOE8_SM90_BN=256
-  // takes the 128 x 256 entry (one buffer, epilogue not deferred).
+  // takes the 128 x 256 entry (one buffer, epilogue not deferred; the two consumer warpgroups taking
+  // turns unless MOE8_SM90_PINGPONG=0).
   const wide = cx.sm90Bn === 256;
   // Up to SM90_MAX_E_DEEP groups the deeper rings: BF16 stores without accumulate (the experts'
   // Fprop and Dgrad) take the 6-stage entry with BF16 staging, the rest (f32 stores, accumulate-into:
@@ -104,7 +105,12 @@ export function sm90Grouped(cx: CudaContext, o: Sm90Operands): boolean {
   const deep = !wide && cx.sm90Ring === "deep" && o.E <= SM90.SM90_MAX_E_DEEP;
   const bf16Ring = deep && !!o.storeBf16 && !o.accumulate;
   const [kernel, smem] = wide
-    ? [KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x256, SM90.SM90_SMEM_128x256]
+    ? [
+        cx.sm90Pingpong
+          ? KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x256_pingpong
+          : KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x256,
+        SM90.SM90_SMEM_128x256,
+      ]
     : bf16Ring
       ? [KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x128_bf16, SM90.SM90_SMEM_128x128_BF16]
       : deep
@@ -247,7 +253,11 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
       return false; // the driver refused a map: the mma.sync kernel takes it (see sm90Grouped)
     }
     cx.launch(
-      wide ? KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256 : KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x128,
+      !wide
+        ? KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x128
+        : cx.sm90Pingpong
+          ? KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256_pingpong
+          : KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256,
       [cx.sm90Ctas],
       SM90.SM90_THREADS,
       {

@@ -51,6 +51,10 @@
 // expert-major), each with the K chunks of its expert; C is [E * M, N].
 
 #define SM90_MAX_E 256
+// Named barriers (0 is __syncthreads): 1-2 each consumer warpgroup's epilogue, 3-4 its Wgrad scale
+// buffers, and the two turns of PINGPONG.
+#define SM90_TURN_0 5
+#define SM90_TURN_1 6
 #define SM90_THREADS 384  // two consumer warpgroups and the producer warpgroup
 #define SM90_BM 128       // rows per tile (64 per consumer warpgroup)
 // outMode: how C is stored (see the header).
@@ -198,8 +202,12 @@ __device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int*
 }
 
 // BF16_ONLY: the C staging holds BF16 (the entry stores BF16 and never accumulates; it traps
-// otherwise); MAX_E: the experts its tables hold.
-template <int BN, int STAGES, Mainloop LOOP, Segments SEG, bool BF16_ONLY = false, int MAX_E = SM90_MAX_E>
+// otherwise); MAX_E: the experts its tables hold. PINGPONG (the one-buffer 128 x 256 loop): the two
+// consumer warpgroups take turns issuing their halves' wgmmas, warpgroup 1 one half behind warpgroup
+// 0, so that each one's promotion (and epilogue) runs while the other's wgmmas hold the tensor cores;
+// issued together, both promote at once and the tensor cores idle through every promotion.
+template <int BN, int STAGES, Mainloop LOOP, Segments SEG, bool BF16_ONLY = false, int MAX_E = SM90_MAX_E,
+          bool PINGPONG = false>
 __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CUtensorMap* tB, const CUtensorMap* tC,
                                                  const float* As, const float* Bs, float* C, const int* off, int E,
                                                  int M, int N, int K, int accumulate, int outMode, int rows) {
@@ -292,6 +300,18 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   const u32 csBase = sm90_smem_u32(sC);
   int s = 0, sc = 0;  // ring stage; Wgrad's scale buffer
   u32 ph = 0;
+  // PINGPONG's turns (named barriers of both warpgroups: one side arrives, the other waits):
+  // warpgroup 1 issues a half once warpgroup 0 has issued it (SM90_TURN_1), warpgroup 0 the next
+  // half once warpgroup 1 has issued this one (SM90_TURN_0); warpgroup 1 grants the first turn here.
+  static_assert(!PINGPONG || LOOP == Mainloop::OneBuffer, "turns are taken by the one-buffer loop");
+  if constexpr (PINGPONG)
+    if (wg == 1) named_arrive(SM90_TURN_0, 256);
+  // One half's wgmmas into p (in turn under PINGPONG).
+  auto mma_half = [&](float (&p)[ACC], u32 aAddr, u32 bAddr) {
+    if constexpr (PINGPONG) named_sync(wg ? SM90_TURN_1 : SM90_TURN_0, 256);
+    mma_chunk(p, aAddr, bAddr);
+    if constexpr (PINGPONG) named_arrive(wg ? SM90_TURN_0 : SM90_TURN_1, 256);
+  };
   // Stores the accumulators of tile P (rows row0 .. rowEnd - 1 of C from row0, columns n0 ..).
   // Along M it runs once the next tile's first wgmmas are issued (deferred: the tensor cores work
   // while this warpgroup stores); the CTA's last tile waits for its copies to read the staging.
@@ -502,7 +522,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
         const float sa0 = buf[wrow], sa1 = buf[wrow + 8];
 #pragma unroll
         for (int h = 0; h < NH; h++) {
-          mma_chunk(p, aBase + s * A_BYTES, bBase + s * B_BYTES + h * 128 * 128);
+          mma_half(p, aBase + s * A_BYTES, bBase + s * B_BYTES + h * 128 * 128);
           wgmma_wait<0>();
           if (h == NH - 1 && lane == 0) mbar_arrive(&empty[s]);
           promote_cols(acc[h], p, sa0, sa1, buf + 64 + 128 * h + 2 * tq);
@@ -520,7 +540,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
         mbar_wait(&full[s], ph);
 #pragma unroll
         for (int h = 0; h < NH; h++) {
-          mma_chunk(p, aBase + s * A_BYTES, bBase + s * B_BYTES + h * 128 * 128);
+          mma_half(p, aBase + s * A_BYTES, bBase + s * B_BYTES + h * 128 * 128);
           if (h == 0 && kc == 0) flush();
           wgmma_wait<0>();
           if (h == NH - 1 && lane == 0) mbar_arrive(&empty[s]);
@@ -583,6 +603,10 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   }
   if constexpr (DEFER)
     if (pending) epilogue(pend);
+  // PINGPONG: warpgroup 1's arrival after its last half (or its first grant, if it issued none) is
+  // taken, so that no barrier is left half-arrived.
+  if constexpr (PINGPONG)
+    if (wg == 0) named_sync(SM90_TURN_0, 256);
 
   }  // consumer
 }
@@ -600,44 +624,50 @@ static_assert(SM90_SMEM_128x128_E128 <= 227 * 1024, "a CTA's dynamic shared memo
 
 // Entry points, one signature: tensor maps of A, B and C, the scales, C, the expert offsets, sizes
 // (rows: of A and C).
-#define GEMM_SM90_ENTRY(NAME, BN, STAGES, LOOP, BF16_ONLY, MAX_E)                                                 \
+#define GEMM_SM90_ENTRY(NAME, BN, STAGES, LOOP, BF16_ONLY, MAX_E, PINGPONG)                                       \
   KERNEL void __launch_bounds__(SM90_THREADS, 1)                                                                  \
       NAME(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,                        \
            const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs, float* C, const int* off,     \
            int E, int N, int K, int accumulate, int outMode, int rows) {                                          \
-    sm90_fp8_grouped<BN, STAGES, Mainloop::LOOP, Segments::AlongM, BF16_ONLY, MAX_E>(                            \
+    sm90_fp8_grouped<BN, STAGES, Mainloop::LOOP, Segments::AlongM, BF16_ONLY, MAX_E, PINGPONG>(                  \
         &tA, &tB, &tC, As, Bs, C, off, E, 0, N, K, accumulate, outMode, rows);                                    \
   }
 // K >= 512 (gate/up Fprop, down Dgrad in `small`): 128 x 256 tiles, 25% less L2 traffic per FLOP.
-GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x256, 256, 3, OneBuffer, false, SM90_MAX_E)
+GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x256, 256, 3, OneBuffer, false, SM90_MAX_E, false)
+// The same, the two consumer warpgroups taking turns (PINGPONG; MOE8_SM90_BN=256 picks these).
+GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x256_pingpong, 256, 3, OneBuffer, false, SM90_MAX_E, true)
 // Short K (down Fprop, K = 256: two chunks per tile): 128 x 128 tiles, four stages, two buffers.
 // (notes/sm90-gemm.md measured five stages 2% faster, but only without the alignment pad, which
 // made the kernel depend on where the driver places the dynamic shared memory.)
-GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128, 128, 4, TwoBuffers, false, SM90_MAX_E)
+GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128, 128, 4, TwoBuffers, false, SM90_MAX_E, false)
 // BF16 stores without accumulate for up to 128 experts (the model's Fprop and Dgrad): six stages,
 // so the producer runs further ahead across tile switches (short K: a tile's fixed cost dominates;
 // notes/sm90-gemm.md, "Deeper rings"): gate/up Fprop 680 -> 789 TFLOP/s, down Fprop 343 -> 383.
-GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_bf16, 128, 6, TwoBuffers, true, SM90_MAX_E_DEEP)
+GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_bf16, 128, 6, TwoBuffers, true, SM90_MAX_E_DEEP, false)
 // Every other call (f32 stores, accumulate-into: the dense roles as one group) for up to 128
 // experts: five stages (the step's GEMMs 20.7 -> 19.9 GPU ms; notes/sm90-gemm.md).
-GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_e128, 128, 5, TwoBuffers, false, SM90_MAX_E_DEEP)
+GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_e128, 128, 5, TwoBuffers, false, SM90_MAX_E_DEEP, false)
 
 // Wgrad: dW[e] (+)= A_e B_e^T with A = dY^T [M, pitch] and B = X^T [N, pitch] as sm90_coltile_transpose
 // writes them (tensor maps: A u8 [M, pitch] box {128, 128}, B u8 [N, pitch] box {128, BN}, C f32
 // [E * M, N] box {32, 64}); As [chunks, M] and Bs [chunks, N] are quant_coltile's scales. Requires
 // M % 16 == 0 and N % 16 == 0 (the transposes' 16-byte pieces).
-#define GEMM_SM90_WGRAD_ENTRY(NAME, BN, STAGES, LOOP)                                                            \
+#define GEMM_SM90_WGRAD_ENTRY(NAME, BN, STAGES, LOOP, PINGPONG)                                                  \
   KERNEL void __launch_bounds__(SM90_THREADS, 1)                                                                 \
       NAME(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,                       \
            const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs, float* C, const int* off,    \
            int E, int M, int N, int accumulate, int outMode) {                                                   \
-    sm90_fp8_grouped<BN, STAGES, Mainloop::LOOP, Segments::AlongK>(&tA, &tB, &tC, As, Bs, C, off, E, M, N, 0,   \
-                                                                    accumulate, outMode, E * M);                 \
+    sm90_fp8_grouped<BN, STAGES, Mainloop::LOOP, Segments::AlongK, false, SM90_MAX_E, PINGPONG>(                 \
+        &tA, &tB, &tC, As, Bs, C, off, E, M, N, 0, accumulate, outMode, E * M);                                  \
   }
-// 128 x 256 tiles: half the L2 traffic per FLOP of 128 x 128, promotion not overlapped (one buffer).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256, 256, 3, OneBuffer)
+// 128 x 256 tiles: half the L2 traffic per FLOP of 128 x 128; one buffer, the two warpgroups'
+// promotions overlapped with each other's wgmmas by taking turns (PINGPONG; measured the same as
+// issuing together, notes/sm90-gemm.md).
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_pingpong, 256, 3, OneBuffer, true)
+// The same, both warpgroups issuing together (MOE8_SM90_PINGPONG=0; for measuring the two).
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256, 256, 3, OneBuffer, false)
 // 128 x 128 tiles: two accumulator sets, the promotion overlapped with the next chunk's wgmmas.
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x128, 128, 4, TwoBuffers)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x128, 128, 4, TwoBuffers, false)
 
 #define SM90_TP_COLS 64  // columns per block of sm90_coltile_transpose
 

@@ -12,7 +12,8 @@
 #     tiles), MOE8_SM90_BN=128 (bn128), MOE8_SM90_GEMM=0 (mma), bf16; bench-gemm-bn128: the
 #     experts' GEMMs on the 128 x 128 entries; ring4 and bench-gemm-ring4: MOE8_SM90_RING=4;
 #     bench-gemm-bn256: every role on 128 x 256 tiles; nopp and bench-gemm-nopp: MOE8_SM90_PINGPONG=0
-#     (bench-gemm-nopp on 128 x 256 tiles too)
+#     (bench-gemm-nopp on 128 x 256 tiles too); staged, bench-gemm-staged, racecheck-staged and
+#     memcheck-staged: MOE8_SM90_WGRAD_STAGED=1
 #   5 compute-sanitizer on the sm90 kernels (both entry points, through the op suite's sm90 tests):
 #     racecheck and memcheck filtered to gemm_sm90, then to flash_sm90's fa3 kernels (racecheck-fa3,
 #     memcheck-fa3); memcheck of one whole tiny training step
@@ -103,6 +104,10 @@ json_of /tmp/gemm-ring4.json bench-gemm-ring4
 step bench-gemm-bn256 150 40 sh -c 'MOE8_SM90_BN=256 bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts --json > /tmp/gemm-bn256.json'
 cat /tmp/gemm-bn256.json >>"$LOG" 2>/dev/null
 json_of /tmp/gemm-bn256.json bench-gemm-bn256
+# The Wgrad with the scales in the ring stages (MOE8_SM90_WGRAD_STAGED=1) against the default.
+step bench-gemm-staged 150 40 sh -c 'MOE8_SM90_WGRAD_STAGED=1 bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts --json > /tmp/gemm-staged.json'
+cat /tmp/gemm-staged.json >>"$LOG" 2>/dev/null
+json_of /tmp/gemm-staged.json bench-gemm-staged
 step bench-gemm-nopp 150 40 sh -c 'MOE8_SM90_BN=256 MOE8_SM90_PINGPONG=0 bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts --json > /tmp/gemm-nopp.json'
 cat /tmp/gemm-nopp.json >>"$LOG" 2>/dev/null
 json_of /tmp/gemm-nopp.json bench-gemm-nopp
@@ -128,7 +133,7 @@ step nccl-test 240 30 env MOE8_REQUIRE_NCCL=1 bun test --timeout 300000 packages
 # The training step replayed from a CUDA graph equals the uncaptured step bit for bit (issue 18).
 step graph-test 180 40 env MOE8_REQUIRE_CUDA=1 bun test --timeout 300000 tests/cuda-graph.test.ts
 
-for v in sm90 nograph kt bn128 ring4 nopp mma fa2 bf16 bf16nograph; do
+for v in sm90 nograph kt bn128 ring4 nopp staged mma fa2 bf16 bf16nograph; do
   picked "step-$v" || continue
   case $v in
     sm90) env=(MOE8_SM90_GEMM=1) p=fp8 prof=--profile ;;
@@ -139,6 +144,7 @@ for v in sm90 nograph kt bn128 ring4 nopp mma fa2 bf16 bf16nograph; do
     bn128) env=(MOE8_SM90_BN=128) p=fp8 prof=--profile ;;
     ring4) env=(MOE8_SM90_RING=4) p=fp8 prof=--profile ;;
     nopp) env=(MOE8_SM90_PINGPONG=0) p=fp8 prof=--profile ;;
+    staged) env=(MOE8_SM90_WGRAD_STAGED=1) p=fp8 prof=--profile ;;
     fa2) env=(MOE8_SM90_ATTENTION=0) p=fp8 prof=--profile ;;
     bf16) env=() p=bf16 prof= ;;
   esac
@@ -171,6 +177,12 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
   for tool in racecheck memcheck; do
     step "$tool-sm90" 180 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool "$tool" --kernel-name kns=sm90 \
       --error-exitcode 3 "${sm90_tests[@]}"
+  done
+  # The op suite's path with the Wgrad's scales in the ring stages (MOE8_SM90_WGRAD_STAGED=1).
+  for tool in racecheck memcheck; do
+    step "$tool-staged" 180 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool "$tool" --kernel-name kns=sm90 \
+      --error-exitcode 3 bun test --timeout 300000 -t "MOE8_SM90_WGRAD_STAGED=1 equals" \
+      packages/kernels/test/cuda-op-suite.test.ts
   done
   # Nsight Compute on one launch of the experts' gate_up Dgrad (bench gemm's 66th sm90 Fprop/Dgrad
   # launch: its Fprop takes 60): speed of light, memory, warp stalls.
@@ -321,11 +333,12 @@ for r in rows:
 print()
 for r in rows:
     for tag, what in (("bench-gemm-bn128", "128x128 entries"), ("bench-gemm-ring4", "4-stage ring"),
-                      ("bench-gemm-bn256", "128x256 ping-pong"), ("bench-gemm-nopp", "128x256 together")):
+                      ("bench-gemm-bn256", "128x256 ping-pong"), ("bench-gemm-nopp", "128x256 together"),
+                      ("bench-gemm-staged", "Wgrad staged scales")):
         if r.get("tag") == tag:
             for x in r.get("rows", []):
                 print(f"{what}: {x['gemm'][:44]:<44} {x['role']:<6} {x['fp8_tflops']:>8} TF/s")
-for v in ("sm90", "nograph", "kt", "bn128", "ring4", "nopp", "mma", "fa2", "bf16", "bf16nograph"):
+for v in ("sm90", "nograph", "kt", "bn128", "ring4", "nopp", "staged", "mma", "fa2", "bf16", "bf16nograph"):
     s = next((r for r in rows if r.get("tag") == f"step-{v}"), None)
     k = next((r for r in rows if r.get("tag") == f"kernels-{v}"), {})
     if s:

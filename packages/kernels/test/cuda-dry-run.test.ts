@@ -278,6 +278,13 @@ describe("cuda backend host code, without a GPU", () => {
     ["Hopper, MOE8_SM90_BN=256", { MOE8_SM90_BN: "256" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_RING=4", { MOE8_SM90_RING: "4" }, "ok", "9.0", false],
     [
+      "Hopper, MOE8_SM90_WGRAD_STAGED=1 on 3 CTAs",
+      { MOE8_SM90_WGRAD_STAGED: "1", MOE8_SM90_CTAS: "3" },
+      "ok",
+      "9.0",
+      false,
+    ],
+    [
       "Hopper, MOE8_SM90_BN=256 MOE8_SM90_PINGPONG=0",
       { MOE8_SM90_BN: "256", MOE8_SM90_PINGPONG: "0" },
       "ok",
@@ -324,8 +331,9 @@ describe("cuda backend host code, without a GPU", () => {
         // the 256-wide entries (Wgrad, and Fprop/Dgrad under MOE8_SM90_BN=256) taking turns unless
         // MOE8_SM90_PINGPONG=0.
         const wide = env.MOE8_SM90_PINGPONG === "0" ? "256" : "256_pingpong";
+        const wideWgrad = env.MOE8_SM90_WGRAD_STAGED === "1" ? "256_staged" : wide;
         const wgrad = (env.MOE8_SM90_WGRAD_BN ? [env.MOE8_SM90_WGRAD_BN] : ["128", "256"]).map((w) =>
-          w === "256" ? wide : w,
+          w === "256" ? wideWgrad : w,
         );
         const fpropDgrad =
           env.MOE8_SM90_BN === "256"
@@ -370,6 +378,7 @@ describe("cuda backend host code, without a GPU", () => {
       ["MOE8_SM90_CTAS", "0", "expected a positive integer"],
       ["MOE8_SM90_RING", "6", "expected deep or 4"],
       ["MOE8_SM90_PINGPONG", "yes", "expected 0 or 1"],
+      ["MOE8_SM90_WGRAD_STAGED", "on", "expected 0 or 1"],
     ]) {
       vi.stubEnv(name, value);
       expect(() => new CudaBackend()).toThrow(`${name}="${value}": ${why}`);

@@ -286,6 +286,11 @@ if (status.ok) {
               env: { MOE8_SM90_BN: "256", MOE8_SM90_PINGPONG: "0" },
               name: "sm90 wgmma, MOE8_SM90_BN=256 MOE8_SM90_PINGPONG=0",
             },
+            {
+              sm90: true,
+              env: { MOE8_SM90_WGRAD_STAGED: "1" },
+              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=1",
+            },
           ]
         : []),
     ];
@@ -344,9 +349,11 @@ if (status.ok) {
                     "gemm_sm90.gemm_sm90_fp8_grouped_128x128",
                   ]),
               "gemm_sm90.gemm_sm90_fp8_wgrad_128x128",
-              env.MOE8_SM90_PINGPONG === "0"
-                ? "gemm_sm90.gemm_sm90_fp8_wgrad_128x256"
-                : "gemm_sm90.gemm_sm90_fp8_wgrad_128x256_pingpong",
+              env.MOE8_SM90_WGRAD_STAGED === "1"
+                ? "gemm_sm90.gemm_sm90_fp8_wgrad_128x256_staged"
+                : env.MOE8_SM90_PINGPONG === "0"
+                  ? "gemm_sm90.gemm_sm90_fp8_wgrad_128x256"
+                  : "gemm_sm90.gemm_sm90_fp8_wgrad_128x256_pingpong",
               ...(env.MOE8_SM90_KMAJOR === "0" ? ["gemm_sm90.sm90_coltile_transpose"] : []),
             ].sort(),
           );

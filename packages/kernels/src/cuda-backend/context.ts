@@ -102,6 +102,12 @@ export class CudaContext {
    */
   readonly sm90Pingpong: boolean;
   /**
+   * Whether the 128 x 256 Wgrad takes each chunk's scale vectors from its ring stage, copied there
+   * by the producer (MOE8_SM90_WGRAD_STAGED=1; being measured, notes/sm90-gemm.md), instead of the
+   * consumers loading and staging them.
+   */
+  readonly sm90WgradStaged: boolean;
+  /**
    * CTAs of the persistent sm90 GEMMs: one per SM, or MOE8_SM90_CTAS (the tests use a few, so that
    * every CTA walks several tiles: the ring's phases and the deferred epilogues across tiles).
    */
@@ -140,6 +146,10 @@ export class CudaContext {
     if (!["", "0", "1"].includes(pingpong))
       throw new Error(`MOE8_SM90_PINGPONG="${pingpong}": expected 0 or 1`);
     this.sm90Pingpong = pingpong !== "0";
+    const staged = process.env.MOE8_SM90_WGRAD_STAGED ?? "";
+    if (!["", "0", "1"].includes(staged))
+      throw new Error(`MOE8_SM90_WGRAD_STAGED="${staged}": expected 0 or 1`);
+    this.sm90WgradStaged = staged === "1";
     const ctas = process.env.MOE8_SM90_CTAS ?? "";
     if (ctas !== "" && !(Number.isInteger(Number(ctas)) && Number(ctas) >= 1))
       throw new Error(`MOE8_SM90_CTAS="${ctas}": expected a positive integer`);

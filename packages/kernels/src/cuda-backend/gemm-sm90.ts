@@ -255,9 +255,11 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
     cx.launch(
       !wide
         ? KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x128
-        : cx.sm90Pingpong
-          ? KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256_pingpong
-          : KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256,
+        : cx.sm90WgradStaged
+          ? KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256_staged
+          : cx.sm90Pingpong
+            ? KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256_pingpong
+            : KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256,
       [cx.sm90Ctas],
       SM90.SM90_THREADS,
       {
@@ -272,7 +274,11 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
         accumulate: o.accumulate ? 1 : 0,
         outMode: outMode(o),
       },
-      wide ? SM90.SM90_SMEM_WGRAD_128x256 : SM90.SM90_SMEM_WGRAD_128x128,
+      !wide
+        ? SM90.SM90_SMEM_WGRAD_128x128
+        : cx.sm90WgradStaged
+          ? SM90.SM90_SMEM_WGRAD_128x256_STAGED
+          : SM90.SM90_SMEM_WGRAD_128x256,
     );
     return true;
   } finally {

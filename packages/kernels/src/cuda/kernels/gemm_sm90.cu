@@ -55,6 +55,8 @@
 // buffers, and the two turns of PINGPONG.
 #define SM90_TURN_0 5
 #define SM90_TURN_1 6
+// STAGED_SCALES: ring stage s is released by named barrier SM90_STAGE_BAR + s (7 .. 15).
+#define SM90_STAGE_BAR 7
 #define SM90_THREADS 384  // two consumer warpgroups and the producer warpgroup
 #define SM90_BM 128       // rows per tile (64 per consumer warpgroup)
 // outMode: how C is stored (see the header).
@@ -66,6 +68,8 @@
 #define SM90_SMEM_128x128 199752
 #define SM90_SMEM_WGRAD_128x256 221240
 #define SM90_SMEM_WGRAD_128x128 202824
+// The 128 x 256 Wgrad with each stage's scale vectors in the ring (STAGED_SCALES).
+#define SM90_SMEM_WGRAD_128x256_STAGED 220728
 // The deeper ring of the 128 x 128 entry for BF16 stores without accumulate, for at most
 // SM90_MAX_E_DEEP experts (tables half the size): C staged as BF16 (half the bytes of f32) and six
 // stages, which fill the 227 KB a CTA may have (the f32 entry has four).
@@ -140,11 +144,12 @@ enum class Mainloop { OneBuffer, TwoBuffers };
 // warpgroup one 64 x 128 half-tile of f32, or of BF16 in the BF16-only entry), the full/empty
 // barriers, the offsets and the prefix sums of m-tiles per expert (maxE + 1 each); for Wgrad
 // (rowScales) also each consumer warpgroup's two chunk scale buffers (its 64 rows and the tile's bn
-// columns).
+// columns), or with stagedScales each ring stage's scales (the tile's 128 rows, then its bn columns).
 __host__ __device__ constexpr int sm90_smem_bytes(int bn, int stages, bool rowScales, bool bf16Staging = false,
-                                                  int maxE = SM90_MAX_E) {
+                                                  int maxE = SM90_MAX_E, bool stagedScales = false) {
   return 1024 + stages * (SM90_BM + bn) * 128 + 2 * 64 * 128 * (bf16Staging ? 2 : 4) +
-         (rowScales ? 2 * 2 * (64 + bn) * 4 : 0) + 2 * stages * 8 + 2 * (maxE + 1) * 4;
+         (rowScales ? (stagedScales ? stages * (SM90_BM + bn) * 4 : 2 * 2 * (64 + bn) * 4) : 0) + 2 * stages * 8 +
+         2 * (maxE + 1) * 4;
 }
 
 // Writes 0 to the rows of C [rows, N] outside [lo, hi), the rows no segment covers (none when the
@@ -206,8 +211,15 @@ __device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int*
 // consumer warpgroups take turns issuing their halves' wgmmas, warpgroup 1 one half behind warpgroup
 // 0, so that each one's promotion (and epilogue) runs while the other's wgmmas hold the tensor cores;
 // issued together, both promote at once and the tensor cores idle through every promotion.
+// STAGED_SCALES (the one-buffer Wgrad): the producer bulk-copies each chunk's two scale vectors (the
+// tile's 128 rows of As' row g, its BN columns of Bs' row g: both contiguous) into the ring stage
+// with the codes, on the same full barrier, and the consumers read them there instead of loading and
+// staging them themselves each chunk. A stage is then released through a named barrier (the
+// consumers arrive after their promotion, the producer warp waits before refilling it) rather than
+// the empty mbarrier: the same order, but one that compute-sanitizer's racecheck follows (it does
+// not model mbarriers, and reports the refill racing the reads; notes/sm90-gemm.md).
 template <int BN, int STAGES, Mainloop LOOP, Segments SEG, bool BF16_ONLY = false, int MAX_E = SM90_MAX_E,
-          bool PINGPONG = false>
+          bool PINGPONG = false, bool STAGED_SCALES = false>
 __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CUtensorMap* tB, const CUtensorMap* tC,
                                                  const float* As, const float* Bs, float* C, const int* off, int E,
                                                  int M, int N, int K, int accumulate, int outMode, int rows) {
@@ -219,8 +231,12 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   static_assert(LOOP == Mainloop::OneBuffer || BN == 128, "two accumulator sets fit the registers at BN = 128 only");
   // Wgrad: per consumer warpgroup two buffers of a chunk's scales (its 64 rows of A, then BN columns
   // of B), after the C staging.
-  constexpr int S_FLOATS = 64 + BN;
-  constexpr int S_BYTES = SEG == Segments::AlongK ? NWG * 2 * S_FLOATS * 4 : 0;
+  // (STAGED_SCALES: per ring stage the tile's BM rows of A, then its BN columns of B.)
+  static_assert(!STAGED_SCALES || (SEG == Segments::AlongK && LOOP == Mainloop::OneBuffer),
+                "staged scales are the one-buffer Wgrad's");
+  static_assert(SM90_STAGE_BAR + STAGES <= 16, "a named barrier per stage");
+  constexpr int S_FLOATS = STAGED_SCALES ? BM + BN : 64 + BN;
+  constexpr int S_BYTES = SEG != Segments::AlongK ? 0 : STAGED_SCALES ? STAGES * S_FLOATS * 4 : NWG * 2 * S_FLOATS * 4;
   // Staging per consumer warpgroup: 64 rows x 128 columns of f32 (or BF16).
   constexpr int C_BYTES = 64 * 128 * (BF16_ONLY ? 2 : 4);
   extern __shared__ u8 sm90_dyn[];
@@ -275,19 +291,40 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   if (warp >= 4 * NWG) {
     // Producer warpgroup: one thread issues the TMA loads, the rest give their registers away.
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-    if (warp == 4 * NWG && lane == 0) {
-      int s = 0;
+    // (STAGED_SCALES: the whole warp, since it waits on named barriers; lane 0 issues.)
+    if (warp == 4 * NWG && (STAGED_SCALES || lane == 0)) {
+      constexpr int RELEASE = 32 + 128 * NWG;  // STAGED_SCALES: this warp and the consumers
+      int s = 0, issued = 0;
       u32 ph = 0;
       for (int t = blockIdx.x; t < total; t += gridDim.x) {
         const Sm90Tile T = sm90_tile<SEG, BN>(t, soff, mpre, E, M, N, KC);
+        // The scale vectors' bytes (multiples of 64: M and N are multiples of 16).
+        const u32 saBytes = STAGED_SCALES ? (u32)min(BM, M - T.aRow) * 4 : 0;
+        const u32 sbBytes = STAGED_SCALES ? (u32)min(BN, N - T.n0) * 4 : 0;
         for (int kc = T.k0; kc < T.k0 + T.kc; kc++) {
-          mbar_wait(&empty[s], ph ^ 1);
-          mbar_expect_tx(&full[s], A_BYTES + B_BYTES);
-          tma_load_2d(sA + s * A_BYTES, tA, kc * 128, T.aRow, &full[s]);
-          tma_load_2d(sB + s * B_BYTES, tB, kc * 128, T.bRow, &full[s]);
+          if constexpr (STAGED_SCALES) {
+            if (issued >= STAGES) named_sync(SM90_STAGE_BAR + s, RELEASE);  // the stage's last use read
+          } else {
+            mbar_wait(&empty[s], ph ^ 1);
+          }
+          if (lane == 0) {
+            mbar_expect_tx(&full[s], A_BYTES + B_BYTES + saBytes + sbBytes);
+            tma_load_2d(sA + s * A_BYTES, tA, kc * 128, T.aRow, &full[s]);
+            tma_load_2d(sB + s * B_BYTES, tB, kc * 128, T.bRow, &full[s]);
+            if constexpr (STAGED_SCALES) {
+              float* ss = (float*)sS + s * S_FLOATS;
+              bulk_load_1d(ss, As + (i64)kc * M + T.aRow, saBytes, &full[s]);
+              bulk_load_1d(ss + BM, Bs + (i64)kc * N + T.n0, sbBytes, &full[s]);
+            }
+          }
+          if constexpr (STAGED_SCALES) __syncwarp();
+          issued++;
           if (++s == STAGES) s = 0, ph ^= 1;
         }
       }
+      // Each used stage's last release is taken, so that no named barrier is left half-arrived.
+      if constexpr (STAGED_SCALES)
+        for (int i = 0; i < min(issued, STAGES); i++) named_sync(SM90_STAGE_BAR + i, RELEASE);
     }
   } else {
   // Consumer warpgroup wg: rows 64 * wg .. of the tile; this thread: rows g and g + 8 of its warp's 16.
@@ -457,7 +494,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
       };
       float* bufs = (float*)sS + wg * 2 * S_FLOATS;
       float v[1 + BN / 128];
-      if (T.kc > 0) {
+      if (!STAGED_SCALES && T.kc > 0) {
         load(0, v);
         store(v, bufs + sc * S_FLOATS);
       }
@@ -511,6 +548,22 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
             wgmma_wait<0>();
             finish(kc, p0, st0);
           }
+        }
+      } else if constexpr (STAGED_SCALES) {
+        // The chunk's scales in its stage: this thread's two rows of A, its columns of B.
+        float p[ACC];
+        for (int kc = 0; kc < T.kc; kc++) {
+          mbar_wait(&full[s], ph);
+          const float* ss = (const float*)sS + s * S_FLOATS;
+          const float sa0 = ss[rloc], sa1 = ss[rloc + 8];
+#pragma unroll
+          for (int h = 0; h < NH; h++) {
+            mma_half(p, aBase + s * A_BYTES, bBase + s * B_BYTES + h * 128 * 128);
+            wgmma_wait<0>();
+            promote_cols(acc[h], p, sa0, sa1, ss + BM + 128 * h + 2 * tq);
+          }
+          named_arrive(SM90_STAGE_BAR + s, 32 + 128 * NWG);  // every read of the stage done
+          if (++s == STAGES) s = 0, ph ^= 1;
         }
       } else {
       float p[ACC];
@@ -615,6 +668,8 @@ static_assert(sm90_smem_bytes(256, 3, false) == SM90_SMEM_128x256, "SM90_SMEM_12
 static_assert(sm90_smem_bytes(128, 4, false) == SM90_SMEM_128x128, "SM90_SMEM_128x128");
 static_assert(sm90_smem_bytes(256, 3, true) == SM90_SMEM_WGRAD_128x256, "SM90_SMEM_WGRAD_128x256");
 static_assert(sm90_smem_bytes(128, 4, true) == SM90_SMEM_WGRAD_128x128, "SM90_SMEM_WGRAD_128x128");
+static_assert(sm90_smem_bytes(256, 3, true, false, SM90_MAX_E, true) == SM90_SMEM_WGRAD_128x256_STAGED,
+              "SM90_SMEM_WGRAD_128x256_STAGED");
 static_assert(sm90_smem_bytes(128, 6, false, true, SM90_MAX_E_DEEP) == SM90_SMEM_128x128_BF16,
               "SM90_SMEM_128x128_BF16");
 static_assert(sm90_smem_bytes(128, 5, false, false, SM90_MAX_E_DEEP) == SM90_SMEM_128x128_E128,
@@ -652,22 +707,24 @@ GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_e128, 128, 5, TwoBuffers, false, S
 // writes them (tensor maps: A u8 [M, pitch] box {128, 128}, B u8 [N, pitch] box {128, BN}, C f32
 // [E * M, N] box {32, 64}); As [chunks, M] and Bs [chunks, N] are quant_coltile's scales. Requires
 // M % 16 == 0 and N % 16 == 0 (the transposes' 16-byte pieces).
-#define GEMM_SM90_WGRAD_ENTRY(NAME, BN, STAGES, LOOP, PINGPONG)                                                  \
+#define GEMM_SM90_WGRAD_ENTRY(NAME, BN, STAGES, LOOP, PINGPONG, STAGED)                                          \
   KERNEL void __launch_bounds__(SM90_THREADS, 1)                                                                 \
       NAME(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,                       \
            const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs, float* C, const int* off,    \
            int E, int M, int N, int accumulate, int outMode) {                                                   \
-    sm90_fp8_grouped<BN, STAGES, Mainloop::LOOP, Segments::AlongK, false, SM90_MAX_E, PINGPONG>(                 \
+    sm90_fp8_grouped<BN, STAGES, Mainloop::LOOP, Segments::AlongK, false, SM90_MAX_E, PINGPONG, STAGED>(         \
         &tA, &tB, &tC, As, Bs, C, off, E, M, N, 0, accumulate, outMode, E * M);                                  \
   }
 // 128 x 256 tiles: half the L2 traffic per FLOP of 128 x 128; one buffer, the two warpgroups'
 // promotions overlapped with each other's wgmmas by taking turns (PINGPONG; measured the same as
 // issuing together, notes/sm90-gemm.md).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_pingpong, 256, 3, OneBuffer, true)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_pingpong, 256, 3, OneBuffer, true, false)
+// The same with the scales in the ring (STAGED_SCALES; MOE8_SM90_WGRAD_STAGED=1 while it is measured).
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged, 256, 3, OneBuffer, true, true)
 // The same, both warpgroups issuing together (MOE8_SM90_PINGPONG=0; for measuring the two).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256, 256, 3, OneBuffer, false)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256, 256, 3, OneBuffer, false, false)
 // 128 x 128 tiles: two accumulator sets, the promotion overlapped with the next chunk's wgmmas.
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x128, 128, 4, TwoBuffers, false)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x128, 128, 4, TwoBuffers, false, false)
 
 #define SM90_TP_COLS 64  // columns per block of sm90_coltile_transpose
 

@@ -45,6 +45,11 @@ async function round(group: Collectives[]) {
         b.upload(rng.normals((q + c.rank) * 3), [q + c.rank, 3]),
       );
       const recv = await c.allToAll(send);
+      // The same with the rows each rank sends this one given (rank q sends q + rank).
+      const known = await c.allToAll(
+        send,
+        Array.from({ length: c.size }, (_, q) => q + c.rank),
+      );
       const read = async (t: Tensor) => Array.from((await t.read()) as Float32Array | Int32Array);
       return {
         sums: [await read(f), await read(i)],
@@ -52,6 +57,7 @@ async function round(group: Collectives[]) {
         red: [await read(red[0]), await read(red[1])],
         started: await Promise.all(st.map(read)),
         recv: await Promise.all(recv.map(async (t) => [t.shape, await read(t)])),
+        known: await Promise.all(known.map(async (t) => [t.shape, await read(t)])),
       };
     }),
   );
@@ -67,6 +73,27 @@ describe("collectives over TCP", () => {
         for (const g of tcp) g.close();
       }
     });
+
+  it("allToAll with the rows to receive given: the same pieces, and a wrong count is an error", async () => {
+    const got = await Promise.allSettled(
+      localGroup(2).map(async (c) => {
+        const b = new TsBackend();
+        const send = [b.zeros([2, 3]), b.zeros([1, 3])];
+        return c.allToAll(send, c.rank === 0 ? [2, 2] : [1, 1]);
+      }),
+    );
+    // Every rank sends 2 rows to rank 0 and 1 to rank 1.
+    expect(got.map((g) => g.status)).toEqual(["fulfilled", "fulfilled"]);
+    const wrong = await Promise.allSettled(
+      localGroup(2).map(async (c) =>
+        c.allToAll([new TsBackend().zeros([1, 3]), new TsBackend().zeros([1, 3])], [2, 1]),
+      ),
+    );
+    expect(wrong[0]).toMatchObject({
+      status: "rejected",
+      reason: { message: "allToAll: rank 0 sent 1 rows, 2 were expected" },
+    });
+  });
 
   it("reduceSum: each root holds the sum in rank order, the other ranks keep their own", async () => {
     const group = localGroup(3);

@@ -85,6 +85,10 @@ describe.skipIf(!(nccl?.available && cuda) && !required)("NCCL collectives on th
       expect(Array.from((await back.read()) as Float32Array)).toEqual(Array.from(f));
       const [none] = await c.allToAll([empty]);
       expect(none.shape).toEqual([0, 4]);
+      // The rows to receive given: no count exchange; a count this rank contradicts is refused.
+      const [known] = await c.allToAll([tf], [10]);
+      expect(Array.from((await known.read()) as Float32Array)).toEqual(Array.from(f));
+      await expect(c.allToAll([tf], [11])).rejects.toThrow(/sends itself 10 rows, 11 were expected/);
       await expect(c.allReduceSum([b.cast(b.upload(new Float32Array(4), [4]), "bf16")])).rejects.toThrow(
         /not f32 or i32/,
       );

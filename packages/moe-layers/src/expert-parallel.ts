@@ -75,11 +75,22 @@ function release(lists: Tensor[][], keep: Tensor[]): void {
   for (const t of all) t.dispose();
 }
 
-/** Each part's pieces (pieces[q][i]: part i's rows for rank q) sent by one allToAll per part. */
-async function exchangeParts(group: Collectives, pieces: Tensor[][]): Promise<Tensor[][]> {
+/**
+ * Each part's pieces (pieces[q][i]: part i's rows for rank q) sent by one allToAll per part;
+ * recvRows[q]: the rows rank q sends this rank in every part (known from the counts exchanged
+ * first, so that NCCL need not exchange them again).
+ */
+async function exchangeParts(
+  group: Collectives,
+  pieces: Tensor[][],
+  recvRows: number[],
+): Promise<Tensor[][]> {
   const got: Tensor[][] = pieces.map(() => []);
   for (let i = 0; i < pieces[0].length; i++) {
-    const inbound = await group.allToAll(pieces.map((p) => p[i]));
+    const inbound = await group.allToAll(
+      pieces.map((p) => p[i]),
+      recvRows,
+    );
     inbound.forEach((t, q) => {
       got[q].push(t);
     });
@@ -115,9 +126,13 @@ export async function dispatch(
     sent.push(offsets[(q + 1) * El] - start);
     blocks.push(wire.parts.map((p) => rowsOf(b, p, start, sent[q])));
   }
-  const got = await group.allToAll(counts);
+  const got = await group.allToAll(counts, new Array<number>(R).fill(1));
   const received = await Promise.all(got.map(async (t) => Array.from((await t.read()) as Int32Array)));
-  const inbound = await exchangeParts(group, blocks);
+  const inbound = await exchangeParts(
+    group,
+    blocks,
+    received.map((r) => r.reduce((n, c) => n + c, 0)),
+  );
   // Regroup by local expert: for expert j, its rows from rank 0, then from rank 1, ...
   const pieces: Tensor[][] = wire.parts.map(() => []);
   const local = new Int32Array(El + 1);
@@ -164,7 +179,7 @@ export async function combine(
   const blocks = bySource.map((ps) =>
     ps.map((pieces, i) => stack(b, pieces, wire.parts[i].cols, wire.parts[i].dtype)),
   );
-  const back = await exchangeParts(group, blocks);
+  const back = await exchangeParts(group, blocks, sent);
   back.forEach((ts, q) => {
     if (ts[0].rows !== sent[q])
       throw new Error(`combine: rank ${q} returned ${ts[0].rows} rows, ${sent[q]} were sent`);

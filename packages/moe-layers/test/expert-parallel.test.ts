@@ -198,9 +198,9 @@ describe("expert-parallel MoE layer", () => {
           const wire: string[] = [];
           const m = make({
             ...g,
-            allToAll: (send) => {
+            allToAll: (send, recvRows) => {
               wire.push(`${send[0].dtype}[${send[0].cols}]`);
-              return g.allToAll(send);
+              return g.allToAll(send, recvRows);
             },
           });
           const mine = (v: Float32Array) =>

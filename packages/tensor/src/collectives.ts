@@ -37,9 +37,12 @@ export interface Collectives {
   settle(): Promise<void>;
   /**
    * send[q] (2-D, f32 or i32, any number of rows, the same columns on every rank) goes to rank q;
-   * returns recv, recv[q] being what rank q sent to this rank, on this rank's backend.
+   * returns recv, recv[q] being what rank q sent to this rank, on this rank's backend. recvRows[q],
+   * when the caller knows it, is the number of rows rank q sends this rank: NCCL then sizes the
+   * buffers from it instead of exchanging every rank's counts first (an all-gather and a host
+   * synchronisation less); where the rows are seen (the host's collectives) a mismatch is an error.
    */
-  allToAll(send: Tensor[]): Promise<Tensor[]>;
+  allToAll(send: Tensor[], recvRows?: readonly number[]): Promise<Tensor[]>;
 }
 
 /** The group of one process: every collective leaves its tensors as they are. */
@@ -51,7 +54,9 @@ export const SINGLE_PROCESS: Collectives = {
   async reduceSum() {},
   startReduce() {},
   async settle() {},
-  async allToAll(send) {
+  async allToAll(send, recvRows) {
+    if (recvRows && send[0].rows !== recvRows[0])
+      throw new Error(`allToAll: rank 0 sent ${send[0].rows} rows, ${recvRows[0]} were expected`);
     return send;
   },
 };
@@ -138,13 +143,17 @@ export function collectivesOver(rank: number, size: number, exchange: Exchange):
         if (roots[i] === rank) t.backend.write(t, sumOf(parts, i));
       });
     },
-    async allToAll(send) {
+    async allToAll(send, recvRows) {
       if (send.length !== size) throw new Error(`allToAll: ${send.length} tensors for ${size} ranks`);
       const parts = await gather(send, false);
       return parts.map((p, q) => {
         const t = send[q];
         const cols = t.shape[t.shape.length - 1];
         const data = p[rank];
+        if (recvRows && data.length / cols !== recvRows[q])
+          throw new Error(
+            `allToAll: rank ${q} sent ${data.length / cols} rows, ${recvRows[q]} were expected`,
+          );
         return t.backend.upload(data, [data.length / cols, cols], t.dtype);
       });
     },

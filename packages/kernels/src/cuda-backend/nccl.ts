@@ -68,25 +68,37 @@ export function ncclCollectives(cx: CudaContext, comm: NcclComm): Collectives {
     async settle() {
       comm.join();
     },
-    async allToAll(send) {
+    async allToAll(send, recvRows) {
       if (send.length !== size) throw new Error(`allToAll: ${send.length} tensors for ${size} ranks`);
+      if (recvRows && recvRows.length !== size)
+        throw new Error(`allToAll: ${recvRows.length} row counts for ${size} ranks`);
       const dtype = moved(send[0], "allToAll");
       const cols = send[0].shape[send[0].shape.length - 1];
       for (const t of send)
         if (moved(t, "allToAll") !== dtype || t.shape.length !== 2 || t.shape[1] !== cols)
           throw new Error(`allToAll: ${t} is not a [rows, ${cols}] ${dtype} matrix like ${send[0]}`);
-      // Every rank's row counts for every rank first (the receivers size their buffers from them).
-      const mine = cx.backend.upload(
-        Int32Array.from(send, (t) => t.shape[0]),
-        [size],
-        "i32",
-      );
-      const all = cx.make([size * size], "i32");
-      comm.allGather(cx.p(mine), cx.p(all), size, "i32");
-      const counts = (await all.read()) as Int32Array;
-      mine.dispose();
-      all.dispose();
-      const recv = send.map((_, q) => cx.make([counts[q * size + rank], cols], dtype));
+      // The rows each rank sends this one: as the caller says, or every rank's row counts for every
+      // rank exchanged first (the receivers size their buffers from them; a host synchronisation).
+      let rowsFrom: readonly number[];
+      if (recvRows) rowsFrom = recvRows;
+      else {
+        const mine = cx.backend.upload(
+          Int32Array.from(send, (t) => t.shape[0]),
+          [size],
+          "i32",
+        );
+        const all = cx.make([size * size], "i32");
+        comm.allGather(cx.p(mine), cx.p(all), size, "i32");
+        const counts = (await all.read()) as Int32Array;
+        mine.dispose();
+        all.dispose();
+        rowsFrom = Array.from({ length: size }, (_, q) => counts[q * size + rank]);
+      }
+      if (rowsFrom[rank] !== send[rank].shape[0])
+        throw new Error(
+          `allToAll: this rank sends itself ${send[rank].shape[0]} rows, ${rowsFrom[rank]} were expected`,
+        );
+      const recv = send.map((_, q) => cx.make([rowsFrom[q], cols], dtype));
       comm.exchange(
         send.map((t) => addr(cx, t)),
         send.map((t) => t.size),

@@ -87,30 +87,27 @@ step op-suite 240 60 env MOE8_POISON=1 MOE8_REQUIRE_CUDA=1 \
 # The attention kernels alone (flash_sm90.cu's wgmma, flash.cu's mma.sync) against PyTorch's SDPA
 # (cuDNN, FlashAttention-2) at small's shape and T = 4096, 8192 (packages/kernels/bench/attn).
 step attn-bench 150 40 python3 packages/kernels/bench/attn/bench.py --out "$OUT" --reps 15
-step bench-gemm 150 40 sh -c 'bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts --json > /tmp/gemm.json'
-cat /tmp/gemm.json >>"$LOG" 2>/dev/null
-json_of /tmp/gemm.json bench-gemm
+# bench_gemm NAME [VAR=VALUE ...]: step NAME runs `bench gemm --shape experts` (the experts' GEMMs,
+# per role) under those environment variables; its JSON goes to the log and the results.
+bench_gemm() {
+  local name=$1
+  shift
+  step "$name" 150 40 env "$@" sh -c "bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts --json > /tmp/$name.json"
+  cat "/tmp/$name.json" >>"$LOG" 2>/dev/null
+  json_of "/tmp/$name.json" "$name"
+}
+bench_gemm bench-gemm
 # The experts' GEMMs on the 128 x 128 entries instead (two buffers; deferred epilogues along M).
-step bench-gemm-bn128 150 40 sh -c 'MOE8_SM90_BN=128 MOE8_SM90_WGRAD_BN=128 bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts --json > /tmp/gemm-bn128.json'
-cat /tmp/gemm-bn128.json >>"$LOG" 2>/dev/null
-json_of /tmp/gemm-bn128.json bench-gemm-bn128
+bench_gemm bench-gemm-bn128 MOE8_SM90_BN=128 MOE8_SM90_WGRAD_BN=128
 # The Fprop and Dgrad on the 4-stage 128 x 128 entry instead of the deep rings (6 stages storing
 # BF16, 5 otherwise; MOE8_SM90_RING=4): the two measured against each other in one call.
-step bench-gemm-ring4 150 40 sh -c 'MOE8_SM90_RING=4 bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts --json > /tmp/gemm-ring4.json'
-cat /tmp/gemm-ring4.json >>"$LOG" 2>/dev/null
-json_of /tmp/gemm-ring4.json bench-gemm-ring4
+bench_gemm bench-gemm-ring4 MOE8_SM90_RING=4
 # Every role on the 128 x 256 entries, the two consumer warpgroups taking turns (bench-gemm-bn256)
 # and issuing together (bench-gemm-nopp, MOE8_SM90_PINGPONG=0): measured against each other in one call.
-step bench-gemm-bn256 150 40 sh -c 'MOE8_SM90_BN=256 bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts --json > /tmp/gemm-bn256.json'
-cat /tmp/gemm-bn256.json >>"$LOG" 2>/dev/null
-json_of /tmp/gemm-bn256.json bench-gemm-bn256
+bench_gemm bench-gemm-bn256 MOE8_SM90_BN=256
+bench_gemm bench-gemm-nopp MOE8_SM90_BN=256 MOE8_SM90_PINGPONG=0
 # The Wgrad with the scales in the ring stages (MOE8_SM90_WGRAD_STAGED=1) against the default.
-step bench-gemm-staged 150 40 sh -c 'MOE8_SM90_WGRAD_STAGED=1 bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts --json > /tmp/gemm-staged.json'
-cat /tmp/gemm-staged.json >>"$LOG" 2>/dev/null
-json_of /tmp/gemm-staged.json bench-gemm-staged
-step bench-gemm-nopp 150 40 sh -c 'MOE8_SM90_BN=256 MOE8_SM90_PINGPONG=0 bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts --json > /tmp/gemm-nopp.json'
-cat /tmp/gemm-nopp.json >>"$LOG" 2>/dev/null
-json_of /tmp/gemm-nopp.json bench-gemm-nopp
+bench_gemm bench-gemm-staged MOE8_SM90_WGRAD_STAGED=1
 # Where the host's time per step goes (the step is bound by the host once the GPU is faster): a CPU
 # profile of five small fp8 steps, as markdown (bun --cpu-prof-md) in $OUT/cpuprof.
 step cpu-prof 120 40 bun --cpu-prof-md --cpu-prof-dir="$OUT/cpuprof" --cpu-prof-interval=200 \

@@ -153,7 +153,7 @@ describe("--ranks", () => {
   // the ranks train as one process to within the quantisation of their own gradients (a rank's
   // Wgrad column tiles cover its tokens only), and a logged step's FP8 range counts are summed over
   // the ranks (each counts its own quantisations), not the leader's alone.
-  it("under FP8: 2 ranks (data and expert parallel) train as one process; range counts summed over the ranks", () => {
+  it("under FP8: 2 ranks (data and expert parallel) train as one process; range counts summed over the ranks, exchanges timed", () => {
     const flags = (n: number, out: string, extra: string[] = []) => [
       "train",
       ...FLAGS.map((f) => (f === "fp32" ? "fp8" : f)),
@@ -193,8 +193,12 @@ describe("--ranks", () => {
         // One process counts ~1,400 underflows a step; the leader alone counted ~800.
         expect(b[s].fp8_underflow / one[s].fp8_underflow, `${what}, step ${s + 1}`).toBeGreaterThan(0.85);
         expect(b[s].fp8_underflow / one[s].fp8_underflow, `${what}, step ${s + 1}`).toBeLessThan(1.15);
+        // The token exchanges' time on logged steps (every step here), under expert parallelism only.
+        if (what === "experts") expect(b[s].expert_exchange_ms).toBeGreaterThan(0);
+        else expect(b[s].expert_exchange_ms).toBeUndefined();
       }
     }
+    expect(one[0].expert_exchange_ms).toBeUndefined();
   }, 240_000);
 
   it("refuses a split that does not divide the batch, and a bad count, in one line (exit 2)", () => {

@@ -32,11 +32,18 @@ export interface StepResult {
   load: LoadStats[];
   /** FP8 range events of the step's activations and gradients, when asked for. */
   fp8?: { overflow: number; underflow: number };
+  /**
+   * Expert parallelism, when asked for (timeExchanges): this rank's wall time in the token
+   * exchanges of every MoE layer, forward and backward, each between two device synchronisations.
+   */
+  expertExchangeMs?: number;
 }
 
 export interface StepOptions {
   /** Read the FP8 range counts of this step (one extra pass per quantisation). */
   fp8Stats?: boolean;
+  /** Under expert parallelism, time the token exchanges (two device synchronisations each). */
+  timeExchanges?: boolean;
   /** Micro-batches per step (gradient accumulation); `shape.batch` must be a multiple of it. */
   accum?: number;
   /** The data-parallel group (default: this process alone); `ids` is then this rank's slice. */
@@ -80,6 +87,8 @@ export async function trainStep(
     // are whole on their rank after the backward pass (every rank's tokens reached them), so only
     // the replicated parameters are summed over the group.
     const experts = expertParams(model, group);
+    const timeExchanges = !!experts && !!opts.timeExchanges;
+    for (const m of model.moeLayers) m.timeExchanges = timeExchanges;
     // Gradient buckets: each block's gradients start their reduction (ZeRO-1: to their owners only,
     // the other ranks never read them again) as soon as the backward pass has finished them, on the
     // last micro-batch, and travel while it computes the blocks before (with NCCL).
@@ -107,7 +116,11 @@ export async function trainStep(
           : await wholeBatch(model, ids, targets, shape, share, setNoise, onGrads, !!experts);
     } finally {
       model.setRouterNoise(null);
+      for (const m of model.moeLayers) m.timeExchanges = false;
     }
+    const expertExchangeMs = timeExchanges
+      ? model.moeLayers.reduce((ms, m) => ms + m.takeExchangeMs(), 0)
+      : undefined;
     if (group.size > 1) await group.settle();
     if (experts) {
       const whole = opt.params.map((p, i) => [p, opt.owners[i]] as const).filter(([p]) => !experts.has(p));
@@ -142,7 +155,7 @@ export async function trainStep(
     if (flow.enabled && group.size > 1) await flow.sumOver(group, b);
     const fp8 = flow.enabled ? await flow.take() : undefined;
     flow.enabled = false;
-    return { ...r, fp8 };
+    return { ...r, fp8, expertExchangeMs };
   });
 }
 

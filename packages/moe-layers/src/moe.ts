@@ -180,6 +180,37 @@ export class MoELayer {
    * output's, which the caller already holds.
    */
   /**
+   * Expert parallelism: while set, each token exchange (dispatch and combine, forward and backward)
+   * is timed with the device synchronised before and after it, the wall time added to what
+   * takeExchangeMs returns (the trainer sets it on logged steps only: the synchronisations cost).
+   */
+  timeExchanges = false;
+  private exchangeMs = 0;
+
+  /** The exchanges' milliseconds timed since the last call (see timeExchanges). */
+  takeExchangeMs(): number {
+    const ms = this.exchangeMs;
+    this.exchangeMs = 0;
+    return ms;
+  }
+
+  /** Runs one token exchange, timed while timeExchanges is set. */
+  private async exchange<T>(run: () => Promise<T>): Promise<T> {
+    if (!this.timeExchanges) return run();
+    const idle = async () => {
+      const t = this.b.zeros([1]);
+      await t.read(); // (a read waits for everything enqueued before it)
+      t.dispose();
+    };
+    await idle();
+    const t0 = performance.now();
+    const out = await run();
+    await idle();
+    this.exchangeMs += performance.now() - t0;
+    return out;
+  }
+
+  /**
    * The router noise of the next training forwards (set by the model for each step and micro-batch;
    * null: none, as for evaluation and generation).
    */
@@ -302,7 +333,7 @@ export class MoELayer {
       for (let i = 0; i < this.cfg.num_experts_per_tok; i++) this.trace.flow.add(b, x, xq);
     const p = b.moePermute(xq ?? x, r.topIdx, E);
     const offsets = (await p.offsets.read()) as Int32Array;
-    const sent = await dispatch(b, group, p.xs, offsets);
+    const sent = await this.exchange(() => dispatch(b, group, p.xs, offsets));
     p.xs.dispose(); // dispatch sent copies of its rows
     const localOffsets = b.upload(sent.offsets, [sent.offsets.length], "i32");
     // sent.xs (FP8: the experts' saved input from here on, as p.xs is in forward).
@@ -310,7 +341,7 @@ export class MoELayer {
       ? this.experts.forward(sent.xs, localOffsets, QuantMemo.holding(xqOpt, sent.xs))
       : this.experts.forward(sent.xs, localOffsets);
     if (!xqOpt && !this.experts.retains(sent.xs)) sent.xs.dispose();
-    const back = await combine(b, group, ysLocal, sent.exchange);
+    const back = await this.exchange(() => combine(b, group, ysLocal, sent.exchange));
     ysLocal.dispose();
     // Backward reads ys only for d(weights): BF16 storage when the experts round to BF16, as in forward.
     const ys = this.experts.outputsBf16 && back.dtype === "f32" ? intoBf16(b, back) : back;
@@ -347,9 +378,12 @@ export class MoELayer {
     // The gradients of this rank's expert-sorted rows take the rows' own way: the same exchange
     // (as f32, what the collectives move; BF16 values travel unchanged).
     const f32 = (t: Tensor) => (t.dtype === "f32" ? t : b.cast(t, "f32"));
-    const sent: { xs: Tensor; exchange: ExpertExchange } = await dispatch(b, group, f32(r.dys), s.ep.offsets);
+    const dys = f32(r.dys);
+    const sent: { xs: Tensor; exchange: ExpertExchange } = await this.exchange(() =>
+      dispatch(b, group, dys, s.ep!.offsets),
+    );
     const dxsLocal = f32(this.experts.backward(sent.xs));
-    const dxs = await combine(b, group, dxsLocal, sent.exchange);
+    const dxs = await this.exchange(() => combine(b, group, dxsLocal, sent.exchange));
     return this.routerBackward(s, dy, r.dweights, dxs);
   }
 

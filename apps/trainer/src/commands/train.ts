@@ -287,7 +287,14 @@ async function loop(
     const fp8Stats = (st.step + 1) % cfg.logEvery === 0;
     const header = { step: st.step + 1, lr, noise: routerNoise ?? null, check, fp8Stats };
     const rows = collectives ? await exchangeStep(s, collectives, header, batch, cfg.seqLen) : batch;
-    const r = await s.runner.step(rows, lr, { fp8Stats, accum: cfg.gradAccum, routerNoise, collectives });
+    // (Under --expert-parallel the leader also times its token exchanges on logged steps.)
+    const r = await s.runner.step(rows, lr, {
+      fp8Stats,
+      timeExchanges: fp8Stats,
+      accum: cfg.gradAccum,
+      routerNoise,
+      collectives,
+    });
     if (check) await checkReplicas(s, collectives!, st.step + 1);
     st.step++;
     ranks?.progress(st.step);
@@ -304,6 +311,7 @@ async function loop(
       m.fp8_overflow = r.fp8.overflow;
       m.fp8_underflow = r.fp8.underflow;
     }
+    if (r.expertExchangeMs !== undefined) m.expert_exchange_ms = r.expertExchangeMs;
     if (r.load.length) {
       m.load_cv = r.load.reduce((a, l) => a + l.cv, 0) / r.load.length;
       m.load_max_over_mean = Math.max(...r.load.map((l) => l.maxOverMean));
@@ -346,6 +354,7 @@ async function loop(
           tokensPerS: m.tokens_per_s,
           balance: m.load_max_over_mean,
           idleExperts: m.load_idle_experts,
+          exchangeMs: m.expert_exchange_ms,
           etaS: ((cfg.steps - st.step) * tokensPerStep) / rate,
           valLoss: m.val_loss,
         }),

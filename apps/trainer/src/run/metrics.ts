@@ -21,6 +21,11 @@ export interface StepMetrics {
   load_max_over_mean_by_layer?: number[];
   /** Experts that received no token this step, summed over the MoE layers. */
   load_idle_experts?: number;
+  /**
+   * Expert parallelism, logged steps: the leader's wall time in the token exchanges (dispatch and
+   * combine of every MoE layer, forward and backward; the device synchronised around each).
+   */
+  expert_exchange_ms?: number;
   val_loss?: number;
   skipped?: boolean;
   [k: string]: number | number[] | boolean | undefined;

@@ -1,5 +1,6 @@
 // One status line per logged step: step, loss, learning rate, grad norm, tokens/s, expert balance
-// (the worst MoE layer's load max/mean and the experts that got no token), ETA.
+// (the worst MoE layer's load max/mean and the experts that got no token), under expert parallelism
+// the time of the step's token exchanges, ETA.
 
 export function formatDuration(s: number): string {
   if (!Number.isFinite(s)) return "?";
@@ -18,6 +19,8 @@ export function progressLine(p: {
   tokensPerS: number;
   balance?: number;
   idleExperts?: number;
+  /** Expert parallelism: the step's token exchanges, milliseconds. */
+  exchangeMs?: number;
   etaS: number;
   valLoss?: number;
 }): string {
@@ -32,6 +35,7 @@ export function progressLine(p: {
     p.balance !== undefined
       ? `load max/mean ${p.balance.toFixed(2)}${p.idleExperts !== undefined ? `, ${p.idleExperts} idle experts` : ""}`
       : null,
+    p.exchangeMs !== undefined ? `exchange ${p.exchangeMs.toFixed(1)} ms` : null,
     `eta ${formatDuration(p.etaS)}`,
   ]
     .filter(Boolean)

@@ -14,6 +14,8 @@
 #            scripts/gpu-sm90.sh (op suite, sanitizers, bench gemm, small step with and without it,
 #            PyTorch anchors), a table last
 #   balance  expert balance against the embedding's init std: small on cuda, tiny on cpu (issue 23)
+#   multi    several GPUs (a kind with two or more): small as one process, --gpus N and --gpus N
+#            --expert-parallel; loss curves, scaling efficiency, exchange time (scripts/gpu-multi.sh)
 set -u
 xz -dc .gpu-bundle/bun.xz > /tmp/bun && chmod +x /tmp/bun && export PATH=/tmp:$PATH
 [ -f .gpu-bundle/nm.tar.xz ] && xz -dc .gpu-bundle/nm.tar.xz | tar -xf -
@@ -40,6 +42,7 @@ fi
 rc=0
 if want sm90; then bash scripts/gpu-sm90.sh || rc=1; fi
 if want balance; then bash scripts/gpu-balance.sh || rc=1; fi
+if want multi; then bash scripts/gpu-multi.sh || rc=1; fi
 if want gemm; then
   echo; echo "=== bench gemm --backend cuda (small's GEMM shapes) ==="
   timeout 300 bun apps/trainer/src/cli.ts bench gemm --backend cuda 2>&1 | tee "$OUT/bench-gemm.txt"

@@ -4,11 +4,18 @@
 // through NCCL, ZeRO-1's broadcasts and the checkpoint's gather; the run must equal the single-process
 // run step for step (a group of one sums nothing), both uncaptured. Runs where a GPU and NCCL are
 // present (skipped elsewhere, unless MOE8_REQUIRE_NCCL=1 makes their absence a failure): the GPU
-// session script's step `nccl-test`. Two or more GPUs (`--gpus 2`) are for a machine that has them.
+// session script's step `nccl-test`. Two or more GPUs (`--gpus 2`): the second test, on a machine
+// that has them (`bash scripts/gpu-session.sh multi` runs this file there).
 import { join } from "node:path";
 import { loadNative } from "@moe8/kernels";
 import { describe, expect, it } from "vitest";
 import { cli, metricsOf, QUICK, tmp } from "./helpers.ts";
+
+/** CUDA devices on this machine (0 without the addon's CUDA). */
+function gpuCount(): number {
+  const a = loadNative().addon;
+  return a && typeof a.cudaInfo === "function" ? (a.cudaInfo().deviceCount ?? 0) : 0;
+}
 
 function missing(): string | null {
   const a = loadNative().addon;
@@ -38,4 +45,33 @@ describe.skipIf(why !== null)("--gpus on this machine's GPUs", () => {
     const c = cli(["train", "--resume", nccl, "--steps", "8"], env);
     expect(c.status, c.stderr).toBe(0);
   }, 300_000);
+
+  // Two GPUs (a kind with two or more; skipped on one): data parallel over NCCL, with and without
+  // the experts split, against one process: the first step's loss equal to f32 re-association
+  // (each rank's half of the batch, summed), later ones within 1e-3 of one process's (FP8's
+  // per-rank gradient tiles differ), the loads of the first step the same, the checkpoint resumable.
+  it.skipIf(gpuCount() < 2)(
+    "--gpus 2, data and expert parallel, train as one process",
+    () => {
+      const flags = ["--backend", "cuda", ...QUICK, "--steps", "4", "--log-every", "1"];
+      const env = { MOE8_CUDA_GRAPH: "0", NCCL_NVLS_ENABLE: "0" };
+      const one = join(tmp("gpus2"), "one");
+      expect(cli(["train", ...flags, "--out", one], env).status).toBe(0);
+      const a = metricsOf(one);
+      for (const extra of [[], ["--expert-parallel"]]) {
+        const out = join(tmp("gpus2"), extra.length ? "ep" : "dp");
+        const r = cli(["train", ...flags, "--gpus", "2", ...extra, "--out", out], env);
+        expect(r.status, r.stderr).toBe(0);
+        expect(r.stdout).toMatch(/on cuda x 2 GPUs/);
+        const b = metricsOf(out);
+        expect(Math.abs(b[0].loss - a[0].loss)).toBeLessThan(1e-5);
+        expect(b[0].load_max_over_mean_by_layer).toEqual(a[0].load_max_over_mean_by_layer);
+        for (let i = 1; i < 4; i++) expect(Math.abs(b[i].loss - a[i].loss)).toBeLessThan(1e-3);
+        if (extra.length) expect(b[0].expert_exchange_ms).toBeGreaterThan(0);
+        const c = cli(["train", "--resume", out, "--steps", "6"], env);
+        expect(c.status, c.stderr).toBe(0);
+      }
+    },
+    600_000,
+  );
 });

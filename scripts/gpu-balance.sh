@@ -21,6 +21,8 @@ m = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 late = [r["load_max_over_mean"] for r in m if r.get("step", 0) >= 50 and "load_max_over_mean" in r]
 idle = [r.get("load_idle_experts", 0) for r in m if r.get("step", 0) >= 50]
 val = [r["val_loss"] for r in m if "val_loss" in r]
+# The validation batches' loads: routing without the router noise (absent in runs before it was logged).
+vload = [(r["step"], round(r["val_load_max_over_mean"], 2), r.get("val_load_idle_experts")) for r in m if "val_load_max_over_mean" in r]
 # Where the worst steps are: per MoE layer, the steps from 50 above 2.0, and the first and last such.
 by = [r["load_max_over_mean_by_layer"] for r in m if r.get("step", 0) >= 50 and "load_max_over_mean_by_layer" in r]
 spikes = [r["step"] for r in m if r.get("step", 0) >= 50 and r.get("load_max_over_mean", 0) > 2.0]
@@ -30,7 +32,8 @@ print(json.dumps({"run": sys.argv[2], "steps": len(m), "load_step1": round(m[0][
                   "idle_from50_max": max(idle, default=0), "idle_from50_steps": sum(i > 0 for i in idle),
                   "above_2_by_layer": [sum(x[l] > 2.0 for x in by) for l in range(len(by[0]))] if by else [],
                   "above_2_first_last": [spikes[0], spikes[-1]] if spikes else None,
-                  "loss": round(m[-1]["loss"], 4), "val_loss": round(val[-1], 4) if val else None}))
+                  "loss": round(m[-1]["loss"], 4), "val_loss": round(val[-1], 4) if val else None,
+                  "val_load_step_max_idle": vload}))
 PY
 }
 pids=()

@@ -59,6 +59,17 @@ describe("train, eval and sample on the bundled corpus", () => {
     const vals = rows.filter((r) => r.val_loss !== undefined);
     expect(vals.map((r) => r.step)).toEqual([50, 100, 150]);
     expect(vals.at(-1).val_loss).toBeLessThan(3.3);
+    // The validation batches' loads (routing without the router noise): a max/mean between even (1)
+    // and every token on the same 2 of 8 experts (4), and a count of idle experts.
+    for (const r of vals) {
+      expect(r.val_load_max_over_mean).toBeGreaterThanOrEqual(1);
+      expect(r.val_load_max_over_mean).toBeLessThanOrEqual(4);
+      expect(Number.isInteger(r.val_load_idle_experts)).toBe(true);
+    }
+    expect(rows.filter((r) => r.val_load_max_over_mean !== undefined).map((r) => r.step)).toEqual([
+      50, 100, 150,
+    ]);
+    expect(r.stdout).toMatch(/step +50\/150 \| loss [\d.]+ \| val [\d.]+ \(load max\/mean [\d.]+\) \|/);
     const svg = readFileSync(join(run, "loss.svg"), "utf8");
     expect(svg).toMatch(/^<svg/);
     expect(svg).toContain("validation loss");

@@ -1,3 +1,5 @@
+// (The expert load statistics the step reports, for evaluations that report them too.)
+export { type LoadStats, loadStats } from "@moe8/moe-layers";
 export {
   CONFIGS,
   countParams,

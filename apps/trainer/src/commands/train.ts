@@ -5,7 +5,7 @@
 import { join } from "node:path";
 import { policyToJson, UsageError } from "@moe8/fp8-core";
 import { requireNative } from "@moe8/kernels";
-import { hfConfig } from "@moe8/model";
+import { hfConfig, type LoadStats, loadStats } from "@moe8/model";
 import { parseArgs } from "../args.ts";
 import { checkReplicas, exchangeStep, type GatheredState, type Ranks, startRanks } from "../dist/ranks.ts";
 import { runWorker } from "../dist/worker.ts";
@@ -27,18 +27,29 @@ export interface RunState {
   consecutiveBad: number;
 }
 
-/**
- * Mean validation loss over the fixed held-out batches, each evaluated in the run's micro-batches
- * (--grad-accum) so that validation needs no more memory than a training step: a batch's loss is
- * its micro-batches' means weighted by their sequences (a small held-out set may give one short
- * batch).
- */
+/** Mean validation loss (see validation). */
 export async function validationLoss(
   s: Session,
   data: TrainData,
   cfg: TrainConfig,
   ranks: Ranks | null = null,
 ): Promise<number> {
+  return (await validation(s, data, cfg, ranks)).loss;
+}
+
+/**
+ * Mean validation loss over the fixed held-out batches, each evaluated in the run's micro-batches
+ * (--grad-accum) so that validation needs no more memory than a training step: a batch's loss is
+ * its micro-batches' means weighted by their sequences (a small held-out set may give one short
+ * batch). Also each MoE layer's expert loads over all of them: the routing without training's
+ * router noise, which the training loads include.
+ */
+export async function validation(
+  s: Session,
+  data: TrainData,
+  cfg: TrainConfig,
+  ranks: Ranks | null = null,
+): Promise<{ loss: number; load: LoadStats[] }> {
   const b = s.backend;
   // Under expert parallelism no rank holds every expert: the leader evaluates a whole copy of the
   // model, the ranks' experts gathered (every rank joins).
@@ -46,6 +57,7 @@ export async function validationLoss(
   const T = cfg.seqLen;
   const microBatch = cfg.batchSize / cfg.gradAccum;
   let sum = 0;
+  const counts = model.moeLayers.map((m) => new Array<number>(m.cfg.n_routed_experts).fill(0));
   const batches = await data.validation(cfg.evalBatches);
   for (const batch of batches)
     for (let r0 = 0; r0 < batch.batchSize; r0 += microBatch) {
@@ -53,11 +65,16 @@ export async function validationLoss(
       const loss = await b.scope(async () => {
         const ids = b.upload(batch.ids.subarray(r0 * T, (r0 + n) * T), [n * T], "i32");
         const tg = b.upload(batch.targets.subarray(r0 * T, (r0 + n) * T), [n * T], "i32");
-        return model.evalLoss(ids, tg, { batch: n, seq: T }).ce.item();
+        const ce = await model.evalLoss(ids, tg, { batch: n, seq: T }).ce.item();
+        for (const [i, m] of model.moeLayers.entries()) {
+          const off = (await m.lastOffsets!.read()) as Int32Array;
+          for (let e = 0; e < counts[i].length; e++) counts[i][e] += off[e + 1] - off[e];
+        }
+        return ce;
       });
       sum += loss * (n / batch.batchSize); // exactly the loss when the batch is one micro-batch
     }
-  return sum / batches.length;
+  return { loss: sum / batches.length, load: counts.map(loadStats) };
 }
 
 export async function saveCheckpoint(
@@ -328,7 +345,12 @@ async function loop(
     if (tracePrecision && st.step === firstStep + 1)
       console.log(`precision trace:\n${s.model.trace.format()}`);
     if (cfg.evalEvery > 0 && st.step % cfg.evalEvery === 0) {
-      m.val_loss = await validationLoss(s, data, cfg, ranks);
+      const v = await validation(s, data, cfg, ranks);
+      m.val_loss = v.loss;
+      if (v.load.length) {
+        m.val_load_max_over_mean = Math.max(...v.load.map((l) => l.maxOverMean));
+        m.val_load_idle_experts = v.load.reduce((a, l) => a + l.idle, 0);
+      }
       if (st.bestValLoss === null || m.val_loss < st.bestValLoss) {
         st.bestValLoss = m.val_loss;
         st.bestStep = st.step;
@@ -357,6 +379,7 @@ async function loop(
           exchangeMs: m.expert_exchange_ms,
           etaS: ((cfg.steps - st.step) * tokensPerStep) / rate,
           valLoss: m.val_loss,
+          valBalance: m.val_load_max_over_mean,
         }),
       );
       guarded(() => metrics.writePlot(`moe8 ${cfg.precision} on ${s.backend.name}`));

@@ -27,6 +27,12 @@ export interface StepMetrics {
    */
   expert_exchange_ms?: number;
   val_loss?: number;
+  /**
+   * The validation batches' expert loads (routing without training's router noise): the worst MoE
+   * layer's max/mean over all of them, and the experts that received none of their tokens.
+   */
+  val_load_max_over_mean?: number;
+  val_load_idle_experts?: number;
   skipped?: boolean;
   [k: string]: number | number[] | boolean | undefined;
 }

@@ -23,12 +23,16 @@ export function progressLine(p: {
   exchangeMs?: number;
   etaS: number;
   valLoss?: number;
+  /** The validation batches' worst load max/mean (routing without the router noise). */
+  valBalance?: number;
 }): string {
   const w = String(p.total).length;
   return [
     `step ${String(p.step).padStart(w)}/${p.total}`,
     `loss ${p.loss.toFixed(4)}`,
-    p.valLoss !== undefined ? `val ${p.valLoss.toFixed(4)}` : null,
+    p.valLoss !== undefined
+      ? `val ${p.valLoss.toFixed(4)}${p.valBalance !== undefined ? ` (load max/mean ${p.valBalance.toFixed(2)})` : ""}`
+      : null,
     `lr ${p.lr.toExponential(2)}`,
     `gnorm ${p.gradNorm.toFixed(3)}`,
     `${Math.round(p.tokensPerS)} tok/s`,

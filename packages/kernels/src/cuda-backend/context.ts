@@ -25,9 +25,16 @@ export function u8view(a: HostArray): Uint8Array {
 
 /** A tile-width override from the environment: unset 0 (by shape), else 128 or 256. */
 function tileWidth(name: string): 0 | 128 | 256 {
+  return Number(envChoice(name, ["128", "256"], "0")) as 0 | 128 | 256;
+}
+
+/** A measuring switch: the variable's value, one of `choices`, or `unset` without it; else an error. */
+function envChoice<T extends string>(name: string, choices: readonly T[], unset: T): T {
   const v = process.env[name] ?? "";
-  if (!["", "128", "256"].includes(v)) throw new Error(`${name}="${v}": expected 128 or 256`);
-  return v === "" ? 0 : (Number(v) as 128 | 256);
+  if (v === "") return unset;
+  if (!(choices as readonly string[]).includes(v))
+    throw new Error(`${name}="${v}": expected ${choices.join(" or ")}`);
+  return v as T;
 }
 
 export class CudaContext {
@@ -139,17 +146,9 @@ export class CudaContext {
     this.kMajorColTiles = this.sm90Gemm && process.env.MOE8_SM90_KMAJOR !== "0";
     this.sm90Bn = tileWidth("MOE8_SM90_BN");
     this.sm90WgradBn = tileWidth("MOE8_SM90_WGRAD_BN");
-    const ring = process.env.MOE8_SM90_RING ?? "";
-    if (!["", "deep", "4"].includes(ring)) throw new Error(`MOE8_SM90_RING="${ring}": expected deep or 4`);
-    this.sm90Ring = ring === "4" ? "4" : "deep";
-    const pingpong = process.env.MOE8_SM90_PINGPONG ?? "";
-    if (!["", "0", "1"].includes(pingpong))
-      throw new Error(`MOE8_SM90_PINGPONG="${pingpong}": expected 0 or 1`);
-    this.sm90Pingpong = pingpong !== "0";
-    const staged = process.env.MOE8_SM90_WGRAD_STAGED ?? "";
-    if (!["", "0", "1"].includes(staged))
-      throw new Error(`MOE8_SM90_WGRAD_STAGED="${staged}": expected 0 or 1`);
-    this.sm90WgradStaged = staged === "1";
+    this.sm90Ring = envChoice("MOE8_SM90_RING", ["deep", "4"], "deep");
+    this.sm90Pingpong = envChoice("MOE8_SM90_PINGPONG", ["0", "1"], "1") === "1";
+    this.sm90WgradStaged = envChoice("MOE8_SM90_WGRAD_STAGED", ["0", "1"], "0") === "1";
     const ctas = process.env.MOE8_SM90_CTAS ?? "";
     if (ctas !== "" && !(Number.isInteger(Number(ctas)) && Number(ctas) >= 1))
       throw new Error(`MOE8_SM90_CTAS="${ctas}": expected a positive integer`);

@@ -72,6 +72,14 @@ function expectAsOneProcess(
   return { wa, wb };
 }
 
+/** `train` with `flags` exits 2 with one line on stderr matching `want`. */
+function refusedInOneLine(out: string, flags: readonly string[], want: RegExp) {
+  const r = cli(["train", ...FLAGS, "--steps", "2", ...flags, "--out", out], { RAYON_NUM_THREADS: "1" });
+  expect(r.status, r.stderr).toBe(2);
+  expect(r.stderr.trim().split("\n")).toHaveLength(1);
+  expect(r.stderr).toMatch(want);
+}
+
 describe("--ranks", () => {
   it("2 and 4 ranks train as one process: losses, norms, loads, biases and weights", () => {
     const one = run(1);
@@ -251,12 +259,8 @@ describe("--ranks", () => {
         ["--expert-parallel", "--ranks", "4", "--model.n_routed_experts", "6"],
         /--expert-parallel: the 6 routed experts of a layer do not split over 4 ranks/,
       ],
-    ] as const) {
-      const r = cli(["train", ...FLAGS, "--steps", "2", ...flags, "--out", out], { RAYON_NUM_THREADS: "1" });
-      expect(r.status, r.stderr).toBe(2);
-      expect(r.stderr.trim().split("\n")).toHaveLength(1);
-      expect(r.stderr).toMatch(want);
-    }
+    ] as const)
+      refusedInOneLine(out, flags, want);
   }, 60_000);
 
   it("--gpus: refused in one line without the cuda backend, beside --ranks, or with a bad count (exit 2)", () => {
@@ -266,11 +270,7 @@ describe("--ranks", () => {
       [["--gpus", "all"], /--gpus all runs on the cuda backend: add --backend cuda/],
       [["--gpus", "2", "--ranks", "2"], /--gpus and --ranks: give one/],
       [["--gpus", "0"], /--gpus 0: use an integer from 1 to 64, or all/],
-    ] as const) {
-      const r = cli(["train", ...FLAGS, "--steps", "2", ...flags, "--out", out], { RAYON_NUM_THREADS: "1" });
-      expect(r.status, r.stderr).toBe(2);
-      expect(r.stderr.trim().split("\n")).toHaveLength(1);
-      expect(r.stderr).toMatch(want);
-    }
+    ] as const)
+      refusedInOneLine(out, flags, want);
   }, 60_000);
 });

@@ -51,9 +51,11 @@ done
 # missing fields keep the defaults), e.g. "0.1::", "0.1:0.02:error", "0.1:::0.018", "0.1::::2:0.5",
 # "0.1::::2:1:0.1" or "0.1:::::::2" (the preset's settings, seed 2).
 SMALL_VARIANTS="${SMALL_VARIANTS:-$(for s in $SMALL_STDS; do printf '%s:: ' "$s"; done)}"
-for v in $SMALL_VARIANTS; do
+# One small run (a SMALL_VARIANTS entry) and its summary line.
+small_run() {
+  local v=$1 std gamma rule rstd noise until alpha seed
   IFS=: read -r std gamma rule rstd noise until alpha seed <<<"$v"
-  bal=()
+  local bal=()
   [ -n "$gamma" ] && bal+=(--balance.gamma "$gamma")
   [ -n "$rule" ] && bal+=(--balance.rule "$rule")
   [ -n "$rstd" ] && bal+=(--model.router_init_std "$rstd")
@@ -62,13 +64,28 @@ for v in $SMALL_VARIANTS; do
   [ -n "$alpha" ] && bal+=(--balance.alpha "$alpha")
   [ -n "$seed" ] && bal+=(--seed "$seed")
   echo "{\"model\": {\"base\": \"small\", \"embedding_init_std\": $std}}" > "/tmp/small-$std.json"
-  timeout 200 bun apps/trainer/src/cli.ts train --config "/tmp/small-$std.json" --backend cuda --batch-size 8 \
+  timeout "$SMALL_TIMEOUT" bun apps/trainer/src/cli.ts train --config "/tmp/small-$std.json" --backend cuda --batch-size 8 \
     --seq-len 2048 --steps "$SMALL_STEPS" --eval-every 100 --save-every 100000 "${bal[@]}" --out "/tmp/bal-small-$v" \
     > "/tmp/bal-small-$v.log" 2>&1
   summary "/tmp/bal-small-$v" "small emb $std gamma ${gamma:-default} rule ${rule:-default} router ${rstd:-default} noise ${noise:-default} until ${until:-default} alpha ${alpha:-default} seed ${seed:-default}" |
     tee -a "$OUT/balance.jsonl"
   cp "/tmp/bal-small-$v/metrics.jsonl" "$OUT/small-${v//:/_}-metrics.jsonl" 2>/dev/null
+}
+# SMALL_PARALLEL runs share the GPU at once (default 1): a 300-step run is ~15 s of GPU work in ~60 s
+# (start, compile cache, evaluations), so several side by side take little longer than one. Each
+# holds ~15 GB of device memory; their tokens/s are not measurements.
+SMALL_PARALLEL="${SMALL_PARALLEL:-1}"
+SMALL_TIMEOUT="${SMALL_TIMEOUT:-$((200 * SMALL_PARALLEL))}"
+smalls=()
+for v in $SMALL_VARIANTS; do
+  small_run "$v" &
+  smalls+=($!)
+  if [ ${#smalls[@]} -ge "$SMALL_PARALLEL" ]; then
+    wait "${smalls[0]}"
+    smalls=("${smalls[@]:1}")
+  fi
 done
+[ ${#smalls[@]} -gt 0 ] && wait "${smalls[@]}"
 [ ${#pids[@]} -gt 0 ] && wait "${pids[@]}"
 for std in ${TINY_STDS/none/}; do
   for seed in $TINY_SEEDS; do

@@ -188,6 +188,16 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
       --section LaunchStats --section Occupancy bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts
   fi
+  # The same on one launch of the experts' gate_up Wgrad (the 31st sm90 Wgrad launch: bench gemm
+  # times gate_up first, 60 launches a role), as it runs by default and with the staged scales.
+  if command -v ncu >/dev/null 2>&1; then
+    for v in default:MOE8_SM90_WGRAD_STAGED=0 staged:MOE8_SM90_WGRAD_STAGED=1; do
+      step "ncu-wgrad-${v%%:*}" 120 40 env "${v#*:}" ncu --kernel-name regex:gemm_sm90_fp8_wgrad --launch-skip 30 \
+        --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+        --section SchedulerStats --section ComputeWorkloadAnalysis --section LaunchStats \
+        bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts
+    done
+  fi
   # Nsight Compute on the quantisers at the experts' shapes (bench quant: the 70th quant_tile128
   # launch is a 98,304 x 1,024 tile quantisation; the 6th requant_tile_kmajor, the experts' xs).
   if command -v ncu >/dev/null 2>&1; then

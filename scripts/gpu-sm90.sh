@@ -175,12 +175,17 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
     step "$tool-sm90" 180 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool "$tool" --kernel-name kns=sm90 \
       --error-exitcode 3 "${sm90_tests[@]}"
   done
-  # The op suite's path with the Wgrad's scales in the ring stages (MOE8_SM90_WGRAD_STAGED=1).
+  # The op suite's path with the Wgrad's scales in the ring stages (MOE8_SM90_WGRAD_STAGED=1), and
+  # racecheck on the same path with its fills also announced by named barriers (checked): hazards
+  # left there are not the copies' completion through the full mbarrier, which racecheck cannot see.
   for tool in racecheck memcheck; do
     step "$tool-staged" 180 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool "$tool" --kernel-name kns=sm90 \
       --error-exitcode 3 bun test --timeout 300000 -t "MOE8_SM90_WGRAD_STAGED=1 equals" \
       packages/kernels/test/cuda-op-suite.test.ts
   done
+  step racecheck-checked 180 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool racecheck --kernel-name kns=sm90 \
+    --error-exitcode 3 bun test --timeout 300000 -t "MOE8_SM90_WGRAD_STAGED=checked equals" \
+    packages/kernels/test/cuda-op-suite.test.ts
   # Nsight Compute on one launch of the experts' gate_up Dgrad (bench gemm's 66th sm90 Fprop/Dgrad
   # launch: its Fprop takes 60): speed of light, memory, warp stalls.
   if command -v ncu >/dev/null 2>&1; then

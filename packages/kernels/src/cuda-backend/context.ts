@@ -33,7 +33,7 @@ function envChoice<T extends string>(name: string, choices: readonly T[], unset:
   const v = process.env[name] ?? "";
   if (v === "") return unset;
   if (!(choices as readonly string[]).includes(v))
-    throw new Error(`${name}="${v}": expected ${choices.join(" or ")}`);
+    throw new Error(`${name}="${v}": expected ${choices.slice(0, -1).join(", ")} or ${choices.at(-1)}`);
   return v as T;
 }
 
@@ -109,11 +109,12 @@ export class CudaContext {
    */
   readonly sm90Pingpong: boolean;
   /**
-   * Whether the 128 x 256 Wgrad takes each chunk's scale vectors from its ring stage, copied there
-   * by the producer (MOE8_SM90_WGRAD_STAGED=1; being measured, notes/sm90-gemm.md), instead of the
-   * consumers loading and staging them.
+   * Where the 128 x 256 Wgrad takes each chunk's scale vectors from: "staged", its ring stage, copied
+   * there by the producer (MOE8_SM90_WGRAD_STAGED=1; being measured, notes/sm90-gemm.md); "checked",
+   * the same with each fill also announced by a named barrier, for compute-sanitizer's racecheck
+   * (MOE8_SM90_WGRAD_STAGED=checked); "loaded", the consumers loading and staging them (0).
    */
-  readonly sm90WgradStaged: boolean;
+  readonly sm90WgradScales: "loaded" | "staged" | "checked";
   /**
    * CTAs of the persistent sm90 GEMMs: one per SM, or MOE8_SM90_CTAS (the tests use a few, so that
    * every CTA walks several tiles: the ring's phases and the deferred epilogues across tiles).
@@ -148,7 +149,8 @@ export class CudaContext {
     this.sm90WgradBn = tileWidth("MOE8_SM90_WGRAD_BN");
     this.sm90Ring = envChoice("MOE8_SM90_RING", ["deep", "4"], "deep");
     this.sm90Pingpong = envChoice("MOE8_SM90_PINGPONG", ["0", "1"], "1") === "1";
-    this.sm90WgradStaged = envChoice("MOE8_SM90_WGRAD_STAGED", ["0", "1"], "0") === "1";
+    const scales = envChoice("MOE8_SM90_WGRAD_STAGED", ["0", "1", "checked"], "0");
+    this.sm90WgradScales = scales === "0" ? "loaded" : scales === "1" ? "staged" : "checked";
     const ctas = process.env.MOE8_SM90_CTAS ?? "";
     if (ctas !== "" && !(Number.isInteger(Number(ctas)) && Number(ctas) >= 1))
       throw new Error(`MOE8_SM90_CTAS="${ctas}": expected a positive integer`);

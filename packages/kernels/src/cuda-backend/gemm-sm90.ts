@@ -255,11 +255,13 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
     cx.launch(
       !wide
         ? KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x128
-        : cx.sm90WgradStaged
+        : cx.sm90WgradScales === "staged"
           ? KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256_staged
-          : cx.sm90Pingpong
-            ? KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256_pingpong
-            : KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256,
+          : cx.sm90WgradScales === "checked"
+            ? KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256_staged_checked
+            : cx.sm90Pingpong
+              ? KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256_pingpong
+              : KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256,
       [cx.sm90Ctas],
       SM90.SM90_THREADS,
       {
@@ -276,7 +278,7 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
       },
       !wide
         ? SM90.SM90_SMEM_WGRAD_128x128
-        : cx.sm90WgradStaged
+        : cx.sm90WgradScales !== "loaded"
           ? SM90.SM90_SMEM_WGRAD_128x256_STAGED
           : SM90.SM90_SMEM_WGRAD_128x256,
     );

@@ -55,8 +55,10 @@
 // buffers, and the two turns of PINGPONG.
 #define SM90_TURN_0 5
 #define SM90_TURN_1 6
-// STAGED_SCALES: ring stage s is released by named barrier SM90_STAGE_BAR + s (7 .. 15).
+// STAGED_SCALES: ring stage s is released by named barrier SM90_STAGE_BAR + s (7 .. 9), and with
+// FILL_BARRIER announced filled by SM90_FILL_BAR + s (10 .. 12).
 #define SM90_STAGE_BAR 7
+#define SM90_FILL_BAR 10
 #define SM90_THREADS 384  // two consumer warpgroups and the producer warpgroup
 #define SM90_BM 128       // rows per tile (64 per consumer warpgroup)
 // outMode: how C is stored (see the header).
@@ -218,8 +220,13 @@ __device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int*
 // consumers arrive after their promotion, the producer warp waits before refilling it) rather than
 // the empty mbarrier: the same order, but one that compute-sanitizer's racecheck follows (it does
 // not model mbarriers, and reports the refill racing the reads; notes/sm90-gemm.md).
+// FILL_BARRIER (with STAGED_SCALES; the racecheck build, MOE8_SM90_WGRAD_STAGED=checked): the producer
+// warp also arrives at named barrier SM90_FILL_BAR + s once it has issued stage s's copies, and the
+// consumers wait there before reading the stage. That orders nothing the full mbarrier does not
+// (the copies' bytes land before the mbarrier's phase completes, which the consumers wait for
+// first); it makes the order one racecheck can follow, so that a hazard it still reports is real.
 template <int BN, int STAGES, Mainloop LOOP, Segments SEG, bool BF16_ONLY = false, int MAX_E = SM90_MAX_E,
-          bool PINGPONG = false, bool STAGED_SCALES = false>
+          bool PINGPONG = false, bool STAGED_SCALES = false, bool FILL_BARRIER = false>
 __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CUtensorMap* tB, const CUtensorMap* tC,
                                                  const float* As, const float* Bs, float* C, const int* off, int E,
                                                  int M, int N, int K, int accumulate, int outMode, int rows) {
@@ -234,7 +241,9 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   // (STAGED_SCALES: per ring stage the tile's BM rows of A, then its BN columns of B.)
   static_assert(!STAGED_SCALES || (SEG == Segments::AlongK && LOOP == Mainloop::OneBuffer),
                 "staged scales are the one-buffer Wgrad's");
-  static_assert(SM90_STAGE_BAR + STAGES <= 16, "a named barrier per stage");
+  static_assert(!STAGED_SCALES || (SM90_STAGE_BAR + STAGES <= SM90_FILL_BAR && SM90_FILL_BAR + STAGES <= 16),
+                "named barriers per stage");
+  static_assert(!FILL_BARRIER || STAGED_SCALES, "the fill barrier announces staged scales");
   constexpr int S_FLOATS = STAGED_SCALES ? BM + BN : 64 + BN;
   constexpr int S_BYTES = SEG != Segments::AlongK ? 0 : STAGED_SCALES ? STAGES * S_FLOATS * 4 : NWG * 2 * S_FLOATS * 4;
   // Staging per consumer warpgroup: 64 rows x 128 columns of f32 (or BF16).
@@ -318,6 +327,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
             }
           }
           if constexpr (STAGED_SCALES) __syncwarp();
+          if constexpr (FILL_BARRIER) named_arrive(SM90_FILL_BAR + s, RELEASE);
           issued++;
           if (++s == STAGES) s = 0, ph ^= 1;
         }
@@ -554,6 +564,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
         float p[ACC];
         for (int kc = 0; kc < T.kc; kc++) {
           mbar_wait(&full[s], ph);
+          if constexpr (FILL_BARRIER) named_sync(SM90_FILL_BAR + s, 32 + 128 * NWG);
           const float* ss = (const float*)sS + s * S_FLOATS;
           const float sa0 = ss[rloc], sa1 = ss[rloc + 8];
 #pragma unroll
@@ -707,24 +718,26 @@ GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_e128, 128, 5, TwoBuffers, false, S
 // writes them (tensor maps: A u8 [M, pitch] box {128, 128}, B u8 [N, pitch] box {128, BN}, C f32
 // [E * M, N] box {32, 64}); As [chunks, M] and Bs [chunks, N] are quant_coltile's scales. Requires
 // M % 16 == 0 and N % 16 == 0 (the transposes' 16-byte pieces).
-#define GEMM_SM90_WGRAD_ENTRY(NAME, BN, STAGES, LOOP, PINGPONG, STAGED)                                          \
+#define GEMM_SM90_WGRAD_ENTRY(NAME, BN, STAGES, LOOP, PINGPONG, STAGED, FILL)                                    \
   KERNEL void __launch_bounds__(SM90_THREADS, 1)                                                                 \
       NAME(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,                       \
            const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs, float* C, const int* off,    \
            int E, int M, int N, int accumulate, int outMode) {                                                   \
-    sm90_fp8_grouped<BN, STAGES, Mainloop::LOOP, Segments::AlongK, false, SM90_MAX_E, PINGPONG, STAGED>(         \
+    sm90_fp8_grouped<BN, STAGES, Mainloop::LOOP, Segments::AlongK, false, SM90_MAX_E, PINGPONG, STAGED, FILL>(   \
         &tA, &tB, &tC, As, Bs, C, off, E, M, N, 0, accumulate, outMode, E * M);                                  \
   }
 // 128 x 256 tiles: half the L2 traffic per FLOP of 128 x 128; one buffer, the two warpgroups'
 // promotions overlapped with each other's wgmmas by taking turns (PINGPONG; measured the same as
 // issuing together, notes/sm90-gemm.md).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_pingpong, 256, 3, OneBuffer, true, false)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_pingpong, 256, 3, OneBuffer, true, false, false)
 // The same with the scales in the ring (STAGED_SCALES; MOE8_SM90_WGRAD_STAGED=1 while it is measured).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged, 256, 3, OneBuffer, true, true)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged, 256, 3, OneBuffer, true, true, false)
+// The same with its fills announced by named barriers too, for racecheck (MOE8_SM90_WGRAD_STAGED=checked).
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged_checked, 256, 3, OneBuffer, true, true, true)
 // The same, both warpgroups issuing together (MOE8_SM90_PINGPONG=0; for measuring the two).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256, 256, 3, OneBuffer, false, false)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256, 256, 3, OneBuffer, false, false, false)
 // 128 x 128 tiles: two accumulator sets, the promotion overlapped with the next chunk's wgmmas.
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x128, 128, 4, TwoBuffers, false, false)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x128, 128, 4, TwoBuffers, false, false, false)
 
 #define SM90_TP_COLS 64  // columns per block of sm90_coltile_transpose
 

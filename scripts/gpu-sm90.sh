@@ -13,7 +13,8 @@
 #     experts' GEMMs on the 128 x 128 entries; ring4 and bench-gemm-ring4: MOE8_SM90_RING=4;
 #     bench-gemm-bn256: every role on 128 x 256 tiles; nopp and bench-gemm-nopp: MOE8_SM90_PINGPONG=0
 #     (bench-gemm-nopp on 128 x 256 tiles too); staged, bench-gemm-staged, racecheck-staged and
-#     memcheck-staged: MOE8_SM90_WGRAD_STAGED=1
+#     memcheck-staged: MOE8_SM90_WGRAD_STAGED=1; racecheck-checked: =checked; direct,
+#     bench-gemm-direct, memcheck-direct: =direct; ncu-wgrad-{default,staged,direct}: Nsight Compute
 #   5 compute-sanitizer on the sm90 kernels (both entry points, through the op suite's sm90 tests):
 #     racecheck and memcheck filtered to gemm_sm90, then to flash_sm90's fa3 kernels (racecheck-fa3,
 #     memcheck-fa3); memcheck of one whole tiny training step
@@ -108,6 +109,8 @@ bench_gemm bench-gemm-bn256 MOE8_SM90_BN=256
 bench_gemm bench-gemm-nopp MOE8_SM90_BN=256 MOE8_SM90_PINGPONG=0
 # The Wgrad with the scales in the ring stages (MOE8_SM90_WGRAD_STAGED=1) against the default.
 bench_gemm bench-gemm-staged MOE8_SM90_WGRAD_STAGED=1
+# The same with C stored from registers and a fourth ring stage (MOE8_SM90_WGRAD_STAGED=direct).
+bench_gemm bench-gemm-direct MOE8_SM90_WGRAD_STAGED=direct
 # Where the host's time per step goes (the step is bound by the host once the GPU is faster): a CPU
 # profile of five small fp8 steps, as markdown (bun --cpu-prof-md) in $OUT/cpuprof.
 step cpu-prof 120 40 bun --cpu-prof-md --cpu-prof-dir="$OUT/cpuprof" --cpu-prof-interval=200 \
@@ -130,7 +133,7 @@ step nccl-test 240 30 env MOE8_REQUIRE_NCCL=1 bun test --timeout 300000 packages
 # The training step replayed from a CUDA graph equals the uncaptured step bit for bit (issue 18).
 step graph-test 180 40 env MOE8_REQUIRE_CUDA=1 bun test --timeout 300000 tests/cuda-graph.test.ts
 
-for v in sm90 nograph kt bn128 ring4 nopp staged mma fa2 bf16 bf16nograph; do
+for v in sm90 nograph kt bn128 ring4 nopp staged direct mma fa2 bf16 bf16nograph; do
   picked "step-$v" || continue
   case $v in
     sm90) env=(MOE8_SM90_GEMM=1) p=fp8 prof=--profile ;;
@@ -142,6 +145,7 @@ for v in sm90 nograph kt bn128 ring4 nopp staged mma fa2 bf16 bf16nograph; do
     ring4) env=(MOE8_SM90_RING=4) p=fp8 prof=--profile ;;
     nopp) env=(MOE8_SM90_PINGPONG=0) p=fp8 prof=--profile ;;
     staged) env=(MOE8_SM90_WGRAD_STAGED=1) p=fp8 prof=--profile ;;
+    direct) env=(MOE8_SM90_WGRAD_STAGED=direct) p=fp8 prof=--profile ;;
     fa2) env=(MOE8_SM90_ATTENTION=0) p=fp8 prof=--profile ;;
     bf16) env=() p=bf16 prof= ;;
   esac
@@ -183,6 +187,9 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
       --error-exitcode 3 bun test --timeout 300000 -t "MOE8_SM90_WGRAD_STAGED=1 equals" \
       packages/kernels/test/cuda-op-suite.test.ts
   done
+  step memcheck-direct 180 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool memcheck --kernel-name kns=sm90 \
+    --error-exitcode 3 bun test --timeout 300000 -t "MOE8_SM90_WGRAD_STAGED=direct equals" \
+    packages/kernels/test/cuda-op-suite.test.ts
   step racecheck-checked 180 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool racecheck --kernel-name kns=sm90 \
     --error-exitcode 3 bun test --timeout 300000 -t "MOE8_SM90_WGRAD_STAGED=checked equals" \
     packages/kernels/test/cuda-op-suite.test.ts
@@ -196,7 +203,7 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
   # The same on one launch of the experts' gate_up Wgrad (the 31st sm90 Wgrad launch: bench gemm
   # times gate_up first, 60 launches a role), as it runs by default and with the staged scales.
   if command -v ncu >/dev/null 2>&1; then
-    for v in default:MOE8_SM90_WGRAD_STAGED=0 staged:MOE8_SM90_WGRAD_STAGED=1; do
+    for v in default:MOE8_SM90_WGRAD_STAGED=0 staged:MOE8_SM90_WGRAD_STAGED=1 direct:MOE8_SM90_WGRAD_STAGED=direct; do
       step "ncu-wgrad-${v%%:*}" 120 40 env "${v#*:}" ncu --kernel-name regex:gemm_sm90_fp8_wgrad --launch-skip 30 \
         --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
         --section SchedulerStats --section ComputeWorkloadAnalysis --section LaunchStats \
@@ -346,11 +353,11 @@ print()
 for r in rows:
     for tag, what in (("bench-gemm-bn128", "128x128 entries"), ("bench-gemm-ring4", "4-stage ring"),
                       ("bench-gemm-bn256", "128x256 ping-pong"), ("bench-gemm-nopp", "128x256 together"),
-                      ("bench-gemm-staged", "Wgrad staged scales")):
+                      ("bench-gemm-staged", "Wgrad staged scales"), ("bench-gemm-direct", "Wgrad direct C, 4 stages")):
         if r.get("tag") == tag:
             for x in r.get("rows", []):
                 print(f"{what}: {x['gemm'][:44]:<44} {x['role']:<6} {x['fp8_tflops']:>8} TF/s")
-for v in ("sm90", "nograph", "kt", "bn128", "ring4", "nopp", "staged", "mma", "fa2", "bf16", "bf16nograph"):
+for v in ("sm90", "nograph", "kt", "bn128", "ring4", "nopp", "staged", "direct", "mma", "fa2", "bf16", "bf16nograph"):
     s = next((r for r in rows if r.get("tag") == f"step-{v}"), None)
     k = next((r for r in rows if r.get("tag") == f"kernels-{v}"), {})
     if s:

@@ -285,6 +285,7 @@ describe("cuda backend host code, without a GPU", () => {
       false,
     ],
     ["Hopper, MOE8_SM90_WGRAD_STAGED=checked", { MOE8_SM90_WGRAD_STAGED: "checked" }, "ok", "9.0", false],
+    ["Hopper, MOE8_SM90_WGRAD_STAGED=direct", { MOE8_SM90_WGRAD_STAGED: "direct" }, "ok", "9.0", false],
     [
       "Hopper, MOE8_SM90_BN=256 MOE8_SM90_PINGPONG=0",
       { MOE8_SM90_BN: "256", MOE8_SM90_PINGPONG: "0" },
@@ -333,7 +334,8 @@ describe("cuda backend host code, without a GPU", () => {
         // MOE8_SM90_PINGPONG=0.
         const wide = env.MOE8_SM90_PINGPONG === "0" ? "256" : "256_pingpong";
         const staged = env.MOE8_SM90_WGRAD_STAGED;
-        const wideWgrad = staged === "1" ? "256_staged" : staged === "checked" ? "256_staged_checked" : wide;
+        const wideWgrad =
+          { "1": "256_staged", checked: "256_staged_checked", direct: "256_direct" }[staged ?? ""] ?? wide;
         const wgrad = (env.MOE8_SM90_WGRAD_BN ? [env.MOE8_SM90_WGRAD_BN] : ["128", "256"]).map((w) =>
           w === "256" ? wideWgrad : w,
         );
@@ -380,7 +382,7 @@ describe("cuda backend host code, without a GPU", () => {
       ["MOE8_SM90_CTAS", "0", "expected a positive integer"],
       ["MOE8_SM90_RING", "6", "expected deep or 4"],
       ["MOE8_SM90_PINGPONG", "yes", "expected 0 or 1"],
-      ["MOE8_SM90_WGRAD_STAGED", "on", "expected 0, 1 or checked"],
+      ["MOE8_SM90_WGRAD_STAGED", "on", "expected 0, 1, checked or direct"],
     ]) {
       vi.stubEnv(name, value);
       expect(() => new CudaBackend()).toThrow(`${name}="${value}": ${why}`);

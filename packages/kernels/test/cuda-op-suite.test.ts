@@ -296,6 +296,11 @@ if (status.ok) {
               env: { MOE8_SM90_WGRAD_STAGED: "checked" },
               name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=checked",
             },
+            {
+              sm90: true,
+              env: { MOE8_SM90_WGRAD_STAGED: "direct" },
+              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=direct",
+            },
           ]
         : []),
     ];
@@ -358,9 +363,11 @@ if (status.ok) {
                 ? "gemm_sm90.gemm_sm90_fp8_wgrad_128x256_staged"
                 : env.MOE8_SM90_WGRAD_STAGED === "checked"
                   ? "gemm_sm90.gemm_sm90_fp8_wgrad_128x256_staged_checked"
-                  : env.MOE8_SM90_PINGPONG === "0"
-                    ? "gemm_sm90.gemm_sm90_fp8_wgrad_128x256"
-                    : "gemm_sm90.gemm_sm90_fp8_wgrad_128x256_pingpong",
+                  : env.MOE8_SM90_WGRAD_STAGED === "direct"
+                    ? "gemm_sm90.gemm_sm90_fp8_wgrad_128x256_direct"
+                    : env.MOE8_SM90_PINGPONG === "0"
+                      ? "gemm_sm90.gemm_sm90_fp8_wgrad_128x256"
+                      : "gemm_sm90.gemm_sm90_fp8_wgrad_128x256_pingpong",
               ...(env.MOE8_SM90_KMAJOR === "0" ? ["gemm_sm90.sm90_coltile_transpose"] : []),
             ].sort(),
           );

@@ -112,9 +112,11 @@ export class CudaContext {
    * Where the 128 x 256 Wgrad takes each chunk's scale vectors from: "staged", its ring stage, copied
    * there by the producer (MOE8_SM90_WGRAD_STAGED=1; being measured, notes/sm90-gemm.md); "checked",
    * the same with each fill also announced by a named barrier, for compute-sanitizer's racecheck
-   * (MOE8_SM90_WGRAD_STAGED=checked); "loaded", the consumers loading and staging them (0).
+   * (MOE8_SM90_WGRAD_STAGED=checked); "direct", staged scales with C stored from registers and a
+   * fourth ring stage in the staging's room (=direct); "loaded", the consumers loading and staging
+   * them (0).
    */
-  readonly sm90WgradScales: "loaded" | "staged" | "checked";
+  readonly sm90WgradScales: "loaded" | "staged" | "checked" | "direct";
   /**
    * CTAs of the persistent sm90 GEMMs: one per SM, or MOE8_SM90_CTAS (the tests use a few, so that
    * every CTA walks several tiles: the ring's phases and the deferred epilogues across tiles).
@@ -149,8 +151,8 @@ export class CudaContext {
     this.sm90WgradBn = tileWidth("MOE8_SM90_WGRAD_BN");
     this.sm90Ring = envChoice("MOE8_SM90_RING", ["deep", "4"], "deep");
     this.sm90Pingpong = envChoice("MOE8_SM90_PINGPONG", ["0", "1"], "1") === "1";
-    const scales = envChoice("MOE8_SM90_WGRAD_STAGED", ["0", "1", "checked"], "0");
-    this.sm90WgradScales = scales === "0" ? "loaded" : scales === "1" ? "staged" : "checked";
+    const scales = envChoice("MOE8_SM90_WGRAD_STAGED", ["0", "1", "checked", "direct"], "0");
+    this.sm90WgradScales = scales === "0" ? "loaded" : scales === "1" ? "staged" : scales;
     const ctas = process.env.MOE8_SM90_CTAS ?? "";
     if (ctas !== "" && !(Number.isInteger(Number(ctas)) && Number(ctas) >= 1))
       throw new Error(`MOE8_SM90_CTAS="${ctas}": expected a positive integer`);

@@ -259,9 +259,11 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
           ? KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256_staged
           : cx.sm90WgradScales === "checked"
             ? KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256_staged_checked
-            : cx.sm90Pingpong
-              ? KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256_pingpong
-              : KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256,
+            : cx.sm90WgradScales === "direct"
+              ? KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256_direct
+              : cx.sm90Pingpong
+                ? KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256_pingpong
+                : KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256,
       [cx.sm90Ctas],
       SM90.SM90_THREADS,
       {
@@ -278,9 +280,11 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
       },
       !wide
         ? SM90.SM90_SMEM_WGRAD_128x128
-        : cx.sm90WgradScales !== "loaded"
-          ? SM90.SM90_SMEM_WGRAD_128x256_STAGED
-          : SM90.SM90_SMEM_WGRAD_128x256,
+        : cx.sm90WgradScales === "direct"
+          ? SM90.SM90_SMEM_WGRAD_128x256_DIRECT
+          : cx.sm90WgradScales !== "loaded"
+            ? SM90.SM90_SMEM_WGRAD_128x256_STAGED
+            : SM90.SM90_SMEM_WGRAD_128x256,
     );
     return true;
   } finally {

@@ -200,6 +200,13 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
       --section LaunchStats --section Occupancy bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts
   fi
+  # The same on one launch of the experts' down Fprop (the 271st: gate_up's four Fprop/Dgrad
+  # timings take 240), with the warp stalls per source line (SourceCounters).
+  if command -v ncu >/dev/null 2>&1; then
+    step ncu-down-fprop 120 40 ncu --kernel-name regex:gemm_sm90_fp8_grouped --launch-skip 270 --launch-count 1 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
+      --section SourceCounters --section LaunchStats bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts
+  fi
   # The same on one launch of the experts' gate_up Wgrad (the 31st sm90 Wgrad launch: bench gemm
   # times gate_up first, 60 launches a role), as it runs by default and with the staged scales.
   if command -v ncu >/dev/null 2>&1; then

@@ -224,10 +224,13 @@ __device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int*
 // the empty mbarrier: the same order, but one that compute-sanitizer's racecheck follows (it does
 // not model mbarriers, and reports the refill racing the reads; notes/sm90-gemm.md).
 // FILL_BARRIER (with STAGED_SCALES; the racecheck build, MOE8_SM90_WGRAD_STAGED=checked): the producer
-// warp also arrives at named barrier SM90_FILL_BAR + s once it has issued stage s's copies, and the
-// consumers wait there before reading the stage. That orders nothing the full mbarrier does not
-// (the copies' bytes land before the mbarrier's phase completes, which the consumers wait for
-// first); it makes the order one racecheck can follow, so that a hazard it still reports is real.
+// warp also waits until stage s's copies have landed (the full mbarrier, as the consumers do) and
+// then arrives at named barrier SM90_FILL_BAR + s, where the consumers wait before reading the
+// stage. That orders nothing the full mbarrier does not (the copies' bytes land before its phase
+// completes, which the consumers wait for first), and it serialises the producer; it makes the
+// order one racecheck can follow, so that a hazard it still reports is real. (Announcing the fill
+// right after issuing the copies was not enough: racecheck counts a bulk copy's writes when they
+// land, 3 hazards in the second call of notes/sm90-gemm.md's sixteenth session.)
 // DIRECT_C: every tile is stored from registers (st.global, or red.global.add when accumulating:
 // each warp instruction writes eight rows' whole 32-byte sectors) instead of staged in shared memory
 // and copied by TMA, so the staging's 64 KB go to one more ring stage.
@@ -334,7 +337,10 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
             }
           }
           if constexpr (STAGED_SCALES) __syncwarp();
-          if constexpr (FILL_BARRIER) named_arrive(SM90_FILL_BAR + s, RELEASE);
+          if constexpr (FILL_BARRIER) {  // the copies have landed (racecheck sees them land late), then announce
+            mbar_wait(&full[s], ph);
+            named_arrive(SM90_FILL_BAR + s, RELEASE);
+          }
           issued++;
           if (++s == STAGES) s = 0, ph ^= 1;
         }

@@ -226,11 +226,11 @@ __device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int*
 // FILL_BARRIER (with STAGED_SCALES; the racecheck build, MOE8_SM90_WGRAD_STAGED=checked): the producer
 // warp also waits until stage s's copies have landed (the full mbarrier, as the consumers do) and
 // then arrives at named barrier SM90_FILL_BAR + s, where the consumers wait before reading the
-// stage. That orders nothing the full mbarrier does not (the copies' bytes land before its phase
-// completes, which the consumers wait for first), and it serialises the producer; it makes the
-// order one racecheck can follow, so that a hazard it still reports is real. (Announcing the fill
-// right after issuing the copies was not enough: racecheck counts a bulk copy's writes when they
-// land, 3 hazards in the second call of notes/sm90-gemm.md's sixteenth session.)
+// stage; and the consumers release a stage by waiting at its named barrier with the producer
+// instead of arriving there. That orders nothing the mbarriers and arrivals do not, and it
+// serialises producer and consumers; it makes every order one racecheck can follow, so that a
+// hazard it still reports is real (notes/sm90-gemm.md, fifteenth session: with the fill announced
+// right after issuing the copies, 3 hazards; after they landed, 2).
 // DIRECT_C: every tile is stored from registers (st.global, or red.global.add when accumulating:
 // each warp instruction writes eight rows' whole 32-byte sectors) instead of staged in shared memory
 // and copied by TMA, so the staging's 64 KB go to one more ring stage.
@@ -345,9 +345,11 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
           if (++s == STAGES) s = 0, ph ^= 1;
         }
       }
-      // Each used stage's last release is taken, so that no named barrier is left half-arrived.
+      // Each used stage's last release is taken, so that no named barrier is left half-arrived: in
+      // the order the consumers release them, oldest first (FILL_BARRIER's consumers wait there).
       if constexpr (STAGED_SCALES)
-        for (int i = 0; i < min(issued, STAGES); i++) named_sync(SM90_STAGE_BAR + i, RELEASE);
+        for (int i = 0; i < min(issued, STAGES); i++)
+          named_sync(SM90_STAGE_BAR + ((issued >= STAGES ? s : 0) + i) % STAGES, RELEASE);
     }
   } else {
   // Consumer warpgroup wg: rows 64 * wg .. of the tile; this thread: rows g and g + 8 of its warp's 16.
@@ -590,7 +592,10 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
             wgmma_wait<0>();
             promote_cols(acc[h], p, sa0, sa1, ss + BM + 128 * h + 2 * tq);
           }
-          named_arrive(SM90_STAGE_BAR + s, 32 + 128 * NWG);  // every read of the stage done
+          // Every read of the stage done (FILL_BARRIER: waiting with the producer, an order racecheck
+          // follows whether or not it models an arrival as a release).
+          if constexpr (FILL_BARRIER) named_sync(SM90_STAGE_BAR + s, 32 + 128 * NWG);
+          else named_arrive(SM90_STAGE_BAR + s, 32 + 128 * NWG);
           if (++s == STAGES) s = 0, ph ^= 1;
         }
       } else {

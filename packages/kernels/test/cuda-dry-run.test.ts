@@ -278,8 +278,8 @@ describe("cuda backend host code, without a GPU", () => {
     ["Hopper, MOE8_SM90_BN=256", { MOE8_SM90_BN: "256" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_RING=4", { MOE8_SM90_RING: "4" }, "ok", "9.0", false],
     [
-      "Hopper, MOE8_SM90_WGRAD_STAGED=1 on 3 CTAs",
-      { MOE8_SM90_WGRAD_STAGED: "1", MOE8_SM90_CTAS: "3" },
+      "Hopper, MOE8_SM90_WGRAD_STAGED=0 on 3 CTAs",
+      { MOE8_SM90_WGRAD_STAGED: "0", MOE8_SM90_CTAS: "3" },
       "ok",
       "9.0",
       false,
@@ -287,8 +287,8 @@ describe("cuda backend host code, without a GPU", () => {
     ["Hopper, MOE8_SM90_WGRAD_STAGED=checked", { MOE8_SM90_WGRAD_STAGED: "checked" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_WGRAD_STAGED=direct", { MOE8_SM90_WGRAD_STAGED: "direct" }, "ok", "9.0", false],
     [
-      "Hopper, MOE8_SM90_BN=256 MOE8_SM90_PINGPONG=0",
-      { MOE8_SM90_BN: "256", MOE8_SM90_PINGPONG: "0" },
+      "Hopper, MOE8_SM90_BN=256 MOE8_SM90_PINGPONG=0 MOE8_SM90_WGRAD_STAGED=0",
+      { MOE8_SM90_BN: "256", MOE8_SM90_PINGPONG: "0", MOE8_SM90_WGRAD_STAGED: "0" },
       "ok",
       "9.0",
       false,
@@ -330,12 +330,13 @@ describe("cuda backend host code, without a GPU", () => {
         // Fprop/Dgrad: 128 x 128 (up to 128 groups BF16 stores on the 6-stage ring, the rest on the
         // 5-stage one, unless MOE8_SM90_RING=4; 130 groups on the 4-stage one) unless
         // MOE8_SM90_BN=256; Wgrad: by N (128 and 256 in everyOp) unless MOE8_SM90_WGRAD_BN forces one,
-        // the 256-wide entries (Wgrad, and Fprop/Dgrad under MOE8_SM90_BN=256) taking turns unless
-        // MOE8_SM90_PINGPONG=0.
+        // the 256-wide entries (Fprop/Dgrad under MOE8_SM90_BN=256, the Wgrad under
+        // MOE8_SM90_WGRAD_STAGED=0) taking turns unless MOE8_SM90_PINGPONG=0; the 256-wide Wgrad
+        // with staged scales unless MOE8_SM90_WGRAD_STAGED says otherwise.
         const wide = env.MOE8_SM90_PINGPONG === "0" ? "256" : "256_pingpong";
         const staged = env.MOE8_SM90_WGRAD_STAGED;
         const wideWgrad =
-          { "1": "256_staged", checked: "256_staged_checked", direct: "256_direct" }[staged ?? ""] ?? wide;
+          { "0": wide, checked: "256_staged_checked", direct: "256_direct" }[staged ?? ""] ?? "256_staged";
         const wgrad = (env.MOE8_SM90_WGRAD_BN ? [env.MOE8_SM90_WGRAD_BN] : ["128", "256"]).map((w) =>
           w === "256" ? wideWgrad : w,
         );

@@ -283,13 +283,13 @@ if (status.ok) {
             { sm90: true, env: { MOE8_SM90_CTAS: "3" }, name: "sm90 wgmma on 3 CTAs" },
             {
               sm90: true,
-              env: { MOE8_SM90_BN: "256", MOE8_SM90_PINGPONG: "0" },
-              name: "sm90 wgmma, MOE8_SM90_BN=256 MOE8_SM90_PINGPONG=0",
+              env: { MOE8_SM90_BN: "256", MOE8_SM90_PINGPONG: "0", MOE8_SM90_WGRAD_STAGED: "0" },
+              name: "sm90 wgmma, MOE8_SM90_BN=256 MOE8_SM90_PINGPONG=0 MOE8_SM90_WGRAD_STAGED=0",
             },
             {
               sm90: true,
-              env: { MOE8_SM90_WGRAD_STAGED: "1" },
-              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=1",
+              env: { MOE8_SM90_WGRAD_STAGED: "0" },
+              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=0",
             },
             {
               sm90: true,
@@ -359,15 +359,13 @@ if (status.ok) {
                     "gemm_sm90.gemm_sm90_fp8_grouped_128x128",
                   ]),
               "gemm_sm90.gemm_sm90_fp8_wgrad_128x128",
-              env.MOE8_SM90_WGRAD_STAGED === "1"
-                ? "gemm_sm90.gemm_sm90_fp8_wgrad_128x256_staged"
+              env.MOE8_SM90_WGRAD_STAGED === "0"
+                ? `gemm_sm90.gemm_sm90_fp8_wgrad_128x256${env.MOE8_SM90_PINGPONG === "0" ? "" : "_pingpong"}`
                 : env.MOE8_SM90_WGRAD_STAGED === "checked"
                   ? "gemm_sm90.gemm_sm90_fp8_wgrad_128x256_staged_checked"
                   : env.MOE8_SM90_WGRAD_STAGED === "direct"
                     ? "gemm_sm90.gemm_sm90_fp8_wgrad_128x256_direct"
-                    : env.MOE8_SM90_PINGPONG === "0"
-                      ? "gemm_sm90.gemm_sm90_fp8_wgrad_128x256"
-                      : "gemm_sm90.gemm_sm90_fp8_wgrad_128x256_pingpong",
+                    : "gemm_sm90.gemm_sm90_fp8_wgrad_128x256_staged",
               ...(env.MOE8_SM90_KMAJOR === "0" ? ["gemm_sm90.sm90_coltile_transpose"] : []),
             ].sort(),
           );

@@ -212,7 +212,7 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
     for v in default:MOE8_SM90_WGRAD_STAGED=1 loaded:MOE8_SM90_WGRAD_STAGED=0 direct:MOE8_SM90_WGRAD_STAGED=direct; do
       step "ncu-wgrad-${v%%:*}" 120 40 env "${v#*:}" ncu --kernel-name regex:gemm_sm90_fp8_wgrad --launch-skip 30 \
         --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
-        --section SchedulerStats --section ComputeWorkloadAnalysis --section LaunchStats \
+        --section SchedulerStats --section ComputeWorkloadAnalysis --section LaunchStats --section SourceCounters \
         bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts
     done
   fi

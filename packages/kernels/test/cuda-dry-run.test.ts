@@ -285,7 +285,7 @@ describe("cuda backend host code, without a GPU", () => {
       false,
     ],
     ["Hopper, MOE8_SM90_WGRAD_STAGED=checked", { MOE8_SM90_WGRAD_STAGED: "checked" }, "ok", "9.0", false],
-    ["Hopper, MOE8_SM90_WGRAD_STAGED=direct", { MOE8_SM90_WGRAD_STAGED: "direct" }, "ok", "9.0", false],
+    ["Hopper, MOE8_SM90_WGRAD_STAGED=hoist", { MOE8_SM90_WGRAD_STAGED: "hoist" }, "ok", "9.0", false],
     [
       "Hopper, MOE8_SM90_BN=256 MOE8_SM90_PINGPONG=0 MOE8_SM90_WGRAD_STAGED=0",
       { MOE8_SM90_BN: "256", MOE8_SM90_PINGPONG: "0", MOE8_SM90_WGRAD_STAGED: "0" },
@@ -336,7 +336,7 @@ describe("cuda backend host code, without a GPU", () => {
         const wide = env.MOE8_SM90_PINGPONG === "0" ? "256" : "256_pingpong";
         const staged = env.MOE8_SM90_WGRAD_STAGED;
         const wideWgrad =
-          { "0": wide, checked: "256_staged_checked", direct: "256_direct" }[staged ?? ""] ?? "256_staged";
+          { "0": wide, checked: "256_staged_checked", hoist: "256_hoist" }[staged ?? ""] ?? "256_staged";
         const wgrad = (env.MOE8_SM90_WGRAD_BN ? [env.MOE8_SM90_WGRAD_BN] : ["128", "256"]).map((w) =>
           w === "256" ? wideWgrad : w,
         );
@@ -383,7 +383,7 @@ describe("cuda backend host code, without a GPU", () => {
       ["MOE8_SM90_CTAS", "0", "expected a positive integer"],
       ["MOE8_SM90_RING", "6", "expected deep or 4"],
       ["MOE8_SM90_PINGPONG", "yes", "expected 0 or 1"],
-      ["MOE8_SM90_WGRAD_STAGED", "on", "expected 0, 1, checked or direct"],
+      ["MOE8_SM90_WGRAD_STAGED", "on", "expected 0, 1, checked or hoist"],
     ]) {
       vi.stubEnv(name, value);
       expect(() => new CudaBackend()).toThrow(`${name}="${value}": ${why}`);

@@ -298,8 +298,8 @@ if (status.ok) {
             },
             {
               sm90: true,
-              env: { MOE8_SM90_WGRAD_STAGED: "direct" },
-              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=direct",
+              env: { MOE8_SM90_WGRAD_STAGED: "hoist" },
+              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=hoist",
             },
           ]
         : []),
@@ -363,8 +363,8 @@ if (status.ok) {
                 ? `gemm_sm90.gemm_sm90_fp8_wgrad_128x256${env.MOE8_SM90_PINGPONG === "0" ? "" : "_pingpong"}`
                 : env.MOE8_SM90_WGRAD_STAGED === "checked"
                   ? "gemm_sm90.gemm_sm90_fp8_wgrad_128x256_staged_checked"
-                  : env.MOE8_SM90_WGRAD_STAGED === "direct"
-                    ? "gemm_sm90.gemm_sm90_fp8_wgrad_128x256_direct"
+                  : env.MOE8_SM90_WGRAD_STAGED === "hoist"
+                    ? "gemm_sm90.gemm_sm90_fp8_wgrad_128x256_hoist"
                     : "gemm_sm90.gemm_sm90_fp8_wgrad_128x256_staged",
               ...(env.MOE8_SM90_KMAJOR === "0" ? ["gemm_sm90.sm90_coltile_transpose"] : []),
             ].sort(),

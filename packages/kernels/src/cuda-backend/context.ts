@@ -112,11 +112,11 @@ export class CudaContext {
    * Where the 128 x 256 Wgrad takes each chunk's scale vectors from: "staged" (the default,
    * MOE8_SM90_WGRAD_STAGED=1), its ring stage, copied there by the producer with the codes;
    * "checked", the same with every order spelled in named barriers, for compute-sanitizer's
-   * racecheck (=checked; slower); "direct", staged scales with C stored from registers and a fourth
-   * ring stage in the staging's room (=direct; measured slower); "loaded", the consumers loading and
-   * staging them (=0, the entry before; notes/sm90-gemm.md has the numbers).
+   * racecheck (=checked; slower); "hoist", staged scales with part of each half's column scales read
+   * while its wgmmas run (=hoist; being measured); "loaded", the consumers loading and staging them
+   * (=0, the entry before; notes/sm90-gemm.md has the numbers).
    */
-  readonly sm90WgradScales: "loaded" | "staged" | "checked" | "direct";
+  readonly sm90WgradScales: "loaded" | "staged" | "checked" | "hoist";
   /**
    * CTAs of the persistent sm90 GEMMs: one per SM, or MOE8_SM90_CTAS (the tests use a few, so that
    * every CTA walks several tiles: the ring's phases and the deferred epilogues across tiles).
@@ -151,7 +151,7 @@ export class CudaContext {
     this.sm90WgradBn = tileWidth("MOE8_SM90_WGRAD_BN");
     this.sm90Ring = envChoice("MOE8_SM90_RING", ["deep", "4"], "deep");
     this.sm90Pingpong = envChoice("MOE8_SM90_PINGPONG", ["0", "1"], "1") === "1";
-    const scales = envChoice("MOE8_SM90_WGRAD_STAGED", ["0", "1", "checked", "direct"], "1");
+    const scales = envChoice("MOE8_SM90_WGRAD_STAGED", ["0", "1", "checked", "hoist"], "1");
     this.sm90WgradScales = scales === "0" ? "loaded" : scales === "1" ? "staged" : scales;
     const ctas = process.env.MOE8_SM90_CTAS ?? "";
     if (ctas !== "" && !(Number.isInteger(Number(ctas)) && Number(ctas) >= 1))

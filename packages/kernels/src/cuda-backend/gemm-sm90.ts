@@ -259,8 +259,8 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
           ? KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256_staged
           : cx.sm90WgradScales === "checked"
             ? KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256_staged_checked
-            : cx.sm90WgradScales === "direct"
-              ? KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256_direct
+            : cx.sm90WgradScales === "hoist"
+              ? KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256_hoist
               : cx.sm90Pingpong
                 ? KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256_pingpong
                 : KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256,
@@ -280,11 +280,9 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
       },
       !wide
         ? SM90.SM90_SMEM_WGRAD_128x128
-        : cx.sm90WgradScales === "direct"
-          ? SM90.SM90_SMEM_WGRAD_128x256_DIRECT
-          : cx.sm90WgradScales !== "loaded"
-            ? SM90.SM90_SMEM_WGRAD_128x256_STAGED
-            : SM90.SM90_SMEM_WGRAD_128x256,
+        : cx.sm90WgradScales !== "loaded"
+          ? SM90.SM90_SMEM_WGRAD_128x256_STAGED
+          : SM90.SM90_SMEM_WGRAD_128x256,
     );
     return true;
   } finally {

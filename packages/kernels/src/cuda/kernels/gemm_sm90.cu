@@ -70,10 +70,8 @@
 #define SM90_SMEM_128x128 199752
 #define SM90_SMEM_WGRAD_128x256 221240
 #define SM90_SMEM_WGRAD_128x128 202824
-// The 128 x 256 Wgrad with each stage's scale vectors in the ring (STAGED_SCALES); with C stored
-// from registers (DIRECT_C: no staging), four stages.
+// The 128 x 256 Wgrad with each stage's scale vectors in the ring (STAGED_SCALES).
 #define SM90_SMEM_WGRAD_128x256_STAGED 220728
-#define SM90_SMEM_WGRAD_128x256_DIRECT 205896
 // The deeper ring of the 128 x 128 entry for BF16 stores without accumulate, for at most
 // SM90_MAX_E_DEEP experts (tables half the size): C staged as BF16 (half the bytes of f32) and six
 // stages, which fill the 227 KB a CTA may have (the f32 entry has four).
@@ -134,6 +132,22 @@ __device__ __forceinline__ void promote_cols(float (&acc)[ACC], float (&p)[ACC],
   }
 }
 
+// The same with this thread's column scales already in registers: b[j] holds columns 8 j + {0, 1}
+// (HOIST_SCALES).
+template <int ACC>
+__device__ __forceinline__ void promote_cols(float (&acc)[ACC], float (&p)[ACC], float sa0, float sa1,
+                                             const float2 (&b)[ACC / 4]) {
+#pragma unroll
+  for (int i = 0; i < ACC; i++) reg_fence(p[i]);
+#pragma unroll
+  for (int j = 0; j < ACC / 4; j++) {
+    acc[4 * j] = fmaf(p[4 * j], sa0 * b[j].x, acc[4 * j]);
+    acc[4 * j + 1] = fmaf(p[4 * j + 1], sa0 * b[j].y, acc[4 * j + 1]);
+    acc[4 * j + 2] = fmaf(p[4 * j + 2], sa1 * b[j].x, acc[4 * j + 2]);
+    acc[4 * j + 3] = fmaf(p[4 * j + 3], sa1 * b[j].y, acc[4 * j + 3]);
+  }
+}
+
 // Where the experts' segments lie: along M (Fprop, Dgrad: rows of A and C) or along K (Wgrad).
 enum class Segments { AlongM, AlongK };
 
@@ -150,9 +164,8 @@ enum class Mainloop { OneBuffer, TwoBuffers };
 // (rowScales) also each consumer warpgroup's two chunk scale buffers (its 64 rows and the tile's bn
 // columns), or with stagedScales each ring stage's scales (the tile's 128 rows, then its bn columns).
 __host__ __device__ constexpr int sm90_smem_bytes(int bn, int stages, bool rowScales, bool bf16Staging = false,
-                                                  int maxE = SM90_MAX_E, bool stagedScales = false,
-                                                  bool cStaging = true) {
-  return 1024 + stages * (SM90_BM + bn) * 128 + (cStaging ? 2 * 64 * 128 * (bf16Staging ? 2 : 4) : 0) +
+                                                  int maxE = SM90_MAX_E, bool stagedScales = false) {
+  return 1024 + stages * (SM90_BM + bn) * 128 + 2 * 64 * 128 * (bf16Staging ? 2 : 4) +
          (rowScales ? (stagedScales ? stages * (SM90_BM + bn) * 4 : 2 * 2 * (64 + bn) * 4) : 0) + 2 * stages * 8 +
          2 * (maxE + 1) * 4;
 }
@@ -231,11 +244,12 @@ __device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int*
 // serialises producer and consumers; it makes every order one racecheck can follow, so that a
 // hazard it still reports is real (notes/sm90-gemm.md, fifteenth session: with the fill announced
 // right after issuing the copies, 3 hazards; after they landed, 2).
-// DIRECT_C: every tile is stored from registers (st.global, or red.global.add when accumulating:
-// each warp instruction writes eight rows' whole 32-byte sectors) instead of staged in shared memory
-// and copied by TMA, so the staging's 64 KB go to one more ring stage.
+// HOIST_SCALES (with STAGED_SCALES; MOE8_SM90_WGRAD_STAGED=hoist, being measured): each half's
+// column scales are read from the stage into registers between issuing its wgmmas and waiting for
+// them, so that after the wait only the products and the fmas are left (the wait's memory clobber
+// keeps the compiler from moving the reads there itself).
 template <int BN, int STAGES, Mainloop LOOP, Segments SEG, bool BF16_ONLY = false, int MAX_E = SM90_MAX_E,
-          bool PINGPONG = false, bool STAGED_SCALES = false, bool FILL_BARRIER = false, bool DIRECT_C = false>
+          bool PINGPONG = false, bool STAGED_SCALES = false, bool FILL_BARRIER = false, bool HOIST_SCALES = false>
 __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CUtensorMap* tB, const CUtensorMap* tC,
                                                  const float* As, const float* Bs, float* C, const int* off, int E,
                                                  int M, int N, int K, int accumulate, int outMode, int rows) {
@@ -256,8 +270,11 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   constexpr int S_FLOATS = STAGED_SCALES ? BM + BN : 64 + BN;
   constexpr int S_BYTES = SEG != Segments::AlongK ? 0 : STAGED_SCALES ? STAGES * S_FLOATS * 4 : NWG * 2 * S_FLOATS * 4;
   // Staging per consumer warpgroup: 64 rows x 128 columns of f32 (or BF16).
-  constexpr int C_BYTES = DIRECT_C ? 0 : 64 * 128 * (BF16_ONLY ? 2 : 4);
-  static_assert(!DIRECT_C || !BF16_ONLY, "direct stores are f32 (or BF16 by outMode) from registers");
+  constexpr int C_BYTES = 64 * 128 * (BF16_ONLY ? 2 : 4);
+  static_assert(!HOIST_SCALES || STAGED_SCALES, "hoisted scales are read from the stage");
+  // HOIST_SCALES: how many of a half's 16 column-scale pairs are read before the wait (from 8 on,
+  // ptxas spills: 2 registers each beside the accumulators and the wgmmas' in flight).
+  constexpr int HOISTED = 6;
   extern __shared__ u8 sm90_dyn[];
   u8* base = sm90_dyn + ((1024 - (sm90_smem_u32(sm90_dyn) & 1023)) & 1023);
   if (E > MAX_E || (BF16_ONLY && (outMode != SM90_OUT_BF16 || accumulate))) asm volatile("trap;");
@@ -402,7 +419,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
 
     // Epilogue, per 128-column half h: accumulator i is row (i & 2 ? g + 8 : g), column
     // n0 + 128 h + 8 (i / 4) + 2 tq + (i & 1).
-    if (!DIRECT_C && row0 + BM <= rowEnd) {
+    if (row0 + BM <= rowEnd) {
       // Whole tile inside the expert: stage this warpgroup's 64 x 128 in 128-byte strips with the TMA
       // 128-byte swizzle (16-byte chunk index ^= row & 7: conflict-free), then TMA-store the strips
       // (TMA-add them when accumulating: C = C + v in L2, the one write of each element).
@@ -459,10 +476,6 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
             continue;
           }
           float2* c = (float2*)(C + (i64)r * N + col);
-          if (DIRECT_C && accumulate) {  // no read back: the add is done in L2
-            asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(c), "f"(v0), "f"(v1) : "memory");
-            continue;
-          }
           float2 v = make_float2(v0, v1);
           if (accumulate) {
             const float2 o = *c;
@@ -589,8 +602,19 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
 #pragma unroll
           for (int h = 0; h < NH; h++) {
             mma_half(p, aBase + s * A_BYTES, bBase + s * B_BYTES + h * 128 * 128);
-            wgmma_wait<0>();
-            promote_cols(acc[h], p, sa0, sa1, ss + BM + 128 * h + 2 * tq);
+            if constexpr (HOIST_SCALES) {  // the column scales read while the wgmmas run
+              const float* sb = ss + BM + 128 * h + 2 * tq;
+              float2 b[ACC / 4];
+#pragma unroll
+              for (int j = 0; j < HOISTED; j++) b[j] = *(const float2*)(sb + 8 * j);
+              wgmma_wait<0>();
+#pragma unroll
+              for (int j = HOISTED; j < ACC / 4; j++) b[j] = *(const float2*)(sb + 8 * j);
+              promote_cols(acc[h], p, sa0, sa1, b);
+            } else {
+              wgmma_wait<0>();
+              promote_cols(acc[h], p, sa0, sa1, ss + BM + 128 * h + 2 * tq);
+            }
           }
           // Every read of the stage done (FILL_BARRIER: waiting with the producer, an order racecheck
           // follows whether or not it models an arrival as a release).
@@ -701,8 +725,6 @@ static_assert(sm90_smem_bytes(256, 3, false) == SM90_SMEM_128x256, "SM90_SMEM_12
 static_assert(sm90_smem_bytes(128, 4, false) == SM90_SMEM_128x128, "SM90_SMEM_128x128");
 static_assert(sm90_smem_bytes(256, 3, true) == SM90_SMEM_WGRAD_128x256, "SM90_SMEM_WGRAD_128x256");
 static_assert(sm90_smem_bytes(128, 4, true) == SM90_SMEM_WGRAD_128x128, "SM90_SMEM_WGRAD_128x128");
-static_assert(sm90_smem_bytes(256, 4, true, false, SM90_MAX_E, true, false) == SM90_SMEM_WGRAD_128x256_DIRECT,
-              "SM90_SMEM_WGRAD_128x256_DIRECT");
 static_assert(sm90_smem_bytes(256, 3, true, false, SM90_MAX_E, true) == SM90_SMEM_WGRAD_128x256_STAGED,
               "SM90_SMEM_WGRAD_128x256_STAGED");
 static_assert(sm90_smem_bytes(128, 6, false, true, SM90_MAX_E_DEEP) == SM90_SMEM_128x128_BF16,
@@ -742,13 +764,13 @@ GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_e128, 128, 5, TwoBuffers, false, S
 // writes them (tensor maps: A u8 [M, pitch] box {128, 128}, B u8 [N, pitch] box {128, BN}, C f32
 // [E * M, N] box {32, 64}); As [chunks, M] and Bs [chunks, N] are quant_coltile's scales. Requires
 // M % 16 == 0 and N % 16 == 0 (the transposes' 16-byte pieces).
-#define GEMM_SM90_WGRAD_ENTRY(NAME, BN, STAGES, LOOP, PINGPONG, STAGED, FILL, DIRECT)                            \
+#define GEMM_SM90_WGRAD_ENTRY(NAME, BN, STAGES, LOOP, PINGPONG, STAGED, FILL, HOIST)                             \
   KERNEL void __launch_bounds__(SM90_THREADS, 1)                                                                 \
       NAME(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,                       \
            const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs, float* C, const int* off,    \
            int E, int M, int N, int accumulate, int outMode) {                                                   \
     sm90_fp8_grouped<BN, STAGES, Mainloop::LOOP, Segments::AlongK, false, SM90_MAX_E, PINGPONG, STAGED, FILL,    \
-                     DIRECT>(                                                                                    \
+                     HOIST>(                                                                                     \
         &tA, &tB, &tC, As, Bs, C, off, E, M, N, 0, accumulate, outMode, E * M);                                  \
   }
 // 128 x 256 tiles: half the L2 traffic per FLOP of 128 x 128; one buffer, the two warpgroups'
@@ -759,10 +781,8 @@ GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_pingpong, 256, 3, OneBuffer, t
 GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged, 256, 3, OneBuffer, true, true, false, false)
 // The same with its fills announced by named barriers too, for racecheck (MOE8_SM90_WGRAD_STAGED=checked).
 GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged_checked, 256, 3, OneBuffer, true, true, true, false)
-// Staged scales, C stored from registers and four stages (MOE8_SM90_WGRAD_STAGED=direct): each
-// stage is 48 KB and chunks are ~1,000 cycles of wgmmas, so three stages keep two chunks (~2,000
-// cycles) in flight, about one HBM miss's latency under load; the fourth is the staging's room.
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_direct, 256, 4, OneBuffer, true, true, false, true)
+// The same with each half's column scales read before its wgmmas' wait (MOE8_SM90_WGRAD_STAGED=hoist).
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_hoist, 256, 3, OneBuffer, true, true, false, true)
 // The same, both warpgroups issuing together (MOE8_SM90_PINGPONG=0; for measuring the two).
 GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256, 256, 3, OneBuffer, false, false, false, false)
 // 128 x 128 tiles: two accumulator sets, the promotion overlapped with the next chunk's wgmmas.

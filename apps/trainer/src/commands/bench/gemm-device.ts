@@ -127,6 +127,15 @@ async function grouped(b: Backend, N: number, K: number, p: Precision): Promise<
         b.groupedMatmul(dyc, xc, O, { segment: "k", transA: true, precision: p }),
       ),
     };
+    // The Wgrad as the training step runs it: added into the f32 weight gradient [E, N, K] (which
+    // does not fit in L2), not written to a fresh output.
+    const grad = b.zeros([E, N, K], "f32");
+    times.wgrad_acc = await deviceMs(
+      b,
+      () => b.groupedMatmul(dyc, xc, O, { segment: "k", transA: true, precision: p, accumulate: grad }),
+      10,
+      grad,
+    );
     if (fp8) {
       times.fprop_f32 = await deviceMs(b, () =>
         b.groupedMatmul(xq, wq, O, { segment: "m", transB: true, precision: p }),
@@ -185,6 +194,8 @@ export async function benchGemmDevice(
       };
       if (extra) row.fp8_kernel = extra.kernels[role];
       if (t.fp8[`${role}_f32`] !== undefined) row.fp8_f32_out_tflops = tf(t.fp8[`${role}_f32`]);
+      if (t.bf16[`${role}_acc`] !== undefined) row.bf16_accumulate_tflops = tf(t.bf16[`${role}_acc`]);
+      if (t.fp8[`${role}_acc`] !== undefined) row.fp8_accumulate_tflops = tf(t.fp8[`${role}_acc`]);
       if (extra?.lt && extra.sm90) {
         row.fp8_cublaslt_tflops = tf(extra.lt[role]);
         row.fp8_sm90_tflops = tf(extra.sm90[role]);

@@ -219,6 +219,12 @@ export interface MatmulOptions<T = never> extends GemmLayout {
   outBf16?: boolean;
   /** Add the product into this f32 tensor instead of allocating a new one (returned). */
   accumulate?: T;
+  /**
+   * `accumulate` holds zeros (a gradient just cleared): a backend may write the product there
+   * instead of adding it, which gives the same values without reading the tensor. A hint only:
+   * wrong when the tensor is not all zeros, ignored by backends that do not use it.
+   */
+  accumulateZero?: boolean;
   /** FP8 promotion interval along K (default 128). */
   promotion?: number;
 }

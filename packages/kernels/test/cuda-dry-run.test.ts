@@ -411,6 +411,30 @@ describe("cuda backend host code, without a GPU", () => {
     config.computeCapability = "8.9";
   });
 
+  it("the experts' Wgrad into a gradient that holds zeros (accumulateZero) writes on Hopper, adds otherwise", () => {
+    config.computeCapability = "9.0";
+    config.misalign = false;
+    const b = new CudaBackend() as Backend;
+    const offs = b.upload(Int32Array.from([0, 10, 10, 64]), [4], "i32");
+    const cs = (cols: number) =>
+      b.quantize(b.upload(seq(64 * cols), [64, cols]), { group: "column-tile", segments: offs });
+    const [dy, x] = [cs(32), cs(256)];
+    const grad = b.zeros([3, 32, 256]);
+    /** The accumulate argument of the Wgrad launch a call makes (tA, tB, tC at 0, 128, 256; then 8-byte slots). */
+    const accumulateArg = (accumulateZero: boolean) => {
+      const first = log.length;
+      const o = { precision: "fp8", segment: "k", transA: true, accumulate: grad, accumulateZero } as const;
+      expect(b.groupedMatmul(dy, x, offs, o)).toBe(grad);
+      const [wgrad] = log
+        .slice(first)
+        .filter((l) => l.kernel.startsWith("gemm_sm90.gemm_sm90_fp8_wgrad_128x256"));
+      return wgrad.args.getInt32(440, true);
+    };
+    expect(accumulateArg(true)).toBe(0);
+    expect(accumulateArg(false)).toBe(1);
+    config.computeCapability = "8.9";
+  });
+
   // The device tables of the multi-tensor ops, read back from the fake's uploads and walked as the
   // kernels walk them (optim.cu's table_row: each block takes the last row whose first block is at
   // or before it): every element of every tensor is visited once, with its tensor's flags.

@@ -156,7 +156,9 @@ export function groupedMatmul(
   const out = output(cx, E * M * N, 1, o, [E, M, N]);
   if (E <= 0 || M === 0 || N === 0) return out;
   const promotion = o.promotion ?? 128;
-  const [accumulate, outBf16] = [!!o.accumulate, !!o.outBf16];
+  // Into a gradient that holds zeros (accumulateZero) the sm90 Wgrad writes: it stores every tile
+  // of [E, M, N], so nothing of the tensor is left unwritten.
+  const [accumulate, outBf16] = [!!o.accumulate && !o.accumulateZero, !!o.outBf16];
   if (fp8 && sm90Wgrad(cx, { a, b, offsets, out: cx.p(out), M, N, E, promotion, accumulate, outBf16 }))
     return out;
   gemmKernel(cx, a, b, out, { M, N, K: a.rows }, o, { mode: GEMM_SEGMENT_K, offsets, E, bRows: 0, bCols: 0 });

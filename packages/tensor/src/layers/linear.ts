@@ -362,7 +362,10 @@ export class Linear {
       transB: wg.b.trans,
       precision: wg.kernel,
       accumulate: this.weight.grad,
+      // The step's first Wgrad into a cleared gradient may write instead of add (Param.gradZero).
+      accumulateZero: this.weight.gradZero,
     };
+    this.weight.gradZero = false;
     if (gQ && xQ) {
       const seg = gQ.group === "column-tile" ? segments : undefined;
       const dyq = given ? given.wgrad : b.quantize(dy, { ...gQ, segments: seg });

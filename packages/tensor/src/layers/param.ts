@@ -26,6 +26,13 @@ export interface ParamOptions {
 
 export class Param {
   readonly grad: Tensor;
+  /**
+   * Whether `grad` holds zeros that nothing has added to yet: true when created and after
+   * zeroGrad(), false once the first Wgrad has written it. That Wgrad may then write its product
+   * instead of adding it (MatmulOptions.accumulateZero: no read of the f32 gradient); any other code
+   * that writes `grad` before it must set this false.
+   */
+  gradZero = true;
 
   constructor(
     readonly name: string,
@@ -43,6 +50,7 @@ export class Param {
 
   zeroGrad(): void {
     this.value.backend.fill(this.grad, 0);
+    this.gradZero = true;
   }
 
   dispose(): void {

@@ -2,9 +2,9 @@
 # Expert balance against the embedding's init std and the balancing speed (issue 23), in one device
 # call: run from the repository root by `bash scripts/gpu-session.sh balance` (which puts bun and
 # node_modules in place). small on cuda for SMALL_STEPS steps per std in SMALL_STDS or per
-# SMALL_VARIANTS entry (one after another), and tiny's default run on the cpu backend for each std
-# in TINY_STDS and seed in TINY_SEEDS (in parallel, two rayon threads each; TINY_STDS=none skips
-# them). One JSON line per run on stdout and in $OUT/balance.jsonl: the worst MoE layer's load
+# SMALL_VARIANTS entry (one after another, or SMALL_PARALLEL at once on the one GPU), and tiny's
+# default run on the cpu backend for each std in TINY_STDS and seed in TINY_SEEDS (in parallel, two
+# rayon threads each; TINY_STDS=none skips them). One JSON line per run on stdout and in $OUT/balance.jsonl: the worst MoE layer's load
 # max/mean at step 1 and from step 50 on (mean, max, steps above 1.5 and 2.0), idle experts from step
 # 50 on, the final training and validation losses.
 set -u

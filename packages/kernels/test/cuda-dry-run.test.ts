@@ -435,6 +435,21 @@ describe("cuda backend host code, without a GPU", () => {
     config.computeCapability = "8.9";
   });
 
+  it("a dense Wgrad on cuBLASLt into a gradient that holds zeros writes it (beta 0), adds otherwise", () => {
+    config.misalign = false;
+    const b = new CudaBackend() as Backend;
+    const [dy, x] = [b.upload(seq(64 * 32), [64, 32]), b.upload(seq(64 * 48), [64, 48])];
+    const grad = b.zeros([32, 48]);
+    for (const precision of ["f32", "bf16"] as const)
+      for (const accumulateZero of [true, false]) {
+        fake.ltCalls.length = 0;
+        expect(b.matmul(dy, x, { transA: true, precision, accumulate: grad, accumulateZero })).toBe(grad);
+        expect(fake.ltCalls, `${precision}, accumulateZero ${accumulateZero}`).toEqual([
+          { cType: "f32", accumulate: !accumulateZero },
+        ]);
+      }
+  });
+
   // The device tables of the multi-tensor ops, read back from the fake's uploads and walked as the
   // kernels walk them (optim.cu's table_row: each block takes the last row whose first block is at
   // or before it): every element of every tensor is visited once, with its tensor's flags.

@@ -32,6 +32,8 @@ export function createFakeCuda(config: FakeCudaConfig) {
     log: [] as { kernel: string; gx: number; args: DataView }[],
     /** The bytes last copied to each device address. */
     uploads: new Map<number, DataView>(),
+    /** Each cuBLASLt call's output type and whether it adds into its output (beta 1). */
+    ltCalls: [] as { cType: string; accumulate: boolean }[],
     /** Kernel launches and cuBLASLt calls (the caller resets it); those recorded into a graph not. */
     launches: 0,
     /** Graph replays (the caller resets it). */
@@ -130,9 +132,10 @@ export function createFakeCuda(config: FakeCudaConfig) {
         problems.push(`${ids[id]}: block ${bx}`);
       if (!(sh >= 0 && sh <= 227 * 1024)) problems.push(`${ids[id]}: ${sh} bytes of shared memory`);
     },
-    cudaGemmLt: () => {
+    cudaGemmLt: (...args: unknown[]) => {
       issue();
       if (config.lt === "refuse") throw new Error("CUBLAS_STATUS_NOT_SUPPORTED");
+      state.ltCalls.push({ cType: args[11] as string, accumulate: args[15] as boolean });
     },
     cudaHtod: (buf: FakeBuffer, offset: number, data: Uint8Array) => {
       if (recording !== null) problems.push("an upload while a graph records");

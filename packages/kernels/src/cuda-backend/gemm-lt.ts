@@ -48,11 +48,12 @@ function tryLt(
   N: number,
 ): boolean {
   if (!cx.useLt || cx.ltRefused.has(key)) return false;
-  // Accumulate with BF16 rounding of the product: the product goes to scratch first.
+  // Accumulate with BF16 rounding of the product: the product goes to scratch first. Into a target
+  // that holds zeros (accumulateZero) cuBLASLt writes the product (beta 0) rather than adding it.
   const direct = !(o.accumulate && o.outBf16);
   const tmp = direct ? null : cx.scratch(M * N * 4);
   try {
-    call(direct ? cx.p(out) : tmp!.ptr, direct && !!o.accumulate);
+    call(direct ? cx.p(out) : tmp!.ptr, direct && !!o.accumulate && !o.accumulateZero);
   } catch (e) {
     tmp?.free();
     const msg = e instanceof Error ? e.message : String(e);

@@ -253,17 +253,7 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
       return false; // the driver refused a map: the mma.sync kernel takes it (see sm90Grouped)
     }
     cx.launch(
-      !wide
-        ? KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x128
-        : cx.sm90WgradScales === "staged"
-          ? KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256_staged
-          : cx.sm90WgradScales === "checked"
-            ? KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256_staged_checked
-            : cx.sm90WgradScales === "hoist"
-              ? KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256_hoist
-              : cx.sm90Pingpong
-                ? KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256_pingpong
-                : KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x256,
+      !wide ? KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x128 : wgradWide(cx),
       [cx.sm90Ctas],
       SM90.SM90_THREADS,
       {
@@ -288,6 +278,17 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
   } finally {
     for (const b of scratch) b.free();
   }
+}
+
+/** The 128 x 256 Wgrad entry by where it takes the scales from (CudaContext.sm90WgradScales). */
+function wgradWide(cx: CudaContext) {
+  const k = KERNELS.gemm_sm90;
+  return {
+    staged: k.gemm_sm90_fp8_wgrad_128x256_staged,
+    checked: k.gemm_sm90_fp8_wgrad_128x256_staged_checked,
+    hoist: k.gemm_sm90_fp8_wgrad_128x256_hoist,
+    loaded: cx.sm90Pingpong ? k.gemm_sm90_fp8_wgrad_128x256_pingpong : k.gemm_sm90_fp8_wgrad_128x256,
+  }[cx.sm90WgradScales];
 }
 
 // --- Dense FP8 GEMMs on the grouped kernels ------------------------------------------------------

@@ -133,7 +133,8 @@ __device__ __forceinline__ void promote_cols(float (&acc)[ACC], float (&p)[ACC],
 }
 
 // The same with this thread's column scales already in registers: b[j] holds columns 8 j + {0, 1}
-// (HOIST_SCALES).
+// (HOIST_SCALES). A second body rather than the one above loading into an array first: that would
+// move the default entries' loads ahead of the fences, a schedule not measured.
 template <int ACC>
 __device__ __forceinline__ void promote_cols(float (&acc)[ACC], float (&p)[ACC], float sa0, float sa1,
                                              const float2 (&b)[ACC / 4]) {
@@ -234,8 +235,8 @@ __device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int*
 // with the codes, on the same full barrier, and the consumers read them there instead of loading and
 // staging them themselves each chunk. A stage is then released through a named barrier (the
 // consumers arrive after their promotion, the producer warp waits before refilling it) rather than
-// the empty mbarrier: the same order, but one that compute-sanitizer's racecheck follows (it does
-// not model mbarriers, and reports the refill racing the reads; notes/sm90-gemm.md).
+// the empty mbarrier: the same order (racecheck still reports it, as it does not follow a release by
+// bar.arrive: FILL_BARRIER's entry is the one it checks; notes/sm90-gemm.md).
 // FILL_BARRIER (with STAGED_SCALES; the racecheck build, MOE8_SM90_WGRAD_STAGED=checked): the producer
 // warp also waits until stage s's copies have landed (the full mbarrier, as the consumers do) and
 // then arrives at named barrier SM90_FILL_BAR + s, where the consumers wait before reading the
@@ -777,7 +778,7 @@ GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_e128, 128, 5, TwoBuffers, false, S
 // promotions overlapped with each other's wgmmas by taking turns (PINGPONG; measured the same as
 // issuing together, notes/sm90-gemm.md).
 GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_pingpong, 256, 3, OneBuffer, true, false, false, false)
-// The same with the scales in the ring (STAGED_SCALES; MOE8_SM90_WGRAD_STAGED=1 while it is measured).
+// The same with the scales in the ring (STAGED_SCALES; the default, MOE8_SM90_WGRAD_STAGED=1).
 GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged, 256, 3, OneBuffer, true, true, false, false)
 // The same with its fills announced by named barriers too, for racecheck (MOE8_SM90_WGRAD_STAGED=checked).
 GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged_checked, 256, 3, OneBuffer, true, true, true, false)

@@ -13,8 +13,9 @@
 #     experts' GEMMs on the 128 x 128 entries; ring4 and bench-gemm-ring4: MOE8_SM90_RING=4;
 #     bench-gemm-bn256: every role on 128 x 256 tiles; nopp and bench-gemm-nopp: MOE8_SM90_PINGPONG=0
 #     (bench-gemm-nopp on 128 x 256 tiles too); loaded and bench-gemm-loaded:
-#     MOE8_SM90_WGRAD_STAGED=0 (the Wgrad's entry before the staged one); racecheck-checked: =checked; hoist,
-#     bench-gemm-hoist, memcheck-hoist: =hoist; ncu-wgrad-{default,loaded,hoist}: Nsight Compute
+#     MOE8_SM90_WGRAD_STAGED=0 (the Wgrad's entry before the staged one); racecheck-checked: =checked; staged,
+#     bench-gemm-staged, memcheck-staged: =1; experts, bench-gemm-experts: MOE8_SM90_WGRAD_ORDER=experts;
+#     ncu-wgrad-{default,staged,loaded}: Nsight Compute; ncu-times: every launch's time (NCU_TIMES)
 #   5 compute-sanitizer on the sm90 kernels (both entry points, through the op suite's sm90 tests):
 #     racecheck and memcheck filtered to gemm_sm90, then to flash_sm90's fa3 kernels (racecheck-fa3,
 #     memcheck-fa3); memcheck of one whole tiny training step
@@ -110,9 +111,12 @@ bench_gemm bench-gemm-nopp MOE8_SM90_BN=256 MOE8_SM90_PINGPONG=0 MOE8_SM90_WGRAD
 # The Wgrad with the consumers loading the scales (MOE8_SM90_WGRAD_STAGED=0, the entry before the
 # staged one) against the default.
 bench_gemm bench-gemm-loaded MOE8_SM90_WGRAD_STAGED=0
-# The staged Wgrad with part of each half's column scales read while its wgmmas run
-# (MOE8_SM90_WGRAD_STAGED=hoist) against the default.
-bench_gemm bench-gemm-hoist MOE8_SM90_WGRAD_STAGED=hoist
+# The staged Wgrad reading each half's column scales after its wgmmas' wait (MOE8_SM90_WGRAD_STAGED=1,
+# the default before the hoisted reads) against the default.
+bench_gemm bench-gemm-staged MOE8_SM90_WGRAD_STAGED=1
+# The Wgrad's tiles taken round robin in expert order (MOE8_SM90_WGRAD_ORDER=experts, the order
+# before the largest experts went first) against the default.
+bench_gemm bench-gemm-experts MOE8_SM90_WGRAD_ORDER=experts
 # Where the host's time per step goes (the step is bound by the host once the GPU is faster): a CPU
 # profile of five small fp8 steps, as markdown (bun --cpu-prof-md) in $OUT/cpuprof.
 step cpu-prof 120 40 bun --cpu-prof-md --cpu-prof-dir="$OUT/cpuprof" --cpu-prof-interval=200 \
@@ -124,8 +128,10 @@ cat /tmp/quant.txt >>"$LOG" 2>/dev/null
 step bench-dense 150 40 sh -c 'bun apps/trainer/src/cli.ts bench gemm --backend cuda --json > /tmp/gemm-dense.json'
 cat /tmp/gemm-dense.json >>"$LOG" 2>/dev/null
 json_of /tmp/gemm-dense.json bench-dense
-# PyTorch's BF16 grouped GEMM in every expert role (the per-role baseline of issue 16).
-step torch-roles 60 20 sh -c 'python3 packages/kernels/bench/torch_expert_roles.py > /tmp/torch-roles.txt'
+# PyTorch's BF16 grouped GEMM in every expert role (the per-role baseline of issue 16): balanced
+# groups, and bench-gemm's own uneven groups when it ran (the ratios compare the same groups).
+offsets=$([ -s /tmp/bench-gemm.json ] && echo "--offsets /tmp/bench-gemm.json")
+step torch-roles 60 20 sh -c "python3 packages/kernels/bench/torch_expert_roles.py $offsets > /tmp/torch-roles.txt"
 cat /tmp/torch-roles.txt >>"$LOG" 2>/dev/null
 json_of /tmp/torch-roles.txt torch-roles
 
@@ -135,7 +141,7 @@ step nccl-test 240 30 env MOE8_REQUIRE_NCCL=1 bun test --timeout 300000 packages
 # The training step replayed from a CUDA graph equals the uncaptured step bit for bit (issue 18).
 step graph-test 180 40 env MOE8_REQUIRE_CUDA=1 bun test --timeout 300000 tests/cuda-graph.test.ts
 
-for v in sm90 nograph kt bn128 ring4 nopp loaded hoist mma fa2 bf16 bf16nograph; do
+for v in sm90 nograph kt bn128 ring4 nopp loaded staged experts mma fa2 bf16 bf16nograph; do
   picked "step-$v" || continue
   case $v in
     sm90) env=(MOE8_SM90_GEMM=1) p=fp8 prof=--profile ;;
@@ -147,7 +153,8 @@ for v in sm90 nograph kt bn128 ring4 nopp loaded hoist mma fa2 bf16 bf16nograph;
     ring4) env=(MOE8_SM90_RING=4) p=fp8 prof=--profile ;;
     nopp) env=(MOE8_SM90_PINGPONG=0 MOE8_SM90_WGRAD_STAGED=0) p=fp8 prof=--profile ;;
     loaded) env=(MOE8_SM90_WGRAD_STAGED=0) p=fp8 prof=--profile ;;
-    hoist) env=(MOE8_SM90_WGRAD_STAGED=hoist) p=fp8 prof=--profile ;;
+    staged) env=(MOE8_SM90_WGRAD_STAGED=1) p=fp8 prof=--profile ;;
+    experts) env=(MOE8_SM90_WGRAD_ORDER=experts) p=fp8 prof=--profile ;;
     fa2) env=(MOE8_SM90_ATTENTION=0) p=fp8 prof=--profile ;;
     bf16) env=() p=bf16 prof= ;;
   esac
@@ -187,12 +194,16 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
     step "$tool-sm90" 180 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool "$tool" --kernel-name kns=sm90 \
       --error-exitcode 3 bun test --timeout 300000 -t "${SANITIZE_FILTER:-$filter}" packages/kernels/test/cuda-op-suite.test.ts
   done
-  step memcheck-hoist 180 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool memcheck --kernel-name kns=sm90 \
-    --error-exitcode 3 bun test --timeout 300000 -t "MOE8_SM90_WGRAD_STAGED=hoist equals" \
+  step memcheck-staged 180 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool memcheck --kernel-name kns=sm90 \
+    --error-exitcode 3 bun test --timeout 300000 -t "MOE8_SM90_WGRAD_STAGED=1 MOE8_SM90_WGRAD_ORDER=experts equals" \
     packages/kernels/test/cuda-op-suite.test.ts
   step racecheck-checked 180 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool racecheck --kernel-name kns=sm90 \
     --error-exitcode 3 bun test --timeout 300000 -t "MOE8_SM90_WGRAD_STAGED=checked equals" \
     packages/kernels/test/cuda-op-suite.test.ts
+  # The same with the Wgrad's tiles in expert order (the order before the largest experts went first).
+  step racecheck-checked-experts 180 40 env MOE8_CUDA_CACHE=0 MOE8_SM90_WGRAD_ORDER=experts compute-sanitizer \
+    --tool racecheck --kernel-name kns=sm90 --error-exitcode 3 bun test --timeout 300000 \
+    -t "MOE8_SM90_WGRAD_STAGED=checked equals" packages/kernels/test/cuda-op-suite.test.ts
   # Nsight Compute on one launch of the experts' gate_up Dgrad (bench gemm's 66th sm90 Fprop/Dgrad
   # launch: its Fprop takes 60): speed of light, memory, warp stalls.
   if command -v ncu >/dev/null 2>&1; then
@@ -208,9 +219,9 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
       --section SourceCounters --section LaunchStats bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts
   fi
   # The same on one launch of the experts' gate_up Wgrad (the 31st sm90 Wgrad launch: bench gemm
-  # times gate_up first, 60 launches a role): the default (staged scales), loaded and hoisted.
+  # times gate_up first, 60 launches a role): the default (staged, hoisted scales), staged and loaded.
   if command -v ncu >/dev/null 2>&1; then
-    for v in default:MOE8_SM90_WGRAD_STAGED=1 loaded:MOE8_SM90_WGRAD_STAGED=0 hoist:MOE8_SM90_WGRAD_STAGED=hoist; do
+    for v in default:MOE8_SM90_WGRAD_STAGED=hoist staged:MOE8_SM90_WGRAD_STAGED=1 loaded:MOE8_SM90_WGRAD_STAGED=0; do
       step "ncu-wgrad-${v%%:*}" 120 40 env "${v#*:}" ncu --kernel-name regex:gemm_sm90_fp8_wgrad --launch-skip 30 \
         --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
         --section SchedulerStats --section ComputeWorkloadAnalysis --section LaunchStats --section SourceCounters \
@@ -235,6 +246,16 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
         --section LaunchStats --section ComputeWorkloadAnalysis \
         bun apps/trainer/src/cli.ts bench step --config small --backend cuda --precision fp8 --steps 1
     done
+  fi
+  # The GPU time of every launch of the kernels named by the regex NCU_TIMES in one uncaptured small
+  # fp8 step (after the bench's warm-up step), at the GPU's own clocks: whether some launches of a
+  # kernel take much longer than others (the profile sums them per name), under NCU_TIMES_ENV
+  # ("NAME=value ..."). $OUT/ncu-times.txt.
+  if command -v ncu >/dev/null 2>&1 && [ -n "${NCU_TIMES:-}" ]; then
+    step ncu-times 150 40 env ${NCU_TIMES_ENV:-} sh -c "MOE8_CUDA_GRAPH=0 ncu --csv --page raw --clock-control none --cache-control none \
+      --metrics gpu__time_duration.sum --kernel-name 'regex:$NCU_TIMES' \
+      bun apps/trainer/src/cli.ts bench step --config small --backend cuda --precision fp8 --steps 1 \
+      > /tmp/ncu-times.csv 2>/dev/null; python3 scripts/ncu-times.py /tmp/ncu-times.csv | tee '$OUT/ncu-times.txt'"
   fi
   # Every kernel of one uncaptured small fp8 step (the first, after a warm-up step outside the
   # profile): its time and DRAM bytes, as achieved bandwidth per kernel name (which of the
@@ -332,22 +353,26 @@ print("grouped GEMM path:", (doc.get("cuda") or {}).get("groupedGemm"))
 for line in open(sys.argv[1].replace("results.jsonl", "log.txt"), errors="replace"):
     if line.startswith("grouped FP8 ") or "SUMMARY" in line or "Sanitizer Error" in line:
         print(line.rstrip()[:200])
-torch = {(r["torch_grouped_bf16"], r["role"]): r.get("tflops") for r in rows if r.get("tag") == "torch-roles"}
+# PyTorch on the bench's own groups where it ran them ("bench"), else on balanced ones.
+torch_on = {(r["torch_grouped_bf16"], r["role"], r.get("groups", "balanced")): r.get("tflops")
+            for r in rows if r.get("tag") == "torch-roles"}
+torch = {(g, role): torch_on.get((g, role, "bench")) or v for (g, role, grp), v in torch_on.items() if grp == "balanced"}
 tagged = lambda tag: any(r.get("tag") == tag and r.get("rows") for r in rows)
 # Tables only for the benches that ran.
 if tagged("bench-gemm"):
   # "f32 out": Fprop/Dgrad storing f32; "acc": the Wgrad adding into the weight gradient, as the step
   # runs it (fp8 / bf16).
   print(f"\n{'expert GEMM':<44} {'role':<6} {'fp8 kernel':<11} {'fp8 TF/s':>8} {'f32 out':>8} {'mma TF/s':>8} "
-        f"{'bf16 TF/s':>9} {'fp8 ms':>7} {'torch TF/s':>10} {'x torch':>7} {'acc fp8/bf16':>13}")
+        f"{'bf16 TF/s':>9} {'fp8 ms':>7} {'torch TF/s':>10} {'x torch':>7} {'torch bal':>9} {'acc fp8/bf16':>13}")
 for r in rows:
     if r.get("tag") == "bench-gemm":
         for x in r.get("rows", []):
-            t = torch.get(("gate_up" if "512x1024" in x["gemm"] else "down", x["role"]))
+            g = "gate_up" if "512x1024" in x["gemm"] else "down"
+            t, bal = torch.get((g, x["role"])), torch_on.get((g, x["role"], "balanced"))
             print(f"{x['gemm'][:44]:<44} {x['role']:<6} {x.get('fp8_kernel', '-'):<11} {x['fp8_tflops']:>8} "
                   f"{x.get('fp8_f32_out_tflops', '-')!s:>8} {x.get('mma_sync_tflops', '-')!s:>8} {x['bf16_tflops']:>9} "
                   f"{x['fp8_ms']:>7} {t!s:>10} "
-                  f"{round(x['fp8_tflops'] / t, 2) if t else '-'!s:>7} "
+                  f"{round(x['fp8_tflops'] / t, 2) if t else '-'!s:>7} {bal!s:>9} "
                   f"{str(x.get('fp8_accumulate_tflops', '-')) + ' / ' + str(x.get('bf16_accumulate_tflops', '-')):>13}")
 if tagged("bench-dense"):
   print(f"\n{'dense GEMM':<20} {'role':<6} {'chosen':<11} {'fp8 TF/s':>8} {'cuBLASLt':>8} {'sm90':>8} {'bf16':>8} {'fp8/bf16':>8}")
@@ -363,11 +388,13 @@ print()
 for r in rows:
     for tag, what in (("bench-gemm-bn128", "128x128 entries"), ("bench-gemm-ring4", "4-stage ring"),
                       ("bench-gemm-bn256", "128x256 ping-pong"), ("bench-gemm-nopp", "128x256 together"),
-                      ("bench-gemm-loaded", "Wgrad loaded scales"), ("bench-gemm-hoist", "Wgrad hoisted scales")):
+                      ("bench-gemm-loaded", "Wgrad loaded scales"), ("bench-gemm-staged", "Wgrad staged scales"),
+                      ("bench-gemm-experts", "Wgrad in expert order")):
         if r.get("tag") == tag:
             for x in r.get("rows", []):
                 print(f"{what}: {x['gemm'][:44]:<44} {x['role']:<6} {x['fp8_tflops']:>8} TF/s")
-for v in ("sm90", "nograph", "kt", "bn128", "ring4", "nopp", "loaded", "hoist", "mma", "fa2", "bf16", "bf16nograph"):
+for v in ("sm90", "nograph", "kt", "bn128", "ring4", "nopp", "loaded", "staged", "experts", "mma", "fa2", "bf16",
+          "bf16nograph"):
     s = next((r for r in rows if r.get("tag") == f"step-{v}"), None)
     k = next((r for r in rows if r.get("tag") == f"kernels-{v}"), {})
     if s:

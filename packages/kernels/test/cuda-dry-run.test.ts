@@ -285,7 +285,13 @@ describe("cuda backend host code, without a GPU", () => {
       false,
     ],
     ["Hopper, MOE8_SM90_WGRAD_STAGED=checked", { MOE8_SM90_WGRAD_STAGED: "checked" }, "ok", "9.0", false],
-    ["Hopper, MOE8_SM90_WGRAD_STAGED=hoist", { MOE8_SM90_WGRAD_STAGED: "hoist" }, "ok", "9.0", false],
+    [
+      "Hopper, MOE8_SM90_WGRAD_STAGED=1 MOE8_SM90_WGRAD_ORDER=experts",
+      { MOE8_SM90_WGRAD_STAGED: "1", MOE8_SM90_WGRAD_ORDER: "experts" },
+      "ok",
+      "9.0",
+      false,
+    ],
     [
       "Hopper, MOE8_SM90_BN=256 MOE8_SM90_PINGPONG=0 MOE8_SM90_WGRAD_STAGED=0",
       { MOE8_SM90_BN: "256", MOE8_SM90_PINGPONG: "0", MOE8_SM90_WGRAD_STAGED: "0" },
@@ -332,11 +338,11 @@ describe("cuda backend host code, without a GPU", () => {
         // MOE8_SM90_BN=256; Wgrad: by N (128 and 256 in everyOp) unless MOE8_SM90_WGRAD_BN forces one,
         // the 256-wide entries (Fprop/Dgrad under MOE8_SM90_BN=256, the Wgrad under
         // MOE8_SM90_WGRAD_STAGED=0) taking turns unless MOE8_SM90_PINGPONG=0; the 256-wide Wgrad
-        // with staged scales unless MOE8_SM90_WGRAD_STAGED says otherwise.
+        // with staged, hoisted scales unless MOE8_SM90_WGRAD_STAGED says otherwise.
         const wide = env.MOE8_SM90_PINGPONG === "0" ? "256" : "256_pingpong";
         const staged = env.MOE8_SM90_WGRAD_STAGED;
         const wideWgrad =
-          { "0": wide, checked: "256_staged_checked", hoist: "256_hoist" }[staged ?? ""] ?? "256_staged";
+          { "0": wide, "1": "256_staged", checked: "256_staged_checked" }[staged ?? ""] ?? "256_hoist";
         const wgrad = (env.MOE8_SM90_WGRAD_BN ? [env.MOE8_SM90_WGRAD_BN] : ["128", "256"]).map((w) =>
           w === "256" ? wideWgrad : w,
         );
@@ -384,6 +390,7 @@ describe("cuda backend host code, without a GPU", () => {
       ["MOE8_SM90_RING", "6", "expected deep or 4"],
       ["MOE8_SM90_PINGPONG", "yes", "expected 0 or 1"],
       ["MOE8_SM90_WGRAD_STAGED", "on", "expected 0, 1, checked or hoist"],
+      ["MOE8_SM90_WGRAD_ORDER", "random", "expected sorted or experts"],
     ]) {
       vi.stubEnv(name, value);
       expect(() => new CudaBackend()).toThrow(`${name}="${value}": ${why}`);
@@ -420,18 +427,43 @@ describe("cuda backend host code, without a GPU", () => {
       b.quantize(b.upload(seq(64 * cols), [64, cols]), { group: "column-tile", segments: offs });
     const [dy, x] = [cs(32), cs(256)];
     const grad = b.zeros([3, 32, 256]);
-    /** The accumulate argument of the Wgrad launch a call makes (tA, tB, tC at 0, 128, 256; then 8-byte slots). */
-    const accumulateArg = (accumulateZero: boolean) => {
+    /** The Wgrad launch a call makes (tA, tB, tC at 0, 128, 256; then 8-byte slots). */
+    const wgradArgs = (accumulateZero: boolean) => {
       const first = log.length;
       const o = { precision: "fp8", segment: "k", transA: true, accumulate: grad, accumulateZero } as const;
       expect(b.groupedMatmul(dy, x, offs, o)).toBe(grad);
       const [wgrad] = log
         .slice(first)
         .filter((l) => l.kernel.startsWith("gemm_sm90.gemm_sm90_fp8_wgrad_128x256"));
-      return wgrad.args.getInt32(440, true);
+      return wgrad.args;
     };
-    expect(accumulateArg(true)).toBe(0);
-    expect(accumulateArg(false)).toBe(1);
+    expect(wgradArgs(true).getInt32(440, true)).toBe(0);
+    expect(wgradArgs(false).getInt32(440, true)).toBe(1);
+    config.computeCapability = "8.9";
+  });
+
+  it("the experts' Wgrad takes its tiles largest expert first unless MOE8_SM90_WGRAD_ORDER=experts", () => {
+    config.computeCapability = "9.0";
+    config.misalign = false;
+    for (const [order, sorted] of [
+      [undefined, 1],
+      ["sorted", 1],
+      ["experts", 0],
+    ] as const) {
+      if (order) vi.stubEnv("MOE8_SM90_WGRAD_ORDER", order);
+      const b = new CudaBackend() as Backend;
+      vi.unstubAllEnvs();
+      const offs = b.upload(Int32Array.from([0, 10, 10, 64]), [4], "i32");
+      const cs = (cols: number) =>
+        b.quantize(b.upload(seq(64 * cols), [64, cols]), { group: "column-tile", segments: offs });
+      const first = log.length;
+      b.groupedMatmul(cs(32), cs(256), offs, { precision: "fp8", segment: "k", transA: true });
+      const [wgrad] = log
+        .slice(first)
+        .filter((l) => l.kernel.startsWith("gemm_sm90.gemm_sm90_fp8_wgrad_128x256"));
+      // (accumulate at 440, outMode at 448, sorted at 456)
+      expect(wgrad.args.getInt32(456, true), `MOE8_SM90_WGRAD_ORDER=${order}`).toBe(sorted);
+    }
     config.computeCapability = "8.9";
   });
 

@@ -298,8 +298,8 @@ if (status.ok) {
             },
             {
               sm90: true,
-              env: { MOE8_SM90_WGRAD_STAGED: "hoist" },
-              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=hoist",
+              env: { MOE8_SM90_WGRAD_STAGED: "1", MOE8_SM90_WGRAD_ORDER: "experts" },
+              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=1 MOE8_SM90_WGRAD_ORDER=experts",
             },
           ]
         : []),
@@ -363,13 +363,25 @@ if (status.ok) {
                 ? `gemm_sm90.gemm_sm90_fp8_wgrad_128x256${env.MOE8_SM90_PINGPONG === "0" ? "" : "_pingpong"}`
                 : env.MOE8_SM90_WGRAD_STAGED === "checked"
                   ? "gemm_sm90.gemm_sm90_fp8_wgrad_128x256_staged_checked"
-                  : env.MOE8_SM90_WGRAD_STAGED === "hoist"
-                    ? "gemm_sm90.gemm_sm90_fp8_wgrad_128x256_hoist"
-                    : "gemm_sm90.gemm_sm90_fp8_wgrad_128x256_staged",
+                  : env.MOE8_SM90_WGRAD_STAGED === "1"
+                    ? "gemm_sm90.gemm_sm90_fp8_wgrad_128x256_staged"
+                    : "gemm_sm90.gemm_sm90_fp8_wgrad_128x256_hoist",
               ...(env.MOE8_SM90_KMAJOR === "0" ? ["gemm_sm90.sm90_coltile_transpose"] : []),
             ].sort(),
           );
         else expect(sm90Ran, [...ran].join(", ")).toEqual([]);
+      }, 300_000);
+
+    // The order in which the Wgrad's CTAs take the experts' tiles (largest expert first, or in
+    // expert order) moves no bit: each tile's chunks are summed in the same order either way.
+    if (status.cc === "9.0")
+      it(`sm90 wgmma: the Wgrad's tile order changes no output bit (seed ${seed})`, async () => {
+        const sorted = cudaWith(true, {});
+        const experts = cudaWith(true, { MOE8_SM90_WGRAD_ORDER: "experts" });
+        for (const c of expertGemms(seed)) {
+          const [a, b] = [await readOutputs(sorted, c.run), await readOutputs(experts, c.run)];
+          for (let i = 0; i < a.length; i++) expect(b[i][1], `${c.name}: ${a[i][0]}`).toEqual(a[i][1]);
+        }
       }, 300_000);
 
     // Dense FP8 GEMMs (Fprop, Dgrad, Wgrad of a Linear) on the same kernels as one group of all rows

@@ -267,6 +267,7 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
         N,
         accumulate: o.accumulate ? 1 : 0,
         outMode: outMode(o),
+        sorted: cx.sm90WgradOrder === "sorted" ? 1 : 0,
       },
       !wide
         ? SM90.SM90_SMEM_WGRAD_128x128

@@ -95,15 +95,26 @@ async function denseFp8Paths(b: CudaBackend, shape: string) {
   }
 }
 
-async function grouped(b: Backend, N: number, K: number, p: Precision): Promise<Record<string, number>> {
+/**
+ * The experts' row offsets: uneven loads as after routing, expert sizes drawn from 0.5 to 1.5 times
+ * rows / E (the same every run; the JSON reports them, so that PyTorch's grouped GEMM is timed on
+ * the same groups: packages/kernels/bench/torch_expert_roles.py --offsets).
+ */
+export function expertOffsets(): Int32Array {
   const { E, rows } = EXPERTS;
   const rng = new Rng(4);
-  // Uneven loads as after routing: expert sizes drawn around rows / E.
   const sizes = Array.from({ length: E }, () => 0.5 + rng.next());
   const total = sizes.reduce((s, v) => s + v, 0);
   const off = new Int32Array(E + 1);
   for (let e = 0; e < E; e++)
     off[e + 1] = e === E - 1 ? rows : off[e] + Math.floor((sizes[e] / total) * rows);
+  return off;
+}
+
+async function grouped(b: Backend, N: number, K: number, p: Precision): Promise<Record<string, number>> {
+  const { E, rows } = EXPERTS;
+  const off = expertOffsets();
+  const rng = new Rng(5);
   return b.scope(async () => {
     const O = b.upload(off, [E + 1], "i32");
     const x = b.upload(normals(rng, rows * K), [rows, K]);
@@ -230,6 +241,7 @@ export async function benchGemmDevice(
         { bf16: await grouped(b, N, K, "bf16"), fp8: await grouped(b, N, K, "fp8") },
         { kernels, mmaSync: mma ? await grouped(mma, N, K, "fp8") : undefined },
       );
-  if (json) console.log(JSON.stringify({ backend: b.name, rows }));
+  const experts = !shapes || expertsOnly ? { expert_offsets: [...expertOffsets()] } : {};
+  if (json) console.log(JSON.stringify({ backend: b.name, rows, ...experts }));
   return 0;
 }

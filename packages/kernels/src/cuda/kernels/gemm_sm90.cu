@@ -48,7 +48,8 @@
 // quant_coltile's scales ([chunks, cols]), so one chunk of A (dY^T, M rows) and B (X^T, N rows) has a
 // per-row scale vector on both sides: promotion is acc += p * sa[row] * sb[col], the two vectors
 // staged in shared memory by each consumer warpgroup one chunk ahead (named barriers). The tiles are static (E x M/128 x N/BN,
-// expert-major), each with the K chunks of its expert; C is [E * M, N].
+// expert-major; with `sorted` the experts largest first, dealt in a snake: sm90_tile), each with
+// the K chunks of its expert; C is [E * M, N].
 
 #define SM90_MAX_E 256
 // Named barriers (0 is __syncthreads): 1-2 each consumer warpgroup's epilogue, 3-4 its Wgrad scale
@@ -68,10 +69,10 @@
 // Dynamic shared memory of each entry point (static_asserts below check them against sm90_smem_bytes).
 #define SM90_SMEM_128x256 216120
 #define SM90_SMEM_128x128 199752
-#define SM90_SMEM_WGRAD_128x256 221240
-#define SM90_SMEM_WGRAD_128x128 202824
+#define SM90_SMEM_WGRAD_128x256 222264
+#define SM90_SMEM_WGRAD_128x128 203848
 // The 128 x 256 Wgrad with each stage's scale vectors in the ring (STAGED_SCALES).
-#define SM90_SMEM_WGRAD_128x256_STAGED 220728
+#define SM90_SMEM_WGRAD_128x256_STAGED 221752
 // The deeper ring of the 128 x 128 entry for BF16 stores without accumulate, for at most
 // SM90_MAX_E_DEEP experts (tables half the size): C staged as BF16 (half the bytes of f32) and six
 // stages, which fill the 227 KB a CTA may have (the f32 entry has four).
@@ -163,12 +164,13 @@ enum class Mainloop { OneBuffer, TwoBuffers };
 // warpgroup one 64 x 128 half-tile of f32, or of BF16 in the BF16-only entry), the full/empty
 // barriers, the offsets and the prefix sums of m-tiles per expert (maxE + 1 each); for Wgrad
 // (rowScales) also each consumer warpgroup's two chunk scale buffers (its 64 rows and the tile's bn
-// columns), or with stagedScales each ring stage's scales (the tile's 128 rows, then its bn columns).
+// columns), or with stagedScales each ring stage's scales (the tile's 128 rows, then its bn columns),
+// and the experts' order (maxE).
 __host__ __device__ constexpr int sm90_smem_bytes(int bn, int stages, bool rowScales, bool bf16Staging = false,
                                                   int maxE = SM90_MAX_E, bool stagedScales = false) {
   return 1024 + stages * (SM90_BM + bn) * 128 + 2 * 64 * 128 * (bf16Staging ? 2 : 4) +
          (rowScales ? (stagedScales ? stages * (SM90_BM + bn) * 4 : 2 * 2 * (64 + bn) * 4) : 0) + 2 * stages * 8 +
-         2 * (maxE + 1) * 4;
+         2 * (maxE + 1) * 4 + (rowScales ? maxE * 4 : 0);
 }
 
 // Writes 0 to the rows of C [rows, N] outside [lo, hi), the rows no segment covers (none when the
@@ -190,8 +192,14 @@ struct Sm90Tile {
 
 // Tile t. Along M: m-tiles of each expert in order (mpre: prefix sums of m-tiles), n fastest, found by
 // bisection. Along K: E x MT x NT tiles, expert-major; mpre holds each expert's first 128-chunk.
+// A tile along K costs its expert's chunk count, which routing makes uneven, so with `sorted` the
+// experts are taken largest first (order: expert ids by falling chunk count) and dealt in a snake:
+// the CTAs' round r of gridDim.x tiles runs left to right when r is even, right to left when odd,
+// so that no CTA takes the largest tile of every round (notes/sm90-gemm.md, sixteenth session:
+// round robin over the experts in id order ends 13-20% past the mean CTA's work at small's loads).
 template <Segments SEG, int BN>
-__device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int* mpre, int E, int M, int N, int KC) {
+__device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int* mpre, const int* order, bool sorted,
+                                              int E, int M, int N, int KC) {
   const int NT = cdiv(N, BN);
   Sm90Tile T;
   if constexpr (SEG == Segments::AlongM) {
@@ -212,7 +220,15 @@ __device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int*
     T.n0 = nt * BN;
   } else {
     const int per = cdiv(M, SM90_BM) * NT;
-    const int e = t / per, r = t - e * per, mt = r / NT, nt = r - mt * NT;
+    int u = t, e;
+    if (sorted) {
+      const int G = gridDim.x, r = t / G, i = t - r * G;
+      if (r & 1) u = r * G + min(G, E * per - r * G) - 1 - i;
+      e = order[u / per];
+    } else {
+      e = u / per;
+    }
+    const int rt = u - (u / per) * per, mt = rt / NT, nt = rt - mt * NT;
     T.e = e;
     T.aRow = mt * SM90_BM;
     T.bRow = nt * BN;
@@ -253,7 +269,8 @@ template <int BN, int STAGES, Mainloop LOOP, Segments SEG, bool BF16_ONLY = fals
           bool PINGPONG = false, bool STAGED_SCALES = false, bool FILL_BARRIER = false, bool HOIST_SCALES = false>
 __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CUtensorMap* tB, const CUtensorMap* tC,
                                                  const float* As, const float* Bs, float* C, const int* off, int E,
-                                                 int M, int N, int K, int accumulate, int outMode, int rows) {
+                                                 int M, int N, int K, int accumulate, int outMode, int rows,
+                                                 bool sorted = false) {
   constexpr int BM = SM90_BM, NWG = BM / 64;
   constexpr int A_BYTES = BM * 128, B_BYTES = BN * 128;
   constexpr int NH = BN / 128;  // 128-column halves of the tile, one m64n128 wgmma chain each
@@ -287,6 +304,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   u64* empty = full + STAGES;
   int* soff = (int*)(empty + STAGES);  // E + 1 offsets
   int* mpre = soff + MAX_E + 1;        // E + 1 prefix sums of m-tiles (of 128 rows: chunks along K)
+  int* order = mpre + MAX_E + 1;       // along K: expert ids by falling chunk count (sm90_tile)
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (threadIdx.x == 0) {
@@ -318,6 +336,19 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
     if (lane == 0) mpre[0] = 0;
   }
   __syncthreads();
+  if (SEG == Segments::AlongK && sorted) {
+    // Expert e's place: the experts with more chunks, and those before it with as many.
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+      const int ke = mpre[e + 1] - mpre[e];
+      int r = 0;
+      for (int f = 0; f < E; f++) {
+        const int kf = mpre[f + 1] - mpre[f];
+        r += kf > ke || (kf == ke && f < e);
+      }
+      order[r] = e;
+    }
+    __syncthreads();
+  }
 
   const int NT = cdiv(N, BN), NB = cdiv(N, 128), KC = cdiv(K, 128);
   const int total = SEG == Segments::AlongM ? mpre[E] * NT : E * cdiv(M, BM) * NT;
@@ -334,7 +365,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
       int s = 0, issued = 0;
       u32 ph = 0;
       for (int t = blockIdx.x; t < total; t += gridDim.x) {
-        const Sm90Tile T = sm90_tile<SEG, BN>(t, soff, mpre, E, M, N, KC);
+        const Sm90Tile T = sm90_tile<SEG, BN>(t, soff, mpre, order, sorted, E, M, N, KC);
         // The scale vectors' bytes (multiples of 64: M and N are multiples of 16).
         const u32 saBytes = STAGED_SCALES ? (u32)min(BM, M - T.aRow) * 4 : 0;
         const u32 sbBytes = STAGED_SCALES ? (u32)min(BN, N - T.n0) * 4 : 0;
@@ -501,7 +532,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
     zero_acc();
   };
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
-    const Sm90Tile T = sm90_tile<SEG, BN>(t, soff, mpre, E, M, N, KC);
+    const Sm90Tile T = sm90_tile<SEG, BN>(t, soff, mpre, order, sorted, E, M, N, KC);
     const int e = T.e, row0 = T.cRow, rowEnd = T.rowEnd, n0 = T.n0;
     const int r0 = row0 + rloc, r1 = r0 + 8;
     // Scales of this thread's two rows and of the B blocks (32-bit offsets: fewer live registers).
@@ -769,10 +800,10 @@ GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_e128, 128, 5, TwoBuffers, false, S
   KERNEL void __launch_bounds__(SM90_THREADS, 1)                                                                 \
       NAME(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,                       \
            const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs, float* C, const int* off,    \
-           int E, int M, int N, int accumulate, int outMode) {                                                   \
+           int E, int M, int N, int accumulate, int outMode, int sorted) {                                       \
     sm90_fp8_grouped<BN, STAGES, Mainloop::LOOP, Segments::AlongK, false, SM90_MAX_E, PINGPONG, STAGED, FILL,    \
                      HOIST>(                                                                                     \
-        &tA, &tB, &tC, As, Bs, C, off, E, M, N, 0, accumulate, outMode, E * M);                                  \
+        &tA, &tB, &tC, As, Bs, C, off, E, M, N, 0, accumulate, outMode, E * M, sorted != 0);                     \
   }
 // 128 x 256 tiles: half the L2 traffic per FLOP of 128 x 128; one buffer, the two warpgroups'
 // promotions overlapped with each other's wgmmas by taking turns (PINGPONG; measured the same as

@@ -32,7 +32,14 @@ describe("bench gemm's timing", () => {
       },
     }) as Backend;
     let ops = 0;
-    const ms = await deviceMs(timed, () => (ops++, b.zeros([2, 2])), 3);
+    const ms = await deviceMs(
+      timed,
+      () => {
+        ops++;
+        return b.zeros([2, 2]);
+      },
+      3,
+    );
     // 3 warm-up calls (spans 5, 1, 9 dropped), then the median of the next 20 (2 .. 22 without 5, 1, 9).
     expect(calls).toBe(23);
     expect(ops).toBe(23);

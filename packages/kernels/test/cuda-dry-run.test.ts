@@ -286,8 +286,8 @@ describe("cuda backend host code, without a GPU", () => {
     ],
     ["Hopper, MOE8_SM90_WGRAD_STAGED=checked", { MOE8_SM90_WGRAD_STAGED: "checked" }, "ok", "9.0", false],
     [
-      "Hopper, MOE8_SM90_WGRAD_STAGED=1 MOE8_SM90_WGRAD_ORDER=experts",
-      { MOE8_SM90_WGRAD_STAGED: "1", MOE8_SM90_WGRAD_ORDER: "experts" },
+      "Hopper, MOE8_SM90_WGRAD_STAGED=hoist MOE8_SM90_WGRAD_ORDER=experts",
+      { MOE8_SM90_WGRAD_STAGED: "hoist", MOE8_SM90_WGRAD_ORDER: "experts" },
       "ok",
       "9.0",
       false,
@@ -338,11 +338,11 @@ describe("cuda backend host code, without a GPU", () => {
         // MOE8_SM90_BN=256; Wgrad: by N (128 and 256 in everyOp) unless MOE8_SM90_WGRAD_BN forces one,
         // the 256-wide entries (Fprop/Dgrad under MOE8_SM90_BN=256, the Wgrad under
         // MOE8_SM90_WGRAD_STAGED=0) taking turns unless MOE8_SM90_PINGPONG=0; the 256-wide Wgrad
-        // with staged, hoisted scales unless MOE8_SM90_WGRAD_STAGED says otherwise.
+        // with staged scales unless MOE8_SM90_WGRAD_STAGED says otherwise.
         const wide = env.MOE8_SM90_PINGPONG === "0" ? "256" : "256_pingpong";
         const staged = env.MOE8_SM90_WGRAD_STAGED;
         const wideWgrad =
-          { "0": wide, "1": "256_staged", checked: "256_staged_checked" }[staged ?? ""] ?? "256_hoist";
+          { "0": wide, hoist: "256_hoist", checked: "256_staged_checked" }[staged ?? ""] ?? "256_staged";
         const wgrad = (env.MOE8_SM90_WGRAD_BN ? [env.MOE8_SM90_WGRAD_BN] : ["128", "256"]).map((w) =>
           w === "256" ? wideWgrad : w,
         );

@@ -298,8 +298,8 @@ if (status.ok) {
             },
             {
               sm90: true,
-              env: { MOE8_SM90_WGRAD_STAGED: "1", MOE8_SM90_WGRAD_ORDER: "experts" },
-              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=1 MOE8_SM90_WGRAD_ORDER=experts",
+              env: { MOE8_SM90_WGRAD_STAGED: "hoist", MOE8_SM90_WGRAD_ORDER: "experts" },
+              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=hoist MOE8_SM90_WGRAD_ORDER=experts",
             },
           ]
         : []),
@@ -363,9 +363,9 @@ if (status.ok) {
                 ? `gemm_sm90.gemm_sm90_fp8_wgrad_128x256${env.MOE8_SM90_PINGPONG === "0" ? "" : "_pingpong"}`
                 : env.MOE8_SM90_WGRAD_STAGED === "checked"
                   ? "gemm_sm90.gemm_sm90_fp8_wgrad_128x256_staged_checked"
-                  : env.MOE8_SM90_WGRAD_STAGED === "1"
-                    ? "gemm_sm90.gemm_sm90_fp8_wgrad_128x256_staged"
-                    : "gemm_sm90.gemm_sm90_fp8_wgrad_128x256_hoist",
+                  : env.MOE8_SM90_WGRAD_STAGED === "hoist"
+                    ? "gemm_sm90.gemm_sm90_fp8_wgrad_128x256_hoist"
+                    : "gemm_sm90.gemm_sm90_fp8_wgrad_128x256_staged",
               ...(env.MOE8_SM90_KMAJOR === "0" ? ["gemm_sm90.sm90_coltile_transpose"] : []),
             ].sort(),
           );

@@ -109,12 +109,12 @@ export class CudaContext {
    */
   readonly sm90Pingpong: boolean;
   /**
-   * Where the 128 x 256 Wgrad takes each chunk's scale vectors from: "hoist" (the default,
-   * MOE8_SM90_WGRAD_STAGED=hoist), its ring stage, copied there by the producer with the codes, part
-   * of each half's column scales read while its wgmmas run; "staged" (=1), the same read after the
-   * wgmmas' wait; "checked", staged with every order spelled in named barriers, for
-   * compute-sanitizer's racecheck (=checked; slower); "loaded", the consumers loading and staging
-   * them (=0, the entry before; notes/sm90-gemm.md has the numbers).
+   * Where the 128 x 256 Wgrad takes each chunk's scale vectors from: "staged" (the default,
+   * MOE8_SM90_WGRAD_STAGED=1), its ring stage, copied there by the producer with the codes;
+   * "hoist" (=hoist), the same with part of each half's column scales read while its wgmmas run;
+   * "checked", staged with every order spelled in named barriers, for compute-sanitizer's
+   * racecheck (=checked; slower); "loaded", the consumers loading and staging them (=0, the entry
+   * before; notes/sm90-gemm.md has the numbers).
    */
   readonly sm90WgradScales: "loaded" | "staged" | "checked" | "hoist";
   /**
@@ -157,7 +157,7 @@ export class CudaContext {
     this.sm90WgradBn = tileWidth("MOE8_SM90_WGRAD_BN");
     this.sm90Ring = envChoice("MOE8_SM90_RING", ["deep", "4"], "deep");
     this.sm90Pingpong = envChoice("MOE8_SM90_PINGPONG", ["0", "1"], "1") === "1";
-    const scales = envChoice("MOE8_SM90_WGRAD_STAGED", ["0", "1", "checked", "hoist"], "hoist");
+    const scales = envChoice("MOE8_SM90_WGRAD_STAGED", ["0", "1", "checked", "hoist"], "1");
     this.sm90WgradScales = scales === "0" ? "loaded" : scales === "1" ? "staged" : scales;
     this.sm90WgradOrder = envChoice("MOE8_SM90_WGRAD_ORDER", ["sorted", "experts"], "sorted");
     const ctas = process.env.MOE8_SM90_CTAS ?? "";

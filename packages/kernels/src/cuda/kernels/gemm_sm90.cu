@@ -150,6 +150,18 @@ __device__ __forceinline__ void promote_cols(float (&acc)[ACC], float (&p)[ACC],
   }
 }
 
+// promote_cols for a half partly past N: only the column pairs 8 j + 2 tq + {0, 1} below the
+// half's live columns are read (`live` counted from this thread's first column); the others, never
+// stored, take scale 0.
+template <int ACC>
+__device__ __forceinline__ void promote_cols_part(float (&acc)[ACC], float (&p)[ACC], float sa0, float sa1,
+                                                  const float* sb, int live) {
+  float2 b[ACC / 4];
+#pragma unroll
+  for (int j = 0; j < ACC / 4; j++) b[j] = 8 * j < live ? *(const float2*)(sb + 8 * j) : make_float2(0.0f, 0.0f);
+  promote_cols(acc, p, sa0, sa1, b);
+}
+
 // Where the experts' segments lie: along M (Fprop, Dgrad: rows of A and C) or along K (Wgrad).
 enum class Segments { AlongM, AlongK };
 
@@ -261,7 +273,7 @@ __device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int*
 // serialises producer and consumers; it makes every order one racecheck can follow, so that a
 // hazard it still reports is real (notes/sm90-gemm.md, fifteenth session: with the fill announced
 // right after issuing the copies, 3 hazards; after they landed, 2).
-// HOIST_SCALES (with STAGED_SCALES; MOE8_SM90_WGRAD_STAGED=hoist, being measured): each half's
+// HOIST_SCALES (with STAGED_SCALES; MOE8_SM90_WGRAD_STAGED=hoist, opt-in): each half's
 // column scales are read from the stage into registers between issuing its wgmmas and waiting for
 // them, so that after the wait only the products and the fmas are left (the wait's memory clobber
 // keeps the compiler from moving the reads there itself).
@@ -290,9 +302,10 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   // Staging per consumer warpgroup: 64 rows x 128 columns of f32 (or BF16).
   constexpr int C_BYTES = 64 * 128 * (BF16_ONLY ? 2 : 4);
   static_assert(!HOIST_SCALES || STAGED_SCALES, "hoisted scales are read from the stage");
-  // HOIST_SCALES: how many of a half's 16 column-scale pairs are read before the wait (from 8 on,
-  // ptxas spills: 2 registers each beside the accumulators and the wgmmas' in flight).
-  constexpr int HOISTED = 6;
+  // HOIST_SCALES: how many of a half's 16 column-scale pairs are read before the wait (2 registers
+  // each beside the accumulators and the wgmmas in flight: ptxas spills from 8 on, and from 3 on
+  // since the reads stop at the tile's columns inside N; notes/sm90-gemm.md, sixteenth session).
+  constexpr int HOISTED = 2;
   extern __shared__ u8 sm90_dyn[];
   u8* base = sm90_dyn + ((1024 - (sm90_smem_u32(sm90_dyn) & 1023)) & 1023);
   if (E > MAX_E || (BF16_ONLY && (outMode != SM90_OUT_BF16 || accumulate))) asm volatile("trap;");
@@ -624,18 +637,23 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
           }
         }
       } else if constexpr (STAGED_SCALES) {
-        // The chunk's scales in its stage: this thread's two rows of A, its columns of B.
+        // The chunk's scales in its stage: this thread's two rows of A, its columns of B; rowsIn and
+        // colsIn of them were copied (the tile's rows inside M, its columns inside N).
         float p[ACC];
+        const int rowsIn = M - T.aRow, colsIn = N - n0;
         for (int kc = 0; kc < T.kc; kc++) {
           mbar_wait(&full[s], ph);
           if constexpr (FILL_BARRIER) named_sync(SM90_FILL_BAR + s, 32 + 128 * NWG);
           const float* ss = (const float*)sS + s * S_FLOATS;
-          const float sa0 = ss[rloc], sa1 = ss[rloc + 8];
+          // Only the scales this fill copied are read: the tile's rows past M and columns past N
+          // (never stored) take 0 rather than what an earlier tile's fill left in the stage.
+          const float sa0 = rloc < rowsIn ? ss[rloc] : 0.0f, sa1 = rloc + 8 < rowsIn ? ss[rloc + 8] : 0.0f;
 #pragma unroll
           for (int h = 0; h < NH; h++) {
             mma_half(p, aBase + s * A_BYTES, bBase + s * B_BYTES + h * 128 * 128);
-            if constexpr (HOIST_SCALES) {  // the column scales read while the wgmmas run
-              const float* sb = ss + BM + 128 * h + 2 * tq;
+            const float* sb = ss + BM + 128 * h + 2 * tq;
+            const int live = colsIn - 128 * h;  // columns of this half inside N (a multiple of 16)
+            if (HOIST_SCALES && live >= 128) {  // the column scales read while the wgmmas run
               float2 b[ACC / 4];
 #pragma unroll
               for (int j = 0; j < HOISTED; j++) b[j] = *(const float2*)(sb + 8 * j);
@@ -645,7 +663,8 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
               promote_cols(acc[h], p, sa0, sa1, b);
             } else {
               wgmma_wait<0>();
-              promote_cols(acc[h], p, sa0, sa1, ss + BM + 128 * h + 2 * tq);
+              if (live >= 128) promote_cols(acc[h], p, sa0, sa1, sb);
+              else if (live > 0) promote_cols_part(acc[h], p, sa0, sa1, sb, live - 2 * tq);
             }
           }
           // Every read of the stage done (FILL_BARRIER: waiting with the producer, an order racecheck

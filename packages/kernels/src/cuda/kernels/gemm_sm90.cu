@@ -29,10 +29,11 @@
 // schedule is computed on the device from the offsets: m-tiles of each expert in order, n fastest,
 // tile t = blockIdx.x + i * gridDim.x; no host synchronisation. TMA reads rows past an expert's end
 // (the next expert's, never stored) and zero-fills past the tensor's end (K not a multiple of 128,
-// the last rows); stores are guarded by row < off[e+1] and col < N. Epilogue: a whole tile is staged
-// in shared memory (128-byte swizzled strips) and written by TMA stores that drain while the
-// warpgroup goes on; an expert's last, partial m-tile, and every tile when accumulating, is stored
-// from registers.
+// the last rows); stores are guarded by row < off[e+1] and col < N. Epilogue: each consumer
+// warpgroup's 64 rows of a tile, where all lie inside the expert, are staged in shared memory
+// (128-byte swizzled strips) and written by TMA stores (TMA reduce-adds when accumulating) that
+// drain while the warpgroup goes on; the rows of an expert's last, partial m-tile that are not a
+// whole 64 are stored from registers.
 //
 // Launch: SM90_THREADS threads, grid = the number of SMs, dynamic shared memory SM90_SMEM_<tile>;
 // tensor maps (cudaTensorMap2D, 128-byte swizzle): A u8 [rows, K] box {128, 128}; B u8 [E * N, K]
@@ -464,8 +465,9 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
 
     // Epilogue, per 128-column half h: accumulator i is row (i & 2 ? g + 8 : g), column
     // n0 + 128 h + 8 (i / 4) + 2 tq + (i & 1).
-    if (row0 + BM <= rowEnd) {
-      // Whole tile inside the expert: stage this warpgroup's 64 x 128 in 128-byte strips with the TMA
+    if (row0 + 64 * wg + 64 <= rowEnd) {
+      // This warpgroup's 64 rows inside the expert (both warpgroups' in a whole tile; the first's
+      // alone in an expert's last tile of 64 to 127 rows): stage its 64 x 128 in 128-byte strips with the TMA
       // 128-byte swizzle (16-byte chunk index ^= row & 7: conflict-free), then TMA-store the strips
       // (TMA-add them when accumulating: C = C + v in L2, the one write of each element).
       // BF16 storage: 64 columns per strip (cvt.rn.bf16x2 pairs), 32 for f32.

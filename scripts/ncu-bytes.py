@@ -5,29 +5,21 @@ dram__bytes_write.sum`: launches, time, DRAM bytes and achieved bandwidth, large
 Used by scripts/gpu-sm90.sh (step ncu-bytes) to tell which memory-bound kernels of the training
 step are far from the HBM's bandwidth. Usage: python3 scripts/ncu-bytes.py ncu.csv
 """
-import csv
 import sys
 from collections import defaultdict
 
-SCALE = {"": 1, "byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "KB": 1e3, "MB": 1e6, "GB": 1e9,
-         "nsecond": 1e-9, "usecond": 1e-6, "msecond": 1e-3, "second": 1, "ns": 1e-9, "us": 1e-6, "ms": 1e-3}
+from ncu_csv import Launches
 
 
 def main(path: str) -> None:
-    rows = list(csv.reader(line for line in open(path, errors="replace") if line.startswith('"')))
-    if len(rows) < 3:
+    ncu = Launches(path)
+    if not ncu.rows:
         print(f"no kernels in {path}")
         return
-    head, units = rows[0], rows[1]
-    col = {name: i for i, name in enumerate(head)}
-    name_col = col["Kernel Name"]
-
-    def value(r, metric):
-        i = col[metric]
-        return float(r[i].replace(",", "")) * SCALE.get(units[i], 1)
+    name_col, value = ncu.col["Kernel Name"], ncu.value
 
     acc = defaultdict(lambda: [0, 0.0, 0.0])
-    for r in rows[2:]:
+    for r in ncu.rows:
         try:
             t = value(r, "gpu__time_duration.sum")
             b = value(r, "dram__bytes_read.sum") + value(r, "dram__bytes_write.sum")

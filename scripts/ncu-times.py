@@ -6,28 +6,24 @@ Used by scripts/gpu-sm90.sh (step ncu-times, NCU_TIMES="regex") to see whether s
 kernel in the training step take much longer than the others (the step's profile sums them per
 name). Usage: python3 scripts/ncu-times.py ncu.csv
 """
-import csv
 import statistics
 import sys
 from collections import defaultdict
 
-SCALE = {"nsecond": 1e-3, "usecond": 1, "msecond": 1e3, "second": 1e6, "ns": 1e-3, "us": 1, "ms": 1e3}
+from ncu_csv import Launches
 
 
 def main(path: str) -> None:
-    rows = list(csv.reader(line for line in open(path, errors="replace") if line.startswith('"')))
-    if len(rows) < 3:
+    ncu = Launches(path)
+    if not ncu.rows:
         print(f"no launches in {path}")
         return
-    head, units = rows[0], rows[1]
-    col = {name: i for i, name in enumerate(head)}
-    t_col, name_col = col["gpu__time_duration.sum"], col["Kernel Name"]
-    grid_col = col.get("Grid Size")
+    name_col, grid_col = ncu.col["Kernel Name"], ncu.col.get("Grid Size")
     per = defaultdict(list)
     print(f"{'launch':>6} {'us':>9}  {'grid':<14} kernel")
-    for i, r in enumerate(rows[2:]):
+    for i, r in enumerate(ncu.rows):
         try:
-            us = float(r[t_col].replace(",", "")) * SCALE.get(units[t_col], 1)
+            us = ncu.value(r, "gpu__time_duration.sum") * 1e6
         except (ValueError, IndexError):
             continue
         name = r[name_col][:70]

@@ -16,7 +16,7 @@
 #     MOE8_SM90_WGRAD_STAGED=0 (the Wgrad's entry before the staged one); racecheck-checked: =checked
 #     (racecheck-checked-experts: in expert order too); hoist, bench-gemm-hoist, memcheck-hoist: =hoist;
 #     experts, bench-gemm-experts: MOE8_SM90_WGRAD_ORDER=experts; ncu-wgrad-{default,hoist,loaded}:
-#     Nsight Compute; ncu-times: every launch's time (NCU_TIMES)
+#     Nsight Compute; ncu-wgrad-src: its stall samples per SASS instruction; ncu-times: every launch's time (NCU_TIMES)
 #   5 compute-sanitizer on the sm90 kernels (both entry points, through the op suite's sm90 tests):
 #     racecheck and memcheck filtered to gemm_sm90, then to flash_sm90's fa3 kernels (racecheck-fa3,
 #     memcheck-fa3); memcheck of one whole tiny training step
@@ -228,6 +228,16 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
         --section SchedulerStats --section ComputeWorkloadAnalysis --section LaunchStats --section SourceCounters \
         bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts
     done
+  fi
+  # The default gate_up Wgrad's warp-stall samples per SASS instruction (Nsight's source page, the
+  # 31st Wgrad launch as above; NCU_SRC_ENV="VAR=value" for another entry): $OUT/wgrad-source.csv,
+  # summed by scripts/ncu-source.py.
+  if command -v ncu >/dev/null 2>&1; then
+    step ncu-wgrad-src 150 40 env ${NCU_SRC_ENV:-MOE8_SM90_WGRAD_STAGED=1} sh -c "ncu --kernel-name regex:gemm_sm90_fp8_wgrad --launch-skip 30 --launch-count 1 \
+      --section SourceCounters --section WarpStateStats -f --export /tmp/wgrad-src \
+      bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts > /dev/null &&
+      ncu --import /tmp/wgrad-src.ncu-rep --page source --csv --print-source sass > '$OUT/wgrad-source.csv' &&
+      python3 scripts/ncu-source.py '$OUT/wgrad-source.csv' | tee '$OUT/wgrad-source.txt'"
   fi
   # Nsight Compute on the quantisers at the experts' shapes (bench quant: the 70th quant_tile128
   # launch is a 98,304 x 1,024 tile quantisation; the 6th requant_tile_kmajor, the experts' xs).

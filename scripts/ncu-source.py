@@ -39,7 +39,8 @@ def main() -> None:
     if all_s is None:
         raise SystemExit(f"{args.csv}: no 'Warp Stall Sampling (All Samples)' column")
     reasons = [i for i, c in enumerate(head) if re.match(r"(?i)stall[_ ]", c) or c.lower().startswith("smsp__pcsamp")]
-    total = sum(number(r[all_s]) for r in body) or 1.0
+    samples = [number(r[all_s]) for r in body]
+    total = sum(samples) or 1.0
     print(f"{len(body)} instructions, {total:.0f} samples")
 
     def opcode(text: str) -> str:
@@ -48,8 +49,8 @@ def main() -> None:
 
     by_op = defaultdict(float)
     by_reason = defaultdict(float)
-    for r in body:
-        by_op[opcode(r[src])] += number(r[all_s])
+    for r, n in zip(body, samples):
+        by_op[opcode(r[src])] += n
         for i in reasons:
             by_reason[head[i]] += number(r[i])
     print("\nsamples by opcode:")
@@ -60,12 +61,13 @@ def main() -> None:
         for name, n in sorted(by_reason.items(), key=lambda x: -x[1])[:20]:
             print(f"  {name:<48} {n:>9.0f} {100 * n / total:5.1f}%")
     print(f"\nthe {args.top} instructions with the most samples (in address order):")
-    top = sorted(body, key=lambda r: -number(r[all_s]))[: args.top]
-    for r in sorted(top, key=lambda r: body.index(r)):
+    top = sorted(range(len(body)), key=lambda k: -samples[k])[: args.top]
+    for k in sorted(top):
+        r, n = body[k], samples[k]
         lead = sorted(((number(r[i]), head[i]) for i in reasons), reverse=True)[:3]
-        why = ", ".join(f"{name} {n:.0f}" for n, name in lead if n > 0)
+        why = ", ".join(f"{name} {m:.0f}" for m, name in lead if m > 0)
         where = r[addr] if addr is not None else ""
-        print(f"  {where:>8} {number(r[all_s]):>7.0f} {100 * number(r[all_s]) / total:5.1f}%  {r[src].strip()[:70]:<70} {why}")
+        print(f"  {where:>8} {n:>7.0f} {100 * n / total:5.1f}%  {r[src].strip()[:70]:<70} {why}")
 
 
 if __name__ == "__main__":

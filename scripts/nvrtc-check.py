@@ -18,6 +18,7 @@ table passes the argument slots the compiled kernel reads.
 Prints one line per kernel module and exits non-zero on any compile error (with the log) or any
 signature mismatch, or with exit code 2 when libnvrtc cannot be found.
 Usage: nvrtc-check.py [--arch sm_90a] [--lib PATH] [--ptxas-verbose (registers and spills per kernel)]
+                      [--module NAME (only this module, e.g. gemm_sm90; repeatable)]
                       [--write-cache DIR (each CUBIN where the addon's disk cache looks for it, so a
                        GPU machine with the same NVRTC major.minor skips compiling: MOE8_CACHE_DIR=DIR)]
 """
@@ -217,6 +218,9 @@ def main():
     ap.add_argument("--lib", default=None)
     ap.add_argument("--ptxas-verbose", action="store_true", help="print registers and spills per kernel")
     ap.add_argument("--write-cache", default=None, help="write each CUBIN into this addon kernel-cache folder")
+    ap.add_argument(
+        "--module", action="append", default=None, help="compile only this module (e.g. gemm_sm90; repeatable)"
+    )
     args = ap.parse_args()
     lib, where = find_nvrtc(args.lib)
     if lib is None:
@@ -231,6 +235,13 @@ def main():
     opts = options(args.arch) + (["--ptxas-options=-v"] if args.ptxas_verbose else [])
     copts = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
     sources = sorted(glob.glob(os.path.join(KDIR, "*.cu")))
+    every = {os.path.splitext(os.path.basename(p))[0] for p in sources}
+    if args.module:
+        unknown = [m for m in args.module if m not in every]
+        if unknown:
+            print(f"nvrtc-check: --module {unknown[0]}: no such kernel module (one of {', '.join(sorted(every))})")
+            return 2
+        sources = [p for p in sources if os.path.splitext(os.path.basename(p))[0] in args.module]
     skipped = [p for p in sources if args.arch != "sm_90a" and os.path.splitext(os.path.basename(p))[0] in SM90A_ONLY]
     sources = [p for p in sources if p not in skipped]
     for p in skipped:
@@ -255,8 +266,7 @@ def main():
             checked += len(entries)
             if args.write_cache and not args.ptxas_verbose:
                 write_cache(args.write_cache, module, path, common, args.arch, (major.value, minor.value), cubin)
-    modules = {os.path.splitext(os.path.basename(p))[0] for p in sources + skipped}
-    mismatches += [f"{m}: in the table but there is no {m}.cu" for m in table if m not in modules]
+    mismatches += [f"{m}: in the table but there is no {m}.cu" for m in table if m not in every]
     print(f"nvrtc-check: {len(sources) - failed} of {len(sources)} kernel modules compiled")
     for m in mismatches:
         print(f"MISMATCH {m}")

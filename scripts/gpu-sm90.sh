@@ -23,7 +23,9 @@
 #   6 sample-kv: greedy cuda samples with and without the KV cache are the same text; a 300-step
 #     small training run: its expert balance (issue 23)
 #   7 PyTorch in the same call: grouped-GEMM anchors, then the small step eager and compiled
-# STEPS="op-suite bench-gemm ..." runs only the named steps (names as in the table).
+# STEPS="op-suite bench-gemm ..." runs only the named steps (names as in the table);
+# roles-interleaved runs rounds roles-interleaved-1 .. -ROUNDS of bench gemm and PyTorch's grouped
+# GEMM alternated (ROUNDS=3).
 # Everything goes to $OUT/log.txt; JSON results to $OUT/results.jsonl; the table to $OUT/summary.txt
 # and last on stdout. A prebuilt kernel cache in .gpu-cache/ (cubins.tar.xz, which
 # scripts/pack-gpu-bundle.sh writes, or the cubins of python3 scripts/nvrtc-check.py --write-cache
@@ -135,6 +137,18 @@ offsets=$([ -s /tmp/bench-gemm.json ] && echo "--offsets /tmp/bench-gemm.json")
 step torch-roles 60 20 sh -c "python3 packages/kernels/bench/torch_expert_roles.py $offsets > /tmp/torch-roles.txt"
 cat /tmp/torch-roles.txt >>"$LOG" 2>/dev/null
 json_of /tmp/torch-roles.txt torch-roles
+# The same two, alternated ROUNDS times (default 3): our kernels and PyTorch's run minutes apart in
+# the steps above, and PyTorch's grouped GEMM moves up to ~13% from call to call while ours moves
+# ~5%, so a ratio of two single runs carries the GPU's state between them. Here each round times
+# ours then PyTorch's on our groups, and the summary gives per role the ratio of the medians and
+# the range of the rounds' ratios.
+picked roles-interleaved && for i in $(seq 1 "${ROUNDS:-3}"); do
+  (STEPS="" && step "roles-interleaved-$i" 60 20 sh -c "bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts \
+    --json > /tmp/il-ours-$i.json && python3 packages/kernels/bench/torch_expert_roles.py --offsets /tmp/il-ours-$i.json \
+    > /tmp/il-torch-$i.txt")
+  grep -h '^{' "/tmp/il-ours-$i.json" 2>/dev/null | sed "s/^{/{\"tag\":\"il-ours\",\"round\":$i,/" >>"$RES"
+  grep -h '^{' "/tmp/il-torch-$i.txt" 2>/dev/null | sed "s/^{/{\"tag\":\"il-torch\",\"round\":$i,/" >>"$RES"
+done
 
 # NCCL from PyTorch's install: its version, and a communicator of one rank through every collective
 # on the cuda backend (issue 22; one GPU cannot hold two NCCL ranks).
@@ -395,6 +409,29 @@ for r in rows:
             print(f"{x['gemm'][:20]:<20} {x['role']:<6} {x.get('fp8_kernel', '-'):<11} {x['fp8_tflops']:>8} "
                   f"{x.get('fp8_cublaslt_tflops', '-')!s:>8} {x.get('fp8_sm90_tflops', '-')!s:>8} {x['bf16_tflops']:>8} "
                   f"{x['fp8_vs_bf16']:>8}")
+# The interleaved rounds: per role the medians of ours and PyTorch's (on our groups) and the
+# range of the rounds' own ratios.
+ours_il, torch_il = {}, {}
+for r in rows:
+    if r.get("tag") == "il-ours":
+        for x in r.get("rows", []):
+            if x["gemm"].startswith("experts"):
+                g = "gate_up" if "512x1024" in x["gemm"] else "down"
+                ours_il.setdefault((g, x["role"]), {})[r["round"]] = x["fp8_tflops"]
+    elif r.get("tag") == "il-torch" and r.get("groups") == "bench" and r.get("tflops"):
+        torch_il.setdefault((r["torch_grouped_bf16"], r["role"]), {})[r["round"]] = r["tflops"]
+if ours_il and torch_il:
+    med = lambda v: sorted(v)[len(v) // 2] if len(v) % 2 else sum(sorted(v)[len(v) // 2 - 1:len(v) // 2 + 1]) / 2
+    print(f"\n{'interleaved rounds':<20} {'role':<6} {'rounds':>6} {'moe8 TF/s':>10} {'torch TF/s':>10} {'ratio':>6} {'by round':>12}")
+    for key, o in ours_il.items():
+        t = torch_il.get(key, {})
+        both = sorted(set(o) & set(t))
+        if not both:
+            continue
+        ratios = [o[i] / t[i] for i in both]
+        mo, mt = med([o[i] for i in both]), med([t[i] for i in both])
+        print(f"{key[0]:<20} {key[1]:<6} {len(both):>6} {mo:>10.1f} {mt:>10.1f} {mo / mt:>6.2f} "
+              f"{min(ratios):>5.2f}-{max(ratios):.2f}")
 print()
 for r in rows:
     for tag, what in (("bench-gemm-bn128", "128x128 entries"), ("bench-gemm-ring4", "4-stage ring"),

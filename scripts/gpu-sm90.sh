@@ -25,7 +25,8 @@
 #   7 PyTorch in the same call: grouped-GEMM anchors, then the small step eager and compiled
 # STEPS="op-suite bench-gemm ..." runs only the named steps (names as in the table);
 # roles-interleaved runs rounds roles-interleaved-1 .. -ROUNDS of bench gemm and PyTorch's grouped
-# GEMM alternated (ROUNDS=3).
+# GEMM alternated (ROUNDS=3; IL_VARIANT="VAR=value": bench gemm under that environment in each round
+# too).
 # Everything goes to $OUT/log.txt; JSON results to $OUT/results.jsonl; the table to $OUT/summary.txt
 # and last on stdout. A prebuilt kernel cache in .gpu-cache/ (cubins.tar.xz, which
 # scripts/pack-gpu-bundle.sh writes, or the cubins of python3 scripts/nvrtc-check.py --write-cache
@@ -148,6 +149,11 @@ picked roles-interleaved && for i in $(seq 1 "${ROUNDS:-3}"); do
     > /tmp/il-torch-$i.txt")
   grep -h '^{' "/tmp/il-ours-$i.json" 2>/dev/null | sed "s/^{/{\"tag\":\"il-ours\",\"round\":$i,/" >>"$RES"
   grep -h '^{' "/tmp/il-torch-$i.txt" 2>/dev/null | sed "s/^{/{\"tag\":\"il-torch\",\"round\":$i,/" >>"$RES"
+  # IL_VARIANT="VAR=value ...": our kernels under that environment too, in the same rounds.
+  [ -n "${IL_VARIANT:-}" ] || continue
+  (STEPS="" && step "roles-interleaved-variant-$i" 60 20 env $IL_VARIANT sh -c "bun apps/trainer/src/cli.ts bench gemm \
+    --backend cuda --shape experts --json > /tmp/il-variant-$i.json")
+  grep -h '^{' "/tmp/il-variant-$i.json" 2>/dev/null | sed "s/^{/{\"tag\":\"il-variant\",\"round\":$i,/" >>"$RES"
 done
 
 # NCCL from PyTorch's install: its version, and a communicator of one rank through every collective
@@ -411,18 +417,20 @@ for r in rows:
                   f"{x['fp8_vs_bf16']:>8}")
 # The interleaved rounds: per role the medians of ours and PyTorch's (on our groups) and the
 # range of the rounds' own ratios.
-ours_il, torch_il = {}, {}
+ours_il, torch_il, variant_il = {}, {}, {}
 for r in rows:
-    if r.get("tag") == "il-ours":
+    if r.get("tag") in ("il-ours", "il-variant"):
         for x in r.get("rows", []):
             if x["gemm"].startswith("experts"):
                 g = "gate_up" if "512x1024" in x["gemm"] else "down"
-                ours_il.setdefault((g, x["role"]), {})[r["round"]] = x["fp8_tflops"]
+                into = ours_il if r["tag"] == "il-ours" else variant_il
+                into.setdefault((g, x["role"]), {})[r["round"]] = x["fp8_tflops"]
     elif r.get("tag") == "il-torch" and r.get("groups") == "bench" and r.get("tflops"):
         torch_il.setdefault((r["torch_grouped_bf16"], r["role"]), {})[r["round"]] = r["tflops"]
 if ours_il and torch_il:
     med = lambda v: sorted(v)[len(v) // 2] if len(v) % 2 else sum(sorted(v)[len(v) // 2 - 1:len(v) // 2 + 1]) / 2
-    print(f"\n{'interleaved rounds':<20} {'role':<6} {'rounds':>6} {'moe8 TF/s':>10} {'torch TF/s':>10} {'ratio':>6} {'by round':>12}")
+    print(f"\n{'interleaved rounds':<20} {'role':<6} {'rounds':>6} {'moe8 TF/s':>10} {'torch TF/s':>10} {'ratio':>6} {'by round':>12}"
+          + (f" {'variant TF/s':>12} {'ratio':>6}" if variant_il else ""))
     for key, o in ours_il.items():
         t = torch_il.get(key, {})
         both = sorted(set(o) & set(t))
@@ -430,8 +438,9 @@ if ours_il and torch_il:
             continue
         ratios = [o[i] / t[i] for i in both]
         mo, mt = med([o[i] for i in both]), med([t[i] for i in both])
+        v = [variant_il.get(key, {})[i] for i in both if i in variant_il.get(key, {})]
         print(f"{key[0]:<20} {key[1]:<6} {len(both):>6} {mo:>10.1f} {mt:>10.1f} {mo / mt:>6.2f} "
-              f"{min(ratios):>5.2f}-{max(ratios):.2f}")
+              f"{min(ratios):>5.2f}-{max(ratios):.2f}" + (f" {med(v):>12.1f} {med(v) / mt:>6.2f}" if v else ""))
 print()
 for r in rows:
     for tag, what in (("bench-gemm-bn128", "128x128 entries"), ("bench-gemm-ring4", "4-stage ring"),

@@ -94,15 +94,27 @@ __device__ __forceinline__ void wgmma_n128(float* d, u64 da, u64 db, int accumul
       : "l"(da), "l"(db), "r"(accumulate));
 }
 
-// The 4 k32 wgmmas of one 128-deep chunk into a fresh accumulator p, issued and committed as one
-// group; the caller waits.
+// The same for m64n64k32 (32 accumulators: the four-warpgroup Wgrad's 64-column quarters).
+__device__ __forceinline__ void wgmma_n64(float* d, u64 da, u64 db, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(da), "l"(db), "r"(accumulate));
+}
+
+// The 4 k32 wgmmas of one 128-deep chunk into a fresh accumulator p (64 of them: n128; 32: n64),
+// issued and committed as one group; the caller waits.
 template <int ACC>
 __device__ __forceinline__ void mma_chunk(float (&p)[ACC], u32 aAddr, u32 bAddr) {
 #pragma unroll
   for (int i = 0; i < ACC; i++) reg_fence(p[i]);
   wgmma_fence();
 #pragma unroll
-  for (int ks = 0; ks < 4; ks++) wgmma_n128(p, sm90_desc(aAddr + ks * 32), sm90_desc(bAddr + ks * 32), ks);
+  for (int ks = 0; ks < 4; ks++) {
+    if constexpr (ACC == 64) wgmma_n128(p, sm90_desc(aAddr + ks * 32), sm90_desc(bAddr + ks * 32), ks);
+    else wgmma_n64(p, sm90_desc(aAddr + ks * 32), sm90_desc(bAddr + ks * 32), ks);
+  }
   wgmma_commit();
 }
 
@@ -210,7 +222,7 @@ struct Sm90Tile {
 // the CTAs' round r of gridDim.x tiles runs left to right when r is even, right to left when odd,
 // so that no CTA takes the largest tile of every round (notes/sm90-gemm.md, sixteenth session:
 // round robin over the experts in id order ends 13-20% past the mean CTA's work at small's loads).
-template <Segments SEG, int BN>
+template <Segments SEG, int BN, int BM = SM90_BM>
 __device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int* mpre, const int* order, bool sorted,
                                               int E, int M, int N, int KC) {
   const int NT = cdiv(N, BN);
@@ -224,7 +236,7 @@ __device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int*
       else hi = mid - 1;
     }
     T.e = lo;
-    T.aRow = soff[lo] + (mt - mpre[lo]) * SM90_BM;
+    T.aRow = soff[lo] + (mt - mpre[lo]) * BM;
     T.bRow = lo * N + nt * BN;
     T.k0 = 0;
     T.kc = KC;
@@ -232,7 +244,7 @@ __device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int*
     T.rowEnd = soff[lo + 1];
     T.n0 = nt * BN;
   } else {
-    const int per = cdiv(M, SM90_BM) * NT;
+    const int per = cdiv(M, BM) * NT;
     int u = t, e;
     if (sorted) {
       const int G = gridDim.x, r = t / G, i = t - r * G;
@@ -243,7 +255,7 @@ __device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int*
     }
     const int rt = u - (u / per) * per, mt = rt / NT, nt = rt - mt * NT;
     T.e = e;
-    T.aRow = mt * SM90_BM;
+    T.aRow = mt * BM;
     T.bRow = nt * BN;
     T.k0 = mpre[e];
     T.kc = mpre[e + 1] - mpre[e];
@@ -252,6 +264,48 @@ __device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int*
     T.n0 = nt * BN;
   }
   return T;
+}
+
+// The tables every CTA builds in shared memory before its first tile (all threads call it; it
+// synchronises the block): soff, the E + 1 offsets; mpre, the prefix sums of each expert's 128-row
+// (along M) or 128-token (along K) pieces; with `rank`, order, the expert ids by falling piece
+// count (an expert's place: the experts with more pieces, and those before it with as many).
+__device__ __forceinline__ void sm90_tables(const int* off, int E, int* soff, int* mpre, int* order, bool rank) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (warp == 0) {
+    int carry = 0;
+    for (int b = 0; b < E; b += 32) {
+      const int e = b + lane;
+      int v = 0;
+      if (e < E) {
+        const int lo = off[e], hi = off[e + 1];
+        soff[e] = lo;
+        if (e == E - 1) soff[E] = hi;
+        v = cdiv(hi - lo, 128);
+      }
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= o) v += y;
+      }
+      if (e < E) mpre[e + 1] = carry + v;
+      carry += __shfl_sync(0xffffffffu, v, 31);
+    }
+    if (lane == 0) mpre[0] = 0;
+  }
+  __syncthreads();
+  if (rank) {
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+      const int ke = mpre[e + 1] - mpre[e];
+      int r = 0;
+      for (int f = 0; f < E; f++) {
+        const int kf = mpre[f + 1] - mpre[f];
+        r += kf > ke || (kf == ke && f < e);
+      }
+      order[r] = e;
+    }
+    __syncthreads();
+  }
 }
 
 // BF16_ONLY: the C staging holds BF16 (the entry stores BF16 and never accumulates; it traps
@@ -328,41 +382,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  if (warp == 0) {
-    int carry = 0;
-    for (int b = 0; b < E; b += 32) {
-      const int e = b + lane;
-      int v = 0;
-      if (e < E) {
-        const int lo = off[e], hi = off[e + 1];
-        soff[e] = lo;
-        if (e == E - 1) soff[E] = hi;
-        v = cdiv(hi - lo, BM);
-      }
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(0xffffffffu, v, o);
-        if (lane >= o) v += y;
-      }
-      if (e < E) mpre[e + 1] = carry + v;
-      carry += __shfl_sync(0xffffffffu, v, 31);
-    }
-    if (lane == 0) mpre[0] = 0;
-  }
-  __syncthreads();
-  if (SEG == Segments::AlongK && sorted) {
-    // Expert e's place: the experts with more chunks, and those before it with as many.
-    for (int e = threadIdx.x; e < E; e += blockDim.x) {
-      const int ke = mpre[e + 1] - mpre[e];
-      int r = 0;
-      for (int f = 0; f < E; f++) {
-        const int kf = mpre[f + 1] - mpre[f];
-        r += kf > ke || (kf == ke && f < e);
-      }
-      order[r] = e;
-    }
-    __syncthreads();
-  }
+  sm90_tables(off, E, soff, mpre, order, SEG == Segments::AlongK && sorted);
 
   const int NT = cdiv(N, BN), NB = cdiv(N, 128), KC = cdiv(K, 128);
   const int total = SEG == Segments::AlongM ? mpre[E] * NT : E * cdiv(M, BM) * NT;
@@ -840,6 +860,194 @@ GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_hoist, 256, 3, OneBuffer, true
 GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256, 256, 3, OneBuffer, false, false, false, false)
 // 128 x 128 tiles: two accumulator sets, the promotion overlapped with the next chunk's wgmmas.
 GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x128, 128, 4, TwoBuffers, false, false, false, false)
+
+// The four-warpgroup Wgrad (MOE8_SM90_WGRAD_4WG=1, measured against the 128 x 256 staged entry):
+// 256 x 128 tiles (the same operand bytes per FLOP as 128 x 256) and four consumer warpgroups of 64
+// rows each. A warpgroup's 64 x 128 accumulators (64 registers) are promoted from two m64n64
+// quarters a chunk (a 32-register product), so that four warpgroups fit the register file at 128
+// registers a thread: four chains per SM where the 128 x 256 entries have two, so that one
+// warpgroup's promotion runs while the others' wgmmas do. Sixteen warps are all the register file
+// holds at 128 (a seventeenth, a producer warp, would put five warps on one scheduler: 96 each), so
+// thread 0 issues the loads: STAGES chunks ahead, each after every warp has released the chunk the
+// stage held (an empty mbarrier of 16 arrivals); its cursor over the CTA's chunks lives in shared
+// memory, not in registers every thread would hold. Scales copied into the ring with the codes, as
+// the staged entry does. C written by TMA from two 64 x 32 f32 strips per warpgroup (TMA-added when
+// accumulating); the rows of a warpgroup not all inside the expert from registers. Tensor maps: A
+// u8 [M, pitch] box {128, 256}, B u8 [N, pitch] box {128, 128}, C f32 [E * M, N] box {32, 64}.
+#define SM90_4WG_BM 256
+#define SM90_4WG_THREADS 512  // four consumer warpgroups
+#define SM90_4WG_STAGES 3
+#define SM90_SMEM_WGRAD_4WG 221768
+__host__ __device__ constexpr int sm90_4wg_smem_bytes() {
+  return 1024 + SM90_4WG_STAGES * (SM90_4WG_BM + 128) * 128 + 4 * 2 * 64 * 32 * 4 +
+         SM90_4WG_STAGES * (SM90_4WG_BM + 128) * 4 + 2 * SM90_4WG_STAGES * 8 + 16 + 2 * (SM90_MAX_E + 1) * 4 +
+         SM90_MAX_E * 4;
+}
+static_assert(sm90_4wg_smem_bytes() == SM90_SMEM_WGRAD_4WG, "SM90_SMEM_WGRAD_4WG");
+
+KERNEL void __launch_bounds__(SM90_4WG_THREADS, 1)
+    gemm_sm90_fp8_wgrad_256x128_4wg(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,
+                                    const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs, float* C,
+                                    const int* off, int E, int M, int N, int accumulate, int outMode, int sorted) {
+  constexpr int BM = SM90_4WG_BM, BN = 128, STAGES = SM90_4WG_STAGES, QA = 32;
+  constexpr int A_BYTES = BM * 128, B_BYTES = BN * 128, S_FLOATS = BM + BN;
+  constexpr int STRIP = 64 * 32 * 4;  // one warpgroup's 64 rows x 32 columns of f32
+  extern __shared__ u8 sm90_dyn[];
+  u8* base = sm90_dyn + ((1024 - (sm90_smem_u32(sm90_dyn) & 1023)) & 1023);
+  if (E > SM90_MAX_E) asm volatile("trap;");
+  u8* sA = base;
+  u8* sB = sA + STAGES * A_BYTES;
+  u8* sC = sB + STAGES * B_BYTES;
+  float* sS = (float*)(sC + 4 * 2 * STRIP);
+  u64* full = (u64*)(sS + STAGES * S_FLOATS);
+  u64* empty = full + STAGES;
+  int* cursor = (int*)(empty + STAGES);  // thread 0's: tile, its next chunk, chunks issued
+  int* soff = cursor + 4;
+  int* mpre = soff + SM90_MAX_E + 1;
+  int* order = mpre + SM90_MAX_E + 1;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; s++) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], 16);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    cursor[0] = blockIdx.x, cursor[1] = 0, cursor[2] = 0;
+  }
+  sm90_tables(off, E, soff, mpre, order, sorted != 0);
+  const int NT = cdiv(N, BN), total = E * cdiv(M, BM) * NT;
+  // Thread 0: issues the CTA's next chunk, if any, once its stage's previous chunk is released.
+  auto produce = [&]() {
+    int t = cursor[0], k = cursor[1];
+    const int issued = cursor[2];
+    Sm90Tile T;
+    for (;; t += gridDim.x, k = 0) {
+      if (t >= total) {
+        cursor[0] = t;
+        return;
+      }
+      T = sm90_tile<Segments::AlongK, BN, BM>(t, soff, mpre, order, sorted != 0, E, M, N, 0);
+      if (k < T.kc) break;
+    }
+    const int st = issued % STAGES;
+    if (issued >= STAGES) mbar_wait(&empty[st], (issued / STAGES - 1) & 1);
+    const u32 saBytes = (u32)min(BM, M - T.aRow) * 4, sbBytes = (u32)min(BN, N - T.n0) * 4;
+    const int kc = T.k0 + k;
+    mbar_expect_tx(&full[st], A_BYTES + B_BYTES + saBytes + sbBytes);
+    tma_load_2d(sA + st * A_BYTES, &tA, kc * 128, T.aRow, &full[st]);
+    tma_load_2d(sB + st * B_BYTES, &tB, kc * 128, T.bRow, &full[st]);
+    float* ss = sS + st * S_FLOATS;
+    bulk_load_1d(ss, As + (i64)kc * M + T.aRow, saBytes, &full[st]);
+    bulk_load_1d(ss + BM, Bs + (i64)kc * N + T.n0, sbBytes, &full[st]);
+    cursor[0] = t, cursor[1] = k + 1, cursor[2] = issued + 1;
+  };
+  if (threadIdx.x == 0)
+    for (int i = 0; i < STAGES; i++) produce();
+  __syncwarp();
+
+  // Consumer warpgroup wg: rows 64 wg .. of the tile; this thread: rows g and g + 8 of its warp's 16,
+  // columns 64 q + 8 j + 2 tq + {0, 1} of quarter q (accumulators acc[q][4 j ..]).
+  const int wg = warp >> 2, g = lane >> 2, tq = lane & 3;
+  const int wrow = 16 * (warp & 3) + g, rloc = 64 * wg + wrow;
+  const u32 aBase = sm90_smem_u32(sA + wg * 64 * 128), bBase = sm90_smem_u32(sB);
+  const u32 cs = sm90_smem_u32(sC + wg * 2 * STRIP);
+  const bool leader = (threadIdx.x & 127) == 0;
+  int s = 0, strip = 0;  // ring stage; this warpgroup's staging strip (0, 1), alternating
+  u32 ph = 0;
+  float acc[2][QA], p[QA];
+  for (int t = blockIdx.x; t < total; t += gridDim.x) {
+    const Sm90Tile T = sm90_tile<Segments::AlongK, BN, BM>(t, soff, mpre, order, sorted != 0, E, M, N, 0);
+    const int row0 = T.cRow, rowEnd = T.rowEnd, n0 = T.n0;
+    const int rowsIn = M - T.aRow, colsIn = N - n0;
+    const bool last = t + (int)gridDim.x >= total;
+#pragma unroll
+    for (int q = 0; q < 2; q++)
+#pragma unroll
+      for (int i = 0; i < QA; i++) acc[q][i] = 0.0f;
+    for (int kc = 0; kc < T.kc; kc++) {
+      mbar_wait(&full[s], ph);
+      const float* ss = sS + s * S_FLOATS;
+      // Only the scales this fill copied are read (rows past M, columns past N: never stored).
+      const float sa0 = rloc < rowsIn ? ss[rloc] : 0.0f, sa1 = rloc + 8 < rowsIn ? ss[rloc + 8] : 0.0f;
+#pragma unroll
+      for (int q = 0; q < 2; q++) {
+        mma_chunk(p, aBase + s * A_BYTES, bBase + s * B_BYTES + q * 64 * 128);
+        wgmma_wait<0>();
+        const float* sb = ss + BM + 64 * q + 2 * tq;
+        const int live = colsIn - 64 * q;  // columns of this quarter inside N (a multiple of 16)
+        if (live >= 64) promote_cols(acc[q], p, sa0, sa1, sb);
+        else if (live > 0) promote_cols_part(acc[q], p, sa0, sa1, sb, live - 2 * tq);
+      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty[s]);
+      if (threadIdx.x == 0) produce();
+      __syncwarp();
+      if (++s == STAGES) s = 0, ph ^= 1;
+    }
+    if (outMode == SM90_OUT_ROUND) {
+#pragma unroll
+      for (int q = 0; q < 2; q++)
+#pragma unroll
+        for (int i = 0; i < QA; i++) acc[q][i] = round_bf16(acc[q][i]);
+    }
+    if (row0 + 64 * wg + 64 <= rowEnd) {
+      // The warpgroup's 64 rows lie inside the expert: four 32-column strips through the two
+      // staging strips (128-byte swizzle, as the TMA map reads them); a strip is written once the
+      // store two strips back has read it.
+#pragma unroll
+      for (int st = 0; st < 4; st++) {
+        const u32 buf = cs + strip * STRIP;
+        if (leader) bulk_wait_read_but<1>();
+        named_sync(1 + wg, 128);
+        const int q = st / 2;
+#pragma unroll
+        for (int jj = 0; jj < 4; jj++) {
+          const int j = 4 * (st % 2) + jj, cb = (8 * jj + 2 * tq) * 4;  // byte in the strip's 128-byte row
+#pragma unroll
+          for (int hh = 0; hh < 2; hh++) {
+            const int r = wrow + 8 * hh;
+            const u32 a = buf + r * 128 + ((((cb >> 4) ^ (r & 7))) << 4) + (cb & 15);
+            asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(a), "f"(acc[q][4 * j + 2 * hh]),
+                         "f"(acc[q][4 * j + 2 * hh + 1])
+                         : "memory");
+          }
+        }
+        fence_async_smem();
+        named_sync(1 + wg, 128);
+        if (leader) {
+          if (n0 + 32 * st < N) {
+            if (accumulate) tma_reduce_add_2d(&tC, buf, n0 + 32 * st, row0 + 64 * wg);
+            else tma_store_2d(&tC, buf, n0 + 32 * st, row0 + 64 * wg);
+          }
+          bulk_commit();
+        }
+        strip ^= 1;
+      }
+    } else {
+#pragma unroll
+      for (int q = 0; q < 2; q++)
+#pragma unroll
+        for (int j = 0; j < QA / 4; j++) {
+          const int col = n0 + 64 * q + 8 * j + 2 * tq;
+          if (col >= N) continue;
+#pragma unroll
+          for (int hh = 0; hh < 2; hh++) {
+            const int r = row0 + rloc + 8 * hh;
+            if (r >= rowEnd) continue;
+            float2* c = (float2*)(C + (i64)r * N + col);
+            float2 v = make_float2(acc[q][4 * j + 2 * hh], acc[q][4 * j + 2 * hh + 1]);
+            if (accumulate) {
+              const float2 o = *c;
+              v = make_float2(o.x + v.x, o.y + v.y);
+            }
+            *c = v;
+          }
+        }
+    }
+    // The CTA's last tile: the copies must have read the staging before the CTA exits.
+    if (last && leader) bulk_wait_all();
+  }
+}
 
 #define SM90_TP_COLS 64  // columns per block of sm90_coltile_transpose
 

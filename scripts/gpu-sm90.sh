@@ -74,7 +74,8 @@ step() {
   return 0
 }
 # JSON lines a command printed (its output's lines starting with "{"), tagged, into results.jsonl.
-json_of() { grep -h '^{' "$1" 2>/dev/null | sed "s/^{/{\"tag\":\"$2\",/" >>"$RES"; }
+# json_of FILE TAG [ROUND]: FILE's JSON lines into results.jsonl, tagged (and numbered by round).
+json_of() { grep -h '^{' "$1" 2>/dev/null | sed "s/^{/{\"tag\":\"$2\",${3:+\"round\":$3,}/" >>"$RES"; }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >>"$LOG" 2>&1
 step doctor 30 10 bun apps/trainer/src/cli.ts doctor
@@ -143,17 +144,16 @@ json_of /tmp/torch-roles.txt torch-roles
 # ~5%, so a ratio of two single runs carries the GPU's state between them. Here each round times
 # ours then PyTorch's on our groups, and the summary gives per role the ratio of the medians and
 # the range of the rounds' ratios.
+experts_bench="bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts --json"
 picked roles-interleaved && for i in $(seq 1 "${ROUNDS:-3}"); do
-  (STEPS="" && step "roles-interleaved-$i" 60 20 sh -c "bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts \
-    --json > /tmp/il-ours-$i.json && python3 packages/kernels/bench/torch_expert_roles.py --offsets /tmp/il-ours-$i.json \
-    > /tmp/il-torch-$i.txt")
-  grep -h '^{' "/tmp/il-ours-$i.json" 2>/dev/null | sed "s/^{/{\"tag\":\"il-ours\",\"round\":$i,/" >>"$RES"
-  grep -h '^{' "/tmp/il-torch-$i.txt" 2>/dev/null | sed "s/^{/{\"tag\":\"il-torch\",\"round\":$i,/" >>"$RES"
+  (STEPS="" && step "roles-interleaved-$i" 60 20 sh -c "$experts_bench > /tmp/il-ours-$i.json &&
+    python3 packages/kernels/bench/torch_expert_roles.py --offsets /tmp/il-ours-$i.json > /tmp/il-torch-$i.txt")
+  json_of "/tmp/il-ours-$i.json" il-ours "$i"
+  json_of "/tmp/il-torch-$i.txt" il-torch "$i"
   # IL_VARIANT="VAR=value ...": our kernels under that environment too, in the same rounds.
   [ -n "${IL_VARIANT:-}" ] || continue
-  (STEPS="" && step "roles-interleaved-variant-$i" 60 20 env $IL_VARIANT sh -c "bun apps/trainer/src/cli.ts bench gemm \
-    --backend cuda --shape experts --json > /tmp/il-variant-$i.json")
-  grep -h '^{' "/tmp/il-variant-$i.json" 2>/dev/null | sed "s/^{/{\"tag\":\"il-variant\",\"round\":$i,/" >>"$RES"
+  (STEPS="" && step "roles-interleaved-variant-$i" 60 20 env $IL_VARIANT sh -c "$experts_bench > /tmp/il-variant-$i.json")
+  json_of "/tmp/il-variant-$i.json" il-variant "$i"
 done
 
 # NCCL from PyTorch's install: its version, and a communicator of one rank through every collective
@@ -378,6 +378,7 @@ fi
 # The table: step status, per-role TFLOP/s of the expert GEMMs, the small step before and after.
 python3 - "$RES" <<'PY' | tee "$OUT/summary.txt"
 import json, sys
+from statistics import median
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 print("\n--- sm90 grouped FP8 GEMM: GPU session summary ---")
 for r in rows:
@@ -432,7 +433,6 @@ for r in rows:
     elif r.get("tag") == "il-torch" and r.get("groups") == "bench" and r.get("tflops"):
         torch_il.setdefault((r["torch_grouped_bf16"], r["role"]), {})[r["round"]] = r["tflops"]
 if ours_il and torch_il:
-    med = lambda v: sorted(v)[len(v) // 2] if len(v) % 2 else sum(sorted(v)[len(v) // 2 - 1:len(v) // 2 + 1]) / 2
     print(f"\n{'interleaved rounds':<20} {'role':<6} {'rounds':>6} {'moe8 TF/s':>10} {'torch TF/s':>10} {'ratio':>6} {'by round':>12}"
           + (f" {'variant TF/s':>12} {'ratio':>6}" if variant_il else ""))
     for key, o in ours_il.items():
@@ -441,10 +441,10 @@ if ours_il and torch_il:
         if not both:
             continue
         ratios = [o[i] / t[i] for i in both]
-        mo, mt = med([o[i] for i in both]), med([t[i] for i in both])
+        mo, mt = median(o[i] for i in both), median(t[i] for i in both)
         v = [variant_il.get(key, {})[i] for i in both if i in variant_il.get(key, {})]
         print(f"{key[0]:<20} {key[1]:<6} {len(both):>6} {mo:>10.1f} {mt:>10.1f} {mo / mt:>6.2f} "
-              f"{min(ratios):>5.2f}-{max(ratios):.2f}" + (f" {med(v):>12.1f} {med(v) / mt:>6.2f}" if v else ""))
+              f"{min(ratios):>5.2f}-{max(ratios):.2f}" + (f" {median(v):>12.1f} {median(v) / mt:>6.2f}" if v else ""))
 print()
 for r in rows:
     for tag, what in (("bench-gemm-bn128", "128x128 entries"), ("bench-gemm-ring4", "4-stage ring"),

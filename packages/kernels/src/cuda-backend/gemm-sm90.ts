@@ -236,9 +236,33 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
   try {
     // 128 x 256 tiles (one buffer) for N >= 256, else 128 x 128 (two buffers); MOE8_SM90_WGRAD_BN.
     // MOE8_SM90_WGRAD_4WG=1: 256 x 128 tiles on four consumer warpgroups, whatever N.
-    const four = cx.sm90Wgrad4wg;
     const wide = cx.sm90WgradBn ? cx.sm90WgradBn === 256 : N >= 256;
-    const bn = wide && !four ? 256 : 128;
+    const entry = cx.sm90Wgrad4wg
+      ? {
+          kernel: KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_256x128_4wg,
+          bm: SM90.SM90_4WG_BM,
+          bn: 128,
+          threads: SM90.SM90_4WG_THREADS,
+          smem: SM90.SM90_SMEM_WGRAD_4WG,
+        }
+      : !wide
+        ? {
+            kernel: KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x128,
+            bm: SM90.SM90_BM,
+            bn: 128,
+            threads: SM90.SM90_THREADS,
+            smem: SM90.SM90_SMEM_WGRAD_128x128,
+          }
+        : {
+            kernel: wgradWide(cx),
+            bm: SM90.SM90_BM,
+            bn: 256,
+            threads: SM90.SM90_THREADS,
+            smem:
+              cx.sm90WgradScales !== "loaded"
+                ? SM90.SM90_SMEM_WGRAD_128x256_STAGED
+                : SM90.SM90_SMEM_WGRAD_128x256,
+          };
     const map = cx.n.cudaTensorMap2D;
     let maps: { tA: Uint8Array; tB: Uint8Array; tC: Uint8Array };
     try {
@@ -247,21 +271,17 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
       const [at, bt] = [kMajor(o.a, M), kMajor(o.b, N)];
       if (!at || !bt) return false;
       maps = {
-        tA: map(at.ptr, "u8", at.pitch, M, 128, four ? SM90.SM90_4WG_BM : SM90.SM90_BM),
-        tB: map(bt.ptr, "u8", bt.pitch, N, 128, bn),
+        tA: map(at.ptr, "u8", at.pitch, M, 128, entry.bm),
+        tB: map(bt.ptr, "u8", bt.pitch, N, 128, entry.bn),
         tC,
       };
     } catch {
       return false; // the driver refused a map: the mma.sync kernel takes it (see sm90Grouped)
     }
     cx.launch(
-      four
-        ? KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_256x128_4wg
-        : !wide
-          ? KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x128
-          : wgradWide(cx),
+      entry.kernel,
       [cx.sm90Ctas],
-      four ? SM90.SM90_4WG_THREADS : SM90.SM90_THREADS,
+      entry.threads,
       {
         ...maps,
         As: cx.p(o.a.quant!.scales),
@@ -275,13 +295,7 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
         outMode: outMode(o),
         sorted: cx.sm90WgradOrder === "sorted" ? 1 : 0,
       },
-      four
-        ? SM90.SM90_SMEM_WGRAD_4WG
-        : !wide
-          ? SM90.SM90_SMEM_WGRAD_128x128
-          : cx.sm90WgradScales !== "loaded"
-            ? SM90.SM90_SMEM_WGRAD_128x256_STAGED
-            : SM90.SM90_SMEM_WGRAD_128x256,
+      entry.smem,
     );
     return true;
   } finally {

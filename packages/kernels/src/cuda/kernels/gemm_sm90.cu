@@ -270,12 +270,11 @@ __device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int*
 // synchronises the block): soff, the E + 1 offsets; mpre, the prefix sums of each expert's 128-row
 // (along M) or 128-token (along K) pieces; with `rank`, order, the expert ids by falling piece
 // count (an expert's place: the experts with more pieces, and those before it with as many).
-// The four-warpgroup Wgrad's; sm90_fp8_grouped builds the same tables inline, where calling this
-// reordered its entries' instructions (the same instructions, FFMAs scheduled differently in the
-// 128 x 128 Fprop) without a measurement to say what that costs: one of the two goes once the
-// four-warpgroup entry is measured.
-__device__ __forceinline__ void sm90_tables(const int* off, int E, int* soff, int* mpre, int* order, bool rank) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+// warp and lane come from the caller: computed here again from threadIdx, they reordered the
+// 128 x 128 Fprop's instructions (FFMAs scheduled differently); passed in, every entry's SASS is
+// what it was with these tables inline.
+__device__ __forceinline__ void sm90_tables(const int* off, int E, int* soff, int* mpre, int* order, bool rank,
+                                            int warp, int lane) {
   if (warp == 0) {
     int carry = 0;
     for (int b = 0; b < E; b += 32) {
@@ -386,41 +385,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  if (warp == 0) {
-    int carry = 0;
-    for (int b = 0; b < E; b += 32) {
-      const int e = b + lane;
-      int v = 0;
-      if (e < E) {
-        const int lo = off[e], hi = off[e + 1];
-        soff[e] = lo;
-        if (e == E - 1) soff[E] = hi;
-        v = cdiv(hi - lo, BM);
-      }
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(0xffffffffu, v, o);
-        if (lane >= o) v += y;
-      }
-      if (e < E) mpre[e + 1] = carry + v;
-      carry += __shfl_sync(0xffffffffu, v, 31);
-    }
-    if (lane == 0) mpre[0] = 0;
-  }
-  __syncthreads();
-  if (SEG == Segments::AlongK && sorted) {
-    // Expert e's place: the experts with more chunks, and those before it with as many.
-    for (int e = threadIdx.x; e < E; e += blockDim.x) {
-      const int ke = mpre[e + 1] - mpre[e];
-      int r = 0;
-      for (int f = 0; f < E; f++) {
-        const int kf = mpre[f + 1] - mpre[f];
-        r += kf > ke || (kf == ke && f < e);
-      }
-      order[r] = e;
-    }
-    __syncthreads();
-  }
+  sm90_tables(off, E, soff, mpre, order, SEG == Segments::AlongK && sorted, warp, lane);
 
   const int NT = cdiv(N, BN), NB = cdiv(N, 128), KC = cdiv(K, 128);
   const int total = SEG == Segments::AlongM ? mpre[E] * NT : E * cdiv(M, BM) * NT;
@@ -952,7 +917,7 @@ KERNEL void __launch_bounds__(SM90_4WG_THREADS, 1)
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     cursor[0] = blockIdx.x, cursor[1] = 0, cursor[2] = 0;
   }
-  sm90_tables(off, E, soff, mpre, order, sorted != 0);
+  sm90_tables(off, E, soff, mpre, order, sorted != 0, warp, lane);
   const int NT = cdiv(N, BN), total = E * cdiv(M, BM) * NT;
   // Thread 0: issues the CTA's next chunk, if any, once its stage's previous chunk is released.
   auto produce = [&]() {

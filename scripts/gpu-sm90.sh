@@ -218,10 +218,6 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
   step memcheck-hoist 180 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool memcheck --kernel-name kns=sm90 \
     --error-exitcode 3 bun test --timeout 300000 -t "MOE8_SM90_WGRAD_STAGED=hoist MOE8_SM90_WGRAD_ORDER=experts equals" \
     packages/kernels/test/cuda-op-suite.test.ts
-  # The four-warpgroup Wgrad (MOE8_SM90_WGRAD_4WG=1) through its op-suite case on 3 CTAs.
-  step memcheck-4wg 180 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool memcheck --kernel-name kns=sm90 \
-    --error-exitcode 3 bun test --timeout 300000 -t "MOE8_SM90_WGRAD_4WG=1 on 3 CTAs equals" \
-    packages/kernels/test/cuda-op-suite.test.ts
   step racecheck-checked 180 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool racecheck --kernel-name kns=sm90 \
     --error-exitcode 3 bun test --timeout 300000 -t "MOE8_SM90_WGRAD_STAGED=checked equals" \
     packages/kernels/test/cuda-op-suite.test.ts

@@ -277,7 +277,6 @@ describe("cuda backend host code, without a GPU", () => {
     ["Hopper, MOE8_SM90_KMAJOR=0", { MOE8_SM90_KMAJOR: "0" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_BN=256", { MOE8_SM90_BN: "256" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_RING=4", { MOE8_SM90_RING: "4" }, "ok", "9.0", false],
-    ["Hopper, MOE8_SM90_WGRAD_4WG=1", { MOE8_SM90_WGRAD_4WG: "1" }, "ok", "9.0", false],
     [
       "Hopper, MOE8_SM90_WGRAD_STAGED=0 on 3 CTAs",
       { MOE8_SM90_WGRAD_STAGED: "0", MOE8_SM90_CTAS: "3" },
@@ -344,11 +343,9 @@ describe("cuda backend host code, without a GPU", () => {
         const staged = env.MOE8_SM90_WGRAD_STAGED;
         const wideWgrad =
           { "0": wide, hoist: "256_hoist", checked: "256_staged_checked" }[staged ?? ""] ?? "256_staged";
-        const wgrad = env.MOE8_SM90_WGRAD_4WG
-          ? ["256x128_4wg"]
-          : (env.MOE8_SM90_WGRAD_BN ? [env.MOE8_SM90_WGRAD_BN] : ["128", "256"]).map(
-              (w) => `128x${w === "256" ? wideWgrad : w}`,
-            );
+        const wgrad = (env.MOE8_SM90_WGRAD_BN ? [env.MOE8_SM90_WGRAD_BN] : ["128", "256"]).map(
+          (w) => `128x${w === "256" ? wideWgrad : w}`,
+        );
         const fpropDgrad =
           env.MOE8_SM90_BN === "256"
             ? [`128x${wide}`]
@@ -394,7 +391,6 @@ describe("cuda backend host code, without a GPU", () => {
       ["MOE8_SM90_PINGPONG", "yes", "expected 0 or 1"],
       ["MOE8_SM90_WGRAD_STAGED", "on", "expected 0, 1, checked or hoist"],
       ["MOE8_SM90_WGRAD_ORDER", "random", "expected sorted or experts"],
-      ["MOE8_SM90_WGRAD_4WG", "yes", "expected 0 or 1"],
     ]) {
       vi.stubEnv(name, value);
       expect(() => new CudaBackend()).toThrow(`${name}="${value}": ${why}`);

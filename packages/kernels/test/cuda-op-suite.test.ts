@@ -153,6 +153,8 @@ function cudaWith(sm90: boolean, env: Record<string, string> = {}): CudaBackend 
 }
 
 const status = cudaStatus();
+// The 128 x 256 Wgrad entry's suffix by MOE8_SM90_WGRAD_STAGED (its "0" entry depends on MOE8_SM90_PINGPONG).
+const WIDE_WGRAD: Record<string, string> = { "1": "staged", checked: "staged_checked", hoist: "hoist" };
 const required = process.env.MOE8_REQUIRE_CUDA === "1";
 
 if (status.ok) {
@@ -283,11 +285,6 @@ if (status.ok) {
             { sm90: true, env: { MOE8_SM90_CTAS: "3" }, name: "sm90 wgmma on 3 CTAs" },
             {
               sm90: true,
-              env: { MOE8_SM90_WGRAD_4WG: "1", MOE8_SM90_CTAS: "3" },
-              name: "sm90 wgmma, MOE8_SM90_WGRAD_4WG=1 on 3 CTAs",
-            },
-            {
-              sm90: true,
               env: { MOE8_SM90_BN: "256", MOE8_SM90_PINGPONG: "0", MOE8_SM90_WGRAD_STAGED: "0" },
               name: "sm90 wgmma, MOE8_SM90_BN=256 MOE8_SM90_PINGPONG=0 MOE8_SM90_WGRAD_STAGED=0",
             },
@@ -363,19 +360,11 @@ if (status.ok) {
                     "gemm_sm90.gemm_sm90_fp8_grouped_128x128_e128",
                     "gemm_sm90.gemm_sm90_fp8_grouped_128x128",
                   ]),
-              // Wgrad: 128 x 128 and 128 x 256 by N, or the four-warpgroup entry for both.
-              ...(env.MOE8_SM90_WGRAD_4WG
-                ? ["gemm_sm90.gemm_sm90_fp8_wgrad_256x128_4wg"]
-                : [
-                    "gemm_sm90.gemm_sm90_fp8_wgrad_128x128",
-                    env.MOE8_SM90_WGRAD_STAGED === "0"
-                      ? `gemm_sm90.gemm_sm90_fp8_wgrad_128x256${env.MOE8_SM90_PINGPONG === "0" ? "" : "_pingpong"}`
-                      : env.MOE8_SM90_WGRAD_STAGED === "checked"
-                        ? "gemm_sm90.gemm_sm90_fp8_wgrad_128x256_staged_checked"
-                        : env.MOE8_SM90_WGRAD_STAGED === "hoist"
-                          ? "gemm_sm90.gemm_sm90_fp8_wgrad_128x256_hoist"
-                          : "gemm_sm90.gemm_sm90_fp8_wgrad_128x256_staged",
-                  ]),
+              // Wgrad: 128 x 128 and 128 x 256 by N.
+              "gemm_sm90.gemm_sm90_fp8_wgrad_128x128",
+              env.MOE8_SM90_WGRAD_STAGED === "0"
+                ? `gemm_sm90.gemm_sm90_fp8_wgrad_128x256${env.MOE8_SM90_PINGPONG === "0" ? "" : "_pingpong"}`
+                : `gemm_sm90.gemm_sm90_fp8_wgrad_128x256_${WIDE_WGRAD[env.MOE8_SM90_WGRAD_STAGED ?? "1"]}`,
               ...(env.MOE8_SM90_KMAJOR === "0" ? ["gemm_sm90.sm90_coltile_transpose"] : []),
             ].sort(),
           );

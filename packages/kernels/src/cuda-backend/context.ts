@@ -124,11 +124,6 @@ export class CudaContext {
    */
   readonly sm90WgradOrder: "sorted" | "experts";
   /**
-   * Whether the experts' Wgrad runs the four-warpgroup 256 x 128 entry (MOE8_SM90_WGRAD_4WG=1,
-   * opt-in while it is measured against the 128 x 256 staged entry; gemm_sm90.cu).
-   */
-  readonly sm90Wgrad4wg: boolean;
-  /**
    * CTAs of the persistent sm90 GEMMs: one per SM, or MOE8_SM90_CTAS (the tests use a few, so that
    * every CTA walks several tiles: the ring's phases and the deferred epilogues across tiles).
    */
@@ -165,7 +160,6 @@ export class CudaContext {
     const scales = envChoice("MOE8_SM90_WGRAD_STAGED", ["0", "1", "checked", "hoist"], "1");
     this.sm90WgradScales = scales === "0" ? "loaded" : scales === "1" ? "staged" : scales;
     this.sm90WgradOrder = envChoice("MOE8_SM90_WGRAD_ORDER", ["sorted", "experts"], "sorted");
-    this.sm90Wgrad4wg = envChoice("MOE8_SM90_WGRAD_4WG", ["0", "1"], "0") === "1";
     const ctas = process.env.MOE8_SM90_CTAS ?? "";
     if (ctas !== "" && !(Number.isInteger(Number(ctas)) && Number(ctas) >= 1))
       throw new Error(`MOE8_SM90_CTAS="${ctas}": expected a positive integer`);

@@ -235,34 +235,25 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
   };
   try {
     // 128 x 256 tiles (one buffer) for N >= 256, else 128 x 128 (two buffers); MOE8_SM90_WGRAD_BN.
-    // MOE8_SM90_WGRAD_4WG=1: 256 x 128 tiles on four consumer warpgroups, whatever N.
     const wide = cx.sm90WgradBn ? cx.sm90WgradBn === 256 : N >= 256;
-    const entry = cx.sm90Wgrad4wg
+    const entry = !wide
       ? {
-          kernel: KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_256x128_4wg,
-          bm: SM90.SM90_4WG_BM,
+          kernel: KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x128,
+          bm: SM90.SM90_BM,
           bn: 128,
-          threads: SM90.SM90_4WG_THREADS,
-          smem: SM90.SM90_SMEM_WGRAD_4WG,
+          threads: SM90.SM90_THREADS,
+          smem: SM90.SM90_SMEM_WGRAD_128x128,
         }
-      : !wide
-        ? {
-            kernel: KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x128,
-            bm: SM90.SM90_BM,
-            bn: 128,
-            threads: SM90.SM90_THREADS,
-            smem: SM90.SM90_SMEM_WGRAD_128x128,
-          }
-        : {
-            kernel: wgradWide(cx),
-            bm: SM90.SM90_BM,
-            bn: 256,
-            threads: SM90.SM90_THREADS,
-            smem:
-              cx.sm90WgradScales !== "loaded"
-                ? SM90.SM90_SMEM_WGRAD_128x256_STAGED
-                : SM90.SM90_SMEM_WGRAD_128x256,
-          };
+      : {
+          kernel: wgradWide(cx),
+          bm: SM90.SM90_BM,
+          bn: 256,
+          threads: SM90.SM90_THREADS,
+          smem:
+            cx.sm90WgradScales !== "loaded"
+              ? SM90.SM90_SMEM_WGRAD_128x256_STAGED
+              : SM90.SM90_SMEM_WGRAD_128x256,
+        };
     const map = cx.n.cudaTensorMap2D;
     let maps: { tA: Uint8Array; tB: Uint8Array; tC: Uint8Array };
     try {

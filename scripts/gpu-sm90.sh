@@ -15,6 +15,8 @@
 #     (bench-gemm-nopp on 128 x 256 tiles too); loaded and bench-gemm-loaded:
 #     MOE8_SM90_WGRAD_STAGED=0 (the Wgrad's entry before the staged one); racecheck-checked: =checked
 #     (racecheck-checked-experts: in expert order too); hoist, bench-gemm-hoist, memcheck-hoist: =hoist;
+#     halves, memcheck-halves: =halves (the staged Wgrad's epilogue by halves, the default before the
+#     strips); racecheck-checked-3ctas: =checked on 3 CTAs;
 #     experts, bench-gemm-experts: MOE8_SM90_WGRAD_ORDER=experts; ncu-wgrad-{default,hoist,loaded}:
 #     Nsight Compute; ncu-wgrad-src: its stall samples per SASS instruction; ncu-times: every launch's time (NCU_TIMES)
 #   5 compute-sanitizer on the sm90 kernels (both entry points, through the op suite's sm90 tests):
@@ -162,7 +164,7 @@ step nccl-test 240 30 env MOE8_REQUIRE_NCCL=1 bun test --timeout 300000 packages
 # The training step replayed from a CUDA graph equals the uncaptured step bit for bit (issue 18).
 step graph-test 180 40 env MOE8_REQUIRE_CUDA=1 bun test --timeout 300000 tests/cuda-graph.test.ts
 
-for v in sm90 nograph kt bn128 ring4 nopp loaded hoist experts mma fa2 bf16 bf16nograph; do
+for v in sm90 nograph kt bn128 ring4 nopp loaded hoist halves experts mma fa2 bf16 bf16nograph; do
   picked "step-$v" || continue
   case $v in
     sm90) env=(MOE8_SM90_GEMM=1) p=fp8 prof=--profile ;;
@@ -175,6 +177,7 @@ for v in sm90 nograph kt bn128 ring4 nopp loaded hoist experts mma fa2 bf16 bf16
     nopp) env=(MOE8_SM90_PINGPONG=0 MOE8_SM90_WGRAD_STAGED=0) p=fp8 prof=--profile ;;
     loaded) env=(MOE8_SM90_WGRAD_STAGED=0) p=fp8 prof=--profile ;;
     hoist) env=(MOE8_SM90_WGRAD_STAGED=hoist) p=fp8 prof=--profile ;;
+    halves) env=(MOE8_SM90_WGRAD_STAGED=halves) p=fp8 prof=--profile ;;
     experts) env=(MOE8_SM90_WGRAD_ORDER=experts) p=fp8 prof=--profile ;;
     fa2) env=(MOE8_SM90_ATTENTION=0) p=fp8 prof=--profile ;;
     bf16) env=() p=bf16 prof= ;;
@@ -218,9 +221,18 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
   step memcheck-hoist 180 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool memcheck --kernel-name kns=sm90 \
     --error-exitcode 3 bun test --timeout 300000 -t "MOE8_SM90_WGRAD_STAGED=hoist MOE8_SM90_WGRAD_ORDER=experts equals" \
     packages/kernels/test/cuda-op-suite.test.ts
+  # The staged Wgrad's epilogue by halves (MOE8_SM90_WGRAD_STAGED=halves) on 3 CTAs.
+  step memcheck-halves 180 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool memcheck --kernel-name kns=sm90 \
+    --error-exitcode 3 bun test --timeout 300000 -t "MOE8_SM90_WGRAD_STAGED=halves on 3 CTAs equals" \
+    packages/kernels/test/cuda-op-suite.test.ts
   step racecheck-checked 180 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool racecheck --kernel-name kns=sm90 \
     --error-exitcode 3 bun test --timeout 300000 -t "MOE8_SM90_WGRAD_STAGED=checked equals" \
     packages/kernels/test/cuda-op-suite.test.ts
+  # The same on 3 CTAs: each CTA refills every stage many times (notes/sm90-gemm.md, nineteenth
+  # session: racecheck reports the scale copies against the promotion's reads there).
+  step racecheck-checked-3ctas 180 40 env MOE8_CUDA_CACHE=0 MOE8_SM90_CTAS=3 compute-sanitizer --tool racecheck \
+    --kernel-name kns=sm90 --error-exitcode 3 bun test --timeout 300000 \
+    -t "MOE8_SM90_WGRAD_STAGED=checked equals" packages/kernels/test/cuda-op-suite.test.ts
   # The same with the Wgrad's tiles in expert order (the order before the largest experts went first).
   step racecheck-checked-experts 180 40 env MOE8_CUDA_CACHE=0 MOE8_SM90_WGRAD_ORDER=experts compute-sanitizer \
     --tool racecheck --kernel-name kns=sm90 --error-exitcode 3 bun test --timeout 300000 \

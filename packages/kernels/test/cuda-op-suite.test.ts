@@ -154,7 +154,12 @@ function cudaWith(sm90: boolean, env: Record<string, string> = {}): CudaBackend 
 
 const status = cudaStatus();
 // The 128 x 256 Wgrad entry's suffix by MOE8_SM90_WGRAD_STAGED (its "0" entry depends on MOE8_SM90_PINGPONG).
-const WIDE_WGRAD: Record<string, string> = { "1": "staged", checked: "staged_checked", hoist: "hoist" };
+const WIDE_WGRAD: Record<string, string> = {
+  "1": "staged",
+  checked: "staged_checked",
+  hoist: "hoist",
+  halves: "halves",
+};
 const required = process.env.MOE8_REQUIRE_CUDA === "1";
 
 if (status.ok) {
@@ -302,6 +307,12 @@ if (status.ok) {
               sm90: true,
               env: { MOE8_SM90_WGRAD_STAGED: "hoist", MOE8_SM90_WGRAD_ORDER: "experts" },
               name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=hoist MOE8_SM90_WGRAD_ORDER=experts",
+            },
+            // The staged Wgrad's epilogue by halves (the default before the strips) on 3 CTAs.
+            {
+              sm90: true,
+              env: { MOE8_SM90_WGRAD_STAGED: "halves", MOE8_SM90_CTAS: "3" },
+              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=halves on 3 CTAs",
             },
           ]
         : []),

@@ -301,6 +301,7 @@ function wgradWide(cx: CudaContext) {
     staged: k.gemm_sm90_fp8_wgrad_128x256_staged,
     checked: k.gemm_sm90_fp8_wgrad_128x256_staged_checked,
     hoist: k.gemm_sm90_fp8_wgrad_128x256_hoist,
+    halves: k.gemm_sm90_fp8_wgrad_128x256_halves,
     loaded: cx.sm90Pingpong ? k.gemm_sm90_fp8_wgrad_128x256_pingpong : k.gemm_sm90_fp8_wgrad_128x256,
   }[cx.sm90WgradScales];
 }

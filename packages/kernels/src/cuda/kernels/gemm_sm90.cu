@@ -323,20 +323,26 @@ __device__ __forceinline__ void sm90_tables(const int* off, int E, int* soff, in
 // consumers arrive after their promotion, the producer warp waits before refilling it) rather than
 // the empty mbarrier: the same order (racecheck still reports it, as it does not follow a release by
 // bar.arrive: FILL_BARRIER's entry is the one it checks; notes/sm90-gemm.md).
-// FILL_BARRIER (with STAGED_SCALES; the racecheck build, MOE8_SM90_WGRAD_STAGED=checked): the producer
-// warp also waits until stage s's copies have landed (the full mbarrier, as the consumers do) and
-// then arrives at named barrier SM90_FILL_BAR + s, where the consumers wait before reading the
-// stage; and the consumers release a stage by waiting at its named barrier with the producer
-// instead of arriving there. That orders nothing the mbarriers and arrivals do not, and it
-// serialises producer and consumers; it makes every order one racecheck can follow, so that a
-// hazard it still reports is real (notes/sm90-gemm.md, fifteenth session: with the fill announced
-// right after issuing the copies, 3 hazards; after they landed, 2).
+// FILL_BARRIER (with STAGED_SCALES; the racecheck build, MOE8_SM90_WGRAD_STAGED=checked): a second
+// producer warp waits until stage s's copies have landed (the full mbarrier, as the consumers do)
+// and then at named barrier SM90_FILL_BAR + s with the consumers, before they read the stage; and
+// the consumers release a stage by waiting at its named barrier with the loading warp instead of
+// arriving there. That orders nothing the mbarriers and arrivals do not, and it serialises producer
+// and consumers; it makes every order one racecheck can follow, so that a hazard it still reports
+// is real (notes/sm90-gemm.md, fifteenth session: with the fill announced right after issuing the
+// copies, 3 hazards; after they landed, 2; nineteenth: the loading warp's own arrival after they
+// landed, 11 hazards on 3 CTAs).
 // HOIST_SCALES (with STAGED_SCALES; MOE8_SM90_WGRAD_STAGED=hoist, opt-in): each half's
 // column scales are read from the stage into registers between issuing its wgmmas and waiting for
 // them, so that after the wait only the products and the fmas are left (the wait's memory clobber
 // keeps the compiler from moving the reads there itself).
+// STRIPS (the staged Wgrad's): the epilogue stores each 64 x 128-byte strip as soon as it is
+// written, into the next of the warpgroup's staging slots, instead of a 128-column half at a time
+// with a wait in between for the last half's copies to read the staging (the wait that held 6% of
+// the Wgrad's stall samples; notes/sm90-gemm.md, nineteenth session).
 template <int BN, int STAGES, Mainloop LOOP, Segments SEG, bool BF16_ONLY = false, int MAX_E = SM90_MAX_E,
-          bool PINGPONG = false, bool STAGED_SCALES = false, bool FILL_BARRIER = false, bool HOIST_SCALES = false>
+          bool PINGPONG = false, bool STAGED_SCALES = false, bool FILL_BARRIER = false, bool HOIST_SCALES = false,
+          bool STRIPS = false>
 __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CUtensorMap* tB, const CUtensorMap* tC,
                                                  const float* As, const float* Bs, float* C, const int* off, int E,
                                                  int M, int N, int K, int accumulate, int outMode, int rows,
@@ -423,10 +429,6 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
             }
           }
           if constexpr (STAGED_SCALES) __syncwarp();
-          if constexpr (FILL_BARRIER) {  // the copies have landed (racecheck sees them land late), then announce
-            mbar_wait(&full[s], ph);
-            named_arrive(SM90_FILL_BAR + s, RELEASE);
-          }
           issued++;
           if (++s == STAGES) s = 0, ph ^= 1;
         }
@@ -436,6 +438,21 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
       if constexpr (STAGED_SCALES)
         for (int i = 0; i < min(issued, STAGES); i++)
           named_sync(SM90_STAGE_BAR + ((issued >= STAGES ? s : 0) + i) % STAGES, RELEASE);
+    } else if (FILL_BARRIER && warp == 4 * NWG + 1) {
+      // FILL_BARRIER: the next warp announces each fill once its copies have landed (the full
+      // mbarrier), waiting at SM90_FILL_BAR + s with the consumers: a bar.sync on both sides, which
+      // racecheck follows (an arrival it does not), and which the loading warp cannot take itself
+      // (it would wait there for consumers that wait for its next release).
+      int s = 0;
+      u32 ph = 0;
+      for (int t = blockIdx.x; t < total; t += gridDim.x) {
+        const Sm90Tile T = sm90_tile<SEG, BN>(t, soff, mpre, order, sorted, E, M, N, KC);
+        for (int kc = 0; kc < T.kc; kc++) {
+          mbar_wait(&full[s], ph);
+          named_sync(SM90_FILL_BAR + s, 32 + 128 * NWG);
+          if (++s == STAGES) s = 0, ph ^= 1;
+        }
+      }
     }
   } else {
   // Consumer warpgroup wg: rows 64 * wg .. of the tile; this thread: rows g and g + 8 of its warp's 16.
@@ -468,6 +485,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
     bool last;
   };
   float acc[NH][ACC];
+  int nstrip = 0;  // STRIPS: strips this warpgroup has staged, across its tiles (the slot: nstrip % SLOTS)
   auto zero_acc = [&]() {
 #pragma unroll
     for (int h = 0; h < NH; h++)
@@ -497,35 +515,72 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
       const bool leader = (threadIdx.x & 127) == 0;
       const u32 cs = csBase + (threadIdx.x >> 7) * C_BYTES;
       const int cw = bf16 ? 64 : 32, esz = bf16 ? 2 : 4;
+      if constexpr (STRIPS) {
+        // Strip k goes to slot k % SLOTS and is stored once written; before the barrier that lets
+        // the warpgroup write strip k + 1, the leader waits until the store SLOTS strips before it
+        // has read that slot (the copies of the SLOTS - 2 strips between may still be reading).
+        constexpr int SLOTS = C_BYTES / (64 * 128);
+        static_assert(SLOTS >= 2, "two staging slots at least");
 #pragma unroll
-      for (int h = 0; h < NH; h++) {
-        const int nh = n0 + 128 * h;
-        if (leader) bulk_wait_read();  // the previous stores have read the staging buffer
-        named_sync(1 + wg, 128);
+        for (int h = 0; h < NH; h++)
 #pragma unroll
-        for (int j = 0; j < 16; j++) {
-          const int col = 8 * j + 2 * tq, strip = col / cw, cb = (col % cw) * esz;  // byte in the 128-byte row
+          for (int j = 0; j < 16; j++) {
+            const int col = 8 * j + 2 * tq, cb = (col % cw) * esz;  // byte in the strip's 128-byte row
+            const u32 slot = cs + (nstrip % SLOTS) * 64 * 128;
 #pragma unroll
-          for (int hh = 0; hh < 2; hh++) {
-            const int r = wrow + 8 * hh;
-            const u32 p = cs + strip * 64 * 128 + r * 128 + ((((cb >> 4) ^ (r & 7))) << 4) + (cb & 15);
-            const float v0 = acc[h][4 * j + 2 * hh], v1 = acc[h][4 * j + 2 * hh + 1];
-            if (bf16) asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(p), "r"(sm90_pack_bf16(v0, v1)) : "memory");
-            else asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(p), "f"(v0), "f"(v1) : "memory");
-          }
-        }
-        fence_async_smem();
-        named_sync(1 + wg, 128);
-        if (leader) {
-          for (int st = 0; st < 128 / cw; st++)
-            if (nh + st * cw < N) {
-              if (accumulate) tma_reduce_add_2d(tC, cs + st * 64 * 128, nh + st * cw, row0 + 64 * wg);
-              else tma_store_2d(tC, cs + st * 64 * 128, nh + st * cw, row0 + 64 * wg);
+            for (int hh = 0; hh < 2; hh++) {
+              const int r = wrow + 8 * hh;
+              const u32 p = slot + r * 128 + ((((cb >> 4) ^ (r & 7))) << 4) + (cb & 15);
+              const float v0 = acc[h][4 * j + 2 * hh], v1 = acc[h][4 * j + 2 * hh + 1];
+              if (bf16) asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(p), "r"(sm90_pack_bf16(v0, v1)) : "memory");
+              else asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(p), "f"(v0), "f"(v1) : "memory");
             }
-          bulk_commit();
-          // The CTA's last tile: the copies must have read the staging buffer before the CTA exits
-          // (a wait after the loop instead makes ptxas cap the consumers' registers below setmaxnreg).
-          if (last && h == NH - 1) bulk_wait_all();
+            if ((8 * j + 8) % cw != 0) continue;  // the strip's last columns are written
+            fence_async_smem();
+            if (leader) bulk_wait_read_but<SLOTS - 2>();
+            named_sync(1 + wg, 128);
+            if (leader) {
+              const int c0 = n0 + 128 * h + 8 * j + 8 - cw;
+              if (c0 < N) {
+                if (accumulate) tma_reduce_add_2d(tC, slot, c0, row0 + 64 * wg);
+                else tma_store_2d(tC, slot, c0, row0 + 64 * wg);
+              }
+              bulk_commit();
+              if (last && h == NH - 1 && j == 15) bulk_wait_all();  // read before the CTA exits
+            }
+            nstrip++;
+          }
+      } else {
+#pragma unroll
+        for (int h = 0; h < NH; h++) {
+          const int nh = n0 + 128 * h;
+          if (leader) bulk_wait_read();  // the previous stores have read the staging buffer
+          named_sync(1 + wg, 128);
+#pragma unroll
+          for (int j = 0; j < 16; j++) {
+            const int col = 8 * j + 2 * tq, strip = col / cw, cb = (col % cw) * esz;  // byte in the 128-byte row
+#pragma unroll
+            for (int hh = 0; hh < 2; hh++) {
+              const int r = wrow + 8 * hh;
+              const u32 p = cs + strip * 64 * 128 + r * 128 + ((((cb >> 4) ^ (r & 7))) << 4) + (cb & 15);
+              const float v0 = acc[h][4 * j + 2 * hh], v1 = acc[h][4 * j + 2 * hh + 1];
+              if (bf16) asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(p), "r"(sm90_pack_bf16(v0, v1)) : "memory");
+              else asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(p), "f"(v0), "f"(v1) : "memory");
+            }
+          }
+          fence_async_smem();
+          named_sync(1 + wg, 128);
+          if (leader) {
+            for (int st = 0; st < 128 / cw; st++)
+              if (nh + st * cw < N) {
+                if (accumulate) tma_reduce_add_2d(tC, cs + st * 64 * 128, nh + st * cw, row0 + 64 * wg);
+                else tma_store_2d(tC, cs + st * 64 * 128, nh + st * cw, row0 + 64 * wg);
+              }
+            bulk_commit();
+            // The CTA's last tile: the copies must have read the staging buffer before the CTA exits
+            // (a wait after the loop instead makes ptxas cap the consumers' registers below setmaxnreg).
+            if (last && h == NH - 1) bulk_wait_all();
+          }
         }
       }
       return;
@@ -840,29 +895,32 @@ GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_e128, 128, 5, TwoBuffers, false, S
 // writes them (tensor maps: A u8 [M, pitch] box {128, 128}, B u8 [N, pitch] box {128, BN}, C f32
 // [E * M, N] box {32, 64}); As [chunks, M] and Bs [chunks, N] are quant_coltile's scales. Requires
 // M % 16 == 0 and N % 16 == 0 (the transposes' 16-byte pieces).
-#define GEMM_SM90_WGRAD_ENTRY(NAME, BN, STAGES, LOOP, PINGPONG, STAGED, FILL, HOIST)                             \
+#define GEMM_SM90_WGRAD_ENTRY(NAME, BN, STAGES, LOOP, PINGPONG, STAGED, FILL, HOIST, STRIPS)                     \
   KERNEL void __launch_bounds__(SM90_THREADS, 1)                                                                 \
       NAME(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,                       \
            const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs, float* C, const int* off,    \
            int E, int M, int N, int accumulate, int outMode, int sorted) {                                       \
     sm90_fp8_grouped<BN, STAGES, Mainloop::LOOP, Segments::AlongK, false, SM90_MAX_E, PINGPONG, STAGED, FILL,    \
-                     HOIST>(                                                                                     \
+                     HOIST, STRIPS>(                                                                             \
         &tA, &tB, &tC, As, Bs, C, off, E, M, N, 0, accumulate, outMode, E * M, sorted != 0);                     \
   }
 // 128 x 256 tiles: half the L2 traffic per FLOP of 128 x 128; one buffer, the two warpgroups'
 // promotions overlapped with each other's wgmmas by taking turns (PINGPONG; measured the same as
 // issuing together, notes/sm90-gemm.md).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_pingpong, 256, 3, OneBuffer, true, false, false, false)
-// The same with the scales in the ring (STAGED_SCALES; the default, MOE8_SM90_WGRAD_STAGED=1).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged, 256, 3, OneBuffer, true, true, false, false)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_pingpong, 256, 3, OneBuffer, true, false, false, false, false)
+// The same with the scales in the ring (STAGED_SCALES) and the epilogue stored strip by strip
+// (STRIPS): the default, MOE8_SM90_WGRAD_STAGED=1 (strips: gate_up Wgrad +3-5%, notes/sm90-gemm.md).
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged, 256, 3, OneBuffer, true, true, false, false, true)
 // The same with its fills announced by named barriers too, for racecheck (MOE8_SM90_WGRAD_STAGED=checked).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged_checked, 256, 3, OneBuffer, true, true, true, false)
-// The same with each half's column scales read before its wgmmas' wait (MOE8_SM90_WGRAD_STAGED=hoist).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_hoist, 256, 3, OneBuffer, true, true, false, true)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged_checked, 256, 3, OneBuffer, true, true, true, false, true)
+// Staged scales, the epilogue by 128-column halves (the default before; MOE8_SM90_WGRAD_STAGED=halves).
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_halves, 256, 3, OneBuffer, true, true, false, false, false)
+// That with each half's column scales read before its wgmmas' wait (MOE8_SM90_WGRAD_STAGED=hoist).
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_hoist, 256, 3, OneBuffer, true, true, false, true, false)
 // The same, both warpgroups issuing together (MOE8_SM90_PINGPONG=0; for measuring the two).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256, 256, 3, OneBuffer, false, false, false, false)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256, 256, 3, OneBuffer, false, false, false, false, false)
 // 128 x 128 tiles: two accumulator sets, the promotion overlapped with the next chunk's wgmmas.
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x128, 128, 4, TwoBuffers, false, false, false, false)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x128, 128, 4, TwoBuffers, false, false, false, false, false)
 
 #define SM90_TP_COLS 64  // columns per block of sm90_coltile_transpose
 

@@ -16,7 +16,7 @@
 #     MOE8_SM90_WGRAD_STAGED=0 (the Wgrad's entry before the staged one); racecheck-checked: =checked
 #     (racecheck-checked-experts: in expert order too); hoist, bench-gemm-hoist, memcheck-hoist: =hoist;
 #     halves, memcheck-halves: =halves (the staged Wgrad's epilogue by halves, the default before the
-#     strips); racecheck-checked-3ctas: =checked on 3 CTAs;
+#     strips); warps, memcheck-warps: =warps (each warp storing its own strips); racecheck-checked-3ctas: =checked on 3 CTAs;
 #     experts, bench-gemm-experts: MOE8_SM90_WGRAD_ORDER=experts; ncu-wgrad-{default,hoist,loaded}:
 #     Nsight Compute; ncu-wgrad-src: its stall samples per SASS instruction; ncu-times: every launch's time (NCU_TIMES)
 #   5 compute-sanitizer on the sm90 kernels (both entry points, through the op suite's sm90 tests):
@@ -164,7 +164,7 @@ step nccl-test 240 30 env MOE8_REQUIRE_NCCL=1 bun test --timeout 300000 packages
 # The training step replayed from a CUDA graph equals the uncaptured step bit for bit (issue 18).
 step graph-test 180 40 env MOE8_REQUIRE_CUDA=1 bun test --timeout 300000 tests/cuda-graph.test.ts
 
-for v in sm90 nograph kt bn128 ring4 nopp loaded hoist halves experts mma fa2 bf16 bf16nograph; do
+for v in sm90 nograph kt bn128 ring4 nopp loaded hoist halves warps experts mma fa2 bf16 bf16nograph; do
   picked "step-$v" || continue
   case $v in
     sm90) env=(MOE8_SM90_GEMM=1) p=fp8 prof=--profile ;;
@@ -178,6 +178,7 @@ for v in sm90 nograph kt bn128 ring4 nopp loaded hoist halves experts mma fa2 bf
     loaded) env=(MOE8_SM90_WGRAD_STAGED=0) p=fp8 prof=--profile ;;
     hoist) env=(MOE8_SM90_WGRAD_STAGED=hoist) p=fp8 prof=--profile ;;
     halves) env=(MOE8_SM90_WGRAD_STAGED=halves) p=fp8 prof=--profile ;;
+    warps) env=(MOE8_SM90_WGRAD_STAGED=warps) p=fp8 prof=--profile ;;
     experts) env=(MOE8_SM90_WGRAD_ORDER=experts) p=fp8 prof=--profile ;;
     fa2) env=(MOE8_SM90_ATTENTION=0) p=fp8 prof=--profile ;;
     bf16) env=() p=bf16 prof= ;;
@@ -221,10 +222,13 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
   step memcheck-hoist 180 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool memcheck --kernel-name kns=sm90 \
     --error-exitcode 3 bun test --timeout 300000 -t "MOE8_SM90_WGRAD_STAGED=hoist MOE8_SM90_WGRAD_ORDER=experts equals" \
     packages/kernels/test/cuda-op-suite.test.ts
-  # The staged Wgrad's epilogue by halves (MOE8_SM90_WGRAD_STAGED=halves) on 3 CTAs.
-  step memcheck-halves 180 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool memcheck --kernel-name kns=sm90 \
-    --error-exitcode 3 bun test --timeout 300000 -t "MOE8_SM90_WGRAD_STAGED=halves on 3 CTAs equals" \
-    packages/kernels/test/cuda-op-suite.test.ts
+  # The staged Wgrad's epilogue by halves and by each warp's strips (MOE8_SM90_WGRAD_STAGED=halves,
+  # =warps) on 3 CTAs.
+  for v in halves warps; do
+    step "memcheck-$v" 180 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool memcheck --kernel-name kns=sm90 \
+      --error-exitcode 3 bun test --timeout 300000 -t "MOE8_SM90_WGRAD_STAGED=$v on 3 CTAs equals" \
+      packages/kernels/test/cuda-op-suite.test.ts
+  done
   step racecheck-checked 180 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool racecheck --kernel-name kns=sm90 \
     --error-exitcode 3 bun test --timeout 300000 -t "MOE8_SM90_WGRAD_STAGED=checked equals" \
     packages/kernels/test/cuda-op-suite.test.ts

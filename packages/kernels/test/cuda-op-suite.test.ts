@@ -159,6 +159,7 @@ const WIDE_WGRAD: Record<string, string> = {
   checked: "staged_checked",
   hoist: "hoist",
   halves: "halves",
+  warps: "warps",
 };
 const required = process.env.MOE8_REQUIRE_CUDA === "1";
 
@@ -308,11 +309,17 @@ if (status.ok) {
               env: { MOE8_SM90_WGRAD_STAGED: "hoist", MOE8_SM90_WGRAD_ORDER: "experts" },
               name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=hoist MOE8_SM90_WGRAD_ORDER=experts",
             },
-            // The staged Wgrad's epilogue by halves (the default before the strips) on 3 CTAs.
+            // The staged Wgrad's epilogue by halves (the default before the strips) and by each
+            // warp's strips, on 3 CTAs (each CTA stores many tiles: the slots rotate across them).
             {
               sm90: true,
               env: { MOE8_SM90_WGRAD_STAGED: "halves", MOE8_SM90_CTAS: "3" },
               name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=halves on 3 CTAs",
+            },
+            {
+              sm90: true,
+              env: { MOE8_SM90_WGRAD_STAGED: "warps", MOE8_SM90_CTAS: "3" },
+              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=warps on 3 CTAs",
             },
           ]
         : []),

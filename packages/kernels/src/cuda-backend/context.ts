@@ -114,10 +114,11 @@ export class CudaContext {
    * "hoist" (=hoist), the same with part of each half's column scales read while its wgmmas run;
    * "checked", staged with every order spelled in named barriers, for compute-sanitizer's
    * racecheck (=checked; slower); "halves", staged with the epilogue by 128-column halves rather
-   * than strip by strip (=halves, the default before); "loaded", the consumers loading and staging
-   * them (=0, the entry before that; notes/sm90-gemm.md has the numbers).
+   * than strip by strip (=halves, the default before); "warps", staged with each warp storing its
+   * own strips (=warps, opt-in while measured); "loaded", the consumers loading and staging them
+   * (=0, the entry before that; notes/sm90-gemm.md has the numbers).
    */
-  readonly sm90WgradScales: "loaded" | "staged" | "checked" | "hoist" | "halves";
+  readonly sm90WgradScales: "loaded" | "staged" | "checked" | "hoist" | "halves" | "warps";
   /**
    * The order in which the Wgrad's persistent CTAs take the experts' tiles: "sorted" (the default),
    * the experts with the most tokens first, dealt in a snake (gemm_sm90.cu, sm90_tile), or
@@ -158,7 +159,11 @@ export class CudaContext {
     this.sm90WgradBn = tileWidth("MOE8_SM90_WGRAD_BN");
     this.sm90Ring = envChoice("MOE8_SM90_RING", ["deep", "4"], "deep");
     this.sm90Pingpong = envChoice("MOE8_SM90_PINGPONG", ["0", "1"], "1") === "1";
-    const scales = envChoice("MOE8_SM90_WGRAD_STAGED", ["0", "1", "checked", "hoist", "halves"], "1");
+    const scales = envChoice(
+      "MOE8_SM90_WGRAD_STAGED",
+      ["0", "1", "checked", "hoist", "halves", "warps"],
+      "1",
+    );
     this.sm90WgradScales = scales === "0" ? "loaded" : scales === "1" ? "staged" : scales;
     this.sm90WgradOrder = envChoice("MOE8_SM90_WGRAD_ORDER", ["sorted", "experts"], "sorted");
     const ctas = process.env.MOE8_SM90_CTAS ?? "";

@@ -258,7 +258,8 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
     let maps: { tA: Uint8Array; tB: Uint8Array; tC: Uint8Array };
     try {
       // (A refusal after a transpose was enqueued leaves nothing wrong: it wrote only scratch.)
-      const tC = map(o.out, "f32", N, E * M, 32, 64);
+      // (C's box: 32 columns by 64 rows, a warpgroup's strip; 16, a warp's, under =warps.)
+      const tC = map(o.out, "f32", N, E * M, 32, wide && cx.sm90WgradScales === "warps" ? 16 : 64);
       const [at, bt] = [kMajor(o.a, M), kMajor(o.b, N)];
       if (!at || !bt) return false;
       maps = {
@@ -302,6 +303,7 @@ function wgradWide(cx: CudaContext) {
     checked: k.gemm_sm90_fp8_wgrad_128x256_staged_checked,
     hoist: k.gemm_sm90_fp8_wgrad_128x256_hoist,
     halves: k.gemm_sm90_fp8_wgrad_128x256_halves,
+    warps: k.gemm_sm90_fp8_wgrad_128x256_warps,
     loaded: cx.sm90Pingpong ? k.gemm_sm90_fp8_wgrad_128x256_pingpong : k.gemm_sm90_fp8_wgrad_128x256,
   }[cx.sm90WgradScales];
 }

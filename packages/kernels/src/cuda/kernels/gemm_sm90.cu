@@ -336,13 +336,15 @@ __device__ __forceinline__ void sm90_tables(const int* off, int E, int* soff, in
 // column scales are read from the stage into registers between issuing its wgmmas and waiting for
 // them, so that after the wait only the products and the fmas are left (the wait's memory clobber
 // keeps the compiler from moving the reads there itself).
-// STRIPS (the staged Wgrad's): the epilogue stores each 64 x 128-byte strip as soon as it is
-// written, into the next of the warpgroup's staging slots, instead of a 128-column half at a time
+// STRIPS (the staged Wgrad's; 0: off): the epilogue stores each strip of STRIPS 128-byte rows as
+// soon as it is written, into the next of its staging slots, instead of a 128-column half at a time
 // with a wait in between for the last half's copies to read the staging (the wait that held 6% of
-// the Wgrad's stall samples; notes/sm90-gemm.md, nineteenth session).
+// the Wgrad's stall samples; notes/sm90-gemm.md, nineteenth session). 64: a warpgroup's strips,
+// one named barrier each (the default); 16: each warp's own 16 rows, stored by its lane 0 after a
+// __syncwarp (MOE8_SM90_WGRAD_STAGED=warps, opt-in: no warp waits for the warpgroup's slowest).
 template <int BN, int STAGES, Mainloop LOOP, Segments SEG, bool BF16_ONLY = false, int MAX_E = SM90_MAX_E,
           bool PINGPONG = false, bool STAGED_SCALES = false, bool FILL_BARRIER = false, bool HOIST_SCALES = false,
-          bool STRIPS = false>
+          int STRIPS = 0>
 __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CUtensorMap* tB, const CUtensorMap* tC,
                                                  const float* As, const float* Bs, float* C, const int* off, int E,
                                                  int M, int N, int K, int accumulate, int outMode, int rows,
@@ -366,6 +368,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   // Staging per consumer warpgroup: 64 rows x 128 columns of f32 (or BF16).
   constexpr int C_BYTES = 64 * 128 * (BF16_ONLY ? 2 : 4);
   static_assert(!HOIST_SCALES || STAGED_SCALES, "hoisted scales are read from the stage");
+  static_assert(STRIPS == 0 || STRIPS == 64 || STRIPS == 16, "strips of a warpgroup's rows or a warp's");
   // HOIST_SCALES: how many of a half's 16 column-scale pairs are read before the wait (2 registers
   // each beside the accumulators and the wgmmas in flight: ptxas spills from 8 on, and from 3 on
   // since the reads stop at the tile's columns inside N; notes/sm90-gemm.md, sixteenth session).
@@ -485,7 +488,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
     bool last;
   };
   float acc[NH][ACC];
-  int nstrip = 0;  // STRIPS: strips this warpgroup has staged, across its tiles (the slot: nstrip % SLOTS)
+  int nstrip = 0;  // STRIPS: strips this warpgroup (warp) has staged, across its tiles (slot nstrip % SLOTS)
   auto zero_acc = [&]() {
 #pragma unroll
     for (int h = 0; h < NH; h++)
@@ -506,7 +509,8 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
 
     // Epilogue, per 128-column half h: accumulator i is row (i & 2 ? g + 8 : g), column
     // n0 + 128 h + 8 (i / 4) + 2 tq + (i & 1).
-    if (row0 + 64 * wg + 64 <= rowEnd) {
+    // (STRIPS == 16: this warp's 16 rows inside, whatever the rest of its warpgroup's.)
+    if (STRIPS == 16 ? row0 + rloc - g + 16 <= rowEnd : row0 + 64 * wg + 64 <= rowEnd) {
       // This warpgroup's 64 rows inside the expert (both warpgroups' in a whole tile; the first's
       // alone in an expert's last tile of 64 to 127 rows): stage its 64 x 128 in 128-byte strips with the TMA
       // 128-byte swizzle (16-byte chunk index ^= row & 7: conflict-free), then TMA-store the strips
@@ -517,19 +521,24 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
       const int cw = bf16 ? 64 : 32, esz = bf16 ? 2 : 4;
       if constexpr (STRIPS) {
         // Strip k goes to slot k % SLOTS and is stored once written; before the barrier that lets
-        // the warpgroup write strip k + 1, the leader waits until the store SLOTS strips before it
-        // has read that slot (the copies of the SLOTS - 2 strips between may still be reading).
-        constexpr int SLOTS = C_BYTES / (64 * 128);
+        // the warpgroup (warp) write strip k + 1, its issuer waits until the store SLOTS strips
+        // before it has read that slot (the copies of the SLOTS - 2 strips between may still read).
+        // STRIPS == 16: each warp's slots are its quarter of the warpgroup's staging.
+        constexpr int SLOTS = C_BYTES / (64 * 128), SLOT_BYTES = STRIPS * 128;
         static_assert(SLOTS >= 2, "two staging slots at least");
+        const bool issuer = STRIPS == 64 ? leader : lane == 0;
+        const u32 strips = STRIPS == 64 ? cs : cs + (warp & 3) * (C_BYTES / 4);
+        const int srow = STRIPS == 64 ? wrow : g;                          // this thread's row in a strip
+        const int crow = row0 + 64 * wg + (STRIPS == 64 ? 0 : 16 * (warp & 3));  // the strip's first row of C
 #pragma unroll
         for (int h = 0; h < NH; h++)
 #pragma unroll
           for (int j = 0; j < 16; j++) {
             const int col = 8 * j + 2 * tq, cb = (col % cw) * esz;  // byte in the strip's 128-byte row
-            const u32 slot = cs + (nstrip % SLOTS) * 64 * 128;
+            const u32 slot = strips + (nstrip % SLOTS) * SLOT_BYTES;
 #pragma unroll
             for (int hh = 0; hh < 2; hh++) {
-              const int r = wrow + 8 * hh;
+              const int r = srow + 8 * hh;
               const u32 p = slot + r * 128 + ((((cb >> 4) ^ (r & 7))) << 4) + (cb & 15);
               const float v0 = acc[h][4 * j + 2 * hh], v1 = acc[h][4 * j + 2 * hh + 1];
               if (bf16) asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(p), "r"(sm90_pack_bf16(v0, v1)) : "memory");
@@ -537,13 +546,14 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
             }
             if ((8 * j + 8) % cw != 0) continue;  // the strip's last columns are written
             fence_async_smem();
-            if (leader) bulk_wait_read_but<SLOTS - 2>();
-            named_sync(1 + wg, 128);
-            if (leader) {
+            if (issuer) bulk_wait_read_but<SLOTS - 2>();
+            if constexpr (STRIPS == 64) named_sync(1 + wg, 128);
+            else __syncwarp();
+            if (issuer) {
               const int c0 = n0 + 128 * h + 8 * j + 8 - cw;
               if (c0 < N) {
-                if (accumulate) tma_reduce_add_2d(tC, slot, c0, row0 + 64 * wg);
-                else tma_store_2d(tC, slot, c0, row0 + 64 * wg);
+                if (accumulate) tma_reduce_add_2d(tC, slot, c0, crow);
+                else tma_store_2d(tC, slot, c0, crow);
               }
               bulk_commit();
               if (last && h == NH - 1 && j == 15) bulk_wait_all();  // read before the CTA exits
@@ -609,7 +619,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
           *c = v;
         }
       }
-    if ((threadIdx.x & 127) == 0 && last) bulk_wait_all();
+    if ((STRIPS == 16 ? lane == 0 : (threadIdx.x & 127) == 0) && last) bulk_wait_all();
   };
   // Deferred epilogues along M with 128-column tiles only: at 128 x 256 the stores' registers next
   // to two accumulator halves and the wgmmas' in flight spill (ptxas: 2.4 KB).
@@ -907,20 +917,22 @@ GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_e128, 128, 5, TwoBuffers, false, S
 // 128 x 256 tiles: half the L2 traffic per FLOP of 128 x 128; one buffer, the two warpgroups'
 // promotions overlapped with each other's wgmmas by taking turns (PINGPONG; measured the same as
 // issuing together, notes/sm90-gemm.md).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_pingpong, 256, 3, OneBuffer, true, false, false, false, false)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_pingpong, 256, 3, OneBuffer, true, false, false, false, 0)
 // The same with the scales in the ring (STAGED_SCALES) and the epilogue stored strip by strip
 // (STRIPS): the default, MOE8_SM90_WGRAD_STAGED=1 (strips: gate_up Wgrad +3-5%, notes/sm90-gemm.md).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged, 256, 3, OneBuffer, true, true, false, false, true)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged, 256, 3, OneBuffer, true, true, false, false, 64)
 // The same with its fills announced by named barriers too, for racecheck (MOE8_SM90_WGRAD_STAGED=checked).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged_checked, 256, 3, OneBuffer, true, true, true, false, true)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged_checked, 256, 3, OneBuffer, true, true, true, false, 64)
+// The same with each warp storing its own strips (STRIPS = 16; MOE8_SM90_WGRAD_STAGED=warps, opt-in).
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_warps, 256, 3, OneBuffer, true, true, false, false, 16)
 // Staged scales, the epilogue by 128-column halves (the default before; MOE8_SM90_WGRAD_STAGED=halves).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_halves, 256, 3, OneBuffer, true, true, false, false, false)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_halves, 256, 3, OneBuffer, true, true, false, false, 0)
 // That with each half's column scales read before its wgmmas' wait (MOE8_SM90_WGRAD_STAGED=hoist).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_hoist, 256, 3, OneBuffer, true, true, false, true, false)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_hoist, 256, 3, OneBuffer, true, true, false, true, 0)
 // The same, both warpgroups issuing together (MOE8_SM90_PINGPONG=0; for measuring the two).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256, 256, 3, OneBuffer, false, false, false, false, false)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256, 256, 3, OneBuffer, false, false, false, false, 0)
 // 128 x 128 tiles: two accumulator sets, the promotion overlapped with the next chunk's wgmmas.
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x128, 128, 4, TwoBuffers, false, false, false, false, false)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x128, 128, 4, TwoBuffers, false, false, false, false, 0)
 
 #define SM90_TP_COLS 64  // columns per block of sm90_coltile_transpose
 

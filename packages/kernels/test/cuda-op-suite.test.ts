@@ -160,6 +160,7 @@ const WIDE_WGRAD: Record<string, string> = {
   hoist: "hoist",
   halves: "halves",
   warps: "warps",
+  "checked-stores": "checked_stores",
 };
 const required = process.env.MOE8_REQUIRE_CUDA === "1";
 
@@ -320,6 +321,12 @@ if (status.ok) {
               sm90: true,
               env: { MOE8_SM90_WGRAD_STAGED: "warps", MOE8_SM90_CTAS: "3" },
               name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=warps on 3 CTAs",
+            },
+            // The checked twin with the scales stored by the producer warp (a racecheck diagnostic).
+            {
+              sm90: true,
+              env: { MOE8_SM90_WGRAD_STAGED: "checked-stores" },
+              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=checked-stores",
             },
           ]
         : []),

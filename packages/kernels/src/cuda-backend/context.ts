@@ -115,10 +115,11 @@ export class CudaContext {
    * "checked", staged with every order spelled in named barriers, for compute-sanitizer's
    * racecheck (=checked; slower); "halves", staged with the epilogue by 128-column halves rather
    * than strip by strip (=halves, the default before); "warps", staged with each warp storing its
-   * own strips (=warps, opt-in while measured); "loaded", the consumers loading and staging them
-   * (=0, the entry before that; notes/sm90-gemm.md has the numbers).
+   * own strips (=warps, opt-in while measured); "checked-stores", checked with the scales written
+   * by ordinary stores instead of bulk copies (a racecheck diagnostic); "loaded", the consumers
+   * loading and staging them (=0, the entry before that; notes/sm90-gemm.md has the numbers).
    */
-  readonly sm90WgradScales: "loaded" | "staged" | "checked" | "hoist" | "halves" | "warps";
+  readonly sm90WgradScales: "loaded" | "staged" | "checked" | "hoist" | "halves" | "warps" | "checked-stores";
   /**
    * The order in which the Wgrad's persistent CTAs take the experts' tiles: "sorted" (the default),
    * the experts with the most tokens first, dealt in a snake (gemm_sm90.cu, sm90_tile), or
@@ -161,7 +162,7 @@ export class CudaContext {
     this.sm90Pingpong = envChoice("MOE8_SM90_PINGPONG", ["0", "1"], "1") === "1";
     const scales = envChoice(
       "MOE8_SM90_WGRAD_STAGED",
-      ["0", "1", "checked", "hoist", "halves", "warps"],
+      ["0", "1", "checked", "hoist", "halves", "warps", "checked-stores"],
       "1",
     );
     this.sm90WgradScales = scales === "0" ? "loaded" : scales === "1" ? "staged" : scales;

@@ -304,6 +304,7 @@ function wgradWide(cx: CudaContext) {
     hoist: k.gemm_sm90_fp8_wgrad_128x256_hoist,
     halves: k.gemm_sm90_fp8_wgrad_128x256_halves,
     warps: k.gemm_sm90_fp8_wgrad_128x256_warps,
+    "checked-stores": k.gemm_sm90_fp8_wgrad_128x256_checked_stores,
     loaded: cx.sm90Pingpong ? k.gemm_sm90_fp8_wgrad_128x256_pingpong : k.gemm_sm90_fp8_wgrad_128x256,
   }[cx.sm90WgradScales];
 }

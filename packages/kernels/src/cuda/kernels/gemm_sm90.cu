@@ -331,7 +331,9 @@ __device__ __forceinline__ void sm90_tables(const int* off, int E, int* soff, in
 // and consumers; it makes every order one racecheck can follow, so that a hazard it still reports
 // is real (notes/sm90-gemm.md, fifteenth session: with the fill announced right after issuing the
 // copies, 3 hazards; after they landed, 2; nineteenth: the loading warp's own arrival after they
-// landed, 11 hazards on 3 CTAs).
+// landed, 11 hazards on 3 CTAs). FILL_BARRIER 2 (=checked-stores, a diagnostic): the loading warp
+// writes the scale vectors with ordinary loads and stores after the stage's release instead of bulk
+// copies, so that what racecheck reports there is not its model of the async proxy's writes.
 // HOIST_SCALES (with STAGED_SCALES; MOE8_SM90_WGRAD_STAGED=hoist, opt-in): each half's
 // column scales are read from the stage into registers between issuing its wgmmas and waiting for
 // them, so that after the wait only the products and the fmas are left (the wait's memory clobber
@@ -343,7 +345,7 @@ __device__ __forceinline__ void sm90_tables(const int* off, int E, int* soff, in
 // one named barrier each (the default); 16: each warp's own 16 rows, stored by its lane 0 after a
 // __syncwarp (MOE8_SM90_WGRAD_STAGED=warps, opt-in: no warp waits for the warpgroup's slowest).
 template <int BN, int STAGES, Mainloop LOOP, Segments SEG, bool BF16_ONLY = false, int MAX_E = SM90_MAX_E,
-          bool PINGPONG = false, bool STAGED_SCALES = false, bool FILL_BARRIER = false, bool HOIST_SCALES = false,
+          bool PINGPONG = false, bool STAGED_SCALES = false, int FILL_BARRIER = 0, bool HOIST_SCALES = false,
           int STRIPS = 0>
 __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CUtensorMap* tB, const CUtensorMap* tC,
                                                  const float* As, const float* Bs, float* C, const int* off, int E,
@@ -421,11 +423,18 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
           } else {
             mbar_wait(&empty[s], ph ^ 1);
           }
+          if constexpr (FILL_BARRIER == 2) {
+            // (lane 0's arrival below releases the warp's stores: __syncwarp orders them before it.)
+            float* ss = (float*)sS + s * S_FLOATS;
+            for (u32 i = lane; i < saBytes / 4; i += 32) ss[i] = As[(i64)kc * M + T.aRow + i];
+            for (u32 i = lane; i < sbBytes / 4; i += 32) ss[BM + i] = Bs[(i64)kc * N + T.n0 + i];
+            __syncwarp();
+          }
           if (lane == 0) {
-            mbar_expect_tx(&full[s], A_BYTES + B_BYTES + saBytes + sbBytes);
+            mbar_expect_tx(&full[s], A_BYTES + B_BYTES + (FILL_BARRIER == 2 ? 0 : saBytes + sbBytes));
             tma_load_2d(sA + s * A_BYTES, tA, kc * 128, T.aRow, &full[s]);
             tma_load_2d(sB + s * B_BYTES, tB, kc * 128, T.bRow, &full[s]);
-            if constexpr (STAGED_SCALES) {
+            if constexpr (STAGED_SCALES && FILL_BARRIER != 2) {
               float* ss = (float*)sS + s * S_FLOATS;
               bulk_load_1d(ss, As + (i64)kc * M + T.aRow, saBytes, &full[s]);
               bulk_load_1d(ss + BM, Bs + (i64)kc * N + T.n0, sbBytes, &full[s]);
@@ -917,22 +926,25 @@ GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_e128, 128, 5, TwoBuffers, false, S
 // 128 x 256 tiles: half the L2 traffic per FLOP of 128 x 128; one buffer, the two warpgroups'
 // promotions overlapped with each other's wgmmas by taking turns (PINGPONG; measured the same as
 // issuing together, notes/sm90-gemm.md).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_pingpong, 256, 3, OneBuffer, true, false, false, false, 0)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_pingpong, 256, 3, OneBuffer, true, false, 0, false, 0)
 // The same with the scales in the ring (STAGED_SCALES) and the epilogue stored strip by strip
 // (STRIPS): the default, MOE8_SM90_WGRAD_STAGED=1 (strips: gate_up Wgrad +3-5%, notes/sm90-gemm.md).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged, 256, 3, OneBuffer, true, true, false, false, 64)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged, 256, 3, OneBuffer, true, true, 0, false, 64)
 // The same with its fills announced by named barriers too, for racecheck (MOE8_SM90_WGRAD_STAGED=checked).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged_checked, 256, 3, OneBuffer, true, true, true, false, 64)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged_checked, 256, 3, OneBuffer, true, true, 1, false, 64)
+// That with the scale vectors stored by the loading warp instead of bulk-copied (a racecheck
+// diagnostic, MOE8_SM90_WGRAD_STAGED=checked-stores; notes/sm90-gemm.md, nineteenth session).
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_checked_stores, 256, 3, OneBuffer, true, true, 2, false, 64)
 // The same with each warp storing its own strips (STRIPS = 16; MOE8_SM90_WGRAD_STAGED=warps, opt-in).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_warps, 256, 3, OneBuffer, true, true, false, false, 16)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_warps, 256, 3, OneBuffer, true, true, 0, false, 16)
 // Staged scales, the epilogue by 128-column halves (the default before; MOE8_SM90_WGRAD_STAGED=halves).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_halves, 256, 3, OneBuffer, true, true, false, false, 0)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_halves, 256, 3, OneBuffer, true, true, 0, false, 0)
 // That with each half's column scales read before its wgmmas' wait (MOE8_SM90_WGRAD_STAGED=hoist).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_hoist, 256, 3, OneBuffer, true, true, false, true, 0)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_hoist, 256, 3, OneBuffer, true, true, 0, true, 0)
 // The same, both warpgroups issuing together (MOE8_SM90_PINGPONG=0; for measuring the two).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256, 256, 3, OneBuffer, false, false, false, false, 0)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256, 256, 3, OneBuffer, false, false, 0, false, 0)
 // 128 x 128 tiles: two accumulator sets, the promotion overlapped with the next chunk's wgmmas.
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x128, 128, 4, TwoBuffers, false, false, false, false, 0)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x128, 128, 4, TwoBuffers, false, false, 0, false, 0)
 
 #define SM90_TP_COLS 64  // columns per block of sm90_coltile_transpose
 

@@ -14,11 +14,11 @@
 #     bench-gemm-bn256: every role on 128 x 256 tiles; nopp and bench-gemm-nopp: MOE8_SM90_PINGPONG=0
 #     (bench-gemm-nopp on 128 x 256 tiles too); loaded and bench-gemm-loaded:
 #     MOE8_SM90_WGRAD_STAGED=0 (the Wgrad's entry before the staged one); racecheck-checked: =checked
-#     (racecheck-checked-experts: in expert order too); hoist, bench-gemm-hoist, memcheck-hoist: =hoist;
-#     halves, memcheck-halves: =halves (the staged Wgrad's epilogue by halves, the default before the
-#     strips); warps, memcheck-warps: =warps (each warp storing its own strips); racecheck-checked-stores:
-#     =checked-stores on 3 CTAs (the checked twin's scales stored, not bulk-copied); racecheck-checked-3ctas: =checked on 3 CTAs;
-#     experts, bench-gemm-experts: MOE8_SM90_WGRAD_ORDER=experts; ncu-wgrad-{default,hoist,loaded}:
+#     (racecheck-checked-experts: in expert order too; racecheck-checked-3ctas: on 3 CTAs);
+#     halves, bench-gemm-halves, memcheck-halves: =halves (the staged Wgrad's epilogue by halves, the
+#     default before the strips); warps, memcheck-warps: =warps (each warp storing its own strips);
+#     racecheck-checked-stores: =checked-stores on 3 CTAs (the checked twin's scales stored, not
+#     bulk-copied); experts, bench-gemm-experts: MOE8_SM90_WGRAD_ORDER=experts; ncu-wgrad-{default,halves,loaded}:
 #     Nsight Compute; ncu-wgrad-src: its stall samples per SASS instruction; ncu-times: every launch's time (NCU_TIMES)
 #   5 compute-sanitizer on the sm90 kernels (both entry points, through the op suite's sm90 tests):
 #     racecheck and memcheck filtered to gemm_sm90, then to flash_sm90's fa3 kernels (racecheck-fa3,
@@ -119,9 +119,8 @@ bench_gemm bench-gemm-nopp MOE8_SM90_BN=256 MOE8_SM90_PINGPONG=0 MOE8_SM90_WGRAD
 # The Wgrad with the consumers loading the scales (MOE8_SM90_WGRAD_STAGED=0, the entry before the
 # staged one) against the default.
 bench_gemm bench-gemm-loaded MOE8_SM90_WGRAD_STAGED=0
-# The staged Wgrad with part of each half's column scales read while its wgmmas run
-# (MOE8_SM90_WGRAD_STAGED=hoist) against the default.
-bench_gemm bench-gemm-hoist MOE8_SM90_WGRAD_STAGED=hoist
+# The staged Wgrad's epilogue by halves (the default before the strips) against the default.
+bench_gemm bench-gemm-halves MOE8_SM90_WGRAD_STAGED=halves
 # The Wgrad's tiles taken round robin in expert order (MOE8_SM90_WGRAD_ORDER=experts, the order
 # before the largest experts went first) against the default.
 bench_gemm bench-gemm-experts MOE8_SM90_WGRAD_ORDER=experts
@@ -165,7 +164,7 @@ step nccl-test 240 30 env MOE8_REQUIRE_NCCL=1 bun test --timeout 300000 packages
 # The training step replayed from a CUDA graph equals the uncaptured step bit for bit (issue 18).
 step graph-test 180 40 env MOE8_REQUIRE_CUDA=1 bun test --timeout 300000 tests/cuda-graph.test.ts
 
-for v in sm90 nograph kt bn128 ring4 nopp loaded hoist halves warps experts mma fa2 bf16 bf16nograph; do
+for v in sm90 nograph kt bn128 ring4 nopp loaded halves warps experts mma fa2 bf16 bf16nograph; do
   picked "step-$v" || continue
   case $v in
     sm90) env=(MOE8_SM90_GEMM=1) p=fp8 prof=--profile ;;
@@ -177,7 +176,6 @@ for v in sm90 nograph kt bn128 ring4 nopp loaded hoist halves warps experts mma 
     ring4) env=(MOE8_SM90_RING=4) p=fp8 prof=--profile ;;
     nopp) env=(MOE8_SM90_PINGPONG=0 MOE8_SM90_WGRAD_STAGED=0) p=fp8 prof=--profile ;;
     loaded) env=(MOE8_SM90_WGRAD_STAGED=0) p=fp8 prof=--profile ;;
-    hoist) env=(MOE8_SM90_WGRAD_STAGED=hoist) p=fp8 prof=--profile ;;
     halves) env=(MOE8_SM90_WGRAD_STAGED=halves) p=fp8 prof=--profile ;;
     warps) env=(MOE8_SM90_WGRAD_STAGED=warps) p=fp8 prof=--profile ;;
     experts) env=(MOE8_SM90_WGRAD_ORDER=experts) p=fp8 prof=--profile ;;
@@ -220,9 +218,6 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
     step "$tool-sm90" 180 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool "$tool" --kernel-name kns=sm90 \
       --error-exitcode 3 bun test --timeout 300000 -t "${SANITIZE_FILTER:-$filter}" packages/kernels/test/cuda-op-suite.test.ts
   done
-  step memcheck-hoist 180 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool memcheck --kernel-name kns=sm90 \
-    --error-exitcode 3 bun test --timeout 300000 -t "MOE8_SM90_WGRAD_STAGED=hoist MOE8_SM90_WGRAD_ORDER=experts equals" \
-    packages/kernels/test/cuda-op-suite.test.ts
   # The staged Wgrad's epilogue by halves and by each warp's strips (MOE8_SM90_WGRAD_STAGED=halves,
   # =warps) on 3 CTAs.
   for v in halves warps; do
@@ -262,9 +257,9 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
       --section SourceCounters --section LaunchStats bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts
   fi
   # The same on one launch of the experts' gate_up Wgrad (the 31st sm90 Wgrad launch: bench gemm
-  # times gate_up first, 60 launches a role): the default (staged scales), hoisted and loaded.
+  # times gate_up first, 60 launches a role): the default (staged scales), by halves and loaded.
   if command -v ncu >/dev/null 2>&1; then
-    for v in default:MOE8_SM90_WGRAD_STAGED=1 hoist:MOE8_SM90_WGRAD_STAGED=hoist loaded:MOE8_SM90_WGRAD_STAGED=0; do
+    for v in default:MOE8_SM90_WGRAD_STAGED=1 halves:MOE8_SM90_WGRAD_STAGED=halves loaded:MOE8_SM90_WGRAD_STAGED=0; do
       step "ncu-wgrad-${v%%:*}" 120 40 env "${v#*:}" ncu --kernel-name regex:gemm_sm90_fp8_wgrad --launch-skip 30 \
         --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
         --section SchedulerStats --section ComputeWorkloadAnalysis --section LaunchStats --section SourceCounters \
@@ -469,12 +464,12 @@ print()
 for r in rows:
     for tag, what in (("bench-gemm-bn128", "128x128 entries"), ("bench-gemm-ring4", "4-stage ring"),
                       ("bench-gemm-bn256", "128x256 ping-pong"), ("bench-gemm-nopp", "128x256 together"),
-                      ("bench-gemm-loaded", "Wgrad loaded scales"), ("bench-gemm-hoist", "Wgrad hoisted scales"),
+                      ("bench-gemm-loaded", "Wgrad loaded scales"), ("bench-gemm-halves", "Wgrad epilogue by halves"),
                       ("bench-gemm-experts", "Wgrad in expert order")):
         if r.get("tag") == tag:
             for x in r.get("rows", []):
                 print(f"{what}: {x['gemm'][:44]:<44} {x['role']:<6} {x['fp8_tflops']:>8} TF/s")
-for v in ("sm90", "nograph", "kt", "bn128", "ring4", "nopp", "loaded", "hoist", "experts", "mma", "fa2", "bf16",
+for v in ("sm90", "nograph", "kt", "bn128", "ring4", "nopp", "loaded", "halves", "warps", "experts", "mma", "fa2", "bf16",
           "bf16nograph"):
     s = next((r for r in rows if r.get("tag") == f"step-{v}"), None)
     k = next((r for r in rows if r.get("tag") == f"kernels-{v}"), {})

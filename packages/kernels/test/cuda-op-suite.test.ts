@@ -157,7 +157,6 @@ const status = cudaStatus();
 const WIDE_WGRAD: Record<string, string> = {
   "1": "staged",
   checked: "staged_checked",
-  hoist: "hoist",
   halves: "halves",
   warps: "warps",
   "checked-stores": "checked_stores",
@@ -307,8 +306,8 @@ if (status.ok) {
             },
             {
               sm90: true,
-              env: { MOE8_SM90_WGRAD_STAGED: "hoist", MOE8_SM90_WGRAD_ORDER: "experts" },
-              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=hoist MOE8_SM90_WGRAD_ORDER=experts",
+              env: { MOE8_SM90_WGRAD_ORDER: "experts" },
+              name: "sm90 wgmma, MOE8_SM90_WGRAD_ORDER=experts",
             },
             // The staged Wgrad's epilogue by halves (the default before the strips) and by each
             // warp's strips, on 3 CTAs (each CTA stores many tiles: the slots rotate across them).

@@ -111,7 +111,6 @@ export class CudaContext {
   /**
    * Where the 128 x 256 Wgrad takes each chunk's scale vectors from: "staged" (the default,
    * MOE8_SM90_WGRAD_STAGED=1), its ring stage, copied there by the producer with the codes;
-   * "hoist" (=hoist), the same with part of each half's column scales read while its wgmmas run;
    * "checked", staged with every order spelled in named barriers, for compute-sanitizer's
    * racecheck (=checked; slower); "halves", staged with the epilogue by 128-column halves rather
    * than strip by strip (=halves, the default before); "warps", staged with each warp storing its
@@ -119,7 +118,7 @@ export class CudaContext {
    * by ordinary stores instead of bulk copies (a racecheck diagnostic); "loaded", the consumers
    * loading and staging them (=0, the entry before that; notes/sm90-gemm.md has the numbers).
    */
-  readonly sm90WgradScales: "loaded" | "staged" | "checked" | "hoist" | "halves" | "warps" | "checked-stores";
+  readonly sm90WgradScales: "loaded" | "staged" | "checked" | "halves" | "warps" | "checked-stores";
   /**
    * The order in which the Wgrad's persistent CTAs take the experts' tiles: "sorted" (the default),
    * the experts with the most tokens first, dealt in a snake (gemm_sm90.cu, sm90_tile), or
@@ -162,7 +161,7 @@ export class CudaContext {
     this.sm90Pingpong = envChoice("MOE8_SM90_PINGPONG", ["0", "1"], "1") === "1";
     const scales = envChoice(
       "MOE8_SM90_WGRAD_STAGED",
-      ["0", "1", "checked", "hoist", "halves", "warps", "checked-stores"],
+      ["0", "1", "checked", "halves", "warps", "checked-stores"],
       "1",
     );
     this.sm90WgradScales = scales === "0" ? "loaded" : scales === "1" ? "staged" : scales;

@@ -301,7 +301,6 @@ function wgradWide(cx: CudaContext) {
   return {
     staged: k.gemm_sm90_fp8_wgrad_128x256_staged,
     checked: k.gemm_sm90_fp8_wgrad_128x256_staged_checked,
-    hoist: k.gemm_sm90_fp8_wgrad_128x256_hoist,
     halves: k.gemm_sm90_fp8_wgrad_128x256_halves,
     warps: k.gemm_sm90_fp8_wgrad_128x256_warps,
     "checked-stores": k.gemm_sm90_fp8_wgrad_128x256_checked_stores,

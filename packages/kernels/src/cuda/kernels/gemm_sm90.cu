@@ -147,8 +147,8 @@ __device__ __forceinline__ void promote_cols(float (&acc)[ACC], float (&p)[ACC],
 }
 
 // The same with this thread's column scales already in registers: b[j] holds columns 8 j + {0, 1}
-// (HOIST_SCALES). A second body rather than the one above loading into an array first: that would
-// move the default entries' loads ahead of the fences, a schedule not measured.
+// (promote_cols_part). A second body rather than the one above loading into an array first: that
+// would move the full halves' loads ahead of the fences, a schedule not measured.
 template <int ACC>
 __device__ __forceinline__ void promote_cols(float (&acc)[ACC], float (&p)[ACC], float sa0, float sa1,
                                              const float2 (&b)[ACC / 4]) {
@@ -334,10 +334,6 @@ __device__ __forceinline__ void sm90_tables(const int* off, int E, int* soff, in
 // landed, 11 hazards on 3 CTAs). FILL_BARRIER 2 (=checked-stores, a diagnostic): the loading warp
 // writes the scale vectors with ordinary loads and stores after the stage's release instead of bulk
 // copies, so that what racecheck reports there is not its model of the async proxy's writes.
-// HOIST_SCALES (with STAGED_SCALES; MOE8_SM90_WGRAD_STAGED=hoist, opt-in): each half's
-// column scales are read from the stage into registers between issuing its wgmmas and waiting for
-// them, so that after the wait only the products and the fmas are left (the wait's memory clobber
-// keeps the compiler from moving the reads there itself).
 // STRIPS (the staged Wgrad's; 0: off): the epilogue stores each strip of STRIPS 128-byte rows as
 // soon as it is written, into the next of its staging slots, instead of a 128-column half at a time
 // with a wait in between for the last half's copies to read the staging (the wait that held 6% of
@@ -345,7 +341,7 @@ __device__ __forceinline__ void sm90_tables(const int* off, int E, int* soff, in
 // one named barrier each (the default); 16: each warp's own 16 rows, stored by its lane 0 after a
 // __syncwarp (MOE8_SM90_WGRAD_STAGED=warps, opt-in: no warp waits for the warpgroup's slowest).
 template <int BN, int STAGES, Mainloop LOOP, Segments SEG, bool BF16_ONLY = false, int MAX_E = SM90_MAX_E,
-          bool PINGPONG = false, bool STAGED_SCALES = false, int FILL_BARRIER = 0, bool HOIST_SCALES = false,
+          bool PINGPONG = false, bool STAGED_SCALES = false, int FILL_BARRIER = 0,
           int STRIPS = 0>
 __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CUtensorMap* tB, const CUtensorMap* tC,
                                                  const float* As, const float* Bs, float* C, const int* off, int E,
@@ -369,12 +365,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   constexpr int S_BYTES = SEG != Segments::AlongK ? 0 : STAGED_SCALES ? STAGES * S_FLOATS * 4 : NWG * 2 * S_FLOATS * 4;
   // Staging per consumer warpgroup: 64 rows x 128 columns of f32 (or BF16).
   constexpr int C_BYTES = 64 * 128 * (BF16_ONLY ? 2 : 4);
-  static_assert(!HOIST_SCALES || STAGED_SCALES, "hoisted scales are read from the stage");
   static_assert(STRIPS == 0 || STRIPS == 64 || STRIPS == 16, "strips of a warpgroup's rows or a warp's");
-  // HOIST_SCALES: how many of a half's 16 column-scale pairs are read before the wait (2 registers
-  // each beside the accumulators and the wgmmas in flight: ptxas spills from 8 on, and from 3 on
-  // since the reads stop at the tile's columns inside N; notes/sm90-gemm.md, sixteenth session).
-  constexpr int HOISTED = 2;
   extern __shared__ u8 sm90_dyn[];
   u8* base = sm90_dyn + ((1024 - (sm90_smem_u32(sm90_dyn) & 1023)) & 1023);
   if (E > MAX_E || (BF16_ONLY && (outMode != SM90_OUT_BF16 || accumulate))) asm volatile("trap;");
@@ -752,19 +743,9 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
             mma_half(p, aBase + s * A_BYTES, bBase + s * B_BYTES + h * 128 * 128);
             const float* sb = ss + BM + 128 * h + 2 * tq;
             const int live = colsIn - 128 * h;  // columns of this half inside N (a multiple of 16)
-            if (HOIST_SCALES && live >= 128) {  // the column scales read while the wgmmas run
-              float2 b[ACC / 4];
-#pragma unroll
-              for (int j = 0; j < HOISTED; j++) b[j] = *(const float2*)(sb + 8 * j);
-              wgmma_wait<0>();
-#pragma unroll
-              for (int j = HOISTED; j < ACC / 4; j++) b[j] = *(const float2*)(sb + 8 * j);
-              promote_cols(acc[h], p, sa0, sa1, b);
-            } else {
-              wgmma_wait<0>();
-              if (live >= 128) promote_cols(acc[h], p, sa0, sa1, sb);
-              else if (live > 0) promote_cols_part(acc[h], p, sa0, sa1, sb, live - 2 * tq);
-            }
+            wgmma_wait<0>();
+            if (live >= 128) promote_cols(acc[h], p, sa0, sa1, sb);
+            else if (live > 0) promote_cols_part(acc[h], p, sa0, sa1, sb, live - 2 * tq);
           }
           // Every read of the stage done (FILL_BARRIER: waiting with the producer, an order racecheck
           // follows whether or not it models an arrival as a release).
@@ -914,37 +895,35 @@ GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_e128, 128, 5, TwoBuffers, false, S
 // writes them (tensor maps: A u8 [M, pitch] box {128, 128}, B u8 [N, pitch] box {128, BN}, C f32
 // [E * M, N] box {32, 64}); As [chunks, M] and Bs [chunks, N] are quant_coltile's scales. Requires
 // M % 16 == 0 and N % 16 == 0 (the transposes' 16-byte pieces).
-#define GEMM_SM90_WGRAD_ENTRY(NAME, BN, STAGES, LOOP, PINGPONG, STAGED, FILL, HOIST, STRIPS)                     \
+#define GEMM_SM90_WGRAD_ENTRY(NAME, BN, STAGES, LOOP, PINGPONG, STAGED, FILL, STRIPS)                            \
   KERNEL void __launch_bounds__(SM90_THREADS, 1)                                                                 \
       NAME(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,                       \
            const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs, float* C, const int* off,    \
            int E, int M, int N, int accumulate, int outMode, int sorted) {                                       \
     sm90_fp8_grouped<BN, STAGES, Mainloop::LOOP, Segments::AlongK, false, SM90_MAX_E, PINGPONG, STAGED, FILL,    \
-                     HOIST, STRIPS>(                                                                             \
+                     STRIPS>(                                                                                    \
         &tA, &tB, &tC, As, Bs, C, off, E, M, N, 0, accumulate, outMode, E * M, sorted != 0);                     \
   }
 // 128 x 256 tiles: half the L2 traffic per FLOP of 128 x 128; one buffer, the two warpgroups'
 // promotions overlapped with each other's wgmmas by taking turns (PINGPONG; measured the same as
 // issuing together, notes/sm90-gemm.md).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_pingpong, 256, 3, OneBuffer, true, false, 0, false, 0)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_pingpong, 256, 3, OneBuffer, true, false, 0, 0)
 // The same with the scales in the ring (STAGED_SCALES) and the epilogue stored strip by strip
 // (STRIPS): the default, MOE8_SM90_WGRAD_STAGED=1 (strips: gate_up Wgrad +3-5%, notes/sm90-gemm.md).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged, 256, 3, OneBuffer, true, true, 0, false, 64)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged, 256, 3, OneBuffer, true, true, 0, 64)
 // The same with its fills announced by named barriers too, for racecheck (MOE8_SM90_WGRAD_STAGED=checked).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged_checked, 256, 3, OneBuffer, true, true, 1, false, 64)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged_checked, 256, 3, OneBuffer, true, true, 1, 64)
 // That with the scale vectors stored by the loading warp instead of bulk-copied (a racecheck
 // diagnostic, MOE8_SM90_WGRAD_STAGED=checked-stores; notes/sm90-gemm.md, nineteenth session).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_checked_stores, 256, 3, OneBuffer, true, true, 2, false, 64)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_checked_stores, 256, 3, OneBuffer, true, true, 2, 64)
 // The same with each warp storing its own strips (STRIPS = 16; MOE8_SM90_WGRAD_STAGED=warps, opt-in).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_warps, 256, 3, OneBuffer, true, true, 0, false, 16)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_warps, 256, 3, OneBuffer, true, true, 0, 16)
 // Staged scales, the epilogue by 128-column halves (the default before; MOE8_SM90_WGRAD_STAGED=halves).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_halves, 256, 3, OneBuffer, true, true, 0, false, 0)
-// That with each half's column scales read before its wgmmas' wait (MOE8_SM90_WGRAD_STAGED=hoist).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_hoist, 256, 3, OneBuffer, true, true, 0, true, 0)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_halves, 256, 3, OneBuffer, true, true, 0, 0)
 // The same, both warpgroups issuing together (MOE8_SM90_PINGPONG=0; for measuring the two).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256, 256, 3, OneBuffer, false, false, 0, false, 0)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256, 256, 3, OneBuffer, false, false, 0, 0)
 // 128 x 128 tiles: two accumulator sets, the promotion overlapped with the next chunk's wgmmas.
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x128, 128, 4, TwoBuffers, false, false, 0, false, 0)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x128, 128, 4, TwoBuffers, false, false, 0, 0)
 
 #define SM90_TP_COLS 64  // columns per block of sm90_coltile_transpose
 

@@ -236,19 +236,18 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
   try {
     // 128 x 256 tiles (one buffer) for N >= 256, else 128 x 128 (two buffers); MOE8_SM90_WGRAD_BN.
     const wide = cx.sm90WgradBn ? cx.sm90WgradBn === 256 : N >= 256;
+    // C's box: 32 columns by 64 rows, a warpgroup's strip (16, a warp's, under =warps).
     const entry = !wide
       ? {
           kernel: KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x128,
-          bm: SM90.SM90_BM,
           bn: 128,
-          threads: SM90.SM90_THREADS,
+          cRows: 64,
           smem: SM90.SM90_SMEM_WGRAD_128x128,
         }
       : {
           kernel: wgradWide(cx),
-          bm: SM90.SM90_BM,
           bn: 256,
-          threads: SM90.SM90_THREADS,
+          cRows: cx.sm90WgradScales === "warps" ? 16 : 64,
           smem:
             cx.sm90WgradScales !== "loaded"
               ? SM90.SM90_SMEM_WGRAD_128x256_STAGED
@@ -258,12 +257,11 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
     let maps: { tA: Uint8Array; tB: Uint8Array; tC: Uint8Array };
     try {
       // (A refusal after a transpose was enqueued leaves nothing wrong: it wrote only scratch.)
-      // (C's box: 32 columns by 64 rows, a warpgroup's strip; 16, a warp's, under =warps.)
-      const tC = map(o.out, "f32", N, E * M, 32, wide && cx.sm90WgradScales === "warps" ? 16 : 64);
+      const tC = map(o.out, "f32", N, E * M, 32, entry.cRows);
       const [at, bt] = [kMajor(o.a, M), kMajor(o.b, N)];
       if (!at || !bt) return false;
       maps = {
-        tA: map(at.ptr, "u8", at.pitch, M, 128, entry.bm),
+        tA: map(at.ptr, "u8", at.pitch, M, 128, SM90.SM90_BM),
         tB: map(bt.ptr, "u8", bt.pitch, N, 128, entry.bn),
         tC,
       };
@@ -273,7 +271,7 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
     cx.launch(
       entry.kernel,
       [cx.sm90Ctas],
-      entry.threads,
+      SM90.SM90_THREADS,
       {
         ...maps,
         As: cx.p(o.a.quant!.scales),

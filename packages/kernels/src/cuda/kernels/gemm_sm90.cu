@@ -94,27 +94,15 @@ __device__ __forceinline__ void wgmma_n128(float* d, u64 da, u64 db, int accumul
       : "l"(da), "l"(db), "r"(accumulate));
 }
 
-// The same for m64n64k32 (32 accumulators: the four-warpgroup Wgrad's 64-column quarters).
-__device__ __forceinline__ void wgmma_n64(float* d, u64 da, u64 db, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(da), "l"(db), "r"(accumulate));
-}
-
-// The 4 k32 wgmmas of one 128-deep chunk into a fresh accumulator p (64 of them: n128; 32: n64),
-// issued and committed as one group; the caller waits.
+// The 4 k32 wgmmas of one 128-deep chunk into a fresh accumulator p, issued and committed as one
+// group; the caller waits.
 template <int ACC>
 __device__ __forceinline__ void mma_chunk(float (&p)[ACC], u32 aAddr, u32 bAddr) {
 #pragma unroll
   for (int i = 0; i < ACC; i++) reg_fence(p[i]);
   wgmma_fence();
 #pragma unroll
-  for (int ks = 0; ks < 4; ks++) {
-    if constexpr (ACC == 64) wgmma_n128(p, sm90_desc(aAddr + ks * 32), sm90_desc(bAddr + ks * 32), ks);
-    else wgmma_n64(p, sm90_desc(aAddr + ks * 32), sm90_desc(bAddr + ks * 32), ks);
-  }
+  for (int ks = 0; ks < 4; ks++) wgmma_n128(p, sm90_desc(aAddr + ks * 32), sm90_desc(bAddr + ks * 32), ks);
   wgmma_commit();
 }
 
@@ -222,7 +210,7 @@ struct Sm90Tile {
 // the CTAs' round r of gridDim.x tiles runs left to right when r is even, right to left when odd,
 // so that no CTA takes the largest tile of every round (notes/sm90-gemm.md, sixteenth session:
 // round robin over the experts in id order ends 13-20% past the mean CTA's work at small's loads).
-template <Segments SEG, int BN, int BM = SM90_BM>
+template <Segments SEG, int BN>
 __device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int* mpre, const int* order, bool sorted,
                                               int E, int M, int N, int KC) {
   const int NT = cdiv(N, BN);
@@ -236,7 +224,7 @@ __device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int*
       else hi = mid - 1;
     }
     T.e = lo;
-    T.aRow = soff[lo] + (mt - mpre[lo]) * BM;
+    T.aRow = soff[lo] + (mt - mpre[lo]) * SM90_BM;
     T.bRow = lo * N + nt * BN;
     T.k0 = 0;
     T.kc = KC;
@@ -244,7 +232,7 @@ __device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int*
     T.rowEnd = soff[lo + 1];
     T.n0 = nt * BN;
   } else {
-    const int per = cdiv(M, BM) * NT;
+    const int per = cdiv(M, SM90_BM) * NT;
     int u = t, e;
     if (sorted) {
       const int G = gridDim.x, r = t / G, i = t - r * G;
@@ -255,7 +243,7 @@ __device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int*
     }
     const int rt = u - (u / per) * per, mt = rt / NT, nt = rt - mt * NT;
     T.e = e;
-    T.aRow = mt * BM;
+    T.aRow = mt * SM90_BM;
     T.bRow = nt * BN;
     T.k0 = mpre[e];
     T.kc = mpre[e + 1] - mpre[e];
@@ -519,6 +507,12 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
       const bool leader = (threadIdx.x & 127) == 0;
       const u32 cs = csBase + (threadIdx.x >> 7) * C_BYTES;
       const int cw = bf16 ? 64 : 32, esz = bf16 ? 2 : 4;
+      // One value pair into row r of a strip at `strip`, byte cb of its 128-byte row.
+      auto stage = [&](u32 strip, int r, int cb, float v0, float v1) {
+        const u32 p = strip + r * 128 + ((((cb >> 4) ^ (r & 7))) << 4) + (cb & 15);
+        if (bf16) asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(p), "r"(sm90_pack_bf16(v0, v1)) : "memory");
+        else asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(p), "f"(v0), "f"(v1) : "memory");
+      };
       if constexpr (STRIPS) {
         // Strip k goes to slot k % SLOTS and is stored once written; before the barrier that lets
         // the warpgroup (warp) write strip k + 1, its issuer waits until the store SLOTS strips
@@ -537,13 +531,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
             const int col = 8 * j + 2 * tq, cb = (col % cw) * esz;  // byte in the strip's 128-byte row
             const u32 slot = strips + (nstrip % SLOTS) * SLOT_BYTES;
 #pragma unroll
-            for (int hh = 0; hh < 2; hh++) {
-              const int r = srow + 8 * hh;
-              const u32 p = slot + r * 128 + ((((cb >> 4) ^ (r & 7))) << 4) + (cb & 15);
-              const float v0 = acc[h][4 * j + 2 * hh], v1 = acc[h][4 * j + 2 * hh + 1];
-              if (bf16) asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(p), "r"(sm90_pack_bf16(v0, v1)) : "memory");
-              else asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(p), "f"(v0), "f"(v1) : "memory");
-            }
+            for (int hh = 0; hh < 2; hh++) stage(slot, srow + 8 * hh, cb, acc[h][4 * j + 2 * hh], acc[h][4 * j + 2 * hh + 1]);
             if ((8 * j + 8) % cw != 0) continue;  // the strip's last columns are written
             fence_async_smem();
             if (issuer) bulk_wait_read_but<SLOTS - 2>();
@@ -570,13 +558,8 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
           for (int j = 0; j < 16; j++) {
             const int col = 8 * j + 2 * tq, strip = col / cw, cb = (col % cw) * esz;  // byte in the 128-byte row
 #pragma unroll
-            for (int hh = 0; hh < 2; hh++) {
-              const int r = wrow + 8 * hh;
-              const u32 p = cs + strip * 64 * 128 + r * 128 + ((((cb >> 4) ^ (r & 7))) << 4) + (cb & 15);
-              const float v0 = acc[h][4 * j + 2 * hh], v1 = acc[h][4 * j + 2 * hh + 1];
-              if (bf16) asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(p), "r"(sm90_pack_bf16(v0, v1)) : "memory");
-              else asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(p), "f"(v0), "f"(v1) : "memory");
-            }
+            for (int hh = 0; hh < 2; hh++)
+              stage(cs + strip * 64 * 128, wrow + 8 * hh, cb, acc[h][4 * j + 2 * hh], acc[h][4 * j + 2 * hh + 1]);
           }
           fence_async_smem();
           named_sync(1 + wg, 128);

@@ -158,8 +158,6 @@ const WIDE_WGRAD: Record<string, string> = {
   "1": "staged",
   checked: "staged_checked",
   halves: "halves",
-  warps: "warps",
-  "checked-stores": "checked_stores",
 };
 const required = process.env.MOE8_REQUIRE_CUDA === "1";
 
@@ -309,23 +307,12 @@ if (status.ok) {
               env: { MOE8_SM90_WGRAD_ORDER: "experts" },
               name: "sm90 wgmma, MOE8_SM90_WGRAD_ORDER=experts",
             },
-            // The staged Wgrad's epilogue by halves (the default before the strips) and by each
-            // warp's strips, on 3 CTAs (each CTA stores many tiles: the slots rotate across them).
+            // The staged Wgrad's epilogue by halves (the default before the strips), on 3 CTAs (each
+            // CTA stores many tiles: the slots rotate across them).
             {
               sm90: true,
               env: { MOE8_SM90_WGRAD_STAGED: "halves", MOE8_SM90_CTAS: "3" },
               name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=halves on 3 CTAs",
-            },
-            {
-              sm90: true,
-              env: { MOE8_SM90_WGRAD_STAGED: "warps", MOE8_SM90_CTAS: "3" },
-              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=warps on 3 CTAs",
-            },
-            // The checked twin with the scales stored by the producer warp (a racecheck diagnostic).
-            {
-              sm90: true,
-              env: { MOE8_SM90_WGRAD_STAGED: "checked-stores" },
-              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=checked-stores",
             },
           ]
         : []),

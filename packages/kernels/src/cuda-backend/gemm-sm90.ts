@@ -236,18 +236,15 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
   try {
     // 128 x 256 tiles (one buffer) for N >= 256, else 128 x 128 (two buffers); MOE8_SM90_WGRAD_BN.
     const wide = cx.sm90WgradBn ? cx.sm90WgradBn === 256 : N >= 256;
-    // C's box: 32 columns by 64 rows, a warpgroup's strip (16, a warp's, under =warps).
     const entry = !wide
       ? {
           kernel: KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x128,
           bn: 128,
-          cRows: 64,
           smem: SM90.SM90_SMEM_WGRAD_128x128,
         }
       : {
           kernel: wgradWide(cx),
           bn: 256,
-          cRows: cx.sm90WgradScales === "warps" ? 16 : 64,
           smem:
             cx.sm90WgradScales !== "loaded"
               ? SM90.SM90_SMEM_WGRAD_128x256_STAGED
@@ -257,7 +254,8 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
     let maps: { tA: Uint8Array; tB: Uint8Array; tC: Uint8Array };
     try {
       // (A refusal after a transpose was enqueued leaves nothing wrong: it wrote only scratch.)
-      const tC = map(o.out, "f32", N, E * M, 32, entry.cRows);
+      // C's box: 32 columns by 64 rows, a warpgroup's strip.
+      const tC = map(o.out, "f32", N, E * M, 32, 64);
       const [at, bt] = [kMajor(o.a, M), kMajor(o.b, N)];
       if (!at || !bt) return false;
       maps = {
@@ -300,8 +298,6 @@ function wgradWide(cx: CudaContext) {
     staged: k.gemm_sm90_fp8_wgrad_128x256_staged,
     checked: k.gemm_sm90_fp8_wgrad_128x256_staged_checked,
     halves: k.gemm_sm90_fp8_wgrad_128x256_halves,
-    warps: k.gemm_sm90_fp8_wgrad_128x256_warps,
-    "checked-stores": k.gemm_sm90_fp8_wgrad_128x256_checked_stores,
     loaded: cx.sm90Pingpong ? k.gemm_sm90_fp8_wgrad_128x256_pingpong : k.gemm_sm90_fp8_wgrad_128x256,
   }[cx.sm90WgradScales];
 }

@@ -311,25 +311,22 @@ __device__ __forceinline__ void sm90_tables(const int* off, int E, int* soff, in
 // consumers arrive after their promotion, the producer warp waits before refilling it) rather than
 // the empty mbarrier: the same order (racecheck still reports it, as it does not follow a release by
 // bar.arrive: FILL_BARRIER's entry is the one it checks; notes/sm90-gemm.md).
-// FILL_BARRIER (with STAGED_SCALES; the racecheck build, MOE8_SM90_WGRAD_STAGED=checked): a second
-// producer warp waits until stage s's copies have landed (the full mbarrier, as the consumers do)
-// and then at named barrier SM90_FILL_BAR + s with the consumers, before they read the stage; and
-// the consumers release a stage by waiting at its named barrier with the loading warp instead of
-// arriving there. That orders nothing the mbarriers and arrivals do not, and it serialises producer
-// and consumers; it makes every order one racecheck can follow, so that a hazard it still reports
-// is real (notes/sm90-gemm.md, fifteenth session: with the fill announced right after issuing the
-// copies, 3 hazards; after they landed, 2; nineteenth: the loading warp's own arrival after they
-// landed, 11 hazards on 3 CTAs). FILL_BARRIER 2 (=checked-stores, a diagnostic): the loading warp
-// writes the scale vectors with ordinary loads and stores after the stage's release instead of bulk
-// copies, so that what racecheck reports there is not its model of the async proxy's writes.
-// STRIPS (the staged Wgrad's; 0: off): the epilogue stores each strip of STRIPS 128-byte rows as
-// soon as it is written, into the next of its staging slots, instead of a 128-column half at a time
-// with a wait in between for the last half's copies to read the staging (the wait that held 6% of
-// the Wgrad's stall samples; notes/sm90-gemm.md, nineteenth session). 64: a warpgroup's strips,
-// one named barrier each (the default); 16: each warp's own 16 rows, stored by its lane 0 after a
-// __syncwarp (MOE8_SM90_WGRAD_STAGED=warps, opt-in: no warp waits for the warpgroup's slowest).
+// FILL_BARRIER (with STAGED_SCALES; the racecheck twin, MOE8_SM90_WGRAD_STAGED=checked): the loading
+// warp writes the scale vectors itself (ordinary loads and stores after the stage's release, then
+// lane 0's arrival on the full mbarrier for the codes' TMA loads); a second producer warp waits for
+// the full mbarrier and then at named barrier SM90_FILL_BAR + s with the consumers, before they read
+// the stage; and the consumers release a stage by waiting at its named barrier with the loading warp
+// instead of arriving there. That orders nothing the default's mbarriers and arrivals do not, and it
+// serialises producer and consumers; it makes every order one racecheck can follow, and puts no
+// write racecheck cannot order (the async proxy's bulk copies: with them the twin reported 11-14
+// hazards on 3 CTAs, all bulk copy against promotion, and 0 with the stores; notes/sm90-gemm.md,
+// nineteenth and twentieth sessions), so that a hazard it reports is one in the ring's order.
+// STRIPS (the staged Wgrad's; 0: off, or 64): the epilogue stores each 64-row strip of 128-byte rows
+// as soon as it is written, into the next of its staging slots, instead of a 128-column half at a
+// time with a wait in between for the last half's copies to read the staging (the wait that held 6%
+// of the Wgrad's stall samples; notes/sm90-gemm.md, nineteenth session).
 template <int BN, int STAGES, Mainloop LOOP, Segments SEG, bool BF16_ONLY = false, int MAX_E = SM90_MAX_E,
-          bool PINGPONG = false, bool STAGED_SCALES = false, int FILL_BARRIER = 0,
+          bool PINGPONG = false, bool STAGED_SCALES = false, bool FILL_BARRIER = false,
           int STRIPS = 0>
 __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CUtensorMap* tB, const CUtensorMap* tC,
                                                  const float* As, const float* Bs, float* C, const int* off, int E,
@@ -353,7 +350,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   constexpr int S_BYTES = SEG != Segments::AlongK ? 0 : STAGED_SCALES ? STAGES * S_FLOATS * 4 : NWG * 2 * S_FLOATS * 4;
   // Staging per consumer warpgroup: 64 rows x 128 columns of f32 (or BF16).
   constexpr int C_BYTES = 64 * 128 * (BF16_ONLY ? 2 : 4);
-  static_assert(STRIPS == 0 || STRIPS == 64 || STRIPS == 16, "strips of a warpgroup's rows or a warp's");
+  static_assert(STRIPS == 0 || STRIPS == 64, "strips of a warpgroup's 64 rows");
   extern __shared__ u8 sm90_dyn[];
   u8* base = sm90_dyn + ((1024 - (sm90_smem_u32(sm90_dyn) & 1023)) & 1023);
   if (E > MAX_E || (BF16_ONLY && (outMode != SM90_OUT_BF16 || accumulate))) asm volatile("trap;");
@@ -402,7 +399,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
           } else {
             mbar_wait(&empty[s], ph ^ 1);
           }
-          if constexpr (FILL_BARRIER == 2) {
+          if constexpr (FILL_BARRIER) {
             // (lane 0's arrival below releases the warp's stores: __syncwarp orders them before it.)
             float* ss = (float*)sS + s * S_FLOATS;
             for (u32 i = lane; i < saBytes / 4; i += 32) ss[i] = As[(i64)kc * M + T.aRow + i];
@@ -410,10 +407,10 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
             __syncwarp();
           }
           if (lane == 0) {
-            mbar_expect_tx(&full[s], A_BYTES + B_BYTES + (FILL_BARRIER == 2 ? 0 : saBytes + sbBytes));
+            mbar_expect_tx(&full[s], A_BYTES + B_BYTES + (FILL_BARRIER ? 0 : saBytes + sbBytes));
             tma_load_2d(sA + s * A_BYTES, tA, kc * 128, T.aRow, &full[s]);
             tma_load_2d(sB + s * B_BYTES, tB, kc * 128, T.bRow, &full[s]);
-            if constexpr (STAGED_SCALES && FILL_BARRIER != 2) {
+            if constexpr (STAGED_SCALES && !FILL_BARRIER) {
               float* ss = (float*)sS + s * S_FLOATS;
               bulk_load_1d(ss, As + (i64)kc * M + T.aRow, saBytes, &full[s]);
               bulk_load_1d(ss + BM, Bs + (i64)kc * N + T.n0, sbBytes, &full[s]);
@@ -430,10 +427,10 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
         for (int i = 0; i < min(issued, STAGES); i++)
           named_sync(SM90_STAGE_BAR + ((issued >= STAGES ? s : 0) + i) % STAGES, RELEASE);
     } else if (FILL_BARRIER && warp == 4 * NWG + 1) {
-      // FILL_BARRIER: the next warp announces each fill once its copies have landed (the full
-      // mbarrier), waiting at SM90_FILL_BAR + s with the consumers: a bar.sync on both sides, which
-      // racecheck follows (an arrival it does not), and which the loading warp cannot take itself
-      // (it would wait there for consumers that wait for its next release).
+      // FILL_BARRIER: the next warp announces each fill once it is complete (the full mbarrier),
+      // waiting at SM90_FILL_BAR + s with the consumers: a bar.sync on both sides, which racecheck
+      // follows (an arrival it does not), and which the loading warp cannot take itself (it would
+      // wait there for consumers that wait for its next release).
       int s = 0;
       u32 ph = 0;
       for (int t = blockIdx.x; t < total; t += gridDim.x) {
@@ -476,7 +473,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
     bool last;
   };
   float acc[NH][ACC];
-  int nstrip = 0;  // STRIPS: strips this warpgroup (warp) has staged, across its tiles (slot nstrip % SLOTS)
+  int nstrip = 0;  // STRIPS: strips this warpgroup has staged, across its tiles (slot nstrip % SLOTS)
   auto zero_acc = [&]() {
 #pragma unroll
     for (int h = 0; h < NH; h++)
@@ -497,8 +494,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
 
     // Epilogue, per 128-column half h: accumulator i is row (i & 2 ? g + 8 : g), column
     // n0 + 128 h + 8 (i / 4) + 2 tq + (i & 1).
-    // (STRIPS == 16: this warp's 16 rows inside, whatever the rest of its warpgroup's.)
-    if (STRIPS == 16 ? row0 + rloc - g + 16 <= rowEnd : row0 + 64 * wg + 64 <= rowEnd) {
+    if (row0 + 64 * wg + 64 <= rowEnd) {
       // This warpgroup's 64 rows inside the expert (both warpgroups' in a whole tile; the first's
       // alone in an expert's last tile of 64 to 127 rows): stage its 64 x 128 in 128-byte strips with the TMA
       // 128-byte swizzle (16-byte chunk index ^= row & 7: conflict-free), then TMA-store the strips
@@ -515,29 +511,24 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
       };
       if constexpr (STRIPS) {
         // Strip k goes to slot k % SLOTS and is stored once written; before the barrier that lets
-        // the warpgroup (warp) write strip k + 1, its issuer waits until the store SLOTS strips
-        // before it has read that slot (the copies of the SLOTS - 2 strips between may still read).
-        // STRIPS == 16: each warp's slots are its quarter of the warpgroup's staging.
+        // the warpgroup write strip k + 1, its leader waits until the store SLOTS strips before it
+        // has read that slot (the copies of the SLOTS - 2 strips between may still read).
         constexpr int SLOTS = C_BYTES / (64 * 128), SLOT_BYTES = STRIPS * 128;
         static_assert(SLOTS >= 2, "two staging slots at least");
-        const bool issuer = STRIPS == 64 ? leader : lane == 0;
-        const u32 strips = STRIPS == 64 ? cs : cs + (warp & 3) * (C_BYTES / 4);
-        const int srow = STRIPS == 64 ? wrow : g;                          // this thread's row in a strip
-        const int crow = row0 + 64 * wg + (STRIPS == 64 ? 0 : 16 * (warp & 3));  // the strip's first row of C
+        const int crow = row0 + 64 * wg;  // the strip's first row of C
 #pragma unroll
         for (int h = 0; h < NH; h++)
 #pragma unroll
           for (int j = 0; j < 16; j++) {
             const int col = 8 * j + 2 * tq, cb = (col % cw) * esz;  // byte in the strip's 128-byte row
-            const u32 slot = strips + (nstrip % SLOTS) * SLOT_BYTES;
+            const u32 slot = cs + (nstrip % SLOTS) * SLOT_BYTES;
 #pragma unroll
-            for (int hh = 0; hh < 2; hh++) stage(slot, srow + 8 * hh, cb, acc[h][4 * j + 2 * hh], acc[h][4 * j + 2 * hh + 1]);
+            for (int hh = 0; hh < 2; hh++) stage(slot, wrow + 8 * hh, cb, acc[h][4 * j + 2 * hh], acc[h][4 * j + 2 * hh + 1]);
             if ((8 * j + 8) % cw != 0) continue;  // the strip's last columns are written
             fence_async_smem();
-            if (issuer) bulk_wait_read_but<SLOTS - 2>();
-            if constexpr (STRIPS == 64) named_sync(1 + wg, 128);
-            else __syncwarp();
-            if (issuer) {
+            if (leader) bulk_wait_read_but<SLOTS - 2>();
+            named_sync(1 + wg, 128);
+            if (leader) {
               const int c0 = n0 + 128 * h + 8 * j + 8 - cw;
               if (c0 < N) {
                 if (accumulate) tma_reduce_add_2d(tC, slot, c0, crow);
@@ -602,7 +593,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
           *c = v;
         }
       }
-    if ((STRIPS == 16 ? lane == 0 : (threadIdx.x & 127) == 0) && last) bulk_wait_all();
+    if ((threadIdx.x & 127) == 0 && last) bulk_wait_all();
   };
   // Deferred epilogues along M with 128-column tiles only: at 128 x 256 the stores' registers next
   // to two accumulator halves and the wgmmas' in flight spill (ptxas: 2.4 KB).
@@ -890,23 +881,20 @@ GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_e128, 128, 5, TwoBuffers, false, S
 // 128 x 256 tiles: half the L2 traffic per FLOP of 128 x 128; one buffer, the two warpgroups'
 // promotions overlapped with each other's wgmmas by taking turns (PINGPONG; measured the same as
 // issuing together, notes/sm90-gemm.md).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_pingpong, 256, 3, OneBuffer, true, false, 0, 0)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_pingpong, 256, 3, OneBuffer, true, false, false, 0)
 // The same with the scales in the ring (STAGED_SCALES) and the epilogue stored strip by strip
 // (STRIPS): the default, MOE8_SM90_WGRAD_STAGED=1 (strips: gate_up Wgrad +3-5%, notes/sm90-gemm.md).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged, 256, 3, OneBuffer, true, true, 0, 64)
-// The same with its fills announced by named barriers too, for racecheck (MOE8_SM90_WGRAD_STAGED=checked).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged_checked, 256, 3, OneBuffer, true, true, 1, 64)
-// That with the scale vectors stored by the loading warp instead of bulk-copied (a racecheck
-// diagnostic, MOE8_SM90_WGRAD_STAGED=checked-stores; notes/sm90-gemm.md, nineteenth session).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_checked_stores, 256, 3, OneBuffer, true, true, 2, 64)
-// The same with each warp storing its own strips (STRIPS = 16; MOE8_SM90_WGRAD_STAGED=warps, opt-in).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_warps, 256, 3, OneBuffer, true, true, 0, 16)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged, 256, 3, OneBuffer, true, true, false, 64)
+// Its racecheck twin: every order in named barriers, the scales stored by the loading warp
+// (FILL_BARRIER; MOE8_SM90_WGRAD_STAGED=checked).
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged_checked, 256, 3, OneBuffer, true, true, true, 64)
 // Staged scales, the epilogue by 128-column halves (the default before; MOE8_SM90_WGRAD_STAGED=halves).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_halves, 256, 3, OneBuffer, true, true, 0, 0)
-// The same, both warpgroups issuing together (MOE8_SM90_PINGPONG=0; for measuring the two).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256, 256, 3, OneBuffer, false, false, 0, 0)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_halves, 256, 3, OneBuffer, true, true, false, 0)
+// The first entry above (scales loaded by the consumers), both warpgroups issuing together
+// (MOE8_SM90_WGRAD_STAGED=0 MOE8_SM90_PINGPONG=0; for measuring the two).
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256, 256, 3, OneBuffer, false, false, false, 0)
 // 128 x 128 tiles: two accumulator sets, the promotion overlapped with the next chunk's wgmmas.
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x128, 128, 4, TwoBuffers, false, false, 0, 0)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x128, 128, 4, TwoBuffers, false, false, false, 0)
 
 #define SM90_TP_COLS 64  // columns per block of sm90_coltile_transpose
 

@@ -234,22 +234,7 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
     return { ptr: out.ptr, pitch };
   };
   try {
-    // 128 x 256 tiles (one buffer) for N >= 256, else 128 x 128 (two buffers); MOE8_SM90_WGRAD_BN.
-    const wide = cx.sm90WgradBn ? cx.sm90WgradBn === 256 : N >= 256;
-    const entry = !wide
-      ? {
-          kernel: KERNELS.gemm_sm90.gemm_sm90_fp8_wgrad_128x128,
-          bn: 128,
-          smem: SM90.SM90_SMEM_WGRAD_128x128,
-        }
-      : {
-          kernel: wgradWide(cx),
-          bn: 256,
-          smem:
-            cx.sm90WgradScales !== "loaded"
-              ? SM90.SM90_SMEM_WGRAD_128x256_STAGED
-              : SM90.SM90_SMEM_WGRAD_128x256,
-        };
+    const entry = wgradEntry(cx, N);
     const map = cx.n.cudaTensorMap2D;
     let maps: { tA: Uint8Array; tB: Uint8Array; tC: Uint8Array };
     try {
@@ -291,15 +276,34 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
   }
 }
 
-/** The 128 x 256 Wgrad entry by where it takes the scales from (CudaContext.sm90WgradScales). */
-function wgradWide(cx: CudaContext) {
+/**
+ * The Wgrad entry (kernel, tile width, dynamic shared memory): 128 x 256 tiles (one buffer) for
+ * N >= 256, else 128 x 128 (two buffers), unless MOE8_SM90_WGRAD_BN forces one; the 128 x 256 entry
+ * by where it takes the scales from (CudaContext.sm90WgradScales); "narrow": 128 x 128 tiles with
+ * staged scales whatever N.
+ */
+function wgradEntry(cx: CudaContext, N: number) {
   const k = KERNELS.gemm_sm90;
-  return {
+  const scales = cx.sm90WgradScales;
+  if (scales === "narrow" || scales === "narrow-checked")
+    return {
+      kernel:
+        scales === "narrow"
+          ? k.gemm_sm90_fp8_wgrad_128x128_staged
+          : k.gemm_sm90_fp8_wgrad_128x128_staged_checked,
+      bn: 128,
+      smem: SM90.SM90_SMEM_WGRAD_128x128_STAGED,
+    };
+  const wide = cx.sm90WgradBn ? cx.sm90WgradBn === 256 : N >= 256;
+  if (!wide) return { kernel: k.gemm_sm90_fp8_wgrad_128x128, bn: 128, smem: SM90.SM90_SMEM_WGRAD_128x128 };
+  const kernel = {
     staged: k.gemm_sm90_fp8_wgrad_128x256_staged,
     checked: k.gemm_sm90_fp8_wgrad_128x256_staged_checked,
     halves: k.gemm_sm90_fp8_wgrad_128x256_halves,
     loaded: cx.sm90Pingpong ? k.gemm_sm90_fp8_wgrad_128x256_pingpong : k.gemm_sm90_fp8_wgrad_128x256,
-  }[cx.sm90WgradScales];
+  }[scales];
+  const smem = scales === "loaded" ? SM90.SM90_SMEM_WGRAD_128x256 : SM90.SM90_SMEM_WGRAD_128x256_STAGED;
+  return { kernel, bn: 256, smem };
 }
 
 // --- Dense FP8 GEMMs on the grouped kernels ------------------------------------------------------

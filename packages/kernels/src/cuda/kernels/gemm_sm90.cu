@@ -74,6 +74,8 @@
 #define SM90_SMEM_WGRAD_128x128 203848
 // The 128 x 256 Wgrad with each stage's scale vectors in the ring (STAGED_SCALES).
 #define SM90_SMEM_WGRAD_128x256_STAGED 221752
+// The same on 128 x 128 tiles (four stages; the C staging then holds a warpgroup's whole tile).
+#define SM90_SMEM_WGRAD_128x128_STAGED 204872
 // The deeper ring of the 128 x 128 entry for BF16 stores without accumulate, for at most
 // SM90_MAX_E_DEEP experts (tables half the size): C staged as BF16 (half the bytes of f32) and six
 // stages, which fill the 227 KB a CTA may have (the f32 entry has four).
@@ -712,6 +714,24 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
           // Only the scales this fill copied are read: the tile's rows past M and columns past N
           // (never stored) take 0 rather than what an earlier tile's fill left in the stage.
           const float sa0 = rloc < rowsIn ? ss[rloc] : 0.0f, sa1 = rloc + 8 < rowsIn ? ss[rloc + 8] : 0.0f;
+          if constexpr (BN == 128) {
+            // One 128-column half: its 16 column-scale pairs fit in registers next to the
+            // accumulators, so they are read before the wgmmas (their latency hidden behind them)
+            // and the stage is released as soon as the wgmmas are done, before the promotion.
+            float2 b[ACC / 4];
+            const float* sb = ss + BM + 2 * tq;
+            const int live = colsIn - 2 * tq;  // this thread's columns inside N, from its first
+#pragma unroll
+            for (int j = 0; j < ACC / 4; j++)
+              b[j] = colsIn >= 128 || 8 * j < live ? *(const float2*)(sb + 8 * j) : make_float2(0.0f, 0.0f);
+            mma_half(p, aBase + s * A_BYTES, bBase + s * B_BYTES);
+            wgmma_wait<0>();
+            if constexpr (FILL_BARRIER) named_sync(SM90_STAGE_BAR + s, 32 + 128 * NWG);
+            else named_arrive(SM90_STAGE_BAR + s, 32 + 128 * NWG);
+            promote_cols(acc[0], p, sa0, sa1, b);
+            if (++s == STAGES) s = 0, ph ^= 1;
+            continue;
+          }
 #pragma unroll
           for (int h = 0; h < NH; h++) {
             mma_half(p, aBase + s * A_BYTES, bBase + s * B_BYTES + h * 128 * 128);
@@ -832,6 +852,8 @@ static_assert(sm90_smem_bytes(256, 3, true) == SM90_SMEM_WGRAD_128x256, "SM90_SM
 static_assert(sm90_smem_bytes(128, 4, true) == SM90_SMEM_WGRAD_128x128, "SM90_SMEM_WGRAD_128x128");
 static_assert(sm90_smem_bytes(256, 3, true, false, SM90_MAX_E, true) == SM90_SMEM_WGRAD_128x256_STAGED,
               "SM90_SMEM_WGRAD_128x256_STAGED");
+static_assert(sm90_smem_bytes(128, 4, true, false, SM90_MAX_E, true) == SM90_SMEM_WGRAD_128x128_STAGED,
+              "SM90_SMEM_WGRAD_128x128_STAGED");
 static_assert(sm90_smem_bytes(128, 6, false, true, SM90_MAX_E_DEEP) == SM90_SMEM_128x128_BF16,
               "SM90_SMEM_128x128_BF16");
 static_assert(sm90_smem_bytes(128, 5, false, false, SM90_MAX_E_DEEP) == SM90_SMEM_128x128_E128,
@@ -888,6 +910,13 @@ GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged, 256, 3, OneBuffer, tru
 // Its racecheck twin: every order in named barriers, the scales stored by the loading warp
 // (FILL_BARRIER; MOE8_SM90_WGRAD_STAGED=checked).
 GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged_checked, 256, 3, OneBuffer, true, true, true, 64)
+// Staged scales on 128 x 128 tiles (MOE8_SM90_WGRAD_STAGED=narrow, opt-in while measured): a
+// warpgroup's whole 64 x 128 output fits the staging, so its strips' stores run on into the next
+// tile's mainloop; the column scales are read into registers before the wgmmas (DeepGEMM's 1D1D
+// kernel does the same) and the stage is released before the promotion. Its racecheck twin:
+// =narrow-checked.
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x128_staged, 128, 4, OneBuffer, true, true, false, 64)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x128_staged_checked, 128, 4, OneBuffer, true, true, true, 64)
 // Staged scales, the epilogue by 128-column halves (the default before; MOE8_SM90_WGRAD_STAGED=halves).
 GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_halves, 256, 3, OneBuffer, true, true, false, 0)
 // The first entry above (scales loaded by the consumers), both warpgroups issuing together

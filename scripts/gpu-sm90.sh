@@ -17,8 +17,8 @@
 #     (racecheck-checked-experts: in expert order too; racecheck-checked-3ctas: on 3 CTAs);
 #     halves, bench-gemm-halves, memcheck-halves: =halves (the staged Wgrad's epilogue by halves, the
 #     default before the strips); narrow, memcheck-narrow, racecheck-narrow-3ctas: =narrow (128 x 128
-#     staged tiles, the column scales in registers before the wgmmas) and its twin; experts, bench-gemm-experts: MOE8_SM90_WGRAD_ORDER=experts; ncu-wgrad-{default,halves,loaded}:
-#     Nsight Compute; ncu-wgrad-src: its stall samples per SASS instruction; ncu-times: every launch's time (NCU_TIMES)
+#     staged tiles, the column scales in registers before the wgmmas) and its twin; experts,
+#     bench-gemm-experts: MOE8_SM90_WGRAD_ORDER=experts; ncu-wgrad-{default,halves,loaded}: Nsight Compute; ncu-wgrad-src: its stall samples per SASS instruction; ncu-times: every launch's time (NCU_TIMES)
 #   5 compute-sanitizer on the sm90 kernels (both entry points, through the op suite's sm90 tests):
 #     racecheck and memcheck filtered to gemm_sm90, then to flash_sm90's fa3 kernels (racecheck-fa3,
 #     memcheck-fa3); memcheck of one whole tiny training step

@@ -153,15 +153,20 @@ __device__ __forceinline__ void promote_cols(float (&acc)[ACC], float (&p)[ACC],
   }
 }
 
-// promote_cols for a half partly past N: only the column pairs 8 j + 2 tq + {0, 1} below the
-// half's live columns are read (`live` counted from this thread's first column); the others, never
-// stored, take scale 0.
+// This thread's column-scale pairs 8 j + 2 tq + {0, 1} of a half at sb (its first column): those
+// below `live` (counted from that first column) read, the others, never stored, 0.
+template <int PAIRS>
+__device__ __forceinline__ void col_scales(float2 (&b)[PAIRS], const float* sb, int live) {
+#pragma unroll
+  for (int j = 0; j < PAIRS; j++) b[j] = 8 * j < live ? *(const float2*)(sb + 8 * j) : make_float2(0.0f, 0.0f);
+}
+
+// promote_cols for a half partly past N: only the column scales below its live columns are read.
 template <int ACC>
 __device__ __forceinline__ void promote_cols_part(float (&acc)[ACC], float (&p)[ACC], float sa0, float sa1,
                                                   const float* sb, int live) {
   float2 b[ACC / 4];
-#pragma unroll
-  for (int j = 0; j < ACC / 4; j++) b[j] = 8 * j < live ? *(const float2*)(sb + 8 * j) : make_float2(0.0f, 0.0f);
+  col_scales(b, sb, live);
   promote_cols(acc, p, sa0, sa1, b);
 }
 
@@ -714,37 +719,34 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
           // Only the scales this fill copied are read: the tile's rows past M and columns past N
           // (never stored) take 0 rather than what an earlier tile's fill left in the stage.
           const float sa0 = rloc < rowsIn ? ss[rloc] : 0.0f, sa1 = rloc + 8 < rowsIn ? ss[rloc + 8] : 0.0f;
+          // Every read of the stage done (FILL_BARRIER: waiting with the producer, an order racecheck
+          // follows whether or not it models an arrival as a release).
+          auto release = [&]() {
+            if constexpr (FILL_BARRIER) named_sync(SM90_STAGE_BAR + s, 32 + 128 * NWG);
+            else named_arrive(SM90_STAGE_BAR + s, 32 + 128 * NWG);
+          };
           if constexpr (BN == 128) {
             // One 128-column half: its 16 column-scale pairs fit in registers next to the
             // accumulators, so they are read before the wgmmas (their latency hidden behind them)
             // and the stage is released as soon as the wgmmas are done, before the promotion.
             float2 b[ACC / 4];
-            const float* sb = ss + BM + 2 * tq;
-            const int live = colsIn - 2 * tq;  // this thread's columns inside N, from its first
-#pragma unroll
-            for (int j = 0; j < ACC / 4; j++)
-              b[j] = colsIn >= 128 || 8 * j < live ? *(const float2*)(sb + 8 * j) : make_float2(0.0f, 0.0f);
+            col_scales(b, ss + BM + 2 * tq, colsIn - 2 * tq);
             mma_half(p, aBase + s * A_BYTES, bBase + s * B_BYTES);
             wgmma_wait<0>();
-            if constexpr (FILL_BARRIER) named_sync(SM90_STAGE_BAR + s, 32 + 128 * NWG);
-            else named_arrive(SM90_STAGE_BAR + s, 32 + 128 * NWG);
+            release();
             promote_cols(acc[0], p, sa0, sa1, b);
-            if (++s == STAGES) s = 0, ph ^= 1;
-            continue;
-          }
+          } else {
 #pragma unroll
-          for (int h = 0; h < NH; h++) {
-            mma_half(p, aBase + s * A_BYTES, bBase + s * B_BYTES + h * 128 * 128);
-            const float* sb = ss + BM + 128 * h + 2 * tq;
-            const int live = colsIn - 128 * h;  // columns of this half inside N (a multiple of 16)
-            wgmma_wait<0>();
-            if (live >= 128) promote_cols(acc[h], p, sa0, sa1, sb);
-            else if (live > 0) promote_cols_part(acc[h], p, sa0, sa1, sb, live - 2 * tq);
+            for (int h = 0; h < NH; h++) {
+              mma_half(p, aBase + s * A_BYTES, bBase + s * B_BYTES + h * 128 * 128);
+              const float* sb = ss + BM + 128 * h + 2 * tq;
+              const int live = colsIn - 128 * h;  // columns of this half inside N (a multiple of 16)
+              wgmma_wait<0>();
+              if (live >= 128) promote_cols(acc[h], p, sa0, sa1, sb);
+              else if (live > 0) promote_cols_part(acc[h], p, sa0, sa1, sb, live - 2 * tq);
+            }
+            release();
           }
-          // Every read of the stage done (FILL_BARRIER: waiting with the producer, an order racecheck
-          // follows whether or not it models an arrival as a release).
-          if constexpr (FILL_BARRIER) named_sync(SM90_STAGE_BAR + s, 32 + 128 * NWG);
-          else named_arrive(SM90_STAGE_BAR + s, 32 + 128 * NWG);
           if (++s == STAGES) s = 0, ph ^= 1;
         }
       } else {

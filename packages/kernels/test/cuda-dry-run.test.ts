@@ -286,10 +286,10 @@ describe("cuda backend host code, without a GPU", () => {
     ],
     ["Hopper, MOE8_SM90_WGRAD_STAGED=checked", { MOE8_SM90_WGRAD_STAGED: "checked" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_WGRAD_STAGED=halves", { MOE8_SM90_WGRAD_STAGED: "halves" }, "ok", "9.0", false],
-    ["Hopper, MOE8_SM90_WGRAD_STAGED=narrow", { MOE8_SM90_WGRAD_STAGED: "narrow" }, "ok", "9.0", false],
+    ["Hopper, MOE8_SM90_WGRAD_STAGED=deferred", { MOE8_SM90_WGRAD_STAGED: "deferred" }, "ok", "9.0", false],
     [
-      "Hopper, MOE8_SM90_WGRAD_STAGED=narrow-checked",
-      { MOE8_SM90_WGRAD_STAGED: "narrow-checked" },
+      "Hopper, MOE8_SM90_WGRAD_STAGED=deferred-checked",
+      { MOE8_SM90_WGRAD_STAGED: "deferred-checked" },
       "ok",
       "9.0",
       false,
@@ -349,14 +349,12 @@ describe("cuda backend host code, without a GPU", () => {
             "0": wide,
             checked: "256_staged_checked",
             halves: "256_halves",
+            deferred: "256_deferred",
+            "deferred-checked": "256_deferred_checked",
           }[staged ?? ""] ?? "256_staged";
-        // (=narrow: 128 x 128 tiles with staged scales whatever N.)
-        const narrow = { narrow: "128x128_staged", "narrow-checked": "128x128_staged_checked" }[staged ?? ""];
-        const wgrad = narrow
-          ? [narrow]
-          : (env.MOE8_SM90_WGRAD_BN ? [env.MOE8_SM90_WGRAD_BN] : ["128", "256"]).map(
-              (w) => `128x${w === "256" ? wideWgrad : w}`,
-            );
+        const wgrad = (env.MOE8_SM90_WGRAD_BN ? [env.MOE8_SM90_WGRAD_BN] : ["128", "256"]).map(
+          (w) => `128x${w === "256" ? wideWgrad : w}`,
+        );
         const fpropDgrad =
           env.MOE8_SM90_BN === "256"
             ? [`128x${wide}`]
@@ -400,7 +398,7 @@ describe("cuda backend host code, without a GPU", () => {
       ["MOE8_SM90_CTAS", "0", "expected a positive integer"],
       ["MOE8_SM90_RING", "6", "expected deep or 4"],
       ["MOE8_SM90_PINGPONG", "yes", "expected 0 or 1"],
-      ["MOE8_SM90_WGRAD_STAGED", "on", "expected 0, 1, checked, halves, narrow or narrow-checked"],
+      ["MOE8_SM90_WGRAD_STAGED", "on", "expected 0, 1, checked, halves, deferred or deferred-checked"],
       ["MOE8_SM90_WGRAD_ORDER", "random", "expected sorted or experts"],
     ]) {
       vi.stubEnv(name, value);

@@ -158,11 +158,8 @@ const WIDE_WGRAD: Record<string, string> = {
   "1": "staged",
   checked: "staged_checked",
   halves: "halves",
-};
-// The 128 x 128 staged Wgrad entries (MOE8_SM90_WGRAD_STAGED=narrow and its racecheck twin).
-const NARROW_WGRAD: Record<string, string> = {
-  narrow: "128x128_staged",
-  "narrow-checked": "128x128_staged_checked",
+  deferred: "deferred",
+  "deferred-checked": "deferred_checked",
 };
 const required = process.env.MOE8_REQUIRE_CUDA === "1";
 
@@ -319,17 +316,17 @@ if (status.ok) {
               env: { MOE8_SM90_WGRAD_STAGED: "halves", MOE8_SM90_CTAS: "3" },
               name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=halves on 3 CTAs",
             },
-            // 128 x 128 tiles with staged scales for every N (opt-in while measured), on 3 CTAs,
-            // and its racecheck twin.
+            // Each tile's epilogue deferred past the next tile's first wgmmas (opt-in while
+            // measured), on 3 CTAs (many tiles a CTA), and its racecheck twin.
             {
               sm90: true,
-              env: { MOE8_SM90_WGRAD_STAGED: "narrow", MOE8_SM90_CTAS: "3" },
-              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=narrow on 3 CTAs",
+              env: { MOE8_SM90_WGRAD_STAGED: "deferred", MOE8_SM90_CTAS: "3" },
+              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=deferred on 3 CTAs",
             },
             {
               sm90: true,
-              env: { MOE8_SM90_WGRAD_STAGED: "narrow-checked" },
-              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=narrow-checked",
+              env: { MOE8_SM90_WGRAD_STAGED: "deferred-checked" },
+              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=deferred-checked",
             },
           ]
         : []),
@@ -388,15 +385,11 @@ if (status.ok) {
                     "gemm_sm90.gemm_sm90_fp8_grouped_128x128_e128",
                     "gemm_sm90.gemm_sm90_fp8_grouped_128x128",
                   ]),
-              // Wgrad: 128 x 128 and 128 x 256 by N (=narrow: its 128 x 128 entry for both).
-              ...(NARROW_WGRAD[env.MOE8_SM90_WGRAD_STAGED ?? ""]
-                ? [`gemm_sm90.gemm_sm90_fp8_wgrad_${NARROW_WGRAD[env.MOE8_SM90_WGRAD_STAGED ?? ""]}`]
-                : [
-                    "gemm_sm90.gemm_sm90_fp8_wgrad_128x128",
-                    env.MOE8_SM90_WGRAD_STAGED === "0"
-                      ? `gemm_sm90.gemm_sm90_fp8_wgrad_128x256${env.MOE8_SM90_PINGPONG === "0" ? "" : "_pingpong"}`
-                      : `gemm_sm90.gemm_sm90_fp8_wgrad_128x256_${WIDE_WGRAD[env.MOE8_SM90_WGRAD_STAGED ?? "1"]}`,
-                  ]),
+              // Wgrad: 128 x 128 and 128 x 256 by N.
+              "gemm_sm90.gemm_sm90_fp8_wgrad_128x128",
+              env.MOE8_SM90_WGRAD_STAGED === "0"
+                ? `gemm_sm90.gemm_sm90_fp8_wgrad_128x256${env.MOE8_SM90_PINGPONG === "0" ? "" : "_pingpong"}`
+                : `gemm_sm90.gemm_sm90_fp8_wgrad_128x256_${WIDE_WGRAD[env.MOE8_SM90_WGRAD_STAGED ?? "1"]}`,
               ...(env.MOE8_SM90_KMAJOR === "0" ? ["gemm_sm90.sm90_coltile_transpose"] : []),
             ].sort(),
           );

@@ -279,27 +279,19 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
 /**
  * The Wgrad entry (kernel, tile width, dynamic shared memory): 128 x 256 tiles (one buffer) for
  * N >= 256, else 128 x 128 (two buffers), unless MOE8_SM90_WGRAD_BN forces one; the 128 x 256 entry
- * by where it takes the scales from (CudaContext.sm90WgradScales); "narrow": 128 x 128 tiles with
- * staged scales whatever N.
+ * by where it takes the scales from and how it stores (CudaContext.sm90WgradScales).
  */
 function wgradEntry(cx: CudaContext, N: number) {
   const k = KERNELS.gemm_sm90;
   const scales = cx.sm90WgradScales;
-  if (scales === "narrow" || scales === "narrow-checked")
-    return {
-      kernel:
-        scales === "narrow"
-          ? k.gemm_sm90_fp8_wgrad_128x128_staged
-          : k.gemm_sm90_fp8_wgrad_128x128_staged_checked,
-      bn: 128,
-      smem: SM90.SM90_SMEM_WGRAD_128x128_STAGED,
-    };
   const wide = cx.sm90WgradBn ? cx.sm90WgradBn === 256 : N >= 256;
   if (!wide) return { kernel: k.gemm_sm90_fp8_wgrad_128x128, bn: 128, smem: SM90.SM90_SMEM_WGRAD_128x128 };
   const kernel = {
     staged: k.gemm_sm90_fp8_wgrad_128x256_staged,
     checked: k.gemm_sm90_fp8_wgrad_128x256_staged_checked,
     halves: k.gemm_sm90_fp8_wgrad_128x256_halves,
+    deferred: k.gemm_sm90_fp8_wgrad_128x256_deferred,
+    "deferred-checked": k.gemm_sm90_fp8_wgrad_128x256_deferred_checked,
     loaded: cx.sm90Pingpong ? k.gemm_sm90_fp8_wgrad_128x256_pingpong : k.gemm_sm90_fp8_wgrad_128x256,
   }[scales];
   const smem = scales === "loaded" ? SM90.SM90_SMEM_WGRAD_128x256 : SM90.SM90_SMEM_WGRAD_128x256_STAGED;

@@ -158,8 +158,6 @@ const WIDE_WGRAD: Record<string, string> = {
   "1": "staged",
   checked: "staged_checked",
   halves: "halves",
-  deferred: "deferred",
-  "deferred-checked": "deferred_checked",
 };
 const required = process.env.MOE8_REQUIRE_CUDA === "1";
 
@@ -315,18 +313,6 @@ if (status.ok) {
               sm90: true,
               env: { MOE8_SM90_WGRAD_STAGED: "halves", MOE8_SM90_CTAS: "3" },
               name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=halves on 3 CTAs",
-            },
-            // Each tile's epilogue deferred past the next tile's first wgmmas (opt-in while
-            // measured), on 3 CTAs (many tiles a CTA), and its racecheck twin.
-            {
-              sm90: true,
-              env: { MOE8_SM90_WGRAD_STAGED: "deferred", MOE8_SM90_CTAS: "3" },
-              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=deferred on 3 CTAs",
-            },
-            {
-              sm90: true,
-              env: { MOE8_SM90_WGRAD_STAGED: "deferred-checked" },
-              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=deferred-checked",
             },
           ]
         : []),

@@ -290,8 +290,6 @@ function wgradEntry(cx: CudaContext, N: number) {
     staged: k.gemm_sm90_fp8_wgrad_128x256_staged,
     checked: k.gemm_sm90_fp8_wgrad_128x256_staged_checked,
     halves: k.gemm_sm90_fp8_wgrad_128x256_halves,
-    deferred: k.gemm_sm90_fp8_wgrad_128x256_deferred,
-    "deferred-checked": k.gemm_sm90_fp8_wgrad_128x256_deferred_checked,
     loaded: cx.sm90Pingpong ? k.gemm_sm90_fp8_wgrad_128x256_pingpong : k.gemm_sm90_fp8_wgrad_128x256,
   }[scales];
   const smem = scales === "loaded" ? SM90.SM90_SMEM_WGRAD_128x256 : SM90.SM90_SMEM_WGRAD_128x256_STAGED;

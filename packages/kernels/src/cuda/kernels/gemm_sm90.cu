@@ -118,10 +118,8 @@ __device__ __forceinline__ void promote(float (&acc)[ACC], float (&p)[ACC], floa
 
 // Wgrad's promotion: both operands have one scale per row of the chunk, so
 // acc += p * (sa[row] * sb[col]); sb points at this thread's first column (2 tq) of the half in
-// shared memory, its columns 8 j + {0, 1}. FIRST (a tile's first chunk under DEFER_K): acc is not
-// read (it may still hold the tile before, being stored) and takes p * (sa * sb) + 0, the bits
-// that clearing it first gives.
-template <int ACC, bool FIRST = false>
+// shared memory, its columns 8 j + {0, 1}.
+template <int ACC>
 __device__ __forceinline__ void promote_cols(float (&acc)[ACC], float (&p)[ACC], float sa0, float sa1,
                                              const float* sb) {
 #pragma unroll
@@ -129,27 +127,27 @@ __device__ __forceinline__ void promote_cols(float (&acc)[ACC], float (&p)[ACC],
 #pragma unroll
   for (int j = 0; j < ACC / 4; j++) {
     const float2 b = *(const float2*)(sb + 8 * j);
-    acc[4 * j] = fmaf(p[4 * j], sa0 * b.x, FIRST ? 0.0f : acc[4 * j]);
-    acc[4 * j + 1] = fmaf(p[4 * j + 1], sa0 * b.y, FIRST ? 0.0f : acc[4 * j + 1]);
-    acc[4 * j + 2] = fmaf(p[4 * j + 2], sa1 * b.x, FIRST ? 0.0f : acc[4 * j + 2]);
-    acc[4 * j + 3] = fmaf(p[4 * j + 3], sa1 * b.y, FIRST ? 0.0f : acc[4 * j + 3]);
+    acc[4 * j] = fmaf(p[4 * j], sa0 * b.x, acc[4 * j]);
+    acc[4 * j + 1] = fmaf(p[4 * j + 1], sa0 * b.y, acc[4 * j + 1]);
+    acc[4 * j + 2] = fmaf(p[4 * j + 2], sa1 * b.x, acc[4 * j + 2]);
+    acc[4 * j + 3] = fmaf(p[4 * j + 3], sa1 * b.y, acc[4 * j + 3]);
   }
 }
 
 // The same with this thread's column scales already in registers: b[j] holds columns 8 j + {0, 1}
 // (promote_cols_part). A second body rather than the one above loading into an array first: that
 // would move the full halves' loads ahead of the fences, a schedule not measured.
-template <int ACC, bool FIRST = false>
+template <int ACC>
 __device__ __forceinline__ void promote_cols(float (&acc)[ACC], float (&p)[ACC], float sa0, float sa1,
                                              const float2 (&b)[ACC / 4]) {
 #pragma unroll
   for (int i = 0; i < ACC; i++) reg_fence(p[i]);
 #pragma unroll
   for (int j = 0; j < ACC / 4; j++) {
-    acc[4 * j] = fmaf(p[4 * j], sa0 * b[j].x, FIRST ? 0.0f : acc[4 * j]);
-    acc[4 * j + 1] = fmaf(p[4 * j + 1], sa0 * b[j].y, FIRST ? 0.0f : acc[4 * j + 1]);
-    acc[4 * j + 2] = fmaf(p[4 * j + 2], sa1 * b[j].x, FIRST ? 0.0f : acc[4 * j + 2]);
-    acc[4 * j + 3] = fmaf(p[4 * j + 3], sa1 * b[j].y, FIRST ? 0.0f : acc[4 * j + 3]);
+    acc[4 * j] = fmaf(p[4 * j], sa0 * b[j].x, acc[4 * j]);
+    acc[4 * j + 1] = fmaf(p[4 * j + 1], sa0 * b[j].y, acc[4 * j + 1]);
+    acc[4 * j + 2] = fmaf(p[4 * j + 2], sa1 * b[j].x, acc[4 * j + 2]);
+    acc[4 * j + 3] = fmaf(p[4 * j + 3], sa1 * b[j].y, acc[4 * j + 3]);
   }
 }
 
@@ -162,25 +160,13 @@ __device__ __forceinline__ void col_scales(float2 (&b)[PAIRS], const float* sb, 
 }
 
 // promote_cols for a half partly past N: only the column scales below its live columns are read.
-template <int ACC, bool FIRST = false>
+template <int ACC>
 __device__ __forceinline__ void promote_cols_part(float (&acc)[ACC], float (&p)[ACC], float sa0, float sa1,
                                                   const float* sb, int live) {
   float2 b[ACC / 4];
   col_scales(b, sb, live);
-  promote_cols<ACC, FIRST>(acc, p, sa0, sa1, b);
+  promote_cols(acc, p, sa0, sa1, b);
 }
-
-// A range of a tile's 128-column halves, lo .. hi - 1, as a type (the epilogue's loops unroll on it).
-template <int LO, int HI>
-struct Halves {
-  static constexpr int lo = LO, hi = HI;
-};
-
-// A compile-time bool as a type (for generic lambdas).
-template <bool B>
-struct Flag {
-  static constexpr bool value = B;
-};
 
 // Where the experts' segments lie: along M (Fprop, Dgrad: rows of A and C) or along K (Wgrad).
 enum class Segments { AlongM, AlongK };
@@ -344,14 +330,9 @@ __device__ __forceinline__ void sm90_tables(const int* off, int E, int* soff, in
 // as soon as it is written, into the next of its staging slots, instead of a 128-column half at a
 // time with a wait in between for the last half's copies to read the staging (the wait that held 6%
 // of the Wgrad's stall samples; notes/sm90-gemm.md, nineteenth session).
-// DEFER_K (the staged 128 x 256 Wgrad's): a tile's epilogue runs once the next tile's first half is
-// issued, as the 128 x 128 Fprop's does, so that the tensor cores work on that half while this
-// warpgroup stages and stores the tile before (the epilogue held 16.7% of the Wgrad's stall samples
-// with the tensor cores idle; notes/sm90-gemm.md, twentieth session). The accumulators are the
-// same registers; only the in-flight half's 64 are added to the epilogue's.
 template <int BN, int STAGES, Mainloop LOOP, Segments SEG, bool BF16_ONLY = false, int MAX_E = SM90_MAX_E,
           bool PINGPONG = false, bool STAGED_SCALES = false, bool FILL_BARRIER = false,
-          int STRIPS = 0, bool DEFER_K = false>
+          int STRIPS = 0>
 __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CUtensorMap* tB, const CUtensorMap* tC,
                                                  const float* As, const float* Bs, float* C, const int* off, int E,
                                                  int M, int N, int K, int accumulate, int outMode, int rows,
@@ -370,7 +351,6 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   static_assert(!STAGED_SCALES || (SM90_STAGE_BAR + STAGES <= SM90_FILL_BAR && SM90_FILL_BAR + STAGES <= 16),
                 "named barriers per stage");
   static_assert(!FILL_BARRIER || STAGED_SCALES, "the fill barrier announces staged scales");
-  static_assert(!DEFER_K || (STAGED_SCALES && BN == 256), "the deferred Wgrad epilogue is the staged 128 x 256's");
   constexpr int S_FLOATS = STAGED_SCALES ? BM + BN : 64 + BN;
   constexpr int S_BYTES = SEG != Segments::AlongK ? 0 : STAGED_SCALES ? STAGES * S_FLOATS * 4 : NWG * 2 * S_FLOATS * 4;
   // Staging per consumer warpgroup: 64 rows x 128 columns of f32 (or BF16).
@@ -505,17 +485,14 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
 #pragma unroll
       for (int i = 0; i < ACC; i++) acc[h][i] = 0.0f;
   };
-  // HALVES (Halves<lo, hi>): the 128-column halves lo .. hi - 1 of the tile only (DEFER_K stores
-  // a tile's second half, then its first; the strips' slots rotate in the order they are written).
-  auto epilogue_halves = [&](const Done& P, auto halves) {
-    using HALVES = decltype(halves);
+  auto epilogue = [&](const Done& P) {
     const int row0 = P.row0, rowEnd = P.rowEnd, n0 = P.n0;
     const bool last = P.last;
     const int r0 = row0 + rloc, r1 = r0 + 8;
     const bool bf16 = BF16_ONLY || outMode == SM90_OUT_BF16;
     if (outMode == SM90_OUT_ROUND) {
 #pragma unroll
-      for (int h = HALVES::lo; h < HALVES::hi; h++)
+      for (int h = 0; h < NH; h++)
 #pragma unroll
         for (int i = 0; i < ACC; i++) acc[h][i] = round_bf16(acc[h][i]);
     }
@@ -545,7 +522,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
         static_assert(SLOTS >= 2, "two staging slots at least");
         const int crow = row0 + 64 * wg;  // the strip's first row of C
 #pragma unroll
-        for (int h = HALVES::lo; h < HALVES::hi; h++)
+        for (int h = 0; h < NH; h++)
 #pragma unroll
           for (int j = 0; j < 16; j++) {
             const int col = 8 * j + 2 * tq, cb = (col % cw) * esz;  // byte in the strip's 128-byte row
@@ -563,13 +540,13 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
                 else tma_store_2d(tC, slot, c0, crow);
               }
               bulk_commit();
-              if (last && h == HALVES::hi - 1 && j == 15) bulk_wait_all();  // read before the CTA exits
+              if (last && h == NH - 1 && j == 15) bulk_wait_all();  // read before the CTA exits
             }
             nstrip++;
           }
       } else {
 #pragma unroll
-        for (int h = HALVES::lo; h < HALVES::hi; h++) {
+        for (int h = 0; h < NH; h++) {
           const int nh = n0 + 128 * h;
           if (leader) bulk_wait_read();  // the previous stores have read the staging buffer
           named_sync(1 + wg, 128);
@@ -591,14 +568,14 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
             bulk_commit();
             // The CTA's last tile: the copies must have read the staging buffer before the CTA exits
             // (a wait after the loop instead makes ptxas cap the consumers' registers below setmaxnreg).
-            if (last && h == HALVES::hi - 1) bulk_wait_all();
+            if (last && h == NH - 1) bulk_wait_all();
           }
         }
       }
       return;
     }
 #pragma unroll
-    for (int h = HALVES::lo; h < HALVES::hi; h++)
+    for (int h = 0; h < NH; h++)
 #pragma unroll
       for (int j = 0; j < 16; j++) {
         const int col = n0 + 128 * h + 8 * j + 2 * tq;
@@ -623,11 +600,9 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
       }
     if ((threadIdx.x & 127) == 0 && last) bulk_wait_all();
   };
-  auto epilogue = [&](const Done& P) { epilogue_halves(P, Halves<0, NH>{}); };
   // Deferred epilogues along M with 128-column tiles only: at 128 x 256 the stores' registers next
-  // to two accumulator halves and the wgmmas' in flight spill (ptxas: 2.4 KB). Along K under
-  // DEFER_K (its f32 strips need fewer registers than the Fprop's BF16 halves).
-  constexpr bool DEFER = (SEG == Segments::AlongM && BN == 128) || DEFER_K;
+  // to two accumulator halves and the wgmmas' in flight spill (ptxas: 2.4 KB).
+  constexpr bool DEFER = SEG == Segments::AlongM && BN == 128;
   Done pend{0, 0, 0, false};
   bool pending = false;  // pend's tile is computed but not stored (DEFER)
   // The first chunk's wgmmas of an along-M tile are in flight: store the previous tile, then clear.
@@ -653,23 +628,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
 
     const bool last = t + (int)gridDim.x >= total;
     if constexpr (SEG == Segments::AlongK) {
-      // (DEFER_K: the tile's first chunk overwrites them, after storing the tile before.)
-      if constexpr (!DEFER_K) {
-        zero_acc();
-      } else if (T.kc == 0) {
-        // An expert without rows under DEFER_K: the tile before is stored now and this tile's
-        // zeros written directly (when not adding), without passing through acc, which would
-        // keep a third set of accumulators live across the tile switch (ptxas: ~500 bytes of
-        // spill).
-        if (pending) epilogue(pend);
-        pending = false;
-        if (!accumulate) {
-          const int esz = outMode == SM90_OUT_BF16 ? 2 : 4, words = min(BN, N - n0) * esz / 4;
-          for (int r = row0 + 64 * wg; r < min(row0 + 64 * wg + 64, rowEnd); r++)
-            for (int w = threadIdx.x & 127; w < words; w += 128) ((u32*)((u8*)C + ((i64)r * N + n0) * esz))[w] = 0;
-        }
-        continue;
-      }
+      zero_acc();
       // The chunk's scales reach shared memory through the warpgroup itself: each thread loads its
       // share from global memory (A's row aRow + 64 wg + tid, B's columns n0 + tid, + 128) one chunk
       // ahead, stores it into the buffer the next chunk reads, and a named barrier of the
@@ -751,48 +710,30 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
         // colsIn of them were copied (the tile's rows inside M, its columns inside N).
         float p[ACC];
         const int rowsIn = M - T.aRow, colsIn = N - n0;
-        // One chunk; FIRST (a Flag, DEFER_K's first chunk of a tile, peeled off the loop): the
-        // tile before is still in acc. Its second half is stored before this chunk's first half is
-        // issued, its first half while those wgmmas run (storing both there would hold 192
-        // accumulators and spill), and the promotion writes acc without reading it.
-        auto chunk = [&](auto firstFlag) {
-          constexpr bool FIRST = decltype(firstFlag)::value;
+        for (int kc = 0; kc < T.kc; kc++) {
           mbar_wait(&full[s], ph);
           if constexpr (FILL_BARRIER) named_sync(SM90_FILL_BAR + s, 32 + 128 * NWG);
           const float* ss = (const float*)sS + s * S_FLOATS;
           // Only the scales this fill copied are read: the tile's rows past M and columns past N
           // (never stored) take 0 rather than what an earlier tile's fill left in the stage.
           const float sa0 = rloc < rowsIn ? ss[rloc] : 0.0f, sa1 = rloc + 8 < rowsIn ? ss[rloc + 8] : 0.0f;
+          // Every read of the stage done (FILL_BARRIER: waiting with the producer, an order racecheck
+          // follows whether or not it models an arrival as a release).
+          auto release = [&]() {
+            if constexpr (FILL_BARRIER) named_sync(SM90_STAGE_BAR + s, 32 + 128 * NWG);
+            else named_arrive(SM90_STAGE_BAR + s, 32 + 128 * NWG);
+          };
 #pragma unroll
           for (int h = 0; h < NH; h++) {
-            if constexpr (FIRST)
-              if (h == 0 && pending) epilogue_halves(pend, Halves<1, 2>{});
             mma_half(p, aBase + s * A_BYTES, bBase + s * B_BYTES + h * 128 * 128);
-            if constexpr (FIRST)
-              if (h == 0 && pending) {
-                epilogue_halves(pend, Halves<0, 1>{});
-                pending = false;
-              }
             const float* sb = ss + BM + 128 * h + 2 * tq;
             const int live = colsIn - 128 * h;  // columns of this half inside N (a multiple of 16)
             wgmma_wait<0>();
-            if (live >= 128) promote_cols<ACC, FIRST>(acc[h], p, sa0, sa1, sb);
-            else if (live > 0) promote_cols_part<ACC, FIRST>(acc[h], p, sa0, sa1, sb, live - 2 * tq);
-            else if constexpr (FIRST)  // (never stored, but its old values would stay live)
-#pragma unroll
-              for (int i = 0; i < ACC; i++) acc[h][i] = 0.0f;
+            if (live >= 128) promote_cols(acc[h], p, sa0, sa1, sb);
+            else if (live > 0) promote_cols_part(acc[h], p, sa0, sa1, sb, live - 2 * tq);
           }
-          // Every read of the stage done (FILL_BARRIER: waiting with the producer, an order racecheck
-          // follows whether or not it models an arrival as a release).
-          if constexpr (FILL_BARRIER) named_sync(SM90_STAGE_BAR + s, 32 + 128 * NWG);
-          else named_arrive(SM90_STAGE_BAR + s, 32 + 128 * NWG);
+          release();
           if (++s == STAGES) s = 0, ph ^= 1;
-        };
-        if constexpr (DEFER_K) {
-          chunk(Flag<true>{});  // (T.kc > 0 here)
-          for (int kc = 1; kc < T.kc; kc++) chunk(Flag<false>{});
-        } else {
-          for (int kc = 0; kc < T.kc; kc++) chunk(Flag<false>{});
         }
       } else {
       float p[ACC];
@@ -936,37 +877,32 @@ GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_e128, 128, 5, TwoBuffers, false, S
 // writes them (tensor maps: A u8 [M, pitch] box {128, 128}, B u8 [N, pitch] box {128, BN}, C f32
 // [E * M, N] box {32, 64}); As [chunks, M] and Bs [chunks, N] are quant_coltile's scales. Requires
 // M % 16 == 0 and N % 16 == 0 (the transposes' 16-byte pieces).
-#define GEMM_SM90_WGRAD_ENTRY(NAME, BN, STAGES, LOOP, PINGPONG, STAGED, FILL, STRIPS, DEFER)                     \
+#define GEMM_SM90_WGRAD_ENTRY(NAME, BN, STAGES, LOOP, PINGPONG, STAGED, FILL, STRIPS)                            \
   KERNEL void __launch_bounds__(SM90_THREADS, 1)                                                                 \
       NAME(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,                       \
            const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs, float* C, const int* off,    \
            int E, int M, int N, int accumulate, int outMode, int sorted) {                                       \
     sm90_fp8_grouped<BN, STAGES, Mainloop::LOOP, Segments::AlongK, false, SM90_MAX_E, PINGPONG, STAGED, FILL,    \
-                     STRIPS, DEFER>(                                                                             \
+                     STRIPS>(                                                                                    \
         &tA, &tB, &tC, As, Bs, C, off, E, M, N, 0, accumulate, outMode, E * M, sorted != 0);                     \
   }
 // 128 x 256 tiles: half the L2 traffic per FLOP of 128 x 128; one buffer, the two warpgroups'
 // promotions overlapped with each other's wgmmas by taking turns (PINGPONG; measured the same as
 // issuing together, notes/sm90-gemm.md).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_pingpong, 256, 3, OneBuffer, true, false, false, 0, false)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_pingpong, 256, 3, OneBuffer, true, false, false, 0)
 // The same with the scales in the ring (STAGED_SCALES) and the epilogue stored strip by strip
 // (STRIPS): the default, MOE8_SM90_WGRAD_STAGED=1 (strips: gate_up Wgrad +3-5%, notes/sm90-gemm.md).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged, 256, 3, OneBuffer, true, true, false, 64, false)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged, 256, 3, OneBuffer, true, true, false, 64)
 // Its racecheck twin: every order in named barriers, the scales stored by the loading warp
 // (FILL_BARRIER; MOE8_SM90_WGRAD_STAGED=checked).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged_checked, 256, 3, OneBuffer, true, true, true, 64, false)
-// The staged entry with each tile's epilogue deferred until the next tile's first wgmmas are issued
-// (DEFER_K; MOE8_SM90_WGRAD_STAGED=deferred, opt-in while measured), and its racecheck twin
-// (=deferred-checked).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_deferred, 256, 3, OneBuffer, true, true, false, 64, true)
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_deferred_checked, 256, 3, OneBuffer, true, true, true, 64, true)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged_checked, 256, 3, OneBuffer, true, true, true, 64)
 // Staged scales, the epilogue by 128-column halves (the default before; MOE8_SM90_WGRAD_STAGED=halves).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_halves, 256, 3, OneBuffer, true, true, false, 0, false)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_halves, 256, 3, OneBuffer, true, true, false, 0)
 // The first entry above (scales loaded by the consumers), both warpgroups issuing together
 // (MOE8_SM90_WGRAD_STAGED=0 MOE8_SM90_PINGPONG=0; for measuring the two).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256, 256, 3, OneBuffer, false, false, false, 0, false)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256, 256, 3, OneBuffer, false, false, false, 0)
 // 128 x 128 tiles: two accumulator sets, the promotion overlapped with the next chunk's wgmmas.
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x128, 128, 4, TwoBuffers, false, false, false, 0, false)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x128, 128, 4, TwoBuffers, false, false, false, 0)
 
 #define SM90_TP_COLS 64  // columns per block of sm90_coltile_transpose
 

@@ -16,8 +16,7 @@
 #     MOE8_SM90_WGRAD_STAGED=0 (the Wgrad's entry before the staged one); racecheck-checked: =checked
 #     (racecheck-checked-experts: in expert order too; racecheck-checked-3ctas: on 3 CTAs);
 #     halves, bench-gemm-halves, memcheck-halves: =halves (the staged Wgrad's epilogue by halves, the
-#     default before the strips); storer, memcheck-storer, racecheck-storer-3ctas: =storer (the strips'
-#     stores issued by a storer warp) and its twin; experts, bench-gemm-experts: MOE8_SM90_WGRAD_ORDER=experts; ncu-wgrad-{default,halves,loaded}:
+#     default before the strips); experts, bench-gemm-experts: MOE8_SM90_WGRAD_ORDER=experts; ncu-wgrad-{default,halves,loaded}:
 #     Nsight Compute; ncu-wgrad-src: its stall samples per SASS instruction; ncu-times: every launch's time (NCU_TIMES)
 #   5 compute-sanitizer on the sm90 kernels (both entry points, through the op suite's sm90 tests):
 #     racecheck and memcheck filtered to gemm_sm90, then to flash_sm90's fa3 kernels (racecheck-fa3,
@@ -167,7 +166,7 @@ step nccl-test 240 30 env MOE8_REQUIRE_NCCL=1 bun test --timeout 300000 packages
 # The training step replayed from a CUDA graph equals the uncaptured step bit for bit (issue 18).
 step graph-test 180 40 env MOE8_REQUIRE_CUDA=1 bun test --timeout 300000 tests/cuda-graph.test.ts
 
-for v in sm90 nograph kt bn128 ring4 nopp loaded halves storer experts mma fa2 bf16 bf16nograph; do
+for v in sm90 nograph kt bn128 ring4 nopp loaded halves experts mma fa2 bf16 bf16nograph; do
   picked "step-$v" || continue
   case $v in
     sm90) env=(MOE8_SM90_GEMM=1) p=fp8 prof=--profile ;;
@@ -180,7 +179,6 @@ for v in sm90 nograph kt bn128 ring4 nopp loaded halves storer experts mma fa2 b
     nopp) env=(MOE8_SM90_PINGPONG=0 MOE8_SM90_WGRAD_STAGED=0) p=fp8 prof=--profile ;;
     loaded) env=(MOE8_SM90_WGRAD_STAGED=0) p=fp8 prof=--profile ;;
     halves) env=(MOE8_SM90_WGRAD_STAGED=halves) p=fp8 prof=--profile ;;
-    storer) env=(MOE8_SM90_WGRAD_STAGED=storer) p=fp8 prof=--profile ;;
     experts) env=(MOE8_SM90_WGRAD_ORDER=experts) p=fp8 prof=--profile ;;
     fa2) env=(MOE8_SM90_ATTENTION=0) p=fp8 prof=--profile ;;
     bf16) env=() p=bf16 prof= ;;
@@ -222,9 +220,8 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
     step "$tool-sm90" 180 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool "$tool" --kernel-name kns=sm90 \
       --error-exitcode 3 bun test --timeout 300000 -t "${SANITIZE_FILTER:-$filter}" packages/kernels/test/cuda-op-suite.test.ts
   done
-  # The staged Wgrad's epilogue by halves and by a storer warp (MOE8_SM90_WGRAD_STAGED=halves,
-  # =storer) on 3 CTAs.
-  for v in halves storer; do
+  # The staged Wgrad's epilogue by halves (MOE8_SM90_WGRAD_STAGED=halves) on 3 CTAs.
+  for v in halves; do
     step "memcheck-$v" 180 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool memcheck --kernel-name kns=sm90 \
       --error-exitcode 3 bun test --timeout 300000 -t "MOE8_SM90_WGRAD_STAGED=$v on 3 CTAs equals" \
       packages/kernels/test/cuda-op-suite.test.ts
@@ -237,10 +234,6 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
   step racecheck-checked-3ctas 180 40 env MOE8_CUDA_CACHE=0 MOE8_SM90_CTAS=3 compute-sanitizer --tool racecheck \
     --kernel-name kns=sm90 --error-exitcode 3 bun test --timeout 300000 \
     -t "MOE8_SM90_WGRAD_STAGED=checked equals" packages/kernels/test/cuda-op-suite.test.ts
-  # The storer warps' twin (=storer-checked) on 3 CTAs.
-  step racecheck-storer-3ctas 180 40 env MOE8_CUDA_CACHE=0 MOE8_SM90_CTAS=3 compute-sanitizer --tool racecheck \
-    --kernel-name kns=sm90 --error-exitcode 3 bun test --timeout 300000 \
-    -t "MOE8_SM90_WGRAD_STAGED=storer-checked equals" packages/kernels/test/cuda-op-suite.test.ts
   # The same with the Wgrad's tiles in expert order (the order before the largest experts went first).
   step racecheck-checked-experts 180 40 env MOE8_CUDA_CACHE=0 MOE8_SM90_WGRAD_ORDER=experts compute-sanitizer \
     --tool racecheck --kernel-name kns=sm90 --error-exitcode 3 bun test --timeout 300000 \
@@ -475,7 +468,7 @@ for r in rows:
         if r.get("tag") == tag:
             for x in r.get("rows", []):
                 print(f"{what}: {x['gemm'][:44]:<44} {x['role']:<6} {x['fp8_tflops']:>8} TF/s")
-for v in ("sm90", "nograph", "kt", "bn128", "ring4", "nopp", "loaded", "halves", "storer", "experts", "mma", "fa2", "bf16",
+for v in ("sm90", "nograph", "kt", "bn128", "ring4", "nopp", "loaded", "halves", "experts", "mma", "fa2", "bf16",
           "bf16nograph"):
     s = next((r for r in rows if r.get("tag") == f"step-{v}"), None)
     k = next((r for r in rows if r.get("tag") == f"kernels-{v}"), {})

@@ -158,8 +158,6 @@ const WIDE_WGRAD: Record<string, string> = {
   "1": "staged",
   checked: "staged_checked",
   halves: "halves",
-  storer: "storer",
-  "storer-checked": "storer_checked",
 };
 const required = process.env.MOE8_REQUIRE_CUDA === "1";
 
@@ -315,18 +313,6 @@ if (status.ok) {
               sm90: true,
               env: { MOE8_SM90_WGRAD_STAGED: "halves", MOE8_SM90_CTAS: "3" },
               name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=halves on 3 CTAs",
-            },
-            // The strips stored by a storer warp per warpgroup (opt-in while measured), on 3 CTAs
-            // (the slots' mbarriers run through many phases), and its racecheck twin.
-            {
-              sm90: true,
-              env: { MOE8_SM90_WGRAD_STAGED: "storer", MOE8_SM90_CTAS: "3" },
-              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=storer on 3 CTAs",
-            },
-            {
-              sm90: true,
-              env: { MOE8_SM90_WGRAD_STAGED: "storer-checked" },
-              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=storer-checked",
             },
           ]
         : []),

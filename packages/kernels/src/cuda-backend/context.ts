@@ -114,12 +114,10 @@ export class CudaContext {
    * "checked", its racecheck twin: every order spelled in named barriers and the scales written by
    * the producer warp's stores instead of bulk copies, so that compute-sanitizer's racecheck can
    * follow each one (=checked; slower); "halves", staged with the epilogue by 128-column halves
-   * rather than strip by strip (=halves, the default before); "storer", staged with the strips'
-   * TMA stores issued by a storer warp per warpgroup (=storer, opt-in while measured;
-   * "storer-checked" its racecheck twin); "loaded", the consumers loading and staging them (=0, the
-   * entry before the staged one; notes/sm90-gemm.md has the numbers).
+   * rather than strip by strip (=halves, the default before); "loaded", the consumers loading and
+   * staging them (=0, the entry before the staged one; notes/sm90-gemm.md has the numbers).
    */
-  readonly sm90WgradScales: "loaded" | "staged" | "checked" | "halves" | "storer" | "storer-checked";
+  readonly sm90WgradScales: "loaded" | "staged" | "checked" | "halves";
   /**
    * The order in which the Wgrad's persistent CTAs take the experts' tiles: "sorted" (the default),
    * the experts with the most tokens first, dealt in a snake (gemm_sm90.cu, sm90_tile), or
@@ -160,11 +158,7 @@ export class CudaContext {
     this.sm90WgradBn = tileWidth("MOE8_SM90_WGRAD_BN");
     this.sm90Ring = envChoice("MOE8_SM90_RING", ["deep", "4"], "deep");
     this.sm90Pingpong = envChoice("MOE8_SM90_PINGPONG", ["0", "1"], "1") === "1";
-    const scales = envChoice(
-      "MOE8_SM90_WGRAD_STAGED",
-      ["0", "1", "checked", "halves", "storer", "storer-checked"],
-      "1",
-    );
+    const scales = envChoice("MOE8_SM90_WGRAD_STAGED", ["0", "1", "checked", "halves"], "1");
     this.sm90WgradScales = scales === "0" ? "loaded" : scales === "1" ? "staged" : scales;
     this.sm90WgradOrder = envChoice("MOE8_SM90_WGRAD_ORDER", ["sorted", "experts"], "sorted");
     const ctas = process.env.MOE8_SM90_CTAS ?? "";

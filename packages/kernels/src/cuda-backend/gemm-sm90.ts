@@ -290,16 +290,9 @@ function wgradEntry(cx: CudaContext, N: number) {
     staged: k.gemm_sm90_fp8_wgrad_128x256_staged,
     checked: k.gemm_sm90_fp8_wgrad_128x256_staged_checked,
     halves: k.gemm_sm90_fp8_wgrad_128x256_halves,
-    storer: k.gemm_sm90_fp8_wgrad_128x256_storer,
-    "storer-checked": k.gemm_sm90_fp8_wgrad_128x256_storer_checked,
     loaded: cx.sm90Pingpong ? k.gemm_sm90_fp8_wgrad_128x256_pingpong : k.gemm_sm90_fp8_wgrad_128x256,
   }[scales];
-  const smem =
-    scales === "loaded"
-      ? SM90.SM90_SMEM_WGRAD_128x256
-      : scales === "storer" || scales === "storer-checked"
-        ? SM90.SM90_SMEM_WGRAD_128x256_STORER
-        : SM90.SM90_SMEM_WGRAD_128x256_STAGED;
+  const smem = scales === "loaded" ? SM90.SM90_SMEM_WGRAD_128x256 : SM90.SM90_SMEM_WGRAD_128x256_STAGED;
   return { kernel, bn: 256, smem };
 }
 

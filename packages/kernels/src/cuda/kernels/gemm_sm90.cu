@@ -74,8 +74,6 @@
 #define SM90_SMEM_WGRAD_128x128 203848
 // The 128 x 256 Wgrad with each stage's scale vectors in the ring (STAGED_SCALES).
 #define SM90_SMEM_WGRAD_128x256_STAGED 221752
-// The same with a storer warp per consumer warpgroup (STORER: two mbarriers per staging slot).
-#define SM90_SMEM_WGRAD_128x256_STORER 221880
 // The deeper ring of the 128 x 128 entry for BF16 stores without accumulate, for at most
 // SM90_MAX_E_DEEP experts (tables half the size): C staged as BF16 (half the bytes of f32) and six
 // stages, which fill the 227 KB a CTA may have (the f32 entry has four).
@@ -187,11 +185,10 @@ enum class Mainloop { OneBuffer, TwoBuffers };
 // columns), or with stagedScales each ring stage's scales (the tile's 128 rows, then its bn columns),
 // and the experts' order (maxE).
 __host__ __device__ constexpr int sm90_smem_bytes(int bn, int stages, bool rowScales, bool bf16Staging = false,
-                                                  int maxE = SM90_MAX_E, bool stagedScales = false,
-                                                  bool storer = false) {
+                                                  int maxE = SM90_MAX_E, bool stagedScales = false) {
   return 1024 + stages * (SM90_BM + bn) * 128 + 2 * 64 * 128 * (bf16Staging ? 2 : 4) +
          (rowScales ? (stagedScales ? stages * (SM90_BM + bn) * 4 : 2 * 2 * (64 + bn) * 4) : 0) + 2 * stages * 8 +
-         2 * (maxE + 1) * 4 + (rowScales ? maxE * 4 : 0) + (storer ? 2 * 2 * 4 * 8 : 0);
+         2 * (maxE + 1) * 4 + (rowScales ? maxE * 4 : 0);
 }
 
 // Writes 0 to the rows of C [rows, N] outside [lo, hi), the rows no segment covers (none when the
@@ -333,16 +330,9 @@ __device__ __forceinline__ void sm90_tables(const int* off, int E, int* soff, in
 // as soon as it is written, into the next of its staging slots, instead of a 128-column half at a
 // time with a wait in between for the last half's copies to read the staging (the wait that held 6%
 // of the Wgrad's stall samples; notes/sm90-gemm.md, nineteenth session).
-// STORER (with STRIPS; MOE8_SM90_WGRAD_STAGED=storer, opt-in while measured): a warp of the
-// producer warpgroup per consumer warpgroup issues the strips' TMA stores. A consumer warp, once
-// its rows of a strip are staged, arrives on the slot's full mbarrier and goes on; the storer waits
-// there, stores, and releases the slot (its empty mbarrier) once the store has read it. The
-// consumers then wait only when every slot is in flight, instead of a barrier of their four warps
-// and the leader's wait for the store of three strips before at every strip (~10% of the Wgrad's
-// stall samples in the twentieth session's profile).
 template <int BN, int STAGES, Mainloop LOOP, Segments SEG, bool BF16_ONLY = false, int MAX_E = SM90_MAX_E,
           bool PINGPONG = false, bool STAGED_SCALES = false, bool FILL_BARRIER = false,
-          int STRIPS = 0, bool STORER = false>
+          int STRIPS = 0>
 __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CUtensorMap* tB, const CUtensorMap* tC,
                                                  const float* As, const float* Bs, float* C, const int* off, int E,
                                                  int M, int N, int K, int accumulate, int outMode, int rows,
@@ -366,8 +356,6 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   // Staging per consumer warpgroup: 64 rows x 128 columns of f32 (or BF16).
   constexpr int C_BYTES = 64 * 128 * (BF16_ONLY ? 2 : 4);
   static_assert(STRIPS == 0 || STRIPS == 64, "strips of a warpgroup's 64 rows");
-  static_assert(!STORER || (STRIPS && SEG == Segments::AlongK && !BF16_ONLY), "the storer takes the Wgrad's f32 strips");
-  constexpr int SLOTS = C_BYTES / (64 * 128), SLOT_BYTES = 64 * 128;  // STRIPS: staging slots per warpgroup
   extern __shared__ u8 sm90_dyn[];
   u8* base = sm90_dyn + ((1024 - (sm90_smem_u32(sm90_dyn) & 1023)) & 1023);
   if (E > MAX_E || (BF16_ONLY && (outMode != SM90_OUT_BF16 || accumulate))) asm volatile("trap;");
@@ -380,10 +368,6 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   int* soff = (int*)(empty + STAGES);  // E + 1 offsets
   int* mpre = soff + MAX_E + 1;        // E + 1 prefix sums of m-tiles (of 128 rows: chunks along K)
   int* order = mpre + MAX_E + 1;       // along K: expert ids by falling chunk count (sm90_tile)
-  // STORER: per consumer warpgroup SLOTS full, then SLOTS empty mbarriers (8-byte aligned: the three
-  // tables hold an even number of ints).
-  static_assert((2 * (MAX_E + 1) + MAX_E) % 2 == 0, "the storer's mbarriers 8-byte aligned");
-  u64* sbar = (u64*)(order + MAX_E);
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (threadIdx.x == 0) {
@@ -391,11 +375,6 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
       mbar_init(&full[s], 1);
       mbar_init(&empty[s], 4 * NWG);
     }
-    if constexpr (STORER)
-      for (int i = 0; i < NWG * SLOTS; i++) {
-        mbar_init(&sbar[(i / SLOTS) * 2 * SLOTS + i % SLOTS], 4);          // a strip staged: the four warps
-        mbar_init(&sbar[(i / SLOTS) * 2 * SLOTS + SLOTS + i % SLOTS], 1);  // read by its store: the storer
-      }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   sm90_tables(off, E, soff, mpre, order, SEG == Segments::AlongK && sorted, warp, lane);
@@ -452,33 +431,6 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
       if constexpr (STAGED_SCALES)
         for (int i = 0; i < min(issued, STAGES); i++)
           named_sync(SM90_STAGE_BAR + ((issued >= STAGES ? s : 0) + i) % STAGES, RELEASE);
-    } else if (STORER && warp >= 4 * NWG + 2 && warp < 4 * NWG + 2 + NWG && lane == 0) {
-      // STORER: the strips of consumer warpgroup w, in the order its warps stage them (the tiles
-      // whose 64 rows lie inside the expert; the others it stores from registers).
-      const int w = warp - (4 * NWG + 2);
-      u64* sfull = sbar + w * 2 * SLOTS;
-      u64* sempty = sfull + SLOTS;
-      const u32 cs = sm90_smem_u32(sC) + w * C_BYTES;
-      int k = 0;
-      for (int t = blockIdx.x; t < total; t += gridDim.x) {
-        const Sm90Tile T = sm90_tile<SEG, BN>(t, soff, mpre, order, sorted, E, M, N, KC);
-        const int crow = T.cRow + 64 * w;
-        if (crow + 64 > T.rowEnd) continue;
-        for (int q = 0; q < BN / 32; q++, k++) {
-          mbar_wait(&sfull[k % SLOTS], (k / SLOTS) & 1);
-          const int c0 = T.n0 + 32 * q;
-          if (c0 < N) {
-            if (accumulate) tma_reduce_add_2d(tC, cs + (k % SLOTS) * SLOT_BYTES, c0, crow);
-            else tma_store_2d(tC, cs + (k % SLOTS) * SLOT_BYTES, c0, crow);
-          }
-          bulk_commit();
-          if (k > 0) {  // the strip before has been read: its slot is free
-            bulk_wait_read_but<1>();
-            mbar_arrive(&sempty[(k - 1) % SLOTS]);
-          }
-        }
-      }
-      bulk_wait_all();  // read before the CTA exits
     } else if (FILL_BARRIER && warp == 4 * NWG + 1) {
       // FILL_BARRIER: the next warp announces each fill once it is complete (the full mbarrier),
       // waiting at SM90_FILL_BAR + s with the consumers: a bar.sync on both sides, which racecheck
@@ -566,7 +518,8 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
         // Strip k goes to slot k % SLOTS and is stored once written; before the barrier that lets
         // the warpgroup write strip k + 1, its leader waits until the store SLOTS strips before it
         // has read that slot (the copies of the SLOTS - 2 strips between may still read).
-        static_assert(SLOTS >= 2 && SLOT_BYTES == STRIPS * 128, "two staging slots at least");
+        constexpr int SLOTS = C_BYTES / (64 * 128), SLOT_BYTES = STRIPS * 128;
+        static_assert(SLOTS >= 2, "two staging slots at least");
         const int crow = row0 + 64 * wg;  // the strip's first row of C
 #pragma unroll
         for (int h = 0; h < NH; h++)
@@ -574,21 +527,10 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
           for (int j = 0; j < 16; j++) {
             const int col = 8 * j + 2 * tq, cb = (col % cw) * esz;  // byte in the strip's 128-byte row
             const u32 slot = cs + (nstrip % SLOTS) * SLOT_BYTES;
-            u64* sfull = sbar + wg * 2 * SLOTS;  // (STORER)
-            // STORER: the slot's last store has read it (its use nstrip / SLOTS - 1 released).
-            if constexpr (STORER)
-              if ((8 * j) % cw == 0 && nstrip >= SLOTS)
-                mbar_wait(&sfull[SLOTS + nstrip % SLOTS], (nstrip / SLOTS - 1) & 1);
 #pragma unroll
             for (int hh = 0; hh < 2; hh++) stage(slot, wrow + 8 * hh, cb, acc[h][4 * j + 2 * hh], acc[h][4 * j + 2 * hh + 1]);
             if ((8 * j + 8) % cw != 0) continue;  // the strip's last columns are written
             fence_async_smem();
-            if constexpr (STORER) {
-              __syncwarp();
-              if (lane == 0) mbar_arrive(&sfull[nstrip % SLOTS]);
-              nstrip++;
-              continue;
-            }
             if (leader) bulk_wait_read_but<SLOTS - 2>();
             named_sync(1 + wg, 128);
             if (leader) {
@@ -898,8 +840,6 @@ static_assert(sm90_smem_bytes(256, 3, true) == SM90_SMEM_WGRAD_128x256, "SM90_SM
 static_assert(sm90_smem_bytes(128, 4, true) == SM90_SMEM_WGRAD_128x128, "SM90_SMEM_WGRAD_128x128");
 static_assert(sm90_smem_bytes(256, 3, true, false, SM90_MAX_E, true) == SM90_SMEM_WGRAD_128x256_STAGED,
               "SM90_SMEM_WGRAD_128x256_STAGED");
-static_assert(sm90_smem_bytes(256, 3, true, false, SM90_MAX_E, true, true) == SM90_SMEM_WGRAD_128x256_STORER,
-              "SM90_SMEM_WGRAD_128x256_STORER");
 static_assert(sm90_smem_bytes(128, 6, false, true, SM90_MAX_E_DEEP) == SM90_SMEM_128x128_BF16,
               "SM90_SMEM_128x128_BF16");
 static_assert(sm90_smem_bytes(128, 5, false, false, SM90_MAX_E_DEEP) == SM90_SMEM_128x128_E128,
@@ -937,36 +877,32 @@ GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_e128, 128, 5, TwoBuffers, false, S
 // writes them (tensor maps: A u8 [M, pitch] box {128, 128}, B u8 [N, pitch] box {128, BN}, C f32
 // [E * M, N] box {32, 64}); As [chunks, M] and Bs [chunks, N] are quant_coltile's scales. Requires
 // M % 16 == 0 and N % 16 == 0 (the transposes' 16-byte pieces).
-#define GEMM_SM90_WGRAD_ENTRY(NAME, BN, STAGES, LOOP, PINGPONG, STAGED, FILL, STRIPS, STORER)                    \
+#define GEMM_SM90_WGRAD_ENTRY(NAME, BN, STAGES, LOOP, PINGPONG, STAGED, FILL, STRIPS)                            \
   KERNEL void __launch_bounds__(SM90_THREADS, 1)                                                                 \
       NAME(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,                       \
            const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs, float* C, const int* off,    \
            int E, int M, int N, int accumulate, int outMode, int sorted) {                                       \
     sm90_fp8_grouped<BN, STAGES, Mainloop::LOOP, Segments::AlongK, false, SM90_MAX_E, PINGPONG, STAGED, FILL,    \
-                     STRIPS, STORER>(                                                                            \
+                     STRIPS>(                                                                                    \
         &tA, &tB, &tC, As, Bs, C, off, E, M, N, 0, accumulate, outMode, E * M, sorted != 0);                     \
   }
 // 128 x 256 tiles: half the L2 traffic per FLOP of 128 x 128; one buffer, the two warpgroups'
 // promotions overlapped with each other's wgmmas by taking turns (PINGPONG; measured the same as
 // issuing together, notes/sm90-gemm.md).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_pingpong, 256, 3, OneBuffer, true, false, false, 0, false)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_pingpong, 256, 3, OneBuffer, true, false, false, 0)
 // The same with the scales in the ring (STAGED_SCALES) and the epilogue stored strip by strip
 // (STRIPS): the default, MOE8_SM90_WGRAD_STAGED=1 (strips: gate_up Wgrad +3-5%, notes/sm90-gemm.md).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged, 256, 3, OneBuffer, true, true, false, 64, false)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged, 256, 3, OneBuffer, true, true, false, 64)
 // Its racecheck twin: every order in named barriers, the scales stored by the loading warp
 // (FILL_BARRIER; MOE8_SM90_WGRAD_STAGED=checked).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged_checked, 256, 3, OneBuffer, true, true, true, 64, false)
-// The staged entry with its strips stored by a storer warp per warpgroup (STORER;
-// MOE8_SM90_WGRAD_STAGED=storer, opt-in while measured), and its racecheck twin (=storer-checked).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_storer, 256, 3, OneBuffer, true, true, false, 64, true)
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_storer_checked, 256, 3, OneBuffer, true, true, true, 64, true)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged_checked, 256, 3, OneBuffer, true, true, true, 64)
 // Staged scales, the epilogue by 128-column halves (the default before; MOE8_SM90_WGRAD_STAGED=halves).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_halves, 256, 3, OneBuffer, true, true, false, 0, false)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_halves, 256, 3, OneBuffer, true, true, false, 0)
 // The first entry above (scales loaded by the consumers), both warpgroups issuing together
 // (MOE8_SM90_WGRAD_STAGED=0 MOE8_SM90_PINGPONG=0; for measuring the two).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256, 256, 3, OneBuffer, false, false, false, 0, false)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256, 256, 3, OneBuffer, false, false, false, 0)
 // 128 x 128 tiles: two accumulator sets, the promotion overlapped with the next chunk's wgmmas.
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x128, 128, 4, TwoBuffers, false, false, false, 0, false)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x128, 128, 4, TwoBuffers, false, false, false, 0)
 
 #define SM90_TP_COLS 64  // columns per block of sm90_coltile_transpose
 

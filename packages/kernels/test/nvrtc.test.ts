@@ -4,6 +4,7 @@
 // Needs python3 and the `nvidia-cuda-nvrtc` wheel (CI installs them: see .ci/run); elsewhere the
 // test is skipped when they are missing, but in CI (CI=true) a missing NVRTC is a failure.
 import { spawnSync } from "node:child_process";
+import { readdirSync, readFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { describe, expect, it } from "vitest";
@@ -41,4 +42,34 @@ describe("CUDA kernel sources", () => {
     },
     300_000,
   );
+});
+
+// The addon gives NVRTC no include path: src/cuda/nvrtc.rs replaces each `#include "<header>"` of
+// a module with the text of a header in its HEADERS table (nvrtc-check.py takes any file of the
+// kernels folder), so a header missing from that table would compile here and fail on the GPU.
+describe("CUDA kernel headers", () => {
+  it("every header a module includes is one the addon inlines", () => {
+    const kdir = join(root, "packages", "kernels", "src", "cuda", "kernels");
+    const nvrtcRs = readFileSync(join(root, "packages", "kernels", "src", "cuda", "nvrtc.rs"), "utf8");
+    const table = nvrtcRs.slice(
+      nvrtcRs.indexOf("pub const HEADERS"),
+      nvrtcRs.indexOf("];", nvrtcRs.indexOf("pub const HEADERS")),
+    );
+    const inlined = new Set(
+      [...table.matchAll(/\(\s*"([\w.]+)",\s*include_str!\("kernels\/([\w.]+)"\),?\s*\)/g)].map((m) => {
+        expect(m[2]).toBe(m[1]);
+        return m[1];
+      }),
+    );
+    expect(inlined.has("sm90.cuh")).toBe(true);
+    const included = readdirSync(kdir)
+      .filter((f) => f.endsWith(".cu"))
+      .flatMap((f) =>
+        [...readFileSync(join(kdir, f), "utf8").matchAll(/^\s*#include "([\w.]+)"\s*$/gm)].map(
+          (m) => `${f}: ${m[1]}`,
+        ),
+      );
+    expect(included.length).toBeGreaterThan(0);
+    expect(included.filter((i) => !inlined.has(i.split(": ")[1]))).toEqual([]);
+  });
 });

@@ -14,7 +14,13 @@ use std::sync::Mutex;
 
 pub const COMMON: &str = include_str!("kernels/common.cuh");
 /// Headers a module may `#include "<name>"`: replaced by their text (see `full_source`).
-pub const HEADERS: &[(&str, &str)] = &[("sm90.cuh", include_str!("kernels/sm90.cuh"))];
+pub const HEADERS: &[(&str, &str)] = &[
+    ("sm90.cuh", include_str!("kernels/sm90.cuh")),
+    (
+        "gemm_sm90_parts.cuh",
+        include_str!("kernels/gemm_sm90_parts.cuh"),
+    ),
+];
 pub const OPTIONS: &str = include_str!("kernels/nvrtc-options.txt");
 
 /// Every kernel source, by module name.

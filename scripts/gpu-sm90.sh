@@ -27,7 +27,8 @@
 # STEPS="op-suite bench-gemm ..." runs only the named steps (names as in the table);
 # roles-interleaved runs rounds roles-interleaved-1 .. -ROUNDS of bench gemm and PyTorch's grouped
 # GEMM alternated (ROUNDS=3; IL_VARIANT="VAR=value": bench gemm under that environment in each round
-# too; IL_VARIANT2: a second one).
+# too; IL_VARIANT2: a second one; IL_GROUPS=balanced: both sides on 64 groups of 1,536 rows instead of
+# the uneven ones).
 # Everything goes to $OUT/log.txt; JSON results to $OUT/results.jsonl; the table to $OUT/summary.txt
 # and last on stdout. A prebuilt kernel cache in .gpu-cache/ (cubins.tar.xz, which
 # scripts/pack-gpu-bundle.sh writes, or the cubins of python3 scripts/nvrtc-check.py --write-cache
@@ -144,7 +145,7 @@ json_of /tmp/torch-roles.txt torch-roles
 # ~5%, so a ratio of two single runs carries the GPU's state between them. Here each round times
 # ours then PyTorch's on our groups, and the summary gives per role the ratio of the medians and
 # the range of the rounds' ratios.
-experts_bench="bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts --json"
+experts_bench="bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts --groups ${IL_GROUPS:-uneven} --json"
 picked roles-interleaved && for i in $(seq 1 "${ROUNDS:-3}"); do
   (STEPS="" && step "roles-interleaved-$i" 60 20 sh -c "$experts_bench > /tmp/il-ours-$i.json &&
     python3 packages/kernels/bench/torch_expert_roles.py --offsets /tmp/il-ours-$i.json > /tmp/il-torch-$i.txt")

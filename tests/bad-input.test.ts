@@ -84,6 +84,16 @@ const cases: [string, string[], RegExp][] = [
     ["bench", "step", "--backend", "ts", "--seq-len", "0"],
     /^error: --seq-len 0: /,
   ],
+  [
+    "unknown expert grouping (bench)",
+    ["bench", "gemm", "--backend", "cuda", "--groups", "random"],
+    /^error: --groups "random": use uneven or balanced/,
+  ],
+  [
+    "expert grouping on a host backend (bench)",
+    ["bench", "gemm", "--backend", "cpu", "--groups", "balanced"],
+    /^error: --groups: only `bench gemm --backend cuda`/,
+  ],
   ["unknown config key", ["train", "--config", "@/unknown-key.json"], /unknown key "learning_rate"/],
   ["out-of-range config value", ["train", "--config", "@/bad-value.json"], /bad-value\.json: batchSize: /],
   ["config that is not JSON", ["train", "--config", "@/not-json.json"], /not-json\.json: not valid JSON/],

@@ -56,6 +56,7 @@ const DESCRIPTIONS: Record<string, string> = {
   seeds: "number of seeds to average over",
   "seq-len": "tokens per sequence",
   shape: "GEMM shape MxNxK",
+  groups: "bench gemm --backend cuda: the experts' groups, uneven (as after routing; default) or balanced",
   "shard-bytes": "target size of each Arrow shard",
   steps: "number of steps",
   sweep: "compare each choice of the recipe on its own",

@@ -21,6 +21,12 @@ describe("bench gemm's timing", () => {
     expect([...expertOffsets()]).toEqual([...off]);
   });
 
+  it("times them on 64 balanced groups of 1,536 rows with --groups balanced", () => {
+    const off = expertOffsets("balanced");
+    expect(off.length).toBe(65);
+    expect(Array.from({ length: 64 }, (_, e) => off[e + 1] - off[e])).toEqual(new Array(64).fill(1536));
+  });
+
   it("deviceMs takes the median of the calls' GPU spans where the backend times its kernels", async () => {
     const b = new TsBackend();
     const spans = [5, 1, 9, 2, 7, 3, 8, 4, 6, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23];

@@ -95,13 +95,18 @@ async function denseFp8Paths(b: CudaBackend, shape: string) {
   }
 }
 
+/** Which expert groups `bench gemm --backend cuda` times (--groups). */
+export type ExpertGroups = "uneven" | "balanced";
+
 /**
  * The experts' row offsets: uneven loads as after routing, expert sizes drawn from 0.5 to 1.5 times
  * rows / E (the same every run; the JSON reports them, so that PyTorch's grouped GEMM is timed on
- * the same groups: packages/kernels/bench/torch_expert_roles.py --offsets).
+ * the same groups: packages/kernels/bench/torch_expert_roles.py --offsets), or "balanced", rows / E
+ * each (the groups torch_op_anchors.py times PyTorch on).
  */
-export function expertOffsets(): Int32Array {
+export function expertOffsets(groups: ExpertGroups = "uneven"): Int32Array {
   const { E, rows } = EXPERTS;
+  if (groups === "balanced") return Int32Array.from({ length: E + 1 }, (_, e) => Math.floor((e * rows) / E));
   const rng = new Rng(4);
   const sizes = Array.from({ length: E }, () => 0.5 + rng.next());
   const total = sizes.reduce((s, v) => s + v, 0);
@@ -111,9 +116,15 @@ export function expertOffsets(): Int32Array {
   return off;
 }
 
-async function grouped(b: Backend, N: number, K: number, p: Precision): Promise<Record<string, number>> {
+async function grouped(
+  b: Backend,
+  N: number,
+  K: number,
+  p: Precision,
+  groups: ExpertGroups,
+): Promise<Record<string, number>> {
   const { E, rows } = EXPERTS;
-  const off = expertOffsets();
+  const off = expertOffsets(groups);
   const rng = new Rng(5);
   return b.scope(async () => {
     const O = b.upload(off, [E + 1], "i32");
@@ -179,6 +190,7 @@ export async function benchGemmDevice(
   b: Backend,
   shapes: string[] | undefined,
   json: boolean,
+  groups: ExpertGroups = "uneven",
 ): Promise<number> {
   const rows: Record<string, unknown>[] = [];
   const report = (
@@ -236,12 +248,13 @@ export async function benchGemmDevice(
   if (!shapes || expertsOnly)
     for (const [N, K] of EXPERTS.shapes)
       report(
-        `experts ${EXPERTS.E}x(${N}x${K}) over ${EXPERTS.rows} rows`,
+        `experts ${EXPERTS.E}x(${N}x${K}) over ${EXPERTS.rows} rows${groups === "balanced" ? ", balanced" : ""}`,
         2 * EXPERTS.rows * N * K,
-        { bf16: await grouped(b, N, K, "bf16"), fp8: await grouped(b, N, K, "fp8") },
-        { kernels, mmaSync: mma ? await grouped(mma, N, K, "fp8") : undefined },
+        { bf16: await grouped(b, N, K, "bf16", groups), fp8: await grouped(b, N, K, "fp8", groups) },
+        { kernels, mmaSync: mma ? await grouped(mma, N, K, "fp8", groups) : undefined },
       );
-  const experts = !shapes || expertsOnly ? { expert_offsets: [...expertOffsets()] } : {};
+  const experts =
+    !shapes || expertsOnly ? { expert_groups: groups, expert_offsets: [...expertOffsets(groups)] } : {};
   if (json) console.log(JSON.stringify({ backend: b.name, rows, ...experts }));
   return 0;
 }

@@ -72,8 +72,13 @@ export async function benchGemm(flags: Record<string, unknown>): Promise<number>
   for (const p of precisions)
     if (!["f32", "fp32", "bf16", "fp8"].includes(p))
       throw new UsageError(`--precision "${p}": use fp32, bf16 or fp8`);
+  const groups = flags.groups === undefined ? "uneven" : String(flags.groups);
+  if (groups !== "uneven" && groups !== "balanced")
+    throw new UsageError(`--groups "${groups}": use uneven or balanced`);
   if (backends.length === 1 && backends[0] === "cuda")
-    return benchGemmDevice(createBackend("cuda"), flags.shape as string[] | undefined, !!flags.json);
+    return benchGemmDevice(createBackend("cuda"), flags.shape as string[] | undefined, !!flags.json, groups);
+  if (flags.groups !== undefined)
+    throw new UsageError("--groups: only `bench gemm --backend cuda` times the experts' grouped GEMMs");
   const rows = [];
   const blas = flags.baseline === false ? null : openblas(shapes);
   for (const name of backends) {

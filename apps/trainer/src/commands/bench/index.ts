@@ -18,6 +18,7 @@ export const BENCH_FLAGS: FlagSpec = {
   backend: "string",
   precision: "string",
   shape: "list",
+  groups: "string",
   config: "string",
   steps: "int",
   "batch-size": "int",

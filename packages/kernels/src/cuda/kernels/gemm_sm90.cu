@@ -499,12 +499,6 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
           // Only the scales this fill copied are read: the tile's rows past M and columns past N
           // (never stored) take 0 rather than what an earlier tile's fill left in the stage.
           const float sa0 = rloc < rowsIn ? ss[rloc] : 0.0f, sa1 = rloc + 8 < rowsIn ? ss[rloc + 8] : 0.0f;
-          // Every read of the stage done (FILL_BARRIER: waiting with the producer, an order racecheck
-          // follows whether or not it models an arrival as a release).
-          auto release = [&]() {
-            if constexpr (FILL_BARRIER) named_sync(SM90_STAGE_BAR + s, 32 + 128 * NWG);
-            else named_arrive(SM90_STAGE_BAR + s, 32 + 128 * NWG);
-          };
 #pragma unroll
           for (int h = 0; h < NH; h++) {
             mma_half(p, aBase + s * A_BYTES, bBase + s * B_BYTES + h * 128 * 128);
@@ -514,7 +508,10 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
             if (live >= 128) promote_cols(acc[h], p, sa0, sa1, sb);
             else if (live > 0) promote_cols_part(acc[h], p, sa0, sa1, sb, live - 2 * tq);
           }
-          release();
+          // Every read of the stage done (FILL_BARRIER: waiting with the producer, an order racecheck
+          // follows whether or not it models an arrival as a release).
+          if constexpr (FILL_BARRIER) named_sync(SM90_STAGE_BAR + s, 32 + 128 * NWG);
+          else named_arrive(SM90_STAGE_BAR + s, 32 + 128 * NWG);
           if (++s == STAGES) s = 0, ph ^= 1;
         }
       } else {

@@ -69,20 +69,15 @@ __device__ __forceinline__ void promote_cols(float (&acc)[ACC], float (&p)[ACC],
   }
 }
 
-// This thread's column-scale pairs 8 j + 2 tq + {0, 1} of a half at sb (its first column): those
-// below `live` (counted from that first column) read, the others, never stored, 0.
-template <int PAIRS>
-__device__ __forceinline__ void col_scales(float2 (&b)[PAIRS], const float* sb, int live) {
-#pragma unroll
-  for (int j = 0; j < PAIRS; j++) b[j] = 8 * j < live ? *(const float2*)(sb + 8 * j) : make_float2(0.0f, 0.0f);
-}
-
-// promote_cols for a half partly past N: only the column scales below its live columns are read.
+// promote_cols for a half partly past N: only the column pairs 8 j + 2 tq + {0, 1} below the
+// half's live columns are read (`live` counted from this thread's first column); the others, never
+// stored, take scale 0.
 template <int ACC>
 __device__ __forceinline__ void promote_cols_part(float (&acc)[ACC], float (&p)[ACC], float sa0, float sa1,
                                                   const float* sb, int live) {
   float2 b[ACC / 4];
-  col_scales(b, sb, live);
+#pragma unroll
+  for (int j = 0; j < ACC / 4; j++) b[j] = 8 * j < live ? *(const float2*)(sb + 8 * j) : make_float2(0.0f, 0.0f);
   promote_cols(acc, p, sa0, sa1, b);
 }
 

@@ -15,6 +15,7 @@
 #     (bench-gemm-nopp on 128 x 256 tiles too); loaded and bench-gemm-loaded:
 #     MOE8_SM90_WGRAD_STAGED=0 (the Wgrad's entry before the staged one); racecheck-checked: =checked
 #     (racecheck-checked-experts: in expert order too; racecheck-checked-3ctas: on 3 CTAs);
+#     step-variant: the small step under STEP_VARIANT="VAR=value ..." (profiled);
 #     halves, bench-gemm-halves, memcheck-halves: =halves (the staged Wgrad's epilogue by halves, the
 #     default before the strips); experts, bench-gemm-experts: MOE8_SM90_WGRAD_ORDER=experts; ncu-wgrad-{default,halves,loaded}:
 #     Nsight Compute; ncu-wgrad-src: its stall samples per SASS instruction; ncu-times: every launch's time (NCU_TIMES)
@@ -27,7 +28,7 @@
 # STEPS="op-suite bench-gemm ..." runs only the named steps (names as in the table);
 # roles-interleaved runs rounds roles-interleaved-1 .. -ROUNDS of bench gemm and PyTorch's grouped
 # GEMM alternated (ROUNDS=3; IL_VARIANT="VAR=value": bench gemm under that environment in each round
-# too; IL_VARIANT2: a second one; IL_GROUPS=balanced: both sides on 64 groups of 1,536 rows instead of
+# too; IL_VARIANT2 .. IL_VARIANT5: more of them; IL_GROUPS=balanced: both sides on 64 groups of 1,536 rows instead of
 # the uneven ones).
 # Everything goes to $OUT/log.txt; JSON results to $OUT/results.jsonl; the table to $OUT/summary.txt
 # and last on stdout. A prebuilt kernel cache in .gpu-cache/ (cubins.tar.xz, which
@@ -153,7 +154,7 @@ picked roles-interleaved && for i in $(seq 1 "${ROUNDS:-3}"); do
   json_of "/tmp/il-torch-$i.txt" il-torch "$i"
   # IL_VARIANT="VAR=value ...": our kernels under that environment too, in the same rounds (and
   # under IL_VARIANT2's, a second column).
-  for n in "" 2; do
+  for n in "" 2 3 4 5; do
     var="IL_VARIANT$n"
     [ -n "${!var:-}" ] || continue
     (STEPS="" && step "roles-interleaved-variant$n-$i" 60 20 env ${!var} sh -c "$experts_bench > /tmp/il-variant$n-$i.json")
@@ -167,10 +168,11 @@ step nccl-test 240 30 env MOE8_REQUIRE_NCCL=1 bun test --timeout 300000 packages
 # The training step replayed from a CUDA graph equals the uncaptured step bit for bit (issue 18).
 step graph-test 180 40 env MOE8_REQUIRE_CUDA=1 bun test --timeout 300000 tests/cuda-graph.test.ts
 
-for v in sm90 nograph kt bn128 ring4 nopp loaded halves experts mma fa2 bf16 bf16nograph; do
+for v in sm90 variant nograph kt bn128 ring4 nopp loaded halves experts mma fa2 bf16 bf16nograph; do
   picked "step-$v" || continue
   case $v in
     sm90) env=(MOE8_SM90_GEMM=1) p=fp8 prof=--profile ;;
+    variant) read -ra env <<<"${STEP_VARIANT:-MOE8_SM90_GEMM=1}" && p=fp8 prof=--profile ;;
     nograph) env=(MOE8_CUDA_GRAPH=0) p=fp8 prof= ;;
     bf16nograph) env=(MOE8_CUDA_GRAPH=0) p=bf16 prof= ;;
     mma) env=(MOE8_SM90_GEMM=0) p=fp8 prof=--profile ;;
@@ -221,8 +223,9 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
     step "$tool-sm90" 180 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool "$tool" --kernel-name kns=sm90 \
       --error-exitcode 3 bun test --timeout 300000 -t "${SANITIZE_FILTER:-$filter}" packages/kernels/test/cuda-op-suite.test.ts
   done
-  # The staged Wgrad's epilogue by halves (MOE8_SM90_WGRAD_STAGED=halves) on 3 CTAs.
-  for v in halves; do
+  # The staged Wgrad's epilogue by halves (MOE8_SM90_WGRAD_STAGED=halves), its halves stored under the
+  # wgmmas (=early, =early-both), on 3 CTAs.
+  for v in halves early early-both lag; do
     step "memcheck-$v" 180 40 env MOE8_CUDA_CACHE=0 compute-sanitizer --tool memcheck --kernel-name kns=sm90 \
       --error-exitcode 3 bun test --timeout 300000 -t "MOE8_SM90_WGRAD_STAGED=$v on 3 CTAs equals" \
       packages/kernels/test/cuda-op-suite.test.ts
@@ -387,7 +390,7 @@ fi
 
 # The table: step status, per-role TFLOP/s of the expert GEMMs, the small step before and after.
 python3 - "$RES" <<'PY' | tee "$OUT/summary.txt"
-import json, sys
+import json, os, sys
 from statistics import median
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 print("\n--- sm90 grouped FP8 GEMM: GPU session summary ---")
@@ -432,21 +435,23 @@ for r in rows:
                   f"{x['fp8_vs_bf16']:>8}")
 # The interleaved rounds: per role the medians of ours and PyTorch's (on our groups) and the
 # range of the rounds' own ratios.
-ours_il, torch_il, variant_il, variant2_il = {}, {}, {}, {}
+# (IL_VARIANT .. IL_VARIANT5: one column each, named by its environment.)
+ours_il, torch_il = {}, {}
+variants_il = {f"il-variant{n}": {} for n in ("", "2", "3", "4", "5")}
 for r in rows:
-    if r.get("tag") in ("il-ours", "il-variant", "il-variant2"):
+    if r.get("tag") == "il-ours" or r.get("tag") in variants_il:
         for x in r.get("rows", []):
             if x["gemm"].startswith("experts"):
                 g = "gate_up" if "512x1024" in x["gemm"] else "down"
-                into = {"il-ours": ours_il, "il-variant": variant_il, "il-variant2": variant2_il}[r["tag"]]
+                into = ours_il if r["tag"] == "il-ours" else variants_il[r["tag"]]
                 into.setdefault((g, x["role"]), {})[r["round"]] = x["fp8_tflops"]
     elif r.get("tag") == "il-torch" and r.get("groups") == "bench" and r.get("tflops"):
         torch_il.setdefault((r["torch_grouped_bf16"], r["role"]), {})[r["round"]] = r["tflops"]
 if ours_il and torch_il:
     # (Three decimals: 1.295 is under issue 16's 1.3x, which two would print as 1.30.)
     print(f"\n{'interleaved rounds':<20} {'role':<6} {'rounds':>6} {'moe8 TF/s':>10} {'torch TF/s':>10} {'ratio':>6} "
-          f"{'by round':>12} {'>= 1.3':>6}" + (f" {'variant TF/s':>12} {'ratio':>6}" if variant_il else "")
-          + (f" {'variant2 TF/s':>13} {'ratio':>6}" if variant2_il else ""))
+          f"{'by round':>12} {'>= 1.3':>6}"
+          + "".join(f" {'v' + (tag[10:] or '1') + ' TF/s':>9} {'ratio':>6}" for tag, d in variants_il.items() if d))
     for key, o in ours_il.items():
         t = torch_il.get(key, {})
         both = sorted(set(o) & set(t))
@@ -454,12 +459,15 @@ if ours_il and torch_il:
             continue
         ratios = [o[i] / t[i] for i in both]
         mo, mt = median(o[i] for i in both), median(t[i] for i in both)
-        v = [variant_il.get(key, {})[i] for i in both if i in variant_il.get(key, {})]
-        v2 = [variant2_il.get(key, {})[i] for i in both if i in variant2_il.get(key, {})]
+        cols = ""
+        for d in (d for d in variants_il.values() if d):
+            v = [d.get(key, {})[i] for i in both if i in d.get(key, {})]
+            cols += f" {median(v):>9.1f} {median(v) / mt:>6.3f}" if v else f" {'-':>9} {'-':>6}"
         print(f"{key[0]:<20} {key[1]:<6} {len(both):>6} {mo:>10.1f} {mt:>10.1f} {mo / mt:>6.3f} "
-              f"{min(ratios):>5.3f}-{max(ratios):.3f} {'yes' if mo / mt >= 1.3 else 'no':>6}"
-              + (f" {median(v):>12.1f} {median(v) / mt:>6.3f}" if v else "")
-              + (f" {median(v2):>13.1f} {median(v2) / mt:>6.3f}" if v2 else ""))
+              f"{min(ratios):>5.3f}-{max(ratios):.3f} {'yes' if mo / mt >= 1.3 else 'no':>6}" + cols)
+    for n in ("", "2", "3", "4", "5"):
+        if variants_il[f"il-variant{n}"]:
+            print(f"  v{n or '1'}: {os.environ.get('IL_VARIANT' + n, '')}")
 print()
 for r in rows:
     for tag, what in (("bench-gemm-bn128", "128x128 entries"), ("bench-gemm-ring4", "4-stage ring"),
@@ -469,7 +477,7 @@ for r in rows:
         if r.get("tag") == tag:
             for x in r.get("rows", []):
                 print(f"{what}: {x['gemm'][:44]:<44} {x['role']:<6} {x['fp8_tflops']:>8} TF/s")
-for v in ("sm90", "nograph", "kt", "bn128", "ring4", "nopp", "loaded", "halves", "experts", "mma", "fa2", "bf16",
+for v in ("sm90", "variant", "nograph", "kt", "bn128", "ring4", "nopp", "loaded", "halves", "experts", "mma", "fa2", "bf16",
           "bf16nograph"):
     s = next((r for r in rows if r.get("tag") == f"step-{v}"), None)
     k = next((r for r in rows if r.get("tag") == f"kernels-{v}"), {})

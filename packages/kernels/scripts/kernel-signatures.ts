@@ -144,6 +144,17 @@ const KERNEL_START = /\bKERNEL\b|\bextern\s*"C"/g;
 const DECLARATION =
   /(?:KERNEL|extern\s*"C"\s+__global__)\s+void\s+(?:__launch_bounds__\s*\(([^()]*)\)\s*)?([A-Za-z_]\w*)\s*\(([^()]*)\)\s*\{/y;
 
+/** Whether a function-like macro declares kernels: itself, or through a kernel macro it invokes. */
+function declaresKernels(name: string, src: Source, seen = new Set<string>()): boolean {
+  const body = src.macros.get(name)?.body ?? "";
+  if (/\bKERNEL\b|\bextern\s*"C"/.test(body)) return true;
+  seen.add(name);
+  for (const other of src.macros.keys())
+    if (!seen.has(other) && new RegExp(`\\b${other}\\s*\\(`).test(body) && declaresKernels(other, src, seen))
+      return true;
+  return false;
+}
+
 /** Kernels declared in `text` (each with its offset), expanding kernel macros' instantiations. */
 function declarations(text: string, src: Source, depth = 0): { at: number; decl: string[] }[] {
   if (depth > 8) throw new SignatureError("kernel macros nested more than 8 deep");
@@ -158,7 +169,7 @@ function declarations(text: string, src: Source, depth = 0): { at: number; decl:
     found.push({ at: m.index, decl: [d[1] ?? "", d[2], d[3]] });
   }
   for (const [name, macro] of src.macros) {
-    if (!/\bKERNEL\b|\bextern\s*"C"/.test(macro.body)) continue;
+    if (!declaresKernels(name, src)) continue;
     for (const m of text.matchAll(new RegExp(`\\b${name}\\s*\\(`, "g"))) {
       const { args } = callArgs(text, m.index + m[0].length - 1);
       for (const inner of declarations(expand(name, macro, args), src, depth + 1))

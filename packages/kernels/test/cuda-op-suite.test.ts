@@ -158,6 +158,11 @@ const WIDE_WGRAD: Record<string, string> = {
   "1": "staged",
   checked: "staged_checked",
   halves: "halves",
+  early: "early",
+  "early-both": "early_both",
+  lag: "lag",
+  "turn-done": "turn_done",
+  "turn-split": "turn_split",
 };
 const required = process.env.MOE8_REQUIRE_CUDA === "1";
 
@@ -313,6 +318,35 @@ if (status.ok) {
               sm90: true,
               env: { MOE8_SM90_WGRAD_STAGED: "halves", MOE8_SM90_CTAS: "3" },
               name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=halves on 3 CTAs",
+            },
+            // The staged Wgrad storing a tile's first half under its last wgmmas (and its second
+            // under the next tile's first), on 3 CTAs: many tiles a CTA, the halves across tiles.
+            {
+              sm90: true,
+              env: { MOE8_SM90_WGRAD_STAGED: "early", MOE8_SM90_CTAS: "3" },
+              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=early on 3 CTAs",
+            },
+            {
+              sm90: true,
+              env: { MOE8_SM90_WGRAD_STAGED: "early-both", MOE8_SM90_CTAS: "3" },
+              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=early-both on 3 CTAs",
+            },
+            {
+              sm90: true,
+              env: { MOE8_SM90_WGRAD_STAGED: "lag", MOE8_SM90_CTAS: "3" },
+              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=lag on 3 CTAs",
+            },
+            // The staged Wgrad's turns granted once a warpgroup's wgmmas (or their first group) are
+            // done, on 3 CTAs (many tiles a CTA: the turns carry across tiles).
+            {
+              sm90: true,
+              env: { MOE8_SM90_WGRAD_STAGED: "turn-done", MOE8_SM90_CTAS: "3" },
+              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=turn-done on 3 CTAs",
+            },
+            {
+              sm90: true,
+              env: { MOE8_SM90_WGRAD_STAGED: "turn-split", MOE8_SM90_CTAS: "3" },
+              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=turn-split on 3 CTAs",
             },
           ]
         : []),

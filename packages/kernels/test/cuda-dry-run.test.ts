@@ -286,32 +286,7 @@ describe("cuda backend host code, without a GPU", () => {
     ],
     ["Hopper, MOE8_SM90_WGRAD_STAGED=checked", { MOE8_SM90_WGRAD_STAGED: "checked" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_WGRAD_STAGED=halves", { MOE8_SM90_WGRAD_STAGED: "halves" }, "ok", "9.0", false],
-    ["Hopper, MOE8_SM90_WGRAD_STAGED=early", { MOE8_SM90_WGRAD_STAGED: "early" }, "ok", "9.0", false],
-    [
-      "Hopper, MOE8_SM90_WGRAD_STAGED=early-both",
-      { MOE8_SM90_WGRAD_STAGED: "early-both" },
-      "ok",
-      "9.0",
-      false,
-    ],
-    ["Hopper, MOE8_SM90_WGRAD_STAGED=lag", { MOE8_SM90_WGRAD_STAGED: "lag" }, "ok", "9.0", false],
-    ["Hopper, MOE8_SM90_WGRAD_STAGED=turn-done", { MOE8_SM90_WGRAD_STAGED: "turn-done" }, "ok", "9.0", false],
-    [
-      "Hopper, MOE8_SM90_WGRAD_STAGED=turn-split",
-      { MOE8_SM90_WGRAD_STAGED: "turn-split" },
-      "ok",
-      "9.0",
-      false,
-    ],
-    ...["ablate-promotion", "ablate-stores", "ablate-both"].map(
-      (v): [string, Record<string, string>, "ok", string, boolean] => [
-        `Hopper, MOE8_SM90_WGRAD_STAGED=${v}`,
-        { MOE8_SM90_WGRAD_STAGED: v },
-        "ok",
-        "9.0",
-        false,
-      ],
-    ),
+    ["Hopper, MOE8_SM90_WGRAD_STAGED=turns", { MOE8_SM90_WGRAD_STAGED: "turns" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_WGRAD_ORDER=experts", { MOE8_SM90_WGRAD_ORDER: "experts" }, "ok", "9.0", false],
     [
       "Hopper, MOE8_SM90_BN=256 MOE8_SM90_PINGPONG=0 MOE8_SM90_WGRAD_STAGED=0",
@@ -367,14 +342,7 @@ describe("cuda backend host code, without a GPU", () => {
             "0": wide,
             checked: "256_staged_checked",
             halves: "256_halves",
-            early: "256_early",
-            "early-both": "256_early_both",
-            lag: "256_lag",
-            "turn-done": "256_turn_done",
-            "turn-split": "256_turn_split",
-            "ablate-promotion": "256_ablate_promotion",
-            "ablate-stores": "256_ablate_stores",
-            "ablate-both": "256_ablate_both",
+            turns: "256_turns",
           }[staged ?? ""] ?? "256_staged";
         const wgrad = (env.MOE8_SM90_WGRAD_BN ? [env.MOE8_SM90_WGRAD_BN] : ["128", "256"]).map(
           (w) => `128x${w === "256" ? wideWgrad : w}`,
@@ -422,11 +390,7 @@ describe("cuda backend host code, without a GPU", () => {
       ["MOE8_SM90_CTAS", "0", "expected a positive integer"],
       ["MOE8_SM90_RING", "6", "expected deep or 4"],
       ["MOE8_SM90_PINGPONG", "yes", "expected 0 or 1"],
-      [
-        "MOE8_SM90_WGRAD_STAGED",
-        "on",
-        "expected 0, 1, checked, halves, early, early-both, lag, turn-done, turn-split, ablate-promotion, ablate-stores or ablate-both",
-      ],
+      ["MOE8_SM90_WGRAD_STAGED", "on", "expected 0, 1, checked, halves or turns"],
       ["MOE8_SM90_WGRAD_ORDER", "random", "expected sorted or experts"],
     ]) {
       vi.stubEnv(name, value);

@@ -158,11 +158,7 @@ const WIDE_WGRAD: Record<string, string> = {
   "1": "staged",
   checked: "staged_checked",
   halves: "halves",
-  early: "early",
-  "early-both": "early_both",
-  lag: "lag",
-  "turn-done": "turn_done",
-  "turn-split": "turn_split",
+  turns: "turns",
 };
 const required = process.env.MOE8_REQUIRE_CUDA === "1";
 
@@ -319,34 +315,12 @@ if (status.ok) {
               env: { MOE8_SM90_WGRAD_STAGED: "halves", MOE8_SM90_CTAS: "3" },
               name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=halves on 3 CTAs",
             },
-            // The staged Wgrad storing a tile's first half under its last wgmmas (and its second
-            // under the next tile's first), on 3 CTAs: many tiles a CTA, the halves across tiles.
+            // The staged Wgrad taking turns (the default before warpgroup 1 lagged a chunk behind),
+            // on 3 CTAs.
             {
               sm90: true,
-              env: { MOE8_SM90_WGRAD_STAGED: "early", MOE8_SM90_CTAS: "3" },
-              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=early on 3 CTAs",
-            },
-            {
-              sm90: true,
-              env: { MOE8_SM90_WGRAD_STAGED: "early-both", MOE8_SM90_CTAS: "3" },
-              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=early-both on 3 CTAs",
-            },
-            {
-              sm90: true,
-              env: { MOE8_SM90_WGRAD_STAGED: "lag", MOE8_SM90_CTAS: "3" },
-              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=lag on 3 CTAs",
-            },
-            // The staged Wgrad's turns granted once a warpgroup's wgmmas (or their first group) are
-            // done, on 3 CTAs (many tiles a CTA: the turns carry across tiles).
-            {
-              sm90: true,
-              env: { MOE8_SM90_WGRAD_STAGED: "turn-done", MOE8_SM90_CTAS: "3" },
-              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=turn-done on 3 CTAs",
-            },
-            {
-              sm90: true,
-              env: { MOE8_SM90_WGRAD_STAGED: "turn-split", MOE8_SM90_CTAS: "3" },
-              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=turn-split on 3 CTAs",
+              env: { MOE8_SM90_WGRAD_STAGED: "turns", MOE8_SM90_CTAS: "3" },
+              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=turns on 3 CTAs",
             },
           ]
         : []),

@@ -6,13 +6,7 @@ import type { DeviceBuffer } from "../../native.d.cts";
 import { DEFINES } from "../cuda/kernels.generated.ts";
 import type { NativeAddon } from "../index.ts";
 import { attentionPath } from "./attention.ts";
-import {
-  groupedGemmPath,
-  SM90_WGRAD_VARIANTS,
-  type Sm90DenseMode,
-  type Sm90WgradEntry,
-  sm90DenseMode,
-} from "./gemm-sm90.ts";
+import { groupedGemmPath, type Sm90DenseMode, sm90DenseMode } from "./gemm-sm90.ts";
 import { ArgEncoder, type KernelArgs, type KernelSignature } from "./launch.ts";
 
 export { KERNELS } from "../cuda/kernels.generated.ts";
@@ -120,17 +114,12 @@ export class CudaContext {
    * "checked", its racecheck twin: every order spelled in named barriers and the scales written by
    * the producer warp's stores instead of bulk copies, so that compute-sanitizer's racecheck can
    * follow each one (=checked; slower); "halves", staged with the epilogue by 128-column halves
-   * rather than strip by strip (=halves, the default before); "loaded", the consumers loading and
-   * staging them (=0, the entry before the staged one; notes/sm90-gemm.md has the numbers).
-   * Measured variants of "staged": "early" (a tile's first half stored under its last chunk's
-   * second-half wgmmas), "early-both" (and its second half under the next tile's first wgmmas),
-   * "lag" (no turns, warpgroup 1 a chunk behind warpgroup 0),
-   * "turn-done" and "turn-split" (a warpgroup grants the other its
-   * turn once its wgmmas, or their first group, are done, not once issued); and diagnostic entries
-   * whose results are wrong, for `bench gemm` only: "ablate-promotion" (no scales in the
-   * promotion), "ablate-stores" (no stores of C), "ablate-both".
+   * rather than strip by strip (=halves, the default before); "turns", staged with the two consumer
+   * warpgroups taking turns instead of warpgroup 1 lagging a chunk behind (=turns, the default
+   * before); "loaded", the consumers loading and staging them (=0, the entry before the staged one;
+   * notes/sm90-gemm.md has the numbers).
    */
-  readonly sm90WgradScales: Sm90WgradEntry;
+  readonly sm90WgradScales: "loaded" | "staged" | "checked" | "halves" | "turns";
   /**
    * The order in which the Wgrad's persistent CTAs take the experts' tiles: "sorted" (the default),
    * the experts with the most tokens first, dealt in a snake (gemm_sm90.cu, sm90_tile), or
@@ -171,7 +160,7 @@ export class CudaContext {
     this.sm90WgradBn = tileWidth("MOE8_SM90_WGRAD_BN");
     this.sm90Ring = envChoice("MOE8_SM90_RING", ["deep", "4"], "deep");
     this.sm90Pingpong = envChoice("MOE8_SM90_PINGPONG", ["0", "1"], "1") === "1";
-    const scales = envChoice("MOE8_SM90_WGRAD_STAGED", ["0", "1", ...SM90_WGRAD_VARIANTS], "1");
+    const scales = envChoice("MOE8_SM90_WGRAD_STAGED", ["0", "1", "checked", "halves", "turns"], "1");
     this.sm90WgradScales = scales === "0" ? "loaded" : scales === "1" ? "staged" : scales;
     this.sm90WgradOrder = envChoice("MOE8_SM90_WGRAD_ORDER", ["sorted", "experts"], "sorted");
     const ctas = process.env.MOE8_SM90_CTAS ?? "";

@@ -276,21 +276,6 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
   }
 }
 
-/** MOE8_SM90_WGRAD_STAGED's values besides 0 and 1 (CudaContext.sm90WgradScales). */
-export const SM90_WGRAD_VARIANTS = [
-  "checked",
-  "halves",
-  "early",
-  "early-both",
-  "lag",
-  "turn-done",
-  "turn-split",
-  "ablate-promotion",
-  "ablate-stores",
-  "ablate-both",
-] as const;
-export type Sm90WgradEntry = "loaded" | "staged" | (typeof SM90_WGRAD_VARIANTS)[number];
-
 /**
  * The Wgrad entry (kernel, tile width, dynamic shared memory): 128 x 256 tiles (one buffer) for
  * N >= 256, else 128 x 128 (two buffers), unless MOE8_SM90_WGRAD_BN forces one; the 128 x 256 entry
@@ -305,14 +290,7 @@ function wgradEntry(cx: CudaContext, N: number) {
     staged: k.gemm_sm90_fp8_wgrad_128x256_staged,
     checked: k.gemm_sm90_fp8_wgrad_128x256_staged_checked,
     halves: k.gemm_sm90_fp8_wgrad_128x256_halves,
-    early: k.gemm_sm90_fp8_wgrad_128x256_early,
-    "early-both": k.gemm_sm90_fp8_wgrad_128x256_early_both,
-    lag: k.gemm_sm90_fp8_wgrad_128x256_lag,
-    "turn-done": k.gemm_sm90_fp8_wgrad_128x256_turn_done,
-    "turn-split": k.gemm_sm90_fp8_wgrad_128x256_turn_split,
-    "ablate-promotion": k.gemm_sm90_fp8_wgrad_128x256_ablate_promotion,
-    "ablate-stores": k.gemm_sm90_fp8_wgrad_128x256_ablate_stores,
-    "ablate-both": k.gemm_sm90_fp8_wgrad_128x256_ablate_both,
+    turns: k.gemm_sm90_fp8_wgrad_128x256_turns,
     loaded: cx.sm90Pingpong ? k.gemm_sm90_fp8_wgrad_128x256_pingpong : k.gemm_sm90_fp8_wgrad_128x256,
   }[scales];
   const smem = scales === "loaded" ? SM90.SM90_SMEM_WGRAD_128x256 : SM90.SM90_SMEM_WGRAD_128x256_STAGED;

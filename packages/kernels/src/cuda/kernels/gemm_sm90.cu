@@ -61,7 +61,7 @@
 // FILL_BARRIER announced filled by SM90_FILL_BAR + s (11 .. 14).
 #define SM90_STAGE_BAR 7
 #define SM90_FILL_BAR 11
-// TURN 3: warpgroup 1 starts its first chunk once warpgroup 0 has done its own.
+// LAG: warpgroup 1 starts its first chunk once warpgroup 0 has done its own.
 #define SM90_LAG_BAR 15
 #define SM90_THREADS 384  // two consumer warpgroups and the producer warpgroup
 #define SM90_BM 128       // rows per tile (64 per consumer warpgroup)
@@ -114,20 +114,13 @@
 // as soon as it is written, into the next of its staging slots, instead of a 128-column half at a
 // time with a wait in between for the last half's copies to read the staging (the wait that held 6%
 // of the Wgrad's stall samples; notes/sm90-gemm.md, nineteenth session).
-// TURN (the staged Wgrad's PINGPONG): when a warpgroup grants the other its turn: 0 once it has
-// issued its half's wgmmas, 1 once they are done (the other's wgmmas then never share the tensor
-// cores with them), 2 once the first two of the four are done (mma_chunk_split); 3 (without
-// PINGPONG): no turns, warpgroup 1 one chunk behind warpgroup 0 from the start, so that the two
-// reach their epilogues a chunk apart (the ring's three stages allow that lag).
-// ABLATE (diagnostic entries, results wrong): 1 the promotion without its scales (acc += p), 2 no
-// stores of C, 3 both: what the mainloop, the promotion and the epilogue each cost.
-// EPI (the staged Wgrad with STRIPS): 1 stages and stores a tile's first 128-column half while the
-// wgmmas of its last chunk's second half run, instead of both halves after them (the tensor cores
-// otherwise idle through both warpgroups' epilogues at every tile's end); 2 also its second half
-// while the next tile's first wgmmas run (that tile's first chunk promoted without reading acc).
+// LAG (the staged Wgrad, in place of PINGPONG's turns): warpgroup 1 starts one chunk behind
+// warpgroup 0 and stays there (the ring's three stages allow it; nothing else couples the two), so
+// that their epilogues, and their promotions, fall a chunk apart rather than together: gate_up
+// Wgrad +1-4% in each of eight rounds (notes/sm90-gemm.md, twenty-second session).
 template <int BN, int STAGES, Mainloop LOOP, Segments SEG, bool BF16_ONLY = false, int MAX_E = SM90_MAX_E,
           bool PINGPONG = false, bool STAGED_SCALES = false, bool FILL_BARRIER = false,
-          int STRIPS = 0, int TURN = 0, int ABLATE = 0, int EPI = 0>
+          int STRIPS = 0, bool LAG = false>
 __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CUtensorMap* tB, const CUtensorMap* tC,
                                                  const float* As, const float* Bs, float* C, const int* off, int E,
                                                  int M, int N, int K, int accumulate, int outMode, int rows,
@@ -146,9 +139,8 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   static_assert(!STAGED_SCALES || (SM90_STAGE_BAR + STAGES <= SM90_FILL_BAR && SM90_FILL_BAR + STAGES <= 16),
                 "named barriers per stage");
   static_assert(!FILL_BARRIER || STAGED_SCALES, "the fill barrier announces staged scales");
-  static_assert((TURN == 0 && ABLATE == 0 && EPI == 0) || (STAGED_SCALES && PINGPONG == (TURN != 3)),
-                "the staged Wgrad's variants");
-  static_assert(EPI == 0 || (STRIPS && BN == 256 && ABLATE == 0), "the early half is stored by strips");
+  static_assert(!LAG || (STAGED_SCALES && !PINGPONG && !FILL_BARRIER),
+                "the staged Wgrad lags instead of taking turns (its checked twin waits in step)");
   constexpr int S_FLOATS = STAGED_SCALES ? BM + BN : 64 + BN;
   constexpr int S_BYTES = SEG != Segments::AlongK ? 0 : STAGED_SCALES ? STAGES * S_FLOATS * 4 : NWG * 2 * S_FLOATS * 4;
   // Staging per consumer warpgroup: 64 rows x 128 columns of f32 (or BF16).
@@ -265,13 +257,8 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   // One half's wgmmas into p (in turn under PINGPONG).
   auto mma_half = [&](float (&p)[ACC], u32 aAddr, u32 bAddr) {
     if constexpr (PINGPONG) named_sync(wg ? SM90_TURN_1 : SM90_TURN_0, 256);
-    if constexpr (TURN == 2) mma_chunk_split(p, aAddr, bAddr);
-    else mma_chunk(p, aAddr, bAddr);
-    if constexpr (PINGPONG && TURN == 0) named_arrive(wg ? SM90_TURN_0 : SM90_TURN_1, 256);
-  };
-  // TURN 1 and 2: the turn granted once this warpgroup's wgmmas (or their first group) are done.
-  auto grant = [&]() {
-    if constexpr (PINGPONG && TURN != 0) named_arrive(wg ? SM90_TURN_0 : SM90_TURN_1, 256);
+    mma_chunk(p, aAddr, bAddr);
+    if constexpr (PINGPONG) named_arrive(wg ? SM90_TURN_0 : SM90_TURN_1, 256);
   };
   // Stores the accumulators of tile P (rows row0 .. rowEnd - 1 of C from row0, columns n0 ..).
   // Along M it runs once the next tile's first wgmmas are issued (deferred: the tensor cores work
@@ -288,10 +275,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
 #pragma unroll
       for (int i = 0; i < ACC; i++) acc[h][i] = 0.0f;
   };
-  // (hFirst, hEnd: the halves to store; other than all of them only where this warpgroup's 64 rows
-  // are whole, where the strips store them.)
-  static_assert(NH <= 2, "hEnd's default covers every half");
-  auto epilogue = [&](const Done& P, int hFirst = 0, int hEnd = 2) {
+  auto epilogue = [&](const Done& P) {
     const int row0 = P.row0, rowEnd = P.rowEnd, n0 = P.n0;
     const bool last = P.last;
     const int r0 = row0 + rloc, r1 = r0 + 8;
@@ -299,9 +283,8 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
     if (outMode == SM90_OUT_ROUND) {
 #pragma unroll
       for (int h = 0; h < NH; h++)
-        if (h >= hFirst && h < hEnd)
 #pragma unroll
-          for (int i = 0; i < ACC; i++) acc[h][i] = round_bf16(acc[h][i]);
+        for (int i = 0; i < ACC; i++) acc[h][i] = round_bf16(acc[h][i]);
     }
 
     // Epilogue, per 128-column half h: accumulator i is row (i & 2 ? g + 8 : g), column
@@ -332,7 +315,6 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
         for (int h = 0; h < NH; h++)
 #pragma unroll
           for (int j = 0; j < 16; j++) {
-            if (h < hFirst || h >= hEnd) continue;
             const int col = 8 * j + 2 * tq, cb = (col % cw) * esz;  // byte in the strip's 128-byte row
             const u32 slot = cs + (nstrip % SLOTS) * SLOT_BYTES;
 #pragma unroll
@@ -355,7 +337,6 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
       } else {
 #pragma unroll
         for (int h = 0; h < NH; h++) {
-          if (h < hFirst || h >= hEnd) continue;
           const int nh = n0 + 128 * h;
           if (leader) bulk_wait_read();  // the previous stores have read the staging buffer
           named_sync(1 + wg, 128);
@@ -388,7 +369,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
 #pragma unroll
       for (int j = 0; j < 16; j++) {
         const int col = n0 + 128 * h + 8 * j + 2 * tq;
-        if (col >= N || h < hFirst || h >= hEnd) continue;
+        if (col >= N) continue;
 #pragma unroll
         for (int hh = 0; hh < 2; hh++) {
           const int r = hh ? r1 : r0;
@@ -413,10 +394,10 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   // to two accumulator halves and the wgmmas' in flight spill (ptxas: 2.4 KB).
   constexpr bool DEFER = SEG == Segments::AlongM && BN == 128;
   Done pend{0, 0, 0, false};
-  // TURN 3: this warpgroup has taken (1) or given (0) the lag barrier. Both warpgroups run the same
+  // LAG: this warpgroup has taken (1) or given (0) the lag barrier. Both warpgroups run the same
   // chunks, so either both take part or neither does.
   bool lagged = false;
-  bool pending = false;  // pend's tile is computed but not (wholly) stored (DEFER, EPI 2)
+  bool pending = false;  // pend's tile is computed but not stored (DEFER)
   // The first chunk's wgmmas of an along-M tile are in flight: store the previous tile, then clear.
   auto flush = [&]() {
     if constexpr (DEFER) {
@@ -440,17 +421,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
 
     const bool last = t + (int)gridDim.x >= total;
     if constexpr (SEG == Segments::AlongK) {
-      if constexpr (EPI == 2) {
-        // acc may hold the last tile's second half, stored under this tile's first wgmmas; a
-        // tile without chunks stores it now and clears acc (its output: zeros).
-        if (T.kc == 0) {
-          if (pending) epilogue(pend, 1, 2);
-          pending = false;
-          zero_acc();
-        }
-      } else {
-        zero_acc();
-      }
+      zero_acc();
       // The chunk's scales reach shared memory through the warpgroup itself: each thread loads its
       // share from global memory (A's row aRow + 64 wg + tid, B's columns n0 + tid, + 128) one chunk
       // ahead, stores it into the buffer the next chunk reads, and a named barrier of the
@@ -532,14 +503,8 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
         // colsIn of them were copied (the tile's rows inside M, its columns inside N).
         float p[ACC];
         const int rowsIn = M - T.aRow, colsIn = N - n0;
-        // EPI 1, 2: this warpgroup's rows whole (the strips store them) and the tile has chunks.
-        const bool early = EPI != 0 && row0 + 64 * wg + 64 <= rowEnd && T.kc > 0;
-        // One chunk; FIRST (EPI 2: the tile's first chunk, peeled so that acc holds no live value
-        // under its first wgmmas but the last tile's second half, which they store) promotes
-        // without reading acc.
-        auto chunk = [&](int kc, auto first) {
-          constexpr bool FIRST = decltype(first)::value;
-          if constexpr (TURN == 3)
+        for (int kc = 0; kc < T.kc; kc++) {
+          if constexpr (LAG)
             if (wg == 1 && !lagged) named_sync(SM90_LAG_BAR, 256), lagged = true;
           mbar_wait(&full[s], ph);
           if constexpr (FILL_BARRIER) named_sync(SM90_FILL_BAR + s, 32 + 128 * NWG);
@@ -550,43 +515,20 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
 #pragma unroll
           for (int h = 0; h < NH; h++) {
             mma_half(p, aBase + s * A_BYTES, bBase + s * B_BYTES + h * 128 * 128);
-            // EPI 1, 2: the tile's first half is final once the last chunk's second half is issued;
-            // EPI 2: the last tile's second half goes out under this tile's first wgmmas.
-            if constexpr (EPI != 0)
-              if (h == NH - 1 && kc == T.kc - 1 && early) epilogue({row0, rowEnd, n0, last}, 0, 1);
-            if constexpr (FIRST)
-              if (h == 0 && pending) {
-                epilogue(pend, 1, 2);
-                pending = false;
-              }
             const float* sb = ss + BM + 128 * h + 2 * tq;
             const int live = colsIn - 128 * h;  // columns of this half inside N (a multiple of 16)
-            if constexpr (TURN == 2) {
-              wgmma_wait<1>();
-              grant();
-            }
             wgmma_wait<0>();
-            if constexpr (TURN == 1) grant();
-            if constexpr (ABLATE & 1) {
-#pragma unroll
-              for (int i = 0; i < ACC; i++) reg_fence(p[i]);
-#pragma unroll
-              for (int i = 0; i < ACC; i++) acc[h][i] += p[i];
-            } else if (live >= 128) promote_cols<FIRST>(acc[h], p, sa0, sa1, sb);
-            else if (live > 0) promote_cols_part<FIRST>(acc[h], p, sa0, sa1, sb, live - 2 * tq);
+            if (live >= 128) promote_cols(acc[h], p, sa0, sa1, sb);
+            else if (live > 0) promote_cols_part(acc[h], p, sa0, sa1, sb, live - 2 * tq);
           }
           // Every read of the stage done (FILL_BARRIER: waiting with the producer, an order racecheck
           // follows whether or not it models an arrival as a release).
           if constexpr (FILL_BARRIER) named_sync(SM90_STAGE_BAR + s, 32 + 128 * NWG);
           else named_arrive(SM90_STAGE_BAR + s, 32 + 128 * NWG);
           if (++s == STAGES) s = 0, ph ^= 1;
-          if constexpr (TURN == 3)
+          if constexpr (LAG)
             if (wg == 0 && !lagged) named_arrive(SM90_LAG_BAR, 256), lagged = true;
-        };
-        int kc = 0;
-        if constexpr (EPI == 2)
-          if (T.kc > 0) chunk(kc++, Bool<true>{});
-        for (; kc < T.kc; kc++) chunk(kc, Bool<false>{});
+        }
       } else {
       float p[ACC];
       for (int kc = 0; kc < T.kc; kc++) {
@@ -672,32 +614,12 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
     if constexpr (DEFER) {
       pend = {row0, rowEnd, n0, last};
       pending = true;
-    } else if constexpr (ABLATE & 2) {
-      // No stores; one read of every accumulator keeps the promotion's arithmetic alive.
-      float sum = 0.0f;
-#pragma unroll
-      for (int h = 0; h < NH; h++)
-#pragma unroll
-        for (int i = 0; i < ACC; i++) sum += acc[h][i];
-      if (sum == -1.2345e-30f) C[threadIdx.x] = sum;
-    } else if constexpr (EPI != 0) {
-      // (The first half went out under the last chunk's wgmmas where the rows are whole and the tile
-      // has chunks; EPI 2 leaves the second half to the next tile's first wgmmas, or the end.)
-      const bool early = T.kc > 0 && row0 + 64 * wg + 64 <= rowEnd;
-      if (EPI == 2 && early) {
-        pend = {row0, rowEnd, n0, last};
-        pending = true;
-      } else {
-        epilogue({row0, rowEnd, n0, last}, early ? 1 : 0);
-      }
     } else {
       epilogue({row0, rowEnd, n0, last});
     }
   }
   if constexpr (DEFER)
     if (pending) epilogue(pend);
-  if constexpr (EPI == 2)
-    if (pending) epilogue(pend, 1, 2);
   // PINGPONG: warpgroup 1's arrival after its last half (or its first grant, if it issued none) is
   // taken, so that no barrier is left half-arrived.
   if constexpr (PINGPONG)
@@ -749,47 +671,39 @@ GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_e128, 128, 5, TwoBuffers, false, S
 // writes them (tensor maps: A u8 [M, pitch] box {128, 128}, B u8 [N, pitch] box {128, BN}, C f32
 // [E * M, N] box {32, 64}); As [chunks, M] and Bs [chunks, N] are quant_coltile's scales. Requires
 // M % 16 == 0 and N % 16 == 0 (the transposes' 16-byte pieces).
-#define GEMM_SM90_WGRAD_ENTRY(NAME, BN, STAGES, LOOP, PINGPONG, STAGED, FILL, STRIPS)                            \
-  GEMM_SM90_WGRAD_VARIANT(NAME, BN, STAGES, LOOP, PINGPONG, STAGED, FILL, STRIPS, 0, 0, 0)
-#define GEMM_SM90_WGRAD_VARIANT(NAME, BN, STAGES, LOOP, PINGPONG, STAGED, FILL, STRIPS, TURN, ABLATE, EPI)        \
+#define GEMM_SM90_WGRAD_ENTRY(NAME, BN, STAGES, LOOP, PINGPONG, STAGED, FILL, STRIPS, LAG)                       \
   KERNEL void __launch_bounds__(SM90_THREADS, 1)                                                                 \
       NAME(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,                       \
            const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs, float* C, const int* off,    \
            int E, int M, int N, int accumulate, int outMode, int sorted) {                                       \
     sm90_fp8_grouped<BN, STAGES, Mainloop::LOOP, Segments::AlongK, false, SM90_MAX_E, PINGPONG, STAGED, FILL,    \
-                     STRIPS, TURN, ABLATE, EPI>(                                                                      \
+                     STRIPS, LAG>(                                                                               \
         &tA, &tB, &tC, As, Bs, C, off, E, M, N, 0, accumulate, outMode, E * M, sorted != 0);                     \
   }
 // 128 x 256 tiles: half the L2 traffic per FLOP of 128 x 128; one buffer, the two warpgroups'
 // promotions overlapped with each other's wgmmas by taking turns (PINGPONG; measured the same as
 // issuing together, notes/sm90-gemm.md).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_pingpong, 256, 3, OneBuffer, true, false, false, 0)
-// The same with the scales in the ring (STAGED_SCALES) and the epilogue stored strip by strip
-// (STRIPS): the default, MOE8_SM90_WGRAD_STAGED=1 (strips: gate_up Wgrad +3-5%, notes/sm90-gemm.md).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged, 256, 3, OneBuffer, true, true, false, 64)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_pingpong, 256, 3, OneBuffer, true, false, false, 0, false)
+// The same with the scales in the ring (STAGED_SCALES), the epilogue stored strip by strip (STRIPS:
+// gate_up Wgrad +3-5%) and warpgroup 1 a chunk behind warpgroup 0 instead of turns (LAG: +1-4%):
+// the default, MOE8_SM90_WGRAD_STAGED=1 (notes/sm90-gemm.md).
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged, 256, 3, OneBuffer, false, true, false, 64, true)
 // Its racecheck twin: every order in named barriers, the scales stored by the loading warp
-// (FILL_BARRIER; MOE8_SM90_WGRAD_STAGED=checked).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged_checked, 256, 3, OneBuffer, true, true, true, 64)
-// The default with the turn granted once the warpgroup's wgmmas are done (=turn-done) or their
-// first group (=turn-split); and the diagnostic entries (results wrong): the promotion without its
-// scales (=ablate-promotion), no stores (=ablate-stores), neither (=ablate-both).
-// The default with a tile's first half stored under the last chunk's second-half wgmmas (=early).
-GEMM_SM90_WGRAD_VARIANT(gemm_sm90_fp8_wgrad_128x256_early, 256, 3, OneBuffer, true, true, false, 64, 0, 0, 1)
-// ... and its second half under the next tile's first wgmmas (=early-both).
-GEMM_SM90_WGRAD_VARIANT(gemm_sm90_fp8_wgrad_128x256_early_both, 256, 3, OneBuffer, true, true, false, 64, 0, 0, 2)
-GEMM_SM90_WGRAD_VARIANT(gemm_sm90_fp8_wgrad_128x256_turn_done, 256, 3, OneBuffer, true, true, false, 64, 1, 0, 0)
-GEMM_SM90_WGRAD_VARIANT(gemm_sm90_fp8_wgrad_128x256_lag, 256, 3, OneBuffer, false, true, false, 64, 3, 0, 0)
-GEMM_SM90_WGRAD_VARIANT(gemm_sm90_fp8_wgrad_128x256_turn_split, 256, 3, OneBuffer, true, true, false, 64, 2, 0, 0)
-GEMM_SM90_WGRAD_VARIANT(gemm_sm90_fp8_wgrad_128x256_ablate_promotion, 256, 3, OneBuffer, true, true, false, 64, 0, 1, 0)
-GEMM_SM90_WGRAD_VARIANT(gemm_sm90_fp8_wgrad_128x256_ablate_stores, 256, 3, OneBuffer, true, true, false, 64, 0, 2, 0)
-GEMM_SM90_WGRAD_VARIANT(gemm_sm90_fp8_wgrad_128x256_ablate_both, 256, 3, OneBuffer, true, true, false, 64, 0, 3, 0)
-// Staged scales, the epilogue by 128-column halves (the default before; MOE8_SM90_WGRAD_STAGED=halves).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_halves, 256, 3, OneBuffer, true, true, false, 0)
+// (FILL_BARRIER; MOE8_SM90_WGRAD_STAGED=checked). It takes turns rather than lagging: its consumers
+// wait at the fill and release barriers together, which would hold warpgroup 0 at warpgroup 1's
+// chunk (and deadlock at the first, where warpgroup 1 waits for warpgroup 0); the lag adds no
+// shared-memory access and changes no order in the ring, which the twin checks.
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged_checked, 256, 3, OneBuffer, true, true, true, 64, false)
+// The default before LAG, taking turns (MOE8_SM90_WGRAD_STAGED=turns).
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_turns, 256, 3, OneBuffer, true, true, false, 64, false)
+// Staged scales, turns, the epilogue by 128-column halves (the default before the strips;
+// MOE8_SM90_WGRAD_STAGED=halves).
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_halves, 256, 3, OneBuffer, true, true, false, 0, false)
 // The first entry above (scales loaded by the consumers), both warpgroups issuing together
 // (MOE8_SM90_WGRAD_STAGED=0 MOE8_SM90_PINGPONG=0; for measuring the two).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256, 256, 3, OneBuffer, false, false, false, 0)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256, 256, 3, OneBuffer, false, false, false, 0, false)
 // 128 x 128 tiles: two accumulator sets, the promotion overlapped with the next chunk's wgmmas.
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x128, 128, 4, TwoBuffers, false, false, false, 0)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x128, 128, 4, TwoBuffers, false, false, false, 0, false)
 
 #define SM90_TP_COLS 64  // columns per block of sm90_coltile_transpose
 

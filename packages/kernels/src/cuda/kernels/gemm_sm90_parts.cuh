@@ -24,21 +24,6 @@ __device__ __forceinline__ void mma_chunk(float (&p)[ACC], u32 aAddr, u32 bAddr)
   wgmma_commit();
 }
 
-// The same 4 k32 wgmmas committed as two groups of two, so that the caller can wait for the first
-// half of the chunk (wait_group 1) before the second (TURN 2 of the staged Wgrad).
-template <int ACC>
-__device__ __forceinline__ void mma_chunk_split(float (&p)[ACC], u32 aAddr, u32 bAddr) {
-#pragma unroll
-  for (int i = 0; i < ACC; i++) reg_fence(p[i]);
-  wgmma_fence();
-#pragma unroll
-  for (int ks = 0; ks < 4; ks++) {
-    wgmma_n128(p, sm90_desc(aAddr + ks * 32), sm90_desc(bAddr + ks * 32), ks);
-    if (ks == 1) wgmma_commit();
-  }
-  wgmma_commit();
-}
-
 // Promotion: acc += p * (row scale * sb), accumulator i belonging to row g (i & 2 == 0) or g + 8.
 template <int ACC>
 __device__ __forceinline__ void promote(float (&acc)[ACC], float (&p)[ACC], float sa0, float sa1, float sb) {
@@ -51,9 +36,8 @@ __device__ __forceinline__ void promote(float (&acc)[ACC], float (&p)[ACC], floa
 
 // Wgrad's promotion: both operands have one scale per row of the chunk, so
 // acc += p * (sa[row] * sb[col]); sb points at this thread's first column (2 tq) of the half in
-// shared memory, its columns 8 j + {0, 1}. FRESH: acc = p * (sa * sb), the bits a cleared acc gives,
-// without reading acc (a tile's first chunk where acc still holds the last tile's unstored half).
-template <bool FRESH = false, int ACC>
+// shared memory, its columns 8 j + {0, 1}.
+template <int ACC>
 __device__ __forceinline__ void promote_cols(float (&acc)[ACC], float (&p)[ACC], float sa0, float sa1,
                                              const float* sb) {
 #pragma unroll
@@ -61,47 +45,41 @@ __device__ __forceinline__ void promote_cols(float (&acc)[ACC], float (&p)[ACC],
 #pragma unroll
   for (int j = 0; j < ACC / 4; j++) {
     const float2 b = *(const float2*)(sb + 8 * j);
-    acc[4 * j] = fmaf(p[4 * j], sa0 * b.x, FRESH ? 0.0f : acc[4 * j]);
-    acc[4 * j + 1] = fmaf(p[4 * j + 1], sa0 * b.y, FRESH ? 0.0f : acc[4 * j + 1]);
-    acc[4 * j + 2] = fmaf(p[4 * j + 2], sa1 * b.x, FRESH ? 0.0f : acc[4 * j + 2]);
-    acc[4 * j + 3] = fmaf(p[4 * j + 3], sa1 * b.y, FRESH ? 0.0f : acc[4 * j + 3]);
+    acc[4 * j] = fmaf(p[4 * j], sa0 * b.x, acc[4 * j]);
+    acc[4 * j + 1] = fmaf(p[4 * j + 1], sa0 * b.y, acc[4 * j + 1]);
+    acc[4 * j + 2] = fmaf(p[4 * j + 2], sa1 * b.x, acc[4 * j + 2]);
+    acc[4 * j + 3] = fmaf(p[4 * j + 3], sa1 * b.y, acc[4 * j + 3]);
   }
 }
 
 // The same with this thread's column scales already in registers: b[j] holds columns 8 j + {0, 1}
 // (promote_cols_part). A second body rather than the one above loading into an array first: that
 // would move the full halves' loads ahead of the fences, a schedule not measured.
-template <bool FRESH = false, int ACC>
+template <int ACC>
 __device__ __forceinline__ void promote_cols(float (&acc)[ACC], float (&p)[ACC], float sa0, float sa1,
                                              const float2 (&b)[ACC / 4]) {
 #pragma unroll
   for (int i = 0; i < ACC; i++) reg_fence(p[i]);
 #pragma unroll
   for (int j = 0; j < ACC / 4; j++) {
-    acc[4 * j] = fmaf(p[4 * j], sa0 * b[j].x, FRESH ? 0.0f : acc[4 * j]);
-    acc[4 * j + 1] = fmaf(p[4 * j + 1], sa0 * b[j].y, FRESH ? 0.0f : acc[4 * j + 1]);
-    acc[4 * j + 2] = fmaf(p[4 * j + 2], sa1 * b[j].x, FRESH ? 0.0f : acc[4 * j + 2]);
-    acc[4 * j + 3] = fmaf(p[4 * j + 3], sa1 * b[j].y, FRESH ? 0.0f : acc[4 * j + 3]);
+    acc[4 * j] = fmaf(p[4 * j], sa0 * b[j].x, acc[4 * j]);
+    acc[4 * j + 1] = fmaf(p[4 * j + 1], sa0 * b[j].y, acc[4 * j + 1]);
+    acc[4 * j + 2] = fmaf(p[4 * j + 2], sa1 * b[j].x, acc[4 * j + 2]);
+    acc[4 * j + 3] = fmaf(p[4 * j + 3], sa1 * b[j].y, acc[4 * j + 3]);
   }
 }
 
 // promote_cols for a half partly past N: only the column pairs 8 j + 2 tq + {0, 1} below the
 // half's live columns are read (`live` counted from this thread's first column); the others, never
 // stored, take scale 0.
-template <bool FRESH = false, int ACC>
+template <int ACC>
 __device__ __forceinline__ void promote_cols_part(float (&acc)[ACC], float (&p)[ACC], float sa0, float sa1,
                                                   const float* sb, int live) {
   float2 b[ACC / 4];
 #pragma unroll
   for (int j = 0; j < ACC / 4; j++) b[j] = 8 * j < live ? *(const float2*)(sb + 8 * j) : make_float2(0.0f, 0.0f);
-  promote_cols<FRESH>(acc, p, sa0, sa1, b);
+  promote_cols(acc, p, sa0, sa1, b);
 }
-
-// A compile-time flag passed to a generic lambda (`auto` parameter; NVRTC has no <type_traits>).
-template <bool B>
-struct Bool {
-  static constexpr bool value = B;
-};
 
 // Where the experts' segments lie: along M (Fprop, Dgrad: rows of A and C) or along K (Wgrad).
 enum class Segments { AlongM, AlongK };

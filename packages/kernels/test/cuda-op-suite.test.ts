@@ -159,6 +159,7 @@ const WIDE_WGRAD: Record<string, string> = {
   checked: "staged_checked",
   halves: "halves",
   turns: "turns",
+  staging: "staging",
 };
 const required = process.env.MOE8_REQUIRE_CUDA === "1";
 
@@ -321,6 +322,13 @@ if (status.ok) {
               sm90: true,
               env: { MOE8_SM90_WGRAD_STAGED: "turns", MOE8_SM90_CTAS: "3" },
               name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=turns on 3 CTAs",
+            },
+            // Two ring stages and seven strip slots a warpgroup, on 3 CTAs (the slots rotate across
+            // many tiles).
+            {
+              sm90: true,
+              env: { MOE8_SM90_WGRAD_STAGED: "staging", MOE8_SM90_CTAS: "3" },
+              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=staging on 3 CTAs",
             },
           ]
         : []),

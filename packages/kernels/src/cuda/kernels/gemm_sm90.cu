@@ -76,6 +76,8 @@
 #define SM90_SMEM_WGRAD_128x128 203848
 // The 128 x 256 Wgrad with each stage's scale vectors in the ring (STAGED_SCALES).
 #define SM90_SMEM_WGRAD_128x256_STAGED 221752
+// The same with two stages and seven 8 KB strip slots per consumer warpgroup (STAGING).
+#define SM90_SMEM_WGRAD_128x256_STAGING 220200
 // The deeper ring of the 128 x 128 entry for BF16 stores without accumulate, for at most
 // SM90_MAX_E_DEEP experts (tables half the size): C staged as BF16 (half the bytes of f32) and six
 // stages, which fill the 227 KB a CTA may have (the f32 entry has four).
@@ -114,13 +116,14 @@
 // as soon as it is written, into the next of its staging slots, instead of a 128-column half at a
 // time with a wait in between for the last half's copies to read the staging (the wait that held 6%
 // of the Wgrad's stall samples; notes/sm90-gemm.md, nineteenth session).
+// STAGING (with STRIPS; 0: 4 slots, 32 KB): the C staging's strip slots per consumer warpgroup.
 // LAG (the staged Wgrad, in place of PINGPONG's turns): warpgroup 1 starts one chunk behind
 // warpgroup 0 and stays there (the ring's three stages allow it; nothing else couples the two), so
 // that their epilogues, and their promotions, fall a chunk apart rather than together: gate_up
 // Wgrad +1-4% in each of eight rounds (notes/sm90-gemm.md, twenty-second session).
 template <int BN, int STAGES, Mainloop LOOP, Segments SEG, bool BF16_ONLY = false, int MAX_E = SM90_MAX_E,
           bool PINGPONG = false, bool STAGED_SCALES = false, bool FILL_BARRIER = false,
-          int STRIPS = 0, bool LAG = false>
+          int STRIPS = 0, bool LAG = false, int STAGING = 0>
 __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CUtensorMap* tB, const CUtensorMap* tC,
                                                  const float* As, const float* Bs, float* C, const int* off, int E,
                                                  int M, int N, int K, int accumulate, int outMode, int rows,
@@ -144,7 +147,8 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   constexpr int S_FLOATS = STAGED_SCALES ? BM + BN : 64 + BN;
   constexpr int S_BYTES = SEG != Segments::AlongK ? 0 : STAGED_SCALES ? STAGES * S_FLOATS * 4 : NWG * 2 * S_FLOATS * 4;
   // Staging per consumer warpgroup: 64 rows x 128 columns of f32 (or BF16).
-  constexpr int C_BYTES = 64 * 128 * (BF16_ONLY ? 2 : 4);
+  constexpr int C_BYTES = STAGING ? STAGING * 64 * 128 : 64 * 128 * (BF16_ONLY ? 2 : 4);
+  static_assert(STAGING == 0 || (STRIPS == 64 && !BF16_ONLY), "staging slots are the strips'");
   static_assert(STRIPS == 0 || STRIPS == 64, "strips of a warpgroup's 64 rows");
   extern __shared__ u8 sm90_dyn[];
   u8* base = sm90_dyn + ((1024 - (sm90_smem_u32(sm90_dyn) & 1023)) & 1023);
@@ -634,6 +638,9 @@ static_assert(sm90_smem_bytes(256, 3, true) == SM90_SMEM_WGRAD_128x256, "SM90_SM
 static_assert(sm90_smem_bytes(128, 4, true) == SM90_SMEM_WGRAD_128x128, "SM90_SMEM_WGRAD_128x128");
 static_assert(sm90_smem_bytes(256, 3, true, false, SM90_MAX_E, true) == SM90_SMEM_WGRAD_128x256_STAGED,
               "SM90_SMEM_WGRAD_128x256_STAGED");
+static_assert(sm90_smem_bytes(256, 2, true, false, SM90_MAX_E, true, 7) == SM90_SMEM_WGRAD_128x256_STAGING,
+              "SM90_SMEM_WGRAD_128x256_STAGING");
+static_assert(SM90_SMEM_WGRAD_128x256_STAGING <= 227 * 1024, "a CTA's dynamic shared memory on sm_90");
 static_assert(sm90_smem_bytes(128, 6, false, true, SM90_MAX_E_DEEP) == SM90_SMEM_128x128_BF16,
               "SM90_SMEM_128x128_BF16");
 static_assert(sm90_smem_bytes(128, 5, false, false, SM90_MAX_E_DEEP) == SM90_SMEM_128x128_E128,
@@ -672,12 +679,14 @@ GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_e128, 128, 5, TwoBuffers, false, S
 // [E * M, N] box {32, 64}); As [chunks, M] and Bs [chunks, N] are quant_coltile's scales. Requires
 // M % 16 == 0 and N % 16 == 0 (the transposes' 16-byte pieces).
 #define GEMM_SM90_WGRAD_ENTRY(NAME, BN, STAGES, LOOP, PINGPONG, STAGED, FILL, STRIPS, LAG)                       \
+  GEMM_SM90_WGRAD_STAGING(NAME, BN, STAGES, LOOP, PINGPONG, STAGED, FILL, STRIPS, LAG, 0)
+#define GEMM_SM90_WGRAD_STAGING(NAME, BN, STAGES, LOOP, PINGPONG, STAGED, FILL, STRIPS, LAG, STAGING)           \
   KERNEL void __launch_bounds__(SM90_THREADS, 1)                                                                 \
       NAME(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,                       \
            const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs, float* C, const int* off,    \
            int E, int M, int N, int accumulate, int outMode, int sorted) {                                       \
     sm90_fp8_grouped<BN, STAGES, Mainloop::LOOP, Segments::AlongK, false, SM90_MAX_E, PINGPONG, STAGED, FILL,    \
-                     STRIPS, LAG>(                                                                               \
+                     STRIPS, LAG, STAGING>(                                                                      \
         &tA, &tB, &tC, As, Bs, C, off, E, M, N, 0, accumulate, outMode, E * M, sorted != 0);                     \
   }
 // 128 x 256 tiles: half the L2 traffic per FLOP of 128 x 128; one buffer, the two warpgroups'
@@ -694,6 +703,10 @@ GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged, 256, 3, OneBuffer, fal
 // chunk (and deadlock at the first, where warpgroup 1 waits for warpgroup 0); the lag adds no
 // shared-memory access and changes no order in the ring, which the twin checks.
 GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged_checked, 256, 3, OneBuffer, true, true, true, 64, false)
+// Two ring stages and seven strip slots per warpgroup (56 KB of its 64 KB a tile) instead of three
+// and four, so that the epilogue's strips never wait for an earlier store to read their slot;
+// taking turns (a lag needs the third stage). MOE8_SM90_WGRAD_STAGED=staging; not measured yet.
+GEMM_SM90_WGRAD_STAGING(gemm_sm90_fp8_wgrad_128x256_staging, 256, 2, OneBuffer, true, true, false, 64, false, 7)
 // The default before LAG, taking turns (MOE8_SM90_WGRAD_STAGED=turns).
 GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_turns, 256, 3, OneBuffer, true, true, false, 64, false)
 // Staged scales, turns, the epilogue by 128-column halves (the default before the strips;

@@ -97,9 +97,12 @@ enum class Mainloop { OneBuffer, TwoBuffers };
 // (rowScales) also each consumer warpgroup's two chunk scale buffers (its 64 rows and the tile's bn
 // columns), or with stagedScales each ring stage's scales (the tile's 128 rows, then its bn columns),
 // and the experts' order (maxE).
+// (stagingSlots: the C staging as that many 8 KB strip slots per consumer warpgroup instead.)
 __host__ __device__ constexpr int sm90_smem_bytes(int bn, int stages, bool rowScales, bool bf16Staging = false,
-                                                  int maxE = SM90_MAX_E, bool stagedScales = false) {
-  return 1024 + stages * (SM90_BM + bn) * 128 + 2 * 64 * 128 * (bf16Staging ? 2 : 4) +
+                                                  int maxE = SM90_MAX_E, bool stagedScales = false,
+                                                  int stagingSlots = 0) {
+  return 1024 + stages * (SM90_BM + bn) * 128 +
+         (stagingSlots ? 2 * stagingSlots * 64 * 128 : 2 * 64 * 128 * (bf16Staging ? 2 : 4)) +
          (rowScales ? (stagedScales ? stages * (SM90_BM + bn) * 4 : 2 * 2 * (64 + bn) * 4) : 0) + 2 * stages * 8 +
          2 * (maxE + 1) * 4 + (rowScales ? maxE * 4 : 0);
 }

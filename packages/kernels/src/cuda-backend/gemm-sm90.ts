@@ -292,8 +292,10 @@ function wgradEntry(cx: CudaContext, N: number) {
     halves: k.gemm_sm90_fp8_wgrad_128x256_halves,
     turns: k.gemm_sm90_fp8_wgrad_128x256_turns,
     staging: k.gemm_sm90_fp8_wgrad_128x256_staging,
+    ahead: k.gemm_sm90_fp8_wgrad_128x192_ahead,
     loaded: cx.sm90Pingpong ? k.gemm_sm90_fp8_wgrad_128x256_pingpong : k.gemm_sm90_fp8_wgrad_128x256,
   }[scales];
+  if (scales === "ahead") return { kernel, bn: 192, smem: SM90.SM90_SMEM_WGRAD_128x192_AHEAD };
   const smem =
     scales === "loaded"
       ? SM90.SM90_SMEM_WGRAD_128x256

@@ -119,9 +119,8 @@ export class CudaContext {
    * before); "staging", turns with two ring stages and seven 8 KB strip slots per warpgroup instead
    * of three and four (=staging: the epilogue's strips without waits; not measured yet); "ahead",
    * 128 x 192 tiles with the scale products formed under the wgmmas, the lag and six strip slots
-   * (=ahead; not measured yet); "loaded",
-   * the consumers loading and staging them (=0, the entry before the staged one; notes/sm90-gemm.md
-   * has the numbers).
+   * (=ahead; not measured yet); "loaded", the consumers loading and staging them (=0, the entry
+   * before the staged one; notes/sm90-gemm.md has the numbers).
    */
   readonly sm90WgradScales: "loaded" | "staged" | "checked" | "halves" | "turns" | "staging" | "ahead";
   /**

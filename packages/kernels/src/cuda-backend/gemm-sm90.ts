@@ -295,14 +295,13 @@ function wgradEntry(cx: CudaContext, N: number) {
     ahead: k.gemm_sm90_fp8_wgrad_128x192_ahead,
     loaded: cx.sm90Pingpong ? k.gemm_sm90_fp8_wgrad_128x256_pingpong : k.gemm_sm90_fp8_wgrad_128x256,
   }[scales];
-  if (scales === "ahead") return { kernel, bn: 192, smem: SM90.SM90_SMEM_WGRAD_128x192_AHEAD };
-  const smem =
-    scales === "loaded"
-      ? SM90.SM90_SMEM_WGRAD_128x256
-      : scales === "staging"
-        ? SM90.SM90_SMEM_WGRAD_128x256_STAGING
-        : SM90.SM90_SMEM_WGRAD_128x256_STAGED;
-  return { kernel, bn: 256, smem };
+  // Tile width and shared memory: the staged entries' unless listed.
+  const layouts: Partial<Record<typeof scales, { bn: number; smem: number }>> = {
+    loaded: { bn: 256, smem: SM90.SM90_SMEM_WGRAD_128x256 },
+    staging: { bn: 256, smem: SM90.SM90_SMEM_WGRAD_128x256_STAGING },
+    ahead: { bn: 192, smem: SM90.SM90_SMEM_WGRAD_128x192_AHEAD },
+  };
+  return { kernel, ...(layouts[scales] ?? { bn: 256, smem: SM90.SM90_SMEM_WGRAD_128x256_STAGED }) };
 }
 
 // --- Dense FP8 GEMMs on the grouped kernels ------------------------------------------------------

@@ -717,8 +717,8 @@ GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_e128, 128, 5, TwoBuffers, false, S
 // [E * M, N] box {32, 64}); As [chunks, M] and Bs [chunks, N] are quant_coltile's scales. Requires
 // M % 16 == 0 and N % 16 == 0 (the transposes' 16-byte pieces).
 #define GEMM_SM90_WGRAD_ENTRY(NAME, BN, STAGES, LOOP, PINGPONG, STAGED, FILL, STRIPS, LAG)                       \
-  GEMM_SM90_WGRAD_STAGING(NAME, BN, STAGES, LOOP, PINGPONG, STAGED, FILL, STRIPS, LAG, 0, false)
-#define GEMM_SM90_WGRAD_STAGING(NAME, BN, STAGES, LOOP, PINGPONG, STAGED, FILL, STRIPS, LAG, STAGING, AHEAD)    \
+  GEMM_SM90_WGRAD_VARIANT(NAME, BN, STAGES, LOOP, PINGPONG, STAGED, FILL, STRIPS, LAG, 0, false)
+#define GEMM_SM90_WGRAD_VARIANT(NAME, BN, STAGES, LOOP, PINGPONG, STAGED, FILL, STRIPS, LAG, STAGING, AHEAD)    \
   KERNEL void __launch_bounds__(SM90_THREADS, 1)                                                                 \
       NAME(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,                       \
            const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs, float* C, const int* off,    \
@@ -744,12 +744,12 @@ GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged_checked, 256, 3, OneBuf
 // Two ring stages and seven strip slots per warpgroup (56 KB of its 64 KB a tile) instead of three
 // and four, so that the epilogue's strips never wait for an earlier store to read their slot;
 // taking turns (a lag needs the third stage). MOE8_SM90_WGRAD_STAGED=staging; not measured yet.
-GEMM_SM90_WGRAD_STAGING(gemm_sm90_fp8_wgrad_128x256_staging, 256, 2, OneBuffer, true, true, false, 64, false, 7, false)
+GEMM_SM90_WGRAD_VARIANT(gemm_sm90_fp8_wgrad_128x256_staging, 256, 2, OneBuffer, true, true, false, 64, false, 7, false)
 // 128 x 192 tiles (halves of 96 columns) with the scale products formed under the wgmmas (AHEAD),
 // three stages with the lag, and six strip slots per warpgroup: its whole 64 x 192 f32 output, so
 // the epilogue never waits for a slot. Costs: N = 1024 takes six tiles of 192 (11% of the columns
 // computed and dropped). MOE8_SM90_WGRAD_STAGED=ahead; not measured yet.
-GEMM_SM90_WGRAD_STAGING(gemm_sm90_fp8_wgrad_128x192_ahead, 192, 3, OneBuffer, false, true, false, 64, true, 6, true)
+GEMM_SM90_WGRAD_VARIANT(gemm_sm90_fp8_wgrad_128x192_ahead, 192, 3, OneBuffer, false, true, false, 64, true, 6, true)
 // The default before LAG, taking turns (MOE8_SM90_WGRAD_STAGED=turns).
 GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_turns, 256, 3, OneBuffer, true, true, false, 64, false)
 // Staged scales, turns, the epilogue by 128-column halves (the default before the strips;

@@ -155,12 +155,10 @@ function cudaWith(sm90: boolean, env: Record<string, string> = {}): CudaBackend 
 const status = cudaStatus();
 // The 128 x 256 Wgrad entry's suffix by MOE8_SM90_WGRAD_STAGED (its "0" entry depends on MOE8_SM90_PINGPONG).
 const WIDE_WGRAD: Record<string, string> = {
-  "1": "128x256_staged",
-  checked: "128x256_staged_checked",
-  halves: "128x256_halves",
-  turns: "128x256_turns",
-  staging: "128x256_staging",
-  ahead: "128x192_ahead",
+  "1": "staged",
+  checked: "staged_checked",
+  halves: "halves",
+  turns: "turns",
 };
 const required = process.env.MOE8_REQUIRE_CUDA === "1";
 
@@ -324,20 +322,6 @@ if (status.ok) {
               env: { MOE8_SM90_WGRAD_STAGED: "turns", MOE8_SM90_CTAS: "3" },
               name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=turns on 3 CTAs",
             },
-            // Two ring stages and seven strip slots a warpgroup, on 3 CTAs (the slots rotate across
-            // many tiles).
-            {
-              sm90: true,
-              env: { MOE8_SM90_WGRAD_STAGED: "staging", MOE8_SM90_CTAS: "3" },
-              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=staging on 3 CTAs",
-            },
-            // 128 x 192 Wgrad tiles with the products ahead, on 3 CTAs (N = 256: a tile of 64 live
-            // columns, its second half past N).
-            {
-              sm90: true,
-              env: { MOE8_SM90_WGRAD_STAGED: "ahead", MOE8_SM90_CTAS: "3" },
-              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=ahead on 3 CTAs",
-            },
           ]
         : []),
     ];
@@ -399,7 +383,7 @@ if (status.ok) {
               "gemm_sm90.gemm_sm90_fp8_wgrad_128x128",
               env.MOE8_SM90_WGRAD_STAGED === "0"
                 ? `gemm_sm90.gemm_sm90_fp8_wgrad_128x256${env.MOE8_SM90_PINGPONG === "0" ? "" : "_pingpong"}`
-                : `gemm_sm90.gemm_sm90_fp8_wgrad_${WIDE_WGRAD[env.MOE8_SM90_WGRAD_STAGED ?? "1"]}`,
+                : `gemm_sm90.gemm_sm90_fp8_wgrad_128x256_${WIDE_WGRAD[env.MOE8_SM90_WGRAD_STAGED ?? "1"]}`,
               ...(env.MOE8_SM90_KMAJOR === "0" ? ["gemm_sm90.sm90_coltile_transpose"] : []),
             ].sort(),
           );

@@ -291,17 +291,10 @@ function wgradEntry(cx: CudaContext, N: number) {
     checked: k.gemm_sm90_fp8_wgrad_128x256_staged_checked,
     halves: k.gemm_sm90_fp8_wgrad_128x256_halves,
     turns: k.gemm_sm90_fp8_wgrad_128x256_turns,
-    staging: k.gemm_sm90_fp8_wgrad_128x256_staging,
-    ahead: k.gemm_sm90_fp8_wgrad_128x192_ahead,
     loaded: cx.sm90Pingpong ? k.gemm_sm90_fp8_wgrad_128x256_pingpong : k.gemm_sm90_fp8_wgrad_128x256,
   }[scales];
-  // Tile width and shared memory: the staged entries' unless listed.
-  const layouts: Partial<Record<typeof scales, { bn: number; smem: number }>> = {
-    loaded: { bn: 256, smem: SM90.SM90_SMEM_WGRAD_128x256 },
-    staging: { bn: 256, smem: SM90.SM90_SMEM_WGRAD_128x256_STAGING },
-    ahead: { bn: 192, smem: SM90.SM90_SMEM_WGRAD_128x192_AHEAD },
-  };
-  return { kernel, ...(layouts[scales] ?? { bn: 256, smem: SM90.SM90_SMEM_WGRAD_128x256_STAGED }) };
+  const smem = scales === "loaded" ? SM90.SM90_SMEM_WGRAD_128x256 : SM90.SM90_SMEM_WGRAD_128x256_STAGED;
+  return { kernel, bn: 256, smem };
 }
 
 // --- Dense FP8 GEMMs on the grouped kernels ------------------------------------------------------

@@ -76,10 +76,6 @@
 #define SM90_SMEM_WGRAD_128x128 203848
 // The 128 x 256 Wgrad with each stage's scale vectors in the ring (STAGED_SCALES).
 #define SM90_SMEM_WGRAD_128x256_STAGED 221752
-// The same with two stages and seven 8 KB strip slots per consumer warpgroup (STAGING).
-#define SM90_SMEM_WGRAD_128x256_STAGING 220200
-// 128 x 192 tiles, three stages, six strip slots per consumer warpgroup (AHEAD).
-#define SM90_SMEM_WGRAD_128x192_AHEAD 229176
 // The deeper ring of the 128 x 128 entry for BF16 stores without accumulate, for at most
 // SM90_MAX_E_DEEP experts (tables half the size): C staged as BF16 (half the bytes of f32) and six
 // stages, which fill the 227 KB a CTA may have (the f32 entry has four).
@@ -118,28 +114,22 @@
 // as soon as it is written, into the next of its staging slots, instead of a 128-column half at a
 // time with a wait in between for the last half's copies to read the staging (the wait that held 6%
 // of the Wgrad's stall samples; notes/sm90-gemm.md, nineteenth session).
-// STAGING (with STRIPS; 0: 4 slots, 32 KB): the C staging's strip slots per consumer warpgroup.
-// AHEAD (the staged Wgrad): each half's scale products sa * sb formed while its wgmmas run, so that
-// only the FMAs follow the wait; the registers allow it at BN = 192 (halves of 96 columns: 96
-// accumulators, 48 in flight, 48 products), not at 256.
 // LAG (the staged Wgrad, in place of PINGPONG's turns): warpgroup 1 starts one chunk behind
 // warpgroup 0 and stays there (the ring's three stages allow it; nothing else couples the two), so
 // that their epilogues, and their promotions, fall a chunk apart rather than together: gate_up
 // Wgrad +1-4% in each of eight rounds (notes/sm90-gemm.md, twenty-second session).
 template <int BN, int STAGES, Mainloop LOOP, Segments SEG, bool BF16_ONLY = false, int MAX_E = SM90_MAX_E,
           bool PINGPONG = false, bool STAGED_SCALES = false, bool FILL_BARRIER = false,
-          int STRIPS = 0, bool LAG = false, int STAGING = 0, bool AHEAD = false>
+          int STRIPS = 0, bool LAG = false>
 __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CUtensorMap* tB, const CUtensorMap* tC,
                                                  const float* As, const float* Bs, float* C, const int* off, int E,
                                                  int M, int N, int K, int accumulate, int outMode, int rows,
                                                  bool sorted = false) {
   constexpr int BM = SM90_BM, NWG = BM / 64;
   constexpr int A_BYTES = BM * 128, B_BYTES = BN * 128;
-  constexpr int HW = BN == 192 ? 96 : 128;  // columns of a half: one m64nHW wgmma chain each
-  constexpr int NH = BN / HW;                // halves of the tile
-  constexpr int ACC = HW / 2;                // f32 accumulators per thread per half (m64 x nHW / 128 threads)
-  static_assert(BN == 128 || BN == 256 || (BN == 192 && STAGED_SCALES), "BN is 128 or 256 (192: staged Wgrad)");
-  static_assert(!AHEAD || (STAGED_SCALES && BN == 192), "products ahead fit the registers at BN = 192");
+  constexpr int NH = BN / 128;  // 128-column halves of the tile, one m64n128 wgmma chain each
+  constexpr int ACC = 64;       // f32 accumulators per thread per half (m64 x n128 over 128 threads)
+  static_assert(BN == 128 || BN == 256, "BN is 128 or 256");
   static_assert(LOOP == Mainloop::OneBuffer || BN == 128, "two accumulator sets fit the registers at BN = 128 only");
   // Wgrad: per consumer warpgroup two buffers of a chunk's scales (its 64 rows of A, then BN columns
   // of B), after the C staging.
@@ -154,8 +144,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   constexpr int S_FLOATS = STAGED_SCALES ? BM + BN : 64 + BN;
   constexpr int S_BYTES = SEG != Segments::AlongK ? 0 : STAGED_SCALES ? STAGES * S_FLOATS * 4 : NWG * 2 * S_FLOATS * 4;
   // Staging per consumer warpgroup: 64 rows x 128 columns of f32 (or BF16).
-  constexpr int C_BYTES = STAGING ? STAGING * 64 * 128 : 64 * 128 * (BF16_ONLY ? 2 : 4);
-  static_assert(STAGING == 0 || (STRIPS == 64 && !BF16_ONLY), "staging slots are the strips'");
+  constexpr int C_BYTES = 64 * 128 * (BF16_ONLY ? 2 : 4);
   static_assert(STRIPS == 0 || STRIPS == 64, "strips of a warpgroup's 64 rows");
   extern __shared__ u8 sm90_dyn[];
   u8* base = sm90_dyn + ((1024 - (sm90_smem_u32(sm90_dyn) & 1023)) & 1023);
@@ -325,7 +314,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
 #pragma unroll
         for (int h = 0; h < NH; h++)
 #pragma unroll
-          for (int j = 0; j < ACC / 4; j++) {
+          for (int j = 0; j < 16; j++) {
             const int col = 8 * j + 2 * tq, cb = (col % cw) * esz;  // byte in the strip's 128-byte row
             const u32 slot = cs + (nstrip % SLOTS) * SLOT_BYTES;
 #pragma unroll
@@ -335,24 +324,24 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
             if (leader) bulk_wait_read_but<SLOTS - 2>();
             named_sync(1 + wg, 128);
             if (leader) {
-              const int c0 = n0 + HW * h + 8 * j + 8 - cw;
+              const int c0 = n0 + 128 * h + 8 * j + 8 - cw;
               if (c0 < N) {
                 if (accumulate) tma_reduce_add_2d(tC, slot, c0, crow);
                 else tma_store_2d(tC, slot, c0, crow);
               }
               bulk_commit();
-              if (last && h == NH - 1 && j == ACC / 4 - 1) bulk_wait_all();  // read before the CTA exits
+              if (last && h == NH - 1 && j == 15) bulk_wait_all();  // read before the CTA exits
             }
             nstrip++;
           }
       } else {
 #pragma unroll
         for (int h = 0; h < NH; h++) {
-          const int nh = n0 + HW * h;
+          const int nh = n0 + 128 * h;
           if (leader) bulk_wait_read();  // the previous stores have read the staging buffer
           named_sync(1 + wg, 128);
 #pragma unroll
-          for (int j = 0; j < ACC / 4; j++) {
+          for (int j = 0; j < 16; j++) {
             const int col = 8 * j + 2 * tq, strip = col / cw, cb = (col % cw) * esz;  // byte in the 128-byte row
 #pragma unroll
             for (int hh = 0; hh < 2; hh++)
@@ -361,7 +350,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
           fence_async_smem();
           named_sync(1 + wg, 128);
           if (leader) {
-            for (int st = 0; st < HW / cw; st++)
+            for (int st = 0; st < 128 / cw; st++)
               if (nh + st * cw < N) {
                 if (accumulate) tma_reduce_add_2d(tC, cs + st * 64 * 128, nh + st * cw, row0 + 64 * wg);
                 else tma_store_2d(tC, cs + st * 64 * 128, nh + st * cw, row0 + 64 * wg);
@@ -378,8 +367,8 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
 #pragma unroll
     for (int h = 0; h < NH; h++)
 #pragma unroll
-      for (int j = 0; j < ACC / 4; j++) {
-        const int col = n0 + HW * h + 8 * j + 2 * tq;
+      for (int j = 0; j < 16; j++) {
+        const int col = n0 + 128 * h + 8 * j + 2 * tq;
         if (col >= N) continue;
 #pragma unroll
         for (int hh = 0; hh < 2; hh++) {
@@ -525,40 +514,12 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
           const float sa0 = rloc < rowsIn ? ss[rloc] : 0.0f, sa1 = rloc + 8 < rowsIn ? ss[rloc + 8] : 0.0f;
 #pragma unroll
           for (int h = 0; h < NH; h++) {
-            if constexpr (AHEAD) {
-              // The column scales read before the wgmmas are issued and their products formed while
-              // they run, so that only the FMAs follow the wait. The fences keep the products ahead of
-              // the wait in the PTX, but ptxas moves most of the first half's past it (4 of 48 stay
-              // ahead, 35 of the second half's: the registers, 232 a thread, hold no more beside the
-              // 96 accumulators and the 48 in flight). Columns past the half's live ones take 0; a
-              // half past N adds p * 0 (its B rows are TMA's zero fill, so p is 0 there too).
-              const float* sb = ss + BM + HW * h + 2 * tq;
-              const int live = colsIn - HW * h;
-              float2 b[ACC / 4];
-#pragma unroll
-              for (int j = 0; j < ACC / 4; j++)
-                b[j] = 8 * j < live - 2 * tq ? *(const float2*)(sb + 8 * j) : make_float2(0.0f, 0.0f);
-              mma_half(p, aBase + s * A_BYTES, bBase + s * B_BYTES + h * HW * 128);
-              float pr[ACC];
-#pragma unroll
-              for (int j = 0; j < ACC / 4; j++)
-                pr[4 * j] = sa0 * b[j].x, pr[4 * j + 1] = sa0 * b[j].y, pr[4 * j + 2] = sa1 * b[j].x,
-                       pr[4 * j + 3] = sa1 * b[j].y;
-#pragma unroll
-              for (int i = 0; i < ACC; i++) reg_fence(pr[i]);
-              wgmma_wait<0>();
-#pragma unroll
-              for (int i = 0; i < ACC; i++) reg_fence(p[i]);
-#pragma unroll
-              for (int i = 0; i < ACC; i++) acc[h][i] = fmaf(p[i], pr[i], acc[h][i]);
-            } else {
-              mma_half(p, aBase + s * A_BYTES, bBase + s * B_BYTES + h * HW * 128);
-              const float* sb = ss + BM + HW * h + 2 * tq;
-              const int live = colsIn - HW * h;  // columns of this half inside N (a multiple of 16)
-              wgmma_wait<0>();
-              if (live >= HW) promote_cols(acc[h], p, sa0, sa1, sb);
-              else if (live > 0) promote_cols_part(acc[h], p, sa0, sa1, sb, live - 2 * tq);
-            }
+            mma_half(p, aBase + s * A_BYTES, bBase + s * B_BYTES + h * 128 * 128);
+            const float* sb = ss + BM + 128 * h + 2 * tq;
+            const int live = colsIn - 128 * h;  // columns of this half inside N (a multiple of 16)
+            wgmma_wait<0>();
+            if (live >= 128) promote_cols(acc[h], p, sa0, sa1, sb);
+            else if (live > 0) promote_cols_part(acc[h], p, sa0, sa1, sb, live - 2 * tq);
           }
           // Every read of the stage done (FILL_BARRIER: waiting with the producer, an order racecheck
           // follows whether or not it models an arrival as a release).
@@ -673,12 +634,6 @@ static_assert(sm90_smem_bytes(256, 3, true) == SM90_SMEM_WGRAD_128x256, "SM90_SM
 static_assert(sm90_smem_bytes(128, 4, true) == SM90_SMEM_WGRAD_128x128, "SM90_SMEM_WGRAD_128x128");
 static_assert(sm90_smem_bytes(256, 3, true, false, SM90_MAX_E, true) == SM90_SMEM_WGRAD_128x256_STAGED,
               "SM90_SMEM_WGRAD_128x256_STAGED");
-static_assert(sm90_smem_bytes(256, 2, true, false, SM90_MAX_E, true, 7) == SM90_SMEM_WGRAD_128x256_STAGING,
-              "SM90_SMEM_WGRAD_128x256_STAGING");
-static_assert(SM90_SMEM_WGRAD_128x256_STAGING <= 227 * 1024, "a CTA's dynamic shared memory on sm_90");
-static_assert(sm90_smem_bytes(192, 3, true, false, SM90_MAX_E, true, 6) == SM90_SMEM_WGRAD_128x192_AHEAD,
-              "SM90_SMEM_WGRAD_128x192_AHEAD");
-static_assert(SM90_SMEM_WGRAD_128x192_AHEAD <= 227 * 1024, "a CTA's dynamic shared memory on sm_90");
 static_assert(sm90_smem_bytes(128, 6, false, true, SM90_MAX_E_DEEP) == SM90_SMEM_128x128_BF16,
               "SM90_SMEM_128x128_BF16");
 static_assert(sm90_smem_bytes(128, 5, false, false, SM90_MAX_E_DEEP) == SM90_SMEM_128x128_E128,
@@ -717,14 +672,12 @@ GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_e128, 128, 5, TwoBuffers, false, S
 // [E * M, N] box {32, 64}); As [chunks, M] and Bs [chunks, N] are quant_coltile's scales. Requires
 // M % 16 == 0 and N % 16 == 0 (the transposes' 16-byte pieces).
 #define GEMM_SM90_WGRAD_ENTRY(NAME, BN, STAGES, LOOP, PINGPONG, STAGED, FILL, STRIPS, LAG)                       \
-  GEMM_SM90_WGRAD_VARIANT(NAME, BN, STAGES, LOOP, PINGPONG, STAGED, FILL, STRIPS, LAG, 0, false)
-#define GEMM_SM90_WGRAD_VARIANT(NAME, BN, STAGES, LOOP, PINGPONG, STAGED, FILL, STRIPS, LAG, STAGING, AHEAD)    \
   KERNEL void __launch_bounds__(SM90_THREADS, 1)                                                                 \
       NAME(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,                       \
            const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs, float* C, const int* off,    \
            int E, int M, int N, int accumulate, int outMode, int sorted) {                                       \
     sm90_fp8_grouped<BN, STAGES, Mainloop::LOOP, Segments::AlongK, false, SM90_MAX_E, PINGPONG, STAGED, FILL,    \
-                     STRIPS, LAG, STAGING, AHEAD>(                                                               \
+                     STRIPS, LAG>(                                                                               \
         &tA, &tB, &tC, As, Bs, C, off, E, M, N, 0, accumulate, outMode, E * M, sorted != 0);                     \
   }
 // 128 x 256 tiles: half the L2 traffic per FLOP of 128 x 128; one buffer, the two warpgroups'
@@ -741,15 +694,6 @@ GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged, 256, 3, OneBuffer, fal
 // chunk (and deadlock at the first, where warpgroup 1 waits for warpgroup 0); the lag adds no
 // shared-memory access and changes no order in the ring, which the twin checks.
 GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged_checked, 256, 3, OneBuffer, true, true, true, 64, false)
-// Two ring stages and seven strip slots per warpgroup (56 KB of its 64 KB a tile) instead of three
-// and four, so that the epilogue's strips never wait for an earlier store to read their slot;
-// taking turns (a lag needs the third stage). MOE8_SM90_WGRAD_STAGED=staging; not measured yet.
-GEMM_SM90_WGRAD_VARIANT(gemm_sm90_fp8_wgrad_128x256_staging, 256, 2, OneBuffer, true, true, false, 64, false, 7, false)
-// 128 x 192 tiles (halves of 96 columns) with the scale products formed under the wgmmas (AHEAD),
-// three stages with the lag, and six strip slots per warpgroup: its whole 64 x 192 f32 output, so
-// the epilogue never waits for a slot. Costs: N = 1024 takes six tiles of 192 (11% of the columns
-// computed and dropped). MOE8_SM90_WGRAD_STAGED=ahead; not measured yet.
-GEMM_SM90_WGRAD_VARIANT(gemm_sm90_fp8_wgrad_128x192_ahead, 192, 3, OneBuffer, false, true, false, 64, true, 6, true)
 // The default before LAG, taking turns (MOE8_SM90_WGRAD_STAGED=turns).
 GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_turns, 256, 3, OneBuffer, true, true, false, 64, false)
 // Staged scales, turns, the epilogue by 128-column halves (the default before the strips;

@@ -12,15 +12,6 @@ __device__ __forceinline__ void wgmma_n128(float* d, u64 da, u64 db, int accumul
       : "l"(da), "l"(db), "r"(accumulate));
 }
 
-// The same for m64n96k32 (the 192-column Wgrad tile's halves: 48 accumulators a thread).
-__device__ __forceinline__ void wgmma_n96(float* d, u64 da, u64 db, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %50, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n96k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47}, %48, %49, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47])
-      : "l"(da), "l"(db), "r"(accumulate));
-}
-
 // The 4 k32 wgmmas of one 128-deep chunk into a fresh accumulator p, issued and committed as one
 // group; the caller waits.
 template <int ACC>
@@ -29,10 +20,7 @@ __device__ __forceinline__ void mma_chunk(float (&p)[ACC], u32 aAddr, u32 bAddr)
   for (int i = 0; i < ACC; i++) reg_fence(p[i]);
   wgmma_fence();
 #pragma unroll
-  for (int ks = 0; ks < 4; ks++) {
-    if constexpr (ACC == 48) wgmma_n96(p, sm90_desc(aAddr + ks * 32), sm90_desc(bAddr + ks * 32), ks);
-    else wgmma_n128(p, sm90_desc(aAddr + ks * 32), sm90_desc(bAddr + ks * 32), ks);
-  }
+  for (int ks = 0; ks < 4; ks++) wgmma_n128(p, sm90_desc(aAddr + ks * 32), sm90_desc(bAddr + ks * 32), ks);
   wgmma_commit();
 }
 
@@ -109,12 +97,9 @@ enum class Mainloop { OneBuffer, TwoBuffers };
 // (rowScales) also each consumer warpgroup's two chunk scale buffers (its 64 rows and the tile's bn
 // columns), or with stagedScales each ring stage's scales (the tile's 128 rows, then its bn columns),
 // and the experts' order (maxE).
-// (stagingSlots: the C staging as that many 8 KB strip slots per consumer warpgroup instead.)
 __host__ __device__ constexpr int sm90_smem_bytes(int bn, int stages, bool rowScales, bool bf16Staging = false,
-                                                  int maxE = SM90_MAX_E, bool stagedScales = false,
-                                                  int stagingSlots = 0) {
-  return 1024 + stages * (SM90_BM + bn) * 128 +
-         (stagingSlots ? 2 * stagingSlots * 64 * 128 : 2 * 64 * 128 * (bf16Staging ? 2 : 4)) +
+                                                  int maxE = SM90_MAX_E, bool stagedScales = false) {
+  return 1024 + stages * (SM90_BM + bn) * 128 + 2 * 64 * 128 * (bf16Staging ? 2 : 4) +
          (rowScales ? (stagedScales ? stages * (SM90_BM + bn) * 4 : 2 * 2 * (64 + bn) * 4) : 0) + 2 * stages * 8 +
          2 * (maxE + 1) * 4 + (rowScales ? maxE * 4 : 0);
 }

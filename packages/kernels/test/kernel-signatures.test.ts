@@ -129,6 +129,25 @@ PAIR(3, 4)
     expect(parsed.defines.get("m")).toEqual([["THREADS", 64]]);
   });
 
+  it("follows a macro that declares its kernels through another kernel macro", () => {
+    const dir = sources({
+      "w.cu": `#define ENTRY(NAME, N) \\
+  KERNEL void __launch_bounds__(128, 1) NAME(const float* x, int n) { body<N>(x, n); }
+#define ENTRY_DEFAULT(NAME) ENTRY(NAME, 4)
+ENTRY(direct, 2)
+ENTRY_DEFAULT(wrapped)
+`,
+    });
+    expect(
+      parseKernelSources(dir)
+        .modules.get("w")
+        ?.map((k) => [k.name, k.maxThreads]),
+    ).toEqual([
+      ["direct", 128],
+      ["wrapped", 128],
+    ]);
+  });
+
   it("refuses a parameter type with no argument kind, an unreadable declaration and a duplicate", () => {
     expect(() => parseKernelSources(sources({ "a.cu": "KERNEL void k(short s) {}\n" }))).toThrow(
       /a\.cu: k: parameter "short s" has type short/,

@@ -116,13 +116,12 @@ export class CudaContext {
    * follow each one (=checked; slower); "halves", staged with the epilogue by 128-column halves
    * rather than strip by strip (=halves, the default before); "turns", staged with the two consumer
    * warpgroups taking turns instead of warpgroup 1 lagging a chunk behind (=turns, the default
-   * before); "areg", the default with each chunk's A rows read into registers once instead of by
-   * every wgmma (=areg; not measured yet); "quarters", that with each half as two m64n64 products,
-   * one promoted while the next one's wgmmas run (=quarters; not measured yet); "loaded", the
+   * before); "rowsfirst", the default promoting (p * row scale) * column scale, so that the
+   * multiplies do not wait for the column scales' loads (=rowsfirst; not measured yet); "loaded", the
    * consumers loading and staging them (=0, the entry before the staged one; notes/sm90-gemm.md has
    * the numbers).
    */
-  readonly sm90WgradScales: "loaded" | "staged" | "checked" | "halves" | "turns" | "areg" | "quarters";
+  readonly sm90WgradScales: "loaded" | "staged" | "checked" | "halves" | "turns" | "rowsfirst";
   /**
    * The order in which the Wgrad's persistent CTAs take the experts' tiles: "sorted" (the default),
    * the experts with the most tokens first, dealt in a snake (gemm_sm90.cu, sm90_tile), or
@@ -165,7 +164,7 @@ export class CudaContext {
     this.sm90Pingpong = envChoice("MOE8_SM90_PINGPONG", ["0", "1"], "1") === "1";
     const scales = envChoice(
       "MOE8_SM90_WGRAD_STAGED",
-      ["0", "1", "checked", "halves", "turns", "areg", "quarters"],
+      ["0", "1", "checked", "halves", "turns", "rowsfirst"],
       "1",
     );
     this.sm90WgradScales = scales === "0" ? "loaded" : scales === "1" ? "staged" : scales;

@@ -120,7 +120,7 @@
 // Wgrad +1-4% in each of eight rounds (notes/sm90-gemm.md, twenty-second session).
 template <int BN, int STAGES, Mainloop LOOP, Segments SEG, bool BF16_ONLY = false, int MAX_E = SM90_MAX_E,
           bool PINGPONG = false, bool STAGED_SCALES = false, bool FILL_BARRIER = false,
-          int STRIPS = 0, bool LAG = false, int AREG = 0>
+          int STRIPS = 0, bool LAG = false, bool ROWS_FIRST = false>
 __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CUtensorMap* tB, const CUtensorMap* tC,
                                                  const float* As, const float* Bs, float* C, const int* off, int E,
                                                  int M, int N, int K, int accumulate, int outMode, int rows,
@@ -141,8 +141,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   static_assert(!FILL_BARRIER || STAGED_SCALES, "the fill barrier announces staged scales");
   static_assert(!LAG || (STAGED_SCALES && !PINGPONG && !FILL_BARRIER),
                 "the staged Wgrad lags instead of taking turns (its checked twin waits in step)");
-  static_assert(AREG == 0 || (STAGED_SCALES && BN == 256 && !PINGPONG && !FILL_BARRIER),
-                "A from registers: the staged 128 x 256 Wgrad's");
+  static_assert(!ROWS_FIRST || STAGED_SCALES, "rows first: the staged Wgrad's promotion");
   constexpr int S_FLOATS = STAGED_SCALES ? BM + BN : 64 + BN;
   constexpr int S_BYTES = SEG != Segments::AlongK ? 0 : STAGED_SCALES ? STAGES * S_FLOATS * 4 : NWG * 2 * S_FLOATS * 4;
   // Staging per consumer warpgroup: 64 rows x 128 columns of f32 (or BF16).
@@ -179,9 +178,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
 
   if (warp >= 4 * NWG) {
     // Producer warpgroup: one thread issues the TMA loads, the rest give their registers away.
-    // (The quarters' consumers take 240: 2 x 128 x 240 + 128 x 24 of the SM's 65,536.)
-    if constexpr (AREG == 2) asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
-    else asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
     // (STAGED_SCALES: the whole warp, since it waits on named barriers; lane 0 issues.)
     if (warp == 4 * NWG && (STAGED_SCALES || lane == 0)) {
       constexpr int RELEASE = 32 + 128 * NWG;  // STAGED_SCALES: this warp and the consumers
@@ -244,8 +241,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   } else {
   // Consumer warpgroup wg: rows 64 * wg .. of the tile; this thread: rows g and g + 8 of its warp's 16.
   // 232 registers per consumer thread after the producer's release (65536 per SM, one CTA per SM).
-  if constexpr (AREG == 2) asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
-  else asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
   const int wg = warp >> 2, g = lane >> 2, tq = lane & 3;
   const int wrow = 16 * (warp & 3) + g;  // row of accumulators i & 2 == 0 within the warpgroup's 64
   const int rloc = 64 * wg + wrow;
@@ -517,53 +513,14 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
           // Only the scales this fill copied are read: the tile's rows past M and columns past N
           // (never stored) take 0 rather than what an earlier tile's fill left in the stage.
           const float sa0 = rloc < rowsIn ? ss[rloc] : 0.0f, sa1 = rloc + 8 < rowsIn ? ss[rloc + 8] : 0.0f;
-          if constexpr (AREG == 0) {
 #pragma unroll
-            for (int h = 0; h < NH; h++) {
-              mma_half(p, aBase + s * A_BYTES, bBase + s * B_BYTES + h * 128 * 128);
-              const float* sb = ss + BM + 128 * h + 2 * tq;
-              const int live = colsIn - 128 * h;  // columns of this half inside N (a multiple of 16)
-              wgmma_wait<0>();
-              if (live >= 128) promote_cols(acc[h], p, sa0, sa1, sb);
-              else if (live > 0) promote_cols_part(acc[h], p, sa0, sa1, sb, live - 2 * tq);
-            }
-          } else {
-            // AREG: the warpgroup's 64 rows of A read into registers once, for every wgmma of the chunk.
-            u32 a[4][4];
-            load_a_frags(a, aBase + s * A_BYTES, warp, lane);
-            const u32 bS = bBase + s * B_BYTES;
-            const float* sb = ss + BM + 2 * tq;
-            if (AREG == 2 && colsIn >= BN) {
-              // Quarters: four m64n64 products through two 32-register sets, the next one's wgmmas
-              // queued while this one is promoted.
-              float q0[32], q1[32];
-              mma_chunk_rs<64>(q0, a, bS);
-              mma_chunk_rs<64>(q1, a, bS + 64 * 128);
-              wgmma_wait<1>();
-              promote_cols_at<ACC, 32, 0, false>(acc[0], q0, sa0, sa1, sb, 0);
-              mma_chunk_rs<64>(q0, a, bS + 128 * 128);
-              wgmma_wait<1>();
-              promote_cols_at<ACC, 32, 32, false>(acc[0], q1, sa0, sa1, sb + 64, 0);
-              mma_chunk_rs<64>(q1, a, bS + 192 * 128);
-              wgmma_wait<1>();
-              promote_cols_at<ACC, 32, 0, false>(acc[NH - 1], q0, sa0, sa1, sb + 128, 0);
-              wgmma_wait<0>();
-              promote_cols_at<ACC, 32, 32, false>(acc[NH - 1], q1, sa0, sa1, sb + 192, 0);
-            } else {
-#pragma unroll
-              for (int h = 0; h < NH; h++) {
-                mma_chunk_rs<128>(p, a, bS + h * 128 * 128);
-                const int live = colsIn - 128 * h;
-                wgmma_wait<0>();
-                if (live >= 128) promote_cols(acc[h], p, sa0, sa1, sb + 128 * h);
-                else if (live > 0) promote_cols_part(acc[h], p, sa0, sa1, sb + 128 * h, live - 2 * tq);
-              }
-            }
-            // (a is read by the wgmmas until their wait: kept live to here.)
-#pragma unroll
-            for (int ks = 0; ks < 4; ks++)
-#pragma unroll
-              for (int i = 0; i < 4; i++) asm volatile("" : "+r"(a[ks][i]));
+          for (int h = 0; h < NH; h++) {
+            mma_half(p, aBase + s * A_BYTES, bBase + s * B_BYTES + h * 128 * 128);
+            const float* sb = ss + BM + 128 * h + 2 * tq;
+            const int live = colsIn - 128 * h;  // columns of this half inside N (a multiple of 16)
+            wgmma_wait<0>();
+            if (live >= 128) promote_cols<ROWS_FIRST>(acc[h], p, sa0, sa1, sb);
+            else if (live > 0) promote_cols_part<ROWS_FIRST>(acc[h], p, sa0, sa1, sb, live - 2 * tq);
           }
           // Every read of the stage done (FILL_BARRIER: waiting with the producer, an order racecheck
           // follows whether or not it models an arrival as a release).
@@ -715,46 +672,41 @@ GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_e128, 128, 5, TwoBuffers, false, S
 // writes them (tensor maps: A u8 [M, pitch] box {128, 128}, B u8 [N, pitch] box {128, BN}, C f32
 // [E * M, N] box {32, 64}); As [chunks, M] and Bs [chunks, N] are quant_coltile's scales. Requires
 // M % 16 == 0 and N % 16 == 0 (the transposes' 16-byte pieces).
-#define GEMM_SM90_WGRAD_ENTRY(NAME, BN, STAGES, LOOP, PINGPONG, STAGED, FILL, STRIPS, LAG, AREG)                 \
+#define GEMM_SM90_WGRAD_ENTRY(NAME, BN, STAGES, LOOP, PINGPONG, STAGED, FILL, STRIPS, LAG, ROWS)                 \
   KERNEL void __launch_bounds__(SM90_THREADS, 1)                                                                 \
       NAME(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,                       \
            const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs, float* C, const int* off,    \
            int E, int M, int N, int accumulate, int outMode, int sorted) {                                       \
     sm90_fp8_grouped<BN, STAGES, Mainloop::LOOP, Segments::AlongK, false, SM90_MAX_E, PINGPONG, STAGED, FILL,    \
-                     STRIPS, LAG, AREG>(                                                                         \
+                     STRIPS, LAG, ROWS>(                                                                         \
         &tA, &tB, &tC, As, Bs, C, off, E, M, N, 0, accumulate, outMode, E * M, sorted != 0);                     \
   }
 // 128 x 256 tiles: half the L2 traffic per FLOP of 128 x 128; one buffer, the two warpgroups'
 // promotions overlapped with each other's wgmmas by taking turns (PINGPONG; measured the same as
 // issuing together, notes/sm90-gemm.md).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_pingpong, 256, 3, OneBuffer, true, false, false, 0, false, 0)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_pingpong, 256, 3, OneBuffer, true, false, false, 0, false, false)
 // The same with the scales in the ring (STAGED_SCALES), the epilogue stored strip by strip (STRIPS:
 // gate_up Wgrad +3-5%) and warpgroup 1 a chunk behind warpgroup 0 instead of turns (LAG: +1-4%):
 // the default, MOE8_SM90_WGRAD_STAGED=1 (notes/sm90-gemm.md).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged, 256, 3, OneBuffer, false, true, false, 64, true, 0)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged, 256, 3, OneBuffer, false, true, false, 64, true, false)
 // Its racecheck twin: every order in named barriers, the scales stored by the loading warp
 // (FILL_BARRIER; MOE8_SM90_WGRAD_STAGED=checked). It takes turns rather than lagging: its consumers
 // wait at the fill and release barriers together, which would hold warpgroup 0 at warpgroup 1's
 // chunk (and deadlock at the first, where warpgroup 1 waits for warpgroup 0); the lag adds no
 // shared-memory access and changes no order in the ring, which the twin checks.
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged_checked, 256, 3, OneBuffer, true, true, true, 64, false, 0)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged_checked, 256, 3, OneBuffer, true, true, true, 64, false, false)
 // The default before LAG, taking turns (MOE8_SM90_WGRAD_STAGED=turns).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_turns, 256, 3, OneBuffer, true, true, false, 64, false, 0)
-// The default with each chunk's A rows read into registers once (ldmatrix) rather than by every
-// wgmma: a third less shared-memory operand traffic (MOE8_SM90_WGRAD_STAGED=areg); and with each
-// half as two m64n64 quarters through two 32-register products, the next quarter's wgmmas queued
-// while one is promoted (=quarters: two chains a warpgroup at the operand traffic of one; the
-// shared-memory quarters of the eighteenth session read A four times a chunk).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_areg, 256, 3, OneBuffer, false, true, false, 64, true, 1)
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_quarters, 256, 3, OneBuffer, false, true, false, 64, true, 2)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_turns, 256, 3, OneBuffer, true, true, false, 64, false, false)
+// The default promoting (p * row scale) * column scale (ROWS_FIRST; MOE8_SM90_WGRAD_STAGED=rowsfirst).
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_rowsfirst, 256, 3, OneBuffer, false, true, false, 64, true, true)
 // Staged scales, turns, the epilogue by 128-column halves (the default before the strips;
 // MOE8_SM90_WGRAD_STAGED=halves).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_halves, 256, 3, OneBuffer, true, true, false, 0, false, 0)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_halves, 256, 3, OneBuffer, true, true, false, 0, false, false)
 // The first entry above (scales loaded by the consumers), both warpgroups issuing together
 // (MOE8_SM90_WGRAD_STAGED=0 MOE8_SM90_PINGPONG=0; for measuring the two).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256, 256, 3, OneBuffer, false, false, false, 0, false, 0)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256, 256, 3, OneBuffer, false, false, false, 0, false, false)
 // 128 x 128 tiles: two accumulator sets, the promotion overlapped with the next chunk's wgmmas.
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x128, 128, 4, TwoBuffers, false, false, false, 0, false, 0)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x128, 128, 4, TwoBuffers, false, false, false, 0, false, false)
 
 #define SM90_TP_COLS 64  // columns per block of sm90_coltile_transpose
 

@@ -24,57 +24,6 @@ __device__ __forceinline__ void mma_chunk(float (&p)[ACC], u32 aAddr, u32 bAddr)
   wgmma_commit();
 }
 
-// The same step with A from registers (`a`: this thread's m64 x k32 fragment, 4 registers) into
-// n128 or n64 accumulators: the AREG Wgrad's, which reads its warpgroup's A rows once a chunk
-// instead of once a wgmma.
-__device__ __forceinline__ void wgmma_rs_e4m3_n128(float* d, const u32* a, u64 db, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
-}
-__device__ __forceinline__ void wgmma_rs_e4m3_n64(float* d, const u32* a, u64 db, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
-}
-
-// This thread's A fragments of one 128-deep chunk: a[ks] for k32 step ks, from the warpgroup's 64
-// rows of the stage's A tile at aAddr (128-byte rows, TMA's 128-byte swizzle: 16-byte piece c of
-// row r sits at piece c ^ (r & 7)). ldmatrix's four 8 x 8 b16 matrices (rows 0-7 and 8-15 of the
-// warp's 16, bytes 0-15 and 16-31 of the step) hand each lane exactly wgmma's FP8 A layout: row
-// lane / 4 (+ 8), bytes 4 (lane % 4) .. + 3 (+ 16).
-__device__ __forceinline__ void load_a_frags(u32 (&a)[4][4], u32 aAddr, int warp, int lane) {
-  const int r = 16 * (warp & 3) + ((lane >> 3) & 1) * 8 + (lane & 7), half = lane >> 4;
-#pragma unroll
-  for (int ks = 0; ks < 4; ks++) {
-    const u32 addr = aAddr + r * 128 + ((((2 * ks + half) ^ (r & 7))) << 4);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(a[ks][0]), "=r"(a[ks][1]), "=r"(a[ks][2]), "=r"(a[ks][3])
-                 : "r"(addr)
-                 : "memory");
-  }
-}
-
-// The 4 k32 wgmmas of one chunk with A from registers into a fresh p of N / 2 accumulators (N = 128
-// or 64 columns of B from bAddr), issued and committed as one group; the caller waits, and keeps `a`
-// unchanged until then.
-template <int N>
-__device__ __forceinline__ void mma_chunk_rs(float (&p)[N / 2], const u32 (&a)[4][4], u32 bAddr) {
-#pragma unroll
-  for (int i = 0; i < N / 2; i++) reg_fence(p[i]);
-  wgmma_fence();
-#pragma unroll
-  for (int ks = 0; ks < 4; ks++) {
-    if constexpr (N == 128) wgmma_rs_e4m3_n128(p, a[ks], sm90_desc(bAddr + ks * 32), ks);
-    else wgmma_rs_e4m3_n64(p, a[ks], sm90_desc(bAddr + ks * 32), ks);
-  }
-  wgmma_commit();
-}
-
 // Promotion: acc += p * (row scale * sb), accumulator i belonging to row g (i & 2 == 0) or g + 8.
 template <int ACC>
 __device__ __forceinline__ void promote(float (&acc)[ACC], float (&p)[ACC], float sa0, float sa1, float sb) {
@@ -87,8 +36,11 @@ __device__ __forceinline__ void promote(float (&acc)[ACC], float (&p)[ACC], floa
 
 // Wgrad's promotion: both operands have one scale per row of the chunk, so
 // acc += p * (sa[row] * sb[col]); sb points at this thread's first column (2 tq) of the half in
-// shared memory, its columns 8 j + {0, 1}.
-template <int ACC>
+// shared memory, its columns 8 j + {0, 1}. ROWS_FIRST: acc += (p * sa[row]) * sb[col] instead, the
+// same two operations per accumulator, but the multiplies need only registers, so they run while
+// the column scales' shared-memory loads are in flight (the multiply waiting for its load held ~13%
+// of the stall samples); the rounding differs in the last bit.
+template <bool ROWS_FIRST = false, int ACC>
 __device__ __forceinline__ void promote_cols(float (&acc)[ACC], float (&p)[ACC], float sa0, float sa1,
                                              const float* sb) {
 #pragma unroll
@@ -96,59 +48,54 @@ __device__ __forceinline__ void promote_cols(float (&acc)[ACC], float (&p)[ACC],
 #pragma unroll
   for (int j = 0; j < ACC / 4; j++) {
     const float2 b = *(const float2*)(sb + 8 * j);
-    acc[4 * j] = fmaf(p[4 * j], sa0 * b.x, acc[4 * j]);
-    acc[4 * j + 1] = fmaf(p[4 * j + 1], sa0 * b.y, acc[4 * j + 1]);
-    acc[4 * j + 2] = fmaf(p[4 * j + 2], sa1 * b.x, acc[4 * j + 2]);
-    acc[4 * j + 3] = fmaf(p[4 * j + 3], sa1 * b.y, acc[4 * j + 3]);
+    if constexpr (ROWS_FIRST) {
+      acc[4 * j] = fmaf(p[4 * j] * sa0, b.x, acc[4 * j]);
+      acc[4 * j + 1] = fmaf(p[4 * j + 1] * sa0, b.y, acc[4 * j + 1]);
+      acc[4 * j + 2] = fmaf(p[4 * j + 2] * sa1, b.x, acc[4 * j + 2]);
+      acc[4 * j + 3] = fmaf(p[4 * j + 3] * sa1, b.y, acc[4 * j + 3]);
+    } else {
+      acc[4 * j] = fmaf(p[4 * j], sa0 * b.x, acc[4 * j]);
+      acc[4 * j + 1] = fmaf(p[4 * j + 1], sa0 * b.y, acc[4 * j + 1]);
+      acc[4 * j + 2] = fmaf(p[4 * j + 2], sa1 * b.x, acc[4 * j + 2]);
+      acc[4 * j + 3] = fmaf(p[4 * j + 3], sa1 * b.y, acc[4 * j + 3]);
+    }
   }
 }
 
 // The same with this thread's column scales already in registers: b[j] holds columns 8 j + {0, 1}
 // (promote_cols_part). A second body rather than the one above loading into an array first: that
 // would move the full halves' loads ahead of the fences, a schedule not measured.
-template <int ACC>
+template <bool ROWS_FIRST = false, int ACC>
 __device__ __forceinline__ void promote_cols(float (&acc)[ACC], float (&p)[ACC], float sa0, float sa1,
                                              const float2 (&b)[ACC / 4]) {
 #pragma unroll
   for (int i = 0; i < ACC; i++) reg_fence(p[i]);
 #pragma unroll
   for (int j = 0; j < ACC / 4; j++) {
-    acc[4 * j] = fmaf(p[4 * j], sa0 * b[j].x, acc[4 * j]);
-    acc[4 * j + 1] = fmaf(p[4 * j + 1], sa0 * b[j].y, acc[4 * j + 1]);
-    acc[4 * j + 2] = fmaf(p[4 * j + 2], sa1 * b[j].x, acc[4 * j + 2]);
-    acc[4 * j + 3] = fmaf(p[4 * j + 3], sa1 * b[j].y, acc[4 * j + 3]);
-  }
-}
-
-// promote_cols for part of a half: p holds the PN accumulators of columns 8 j + .. for j from
-// OFF / 4 (a 64-column quarter: PN = 32, OFF = 0 or 32), added into acc[OFF ..]; sb points at this
-// thread's first column of the part; with PART only `live` columns of it (counted from it) are
-// inside N (the others, never stored, take scale 0), without it all are.
-template <int ACC, int PN, int OFF, bool PART>
-__device__ __forceinline__ void promote_cols_at(float (&acc)[ACC], float (&p)[PN], float sa0, float sa1,
-                                                const float* sb, int live) {
-#pragma unroll
-  for (int i = 0; i < PN; i++) reg_fence(p[i]);
-#pragma unroll
-  for (int j = 0; j < PN / 4; j++) {
-    const float2 b = !PART || 8 * j < live ? *(const float2*)(sb + 8 * j) : make_float2(0.0f, 0.0f);
-    acc[OFF + 4 * j] = fmaf(p[4 * j], sa0 * b.x, acc[OFF + 4 * j]);
-    acc[OFF + 4 * j + 1] = fmaf(p[4 * j + 1], sa0 * b.y, acc[OFF + 4 * j + 1]);
-    acc[OFF + 4 * j + 2] = fmaf(p[4 * j + 2], sa1 * b.x, acc[OFF + 4 * j + 2]);
-    acc[OFF + 4 * j + 3] = fmaf(p[4 * j + 3], sa1 * b.y, acc[OFF + 4 * j + 3]);
+    if constexpr (ROWS_FIRST) {
+      acc[4 * j] = fmaf(p[4 * j] * sa0, b[j].x, acc[4 * j]);
+      acc[4 * j + 1] = fmaf(p[4 * j + 1] * sa0, b[j].y, acc[4 * j + 1]);
+      acc[4 * j + 2] = fmaf(p[4 * j + 2] * sa1, b[j].x, acc[4 * j + 2]);
+      acc[4 * j + 3] = fmaf(p[4 * j + 3] * sa1, b[j].y, acc[4 * j + 3]);
+    } else {
+      acc[4 * j] = fmaf(p[4 * j], sa0 * b[j].x, acc[4 * j]);
+      acc[4 * j + 1] = fmaf(p[4 * j + 1], sa0 * b[j].y, acc[4 * j + 1]);
+      acc[4 * j + 2] = fmaf(p[4 * j + 2], sa1 * b[j].x, acc[4 * j + 2]);
+      acc[4 * j + 3] = fmaf(p[4 * j + 3], sa1 * b[j].y, acc[4 * j + 3]);
+    }
   }
 }
 
 // promote_cols for a half partly past N: only the column pairs 8 j + 2 tq + {0, 1} below the
 // half's live columns are read (`live` counted from this thread's first column); the others, never
 // stored, take scale 0.
-template <int ACC>
+template <bool ROWS_FIRST = false, int ACC>
 __device__ __forceinline__ void promote_cols_part(float (&acc)[ACC], float (&p)[ACC], float sa0, float sa1,
                                                   const float* sb, int live) {
   float2 b[ACC / 4];
 #pragma unroll
   for (int j = 0; j < ACC / 4; j++) b[j] = 8 * j < live ? *(const float2*)(sb + 8 * j) : make_float2(0.0f, 0.0f);
-  promote_cols(acc, p, sa0, sa1, b);
+  promote_cols<ROWS_FIRST>(acc, p, sa0, sa1, b);
 }
 
 // Where the experts' segments lie: along M (Fprop, Dgrad: rows of A and C) or along K (Wgrad).

@@ -287,7 +287,6 @@ describe("cuda backend host code, without a GPU", () => {
     ["Hopper, MOE8_SM90_WGRAD_STAGED=checked", { MOE8_SM90_WGRAD_STAGED: "checked" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_WGRAD_STAGED=halves", { MOE8_SM90_WGRAD_STAGED: "halves" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_WGRAD_STAGED=turns", { MOE8_SM90_WGRAD_STAGED: "turns" }, "ok", "9.0", false],
-    ["Hopper, MOE8_SM90_WGRAD_STAGED=rowsfirst", { MOE8_SM90_WGRAD_STAGED: "rowsfirst" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_WGRAD_ORDER=experts", { MOE8_SM90_WGRAD_ORDER: "experts" }, "ok", "9.0", false],
     [
       "Hopper, MOE8_SM90_BN=256 MOE8_SM90_PINGPONG=0 MOE8_SM90_WGRAD_STAGED=0",
@@ -344,7 +343,6 @@ describe("cuda backend host code, without a GPU", () => {
             checked: "256_staged_checked",
             halves: "256_halves",
             turns: "256_turns",
-            rowsfirst: "256_rowsfirst",
           }[staged ?? ""] ?? "256_staged";
         const wgrad = (env.MOE8_SM90_WGRAD_BN ? [env.MOE8_SM90_WGRAD_BN] : ["128", "256"]).map(
           (w) => `128x${w === "256" ? wideWgrad : w}`,
@@ -392,7 +390,7 @@ describe("cuda backend host code, without a GPU", () => {
       ["MOE8_SM90_CTAS", "0", "expected a positive integer"],
       ["MOE8_SM90_RING", "6", "expected deep or 4"],
       ["MOE8_SM90_PINGPONG", "yes", "expected 0 or 1"],
-      ["MOE8_SM90_WGRAD_STAGED", "on", "expected 0, 1, checked, halves, turns or rowsfirst"],
+      ["MOE8_SM90_WGRAD_STAGED", "on", "expected 0, 1, checked, halves or turns"],
       ["MOE8_SM90_WGRAD_ORDER", "random", "expected sorted or experts"],
     ]) {
       vi.stubEnv(name, value);

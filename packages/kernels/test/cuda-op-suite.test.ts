@@ -159,7 +159,6 @@ const WIDE_WGRAD: Record<string, string> = {
   checked: "staged_checked",
   halves: "halves",
   turns: "turns",
-  rowsfirst: "rowsfirst",
 };
 const required = process.env.MOE8_REQUIRE_CUDA === "1";
 
@@ -322,12 +321,6 @@ if (status.ok) {
               sm90: true,
               env: { MOE8_SM90_WGRAD_STAGED: "turns", MOE8_SM90_CTAS: "3" },
               name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=turns on 3 CTAs",
-            },
-            // The promotion's row scale first, on 3 CTAs (N = 272: a half partly past N).
-            {
-              sm90: true,
-              env: { MOE8_SM90_WGRAD_STAGED: "rowsfirst", MOE8_SM90_CTAS: "3" },
-              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=rowsfirst on 3 CTAs",
             },
           ]
         : []),

@@ -120,7 +120,7 @@
 // Wgrad +1-4% in each of eight rounds (notes/sm90-gemm.md, twenty-second session).
 template <int BN, int STAGES, Mainloop LOOP, Segments SEG, bool BF16_ONLY = false, int MAX_E = SM90_MAX_E,
           bool PINGPONG = false, bool STAGED_SCALES = false, bool FILL_BARRIER = false,
-          int STRIPS = 0, bool LAG = false, bool ROWS_FIRST = false>
+          int STRIPS = 0, bool LAG = false>
 __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CUtensorMap* tB, const CUtensorMap* tC,
                                                  const float* As, const float* Bs, float* C, const int* off, int E,
                                                  int M, int N, int K, int accumulate, int outMode, int rows,
@@ -141,7 +141,6 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   static_assert(!FILL_BARRIER || STAGED_SCALES, "the fill barrier announces staged scales");
   static_assert(!LAG || (STAGED_SCALES && !PINGPONG && !FILL_BARRIER),
                 "the staged Wgrad lags instead of taking turns (its checked twin waits in step)");
-  static_assert(!ROWS_FIRST || STAGED_SCALES, "rows first: the staged Wgrad's promotion");
   constexpr int S_FLOATS = STAGED_SCALES ? BM + BN : 64 + BN;
   constexpr int S_BYTES = SEG != Segments::AlongK ? 0 : STAGED_SCALES ? STAGES * S_FLOATS * 4 : NWG * 2 * S_FLOATS * 4;
   // Staging per consumer warpgroup: 64 rows x 128 columns of f32 (or BF16).
@@ -519,8 +518,8 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
             const float* sb = ss + BM + 128 * h + 2 * tq;
             const int live = colsIn - 128 * h;  // columns of this half inside N (a multiple of 16)
             wgmma_wait<0>();
-            if (live >= 128) promote_cols<ROWS_FIRST>(acc[h], p, sa0, sa1, sb);
-            else if (live > 0) promote_cols_part<ROWS_FIRST>(acc[h], p, sa0, sa1, sb, live - 2 * tq);
+            if (live >= 128) promote_cols(acc[h], p, sa0, sa1, sb);
+            else if (live > 0) promote_cols_part(acc[h], p, sa0, sa1, sb, live - 2 * tq);
           }
           // Every read of the stage done (FILL_BARRIER: waiting with the producer, an order racecheck
           // follows whether or not it models an arrival as a release).
@@ -672,41 +671,39 @@ GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_e128, 128, 5, TwoBuffers, false, S
 // writes them (tensor maps: A u8 [M, pitch] box {128, 128}, B u8 [N, pitch] box {128, BN}, C f32
 // [E * M, N] box {32, 64}); As [chunks, M] and Bs [chunks, N] are quant_coltile's scales. Requires
 // M % 16 == 0 and N % 16 == 0 (the transposes' 16-byte pieces).
-#define GEMM_SM90_WGRAD_ENTRY(NAME, BN, STAGES, LOOP, PINGPONG, STAGED, FILL, STRIPS, LAG, ROWS)                 \
+#define GEMM_SM90_WGRAD_ENTRY(NAME, BN, STAGES, LOOP, PINGPONG, STAGED, FILL, STRIPS, LAG)                       \
   KERNEL void __launch_bounds__(SM90_THREADS, 1)                                                                 \
       NAME(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,                       \
            const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs, float* C, const int* off,    \
            int E, int M, int N, int accumulate, int outMode, int sorted) {                                       \
     sm90_fp8_grouped<BN, STAGES, Mainloop::LOOP, Segments::AlongK, false, SM90_MAX_E, PINGPONG, STAGED, FILL,    \
-                     STRIPS, LAG, ROWS>(                                                                         \
+                     STRIPS, LAG>(                                                                               \
         &tA, &tB, &tC, As, Bs, C, off, E, M, N, 0, accumulate, outMode, E * M, sorted != 0);                     \
   }
 // 128 x 256 tiles: half the L2 traffic per FLOP of 128 x 128; one buffer, the two warpgroups'
 // promotions overlapped with each other's wgmmas by taking turns (PINGPONG; measured the same as
 // issuing together, notes/sm90-gemm.md).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_pingpong, 256, 3, OneBuffer, true, false, false, 0, false, false)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_pingpong, 256, 3, OneBuffer, true, false, false, 0, false)
 // The same with the scales in the ring (STAGED_SCALES), the epilogue stored strip by strip (STRIPS:
 // gate_up Wgrad +3-5%) and warpgroup 1 a chunk behind warpgroup 0 instead of turns (LAG: +1-4%):
 // the default, MOE8_SM90_WGRAD_STAGED=1 (notes/sm90-gemm.md).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged, 256, 3, OneBuffer, false, true, false, 64, true, false)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged, 256, 3, OneBuffer, false, true, false, 64, true)
 // Its racecheck twin: every order in named barriers, the scales stored by the loading warp
 // (FILL_BARRIER; MOE8_SM90_WGRAD_STAGED=checked). It takes turns rather than lagging: its consumers
 // wait at the fill and release barriers together, which would hold warpgroup 0 at warpgroup 1's
 // chunk (and deadlock at the first, where warpgroup 1 waits for warpgroup 0); the lag adds no
 // shared-memory access and changes no order in the ring, which the twin checks.
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged_checked, 256, 3, OneBuffer, true, true, true, 64, false, false)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged_checked, 256, 3, OneBuffer, true, true, true, 64, false)
 // The default before LAG, taking turns (MOE8_SM90_WGRAD_STAGED=turns).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_turns, 256, 3, OneBuffer, true, true, false, 64, false, false)
-// The default promoting (p * row scale) * column scale (ROWS_FIRST; MOE8_SM90_WGRAD_STAGED=rowsfirst).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_rowsfirst, 256, 3, OneBuffer, false, true, false, 64, true, true)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_turns, 256, 3, OneBuffer, true, true, false, 64, false)
 // Staged scales, turns, the epilogue by 128-column halves (the default before the strips;
 // MOE8_SM90_WGRAD_STAGED=halves).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_halves, 256, 3, OneBuffer, true, true, false, 0, false, false)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_halves, 256, 3, OneBuffer, true, true, false, 0, false)
 // The first entry above (scales loaded by the consumers), both warpgroups issuing together
 // (MOE8_SM90_WGRAD_STAGED=0 MOE8_SM90_PINGPONG=0; for measuring the two).
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256, 256, 3, OneBuffer, false, false, false, 0, false, false)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256, 256, 3, OneBuffer, false, false, false, 0, false)
 // 128 x 128 tiles: two accumulator sets, the promotion overlapped with the next chunk's wgmmas.
-GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x128, 128, 4, TwoBuffers, false, false, false, 0, false, false)
+GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x128, 128, 4, TwoBuffers, false, false, false, 0, false)
 
 #define SM90_TP_COLS 64  // columns per block of sm90_coltile_transpose
 

@@ -36,11 +36,8 @@ __device__ __forceinline__ void promote(float (&acc)[ACC], float (&p)[ACC], floa
 
 // Wgrad's promotion: both operands have one scale per row of the chunk, so
 // acc += p * (sa[row] * sb[col]); sb points at this thread's first column (2 tq) of the half in
-// shared memory, its columns 8 j + {0, 1}. ROWS_FIRST: acc += (p * sa[row]) * sb[col] instead, the
-// same two operations per accumulator, but the multiplies need only registers, so they run while
-// the column scales' shared-memory loads are in flight (the multiply waiting for its load held ~13%
-// of the stall samples); the rounding differs in the last bit.
-template <bool ROWS_FIRST = false, int ACC>
+// shared memory, its columns 8 j + {0, 1}.
+template <int ACC>
 __device__ __forceinline__ void promote_cols(float (&acc)[ACC], float (&p)[ACC], float sa0, float sa1,
                                              const float* sb) {
 #pragma unroll
@@ -48,54 +45,40 @@ __device__ __forceinline__ void promote_cols(float (&acc)[ACC], float (&p)[ACC],
 #pragma unroll
   for (int j = 0; j < ACC / 4; j++) {
     const float2 b = *(const float2*)(sb + 8 * j);
-    if constexpr (ROWS_FIRST) {
-      acc[4 * j] = fmaf(p[4 * j] * sa0, b.x, acc[4 * j]);
-      acc[4 * j + 1] = fmaf(p[4 * j + 1] * sa0, b.y, acc[4 * j + 1]);
-      acc[4 * j + 2] = fmaf(p[4 * j + 2] * sa1, b.x, acc[4 * j + 2]);
-      acc[4 * j + 3] = fmaf(p[4 * j + 3] * sa1, b.y, acc[4 * j + 3]);
-    } else {
-      acc[4 * j] = fmaf(p[4 * j], sa0 * b.x, acc[4 * j]);
-      acc[4 * j + 1] = fmaf(p[4 * j + 1], sa0 * b.y, acc[4 * j + 1]);
-      acc[4 * j + 2] = fmaf(p[4 * j + 2], sa1 * b.x, acc[4 * j + 2]);
-      acc[4 * j + 3] = fmaf(p[4 * j + 3], sa1 * b.y, acc[4 * j + 3]);
-    }
+    acc[4 * j] = fmaf(p[4 * j], sa0 * b.x, acc[4 * j]);
+    acc[4 * j + 1] = fmaf(p[4 * j + 1], sa0 * b.y, acc[4 * j + 1]);
+    acc[4 * j + 2] = fmaf(p[4 * j + 2], sa1 * b.x, acc[4 * j + 2]);
+    acc[4 * j + 3] = fmaf(p[4 * j + 3], sa1 * b.y, acc[4 * j + 3]);
   }
 }
 
 // The same with this thread's column scales already in registers: b[j] holds columns 8 j + {0, 1}
 // (promote_cols_part). A second body rather than the one above loading into an array first: that
 // would move the full halves' loads ahead of the fences, a schedule not measured.
-template <bool ROWS_FIRST = false, int ACC>
+template <int ACC>
 __device__ __forceinline__ void promote_cols(float (&acc)[ACC], float (&p)[ACC], float sa0, float sa1,
                                              const float2 (&b)[ACC / 4]) {
 #pragma unroll
   for (int i = 0; i < ACC; i++) reg_fence(p[i]);
 #pragma unroll
   for (int j = 0; j < ACC / 4; j++) {
-    if constexpr (ROWS_FIRST) {
-      acc[4 * j] = fmaf(p[4 * j] * sa0, b[j].x, acc[4 * j]);
-      acc[4 * j + 1] = fmaf(p[4 * j + 1] * sa0, b[j].y, acc[4 * j + 1]);
-      acc[4 * j + 2] = fmaf(p[4 * j + 2] * sa1, b[j].x, acc[4 * j + 2]);
-      acc[4 * j + 3] = fmaf(p[4 * j + 3] * sa1, b[j].y, acc[4 * j + 3]);
-    } else {
-      acc[4 * j] = fmaf(p[4 * j], sa0 * b[j].x, acc[4 * j]);
-      acc[4 * j + 1] = fmaf(p[4 * j + 1], sa0 * b[j].y, acc[4 * j + 1]);
-      acc[4 * j + 2] = fmaf(p[4 * j + 2], sa1 * b[j].x, acc[4 * j + 2]);
-      acc[4 * j + 3] = fmaf(p[4 * j + 3], sa1 * b[j].y, acc[4 * j + 3]);
-    }
+    acc[4 * j] = fmaf(p[4 * j], sa0 * b[j].x, acc[4 * j]);
+    acc[4 * j + 1] = fmaf(p[4 * j + 1], sa0 * b[j].y, acc[4 * j + 1]);
+    acc[4 * j + 2] = fmaf(p[4 * j + 2], sa1 * b[j].x, acc[4 * j + 2]);
+    acc[4 * j + 3] = fmaf(p[4 * j + 3], sa1 * b[j].y, acc[4 * j + 3]);
   }
 }
 
 // promote_cols for a half partly past N: only the column pairs 8 j + 2 tq + {0, 1} below the
 // half's live columns are read (`live` counted from this thread's first column); the others, never
 // stored, take scale 0.
-template <bool ROWS_FIRST = false, int ACC>
+template <int ACC>
 __device__ __forceinline__ void promote_cols_part(float (&acc)[ACC], float (&p)[ACC], float sa0, float sa1,
                                                   const float* sb, int live) {
   float2 b[ACC / 4];
 #pragma unroll
   for (int j = 0; j < ACC / 4; j++) b[j] = 8 * j < live ? *(const float2*)(sb + 8 * j) : make_float2(0.0f, 0.0f);
-  promote_cols<ROWS_FIRST>(acc, p, sa0, sa1, b);
+  promote_cols(acc, p, sa0, sa1, b);
 }
 
 // Where the experts' segments lie: along M (Fprop, Dgrad: rows of A and C) or along K (Wgrad).

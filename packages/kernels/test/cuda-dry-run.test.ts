@@ -287,7 +287,6 @@ describe("cuda backend host code, without a GPU", () => {
     ["Hopper, MOE8_SM90_WGRAD_STAGED=checked", { MOE8_SM90_WGRAD_STAGED: "checked" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_WGRAD_STAGED=halves", { MOE8_SM90_WGRAD_STAGED: "halves" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_WGRAD_STAGED=turns", { MOE8_SM90_WGRAD_STAGED: "turns" }, "ok", "9.0", false],
-    ["Hopper, MOE8_SM90_WGRAD_STAGED=twocta", { MOE8_SM90_WGRAD_STAGED: "twocta" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_WGRAD_ORDER=experts", { MOE8_SM90_WGRAD_ORDER: "experts" }, "ok", "9.0", false],
     [
       "Hopper, MOE8_SM90_BN=256 MOE8_SM90_PINGPONG=0 MOE8_SM90_WGRAD_STAGED=0",
@@ -321,10 +320,8 @@ describe("cuda backend host code, without a GPU", () => {
         .slice(first)
         .filter((l) => l.kernel.startsWith("gemm_sm90.") && !l.kernel.includes("transpose"));
       sm90Launches.set(name, sm90Log.length);
-      // The persistent kernels' grid: one CTA per SM (the fake reports 132; two for the two-CTA
-      // Wgrad), or MOE8_SM90_CTAS.
-      for (const l of sm90Log)
-        expect(l.gx).toBe(env.MOE8_SM90_CTAS ? 3 : l.kernel.endsWith("_twocta") ? 264 : 132);
+      // The persistent kernels' grid: one CTA per SM (the fake reports 132), or MOE8_SM90_CTAS.
+      for (const l of sm90Log) expect(l.gx).toBe(env.MOE8_SM90_CTAS ? 3 : 132);
       // Every sm90 kernel (Fprop/Dgrad and Wgrad entries) on a Hopper GPU with aligned buffers, and
       // Wgrad's transpose only where the quantisers do not write the K-major layout; none where
       // turned off or on other GPUs.
@@ -347,8 +344,8 @@ describe("cuda backend host code, without a GPU", () => {
             halves: "256_halves",
             turns: "256_turns",
           }[staged ?? ""] ?? "256_staged";
-        const wgrad = (env.MOE8_SM90_WGRAD_BN ? [env.MOE8_SM90_WGRAD_BN] : ["128", "256"]).map((w) =>
-          w === "256" && staged === "twocta" ? "64x256_twocta" : `128x${w === "256" ? wideWgrad : w}`,
+        const wgrad = (env.MOE8_SM90_WGRAD_BN ? [env.MOE8_SM90_WGRAD_BN] : ["128", "256"]).map(
+          (w) => `128x${w === "256" ? wideWgrad : w}`,
         );
         const fpropDgrad =
           env.MOE8_SM90_BN === "256"
@@ -393,7 +390,7 @@ describe("cuda backend host code, without a GPU", () => {
       ["MOE8_SM90_CTAS", "0", "expected a positive integer"],
       ["MOE8_SM90_RING", "6", "expected deep or 4"],
       ["MOE8_SM90_PINGPONG", "yes", "expected 0 or 1"],
-      ["MOE8_SM90_WGRAD_STAGED", "on", "expected 0, 1, checked, halves, turns or twocta"],
+      ["MOE8_SM90_WGRAD_STAGED", "on", "expected 0, 1, checked, halves or turns"],
       ["MOE8_SM90_WGRAD_ORDER", "random", "expected sorted or experts"],
     ]) {
       vi.stubEnv(name, value);

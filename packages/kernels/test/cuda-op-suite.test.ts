@@ -322,12 +322,6 @@ if (status.ok) {
               env: { MOE8_SM90_WGRAD_STAGED: "turns", MOE8_SM90_CTAS: "3" },
               name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=turns on 3 CTAs",
             },
-            // 64 x 256 Wgrad tiles, two CTAs a SM, on 3 CTAs (M = 272: a tile of 16 live rows).
-            {
-              sm90: true,
-              env: { MOE8_SM90_WGRAD_STAGED: "twocta", MOE8_SM90_CTAS: "3" },
-              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=twocta on 3 CTAs",
-            },
           ]
         : []),
     ];
@@ -389,9 +383,7 @@ if (status.ok) {
               "gemm_sm90.gemm_sm90_fp8_wgrad_128x128",
               env.MOE8_SM90_WGRAD_STAGED === "0"
                 ? `gemm_sm90.gemm_sm90_fp8_wgrad_128x256${env.MOE8_SM90_PINGPONG === "0" ? "" : "_pingpong"}`
-                : env.MOE8_SM90_WGRAD_STAGED === "twocta"
-                  ? "gemm_sm90.gemm_sm90_fp8_wgrad_64x256_twocta"
-                  : `gemm_sm90.gemm_sm90_fp8_wgrad_128x256_${WIDE_WGRAD[env.MOE8_SM90_WGRAD_STAGED ?? "1"]}`,
+                : `gemm_sm90.gemm_sm90_fp8_wgrad_128x256_${WIDE_WGRAD[env.MOE8_SM90_WGRAD_STAGED ?? "1"]}`,
               ...(env.MOE8_SM90_KMAJOR === "0" ? ["gemm_sm90.sm90_coltile_transpose"] : []),
             ].sort(),
           );

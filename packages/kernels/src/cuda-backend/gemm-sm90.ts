@@ -244,19 +244,17 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
       const [at, bt] = [kMajor(o.a, M), kMajor(o.b, N)];
       if (!at || !bt) return false;
       maps = {
-        tA: map(at.ptr, "u8", at.pitch, M, 128, entry.bm),
+        tA: map(at.ptr, "u8", at.pitch, M, 128, SM90.SM90_BM),
         tB: map(bt.ptr, "u8", bt.pitch, N, 128, entry.bn),
         tC,
       };
     } catch {
       return false; // the driver refused a map: the mma.sync kernel takes it (see sm90Grouped)
     }
-    // (Two CTAs a SM where the entry fits them, unless MOE8_SM90_CTAS sets the grid.)
-    const grid = cx.sm90Ctas === cx.multiprocessors ? cx.multiprocessors * entry.perSm : cx.sm90Ctas;
     cx.launch(
       entry.kernel,
-      [grid],
-      entry.threads,
+      [cx.sm90Ctas],
+      SM90.SM90_THREADS,
       {
         ...maps,
         As: cx.p(o.a.quant!.scales),
@@ -279,27 +277,15 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
 }
 
 /**
- * The Wgrad entry (kernel, tile rows and width, dynamic shared memory, threads, CTAs a SM): 128 x 256
- * tiles (one buffer) for N >= 256, else 128 x 128 (two buffers), unless MOE8_SM90_WGRAD_BN forces
- * one; the 128 x 256 entry by where it takes the scales from and how it stores
- * (CudaContext.sm90WgradScales).
+ * The Wgrad entry (kernel, tile width, dynamic shared memory): 128 x 256 tiles (one buffer) for
+ * N >= 256, else 128 x 128 (two buffers), unless MOE8_SM90_WGRAD_BN forces one; the 128 x 256 entry
+ * by where it takes the scales from and how it stores (CudaContext.sm90WgradScales).
  */
 function wgradEntry(cx: CudaContext, N: number) {
   const k = KERNELS.gemm_sm90;
   const scales = cx.sm90WgradScales;
   const wide = cx.sm90WgradBn ? cx.sm90WgradBn === 256 : N >= 256;
-  const one = { bm: SM90.SM90_BM, threads: SM90.SM90_THREADS, perSm: 1 };
-  if (!wide)
-    return { kernel: k.gemm_sm90_fp8_wgrad_128x128, bn: 128, smem: SM90.SM90_SMEM_WGRAD_128x128, ...one };
-  if (scales === "twocta")
-    return {
-      kernel: k.gemm_sm90_fp8_wgrad_64x256_twocta,
-      bn: 256,
-      smem: SM90.SM90_SMEM_WGRAD_64x256_TWOCTA,
-      bm: 64,
-      threads: SM90.SM90_TWOCTA_THREADS,
-      perSm: 2,
-    };
+  if (!wide) return { kernel: k.gemm_sm90_fp8_wgrad_128x128, bn: 128, smem: SM90.SM90_SMEM_WGRAD_128x128 };
   const kernel = {
     staged: k.gemm_sm90_fp8_wgrad_128x256_staged,
     checked: k.gemm_sm90_fp8_wgrad_128x256_staged_checked,
@@ -308,7 +294,7 @@ function wgradEntry(cx: CudaContext, N: number) {
     loaded: cx.sm90Pingpong ? k.gemm_sm90_fp8_wgrad_128x256_pingpong : k.gemm_sm90_fp8_wgrad_128x256,
   }[scales];
   const smem = scales === "loaded" ? SM90.SM90_SMEM_WGRAD_128x256 : SM90.SM90_SMEM_WGRAD_128x256_STAGED;
-  return { kernel, bn: 256, smem, ...one };
+  return { kernel, bn: 256, smem };
 }
 
 // --- Dense FP8 GEMMs on the grouped kernels ------------------------------------------------------

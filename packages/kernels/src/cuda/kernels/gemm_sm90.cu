@@ -84,9 +84,6 @@
 // The f32 and accumulating calls (the dense roles as one group) for at most SM90_MAX_E_DEEP experts:
 // f32 staging and the small tables leave room for five stages.
 #define SM90_SMEM_128x128_E128 231512
-// The Wgrad on 64 x 256 tiles, two CTAs a SM of one consumer warpgroup and the producer's each.
-#define SM90_SMEM_WGRAD_64x256_TWOCTA 113192
-#define SM90_TWOCTA_THREADS 256
 
 #include "sm90.cuh"
 #include "gemm_sm90_parts.cuh"
@@ -123,12 +120,12 @@
 // Wgrad +1-4% in each of eight rounds (notes/sm90-gemm.md, twenty-second session).
 template <int BN, int STAGES, Mainloop LOOP, Segments SEG, bool BF16_ONLY = false, int MAX_E = SM90_MAX_E,
           bool PINGPONG = false, bool STAGED_SCALES = false, bool FILL_BARRIER = false,
-          int STRIPS = 0, bool LAG = false, int BM_ROWS = SM90_BM>
+          int STRIPS = 0, bool LAG = false>
 __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CUtensorMap* tB, const CUtensorMap* tC,
                                                  const float* As, const float* Bs, float* C, const int* off, int E,
                                                  int M, int N, int K, int accumulate, int outMode, int rows,
                                                  bool sorted = false) {
-  constexpr int BM = BM_ROWS, NWG = BM / 64;
+  constexpr int BM = SM90_BM, NWG = BM / 64;
   constexpr int A_BYTES = BM * 128, B_BYTES = BN * 128;
   constexpr int NH = BN / 128;  // 128-column halves of the tile, one m64n128 wgmma chain each
   constexpr int ACC = 64;       // f32 accumulators per thread per half (m64 x n128 over 128 threads)
@@ -144,14 +141,10 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   static_assert(!FILL_BARRIER || STAGED_SCALES, "the fill barrier announces staged scales");
   static_assert(!LAG || (STAGED_SCALES && !PINGPONG && !FILL_BARRIER),
                 "the staged Wgrad lags instead of taking turns (its checked twin waits in step)");
-  static_assert(BM == 128 || (BM == 64 && SEG == Segments::AlongK && STAGED_SCALES && STRIPS && !LAG && !PINGPONG &&
-                              !FILL_BARRIER),
-                "64-row tiles: the staged Wgrad's two CTAs a SM (one consumer warpgroup each)");
   constexpr int S_FLOATS = STAGED_SCALES ? BM + BN : 64 + BN;
   constexpr int S_BYTES = SEG != Segments::AlongK ? 0 : STAGED_SCALES ? STAGES * S_FLOATS * 4 : NWG * 2 * S_FLOATS * 4;
   // Staging per consumer warpgroup: 64 rows x 128 columns of f32 (or BF16).
-  // (Two CTAs a SM, BM = 64: three strip slots, so that two CTAs' shared memory fits one SM.)
-  constexpr int C_BYTES = BM == 64 ? 3 * 64 * 128 : 64 * 128 * (BF16_ONLY ? 2 : 4);
+  constexpr int C_BYTES = 64 * 128 * (BF16_ONLY ? 2 : 4);
   static_assert(STRIPS == 0 || STRIPS == 64, "strips of a warpgroup's 64 rows");
   extern __shared__ u8 sm90_dyn[];
   u8* base = sm90_dyn + ((1024 - (sm90_smem_u32(sm90_dyn) & 1023)) & 1023);
@@ -184,16 +177,14 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
 
   if (warp >= 4 * NWG) {
     // Producer warpgroup: one thread issues the TMA loads, the rest give their registers away.
-    // (Two CTAs a SM: 24, so that each CTA's 32,768 registers give its consumers 232.)
-    if constexpr (BM == 64) asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
-    else asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
     // (STAGED_SCALES: the whole warp, since it waits on named barriers; lane 0 issues.)
     if (warp == 4 * NWG && (STAGED_SCALES || lane == 0)) {
       constexpr int RELEASE = 32 + 128 * NWG;  // STAGED_SCALES: this warp and the consumers
       int s = 0, issued = 0;
       u32 ph = 0;
       for (int t = blockIdx.x; t < total; t += gridDim.x) {
-        const Sm90Tile T = sm90_tile<SEG, BN, BM>(t, soff, mpre, order, sorted, E, M, N, KC);
+        const Sm90Tile T = sm90_tile<SEG, BN>(t, soff, mpre, order, sorted, E, M, N, KC);
         // The scale vectors' bytes (multiples of 64: M and N are multiples of 16).
         const u32 saBytes = STAGED_SCALES ? (u32)min(BM, M - T.aRow) * 4 : 0;
         const u32 sbBytes = STAGED_SCALES ? (u32)min(BN, N - T.n0) * 4 : 0;
@@ -238,7 +229,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
       int s = 0;
       u32 ph = 0;
       for (int t = blockIdx.x; t < total; t += gridDim.x) {
-        const Sm90Tile T = sm90_tile<SEG, BN, BM>(t, soff, mpre, order, sorted, E, M, N, KC);
+        const Sm90Tile T = sm90_tile<SEG, BN>(t, soff, mpre, order, sorted, E, M, N, KC);
         for (int kc = 0; kc < T.kc; kc++) {
           mbar_wait(&full[s], ph);
           named_sync(SM90_FILL_BAR + s, 32 + 128 * NWG);
@@ -416,7 +407,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
     zero_acc();
   };
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
-    const Sm90Tile T = sm90_tile<SEG, BN, BM>(t, soff, mpre, order, sorted, E, M, N, KC);
+    const Sm90Tile T = sm90_tile<SEG, BN>(t, soff, mpre, order, sorted, E, M, N, KC);
     const int e = T.e, row0 = T.cRow, rowEnd = T.rowEnd, n0 = T.n0;
     const int r0 = row0 + rloc, r1 = r0 + 8;
     // Scales of this thread's two rows and of the B blocks (32-bit offsets: fewer live registers).
@@ -647,10 +638,6 @@ static_assert(sm90_smem_bytes(128, 6, false, true, SM90_MAX_E_DEEP) == SM90_SMEM
               "SM90_SMEM_128x128_BF16");
 static_assert(sm90_smem_bytes(128, 5, false, false, SM90_MAX_E_DEEP) == SM90_SMEM_128x128_E128,
               "SM90_SMEM_128x128_E128");
-static_assert(sm90_smem_bytes(256, 2, true, false, SM90_MAX_E, true, 64, 3 * 64 * 128) == SM90_SMEM_WGRAD_64x256_TWOCTA,
-              "SM90_SMEM_WGRAD_64x256_TWOCTA");
-// Two CTAs a SM: 228 KB of shared memory a SM, 1 KB of it reserved per CTA.
-static_assert(2 * (SM90_SMEM_WGRAD_64x256_TWOCTA + 1024) <= 228 * 1024, "two CTAs' shared memory on one SM");
 static_assert(SM90_SMEM_128x128_BF16 <= 227 * 1024, "a CTA's dynamic shared memory on sm_90");
 static_assert(SM90_SMEM_128x128_E128 <= 227 * 1024, "a CTA's dynamic shared memory on sm_90");
 
@@ -709,18 +696,6 @@ GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged, 256, 3, OneBuffer, fal
 GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged_checked, 256, 3, OneBuffer, true, true, true, 64, false)
 // The default before LAG, taking turns (MOE8_SM90_WGRAD_STAGED=turns).
 GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_turns, 256, 3, OneBuffer, true, true, false, 64, false)
-// Two CTAs a SM, each one consumer warpgroup on 64 x 256 tiles (MOE8_SM90_WGRAD_STAGED=twocta): the
-// two promotion chains of a SM share no ring stage and no tile, so one CTA's epilogue runs under
-// the other's wgmmas rather than beside its own partner's (at 1.67x the L2 -> shared-memory bytes
-// of the 128 x 256 tile, and two stages instead of three).
-KERNEL void __launch_bounds__(SM90_TWOCTA_THREADS, 2)
-    gemm_sm90_fp8_wgrad_64x256_twocta(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,
-                                      const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs,
-                                      float* C, const int* off, int E, int M, int N, int accumulate, int outMode,
-                                      int sorted) {
-  sm90_fp8_grouped<256, 2, Mainloop::OneBuffer, Segments::AlongK, false, SM90_MAX_E, false, true, false, 64, false,
-                   64>(&tA, &tB, &tC, As, Bs, C, off, E, M, N, 0, accumulate, outMode, E * M, sorted != 0);
-}
 // Staged scales, turns, the epilogue by 128-column halves (the default before the strips;
 // MOE8_SM90_WGRAD_STAGED=halves).
 GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_halves, 256, 3, OneBuffer, true, true, false, 0, false)

@@ -97,12 +97,10 @@ enum class Mainloop { OneBuffer, TwoBuffers };
 // (rowScales) also each consumer warpgroup's two chunk scale buffers (its 64 rows and the tile's bn
 // columns), or with stagedScales each ring stage's scales (the tile's 128 rows, then its bn columns),
 // and the experts' order (maxE).
-// (bm: rows per tile, 128 or 64; cBytes: the whole C staging when not two 64 x 128 halves.)
 __host__ __device__ constexpr int sm90_smem_bytes(int bn, int stages, bool rowScales, bool bf16Staging = false,
-                                                  int maxE = SM90_MAX_E, bool stagedScales = false, int bm = SM90_BM,
-                                                  int cBytes = -1) {
-  return 1024 + stages * (bm + bn) * 128 + (cBytes >= 0 ? cBytes : 2 * 64 * 128 * (bf16Staging ? 2 : 4)) +
-         (rowScales ? (stagedScales ? stages * (bm + bn) * 4 : 2 * 2 * (64 + bn) * 4) : 0) + 2 * stages * 8 +
+                                                  int maxE = SM90_MAX_E, bool stagedScales = false) {
+  return 1024 + stages * (SM90_BM + bn) * 128 + 2 * 64 * 128 * (bf16Staging ? 2 : 4) +
+         (rowScales ? (stagedScales ? stages * (SM90_BM + bn) * 4 : 2 * 2 * (64 + bn) * 4) : 0) + 2 * stages * 8 +
          2 * (maxE + 1) * 4 + (rowScales ? maxE * 4 : 0);
 }
 
@@ -130,7 +128,7 @@ struct Sm90Tile {
 // the CTAs' round r of gridDim.x tiles runs left to right when r is even, right to left when odd,
 // so that no CTA takes the largest tile of every round (notes/sm90-gemm.md, sixteenth session:
 // round robin over the experts in id order ends 13-20% past the mean CTA's work at small's loads).
-template <Segments SEG, int BN, int BM = SM90_BM>
+template <Segments SEG, int BN>
 __device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int* mpre, const int* order, bool sorted,
                                               int E, int M, int N, int KC) {
   const int NT = cdiv(N, BN);
@@ -144,7 +142,7 @@ __device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int*
       else hi = mid - 1;
     }
     T.e = lo;
-    T.aRow = soff[lo] + (mt - mpre[lo]) * BM;
+    T.aRow = soff[lo] + (mt - mpre[lo]) * SM90_BM;
     T.bRow = lo * N + nt * BN;
     T.k0 = 0;
     T.kc = KC;
@@ -152,7 +150,7 @@ __device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int*
     T.rowEnd = soff[lo + 1];
     T.n0 = nt * BN;
   } else {
-    const int per = cdiv(M, BM) * NT;
+    const int per = cdiv(M, SM90_BM) * NT;
     int u = t, e;
     if (sorted) {
       const int G = gridDim.x, r = t / G, i = t - r * G;
@@ -163,7 +161,7 @@ __device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int*
     }
     const int rt = u - (u / per) * per, mt = rt / NT, nt = rt - mt * NT;
     T.e = e;
-    T.aRow = mt * BM;
+    T.aRow = mt * SM90_BM;
     T.bRow = nt * BN;
     T.k0 = mpre[e];
     T.kc = mpre[e + 1] - mpre[e];

@@ -3,7 +3,8 @@
 //
 //     bun packages/kernels/scripts/kernel-signatures.ts
 //
-// It reads every `KERNEL void [__launch_bounds__(n)] name(params)` declaration (KERNEL is
+// It reads every `KERNEL void [__cluster_dims__(x, y, z)] [__launch_bounds__(n)] name(params)`
+// declaration (KERNEL is
 // common.cuh's `extern "C" __global__`), including those inside function-like macros with `##`
 // token pasting, which it expands at each instantiation (flash.cu's FLASH_SHAPE). Each C parameter
 // becomes the kind of its argument: an 8-byte slot for pointers and 64-bit integers (u64), int
@@ -142,7 +143,7 @@ function expand(name: string, m: Macro, args: string[]): string {
 
 const KERNEL_START = /\bKERNEL\b|\bextern\s*"C"/g;
 const DECLARATION =
-  /(?:KERNEL|extern\s*"C"\s+__global__)\s+void\s+(?:__launch_bounds__\s*\(([^()]*)\)\s*)?([A-Za-z_]\w*)\s*\(([^()]*)\)\s*\{/y;
+  /(?:KERNEL|extern\s*"C"\s+__global__)\s+void\s+(?:__cluster_dims__\s*\([^()]*\)\s*)?(?:__launch_bounds__\s*\(([^()]*)\)\s*)?([A-Za-z_]\w*)\s*\(([^()]*)\)\s*\{/y;
 
 /** Whether a function-like macro declares kernels: itself, or through a kernel macro it invokes. */
 function declaresKernels(name: string, src: Source, seen = new Set<string>()): boolean {

@@ -91,7 +91,11 @@ export function createFakeCuda(config: FakeCudaConfig) {
         )
       )
         problems.push(`tensor map ${rows} rows, box ${boxInner}x${boxRows}, swizzle ${swizzle}`);
-      return new Uint8Array(128);
+      // (The fake's map holds its box, inner size then rows as u32, for tests to read from a launch.)
+      const map = new Uint8Array(128);
+      new DataView(map.buffer).setUint32(0, boxInner, true);
+      new DataView(map.buffer).setUint32(4, boxRows, true);
+      return map;
     },
     cudaKernel: (module: string, name: string) => {
       if (!table.has(`${module}.${name}`)) problems.push(`unknown kernel ${module}.${name}`);

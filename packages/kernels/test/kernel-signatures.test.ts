@@ -80,7 +80,7 @@ describe("kernel signature table", () => {
     expect(KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x256.maxThreads).toBe(384);
   });
 
-  it("expands kernel macros, follows typedefs and reads __launch_bounds__", () => {
+  it("expands kernel macros, follows typedefs and reads __launch_bounds__ (after __cluster_dims__)", () => {
     const dir = sources({
       "m.cu": `#define THREADS 64
 // A comment with KERNEL void fake(int x) in it.
@@ -90,6 +90,7 @@ KERNEL void __launch_bounds__(THREADS) plain(const float* __restrict__ x, u32 n,
   KERNEL void __launch_bounds__(256, 2) other_##A(unsigned u) {}
 PAIR(1, 2)
 PAIR(3, 4)
+KERNEL void __cluster_dims__(2, 1, 1) __launch_bounds__(THREADS, 1) clustered(int x) {}
 `,
     });
     const parsed = parseKernelSources(dir);
@@ -124,6 +125,7 @@ PAIR(3, 4)
         ],
       },
       { name: "other_3", maxThreads: 256, params: [["u", "u32"]] },
+      { name: "clustered", maxThreads: 64, params: [["x", "i32"]] },
     ]);
     expect(parsed.defines.get("common")).toEqual([["G_ONE", 1]]);
     expect(parsed.defines.get("m")).toEqual([["THREADS", 64]]);

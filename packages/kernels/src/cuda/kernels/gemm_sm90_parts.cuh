@@ -172,6 +172,34 @@ __device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int*
   return T;
 }
 
+// The tiles of a 2-CTA cluster along K (MULTICAST): pair t is the t-th tile of the schedule of M / 2
+// rows (the same expert, n-tile and chunks for both CTAs; the snake dealt over `clusters`), and CTA
+// `rank` takes its m-tile 2 m + rank, so that the two tiles of a pair share their B tiles. M % 256 == 0.
+template <int BN>
+__device__ __forceinline__ Sm90Tile sm90_tile_pair(int t, int rank, const int* mpre, const int* order, bool sorted,
+                                                   int E, int M, int N, int clusters) {
+  const int NT = cdiv(N, BN), per = (M / (2 * SM90_BM)) * NT;
+  int u = t, e;
+  if (sorted) {
+    const int G = clusters, r = t / G, i = t - r * G;
+    if (r & 1) u = r * G + min(G, E * per - r * G) - 1 - i;
+    e = order[u / per];
+  } else {
+    e = u / per;
+  }
+  const int rt = u - (u / per) * per, mp = rt / NT, nt = rt - mp * NT;
+  Sm90Tile T;
+  T.e = e;
+  T.aRow = (2 * mp + rank) * SM90_BM;
+  T.bRow = nt * BN;
+  T.k0 = mpre[e];
+  T.kc = mpre[e + 1] - mpre[e];
+  T.cRow = e * M + T.aRow;
+  T.rowEnd = e * M + M;
+  T.n0 = nt * BN;
+  return T;
+}
+
 // The tables every CTA builds in shared memory before its first tile (all threads call it; it
 // synchronises the block): soff, the E + 1 offsets; mpre, the prefix sums of each expert's 128-row
 // (along M) or 128-token (along K) pieces; with `rank`, order, the expert ids by falling piece

@@ -18,7 +18,8 @@
 #     step-variant: the small step under STEP_VARIANT="VAR=value ..." (profiled);
 #     halves, bench-gemm-halves, memcheck-halves: =halves (the staged Wgrad's epilogue by halves, the
 #     default before the strips); experts, bench-gemm-experts: MOE8_SM90_WGRAD_ORDER=experts; ncu-wgrad-{default,halves,loaded}:
-#     Nsight Compute; ncu-wgrad-src: its stall samples per SASS instruction; ncu-times: every launch's time (NCU_TIMES)
+#     Nsight Compute; ncu-wgrad-src: its stall samples per SASS instruction; ncu-times: every launch's time (NCU_TIMES);
+#     ncu-vs-profile: the profile's time a launch per kernel against Nsight's (NCU_VS_PROFILE_ENV)
 #   5 compute-sanitizer on the sm90 kernels (both entry points, through the op suite's sm90 tests):
 #     racecheck and memcheck filtered to gemm_sm90, then to flash_sm90's fa3 kernels (racecheck-fa3,
 #     memcheck-fa3); memcheck of one whole tiny training step
@@ -304,6 +305,18 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
       --metrics gpu__time_duration.sum --kernel-name 'regex:$NCU_TIMES' \
       bun apps/trainer/src/cli.ts bench step --config small --backend cuda --precision fp8 --steps 1 \
       > /tmp/ncu-times.csv 2>/dev/null; python3 scripts/ncu-times.py /tmp/ncu-times.csv | tee '$OUT/ncu-times.txt'"
+  fi
+  # Per kernel, the GPU time a launch takes in the profiled step (CUDA events around each launch)
+  # against Nsight Compute's duration of its launches in uncaptured small fp8 steps, under
+  # NCU_VS_PROFILE_ENV ("NAME=value ..."): which kernels the profile puts above their own time (the
+  # experts' Wgrad ~30%: packages/kernels/notes/sm90-gemm.md, twenty-fourth session).
+  # $OUT/ncu-vs-profile.txt. Only when STEPS names it (it takes a minute or two).
+  if command -v ncu >/dev/null 2>&1 && [[ " $STEPS " == *" ncu-vs-profile "* ]]; then
+    step ncu-vs-profile 240 60 env ${NCU_VS_PROFILE_ENV:-} sh -c "bun apps/trainer/src/cli.ts bench step --config small \
+      --backend cuda --precision fp8 --steps 3 --profile --json > /dev/null && cp bench-profile-small-cuda-fp8.json /tmp/nvp.json &&
+      MOE8_CUDA_GRAPH=0 ncu --csv --page raw --clock-control none --cache-control none --metrics gpu__time_duration.sum \
+      bun apps/trainer/src/cli.ts bench step --config small --backend cuda --precision fp8 --steps 1 > /tmp/nvp.csv 2>/dev/null;
+      python3 scripts/ncu-vs-profile.py /tmp/nvp.csv /tmp/nvp.json | tee '$OUT/ncu-vs-profile.txt'"
   fi
   # Every kernel of one uncaptured small fp8 step (the first, after a warm-up step outside the
   # profile): its time and DRAM bytes, as achieved bandwidth per kernel name (which of the

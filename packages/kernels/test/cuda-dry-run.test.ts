@@ -470,15 +470,18 @@ describe("cuda backend host code, without a GPU", () => {
     config.computeCapability = "8.9";
   });
 
-  it("MOE8_SM90_WGRAD_STAGED=multicast: 2-CTA clusters (an even grid, B's box of 128 rows) where M % 256 == 0", () => {
+  it("MOE8_SM90_WGRAD_STAGED=multicast: 2-CTA clusters (an even grid within the clusters the GPU runs at once, B's box of 128 rows) where M % 256 == 0", () => {
     config.computeCapability = "9.0";
     config.misalign = false;
-    for (const [ctas, M, kernel, grid, bRows] of [
-      [undefined, 256, "128x256_multicast", 132, 128],
-      ["3", 512, "128x256_multicast", 4, 128],
-      [undefined, 272, "128x256_staged", 132, 256],
-      ["3", 128, "128x256_staged", 3, 256],
+    // (Each backend asks the driver once per kernel; a GPU that runs 65 clusters at once gets 130 CTAs.)
+    for (const [ctas, M, kernel, grid, bRows, clusters] of [
+      [undefined, 256, "128x256_multicast", 132, 128, undefined],
+      [undefined, 256, "128x256_multicast", 130, 128, 65],
+      ["3", 512, "128x256_multicast", 4, 128, undefined],
+      [undefined, 272, "128x256_staged", 132, 256, 65],
+      ["3", 128, "128x256_staged", 3, 256, undefined],
     ] as const) {
+      config.maxActiveClusters = clusters;
       vi.stubEnv("MOE8_SM90_WGRAD_STAGED", "multicast");
       if (ctas) vi.stubEnv("MOE8_SM90_CTAS", ctas);
       const b = new CudaBackend() as Backend;
@@ -497,6 +500,7 @@ describe("cuda backend host code, without a GPU", () => {
       // (tB, the second tensor map, at bytes 128 .. 255 of the arguments: its box rows.)
       expect(wgrad[0].args.getUint32(128 + 4, true), `M = ${M}`).toBe(bRows);
     }
+    config.maxActiveClusters = undefined;
     config.computeCapability = "8.9";
   });
 

@@ -15,6 +15,8 @@ export interface FakeCudaConfig {
   misalign: boolean;
   /** cuBLASLt's answer to every call. */
   lt: "ok" | "refuse";
+  /** The clusters cudaMaxActiveClusters reports (66 of 2 CTAs unless set: every SM). */
+  maxActiveClusters?: number;
 }
 
 export function createFakeCuda(config: FakeCudaConfig) {
@@ -96,6 +98,11 @@ export function createFakeCuda(config: FakeCudaConfig) {
       new DataView(map.buffer).setUint32(0, boxInner, true);
       new DataView(map.buffer).setUint32(4, boxRows, true);
       return map;
+    },
+    cudaMaxActiveClusters: (id: number, block: number, shared: number, cluster: number) => {
+      if (id < 0 || id >= ids.length || block < 1 || shared < 0 || cluster < 1)
+        problems.push(`cudaMaxActiveClusters(${id}, ${block}, ${shared}, ${cluster})`);
+      return config.maxActiveClusters ?? Math.floor(132 / cluster);
     },
     cudaKernel: (module: string, name: string) => {
       if (!table.has(`${module}.${name}`)) problems.push(`unknown kernel ${module}.${name}`);

@@ -292,11 +292,7 @@ export class CudaContext {
     args: KernelArgs<S>,
     shared = 0,
   ): void {
-    let id = this.ids.get(kernel);
-    if (id === undefined) {
-      id = this.n.cudaKernel(kernel.module, kernel.name);
-      this.ids.set(kernel, id);
-    }
+    const id = this.idOf(kernel);
     if (kernel.maxThreads !== null && block > kernel.maxThreads)
       throw new Error(
         `${kernel.module}.${kernel.name}: ${block} threads above its __launch_bounds__(${kernel.maxThreads})`,
@@ -307,6 +303,36 @@ export class CudaContext {
     if (offsets) this.n.cudaLaunch(id, gx, gy, gz, block, 1, 1, shared, bytes, offsets);
     else this.n.cudaLaunch(id, gx, gy, gz, block, 1, 1, shared, bytes);
   }
+
+  /** The addon's id of `kernel` (compiled and loaded on first use). */
+  private idOf(kernel: KernelSignature): number {
+    let id = this.ids.get(kernel);
+    if (id === undefined) {
+      id = this.n.cudaKernel(kernel.module, kernel.name);
+      this.ids.set(kernel, id);
+    }
+    return id;
+  }
+
+  /**
+   * How many clusters of `cluster` CTAs of `kernel` (`block` threads, `shared` bytes of dynamic
+   * shared memory each) the GPU runs at once, asked once per kernel: the grid of a persistent kernel
+   * in clusters (a GPC with an odd number of free SMs leaves one idle for 2-CTA clusters). Null
+   * where the driver does not answer; the grid is then not limited by it.
+   */
+  maxActiveClusters(kernel: KernelSignature, block: number, shared: number, cluster: number): number | null {
+    let n = this.clusters.get(kernel);
+    if (n === undefined) {
+      try {
+        n = this.n.cudaMaxActiveClusters(this.idOf(kernel), block, shared, cluster);
+      } catch {
+        n = null;
+      }
+      this.clusters.set(kernel, n);
+    }
+    return n;
+  }
+  private readonly clusters = new Map<KernelSignature, number | null>();
 
   /** While true (CudaBackend.timeKernels), lastLaunchMs is performance.now() at each launch. */
   timingLaunches = false;

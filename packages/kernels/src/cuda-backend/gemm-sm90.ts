@@ -251,10 +251,15 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
     } catch {
       return false; // the driver refused a map: the mma.sync kernel takes it (see sm90Grouped)
     }
-    // (2-CTA clusters: an even grid.)
+    // (2-CTA clusters: an even grid, of at most the clusters the GPU runs at once.)
+    let grid = cx.sm90Ctas;
+    if (entry.cluster) {
+      const active = cx.maxActiveClusters(entry.kernel, SM90.SM90_THREADS, entry.smem, 2);
+      grid = Math.min(grid + (grid % 2), active ? 2 * active : Number.POSITIVE_INFINITY);
+    }
     cx.launch(
       entry.kernel,
-      [entry.cluster ? cx.sm90Ctas + (cx.sm90Ctas % 2) : cx.sm90Ctas],
+      [grid],
       SM90.SM90_THREADS,
       {
         ...maps,

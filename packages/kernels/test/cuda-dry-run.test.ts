@@ -445,6 +445,14 @@ describe("cuda backend host code, without a GPU", () => {
     config.computeCapability = "8.9";
   });
 
+  // The experts' FP8 Wgrad [3, M, N] over 64 rows in groups of 10, 0 and 54, its operands column-tiled.
+  const expertWgrad = (b: Backend, M: number, N: number) => {
+    const offs = b.upload(Int32Array.from([0, 10, 10, 64]), [4], "i32");
+    const cs = (cols: number) =>
+      b.quantize(b.upload(seq(64 * cols), [64, cols]), { group: "column-tile", segments: offs });
+    return b.groupedMatmul(cs(M), cs(N), offs, { precision: "fp8", segment: "k", transA: true });
+  };
+
   it("the experts' Wgrad takes its tiles largest expert first unless MOE8_SM90_WGRAD_ORDER=experts", () => {
     config.computeCapability = "9.0";
     config.misalign = false;
@@ -456,11 +464,8 @@ describe("cuda backend host code, without a GPU", () => {
       if (order) vi.stubEnv("MOE8_SM90_WGRAD_ORDER", order);
       const b = new CudaBackend() as Backend;
       vi.unstubAllEnvs();
-      const offs = b.upload(Int32Array.from([0, 10, 10, 64]), [4], "i32");
-      const cs = (cols: number) =>
-        b.quantize(b.upload(seq(64 * cols), [64, cols]), { group: "column-tile", segments: offs });
       const first = log.length;
-      b.groupedMatmul(cs(32), cs(256), offs, { precision: "fp8", segment: "k", transA: true });
+      expertWgrad(b, 32, 256);
       const [wgrad] = log
         .slice(first)
         .filter((l) => l.kernel.startsWith("gemm_sm90.gemm_sm90_fp8_wgrad_128x256"));
@@ -486,11 +491,8 @@ describe("cuda backend host code, without a GPU", () => {
       if (ctas) vi.stubEnv("MOE8_SM90_CTAS", ctas);
       const b = new CudaBackend() as Backend;
       vi.unstubAllEnvs();
-      const offs = b.upload(Int32Array.from([0, 10, 10, 64]), [4], "i32");
-      const cs = (cols: number) =>
-        b.quantize(b.upload(seq(64 * cols), [64, cols]), { group: "column-tile", segments: offs });
       const first = log.length;
-      b.groupedMatmul(cs(M), cs(256), offs, { precision: "fp8", segment: "k", transA: true });
+      expertWgrad(b, M, 256);
       const wgrad = log.slice(first).filter((l) => l.kernel.startsWith("gemm_sm90.gemm_sm90_fp8_wgrad_"));
       expect(problems).toEqual([]);
       expect(

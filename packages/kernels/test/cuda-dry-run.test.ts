@@ -287,7 +287,6 @@ describe("cuda backend host code, without a GPU", () => {
     ["Hopper, MOE8_SM90_WGRAD_STAGED=checked", { MOE8_SM90_WGRAD_STAGED: "checked" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_WGRAD_STAGED=halves", { MOE8_SM90_WGRAD_STAGED: "halves" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_WGRAD_STAGED=turns", { MOE8_SM90_WGRAD_STAGED: "turns" }, "ok", "9.0", false],
-    ["Hopper, MOE8_SM90_WGRAD_STAGED=multicast", { MOE8_SM90_WGRAD_STAGED: "multicast" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_WGRAD_ORDER=experts", { MOE8_SM90_WGRAD_ORDER: "experts" }, "ok", "9.0", false],
     [
       "Hopper, MOE8_SM90_BN=256 MOE8_SM90_PINGPONG=0 MOE8_SM90_WGRAD_STAGED=0",
@@ -344,7 +343,6 @@ describe("cuda backend host code, without a GPU", () => {
             checked: "256_staged_checked",
             halves: "256_halves",
             turns: "256_turns",
-            multicast: "256_staged", // (everyOp's wide Wgrads have M % 256 != 0: the default's entry)
           }[staged ?? ""] ?? "256_staged";
         const wgrad = (env.MOE8_SM90_WGRAD_BN ? [env.MOE8_SM90_WGRAD_BN] : ["128", "256"]).map(
           (w) => `128x${w === "256" ? wideWgrad : w}`,
@@ -392,7 +390,7 @@ describe("cuda backend host code, without a GPU", () => {
       ["MOE8_SM90_CTAS", "0", "expected a positive integer"],
       ["MOE8_SM90_RING", "6", "expected deep or 4"],
       ["MOE8_SM90_PINGPONG", "yes", "expected 0 or 1"],
-      ["MOE8_SM90_WGRAD_STAGED", "on", "expected 0, 1, checked, halves, turns or multicast"],
+      ["MOE8_SM90_WGRAD_STAGED", "on", "expected 0, 1, checked, halves or turns"],
       ["MOE8_SM90_WGRAD_ORDER", "random", "expected sorted or experts"],
     ]) {
       vi.stubEnv(name, value);
@@ -445,14 +443,6 @@ describe("cuda backend host code, without a GPU", () => {
     config.computeCapability = "8.9";
   });
 
-  // The experts' FP8 Wgrad [3, M, N] over 64 rows in groups of 10, 0 and 54, its operands column-tiled.
-  const expertWgrad = (b: Backend, M: number, N: number) => {
-    const offs = b.upload(Int32Array.from([0, 10, 10, 64]), [4], "i32");
-    const cs = (cols: number) =>
-      b.quantize(b.upload(seq(64 * cols), [64, cols]), { group: "column-tile", segments: offs });
-    return b.groupedMatmul(cs(M), cs(N), offs, { precision: "fp8", segment: "k", transA: true });
-  };
-
   it("the experts' Wgrad takes its tiles largest expert first unless MOE8_SM90_WGRAD_ORDER=experts", () => {
     config.computeCapability = "9.0";
     config.misalign = false;
@@ -464,45 +454,17 @@ describe("cuda backend host code, without a GPU", () => {
       if (order) vi.stubEnv("MOE8_SM90_WGRAD_ORDER", order);
       const b = new CudaBackend() as Backend;
       vi.unstubAllEnvs();
+      const offs = b.upload(Int32Array.from([0, 10, 10, 64]), [4], "i32");
+      const cs = (cols: number) =>
+        b.quantize(b.upload(seq(64 * cols), [64, cols]), { group: "column-tile", segments: offs });
       const first = log.length;
-      expertWgrad(b, 32, 256);
+      b.groupedMatmul(cs(32), cs(256), offs, { precision: "fp8", segment: "k", transA: true });
       const [wgrad] = log
         .slice(first)
         .filter((l) => l.kernel.startsWith("gemm_sm90.gemm_sm90_fp8_wgrad_128x256"));
       // (accumulate at 440, outMode at 448, sorted at 456)
       expect(wgrad.args.getInt32(456, true), `MOE8_SM90_WGRAD_ORDER=${order}`).toBe(sorted);
     }
-    config.computeCapability = "8.9";
-  });
-
-  it("MOE8_SM90_WGRAD_STAGED=multicast: 2-CTA clusters (an even grid within the clusters the GPU runs at once, B's box of 128 rows) where M % 256 == 0", () => {
-    config.computeCapability = "9.0";
-    config.misalign = false;
-    // (Each backend asks the driver once per kernel; a GPU that runs 65 clusters at once gets 130 CTAs.)
-    for (const [ctas, M, kernel, grid, bRows, clusters] of [
-      [undefined, 256, "128x256_multicast", 132, 128, undefined],
-      [undefined, 256, "128x256_multicast", 130, 128, 65],
-      ["3", 512, "128x256_multicast", 4, 128, undefined],
-      [undefined, 272, "128x256_staged", 132, 256, 65],
-      ["3", 128, "128x256_staged", 3, 256, undefined],
-    ] as const) {
-      config.maxActiveClusters = clusters;
-      vi.stubEnv("MOE8_SM90_WGRAD_STAGED", "multicast");
-      if (ctas) vi.stubEnv("MOE8_SM90_CTAS", ctas);
-      const b = new CudaBackend() as Backend;
-      vi.unstubAllEnvs();
-      const first = log.length;
-      expertWgrad(b, M, 256);
-      const wgrad = log.slice(first).filter((l) => l.kernel.startsWith("gemm_sm90.gemm_sm90_fp8_wgrad_"));
-      expect(problems).toEqual([]);
-      expect(
-        wgrad.map((l) => [l.kernel, l.gx]),
-        `M = ${M}`,
-      ).toEqual([[`gemm_sm90.gemm_sm90_fp8_wgrad_${kernel}`, grid]]);
-      // (tB, the second tensor map, at bytes 128 .. 255 of the arguments: its box rows.)
-      expect(wgrad[0].args.getUint32(128 + 4, true), `M = ${M}`).toBe(bRows);
-    }
-    config.maxActiveClusters = undefined;
     config.computeCapability = "8.9";
   });
 

@@ -159,7 +159,6 @@ const WIDE_WGRAD: Record<string, string> = {
   checked: "staged_checked",
   halves: "halves",
   turns: "turns",
-  multicast: "multicast",
 };
 const required = process.env.MOE8_REQUIRE_CUDA === "1";
 
@@ -323,13 +322,6 @@ if (status.ok) {
               env: { MOE8_SM90_WGRAD_STAGED: "turns", MOE8_SM90_CTAS: "3" },
               name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=turns on 3 CTAs",
             },
-            // 2-CTA clusters sharing B by TMA multicast, on 3 CTAs (an even grid of 4: two clusters;
-            // M = 256, 512 and 1024 take it, M = 272 and 128 the default's entry).
-            {
-              sm90: true,
-              env: { MOE8_SM90_WGRAD_STAGED: "multicast", MOE8_SM90_CTAS: "3" },
-              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=multicast on 3 CTAs",
-            },
           ]
         : []),
     ];
@@ -392,10 +384,6 @@ if (status.ok) {
               env.MOE8_SM90_WGRAD_STAGED === "0"
                 ? `gemm_sm90.gemm_sm90_fp8_wgrad_128x256${env.MOE8_SM90_PINGPONG === "0" ? "" : "_pingpong"}`
                 : `gemm_sm90.gemm_sm90_fp8_wgrad_128x256_${WIDE_WGRAD[env.MOE8_SM90_WGRAD_STAGED ?? "1"]}`,
-              // (multicast: its clusters where M % 256 == 0, the default's entry elsewhere.)
-              ...(env.MOE8_SM90_WGRAD_STAGED === "multicast"
-                ? ["gemm_sm90.gemm_sm90_fp8_wgrad_128x256_staged"]
-                : []),
               ...(env.MOE8_SM90_KMAJOR === "0" ? ["gemm_sm90.sm90_coltile_transpose"] : []),
             ].sort(),
           );

@@ -15,8 +15,6 @@ export interface FakeCudaConfig {
   misalign: boolean;
   /** cuBLASLt's answer to every call. */
   lt: "ok" | "refuse";
-  /** The clusters cudaMaxActiveClusters reports (66 of 2 CTAs unless set: every SM). */
-  maxActiveClusters?: number;
 }
 
 export function createFakeCuda(config: FakeCudaConfig) {
@@ -93,16 +91,7 @@ export function createFakeCuda(config: FakeCudaConfig) {
         )
       )
         problems.push(`tensor map ${rows} rows, box ${boxInner}x${boxRows}, swizzle ${swizzle}`);
-      // (The fake's map holds its box, inner size then rows as u32, for tests to read from a launch.)
-      const map = new Uint8Array(128);
-      new DataView(map.buffer).setUint32(0, boxInner, true);
-      new DataView(map.buffer).setUint32(4, boxRows, true);
-      return map;
-    },
-    cudaMaxActiveClusters: (id: number, block: number, shared: number, cluster: number) => {
-      if (id < 0 || id >= ids.length || block < 1 || shared < 0 || cluster < 1)
-        problems.push(`cudaMaxActiveClusters(${id}, ${block}, ${shared}, ${cluster})`);
-      return config.maxActiveClusters ?? Math.floor(132 / cluster);
+      return new Uint8Array(128);
     },
     cudaKernel: (module: string, name: string) => {
       if (!table.has(`${module}.${name}`)) problems.push(`unknown kernel ${module}.${name}`);

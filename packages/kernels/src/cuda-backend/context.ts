@@ -116,12 +116,10 @@ export class CudaContext {
    * follow each one (=checked; slower); "halves", staged with the epilogue by 128-column halves
    * rather than strip by strip (=halves, the default before); "turns", staged with the two consumer
    * warpgroups taking turns instead of warpgroup 1 lagging a chunk behind (=turns, the default
-   * before); "multicast", the default in 2-CTA clusters that load half of a shared B tile each into
-   * both CTAs (=multicast, where M % 256 == 0, the default's entry elsewhere; not measured yet);
-   * "loaded", the consumers loading and staging them (=0, the entry before the staged one;
+   * before); "loaded", the consumers loading and staging them (=0, the entry before the staged one;
    * notes/sm90-gemm.md has the numbers).
    */
-  readonly sm90WgradScales: "loaded" | "staged" | "checked" | "halves" | "turns" | "multicast";
+  readonly sm90WgradScales: "loaded" | "staged" | "checked" | "halves" | "turns";
   /**
    * The order in which the Wgrad's persistent CTAs take the experts' tiles: "sorted" (the default),
    * the experts with the most tokens first, dealt in a snake (gemm_sm90.cu, sm90_tile), or
@@ -162,11 +160,7 @@ export class CudaContext {
     this.sm90WgradBn = tileWidth("MOE8_SM90_WGRAD_BN");
     this.sm90Ring = envChoice("MOE8_SM90_RING", ["deep", "4"], "deep");
     this.sm90Pingpong = envChoice("MOE8_SM90_PINGPONG", ["0", "1"], "1") === "1";
-    const scales = envChoice(
-      "MOE8_SM90_WGRAD_STAGED",
-      ["0", "1", "checked", "halves", "turns", "multicast"],
-      "1",
-    );
+    const scales = envChoice("MOE8_SM90_WGRAD_STAGED", ["0", "1", "checked", "halves", "turns"], "1");
     this.sm90WgradScales = scales === "0" ? "loaded" : scales === "1" ? "staged" : scales;
     this.sm90WgradOrder = envChoice("MOE8_SM90_WGRAD_ORDER", ["sorted", "experts"], "sorted");
     const ctas = process.env.MOE8_SM90_CTAS ?? "";
@@ -292,7 +286,11 @@ export class CudaContext {
     args: KernelArgs<S>,
     shared = 0,
   ): void {
-    const id = this.idOf(kernel);
+    let id = this.ids.get(kernel);
+    if (id === undefined) {
+      id = this.n.cudaKernel(kernel.module, kernel.name);
+      this.ids.set(kernel, id);
+    }
     if (kernel.maxThreads !== null && block > kernel.maxThreads)
       throw new Error(
         `${kernel.module}.${kernel.name}: ${block} threads above its __launch_bounds__(${kernel.maxThreads})`,
@@ -303,36 +301,6 @@ export class CudaContext {
     if (offsets) this.n.cudaLaunch(id, gx, gy, gz, block, 1, 1, shared, bytes, offsets);
     else this.n.cudaLaunch(id, gx, gy, gz, block, 1, 1, shared, bytes);
   }
-
-  /** The addon's id of `kernel` (compiled and loaded on first use). */
-  private idOf(kernel: KernelSignature): number {
-    let id = this.ids.get(kernel);
-    if (id === undefined) {
-      id = this.n.cudaKernel(kernel.module, kernel.name);
-      this.ids.set(kernel, id);
-    }
-    return id;
-  }
-
-  /**
-   * How many clusters of `cluster` CTAs of `kernel` (`block` threads, `shared` bytes of dynamic
-   * shared memory each) the GPU runs at once, asked once per kernel: the grid of a persistent kernel
-   * in clusters (a GPC with an odd number of free SMs leaves one idle for 2-CTA clusters). Null
-   * where the driver does not answer; the grid is then not limited by it.
-   */
-  maxActiveClusters(kernel: KernelSignature, block: number, shared: number, cluster: number): number | null {
-    let n = this.clusters.get(kernel);
-    if (n === undefined) {
-      try {
-        n = this.n.cudaMaxActiveClusters(this.idOf(kernel), block, shared, cluster);
-      } catch {
-        n = null;
-      }
-      this.clusters.set(kernel, n);
-    }
-    return n;
-  }
-  private readonly clusters = new Map<KernelSignature, number | null>();
 
   /** While true (CudaBackend.timeKernels), lastLaunchMs is performance.now() at each launch. */
   timingLaunches = false;

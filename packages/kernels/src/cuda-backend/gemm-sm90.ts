@@ -234,7 +234,7 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
     return { ptr: out.ptr, pitch };
   };
   try {
-    const entry = wgradEntry(cx, M, N);
+    const entry = wgradEntry(cx, N);
     const map = cx.n.cudaTensorMap2D;
     let maps: { tA: Uint8Array; tB: Uint8Array; tC: Uint8Array };
     try {
@@ -245,21 +245,15 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
       if (!at || !bt) return false;
       maps = {
         tA: map(at.ptr, "u8", at.pitch, M, 128, SM90.SM90_BM),
-        tB: map(bt.ptr, "u8", bt.pitch, N, 128, entry.bBox),
+        tB: map(bt.ptr, "u8", bt.pitch, N, 128, entry.bn),
         tC,
       };
     } catch {
       return false; // the driver refused a map: the mma.sync kernel takes it (see sm90Grouped)
     }
-    // (2-CTA clusters: an even grid, of at most the clusters the GPU runs at once.)
-    let grid = cx.sm90Ctas;
-    if (entry.cluster) {
-      const active = cx.maxActiveClusters(entry.kernel, SM90.SM90_THREADS, entry.smem, 2);
-      grid = Math.min(grid + (grid % 2), active ? 2 * active : Number.POSITIVE_INFINITY);
-    }
     cx.launch(
       entry.kernel,
-      [grid],
+      [cx.sm90Ctas],
       SM90.SM90_THREADS,
       {
         ...maps,
@@ -283,31 +277,15 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
 }
 
 /**
- * The Wgrad entry (kernel, tile width, B's box rows, dynamic shared memory, whether it runs in 2-CTA
- * clusters): 128 x 256 tiles (one buffer) for N >= 256, else 128 x 128 (two buffers), unless
- * MOE8_SM90_WGRAD_BN forces one; the 128 x 256 entry by where it takes the scales from and how it
- * stores (CudaContext.sm90WgradScales; "multicast" where M % 256 == 0, its pairs of m-tiles).
+ * The Wgrad entry (kernel, tile width, dynamic shared memory): 128 x 256 tiles (one buffer) for
+ * N >= 256, else 128 x 128 (two buffers), unless MOE8_SM90_WGRAD_BN forces one; the 128 x 256 entry
+ * by where it takes the scales from and how it stores (CudaContext.sm90WgradScales).
  */
-function wgradEntry(cx: CudaContext, M: number, N: number) {
+function wgradEntry(cx: CudaContext, N: number) {
   const k = KERNELS.gemm_sm90;
+  const scales = cx.sm90WgradScales;
   const wide = cx.sm90WgradBn ? cx.sm90WgradBn === 256 : N >= 256;
-  if (!wide)
-    return {
-      kernel: k.gemm_sm90_fp8_wgrad_128x128,
-      bn: 128,
-      bBox: 128,
-      smem: SM90.SM90_SMEM_WGRAD_128x128,
-      cluster: false,
-    };
-  const scales = cx.sm90WgradScales === "multicast" && M % 256 !== 0 ? "staged" : cx.sm90WgradScales;
-  if (scales === "multicast")
-    return {
-      kernel: k.gemm_sm90_fp8_wgrad_128x256_multicast,
-      bn: 256,
-      bBox: 128,
-      smem: SM90.SM90_SMEM_WGRAD_128x256_STAGED,
-      cluster: true,
-    };
+  if (!wide) return { kernel: k.gemm_sm90_fp8_wgrad_128x128, bn: 128, smem: SM90.SM90_SMEM_WGRAD_128x128 };
   const kernel = {
     staged: k.gemm_sm90_fp8_wgrad_128x256_staged,
     checked: k.gemm_sm90_fp8_wgrad_128x256_staged_checked,
@@ -316,7 +294,7 @@ function wgradEntry(cx: CudaContext, M: number, N: number) {
     loaded: cx.sm90Pingpong ? k.gemm_sm90_fp8_wgrad_128x256_pingpong : k.gemm_sm90_fp8_wgrad_128x256,
   }[scales];
   const smem = scales === "loaded" ? SM90.SM90_SMEM_WGRAD_128x256 : SM90.SM90_SMEM_WGRAD_128x256_STAGED;
-  return { kernel, bn: 256, bBox: 256, smem, cluster: false };
+  return { kernel, bn: 256, smem };
 }
 
 // --- Dense FP8 GEMMs on the grouped kernels ------------------------------------------------------

@@ -389,13 +389,6 @@ pub fn cuda_launch(
     .map_err(e)
 }
 
-/// How many clusters of `cluster` CTAs of kernel `id` (`block` threads, `shared` bytes of dynamic
-/// shared memory a CTA) the GPU runs at once (cuOccupancyMaxActiveClusters).
-#[napi]
-pub fn cuda_max_active_clusters(id: u32, block: u32, shared: u32, cluster: u32) -> Result<i32> {
-    nvrtc::max_active_clusters(id, block, shared, cluster).map_err(e)
-}
-
 /// The 128 bytes of a TMA tensor map (cuTensorMapEncodeTiled) for a row-major `[rows, inner]`
 /// tensor of `elem` ("u8" FP8 codes, "bf16" or "f32") at device address `ptr`, copied in boxes of
 /// `boxInner x boxRows` elements with the `swizzle`-byte swizzle (128 unless given; 64): a by-value

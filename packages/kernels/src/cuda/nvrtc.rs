@@ -241,63 +241,6 @@ pub fn function(module: &str, func: &str) -> Result<u32, String> {
     Ok(id)
 }
 
-/// Kernel `id`'s function, allowed `shared` bytes of dynamic shared memory (raised once per kernel
-/// past the 48 KB default).
-fn function_for(id: u32, shared: u32) -> Result<cu::CUfunction, String> {
-    let mut g = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
-    let reg = g.as_mut().ok_or("no kernel loaded")?;
-    let (_, f) = *reg.functions.get(id as usize).ok_or("bad kernel id")?;
-    if shared > reg.max_shared[id as usize] {
-        ck(
-            unsafe {
-                cu::cuFuncSetAttribute(
-                    f,
-                    cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    shared as i32,
-                )
-            },
-            "cuFuncSetAttribute(max dynamic shared memory)",
-        )?;
-        reg.max_shared[id as usize] = shared;
-    }
-    Ok(f)
-}
-
-/// How many clusters of `cluster` CTAs of kernel `id` (`block` threads and `shared` bytes of
-/// dynamic shared memory a CTA) the GPU runs at once (cuOccupancyMaxActiveClusters): a persistent
-/// kernel in clusters sizes its grid by it, since a GPC with an odd number of free SMs leaves one
-/// idle for 2-CTA clusters.
-pub fn max_active_clusters(id: u32, block: u32, shared: u32, cluster: u32) -> Result<i32, String> {
-    let d = device()?;
-    let f = function_for(id, shared)?;
-    // SAFETY: a zeroed attribute is a valid C union value; the cluster dimension is then set.
-    let mut attr: cu::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-    attr.id = cu::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-    attr.value.clusterDim = cu::CUlaunchAttributeValue_union__bindgen_ty_1 {
-        x: cluster,
-        y: 1,
-        z: 1,
-    };
-    let config = cu::CUlaunchConfig {
-        gridDimX: cluster,
-        gridDimY: 1,
-        gridDimZ: 1,
-        blockDimX: block,
-        blockDimY: 1,
-        blockDimZ: 1,
-        sharedMemBytes: shared,
-        hStream: d.stream,
-        attrs: &mut attr,
-        numAttrs: 1,
-    };
-    let mut n: i32 = 0;
-    ck(
-        unsafe { cu::cuOccupancyMaxActiveClusters(&mut n, f, &config) },
-        "cuOccupancyMaxActiveClusters",
-    )?;
-    Ok(n)
-}
-
 /// Launches kernel `id` on the backend's stream. `args` holds the parameters' bytes: without
 /// `offsets`, one 8-byte little-endian slot per kernel parameter (pointers and 64-bit values fill
 /// it; 32-bit values sit in its low half); with `offsets`, parameter i starts at byte offsets[i]
@@ -311,7 +254,25 @@ pub fn launch(
     offsets: Option<&[u32]>,
 ) -> Result<(), String> {
     let d = device()?;
-    let f = function_for(id, shared)?;
+    let f = {
+        let mut g = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+        let reg = g.as_mut().ok_or("no kernel loaded")?;
+        let (_, f) = *reg.functions.get(id as usize).ok_or("bad kernel id")?;
+        if shared > reg.max_shared[id as usize] {
+            ck(
+                unsafe {
+                    cu::cuFuncSetAttribute(
+                        f,
+                        cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        shared as i32,
+                    )
+                },
+                "cuFuncSetAttribute(max dynamic shared memory)",
+            )?;
+            reg.max_shared[id as usize] = shared;
+        }
+        f
+    };
     if grid.contains(&0) {
         return Ok(()); // nothing to do
     }

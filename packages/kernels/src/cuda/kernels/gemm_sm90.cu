@@ -120,7 +120,7 @@
 // Wgrad +1-4% in each of eight rounds (notes/sm90-gemm.md, twenty-second session).
 template <int BN, int STAGES, Mainloop LOOP, Segments SEG, bool BF16_ONLY = false, int MAX_E = SM90_MAX_E,
           bool PINGPONG = false, bool STAGED_SCALES = false, bool FILL_BARRIER = false,
-          int STRIPS = 0, bool LAG = false, bool MULTICAST = false>
+          int STRIPS = 0, bool LAG = false>
 __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CUtensorMap* tB, const CUtensorMap* tC,
                                                  const float* As, const float* Bs, float* C, const int* off, int E,
                                                  int M, int N, int K, int accumulate, int outMode, int rows,
@@ -141,8 +141,6 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   static_assert(!FILL_BARRIER || STAGED_SCALES, "the fill barrier announces staged scales");
   static_assert(!LAG || (STAGED_SCALES && !PINGPONG && !FILL_BARRIER),
                 "the staged Wgrad lags instead of taking turns (its checked twin waits in step)");
-  static_assert(!MULTICAST || (STAGED_SCALES && !FILL_BARRIER && !PINGPONG && BN == 256),
-                "the B multicast is the staged 128 x 256 Wgrad's");
   constexpr int S_FLOATS = STAGED_SCALES ? BM + BN : 64 + BN;
   constexpr int S_BYTES = SEG != Segments::AlongK ? 0 : STAGED_SCALES ? STAGES * S_FLOATS * 4 : NWG * 2 * S_FLOATS * 4;
   // Staging per consumer warpgroup: 64 rows x 128 columns of f32 (or BF16).
@@ -165,20 +163,14 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; s++) {
       mbar_init(&full[s], 1);
-      mbar_init(&empty[s], (MULTICAST ? 2 : 1) * 4 * NWG);  // (MULTICAST: both CTAs' consumer warps)
+      mbar_init(&empty[s], 4 * NWG);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   sm90_tables(off, E, soff, mpre, order, SEG == Segments::AlongK && sorted, warp, lane);
-  // MULTICAST: the peer's barriers are initialised before either CTA loads into the other.
-  if constexpr (MULTICAST) cluster_sync();
 
   const int NT = cdiv(N, BN), NB = cdiv(N, 128), KC = cdiv(K, 128);
   const int total = SEG == Segments::AlongM ? mpre[E] * NT : E * cdiv(M, BM) * NT;
-  // MULTICAST: the CTA pair of each 2-CTA cluster walks the pairs of tiles, cluster c pairs c, c +
-  // clusters, ... (sm90_tile_pair; M % 256 == 0); `rank` is this CTA's in its pair.
-  const u32 rank = MULTICAST ? cluster_ctarank() : 0;
-  const int clusters = gridDim.x >> 1;
   // (BF16 storage: a row of N BF16 values is N / 2 floats; N % 8 == 0.)
   if (SEG == Segments::AlongM && !accumulate)
     sm90_zero_uncovered(C, soff[0], soff[E], rows, outMode == SM90_OUT_BF16 ? N / 2 : N);
@@ -191,18 +183,13 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
       constexpr int RELEASE = 32 + 128 * NWG;  // STAGED_SCALES: this warp and the consumers
       int s = 0, issued = 0;
       u32 ph = 0;
-      for (int t = MULTICAST ? blockIdx.x >> 1 : blockIdx.x; t < (MULTICAST ? total / 2 : total);
-           t += MULTICAST ? clusters : gridDim.x) {
-        const Sm90Tile T = MULTICAST ? sm90_tile_pair<BN>(t, rank, mpre, order, sorted, E, M, N, clusters)
-                                     : sm90_tile<SEG, BN>(t, soff, mpre, order, sorted, E, M, N, KC);
+      for (int t = blockIdx.x; t < total; t += gridDim.x) {
+        const Sm90Tile T = sm90_tile<SEG, BN>(t, soff, mpre, order, sorted, E, M, N, KC);
         // The scale vectors' bytes (multiples of 64: M and N are multiples of 16).
         const u32 saBytes = STAGED_SCALES ? (u32)min(BM, M - T.aRow) * 4 : 0;
         const u32 sbBytes = STAGED_SCALES ? (u32)min(BN, N - T.n0) * 4 : 0;
         for (int kc = T.k0; kc < T.k0 + T.kc; kc++) {
-          if constexpr (MULTICAST) {
-            // Both CTAs' consumers have read the stage's last use (this CTA writes into both).
-            mbar_wait(&empty[s], ph ^ 1);
-          } else if constexpr (STAGED_SCALES) {
+          if constexpr (STAGED_SCALES) {
             if (issued >= STAGES) named_sync(SM90_STAGE_BAR + s, RELEASE);  // the stage's last use read
           } else {
             mbar_wait(&empty[s], ph ^ 1);
@@ -217,11 +204,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
           if (lane == 0) {
             mbar_expect_tx(&full[s], A_BYTES + B_BYTES + (FILL_BARRIER ? 0 : saBytes + sbBytes));
             tma_load_2d(sA + s * A_BYTES, tA, kc * 128, T.aRow, &full[s]);
-            // (MULTICAST: this CTA's half of the B tile, into both CTAs; the peer loads the other.)
-            if constexpr (MULTICAST)
-              tma_load_2d_multicast(sB + s * B_BYTES + rank * (B_BYTES / 2), tB, kc * 128, T.bRow + rank * (BN / 2),
-                                    &full[s], 0x3);
-            else tma_load_2d(sB + s * B_BYTES, tB, kc * 128, T.bRow, &full[s]);
+            tma_load_2d(sB + s * B_BYTES, tB, kc * 128, T.bRow, &full[s]);
             if constexpr (STAGED_SCALES && !FILL_BARRIER) {
               float* ss = (float*)sS + s * S_FLOATS;
               bulk_load_1d(ss, As + (i64)kc * M + T.aRow, saBytes, &full[s]);
@@ -235,7 +218,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
       }
       // Each used stage's last release is taken, so that no named barrier is left half-arrived: in
       // the order the consumers release them, oldest first (FILL_BARRIER's consumers wait there).
-      if constexpr (STAGED_SCALES && !MULTICAST)
+      if constexpr (STAGED_SCALES)
         for (int i = 0; i < min(issued, STAGES); i++)
           named_sync(SM90_STAGE_BAR + ((issued >= STAGES ? s : 0) + i) % STAGES, RELEASE);
     } else if (FILL_BARRIER && warp == 4 * NWG + 1) {
@@ -423,10 +406,8 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
     }
     zero_acc();
   };
-  for (int t = MULTICAST ? blockIdx.x >> 1 : blockIdx.x; t < (MULTICAST ? total / 2 : total);
-       t += MULTICAST ? clusters : gridDim.x) {
-    const Sm90Tile T = MULTICAST ? sm90_tile_pair<BN>(t, rank, mpre, order, sorted, E, M, N, clusters)
-                                 : sm90_tile<SEG, BN>(t, soff, mpre, order, sorted, E, M, N, KC);
+  for (int t = blockIdx.x; t < total; t += gridDim.x) {
+    const Sm90Tile T = sm90_tile<SEG, BN>(t, soff, mpre, order, sorted, E, M, N, KC);
     const int e = T.e, row0 = T.cRow, rowEnd = T.rowEnd, n0 = T.n0;
     const int r0 = row0 + rloc, r1 = r0 + 8;
     // Scales of this thread's two rows and of the B blocks (32-bit offsets: fewer live registers).
@@ -438,7 +419,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
     const float* bs = Bs + ((u32)e * NB + n0 / 128) * KC;
     const int bs1 = (n0 / 128 + 1 < NB ? KC : 0);  // offset of the second half's B scales
 
-    const bool last = MULTICAST ? t + clusters >= total / 2 : t + (int)gridDim.x >= total;
+    const bool last = t + (int)gridDim.x >= total;
     if constexpr (SEG == Segments::AlongK) {
       zero_acc();
       // The chunk's scales reach shared memory through the warpgroup itself: each thread loads its
@@ -542,15 +523,8 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
           }
           // Every read of the stage done (FILL_BARRIER: waiting with the producer, an order racecheck
           // follows whether or not it models an arrival as a release).
-          if constexpr (MULTICAST) {
-            // (MULTICAST: on both CTAs' empty barriers, since both producers write into this stage.)
-            __syncwarp();
-            if (lane == 0) mbar_arrive(&empty[s]), mbar_arrive_cluster(&empty[s], rank ^ 1);
-          } else if constexpr (FILL_BARRIER) {
-            named_sync(SM90_STAGE_BAR + s, 32 + 128 * NWG);
-          } else {
-            named_arrive(SM90_STAGE_BAR + s, 32 + 128 * NWG);
-          }
+          if constexpr (FILL_BARRIER) named_sync(SM90_STAGE_BAR + s, 32 + 128 * NWG);
+          else named_arrive(SM90_STAGE_BAR + s, 32 + 128 * NWG);
           if (++s == STAGES) s = 0, ph ^= 1;
           if constexpr (LAG)
             if (wg == 0 && !lagged) named_arrive(SM90_LAG_BAR, 256), lagged = true;
@@ -652,8 +626,6 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
     if (wg == 0) named_sync(SM90_TURN_0, 256);
 
   }  // consumer
-  // MULTICAST: neither CTA exits while the other may still arrive on its barriers.
-  if constexpr (MULTICAST) cluster_sync();
 }
 
 static_assert(sm90_smem_bytes(256, 3, false) == SM90_SMEM_128x256, "SM90_SMEM_128x256");
@@ -724,18 +696,6 @@ GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged, 256, 3, OneBuffer, fal
 GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged_checked, 256, 3, OneBuffer, true, true, true, 64, false)
 // The default before LAG, taking turns (MOE8_SM90_WGRAD_STAGED=turns).
 GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_turns, 256, 3, OneBuffer, true, true, false, 64, false)
-// The default in 2-CTA clusters whose two CTAs take the two m-tiles of one expert's n-tile and load
-// half of its B tile each into both (TMA multicast): a third less L2 -> shared-memory traffic a tile,
-// the stages released on both CTAs' empty mbarriers (MOE8_SM90_WGRAD_STAGED=multicast; M % 256 == 0,
-// an even grid; B's box is 128 rows).
-KERNEL void __cluster_dims__(2, 1, 1) __launch_bounds__(SM90_THREADS, 1)
-    gemm_sm90_fp8_wgrad_128x256_multicast(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,
-                                          const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs,
-                                          float* C, const int* off, int E, int M, int N, int accumulate, int outMode,
-                                          int sorted) {
-  sm90_fp8_grouped<256, 3, Mainloop::OneBuffer, Segments::AlongK, false, SM90_MAX_E, false, true, false, 64, true,
-                   true>(&tA, &tB, &tC, As, Bs, C, off, E, M, N, 0, accumulate, outMode, E * M, sorted != 0);
-}
 // Staged scales, turns, the epilogue by 128-column halves (the default before the strips;
 // MOE8_SM90_WGRAD_STAGED=halves).
 GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_halves, 256, 3, OneBuffer, true, true, false, 0, false)

@@ -121,32 +121,6 @@ struct Sm90Tile {
   int e, aRow, bRow, k0, kc, cRow, rowEnd, n0;
 };
 
-// Tile t along K (sm90_tile's E x MT x NT tiles, expert-major, the snake dealt over G CTAs).
-template <int BN>
-__device__ __forceinline__ Sm90Tile sm90_tile_k(int t, const int* mpre, const int* order, bool sorted, int E, int M,
-                                                int N, int G) {
-  const int NT = cdiv(N, BN), per = cdiv(M, SM90_BM) * NT;
-  int u = t, e;
-  if (sorted) {
-    const int r = t / G, i = t - r * G;
-    if (r & 1) u = r * G + min(G, E * per - r * G) - 1 - i;
-    e = order[u / per];
-  } else {
-    e = u / per;
-  }
-  const int rt = u - (u / per) * per, mt = rt / NT, nt = rt - mt * NT;
-  Sm90Tile T;
-  T.e = e;
-  T.aRow = mt * SM90_BM;
-  T.bRow = nt * BN;
-  T.k0 = mpre[e];
-  T.kc = mpre[e + 1] - mpre[e];
-  T.cRow = e * M + T.aRow;
-  T.rowEnd = e * M + M;
-  T.n0 = nt * BN;
-  return T;
-}
-
 // Tile t. Along M: m-tiles of each expert in order (mpre: prefix sums of m-tiles), n fastest, found by
 // bisection. Along K: E x MT x NT tiles, expert-major; mpre holds each expert's first 128-chunk.
 // A tile along K costs its expert's chunk count, which routing makes uneven, so with `sorted` the
@@ -176,21 +150,25 @@ __device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int*
     T.rowEnd = soff[lo + 1];
     T.n0 = nt * BN;
   } else {
-    T = sm90_tile_k<BN>(t, mpre, order, sorted, E, M, N, gridDim.x);
+    const int per = cdiv(M, SM90_BM) * NT;
+    int u = t, e;
+    if (sorted) {
+      const int G = gridDim.x, r = t / G, i = t - r * G;
+      if (r & 1) u = r * G + min(G, E * per - r * G) - 1 - i;
+      e = order[u / per];
+    } else {
+      e = u / per;
+    }
+    const int rt = u - (u / per) * per, mt = rt / NT, nt = rt - mt * NT;
+    T.e = e;
+    T.aRow = mt * SM90_BM;
+    T.bRow = nt * BN;
+    T.k0 = mpre[e];
+    T.kc = mpre[e + 1] - mpre[e];
+    T.cRow = e * M + T.aRow;
+    T.rowEnd = e * M + M;
+    T.n0 = nt * BN;
   }
-  return T;
-}
-
-// The tiles of a 2-CTA cluster along K (MULTICAST): pair t is the t-th tile of the schedule of M / 2
-// rows (the same expert, n-tile and chunks for both CTAs; the snake dealt over `clusters`), and CTA
-// `rank` takes its m-tile 2 m + rank, so that the two tiles of a pair share their B tiles. M % 256 == 0.
-template <int BN>
-__device__ __forceinline__ Sm90Tile sm90_tile_pair(int t, int rank, const int* mpre, const int* order, bool sorted,
-                                                   int E, int M, int N, int clusters) {
-  Sm90Tile T = sm90_tile_k<BN>(t, mpre, order, sorted, E, M / 2, N, clusters);  // m-tile m of M / 2 rows
-  T.aRow = 2 * T.aRow + rank * SM90_BM;
-  T.cRow = T.e * M + T.aRow;
-  T.rowEnd = T.e * M + M;
   return T;
 }
 

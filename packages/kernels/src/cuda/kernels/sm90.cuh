@@ -83,37 +83,6 @@ __device__ __forceinline__ void tma_reduce_add_2d(const CUtensorMap* map, u32 sr
                "r"(src), "r"(c0), "r"(c1)
                : "memory");
 }
-// The same box written into the shared memory of every CTA of the cluster in ctaMask, at this CTA's
-// offset, each completing `bytes` on its own mbarrier at bar's offset (TMA multicast).
-__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const CUtensorMap* map, int c0, int c1, u64* bar,
-                                                      u16 ctaMask) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%3, "
-      "%4}], [%2], %5;\n" ::"r"(sm90_smem_u32(dst)),
-      "l"((u64)map), "r"(sm90_smem_u32(bar)), "r"(c0), "r"(c1), "h"(ctaMask)
-      : "memory");
-}
-
-// Thread block clusters: this CTA's rank in its cluster; a barrier of every thread of the cluster
-// (release, then acquire: what one CTA wrote to shared memory before it, the others see after it);
-// and an arrival on the mbarrier at bar's offset in CTA `cta` of the cluster. The arrival has the
-// default semantics, as CUTLASS's cluster pipelines use it to release a stage to a peer's TMA
-// (`.release.cluster` compiles to a GPU-wide MEMBAR before every arrival).
-__device__ __forceinline__ u32 cluster_ctarank() {
-  u32 r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-  return r;
-}
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
-}
-__device__ __forceinline__ void mbar_arrive_cluster(u64* bar, u32 cta) {
-  asm volatile(
-      "{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, %0, %1;\n"
-      "mbarrier.arrive.shared::cluster.b64 _, [ra];\n}\n" ::"r"(sm90_smem_u32(bar)),
-      "r"(cta)
-      : "memory");
-}
 // 1-D bulk copy of `bytes` (a multiple of 16, both addresses 16-byte aligned) into shared memory,
 // completing on `bar`.
 __device__ __forceinline__ void bulk_load_1d(void* dst, const void* src, u32 bytes, u64* bar) {

@@ -278,8 +278,10 @@ if (status.ok) {
     const cases = expertGemms(seed);
     const wanted = new Map<string, Promise<[string, Float32Array][]>>();
     const reference = (c: (typeof cases)[number]) => {
-      let p = wanted.get(c.name);
-      if (!p) wanted.set(c.name, (p = readOutputs(ref, c.run)));
+      const known = wanted.get(c.name);
+      if (known) return known;
+      const p = readOutputs(ref, c.run);
+      wanted.set(c.name, p);
       return p;
     };
     // sm90: the Wgrad's column tiles written K-major by the quantisers (or transposed before it);

@@ -527,6 +527,10 @@ mine = next((r.get("peak_device_mb") for r in rows if r.get("tag") == "step-sm90
 theirs = next((r.get("peak_mem_gib") for r in rows if r.get("tag") == "torch-compile"), None)
 if mine and theirs:
     print(f"peak device memory: fp8 {mine} MB / torch.compile {theirs} GiB = {mine / (theirs * 1024):.2f}x")
+# Last, so that a call read through `| tail` still shows it (a timed-out op suite, rc 124, once passed
+# unnoticed for several sessions: notes/sm90-gemm.md, twenty-fifth session).
+failed = [f"{r['step']} (rc {r['rc']})" for r in rows if "step" in r and r["rc"] not in (0, "skipped")]
+print("steps that failed: " + (", ".join(failed) if failed else "none"))
 PY
 # The exit code: the op suite's (a call that did not ask for it ends 0).
 ! picked op-suite || grep -q '"step":"op-suite","rc":0' "$RES"

@@ -202,6 +202,13 @@ print(json.dumps({"tag": "kernels-" + sys.argv[1], "expert_gemm_ms": ms(experts)
                   "attention_ms": ms(attn),
                   "busy_ms": round(sum(x["ms"] for x in k), 1),
                   "top": [[x["name"], round(x["ms"], 2)] for x in sorted(k, key=lambda x: -x["ms"])[:8]]}))
+# The recorded part replayed from a timed graph: per kernel, us a launch there and uncaptured.
+rep = (json.load(open(sys.argv[2])).get("gpuReplayed") or {}).get("kernels", [])
+eager = {x["name"]: x for x in k}
+print(json.dumps({"tag": "replayed-" + sys.argv[1], "kernels": [
+    [x["name"], round(1000 * x["ms"] / max(1, x["launches"]), 1),
+     round(1000 * eager[x["name"]]["ms"] / max(1, eager[x["name"]]["launches"]), 1) if x["name"] in eager else None]
+    for x in rep[:12]]}))
 PY
   [ -f bench-profile-small-cuda-fp8.json ] && cp bench-profile-small-cuda-fp8.json "$OUT/profile-$v.json"
   rm -f bench-profile-small-cuda-fp8.json
@@ -501,6 +508,10 @@ for v in ("sm90", "variant", "nograph", "kt", "bn128", "ring4", "nopp", "loaded"
         classes = {key[7:]: val for key, val in s.items() if key.startswith("gpu_ms_")}
         if classes:
             print("    GPU ms by class:", ", ".join(f"{c} {m}" for c, m in classes.items()))
+        rep = next((r for r in rows if r.get("tag") == f"replayed-{v}"), {}).get("kernels")
+        if rep:
+            print("    replayed graph against uncaptured, us a launch:",
+                  "; ".join(f"{n.split('.')[-1]} {a} / {b}" for n, a, b in rep[:8]))
         if "gpu_busy_ms" in s:
             print(f"    GPU busy {s['gpu_busy_ms']} ms of a {s.get('gpu_span_ms')} ms span, "
                   f"{s.get('gpu_launches')} launches; host's last launch at {s.get('host_launch_ms', '-')} ms")

@@ -146,6 +146,40 @@ describe("the step replayed from a CUDA graph (small's shape, 3 layers, fake Hop
     runner.dispose();
   }, 120_000);
 
+  it("profileReplayed times the recorded part inside a graph of its own, then the runner records again", async () => {
+    const { b, runner, rows: batch } = graphRunner(2, 2);
+    await countedStep(runner, batch); // eager (compiles and loads every kernel)
+    const recorded = await countedStep(runner, batch); // records, replays, updates
+    expect(runner.captures).toBe(1);
+    fake.launches = 0;
+    fake.graphLaunches = 0;
+    const t = await runner.profileReplayed(batch, 2);
+    expect(t).not.toBeNull();
+    expect(fake.graphLaunches, "its own graph, replayed twice").toBe(2);
+    expect(fake.launches, "nothing issued outside the graph").toBe(0);
+    expect(fake.timing, "timing off again").toBe("off");
+    // (The runner's graph and its outputs were dropped by the first call; a second call leaves as
+    // many tensors as it found: the timed graph's outputs are released with it.)
+    const live = b.stats().tensors;
+    await runner.profileReplayed(batch, 1);
+    expect(b.stats().tensors, "the timed graph's outputs released").toBe(live);
+    const launches = t!.kernels.reduce((n, k) => n + k.launches, 0);
+    expect(t!.nodes, "every recorded launch timed once a replay").toBe(launches);
+    expect(launches).toBeGreaterThan(100);
+    expect(t!.kernels.some((k) => k.name.startsWith("gemm_sm90.gemm_sm90_fp8_wgrad_"))).toBe(true);
+    expect(t!.busyMs).toBeCloseTo(launches / 1000, 6); // the fake's 1 us a launch
+    // The runner's own graph was dropped: the next step records it again and replays it.
+    const c = await countedStep(runner, batch);
+    expect([runner.captures, c.replays]).toEqual([2, 1]);
+    expect(c.launches, "the update's launches, as after the first recording").toBe(recorded.launches);
+    // Uncaptured timing still refuses a recording (bench --profile's step runs uncaptured).
+    fake.addon.cudaKernelTiming(true);
+    expect(() => b.captureGraph!(() => null)).toThrow(/timing is on/);
+    fake.addon.cudaKernelTiming(false);
+    expect(fake.problems).toEqual([]);
+    runner.dispose();
+  }, 120_000);
+
   it("a recording that fails leaves the run going uncaptured, with the reason", async () => {
     const { b, runner, rows: batch } = graphRunner(2, 2);
     const live = b.stats().tensors;

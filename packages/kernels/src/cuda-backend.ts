@@ -176,6 +176,49 @@ export class CudaBackend extends HostLifetimes implements Backend {
   }
 
   /**
+   * GPU time of every kernel of the work `record` enqueues, recorded as a CUDA graph and replayed
+   * `replays` times: each launch is bracketed by events the graph holds (timer.rs, graph mode), so
+   * these are the times of the replayed work, launched back to back as training replays its step,
+   * where timeKernels times an uncaptured run whose launches the host issues one by one. Per kernel,
+   * the mean over the replays of its time and launches a replay; `spanMs`, the slowest replay's first
+   * start to last end. The events cost a little in the replay too (two event nodes a launch). The
+   * graph is freed before the timing ends (its events go with it).
+   */
+  async timeReplayedKernels<T>(record: () => T, replays = 3) {
+    const n = this.cx.n;
+    if (!(replays >= 1)) throw new Error(`timeReplayedKernels: ${replays} replays`);
+    n.cudaSynchronize();
+    n.cudaKernelTiming(true, true);
+    try {
+      const g = this.captureGraph(record);
+      try {
+        const sums = new Map<string, { ms: number; launches: number }>();
+        let spanMs = 0;
+        for (let i = 0; i < replays; i++) {
+          g.replay();
+          const times = n.cudaKernelTimes(true);
+          spanMs = Math.max(spanMs, times.spanMs);
+          for (const k of times.kernels) {
+            const s = sums.get(k.name) ?? { ms: 0, launches: 0 };
+            s.ms += k.ms;
+            s.launches += k.launches;
+            sums.set(k.name, s);
+          }
+        }
+        const kernels = [...sums]
+          .map(([name, s]) => ({ name, ms: s.ms / replays, launches: Math.round(s.launches / replays) }))
+          .sort((a, b) => b.ms - a.ms);
+        const busyMs = kernels.reduce((s, k) => s + k.ms, 0);
+        return { replays, nodes: g.nodes, spanMs, busyMs, kernels };
+      } finally {
+        g.dispose();
+      }
+    } finally {
+      n.cudaKernelTiming(false);
+    }
+  }
+
+  /**
    * Records the work `fn` enqueues as a CUDA graph (graph.rs): nothing runs while it records, and
    * each `replay()` then enqueues all of it as one launch. The blocks the recorded work uses belong
    * to the graph until `dispose()` (the allocator lends its free ones to other work between replays;

@@ -40,12 +40,19 @@ export function createFakeCuda(config: FakeCudaConfig) {
     graphLaunches: 0,
     /** Makes cudaCaptureEnd fail, as a recording an op broke does on a GPU. */
     failCaptureEnd: false,
+    /** Kernel timing: off, on (uncaptured launches) or in graph mode (timer.rs). */
+    timing: "off" as "off" | "on" | "graph",
   };
+  // Timed launches (the kernel of each, in order): those a graph-mode capture recorded stay until
+  // timing stops, and each replay of that graph times them again; 1 us a launch.
+  let timed: string[] = [];
+  let timingGeneration = 0;
   // The launches of the capture recording now (null: none), as a CUDA graph's nodes.
   let recording: number | null = null;
-  const issue = () => {
+  const issue = (name: string) => {
     if (recording === null) state.launches++;
     else recording++;
+    if (state.timing !== "off") timed.push(name);
   };
   const { problems, log, uploads } = state;
   let nextPtr = 0;
@@ -109,7 +116,7 @@ export function createFakeCuda(config: FakeCudaConfig) {
       args: Uint8Array,
       offsets?: number[],
     ) => {
-      issue();
+      issue(ids[id]);
       const k = table.get(ids[id])!;
       log.push({ kernel: ids[id], gx, args: new DataView(args.slice().buffer) });
       state.launched.add(ids[id]);
@@ -133,7 +140,7 @@ export function createFakeCuda(config: FakeCudaConfig) {
       if (!(sh >= 0 && sh <= 227 * 1024)) problems.push(`${ids[id]}: ${sh} bytes of shared memory`);
     },
     cudaGemmLt: (...args: unknown[]) => {
-      issue();
+      issue("cublasLt.gemm");
       if (config.lt === "refuse") throw new Error("CUBLAS_STATUS_NOT_SUPPORTED");
       state.ltCalls.push({ cType: args[11] as string, accumulate: args[15] as boolean });
     },
@@ -146,6 +153,7 @@ export function createFakeCuda(config: FakeCudaConfig) {
     },
     cudaCaptureBegin: () => {
       if (recording !== null) problems.push("a capture inside a capture");
+      if (state.timing === "on") throw new Error("CUDA graph capture while kernel timing is on (fake)");
       recording = 0;
     },
     cudaCaptureEnd: () => {
@@ -154,11 +162,14 @@ export function createFakeCuda(config: FakeCudaConfig) {
       if (state.failCaptureEnd)
         throw new Error("cuStreamEndCapture: CUDA_ERROR_STREAM_CAPTURE_INVALIDATED (fake)");
       let freed = false;
+      const timedIn = state.timing === "graph" ? timingGeneration : null;
       return {
         nodes,
         borrowed: 0,
         launch: () => {
           if (freed) problems.push("a graph replayed after free()");
+          if (timedIn !== null && timedIn !== timingGeneration)
+            throw new Error("a graph recorded with kernel timing replayed after the timing ended (fake)");
           state.graphLaunches++;
         },
         free: () => {
@@ -168,6 +179,20 @@ export function createFakeCuda(config: FakeCudaConfig) {
     },
     cudaCaptureAbort: () => {
       recording = null;
+    },
+    cudaSynchronize: () => {},
+    cudaKernelTiming: (on: boolean, graph?: boolean) => {
+      timingGeneration++;
+      timed = [];
+      state.timing = on ? (graph ? "graph" : "on") : "off";
+    },
+    cudaKernelTimes: (keep?: boolean) => {
+      const counts = new Map<string, number>();
+      for (const k of timed) counts.set(k, (counts.get(k) ?? 0) + 1);
+      const kernels = [...counts].map(([name, launches]) => ({ name, ms: launches / 1000, launches }));
+      const spanMs = timed.length / 1000;
+      if (!keep) timed = [];
+      return { kernels, spanMs };
     },
     cudaDtod: () => {},
     cudaMemset8: () => {},

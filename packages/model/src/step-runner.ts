@@ -23,6 +23,16 @@ import { type CapturedGraph, type HostArray, SINGLE_PROCESS, type Tensor } from 
 import type { BatchShape, DeepSeekModel } from "./model.ts";
 import { finishStep, type StepOptions, type StepResult, type StepTail, trainStep } from "./train-step.ts";
 
+/** Per kernel, its GPU time and launches in one replayed step (CudaBackend.timeReplayedKernels). */
+export interface ReplayedKernelTimes {
+  replays: number;
+  nodes: number;
+  spanMs: number;
+  busyMs: number;
+  kernels: { name: string; ms: number; launches: number }[];
+}
+type TimeReplayedKernels = <T>(record: () => T, replays?: number) => Promise<ReplayedKernelTimes>;
+
 export interface StepRunnerOptions {
   /** Replay from a CUDA graph where the backend can (default: unless MOE8_CUDA_GRAPH=0). */
   graph?: boolean;
@@ -72,12 +82,7 @@ export class StepRunner {
     const b = this.model.b;
     const t0 = performance.now();
     if (!this.graphable(o) || this.eagerSteps === 0) return this.uncaptured(batch, lr, o, t0);
-    if (!this.inputs) {
-      const n = this.shape.batch * this.shape.seq;
-      this.inputs = { ids: b.keep(b.zeros([n], "i32")), targets: b.keep(b.zeros([n], "i32")) };
-    }
-    this.load(this.inputs.ids, batch.ids);
-    this.load(this.inputs.targets, batch.targets);
+    this.loadInputs(batch);
     const noise = o.routerNoise && o.routerNoise.scale > 0 ? o.routerNoise : null;
     if (noise) {
       const values = this.model.routerNoiseTable(noise);
@@ -133,6 +138,17 @@ export class StepRunner {
     return ArrayBuffer.isView(x) ? b.upload(x, [x.length], "i32") : (x as Tensor);
   }
 
+  /** The batch copied into the tensors a recording reads (made on first use). */
+  private loadInputs(batch: StepBatch): void {
+    const b = this.model.b;
+    if (!this.inputs) {
+      const n = this.shape.batch * this.shape.seq;
+      this.inputs = { ids: b.keep(b.zeros([n], "i32")), targets: b.keep(b.zeros([n], "i32")) };
+    }
+    this.load(this.inputs.ids, batch.ids);
+    this.load(this.inputs.targets, batch.targets);
+  }
+
   private load(dst: Tensor, x: HostArray | Tensor): void {
     const b = this.model.b;
     if (ArrayBuffer.isView(x)) b.write(dst, x);
@@ -140,11 +156,21 @@ export class StepRunner {
   }
 
   private capture(noise: boolean): void {
+    this.graph = this.record(noise, (work) => this.model.b.captureGraph!(work));
+    this.graphNoise = noise;
+    this.captures++;
+  }
+
+  /**
+   * Hands `recorder` the step's recorded part (zeroed gradients, lossAndGrad, the norm) as the work
+   * to record, with the router noise read from the table when `noise`, and clears the noise after.
+   */
+  private record<R>(noise: boolean, recorder: (work: () => StepTail) => R): R {
     const { model, opt } = this;
     const b = model.b;
     const inputs = this.inputs!;
     try {
-      this.graph = b.captureGraph!(() =>
+      return recorder(() =>
         b.scope(() => {
           model.trace.flow.enabled = false;
           // With noise the layers read its seeds and scale from the table (the values here are not used).
@@ -164,8 +190,27 @@ export class StepRunner {
     } finally {
       model.setRouterNoise(null);
     }
-    this.graphNoise = noise;
-    this.captures++;
+  }
+
+  /**
+   * GPU time per kernel of the step as training replays it, on `batch` (CudaBackend's
+   * timeReplayedKernels: the recorded part, without router noise, in a timed graph of its own,
+   * replayed `replays` times and freed). The runner's own graph is dropped first (the next step
+   * records it again), so that the two never share memory; the model and optimiser are left as they
+   * were, the gradients holding this batch's. Null where the backend cannot time a replayed graph or
+   * the runner does not replay (MOE8_CUDA_GRAPH=0).
+   */
+  async profileReplayed(batch: StepBatch, replays = 3): Promise<ReplayedKernelTimes | null> {
+    const b = this.model.b as { timeReplayedKernels?: TimeReplayedKernels };
+    if (!this.useGraph || typeof b.timeReplayedKernels !== "function") return null;
+    this.dropGraph();
+    this.loadInputs(batch);
+    try {
+      return await this.record(false, (work) => b.timeReplayedKernels!(work, replays));
+    } finally {
+      // (The layers' offsets were the timed graph's outputs, freed with it.)
+      for (const m of this.model.moeLayers) m.lastOffsets = null;
+    }
   }
 
   /** trainStep's part after the norm (finishStep), on the graph's outputs. */

@@ -14,6 +14,9 @@ pub struct Graph {
     graph: cu::CUgraph,
     exec: cu::CUgraphExec,
     nodes: usize,
+    /// Recorded with timing events (timer.rs, graph mode): the timing's generation, whose end
+    /// destroys them.
+    timed: Option<u64>,
 }
 
 // The handles are used from the JS thread only (as the device's).
@@ -22,9 +25,9 @@ unsafe impl Send for Graph {}
 /// Starts recording the stream's work.
 pub fn begin() -> Result<(), String> {
     let d = device()?;
-    if timer::on() {
+    if timer::on() && !timer::graph_mode() {
         return Err(
-            "CUDA graph capture while kernel timing is on (bench --profile runs uncaptured)".into(),
+            "CUDA graph capture while kernel timing is on (bench --profile runs uncaptured; a graph is timed in the timer's graph mode)".into(),
         );
     }
     alloc::capture_begin()?;
@@ -72,6 +75,7 @@ pub fn end() -> Result<Graph, String> {
         graph,
         exec,
         nodes,
+        timed: timer::graph_mode().then(timer::generation),
     })
 }
 
@@ -93,6 +97,9 @@ impl Graph {
     /// of its blocks).
     pub fn launch(&self) -> Result<(), String> {
         alloc::check_graph(self.id)?;
+        if self.timed.is_some_and(|g| g != timer::generation()) {
+            return Err("a graph recorded with kernel timing replayed after the timing ended (its events are gone)".into());
+        }
         ck(
             unsafe { cu::cuGraphLaunch(self.exec, device()?.stream) },
             "cuGraphLaunch",

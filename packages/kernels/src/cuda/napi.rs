@@ -140,10 +140,11 @@ pub fn cuda_synchronize() -> Result<()> {
     super::synchronize().map_err(e)
 }
 
-/// Starts (true) or stops (false) timing every kernel launch with CUDA events (see timer.rs).
+/// Starts (true) or stops (false) timing every kernel launch with CUDA events (see timer.rs);
+/// `graph`: as external events, so that a CUDA graph captured meanwhile is timed at each replay.
 #[napi]
-pub fn cuda_kernel_timing(on: bool) -> Result<()> {
-    super::timer::enable(on).map_err(e)
+pub fn cuda_kernel_timing(on: bool, graph: Option<bool>) -> Result<()> {
+    super::timer::enable(on, graph.unwrap_or(false)).map_err(e)
 }
 
 /// GPU time per kernel since timing started or was last read.
@@ -155,7 +156,7 @@ pub struct KernelTime {
 }
 
 /// Per-kernel times and the span of the timed launches (first start to last end), in ms. Waits
-/// for the stream and clears the record.
+/// for the stream and clears the record, unless `keep` (a timed graph's events, for its next replay).
 #[napi(object)]
 pub struct KernelTimes {
     pub kernels: Vec<KernelTime>,
@@ -163,8 +164,8 @@ pub struct KernelTimes {
 }
 
 #[napi]
-pub fn cuda_kernel_times() -> Result<KernelTimes> {
-    let (rows, span) = super::timer::read().map_err(e)?;
+pub fn cuda_kernel_times(keep: Option<bool>) -> Result<KernelTimes> {
+    let (rows, span) = super::timer::read(keep.unwrap_or(false)).map_err(e)?;
     Ok(KernelTimes {
         kernels: rows
             .into_iter()

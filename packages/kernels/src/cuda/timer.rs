@@ -3,10 +3,16 @@
 //! it does in training, so the sum of kernel times against the step's wall time shows how much of
 //! the step the GPU spends idle waiting for the host. Off by default: a disabled timer costs one
 //! mutex check per launch.
+//!
+//! In graph mode (`enable(true, true)`) the events are recorded as external events, so that a CUDA
+//! graph captured meanwhile holds them as event-record nodes: each replay records them again, and
+//! `read(true)` gives that replay's times, keeping the events for the next. A graph captured so
+//! refuses to replay once timing has been reset (its events are destroyed then): `generation`.
 
 use super::{ck, device};
 use cudarc::driver::sys as cu;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 struct Timer {
@@ -14,11 +20,15 @@ struct Timer {
     index: HashMap<String, usize>,
     /// (label, start, end) per timed launch, in stream order.
     marks: Vec<(usize, cu::CUevent, cu::CUevent)>,
+    /// Events recorded as external events (a graph captured meanwhile holds them).
+    graph: bool,
 }
 
 unsafe impl Send for Timer {}
 
 static TIMER: Mutex<Option<Timer>> = Mutex::new(None);
+/// Bumped at every start or stop of timing: the events of a graph-mode timer live until then.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
 
 /// A launch being timed: its label and start event.
 pub struct Mark(usize, cu::CUevent);
@@ -29,9 +39,10 @@ fn event() -> Result<cu::CUevent, String> {
     Ok(ev)
 }
 
-/// Starts or stops timing (stopping drops what was recorded).
-pub fn enable(on: bool) -> Result<(), String> {
+/// Starts or stops timing (stopping drops what was recorded); `graph`: as external events.
+pub fn enable(on: bool, graph: bool) -> Result<(), String> {
     let mut g = TIMER.lock().unwrap_or_else(|e| e.into_inner());
+    GENERATION.fetch_add(1, Ordering::SeqCst);
     if let Some(t) = g.take() {
         destroy(&t);
     }
@@ -40,9 +51,39 @@ pub fn enable(on: bool) -> Result<(), String> {
             labels: Vec::new(),
             index: HashMap::new(),
             marks: Vec::new(),
+            graph,
         });
     }
     Ok(())
+}
+
+/// Which timing is on now (see GENERATION).
+pub fn generation() -> u64 {
+    GENERATION.load(Ordering::SeqCst)
+}
+
+/// Whether timing is on in graph mode.
+pub fn graph_mode() -> bool {
+    TIMER
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .is_some_and(|t| t.graph)
+}
+
+/// Records `ev` on the stream: as an external event in graph mode (an event-record node when the
+/// stream is being captured).
+fn record(ev: cu::CUevent, graph: bool) -> Result<(), String> {
+    let stream = device()?.stream;
+    if graph {
+        let flags = cu::CUevent_record_flags_enum::CU_EVENT_RECORD_EXTERNAL as u32;
+        ck(
+            unsafe { cu::cuEventRecordWithFlags(ev, stream, flags) },
+            "cuEventRecordWithFlags",
+        )
+    } else {
+        ck(unsafe { cu::cuEventRecord(ev, stream) }, "cuEventRecord")
+    }
 }
 
 fn destroy(t: &Timer) {
@@ -73,10 +114,7 @@ pub fn start(label: impl FnOnce() -> String) -> Result<Option<Mark>, String> {
         }
     };
     let ev = event()?;
-    ck(
-        unsafe { cu::cuEventRecord(ev, device()?.stream) },
-        "cuEventRecord",
-    )?;
+    record(ev, t.graph)?;
     Ok(Some(Mark(id, ev)))
 }
 
@@ -84,11 +122,8 @@ pub fn start(label: impl FnOnce() -> String) -> Result<Option<Mark>, String> {
 pub fn stop(m: Option<Mark>) -> Result<(), String> {
     let Some(Mark(id, a)) = m else { return Ok(()) };
     let b = event()?;
-    ck(
-        unsafe { cu::cuEventRecord(b, device()?.stream) },
-        "cuEventRecord",
-    )?;
     let mut g = TIMER.lock().unwrap_or_else(|e| e.into_inner());
+    record(b, g.as_ref().is_some_and(|t| t.graph))?;
     match g.as_mut() {
         Some(t) => t.marks.push((id, a, b)),
         None => unsafe {
@@ -103,8 +138,9 @@ pub fn stop(m: Option<Mark>) -> Result<(), String> {
 pub type LabelTimes = Vec<(String, f64, u32)>;
 
 /// Per label: (milliseconds, launches), summed over what was recorded since the last read, plus
-/// the span from the first start to the last end. Waits for the stream; clears the record.
-pub fn read() -> Result<(LabelTimes, f64), String> {
+/// the span from the first start to the last end. Waits for the stream; clears the record unless
+/// `keep` (a graph's events, recorded again by its next replay).
+pub fn read(keep: bool) -> Result<(LabelTimes, f64), String> {
     super::synchronize()?;
     let mut g = TIMER.lock().unwrap_or_else(|e| e.into_inner());
     let Some(t) = g.as_mut() else {
@@ -127,8 +163,10 @@ pub fn read() -> Result<(LabelTimes, f64), String> {
             "cuEventElapsedTime",
         )?;
     }
-    destroy(t);
-    t.marks.clear();
+    if !keep {
+        destroy(t);
+        t.marks.clear();
+    }
     let out = t
         .labels
         .iter()

@@ -92,8 +92,11 @@ export async function benchStep(flags: Record<string, unknown>): Promise<number>
       const gpu = timeKernels
         ? await timeKernels(() => trainStep(s.model, s.opt, ids, tg, { batch: B, seq: T }, 1e-3))
         : undefined;
+      // The same step as training replays it (the recorded part: forward, backward, norm), timed
+      // inside the graph: a kernel slower here or in the uncaptured step shows beside its twin.
+      const replayed = gpu ? await s.runner.profileReplayed({ ids, targets: tg }) : null;
       const file = `bench-profile-${configName}-${b.name}-${precision}.json`;
-      writeFileSync(file, `${JSON.stringify({ ...prof, gpu }, null, 2)}\n`);
+      writeFileSync(file, `${JSON.stringify({ ...prof, gpu, gpuReplayed: replayed }, null, 2)}\n`);
       const classes = gpu ? byKernelClass(gpu.kernels) : [];
       if (gpu) {
         row.gpu_busy_ms = +gpu.busyMs.toFixed(1);
@@ -102,6 +105,10 @@ export async function benchStep(flags: Record<string, unknown>): Promise<number>
         row.host_launch_ms = +gpu.hostMs.toFixed(1);
         row.gpu_launches = gpu.kernels.reduce((n, k) => n + k.launches, 0);
         for (const c of classes) row[`gpu_ms_${c.class.split(/[ ,]+/)[0]}`] = c.ms;
+      }
+      if (replayed) {
+        row.gpu_replayed_busy_ms = +replayed.busyMs.toFixed(1);
+        row.gpu_replayed_span_ms = +replayed.spanMs.toFixed(1);
       }
       row.profile = file;
       if (!flags.json) {
@@ -116,6 +123,21 @@ export async function benchStep(flags: Record<string, unknown>): Promise<number>
           console.log("  the kernels:");
           for (const k of gpu.kernels.slice(0, 25))
             console.log(`  ${k.name.padEnd(44)} ${k.ms.toFixed(2).padStart(9)} ms  ${k.launches} launches`);
+        }
+        if (replayed) {
+          // Per kernel: its time in the replayed graph's recorded part against the uncaptured step's.
+          const eager = new Map((gpu?.kernels ?? []).map((k) => [k.name, k]));
+          console.log(
+            `  replayed (forward, backward, norm; ${replayed.replays} replays): busy ${replayed.busyMs.toFixed(1)} ms of a ${replayed.spanMs.toFixed(1)} ms span`,
+          );
+          console.log(`  ${"kernel".padEnd(44)} ${"replayed".padStart(9)}    ${"uncaptured".padStart(10)}`);
+          for (const k of replayed.kernels.slice(0, 25)) {
+            const u = eager.get(k.name);
+            const them = u ? `${u.ms.toFixed(2).padStart(10)} ms` : "".padStart(13);
+            console.log(
+              `  ${k.name.padEnd(44)} ${k.ms.toFixed(2).padStart(9)} ms ${them}  ${k.launches} launches`,
+            );
+          }
         }
         console.log(`  tensors live at the step's peak (${prof.peakMb} MB), by the op that made them:`);
         for (const p of prof.liveAtPeak.slice(0, 12))

@@ -71,11 +71,18 @@ pub fn graph_mode() -> bool {
         .is_some_and(|t| t.graph)
 }
 
-/// Records `ev` on the stream: as an external event in graph mode (an event-record node when the
-/// stream is being captured).
+/// Records `ev` on the stream: in graph mode while the stream is being captured, as an external
+/// event (an event-record node; the flag is invalid outside a capture).
 fn record(ev: cu::CUevent, graph: bool) -> Result<(), String> {
     let stream = device()?.stream;
+    let mut status = cu::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
     if graph {
+        ck(
+            unsafe { cu::cuStreamIsCapturing(stream, &mut status) },
+            "cuStreamIsCapturing",
+        )?;
+    }
+    if status == cu::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE {
         let flags = cu::CUevent_record_flags_enum::CU_EVENT_RECORD_EXTERNAL as u32;
         ck(
             unsafe { cu::cuEventRecordWithFlags(ev, stream, flags) },

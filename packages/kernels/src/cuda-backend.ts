@@ -44,6 +44,7 @@ import {
   type PreparedClipScale,
   type QuantizeOptions,
   quantizedVia,
+  type ReplayedKernelTimes,
   type RmsnormAccumulate,
   type RopeOptions,
   type RouterResult,
@@ -184,7 +185,7 @@ export class CudaBackend extends HostLifetimes implements Backend {
    * start to last end. The events cost a little in the replay too (two event nodes a launch). The
    * graph is freed before the timing ends (its events go with it).
    */
-  async timeReplayedKernels<T>(record: () => T, replays = 3) {
+  async timeReplayedKernels<T>(record: () => T, replays = 3): Promise<ReplayedKernelTimes> {
     const n = this.cx.n;
     if (!(replays >= 1)) throw new Error(`timeReplayedKernels: ${replays} replays`);
     n.cudaSynchronize();

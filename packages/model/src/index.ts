@@ -19,11 +19,6 @@ export {
   SAMPLING_DEFAULTS,
   type SamplingOptions,
 } from "./sampling.ts";
-export {
-  type ReplayedKernelTimes,
-  type StepBatch,
-  StepRunner,
-  type StepRunnerOptions,
-} from "./step-runner.ts";
+export { type StepBatch, StepRunner, type StepRunnerOptions } from "./step-runner.ts";
 export { checkpointTensorShapes } from "./tensor-shapes.ts";
 export { type StepOptions, type StepResult, trainStep } from "./train-step.ts";

@@ -19,19 +19,15 @@
 // They borrow the graph's free memory and give it back by the end of the step, so the recording
 // stays valid. MOE8_CUDA_GRAPH=0 turns the graph off.
 import type { AdamW } from "@moe8/optimizer";
-import { type CapturedGraph, type HostArray, SINGLE_PROCESS, type Tensor } from "@moe8/tensor";
+import {
+  type CapturedGraph,
+  type HostArray,
+  type ReplayedKernelTimes,
+  SINGLE_PROCESS,
+  type Tensor,
+} from "@moe8/tensor";
 import type { BatchShape, DeepSeekModel } from "./model.ts";
 import { finishStep, type StepOptions, type StepResult, type StepTail, trainStep } from "./train-step.ts";
-
-/** Per kernel, its GPU time and launches in one replayed step (CudaBackend.timeReplayedKernels). */
-export interface ReplayedKernelTimes {
-  replays: number;
-  nodes: number;
-  spanMs: number;
-  busyMs: number;
-  kernels: { name: string; ms: number; launches: number }[];
-}
-type TimeReplayedKernels = <T>(record: () => T, replays?: number) => Promise<ReplayedKernelTimes>;
 
 export interface StepRunnerOptions {
   /** Replay from a CUDA graph where the backend can (default: unless MOE8_CUDA_GRAPH=0). */
@@ -201,8 +197,8 @@ export class StepRunner {
    * the runner does not replay (MOE8_CUDA_GRAPH=0).
    */
   async profileReplayed(batch: StepBatch, replays = 3): Promise<ReplayedKernelTimes | null> {
-    const b = this.model.b as { timeReplayedKernels?: TimeReplayedKernels };
-    if (!this.useGraph || typeof b.timeReplayedKernels !== "function") return null;
+    const b = this.model.b;
+    if (!this.useGraph || !b.timeReplayedKernels) return null;
     this.dropGraph();
     this.loadInputs(batch);
     try {

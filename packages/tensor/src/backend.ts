@@ -264,6 +264,17 @@ export interface CapturedGraph<T> {
   dispose(): void;
 }
 
+/** Per kernel, its GPU time and launches in one replay of a timed graph (Backend.timeReplayedKernels). */
+export interface ReplayedKernelTimes {
+  replays: number;
+  /** Operations recorded (with the timing's event nodes). */
+  nodes: number;
+  /** The slowest replay's first start to last end (ms). */
+  spanMs: number;
+  busyMs: number;
+  kernels: { name: string; ms: number; launches: number }[];
+}
+
 export interface Backend {
   readonly name: BackendName;
 
@@ -285,6 +296,11 @@ export interface Backend {
    * (cuda); absent on the host backends. `fn` must not read from the device or upload to it.
    */
   captureGraph?<T>(fn: () => T): CapturedGraph<T>;
+  /**
+   * GPU time per kernel of the work `record` enqueues, recorded as a graph with timing events and
+   * replayed `replays` times, then freed (cuda); absent where there is no graph to time.
+   */
+  timeReplayedKernels?<T>(record: () => T, replays?: number): Promise<ReplayedKernelTimes>;
   /** The most tensor bytes live at once since the last resetPeakBytes() (views not counted). */
   peakBytes(): number;
   resetPeakBytes(): void;

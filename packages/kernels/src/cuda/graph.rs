@@ -25,7 +25,7 @@ unsafe impl Send for Graph {}
 /// Starts recording the stream's work.
 pub fn begin() -> Result<(), String> {
     let d = device()?;
-    if timer::on() && !timer::graph_mode() {
+    if timer::mode() == Some(false) {
         return Err(
             "CUDA graph capture while kernel timing is on (bench --profile runs uncaptured; a graph is timed in the timer's graph mode)".into(),
         );
@@ -75,7 +75,7 @@ pub fn end() -> Result<Graph, String> {
         graph,
         exec,
         nodes,
-        timed: timer::graph_mode().then(timer::generation),
+        timed: (timer::mode() == Some(true)).then(timer::generation),
     })
 }
 

@@ -62,13 +62,13 @@ pub fn generation() -> u64 {
     GENERATION.load(Ordering::SeqCst)
 }
 
-/// Whether timing is on in graph mode.
-pub fn graph_mode() -> bool {
+/// Whether timing is on, and if so whether in graph mode.
+pub fn mode() -> Option<bool> {
     TIMER
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .as_ref()
-        .is_some_and(|t| t.graph)
+        .map(|t| t.graph)
 }
 
 /// Records `ev` on the stream: in graph mode while the stream is being captured, as an external

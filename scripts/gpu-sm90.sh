@@ -505,6 +505,10 @@ for v in ("sm90", "variant", "nograph", "kt", "bn128", "ring4", "nopp", "loaded"
         print(f"small step {v:<5} {s.get('tokens_per_s')} tokens/s, {s.get('ms_per_step')} ms/step, "
               f"expert GEMMs {k.get('expert_gemm_ms', '-')} ms, all GEMMs {k.get('all_gemm_ms', '-')} ms of GPU time, "
               f"CUDA graph {s.get('cuda_graph')}, host {s.get('host_ms_per_step')} ms/step, peak {s.get('peak_device_mb')} MB")
+        if "expert_load_max_over_mean" in s:
+            print(f"    expert load, largest over mean (layers' mean / worst): first step "
+                  f"{s.get('expert_load_first_max_over_mean')} / {s.get('expert_load_first_worst')}, profiled step "
+                  f"{s['expert_load_max_over_mean']} / {s.get('expert_load_worst')}")
         classes = {key[7:]: val for key, val in s.items() if key.startswith("gpu_ms_")}
         if classes:
             print("    GPU ms by class:", ", ".join(f"{c} {m}" for c, m in classes.items()))

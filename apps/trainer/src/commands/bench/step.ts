@@ -4,7 +4,7 @@
 import { writeFileSync } from "node:fs";
 import { UsageError } from "@moe8/fp8-core";
 import { availableBackends, type CudaBackend } from "@moe8/kernels";
-import { STEP_SHAPES, trainStep } from "@moe8/model";
+import { type LoadStats, STEP_SHAPES, trainStep } from "@moe8/model";
 import { Rng } from "@moe8/tensor";
 import { intFlag } from "../../args.ts";
 import { DEFAULTS, resolveModel, type TrainConfig } from "../../run/config.ts";
@@ -14,6 +14,11 @@ import { H200_BF16_GEMM_TFLOPS, H200_FP8_GEMM_TFLOPS, trainFlopsPerToken } from 
 import { byKernelClass } from "./kernel-classes.ts";
 import { profileStep } from "./profile.ts";
 import { formatRow, timeIt } from "./timing.ts";
+
+/** The baseline's learning rate (../shared/reference/torch_ref_moe.py: AdamW at 3e-4). */
+const BENCH_LR = 3e-4;
+/** Distinct batches at most (cycled beyond): 128 KiB of ids and targets a batch of small. */
+const MAX_BATCHES = 64;
 
 export async function benchStep(flags: Record<string, unknown>): Promise<number> {
   const configName = String(flags.config ?? "tiny");
@@ -42,23 +47,35 @@ export async function benchStep(flags: Record<string, unknown>): Promise<number>
     const rng = new Rng(7);
     const T = cfg.seqLen;
     const B = cfg.batchSize;
-    const ids = b.keep(b.upload(rng.ints(B * T, modelCfg.vocab_size), [B * T], "i32"));
-    const tg = b.keep(b.upload(rng.ints(B * T, modelCfg.vocab_size), [B * T], "i32"));
+    // A fresh batch of random tokens every step, uploaded before the timing, as the PyTorch
+    // baseline does: one batch repeated collapses the router within ten steps (every token to the
+    // same six of small's 64 experts), and the grouped GEMMs then time a load no training sees.
+    const pool = Array.from({ length: Math.min(steps + 12, MAX_BATCHES) }, () => {
+      const up = () => b.keep(b.upload(rng.ints(B * T, modelCfg.vocab_size), [B * T], "i32"));
+      return { ids: up(), targets: up() };
+    });
+    let drawn = 0;
+    const next = () => pool[drawn++ % pool.length];
+    const step = () => s.runner.step(next(), BENCH_LR);
+    const train = async () => {
+      const { ids, targets } = next();
+      return trainStep(s.model, s.opt, ids, targets, { batch: B, seq: T }, BENCH_LR);
+    };
     (b as { resetPeakMemory?: () => void }).resetPeakMemory?.();
     b.resetPeakBytes();
     let peakRss = 0;
     // The first step runs uncaptured (it compiles the kernels), the second records the CUDA graph
     // where there is one: both before the timed steps.
-    await s.runner.step({ ids, targets: tg }, 1e-3);
+    const first = await step();
     const ms = await timeIt(
       async () => {
-        await s.runner.step({ ids, targets: tg }, 1e-3);
+        await step();
         peakRss = Math.max(peakRss, process.memoryUsage().rss);
       },
       steps,
       120_000,
     );
-    const churn = await steadyStateChurn(b, () => s.runner.step({ ids, targets: tg }, 1e-3));
+    const churn = await steadyStateChurn(b, step);
     const tokensPerS = (B * T * 1000) / ms;
     const tflops = (trainFlopsPerToken(modelCfg, T) * tokensPerS) / 1e12;
     const peakDevice = (b as { peakMemory?: () => number }).peakMemory?.();
@@ -78,6 +95,7 @@ export async function benchStep(flags: Record<string, unknown>): Promise<number>
       // (everything but waiting for the device's results).
       cuda_graph: s.runner.replays > 0,
       host_ms_per_step: +s.runner.lastHostMs.toFixed(2),
+      ...loadSummary("expert_load_first", first.load),
     };
     if (peakDevice !== undefined) {
       row.peak_device_mb = Math.round(peakDevice / 2 ** 20);
@@ -86,17 +104,28 @@ export async function benchStep(flags: Record<string, unknown>): Promise<number>
     }
     if (flags.profile) {
       // Profiled uncaptured: per-kernel timing needs each launch to be the host's own.
-      const prof = await profileStep(b, () => trainStep(s.model, s.opt, ids, tg, { batch: B, seq: T }, 1e-3));
+      let timed: Awaited<ReturnType<typeof trainStep>> | undefined;
+      const prof = await profileStep(b, async () => {
+        timed = await train();
+      });
       // Device backends: one more step, unsynchronised, with GPU time per kernel.
       const timeKernels = (b as { timeKernels?: CudaBackend["timeKernels"] }).timeKernels?.bind(b);
       const gpu = timeKernels
-        ? await timeKernels(() => trainStep(s.model, s.opt, ids, tg, { batch: B, seq: T }, 1e-3))
+        ? await timeKernels(async () => {
+            timed = await train();
+          })
         : undefined;
       // The same step as training replays it (the recorded part: forward, backward, norm), timed
       // inside the graph: a kernel slower here or in the uncaptured step shows beside its twin.
-      const replayed = gpu ? await s.runner.profileReplayed({ ids, targets: tg }) : null;
+      const replayed = gpu ? await s.runner.profileReplayed(next()) : null;
       const file = `bench-profile-${configName}-${b.name}-${precision}.json`;
-      writeFileSync(file, `${JSON.stringify({ ...prof, gpu, gpuReplayed: replayed }, null, 2)}\n`);
+      // The experts' loads of the profiled step, per MoE layer: the grouped GEMMs' times follow
+      // them (the Wgrad's most: an expert's tokens are its reduction).
+      const expertLoad = timed?.load.map((l) => l.counts);
+      writeFileSync(
+        file,
+        `${JSON.stringify({ ...prof, gpu, gpuReplayed: replayed, expertLoad }, null, 2)}\n`,
+      );
       const classes = gpu ? byKernelClass(gpu.kernels) : [];
       if (gpu) {
         row.gpu_busy_ms = +gpu.busyMs.toFixed(1);
@@ -110,6 +139,7 @@ export async function benchStep(flags: Record<string, unknown>): Promise<number>
         row.gpu_replayed_busy_ms = +replayed.busyMs.toFixed(1);
         row.gpu_replayed_span_ms = +replayed.spanMs.toFixed(1);
       }
+      Object.assign(row, loadSummary("expert_load", timed?.load));
       row.profile = file;
       if (!flags.json) {
         for (const p of prof.ops.slice(0, 12))
@@ -146,12 +176,27 @@ export async function benchStep(flags: Record<string, unknown>): Promise<number>
     }
     rows.push(row);
     if (!flags.json) console.log(formatRow(row));
-    ids.dispose();
-    tg.dispose();
+    for (const x of pool) {
+      x.ids.dispose();
+      x.targets.dispose();
+    }
     s.dispose();
   }
   if (flags.json) console.log(JSON.stringify(rows.length === 1 ? rows[0] : rows));
   return 0;
+}
+
+/**
+ * The experts' loads of a step in two numbers (none without MoE layers): `<prefix>_max_over_mean`, the
+ * layers' mean of the largest load over the mean load, and `<prefix>_worst`, the largest of them.
+ */
+function loadSummary(prefix: string, load: LoadStats[] | undefined): Record<string, number> {
+  if (!load?.length) return {};
+  const r = load.map((l) => l.maxOverMean);
+  return {
+    [`${prefix}_max_over_mean`]: +(r.reduce((a, x) => a + x, 0) / r.length).toFixed(3),
+    [`${prefix}_worst`]: +Math.max(...r).toFixed(3),
+  };
 }
 
 /**

@@ -120,43 +120,9 @@ pub fn start(label: impl FnOnce() -> String) -> Result<Option<Mark>, String> {
             t.labels.len() - 1
         }
     };
-    if !t.graph {
-        isolate(&t.labels[id])?;
-    }
     let ev = event()?;
     record(ev, t.graph)?;
     Ok(Some(Mark(id, ev)))
-}
-
-/// MOE8_PROFILE_ISOLATE="NAME[:US]", a diagnosis of the uncaptured profile (not for training):
-/// before each timed launch whose label contains NAME, wait for the stream to drain and then US
-/// microseconds more (default 0), so that the launch starts on an idle GPU as under Nsight Compute.
-/// It tells what a kernel loses to the work just before it (notes/sm90-gemm.md, 26th session).
-fn isolate(label: &str) -> Result<(), String> {
-    type Spec = Result<Option<(String, u64)>, String>;
-    static SPEC: std::sync::OnceLock<Spec> = std::sync::OnceLock::new();
-    let spec = SPEC.get_or_init(|| {
-        let Some(v) = std::env::var("MOE8_PROFILE_ISOLATE")
-            .ok()
-            .filter(|v| !v.is_empty())
-        else {
-            return Ok(None);
-        };
-        let (name, us) = v.split_once(':').unwrap_or((&v, "0"));
-        let us = us.parse().map_err(|_| {
-            format!("MOE8_PROFILE_ISOLATE=\"{v}\": expected NAME or NAME:MICROSECONDS")
-        })?;
-        Ok(Some((name.to_string(), us)))
-    });
-    let Some((name, us)) = spec.as_ref().map_err(|e| e.clone())? else {
-        return Ok(());
-    };
-    if !label.contains(name.as_str()) {
-        return Ok(());
-    }
-    super::synchronize()?;
-    std::thread::sleep(std::time::Duration::from_micros(*us));
-    Ok(())
 }
 
 /// Records the end of a timed launch.

@@ -316,7 +316,8 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
   # Per kernel, the GPU time a launch takes in the profiled step (CUDA events around each launch)
   # against Nsight Compute's duration of its launches in uncaptured small fp8 steps, under
   # NCU_VS_PROFILE_ENV ("NAME=value ..."): which kernels the profile puts above their own time (the
-  # experts' Wgrad ~30%: packages/kernels/notes/sm90-gemm.md, twenty-fourth session).
+  # two runs time different steps: a grouped GEMM follows each step's expert loads; notes/sm90-gemm.md,
+  # twenty-sixth session).
   # $OUT/ncu-vs-profile.txt. Only when STEPS names it (it takes a minute or two).
   if command -v ncu >/dev/null 2>&1 && [[ " $STEPS " == *" ncu-vs-profile "* ]]; then
     step ncu-vs-profile 240 60 env ${NCU_VS_PROFILE_ENV:-} sh -c "bun apps/trainer/src/cli.ts bench step --config small \

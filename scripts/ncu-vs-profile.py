@@ -3,9 +3,11 @@
 launch of an uncaptured step) against Nsight Compute's duration of the same kernel's launches
 (`ncu --csv --page raw --metrics gpu__time_duration.sum` over whole steps), largest total first.
 
-The two agree within a few microseconds a launch for most kernels; one that reads far above its
-Nsight time in the profile is slowed by its place in the stream, or mis-timed by the events
-(packages/kernels/notes/sm90-gemm.md, "Twenty-fourth session": the experts' Wgrad, ~30%). Used by
+The two agree within a few microseconds a launch for every kernel of small's step. One that reads
+far above its Nsight time in the profile ran on other data: the two runs time different steps, so
+a grouped GEMM follows the experts' loads of each (the experts' Wgrad read ~30% above while `bench
+step` repeated one batch and the router collapsed: packages/kernels/notes/sm90-gemm.md,
+"Twenty-sixth session"). Used by
 scripts/gpu-sm90.sh (step ncu-vs-profile). Usage: python3 scripts/ncu-vs-profile.py ncu.csv
 bench-profile-small-cuda-fp8.json [rows]
 """

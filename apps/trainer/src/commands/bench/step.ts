@@ -50,7 +50,10 @@ export async function benchStep(flags: Record<string, unknown>): Promise<number>
     // A fresh batch of random tokens every step, uploaded before the timing, as the PyTorch
     // baseline does: one batch repeated collapses the router within ten steps (every token to the
     // same six of small's 64 experts), and the grouped GEMMs then time a load no training sees.
-    const pool = Array.from({ length: Math.min(steps + 12, MAX_BATCHES) }, () => {
+    // Steps drawn: the first, timeIt's warm-up and the timed ones, the churn's, and with --profile
+    // three more (profiled, kernel-timed, replayed).
+    const draws = 2 + steps + CHURN_STEPS + (flags.profile ? 3 : 0);
+    const pool = Array.from({ length: Math.min(draws, MAX_BATCHES) }, () => {
       const up = () => b.keep(b.upload(rng.ints(B * T, modelCfg.vocab_size), [B * T], "i32"));
       return { ids: up(), targets: up() };
     });

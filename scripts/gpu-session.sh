@@ -14,6 +14,8 @@
 #            scripts/gpu-sm90.sh (op suite, sanitizers, bench gemm, small step with and without it,
 #            PyTorch anchors), a table last
 #   balance  expert balance against the embedding's init std: small on cuda, tiny on cpu (issue 23)
+#   mtp      multi-token prediction: tiny on cuda against cpu (main and MTP loss curves), small's
+#            fp8 step with and without the module, and transformers scoring both heads of a checkpoint
 #   multi    several GPUs (a kind with two or more): small as one process, --gpus N and --gpus N
 #            --expert-parallel; loss curves, scaling efficiency, exchange time (scripts/gpu-multi.sh)
 set -u
@@ -74,6 +76,32 @@ if want hf; then
   moe8 eval --checkpoint "$dir" --data datasets/default --batches 1 --batch-size 4 --precision fp32 --backend cpu --json | tee "$OUT/eval-moe8.json"
   python3 scripts/hf_check.py "$dir" "$OUT/windows.bin" 64 2>"$OUT/hf-stderr.txt" | tee "$OUT/eval-hf.json"
   tail -3 "$OUT/hf-stderr.txt"
+fi
+if want mtp; then
+  echo; echo "=== multi-token prediction: tiny 200 steps, cuda against cpu ==="
+  for be in cuda cpu; do
+    timeout 240 bun apps/trainer/src/cli.ts train --backend $be --steps 200 --eval-every 100 --log-every 50 \
+      --model.num_nextn_predict_layers 1 --out "$OUT/mtp-$be" 2>&1 | tail -5
+  done
+  bun -e 'const f=(p)=>require("fs").readFileSync(p,"utf8").trim().split("\n").map(JSON.parse);
+    const t=(rows,k)=>rows.slice(-20).reduce((s,r)=>s+r[k],0)/20;
+    const [a,b]=[f(process.argv[1]),f(process.argv[2])];
+    console.log(JSON.stringify({cuda:{loss:t(a,"loss"),mtp:t(a,"mtp_loss")},cpu:{loss:t(b,"loss"),mtp:t(b,"mtp_loss")},
+      rel_loss:(t(a,"loss")-t(b,"loss"))/t(b,"loss"),rel_mtp:(t(a,"mtp_loss")-t(b,"mtp_loss"))/t(b,"mtp_loss")}))' \
+    "$OUT/mtp-cuda/metrics.jsonl" "$OUT/mtp-cpu/metrics.jsonl" | tee "$OUT/mtp-curve.json"
+  echo; echo "=== small fp8 step on cuda: without and with the MTP module ==="
+  for flag in "" --mtp; do
+    timeout 240 bun apps/trainer/src/cli.ts bench step --config small --backend cuda --precision fp8 --steps 10 $flag --json | tail -1 | tee -a "$OUT/mtp-bench.jsonl"
+  done
+  echo; echo "=== transformers scores a checkpoint with the MTP module (fp32, the same windows) ==="
+  ck="$OUT/run-hf-mtp"
+  moe8 train --backend cuda --steps 30 --batch-size 4 --seq-len 64 --eval-every 0 \
+    --model.num_nextn_predict_layers 1 --out "$ck" > "$OUT/hf-mtp-train.txt" 2>&1
+  dir=$(ls -d "$ck"/checkpoints/step-* | tail -1)
+  bun apps/trainer/scripts/dump-windows.ts datasets/default 64 4 "$OUT/windows-mtp.bin"
+  moe8 eval --checkpoint "$dir" --data datasets/default --batches 1 --batch-size 4 --seq-len 64 --precision fp32 --backend cpu --json | tee "$OUT/eval-mtp-moe8.json"
+  python3 scripts/hf_mtp_check.py "$dir" "$OUT/windows-mtp.bin" 64 2>"$OUT/hf-mtp-stderr.txt" | tee "$OUT/eval-mtp-hf.json"
+  tail -3 "$OUT/hf-mtp-stderr.txt"
 fi
 if want curve; then
   echo; echo "=== tiny, 200 steps: cuda against cpu ==="

@@ -1,6 +1,7 @@
 // TensorBoard event files, read back with the `tensorboard` Python package's own reader
 // (EventAccumulator): every scalar equals metrics.jsonl's value (as the f32 an event stores), for a
-// run killed and resumed (a second event file) and extended with --steps.
+// run killed and resumed (a second event file) and extended with --steps; a run with multi-token
+// prediction, so that its loss is among them.
 import { spawnSync } from "node:child_process";
 import { existsSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
@@ -43,7 +44,17 @@ const FLAGS = [...QUICK, "--backend", "cpu", "--eval-every", "4", "--save-every"
 describe("TensorBoard", () => {
   it("killed, resumed and extended: the scalars equal metrics.jsonl's, steps once each", async () => {
     const run = join(tmp("tb"), "run");
-    const a = started(["train", ...FLAGS, "--steps", "40", "--out", run]);
+    // With the multi-token prediction module, so that every scalar (its loss too) is written.
+    const a = started([
+      "train",
+      ...FLAGS,
+      "--steps",
+      "40",
+      "--model.num_nextn_predict_layers",
+      "1",
+      "--out",
+      run,
+    ]);
     await until(() => lastStep(run) >= 10 || a.out.done);
     a.child.kill("SIGKILL"); // past step 8's checkpoint: the steps after it are logged twice
     expect((await a.exit).signal).toBe("SIGKILL");

@@ -40,6 +40,7 @@ const DESCRIPTIONS: Record<string, string> = {
   "log-every": "steps between progress lines",
   lr: "peak learning rate",
   "max-bad-steps": "stop after this many non-finite steps in a row",
+  mtp: "bench step: with the multi-token prediction module (num_nextn_predict_layers 1)",
   "model.base": "the preset the --model.* fields change: tiny or small",
   "no-kv-cache": "run the whole context again for every token (slow; to check the KV cache)",
   "num-samples": "independent samples generated from the prompt",

@@ -51,6 +51,19 @@ export interface ModelConfig {
    */
   router_noise?: number;
   router_noise_until?: number;
+  /**
+   * Multi-token prediction modules (Hugging Face's field; 0 when absent): 1 adds DeepSeek-V3's MTP
+   * module of depth 1, which predicts token i + 2 from position i through one more transformer block
+   * sharing the embedding and the output head (docs/model.md, "Multi-token prediction").
+   */
+  num_nextn_predict_layers?: number;
+  /** The MTP loss's weight lambda in the training loss (moe8's own field; 0.3 when absent, as DeepSeek-V3 starts). */
+  mtp_loss_weight?: number;
+}
+
+/** The MTP loss weight of a config with MTP (DeepSeek-V3's 0.3 when unset). */
+export function mtpLossWeight(c: ModelConfig): number {
+  return c.mtp_loss_weight ?? 0.3;
 }
 
 const common = {
@@ -151,9 +164,24 @@ export function countParams(c: ModelConfig): { total: number; active: number } {
   const nDense = c.first_k_dense_replace;
   const nMoe = c.num_hidden_layers - nDense;
   const io = 2 * c.vocab_size * d + d;
+  // The MTP module: its norms (enorm, hnorm, shared_head.norm), eh_proj [d, 2d] and one more block
+  // (a MoE block, as the layers past first_k_dense_replace); the embedding and head are shared.
+  const mtp = c.num_nextn_predict_layers ?? 0;
+  const mtpOwn = 3 * d + 2 * d * d + attn;
+  const mtpDense = c.num_hidden_layers < nDense;
   return {
-    total: io + c.num_hidden_layers * attn + nDense * dense + nMoe * moeTotal,
-    active: io + c.num_hidden_layers * attn + nDense * dense + nMoe * moeActive,
+    total:
+      io +
+      c.num_hidden_layers * attn +
+      nDense * dense +
+      nMoe * moeTotal +
+      mtp * (mtpOwn + (mtpDense ? dense : moeTotal)),
+    active:
+      io +
+      c.num_hidden_layers * attn +
+      nDense * dense +
+      nMoe * moeActive +
+      mtp * (mtpOwn + (mtpDense ? dense : moeActive)),
   };
 }
 

@@ -42,6 +42,8 @@ export function hfConfig(c: ModelConfig): Record<string, unknown> {
     attention_dropout: 0.0,
     torch_dtype: "float32",
     use_cache: true,
+    // DeepSeek-V3's MTP module, stored as layer num_hidden_layers (transformers leaves it unused).
+    num_nextn_predict_layers: c.num_nextn_predict_layers ?? 0,
     // moe8's own fields (ignored by transformers): the balancing hyperparameters.
     moe8_bias_update_speed: c.bias_update_speed,
     moe8_bias_update_rule: c.bias_update_rule,
@@ -50,6 +52,7 @@ export function hfConfig(c: ModelConfig): Record<string, unknown> {
     moe8_router_init_std: c.router_init_std ?? c.initializer_range,
     moe8_router_noise: c.router_noise ?? 0,
     moe8_router_noise_until: c.router_noise_until ?? 0.5,
+    moe8_mtp_loss_weight: c.mtp_loss_weight ?? 0.3,
   };
 }
 
@@ -91,6 +94,9 @@ export function fromHfConfig(j: Record<string, unknown>): ModelConfig {
     // Checkpoints written before router noise trained without it.
     router_noise: n("moe8_router_noise", 0),
     router_noise_until: n("moe8_router_noise_until", 0.5),
+    // Checkpoints written before multi-token prediction had none.
+    num_nextn_predict_layers: n("num_nextn_predict_layers", 0),
+    mtp_loss_weight: n("moe8_mtp_loss_weight", 0.3),
   };
 }
 

@@ -4,6 +4,7 @@ export {
   CONFIGS,
   countParams,
   type ModelConfig,
+  mtpLossWeight,
   routerNoiseAt,
   routerNoiseSeed,
   STEP_SHAPES,
@@ -11,7 +12,7 @@ export {
 export { type GenerateOptions, generate, generateByRecompute } from "./generate.ts";
 export { fromHfConfig, hfConfig, hfConfigText } from "./hf.ts";
 export { KvCacheDecoder } from "./kv-decode.ts";
-export { type BatchShape, DeepSeekModel } from "./model.ts";
+export { type BatchShape, DeepSeekModel, type StepLosses } from "./model.ts";
 export {
   drawToken,
   hfGenerationConfig,

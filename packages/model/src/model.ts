@@ -15,7 +15,7 @@ import {
   Rng,
   type Tensor,
 } from "@moe8/tensor";
-import type { ModelConfig } from "./config.ts";
+import { type ModelConfig, mtpLossWeight } from "./config.ts";
 
 /**
  * Rows of logits computed at once by the loss: only one chunk's [rows, vocab] logits and their
@@ -30,6 +30,13 @@ export interface NamedTensor {
   tensor: Tensor;
   shape: number[];
   offset: number;
+}
+
+/** A forward's losses, one-element tensors: cross-entropy, total, and the MTP loss (null without MTP). */
+export interface StepLosses {
+  ce: Tensor;
+  total: Tensor;
+  mtp: Tensor | null;
 }
 
 export interface BatchShape {
@@ -54,6 +61,31 @@ interface Saved {
   ids: Tensor;
 }
 
+/**
+ * DeepSeek-V3's multi-token prediction module of depth 1 (docs/model.md, "Multi-token prediction"):
+ * position i's last hidden state and the embedding of token i + 1, each normalised, concatenated
+ * and projected back to d (eh_proj), then one more transformer block and its own final norm ahead
+ * of the shared output head, which predicts token i + 2.
+ */
+interface MtpModule {
+  enorm: Param;
+  hnorm: Param;
+  ehProj: Linear;
+  block: Block;
+  norm: Param;
+}
+
+/** What the MTP module's backward needs from its forward. */
+interface MtpSaved {
+  /** Embeddings of tokens i + 1 (the targets) and the trunk's last hidden states (not owned). */
+  e: Tensor;
+  hLast: Tensor;
+  rstdE: Tensor;
+  rstdH: Tensor;
+  /** The block's activations; hFinal/rstdF: the block's output and its final norm's rstd. */
+  block: Saved;
+}
+
 function attentionPrecision(p: PrecisionPolicy): AttentionPrecision {
   return { linear: p.attention, core: p.attention.outputs === "f32" ? "f32" : "bf16" };
 }
@@ -71,7 +103,10 @@ export class DeepSeekModel {
   readonly norm: Param;
   readonly head: Linear;
   readonly trace = new PrecisionTrace();
+  /** The multi-token prediction module (num_nextn_predict_layers 1), else null. */
+  readonly mtp: MtpModule | null = null;
   private saved: Saved | null = null;
+  private mtpSaved: MtpSaved | null = null;
 
   /** The expert-parallel group of the MoE layers (null: each holds all its experts). */
   readonly expertGroup: Collectives | null;
@@ -104,30 +139,10 @@ export class DeepSeekModel {
     });
     this.params.push(this.embed);
     const norm = (name: string) => Param.create(b, { name, init: ones(d), shape: [d], decay: false });
-    const trace = this.trace;
     for (let l = 0; l < cfg.num_hidden_layers; l++) {
-      const p = `model.layers.${l}`;
-      const ln1 = norm(`${p}.input_layernorm.weight`);
-      const attn = new MLA(b, {
-        cfg,
-        prefix: `${p}.self_attn`,
-        precision: attentionPrecision(policy),
-        init,
-        trace,
-      });
-      const ln2 = norm(`${p}.post_attention_layernorm.weight`);
-      const moe = { prefix: `${p}.mlp`, precision: policy["moe-layers"], init, trace };
-      const mlp =
-        l < cfg.first_k_dense_replace
-          ? new SwiGluMlp(b, { ...moe, hidden: d, intermediate: cfg.intermediate_size, pkg: "moe-layers" })
-          : new MoELayer(b, {
-              ...moe,
-              cfg,
-              routerInit: (n) => rng.normals(n, cfg.router_init_std ?? std),
-              expertGroup,
-            });
-      this.blocks.push({ ln1, attn, ln2, mlp });
-      this.params.push(ln1, ...attn.params, ln2, ...mlp.params);
+      const blk = this.buildBlock(cfg, policy, l, init, rng, norm, expertGroup);
+      this.blocks.push(blk);
+      this.params.push(...blockParams(blk));
     }
     this.norm = norm("model.norm.weight");
     const headW = Param.create(b, {
@@ -141,34 +156,123 @@ export class DeepSeekModel {
       precision: policy.model,
       pkg: "model",
       layer: "lm_head",
-      trace,
+      trace: this.trace,
       storeBf16: true,
     });
     this.params.push(this.norm, headW);
+    if ((cfg.num_nextn_predict_layers ?? 0) > 0) {
+      // Drawn after the head: a config with MTP has the same weights as one without, plus its own.
+      const mtp = this.buildMtp(cfg, policy, init, rng, norm, expertGroup);
+      this.mtp = mtp;
+      this.params.push(mtp.enorm, mtp.hnorm, mtp.ehProj.weight, ...blockParams(mtp.block), mtp.norm);
+    }
     const g = this.expertGroup;
     this.expertSplit = g
       ? { rank: g.rank, size: g.size, params: new Set(this.moeLayers.flatMap((m) => m.experts.params)) }
       : null;
+    // The MTP module's backward runs before the trunk's: its gradients are final right after the
+    // head's and the final norm's.
+    const m = this.mtp;
     this.gradBuckets.push(
       [this.norm, headW],
-      ...this.blocks.map((k) => [k.ln1, ...k.attn.params, k.ln2, ...k.mlp.params]).reverse(),
+      ...(m ? [[m.norm, ...blockParams(m.block), m.ehProj.weight, m.enorm, m.hnorm]] : []),
+      ...this.blocks.map(blockParams).reverse(),
       [this.embed],
     );
+  }
+
+  /** Transformer block l: attention, and a dense MLP before first_k_dense_replace, MoE after. */
+  private buildBlock(
+    cfg: ModelConfig,
+    policy: PrecisionPolicy,
+    l: number,
+    init: (n: number) => Float32Array,
+    rng: Rng,
+    norm: (name: string) => Param,
+    expertGroup: Collectives | undefined,
+  ): Block {
+    const b = this.b;
+    const trace = this.trace;
+    const p = `model.layers.${l}`;
+    const ln1 = norm(`${p}.input_layernorm.weight`);
+    const attn = new MLA(b, {
+      cfg,
+      prefix: `${p}.self_attn`,
+      precision: attentionPrecision(policy),
+      init,
+      trace,
+    });
+    const ln2 = norm(`${p}.post_attention_layernorm.weight`);
+    const moe = { prefix: `${p}.mlp`, precision: policy["moe-layers"], init, trace };
+    const mlp =
+      l < cfg.first_k_dense_replace
+        ? new SwiGluMlp(b, {
+            ...moe,
+            hidden: cfg.hidden_size,
+            intermediate: cfg.intermediate_size,
+            pkg: "moe-layers",
+          })
+        : new MoELayer(b, {
+            ...moe,
+            cfg,
+            routerInit: (n) => rng.normals(n, cfg.router_init_std ?? cfg.initializer_range),
+            expertGroup,
+          });
+    return { ln1, attn, ln2, mlp };
+  }
+
+  /** The MTP module, named as DeepSeek-V3's checkpoints name it: layer num_hidden_layers. */
+  private buildMtp(
+    cfg: ModelConfig,
+    policy: PrecisionPolicy,
+    init: (n: number) => Float32Array,
+    rng: Rng,
+    norm: (name: string) => Param,
+    expertGroup: Collectives | undefined,
+  ): MtpModule {
+    const b = this.b;
+    const d = cfg.hidden_size;
+    const l = cfg.num_hidden_layers;
+    const p = `model.layers.${l}`;
+    const enorm = norm(`${p}.enorm.weight`);
+    const hnorm = norm(`${p}.hnorm.weight`);
+    // eh_proj follows the model package's policy, as the output head does (docs/model.md).
+    const ehW = Param.create(b, {
+      name: `${p}.eh_proj.weight`,
+      init: init(d * 2 * d),
+      shape: [d, 2 * d],
+      decay: true,
+    });
+    const ehProj = new Linear(ehW, {
+      precision: policy.model,
+      pkg: "model",
+      layer: "eh_proj",
+      trace: this.trace,
+    });
+    const block = this.buildBlock(cfg, policy, l, init, rng, norm, expertGroup);
+    return { enorm, hnorm, ehProj, block, norm: norm(`${p}.shared_head.norm.weight`) };
   }
 
   /** Switches precision policy (all packages) without touching the weights. */
   setPolicy(policy: PrecisionPolicy): void {
     this.policy = policy;
-    for (const blk of this.blocks) {
+    for (const blk of this.allBlocks) {
       blk.attn.setPrecision(attentionPrecision(policy));
       blk.mlp.setPrecision(policy["moe-layers"]);
     }
     this.head.precision = policy.model;
+    if (this.mtp) this.mtp.ehProj.precision = policy.model;
     this.trace.clear();
   }
 
+  /** The trunk's blocks, then the MTP module's (layer num_hidden_layers) when there is one. */
+  private get allBlocks(): Block[] {
+    return this.mtp ? [...this.blocks, this.mtp.block] : this.blocks;
+  }
+
+  /** Every MoE layer: the trunk's, then the MTP module's (routed, balanced and counted like them). */
   get moeLayers(): MoELayer[] {
-    return this.blocks.map((b) => b.mlp).filter((m): m is MoELayer => m instanceof MoELayer);
+    return this.allBlocks.map((b) => b.mlp).filter((m): m is MoELayer => m instanceof MoELayer);
   }
 
   /**
@@ -177,9 +281,9 @@ export class DeepSeekModel {
    */
   readonly expertSplit: { rank: number; size: number; params: Set<Param> } | null;
 
-  /** The layer number of each of `moeLayers` (the dense layers come first). */
+  /** The layer number of each of `moeLayers` (the dense layers come first; the MTP module's is num_hidden_layers). */
   get moeLayerNumbers(): number[] {
-    return this.blocks.flatMap((b, l) => (b.mlp instanceof MoELayer ? [l] : []));
+    return this.allBlocks.flatMap((b, l) => (b.mlp instanceof MoELayer ? [l] : []));
   }
 
   /** Logits [B*T, V] (f32) for token ids [B*T] (i32). Activations for backward are saved. */
@@ -391,35 +495,171 @@ export class DeepSeekModel {
   }
 
   /**
-   * Backpropagates d(final normalised hidden states) (and releases it) through the blocks; calls
-   * `onGrads` with each of `gradBuckets` once its gradients are final (the head's were made before).
+   * The MTP loss: mean cross-entropy of head(y) at every position but each sequence's last against
+   * the token two ahead (targets one row on), weighted by mtp_loss_weight in the gradient (not in
+   * the returned mean); d(loss)/dy with the head's weight gradient accumulated. Row chunks of at most
+   * `LOSS_CHUNK_ROWS`, none crossing a sequence's end; the rows without a target get no gradient.
    */
-  private backwardTrunk(dn: Tensor, onGrads?: (params: Param[]) => void): void {
+  private mtpHeadLoss(
+    y: Tensor,
+    targets: Tensor,
+    shape: BatchShape,
+    withGrad: boolean,
+    gradScale: number,
+  ): { loss: Tensor; dy: Tensor | null } {
+    const b = this.b;
+    const T = shape.seq;
+    if (T < 2) throw new Error("model: multi-token prediction needs sequences of at least 2 tokens");
+    const N = shape.batch * (T - 1);
+    const w = mtpLossWeight(this.cfg);
+    const dy = withGrad ? b.zeros(y.shape) : null;
+    let loss: Tensor | null = null;
+    this.head.withWeightCopy(() => {
+      for (let s = 0; s < shape.batch; s++)
+        for (let r0 = 0; r0 < T - 1; r0 += LOSS_CHUNK_ROWS) {
+          const n = Math.min(LOSS_CHUNK_ROWS, T - 1 - r0);
+          const row = s * T + r0;
+          const kept = b.scope(() => {
+            const logits = this.head.forward(b.rows(y, row, n));
+            if (!withGrad) this.head.clearSaved();
+            const ce = b.crossEntropy(
+              logits,
+              b.rows(targets, row + 1, n),
+              (n / N) * gradScale * w,
+              withGrad && this.head.readsGradInBf16(),
+            );
+            logits.dispose();
+            if (dy) b.setRows(dy, row, this.head.backward(ce.dlogits));
+            ce.dlogits.dispose();
+            return b.keep(b.scale(ce.loss, n / N));
+          });
+          const share = b.copy(kept);
+          b.release(kept);
+          loss = loss ? b.add(loss, share) : share;
+        }
+    });
+    return { loss: loss!, dy };
+  }
+
+  /**
+   * The MTP module's forward up to its block's MLP (the caller runs a MoE layer, sync or awaited):
+   * [enorm(embed(t_{i+1})) | hnorm(h_i)] through eh_proj, h_i the trunk's last hidden states
+   * (before its final norm), as DeepSeek-V3's inference code concatenates them.
+   */
+  private mtpStart(
+    targets: Tensor,
+    shape: BatchShape,
+  ): { h: Tensor } | { moe: MoELayer; x: Tensor; mid: Tensor } {
+    const b = this.b;
+    const m = this.mtp!;
+    const eps = this.cfg.rms_norm_eps;
+    const s = this.saved;
+    if (!s) throw new Error("model: the MTP module's forward without the trunk's");
+    const e = b.embedding(this.embed.value, targets);
+    const en = b.rmsnorm(e, m.enorm.value, eps);
+    const hn = b.rmsnorm(s.hFinal, m.hnorm.value, eps);
+    const c = b.headConcat(en.y, hn.y, 1, 1);
+    en.y.dispose();
+    hn.y.dispose();
+    const x = m.ehProj.forward(c);
+    if (!m.ehProj.retains(c)) c.dispose();
+    const block: Saved = { hs: [], rstd1: [], rstd2: [], mids: [], hFinal: x, rstdF: x, ids: targets };
+    this.mtpSaved = { e, hLast: s.hFinal, rstdE: en.rstd, rstdH: hn.rstd, block };
+    return this.blockForward(m.block, x, block, shape);
+  }
+
+  /** After the MTP block (its output h): its own final norm (shared_head.norm), the head's input. */
+  private mtpEnd(h: Tensor): Tensor {
+    const ms = this.mtpSaved!;
+    const nf = this.b.rmsnorm(h, this.mtp!.norm.value, this.cfg.rms_norm_eps);
+    ms.block.hFinal = h;
+    ms.block.rstdF = nf.rstd;
+    return nf.y;
+  }
+
+  /** The MTP module's backward from d(its head input) (released) up to its block's MLP: d(block output). */
+  private mtpBackwardStart(dy: Tensor): Tensor {
+    const ms = this.mtpSaved!;
+    const m = this.mtp!;
+    const fin = this.b.rmsnormBackward(dy, ms.block.hFinal, m.norm.value, ms.block.rstdF, {
+      dw: m.norm.grad,
+    });
+    dy.dispose();
+    return fin.dx;
+  }
+
+  /**
+   * The rest of the MTP module's backward (dMlp: d(the block's MLP input)): the block's norms and
+   * attention, eh_proj, the two norms; the embedding's gradient accumulated, d(h_i) added into dh.
+   */
+  private mtpBackwardEnd(dBlock: Tensor, dMlp: Tensor, dh: Tensor): void {
+    const b = this.b;
+    const ms = this.mtpSaved!;
+    const m = this.mtp!;
+    this.mtpSaved = null;
+    this.blockBackwardRest(m.block, ms.block, 0, dBlock, dMlp);
+    const dc = m.ehProj.backward(dBlock);
+    const d = this.cfg.hidden_size;
+    const half = (start: number) => b.headSlice(dc, { heads: 1, width: 2 * d, start, len: d });
+    const [den, dhn] = [half(0), half(d)];
+    dc.dispose();
+    const de = b.rmsnormBackward(den, ms.e, m.enorm.value, ms.rstdE, { dw: m.enorm.grad }).dx;
+    b.embeddingBackward(this.embed.grad, de, ms.block.ids);
+    b.rmsnormBackward(dhn, ms.hLast, m.hnorm.value, ms.rstdH, { dx: dh, dw: m.hnorm.grad });
+  }
+
+  /**
+   * Backpropagates d(final normalised hidden states) (and releases it) through the MTP module's
+   * backward (when given) and the blocks; calls `onGrads` with each of `gradBuckets` once its
+   * gradients are final (the head's were made before).
+   */
+  private backwardTrunk(dn: Tensor, onGrads?: (params: Param[]) => void, mtpDy?: Tensor): void {
     const b = this.b;
     const { s, dh } = this.backwardStart(dn, onGrads);
+    if (mtpDy) {
+      b.scope(() => {
+        const dBlock = this.mtpBackwardStart(mtpDy);
+        this.mtpBackwardEnd(dBlock, this.mtp!.block.mlp.backward(dBlock), dh);
+      });
+      onGrads?.(this.gradBuckets[1]);
+    }
     // Each block's backward runs in its own arena: its temporaries (activation gradients, FP8
     // copies) are freed before the next block's, instead of all living to the end of the step.
     // Only dh and the parameter gradients (both accumulated in place) outlive it.
+    const first = this.mtp ? 2 : 1;
     for (let l = this.blocks.length - 1; l >= 0; l--) {
       b.scope(() => {
-        this.blockBackwardRest(l, s, dh, this.blocks[l].mlp.backward(dh));
+        this.blockBackwardRest(this.blocks[l], s, l, dh, this.blocks[l].mlp.backward(dh));
       });
-      onGrads?.(this.gradBuckets[this.blocks.length - l]);
+      onGrads?.(this.gradBuckets[first + this.blocks.length - 1 - l]);
     }
     this.backwardEnd(s, dh, onGrads);
   }
 
   /** backwardTrunk with expert-parallel MoE layers (awaited: each exchanges gradients with the group). */
-  private async backwardTrunkExpertParallel(dn: Tensor, onGrads?: (params: Param[]) => void): Promise<void> {
+  private async backwardTrunkExpertParallel(
+    dn: Tensor,
+    onGrads?: (params: Param[]) => void,
+    mtpDy?: Tensor,
+  ): Promise<void> {
     const b = this.b;
     const { s, dh } = this.backwardStart(dn, onGrads);
-    for (let l = this.blocks.length - 1; l >= 0; l--) {
-      const mlp = this.blocks[l].mlp;
+    const mlpBackward = async (mlp: SwiGluMlp | MoELayer, dy: Tensor) =>
+      mlp instanceof MoELayer ? await mlp.backwardExpertParallel(dy) : mlp.backward(dy);
+    if (mtpDy) {
       await b.scope(async () => {
-        const dy = mlp instanceof MoELayer ? await mlp.backwardExpertParallel(dh) : mlp.backward(dh);
-        this.blockBackwardRest(l, s, dh, dy);
+        const dBlock = this.mtpBackwardStart(mtpDy);
+        this.mtpBackwardEnd(dBlock, await mlpBackward(this.mtp!.block.mlp, dBlock), dh);
       });
-      onGrads?.(this.gradBuckets[this.blocks.length - l]);
+      onGrads?.(this.gradBuckets[1]);
+    }
+    const first = this.mtp ? 2 : 1;
+    for (let l = this.blocks.length - 1; l >= 0; l--) {
+      const blk = this.blocks[l];
+      await b.scope(async () => {
+        this.blockBackwardRest(blk, s, l, dh, await mlpBackward(blk.mlp, dh));
+      });
+      onGrads?.(this.gradBuckets[first + this.blocks.length - 1 - l]);
     }
     this.backwardEnd(s, dh, onGrads);
   }
@@ -436,24 +676,24 @@ export class DeepSeekModel {
     return { s, dh: fin.dx }; // dh in the caller's arena (the step's)
   }
 
-  /** Block l's backward after its MLP's (dy: d(MLP input)): the norms' and the attention's. */
-  private blockBackwardRest(l: number, s: Saved, dh: Tensor, dy: Tensor): void {
+  /** Block blk's backward after its MLP's (dy: d(MLP input)), its activations entry i of s: the norms' and the attention's. */
+  private blockBackwardRest(blk: Block, s: Saved, i: number, dh: Tensor, dy: Tensor): void {
     const b = this.b;
-    const blk = this.blocks[l];
     // dh becomes d(mid): the residual plus the FFN branch.
-    b.rmsnormBackward(dy, s.mids[l], blk.ln2.value, s.rstd2[l], { dx: dh, dw: blk.ln2.grad });
+    b.rmsnormBackward(dy, s.mids[i], blk.ln2.value, s.rstd2[i], { dx: dh, dw: blk.ln2.grad });
     const da = blk.attn.backward(dh);
-    b.rmsnormBackward(da, s.hs[l], blk.ln1.value, s.rstd1[l], { dx: dh, dw: blk.ln1.grad });
+    b.rmsnormBackward(da, s.hs[i], blk.ln1.value, s.rstd1[i], { dx: dh, dw: blk.ln1.grad });
   }
 
   private backwardEnd(s: Saved, dh: Tensor, onGrads?: (params: Param[]) => void): void {
     this.b.embeddingBackward(this.embed.grad, dh, s.ids);
-    onGrads?.(this.gradBuckets[this.blocks.length + 1]);
+    onGrads?.(this.gradBuckets[this.gradBuckets.length - 1]);
   }
 
   /**
-   * Forward + backward of the mean token cross-entropy (plus the MoE balance losses), accumulating
-   * gradients. Returns the cross-entropy and the total loss as one-element tensors (not read).
+   * Forward + backward of the mean token cross-entropy (plus the MoE balance losses and, with an
+   * MTP module, mtp_loss_weight times its loss), accumulating gradients. Returns the cross-entropy,
+   * the total loss and the MTP loss (null without MTP) as one-element tensors (not read).
    * `gradScale` multiplies the gradients (not the returned losses): 1/K for one of K equal
    * micro-batches of a step, so that their gradients sum to the whole batch's mean. `onGrads` is
    * called with each of `gradBuckets` as soon as the backward pass has finished its gradients (a
@@ -465,23 +705,44 @@ export class DeepSeekModel {
     shape: BatchShape,
     gradScale = 1,
     onGrads?: (params: Param[]) => void,
-  ): { ce: Tensor; total: Tensor } {
-    const { ce, total, dy } = this.headAndTotal(this.trunk(ids, shape, gradScale), targets, gradScale);
-    this.backwardTrunk(dy, onGrads);
-    return { ce, total };
+  ): StepLosses {
+    const main = this.mainLoss(this.trunk(ids, shape, gradScale), targets, gradScale);
+    let mtp: { loss: Tensor; dy: Tensor | null } | null = null;
+    if (this.mtp) {
+      const r = this.mtpStart(targets, shape);
+      const h =
+        "h" in r ? r.h : this.moeDone(r, r.moe.forward(r.x, shape.batch, shape.seq, gradScale, r.mid));
+      mtp = this.mtpLoss(this.mtpEnd(h), targets, shape, true, gradScale);
+    }
+    this.backwardTrunk(main.dy, onGrads, mtp?.dy ?? undefined);
+    return this.losses(main.loss, mtp?.loss ?? null, this.moeLayers);
   }
 
-  /** The head's loss and d(y) of the trunk's output y (released), and the total with the balance losses. */
-  private headAndTotal(
-    y: Tensor,
-    targets: Tensor,
-    gradScale: number,
-  ): { ce: Tensor; total: Tensor; dy: Tensor } {
+  /** The head's loss and d(y) of the trunk's output y (released). */
+  private mainLoss(y: Tensor, targets: Tensor, gradScale: number): { loss: Tensor; dy: Tensor } {
     const { loss, dy } = this.headLoss(y, targets, true, gradScale);
     y.dispose();
-    let total = loss;
-    for (const m of this.moeLayers) if (m.lastBalanceLoss) total = this.b.add(total, m.lastBalanceLoss);
-    return { ce: loss, total, dy: dy! };
+    return { loss, dy: dy! };
+  }
+
+  /** mtpHeadLoss of the MTP module's head input y (released). */
+  private mtpLoss(
+    y: Tensor,
+    targets: Tensor,
+    shape: BatchShape,
+    withGrad: boolean,
+    gradScale: number,
+  ): { loss: Tensor; dy: Tensor | null } {
+    const r = this.mtpHeadLoss(y, targets, shape, withGrad, gradScale);
+    y.dispose();
+    return r;
+  }
+
+  /** The step's losses: the total adds the MTP loss (weighted) and `moe`'s balance losses to ce. */
+  private losses(ce: Tensor, mtp: Tensor | null, moe: MoELayer[]): StepLosses {
+    let total = mtp ? this.b.add(ce, this.b.scale(mtp, mtpLossWeight(this.cfg))) : ce;
+    for (const m of moe) if (m.lastBalanceLoss) total = this.b.add(total, m.lastBalanceLoss);
+    return { ce, total, mtp };
   }
 
   /** lossAndGrad with the MoE layers' experts split over `expertGroup` (every rank calls it). */
@@ -491,28 +752,45 @@ export class DeepSeekModel {
     shape: BatchShape,
     gradScale = 1,
     onGrads?: (params: Param[]) => void,
-  ): Promise<{ ce: Tensor; total: Tensor }> {
+  ): Promise<StepLosses> {
     if (!this.expertGroup) throw new Error("model: lossAndGradExpertParallel without an expert group");
-    const y = await this.trunkExpertParallel(ids, shape, gradScale);
-    const { ce, total, dy } = this.headAndTotal(y, targets, gradScale);
-    await this.backwardTrunkExpertParallel(dy, onGrads);
-    return { ce, total };
+    const main = this.mainLoss(await this.trunkExpertParallel(ids, shape, gradScale), targets, gradScale);
+    let mtp: { loss: Tensor; dy: Tensor | null } | null = null;
+    if (this.mtp) {
+      const r = this.mtpStart(targets, shape);
+      const h =
+        "h" in r
+          ? r.h
+          : this.moeDone(r, await r.moe.forwardExpertParallel(r.x, shape.batch, shape.seq, gradScale, r.mid));
+      mtp = this.mtpLoss(this.mtpEnd(h), targets, shape, true, gradScale);
+    }
+    await this.backwardTrunkExpertParallel(main.dy, onGrads, mtp?.dy ?? undefined);
+    return this.losses(main.loss, mtp?.loss ?? null, this.moeLayers);
   }
 
-  /** Mean cross-entropy (and with the balance losses, the total) without keeping anything for backward. */
-  evalLoss(ids: Tensor, targets: Tensor, shape: BatchShape): { ce: Tensor; total: Tensor } {
+  /**
+   * Mean cross-entropy (and with the balance losses and the weighted MTP loss, the total; the MTP
+   * loss apart) without keeping anything for backward.
+   */
+  evalLoss(ids: Tensor, targets: Tensor, shape: BatchShape): StepLosses {
     const y = this.trunk(ids, shape);
+    let mtp: Tensor | null = null;
+    if (this.mtp) {
+      const r = this.mtpStart(targets, shape);
+      const h = "h" in r ? r.h : this.moeDone(r, r.moe.forward(r.x, shape.batch, shape.seq, 1, r.mid));
+      mtp = this.mtpLoss(this.mtpEnd(h), targets, shape, false, 1).loss;
+    }
     this.clearSaved();
     const ce = this.headLoss(y, targets, false).loss;
-    let total = ce;
-    for (const m of this.moeLayers) if (m.lastBalanceLoss) total = this.b.add(total, m.lastBalanceLoss);
-    return { ce, total };
+    return this.losses(ce, mtp, this.moeLayers);
   }
 
   clearSaved(): void {
     this.saved = null;
+    this.mtpSaved = null;
     this.head.clearSaved();
-    for (const blk of this.blocks) {
+    this.mtp?.ehProj.clearSaved();
+    for (const blk of this.allBlocks) {
       blk.attn.clearSaved();
       blk.mlp.clearSaved();
     }
@@ -651,6 +929,11 @@ export class DeepSeekModel {
     for (const p of this.params) p.dispose();
     for (const m of this.moeLayers) m.bias.dispose();
   }
+}
+
+/** A block's parameters in the model's order. */
+function blockParams(k: Block): Param[] {
+  return [k.ln1, ...k.attn.params, k.ln2, ...k.mlp.params];
 }
 
 /** Layer i's noise seed from the step's (each MoE layer draws its own noise). */

@@ -177,6 +177,7 @@ export class StepRunner {
           return {
             ce: b.keep(r.ce),
             total: b.keep(r.total),
+            mtp: r.mtp && b.keep(r.mtp),
             norm: b.keep(norm),
             scale: b.keep(scale),
             offsets: model.moeLayers.map((m) => b.keep(m.lastOffsets!)),

@@ -18,8 +18,16 @@ export function checkpointTensorShapes(c: ModelConfig): Map<string, number[]> {
     out.set(`${prefix}.up_proj.weight`, [inter, d]);
     out.set(`${prefix}.down_proj.weight`, [d, inter]);
   };
-  for (let l = 0; l < c.num_hidden_layers; l++) {
+  // The MTP module is one more layer (num_hidden_layers) with its own norms and eh_proj.
+  const layers = c.num_hidden_layers + (c.num_nextn_predict_layers ?? 0);
+  for (let l = 0; l < layers; l++) {
     const p = `model.layers.${l}`;
+    if (l >= c.num_hidden_layers) {
+      out.set(`${p}.enorm.weight`, [d]);
+      out.set(`${p}.hnorm.weight`, [d]);
+      out.set(`${p}.eh_proj.weight`, [d, 2 * d]);
+      out.set(`${p}.shared_head.norm.weight`, [d]);
+    }
     const a = `${p}.self_attn`;
     out.set(`${p}.input_layernorm.weight`, [d]);
     out.set(`${p}.post_attention_layernorm.weight`, [d]);

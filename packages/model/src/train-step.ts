@@ -23,8 +23,10 @@ import type { BatchShape, DeepSeekModel } from "./model.ts";
 export interface StepResult {
   /** Mean token cross-entropy. */
   loss: number;
-  /** Cross-entropy plus the balance losses. */
+  /** Cross-entropy plus the balance losses (and mtp_loss_weight times the MTP loss). */
   totalLoss: number;
+  /** The MTP module's mean cross-entropy (token i + 2), with multi-token prediction only. */
+  mtpLoss?: number;
   gradNorm: number;
   /** The update was skipped because the loss or the gradient norm was not finite. */
   skipped: boolean;
@@ -132,7 +134,8 @@ export async function trainStep(
       else await group.allReduceSum(whole.map(([p]) => p.grad));
     }
     const offsets = await pass.offsets();
-    if (group.size > 1) await group.allReduceSum([pass.ce, pass.total, ...offsets]);
+    if (group.size > 1)
+      await group.allReduceSum([pass.ce, pass.total, ...(pass.mtp ? [pass.mtp] : []), ...offsets]);
     // (Sharded, with or without split experts, each rank's optimiser holds exactly the gradients it
     // alone has: the shard's norm is the global one.)
     const { norm, scale } = sharded
@@ -148,7 +151,7 @@ export async function trainStep(
       model,
       opt,
       lr,
-      { ce: pass.ce, total: pass.total, norm, scale, offsets },
+      { ce: pass.ce, total: pass.total, mtp: pass.mtp, norm, scale, offsets },
       group,
     );
     // (Every rank counts the range events of its own quantisations: the step's are their sum.)
@@ -163,6 +166,8 @@ export async function trainStep(
 export interface StepTail {
   ce: Tensor;
   total: Tensor;
+  /** The MTP loss (null without multi-token prediction). */
+  mtp: Tensor | null;
   norm: Tensor;
   /** The clip factor AdamW multiplies the gradients by. */
   scale: Tensor;
@@ -185,6 +190,7 @@ export async function finishStep(
   enqueued?: (ms: number) => void,
 ): Promise<Omit<StepResult, "fp8">> {
   const [loss, totalLoss, gradNorm] = [await t.ce.item(), await t.total.item(), await t.norm.item()];
+  const mtpLoss = t.mtp ? await t.mtp.item() : undefined;
   const skipped = !Number.isFinite(totalLoss) || !Number.isFinite(gradNorm);
   const t0 = performance.now();
   if (!skipped) {
@@ -208,13 +214,14 @@ export async function finishStep(
   const load = await Promise.all(
     t.offsets.map(async (o) => loadStats(counts((await o.read()) as Int32Array))),
   );
-  return { loss, totalLoss, gradNorm, skipped, load };
+  return { loss, totalLoss, ...(mtpLoss === undefined ? {} : { mtpLoss }), gradNorm, skipped, load };
 }
 
 /** The forward + backward of a step: its losses ([1] tensors) and each MoE layer's expert offsets. */
 interface Pass {
   ce: Tensor;
   total: Tensor;
+  mtp: Tensor | null;
   offsets(): Promise<Tensor[]>;
 }
 
@@ -237,9 +244,14 @@ async function wholeBatch(
   const r = expertParallel
     ? await model.lossAndGradExpertParallel(ids, targets, shape, share, onGrads)
     : model.lossAndGrad(ids, targets, shape, share, onGrads);
-  const [ce, total] = share === 1 ? [r.ce, r.total] : [b.scale(r.ce, share), b.scale(r.total, share)];
+  const scaled = (t: Tensor) => (share === 1 ? t : b.scale(t, share));
   const offsets = model.moeLayers.map((m) => m.lastOffsets!);
-  return { ce, total, offsets: async () => offsets };
+  return {
+    ce: scaled(r.ce),
+    total: scaled(r.total),
+    mtp: r.mtp && scaled(r.mtp),
+    offsets: async () => offsets,
+  };
 }
 
 async function microBatches(
@@ -258,6 +270,7 @@ async function microBatches(
   const rows = micro.batch * micro.seq;
   let ce: Tensor | null = null;
   let total: Tensor | null = null;
+  let mtp: Tensor | null = null;
   const perLayer: Tensor[][] = model.moeLayers.map(() => []);
   for (let k = 0; k < accum; k++) {
     // The micro-batch's activations go with its arena; its losses (scaled by 1/K) and expert
@@ -275,6 +288,7 @@ async function microBatches(
       return {
         ce: b.keep(b.scale(r.ce, share / accum)),
         total: b.keep(b.scale(r.total, share / accum)),
+        mtp: r.mtp && b.keep(b.scale(r.mtp, share / accum)),
         offsets: model.moeLayers.map((m) => b.keep(m.lastOffsets!)),
       };
     });
@@ -283,6 +297,11 @@ async function microBatches(
     b.release(kept.total);
     ce = ce ? b.add(ce, c) : c;
     total = total ? b.add(total, t) : t;
+    if (kept.mtp) {
+      const m = b.copy(kept.mtp);
+      b.release(kept.mtp);
+      mtp = mtp ? b.add(mtp, m) : m;
+    }
     kept.offsets.forEach((o, i) => {
       perLayer[i].push(o);
     });
@@ -290,6 +309,7 @@ async function microBatches(
   return {
     ce: ce!,
     total: total!,
+    mtp,
     // The step's offsets are the sums of the micro-batches'. There is no integer add on the device,
     // so they are summed on the host from the reads the load statistics make anyway (E+1 integers
     // per layer and micro-batch, once per step) and uploaded for the bias update: the one place

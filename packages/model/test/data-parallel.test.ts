@@ -30,6 +30,8 @@ const STEPS = 3;
 
 interface Run {
   losses: number[];
+  /** The MTP loss of each step (multi-token prediction only). */
+  mtpLosses: number[];
   norms: number[];
   loads: number[][][];
   weights: Float32Array[];
@@ -61,11 +63,12 @@ async function train(
   steps = STEPS,
   noise = 0,
   expertParallel = false,
+  cfg = MICRO,
 ): Promise<Run[]> {
   const group: Collectives[] = ranks === 1 ? [SINGLE_PROCESS] : localGroup(ranks);
   const replicas = group.map((g) => {
     const b: Backend = new TsBackend();
-    const model = new DeepSeekModel(b, MICRO, presetPolicy("fp32"), 11, {
+    const model = new DeepSeekModel(b, cfg, presetPolicy("fp32"), 11, {
       expertGroup: expertParallel ? g : undefined,
     });
     const opt = new AdamW(
@@ -80,7 +83,7 @@ async function train(
       opt.loadState(start.step, (n) => start.state.get(n));
     }
     const run: Run = {
-      ...{ losses: [], norms: [], loads: [], weights: [], state: opt.stateElements },
+      ...{ losses: [], mtpLosses: [], norms: [], loads: [], weights: [], state: opt.stateElements },
       ...{ gathered: new Map(), dict: new Map() },
     };
     return { g, b, model, opt, run };
@@ -89,7 +92,7 @@ async function train(
   for (let s = first; s < first + steps; s++)
     await Promise.all(
       replicas.map(async ({ g, b, model, opt, run }) => {
-        const all = batchOf(b, MICRO, BATCH, SEQ, 100 + s);
+        const all = batchOf(b, cfg, BATCH, SEQ, 100 + s);
         const ids = b.rows(all.ids, g.rank * rows, rows);
         const targets = b.rows(all.targets, g.rank * rows, rows);
         const shape = { batch: BATCH / ranks, seq: SEQ };
@@ -100,6 +103,7 @@ async function train(
           routerNoise,
         });
         run.losses.push(r.loss);
+        if (r.mtpLoss !== undefined) run.mtpLosses.push(r.mtpLoss);
         run.norms.push(r.gradNorm);
         run.loads.push(r.load.map((l) => l.counts));
       }),
@@ -373,6 +377,47 @@ describe("data parallel: ranks summed through the collectives", () => {
     expect(resumed[0].losses[0]).toBeCloseTo(on.losses[STEPS], 5);
     expect(maxRelDiff(resumed[0].losses, on.losses.slice(STEPS))).toBeLessThan(1e-5);
   }, 60_000);
+
+  // Multi-token prediction: its loss is a mean over every position but each sequence's last, and the
+  // ranks hold whole sequences, so 2 ranks (with micro-batches, ZeRO-1, or the experts of its MoE
+  // block split too) train as one process does.
+  it("multi-token prediction: 2 ranks, micro-batches, ZeRO-1 and expert parallelism train as 1 rank", async () => {
+    const cfg = { ...MICRO, num_nextn_predict_layers: 1 };
+    const [one] = await train(1, 1, false, null, 0, STEPS, 0, false, cfg);
+    expect(one.mtpLosses.length).toBe(STEPS);
+    expect(one.mtpLosses.every((x) => Number.isFinite(x) && x > 0)).toBe(true);
+    for (const [ranks, accum, zero1, ep] of [
+      [2, 1, false, false],
+      [2, 2, true, false],
+      [2, 1, false, true],
+    ] as const) {
+      const runs = await train(ranks, accum, zero1, null, 0, STEPS, 0, ep, cfg);
+      const what = `${ranks} ranks, ${accum} micro-batches${zero1 ? ", ZeRO-1" : ""}${ep ? ", expert parallel" : ""}`;
+      for (const r of runs) expect(r.mtpLosses, what).toEqual(runs[0].mtpLosses);
+      expect(maxRelDiff(runs[0].losses, one.losses), what).toBeLessThan(1e-5);
+      expect(maxRelDiff(runs[0].mtpLosses, one.mtpLosses), what).toBeLessThan(1e-5);
+      expect(maxRelDiff(runs[0].norms, one.norms), what).toBeLessThan(5e-4);
+      expect(runs[0].loads[0], what).toEqual(one.loads[0]);
+    }
+  }, 120_000);
+
+  it("gradient buckets with multi-token prediction: every parameter once, each final when handed over", async () => {
+    const b = new TsBackend();
+    const model = new DeepSeekModel(b, { ...MICRO, num_nextn_predict_layers: 1 }, presetPolicy("fp32"), 11);
+    const flat = model.gradBuckets.flat();
+    expect(new Set(flat).size).toBe(flat.length);
+    expect(new Set(flat)).toEqual(new Set(model.params));
+    const { ids, targets } = batchOf(b, model.cfg, BATCH, SEQ, 100);
+    const seen: { params: Param[]; grads: Tensor[] }[] = [];
+    model.zeroGrad();
+    model.lossAndGrad(ids, targets, { batch: BATCH, seq: SEQ }, 1, (params) => {
+      seen.push({ params, grads: params.map((p) => b.copy(p.grad)) });
+    });
+    expect(seen.map((x) => x.params)).toEqual(model.gradBuckets);
+    for (const { params, grads } of seen)
+      for (const [i, p] of params.entries())
+        expect(await grads[i].read(), p.name).toEqual(await p.grad.read());
+  });
 
   it("a rank that passes other tensors is an error, not a hang", async () => {
     const [a, b] = localGroup(2);

@@ -18,6 +18,11 @@ describe("checkpointTensorShapes", () => {
   for (const [what, cfg] of [
     ["dense and MoE layers, shared experts", { ...MICRO, first_k_dense_replace: 1 }],
     ["q LoRA, no shared experts", { ...MICRO, q_lora_rank: 6, n_shared_experts: 0 }],
+    ["multi-token prediction (a MoE block)", { ...MICRO, num_nextn_predict_layers: 1 }],
+    [
+      "multi-token prediction (all layers dense)",
+      { ...MICRO, first_k_dense_replace: 2, num_nextn_predict_layers: 1 },
+    ],
   ] as const)
     it(`matches the model's tensors: ${what}`, () => {
       const want = modelShapes(cfg);
@@ -30,7 +35,7 @@ describe("namedTensors", () => {
   it("covers every element of every model tensor exactly once (fused gate|up and stacked experts split)", async () => {
     const model = new DeepSeekModel(
       new TsBackend(),
-      { ...MICRO, first_k_dense_replace: 1 },
+      { ...MICRO, first_k_dense_replace: 1, num_nextn_predict_layers: 1 },
       presetPolicy("fp32"),
       3,
     );
@@ -59,7 +64,7 @@ describe("namedTensors", () => {
     // Loading the state back into another model gives the same tensors.
     const other = new DeepSeekModel(
       new TsBackend(),
-      { ...MICRO, first_k_dense_replace: 1 },
+      { ...MICRO, first_k_dense_replace: 1, num_nextn_predict_layers: 1 },
       presetPolicy("fp32"),
       9,
     );

@@ -77,6 +77,7 @@ export async function evaluate(argv: string[]): Promise<number> {
         );
     if (manifest) await checkTokenizer(data, manifest, model.cfg.vocab_size, state);
     let sum = 0;
+    let mtpSum = 0;
     let tokens = 0;
     let pending: Int32Array[] = [];
     let batches = 0;
@@ -88,12 +89,16 @@ export async function evaluate(argv: string[]): Promise<number> {
         ids.set(w.subarray(0, T), i * T);
         tg.set(w.subarray(1), i * T);
       });
-      const loss = await b.scope(async () =>
-        model
-          .evalLoss(b.upload(ids, [n * T], "i32"), b.upload(tg, [n * T], "i32"), { batch: n, seq: T })
-          .ce.item(),
-      );
+      const [loss, mtp] = await b.scope(async () => {
+        const r = model.evalLoss(b.upload(ids, [n * T], "i32"), b.upload(tg, [n * T], "i32"), {
+          batch: n,
+          seq: T,
+        });
+        return [await r.ce.item(), r.mtp ? await r.mtp.item() : 0];
+      });
       sum += loss * n * T;
+      // (The MTP loss is a mean over the n * (T - 1) positions that have a token two ahead.)
+      mtpSum += mtp * n * (T - 1);
       tokens += n * T;
       batches++;
     };
@@ -107,11 +112,15 @@ export async function evaluate(argv: string[]): Promise<number> {
     }
     if (pending.length && batches < maxBatches) await run(pending);
     if (tokens === 0) throw new UsageError(`${data}: fewer than ${T + 1} tokens, no window to evaluate`);
-    const result = { loss: sum / tokens, tokens };
+    const mtpTokens = tokens - tokens / T;
+    const result = { loss: sum / tokens, tokens, ...(model.mtp ? { mtp_loss: mtpSum / mtpTokens } : {}) };
     if (flags.json) console.log(JSON.stringify(result));
     else
       console.log(
-        `loss ${result.loss.toFixed(6)} nats over ${tokens} tokens (perplexity ${Math.exp(result.loss).toFixed(3)})`,
+        `loss ${result.loss.toFixed(6)} nats over ${tokens} tokens (perplexity ${Math.exp(result.loss).toFixed(3)})` +
+          (result.mtp_loss !== undefined
+            ? `; multi-token prediction (token i + 2): ${result.mtp_loss.toFixed(6)} over ${mtpTokens}`
+            : ""),
       );
     return 0;
   } finally {

@@ -324,6 +324,7 @@ async function loop(
       tokens_per_s: (tokensPerStep * 1000) / ms,
       ms_per_step: ms,
     };
+    if (r.mtpLoss !== undefined) m.mtp_loss = r.mtpLoss;
     if (r.fp8) {
       m.fp8_overflow = r.fp8.overflow;
       m.fp8_underflow = r.fp8.underflow;
@@ -371,6 +372,7 @@ async function loop(
           step: st.step,
           total: cfg.steps,
           loss: m.loss,
+          mtpLoss: m.mtp_loss,
           lr,
           gradNorm: m.grad_norm,
           tokensPerS: m.tokens_per_s,

@@ -41,6 +41,9 @@ export const ModelFieldsSchema = z.object({
   router_noise: z.number().nonnegative().max(100).optional(),
   // (Past 1: the run ends with noise left; 10 is far past any use.)
   router_noise_until: z.number().positive().max(10).optional(),
+  // DeepSeek-V3's multi-token prediction: one module (depth 1) or none.
+  num_nextn_predict_layers: nonneg(1).optional(),
+  mtp_loss_weight: z.number().nonnegative().max(100).optional(),
 });
 
 /**
@@ -91,6 +94,8 @@ const modelOverrides = ModelFieldsSchema.extend({ base: z.enum(["tiny", "small"]
     router_init_std: true,
     router_noise: true,
     router_noise_until: true,
+    num_nextn_predict_layers: true,
+    mtp_loss_weight: true,
   })
   .strict();
 
@@ -274,6 +279,10 @@ export function resolveModel(c: TrainConfig): ModelConfig {
   if (c.seqLen > m.max_position_embeddings)
     throw new UsageError(
       `--seq-len ${c.seqLen} is beyond the model's max_position_embeddings (${m.max_position_embeddings})`,
+    );
+  if ((m.num_nextn_predict_layers ?? 0) > 0 && c.seqLen < 2)
+    throw new UsageError(
+      `--seq-len ${c.seqLen}: multi-token prediction needs sequences of at least 2 tokens`,
     );
   return m;
 }

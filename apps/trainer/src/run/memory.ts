@@ -43,11 +43,13 @@ export function memoryNeed(
   const dense = m.first_k_dense_replace;
   // Evaluation runs the same forward, which keeps the same tensors (measured: tiny's eval peaks
   // at 58 KB a token, its training step at 98 KB).
+  // A multi-token prediction module is one more layer (a MoE one past first_k_dense_replace).
+  const layers = m.num_hidden_layers + (m.num_nextn_predict_layers ?? 0);
+  const denseLayers = Math.min(dense, layers);
   const perToken =
-    m.num_hidden_layers * (m.hidden_size * 4 + attention) +
-    dense * swiglu(m.intermediate_size) +
-    (m.num_hidden_layers - dense) *
-      swiglu((m.num_experts_per_tok + m.n_shared_experts) * m.moe_intermediate_size);
+    layers * (m.hidden_size * 4 + attention) +
+    denseLayers * swiglu(m.intermediate_size) +
+    (layers - denseLayers) * swiglu((m.num_experts_per_tok + m.n_shared_experts) * m.moe_intermediate_size);
   const activations = 2 * tokens * perToken + logits;
   const state = params * perParam;
   return { state, activations, total: state + activations, training: training !== null };

@@ -14,6 +14,8 @@ export interface StepMetrics {
   grad_norm: number;
   tokens_per_s: number;
   ms_per_step: number;
+  /** Multi-token prediction: the MTP module's mean cross-entropy (token i + 2). */
+  mtp_loss?: number;
   /** Load balance over MoE layers: mean coefficient of variation and worst max/mean. */
   load_cv?: number;
   load_max_over_mean?: number;

@@ -14,6 +14,8 @@ export function progressLine(p: {
   step: number;
   total: number;
   loss: number;
+  /** Multi-token prediction: the MTP module's loss (token i + 2). */
+  mtpLoss?: number;
   lr: number;
   gradNorm: number;
   tokensPerS: number;
@@ -30,6 +32,7 @@ export function progressLine(p: {
   return [
     `step ${String(p.step).padStart(w)}/${p.total}`,
     `loss ${p.loss.toFixed(4)}`,
+    p.mtpLoss !== undefined ? `mtp ${p.mtpLoss.toFixed(4)}` : null,
     p.valLoss !== undefined
       ? `val ${p.valLoss.toFixed(4)}${p.valBalance !== undefined ? ` (load max/mean ${p.valBalance.toFixed(2)})` : ""}`
       : null,

@@ -25,6 +25,7 @@ import type { StepMetrics } from "./metrics.ts";
 /** The metrics.jsonl fields written as scalars, under the same names. */
 export const SCALARS = [
   "loss",
+  "mtp_loss",
   "val_loss",
   "lr",
   "grad_norm",

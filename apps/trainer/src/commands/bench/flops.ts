@@ -2,16 +2,19 @@
 import { countParams, type ModelConfig } from "@moe8/model";
 
 /** Training FLOPs per token: 6 x active matmul parameters (the embedding lookup is not a GEMM) plus
- *  causal attention (QK^T and PV over T/2 keys on average, x3 for forward and backward). */
+ *  causal attention (QK^T and PV over T/2 keys on average, x3 for forward and backward). The MTP
+ *  module's positions are counted as the trunk's (one fewer a sequence: within 1/seq). */
 export function trainFlopsPerToken(c: ModelConfig, seq: number): number {
   const { active } = countParams(c);
-  const matmul = active - c.vocab_size * c.hidden_size;
+  // A multi-token prediction module runs one more attention and the shared head a second time.
+  const mtp = c.num_nextn_predict_layers ?? 0;
+  const matmul = active - c.vocab_size * c.hidden_size + mtp * c.vocab_size * c.hidden_size;
   const attn =
     3 *
     seq *
     c.num_attention_heads *
     (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) *
-    c.num_hidden_layers;
+    (c.num_hidden_layers + mtp);
   return 6 * matmul + attn;
 }
 

@@ -25,6 +25,7 @@ export const BENCH_FLAGS: FlagSpec = {
   "seq-len": "int",
   json: "boolean",
   profile: "boolean",
+  mtp: "boolean",
   baseline: "boolean",
   debug: "boolean",
 };

@@ -29,7 +29,8 @@ export async function benchStep(flags: Record<string, unknown>): Promise<number>
   const shape = STEP_SHAPES[configName];
   const cfg: TrainConfig = {
     ...DEFAULTS,
-    model: configName,
+    // --mtp: with DeepSeek-V3's multi-token prediction module (what it costs a step).
+    model: flags.mtp ? { base: configName, num_nextn_predict_layers: 1 } : configName,
     seqLen: intFlag(flags, "seq-len", 1, 2 ** 22) ?? shape.seqLen,
     batchSize: intFlag(flags, "batch-size", 1, 2 ** 16) ?? shape.batch,
     backend: (flags.backend ?? "auto") as "auto",
@@ -84,6 +85,7 @@ export async function benchStep(flags: Record<string, unknown>): Promise<number>
     const peakDevice = (b as { peakMemory?: () => number }).peakMemory?.();
     const row: Record<string, unknown> = {
       config: configName,
+      ...(flags.mtp ? { mtp: true } : {}),
       backend: b.name,
       precision,
       tokens_per_step: B * T,

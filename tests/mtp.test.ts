@@ -1,5 +1,5 @@
 // Multi-token prediction from the command line (`--model.num_nextn_predict_layers 1`): the progress
-// line and metrics.jsonl carry the MTP loss, the checkpoint holds the module as layer
+// line, metrics.jsonl and loss.svg carry the MTP loss, the checkpoint holds the module as layer
 // num_hidden_layers (config.json says so), the run resumes with it, `eval` scores both heads, `export`
 // keeps it and `sample` ignores it; a one-token sequence is refused in one line with exit code 2.
 import { cpSync, readFileSync, rmSync } from "node:fs";
@@ -38,6 +38,7 @@ describe("multi-token prediction from the command line", () => {
       .map((l) => JSON.parse(l));
     expect(rows.map((r) => r.step)).toEqual([1, 2, 3, 4]);
     for (const r of rows) expect(r.mtp_loss).toBeGreaterThan(0);
+    expect(readFileSync(join(run, "loss.svg"), "utf8")).toContain("MTP loss (token i + 2)");
     // tiny has 3 MoE layers; the MTP block (layer 4) is a fourth.
     expect(rows[0].load_max_over_mean_by_layer).toHaveLength(4);
 

@@ -44,6 +44,7 @@ interface CurvePoint {
   step: number;
   loss: number | null;
   val_loss?: number | null;
+  mtp_loss?: number | null;
   load_max_over_mean_by_layer?: number[] | null;
 }
 
@@ -89,6 +90,7 @@ export function truncateMetrics(runDir: string, step: number, note: (msg: string
           step: row.step,
           loss: row.loss ?? null,
           val_loss: row.val_loss,
+          mtp_loss: row.mtp_loss,
           load_max_over_mean_by_layer: row.load_max_over_mean_by_layer,
         });
         keep += nl + 1;
@@ -120,6 +122,8 @@ export function truncateMetrics(runDir: string, step: number, note: (msg: string
 export class MetricsLog {
   readonly train: [number, number][] = [];
   readonly val: [number, number][] = [];
+  /** Multi-token prediction: the MTP module's loss (token i + 2) per step. */
+  readonly mtp: [number, number][] = [];
   /** Per step, each MoE layer's load max/mean. */
   readonly load: [number, number[]][] = [];
 
@@ -137,6 +141,7 @@ export class MetricsLog {
   private track(m: CurvePoint): void {
     if (typeof m.loss === "number" && Number.isFinite(m.loss)) this.train.push([m.step, m.loss]);
     if (typeof m.val_loss === "number") this.val.push([m.step, m.val_loss]);
+    if (typeof m.mtp_loss === "number" && Number.isFinite(m.mtp_loss)) this.mtp.push([m.step, m.mtp_loss]);
     const byLayer = m.load_max_over_mean_by_layer;
     if (Array.isArray(byLayer) && byLayer.length === this.moeLayers.length) this.load.push([m.step, byLayer]);
   }
@@ -157,6 +162,7 @@ export class MetricsLog {
       [
         { name: "train loss", points: this.train },
         { name: "validation loss", points: this.val },
+        ...(this.mtp.length ? [{ name: "MTP loss (token i + 2)", points: this.mtp }] : []),
       ],
       { title, xLabel: "step", yLabel: "cross-entropy (nats)" },
     );

@@ -90,7 +90,26 @@ describe("multi-token prediction from the command line", () => {
 
     const s = cli(["sample", "--checkpoint", ck, "--tokens", "8", "--seed", "1"]);
     expect(s.status, s.stderr).toBe(0);
+    // Drafted by the module and verified by the trunk: greedy, the same text as plain greedy.
+    const greedy = ["sample", "--checkpoint", ck, "--tokens", "12", "--temperature", "0"];
+    const plain = cli(greedy);
+    const spec = cli([...greedy, "--speculative"]);
+    expect(spec.status, spec.stderr).toBe(0);
+    expect(spec.stdout).toBe(plain.stdout);
+    expect(spec.stderr).toMatch(
+      /^speculative decoding: \d+ of \d+ drafts accepted \(\d+%\), 12 tokens in \d+ passes/,
+    );
   }, 300_000);
+
+  it("sample --speculative refuses a checkpoint without the module, in one line", () => {
+    const out = join(dir, "plain");
+    const t = cli(["train", ...QUICK, "--backend", "cpu", "--steps", "1", "--out", out]);
+    expect(t.status, t.stderr).toBe(0);
+    const r = cli(["sample", "--checkpoint", join(out, "checkpoints/step-1"), "--speculative"]);
+    expect(r.status).toBe(2);
+    expect(r.stderr.trim().split("\n")).toHaveLength(1);
+    expect(r.stderr).toMatch(/--speculative: .* has no multi-token prediction module/);
+  });
 
   it("refuses a one-token sequence with the MTP module, writing nothing", () => {
     const out = join(dir, "short");

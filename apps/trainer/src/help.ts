@@ -43,6 +43,8 @@ const DESCRIPTIONS: Record<string, string> = {
   mtp: "bench step: with the multi-token prediction module (num_nextn_predict_layers 1)",
   "model.base": "the preset the --model.* fields change: tiny or small",
   "no-kv-cache": "run the whole context again for every token (slow; to check the KV cache)",
+  speculative:
+    "the multi-token prediction module drafts every other token, the trunk verifies (same distribution)",
   "num-samples": "independent samples generated from the prompt",
   out: "output folder",
   overwrite: "replace a previous dataset in --out",

@@ -20,6 +20,7 @@ export {
   SAMPLING_DEFAULTS,
   type SamplingOptions,
 } from "./sampling.ts";
+export { generateSpeculative, type SpeculativeStats, verifyDraft } from "./speculative.ts";
 export { type StepBatch, StepRunner, type StepRunnerOptions } from "./step-runner.ts";
 export { checkpointTensorShapes } from "./tensor-shapes.ts";
 export { type StepOptions, type StepResult, trainStep } from "./train-step.ts";

@@ -44,10 +44,31 @@ export class KvCacheDecoder {
   }
 
   /**
-   * Logits [S*n, V] of n new positions of S sequences (ids sample major: one position of every
-   * sample, or the shared prompt as S = 1), read back to the host.
+   * One sample's n new positions (a cache of one sample): each position's logits [V] and the last
+   * layer's outputs before the final norm [n * d] (what the MTP module reads, speculative.ts).
    */
-  private async extend(ids: number[], n: number): Promise<Float32Array> {
+  async extendOne(ids: number[], n: number): Promise<{ logits: Float32Array[]; hidden: Float32Array }> {
+    if (this.samples !== 1) throw new Error("decode: extendOne needs a cache of one sample");
+    const hidden: Float32Array[] = [];
+    const all = await this.extend(ids, n, hidden);
+    this.length += n;
+    const V = this.model.cfg.vocab_size;
+    return { logits: ids.map((_, i) => all.slice(i * V, (i + 1) * V)), hidden: hidden[0] };
+  }
+
+  /** Forgets the last `n` positions (a rejected draft's): the next extend writes over them. */
+  rollback(n: number): void {
+    if (n < 0 || n > this.length)
+      throw new Error(`decode: cannot roll back ${n} of ${this.length} positions`);
+    this.length -= n;
+  }
+
+  /**
+   * Logits [S*n, V] of n new positions of S sequences (ids sample major: one position of every
+   * sample, or the shared prompt as S = 1), read back to the host; with `hidden`, the last layer's
+   * outputs before the final norm too.
+   */
+  private async extend(ids: number[], n: number, hidden?: Float32Array[]): Promise<Float32Array> {
     const m = this.model;
     const b = m.b;
     const eps = m.cfg.rms_norm_eps;
@@ -65,6 +86,7 @@ export class KvCacheDecoder {
       });
       const out = m.logits(b.rmsnorm(h, m.norm.value, eps).y);
       m.clearSaved();
+      if (hidden) hidden.push((await h.read()) as Float32Array);
       return (await out.read()) as Float32Array;
     });
   }

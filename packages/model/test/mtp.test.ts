@@ -5,10 +5,13 @@
 // head(that) against t_{i+2} over every position but each sequence's last. A swapped
 // concatenation, an off-by-one target or a mean over the wrong rows gives another number.
 import { presetPolicy } from "@moe8/fp8-core";
-import { TsBackend } from "@moe8/tensor";
+import { Rng, TsBackend } from "@moe8/tensor";
 import { describe, expect, it } from "vitest";
 import { CONFIGS, countParams } from "../src/config.ts";
+import { generate } from "../src/generate.ts";
 import { DeepSeekModel } from "../src/model.ts";
+import { drawToken, SAMPLING_DEFAULTS } from "../src/sampling.ts";
+import { generateSpeculative, verifyDraft } from "../src/speculative.ts";
 import { batchOf, MICRO } from "./helpers.ts";
 
 const CFG = { ...MICRO, num_nextn_predict_layers: 1 };
@@ -106,5 +109,64 @@ describe("multi-token prediction", () => {
     const model = new DeepSeekModel(b, CFG, presetPolicy("fp32"), 5);
     const batch = batchOf(b, CFG, 2, 1, 3);
     expect(() => model.lossAndGrad(batch.ids, batch.targets, batch.shape)).toThrow(/at least 2 tokens/);
+  });
+});
+
+describe("self-speculative decoding with the MTP module", () => {
+  it("verifyDraft keeps the trunk's distribution whatever the draft's (speculative sampling)", () => {
+    const rng = new Rng(17);
+    for (const [pw, qw] of [
+      [
+        [5, 1, 0, 2, 7, 1, 4],
+        [1, 6, 3, 0, 2, 2, 1],
+      ],
+      [
+        [1, 1, 1, 1, 1, 1, 1],
+        [0, 0, 0, 9, 1, 0, 0],
+      ],
+    ]) {
+      const norm = (w: number[]) => Float64Array.from(w, (x) => x / w.reduce((a, y) => a + y, 0));
+      const [p, q] = [norm(pw), norm(qw)];
+      const N = 100_000;
+      const hist = new Array<number>(p.length).fill(0);
+      let accepted = 0;
+      for (let i = 0; i < N; i++) {
+        const v = verifyDraft(p, q, drawToken(q, rng), rng);
+        hist[v.token]++;
+        if (v.accepted) accepted++;
+      }
+      // Each frequency within 5 standard deviations of p (about 0.008 at N = 1e5).
+      hist.forEach((h, v) =>
+        expect(Math.abs(h / N - p[v]), `token ${v}`).toBeLessThan(5 * Math.sqrt(0.25 / N)),
+      );
+      // The acceptance rate is sum_v min(p, q).
+      const overlap = p.reduce((a, x, v) => a + Math.min(x, q[v]), 0);
+      expect(Math.abs(accepted / N - overlap)).toBeLessThan(5 * Math.sqrt(0.25 / N));
+    }
+  });
+
+  it("greedy: the text of plain greedy decoding, with fewer passes of the trunk once drafts are accepted", async () => {
+    const b = new TsBackend();
+    const model = new DeepSeekModel(b, CFG, presetPolicy("fp32"), 5);
+    const o = () => ({
+      prompt: [3, 1, 4, 1, 5],
+      tokens: 12,
+      samples: 2,
+      sampling: { ...SAMPLING_DEFAULTS, temperature: 0 },
+      rng: new Rng(1),
+    });
+    const plain = await generate(model, o());
+    const spec = await generateSpeculative(model, o());
+    expect(spec.samples).toEqual(plain);
+    const s = spec.stats;
+    expect(s.tokens).toBe(24);
+    // Both ways of a draft (kept, rolled back) ran.
+    expect(s.accepted).toBeGreaterThan(0);
+    expect(s.accepted).toBeLessThan(s.drafted);
+    // Per sample: the first token from the prompt's pass, then one pass per draft (one or two tokens)
+    // or per last token.
+    expect(s.tokens).toBe(2 + s.trunkPasses + s.accepted);
+    const none = new DeepSeekModel(b, MICRO, presetPolicy("fp32"), 5);
+    await expect(generateSpeculative(none, o())).rejects.toThrow(/multi-token prediction module/);
   });
 });

@@ -3,10 +3,18 @@
 // tokenizer (run/checkpoint-tokenizer.ts), from any working directory. The prompt and the new tokens
 // must fit in the context the model was trained on: positions beyond it were never trained, so a
 // longer request is refused rather than answered with noise. Tokens come from a KV cache
-// (packages/model/src/kv-decode.ts); --no-kv-cache runs the whole context again for each token.
+// (packages/model/src/kv-decode.ts); --no-kv-cache runs the whole context again for each token;
+// --speculative has a model with the multi-token prediction module draft every other token
+// (packages/model/src/speculative.ts: the same distribution, fewer passes of the trunk).
 import { UsageError } from "@moe8/fp8-core";
 import { createBackend } from "@moe8/kernels";
-import { generate, generateByRecompute, SAMPLING_DEFAULTS, type SamplingOptions } from "@moe8/model";
+import {
+  generate,
+  generateByRecompute,
+  generateSpeculative,
+  SAMPLING_DEFAULTS,
+  type SamplingOptions,
+} from "@moe8/model";
 import { Rng } from "@moe8/tensor";
 import { type FlagSpec, intFlag, type ParsedArgs, parseArgs } from "../args.ts";
 import { checkpointTokenizer } from "../run/checkpoint-tokenizer.ts";
@@ -23,6 +31,7 @@ export const SAMPLE_FLAGS: FlagSpec = {
   "repetition-penalty": "number",
   seed: "int",
   "no-kv-cache": "boolean",
+  speculative: "boolean",
   backend: "string",
   debug: "boolean",
 };
@@ -56,6 +65,8 @@ export async function sample(argv: string[]): Promise<number> {
   const samples = intFlag(flags, "num-samples", 1, 1024) ?? 1;
   const seed = intFlag(flags, "seed", 0, 2 ** 32 - 1) ?? 0;
   const sampling = samplingFlags(flags);
+  if (flags.speculative && flags["no-kv-cache"])
+    throw new UsageError("--speculative decodes through the KV cache: drop --no-kv-cache");
   const b = createBackend((flags.backend ?? "auto") as "auto");
   const { model, train, state } = loadModel(dir, b, {
     precision: "fp32",
@@ -79,8 +90,22 @@ export async function sample(argv: string[]): Promise<number> {
       throw new UsageError(
         `--tokens ${tokens}: the prompt (${ids.length} tokens) and ${tokens} new tokens make ${ids.length + tokens}, beyond the ${context}-token context this model was trained on`,
       );
-    const run = flags["no-kv-cache"] ? generateByRecompute : generate;
-    const out = await run(model, { prompt: ids, tokens, samples, sampling, rng: new Rng(seed) });
+    if (flags.speculative && !model.mtp)
+      throw new UsageError(
+        `--speculative: ${dir} has no multi-token prediction module (train with --model.num_nextn_predict_layers 1)`,
+      );
+    const opts = { prompt: ids, tokens, samples, sampling, rng: new Rng(seed) };
+    const t0 = performance.now();
+    let out: number[][];
+    if (flags.speculative) {
+      const r = await generateSpeculative(model, opts);
+      out = r.samples;
+      const s = r.stats;
+      const secs = (performance.now() - t0) / 1000;
+      console.error(
+        `speculative decoding: ${s.accepted} of ${s.drafted} drafts accepted (${((100 * s.accepted) / Math.max(1, s.drafted)).toFixed(0)}%), ${s.tokens} tokens in ${s.trunkPasses + samples} passes of the trunk (${(s.tokens / (s.trunkPasses + samples)).toFixed(2)} a pass), ${(s.tokens / secs).toFixed(1)} tokens/s`,
+      );
+    } else out = await (flags["no-kv-cache"] ? generateByRecompute : generate)(model, opts);
     // Decoded with the prompt: a character whose bytes the prompt and the sample share stays whole.
     const texts = out.map((gen) => tok.decode([...promptIds, ...gen]));
     process.stdout.write(

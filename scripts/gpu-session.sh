@@ -16,6 +16,8 @@
 #   balance  expert balance against the embedding's init std: small on cuda, tiny on cpu (issue 23)
 #   mtp      multi-token prediction: tiny on cuda against cpu (main and MTP loss curves), small's
 #            fp8 step with and without the module, and transformers scoring both heads of a checkpoint
+#   mtpspec  self-speculative decoding: small trained 300 steps with the MTP module on cuda, then
+#            plain against speculative decoding (apps/trainer/scripts/bench-speculative.ts)
 #   multi    several GPUs (a kind with two or more): small as one process, --gpus N and --gpus N
 #            --expert-parallel; loss curves, scaling efficiency, exchange time (scripts/gpu-multi.sh)
 set -u
@@ -102,6 +104,15 @@ if want mtp; then
   moe8 eval --checkpoint "$dir" --data datasets/default --batches 1 --batch-size 4 --seq-len 64 --precision fp32 --backend cpu --json | tee "$OUT/eval-mtp-moe8.json"
   python3 scripts/hf_mtp_check.py "$dir" "$OUT/windows-mtp.bin" 64 2>"$OUT/hf-mtp-stderr.txt" | tee "$OUT/eval-mtp-hf.json"
   tail -3 "$OUT/hf-mtp-stderr.txt"
+fi
+if want mtpspec; then
+  echo; echo "=== self-speculative decoding: small with the MTP module, 300 steps on cuda ==="
+  timeout 300 bun apps/trainer/src/cli.ts train --config small --backend cuda --steps 300 --eval-every 0 --log-every 100 \
+    --model.num_nextn_predict_layers 1 --out "$OUT/small-mtp" 2>&1 | tail -4
+  dir=$(ls -d "$OUT"/small-mtp/checkpoints/step-* | tail -1)
+  timeout 240 bun apps/trainer/scripts/bench-speculative.ts "$dir" cuda 200 3 2>&1 | tee "$OUT/speculative-cuda.jsonl" | tail -1
+  timeout 120 bun apps/trainer/scripts/bench-speculative.ts "$dir" cpu 100 1 2>&1 | tail -1 | tee -a "$OUT/speculative-cuda.jsonl"
+  rm -rf "$OUT/small-mtp/checkpoints"
 fi
 if want curve; then
   echo; echo "=== tiny, 200 steps: cuda against cpu ==="

@@ -171,6 +171,8 @@ describe("--ranks", () => {
       "0",
       "--log-every",
       "1",
+      "--fp8-stats-every",
+      "1",
       "--steps",
       "2",
       "--ranks",

@@ -53,6 +53,14 @@ describe("train, eval and sample on the bundled corpus", () => {
       expect(r.load_max_over_mean).toBe(Math.max(...r.load_max_over_mean_by_layer));
       expect(Number.isInteger(r.load_idle_experts)).toBe(true);
     }
+    // FP8 range counts every --fp8-stats-every steps (100 by default), not on every logged step.
+    expect(rows.filter((r) => r.fp8_underflow !== undefined).map((r) => r.step)).toEqual([100]);
+    expect(rows[99].fp8_underflow).toBeGreaterThan(0);
+    // The progress line's tokens/s is the mean over the steps since the line before (steps 76-100:
+    // step 100 counts FP8 ranges and runs slower than the rest).
+    const ms = rows.slice(75, 100).reduce((a, r) => a + r.ms_per_step, 0);
+    const shown = Number(/step 100\/150 \| .*\| (\d+) tok\/s/.exec(r.stdout)?.[1]);
+    expect(shown).toBe(Math.round((25 * 8 * 64 * 1000) / ms));
     const tail = rows.slice(-20).reduce((a, r) => a + r.loss, 0) / 20;
     expect(rows[0].loss).toBeGreaterThan(5.3);
     expect(tail).toBeLessThan(3.2);

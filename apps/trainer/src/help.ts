@@ -38,6 +38,7 @@ const DESCRIPTIONS: Record<string, string> = {
   json: "print the result as JSON",
   "keep-last": "checkpoints kept besides the best one",
   "log-every": "steps between progress lines",
+  "fp8-stats-every": "steps between FP8 range counts (fp8_overflow, fp8_underflow; 0: never)",
   lr: "peak learning rate",
   "max-bad-steps": "stop after this many non-finite steps in a row",
   mtp: "bench step: with the multi-token prediction module (num_nextn_predict_layers 1)",

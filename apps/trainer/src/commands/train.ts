@@ -292,6 +292,10 @@ async function loop(
   );
   const t0 = performance.now();
   const firstStep = st.step;
+  // The steps since the last progress line and their time (the steps' own: not evaluation,
+  // checkpoints or plots), for the line's tokens/s: the mean over them, not one step's, since the
+  // steps that count FP8 ranges or time exchanges run slower than the others.
+  let interval = { steps: 0, ms: 0 };
   while (st.step < cfg.steps && !stopped()) {
     const ts = performance.now();
     const batch = await data.next();
@@ -300,14 +304,16 @@ async function loop(
     // With ranks, each steps on its rows of the batch (the leader sends the others theirs).
     const collectives = ranks?.collectives;
     const check = ranks !== null && ranks.checkEvery > 0 && (st.step + 1) % ranks.checkEvery === 0;
-    // FP8 range counts cost one extra pass per quantisation: only on logged steps.
-    const fp8Stats = (st.step + 1) % cfg.logEvery === 0;
+    // FP8 range counts cost an uncaptured step with one extra pass per quantisation: only every
+    // --fp8-stats-every steps. The leader times its token exchanges on logged steps.
+    const fp8Stats = cfg.fp8StatsEvery > 0 && (st.step + 1) % cfg.fp8StatsEvery === 0;
+    const logged = (st.step + 1) % cfg.logEvery === 0;
     const header = { step: st.step + 1, lr, noise: routerNoise ?? null, check, fp8Stats };
     const rows = collectives ? await exchangeStep(s, collectives, header, batch, cfg.seqLen) : batch;
     // (Under --expert-parallel the leader also times its token exchanges on logged steps.)
     const r = await s.runner.step(rows, lr, {
       fp8Stats,
-      timeExchanges: fp8Stats,
+      timeExchanges: logged,
       accum: cfg.gradAccum,
       routerNoise,
       collectives,
@@ -316,6 +322,7 @@ async function loop(
     st.step++;
     ranks?.progress(st.step);
     const ms = performance.now() - ts;
+    interval = { steps: interval.steps + 1, ms: interval.ms + ms };
     const m: StepMetrics = {
       step: st.step,
       loss: r.loss,
@@ -375,7 +382,7 @@ async function loop(
           mtpLoss: m.mtp_loss,
           lr,
           gradNorm: m.grad_norm,
-          tokensPerS: m.tokens_per_s,
+          tokensPerS: (interval.steps * tokensPerStep * 1000) / interval.ms,
           balance: m.load_max_over_mean,
           idleExperts: m.load_idle_experts,
           exchangeMs: m.expert_exchange_ms,
@@ -385,6 +392,7 @@ async function loop(
         }),
       );
       guarded(() => metrics.writePlot(`moe8 ${cfg.precision} on ${s.backend.name}`));
+      interval = { steps: 0, ms: 0 };
     }
     if (cfg.saveEvery > 0 && st.step % cfg.saveEvery === 0 && st.step < cfg.steps && !r.skipped) {
       await save();

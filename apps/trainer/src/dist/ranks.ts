@@ -28,7 +28,7 @@ export interface StepHeader {
   noise: { scale: number; seed: number } | null;
   /** After the step, every rank compares its weights with rank 0's (checkReplicas). */
   check: boolean;
-  /** A logged step: every rank counts its FP8 range events, and the step sums them. */
+  /** A step with FP8 range counts (--fp8-stats-every): every rank counts its own, the step sums them. */
   fp8Stats: boolean;
 }
 

@@ -297,7 +297,8 @@ export function embedding(cx: CudaContext, w: Tensor, ids: Tensor): Tensor {
 export function embeddingBackward(cx: CudaContext, dw: Tensor, dy: Tensor, ids: Tensor): void {
   const d = dw.cols;
   const V = dw.rows;
-  const slices = Math.max(1, Math.min(64, V));
+  // Slices of at most EMB_IDS ids: the kernel keeps a slice's rows of dw in shared memory.
+  const slices = cdiv(V, DEFINES.nn.EMB_IDS);
   const threads = DEFINES.nn.EMB_THREADS;
   cx.launch(KERNELS.nn.embedding_bwd, [cdiv(d, threads), slices], threads, {
     dw: cx.f32p(dw, "embeddingBackward"),

@@ -1485,6 +1485,27 @@ export function opSuite(name: string, make: () => Backend): void {
       });
     });
 
+    // Many tokens (several 128-token chunks), a vocabulary of several 64-id slices and a partial one,
+    // rows wider than a block's 128 columns and not a multiple of them, half the tokens on one id
+    // (a byte-level corpus's spaces), into a gradient that already holds values (a second
+    // micro-batch's, or the MTP module's after the trunk's): every element is the gradient plus its
+    // tokens' rows in token order, the same bits on every backend.
+    it("embedding backward: many tokens, repeated ids, several slices, into a non-zero gradient", async () => {
+      const N = 700;
+      const V = 200;
+      const D = 300;
+      const ids = rng.ints(N, V);
+      for (let n = 0; n < N; n += 2) ids[n] = 5;
+      ids[N - 1] = V - 1;
+      const dy = rng.normals(N * D);
+      const g0 = rng.normals(V * D);
+      await same((b) => {
+        const dE = b.upload(g0, [V, D]);
+        b.embeddingBackward(dE, b.upload(dy, [N, D]), b.upload(ids, [N], "i32"));
+        return { dE };
+      }, "exact");
+    });
+
     it("embedding backward is the adjoint of the gather", async () => {
       const ids = Int32Array.of(0, 3, 3, 1, 0, 2);
       await gradCheck(

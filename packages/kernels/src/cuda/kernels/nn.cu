@@ -488,20 +488,28 @@ KERNEL void embedding_fwd(const float* w, const int* ids, float* out, int N, int
   }
 }
 
-// dw[ids[n]] += dy[n], deterministic: block (columns, vocabulary slice s) adds, in token order, the
-// rows of the tokens whose id falls in its slice; no two threads touch the same element. The block
-// first lists a chunk's tokens of its slice (in order: a ballot per warp, the warps' counts in
-// shared memory), then each thread adds their rows' values in its column. (Each thread scanning
-// every token id itself took 1.5 ms for small's 16,384 tokens: a quarter of the GPU busy, waiting
-// on loads.)
+// dw[ids[n]] += dy[n], deterministic and in token order: block (columns, vocabulary slice s) adds
+// the rows of the tokens whose id falls in its slice of at most EMB_IDS ids; no two threads touch the
+// same element. The block lists a chunk's tokens of its slice (in order: a ballot per warp, the
+// warps' counts in shared memory), then each thread adds their rows' values in its column into a
+// shared-memory copy of its slice's rows of dw, read from dw when an id first occurs and written
+// back at the end: each element is dw + dy[n1] + dy[n2] + ... in token order, the bits of adding in
+// place, but eight tokens' values are in flight at once and a repeated id's adds wait on shared
+// memory, not on a round trip to L2. With the byte-level corpus's 256 ids every token fell in one
+// slice of the former 512 ids, and small's backward (adding into dw in place) took 5.8 ms on its
+// text; this kernel 1.5 ms (0.6 on uniformly drawn bytes; H200, notes/step.md). (Each thread
+// scanning every token id itself took 1.5 ms for small's 16,384 tokens.)
 #define EMB_THREADS 128
+#define EMB_IDS 64
 KERNEL void __launch_bounds__(EMB_THREADS) embedding_bwd(float* dw, const float* dy, const int* ids, int N, int V,
                                                          int d, int slices) {
   __shared__ int tok[EMB_THREADS], tokId[EMB_THREADS], warpCount[EMB_THREADS / 32];
+  __shared__ float acc[EMB_IDS][EMB_THREADS];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int c = blockIdx.x * EMB_THREADS + tid;
-  const int per = cdiv(V, slices);
+  const int per = cdiv(V, slices);  // at most EMB_IDS (the host's choice of slices)
   const int v0 = blockIdx.y * per, v1 = min(V, v0 + per);
+  unsigned long long seen = 0;  // the slice's ids met so far (the same in every thread)
   for (int base = 0; base < N; base += EMB_THREADS) {
     const int n = base + tid;
     const int id = n < N ? ids[n] : -1;
@@ -521,11 +529,25 @@ KERNEL void __launch_bounds__(EMB_THREADS) embedding_bwd(float* dw, const float*
       tokId[at] = id;
     }
     __syncthreads();
-    if (c < d)
-      for (int j = 0; j < count; j++) {
-        float* p = dw + (i64)tokId[j] * d + c;
-        *p = *p + dy[(i64)tok[j] * d + c];
+    // Eight tokens' values loaded at once (in flight together), then added in token order.
+    for (int j0 = 0; j0 < count; j0 += 8) {
+      float v[8];
+#pragma unroll
+      for (int u = 0; u < 8; u++) v[u] = j0 + u < count && c < d ? dy[(i64)tok[j0 + u] * d + c] : 0.0f;
+#pragma unroll
+      for (int u = 0; u < 8; u++) {
+        if (j0 + u >= count) break;
+        const int s = tokId[j0 + u] - v0;
+        if (!((seen >> s) & 1ull)) {
+          seen |= 1ull << s;
+          acc[s][tid] = c < d ? dw[(i64)(v0 + s) * d + c] : 0.0f;
+        }
+        acc[s][tid] = acc[s][tid] + v[u];
       }
+    }
     __syncthreads();  // the lists are rewritten by the next chunk
   }
+  if (c < d)
+    for (int s = 0; s < v1 - v0; s++)
+      if ((seen >> s) & 1ull) dw[(i64)(v0 + s) * d + c] = acc[s][tid];
 }

@@ -20,7 +20,7 @@ describe("checkpointTensorShapes", () => {
     ["q LoRA, no shared experts", { ...MICRO, q_lora_rank: 6, n_shared_experts: 0 }],
     ["multi-token prediction (a MoE block)", { ...MICRO, num_nextn_predict_layers: 1 }],
     [
-      "multi-token prediction (all layers dense)",
+      "multi-token prediction (every trunk layer dense; the module's block is MoE)",
       { ...MICRO, first_k_dense_replace: 2, num_nextn_predict_layers: 1 },
     ],
   ] as const)

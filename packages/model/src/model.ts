@@ -443,55 +443,60 @@ export class DeepSeekModel {
   ): { loss: Tensor; dy: Tensor | null } {
     const b = this.b;
     const N = y.rows;
-    // One chunk: its mean cross-entropy, and (withGrad) d(mean over all N rows)/d(rows) of y.
-    const chunk = (yc: Tensor, tc: Tensor) => {
-      const logits = this.head.forward(yc);
-      if (!withGrad) this.head.clearSaved();
-      // dlogits in BF16 when the head's backward reads it so anyway (BF16 Dgrad and Wgrad).
-      const ce = b.crossEntropy(
-        logits,
-        tc,
-        (yc.rows / N) * gradScale,
-        withGrad && this.head.readsGradInBf16(),
-      );
-      logits.dispose();
-      const dyc = withGrad ? this.head.backward(ce.dlogits) : null;
-      ce.dlogits.dispose();
-      return { loss: ce.loss, dyc };
-    };
     // The head's weight cast to BF16 once for every chunk's Fprop and Dgrad (under a BF16 head).
-    return this.head.withWeightCopy(() => this.headChunks(y, targets, withGrad, chunk));
+    return this.head.withWeightCopy(() => {
+      // One chunk: its mean cross-entropy, and (withGrad) d(mean over all N rows)/d(rows) of y.
+      if (N <= LOSS_CHUNK_ROWS) {
+        const r = this.headChunk(y, targets, gradScale, withGrad);
+        return { loss: r.loss, dy: r.dyc };
+      }
+      const dy = withGrad ? b.zeros(y.shape) : null;
+      const chunks: [number, number][] = [];
+      for (let r0 = 0; r0 < N; r0 += LOSS_CHUNK_ROWS) chunks.push([r0, Math.min(LOSS_CHUNK_ROWS, N - r0)]);
+      const loss = this.sumChunks(N, chunks, (r0, n) => {
+        const r = this.headChunk(b.rows(y, r0, n), b.rows(targets, r0, n), (n / N) * gradScale, withGrad);
+        if (r.dyc) b.setRows(dy!, r0, r.dyc);
+        return r.loss;
+      });
+      return { loss, dy };
+    });
   }
 
-  /** headLoss's loop over row chunks of `chunk`, each in its own arena. */
-  private headChunks(
-    y: Tensor,
-    targets: Tensor,
+  /**
+   * One chunk of rows through the head: its mean cross-entropy against tc, and (withGrad) d(logits)
+   * times `gradScale` taken back through the head (its weight gradient accumulated).
+   */
+  private headChunk(
+    yc: Tensor,
+    tc: Tensor,
+    gradScale: number,
     withGrad: boolean,
-    chunk: (yc: Tensor, tc: Tensor) => { loss: Tensor; dyc: Tensor | null },
-  ): { loss: Tensor; dy: Tensor | null } {
+  ): { loss: Tensor; dyc: Tensor | null } {
+    const logits = this.head.forward(yc);
+    if (!withGrad) this.head.clearSaved();
+    // dlogits in BF16 when the head's backward reads it so anyway (BF16 Dgrad and Wgrad).
+    const ce = this.b.crossEntropy(logits, tc, gradScale, withGrad && this.head.readsGradInBf16());
+    logits.dispose();
+    const dyc = withGrad ? this.head.backward(ce.dlogits) : null;
+    ce.dlogits.dispose();
+    return { loss: ce.loss, dyc };
+  }
+
+  /**
+   * The mean over N rows of the losses `run` returns for each chunk [row, n] (each a mean over its
+   * n rows), every chunk in its own arena: its temporaries (logits, their gradient, the head's
+   * copies) go with it, its share of the loss, the chunk's mean times n / N, leaves it.
+   */
+  private sumChunks(N: number, chunks: [number, number][], run: (row: number, n: number) => Tensor): Tensor {
     const b = this.b;
-    const N = y.rows;
-    if (N <= LOSS_CHUNK_ROWS) {
-      const r = chunk(y, targets);
-      return { loss: r.loss, dy: r.dyc };
-    }
-    const dy = withGrad ? b.zeros(y.shape) : null;
     let loss: Tensor | null = null;
-    for (let r0 = 0; r0 < N; r0 += LOSS_CHUNK_ROWS) {
-      const n = Math.min(LOSS_CHUNK_ROWS, N - r0);
-      // Each chunk's temporaries (logits, their gradient, the head's copies) go with its arena;
-      // its share of the loss, the chunk's mean times n / N, leaves it.
-      const kept = b.scope(() => {
-        const r = chunk(b.rows(y, r0, n), b.rows(targets, r0, n));
-        if (r.dyc) b.setRows(dy!, r0, r.dyc);
-        return b.keep(b.scale(r.loss, n / N));
-      });
+    for (const [row, n] of chunks) {
+      const kept = b.scope(() => b.keep(b.scale(run(row, n), n / N)));
       const share = b.copy(kept); // in the caller's arena, like every other result
       b.release(kept);
       loss = loss ? b.add(loss, share) : share;
     }
-    return { loss: loss!, dy };
+    return loss!;
   }
 
   /**
@@ -513,32 +518,23 @@ export class DeepSeekModel {
     const N = shape.batch * (T - 1);
     const w = mtpLossWeight(this.cfg);
     const dy = withGrad ? b.zeros(y.shape) : null;
-    let loss: Tensor | null = null;
-    this.head.withWeightCopy(() => {
-      for (let s = 0; s < shape.batch; s++)
-        for (let r0 = 0; r0 < T - 1; r0 += LOSS_CHUNK_ROWS) {
-          const n = Math.min(LOSS_CHUNK_ROWS, T - 1 - r0);
-          const row = s * T + r0;
-          const kept = b.scope(() => {
-            const logits = this.head.forward(b.rows(y, row, n));
-            if (!withGrad) this.head.clearSaved();
-            const ce = b.crossEntropy(
-              logits,
-              b.rows(targets, row + 1, n),
-              (n / N) * gradScale * w,
-              withGrad && this.head.readsGradInBf16(),
-            );
-            logits.dispose();
-            if (dy) b.setRows(dy, row, this.head.backward(ce.dlogits));
-            ce.dlogits.dispose();
-            return b.keep(b.scale(ce.loss, n / N));
-          });
-          const share = b.copy(kept);
-          b.release(kept);
-          loss = loss ? b.add(loss, share) : share;
-        }
-    });
-    return { loss: loss!, dy };
+    const chunks: [number, number][] = [];
+    for (let s = 0; s < shape.batch; s++)
+      for (let r0 = 0; r0 < T - 1; r0 += LOSS_CHUNK_ROWS)
+        chunks.push([s * T + r0, Math.min(LOSS_CHUNK_ROWS, T - 1 - r0)]);
+    const loss = this.head.withWeightCopy(() =>
+      this.sumChunks(N, chunks, (row, n) => {
+        const r = this.headChunk(
+          b.rows(y, row, n),
+          b.rows(targets, row + 1, n),
+          (n / N) * gradScale * w,
+          withGrad,
+        );
+        if (r.dyc) b.setRows(dy!, row, r.dyc);
+        return r.loss;
+      }),
+    );
+    return { loss, dy };
   }
 
   /**

@@ -30,7 +30,7 @@
 # roles-interleaved runs rounds roles-interleaved-1 .. -ROUNDS of bench gemm and PyTorch's grouped
 # GEMM alternated (ROUNDS=3; IL_VARIANT="VAR=value": bench gemm under that environment in each round
 # too; IL_VARIANT2 .. IL_VARIANT5: more of them; IL_GROUPS=balanced: both sides on 64 groups of 1,536 rows instead of
-# the uneven ones).
+# the uneven ones; IL_DEEPGEMM=1: DeepGEMM's FP8 kernels as well, scripts/build-deepgemm.sh).
 # Everything goes to $OUT/log.txt; JSON results to $OUT/results.jsonl; the table to $OUT/summary.txt
 # and last on stdout. A prebuilt kernel cache in .gpu-cache/ (cubins.tar.xz, which
 # scripts/pack-gpu-bundle.sh writes, or the cubins of python3 scripts/nvrtc-check.py --write-cache
@@ -148,11 +148,25 @@ json_of /tmp/torch-roles.txt torch-roles
 # ours then PyTorch's on our groups, and the summary gives per role the ratio of the medians and
 # the range of the rounds' ratios.
 experts_bench="bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape experts --groups ${IL_GROUPS:-uneven} --json"
+# IL_DEEPGEMM=1: DeepGEMM's FP8 kernels too, on the same groups in each round (the second anchor:
+# packages/kernels/bench/deepgemm_expert_roles.py), built first from .gpu-bundle/deepgemm.tar.xz
+# (scripts/build-deepgemm.sh); its kernels compiled by nvcc at first use (its NVRTC path could not
+# find CUDA's cccl headers there).
+if [ "${IL_DEEPGEMM:-0}" = 1 ] && picked roles-interleaved; then
+  export DEEPGEMM_SRC=/tmp/deepgemm DG_JIT_CACHE_DIR=/tmp/deepgemm-jit DG_JIT_USE_NVRTC=0
+  (STEPS="" && step deepgemm-build 300 60 bash scripts/build-deepgemm.sh build "$DEEPGEMM_SRC")
+fi
 picked roles-interleaved && for i in $(seq 1 "${ROUNDS:-3}"); do
   (STEPS="" && step "roles-interleaved-$i" 60 20 sh -c "$experts_bench > /tmp/il-ours-$i.json &&
     python3 packages/kernels/bench/torch_expert_roles.py --offsets /tmp/il-ours-$i.json > /tmp/il-torch-$i.txt")
   json_of "/tmp/il-ours-$i.json" il-ours "$i"
   json_of "/tmp/il-torch-$i.txt" il-torch "$i"
+  if [ "${IL_DEEPGEMM:-0}" = 1 ] && [ -f "$DEEPGEMM_SRC/build.log" ]; then
+    (STEPS="" && step "roles-interleaved-deepgemm-$i" 240 30 env LD_PRELOAD="$(bash scripts/build-deepgemm.sh preload)" \
+      sh -c "python3 packages/kernels/bench/deepgemm_expert_roles.py \
+      --offsets /tmp/il-ours-$i.json > /tmp/il-deepgemm-$i.txt")
+    json_of "/tmp/il-deepgemm-$i.txt" il-deepgemm "$i"
+  fi
   # IL_VARIANT="VAR=value ...": our kernels under that environment too, in the same rounds (and
   # under IL_VARIANT2's, a second column).
   for n in "" 2 3 4 5; do
@@ -489,6 +503,29 @@ if ours_il and torch_il:
     for n in ("", "2", "3", "4", "5"):
         if variants_il[f"il-variant{n}"]:
             print(f"  v{n or '1'}: {os.environ.get('IL_VARIANT' + n, '')}")
+# IL_DEEPGEMM=1: DeepGEMM's FP8 kernels on the same groups, per role the medians over the rounds
+# (its Wgrad accumulates into f32, so ours is given both storing and accumulating).
+dg_il, ours_acc = {}, {}
+for r in rows:
+    if r.get("tag") == "il-deepgemm" and r.get("groups") == "bench" and r.get("tflops"):
+        dg_il.setdefault((r["deepgemm_fp8"], r["role"]), []).append(r["tflops"])
+    elif r.get("tag") == "il-deepgemm" and r.get("error"):
+        print(f"deepgemm {r['deepgemm_fp8']} {r['role']}: {r['error']}")
+    if r.get("tag") == "il-ours":
+        for x in r.get("rows", []):
+            if x["gemm"].startswith("experts") and "fp8_accumulate_tflops" in x:
+                g = "gate_up" if "512x1024" in x["gemm"] else "down"
+                ours_acc.setdefault((g, x["role"]), []).append(x["fp8_accumulate_tflops"])
+if dg_il:
+    print(f"\n{'DeepGEMM, same groups':<22} {'role':<6} {'DeepGEMM':>9} {'torch':>7} {'DG/torch':>8} {'moe8':>7} "
+          f"{'moe8/DG':>7} {'moe8 acc':>8} {'acc/DG':>6}")
+    for key, d in dg_il.items():
+        dg = median(d)
+        t = median(torch_il.get(key, {}).values()) if torch_il.get(key) else float("nan")
+        o = median(ours_il.get(key, {}).values()) if ours_il.get(key) else float("nan")
+        a = median(ours_acc[key]) if key in ours_acc else None
+        print(f"{key[0]:<22} {key[1]:<6} {dg:>9.1f} {t:>7.1f} {dg / t:>8.3f} {o:>7.1f} {o / dg:>7.3f} "
+              + (f"{a:>8.1f} {a / dg:>6.3f}" if a else f"{'-':>8} {'-':>6}"))
 print()
 for r in rows:
     for tag, what in (("bench-gemm-bn128", "128x128 entries"), ("bench-gemm-ring4", "4-stage ring"),

@@ -288,6 +288,7 @@ describe("cuda backend host code, without a GPU", () => {
     ["Hopper, MOE8_SM90_WGRAD_STAGED=halves", { MOE8_SM90_WGRAD_STAGED: "halves" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_WGRAD_STAGED=turns", { MOE8_SM90_WGRAD_STAGED: "turns" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_WGRAD_ORDER=experts", { MOE8_SM90_WGRAD_ORDER: "experts" }, "ok", "9.0", false],
+    ["Hopper, MOE8_SM90_STSM=1", { MOE8_SM90_STSM: "1" }, "ok", "9.0", false],
     [
       "Hopper, MOE8_SM90_BN=256 MOE8_SM90_PINGPONG=0 MOE8_SM90_WGRAD_STAGED=0",
       { MOE8_SM90_BN: "256", MOE8_SM90_PINGPONG: "0", MOE8_SM90_WGRAD_STAGED: "0" },
@@ -352,7 +353,11 @@ describe("cuda backend host code, without a GPU", () => {
             ? [`128x${wide}`]
             : env.MOE8_SM90_RING === "4"
               ? ["128x128"]
-              : ["128x128_bf16", "128x128_e128", "128x128"];
+              : [
+                  env.MOE8_SM90_STSM === "1" ? "128x128_bf16_stsm" : "128x128_bf16",
+                  "128x128_e128",
+                  "128x128",
+                ];
         const want = [
           ...fpropDgrad.map((t) => `gemm_sm90.gemm_sm90_fp8_grouped_${t}`),
           ...wgrad.map((w) => `gemm_sm90.gemm_sm90_fp8_wgrad_${w}`),
@@ -390,6 +395,7 @@ describe("cuda backend host code, without a GPU", () => {
       ["MOE8_SM90_CTAS", "0", "expected a positive integer"],
       ["MOE8_SM90_RING", "6", "expected deep or 4"],
       ["MOE8_SM90_PINGPONG", "yes", "expected 0 or 1"],
+      ["MOE8_SM90_STSM", "on", "expected 0 or 1"],
       ["MOE8_SM90_WGRAD_STAGED", "on", "expected 0, 1, checked, halves or turns"],
       ["MOE8_SM90_WGRAD_ORDER", "random", "expected sorted or experts"],
     ]) {

@@ -112,7 +112,12 @@ export function sm90Grouped(cx: CudaContext, o: Sm90Operands): boolean {
         SM90.SM90_SMEM_128x256,
       ]
     : bf16Ring
-      ? [KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x128_bf16, SM90.SM90_SMEM_128x128_BF16]
+      ? [
+          cx.sm90Stsm
+            ? KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x128_bf16_stsm
+            : KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x128_bf16,
+          SM90.SM90_SMEM_128x128_BF16,
+        ]
       : deep
         ? [KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x128_e128, SM90.SM90_SMEM_128x128_E128]
         : [KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x128, SM90.SM90_SMEM_128x128];

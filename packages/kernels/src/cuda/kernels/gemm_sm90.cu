@@ -120,7 +120,7 @@
 // Wgrad +1-4% in each of eight rounds (notes/sm90-gemm.md, twenty-second session).
 template <int BN, int STAGES, Mainloop LOOP, Segments SEG, bool BF16_ONLY = false, int MAX_E = SM90_MAX_E,
           bool PINGPONG = false, bool STAGED_SCALES = false, bool FILL_BARRIER = false,
-          int STRIPS = 0, bool LAG = false>
+          int STRIPS = 0, bool LAG = false, bool STSM = false>
 __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CUtensorMap* tB, const CUtensorMap* tC,
                                                  const float* As, const float* Bs, float* C, const int* off, int E,
                                                  int M, int N, int K, int accumulate, int outMode, int rows,
@@ -141,6 +141,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   static_assert(!FILL_BARRIER || STAGED_SCALES, "the fill barrier announces staged scales");
   static_assert(!LAG || (STAGED_SCALES && !PINGPONG && !FILL_BARRIER),
                 "the staged Wgrad lags instead of taking turns (its checked twin waits in step)");
+  static_assert(!STSM || (BF16_ONLY && STRIPS == 0), "stmatrix stages the BF16 entries' halves");
   constexpr int S_FLOATS = STAGED_SCALES ? BM + BN : 64 + BN;
   constexpr int S_BYTES = SEG != Segments::AlongK ? 0 : STAGED_SCALES ? STAGES * S_FLOATS * 4 : NWG * 2 * S_FLOATS * 4;
   // Staging per consumer warpgroup: 64 rows x 128 columns of f32 (or BF16).
@@ -340,12 +341,29 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
           const int nh = n0 + 128 * h;
           if (leader) bulk_wait_read();  // the previous stores have read the staging buffer
           named_sync(1 + wg, 128);
+          if constexpr (STSM) {
+            // BF16 by stmatrix: one instruction stores the warp's 16 rows of two 8-column blocks (j,
+            // j + 1), 4 pairs a thread, where 32 st.shared.b32 a thread took one pair each. This
+            // thread addresses row (lane & 7) + 8 ((lane >> 3) & 1) of the warp's 16, in block
+            // j + (lane >> 4): 16 bytes, chunk (j % 8 + (lane >> 4)) ^ (row & 7) of the 64-column
+            // strip j / 8 (the TMA's 128-byte swizzle, as `stage` writes it; row & 7 = lane & 7).
+            const int q = lane & 7, hi = lane >> 4;
+            const u32 rowAddr = cs + (16 * (warp & 3) + 8 * ((lane >> 3) & 1) + q) * 128;
 #pragma unroll
-          for (int j = 0; j < 16; j++) {
-            const int col = 8 * j + 2 * tq, strip = col / cw, cb = (col % cw) * esz;  // byte in the 128-byte row
+            for (int j = 0; j < 16; j += 2)
+              stmatrix_x4(rowAddr + (j >> 3) * 64 * 128 + ((((j & 7) + hi) ^ q) << 4),
+                          sm90_pack_bf16(acc[h][4 * j], acc[h][4 * j + 1]),
+                          sm90_pack_bf16(acc[h][4 * j + 2], acc[h][4 * j + 3]),
+                          sm90_pack_bf16(acc[h][4 * j + 4], acc[h][4 * j + 5]),
+                          sm90_pack_bf16(acc[h][4 * j + 6], acc[h][4 * j + 7]));
+          } else {
 #pragma unroll
-            for (int hh = 0; hh < 2; hh++)
-              stage(cs + strip * 64 * 128, wrow + 8 * hh, cb, acc[h][4 * j + 2 * hh], acc[h][4 * j + 2 * hh + 1]);
+            for (int j = 0; j < 16; j++) {
+              const int col = 8 * j + 2 * tq, strip = col / cw, cb = (col % cw) * esz;  // byte in the 128-byte row
+#pragma unroll
+              for (int hh = 0; hh < 2; hh++)
+                stage(cs + strip * 64 * 128, wrow + 8 * hh, cb, acc[h][4 * j + 2 * hh], acc[h][4 * j + 2 * hh + 1]);
+            }
           }
           fence_async_smem();
           named_sync(1 + wg, 128);
@@ -663,6 +681,17 @@ GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128, 128, 4, TwoBuffers, false, SM90_M
 // so the producer runs further ahead across tile switches (short K: a tile's fixed cost dominates;
 // notes/sm90-gemm.md, "Deeper rings"): gate/up Fprop 680 -> 789 TFLOP/s, down Fprop 343 -> 383.
 GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_bf16, 128, 6, TwoBuffers, true, SM90_MAX_E_DEEP, false)
+// The same with the BF16 staging written by stmatrix (MOE8_SM90_STSM=1; opt-in until measured): 8
+// stores a thread a tile instead of 32, with their swizzle arithmetic (notes/sm90-gemm.md,
+// twenty-eighth session: ours issues 45% more instructions than DeepGEMM's at this tile shape).
+KERNEL void __launch_bounds__(SM90_THREADS, 1)
+    gemm_sm90_fp8_grouped_128x128_bf16_stsm(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,
+                                            const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs,
+                                            float* C, const int* off, int E, int N, int K, int accumulate, int outMode,
+                                            int rows) {
+  sm90_fp8_grouped<128, 6, Mainloop::TwoBuffers, Segments::AlongM, true, SM90_MAX_E_DEEP, false, false, false, 0, false,
+                   true>(&tA, &tB, &tC, As, Bs, C, off, E, 0, N, K, accumulate, outMode, rows);
+}
 // Every other call (f32 stores, accumulate-into: the dense roles as one group) for up to 128
 // experts: five stages (the step's GEMMs 20.7 -> 19.9 GPU ms; notes/sm90-gemm.md).
 GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_e128, 128, 5, TwoBuffers, false, SM90_MAX_E_DEEP, false)

@@ -114,6 +114,15 @@ __device__ __forceinline__ void named_arrive(int id, int threads) {
 __device__ __forceinline__ void named_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+// Four 8x8 b16 matrices into shared memory (stmatrix): register i holds this thread's pair of
+// matrix i (row lane / 4, columns 2 (lane % 4) and + 1: an mma accumulator fragment's layout), and
+// this thread's address is row lane % 8 of matrix lane / 8 (16 contiguous bytes).
+__device__ __forceinline__ void stmatrix_x4(u32 addr, u32 r0, u32 r1, u32 r2, u32 r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r0), "r"(r1),
+               "r"(r2), "r"(r3)
+               : "memory");
+}
+
 __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // wgmma shared-memory descriptor of a K-major tile with 128-byte swizzle: rows of 128 bytes, 8-row

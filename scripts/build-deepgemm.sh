@@ -4,6 +4,8 @@
 # packages/kernels/bench/deepgemm_expert_roles.py (IL_DEEPGEMM=1 in scripts/gpu-sm90.sh).
 #   here:     bash scripts/build-deepgemm.sh pack DIR   DIR: a DeepGEMM checkout with its submodules
 #             (third-party/cutlass, third-party/fmt; only their include/ is packed) -> .gpu-bundle/deepgemm.tar.xz
+#             (measured with DeepGEMM 54e2261, cutlass f3fde58, fmt 553ec11: git clone --recursive, or
+#             the three repositories at those commits with cutlass and fmt under DIR/third-party/)
 #   the GPU:  bash scripts/build-deepgemm.sh build DST  unpacks it into DST and builds deep_gemm/_C
 #             in place (torch's C++ extension, nvcc from the machine's CUDA); kernels are JIT-compiled
 #             by DeepGEMM at first use (DG_JIT_CACHE_DIR).

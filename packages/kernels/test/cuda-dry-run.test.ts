@@ -288,7 +288,14 @@ describe("cuda backend host code, without a GPU", () => {
     ["Hopper, MOE8_SM90_WGRAD_STAGED=halves", { MOE8_SM90_WGRAD_STAGED: "halves" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_WGRAD_STAGED=turns", { MOE8_SM90_WGRAD_STAGED: "turns" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_WGRAD_ORDER=experts", { MOE8_SM90_WGRAD_ORDER: "experts" }, "ok", "9.0", false],
-    ["Hopper, MOE8_SM90_STSM=1", { MOE8_SM90_STSM: "1" }, "ok", "9.0", false],
+    ["Hopper, MOE8_SM90_FPROP=stsm", { MOE8_SM90_FPROP: "stsm" }, "ok", "9.0", false],
+    [
+      "Hopper, MOE8_SM90_FPROP=lean on 3 CTAs",
+      { MOE8_SM90_FPROP: "lean", MOE8_SM90_CTAS: "3" },
+      "ok",
+      "9.0",
+      false,
+    ],
     [
       "Hopper, MOE8_SM90_BN=256 MOE8_SM90_PINGPONG=0 MOE8_SM90_WGRAD_STAGED=0",
       { MOE8_SM90_BN: "256", MOE8_SM90_PINGPONG: "0", MOE8_SM90_WGRAD_STAGED: "0" },
@@ -354,7 +361,7 @@ describe("cuda backend host code, without a GPU", () => {
             : env.MOE8_SM90_RING === "4"
               ? ["128x128"]
               : [
-                  env.MOE8_SM90_STSM === "1" ? "128x128_bf16_stsm" : "128x128_bf16",
+                  `128x128_bf16${env.MOE8_SM90_FPROP ? `_${env.MOE8_SM90_FPROP}` : ""}`,
                   "128x128_e128",
                   "128x128",
                 ];
@@ -395,7 +402,7 @@ describe("cuda backend host code, without a GPU", () => {
       ["MOE8_SM90_CTAS", "0", "expected a positive integer"],
       ["MOE8_SM90_RING", "6", "expected deep or 4"],
       ["MOE8_SM90_PINGPONG", "yes", "expected 0 or 1"],
-      ["MOE8_SM90_STSM", "on", "expected 0 or 1"],
+      ["MOE8_SM90_FPROP", "fast", "expected default, stsm or lean"],
       ["MOE8_SM90_WGRAD_STAGED", "on", "expected 0, 1, checked, halves or turns"],
       ["MOE8_SM90_WGRAD_ORDER", "random", "expected sorted or experts"],
     ]) {

@@ -330,14 +330,21 @@ if (status.ok) {
               env: { MOE8_SM90_WGRAD_STAGED: "turns", MOE8_SM90_CTAS: "3" },
               name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=turns on 3 CTAs",
             },
-            // The BF16 Fprop/Dgrad staging its output with stmatrix, on the whole GPU and on 3 CTAs
-            // (each CTA through many tiles, the staging reused across them).
-            { sm90: true, env: { MOE8_SM90_STSM: "1" }, name: "sm90 wgmma, MOE8_SM90_STSM=1" },
-            {
-              sm90: true,
-              env: { MOE8_SM90_STSM: "1", MOE8_SM90_CTAS: "3" },
-              name: "sm90 wgmma, MOE8_SM90_STSM=1 on 3 CTAs",
-            },
+            // The BF16 Fprop/Dgrad staging its output with stmatrix, and that with the lean
+            // descriptors, each on the whole GPU and on 3 CTAs (each CTA through many tiles, the
+            // staging reused and the ring's stages carried across them).
+            ...["stsm", "lean"].flatMap((v) => [
+              {
+                sm90: true,
+                env: { MOE8_SM90_FPROP: v } as Record<string, string>,
+                name: `sm90 wgmma, MOE8_SM90_FPROP=${v}`,
+              },
+              {
+                sm90: true,
+                env: { MOE8_SM90_FPROP: v, MOE8_SM90_CTAS: "3" },
+                name: `sm90 wgmma, MOE8_SM90_FPROP=${v} on 3 CTAs`,
+              },
+            ]),
           ]
         : []),
     ];
@@ -391,7 +398,7 @@ if (status.ok) {
                       : "gemm_sm90.gemm_sm90_fp8_grouped_128x128",
                   ]
                 : [
-                    `gemm_sm90.gemm_sm90_fp8_grouped_128x128_bf16${env.MOE8_SM90_STSM === "1" ? "_stsm" : ""}`,
+                    `gemm_sm90.gemm_sm90_fp8_grouped_128x128_bf16${env.MOE8_SM90_FPROP ? `_${env.MOE8_SM90_FPROP}` : ""}`,
                     "gemm_sm90.gemm_sm90_fp8_grouped_128x128_e128",
                     "gemm_sm90.gemm_sm90_fp8_grouped_128x128",
                   ]),

@@ -104,10 +104,11 @@ export class CudaContext {
    */
   readonly sm90Ring: "deep" | "4";
   /**
-   * Whether the 6-stage BF16 Fprop/Dgrad entry stages its output with stmatrix (MOE8_SM90_STSM=1;
-   * off by default until measured on a GPU).
+   * The 6-stage BF16 Fprop/Dgrad entry: "default"; "stsm", its output staged by stmatrix; "lean",
+   * that and the wgmma descriptors in uniform registers (MOE8_SM90_FPROP; opt-in until measured on
+   * a GPU; notes/sm90-gemm.md, twenty-eighth session).
    */
-  readonly sm90Stsm: boolean;
+  readonly sm90Fprop: "default" | "stsm" | "lean";
   /**
    * Whether the 128 x 256 entries' two consumer warpgroups take turns on the tensor cores (the
    * default; MOE8_SM90_PINGPONG=0 issues both together, for measuring the two).
@@ -165,7 +166,7 @@ export class CudaContext {
     this.sm90WgradBn = tileWidth("MOE8_SM90_WGRAD_BN");
     this.sm90Ring = envChoice("MOE8_SM90_RING", ["deep", "4"], "deep");
     this.sm90Pingpong = envChoice("MOE8_SM90_PINGPONG", ["0", "1"], "1") === "1";
-    this.sm90Stsm = envChoice("MOE8_SM90_STSM", ["0", "1"], "0") === "1";
+    this.sm90Fprop = envChoice("MOE8_SM90_FPROP", ["default", "stsm", "lean"], "default");
     const scales = envChoice("MOE8_SM90_WGRAD_STAGED", ["0", "1", "checked", "halves", "turns"], "1");
     this.sm90WgradScales = scales === "0" ? "loaded" : scales === "1" ? "staged" : scales;
     this.sm90WgradOrder = envChoice("MOE8_SM90_WGRAD_ORDER", ["sorted", "experts"], "sorted");

@@ -113,9 +113,11 @@ export function sm90Grouped(cx: CudaContext, o: Sm90Operands): boolean {
       ]
     : bf16Ring
       ? [
-          cx.sm90Stsm
-            ? KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x128_bf16_stsm
-            : KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x128_bf16,
+          {
+            default: KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x128_bf16,
+            stsm: KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x128_bf16_stsm,
+            lean: KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x128_bf16_lean,
+          }[cx.sm90Fprop],
           SM90.SM90_SMEM_128x128_BF16,
         ]
       : deep

@@ -120,7 +120,7 @@
 // Wgrad +1-4% in each of eight rounds (notes/sm90-gemm.md, twenty-second session).
 template <int BN, int STAGES, Mainloop LOOP, Segments SEG, bool BF16_ONLY = false, int MAX_E = SM90_MAX_E,
           bool PINGPONG = false, bool STAGED_SCALES = false, bool FILL_BARRIER = false,
-          int STRIPS = 0, bool LAG = false, bool STSM = false>
+          int STRIPS = 0, bool LAG = false, bool STSM = false, bool LEAN = false>
 __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CUtensorMap* tB, const CUtensorMap* tC,
                                                  const float* As, const float* Bs, float* C, const int* off, int E,
                                                  int M, int N, int K, int accumulate, int outMode, int rows,
@@ -142,6 +142,8 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   static_assert(!LAG || (STAGED_SCALES && !PINGPONG && !FILL_BARRIER),
                 "the staged Wgrad lags instead of taking turns (its checked twin waits in step)");
   static_assert(!STSM || (BF16_ONLY && STRIPS == 0), "stmatrix stages the BF16 entries' halves");
+  static_assert(!LEAN || (SEG == Segments::AlongM && LOOP == Mainloop::TwoBuffers),
+                "the lean descriptors are the two-buffer Fprop / Dgrad loop's");
   constexpr int S_FLOATS = STAGED_SCALES ? BM + BN : 64 + BN;
   constexpr int S_BYTES = SEG != Segments::AlongK ? 0 : STAGED_SCALES ? STAGES * S_FLOATS * 4 : NWG * 2 * S_FLOATS * 4;
   // Staging per consumer warpgroup: 64 rows x 128 columns of f32 (or BF16).
@@ -160,7 +162,10 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   int* mpre = soff + MAX_E + 1;        // E + 1 prefix sums of m-tiles (of 128 rows: chunks along K)
   int* order = mpre + MAX_E + 1;       // along K: expert ids by falling chunk count (sm90_tile)
 
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  // LEAN: the warp index and the tile count read back from lane 0 (as DeepGEMM does), so that ptxas
+  // knows them warp-uniform: the branches on them and the ring's stage index carried across tiles
+  // stay uniform, and the wgmma descriptors are built in uniform registers (no R2UR a wgmma).
+  const int warp = LEAN ? __shfl_sync(0xffffffffu, threadIdx.x >> 5, 0) : threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; s++) {
       mbar_init(&full[s], 1);
@@ -171,7 +176,8 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   sm90_tables(off, E, soff, mpre, order, SEG == Segments::AlongK && sorted, warp, lane);
 
   const int NT = cdiv(N, BN), NB = cdiv(N, 128), KC = cdiv(K, 128);
-  const int total = SEG == Segments::AlongM ? mpre[E] * NT : E * cdiv(M, BM) * NT;
+  const int total0 = SEG == Segments::AlongM ? mpre[E] * NT : E * cdiv(M, BM) * NT;
+  const int total = LEAN ? __shfl_sync(0xffffffffu, total0, 0) : total0;
   // (BF16 storage: a row of N BF16 values is N / 2 floats; N % 8 == 0.)
   if (SEG == Segments::AlongM && !accumulate)
     sm90_zero_uncovered(C, soff[0], soff[E], rows, outMode == SM90_OUT_BF16 ? N / 2 : N);
@@ -586,10 +592,15 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
     } else {
       // Two accumulator sets: chunk kc's wgmmas are issued before chunk kc-1 is promoted (wait_group 1).
       float p0[ACC], p1[ACC];
+      // One chunk's wgmmas from stage s (LEAN: from the descriptors' low words).
+      auto chunk = [&](float (&p)[ACC]) {
+        if constexpr (LEAN) mma_chunk_lo(p, (aBase >> 4) + s * (A_BYTES >> 4), (bBase >> 4) + s * (B_BYTES >> 4));
+        else mma_chunk(p, aBase + s * A_BYTES, bBase + s * B_BYTES);
+      };
       float a00 = __ldg(as0), a01 = __ldg(as1), b0 = __ldg(bs), a10 = 0.f, a11 = 0.f, b1 = 0.f;
       int st0 = s, st1 = 0;
       mbar_wait(&full[s], ph);
-      mma_chunk(p0, aBase + s * A_BYTES, bBase + s * B_BYTES);
+      chunk(p0);
       if (++s == STAGES) s = 0, ph ^= 1;
       flush();
       int kc = 1;
@@ -597,7 +608,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
         a10 = __ldg(as0 + kc), a11 = __ldg(as1 + kc), b1 = __ldg(bs + kc);
         st1 = s;
         mbar_wait(&full[s], ph);
-        mma_chunk(p1, aBase + s * A_BYTES, bBase + s * B_BYTES);
+        chunk(p1);
         if (++s == STAGES) s = 0, ph ^= 1;
         wgmma_wait<1>();
         if (lane == 0) mbar_arrive(&empty[st0]);
@@ -605,7 +616,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
         a00 = __ldg(as0 + kc + 1), a01 = __ldg(as1 + kc + 1), b0 = __ldg(bs + kc + 1);
         st0 = s;
         mbar_wait(&full[s], ph);
-        mma_chunk(p0, aBase + s * A_BYTES, bBase + s * B_BYTES);
+        chunk(p0);
         if (++s == STAGES) s = 0, ph ^= 1;
         wgmma_wait<1>();
         if (lane == 0) mbar_arrive(&empty[st1]);
@@ -615,7 +626,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
         a10 = __ldg(as0 + kc), a11 = __ldg(as1 + kc), b1 = __ldg(bs + kc);
         st1 = s;
         mbar_wait(&full[s], ph);
-        mma_chunk(p1, aBase + s * A_BYTES, bBase + s * B_BYTES);
+        chunk(p1);
         if (++s == STAGES) s = 0, ph ^= 1;
         wgmma_wait<1>();
         if (lane == 0) mbar_arrive(&empty[st0]);
@@ -681,8 +692,8 @@ GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128, 128, 4, TwoBuffers, false, SM90_M
 // so the producer runs further ahead across tile switches (short K: a tile's fixed cost dominates;
 // notes/sm90-gemm.md, "Deeper rings"): gate/up Fprop 680 -> 789 TFLOP/s, down Fprop 343 -> 383.
 GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_bf16, 128, 6, TwoBuffers, true, SM90_MAX_E_DEEP, false)
-// The same with the BF16 staging written by stmatrix (MOE8_SM90_STSM=1; opt-in until measured): 8
-// stores a thread a tile instead of 32, with their swizzle arithmetic (notes/sm90-gemm.md,
+// The same with the BF16 staging written by stmatrix (MOE8_SM90_FPROP=stsm; opt-in until measured):
+// 8 stores a thread a tile instead of 32, with their swizzle arithmetic (notes/sm90-gemm.md,
 // twenty-eighth session: ours issues 45% more instructions than DeepGEMM's at this tile shape).
 KERNEL void __launch_bounds__(SM90_THREADS, 1)
     gemm_sm90_fp8_grouped_128x128_bf16_stsm(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,
@@ -691,6 +702,18 @@ KERNEL void __launch_bounds__(SM90_THREADS, 1)
                                             int rows) {
   sm90_fp8_grouped<128, 6, Mainloop::TwoBuffers, Segments::AlongM, true, SM90_MAX_E_DEEP, false, false, false, 0, false,
                    true>(&tA, &tB, &tC, As, Bs, C, off, E, 0, N, K, accumulate, outMode, rows);
+}
+// stmatrix and LEAN (MOE8_SM90_FPROP=lean; opt-in until measured): the warp index and tile count
+// warp-uniform, the descriptors from their low words in uniform registers: ~135 instructions a warp
+// a chunk in the SASS against ~156, and UIADD3 + UMOV before each wgmma instead of a mask, a shift
+// and two R2UR.
+KERNEL void __launch_bounds__(SM90_THREADS, 1)
+    gemm_sm90_fp8_grouped_128x128_bf16_lean(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,
+                                            const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs,
+                                            float* C, const int* off, int E, int N, int K, int accumulate, int outMode,
+                                            int rows) {
+  sm90_fp8_grouped<128, 6, Mainloop::TwoBuffers, Segments::AlongM, true, SM90_MAX_E_DEEP, false, false, false, 0, false,
+                   true, true>(&tA, &tB, &tC, As, Bs, C, off, E, 0, N, K, accumulate, outMode, rows);
 }
 // Every other call (f32 stores, accumulate-into: the dense roles as one group) for up to 128
 // experts: five stages (the step's GEMMs 20.7 -> 19.9 GPU ms; notes/sm90-gemm.md).

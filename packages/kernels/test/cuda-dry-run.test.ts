@@ -289,6 +289,7 @@ describe("cuda backend host code, without a GPU", () => {
     ["Hopper, MOE8_SM90_WGRAD_STAGED=turns", { MOE8_SM90_WGRAD_STAGED: "turns" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_WGRAD_ORDER=experts", { MOE8_SM90_WGRAD_ORDER: "experts" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_FPROP=stsm", { MOE8_SM90_FPROP: "stsm" }, "ok", "9.0", false],
+    ["Hopper, MOE8_SM90_WGRAD_STAGED=lean", { MOE8_SM90_WGRAD_STAGED: "lean" }, "ok", "9.0", false],
     [
       "Hopper, MOE8_SM90_FPROP=lean on 3 CTAs",
       { MOE8_SM90_FPROP: "lean", MOE8_SM90_CTAS: "3" },
@@ -351,6 +352,7 @@ describe("cuda backend host code, without a GPU", () => {
             checked: "256_staged_checked",
             halves: "256_halves",
             turns: "256_turns",
+            lean: "256_lean",
           }[staged ?? ""] ?? "256_staged";
         const wgrad = (env.MOE8_SM90_WGRAD_BN ? [env.MOE8_SM90_WGRAD_BN] : ["128", "256"]).map(
           (w) => `128x${w === "256" ? wideWgrad : w}`,
@@ -403,7 +405,7 @@ describe("cuda backend host code, without a GPU", () => {
       ["MOE8_SM90_RING", "6", "expected deep or 4"],
       ["MOE8_SM90_PINGPONG", "yes", "expected 0 or 1"],
       ["MOE8_SM90_FPROP", "fast", "expected default, stsm or lean"],
-      ["MOE8_SM90_WGRAD_STAGED", "on", "expected 0, 1, checked, halves or turns"],
+      ["MOE8_SM90_WGRAD_STAGED", "on", "expected 0, 1, checked, halves, turns or lean"],
       ["MOE8_SM90_WGRAD_ORDER", "random", "expected sorted or experts"],
     ]) {
       vi.stubEnv(name, value);

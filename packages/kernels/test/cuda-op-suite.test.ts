@@ -156,6 +156,7 @@ const WIDE_WGRAD: Record<string, string> = {
   checked: "staged_checked",
   halves: "halves",
   turns: "turns",
+  lean: "lean",
 };
 const required = process.env.MOE8_REQUIRE_CUDA === "1";
 
@@ -329,6 +330,12 @@ if (status.ok) {
               sm90: true,
               env: { MOE8_SM90_WGRAD_STAGED: "turns", MOE8_SM90_CTAS: "3" },
               name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=turns on 3 CTAs",
+            },
+            // The staged Wgrad with the lean descriptors, on 3 CTAs.
+            {
+              sm90: true,
+              env: { MOE8_SM90_WGRAD_STAGED: "lean", MOE8_SM90_CTAS: "3" },
+              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=lean on 3 CTAs",
             },
             // The BF16 Fprop/Dgrad staging its output with stmatrix, and that with the lean
             // descriptors, each on the whole GPU and on 3 CTAs (each CTA through many tiles, the

@@ -122,10 +122,11 @@ export class CudaContext {
    * follow each one (=checked; slower); "halves", staged with the epilogue by 128-column halves
    * rather than strip by strip (=halves, the default before); "turns", staged with the two consumer
    * warpgroups taking turns instead of warpgroup 1 lagging a chunk behind (=turns, the default
-   * before); "loaded", the consumers loading and staging them (=0, the entry before the staged one;
-   * notes/sm90-gemm.md has the numbers).
+   * before); "lean", staged with the warp index, tile fields and wgmma descriptors warp-uniform
+   * (=lean; opt-in until measured); "loaded", the consumers loading and staging them (=0, the entry
+   * before the staged one; notes/sm90-gemm.md has the numbers).
    */
-  readonly sm90WgradScales: "loaded" | "staged" | "checked" | "halves" | "turns";
+  readonly sm90WgradScales: "loaded" | "staged" | "checked" | "halves" | "turns" | "lean";
   /**
    * The order in which the Wgrad's persistent CTAs take the experts' tiles: "sorted" (the default),
    * the experts with the most tokens first, dealt in a snake (gemm_sm90.cu, sm90_tile), or
@@ -167,7 +168,7 @@ export class CudaContext {
     this.sm90Ring = envChoice("MOE8_SM90_RING", ["deep", "4"], "deep");
     this.sm90Pingpong = envChoice("MOE8_SM90_PINGPONG", ["0", "1"], "1") === "1";
     this.sm90Fprop = envChoice("MOE8_SM90_FPROP", ["default", "stsm", "lean"], "default");
-    const scales = envChoice("MOE8_SM90_WGRAD_STAGED", ["0", "1", "checked", "halves", "turns"], "1");
+    const scales = envChoice("MOE8_SM90_WGRAD_STAGED", ["0", "1", "checked", "halves", "turns", "lean"], "1");
     this.sm90WgradScales = scales === "0" ? "loaded" : scales === "1" ? "staged" : scales;
     this.sm90WgradOrder = envChoice("MOE8_SM90_WGRAD_ORDER", ["sorted", "experts"], "sorted");
     const ctas = process.env.MOE8_SM90_CTAS ?? "";

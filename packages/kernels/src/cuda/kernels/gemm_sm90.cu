@@ -142,8 +142,9 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   static_assert(!LAG || (STAGED_SCALES && !PINGPONG && !FILL_BARRIER),
                 "the staged Wgrad lags instead of taking turns (its checked twin waits in step)");
   static_assert(!STSM || (BF16_ONLY && STRIPS == 0), "stmatrix stages the BF16 entries' halves");
-  static_assert(!LEAN || (SEG == Segments::AlongM && LOOP == Mainloop::TwoBuffers),
-                "the lean descriptors are the two-buffer Fprop / Dgrad loop's");
+  static_assert(!LEAN || (SEG == Segments::AlongM && LOOP == Mainloop::TwoBuffers) ||
+                    (STAGED_SCALES && !PINGPONG && !FILL_BARRIER),
+                "the lean descriptors are the two-buffer Fprop / Dgrad loop's and the staged Wgrad's");
   constexpr int S_FLOATS = STAGED_SCALES ? BM + BN : 64 + BN;
   constexpr int S_BYTES = SEG != Segments::AlongK ? 0 : STAGED_SCALES ? STAGES * S_FLOATS * 4 : NWG * 2 * S_FLOATS * 4;
   // Staging per consumer warpgroup: 64 rows x 128 columns of f32 (or BF16).
@@ -264,7 +265,8 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   // One half's wgmmas into p (in turn under PINGPONG).
   auto mma_half = [&](float (&p)[ACC], u32 aAddr, u32 bAddr) {
     if constexpr (PINGPONG) named_sync(wg ? SM90_TURN_1 : SM90_TURN_0, 256);
-    mma_chunk(p, aAddr, bAddr);
+    if constexpr (LEAN) mma_chunk_lo(p, aAddr >> 4, bAddr >> 4);
+    else mma_chunk(p, aAddr, bAddr);
     if constexpr (PINGPONG) named_arrive(wg ? SM90_TURN_0 : SM90_TURN_1, 256);
   };
   // Stores the accumulators of tile P (rows row0 .. rowEnd - 1 of C from row0, columns n0 ..).
@@ -431,7 +433,8 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
     zero_acc();
   };
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
-    const Sm90Tile T = sm90_tile<SEG, BN>(t, soff, mpre, order, sorted, E, M, N, KC);
+    const Sm90Tile T0 = sm90_tile<SEG, BN>(t, soff, mpre, order, sorted, E, M, N, KC);
+    const Sm90Tile T = LEAN ? sm90_tile_uniform(T0) : T0;
     const int e = T.e, row0 = T.cRow, rowEnd = T.rowEnd, n0 = T.n0;
     const int r0 = row0 + rloc, r1 = r0 + 8;
     // Scales of this thread's two rows and of the B blocks (32-bit offsets: fewer live registers).
@@ -740,6 +743,17 @@ GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_pingpong, 256, 3, OneBuffer, t
 // gate_up Wgrad +3-5%) and warpgroup 1 a chunk behind warpgroup 0 instead of turns (LAG: +1-4%):
 // the default, MOE8_SM90_WGRAD_STAGED=1 (notes/sm90-gemm.md).
 GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged, 256, 3, OneBuffer, false, true, false, 64, true)
+// The default with LEAN: the warp index, the tile's fields and the tile count warp-uniform to ptxas
+// (read back from lane 0), the wgmma descriptors from their low words in uniform registers, so that
+// no mask, shift and R2UR chain precedes each wgmma (MOE8_SM90_WGRAD_STAGED=lean; opt-in until
+// measured; notes/sm90-gemm.md, twenty-eighth session).
+KERNEL void __launch_bounds__(SM90_THREADS, 1)
+    gemm_sm90_fp8_wgrad_128x256_lean(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,
+                                     const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs, float* C,
+                                     const int* off, int E, int M, int N, int accumulate, int outMode, int sorted) {
+  sm90_fp8_grouped<256, 3, Mainloop::OneBuffer, Segments::AlongK, false, SM90_MAX_E, false, true, false, 64, true, false,
+                   true>(&tA, &tB, &tC, As, Bs, C, off, E, M, N, 0, accumulate, outMode, E * M, sorted != 0);
+}
 // Its racecheck twin: every order in named barriers, the scales stored by the loading warp
 // (FILL_BARRIER; MOE8_SM90_WGRAD_STAGED=checked). It takes turns rather than lagging: its consumers
 // wait at the fill and release barriers together, which would hold warpgroup 0 at warpgroup 1's

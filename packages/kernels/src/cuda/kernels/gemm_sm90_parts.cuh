@@ -144,6 +144,21 @@ struct Sm90Tile {
   int e, aRow, bRow, k0, kc, cRow, rowEnd, n0;
 };
 
+// The tile's fields read back from lane 0 (the whole warp calls it): values ptxas then knows
+// warp-uniform, read from shared memory tables as they are (the gemm entries' LEAN).
+__device__ __forceinline__ Sm90Tile sm90_tile_uniform(const Sm90Tile& T) {
+  Sm90Tile U;
+  U.e = __shfl_sync(0xffffffffu, T.e, 0);
+  U.aRow = __shfl_sync(0xffffffffu, T.aRow, 0);
+  U.bRow = __shfl_sync(0xffffffffu, T.bRow, 0);
+  U.k0 = __shfl_sync(0xffffffffu, T.k0, 0);
+  U.kc = __shfl_sync(0xffffffffu, T.kc, 0);
+  U.cRow = __shfl_sync(0xffffffffu, T.cRow, 0);
+  U.rowEnd = __shfl_sync(0xffffffffu, T.rowEnd, 0);
+  U.n0 = __shfl_sync(0xffffffffu, T.n0, 0);
+  return U;
+}
+
 // Tile t. Along M: m-tiles of each expert in order (mpre: prefix sums of m-tiles), n fastest, found by
 // bisection. Along K: E x MT x NT tiles, expert-major; mpre holds each expert's first 128-chunk.
 // A tile along K costs its expert's chunk count, which routing makes uneven, so with `sorted` the

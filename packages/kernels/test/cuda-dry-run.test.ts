@@ -364,7 +364,7 @@ describe("cuda backend host code, without a GPU", () => {
               ? ["128x128"]
               : [
                   `128x128_bf16${env.MOE8_SM90_FPROP ? `_${env.MOE8_SM90_FPROP}` : ""}`,
-                  "128x128_e128",
+                  `128x128_e128${env.MOE8_SM90_FPROP === "lean" ? "_lean" : ""}`,
                   "128x128",
                 ];
         const want = [

@@ -406,7 +406,7 @@ if (status.ok) {
                   ]
                 : [
                     `gemm_sm90.gemm_sm90_fp8_grouped_128x128_bf16${env.MOE8_SM90_FPROP ? `_${env.MOE8_SM90_FPROP}` : ""}`,
-                    "gemm_sm90.gemm_sm90_fp8_grouped_128x128_e128",
+                    `gemm_sm90.gemm_sm90_fp8_grouped_128x128_e128${env.MOE8_SM90_FPROP === "lean" ? "_lean" : ""}`,
                     "gemm_sm90.gemm_sm90_fp8_grouped_128x128",
                   ]),
               // Wgrad: 128 x 128 and 128 x 256 by N.

@@ -105,8 +105,9 @@ export class CudaContext {
   readonly sm90Ring: "deep" | "4";
   /**
    * The 6-stage BF16 Fprop/Dgrad entry: "default"; "stsm", its output staged by stmatrix; "lean",
-   * that and the wgmma descriptors in uniform registers (MOE8_SM90_FPROP; opt-in until measured on
-   * a GPU; notes/sm90-gemm.md, twenty-eighth session).
+   * that and the wgmma descriptors in uniform registers, the 5-stage f32 entry (the dense roles)
+   * likewise (MOE8_SM90_FPROP; opt-in until measured on a GPU; notes/sm90-gemm.md, twenty-eighth
+   * session).
    */
   readonly sm90Fprop: "default" | "stsm" | "lean";
   /**

@@ -121,7 +121,12 @@ export function sm90Grouped(cx: CudaContext, o: Sm90Operands): boolean {
           SM90.SM90_SMEM_128x128_BF16,
         ]
       : deep
-        ? [KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x128_e128, SM90.SM90_SMEM_128x128_E128]
+        ? [
+            cx.sm90Fprop === "lean"
+              ? KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x128_e128_lean
+              : KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x128_e128,
+            SM90.SM90_SMEM_128x128_E128,
+          ]
         : [KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x128, SM90.SM90_SMEM_128x128];
   const bn = wide ? 256 : 128;
   const map = cx.n.cudaTensorMap2D;

@@ -721,6 +721,15 @@ KERNEL void __launch_bounds__(SM90_THREADS, 1)
 // Every other call (f32 stores, accumulate-into: the dense roles as one group) for up to 128
 // experts: five stages (the step's GEMMs 20.7 -> 19.9 GPU ms; notes/sm90-gemm.md).
 GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_e128, 128, 5, TwoBuffers, false, SM90_MAX_E_DEEP, false)
+// The same with LEAN (MOE8_SM90_FPROP=lean, with the BF16 entry's lean twin; opt-in until measured).
+KERNEL void __launch_bounds__(SM90_THREADS, 1)
+    gemm_sm90_fp8_grouped_128x128_e128_lean(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,
+                                            const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs,
+                                            float* C, const int* off, int E, int N, int K, int accumulate, int outMode,
+                                            int rows) {
+  sm90_fp8_grouped<128, 5, Mainloop::TwoBuffers, Segments::AlongM, false, SM90_MAX_E_DEEP, false, false, false, 0,
+                   false, false, true>(&tA, &tB, &tC, As, Bs, C, off, E, 0, N, K, accumulate, outMode, rows);
+}
 
 // Wgrad: dW[e] (+)= A_e B_e^T with A = dY^T [M, pitch] and B = X^T [N, pitch] as sm90_coltile_transpose
 // writes them (tensor maps: A u8 [M, pitch] box {128, 128}, B u8 [N, pitch] box {128, BN}, C f32

@@ -155,6 +155,11 @@ experts_bench="bun apps/trainer/src/cli.ts bench gemm --backend cuda --shape exp
 if [ "${IL_DEEPGEMM:-0}" = 1 ] && picked roles-interleaved; then
   export DEEPGEMM_SRC=/tmp/deepgemm DG_JIT_CACHE_DIR=/tmp/deepgemm-jit DG_JIT_USE_NVRTC=0
   (STEPS="" && step deepgemm-build 300 60 bash scripts/build-deepgemm.sh build "$DEEPGEMM_SRC")
+  # The _C it built comes back (stripped of debug info, ~3 MB): copied to .gpu-bundle/deepgemm-_C.so,
+  # the next call skips the build.
+  [ -f .gpu-bundle/deepgemm-_C.so ] || for so in "$DEEPGEMM_SRC"/deep_gemm/_C*.so; do
+    [ -f "$so" ] && cp "$so" "$OUT/deepgemm-_C.so" && strip --strip-debug "$OUT/deepgemm-_C.so"
+  done
 fi
 picked roles-interleaved && for i in $(seq 1 "${ROUNDS:-3}"); do
   (STEPS="" && step "roles-interleaved-$i" 60 20 sh -c "$experts_bench > /tmp/il-ours-$i.json &&

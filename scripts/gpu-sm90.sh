@@ -477,6 +477,7 @@ for r in rows:
 # range of the rounds' own ratios.
 # (IL_VARIANT .. IL_VARIANT5: one column each, named by its environment.)
 ours_il, torch_il = {}, {}
+ours_acc = {}  # our Wgrads accumulating into f32, per round (beside DeepGEMM's, which always does)
 variants_il = {f"il-variant{n}": {} for n in ("", "2", "3", "4", "5")}
 for r in rows:
     if r.get("tag") == "il-ours" or r.get("tag") in variants_il:
@@ -485,6 +486,8 @@ for r in rows:
                 g = "gate_up" if "512x1024" in x["gemm"] else "down"
                 into = ours_il if r["tag"] == "il-ours" else variants_il[r["tag"]]
                 into.setdefault((g, x["role"]), {})[r["round"]] = x["fp8_tflops"]
+                if r["tag"] == "il-ours" and "fp8_accumulate_tflops" in x:
+                    ours_acc.setdefault((g, x["role"]), []).append(x["fp8_accumulate_tflops"])
     elif r.get("tag") == "il-torch" and r.get("groups") == "bench" and r.get("tflops"):
         torch_il.setdefault((r["torch_grouped_bf16"], r["role"]), {})[r["round"]] = r["tflops"]
 if ours_il and torch_il:
@@ -510,17 +513,12 @@ if ours_il and torch_il:
             print(f"  v{n or '1'}: {os.environ.get('IL_VARIANT' + n, '')}")
 # IL_DEEPGEMM=1: DeepGEMM's FP8 kernels on the same groups, per role the medians over the rounds
 # (its Wgrad accumulates into f32, so ours is given both storing and accumulating).
-dg_il, ours_acc = {}, {}
+dg_il = {}
 for r in rows:
     if r.get("tag") == "il-deepgemm" and r.get("groups") == "bench" and r.get("tflops"):
         dg_il.setdefault((r["deepgemm_fp8"], r["role"]), []).append(r["tflops"])
     elif r.get("tag") == "il-deepgemm" and r.get("error"):
         print(f"deepgemm {r['deepgemm_fp8']} {r['role']}: {r['error']}")
-    if r.get("tag") == "il-ours":
-        for x in r.get("rows", []):
-            if x["gemm"].startswith("experts") and "fp8_accumulate_tflops" in x:
-                g = "gate_up" if "512x1024" in x["gemm"] else "down"
-                ours_acc.setdefault((g, x["role"]), []).append(x["fp8_accumulate_tflops"])
 if dg_il:
     print(f"\n{'DeepGEMM, same groups':<22} {'role':<6} {'DeepGEMM':>9} {'torch':>7} {'DG/torch':>8} {'moe8':>7} "
           f"{'moe8/DG':>7} {'moe8 acc':>8} {'acc/DG':>6}")

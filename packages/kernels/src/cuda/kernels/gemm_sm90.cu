@@ -683,6 +683,17 @@ static_assert(SM90_SMEM_128x128_E128 <= 227 * 1024, "a CTA's dynamic shared memo
     sm90_fp8_grouped<BN, STAGES, Mainloop::LOOP, Segments::AlongM, BF16_ONLY, MAX_E, PINGPONG>(                  \
         &tA, &tB, &tC, As, Bs, C, off, E, 0, N, K, accumulate, outMode, rows);                                    \
   }
+// The deep rings' 128 x 128 two-buffer variants (up to SM90_MAX_E_DEEP groups): STSM, the BF16
+// staging by stmatrix; LEAN, warp-uniform control and low-word descriptors.
+#define GEMM_SM90_DEEP_ENTRY(NAME, STAGES, BF16_ONLY, STSM, LEAN)                                                  \
+  KERNEL void __launch_bounds__(SM90_THREADS, 1)                                                                  \
+      NAME(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,                        \
+           const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs, float* C, const int* off,     \
+           int E, int N, int K, int accumulate, int outMode, int rows) {                                          \
+    sm90_fp8_grouped<128, STAGES, Mainloop::TwoBuffers, Segments::AlongM, BF16_ONLY, SM90_MAX_E_DEEP, false, false, \
+                     false, 0, false, STSM, LEAN>(&tA, &tB, &tC, As, Bs, C, off, E, 0, N, K, accumulate, outMode,   \
+                                                  rows);                                                          \
+  }
 // K >= 512 (gate/up Fprop, down Dgrad in `small`): 128 x 256 tiles, 25% less L2 traffic per FLOP.
 GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x256, 256, 3, OneBuffer, false, SM90_MAX_E, false)
 // The same, the two consumer warpgroups taking turns (PINGPONG; MOE8_SM90_BN=256 picks these).
@@ -698,38 +709,17 @@ GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_bf16, 128, 6, TwoBuffers, true, SM
 // The same with the BF16 staging written by stmatrix (MOE8_SM90_FPROP=stsm; opt-in until measured):
 // 8 stores a thread a tile instead of 32, with their swizzle arithmetic (notes/sm90-gemm.md,
 // twenty-eighth session: ours issues 45% more instructions than DeepGEMM's at this tile shape).
-KERNEL void __launch_bounds__(SM90_THREADS, 1)
-    gemm_sm90_fp8_grouped_128x128_bf16_stsm(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,
-                                            const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs,
-                                            float* C, const int* off, int E, int N, int K, int accumulate, int outMode,
-                                            int rows) {
-  sm90_fp8_grouped<128, 6, Mainloop::TwoBuffers, Segments::AlongM, true, SM90_MAX_E_DEEP, false, false, false, 0, false,
-                   true>(&tA, &tB, &tC, As, Bs, C, off, E, 0, N, K, accumulate, outMode, rows);
-}
+GEMM_SM90_DEEP_ENTRY(gemm_sm90_fp8_grouped_128x128_bf16_stsm, 6, true, true, false)
 // stmatrix and LEAN (MOE8_SM90_FPROP=lean; opt-in until measured): the warp index and tile count
 // warp-uniform, the descriptors from their low words in uniform registers: ~135 instructions a warp
 // a chunk in the SASS against ~156, and UIADD3 + UMOV before each wgmma instead of a mask, a shift
 // and two R2UR.
-KERNEL void __launch_bounds__(SM90_THREADS, 1)
-    gemm_sm90_fp8_grouped_128x128_bf16_lean(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,
-                                            const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs,
-                                            float* C, const int* off, int E, int N, int K, int accumulate, int outMode,
-                                            int rows) {
-  sm90_fp8_grouped<128, 6, Mainloop::TwoBuffers, Segments::AlongM, true, SM90_MAX_E_DEEP, false, false, false, 0, false,
-                   true, true>(&tA, &tB, &tC, As, Bs, C, off, E, 0, N, K, accumulate, outMode, rows);
-}
+GEMM_SM90_DEEP_ENTRY(gemm_sm90_fp8_grouped_128x128_bf16_lean, 6, true, true, true)
 // Every other call (f32 stores, accumulate-into: the dense roles as one group) for up to 128
 // experts: five stages (the step's GEMMs 20.7 -> 19.9 GPU ms; notes/sm90-gemm.md).
 GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_e128, 128, 5, TwoBuffers, false, SM90_MAX_E_DEEP, false)
 // The same with LEAN (MOE8_SM90_FPROP=lean, with the BF16 entry's lean twin; opt-in until measured).
-KERNEL void __launch_bounds__(SM90_THREADS, 1)
-    gemm_sm90_fp8_grouped_128x128_e128_lean(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,
-                                            const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs,
-                                            float* C, const int* off, int E, int N, int K, int accumulate, int outMode,
-                                            int rows) {
-  sm90_fp8_grouped<128, 5, Mainloop::TwoBuffers, Segments::AlongM, false, SM90_MAX_E_DEEP, false, false, false, 0,
-                   false, false, true>(&tA, &tB, &tC, As, Bs, C, off, E, 0, N, K, accumulate, outMode, rows);
-}
+GEMM_SM90_DEEP_ENTRY(gemm_sm90_fp8_grouped_128x128_e128_lean, 5, false, false, true)
 
 // Wgrad: dW[e] (+)= A_e B_e^T with A = dY^T [M, pitch] and B = X^T [N, pitch] as sm90_coltile_transpose
 // writes them (tensor maps: A u8 [M, pitch] box {128, 128}, B u8 [N, pitch] box {128, BN}, C f32

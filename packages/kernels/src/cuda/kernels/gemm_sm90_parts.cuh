@@ -24,16 +24,10 @@ __device__ __forceinline__ void mma_chunk(float (&p)[ACC], u32 aAddr, u32 bAddr)
   wgmma_commit();
 }
 
-// d (+)= A * B^T for one m64n128k32 step from the descriptors' low words (shared address >> 4; a
-// shared-memory address is below 2^18, so sm90_desc's mask is a no-op), the constant high word
-// (1024-byte stride, 128-byte swizzle) joined in PTX.
+// The same step from the descriptors' low words (shared address >> 4; a shared-memory address is
+// below 2^18, so sm90_desc's mask is a no-op), joined to sm90_desc's constant high word.
 __device__ __forceinline__ void wgmma_n128_lo(float* d, u32 aLo, u32 bLo, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\n.reg .b64 da, db;\nsetp.ne.b32 p, %66, 0;\n"
-      "mov.b64 da, {%64, %67};\nmov.b64 db, {%65, %67};\n"
-      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, da, db, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "r"(aLo), "r"(bLo), "r"(accumulate), "r"(0x40000040u));
+  wgmma_n128(d, sm90_desc(0) | aLo, sm90_desc(0) | bLo, accumulate);
 }
 
 // One chunk from the low words of its A and B tiles' descriptors (a k32 step is +2: 32 bytes).

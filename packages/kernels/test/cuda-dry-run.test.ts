@@ -10,6 +10,7 @@ import type { Backend, Tensor } from "@moe8/tensor";
 import { describe, expect, it, vi } from "vitest";
 import { DEFINES, KERNELS } from "../src/cuda/kernels.generated.ts";
 import { createFakeCuda, type FakeCudaConfig } from "./fake-cuda.ts";
+import { fpropSuffix } from "./sm90-entries.ts";
 
 const config: FakeCudaConfig = { computeCapability: "8.9", misalign: true, lt: "ok" };
 const fake = createFakeCuda(config);
@@ -288,15 +289,8 @@ describe("cuda backend host code, without a GPU", () => {
     ["Hopper, MOE8_SM90_WGRAD_STAGED=halves", { MOE8_SM90_WGRAD_STAGED: "halves" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_WGRAD_STAGED=turns", { MOE8_SM90_WGRAD_STAGED: "turns" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_WGRAD_ORDER=experts", { MOE8_SM90_WGRAD_ORDER: "experts" }, "ok", "9.0", false],
-    ["Hopper, MOE8_SM90_FPROP=stsm", { MOE8_SM90_FPROP: "stsm" }, "ok", "9.0", false],
-    ["Hopper, MOE8_SM90_WGRAD_STAGED=lean", { MOE8_SM90_WGRAD_STAGED: "lean" }, "ok", "9.0", false],
-    [
-      "Hopper, MOE8_SM90_FPROP=lean on 3 CTAs",
-      { MOE8_SM90_FPROP: "lean", MOE8_SM90_CTAS: "3" },
-      "ok",
-      "9.0",
-      false,
-    ],
+    ["Hopper, MOE8_SM90_FPROP=plain", { MOE8_SM90_FPROP: "plain" }, "ok", "9.0", false],
+    ["Hopper, MOE8_SM90_WGRAD_STAGED=1", { MOE8_SM90_WGRAD_STAGED: "1" }, "ok", "9.0", false],
     [
       "Hopper, MOE8_SM90_BN=256 MOE8_SM90_PINGPONG=0 MOE8_SM90_WGRAD_STAGED=0",
       { MOE8_SM90_BN: "256", MOE8_SM90_PINGPONG: "0", MOE8_SM90_WGRAD_STAGED: "0" },
@@ -352,8 +346,8 @@ describe("cuda backend host code, without a GPU", () => {
             checked: "256_staged_checked",
             halves: "256_halves",
             turns: "256_turns",
-            lean: "256_lean",
-          }[staged ?? ""] ?? "256_staged";
+            "1": "256_staged",
+          }[staged ?? ""] ?? "256_lean";
         const wgrad = (env.MOE8_SM90_WGRAD_BN ? [env.MOE8_SM90_WGRAD_BN] : ["128", "256"]).map(
           (w) => `128x${w === "256" ? wideWgrad : w}`,
         );
@@ -363,8 +357,8 @@ describe("cuda backend host code, without a GPU", () => {
             : env.MOE8_SM90_RING === "4"
               ? ["128x128"]
               : [
-                  `128x128_bf16${env.MOE8_SM90_FPROP ? `_${env.MOE8_SM90_FPROP}` : ""}`,
-                  `128x128_e128${env.MOE8_SM90_FPROP === "lean" ? "_lean" : ""}`,
+                  `128x128_bf16${fpropSuffix(env.MOE8_SM90_FPROP)}`,
+                  `128x128_e128${fpropSuffix(env.MOE8_SM90_FPROP)}`,
                   "128x128",
                 ];
         const want = [
@@ -404,7 +398,7 @@ describe("cuda backend host code, without a GPU", () => {
       ["MOE8_SM90_CTAS", "0", "expected a positive integer"],
       ["MOE8_SM90_RING", "6", "expected deep or 4"],
       ["MOE8_SM90_PINGPONG", "yes", "expected 0 or 1"],
-      ["MOE8_SM90_FPROP", "fast", "expected default, stsm or lean"],
+      ["MOE8_SM90_FPROP", "fast", "expected early or plain"],
       ["MOE8_SM90_WGRAD_STAGED", "on", "expected 0, 1, checked, halves, turns or lean"],
       ["MOE8_SM90_WGRAD_ORDER", "random", "expected sorted or experts"],
     ]) {

@@ -104,28 +104,30 @@ export class CudaContext {
    */
   readonly sm90Ring: "deep" | "4";
   /**
-   * The 6-stage BF16 Fprop/Dgrad entry: "default"; "stsm", its output staged by stmatrix; "lean",
-   * that and the wgmma descriptors in uniform registers, the 5-stage f32 entry (the dense roles)
-   * likewise (MOE8_SM90_FPROP; opt-in until measured on a GPU; notes/sm90-gemm.md, twenty-eighth
-   * session).
+   * The 6-stage BF16 and 5-stage f32 Fprop/Dgrad entries: "early" (the default: output staged by
+   * stmatrix, warp-uniform control and descriptors, the next tile's first two chunks issued before
+   * the last tile's epilogue) or "plain", the entries before it (MOE8_SM90_FPROP; for measuring the
+   * two; notes/sm90-gemm.md, twenty-ninth session).
    */
-  readonly sm90Fprop: "default" | "stsm" | "lean";
+  readonly sm90Fprop: "early" | "plain";
   /**
    * Whether the 128 x 256 entries' two consumer warpgroups take turns on the tensor cores (the
    * default; MOE8_SM90_PINGPONG=0 issues both together, for measuring the two).
    */
   readonly sm90Pingpong: boolean;
   /**
-   * Where the 128 x 256 Wgrad takes each chunk's scale vectors from: "staged" (the default,
-   * MOE8_SM90_WGRAD_STAGED=1), its ring stage, copied there by the producer with the codes;
+   * Where the 128 x 256 Wgrad takes each chunk's scale vectors from: "staged"
+   * (MOE8_SM90_WGRAD_STAGED=1, the default before "lean"), its ring stage, copied there by the
+   * producer with the codes;
    * "checked", its racecheck twin: every order spelled in named barriers and the scales written by
    * the producer warp's stores instead of bulk copies, so that compute-sanitizer's racecheck can
    * follow each one (=checked; slower); "halves", staged with the epilogue by 128-column halves
    * rather than strip by strip (=halves, the default before); "turns", staged with the two consumer
    * warpgroups taking turns instead of warpgroup 1 lagging a chunk behind (=turns, the default
-   * before); "lean", staged with the warp index, tile fields and wgmma descriptors warp-uniform
-   * (=lean; opt-in until measured); "loaded", the consumers loading and staging them (=0, the entry
-   * before the staged one; notes/sm90-gemm.md has the numbers).
+   * before); "lean", the default: staged with the warp index, tile fields and wgmma descriptors
+   * warp-uniform (gate_up Wgrad +2-3%, down even: "staged" without them); "loaded",
+   * the consumers loading and staging them (=0, the entry before the staged one;
+   * notes/sm90-gemm.md has the numbers).
    */
   readonly sm90WgradScales: "loaded" | "staged" | "checked" | "halves" | "turns" | "lean";
   /**
@@ -168,8 +170,12 @@ export class CudaContext {
     this.sm90WgradBn = tileWidth("MOE8_SM90_WGRAD_BN");
     this.sm90Ring = envChoice("MOE8_SM90_RING", ["deep", "4"], "deep");
     this.sm90Pingpong = envChoice("MOE8_SM90_PINGPONG", ["0", "1"], "1") === "1";
-    this.sm90Fprop = envChoice("MOE8_SM90_FPROP", ["default", "stsm", "lean"], "default");
-    const scales = envChoice("MOE8_SM90_WGRAD_STAGED", ["0", "1", "checked", "halves", "turns", "lean"], "1");
+    this.sm90Fprop = envChoice("MOE8_SM90_FPROP", ["early", "plain"], "early");
+    const scales = envChoice(
+      "MOE8_SM90_WGRAD_STAGED",
+      ["0", "1", "checked", "halves", "turns", "lean"],
+      "lean",
+    );
     this.sm90WgradScales = scales === "0" ? "loaded" : scales === "1" ? "staged" : scales;
     this.sm90WgradOrder = envChoice("MOE8_SM90_WGRAD_ORDER", ["sorted", "experts"], "sorted");
     const ctas = process.env.MOE8_SM90_CTAS ?? "";

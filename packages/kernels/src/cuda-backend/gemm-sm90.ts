@@ -113,17 +113,15 @@ export function sm90Grouped(cx: CudaContext, o: Sm90Operands): boolean {
       ]
     : bf16Ring
       ? [
-          {
-            default: KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x128_bf16,
-            stsm: KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x128_bf16_stsm,
-            lean: KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x128_bf16_lean,
-          }[cx.sm90Fprop],
+          cx.sm90Fprop === "early"
+            ? KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x128_bf16_early
+            : KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x128_bf16,
           SM90.SM90_SMEM_128x128_BF16,
         ]
       : deep
         ? [
-            cx.sm90Fprop === "lean"
-              ? KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x128_e128_lean
+            cx.sm90Fprop === "early"
+              ? KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x128_e128_early
               : KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x128_e128,
             SM90.SM90_SMEM_128x128_E128,
           ]

@@ -120,7 +120,7 @@
 // Wgrad +1-4% in each of eight rounds (notes/sm90-gemm.md, twenty-second session).
 template <int BN, int STAGES, Mainloop LOOP, Segments SEG, bool BF16_ONLY = false, int MAX_E = SM90_MAX_E,
           bool PINGPONG = false, bool STAGED_SCALES = false, bool FILL_BARRIER = false,
-          int STRIPS = 0, bool LAG = false, bool STSM = false, bool LEAN = false>
+          int STRIPS = 0, bool LAG = false, bool STSM = false, bool LEAN = false, bool EARLY = false>
 __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CUtensorMap* tB, const CUtensorMap* tC,
                                                  const float* As, const float* Bs, float* C, const int* off, int E,
                                                  int M, int N, int K, int accumulate, int outMode, int rows,
@@ -145,6 +145,8 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   static_assert(!LEAN || (SEG == Segments::AlongM && LOOP == Mainloop::TwoBuffers) ||
                     (STAGED_SCALES && !PINGPONG && !FILL_BARRIER),
                 "the lean descriptors are the two-buffer Fprop / Dgrad loop's and the staged Wgrad's");
+  static_assert(!EARLY || (SEG == Segments::AlongM && LOOP == Mainloop::TwoBuffers),
+                "the early chunks are the two-buffer Fprop / Dgrad loop's");
   constexpr int S_FLOATS = STAGED_SCALES ? BM + BN : 64 + BN;
   constexpr int S_BYTES = SEG != Segments::AlongK ? 0 : STAGED_SCALES ? STAGES * S_FLOATS * 4 : NWG * 2 * S_FLOATS * 4;
   // Staging per consumer warpgroup: 64 rows x 128 columns of f32 (or BF16).
@@ -432,9 +434,20 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
     }
     zero_acc();
   };
+  // Tile u's fields (LEAN: read back from lane 0, warp-uniform to ptxas).
+  auto tile_of = [&](int u) {
+    const Sm90Tile T0 = sm90_tile<SEG, BN>(u, soff, mpre, order, sorted, E, M, N, KC);
+    return LEAN ? sm90_tile_uniform(T0) : T0;
+  };
+  // EARLY: the next tile's fields are found while this tile's first wgmmas run, not between its
+  // last wgmma and the next tile's first, where the expert's bisection (a chain of shared-memory
+  // loads, through R2UR under LEAN) leaves the tensor cores idle once a tile: at K = 256 (two
+  // chunks a tile) LEAN alone measured 11% slower than without (notes/sm90-gemm.md, twenty-ninth
+  // session). Past the last tile it finds a tile that is never used (the bisection stays in E).
+  Sm90Tile ahead{};
+  if constexpr (EARLY) ahead = tile_of(blockIdx.x);
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
-    const Sm90Tile T0 = sm90_tile<SEG, BN>(t, soff, mpre, order, sorted, E, M, N, KC);
-    const Sm90Tile T = LEAN ? sm90_tile_uniform(T0) : T0;
+    const Sm90Tile T = EARLY ? ahead : tile_of(t);
     const int e = T.e, row0 = T.cRow, rowEnd = T.rowEnd, n0 = T.n0;
     const int r0 = row0 + rloc, r1 = r0 + 8;
     // Scales of this thread's two rows and of the B blocks (32-bit offsets: fewer live registers).
@@ -602,6 +615,52 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
       };
       float a00 = __ldg(as0), a01 = __ldg(as1), b0 = __ldg(bs), a10 = 0.f, a11 = 0.f, b1 = 0.f;
       int st0 = s, st1 = 0;
+      // Chunk kc's scales and stage, and its wgmmas into p (the loop's issue step).
+      auto issue = [&](float (&p)[ACC], int kc, float& sa0, float& sa1, float& sb, int& st) {
+        sa0 = __ldg(as0 + kc), sa1 = __ldg(as1 + kc), sb = __ldg(bs + kc);
+        st = s;
+        mbar_wait(&full[s], ph);
+        chunk(p);
+        if (++s == STAGES) s = 0, ph ^= 1;
+      };
+      // Waits until one chunk (drain: none) is in flight, releases stage st and promotes p.
+      auto retire = [&](float (&p)[ACC], int st, float sa0, float sa1, float sb, bool drain) {
+        if (drain) wgmma_wait<0>();
+        else wgmma_wait<1>();
+        if (lane == 0) mbar_arrive(&empty[st]);
+        promote(acc[0], p, sa0, sa1, sb);
+      };
+      if constexpr (EARLY) {
+        // EARLY: chunks 0 and 1 are both issued before the previous tile's epilogue, so that the
+        // tensor cores have two chunks of work while it runs, not one: at K = 256 (two chunks a
+        // tile) the second was otherwise issued only after the stores, and the tensor cores idled
+        // once a tile. The loop then runs in pairs from chunk 1 in flight in p1.
+        mbar_wait(&full[s], ph);
+        chunk(p0);
+        if (++s == STAGES) s = 0, ph ^= 1;
+        ahead = tile_of(t + (int)gridDim.x);
+        if (KC > 1) issue(p1, 1, a10, a11, b1, st1);
+        flush();
+        if (KC == 1) {
+          retire(p0, st0, a00, a01, b0, true);
+        } else {
+          retire(p0, st0, a00, a01, b0, false);
+          int kc = 2;
+          for (; kc + 1 < KC; kc += 2) {
+            issue(p0, kc, a00, a01, b0, st0);
+            retire(p1, st1, a10, a11, b1, false);
+            issue(p1, kc + 1, a10, a11, b1, st1);
+            retire(p0, st0, a00, a01, b0, false);
+          }
+          if (kc < KC) {  // one chunk left (KC odd): into p0, then drain both
+            issue(p0, kc, a00, a01, b0, st0);
+            retire(p1, st1, a10, a11, b1, false);
+            retire(p0, st0, a00, a01, b0, true);
+          } else {
+            retire(p1, st1, a10, a11, b1, true);
+          }
+        }
+      } else {
       mbar_wait(&full[s], ph);
       chunk(p0);
       if (++s == STAGES) s = 0, ph ^= 1;
@@ -641,6 +700,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
         wgmma_wait<0>();
         if (lane == 0) mbar_arrive(&empty[st0]);
         promote(acc[0], p0, a00, a01, b0);
+      }
       }
     }
     if constexpr (DEFER) {
@@ -683,16 +743,17 @@ static_assert(SM90_SMEM_128x128_E128 <= 227 * 1024, "a CTA's dynamic shared memo
     sm90_fp8_grouped<BN, STAGES, Mainloop::LOOP, Segments::AlongM, BF16_ONLY, MAX_E, PINGPONG>(                  \
         &tA, &tB, &tC, As, Bs, C, off, E, 0, N, K, accumulate, outMode, rows);                                    \
   }
-// The deep rings' 128 x 128 two-buffer variants (up to SM90_MAX_E_DEEP groups): STSM, the BF16
-// staging by stmatrix; LEAN, warp-uniform control and low-word descriptors.
-#define GEMM_SM90_DEEP_ENTRY(NAME, STAGES, BF16_ONLY, STSM, LEAN)                                                  \
+// The deep rings' 128 x 128 two-buffer entries as they run by default (up to SM90_MAX_E_DEEP groups):
+// STSM (the BF16 staging by stmatrix), LEAN (warp-uniform control and low-word descriptors) and
+// EARLY (the next tile found, and its first two chunks issued, before the last tile's epilogue).
+#define GEMM_SM90_EARLY_ENTRY(NAME, STAGES, BF16_ONLY)                                                             \
   KERNEL void __launch_bounds__(SM90_THREADS, 1)                                                                  \
       NAME(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,                        \
            const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs, float* C, const int* off,     \
            int E, int N, int K, int accumulate, int outMode, int rows) {                                          \
     sm90_fp8_grouped<128, STAGES, Mainloop::TwoBuffers, Segments::AlongM, BF16_ONLY, SM90_MAX_E_DEEP, false, false, \
-                     false, 0, false, STSM, LEAN>(&tA, &tB, &tC, As, Bs, C, off, E, 0, N, K, accumulate, outMode,   \
-                                                  rows);                                                          \
+                     false, 0, false, BF16_ONLY, true, true>(&tA, &tB, &tC, As, Bs, C, off, E, 0, N, K, accumulate, \
+                                                           outMode, rows);                                        \
   }
 // K >= 512 (gate/up Fprop, down Dgrad in `small`): 128 x 256 tiles, 25% less L2 traffic per FLOP.
 GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x256, 256, 3, OneBuffer, false, SM90_MAX_E, false)
@@ -705,21 +766,18 @@ GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128, 128, 4, TwoBuffers, false, SM90_M
 // BF16 stores without accumulate for up to 128 experts (the model's Fprop and Dgrad): six stages,
 // so the producer runs further ahead across tile switches (short K: a tile's fixed cost dominates;
 // notes/sm90-gemm.md, "Deeper rings"): gate/up Fprop 680 -> 789 TFLOP/s, down Fprop 343 -> 383.
+// The default before the early entry below (MOE8_SM90_FPROP=plain, for measuring the two).
 GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_bf16, 128, 6, TwoBuffers, true, SM90_MAX_E_DEEP, false)
-// The same with the BF16 staging written by stmatrix (MOE8_SM90_FPROP=stsm; opt-in until measured):
-// 8 stores a thread a tile instead of 32, with their swizzle arithmetic (notes/sm90-gemm.md,
-// twenty-eighth session: ours issues 45% more instructions than DeepGEMM's at this tile shape).
-GEMM_SM90_DEEP_ENTRY(gemm_sm90_fp8_grouped_128x128_bf16_stsm, 6, true, true, false)
-// stmatrix and LEAN (MOE8_SM90_FPROP=lean; opt-in until measured): the warp index and tile count
-// warp-uniform, the descriptors from their low words in uniform registers: ~135 instructions a warp
-// a chunk in the SASS against ~156, and UIADD3 + UMOV before each wgmma instead of a mask, a shift
-// and two R2UR.
-GEMM_SM90_DEEP_ENTRY(gemm_sm90_fp8_grouped_128x128_bf16_lean, 6, true, true, true)
+// The same with STSM, LEAN and EARLY, the default: at small's expert shapes, balanced groups, +8-10%
+// on gate_up Fprop and Dgrad and on down Fprop, +1% on down Dgrad (notes/sm90-gemm.md, twenty-ninth
+// session). Without EARLY, STSM and LEAN gained 9% on gate_up Fprop and lost 11% on down Fprop.
+GEMM_SM90_EARLY_ENTRY(gemm_sm90_fp8_grouped_128x128_bf16_early, 6, true)
 // Every other call (f32 stores, accumulate-into: the dense roles as one group) for up to 128
-// experts: five stages (the step's GEMMs 20.7 -> 19.9 GPU ms; notes/sm90-gemm.md).
+// experts: five stages (the step's GEMMs 20.7 -> 19.9 GPU ms; notes/sm90-gemm.md); the default
+// before the early entry below (MOE8_SM90_FPROP=plain).
 GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_e128, 128, 5, TwoBuffers, false, SM90_MAX_E_DEEP, false)
-// The same with LEAN (MOE8_SM90_FPROP=lean, with the BF16 entry's lean twin; opt-in until measured).
-GEMM_SM90_DEEP_ENTRY(gemm_sm90_fp8_grouped_128x128_e128_lean, 5, false, false, true)
+// The same with LEAN and EARLY, the default.
+GEMM_SM90_EARLY_ENTRY(gemm_sm90_fp8_grouped_128x128_e128_early, 5, false)
 
 // Wgrad: dW[e] (+)= A_e B_e^T with A = dY^T [M, pitch] and B = X^T [N, pitch] as sm90_coltile_transpose
 // writes them (tensor maps: A u8 [M, pitch] box {128, 128}, B u8 [N, pitch] box {128, BN}, C f32

@@ -2,6 +2,7 @@
 // on one machine, each stepping on 1/N of every batch and keeping 1/N of the optimiser state
 // (ZeRO-1), train as one process does up to the order of f32 sums; their checkpoint resumes under another N; a worker that dies stops the run with a line
 // naming it and the checkpoint to resume from; and a split that does not divide the batch is refused.
+import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { readSafetensors } from "../apps/trainer/src/run/safetensors.ts";
@@ -78,6 +79,8 @@ function refusedInOneLine(out: string, flags: readonly string[], want: RegExp) {
   expect(r.status, r.stderr).toBe(2);
   expect(r.stderr.trim().split("\n")).toHaveLength(1);
   expect(r.stderr).toMatch(want);
+  // Refused before anything is written: no run folder left behind.
+  expect(existsSync(out), `${flags.join(" ")} left ${out}`).toBe(false);
 }
 
 describe("--ranks", () => {
@@ -216,8 +219,9 @@ describe("--ranks", () => {
       ["3", /--ranks 3: the batch of 8 sequences does not split into 3 ranks/],
       ["0", /--ranks 0: use an integer from 1 to 64/],
     ] as const) {
-      const { r } = run(Number(ranks));
+      const { r, out } = run(Number(ranks));
       expect(r.status, r.stderr).toBe(2);
+      expect(existsSync(out), `--ranks ${ranks} left ${out}`).toBe(false);
       expect(r.stderr.trim().split("\n")).toHaveLength(1);
       expect(r.stderr).toMatch(want);
     }

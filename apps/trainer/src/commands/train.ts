@@ -159,14 +159,31 @@ export async function train(argv: string[]): Promise<number> {
   const checkEvery = checkEveryFlag(f["check-every"]);
   const expertParallel = f["expert-parallel"] === true;
   const note = (m: string) => console.error(`note: ${m}`);
-  const start: RunStart = f.resume !== undefined ? await startResume(args, note) : await startNew(args, note);
+  const several = gpus !== null || nRanks > 1;
+  /** What the ranks need of the run (a UsageError otherwise); returns how many there are. */
+  const checkRun = (cfg: TrainConfig, backend: string, experts: number): number => {
+    if (!several)
+      throw new UsageError(
+        "--expert-parallel splits the routed experts over the ranks: give --ranks N or --gpus N with N > 1",
+      );
+    const n = gpus !== null ? checkGpus(gpus, backend) : nRanks;
+    checkRanks(n, cfg, backend, gpus !== null, expertParallel ? experts : null);
+    return n;
+  };
+  // A new run is refused before its folder is written; a resumed one once its checkpoint's config
+  // is known (below).
+  const start: RunStart =
+    f.resume !== undefined
+      ? await startResume(args, note)
+      : await startNew(args, note, (cfg, modelCfg, backend) => {
+          if (several || expertParallel) checkRun(cfg, backend.name, modelCfg.n_routed_experts);
+        });
   const { cfg, runDir, lock, session: s, data, from } = start;
   let ranks: Ranks | null = null;
   let n = nRanks;
-  if (gpus !== null || nRanks > 1) {
+  if (several || expertParallel) {
     try {
-      if (gpus !== null) n = checkGpus(gpus, s.backend.name);
-      checkRanks(n, cfg, s.backend.name, gpus !== null, expertParallel ? s.model.cfg.n_routed_experts : null);
+      n = checkRun(cfg, s.backend.name, s.model.cfg.n_routed_experts);
     } catch (e) {
       s.dispose();
       lock.release();
@@ -174,12 +191,6 @@ export async function train(argv: string[]): Promise<number> {
     }
     // Each rank steps on its share of the batch and keeps the moments of the parameters it owns.
     s.becomeRank(0, n);
-  } else if (expertParallel) {
-    s.dispose();
-    lock.release();
-    throw new UsageError(
-      "--expert-parallel splits the routed experts over the ranks: give --ranks N or --gpus N with N > 1",
-    );
   }
   let lastGood: string | null = from?.dir ?? null;
   const st: RunState = { step: 0, bestValLoss: null, bestStep: null, consecutiveBad: 0 };

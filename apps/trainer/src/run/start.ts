@@ -123,7 +123,15 @@ export async function withDatasetVocab(
   return vocabFromData(given, await datasetTokenizer(given));
 }
 
-export async function startNew(args: ParsedArgs, note: (m: string) => void): Promise<RunStart> {
+/**
+ * A new run. `check` refuses what the caller's own flags need of the run (--ranks, --gpus,
+ * --expert-parallel) once the config, its model and backend are known, before the folder is written.
+ */
+export async function startNew(
+  args: ParsedArgs,
+  note: (m: string) => void,
+  check?: (cfg: TrainConfig, modelCfg: ModelConfig, backend: Backend) => void,
+): Promise<RunStart> {
   const { cfg, taken } = await withDatasetVocab(configFromArgs(args));
   const out = args.flags.out;
   const runDir =
@@ -131,6 +139,7 @@ export async function startNew(args: ParsedArgs, note: (m: string) => void): Pro
   const modelCfg = resolveModel(cfg);
   const data = await openTrainData(cfg, modelCfg.vocab_size);
   const backend = backendFor(cfg, modelCfg);
+  check?.(cfg, modelCfg, backend);
   const tensorboard = tensorboardDir(cfg, runDir);
   prepareOutDir(runDir);
   const lock = lockRun(runDir, "--out");

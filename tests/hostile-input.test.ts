@@ -281,6 +281,11 @@ const cases: [string, string[], RegExp][] = [
   ],
   ["positional argument", ["train", "100"], /^error: unexpected argument "100" \(flags are --name value\)$/],
   [
+    "a value after a boolean flag",
+    ["train", "--expert-parallel", "4"],
+    /^error: flag --expert-parallel takes no value \(got "4"\)$/,
+  ],
+  [
     "eval --batch-size 0",
     ["eval", "--checkpoint", "@base", "--data", "datasets/default", "--batch-size", "0"],
     /--batch-size 0: must be an integer in \[1, 65536\]/,

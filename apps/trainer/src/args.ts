@@ -33,10 +33,16 @@ export class HelpRequest extends Error {
 export function parseArgs(argv: string[], spec: FlagSpec, dottedPrefixes: string[] = []): ParsedArgs {
   if (argv.includes("--help") && !Object.hasOwn(spec, "help")) throw new HelpRequest(spec, dottedPrefixes);
   const out: ParsedArgs = { flags: {}, dotted: [] };
+  let lastBoolean: string | null = null; // the boolean flag just read, bare (`--debug`)
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
-    if (!arg.startsWith("--"))
+    if (!arg.startsWith("--")) {
+      // `--expert-parallel 4`: name the flag that takes no value rather than the stray argument alone.
+      if (lastBoolean !== null)
+        throw new UsageError(`flag --${lastBoolean} takes no value (got ${brief(arg)})`);
       throw new UsageError(`unexpected argument ${brief(arg)} (flags are --name value)`);
+    }
+    lastBoolean = null;
     const eq = arg.indexOf("=");
     const name = eq >= 0 ? arg.slice(2, eq) : arg.slice(2);
     let value: string | undefined = eq >= 0 ? arg.slice(eq + 1) : undefined;
@@ -47,6 +53,7 @@ export function parseArgs(argv: string[], spec: FlagSpec, dottedPrefixes: string
       if (value !== undefined && value !== "true" && value !== "false")
         throw new UsageError(`flag --${name} takes no value (got ${brief(value)})`);
       out.flags[name] = value !== "false";
+      if (value === undefined) lastBoolean = name;
       continue;
     }
     if (value === undefined) {

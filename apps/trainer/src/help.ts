@@ -32,7 +32,7 @@ const DESCRIPTIONS: Record<string, string> = {
   "check-every":
     "with --ranks or --gpus: compare every rank's weights with rank 0's every N steps (100; 0: never)",
   "expert-parallel":
-    "with --ranks or --gpus: split every MoE layer's routed experts over the ranks (tokens go to their experts' ranks)",
+    "with --ranks or --gpus: split every MoE layer's routed experts over all the ranks (tokens go to their experts' ranks; takes no number)",
   input:
     "a .txt, .md, .jsonl (also .gz), .parquet or .arrow file, a text file, a folder, or a datasets save_to_disk folder",
   json: "print the result as JSON",

@@ -262,6 +262,29 @@ function cliPath(): string {
  * MOE8_RANK, MOE8_RANKS, MOE8_RANKS_PORT and MOE8_RANKS_CONFIG: the run's resolved config) and
  * returns once all have joined.
  */
+/**
+ * The environment of worker rank r of n: this process's, with the rendezvous (port, the run's
+ * config file), the rank's GPU under --gpus (the r-th after `device`), and NVLink multicast off for
+ * NCCL whatever the caller's environment says (issue 22).
+ */
+export function workerEnv(
+  base: NodeJS.ProcessEnv,
+  r: number,
+  n: number,
+  rendezvous: { port: number; config: string },
+  gpu: { device: number } | null,
+): NodeJS.ProcessEnv {
+  return {
+    ...base,
+    MOE8_RANK: String(r),
+    MOE8_RANKS: String(n),
+    MOE8_RANKS_PORT: String(rendezvous.port),
+    MOE8_RANKS_CONFIG: rendezvous.config,
+    NCCL_NVLS_ENABLE: "0",
+    ...(gpu ? { MOE8_CUDA_DEVICE: String(gpu.device + r), MOE8_RANKS_NCCL: "1" } : {}),
+  };
+}
+
 export async function startRanks(
   n: number,
   cfg: TrainConfig,
@@ -289,16 +312,8 @@ export async function startRanks(
     // The same runtime: Bun and Node (tsx's loader is in execArgv) take the script; Deno needs `run`.
     const runtimeArgs = "Deno" in globalThis ? ["run", "--allow-all"] : process.execArgv;
     const child = spawn(process.execPath, [...runtimeArgs, cliPath(), "train"], {
-      env: {
-        ...process.env,
-        MOE8_RANK: String(r),
-        MOE8_RANKS: String(n),
-        MOE8_RANKS_PORT: String(port),
-        MOE8_RANKS_CONFIG: config,
-        // NVLink multicast stays off for NCCL in every rank (issue 22; the leader's own too).
-        NCCL_NVLS_ENABLE: "0",
-        ...(gpus ? { MOE8_CUDA_DEVICE: String(device + r), MOE8_RANKS_NCCL: "1" } : {}),
-      },
+      // (NVLink multicast stays off for NCCL in every rank: the leader's own is set above.)
+      env: workerEnv(process.env, r, n, { port, config }, gpus ? { device } : null),
       stdio: ["ignore", "ignore", "inherit"],
     });
     child.on("exit", (code, signal) => {

@@ -158,6 +158,7 @@ const WIDE_WGRAD: Record<string, string> = {
   halves: "halves",
   turns: "turns",
   lean: "lean",
+  direct: "direct",
 };
 const required = process.env.MOE8_REQUIRE_CUDA === "1";
 
@@ -340,6 +341,17 @@ if (status.ok) {
               sm90: true,
               env: { MOE8_SM90_WGRAD_STAGED: "1", MOE8_SM90_CTAS: "3" },
               name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=1 on 3 CTAs",
+            },
+            // The Wgrad storing from its registers, on 3 CTAs and the whole GPU.
+            {
+              sm90: true,
+              env: { MOE8_SM90_WGRAD_STAGED: "direct", MOE8_SM90_CTAS: "3" },
+              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=direct on 3 CTAs",
+            },
+            {
+              sm90: true,
+              env: { MOE8_SM90_WGRAD_STAGED: "direct" },
+              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=direct",
             },
             {
               sm90: true,

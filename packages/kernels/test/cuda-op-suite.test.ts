@@ -319,44 +319,27 @@ if (status.ok) {
               env: { MOE8_SM90_WGRAD_ORDER: "experts" },
               name: "sm90 wgmma, MOE8_SM90_WGRAD_ORDER=experts",
             },
-            // The staged Wgrad's epilogue by halves (the default before the strips), on 3 CTAs (each
-            // CTA stores many tiles: the slots rotate across them).
-            {
+            // On 3 CTAs (each CTA through many tiles: the staging slots rotate across them, the
+            // ring's stages carry over), the entries the defaults replaced and the opt-in ones (the
+            // defaults' own 3-CTA run is "sm90 wgmma on 3 CTAs"): the staged Wgrad's epilogue by
+            // halves (before the strips), taking turns (before warpgroup 1 lagged a chunk behind),
+            // without the lean descriptors (=1), storing from its registers (direct, also on the
+            // whole GPU); the Fprop/Dgrad entries before the early ones (plain).
+            ...[
+              ["MOE8_SM90_WGRAD_STAGED", "halves"],
+              ["MOE8_SM90_WGRAD_STAGED", "turns"],
+              ["MOE8_SM90_WGRAD_STAGED", "1"],
+              ["MOE8_SM90_WGRAD_STAGED", "direct"],
+              ["MOE8_SM90_FPROP", "plain"],
+            ].map(([k, v]) => ({
               sm90: true,
-              env: { MOE8_SM90_WGRAD_STAGED: "halves", MOE8_SM90_CTAS: "3" },
-              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=halves on 3 CTAs",
-            },
-            // The staged Wgrad taking turns (the default before warpgroup 1 lagged a chunk behind),
-            // on 3 CTAs.
-            {
-              sm90: true,
-              env: { MOE8_SM90_WGRAD_STAGED: "turns", MOE8_SM90_CTAS: "3" },
-              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=turns on 3 CTAs",
-            },
-            // The staged Wgrad without the lean descriptors (the default before them), and the
-            // Fprop/Dgrad entries before the early ones, on 3 CTAs (each CTA through many tiles, the
-            // staging reused and the ring's stages carried across them); the defaults' own 3-CTA
-            // run is "sm90 wgmma on 3 CTAs".
-            {
-              sm90: true,
-              env: { MOE8_SM90_WGRAD_STAGED: "1", MOE8_SM90_CTAS: "3" },
-              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=1 on 3 CTAs",
-            },
-            // The Wgrad storing from its registers, on 3 CTAs and the whole GPU.
-            {
-              sm90: true,
-              env: { MOE8_SM90_WGRAD_STAGED: "direct", MOE8_SM90_CTAS: "3" },
-              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=direct on 3 CTAs",
-            },
+              env: { [k]: v, MOE8_SM90_CTAS: "3" },
+              name: `sm90 wgmma, ${k}=${v} on 3 CTAs`,
+            })),
             {
               sm90: true,
               env: { MOE8_SM90_WGRAD_STAGED: "direct" },
               name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=direct",
-            },
-            {
-              sm90: true,
-              env: { MOE8_SM90_FPROP: "plain", MOE8_SM90_CTAS: "3" },
-              name: "sm90 wgmma, MOE8_SM90_FPROP=plain on 3 CTAs",
             },
           ]
         : []),

@@ -159,36 +159,36 @@ export async function train(argv: string[]): Promise<number> {
   const checkEvery = checkEveryFlag(f["check-every"]);
   const expertParallel = f["expert-parallel"] === true;
   const note = (m: string) => console.error(`note: ${m}`);
-  const several = gpus !== null || nRanks > 1;
-  /** What the ranks need of the run (a UsageError otherwise); returns how many there are. */
-  const checkRun = (cfg: TrainConfig, backend: string, experts: number): number => {
-    if (!several)
+  const ranked = gpus !== null || nRanks > 1 || expertParallel;
+  let n = nRanks;
+  /** What the ranks need of the run (a UsageError otherwise); sets how many there are. */
+  const checkRun = (cfg: TrainConfig, backend: string, experts: number) => {
+    if (gpus === null && nRanks <= 1)
       throw new UsageError(
         "--expert-parallel splits the routed experts over the ranks: give --ranks N or --gpus N with N > 1",
       );
-    const n = gpus !== null ? checkGpus(gpus, backend) : nRanks;
+    n = gpus !== null ? checkGpus(gpus, backend) : nRanks;
     checkRanks(n, cfg, backend, gpus !== null, expertParallel ? experts : null);
-    return n;
   };
-  // A new run is refused before its folder is written; a resumed one once its checkpoint's config
+  // A new run is checked before its folder is written; a resumed one once its checkpoint's config
   // is known (below).
   const start: RunStart =
     f.resume !== undefined
       ? await startResume(args, note)
       : await startNew(args, note, (cfg, modelCfg, backend) => {
-          if (several || expertParallel) checkRun(cfg, backend.name, modelCfg.n_routed_experts);
+          if (ranked) checkRun(cfg, backend.name, modelCfg.n_routed_experts);
         });
   const { cfg, runDir, lock, session: s, data, from } = start;
   let ranks: Ranks | null = null;
-  let n = nRanks;
-  if (several || expertParallel) {
-    try {
-      n = checkRun(cfg, s.backend.name, s.model.cfg.n_routed_experts);
-    } catch (e) {
-      s.dispose();
-      lock.release();
-      throw e;
-    }
+  if (ranked) {
+    if (f.resume !== undefined)
+      try {
+        checkRun(cfg, s.backend.name, s.model.cfg.n_routed_experts);
+      } catch (e) {
+        s.dispose();
+        lock.release();
+        throw e;
+      }
     // Each rank steps on its share of the batch and keeps the moments of the parameters it owns.
     s.becomeRank(0, n);
   }

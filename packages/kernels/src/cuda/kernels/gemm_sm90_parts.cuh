@@ -12,16 +12,22 @@ __device__ __forceinline__ void wgmma_n128(float* d, u64 da, u64 db, int accumul
       : "l"(da), "l"(db), "r"(accumulate));
 }
 
-// The 4 k32 wgmmas of one 128-deep chunk into a fresh accumulator p, issued and committed as one
-// group; the caller waits.
-template <int ACC>
-__device__ __forceinline__ void mma_chunk(float (&p)[ACC], u32 aAddr, u32 bAddr) {
+// The 4 k32 wgmmas of one 128-deep chunk into a fresh accumulator p (step(ks) issues step ks),
+// issued and committed as one group; the caller waits.
+template <int ACC, class Step>
+__device__ __forceinline__ void mma_steps(float (&p)[ACC], Step step) {
 #pragma unroll
   for (int i = 0; i < ACC; i++) reg_fence(p[i]);
   wgmma_fence();
 #pragma unroll
-  for (int ks = 0; ks < 4; ks++) wgmma_n128(p, sm90_desc(aAddr + ks * 32), sm90_desc(bAddr + ks * 32), ks);
+  for (int ks = 0; ks < 4; ks++) step(ks);
   wgmma_commit();
+}
+
+// One chunk from its A and B tiles' shared addresses.
+template <int ACC>
+__device__ __forceinline__ void mma_chunk(float (&p)[ACC], u32 aAddr, u32 bAddr) {
+  mma_steps(p, [&](int ks) { wgmma_n128(p, sm90_desc(aAddr + ks * 32), sm90_desc(bAddr + ks * 32), ks); });
 }
 
 // The same step from the descriptors' low words (shared address >> 4; a shared-memory address is
@@ -33,12 +39,7 @@ __device__ __forceinline__ void wgmma_n128_lo(float* d, u32 aLo, u32 bLo, int ac
 // One chunk from the low words of its A and B tiles' descriptors (a k32 step is +2: 32 bytes).
 template <int ACC>
 __device__ __forceinline__ void mma_chunk_lo(float (&p)[ACC], u32 aLo, u32 bLo) {
-#pragma unroll
-  for (int i = 0; i < ACC; i++) reg_fence(p[i]);
-  wgmma_fence();
-#pragma unroll
-  for (int ks = 0; ks < 4; ks++) wgmma_n128_lo(p, aLo + 2 * ks, bLo + 2 * ks, ks);
-  wgmma_commit();
+  mma_steps(p, [&](int ks) { wgmma_n128_lo(p, aLo + 2 * ks, bLo + 2 * ks, ks); });
 }
 
 // Promotion: acc += p * (row scale * sb), accumulator i belonging to row g (i & 2 == 0) or g + 8.

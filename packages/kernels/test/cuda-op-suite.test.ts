@@ -158,7 +158,6 @@ const WIDE_WGRAD: Record<string, string> = {
   halves: "halves",
   turns: "turns",
   lean: "lean",
-  direct: "direct",
 };
 const required = process.env.MOE8_REQUIRE_CUDA === "1";
 
@@ -323,24 +322,17 @@ if (status.ok) {
             // ring's stages carry over), the entries the defaults replaced and the opt-in ones (the
             // defaults' own 3-CTA run is "sm90 wgmma on 3 CTAs"): the staged Wgrad's epilogue by
             // halves (before the strips), taking turns (before warpgroup 1 lagged a chunk behind),
-            // without the lean descriptors (=1), storing from its registers (direct, also on the
-            // whole GPU); the Fprop/Dgrad entries before the early ones (plain).
+            // without the lean descriptors (=1); the Fprop/Dgrad entries before the early ones (plain).
             ...[
               ["MOE8_SM90_WGRAD_STAGED", "halves"],
               ["MOE8_SM90_WGRAD_STAGED", "turns"],
               ["MOE8_SM90_WGRAD_STAGED", "1"],
-              ["MOE8_SM90_WGRAD_STAGED", "direct"],
               ["MOE8_SM90_FPROP", "plain"],
             ].map(([k, v]) => ({
               sm90: true,
               env: { [k]: v, MOE8_SM90_CTAS: "3" },
               name: `sm90 wgmma, ${k}=${v} on 3 CTAs`,
             })),
-            {
-              sm90: true,
-              env: { MOE8_SM90_WGRAD_STAGED: "direct" },
-              name: "sm90 wgmma, MOE8_SM90_WGRAD_STAGED=direct",
-            },
           ]
         : []),
     ];

@@ -302,7 +302,6 @@ function wgradEntry(cx: CudaContext, N: number) {
     halves: k.gemm_sm90_fp8_wgrad_128x256_halves,
     turns: k.gemm_sm90_fp8_wgrad_128x256_turns,
     lean: k.gemm_sm90_fp8_wgrad_128x256_lean,
-    direct: k.gemm_sm90_fp8_wgrad_128x256_direct,
     loaded: cx.sm90Pingpong ? k.gemm_sm90_fp8_wgrad_128x256_pingpong : k.gemm_sm90_fp8_wgrad_128x256,
   }[scales];
   const smem = scales === "loaded" ? SM90.SM90_SMEM_WGRAD_128x256 : SM90.SM90_SMEM_WGRAD_128x256_STAGED;

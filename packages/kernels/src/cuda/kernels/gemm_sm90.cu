@@ -120,8 +120,7 @@
 // Wgrad +1-4% in each of eight rounds (notes/sm90-gemm.md, twenty-second session).
 template <int BN, int STAGES, Mainloop LOOP, Segments SEG, bool BF16_ONLY = false, int MAX_E = SM90_MAX_E,
           bool PINGPONG = false, bool STAGED_SCALES = false, bool FILL_BARRIER = false,
-          int STRIPS = 0, bool LAG = false, bool STSM = false, bool LEAN = false, bool EARLY = false,
-          bool DIRECT = false>
+          int STRIPS = 0, bool LAG = false, bool STSM = false, bool LEAN = false, bool EARLY = false>
 __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CUtensorMap* tB, const CUtensorMap* tC,
                                                  const float* As, const float* Bs, float* C, const int* off, int E,
                                                  int M, int N, int K, int accumulate, int outMode, int rows,
@@ -148,7 +147,6 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
                 "the lean descriptors are the two-buffer Fprop / Dgrad loop's and the staged Wgrad's");
   static_assert(!EARLY || (SEG == Segments::AlongM && LOOP == Mainloop::TwoBuffers),
                 "the early chunks are the two-buffer Fprop / Dgrad loop's");
-  static_assert(!DIRECT || (SEG == Segments::AlongK && !BF16_ONLY), "direct stores are the Wgrad's");
   constexpr int S_FLOATS = STAGED_SCALES ? BM + BN : 64 + BN;
   constexpr int S_BYTES = SEG != Segments::AlongK ? 0 : STAGED_SCALES ? STAGES * S_FLOATS * 4 : NWG * 2 * S_FLOATS * 4;
   // Staging per consumer warpgroup: 64 rows x 128 columns of f32 (or BF16).
@@ -302,8 +300,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
 
     // Epilogue, per 128-column half h: accumulator i is row (i & 2 ? g + 8 : g), column
     // n0 + 128 h + 8 (i / 4) + 2 tq + (i & 1).
-    // DIRECT: every tile from the registers (below), with no staging, barriers or bulk waits.
-    if (!DIRECT && row0 + 64 * wg + 64 <= rowEnd) {
+    if (row0 + 64 * wg + 64 <= rowEnd) {
       // This warpgroup's 64 rows inside the expert (both warpgroups' in a whole tile; the first's
       // alone in an expert's last tile of 64 to 127 rows): stage its 64 x 128 in 128-byte strips with the TMA
       // 128-byte swizzle (16-byte chunk index ^= row & 7: conflict-free), then TMA-store the strips
@@ -412,10 +409,6 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
           }
           float2* c = (float2*)(C + (i64)r * N + col);
           float2 v = make_float2(v0, v1);
-          if (DIRECT && accumulate) {  // C += v in L2, without reading C back here
-            asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(c), "f"(v0), "f"(v1) : "memory");
-            continue;
-          }
           if (accumulate) {
             const float2 o = *c;
             v = make_float2(o.x + v.x, o.y + v.y);
@@ -817,18 +810,6 @@ KERNEL void __launch_bounds__(SM90_THREADS, 1)
                                      const int* off, int E, int M, int N, int accumulate, int outMode, int sorted) {
   sm90_fp8_grouped<256, 3, Mainloop::OneBuffer, Segments::AlongK, false, SM90_MAX_E, false, true, false, 64, true, false,
                    true>(&tA, &tB, &tC, As, Bs, C, off, E, M, N, 0, accumulate, outMode, E * M, sorted != 0);
-}
-// The lean Wgrad storing each tile from the registers (st.global, or red.global.add when
-// accumulating) instead of staging strips for TMA (DIRECT; MOE8_SM90_WGRAD_STAGED=direct; opt-in
-// until measured: the f32 epilogue was ~15% of the Wgrad's time, notes/sm90-gemm.md).
-KERNEL void __launch_bounds__(SM90_THREADS, 1)
-    gemm_sm90_fp8_wgrad_128x256_direct(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,
-                                       const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs,
-                                       float* C, const int* off, int E, int M, int N, int accumulate, int outMode,
-                                       int sorted) {
-  sm90_fp8_grouped<256, 3, Mainloop::OneBuffer, Segments::AlongK, false, SM90_MAX_E, false, true, false, 64, true, false,
-                   true, false, true>(&tA, &tB, &tC, As, Bs, C, off, E, M, N, 0, accumulate, outMode, E * M,
-                                      sorted != 0);
 }
 // Its racecheck twin: every order in named barriers, the scales stored by the loading warp
 // (FILL_BARRIER; MOE8_SM90_WGRAD_STAGED=checked). It takes turns rather than lagging: its consumers

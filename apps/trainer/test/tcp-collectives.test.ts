@@ -15,49 +15,70 @@ async function tcpGroup(size: number) {
 
 /** Each rank's results of a fixed round of collectives, as plain arrays. */
 async function round(group: Collectives[]) {
+  return Promise.all(group.map(roundOn));
+}
+
+/** One rank's part of `round`. */
+async function roundOn(c: Collectives) {
+  return (async () => {
+    const b = new TsBackend();
+    const rng = new Rng(100 + c.rank);
+    const f = b.upload(rng.normals(1000), [10, 100]);
+    const i = b.upload(
+      Int32Array.from({ length: 7 }, (_, j) => j * (c.rank + 1)),
+      [7],
+      "i32",
+    );
+    await c.allReduceSum([f, i]);
+    const roots = [1 % c.size, 0];
+    const bc = [b.upload(rng.normals(33), [33]), b.upload(Int32Array.of(c.rank, 5), [2], "i32")];
+    await c.broadcast(bc, roots);
+    const red = [b.upload(rng.normals(20), [20]), b.upload(Int32Array.of(c.rank + 1, 2), [2], "i32")];
+    await c.reduceSum(red, [0, c.size - 1]);
+    // Started reductions (the gradient buckets): two starts, one settle.
+    const st = [b.upload(rng.normals(9), [9]), b.upload(rng.normals(4), [4]), b.upload(rng.normals(6), [6])];
+    c.startReduce([st[0]]);
+    c.startReduce([st[1], st[2]], [c.size - 1, 0]);
+    await c.settle();
+    // Rank r sends q + r rows to rank q.
+    const send = Array.from({ length: c.size }, (_, q) =>
+      b.upload(rng.normals((q + c.rank) * 3), [q + c.rank, 3]),
+    );
+    const recv = await c.allToAll(send);
+    // The same with the rows each rank sends this one given (rank q sends q + rank).
+    const known = await c.allToAll(
+      send,
+      Array.from({ length: c.size }, (_, q) => q + c.rank),
+    );
+    const read = async (t: Tensor) => Array.from((await t.read()) as Float32Array | Int32Array);
+    return {
+      sums: [await read(f), await read(i)],
+      bc: [await read(bc[0]), await read(bc[1])],
+      red: [await read(red[0]), await read(red[1])],
+      started: await Promise.all(st.map(read)),
+      recv: await Promise.all(recv.map(async (t) => [t.shape, await read(t)])),
+      known: await Promise.all(known.map(async (t) => [t.shape, await read(t)])),
+    };
+  })();
+}
+
+/**
+ * Each rank of 4 splits its group twice (the replicas of one expert shard: rank % 2; the ranks
+ * sharing tokens: rank / 2) and runs `round` in both subgroups, the one subgroup's calls beside the
+ * other's, then once more in a split of a split, then in the whole group.
+ */
+async function splitRounds(group: Collectives[]) {
   return Promise.all(
     group.map(async (c) => {
-      const b = new TsBackend();
-      const rng = new Rng(100 + c.rank);
-      const f = b.upload(rng.normals(1000), [10, 100]);
-      const i = b.upload(
-        Int32Array.from({ length: 7 }, (_, j) => j * (c.rank + 1)),
-        [7],
-        "i32",
-      );
-      await c.allReduceSum([f, i]);
-      const roots = [1 % c.size, 0];
-      const bc = [b.upload(rng.normals(33), [33]), b.upload(Int32Array.of(c.rank, 5), [2], "i32")];
-      await c.broadcast(bc, roots);
-      const red = [b.upload(rng.normals(20), [20]), b.upload(Int32Array.of(c.rank + 1, 2), [2], "i32")];
-      await c.reduceSum(red, [0, c.size - 1]);
-      // Started reductions (the gradient buckets): two starts, one settle.
-      const st = [
-        b.upload(rng.normals(9), [9]),
-        b.upload(rng.normals(4), [4]),
-        b.upload(rng.normals(6), [6]),
-      ];
-      c.startReduce([st[0]]);
-      c.startReduce([st[1], st[2]], [c.size - 1, 0]);
-      await c.settle();
-      // Rank r sends q + r rows to rank q.
-      const send = Array.from({ length: c.size }, (_, q) =>
-        b.upload(rng.normals((q + c.rank) * 3), [q + c.rank, 3]),
-      );
-      const recv = await c.allToAll(send);
-      // The same with the rows each rank sends this one given (rank q sends q + rank).
-      const known = await c.allToAll(
-        send,
-        Array.from({ length: c.size }, (_, q) => q + c.rank),
-      );
-      const read = async (t: Tensor) => Array.from((await t.read()) as Float32Array | Int32Array);
+      const replicas = await c.split(c.rank % 2);
+      const shard = await c.split(Math.floor(c.rank / 2));
+      const alone = await shard.split(shard.rank);
       return {
-        sums: [await read(f), await read(i)],
-        bc: [await read(bc[0]), await read(bc[1])],
-        red: [await read(red[0]), await read(red[1])],
-        started: await Promise.all(st.map(read)),
-        recv: await Promise.all(recv.map(async (t) => [t.shape, await read(t)])),
-        known: await Promise.all(known.map(async (t) => [t.shape, await read(t)])),
+        ranks: [replicas, shard, alone].map((g) => [g.rank, g.size]),
+        replicas: await roundOn(replicas),
+        shard: await roundOn(shard),
+        alone: await roundOn(alone),
+        whole: await roundOn(c),
       };
     }),
   );
@@ -73,6 +94,38 @@ describe("collectives over TCP", () => {
         for (const g of tcp) g.close();
       }
     });
+
+  it("split: each subgroup gives a group of its size's results, over TCP as in the double", async () => {
+    const [two, one, four] = [
+      await round(localGroup(2)),
+      await round(localGroup(1)),
+      await round(localGroup(4)),
+    ];
+    // Rank r is rank r / 2 of the replicas {r % 2, r % 2 + 2} and rank r % 2 of the shard {2 (r / 2), +1}.
+    const want = [0, 1, 2, 3].map((r) => ({
+      ranks: [
+        [r >> 1, 2],
+        [r & 1, 2],
+        [0, 1],
+      ],
+      replicas: two[r >> 1],
+      shard: two[r & 1],
+      alone: one[0],
+      whole: four[r],
+    }));
+    expect(await splitRounds(localGroup(4))).toEqual(want);
+    const tcp = await tcpGroup(4);
+    try {
+      expect(await splitRounds(tcp.map((g) => g.collectives))).toEqual(want);
+    } finally {
+      for (const g of tcp) g.close();
+    }
+  });
+
+  it("split refuses a color that is not an integer >= 0", async () => {
+    await expect(localGroup(1)[0].split(-1)).rejects.toThrow("split: color -1 is not an integer >= 0");
+    await expect(localGroup(1)[0].split(0.5)).rejects.toThrow("split: color 0.5 is not an integer >= 0");
+  });
 
   it("allToAll with the rows to receive given: the same pieces, and a wrong count is an error", async () => {
     const got = await Promise.allSettled(

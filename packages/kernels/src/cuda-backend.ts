@@ -89,10 +89,11 @@ export class CudaBackend extends HostLifetimes implements Backend {
   /**
    * This rank's collectives over NCCL (issue 22), for a communicator made with
    * `new NcclComm(uniqueId, size, rank)` on this process's GPU: gradients, weights and rows move
-   * between the GPUs on the backend's stream (cuda-backend/nccl.ts).
+   * between the GPUs on the backend's stream (cuda-backend/nccl.ts). The communicators its `split`
+   * makes go into `made`, for the caller to dispose with `comm`.
    */
-  ncclCollectives(comm: NcclComm): Collectives {
-    return ncclCollectives(this.cx, comm);
+  ncclCollectives(comm: NcclComm, made: NcclComm[] = []): Collectives {
+    return ncclCollectives(this.cx, comm, made);
   }
 
   /** cuBLASLt for the GEMMs it has (MOE8_CUBLASLT=0: never). */

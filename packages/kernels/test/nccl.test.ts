@@ -96,4 +96,27 @@ describe.skipIf(!(nccl?.available && cuda) && !required)("NCCL collectives on th
     comm.dispose();
     expect(comm.disposed).toBe(true);
   });
+
+  it("split: a group of one rank's subgroup (ncclCommSplit) sums and exchanges, and ends with its maker's owner", async () => {
+    const b = new CudaBackend();
+    const comm = new native!.NcclComm(native!.ncclUniqueId(), 1, 0);
+    const made: InstanceType<NonNullable<typeof native>["NcclComm"]>[] = [];
+    const c = b.ncclCollectives(comm, made);
+    await expect(c.split(-1)).rejects.toThrow("split: color -1 is not an integer >= 0");
+    const sub = await c.split(3);
+    const subsub = await sub.split(0);
+    expect([sub.rank, sub.size, subsub.rank, subsub.size]).toEqual([0, 1, 0, 1]);
+    expect(made.length).toBe(2);
+    const f = Float32Array.from({ length: 300 }, (_, i) => Math.cos(i) * 10);
+    await b.scope(async () => {
+      const t = b.upload(f, [3, 100]);
+      await subsub.allReduceSum([t]);
+      await sub.broadcast([t], [0]);
+      const [back] = await sub.allToAll([t], [3]);
+      expect(Array.from((await back.read()) as Float32Array)).toEqual(Array.from(f));
+    });
+    for (const m of made) m.dispose();
+    comm.dispose();
+    expect(made.every((m) => m.disposed)).toBe(true);
+  });
 });

@@ -43,6 +43,13 @@ export interface Collectives {
    * synchronisation less); where the rows are seen (the host's collectives) a mismatch is an error.
    */
   allToAll(send: Tensor[], recvRows?: readonly number[]): Promise<Tensor[]>;
+  /**
+   * A collective over this group (every rank calls it, in the same order as its other calls):
+   * the ranks that pass the same `color` (an integer >= 0) form a new group, ranked in this group's
+   * order, and each gets its own. What expert parallelism over part of the ranks runs on: the ranks
+   * sharing their experts' tokens, and the replicas of the same experts (NCCL's ncclCommSplit).
+   */
+  split(color: number): Promise<Collectives>;
 }
 
 /** The group of one process: every collective leaves its tensors as they are. */
@@ -59,7 +66,25 @@ export const SINGLE_PROCESS: Collectives = {
       throw new Error(`allToAll: rank 0 sent ${send[0].rows} rows, ${recvRows[0]} were expected`);
     return send;
   },
+  async split(color) {
+    checkColor(color);
+    return SINGLE_PROCESS;
+  },
 };
+
+function checkColor(color: number): void {
+  if (!Number.isInteger(color) || color < 0) throw new Error(`split: color ${color} is not an integer >= 0`);
+}
+
+/**
+ * The ranks of the group a split gives this rank: the ranks (of the parent, in its order) that
+ * passed this rank's color, from every rank's color.
+ */
+export function splitMembers(colors: ArrayLike<number>, rank: number): number[] {
+  const out: number[] = [];
+  for (let q = 0; q < colors.length; q++) if (colors[q] === colors[rank]) out.push(q);
+  return out;
+}
 
 /** The values a collective moves: f32 or i32 tensors' contents. */
 export type CollectiveValues = Float32Array | Int32Array;
@@ -80,12 +105,28 @@ export async function collectiveValues(t: Tensor): Promise<CollectiveValues> {
 }
 
 /**
+ * A transport's exchange among some of its ranks: `id` names the group (the same string on each of
+ * its members, different for every group ever made), `members` are its ranks in the transport's own
+ * numbering (the first group's ranks), in group-rank order.
+ */
+export type OpenExchange = (id: string, members: readonly number[]) => Exchange;
+
+/**
  * The collectives of rank `rank` of `size` on an exchange of everyone's values (in one process for
  * tests, over sockets between processes): allReduceSum adds in rank order (rank 0 + rank 1 + ..., in
  * the tensor's precision), so every rank gets the same bits; broadcast copies the root's values;
- * allToAll hands each rank the pieces addressed to it.
+ * allToAll hands each rank the pieces addressed to it. `open` makes the exchanges of the groups
+ * `split` forms (without it, split fails); `id` and `members` are this group's, as `open` got them.
  */
-export function collectivesOver(rank: number, size: number, exchange: Exchange): Collectives {
+export function collectivesOver(
+  rank: number,
+  size: number,
+  exchange: Exchange,
+  open?: OpenExchange,
+  id = "world",
+  members: readonly number[] = Array.from({ length: size }, (_, q) => q),
+): Collectives {
+  let splits = 0;
   const gather = async (tensors: Tensor[], sameSizes = true) => {
     const mine = await Promise.all(tensors.map(collectiveValues));
     const parts = await exchange(mine, sameSizes);
@@ -162,6 +203,16 @@ export function collectivesOver(rank: number, size: number, exchange: Exchange):
       tensors.forEach((t, i) => {
         if (roots[i] !== rank) t.backend.write(t, parts[roots[i]][i]);
       });
+    },
+    async split(color) {
+      checkColor(color);
+      if (!open) throw new Error(`split: the group "${id}" cannot form subgroups`);
+      const k = splits++;
+      const colors = (await exchange([Int32Array.of(color)], true)).map((p) => p[0][0]);
+      const sub = splitMembers(colors, rank);
+      const subId = `${id}/${k}:${color}`;
+      const subMembers = sub.map((q) => members[q]);
+      return collectivesOver(sub.indexOf(rank), sub.length, open(subId, subMembers), open, subId, subMembers);
     },
   };
 }

@@ -6,7 +6,9 @@ export {
   type CollectiveValues,
   collectivesOver,
   type Exchange,
+  type OpenExchange,
   SINGLE_PROCESS,
+  splitMembers,
 } from "./collectives.ts";
 export {
   f32,

@@ -195,7 +195,15 @@ export async function ncclGroup(
   const got = Buffer.from(((await words.read()) as Int32Array).buffer);
   words.dispose();
   const comm = new native.NcclComm(got, tcp.size, tcp.rank);
-  return { collectives: b.ncclCollectives(comm), dispose: () => comm.dispose() };
+  // (The subgroups' communicators, --expert-parallel N below the world, end with it.)
+  const made: InstanceType<typeof native.NcclComm>[] = [];
+  return {
+    collectives: b.ncclCollectives(comm, made),
+    dispose: () => {
+      for (const c of made.reverse()) c.dispose();
+      comm.dispose();
+    },
+  };
 }
 
 /**

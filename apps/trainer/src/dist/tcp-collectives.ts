@@ -1,22 +1,38 @@
 // Collectives between processes on one machine over TCP (issue 22): the host-side exchange that
 // data-parallel ranks without NCCL use (the cpu backend), and the channel a launcher's ranks meet
-// on. Rank 0 is the hub: every rank sends it its values for the k-th collective call, and once all
-// have arrived it sends every rank all of them; each rank then reduces as collectivesOver does (rank
-// order), so all ranks get the same bits, the same as the in-process double (localGroup).
+// on. Rank 0 is the hub: every rank sends it its values for the k-th collective call of a group, and
+// once all the group's members have sent theirs it sends each member all of them; each rank then
+// reduces as collectivesOver does (rank order), so all ranks get the same bits, the same as the
+// in-process double (localGroup). The hub routes every group's calls, its own or not: a subgroup
+// (`split`) may leave rank 0 out, as the replicas of rank 1's experts do.
 //
 // A frame is [u32 header bytes][u32 payload bytes][header JSON][payload]: the header names the call
 // and each part's dtype and length, the payload holds the parts' bytes back to back. A rank that
 // disconnects fails every pending and later call of the others with an error naming it.
 import { connect, createServer, type Server, type Socket } from "node:net";
-import { type Collectives, type CollectiveValues, collectivesOver } from "@moe8/tensor";
+import { type Collectives, type CollectiveValues, collectivesOver, type OpenExchange } from "@moe8/tensor";
 
 interface Header {
-  /** hello: a rank introducing itself; values: its parts for call k; all: every rank's for call k. */
+  /**
+   * hello: a rank introducing itself; values: its parts for call k of group `group`; all: every
+   * member's for that call.
+   */
   kind: "hello" | "values" | "all";
   rank: number;
   k: number;
+  /** The group's id and its members (ranks of the whole group, in group-rank order). */
+  group?: string;
+  members?: number[];
   /** Per part: "f32" | "i32" and element count; for "all", per rank. */
   parts: [string, number][][];
+}
+
+/** A call of a group at the hub: what each member sent so far, and rank 0's wait if a member. */
+interface Call {
+  members: readonly number[];
+  parts: CollectiveValues[][];
+  arrived: number;
+  local?: { ok: (all: CollectiveValues[][]) => void; fail: (e: Error) => void };
 }
 
 interface Frame {
@@ -141,22 +157,67 @@ export function tcpHub(
         const ready = () => {
           clearTimeout(timer);
           server.close(); // no more ranks: the connections stay open
-          let calls = 0;
-          const exchange = async (mine: CollectiveValues[]) => {
-            const k = calls++;
-            const all: CollectiveValues[][] = [mine];
-            for (let q = 1; q < size; q++) {
-              const f = await peers.get(q)!.reader.next();
-              if (f.header.kind !== "values" || f.header.k !== k)
-                throw new Error(`collectives: rank ${q} sent ${f.header.kind} ${f.header.k} for call ${k}`);
-              all.push(f.values[0]);
+          // Every group's calls in progress, by group id and call number: what each member sent,
+          // and rank 0's own wait when it is a member.
+          const pending = new Map<string, Call>();
+          let gone: Error | null = null;
+          const post = (
+            id: string,
+            k: number,
+            members: readonly number[],
+            q: number,
+            values: CollectiveValues[],
+          ) => {
+            const key = `${id}#${k}`;
+            let c = pending.get(key);
+            if (!c) {
+              c = { members, parts: [], arrived: 0 };
+              pending.set(key, c);
             }
-            const frame = encode({ kind: "all", rank: 0, k }, all);
-            for (const { socket } of peers.values()) socket.write(frame);
-            return all;
+            const at = c.members.indexOf(q);
+            if (at < 0 || c.parts[at] || c.members.join() !== members.join())
+              throw new Error(`collectives: rank ${q} sent call ${k} of group ${id} out of turn`);
+            c.parts[at] = values;
+            if (++c.arrived < members.length) return;
+            pending.delete(key);
+            const frame = encode({ kind: "all", rank: 0, k, group: id }, c.parts);
+            for (const m of members) if (m !== 0) peers.get(m)!.socket.write(frame);
+            c.local?.ok(c.parts);
           };
+          const fail = (e: Error) => {
+            gone ??= e;
+            for (const c of pending.values()) c.local?.fail(gone);
+          };
+          for (const [q, { reader }] of peers)
+            (async () => {
+              for (;;) {
+                const f = await reader.next();
+                const h = f.header;
+                if (h.kind !== "values" || h.group === undefined || !h.members)
+                  throw new Error(`collectives: rank ${q} sent ${h.kind} ${h.k}`);
+                post(h.group, h.k, h.members, q, f.values[0]);
+              }
+            })().catch(fail);
+          const open: OpenExchange = (id, members) => {
+            let calls = 0;
+            return (mine) => {
+              const k = calls++;
+              return new Promise<CollectiveValues[][]>((ok, no) => {
+                if (gone) return no(gone);
+                const key = `${id}#${k}`;
+                if (!pending.has(key)) pending.set(key, { members, parts: [], arrived: 0 });
+                pending.get(key)!.local = { ok, fail: no };
+                try {
+                  post(id, k, members, 0, mine);
+                } catch (e) {
+                  no(e as Error);
+                }
+              });
+            };
+          };
+          const world = Array.from({ length: size }, (_, q) => q);
           ok({
-            collectives: collectivesOver(0, size, exchange),
+            collectives: collectivesOver(0, size, open("world", world), open),
             close: () => {
               for (const { socket } of peers.values()) socket.end();
             },
@@ -194,16 +255,23 @@ export function tcpJoin(rank: number, size: number, port: number, host = "127.0.
       socket.setNoDelay(true);
       socket.write(encode({ kind: "hello", rank, k: -1 }, []));
       const reader = new FrameReader(socket, "rank 0");
-      let calls = 0;
-      const exchange = async (mine: CollectiveValues[]) => {
-        const k = calls++;
-        socket.write(encode({ kind: "values", rank, k }, [mine]));
-        const f = await reader.next();
-        if (f.header.kind !== "all" || f.header.k !== k)
-          throw new Error(`collectives: rank 0 sent ${f.header.kind} ${f.header.k} for call ${k}`);
-        return f.values;
+      // One call at a time: each rank awaits its collectives in order, so the hub's next frame to
+      // this rank answers the call made last.
+      const open: OpenExchange = (id, members) => {
+        let calls = 0;
+        return async (mine) => {
+          const k = calls++;
+          socket.write(encode({ kind: "values", rank, k, group: id, members: [...members] }, [mine]));
+          const f = await reader.next();
+          if (f.header.kind !== "all" || f.header.k !== k || f.header.group !== id)
+            throw new Error(
+              `collectives: rank 0 sent ${f.header.kind} ${f.header.k} of group ${f.header.group} for call ${k} of ${id}`,
+            );
+          return f.values;
+        };
       };
-      ok({ collectives: collectivesOver(rank, size, exchange), close: () => socket.end() });
+      const world = Array.from({ length: size }, (_, q) => q);
+      ok({ collectives: collectivesOver(rank, size, open("world", world), open), close: () => socket.end() });
     });
     socket.once("error", fail);
   });

@@ -19,7 +19,11 @@ function addr(cx: CudaContext, t: Tensor): number {
   return t.size === 0 ? 0 : cx.p(t);
 }
 
-export function ncclCollectives(cx: CudaContext, comm: NcclComm): Collectives {
+/**
+ * `made`: where the communicators that `split` makes are put, for their owner to dispose with
+ * `comm` (nothing frees them otherwise).
+ */
+export function ncclCollectives(cx: CudaContext, comm: NcclComm, made: NcclComm[] = []): Collectives {
   const { rank, size } = comm;
   // One NCCL group per dtype, the tensors in the caller's order.
   const byDtype = (tensors: Tensor[], op: string) =>
@@ -110,6 +114,13 @@ export function ncclCollectives(cx: CudaContext, comm: NcclComm): Collectives {
       if (own.size > 0)
         cx.n.cudaDtod(cx.buf(recv[rank]), 0, cx.buf(own), 0, own.size * BYTES_PER_ELEMENT[dtype]);
       return recv;
+    },
+    async split(color) {
+      if (!Number.isInteger(color) || color < 0)
+        throw new Error(`split: color ${color} is not an integer >= 0`);
+      const sub = comm.split(color);
+      made.push(sub);
+      return ncclCollectives(cx, sub, made);
     },
   };
 }

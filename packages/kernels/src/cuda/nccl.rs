@@ -69,6 +69,11 @@ struct Api {
     ncclRecv: unsafe extern "C" fn(*mut c_void, usize, c_int, c_int, Comm, Stream) -> c_int,
     ncclGroupStart: unsafe extern "C" fn() -> c_int,
     ncclGroupEnd: unsafe extern "C" fn() -> c_int,
+    ncclCommCount: unsafe extern "C" fn(Comm, *mut c_int) -> c_int,
+    ncclCommUserRank: unsafe extern "C" fn(Comm, *mut c_int) -> c_int,
+    /// Since NCCL 2.18 (None before): what `--expert-parallel N` with N below the world needs.
+    ncclCommSplit:
+        Option<unsafe extern "C" fn(Comm, c_int, c_int, *mut Comm, *mut c_void) -> c_int>,
 }
 
 // The function pointers are process-wide and NCCL's API is thread-safe for these calls.
@@ -133,6 +138,9 @@ fn load() -> Result<Api, String> {
         ncclRecv: sym!(ncclRecv),
         ncclGroupStart: sym!(ncclGroupStart),
         ncclGroupEnd: sym!(ncclGroupEnd),
+        ncclCommCount: sym!(ncclCommCount),
+        ncclCommUserRank: sym!(ncclCommUserRank),
+        ncclCommSplit: unsafe { lib.get(b"ncclCommSplit\0") }.ok().map(|f| *f),
         _lib: lib,
     })
 }
@@ -206,6 +214,52 @@ impl Communicator {
             unsafe { (a.ncclCommInitRank)(&mut comm, size, id, rank) },
             "ncclCommInitRank",
         )?;
+        Ok(Communicator {
+            comm,
+            rank,
+            size,
+            side: None,
+        })
+    }
+
+    /// A collective of this communicator's ranks (each calls it once, in the same order as its
+    /// other calls): the ranks passing the same `color` (>= 0) form a new communicator, ranked by
+    /// their rank here (ncclCommSplit, NCCL 2.18 or later).
+    pub fn split(&self, color: i32) -> Result<Communicator, String> {
+        let a = api()?;
+        let Some(split) = a.ncclCommSplit else {
+            return Err(format!(
+                "{}: this NCCL has no ncclCommSplit (2.18 or later has): groups of part of the ranks need it",
+                a.path
+            ));
+        };
+        if color < 0 {
+            return Err(format!("ncclCommSplit: color {color} is not >= 0"));
+        }
+        device()?;
+        let mut comm: Comm = std::ptr::null_mut();
+        ck(
+            a,
+            unsafe { split(self.comm, color, self.rank, &mut comm, std::ptr::null_mut()) },
+            "ncclCommSplit",
+        )?;
+        let (mut rank, mut size): (c_int, c_int) = (0, 0);
+        let r = ck(
+            a,
+            unsafe { (a.ncclCommUserRank)(comm, &mut rank) },
+            "ncclCommUserRank",
+        )
+        .and_then(|_| {
+            ck(
+                a,
+                unsafe { (a.ncclCommCount)(comm, &mut size) },
+                "ncclCommCount",
+            )
+        });
+        if let Err(e) = r {
+            unsafe { (a.ncclCommDestroy)(comm) };
+            return Err(e);
+        }
         Ok(Communicator {
             comm,
             rank,
@@ -520,6 +574,14 @@ pub mod js {
             })?;
             Ok(NcclComm {
                 inner: Communicator::new(id, size, rank).map_err(napi_err)?,
+            })
+        }
+
+        /// The communicator of the ranks that pass the same color (every rank calls it).
+        #[napi]
+        pub fn split(&self, color: i32) -> Result<NcclComm> {
+            Ok(NcclComm {
+                inner: self.inner.split(color).map_err(napi_err)?,
             })
         }
 

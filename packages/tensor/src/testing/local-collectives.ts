@@ -2,9 +2,15 @@
 // replica), and runs as one async task; a collective waits until every rank has called it (the k-th
 // call of each rank meets the k-th of the others). allReduceSum gives every rank the same sum, added
 // in rank order as NCCL's ring gives one fixed order; broadcast copies the root's tensor; allToAll
-// hands each rank the pieces addressed to it. Rank mistakes (different tensor counts or sizes) throw
-// instead of hanging.
-import { type Collectives, type CollectiveValues, collectivesOver } from "../collectives.ts";
+// hands each rank the pieces addressed to it; split forms subgroups whose calls meet only their
+// members' (as separate NCCL communicators do). Rank mistakes (different tensor counts or sizes)
+// throw instead of hanging.
+import {
+  type Collectives,
+  type CollectiveValues,
+  collectivesOver,
+  type OpenExchange,
+} from "../collectives.ts";
 
 interface Round {
   parts: CollectiveValues[][];
@@ -14,32 +20,39 @@ interface Round {
 }
 
 export function localGroup(size: number): Collectives[] {
-  const rounds = new Map<number, Round>();
-  const round = (k: number): Round => {
-    let r = rounds.get(k);
+  // Every group's rounds, by group id and call number.
+  const rounds = new Map<string, Round>();
+  const round = (key: string): Round => {
+    let r = rounds.get(key);
     if (!r) {
       let release = () => {};
       const done = new Promise<void>((ok) => {
         release = ok;
       });
       r = { parts: [], arrived: 0, done, release };
-      rounds.set(k, r);
+      rounds.set(key, r);
     }
     return r;
   };
-  return Array.from({ length: size }, (_, rank) => {
-    let calls = 0;
-    // The k-th call of each rank meets the k-th of the others.
-    return collectivesOver(rank, size, async (mine) => {
-      const k = calls++;
-      const r = round(k);
-      r.parts[rank] = mine;
-      if (++r.arrived === size) {
-        rounds.delete(k);
-        r.release();
-      }
-      await r.done;
-      return r.parts;
-    });
-  });
+  // World rank `rank`'s view of a group: the k-th call of each member meets the k-th of the others.
+  const openFor =
+    (rank: number): OpenExchange =>
+    (id, members) => {
+      const at = members.indexOf(rank);
+      if (at < 0) throw new Error(`localGroup: rank ${rank} is not in group ${id}`);
+      let calls = 0;
+      return async (mine) => {
+        const key = `${id}#${calls++}`;
+        const r = round(key);
+        r.parts[at] = mine;
+        if (++r.arrived === members.length) {
+          rounds.delete(key);
+          r.release();
+        }
+        await r.done;
+        return r.parts;
+      };
+    };
+  const world = Array.from({ length: size }, (_, q) => q);
+  return world.map((rank) => collectivesOver(rank, size, openFor(rank)("world", world), openFor(rank)));
 }

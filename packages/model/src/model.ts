@@ -110,19 +110,29 @@ export class DeepSeekModel {
 
   /** The expert-parallel group of the MoE layers (null: each holds all its experts). */
   readonly expertGroup: Collectives | null;
+  /**
+   * The ranks holding the same experts as this one (one per expert-parallel group), when the
+   * experts are split over part of the data-parallel ranks: trainStep sums the experts' gradients
+   * over them. Null when the expert-parallel group is every rank, or there is none.
+   */
+  readonly expertReplicas: Collectives | null;
 
   /**
    * `expertGroup`: the routed experts of every MoE layer split over this group (MoELayer's
-   * `expertGroup`); the model then trains through `lossAndGradExpertParallel`.
+   * `expertGroup`); the model then trains through `lossAndGradExpertParallel`. `expertReplicas`:
+   * with `expertGroup` part of the data-parallel ranks, the ranks of the other expert groups that
+   * hold this rank's experts (see the field).
    */
   constructor(
     readonly b: Backend,
     readonly cfg: ModelConfig,
     public policy: PrecisionPolicy,
     seed: number,
-    opts: { expertGroup?: Collectives } = {},
+    opts: { expertGroup?: Collectives; expertReplicas?: Collectives } = {},
   ) {
     this.expertGroup = opts.expertGroup && opts.expertGroup.size > 1 ? opts.expertGroup : null;
+    this.expertReplicas =
+      this.expertGroup && opts.expertReplicas && opts.expertReplicas.size > 1 ? opts.expertReplicas : null;
     const expertGroup = this.expertGroup ?? undefined;
     const rng = new Rng(seed);
     const std = cfg.initializer_range;

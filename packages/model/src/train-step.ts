@@ -15,6 +15,10 @@
 // optimiser (ZeRO-1) each gradient is summed on its owner rank only (a reduce, not an all-reduce),
 // the global norm is assembled from the ranks' norms of what they own, and each rank updates the
 // parameters it owns and broadcasts them.
+//
+// Expert parallelism (the model's expertGroup): each MoE layer's experts split over P ranks, which
+// exchange their tokens; P is the whole group, or part of it (expert groups of P consecutive ranks,
+// each rank's experts replicated in every group: their gradients are summed over those replicas).
 import { type LoadStats, loadStats } from "@moe8/moe-layers";
 import type { AdamW } from "@moe8/optimizer";
 import { type Collectives, type Param, SINGLE_PROCESS, type Tensor } from "@moe8/tensor";
@@ -89,6 +93,10 @@ export async function trainStep(
     // are whole on their rank after the backward pass (every rank's tokens reached them), so only
     // the replicated parameters are summed over the group.
     const experts = expertParams(model, group);
+    // Expert parallelism over part of the ranks: the experts' gradients hold their group's tokens
+    // only; they are summed over the replicas of the same experts (every rank then has the whole
+    // step's, and the replicas update them alike).
+    const replicas = experts ? model.expertReplicas : null;
     const timeExchanges = !!experts && !!opts.timeExchanges;
     for (const m of model.moeLayers) m.timeExchanges = timeExchanges;
     // Gradient buckets: each block's gradients start their reduction (ZeRO-1: to their owners only,
@@ -132,21 +140,36 @@ export async function trainStep(
           whole.map(([, owner]) => owner),
         );
       else await group.allReduceSum(whole.map(([p]) => p.grad));
+      if (replicas) await replicas.allReduceSum(opt.params.filter((p) => experts.has(p)).map((p) => p.grad));
     }
     const offsets = await pass.offsets();
     if (group.size > 1)
       await group.allReduceSum([pass.ce, pass.total, ...(pass.mtp ? [pass.mtp] : []), ...offsets]);
     // (Sharded, with or without split experts, each rank's optimiser holds exactly the gradients it
-    // alone has: the shard's norm is the global one.)
-    const { norm, scale } = sharded
-      ? await opt.shardedGradNorm(group)
-      : experts
-        ? // Each rank's experts, and on rank 0 the replicated gradients (the same on every rank).
-          await opt.groupGradNorm(
-            group,
-            opt.params.filter((p) => experts.has(p) || group.rank === 0).map((p) => p.grad),
-          )
-        : opt.gradNorm();
+    // alone has: the shard's norm is the global one. With the experts replicated over expert
+    // groups, each group's experts count once, on its first replica's ranks.)
+    const { norm, scale } = replicas
+      ? await opt.groupGradNorm(
+          group,
+          opt.params
+            .filter((p, i) =>
+              experts!.has(p)
+                ? replicas.rank === 0
+                : sharded
+                  ? opt.owners[i] === group.rank
+                  : group.rank === 0,
+            )
+            .map((p) => p.grad),
+        )
+      : sharded
+        ? await opt.shardedGradNorm(group)
+        : experts
+          ? // Each rank's experts, and on rank 0 the replicated gradients (the same on every rank).
+            await opt.groupGradNorm(
+              group,
+              opt.params.filter((p) => experts.has(p) || group.rank === 0).map((p) => p.grad),
+            )
+          : opt.gradNorm();
     const r = await finishStep(
       model,
       opt,
@@ -331,15 +354,23 @@ async function microBatches(
 }
 
 /**
- * The experts' parameters of a model whose experts are split over `group` (null when they are not),
- * after checking that the expert group is the data-parallel group.
+ * The experts' parameters of a model whose experts are split over `group` or part of it (null when
+ * they are not), after checking the layout: P ranks per expert group, the groups consecutive blocks
+ * of the data-parallel ranks (rank r is rank r % P of expert group r / P), each rank's replicas the
+ * ranks r % P + P k (it their rank r / P).
  */
 function expertParams(model: DeepSeekModel, group: Collectives): Set<Param> | null {
   const ep = model.expertGroup;
   if (!ep) return null;
-  if (ep.size !== group.size || ep.rank !== group.rank)
+  const reps = model.expertReplicas;
+  const copies = reps?.size ?? 1;
+  if (
+    ep.size * copies !== group.size ||
+    ep.rank !== group.rank % ep.size ||
+    (reps && reps.rank !== Math.floor(group.rank / ep.size))
+  )
     throw new Error(
-      `trainStep: the experts are split over ${ep.size} ranks, the batch over ${group.size}: expert parallelism runs over the data-parallel group`,
+      `trainStep: the experts are split over ${ep.size} ranks (rank ${ep.rank}) in ${copies} copies, the batch over ${group.size} (rank ${group.rank}): expert groups are consecutive blocks of the data-parallel ranks, each replicated over the others`,
     );
   return model.expertSplit!.params;
 }

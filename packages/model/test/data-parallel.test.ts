@@ -62,15 +62,25 @@ async function train(
   first = 0,
   steps = STEPS,
   noise = 0,
-  expertParallel = false,
+  expertParallel: boolean | number = false,
   cfg = MICRO,
 ): Promise<Run[]> {
   const group: Collectives[] = ranks === 1 ? [SINGLE_PROCESS] : localGroup(ranks);
-  const replicas = group.map((g) => {
+  // Expert parallelism over P < ranks: expert groups of P consecutive ranks, and each rank's
+  // replicas (the ranks holding its experts) split off the group, as the trainer does.
+  const P = expertParallel === true ? ranks : expertParallel === false ? 1 : expertParallel;
+  const groups = await Promise.all(
+    group.map(async (g) =>
+      P === 1
+        ? {}
+        : P === ranks
+          ? { expertGroup: g }
+          : { expertGroup: await g.split(Math.floor(g.rank / P)), expertReplicas: await g.split(g.rank % P) },
+    ),
+  );
+  const replicas = group.map((g, q) => {
     const b: Backend = new TsBackend();
-    const model = new DeepSeekModel(b, cfg, presetPolicy("fp32"), 11, {
-      expertGroup: expertParallel ? g : undefined,
-    });
+    const model = new DeepSeekModel(b, cfg, presetPolicy("fp32"), 11, groups[q]);
     const opt = new AdamW(
       b,
       model.params,
@@ -377,6 +387,73 @@ describe("data parallel: ranks summed through the collectives", () => {
     expect(resumed[0].losses[0]).toBeCloseTo(on.losses[STEPS], 5);
     expect(maxRelDiff(resumed[0].losses, on.losses.slice(STEPS))).toBeLessThan(1e-5);
   }, 60_000);
+
+  // Expert parallelism over part of the ranks (expert groups x data-parallel replicas): 4 ranks in
+  // two expert groups of 2, each rank holding half of the experts, its tokens travelling within its
+  // expert group only, the experts' gradients summed over the two groups. Against one process, as
+  // above; and every rank's experts the same bits as its replica's in the other group.
+  it("expert parallel over part of the ranks: 4 ranks in 2 expert groups train as 1 rank", async () => {
+    const [one] = await train(1);
+    const whole = new DeepSeekModel(new TsBackend(), MICRO, presetPolicy("fp32"), 11);
+    const isExpert = whole.params.map((p) => /\.mlp\.experts\./.test(p.name));
+    for (const [accum, zero1] of [
+      [1, false],
+      [2, true],
+    ] as const) {
+      const runs = await train(4, accum, zero1, null, 0, STEPS, 0, 2);
+      const what = `4 ranks, expert groups of 2, ${accum} micro-batches${zero1 ? ", ZeRO-1" : ""}`;
+      expect(maxRelDiff(runs[0].losses, one.losses), what).toBeLessThan(1e-5);
+      expect(maxRelDiff(runs[0].norms, one.norms), what).toBeLessThan(5e-4);
+      expect(runs[0].loads[0], what).toEqual(one.loads[0]);
+      for (const r of runs) {
+        expect(r.losses, what).toEqual(runs[0].losses);
+        expect(r.norms, what).toEqual(runs[0].norms);
+      }
+      runs.forEach((r, q) => {
+        r.weights.forEach((w, i) => {
+          if (!isExpert[i]) {
+            expect(w, `${what}: parameter ${i}`).toEqual(runs[0].weights[i]);
+            return;
+          }
+          // Rank q holds expert slice q % 2, the same bits as its replica q ^ 2.
+          expect(w, `${what}: rank ${q}, parameter ${i}`).toEqual(runs[q ^ 2].weights[i]);
+          const n = one.weights[i].length / 2;
+          expect(w.length).toBe(n);
+          const s = q % 2;
+          expect(
+            tensorRelDiff(w, one.weights[i].slice(s * n, (s + 1) * n)),
+            `${what}: rank ${q}, parameter ${i}`,
+          ).toBeLessThan(1e-3);
+        });
+      });
+      // The checkpoint: the whole model and the whole optimiser state on every rank (the same bits),
+      // one process's up to re-association.
+      for (const r of runs)
+        for (const [n, t] of one.dict) {
+          expect(r.dict.get(n)!.data, n).toEqual(runs[0].dict.get(n)!.data);
+          expect(tensorRelDiff(r.dict.get(n)!.data, t.data), n).toBeLessThan(1e-3);
+        }
+      for (const r of runs) {
+        expect([...r.gathered.keys()].sort()).toEqual([...one.gathered.keys()].sort());
+        for (const [n, v] of one.gathered) {
+          expect(r.gathered.get(n), n).toEqual(runs[0].gathered.get(n));
+          expect(frobeniusRelDiff(r.gathered.get(n)!, v), n).toBeLessThan(1e-2);
+        }
+      }
+      // ZeRO-1: the replicated parameters' moments over all 4 ranks, the experts' over the 2 of an
+      // expert group (each group holding them all): together one process's state and one more copy
+      // of the experts'.
+      if (zero1) {
+        const expertState = 2 * one.weights.reduce((n, w, i) => n + (isExpert[i] ? w.length : 0), 0);
+        expect(runs.reduce((n, r) => n + r.state, 0)).toBe(one.state + expertState);
+      }
+    }
+    // Resumed from one process's checkpoint under 4 ranks in expert groups of 2: as one process goes on.
+    const start: Start = { dict: one.dict, state: one.gathered, step: STEPS };
+    const [on] = await train(1, 1, false, null, 0, STEPS + 2);
+    const resumed = await train(4, 1, true, start, STEPS, 2, 0, 2);
+    expect(maxRelDiff(resumed[0].losses, on.losses.slice(STEPS))).toBeLessThan(1e-5);
+  }, 120_000);
 
   // Multi-token prediction: its loss is a mean over every position but each sequence's last, and the
   // ranks hold whole sequences, so 2 ranks (with micro-batches, ZeRO-1, or the experts of its MoE

@@ -254,10 +254,12 @@ export class AdamW {
       throw new Error(
         `gatherState: a group of ${group.size} ranks for state sharded over ${this.shard.size}`,
       );
+    // Parameters split over part of the group (expert groups of split.size consecutive ranks, each
+    // replicated over the others): slice q comes from rank q, the first expert group's.
     const split = this.split;
-    if (split && (group.size !== split.size || group.rank !== split.rank))
+    if (split && (group.size % split.size !== 0 || group.rank % split.size !== split.rank))
       throw new Error(
-        `gatherState: rank ${group.rank} of ${group.size} for parameters split over ${split.size}`,
+        `gatherState: rank ${group.rank} of ${group.size} for parameters split over ${split.size} (rank ${split.rank})`,
       );
     // Unsharded, this rank owns every parameter: nothing to exchange. A split parameter's moments
     // are every rank's slices, each broadcast by its rank, concatenated in rank order.

@@ -2,7 +2,9 @@
 # Several GPUs of one machine (issue 22), in one device call: run from the repository root by
 # `bash scripts/gpu-session.sh multi` (which puts bun and node_modules in place) on a kind with two
 # or more GPUs. small on cuda for MULTI_STEPS steps (300) as one process, as `--gpus N` (data
-# parallel, N = every GPU, or MULTI_GPUS) and as `--gpus N --expert-parallel`, one after another,
+# parallel, N = every GPU, or MULTI_GPUS), as `--gpus N --expert-parallel` and, with 4 or more GPUs,
+# as `--gpus N --expert-parallel N/2` (two expert groups, the experts' gradients summed over them: an
+# NCCL communicator split), one after another,
 # then NCCL's tests on N GPUs (tests/gpus.test.ts). One JSON line per run in $OUT/multi.jsonl and a
 # summary last: the loss curves against one process's (mean training loss of the last 50 steps,
 # final validation loss: relative differences), tokens/s from step 20 on and the data-parallel
@@ -33,6 +35,7 @@ run() { # NAME FLAGS...
 run one
 run dp --gpus "$N"
 run ep --gpus "$N" --expert-parallel
+if [ "$N" -ge 4 ]; then run epdp --gpus "$N" --expert-parallel $((N / 2)); fi
 echo "=== tests/gpus.test.ts on $N GPUs ==="
 MOE8_REQUIRE_NCCL=1 timeout 300 bun test --timeout 300000 tests/gpus.test.ts 2>&1 | tail -8
 python3 - "$OUT" "$N" <<'PY' | tee "$OUT/multi.jsonl"
@@ -41,7 +44,7 @@ out, n = sys.argv[1], int(sys.argv[2])
 def load(name):
     p = os.path.join(out, f"multi-{name}-metrics.jsonl")
     return [json.loads(l) for l in open(p) if l.strip()] if os.path.exists(p) else []
-runs = {k: load(k) for k in ("one", "dp", "ep")}
+runs = {k: load(k) for k in ("one", "dp", "ep", "epdp")}
 def summary(m):
     if not m:
         return None
@@ -56,8 +59,10 @@ def summary(m):
             "exchange_ms": sum(ex) / len(ex) if ex else None}
 s = {k: summary(v) for k, v in runs.items()}
 one = s["one"]
-for k in ("one", "dp", "ep"):
+for k in ("one", "dp", "ep", "epdp"):
     r = s[k]
+    if r is None and k == "epdp" and n < 4:
+        continue
     if r is None:
         print(json.dumps({"run": k, "missing": True}))
         continue

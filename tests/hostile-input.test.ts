@@ -282,8 +282,13 @@ const cases: [string, string[], RegExp][] = [
   ["positional argument", ["train", "100"], /^error: unexpected argument "100" \(flags are --name value\)$/],
   [
     "a value after a boolean flag",
-    ["train", "--expert-parallel", "4"],
-    /^error: flag --expert-parallel takes no value \(got "4"\)$/,
+    ["train", "--json", "4"],
+    /^error: flag --json takes no value \(got "4"\)$/,
+  ],
+  [
+    "--expert-parallel with a value that is not an integer",
+    ["train", "--expert-parallel", "two"],
+    /^error: flag --expert-parallel: "two" is not an integer$/,
   ],
   [
     "eval --batch-size 0",

@@ -254,6 +254,35 @@ describe("--ranks", () => {
     for (const i of [4, 5]) expect(Math.abs(x[i].loss - y[i].loss), `step ${i + 1}`).toBeLessThan(4e-6);
   }, 240_000);
 
+  // --expert-parallel P below the rank count: expert groups of P consecutive ranks, each holding
+  // every expert once, tokens exchanged within a group, the experts' gradients summed over the
+  // groups; the checkpoint (the first group's experts) resumes under another layout, and the replica
+  // check compares each rank's experts with its first replica's.
+  it("--expert-parallel 2 on 4 ranks: two expert groups train as one process, resume under another layout, and are checked", () => {
+    const one = run(1);
+    expect(one.r.status, one.r.stderr).toBe(0);
+    const ep = run(4, 4, {}, ["--expert-parallel", "2"]);
+    expect(ep.r.status, ep.r.stderr).toBe(0);
+    expect(ep.r.stdout).toContain("on cpu x 4 ranks (experts split over 2 expert groups of 2 ranks");
+    const { wa, wb } = expectAsOneProcess(metricsOf(one.out), metricsOf(ep.out), 4, one.out, ep.out);
+    expect(weightDiffs(wa, wb, 1e-4 * LR).maxDiff).toBeLessThan(2e-2 * LR);
+    // Its checkpoint resumed with the experts over 2 ranks, and one process's under 4 in groups of 2.
+    const env = { RAYON_NUM_THREADS: "1" };
+    const r2 = cli(["train", "--resume", ep.out, "--steps", "6", "--ranks", "2", "--expert-parallel"], env);
+    expect(r2.status, r2.stderr).toBe(0);
+    const r4 = cli(
+      ["train", "--resume", one.out, "--steps", "6", "--ranks", "4", "--expert-parallel", "2"],
+      env,
+    );
+    expect(r4.status, r4.stderr).toBe(0);
+    const [x, y] = [metricsOf(ep.out), metricsOf(one.out)];
+    for (const i of [4, 5]) expect(Math.abs(x[i].loss - y[i].loss), `step ${i + 1}`).toBeLessThan(4e-6);
+    // Rank 3's experts changed after step 3: its replica (rank 1) holds the others.
+    const bad = run(4, 6, { MOE8_FAULT_RANK_CORRUPT_EXPERT: "3:3" }, ["--expert-parallel", "2"]);
+    expect(bad.r.status).toBe(1);
+    expect(bad.r.stderr).toMatch(/replica check at step 4: the experts of rank 3 differ from rank 1's/);
+  }, 300_000);
+
   it("--expert-parallel: refused in one line without ranks, or with experts that do not split (exit 2)", () => {
     const out = join(tmp("ep"), "run");
     for (const [flags, want] of [
@@ -264,6 +293,14 @@ describe("--ranks", () => {
       [
         ["--expert-parallel", "--ranks", "4", "--model.n_routed_experts", "6"],
         /--expert-parallel: the 6 routed experts of a layer do not split over 4 ranks/,
+      ],
+      [
+        ["--expert-parallel", "3", "--ranks", "4"],
+        /--expert-parallel 3: expert groups of 3 ranks do not divide 4 ranks \(use a divisor of 4\)/,
+      ],
+      [
+        ["--expert-parallel", "4", "--ranks", "2"],
+        /--expert-parallel 4: expert groups of 4 ranks do not divide 2 ranks/,
       ],
     ] as const)
       refusedInOneLine(out, flags, want);

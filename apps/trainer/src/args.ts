@@ -1,11 +1,12 @@
-// A small flag parser: `--name value`, `--name=value`, boolean `--name`, and dotted names such as
+// A small flag parser: `--name value`, `--name=value`, boolean `--name`, an integer that may be left
+// out (`--expert-parallel` alone, or `--expert-parallel 2`: "optional-int"), and dotted names such as
 // `--precision.attention=bf16`. Each command declares its flags; anything else, a bare argument
 // included (`train 100` is not `--steps 100`), is a UsageError. Values are quoted cut short.
 // `--help` anywhere lists the command's flags (HelpRequest).
 import { brief, clip } from "@moe8/data/errors";
 import { UsageError } from "@moe8/fp8-core";
 
-export type FlagKind = "string" | "number" | "int" | "boolean" | "list";
+export type FlagKind = "string" | "number" | "int" | "optional-int" | "boolean" | "list";
 
 export interface FlagSpec {
   [name: string]: FlagKind;
@@ -54,6 +55,19 @@ export function parseArgs(argv: string[], spec: FlagSpec, dottedPrefixes: string
         throw new UsageError(`flag --${name} takes no value (got ${brief(value)})`);
       out.flags[name] = value !== "false";
       if (value === undefined) lastBoolean = name;
+      continue;
+    }
+    if (kind === "optional-int") {
+      // Bare (no value, or a flag next): true; else the next argument, an integer.
+      if (value === undefined && (argv[i + 1] === undefined || argv[i + 1].startsWith("--"))) {
+        out.flags[name] = true;
+        continue;
+      }
+      value ??= argv[++i];
+      const n = Number(value);
+      if (value.trim() === "" || !Number.isInteger(n))
+        throw new UsageError(`flag --${name}: ${brief(value)} is not an integer`);
+      out.flags[name] = n;
       continue;
     }
     if (value === undefined) {

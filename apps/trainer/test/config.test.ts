@@ -10,6 +10,19 @@ import { configFromArgs, TRAIN_FLAGS } from "../src/run/flags.ts";
 
 const resolve = (argv: string[]) => configFromArgs(parseArgs(argv, TRAIN_FLAGS, ["precision."]));
 
+describe("parseArgs", () => {
+  it("an optional integer: alone true, with a value (or =value) that integer, before another flag alone", () => {
+    const f = (argv: string[]) => parseArgs(argv, TRAIN_FLAGS, ["precision."]).flags["expert-parallel"];
+    expect(f(["--expert-parallel"])).toBe(true);
+    expect(f(["--expert-parallel", "2"])).toBe(2);
+    expect(f(["--expert-parallel=4"])).toBe(4);
+    expect(f(["--expert-parallel", "--ranks", "4"])).toBe(true);
+    expect(f(["--ranks", "4"])).toBeUndefined();
+    expect(() => f(["--expert-parallel", "1.5"])).toThrow('flag --expert-parallel: "1.5" is not an integer');
+    expect(() => f(["--expert-parallel="])).toThrow('flag --expert-parallel: "" is not an integer');
+  });
+});
+
 describe("configFromArgs", () => {
   it("uses tiny and its step shape by default", () => {
     const c = resolve([]);

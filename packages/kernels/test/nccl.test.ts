@@ -44,6 +44,9 @@ describe.skipIf(!compiled)("NCCL's library", () => {
   it.skipIf(!nccl?.available && !required)("reports its version, and each unique id is new", () => {
     expect(nccl?.reason ?? null).toBeNull();
     expect(nccl?.version).toMatch(/^2\.\d+\.\d+$/);
+    // ncclCommSplit came with 2.18.
+    const [, minor] = nccl!.version!.split(".").map(Number);
+    expect(nccl?.split).toBe(minor >= 18);
     const a = native!.ncclUniqueId();
     const b = native!.ncclUniqueId();
     expect(a.length).toBe(128);

@@ -43,7 +43,7 @@ export interface DoctorReport {
     graph?: { on: boolean; reason: string };
   };
   /** NCCL (libnccl.so.2, loaded at run time) for several GPUs' ranks; absent without the cuda feature. */
-  nccl?: { available: boolean; version?: string; path?: string; reason?: string };
+  nccl?: { available: boolean; version?: string; path?: string; reason?: string; split?: boolean };
   arrow: string;
 }
 
@@ -90,7 +90,7 @@ export function doctorReport(): DoctorReport {
   const ni = info?.cudaCompiled && native.addon?.ncclInfo ? native.addon.ncclInfo() : null;
   const nccl = ni
     ? ni.available
-      ? { available: true, version: ni.version ?? undefined, path: ni.path ?? undefined }
+      ? { available: true, version: ni.version ?? undefined, path: ni.path ?? undefined, split: ni.split }
       : { available: false, reason: ni.reason ?? "unknown" }
     : undefined;
   const c = cpus();
@@ -155,7 +155,7 @@ export async function doctor(argv: string[]): Promise<number> {
     );
   if (r.nccl)
     console.log(
-      `nccl         ${ok(r.nccl.available)}${r.nccl.available ? ` (${r.nccl.version}, ${r.nccl.path})` : ` - ${r.nccl.reason}`}`,
+      `nccl         ${ok(r.nccl.available)}${r.nccl.available ? ` (${r.nccl.version}, ${r.nccl.path}${r.nccl.split ? "" : "; no ncclCommSplit: --expert-parallel P below the GPU count needs NCCL 2.18+"})` : ` - ${r.nccl.reason}`}`,
     );
   console.log(`backends     ${r.backends.join(", ")}`);
   console.log(`apache-arrow ${r.arrow}`);

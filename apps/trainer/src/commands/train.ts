@@ -157,7 +157,10 @@ export async function train(argv: string[]): Promise<number> {
   const gpus = gpusFlag(f.gpus, f.ranks);
   const nRanks = gpus === null ? ranksFlag(f.ranks) : gpus === "all" ? 0 : gpus;
   const checkEvery = checkEveryFlag(f["check-every"]);
-  const expertParallel = f["expert-parallel"] === true;
+  // --expert-parallel alone: the experts over every rank; with P, over expert groups of P ranks.
+  const epFlag = f["expert-parallel"];
+  const expertParallel = epFlag !== undefined && epFlag !== false;
+  let ep = 1; // ranks per expert group (1: every rank holds every expert)
   const note = (m: string) => console.error(`note: ${m}`);
   const ranked = gpus !== null || nRanks > 1 || expertParallel;
   let n = nRanks;
@@ -168,7 +171,8 @@ export async function train(argv: string[]): Promise<number> {
         "--expert-parallel splits the routed experts over the ranks: give --ranks N or --gpus N with N > 1",
       );
     n = gpus !== null ? checkGpus(gpus, backend) : nRanks;
-    checkRanks(n, cfg, backend, gpus !== null, expertParallel ? experts : null);
+    ep = expertParallel ? (epFlag === true ? n : (epFlag as number)) : 1;
+    checkRanks(n, cfg, backend, gpus !== null, expertParallel ? { experts, ep } : null);
   };
   // A new run is checked before its folder is written; a resumed one once its checkpoint's config
   // is known (below).
@@ -251,7 +255,7 @@ export async function train(argv: string[]): Promise<number> {
     process.on("SIGINT", sigint);
     process.on("SIGTERM", sigterm);
     if (gpus !== null || n > 1)
-      ranks = await startRanks(n, cfg, s, checkEvery, from?.dir ?? null, gpus !== null, expertParallel);
+      ranks = await startRanks(n, cfg, s, checkEvery, from?.dir ?? null, gpus !== null, ep);
     ranks?.progress(st.step, lastGood ? `${runDir} continues it from ${lastGood}` : null);
     try {
       return await loop(start, st, metrics, tb, writes, () => stop, f["trace-precision"] === true, ranks);
@@ -493,13 +497,20 @@ function checkRanks(
   cfg: TrainConfig,
   backend: string,
   gpus: boolean,
-  experts: number | null,
+  split: { experts: number; ep: number } | null,
 ): void {
   const flag = gpus ? `--gpus ${n}` : `--ranks ${n}`;
-  if (experts !== null && experts % n !== 0)
-    throw new UsageError(
-      `--expert-parallel: the ${experts} routed experts of a layer do not split over ${n} ranks`,
-    );
+  if (split) {
+    const { experts, ep } = split;
+    if (!Number.isInteger(ep) || ep < 1 || ep > n || n % ep !== 0)
+      throw new UsageError(
+        `--expert-parallel ${ep}: expert groups of ${ep} ranks do not divide ${n} ranks (use a divisor of ${n})`,
+      );
+    if (experts % ep !== 0)
+      throw new UsageError(
+        `--expert-parallel: the ${experts} routed experts of a layer do not split over ${ep} ranks`,
+      );
+  }
   if (cfg.batchSize % (n * cfg.gradAccum) !== 0)
     throw new UsageError(
       `${flag}: the batch of ${cfg.batchSize} sequences does not split into ${n} ranks${cfg.gradAccum > 1 ? ` of ${cfg.gradAccum} micro-batches` : ""}`,
@@ -514,7 +525,9 @@ function shareOfState(s: Session): string {
   if (split) {
     const experts = [...split.params].reduce((n, p) => n + p.value.size, 0);
     const all = s.model.params.reduce((n, p) => n + p.value.size, 0) + experts * (split.size - 1);
-    return `experts split over the ranks: rank 0 holds ${s.model.params.reduce((n, p) => n + p.value.size, 0)} of ${all} weights`;
+    const copies = s.model.expertReplicas?.size ?? 1;
+    const where = copies > 1 ? `${copies} expert groups of ${split.size} ranks` : "the ranks";
+    return `experts split over ${where}: rank 0 holds ${s.model.params.reduce((n, p) => n + p.value.size, 0)} of ${all} weights`;
   }
   const all = 2 * s.model.params.reduce((n, p) => n + p.value.size, 0);
   return `optimiser state sharded: rank 0 holds ${s.opt.stateElements} of ${all} values`;

@@ -143,32 +143,55 @@ export async function syncState(s: Session, c: Collectives): Promise<void> {
 }
 
 /**
- * Every rank compares a digest (SHA-256) of its weights and correction biases with rank 0's; all
- * ranks fail, naming the ranks that differ, if any does. The replicas should hold the same bits
+ * Every rank compares a digest (SHA-256) of its weights and correction biases with rank 0's (its
+ * experts, under expert groups of part of the ranks, with its first replica's); all ranks fail,
+ * naming the ranks that differ, if any does. The replicas should hold the same bits
  * (trainStep's sums are in rank order): a difference means a rank computed something else, which
  * would otherwise go unnoticed until the losses drift.
  */
 export async function checkReplicas(s: Session, c: Collectives, step: number): Promise<void> {
   const b = s.backend;
-  const hash = createHash("sha256");
-  for (const t of [...replicated(s).map((p) => p.value), ...s.model.moeLayers.map((m) => m.bias)]) {
-    const v = await t.read();
-    hash.update(new Uint8Array(v.buffer, v.byteOffset, v.byteLength));
-  }
-  const digest = new Int32Array(new Uint8Array(hash.digest()).buffer);
-  await b.scope(async () => {
+  const digestOf = async (tensors: Tensor[]) => {
+    const hash = createHash("sha256");
+    for (const t of tensors) {
+      const v = await t.read();
+      hash.update(new Uint8Array(v.buffer, v.byteOffset, v.byteLength));
+    }
+    return new Int32Array(new Uint8Array(hash.digest()).buffer);
+  };
+  /** Whether this rank's digest differs from the group's first rank's. */
+  const differsIn = async (g: Collectives, digest: Int32Array) => {
     const theirs = b.upload(digest, [digest.length], "i32");
-    await c.broadcast([theirs], [0]);
-    const rank0 = (await theirs.read()) as Int32Array;
+    await g.broadcast([theirs], [0]);
+    const first = (await theirs.read()) as Int32Array;
+    return !first.every((x, i) => x === digest[i]);
+  };
+  const digest = await digestOf([
+    ...replicated(s).map((p) => p.value),
+    ...s.model.moeLayers.map((m) => m.bias),
+  ]);
+  // With expert groups of part of the ranks, the experts against their first replica's too.
+  const reps = s.model.expertReplicas;
+  const split = s.model.expertSplit;
+  const experts =
+    reps && split
+      ? await digestOf(s.model.params.filter((p) => split.params.has(p)).map((p) => p.value))
+      : null;
+  await b.scope(async () => {
     const differs = new Int32Array(c.size);
-    differs[c.rank] = rank0.every((x, i) => x === digest[i]) ? 0 : 1;
+    const dense = await differsIn(c, digest);
+    const own = reps && experts ? await differsIn(reps, experts) : false;
+    differs[c.rank] = (dense ? 1 : 0) + (own ? 2 : 0);
     const all = b.upload(differs, [c.size], "i32");
     await c.allReduceSum([all]);
-    const bad = [...((await all.read()) as Int32Array)].flatMap((x, r) => (x ? [r] : []));
-    if (bad.length)
-      throw new Error(
-        `replica check at step ${step}: the weights of rank ${bad.join(", ")} differ from rank 0's`,
-      );
+    const got = [...((await all.read()) as Int32Array)];
+    const which = (bit: number) => got.flatMap((x, r) => (x & bit ? [r] : []));
+    const P = split?.size ?? 1;
+    const lines = [
+      ...(which(1).length ? [`the weights of rank ${which(1).join(", ")} differ from rank 0's`] : []),
+      ...which(2).map((r) => `the experts of rank ${r} differ from rank ${r % P}'s`),
+    ];
+    if (lines.length) throw new Error(`replica check at step ${step}: ${lines.join("; ")}`);
   });
 }
 
@@ -220,8 +243,11 @@ export function watchRanks(pids: number[], ranks: number[], note: string): boole
 export interface WorkerStart {
   cfg: TrainConfig;
   from: string | null;
-  /** --expert-parallel: the routed experts split over the ranks. */
-  expertParallel?: boolean;
+  /**
+   * --expert-parallel: the ranks of an expert group (each MoE layer's routed experts split over
+   * them; every rank when it is the rank count); 1 or absent: none.
+   */
+  expertParallel?: number;
 }
 
 /** What the leader's checkpoint writes, gathered from the ranks. */
@@ -300,7 +326,7 @@ export async function startRanks(
   checkEvery: number,
   from: string | null,
   gpus = false,
-  expertParallel = false,
+  expertParallel = 1,
 ): Promise<Ranks> {
   process.env.NCCL_NVLS_ENABLE = "0";
   // --gpus: rank r on the GPU r places after this process's own (MOE8_CUDA_DEVICE, 0 by default).
@@ -355,7 +381,7 @@ export async function startRanks(
     nccl = await ncclGroup(s, joined.collectives);
   }
   const collectives = nccl?.collectives ?? joined.collectives;
-  if (expertParallel) await s.becomeExpertParallel(collectives);
+  if (expertParallel > 1) await s.becomeExpertParallel(collectives, expertParallel);
   await syncState(s, collectives);
   return {
     group: joined,

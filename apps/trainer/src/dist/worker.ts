@@ -5,7 +5,8 @@
 // stop. It writes nothing: logs, evaluation and checkpoints are the leader's. MOE8_FAULT_RANK_EXIT=R:S
 // makes rank R exit with code 3 at step S (the tests' stand-in for a crashed worker),
 // MOE8_FAULT_RANK_CORRUPT=R:S changes one of its correction biases after step S (for the replica
-// check).
+// check), MOE8_FAULT_RANK_CORRUPT_EXPERT=R:S one of its experts' weights (the experts' replica check
+// under expert groups of part of the ranks).
 import { readFileSync } from "node:fs";
 import { requireNative } from "@moe8/kernels";
 import { readCheckpoint } from "../run/checkpoint.ts";
@@ -53,9 +54,10 @@ export async function runWorker(): Promise<number> {
   if (gpus) watchRanks([process.ppid], [0], `rank ${rank}: the leader (rank {rank}, process {pid}) is gone`);
   const nccl = gpus ? await ncclGroup(s, group.collectives) : null;
   const c = nccl?.collectives ?? group.collectives;
-  if (start.expertParallel) await s.becomeExpertParallel(c);
+  if ((start.expertParallel ?? 1) > 1) await s.becomeExpertParallel(c, start.expertParallel!);
   const fault = faultStep(rank, "MOE8_FAULT_RANK_EXIT");
   const corrupt = faultStep(rank, "MOE8_FAULT_RANK_CORRUPT");
+  const corruptExpert = faultStep(rank, "MOE8_FAULT_RANK_CORRUPT_EXPERT");
   try {
     await syncState(s, c);
     for (;;) {
@@ -83,6 +85,15 @@ export async function runWorker(): Promise<number> {
         const v = (await w.read()) as Float32Array;
         v[0] += 1e-3;
         s.backend.write(w, v);
+      }
+      if (header.step === corruptExpert) {
+        const split = s.model.expertSplit;
+        const w = s.model.params.find((p) => split?.params.has(p))?.value;
+        if (w) {
+          const v = (await w.read()) as Float32Array;
+          v[0] += 1e-3;
+          s.backend.write(w, v);
+        }
       }
       if (header.check) await checkReplicas(s, c, header.step);
     }

@@ -41,7 +41,7 @@ export const TRAIN_FLAGS: FlagSpec = {
   ranks: "int",
   gpus: "string",
   "check-every": "int",
-  "expert-parallel": "boolean",
+  "expert-parallel": "optional-int",
   "seq-len": "int",
   warmup: "int",
   schedule: "string",

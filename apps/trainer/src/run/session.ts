@@ -24,12 +24,13 @@ export interface Session {
    */
   becomeRank(rank: number, size: number): void;
   /**
-   * Makes this session a rank of `group` with the routed experts split over it (expert parallelism,
-   * after becomeRank and the group's making): the model is rebuilt holding this rank's experts, with
-   * the weights, balancing biases and moments it held (all of them, as one process holds them:
-   * those of a new run, or of the checkpoint loaded), and the optimiser is not sharded.
+   * Makes this session a rank of `group` with the routed experts split over expert groups of
+   * `ranksPerGroup` consecutive ranks (expert parallelism, after becomeRank and the group's making;
+   * every rank of `group` calls it): the model is rebuilt holding this rank's experts, with the
+   * weights, balancing biases and moments it held (all of them, as one process holds them: those of
+   * a new run, or of the checkpoint loaded); the optimiser keeps its shard of the other parameters.
    */
-  becomeExpertParallel(group: Collectives): Promise<void>;
+  becomeExpertParallel(group: Collectives, ranksPerGroup: number): Promise<void>;
   /**
    * A model holding every expert with the weights of `dict` (a stateDict), for what runs on one
    * rank alone under expert parallelism (the leader's evaluation); made once, reloaded each call.
@@ -92,16 +93,23 @@ export function buildSession(cfg: TrainConfig, modelCfg: ModelConfig, backend?: 
       this.opt = optimizer(size > 1 ? { rank, size } : null);
       this.runner = new StepRunner(model, this.opt, { batch: cfg.batchSize / size, seq: cfg.seqLen });
     },
-    async becomeExpertParallel(group) {
+    async becomeExpertParallel(group, P) {
       const [dict, state, step] = [
         await this.model.stateDict(),
         await this.opt.gatherState(group),
         this.opt.step,
       ];
+      // Expert groups of P consecutive ranks; with P below the group, each rank's replicas (the
+      // ranks holding its experts in the other groups) too (every rank makes both splits).
+      const r = group.rank;
+      const groups =
+        P === group.size
+          ? { expertGroup: group }
+          : { expertGroup: await group.split(Math.floor(r / P)), expertReplicas: await group.split(r % P) };
       this.runner.dispose();
       this.opt.dispose();
       this.model.dispose();
-      const m = new DeepSeekModel(b, modelCfg, policy, cfg.seed, { expertGroup: group });
+      const m = new DeepSeekModel(b, modelCfg, policy, cfg.seed, groups);
       m.loadStateDict((n) => dict.get(n));
       this.model = m;
       this.opt = optimizer(this.opt.shard, m.expertSplit, m);

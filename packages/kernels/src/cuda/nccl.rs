@@ -176,6 +176,11 @@ pub fn version() -> Result<(String, String), String> {
     Ok((format!("{major}.{minor}.{patch}"), a.path.clone()))
 }
 
+/// Whether this NCCL can split a communicator (ncclCommSplit, 2.18 or later).
+pub fn can_split() -> bool {
+    api().map(|a| a.ncclCommSplit.is_some()).unwrap_or(false)
+}
+
 /// A new unique id (rank 0 makes it; every rank initialises its communicator with it).
 pub fn unique_id() -> Result<[u8; UNIQUE_ID_BYTES], String> {
     let a = api()?;
@@ -480,7 +485,9 @@ impl Drop for Communicator {
 // --- napi: what the TypeScript NcclCollectives calls (packages/kernels/src/cuda-backend/nccl.ts) ---
 
 pub mod js {
-    use super::{unique_id, version, Communicator, NCCL_FLOAT32, NCCL_INT32, UNIQUE_ID_BYTES};
+    use super::{
+        can_split, unique_id, version, Communicator, NCCL_FLOAT32, NCCL_INT32, UNIQUE_ID_BYTES,
+    };
     use napi::bindgen_prelude::Buffer;
     use napi::{Error, Result, Status};
     use napi_derive::napi;
@@ -497,6 +504,9 @@ pub mod js {
         pub version: Option<String>,
         pub path: Option<String>,
         pub reason: Option<String>,
+        /// Whether it splits communicators (ncclCommSplit): what `--expert-parallel P` below the
+        /// rank count needs.
+        pub split: bool,
     }
 
     #[napi]
@@ -507,12 +517,14 @@ pub mod js {
                 version: Some(v),
                 path: Some(p),
                 reason: None,
+                split: can_split(),
             },
             Err(r) => NcclInfo {
                 available: false,
                 version: None,
                 path: None,
                 reason: Some(r),
+                split: false,
             },
         }
     }

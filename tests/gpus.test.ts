@@ -74,4 +74,30 @@ describe.skipIf(why !== null)("--gpus on this machine's GPUs", () => {
     },
     600_000,
   );
+
+  // Four GPUs (skipped on fewer): two expert groups of 2 GPUs (the world's NCCL communicator split
+  // twice: the groups' token exchanges, the replicas' expert-gradient sums), against one process as
+  // above, the checkpoint resumable with the experts over all four.
+  it.skipIf(gpuCount() < 4)(
+    "--gpus 4 --expert-parallel 2 trains as one process",
+    () => {
+      const flags = ["--backend", "cuda", ...QUICK, "--steps", "4", "--log-every", "1"];
+      const env = { MOE8_CUDA_GRAPH: "0", NCCL_NVLS_ENABLE: "0" };
+      const one = join(tmp("gpus4"), "one");
+      expect(cli(["train", ...flags, "--out", one], env).status).toBe(0);
+      const a = metricsOf(one);
+      const out = join(tmp("gpus4"), "epdp");
+      const r = cli(["train", ...flags, "--gpus", "4", "--expert-parallel", "2", "--out", out], env);
+      expect(r.status, r.stderr).toBe(0);
+      expect(r.stdout).toMatch(/on cuda x 4 GPUs .*experts split over 2 expert groups of 2 ranks/);
+      const b = metricsOf(out);
+      expect(Math.abs(b[0].loss - a[0].loss)).toBeLessThan(1e-5);
+      expect(b[0].load_max_over_mean_by_layer).toEqual(a[0].load_max_over_mean_by_layer);
+      for (let i = 1; i < 4; i++) expect(Math.abs(b[i].loss - a[i].loss)).toBeLessThan(1e-3);
+      expect(b[0].expert_exchange_ms).toBeGreaterThan(0);
+      const c = cli(["train", "--resume", out, "--steps", "6", "--gpus", "4", "--expert-parallel"], env);
+      expect(c.status, c.stderr).toBe(0);
+    },
+    600_000,
+  );
 });

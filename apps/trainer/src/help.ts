@@ -32,7 +32,7 @@ const DESCRIPTIONS: Record<string, string> = {
   "check-every":
     "with --ranks or --gpus: compare every rank's weights with rank 0's every N steps (100; 0: never)",
   "expert-parallel":
-    "with --ranks or --gpus: split every MoE layer's routed experts over all the ranks, or (--expert-parallel P) over groups of P consecutive ranks, each group holding every expert once (tokens go to their experts' ranks in their group)",
+    "with --ranks or --gpus: split every MoE layer's routed experts over all the ranks, or with N over expert groups of N consecutive ranks (N divides the rank count), each group holding every expert once (tokens go to their experts' ranks in their group)",
   input:
     "a .txt, .md, .jsonl (also .gz), .parquet or .arrow file, a text file, a folder, or a datasets save_to_disk folder",
   json: "print the result as JSON",

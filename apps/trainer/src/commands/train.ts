@@ -510,6 +510,12 @@ function checkRanks(
       throw new UsageError(
         `--expert-parallel: the ${experts} routed experts of a layer do not split over ${ep} ranks`,
       );
+    // (Expert groups below the GPU count are NCCL communicators split from the world's.)
+    const nccl = gpus && ep < n ? requireNative().ncclInfo() : null;
+    if (nccl && !nccl.split)
+      throw new UsageError(
+        `--expert-parallel ${ep} with ${flag} needs NCCL 2.18 or later (ncclCommSplit); this one is ${nccl.version}`,
+      );
   }
   if (cfg.batchSize % (n * cfg.gradAccum) !== 0)
     throw new UsageError(

@@ -38,7 +38,7 @@ export function parseArgs(argv: string[], spec: FlagSpec, dottedPrefixes: string
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
     if (!arg.startsWith("--")) {
-      // `--expert-parallel 4`: name the flag that takes no value rather than the stray argument alone.
+      // `--json 4`: name the flag that takes no value rather than the stray argument alone.
       if (lastBoolean !== null)
         throw new UsageError(`flag --${lastBoolean} takes no value (got ${brief(arg)})`);
       throw new UsageError(`unexpected argument ${brief(arg)} (flags are --name value)`);

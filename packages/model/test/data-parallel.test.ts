@@ -457,8 +457,8 @@ describe("data parallel: ranks summed through the collectives", () => {
 
   // Multi-token prediction: its loss is a mean over every position but each sequence's last, and the
   // ranks hold whole sequences, so 2 ranks (with micro-batches, ZeRO-1, or the experts of its MoE
-  // block split too) train as one process does.
-  it("multi-token prediction: 2 ranks, micro-batches, ZeRO-1 and expert parallelism train as 1 rank", async () => {
+  // block split too) and 4 in two expert groups train as one process does.
+  it("multi-token prediction: 2 and 4 ranks, micro-batches, ZeRO-1 and expert parallelism train as 1 rank", async () => {
     const cfg = { ...MICRO, num_nextn_predict_layers: 1 };
     const [one] = await train(1, 1, false, null, 0, STEPS, 0, false, cfg);
     expect(one.mtpLosses.length).toBe(STEPS);
@@ -467,9 +467,10 @@ describe("data parallel: ranks summed through the collectives", () => {
       [2, 1, false, false],
       [2, 2, true, false],
       [2, 1, false, true],
+      [4, 1, true, 2],
     ] as const) {
       const runs = await train(ranks, accum, zero1, null, 0, STEPS, 0, ep, cfg);
-      const what = `${ranks} ranks, ${accum} micro-batches${zero1 ? ", ZeRO-1" : ""}${ep ? ", expert parallel" : ""}`;
+      const what = `${ranks} ranks, ${accum} micro-batches${zero1 ? ", ZeRO-1" : ""}${ep ? `, expert parallel (${ep})` : ""}`;
       for (const r of runs) expect(r.mtpLosses, what).toEqual(runs[0].mtpLosses);
       expect(maxRelDiff(runs[0].losses, one.losses), what).toBeLessThan(1e-5);
       expect(maxRelDiff(runs[0].mtpLosses, one.mtpLosses), what).toBeLessThan(1e-5);

@@ -67,12 +67,13 @@ export const SINGLE_PROCESS: Collectives = {
     return send;
   },
   async split(color) {
-    checkColor(color);
+    checkSplitColor(color);
     return SINGLE_PROCESS;
   },
 };
 
-function checkColor(color: number): void {
+/** A split's color checked: an integer >= 0 (what every transport's `split` takes). */
+export function checkSplitColor(color: number): void {
   if (!Number.isInteger(color) || color < 0) throw new Error(`split: color ${color} is not an integer >= 0`);
 }
 
@@ -80,7 +81,7 @@ function checkColor(color: number): void {
  * The ranks of the group a split gives this rank: the ranks (of the parent, in its order) that
  * passed this rank's color, from every rank's color.
  */
-export function splitMembers(colors: ArrayLike<number>, rank: number): number[] {
+function splitMembers(colors: ArrayLike<number>, rank: number): number[] {
   const out: number[] = [];
   for (let q = 0; q < colors.length; q++) if (colors[q] === colors[rank]) out.push(q);
   return out;
@@ -205,7 +206,7 @@ export function collectivesOver(
       });
     },
     async split(color) {
-      checkColor(color);
+      checkSplitColor(color);
       if (!open) throw new Error(`split: the group "${id}" cannot form subgroups`);
       const k = splits++;
       const colors = (await exchange([Int32Array.of(color)], true)).map((p) => p[0][0]);

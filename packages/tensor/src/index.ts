@@ -4,11 +4,11 @@ export * from "./backend.ts";
 export {
   type Collectives,
   type CollectiveValues,
+  checkSplitColor,
   collectivesOver,
   type Exchange,
   type OpenExchange,
   SINGLE_PROCESS,
-  splitMembers,
 } from "./collectives.ts";
 export {
   f32,

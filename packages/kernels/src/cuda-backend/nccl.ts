@@ -3,7 +3,7 @@
 // copying anything. The arithmetic differs from the in-process double's (collectivesOver adds in
 // rank order; NCCL's ring or tree adds in its own order), but every rank receives the same bits of
 // an all-reduce, which is what keeps the replicas identical.
-import { BYTES_PER_ELEMENT, type Collectives, type Tensor } from "@moe8/tensor";
+import { BYTES_PER_ELEMENT, type Collectives, checkSplitColor, type Tensor } from "@moe8/tensor";
 import type { NcclComm } from "../../native.d.cts";
 import type { CudaContext } from "./context.ts";
 
@@ -116,8 +116,7 @@ export function ncclCollectives(cx: CudaContext, comm: NcclComm, made: NcclComm[
       return recv;
     },
     async split(color) {
-      if (!Number.isInteger(color) || color < 0)
-        throw new Error(`split: color ${color} is not an integer >= 0`);
+      checkSplitColor(color);
       const sub = comm.split(color);
       made.push(sub);
       return ncclCollectives(cx, sub, made);

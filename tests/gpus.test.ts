@@ -53,22 +53,12 @@ describe.skipIf(why !== null)("--gpus on this machine's GPUs", () => {
   it.skipIf(gpuCount() < 2)(
     "--gpus 2, data and expert parallel, train as one process",
     () => {
-      const flags = ["--backend", "cuda", ...QUICK, "--steps", "4", "--log-every", "1"];
-      const env = { MOE8_CUDA_GRAPH: "0", NCCL_NVLS_ENABLE: "0" };
-      const one = join(tmp("gpus2"), "one");
-      expect(cli(["train", ...flags, "--out", one], env).status).toBe(0);
-      const a = metricsOf(one);
+      const a = oneProcess("gpus2");
       for (const extra of [[], ["--expert-parallel"]]) {
-        const out = join(tmp("gpus2"), extra.length ? "ep" : "dp");
-        const r = cli(["train", ...flags, "--gpus", "2", ...extra, "--out", out], env);
-        expect(r.status, r.stderr).toBe(0);
+        const { r, b, out } = trainsAsOne("gpus2", extra.length ? "ep" : "dp", ["--gpus", "2", ...extra], a);
         expect(r.stdout).toMatch(/on cuda x 2 GPUs/);
-        const b = metricsOf(out);
-        expect(Math.abs(b[0].loss - a[0].loss)).toBeLessThan(1e-5);
-        expect(b[0].load_max_over_mean_by_layer).toEqual(a[0].load_max_over_mean_by_layer);
-        for (let i = 1; i < 4; i++) expect(Math.abs(b[i].loss - a[i].loss)).toBeLessThan(1e-3);
         if (extra.length) expect(b[0].expert_exchange_ms).toBeGreaterThan(0);
-        const c = cli(["train", "--resume", out, "--steps", "6"], env);
+        const c = cli(["train", "--resume", out, "--steps", "6"], MULTI_ENV);
         expect(c.status, c.stderr).toBe(0);
       }
     },
@@ -81,23 +71,42 @@ describe.skipIf(why !== null)("--gpus on this machine's GPUs", () => {
   it.skipIf(gpuCount() < 4)(
     "--gpus 4 --expert-parallel 2 trains as one process",
     () => {
-      const flags = ["--backend", "cuda", ...QUICK, "--steps", "4", "--log-every", "1"];
-      const env = { MOE8_CUDA_GRAPH: "0", NCCL_NVLS_ENABLE: "0" };
-      const one = join(tmp("gpus4"), "one");
-      expect(cli(["train", ...flags, "--out", one], env).status).toBe(0);
-      const a = metricsOf(one);
-      const out = join(tmp("gpus4"), "epdp");
-      const r = cli(["train", ...flags, "--gpus", "4", "--expert-parallel", "2", "--out", out], env);
-      expect(r.status, r.stderr).toBe(0);
+      const a = oneProcess("gpus4");
+      const { r, b, out } = trainsAsOne("gpus4", "epdp", ["--gpus", "4", "--expert-parallel", "2"], a);
       expect(r.stdout).toMatch(/on cuda x 4 GPUs .*experts split over 2 expert groups of 2 ranks/);
-      const b = metricsOf(out);
-      expect(Math.abs(b[0].loss - a[0].loss)).toBeLessThan(1e-5);
-      expect(b[0].load_max_over_mean_by_layer).toEqual(a[0].load_max_over_mean_by_layer);
-      for (let i = 1; i < 4; i++) expect(Math.abs(b[i].loss - a[i].loss)).toBeLessThan(1e-3);
       expect(b[0].expert_exchange_ms).toBeGreaterThan(0);
-      const c = cli(["train", "--resume", out, "--steps", "6", "--gpus", "4", "--expert-parallel"], env);
+      const c = cli(
+        ["train", "--resume", out, "--steps", "6", "--gpus", "4", "--expert-parallel"],
+        MULTI_ENV,
+      );
       expect(c.status, c.stderr).toBe(0);
     },
     600_000,
   );
 });
+
+// The several-GPU runs: 4 steps of QUICK's shape on cuda, every step logged.
+const MULTI = ["--backend", "cuda", ...QUICK, "--steps", "4", "--log-every", "1"];
+const MULTI_ENV = { MOE8_CUDA_GRAPH: "0", NCCL_NVLS_ENABLE: "0" };
+
+/** One process's metrics of the several-GPU runs' training (in tmp(dir)/one). */
+function oneProcess(dir: string): ReturnType<typeof metricsOf> {
+  const one = join(tmp(dir), "one");
+  expect(cli(["train", ...MULTI, "--out", one], MULTI_ENV).status).toBe(0);
+  return metricsOf(one);
+}
+
+/**
+ * The same training with `flags` (several GPUs) into tmp(dir)/name, against one process's metrics
+ * `a`: the first step's loss within 1e-5 and its loads the same, later losses within 1e-3.
+ */
+function trainsAsOne(dir: string, name: string, flags: string[], a: ReturnType<typeof metricsOf>) {
+  const out = join(tmp(dir), name);
+  const r = cli(["train", ...MULTI, ...flags, "--out", out], MULTI_ENV);
+  expect(r.status, r.stderr).toBe(0);
+  const b = metricsOf(out);
+  expect(Math.abs(b[0].loss - a[0].loss)).toBeLessThan(1e-5);
+  expect(b[0].load_max_over_mean_by_layer).toEqual(a[0].load_max_over_mean_by_layer);
+  for (let i = 1; i < 4; i++) expect(Math.abs(b[i].loss - a[i].loss)).toBeLessThan(1e-3);
+  return { r, b, out };
+}

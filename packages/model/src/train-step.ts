@@ -145,30 +145,24 @@ export async function trainStep(
     const offsets = await pass.offsets();
     if (group.size > 1)
       await group.allReduceSum([pass.ce, pass.total, ...(pass.mtp ? [pass.mtp] : []), ...offsets]);
-    // (Sharded, with or without split experts, each rank's optimiser holds exactly the gradients it
-    // alone has: the shard's norm is the global one. With the experts replicated over expert
-    // groups, each group's experts count once, on its first replica's ranks.)
-    const { norm, scale } = replicas
-      ? await opt.groupGradNorm(
-          group,
-          opt.params
-            .filter((p, i) =>
-              experts!.has(p)
-                ? replicas.rank === 0
-                : sharded
-                  ? opt.owners[i] === group.rank
-                  : group.rank === 0,
-            )
-            .map((p) => p.grad),
-        )
-      : sharded
-        ? await opt.shardedGradNorm(group)
-        : experts
-          ? // Each rank's experts, and on rank 0 the replicated gradients (the same on every rank).
-            await opt.groupGradNorm(
-              group,
-              opt.params.filter((p) => experts.has(p) || group.rank === 0).map((p) => p.grad),
-            )
+    // Split experts: each group's experts count once, on the first expert group's ranks (with the
+    // experts split over every rank, all of them), and each replicated gradient once, on its owner
+    // under ZeRO-1, else on rank 0 (the same on every rank). Sharded without replicas, each rank's
+    // optimiser holds exactly the gradients it alone has: the shards' norm is the global one.
+    const countedHere = (p: Param, i: number) =>
+      experts!.has(p)
+        ? (replicas?.rank ?? 0) === 0
+        : sharded
+          ? opt.owners[i] === group.rank
+          : group.rank === 0;
+    const { norm, scale } =
+      experts && (replicas || !sharded)
+        ? await opt.groupGradNorm(
+            group,
+            opt.params.filter(countedHere).map((p) => p.grad),
+          )
+        : sharded
+          ? await opt.shardedGradNorm(group)
           : opt.gradNorm();
     const r = await finishStep(
       model,

@@ -170,6 +170,44 @@ function expectReplicasIdentical(runs: Run[], what: string) {
   }
 }
 
+/** Which of the model's parameters (in order) are stacked expert weights. */
+function expertFlags(): boolean[] {
+  const whole = new DeepSeekModel(new TsBackend(), MICRO, presetPolicy("fp32"), 11);
+  const isExpert = whole.params.map((p) => /\.mlp\.experts\./.test(p.name));
+  expect(isExpert.some((x) => x)).toBe(true);
+  return isExpert;
+}
+
+/**
+ * A run with the experts split over expert groups of P ranks against one process's: the losses and
+ * norms to f32 re-association and the same on every rank, the replicated weights the same on every
+ * rank and one process's within 1e-3, rank q's experts slice q % P of one process's within 1e-3.
+ */
+function expectExpertsSplitAsOne(runs: Run[], one: Run, isExpert: boolean[], P: number, what: string) {
+  expect(maxRelDiff(runs[0].losses, one.losses), what).toBeLessThan(1e-5);
+  expect(maxRelDiff(runs[0].norms, one.norms), what).toBeLessThan(5e-4);
+  for (const r of runs) {
+    expect(r.losses, what).toEqual(runs[0].losses);
+    expect(r.norms, what).toEqual(runs[0].norms);
+  }
+  runs.forEach((r, q) => {
+    r.weights.forEach((w, i) => {
+      if (!isExpert[i]) {
+        expect(w, `${what}: parameter ${i}`).toEqual(runs[0].weights[i]);
+        expect(tensorRelDiff(w, one.weights[i]), `${what}: parameter ${i}`).toBeLessThan(1e-3);
+        return;
+      }
+      const n = one.weights[i].length / P;
+      const s = q % P;
+      expect(w.length).toBe(n);
+      expect(
+        tensorRelDiff(w, one.weights[i].slice(s * n, (s + 1) * n)),
+        `${what}: rank ${q}, parameter ${i}`,
+      ).toBeLessThan(1e-3);
+    });
+  });
+}
+
 describe("data parallel: ranks summed through the collectives", () => {
   it("2 and 4 ranks train as 1 rank on the whole batch, and the replicas stay identical", async () => {
     const [one] = await train(1);
@@ -310,9 +348,7 @@ describe("data parallel: ranks summed through the collectives", () => {
   // weights the same on every rank and the experts' weights the matching slices of one process's.
   it("expert parallel: 2 and 4 ranks train as 1 rank, each holding its slice of the experts", async () => {
     const [one] = await train(1);
-    const whole = new DeepSeekModel(new TsBackend(), MICRO, presetPolicy("fp32"), 11);
-    const isExpert = whole.params.map((p) => /\.mlp\.experts\./.test(p.name));
-    expect(isExpert.some((x) => x)).toBe(true);
+    const isExpert = expertFlags();
     for (const [ranks, accum, zero1] of [
       [2, 1, false],
       [4, 1, false],
@@ -323,27 +359,7 @@ describe("data parallel: ranks summed through the collectives", () => {
       const runs = await train(ranks, accum, zero1, null, 0, STEPS, 0, true);
       const what = `${ranks} ranks, ${accum} micro-batches, expert parallel${zero1 ? ", ZeRO-1" : ""}`;
       expect(runs[0].losses[0], what).toBe(one.losses[0]);
-      expect(maxRelDiff(runs[0].losses, one.losses), what).toBeLessThan(1e-5);
-      expect(maxRelDiff(runs[0].norms, one.norms), what).toBeLessThan(5e-4);
-      for (const r of runs) {
-        expect(r.losses, what).toEqual(runs[0].losses);
-        expect(r.norms, what).toEqual(runs[0].norms);
-      }
-      runs.forEach((r, q) => {
-        r.weights.forEach((w, i) => {
-          if (!isExpert[i]) {
-            expect(w, `${what}: parameter ${i}`).toEqual(runs[0].weights[i]);
-            expect(tensorRelDiff(w, one.weights[i]), `${what}: parameter ${i}`).toBeLessThan(1e-3);
-            return;
-          }
-          const n = one.weights[i].length / ranks;
-          expect(w.length).toBe(n);
-          expect(
-            tensorRelDiff(w, one.weights[i].slice(q * n, (q + 1) * n)),
-            `${what}: rank ${q}, parameter ${i}`,
-          ).toBeLessThan(1e-3);
-        });
-      });
+      expectExpertsSplitAsOne(runs, one, isExpert, ranks, what);
     }
   }, 120_000);
 
@@ -394,36 +410,19 @@ describe("data parallel: ranks summed through the collectives", () => {
   // above; and every rank's experts the same bits as its replica's in the other group.
   it("expert parallel over part of the ranks: 4 ranks in 2 expert groups train as 1 rank", async () => {
     const [one] = await train(1);
-    const whole = new DeepSeekModel(new TsBackend(), MICRO, presetPolicy("fp32"), 11);
-    const isExpert = whole.params.map((p) => /\.mlp\.experts\./.test(p.name));
+    const isExpert = expertFlags();
     for (const [accum, zero1] of [
       [1, false],
       [2, true],
     ] as const) {
       const runs = await train(4, accum, zero1, null, 0, STEPS, 0, 2);
       const what = `4 ranks, expert groups of 2, ${accum} micro-batches${zero1 ? ", ZeRO-1" : ""}`;
-      expect(maxRelDiff(runs[0].losses, one.losses), what).toBeLessThan(1e-5);
-      expect(maxRelDiff(runs[0].norms, one.norms), what).toBeLessThan(5e-4);
+      expectExpertsSplitAsOne(runs, one, isExpert, 2, what);
       expect(runs[0].loads[0], what).toEqual(one.loads[0]);
-      for (const r of runs) {
-        expect(r.losses, what).toEqual(runs[0].losses);
-        expect(r.norms, what).toEqual(runs[0].norms);
-      }
+      // Rank q's experts: the same bits as its replica q ^ 2's in the other group.
       runs.forEach((r, q) => {
         r.weights.forEach((w, i) => {
-          if (!isExpert[i]) {
-            expect(w, `${what}: parameter ${i}`).toEqual(runs[0].weights[i]);
-            return;
-          }
-          // Rank q holds expert slice q % 2, the same bits as its replica q ^ 2.
-          expect(w, `${what}: rank ${q}, parameter ${i}`).toEqual(runs[q ^ 2].weights[i]);
-          const n = one.weights[i].length / 2;
-          expect(w.length).toBe(n);
-          const s = q % 2;
-          expect(
-            tensorRelDiff(w, one.weights[i].slice(s * n, (s + 1) * n)),
-            `${what}: rank ${q}, parameter ${i}`,
-          ).toBeLessThan(1e-3);
+          if (isExpert[i]) expect(w, `${what}: rank ${q}, parameter ${i}`).toEqual(runs[q ^ 2].weights[i]);
         });
       });
       // The checkpoint: the whole model and the whole optimiser state on every rank (the same bits),

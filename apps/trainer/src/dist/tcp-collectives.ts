@@ -161,6 +161,14 @@ export function tcpHub(
           // and rank 0's own wait when it is a member.
           const pending = new Map<string, Call>();
           let gone: Error | null = null;
+          const callOf = (key: string, members: readonly number[]) => {
+            let c = pending.get(key);
+            if (!c) {
+              c = { members, parts: [], arrived: 0 };
+              pending.set(key, c);
+            }
+            return c;
+          };
           const post = (
             id: string,
             k: number,
@@ -169,11 +177,7 @@ export function tcpHub(
             values: CollectiveValues[],
           ) => {
             const key = `${id}#${k}`;
-            let c = pending.get(key);
-            if (!c) {
-              c = { members, parts: [], arrived: 0 };
-              pending.set(key, c);
-            }
+            const c = callOf(key, members);
             const at = c.members.indexOf(q);
             if (at < 0 || c.parts[at] || c.members.join() !== members.join())
               throw new Error(`collectives: rank ${q} sent call ${k} of group ${id} out of turn`);
@@ -204,9 +208,7 @@ export function tcpHub(
               const k = calls++;
               return new Promise<CollectiveValues[][]>((ok, no) => {
                 if (gone) return no(gone);
-                const key = `${id}#${k}`;
-                if (!pending.has(key)) pending.set(key, { members, parts: [], arrived: 0 });
-                pending.get(key)!.local = { ok, fail: no };
+                callOf(`${id}#${k}`, members).local = { ok, fail: no };
                 try {
                   post(id, k, members, 0, mine);
                 } catch (e) {

@@ -9,6 +9,7 @@
 // under expert groups of part of the ranks).
 import { readFileSync } from "node:fs";
 import { requireNative } from "@moe8/kernels";
+import type { Tensor } from "@moe8/tensor";
 import { readCheckpoint } from "../run/checkpoint.ts";
 import { parseConfig, resolveModel } from "../run/config.ts";
 import { buildSession } from "../run/session.ts";
@@ -27,6 +28,13 @@ import { tcpJoin } from "./tcp-collectives.ts";
 function faultStep(rank: number, name: string): number | null {
   const m = /^(\d+):(\d+)$/.exec(process.env[name] ?? "");
   return m && Number(m[1]) === rank ? Number(m[2]) : null;
+}
+
+/** Adds 1e-3 to a tensor's first value (the fault injections' change). */
+async function nudge(w: Tensor): Promise<void> {
+  const v = (await w.read()) as Float32Array;
+  v[0] += 1e-3;
+  w.backend.write(w, v);
 }
 
 export async function runWorker(): Promise<number> {
@@ -78,22 +86,13 @@ export async function runWorker(): Promise<number> {
         routerNoise: header.noise ?? undefined,
         collectives: c,
       });
-      if (header.step === corrupt) {
-        // A correction bias: every rank updates its own copy (a weight would be overwritten by its
-        // owner's broadcast the next step).
-        const w = s.model.moeLayers[0]?.bias ?? s.model.params[0].value;
-        const v = (await w.read()) as Float32Array;
-        v[0] += 1e-3;
-        s.backend.write(w, v);
-      }
+      // A correction bias: every rank updates its own copy (a weight would be overwritten by its
+      // owner's broadcast the next step); or one of this rank's experts.
+      if (header.step === corrupt) await nudge(s.model.moeLayers[0]?.bias ?? s.model.params[0].value);
       if (header.step === corruptExpert) {
         const split = s.model.expertSplit;
         const w = s.model.params.find((p) => split?.params.has(p))?.value;
-        if (w) {
-          const v = (await w.read()) as Float32Array;
-          v[0] += 1e-3;
-          s.backend.write(w, v);
-        }
+        if (w) await nudge(w);
       }
       if (header.check) await checkReplicas(s, c, header.step);
     }

@@ -40,6 +40,7 @@ import {
   type PreparedClipScale,
   type QuantGroup,
   type QuantizeOptions,
+  quantizedProduct,
   quantizedVia,
   type RmsnormAccumulate,
   type RopeOptions,
@@ -347,6 +348,10 @@ export class CpuBackend extends HostLifetimes implements Backend {
   matmul(a: Tensor, b: Tensor, opts: MatmulOptions): Tensor {
     const bad = storeBf16Error(opts);
     if (bad) throw new Error(bad);
+    if (opts.storeQuantized) {
+      const y = this.matmul(a, b, { ...opts, storeQuantized: undefined });
+      return quantizedProduct(this, y, opts.storeQuantized);
+    }
     // BF16 storage: the f32 product rounded to BF16 values, then stored as BF16 (exact).
     const o = opts.storeBf16 ? { ...opts, outBf16: true } : opts;
     const { M, N, K } = gemmDims(a, b, o);
@@ -372,6 +377,10 @@ export class CpuBackend extends HostLifetimes implements Backend {
   groupedMatmul(a: Tensor, b: Tensor, offsets: Tensor, opts: GroupedMatmulOptions): Tensor {
     const bad = storeBf16Error(opts);
     if (bad) throw new Error(bad);
+    if (opts.storeQuantized) {
+      const y = this.groupedMatmul(a, b, offsets, { ...opts, storeQuantized: undefined });
+      return quantizedProduct(this, y, opts.storeQuantized);
+    }
     // BF16 storage: the f32 product rounded to BF16 values, then stored as BF16 (exact).
     const o = opts.storeBf16 ? { ...opts, outBf16: true } : opts;
     const off = i32(offsets);

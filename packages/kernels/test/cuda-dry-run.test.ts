@@ -141,6 +141,20 @@ async function everyOp(b: Backend) {
     transB: true,
     storeBf16: true,
   });
+  // FP8 storage (storeQuantized): quantised in the sm90 epilogue on Hopper (Fprop, Dgrad, dense),
+  // elsewhere the f32 product then quantize.
+  for (const transB of [true, false])
+    b.groupedMatmul(q([64, 128], "tile"), q([3, 128, 128], "block"), offs, {
+      precision: "fp8",
+      segment: "m",
+      transB,
+      storeQuantized: { group: "tile" },
+    });
+  b.matmul(q([64, 128], "tile"), q([256, 128], "block"), {
+    precision: "fp8",
+    transB: true,
+    storeQuantized: { group: "tile", format: "e5m2" },
+  });
   // Long K (the 128 x 256 sm90 tiles), BF16-rounded output, accumulate-into, and E5M2 (mma.sync).
   for (const accumulate of [undefined, b.zeros([64, 256])])
     b.groupedMatmul(q([64, 512], "tile"), q([3, 256, 512], "block"), offs, {
@@ -361,8 +375,9 @@ describe("cuda backend host code, without a GPU", () => {
                   `128x128_e128${fpropSuffix(env.MOE8_SM90_FPROP)}`,
                   "128x128",
                 ];
+        // (FP8 outputs take their own entry whatever the tile settings.)
         const want = [
-          ...fpropDgrad.map((t) => `gemm_sm90.gemm_sm90_fp8_grouped_${t}`),
+          ...[...fpropDgrad, "128x128_fp8out"].map((t) => `gemm_sm90.gemm_sm90_fp8_grouped_${t}`),
           ...wgrad.map((w) => `gemm_sm90.gemm_sm90_fp8_wgrad_${w}`),
           ...(env.MOE8_SM90_KMAJOR ? ["gemm_sm90.sm90_coltile_transpose"] : []),
         ];

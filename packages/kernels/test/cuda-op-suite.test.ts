@@ -413,6 +413,63 @@ if (status.ok) {
         }
       }, 300_000);
 
+    // FP8 outputs quantised in the sm90 epilogue (storeQuantized): the codes and scales of quantising
+    // the same loop's f32 output (quant_tile128), bit for bit, on the experts' Fprop and Dgrad with
+    // groups of 0, 1, 127, 128, 129 rows, rows no segment covers (code 0, a zero tile's scale), N past
+    // the last full tile, every scaling and both formats; 130 groups (past the entry's tables) take
+    // the f32 product and quantize, with the same result.
+    if (status.cc === "9.0")
+      it(`sm90 wgmma: FP8 outputs equal quantising the f32 output, bit for bit (seed ${seed})`, async () => {
+        const be = cudaWith(true, {});
+        const rng = new Rng(seed + 7);
+        const shapes = [
+          { sizes: [0, 1, 127, 128, 129, 0, 300, 5], out: 256, inp: 272, uncovered: 7 },
+          { sizes: [129, 0, 300, 1, 128, 63], out: 512, inp: 144, uncovered: 0 },
+          { sizes: [1, 130, 0, 64, 257], out: 128, inp: 1024, uncovered: 0 },
+          { sizes: Array.from({ length: 130 }, (_, i) => (i * 37) % 61), out: 128, inp: 256, uncovered: 0 },
+        ];
+        const scalings = [{}, { format: "e5m2" as const }, { pow2Scales: true }, { unit: true }];
+        const ran = new Set<string>();
+        for (const { sizes, out, inp, uncovered } of shapes) {
+          const E = sizes.length;
+          const off = Int32Array.from([
+            0,
+            ...sizes.map((_, i) => sizes.slice(0, i + 1).reduce((a, v) => a + v, 0)),
+          ]);
+          const rows = off[E] + uncovered;
+          const x = rng.normals(rows * inp, 2);
+          const dy = rng.normals(rows * out);
+          x[3 * inp + 5] = 700; // an outlier
+          const w = rng.normals(E * out * inp, 0.05);
+          const t = await be.timeKernels(() =>
+            be.scope(async () => {
+              const O = be.upload(off, [E + 1], "i32");
+              const wq = be.quantize(be.upload(w, [E, out, inp]), { group: "block" });
+              const xq = be.quantize(be.upload(x, [rows, inp]), { group: "tile" });
+              const dyq = be.quantize(be.upload(dy, [rows, out]), { group: "tile" });
+              const m = { segment: "m", precision: "fp8" } as const;
+              for (const scaling of scalings) {
+                const q = { group: "tile" as const, ...scaling };
+                const runs: [string, (sq?: typeof q) => Tensor][] = [
+                  ["fprop", (sq) => be.groupedMatmul(xq, wq, O, { ...m, transB: true, storeQuantized: sq })],
+                  ["dgrad", (sq) => be.groupedMatmul(dyq, wq, O, { ...m, storeQuantized: sq })],
+                ];
+                for (const [role, run] of runs) {
+                  const what = `sizes ${sizes.length > 8 ? `${E} groups` : sizes.join(",")}, ${role} ${JSON.stringify(scaling)}`;
+                  const [got, want] = [run(q), be.quantize(run(), q)];
+                  expect(Array.from(await got.read()), what).toEqual(Array.from(await want.read()));
+                  expect(Array.from(await got.quant!.scales.read()), `${what} scales`).toEqual(
+                    Array.from(await want.quant!.scales.read()),
+                  );
+                }
+              }
+            }),
+          );
+          for (const k of t.kernels) if (k.name.startsWith("gemm_sm90.")) ran.add(k.name);
+        }
+        expect([...ran]).toContain("gemm_sm90.gemm_sm90_fp8_grouped_128x128_fp8out");
+      }, 300_000);
+
     // Dense FP8 GEMMs (Fprop, Dgrad, Wgrad of a Linear) on the same kernels as one group of all rows
     // (MOE8_SM90_DENSE=all), against the reference with the wgmma tolerance: M not a multiple of
     // 128, K not a multiple of 128 (Fprop) and N past the last full tile, every epilogue; Wgrad

@@ -19,6 +19,14 @@ export interface MatmulOptions extends core.MatmulOptions<Tensor> {
    * Not with `accumulate`; grouped GEMMs: segments along M only.
    */
   storeBf16?: boolean;
+  /**
+   * Return the output quantised as these options ask, never stored in f32: quantize(product, q)
+   * bit for bit, where product is this GEMM with the other options (an FP8 output with its scales,
+   * for a next FP8 GEMM that reads nothing else of it). A device backend may quantise in the GEMM's
+   * epilogue (cuda on sm_90: E4M3 / E5M2 1x128 tiles of an FP8 Fprop or Dgrad). Not with
+   * `accumulate` or `storeBf16`; grouped GEMMs: segments along M only.
+   */
+  storeQuantized?: QuantizeOptions;
 }
 
 export interface GroupedMatmulOptions extends MatmulOptions {
@@ -39,10 +47,19 @@ export function combineAddError(add: readonly Tensor[], N: number, d: number): s
   return null;
 }
 
-/** The options' storeBf16 checked against the others (every backend refuses the same combinations). */
+/**
+ * The options' storeBf16 and storeQuantized checked against the others (every backend refuses the
+ * same combinations).
+ */
 export function storeBf16Error(o: MatmulOptions | GroupedMatmulOptions): string | null {
-  if (!o.storeBf16) return null;
   const op = "segment" in o ? "groupedMatmul" : "matmul";
+  if (o.storeQuantized) {
+    if (o.storeBf16) return `${op}: storeQuantized and storeBf16 exclude each other`;
+    if ("segment" in o && o.segment !== "m") return "groupedMatmul: storeQuantized needs segments along M";
+    if (o.accumulate) return `${op}: storeQuantized cannot accumulate into an f32 tensor`;
+    return null;
+  }
+  if (!o.storeBf16) return null;
   if ("segment" in o && o.segment !== "m") return "groupedMatmul: storeBf16 needs segments along M";
   if (o.accumulate) return `${op}: storeBf16 cannot accumulate into an f32 tensor`;
   return null;
@@ -658,6 +675,16 @@ export function requantizeViaF32(b: Backend, q: Tensor, opts: QuantizeOptions): 
  * are BF16 anyway (a BF16-rounded GEMM output, an input the consuming op rounds), exactly, at half
  * the bytes.
  */
+/**
+ * A GEMM's storeQuantized as its definition: the product y (computed with the other options)
+ * quantised, y released.
+ */
+export function quantizedProduct(b: Backend, y: Tensor, q: QuantizeOptions): Tensor {
+  const yq = b.quantize(y, q);
+  b.release(y);
+  return yq;
+}
+
 /** t itself, or (bf16) its BF16 copy with t released: the storeBf16 options of the host backends. */
 export function storedAs(b: Backend, t: Tensor, bf16: boolean | undefined): Tensor {
   return bf16 ? intoBf16(b, t) : t;

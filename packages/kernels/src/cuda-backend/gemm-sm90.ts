@@ -66,6 +66,16 @@ export interface Sm90Operands {
   outBf16: boolean;
   /** C is a bf16 tensor (values rounded to BF16, half the bytes); never with accumulate. */
   storeBf16?: boolean;
+  /** C holds FP8 codes, quantised in 1x128 tiles by the kernel (SM90_OUT_FP8); never with accumulate. */
+  storeQuantized?: Sm90QuantOut;
+}
+
+/** An FP8 output of the sm90 kernel: its 1x128 scales, and quant.cu's fmt, mode and eps for them. */
+export interface Sm90QuantOut {
+  scales: number;
+  fmt: number;
+  mode: number;
+  eps: number;
 }
 
 /** gemm_sm90.cu's outMode for these options. */
@@ -93,6 +103,7 @@ export function sm90Refusal(o: Sm90Operands): string | null {
  */
 export function sm90Grouped(cx: CudaContext, o: Sm90Operands): boolean {
   if (!cx.sm90Gemm || sm90Refusal(o) !== null) return false;
+  if (o.storeQuantized) return sm90GroupedQuantized(cx, o, o.storeQuantized);
   // 128 x 128 tiles with two accumulator sets and deferred epilogues (the next tile's first wgmmas
   // run while this one is stored): at small's expert shapes as fast as 128 x 256 or faster (gate_up
   // Fprop 689 against 622 TFLOP/s, down Dgrad 416 against 380; notes/sm90-gemm.md); MOE8_SM90_BN=256
@@ -158,6 +169,48 @@ export function sm90Grouped(cx: CudaContext, o: Sm90Operands): boolean {
       rows: o.M,
     },
     smem,
+  );
+  return true;
+}
+
+/**
+ * sm90Grouped with an FP8 output (codes at o.c, scales at q.scales): the 5-stage entry's loop with
+ * the quantising epilogue, for at most SM90_MAX_E_DEEP experts, N % 16 == 0 (the codes' TMA row
+ * pitch), stored f32 values (not outBf16) and no accumulate; false (nothing enqueued) otherwise.
+ */
+function sm90GroupedQuantized(cx: CudaContext, o: Sm90Operands, q: Sm90QuantOut): boolean {
+  if (o.accumulate || o.outBf16 || o.storeBf16 || o.N % 16 !== 0 || o.E > SM90.SM90_MAX_E_DEEP) return false;
+  const map = cx.n.cudaTensorMap2D;
+  let maps: { tA: Uint8Array; tB: Uint8Array; tC: Uint8Array };
+  try {
+    maps = {
+      tA: map(o.a, "u8", o.K, o.M, 128, SM90.SM90_BM),
+      tB: map(o.b, "u8", o.K, o.E * o.N, 128, 128),
+      tC: map(o.c, "u8", o.N, o.M, 128, 64),
+    };
+  } catch {
+    return false;
+  }
+  cx.launch(
+    KERNELS.gemm_sm90.gemm_sm90_fp8_grouped_128x128_fp8out,
+    [cx.sm90Ctas],
+    SM90.SM90_THREADS,
+    {
+      ...maps,
+      As: o.aScales,
+      Bs: o.bScales,
+      Q: o.c,
+      Qs: q.scales,
+      off: o.offsets,
+      E: o.E,
+      N: o.N,
+      K: o.K,
+      rows: o.M,
+      qfmt: q.fmt,
+      qmode: q.mode,
+      qeps: q.eps,
+    },
+    SM90.SM90_SMEM_128x128_E128,
   );
   return true;
 }
@@ -366,6 +419,7 @@ export function sm90Matmul(
   out: Tensor,
   { M, N, K }: { M: number; N: number; K: number },
   o: MatmulOptions,
+  quantized?: Sm90QuantOut,
 ): boolean {
   if (!cx.sm90Gemm || cx.sm90Dense === "none") return false;
   const role = denseRole(a, b, !!o.transA, !!o.transB);
@@ -375,6 +429,8 @@ export function sm90Matmul(
   // BF16 storage (a bf16 `out`): Fprop only, where the Linear stores its output so.
   const storeBf16 = out.dtype === "bf16";
   if (storeBf16 && (role !== "fprop" || accumulate)) return false;
+  // An FP8 output (`out` holds its codes): Fprop and Dgrad, quantised in the epilogue.
+  if (quantized && (role === "wgrad" || accumulate || outBf16)) return false;
   if (role === "wgrad")
     return sm90DenseWgrad(cx, {
       a,
@@ -408,6 +464,7 @@ export function sm90Matmul(
     accumulate,
     outBf16,
     storeBf16,
+    storeQuantized: quantized,
   };
   if (sm90Refusal(operands) !== null) return false;
   if (role === "fprop") return sm90Grouped(cx, operands);

@@ -9,6 +9,8 @@ import {
   gemmDims,
   isFp8,
   type MatmulOptions,
+  type QuantizeOptions,
+  quantizedProduct,
   storeBf16Error,
   type Tensor,
 } from "@moe8/tensor";
@@ -16,8 +18,8 @@ import { DEFINES } from "../cuda/kernels.generated.ts";
 import { type CudaContext, cdiv, KERNELS } from "./context.ts";
 import { bf16Operand, f32Operand, lowpInput } from "./elementwise.ts";
 import { matmulLt } from "./gemm-lt.ts";
-import { sm90Grouped, sm90Matmul, sm90Wgrad } from "./gemm-sm90.ts";
-import { FMT, GROUP, rowMajorCodes, transposedOf } from "./quant.ts";
+import { type Sm90QuantOut, sm90Grouped, sm90Matmul, sm90Wgrad } from "./gemm-sm90.ts";
+import { FMT, GROUP, quantOutput, rowMajorCodes, transposedOf } from "./quant.ts";
 
 const { GEMM_PLAIN, GEMM_SEGMENT_M, GEMM_SEGMENT_K } = DEFINES.common;
 
@@ -48,6 +50,7 @@ function output(cx: CudaContext, M: number, N: number, o: MatmulOptions, shape: 
 export function matmul(cx: CudaContext, a: Tensor, b: Tensor, opts: MatmulOptions): Tensor {
   const bad = storeBf16Error(opts);
   if (bad) throw new Error(bad);
+  if (opts.storeQuantized) return matmulQuantizedOut(cx, a, b, opts, opts.storeQuantized);
   if (opts.storeBf16) return matmulBf16Out(cx, a, b, opts);
   const o = opts;
   const { M, N, K } = gemmDims(a, b, o);
@@ -101,6 +104,98 @@ function matmulBf16Out(cx: CudaContext, a: Tensor, b: Tensor, opts: MatmulOption
   return y16;
 }
 
+/**
+ * The output of a GEMM with storeQuantized: made by quantOutput, with the kernel's fmt / mode / eps
+ * codes, when the sm90 epilogue can write it (an FP8 GEMM storing f32 values, 1x128 tiles on a
+ * Hopper GPU); null when the GEMM must run in f32 and be quantised after.
+ */
+function quantizedTarget(
+  cx: CudaContext,
+  o: MatmulOptions,
+  q: QuantizeOptions,
+  M: number,
+  N: number,
+): { y: Tensor; out: Sm90QuantOut } | null {
+  // (Power-of-two scales divide each value: quantised after the product, as the fused producers do.)
+  if (!cx.sm90Gemm || o.precision !== "fp8" || o.outBf16 || q.group !== "tile" || q.segments || q.pow2Scales)
+    return null;
+  if (M === 0 || N === 0 || N % 16 !== 0) return null;
+  const { q: y, fmt, mode, eps } = quantOutput(cx, [M, N], q);
+  return { y, out: { scales: cx.p(y.quant!.scales), fmt, mode, eps } };
+}
+
+/**
+ * matmul with storeQuantized: on sm_90 the wgmma kernel quantises an FP8 Fprop's or Dgrad's product
+ * in its epilogue (the same f32 values as its f32 output, the same qscale / quant_value as
+ * quant_tile128: quantize(product) bit for bit); any other GEMM computes the product, then quantises.
+ */
+function matmulQuantizedOut(
+  cx: CudaContext,
+  a: Tensor,
+  b: Tensor,
+  opts: MatmulOptions,
+  q: QuantizeOptions,
+): Tensor {
+  const o = { ...opts, storeQuantized: undefined };
+  const { M, N, K } = gemmDims(a, b, o);
+  const target = K > 0 ? quantizedTarget(cx, o, q, M, N) : null;
+  if (target) {
+    checkFp8Operand(a, "A", !o.transA);
+    checkFp8Operand(b, "B", !!o.transB);
+    if (sm90Matmul(cx, a, b, target.y, { M, N, K }, o, target.out)) return target.y;
+    cx.release(target.y);
+  }
+  return quantizedProduct(cx.backend, matmul(cx, a, b, o), q);
+}
+
+/**
+ * groupedMatmul (segments along M) with storeQuantized: the experts' Fprop (B [E, N, K]) or Dgrad
+ * (B [E, K, N], its codes transposed first) quantised in the sm90 epilogue, as matmulQuantizedOut;
+ * otherwise the product, then quantize.
+ */
+function groupedQuantizedOut(
+  cx: CudaContext,
+  a: Tensor,
+  b: Tensor,
+  offsets: Tensor,
+  opts: GroupedMatmulOptions,
+  q: QuantizeOptions,
+  { M, N, K, E }: { M: number; N: number; K: number; E: number },
+): Tensor {
+  const o = { ...opts, storeQuantized: undefined };
+  const target = K > 0 && E > 0 ? quantizedTarget(cx, o, q, M, N) : null;
+  const [qa, qb] = [a.quant, b.quant];
+  // (The kernel's operands, as sm90Refusal asks; the transpose below only for those.)
+  if (target && qa?.group === "tile" && qb?.group === "block" && K % 16 === 0) {
+    const bd = batchDims(b);
+    const t = o.transB ? null : transposedOf(cx, b, cx.p(b), cx.p(qb.scales), bd.rows, bd.cols, E);
+    const done = sm90Grouped(cx, {
+      a: cx.p(a),
+      aScales: cx.p(qa.scales),
+      aFormat: qa.format,
+      aGroup: qa.group,
+      b: t ? t.codes : cx.p(b),
+      bScales: t ? t.scales : cx.p(qb.scales),
+      bFormat: qb.format,
+      bGroup: qb.group,
+      c: cx.p(target.y),
+      offsets: cx.i32p(offsets, "groupedMatmul offsets"),
+      M,
+      N,
+      K,
+      E,
+      promotion: o.promotion ?? 128,
+      accumulate: false,
+      outBf16: false,
+      storeQuantized: target.out,
+    });
+    t?.free();
+    if (done) return target.y;
+  }
+  if (target) cx.release(target.y);
+  return quantizedProduct(cx.backend, groupedMatmul(cx, a, b, offsets, o), q);
+}
+
 export function groupedMatmul(
   cx: CudaContext,
   a: Tensor,
@@ -128,6 +223,8 @@ export function groupedMatmul(
       checkFp8Operand(b, "B", !!o.transB);
     }
     const Mt = a.rows;
+    if (o.storeQuantized)
+      return groupedQuantizedOut(cx, a, b, offsets, o, o.storeQuantized, { M: Mt, N, K, E });
     // BF16 storage: the sm90 kernel writes it; the other kernels write f32 that is then converted.
     const out = o.storeBf16 ? cx.make([Mt, N], "bf16") : output(cx, Mt, N, o, [Mt, N]);
     // Rows outside the segments read 0: cleared here, or by the sm90 kernel itself (FP8 on Hopper).

@@ -34,7 +34,7 @@ export const GROUP: Record<QuantGroup, number> = {
 export const FMT: Record<Fp8Format, number> = { e4m3: C.FMT_E4M3, e5m2: C.FMT_E5M2 };
 
 /** The FP8 tensor (codes and scales, zeroed where segments leave gaps) quantize(x, opts) fills. */
-function quantOutput(cx: CudaContext, shape: readonly number[], opts: QuantizeOptions) {
+export function quantOutput(cx: CudaContext, shape: readonly number[], opts: QuantizeOptions) {
   const rows = shape.length >= 2 ? shape[shape.length - 2] : 1;
   const cols = shape.length >= 1 ? shape[shape.length - 1] : 1;
   const batch = rows * cols === 0 ? 1 : shape.reduce((a, b) => a * b, 1) / (rows * cols);

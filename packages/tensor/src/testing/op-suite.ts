@@ -3,7 +3,7 @@
 // bit-exact where docs/numerics.md pins bits (quantisation), a relative tolerance by precision elsewhere.
 // Gradient checks by finite differences run on the backend under test for every op with a backward.
 import { describe, expect, it } from "vitest";
-import type { AdamWOptions, Backend } from "../backend.ts";
+import type { AdamWOptions, Backend, QuantizeOptions } from "../backend.ts";
 import { Rng } from "../random.ts";
 import type { Tensor } from "../tensor.ts";
 import { TsBackend } from "../ts/backend.ts";
@@ -971,6 +971,70 @@ export function opSuite(name: string, make: () => Backend): void {
             }
           });
       }
+    });
+
+    // GEMM outputs handed over quantised (cuda on sm_90: FP8 Fprop and Dgrad quantised in the wgmma
+    // epilogue, f32 never stored) against quantising the f32 product: the same codes and scales, for
+    // dense and grouped GEMMs, every scaling, E4M3 and E5M2, other
+    // groups and precisions (quantised after the product), and the combinations refused.
+    it("matmul and groupedMatmul with storeQuantized equal quantising their f32 product", async () => {
+      const off = Int32Array.from([0, 5, 5, 140, 300]);
+      const [E, Mt, K, N] = [4, 300, 272, 144];
+      const x = rng.normals(Mt * K, 2);
+      x[9 * K + 3] = 300; // an outlier
+      const w = rng.normals(E * N * K, 0.1);
+      const dy = rng.normals(Mt * N);
+      const scalings = [{}, { unit: true }, { pow2Scales: true }, { format: "e5m2" as const }];
+      await be.scope(async () => {
+        const b = be;
+        const O = b.upload(off, [E + 1], "i32");
+        const W = b.upload(w, [E, N, K]);
+        const [X, DY] = [b.upload(x, [Mt, K]), b.upload(dy, [Mt, N])];
+        const wq = b.quantize(W, { group: "block" });
+        const W0 = b.quantize(b.upload(w.subarray(0, N * K), [N, K]), { group: "block" });
+        const [xq, dyq] = [b.quantize(X, { group: "tile" }), b.quantize(DY, { group: "tile" })];
+        const eq = async (got: Tensor, want: Tensor, what: string) => {
+          expect(got.dtype, what).toBe(want.dtype);
+          expect(Array.from(await got.read()), what).toEqual(Array.from(await want.read()));
+          expect(Array.from(await got.quant!.scales.read()), `${what} scales`).toEqual(
+            Array.from(await want.quant!.scales.read()),
+          );
+        };
+        const m = { segment: "m", precision: "fp8" } as const;
+        for (const scaling of scalings) {
+          const q = { group: "tile" as const, ...scaling };
+          const s = JSON.stringify(scaling);
+          const cases: [string, (sq?: typeof q) => Tensor][] = [
+            ["grouped fprop", (sq) => b.groupedMatmul(xq, wq, O, { ...m, transB: true, storeQuantized: sq })],
+            ["grouped dgrad", (sq) => b.groupedMatmul(dyq, wq, O, { ...m, storeQuantized: sq })],
+            ["fprop", (sq) => b.matmul(xq, W0, { transB: true, precision: "fp8", storeQuantized: sq })],
+            ["dgrad", (sq) => b.matmul(dyq, W0, { precision: "fp8", storeQuantized: sq })],
+          ];
+          for (const [what, run] of cases) await eq(run(q), b.quantize(run(), q), `${what} ${s}`);
+        }
+        // Other groups, BF16-rounded values and other precisions: quantised after the product.
+        const f32 = (sq?: QuantizeOptions) =>
+          b.groupedMatmul(X, W, O, { segment: "m", transB: true, precision: "f32", storeQuantized: sq });
+        await eq(f32({ group: "tile" }), b.quantize(f32(), { group: "tile" }), "grouped f32 fprop");
+        const rowq = { group: "row" as const };
+        const fpropRow = (sq?: QuantizeOptions) =>
+          b.groupedMatmul(xq, wq, O, { ...m, transB: true, outBf16: true, storeQuantized: sq });
+        await eq(fpropRow(rowq), b.quantize(fpropRow(), rowq), "grouped fprop, BF16-rounded, row scales");
+        expect(() =>
+          b.groupedMatmul(dyq, xq, O, { segment: "k", transA: true, precision: "fp8", storeQuantized: rowq }),
+        ).toThrow(/storeQuantized needs segments along M/);
+        expect(() =>
+          b.groupedMatmul(xq, wq, O, {
+            ...m,
+            transB: true,
+            storeQuantized: rowq,
+            accumulate: b.zeros([Mt, N]),
+          }),
+        ).toThrow(/storeQuantized cannot accumulate/);
+        expect(() =>
+          b.matmul(xq, W0, { transB: true, precision: "fp8", storeQuantized: rowq, storeBf16: true }),
+        ).toThrow(/storeQuantized and storeBf16 exclude each other/);
+      });
     });
 
     // MLA's gradients quantised by their producers (cuda: without the f32 copy where rows are whole

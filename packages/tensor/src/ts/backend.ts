@@ -30,6 +30,7 @@ import {
   type GradQuant,
   intoBf16,
   type NoiseOptions,
+  quantizedProduct,
   quantizedVia,
   requantizeViaF32,
   rmsnormQuantizedVia,
@@ -232,6 +233,8 @@ export class TsBackend extends HostLifetimes implements Backend {
   matmul(a: Tensor, b: Tensor, o: MatmulOptions): Tensor {
     const bad = storeBf16Error(o);
     if (bad) throw new Error(bad);
+    if (o.storeQuantized)
+      return quantizedProduct(this, this.matmul(a, b, { ...o, storeQuantized: undefined }), o.storeQuantized);
     const { M, N } = gemmDims(a, b, o);
     const c = new Float32Array(M * N);
     this.gemmInto(whole(a), whole(b), c, o);
@@ -242,6 +245,10 @@ export class TsBackend extends HostLifetimes implements Backend {
   groupedMatmul(a: Tensor, b: Tensor, offsets: Tensor, o: GroupedMatmulOptions): Tensor {
     const bad = storeBf16Error(o);
     if (bad) throw new Error(bad);
+    if (o.storeQuantized) {
+      const y = this.groupedMatmul(a, b, offsets, { ...o, storeQuantized: undefined });
+      return quantizedProduct(this, y, o.storeQuantized);
+    }
     const off = i32(offsets);
     const E = off.length - 1;
     const fp8 = o.precision === "fp8";

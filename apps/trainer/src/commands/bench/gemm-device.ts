@@ -163,6 +163,15 @@ async function grouped(
         b.groupedMatmul(xq, wq, O, { segment: "m", transB: true, precision: p }),
       );
       times.dgrad_f32 = await deviceMs(b, () => b.groupedMatmul(dyq, wq, O, { segment: "m", precision: p }));
+      // FP8 outputs with 1x128 scales (storeQuantized: quantised in the GEMM's epilogue on Hopper),
+      // and the f32 output quantised by its own kernel after, which it replaces.
+      const q = { group: "tile" } as const;
+      const fprop = { segment: "m", transB: true, precision: p } as const;
+      const dgrad = { segment: "m", precision: p } as const;
+      times.fprop_fp8 = await deviceMs(b, () => b.groupedMatmul(xq, wq, O, { ...fprop, storeQuantized: q }));
+      times.dgrad_fp8 = await deviceMs(b, () => b.groupedMatmul(dyq, wq, O, { ...dgrad, storeQuantized: q }));
+      times.fprop_f32_quant = await deviceMs(b, () => b.quantize(b.groupedMatmul(xq, wq, O, fprop), q));
+      times.dgrad_f32_quant = await deviceMs(b, () => b.quantize(b.groupedMatmul(dyq, wq, O, dgrad), q));
     }
     return times;
   });
@@ -217,6 +226,9 @@ export async function benchGemmDevice(
       };
       if (extra) row.fp8_kernel = extra.kernels[role];
       if (t.fp8[`${role}_f32`] !== undefined) row.fp8_f32_out_tflops = tf(t.fp8[`${role}_f32`]);
+      if (t.fp8[`${role}_fp8`] !== undefined) row.fp8_fp8_out_tflops = tf(t.fp8[`${role}_fp8`]);
+      if (t.fp8[`${role}_f32_quant`] !== undefined)
+        row.fp8_f32_then_quantize_tflops = tf(t.fp8[`${role}_f32_quant`]);
       if (t.bf16[`${role}_acc`] !== undefined) row.bf16_accumulate_tflops = tf(t.bf16[`${role}_acc`]);
       if (t.fp8[`${role}_acc`] !== undefined) row.fp8_accumulate_tflops = tf(t.fp8[`${role}_acc`]);
       if (extra?.lt && extra.sm90) {

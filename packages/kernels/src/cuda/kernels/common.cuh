@@ -194,6 +194,19 @@ __device__ __forceinline__ u32 quant_mul4(float a, float b, float c, float d, fl
          ((u32)encode_fp8(__fmul_rn(c, fc), fmt) << 16) | ((u32)encode_fp8(__fmul_rn(d, fd), fmt) << 24);
 }
 
+// quant_mul4 for two values, one factor: the codes of a and b (low byte first).
+__device__ __forceinline__ u32 quant_mul2(float a, float b, float f, int fmt) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  if (fmt == FMT_E4M3) {
+    unsigned short w;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(w) : "f"(__fmul_rn(b, f)), "f"(__fmul_rn(a, f)));
+    const u32 nan = (((u32)w & 0x7f7fu) + 0x0101u) & 0x8080u;  // 0x80 in each NaN byte
+    return (u32)w & ~nan;
+  }
+#endif
+  return (u32)encode_fp8(__fmul_rn(a, f), fmt) | ((u32)encode_fp8(__fmul_rn(b, f), fmt) << 8);
+}
+
 // Exact decode of an FP8 code.
 // Every FP8 value is exact in f16, so on sm_89+ the hardware widening (FP8 -> f16 -> f32) is exact.
 __device__ __forceinline__ float decode_fp8_bits(u8 c, int fmt);

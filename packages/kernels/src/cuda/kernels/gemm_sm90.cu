@@ -10,7 +10,8 @@
 //   off int32 [E+1] on the device: expert e owns rows off[e] .. off[e+1]-1 of A and C (any sizes, 0 too)
 //   C  [rows, N], by outMode: SM90_OUT_F32 f32 storage; SM90_OUT_ROUND f32 storage of each result
 //      rounded to BF16 (RNE, round_bf16); SM90_OUT_BF16 BF16 storage (the same rounding, half the
-//      bytes: the experts' activations, whose consumers read BF16). accumulate (f32 storage only)
+//      bytes: the experts' activations, whose consumers read BF16); SM90_OUT_FP8 FP8 codes with
+//      1x128 scales in Cs (the output handed to a next FP8 GEMM, never stored in f32). accumulate (f32 storage only)
 //      adds the (rounded) result to C: C = C + v, as gemm.cu's mma_store does. Without accumulate the
 //      kernel also writes 0 to the rows outside every segment (before off[0], from off[E] to rows),
 //      so C needs no clearing first.
@@ -69,6 +70,10 @@
 #define SM90_OUT_F32 0
 #define SM90_OUT_ROUND 1
 #define SM90_OUT_BF16 2
+// FP8 codes [rows, N] in C with one scale per row per 128 columns in Cs [rows, ceil(N/128)]: the f32
+// result quantised in 1x128 tiles by qscale and quant_mul2 (fmt qfmt, amax or unit scaling qmode, eps
+// qeps), the bits quant_tile128 writes for the f32 result (the FP8_OUT entry; N % 16 == 0).
+#define SM90_OUT_FP8 3
 // Dynamic shared memory of each entry point (static_asserts below check them against sm90_smem_bytes).
 #define SM90_SMEM_128x256 216120
 #define SM90_SMEM_128x128 199752
@@ -120,11 +125,13 @@
 // Wgrad +1-4% in each of eight rounds (notes/sm90-gemm.md, twenty-second session).
 template <int BN, int STAGES, Mainloop LOOP, Segments SEG, bool BF16_ONLY = false, int MAX_E = SM90_MAX_E,
           bool PINGPONG = false, bool STAGED_SCALES = false, bool FILL_BARRIER = false,
-          int STRIPS = 0, bool LAG = false, bool STSM = false, bool LEAN = false, bool EARLY = false>
+          int STRIPS = 0, bool LAG = false, bool STSM = false, bool LEAN = false, bool EARLY = false,
+          bool FP8_OUT = false>
 __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CUtensorMap* tB, const CUtensorMap* tC,
                                                  const float* As, const float* Bs, float* C, const int* off, int E,
                                                  int M, int N, int K, int accumulate, int outMode, int rows,
-                                                 bool sorted = false) {
+                                                 bool sorted = false, float* Cs = nullptr, int qfmt = 0,
+                                                 int qmode = 0, float qeps = 0.0f) {
   constexpr int BM = SM90_BM, NWG = BM / 64;
   constexpr int A_BYTES = BM * 128, B_BYTES = BN * 128;
   constexpr int NH = BN / 128;  // 128-column halves of the tile, one m64n128 wgmma chain each
@@ -147,6 +154,8 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
                 "the lean descriptors are the two-buffer Fprop / Dgrad loop's and the staged Wgrad's");
   static_assert(!EARLY || (SEG == Segments::AlongM && LOOP == Mainloop::TwoBuffers),
                 "the early chunks are the two-buffer Fprop / Dgrad loop's");
+  static_assert(!FP8_OUT || (SEG == Segments::AlongM && !BF16_ONLY && BN == 128),
+                "FP8 output: the 128 x 128 entries along M with f32 staging");
   constexpr int S_FLOATS = STAGED_SCALES ? BM + BN : 64 + BN;
   constexpr int S_BYTES = SEG != Segments::AlongK ? 0 : STAGED_SCALES ? STAGES * S_FLOATS * 4 : NWG * 2 * S_FLOATS * 4;
   // Staging per consumer warpgroup: 64 rows x 128 columns of f32 (or BF16).
@@ -154,7 +163,9 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   static_assert(STRIPS == 0 || STRIPS == 64, "strips of a warpgroup's 64 rows");
   extern __shared__ u8 sm90_dyn[];
   u8* base = sm90_dyn + ((1024 - (sm90_smem_u32(sm90_dyn) & 1023)) & 1023);
-  if (E > MAX_E || (BF16_ONLY && (outMode != SM90_OUT_BF16 || accumulate))) asm volatile("trap;");
+  if (E > MAX_E || (BF16_ONLY && (outMode != SM90_OUT_BF16 || accumulate)) ||
+      (FP8_OUT && (outMode != SM90_OUT_FP8 || accumulate || N % 16 != 0 || qmode == SCALE_POW2)))
+    asm volatile("trap;");
   u8* sA = base;
   u8* sB = base + STAGES * A_BYTES;
   u8* sC = sB + STAGES * B_BYTES;
@@ -183,7 +194,11 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   const int total = LEAN ? __shfl_sync(0xffffffffu, total0, 0) : total0;
   // (BF16 storage: a row of N BF16 values is N / 2 floats; N % 8 == 0.)
   if (SEG == Segments::AlongM && !accumulate)
-    sm90_zero_uncovered(C, soff[0], soff[E], rows, outMode == SM90_OUT_BF16 ? N / 2 : N);
+    sm90_zero_uncovered(C, soff[0], soff[E], rows,
+                        FP8_OUT ? N / 4 : outMode == SM90_OUT_BF16 ? N / 2 : N);
+  // (FP8: a row of zeros quantises to code 0 with the scale of amax 0, which eps floors.)
+  if constexpr (FP8_OUT)
+    sm90_fill_uncovered(Cs, soff[0], soff[E], rows, cdiv(N, 128), qscale(0.0f, qeps, qfmt, qmode).scale);
 
   if (warp >= 4 * NWG) {
     // Producer warpgroup: one thread issues the TMA loads, the rest give their registers away.
@@ -297,6 +312,37 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
 #pragma unroll
         for (int i = 0; i < ACC; i++) acc[h][i] = round_bf16(acc[h][i]);
     }
+    // FP8_OUT: each row's 128 columns of a half are one 1x128 tile, held by the four threads of a
+    // quad (tq): their amax (columns inside N), its scale (into Cs, by tq 0) and each pair's codes.
+    QScale qs[NH][2];
+    if constexpr (FP8_OUT) {
+      const int NBq = cdiv(N, 128);
+#pragma unroll
+      for (int h = 0; h < NH; h++) {
+        float a0 = 0.0f, a1 = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 16; j++)
+          if (n0 + 128 * h + 8 * j + 2 * tq < N) {
+            a0 = amax_add(amax_add(a0, acc[h][4 * j]), acc[h][4 * j + 1]);
+            a1 = amax_add(amax_add(a1, acc[h][4 * j + 2]), acc[h][4 * j + 3]);
+          }
+#pragma unroll
+        for (int o = 1; o < 4; o <<= 1) {
+          a0 = fmaxf(a0, __shfl_xor_sync(0xffffffffu, a0, o));
+          a1 = fmaxf(a1, __shfl_xor_sync(0xffffffffu, a1, o));
+        }
+        qs[h][0] = qscale(a0, qeps, qfmt, qmode);
+        qs[h][1] = qscale(a1, qeps, qfmt, qmode);
+        const int nb = n0 / 128 + h;
+        if (tq == 0 && nb < NBq) {
+          if (r0 < rowEnd) Cs[(i64)r0 * NBq + nb] = qs[h][0].scale;
+          if (r1 < rowEnd) Cs[(i64)r1 * NBq + nb] = qs[h][1].scale;
+        }
+      }
+    }
+    // The codes of accumulators i, i + 1 (one row: hh) as a little-endian pair: quant_value's by
+    // the amax and unit scalings' one path (quant_mul4's; power-of-two scales are refused above).
+    auto codes2 = [&](int h, int hh, int i) -> u32 { return quant_mul2(acc[h][i], acc[h][i + 1], qs[h][hh].factor, qfmt); };
 
     // Epilogue, per 128-column half h: accumulator i is row (i & 2 ? g + 8 : g), column
     // n0 + 128 h + 8 (i / 4) + 2 tq + (i & 1).
@@ -305,15 +351,20 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
       // alone in an expert's last tile of 64 to 127 rows): stage its 64 x 128 in 128-byte strips with the TMA
       // 128-byte swizzle (16-byte chunk index ^= row & 7: conflict-free), then TMA-store the strips
       // (TMA-add them when accumulating: C = C + v in L2, the one write of each element).
-      // BF16 storage: 64 columns per strip (cvt.rn.bf16x2 pairs), 32 for f32.
+      // BF16 storage: 64 columns per strip (cvt.rn.bf16x2 pairs), 32 for f32, 128 for FP8 codes.
       const bool leader = (threadIdx.x & 127) == 0;
       const u32 cs = csBase + (threadIdx.x >> 7) * C_BYTES;
-      const int cw = bf16 ? 64 : 32, esz = bf16 ? 2 : 4;
+      const int cw = FP8_OUT ? 128 : bf16 ? 64 : 32, esz = FP8_OUT ? 1 : bf16 ? 2 : 4;
       // One value pair into row r of a strip at `strip`, byte cb of its 128-byte row.
       auto stage = [&](u32 strip, int r, int cb, float v0, float v1) {
         const u32 p = strip + r * 128 + ((((cb >> 4) ^ (r & 7))) << 4) + (cb & 15);
         if (bf16) asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(p), "r"(sm90_pack_bf16(v0, v1)) : "memory");
         else asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(p), "f"(v0), "f"(v1) : "memory");
+      };
+      // FP8_OUT: a pair of codes (codes2) into row r of the half's one strip, byte cb.
+      auto stage8 = [&](u32 strip, int r, int cb, u32 pair) {
+        const u32 p = strip + r * 128 + ((((cb >> 4) ^ (r & 7))) << 4) + (cb & 15);
+        asm volatile("st.shared.b16 [%0], %1;\n" ::"r"(p), "h"((u16)pair) : "memory");
       };
       if constexpr (STRIPS) {
         // Strip k goes to slot k % SLOTS and is stored once written; before the barrier that lets
@@ -372,7 +423,8 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
               const int col = 8 * j + 2 * tq, strip = col / cw, cb = (col % cw) * esz;  // byte in the 128-byte row
 #pragma unroll
               for (int hh = 0; hh < 2; hh++)
-                stage(cs + strip * 64 * 128, wrow + 8 * hh, cb, acc[h][4 * j + 2 * hh], acc[h][4 * j + 2 * hh + 1]);
+                if constexpr (FP8_OUT) stage8(cs, wrow + 8 * hh, cb, codes2(h, hh, 4 * j + 2 * hh));
+                else stage(cs + strip * 64 * 128, wrow + 8 * hh, cb, acc[h][4 * j + 2 * hh], acc[h][4 * j + 2 * hh + 1]);
             }
           }
           fence_async_smem();
@@ -403,6 +455,10 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
           const int r = hh ? r1 : r0;
           if (r >= rowEnd) continue;
           const float v0 = acc[h][4 * j + 2 * hh], v1 = acc[h][4 * j + 2 * hh + 1];
+          if constexpr (FP8_OUT) {
+            *(u16*)((u8*)C + (i64)r * N + col) = (u16)codes2(h, hh, 4 * j + 2 * hh);
+            continue;
+          }
           if (bf16) {
             *(u32*)((u16*)C + (i64)r * N + col) = sm90_pack_bf16(v0, v1);
             continue;
@@ -778,6 +834,18 @@ GEMM_SM90_EARLY_ENTRY(gemm_sm90_fp8_grouped_128x128_bf16_early, 6, true)
 GEMM_SM90_ENTRY(gemm_sm90_fp8_grouped_128x128_e128, 128, 5, TwoBuffers, false, SM90_MAX_E_DEEP, false)
 // The same with LEAN and EARLY, the default.
 GEMM_SM90_EARLY_ENTRY(gemm_sm90_fp8_grouped_128x128_e128_early, 5, false)
+// FP8 output (SM90_OUT_FP8): the early 5-stage entry's loop, each tile stored as E4M3 / E5M2 codes
+// Q [rows, N] (one 128-byte strip of 64 rows a half: tensor map u8, box {128, 64}) with its 1x128
+// scales Qs [rows, ceil(N/128)] written from the registers.
+KERNEL void __launch_bounds__(SM90_THREADS, 1)
+    gemm_sm90_fp8_grouped_128x128_fp8out(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,
+                                         const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs,
+                                         u8* Q, float* Qs, const int* off, int E, int N, int K, int rows, int qfmt,
+                                         int qmode, float qeps) {
+  sm90_fp8_grouped<128, 5, Mainloop::TwoBuffers, Segments::AlongM, false, SM90_MAX_E_DEEP, false, false, false, 0,
+                   false, false, true, true, true>(&tA, &tB, &tC, As, Bs, (float*)Q, off, E, 0, N, K, 0, SM90_OUT_FP8,
+                                                   rows, false, Qs, qfmt, qmode, qeps);
+}
 
 // Wgrad: dW[e] (+)= A_e B_e^T with A = dY^T [M, pitch] and B = X^T [N, pitch] as sm90_coltile_transpose
 // writes them (tensor maps: A u8 [M, pitch] box {128, 128}, B u8 [N, pitch] box {128, BN}, C f32

@@ -133,6 +133,16 @@ __device__ __noinline__ void sm90_zero_uncovered(float* C, int lo, int hi, int r
   }
 }
 
+// Writes v to the entries of S [rows, n] in the rows outside [lo, hi): an FP8 output's scales for
+// the rows no segment covers (their codes are sm90_zero_uncovered's zero bytes).
+__device__ __noinline__ void sm90_fill_uncovered(float* S, int lo, int hi, int rows, int n, float v) {
+  const i64 count = ((i64)lo + (rows - hi)) * n;
+  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < count; i += (i64)gridDim.x * blockDim.x) {
+    const i64 r = i / n, row = r < lo ? r : hi + (r - lo);
+    S[row * n + (i - r * n)] = v;
+  }
+}
+
 // One output tile of the schedule: its expert, the rows of its A and B boxes, its K chunks
 // (k0 .. k0 + kc - 1), the first row of C it writes and the end of its expert's rows in C.
 struct Sm90Tile {

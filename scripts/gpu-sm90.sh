@@ -449,9 +449,9 @@ torch = {(g, role): torch_on.get((g, role, "bench")) or v for (g, role, grp), v 
 tagged = lambda tag: any(r.get("tag") == tag and r.get("rows") for r in rows)
 # Tables only for the benches that ran.
 if tagged("bench-gemm"):
-  # "f32 out": Fprop/Dgrad storing f32; "acc": the Wgrad adding into the weight gradient, as the step
+  # "f32 out": Fprop/Dgrad storing f32; "fp8 out": quantised to FP8 in the epilogue; "acc": the Wgrad adding into the weight gradient, as the step
   # runs it (fp8 / bf16).
-  print(f"\n{'expert GEMM':<44} {'role':<6} {'fp8 kernel':<11} {'fp8 TF/s':>8} {'f32 out':>8} {'mma TF/s':>8} "
+  print(f"\n{'expert GEMM':<44} {'role':<6} {'fp8 kernel':<11} {'fp8 TF/s':>8} {'f32 out':>8} {'fp8 out':>8} {'mma TF/s':>8} "
         f"{'bf16 TF/s':>9} {'fp8 ms':>7} {'torch TF/s':>10} {'x torch':>7} {'torch bal':>9} {'acc fp8/bf16':>13}")
 for r in rows:
     if r.get("tag") == "bench-gemm":
@@ -459,7 +459,8 @@ for r in rows:
             g = "gate_up" if "512x1024" in x["gemm"] else "down"
             t, bal = torch.get((g, x["role"])), torch_on.get((g, x["role"], "balanced"))
             print(f"{x['gemm'][:44]:<44} {x['role']:<6} {x.get('fp8_kernel', '-'):<11} {x['fp8_tflops']:>8} "
-                  f"{x.get('fp8_f32_out_tflops', '-')!s:>8} {x.get('mma_sync_tflops', '-')!s:>8} {x['bf16_tflops']:>9} "
+                  f"{x.get('fp8_f32_out_tflops', '-')!s:>8} {x.get('fp8_fp8_out_tflops', '-')!s:>8} "
+                  f"{x.get('mma_sync_tflops', '-')!s:>8} {x['bf16_tflops']:>9} "
                   f"{x['fp8_ms']:>7} {t!s:>10} "
                   f"{round(x['fp8_tflops'] / t, 2) if t else '-'!s:>7} {bal!s:>9} "
                   f"{str(x.get('fp8_accumulate_tflops', '-')) + ' / ' + str(x.get('bf16_accumulate_tflops', '-')):>13}")

@@ -305,7 +305,6 @@ describe("cuda backend host code, without a GPU", () => {
     ["Hopper, MOE8_SM90_WGRAD_ORDER=experts", { MOE8_SM90_WGRAD_ORDER: "experts" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_FPROP=plain", { MOE8_SM90_FPROP: "plain" }, "ok", "9.0", false],
     ["Hopper, MOE8_SM90_WGRAD_STAGED=1", { MOE8_SM90_WGRAD_STAGED: "1" }, "ok", "9.0", false],
-    ["Hopper, MOE8_SM90_WGRAD_STAGED=wg3", { MOE8_SM90_WGRAD_STAGED: "wg3" }, "ok", "9.0", false],
     [
       "Hopper, MOE8_SM90_BN=256 MOE8_SM90_PINGPONG=0 MOE8_SM90_WGRAD_STAGED=0",
       { MOE8_SM90_BN: "256", MOE8_SM90_PINGPONG: "0", MOE8_SM90_WGRAD_STAGED: "0" },
@@ -363,12 +362,9 @@ describe("cuda backend host code, without a GPU", () => {
             turns: "256_turns",
             "1": "256_staged",
           }[staged ?? ""] ?? "256_lean";
-        const wgrad =
-          staged === "wg3"
-            ? ["192x128_wg3"]
-            : (env.MOE8_SM90_WGRAD_BN ? [env.MOE8_SM90_WGRAD_BN] : ["128", "256"]).map(
-                (w) => `128x${w === "256" ? wideWgrad : w}`,
-              );
+        const wgrad = (env.MOE8_SM90_WGRAD_BN ? [env.MOE8_SM90_WGRAD_BN] : ["128", "256"]).map(
+          (w) => `128x${w === "256" ? wideWgrad : w}`,
+        );
         const fpropDgrad =
           env.MOE8_SM90_BN === "256"
             ? [`128x${wide}`]
@@ -418,7 +414,7 @@ describe("cuda backend host code, without a GPU", () => {
       ["MOE8_SM90_RING", "6", "expected deep or 4"],
       ["MOE8_SM90_PINGPONG", "yes", "expected 0 or 1"],
       ["MOE8_SM90_FPROP", "fast", "expected early or plain"],
-      ["MOE8_SM90_WGRAD_STAGED", "on", "expected 0, 1, checked, halves, turns, lean or wg3"],
+      ["MOE8_SM90_WGRAD_STAGED", "on", "expected 0, 1, checked, halves, turns or lean"],
       ["MOE8_SM90_WGRAD_ORDER", "random", "expected sorted or experts"],
     ]) {
       vi.stubEnv(name, value);

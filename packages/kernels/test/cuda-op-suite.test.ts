@@ -327,7 +327,6 @@ if (status.ok) {
               ["MOE8_SM90_WGRAD_STAGED", "halves"],
               ["MOE8_SM90_WGRAD_STAGED", "turns"],
               ["MOE8_SM90_WGRAD_STAGED", "1"],
-              ["MOE8_SM90_WGRAD_STAGED", "wg3"],
               ["MOE8_SM90_FPROP", "plain"],
             ].map(([k, v]) => ({
               sm90: true,
@@ -391,15 +390,11 @@ if (status.ok) {
                     `gemm_sm90.gemm_sm90_fp8_grouped_128x128_e128${fpropSuffix(env.MOE8_SM90_FPROP)}`,
                     "gemm_sm90.gemm_sm90_fp8_grouped_128x128",
                   ]),
-              // Wgrad: 128 x 128 and 128 x 256 by N (192 x 128 for every N under wg3).
-              ...(env.MOE8_SM90_WGRAD_STAGED === "wg3"
-                ? ["gemm_sm90.gemm_sm90_fp8_wgrad_192x128_wg3"]
-                : [
-                    "gemm_sm90.gemm_sm90_fp8_wgrad_128x128",
-                    env.MOE8_SM90_WGRAD_STAGED === "0"
-                      ? `gemm_sm90.gemm_sm90_fp8_wgrad_128x256${env.MOE8_SM90_PINGPONG === "0" ? "" : "_pingpong"}`
-                      : `gemm_sm90.gemm_sm90_fp8_wgrad_128x256_${WIDE_WGRAD[env.MOE8_SM90_WGRAD_STAGED ?? "lean"]}`,
-                  ]),
+              // Wgrad: 128 x 128 and 128 x 256 by N.
+              "gemm_sm90.gemm_sm90_fp8_wgrad_128x128",
+              env.MOE8_SM90_WGRAD_STAGED === "0"
+                ? `gemm_sm90.gemm_sm90_fp8_wgrad_128x256${env.MOE8_SM90_PINGPONG === "0" ? "" : "_pingpong"}`
+                : `gemm_sm90.gemm_sm90_fp8_wgrad_128x256_${WIDE_WGRAD[env.MOE8_SM90_WGRAD_STAGED ?? "lean"]}`,
               ...(env.MOE8_SM90_KMAJOR === "0" ? ["gemm_sm90.sm90_coltile_transpose"] : []),
             ].sort(),
           );

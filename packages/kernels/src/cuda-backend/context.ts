@@ -126,11 +126,10 @@ export class CudaContext {
    * warpgroups taking turns instead of warpgroup 1 lagging a chunk behind (=turns, the default
    * before); "lean", the default: staged with the warp index, tile fields and wgmma descriptors
    * warp-uniform (gate_up Wgrad +2-3%, down even: "staged" without them); "loaded",
-   * the consumers loading and staging them (=0, the entry before the staged one); "wg3", "lean" on
-   * 192 x 128 tiles with three consumer warpgroups, for every N (=wg3; notes/sm90-gemm.md has the
-   * numbers).
+   * the consumers loading and staging them (=0, the entry before the staged one;
+   * notes/sm90-gemm.md has the numbers).
    */
-  readonly sm90WgradScales: "loaded" | "staged" | "checked" | "halves" | "turns" | "lean" | "wg3";
+  readonly sm90WgradScales: "loaded" | "staged" | "checked" | "halves" | "turns" | "lean";
   /**
    * The order in which the Wgrad's persistent CTAs take the experts' tiles: "sorted" (the default),
    * the experts with the most tokens first, dealt in a snake (gemm_sm90.cu, sm90_tile), or
@@ -174,7 +173,7 @@ export class CudaContext {
     this.sm90Fprop = envChoice("MOE8_SM90_FPROP", ["early", "plain"], "early");
     const scales = envChoice(
       "MOE8_SM90_WGRAD_STAGED",
-      ["0", "1", "checked", "halves", "turns", "lean", "wg3"],
+      ["0", "1", "checked", "halves", "turns", "lean"],
       "lean",
     );
     this.sm90WgradScales = scales === "0" ? "loaded" : scales === "1" ? "staged" : scales;

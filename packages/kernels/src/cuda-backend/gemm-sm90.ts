@@ -307,7 +307,7 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
       const [at, bt] = [kMajor(o.a, M), kMajor(o.b, N)];
       if (!at || !bt) return false;
       maps = {
-        tA: map(at.ptr, "u8", at.pitch, M, 128, entry.bm),
+        tA: map(at.ptr, "u8", at.pitch, M, 128, SM90.SM90_BM),
         tB: map(bt.ptr, "u8", bt.pitch, N, 128, entry.bn),
         tC,
       };
@@ -317,7 +317,7 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
     cx.launch(
       entry.kernel,
       [cx.sm90Ctas],
-      entry.threads,
+      SM90.SM90_THREADS,
       {
         ...maps,
         As: cx.p(o.a.quant!.scales),
@@ -340,32 +340,15 @@ export function sm90Wgrad(cx: CudaContext, o: Sm90WgradOperands): boolean {
 }
 
 /**
- * The Wgrad entry (kernel, tile rows and width, dynamic shared memory, threads): 128 x 256 tiles (one
- * buffer) for N >= 256, else 128 x 128 (two buffers), unless MOE8_SM90_WGRAD_BN forces one; the
- * 128 x 256 entry by where it takes the scales from and how it stores (CudaContext.sm90WgradScales);
- * under MOE8_SM90_WGRAD_STAGED=wg3 the 192 x 128 entry with three consumer warpgroups for every N.
+ * The Wgrad entry (kernel, tile width, dynamic shared memory): 128 x 256 tiles (one buffer) for
+ * N >= 256, else 128 x 128 (two buffers), unless MOE8_SM90_WGRAD_BN forces one; the 128 x 256 entry
+ * by where it takes the scales from and how it stores (CudaContext.sm90WgradScales).
  */
 function wgradEntry(cx: CudaContext, N: number) {
   const k = KERNELS.gemm_sm90;
   const scales = cx.sm90WgradScales;
-  const [bm, threads] = [SM90.SM90_BM, SM90.SM90_THREADS];
-  if (scales === "wg3")
-    return {
-      kernel: k.gemm_sm90_fp8_wgrad_192x128_wg3,
-      bm: 192,
-      bn: 128,
-      smem: SM90.SM90_SMEM_WGRAD_192x128,
-      threads: SM90.SM90_THREADS_WG3,
-    };
   const wide = cx.sm90WgradBn ? cx.sm90WgradBn === 256 : N >= 256;
-  if (!wide)
-    return {
-      kernel: k.gemm_sm90_fp8_wgrad_128x128,
-      bm,
-      bn: 128,
-      smem: SM90.SM90_SMEM_WGRAD_128x128,
-      threads,
-    };
+  if (!wide) return { kernel: k.gemm_sm90_fp8_wgrad_128x128, bn: 128, smem: SM90.SM90_SMEM_WGRAD_128x128 };
   const kernel = {
     staged: k.gemm_sm90_fp8_wgrad_128x256_staged,
     checked: k.gemm_sm90_fp8_wgrad_128x256_staged_checked,
@@ -375,7 +358,7 @@ function wgradEntry(cx: CudaContext, N: number) {
     loaded: cx.sm90Pingpong ? k.gemm_sm90_fp8_wgrad_128x256_pingpong : k.gemm_sm90_fp8_wgrad_128x256,
   }[scales];
   const smem = scales === "loaded" ? SM90.SM90_SMEM_WGRAD_128x256 : SM90.SM90_SMEM_WGRAD_128x256_STAGED;
-  return { kernel, bm, bn: 256, smem, threads };
+  return { kernel, bn: 256, smem };
 }
 
 // --- Dense FP8 GEMMs on the grouped kernels ------------------------------------------------------

@@ -81,10 +81,6 @@
 #define SM90_SMEM_WGRAD_128x128 203848
 // The 128 x 256 Wgrad with each stage's scale vectors in the ring (STAGED_SCALES).
 #define SM90_SMEM_WGRAD_128x256_STAGED 221752
-// The Wgrad on 192 x 128 tiles, three consumer warpgroups (and the producer's): 512 threads, four
-// stages with their scales, two 8 KB strip slots a warpgroup.
-#define SM90_THREADS_WG3 512
-#define SM90_SMEM_WGRAD_192x128 222280
 // The deeper ring of the 128 x 128 entry for BF16 stores without accumulate, for at most
 // SM90_MAX_E_DEEP experts (tables half the size): C staged as BF16 (half the bytes of f32) and six
 // stages, which fill the 227 KB a CTA may have (the f32 entry has four).
@@ -130,15 +126,13 @@
 template <int BN, int STAGES, Mainloop LOOP, Segments SEG, bool BF16_ONLY = false, int MAX_E = SM90_MAX_E,
           bool PINGPONG = false, bool STAGED_SCALES = false, bool FILL_BARRIER = false,
           int STRIPS = 0, bool LAG = false, bool STSM = false, bool LEAN = false, bool EARLY = false,
-          bool FP8_OUT = false, int TILE_M = SM90_BM>
+          bool FP8_OUT = false>
 __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CUtensorMap* tB, const CUtensorMap* tC,
                                                  const float* As, const float* Bs, float* C, const int* off, int E,
                                                  int M, int N, int K, int accumulate, int outMode, int rows,
                                                  bool sorted = false, float* Cs = nullptr, int qfmt = 0,
                                                  int qmode = 0, float qeps = 0.0f) {
-  constexpr int BM = TILE_M, NWG = BM / 64;
-  static_assert(BM == SM90_BM || (BM == 192 && SEG == Segments::AlongK && STAGED_SCALES && !LAG && !PINGPONG),
-                "three consumer warpgroups (BM = 192): the staged Wgrad, without lag or turns");
+  constexpr int BM = SM90_BM, NWG = BM / 64;
   constexpr int A_BYTES = BM * 128, B_BYTES = BN * 128;
   constexpr int NH = BN / 128;  // 128-column halves of the tile, one m64n128 wgmma chain each
   constexpr int ACC = 64;       // f32 accumulators per thread per half (m64 x n128 over 128 threads)
@@ -165,8 +159,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   constexpr int S_FLOATS = STAGED_SCALES ? BM + BN : 64 + BN;
   constexpr int S_BYTES = SEG != Segments::AlongK ? 0 : STAGED_SCALES ? STAGES * S_FLOATS * 4 : NWG * 2 * S_FLOATS * 4;
   // Staging per consumer warpgroup: 64 rows x 128 columns of f32 (or BF16).
-  // (Three warpgroups: two 8 KB strip slots each, for the ring's fourth stage.)
-  constexpr int C_BYTES = NWG == 3 ? 2 * 64 * 128 : 64 * 128 * (BF16_ONLY ? 2 : 4);
+  constexpr int C_BYTES = 64 * 128 * (BF16_ONLY ? 2 : 4);
   static_assert(STRIPS == 0 || STRIPS == 64, "strips of a warpgroup's 64 rows");
   extern __shared__ u8 sm90_dyn[];
   u8* base = sm90_dyn + ((1024 - (sm90_smem_u32(sm90_dyn) & 1023)) & 1023);
@@ -209,15 +202,14 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
 
   if (warp >= 4 * NWG) {
     // Producer warpgroup: one thread issues the TMA loads, the rest give their registers away.
-    if constexpr (NWG == 3) asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
-    else asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
     // (STAGED_SCALES: the whole warp, since it waits on named barriers; lane 0 issues.)
     if (warp == 4 * NWG && (STAGED_SCALES || lane == 0)) {
       constexpr int RELEASE = 32 + 128 * NWG;  // STAGED_SCALES: this warp and the consumers
       int s = 0, issued = 0;
       u32 ph = 0;
       for (int t = blockIdx.x; t < total; t += gridDim.x) {
-        const Sm90Tile T = sm90_tile<SEG, BN, BM>(t, soff, mpre, order, sorted, E, M, N, KC);
+        const Sm90Tile T = sm90_tile<SEG, BN>(t, soff, mpre, order, sorted, E, M, N, KC);
         // The scale vectors' bytes (multiples of 64: M and N are multiples of 16).
         const u32 saBytes = STAGED_SCALES ? (u32)min(BM, M - T.aRow) * 4 : 0;
         const u32 sbBytes = STAGED_SCALES ? (u32)min(BN, N - T.n0) * 4 : 0;
@@ -262,7 +254,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
       int s = 0;
       u32 ph = 0;
       for (int t = blockIdx.x; t < total; t += gridDim.x) {
-        const Sm90Tile T = sm90_tile<SEG, BN, BM>(t, soff, mpre, order, sorted, E, M, N, KC);
+        const Sm90Tile T = sm90_tile<SEG, BN>(t, soff, mpre, order, sorted, E, M, N, KC);
         for (int kc = 0; kc < T.kc; kc++) {
           mbar_wait(&full[s], ph);
           named_sync(SM90_FILL_BAR + s, 32 + 128 * NWG);
@@ -273,9 +265,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   } else {
   // Consumer warpgroup wg: rows 64 * wg .. of the tile; this thread: rows g and g + 8 of its warp's 16.
   // 232 registers per consumer thread after the producer's release (65536 per SM, one CTA per SM).
-  // (Three consumer warpgroups: (65536 - 128 x 24) / 384, rounded down to a multiple of 8.)
-  if constexpr (NWG == 3) asm volatile("setmaxnreg.inc.sync.aligned.u32 160;\n");
-  else asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
   const int wg = warp >> 2, g = lane >> 2, tq = lane & 3;
   const int wrow = 16 * (warp & 3) + g;  // row of accumulators i & 2 == 0 within the warpgroup's 64
   const int rloc = 64 * wg + wrow;
@@ -502,7 +492,7 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
   };
   // Tile u's fields (LEAN: read back from lane 0, warp-uniform to ptxas).
   auto tile_of = [&](int u) {
-    const Sm90Tile T0 = sm90_tile<SEG, BN, BM>(u, soff, mpre, order, sorted, E, M, N, KC);
+    const Sm90Tile T0 = sm90_tile<SEG, BN>(u, soff, mpre, order, sorted, E, M, N, KC);
     return LEAN ? sm90_tile_uniform(T0) : T0;
   };
   // EARLY: the next tile's fields are found while this tile's first wgmmas run, not between its
@@ -796,11 +786,6 @@ static_assert(sm90_smem_bytes(128, 6, false, true, SM90_MAX_E_DEEP) == SM90_SMEM
               "SM90_SMEM_128x128_BF16");
 static_assert(sm90_smem_bytes(128, 5, false, false, SM90_MAX_E_DEEP) == SM90_SMEM_128x128_E128,
               "SM90_SMEM_128x128_E128");
-static_assert(1024 + 4 * (192 + 128) * 128 + 3 * 2 * 64 * 128 + 4 * (192 + 128) * 4 + 2 * 4 * 8 +
-                      2 * (SM90_MAX_E + 1) * 4 + SM90_MAX_E * 4 ==
-                  SM90_SMEM_WGRAD_192x128,
-              "SM90_SMEM_WGRAD_192x128");
-static_assert(SM90_SMEM_WGRAD_192x128 <= 227 * 1024, "a CTA's dynamic shared memory on sm_90");
 static_assert(SM90_SMEM_128x128_BF16 <= 227 * 1024, "a CTA's dynamic shared memory on sm_90");
 static_assert(SM90_SMEM_128x128_E128 <= 227 * 1024, "a CTA's dynamic shared memory on sm_90");
 
@@ -899,19 +884,6 @@ KERNEL void __launch_bounds__(SM90_THREADS, 1)
 // wait at the fill and release barriers together, which would hold warpgroup 0 at warpgroup 1's
 // chunk (and deadlock at the first, where warpgroup 1 waits for warpgroup 0); the lag adds no
 // shared-memory access and changes no order in the ring, which the twin checks.
-// Three consumer warpgroups on 192 x 128 tiles (MOE8_SM90_WGRAD_STAGED=wg3): each warpgroup's chain
-// (wait for its stage, its m64n128 wgmmas, their promotion) is the lean entry's half, and with three
-// of them a scheduler has a third warp whose wgmmas can hold the tensor cores while two promote; no
-// lag or turns: queued behind each other, the three fall apart by themselves. The staged scales, the
-// strips and the warp-uniform control of the lean entry.
-KERNEL void __launch_bounds__(SM90_THREADS_WG3, 1)
-    gemm_sm90_fp8_wgrad_192x128_wg3(const __grid_constant__ CUtensorMap tA, const __grid_constant__ CUtensorMap tB,
-                                    const __grid_constant__ CUtensorMap tC, const float* As, const float* Bs, float* C,
-                                    const int* off, int E, int M, int N, int accumulate, int outMode, int sorted) {
-  sm90_fp8_grouped<128, 4, Mainloop::OneBuffer, Segments::AlongK, false, SM90_MAX_E, false, true, false, 64, false, false,
-                   true, false, false, 192>(&tA, &tB, &tC, As, Bs, C, off, E, M, N, 0, accumulate, outMode, E * M,
-                                            sorted != 0);
-}
 GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_staged_checked, 256, 3, OneBuffer, true, true, true, 64, false)
 // The default before LAG, taking turns (MOE8_SM90_WGRAD_STAGED=turns).
 GEMM_SM90_WGRAD_ENTRY(gemm_sm90_fp8_wgrad_128x256_turns, 256, 3, OneBuffer, true, true, false, 64, false)

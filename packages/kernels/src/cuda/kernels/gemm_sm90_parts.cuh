@@ -171,7 +171,7 @@ __device__ __forceinline__ Sm90Tile sm90_tile_uniform(const Sm90Tile& T) {
 // the CTAs' round r of gridDim.x tiles runs left to right when r is even, right to left when odd,
 // so that no CTA takes the largest tile of every round (notes/sm90-gemm.md, sixteenth session:
 // round robin over the experts in id order ends 13-20% past the mean CTA's work at small's loads).
-template <Segments SEG, int BN, int BM = SM90_BM>
+template <Segments SEG, int BN>
 __device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int* mpre, const int* order, bool sorted,
                                               int E, int M, int N, int KC) {
   const int NT = cdiv(N, BN);
@@ -193,7 +193,7 @@ __device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int*
     T.rowEnd = soff[lo + 1];
     T.n0 = nt * BN;
   } else {
-    const int per = cdiv(M, BM) * NT;
+    const int per = cdiv(M, SM90_BM) * NT;
     int u = t, e;
     if (sorted) {
       const int G = gridDim.x, r = t / G, i = t - r * G;
@@ -204,7 +204,7 @@ __device__ __forceinline__ Sm90Tile sm90_tile(int t, const int* soff, const int*
     }
     const int rt = u - (u / per) * per, mt = rt / NT, nt = rt - mt * NT;
     T.e = e;
-    T.aRow = mt * BM;
+    T.aRow = mt * SM90_BM;
     T.bRow = nt * BN;
     T.k0 = mpre[e];
     T.kc = mpre[e + 1] - mpre[e];

@@ -24,6 +24,7 @@ import {
   type GradQuant,
   type GroupedMatmulOptions,
   gemmDims,
+  groupedMatmulQuantizedVia,
   type HeadPart,
   type HeadSliceOptions,
   type HostArray,
@@ -33,6 +34,7 @@ import {
   intoBf16,
   isFp8,
   type MatmulOptions,
+  matmulQuantizedVia,
   type NoiseOptions,
   numel,
   type PermuteResult,
@@ -40,7 +42,6 @@ import {
   type PreparedClipScale,
   type QuantGroup,
   type QuantizeOptions,
-  quantizedProduct,
   quantizedVia,
   type RmsnormAccumulate,
   type RopeOptions,
@@ -348,10 +349,7 @@ export class CpuBackend extends HostLifetimes implements Backend {
   matmul(a: Tensor, b: Tensor, opts: MatmulOptions): Tensor {
     const bad = storeBf16Error(opts);
     if (bad) throw new Error(bad);
-    if (opts.storeQuantized) {
-      const y = this.matmul(a, b, { ...opts, storeQuantized: undefined });
-      return quantizedProduct(this, y, opts.storeQuantized);
-    }
+    if (opts.storeQuantized) return matmulQuantizedVia(this, a, b, opts);
     // BF16 storage: the f32 product rounded to BF16 values, then stored as BF16 (exact).
     const o = opts.storeBf16 ? { ...opts, outBf16: true } : opts;
     const { M, N, K } = gemmDims(a, b, o);
@@ -377,10 +375,7 @@ export class CpuBackend extends HostLifetimes implements Backend {
   groupedMatmul(a: Tensor, b: Tensor, offsets: Tensor, opts: GroupedMatmulOptions): Tensor {
     const bad = storeBf16Error(opts);
     if (bad) throw new Error(bad);
-    if (opts.storeQuantized) {
-      const y = this.groupedMatmul(a, b, offsets, { ...opts, storeQuantized: undefined });
-      return quantizedProduct(this, y, opts.storeQuantized);
-    }
+    if (opts.storeQuantized) return groupedMatmulQuantizedVia(this, a, b, offsets, opts);
     // BF16 storage: the f32 product rounded to BF16 values, then stored as BF16 (exact).
     const o = opts.storeBf16 ? { ...opts, outBf16: true } : opts;
     const off = i32(offsets);

@@ -675,11 +675,24 @@ export function requantizeViaF32(b: Backend, q: Tensor, opts: QuantizeOptions): 
  * are BF16 anyway (a BF16-rounded GEMM output, an input the consuming op rounds), exactly, at half
  * the bytes.
  */
-/**
- * A GEMM's storeQuantized as its definition: the product y (computed with the other options)
- * quantised, y released.
- */
-export function quantizedProduct(b: Backend, y: Tensor, q: QuantizeOptions): Tensor {
+/** matmul with storeQuantized as its definition: the product with the other options, quantised, released. */
+export function matmulQuantizedVia(b: Backend, a: Tensor, w: Tensor, o: MatmulOptions): Tensor {
+  return quantizedAndReleased(b, b.matmul(a, w, { ...o, storeQuantized: undefined }), o.storeQuantized!);
+}
+
+/** groupedMatmul with storeQuantized as its definition (see matmulQuantizedVia). */
+export function groupedMatmulQuantizedVia(
+  b: Backend,
+  a: Tensor,
+  w: Tensor,
+  offsets: Tensor,
+  o: GroupedMatmulOptions,
+): Tensor {
+  const y = b.groupedMatmul(a, w, offsets, { ...o, storeQuantized: undefined });
+  return quantizedAndReleased(b, y, o.storeQuantized!);
+}
+
+function quantizedAndReleased(b: Backend, y: Tensor, q: QuantizeOptions): Tensor {
   const yq = b.quantize(y, q);
   b.release(y);
   return yq;

@@ -7,10 +7,11 @@ import {
   batchDims,
   type GroupedMatmulOptions,
   gemmDims,
+  groupedMatmulQuantizedVia,
   isFp8,
   type MatmulOptions,
+  matmulQuantizedVia,
   type QuantizeOptions,
-  quantizedProduct,
   storeBf16Error,
   type Tensor,
 } from "@moe8/tensor";
@@ -145,7 +146,7 @@ function matmulQuantizedOut(
     if (sm90Matmul(cx, a, b, target.y, { M, N, K }, o, target.out)) return target.y;
     cx.release(target.y);
   }
-  return quantizedProduct(cx.backend, matmul(cx, a, b, o), q);
+  return matmulQuantizedVia(cx.backend, a, b, opts);
 }
 
 /**
@@ -193,7 +194,7 @@ function groupedQuantizedOut(
     if (done) return target.y;
   }
   if (target) cx.release(target.y);
-  return quantizedProduct(cx.backend, groupedMatmul(cx, a, b, offsets, o), q);
+  return groupedMatmulQuantizedVia(cx.backend, a, b, offsets, opts);
 }
 
 export function groupedMatmul(

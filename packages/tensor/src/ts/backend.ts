@@ -28,9 +28,10 @@ import {
   combineAddError,
   combineBackwardQuantizedVia,
   type GradQuant,
+  groupedMatmulQuantizedVia,
   intoBf16,
+  matmulQuantizedVia,
   type NoiseOptions,
-  quantizedProduct,
   quantizedVia,
   requantizeViaF32,
   rmsnormQuantizedVia,
@@ -233,8 +234,7 @@ export class TsBackend extends HostLifetimes implements Backend {
   matmul(a: Tensor, b: Tensor, o: MatmulOptions): Tensor {
     const bad = storeBf16Error(o);
     if (bad) throw new Error(bad);
-    if (o.storeQuantized)
-      return quantizedProduct(this, this.matmul(a, b, { ...o, storeQuantized: undefined }), o.storeQuantized);
+    if (o.storeQuantized) return matmulQuantizedVia(this, a, b, o);
     const { M, N } = gemmDims(a, b, o);
     const c = new Float32Array(M * N);
     this.gemmInto(whole(a), whole(b), c, o);
@@ -245,10 +245,7 @@ export class TsBackend extends HostLifetimes implements Backend {
   groupedMatmul(a: Tensor, b: Tensor, offsets: Tensor, o: GroupedMatmulOptions): Tensor {
     const bad = storeBf16Error(o);
     if (bad) throw new Error(bad);
-    if (o.storeQuantized) {
-      const y = this.groupedMatmul(a, b, offsets, { ...o, storeQuantized: undefined });
-      return quantizedProduct(this, y, o.storeQuantized);
-    }
+    if (o.storeQuantized) return groupedMatmulQuantizedVia(this, a, b, offsets, o);
     const off = i32(offsets);
     const E = off.length - 1;
     const fp8 = o.precision === "fp8";

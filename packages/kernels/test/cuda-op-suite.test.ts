@@ -19,6 +19,15 @@ function cudaStatus(): { ok: boolean; reason: string; cc: string } {
 }
 
 /** ||a - b|| / ||b|| (Frobenius): the measure the wgmma tolerance is stated in (notes/sm90-gemm.md). */
+/** The E + 1 row offsets of expert groups of these sizes. */
+function offsetsOf(sizes: number[]): Int32Array {
+  const off = new Int32Array(sizes.length + 1);
+  sizes.forEach((n, e) => {
+    off[e + 1] = off[e] + n;
+  });
+  return off;
+}
+
 function normRel(a: ArrayLike<number>, b: ArrayLike<number>): number {
   let d = 0;
   let n = 0;
@@ -52,10 +61,7 @@ function expertGemms(seed: number) {
   ];
   return cases.map(({ sizes, out, inp, uncovered = 0 }) => {
     const E = sizes.length;
-    const off = Int32Array.from([
-      0,
-      ...sizes.map((_, i) => sizes.slice(0, i + 1).reduce((s, v) => s + v, 0)),
-    ]);
+    const off = offsetsOf(sizes);
     const rows = off[E] + uncovered;
     const act = (cols: number) => {
       const v = rng.normals(rows * cols);
@@ -432,10 +438,7 @@ if (status.ok) {
         const ran = new Set<string>();
         for (const { sizes, out, inp, uncovered } of shapes) {
           const E = sizes.length;
-          const off = Int32Array.from([
-            0,
-            ...sizes.map((_, i) => sizes.slice(0, i + 1).reduce((a, v) => a + v, 0)),
-          ]);
+          const off = offsetsOf(sizes);
           const rows = off[E] + uncovered;
           const x = rng.normals(rows * inp, 2);
           const dy = rng.normals(rows * out);

@@ -355,16 +355,17 @@ __device__ __forceinline__ void sm90_fp8_grouped(const CUtensorMap* tA, const CU
       const bool leader = (threadIdx.x & 127) == 0;
       const u32 cs = csBase + (threadIdx.x >> 7) * C_BYTES;
       const int cw = FP8_OUT ? 128 : bf16 ? 64 : 32, esz = FP8_OUT ? 1 : bf16 ? 2 : 4;
+      // Byte cb of row r of a strip at `strip`, in the TMA's 128-byte swizzle.
+      auto swizzled = [](u32 strip, int r, int cb) { return strip + r * 128 + (((cb >> 4) ^ (r & 7)) << 4) + (cb & 15); };
       // One value pair into row r of a strip at `strip`, byte cb of its 128-byte row.
       auto stage = [&](u32 strip, int r, int cb, float v0, float v1) {
-        const u32 p = strip + r * 128 + ((((cb >> 4) ^ (r & 7))) << 4) + (cb & 15);
+        const u32 p = swizzled(strip, r, cb);
         if (bf16) asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(p), "r"(sm90_pack_bf16(v0, v1)) : "memory");
         else asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(p), "f"(v0), "f"(v1) : "memory");
       };
       // FP8_OUT: a pair of codes (codes2) into row r of the half's one strip, byte cb.
       auto stage8 = [&](u32 strip, int r, int cb, u32 pair) {
-        const u32 p = strip + r * 128 + ((((cb >> 4) ^ (r & 7))) << 4) + (cb & 15);
-        asm volatile("st.shared.b16 [%0], %1;\n" ::"r"(p), "h"((u16)pair) : "memory");
+        asm volatile("st.shared.b16 [%0], %1;\n" ::"r"(swizzled(strip, r, cb)), "h"((u16)pair) : "memory");
       };
       if constexpr (STRIPS) {
         // Strip k goes to slot k % SLOTS and is stored once written; before the barrier that lets
